@@ -1,0 +1,261 @@
+"""LesionTrack's one typed settings model.
+
+Values come, lowest precedence first, from the defaults below, a TOML file (``--config`` or
+``LESIONTRACK_CONFIG``) and ``LESIONTRACK_*`` environment variables (nested keys joined with ``__``,
+e.g. ``LESIONTRACK_DICOM__PORT=11113``). Unknown keys and bad values fail fast with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "LESIONTRACK_"
+CONFIG_ENV_VAR = "LESIONTRACK_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RetrieveMethod(str, Enum):
+    C_MOVE = "C-MOVE"
+    C_GET = "C-GET"
+    DICOMWEB = "DICOMWEB"
+
+
+class SendMethod(str, Enum):
+    C_STORE = "C-STORE"
+    ORTHANC_REST = "ORTHANC-REST"
+    STOW_RS = "STOW-RS"
+
+
+class TlsSettings(_Section):
+    """DICOM TLS for the SCP and outgoing associations; all three paths or none."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TlsSettings":
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        return self
+
+
+class DicomNodeSettings(_Section):
+    """Our own DICOM application entity (the Storage SCP the PACS routes to)."""
+
+    ae_title: str = "LESIONTRACK"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = any")
+    allowed_peer_ips: list[str] = Field(default_factory=list, description="empty = any")
+    max_associations: int = Field(10, ge=1)
+    maximum_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+    fsync: bool = True
+    series_quiet_seconds: float = Field(30.0, ge=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        if not v or len(v) > 16 or "\\" in v:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return v
+
+
+class PacsPeer(_Section):
+    """A remote DICOM node we query, retrieve from or send to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    retrieve_method: RetrieveMethod = RetrieveMethod.C_MOVE
+    query: bool = True
+    send: bool = False
+    send_method: SendMethod = SendMethod.C_STORE
+    orthanc_url: str | None = None
+    orthanc_user: str | None = None
+    orthanc_password: SecretStr | None = None
+    dicomweb_url: str | None = None
+
+
+class RoutingSettings(_Section):
+    """Which completed series are analysed."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    min_slices: int = Field(20, ge=1)
+    max_slice_thickness_mm: float = Field(5.0, gt=0)
+    series_description_include: list[str] = Field(default_factory=list)
+    series_description_exclude: list[str] = Field(
+        default_factory=lambda: ["(?i)scout", "(?i)localizer", "(?i)topogram", "(?i)dose"]
+    )
+    body_parts: list[str] = Field(default_factory=list, description="empty = any")
+
+
+class SendingSettings(_Section):
+    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 900, 3600])
+    destinations: list[str] = Field(default_factory=list, description="names of pacs peers")
+
+
+class ComputeSettings(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="0 = torch default")
+    seed: int = 0
+
+
+class EngineSettings(_Section):
+    """Engine choices and the local folders their weights are read from (never downloaded)."""
+
+    registration: str = "convex"
+    segmentation: str = "adaptive"
+    lesionlocator_weights: Path | None = None
+    unigradicon_weights: Path | None = None
+    nninteractive_weights: Path | None = None
+    working_spacing_mm: float = Field(2.0, gt=0)
+
+
+class ApiKey(_Section):
+    name: str
+    key: SecretStr
+    role: Literal["read", "operator"] = "read"
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
+
+class WorkerSettings(_Section):
+    executor: Literal["inprocess", "celery"] = "inprocess"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    max_attempts: int = Field(5, ge=1)
+    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30, 120, 600])
+    visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class Settings(BaseSettings):
+    """Effective LesionTrack configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path("./lesiontrack-data")
+    database_url: str | None = Field(None, description="default: SQLite file inside data_dir")
+    dicom: DicomNodeSettings = Field(default_factory=DicomNodeSettings)
+    pacs: list[PacsPeer] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    sending: SendingSettings = Field(default_factory=SendingSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    engines: EngineSettings = Field(default_factory=EngineSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    _toml_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _active_toml_file
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'lesiontrack.sqlite3').resolve()}"
+
+    def peer(self, name: str) -> PacsPeer:
+        for p in self.pacs:
+            if p.name == name:
+                return p
+        raise KeyError(f"no PACS peer named {name!r} in configuration (known: {[p.name for p in self.pacs]})")
+
+
+_active_toml_file: Path | None = None
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key that caused it."""
+
+    def __init__(self, message: str, key: str | None = None, source: Path | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.source = source
+
+
+def resolve_config_path(explicit: Path | str | None = None) -> Path | None:
+    """The TOML file in force: the explicit path, else ``$LESIONTRACK_CONFIG``, else none."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV_VAR)
+    return Path(env) if env else None
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the effective settings; raises :class:`ConfigError` naming the bad key."""
+    from pydantic import ValidationError
+
+    global _active_toml_file
+    path = resolve_config_path(config_file)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"configuration file not found: {path}", source=path)
+    if path is not None:
+        _check_toml_syntax(path)
+    _active_toml_file = path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration key '{key}'{where}: {err['msg']}", key=key, source=path) from exc
+    finally:
+        _active_toml_file = None
+    settings._toml_file = path
+    return settings
+
+
+def _check_toml_syntax(path: Path) -> None:
+    import tomllib
+
+    try:
+        tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", source=path) from exc

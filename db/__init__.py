@@ -1,0 +1,1 @@
+"""Persistence: typed ORM models, Alembic migrations and a small repository layer."""

@@ -1,0 +1,248 @@
+"""SQLAlchemy 2.x typed ORM: what LesionTrack knows about patients, images, lesions, jobs and the audit trail.
+
+The schema is created and changed only by the Alembic migrations in ``db/migrations``.
+Identifiers stored here are DICOM UIDs and internal keys; names are never logged.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SeriesState(str, enum.Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class RoutingDecision(str, enum.Enum):
+    PENDING = "pending"
+    ANALYSE = "analyse"
+    SKIP = "skip"
+
+
+class LesionOrigin(str, enum.Enum):
+    SEG = "seg"
+    SR = "sr"
+    PROMPT = "prompt"
+    NEW = "new"
+
+
+class ObservationStatus(str, enum.Enum):
+    PRESENT = "present"
+    VANISHED = "vanished"
+    NEW = "new"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRY_WAIT = "retry_wait"
+    DONE = "done"
+    NOTHING_TO_TRACK = "nothing_to_track"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "pending"
+    RETRY_WAIT = "retry_wait"
+    DELIVERED = "delivered"
+    DEAD_LETTER = "dead_letter"
+
+
+def _enum(e: type[enum.Enum]) -> Enum:
+    return Enum(e, values_callable=lambda x: [m.value for m in x], native_enum=False, length=32,
+                validate_strings=True)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient_id_issuer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+    lesions: Mapped[list[Lesion]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    routing_decision: Mapped[RoutingDecision] = mapped_column(_enum(RoutingDecision), default=RoutingDecision.PENDING)
+    routing_reason: Mapped[str | None] = mapped_column(Text)
+    created_by_us: Mapped[bool] = mapped_column(default=False)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_uid_bytes"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    sender_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Lesion(Base):
+    """A lesion with a persistent identity across timepoints (DICOM Tracking UID / Tracking ID)."""
+
+    __tablename__ = "lesion"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tracking_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    tracking_id: Mapped[str] = mapped_column(String(64))
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    anatomic_site: Mapped[str | None] = mapped_column(String(64))
+    origin: Mapped[LesionOrigin] = mapped_column(_enum(LesionOrigin))
+    origin_series_uid: Mapped[str | None] = mapped_column(String(64))
+    is_target: Mapped[bool | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="lesions")
+    observations: Mapped[list[LesionObservation]] = relationship(back_populates="lesion")
+
+
+class LesionObservation(Base):
+    """One lesion seen (or found vanished) on one series."""
+
+    __tablename__ = "lesion_observation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lesion_pk: Mapped[int] = mapped_column(ForeignKey("lesion.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("analysis_job.id"), index=True)
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    segment_number: Mapped[int | None] = mapped_column(Integer)
+    volume_mm3: Mapped[float | None] = mapped_column(Float)
+    long_axis_mm: Mapped[float | None] = mapped_column(Float)
+    short_axis_mm: Mapped[float | None] = mapped_column(Float)
+    centre_x_mm: Mapped[float | None] = mapped_column(Float)
+    centre_y_mm: Mapped[float | None] = mapped_column(Float)
+    centre_z_mm: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[ObservationStatus] = mapped_column(_enum(ObservationStatus))
+    engine: Mapped[str | None] = mapped_column(String(64))
+    engine_version: Mapped[str | None] = mapped_column(String(32))
+    measurements: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    lesion: Mapped[Lesion] = relationship(back_populates="observations")
+
+
+class AnalysisJob(Base):
+    """A persisted analysis of one follow-up series (a state machine, see pipeline.jobs)."""
+
+    __tablename__ = "analysis_job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    followup_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    patient_pk: Mapped[int | None] = mapped_column(ForeignKey("patient.id"), index=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED, index=True)
+    step: Mapped[str | None] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    step_timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    step_outputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("analysis_job.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Delivery(Base):
+    """One object (or a set of files) to be sent to one destination, with retries and a dead-letter state."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("analysis_job.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    file_paths: Mapped[list[Any]] = mapped_column(JSON)
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), default=DeliveryState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Append-only audit trail. Updates and deletes are refused by the ORM and by database triggers."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_type: Mapped[str | None] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(128))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,0 +1,1 @@
+"""DICOM over the wire: Storage SCP, series completion, prior query/retrieve and result sending."""

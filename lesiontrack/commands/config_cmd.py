@@ -1,0 +1,39 @@
+"""`lesiontrack config show|check`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lesiontrack.context import state
+
+app = typer.Typer(help="Show or check the effective configuration.", no_args_is_help=True)
+
+
+@app.command("show")
+def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Print every setting with its value (secrets masked) and source: default, file or environment."""
+    from config.introspect import explain
+
+    settings = state(ctx).settings()
+    entries = explain(settings)
+    if as_json:
+        typer.echo(json.dumps([{"key": e.key, "value": e.value, "source": e.source} for e in entries],
+                              default=str, indent=1))
+        return
+    table = Table(title=f"LesionTrack configuration ({settings._toml_file or 'no file'})")
+    for col in ("key", "value", "source"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.key, str(e.value), e.source)
+    Console(width=160).print(table)
+
+
+@app.command("check")
+def check(ctx: typer.Context) -> None:
+    """Validate the configuration; exits non-zero with a message naming the bad key."""
+    settings = state(ctx).settings()
+    typer.echo(f"configuration OK ({settings._toml_file or 'defaults and environment'})")

@@ -1,0 +1,1 @@
+"""Models: the imaging core, registration engines and segmentation engines (with local weight loading)."""

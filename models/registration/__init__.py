@@ -1,0 +1,1 @@
+"""Registration engines behind one interface (see ``models.registration.base``)."""

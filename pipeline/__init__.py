@@ -1,0 +1,1 @@
+"""Pipeline: analysis jobs and their steps, the tracking loop, measurements, RECIST and DICOM result objects."""

@@ -1,0 +1,57 @@
+"""Shared pytest fixtures: paths to ../shared data, tool requirements, and real services on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LESIONTRACK_SHARED_DATA", REPO.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(*names: str) -> None:
+    """Skip when a command-line tool is missing — but fail in CI, which installs them all."""
+    missing = [n for n in names if shutil.which(n) is None and not Path(n).exists()]
+    if missing:
+        msg = f"required tool(s) not installed: {', '.join(missing)} (.ci/run installs them)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def require_shared_data(*relative: str) -> Path:
+    """Path inside ../shared/data; skip outside CI if absent, fail in CI."""
+    path = SHARED_DATA.joinpath(*relative)
+    if not path.exists():
+        msg = f"test data missing: {path}"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_shared_data()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server on a free loopback port, in a temporary directory, for the session."""
+    from tests.services import PostgresServer
+
+    server = PostgresServer(tmp_path_factory.mktemp("pg"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'lt.sqlite3'}"

@@ -1,0 +1,74 @@
+"""Real services the tests start on loopback and stop: PostgreSQL (more are added by later suites)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import require_tool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+    """Poll until something accepts connections on host:port (a readiness check, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def _pg_bin() -> Path:
+    for base in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (base / "initdb").exists():
+            return base
+    require_tool("initdb")
+    return Path(shutil.which("initdb") or "").parent
+
+
+class PostgresServer:
+    """initdb + pg_ctl in a temporary directory, run as the 'postgres' user when we are root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.bin = _pg_bin()
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = "postgres"
+            pwd.getpwnam(user)
+            shutil.chown(root, user, user)
+            os.chmod(root, 0o700)
+            self._as_user = ["runuser", "-u", user, "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://lesiontrack@127.0.0.1:{self.port}/lesiontrack"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as_user, *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        data = self.root / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "lesiontrack", "--auth=trust", "-E", "UTF8")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "lesiontrack",
+                  "lesiontrack")
+
+    def stop(self) -> None:
+        subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
+                        "-w", "stop"], capture_output=True)

@@ -7,6 +7,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,16 +43,17 @@ def _pg_bin() -> Path:
 class PostgresServer:
     """initdb + pg_ctl in a temporary directory, run as the 'postgres' user when we are root."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path | None = None) -> None:
+        # pytest's tmp dirs are private to root; the postgres user needs a directory it can reach.
+        self.root = Path(tempfile.mkdtemp(prefix="lt-pg-", dir=root if root and os.geteuid() != 0 else None))
         self.port = free_port()
         self.bin = _pg_bin()
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             user = "postgres"
             pwd.getpwnam(user)
-            shutil.chown(root, user, user)
-            os.chmod(root, 0o700)
+            shutil.chown(self.root, user, user)
+            os.chmod(self.root, 0o700)
             self._as_user = ["runuser", "-u", user, "--"]
 
     @property
@@ -59,7 +61,9 @@ class PostgresServer:
         return f"postgresql+psycopg://lesiontrack@127.0.0.1:{self.port}/lesiontrack"
 
     def _run(self, *args: str) -> None:
-        subprocess.run([*self._as_user, *args], check=True, capture_output=True, text=True)
+        res = subprocess.run([*self._as_user, *args], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({res.returncode}): {res.stderr.strip() or res.stdout}")
 
     def start(self) -> None:
         data = self.root / "data"
@@ -72,3 +76,4 @@ class PostgresServer:
     def stop(self) -> None:
         subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
                         "-w", "stop"], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)

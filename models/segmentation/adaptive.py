@@ -1,0 +1,291 @@
+"""The default, weight-free segmentation engine: adapts a learned intensity model to the follow-up CT.
+
+How it segments one lesion (all inside an ROI around the prompt, physical units throughout):
+
+1. Rasterise the prompt on the follow-up grid (a warped prior mask, a box or point balls).
+2. Intensity model. Lesion: kernel density of the (smoothed) prior CT inside the eroded prior mask when a
+   :class:`SegReference` is given, re-centred on the follow-up intensities inside the prompt core (contrast phase
+   changes); otherwise the follow-up inside the prompt core. Background: the ring around the prior lesion (or
+   around the prompt / a region grown from the point).
+3. Per-voxel evidence = log-likelihood ratio lesion/background + a spatial shape prior from the signed distance to
+   the propagated prompt (its scale grows with lesion size, so a lesion may grow to ~2× its diameter or shrink),
+   with a hard limit on growth — this keeps lesions touching similar-density structures from leaking.
+4. Confident voxels become seeds of a random walker (skimage) run on the lesion-probability image, which places the
+   boundary; holes are filled and the component nearest the prompt's centre is kept.
+5. No lesion-like evidence inside the prompt core, or a result below ``min_volume_mm3`` → empty mask (vanished).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from models.imaging.volume import Volume
+from models.segmentation.base import SegReference
+from models.segmentation.components import keep_nearest_component, mask_centre_index
+from models.segmentation.prompts import Prompt, PromptKind
+from models.segmentation.rasterize import prompt_to_mask
+
+_BINS = np.arange(-1200.0, 3200.0, 2.0)
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    point_radius_mm: float = 5.0      # ball painted around each click
+    smoothing_mm: float = 0.8         # Gaussian denoising before modelling
+    ring_mm: float = 6.0              # width of the background ring around the prior lesion
+    growth_factor: float = 1.0        # allowed growth beyond the prompt, in equivalent radii (1.0 = 2x diameter)
+    min_growth_mm: float = 6.0
+    max_growth_mm: float = 30.0
+    prior_scale_mm: float = 3.0       # minimum spatial prior scale (logit 1 per scale outside/inside the prompt)
+    prior_clip: float = 4.0
+    seed_logit: float = 1.5           # |evidence| above which a voxel seeds the random walker
+    min_sd_hu: float = 8.0            # floor of the kernel bandwidth
+    rw_beta: float = 60.0
+    min_volume_mm3: float = 10.0
+    presence_fraction: float = 0.05   # of the prompt core that must look like lesion, else vanished
+    max_roi_voxels: int = 400_000     # larger ROIs are segmented on a coarser grid
+
+
+class AdaptiveEngine:
+    """Prompt-driven 3-D segmentation without learned weights (see module docstring)."""
+
+    name = "adaptive"
+    version = "1.0"
+
+    def __init__(self, config: AdaptiveConfig | None = None, **overrides: Any) -> None:
+        self.config = replace(config or AdaptiveConfig(), **overrides)
+
+    # ------------------------------------------------------------------------------------------------
+    def segment(self, image: Volume, prompt: Prompt, reference: SegReference | None = None) -> Volume:
+        cfg = self.config
+        pmask_full = prompt_to_mask(prompt, image, point_radius_mm=cfg.point_radius_mm)
+        out = np.zeros(image.shape, np.uint8)
+        if not pmask_full.array.any():
+            return _like(image, out)
+        r_eq = _equivalent_radius_mm(pmask_full)
+        is_mask = prompt.kind is PromptKind.MASK
+        if is_mask:
+            growth = float(np.clip(cfg.growth_factor * r_eq, cfg.min_growth_mm, cfg.max_growth_mm))
+        elif prompt.kind is PromptKind.BOX:
+            growth = 2.0
+        else:
+            growth = cfg.max_growth_mm
+        margin = growth + cfg.ring_mm + 4.0
+        sl = _roi_slices(pmask_full, margin)
+        roi_img = _crop(image, sl)
+        roi_prompt = _crop(pmask_full, sl).array > 0
+        work_img, work_prompt, down = _maybe_coarsen(roi_img, roi_prompt, cfg.max_roi_voxels)
+        result = self._segment_roi(work_img, work_prompt, prompt, reference, r_eq, growth)
+        if result is None:
+            return _like(image, out)
+        if down is not None:
+            result = (_like(work_img, result.astype(np.float32)).resample_to(roi_img).array > 0.5)
+        out[sl] = result
+        res = _like(image, out)
+        centre = _prompt_centre_mm(pmask_full)
+        res = keep_nearest_component(res, centre, max_distance_mm=max(10.0, r_eq))
+        if res.array.sum() * image.voxel_volume_mm3() < cfg.min_volume_mm3:
+            return _like(image, np.zeros(image.shape, np.uint8))
+        return res
+
+    # ------------------------------------------------------------------------------------------------
+    def _segment_roi(self, img: Volume, pmask: np.ndarray, prompt: Prompt, reference: SegReference | None,
+                     r_eq: float, growth: float) -> np.ndarray | None:
+        cfg = self.config
+        sp = img.spacing[::-1]  # (k, j, i) mm
+        smooth = ndi.gaussian_filter(img.array.astype(np.float32), sigma=cfg.smoothing_mm / sp)
+        inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
+        outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
+        sdist = outside_d - inside_d          # mm, > 0 outside the prompt
+
+        core = _core(pmask, inside_d)
+        if prompt.kind is PromptKind.POINTS:
+            core = pmask & (inside_d >= min(2.0, inside_d.max()))
+        # --- intensity models ---------------------------------------------------------------------
+        if reference is not None and reference.mask.array.any():
+            les_s, bg_s = _reference_samples(reference, cfg)
+            fu_core = smooth[core]
+            les_pdf = _kde(les_s, cfg.min_sd_hu)
+            # adapt: follow-up core voxels compatible with the prior lesion model re-centre it
+            lo, hi = np.percentile(les_s, [2, 98])
+            pad = max(2 * cfg.min_sd_hu, 0.25 * (hi - lo))
+            ok = fu_core[(fu_core >= lo - pad) & (fu_core <= hi + pad)]
+            if ok.size >= 5:
+                shift = float(np.median(ok) - np.median(les_s))
+                les_pdf = _kde(les_s + 0.5 * shift, cfg.min_sd_hu)
+        else:
+            les_s = smooth[core]
+            if prompt.kind is PromptKind.POINTS:
+                region = _grow_from_core(smooth, core, les_s, sp, cfg)
+                pmask = region
+                inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
+                outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
+                sdist = outside_d - inside_d
+                r_eq = max(r_eq, (3 * pmask.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3))
+                growth = max(cfg.min_growth_mm, 0.5 * r_eq)
+            elif prompt.kind is PromptKind.BOX:
+                les_s = smooth[_inner_box(pmask)]
+            les_pdf = _kde(les_s, cfg.min_sd_hu)
+            ring = (sdist > 1.0) & (sdist <= 1.0 + cfg.ring_mm)
+            bg_s = smooth[ring]
+        if bg_s.size < 5:
+            bg_s = smooth[sdist > growth]
+        bg_pdf = _kde(bg_s, cfg.min_sd_hu)
+        llr = np.clip(np.log(_lookup(les_pdf, smooth)) - np.log(_lookup(bg_pdf, smooth)), -6.0, 6.0)
+
+        # --- presence test: does anything inside the prompt core still look like the lesion? --------
+        if not core.any() or float((llr[core] > 0.5).mean()) < cfg.presence_fraction:
+            return None
+
+        # --- spatial shape prior -----------------------------------------------------------------
+        if prompt.kind is PromptKind.BOX:
+            prior = np.where(pmask, 0.5, -cfg.prior_clip)
+        else:
+            scale = max(cfg.prior_scale_mm, 0.5 * r_eq)
+            prior = np.clip(-sdist / scale, -cfg.prior_clip, cfg.prior_clip)
+        evidence = llr + prior
+        forbidden = sdist > growth
+        fg = (evidence > cfg.seed_logit) & ~forbidden & (llr > 0)
+        bg = (evidence < -cfg.seed_logit) | forbidden
+        border = np.zeros_like(bg)
+        border[[0, -1], :, :] = border[:, [0, -1], :] = border[:, :, [0, -1]] = True
+        bg |= border & ~pmask
+        # fg seeds only where connected to the lesion core region
+        lab, n = ndi.label(fg)
+        if n == 0:
+            return None
+        keep = np.unique(lab[core & fg])
+        keep = keep[keep > 0]
+        if keep.size == 0:
+            return None
+        fg = np.isin(lab, keep)
+        bg &= ~fg
+        labels = np.zeros(pmask.shape, np.int32)
+        labels[bg] = 2
+        labels[fg] = 1
+        prob = 1.0 / (1.0 + np.exp(-llr))
+        if (labels == 0).any():
+            from skimage.segmentation import random_walker
+
+            seg = random_walker(prob, labels, beta=cfg.rw_beta, mode="cg_j", tol=1e-3, spacing=sp) == 1
+        else:
+            seg = labels == 1
+        seg &= ~forbidden
+        seg = ndi.binary_fill_holes(seg)
+        return seg
+
+
+# ----------------------------------------------------------------------------------------------------
+def _like(grid: Volume, arr: np.ndarray) -> Volume:
+    return Volume(arr, grid.origin.copy(), grid.spacing.copy(), grid.direction.copy())
+
+
+def _equivalent_radius_mm(mask: Volume) -> float:
+    vol = float((mask.array > 0).sum()) * mask.voxel_volume_mm3()
+    return (3 * vol / (4 * np.pi)) ** (1 / 3)
+
+
+def _prompt_centre_mm(mask: Volume) -> np.ndarray:
+    kji = mask_centre_index(mask.array, mask.spacing[::-1])
+    assert kji is not None
+    return mask.index_to_patient(kji[::-1].astype(float))
+
+
+def _roi_slices(mask: Volume, margin_mm: float) -> tuple[slice, slice, slice]:
+    idx = np.argwhere(mask.array > 0)
+    lo, hi = idx.min(0), idx.max(0)
+    m = np.ceil(margin_mm / mask.spacing[::-1]).astype(int)
+    lo = np.maximum(lo - m, 0)
+    hi = np.minimum(hi + m + 1, np.array(mask.shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def _crop(vol: Volume, sl: tuple[slice, slice, slice]) -> Volume:
+    start_ijk = np.array([sl[2].start, sl[1].start, sl[0].start], float)
+    return Volume(np.ascontiguousarray(vol.array[sl]), vol.index_to_patient(start_ijk), vol.spacing.copy(),
+                  vol.direction.copy())
+
+
+def _maybe_coarsen(img: Volume, pmask: np.ndarray, max_voxels: int) -> tuple[Volume, np.ndarray, float | None]:
+    n = img.array.size
+    if n <= max_voxels:
+        return img, pmask, None
+    factor = (n / max_voxels) ** (1 / 3)
+    target = float(np.min(img.spacing)) * factor
+    spacing = np.maximum(img.spacing, target)
+    extent = img.spacing * (np.array(img.size_ijk) - 1)
+    size = np.maximum(1, np.floor(extent / spacing + 1e-6).astype(int) + 1)
+    ref = Volume(np.zeros((size[2], size[1], size[0]), np.uint8), img.origin, spacing, img.direction)
+    coarse = img.resample_to(ref)
+    pm = _like(img, pmask.astype(np.float32)).resample_to(ref, default=0.0).array > 0.5
+    return coarse, pm, target
+
+
+def _core(pmask: np.ndarray, inside_d: np.ndarray) -> np.ndarray:
+    """Deep part of the prompt: at least half the maximal depth (never empty for a non-empty prompt)."""
+    dmax = float(inside_d.max())
+    return pmask & (inside_d >= max(0.5 * dmax, min(1.0, dmax)))
+
+
+def _inner_box(pmask: np.ndarray) -> np.ndarray:
+    idx = np.argwhere(pmask)
+    lo, hi = idx.min(0), idx.max(0)
+    c, h = (lo + hi) / 2, np.maximum((hi - lo) / 4, 0.5)
+    out = np.zeros_like(pmask)
+    a = np.floor(c - h).astype(int)
+    b = np.ceil(c + h).astype(int) + 1
+    out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = True
+    return out & pmask
+
+
+def _reference_samples(reference: SegReference, cfg: AdaptiveConfig) -> tuple[np.ndarray, np.ndarray]:
+    m = reference.mask.array > 0
+    margin = cfg.ring_mm + 3.0
+    sl = _roi_slices(reference.mask, margin)
+    sp = reference.image.spacing[::-1]
+    img = ndi.gaussian_filter(reference.image.array[sl].astype(np.float32), sigma=cfg.smoothing_mm / sp)
+    mm = m[sl]
+    inside = ndi.distance_transform_edt(mm, sampling=sp)
+    outside = ndi.distance_transform_edt(~mm, sampling=sp)
+    core = mm & (inside >= min(1.0, 0.5 * inside.max()))
+    ring = (outside > 1.0) & (outside <= 1.0 + cfg.ring_mm)
+    return img[core], img[ring]
+
+
+def _grow_from_core(smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp: np.ndarray,
+                    cfg: AdaptiveConfig) -> np.ndarray:
+    """Region of voxels with lesion-like intensity connected to a click (bounded by max_growth_mm)."""
+    med = float(np.median(les_s))
+    tol = max(2.5 * 1.4826 * float(np.median(np.abs(les_s - med))), 2.5 * cfg.min_sd_hu, 25.0)
+    cand = np.abs(smooth - med) <= tol
+    dist = ndi.distance_transform_edt(~core, sampling=sp)
+    cand &= dist <= cfg.max_growth_mm
+    cand = ndi.binary_opening(cand, iterations=1) | core
+    lab, _ = ndi.label(cand)
+    keep = np.unique(lab[core])
+    region = np.isin(lab, keep[keep > 0])
+    return ndi.binary_fill_holes(region)
+
+
+def _kde(samples: np.ndarray, min_sd: float) -> np.ndarray:
+    """Histogram density on ``_BINS`` smoothed by a Gaussian kernel (Silverman bandwidth, floored)."""
+    s = np.asarray(samples, np.float64).ravel()
+    if s.size == 0:
+        return np.full(_BINS.size, 1.0 / _BINS.size)
+    if s.size > 20000:
+        s = s[:: s.size // 20000 + 1]
+    sd = 1.4826 * float(np.median(np.abs(s - np.median(s)))) or float(s.std())
+    bw = max(min_sd, 1.06 * sd * s.size ** (-0.2))
+    hist, _ = np.histogram(np.clip(s, _BINS[0], _BINS[-1]), bins=np.append(_BINS, _BINS[-1] + 2.0))
+    pdf = ndi.gaussian_filter1d(hist.astype(np.float64), bw / 2.0, mode="constant")
+    pdf = pdf / pdf.sum()
+    return pdf + 1e-6
+
+
+def _lookup(pdf: np.ndarray, values: np.ndarray) -> np.ndarray:
+    idx = np.clip(((values - _BINS[0]) / 2.0).astype(np.int64), 0, _BINS.size - 1)
+    return pdf[idx]

@@ -1,0 +1,386 @@
+"""RECIST 1.1 engine: target selection at baseline, sum of diameters, target / non-target / overall response per
+timepoint (Eisenhauer et al. 2009, tables 1 and 2), best overall response, and a volumetric secondary readout.
+
+Inputs are :class:`RecistLesion` records per lesion per timepoint (usually built from
+:class:`pipeline.measurements.LesionMeasurement` with :meth:`RecistLesion.from_measurement`). Thresholds are in
+:class:`RecistRules` (configurable). Target selection can be overridden; each decision (automatic or override) is
+recorded with its reason in :class:`TargetSelection`. Every output is a JSON-serialisable dataclass.
+
+Conventions: a lesion *present* but measuring below ``too_small_below_mm`` counts as ``too_small_default_mm`` (5 mm,
+RECIST "too small to measure"); a *vanished* lesion counts 0 mm; lymph nodes always contribute their short axis
+(even below 10 mm). Non-target PD is a qualitative reader call ("unequivocal progression") and is therefore an input
+(``non_target_progression``), never inferred from sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Iterable, Sequence
+
+from pipeline.measurements import LesionMeasurement
+
+
+class Response(str, Enum):
+    CR = "CR"
+    PR = "PR"
+    SD = "SD"
+    PD = "PD"
+    NE = "NE"                         # not evaluable / not all evaluated
+    NON_CR_NON_PD = "Non-CR/Non-PD"
+    ND = "ND"                         # no disease of this kind (no targets / no non-targets)
+
+
+@dataclass
+class RecistRules:
+    """RECIST 1.1 thresholds (defaults from the paper); change them per trial protocol."""
+
+    min_long_axis_mm: float = 10.0            # measurable non-nodal lesion on CT (slice thickness <= 5 mm)
+    min_long_axis_slice_factor: float = 2.0   # ... else >= this × slice thickness
+    max_slice_thickness_mm: float = 5.0
+    min_node_short_axis_mm: float = 15.0      # measurable (target-eligible) lymph node
+    pathological_node_short_axis_mm: float = 10.0   # 10..15 mm: pathological non-target; below: normal
+    max_targets: int = 5
+    max_targets_per_organ: int = 2
+    pr_threshold_pct: float = -30.0           # vs baseline
+    pd_threshold_pct: float = 20.0            # vs nadir
+    pd_min_absolute_mm: float = 5.0
+    too_small_below_mm: float = 5.0           # present but smaller → counted as too_small_default_mm
+    too_small_default_mm: float = 5.0
+    node_cr_short_axis_mm: float = 10.0       # target nodes must all be below this for CR
+    volume_pr_threshold_pct: float = -65.0    # sphere-equivalent of -30 % diameter
+    volume_pd_threshold_pct: float = 73.0     # sphere-equivalent of +20 % diameter
+
+    def min_long_axis_for(self, slice_thickness_mm: float | None) -> float:
+        if slice_thickness_mm is not None and slice_thickness_mm > self.max_slice_thickness_mm:
+            return max(self.min_long_axis_mm, self.min_long_axis_slice_factor * slice_thickness_mm)
+        return self.min_long_axis_mm
+
+
+@dataclass
+class RecistLesion:
+    """What RECIST needs of one lesion at one timepoint."""
+
+    tracking_uid: str
+    tracking_id: str = ""
+    organ: str | None = None
+    is_node: bool = False
+    status: str = "present"           # present / vanished / new / not_evaluated
+    long_axis_mm: float = 0.0
+    short_axis_mm: float = 0.0
+    volume_mm3: float = 0.0
+
+    @property
+    def evaluated(self) -> bool:
+        return self.status != "not_evaluated"
+
+    @property
+    def vanished(self) -> bool:
+        return self.status == "vanished"
+
+    @classmethod
+    def from_measurement(cls, m: LesionMeasurement, organ: str | None = None) -> "RecistLesion":
+        status = m.status if m.present or m.status == "not_evaluated" else "vanished"
+        return cls(m.tracking_uid, m.tracking_id, organ or m.anatomic_site, m.is_node, status,
+                   m.long_axis_mm, m.short_axis_mm, m.volume_mm3)
+
+
+@dataclass
+class SelectionDecision:
+    tracking_uid: str
+    tracking_id: str
+    role: str                 # "target", "non-target" or "normal node"
+    reason: str
+    overridden: bool = False
+
+
+@dataclass
+class TargetSelection:
+    """Baseline classification of every lesion, with reasons; overrides are recorded as such."""
+
+    decisions: list[SelectionDecision] = field(default_factory=list)
+    overridden_by: str | None = None
+
+    @property
+    def targets(self) -> list[str]:
+        return [d.tracking_uid for d in self.decisions if d.role == "target"]
+
+    @property
+    def non_targets(self) -> list[str]:
+        return [d.tracking_uid for d in self.decisions if d.role == "non-target"]
+
+    def role_of(self, uid: str) -> str | None:
+        return next((d.role for d in self.decisions if d.tracking_uid == uid), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TargetOverride:
+    """A reader's change to the automatic selection (recorded in the selection with ``overridden=True``)."""
+
+    force_target: Sequence[str] = ()
+    force_non_target: Sequence[str] = ()
+    by: str = "reader"
+    reason: str = "reader override"
+
+
+def diameter_of(lesion: RecistLesion, rules: RecistRules) -> float:
+    """A lesion's contribution to the sum of diameters (nodes: short axis; vanished: 0; too small: 5 mm)."""
+    if lesion.vanished:
+        return 0.0
+    d = lesion.short_axis_mm if lesion.is_node else lesion.long_axis_mm
+    if not lesion.is_node and d < rules.too_small_below_mm:
+        return rules.too_small_default_mm
+    return float(d)
+
+
+def select_targets(baseline: Iterable[RecistLesion], rules: RecistRules | None = None, *,
+                   slice_thickness_mm: float | None = None,
+                   override: TargetOverride | None = None) -> TargetSelection:
+    """Choose up to ``max_targets`` (≤ ``max_targets_per_organ`` each) of the largest measurable lesions."""
+    rules = rules or RecistRules()
+    lesions = [b for b in baseline if not b.vanished]
+    min_ld = rules.min_long_axis_for(slice_thickness_mm)
+    measurable: list[RecistLesion] = []
+    decisions: dict[str, SelectionDecision] = {}
+    for les in lesions:
+        if les.is_node:
+            if les.short_axis_mm >= rules.min_node_short_axis_mm:
+                measurable.append(les)
+            elif les.short_axis_mm >= rules.pathological_node_short_axis_mm:
+                decisions[les.tracking_uid] = SelectionDecision(
+                    les.tracking_uid, les.tracking_id, "non-target",
+                    f"pathological node, short axis {les.short_axis_mm:.1f} mm < {rules.min_node_short_axis_mm:g} mm")
+            else:
+                decisions[les.tracking_uid] = SelectionDecision(
+                    les.tracking_uid, les.tracking_id, "normal node",
+                    f"node short axis {les.short_axis_mm:.1f} mm < {rules.pathological_node_short_axis_mm:g} mm")
+        elif les.long_axis_mm >= min_ld:
+            measurable.append(les)
+        else:
+            decisions[les.tracking_uid] = SelectionDecision(
+                les.tracking_uid, les.tracking_id, "non-target",
+                f"non-measurable, long axis {les.long_axis_mm:.1f} mm < {min_ld:g} mm")
+    measurable.sort(key=lambda x: diameter_of(x, rules), reverse=True)
+    per_organ: dict[str, int] = {}
+    n_targets = 0
+    for les in measurable:
+        organ = (les.organ or "unknown").lower()
+        size = f"{'short' if les.is_node else 'long'} axis {diameter_of(les, rules):.1f} mm"
+        if n_targets >= rules.max_targets:
+            role, reason = "non-target", f"measurable ({size}) but {rules.max_targets} targets already chosen"
+        elif per_organ.get(organ, 0) >= rules.max_targets_per_organ:
+            role, reason = "non-target", (f"measurable ({size}) but {rules.max_targets_per_organ} targets already "
+                                          f"in {organ}")
+        else:
+            role, reason = "target", f"measurable ({size}), among the largest"
+            per_organ[organ] = per_organ.get(organ, 0) + 1
+            n_targets += 1
+        decisions[les.tracking_uid] = SelectionDecision(les.tracking_uid, les.tracking_id, role, reason)
+    selection = TargetSelection([decisions[x.tracking_uid] for x in lesions])
+    if override is not None:
+        known = {d.tracking_uid: d for d in selection.decisions}
+        for uid in list(override.force_target) + list(override.force_non_target):
+            if uid not in known:
+                raise ValueError(f"target override names unknown lesion {uid}")
+        for uid, role in [(u, "target") for u in override.force_target] + \
+                         [(u, "non-target") for u in override.force_non_target]:
+            d = known[uid]
+            if d.role != role:
+                d.role, d.reason, d.overridden = role, f"{override.reason} (was: {d.reason})", True
+        selection.overridden_by = override.by
+        if len(selection.targets) > rules.max_targets:
+            raise ValueError(f"override selects {len(selection.targets)} targets, more than {rules.max_targets}")
+    return selection
+
+
+@dataclass
+class TimepointResponse:
+    """RECIST 1.1 assessment of one timepoint (index 0 = baseline)."""
+
+    index: int
+    sum_of_diameters_mm: float | None
+    baseline_sum_mm: float
+    nadir_sum_mm: float | None                 # smallest sum before this timepoint (None at baseline)
+    change_from_baseline_pct: float | None
+    change_from_nadir_pct: float | None
+    change_from_nadir_mm: float | None
+    target_response: Response
+    non_target_response: Response
+    new_lesions: bool
+    overall_response: Response
+    sum_of_volumes_mm3: float | None = None
+    volume_change_from_baseline_pct: float | None = None
+    volume_change_from_nadir_pct: float | None = None
+    volumetric_response: Response | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Response):
+                d[k] = v.value
+        return d
+
+
+@dataclass
+class RecistAssessment:
+    selection: TargetSelection
+    timepoints: list[TimepointResponse]
+    best_overall_response: Response
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_dict(), "timepoints": [t.to_dict() for t in self.timepoints],
+                "best_overall_response": self.best_overall_response.value}
+
+
+def _pct(value: float, ref: float) -> float | None:
+    return None if ref == 0 else 100.0 * (value - ref) / ref
+
+
+def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | None = None, *,
+           selection: TargetSelection | None = None, slice_thickness_mm: float | None = None,
+           override: TargetOverride | None = None,
+           non_target_progression: Sequence[bool] | None = None) -> RecistAssessment:
+    """Assess a series of timepoints (oldest first; the first is the baseline).
+
+    Lesions at a follow-up whose Tracking UID was not seen at baseline (or whose status is "new") are new lesions.
+    ``non_target_progression[i]`` is the reader's "unequivocal non-target progression" flag for timepoint ``i``.
+    """
+    rules = rules or RecistRules()
+    if not timepoints:
+        raise ValueError("RECIST assessment needs at least the baseline timepoint")
+    baseline = list(timepoints[0])
+    if selection is None:
+        selection = select_targets(baseline, rules, slice_thickness_mm=slice_thickness_mm, override=override)
+    targets, non_targets = selection.targets, selection.non_targets
+    baseline_uids = {b.tracking_uid for b in baseline}
+    flags = list(non_target_progression or [])
+
+    sums: list[float | None] = []
+    vols: list[float | None] = []
+    results: list[TimepointResponse] = []
+    for idx, tp in enumerate(timepoints):
+        by_uid = {les.tracking_uid: les for les in tp}
+        notes: list[str] = []
+        tgt = [by_uid.get(u) for u in targets]
+        evaluable = bool(targets) and all(t is not None and t.evaluated for t in tgt)
+        total = sum(diameter_of(t, rules) for t in tgt if t is not None) if evaluable else None
+        vol_total = sum(t.volume_mm3 for t in tgt if t is not None and not t.vanished) if evaluable else None
+        sums.append(total)
+        vols.append(vol_total)
+        base_sum = sums[0] if sums[0] is not None else 0.0
+        earlier = [s for s in sums[:-1] if s is not None]
+        nadir = min(earlier) if earlier else None
+        earlier_v = [v for v in vols[:-1] if v is not None]
+        nadir_v = min(earlier_v) if earlier_v else None
+
+        new = idx > 0 and any(les.status == "new" or (les.tracking_uid not in baseline_uids and not les.vanished)
+                              for les in tp)
+        if new:
+            notes.append("new lesion(s): " + ", ".join(les.tracking_id or les.tracking_uid for les in tp
+                                                       if les.status == "new" or les.tracking_uid not in baseline_uids))
+
+        # target response
+        if not targets:
+            target_resp = Response.ND
+        elif not evaluable or total is None:
+            target_resp = Response.NE
+            notes.append("not all target lesions evaluated")
+        elif idx == 0:
+            target_resp = Response.NE
+        else:
+            assert nadir is not None
+            nodes_ok = all(t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm
+                           for t in tgt if t is not None)
+            others_gone = all(t.vanished for t in tgt if t is not None and not t.is_node)
+            if _pct(total, nadir) is not None and (total - nadir) >= rules.pd_min_absolute_mm and \
+                    100.0 * (total - nadir) / nadir >= rules.pd_threshold_pct:
+                target_resp = Response.PD
+            elif nadir == 0 and total - nadir >= rules.pd_min_absolute_mm:
+                target_resp = Response.PD
+            elif others_gone and nodes_ok:
+                target_resp = Response.CR
+            elif base_sum > 0 and 100.0 * (total - base_sum) / base_sum <= rules.pr_threshold_pct:
+                target_resp = Response.PR
+            else:
+                target_resp = Response.SD
+
+        # non-target response
+        nts = [by_uid.get(u) for u in non_targets]
+        if not non_targets:
+            nt_resp = Response.ND
+        elif idx == 0:
+            nt_resp = Response.NE
+        elif idx < len(flags) and flags[idx]:
+            nt_resp = Response.PD
+        elif any(n is None or not n.evaluated for n in nts):
+            nt_resp = Response.NE
+        elif all(n is not None and (n.vanished or (n.is_node and n.short_axis_mm < rules.node_cr_short_axis_mm))
+                 for n in nts):
+            nt_resp = Response.CR
+        else:
+            nt_resp = Response.NON_CR_NON_PD
+
+        overall = Response.NE if idx == 0 else _overall(target_resp, nt_resp, new)
+
+        # volumetric secondary readout (sum of target volumes)
+        vresp: Response | None = None
+        v_base = vols[0]
+        if idx > 0 and vol_total is not None and v_base:
+            if nadir_v is not None and nadir_v > 0 and 100.0 * (vol_total - nadir_v) / nadir_v >= \
+                    rules.volume_pd_threshold_pct:
+                vresp = Response.PD
+            elif vol_total == 0:
+                vresp = Response.CR
+            elif 100.0 * (vol_total - v_base) / v_base <= rules.volume_pr_threshold_pct:
+                vresp = Response.PR
+            else:
+                vresp = Response.SD
+        results.append(TimepointResponse(
+            index=idx, sum_of_diameters_mm=total, baseline_sum_mm=base_sum, nadir_sum_mm=nadir,
+            change_from_baseline_pct=None if total is None or idx == 0 else _pct(total, base_sum),
+            change_from_nadir_pct=None if total is None or nadir is None else _pct(total, nadir),
+            change_from_nadir_mm=None if total is None or nadir is None else total - nadir,
+            target_response=target_resp, non_target_response=nt_resp, new_lesions=new, overall_response=overall,
+            sum_of_volumes_mm3=vol_total,
+            volume_change_from_baseline_pct=None if vol_total is None or idx == 0 or not v_base
+            else _pct(vol_total, v_base),
+            volume_change_from_nadir_pct=None if vol_total is None or nadir_v is None else _pct(vol_total, nadir_v),
+            volumetric_response=vresp, notes=notes))
+    return RecistAssessment(selection, results, best_overall_response(results))
+
+
+def _overall(target: Response, non_target: Response, new: bool) -> Response:
+    """RECIST 1.1 table 1 (targets present) and table 2 (non-target disease only)."""
+    if new or target is Response.PD or non_target is Response.PD:
+        return Response.PD
+    if target is Response.ND:                         # table 2
+        if non_target is Response.ND:
+            return Response.ND
+        return {Response.CR: Response.CR, Response.NON_CR_NON_PD: Response.NON_CR_NON_PD}.get(non_target, Response.NE)
+    if target is Response.NE:
+        return Response.NE
+    if target is Response.CR:
+        return Response.CR if non_target in (Response.CR, Response.ND) else Response.PR
+    if target is Response.PR:
+        return Response.PR
+    return Response.SD
+
+
+_RANK = {Response.CR: 0, Response.PR: 1, Response.NON_CR_NON_PD: 2, Response.SD: 2, Response.PD: 3, Response.NE: 4,
+         Response.ND: 5}
+
+
+def best_overall_response(timepoints: Sequence[TimepointResponse]) -> Response:
+    """Best response recorded from the first follow-up until progression (no confirmation requirement applied)."""
+    best = Response.NE
+    for tp in timepoints[1:]:
+        r = tp.overall_response
+        if _RANK[r] < _RANK[best]:
+            best = r
+        if r is Response.PD:
+            break
+    return best

@@ -1,0 +1,255 @@
+"""The analysis service: claims a job and runs its ordered steps, recording outputs, timings and the outcome.
+
+Steps are plain functions ``fn(ctx: JobContext) -> dict | None`` (see ``pipeline.steps`` for the real ones).
+A *durable* step leaves its results on disk or in the database (its returned dict says where); after a crash or
+a retry the runner resumes right after the last durable step whose outputs are still valid, and re-runs the
+in-memory steps in between. Every step must therefore be idempotent: running it again gives the same outcome
+and never creates duplicate objects.
+
+Outcomes: ``NothingToTrack`` → ``nothing_to_track``; ``TransientError`` (and connection errors, timeouts, GPU
+out-of-memory, which also switches the job to CPU) → ``retry_wait`` with back-off from
+``worker.retry_backoff_seconds`` until ``worker.max_attempts``; anything else → ``failed`` with a readable
+reason naming the step. Inputs (received instances, retrieved priors, recorded outputs) are never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import JobState
+from pipeline.jobs import (
+    DEFAULT_LEASE_SECONDS,
+    JobStore,
+    NothingToTrack,
+    PermanentError,
+    TransientError,
+    worker_identity,
+)
+
+log = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    """Raised inside the runner when the process is shutting down; the job is requeued."""
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (our lease ran out); we must not record anything more."""
+
+
+@dataclass
+class JobContext:
+    """What a step sees: the job, results of earlier steps and the shared services (ports, settings, ...)."""
+
+    job_id: int
+    series_uid: str
+    attempt: int
+    worker: str
+    outputs: dict[str, dict[str, Any]]
+    services: Any = None
+    device: str = "auto"
+    memory: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[str], None] | None = None
+
+    def report(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    fn: Callable[[JobContext], dict[str, Any] | None]
+    durable: bool = False
+    still_valid: Callable[[dict[str, Any]], bool] | None = None
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_seconds: Sequence[float] = (30, 120, 600)
+
+    def delay(self, attempt: int) -> float:
+        if not self.backoff_seconds:
+            return 0.0
+        return float(self.backoff_seconds[min(max(attempt - 1, 0), len(self.backoff_seconds) - 1)])
+
+    @classmethod
+    def from_settings(cls, worker_settings: Any) -> "RetryPolicy":
+        return cls(worker_settings.max_attempts, list(worker_settings.retry_backoff_seconds))
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """("nothing"|"transient"|"permanent", force_cpu) for an exception raised by a step."""
+    if isinstance(exc, NothingToTrack):
+        return "nothing", False
+    if isinstance(exc, TransientError):
+        return "transient", exc.force_cpu
+    if isinstance(exc, PermanentError):
+        return "permanent", False
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in text
+                                      and ("cuda" in text or "gpu" in text or "hip" in text)):
+        return "transient", True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return "transient", False
+    return "permanent", False
+
+
+def _reason(step: str, exc: BaseException) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, (TransientError, PermanentError, NothingToTrack)):
+        return f"{step}: {msg}"
+    return f"{step}: {type(exc).__name__}: {msg}"
+
+
+class AnalysisService:
+    """Runs analysis jobs with a fixed list of steps; one instance per worker process (thread-safe per job)."""
+
+    def __init__(self, session_factory: sessionmaker[Session], steps: Sequence[Step], services: Any = None, *,
+                 retry: RetryPolicy | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 worker: str | None = None, device: str = "auto",
+                 progress: Callable[[int, str], None] | None = None) -> None:
+        names = [s.name for s in steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate step names: {names}")
+        self.store = JobStore(session_factory)
+        self.steps = list(steps)
+        self.services = services
+        self.retry = retry or RetryPolicy()
+        self.lease_seconds = float(lease_seconds)
+        self.worker = worker or worker_identity()
+        self.device = device
+        self.progress = progress
+        self.stop_event = threading.Event()
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def request_stop(self) -> None:
+        """Finish the step in progress, then requeue the job; claim nothing new."""
+        self.stop_event.set()
+
+    # -- entry points -----------------------------------------------------------------------------
+    def run(self, job_id: int) -> JobState | None:
+        """Claim and run ``job_id``; None when it is not claimable (another worker has it, or not due)."""
+        if self.stop_event.is_set() or not self.store.claim(job_id, self.worker, self.lease_seconds):
+            return None
+        return self._run_claimed(job_id)
+
+    def run_next(self) -> tuple[int, JobState | None] | None:
+        if self.stop_event.is_set():
+            return None
+        job_id = self.store.claim_next(self.worker, self.lease_seconds)
+        if job_id is None:
+            return None
+        return job_id, self._run_claimed(job_id)
+
+    # -- the runner -------------------------------------------------------------------------------
+    def _resume_index(self, outputs: dict[str, Any]) -> int:
+        start = 0
+        for i, step in enumerate(self.steps):
+            if step.name not in outputs:
+                break
+            if step.durable:
+                if step.still_valid is not None and not step.still_valid(outputs[step.name]):
+                    break
+                start = i + 1
+        return start
+
+    def _run_claimed(self, job_id: int) -> JobState | None:
+        view = self.store.get(job_id)
+        runtime = dict(view.step_outputs.get("_runtime", {}))
+        start = self._resume_index(view.step_outputs)
+        stale = [s.name for s in self.steps[start:] if s.name in view.step_outputs]
+        if stale:
+            self.store.forget_outputs(job_id, stale)
+        outputs = {k: v for k, v in view.step_outputs.items() if k not in stale}
+        ctx = JobContext(job_id=job_id, series_uid=view.followup_series_uid, attempt=view.attempts,
+                         worker=self.worker, outputs=outputs, services=self.services,
+                         device=runtime.get("device", self.device),
+                         progress=(lambda m: self.progress(job_id, m)) if self.progress else None)
+        if start:
+            log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name,
+                     view.attempts)
+        lost = threading.Event()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job_id, lost, done), daemon=True,
+                                name=f"lease-{job_id}")
+        beat.start()
+        step_name = self.steps[start].name if start < len(self.steps) else "done"
+        try:
+            for step in self.steps[start:]:
+                step_name = step.name
+                if lost.is_set():
+                    raise LeaseLost(job_id)
+                if self.stop_event.is_set():
+                    raise StopRequested()
+                self.store.step_started(job_id, self.worker, step.name)
+                ctx.report(step.name)
+                t0 = time.perf_counter()
+                result = step.fn(ctx) or {}
+                seconds = time.perf_counter() - t0
+                if lost.is_set():
+                    raise LeaseLost(job_id)
+                ctx.outputs[step.name] = result
+                self.store.step_finished(job_id, self.worker, step.name, result, seconds)
+                log.info("job %s step %s done in %.2fs", job_id, step.name, seconds)
+        except StopRequested:
+            self.store.requeue(job_id, self.worker, reason=f"worker shutting down before step {step_name}")
+            return JobState.QUEUED
+        except LeaseLost:
+            log.warning("job %s: lease lost during %s; another worker owns it now", job_id, step_name)
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
+            return self._fail(job_id, ctx, step_name, exc)
+        finally:
+            done.set()
+            beat.join(timeout=5)
+        self.store.finish(job_id, self.worker, JobState.DONE)
+        ctx.report("done")
+        return JobState.DONE
+
+    def _fail(self, job_id: int, ctx: JobContext, step: str, exc: BaseException) -> JobState:
+        kind, force_cpu = classify(exc)
+        reason = _reason(step, exc)
+        if kind == "nothing":
+            self.store.finish(job_id, self.worker, JobState.NOTHING_TO_TRACK, error=reason, step=step)
+            ctx.report("nothing to track")
+            return JobState.NOTHING_TO_TRACK
+        if kind == "transient":
+            if force_cpu and ctx.device != "cpu":
+                self.store.set_runtime(job_id, device="cpu", cpu_fallback_reason=reason)
+                log.warning("job %s: GPU out of memory in %s, next attempt on CPU", job_id, step)
+            if ctx.attempt < self.retry.max_attempts:
+                delay = self.retry.delay(ctx.attempt)
+                log.warning("job %s: transient failure (%s), retry %s/%s in %.0fs", job_id, reason,
+                            ctx.attempt + 1, self.retry.max_attempts, delay)
+                self.store.schedule_retry(job_id, self.worker, delay, reason)
+                ctx.report("retry wait")
+                return JobState.RETRY_WAIT
+            reason = f"gave up after {ctx.attempt} attempts: {reason}"
+        else:
+            log.error("job %s failed permanently: %s", job_id, reason, exc_info=exc)
+        self.store.finish(job_id, self.worker, JobState.FAILED, error=reason, step=step)
+        ctx.report("failed")
+        return JobState.FAILED
+
+    def _heartbeat(self, job_id: int, lost: threading.Event, done: threading.Event) -> None:
+        interval = max(self.lease_seconds / 3.0, 0.05)
+        while not done.wait(interval):
+            try:
+                if not self.store.heartbeat(job_id, self.worker, self.lease_seconds):
+                    lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - a database hiccup must not kill the job; the lease is long
+                log.exception("job %s: heartbeat failed", job_id)

@@ -77,3 +77,43 @@ class PostgresServer:
         subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
                         "-w", "stop"], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """Debian ``redis-server`` on a free loopback port with a temporary working directory, no persistence."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        require_tool("redis-server")
+        self.root = Path(tempfile.mkdtemp(prefix="lt-redis-", dir=root))
+        self.port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self._proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.root), "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+             "--logfile", str(self.root / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+            self._proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

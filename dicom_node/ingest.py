@@ -1,0 +1,222 @@
+"""Turn one received C-STORE (file meta + raw dataset bytes) into a file on disk and rows in the database.
+
+Used by the Storage SCP and by C-GET / DICOMweb retrieval. Returns a DIMSE status; Success only once the
+file is renamed into place and the database transaction is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Series, SeriesState
+from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
+from db.session import session_scope
+from dicom_node.storage import InstanceStore, InvalidDataset, StorageFull, check_structure, is_valid_uid, sha256_hex
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_HEADER_TAGS = ["PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                "SOPClassUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+                "FrameOfReferenceUID", "InstanceNumber", "StudyDate", "StudyTime", "AccessionNumber"]
+
+
+@dataclass
+class IngestResult:
+    status: int
+    comment: str = ""
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    path: Path | None = None
+    duplicate: bool = False        # identical bytes were already stored
+    reopened: bool = False         # the series had been complete and is receiving again
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+def encode_meta(meta: FileMetaDataset) -> bytes:
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def _s(ds: Dataset, name: str, maxlen: int) -> str | None:
+    v = ds.get(name)
+    if v is None or v == "":
+        return None
+    return str(v)[:maxlen]
+
+
+def _i(ds: Dataset, name: str) -> int | None:
+    try:
+        v = ds.get(name)
+        return None if v in (None, "") else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+class Ingestor:
+    """Validates, writes and records received instances. Thread-safe: one call per C-STORE."""
+
+    def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session], actor: str = "dicom-node"):
+        self.store = store
+        self.session_factory = session_factory
+        self.actor = actor
+        self._lock = threading.Lock()   # serialises hierarchy creation races inside one process
+
+    def ingest(self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None = None,
+               peer: str | None = None) -> IngestResult:
+        ts = str(meta.get("TransferSyntaxUID", ""))
+        req_sop = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        try:
+            check_structure(dataset_bytes, ts)
+            meta_bytes = encode_meta(meta)
+            ds = dcmread(BytesIO(meta_bytes + dataset_bytes), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except Exception as exc:  # noqa: BLE001 - any parse problem is the sender's bad data
+            log.warning("rejected C-STORE of %s from %s: not a valid dataset: %s", req_sop, calling_ae, exc)
+            return IngestResult(CANNOT_UNDERSTAND, f"not a valid DICOM dataset: {exc}"[:64], sop_instance_uid=req_sop)
+        sop_uid = _s(ds, "SOPInstanceUID", 64)
+        study_uid = _s(ds, "StudyInstanceUID", 64)
+        series_uid = _s(ds, "SeriesInstanceUID", 64)
+        missing = [n for n, v in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
+                                  ("SeriesInstanceUID", series_uid)) if not is_valid_uid(v)]
+        if missing:
+            log.warning("rejected C-STORE of %s from %s: missing or invalid %s", req_sop, calling_ae, missing)
+            return IngestResult(DATASET_MISMATCH, f"missing or invalid {', '.join(missing)}"[:64],
+                                sop_instance_uid=req_sop)
+        if req_sop and sop_uid != req_sop:
+            return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request",
+                                sop_instance_uid=req_sop)
+        assert sop_uid and study_uid and series_uid
+        sha = sha256_hex(dataset_bytes)
+        return self._store_and_record(ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid,
+                                      calling_ae, peer)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _store_and_record(self, ds: Dataset, meta: FileMetaDataset, meta_bytes: bytes, data: bytes, sha: str,
+                          sop_uid: str, study_uid: str, series_uid: str, calling_ae: str | None,
+                          peer: str | None) -> IngestResult:
+        try:
+            with session_scope(self.session_factory) as s:
+                known = list(s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)))
+        except SQLAlchemyError as exc:
+            log.error("database failure looking up %s: %s", sop_uid, exc)
+            return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
+        same = next((k for k in known if k.sha256 == sha), None)
+        if same is not None and Path(same.file_path).is_file():
+            log.info("duplicate C-STORE of %s (identical bytes): success", sop_uid)
+            return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid,
+                                path=Path(same.file_path), duplicate=True)
+        conflict = [k for k in known if k.sha256 != sha]
+        path = self.store.path_for(study_uid, series_uid, sop_uid, sha if conflict else None)
+        try:
+            self.store.write(path, [meta_bytes, data])
+        except StorageFull as exc:
+            log.error("disk full storing %s: %s", sop_uid, exc)
+            return IngestResult(OUT_OF_RESOURCES, "disk full", series_uid=series_uid, sop_instance_uid=sop_uid)
+        except OSError as exc:
+            log.error("cannot write %s: %s", path, exc)
+            return IngestResult(OUT_OF_RESOURCES, f"write failed: {exc.strerror}"[:64], series_uid=series_uid,
+                                sop_instance_uid=sop_uid)
+        reopened = False
+        error = "database failure"
+        for attempt in range(4):
+            try:
+                with self._lock, session_scope(self.session_factory) as s:
+                    if same is not None:   # row existed but its file had vanished: file rewritten, row kept
+                        row = s.get(Instance, same.id)
+                        if row is not None:
+                            row.file_path = str(path)
+                    else:
+                        reopened = self._record(s, ds, meta, path, len(meta_bytes) + len(data), sha, calling_ae,
+                                                peer, conflict)
+                error = ""
+                break
+            except IntegrityError as exc:
+                # another process recorded the same bytes (success) or created the same series (retry)
+                error = f"database integrity error: {exc.orig}"
+                try:
+                    with session_scope(self.session_factory) as s:
+                        if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid,
+                                                              Instance.sha256 == sha)) is not None:
+                            return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid,
+                                                path=path, duplicate=True)
+                except SQLAlchemyError:
+                    pass
+            except OperationalError as exc:
+                error = f"database failure: {exc.orig}"
+                if "locked" not in str(exc).lower():
+                    break
+            except SQLAlchemyError as exc:
+                error = f"database failure: {exc}"
+                break
+        if error:
+            log.error("database failure recording %s: %s", sop_uid, error)
+            if same is None:
+                path.unlink(missing_ok=True)
+            return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid,
+                                sop_instance_uid=sop_uid)
+        log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
+        return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, reopened=reopened)
+
+    def _record(self, s: Session, ds: Dataset, meta: FileMetaDataset, path: Path, size: int, sha: str,
+                calling_ae: str | None, peer: str | None, conflict: list[Instance]) -> bool:
+        now = datetime.now(timezone.utc)
+        patient = get_or_create_patient(s, _s(ds, "PatientID", 64) or "", _s(ds, "IssuerOfPatientID", 64))
+        study = get_or_create_study(s, patient, str(ds.StudyInstanceUID), study_date=_s(ds, "StudyDate", 8),
+                                    study_time=_s(ds, "StudyTime", 16),
+                                    accession_number=_s(ds, "AccessionNumber", 16))
+        series = get_or_create_series(
+            s, study, str(ds.SeriesInstanceUID), modality=_s(ds, "Modality", 16),
+            series_number=_i(ds, "SeriesNumber"), series_description=_s(ds, "SeriesDescription", 64),
+            body_part=_s(ds, "BodyPartExamined", 16), frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64))
+        series.instance_count = (series.instance_count or 0) + 1
+        series.first_received_at = series.first_received_at or now
+        series.last_received_at = now
+        reopened = False
+        if series.state == SeriesState.COMPLETE:
+            series.state = SeriesState.RECEIVING
+            reopened = True
+            audit(s, self.actor, "series.reopened", "series", series.series_instance_uid,
+                  sop_instance_uid=str(ds.SOPInstanceUID), calling_ae=calling_ae)
+        s.add(Instance(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                       series_pk=series.id, transfer_syntax_uid=str(meta.TransferSyntaxUID), file_path=str(path),
+                       size_bytes=size, sha256=sha, instance_number=_i(ds, "InstanceNumber"),
+                       sender_ae=(calling_ae or "")[:16] or None, received_at=now))
+        if conflict:
+            audit(s, self.actor, "instance.duplicate_uid_different_bytes", "instance", str(ds.SOPInstanceUID),
+                  kept=[k.file_path for k in conflict] + [str(path)], sha256_new=sha,
+                  sha256_known=[k.sha256 for k in conflict], calling_ae=calling_ae, peer=peer)
+            log.warning("SOP Instance UID %s received again with different bytes: both kept", ds.SOPInstanceUID)
+        return reopened
+
+
+def ingest_file(ingestor: Ingestor, path: Path, calling_ae: str | None = None) -> IngestResult:
+    """Ingest a DICOM Part 10 file (used by DICOMweb retrieval and tests): meta re-used, dataset bytes verbatim."""
+    raw = Path(path).read_bytes()
+    from pydicom.filereader import read_preamble, _read_file_meta_info
+
+    fp = BytesIO(raw)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return ingestor.ingest(meta, raw[fp.tell():], calling_ae=calling_ae)

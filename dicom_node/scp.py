@@ -1,0 +1,182 @@
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class and transfer syntax, access control, TLS.
+
+``StorageSCP(settings, session_factory, on_series_complete).start()`` listens in background threads; ``stop()``
+shuts it down. Each C-STORE is written verbatim (file meta + received bytes, no decode) by
+:class:`dicom_node.ingest.Ingestor`, which answers Success only after the file and its database row are durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from dicom_node.completion import SeriesCallback, SeriesCompletion
+from dicom_node.ingest import Ingestor
+from dicom_node.routing import Route
+from dicom_node.storage import InstanceStore
+from dicom_node.tls import server_context
+
+log = logging.getLogger(__name__)
+
+
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]
+_LOSSLESS = ["1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+             "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5"]
+#: The acceptor's order decides which proposed syntax wins: keep what the sender has (lossless compressed
+#: first), prefer uncompressed over anything lossy so that we never make a sender compress lossily for us.
+ACCEPTED_TRANSFER_SYNTAXES = _LOSSLESS + _UNCOMPRESSED + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _LOSSLESS and ts not in _UNCOMPRESSED]
+
+
+def storage_root(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "dicom"
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server plus a peer-IP allow-list and TCP_NODELAY on accepted sockets."""
+
+    allowed_ips: frozenset[str] = frozenset()
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, address = super().get_request()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.allowed_ips and client_address[0] not in self.allowed_ips:
+            log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
+            return False
+        return True
+
+
+class StorageSCP:
+    """Our DICOM listener; reusable by ``lesiontrack serve`` and by tests."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session],
+                 on_series_complete: SeriesCallback | None = None) -> None:
+        self.settings = settings
+        cfg = settings.dicom
+        self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
+        self.ingestor = Ingestor(self.store, session_factory)
+        self.completion = SeriesCompletion(session_factory, settings.routing, cfg.series_quiet_seconds,
+                                           on_series_complete)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ae: AE | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        cfg = self.settings.dicom
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.maximum_pdu_size
+        ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        ae.add_supported_context(Verification, _UNCOMPRESSED)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> "StorageSCP":
+        if self._server is not None:
+            return self
+        cfg = self.settings.dicom
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        removed = self.store.remove_orphan_tmp()
+        if removed:
+            log.warning("removed %d temporary files left by an interrupted write", removed)
+        self.completion.resume_from_db()
+        ae = self._make_ae()
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_ABORTED, self._on_aborted),
+                    (evt.EVT_REJECTED, self._on_rejected)]
+        server = ae.make_server((cfg.bind_address, cfg.port), ae_title=cfg.ae_title,
+                                ssl_context=server_context(cfg.tls), evt_handlers=handlers,
+                                server_class=_Server)
+        server.allowed_ips = frozenset(cfg.allowed_peer_ips)
+        ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
+        self._ae, self._server = ae, server
+        self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
+        self._thread.start()
+        self.completion.start()
+        log.info("Storage SCP %s listening on %s:%d%s", cfg.ae_title, cfg.bind_address, self.port,
+                 " (TLS)" if cfg.tls.enabled else "")
+        return self
+
+    def stop(self) -> None:
+        self.completion.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._ae is not None:
+            self._ae.shutdown()
+            self._ae = None
+
+    def __enter__(self) -> "StorageSCP":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.dicom.port
+        return int(self._server.server_address[1])
+
+    @property
+    def active_associations(self) -> int:
+        return 0 if self._server is None else len(self._server.active_associations)
+
+    def force_complete(self, series_uid: str) -> Route | None:
+        return self.completion.force_complete(series_uid)
+
+    # -- handlers ----------------------------------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        requestor = event.assoc.requestor
+        try:
+            result = self.ingestor.ingest(event.file_meta, event.encoded_dataset(include_meta=False),
+                                          calling_ae=requestor.ae_title, peer=str(requestor.address))
+        except Exception as exc:  # noqa: BLE001 - never answer Success on an unexpected error
+            log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
+            status = Dataset()
+            status.Status = 0xA700
+            status.ErrorComment = f"internal error: {type(exc).__name__}"[:64]
+            return status
+        if result.ok:
+            if result.series_uid and not result.duplicate:
+                self.completion.instance_received(result.series_uid, id(event.assoc))
+            return 0x0000
+        status = Dataset()
+        status.Status = result.status
+        status.ErrorComment = result.comment[:64]
+        return status
+
+    def _on_close(self, event: evt.Event) -> None:
+        self.completion.association_closed(id(event.assoc))
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning("association from %s aborted", event.assoc.requestor.ae_title)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
+                    event.assoc.requestor.address)

@@ -1,0 +1,307 @@
+"""Storage SCP against real dcmtk tools: echo, store (plain and JPEG 2000), access control, duplicates, bad input,
+disk-full and database failures. Helpers here are reused by the other dicom_node test modules."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select, text
+
+from config.settings import Settings, load_settings
+from db.models import AuditEvent, Instance, Series
+from db.session import make_engine, make_session_factory, session_scope, upgrade
+from dicom_node.scp import StorageSCP
+from tests.conftest import require_shared_data, require_tool
+
+GE = ("interop", "ct_gantry_tilt_ge")
+J2K = ("interop", "ct_siemens_j2k")
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+class Node:
+    """A running StorageSCP on a free loopback port with its own SQLite database and data folder."""
+
+    def __init__(self, root: Path, **dicom: Any) -> None:
+        self.root = root
+        self.url = f"sqlite:///{root / 'lt.sqlite3'}"
+        upgrade(self.url)
+        cfg = {"port": 0, "bind_address": "127.0.0.1", "series_quiet_seconds": 2.0, "fsync": False} | dicom
+        self.settings: Settings = load_settings(None, data_dir=root / "data", database_url=self.url, dicom=cfg)
+        self.engine = make_engine(self.url)
+        self.sf = make_session_factory(self.engine)
+        self.triggers: list[str] = []
+        self.scp = StorageSCP(self.settings, self.sf, self.triggers.append)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def count(self, model: Any = Instance) -> int:
+        with session_scope(self.sf) as s:
+            return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+    def instances(self) -> list[Instance]:
+        with session_scope(self.sf) as s:
+            return list(s.scalars(select(Instance).order_by(Instance.id)))
+
+    def series(self, uid: str) -> Series | None:
+        with session_scope(self.sf) as s:
+            return s.scalar(select(Series).where(Series.series_instance_uid == uid))
+
+    def audits(self, action: str) -> list[AuditEvent]:
+        with session_scope(self.sf) as s:
+            return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in (self.root / "data" / "dicom").rglob("*") if p.is_file())
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path, allowed_calling_aes=["STORESCU", "ORTHANC", "PYSCU"])
+    n.scp.start()
+    try:
+        yield n
+    finally:
+        n.scp.stop()
+        n.engine.dispose()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta: what goes over the wire for a C-STORE."""
+    raw = Path(path).read_bytes()
+    fp = io.BytesIO(raw)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return raw[fp.tell():]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(dataset_bytes(path)).hexdigest()
+
+
+def ge_files() -> list[Path]:
+    return sorted(require_shared_data(*GE).glob("*.dcm"))
+
+
+def j2k_series(dest: Path, patient_id: str = "LT-J2K", study_uid: str | None = None,
+               series_uid: str | None = None, study_date: str | None = None) -> list[Path]:
+    """The Siemens JPEG 2000 series with the UIDs its anonymiser blanked filled in (pixel data untouched)."""
+    src = sorted(p for p in require_shared_data(*J2K).iterdir() if p.is_file())
+    dest.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    out = []
+    for p in src:
+        ds = dcmread(p)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = study_uid, series_uid, patient_id
+        if study_date:
+            ds.StudyDate = study_date
+        target = dest / p.name
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+def storescu(port: int, files: list[Path], aet: str = "STORESCU", *extra: str,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    require_tool("storescu")
+    r = subprocess.run(["storescu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port),
+                        *map(str, files)], capture_output=True, text=True, env=ENV, timeout=120)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def echoscu(port: int, aet: str = "STORESCU", *extra: str) -> int:
+    require_tool("echoscu")
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60).returncode
+
+
+def pynetdicom_store(port: int, paths: list[Path], abort_after: int | None = None) -> list[int]:
+    """Send Part 10 files with pynetdicom (raw bytes from disk, as-is); returns the DIMSE statuses."""
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True   # send the file's bytes as they are, never decoded
+    metas = [dcmread(p, stop_before_pixels=True).file_meta for p in paths]
+    ae = AE(ae_title="PYSCU")
+    for m in metas:
+        ae.add_requested_context(m.MediaStorageSOPClassUID, m.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LESIONTRACK")
+    assert assoc.is_established
+    statuses = []
+    for i, p in enumerate(paths):
+        if abort_after is not None and i == abort_after:
+            assoc.abort()
+            return statuses
+        rsp = assoc.send_c_store(p)
+        statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+    assoc.release()
+    return statuses
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+def test_echo_and_store_plain_and_jpeg2000_series_byte_identical(node: Node, tmp_path: Path) -> None:
+    assert echoscu(node.port) == 0
+    ge = ge_files()
+    j2k = j2k_series(tmp_path / "j2k")
+    storescu(node.port, ge)
+    storescu(node.port, j2k, "STORESCU", "-xv")   # -xv: propose JPEG 2000 lossless, sent as-is
+
+    rows = node.instances()
+    assert len(rows) == len(ge) + len(j2k) == 48
+    sent = {digest(p) for p in ge + j2k}
+    assert {r.sha256 for r in rows} == sent
+    for r in rows:
+        assert Path(r.file_path).is_file()
+        assert hashlib.sha256(dataset_bytes(Path(r.file_path))).hexdigest() == r.sha256
+        assert r.sender_ae == "STORESCU"
+    assert {r.transfer_syntax_uid for r in rows} == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"}
+    # the stored file is a valid Part 10 file that pydicom reads back (and decodes, for the J2K one)
+    j2k_row = next(r for r in rows if r.transfer_syntax_uid.endswith(".90"))
+    assert dcmread(j2k_row.file_path).pixel_array.shape == (512, 512)
+    assert not [p for p in node.files() if p.name.startswith(".tmp-")]
+
+
+def test_disallowed_calling_ae_is_rejected(node: Node) -> None:
+    r = storescu(node.port, ge_files()[:2], "INTRUDER", check=False)
+    assert r.returncode != 0
+    assert "Calling AE Title Not Recognized" in r.stderr
+    assert node.count() == 0
+    assert echoscu(node.port) == 0       # still serving
+
+
+def test_peer_ip_allow_list(tmp_path: Path) -> None:
+    n = Node(tmp_path, allowed_peer_ips=["192.0.2.10"])
+    with n.scp:
+        assert echoscu(n.port) != 0
+    m = Node(tmp_path / "ok", allowed_peer_ips=["127.0.0.1"])
+    with m.scp:
+        assert echoscu(m.port) == 0
+
+
+def test_duplicates_same_bytes_idempotent_different_bytes_kept_and_audited(node: Node, tmp_path: Path) -> None:
+    f = ge_files()[0]
+    storescu(node.port, [f])
+    storescu(node.port, [f])                      # same bytes again: success, nothing new
+    assert node.count() == 1
+    ds = dcmread(f)
+    ds.InstanceNumber = 999                       # same SOP Instance UID, different content
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed, enforce_file_format=True)
+    storescu(node.port, [changed])
+    rows = node.instances()
+    assert len(rows) == 2 and rows[0].sop_instance_uid == rows[1].sop_instance_uid
+    assert rows[0].file_path != rows[1].file_path
+    assert all(Path(r.file_path).is_file() for r in rows)
+    ev = node.audits("instance.duplicate_uid_different_bytes")
+    assert len(ev) == 1 and ev[0].object_id == ds.SOPInstanceUID
+
+
+def _bad_file(tmp_path: Path, name: str, body: bytes, like: Path) -> Path:
+    """A Part 10 file whose meta is valid (so a sender will transmit it) but whose dataset is ``body``."""
+    raw = like.read_bytes()
+    meta_end = len(raw) - len(dataset_bytes(like))
+    p = tmp_path / name
+    p.write_bytes(raw[:meta_end] + body)
+    return p
+
+
+def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_path: Path) -> None:
+    good = ge_files()[:4]
+    body = dataset_bytes(good[0])
+    non_dicom = _bad_file(tmp_path, "junk.dcm", b"this is not DICOM at all, just some text" * 50, good[0])
+    truncated = _bad_file(tmp_path, "trunc.dcm", body[: len(body) - 5000], good[0])
+    ds = dcmread(good[1])
+    del ds.SOPInstanceUID
+    no_uid = tmp_path / "nouid.dcm"
+    ds.save_as(no_uid, enforce_file_format=True)
+    statuses = pynetdicom_store(node.port, [non_dicom, truncated, no_uid, good[2]])
+    assert statuses[0] == 0xC000 and statuses[1] == 0xC000
+    assert statuses[2] == 0xA900
+    assert statuses[3] == 0x0000
+    assert node.count() == 1
+    assert len(node.files()) == 1            # nothing partial or invalid on disk
+
+    # unsupported SOP class: the presentation context is refused, the node keeps serving
+    ds = dcmread(good[3])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.4.5.6.7"
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd, enforce_file_format=True)
+    r = storescu(node.port, [odd], check=False)
+    assert r.returncode != 0 and "No presentation context" in r.stderr
+    assert node.count() == 1
+
+    # association aborted mid-series: what was acknowledged is stored whole, nothing else
+    series = ge_files()[4:12]
+    statuses = pynetdicom_store(node.port, series, abort_after=5)
+    assert statuses == [0] * 5
+    assert node.count() == 6
+    assert not [p for p in node.files() if p.name.startswith(".tmp-")]
+    for r in node.instances():
+        assert hashlib.sha256(dataset_bytes(Path(r.file_path))).hexdigest() == r.sha256
+    assert echoscu(node.port) == 0
+    storescu(node.port, series)                   # the sender retries the whole series: all there, once each
+    assert node.count() == 1 + len(series)
+
+
+def test_database_failure_answers_failure_and_leaves_no_file(node: Node) -> None:
+    # the instance lookup works, the file is written, then recording the series fails
+    with node.engine.begin() as conn:
+        conn.execute(text("PRAGMA foreign_keys=OFF"))
+        conn.execute(text("DROP TABLE series"))
+    assert pynetdicom_store(node.port, ge_files()[:2]) == [0xA700, 0xA700]
+    assert node.files() == []
+    assert echoscu(node.port) == 0
+
+
+def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
+    require_tool("mount", "umount")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        n = Node(tmp_path / "db")
+        n.settings.data_dir = mnt
+        n.scp = StorageSCP(n.settings, n.sf, n.triggers.append)
+        with n.scp:
+            statuses = pynetdicom_store(n.port, ge_files()[:4])   # 0.5 MB each into 1 MB
+        assert statuses[0] == 0 and 0xA700 in statuses
+        assert n.count() == statuses.count(0)
+        assert not list(mnt.rglob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_tls_association(tmp_path: Path) -> None:
+    require_tool("openssl", "echoscu")
+    if "tls" not in subprocess.run(["echoscu", "--help"], capture_output=True, text=True).stdout.lower():
+        pytest.skip("dcmtk built without TLS")
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(crt), "-days", "2", "-subj", "/CN=lesiontrack-test"], check=True, capture_output=True)
+    n = Node(tmp_path / "n", tls={"enabled": True, "cert_file": crt, "key_file": key, "ca_file": crt,
+                                   "require_client_cert": True})
+    with n.scp:
+        tls = ["+tls", str(key), str(crt), "+cf", str(crt)]
+        assert echoscu(n.port, "STORESCU", *tls) == 0
+        assert echoscu(n.port) != 0                           # plain DICOM refused on the TLS port
+        storescu(n.port, ge_files()[:2], "STORESCU", *tls)
+        assert n.count() == 2

@@ -1,0 +1,130 @@
+"""Volume → DICOM CT Image Storage series (one file per slice), for the phantom, synthesis and tests.
+
+Geometry is written exactly: ImageOrientationPatient = the i and j direction columns, ImagePositionPatient of
+slice k = ``origin + k·sk·direction[:, 2]``, PixelSpacing = (sj, si). Pixels are stored as signed 16-bit HU
+(RescaleSlope 1, RescaleIntercept 0), rounded — so a round trip is exact in geometry and within 0.5 HU.
+Patient/study/series/frame-of-reference identity is passed in; nothing is invented except per-instance UIDs.
+
+The slice normal of a DICOM plane is row × column; a volume with a left-handed direction matrix is written with
+its k axis reversed so the files describe the same voxels (reading it back gives the right-handed equivalent).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from models.imaging.volume import Volume
+
+IMPLEMENTATION_VERSION = "LESIONTRACK_01"
+
+
+def _ds_number(x: float) -> str:
+    """A DS value (≤ 16 characters) that round-trips the float as closely as DS allows."""
+    for digits in range(12, 4, -1):
+        s = f"{x:.{digits}g}"
+        if len(s) <= 16:
+            return s
+    return f"{x:.6e}"
+
+
+def write_ct_series(volume: Volume, out_dir: Path | str, *, patient_id: str, patient_name: str, study_uid: str,
+                    series_uid: str, frame_of_reference_uid: str, study_date: str, study_time: str = "120000",
+                    series_number: int = 1, series_description: str = "", study_description: str = "",
+                    accession_number: str = "", study_id: str = "1", issuer_of_patient_id: str | None = None,
+                    patient_birth_date: str = "", patient_sex: str = "", manufacturer: str = "LesionTrack", body_part: str = "CHEST",
+                    sop_instance_uids: list[str] | None = None, window: tuple[float, float] = (40.0, 400.0),
+                    slice_thickness: float | None = None, filename: str = "CT{k:04d}.dcm") -> list[Path]:
+    """Write ``volume`` (HU) as a CT series into ``out_dir``; returns the file paths in k order."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arr = volume.array
+    origin, direction, (si, sj, sk) = volume.origin, volume.direction.copy(), volume.spacing
+    if np.linalg.det(direction) < 0:  # DICOM's normal is row × col: flip k so the planes stay right-handed
+        arr = arr[::-1]
+        origin = origin + (arr.shape[0] - 1) * sk * direction[:, 2]
+        direction[:, 2] = -direction[:, 2]
+    nk = arr.shape[0]
+    if sop_instance_uids is not None and len(sop_instance_uids) != nk:
+        raise ValueError(f"{len(sop_instance_uids)} SOPInstanceUIDs for {nk} slices")
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.rint(arr)
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    if lo < -32768 or hi > 32767:
+        raise ValueError(f"values {lo}..{hi} do not fit signed 16-bit HU")
+    pixels = np.ascontiguousarray(arr.astype("<i2"))
+    iop = [_ds_number(v) for v in (*direction[:, 0], *direction[:, 1])]
+    now = _dt.datetime.now()
+    content_date, content_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    thickness = float(slice_thickness if slice_thickness is not None else sk)
+
+    base = Dataset()
+    base.SpecificCharacterSet = "ISO_IR 192"
+    base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    base.SOPClassUID = CTImageStorage
+    base.StudyDate, base.StudyTime = study_date, study_time
+    base.SeriesDate, base.SeriesTime = study_date, study_time
+    base.ContentDate, base.ContentTime = content_date, content_time
+    base.AccessionNumber = accession_number
+    base.Modality = "CT"
+    base.Manufacturer = manufacturer
+    base.ReferringPhysicianName = ""
+    base.StudyDescription = study_description
+    base.SeriesDescription = series_description
+    base.BodyPartExamined = body_part
+    base.PatientName = patient_name
+    base.PatientID = patient_id
+    if issuer_of_patient_id:
+        base.IssuerOfPatientID = issuer_of_patient_id
+    base.PatientBirthDate = patient_birth_date
+    base.PatientSex = patient_sex
+    base.KVP = "120"
+    base.SliceThickness = _ds_number(thickness)
+    base.PatientPosition = "HFS"
+    base.StudyInstanceUID = study_uid
+    base.SeriesInstanceUID = series_uid
+    base.StudyID = study_id
+    base.SeriesNumber = int(series_number)
+    base.AcquisitionNumber = 1
+    base.FrameOfReferenceUID = frame_of_reference_uid
+    base.PositionReferenceIndicator = ""
+    base.ImageOrientationPatient = iop
+    base.SamplesPerPixel = 1
+    base.PhotometricInterpretation = "MONOCHROME2"
+    base.Rows, base.Columns = int(pixels.shape[1]), int(pixels.shape[2])
+    base.PixelSpacing = [_ds_number(sj), _ds_number(si)]
+    base.BitsAllocated, base.BitsStored, base.HighBit, base.PixelRepresentation = 16, 16, 15, 1
+    base.WindowCenter, base.WindowWidth = _ds_number(window[0]), _ds_number(window[1])
+    base.RescaleIntercept, base.RescaleSlope, base.RescaleType = "0", "1", "HU"
+    base.BurnedInAnnotation = "NO"
+
+    paths: list[Path] = []
+    for k in range(nk):
+        ds = Dataset()
+        ds.update(base)
+        sop_uid = sop_instance_uids[k] if sop_instance_uids else generate_uid()
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceNumber = k + 1
+        ipp = origin + k * sk * direction[:, 2]
+        ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
+        ds.SliceLocation = _ds_number(float(ipp @ direction[:, 2]))
+        ds.SmallestImagePixelValue = int(pixels[k].min())
+        ds.LargestImagePixelValue = int(pixels[k].max())
+        ds["SmallestImagePixelValue"].VR = "SS"
+        ds["LargestImagePixelValue"].VR = "SS"
+        ds.PixelData = pixels[k].tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        ds.file_meta = meta
+        path = out / filename.format(k=k)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

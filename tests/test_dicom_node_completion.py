@@ -1,0 +1,158 @@
+"""Series completion and routing: quiet period across associations, open associations hold completion,
+late instances re-open and re-trigger, forced completion, recorded routing decisions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from config.settings import RoutingSettings
+from db.models import RoutingDecision, SeriesState
+from dicom_node.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
+from tests.test_dicom_node_scp import Node, ge_files, storescu
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path, series_quiet_seconds=3.0)
+    n.settings.routing.min_slices = 10
+    n.scp.start()
+    try:
+        yield n
+    finally:
+        n.scp.stop()
+        n.engine.dispose()
+
+
+def _uid(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_series_over_three_associations_inside_quiet_period_triggers_once(node: Node) -> None:
+    files = ge_files()
+    uid = _uid(files)
+    parts = [files[:10], files[10:20], files[20:]]
+    for i, part in enumerate(parts):
+        t0 = time.monotonic()
+        storescu(node.port, part)
+        if i < 2:
+            # the next association starts well inside the 3 s quiet period
+            assert node.series(uid).state == SeriesState.RECEIVING  # type: ignore[union-attr]
+            while time.monotonic() - t0 < 1.0:
+                time.sleep(0.05)
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")  # type: ignore[union-attr]
+    assert node.triggers == [uid]
+    s = node.series(uid)
+    assert s is not None and s.instance_count == 28
+    assert s.routing_decision == RoutingDecision.ANALYSE
+    assert len(node.audits("series.complete")) == 1
+
+
+def test_open_association_holds_completion(node: Node) -> None:
+    from pynetdicom import AE
+
+    files = ge_files()[:12]
+    uid = _uid(files)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="LESIONTRACK")
+    assert assoc.is_established
+    for f in files:
+        assert assoc.send_c_store(dcmread(f)).Status == 0
+    # quiet for longer than the quiet period, but the sender's association is still open
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 4.5:
+        assert node.series(uid).state == SeriesState.RECEIVING  # type: ignore[union-attr]
+        time.sleep(0.25)
+    assoc.release()
+    wait_until(lambda: node.triggers == [uid], what="trigger after release")
+
+
+def test_late_instance_reopens_and_retriggers(node: Node) -> None:
+    files = ge_files()
+    uid = _uid(files)
+    storescu(node.port, files[:-1])
+    wait_until(lambda: node.triggers == [uid], what="first trigger")
+    storescu(node.port, files[-1:])
+    wait_until(lambda: node.series(uid).state == SeriesState.RECEIVING or len(node.triggers) == 2,  # type: ignore
+               what="re-open")
+    wait_until(lambda: len(node.triggers) == 2, what="re-trigger")
+    assert node.triggers == [uid, uid]
+    assert len(node.audits("series.reopened")) == 1
+    done = node.audits("series.complete")
+    assert [e.details["retrigger"] for e in done] == [False, True]
+    assert node.series(uid).instance_count == 28  # type: ignore[union-attr]
+    # a duplicate of an already stored instance is not new data: no re-open
+    storescu(node.port, files[:1])
+    assert node.series(uid).state == SeriesState.COMPLETE  # type: ignore[union-attr]
+
+
+def test_forced_completion_and_skip_decision_recorded(tmp_path: Path) -> None:
+    n = Node(tmp_path, series_quiet_seconds=3600)
+    with n.scp:
+        files = ge_files()[:5]
+        uid = _uid(files)
+        storescu(n.port, files)
+        route = n.scp.force_complete(uid)
+        assert route is not None and route.decision == RoutingDecision.SKIP
+        s = n.series(uid)
+        assert s is not None and s.state == SeriesState.COMPLETE
+        assert s.routing_decision == RoutingDecision.SKIP and "min_slices" in (s.routing_reason or "")
+        assert n.triggers == []
+        assert n.audits("series.complete")[0].details["forced"] is True
+
+
+def test_restart_resumes_receiving_series(tmp_path: Path) -> None:
+    n = Node(tmp_path, series_quiet_seconds=3600)
+    with n.scp:
+        storescu(n.port, ge_files())
+    n2 = Node(tmp_path, series_quiet_seconds=0.5)
+    n2.settings.routing.min_slices = 10
+    with n2.scp:
+        wait_until(lambda: len(n2.triggers) == 1, what="completion after restart")
+
+
+@pytest.mark.parametrize("facts, expected", [
+    (dict(modality="CT", series_description="Abdomen", body_part="CHEST", instance_count=100,
+          slice_thickness_mm=1.0), "analyse"),
+    (dict(modality="MR", series_description="T1", body_part=None, instance_count=100), "modality"),
+    (dict(modality="CT", series_description="Topogram 0.6", body_part=None, instance_count=1), "exclude"),
+    (dict(modality="CT", series_description="x", body_part=None, instance_count=100,
+          image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), "LOCALIZER"),
+    (dict(modality="CT", series_description="x", body_part=None, instance_count=5), "min_slices"),
+    (dict(modality="CT", series_description="x", body_part=None, instance_count=50, slice_thickness_mm=8.0),
+     "thickness"),
+    (dict(modality="CT", series_description="x", body_part=None, instance_count=50, created_by_us=True), "LesionTrack"),
+    (dict(modality="CT", series_description="x", body_part=None, instance_count=50,
+          previous_reason=PRIOR_RETRIEVAL_REASON + " from PACS"), "prior"),
+])
+def test_routing_rules(facts: dict, expected: str) -> None:
+    route = decide(SeriesFacts(**facts), RoutingSettings())
+    if expected == "analyse":
+        assert route.decision == RoutingDecision.ANALYSE
+    else:
+        assert route.decision == RoutingDecision.SKIP and expected in route.reason
+
+
+def test_routing_include_and_body_part() -> None:
+    rules = RoutingSettings(series_description_include=["(?i)venous"], body_parts=["CHEST"])
+    base = dict(modality="CT", instance_count=100, slice_thickness_mm=1.0)
+    assert decide(SeriesFacts(series_description="Arterial", body_part="CHEST", **base), rules).decision \
+        == RoutingDecision.SKIP
+    assert decide(SeriesFacts(series_description="Venous", body_part="HEAD", **base), rules).decision \
+        == RoutingDecision.SKIP
+    assert decide(SeriesFacts(series_description="Venous", body_part="chest", **base), rules).decision \
+        == RoutingDecision.ANALYSE

@@ -78,7 +78,7 @@ def render(g: Volume, transform: SpatialTransform | None, radii: list[float], rn
     return PhantomTimepoint(ct, Volume(labels, g.origin, g.spacing, g.direction), list(radii))
 
 
-def series(seed: int = 0, shifts_mm=((0, 0, 0), (4, -3, 2), (-3, 5, -3)),
+def series(seed: int = 0, shifts_mm=((0, 0, 0), (2, -1, 1), (-1, 2, -1)),
            radii_per_tp=None) -> list[PhantomTimepoint]:
     """Baseline + follow-ups, each rigidly shifted by ``shifts_mm`` (follow-up → baseline translation)."""
     rng = np.random.default_rng(seed)

@@ -126,12 +126,18 @@ class AdaptiveEngine:
                 outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
                 sdist = outside_d - inside_d
                 r_eq = max(r_eq, (3 * pmask.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3))
-                growth = max(cfg.min_growth_mm, 0.5 * r_eq)
+                growth = max(cfg.min_growth_mm, r_eq)
             elif prompt.kind is PromptKind.BOX:
                 les_s = smooth[_inner_box(pmask)]
             les_pdf = _kde(les_s, cfg.min_sd_hu)
-            ring = (sdist > 1.0) & (sdist <= 1.0 + cfg.ring_mm)
+            gap = 1.0 if prompt.kind is not PromptKind.POINTS else 2.0 + 0.5 * r_eq  # extent unknown for clicks
+            ring = (sdist > gap) & (sdist <= gap + cfg.ring_mm)
             bg_s = smooth[ring]
+            if prompt.kind is PromptKind.POINTS:  # lesion extent unknown: lesion-like ring voxels are not background
+                med = float(np.median(les_s))
+                far = np.abs(bg_s - med) > _grow_tolerance(les_s, cfg)
+                if far.sum() >= 20:
+                    bg_s = bg_s[far]
         if bg_s.size < 5:
             bg_s = smooth[sdist > growth]
         bg_pdf = _kde(bg_s, cfg.min_sd_hu)
@@ -169,9 +175,13 @@ class AdaptiveEngine:
         labels[fg] = 1
         prob = 1.0 / (1.0 + np.exp(-llr))
         if (labels == 0).any():
+            import warnings
+
             from skimage.segmentation import random_walker
 
-            seg = random_walker(prob, labels, beta=cfg.rw_beta, mode="cg_j", tol=1e-3, spacing=sp) == 1
+            with warnings.catch_warnings():  # cg tolerance: probabilities a hair outside [0, 1] are harmless here
+                warnings.simplefilter("ignore", UserWarning)
+                seg = random_walker(prob, labels, beta=cfg.rw_beta, mode="cg_j", tol=1e-3, spacing=sp) == 1
         else:
             seg = labels == 1
         seg &= ~forbidden
@@ -260,7 +270,7 @@ def _grow_from_core(smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp:
                     cfg: AdaptiveConfig) -> np.ndarray:
     """Region of voxels with lesion-like intensity connected to a click (bounded by max_growth_mm)."""
     med = float(np.median(les_s))
-    tol = max(2.5 * 1.4826 * float(np.median(np.abs(les_s - med))), 2.5 * cfg.min_sd_hu, 25.0)
+    tol = _grow_tolerance(les_s, cfg)
     cand = np.abs(smooth - med) <= tol
     dist = ndi.distance_transform_edt(~core, sampling=sp)
     cand &= dist <= cfg.max_growth_mm
@@ -269,6 +279,11 @@ def _grow_from_core(smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp:
     keep = np.unique(lab[core])
     region = np.isin(lab, keep[keep > 0])
     return ndi.binary_fill_holes(region)
+
+
+def _grow_tolerance(les_s: np.ndarray, cfg: AdaptiveConfig) -> float:
+    med = float(np.median(les_s))
+    return max(2.5 * 1.4826 * float(np.median(np.abs(les_s - med))), 2.5 * cfg.min_sd_hu, 25.0)
 
 
 def _kde(samples: np.ndarray, min_sd: float) -> np.ndarray:
@@ -283,7 +298,11 @@ def _kde(samples: np.ndarray, min_sd: float) -> np.ndarray:
     hist, _ = np.histogram(np.clip(s, _BINS[0], _BINS[-1]), bins=np.append(_BINS, _BINS[-1] + 2.0))
     pdf = ndi.gaussian_filter1d(hist.astype(np.float64), bw / 2.0, mode="constant")
     pdf = pdf / pdf.sum()
-    return pdf + 1e-6
+    # a broad component keeps partial-volume tails ordered (far from both models → nearer model wins)
+    med = float(np.median(s))
+    tail = np.exp(-0.5 * ((_BINS - med) / max(4.0 * bw, 60.0)) ** 2)
+    pdf = 0.97 * pdf + 0.03 * tail / tail.sum()
+    return pdf + 1e-9
 
 
 def _lookup(pdf: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -75,5 +75,11 @@ def _load_builtin() -> None:
             raise ValueError("the lesionlocator engine needs a checkpoint folder (engines.lesionlocator_weights)")
         return LesionLocatorEngine(Path(weights), device=device, **options)
 
+    def _warped(weights: Any = None, device: str = "auto", **options: Any) -> SegmentationEngine:
+        from models.segmentation.warped import WarpedPromptEngine
+
+        return WarpedPromptEngine(**options)
+
     register_engine("adaptive", _adaptive)
+    register_engine("warped-prompt", _warped)
     register_engine("lesionlocator", _lesionlocator)

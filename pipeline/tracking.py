@@ -1,0 +1,316 @@
+"""The tracking loop: prior lesions → registered, warped, re-segmented and identified lesions at every timepoint.
+
+Starting from the annotated (source) timepoint, the loop walks outwards in time, forwards and backwards
+(direction-agnostic, LinGuinE). For each step ``previous → current`` it registers the two CTs once, warps every
+lesion's previous mask onto the current grid, uses the warped mask as the prompt of the segmentation engine
+(autoregressive, LesionLocator), keeps the connected component nearest the propagated centre (LinGuinE), optionally
+boosts (re-prompts centred on the first result), marks the lesion present or vanished, and resolves overlaps between
+lesions so identities never merge or swap silently (each resolution is written to ``TrackedLesion.notes``).
+A vanished lesion keeps being propagated from where it was last seen, so it can reappear.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from models.imaging.volume import Volume
+from models.registration.base import Registration, RegistrationEngine, RegistrationQuality
+from models.segmentation.base import SegmentationEngine, SegReference
+from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from models.segmentation.rasterize import prompt_to_mask
+from pipeline.lesions import LesionStatus, Timepoint, TrackedLesion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackingOptions:
+    boosting: bool = False
+    max_centre_distance_mm: float = 15.0   # nearest-component search radius around the propagated centre
+    point_radius_mm: float = 5.0
+
+
+@dataclass
+class ProgressEvent:
+    stage: str            # "register", "segment", "resolve", "done"
+    done: int
+    total: int
+    timepoint: int
+    message: str = ""
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class IdentityRegistration:
+    """No registration: masks are carried over in patient coordinates (the "no registration" baseline)."""
+
+    engine = "none"
+
+    def __init__(self, baseline: Volume, followup: Volume) -> None:
+        self.baseline_grid = baseline
+        self.followup_grid = followup
+        self.quality = RegistrationQuality(similarity_metric="none")
+
+    def warp_image(self, baseline_image: Volume, default: float = -1024.0) -> Volume:
+        return baseline_image.resample_to(self.followup_grid, default=default)
+
+    def warp_labels(self, baseline_labels: Volume) -> Volume:
+        return baseline_labels.resample_to(self.followup_grid, label=True)
+
+    def map_points_to_followup(self, points_mm: np.ndarray) -> np.ndarray:
+        return np.asarray(points_mm, float)
+
+    def map_points_to_baseline(self, points_mm: np.ndarray) -> np.ndarray:
+        return np.asarray(points_mm, float)
+
+
+class NoRegistrationEngine:
+    name = "none"
+    version = "1.0"
+
+    def register(self, baseline: Volume, followup: Volume) -> Registration:
+        return IdentityRegistration(baseline, followup)
+
+
+def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
+    """``none`` here; anything else from :mod:`models.registration` (its ``get_engine``)."""
+    if name == "none":
+        return NoRegistrationEngine()
+    import models.registration as reg
+
+    if not hasattr(reg, "get_engine"):
+        raise ValueError(f"registration engine {name!r} unavailable: models.registration has no get_engine yet")
+    return reg.get_engine(name, **options)  # type: ignore[no-any-return]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Carry:
+    """What is propagated for one lesion: its latest mask (or, once vanished, the propagated last-seen mask)."""
+
+    mask: Volume                  # on the grid of the timepoint just processed
+    ref_image: Volume             # CT where the lesion was last seen
+    ref_mask: Volume              # lesion mask there
+    present: bool = True
+
+
+@dataclass
+class _StepResult:
+    lesion: TrackedLesion
+    prompt_mask: Volume
+
+
+def track_lesions(timepoints: list[Timepoint], prompts: list[Prompt], *, source_index: int,
+                  registration: RegistrationEngine, segmentation: SegmentationEngine,
+                  options: TrackingOptions | None = None, progress: ProgressCallback | None = None) -> list[Timepoint]:
+    """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``."""
+    opts = options or TrackingOptions()
+    if not 0 <= source_index < len(timepoints):
+        raise ValueError(f"source_index {source_index} outside 0..{len(timepoints) - 1}")
+    labels = [p.identity.label for p in prompts]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"lesion labels must be unique, got {labels}")
+    n_steps = len(timepoints) - 1
+    total = len(prompts) * len(timepoints) + n_steps
+    counter = {"done": 0}
+
+    def tick(stage: str, tp: int, msg: str) -> None:
+        counter["done"] += 1
+        if progress:
+            progress(ProgressEvent(stage, counter["done"], total, tp, msg))
+
+    src = timepoints[source_index]
+    results: list[_StepResult] = []
+    for prompt in prompts:
+        results.append(_segment_source(src, prompt, segmentation, opts))
+        tick("segment", source_index, prompt.identity.tracking_id)
+    src.lesions = _resolve_overlaps(results, src.ct)
+    carries = {les.identity.label: _Carry(les.mask, src.ct, les.mask, les.status is LesionStatus.PRESENT)
+               for les in src.lesions}
+    start = dict(carries)
+    for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
+        carries = dict(start)
+        prev = source_index
+        for t in order:
+            carries = _step(timepoints[prev], timepoints[t], t, carries, registration, segmentation, opts, tick)
+            prev = t
+    if progress:
+        progress(ProgressEvent("done", total, total, source_index, "tracking finished"))
+    return timepoints
+
+
+def _segment_source(tp: Timepoint, prompt: Prompt, engine: SegmentationEngine, opts: TrackingOptions) -> _StepResult:
+    raster = prompt_to_mask(prompt, tp.ct, point_radius_mm=opts.point_radius_mm)
+    notes: list[str] = []
+    if prompt.kind is PromptKind.MASK:
+        mask = raster
+        name, version = "annotation", ""
+    else:
+        mask = engine.segment(tp.ct, prompt, None)
+        name, version = engine.name, engine.version
+        centre = prompt.centre_mm()
+        mask = keep_nearest_component(mask, centre, opts.max_centre_distance_mm)
+        if not mask.array.any():
+            notes.append(f"{engine.name} found no lesion at the {prompt.kind.value} prompt; prompt shape kept")
+            mask = raster
+    status = LesionStatus.PRESENT if mask.array.any() else LesionStatus.VANISHED
+    if not mask.array.any():
+        notes.append("annotation lies outside this CT")
+    les = TrackedLesion(prompt.identity, status, _u8(mask), name, version,
+                        propagated_centre_mm=prompt.centre_mm(), notes=notes,
+                        meta={"source": prompt.source or "prompt", "annotated": True})
+    return _StepResult(les, raster)
+
+
+def _step(prev: Timepoint, cur: Timepoint, t: int, carries: dict[int, _Carry], registration: RegistrationEngine,
+          engine: SegmentationEngine, opts: TrackingOptions, tick: Callable[[str, int, str], None]) -> dict[int, _Carry]:
+    reg = registration.register(prev.ct, cur.ct)
+    tick("register", t, f"{getattr(reg, 'engine', registration.name)} {prev.series_uid} -> {cur.series_uid}")
+    by_label = {les.identity.label: les.identity for les in prev.lesions}
+    results: list[_StepResult] = []
+    new_carries: dict[int, _Carry] = {}
+    for label, carry in carries.items():
+        identity = by_label[label]
+        warped = _u8(reg.warp_labels(carry.mask))
+        notes: list[str] = []
+        if not carry.present:
+            notes.append("propagated from the last timepoint where it was seen")
+        if not warped.array.any():
+            les = TrackedLesion(identity, LesionStatus.VANISHED, _u8(_zeros(cur.ct)), engine.name, engine.version,
+                                notes=notes + ["propagated mask fell outside this CT"])
+            results.append(_StepResult(les, warped))
+            tick("segment", t, identity.tracking_id)
+            continue
+        centre = mask_centre_mm(warped)
+        prompt = Prompt(identity, PromptKind.MASK, mask=warped, source=f"propagated from series {prev.series_uid}")
+        reference = SegReference(carry.ref_image, carry.ref_mask)
+        seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)
+        if opts.boosting and seg.array.any():
+            c2 = mask_centre_mm(seg)
+            assert c2 is not None and centre is not None
+            shifted = _translate(warped, c2 - centre)
+            if shifted.array.any():
+                boosted = keep_nearest_component(
+                    engine.segment(cur.ct, Prompt(identity, PromptKind.MASK, mask=shifted, source="boosted"),
+                                   reference), c2, opts.max_centre_distance_mm)
+                if boosted.array.any():
+                    seg = boosted
+                    notes.append(f"boosted: re-prompted at the first result's centre ({np.linalg.norm(c2 - centre):.1f} mm)")
+        status = LesionStatus.PRESENT if seg.array.any() else LesionStatus.VANISHED
+        les = TrackedLesion(identity, status, _u8(seg), engine.name, engine.version, propagated_centre_mm=centre,
+                            notes=notes, meta={"registration": getattr(reg, "engine", "")})
+        results.append(_StepResult(les, warped))
+        tick("segment", t, identity.tracking_id)
+    cur.lesions = _resolve_overlaps(results, cur.ct)
+    for les, res in zip(cur.lesions, results):
+        old = carries[les.identity.label]
+        if les.status is LesionStatus.PRESENT:
+            new_carries[les.identity.label] = _Carry(les.mask, cur.ct, les.mask, True)
+        else:
+            new_carries[les.identity.label] = _Carry(res.prompt_mask, old.ref_image, old.ref_mask, False)
+    return new_carries
+
+
+def _resolve_overlaps(results: list[_StepResult], grid: Volume) -> list[TrackedLesion]:
+    """Give every contested voxel to the lesion whose propagated prompt is nearest; record it on both lesions."""
+    lesions = [r.lesion for r in results]
+    for a in range(len(results)):
+        for b in range(a + 1, len(results)):
+            la, lb = lesions[a], lesions[b]
+            both = (la.mask.array > 0) & (lb.mask.array > 0)
+            n = int(both.sum())
+            if n == 0:
+                continue
+            da = _distance_to(results[a].prompt_mask, both)
+            db = _distance_to(results[b].prompt_mask, both)
+            to_a = da <= db
+            idx = np.nonzero(both)
+            arr_a, arr_b = la.mask.array.copy(), lb.mask.array.copy()
+            arr_b[tuple(i[to_a] for i in idx)] = 0
+            arr_a[tuple(i[~to_a] for i in idx)] = 0
+            la.mask = _keep_main(la.mask.with_array(arr_a), la.propagated_centre_mm)
+            lb.mask = _keep_main(lb.mask.with_array(arr_b), lb.propagated_centre_mm)
+            msg = (f"overlap of {n} voxels between {la.identity.tracking_id} and {lb.identity.tracking_id} "
+                   f"resolved by distance to the propagated prompts ({int(to_a.sum())} / {int((~to_a).sum())})")
+            la.notes.append(msg)
+            lb.notes.append(msg)
+            log.info("%s", msg)
+    for les in lesions:
+        if les.status is LesionStatus.PRESENT and not les.mask.array.any():
+            les.status = LesionStatus.VANISHED
+            les.notes.append("lost all voxels to an overlapping lesion")
+        les.meta["volume_mm3"] = float(les.mask.array.sum() * les.mask.voxel_volume_mm3())
+        c = centroid_mm(les.mask)
+        les.meta["centre_mm"] = None if c is None else [float(v) for v in c]
+    return lesions
+
+
+def _distance_to(prompt_mask: Volume, where: np.ndarray) -> np.ndarray:
+    """Distance (mm) from the voxels in ``where`` to ``prompt_mask`` (0 inside), computed in a local box."""
+    idx = np.argwhere(where | (prompt_mask.array > 0))
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    pm = prompt_mask.array[sl] > 0
+    if not pm.any():
+        return np.full(int(where.sum()), np.inf)
+    d = ndi.distance_transform_edt(~pm, sampling=prompt_mask.spacing[::-1])
+    return d[where[sl]]
+
+
+def _keep_main(mask: Volume, centre: np.ndarray | None) -> Volume:
+    if centre is None or not mask.array.any():
+        return mask
+    return keep_nearest_component(mask, centre, max_distance_mm=1e9)
+
+
+def _translate(mask: Volume, shift_mm: np.ndarray) -> Volume:
+    shift_ijk = np.linalg.solve(mask.direction @ np.diag(mask.spacing), shift_mm)
+    moved = ndi.shift(mask.array.astype(np.float32), shift_ijk[::-1], order=0, mode="constant", cval=0)
+    return mask.with_array((moved > 0.5).astype(np.uint8))
+
+
+def _zeros(grid: Volume) -> Volume:
+    return Volume(np.zeros(grid.shape, np.uint8), grid.origin.copy(), grid.spacing.copy(), grid.direction.copy())
+
+
+def _u8(mask: Volume) -> Volume:
+    return Volume((mask.array > 0).astype(np.uint8), mask.origin.copy(), mask.spacing.copy(), mask.direction.copy())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def label_map(timepoint: Timepoint) -> Volume:
+    """One label map on the timepoint's CT grid: voxel value = lesion label (as numbered on the baseline)."""
+    out = np.zeros(timepoint.ct.shape, np.uint16 if any(les.identity.label > 255 for les in timepoint.lesions)
+                   else np.uint8)
+    for les in timepoint.lesions:
+        out[(les.mask.array > 0) & (out == 0)] = les.identity.label
+    return timepoint.ct.with_array(out)
+
+
+def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
+    """JSON-ready: per lesion, per timepoint, tracking UID/ID, status, volume (mm³), centre (LPS mm), notes."""
+    lesions: dict[int, dict[str, Any]] = {}
+    for t, tp in enumerate(timepoints):
+        for les in tp.lesions:
+            entry = lesions.setdefault(les.identity.label, {
+                "label": les.identity.label, "tracking_uid": les.identity.tracking_uid,
+                "tracking_id": les.identity.tracking_id, "timepoints": []})
+            entry["timepoints"].append({
+                "index": t, "series_uid": tp.series_uid, "study_date": tp.study_date, "status": les.status.value,
+                "volume_mm3": round(float(les.meta.get("volume_mm3", les.mask.array.sum() * les.mask.voxel_volume_mm3())), 2),
+                "centre_mm": les.meta.get("centre_mm"), "engine": les.engine, "notes": list(les.notes)})
+    return {"timepoints": [{"index": t, "series_uid": tp.series_uid, "study_date": tp.study_date}
+                           for t, tp in enumerate(timepoints)],
+            "lesions": [lesions[k] for k in sorted(lesions)]}
+
+
+def identity_for(label: int, uid: str, tracking_id: str | None = None) -> LesionIdentity:
+    return LesionIdentity(uid, tracking_id or f"L{label}", label)

@@ -1,0 +1,114 @@
+"""Tracking loop on the analytic phantom: identity over 3 timepoints, vanished → empty, no merges, backwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.segmentation.base import get_engine
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.lesions import LesionStatus, Timepoint
+from pipeline.tracking import NoRegistrationEngine, ProgressEvent, label_map, track_lesions, tracking_summary
+from tests.test_tracking_phantom import LESIONS, PhantomTimepoint, series
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    s = int(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / s if s else 1.0
+
+
+def _mask_prompts(tp: PhantomTimepoint) -> list[Prompt]:
+    out = []
+    for n in range(1, len(LESIONS) + 1):
+        m = tp.labels.array == n
+        if m.any():
+            out.append(Prompt(LesionIdentity(f"2.25.{1000 + n}", f"L{n}", n), PromptKind.MASK,
+                              mask=tp.labels.with_array(m.astype(np.uint8)), source="test"))
+    return out
+
+
+def _timepoints(tps: list[PhantomTimepoint]) -> list[Timepoint]:
+    return [Timepoint(f"1.2.826.0.1.{i}", tp.ct, study_date=f"2024010{i + 1}") for i, tp in enumerate(tps)]
+
+
+@pytest.fixture(scope="module")
+def phantom() -> list[PhantomTimepoint]:
+    return series(seed=1)
+
+
+def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list[PhantomTimepoint]) -> None:
+    tps = _timepoints(phantom)
+    events: list[ProgressEvent] = []
+    track_lesions(tps, _mask_prompts(phantom[0]), source_index=0, registration=NoRegistrationEngine(),
+                  segmentation=get_engine("adaptive"), progress=events.append)
+    assert events[-1].stage == "done" and events[-1].done == events[-1].total
+    for t in (1, 2):
+        by_label = {les.identity.label: les for les in tps[t].lesions}
+        assert sorted(by_label) == [1, 2, 3, 4, 5]
+        for n in (1, 2, 3, 4):
+            les = by_label[n]
+            assert les.status is LesionStatus.PRESENT
+            assert les.identity.tracking_uid == f"2.25.{1000 + n}"
+            assert dice(les.mask.array, phantom[t].labels.array == n) > 0.85, (t, n)
+    gone = {les.identity.label: les for les in tps[2].lesions}[5]
+    assert gone.status is LesionStatus.VANISHED and not gone.mask.array.any()
+    lm = label_map(tps[2])
+    assert set(np.unique(lm.array)) == {0, 1, 2, 3, 4}
+    summary = tracking_summary(tps)
+    l5 = [e for e in summary["lesions"] if e["label"] == 5][0]
+    assert [tp["status"] for tp in l5["timepoints"]] == ["present", "present", "vanished"]
+
+
+def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
+    base = [les.radius_mm for les in LESIONS]
+    grown = list(base)
+    grown[2], grown[3] = 9.0, 9.5     # centres 18 mm apart: the pair now touches
+    tps_p = series(seed=2, shifts_mm=((0, 0, 0), (1, -1, 1)), radii_per_tp=[base, grown])
+    gt = tps_p[1].labels.array
+    tps = _timepoints(tps_p)
+    track_lesions(tps, _mask_prompts(tps_p[0]), source_index=0, registration=NoRegistrationEngine(),
+                  segmentation=get_engine("adaptive"))
+    by_label = {les.identity.label: les for les in tps[1].lesions}
+    a, b = by_label[3].mask.array > 0, by_label[4].mask.array > 0
+    assert not (a & b).any()
+    assert dice(a, gt == 3) > 0.75 and dice(b, gt == 4) > 0.75
+    # each keeps its own centre side: A is the more anterior (smaller y) of the two
+    ya = np.argwhere(a)[:, 1].mean()
+    yb = np.argwhere(b)[:, 1].mean()
+    assert ya < yb
+
+
+def test_backward_propagation_from_last_timepoint(phantom: list[PhantomTimepoint]) -> None:
+    tps = _timepoints(phantom)
+    prompts = _mask_prompts(phantom[2])
+    assert [p.identity.label for p in prompts] == [1, 2, 3, 4]
+    track_lesions(tps, prompts, source_index=2, registration=NoRegistrationEngine(),
+                  segmentation=get_engine("adaptive"))
+    for t in (1, 0):
+        for les in tps[t].lesions:
+            assert les.status is LesionStatus.PRESENT
+            assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.85, (t, les.identity)
+
+
+def test_point_and_box_prompts_on_the_source_timepoint(phantom: list[PhantomTimepoint]) -> None:
+    tps = _timepoints(phantom)[:2]
+    lung, liver = LESIONS[0], LESIONS[1]
+    prompts = [
+        Prompt(LesionIdentity("2.25.1", "L1", 1), PromptKind.POINTS, points_mm=np.array([lung.centre_mm])),
+        Prompt(LesionIdentity("2.25.2", "L2", 2), PromptKind.BOX,
+               box_mm=(np.array(liver.centre_mm) - 13.0, np.array(liver.centre_mm) + 13.0)),
+    ]
+    track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(),
+                  segmentation=get_engine("adaptive"))
+    for t in (0, 1):
+        for les in tps[t].lesions:
+            assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.75, (t, les.identity)
+
+
+def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
+    p = _mask_prompts(phantom[0])
+    p[1].identity.label = p[0].identity.label
+    with pytest.raises(ValueError, match="unique"):
+        track_lesions(_timepoints(phantom), p, source_index=0, registration=NoRegistrationEngine(),
+                      segmentation=get_engine("adaptive"))

@@ -117,3 +117,135 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class OrthancServer:
+    """Debian's Orthanc (/usr/sbin/Orthanc) on free loopback ports, with a temporary storage folder.
+
+    ``modalities`` maps a symbolic name to ``(AET, host, port)`` (written to ``DicomModalities``, every DIMSE
+    permission allowed). ``enable_dicomweb`` loads the DICOMweb plugin from /usr/share/orthanc/plugins and
+    serves it at ``/dicom-web/``. HTTP authentication is off; everything listens on 127.0.0.1 only.
+    """
+
+    BINARY = "/usr/sbin/Orthanc"
+    PLUGINS = Path("/usr/share/orthanc/plugins")
+
+    def __init__(self, root: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
+                 enable_dicomweb: bool = False, extra_config: dict | None = None) -> None:
+        require_tool(self.BINARY)
+        self.root = Path(root)
+        self.aet = aet
+        self.modalities = dict(modalities or {})
+        self.enable_dicomweb = enable_dicomweb
+        self.extra_config = dict(extra_config or {})
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def config(self) -> dict:
+        cfg: dict = {
+            "Name": f"lesiontrack-test-{self.aet}",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomScuTimeout": 30,
+            "StableAge": 1,
+            "ConcurrentJobs": 2,
+            "StorageCompression": False,
+            "DicomModalities": {
+                name: {"AET": aet, "Host": host, "Port": port, "AllowEcho": True, "AllowFind": True,
+                       "AllowMove": True, "AllowGet": True, "AllowStore": True}
+                for name, (aet, host, port) in self.modalities.items()
+            },
+            "Plugins": [],
+        }
+        if self.enable_dicomweb:
+            plugin = self.PLUGINS / "libOrthancDicomWeb.so"
+            if not plugin.exists():
+                require_tool(str(plugin))
+            cfg["Plugins"] = [str(plugin)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
+                               "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+        cfg.update(self.extra_config)
+        return cfg
+
+    def start(self, timeout: float = 60.0) -> "OrthancServer":
+        import json
+        import urllib.request
+
+        (self.root / "storage").mkdir(parents=True, exist_ok=True)
+        cfg_path = self.root / "orthanc.json"
+        cfg_path.write_text(json.dumps(self.config(), indent=1))
+        self._log = open(self.root / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen([self.BINARY, str(cfg_path)], stdout=self._log, stderr=subprocess.STDOUT,
+                                      cwd=self.root)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self._proc.returncode}: "
+                                   f"{(self.root / 'orthanc.log').read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/system", timeout=1) as r:
+                    if r.status == 200:
+                        wait_for_port(self.dicom_port, timeout=max(1.0, deadline - time.monotonic()))
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"Orthanc not ready on {self.url} after {timeout}s")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+            self._proc = None
+            self._log.close()
+
+    # small REST helpers shared by the tests --------------------------------------------------------------
+    def get_json(self, path: str) -> object:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: bytes | str | dict) -> object:
+        import json
+        import urllib.request
+
+        data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def upload(self, path: Path) -> str:
+        """Upload one DICOM file over REST; returns its Orthanc instance id."""
+        return str(self.post("/instances", Path(path).read_bytes())["ID"])  # type: ignore[index]
+
+    def __enter__(self) -> "OrthancServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -93,6 +93,7 @@ class PacsPeer(_Section):
     orthanc_user: str | None = None
     orthanc_password: SecretStr | None = None
     dicomweb_url: str | None = None
+    tls: bool = Field(False, description="use DICOM TLS (the dicom.tls certificates) towards this peer")
 
 
 class RoutingSettings(_Section):
@@ -149,6 +150,8 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(5, ge=1)
     retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30, 120, 600])
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
+    lease_seconds: float = Field(120.0, ge=0.5, description="a running job's claim, renewed by a heartbeat; "
+                                 "a job whose lease ran out (dead worker) is taken over")
 
 
 class LoggingSettings(_Section):

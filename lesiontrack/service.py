@@ -1,0 +1,225 @@
+"""Composition root of the running service: DICOM SCP + job executor + HTTP API in one process.
+
+``LesionTrackService(settings).start()`` migrates the database, builds the prior source and result sender
+(``dicom_node``), the analysis service with its steps (``pipeline.steps``), the executor (in-process threads,
+or Celery publishing when ``worker.executor = "celery"``), the Storage SCP whose completed series become jobs,
+and the HTTP API when ``pipeline.web`` provides ``create_app``. ``stop()`` shuts down gracefully: first stop
+accepting associations, then let the running step finish and requeue its job, then stop sending and HTTP.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PipelineFactory = Callable[..., tuple[list[Any], Any]]
+DEFAULT_PIPELINE = "pipeline.steps:build_pipeline"
+
+
+def load_pipeline(spec: str) -> PipelineFactory:
+    """``MODULE:FACTORY`` → the factory; ``factory(settings, session_factory, prior_source, sender)``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"pipeline must look like MODULE:FACTORY, got {spec!r}")
+    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+
+
+def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
+    """The dicom_node implementations of ``pipeline.ports.PriorSource`` and ``ResultSender``."""
+    from dicom_node.priors import DicomPriorSource
+    from dicom_node.sending import ResultSenderService
+
+    return DicomPriorSource(settings, session_factory), ResultSenderService(settings, session_factory)
+
+
+def build_analysis_service(settings: Settings, session_factory: sessionmaker[Session], factory: PipelineFactory,
+                           *, kind: str = "worker", ports: tuple[Any, Any] | None = None,
+                           progress: Callable[[int, str], None] | None = None) -> Any:
+    from pipeline.analysis import AnalysisService, RetryPolicy
+    from pipeline.jobs import worker_identity
+
+    if ports is None:
+        ports = _ports_or_none(settings, session_factory)
+    steps, services = factory(settings, session_factory, *ports)
+    return AnalysisService(session_factory, steps, services, retry=RetryPolicy.from_settings(settings.worker),
+                           worker=worker_identity(kind), device=settings.compute.device, progress=progress,
+                           lease_seconds=settings.worker.lease_seconds)
+
+
+def _ports_or_none(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
+    try:
+        return build_ports(settings, session_factory)
+    except ImportError as exc:
+        log.warning("DICOM prior source / sender unavailable (%s); only pipelines without them can run", exc)
+        return None, None
+
+
+@dataclass
+class JobControl:
+    """What the HTTP API may ask of the job machinery (retry a job, re-analyse a series)."""
+
+    store: Any
+    submit: Callable[[int], None]
+
+    def retry(self, job_id: int) -> int:
+        new = int(self.store.retry(job_id, actor="api"))
+        self.submit(new)
+        return new
+
+    def reanalyse(self, series_uid: str) -> int:
+        latest = self.store.latest_for_series(series_uid)
+        job = self.store.create(series_uid, reason="re-analysis requested", actor="api",
+                                supersedes=latest.id if latest is not None else None)
+        self.submit(job)
+        return int(job)
+
+
+class LesionTrackService:
+    """Everything ``lesiontrack serve`` runs; also used by the demo, the tests and the benchmark."""
+
+    def __init__(self, settings: Settings, *, pipeline: str | PipelineFactory = DEFAULT_PIPELINE,
+                 dicom: bool = True, http: bool | None = None, jobs: bool = True,
+                 progress: Callable[[int, str], None] | None = None) -> None:
+        self.settings = settings
+        self.pipeline = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+        self.enable_dicom = dicom
+        self.enable_http = settings.http.enabled if http is None else http
+        self.enable_jobs = jobs
+        self.progress = progress
+        self.session_factory: sessionmaker[Session] | None = None
+        self.scp: Any = None
+        self.executor: Any = None
+        self.analysis: Any = None
+        self.sender: Any = None
+        self.job_store: Any = None
+        self._http_server: Any = None
+        self._http_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "LesionTrackService":
+        from db.session import make_engine, make_session_factory, upgrade
+        from pipeline.jobs import JobStore
+
+        Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
+        url = self.settings.effective_database_url
+        upgrade(url)
+        self.session_factory = make_session_factory(make_engine(url))
+        self.job_store = JobStore(self.session_factory, actor="service")
+        prior_source, self.sender = _ports_or_none(self.settings, self.session_factory)
+        if self.settings.worker.executor == "celery":
+            from pipeline.executors.celery_app import CeleryExecutor
+
+            self.executor = CeleryExecutor(self.settings)
+        elif self.enable_jobs:
+            from pipeline.executors.inprocess import InProcessExecutor
+
+            self.analysis = build_analysis_service(self.settings, self.session_factory, self.pipeline,
+                                                   kind="serve", ports=(prior_source, self.sender),
+                                                   progress=self.progress)
+            self.executor = InProcessExecutor(self.analysis)
+        if self.executor is not None:
+            self.executor.start()
+        if self.sender is not None and hasattr(self.sender, "start"):
+            self.sender.start()
+        if self.enable_dicom:
+            from dicom_node.scp import StorageSCP
+
+            self.scp = StorageSCP(self.settings, self.session_factory, self.on_series_complete).start()
+        if self.enable_http:
+            self._start_http()
+        return self
+
+    def on_series_complete(self, series_uid: str) -> None:
+        """The SCP's callback: a routed series becomes a job (a re-trigger supersedes a finished one)."""
+        assert self.job_store is not None
+        job_id = self.job_store.create(series_uid, reason="series complete", actor="dicom-node")
+        log.info("series %s → job %s", series_uid, job_id)
+        if self.executor is not None:
+            self.executor.submit(job_id)
+
+    def job_control(self) -> JobControl:
+        return JobControl(self.job_store, self.executor.submit if self.executor else (lambda _id: None))
+
+    def _start_http(self) -> None:
+        try:
+            from pipeline.web import create_app  # type: ignore[attr-defined]
+        except ImportError as exc:
+            log.warning("HTTP API not available (%s); running without it", exc)
+            return
+        import uvicorn
+
+        app = create_app(self.settings, self.session_factory, self.job_control())
+        cfg = uvicorn.Config(app, host=self.settings.http.bind_address, port=self.settings.http.port,
+                             log_level="warning", access_log=False, lifespan="off")
+        self._http_server = uvicorn.Server(cfg)
+        self._http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
+        self._http_thread.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while not self._http_server.started and time.monotonic() < deadline and self._http_thread.is_alive():
+            time.sleep(0.02)
+
+    @property
+    def http_port(self) -> int | None:
+        srv = self._http_server
+        if srv is None or not srv.started:
+            return None
+        for server in srv.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop accepting associations, finish (or requeue) the running step, stop sending and HTTP."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.scp is not None:
+            self.scp.stop()
+        if self.executor is not None:
+            self.executor.stop(timeout)
+        if self.sender is not None and hasattr(self.sender, "stop"):
+            self.sender.stop()
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(10)
+        log.info("LesionTrack service stopped")
+
+    def run_until_signal(self) -> None:
+        """Block until SIGINT/SIGTERM, then shut down gracefully."""
+        stop = threading.Event()
+
+        def _handler(signum: int, _frame: Any) -> None:
+            log.warning("received signal %s, shutting down", signum)
+            stop.set()
+
+        old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def __enter__(self) -> "LesionTrackService":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -86,9 +86,13 @@ def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
         return NoRegistrationEngine()
     import models.registration as reg
 
-    if not hasattr(reg, "get_engine"):
-        raise ValueError(f"registration engine {name!r} unavailable: models.registration has no get_engine yet")
-    return reg.get_engine(name, **options)  # type: ignore[no-any-return]
+    if hasattr(reg, "get_engine"):
+        return reg.get_engine(name, **options)  # type: ignore[no-any-return]
+    if name == "convex":
+        from models.registration.convex import ConvexEngine
+
+        return ConvexEngine(**options)
+    raise ValueError(f"registration engine {name!r} unavailable in models.registration")
 
 
 # ----------------------------------------------------------------------------------------------------------------

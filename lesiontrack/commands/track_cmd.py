@@ -1,0 +1,161 @@
+"""`lesiontrack track`: track the lesions annotated on a baseline CT through follow-up CTs (folders of DICOM).
+
+Writes to ``--out``: per timepoint a NIfTI label map (label = lesion number as on the baseline), ``tracking.json``
+(per lesion per timepoint: tracking UID/ID, status, volume, centre, notes) and, for every follow-up, a new DICOM-SEG
+and TID 1500 SR (``dicom/<series>/``) with the measurements and changes against the earlier timepoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lesiontrack.context import state
+
+log = logging.getLogger(__name__)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("track")(track)
+
+
+def track(
+    ctx: typer.Context,
+    baseline: Path = typer.Option(..., "--baseline", exists=True, file_okay=False,
+                                  help="DICOM CT series folder with the annotated lesions (SEG or SR inside)"),
+    followup: list[Path] = typer.Option(..., "--followup", exists=True, file_okay=False,
+                                        help="follow-up CT series folder (repeat; any time order)"),
+    out: Path = typer.Option(..., "--out", help="output folder (created)"),
+    prompts: Path | None = typer.Option(None, "--prompts", exists=True, dir_okay=False,
+                                        help="prompts JSON (docs/prompts.md) instead of the SEG/SR in --baseline"),
+    engine: str | None = typer.Option(None, "--engine", help="segmentation engine (default: engines.segmentation)"),
+    registration: str | None = typer.Option(None, "--registration",
+                                            help="registration engine (default: engines.registration; 'none')"),
+    boosting: bool = typer.Option(False, "--boost/--no-boost", help="LinGuinE boosting (re-prompt at the centre)"),
+    dicom: bool = typer.Option(True, "--dicom/--no-dicom", help="also write DICOM-SEG + SR for each follow-up"),
+) -> None:
+    """Track baseline lesions through follow-up CTs; write label maps, tracking.json and DICOM-SEG + SR."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from models.imaging.dicom_read import read_series
+    from models.segmentation.base import get_engine
+    from pipeline.lesions import Timepoint
+    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
+    from pipeline.tracking import (ProgressEvent, TrackingOptions, get_registration_engine, label_map,
+                                   track_lesions, tracking_summary)
+
+    settings = state(ctx).settings()
+    console = Console(stderr=True)
+    dirs = [baseline, *followup]
+    try:
+        cts = [read_series(d) for d in dirs]
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    tps = [Timepoint(str(ct.meta.get("SeriesInstanceUID", f"series{i}")), ct,
+                     study_date=_s(ct.meta.get("StudyDate")), study_uid=_s(ct.meta.get("StudyInstanceUID")),
+                     meta={"folder": str(d)}) for i, (ct, d) in enumerate(zip(cts, dirs))]
+    order = sorted(range(len(tps)), key=lambda i: (tps[i].study_date or "", i))
+    tps = [tps[i] for i in order]
+    source_index = order.index(0)
+    base_ct = tps[source_index].ct
+    try:
+        if prompts is not None:
+            lesion_prompts = load_prompts_json(prompts, base_ct, series_uid=tps[source_index].series_uid)
+        else:
+            lesion_prompts = prompts_from_directory(baseline, base_ct)
+    except (PromptSourceError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+    eng_name = engine or settings.engines.segmentation
+    weights = {"lesionlocator": settings.engines.lesionlocator_weights}.get(eng_name)
+    try:
+        seg_engine = get_engine(eng_name, weights=weights, device=settings.compute.device)
+        reg_engine = get_registration_engine(registration or settings.engines.registration)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"{len(lesion_prompts)} lesions, {len(tps)} timepoints (baseline #{source_index}), "
+                  f"segmentation {seg_engine.name}, registration {reg_engine.name}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("tracking", total=None)
+
+        def on_progress(ev: ProgressEvent) -> None:
+            bar.update(task, completed=ev.done, total=ev.total, description=f"{ev.stage} T{ev.timepoint} {ev.message}"[:60])
+
+        track_lesions(tps, lesion_prompts, source_index=source_index, registration=reg_engine,
+                      segmentation=seg_engine, options=TrackingOptions(boosting=boosting), progress=on_progress)
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = tracking_summary(tps)
+    summary["source_index"] = source_index
+    for t, tp in enumerate(tps):
+        path = out / f"T{t}_{_safe(tp.series_uid)}_labels.nii.gz"
+        label_map(tp).write(str(path))
+        summary["timepoints"][t]["label_map"] = path.name
+    if dicom:
+        try:
+            written = _write_dicom(tps, source_index, out / "dicom")
+            for t, files in written.items():
+                summary["timepoints"][t]["dicom"] = [str(f.relative_to(out)) for f in files]
+        except Exception as exc:  # noqa: BLE001 - label maps and tracking.json are still useful
+            console.print(f"[yellow]warning:[/] DICOM-SEG/SR not written: {exc}")
+            summary["dicom_error"] = str(exc)
+    (out / "tracking.json").write_text(json.dumps(summary, indent=1))
+    for les in summary["lesions"]:
+        states = " → ".join(f"{x['status']}({x['volume_mm3']:.0f} mm³)" for x in les["timepoints"])
+        console.print(f"  {les['tracking_id']}: {states}")
+    console.print(f"written to {out}")
+
+
+def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path]]:  # type: ignore[type-arg]
+    """A new SEG + TID 1500 SR per non-source timepoint, measurements against all earlier timepoints."""
+    import pydicom
+
+    from pipeline.lesions import LesionStatus
+    from pipeline.measurements import lesion_changes, measure_lesion
+    from pipeline.seg_writer import save_new, write_seg
+    from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+
+    history: dict[str, list] = {}  # type: ignore[type-arg]
+    written: dict[int, list[Path]] = {}
+    for t, tp in enumerate(tps):
+        for les in tp.lesions:
+            history.setdefault(les.identity.tracking_uid, []).append(measure_lesion(
+                les.mask, tp.ct, tracking_uid=les.identity.tracking_uid, tracking_id=les.identity.tracking_id,
+                is_node=les.identity.is_node, status=les.status.value, series_uid=tp.series_uid,
+                anatomic_site=les.identity.anatomic_site))
+        if t == source_index:
+            continue
+        files = tp.ct.meta.get("source_files") or []
+        if not files:
+            raise ValueError(f"series {tp.series_uid}: source files unknown")
+        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        if not any(les.status is LesionStatus.PRESENT for les in tp.lesions):
+            log.info("series %s: no present lesion, SEG/SR skipped", tp.series_uid)
+            written[t] = []
+            continue
+        seg = write_seg(datasets, tp.lesions)
+        reports = [LesionReport(history[les.identity.tracking_uid][-1],
+                                lesion_changes(history[les.identity.tracking_uid]))
+                   for les in tp.lesions if les.status is LesionStatus.PRESENT]
+        sr = write_sr(datasets, seg, reports, time_point=TimePoint(f"T{t}", t, tp.study_date))
+        folder = out / _safe(tp.series_uid)
+        written[t] = [save_new(seg.dataset, folder), save_new(sr.dataset, folder)]
+    return written
+
+
+def _s(v: Any) -> str | None:
+    return None if v in (None, "") else str(v)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z._-]", "_", text)[:64]

@@ -1,0 +1,96 @@
+"""`lesiontrack track` end to end on DICOM phantom series, and the prompts JSON parser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from models.imaging.dicom_write import write_ct_series
+from models.imaging.volume import Volume
+from models.segmentation.prompts import PromptKind
+from pipeline.prompt_sources import PromptSourceError, load_prompts_json
+from tests.test_tracking_phantom import LESIONS, series
+
+
+def _write(tmp: Path) -> list[Path]:
+    tps = series(seed=5)
+    dirs = []
+    for i, tp in enumerate(tps):
+        d = tmp / f"tp{i}"
+        write_ct_series(tp.ct, d, patient_id="PHANTOM", patient_name="Phantom^Test", study_uid=f"1.2.826.0.1.3680043.8.498.1{i}",
+                        series_uid=f"1.2.826.0.1.3680043.8.498.2{i}", frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.3{i}",
+                        study_date=f"2024010{i + 1}")
+        dirs.append(d)
+    np.save(tmp / "gt.npy", np.stack([tp.labels.array for tp in tps]))
+    return dirs
+
+
+def test_track_cli_writes_label_maps_tracking_json_and_dicom(tmp_path: Path) -> None:
+    from lesiontrack.cli import app
+
+    dirs = _write(tmp_path)
+    prompts = {"coordinate_system": "LPS", "lesions": [
+        {"label": 1, "tracking_id": "L1 lung", "anatomic_site": "Lung", "point": list(LESIONS[0].centre_mm)},
+        {"label": 2, "tracking_id": "L2 liver", "anatomic_site": "Liver",
+         "box": [list(np.array(LESIONS[1].centre_mm) - 13), list(np.array(LESIONS[1].centre_mm) + 13)]},
+    ]}
+    pj = tmp_path / "prompts.json"
+    pj.write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    # follow-ups given out of time order: the command sorts by StudyDate
+    res = CliRunner().invoke(app, ["track", "--baseline", str(dirs[0]), "--followup", str(dirs[2]),
+                                   "--followup", str(dirs[1]), "--out", str(out), "--prompts", str(pj),
+                                   "--registration", "none"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "tracking.json").read_text())
+    assert [tp["study_date"] for tp in summary["timepoints"]] == ["20240101", "20240102", "20240103"]
+    gt = np.load(tmp_path / "gt.npy")
+    for t, tp in enumerate(summary["timepoints"]):
+        lm = Volume.read(str(out / tp["label_map"]))
+        assert lm.array.shape == gt[t].shape
+        for n in (1, 2):
+            a, b = lm.array == n, gt[t] == n
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.75, (t, n)
+    assert [les["tracking_id"] for les in summary["lesions"]] == ["L1 lung", "L2 liver"]
+    assert all(x["status"] == "present" for les in summary["lesions"] for x in les["timepoints"])
+    assert "dicom_error" not in summary, summary.get("dicom_error")
+    for tp in summary["timepoints"][1:]:
+        kinds = sorted(pydicom.dcmread(out / f).Modality for f in tp["dicom"])
+        assert kinds == ["SEG", "SR"]
+        seg = pydicom.dcmread(out / tp["dicom"][0])
+        uids = {s.TrackingUID for s in seg.SegmentSequence}
+        assert uids == {les["tracking_uid"] for les in summary["lesions"]}
+
+
+def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
+    grid = Volume(np.zeros((10, 20, 30), np.int16), origin=(-10.0, 5.0, 2.0), spacing=(2.0, 1.0, 3.0))
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"coordinate_system": "RAS", "lesions": [{"point": [10, 20, 30]},
+                                                                    {"label": 7, "points": [[1, 2, 3], [4, 5, 6]]}]}))
+    ps = load_prompts_json(f, series_uid="1.2.3")
+    assert [p.identity.label for p in ps] == [1, 7]
+    np.testing.assert_allclose(ps[0].points_mm, [[-10, -20, 30]])
+    assert ps[0].identity.tracking_uid.startswith("2.25.") and ps[0].identity.tracking_id == "L1"
+    assert load_prompts_json(f, series_uid="1.2.3")[0].identity.tracking_uid == ps[0].identity.tracking_uid
+    f.write_text(json.dumps({"coordinate_system": "voxel", "lesions": [{"box": [[1, 2, 3], [5, 6, 7]]}]}))
+    box = load_prompts_json(f, grid)[0]
+    assert box.kind is PromptKind.BOX
+    np.testing.assert_allclose(box.box_mm[0], grid.index_to_patient(np.array([1, 2, 3.0])))
+    f.write_text(json.dumps({"1": {"point": [3, 4, 5]}, "2": {"box": [1, 4, 2, 6, 3, 9]}}))  # LesionLocator style
+    ll = load_prompts_json(f, grid)
+    np.testing.assert_allclose(ll[0].points_mm, [grid.index_to_patient(np.array([5, 4, 3.0]))])
+    for bad, msg in (({"lesions": []}, "non-empty"), ({"lesions": [{"point": [1, 2]}]}, r"lesions\[0\]"),
+                     ({"lesions": [{"point": [1, 2, 3], "box": [[0, 0, 0], [1, 1, 1]]}]}, "exactly one"),
+                     ({"lesions": [{"label": 2, "point": [1, 2, 3]}, {"label": 2, "point": [1, 2, 3]}]}, "unique"),
+                     ({"coordinate_system": "XYZ", "lesions": [{"point": [1, 2, 3]}]}, "coordinate_system")):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(PromptSourceError, match=msg):
+            load_prompts_json(f, grid)
+    f.write_text("{not json")
+    with pytest.raises(PromptSourceError, match="p.json"):
+        load_prompts_json(f)

@@ -1,0 +1,315 @@
+"""JSON API routes: jobs (list, detail, retry, re-analyse), patients → studies → series, lesions with observations,
+timelines, exports, result files and the read-only audit trail. URLs carry internal ids and DICOM UIDs only."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import (
+    AnalysisJob,
+    AuditEvent,
+    Instance,
+    JobState,
+    Lesion,
+    Patient,
+    Series,
+    Study,
+)
+from db.repository import audit
+from db.session import session_scope
+from pipeline import exports
+from pipeline.web import schemas as sc
+from pipeline.web.auth import Principal, require_operator, require_read
+from pipeline.web.timeline import build_timeline
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
+Read = Annotated[Principal, Depends(require_read)]
+Operator = Annotated[Principal, Depends(require_operator)]
+
+
+def _session(request: Request) -> Session:
+    return request.app.state.session_factory()
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"{what} not found")
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+@router.get("/jobs", response_model=sc.JobList, tags=["jobs"], summary="List analysis jobs (newest first)")
+def list_jobs(request: Request, state: JobState | None = None, series_uid: str | None = None,
+              patient: int | None = Query(None, description="internal patient id"),
+              limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> sc.JobList:
+    with session_scope(request.app.state.session_factory) as s:
+        q = select(AnalysisJob)
+        if state is not None:
+            q = q.where(AnalysisJob.state == state)
+        if series_uid:
+            q = q.where(AnalysisJob.followup_series_uid == series_uid)
+        if patient is not None:
+            q = q.where(AnalysisJob.patient_pk == patient)
+        total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+        rows = s.scalars(q.order_by(AnalysisJob.id.desc()).offset(offset).limit(limit))
+        return sc.JobList(total=total, items=[sc.JobSummary.of(j) for j in rows])
+
+
+@router.get("/jobs/{job_id}", response_model=sc.JobDetail, tags=["jobs"],
+            summary="One job with its steps, step timings, outputs and audit events")
+def get_job(request: Request, job_id: int) -> sc.JobDetail:
+    with session_scope(request.app.state.session_factory) as s:
+        job = s.get(AnalysisJob, job_id)
+        if job is None:
+            raise _not_found(f"job {job_id}")
+        events = list(s.scalars(select(AuditEvent).where(AuditEvent.object_type == "job",
+                                                         AuditEvent.object_id == str(job_id))
+                                .order_by(AuditEvent.id)))
+        return sc.JobDetail.detail(job, events)
+
+
+def _job_control(request: Request):  # type: ignore[no-untyped-def]
+    control = request.app.state.job_control
+    if control is None:
+        raise HTTPException(status_code=503, detail="job control is not available in this process")
+    return control
+
+
+@router.post("/jobs/{job_id}/retry", status_code=202, response_model=sc.JobQueued, tags=["jobs"],
+             summary="Re-run a finished job as a new job (operator role)")
+def retry_job(request: Request, job_id: int, who: Operator) -> sc.JobQueued:
+    control = _job_control(request)
+    with session_scope(request.app.state.session_factory) as s:
+        if s.get(AnalysisJob, job_id) is None:
+            raise _not_found(f"job {job_id}")
+    try:
+        new_id = control.retry(job_id)
+    except KeyError as exc:
+        raise _not_found(f"job {job_id}") from exc
+    except ValueError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+    with session_scope(request.app.state.session_factory) as s:
+        audit(s, who.actor, "api.job_retry", "job", job_id, new_job_id=new_id)
+    log.info("job %s retried by %s as job %s", job_id, who.actor, new_id)
+    return sc.JobQueued(job_id=new_id, detail=f"job {job_id} re-queued as job {new_id}")
+
+
+@router.post("/series/{series_uid}/reanalyse", status_code=202, response_model=sc.JobQueued, tags=["jobs"],
+             summary="Queue a new analysis of a follow-up series (operator role)")
+def reanalyse_series(request: Request, series_uid: str, who: Operator) -> sc.JobQueued:
+    control = _job_control(request)
+    with session_scope(request.app.state.session_factory) as s:
+        if s.scalar(select(Series.id).where(Series.series_instance_uid == series_uid)) is None:
+            raise _not_found(f"series {series_uid}")
+    try:
+        job_id = control.reanalyse(series_uid)
+    except KeyError as exc:
+        raise _not_found(f"series {series_uid}") from exc
+    except ValueError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+    with session_scope(request.app.state.session_factory) as s:
+        audit(s, who.actor, "api.series_reanalyse", "series", series_uid, job_id=job_id)
+    log.info("series %s re-analysis requested by %s: job %s", series_uid, who.actor, job_id)
+    return sc.JobQueued(job_id=job_id, detail=f"series queued for analysis as job {job_id}")
+
+
+# -- patients → studies → series ------------------------------------------------------------------------
+def _patient_out(s: Session, p: Patient) -> sc.PatientOut:
+    studies = s.scalar(select(func.count(Study.id)).where(Study.patient_pk == p.id)) or 0
+    lesions = s.scalar(select(func.count(Lesion.id)).where(Lesion.patient_pk == p.id)) or 0
+    latest = s.scalar(select(func.max(Study.study_date)).where(Study.patient_pk == p.id))
+    return sc.PatientOut(id=p.id, patient_id=p.patient_id, issuer=p.issuer, study_count=studies,
+                         lesion_count=lesions, latest_study_date=latest)
+
+
+@router.get("/patients", response_model=list[sc.PatientOut], tags=["patients"],
+            summary="Patients (internal ids; no names are stored)")
+def list_patients(request: Request, limit: int = Query(200, ge=1, le=5000),
+                  offset: int = Query(0, ge=0)) -> list[sc.PatientOut]:
+    with session_scope(request.app.state.session_factory) as s:
+        return [_patient_out(s, p) for p in s.scalars(select(Patient).order_by(Patient.id).offset(offset).limit(limit))]
+
+
+@router.get("/patients/{patient_pk}", response_model=sc.PatientOut, tags=["patients"])
+def get_patient(request: Request, patient_pk: int) -> sc.PatientOut:
+    with session_scope(request.app.state.session_factory) as s:
+        p = s.get(Patient, patient_pk)
+        if p is None:
+            raise _not_found(f"patient {patient_pk}")
+        return _patient_out(s, p)
+
+
+@router.get("/patients/{patient_pk}/studies", response_model=list[sc.StudyOut], tags=["patients"],
+            summary="A patient's studies with their series, oldest first")
+def patient_studies(request: Request, patient_pk: int) -> list[sc.StudyOut]:
+    with session_scope(request.app.state.session_factory) as s:
+        if s.get(Patient, patient_pk) is None:
+            raise _not_found(f"patient {patient_pk}")
+        studies = s.scalars(select(Study).where(Study.patient_pk == patient_pk)
+                            .order_by(Study.study_date, Study.study_time, Study.id))
+        return [sc.StudyOut.of(st) for st in studies]
+
+
+@router.get("/studies/{study_uid}", response_model=sc.StudyOut, tags=["patients"])
+def get_study(request: Request, study_uid: str) -> sc.StudyOut:
+    with session_scope(request.app.state.session_factory) as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        if st is None:
+            raise _not_found(f"study {study_uid}")
+        return sc.StudyOut.of(st)
+
+
+@router.get("/studies/{study_uid}/series", response_model=list[sc.SeriesOut], tags=["patients"])
+def study_series(request: Request, study_uid: str) -> list[sc.SeriesOut]:
+    return get_study(request, study_uid).series
+
+
+@router.get("/series/{series_uid}", response_model=sc.SeriesDetail, tags=["patients"],
+            summary="One series with its routing decision and analysis jobs")
+def get_series(request: Request, series_uid: str) -> sc.SeriesDetail:
+    with session_scope(request.app.state.session_factory) as s:
+        se = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if se is None:
+            raise _not_found(f"series {series_uid}")
+        jobs = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid)
+                         .order_by(AnalysisJob.id.desc()))
+        return sc.SeriesDetail(**sc.SeriesOut.of(se).model_dump(), jobs=[sc.JobSummary.of(j) for j in jobs])
+
+
+# -- lesions ---------------------------------------------------------------------------------------------
+@router.get("/patients/{patient_pk}/lesions", response_model=list[sc.LesionOut], tags=["lesions"],
+            summary="A patient's lesions, each with all its observations")
+def patient_lesions(request: Request, patient_pk: int) -> list[sc.LesionOut]:
+    with session_scope(request.app.state.session_factory) as s:
+        if s.get(Patient, patient_pk) is None:
+            raise _not_found(f"patient {patient_pk}")
+        return [sc.LesionOut.of(l) for l in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk)
+                                                         .order_by(Lesion.id))]
+
+
+@router.get("/lesions/{lesion_id}", response_model=sc.LesionOut, tags=["lesions"])
+def get_lesion(request: Request, lesion_id: int) -> sc.LesionOut:
+    with session_scope(request.app.state.session_factory) as s:
+        l = s.get(Lesion, lesion_id)
+        if l is None:
+            raise _not_found(f"lesion {lesion_id}")
+        return sc.LesionOut.of(l)
+
+
+@router.get("/lesions/by-tracking-uid/{tracking_uid}", response_model=sc.LesionOut, tags=["lesions"])
+def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
+    with session_scope(request.app.state.session_factory) as s:
+        l = s.scalar(select(Lesion).where(Lesion.tracking_uid == tracking_uid))
+        if l is None:
+            raise _not_found(f"lesion with Tracking UID {tracking_uid}")
+        return sc.LesionOut.of(l)
+
+
+@router.get("/patients/{patient_pk}/timeline", tags=["lesions"],
+            summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint")
+def patient_timeline(request: Request, patient_pk: int) -> dict:
+    with session_scope(request.app.state.session_factory) as s:
+        try:
+            return build_timeline(s, patient_pk).to_dict()
+        except KeyError as exc:
+            raise _not_found(f"patient {patient_pk}") from exc
+
+
+@router.get("/observations/{observation_id}/thumbnail.png", tags=["lesions"], response_class=Response,
+            summary="PNG: axial CT slice through the lesion with its contour")
+def observation_thumbnail(request: Request, observation_id: int) -> Response:
+    try:
+        png = request.app.state.images.observation_thumbnail(observation_id)
+    except KeyError as exc:
+        raise _not_found(f"observation {observation_id}") from exc
+    return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
+
+
+@router.get("/lesions/{lesion_id}/plot.png", tags=["lesions"], response_class=Response,
+            summary="PNG: the lesion's volume and long axis over time")
+def lesion_plot(request: Request, lesion_id: int) -> Response:
+    try:
+        png = request.app.state.images.lesion_plot(lesion_id)
+    except KeyError as exc:
+        raise _not_found(f"lesion {lesion_id}") from exc
+    return Response(png, media_type="image/png", headers={"cache-control": "no-store"})
+
+
+# -- exports -------------------------------------------------------------------------------------------
+def _timeline_and_subject(request: Request, patient_pk: int):  # type: ignore[no-untyped-def]
+    with session_scope(request.app.state.session_factory) as s:
+        p = s.get(Patient, patient_pk)
+        if p is None:
+            raise _not_found(f"patient {patient_pk}")
+        return build_timeline(s, patient_pk), p.patient_id
+
+
+def _download(text: str, media_type: str, filename: str) -> Response:
+    return Response(text, media_type=media_type,
+                    headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+
+@router.get("/patients/{patient_pk}/export/lesions.csv", tags=["exports"], response_class=Response,
+            summary="CSV: one row per lesion per timepoint")
+def export_lesions_csv(request: Request, patient_pk: int) -> Response:
+    tl, subject = _timeline_and_subject(request, patient_pk)
+    return _download(exports.lesions_csv(tl, subject), "text/csv", f"patient-{patient_pk}-lesions.csv")
+
+
+@router.get("/patients/{patient_pk}/export/lesions.json", tags=["exports"], summary="JSON of the lesions CSV")
+def export_lesions_json(request: Request, patient_pk: int) -> Response:
+    tl, subject = _timeline_and_subject(request, patient_pk)
+    return Response(exports.lesions_json(tl, subject), media_type="application/json")
+
+
+@router.get("/patients/{patient_pk}/export/cdisc/{domain}.csv", tags=["exports"], response_class=Response,
+            summary="CSV: CDISC SDTM-style TU, TR or RS domain")
+def export_cdisc_csv(request: Request, patient_pk: int, domain: str) -> Response:
+    if domain.upper() not in ("TU", "TR", "RS"):
+        raise HTTPException(status_code=404, detail=f"unknown CDISC domain {domain!r} (TU, TR or RS)")
+    tl, subject = _timeline_and_subject(request, patient_pk)
+    return _download(exports.cdisc_csv(tl, subject, domain), "text/csv",
+                     f"patient-{patient_pk}-{domain.upper()}.csv")
+
+
+@router.get("/patients/{patient_pk}/export/cdisc.json", tags=["exports"], summary="JSON: TU, TR and RS together")
+def export_cdisc_json(request: Request, patient_pk: int) -> Response:
+    tl, subject = _timeline_and_subject(request, patient_pk)
+    return Response(exports.cdisc_json(tl, subject), media_type="application/json")
+
+
+# -- result objects and audit -----------------------------------------------------------------------------
+@router.get("/instances/{sop_instance_uid}/file", tags=["objects"], response_class=FileResponse,
+            summary="Download a stored DICOM object (e.g. our SEG or SR) as application/dicom")
+def instance_file(request: Request, sop_instance_uid: str) -> FileResponse:
+    with session_scope(request.app.state.session_factory) as s:
+        row = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+                       .order_by(Instance.id.desc()))
+        path = Path(row.file_path) if row is not None else None
+    if path is None or not path.is_file():
+        raise _not_found(f"instance {sop_instance_uid}")
+    return FileResponse(path, media_type="application/dicom", filename=f"{sop_instance_uid}.dcm")
+
+
+@router.get("/audit", response_model=sc.AuditList, tags=["audit"],
+            summary="The append-only audit trail (read-only), oldest first")
+def audit_trail(request: Request, object_type: str | None = None, object_id: str | None = None,
+                action: str | None = None, after_id: int = Query(0, ge=0),
+                limit: int = Query(200, ge=1, le=5000)) -> sc.AuditList:
+    with session_scope(request.app.state.session_factory) as s:
+        q = select(AuditEvent).where(AuditEvent.id > after_id)
+        if object_type:
+            q = q.where(AuditEvent.object_type == object_type)
+        if object_id:
+            q = q.where(AuditEvent.object_id == object_id)
+        if action:
+            q = q.where(AuditEvent.action == action)
+        items = [sc.AuditOut.of(e) for e in s.scalars(q.order_by(AuditEvent.id).limit(limit))]
+        return sc.AuditList(items=items, next_after_id=items[-1].id if len(items) == limit else None)

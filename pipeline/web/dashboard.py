@@ -1,0 +1,162 @@
+"""Server-rendered dashboard (Jinja2, no external assets): job queue with retry, patient list, per-patient lesion
+timeline with thumbnails and plots, job detail. Browsers log in with an API key on ``/login`` (see
+:mod:`pipeline.web.auth`); the queue page refreshes itself from ``/api/jobs`` with a few lines of local JavaScript."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qs, quote
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+
+from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Study
+from db.repository import audit
+from db.session import session_scope
+from pipeline.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
+from pipeline.web.timeline import build_timeline
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
+
+
+class LoginRequired(Exception):
+    def __init__(self, next_url: str) -> None:
+        self.next_url = next_url
+
+
+async def login_redirect(request: Request, exc: LoginRequired) -> Response:
+    return RedirectResponse(f"/login?next={quote(exc.next_url)}", status_code=303)
+
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.1f}%"
+
+
+templates.env.filters["fmt"] = _fmt
+templates.env.filters["pct"] = _pct
+
+
+def _user(request: Request) -> Principal:
+    principal = identify(request)
+    if principal is None:
+        raise LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+    return principal
+
+
+def _render(request: Request, name: str, principal: Principal | None, **ctx) -> HTMLResponse:  # type: ignore[no-untyped-def]
+    token = request.cookies.get(SESSION_COOKIE, "")
+    csrf = request.app.state.keys.csrf_token(token) if token else ""
+    return templates.TemplateResponse(request, name, {"user": principal, "csrf": csrf, **ctx})
+
+
+def _safe_next(url: str | None) -> str:
+    return url if url and url.startswith("/") and not url.startswith("//") else "/"
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/", error: str | None = None) -> HTMLResponse:
+    return _render(request, "login.html", None, next=_safe_next(next), error=error)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    key = (form.get("key") or [""])[0].strip()
+    next_url = _safe_next((form.get("next") or ["/"])[0])
+    principal = request.app.state.keys.by_key(key) if key else None
+    if principal is None:
+        return _render(request, "login.html", None, next=next_url, error="Unknown key.")
+    token = request.app.state.keys.make_session(principal)
+    with session_scope(request.app.state.session_factory) as s:
+        audit(s, principal.actor, "dashboard.login", "api_key", principal.name)
+    resp = RedirectResponse(next_url, status_code=303)
+    resp.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https", path="/")
+    return resp
+
+
+@router.post("/logout")
+def logout() -> Response:
+    resp = RedirectResponse("/login", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+@router.get("/", response_class=HTMLResponse)
+def queue(request: Request, state: str | None = None, msg: str | None = None) -> HTMLResponse:
+    user = _user(request)
+    with session_scope(request.app.state.session_factory) as s:
+        q = select(AnalysisJob).order_by(AnalysisJob.id.desc()).limit(200)
+        if state:
+            try:
+                q = q.where(AnalysisJob.state == JobState(state))
+            except ValueError as exc:
+                raise HTTPException(status_code=400, detail=f"unknown job state {state!r}") from exc
+        jobs = list(s.scalars(q))
+        counts = {k: v for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))}
+        rows = [{"id": j.id, "series": j.followup_series_uid, "patient_pk": j.patient_pk,
+                 "state": j.state.value, "step": j.step or "", "attempts": j.attempts, "error": j.error or "",
+                 "created": j.created_at, "finished": j.finished_at,
+                 "seconds": sum(v for v in (j.step_timings or {}).values() if isinstance(v, (int, float))),
+                 "retryable": j.state in (JobState.FAILED, JobState.DONE, JobState.NOTHING_TO_TRACK)}
+                for j in jobs]
+    return _render(request, "jobs.html", user, jobs=rows, counts={st.value: counts.get(st, 0) for st in JobState},
+                   state=state or "", msg=msg, can_retry=user.allows("operator"))
+
+
+@router.post("/jobs/{job_id}/retry")
+async def retry_from_dashboard(request: Request, job_id: int) -> Response:
+    user = _user(request)
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    token = request.cookies.get(SESSION_COOKIE, "")
+    if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
+        raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
+    if not user.allows("operator"):
+        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not retry jobs")
+    from pipeline.web.api import retry_job
+
+    result = retry_job(request, job_id, user)
+    return RedirectResponse(f"/?msg={quote(result.detail)}", status_code=303)
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: int) -> HTMLResponse:
+    user = _user(request)
+    from pipeline.web.api import get_job
+
+    job = get_job(request, job_id)
+    return _render(request, "job.html", user, job=job, can_retry=user.allows("operator"))
+
+
+@router.get("/patients", response_class=HTMLResponse)
+def patients_page(request: Request) -> HTMLResponse:
+    user = _user(request)
+    with session_scope(request.app.state.session_factory) as s:
+        rows = []
+        for p in s.scalars(select(Patient).order_by(Patient.id)):
+            rows.append({"id": p.id, "patient_id": p.patient_id,
+                         "studies": s.scalar(select(func.count(Study.id)).where(Study.patient_pk == p.id)),
+                         "lesions": s.scalar(select(func.count(Lesion.id)).where(Lesion.patient_pk == p.id)),
+                         "latest": s.scalar(select(func.max(Study.study_date)).where(Study.patient_pk == p.id))})
+    return _render(request, "patients.html", user, patients=rows)
+
+
+@router.get("/patients/{patient_pk}", response_class=HTMLResponse)
+def timeline_page(request: Request, patient_pk: int) -> HTMLResponse:
+    user = _user(request)
+    with session_scope(request.app.state.session_factory) as s:
+        p = s.get(Patient, patient_pk)
+        if p is None:
+            raise HTTPException(status_code=404, detail=f"patient {patient_pk} not found")
+        tl = build_timeline(s, patient_pk)
+        subject = p.patient_id
+        last_event = s.scalar(select(func.max(AuditEvent.id)))
+    return _render(request, "timeline.html", user, tl=tl, subject=subject, patient_pk=patient_pk,
+                   last_event=last_event)

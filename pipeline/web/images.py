@@ -1,0 +1,96 @@
+"""Finds the DICOM files behind an observation or lesion and renders dashboard PNGs (cached on disk).
+
+Files are located through the ``instance`` table: the SEG by the observation's SEG SOP Instance UID, the CT slice by
+the SOP Instance UID the SEG frame was derived from. Thumbnails are immutable per observation and cached under
+``<data_dir>/thumbnails``; volume plots are drawn per request (they change as timepoints are added).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Lesion, LesionObservation
+from db.session import session_scope
+from pipeline import thumbnails
+from pipeline.web.timeline import build_timeline
+
+log = logging.getLogger(__name__)
+
+
+def _file_of(session: Session, sop_uid: str) -> Path | None:
+    row = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid).order_by(Instance.id.desc()))
+    if row is None:
+        return None
+    path = Path(row.file_path)
+    return path if path.is_file() else None
+
+
+class ImageService:
+    def __init__(self, session_factory: sessionmaker[Session], cache_dir: Path | None = None) -> None:
+        self.sf = session_factory
+        self.cache_dir = cache_dir
+
+    def observation_thumbnail(self, observation_id: int) -> bytes:
+        """PNG of the lesion on its timepoint (raises KeyError for an unknown observation)."""
+        cached = self.cache_dir / f"obs-{observation_id}.png" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return cached.read_bytes()
+        with session_scope(self.sf) as s:
+            obs = s.get(LesionObservation, observation_id)
+            if obs is None:
+                raise KeyError(f"no observation with id {observation_id}")
+            status = obs.status.value if hasattr(obs.status, "value") else str(obs.status)
+            tracking_id = obs.lesion.tracking_id
+            seg_uid, segment = obs.seg_sop_instance_uid, obs.segment_number
+            seg_path = _file_of(s, seg_uid) if seg_uid else None
+            if status == "vanished":
+                return thumbnails.placeholder_png(f"{tracking_id}\nvanished")
+            if seg_path is None or segment is None:
+                log.info("no SEG file for observation %s (SEG %s)", observation_id, seg_uid)
+                return thumbnails.placeholder_png(f"{tracking_id}\nno SEG on file")
+            try:
+                sl = thumbnails.lesion_slice_from_seg(seg_path, segment)
+            except thumbnails.ThumbnailError as exc:
+                log.warning("thumbnail for observation %s: %s", observation_id, exc)
+                return thumbnails.placeholder_png(f"{tracking_id}\nSEG unreadable")
+            ct_path = _file_of(s, sl.source_sop_instance_uid)
+        if ct_path is None:
+            return thumbnails.placeholder_png(f"{tracking_id}\nCT slice not on file")
+        try:
+            png = thumbnails.render_thumbnail(thumbnails.ct_slice_hu(ct_path), sl.mask, label=tracking_id)
+        except thumbnails.ThumbnailError as exc:
+            log.warning("thumbnail for observation %s: %s", observation_id, exc)
+            return thumbnails.placeholder_png(f"{tracking_id}\nCT unreadable")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_bytes(png)
+            tmp.replace(cached)
+        return png
+
+    def lesion_plot(self, lesion_id: int) -> bytes:
+        """PNG of one lesion's volume (and long axis) over the patient's timepoints (KeyError if unknown)."""
+        with session_scope(self.sf) as s:
+            lesion = s.get(Lesion, lesion_id)
+            if lesion is None:
+                raise KeyError(f"no lesion with id {lesion_id}")
+            tl = build_timeline(s, lesion.patient_pk)
+        row = next(r for r in tl.lesions if r.lesion_id == lesion_id)
+        labels, vols, las = [], [], []
+        for tp in tl.timepoints:
+            c = row.cells[tp.index]
+            labels.append(f"{tp.label}\n{tp.date_iso or ''}")
+            if c is None:
+                vols.append(None)
+                las.append(None)
+            elif c.status == "vanished":
+                vols.append(0.0)
+                las.append(0.0)
+            else:
+                vols.append(c.volume_ml)
+                las.append(c.long_axis_mm)
+        return thumbnails.volume_plot(labels, vols, long_axes_mm=las, title=f"{row.tracking_id} — volume over time")

@@ -1,0 +1,37 @@
+"""What the HTTP API may ask of the job system: retry a job, re-analyse a series.
+
+The app depends only on the :class:`JobControl` protocol; ``lesiontrack serve`` passes a :class:`JobStoreControl`
+(built on :class:`pipeline.jobs.JobStore`) or any object with the same two methods. Errors: ``KeyError`` (unknown
+job/series) becomes 404, ``ValueError`` (e.g. a job that is still running) becomes 409.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.jobs import JobStore
+
+
+class JobControl(Protocol):
+    def retry(self, job_id: int) -> int:
+        """Re-run a finished job as a new job; returns the new job's id."""
+        ...
+
+    def reanalyse(self, series_uid: str) -> int:
+        """Queue a fresh analysis of a follow-up series; returns the job id."""
+        ...
+
+
+class JobStoreControl:
+    """:class:`JobControl` on top of the persisted job state machine."""
+
+    def __init__(self, store: "JobStore", actor: str = "api") -> None:
+        self.store = store
+        self.actor = actor
+
+    def retry(self, job_id: int) -> int:
+        return self.store.retry(job_id, actor=self.actor)
+
+    def reanalyse(self, series_uid: str) -> int:
+        return self.store.create(series_uid, reason="re-analysis requested over the API", actor=self.actor)

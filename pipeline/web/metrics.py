@@ -1,0 +1,79 @@
+"""Prometheus metrics computed from the database at scrape time (so every process — receiver, workers, sender —
+is counted, whichever one serves ``/metrics``).
+
+Exposed: ``lesiontrack_instances_received_total``, ``lesiontrack_jobs{state}``,
+``lesiontrack_job_step_duration_seconds{step}`` (summary: sum and count over recorded steps),
+``lesiontrack_send_failures_total`` (failed delivery attempts), ``lesiontrack_deliveries{state}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import AnalysisJob, Delivery, DeliveryState, Instance, JobState
+from db.session import session_scope
+
+
+class DatabaseCollector:
+    """A prometheus-client custom collector over the LesionTrack tables."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.sf = session_factory
+
+    def describe(self) -> list[Metric]:
+        return []                       # no eager collection at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        with session_scope(self.sf) as s:
+            instances = s.scalar(select(func.count(Instance.id))) or 0
+            jobs = {k: v for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))}
+            timings = [t for (t,) in s.execute(select(AnalysisJob.step_timings)) if t]
+            deliveries = {k: v for k, v in s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state))}
+            attempts = list(s.execute(select(Delivery.state, Delivery.attempts)))
+
+        c = CounterMetricFamily("lesiontrack_instances_received", "DICOM instances received and stored")
+        c.add_metric([], float(instances))
+        yield c
+
+        g = GaugeMetricFamily("lesiontrack_jobs", "Analysis jobs by state", labels=["state"])
+        for state in JobState:
+            g.add_metric([state.value], float(jobs.get(state, 0)))
+        yield g
+
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for t in timings:
+            for step, seconds in t.items():
+                if isinstance(seconds, (int, float)):
+                    sums[step] = sums.get(step, 0.0) + float(seconds)
+                    counts[step] = counts.get(step, 0) + 1
+        sm = SummaryMetricFamily("lesiontrack_job_step_duration_seconds", "Duration of analysis steps",
+                                 labels=["step"])
+        for step in sorted(sums):
+            sm.add_metric([step], count_value=counts[step], sum_value=sums[step])
+        yield sm
+
+        failures = sum(max(0, (n or 0) - (1 if st == DeliveryState.DELIVERED else 0)) for st, n in attempts)
+        f = CounterMetricFamily("lesiontrack_send_failures", "Failed attempts to deliver results to a destination")
+        f.add_metric([], float(failures))
+        yield f
+
+        d = GaugeMetricFamily("lesiontrack_deliveries", "Result deliveries by state", labels=["state"])
+        for state in DeliveryState:
+            d.add_metric([state.value], float(deliveries.get(state, 0)))
+        yield d
+
+
+def make_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(session_factory))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

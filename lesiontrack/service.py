@@ -38,10 +38,10 @@ def load_pipeline(spec: str) -> PipelineFactory:
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
     """The dicom_node implementations of ``pipeline.ports.PriorSource`` and ``ResultSender``."""
-    from dicom_node.priors import DicomPriorSource
-    from dicom_node.sending import ResultSenderService
+    from dicom_node.priors import PriorFinder
+    from dicom_node.sending import DeliveryService
 
-    return DicomPriorSource(settings, session_factory), ResultSenderService(settings, session_factory)
+    return PriorFinder(settings, session_factory), DeliveryService(settings, session_factory)
 
 
 def build_analysis_service(settings: Settings, session_factory: sessionmaker[Session], factory: PipelineFactory,

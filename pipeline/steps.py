@@ -119,10 +119,28 @@ def match_priors(ctx: JobContext) -> dict[str, Any]:
         raise NothingToTrack(f"no lesions marked on any of {len(earlier)} prior stud{'y' if len(earlier) == 1 else 'ies'}")
     source = max(annotated, key=lambda p: _sort_key(p.study_date, p.study_time))
     segs = [a for a in source.annotations if a.modality == "SEG" or a.sop_class_uid in SEG_SOP_CLASSES]
-    chosen = segs[-1] if segs else source.annotations[-1]
+    chosen = _newest(segs or source.annotations)
     source.annotations = [chosen]
     return {"followup": {k: v for k, v in fu.items() if k != "files"}, "prior": prior_to_json(source),
             "priors_found": summary}
+
+
+def _newest(annotations: list[PriorAnnotation]) -> PriorAnnotation:
+    """The most recent annotation (by content date/time where the file is at hand), e.g. our latest SEG."""
+    import pydicom
+
+    def key(item: tuple[int, PriorAnnotation]) -> tuple[str, int]:
+        i, a = item
+        if a.files and Path(a.files[0]).is_file():
+            try:
+                ds = pydicom.dcmread(a.files[0], stop_before_pixels=True,
+                                     specific_tags=["ContentDate", "ContentTime", "SeriesDate", "SeriesTime"])
+                return (f"{ds.get('ContentDate', ds.get('SeriesDate', ''))}{ds.get('ContentTime', '')}", i)
+            except Exception:  # noqa: BLE001 - unreadable header: order of discovery decides
+                pass
+        return ("", i)
+
+    return max(enumerate(annotations), key=key)[1]
 
 
 # -- 2. retrieve priors -------------------------------------------------------------------------------------------
@@ -181,13 +199,14 @@ def load_volumes(ctx: JobContext) -> dict[str, Any]:
 def _read_prompts(prior: PriorTimepoint, prior_ct: Any) -> list[Any]:
     ann = prior.annotations[0]
     files = [Path(f) for f in ann.files]
-    if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES:
-        from pipeline.seg_reader import read_seg_prompts
+    from pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
 
-        return list(read_seg_prompts(files[0], reference=prior_ct))
-    from pipeline.sr_reader import read_sr_prompts
-
-    return list(read_sr_prompts(files[0], reference=prior_ct))
+    try:
+        if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES:
+            return list(prompts_from_seg(files[0], prior_ct))
+        return list(prompts_from_sr(files[0], prior_ct))
+    except PromptSourceError as exc:
+        raise PermanentError(f"prior {ann.modality} {files[0]}: {exc}") from exc
 
 
 # -- 4. register --------------------------------------------------------------------------------------------------

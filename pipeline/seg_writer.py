@@ -1,0 +1,218 @@
+"""DICOM-SEG writer: the tracked lesions of one follow-up CT series as one Segmentation instance (highdicom).
+
+One segment per *present* lesion, labelled with its Tracking ID and carrying its Tracking UID, coded as
+"Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
+name and version as algorithm identification. Masks are resampled back onto the CT grid (nearest label) and the SEG
+references the source CT slices frame by frame (highdicom fills Derived Image / ReferencedSeriesSequence).
+
+Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map
+Segmentation, RLE, most compact; needs non-overlapping lesions). ``auto`` picks LABELMAP unless lesions overlap.
+Only frames that contain lesion pixels are stored (``omit_empty_frames``).
+
+Files are never overwritten: :func:`save_new` writes ``<SOPInstanceUID>.dcm`` and refuses an existing path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+from models.imaging.volume import Volume
+from pipeline.lesions import LesionStatus, TrackedLesion
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_NAME = "LesionTrack"
+try:  # the installed package version (pyproject), if installed
+    from importlib.metadata import version as _pkg_version
+
+    SOFTWARE_VERSION = _pkg_version("lesiontrack")
+except Exception:  # pragma: no cover - running from a source tree without installation
+    SOFTWARE_VERSION = "0.1.0"
+
+# Display colours (CIELab via sRGB) cycled over segments.
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+class SegWriteError(ValueError):
+    """The lesions or source images cannot be encoded as a SEG."""
+
+
+@dataclass
+class SegWriteResult:
+    dataset: hd.seg.Segmentation
+    segment_numbers: dict[str, int] = field(default_factory=dict)   # tracking UID → segment number
+    source_datasets: list[Dataset] = field(default_factory=list)    # source slices sorted along the slice normal
+    grid: Volume | None = None                                      # geometry of the sorted source slices
+    segmentation_type: str = "binary"
+
+
+def anatomic_code(site: str | None) -> hd.sr.CodedConcept | None:
+    """SNOMED CT code for a free-text anatomic site ("liver", "lymph node"), or None when unknown."""
+    if not site:
+        return None
+    keyword = "".join(w.capitalize() for w in site.replace("_", " ").replace("-", " ").split())
+    code = getattr(codes.SCT, keyword, None) if keyword else None
+    if code is None:
+        return None
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volume]:
+    """Sort single-frame CT slices along the slice normal; return them and their grid (array of zeros)."""
+    if not datasets:
+        raise SegWriteError("no source images given for the SEG")
+    datasets = [_with_sop_identity(ds) for ds in datasets]
+    first = datasets[0]
+    for ds in datasets:
+        for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
+            if kw not in ds:
+                raise SegWriteError(f"source image {ds.get('SOPInstanceUID', '?')} lacks {kw}")
+        if ds.SeriesInstanceUID != first.SeriesInstanceUID:
+            raise SegWriteError(f"source images from several series ({first.SeriesInstanceUID}, "
+                                f"{ds.SeriesInstanceUID}); one SEG references one series")
+    iop = np.array(first.ImageOrientationPatient, float)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    pos = [float(np.dot(np.array(ds.ImagePositionPatient, float), normal)) for ds in datasets]
+    order = np.argsort(pos, kind="stable")
+    sorted_ds = [datasets[i] for i in order]
+    gaps = np.diff(np.sort(pos))
+    if len(gaps) and gaps.min() <= 1e-4:
+        raise SegWriteError(f"series {first.SeriesInstanceUID}: two slices at the same position")
+    sk = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1.0) or 1.0)
+    ps = [float(v) for v in first.PixelSpacing]
+    grid = Volume(np.zeros((len(sorted_ds), int(first.Rows), int(first.Columns)), np.uint8),
+                  origin=np.array(sorted_ds[0].ImagePositionPatient, float), spacing=[ps[1], ps[0], sk],
+                  direction=np.stack([row, col, normal], 1))
+    return sorted_ds, grid
+
+
+def _with_sop_identity(ds: Dataset) -> Dataset:
+    """Some anonymisers blank SOP Class/Instance UID in the data set but keep them in the file meta: restore them."""
+    if ds.get("SOPClassUID") and ds.get("SOPInstanceUID"):
+        return ds
+    meta = getattr(ds, "file_meta", None)
+    cls = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    inst = ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)
+    if not cls or not inst:
+        raise SegWriteError(f"source image {getattr(ds, 'filename', '?')} has no SOP Class/Instance UID")
+    fixed = copy.deepcopy(ds)
+    fixed.SOPClassUID, fixed.SOPInstanceUID = cls, inst
+    return fixed
+
+
+def _mask_on_grid(lesion: TrackedLesion, grid: Volume) -> np.ndarray:
+    mask = lesion.mask
+    if not mask.same_grid(grid, atol=1e-3):
+        mask = Volume(np.asarray(mask.array > 0, np.uint8), mask.origin, mask.spacing, mask.direction)
+        mask = mask.resample_to(grid, label=True)
+    return np.asarray(mask.array) > 0
+
+
+def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesion], *,
+              segmentation_type: str = "binary", series_number: int = 901, instance_number: int = 1,
+              series_description: str = "LesionTrack lesions", manufacturer: str = SOFTWARE_NAME,
+              software_version: str = SOFTWARE_VERSION, algorithm_type: str = "SEMIAUTOMATIC",
+              workers: int = 0, series_instance_uid: str | None = None,
+              sop_instance_uid: str | None = None) -> SegWriteResult:
+    """Build the SEG of ``lesions`` (present ones only) on the CT series ``source_datasets`` (metadata suffices)."""
+    sorted_ds, grid = sort_source_slices(source_datasets)
+    present = sorted((les for les in lesions if les.status is not LesionStatus.VANISHED),
+                     key=lambda les: (les.identity.label, les.identity.tracking_id))
+    masks: list[np.ndarray] = []
+    kept: list[TrackedLesion] = []
+    for les in present:
+        m = _mask_on_grid(les, grid)
+        if not m.any():
+            log.warning("lesion %s (%s) has an empty mask on series %s: no segment written",
+                        les.identity.tracking_id, les.identity.tracking_uid, sorted_ds[0].SeriesInstanceUID)
+            continue
+        masks.append(m)
+        kept.append(les)
+    if not kept:
+        raise SegWriteError(f"no present lesion with a non-empty mask for series {sorted_ds[0].SeriesInstanceUID}")
+    uids = [les.identity.tracking_uid for les in kept]
+    if len(set(uids)) != len(uids):
+        raise SegWriteError(f"duplicate tracking UIDs among lesions: {uids}")
+
+    count = np.zeros(grid.shape, np.uint8)
+    for m in masks:
+        count += m
+    overlap = bool((count > 1).any())
+    del count
+    kind = segmentation_type.lower()
+    if kind == "auto":
+        kind = "binary" if overlap else "labelmap"
+    if kind == "labelmap" and overlap:
+        raise SegWriteError("lesion masks overlap: LABELMAP cannot encode them (use binary)")
+    if kind not in ("binary", "labelmap"):
+        raise SegWriteError(f"unknown segmentation type {segmentation_type!r} (binary, labelmap or auto)")
+
+    n = len(kept)
+    if not overlap:
+        # label-map style input: one integer per voxel (works for BINARY and LABELMAP)
+        pixel = np.zeros(grid.shape, np.uint8 if n < 256 else np.uint16)
+        for number, m in enumerate(masks, start=1):
+            pixel[m] = number
+        sources = sorted_ds
+    else:
+        # stacked segments, restricted to slices that contain any lesion (keeps memory bounded)
+        slices = np.flatnonzero(np.any([m.any(axis=(1, 2)) for m in masks], axis=0))
+        pixel = np.stack([m[slices] for m in masks], axis=-1)
+        sources = [sorted_ds[i] for i in slices]
+
+    descriptions = []
+    for number, les in enumerate(kept, start=1):
+        ident = les.identity
+        region = anatomic_code(ident.anatomic_site)
+        algo = None
+        if algorithm_type.upper() != "MANUAL":
+            algo = hd.AlgorithmIdentificationSequence(name=les.engine or SOFTWARE_NAME,
+                                                      version=les.engine_version or software_version,
+                                                      family=codes.cid7162.ArtificialIntelligence)
+        r, g, b = _PALETTE[(number - 1) % len(_PALETTE)]
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=ident.tracking_id[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type=algorithm_type.upper(), algorithm_identification=algo,
+            tracking_uid=ident.tracking_uid, tracking_id=ident.tracking_id[:64],
+            anatomic_regions=[region] if region is not None else None,
+            display_color=hd.color.CIELabColor.from_rgb(r, g, b)))
+
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixel,
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP if kind == "labelmap"
+        else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid or hd.UID(), series_number=series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,
+        manufacturer=manufacturer, manufacturer_model_name=SOFTWARE_NAME, software_versions=software_version,
+        device_serial_number="0", content_label="LESIONS", content_description="Tracked lesions",
+        series_description=series_description,
+        transfer_syntax_uid=RLELossless if kind == "labelmap" else ExplicitVRLittleEndian,
+        omit_empty_frames=True, workers=workers)
+    log.info("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
+    return SegWriteResult(seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds,
+                          grid, kind)
+
+
+def save_new(dataset: Dataset, directory: str | Path) -> Path:
+    """Write ``dataset`` to ``directory/<SOPInstanceUID>.dcm``; never overwrites an existing file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{dataset.SOPInstanceUID}.dcm"
+    with open(path, "xb") as fh:          # "x": fail if it exists — SEG/SR are never overwritten
+        dataset.save_as(fh, enforce_file_format=True)
+    return path

@@ -1,0 +1,332 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) for one analysed follow-up CT series (highdicom).
+
+Per present lesion, both carrying the lesion's Tracking Identifier (text = Tracking ID, UID = Tracking UID — the same
+values as the SEG segment):
+
+* a TID 1411 volumetric group referencing the SEG segment: Volume, maximum 3-D diameter, mean/SD HU, volume changes
+  vs previous / baseline / nadir;
+* a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
+  polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category.
+
+A vanished lesion gets a TID 1501 group (same tracking identifier) with zero sizes and status "vanished", so that
+every tracked lesion appears in every report. The RECIST 1.1 time-point response goes in a TID 1501 group
+"RECIST 1.1 response" (Response Evaluation Method = RECIST 1.1 (126081); target and non-target responses coded with
+DCM 112041–112047; Current Response 112048 and Best Overall Response 112049 = overall response). Quantities without
+a standard concept (changes, sum of diameters, overall response values, lesion status) use local codes of the coding
+scheme ``99LTRK``, declared in the Coding Scheme Identification Sequence.
+
+Time point context (TID 1502) on every group; the TID 1600 Image Library lists the key slices (OHIF needs it); prior
+SEG/SR objects are recorded as evidence; an amendment passes ``previous_versions`` (Predecessor Documents Sequence)
+and is a new instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from pipeline.measurements import Axis, LesionChanges, LesionMeasurement
+from pipeline.recist import Response, TimepointResponse
+from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, SegWriteResult, anatomic_code, sort_source_slices
+
+log = logging.getLogger(__name__)
+
+LOCAL_SCHEME = "99LTRK"
+
+
+def _local(value: str, meaning: str) -> Code:
+    return Code(value, LOCAL_SCHEME, meaning)
+
+
+class LT:
+    """Local codes (scheme 99LTRK) for concepts without a standard code."""
+
+    LESION_STATUS = _local("LT001", "Lesion status")
+    PRESENT = _local("LT002", "Present")
+    VANISHED = _local("LT003", "Vanished")
+    NEW = _local("LT004", "New lesion")
+    CHANGE_PREV_ABS = _local("LT010", "Change from previous time point")
+    CHANGE_PREV_PCT = _local("LT011", "Percent change from previous time point")
+    CHANGE_BASE_ABS = _local("LT012", "Change from baseline")
+    CHANGE_BASE_PCT = _local("LT013", "Percent change from baseline")
+    CHANGE_NADIR_ABS = _local("LT014", "Change from nadir")
+    CHANGE_NADIR_PCT = _local("LT015", "Percent change from nadir")
+    SUM_DIAMETERS = _local("LT020", "Sum of diameters")
+    NADIR_SUM = _local("LT021", "Nadir sum of diameters")
+    SUM_VOLUMES = _local("LT022", "Sum of target lesion volumes")
+    VOLUME_RESPONSE = _local("LT023", "Volumetric response")
+    TARGET_RESPONSE = _local("LT030", "Target lesion response")
+    NON_TARGET_RESPONSE = _local("LT031", "Non-target lesion response")
+    NEW_LESIONS = _local("LT032", "New lesions")
+    BASELINE_CATEGORY = _local("LT033", "RECIST baseline category")
+    YES = _local("LT034", "Yes")
+    NO = _local("LT035", "No")
+    RECIST_DIAMETER = _local("LT040", "RECIST diameter")
+
+
+OVERALL_CODES: dict[Response, Code] = {
+    Response.CR: _local("CR", "Complete response"),
+    Response.PR: _local("PR", "Partial response"),
+    Response.SD: _local("SD", "Stable disease"),
+    Response.PD: _local("PD", "Progressive disease"),
+    Response.NE: _local("NE", "Not evaluable"),
+    Response.NON_CR_NON_PD: _local("NCRNPD", "Non-CR/Non-PD"),
+    Response.ND: _local("ND", "No disease"),
+}
+TARGET_CODES: dict[Response, Code] = {
+    Response.CR: codes.DCM.TargetLesionCompleteResponse, Response.PR: codes.DCM.TargetLesionPartialResponse,
+    Response.PD: codes.DCM.TargetLesionProgressiveDisease, Response.SD: codes.DCM.TargetLesionStableDisease,
+}
+NON_TARGET_CODES: dict[Response, Code] = {
+    Response.CR: codes.DCM.NonTargetLesionCompleteResponse,
+    Response.NON_CR_NON_PD: codes.DCM.NonTargetLesionIncompleteResponseOrStableDisease,
+    Response.PD: codes.DCM.NonTargetLesionProgressiveDisease,
+}
+BASELINE_CATEGORY_CODES: dict[str, Code] = {
+    "target": codes.DCM.TargetLesionAtBaseline, "non-target": codes.DCM.NonTargetLesionAtBaseline,
+    "normal node": codes.DCM.NonLesionAtBaseline,
+}
+STATUS_CODES = {"present": LT.PRESENT, "vanished": LT.VANISHED, "new": LT.NEW}
+MM, MM3, PCT, HU = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter, codes.UCUM.Percent, codes.UCUM.HounsfieldUnit
+CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_ABS, "nadir": LT.CHANGE_NADIR_ABS}
+CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
+
+
+class SrWriteError(ValueError):
+    """The report cannot be built from the given inputs."""
+
+
+@dataclass
+class LesionReport:
+    """Everything the SR says about one lesion at this timepoint."""
+
+    measurement: LesionMeasurement
+    changes: LesionChanges | None = None
+    baseline_category: str | None = None      # "target", "non-target", "normal node" (RECIST selection role)
+    expected_centre_mm: tuple[float, float, float] | None = None   # where a vanished lesion was looked for
+
+
+@dataclass
+class TimePoint:
+    """TID 1502 time point context."""
+
+    label: str                     # e.g. "T2"
+    index: int = 0                 # 0 = baseline
+    date: str | None = None
+
+    def context(self) -> hd.sr.TimePointContext:
+        tp_type = codes.UMLS.Baseline if self.index == 0 else codes.DCM.Posttreatment
+        return hd.sr.TimePointContext(time_point=self.label, time_point_type=tp_type,
+                                      subject_time_point_identifier=f"{self.index}")
+
+
+@dataclass
+class SrWriteResult:
+    dataset: hd.sr.Comprehensive3DSR
+    key_slices: dict[str, str] = field(default_factory=dict)   # tracking UID → key slice SOP Instance UID
+
+
+def _num(name: Code, value: float, unit: Code, **kw: object) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)  # type: ignore[arg-type]
+
+
+def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code) -> list[hd.sr.Measurement]:
+    out: list[hd.sr.Measurement] = []
+    if changes is None or metric not in changes.metrics:
+        return out
+    mc = changes.metrics[metric]
+    for ref in ("previous", "baseline", "nadir"):
+        ch = getattr(mc, ref)
+        if ch is None:
+            continue
+        out.append(_num(CHANGE_ABS_CODES[ref], ch.absolute, unit))
+        if ch.percent is not None:
+            out.append(_num(CHANGE_PCT_CODES[ref], ch.percent, PCT))
+    return out
+
+
+class _SliceLocator:
+    """Maps LPS points onto the nearest source CT slice and its SCOORD pixel coordinates (column, row)."""
+
+    def __init__(self, source_datasets: Sequence[Dataset]) -> None:
+        self.datasets, self.grid = sort_source_slices(source_datasets)
+
+    def locate(self, axis: Axis) -> tuple[Dataset, np.ndarray]:
+        pts = np.array([axis.start_mm, axis.end_mm], float)
+        ijk = self.grid.patient_to_index(pts)
+        k = int(np.clip(np.rint(ijk[:, 2].mean()), 0, len(self.datasets) - 1))
+        return self.datasets[k], ijk[:, :2] + 0.5     # DICOM SCOORD: (0, 0) = top-left corner of the first pixel
+
+    def scoord_point(self, point: Sequence[float]) -> tuple[Dataset, np.ndarray, hd.sr.SourceImageForRegion]:
+        ijk = self.grid.patient_to_index(np.asarray(point, float).reshape(1, 3))[0]
+        k = int(np.clip(np.rint(ijk[2]), 0, len(self.datasets) - 1))
+        ds = self.datasets[k]
+        return ds, (ijk[None, :2] + 0.5).astype(np.float32), hd.sr.SourceImageForRegion(ds.SOPClassUID,
+                                                                                          ds.SOPInstanceUID)
+
+    def scoord(self, axis: Axis) -> tuple[Dataset, np.ndarray, hd.sr.SourceImageForRegion]:
+        ds, colrow = self.locate(axis)
+        src = hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID)
+        return ds, colrow.astype(np.float32), src
+
+
+def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: Sequence[LesionReport], *,
+             time_point: TimePoint, recist: TimepointResponse | None = None,
+             best_overall: Response | None = None, prior_evidence: Sequence[Dataset] = (),
+             previous_versions: Sequence[Dataset] = (), series_number: int = 902, instance_number: int = 1,
+             series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
+             manufacturer: str = SOFTWARE_NAME, software_version: str = SOFTWARE_VERSION,
+             device_uid: str | None = None) -> SrWriteResult:
+    """Build the TID 1500 report of one follow-up series (see the module docstring for the content)."""
+    locator = _SliceLocator(source_datasets)
+    seg_ds = seg.dataset
+    tp_ctx = time_point.context
+    groups: list = []
+    key_slices: dict[str, Dataset] = {}
+    uids = [r.measurement.tracking_uid for r in lesions]
+    if len(set(uids)) != len(uids):
+        raise SrWriteError(f"duplicate tracking UIDs in the report: {uids}")
+    for rep in lesions:
+        m = rep.measurement
+        if not m.tracking_id:
+            raise SrWriteError(f"lesion {m.tracking_uid} has no Tracking ID text (OHIF needs it)")
+        tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64])
+        site = anatomic_code(m.anatomic_site)
+        sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
+        status = STATUS_CODES.get(m.status, LT.PRESENT)
+        quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
+        if rep.baseline_category in BASELINE_CATEGORY_CODES:
+            quals.append(hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY,
+                                                     BASELINE_CATEGORY_CODES[rep.baseline_category]))
+        segment_number = seg.segment_numbers.get(m.tracking_uid)
+        if not m.present or segment_number is None:
+            if m.present:
+                raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
+            where = rep.expected_centre_mm if rep.expected_centre_mm is not None else m.centre_mm
+            if where is None:
+                raise SrWriteError(f"vanished lesion {m.tracking_id} ({m.tracking_uid}): no expected location "
+                                   "(expected_centre_mm) to anchor its group")
+            ds, point_px, src = locator.scoord_point(where)
+            key_slices[m.tracking_uid] = ds
+            planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
+                time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
+                measurements=[_num(codes.SCT.Volume, 0.0, MM3), _num(codes.SCT.LongAxis, 0.0, MM),
+                              _num(codes.SCT.ShortAxis, 0.0, MM),
+                              *_change_measurements(rep.changes, "volume_mm3", MM3),
+                              *_change_measurements(rep.changes, "recist_diameter_mm", MM)],
+                qualitative_evaluations=quals)
+            groups.append(planar)
+            continue
+
+        # TID 1411: volume etc. of the SEG segment
+        vol_meas = [_num(codes.SCT.Volume, m.volume_mm3, MM3),
+                    _num(codes.SCT.Diameter, m.max_3d_diameter_mm, MM, derivation=codes.SCT.Maximum)]
+        if m.hu_mean is not None:
+            vol_meas.append(_num(codes.SCT.Mean, m.hu_mean, HU))
+        if m.hu_sd is not None:
+            vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
+        vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tid,
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_ds, segment_number),
+            time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
+            measurements=vol_meas, qualitative_evaluations=quals))
+
+        # TID 1410: long axis polyline on the key slice + short axis
+        if m.long_axis is None or m.short_axis is None:
+            continue
+        ds, long_px, src = locator.scoord(m.long_axis)
+        _, short_px, short_src = locator.scoord(m.short_axis)
+        key_slices[m.tracking_uid] = ds
+        planar_meas = [_num(codes.SCT.LongAxis, m.long_axis.length_mm, MM, method=codes.DCM.RECIST1Point1)]
+        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64]),
+            referenced_region=hd.sr.ImageRegion("POLYLINE", long_px, src),
+            time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
+            measurements=planar_meas)
+        # The short axis keeps its own end points (NUM INFERRED FROM SCOORD POLYLINE, TID 300 row 9). highdicom
+        # refuses referenced coordinates inside a TID 1410 group's constructor, so the item is appended afterwards.
+        container = planar[0]
+        extra = [_num(codes.SCT.ShortAxis, m.short_axis.length_mm, MM, method=codes.DCM.RECIST1Point1,
+                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)]),
+                 *_change_measurements(rep.changes, "recist_diameter_mm", MM)]
+        for template in extra:
+            for item in template:
+                container.ContentSequence.append(item)
+        groups.append(planar)
+
+
+    observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid or hd.UID(), name=SOFTWARE_NAME, manufacturer_name=manufacturer,
+            model_name=f"{SOFTWARE_NAME} {software_version}")))
+    library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
+    report = hd.sr.MeasurementReport(observation_context=observer, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+                                     imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport,
+                                     referenced_images=library or [locator.datasets[0]])
+    if recist is not None:
+        report[0].ContentSequence.append(_recist_container(recist, best_overall))
+    current = [ds for ds in locator.datasets]
+    evidence: list[Dataset] = current + [seg_ds] + list(prior_evidence)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report, series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number, sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,
+        manufacturer=manufacturer, is_complete=True, is_final=False, is_verified=False,
+        previous_versions=list(previous_versions) or None, series_description="LesionTrack measurements",
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=LOCAL_SCHEME, name="LesionTrack local codes", responsible_organization="LesionTrack")],
+        software_versions=software_version)
+    log.info("SR %s: %d lesion(s), time point %s, series %s", sr.SOPInstanceUID, len(lesions), time_point.label,
+             current[0].SeriesInstanceUID)
+    return SrWriteResult(sr, {u: ds.SOPInstanceUID for u, ds in key_slices.items()})
+
+
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 "Qualitative Evaluations": the RECIST 1.1 time-point response as CODE items, with the sums
+    as NUM items (TID 1500 is extensible; pixelmed reports these NUMs as "not in template" warnings)."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+
+    def code(name: Code, value: Code) -> hd.sr.CodeContentItem:
+        return hd.sr.CodeContentItem(name=name, value=value, relationship_type=contains)
+
+    def num(name: Code, value: float, unit: Code) -> hd.sr.NumContentItem:
+        return hd.sr.NumContentItem(name=name, value=float(value), unit=unit, relationship_type=contains)
+
+    items: list = [code(codes.DCM.ResponseEvaluationMethod, codes.DCM.RECIST1Point1)]
+    if r.target_response in TARGET_CODES:
+        items.append(code(LT.TARGET_RESPONSE, TARGET_CODES[r.target_response]))
+    if r.non_target_response in NON_TARGET_CODES:
+        items.append(code(LT.NON_TARGET_RESPONSE, NON_TARGET_CODES[r.non_target_response]))
+    items.append(code(LT.NEW_LESIONS, LT.YES if r.new_lesions else LT.NO))
+    items.append(code(codes.DCM.CurrentResponse, OVERALL_CODES[r.overall_response]))
+    if best is not None:
+        items.append(code(codes.DCM.BestOverallResponse, OVERALL_CODES[best]))
+    if r.volumetric_response is not None:
+        items.append(code(LT.VOLUME_RESPONSE, OVERALL_CODES[r.volumetric_response]))
+    if r.sum_of_diameters_mm is not None:
+        items.append(num(LT.SUM_DIAMETERS, r.sum_of_diameters_mm, MM))
+    if r.nadir_sum_mm is not None:
+        items.append(num(LT.NADIR_SUM, r.nadir_sum_mm, MM))
+    if r.change_from_baseline_pct is not None:
+        items.append(num(LT.CHANGE_BASE_PCT, r.change_from_baseline_pct, PCT))
+    if r.change_from_nadir_mm is not None:
+        items.append(num(LT.CHANGE_NADIR_ABS, r.change_from_nadir_mm, MM))
+    if r.change_from_nadir_pct is not None:
+        items.append(num(LT.CHANGE_NADIR_PCT, r.change_from_nadir_pct, PCT))
+    if r.sum_of_volumes_mm3 is not None:
+        items.append(num(LT.SUM_VOLUMES, r.sum_of_volumes_mm3, MM3))
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container

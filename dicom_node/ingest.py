@@ -190,6 +190,15 @@ class Ingestor:
             s, study, str(ds.SeriesInstanceUID), modality=_s(ds, "Modality", 16),
             series_number=_i(ds, "SeriesNumber"), series_description=_s(ds, "SeriesDescription", 64),
             body_part=_s(ds, "BodyPartExamined", 16), frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64))
+        # rows created ahead of a prior retrieval carry only what C-FIND said: fill the gaps from the header
+        for attr, value in (("modality", _s(ds, "Modality", 16)), ("series_number", _i(ds, "SeriesNumber")),
+                            ("series_description", _s(ds, "SeriesDescription", 64)),
+                            ("body_part", _s(ds, "BodyPartExamined", 16)),
+                            ("frame_of_reference_uid", _s(ds, "FrameOfReferenceUID", 64))):
+            if getattr(series, attr) is None and value is not None:
+                setattr(series, attr, value)
+        if study.study_date is None and _s(ds, "StudyDate", 8):
+            study.study_date, study.study_time = _s(ds, "StudyDate", 8), _s(ds, "StudyTime", 16)
         series.instance_count = (series.instance_count or 0) + 1
         series.first_received_at = series.first_received_at or now
         series.last_received_at = now
@@ -211,12 +220,18 @@ class Ingestor:
         return reopened
 
 
-def ingest_file(ingestor: Ingestor, path: Path, calling_ae: str | None = None) -> IngestResult:
-    """Ingest a DICOM Part 10 file (used by DICOMweb retrieval and tests): meta re-used, dataset bytes verbatim."""
-    raw = Path(path).read_bytes()
-    from pydicom.filereader import read_preamble, _read_file_meta_info
+def ingest_part10(ingestor: Ingestor, raw: bytes, calling_ae: str | None = None) -> IngestResult:
+    """Ingest a DICOM Part 10 byte string (C-GET/DICOMweb retrieval, tests): its meta re-used, dataset verbatim."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     fp = BytesIO(raw)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # noqa: BLE001
+        return IngestResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}"[:64])
     return ingestor.ingest(meta, raw[fp.tell():], calling_ae=calling_ae)
+
+
+def ingest_file(ingestor: Ingestor, path: Path, calling_ae: str | None = None) -> IngestResult:
+    return ingest_part10(ingestor, Path(path).read_bytes(), calling_ae)

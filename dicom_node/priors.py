@@ -1,0 +1,341 @@
+"""Prior lookup and retrieval: implements :class:`pipeline.ports.PriorSource`.
+
+Priors are earlier studies of the same patient (PatientID + IssuerOfPatientID when present) whose CT series is
+referenced by a DICOM SEG (Referenced Series Sequence) or a TID 1500 SR (evidence sequences). The local database
+is searched first, then every PACS peer with ``query = true``: C-FIND (Study Root) at STUDY then SERIES level,
+annotation series fetched (they are small) to read their references, CT series fetched by ``retrieve()`` with the
+peer's method: C-MOVE to our own AE, C-GET, or DICOMweb (QIDO-RS / WADO-RS).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import PacsPeer, RetrieveMethod, Settings
+from db.models import Instance, Patient, RoutingDecision, Series, Study
+from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
+from db.session import session_scope
+from dicom_node.ingest import Ingestor, ingest_part10
+from dicom_node.routing import PRIOR_RETRIEVAL_REASON
+from pipeline.ports import PriorAnnotation, PriorTimepoint
+
+log = logging.getLogger(__name__)
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
+ANNOTATION_MODALITIES = {"SEG", "SR"}
+
+
+class PriorLookupError(RuntimeError):
+    """Prior lookup or retrieval failed (unknown series, peer unreachable, nothing retrieved)."""
+
+
+@dataclass(frozen=True)
+class _Study:
+    uid: str
+    date: str | None
+    time: str | None
+
+
+def _key(date: str | None, time: str | None) -> tuple[str, str]:
+    return (date or "", (time or "").split(".")[0].ljust(6, "0"))
+
+
+def _earlier(date: str | None, time: str | None, before: tuple[str | None, str | None] | None) -> bool:
+    if before is None or not before[0]:
+        return True   # no reference date: every other study counts (ordered by date)
+    if not date:
+        return False  # an undated study cannot be placed before the follow-up
+    return _key(date, time) < _key(*before)
+
+
+def same_issuer(a: str | None, b: str | None) -> bool:
+    """IssuerOfPatientID decides only when both sides have one (many archives leave it empty)."""
+    return not a or not b or a == b
+
+
+def annotation_references(ds: Dataset) -> tuple[str | None, set[str]]:
+    """('SEG'|'SR'|None, referenced series UIDs) for one annotation object header."""
+    sop = str(ds.get("SOPClassUID", ""))
+    refs: set[str] = set()
+    if sop == SEG_CLASS:
+        for item in ds.get("ReferencedSeriesSequence", []):
+            if item.get("SeriesInstanceUID"):
+                refs.add(str(item.SeriesInstanceUID))
+        return "SEG", refs
+    if sop in SR_CLASSES:
+        templates = [str(t.get("TemplateIdentifier", "")) for t in ds.get("ContentTemplateSequence", [])]
+        concept = [str(c.get("CodeValue", "")) for c in ds.get("ConceptNameCodeSequence", [])]
+        if "1500" not in templates and "126000" not in concept:
+            return None, refs
+        for seq in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+            for study_item in ds.get(seq, []):
+                for series_item in study_item.get("ReferencedSeriesSequence", []):
+                    if series_item.get("SeriesInstanceUID"):
+                        refs.add(str(series_item.SeriesInstanceUID))
+        return "SR", refs
+    return None, refs
+
+
+_REF_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "ReferencedSeriesSequence", "ContentTemplateSequence",
+             "ConceptNameCodeSequence", "CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"]
+
+
+class PriorFinder:
+    """Local database first, then the configured peers."""
+
+    actor = "prior-lookup"
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], ingestor: Ingestor | None = None,
+                 query_peers: bool = True) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.query_peers = query_peers
+        if ingestor is None:
+            from dicom_node.scp import storage_root
+            from dicom_node.storage import InstanceStore
+
+            ingestor = Ingestor(InstanceStore(storage_root(settings), settings.dicom.fsync), session_factory)
+        self.ingestor = ingestor
+
+    # -- PriorSource -------------------------------------------------------------------------------------------
+    def find_priors(self, followup_series_uid: str) -> list[PriorTimepoint]:
+        with session_scope(self.session_factory) as s:
+            series = s.scalar(select(Series).where(Series.series_instance_uid == followup_series_uid))
+            if series is None:
+                raise PriorLookupError(f"follow-up series {followup_series_uid} is not in the database")
+            study = s.get(Study, series.study_pk)
+            patient = s.get(Patient, study.patient_pk)  # type: ignore[union-attr]
+            assert study is not None and patient is not None
+            pid, issuer = patient.patient_id, patient.issuer or None
+            before = (study.study_date, study.study_time)
+            exclude = study.study_instance_uid
+        return self.find_for_patient(pid, issuer, before=before, exclude_study=exclude)
+
+    def find_for_patient(self, patient_id: str, issuer: str | None = None,
+                         before: tuple[str | None, str | None] | None = None,
+                         exclude_study: str | None = None) -> list[PriorTimepoint]:
+        if not patient_id:
+            raise PriorLookupError("no PatientID: priors cannot be matched")
+        found = {tp.ct_series_uid: tp for tp in self._local(patient_id, issuer, before, exclude_study)}
+        if self.query_peers:
+            for peer in self.settings.pacs:
+                if not peer.query:
+                    continue
+                try:
+                    for tp in self._remote(peer, patient_id, issuer, before, exclude_study, set(found)):
+                        found.setdefault(tp.ct_series_uid, tp)
+                except Exception as exc:  # noqa: BLE001 - one unreachable peer must not hide the others
+                    log.warning("prior lookup on %s failed: %s", peer.name, exc)
+                    with session_scope(self.session_factory) as s:
+                        audit(s, self.actor, "priors.peer_failed", "peer", peer.name, error=str(exc)[:500])
+        out = sorted(found.values(), key=lambda tp: (_key(tp.study_date, tp.study_time), tp.ct_series_uid))
+        log.info("found %d prior timepoint(s): %s", len(out), [(t.study_uid, t.source) for t in out])
+        return out
+
+    def retrieve(self, prior: PriorTimepoint) -> PriorTimepoint:
+        if prior.source != "local":
+            peer = self.settings.peer(prior.source)
+            self._fetch_series(peer, prior.study_uid, prior.ct_series_uid)
+        prior.ct_files = self._series_files(prior.ct_series_uid)
+        if not prior.ct_files:
+            raise PriorLookupError(f"prior CT series {prior.ct_series_uid} from {prior.source}: no files retrieved")
+        for ann in prior.annotations:
+            if not ann.files:
+                ann.files = self._instance_files(ann.sop_instance_uid)
+        return prior
+
+    # -- local ---------------------------------------------------------------------------------------------------
+    def _local(self, patient_id: str, issuer: str | None, before: tuple[str | None, str | None] | None,
+               exclude_study: str | None) -> list[PriorTimepoint]:
+        with session_scope(self.session_factory) as s:
+            patients = [p.id for p in s.scalars(select(Patient).where(Patient.patient_id == patient_id))
+                        if same_issuer(p.issuer, issuer)]
+            if not patients:
+                return []
+            studies = [st for st in s.scalars(select(Study).where(Study.patient_pk.in_(patients)))
+                       if st.study_instance_uid != exclude_study and _earlier(st.study_date, st.study_time, before)]
+            ct: dict[str, tuple[Study, Series]] = {}
+            annotations: list[tuple[Instance, str]] = []
+            for st in studies:
+                for se in s.scalars(select(Series).where(Series.study_pk == st.id)):
+                    if (se.modality or "").upper() == "CT":
+                        ct[se.series_instance_uid] = (st, se)
+                    elif (se.modality or "").upper() in ANNOTATION_MODALITIES:
+                        for inst in s.scalars(select(Instance).where(Instance.series_pk == se.id)):
+                            annotations.append((inst, se.modality or ""))
+            timepoints: dict[str, PriorTimepoint] = {}
+            for inst, _modality in annotations:
+                try:
+                    hdr = dcmread(inst.file_path, stop_before_pixels=True, specific_tags=_REF_TAGS)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("cannot read annotation %s: %s", inst.file_path, exc)
+                    continue
+                kind, refs = annotation_references(hdr)
+                if kind is None:
+                    continue
+                for ref in refs & set(ct):
+                    st, se = ct[ref]
+                    tp = timepoints.setdefault(ref, PriorTimepoint(
+                        study_uid=st.study_instance_uid, study_date=st.study_date, study_time=st.study_time,
+                        ct_series_uid=ref, source="local"))
+                    tp.annotations.append(PriorAnnotation(inst.sop_instance_uid, inst.sop_class_uid, kind,
+                                                          [Path(inst.file_path)]))
+        return list(timepoints.values())
+
+    def _series_files(self, series_uid: str) -> list[Path]:
+        with session_scope(self.session_factory) as s:
+            rows = s.execute(select(Instance.file_path).join(Series, Instance.series_pk == Series.id)
+                             .where(Series.series_instance_uid == series_uid)
+                             .order_by(Instance.instance_number, Instance.id)).scalars()
+            return [Path(p) for p in rows]
+
+    def _instance_files(self, sop_uid: str) -> list[Path]:
+        with session_scope(self.session_factory) as s:
+            return [Path(p) for p in s.scalars(select(Instance.file_path)
+                                                .where(Instance.sop_instance_uid == sop_uid))]
+
+    # -- remote --------------------------------------------------------------------------------------------------
+    def _remote(self, peer: PacsPeer, patient_id: str, issuer: str | None,
+                before: tuple[str | None, str | None] | None, exclude_study: str | None,
+                known_ct: set[str]) -> list[PriorTimepoint]:
+        studies = [st for st in self._find_studies(peer, patient_id, issuer, before)
+                   if st.uid != exclude_study and _earlier(st.date, st.time, before)]
+        out: list[PriorTimepoint] = []
+        for st in studies:
+            series = self._find_series(peer, st.uid)
+            ct = {uid: mod for uid, mod in series.items() if mod == "CT"}
+            ann_series = [uid for uid, mod in series.items() if mod in ANNOTATION_MODALITIES]
+            if not ct or not ann_series:
+                continue
+            timepoints: dict[str, PriorTimepoint] = {}
+            for ann_uid in ann_series:
+                self._mark_prior(patient_id, issuer, st, ann_uid, series[ann_uid], peer.name)
+                self._fetch_series(peer, st.uid, ann_uid)
+                with session_scope(self.session_factory) as s:
+                    rows = list(s.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.file_path)
+                                          .join(Series, Instance.series_pk == Series.id)
+                                          .where(Series.series_instance_uid == ann_uid)))
+                for sop_uid, sop_class, path in rows:
+                    kind, refs = annotation_references(dcmread(path, stop_before_pixels=True,
+                                                               specific_tags=_REF_TAGS))
+                    if kind is None:
+                        continue
+                    for ref in refs & set(ct):
+                        if ref in known_ct:
+                            continue
+                        tp = timepoints.setdefault(ref, PriorTimepoint(
+                            study_uid=st.uid, study_date=st.date, study_time=st.time, ct_series_uid=ref,
+                            source=peer.name))
+                        tp.annotations.append(PriorAnnotation(sop_uid, sop_class, kind, [Path(path)]))
+            for ref in timepoints:
+                self._mark_prior(patient_id, issuer, st, ref, "CT", peer.name)
+            out.extend(timepoints.values())
+        return out
+
+    def _find_studies(self, peer: PacsPeer, patient_id: str, issuer: str | None,
+                      before: tuple[str | None, str | None] | None) -> list[_Study]:
+        if peer.retrieve_method == RetrieveMethod.DICOMWEB:
+            client = self._dicomweb(peer)
+            res = client.search_for_studies(search_filters={"PatientID": patient_id},
+                                            fields=["StudyDate", "StudyTime", "IssuerOfPatientID"])
+            return [_Study(str(d.StudyInstanceUID), d.get("StudyDate") or None, d.get("StudyTime") or None)
+                    for d in (Dataset.from_json(r) for r in res)
+                    if same_issuer(str(d.get("IssuerOfPatientID") or ""), issuer)]
+        from dicom_node.scu import find
+
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.PatientID = patient_id
+        q.IssuerOfPatientID = ""      # returned, compared below (an empty issuer matches any)
+        q.StudyInstanceUID = ""
+        q.StudyDate = f"-{before[0]}" if before and before[0] else ""
+        q.StudyTime = ""
+        return [_Study(str(r.StudyInstanceUID), str(r.get("StudyDate") or "") or None,
+                       str(r.get("StudyTime") or "") or None) for r in find(self.settings, peer, q)
+                if r.get("StudyInstanceUID") and same_issuer(str(r.get("IssuerOfPatientID") or ""), issuer)]
+
+    def _find_series(self, peer: PacsPeer, study_uid: str) -> dict[str, str]:
+        if peer.retrieve_method == RetrieveMethod.DICOMWEB:
+            client = self._dicomweb(peer)
+            res = client.search_for_series(study_instance_uid=study_uid, fields=["Modality"])
+            return {str(d.SeriesInstanceUID): str(d.get("Modality", "")).upper()
+                    for d in (Dataset.from_json(r) for r in res)}
+        from dicom_node.scu import find
+
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = ""
+        q.Modality = ""
+        q.NumberOfSeriesRelatedInstances = ""
+        return {str(r.SeriesInstanceUID): str(r.get("Modality", "")).upper()
+                for r in find(self.settings, peer, q) if r.get("SeriesInstanceUID")}
+
+    def _mark_prior(self, patient_id: str, issuer: str | None, st: _Study, series_uid: str, modality: str,
+                    peer: str) -> None:
+        """Create the rows ahead of retrieval so the arriving series is not routed to analysis."""
+        with session_scope(self.session_factory) as s:
+            patient = get_or_create_patient(s, patient_id, issuer)
+            study = get_or_create_study(s, patient, st.uid, study_date=st.date, study_time=st.time)
+            series = get_or_create_series(s, study, series_uid, modality=modality or None)
+            if series.routing_decision == RoutingDecision.PENDING and series.completed_at is None:
+                series.routing_decision = RoutingDecision.SKIP
+                series.routing_reason = f"{PRIOR_RETRIEVAL_REASON} from {peer}"
+
+    def _fetch_series(self, peer: PacsPeer, study_uid: str, series_uid: str) -> None:
+        method = peer.retrieve_method
+        with session_scope(self.session_factory) as s:
+            audit(s, self.actor, "priors.retrieve", "series", series_uid, peer=peer.name, method=method.value)
+        if method == RetrieveMethod.DICOMWEB:
+            client = self._dicomweb(peer)
+            n = 0
+            for ds in client.iter_series(study_uid, series_uid):
+                from io import BytesIO
+
+                buf = BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                res = ingest_part10(self.ingestor, buf.getvalue(), calling_ae=peer.ae_title)
+                if not res.ok:
+                    raise PriorLookupError(f"WADO-RS object from {peer.name} rejected: {res.comment}")
+                n += 1
+            log.info("retrieved %d objects of series %s from %s by WADO-RS", n, series_uid, peer.name)
+            return
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = series_uid
+        if method == RetrieveMethod.C_GET:
+            from dicom_node.scu import get
+
+            def on_store(meta, data, calling_ae):  # type: ignore[no-untyped-def]
+                return self.ingestor.ingest(meta, data, calling_ae=calling_ae).status
+
+            res = get(self.settings, peer, q, on_store)
+        else:
+            from dicom_node.scu import move
+
+            res = move(self.settings, peer, q)
+        log.info("%s of series %s from %s: completed %d, failed %d, status 0x%04X", method.value, series_uid,
+                 peer.name, res.completed, res.failed, res.status or 0)
+        if not res.ok:
+            raise PriorLookupError(f"{method.value} of series {series_uid} from {peer.name} failed: "
+                                   f"status 0x{(res.status or 0):04X}, {res.failed} sub-operations failed")
+
+    def _dicomweb(self, peer: PacsPeer):  # type: ignore[no-untyped-def]
+        from dicomweb_client.api import DICOMwebClient
+
+        if not peer.dicomweb_url:
+            raise PriorLookupError(f"peer {peer.name}: retrieve_method DICOMWEB needs dicomweb_url")
+        return DICOMwebClient(url=peer.dicomweb_url)
+
+
+#: The name the composition root (``lesiontrack.service``) imports.
+DicomPriorSource = PriorFinder

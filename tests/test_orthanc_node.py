@@ -1,0 +1,231 @@
+"""The DICOM node against a real Orthanc on loopback: Orthanc pushes to the node, the node finds and retrieves
+priors (C-MOVE, C-GET, DICOMweb), sends results back (C-STORE, Orthanc REST, STOW-RS), and survives a destination
+that is down (retries on schedule, dead-letter, manual retry)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from config.settings import PacsPeer, RetrieveMethod, SendMethod
+from db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision, SeriesState
+from db.session import session_scope
+from dicom_node.priors import PriorFinder, annotation_references
+from dicom_node.sending import DeliveryService
+from tests.conftest import require_shared_data
+from tests.services import OrthancServer
+from tests.test_dicom_node_completion import wait_until
+from tests.test_dicom_node_scp import Node, dataset_bytes, j2k_series, storescu
+
+pytestmark = pytest.mark.services
+
+
+def prior_files() -> tuple[list[Path], Path]:
+    """Patient 99000, 2003-04-17: a 3-slice CT and the DICOM SEG (liver) that references it."""
+    ct = sorted(require_shared_data("interop", "seg_sr", "dcmqi_ct-3slice").glob("*.dcm"))
+    seg = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
+    return ct, seg
+
+
+class Site:
+    """A LesionTrack node plus an Orthanc PACS that knows it as modality 'lesiontrack'."""
+
+    def __init__(self, root: Path, method: RetrieveMethod = RetrieveMethod.C_MOVE, dicomweb: bool = False,
+                 start_orthanc: bool = True, **dicom: object) -> None:
+        self.node = Node(root / "node", **dicom)
+        self.node.scp.start()
+        self.orthanc = OrthancServer(root / "orthanc", modalities={
+            "lesiontrack": (self.node.settings.dicom.ae_title, "127.0.0.1", self.node.port)},
+            enable_dicomweb=dicom_enabled(dicomweb, method))
+        if start_orthanc:
+            self.orthanc.start()
+        self.peer = PacsPeer(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=self.orthanc.dicom_port,
+                             retrieve_method=method, send=True, orthanc_url=self.orthanc.url,
+                             dicomweb_url=self.orthanc.dicomweb_url)
+        self.node.settings.pacs = [self.peer]
+        self.node.settings.sending.destinations = ["pacs"]
+
+    def stop(self) -> None:
+        self.orthanc.stop()
+        self.node.scp.stop()
+        self.node.engine.dispose()
+
+
+def dicom_enabled(dicomweb: bool, method: RetrieveMethod) -> bool:
+    return dicomweb or method == RetrieveMethod.DICOMWEB
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def orthanc_has(o: OrthancServer, sop_uid: str) -> str | None:
+    hits = o.post("/tools/lookup", sop_uid)
+    return next((h["ID"] for h in hits if h["Type"] == "Instance"), None)  # type: ignore[union-attr]
+
+
+def test_orthanc_pushes_a_study_to_the_node(site: Site, tmp_path: Path) -> None:
+    files = j2k_series(tmp_path / "j2k")
+    ids = [site.orthanc.upload(f) for f in files]
+    study = site.orthanc.get_json(f"/instances/{ids[0]}/study")["ID"]  # type: ignore[index]
+    site.node.settings.routing.min_slices = 10
+    job = site.orthanc.post("/modalities/lesiontrack/store", {"Resources": [study], "Synchronous": True})
+    assert job is not None
+    rows = site.node.instances()
+    assert len(rows) == len(files)
+    # Orthanc stored and forwarded the JPEG 2000 bytes unchanged
+    assert {r.sha256 for r in rows} == {hashlib.sha256(dataset_bytes(f)).hexdigest() for f in files}
+    assert {r.sender_ae for r in rows} == {"ORTHANC"}
+    uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    wait_until(lambda: site.node.triggers == [uid], what="analysis trigger")
+
+
+@pytest.mark.parametrize("method", [RetrieveMethod.C_MOVE, RetrieveMethod.C_GET, RetrieveMethod.DICOMWEB])
+def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: RetrieveMethod) -> None:
+    site = Site(tmp_path, method=method)
+    try:
+        ct, seg = prior_files()
+        for f in [*ct, seg]:
+            site.orthanc.upload(f)
+        # the follow-up arrives at the node: same patient, 2022
+        follow = j2k_series(tmp_path / "follow", patient_id="99000", study_date="20221208")
+        storescu(site.node.port, follow, "STORESCU", "-xv")
+        follow_uid = str(dcmread(follow[0], stop_before_pixels=True).SeriesInstanceUID)
+
+        finder = PriorFinder(site.node.settings, site.node.sf, site.node.scp.ingestor)
+        priors = finder.find_priors(follow_uid)
+        ct_series = str(dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
+        assert [(p.ct_series_uid, p.source, p.study_date) for p in priors] == [(ct_series, "pacs", "20030417")]
+        assert [(a.modality, a.sop_instance_uid) for a in priors[0].annotations] == \
+            [("SEG", str(dcmread(seg, stop_before_pixels=True).SOPInstanceUID))]
+        assert priors[0].annotations[0].files and priors[0].annotations[0].files[0].is_file()
+
+        got = finder.retrieve(priors[0])
+        assert len(got.ct_files) == 3
+        sent = {str(dcmread(p).SOPInstanceUID): dcmread(p).pixel_array for p in ct}
+        for p in got.ct_files:
+            ds = dcmread(p)
+            assert (ds.pixel_array == sent[str(ds.SOPInstanceUID)]).all()
+        if method == RetrieveMethod.C_MOVE:   # same transfer syntax end to end: identical bytes
+            assert sorted(hashlib.sha256(dataset_bytes(p)).hexdigest() for p in got.ct_files) == \
+                sorted(hashlib.sha256(dataset_bytes(p)).hexdigest() for p in ct)
+        # retrieved priors are stored but never routed to analysis
+        site.node.scp.completion.poll_once()
+        s = site.node.series(ct_series)
+        assert s is not None and s.routing_decision == RoutingDecision.SKIP
+        assert "retrieved as prior" in (s.routing_reason or "")
+        if method == RetrieveMethod.C_MOVE:
+            site.node.scp.force_complete(ct_series)
+            assert site.node.triggers == []
+        # the next lookup finds them locally
+        again = PriorFinder(site.node.settings, site.node.sf, query_peers=False).find_priors(follow_uid)
+        assert [(p.ct_series_uid, p.source) for p in again] == [(ct_series, "local")]
+    finally:
+        site.stop()
+
+
+def test_annotation_references_of_tid1500_sr() -> None:
+    sr = dcmread(require_shared_data("interop", "seg_sr", "dcmqi_sr-example_sr.dcm"), stop_before_pixels=True)
+    kind, refs = annotation_references(sr)
+    assert kind == "SR" and len(refs) == 3
+
+
+def _result_file(tmp_path: Path) -> Path:
+    """A new object to send back (as the pipeline would): the liver SEG with fresh UIDs."""
+    ds = dcmread(prior_files()[1])
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    p = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+def _job(node: Node) -> int:
+    with session_scope(node.sf) as s:
+        j = AnalysisJob(followup_series_uid="1.2.3")
+        s.add(j)
+        s.flush()
+        return j.id
+
+
+@pytest.mark.parametrize("method", [SendMethod.C_STORE, SendMethod.ORTHANC_REST, SendMethod.STOW_RS])
+def test_node_sends_result_back_to_orthanc(tmp_path: Path, method: SendMethod) -> None:
+    site = Site(tmp_path, dicomweb=method == SendMethod.STOW_RS)
+    try:
+        site.peer.send_method = method
+        f = _result_file(tmp_path)
+        svc = DeliveryService(site.node.settings, site.node.sf)
+        [did] = svc.send([f], job_id=_job(site.node))
+        with session_scope(site.node.sf) as s:
+            d = s.get(Delivery, did)
+            assert d is not None and d.state == DeliveryState.DELIVERED and d.attempts == 1
+        oid = orthanc_has(site.orthanc, str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+        assert oid is not None
+        import urllib.request
+
+        with urllib.request.urlopen(f"{site.orthanc.url}/instances/{oid}/file") as r:
+            back = r.read()
+        assert dcmread(__import__("io").BytesIO(back)).SOPInstanceUID == dcmread(f).SOPInstanceUID
+        assert [e.details["outcome"] for e in site.node.audits("delivery.attempt")] == ["delivered"]
+    finally:
+        site.stop()
+
+
+def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) -> None:
+    site = Site(tmp_path, start_orthanc=False)
+    try:
+        site.node.settings.sending.retry_schedule_seconds = [0.3, 0.6]
+        f = _result_file(tmp_path)
+        svc = DeliveryService(site.node.settings, site.node.sf)
+        job = _job(site.node)
+        [did] = svc.send([f], job_id=job)
+
+        def state() -> Delivery:
+            with session_scope(site.node.sf) as s:
+                d = s.get(Delivery, did)
+                assert d is not None
+                return d
+
+        assert state().state == DeliveryState.RETRY_WAIT and state().attempts == 1
+        svc.start(interval=0.1)
+        wait_until(lambda: state().state == DeliveryState.DEAD_LETTER, what="dead letter")
+        svc.stop()
+        d = state()
+        assert d.attempts == 3 and d.last_error and "no association" in d.last_error
+        attempts = site.node.audits("delivery.attempt")
+        assert [e.details["outcome"] for e in attempts] == ["retry_wait", "retry_wait", "dead_letter"]
+        # the schedule was followed: each retry no earlier than its delay after the previous attempt
+        gaps = [(b.at - a.at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+        assert gaps[0] >= 0.3 - 0.05 and gaps[1] >= 0.6 - 0.05
+
+        site.orthanc.start()   # destination back
+        from typer.testing import CliRunner
+
+        from lesiontrack.cli import app
+
+        cfg = tmp_path / "lt.toml"
+        cfg.write_text(
+            f'data_dir = "{site.node.settings.data_dir}"\ndatabase_url = "{site.node.url}"\n'
+            f'[sending]\ndestinations = ["pacs"]\n'
+            f'[[pacs]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {site.orthanc.dicom_port}\n'
+            f'send = true\n')
+        r = CliRunner().invoke(app, ["--config", str(cfg), "send", "--retry", str(job)])
+        assert r.exit_code == 0, r.output
+        assert "delivered" in r.output
+        assert state().state == DeliveryState.DELIVERED and state().attempts == 4
+        assert orthanc_has(site.orthanc, str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+        assert len(site.node.audits("delivery.manual_retry")) == 1
+    finally:
+        site.stop()

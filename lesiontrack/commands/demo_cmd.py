@@ -1,0 +1,100 @@
+"""`lesiontrack demo` (= `make demo`): the whole service on a synthetic patient, end to end, in a few minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def demo(
+    workdir: Path | None = typer.Option(None, help="keep everything here (default: a temporary folder)"),
+    seed: int = typer.Option(11, help="phantom patient seed"),
+    size: str = typer.Option("96x144x144", help="slices x rows x columns of the phantom CT"),
+    spacing_mm: float = typer.Option(2.5, help="voxel size of the phantom CT (mm)"),
+    lesions: int = typer.Option(5, help="number of lesions"),
+    timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
+    keep_running: bool = typer.Option(False, help="keep the service (and dashboard) up until Ctrl-C"),
+) -> None:
+    """Start the service on free ports, send a phantom baseline + SEG and two follow-ups, print the lesion table."""
+    import logging
+    import tempfile
+    import time
+
+    from rich.console import Console
+
+    from lesiontrack.demo import demo_settings, lesion_table, render_table, send_files, wait_for_job
+    from lesiontrack.demo_data import make_patient
+    from lesiontrack.service import LesionTrackService
+
+    console = Console()
+    logging.getLogger("pipeline.web.app").setLevel(logging.ERROR)
+    try:
+        shape = tuple(int(v) for v in size.lower().split("x"))
+        assert len(shape) == 3
+    except (ValueError, AssertionError):
+        raise typer.BadParameter(f"--size must look like 96x144x144, got {size!r}")
+    root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with console.status("generating the synthetic patient (phantom CT, lesion SEG, two follow-ups)..."):
+        patient = make_patient(root / "patient", seed=seed, shape=shape,  # type: ignore[arg-type]
+                               spacing=(spacing_mm,) * 3, n_lesions=lesions)
+    console.print(f"patient {patient.patient_id}: baseline {len(patient.baseline.files)} slices, "
+                  f"{len(patient.lesions)} lesions in a DICOM-SEG, {len(patient.followups)} follow-ups "
+                  f"({time.monotonic() - t0:.0f}s)")
+    settings = demo_settings(root / "data")
+    service = LesionTrackService(settings).start()
+    url = f"http://127.0.0.1:{service.http_port}/" if service.http_port else None
+    console.print(f"service: DICOM {settings.dicom.ae_title}@127.0.0.1:{settings.dicom.port}"
+                  + (f", dashboard {url}" if url else "") + f", data {settings.data_dir}")
+    try:
+        with console.status("sending baseline CT + SEG over DICOM..."):
+            send_files(settings, patient.baseline.files + [patient.seg_file])
+            view = wait_for_job(service.job_store, patient.baseline.series_uid, timeout)
+        console.print(f"baseline: job {view.id} → {view.state.value} ({view.error or 'ok'})")
+        for fu in patient.followups:
+            status = console.status(f"sending {fu.label}...")
+            status.start()
+            try:
+                send_files(settings, fu.files)
+                t1 = time.monotonic()
+
+                def show(v, label=fu.label, t1=t1):  # type: ignore[no-untyped-def]
+                    status.update(f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} "
+                                  f"({time.monotonic() - t1:.0f}s)")
+
+                view = wait_for_job(service.job_store, fu.series_uid, timeout, show)
+            finally:
+                status.stop()
+            took = sum(view.step_timings.values())
+            console.print(f"{fu.label}: job {view.id} → {view.state.value} in {took:.0f}s "
+                          + ", ".join(f"{k} {v:.1f}s" for k, v in view.step_timings.items()))
+            if view.error:
+                console.print(f"  [red]{view.error}[/red]")
+        assert service.session_factory is not None
+        with service.session_factory() as s:
+            from sqlalchemy import select
+
+            from db.models import Patient
+
+            patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
+        table = lesion_table(service.session_factory, patient_pk)
+        for tp in table:
+            latest = service.job_store.latest_for_series(tp.series_uid)
+            if latest is not None:
+                tp.files = [f for f in latest.step_outputs.get("write_seg_sr", {}).get("files", [])]
+        render_table(table, console)
+        if url:
+            console.print(f"dashboard: {url} (API key: demo)")
+        console.print(f"total {time.monotonic() - t0:.0f}s")
+        if keep_running:
+            console.print("service running; Ctrl-C to stop")
+            service.run_until_signal()
+    finally:
+        service.stop()
+        console.print(f"all files (DICOM received, SEG/SR written, database) are in {root}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

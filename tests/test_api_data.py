@@ -64,6 +64,14 @@ def _register_instances(s: Session, series_pk: int, files: list[Path], sender: s
                        instance_number=int(ds.get("InstanceNumber", 0) or 0), sender_ae=sender))
 
 
+def _last_centre(history: list) -> tuple[float, float, float] | None:
+    """Where a lesion was last seen (a vanished lesion's SR group is anchored there)."""
+    for m in reversed(history):
+        if m is not None and m.centre_mm is not None:
+            return tuple(m.centre_mm)  # type: ignore[return-value]
+    return None
+
+
 def build_patient(session_factory: sessionmaker[Session], timepoints: list, out_dir: Path, *,
                   patient_id: str = "LT-TEST-1", with_failed_job: bool = True) -> BuiltPatient:
     """Measure, assess, write SEG+SR for each timepoint (``tests.segsr_fixtures.SyntheticTimepoint``-like objects
@@ -93,7 +101,8 @@ def build_patient(session_factory: sessionmaker[Session], timepoints: list, out_
         assessment = assess(per_tp_recist)
         resp = assessment.timepoints[-1]
         seg = write_seg(tp.datasets, tp.lesions)
-        reports = [LesionReport(m, lesion_changes(history[uid]), assessment.selection.role_of(uid))
+        reports = [LesionReport(m, lesion_changes(history[uid]), assessment.selection.role_of(uid),
+                                expected_centre_mm=_last_centre(history[uid]))
                    for uid, m in meas.items()]
         sr = write_sr(tp.datasets, seg, reports, time_point=TimePoint(f"T{t}", t, study_date), recist=resp,
                       best_overall=assessment.best_overall_response if t > 0 else None)

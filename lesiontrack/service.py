@@ -91,8 +91,9 @@ class LesionTrackService:
 
     def __init__(self, settings: Settings, *, pipeline: str | PipelineFactory = DEFAULT_PIPELINE,
                  dicom: bool = True, http: bool | None = None, jobs: bool = True,
-                 progress: Callable[[int, str], None] | None = None) -> None:
+                 progress: Callable[[int, str], None] | None = None, upgrade_db: bool = True) -> None:
         self.settings = settings
+        self.upgrade_db = upgrade_db
         self.pipeline = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
         self.enable_dicom = dicom
         self.enable_http = settings.http.enabled if http is None else http
@@ -110,13 +111,11 @@ class LesionTrackService:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> "LesionTrackService":
-        from db.session import make_engine, make_session_factory, upgrade
+        from dicom_node.database import open_database
         from pipeline.jobs import JobStore
 
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
-        url = self.settings.effective_database_url
-        upgrade(url)
-        self.session_factory = make_session_factory(make_engine(url))
+        self.session_factory = open_database(self.settings, upgrade_db=self.upgrade_db)
         self.job_store = JobStore(self.session_factory, actor="service")
         prior_source, self.sender = _ports_or_none(self.settings, self.session_factory)
         if self.settings.worker.executor == "celery":

@@ -54,3 +54,44 @@ def counting(settings: Any, session_factory: Any, prior_source: Any = None, send
     steps = [Step("compute", compute), Step("write", write, durable=True,
                                              still_valid=lambda o: Path(o["path"]).exists())]
     return steps, {"sf": session_factory}
+
+
+def counting_with_send(settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
+                       ) -> tuple[list[Step], Any]:
+    """``counting`` plus a result object (a new-UID copy of one received instance) sent by the real send step."""
+    from pipeline.steps import send
+
+    steps, _ = counting(settings, session_factory)
+
+    def write_result(ctx: JobContext) -> dict[str, Any]:
+        import pydicom
+        from pydicom.uid import generate_uid
+        from sqlalchemy import select
+
+        from db.models import Instance, Series
+
+        _ran(ctx, "write_seg_sr")
+        with session_scope(session_factory) as s:
+            path = s.scalar(select(Instance.file_path).join(Series, Instance.series_pk == Series.id)
+                            .where(Series.series_instance_uid == ctx.series_uid).limit(1))
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription = "result"
+        out = Path(settings.data_dir) / "results" / f"job-{ctx.job_id}"
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        return {"files": [str(target)]}
+
+    steps = [*steps, Step("write_seg_sr", write_result, durable=True),
+             Step("send", send, durable=True)]
+    return steps, _Services(settings, session_factory, prior_source, sender)
+
+
+class _Services(dict):  # type: ignore[type-arg]
+    """PipelineServices attributes for the real send step + the 'sf' key the counting steps use."""
+
+    def __init__(self, settings: Any, sf: Any, prior_source: Any, sender: Any) -> None:
+        super().__init__(sf=sf)
+        self.settings, self.session_factory, self.prior_source, self.sender = settings, sf, prior_source, sender

@@ -1,4 +1,4 @@
-"""`lesiontrack serve`: run the Storage SCP (and the delivery retry loop) until Ctrl-C / SIGTERM."""
+"""`lesiontrack serve`: Storage SCP, delivery retries, analysis jobs and HTTP API until Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,42 +11,29 @@ def serve(
     ctx: typer.Context,
     port: int | None = typer.Option(None, help="override dicom.port"),
     upgrade_db: bool = typer.Option(False, "--upgrade-db", help="apply database migrations first"),
+    pipeline: str = typer.Option("pipeline.steps:build_pipeline", hidden=True,
+                                 help="MODULE:FACTORY of the analysis steps (tests)"),
 ) -> None:
-    """Receive DICOM from the PACS; completed, routed series are logged (jobs are wired by the job layer)."""
-    import logging
-    import signal
-    import threading
-
+    """Receive DICOM from the PACS, analyse completed follow-ups (jobs), serve the HTTP API; SIGTERM stops cleanly."""
+    # SCP + delivery loop + job executor + HTTP API in one process (lesiontrack.service).
     from config.logging import setup_logging
-    from dicom_node.scp import StorageSCP
-    from dicom_node.sending import DeliveryService
-    from dicom_node.database import SchemaNotCurrent, open_database
+    from dicom_node.database import SchemaNotCurrent
+    from lesiontrack.service import LesionTrackService
 
     settings = state(ctx).settings()
-    try:
-        sf = open_database(settings, upgrade_db=upgrade_db)
-    except SchemaNotCurrent as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
     if port is not None:
         settings.dicom.port = port
     setup_logging(settings.logging.level)
-    log = logging.getLogger("lesiontrack.serve")
-
-    def on_series_complete(series_uid: str) -> None:
-        log.info("series %s complete and routed for analysis", series_uid)
-
-    scp = StorageSCP(settings, sf, on_series_complete).start()
-    sender = DeliveryService(settings, sf)
-    sender.start()
-    typer.echo(f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:{scp.port}")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    try:
+        service = LesionTrackService(settings, pipeline=pipeline, upgrade_db=upgrade_db).start()
+    except SchemaNotCurrent as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""
+    typer.echo(f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:"
+               f"{service.scp.port}{http}, executor {settings.worker.executor}")
+    service.run_until_signal()   # SIGINT/SIGTERM: stop associations, finish or requeue the step, stop
     typer.echo("stopping")
-    scp.stop()
-    sender.stop()
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,221 @@
+"""Fault tests of the running service (`lesiontrack serve` as a real process):
+
+* kill -9 in the middle of a job → after a restart the job completes (resuming, not duplicating its durable
+  results) and no instance acknowledged before the kill is missing;
+* the destination PACS (real Orthanc) is down while results are sent → they are delivered once it is back.
+
+The job steps are the small cross-process pipeline of tests/job_pipelines.py (plus the real ``send`` step), so
+the faults hit the job machinery, the SCP and the sender, not the image analysis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from config.settings import PacsPeer, Settings, load_settings
+from db.models import AuditEvent, DeliveryState, Delivery, Instance, JobState, Series
+from db.session import make_engine, make_session_factory, session_scope
+from tests.conftest import REPO
+from tests.services import OrthancServer, free_port, wait_for_port
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+LESIONTRACK = [sys.executable, "-c", "from lesiontrack.cli import main; main()"]
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]]:
+    from models.imaging.dicom_write import write_ct_series
+    from models.imaging.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    vol = Volume(rng.integers(-1000, 400, (n, 24, 24)).astype(np.int16), spacing=(1.5, 1.5, 2.5))
+    uid = generate_uid()
+    files = write_ct_series(vol, out, patient_id="FAULT-1", patient_name="Fault^Test", study_uid=generate_uid(),
+                            series_uid=uid, frame_of_reference_uid=generate_uid(), study_date="20260101")
+    return uid, list(files)
+
+
+class Service:
+    """`lesiontrack serve` in a subprocess with a TOML configuration written by the test."""
+
+    def __init__(self, root: Path, extra_toml: str = "", port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.data = root / "data"
+        self.config = root / "lesiontrack.toml"
+        self.config.write_text(f"""
+data_dir = "{self.data}"
+[dicom]
+bind_address = "127.0.0.1"
+port = {self.port}
+series_quiet_seconds = 1.0
+fsync = true
+[http]
+enabled = false
+[worker]
+lease_seconds = 2.0
+retry_backoff_seconds = [0.5]
+{extra_toml}
+""")
+        self.settings: Settings = load_settings(self.config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.root / f"serve-{self.starts}.log", "wb")  # noqa: SIM115 - owned by the child
+        env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_CONFIG": str(self.config)}
+        self.proc = subprocess.Popen([*LESIONTRACK, "serve", "--upgrade-db", "--pipeline",
+                                      "tests.job_pipelines:counting_with_send"],
+                                     env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout=60)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def send(self, files: list[Path]) -> None:
+        from dicom_node.scu import store_files
+
+        peer = PacsPeer(name="lt", ae_title=self.settings.dicom.ae_title, host="127.0.0.1", port=self.port)
+        outcomes = store_files(self.settings, peer, files)
+        assert len(outcomes) == len(files) and all(o.ok for o in outcomes), outcomes
+
+    def session_factory(self):  # type: ignore[no-untyped-def]
+        return make_session_factory(make_engine(self.settings.effective_database_url))
+
+
+def _job_of(sf, series_uid: str) -> Any:  # type: ignore[no-untyped-def]
+    from pipeline.jobs import JobStore
+
+    return JobStore(sf).latest_for_series(series_uid)
+
+
+def _runs(sf, job_id: int, step: str) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(sf) as s:
+        evs = s.scalars(select(AuditEvent).where(AuditEvent.action == "test.step_ran",
+                                                 AuditEvent.object_id == str(job_id))).all()
+        return sum(1 for e in evs if e.details["step"] == step)
+
+
+def test_kill_9_mid_job_then_restart_completes_and_loses_no_instance(tmp_path: Path) -> None:
+    svc = Service(tmp_path)
+    uid_a, files_a = write_series(tmp_path / "a", seed=1)
+    uid_b, files_b = write_series(tmp_path / "b", seed=2)
+    svc.data.mkdir(parents=True)
+    (svc.data / "block").write_text("hold the job")   # the job's first step waits while this file exists
+    svc.start()
+    try:
+        svc.send(files_a)
+        sf = svc.session_factory()
+        job_a = wait_for(lambda: _job_of(sf, uid_a), 60, "a job for series A").id
+        wait_for(lambda: (svc.data / f"started-{job_a}").exists(), 60, "job A to be running")
+        svc.send(files_b)          # acknowledged while job A runs; series B is still within its quiet period
+        svc.kill9()
+        assert _job_of(sf, uid_a).state is JobState.RUNNING
+        (svc.data / "block").unlink()
+        svc.start()
+        for uid in (uid_a, uid_b):
+            wait_for(lambda uid=uid: (_job_of(sf, uid) or None) and _job_of(sf, uid).finished, 90,
+                     f"the job of {uid} to finish")
+            view = _job_of(sf, uid)
+            assert view.state is JobState.DONE, view.error
+        a = _job_of(sf, uid_a)
+        assert a.id == job_a and a.attempts == 2, "the killed job itself was resumed, not replaced"
+        assert _runs(sf, job_a, "compute") == 2 and _runs(sf, job_a, "write") == 1
+        with session_scope(sf) as s:
+            reasons = [e.details.get("reason", "") for e in s.scalars(select(AuditEvent).where(
+                AuditEvent.object_id == str(job_a), AuditEvent.action == "job.state"))]
+            assert any("no longer running" in r for r in reasons), reasons
+            for uid, files in ((uid_a, files_a), (uid_b, files_b)):
+                rows = s.scalars(select(Instance).join(Series, Instance.series_pk == Series.id)
+                                 .where(Series.series_instance_uid == uid)).all()
+                assert len(rows) == len(files), f"series {uid}: {len(rows)} of {len(files)} instances recorded"
+                assert all(Path(r.file_path).is_file() for r in rows)
+    finally:
+        svc.stop()
+
+
+def test_destination_down_while_sending_is_delivered_after_it_returns(tmp_path: Path) -> None:
+    lt_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)})
+    orthanc.start()
+    svc = Service(tmp_path, extra_toml=f"""
+[[pacs]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+query = false
+send = true
+[sending]
+destinations = ["pacs"]
+retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+""", port=lt_port)
+    uid, files = write_series(tmp_path / "s", seed=3)
+    orthanc.stop()                       # the PACS goes down
+    svc.start()
+    try:
+        svc.send(files)
+        sf = svc.session_factory()
+        wait_for(lambda: (_job_of(sf, uid) or None) and _job_of(sf, uid).finished, 90, "the job to finish")
+        job = _job_of(sf, uid)
+        assert job.state is JobState.DONE, job.error
+        result = Path(job.step_outputs["write_seg_sr"]["files"][0])
+
+        def failed_attempts() -> int:
+            with session_scope(sf) as s:
+                return int(s.scalar(select(func.count()).select_from(AuditEvent).where(
+                    AuditEvent.action.like("delivery.%"), AuditEvent.action != "delivery.queued")) or 0)
+
+        wait_for(lambda: failed_attempts() >= 2, 60, "at least two failed delivery attempts")
+        with session_scope(sf) as s:
+            d = s.scalars(select(Delivery).where(Delivery.job_pk == job.id)).one()
+            assert d.state is DeliveryState.RETRY_WAIT, d.state
+        orthanc.start()                  # the PACS is back (same ports, same storage)
+        wait_for(lambda: _delivered(sf, job.id), 90, "the delivery to succeed")
+        import pydicom
+
+        sop = str(pydicom.dcmread(result, stop_before_pixels=True).SOPInstanceUID)
+        found = orthanc.post("/tools/lookup", sop)
+        assert found and found[0]["Type"] == "Instance"   # type: ignore[index]
+    finally:
+        svc.stop()
+        orthanc.stop()
+
+
+def _delivered(sf, job_id: int) -> bool:  # type: ignore[no-untyped-def]
+    with session_scope(sf) as s:
+        d = s.scalars(select(Delivery).where(Delivery.job_pk == job_id)).one()
+        return d.state is DeliveryState.DELIVERED

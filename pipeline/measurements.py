@@ -78,7 +78,8 @@ class LesionMeasurement:
 
     @property
     def present(self) -> bool:
-        return self.voxel_count > 0
+        """Lesion seen at this timepoint (voxel count is not stored in SRs, so the volume counts as well)."""
+        return self.status != "vanished" and (self.voxel_count > 0 or self.volume_mm3 > 0)
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))

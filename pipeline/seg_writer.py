@@ -75,9 +75,11 @@ def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
     datasets = [_with_sop_identity(ds) for ds in datasets]
     first = datasets[0]
     for ds in datasets:
-        for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
-            if kw not in ds:
-                raise SegWriteError(f"source image {ds.get('SOPInstanceUID', '?')} lacks {kw}")
+        for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
+                   "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if not ds.get(kw):
+                raise SegWriteError(f"source image {getattr(ds, 'filename', None) or ds.get('SOPInstanceUID', '?')} "
+                                    f"lacks {kw} (a SEG/SR must reference it)")
         if ds.SeriesInstanceUID != first.SeriesInstanceUID:
             raise SegWriteError(f"source images from several series ({first.SeriesInstanceUID}, "
                                 f"{ds.SeriesInstanceUID}); one SEG references one series")

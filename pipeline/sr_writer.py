@@ -8,12 +8,17 @@ values as the SEG segment):
 * a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
   polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category.
 
-A vanished lesion gets a TID 1501 group (same tracking identifier) with zero sizes and status "vanished", so that
-every tracked lesion appears in every report. The RECIST 1.1 time-point response goes in a TID 1501 group
-"RECIST 1.1 response" (Response Evaluation Method = RECIST 1.1 (126081); target and non-target responses coded with
-DCM 112041–112047; Current Response 112048 and Best Overall Response 112049 = overall response). Quantities without
-a standard concept (changes, sum of diameters, overall response values, lesion status) use local codes of the coding
-scheme ``99LTRK``, declared in the Coding Scheme Identification Sequence.
+A vanished lesion gets a TID 1410 group (same tracking identifier) with a POINT where it was looked for
+(``LesionReport.expected_centre_mm``), zero sizes and status "vanished", so every tracked lesion appears in every
+report. The RECIST 1.1 time-point response goes in the TID 1500 row-12 "Qualitative Evaluations" container (highdicom
+has no API for it; it is appended to the content tree): Response Evaluation Method = RECIST 1.1 (126081), target and
+non-target responses coded with DCM 112041–112047, Current Response (112048) and Best Overall Response (112049) =
+overall response, plus the sums as NUMs. Quantities without a standard concept (changes, sums, overall response
+values, lesion status) use local codes of the coding scheme ``99LTRK``, declared in the Coding Scheme Identification
+Sequence.
+
+Why not TID 1501 groups for these: pixelmed's TID 1500 rules apply the TID 1411 conditions to *every* measurement
+group once one group references a segment, so location-less groups are reported as errors.
 
 Time point context (TID 1502) on every group; the TID 1600 Image Library lists the key slices (OHIF needs it); prior
 SEG/SR objects are recorded as evidence; an amendment passes ``previous_versions`` (Predecessor Documents Sequence)
@@ -164,6 +169,10 @@ class _SliceLocator:
         k = int(np.clip(np.rint(ijk[:, 2].mean()), 0, len(self.datasets) - 1))
         return self.datasets[k], ijk[:, :2] + 0.5     # DICOM SCOORD: (0, 0) = top-left corner of the first pixel
 
+    def source_for_group(self) -> hd.sr.SourceImageForMeasurementGroup:
+        ds = self.datasets[len(self.datasets) // 2]
+        return hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
+
     def scoord_point(self, point: Sequence[float]) -> tuple[Dataset, np.ndarray, hd.sr.SourceImageForRegion]:
         ijk = self.grid.patient_to_index(np.asarray(point, float).reshape(1, 3))[0]
         k = int(np.clip(np.rint(ijk[2]), 0, len(self.datasets) - 1))
@@ -209,21 +218,28 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
         if not m.present or segment_number is None:
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
+            zero = [_num(codes.SCT.Volume, 0.0, MM3), _num(codes.SCT.LongAxis, 0.0, MM),
+                    _num(codes.SCT.ShortAxis, 0.0, MM), *_change_measurements(rep.changes, "volume_mm3", MM3),
+                    *_change_measurements(rep.changes, "recist_diameter_mm", MM)]
             where = rep.expected_centre_mm if rep.expected_centre_mm is not None else m.centre_mm
-            if where is None:
-                raise SrWriteError(f"vanished lesion {m.tracking_id} ({m.tracking_uid}): no expected location "
-                                   "(expected_centre_mm) to anchor its group")
-            ds, point_px, src = locator.scoord_point(where)
-            key_slices[m.tracking_uid] = ds
-            planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
-                time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
-                measurements=[_num(codes.SCT.Volume, 0.0, MM3), _num(codes.SCT.LongAxis, 0.0, MM),
-                              _num(codes.SCT.ShortAxis, 0.0, MM),
-                              *_change_measurements(rep.changes, "volume_mm3", MM3),
-                              *_change_measurements(rep.changes, "recist_diameter_mm", MM)],
-                qualitative_evaluations=quals)
-            groups.append(planar)
+            if where is not None:
+                # TID 1410 with a POINT where the lesion was looked for (viewers draw it; pixelmed-clean)
+                ds, point_px, src = locator.scoord_point(where)
+                key_slices[m.tracking_uid] = ds
+                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
+                    time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
+                    measurements=zero, qualitative_evaluations=quals))
+            else:
+                # No location known: a TID 1501 group over the series. Valid DICOM, but pixelmed 2022 applies the
+                # TID 1411 conditions to every group once one 1411 group exists and then reports errors — pass
+                # expected_centre_mm (TrackedLesion.propagated_centre_mm) to avoid this.
+                log.warning("vanished lesion %s has no expected location; written as a TID 1501 group",
+                            m.tracking_uid)
+                groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tid, time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion,
+                    finding_sites=sites, measurements=zero, qualitative_evaluations=quals,
+                    source_images=[locator.source_for_group()]))
             continue
 
         # TID 1411: volume etc. of the SEG segment

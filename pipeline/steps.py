@@ -211,10 +211,12 @@ def _read_prompts(prior: PriorTimepoint, prior_ct: Any) -> list[Any]:
 
 # -- 4. register --------------------------------------------------------------------------------------------------
 def register(ctx: JobContext) -> dict[str, Any]:
-    from models.registration import get_engine
+    from pipeline.tracking import get_registration_engine
 
     svc = _svc(ctx)
-    engine = get_engine(svc.settings.engines.registration, svc.settings.engines, device=ctx.device)
+    name = svc.settings.engines.registration
+    engine = get_registration_engine(name) if name == "none" else get_registration_engine(
+        name, settings=svc.settings.engines, device=ctx.device)
     reg = engine.register(ctx.memory["prior_ct"], ctx.memory["followup_ct"])
     ctx.memory["registration"] = reg
     q = reg.quality
@@ -433,10 +435,10 @@ def _persist(sf: sessionmaker[Session], ctx: JobContext, seg_uid: str | None, se
                 data = m.to_dict()
                 if changes is not None:
                     data["changes"] = changes.to_dict()
+                rec = ctx.memory["recist"]
+                data["recist"] = {"role": rec.selection.role_of(ident.tracking_uid)}
                 if tp_index == 1:
-                    rec = ctx.memory["recist"]
-                    data["recist"] = {"role": rec.selection.role_of(ident.tracking_uid),
-                                      "overall_response": rec.timepoints[-1].overall_response.value}
+                    data["recist"]["overall_response"] = rec.timepoints[-1].overall_response.value
                 s.add(LesionObservation(
                     lesion_pk=lesion.id, series_instance_uid=tp.series_uid, job_pk=ctx.job_id,
                     seg_sop_instance_uid=seg_uid if tp_index == 1 else prior.annotations[0].sop_instance_uid,

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +52,50 @@ class IngestResult:
         return self.status == SUCCESS
 
 
+_TAGS = {"SpecificCharacterSet": 0x00080005, "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
+         "StudyDate": 0x00080020, "StudyTime": 0x00080030, "AccessionNumber": 0x00080050, "Modality": 0x00080060,
+         "SeriesDescription": 0x0008103E, "PatientID": 0x00100020, "IssuerOfPatientID": 0x00100021,
+         "BodyPartExamined": 0x00180015, "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
+         "SeriesNumber": 0x00200011, "InstanceNumber": 0x00200013, "FrameOfReferenceUID": 0x00200052}
+_TEXT = {"SeriesDescription", "PatientID", "IssuerOfPatientID", "AccessionNumber"}
+
+
+class Header:
+    """The few header values ingest needs, read from raw element bytes during the structure walk."""
+
+    def __init__(self, raw: dict[int, bytes]) -> None:
+        from pydicom.charset import convert_encodings, decode_bytes
+
+        cs = raw.get(_TAGS["SpecificCharacterSet"], b"").decode("ascii", "replace").strip(" \x00")
+        encodings = convert_encodings([c.strip() for c in cs.split("\\")] if cs else ["ISO_IR 6"])
+        self._values: dict[str, str] = {}
+        for name, tag in _TAGS.items():
+            v = raw.get(tag, b"")
+            if not v:
+                continue
+            text = decode_bytes(v, encodings, set()) if name in _TEXT else v.decode("latin-1")
+            text = text.strip(" \x00")
+            if text:
+                self._values[name] = text
+
+    def get(self, name: str, default: object = None) -> object:
+        return self._values.get(name, default)
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def parse_header(meta_bytes: bytes, data: bytes, transfer_syntax: str) -> Header | Dataset:
+    """Validate the structure and read the ingest header (own walker; pydicom only for deflated data)."""
+    raw = dict.fromkeys(_TAGS.values(), b"")
+    if check_structure(data, transfer_syntax, raw):
+        return Header(raw)
+    return dcmread(BytesIO(meta_bytes + data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+
+
 def encode_meta(meta: FileMetaDataset) -> bytes:
     buf = BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
@@ -59,14 +103,14 @@ def encode_meta(meta: FileMetaDataset) -> bytes:
     return buf.getvalue()
 
 
-def _s(ds: Dataset, name: str, maxlen: int) -> str | None:
+def _s(ds: Dataset | Header, name: str, maxlen: int) -> str | None:
     v = ds.get(name)
     if v is None or v == "":
         return None
     return str(v)[:maxlen]
 
 
-def _i(ds: Dataset, name: str) -> int | None:
+def _i(ds: Dataset | Header, name: str) -> int | None:
     try:
         v = ds.get(name)
         return None if v in (None, "") else int(v)
@@ -82,15 +126,34 @@ class Ingestor:
         self.session_factory = session_factory
         self.actor = actor
         self._lock = threading.Lock()   # serialises hierarchy creation races inside one process
+        self._series_pk: dict[str, int] = {}   # series UID -> primary key, for the one-transaction fast path
+        self.engine = session_factory.kw["bind"]
+        self._own_engine = False
+        if not store.fsync and self.engine.dialect.name == "sqlite":
+            # with fsync off for files, do not fsync the SQLite WAL on every commit either (the database stays
+            # consistent; a power cut may lose the last commits, exactly like the unsynced files)
+            from sqlalchemy import event
+
+            from db.session import make_engine
+
+            self.engine = make_engine(self.engine.url.render_as_string(hide_password=False))
+            self._own_engine = True
+
+            @event.listens_for(self.engine, "connect")
+            def _normal_sync(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+                dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self) -> None:
+        if self._own_engine:
+            self.engine.dispose()
 
     def ingest(self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None = None,
                peer: str | None = None) -> IngestResult:
         ts = str(meta.get("TransferSyntaxUID", ""))
         req_sop = str(meta.get("MediaStorageSOPInstanceUID", ""))
         try:
-            check_structure(dataset_bytes, ts)
             meta_bytes = encode_meta(meta)
-            ds = dcmread(BytesIO(meta_bytes + dataset_bytes), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds = parse_header(meta_bytes, dataset_bytes, ts)
         except Exception as exc:  # noqa: BLE001 - any parse problem is the sender's bad data
             log.warning("rejected C-STORE of %s from %s: not a valid dataset: %s", req_sop, calling_ae, exc)
             return IngestResult(CANNOT_UNDERSTAND, f"not a valid DICOM dataset: {exc}"[:64], sop_instance_uid=req_sop)
@@ -113,12 +176,13 @@ class Ingestor:
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _store_and_record(self, ds: Dataset, meta: FileMetaDataset, meta_bytes: bytes, data: bytes, sha: str,
+    def _store_and_record(self, ds: Dataset | Header, meta: FileMetaDataset, meta_bytes: bytes, data: bytes, sha: str,
                           sop_uid: str, study_uid: str, series_uid: str, calling_ae: str | None,
                           peer: str | None) -> IngestResult:
         try:
-            with session_scope(self.session_factory) as s:
-                known = list(s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)))
+            with self.engine.connect() as c:
+                known = list(c.execute(select(Instance.id, Instance.sha256, Instance.file_path)
+                                       .where(Instance.sop_instance_uid == sop_uid)))
         except SQLAlchemyError as exc:
             log.error("database failure looking up %s: %s", sop_uid, exc)
             return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
@@ -140,6 +204,14 @@ class Ingestor:
                                 sop_instance_uid=sop_uid)
         reopened = False
         error = "database failure"
+        size = len(meta_bytes) + len(data)
+        if same is None and not conflict and series_uid in self._series_pk:
+            try:
+                if self._record_fast(self._series_pk[series_uid], ds, meta, path, size, sha, calling_ae):
+                    log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
+                    return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
+            except SQLAlchemyError as exc:   # fall through to the full path, which retries and reports
+                log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
         for attempt in range(4):
             try:
                 with self._lock, session_scope(self.session_factory) as s:
@@ -148,8 +220,7 @@ class Ingestor:
                         if row is not None:
                             row.file_path = str(path)
                     else:
-                        reopened = self._record(s, ds, meta, path, len(meta_bytes) + len(data), sha, calling_ae,
-                                                peer, conflict)
+                        reopened = self._record(s, ds, meta, path, size, sha, calling_ae, peer, conflict)
                 error = ""
                 break
             except IntegrityError as exc:
@@ -179,7 +250,24 @@ class Ingestor:
         log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
         return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, reopened=reopened)
 
-    def _record(self, s: Session, ds: Dataset, meta: FileMetaDataset, path: Path, size: int, sha: str,
+    def _record_fast(self, series_pk: int, ds: Dataset | Header, meta: FileMetaDataset, path: Path, size: int, sha: str,
+                     calling_ae: str | None) -> bool:
+        """One short Core transaction for the common case (known series still receiving); False = use _record."""
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as c:
+            n = c.execute(update(Series).where(Series.id == series_pk, Series.state == SeriesState.RECEIVING)
+                          .values(instance_count=Series.instance_count + 1, last_received_at=now)).rowcount
+            if n != 1:
+                c.rollback()
+                return False
+            c.execute(insert(Instance).values(
+                sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                series_pk=series_pk, transfer_syntax_uid=str(meta.TransferSyntaxUID), file_path=str(path),
+                size_bytes=size, sha256=sha, instance_number=_i(ds, "InstanceNumber"),
+                sender_ae=(calling_ae or "")[:16] or None, received_at=now))
+        return True
+
+    def _record(self, s: Session, ds: Dataset | Header, meta: FileMetaDataset, path: Path, size: int, sha: str,
                 calling_ae: str | None, peer: str | None, conflict: list[Instance]) -> bool:
         now = datetime.now(timezone.utc)
         patient = get_or_create_patient(s, _s(ds, "PatientID", 64) or "", _s(ds, "IssuerOfPatientID", 64))
@@ -199,6 +287,9 @@ class Ingestor:
                 setattr(series, attr, value)
         if study.study_date is None and _s(ds, "StudyDate", 8):
             study.study_date, study.study_time = _s(ds, "StudyDate", 8), _s(ds, "StudyTime", 16)
+        if len(self._series_pk) > 10000:
+            self._series_pk.clear()
+        self._series_pk[series.series_instance_uid] = series.id
         series.instance_count = (series.instance_count or 0) + 1
         series.first_received_at = series.first_received_at or now
         series.last_received_at = now

@@ -127,6 +127,7 @@ class StorageSCP:
         if self._ae is not None:
             self._ae.shutdown()
             self._ae = None
+        self.ingestor.close()
 
     def __enter__(self) -> "StorageSCP":
         return self.start()

@@ -37,24 +37,27 @@ def is_valid_uid(uid: str | None) -> bool:
     return bool(uid) and len(uid) <= 64 and UID_RE.match(uid) is not None  # type: ignore[arg-type]
 
 
-def check_structure(data: bytes, transfer_syntax: str) -> None:
+def check_structure(data: bytes, transfer_syntax: str, collect: dict[int, bytes] | None = None) -> bool:
     """Walk the top-level elements and raise :class:`InvalidDataset` unless they end exactly at ``len(data)``.
 
-    Catches truncated datasets and non-DICOM bytes without decoding any value. Deflated data is not walked.
+    Catches truncated datasets and non-DICOM bytes without decoding any value. When ``collect`` maps tags to
+    ``b""``, the raw values of those top-level tags are filled in on the way. Deflated data is not walked
+    (returns False).
     """
     if transfer_syntax in DEFLATED_TS:
-        return
+        return False
     if not data:
         raise InvalidDataset("empty dataset")
     implicit = transfer_syntax == IMPLICIT_VR_LE
     little = transfer_syntax != EXPLICIT_VR_BE
-    end = _walk(data, 0, len(data), implicit, little, top_level=True)
+    end = _walk(data, 0, len(data), implicit, little, top_level=True, collect=collect)
     if end != len(data):
         raise InvalidDataset(f"dataset structure ends at byte {end} of {len(data)}")
+    return True
 
 
 def _walk(data: bytes, pos: int, stop: int, implicit: bool, little: bool, top_level: bool = False,
-          until_delim: bool = False) -> int:
+          until_delim: bool = False, collect: dict[int, bytes] | None = None) -> int:
     """Walk elements from ``pos``; return the position after the last one (or after an item delimiter)."""
     e = "<" if little else ">"
     last_tag = -1
@@ -92,6 +95,8 @@ def _walk(data: bytes, pos: int, stop: int, implicit: bool, little: bool, top_le
             if pos + length > stop:
                 raise InvalidDataset(f"element ({group:04X},{elem:04X}) claims {length} bytes, "
                                      f"only {stop - pos} left")
+            if collect is not None and tag in collect:
+                collect[tag] = data[pos:pos + length]
             pos += length
     if until_delim:
         raise InvalidDataset("missing item delimiter")

@@ -1,0 +1,188 @@
+"""End to end against a real Orthanc: the PACS routes a follow-up to LesionTrack, which finds and retrieves the
+prior (C-MOVE in one test, C-GET in the other), tracks, and stores SEG + SR back in Orthanc. The test reads them
+back from Orthanc, validates them (dciodvfy, pixelmed DicomSRValidator, dsrdump) and checks each lesion keeps the
+prior SEG's Tracking UID; then a second follow-up continues the chain from LesionTrack's own previous SEG.
+
+The whole service (SCP, job executor, sender) runs embedded in the test process with the real analysis steps on a
+small phantom patient (patient motion between timepoints).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from db.models import AuditEvent, Delivery, DeliveryState, JobState
+from db.session import session_scope
+from tests.conftest import require_tool
+from tests.services import OrthancServer, free_port
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from lesiontrack.demo_data import make_patient
+
+    return make_patient(tmp_path_factory.mktemp("patient"), seed=5, shape=(56, 112, 112), spacing=(3.0, 3.0, 3.0),
+                        n_lesions=3, n_followups=2, changes=False)
+
+
+class Site:
+    """Orthanc (the PACS) + LesionTrack (embedded service) wired to each other on loopback."""
+
+    def __init__(self, root: Path, method: str) -> None:
+        from lesiontrack.demo import demo_settings
+        from lesiontrack.service import LesionTrackService
+
+        require_tool("/usr/sbin/Orthanc")
+        lt_port = free_port()
+        self.orthanc = OrthancServer(root / "orthanc",
+                                     modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)}).start()
+        self.settings = demo_settings(
+            root / "data", http=False, dicom={"port": lt_port},
+            pacs=[{"name": "orthanc", "ae_title": self.orthanc.aet, "host": "127.0.0.1",
+                   "port": self.orthanc.dicom_port, "retrieve_method": method, "query": True, "send": True}],
+            sending={"destinations": ["orthanc"], "retry_schedule_seconds": [1, 2, 5]})
+        self.service = LesionTrackService(self.settings).start()
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.orthanc.stop()
+
+    def upload(self, files: list[Path]) -> str:
+        """Store files in Orthanc over REST; returns the Orthanc id of their series."""
+        ids = [self.orthanc.upload(f) for f in files]
+        return str(self.orthanc.get_json(f"/instances/{ids[0]}")["ParentSeries"])  # type: ignore[index]
+
+    def route(self, series_id: str) -> None:
+        """What an Orthanc routing rule does: send the series to LesionTrack."""
+        self.orthanc.post("/modalities/lesiontrack/store", {"Resources": [series_id], "Synchronous": True})
+
+    def analyse(self, series_uid: str, timeout: float = 600) -> Any:
+        store = self.service.job_store
+        wait_for(lambda: (store.latest_for_series(series_uid) or None) and store.latest_for_series(series_uid).finished,
+                 timeout, f"the analysis of {series_uid}")
+        view = store.latest_for_series(series_uid)
+        assert view.state is JobState.DONE, view.error
+        sf = self.service.session_factory
+
+        def delivered() -> bool:
+            with session_scope(sf) as s:
+                ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
+                return bool(ds) and all(d.state is DeliveryState.DELIVERED for d in ds)
+
+        wait_for(delivered, 120, "SEG + SR delivered to Orthanc")
+        return view
+
+    def results_in_orthanc(self, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+        found = self.orthanc.post("/tools/lookup", study_uid)
+        study_id = found[0]["ID"]  # type: ignore[index]
+        out: dict[str, list[pydicom.Dataset]] = {}
+        for series in self.orthanc.get_json(f"/studies/{study_id}/series"):  # type: ignore[union-attr]
+            modality = series["MainDicomTags"].get("Modality")
+            if modality in ("SEG", "SR"):
+                for inst in series["Instances"]:
+                    raw = _get_bytes(self.orthanc, f"/instances/{inst}/file")
+                    out.setdefault(modality, []).append(pydicom.dcmread(io.BytesIO(raw)))
+        return out
+
+
+def _get_bytes(orthanc: OrthancServer, path: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{orthanc.url}{path}", timeout=60) as r:
+        return bytes(r.read())
+
+
+def _segment_uids(seg: pydicom.Dataset) -> dict[str, str]:
+    return {str(s.TrackingUID): str(s.TrackingID) for s in seg.SegmentSequence}
+
+
+def _sr_uids(sr: pydicom.Dataset) -> set[str]:
+    uids: set[str] = set()
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.get("ValueType") == "UIDREF" and item.ConceptNameCodeSequence[0].CodeValue == "112040":
+                uids.add(str(item.UID))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return uids
+
+
+def _validate(tmp: Path, ds: pydicom.Dataset) -> None:
+    from pipeline.dicom_validate import validate_seg, validate_sr
+
+    path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    reports = validate_seg(path) if ds.Modality == "SEG" else validate_sr(path)
+    for rep in reports:
+        assert rep.ok, rep.summary()
+
+
+def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> None:
+    base_uids = {les["tracking_uid"] for les in patient.lesions}
+    site.upload(patient.baseline.files + [patient.seg_file])   # the baseline and its SEG live in the PACS
+    previous_seg: str | None = None
+    for fu in patient.followups[:followups]:
+        site.route(site.upload(fu.files))
+        view = site.analyse(fu.series_uid)
+        prior = view.step_outputs["match_priors"]["prior"]
+        if previous_seg is None:
+            assert prior["ct_series_uid"] == patient.baseline.series_uid and prior["source"] == "orthanc"
+            assert prior["annotations"][0]["sop_instance_uid"] == str(
+                pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID)
+        else:   # the chain continues from LesionTrack's own SEG of the previous follow-up
+            assert prior["annotations"][0]["sop_instance_uid"] == previous_seg
+        objs = site.results_in_orthanc(fu.study_uid)
+        assert len(objs.get("SEG", [])) == 1 and len(objs.get("SR", [])) == 1, {k: len(v) for k, v in objs.items()}
+        seg, sr = objs["SEG"][0], objs["SR"][0]
+        for ds in (seg, sr):
+            _validate(tmp, ds)
+        assert set(_segment_uids(seg)) <= base_uids and len(_segment_uids(seg)) >= 1
+        assert _sr_uids(sr) == base_uids, "every baseline lesion is reported under its own Tracking UID"
+        assert str(seg.SOPInstanceUID) == view.step_outputs["write_seg_sr"]["seg_sop_instance_uid"]
+        previous_seg = str(seg.SOPInstanceUID)
+
+
+def test_e2e_orthanc_c_move_two_followups(tmp_path: Path, patient: Any) -> None:
+    site = Site(tmp_path, "C-MOVE")
+    try:
+        _run_chain(site, patient, tmp_path, followups=2)
+        with session_scope(site.service.session_factory) as s:
+            methods = [e.details["method"] for e in s.scalars(select(AuditEvent).where(
+                AuditEvent.action == "priors.retrieve"))]
+        assert methods and set(methods) == {"C-MOVE"}
+    finally:
+        site.stop()
+
+
+def test_e2e_orthanc_c_get(tmp_path: Path, patient: Any) -> None:
+    site = Site(tmp_path, "C-GET")
+    try:
+        _run_chain(site, patient, tmp_path, followups=1)
+        with session_scope(site.service.session_factory) as s:
+            methods = [e.details["method"] for e in s.scalars(select(AuditEvent).where(
+                AuditEvent.action == "priors.retrieve"))]
+        assert methods and set(methods) == {"C-GET"}
+    finally:
+        site.stop()

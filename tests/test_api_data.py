@@ -198,3 +198,69 @@ def synthetic_patient(session_factory: sessionmaker[Session], tmp: Path, **kw: A
     from tests.segsr_fixtures import make_series
 
     return build_patient(session_factory, make_series(tmp), tmp, **kw)
+
+
+@dataclass
+class PhantomTimepoint:
+    """One rendered timepoint of the procedural digital patient, shaped like ``segsr_fixtures.SyntheticTimepoint``."""
+
+    index: int
+    ct: Any
+    files: list[Path]
+    datasets: list[pydicom.Dataset]
+    lesions: list
+    study_uid: str
+    series_uid: str
+
+
+def phantom_timepoints(tmp: Path, *, seed: int = 3, shape: tuple[int, int, int] = (48, 160, 160),
+                       spacing: tuple[float, float, float] = (2.0, 2.0, 3.0), n_lesions: int = 4,
+                       patient_id: str = "LT-DEMO-7") -> list[PhantomTimepoint]:
+    """Baseline + 2 follow-ups of the procedural CT patient (``models.imaging.phantom`` + ``synthesis``): realistic
+    anatomy, lesions that grow, shrink, vanish or appear; each timepoint written as a real CT DICOM series."""
+    import datetime as dt
+
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from models.imaging.dicom_write import write_ct_series
+    from models.imaging.phantom import make_phantom
+    from models.imaging.synthesis import SynthConfig, synthesize_patient
+    from models.segmentation.prompts import LesionIdentity
+    from pipeline.lesions import LesionStatus, TrackedLesion
+
+    ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions, center_mm=(0.0, 0.0, 40.0))
+    cfg = SynthConfig(rotation_deg=2.0, translation_mm=5.0, elastic_mm=2.0, breathing_mm=3.0, p_vanish=0.2, p_new=1.0,
+                      fov_shift_mm=0.0, slice_spacings_mm=(spacing[2],), inplane_scale=(1.0, 1.0))
+    synth = synthesize_patient(ph.ct, ph.lesions, np.random.default_rng(seed), n_followups=2, config=cfg,
+                               patient_id=patient_id, seed=seed)
+    info = {li.label: li for li in ph.lesion_info}
+    idents: dict[int, LesionIdentity] = {}
+    frame_uid = generate_uid()
+    base = dt.date(2026, 1, 12)
+    out: list[PhantomTimepoint] = []
+    for tp in synth.timepoints:
+        study_uid, series_uid = generate_uid(), generate_uid()
+        date = (base + dt.timedelta(days=tp.days_from_baseline)).strftime("%Y%m%d")
+        files = write_ct_series(tp.ct, tmp / f"phantom-tp{tp.index}", patient_id=patient_id,
+                                patient_name="Demo^Patient", study_uid=study_uid, series_uid=series_uid,
+                                frame_of_reference_uid=frame_uid, study_date=date, series_number=2,
+                                series_description=f"CT chest-abdomen T{tp.index}",
+                                study_description="CT CHEST ABDOMEN", accession_number=f"A{seed}{tp.index}")
+        tracked = []
+        for lab, st in sorted(tp.lesions.items()):
+            if st.status == "out_of_fov":
+                continue
+            if lab not in idents:
+                kind = info[lab].kind if lab in info else synth.lesion_kinds.get(lab, "lesion")
+                site = ("lymph node" if "lymph node" in kind else "lung" if "lung" in kind
+                        else "liver" if ("liver" in kind or "hypodense" in kind) else "soft tissue")
+                idents[lab] = LesionIdentity(generate_uid(), f"L{lab} {site}", lab, site, "lymph node" in kind)
+            mask = tp.labels.with_array((tp.labels.array == lab).astype(np.uint8))
+            status = {"present": LesionStatus.PRESENT, "new": LesionStatus.NEW}.get(st.status, LesionStatus.VANISHED)
+            if status is LesionStatus.VANISHED:
+                mask = mask.with_array(np.zeros_like(mask.array))
+            tracked.append(TrackedLesion(idents[lab], status, mask, "lesiontrack-adaptive", "0.1"))
+        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        out.append(PhantomTimepoint(tp.index, tp.ct, files, datasets, tracked, study_uid, series_uid))
+    return out

@@ -1,0 +1,139 @@
+// Viewer proof: opens a study in OHIF (prebuilt @ohif/app dist, served by ohif-server.mjs against Orthanc DICOMweb)
+// in headless Debian Chromium, loads the SEG and checks the segment labels are listed, loads the SR and checks its
+// measurements are listed, and saves screenshots. Every request that is not to 127.0.0.1 is refused (no network).
+//
+//   node tests/browser/ohif-check.mjs --orthanc http://127.0.0.1:8042 --study <StudyInstanceUID> --out DIR \
+//        --seg "LesionTrack lesions" --sr "LesionTrack measurements" --labels "L1 liver|L2 lymph node" \
+//        [--sr-texts "Volume|Long axis"] [--chromium /usr/bin/chromium]
+//
+// Prints one JSON object (what was found) on stdout; exit status 0 when every expectation was met, 1 otherwise.
+import fs from 'node:fs';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+import { startServer } from './ohif-server.mjs';
+
+const argv = process.argv.slice(2);
+const arg = (name, dflt) => { const i = argv.indexOf(`--${name}`); return i >= 0 ? argv[i + 1] : dflt; };
+const orthanc = arg('orthanc');
+const study = arg('study');
+const out = arg('out', '.');
+const segName = arg('seg', 'LesionTrack lesions');
+const srName = arg('sr', 'LesionTrack measurements');
+const labels = (arg('labels', '') || '').split('|').filter(Boolean);
+const srTexts = (arg('sr-texts', '') || '').split('|').filter(Boolean);
+const executablePath = arg('chromium', '/usr/bin/chromium');
+const timeout = Number(arg('timeout-ms', '90000'));
+if (!orthanc || !study) {
+  console.error('usage: ohif-check.mjs --orthanc URL --study UID --out DIR [--seg NAME] [--sr NAME] [--labels a|b]');
+  process.exit(2);
+}
+fs.mkdirSync(out, { recursive: true });
+
+const result = { url: null, blocked: [], pageErrors: [], consoleErrors: [], steps: [], segPanelText: '',
+  labelsFound: [], labelsMissing: [], srPanelText: '', srTextsFound: [], srTextsMissing: [], screenshots: [] };
+const step = (s) => { result.steps.push(s); console.error(`[ohif-check] ${s}`); };
+
+const { server, url } = await startServer({ orthanc, log: (m) => result.consoleErrors.push(m) });
+const browser = await chromium.launch({
+  executablePath, headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-background-networking', '--disable-component-update',
+    '--no-first-run', '--no-default-browser-check', '--disable-default-apps', '--disable-sync',
+    '--disable-extensions', '--disable-domain-reliability', '--disable-client-side-phishing-detection',
+    '--metrics-recording-only', '--use-gl=swiftshader', '--enable-unsafe-swiftshader', '--mute-audio'],
+});
+let ok = false;
+try {
+  const context = await browser.newContext({ viewport: { width: 1600, height: 1000 }, serviceWorkers: 'block' });
+  // OHIF's onboarding tour (shepherd.js) overlays the viewer on first visit; mark it as already shown.
+  await context.addInitScript(() => {
+    try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) { /* ignore */ }
+  });
+  const page = await context.newPage();
+  page.setDefaultTimeout(timeout);
+  page.on('pageerror', (e) => result.pageErrors.push(String(e.message).slice(0, 300)));
+  page.on('console', (m) => { if (m.type() === 'error') result.consoleErrors.push(m.text().slice(0, 300)); });
+  await context.route('**/*', (route) => {
+    const u = new URL(route.request().url());
+    if (u.hostname === '127.0.0.1' || u.protocol === 'data:' || u.protocol === 'blob:') return route.continue();
+    result.blocked.push(u.origin);
+    return route.abort();
+  });
+  const shot = async (name) => {
+    const file = path.join(out, name);
+    await page.screenshot({ path: file });
+    result.screenshots.push(file);
+  };
+  const panelText = async () => page.evaluate(() => document.body.innerText);
+
+  result.url = `${url}/viewer?StudyInstanceUIDs=${study}`;
+  step('open study');
+  await page.goto(result.url);
+  await page.waitForSelector('[data-cy="study-browser-thumbnail"]');
+  await page.getByText(segName, { exact: true }).first().waitFor();
+  await shot('ohif-study.png');
+
+  step('load SEG');
+  await page.getByText(segName, { exact: true }).first().dblclick();
+  const hydrate = page.locator('[data-cy="yes-hydrate-btn"]');
+  await hydrate.first().waitFor();
+  await hydrate.first().click();
+  await page.locator('[data-cy="yes-hydrate-btn"]').first().waitFor({ state: 'detached' });
+  step('open segmentation panel');
+  await page.click('[data-cy="panelSegmentation-btn"]');
+  for (const label of labels) {
+    try {
+      await page.getByText(label, { exact: true }).first().waitFor({ timeout: 20000 });
+      result.labelsFound.push(label);
+    } catch { result.labelsMissing.push(label); }
+  }
+  result.segPanelText = (await panelText()).slice(0, 4000);
+  // Click a segment in the panel: OHIF jumps to the slice through it (for a screenshot that shows the lesion).
+  const focus = arg('focus-label', labels[0]);
+  if (focus && result.labelsFound.includes(focus)) {
+    const overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').first();
+    const before = await overlay.innerText().catch(() => '');
+    await page.getByText(focus, { exact: true }).first().click();
+    await page.waitForFunction((prev) => {
+      const el = document.querySelector('[data-cy="viewport-overlay-bottom-right"]');
+      return el && el.innerText !== prev;
+    }, before, { timeout: 10000 }).catch(() => step(`slice did not change after clicking ${focus}`));
+  }
+  await shot('ohif-seg.png');
+
+  step('load SR');
+  await page.getByText(srName, { exact: true }).first().dblclick();
+  // OHIF offers to "continue tracking" (hydrate) the SR's measurements; ours are shown read-only in the SR viewport.
+  const noTrack = page.locator('[data-cy="no-hydrate-btn"]');
+  try {
+    await noTrack.first().waitFor({ timeout: 30000 });
+    await noTrack.first().click();
+  } catch { step('no tracking prompt shown'); }
+  // The SR viewport draws one measurement group at a time with its values; step through them with its arrows.
+  const seen = new Set();
+  const wanted = new Set(srTexts);
+  for (let i = 0; i < 3 * Math.max(1, srTexts.length) && wanted.size > 0; i++) {
+    const text = await page.locator('[data-cy="viewport-pane"]').first().innerText();
+    result.srPanelText += `--- measurement view ${i + 1}\n${text}\n`;
+    for (const t of [...wanted]) if (text.includes(t)) { wanted.delete(t); seen.add(t); }
+    if (i === 0) await shot('ohif-sr.png');
+    if (wanted.size === 0) break;
+    const next = page.locator('[data-cy="viewport-action-arrows-right"]');
+    if (!(await next.count())) break;
+    await next.first().click();
+    await page.waitForFunction((prev) => {
+      const pane = document.querySelector('[data-cy="viewport-pane"]');
+      return pane && pane.innerText !== prev;
+    }, text, { timeout: 15000 }).catch(() => {});
+  }
+  result.srTextsFound = [...seen];
+  result.srTextsMissing = [...wanted];
+  await shot('ohif-sr-last.png');
+  ok = result.labelsMissing.length === 0 && result.srTextsMissing.length === 0 && result.blocked.length === 0;
+} catch (e) {
+  result.error = String(e && e.stack || e).slice(0, 2000);
+} finally {
+  await browser.close();
+  server.close();
+}
+console.log(JSON.stringify(result, null, 1));
+process.exit(ok ? 0 : 1);

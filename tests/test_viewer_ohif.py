@@ -1,0 +1,78 @@
+"""Viewer proof: LesionTrack's SEG and SR for a follow-up CT, stored in a real Orthanc (Debian orthanc-dicomweb), open
+in OHIF (npm @ohif/app prebuilt dist) in headless Debian Chromium driven by playwright-core, offline.
+
+The test checks that OHIF lists the SEG's segment labels (the Tracking IDs) and shows the SR's measurements (the
+volume of every present lesion), and saves the screenshots under ``tests/artifacts/ohif/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from db.session import make_engine, make_session_factory, upgrade
+from tests.conftest import REPO, require_tool
+
+BROWSER_DIR = REPO / "tests" / "browser"
+OHIF_DIST = BROWSER_DIR / "node_modules" / "@ohif" / "app" / "dist" / "index.html"
+ARTIFACTS = Path(os.environ.get("LESIONTRACK_TEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "ohif"
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+
+def _require_browser_stack() -> None:
+    require_tool("node", "/usr/bin/chromium", "/usr/sbin/Orthanc",
+                 "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", str(OHIF_DIST),
+                 str(BROWSER_DIR / "node_modules" / "playwright-core"))
+
+
+def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
+    _require_browser_stack()
+    from tests.services import OrthancServer
+    from tests.test_api_data import build_patient, phantom_timepoints
+
+    url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
+    upgrade(url)
+    built = build_patient(make_session_factory(make_engine(url)), phantom_timepoints(tmp_path), tmp_path,
+                          patient_id="LT-DEMO-7", with_failed_job=False)
+    fu = built.timepoints[1]
+    seg = pydicom.dcmread(fu.seg_path, stop_before_pixels=True)
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert [s.TrackingID for s in seg.SegmentSequence] == labels
+    present = [m for m in fu.measurements.values() if m.status != "vanished"]
+    assert present and len(labels) == len(present)
+    volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
+
+    orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()
+    try:
+        for f in [*fu.ct_files, fu.seg_path, fu.sr_path]:
+            orthanc.post("/instances", f.read_bytes())
+        out = tmp_path / "shots"
+        proc = subprocess.run(
+            ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", fu.study_uid,
+             "--out", str(out), "--seg", str(seg.SeriesDescription),
+             "--sr", str(pydicom.dcmread(fu.sr_path, stop_before_pixels=True).SeriesDescription),
+             "--labels", "|".join(labels), "--sr-texts", "|".join(volumes)],
+            capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
+    finally:
+        orthanc.stop()
+    assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
+    result = json.loads(proc.stdout)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
+    for shot in result["screenshots"]:
+        shutil.copy(shot, ARTIFACTS / Path(shot).name)
+
+    assert "error" not in result, result.get("error")
+    assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
+    assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
+    assert sorted(result["srTextsFound"]) == sorted(volumes), f"SR values missing: {result['srTextsMissing']}"
+    assert proc.returncode == 0
+    for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name

@@ -47,10 +47,16 @@ def _first_header(s: Session, series: Series):  # type: ignore[no-untyped-def]
 def complete_series(session_factory: sessionmaker[Session], rules: RoutingSettings, series_uid: str,
                     on_series_complete: SeriesCallback | None = None, forced: bool = False,
                     actor: str = "dicom-node") -> Route | None:
-    """Mark one series complete, record the routing decision and trigger analysis when routed. None if unknown."""
+    """Mark one series complete, record the routing decision and trigger analysis when routed.
+
+    Returns None when the series is unknown, or (unless ``forced``) when it is already complete with nothing
+    received since, e.g. because an operator forced its completion from another process.
+    """
     with session_scope(session_factory) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if series is None:
+            return None
+        if not forced and series.state == SeriesState.COMPLETE:
             return None
         retrigger = series.completed_at is not None
         facts = SeriesFacts.from_header(

@@ -36,5 +36,38 @@ def serve(
     typer.echo("stopping")
 
 
+def complete_series_cmd(
+    ctx: typer.Context,
+    series_uid: str = typer.Argument(..., help="SeriesInstanceUID"),
+) -> None:
+    """Force completion of a series now (skip the quiet period): routing is recorded, a job created if routed."""
+    from dicom_node.completion import complete_series
+    from dicom_node.database import SchemaNotCurrent, open_database
+
+    settings = state(ctx).settings()
+    try:
+        sf = open_database(settings)
+    except SchemaNotCurrent as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    callback = None
+    try:
+        from pipeline.jobs import JobStore
+
+        store = JobStore(sf, actor="cli")
+
+        def callback(uid: str) -> None:
+            job = store.create(uid, reason="forced completion", actor="cli")
+            typer.echo(f"job {job} queued for series {uid}")
+    except ImportError:
+        typer.secho("note: job layer not available; completion and routing are recorded only", err=True)
+    route = complete_series(sf, settings.routing, series_uid, callback, forced=True, actor="cli")
+    if route is None:
+        typer.secho(f"error: series {series_uid} is not in the database", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"series {series_uid} complete: {route.decision.value} ({route.reason})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("complete-series")(complete_series_cmd)

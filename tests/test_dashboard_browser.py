@@ -1,0 +1,108 @@
+"""Dashboard in a real browser: a real HTTP server (uvicorn) over a database filled with a measured, RECIST-assessed
+longitudinal patient (SEG + SR written by the pipeline's writers); headless Chromium (playwright-core) logs in, reads
+the job queue and the patient's lesion timeline. Values shown must equal the database, every thumbnail and plot must
+load, and the screenshots are saved under ``tests/artifacts/dashboard/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from config.settings import Settings
+from db.models import AnalysisJob, LesionObservation
+from db.session import make_engine, make_session_factory, session_scope, upgrade
+from tests.conftest import REPO, require_tool
+from tests.services import free_port, wait_for_port
+
+BROWSER_DIR = REPO / "tests" / "browser"
+ARTIFACTS = Path(os.environ.get("LESIONTRACK_TEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "dashboard"
+KEY = "dashboard-operator-key"
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+
+def _fmt(v: float | None, digits: int, suffix: str) -> str:
+    return "—" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def test_dashboard_shows_the_database(tmp_path: Path) -> None:
+    require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
+    import uvicorn
+
+    from pipeline.jobs import JobStore
+    from pipeline.web import JobStoreControl, create_app
+    from pipeline.web.timeline import build_timeline
+    from tests.test_api_data import build_patient, phantom_timepoints
+
+    url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
+    upgrade(url)
+    sf = make_session_factory(make_engine(url))
+    built = build_patient(sf, phantom_timepoints(tmp_path), tmp_path, patient_id="LT-DEMO-7")
+    settings = Settings(data_dir=tmp_path, http={"api_keys": [{"name": "ops", "key": KEY, "role": "operator"}]})
+    app = create_app(settings, sf, JobStoreControl(JobStore(sf)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for_port(port, timeout=30)
+        proc = subprocess.run(["node", str(BROWSER_DIR / "dashboard-check.mjs"), "--url", f"http://127.0.0.1:{port}",
+                               "--key", KEY, "--patient", str(built.patient_pk), "--out", str(tmp_path / "shots")],
+                              capture_output=True, text=True, timeout=300, cwd=BROWSER_DIR)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
+    for shot in result["screenshots"]:
+        shutil.copy(shot, ARTIFACTS / Path(shot).name)
+    assert "error" not in result, result.get("error")
+    assert result["blocked"] == [] and result["pageErrors"] == []
+
+    # job queue = database
+    with session_scope(sf) as s:
+        jobs = s.scalars(select(AnalysisJob).order_by(AnalysisJob.id.desc())).all()
+        assert [(j["id"], j["state"]) for j in result["jobs"]] == [(j.id, j.state.value) for j in jobs]
+        failed = [j for j in result["jobs"] if j["state"] == "failed"]
+        assert failed and failed[0]["retryButton"] and "registration diverged" in failed[0]["error"]
+        assert result["counts"]["done"] == sum(j.state.value == "done" for j in jobs)
+
+        # timeline = database
+        tl = build_timeline(s, built.patient_pk)
+        obs = {o.id: o for o in s.scalars(select(LesionObservation))}
+    shown = result["timeline"]
+    assert [tp["series"] for tp in shown["timepoints"]] == [tp.series_uid for tp in built.timepoints]
+    assert all("SEG" in tp["objects"] and "SR" in tp["objects"] for tp in shown["timepoints"])
+    assert [row["trackingUid"] for row in shown["lesions"]] == [r.tracking_uid for r in tl.lesions]
+    n_cells = 0
+    for row in shown["lesions"]:
+        for cell in row["cells"]:
+            if cell is None:
+                continue
+            o = obs[cell["observationId"]]
+            assert cell["volume"] == _fmt(o.volume_mm3 / 1000.0, 2, " mL")
+            assert cell["longAxis"] == _fmt(o.long_axis_mm, 1, " mm")
+            assert cell["shortAxis"] == _fmt(o.short_axis_mm, 1, " mm")
+            assert cell["status"] == o.status.value
+            n_cells += 1
+    assert n_cells == sum(len(tp.measurements) for tp in built.timepoints)
+    assert shown["overall"][1:] == [tp.overall_response for tp in tl.timepoints[1:]]
+    assert shown["best"] == tl.best_overall_response
+
+    # every thumbnail and plot loaded as an image of the expected size
+    thumbs = [i for i in result["images"] if "thumbnail" in i["src"]]
+    plots = [i for i in result["images"] if "plot" in i["src"]]
+    assert len(thumbs) == n_cells and len(plots) == len(tl.lesions)
+    assert all(i["naturalWidth"] == 160 and i["naturalHeight"] == 160 for i in thumbs), thumbs
+    assert all(i["naturalWidth"] == 360 and i["naturalHeight"] == 200 for i in plots), plots
+    for name in ("dashboard-jobs.png", "dashboard-timeline.png"):
+        assert (ARTIFACTS / name).stat().st_size > 20_000, name

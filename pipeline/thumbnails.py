@@ -31,14 +31,23 @@ class LesionSlice:
     mask: np.ndarray                    # bool [rows, cols]
 
 
-def lesion_slice_from_seg(seg_path: Path, segment_number: int) -> LesionSlice:
-    """The source slice where ``segment_number`` of the SEG at ``seg_path`` covers most pixels."""
+def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_uid: str | None = None) -> LesionSlice:
+    """The source slice where the lesion's segment of the SEG at ``seg_path`` covers most pixels.
+
+    The segment is ``segment_number``, or (when that is None, e.g. a radiologist's baseline SEG) the segment whose
+    Tracking UID is ``tracking_uid``.
+    """
     import highdicom as hd
 
     try:
         seg = hd.seg.segread(str(seg_path))
     except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file name
         raise ThumbnailError(f"{seg_path}: not a readable DICOM-SEG ({exc})") from exc
+    if segment_number is None:
+        found = seg.get_segment_numbers(tracking_uid=tracking_uid) if tracking_uid else []
+        if not found:
+            raise ThumbnailError(f"{seg_path}: no segment with Tracking UID {tracking_uid}")
+        segment_number = int(found[0])
     if segment_number not in seg.segment_numbers:
         raise ThumbnailError(f"{seg_path}: no segment number {segment_number} (has {list(seg.segment_numbers)})")
     uids = [u[2] for u in seg.get_source_image_uids()]

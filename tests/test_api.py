@@ -410,3 +410,22 @@ def _browser_login(client):  # type: ignore[no-untyped-def]
     c = TestClient(client.app)
     c.post("/login", data={"key": READ, "next": "/"})
     return c
+
+
+def test_thumbnail_finds_the_segment_by_tracking_uid(env) -> None:
+    """A baseline SEG from a radiologist has no recorded segment number: the lesion's Tracking UID finds it."""
+    import numpy as np
+    from PIL import Image
+
+    client, sf, built, _ = env
+    with session_scope(sf) as s:
+        src = s.scalars(select(LesionObservation).where(LesionObservation.segment_number.is_not(None))).first()
+        copy = LesionObservation(lesion_pk=src.lesion_pk, series_instance_uid=src.series_instance_uid,
+                                 seg_sop_instance_uid=src.seg_sop_instance_uid, segment_number=None,
+                                 volume_mm3=src.volume_mm3, status=src.status)
+        s.add(copy)
+        s.flush()
+        obs_id = copy.id
+    px = np.asarray(Image.open(io.BytesIO(rd(client, f"/api/observations/{obs_id}/thumbnail.png").content))
+                    .convert("RGB")).reshape(-1, 3).astype(int)
+    assert ((px[:, 0] > 200) & (px[:, 1] > 150) & (px[:, 2] < 80)).any(), "segment not found by Tracking UID"

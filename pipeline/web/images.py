@@ -45,15 +45,16 @@ class ImageService:
                 raise KeyError(f"no observation with id {observation_id}")
             status = obs.status.value if hasattr(obs.status, "value") else str(obs.status)
             tracking_id = obs.lesion.tracking_id
+            tracking_uid = obs.lesion.tracking_uid
             seg_uid, segment = obs.seg_sop_instance_uid, obs.segment_number
             seg_path = _file_of(s, seg_uid) if seg_uid else None
             if status == "vanished":
                 return thumbnails.placeholder_png(f"{tracking_id}\nvanished")
-            if seg_path is None or segment is None:
+            if seg_path is None:
                 log.info("no SEG file for observation %s (SEG %s)", observation_id, seg_uid)
                 return thumbnails.placeholder_png(f"{tracking_id}\nno SEG on file")
             try:
-                sl = thumbnails.lesion_slice_from_seg(seg_path, segment)
+                sl = thumbnails.lesion_slice_from_seg(seg_path, segment, tracking_uid)
             except thumbnails.ThumbnailError as exc:
                 log.warning("thumbnail for observation %s: %s", observation_id, exc)
                 return thumbnails.placeholder_png(f"{tracking_id}\nSEG unreadable")

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,14 +82,18 @@ def run_dciodvfy(path: str | Path, timeout: float = 120) -> ValidationReport:
     return rep
 
 
-def run_sr_validator(paths: str | Path | list[str | Path], timeout: float = 300) -> list[ValidationReport]:
-    """pixelmed DicomSRValidator on one or more SR files (one JVM per file; ~5-10 s each)."""
+def run_sr_validator(paths: str | Path | list[str | Path], timeout: float = 600,
+                     parallel: int = 2) -> list[ValidationReport]:
+    """pixelmed DicomSRValidator on one or more SR files (one JVM per file, ``parallel`` at a time).
+
+    Template validation is XSLT-heavy: ~10-25 s of CPU per report.
+    """
     if shutil.which("java") is None:
         raise ToolMissing("java not found (apt-get install default-jre-headless)")
     jar = pixelmed_jar()
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    reports = []
-    for p in items:
+
+    def one(p: str | Path) -> ValidationReport:
         proc = _run(["java", *JAXP_UNLIMITED, "-cp", jar, "com.pixelmed.validate.DicomSRValidator", str(p)], timeout)
         out = proc.stdout + proc.stderr
         rep = ValidationReport("DicomSRValidator", str(p), proc.returncode, output=out)
@@ -100,8 +105,10 @@ def run_sr_validator(paths: str | Path | list[str | Path], timeout: float = 300)
                 rep.warnings.append(s)
         if "IOD validation complete" not in out and not rep.errors:
             rep.errors.append("DicomSRValidator did not complete: " + out[-500:])
-        reports.append(rep)
-    return reports
+        return rep
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(one, items))
 
 
 def run_dsrdump(path: str | Path, timeout: float = 60) -> ValidationReport:

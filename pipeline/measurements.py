@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from models.imaging.volume import Volume
+from pipeline.mask_grid import mask_onto_grid
 
 Point = tuple[float, float, float]
 
@@ -166,9 +167,7 @@ def measure_lesion(mask: Volume, ct: Volume, *, tracking_uid: str, tracking_id: 
                    status: str = "present", series_uid: str | None = None,
                    anatomic_site: str | None = None) -> LesionMeasurement:
     """Measure one lesion mask (nonzero = lesion) on ``ct``'s grid; a mask on another grid is resampled onto it."""
-    if not mask.same_grid(ct):
-        mask = mask.resample_to(ct, label=True)
-    m = np.asarray(mask.array) > 0
+    m = mask_onto_grid(mask, ct)
     result = LesionMeasurement(tracking_uid=tracking_uid, tracking_id=tracking_id, status=status, is_node=is_node,
                                series_uid=series_uid, anatomic_site=anatomic_site)
     n = int(m.sum())

@@ -4,7 +4,7 @@ and → mask :class:`~models.segmentation.prompts.Prompt` objects for the tracki
 Identity per segment: Tracking UID / Tracking ID when present; otherwise a stable UID derived from the SEG's SOP
 Instance UID and the segment number, and the segment label (or "Segment N") as Tracking ID. FRACTIONAL segments are
 thresholded at 0.5. The LABELMAP background segment (number 0) is skipped. Masks are returned on the SEG's own grid
-(or resampled onto ``ct`` when given).
+(or put onto ``ct``'s grid when given, see :mod:`pipeline.mask_grid`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pydicom
 
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.mask_grid import mask_onto_grid
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
             m = plane > 0
         mask = _hd_volume_to_volume(hv, m.astype(np.uint8))
         if ct is not None:
-            mask = mask.resample_to(ct, label=True)
+            mask = ct.with_array(mask_onto_grid(mask, ct).astype(np.uint8))
+            mask.meta = {}
         label = str(desc.segment_label)
         regions = [c.meaning for c in (desc.anatomic_regions or [])]
         ptype = str(desc.segmented_property_type.meaning)

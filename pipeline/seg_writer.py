@@ -2,7 +2,7 @@
 
 One segment per *present* lesion, labelled with its Tracking ID and carrying its Tracking UID, coded as
 "Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
-name and version as algorithm identification. Masks are resampled back onto the CT grid (nearest label) and the SEG
+name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest neighbour) and the SEG
 references the source CT slices frame by frame (highdicom fills Derived Image / ReferencedSeriesSequence).
 
 Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map
@@ -28,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from models.imaging.volume import Volume
 from pipeline.lesions import LesionStatus, TrackedLesion
+from pipeline.mask_grid import mask_onto_grid
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,7 @@ def _with_sop_identity(ds: Dataset) -> Dataset:
 
 
 def _mask_on_grid(lesion: TrackedLesion, grid: Volume) -> np.ndarray:
-    mask = lesion.mask
-    if not mask.same_grid(grid, atol=1e-3):
-        mask = Volume(np.asarray(mask.array > 0, np.uint8), mask.origin, mask.spacing, mask.direction)
-        mask = mask.resample_to(grid, label=True)
-    return np.asarray(mask.array) > 0
+    return mask_onto_grid(lesion.mask, grid)
 
 
 def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesion], *,

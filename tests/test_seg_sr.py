@@ -1,0 +1,374 @@
+"""DICOM-SEG + TID 1500 SR: validators (dciodvfy, pixelmed DicomSRValidator, dsrdump), round trips through the
+readers, a three-timepoint series keeping every lesion's Tracking UID, amendments, and the public samples as prompts."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from models.imaging.volume import Volume
+from models.segmentation.prompts import LesionIdentity, PromptKind
+from pipeline.dicom_validate import dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from pipeline.lesions import LesionStatus, TrackedLesion
+from pipeline.measurements import LesionMeasurement, lesion_changes, measure_lesion
+from pipeline.recist import RecistAssessment, RecistLesion, Response, assess
+from pipeline.seg_reader import read_seg, read_seg_prompts
+from pipeline.seg_writer import SegWriteError, save_new, write_seg
+from pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
+from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from tests.conftest import require_shared_data, require_tool
+from tests.segsr_fixtures import SyntheticTimepoint, make_series
+
+PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
+
+
+@dataclass
+class Written:
+    tps: list[SyntheticTimepoint]
+    measurements: list[list[LesionMeasurement]]
+    assessment: RecistAssessment
+    segs: list[Path] = field(default_factory=list)
+    srs: list[Path] = field(default_factory=list)
+    seg_results: list = field(default_factory=list)
+    sr_datasets: list = field(default_factory=list)
+    amendment: Path | None = None
+
+
+def _dciodvfy() -> None:
+    try:
+        dciodvfy_path()
+    except RuntimeError:
+        require_tool("dciodvfy")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
+    tmp = tmp_path_factory.mktemp("segsr")
+    tps = make_series(tmp)
+    meas = [[measure_lesion(les.mask, tp.ct, tracking_uid=les.identity.tracking_uid,
+                            tracking_id=les.identity.tracking_id, is_node=les.identity.is_node,
+                            status=les.status.value, series_uid=tp.series_uid, anatomic_site=les.identity.anatomic_site)
+             for les in tp.lesions] for tp in tps]
+    assessment = assess([[RecistLesion.from_measurement(m) for m in ms] for ms in meas])
+    w = Written(tps, meas, assessment)
+    prior: list[pydicom.Dataset] = []
+    for t, tp in enumerate(tps):
+        seg = write_seg(tp.datasets, tp.lesions, series_number=100 + t)
+        reports = []
+        for m in meas[t]:
+            hist = [next((x for x in ms if x.tracking_uid == m.tracking_uid), None) for ms in meas[:t + 1]]
+            before = next((x.centre_mm for x in reversed(hist[:-1]) if x is not None and x.centre_mm), None)
+            reports.append(LesionReport(m, lesion_changes(hist), assessment.selection.role_of(m.tracking_uid),
+                                        expected_centre_mm=before))
+        sr = write_sr(tp.datasets, seg, reports, time_point=TimePoint(f"T{t}", t), recist=assessment.timepoints[t],
+                      best_overall=assessment.best_overall_response, prior_evidence=prior, series_number=200 + t)
+        w.segs.append(save_new(seg.dataset, tmp / "out" / f"t{t}"))
+        w.srs.append(save_new(sr.dataset, tmp / "out" / f"t{t}"))
+        w.seg_results.append(seg)
+        w.sr_datasets.append(sr.dataset)
+        prior = [seg.dataset, sr.dataset]
+    # an amendment of the T1 report: new instance, same series, predecessor referenced
+    reports = [LesionReport(m, baseline_category="target", expected_centre_mm=(0.0, 0.0, -80.0))
+               for m in meas[1]]
+    previous = w.sr_datasets[1]
+    amended = write_sr(tps[1].datasets, w.seg_results[1], reports, time_point=TimePoint("T1", 1),
+                       previous_versions=[previous], series_instance_uid=previous.SeriesInstanceUID,
+                       series_number=201, instance_number=2)
+    w.amendment = save_new(amended.dataset, tmp / "out" / "t1")
+    return w
+
+
+# -- validators ------------------------------------------------------------------------------------------------------
+
+
+def test_every_seg_passes_dciodvfy(written: Written) -> None:
+    _dciodvfy()
+    for p in written.segs:
+        rep = run_dciodvfy(p)
+        assert rep.ok, rep.summary()
+
+
+def test_every_sr_passes_dciodvfy_and_dsrdump(written: Written) -> None:
+    _dciodvfy()
+    require_tool("dsrdump")
+    for p in written.srs:
+        rep = run_dciodvfy(p)
+        assert rep.ok, rep.summary()
+        dump = run_dsrdump(p)
+        assert dump.ok, dump.summary()
+        assert "Imaging Measurement Report" in dump.output and "Tracking Identifier" in dump.output
+
+
+@pytest.mark.slow
+def test_every_sr_passes_pixelmed_sr_validator(written: Written) -> None:
+    require_tool("java", PIXELMED_JAR)
+    for rep in run_sr_validator([*written.srs, written.amendment]):
+        assert rep.ok, rep.summary()
+        assert "Found Root Template TID_1500" in rep.output
+
+
+def test_labelmap_seg_passes_dciodvfy_and_reads_back(written: Written, tmp_path: Path) -> None:
+    _dciodvfy()
+    tp = written.tps[0]
+    seg = write_seg(tp.datasets, tp.lesions, segmentation_type="labelmap")
+    assert seg.dataset.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    path = save_new(seg.dataset, tmp_path)
+    rep = run_dciodvfy(path)
+    assert rep.ok, rep.summary()
+    back = read_seg(path, tp.ct)
+    for les in tp.lesions:
+        s = back.by_tracking_uid()[les.identity.tracking_uid]
+        assert np.array_equal(s.mask.array > 0, les.mask.array > 0)
+
+
+# -- round trips -----------------------------------------------------------------------------------------------------
+
+
+def test_seg_round_trip_same_lesions_uids_masks(written: Written) -> None:
+    for tp, path in zip(written.tps, written.segs):
+        back = read_seg(path, tp.ct)
+        present = [les for les in tp.lesions if les.status is not LesionStatus.VANISHED]
+        assert sorted(back.by_tracking_uid()) == sorted(les.identity.tracking_uid for les in present)
+        assert back.referenced_series_uids == [tp.series_uid]
+        for les in present:
+            s = back.by_tracking_uid()[les.identity.tracking_uid]
+            assert s.identity.tracking_id == les.identity.tracking_id
+            assert s.identity.is_node == les.identity.is_node
+            assert s.algorithm == ("test-engine", "1.0")
+            assert np.array_equal(s.mask.array > 0, les.mask.array > 0), les.identity.tracking_id
+
+
+def test_seg_references_source_frames(written: Written) -> None:
+    ds = pydicom.dcmread(written.segs[0])
+    src = {d.SOPInstanceUID for d in written.tps[0].datasets}
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        refs = [r.ReferencedSOPInstanceUID for d in frame.DerivationImageSequence for r in d.SourceImageSequence]
+        assert refs and set(refs) <= src
+    n_frames_with_lesion = sum(int((les.mask.array[k] > 0).any()) for les in written.tps[0].lesions
+                               for k in range(les.mask.shape[0]))
+    assert int(ds.NumberOfFrames) == n_frames_with_lesion            # empty frames omitted
+
+
+def test_sr_round_trip_measurements(written: Written) -> None:
+    for t, path in enumerate(written.srs):
+        back = read_sr_measurements(path)
+        assert sorted(back) == sorted(m.tracking_uid for m in written.measurements[t])
+        for m in written.measurements[t]:
+            b = back[m.tracking_uid]
+            assert b.tracking_id == m.tracking_id
+            assert b.status == m.status
+            assert b.volume_mm3 == pytest.approx(m.volume_mm3, rel=1e-6)
+            assert b.long_axis_mm == pytest.approx(m.long_axis_mm, rel=1e-6)
+            assert b.short_axis_mm == pytest.approx(m.short_axis_mm, rel=1e-6)
+            if not m.present:
+                continue
+            assert b.max_3d_diameter_mm == pytest.approx(m.max_3d_diameter_mm, rel=1e-6)
+            assert b.hu_mean == pytest.approx(m.hu_mean, rel=1e-6)
+            assert b.hu_sd == pytest.approx(m.hu_sd, rel=1e-6)
+            for ax_b, ax_m in ((b.long_axis, m.long_axis), (b.short_axis, m.short_axis)):
+                assert np.allclose(ax_b.start_mm, ax_m.start_mm, atol=1e-3)
+                assert np.allclose(ax_b.end_mm, ax_m.end_mm, atol=1e-3)
+
+
+def test_sr_response_and_changes_read_back(written: Written) -> None:
+    for t, path in enumerate(written.srs):
+        c = read_sr(path)
+        exp = written.assessment.timepoints[t]
+        assert c.response["Response Evaluation Method"]["code"] == "126081"
+        assert c.response["Current Response"]["code"] == {
+            Response.NE: "NE", Response.PR: "PR", Response.PD: "PD"}[exp.overall_response]
+        if exp.sum_of_diameters_mm is not None:
+            assert c.response["Sum of diameters"] == pytest.approx(exp.sum_of_diameters_mm, rel=1e-6)
+    # T2: L1 target grew vs nadir; target response coded with DCM 112041-112044
+    c2 = read_sr(written.srs[2])
+    assert c2.response["Target lesion response"]["code"] in {"112041", "112042", "112043", "112044"}
+    assert c2.response["Best Overall Response"]["code"] == "PR"
+    l1 = next(g for g in c2.groups if g.tracking_id == "L1 liver" and g.num(("118565006", "SCT")))
+    pct = next(n for n in l1.nums if n.meaning == "Percent change from baseline")
+    m0 = next(m for m in written.measurements[0] if m.tracking_id == "L1 liver")
+    m2 = next(m for m in written.measurements[2] if m.tracking_id == "L1 liver")
+    assert pct.value == pytest.approx(100 * (m2.volume_mm3 - m0.volume_mm3) / m0.volume_mm3, rel=1e-5)
+
+
+def test_tracking_uids_identical_across_all_segs_and_srs(written: Written) -> None:
+    expected = {les.identity.tracking_uid: les.identity.tracking_id for tp in written.tps for les in tp.lesions}
+    seen_in_sr: dict[str, int] = {}
+    for tp, seg_path, sr_path in zip(written.tps, written.segs, written.srs):
+        for s in read_seg(seg_path).segments:
+            assert expected[s.identity.tracking_uid] == s.identity.tracking_id
+        c = read_sr(sr_path)
+        for g in c.groups:
+            assert g.tracking_id, "Tracking Identifier text must always be set"
+            assert g.tracking_uid in expected and expected[g.tracking_uid] == g.tracking_id
+            assert g.time_point == f"T{tp.index}"
+        for uid in {g.tracking_uid for g in c.groups}:
+            seen_in_sr[uid] = seen_in_sr.get(uid, 0) + 1
+        # each lesion of the timepoint (present or vanished) is in this SR
+        assert {les.identity.tracking_uid for les in tp.lesions} == {g.tracking_uid for g in c.groups}
+    l1 = next(u for u, t in expected.items() if t == "L1 liver")
+    assert seen_in_sr[l1] == 3
+
+
+def test_sr_structure_for_viewers(written: Written) -> None:
+    ds = pydicom.dcmread(written.srs[1])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"                # Comprehensive 3D SR
+    assert ds.ConceptNameCodeSequence[0].CodeValue == "126000"
+    names = [(i.ConceptNameCodeSequence[0].CodeValue, i.ValueType) for i in ds.ContentSequence]
+    assert ("111028", "CONTAINER") in names                                  # Image Library
+    assert ("C0034375", "CONTAINER") in names                                # RECIST response
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    vol = report.content.get_volumetric_roi_measurement_groups()
+    planar = report.content.get_planar_roi_measurement_groups()
+    assert len(vol) == 2 and len(planar) == 3                                # L1, L2 present; L3 vanished (POINT)
+    for g in vol:
+        assert g.referenced_segment.referenced_sop_instance_uid == written.seg_results[1].dataset.SOPInstanceUID
+    graphic = sorted(str(g.roi.GraphicType) for g in planar)
+    assert graphic == ["POINT", "POLYLINE", "POLYLINE"]
+    # prior SEG/SR (other study) recorded as pertinent other evidence
+    other = {r.ReferencedSOPInstanceUID for st in ds.PertinentOtherEvidenceSequence
+             for se in st.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert {written.seg_results[0].dataset.SOPInstanceUID, written.sr_datasets[0].SOPInstanceUID} <= other
+
+
+def test_amendment_is_a_new_instance_referencing_the_predecessor(written: Written, tmp_path: Path) -> None:
+    _dciodvfy()
+    previous = written.sr_datasets[1]
+    amended = pydicom.dcmread(written.amendment)
+    assert amended.SOPInstanceUID != previous.SOPInstanceUID
+    assert amended.SeriesInstanceUID == previous.SeriesInstanceUID
+    pred = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert pred.ReferencedSOPInstanceUID == previous.SOPInstanceUID
+    assert run_dciodvfy(written.amendment).ok
+    assert read_sr(written.amendment).predecessors == [previous.SOPInstanceUID]
+    assert written.srs[1].exists()                                           # the original is untouched
+    with pytest.raises(FileExistsError):                                      # never overwrite
+        save_new(amended, written.amendment.parent)
+
+
+# -- prompts from SEG / SR -------------------------------------------------------------------------------------------
+
+
+def test_our_seg_and_sr_as_prompts(written: Written) -> None:
+    tp = written.tps[0]
+    seg_prompts = read_seg_prompts(written.segs[0])
+    assert {p.identity.tracking_uid for p in seg_prompts} == {les.identity.tracking_uid for les in tp.lesions}
+    assert all(p.kind is PromptKind.MASK for p in seg_prompts)
+    sr_prompts = read_sr_prompts(written.srs[0])
+    by_uid = {p.identity.tracking_uid: p for p in sr_prompts}
+    for les in tp.lesions:
+        p = by_uid[les.identity.tracking_uid]
+        assert p.kind is PromptKind.BOX and p.identity.tracking_id == les.identity.tracking_id
+        centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
+        lo, hi = p.box_mm
+        assert np.all(centre > lo) and np.all(centre < hi)
+    # the vanished lesion (T1) comes back as a point prompt where it was looked for
+    p1 = {p.identity.tracking_id: p for p in read_sr_prompts(written.srs[1])}
+    assert p1["L3 lung"].kind is PromptKind.POINTS
+
+
+SAMPLES = "interop/seg_sr"
+
+
+@pytest.mark.parametrize("name, n_segments", [
+    ("hd_seg_image_ct_binary.dcm", 1), ("hd_seg_image_ct_true_fractional.dcm", 1),
+    ("dcmqi_segmentations_liver.dcm", 1), ("dcmqi_segmentations_sparse-labelmap-ppv5.dcm", 1),
+    ("dcmqi_sr-example_seg.dcm", 1)])
+def test_sample_segs_read_as_prompts(name: str, n_segments: int) -> None:
+    path = require_shared_data(SAMPLES, name)
+    prompts = read_seg_prompts(path)
+    assert len(prompts) == n_segments
+    for p in prompts:
+        assert p.kind is PromptKind.MASK and p.mask.array.any()
+        assert p.identity.tracking_uid and p.identity.tracking_id
+    if name == "hd_seg_image_ct_binary.dcm":         # carries Tracking ID/UID
+        d = pydicom.dcmread(path).SegmentSequence[0]
+        assert prompts[0].identity.tracking_uid == d.TrackingUID
+        assert prompts[0].identity.tracking_id == d.TrackingID
+    if name == "dcmqi_segmentations_liver.dcm":       # no tracking UID: stable derived one, segment label as ID
+        assert prompts[0].identity.tracking_uid == read_seg_prompts(path)[0].identity.tracking_uid
+        assert prompts[0].identity.tracking_id == "Liver"
+
+
+def test_sample_srs_read_as_prompts() -> None:
+    root = require_shared_data(SAMPLES)
+    ct = [pydicom.dcmread(root / "hd_ct_image.dcm", stop_before_pixels=True)]
+    multi = read_sr_prompts(root / "hd_sr_document_with_multiple_groups.dcm", images=ct)
+    kinds = {p.identity.tracking_id: p.kind for p in multi}
+    assert kinds == {"LungNodule0001": PromptKind.BOX, "Aorta0001": PromptKind.BOX,
+                     "Vertebra0001": PromptKind.POINTS}
+    nodule = next(p for p in multi if p.identity.tracking_id == "LungNodule0001")
+    assert nodule.identity.anatomic_site == "Lung"
+    single = read_sr_prompts(root / "hd_sr_document.dcm", images=ct)
+    assert len(single) == 1 and single[0].kind is PromptKind.BOX
+    # dcmqi: the group only references a SEG segment → the SEG next to it gives a mask prompt with the SR identity
+    dcmqi = read_sr_prompts(root / "dcmqi_sr-example_sr.dcm")
+    assert len(dcmqi) == 1 and dcmqi[0].kind is PromptKind.MASK and dcmqi[0].mask.array.any()
+    group = read_sr(root / "dcmqi_sr-example_sr.dcm").groups[0]
+    assert dcmqi[0].identity.tracking_uid == group.tracking_uid
+
+
+# -- real CT, refusals -----------------------------------------------------------------------------------------------
+
+
+def _real_headers() -> list[pydicom.Dataset]:
+    folder = require_shared_data("interop", "ct_siemens_j2k")
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(glob.glob(str(folder / "*.dcm")))]
+
+
+def test_real_ct_with_blank_uids_is_refused_clearly() -> None:
+    heads = _real_headers()            # this anonymised series has empty Study/Series/SOP Instance UIDs
+    les = TrackedLesion(LesionIdentity("1.2.3", "L1", 1), LesionStatus.PRESENT,
+                        Volume(np.ones((2, 2, 2), np.uint8)))
+    with pytest.raises(SegWriteError, match="StudyInstanceUID"):
+        write_seg(heads, [les])
+
+
+def test_real_ct_seg_validates_and_round_trips(tmp_path: Path) -> None:
+    _dciodvfy()
+    heads = _real_headers()
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    fixed = []
+    for h in heads:
+        h = copy.deepcopy(h)
+        h.StudyInstanceUID, h.SeriesInstanceUID = study, series
+        fixed.append(h)
+    from pipeline.seg_writer import sort_source_slices
+
+    _, grid = sort_source_slices(fixed)
+    k, j, i = np.indices(grid.shape)
+    centre = grid.index_to_patient([256, 300, 9])
+    pts = grid.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(grid.shape + (3,))
+    mask = (np.linalg.norm(pts - centre, axis=-1) <= 9.0).astype(np.uint8)
+    ident = LesionIdentity(pydicom.uid.generate_uid(), "L1 liver", 1, "liver")
+    seg = write_seg(fixed, [TrackedLesion(ident, LesionStatus.PRESENT, grid.with_array(mask), "eng", "2")])
+    path = save_new(seg.dataset, tmp_path)
+    rep = run_dciodvfy(path)
+    assert rep.ok, rep.summary()
+    back = read_seg(path, grid)
+    assert np.array_equal(back.segments[0].mask.array > 0, mask > 0)
+    assert back.segments[0].identity.tracking_uid == ident.tracking_uid
+
+
+def test_overlapping_lesions(written: Written) -> None:
+    tp = written.tps[0]
+    a = tp.lesions[0]
+    dup = TrackedLesion(LesionIdentity(pydicom.uid.generate_uid(), "L9 liver", 9, "liver"), LesionStatus.PRESENT,
+                        a.mask, "eng", "1")
+    with pytest.raises(SegWriteError, match="overlap"):
+        write_seg(tp.datasets, [a, dup], segmentation_type="labelmap")
+    seg = write_seg(tp.datasets, [a, dup], segmentation_type="auto")
+    assert seg.segmentation_type == "binary" and len(seg.segment_numbers) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = hd.seg.Segmentation.from_dataset(seg.dataset)
+    assert back.segment_numbers == [1, 2]

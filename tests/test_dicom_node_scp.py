@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -305,3 +306,26 @@ def test_tls_association(tmp_path: Path) -> None:
         assert echoscu(n.port) != 0                           # plain DICOM refused on the TLS port
         storescu(n.port, ge_files()[:2], "STORESCU", *tls)
         assert n.count() == 2
+
+
+def test_max_associations_and_orphan_cleanup(tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    n = Node(tmp_path, max_associations=1)
+    leftover = n.root / "data" / "dicom" / "1.2" / "3.4" / ".tmp-deadbeef"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a file from a crash")
+    with n.scp:
+        assert not leftover.exists()          # interrupted writes are cleaned up at start
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", n.port, ae_title="LESIONTRACK")
+        assert held.is_established
+        try:
+            assert echoscu(n.port) != 0        # over the limit: refused
+        finally:
+            held.release()
+        deadline = time.monotonic() + 10
+        while n.scp.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert echoscu(n.port) == 0

@@ -94,3 +94,39 @@ def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
     f.write_text("{not json")
     with pytest.raises(PromptSourceError, match="p.json"):
         load_prompts_json(f)
+
+
+def test_track_cli_from_our_seg_backwards_and_forwards(tmp_path: Path) -> None:
+    """The SEG written for T1 becomes the annotation: tracking runs from T1 back to T0 and on to T2."""
+    import shutil
+
+    from lesiontrack.cli import app
+
+    dirs = _write(tmp_path)
+    pj = tmp_path / "prompts.json"
+    pj.write_text(json.dumps({"lesions": [{"label": 1, "tracking_id": "L1 lung", "point": list(LESIONS[0].centre_mm)},
+                                          {"label": 3, "tracking_id": "L3 liver", "point": list(LESIONS[2].centre_mm)}]}))
+    first = tmp_path / "first"
+    res = CliRunner().invoke(app, ["track", "--baseline", str(dirs[0]), "--followup", str(dirs[1]), "--out", str(first),
+                                   "--prompts", str(pj), "--registration", "none"])
+    assert res.exit_code == 0, res.output
+    s1 = json.loads((first / "tracking.json").read_text())
+    seg_file = next(first / f for f in s1["timepoints"][1]["dicom"] if pydicom.dcmread(first / f).Modality == "SEG")
+    annotated = tmp_path / "tp1_annotated"
+    shutil.copytree(dirs[1], annotated)
+    shutil.copy(seg_file, annotated / "seg.dcm")
+    out = tmp_path / "second"
+    res = CliRunner().invoke(app, ["track", "--baseline", str(annotated), "--followup", str(dirs[0]),
+                                   "--followup", str(dirs[2]), "--out", str(out), "--registration", "none", "--no-dicom"])
+    assert res.exit_code == 0, res.output
+    s2 = json.loads((out / "tracking.json").read_text())
+    assert s2["source_index"] == 1
+    assert {les["tracking_uid"] for les in s2["lesions"]} == {les["tracking_uid"] for les in s1["lesions"]}
+    gt = np.load(tmp_path / "gt.npy")
+    by_uid = {les["tracking_uid"]: les for les in s1["lesions"]}
+    for t, tp in enumerate(s2["timepoints"]):
+        lm = Volume.read(str(out / tp["label_map"])).array
+        for les in s2["lesions"]:
+            n_gt = {"L1 lung": 1, "L3 liver": 3}[by_uid[les["tracking_uid"]]["tracking_id"]]
+            a, b = lm == les["label"], gt[t] == n_gt
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.75, (t, les["tracking_id"])

@@ -54,7 +54,7 @@ def track(
     console = Console(stderr=True)
     dirs = [baseline, *followup]
     try:
-        cts = [read_series(d) for d in dirs]
+        cts = [_read_ct(d, read_series) for d in dirs]
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -151,6 +151,24 @@ def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path
         folder = out / _safe(tp.series_uid)
         written[t] = [save_new(seg.dataset, folder), save_new(sr.dataset, folder)]
     return written
+
+
+def _read_ct(folder: Path, read_series: Any) -> Any:
+    """The CT series of ``folder`` (the one with most image files; SEG/SR and other objects are ignored)."""
+    import pydicom
+
+    from models.imaging.dicom_read import group_series
+
+    groups = group_series(folder)
+    ct_like = {}
+    for uid, files in groups.items():
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["Modality"])
+        if str(getattr(ds, "Modality", "")) not in ("SEG", "SR", "PR", "KO", "RTSTRUCT"):
+            ct_like[uid] = files
+    if not ct_like:
+        raise ValueError(f"{folder}: no CT series found")
+    uid = max(ct_like, key=lambda u: len(ct_like[u]))
+    return read_series(ct_like[uid], series_uid=uid)
 
 
 def _s(v: Any) -> str | None:

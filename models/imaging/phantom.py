@@ -499,7 +499,9 @@ def make_phantom(seed: int = 0, shape: tuple[int, int, int] = (100, 160, 160),
     """Render the seeded digital patient on a ``shape`` = (nk, nj, ni) grid with ``spacing`` = (si, sj, sk) mm.
 
     The grid is axial (identity direction) centred on ``center_mm``; the anatomy spans roughly z ∈ [-130, 200] mm
-    (upper abdomen to lung apex). Same seed and arguments → identical output.
+    (upper abdomen to lung apex); lesions lie in z ∈ [-90, 95] mm whatever the grid, so a seed is one patient on
+    every grid. ``lesion_info`` lists the lesions that are inside the grid. Same seed and arguments → identical
+    output.
     """
     rng = np.random.default_rng(seed)
     anat = _Anatomy(rng)
@@ -507,9 +509,9 @@ def make_phantom(seed: int = 0, shape: tuple[int, int, int] = (100, 160, 160),
     sp = np.asarray(spacing, float)
     origin = np.asarray(center_mm, float) - sp * (np.array([ni, nj, nk]) - 1) / 2
     grid = Volume(np.zeros((1, 1, 1), np.uint8), origin, sp)
-    lo = origin
-    hi = origin + sp * (np.array([ni, nj, nk]) - 1)
-    lesions = _place_lesions(anat, np.random.default_rng([seed, 1]), n_lesions, (lo[2], hi[2]), (lo, hi))
+    # lesions are placed in a fixed anatomical region (not the grid), so every grid of a seed shows the same patient
+    region = (np.array([-150.0, -110.0, -90.0]), np.array([150.0, 110.0, 95.0]))
+    lesions = _place_lesions(anat, np.random.default_rng([seed, 1]), n_lesions, (region[0][2], region[1][2]), region)
 
     xs = (origin[0] + sp[0] * np.arange(ni)).astype(np.float32)
     ys = (origin[1] + sp[1] * np.arange(nj)).astype(np.float32)

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +35,13 @@ CANNOT_UNDERSTAND = 0xC000
 _HEADER_TAGS = ["PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                 "SOPClassUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
                 "FrameOfReferenceUID", "InstanceNumber", "StudyDate", "StudyTime", "AccessionNumber"]
+
+
+# statements built once (building them per C-STORE costs more than executing them)
+_LOOKUP = select(Instance.id, Instance.sha256, Instance.file_path).where(Instance.sop_instance_uid == bindparam("sop"))
+_BUMP_SERIES = (update(Series).where(Series.id == bindparam("pk"), Series.state == bindparam("st"))
+                .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("now")))
+_INSERT_INSTANCE = insert(Instance)
 
 
 @dataclass
@@ -181,8 +188,7 @@ class Ingestor:
                           peer: str | None) -> IngestResult:
         try:
             with self.engine.connect() as c:
-                known = list(c.execute(select(Instance.id, Instance.sha256, Instance.file_path)
-                                       .where(Instance.sop_instance_uid == sop_uid)))
+                known = list(c.execute(_LOOKUP, {"sop": sop_uid}))
         except SQLAlchemyError as exc:
             log.error("database failure looking up %s: %s", sop_uid, exc)
             return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
@@ -255,12 +261,11 @@ class Ingestor:
         """One short Core transaction for the common case (known series still receiving); False = use _record."""
         now = datetime.now(timezone.utc)
         with self.engine.begin() as c:
-            n = c.execute(update(Series).where(Series.id == series_pk, Series.state == SeriesState.RECEIVING)
-                          .values(instance_count=Series.instance_count + 1, last_received_at=now)).rowcount
+            n = c.execute(_BUMP_SERIES, {"pk": series_pk, "st": SeriesState.RECEIVING, "now": now}).rowcount
             if n != 1:
                 c.rollback()
                 return False
-            c.execute(insert(Instance).values(
+            c.execute(_INSERT_INSTANCE, dict(
                 sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(meta.MediaStorageSOPClassUID),
                 series_pk=series_pk, transfer_syntax_uid=str(meta.TransferSyntaxUID), file_path=str(path),
                 size_bytes=size, sha256=sha, instance_number=_i(ds, "InstanceNumber"),

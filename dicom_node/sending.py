@@ -87,6 +87,7 @@ class DeliveryService:
         self.clock = clock
         self._deliver = deliver
         self._lock = threading.Lock()
+        self._inflight: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -115,49 +116,64 @@ class DeliveryService:
 
     # -- attempts ----------------------------------------------------------------------------------------------
     def attempt(self, delivery_id: int) -> DeliveryState:
-        """One attempt; on failure schedule the next one, or dead-letter once the schedule is used up."""
+        """One attempt; on failure schedule the next one, or dead-letter once the schedule is used up.
+
+        An attempt already running in this process for the same delivery is not started twice.
+        """
         with self._lock:
-            with session_scope(self.session_factory) as s:
-                d = s.get(Delivery, delivery_id)
-                if d is None:
-                    raise KeyError(f"no delivery {delivery_id}")
-                if d.state == DeliveryState.DELIVERED:
-                    return d.state
-                name, files, attempt_no = d.destination, [Path(p) for p in d.file_paths], d.attempts + 1
-            error = ""
-            summary = ""
-            try:
-                summary = self._deliver(self.settings, self.settings.peer(name), files)
-            except (DeliveryError, KeyError) as exc:
-                error = str(exc)
-            now = self.clock()
-            schedule = self.settings.sending.retry_schedule_seconds
-            with session_scope(self.session_factory) as s:
-                d = s.get(Delivery, delivery_id)
-                assert d is not None
-                d.attempts = attempt_no
-                if not error:
-                    d.state, d.delivered_at, d.next_attempt_at, d.last_error = DeliveryState.DELIVERED, now, None, None
-                else:
-                    d.last_error = error[:2000]
-                    # failures since queueing or the last manual retry pick the next delay
-                    idx = self._failures_since_reset(s, delivery_id)
-                    if idx < len(schedule):
-                        d.state = DeliveryState.RETRY_WAIT
-                        d.next_attempt_at = now + timedelta(seconds=schedule[idx])
-                    else:
-                        d.state, d.next_attempt_at = DeliveryState.DEAD_LETTER, None
-                audit(s, self.actor, "delivery.attempt", "delivery", delivery_id, destination=name,
-                      attempt=attempt_no, outcome="delivered" if not error else d.state.value,
-                      error=error or None, summary=summary or None,
-                      next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None)
-                state = d.state
-            if error:
-                log.warning("delivery %d to %s attempt %d failed (%s): %s", delivery_id, name, attempt_no,
-                            state.value, error)
+            if delivery_id in self._inflight:
+                with session_scope(self.session_factory) as s:
+                    d = s.get(Delivery, delivery_id)
+                    return d.state if d is not None else DeliveryState.PENDING
+            self._inflight.add(delivery_id)
+        try:
+            return self._attempt(delivery_id)
+        finally:
+            with self._lock:
+                self._inflight.discard(delivery_id)
+
+    def _attempt(self, delivery_id: int) -> DeliveryState:
+        with session_scope(self.session_factory) as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                raise KeyError(f"no delivery {delivery_id}")
+            if d.state == DeliveryState.DELIVERED:
+                return d.state
+            name, files, attempt_no = d.destination, [Path(p) for p in d.file_paths], d.attempts + 1
+        error = ""
+        summary = ""
+        try:
+            summary = self._deliver(self.settings, self.settings.peer(name), files)
+        except (DeliveryError, KeyError) as exc:
+            error = str(exc)
+        now = self.clock()
+        schedule = self.settings.sending.retry_schedule_seconds
+        with session_scope(self.session_factory) as s:
+            d = s.get(Delivery, delivery_id)
+            assert d is not None
+            d.attempts = attempt_no
+            if not error:
+                d.state, d.delivered_at, d.next_attempt_at, d.last_error = DeliveryState.DELIVERED, now, None, None
             else:
-                log.info("delivery %d to %s delivered (%s)", delivery_id, name, summary)
-            return state
+                d.last_error = error[:2000]
+                # failures since queueing or the last manual retry pick the next delay
+                idx = self._failures_since_reset(s, delivery_id)
+                if idx < len(schedule):
+                    d.state = DeliveryState.RETRY_WAIT
+                    d.next_attempt_at = now + timedelta(seconds=schedule[idx])
+                else:
+                    d.state, d.next_attempt_at = DeliveryState.DEAD_LETTER, None
+            audit(s, self.actor, "delivery.attempt", "delivery", delivery_id, destination=name,
+                  attempt=attempt_no, outcome="delivered" if not error else d.state.value,
+                  error=error or None, summary=summary or None,
+                  next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None)
+            state = d.state
+        if error:
+            log.warning("delivery %d to %s attempt %d failed (%s): %s", delivery_id, name, attempt_no,
+                        state.value, error)
+        else:
+            log.info("delivery %d to %s delivered (%s)", delivery_id, name, summary)
+        return state
 
     def _failures_since_reset(self, s: Session, delivery_id: int) -> int:
         """Failed attempts since the delivery was queued or last manually retried (this one not yet audited)."""

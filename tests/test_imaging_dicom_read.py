@@ -110,18 +110,18 @@ def _copy_3slice(tmp: Path) -> list[Path]:
     return out
 
 
-def test_sorting_ignores_instance_number_and_rle_decoding(tmp_path: Path) -> None:
-    from pydicom.uid import RLELossless
-
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless"])
+def test_sorting_ignores_instance_number_and_compressed_decoding(tmp_path: Path, syntax: str) -> None:
+    uid = getattr(pydicom.uid, syntax)
     files = _copy_3slice(tmp_path)
     ref = read_series(files)
     for n, f in enumerate(files):
         ds = pydicom.dcmread(f)
         ds.InstanceNumber = 10 - n  # reversed numbering must not matter
-        ds.compress(RLELossless)
+        ds.compress(uid)
         ds.save_as(f)
     vol = read_series(list(reversed(files)))
-    assert vol.meta["TransferSyntaxUID"] == RLELossless
+    assert vol.meta["TransferSyntaxUID"] == uid
     np.testing.assert_array_equal(vol.array, ref.array)
     np.testing.assert_allclose(vol.origin, ref.origin)
 

@@ -48,6 +48,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     present = [m for m in fu.measurements.values() if m.status != "vanished"]
     assert present and len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
+    largest = max(present, key=lambda m: m.volume_mm3).tracking_id     # the screenshot jumps to it
 
     orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()
     try:
@@ -58,7 +59,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
             ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", fu.study_uid,
              "--out", str(out), "--seg", str(seg.SeriesDescription),
              "--sr", str(pydicom.dcmread(fu.sr_path, stop_before_pixels=True).SeriesDescription),
-             "--labels", "|".join(labels), "--sr-texts", "|".join(volumes)],
+             "--labels", "|".join(labels), "--sr-texts", "|".join(volumes), "--focus-label", largest],
             capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
     finally:
         orthanc.stop()

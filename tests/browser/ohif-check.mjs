@@ -109,13 +109,18 @@ try {
     await noTrack.first().click();
   } catch { step('no tracking prompt shown'); }
   // The SR viewport draws one measurement group at a time with its values; step through them with its arrows.
+  await page.waitForFunction(() => {
+    const pane = document.querySelector('[data-cy="viewport-pane"]');
+    return pane && /(Volume|Long axis|Diameter):/.test(pane.innerText);
+  }, null, { timeout: 30000 }).catch(() => step('no measurement text in the first SR view'));
+  let shotTaken = false;
   const seen = new Set();
   const wanted = new Set(srTexts);
   for (let i = 0; i < 3 * Math.max(1, srTexts.length) && wanted.size > 0; i++) {
     const text = await page.locator('[data-cy="viewport-pane"]').first().innerText();
     result.srPanelText += `--- measurement view ${i + 1}\n${text}\n`;
     for (const t of [...wanted]) if (text.includes(t)) { wanted.delete(t); seen.add(t); }
-    if (i === 0) await shot('ohif-sr.png');
+    if (!shotTaken && /(Volume|Long axis|Diameter):/.test(text)) { await shot('ohif-sr.png'); shotTaken = true; }
     if (wanted.size === 0) break;
     const next = page.locator('[data-cy="viewport-action-arrows-right"]');
     if (!(await next.count())) break;
@@ -125,6 +130,7 @@ try {
       return pane && pane.innerText !== prev;
     }, text, { timeout: 15000 }).catch(() => {});
   }
+  if (!shotTaken) await shot('ohif-sr.png');
   result.srTextsFound = [...seen];
   result.srTextsMissing = [...wanted];
   await shot('ohif-sr-last.png');

@@ -56,6 +56,7 @@ class SegWriteResult:
     source_datasets: list[Dataset] = field(default_factory=list)    # source slices sorted along the slice normal
     grid: Volume | None = None                                      # geometry of the sorted source slices
     segmentation_type: str = "binary"
+    segment_slices: dict[int, list[int]] = field(default_factory=dict)   # segment number → sorted slice indices
 
 
 def anatomic_code(site: str | None) -> hd.sr.CodedConcept | None:
@@ -129,46 +130,50 @@ def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesio
     sorted_ds, grid = sort_source_slices(source_datasets)
     present = sorted((les for les in lesions if les.status is not LesionStatus.VANISHED),
                      key=lambda les: (les.identity.label, les.identity.tracking_id))
-    masks: list[np.ndarray] = []
+    kind = segmentation_type.lower()
+    if kind not in ("binary", "labelmap", "auto"):
+        raise SegWriteError(f"unknown segmentation type {segmentation_type!r} (binary, labelmap or auto)")
+    # One pass, bounded memory: a label array for the whole grid plus each mask's slice range (crop).
+    crops: list[tuple[int, np.ndarray]] = []
     kept: list[TrackedLesion] = []
+    labels = np.zeros(grid.shape, np.uint8 if len(present) < 255 else np.uint16)
+    overlap = False
     for les in present:
         m = _mask_on_grid(les, grid)
-        if not m.any():
+        ks = np.flatnonzero(m.any(axis=(1, 2)))
+        if ks.size == 0:
             log.warning("lesion %s (%s) has an empty mask on series %s: no segment written",
                         les.identity.tracking_id, les.identity.tracking_uid, sorted_ds[0].SeriesInstanceUID)
             continue
-        masks.append(m)
+        overlap = overlap or bool((labels[m] != 0).any())
+        labels[m] = len(kept) + 1
+        crops.append((int(ks[0]), m[ks[0]:ks[-1] + 1].copy()))
         kept.append(les)
+        del m
     if not kept:
         raise SegWriteError(f"no present lesion with a non-empty mask for series {sorted_ds[0].SeriesInstanceUID}")
     uids = [les.identity.tracking_uid for les in kept]
     if len(set(uids)) != len(uids):
         raise SegWriteError(f"duplicate tracking UIDs among lesions: {uids}")
-
-    count = np.zeros(grid.shape, np.uint8)
-    for m in masks:
-        count += m
-    overlap = bool((count > 1).any())
-    del count
-    kind = segmentation_type.lower()
     if kind == "auto":
         kind = "binary" if overlap else "labelmap"
     if kind == "labelmap" and overlap:
         raise SegWriteError("lesion masks overlap: LABELMAP cannot encode them (use binary)")
-    if kind not in ("binary", "labelmap"):
-        raise SegWriteError(f"unknown segmentation type {segmentation_type!r} (binary, labelmap or auto)")
 
     n = len(kept)
     if not overlap:
         # label-map style input: one integer per voxel (works for BINARY and LABELMAP)
-        pixel = np.zeros(grid.shape, np.uint8 if n < 256 else np.uint16)
-        for number, m in enumerate(masks, start=1):
-            pixel[m] = number
+        pixel = labels
         sources = sorted_ds
     else:
         # stacked segments, restricted to slices that contain any lesion (keeps memory bounded)
-        slices = np.flatnonzero(np.any([m.any(axis=(1, 2)) for m in masks], axis=0))
-        pixel = np.stack([m[slices] for m in masks], axis=-1)
+        del labels
+        slices = sorted({k0 + d for k0, c in crops for d in range(c.shape[0])})
+        pos = {k: i for i, k in enumerate(slices)}
+        pixel = np.zeros((len(slices), *grid.shape[1:], n), bool)
+        for s_idx, (k0, c) in enumerate(crops):
+            for d in range(c.shape[0]):
+                pixel[pos[k0 + d], :, :, s_idx] = c[d]
         sources = [sorted_ds[i] for i in slices]
 
     descriptions = []
@@ -203,8 +208,9 @@ def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesio
         transfer_syntax_uid=RLELossless if kind == "labelmap" else ExplicitVRLittleEndian,
         omit_empty_frames=True, workers=workers)
     log.info("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
+    slices_of = {i: [k0 + d for d in range(c.shape[0]) if c[d].any()] for i, (k0, c) in enumerate(crops, start=1)}
     return SegWriteResult(seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds,
-                          grid, kind)
+                          grid, kind, slices_of)
 
 
 def save_new(dataset: Dataset, directory: str | Path) -> Path:

@@ -252,7 +252,7 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
         vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tid,
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_ds, segment_number),
+            referenced_segment=_referenced_segment(seg, segment_number),
             time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
             measurements=vol_meas, qualitative_evaluations=quals))
 
@@ -307,6 +307,19 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
 
 
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def _referenced_segment(seg: SegWriteResult, number: int) -> hd.sr.ReferencedSegment:
+    """Segment reference with its source images (highdicom's from_segmentation does not handle LABELMAP)."""
+    if seg.segmentation_type != "binary":
+        log.warning("SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
+                    "66.7 (validator gap); BINARY SEGs validate cleanly")
+    if seg.segmentation_type == "binary" or not seg.segment_slices:
+        return hd.sr.ReferencedSegment.from_segmentation(seg.dataset, number)
+    sources = [seg.source_datasets[k] for k in seg.segment_slices.get(number, [])]
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID, segment_number=number,
+        source_images=[hd.sr.SourceImageForSegmentation(d.SOPClassUID, d.SOPInstanceUID) for d in sources])
 
 
 def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.ContainerContentItem:

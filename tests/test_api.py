@@ -429,3 +429,22 @@ def test_thumbnail_finds_the_segment_by_tracking_uid(env) -> None:
     px = np.asarray(Image.open(io.BytesIO(rd(client, f"/api/observations/{obs_id}/thumbnail.png").content))
                     .convert("RGB")).reshape(-1, 3).astype(int)
     assert ((px[:, 0] > 200) & (px[:, 1] > 150) & (px[:, 2] < 80)).any(), "segment not found by Tracking UID"
+
+
+@pytest.mark.services
+def test_api_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """The same queries (enum filters, JSON columns, aggregates) on the scale-out database."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.web import create_app
+
+    upgrade(postgres_url)
+    sf = make_session_factory(make_engine(postgres_url))
+    built = synthetic_patient(sf, tmp_path, patient_id="LT-PG-1")
+    client = TestClient(create_app(_settings(tmp_path), sf))
+    for url in protected_urls(built):
+        assert rd(client, url).status_code == 200, url
+    assert rd(client, "/api/jobs", params={"state": "failed"}).json()["items"][0]["id"] == built.failed_job_id
+    tl = rd(client, f"/api/patients/{built.patient_pk}/timeline").json()
+    assert len(tl["timepoints"]) == len(built.timepoints) and tl["best_overall_response"]
+    assert client.get("/ready").status_code == 200

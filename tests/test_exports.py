@@ -27,7 +27,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     built = synthetic_patient(sf, tmp, with_failed_job=False)
     with session_scope(sf) as s:
         tl = build_timeline(s, built.patient_pk)
-    return built, tl
+    return built, tl, url
 
 
 def _num(group, concept) -> float | None:  # type: ignore[no-untyped-def]
@@ -66,7 +66,7 @@ def _sr_values(sr_path: Path) -> tuple[dict[str, dict[str, float | str | None]],
 
 
 def test_csv_values_equal_the_sr_measurements(exported) -> None:
-    built, tl = exported
+    built, tl, _ = exported
     rows = list(csv.DictReader(io.StringIO(exports.lesions_csv(tl, built.patient_id))))
     assert rows and list(rows[0]) == exports.LESION_COLUMNS
     checked = 0
@@ -92,7 +92,7 @@ def test_csv_values_equal_the_sr_measurements(exported) -> None:
 
 
 def test_cdisc_tr_equals_the_sr_and_tu_rs_are_complete(exported) -> None:
-    built, tl = exported
+    built, tl, _ = exported
     dom = exports.cdisc_domains(tl, built.patient_id)
     uid_of = {r.tracking_id: r.tracking_uid for r in tl.lesions}
     for tp in built.timepoints:
@@ -119,7 +119,7 @@ def test_cdisc_tr_equals_the_sr_and_tu_rs_are_complete(exported) -> None:
 
 
 def test_json_has_the_same_rows_as_csv(exported) -> None:
-    built, tl = exported
+    built, tl, _ = exported
     rows = list(csv.DictReader(io.StringIO(exports.lesions_csv(tl, built.patient_id))))
     js = json.loads(exports.lesions_json(tl, built.patient_id))
     assert js["columns"] == exports.LESION_COLUMNS and len(js["rows"]) == len(rows)
@@ -132,3 +132,23 @@ def test_json_has_the_same_rows_as_csv(exported) -> None:
                 assert c[k] == ("" if v is None else str(v)), k
     assert json.loads(exports.cdisc_json(tl, built.patient_id)) == json.loads(
         json.dumps(exports.cdisc_domains(tl, built.patient_id)))
+
+
+def test_export_command(exported, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lesiontrack.cli import app
+
+    built, tl, url = exported
+    env = {"LESIONTRACK_DATABASE_URL": url, "LESIONTRACK_CONFIG": ""}
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", "--patient", str(built.patient_pk), "--format", "csv"], env=env)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == exports.lesions_csv(tl, built.patient_id)
+    out = tmp_path / "rs.csv"
+    r = runner.invoke(app, ["export", "--patient", str(built.patient_pk), "--format", "rs", "--out", str(out)], env=env)
+    assert r.exit_code == 0 and out.read_text() == exports.cdisc_csv(tl, built.patient_id, "RS")
+    assert runner.invoke(app, ["export", "--patient", "999", "--format", "csv"], env=env).exit_code == 1
+    assert runner.invoke(app, ["export", "--patient", "1", "--format", "xls"], env=env).exit_code == 2
+    r = runner.invoke(app, ["export", "--list"], env=env)
+    assert r.exit_code == 0 and f"{built.patient_pk}\t" in r.stdout

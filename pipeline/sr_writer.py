@@ -195,6 +195,9 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
              device_uid: str | None = None) -> SrWriteResult:
     """Build the TID 1500 report of one follow-up series (see the module docstring for the content)."""
     locator = _SliceLocator(source_datasets)
+    if seg.segmentation_type != "binary":
+        log.info("SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
+                 "66.7 (validator gap); BINARY SEGs validate cleanly")
     seg_ds = seg.dataset
     tp_ctx = time_point.context
     groups: list = []
@@ -311,9 +314,6 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 def _referenced_segment(seg: SegWriteResult, number: int) -> hd.sr.ReferencedSegment:
     """Segment reference with its source images (highdicom's from_segmentation does not handle LABELMAP)."""
-    if seg.segmentation_type != "binary":
-        log.warning("SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
-                    "66.7 (validator gap); BINARY SEGs validate cleanly")
     if seg.segmentation_type == "binary" or not seg.segment_slices:
         return hd.sr.ReferencedSegment.from_segmentation(seg.dataset, number)
     sources = [seg.source_datasets[k] for k in seg.segment_slices.get(number, [])]

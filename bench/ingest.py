@@ -1,8 +1,9 @@
 """Ingest benchmark: dcmtk ``storescu`` → dcmtk ``storescp`` (anchor) vs → the LesionTrack Storage SCP, loopback.
 
 A ≥300-instance CT series is generated from one real slice (new UIDs per instance). Runs alternate between the
-receivers (plus a no-op pynetdicom handler, to show the library's own ceiling); both sides get ``TCP_NODELAY=1`` (dcmtk reads it from the environment; our SCP sets it on
-accepted sockets) and storescp writes bit-preserving (``+B``), like our raw-bytes path. Then 4 concurrent
+receivers (plus a no-op pynetdicom handler, to show the library's own ceiling); both sides get ``TCP_NODELAY=1``
+(dcmtk reads it from the environment; our SCP sets it on accepted sockets) and storescp writes bit-preserving
+(``+B``), like our raw-bytes path. Then 4 concurrent
 ``storescu`` processes (one series each) go to each receiver (storescp ``--fork``); lost instances are counted
 from what each receiver has on disk (and, for LesionTrack, in its database). Prints one JSON document.
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Instance, Series, SeriesState
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
-from dicom_node.storage import InstanceStore, InvalidDataset, StorageFull, check_structure, is_valid_uid, sha256_hex
+from dicom_node.storage import InstanceStore, StorageFull, check_structure, is_valid_uid, sha256_hex
 
 log = logging.getLogger(__name__)
 

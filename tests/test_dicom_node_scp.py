@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -259,6 +258,19 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     assert echoscu(node.port) == 0
     storescu(node.port, series)                   # the sender retries the whole series: all there, once each
     assert node.count() == 1 + len(series)
+
+    # not DICOM at all on the socket: the connection is dropped, the node keeps serving
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x00" * 100)
+        sock.settimeout(10)
+        try:
+            while sock.recv(4096):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert echoscu(node.port) == 0
 
 
 def test_database_failure_answers_failure_and_leaves_no_file(node: Node) -> None:

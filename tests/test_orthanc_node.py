@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import select
 
 from config.settings import PacsPeer, RetrieveMethod, SendMethod
-from db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision, SeriesState
+from db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision
 from db.session import session_scope
 from dicom_node.priors import PriorFinder, annotation_references
 from dicom_node.sending import DeliveryService

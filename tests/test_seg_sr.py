@@ -16,7 +16,7 @@ import pytest
 
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, PromptKind
-from pipeline.dicom_validate import dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.measurements import LesionMeasurement, lesion_changes, measure_lesion
 from pipeline.recist import RecistAssessment, RecistLesion, Response, assess
@@ -45,7 +45,7 @@ class Written:
 def _dciodvfy() -> None:
     try:
         dciodvfy_path()
-    except RuntimeError:
+    except ToolMissing:
         require_tool("dciodvfy")
 
 

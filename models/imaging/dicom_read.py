@@ -79,16 +79,23 @@ def _expand(paths: Path | str | Iterable[Path | str]) -> list[Path]:
     return out
 
 
+def _is_dicomdir(ds: Dataset) -> bool:
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
+    return sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds
+
+
+def _series_key(ds: Dataset) -> str:
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    return uid or f"{NO_SERIES_UID}{ds.get('FrameOfReferenceUID', '') or '?'}"
+
+
 def _read_header(path: Path) -> Dataset | None:
     """Header without pixels; None for non-DICOM files and DICOMDIRs."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - anything unreadable is simply not part of a series
         return None
-    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
-    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
-        return None
-    return ds
+    return None if _is_dicomdir(ds) else ds
 
 
 def group_series(paths: Path | str | Iterable[Path | str]) -> dict[str, list[Path]]:
@@ -103,10 +110,7 @@ def group_series(paths: Path | str | Iterable[Path | str]) -> dict[str, list[Pat
         ds = _read_header(f)
         if ds is None:
             continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not uid:
-            uid = f"{NO_SERIES_UID}{ds.get('FrameOfReferenceUID', '') or '?'}"
-        groups[uid].append(f)
+        groups[_series_key(ds)].append(f)
     return dict(groups)
 
 
@@ -210,26 +214,31 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
     Raises :class:`SeriesError` for: no images, several series without ``series_uid``, localizers, non-image
     objects, mixed sizes/orientations/pixel spacings, duplicate slice positions, missing geometry.
     """
-    groups = group_series(paths)
+    # one parse per file; PixelData stays on disk (deferred) until the chosen series is decoded
+    groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    for f in _expand(paths):
+        try:
+            ds = pydicom.dcmread(f, defer_size="64 KB")
+        except Exception:  # noqa: BLE001 - not DICOM: not part of any series
+            continue
+        if _is_dicomdir(ds):
+            continue
+        groups[_series_key(ds)].append((f, ds))
     if not groups:
         raise SeriesError(f"{paths}: no DICOM image files found")
     if series_uid is not None:
         if series_uid not in groups:
             raise SeriesError(f"{paths}: series {series_uid} not found (present: {', '.join(sorted(groups))})")
-        files = groups[series_uid]
+        chosen = groups[series_uid]
     elif len(groups) > 1:
-        listing = "; ".join(f"{uid} ({len(fs)} files, e.g. {fs[0].name})" for uid, fs in sorted(groups.items()))
+        listing = "; ".join(f"{uid} ({len(fs)} files, e.g. {fs[0][0].name})" for uid, fs in sorted(groups.items()))
         raise SeriesError(f"{paths}: input mixes {len(groups)} series: {listing}; pass series_uid to choose one")
     else:
-        files = next(iter(groups.values()))
+        chosen = next(iter(groups.values()))
 
     datasets: list[tuple[Path, Dataset]] = []
     slices: list[_Slice] = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f)
-        except Exception as exc:  # noqa: BLE001
-            raise SeriesError(f"{f}: cannot be read as DICOM ({exc})") from exc
+    for f, ds in chosen:
         _check_is_image(ds, f)
         datasets.append((f, ds))
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -252,17 +261,29 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         except Exception as exc:  # noqa: BLE001
             ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "?")
             raise SeriesError(f"{f}: pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
-    planes = []
+    integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
+    planes: list[Array] = []
     for s in slices:
         px = frames_by_file[s.path]
         px = px[s.frame] if s.frame is not None else px
         if px.shape != (s.rows, s.cols):
             raise SeriesError(f"{s.path}: pixel array shape {px.shape} does not match Rows/Columns")
-        planes.append(px.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept))
+        if integral:  # exact integer HU, kept as int16 when it fits
+            hu = px.astype(np.int32)
+            if s.slope != 1:
+                hu *= int(s.slope)
+            hu += int(s.intercept)
+        else:
+            hu = px.astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
+        planes.append(hu)
+    if integral and all(p.min() >= -32768 and p.max() <= 32767 for p in planes):
+        planes = [p.astype(np.int16) for p in planes]
+    elif integral:
+        planes = [p.astype(np.float32) for p in planes]
+    frames_by_file.clear()
 
     volume = _assemble(slices, planes)
-    integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
-    if integral and volume.array.min() >= -32768 and volume.array.max() <= 32767:
+    if integral and volume.array.dtype != np.int16 and volume.array.min() >= -32768 and volume.array.max() <= 32767:
         volume.array = np.rint(volume.array).astype(np.int16)
 
     order = volume.meta.pop("_order")
@@ -331,6 +352,7 @@ def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
         return Volume(stack, pos0, spacing, direction, meta)
 
     # resample: regular grid along the normal, in-plane grid extended to cover all shifted slices
+    stack = stack.astype(np.float32)
     spacing_k = _target_gap(gaps) if irregular else float(np.mean(gaps))
     n_out = int(np.floor((dist[-1] - dist[0]) / spacing_k + 1e-6)) + 1
     d_out = dist[0] + spacing_k * np.arange(n_out)

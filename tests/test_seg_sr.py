@@ -386,3 +386,67 @@ def test_overlapping_lesions(written: Written) -> None:
         warnings.simplefilter("ignore")
         back = hd.seg.Segmentation.from_dataset(seg.dataset)
     assert back.segment_numbers == [1, 2]
+
+
+def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Path) -> None:
+    """OHIF/dcmjs-style groups: NUM "Length" inferred from a POLYLINE, a bidirectional (Long/Short Axis NUMs each with
+    a POLYLINE), an ELLIPSE region and a POINT probe; OHIF's tool tag as Tracking Identifier and a UID per measurement."""
+    from pydicom.sr.codedict import codes
+
+    tp = written.tps[0]
+    by_k = {round(float(d.ImagePositionPatient[2]), 3): d for d in tp.datasets}
+    groups = []
+    for n, les in enumerate(l for l in tp.lesions if l.status is not LesionStatus.VANISHED):
+        idx = np.argwhere(les.mask.array > 0)
+        k = int(np.median(idx[:, 0]))
+        sl = idx[idx[:, 0] == k]
+        (j0, i0), (j1, i1) = sl[:, 1:].min(0), sl[:, 1:].max(0)
+        z = float(tp.ct.index_to_patient([0, 0, k])[2])
+        ds = by_k[round(z, 3)]
+        src = hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID)
+        cx, cy = (i0 + i1) / 2 + 0.5, (j0 + j1) / 2 + 0.5
+        horiz = np.array([[i0 + 0.5, cy], [i1 + 0.5, cy]], np.float32)
+        vert = np.array([[cx, j0 + 0.5], [cx, j1 + 0.5]], np.float32)
+        tool = ["Length", "Bidirectional", "EllipticalROI"][n % 3]
+        tid = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"cornerstone3DTools@^0.1.0:{tool}")
+        if tool == "Length":
+            meas = [hd.sr.Measurement(codes.SCT.Length, float(i1 - i0), codes.UCUM.Millimeter,
+                                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", horiz, src)])]
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tid, measurements=meas))
+        elif tool == "Bidirectional":
+            meas = [hd.sr.Measurement(codes.SCT.LongAxis, float(i1 - i0), codes.UCUM.Millimeter,
+                                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", horiz, src)]),
+                    hd.sr.Measurement(codes.SCT.ShortAxis, float(j1 - j0), codes.UCUM.Millimeter,
+                                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", vert, src)])]
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tid, measurements=meas))
+        else:
+            ell = np.concatenate([horiz, vert]).astype(np.float32)
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("ELLIPSE", ell, src)))
+    probe_ds = tp.datasets[len(tp.datasets) // 2]
+    groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="cornerstone3DTools@^0.1.0:Probe"),
+        referenced_region=hd.sr.ImageRegion("POINT", np.array([[36.5, 36.5]], np.float32),
+                                            hd.sr.SourceImageForRegion(probe_ds.SOPClassUID,
+                                                                       probe_ds.SOPInstanceUID))))
+    observer = hd.sr.ObservationContext(observer_person_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Reader^One")))
+    report = hd.sr.MeasurementReport(observer, codes.LN.CTUnspecifiedBodyRegion, groups)
+    sr = hd.sr.Comprehensive3DSR(evidence=tp.datasets, content=report, series_instance_uid=hd.UID(),
+                                 series_number=300, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="OHIF")
+    path = save_new(sr, tmp_path)
+    prompts = read_sr_prompts(path, images=tp.datasets)         # no Image Library: geometry from the CT headers
+    assert len(prompts) == 4
+    boxes = [p for p in prompts if p.kind is PromptKind.BOX]
+    assert len(boxes) == 3 and [p for p in prompts if p.kind is PromptKind.POINTS]
+    assert all(not p.identity.tracking_id.startswith("cornerstone") for p in prompts)
+    present = [les for les in tp.lesions if les.status is not LesionStatus.VANISHED]
+    for les, p in zip(present, boxes):
+        centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
+        lo, hi = p.box_mm
+        assert np.all(centre >= lo - 1.0) and np.all(centre <= hi + 1.0), (les.identity.tracking_id, lo, hi, centre)
+    # the same SR read through the CT volume's instance list (models.imaging.dicom_read style meta)
+    ct = tp.ct.with_array(tp.ct.array, SOPInstanceUIDs=[d.SOPInstanceUID for d in tp.datasets],
+                          slices_match_instances=True)
+    assert len(read_sr_prompts(path, ct)) == 4

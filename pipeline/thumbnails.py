@@ -169,8 +169,10 @@ def volume_plot(labels: Sequence[str], volumes_ml: Sequence[float | None], *, ti
     ax.plot(x, vols, marker="o", color="#1f6fd1", label="volume (mL)")
     for xi, v in zip(x, vols):
         if not np.isnan(v):
-            ax.annotate(f"{v:.2f}", (xi, v), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
-    ax.set_ylabel("volume (mL)", fontsize=8)
+            ax.annotate(f"{v:.2f}", (xi, v), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7,
+                        color="#1f6fd1")
+    ax.set_ylabel("volume (mL)", fontsize=8, color="#1f6fd1")
+    ax.set_xlim(-0.4, len(labels) - 0.6)
     ax.set_ylim(bottom=0, top=max(1e-3, float(np.nanmax(vols)) if np.isfinite(vols).any() else 1.0) * 1.25)
     ax.set_xticks(x, list(labels), fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
@@ -179,12 +181,12 @@ def volume_plot(labels: Sequence[str], volumes_ml: Sequence[float | None], *, ti
         la = np.array([np.nan if v is None else v for v in long_axes_mm], dtype=float)
         ax2 = ax.twinx()
         ax2.plot(x, la, marker="s", linestyle="--", color="#d1701f", label="long axis (mm)")
-        ax2.set_ylabel("long axis (mm)", fontsize=8)
+        ax2.set_ylabel("long axis (mm)", fontsize=8, color="#d1701f")
         ax2.tick_params(axis="y", labelsize=7)
         ax2.set_ylim(bottom=0, top=max(1.0, float(np.nanmax(la)) if np.isfinite(la).any() else 1.0) * 1.25)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.85 if long_axes_mm is not None else 0.97, bottom=0.24, top=0.86)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()

@@ -2,12 +2,14 @@
 
 Files are located through the ``instance`` table: the SEG by the observation's SEG SOP Instance UID, the CT slice by
 the SOP Instance UID the SEG frame was derived from. Thumbnails are immutable per observation and cached under
-``<data_dir>/thumbnails``; volume plots are drawn per request (they change as timepoints are added).
+``<data_dir>/thumbnails``; volume plots are cached under a key made of the lesion's observation ids, so a new
+timepoint or a re-analysis draws a new one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from sqlalchemy import select
@@ -27,6 +29,13 @@ def _file_of(session: Session, sop_uid: str) -> Path | None:
         return None
     path = Path(row.file_path)
     return path if path.is_file() else None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 class ImageService:
@@ -67,10 +76,7 @@ class ImageService:
             log.warning("thumbnail for observation %s: %s", observation_id, exc)
             return thumbnails.placeholder_png(f"{tracking_id}\nCT unreadable")
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_bytes(png)
-            tmp.replace(cached)
+            _write_atomic(cached, png)
         return png
 
     def lesion_plot(self, lesion_id: int) -> bytes:
@@ -81,6 +87,11 @@ class ImageService:
                 raise KeyError(f"no lesion with id {lesion_id}")
             tl = build_timeline(s, lesion.patient_pk)
         row = next(r for r in tl.lesions if r.lesion_id == lesion_id)
+        # cached per set of observations (a new timepoint or re-analysis changes the key)
+        sig = "-".join(str(c.observation_id) if c else "x" for c in row.cells)
+        cached = self.cache_dir / f"plot-{lesion_id}-{sig}.png" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return cached.read_bytes()
         labels, vols, las = [], [], []
         for tp in tl.timepoints:
             c = row.cells[tp.index]
@@ -94,4 +105,7 @@ class ImageService:
             else:
                 vols.append(c.volume_ml)
                 las.append(c.long_axis_mm)
-        return thumbnails.volume_plot(labels, vols, long_axes_mm=las, title=f"{row.tracking_id} — volume over time")
+        png = thumbnails.volume_plot(labels, vols, long_axes_mm=las, title=f"{row.tracking_id} — volume over time")
+        if cached is not None:
+            _write_atomic(cached, png)
+        return png

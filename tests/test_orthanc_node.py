@@ -25,6 +25,24 @@ from tests.test_dicom_node_scp import Node, dataset_bytes, j2k_series, storescu
 pytestmark = pytest.mark.services
 
 
+def prior_sr(dest: Path, ct: list[Path]) -> Path:
+    """A TID 1500 SR about the prior CT: dcmqi's example SR re-pointed (evidence, patient, study) at that CT."""
+    ref = dcmread(ct[0], stop_before_pixels=True)
+    ds = dcmread(require_shared_data("interop", "seg_sr", "dcmqi_sr-example_sr.dcm"))
+    ds.PatientID, ds.StudyInstanceUID = ref.PatientID, ref.StudyInstanceUID
+    ds.StudyDate, ds.StudyTime = ref.StudyDate, ref.StudyTime
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ev = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    ev.StudyInstanceUID = ref.StudyInstanceUID
+    ev.ReferencedSeriesSequence = [ev.ReferencedSeriesSequence[0]]
+    ev.ReferencedSeriesSequence[0].SeriesInstanceUID = ref.SeriesInstanceUID
+    dest.mkdir(parents=True, exist_ok=True)
+    p = dest / "sr.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
 def prior_files() -> tuple[list[Path], Path]:
     """Patient 99000, 2003-04-17: a 3-slice CT and the DICOM SEG (liver) that references it."""
     ct = sorted(require_shared_data("interop", "seg_sr", "dcmqi_ct-3slice").glob("*.dcm"))
@@ -95,7 +113,8 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
     site = Site(tmp_path, method=method)
     try:
         ct, seg = prior_files()
-        for f in [*ct, seg]:
+        sr = prior_sr(tmp_path / "sr", ct)
+        for f in [*ct, seg, sr]:
             site.orthanc.upload(f)
         # the follow-up arrives at the node: same patient, 2022
         follow = j2k_series(tmp_path / "follow", patient_id="99000", study_date="20221208")
@@ -106,9 +125,10 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
         priors = finder.find_priors(follow_uid)
         ct_series = str(dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
         assert [(p.ct_series_uid, p.source, p.study_date) for p in priors] == [(ct_series, "pacs", "20030417")]
-        assert [(a.modality, a.sop_instance_uid) for a in priors[0].annotations] == \
-            [("SEG", str(dcmread(seg, stop_before_pixels=True).SOPInstanceUID))]
-        assert priors[0].annotations[0].files and priors[0].annotations[0].files[0].is_file()
+        assert sorted((a.modality, a.sop_instance_uid) for a in priors[0].annotations) == \
+            [("SEG", str(dcmread(seg, stop_before_pixels=True).SOPInstanceUID)),
+             ("SR", str(dcmread(sr, stop_before_pixels=True).SOPInstanceUID))]
+        assert all(a.files and a.files[0].is_file() for a in priors[0].annotations)
 
         got = finder.retrieve(priors[0])
         assert len(got.ct_files) == 3

@@ -167,6 +167,7 @@ def test_jobs_list_filters_and_detail(env) -> None:
         assert body["total"] == s.query(AnalysisJob).count()
     ids = [j["id"] for j in body["items"]]
     assert ids == sorted(ids, reverse=True)
+    assert sum(body["counts"].values()) == body["total"] and set(body["counts"]) == {st.value for st in JobState}
     for state in {j["state"] for j in body["items"]}:
         some = rd(client, "/api/jobs", params={"state": state}).json()["items"]
         assert some and all(j["state"] == state for j in some)

@@ -53,9 +53,24 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     thread.start()
     try:
         wait_for_port(port, timeout=30)
-        proc = subprocess.run(["node", str(BROWSER_DIR / "dashboard-check.mjs"), "--url", f"http://127.0.0.1:{port}",
-                               "--key", KEY, "--patient", str(built.patient_pk), "--out", str(tmp_path / "shots")],
-                              capture_output=True, text=True, timeout=300, cwd=BROWSER_DIR)
+        node = subprocess.Popen(["node", str(BROWSER_DIR / "dashboard-check.mjs"), "--url", f"http://127.0.0.1:{port}",
+                                 "--key", KEY, "--patient", str(built.patient_pk), "--out", str(tmp_path / "shots"),
+                                 "--live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=BROWSER_DIR)
+        # once the page watches the queue, a job appears in the database; the page must show it without a reload
+        assert node.stderr is not None
+        seen = []
+        for line in node.stderr:
+            seen.append(line)
+            if line.strip() == "WATCHING-QUEUE":
+                break
+        with session_scope(sf) as s:
+            live = AnalysisJob(followup_series_uid=built.timepoints[1].series_uid, patient_pk=built.patient_pk,
+                               step_timings={}, step_outputs={})
+            s.add(live)
+            s.flush()
+            live_id = live.id
+        stdout, stderr = node.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(node.args, node.returncode, stdout, "".join(seen) + stderr)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -68,9 +83,11 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     assert "error" not in result, result.get("error")
     assert result["blocked"] == [] and result["pageErrors"] == []
 
-    # job queue = database
+    assert result["liveNewJob"] == {"id": live_id, "state": "queued"}, "queue did not refresh by itself"
+
+    # job queue = database (as it was when the page was read)
     with session_scope(sf) as s:
-        jobs = s.scalars(select(AnalysisJob).order_by(AnalysisJob.id.desc())).all()
+        jobs = s.scalars(select(AnalysisJob).where(AnalysisJob.id != live_id).order_by(AnalysisJob.id.desc())).all()
         assert [(j["id"], j["state"]) for j in result["jobs"]] == [(j.id, j.state.value) for j in jobs]
         failed = [j for j in result["jobs"] if j["state"] == "failed"]
         assert failed and failed[0]["retryButton"] and "registration diverged" in failed[0]["error"]

@@ -59,7 +59,10 @@ def list_jobs(request: Request, state: JobState | None = None, series_uid: str |
             q = q.where(AnalysisJob.patient_pk == patient)
         total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
         rows = s.scalars(q.order_by(AnalysisJob.id.desc()).offset(offset).limit(limit))
-        return sc.JobList(total=total, items=[sc.JobSummary.of(j) for j in rows])
+        counts = {st.value: 0 for st in JobState}
+        for st, n in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state)):
+            counts[JobState(st).value] = n
+        return sc.JobList(total=total, items=[sc.JobSummary.of(j) for j in rows], counts=counts)
 
 
 @router.get("/jobs/{job_id}", response_model=sc.JobDetail, tags=["jobs"],

@@ -84,6 +84,7 @@ class JobDetail(JobSummary):
 class JobList(BaseModel):
     total: int
     items: list[JobSummary]
+    counts: dict[str, int] = {}       # all jobs by state (ignores the filters)
 
 
 class JobQueued(BaseModel):

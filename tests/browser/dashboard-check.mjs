@@ -66,6 +66,18 @@ try {
     as.map((a) => [a.dataset.state, Number(a.querySelector('b').textContent)])));
   await shot('dashboard-jobs.png');
 
+  // live refresh: with --live, tell the caller we are watching, then wait for a job row that was not there
+  if (argv.includes('--live')) {
+    const known = result.jobs.map((j) => j.id);
+    process.stderr.write('WATCHING-QUEUE\n');
+    const handle = await page.waitForFunction((ids) => {
+      const rows = Array.from(document.querySelectorAll('#jobs tbody tr[data-job-id]'));
+      const fresh = rows.find((tr) => !ids.includes(Number(tr.dataset.jobId)));
+      return fresh ? { id: Number(fresh.dataset.jobId), state: fresh.querySelector('.badge').textContent.trim() } : null;
+    }, known, { timeout: 30000 });
+    result.liveNewJob = await handle.jsonValue();
+  }
+
   // patient timeline
   await page.goto(`${base}/patients/${patient}`);
   await page.waitForSelector('#timeline');

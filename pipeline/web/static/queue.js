@@ -47,6 +47,10 @@
         if (prev && prev.cells[7]) fresh.cells[7].textContent = prev.cells[7].textContent;   // keep server-computed time
         return fresh;
       }));
+      for (const a of document.querySelectorAll('#job-counts a[data-state]')) {
+        const b = a.querySelector('b');
+        if (b && data.counts && a.dataset.state in data.counts) b.textContent = String(data.counts[a.dataset.state]);
+      }
       document.getElementById('refreshed').textContent = 'Last refresh ' + new Date().toLocaleTimeString();
     } catch (e) { /* keep the last table */ }
   }

@@ -44,10 +44,9 @@ def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_u
     except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file name
         raise ThumbnailError(f"{seg_path}: not a readable DICOM-SEG ({exc})") from exc
     if segment_number is None:
-        found = seg.get_segment_numbers(tracking_uid=tracking_uid) if tracking_uid else []
-        if not found:
+        segment_number = _segment_of(seg, tracking_uid)
+        if segment_number is None:
             raise ThumbnailError(f"{seg_path}: no segment with Tracking UID {tracking_uid}")
-        segment_number = int(found[0])
     if segment_number not in seg.segment_numbers:
         raise ThumbnailError(f"{seg_path}: no segment number {segment_number} (has {list(seg.segment_numbers)})")
     uids = [u[2] for u in seg.get_source_image_uids()]
@@ -60,6 +59,22 @@ def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_u
     if areas[best] == 0:
         raise ThumbnailError(f"{seg_path}: segment {segment_number} is empty")
     return LesionSlice(uids[best], pixels[best] > 0)
+
+
+def _segment_of(seg, tracking_uid: str | None) -> int | None:  # type: ignore[no-untyped-def]
+    """The segment carrying ``tracking_uid``, or whose derived UID it is (a SEG without Tracking UIDs, read by
+    :func:`pipeline.seg_reader.read_seg`, gets ``derived_tracking_uid(SOPInstanceUID, segment number)``)."""
+    from pipeline.seg_reader import derived_tracking_uid
+
+    if not tracking_uid:
+        return None
+    found = seg.get_segment_numbers(tracking_uid=tracking_uid)
+    if found:
+        return int(found[0])
+    for n in seg.segment_numbers:
+        if derived_tracking_uid(str(seg.SOPInstanceUID), int(n)) == tracking_uid:
+            return int(n)
+    return None
 
 
 def ct_slice_hu(ct_path: Path) -> np.ndarray:

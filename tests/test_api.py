@@ -449,3 +449,18 @@ def test_api_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     tl = rd(client, f"/api/patients/{built.patient_pk}/timeline").json()
     assert len(tl["timepoints"]) == len(built.timepoints) and tl["best_overall_response"]
     assert client.get("/ready").status_code == 200
+
+
+def test_thumbnail_of_a_seg_without_tracking_uids() -> None:
+    """A radiologist's SEG without Tracking UIDs: the lesion UID is the one seg_reader derives from the segment."""
+    import highdicom as hd
+
+    from pipeline.seg_reader import derived_tracking_uid
+    from pipeline.thumbnails import lesion_slice_from_seg
+    from tests.conftest import require_shared_data
+
+    path = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
+    seg = hd.seg.segread(str(path))
+    sl = lesion_slice_from_seg(path, None, derived_tracking_uid(str(seg.SOPInstanceUID), 1))
+    assert sl.mask.sum() > 30000
+    assert sl.source_sop_instance_uid in {u[2] for u in seg.get_source_image_uids()}

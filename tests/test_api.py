@@ -319,9 +319,12 @@ def test_metrics(env) -> None:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     with session_scope(sf) as s:
-        from db.models import Instance
+        from db.models import Instance, Series
 
-        assert values["lesiontrack_instances_received_total"] == s.query(Instance).count()
+        received = s.query(Instance).join(Series, Instance.series_pk == Series.id).filter(
+            Series.created_by_us.is_(False)).count()
+        assert received == sum(len(tp.ct_files) for tp in built.timepoints)
+        assert values["lesiontrack_instances_received_total"] == received
         for state in JobState:
             assert values[f'lesiontrack_jobs{{state="{state.value}"}}'] == \
                 s.query(AnalysisJob).filter(AnalysisJob.state == state).count()

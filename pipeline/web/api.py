@@ -32,12 +32,7 @@ from pipeline.web.timeline import build_timeline
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
-Read = Annotated[Principal, Depends(require_read)]
 Operator = Annotated[Principal, Depends(require_operator)]
-
-
-def _session(request: Request) -> Session:
-    return request.app.state.session_factory()
 
 
 def _not_found(what: str) -> HTTPException:

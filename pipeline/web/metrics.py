@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AnalysisJob, Delivery, DeliveryState, Instance, JobState
+from db.models import AnalysisJob, Delivery, DeliveryState, Instance, JobState, Series
 from db.session import session_scope
 
 
@@ -30,13 +30,14 @@ class DatabaseCollector:
 
     def collect(self) -> Iterator[Metric]:
         with session_scope(self.sf) as s:
-            instances = s.scalar(select(func.count(Instance.id))) or 0
+            instances = s.scalar(select(func.count(Instance.id)).join(Series, Instance.series_pk == Series.id)
+                                 .where(Series.created_by_us.is_(False))) or 0
             jobs = {k: v for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))}
             timings = [t for (t,) in s.execute(select(AnalysisJob.step_timings)) if t]
             deliveries = {k: v for k, v in s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state))}
             attempts = list(s.execute(select(Delivery.state, Delivery.attempts)))
 
-        c = CounterMetricFamily("lesiontrack_instances_received", "DICOM instances received and stored")
+        c = CounterMetricFamily("lesiontrack_instances_received", "DICOM instances received and stored (our own SEG/SR not counted)")
         c.add_metric([], float(instances))
         yield c
 

@@ -73,7 +73,7 @@ def _baseline_seg(series: DemoSeries, labels: Any, lesions: list[dict[str, Any]]
 
 def make_patient(out_dir: Path, *, seed: int = 11, shape: tuple[int, int, int] = (96, 144, 144),
                  spacing: tuple[float, float, float] = (2.5, 2.5, 2.5), n_lesions: int = 5, n_followups: int = 2,
-                 changes: bool = True) -> DemoPatient:
+                 changes: bool = True, synth_seed: int = 2) -> DemoPatient:
     from pydicom.uid import generate_uid
 
     from models.imaging.phantom import make_phantom
@@ -94,12 +94,18 @@ def make_patient(out_dir: Path, *, seed: int = 11, shape: tuple[int, int, int] =
     followups: list[DemoSeries] = []
     truth: dict[str, Any] = {"lesions": lesions, "timepoints": []}
     if changes:
-        from models.imaging import synthesis
+        from models.imaging.synthesis import SynthConfig, synthesize_patient
 
-        series = synthesis.demo_followups(ph, np.random.default_rng([seed, 99]), n_followups)
-        for t, (ct, info) in enumerate(series, start=1):
-            followups.append(_write(ct, out_dir / f"followup{t}", patient_id, dates[t], f"follow-up {t}", t + 1))
-            truth["timepoints"].append(info)
+        # no new lesions (nothing marks them); with the default seeds (11, 2): growth, shrinkage and lesion 5
+        # vanishing at the second follow-up
+        synth = synthesize_patient(ph.ct, ph.lesions, np.random.default_rng([seed, synth_seed]), n_followups,
+                                   SynthConfig(p_new=0.0, p_vanish=0.2), patient_id=patient_id,
+                                   lesion_kinds={i.label: i.kind for i in ph.lesion_info}, seed=seed)
+        for tp in synth.timepoints[1:]:
+            t = tp.index
+            followups.append(_write(tp.ct, out_dir / f"followup{t}", patient_id, dates[t], f"follow-up {t}", t + 1))
+            truth["timepoints"].append({"index": t, "lesions": {k: v.to_dict() for k, v in tp.lesions.items()},
+                                        "changes": tp.changes})
     else:
         from models.imaging.transforms import apply_transform, random_patient_motion
 

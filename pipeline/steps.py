@@ -216,7 +216,7 @@ def register(ctx: JobContext) -> dict[str, Any]:
     svc = _svc(ctx)
     name = svc.settings.engines.registration
     engine = get_registration_engine(name) if name == "none" else get_registration_engine(
-        name, settings=svc.settings.engines, device=ctx.device)
+        name, settings=svc.settings.engines, device=ctx.device, seed=svc.settings.compute.seed)
     reg = engine.register(ctx.memory["prior_ct"], ctx.memory["followup_ct"])
     ctx.memory["registration"] = reg
     q = reg.quality

@@ -94,12 +94,15 @@ class Sweeper:
         store = self.service.store
         ids = set(store.recover_orphans(self.service.worker))
         if everything:
-            ids.update(store.claimable_ids(limit=1000))
+            for j in store.claimable_ids(limit=1000):
+                self._published[j] = store.get(j).next_retry_at
+                ids.add(j)
         else:
             for j in store.claimable_ids(limit=1000):
                 view = store.get(j)
-                if view.state is JobState.QUEUED or self._published.get(j) == view.next_retry_at:
-                    continue
+                if j in self._published and (view.state is JobState.QUEUED
+                                             or self._published[j] == view.next_retry_at):
+                    continue   # queued jobs once (e.g. created by `complete-series`), each back-off end once
                 self._published[j] = view.next_retry_at
                 ids.add(j)
         for job_id in sorted(ids):

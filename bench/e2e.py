@@ -1,0 +1,174 @@
+"""End-to-end benchmark: last follow-up instance stored → SEG + SR acknowledged by the PACS (real Orthanc).
+
+Embedded mode (`lesiontrack serve` as its own process: SCP + in-process executor + sender), CPU, default engines.
+A chest-size phantom patient (baseline with 5 lesions as a DICOM-SEG in Orthanc, one synthetic follow-up with
+growth/shrinkage and patient motion) is generated first (not timed). The follow-up is C-STOREd to LesionTrack as a
+PACS routing rule would; the clock starts when its last instance is acknowledged and stops at the moment the
+delivery of SEG + SR to Orthanc succeeded (Orthanc's C-STORE response). Reported: total, series-completion wait
+(quiet period), per-step times from the job record, and the service process's peak RSS (VmHWM).
+
+    .venv/bin/python bench/e2e.py [--slices 200 --matrix 256 --spacing 1.5] > result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--matrix", type=int, default=256)
+    ap.add_argument("--spacing", type=float, default=1.5, help="isotropic voxel size of the phantom (mm)")
+    ap.add_argument("--lesions", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--quiet-seconds", type=float, default=2.0, help="series completion quiet period")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+
+    from sqlalchemy import select
+
+    from config.settings import PacsPeer, load_settings
+    from db.models import Delivery, DeliveryState
+    from db.session import make_engine, make_session_factory, session_scope
+    from dicom_node.scu import store_files
+    from lesiontrack.demo_data import make_patient
+    from pipeline.jobs import JobStore
+    from tests.services import OrthancServer, free_port, wait_for_port
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="lt-bench-e2e-"))
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    patient = make_patient(root / "patient", seed=args.seed, shape=(args.slices, args.matrix, args.matrix),
+                           spacing=(args.spacing,) * 3, n_lesions=args.lesions, n_followups=1)
+    gen_s = time.monotonic() - t0
+    fu = patient.followups[0]
+    lt_port = free_port()
+    orthanc = OrthancServer(root / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)})
+    orthanc.start()
+    cfg = root / "lesiontrack.toml"
+    cfg.write_text(f"""
+data_dir = "{root / 'data'}"
+[dicom]
+bind_address = "127.0.0.1"
+port = {lt_port}
+series_quiet_seconds = {args.quiet_seconds}
+[http]
+enabled = false
+[[pacs]]
+name = "orthanc"
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+retrieve_method = "C-MOVE"
+query = true
+send = true
+[sending]
+destinations = ["orthanc"]
+retry_schedule_seconds = [2, 5, 10]
+""")
+    settings = load_settings(cfg)
+    proc = None
+    try:
+        for f in patient.baseline.files + [patient.seg_file]:
+            orthanc.upload(f)
+        env = {**os.environ, "LESIONTRACK_CONFIG": str(cfg), "TCP_NODELAY": "1"}
+        log = open(root / "serve.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve",
+                                 "--upgrade-db"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(lt_port, timeout=120)
+        rss_idle = _peak_rss_mb(proc.pid)
+        peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=lt_port)
+        outcomes = store_files(settings, peer, fu.files)
+        t_last = datetime.now(timezone.utc)
+        m_last = time.monotonic()
+        assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+        sf = make_session_factory(make_engine(settings.effective_database_url))
+        store = JobStore(sf)
+        view = None
+        delivered_at = None
+        while time.monotonic() - m_last < 1800:
+            view = store.latest_for_series(fu.series_uid)
+            if view is not None and view.finished:
+                if view.error:
+                    raise RuntimeError(f"job {view.id} {view.state.value}: {view.error}")
+                with session_scope(sf) as s:
+                    ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
+                    if ds and all(d.state is DeliveryState.DELIVERED for d in ds):
+                        delivered_at = max(d.delivered_at for d in ds)
+                        break
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}; see {root / 'serve.log'}")
+            time.sleep(0.2)
+        if delivered_at is None or view is None:
+            raise TimeoutError("no delivery within 30 minutes")
+        if delivered_at.tzinfo is None:
+            delivered_at = delivered_at.replace(tzinfo=timezone.utc)
+        created = view.created_at
+        total = (delivered_at - t_last).total_seconds()
+        peak = _peak_rss_mb(proc.pid)
+        import numpy as np
+        import pydicom
+
+        fu_shape = pydicom.dcmread(fu.files[0], stop_before_pixels=True)
+        result = {
+            "benchmark": "e2e",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
+            "case": {"baseline_shape_kji": [args.slices, args.matrix, args.matrix], "spacing_mm": args.spacing,
+                     "followup_slices": len(fu.files),
+                     "followup_matrix": [int(fu_shape.Rows), int(fu_shape.Columns)],
+                     "lesions": len(patient.lesions)},
+            "mode": "embedded (lesiontrack serve: SCP + in-process executor + sender), Orthanc PACS, C-MOVE priors",
+            "seconds": {
+                "total_last_instance_to_seg_sr_acknowledged": round(total, 2),
+                "series_completion_wait": round((created - t_last).total_seconds(), 2) if created else None,
+                "steps": {k: round(float(v), 2) for k, v in view.step_timings.items()},
+            },
+            "series_quiet_seconds": args.quiet_seconds,
+            "peak_rss_mb": {"serve_process": round(peak, 1) if peak else None,
+                            "serve_idle": round(rss_idle, 1) if rss_idle else None},
+            "targets": {"total_s": 180, "peak_rss_mb": 4096},
+            "patient_generation_s": round(gen_s, 1),
+            "job": {"id": view.id, "attempts": view.attempts,
+                    "registration": view.step_outputs.get("register", {}),
+                    "lesions": [(l["tracking_id"], l["status"]) for l in view.step_outputs.get("track", {})
+                                .get("lesions", [])]},
+        }
+        del np
+        print(json.dumps(result, indent=1, default=str))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        orthanc.stop()
+
+
+if __name__ == "__main__":
+    main()

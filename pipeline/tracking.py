@@ -63,6 +63,8 @@ class IdentityRegistration:
         return baseline_image.resample_to(self.followup_grid, default=default)
 
     def warp_labels(self, baseline_labels: Volume) -> Volume:
+        if baseline_labels.same_grid(self.followup_grid):
+            return baseline_labels.with_array(baseline_labels.array.copy())
         return baseline_labels.resample_to(self.followup_grid, label=True)
 
     def map_points_to_followup(self, points_mm: np.ndarray) -> np.ndarray:

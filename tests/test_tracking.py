@@ -45,19 +45,23 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
     assert events[-1].stage == "done" and events[-1].done == events[-1].total
     for t in (1, 2):
         by_label = {les.identity.label: les for les in tps[t].lesions}
-        assert sorted(by_label) == [1, 2, 3, 4, 5]
+        assert sorted(by_label) == [1, 2, 3, 4, 5, 6]
         for n in (1, 2, 3, 4):
             les = by_label[n]
             assert les.status is LesionStatus.PRESENT
             assert les.identity.tracking_uid == f"2.25.{1000 + n}"
             assert dice(les.mask.array, phantom[t].labels.array == n) > 0.85, (t, n)
-    gone = {les.identity.label: les for les in tps[2].lesions}[5]
+        # the nodule touching the same-density chest wall: found, its shrinkage only bounded by the shape prior
+        assert by_label[5].status is LesionStatus.PRESENT
+        assert dice(by_label[5].mask.array, phantom[t].labels.array == 5) > 0.5
+    assert dice({les.identity.label: les for les in tps[1].lesions}[6].mask.array, phantom[1].labels.array == 6) > 0.8
+    gone = {les.identity.label: les for les in tps[2].lesions}[6]
     assert gone.status is LesionStatus.VANISHED and not gone.mask.array.any()
     lm = label_map(tps[2])
-    assert set(np.unique(lm.array)) == {0, 1, 2, 3, 4}
+    assert set(np.unique(lm.array)) == {0, 1, 2, 3, 4, 5}
     summary = tracking_summary(tps)
-    l5 = [e for e in summary["lesions"] if e["label"] == 5][0]
-    assert [tp["status"] for tp in l5["timepoints"]] == ["present", "present", "vanished"]
+    l6 = [e for e in summary["lesions"] if e["label"] == 6][0]
+    assert [tp["status"] for tp in l6["timepoints"]] == ["present", "present", "vanished"]
 
 
 def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
@@ -82,13 +86,14 @@ def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
 def test_backward_propagation_from_last_timepoint(phantom: list[PhantomTimepoint]) -> None:
     tps = _timepoints(phantom)
     prompts = _mask_prompts(phantom[2])
-    assert [p.identity.label for p in prompts] == [1, 2, 3, 4]
+    assert [p.identity.label for p in prompts] == [1, 2, 3, 4, 5]
     track_lesions(tps, prompts, source_index=2, registration=NoRegistrationEngine(),
                   segmentation=get_engine("adaptive"))
     for t in (1, 0):
         for les in tps[t].lesions:
             assert les.status is LesionStatus.PRESENT
-            assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.85, (t, les.identity)
+            limit = 0.85 if les.identity.label != 5 else 0.5   # wall nodule: see the forward test
+            assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > limit, (t, les.identity)
 
 
 def test_point_and_box_prompts_on_the_source_timepoint(phantom: list[PhantomTimepoint]) -> None:

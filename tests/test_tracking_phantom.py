@@ -3,7 +3,7 @@
 Anatomy is a function of LPS position, so a follow-up is the same function evaluated at the exactly known
 follow-up → baseline mapping (models.imaging.transforms.SpatialTransform), with every lesion's radius changed.
 Lesions: lung nodule, low-contrast liver lesion, two nearby liver lesions (4 mm apart), a nodule touching the
-chest wall (same density as the wall).
+chest wall (same density as the wall), a lung nodule that vanishes at the third timepoint.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ LESIONS = [
     PhantomLesion((-75.0, -20.0, -35.0), 7.0, 15.0, "liver pair A"),
     PhantomLesion((-75.0, -2.0, -35.0), 7.0, 15.0, "liver pair B"),
     PhantomLesion((95.0, 0.0, 25.0), 7.0, 40.0, "wall nodule"),
+    PhantomLesion((40.0, -30.0, 45.0), 6.0, 30.0, "vanishing lung nodule"),
 ]
 
 
@@ -84,8 +85,8 @@ def series(seed: int = 0, shifts_mm=((0, 0, 0), (2, -1, 1), (-1, 2, -1)),
     rng = np.random.default_rng(seed)
     if radii_per_tp is None:
         base = [les.radius_mm for les in LESIONS]
-        radii_per_tp = [base, [r * f for r, f in zip(base, (1.3, 1.0, 1.0, 1.1, 0.8))],
-                        [r * f for r, f in zip(base, (1.6, 0.8, 1.0, 1.2, 0.0))]]
+        radii_per_tp = [base, [r * f for r, f in zip(base, (1.3, 1.0, 1.0, 1.1, 0.8, 0.75))],
+                        [r * f for r, f in zip(base, (1.6, 0.8, 1.0, 1.2, 0.7, 0.0))]]
     g = grid()
     out = []
     for shift, radii in zip(shifts_mm, radii_per_tp):
@@ -98,8 +99,8 @@ def test_phantom_renders_lesions() -> None:
     tps = series()
     assert len(tps) == 3
     for tp in tps[:2]:
-        assert set(np.unique(tp.labels.array)) == {0, 1, 2, 3, 4, 5}
-    assert 5 not in np.unique(tps[2].labels.array)  # wall nodule vanished at the last timepoint
+        assert set(np.unique(tp.labels.array)) == {0, 1, 2, 3, 4, 5, 6}
+    assert 6 not in np.unique(tps[2].labels.array)  # vanished at the last timepoint
     # the nearby pair does not touch
     a = np.argwhere(tps[0].labels.array == 3)
     b = np.argwhere(tps[0].labels.array == 4)

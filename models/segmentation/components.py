@@ -16,12 +16,24 @@ from models.imaging.volume import Volume
 
 def mask_centre_index(mask: np.ndarray, spacing_kji: np.ndarray | None = None) -> np.ndarray | None:
     """``(k, j, i)`` of the voxel with maximal distance to the background; None for an empty mask."""
-    m = mask > 0
-    if not m.any():
+    full = mask > 0
+    if not full.any():
         return None
+    lo, hi = _bbox(full)
+    m = full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     dist = ndi.distance_transform_edt(np.pad(m, 1), sampling=spacing_kji)[1:-1, 1:-1, 1:-1]
     best = np.flatnonzero(dist.ravel() >= dist.max() - 1e-6)
-    return np.array(np.unravel_index(int(best[len(best) // 2]), m.shape))
+    return np.array(np.unravel_index(int(best[len(best) // 2]), m.shape)) + lo
+
+
+def _bbox(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box (lo, hi exclusive) of a non-empty boolean array, via per-axis projections (fast)."""
+    lo, hi = [], []
+    for ax in range(m.ndim):
+        proj = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != ax)))
+        lo.append(proj[0])
+        hi.append(proj[-1] + 1)
+    return np.array(lo), np.array(hi)
 
 
 def mask_centre_mm(mask: Volume) -> np.ndarray | None:
@@ -37,24 +49,20 @@ def centroid_mm(mask: Volume) -> np.ndarray | None:
 
 def keep_nearest_component(mask: Volume, point_mm: np.ndarray, max_distance_mm: float = 10.0) -> Volume:
     """Keep the component containing ``point_mm``, else the nearest one within ``max_distance_mm``, else none."""
-    m = mask.array > 0
-    if not m.any():
-        return mask.with_array(np.zeros(mask.shape, np.uint8))
-    labels, n = ndi.label(m, structure=ndi.generate_binary_structure(3, 1))
-    if n == 1:
-        keep = 1
-    else:
-        idx = np.argwhere(labels > 0)
-        pts = mask.index_to_patient(idx[:, ::-1].astype(float))
-        d = np.linalg.norm(pts - np.asarray(point_mm, float), axis=1)
-        nearest = int(np.argmin(d))
-        keep = int(labels[tuple(idx[nearest])]) if d[nearest] <= max_distance_mm else 0
-    if n == 1:
-        idx = np.argwhere(labels > 0)
-        pts = mask.index_to_patient(idx[:, ::-1].astype(float))
-        if np.min(np.linalg.norm(pts - np.asarray(point_mm, float), axis=1)) > max_distance_mm:
-            keep = 0
-    return mask.with_array((labels == keep).astype(np.uint8) if keep else np.zeros(mask.shape, np.uint8))
+    full = mask.array > 0
+    out = np.zeros(mask.shape, np.uint8)
+    if not full.any():
+        return mask.with_array(out)
+    lo, hi = _bbox(full)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    labels, n = ndi.label(full[sl], structure=ndi.generate_binary_structure(3, 1))
+    idx = np.argwhere(labels > 0)
+    pts = mask.index_to_patient((idx + lo)[:, ::-1].astype(float))
+    d = np.linalg.norm(pts - np.asarray(point_mm, float), axis=1)
+    nearest = int(np.argmin(d))
+    if d[nearest] <= max_distance_mm:
+        out[sl] = labels == labels[tuple(idx[nearest])]
+    return mask.with_array(out)
 
 
 def largest_component(arr: np.ndarray) -> np.ndarray:

@@ -1,0 +1,59 @@
+"""Tracking the real lung tumour of ../shared/data/real/lung1 through synthetic follow-ups (growth, then gone)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.imaging.transforms import SpatialTransform, apply_transform
+from models.imaging.volume import Volume
+from models.segmentation.base import get_engine
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.lesions import LesionStatus, Timepoint
+from pipeline.tracking import NoRegistrationEngine, track_lesions
+from tests.conftest import require_shared_data
+
+pytestmark = pytest.mark.realdata
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_tracking", Path(__file__).resolve().parents[1] / "bench" / "tracking.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules["bench_tracking"] = mod   # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_tumour_grows_then_vanishes() -> None:
+    img_p = require_shared_data("real", "lung1", "lung1_image.nrrd")
+    lab_p = require_shared_data("real", "lung1", "lung1_label.nrrd")
+    ct, lab = Volume.read(str(img_p)), Volume.read(str(lab_p))
+    c = np.argwhere(lab.array > 0).mean(0).astype(int)
+    sl = (slice(None), slice(c[1] - 64, c[1] + 64), slice(c[2] - 64, c[2] + 64))
+    origin = ct.index_to_patient(np.array([sl[2].start, sl[1].start, 0], float))
+    ct = Volume(np.ascontiguousarray(ct.array[sl]).astype(np.int16), origin, ct.spacing, ct.direction)
+    labels = ct.with_array((lab.array[sl] > 0).astype(np.uint8))
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    cts, gts = [ct], [labels]
+    for factor, shift in ((1.3, (1.5, -1.0, 0.0)), (0.0, (-1.0, 1.0, 0.0))):
+        e_ct, e_lab = bench.evolve(ct, labels, {1: factor}, rng)
+        tr = SpatialTransform(translation=np.array(shift))
+        cts.append(apply_transform(e_ct, tr, ct))
+        gts.append(apply_transform(e_lab, tr, ct, label=True))
+    assert gts[1].array.sum() > 1.8 * labels.array.sum() and gts[2].array.sum() == 0
+    tps = [Timepoint(f"1.2.3.{t}", v) for t, v in enumerate(cts)]
+    prompt = Prompt(LesionIdentity("2.25.77", "L1 lung", 1), PromptKind.MASK, mask=labels)
+    track_lesions(tps, [prompt], source_index=0, registration=NoRegistrationEngine(),
+                  segmentation=get_engine("adaptive"))
+    grown = tps[1].lesions[0]
+    a, b = grown.mask.array > 0, gts[1].array > 0
+    assert grown.status is LesionStatus.PRESENT and grown.identity.tracking_uid == "2.25.77"
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.75
+    gone = tps[2].lesions[0]
+    assert gone.status is LesionStatus.VANISHED and not gone.mask.array.any()

@@ -373,7 +373,7 @@ def test_real_ct_seg_validates_and_round_trips(tmp_path: Path) -> None:
     assert back.segments[0].identity.tracking_uid == ident.tracking_uid
 
 
-def test_overlapping_lesions(written: Written) -> None:
+def test_overlapping_lesions(written: Written, tmp_path: Path) -> None:
     tp = written.tps[0]
     a = tp.lesions[0]
     dup = TrackedLesion(LesionIdentity(pydicom.uid.generate_uid(), "L9 liver", 9, "liver"), LesionStatus.PRESENT,
@@ -386,6 +386,10 @@ def test_overlapping_lesions(written: Written) -> None:
         warnings.simplefilter("ignore")
         back = hd.seg.Segmentation.from_dataset(seg.dataset)
     assert back.segment_numbers == [1, 2]
+    path = save_new(seg.dataset, tmp_path)
+    masks = {s.identity.tracking_id: s.mask.array > 0 for s in read_seg(path, tp.ct).segments}
+    assert np.array_equal(masks["L9 liver"], a.mask.array > 0) and np.array_equal(masks[a.identity.tracking_id],
+                                                                                  a.mask.array > 0)
 
 
 def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Path) -> None:

@@ -40,16 +40,25 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory):
+def postgres_server(tmp_path_factory: pytest.TempPathFactory):
     """A real PostgreSQL server on a free loopback port, in a temporary directory, for the session."""
     from tests.services import PostgresServer
 
     server = PostgresServer(tmp_path_factory.mktemp("pg"))
     server.start()
     try:
-        yield server.url
+        yield server
     finally:
         server.stop()
+
+
+_pg_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture()
+def postgres_url(postgres_server) -> str:
+    """URL of a fresh, empty database on the session's PostgreSQL server (one per test)."""
+    return postgres_server.create_database(f"lt_test_{next(_pg_databases)}")
 
 
 @pytest.fixture()

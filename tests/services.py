@@ -58,7 +58,15 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://lesiontrack@127.0.0.1:{self.port}/lesiontrack"
+        return self.database_url("lesiontrack")
+
+    def database_url(self, name: str) -> str:
+        return f"postgresql+psycopg://lesiontrack@127.0.0.1:{self.port}/{name}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database on this server; returns its URL."""
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "lesiontrack", name)
+        return self.database_url(name)
 
     def _run(self, *args: str) -> None:
         res = subprocess.run([*self._as_user, *args], capture_output=True, text=True)

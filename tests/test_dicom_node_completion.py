@@ -156,3 +156,13 @@ def test_routing_include_and_body_part() -> None:
         == RoutingDecision.SKIP
     assert decide(SeriesFacts(series_description="Venous", body_part="chest", **base), rules).decision \
         == RoutingDecision.ANALYSE
+
+
+def test_aborted_association_does_not_hold_completion(node: Node) -> None:
+    from tests.test_dicom_node_scp import pynetdicom_store
+
+    files = ge_files()[:12]
+    uid = _uid(files)
+    assert pynetdicom_store(node.port, files, abort_after=11) == [0] * 11
+    wait_until(lambda: node.triggers == [uid], what="completion after the sender aborted")
+    assert node.series(uid).instance_count == 11  # type: ignore[union-attr]

@@ -46,7 +46,7 @@ class AdaptiveConfig:
     min_sd_hu: float = 8.0            # floor of the kernel bandwidth
     rw_beta: float = 60.0
     min_volume_mm3: float = 10.0
-    presence_fraction: float = 0.05   # of the prompt core that must look like lesion, else vanished
+    presence_fraction: float = 0.15   # of the prompt core that must look like lesion, else vanished
     max_roi_voxels: int = 400_000     # larger ROIs are segmented on a coarser grid
 
 
@@ -144,7 +144,12 @@ class AdaptiveEngine:
         llr = np.clip(np.log(_lookup(les_pdf, smooth)) - np.log(_lookup(bg_pdf, smooth)), -6.0, 6.0)
 
         # --- presence test: does anything inside the prompt core still look like the lesion? --------
-        if not core.any() or float((llr[core] > 0.5).mean()) < cfg.presence_fraction:
+        # Background voxels that look lesion-like by chance (noise, low contrast) set the bar: the core must hold
+        # clearly more of them than the background does.
+        bg_llr = np.log(_lookup(les_pdf, bg_s)) - np.log(_lookup(bg_pdf, bg_s))
+        false_rate = float((bg_llr > 0.5).mean()) if bg_s.size else 0.0
+        need = min(max(cfg.presence_fraction, 2.0 * false_rate + 0.1), 0.4)
+        if not core.any() or float((llr[core] > 0.5).mean()) < need:
             return None
 
         # --- spatial shape prior -----------------------------------------------------------------

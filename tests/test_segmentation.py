@@ -1,0 +1,103 @@
+"""Adaptive engine and prompt rasterisation: growth to 2x diameter, shrinkage, low contrast, vanished, point/box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.imaging.volume import Volume
+from models.segmentation.adaptive import AdaptiveEngine
+from models.segmentation.base import SegReference, available_engines, get_engine
+from models.segmentation.components import keep_nearest_component, mask_centre_mm
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from models.segmentation.rasterize import prompt_to_mask
+from tests.test_tracking_phantom import LESIONS, grid, render
+
+IDENT = LesionIdentity("2.25.5", "L1", 1)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
+
+
+def _pair(n: int, factor: float, seed: int = 0):
+    base = [les.radius_mm for les in LESIONS]
+    after = list(base)
+    after[n - 1] = base[n - 1] * factor
+    rng = np.random.default_rng(seed)
+    g = grid()
+    return render(g, None, base, rng), render(g, None, after, rng)
+
+
+def _mask(tp, n: int) -> Volume:
+    return tp.labels.with_array((tp.labels.array == n).astype(np.uint8))
+
+
+@pytest.mark.parametrize("n,factor,min_dice", [
+    (1, 2.0, 0.85),    # lung nodule doubles its diameter
+    (2, 0.6, 0.85),    # low-contrast liver lesion (30 HU below liver, noise 12 HU) shrinks
+    (2, 1.5, 0.85),    # ... and grows
+    (3, 1.0, 0.9),     # one of two nearby lesions, unchanged
+])
+def test_adaptive_follows_growth_and_shrinkage(n: int, factor: float, min_dice: float) -> None:
+    before, after = _pair(n, factor)
+    prior = _mask(before, n)
+    prompt = Prompt(IDENT, PromptKind.MASK, mask=prior)
+    out = AdaptiveEngine().segment(after.ct, prompt, SegReference(before.ct, prior))
+    gt = after.labels.array == n
+    assert out.same_grid(after.ct) and out.array.dtype == np.uint8
+    assert dice(out.array, gt) >= min_dice
+    assert dice(out.array, gt) > dice(prior.array, gt) or factor == 1.0
+
+
+def test_adaptive_returns_empty_when_lesion_is_gone() -> None:
+    for n in (1, 2, 6):
+        before, after = _pair(n, 0.0)
+        prior = _mask(before, n)
+        out = AdaptiveEngine().segment(after.ct, Prompt(IDENT, PromptKind.MASK, mask=prior),
+                                       SegReference(before.ct, prior))
+        assert not out.array.any(), LESIONS[n - 1].name
+
+
+def test_adaptive_does_not_leak_into_the_neighbour() -> None:
+    before, after = _pair(3, 1.0)
+    prior = _mask(before, 3)
+    out = AdaptiveEngine().segment(after.ct, Prompt(IDENT, PromptKind.MASK, mask=prior), SegReference(before.ct, prior))
+    assert not (out.array.astype(bool) & (after.labels.array == 4)).any()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_adaptive_from_point_and_box(n: int) -> None:
+    tp, _ = _pair(n, 1.0)
+    les = LESIONS[n - 1]
+    gt = tp.labels.array == n
+    pt = Prompt(IDENT, PromptKind.POINTS, points_mm=np.array([les.centre_mm]))
+    box = Prompt(IDENT, PromptKind.BOX, box_mm=(np.array(les.centre_mm) - les.radius_mm - 2,
+                                                np.array(les.centre_mm) + les.radius_mm + 2))
+    eng = get_engine("adaptive")
+    assert dice(eng.segment(tp.ct, pt).array, gt) > 0.85
+    assert dice(eng.segment(tp.ct, box).array, gt) > 0.85
+
+
+def test_rasterize_and_components() -> None:
+    g = Volume(np.zeros((20, 30, 40), np.int16), origin=(-20.0, -15.0, -10.0), spacing=(1.0, 1.0, 2.0))
+    ball = prompt_to_mask(Prompt(IDENT, PromptKind.POINTS, points_mm=np.array([[0.0, 0.0, 10.0]])), g,
+                          point_radius_mm=5.0)
+    assert abs(ball.array.sum() * 2.0 - 4 / 3 * np.pi * 125) < 0.2 * 4 / 3 * np.pi * 125
+    np.testing.assert_allclose(mask_centre_mm(ball), [0.0, 0.0, 10.0], atol=1e-6)
+    box = prompt_to_mask(Prompt(IDENT, PromptKind.BOX, box_mm=(np.array([-3.0, -3.0, 4.0]), np.array([3.0, 3.0, 8.0]))), g)
+    assert box.array.sum() == 7 * 7 * 3
+    other = g.with_array(np.zeros(g.shape, np.uint8))
+    other.array[10, 5, 5] = 1
+    both = ball.with_array(ball.array | other.array)
+    kept = keep_nearest_component(both, np.array([0.0, 0.0, 10.0]), 5.0)
+    np.testing.assert_array_equal(kept.array, ball.array)
+    assert not keep_nearest_component(other, np.array([0.0, 0.0, 10.0]), 5.0).array.any()
+    # mask prompt on another grid is resampled
+    coarse = Volume(np.zeros((10, 15, 20), np.uint8), origin=(-19.5, -14.5, -10.0), spacing=(2.0, 2.0, 4.0))
+    m = prompt_to_mask(Prompt(IDENT, PromptKind.MASK, mask=ball), coarse)
+    assert m.same_grid(coarse) and m.array.any()
+    assert {"adaptive", "lesionlocator", "warped-prompt"} <= set(available_engines())
+    with pytest.raises(ValueError, match="unknown segmentation engine"):
+        get_engine("nope")

@@ -117,3 +117,16 @@ def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
     with pytest.raises(ValueError, match="unique"):
         track_lesions(_timepoints(phantom), p, source_index=0, registration=NoRegistrationEngine(),
                       segmentation=get_engine("adaptive"))
+
+
+def test_boosting_reprompts_at_the_first_result_centre() -> None:
+    from pipeline.tracking import TrackingOptions
+
+    ph = series(seed=6, shifts_mm=((0, 0, 0), (5, -4, 3)))   # 7 mm motion, no registration: the prompt is off
+    tps = _timepoints(ph)
+    prompts = [p for p in _mask_prompts(ph[0]) if p.identity.label in (1, 2)]
+    track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(),
+                  segmentation=get_engine("adaptive"), options=TrackingOptions(boosting=True))
+    for les in tps[1].lesions:
+        assert any(n.startswith("boosted") for n in les.notes), les.notes
+        assert dice(les.mask.array, ph[1].labels.array == les.identity.label) > 0.8

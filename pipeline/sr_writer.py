@@ -186,19 +186,23 @@ class _SliceLocator:
         return ds, colrow.astype(np.float32), src
 
 
-def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: Sequence[LesionReport], *,
+def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult | None, lesions: Sequence[LesionReport], *,
              time_point: TimePoint, recist: TimepointResponse | None = None,
              best_overall: Response | None = None, prior_evidence: Sequence[Dataset] = (),
              previous_versions: Sequence[Dataset] = (), series_number: int = 902, instance_number: int = 1,
              series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
              manufacturer: str = SOFTWARE_NAME, software_version: str = SOFTWARE_VERSION,
              device_uid: str | None = None) -> SrWriteResult:
-    """Build the TID 1500 report of one follow-up series (see the module docstring for the content)."""
+    """Build the TID 1500 report of one follow-up series (see the module docstring for the content).
+
+    ``seg`` is None when no lesion is present (e.g. complete response): the report then holds only the vanished
+    lesions' groups and the RECIST response.
+    """
     locator = _SliceLocator(source_datasets)
-    if seg.segmentation_type != "binary":
+    if seg is not None and seg.segmentation_type != "binary":
         log.info("SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
                  "66.7 (validator gap); BINARY SEGs validate cleanly")
-    seg_ds = seg.dataset
+    seg_ds = seg.dataset if seg is not None else None
     tp_ctx = time_point.context
     groups: list = []
     key_slices: dict[str, Dataset] = {}
@@ -217,7 +221,7 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
         if rep.baseline_category in BASELINE_CATEGORY_CODES:
             quals.append(hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY,
                                                      BASELINE_CATEGORY_CODES[rep.baseline_category]))
-        segment_number = seg.segment_numbers.get(m.tracking_uid)
+        segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
         if not m.present or segment_number is None:
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
@@ -255,7 +259,7 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
         vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tid,
-            referenced_segment=_referenced_segment(seg, segment_number),
+            referenced_segment=_referenced_segment(seg, segment_number),  # type: ignore[arg-type]
             time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
             measurements=vol_meas, qualitative_evaluations=quals))
 
@@ -295,7 +299,7 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult, lesions: S
     if recist is not None:
         report[0].ContentSequence.append(_recist_container(recist, best_overall))
     current = [ds for ds in locator.datasets]
-    evidence: list[Dataset] = current + [seg_ds] + list(prior_evidence)
+    evidence: list[Dataset] = current + ([seg_ds] if seg_ds is not None else []) + list(prior_evidence)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number, sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,

@@ -454,3 +454,28 @@ def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Pat
     ct = tp.ct.with_array(tp.ct.array, SOPInstanceUIDs=[d.SOPInstanceUID for d in tp.datasets],
                           slices_match_instances=True)
     assert len(read_sr_prompts(path, ct)) == 4
+
+
+@pytest.mark.slow
+def test_sr_without_seg_when_every_lesion_vanished(written: Written, tmp_path: Path) -> None:
+    """Complete response: no SEG can be written, the SR still reports every lesion (vanished) and the response."""
+    _dciodvfy()
+    tp = written.tps[1]
+    gone = [LesionMeasurement(m.tracking_uid, m.tracking_id, status="vanished", is_node=m.is_node,
+                              anatomic_site=m.anatomic_site) for m in written.measurements[1]]
+    centres = {m.tracking_uid: m.centre_mm for m in written.measurements[0]}
+    reports = [LesionReport(m, expected_centre_mm=centres[m.tracking_uid]) for m in gone]
+    lesions = [RecistLesion.from_measurement(m) for m in gone]
+    a = assess([[RecistLesion.from_measurement(m) for m in written.measurements[0]], lesions])
+    assert a.timepoints[1].overall_response is Response.CR
+    sr = write_sr(tp.datasets, None, reports, time_point=TimePoint("T1", 1), recist=a.timepoints[1])
+    path = save_new(sr.dataset, tmp_path)
+    assert run_dciodvfy(path).ok
+    back = read_sr_measurements(path)
+    assert {u: m.status for u, m in back.items()} == {m.tracking_uid: "vanished" for m in gone}
+    assert read_sr(path).response["Current Response"]["code"] == "CR"
+    if Path(PIXELMED_JAR).exists():
+        rep = run_sr_validator(path)[0]
+        assert rep.ok, rep.summary()
+    with pytest.raises(ValueError, match="no SEG segment"):
+        write_sr(tp.datasets, None, [LesionReport(written.measurements[1][0])], time_point=TimePoint("T1", 1))

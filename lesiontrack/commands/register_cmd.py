@@ -68,13 +68,21 @@ def register(app: typer.Typer) -> None:
         settings = state(ctx).settings()
         from models.registration import get_engine
 
-        base_vol = _read_volume(baseline, "--baseline")
-        fu_vol = _read_volume(followup, "--followup")
-        points = _read_points(map_points) if map_points else None
-        labels = _read_volume(warp_labels, "--warp-labels") if warp_labels else None
-        eng = get_engine(engine, settings.engines, device=device or settings.compute.device,
-                         seed=settings.compute.seed)
-        reg = eng.register(base_vol, fu_vol)
+        from models.registration.base import EngineUnavailable
+
+        try:
+            base_vol = _read_volume(baseline, "--baseline")
+            fu_vol = _read_volume(followup, "--followup")
+            points = _read_points(map_points) if map_points else None
+            labels = _read_volume(warp_labels, "--warp-labels") if warp_labels else None
+            eng = get_engine(engine, settings.engines, device=device or settings.compute.device,
+                             seed=settings.compute.seed)
+            reg = eng.register(base_vol, fu_vol)
+        except (ValueError, EngineUnavailable, RuntimeError) as exc:
+            if isinstance(exc, typer.BadParameter):
+                raise
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from exc
         summary: dict = {"engine": reg.engine, "device": reg.quality.device,
                          "seconds": reg.quality.stage_seconds.get("total"),
                          "similarity_metric": reg.quality.similarity_metric,

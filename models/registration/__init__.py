@@ -13,15 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import EngineSettings
-from models.registration.base import Registration, RegistrationEngine, RegistrationQuality
+from models.registration.base import EngineUnavailable, Registration, RegistrationEngine, RegistrationQuality
 from models.registration.field import DisplacementFieldRegistration
 
 ENGINES = ("convex", "simpleitk", "unigradicon")
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine cannot run here (missing package or weights file); the message says what is missing."""
-
 
 def get_engine(name: str | None = None, settings: EngineSettings | None = None, device: Any = "auto",
                seed: int = 0, **params: Any) -> RegistrationEngine:
@@ -40,7 +35,8 @@ def get_engine(name: str | None = None, settings: EngineSettings | None = None, 
     if name == "unigradicon":
         from models.registration.unigradicon_engine import UniGradIconEngine
 
-        return UniGradIconEngine(settings.unigradicon_weights, device=device, **params)
+        return UniGradIconEngine(settings.unigradicon_weights, device=device,
+                                 working_spacing_mm=settings.working_spacing_mm, **params)
     raise ValueError(f"unknown registration engine {name!r} (known: {', '.join(ENGINES)})")
 
 

@@ -14,6 +14,10 @@ import numpy as np
 from models.imaging.volume import Volume
 
 
+class EngineUnavailable(RuntimeError):
+    """A registration engine cannot run here (missing package or weights file); the message says what."""
+
+
 @dataclass
 class RegistrationQuality:
     """How well it went: similarity before/after, folding, per-stage runtime, device."""

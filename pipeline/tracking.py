@@ -12,7 +12,7 @@ A vanished lesion keeps being propagated from where it was last seen, so it can 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +22,7 @@ from models.imaging.volume import Volume
 from models.registration.base import Registration, RegistrationEngine, RegistrationQuality
 from models.segmentation.base import SegmentationEngine, SegReference
 from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from models.segmentation.prompts import Prompt, PromptKind
 from models.segmentation.rasterize import prompt_to_mask
 from pipeline.lesions import LesionStatus, Timepoint, TrackedLesion
 
@@ -316,7 +316,3 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
     return {"timepoints": [{"index": t, "series_uid": tp.series_uid, "study_date": tp.study_date}
                            for t, tp in enumerate(timepoints)],
             "lesions": [lesions[k] for k in sorted(lesions)]}
-
-
-def identity_for(label: int, uid: str, tracking_id: str | None = None) -> LesionIdentity:
-    return LesionIdentity(uid, tracking_id or f"L{label}", label)

@@ -83,6 +83,17 @@ class _SmoothField:
             out += np.cos(kx * x + ky * y + kz * z + ph).astype(np.float32)
         return out * np.float32(self.scale)
 
+    def grid(self, xs: Array, ys: Array, zs: Array) -> Array:
+        """The same field on the grid ``xs × ys × zs`` (1-D axes) → ``(nz, ny, nx)``, via cos(a+b) expansion."""
+        out = np.zeros((len(zs), len(ys), len(xs)), np.float32)
+        xs, ys, zs = (np.asarray(v, np.float64) for v in (xs, ys, zs))
+        for (kx, ky, kz), ph in zip(self.k, self.phase):
+            a = kx * xs
+            b = (ky * ys)[None, :] + (kz * zs + ph)[:, None]  # (nz, ny)
+            out += np.cos(b).astype(np.float32)[:, :, None] * np.cos(a).astype(np.float32)[None, None, :]
+            out -= np.sin(b).astype(np.float32)[:, :, None] * np.sin(a).astype(np.float32)[None, None, :]
+        return out * np.float32(self.scale)
+
 
 def _capsule_dist(px: Array, py: Array, pz: Array, a: Array, b: Array) -> Array:
     """Distance from points to segment a–b."""
@@ -221,8 +232,11 @@ class _Anatomy:
         x, y, z = (np.broadcast_to(np.asarray(v, np.float32) * inv, shape) for v in (x, y, z))
         hu = np.full(shape, HU["air"], np.float32)
         org = np.zeros(shape, np.uint8)
-        tex = self.texture(x, y, z)
-        fine = self.fine(x, y, z)
+        if axes is not None:  # separable evaluation of the smooth fields on the slab grid
+            ax1 = [np.asarray(a, np.float64) * float(inv) for a in axes]
+            tex, fine, bowel = (f.grid(*ax1) for f in (self.texture, self.fine, self.bowel))
+        else:
+            tex, fine, bowel = self.texture(x, y, z), self.fine(x, y, z), self.bowel(x, y, z)
 
         def paint(mask: Array, value: Any, organ: str) -> None:
             hu[mask] = value[mask] if isinstance(value, np.ndarray) else value
@@ -268,7 +282,7 @@ class _Anatomy:
         # cavity content: abdomen (fat + bowel loops), thorax (mediastinal fat, lungs)
         abd = cav & ~thorax
         paint(abd, np.float32(HU["fat"]) + 10 * tex, "fat")
-        bw = self.bowel(x, y, z)
+        bw = bowel
         loops = abd & (np.abs(bw) < 0.35)
         paint(loops, HU["bowel"] + 12 * fine, "bowel")
         paint(loops & (np.abs(bw) < 0.12) & (fine > 0.8), np.float32(-950.0), "bowel")
@@ -365,7 +379,11 @@ class _Anatomy:
             return tuple(sl)  # type: ignore[return-value]
 
         r_min = 0.55 * voxel  # thinner vessels are drawn at this radius with proportionally lower contrast
-        for p0, p1, r in self.vessels:
+        if not hasattr(self, "_vz"):
+            self._vz = np.array([(min(p0[2], p1[2]) - r - 2, max(p0[2], p1[2]) + r + 2) for p0, p1, r in self.vessels])
+        near = np.nonzero((self._vz[:, 1] >= zs[0]) & (self._vz[:, 0] <= zs[-1]))[0]
+        for n in near:
+            p0, p1, r = self.vessels[n]
             rr = max(r, r_min)
             b = box(p0, p1, rr + 1)
             if b is None:

@@ -319,7 +319,8 @@ class _Anatomy:
         below = zd - z
         lr = _ellipsoid(x, y, z, self.liver_c, np.array([92, 85, 72]), _rot_z(-15))
         ll = _ellipsoid(x, y, z, np.array([15.0, -48, self.z_dome_l - 30]), np.array([55, 28, 32]), _rot_z(-10))
-        liver = abd & (below > 3) & (np.minimum(lr, ll) < 1.0) & ~ivc
+        hug = crho > 1.0 - np.clip(1.2 - below / 110.0, 0.4, 1.2)  # lower liver: a crescent along the wall
+        liver = abd & (below > 3) & (((lr < 1.0) & hug) | (ll < 1.0)) & ~ivc
         paint(liver, HU["liver"] + 6 * tex + 3 * fine, "liver")
         zc = self.liver_c[2]
         pv = _capsule_dist(x, y, z, np.array([-5.0, 15, zc - 15]), np.array([-85.0, -15, zc + 25]))

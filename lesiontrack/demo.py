@@ -39,6 +39,8 @@ def demo_settings(data_dir: Path, *, http: bool = True, **overrides: Any) -> Set
         "http": {"enabled": http, "bind_address": "127.0.0.1", "port": free_port() if http else 0,
                  "api_keys": [{"name": "demo", "key": "demo", "role": "operator"}]},
         "worker": {"executor": "inprocess", "retry_backoff_seconds": [2, 5, 10]},
+        # the demo's small phantom is registered at 3 mm (the default 2 mm is for clinical CTs)
+        "engines": {"working_spacing_mm": 3.0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

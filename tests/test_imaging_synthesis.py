@@ -85,3 +85,17 @@ def test_growth_and_shrinkage_change_volume() -> None:
     _, shrunk = grow_lesion(ct, lab, 3, GrowthParams(-22.0, 2, 4.0), rng)
     v0 = (lab.array == 3).sum()
     assert (grown.array == 3).sum() > 1.2 * v0 and (shrunk.array == 3).sum() < 0.8 * v0
+
+
+def test_vanished_lesion_becomes_the_dominant_surrounding_tissue() -> None:
+    from models.imaging.lesion_change import remove_lesion
+
+    kk, jj, ii = np.indices((30, 40, 40))
+    img = np.full((30, 40, 40), -100, np.int16)  # fat ...
+    img[:, :, 28:] = 60  # ... next to an organ the node touches
+    node = (kk - 15) ** 2 + (jj - 20) ** 2 + (ii - 22) ** 2 < 6 ** 2
+    img[node] = 45
+    lab = np.where(node, 2, 0).astype(np.uint16)
+    out, out_lab = remove_lesion(Volume(img), Volume(lab), 2, np.random.default_rng(0))
+    assert not (out_lab.array == 2).any()
+    assert abs(float(np.median(out.array[node & (ii < 26)])) + 100) < 15  # fat, not a soft-tissue blob

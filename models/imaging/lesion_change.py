@@ -92,7 +92,11 @@ def grow_lesion(image: Volume, labels: Volume, label: int, params: GrowthParams,
 
 def remove_lesion(image: Volume, labels: Volume, label: int, rng: np.random.Generator, noise_hu: float = 12.0
                   ) -> tuple[Volume, Volume]:
-    """Make a lesion vanish: inpaint its (slightly dilated) voxels from the surrounding tissue, drop its label."""
+    """Make a lesion vanish: fill its (slightly dilated) voxels with the dominant surrounding tissue, drop its label.
+
+    The fill level is the histogram mode of a 5 mm shell around the lesion (so a node in fat becomes fat even if it
+    touches an organ), with that tissue's noise, blended over ~1 mm at the edge.
+    """
     img = image.array.copy()
     lab = labels.array.copy()
     sp_kji = image.spacing[::-1]
@@ -104,13 +108,19 @@ def remove_lesion(image: Volume, labels: Volume, label: int, rng: np.random.Gene
     grow = np.maximum(1, np.round(2.0 / sp_kji)).astype(int)
     m = ndimage.binary_dilation(m, structure=np.ones(tuple(2 * g + 1 for g in grow), bool))
     sub = img[box].astype(np.float32)
-    keep = (~m).astype(np.float32)
-    sig = 4.0 / sp_kji
-    fill = ndimage.gaussian_filter(sub * keep, sig) / np.maximum(ndimage.gaussian_filter(keep, sig), 1e-3)
-    for _ in range(3):  # normalised convolution, repeated so the centre of big lesions fills in too
-        known = np.where(m, fill, sub)
-        fill = ndimage.gaussian_filter(known, sig)
-    out = np.where(m, fill + rng.normal(0, noise_hu, sub.shape).astype(np.float32), sub)
+    ring_w = np.maximum(1, np.round(5.0 / sp_kji)).astype(int)
+    ring = ndimage.binary_dilation(m, structure=np.ones(tuple(2 * g + 1 for g in ring_w), bool)) & ~m
+    ring_vals = sub[ring] if ring.any() else sub[~m]
+    # the dominant surrounding tissue (histogram mode), not a blend of everything around the lesion
+    hist, edges = np.histogram(ring_vals, bins=np.arange(-1050, 1100, 25))
+    mode = float(edges[np.argmax(hist)] + 12.5)
+    close = ring_vals[np.abs(ring_vals - mode) < 60]
+    level = float(np.median(close)) if close.size else mode
+    sd = float(np.clip(np.std(close), 3.0, 40.0)) if close.size > 10 else noise_hu
+    fill = level + rng.normal(0, sd, sub.shape).astype(np.float32)
+    w = ndimage.gaussian_filter(m.astype(np.float32), sigma=1.0 / sp_kji)
+    w = np.where(m, 1.0, w)
+    out = sub * (1 - w) + fill * w
     if np.issubdtype(img.dtype, np.integer):
         out = np.rint(out)
     img[box] = out.astype(img.dtype)

@@ -44,6 +44,9 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], job_c
                      "`http.api_keys`). Role `read` reads everything; `operator` may also retry and re-analyse. "
                      "`/health` and `/ready` need no key."),
         openapi_tags=[{"name": n} for n in ("health", "jobs", "patients", "lesions", "exports", "objects", "audit")],
+        # FastAPI's Swagger UI / ReDoc pages load their scripts from a CDN; the dashboard serves its own offline
+        # reference at /api-docs, built from /openapi.json.
+        docs_url=None, redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory

@@ -160,3 +160,19 @@ def timeline_page(request: Request, patient_pk: int) -> HTMLResponse:
         last_event = s.scalar(select(func.max(AuditEvent.id)))
     return _render(request, "timeline.html", user, tl=tl, subject=subject, patient_pk=patient_pk,
                    last_event=last_event)
+
+
+@router.get("/api-docs", response_class=HTMLResponse)
+def api_docs(request: Request) -> HTMLResponse:
+    """The API reference, rendered from the app's OpenAPI schema (no external assets)."""
+    user = _user(request)
+    spec = request.app.openapi()
+    ops = []
+    for path, methods in spec.get("paths", {}).items():
+        for method, op in methods.items():
+            params = [f"{p['name']} ({p['in']})" for p in op.get("parameters", [])]
+            ops.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+                        "tag": (op.get("tags") or [""])[0], "params": ", ".join(params),
+                        "operator": path.endswith(("/retry", "/reanalyse")),
+                        "open": path in ("/health", "/ready")})
+    return _render(request, "api_docs.html", user, ops=ops, version=spec.get("info", {}).get("version"))

@@ -117,7 +117,8 @@ def remove_lesion(image: Volume, labels: Volume, label: int, rng: np.random.Gene
     close = ring_vals[np.abs(ring_vals - mode) < 60]
     level = float(np.median(close)) if close.size else mode
     sd = float(np.clip(np.std(close), 3.0, 40.0)) if close.size > 10 else noise_hu
-    fill = level + rng.normal(0, sd, sub.shape).astype(np.float32)
+    grain = ndimage.gaussian_filter(rng.standard_normal(sub.shape).astype(np.float32), sigma=(0.0, 0.8, 0.8))
+    fill = level + grain * np.float32(sd / max(float(grain.std()), 1e-6))  # CT-like correlated noise
     w = ndimage.gaussian_filter(m.astype(np.float32), sigma=1.0 / sp_kji)
     w = np.where(m, 1.0, w)
     out = sub * (1 - w) + fill * w

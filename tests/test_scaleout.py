@@ -53,11 +53,11 @@ def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
     assert res.returncode == 0, res.stderr
     procs: list[subprocess.Popen[str]] = []
 
-    def worker() -> subprocess.Popen[str]:
+    def worker(pipeline: str = "tests.job_pipelines:counting", **extra_env: str) -> subprocess.Popen[str]:
         log = open(tmp_path / f"worker-{len(procs)}.log", "w")
-        p = subprocess.Popen([*LESIONTRACK, "worker", "--pipeline", "tests.job_pipelines:counting",
+        p = subprocess.Popen([*LESIONTRACK, "worker", "--pipeline", pipeline,
                               "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
-                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+                             env={**env, **extra_env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
         procs.append(p)
         return p
 
@@ -148,3 +148,74 @@ def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:  # type: 
     view = store.get(job)
     assert view.worker.split(":")[1] == str(w2.pid) and view.attempts == 2
     assert _runs(sf)[(str(job), "write")] == 1
+
+
+def _observations(sf) -> dict[tuple[str, str], tuple[str, float | None, float | None]]:  # type: ignore[no-untyped-def]
+    from db.models import Lesion, LesionObservation
+
+    with session_scope(sf) as s:
+        rows = s.execute(select(LesionObservation, Lesion.tracking_uid)
+                         .join(Lesion, LesionObservation.lesion_pk == Lesion.id)).all()
+        return {(o.series_instance_uid, uid): (o.status.value, o.volume_mm3, o.long_axis_mm) for o, uid in rows}
+
+
+def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """The real analysis steps in two Celery workers (jobs published by `lesiontrack serve`) give exactly the
+    lesions and measurements of an embedded run on the same DICOM input; each job runs once. Registration engine
+    'none' keeps this test fast: what is compared is the job machinery around the same analysis code."""
+    from config.settings import PacsPeer
+    from dicom_node.scu import store_files
+    from lesiontrack.demo import demo_settings
+    from lesiontrack.demo_data import make_patient
+    from lesiontrack.service import LesionTrackService
+    from pipeline.jobs import JobStore
+    from tests.services import free_port, wait_for_port
+
+    settings, sf, worker, tmp = stack
+    patient = make_patient(tmp_path_factory.mktemp("pt"), seed=3, shape=(48, 96, 96), spacing=(3.0, 3.0, 3.0),
+                           n_lesions=3, n_followups=2, changes=False)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_DICOM__PORT": str(port),
+           "LESIONTRACK_DICOM__BIND_ADDRESS": "127.0.0.1", "LESIONTRACK_DICOM__SERIES_QUIET_SECONDS": "1",
+           "LESIONTRACK_HTTP__ENABLED": "false", "LESIONTRACK_ENGINES__REGISTRATION": "none"}
+    serve_log = open(tmp / "serve.log", "w")
+    serve = subprocess.Popen([*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log,
+                             stderr=subprocess.STDOUT, text=True)
+    store = JobStore(sf)
+    try:
+        wait_for_port(port, timeout=60)
+        for _ in range(2):
+            worker("pipeline.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
+        peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=port)
+        sequence = [patient.baseline.files + [patient.seg_file]] + [fu.files for fu in patient.followups]
+        uids = [patient.baseline.series_uid] + [fu.series_uid for fu in patient.followups]
+        for files, uid in zip(sequence, uids):
+            assert all(o.ok for o in store_files(settings, peer, files))
+            wait_for(lambda uid=uid: (store.latest_for_series(uid) or None) and store.latest_for_series(uid).finished,
+                     300, f"the analysis of {uid}")
+        states = [store.latest_for_series(u).state for u in uids]
+        assert states == [JobState.NOTHING_TO_TRACK, JobState.DONE, JobState.DONE], \
+            [store.latest_for_series(u).error for u in uids]
+        with session_scope(sf) as s:
+            starts = Counter(e.object_id for e in s.scalars(select(AuditEvent).where(
+                AuditEvent.action == "job.step_started")) if e.details.get("step") == "track")
+        assert set(starts.values()) == {1}, starts
+        scale = _observations(sf)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+    # the same input through the embedded service
+    emb_settings = demo_settings(tmp / "embedded", http=False, database_url=None,
+                                 worker={"executor": "inprocess"}, engines={"registration": "none"})
+    svc = LesionTrackService(emb_settings).start()
+    try:
+        for files, uid in zip(sequence, uids):
+            for f_ok in store_files(emb_settings, PacsPeer(name="e", ae_title="LESIONTRACK", host="127.0.0.1",
+                                                           port=emb_settings.dicom.port), files):
+                assert f_ok.ok
+            wait_for(lambda uid=uid: (svc.job_store.latest_for_series(uid) or None)
+                     and svc.job_store.latest_for_series(uid).finished, 300, f"embedded analysis of {uid}")
+        embedded = _observations(svc.session_factory)
+    finally:
+        svc.stop()
+    assert scale and scale == embedded

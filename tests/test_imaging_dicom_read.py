@@ -188,3 +188,23 @@ def test_non_dicom_and_empty_inputs(tmp_path: Path) -> None:
         read_series(tmp_path)
     with pytest.raises(SeriesError, match="no such file"):
         read_series(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("flag,uid", [("+e1", "1.2.840.10008.1.2.4.70"), ("+el", "1.2.840.10008.1.2.4.57")])
+def test_jpeg_lossless_made_by_dcmtk(tmp_path: Path, flag: str, uid: str) -> None:
+    import subprocess
+
+    from tests.conftest import require_tool
+
+    require_tool("dcmcjpeg")
+    src = tmp_path / "src"
+    src.mkdir()
+    files = _copy_3slice(src)
+    ref = read_series(files)
+    out = tmp_path / "jpeg"
+    out.mkdir()
+    for f in files:
+        subprocess.run(["dcmcjpeg", flag, str(f), str(out / f.name)], check=True, capture_output=True)
+    vol = read_series(out)
+    assert vol.meta["TransferSyntaxUID"] == uid
+    np.testing.assert_array_equal(vol.array, ref.array)

@@ -232,6 +232,7 @@ class _Anatomy:
         x, y, z = (np.broadcast_to(np.asarray(v, np.float32) * inv, shape) for v in (x, y, z))
         hu = np.full(shape, HU["air"], np.float32)
         org = np.zeros(shape, np.uint8)
+        ax1: list[Array] = []
         if axes is not None:  # separable evaluation of the smooth fields on the slab grid
             ax1 = [np.asarray(a, np.float64) * float(inv) for a in axes]
             tex, fine, bowel = (f.grid(*ax1) for f in (self.texture, self.fine, self.bowel))
@@ -241,6 +242,39 @@ class _Anatomy:
         def paint(mask: Array, value: Any, organ: str) -> None:
             hu[mask] = value[mask] if isinstance(value, np.ndarray) else value
             org[mask] = ORGANS[organ]
+
+        def _sub(lo: Array, hi: Array) -> tuple[slice, slice, slice] | None:
+            assert axes is not None
+            out_sl = []
+            for a1, a, b in ((ax1[2], lo[2], hi[2]), (ax1[1], lo[1], hi[1]), (ax1[0], lo[0], hi[0])):
+                i0, i1 = int(np.searchsorted(a1, a)), int(np.searchsorted(a1, b, side="right"))
+                if i1 <= i0:
+                    return None
+                out_sl.append(slice(i0, i1))
+            return tuple(out_sl)  # type: ignore[return-value]
+
+        def ell(c: Array, semi: Array, rot: Array | None = None) -> Array:
+            """_ellipsoid, evaluated only inside its bounding box on slab grids (9 outside)."""
+            if axes is None:
+                return _ellipsoid(x, y, z, c, semi, rot)
+            r = float(np.max(semi)) * 1.3 + 1.0
+            out = np.full(shape, 9.0, np.float32)
+            b = _sub(np.asarray(c) - r, np.asarray(c) + r)
+            if b is not None:
+                out[b] = _ellipsoid(ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None],
+                                    ax1[2][b[0]][:, None, None], c, semi, rot)
+            return out
+
+        def cap(a: Array, b_: Array, reach: float = 20.0) -> Array:
+            """_capsule_dist within ``reach`` mm of the segment's box on slab grids (1e4 outside)."""
+            if axes is None:
+                return _capsule_dist(x, y, z, a, b_)
+            out = np.full(shape, 1e4, np.float32)
+            b = _sub(np.minimum(a, b_) - reach, np.maximum(a, b_) + reach)
+            if b is not None:
+                out[b] = _capsule_dist(ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None],
+                                       ax1[2][b[0]][:, None, None], a, b_)
+            return out
 
         # table under the patient (posterior)
         ty = self.b + 14.0
@@ -288,10 +322,10 @@ class _Anatomy:
         paint(loops & (np.abs(bw) < 0.12) & (fine > 0.8), np.float32(-950.0), "bowel")
         paint(cav & thorax, np.float32(-85.0) + 10 * tex, "mediastinum")
 
-        hr = _ellipsoid(x, y, z, self.heart_c, np.array([56, 44, 46]), self.heart_rot)
-        asc = _capsule_dist(x, y, z, self.heart_c + np.array([-14, -2, 25]), np.array([-8.0, -20, 140]))
-        arch = _capsule_dist(x, y, z, np.array([-8.0, -20, 140]), np.array([self.aorta_c[0], self.aorta_c[1], 150]))
-        pa = _capsule_dist(x, y, z, self.heart_c + np.array([6, -14, 30]), np.array([0.0, 0, self.z_dome_r + 55]))
+        hr = ell(self.heart_c, np.array([56, 44, 46]), self.heart_rot)
+        asc = cap(self.heart_c + np.array([-14, -2, 25]), np.array([-8.0, -20, 140]))
+        arch = cap(np.array([-8.0, -20, 140]), np.array([self.aorta_c[0], self.aorta_c[1], 150]))
+        pa = cap(self.heart_c + np.array([6, -14, 30]), np.array([0.0, 0, self.z_dome_r + 55]))
         dao = np.hypot(x - self.aorta_c[0], y - self.aorta_c[1])
         deso = np.hypot(x - self.eso_c[0], y - self.eso_c[1])
         central = np.abs(x - 2) < 5 + 17 * np.clip((y + 60) / 70, 0, 1)
@@ -302,7 +336,7 @@ class _Anatomy:
         # heart with pericardial fat, myocardium and contrast blood pool
         paint((hr < 1.0) & cav & thorax, HU["myocardium"] + 5 * tex, "heart")
         paint((hr < 0.8) & cav & thorax, HU["blood"] + 6 * tex, "heart")
-        lv = _ellipsoid(x, y, z, self.heart_c + self.heart_rot @ np.array([18.0, 6, -6]), np.array([26, 20, 26]),
+        lv = ell(self.heart_c + self.heart_rot @ np.array([18.0, 6, -6]), np.array([26, 20, 26]),
                         self.heart_rot)
         paint((lv < 1.0) & (hr < 0.95) & cav & thorax, np.float32(HU["myocardium"]), "heart")
         paint((lv < 0.62) & cav & thorax, np.float32(HU["blood"] + 20), "heart")
@@ -317,33 +351,33 @@ class _Anatomy:
 
         # liver: right lobe + left lobe, under the diaphragm, with portal/hepatic vessels
         below = zd - z
-        lr = _ellipsoid(x, y, z, self.liver_c, np.array([92, 85, 72]), _rot_z(-15))
-        ll = _ellipsoid(x, y, z, np.array([15.0, -48, self.z_dome_l - 30]), np.array([55, 28, 32]), _rot_z(-10))
+        lr = ell(self.liver_c, np.array([92, 85, 72]), _rot_z(-15))
+        ll = ell(np.array([15.0, -48, self.z_dome_l - 30]), np.array([55, 28, 32]), _rot_z(-10))
         hug = crho > 1.0 - np.clip(1.2 - below / 110.0, 0.4, 1.2)  # lower liver: a crescent along the wall
         liver = abd & (below > 3) & (((lr < 1.0) & hug) | (ll < 1.0)) & ~ivc
         paint(liver, HU["liver"] + 6 * tex + 3 * fine, "liver")
         zc = self.liver_c[2]
-        pv = _capsule_dist(x, y, z, np.array([-5.0, 15, zc - 15]), np.array([-85.0, -15, zc + 25]))
-        pv2 = _capsule_dist(x, y, z, np.array([-45.0, 0, zc + 5]), np.array([-60.0, 40, zc + 45]))
-        pv3 = _capsule_dist(x, y, z, np.array([-45.0, 0, zc + 5]), np.array([-20.0, -50, zc + 30]))
+        pv = cap(np.array([-5.0, 15, zc - 15]), np.array([-85.0, -15, zc + 25]))
+        pv2 = cap(np.array([-45.0, 0, zc + 5]), np.array([-60.0, 40, zc + 45]))
+        pv3 = cap(np.array([-45.0, 0, zc + 5]), np.array([-20.0, -50, zc + 30]))
         paint(liver & ((pv < 5.5) | (pv2 < 3.5) | (pv3 < 3.0)), np.float32(HU["blood"] + 5), "liver")
 
         # spleen, stomach (air–fluid level), kidneys
-        sr = _ellipsoid(x, y, z, self.spleen_c, np.array([22, 50, 50]), _rot_z(40))
+        sr = ell(self.spleen_c, np.array([22, 50, 50]), _rot_z(40))
         paint((sr < 1) & abd, HU["spleen"] + 5 * tex, "spleen")
-        st = _ellipsoid(x, y, z, self.stomach_c, np.array([38, 32, 42]), _rot_z(-25))
+        st = ell(self.stomach_c, np.array([38, 32, 42]), _rot_z(-25))
         stomach = (st < 1) & abd & ~liver
         paint(stomach, np.float32(HU["muscle"]), "stomach")
         inner = (st < 0.86) & stomach
         paint(inner, np.where(y < self.stomach_c[1] - 4, HU["air"], HU["fluid"] + 5 * fine).astype(np.float32),
               "stomach")
         for kc, rot in ((self.kidney_l, _rot_z(-30)), (self.kidney_r, _rot_z(30))):
-            kr = _ellipsoid(x, y, z, kc, np.array([26, 20, 50]), rot)
+            kr = ell(kc, np.array([26, 20, 50]), rot)
             kidney = (kr < 1) & (crho < 1.25) & ~thorax & body
             paint(kidney & (kr < 1.25) & ~(kr < 1), np.float32(HU["fat"]), "fat")
             paint(kidney, np.float32(HU["kidney_cortex"]) + 5 * tex, "kidney")
             paint(kidney & (kr < 0.72) & (fine > -0.5), np.float32(HU["kidney_medulla"]), "kidney")
-            hil = _ellipsoid(x, y, z, kc + np.array([-np.sign(kc[0]) * 14, -6, 0]), np.array([10, 8, 22]))
+            hil = ell(kc + np.array([-np.sign(kc[0]) * 14, -6, 0]), np.array([10, 8, 22]))
             paint(kidney & (hil < 1), np.float32(-60.0), "kidney")
 
         # spine: vertebral bodies with discs, canal, posterior arch, transverse processes

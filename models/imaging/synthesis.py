@@ -61,6 +61,7 @@ class LesionState:
     center_mm: list[float] | None
     volume_mm3: float
     baseline_frame_center_mm: list[float] | None = None
+    truncated_by_fov: bool = False  # present, but touching the edge of the follow-up field of view
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -90,17 +91,21 @@ class SynthPatient:
 
 # -- helpers ----------------------------------------------------------------------------------------------
 def lesion_table(labels: Volume) -> dict[int, tuple[list[float], float]]:
-    """label → (centroid LPS mm, volume mm³) for every non-zero label."""
-    out: dict[int, tuple[list[float], float]] = {}
+    """label → (centroid LPS mm, volume mm³) for every non-zero label (cost ∝ lesion voxels, not image size)."""
     arr = labels.array
-    ids = [int(v) for v in np.unique(arr) if v != 0]
-    if not ids:
-        return out
-    coms = ndimage.center_of_mass(np.ones_like(arr, dtype=np.uint8), arr, ids)
-    counts = ndimage.sum_labels(np.ones_like(arr, dtype=np.uint8), arr, ids)
-    for lab, com, n in zip(ids, coms, counts):
-        ijk = np.array(com[::-1])
-        out[lab] = (labels.index_to_patient(ijk).tolist(), float(n) * labels.voxel_volume_mm3())
+    idx = np.nonzero(arr)
+    if not idx[0].size:
+        return {}
+    vals = arr[idx].astype(np.int64)
+    counts = np.bincount(vals)
+    out: dict[int, tuple[list[float], float]] = {}
+    sums = [np.bincount(vals, weights=ax.astype(np.float64)) for ax in idx]  # k, j, i
+    for lab in np.nonzero(counts)[0]:
+        if lab == 0:
+            continue
+        n = counts[lab]
+        ijk = np.array([sums[2][lab] / n, sums[1][lab] / n, sums[0][lab] / n])
+        out[int(lab)] = (labels.index_to_patient(ijk).tolist(), float(n) * labels.voxel_volume_mm3())
     return out
 
 
@@ -167,15 +172,21 @@ def _pick_new_lesion_site(ct: Volume, labels: Volume, rng: np.random.Generator, 
 def _landmarks(ct: Volume, lesion_ever: Array, tr: SpatialTransform, grid: Volume, rng: np.random.Generator,
                cfg: SynthConfig) -> tuple[Array, Array]:
     """Baseline points inside the body, away from any lesion (ever), that land inside the follow-up FOV."""
-    dist = ndimage.distance_transform_edt(~lesion_ever, sampling=ct.spacing[::-1]) if lesion_ever.any() else None
+    from scipy.spatial import cKDTree
+
     cand = np.stack([rng.integers(0, n, cfg.n_landmarks * 60) for n in ct.shape], axis=1)  # k, j, i
-    ok = ct.array[tuple(cand.T)] > -400
-    if dist is not None:
-        ok &= dist[tuple(cand.T)] > cfg.landmark_lesion_clearance_mm
-    pick = cand[ok][: cfg.n_landmarks * 3]
-    if not len(pick):
+    cand = cand[ct.array[tuple(cand.T)] > -400]
+    base = ct.index_to_patient(cand[:, ::-1].astype(float) + rng.uniform(-0.5, 0.5, (len(cand), 3)))
+    les = np.argwhere(lesion_ever)
+    if len(les):
+        if len(les) > 200_000:
+            les = les[rng.choice(len(les), 200_000, replace=False)]
+        tree = cKDTree(ct.index_to_patient(les[:, ::-1].astype(float)))
+        dist, _ = tree.query(base, distance_upper_bound=cfg.landmark_lesion_clearance_mm + 1.0)
+        base = base[dist > cfg.landmark_lesion_clearance_mm]
+    base = base[: cfg.n_landmarks * 3]
+    if not len(base):
         return np.zeros((0, 3)), np.zeros((0, 3))
-    base = ct.index_to_patient(pick[:, ::-1].astype(float) + rng.uniform(-0.5, 0.5, (len(pick), 3)))
     fu = tr.baseline_to_followup(base)
     idx = grid.patient_to_index(fu)
     inside = np.all((idx >= 0) & (idx <= np.array(grid.size_ijk) - 1), axis=1)
@@ -206,14 +217,15 @@ def synthesize_patient(source_ct: Volume, labels: Volume, rng: np.random.Generat
     days = 0
     for t in range(1, n_followups + 1):
         days += 7 * int(rng.integers(cfg.weeks_between[0], cfg.weeks_between[1] + 1))
-        prev_present = set(lesion_table(state_lab))
+        prev_table = lesion_table(state_lab)
+        prev_present = set(prev_table)
         lesion_log: dict[str, Any] = {}
         for lab in sorted(prev_present):
             if rng.random() < cfg.p_vanish:
                 state_ct, state_lab = remove_lesion(state_ct, state_lab, lab, rng)
                 lesion_log[str(lab)] = {"change": "vanished"}
                 continue
-            vol = lesion_table(state_lab).get(lab, (None, 0.0))[1]
+            vol = prev_table[lab][1]
             params = default_growth(rng, vol)
             state_ct, state_lab = grow_lesion(state_ct, state_lab, lab, params, rng)
             lesion_log[str(lab)] = {"change": "grow" if params.amplitude > 0 else "shrink",
@@ -246,7 +258,9 @@ def synthesize_patient(source_ct: Volume, labels: Volume, rng: np.random.Generat
             if lab in fu_table:
                 c, v = fu_table[lab]
                 status = "new" if lab in new_labels else "present"
-                states[lab] = LesionState(lab, status, c, v, base_table[lab][0])
+                m = fu_lab.array == lab
+                cut = bool(m[[0, -1]].any() or m[:, [0, -1]].any() or m[:, :, [0, -1]].any())
+                states[lab] = LesionState(lab, status, c, v, base_table[lab][0], truncated_by_fov=cut)
             elif lab in base_table:
                 states[lab] = LesionState(lab, "out_of_fov", tr.baseline_to_followup(
                     np.array(base_table[lab][0])).tolist(), 0.0, base_table[lab][0])

@@ -39,7 +39,8 @@ def test_synth_rejects_half_source(tmp_path: Path) -> None:
 def test_synth_from_real_lung_ct(tmp_path: Path) -> None:
     src = require_shared_data("real", "lung1")
     res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--timepoints", "2", "--seed", "1", "--no-dicom",
-                                   "--source", str(src / "lung1_image.nrrd"), "--labels", str(src / "lung1_label.nrrd")])
+                                   "--source", str(src / "lung1_image.nrrd"),
+                                   "--labels", str(src / "lung1_label.nrrd")])
     assert res.exit_code == 0, res.output
     truth = load_truth(Path(json.loads(res.output)[0]["dir"]))
     tp1 = truth["timepoints"][1]

@@ -137,7 +137,8 @@ def _check_is_image(ds: Dataset, path: Path) -> None:
 
 
 def _sop_uid(ds: Dataset) -> str:
-    return str(ds.get("SOPInstanceUID", "") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPInstanceUID", ""))
+    meta = getattr(ds, "file_meta", Dataset())
+    return str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
 
 
 def _single_frame_slice(ds: Dataset, path: Path) -> _Slice:

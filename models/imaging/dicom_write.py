@@ -36,7 +36,8 @@ def write_ct_series(volume: Volume, out_dir: Path | str, *, patient_id: str, pat
                     series_uid: str, frame_of_reference_uid: str, study_date: str, study_time: str = "120000",
                     series_number: int = 1, series_description: str = "", study_description: str = "",
                     accession_number: str = "", study_id: str = "1", issuer_of_patient_id: str | None = None,
-                    patient_birth_date: str = "", patient_sex: str = "", manufacturer: str = "LesionTrack", body_part: str = "CHEST",
+                    patient_birth_date: str = "", patient_sex: str = "", manufacturer: str = "LesionTrack",
+                    body_part: str = "CHEST",
                     sop_instance_uids: list[str] | None = None, window: tuple[float, float] = (40.0, 400.0),
                     slice_thickness: float | None = None, filename: str = "CT{k:04d}.dcm") -> list[Path]:
     """Write ``volume`` (HU) as a CT series into ``out_dir``; returns the file paths in k order."""

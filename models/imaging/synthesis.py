@@ -291,7 +291,8 @@ def write_patient(patient: SynthPatient, out_dir: Path | str, *, base_date: dt.d
         ids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "frame_of_reference_uid": generate_uid()}
         entry: dict[str, Any] = {"index": tp.index, "study_date": date, "days_from_baseline": tp.days_from_baseline,
                                  **ids, "grid": {"origin": tp.ct.origin.tolist(), "spacing": tp.ct.spacing.tolist(),
-                                                 "direction": tp.ct.direction.tolist(), "size_ijk": list(tp.ct.size_ijk)},
+                                                 "direction": tp.ct.direction.tolist(),
+                                                 "size_ijk": list(tp.ct.size_ijk)},
                                  "lesions": [s.to_dict() for s in tp.lesions.values()], "changes": tp.changes}
         if write_dicom:
             files = write_ct_series(tp.ct, root / f"tp{tp.index}", patient_id=patient.patient_id,

@@ -98,7 +98,7 @@ class SpatialTransform:
         return self.rigid(pts) + self.displacement(pts)
 
     def baseline_to_followup(self, pts_mm: Array, tol_mm: float = 1e-4, max_iter: int = 100) -> Array:
-        """Inverse mapping by fixed-point iteration ``p ← Rᵀ(q − c − t − u(p)) + c``; error below ``tol_mm``."""
+        """Inverse by fixed-point iteration ``p ← Rᵀ(q − c − t − u(p)) + c``; error below ``tol_mm``."""
         q = np.asarray(pts_mm, dtype=np.float64)
         shape = q.shape
         q = q.reshape(-1, 3)

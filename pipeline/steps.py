@@ -365,7 +365,7 @@ def write_seg_sr(ctx: JobContext) -> dict[str, Any]:
     roles = {d.tracking_uid: d.role for d in assessment.selection.decisions}
     reports = [LesionReport(ctx.memory["measurements"][l.identity.tracking_uid],
                             ctx.memory["changes"].get(l.identity.tracking_uid),
-                            roles.get(l.identity.tracking_uid)) for l in lesions]
+                            roles.get(l.identity.tracking_uid), _expected_centre(l)) for l in lesions]
     prior: PriorTimepoint = ctx.memory["prior"]
     evidence = [pydicom.dcmread(f, stop_before_pixels=True) for a in prior.annotations for f in a.files]
     previous = _previous_srs(svc.session_factory, ctx.series_uid, ctx.job_id)
@@ -383,6 +383,15 @@ def write_seg_sr(ctx: JobContext) -> dict[str, Any]:
     _record_our_objects(svc, [Path(f) for f in files])
     return {"files": files, "seg": str(seg_path) if seg_path else None, "sr": str(sr_path) if sr_path else None,
             "seg_sop_instance_uid": seg_uid, "present": len(present), "vanished": len(lesions) - len(present)}
+
+
+def _expected_centre(lesion: Any) -> tuple[float, float, float] | None:
+    """Where a vanished lesion was looked for (its propagated centre), so the SR can point at it."""
+    c = lesion.propagated_centre_mm
+    if c is None:
+        return None
+    c = [float(v) for v in c]
+    return (c[0], c[1], c[2])
 
 
 def _previous_srs(sf: sessionmaker[Session], series_uid: str, job_id: int) -> list[Any]:
@@ -471,14 +480,26 @@ def _record_our_objects(svc: PipelineServices, files: list[Path]) -> None:
             series.routing_decision = RoutingDecision.SKIP
             series.routing_reason = "created by LesionTrack"
             if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))) is None:
-                import hashlib
-
                 data = Path(f).read_bytes()
                 s.add(Instance(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
                                series_pk=series.id, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                               file_path=str(f), size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                               file_path=str(f), size_bytes=len(data), sha256=_dataset_sha256(data),
                                instance_number=int(ds.get("InstanceNumber") or 1)))
                 series.instance_count = (series.instance_count or 0) + 1
+
+
+def _dataset_sha256(part10: bytes) -> str:
+    """SHA-256 of the dataset after the file meta — what the SCP records for a received instance, so our own
+    SEG/SR coming back from the PACS (e.g. with a prior retrieval) is recognised as the same bytes."""
+    import hashlib
+    from io import BytesIO
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = BytesIO(part10)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return hashlib.sha256(part10[fp.tell():]).hexdigest()
 
 
 def _written_still_there(out: dict[str, Any]) -> bool:

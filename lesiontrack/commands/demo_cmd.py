@@ -28,6 +28,8 @@ def demo(
     from lesiontrack.service import LesionTrackService
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
     logging.getLogger("pipeline.web.app").setLevel(logging.ERROR)
     try:
         shape = tuple(int(v) for v in size.lower().split("x"))

@@ -80,7 +80,7 @@ def evolve(ct: Volume, labels: Volume, factors: dict[int, float], rng: np.random
             sub[grow] = rng.choice(vals, int(grow.sum())) if vals.size else float(np.median(sub[mm]))
         gone = mm & ~new
         if gone.any():
-            ring = ~mm & ~others & (d_out > 1.5)
+            ring = ~mm & ~others & (d_out > 3.0)   # beyond the blurred edge: no partial-volume residue
             _, ind = ndi.distance_transform_edt(~ring, sampling=sp, return_indices=True)
             src = tuple(i[gone] for i in ind)
             sub[gone] = sub[src] + rng.normal(0, 6.0, int(gone.sum()))
@@ -166,17 +166,36 @@ def lung1_patient(seed: int = 7) -> Patient | None:
 class CachedRegistration:
     """Registers each (previous, current) pair once; shared by the methods that use registration."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, patients: list[Patient], disk: Path | None = None, tag: str = "") -> None:
         self.engine, self.name, self.version = engine, engine.name, engine.version
         self.cache: dict[tuple[int, int], Any] = {}
         self.seconds: list[float] = []
+        import hashlib
+
+        # names carry a content hash: a changed phantom or CT never reuses a stale registration
+        self.names = {id(ct): f"{p.name}_t{t}_{hashlib.sha1(ct.array.tobytes()).hexdigest()[:10]}"
+                      for p in patients for t, ct in enumerate(p.cts)}
+        self.disk, self.tag = disk, tag
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
+        import pickle
+
         key = (id(baseline), id(followup))
-        if key not in self.cache:
-            t0 = time.perf_counter()
-            self.cache[key] = self.engine.register(baseline, followup)
-            self.seconds.append(time.perf_counter() - t0)
+        if key in self.cache:
+            return self.cache[key]
+        path = None
+        if self.disk is not None:
+            path = self.disk / f"{self.tag}_{self.names[key[0]]}_to_{self.names[key[1]]}.pkl"
+            if path.exists():
+                self.cache[key], secs = pickle.loads(path.read_bytes())
+                self.seconds.append(secs)
+                return self.cache[key]
+        t0 = time.perf_counter()
+        self.cache[key] = self.engine.register(baseline, followup)
+        self.seconds.append(time.perf_counter() - t0)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(pickle.dumps((self.cache[key], self.seconds[-1])))
         return self.cache[key]
 
 
@@ -199,29 +218,36 @@ class OracleRegistration:
 
     def __init__(self, patients: list[Patient]) -> None:
         self.by_id = {id(ct): (p, t) for p in patients for t, ct in enumerate(p.cts)}
+        self.cache: dict[tuple[int, int], Any] = {}
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
         from pipeline.tracking import IdentityRegistration
 
+        key = (id(baseline), id(followup))
+        if key in self.cache:
+            return self.cache[key]
         (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
         reg = IdentityRegistration(baseline, followup)
         reg.engine = "oracle"
 
+        g = followup
+        k, j, i = np.meshgrid(*(np.arange(n) for n in g.shape), indexing="ij")
+        pts = g.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3).astype(float))
+        if p.transforms[b] is not None:
+            pts = p.transforms[b].followup_to_baseline(pts)
+        if p.transforms[a] is not None:
+            pts = p.transforms[a].baseline_to_followup(pts)
+        idx = np.rint(baseline.patient_to_index(pts)).astype(int)[:, ::-1]
+        ok = np.all((idx >= 0) & (idx < np.array(baseline.shape)), axis=1)
+        del pts
+
         def warp_labels(labels: Volume) -> Volume:
-            g = followup
-            k, j, i = np.meshgrid(*(np.arange(n) for n in g.shape), indexing="ij")
-            pts = g.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3).astype(float))
-            if p.transforms[b] is not None:
-                pts = p.transforms[b].followup_to_baseline(pts)
-            if p.transforms[a] is not None:
-                pts = p.transforms[a].baseline_to_followup(pts)
-            idx = np.rint(labels.patient_to_index(pts)).astype(int)[:, ::-1]
-            ok = np.all((idx >= 0) & (idx < np.array(labels.shape)), axis=1)
-            out = np.zeros(len(pts), labels.array.dtype)
+            out = np.zeros(len(idx), labels.array.dtype)
             out[ok] = labels.array[tuple(idx[ok].T)]
             return g.with_array(out.reshape(g.shape))
 
         reg.warp_labels = warp_labels  # type: ignore[method-assign]
+        self.cache[key] = reg
         return reg
 
 
@@ -244,7 +270,8 @@ def run_method(p: Patient, reg: Any, seg: TimedEngine) -> list[dict[str, Any]]:
             gt = gt_all == n
             pred = les.mask.array > 0
             row: dict[str, Any] = {"patient": p.name, "t": t, "label": n, "kind": p.kinds.get(n, ""),
-                                   "gt_present": bool(gt.any()), "pred_present": les.status is LesionStatus.PRESENT}
+                                   "gt_present": bool(gt.any()), "pred_present": les.status is LesionStatus.PRESENT,
+                                   "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())}
             if gt.any():
                 s = gt.sum() + pred.sum()
                 row["dice"] = float(2 * (gt & pred).sum() / s)
@@ -279,6 +306,8 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, default=3.0, help="registration working spacing (mm)")
     ap.add_argument("--adam", type=int, default=40, help="registration Adam iterations")
     ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder caching registrations between runs (the synthesis is seeded, so pairs repeat)")
     ap.add_argument("--oracle", action="store_true", help="also run with the exact synthetic motion as registration")
     ap.add_argument("--skip-convex", action="store_true", help="development: skip the convex-registration methods")
     args = ap.parse_args()
@@ -292,7 +321,8 @@ def main() -> None:
         if lp is not None:
             patients.append(lp)
     synth_s = time.perf_counter() - t0
-    reg = CachedRegistration(ConvexEngine(ConvexParams(working_spacing_mm=args.spacing, adam_iterations=args.adam)))
+    reg = CachedRegistration(ConvexEngine(ConvexParams(working_spacing_mm=args.spacing, adam_iterations=args.adam)),
+                             patients, args.cache, f"convex{args.spacing:g}mm_adam{args.adam}")
     methods: dict[str, tuple[Any, str]] = {} if args.skip_convex else {
         "adaptive": (reg, "adaptive"), "warped-only": (reg, "warped-prompt")}
     methods["no-registration"] = (NoRegistrationEngine(), "adaptive")

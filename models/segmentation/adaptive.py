@@ -47,6 +47,7 @@ class AdaptiveConfig:
     rw_beta: float = 60.0
     min_volume_mm3: float = 10.0
     presence_fraction: float = 0.15   # of the prompt core that must look like lesion, else vanished
+    presence_cap: float = 0.4         # upper bound of that fraction when the surroundings look lesion-like
     max_roi_voxels: int = 400_000     # larger ROIs are segmented on a coarser grid
 
 
@@ -148,7 +149,7 @@ class AdaptiveEngine:
         # clearly more of them than the background does.
         bg_llr = np.log(_lookup(les_pdf, bg_s)) - np.log(_lookup(bg_pdf, bg_s))
         false_rate = float((bg_llr > 0.5).mean()) if bg_s.size else 0.0
-        need = min(max(cfg.presence_fraction, 2.0 * false_rate + 0.1), 0.4)
+        need = min(max(cfg.presence_fraction, 2.0 * false_rate + 0.1), cfg.presence_cap)
         if not core.any() or float((llr[core] > 0.5).mean()) < need:
             return None
 

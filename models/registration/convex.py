@@ -117,23 +117,26 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, radiu
 
 
 def coupled_convex(cost: torch.Tensor, mesh: torch.Tensor, coupling: tuple[float, ...],
-                   chunk: int = 4) -> torch.Tensor:
-    """Per-node argmin with increasing coupling to the smoothed field; returns (1, 3, K, J, I) in label units."""
+                   chunk_nodes: int = 8192) -> torch.Tensor:
+    """Per-node argmin with increasing coupling to the smoothed field; returns (1, 3, K, J, I) in label units.
+
+    ``θ‖d − s‖² = θ‖d‖² − 2θ d·s + const`` per node, so each round is one matrix product and one argmin over
+    labels (node-major layout, labels contiguous).
+    """
     lcount, k, j, i = cost.shape
-    # a tiny prior towards zero breaks ties in flat (uninformative) regions
-    prior = 1e-4 * (mesh ** 2).sum(0).view(lcount, 1, 1, 1)
+    nodes = cost.reshape(lcount, -1).t().contiguous()  # (N, L)
+    norm2 = (mesh ** 2).sum(0)                          # a tiny prior towards zero breaks ties in flat regions
 
     def pick(theta: float, smooth: torch.Tensor | None) -> torch.Tensor:
-        disp = torch.empty(3, k, j, i, device=cost.device)
-        for k0 in range(0, k, chunk):
-            c = cost[:, k0:k0 + chunk] + prior
-            if smooth is not None:
-                s = smooth[0, :, k0:k0 + chunk].reshape(3, 1, -1)
-                pen = ((mesh.view(3, lcount, 1) - s) ** 2).sum(0).view(lcount, *c.shape[1:])
-                c = c + theta * pen
-            arg = torch.argmin(c, dim=0)
-            disp[:, k0:k0 + chunk] = mesh[:, arg.reshape(-1)].view(3, *arg.shape)
-        return box3(disp[None], 1)
+        bias = (1e-4 + theta) * norm2 if smooth is not None else 1e-4 * norm2
+        s = smooth[0].reshape(3, -1).t() if smooth is not None else None  # (N, 3)
+        arg = torch.empty(nodes.shape[0], dtype=torch.long, device=cost.device)
+        for n0 in range(0, nodes.shape[0], chunk_nodes):
+            c = nodes[n0:n0 + chunk_nodes] + bias
+            if s is not None:
+                c = c - (2.0 * theta) * (s[n0:n0 + chunk_nodes] @ mesh)
+            arg[n0:n0 + chunk_nodes] = torch.argmin(c, dim=1)
+        return box3(mesh[:, arg].view(1, 3, k, j, i), 1)
 
     soft = pick(0.0, None)
     for theta in coupling:

@@ -78,14 +78,18 @@ def _box_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class BoxSmoother(torch.nn.Module):
-    """``passes`` × separable 3×3×3 mean filter (replicate borders) from slices and sums only: differentiable,
-    cheap on CPU and deterministic on CUDA (no atomics in the backward pass)."""
+    """``passes`` × 3×3×3 mean filter. On CUDA built from slices and sums only (replicate borders), so the
+    backward pass has no atomics and is deterministic; on CPU the equivalent pooling kernel (in-grid mean)."""
 
     def __init__(self, passes: int = 3) -> None:
         super().__init__()
         self.passes = passes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # pooling kernels are faster on CPU (and deterministic there)
+            for _ in range(self.passes):
+                x = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+            return x
         for _ in range(self.passes):
             for dim in (2, 3, 4):
                 x = _box_axis(x, dim)

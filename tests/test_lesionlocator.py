@@ -73,7 +73,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> None:
-    eng = get_engine("lesionlocator", weights=checkpoint, device="cpu", tta=True)
+    eng = get_engine("lesionlocator", weights=checkpoint, device="cpu")
     assert isinstance(eng, LesionLocatorEngine) and eng.device == "cpu"
     m = eng._model("point")
     assert m.configuration == "3d_fullres_bs3" and m.patch_kji == (16, 32, 32) and len(m.networks) == 2
@@ -86,6 +86,9 @@ def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> N
         out = eng.segment(ct, prompt)
         assert out.same_grid(ct) and out.array.dtype == np.uint8 and set(np.unique(out.array)) <= {0, 1}
     assert "track" not in eng._models  # lazy: the track UNet is loaded only for mask prompts
+    tta = LesionLocatorEngine(checkpoint, device="cpu", folds=(0,), tta=True)   # mirror TTA: 8 passes per tile
+    out = tta.segment(ct, Prompt(ident, PromptKind.POINTS, points_mm=np.array([lung.centre_mm])))
+    assert out.same_grid(ct) and len(tta._model("point").networks) == 1
 
 
 def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> None:

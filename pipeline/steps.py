@@ -253,10 +253,47 @@ def track(ctx: JobContext) -> dict[str, Any]:
            Timepoint(ctx.series_uid, ctx.memory["followup_ct"], fu["study_date"], fu["study_uid"])]
     track_lesions(tps, ctx.memory["prompts"], source_index=0,
                   registration=_Precomputed(ctx.memory["registration"], "precomputed"), segmentation=seg)
+    tps[1].lesions.extend(_vanished_earlier(svc.session_factory, fu["patient_pk"], tps, ctx.memory["registration"]))
     ctx.memory["timepoints"] = tps
     return {"engine": seg.name, "version": seg.version,
             "lesions": [{"tracking_uid": l.identity.tracking_uid, "tracking_id": l.identity.tracking_id,
                          "status": l.status.value, "notes": list(l.notes)} for l in tps[1].lesions]}
+
+
+def _vanished_earlier(sf: sessionmaker[Session], patient_pk: int | None, tps: list[Any], reg: Any) -> list[Any]:
+    """Lesions of this patient that had vanished before the prior (so our prior SEG has no segment for them):
+    they stay in the report as vanished, at their last known position, instead of silently dropping out."""
+    import numpy as np
+
+    from models.segmentation.prompts import LesionIdentity
+    from pipeline.lesions import LesionStatus, TrackedLesion
+
+    if patient_pk is None:
+        return []
+    tracked = {l.identity.tracking_uid for tp in tps for l in tp.lesions}
+    labels = [l.identity.label for tp in tps for l in tp.lesions]
+    next_label = max(labels, default=0) + 1
+    out = []
+    with session_scope(sf) as s:
+        for lesion in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)):
+            if lesion.tracking_uid in tracked:
+                continue
+            obs = s.scalars(select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id)
+                            .order_by(LesionObservation.id)).all()
+            if not obs or obs[-1].status is not ObservationStatus.VANISHED:
+                continue
+            seen = [o for o in obs if o.centre_x_mm is not None]
+            centre = None
+            if seen:
+                last = np.array([[seen[-1].centre_x_mm, seen[-1].centre_y_mm, seen[-1].centre_z_mm]], float)
+                centre = np.asarray(reg.map_points_to_followup(last), float)[0]
+            ident = LesionIdentity(lesion.tracking_uid, lesion.tracking_id, next_label,
+                                   anatomic_site=lesion.anatomic_site)
+            next_label += 1
+            empty = tps[1].ct.with_array(np.zeros(tps[1].ct.shape, np.uint8))
+            out.append(TrackedLesion(ident, LesionStatus.VANISHED, empty, engine="", propagated_centre_mm=centre,
+                                     notes=["vanished before the prior timepoint; not re-segmented"]))
+    return out
 
 
 # -- 6. measure ---------------------------------------------------------------------------------------------------

@@ -90,10 +90,6 @@ def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
 
     if hasattr(reg, "get_engine"):
         return reg.get_engine(name, **options)  # type: ignore[no-any-return]
-    if name == "convex":
-        from models.registration.convex import ConvexEngine
-
-        return ConvexEngine(**options)
     raise ValueError(f"registration engine {name!r} unavailable in models.registration")
 
 

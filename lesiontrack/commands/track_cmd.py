@@ -78,7 +78,9 @@ def track(
     weights = {"lesionlocator": settings.engines.lesionlocator_weights}.get(eng_name)
     try:
         seg_engine = get_engine(eng_name, weights=weights, device=settings.compute.device)
-        reg_engine = get_registration_engine(registration or settings.engines.registration)
+        reg_name = registration or settings.engines.registration
+        reg_engine = get_registration_engine(reg_name) if reg_name == "none" else get_registration_engine(
+            reg_name, settings=settings.engines, device=settings.compute.device)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc

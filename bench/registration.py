@@ -175,14 +175,14 @@ def main() -> None:
         summary[method]["tre_p95_max"] = float(max(r["tre_p95"] for r in ok))
         summary[method]["pairs"] = len(ok)
     if "convex" in summary and "convexadam" in summary:
-        pairs = {r["pair"] for r in rows}
-        ratios = []
-        for p in pairs:
+        ratios = {}
+        for p in args.pairs.split(","):
             a = [r for r in rows if r["pair"] == p and r["method"] == "convex" and "error" not in r]
             b = [r for r in rows if r["pair"] == p and r["method"] == "convexadam" and "error" not in r]
             if a and b:
-                ratios.append(a[0]["wall_s"] / b[0]["wall_s"])
-        summary["wall_ratio_convex_vs_convexadam"] = {"per_pair": ratios, "mean": float(np.mean(ratios))}
+                ratios[p] = a[0]["wall_s"] / b[0]["wall_s"]
+        summary["wall_ratio_convex_vs_convexadam"] = {"per_pair": ratios,
+                                                      "mean": float(np.mean(list(ratios.values())))}
     doc = {"machine": {"cpus": os.cpu_count(), "torch_threads": int(os.environ.get("BENCH_THREADS", "2")),
                        "load_avg_at_end": os.getloadavg()},
            "date": time.strftime("%Y-%m-%d %H:%M"), "spacing_mm": args.spacing, "rows": rows, "summary": summary}

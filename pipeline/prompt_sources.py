@@ -17,10 +17,10 @@ import numpy as np
 
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.seg_reader import SEG_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34",
                   "1.2.840.10008.5.1.4.1.1.88.11"}
 
@@ -130,12 +130,12 @@ def find_annotations(directory: str | Path, ct_series_uid: str | None = None) ->
         except Exception:  # noqa: BLE001 - not DICOM
             continue
         sop = str(getattr(ds, "SOPClassUID", ""))
-        if sop != SEG_SOP_CLASS and sop not in SR_SOP_CLASSES:
+        if sop not in SEG_SOP_CLASSES and sop not in SR_SOP_CLASSES:
             continue
         if ct_series_uid and ct_series_uid not in _referenced_series(f):
             log.info("%s references another series; ignored", f.name)
             continue
-        (segs if sop == SEG_SOP_CLASS else srs).append(f)
+        (segs if sop in SEG_SOP_CLASSES else srs).append(f)
     return segs, srs
 
 

@@ -317,8 +317,12 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 def _referenced_segment(seg: SegWriteResult, number: int) -> hd.sr.ReferencedSegment:
-    """Segment reference with its source images (highdicom's from_segmentation does not handle LABELMAP)."""
-    if seg.segmentation_type == "binary" or not seg.segment_slices:
+    """Segment reference with its source images, from the slice ranges the SEG writer recorded.
+
+    highdicom's ``ReferencedSegment.from_segmentation`` handles neither LABELMAP SEGs nor single-segment SEGs
+    (their SegmentIdentificationSequence sits in the shared functional groups), so it is only the fallback for a
+    SEG this process did not write."""
+    if not seg.segment_slices:
         return hd.sr.ReferencedSegment.from_segmentation(seg.dataset, number)
     sources = [seg.source_datasets[k] for k in seg.segment_slices.get(number, [])]
     return hd.sr.ReferencedSegment(

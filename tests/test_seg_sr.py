@@ -18,6 +18,7 @@ from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, PromptKind
 from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from pipeline.lesions import LesionStatus, TrackedLesion
+from pipeline.prompt_sources import find_annotations
 from pipeline.measurements import LesionMeasurement, lesion_changes, measure_lesion
 from pipeline.recist import RecistAssessment, RecistLesion, Response, assess
 from pipeline.seg_reader import read_seg, read_seg_prompts
@@ -141,6 +142,8 @@ def test_labelmap_seg_passes_dciodvfy_and_reads_back(written: Written, tmp_path:
     if Path(PIXELMED_JAR).exists():
         rep = run_sr_validator(sr_path)[0]
         assert rep.ok, rep.summary()
+    # a folder of priors holding a LABELMAP SEG finds it as a prompt source
+    assert find_annotations(tmp_path, tp.series_uid) == ([path], [sr_path])
 
 
 # -- round trips -----------------------------------------------------------------------------------------------------
@@ -479,3 +482,15 @@ def test_sr_without_seg_when_every_lesion_vanished(written: Written, tmp_path: P
         assert rep.ok, rep.summary()
     with pytest.raises(ValueError, match="no SEG segment"):
         write_sr(tp.datasets, None, [LesionReport(written.measurements[1][0])], time_point=TimePoint("T1", 1))
+
+
+def test_single_lesion_seg_and_sr(written: Written, tmp_path: Path) -> None:
+    """One present lesion: highdicom puts the segment identification in the shared functional groups; the SR
+    must still reference the segment and its source slices, and both must validate."""
+    _dciodvfy()
+    tp, m = written.tps[0], written.measurements[0][0]
+    seg = write_seg(tp.datasets, [tp.lesions[0]])
+    sr = write_sr(tp.datasets, seg, [LesionReport(m)], time_point=TimePoint("T0", 0))
+    seg_path, sr_path = save_new(seg.dataset, tmp_path), save_new(sr.dataset, tmp_path)
+    assert run_dciodvfy(seg_path).ok and run_dciodvfy(sr_path).ok
+    assert set(read_sr_measurements(sr_path)) == {m.tracking_uid}

@@ -18,8 +18,8 @@ from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, PromptKind
 from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.prompt_sources import find_annotations
 from pipeline.measurements import LesionMeasurement, lesion_changes, measure_lesion
+from pipeline.prompt_sources import find_annotations
 from pipeline.recist import RecistAssessment, RecistLesion, Response, assess
 from pipeline.seg_reader import read_seg, read_seg_prompts
 from pipeline.seg_writer import SegWriteError, save_new, write_seg

@@ -29,7 +29,8 @@ COPY db ./db
 COPY config ./config
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && pip install --no-cache-dir -c constraints.txt '.[scale,models]' \
- && pip install --no-cache-dir -c constraints.txt --no-deps 'dynamic-network-architectures>=0.3'
+ && pip install --no-cache-dir -c constraints.txt --no-deps 'dynamic-network-architectures>=0.3' \
+      'icon-registration==1.1.9' 'unigradicon==1.0.6'
 
 USER lesiontrack
 VOLUME ["/data"]

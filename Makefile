@@ -13,7 +13,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,scale,models,bench]'
-	$(PY) -m pip install -q -c constraints.txt --no-deps 'dynamic-network-architectures>=0.3'
+	$(PY) -m pip install -q -c constraints.txt --no-deps 'dynamic-network-architectures>=0.3' \
+		'icon-registration==1.1.9' 'unigradicon==1.0.6'
 	touch $(STAMP)
 
 install: $(STAMP)

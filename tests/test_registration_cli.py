@@ -94,19 +94,31 @@ def test_unigradicon_never_downloads_and_explains_missing_parts(tmp_path):
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def test_unigradicon_loads_random_weights_through_the_package():
-    """Only where the packages are installed: random weights in the official format load through build_network."""
-    pytest.importorskip("icon_registration", reason="icon_registration not installed (needs torchvision)")
-    unigradicon = pytest.importorskip("unigradicon")
-    import tempfile
-    from pathlib import Path
+def test_unigradicon_loads_random_weights_and_registers(tmp_path):
+    """Random weights in the official format (a torch.save'd ``regis_net`` state dict named Step_2_final.trch in
+    a local folder) load through the configured engine and register a small pair end to end on CPU."""
+    import unigradicon  # installed by the Makefile (--no-deps); a missing package fails here, never skips
 
-    from models.registration.unigradicon_engine import INPUT_SHAPE, build_network
+    from config.settings import EngineSettings
+    from models.registration import Registration, get_engine
+    from models.registration.unigradicon_engine import INPUT_SHAPE
 
+    torch.manual_seed(0)
     net = unigradicon.make_network(INPUT_SHAPE, include_last_step=True)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "Step_2_final.trch"
-        torch.save(net.regis_net.state_dict(), path)
-        loaded = build_network(path)
+    weights = tmp_path / "unigradicon" / "Step_2_final.trch"
+    weights.parent.mkdir()
+    torch.save(net.regis_net.state_dict(), weights)
+    engine = get_engine("unigradicon", EngineSettings(unigradicon_weights=weights, working_spacing_mm=4.0),
+                        device="cpu")
     for k, v in net.regis_net.state_dict().items():
-        assert torch.equal(loaded.regis_net.state_dict()[k], v)
+        assert torch.equal(engine.net.regis_net.state_dict()[k], v)
+    k, j, i = np.indices((24, 40, 40))
+    body = ((i - 20) ** 2 / 15 ** 2 + (j - 20) ** 2 / 12 ** 2 < 1).astype(np.int16)
+    base = Volume((body * 1040 - 1000 + (k % 7) * 30 * body).astype(np.int16), (-80.0, -80.0, -48.0),
+                  (4.0, 4.0, 4.0))
+    fu = base.with_array(np.roll(base.array, 1, axis=2))
+    reg = engine.register(base, fu)
+    assert isinstance(reg, Registration)
+    assert reg.warp_image(base).shape == fu.shape
+    assert np.isfinite(reg.map_points_to_followup(np.array([[0.0, 0.0, 0.0]]))).all()
+    assert reg.quality.device == "cpu"

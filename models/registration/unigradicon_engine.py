@@ -4,9 +4,10 @@ Needs the ``unigradicon`` and ``icon_registration`` packages and ``engines.unigr
 official ``Step_2_final.trch`` (a ``torch.save``'d state dict of ``net.regis_net``). Nothing is ever downloaded:
 the path is checked before the package is asked to build the network (its own code would fetch missing weights).
 
-Note for this deployment: ``icon_registration`` declares ``torchvision`` (and ``itk``) as requirements, which
-would replace the pinned CPU torch, so neither package is in ``pyproject.toml``; the engine raises
-:class:`EngineUnavailable` with that explanation until an operator installs them deliberately.
+Install note: ``icon_registration`` declares ``torchvision`` as a requirement, which would replace the pinned CPU
+torch, so the Makefile and Dockerfile install both packages with ``--no-deps`` and their real imports (itk, tqdm,
+matplotlib, pyyaml) come from the ``models`` extra. Where they are missing the engine raises
+:class:`EngineUnavailable` saying so.
 
 Geometry: our robust affine pre-aligns the baseline on the working grid; both images are resampled to the
 network's 175³ input, windowed to [-1000, 1000] HU → [0, 1]; the network's map (normalised [0, 1] coordinates of
@@ -39,8 +40,8 @@ def _import_packages() -> tuple[Any, Any]:
     except ImportError as exc:
         raise EngineUnavailable(
             "registration engine 'unigradicon' needs the 'unigradicon' and 'icon_registration' packages "
-            f"({exc.name} is not installed). They are not installed by default because icon_registration requires "
-            "torchvision and itk, which would replace the pinned torch build; use engine 'convex'.") from exc
+            f"({exc.name} is not installed). Install them with --no-deps (icon_registration declares torchvision, "
+            "which would replace the pinned torch build) plus itk, tqdm, matplotlib and pyyaml; or use engine 'convex'.") from exc
     return icon_registration, unigradicon
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from config.settings import PacsPeer, Settings, load_settings
-from db.models import JobState, Lesion, LesionObservation, Series, Study
+from db.models import Lesion, LesionObservation, Series, Study
 from db.session import session_scope
 
 

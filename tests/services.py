@@ -1,4 +1,4 @@
-"""Real services the tests start on loopback and stop: PostgreSQL (more are added by later suites)."""
+"""Real services the tests start on loopback and stop (PostgreSQL, Orthanc, Redis), and polling helpers."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tests.conftest import require_tool
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -30,6 +35,21 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy (a readiness check on observable state, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# The console command run as a child process with this interpreter (no reliance on PATH).
+LESIONTRACK = [sys.executable, "-c", "from lesiontrack.cli import main; main()"]
 
 
 def _pg_bin() -> Path:

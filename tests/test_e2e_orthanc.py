@@ -10,7 +10,6 @@ small phantom patient (patient motion between timepoints).
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,11 @@ from sqlalchemy import select
 from db.models import AuditEvent, Delivery, DeliveryState, JobState
 from db.session import session_scope
 from tests.conftest import require_tool
-from tests.services import OrthancServer, free_port
+from tests.services import OrthancServer, free_port, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

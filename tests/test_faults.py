@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +25,11 @@ from config.settings import PacsPeer, Settings, load_settings
 from db.models import AuditEvent, DeliveryState, Delivery, Instance, JobState, Series
 from db.session import make_engine, make_session_factory, session_scope
 from tests.conftest import REPO
-from tests.services import OrthancServer, free_port, wait_for_port
+from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-LESIONTRACK = [sys.executable, "-c", "from lesiontrack.cli import main; main()"]
 
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]]:

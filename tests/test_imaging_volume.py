@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from models.imaging.transforms import rotation_matrix
 from models.imaging.volume import Volume

@@ -19,6 +19,7 @@ from db.session import make_engine, make_session_factory, session_scope, upgrade
 from pipeline.analysis import AnalysisService, JobContext, RetryPolicy, Step
 from pipeline.executors.inprocess import InProcessExecutor
 from pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
+from tests.services import wait_for
 
 
 def _factory(url: str):  # type: ignore[no-untyped-def]
@@ -31,14 +32,6 @@ def sf(sqlite_url: str):  # type: ignore[no-untyped-def]
     return _factory(sqlite_url)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:  # type: ignore[no-untyped-def]

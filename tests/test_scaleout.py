@@ -10,8 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,21 +20,11 @@ from config.settings import load_settings
 from db.models import AuditEvent, JobState
 from db.session import make_engine, make_session_factory, session_scope
 from tests.conftest import REPO, require_tool
-from tests.services import PostgresServer, RedisServer
+from tests.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-LESIONTRACK = [sys.executable, "-c", "from lesiontrack.cli import main; main()"]
 
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture()

@@ -482,7 +482,6 @@ def _place_lesions(anat: _Anatomy, rng: np.random.Generator, n: int, zlim: tuple
              "spiculated lung nodule", "juxtapleural lung nodule", "liver lesion", "solid lung nodule"]
     want = (kinds * (n // len(kinds) + 1))[:n]
     out: list[LesionInfo] = []
-    organ_of = {"liver lesion": "liver", "enlarged lymph node": "fat"}
     for kind in want:
         r = {"liver lesion": rng.uniform(7, 15), "enlarged lymph node": rng.uniform(7, 11),
              "part-solid lung nodule": rng.uniform(7, 11), "juxtapleural lung nodule": rng.uniform(5, 8)

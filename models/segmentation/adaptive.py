@@ -9,10 +9,16 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
    around the prompt / a region grown from the point).
 3. Per-voxel evidence = log-likelihood ratio lesion/background + a spatial shape prior from the signed distance to
    the propagated prompt (its scale grows with lesion size, so a lesion may grow to ~2× its diameter or shrink),
-   with a hard limit on growth — this keeps lesions touching similar-density structures from leaking.
-4. Confident voxels become seeds of a random walker (skimage) run on the lesion-probability image, which places the
-   boundary; holes are filled and the component nearest the prompt's centre is kept.
-5. No lesion-like evidence inside the prompt core, or a result below ``min_volume_mm3`` → empty mask (vanished).
+   with a hard limit on growth — this keeps lesions touching similar-density structures from leaking. For a mask
+   prompt the prior is centred on a fitted outline: the one uniform growth/shrink offset of the prompt (a level of
+   its signed distance) that maximises the summed evidence inside it; the boundary may leave that level outwards
+   only within a narrow band, so growth along the lesion's own outline is followed while a leak along an adjacent
+   vessel or into the chest wall is cut off.
+4. Confident voxels (and lesion-leaning voxels inside the fitted outline) become seeds of a random walker
+   (skimage) run on the lesion-probability image, which places the boundary; holes are filled and the component
+   nearest the prompt's centre is kept.
+5. No lesion-like evidence inside the prompt core (searched within a few mm, for propagation error), or a result
+   below ``min_volume_mm3`` → empty mask (vanished).
 """
 
 from __future__ import annotations
@@ -49,6 +55,25 @@ class AdaptiveConfig:
     presence_fraction: float = 0.15   # of the prompt core that must look like lesion, else vanished
     presence_cap: float = 0.4         # upper bound of that fraction when the surroundings look lesion-like
     max_roi_voxels: int = 400_000     # larger ROIs are segmented on a coarser grid
+    presence_search_mm: float = 3.0
+    """The presence test looks for the lesion-like core within this distance of the propagated core (the best
+    placement counts): tolerance for propagation / registration error, which can exceed a small lesion's core."""
+    fit_offset: bool = True
+    """Mask prompts: fit one uniform growth/shrink offset (mm, a level of the prompt's signed distance) to the
+    intensity evidence and centre the shape prior on it, so that growth, shrinkage and leaks are told apart: a lesion
+    grows or shrinks roughly along its own outline, a leak into an adjacent vessel or wall is a local protrusion."""
+    fit_clip: float = 2.0
+    """|log-likelihood ratio| cap per voxel in the offset fit (a few extreme voxels must not decide the size)."""
+    fit_switch_cost: float = 0.5
+    """Logit cost per voxel moved across the prompt's outline by the offset fit: a shell is added or removed only
+    when its mean evidence clearly says so (partial-volume boundary voxels are ambiguous, not evidence of change)."""
+    fit_step_mm: float = 0.5
+    """Resolution of the offset search."""
+    band_mm: float = 3.0
+    """After the offset fit, the boundary may deviate locally from the fitted level by at most
+    ``max(band_mm, band_fraction * r_eq)`` outwards."""
+    band_fraction: float = 0.35
+    """See ``band_mm``; scales the band with lesion size (larger lesions grow less uniformly)."""
 
 
 class AdaptiveEngine:
@@ -101,7 +126,7 @@ class AdaptiveEngine:
         smooth = ndi.gaussian_filter(img.array.astype(np.float32), sigma=cfg.smoothing_mm / sp)
         inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
         outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
-        sdist = outside_d - inside_d          # mm, > 0 outside the prompt
+        sdist = _signed_distance(pmask, inside_d, outside_d, sp)   # mm, > 0 outside the prompt
 
         core = _core(pmask, inside_d)
         if prompt.kind is PromptKind.POINTS:
@@ -125,7 +150,7 @@ class AdaptiveEngine:
                 pmask = region
                 inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
                 outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
-                sdist = outside_d - inside_d
+                sdist = _signed_distance(pmask, inside_d, outside_d, sp)
                 r_eq = max(r_eq, (3 * pmask.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3))
                 growth = max(cfg.min_growth_mm, r_eq)
             elif prompt.kind is PromptKind.BOX:
@@ -150,18 +175,30 @@ class AdaptiveEngine:
         bg_llr = np.log(_lookup(les_pdf, bg_s)) - np.log(_lookup(bg_pdf, bg_s))
         false_rate = float((bg_llr > 0.5).mean()) if bg_s.size else 0.0
         need = min(max(cfg.presence_fraction, 2.0 * false_rate + 0.1), cfg.presence_cap)
-        if not core.any() or float((llr[core] > 0.5).mean()) < need:
+        if not core.any() or _best_core_fraction(llr > 0.5, core, sp, cfg.presence_search_mm) < need:
             return None
 
         # --- spatial shape prior -----------------------------------------------------------------
+        forbidden = sdist > growth
+        offset, fitted = 0.0, False
         if prompt.kind is PromptKind.BOX:
             prior = np.where(pmask, 0.5, -cfg.prior_clip)
         else:
             scale = max(cfg.prior_scale_mm, 0.5 * r_eq)
-            prior = np.clip(-sdist / scale, -cfg.prior_clip, cfg.prior_clip)
+            if prompt.kind is PromptKind.MASK and cfg.fit_offset:
+                fitted = True
+                # moving the voxels next to the prompt's outline (partial-volume layer) across it costs
+                # ``fit_switch_cost`` each: an ambiguous boundary layer stays where the prompt put it
+                pv_layer = np.abs(sdist) <= float(np.min(sp))
+                fit_ev = np.clip(llr, -cfg.fit_clip, cfg.fit_clip) - cfg.fit_switch_cost * np.sign(sdist) * pv_layer
+                offset = _fit_offset(fit_ev, sdist, -float(inside_d.max()), growth, cfg)
+                forbidden |= sdist > offset + max(cfg.band_mm, cfg.band_fraction * r_eq)
+            prior = np.clip(-(sdist - offset) / scale, -cfg.prior_clip, cfg.prior_clip)
         evidence = llr + prior
-        forbidden = sdist > growth
         fg = (evidence > cfg.seed_logit) & ~forbidden & (llr > 0)
+        if fitted:
+            # voxels inside the fitted outline that lean towards the lesion model seed the lesion
+            fg |= (sdist <= offset - 0.5 * float(np.min(sp))) & (llr > 0)
         bg = (evidence < -cfg.seed_logit) | forbidden
         border = np.zeros_like(bg)
         border[[0, -1], :, :] = border[:, [0, -1], :] = border[:, :, [0, -1]] = True
@@ -270,6 +307,54 @@ def _reference_samples(reference: SegReference, cfg: AdaptiveConfig) -> tuple[np
     core = mm & (inside >= min(1.0, 0.5 * inside.max()))
     ring = (outside > 1.0) & (outside <= 1.0 + cfg.ring_mm)
     return img[core], img[ring]
+
+
+def _best_core_fraction(lesion_like: np.ndarray, core: np.ndarray, sp: np.ndarray, radius_mm: float) -> float:
+    """Largest fraction of lesion-like voxels in ``core`` moved by any whole-voxel shift of at most ``radius_mm``."""
+    idx = np.argwhere(core)
+    reach = np.floor(radius_mm / sp + 1e-6).astype(int)
+    best = 0.0
+    for dk in range(-reach[0], reach[0] + 1):
+        for dj in range(-reach[1], reach[1] + 1):
+            for di in range(-reach[2], reach[2] + 1):
+                shift = np.array([dk, dj, di])
+                if float(np.linalg.norm(shift * sp)) > radius_mm + 1e-6:
+                    continue
+                moved = np.clip(idx + shift, 0, np.array(core.shape) - 1)
+                best = max(best, float(lesion_like[tuple(moved.T)].mean()))
+    return best
+
+
+def _signed_distance(pmask: np.ndarray, inside_d: np.ndarray, outside_d: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, > 0 outside) to the prompt's outline, which lies half a voxel beyond its boundary voxels.
+
+    Voxel-centre distances put the first voxels on either side at ±1 voxel, leaving no level between them; shifting
+    by half the finest spacing puts the outline at 0, so that a level ``d`` means growth (or shrinkage) by ``d`` mm.
+    """
+    half = 0.5 * float(np.min(sp))
+    return np.where(pmask, half - inside_d, outside_d - half)
+
+
+def _fit_offset(evidence: np.ndarray, sdist: np.ndarray, lo_mm: float, hi_mm: float, cfg: AdaptiveConfig) -> float:
+    """The level ``d`` of the prompt's signed distance maximising the summed evidence (logits) inside ``sdist <= d``.
+
+    A uniform growth (``d > 0``) or shrinkage (``d < 0``) of the prompt along its own outline; the region energy
+    of a one-parameter active contour, solved exactly by a cumulative sum over distance shells.
+    """
+    step = cfg.fit_step_mm
+    edges = np.arange(lo_mm, hi_mm + step, step)
+    if edges.size < 2:
+        return 0.0
+    sel = sdist <= edges[-1]
+    shell = np.clip(np.searchsorted(edges, sdist[sel], side="left"), 0, edges.size - 1)
+    gain = np.bincount(shell, weights=evidence[sel], minlength=edges.size)
+    total = np.cumsum(gain)
+    level = float(edges[int(np.argmax(total))])
+    # the outline lies midway between the outermost voxels kept and the innermost voxels left out
+    kept, left = sdist[sdist <= level], sdist[(sdist > level) & sel]
+    if kept.size == 0 or left.size == 0:
+        return level
+    return 0.5 * (float(kept.max()) + float(left.min()))
 
 
 def _grow_from_core(smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp: np.ndarray,

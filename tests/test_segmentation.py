@@ -101,3 +101,27 @@ def test_rasterize_and_components() -> None:
     assert {"adaptive", "lesionlocator", "warped-prompt"} <= set(available_engines())
     with pytest.raises(ValueError, match="unknown segmentation engine"):
         get_engine("nope")
+
+
+def test_offset_fit_follows_uniform_growth_not_an_attached_vessel() -> None:
+    """The fitted outline is the prompt grown by the lesion's growth; a same-evidence tube touching it adds nothing."""
+    from scipy import ndimage as ndi
+
+    from models.segmentation.adaptive import AdaptiveConfig, _fit_offset, _signed_distance
+
+    sp = np.array([1.0, 1.0, 1.0])
+    k, j, i = np.meshgrid(*(np.arange(48),) * 3, indexing="ij")
+    r = np.sqrt((k - 24) ** 2 + (j - 24) ** 2 + (i - 24) ** 2)
+    prompt = r <= 6.0
+    lesion = r <= 9.0                                          # grew by 3 mm
+    vessel = (np.abs(k - 24) <= 1) & (np.abs(j - 24) <= 1) & (i > 24)
+    inside = ndi.distance_transform_edt(prompt, sampling=sp)
+    outside = ndi.distance_transform_edt(~prompt, sampling=sp)
+    sdist = _signed_distance(prompt, inside, outside, sp)
+    cfg = AdaptiveConfig()
+    for evidence_mask in (lesion, lesion | vessel):
+        evidence = np.where(evidence_mask, 1.5, -1.5)
+        offset = _fit_offset(evidence, sdist, -float(inside.max()), 12.0, cfg)
+        assert 2.0 <= offset <= 4.0, offset
+    shrunk = np.where(r <= 3.5, 1.5, -1.5)
+    assert -4.0 <= _fit_offset(shrunk, sdist, -float(inside.max()), 12.0, cfg) <= -1.5

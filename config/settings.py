@@ -131,6 +131,27 @@ class EngineSettings(_Section):
     working_spacing_mm: float = Field(2.0, gt=0)
 
 
+class RecistSettings(_Section):
+    """RECIST 1.1 thresholds used for target selection and response (defaults from the RECIST 1.1 paper); a trial
+    protocol that deviates sets them here. Read by ``pipeline.recist.RecistRules.from_settings``."""
+
+    min_long_axis_mm: float = Field(10.0, gt=0, description="measurable non-nodal lesion (slice thickness <= max)")
+    min_long_axis_slice_factor: float = Field(2.0, gt=0, description="thicker slices: >= this x slice thickness")
+    max_slice_thickness_mm: float = Field(5.0, gt=0)
+    min_node_short_axis_mm: float = Field(15.0, gt=0, description="measurable (target-eligible) lymph node")
+    pathological_node_short_axis_mm: float = Field(10.0, gt=0, description="10..15 mm: pathological non-target")
+    max_targets: int = Field(5, ge=1)
+    max_targets_per_organ: int = Field(2, ge=1)
+    pr_threshold_pct: float = Field(-30.0, lt=0, description="partial response: change vs baseline")
+    pd_threshold_pct: float = Field(20.0, gt=0, description="progression: change vs nadir")
+    pd_min_absolute_mm: float = Field(5.0, ge=0)
+    too_small_below_mm: float = Field(5.0, ge=0, description="present but smaller: counted as too_small_default_mm")
+    too_small_default_mm: float = Field(5.0, ge=0)
+    node_cr_short_axis_mm: float = Field(10.0, gt=0, description="every target node below this for CR")
+    volume_pr_threshold_pct: float = Field(-65.0, lt=0, description="volumetric readout (sphere-equivalent of -30 %)")
+    volume_pd_threshold_pct: float = Field(73.0, gt=0, description="volumetric readout (sphere-equivalent of +20 %)")
+
+
 class ApiKey(_Section):
     name: str
     key: SecretStr
@@ -177,6 +198,7 @@ class Settings(BaseSettings):
     sending: SendingSettings = Field(default_factory=SendingSettings)
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
+    recist: RecistSettings = Field(default_factory=RecistSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

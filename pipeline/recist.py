@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Iterable, Sequence
 
+from config.settings import RecistSettings
 from pipeline.measurements import LesionMeasurement
 
 
@@ -50,6 +51,11 @@ class RecistRules:
     node_cr_short_axis_mm: float = 10.0       # target nodes must all be below this for CR
     volume_pr_threshold_pct: float = -65.0    # sphere-equivalent of -30 % diameter
     volume_pd_threshold_pct: float = 73.0     # sphere-equivalent of +20 % diameter
+
+    @classmethod
+    def from_settings(cls, cfg: RecistSettings) -> RecistRules:
+        """The rules of the ``[recist]`` configuration section (same field names)."""
+        return cls(**cfg.model_dump())
 
     def min_long_axis_for(self, slice_thickness_mm: float | None) -> float:
         if slice_thickness_mm is not None and slice_thickness_mm > self.max_slice_thickness_mm:

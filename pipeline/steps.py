@@ -323,7 +323,7 @@ def _history(sf: sessionmaker[Session], patient_pk: int | None, exclude_series: 
 
 def measure(ctx: JobContext) -> dict[str, Any]:
     from pipeline.measurements import lesion_changes, measure_lesion
-    from pipeline.recist import RecistLesion, assess
+    from pipeline.recist import RecistLesion, RecistRules, assess
 
     svc = _svc(ctx)
     fu = ctx.outputs["match_priors"]["followup"]
@@ -363,7 +363,8 @@ def measure(ctx: JobContext) -> dict[str, Any]:
     keys = sorted(by_tp)
     series_of = [next(iter(by_tp[k].values())).series_uid if by_tp[k] else None for k in keys]
     rec_tps = [[RecistLesion.from_measurement(m) for m in by_tp[k].values()] for k in keys]
-    assessment = assess(rec_tps, slice_thickness_mm=float(tps[0].ct.spacing[2]))
+    assessment = assess(rec_tps, RecistRules.from_settings(svc.settings.recist),
+                        slice_thickness_mm=float(tps[0].ct.spacing[2]))
     ctx.memory.update(measurements=current, prior_measurements=prior_meas, changes=changes, recist=assessment,
                       timepoint_index=len(keys) - 1, baseline_date=keys[0][:8])
     last = assessment.timepoints[-1]

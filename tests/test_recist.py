@@ -39,6 +39,24 @@ def test_selection_thick_slices_and_configurable_rules() -> None:
     assert select_targets(base, RecistRules(max_targets=1)).targets == ["L2"]
 
 
+def test_rules_come_from_the_recist_settings_section(tmp_path) -> None:
+    """Every RecistRules threshold is settable in [recist]; the defaults agree; a protocol change takes effect."""
+    from dataclasses import fields
+
+    from config.settings import RecistSettings, load_settings
+
+    assert {f.name for f in fields(RecistRules)} == set(RecistSettings.model_fields)
+    assert RecistRules.from_settings(RecistSettings()) == RecistRules()
+    cfg = tmp_path / "lt.toml"
+    cfg.write_text("[recist]\nmax_targets = 1\npd_threshold_pct = 25.0\n")
+    rules = RecistRules.from_settings(load_settings(cfg).recist)
+    assert (rules.max_targets, rules.pd_threshold_pct) == (1, 25.0)
+    assert select_targets([L("L1", 12), L("L2", 30, organ="lung")], rules).targets == ["L2"]
+    with pytest.raises(ValueError, match="max_targets"):
+        cfg.write_text("[recist]\nmax_targets = 0\n")
+        load_settings(cfg)
+
+
 def test_override_is_recorded_and_used() -> None:
     base = [L("L1", 50), L("L2", 40), L("L3", 30)]
     sel = select_targets(base, override=TargetOverride(force_target=["L3"], force_non_target=["L2"], by="dr x",

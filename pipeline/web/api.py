@@ -27,9 +27,15 @@ from db.session import session_scope
 from pipeline import exports
 from pipeline.web import schemas as sc
 from pipeline.web.auth import Principal, require_operator, require_read
+from pipeline.recist import RecistRules
 from pipeline.web.timeline import build_timeline
 
 log = logging.getLogger(__name__)
+
+
+def _recist_rules(request: Request) -> RecistRules:
+    """The RECIST thresholds of the running service's ``[recist]`` settings."""
+    return RecistRules.from_settings(request.app.state.settings.recist)
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
 Operator = Annotated[Principal, Depends(require_operator)]
@@ -215,7 +221,7 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
 def patient_timeline(request: Request, patient_pk: int) -> dict:
     with session_scope(request.app.state.session_factory) as s:
         try:
-            return build_timeline(s, patient_pk).to_dict()
+            return build_timeline(s, patient_pk, _recist_rules(request)).to_dict()
         except KeyError as exc:
             raise _not_found(f"patient {patient_pk}") from exc
 
@@ -246,7 +252,7 @@ def _timeline_and_subject(request: Request, patient_pk: int):  # type: ignore[no
         p = s.get(Patient, patient_pk)
         if p is None:
             raise _not_found(f"patient {patient_pk}")
-        return build_timeline(s, patient_pk), p.patient_id
+        return build_timeline(s, patient_pk, _recist_rules(request)), p.patient_id
 
 
 def _download(text: str, media_type: str, filename: str) -> Response:

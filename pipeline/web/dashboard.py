@@ -16,7 +16,13 @@ from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Study
 from db.repository import audit
 from db.session import session_scope
 from pipeline.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
+from pipeline.recist import RecistRules
 from pipeline.web.timeline import build_timeline
+
+
+def _recist_rules(request: Request) -> RecistRules:
+    """The RECIST thresholds of the running service's ``[recist]`` settings."""
+    return RecistRules.from_settings(request.app.state.settings.recist)
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
@@ -155,7 +161,7 @@ def timeline_page(request: Request, patient_pk: int) -> HTMLResponse:
         p = s.get(Patient, patient_pk)
         if p is None:
             raise HTTPException(status_code=404, detail=f"patient {patient_pk} not found")
-        tl = build_timeline(s, patient_pk)
+        tl = build_timeline(s, patient_pk, _recist_rules(request))
         subject = p.patient_id
         last_event = s.scalar(select(func.max(AuditEvent.id)))
     return _render(request, "timeline.html", user, tl=tl, subject=subject, patient_pk=patient_pk,

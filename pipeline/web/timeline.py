@@ -9,12 +9,15 @@ RECIST 1.1 per timepoint is computed with :mod:`pipeline.recist` from the stored
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import AnalysisJob, Instance, Lesion, LesionObservation, Patient, Series, Study
+
+if TYPE_CHECKING:
+    from pipeline import recist
 
 
 @dataclass
@@ -113,7 +116,7 @@ def _collect_uids(obj: Any, kinds: tuple[str, ...], out: dict[str, list[str]]) -
             _collect_uids(v, kinds, out)
 
 
-def build_timeline(session: Session, patient_pk: int) -> PatientTimeline:
+def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules | None = None) -> PatientTimeline:
     """The lesion × timepoint table of one patient (raises KeyError if the patient does not exist)."""
     if session.get(Patient, patient_pk) is None:
         raise KeyError(f"no patient with id {patient_pk}")
@@ -192,7 +195,7 @@ def build_timeline(session: Session, patient_pk: int) -> PatientTimeline:
                               lesion.origin.value if hasattr(lesion.origin, "value") else str(lesion.origin),
                               role, cells))
     timeline = PatientTimeline(patient_pk, timepoints, rows)
-    _apply_recist(timeline)
+    _apply_recist(timeline, rules)
     return timeline
 
 
@@ -204,7 +207,7 @@ def _la(c: Cell) -> float | None:
     return 0.0 if c.status == "vanished" else c.long_axis_mm
 
 
-def _apply_recist(tl: PatientTimeline) -> None:
+def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) -> None:
     """RECIST 1.1 per timepoint over the stored observations (roles from ``Lesion.is_target`` when set)."""
     from pipeline import recist
 
@@ -232,7 +235,7 @@ def _apply_recist(tl: PatientTimeline) -> None:
         override = recist.TargetOverride(force_target=forced_t, force_non_target=forced_n, by="database",
                                          reason="is_target recorded for the lesion")
     try:
-        assessment = recist.assess(per_tp, override=override)
+        assessment = recist.assess(per_tp, rules, override=override)
     except (ValueError, KeyError) as exc:
         tl.recist_error = str(exc)
         return

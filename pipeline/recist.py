@@ -32,29 +32,13 @@ class Response(str, Enum):
     ND = "ND"                         # no disease of this kind (no targets / no non-targets)
 
 
-@dataclass
-class RecistRules:
-    """RECIST 1.1 thresholds (defaults from the paper); change them per trial protocol."""
-
-    min_long_axis_mm: float = 10.0            # measurable non-nodal lesion on CT (slice thickness <= 5 mm)
-    min_long_axis_slice_factor: float = 2.0   # ... else >= this × slice thickness
-    max_slice_thickness_mm: float = 5.0
-    min_node_short_axis_mm: float = 15.0      # measurable (target-eligible) lymph node
-    pathological_node_short_axis_mm: float = 10.0   # 10..15 mm: pathological non-target; below: normal
-    max_targets: int = 5
-    max_targets_per_organ: int = 2
-    pr_threshold_pct: float = -30.0           # vs baseline
-    pd_threshold_pct: float = 20.0            # vs nadir
-    pd_min_absolute_mm: float = 5.0
-    too_small_below_mm: float = 5.0           # present but smaller → counted as too_small_default_mm
-    too_small_default_mm: float = 5.0
-    node_cr_short_axis_mm: float = 10.0       # target nodes must all be below this for CR
-    volume_pr_threshold_pct: float = -65.0    # sphere-equivalent of -30 % diameter
-    volume_pd_threshold_pct: float = 73.0     # sphere-equivalent of +20 % diameter
+class RecistRules(RecistSettings):
+    """RECIST 1.1 thresholds (defaults from the paper; fields, bounds and descriptions are those of the
+    ``[recist]`` settings section); change them per trial protocol."""
 
     @classmethod
     def from_settings(cls, cfg: RecistSettings) -> RecistRules:
-        """The rules of the ``[recist]`` configuration section (same field names)."""
+        """The rules of the ``[recist]`` configuration section."""
         return cls(**cfg.model_dump())
 
     def min_long_axis_for(self, slice_thickness_mm: float | None) -> float:

@@ -25,9 +25,9 @@ from db.models import (
 from db.repository import audit
 from db.session import session_scope
 from pipeline import exports
+from pipeline.recist import RecistRules
 from pipeline.web import schemas as sc
 from pipeline.web.auth import Principal, require_operator, require_read
-from pipeline.recist import RecistRules
 from pipeline.web.timeline import build_timeline
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Study
 from db.repository import audit
 from db.session import session_scope
-from pipeline.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
 from pipeline.recist import RecistRules
+from pipeline.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
 from pipeline.web.timeline import build_timeline
 
 

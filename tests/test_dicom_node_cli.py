@@ -69,8 +69,10 @@ def test_serve_process_receives_and_stops_cleanly(tmp_path: Path) -> None:
 
 def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "lt.toml", tmp_path, free_port())
-    r = CliRunner().invoke(app, ["--config", str(cfg), "serve"])
-    assert r.exit_code == 2 and "db upgrade" in r.output
+    for args in (["serve"], ["find-priors", "--patient", "P1", "--local-only"], ["send", "--list"],
+                 ["complete-series", "1.2.3"]):
+        r = CliRunner().invoke(app, ["--config", str(cfg), *args])
+        assert r.exit_code == 2 and "db upgrade" in r.output, (args, r.output)
 
 
 def test_echo_command(tmp_path: Path) -> None:

@@ -20,14 +20,9 @@ def find_priors(
 ) -> None:
     """Priors = earlier studies whose CT series a DICOM SEG or TID 1500 SR references (local DB, then peers)."""
     from dicom_node.priors import PriorFinder, PriorLookupError
-    from dicom_node.database import SchemaNotCurrent, open_database
 
     settings = state(ctx).settings()
-    try:
-        sf = open_database(settings, upgrade_db=False)
-    except SchemaNotCurrent as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
+    sf = state(ctx).database()
     finder = PriorFinder(settings, sf, query_peers=not local_only)
     ref = (before[:8], before[8:] or None) if before else None
     try:

@@ -25,14 +25,9 @@ def send(
     from db.models import Delivery, DeliveryState
     from db.session import session_scope
     from dicom_node.sending import DeliveryService
-    from dicom_node.database import SchemaNotCurrent, open_database
 
     settings = state(ctx).settings()
-    try:
-        sf = open_database(settings, upgrade_db=False)
-    except SchemaNotCurrent as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
+    sf = state(ctx).database()
     svc = DeliveryService(settings, sf)
     if list_:
         with session_scope(sf) as s:

@@ -42,14 +42,9 @@ def complete_series_cmd(
 ) -> None:
     """Force completion of a series now (skip the quiet period): routing is recorded, a job created if routed."""
     from dicom_node.completion import complete_series
-    from dicom_node.database import SchemaNotCurrent, open_database
 
     settings = state(ctx).settings()
-    try:
-        sf = open_database(settings)
-    except SchemaNotCurrent as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
+    sf = state(ctx).database()
     callback = None
     try:
         from pipeline.jobs import JobStore

@@ -82,7 +82,7 @@ def associate(settings: Settings, peer: PacsPeer, ae: AE, **kwargs: object) -> I
     tls = None
     if peer.tls:
         cx = client_context(settings.dicom.tls)
-        tls = (cx, "") if cx else None
+        tls = (cx, peer.host) if cx else None   # the host name goes out as SNI; trust comes from the CA file
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, **kwargs)  # type: ignore
     if not assoc.is_established:
         raise DimseError(f"no association with {peer.name} ({peer.ae_title}@{peer.host}:{peer.port})")

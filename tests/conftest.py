@@ -13,24 +13,25 @@ SHARED_DATA = Path(os.environ.get("LESIONTRACK_SHARED_DATA", REPO.parent / "shar
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def unavailable(reason: str) -> None:
+    """Skip on a developer machine that lacks something the test needs — but fail in CI, which provides it."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_tool(*names: str) -> None:
     """Skip when a command-line tool is missing — but fail in CI, which installs them all."""
     missing = [n for n in names if shutil.which(n) is None and not Path(n).exists()]
     if missing:
-        msg = f"required tool(s) not installed: {', '.join(missing)} (.ci/run installs them)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"required tool(s) not installed: {', '.join(missing)} (.ci/run installs them)")
 
 
 def require_shared_data(*relative: str) -> Path:
     """Path inside ../shared/data; skip outside CI if absent, fail in CI."""
     path = SHARED_DATA.joinpath(*relative)
     if not path.exists():
-        msg = f"test data missing: {path}"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"test data missing: {path}")
     return path
 
 

@@ -22,7 +22,7 @@ from config.settings import Settings, load_settings
 from db.models import AuditEvent, Instance, Series
 from db.session import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.scp import StorageSCP
-from tests.conftest import require_shared_data, require_tool
+from tests.conftest import require_shared_data, require_tool, unavailable
 
 GE = ("interop", "ct_gantry_tilt_ge")
 J2K = ("interop", "ct_siemens_j2k")
@@ -284,7 +284,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+        unavailable(f"cannot mount a small tmpfs here (CI runs as root): {r.stderr.decode().strip()}")
     try:
         n = Node(tmp_path / "db")
         n.settings.data_dir = mnt
@@ -296,23 +296,6 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
         assert not list(mnt.rglob(".tmp-*"))
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
-
-
-def test_tls_association(tmp_path: Path) -> None:
-    require_tool("openssl", "echoscu")
-    if "tls" not in subprocess.run(["echoscu", "--help"], capture_output=True, text=True).stdout.lower():
-        pytest.skip("dcmtk built without TLS")
-    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(crt), "-days", "2", "-subj", "/CN=lesiontrack-test"], check=True, capture_output=True)
-    n = Node(tmp_path / "n", tls={"enabled": True, "cert_file": crt, "key_file": key, "ca_file": crt,
-                                   "require_client_cert": True})
-    with n.scp:
-        tls = ["+tls", str(key), str(crt), "+cf", str(crt)]
-        assert echoscu(n.port, "STORESCU", *tls) == 0
-        assert echoscu(n.port) != 0                           # plain DICOM refused on the TLS port
-        storescu(n.port, ge_files()[:2], "STORESCU", *tls)
-        assert n.count() == 2
 
 
 def test_max_associations_and_orphan_cleanup(tmp_path: Path) -> None:

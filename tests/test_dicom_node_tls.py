@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import PacsPeer, Settings, load_settings
+from config.settings import Settings, load_settings
 from dicom_node.scu import DimseError, echo, store_files
 from dicom_node.sending import DeliveryError, deliver_files
 from tests.conftest import require_tool, unavailable
 from tests.services import free_port, wait_for_port
-from tests.test_dicom_node_scp import ENV, Node, dataset_bytes, echoscu, ge_files, storescu
+from tests.test_dicom_node_scp import (
+    ENV,
+    Node,
+    dataset_bytes,
+    echoscu,
+    ge_files,
+    storescu,
+)
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
@@ -27,7 +34,7 @@ def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
 
 def require_dcmtk_tls() -> None:
     require_tool("echoscu", "storescp")
-    if "--enable-tls" not in subprocess.run(["storescp", "--help"], capture_output=True, text=True).stdout:
+    if "--enable-tls" not in subprocess.run(["storescp", "--help"], capture_output=True, text=True, check=False).stdout:
         unavailable("dcmtk built without TLS (Debian's dcmtk has it)")
 
 
@@ -106,7 +113,7 @@ def test_outgoing_echo_and_store_over_tls_to_dcmtk(tls_pacs: tuple[TlsStorescp, 
 def test_outgoing_tls_refuses_an_untrusted_pacs_and_a_plain_peer(tls_pacs: tuple[TlsStorescp, Path, Path],
                                                                  tmp_path: Path) -> None:
     pacs, our_key, our_crt = tls_pacs
-    other_key, other_crt = self_signed(tmp_path, "someone-else")
+    _other_key, other_crt = self_signed(tmp_path, "someone-else")
     untrusting = _settings(tmp_path, our_key, our_crt, other_crt, pacs.port)   # we do not trust the PACS's cert
     with pytest.raises(DimseError, match="no association with pacs"):
         echo(untrusting, untrusting.peer("pacs"))

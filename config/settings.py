@@ -112,6 +112,8 @@ class RoutingSettings(_Section):
 class SendingSettings(_Section):
     retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 900, 3600])
     destinations: list[str] = Field(default_factory=list, description="names of pacs peers")
+    claim_seconds: float = Field(900, gt=0, description="how long one sender holds a delivery it is attempting; "
+                                 "after that a sender that died mid-attempt is presumed gone and others may retry")
 
 
 class ComputeSettings(_Section):

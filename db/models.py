@@ -69,6 +69,7 @@ class JobState(str, enum.Enum):
 
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"
+    SENDING = "sending"            # claimed by one sender until ``next_attempt_at`` (the claim's lease)
     RETRY_WAIT = "retry_wait"
     DELIVERED = "delivered"
     DEAD_LETTER = "dead_letter"

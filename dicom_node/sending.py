@@ -2,6 +2,8 @@
 
 Implements :class:`pipeline.ports.ResultSender`. Methods per peer: C-STORE, Orthanc REST upload, STOW-RS.
 Every attempt is written to the audit log. ``retry(job_id)`` is the operator's manual retry of dead letters.
+An attempt first claims its row in the database (state ``sending`` with a lease), so two threads or two
+processes (``serve`` and ``send --retry``, or several workers) never send the same delivery at once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import PacsPeer, SendMethod, Settings
@@ -86,8 +88,6 @@ class DeliveryService:
         self.session_factory = session_factory
         self.clock = clock
         self._deliver = deliver
-        self._lock = threading.Lock()
-        self._inflight: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,27 +118,35 @@ class DeliveryService:
     def attempt(self, delivery_id: int) -> DeliveryState:
         """One attempt; on failure schedule the next one, or dead-letter once the schedule is used up.
 
-        An attempt already running in this process for the same delivery is not started twice.
+        Only a delivery this call can claim is attempted; one that another sender holds (or that is delivered
+        or dead-lettered) is left alone and its state returned.
         """
-        with self._lock:
-            if delivery_id in self._inflight:
-                with session_scope(self.session_factory) as s:
-                    d = s.get(Delivery, delivery_id)
-                    return d.state if d is not None else DeliveryState.PENDING
-            self._inflight.add(delivery_id)
-        try:
-            return self._attempt(delivery_id)
-        finally:
-            with self._lock:
-                self._inflight.discard(delivery_id)
+        if not self._claim(delivery_id):
+            with session_scope(self.session_factory) as s:
+                d = s.get(Delivery, delivery_id)
+                if d is None:
+                    raise KeyError(f"no delivery {delivery_id}")
+                return d.state
+        return self._attempt(delivery_id)
+
+    def _claim(self, delivery_id: int) -> bool:
+        """Atomically move a waiting delivery (or one whose previous claim has lapsed) to ``sending``."""
+        now = self.clock()
+        with session_scope(self.session_factory) as s:
+            claimed = s.execute(
+                update(Delivery).where(
+                    Delivery.id == delivery_id,
+                    or_(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT]),
+                        (Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at <= now)))
+                .values(state=DeliveryState.SENDING,
+                        next_attempt_at=now + timedelta(seconds=self.settings.sending.claim_seconds))
+                .execution_options(synchronize_session=False)).rowcount
+        return claimed == 1
 
     def _attempt(self, delivery_id: int) -> DeliveryState:
         with session_scope(self.session_factory) as s:
             d = s.get(Delivery, delivery_id)
-            if d is None:
-                raise KeyError(f"no delivery {delivery_id}")
-            if d.state == DeliveryState.DELIVERED:
-                return d.state
+            assert d is not None
             name, files, attempt_no = d.destination, [Path(p) for p in d.file_paths], d.attempts + 1
         error = ""
         summary = ""
@@ -192,11 +200,11 @@ class DeliveryService:
         return n
 
     def run_due(self) -> list[tuple[int, DeliveryState]]:
-        """Attempt every delivery whose time has come (pending or waiting for a retry)."""
+        """Attempt every delivery whose time has come (pending, waiting for a retry, or a lapsed claim)."""
         now = self.clock()
         with session_scope(self.session_factory) as s:
-            due = [d.id for d in s.scalars(select(Delivery).where(
-                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT])).order_by(Delivery.id))
+            due = [d.id for d in s.scalars(select(Delivery).where(Delivery.state.in_(
+                [DeliveryState.PENDING, DeliveryState.RETRY_WAIT, DeliveryState.SENDING])).order_by(Delivery.id))
                 if _utc(d.next_attempt_at) is None or _utc(d.next_attempt_at) <= now]  # type: ignore[operator]
         return [(i, self.attempt(i)) for i in due]
 

@@ -307,7 +307,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
             subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
         return
     # no mount here: every temporary file the store opens is /dev/full, whose writes fail with ENOSPC
-    import dicom_node.storage as storage
+    from dicom_node import storage
 
     real_open = os.open
 

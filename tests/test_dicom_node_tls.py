@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings, load_settings
+from config.settings import ConfigError, Settings, load_settings
 from dicom_node.scu import DimseError, echo, store_files
 from dicom_node.sending import DeliveryError, deliver_files
 from tests.conftest import require_tool, unavailable
@@ -55,6 +55,7 @@ class TlsStorescp:
     """dcmtk ``storescp`` on loopback, TLS only, trusting ``client_crt``, writing what it receives bit for bit."""
 
     def __init__(self, folder: Path, key: Path, crt: Path, client_crt: Path) -> None:
+        self.crt = crt
         self.out = folder / "received"
         self.out.mkdir(parents=True)
         self.port = free_port()
@@ -88,7 +89,7 @@ def _settings(tmp_path: Path, key: Path, crt: Path, ca: Path, port: int, peer_tl
     peer = {"name": "pacs", "ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "send": True,
             "tls": peer_tls}
     return load_settings(None, data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'x.sqlite3'}",
-                         dicom={"tls": {"enabled": True, "cert_file": key.with_name(crt.name), "key_file": key,
+                         dicom={"tls": {"enabled": True, "cert_file": crt, "key_file": key,
                                         "ca_file": ca}},
                          pacs=[peer], sending={"destinations": ["pacs"]})
 
@@ -96,8 +97,7 @@ def _settings(tmp_path: Path, key: Path, crt: Path, ca: Path, port: int, peer_tl
 def test_outgoing_echo_and_store_over_tls_to_dcmtk(tls_pacs: tuple[TlsStorescp, Path, Path],
                                                    tmp_path: Path) -> None:
     pacs, our_key, our_crt = tls_pacs
-    pacs_crt = tmp_path / "pacs.crt.pem"
-    settings = _settings(tmp_path, our_key, our_crt, pacs_crt, pacs.port)
+    settings = _settings(tmp_path, our_key, our_crt, pacs.crt, pacs.port)
     peer = settings.peer("pacs")
     assert echo(settings, peer) == 0x0000
     files = ge_files()[:3]
@@ -117,12 +117,12 @@ def test_outgoing_tls_refuses_an_untrusted_pacs_and_a_plain_peer(tls_pacs: tuple
     untrusting = _settings(tmp_path, our_key, our_crt, other_crt, pacs.port)   # we do not trust the PACS's cert
     with pytest.raises(DimseError, match="no association with pacs"):
         echo(untrusting, untrusting.peer("pacs"))
-    plain = _settings(tmp_path, our_key, our_crt, tmp_path / "pacs.crt.pem", pacs.port, peer_tls=False)
+    plain = _settings(tmp_path, our_key, our_crt, pacs.crt, pacs.port, peer_tls=False)
     with pytest.raises(DeliveryError, match="C-STORE"):
         deliver_files(plain, plain.peer("pacs"), ge_files()[:1])
     assert pacs.files() == []
 
 
 def test_outgoing_tls_without_certificates_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="cert_file and key_file"):
+    with pytest.raises(ConfigError, match="cert_file and key_file"):
         load_settings(None, data_dir=tmp_path, dicom={"tls": {"enabled": True}})

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +62,14 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lt-bench-e2e-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    patient = make_patient(root / "patient", seed=args.seed, shape=(args.slices, args.matrix, args.matrix),
-                           spacing=(args.spacing,) * 3, n_lesions=args.lesions, n_followups=1)
+    patient = make_patient(
+        root / "patient",
+        seed=args.seed,
+        shape=(args.slices, args.matrix, args.matrix),
+        spacing=(args.spacing,) * 3,
+        n_lesions=args.lesions,
+        n_followups=1,
+    )
     gen_s = time.monotonic() - t0
     fu = patient.followups[0]
     lt_port = free_port()
@@ -71,7 +77,7 @@ def main() -> None:
     orthanc.start()
     cfg = root / "lesiontrack.toml"
     cfg.write_text(f"""
-data_dir = "{root / 'data'}"
+data_dir = "{root / "data"}"
 [dicom]
 bind_address = "127.0.0.1"
 port = {lt_port}
@@ -96,14 +102,19 @@ retry_schedule_seconds = [2, 5, 10]
         for f in patient.baseline.files + [patient.seg_file]:
             orthanc.upload(f)
         env = {**os.environ, "LESIONTRACK_CONFIG": str(cfg), "TCP_NODELAY": "1"}
-        log = open(root / "serve.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve",
-                                 "--upgrade-db"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log = open(root / "serve.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve", "--upgrade-db"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for_port(lt_port, timeout=120)
         rss_idle = _peak_rss_mb(proc.pid)
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=lt_port)
         outcomes = store_files(settings, peer, fu.files)
-        t_last = datetime.now(timezone.utc)
+        t_last = datetime.now(UTC)
         m_last = time.monotonic()
         assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
         sf = make_session_factory(make_engine(settings.effective_database_url))
@@ -126,7 +137,7 @@ retry_schedule_seconds = [2, 5, 10]
         if delivered_at is None or view is None:
             raise TimeoutError("no delivery within 30 minutes")
         if delivered_at.tzinfo is None:
-            delivered_at = delivered_at.replace(tzinfo=timezone.utc)
+            delivered_at = delivered_at.replace(tzinfo=UTC)
         created = view.created_at
         total = (delivered_at - t_last).total_seconds()
         peak = _peak_rss_mb(proc.pid)
@@ -136,12 +147,15 @@ retry_schedule_seconds = [2, 5, 10]
         fu_shape = pydicom.dcmread(fu.files[0], stop_before_pixels=True)
         result = {
             "benchmark": "e2e",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
-            "case": {"baseline_shape_kji": [args.slices, args.matrix, args.matrix], "spacing_mm": args.spacing,
-                     "followup_slices": len(fu.files),
-                     "followup_matrix": [int(fu_shape.Rows), int(fu_shape.Columns)],
-                     "lesions": len(patient.lesions)},
+            "case": {
+                "baseline_shape_kji": [args.slices, args.matrix, args.matrix],
+                "spacing_mm": args.spacing,
+                "followup_slices": len(fu.files),
+                "followup_matrix": [int(fu_shape.Rows), int(fu_shape.Columns)],
+                "lesions": len(patient.lesions),
+            },
             "mode": "embedded (lesiontrack serve: SCP + in-process executor + sender), Orthanc PACS, C-MOVE priors",
             "seconds": {
                 "total_last_instance_to_seg_sr_acknowledged": round(total, 2),
@@ -149,14 +163,20 @@ retry_schedule_seconds = [2, 5, 10]
                 "steps": {k: round(float(v), 2) for k, v in view.step_timings.items()},
             },
             "series_quiet_seconds": args.quiet_seconds,
-            "peak_rss_mb": {"serve_process": round(peak, 1) if peak else None,
-                            "serve_idle": round(rss_idle, 1) if rss_idle else None},
+            "peak_rss_mb": {
+                "serve_process": round(peak, 1) if peak else None,
+                "serve_idle": round(rss_idle, 1) if rss_idle else None,
+            },
             "targets": {"total_s": 180, "peak_rss_mb": 4096},
             "patient_generation_s": round(gen_s, 1),
-            "job": {"id": view.id, "attempts": view.attempts,
-                    "registration": view.step_outputs.get("register", {}),
-                    "lesions": [(l["tracking_id"], l["status"]) for l in view.step_outputs.get("track", {})
-                                .get("lesions", [])]},
+            "job": {
+                "id": view.id,
+                "attempts": view.attempts,
+                "registration": view.step_outputs.get("register", {}),
+                "lesions": [
+                    (l["tracking_id"], l["status"]) for l in view.step_outputs.get("track", {}).get("lesions", [])
+                ],
+            },
         }
         del np
         print(json.dumps(result, indent=1, default=str))

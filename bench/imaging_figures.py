@@ -1,6 +1,6 @@
 """Render the PNGs of docs/imaging.md (phantom, synthetic follow-ups, real CT, gantry-tilt fix); prints JSON.
 
-    .venv/bin/python bench/imaging_figures.py [--out docs/img]
+.venv/bin/python bench/imaging_figures.py [--out docs/img]
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from models.imaging.volume import Volume  # noqa: E402
+from models.imaging.volume import Volume
 
 LUNG = (-1350, 150)  # W 1500 / L -600
 SOFT = (-160, 240)  # W 400 / L 40
@@ -29,17 +29,28 @@ SHARED = REPO.parent / "shared" / "data"
 
 
 def _axial(ax, vol: Volume, k: int, window, title: str, labels: Volume | None = None) -> None:
-    ax.imshow(vol.array[k], cmap="gray", vmin=window[0], vmax=window[1],
-              extent=(0, vol.spacing[0] * vol.shape[2], vol.spacing[1] * vol.shape[1], 0))
+    ax.imshow(
+        vol.array[k],
+        cmap="gray",
+        vmin=window[0],
+        vmax=window[1],
+        extent=(0, vol.spacing[0] * vol.shape[2], vol.spacing[1] * vol.shape[1], 0),
+    )
     if labels is not None and (labels.array[k] > 0).any():
-        ax.contour(np.arange(vol.shape[2]) * vol.spacing[0], np.arange(vol.shape[1]) * vol.spacing[1],
-                   labels.array[k] > 0, [0.5], colors="r", linewidths=0.8)
+        ax.contour(
+            np.arange(vol.shape[2]) * vol.spacing[0],
+            np.arange(vol.shape[1]) * vol.spacing[1],
+            labels.array[k] > 0,
+            [0.5],
+            colors="r",
+            linewidths=0.8,
+        )
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 
 
 def phantom_figure(out: Path) -> dict:
-    from models.imaging.phantom import make_phantom
+    from synthetic.phantom import make_phantom
 
     t = time.perf_counter()
     fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
@@ -53,36 +64,59 @@ def phantom_figure(out: Path) -> dict:
     ph = make_phantom(0)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     mid_j = ph.ct.shape[1] // 2 + 5
-    for ax, (name, arr, win, asp) in zip(axes, (
+    for ax, (name, arr, win, asp) in zip(
+        axes,
+        (
             ("coronal, lung window", ph.ct.array[::-1, mid_j, :], LUNG, ph.ct.spacing[2] / ph.ct.spacing[0]),
-            ("sagittal x = -40 mm, soft tissue", ph.ct.array[::-1, :, ph.ct.shape[2] // 2 - 20], SOFT,
-             ph.ct.spacing[2] / ph.ct.spacing[1]),
-            ("axial k = 70, lung window", ph.ct.array[70], LUNG, 1.0))):
+            (
+                "sagittal x = -40 mm, soft tissue",
+                ph.ct.array[::-1, :, ph.ct.shape[2] // 2 - 20],
+                SOFT,
+                ph.ct.spacing[2] / ph.ct.spacing[1],
+            ),
+            ("axial k = 70, lung window", ph.ct.array[70], LUNG, 1.0),
+        ),
+    ):
         ax.imshow(arr, cmap="gray", vmin=win[0], vmax=win[1], aspect=asp)
         ax.set_title(f"default grid (160x160x100, 2 mm): {name}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "imaging_phantom_reformats.png", dpi=70)
     plt.close(fig)
-    return {"phantom_figures_s": round(time.perf_counter() - t, 1),
-            "lesions": [(x.label, x.kind, [round(c, 1) for c in x.center_mm]) for x in ph.lesion_info]}
+    return {
+        "phantom_figures_s": round(time.perf_counter() - t, 1),
+        "lesions": [(x.label, x.kind, [round(c, 1) for c in x.center_mm]) for x in ph.lesion_info],
+    }
 
 
 def synthesis_figure(out: Path) -> dict:
-    from models.imaging.phantom import make_phantom
-    from models.imaging.synthesis import SynthConfig, synthesize_patient
+    from synthetic.phantom import make_phantom
+    from synthetic.synthesis import SynthConfig, synthesize_patient
 
     ph = make_phantom(1, shape=(120, 256, 300), spacing=(1.1, 1.1, 1.6), center_mm=(0.0, 5.0, 10.0))
     cfg = SynthConfig(p_new=1.0, p_vanish=0.2)
-    pat = synthesize_patient(ph.ct, ph.lesions, np.random.default_rng(4), n_followups=2, config=cfg,
-                             lesion_kinds={x.label: x.kind for x in ph.lesion_info}, seed=1)
+    pat = synthesize_patient(
+        ph.ct,
+        ph.lesions,
+        np.random.default_rng(4),
+        n_followups=2,
+        config=cfg,
+        lesion_kinds={x.label: x.kind for x in ph.lesion_info},
+        seed=1,
+    )
     labels_to_show = [x.label for x in ph.lesion_info][:4]
     new = [lab for tp in pat.timepoints for lab, s in tp.lesions.items() if s.status == "new"]
     labels_to_show = (labels_to_show[:3] + new[:1]) if new else labels_to_show
     fig, axes = plt.subplots(len(labels_to_show), 3, figsize=(12, 4 * len(labels_to_show)))
     for row, lab in enumerate(labels_to_show):
-        base_c = next((np.array(tp.lesions[lab].baseline_frame_center_mm) for tp in pat.timepoints
-                       if lab in tp.lesions and tp.lesions[lab].baseline_frame_center_mm is not None), None)
+        base_c = next(
+            (
+                np.array(tp.lesions[lab].baseline_frame_center_mm)
+                for tp in pat.timepoints
+                if lab in tp.lesions and tp.lesions[lab].baseline_frame_center_mm is not None
+            ),
+            None,
+        )
         for col, tp in enumerate(pat.timepoints):
             st = tp.lesions.get(lab)
             c = base_c if tp.transform is None else tp.transform.baseline_to_followup(base_c)
@@ -97,20 +131,29 @@ def synthesis_figure(out: Path) -> dict:
             ax.set_xlim(i - half, i + half)
             ax.set_ylim(j + half, j - half)
             vol = f"{st.volume_mm3 / 1000:.2f} mL" if st else "-"
-            ax.set_title(f"lesion {lab} ({pat.lesion_kinds.get(lab, '')})\n"
-                         f"tp{tp.index} day {tp.days_from_baseline}: {st.status if st else 'absent'}, {vol}",
-                         fontsize=8)
+            ax.set_title(
+                f"lesion {lab} ({pat.lesion_kinds.get(lab, '')})\n"
+                f"tp{tp.index} day {tp.days_from_baseline}: {st.status if st else 'absent'}, {vol}",
+                fontsize=8,
+            )
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "imaging_synthesis.png", dpi=70)
     plt.close(fig)
-    return {"synthesis_timepoints": [{"grid": tp.ct.size_ijk, "spacing": np.round(tp.ct.spacing, 2).tolist(),
-                                      "changes": {k: v for k, v in tp.changes.items() if k != "lesions"}}
-                                     for tp in pat.timepoints]}
+    return {
+        "synthesis_timepoints": [
+            {
+                "grid": tp.ct.size_ijk,
+                "spacing": np.round(tp.ct.spacing, 2).tolist(),
+                "changes": {k: v for k, v in tp.changes.items() if k != "lesions"},
+            }
+            for tp in pat.timepoints
+        ]
+    }
 
 
 def real_figure(out: Path) -> dict:
-    from models.imaging.phantom import make_phantom
+    from synthetic.phantom import make_phantom
 
     lung1 = Volume.read(str(SHARED / "real" / "lung1" / "lung1_image.nrrd"))
     lab1 = Volume.read(str(SHARED / "real" / "lung1" / "lung1_label.nrrd"))
@@ -147,8 +190,10 @@ def tilt_figure(out: Path) -> dict:
     ref = Volume(np.zeros((300, 300, 1), np.int16), origin=(0.0, -130.0, -10.0), spacing=(1.0, 0.8, 0.8))
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     sags = []
-    for ax, (name, vol) in zip(axes, (("stacked as SimpleITK does (tilt and gaps ignored)", naive),
-                                      ("read_series: tilt + gaps resampled", ours))):
+    for ax, (name, vol) in zip(
+        axes,
+        (("stacked as SimpleITK does (tilt and gaps ignored)", naive), ("read_series: tilt + gaps resampled", ours)),
+    ):
         sag = vol.resample_to(ref).array[:, :, 0].astype(np.float32)
         sags.append(sag)
         ax.imshow(sag[::-1], cmap="gray", vmin=-100, vmax=150)

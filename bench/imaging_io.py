@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.imaging.volume import Volume  # noqa: E402
+from models.imaging.volume import Volume
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -51,9 +51,17 @@ def bench_series(n_slices: int) -> dict:
     vol = Volume(arr, origin=(-250.0, -250.0, -400.0), spacing=(0.98, 0.98, 1.0))
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "ours"
-        files, t_write = _t(write_ct_series, vol, d, patient_id="BENCH", patient_name="Bench^Series",
-                            study_uid=generate_uid(), series_uid=generate_uid(),
-                            frame_of_reference_uid=generate_uid(), study_date="20260101")
+        files, t_write = _t(
+            write_ct_series,
+            vol,
+            d,
+            patient_id="BENCH",
+            patient_name="Bench^Series",
+            study_uid=generate_uid(),
+            series_uid=generate_uid(),
+            frame_of_reference_uid=generate_uid(),
+            study_date="20260101",
+        )
         # anchor: SimpleITK/GDCM writing the same slices
         ds = Path(tmp) / "sitk"
         ds.mkdir()
@@ -78,15 +86,22 @@ def bench_series(n_slices: int) -> dict:
         ref = reader.Execute()
         t_sitk_read, cpu_sitk_read = time.perf_counter() - t, time.process_time() - c
         assert np.array_equal(back.array, sitk.GetArrayFromImage(ref))
-    return {"slices": n_slices, "matrix": "512x512 int16",
-            "write_s": round(t_write, 2), "sitk_write_s": round(t_sitk_write, 2),
-            "write_ratio_vs_sitk": round(t_write / t_sitk_write, 2),
-            "read_s": round(t_read, 2), "sitk_read_s": round(t_sitk_read, 2),
-            "read_ratio_vs_sitk": round(t_read / t_sitk_read, 2),
-            "cpu_write_s": cpu_write, "cpu_sitk_write_s": round(cpu_sitk_write, 2),
-            "cpu_write_ratio_vs_sitk": round(cpu_write / cpu_sitk_write, 2),
-            "cpu_read_s": cpu_read, "cpu_sitk_read_s": round(cpu_sitk_read, 2),
-            "cpu_read_ratio_vs_sitk": round(cpu_read / cpu_sitk_read, 2)}
+    return {
+        "slices": n_slices,
+        "matrix": "512x512 int16",
+        "write_s": round(t_write, 2),
+        "sitk_write_s": round(t_sitk_write, 2),
+        "write_ratio_vs_sitk": round(t_write / t_sitk_write, 2),
+        "read_s": round(t_read, 2),
+        "sitk_read_s": round(t_sitk_read, 2),
+        "read_ratio_vs_sitk": round(t_read / t_sitk_read, 2),
+        "cpu_write_s": cpu_write,
+        "cpu_sitk_write_s": round(cpu_sitk_write, 2),
+        "cpu_write_ratio_vs_sitk": round(cpu_write / cpu_sitk_write, 2),
+        "cpu_read_s": cpu_read,
+        "cpu_sitk_read_s": round(cpu_sitk_read, 2),
+        "cpu_read_ratio_vs_sitk": round(cpu_read / cpu_sitk_read, 2),
+    }
 
 
 def bench_interop() -> dict:
@@ -98,25 +113,39 @@ def bench_interop() -> dict:
         if not folder.exists():
             continue
         vol, t = _t(read_series, folder)
-        out[name] = {"read_s": round(t, 2), "cpu_s": CPU["read_series"], "grid": list(vol.size_ijk),
-                     "geometry_fix": vol.meta.get("geometry_fix")}
+        out[name] = {
+            "read_s": round(t, 2),
+            "cpu_s": CPU["read_series"],
+            "grid": list(vol.size_ijk),
+            "geometry_fix": vol.meta.get("geometry_fix"),
+        }
     return out
 
 
 def bench_phantom_synthesis(chest: bool) -> dict:
-    from models.imaging.phantom import make_phantom
-    from models.imaging.synthesis import synthesize_patient
+    from synthetic.phantom import make_phantom
+    from synthetic.synthesis import synthesize_patient
 
     ph, t_ph = _t(make_phantom, 0)
     pat, t_syn = _t(synthesize_patient, ph.ct, ph.lesions, np.random.default_rng(0), 1)
-    out = {"phantom_default_160x160x100_s": round(t_ph, 1), "cpu_phantom_default_s": CPU["make_phantom"],
-           "synth_one_followup_default_s": round(t_syn, 1), "cpu_synth_default_s": CPU["synthesize_patient"]}
+    out = {
+        "phantom_default_160x160x100_s": round(t_ph, 1),
+        "cpu_phantom_default_s": CPU["make_phantom"],
+        "synth_one_followup_default_s": round(t_syn, 1),
+        "cpu_synth_default_s": CPU["synthesize_patient"],
+    }
     if chest:
         phc, t_c = _t(make_phantom, 0, shape=(200, 512, 512), spacing=(0.7, 0.7, 1.5))
         _, t_sc = _t(synthesize_patient, phc.ct, phc.lesions, np.random.default_rng(0), 1)
         cpu_c = CPU["make_phantom"]
-        out.update({"phantom_chest_512x512x200_s": round(t_c, 1), "cpu_phantom_chest_s": cpu_c,
-                    "synth_one_followup_chest_s": round(t_sc, 1), "cpu_synth_chest_s": CPU["synthesize_patient"]})
+        out.update(
+            {
+                "phantom_chest_512x512x200_s": round(t_c, 1),
+                "cpu_phantom_chest_s": cpu_c,
+                "synth_one_followup_chest_s": round(t_sc, 1),
+                "cpu_synth_chest_s": CPU["synthesize_patient"],
+            }
+        )
     return out
 
 
@@ -125,10 +154,14 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=500)
     ap.add_argument("--chest", action="store_true", help="also the 512x512x200 phantom (minutes)")
     args = ap.parse_args()
-    result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-              "load_average_at_start": [round(v, 1) for v in os.getloadavg()],
-              "series": bench_series(args.slices), "interop": bench_interop(),
-              "phantom_synthesis": bench_phantom_synthesis(args.chest)}
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "load_average_at_start": [round(v, 1) for v in os.getloadavg()],
+        "series": bench_series(args.slices),
+        "interop": bench_interop(),
+        "phantom_synthesis": bench_phantom_synthesis(args.chest),
+    }
     print(json.dumps(result, indent=1))
 
 

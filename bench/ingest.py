@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +71,12 @@ def make_series(dest: Path, n: int, source: Path) -> list[Path]:
 
 
 def storescu(port: int, files: list[Path], aec: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        ["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def run_senders(port: int, batches: list[list[Path]], aec: str) -> tuple[float, list[int]]:
@@ -93,12 +97,16 @@ class Storescp:
     def __init__(self, root: Path, fork: bool) -> None:
         self.root, self.fork = root, fork
 
-    def __enter__(self) -> "Storescp":
+    def __enter__(self) -> Storescp:
         self.out = self.root / "storescp"
         self.out.mkdir(parents=True)
         self.port = free_port()
-        self.proc = subprocess.Popen(["storescp", *(["--fork"] if self.fork else []), "+B", "-od", str(self.out),
-                                      str(self.port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["storescp", *(["--fork"] if self.fork else []), "+B", "-od", str(self.out), str(self.port)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port)
         return self
 
@@ -118,7 +126,7 @@ class LesionTrackSCP:
     def __init__(self, root: Path, fsync: bool) -> None:
         self.root, self.fsync = root, fsync
 
-    def __enter__(self) -> "LesionTrackSCP":
+    def __enter__(self) -> LesionTrackSCP:
         from config.settings import load_settings
         from db.session import make_engine, make_session_factory, upgrade
         from dicom_node.scp import StorageSCP
@@ -126,15 +134,24 @@ class LesionTrackSCP:
         self.dir = self.root / "lesiontrack"
         url = f"sqlite:///{self.dir / 'lt.sqlite3'}"
         upgrade(url)
-        settings = load_settings(None, data_dir=self.dir / "data", database_url=url,
-                                 dicom={"port": 0, "bind_address": "127.0.0.1", "fsync": self.fsync,
-                                        "series_quiet_seconds": 3600, "max_associations": 10})
+        settings = load_settings(
+            None,
+            data_dir=self.dir / "data",
+            database_url=url,
+            dicom={
+                "port": 0,
+                "bind_address": "127.0.0.1",
+                "fsync": self.fsync,
+                "series_quiet_seconds": 3600,
+                "max_associations": 10,
+            },
+        )
         self.engine = make_engine(url)
         self.scp = StorageSCP(settings, make_session_factory(self.engine))
         if self.noop:
             self.count = 0
 
-            def on_store(event: object) -> int:   # receive, answer Success, keep nothing
+            def on_store(event: object) -> int:  # receive, answer Success, keep nothing
                 self.count += 1
                 return 0
 
@@ -193,9 +210,15 @@ def main() -> None:
                     aec = "LESIONTRACK" if isinstance(recv, LesionTrackSCP) else "STORESCP"
                     secs, rcs = run_senders(recv.port, [series[0]], aec)
                     got = recv.received()
-                single[recv.name].append({"seconds": round(secs, 3), "received": got, "exit_codes": rcs,
-                                          "instances_per_s": round(args.instances / secs, 1),
-                                          "mb_per_s": round(mb / secs, 1)})
+                single[recv.name].append(
+                    {
+                        "seconds": round(secs, 3),
+                        "received": got,
+                        "exit_codes": rcs,
+                        "instances_per_s": round(args.instances / secs, 1),
+                        "mb_per_s": round(mb / secs, 1),
+                    }
+                )
         concurrent = {}
         for recv in (Storescp(tmp, fork=True), LesionTrackSCP(tmp, args.fsync)):
             with recv:
@@ -203,10 +226,15 @@ def main() -> None:
                 secs, rcs = run_senders(recv.port, series, aec)
                 got = recv.received()
             total = args.instances * args.concurrent
-            concurrent[recv.name] = {"seconds": round(secs, 3), "sent": total, "received": got,
-                                     "lost": total - got, "exit_codes": rcs,
-                                     "instances_per_s": round(total / secs, 1), "mb_per_s": round(mb * args.concurrent
-                                                                                                  / secs, 1)}
+            concurrent[recv.name] = {
+                "seconds": round(secs, 3),
+                "sent": total,
+                "received": got,
+                "lost": total - got,
+                "exit_codes": rcs,
+                "instances_per_s": round(total / secs, 1),
+                "mb_per_s": round(mb * args.concurrent / secs, 1),
+            }
 
         def best(name: str) -> dict:
             return min(single[name], key=lambda r: r["seconds"])
@@ -218,25 +246,37 @@ def main() -> None:
         ratio = median(LesionTrackSCP.name, "instances_per_s") / median(Storescp.name, "instances_per_s")
         result = {
             "benchmark": "ingest",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "series": {"instances": args.instances, "megabytes": round(mb, 1), "source": str(args.source.name),
-                       "transfer_syntax": "Explicit VR Little Endian"},
+            "series": {
+                "instances": args.instances,
+                "megabytes": round(mb, 1),
+                "source": str(args.source.name),
+                "transfer_syntax": "Explicit VR Little Endian",
+            },
             "lesiontrack_fsync": args.fsync,
-            "single_association": {"runs": single,
-                                   "median_instances_per_s": {n: median(n, "instances_per_s") for n in single},
-                                   "median_mb_per_s": {n: median(n, "mb_per_s") for n in single},
-                                   "best": {n: best(n) for n in single},
-                                   "ratio_lesiontrack_over_storescp": round(ratio, 3),
-                                   "ratio_pynetdicom_floor_over_storescp": round(
-                                       median(PynetdicomFloor.name, "instances_per_s")
-                                       / median(Storescp.name, "instances_per_s"), 3)},
-            "concurrent_associations": {"senders": args.concurrent, **concurrent,
-                                        "ratio_lesiontrack_over_storescp": round(
-                                            concurrent[LesionTrackSCP.name]["instances_per_s"]
-                                            / concurrent[Storescp.name]["instances_per_s"], 3)},
-            "targets": {"ratio_single_min": 0.5, "lost_concurrent": 0,
-                        "met": ratio >= 0.5 and concurrent[LesionTrackSCP.name]["lost"] == 0},
+            "single_association": {
+                "runs": single,
+                "median_instances_per_s": {n: median(n, "instances_per_s") for n in single},
+                "median_mb_per_s": {n: median(n, "mb_per_s") for n in single},
+                "best": {n: best(n) for n in single},
+                "ratio_lesiontrack_over_storescp": round(ratio, 3),
+                "ratio_pynetdicom_floor_over_storescp": round(
+                    median(PynetdicomFloor.name, "instances_per_s") / median(Storescp.name, "instances_per_s"), 3
+                ),
+            },
+            "concurrent_associations": {
+                "senders": args.concurrent,
+                **concurrent,
+                "ratio_lesiontrack_over_storescp": round(
+                    concurrent[LesionTrackSCP.name]["instances_per_s"] / concurrent[Storescp.name]["instances_per_s"], 3
+                ),
+            },
+            "targets": {
+                "ratio_single_min": 0.5,
+                "lost_concurrent": 0,
+                "met": ratio >= 0.5 and concurrent[LesionTrackSCP.name]["lost"] == 0,
+            },
         }
         print(json.dumps(result, indent=1))
     finally:

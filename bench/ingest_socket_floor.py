@@ -46,8 +46,10 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
 Handler = Callable[[FileMetaDataset, bytes], int]
-_SUPPORTED = [build_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-              for cx in AllStoragePresentationContexts]
+_SUPPORTED = [
+    build_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    for cx in AllStoragePresentationContexts
+]
 
 
 def _read_exactly(f, n: int) -> bytes:  # type: ignore[no-untyped-def]
@@ -88,12 +90,12 @@ def _serve(conn: socket.socket, handler: Handler) -> None:
         while True:
             header = _read_exactly(f, 6)
             body = _read_exactly(f, struct.unpack(">I", header[2:])[0])
-            if header[0] == 0x05:                                   # A-RELEASE-RQ
+            if header[0] == 0x05:  # A-RELEASE-RQ
                 rp = A_RELEASE_RP()
                 rp.from_primitive(A_RELEASE())
                 conn.sendall(rp.encode())
                 return
-            if header[0] != 0x04:                                   # anything but P-DATA: give up
+            if header[0] != 0x04:  # anything but P-DATA: give up
                 return
             pdata = P_DATA_TF()
             pdata.decode(header + body)
@@ -109,7 +111,7 @@ def _serve(conn: socket.socket, handler: Handler) -> None:
             response.MessageIDBeingRespondedTo = request.MessageID
             response.AffectedSOPClassUID = request.AffectedSOPClassUID
             response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
-            response.Status = handler(meta, request.DataSet.getvalue())   # type: ignore[union-attr]
+            response.Status = handler(meta, request.DataSet.getvalue())  # type: ignore[union-attr]
             rsp = C_STORE_RSP()
             rsp.primitive_to_message(response)
             for primitive in rsp.encode_msg(context_id, 0):
@@ -175,11 +177,15 @@ def main() -> None:
         for rep in range(args.repeats):
             url = f"sqlite:///{tmp / f'lt{rep}.sqlite3'}"
             upgrade(url)
-            ingestor = Ingestor(InstanceStore(tmp / f"data{rep}", fsync=False),
-                                make_session_factory(make_engine(url)))
-            receivers = (Storescp(tmp, fork=False), SocketFloor("socket loop, no-op handler", lambda m, d: 0),
-                         SocketFloor("socket loop + LesionTrack Ingestor",
-                                     lambda m, d, ing=ingestor: ing.ingest(m, d, calling_ae="BENCH").status))
+            ingestor = Ingestor(InstanceStore(tmp / f"data{rep}", fsync=False), make_session_factory(make_engine(url)))
+            receivers = (
+                Storescp(tmp, fork=False),
+                SocketFloor("socket loop, no-op handler", lambda m, d: 0),
+                SocketFloor(
+                    "socket loop + LesionTrack Ingestor",
+                    lambda m, d, ing=ingestor: ing.ingest(m, d, calling_ae="BENCH").status,
+                ),
+            )
             for recv in receivers:
                 with recv:
                     secs, rcs = run_senders(recv.port, [files], "LESIONTRACK")
@@ -190,15 +196,25 @@ def main() -> None:
             shutil.rmtree(tmp / f"data{rep}", ignore_errors=True)
         median = {name: sorted(v)[len(v) // 2] for name, v in runs.items()}
         anchor = median[Storescp.name]
-        print(json.dumps({
-            "benchmark": "ingest_socket_floor",
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average": os.getloadavg()},
-            "series": {"instances": args.instances, "megabytes": round(mb, 1)},
-            "instances_per_s": runs, "median_instances_per_s": median,
-            "ratio_to_storescp": {name: round(v / anchor, 3) for name, v in median.items()},
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "ingest_socket_floor",
+                    "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "platform": platform.platform(),
+                        "python": platform.python_version(),
+                        "load_average": os.getloadavg(),
+                    },
+                    "series": {"instances": args.instances, "megabytes": round(mb, 1)},
+                    "instances_per_s": runs,
+                    "median_instances_per_s": median,
+                    "ratio_to_storescp": {name: round(v / anchor, 3) for name, v in median.items()},
+                },
+                indent=1,
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """Registration benchmark: TRE / folding / wall time / peak memory of convex (ours), simpleitk and PyPI convexadam.
 
 Pairs are synthetic follow-ups of the real CTs in ../shared/data/real (lung1 chest CT, TotalSegmentator body
-CT) made with ``models.imaging.transforms``: repositioning (±5°, ±20 mm), elastic motion (peak 10 mm), noise
+CT) made with ``synthetic.transforms``: repositioning (±5°, ±20 mm), elastic motion (peak 10 mm), noise
 and contrast change, a different grid (spacing) and a cropped z field of view. Landmarks are exact pairs
 (follow-up point → analytic baseline point). Every (pair, method) runs in a fresh subprocess so peak RSS is
 that method's own. Prints one JSON document (per-run rows + per-method summary).
@@ -33,8 +33,8 @@ METHODS = ["convex", "simpleitk", "convexadam"]
 
 def make_pair(source: str, seed: int):
     """(baseline, follow-up, transform, landmarks_followup, landmarks_baseline) — deterministic per seed."""
-    from models.imaging.transforms import apply_transform, random_patient_motion
     from models.imaging.volume import Volume
+    from synthetic.transforms import apply_transform, random_patient_motion
 
     base = Volume.read(str(DATA / SOURCES[source]))
     base = base.with_array(np.clip(base.array, -1024, 3071).astype(np.int16))
@@ -117,9 +117,14 @@ def worker(source: str, seed: int, method: str, spacing: float) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     base, fu, _, y, x = cached_pair(source, seed)
-    row: dict = {"pair": f"{source}:{seed}", "method": method, "n_landmarks": int(len(y)),
-                 "initial_tre_mean": float(np.linalg.norm(x - y, axis=1).mean()),
-                 "baseline_grid": list(base.size_ijk), "followup_grid": list(fu.size_ijk)}
+    row: dict = {
+        "pair": f"{source}:{seed}",
+        "method": method,
+        "n_landmarks": len(y),
+        "initial_tre_mean": float(np.linalg.norm(x - y, axis=1).mean()),
+        "baseline_grid": list(base.size_ijk),
+        "followup_grid": list(fu.size_ijk),
+    }
     if method == "convexadam":
         to_baseline, wall, fold, extra = _convexadam(base, fu, spacing)
         row.update(extra)
@@ -133,12 +138,25 @@ def worker(source: str, seed: int, method: str, spacing: float) -> dict:
         wall = time.perf_counter() - t
         to_baseline = reg.map_points_to_baseline
         fold = reg.quality.folding_fraction
-        row.update({"stages": reg.quality.stage_seconds, "ncc_before": reg.quality.similarity_before,
-                    "ncc_after": reg.quality.similarity_after, "grid": reg.quality.extra.get("working_grid")})
+        row.update(
+            {
+                "stages": reg.quality.stage_seconds,
+                "ncc_before": reg.quality.similarity_before,
+                "ncc_after": reg.quality.similarity_after,
+                "grid": reg.quality.extra.get("working_grid"),
+            }
+        )
     err = np.linalg.norm(to_baseline(y) - x, axis=1)
-    row.update({"tre_mean": float(err.mean()), "tre_median": float(np.median(err)),
-                "tre_p95": float(np.percentile(err, 95)), "folding_fraction": float(fold), "wall_s": wall,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
+    row.update(
+        {
+            "tre_mean": float(err.mean()),
+            "tre_median": float(np.median(err)),
+            "tre_p95": float(np.percentile(err, 95)),
+            "folding_fraction": float(fold),
+            "wall_s": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        }
+    )
     return row
 
 
@@ -170,8 +188,10 @@ def main() -> None:
         ok = [r for r in rows if r["method"] == method and "error" not in r]
         if not ok:
             continue
-        summary[method] = {k: float(np.mean([r[k] for r in ok])) for k in
-                           ("tre_mean", "tre_median", "tre_p95", "folding_fraction", "wall_s", "peak_rss_mb")}
+        summary[method] = {
+            k: float(np.mean([r[k] for r in ok]))
+            for k in ("tre_mean", "tre_median", "tre_p95", "folding_fraction", "wall_s", "peak_rss_mb")
+        }
         summary[method]["tre_p95_max"] = float(max(r["tre_p95"] for r in ok))
         summary[method]["pairs"] = len(ok)
     if "convex" in summary and "convexadam" in summary:
@@ -181,11 +201,18 @@ def main() -> None:
             b = [r for r in rows if r["pair"] == p and r["method"] == "convexadam" and "error" not in r]
             if a and b:
                 ratios[p] = a[0]["wall_s"] / b[0]["wall_s"]
-        summary["wall_ratio_convex_vs_convexadam"] = {"per_pair": ratios,
-                                                      "mean": float(np.mean(list(ratios.values())))}
-    doc = {"machine": {"cpus": os.cpu_count(), "torch_threads": int(os.environ.get("BENCH_THREADS", "2")),
-                       "load_avg_at_end": os.getloadavg()},
-           "date": time.strftime("%Y-%m-%d %H:%M"), "spacing_mm": args.spacing, "rows": rows, "summary": summary}
+        summary["wall_ratio_convex_vs_convexadam"] = {"per_pair": ratios, "mean": float(np.mean(list(ratios.values())))}
+    doc = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": int(os.environ.get("BENCH_THREADS", "2")),
+            "load_avg_at_end": os.getloadavg(),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "spacing_mm": args.spacing,
+        "rows": rows,
+        "summary": summary,
+    }
     text = json.dumps(doc, indent=1)
     if args.json_out:
         args.json_out.write_text(text)

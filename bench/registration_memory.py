@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("LESIONTRACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-from models.imaging.volume import Volume  # noqa: E402
-from models.registration import get_engine  # noqa: E402
+from models.imaging.volume import Volume
+from models.registration import get_engine
 
 
 def main() -> None:
@@ -43,12 +43,23 @@ def main() -> None:
     pts = fu.index_to_patient(np.argwhere(fu.array[::40, ::40, ::40] > -400)[:, ::-1] * 40.0)
     truth = np.array([motion.TransformPoint(tuple(p)) for p in pts])
     err = np.linalg.norm(reg.map_points_to_baseline(pts) - truth, axis=1)
-    print(json.dumps({"benchmark": "registration_memory", "date": time.strftime("%Y-%m-%d"),
-                      "shape_kji": list(base.shape), "volume_mib_each": base.array.nbytes / 2 ** 20,
-                      "wall_s": wall, "stages": reg.quality.stage_seconds,
-                      "working_grid": reg.quality.extra.get("working_grid"), "landmarks": int(len(pts)),
-                      "tre_mean": float(err.mean()), "tre_p95": float(np.percentile(err, 95)),
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "registration_memory",
+                "date": time.strftime("%Y-%m-%d"),
+                "shape_kji": list(base.shape),
+                "volume_mib_each": base.array.nbytes / 2**20,
+                "wall_s": wall,
+                "stages": reg.quality.stage_seconds,
+                "working_grid": reg.quality.extra.get("working_grid"),
+                "landmarks": len(pts),
+                "tre_mean": float(err.mean()),
+                "tre_p95": float(np.percentile(err, 95)),
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -82,9 +82,14 @@ def main() -> None:
     sites = ["liver", "lung", "lymph node", "kidney", "adrenal gland", "liver", "lung", "spleen", "pancreas", "bone"]
     for n in range(args.lesions):
         radii = rng.uniform(6, 30, 3)
-        half = np.ceil(radii / grid.spacing).astype(int) + 1                    # (i, j, k) half extent
-        centre = np.array([rng.integers(half[0], 512 - half[0]), rng.integers(half[1], 512 - half[1]),
-                           (n + 0.5) * args.slices / args.lesions])
+        half = np.ceil(radii / grid.spacing).astype(int) + 1  # (i, j, k) half extent
+        centre = np.array(
+            [
+                rng.integers(half[0], 512 - half[0]),
+                rng.integers(half[1], 512 - half[1]),
+                (n + 0.5) * args.slices / args.lesions,
+            ]
+        )
         lo = (centre - half).astype(int)
         lo[2] = int(np.clip(lo[2], 0, args.slices - 2 * half[2] - 1))
         shape = (2 * half[2] + 1, 2 * half[1] + 1, 2 * half[0] + 1)
@@ -98,8 +103,17 @@ def main() -> None:
 
     ct = grid.with_array(np.zeros(grid.shape, np.int16))
     t0, c0 = time.perf_counter(), time.process_time()
-    meas = [measure_lesion(les.mask, ct, tracking_uid=les.identity.tracking_uid, tracking_id=les.identity.tracking_id,
-                           is_node=les.identity.is_node, anatomic_site=les.identity.anatomic_site) for les in lesions]
+    meas = [
+        measure_lesion(
+            les.mask,
+            ct,
+            tracking_uid=les.identity.tracking_uid,
+            tracking_id=les.identity.tracking_id,
+            is_node=les.identity.is_node,
+            anatomic_site=les.identity.anatomic_site,
+        )
+        for les in lesions
+    ]
     t_measure, c_measure = time.perf_counter() - t0, time.process_time() - c0
     reports = [LesionReport(m, baseline_category="target") for m in meas]
 
@@ -118,49 +132,91 @@ def main() -> None:
                 sr_path = save_new(sr.dataset, Path(tmp) / f"{kind}{r}")
                 sr_t.append(time.perf_counter() - t0)
                 sr_c.append(time.process_time() - c0)
-            results[kind] = {"seg_write_s": round(float(np.median(seg_t)), 3),
-                             "seg_write_cpu_s": round(float(np.median(seg_c)), 3),
-                             "sr_write_s": round(float(np.median(sr_t)), 3),
-                             "sr_write_cpu_s": round(float(np.median(sr_c)), 3),
-                             "seg_bytes": os.path.getsize(seg_path), "sr_bytes": os.path.getsize(sr_path),
-                             "seg_frames": int(seg.dataset.NumberOfFrames),
-                             "transfer_syntax": str(seg.dataset.file_meta.TransferSyntaxUID)}
+            results[kind] = {
+                "seg_write_s": round(float(np.median(seg_t)), 3),
+                "seg_write_cpu_s": round(float(np.median(seg_c)), 3),
+                "sr_write_s": round(float(np.median(sr_t)), 3),
+                "sr_write_cpu_s": round(float(np.median(sr_c)), 3),
+                "seg_bytes": os.path.getsize(seg_path),
+                "sr_bytes": os.path.getsize(sr_path),
+                "seg_frames": int(seg.dataset.NumberOfFrames),
+                "transfer_syntax": str(seg.dataset.file_meta.TransferSyntaxUID),
+            }
         anchor = None
         if not args.no_anchor:
             # same label array, same descriptions, but every frame stored (omit_empty_frames=False)
             labels = np.zeros(grid.shape, np.uint8)
             from pipeline.mask_grid import mask_onto_grid
+
             for n, les in enumerate(lesions, start=1):
                 labels[mask_onto_grid(les.mask, grid)] = n
-            descs = [hd.seg.SegmentDescription(
-                segment_number=n, segment_label=les.identity.tracking_id,
-                segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure"),
-                segmented_property_type=hd.sr.CodedConcept("52988006", "SCT", "Lesion"), algorithm_type="MANUAL")
-                for n, les in enumerate(lesions, start=1)]
+            descs = [
+                hd.seg.SegmentDescription(
+                    segment_number=n,
+                    segment_label=les.identity.tracking_id,
+                    segmented_property_category=hd.sr.CodedConcept(
+                        "49755003", "SCT", "Morphologically Abnormal Structure"
+                    ),
+                    segmented_property_type=hd.sr.CodedConcept("52988006", "SCT", "Lesion"),
+                    algorithm_type="MANUAL",
+                )
+                for n, les in enumerate(lesions, start=1)
+            ]
             t0, c0 = time.perf_counter(), time.process_time()
             naive = hd.seg.Segmentation(
-                source_images=heads, pixel_array=labels, segmentation_type="BINARY", segment_descriptions=descs,
-                series_instance_uid=generate_uid(), series_number=1, sop_instance_uid=generate_uid(),
-                instance_number=1, manufacturer="x", manufacturer_model_name="x", software_versions="x",
-                device_serial_number="x", omit_empty_frames=False, transfer_syntax_uid=ExplicitVRLittleEndian)
+                source_images=heads,
+                pixel_array=labels,
+                segmentation_type="BINARY",
+                segment_descriptions=descs,
+                series_instance_uid=generate_uid(),
+                series_number=1,
+                sop_instance_uid=generate_uid(),
+                instance_number=1,
+                manufacturer="x",
+                manufacturer_model_name="x",
+                software_versions="x",
+                device_serial_number="x",
+                omit_empty_frames=False,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+            )
             p = Path(tmp) / "naive.dcm"
             naive.save_as(p)
             t_naive, c_naive = time.perf_counter() - t0, time.process_time() - c0
-            anchor = {"name": "highdicom BINARY, omit_empty_frames=False", "seg_write_s": round(t_naive, 3),
-                      "seg_write_cpu_s": round(c_naive, 3),
-                      "seg_bytes": os.path.getsize(p), "seg_frames": int(naive.NumberOfFrames)}
+            anchor = {
+                "name": "highdicom BINARY, omit_empty_frames=False",
+                "seg_write_s": round(t_naive, 3),
+                "seg_write_cpu_s": round(c_naive, 3),
+                "seg_bytes": os.path.getsize(p),
+                "seg_frames": int(naive.NumberOfFrames),
+            }
             for kind in ("binary", "labelmap"):
                 results[kind]["time_ratio_vs_anchor"] = round(results[kind]["seg_write_s"] / t_naive, 3)
                 results[kind]["cpu_ratio_vs_anchor"] = round(results[kind]["seg_write_cpu_s"] / c_naive, 3)
                 results[kind]["size_ratio_vs_anchor"] = round(results[kind]["seg_bytes"] / anchor["seg_bytes"], 4)
 
-    print(json.dumps({
-        "benchmark": "seg_sr", "slices": args.slices, "rows": 512, "lesions": args.lesions,
-        "lesion_voxels": int(sum(m.voxel_count for m in meas)),
-        "measure_lesions_s": round(t_measure, 3), "measure_lesions_cpu_s": round(c_measure, 3), "results": results, "anchor": anchor,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d"), "repeat": args.repeat,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "seg_sr",
+                "slices": args.slices,
+                "rows": 512,
+                "lesions": args.lesions,
+                "lesion_voxels": int(sum(m.voxel_count for m in meas)),
+                "measure_lesions_s": round(t_measure, 3),
+                "measure_lesions_cpu_s": round(c_measure, 3),
+                "results": results,
+                "anchor": anchor,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                },
+                "date": time.strftime("%Y-%m-%d"),
+                "repeat": args.repeat,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Tracking benchmark on synthetic longitudinal patients; prints one JSON document.
 
-Patients: digital phantoms (models.imaging.phantom, 6 lesions each: solid / part-solid / spiculated / juxtapleural
+Patients: digital phantoms (synthetic.phantom, 6 lesions each: solid / part-solid / spiculated / juxtapleural
 lung nodules, low-contrast liver lesions, lymph nodes) and the real chest CT ../shared/data/real/lung1 (its real
 tumour + inserted nodules). Each patient gets two follow-ups: every lesion grows, stays or shrinks (radius factor,
 by signed distance on its real shape; removed tissue is in-painted from the surroundings), some vanish, then the
-whole CT moves by a random exact patient motion (rotation, translation, elastic; models.imaging.transforms) and gets
+whole CT moves by a random exact patient motion (rotation, translation, elastic; synthetic.transforms) and gets
 fresh noise. Ground truth = the evolved labels moved by the same exact transform.
 
 Methods (same run, same registrations): ``adaptive`` (default engine, convex registration), ``warped-only``
@@ -32,12 +32,12 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.imaging.transforms import apply_transform, random_patient_motion  # noqa: E402
-from models.imaging.volume import Volume  # noqa: E402
-from models.segmentation.base import get_engine  # noqa: E402
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind  # noqa: E402
-from pipeline.lesions import LesionStatus, Timepoint  # noqa: E402
-from pipeline.tracking import NoRegistrationEngine, track_lesions  # noqa: E402
+from models.imaging.volume import Volume
+from models.segmentation.base import get_engine
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.lesions import LesionStatus, Timepoint
+from pipeline.tracking import NoRegistrationEngine, track_lesions
+from synthetic.transforms import apply_transform, random_patient_motion
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -46,9 +46,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 class Patient:
     name: str
     cts: list[Volume]
-    labels: list[Volume]                 # ground truth per timepoint (label = lesion number)
+    labels: list[Volume]  # ground truth per timepoint (label = lesion number)
     kinds: dict[int, str] = field(default_factory=dict)
-    transforms: list[Any] = field(default_factory=list)   # exact follow-up → baseline motion per timepoint
+    transforms: list[Any] = field(default_factory=list)  # exact follow-up → baseline motion per timepoint
 
 
 # ---- synthesis ------------------------------------------------------------------------------------------------
@@ -73,14 +73,14 @@ def evolve(ct: Volume, labels: Volume, factors: dict[int, float], rng: np.random
         d_in = ndi.distance_transform_edt(mm, sampling=sp)
         sd = d_out - d_in
         new = (sd <= (f - 1.0) * r_eq) if f > 0 else np.zeros_like(mm)
-        new &= ~others & (sub > -980)            # never into another lesion or outside the body
+        new &= ~others & (sub > -980)  # never into another lesion or outside the body
         vals = sub[mm & (d_in >= min(1.5, d_in.max()))]
         grow = new & ~mm
         if grow.any():
             sub[grow] = rng.choice(vals, int(grow.sum())) if vals.size else float(np.median(sub[mm]))
         gone = mm & ~new
         if gone.any():
-            ring = ~mm & ~others & (d_out > 3.0)   # beyond the blurred edge: no partial-volume residue
+            ring = ~mm & ~others & (d_out > 3.0)  # beyond the blurred edge: no partial-volume residue
             _, ind = ndi.distance_transform_edt(~ring, sampling=sp, return_indices=True)
             src = tuple(i[gone] for i in ind)
             sub[gone] = sub[src] + rng.normal(0, 6.0, int(gone.sum()))
@@ -117,13 +117,20 @@ def follow_ups(name: str, ct: Volume, labels: Volume, rng: np.random.Generator, 
 
 
 def phantom_patient(seed: int) -> Patient:
-    from models.imaging.phantom import make_phantom
+    from synthetic.phantom import make_phantom
 
     ph = make_phantom(seed=seed)
-    kinds = {info.label: info.kind + (f" ({info.params['contrast_hu']:.0f} HU)" if "contrast_hu" in info.params else "")
-             for info in ph.lesion_info}
-    return follow_ups(f"phantom{seed}", ph.ct, ph.lesions.with_array(ph.lesions.array.astype(np.uint8)),
-                      np.random.default_rng(100 + seed), kinds)
+    kinds = {
+        info.label: info.kind + (f" ({info.params['contrast_hu']:.0f} HU)" if "contrast_hu" in info.params else "")
+        for info in ph.lesion_info
+    }
+    return follow_ups(
+        f"phantom{seed}",
+        ph.ct,
+        ph.lesions.with_array(ph.lesions.array.astype(np.uint8)),
+        np.random.default_rng(100 + seed),
+        kinds,
+    )
 
 
 def lung1_patient(seed: int = 7) -> Patient | None:
@@ -173,8 +180,11 @@ class CachedRegistration:
         import hashlib
 
         # names carry a content hash: a changed phantom or CT never reuses a stale registration
-        self.names = {id(ct): f"{p.name}_t{t}_{hashlib.sha1(ct.array.tobytes()).hexdigest()[:10]}"
-                      for p in patients for t, ct in enumerate(p.cts)}
+        self.names = {
+            id(ct): f"{p.name}_t{t}_{hashlib.sha1(ct.array.tobytes()).hexdigest()[:10]}"
+            for p in patients
+            for t, ct in enumerate(p.cts)
+        }
         self.disk, self.tag = disk, tag
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
@@ -258,9 +268,14 @@ def centroid(mask: np.ndarray, grid: Volume) -> np.ndarray | None:
 
 def run_method(p: Patient, reg: Any, seg: TimedEngine) -> list[dict[str, Any]]:
     tps = [Timepoint(f"{p.name}.{t}", ct) for t, ct in enumerate(p.cts)]
-    prompts = [Prompt(LesionIdentity(f"2.25.{n}", f"L{n}", n), PromptKind.MASK,
-                      mask=p.labels[0].with_array((p.labels[0].array == n).astype(np.uint8)))
-               for n in sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)]
+    prompts = [
+        Prompt(
+            LesionIdentity(f"2.25.{n}", f"L{n}", n),
+            PromptKind.MASK,
+            mask=p.labels[0].with_array((p.labels[0].array == n).astype(np.uint8)),
+        )
+        for n in sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)
+    ]
     track_lesions(tps, prompts, source_index=0, registration=reg, segmentation=seg)
     rows = []
     for t in range(1, len(tps)):
@@ -269,9 +284,16 @@ def run_method(p: Patient, reg: Any, seg: TimedEngine) -> list[dict[str, Any]]:
             n = les.identity.label
             gt = gt_all == n
             pred = les.mask.array > 0
-            row: dict[str, Any] = {"patient": p.name, "t": t, "label": n, "kind": p.kinds.get(n, ""),
-                                   "gt_present": bool(gt.any()), "pred_present": les.status is LesionStatus.PRESENT,
-                                   "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())}
+            row: dict[str, Any] = {
+                "patient": p.name,
+                "t": t,
+                "label": n,
+                "kind": p.kinds.get(n, ""),
+                "gt_present": bool(gt.any()),
+                "pred_present": les.status is LesionStatus.PRESENT,
+                "gt_voxels": int(gt.sum()),
+                "pred_voxels": int(pred.sum()),
+            }
             if gt.any():
                 s = gt.sum() + pred.sum()
                 row["dice"] = float(2 * (gt & pred).sum() / s)
@@ -284,10 +306,15 @@ def run_method(p: Patient, reg: Any, seg: TimedEngine) -> list[dict[str, Any]]:
 def summarise(rows: list[dict[str, Any]], seg_seconds: list[float]) -> dict[str, Any]:
     present = [r for r in rows if r["gt_present"]]
     gone = [r for r in rows if not r["gt_present"]]
-    matched = [r for r in present if r["pred_present"] and r.get("centre_error_mm") is not None
-               and r["centre_error_mm"] <= 25.0]
+    matched = [
+        r
+        for r in present
+        if r["pred_present"] and r.get("centre_error_mm") is not None and r["centre_error_mm"] <= 25.0
+    ]
     return {
-        "lesion_timepoints": len(rows), "present": len(present), "vanished": len(gone),
+        "lesion_timepoints": len(rows),
+        "present": len(present),
+        "vanished": len(gone),
         "CPM@25": len(matched) / max(len(present), 1),
         "Dice@25": float(np.mean([r["dice"] for r in matched])) if matched else 0.0,
         "MED_mm": float(np.mean([r["centre_error_mm"] for r in matched])) if matched else None,
@@ -302,14 +329,22 @@ def summarise(rows: list[dict[str, Any]], seg_seconds: list[float]) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--phantoms", type=int, default=3)
-    ap.add_argument("--first-seed", type=int, default=1,
-                    help="phantom seeds first..first+phantoms-1 (a held-out set: seeds the engine was not tuned on)")
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="phantom seeds first..first+phantoms-1 (a held-out set: seeds the engine was not tuned on)",
+    )
     ap.add_argument("--no-lung1", action="store_true")
     ap.add_argument("--spacing", type=float, default=3.0, help="registration working spacing (mm)")
     ap.add_argument("--adam", type=int, default=40, help="registration Adam iterations")
     ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="folder caching registrations between runs (the synthesis is seeded, so pairs repeat)")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="folder caching registrations between runs (the synthesis is seeded, so pairs repeat)",
+    )
     ap.add_argument("--oracle", action="store_true", help="also run with the exact synthetic motion as registration")
     ap.add_argument("--skip-convex", action="store_true", help="development: skip the convex-registration methods")
     args = ap.parse_args()
@@ -323,10 +358,15 @@ def main() -> None:
         if lp is not None:
             patients.append(lp)
     synth_s = time.perf_counter() - t0
-    reg = CachedRegistration(ConvexEngine(ConvexParams(working_spacing_mm=args.spacing, adam_iterations=args.adam)),
-                             patients, args.cache, f"convex{args.spacing:g}mm_adam{args.adam}")
-    methods: dict[str, tuple[Any, str]] = {} if args.skip_convex else {
-        "adaptive": (reg, "adaptive"), "warped-only": (reg, "warped-prompt")}
+    reg = CachedRegistration(
+        ConvexEngine(ConvexParams(working_spacing_mm=args.spacing, adam_iterations=args.adam)),
+        patients,
+        args.cache,
+        f"convex{args.spacing:g}mm_adam{args.adam}",
+    )
+    methods: dict[str, tuple[Any, str]] = (
+        {} if args.skip_convex else {"adaptive": (reg, "adaptive"), "warped-only": (reg, "warped-prompt")}
+    )
     methods["no-registration"] = (NoRegistrationEngine(), "adaptive")
     if args.oracle:
         oracle = OracleRegistration(patients)
@@ -342,17 +382,28 @@ def main() -> None:
     a = results.get("adaptive") or results.get("oracle-registration adaptive") or results["no-registration"]
     w = results.get("warped-only") or results.get("oracle-registration warped-only") or a
     doc = {
-        "benchmark": "tracking", "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{__import__('os').cpu_count()} CPU cores (shared)", "patients": [p.name for p in patients],
+        "benchmark": "tracking",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores (shared)",
+        "patients": [p.name for p in patients],
         "lesions": sum(len([v for v in np.unique(p.labels[0].array) if v > 0]) for p in patients),
-        "followups_per_patient": 2, "registration": {"engine": "convex", "working_spacing_mm": args.spacing,
-                                                     "adam_iterations": args.adam, "pairs": len(reg.seconds),
-                                                     "seconds_per_pair": float(np.mean(reg.seconds)) if reg.seconds else None},
-        "synthesis_seconds": synth_s, "methods": results,
+        "followups_per_patient": 2,
+        "registration": {
+            "engine": "convex",
+            "working_spacing_mm": args.spacing,
+            "adam_iterations": args.adam,
+            "pairs": len(reg.seconds),
+            "seconds_per_pair": float(np.mean(reg.seconds)) if reg.seconds else None,
+        },
+        "synthesis_seconds": synth_s,
+        "methods": results,
         "dice_points_above_warped_only": 100.0 * (a["overall_Dice"] - w["overall_Dice"]),
-        "targets": {"CPM@25>=0.90": a["CPM@25"] >= 0.90, "Dice@25>=0.80": a["Dice@25"] >= 0.80,
-                    "MED<=3mm": a["MED_mm"] is not None and a["MED_mm"] <= 3.0,
-                    ">=5 Dice points above warped-only": a["overall_Dice"] - w["overall_Dice"] >= 0.05},
+        "targets": {
+            "CPM@25>=0.90": a["CPM@25"] >= 0.90,
+            "Dice@25>=0.80": a["Dice@25"] >= 0.80,
+            "MED<=3mm": a["MED_mm"] is not None and a["MED_mm"] <= 3.0,
+            ">=5 Dice points above warped-only": a["overall_Dice"] - w["overall_Dice"] >= 0.05,
+        },
     }
     if args.rows:
         doc["rows"] = all_rows

@@ -43,9 +43,9 @@ def main() -> None:
     from db.models import LesionObservation
     from db.session import make_engine, make_session_factory, session_scope, upgrade
     from pipeline import exports
-    from pipeline.web import create_app
-    from pipeline.web.timeline import build_timeline
+    from pipeline.history import build_timeline
     from tests.test_api_data import build_patient, phantom_timepoints
+    from web import create_app
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-web-"))
     url = f"sqlite:///{tmp / 'lt.sqlite3'}"
@@ -57,8 +57,10 @@ def main() -> None:
     client = TestClient(app)
     h = {"X-API-Key": key}
     with session_scope(sf) as s:
-        obs_ids = [o.id for o in s.scalars(select(LesionObservation).where(
-            LesionObservation.seg_sop_instance_uid.is_not(None)))]
+        obs_ids = [
+            o.id
+            for o in s.scalars(select(LesionObservation).where(LesionObservation.seg_sop_instance_uid.is_not(None)))
+        ]
     pk = built.patient_pk
 
     def timeline_model() -> None:
@@ -66,25 +68,29 @@ def main() -> None:
             build_timeline(s, pk)
 
     cold = []
-    for oid in obs_ids:                       # first request renders from SEG + CT and fills the cache
+    for oid in obs_ids:  # first request renders from SEG + CT and fills the cache
         t = time.perf_counter()
         assert client.get(f"/api/observations/{oid}/thumbnail.png", headers=h).status_code == 200
         cold.append(1000 * (time.perf_counter() - t))
-    warm = _ms(lambda: [client.get(f"/api/observations/{oid}/thumbnail.png", headers=h) for oid in obs_ids],
-               args.repeat)
+    warm = _ms(
+        lambda: [client.get(f"/api/observations/{oid}/thumbnail.png", headers=h) for oid in obs_ids], args.repeat
+    )
     with session_scope(sf) as s:
         tl = build_timeline(s, pk)
     lesion_id = tl.lesions[0].lesion_id
     plot_cold = []
-    for row in tl.lesions:                    # first request draws with matplotlib and fills the cache
+    for row in tl.lesions:  # first request draws with matplotlib and fills the cache
         t = time.perf_counter()
         assert client.get(f"/api/lesions/{row.lesion_id}/plot.png", headers=h).status_code == 200
         plot_cold.append(1000 * (time.perf_counter() - t))
     result = {
         "benchmark": "web",
         "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-        "patient": {"timepoints": len(tl.timepoints), "lesions": len(tl.lesions), "observations_with_seg":
-                    len(obs_ids)},
+        "patient": {
+            "timepoints": len(tl.timepoints),
+            "lesions": len(tl.lesions),
+            "observations_with_seg": len(obs_ids),
+        },
         "timeline_model": _ms(timeline_model, args.repeat),
         "timeline_page_html": _ms(lambda: client.get(f"/patients/{pk}", headers=h), args.repeat),
         "thumbnail_cold_ms_median": round(statistics.median(cold), 2),

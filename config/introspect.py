@@ -86,7 +86,12 @@ def explain(settings: Settings) -> list[ConfigEntry]:
         if isinstance(shown, Path):
             shown = str(shown)
         entries.append(ConfigEntry(key, mask(key, shown), source))
-    entries.insert(1, ConfigEntry("database_url (effective)", mask("database_url", settings.effective_database_url),
-                                  "environment" if _in_env("database_url") else
-                                  "file" if _in_file(data, "database_url") else "default"))
+    entries.insert(
+        1,
+        ConfigEntry(
+            "database_url (effective)",
+            mask("database_url", settings.effective_database_url),
+            "environment" if _in_env("database_url") else "file" if _in_file(data, "database_url") else "default",
+        ),
+    )
     return entries

@@ -11,9 +11,11 @@ import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-_PHI = re.compile(r"(?P<k>Patient(?:Name|ID|BirthDate|Address)|patient_(?:name|id))(?P<sep>\s*[=:]\s*)(?P<v>'[^']*'|\"[^\"]*\"|\S+)")
+_PHI = re.compile(
+    r"(?P<k>Patient(?:Name|ID|BirthDate|Address)|patient_(?:name|id))(?P<sep>\s*[=:]\s*)(?P<v>'[^']*'|\"[^\"]*\"|\S+)"
+)
 
 
 class PhiFilter(logging.Filter):
@@ -29,7 +31,7 @@ class PhiFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -49,8 +51,9 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._lesiontrack = True  # type: ignore[attr-defined]
-    handler.setFormatter(JsonFormatter() if json_format else
-                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     handler.addFilter(PhiFilter())
     root.addHandler(handler)
     root.setLevel(level)

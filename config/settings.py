@@ -50,7 +50,7 @@ class TlsSettings(_Section):
     require_client_cert: bool = True
 
     @model_validator(mode="after")
-    def _files_when_enabled(self) -> "TlsSettings":
+    def _files_when_enabled(self) -> TlsSettings:
         if self.enabled and not (self.cert_file and self.key_file):
             raise ValueError("tls.enabled needs cert_file and key_file")
         return self
@@ -112,8 +112,12 @@ class RoutingSettings(_Section):
 class SendingSettings(_Section):
     retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 900, 3600])
     destinations: list[str] = Field(default_factory=list, description="names of pacs peers")
-    claim_seconds: float = Field(900, gt=0, description="how long one sender holds a delivery it is attempting; "
-                                 "after that a sender that died mid-attempt is presumed gone and others may retry")
+    claim_seconds: float = Field(
+        900,
+        gt=0,
+        description="how long one sender holds a delivery it is attempting; "
+        "after that a sender that died mid-attempt is presumed gone and others may retry",
+    )
 
 
 class ComputeSettings(_Section):
@@ -173,8 +177,12 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(5, ge=1)
     retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30, 120, 600])
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
-    lease_seconds: float = Field(120.0, ge=0.5, description="a running job's claim, renewed by a heartbeat; "
-                                 "a job whose lease ran out (dead worker) is taken over")
+    lease_seconds: float = Field(
+        120.0,
+        ge=0.5,
+        description="a running job's claim, renewed by a heartbeat; "
+        "a job whose lease ran out (dead worker) is taken over",
+    )
 
 
 class LoggingSettings(_Section):

@@ -7,7 +7,7 @@ Identifiers stored here are DICOM UIDs and internal keys; names are never logged
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -69,15 +69,14 @@ class JobState(str, enum.Enum):
 
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"
-    SENDING = "sending"            # claimed by one sender until ``next_attempt_at`` (the claim's lease)
+    SENDING = "sending"  # claimed by one sender until ``next_attempt_at`` (the claim's lease)
     RETRY_WAIT = "retry_wait"
     DELIVERED = "delivered"
     DEAD_LETTER = "dead_letter"
 
 
 def _enum(e: type[enum.Enum]) -> Enum:
-    return Enum(e, values_callable=lambda x: [m.value for m in x], native_enum=False, length=32,
-                validate_strings=True)
+    return Enum(e, values_callable=lambda x: [m.value for m in x], native_enum=False, length=32, validate_strings=True)
 
 
 class Patient(Base):

@@ -22,17 +22,29 @@ def _refuse_audit_changes(session: Session, _ctx: Any, _instances: Any) -> None:
             raise AuditImmutableError(f"audit events are append-only: refused {verb} of event {obj.id}")
 
 
-def audit(session: Session, actor: str, action: str, object_type: str | None = None,
-          object_id: str | int | None = None, **details: Any) -> AuditEvent:
+def audit(
+    session: Session,
+    actor: str,
+    action: str,
+    object_type: str | None = None,
+    object_id: str | int | None = None,
+    **details: Any,
+) -> AuditEvent:
     """Append one audit event (flushed with the caller's transaction)."""
-    ev = AuditEvent(actor=actor, action=action, object_type=object_type,
-                    object_id=None if object_id is None else str(object_id), details=details or None)
+    ev = AuditEvent(
+        actor=actor,
+        action=action,
+        object_type=object_type,
+        object_id=None if object_id is None else str(object_id),
+        details=details or None,
+    )
     session.add(ev)
     return ev
 
 
-def audit_events(session: Session, object_type: str | None = None, object_id: str | None = None,
-                 limit: int = 1000) -> list[AuditEvent]:
+def audit_events(
+    session: Session, object_type: str | None = None, object_id: str | None = None, limit: int = 1000
+) -> list[AuditEvent]:
     q = select(AuditEvent).order_by(AuditEvent.id)
     if object_type:
         q = q.where(AuditEvent.object_type == object_type)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -32,21 +32,28 @@ SeriesCallback = Callable[[str], None]
 
 
 def _first_header(s: Session, series: Series):  # type: ignore[no-untyped-def]
-    inst = s.scalars(select(Instance).where(Instance.series_pk == series.id)
-                     .order_by(Instance.instance_number, Instance.id).limit(1)).first()
+    inst = s.scalars(
+        select(Instance).where(Instance.series_pk == series.id).order_by(Instance.instance_number, Instance.id).limit(1)
+    ).first()
     if inst is None:
         return None
     try:
-        return dcmread(inst.file_path, stop_before_pixels=True,
-                       specific_tags=["SliceThickness", "ImageType", "Modality"])
-    except Exception as exc:  # noqa: BLE001
+        return dcmread(
+            inst.file_path, stop_before_pixels=True, specific_tags=["SliceThickness", "ImageType", "Modality"]
+        )
+    except Exception as exc:
         log.warning("cannot read header of %s for routing: %s", inst.file_path, exc)
         return None
 
 
-def complete_series(session_factory: sessionmaker[Session], rules: RoutingSettings, series_uid: str,
-                    on_series_complete: SeriesCallback | None = None, forced: bool = False,
-                    actor: str = "dicom-node") -> Route | None:
+def complete_series(
+    session_factory: sessionmaker[Session],
+    rules: RoutingSettings,
+    series_uid: str,
+    on_series_complete: SeriesCallback | None = None,
+    forced: bool = False,
+    actor: str = "dicom-node",
+) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
 
     Returns None when the series is unknown, or (unless ``forced``) when it is already complete with nothing
@@ -60,22 +67,43 @@ def complete_series(session_factory: sessionmaker[Session], rules: RoutingSettin
             return None
         retrigger = series.completed_at is not None
         facts = SeriesFacts.from_header(
-            _first_header(s, series), modality=series.modality, series_description=series.series_description,
-            body_part=series.body_part, instance_count=series.instance_count, created_by_us=series.created_by_us,
-            previous_reason=series.routing_reason)
+            _first_header(s, series),
+            modality=series.modality,
+            series_description=series.series_description,
+            body_part=series.body_part,
+            instance_count=series.instance_count,
+            created_by_us=series.created_by_us,
+            previous_reason=series.routing_reason,
+        )
         route = decide(facts, rules)
         series.state = SeriesState.COMPLETE
-        series.completed_at = datetime.now(timezone.utc)
+        series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
         series.routing_reason = route.reason
-        audit(s, actor, "series.complete", "series", series_uid, decision=route.decision.value,
-              reason=route.reason, forced=forced, instance_count=series.instance_count, retrigger=retrigger)
-    log.info("series %s complete (%s%s): %s - %s", series_uid, "forced, " if forced else "",
-             "re-trigger" if retrigger else "first", route.decision.value, route.reason)
+        audit(
+            s,
+            actor,
+            "series.complete",
+            "series",
+            series_uid,
+            decision=route.decision.value,
+            reason=route.reason,
+            forced=forced,
+            instance_count=series.instance_count,
+            retrigger=retrigger,
+        )
+    log.info(
+        "series %s complete (%s%s): %s - %s",
+        series_uid,
+        "forced, " if forced else "",
+        "re-trigger" if retrigger else "first",
+        route.decision.value,
+        route.reason,
+    )
     if route.decision == RoutingDecision.ANALYSE and on_series_complete is not None:
         try:
             on_series_complete(series_uid)
-        except Exception as exc:  # noqa: BLE001 - the callback's failure must not stop the node
+        except Exception as exc:
             log.exception("on_series_complete(%s) failed", series_uid)
             with session_scope(session_factory) as s:
                 audit(s, actor, "series.trigger_failed", "series", series_uid, error=str(exc)[:500])
@@ -91,9 +119,15 @@ class _Pending:
 class SeriesCompletion:
     """In-memory view of series being received; a background thread completes the quiet ones."""
 
-    def __init__(self, session_factory: sessionmaker[Session], rules: RoutingSettings, quiet_seconds: float,
-                 on_series_complete: SeriesCallback | None = None, actor: str = "dicom-node",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        rules: RoutingSettings,
+        quiet_seconds: float,
+        on_series_complete: SeriesCallback | None = None,
+        actor: str = "dicom-node",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.session_factory = session_factory
         self.rules = rules
         self.quiet_seconds = quiet_seconds
@@ -125,8 +159,9 @@ class SeriesCompletion:
     def due(self) -> list[str]:
         now = self.clock()
         with self._lock:
-            return [uid for uid, p in self._pending.items()
-                    if not p.senders and now - p.last_seen >= self.quiet_seconds]
+            return [
+                uid for uid, p in self._pending.items() if not p.senders and now - p.last_seen >= self.quiet_seconds
+            ]
 
     def poll_once(self) -> list[str]:
         done = []
@@ -139,7 +174,7 @@ class SeriesCompletion:
             try:
                 complete_series(self.session_factory, self.rules, uid, self.on_series_complete, actor=self.actor)
                 done.append(uid)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("completing series %s failed; will retry", uid)
                 with self._lock:
                     self._pending.setdefault(uid, _Pending(self.clock()))
@@ -148,14 +183,20 @@ class SeriesCompletion:
     def force_complete(self, series_uid: str) -> Route | None:
         with self._lock:
             self._pending.pop(series_uid, None)
-        return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete,
-                               forced=True, actor=self.actor)
+        return complete_series(
+            self.session_factory, self.rules, series_uid, self.on_series_complete, forced=True, actor=self.actor
+        )
 
     def resume_from_db(self) -> int:
         """After a restart: series left RECEIVING get a fresh quiet period."""
         with session_scope(self.session_factory) as s:
-            uids = list(s.scalars(select(Series.series_instance_uid).where(
-                Series.state == SeriesState.RECEIVING, Series.instance_count > 0)))
+            uids = list(
+                s.scalars(
+                    select(Series.series_instance_uid).where(
+                        Series.state == SeriesState.RECEIVING, Series.instance_count > 0
+                    )
+                )
+            )
         with self._lock:
             for uid in uids:
                 self._pending.setdefault(uid, _Pending(self.clock()))
@@ -171,7 +212,7 @@ class SeriesCompletion:
             while not self._stop.wait(interval):
                 try:
                     self.poll_once()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("series completion poll failed")
 
         self._thread = threading.Thread(target=loop, name="series-completion", daemon=True)

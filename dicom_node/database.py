@@ -19,6 +19,7 @@ def open_database(settings: Settings, upgrade_db: bool = False) -> sessionmaker[
         upgrade(url)
     rev = current_revision(url)
     if rev != head_revision():
-        raise SchemaNotCurrent(f"database schema is at {rev or '(empty)'}, not {head_revision()}: "
-                               "run `lesiontrack db upgrade` first")
+        raise SchemaNotCurrent(
+            f"database schema is at {rev or '(empty)'}, not {head_revision()}: run `lesiontrack db upgrade` first"
+        )
     return make_session_factory(make_engine(url))

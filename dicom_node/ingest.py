@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
@@ -32,15 +32,32 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
-_HEADER_TAGS = ["PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                "SOPClassUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
-                "FrameOfReferenceUID", "InstanceNumber", "StudyDate", "StudyTime", "AccessionNumber"]
+_HEADER_TAGS = [
+    "PatientID",
+    "IssuerOfPatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "FrameOfReferenceUID",
+    "InstanceNumber",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+]
 
 
 # statements built once (building them per C-STORE costs more than executing them)
 _LOOKUP = select(Instance.id, Instance.sha256, Instance.file_path).where(Instance.sop_instance_uid == bindparam("sop"))
-_BUMP_SERIES = (update(Series).where(Series.id == bindparam("pk"), Series.state == bindparam("st"))
-                .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("now")))
+_BUMP_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("pk"), Series.state == bindparam("st"))
+    .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("now"))
+)
 _INSERT_INSTANCE = insert(Instance)
 
 
@@ -51,19 +68,32 @@ class IngestResult:
     series_uid: str | None = None
     sop_instance_uid: str | None = None
     path: Path | None = None
-    duplicate: bool = False        # identical bytes were already stored
-    reopened: bool = False         # the series had been complete and is receiving again
+    duplicate: bool = False  # identical bytes were already stored
+    reopened: bool = False  # the series had been complete and is receiving again
 
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
 
 
-_TAGS = {"SpecificCharacterSet": 0x00080005, "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
-         "StudyDate": 0x00080020, "StudyTime": 0x00080030, "AccessionNumber": 0x00080050, "Modality": 0x00080060,
-         "SeriesDescription": 0x0008103E, "PatientID": 0x00100020, "IssuerOfPatientID": 0x00100021,
-         "BodyPartExamined": 0x00180015, "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
-         "SeriesNumber": 0x00200011, "InstanceNumber": 0x00200013, "FrameOfReferenceUID": 0x00200052}
+_TAGS = {
+    "SpecificCharacterSet": 0x00080005,
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyDate": 0x00080020,
+    "StudyTime": 0x00080030,
+    "AccessionNumber": 0x00080050,
+    "Modality": 0x00080060,
+    "SeriesDescription": 0x0008103E,
+    "PatientID": 0x00100020,
+    "IssuerOfPatientID": 0x00100021,
+    "BodyPartExamined": 0x00180015,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "SeriesNumber": 0x00200011,
+    "InstanceNumber": 0x00200013,
+    "FrameOfReferenceUID": 0x00200052,
+}
 _TEXT = {"SeriesDescription", "PatientID", "IssuerOfPatientID", "AccessionNumber"}
 
 
@@ -132,8 +162,8 @@ class Ingestor:
         self.store = store
         self.session_factory = session_factory
         self.actor = actor
-        self._lock = threading.Lock()   # serialises hierarchy creation races inside one process
-        self._series_pk: dict[str, int] = {}   # series UID -> primary key, for the one-transaction fast path
+        self._lock = threading.Lock()  # serialises hierarchy creation races inside one process
+        self._series_pk: dict[str, int] = {}  # series UID -> primary key, for the one-transaction fast path
         self.engine = session_factory.kw["bind"]
         self._own_engine = False
         if not store.fsync and self.engine.dialect.name == "sqlite":
@@ -154,38 +184,57 @@ class Ingestor:
         if self._own_engine:
             self.engine.dispose()
 
-    def ingest(self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None = None,
-               peer: str | None = None) -> IngestResult:
+    def ingest(
+        self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None = None, peer: str | None = None
+    ) -> IngestResult:
         ts = str(meta.get("TransferSyntaxUID", ""))
         req_sop = str(meta.get("MediaStorageSOPInstanceUID", ""))
         try:
             meta_bytes = encode_meta(meta)
             ds = parse_header(meta_bytes, dataset_bytes, ts)
-        except Exception as exc:  # noqa: BLE001 - any parse problem is the sender's bad data
+        except Exception as exc:
             log.warning("rejected C-STORE of %s from %s: not a valid dataset: %s", req_sop, calling_ae, exc)
             return IngestResult(CANNOT_UNDERSTAND, f"not a valid DICOM dataset: {exc}"[:64], sop_instance_uid=req_sop)
         sop_uid = _s(ds, "SOPInstanceUID", 64)
         study_uid = _s(ds, "StudyInstanceUID", 64)
         series_uid = _s(ds, "SeriesInstanceUID", 64)
-        missing = [n for n, v in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
-                                  ("SeriesInstanceUID", series_uid)) if not is_valid_uid(v)]
+        missing = [
+            n
+            for n, v in (
+                ("SOPInstanceUID", sop_uid),
+                ("StudyInstanceUID", study_uid),
+                ("SeriesInstanceUID", series_uid),
+            )
+            if not is_valid_uid(v)
+        ]
         if missing:
             log.warning("rejected C-STORE of %s from %s: missing or invalid %s", req_sop, calling_ae, missing)
-            return IngestResult(DATASET_MISMATCH, f"missing or invalid {', '.join(missing)}"[:64],
-                                sop_instance_uid=req_sop)
+            return IngestResult(
+                DATASET_MISMATCH, f"missing or invalid {', '.join(missing)}"[:64], sop_instance_uid=req_sop
+            )
         if req_sop and sop_uid != req_sop:
-            return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request",
-                                sop_instance_uid=req_sop)
+            return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop)
         assert sop_uid and study_uid and series_uid
         sha = sha256_hex(dataset_bytes)
-        return self._store_and_record(ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid,
-                                      calling_ae, peer)
+        return self._store_and_record(
+            ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid, calling_ae, peer
+        )
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _store_and_record(self, ds: Dataset | Header, meta: FileMetaDataset, meta_bytes: bytes, data: bytes, sha: str,
-                          sop_uid: str, study_uid: str, series_uid: str, calling_ae: str | None,
-                          peer: str | None) -> IngestResult:
+    def _store_and_record(
+        self,
+        ds: Dataset | Header,
+        meta: FileMetaDataset,
+        meta_bytes: bytes,
+        data: bytes,
+        sha: str,
+        sop_uid: str,
+        study_uid: str,
+        series_uid: str,
+        calling_ae: str | None,
+        peer: str | None,
+    ) -> IngestResult:
         try:
             with self.engine.connect() as c:
                 known = list(c.execute(_LOOKUP, {"sop": sop_uid}))
@@ -195,8 +244,9 @@ class Ingestor:
         same = next((k for k in known if k.sha256 == sha), None)
         if same is not None and Path(same.file_path).is_file():
             log.info("duplicate C-STORE of %s (identical bytes): success", sop_uid)
-            return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid,
-                                path=Path(same.file_path), duplicate=True)
+            return IngestResult(
+                SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=Path(same.file_path), duplicate=True
+            )
         conflict = [k for k in known if k.sha256 != sha]
         path = self.store.path_for(study_uid, series_uid, sop_uid, sha if conflict else None)
         try:
@@ -206,8 +256,9 @@ class Ingestor:
             return IngestResult(OUT_OF_RESOURCES, "disk full", series_uid=series_uid, sop_instance_uid=sop_uid)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc)
-            return IngestResult(OUT_OF_RESOURCES, f"write failed: {exc.strerror}"[:64], series_uid=series_uid,
-                                sop_instance_uid=sop_uid)
+            return IngestResult(
+                OUT_OF_RESOURCES, f"write failed: {exc.strerror}"[:64], series_uid=series_uid, sop_instance_uid=sop_uid
+            )
         reopened = False
         error = "database failure"
         size = len(meta_bytes) + len(data)
@@ -216,12 +267,12 @@ class Ingestor:
                 if self._record_fast(self._series_pk[series_uid], ds, meta, path, size, sha, calling_ae):
                     log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
                     return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
-            except SQLAlchemyError as exc:   # fall through to the full path, which retries and reports
+            except SQLAlchemyError as exc:  # fall through to the full path, which retries and reports
                 log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
         for attempt in range(4):
             try:
                 with self._lock, session_scope(self.session_factory) as s:
-                    if same is not None:   # row existed but its file had vanished: file rewritten, row kept
+                    if same is not None:  # row existed but its file had vanished: file rewritten, row kept
                         row = s.get(Instance, same.id)
                         if row is not None:
                             row.file_path = str(path)
@@ -234,10 +285,15 @@ class Ingestor:
                 error = f"database integrity error: {exc.orig}"
                 try:
                     with session_scope(self.session_factory) as s:
-                        if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid,
-                                                              Instance.sha256 == sha)) is not None:
-                            return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid,
-                                                path=path, duplicate=True)
+                        if (
+                            s.scalar(
+                                select(Instance.id).where(Instance.sop_instance_uid == sop_uid, Instance.sha256 == sha)
+                            )
+                            is not None
+                        ):
+                            return IngestResult(
+                                SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, duplicate=True
+                            )
                 except SQLAlchemyError:
                     pass
             except OperationalError as exc:
@@ -251,43 +307,84 @@ class Ingestor:
             log.error("database failure recording %s: %s", sop_uid, error)
             if same is None:
                 path.unlink(missing_ok=True)
-            return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid,
-                                sop_instance_uid=sop_uid)
+            return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
         log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
         return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, reopened=reopened)
 
-    def _record_fast(self, series_pk: int, ds: Dataset | Header, meta: FileMetaDataset, path: Path, size: int, sha: str,
-                     calling_ae: str | None) -> bool:
+    def _record_fast(
+        self,
+        series_pk: int,
+        ds: Dataset | Header,
+        meta: FileMetaDataset,
+        path: Path,
+        size: int,
+        sha: str,
+        calling_ae: str | None,
+    ) -> bool:
         """One short Core transaction for the common case (known series still receiving); False = use _record."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with self.engine.begin() as c:
             n = c.execute(_BUMP_SERIES, {"pk": series_pk, "st": SeriesState.RECEIVING, "now": now}).rowcount
             if n != 1:
                 c.rollback()
                 return False
-            c.execute(_INSERT_INSTANCE, dict(
-                sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                series_pk=series_pk, transfer_syntax_uid=str(meta.TransferSyntaxUID), file_path=str(path),
-                size_bytes=size, sha256=sha, instance_number=_i(ds, "InstanceNumber"),
-                sender_ae=(calling_ae or "")[:16] or None, received_at=now))
+            c.execute(
+                _INSERT_INSTANCE,
+                dict(
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                    series_pk=series_pk,
+                    transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                    file_path=str(path),
+                    size_bytes=size,
+                    sha256=sha,
+                    instance_number=_i(ds, "InstanceNumber"),
+                    sender_ae=(calling_ae or "")[:16] or None,
+                    received_at=now,
+                ),
+            )
         return True
 
-    def _record(self, s: Session, ds: Dataset | Header, meta: FileMetaDataset, path: Path, size: int, sha: str,
-                calling_ae: str | None, peer: str | None, conflict: list[Instance]) -> bool:
-        now = datetime.now(timezone.utc)
+    def _record(
+        self,
+        s: Session,
+        ds: Dataset | Header,
+        meta: FileMetaDataset,
+        path: Path,
+        size: int,
+        sha: str,
+        calling_ae: str | None,
+        peer: str | None,
+        conflict: list[Instance],
+    ) -> bool:
+        now = datetime.now(UTC)
         patient = get_or_create_patient(s, _s(ds, "PatientID", 64) or "", _s(ds, "IssuerOfPatientID", 64))
-        study = get_or_create_study(s, patient, str(ds.StudyInstanceUID), study_date=_s(ds, "StudyDate", 8),
-                                    study_time=_s(ds, "StudyTime", 16),
-                                    accession_number=_s(ds, "AccessionNumber", 16))
+        study = get_or_create_study(
+            s,
+            patient,
+            str(ds.StudyInstanceUID),
+            study_date=_s(ds, "StudyDate", 8),
+            study_time=_s(ds, "StudyTime", 16),
+            accession_number=_s(ds, "AccessionNumber", 16),
+        )
         series = get_or_create_series(
-            s, study, str(ds.SeriesInstanceUID), modality=_s(ds, "Modality", 16),
-            series_number=_i(ds, "SeriesNumber"), series_description=_s(ds, "SeriesDescription", 64),
-            body_part=_s(ds, "BodyPartExamined", 16), frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64))
+            s,
+            study,
+            str(ds.SeriesInstanceUID),
+            modality=_s(ds, "Modality", 16),
+            series_number=_i(ds, "SeriesNumber"),
+            series_description=_s(ds, "SeriesDescription", 64),
+            body_part=_s(ds, "BodyPartExamined", 16),
+            frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64),
+        )
         # rows created ahead of a prior retrieval carry only what C-FIND said: fill the gaps from the header
-        for attr, value in (("modality", _s(ds, "Modality", 16)), ("series_number", _i(ds, "SeriesNumber")),
-                            ("series_description", _s(ds, "SeriesDescription", 64)),
-                            ("body_part", _s(ds, "BodyPartExamined", 16)),
-                            ("frame_of_reference_uid", _s(ds, "FrameOfReferenceUID", 64))):
+        for attr, value in (
+            ("modality", _s(ds, "Modality", 16)),
+            ("series_number", _i(ds, "SeriesNumber")),
+            ("series_description", _s(ds, "SeriesDescription", 64)),
+            ("body_part", _s(ds, "BodyPartExamined", 16)),
+            ("frame_of_reference_uid", _s(ds, "FrameOfReferenceUID", 64)),
+        ):
             if getattr(series, attr) is None and value is not None:
                 setattr(series, attr, value)
         if study.study_date is None and _s(ds, "StudyDate", 8):
@@ -302,16 +399,42 @@ class Ingestor:
         if series.state == SeriesState.COMPLETE:
             series.state = SeriesState.RECEIVING
             reopened = True
-            audit(s, self.actor, "series.reopened", "series", series.series_instance_uid,
-                  sop_instance_uid=str(ds.SOPInstanceUID), calling_ae=calling_ae)
-        s.add(Instance(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                       series_pk=series.id, transfer_syntax_uid=str(meta.TransferSyntaxUID), file_path=str(path),
-                       size_bytes=size, sha256=sha, instance_number=_i(ds, "InstanceNumber"),
-                       sender_ae=(calling_ae or "")[:16] or None, received_at=now))
+            audit(
+                s,
+                self.actor,
+                "series.reopened",
+                "series",
+                series.series_instance_uid,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                calling_ae=calling_ae,
+            )
+        s.add(
+            Instance(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                series_pk=series.id,
+                transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                file_path=str(path),
+                size_bytes=size,
+                sha256=sha,
+                instance_number=_i(ds, "InstanceNumber"),
+                sender_ae=(calling_ae or "")[:16] or None,
+                received_at=now,
+            )
+        )
         if conflict:
-            audit(s, self.actor, "instance.duplicate_uid_different_bytes", "instance", str(ds.SOPInstanceUID),
-                  kept=[k.file_path for k in conflict] + [str(path)], sha256_new=sha,
-                  sha256_known=[k.sha256 for k in conflict], calling_ae=calling_ae, peer=peer)
+            audit(
+                s,
+                self.actor,
+                "instance.duplicate_uid_different_bytes",
+                "instance",
+                str(ds.SOPInstanceUID),
+                kept=[k.file_path for k in conflict] + [str(path)],
+                sha256_new=sha,
+                sha256_known=[k.sha256 for k in conflict],
+                calling_ae=calling_ae,
+                peer=peer,
+            )
             log.warning("SOP Instance UID %s received again with different bytes: both kept", ds.SOPInstanceUID)
         return reopened
 
@@ -324,9 +447,9 @@ def ingest_part10(ingestor: Ingestor, raw: bytes, calling_ae: str | None = None)
     try:
         read_preamble(fp, False)
         meta = _read_file_meta_info(fp)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return IngestResult(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}"[:64])
-    return ingestor.ingest(meta, raw[fp.tell():], calling_ae=calling_ae)
+    return ingestor.ingest(meta, raw[fp.tell() :], calling_ae=calling_ae)
 
 
 def ingest_file(ingestor: Ingestor, path: Path, calling_ae: str | None = None) -> IngestResult:

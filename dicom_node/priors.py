@@ -50,7 +50,7 @@ def _key(date: str | None, time: str | None) -> tuple[str, str]:
 
 def _earlier(date: str | None, time: str | None, before: tuple[str | None, str | None] | None) -> bool:
     if before is None or not before[0]:
-        return True   # no reference date: every other study counts (ordered by date)
+        return True  # no reference date: every other study counts (ordered by date)
     if not date:
         return False  # an undated study cannot be placed before the follow-up
     return _key(date, time) < _key(*before)
@@ -84,8 +84,16 @@ def annotation_references(ds: Dataset) -> tuple[str | None, set[str]]:
     return None, refs
 
 
-_REF_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "ReferencedSeriesSequence", "ContentTemplateSequence",
-             "ConceptNameCodeSequence", "CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"]
+_REF_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "ReferencedSeriesSequence",
+    "ContentTemplateSequence",
+    "ConceptNameCodeSequence",
+    "CurrentRequestedProcedureEvidenceSequence",
+    "PertinentOtherEvidenceSequence",
+]
 
 
 class PriorFinder:
@@ -93,8 +101,13 @@ class PriorFinder:
 
     actor = "prior-lookup"
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], ingestor: Ingestor | None = None,
-                 query_peers: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        ingestor: Ingestor | None = None,
+        query_peers: bool = True,
+    ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.query_peers = query_peers
@@ -119,9 +132,13 @@ class PriorFinder:
             exclude = study.study_instance_uid
         return self.find_for_patient(pid, issuer, before=before, exclude_study=exclude)
 
-    def find_for_patient(self, patient_id: str, issuer: str | None = None,
-                         before: tuple[str | None, str | None] | None = None,
-                         exclude_study: str | None = None) -> list[PriorTimepoint]:
+    def find_for_patient(
+        self,
+        patient_id: str,
+        issuer: str | None = None,
+        before: tuple[str | None, str | None] | None = None,
+        exclude_study: str | None = None,
+    ) -> list[PriorTimepoint]:
         if not patient_id:
             raise PriorLookupError("no PatientID: priors cannot be matched")
         found = {tp.ct_series_uid: tp for tp in self._local(patient_id, issuer, before, exclude_study)}
@@ -132,7 +149,7 @@ class PriorFinder:
                 try:
                     for tp in self._remote(peer, patient_id, issuer, before, exclude_study, set(found)):
                         found.setdefault(tp.ct_series_uid, tp)
-                except Exception as exc:  # noqa: BLE001 - one unreachable peer must not hide the others
+                except Exception as exc:
                     log.warning("prior lookup on %s failed: %s", peer.name, exc)
                     with session_scope(self.session_factory) as s:
                         audit(s, self.actor, "priors.peer_failed", "peer", peer.name, error=str(exc)[:500])
@@ -153,15 +170,26 @@ class PriorFinder:
         return prior
 
     # -- local ---------------------------------------------------------------------------------------------------
-    def _local(self, patient_id: str, issuer: str | None, before: tuple[str | None, str | None] | None,
-               exclude_study: str | None) -> list[PriorTimepoint]:
+    def _local(
+        self,
+        patient_id: str,
+        issuer: str | None,
+        before: tuple[str | None, str | None] | None,
+        exclude_study: str | None,
+    ) -> list[PriorTimepoint]:
         with session_scope(self.session_factory) as s:
-            patients = [p.id for p in s.scalars(select(Patient).where(Patient.patient_id == patient_id))
-                        if same_issuer(p.issuer, issuer)]
+            patients = [
+                p.id
+                for p in s.scalars(select(Patient).where(Patient.patient_id == patient_id))
+                if same_issuer(p.issuer, issuer)
+            ]
             if not patients:
                 return []
-            studies = [st for st in s.scalars(select(Study).where(Study.patient_pk.in_(patients)))
-                       if st.study_instance_uid != exclude_study and _earlier(st.study_date, st.study_time, before)]
+            studies = [
+                st
+                for st in s.scalars(select(Study).where(Study.patient_pk.in_(patients)))
+                if st.study_instance_uid != exclude_study and _earlier(st.study_date, st.study_time, before)
+            ]
             ct: dict[str, tuple[Study, Series]] = {}
             annotations: list[tuple[Instance, str]] = []
             for st in studies:
@@ -175,7 +203,7 @@ class PriorFinder:
             for inst, _modality in annotations:
                 try:
                     hdr = dcmread(inst.file_path, stop_before_pixels=True, specific_tags=_REF_TAGS)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log.warning("cannot read annotation %s: %s", inst.file_path, exc)
                     continue
                 kind, refs = annotation_references(hdr)
@@ -183,31 +211,50 @@ class PriorFinder:
                     continue
                 for ref in refs & set(ct):
                     st, se = ct[ref]
-                    tp = timepoints.setdefault(ref, PriorTimepoint(
-                        study_uid=st.study_instance_uid, study_date=st.study_date, study_time=st.study_time,
-                        ct_series_uid=ref, source="local"))
-                    tp.annotations.append(PriorAnnotation(inst.sop_instance_uid, inst.sop_class_uid, kind,
-                                                          [Path(inst.file_path)]))
+                    tp = timepoints.setdefault(
+                        ref,
+                        PriorTimepoint(
+                            study_uid=st.study_instance_uid,
+                            study_date=st.study_date,
+                            study_time=st.study_time,
+                            ct_series_uid=ref,
+                            source="local",
+                        ),
+                    )
+                    tp.annotations.append(
+                        PriorAnnotation(inst.sop_instance_uid, inst.sop_class_uid, kind, [Path(inst.file_path)])
+                    )
         return list(timepoints.values())
 
     def _series_files(self, series_uid: str) -> list[Path]:
         with session_scope(self.session_factory) as s:
-            rows = s.execute(select(Instance.file_path).join(Series, Instance.series_pk == Series.id)
-                             .where(Series.series_instance_uid == series_uid)
-                             .order_by(Instance.instance_number, Instance.id)).scalars()
+            rows = s.execute(
+                select(Instance.file_path)
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.series_instance_uid == series_uid)
+                .order_by(Instance.instance_number, Instance.id)
+            ).scalars()
             return [Path(p) for p in rows]
 
     def _instance_files(self, sop_uid: str) -> list[Path]:
         with session_scope(self.session_factory) as s:
-            return [Path(p) for p in s.scalars(select(Instance.file_path)
-                                                .where(Instance.sop_instance_uid == sop_uid))]
+            return [Path(p) for p in s.scalars(select(Instance.file_path).where(Instance.sop_instance_uid == sop_uid))]
 
     # -- remote --------------------------------------------------------------------------------------------------
-    def _remote(self, peer: PacsPeer, patient_id: str, issuer: str | None,
-                before: tuple[str | None, str | None] | None, exclude_study: str | None,
-                known_ct: set[str]) -> list[PriorTimepoint]:
-        studies = [st for st in self._find_studies(peer, patient_id, issuer, before)
-                   if st.uid != exclude_study and _earlier(st.date, st.time, before)]
+    def _remote(
+        self,
+        peer: PacsPeer,
+        patient_id: str,
+        issuer: str | None,
+        before: tuple[str | None, str | None] | None,
+        exclude_study: str | None,
+        known_ct: set[str],
+    ) -> list[PriorTimepoint]:
+        studies = [
+            st
+            for st in self._find_studies(peer, patient_id, issuer, before)
+            if st.uid != exclude_study and _earlier(st.date, st.time, before)
+        ]
         out: list[PriorTimepoint] = []
         for st in studies:
             series = self._find_series(peer, st.uid)
@@ -220,54 +267,74 @@ class PriorFinder:
                 self._mark_prior(patient_id, issuer, st, ann_uid, series[ann_uid], peer.name)
                 self._fetch_series(peer, st.uid, ann_uid)
                 with session_scope(self.session_factory) as s:
-                    rows = list(s.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.file_path)
-                                          .join(Series, Instance.series_pk == Series.id)
-                                          .where(Series.series_instance_uid == ann_uid)))
+                    rows = list(
+                        s.execute(
+                            select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.file_path)
+                            .join(Series, Instance.series_pk == Series.id)
+                            .where(Series.series_instance_uid == ann_uid)
+                        )
+                    )
                 for sop_uid, sop_class, path in rows:
-                    kind, refs = annotation_references(dcmread(path, stop_before_pixels=True,
-                                                               specific_tags=_REF_TAGS))
+                    kind, refs = annotation_references(dcmread(path, stop_before_pixels=True, specific_tags=_REF_TAGS))
                     if kind is None:
                         continue
                     for ref in refs & set(ct):
                         if ref in known_ct:
                             continue
-                        tp = timepoints.setdefault(ref, PriorTimepoint(
-                            study_uid=st.uid, study_date=st.date, study_time=st.time, ct_series_uid=ref,
-                            source=peer.name))
+                        tp = timepoints.setdefault(
+                            ref,
+                            PriorTimepoint(
+                                study_uid=st.uid,
+                                study_date=st.date,
+                                study_time=st.time,
+                                ct_series_uid=ref,
+                                source=peer.name,
+                            ),
+                        )
                         tp.annotations.append(PriorAnnotation(sop_uid, sop_class, kind, [Path(path)]))
             for ref in timepoints:
                 self._mark_prior(patient_id, issuer, st, ref, "CT", peer.name)
             out.extend(timepoints.values())
         return out
 
-    def _find_studies(self, peer: PacsPeer, patient_id: str, issuer: str | None,
-                      before: tuple[str | None, str | None] | None) -> list[_Study]:
+    def _find_studies(
+        self, peer: PacsPeer, patient_id: str, issuer: str | None, before: tuple[str | None, str | None] | None
+    ) -> list[_Study]:
         if peer.retrieve_method == RetrieveMethod.DICOMWEB:
             client = self._dicomweb(peer)
-            res = client.search_for_studies(search_filters={"PatientID": patient_id},
-                                            fields=["StudyDate", "StudyTime", "IssuerOfPatientID"])
-            return [_Study(str(d.StudyInstanceUID), d.get("StudyDate") or None, d.get("StudyTime") or None)
-                    for d in (Dataset.from_json(r) for r in res)
-                    if same_issuer(str(d.get("IssuerOfPatientID") or ""), issuer)]
+            res = client.search_for_studies(
+                search_filters={"PatientID": patient_id}, fields=["StudyDate", "StudyTime", "IssuerOfPatientID"]
+            )
+            return [
+                _Study(str(d.StudyInstanceUID), d.get("StudyDate") or None, d.get("StudyTime") or None)
+                for d in (Dataset.from_json(r) for r in res)
+                if same_issuer(str(d.get("IssuerOfPatientID") or ""), issuer)
+            ]
         from dicom_node.scu import find
 
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.PatientID = patient_id
-        q.IssuerOfPatientID = ""      # returned, compared below (an empty issuer matches any)
+        q.IssuerOfPatientID = ""  # returned, compared below (an empty issuer matches any)
         q.StudyInstanceUID = ""
         q.StudyDate = f"-{before[0]}" if before and before[0] else ""
         q.StudyTime = ""
-        return [_Study(str(r.StudyInstanceUID), str(r.get("StudyDate") or "") or None,
-                       str(r.get("StudyTime") or "") or None) for r in find(self.settings, peer, q)
-                if r.get("StudyInstanceUID") and same_issuer(str(r.get("IssuerOfPatientID") or ""), issuer)]
+        return [
+            _Study(
+                str(r.StudyInstanceUID), str(r.get("StudyDate") or "") or None, str(r.get("StudyTime") or "") or None
+            )
+            for r in find(self.settings, peer, q)
+            if r.get("StudyInstanceUID") and same_issuer(str(r.get("IssuerOfPatientID") or ""), issuer)
+        ]
 
     def _find_series(self, peer: PacsPeer, study_uid: str) -> dict[str, str]:
         if peer.retrieve_method == RetrieveMethod.DICOMWEB:
             client = self._dicomweb(peer)
             res = client.search_for_series(study_instance_uid=study_uid, fields=["Modality"])
-            return {str(d.SeriesInstanceUID): str(d.get("Modality", "")).upper()
-                    for d in (Dataset.from_json(r) for r in res)}
+            return {
+                str(d.SeriesInstanceUID): str(d.get("Modality", "")).upper()
+                for d in (Dataset.from_json(r) for r in res)
+            }
         from dicom_node.scu import find
 
         q = Dataset()
@@ -276,11 +343,15 @@ class PriorFinder:
         q.SeriesInstanceUID = ""
         q.Modality = ""
         q.NumberOfSeriesRelatedInstances = ""
-        return {str(r.SeriesInstanceUID): str(r.get("Modality", "")).upper()
-                for r in find(self.settings, peer, q) if r.get("SeriesInstanceUID")}
+        return {
+            str(r.SeriesInstanceUID): str(r.get("Modality", "")).upper()
+            for r in find(self.settings, peer, q)
+            if r.get("SeriesInstanceUID")
+        }
 
-    def _mark_prior(self, patient_id: str, issuer: str | None, st: _Study, series_uid: str, modality: str,
-                    peer: str) -> None:
+    def _mark_prior(
+        self, patient_id: str, issuer: str | None, st: _Study, series_uid: str, modality: str, peer: str
+    ) -> None:
         """Create the rows ahead of retrieval so the arriving series is not routed to analysis."""
         with session_scope(self.session_factory) as s:
             patient = get_or_create_patient(s, patient_id, issuer)
@@ -323,11 +394,20 @@ class PriorFinder:
             from dicom_node.scu import move
 
             res = move(self.settings, peer, q)
-        log.info("%s of series %s from %s: completed %d, failed %d, status 0x%04X", method.value, series_uid,
-                 peer.name, res.completed, res.failed, res.status or 0)
+        log.info(
+            "%s of series %s from %s: completed %d, failed %d, status 0x%04X",
+            method.value,
+            series_uid,
+            peer.name,
+            res.completed,
+            res.failed,
+            res.status or 0,
+        )
         if not res.ok:
-            raise PriorLookupError(f"{method.value} of series {series_uid} from {peer.name} failed: "
-                                   f"status 0x{(res.status or 0):04X}, {res.failed} sub-operations failed")
+            raise PriorLookupError(
+                f"{method.value} of series {series_uid} from {peer.name} failed: "
+                f"status 0x{(res.status or 0):04X}, {res.failed} sub-operations failed"
+            )
 
     def _dicomweb(self, peer: PacsPeer):  # type: ignore[no-untyped-def]
         from dicomweb_client.api import DICOMwebClient

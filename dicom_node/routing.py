@@ -33,7 +33,7 @@ class SeriesFacts:
     previous_reason: str | None = None
 
     @classmethod
-    def from_header(cls, header: Dataset | None, **kw: object) -> "SeriesFacts":
+    def from_header(cls, header: Dataset | None, **kw: object) -> SeriesFacts:
         thickness = None
         image_type: tuple[str, ...] = ()
         if header is not None:
@@ -71,5 +71,7 @@ def decide(facts: SeriesFacts, rules: RoutingSettings) -> Route:
         return Route(skip, f"{facts.instance_count} instances < min_slices {rules.min_slices}")
     if facts.slice_thickness_mm is not None and facts.slice_thickness_mm > rules.max_slice_thickness_mm:
         return Route(skip, f"slice thickness {facts.slice_thickness_mm} mm > {rules.max_slice_thickness_mm} mm")
-    return Route(RoutingDecision.ANALYSE,
-                 f"{modality}, {facts.instance_count} instances, thickness {facts.slice_thickness_mm} mm")
+    return Route(
+        RoutingDecision.ANALYSE,
+        f"{modality}, {facts.instance_count} instances, thickness {facts.slice_thickness_mm} mm",
+    )

@@ -30,12 +30,21 @@ log = logging.getLogger(__name__)
 
 
 _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]
-_LOSSLESS = ["1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
-             "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5"]
+_LOSSLESS = [
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.92",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.5",
+]
 #: The acceptor's order decides which proposed syntax wins: keep what the sender has (lossless compressed
 #: first), prefer uncompressed over anything lossy so that we never make a sender compress lossily for us.
-ACCEPTED_TRANSFER_SYNTAXES = _LOSSLESS + _UNCOMPRESSED + [
-    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _LOSSLESS and ts not in _UNCOMPRESSED]
+ACCEPTED_TRANSFER_SYNTAXES = (
+    _LOSSLESS + _UNCOMPRESSED + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _LOSSLESS and ts not in _UNCOMPRESSED]
+)
 
 
 def storage_root(settings: Settings) -> Path:
@@ -65,14 +74,19 @@ class _Server(ThreadedAssociationServer):
 class StorageSCP:
     """Our DICOM listener; reusable by ``lesiontrack serve`` and by tests."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session],
-                 on_series_complete: SeriesCallback | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        on_series_complete: SeriesCallback | None = None,
+    ) -> None:
         self.settings = settings
         cfg = settings.dicom
         self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
         self.ingestor = Ingestor(self.store, session_factory)
-        self.completion = SeriesCompletion(session_factory, settings.routing, cfg.series_quiet_seconds,
-                                           on_series_complete)
+        self.completion = SeriesCompletion(
+            session_factory, settings.routing, cfg.series_quiet_seconds, on_series_complete
+        )
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
@@ -89,7 +103,7 @@ class StorageSCP:
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> "StorageSCP":
+    def start(self) -> StorageSCP:
         if self._server is not None:
             return self
         cfg = self.settings.dicom
@@ -99,20 +113,33 @@ class StorageSCP:
             log.warning("removed %d temporary files left by an interrupted write", removed)
         self.completion.resume_from_db()
         ae = self._make_ae()
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_ABORTED, self._on_aborted),
-                    (evt.EVT_REJECTED, self._on_rejected)]
-        server = ae.make_server((cfg.bind_address, cfg.port), ae_title=cfg.ae_title,
-                                ssl_context=server_context(cfg.tls), evt_handlers=handlers,
-                                server_class=_Server)
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        server = ae.make_server(
+            (cfg.bind_address, cfg.port),
+            ae_title=cfg.ae_title,
+            ssl_context=server_context(cfg.tls),
+            evt_handlers=handlers,
+            server_class=_Server,
+        )
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
         self._thread.start()
         self.completion.start()
-        log.info("Storage SCP %s listening on %s:%d%s", cfg.ae_title, cfg.bind_address, self.port,
-                 " (TLS)" if cfg.tls.enabled else "")
+        log.info(
+            "Storage SCP %s listening on %s:%d%s",
+            cfg.ae_title,
+            cfg.bind_address,
+            self.port,
+            " (TLS)" if cfg.tls.enabled else "",
+        )
         return self
 
     def stop(self) -> None:
@@ -129,7 +156,7 @@ class StorageSCP:
             self._ae = None
         self.ingestor.close()
 
-    def __enter__(self) -> "StorageSCP":
+    def __enter__(self) -> StorageSCP:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -155,9 +182,13 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
         try:
-            result = self.ingestor.ingest(event.file_meta, event.encoded_dataset(include_meta=False),
-                                          calling_ae=requestor.ae_title, peer=str(requestor.address))
-        except Exception as exc:  # noqa: BLE001 - never answer Success on an unexpected error
+            result = self.ingestor.ingest(
+                event.file_meta,
+                event.encoded_dataset(include_meta=False),
+                calling_ae=requestor.ae_title,
+                peer=str(requestor.address),
+            )
+        except Exception as exc:
             log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
             status = Dataset()
             status.Status = 0xA700
@@ -179,5 +210,4 @@ class StorageSCP:
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)
 
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
-                    event.assoc.requestor.address)
+        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)

@@ -28,27 +28,33 @@ from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 
-_config.STORE_SEND_CHUNKED_DATASET = True   # C-STORE from a path streams the file's bytes as they are
+_config.STORE_SEND_CHUNKED_DATASET = True  # C-STORE from a path streams the file's bytes as they are
 
 UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 #: SOP classes we accept on a C-GET association (at most 128 contexts in total may be proposed).
 GET_STORAGE_CLASSES = [
-    "1.2.840.10008.5.1.4.1.1.2",        # CT Image
-    "1.2.840.10008.5.1.4.1.1.2.1",      # Enhanced CT
-    "1.2.840.10008.5.1.4.1.1.66.4",     # Segmentation
-    "1.2.840.10008.5.1.4.1.1.88.11",    # Basic Text SR
-    "1.2.840.10008.5.1.4.1.1.88.22",    # Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.88.33",    # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.34",    # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.4",        # MR Image
-    "1.2.840.10008.5.1.4.1.1.7",        # Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.481.3",    # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
 ]
-GET_TRANSFER_SYNTAXES = UNCOMPRESSED + ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-                                        "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57",
-                                        "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5",
-                                        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"]
+GET_TRANSFER_SYNTAXES = UNCOMPRESSED + [
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+]
 
 
 class DimseError(RuntimeError):
@@ -82,7 +88,7 @@ def associate(settings: Settings, peer: PacsPeer, ae: AE, **kwargs: object) -> I
     tls = None
     if peer.tls:
         cx = client_context(settings.dicom.tls)
-        tls = (cx, peer.host) if cx else None   # the host name goes out as SNI; trust comes from the CA file
+        tls = (cx, peer.host) if cx else None  # the host name goes out as SNI; trust comes from the CA file
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, **kwargs)  # type: ignore
     if not assoc.is_established:
         raise DimseError(f"no association with {peer.name} ({peer.ae_title}@{peer.host}:{peer.port})")
@@ -141,8 +147,13 @@ def move(settings: Settings, peer: PacsPeer, query: Dataset, destination: str | 
     ae = _ae(settings)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     with associate(settings, peer, ae) as assoc:
-        return _collect(assoc.send_c_move(query, destination or settings.dicom.ae_title,
-                                          StudyRootQueryRetrieveInformationModelMove), "C-MOVE", peer)
+        return _collect(
+            assoc.send_c_move(
+                query, destination or settings.dicom.ae_title, StudyRootQueryRetrieveInformationModelMove
+            ),
+            "C-MOVE",
+            peer,
+        )
 
 
 StoreHandler = Callable[[FileMetaDataset, bytes, str], int]
@@ -200,6 +211,7 @@ def store_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> list[S
                 out.append(StoreOutcome(f, None, "no response (connection lost or timed out)"))
                 break
             code = int(rsp.Status)
-            out.append(StoreOutcome(f, code, "" if code == 0 else f"status 0x{code:04X} "
-                                    f"{rsp.get('ErrorComment', '')}".strip()))
+            out.append(
+                StoreOutcome(f, code, "" if code == 0 else f"status 0x{code:04X} {rsp.get('ErrorComment', '')}".strip())
+            )
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def _utc(dt: datetime | None) -> datetime | None:
-    if dt is not None and dt.tzinfo is None:   # SQLite returns naive datetimes
-        return dt.replace(tzinfo=timezone.utc)
+    if dt is not None and dt.tzinfo is None:  # SQLite returns naive datetimes
+        return dt.replace(tzinfo=UTC)
     return dt
 
 
@@ -48,8 +48,10 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
             bad = [o for o in outcomes if not o.ok]
             if bad or len(outcomes) != len(files):
                 first = bad[0].error if bad else "association ended early"
-                raise DeliveryError(f"C-STORE to {peer.name}: {len(files) - len(outcomes) + len(bad)} of "
-                                    f"{len(files)} not stored ({first})")
+                raise DeliveryError(
+                    f"C-STORE to {peer.name}: {len(files) - len(outcomes) + len(bad)} of "
+                    f"{len(files)} not stored ({first})"
+                )
             return f"C-STORE {len(files)} objects"
         if peer.send_method == SendMethod.ORTHANC_REST:
             from orthanc_api_client import OrthancApiClient
@@ -71,7 +73,7 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
             return f"STOW-RS {len(files)} instances"
     except DeliveryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - network, HTTP and DIMSE errors all mean "try again later"
+    except Exception as exc:
         raise DeliveryError(f"{peer.send_method.value} to {peer.name}: {type(exc).__name__}: {exc}") from exc
     raise DeliveryError(f"unknown send method {peer.send_method}")
 
@@ -81,9 +83,13 @@ class DeliveryService:
 
     actor = "sender"
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session],
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 deliver: Callable[[Settings, PacsPeer, list[Path]], str] = deliver_files) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        deliver: Callable[[Settings, PacsPeer, list[Path]], str] = deliver_files,
+    ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.clock = clock
@@ -98,16 +104,30 @@ class DeliveryService:
         if not dests:
             raise ValueError("sending.destinations is empty: nowhere to send results")
         for name in dests:
-            self.settings.peer(name)   # fail fast on a typo
+            self.settings.peer(name)  # fail fast on a typo
         ids = []
         with session_scope(self.session_factory) as s:
             for name in dests:
-                d = Delivery(job_pk=job_id, destination=name, file_paths=[str(f) for f in files],
-                             state=DeliveryState.PENDING, attempts=0, next_attempt_at=self.clock())
+                d = Delivery(
+                    job_pk=job_id,
+                    destination=name,
+                    file_paths=[str(f) for f in files],
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=self.clock(),
+                )
                 s.add(d)
                 s.flush()
-                audit(s, self.actor, "delivery.queued", "delivery", d.id, destination=name, job_id=job_id,
-                      files=len(files))
+                audit(
+                    s,
+                    self.actor,
+                    "delivery.queued",
+                    "delivery",
+                    d.id,
+                    destination=name,
+                    job_id=job_id,
+                    files=len(files),
+                )
                 ids.append(d.id)
         if attempt_now:
             for i in ids:
@@ -134,13 +154,20 @@ class DeliveryService:
         now = self.clock()
         with session_scope(self.session_factory) as s:
             claimed = s.execute(
-                update(Delivery).where(
+                update(Delivery)
+                .where(
                     Delivery.id == delivery_id,
-                    or_(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT]),
-                        (Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at <= now)))
-                .values(state=DeliveryState.SENDING,
-                        next_attempt_at=now + timedelta(seconds=self.settings.sending.claim_seconds))
-                .execution_options(synchronize_session=False)).rowcount
+                    or_(
+                        Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT]),
+                        (Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at <= now),
+                    ),
+                )
+                .values(
+                    state=DeliveryState.SENDING,
+                    next_attempt_at=now + timedelta(seconds=self.settings.sending.claim_seconds),
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
         return claimed == 1
 
     def _attempt(self, delivery_id: int) -> DeliveryState:
@@ -171,14 +198,24 @@ class DeliveryService:
                     d.next_attempt_at = now + timedelta(seconds=schedule[idx])
                 else:
                     d.state, d.next_attempt_at = DeliveryState.DEAD_LETTER, None
-            audit(s, self.actor, "delivery.attempt", "delivery", delivery_id, destination=name,
-                  attempt=attempt_no, outcome="delivered" if not error else d.state.value,
-                  error=error or None, summary=summary or None,
-                  next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None)
+            audit(
+                s,
+                self.actor,
+                "delivery.attempt",
+                "delivery",
+                delivery_id,
+                destination=name,
+                attempt=attempt_no,
+                outcome="delivered" if not error else d.state.value,
+                error=error or None,
+                summary=summary or None,
+                next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+            )
             state = d.state
         if error:
-            log.warning("delivery %d to %s attempt %d failed (%s): %s", delivery_id, name, attempt_no,
-                        state.value, error)
+            log.warning(
+                "delivery %d to %s attempt %d failed (%s): %s", delivery_id, name, attempt_no, state.value, error
+            )
         else:
             log.info("delivery %d to %s delivered (%s)", delivery_id, name, summary)
         return state
@@ -187,10 +224,17 @@ class DeliveryService:
         """Failed attempts since the delivery was queued or last manually retried (this one not yet audited)."""
         from db.models import AuditEvent
 
-        events = list(s.scalars(select(AuditEvent).where(
-            AuditEvent.object_type == "delivery", AuditEvent.object_id == str(delivery_id),
-            AuditEvent.action.in_(["delivery.attempt", "delivery.manual_retry", "delivery.queued"]))
-            .order_by(AuditEvent.id)))
+        events = list(
+            s.scalars(
+                select(AuditEvent)
+                .where(
+                    AuditEvent.object_type == "delivery",
+                    AuditEvent.object_id == str(delivery_id),
+                    AuditEvent.action.in_(["delivery.attempt", "delivery.manual_retry", "delivery.queued"]),
+                )
+                .order_by(AuditEvent.id)
+            )
+        )
         n = 0
         for e in events:
             if e.action in ("delivery.manual_retry", "delivery.queued"):
@@ -203,25 +247,40 @@ class DeliveryService:
         """Attempt every delivery whose time has come (pending, waiting for a retry, or a lapsed claim)."""
         now = self.clock()
         with session_scope(self.session_factory) as s:
-            due = [d.id for d in s.scalars(select(Delivery).where(Delivery.state.in_(
-                [DeliveryState.PENDING, DeliveryState.RETRY_WAIT, DeliveryState.SENDING])).order_by(Delivery.id))
-                if _utc(d.next_attempt_at) is None or _utc(d.next_attempt_at) <= now]  # type: ignore[operator]
+            due = [
+                d.id
+                for d in s.scalars(
+                    select(Delivery)
+                    .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT, DeliveryState.SENDING]))
+                    .order_by(Delivery.id)
+                )
+                if _utc(d.next_attempt_at) is None or _utc(d.next_attempt_at) <= now
+            ]  # type: ignore[operator]
         return [(i, self.attempt(i)) for i in due]
 
-    def retry(self, job_id: int | None = None, delivery_ids: list[int] | None = None,
-              operator: str = "operator") -> list[tuple[int, DeliveryState]]:
+    def retry(
+        self, job_id: int | None = None, delivery_ids: list[int] | None = None, operator: str = "operator"
+    ) -> list[tuple[int, DeliveryState]]:
         """Manual retry of dead-lettered (or waiting) deliveries of one job, attempted at once."""
         with session_scope(self.session_factory) as s:
-            q = select(Delivery).where(Delivery.state.in_([DeliveryState.DEAD_LETTER, DeliveryState.RETRY_WAIT,
-                                                           DeliveryState.PENDING]))
+            q = select(Delivery).where(
+                Delivery.state.in_([DeliveryState.DEAD_LETTER, DeliveryState.RETRY_WAIT, DeliveryState.PENDING])
+            )
             if job_id is not None:
                 q = q.where(Delivery.job_pk == job_id)
             if delivery_ids:
                 q = q.where(Delivery.id.in_(delivery_ids))
             ids = []
             for d in s.scalars(q.order_by(Delivery.id)):
-                audit(s, operator, "delivery.manual_retry", "delivery", d.id, previous_state=d.state.value,
-                      job_id=d.job_pk)
+                audit(
+                    s,
+                    operator,
+                    "delivery.manual_retry",
+                    "delivery",
+                    d.id,
+                    previous_state=d.state.value,
+                    job_id=d.job_pk,
+                )
                 d.state, d.next_attempt_at = DeliveryState.PENDING, self.clock()
                 ids.append(d.id)
         return [(i, self.attempt(i)) for i in ids]
@@ -236,7 +295,7 @@ class DeliveryService:
             while not self._stop.wait(interval):
                 try:
                     self.run_due()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("delivery loop failed")
 
         self._thread = threading.Thread(target=loop, name="deliveries", daemon=True)

@@ -56,8 +56,16 @@ def check_structure(data: bytes, transfer_syntax: str, collect: dict[int, bytes]
     return True
 
 
-def _walk(data: bytes, pos: int, stop: int, implicit: bool, little: bool, top_level: bool = False,
-          until_delim: bool = False, collect: dict[int, bytes] | None = None) -> int:
+def _walk(
+    data: bytes,
+    pos: int,
+    stop: int,
+    implicit: bool,
+    little: bool,
+    top_level: bool = False,
+    until_delim: bool = False,
+    collect: dict[int, bytes] | None = None,
+) -> int:
     """Walk elements from ``pos``; return the position after the last one (or after an item delimiter)."""
     e = "<" if little else ">"
     last_tag = -1
@@ -66,7 +74,7 @@ def _walk(data: bytes, pos: int, stop: int, implicit: bool, little: bool, top_le
             raise InvalidDataset(f"truncated element header at byte {pos}")
         group, elem = struct.unpack_from(e + "HH", data, pos)
         tag = (group << 16) | elem
-        if tag == 0xFFFEE00D:          # item delimitation
+        if tag == 0xFFFEE00D:  # item delimitation
             return pos + 8
         if group == 0xFFFE:
             raise InvalidDataset(f"unexpected item tag at byte {pos}")
@@ -78,7 +86,7 @@ def _walk(data: bytes, pos: int, stop: int, implicit: bool, little: bool, top_le
             vr = b"SQ" if length == _UNDEFINED else b""
             pos += 8
         else:
-            vr = data[pos + 4:pos + 6]
+            vr = data[pos + 4 : pos + 6]
             if not (len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                 raise InvalidDataset(f"invalid VR at byte {pos + 4} (tag {tag:08X})")
             if vr in _LONG_VRS:
@@ -93,10 +101,9 @@ def _walk(data: bytes, pos: int, stop: int, implicit: bool, little: bool, top_le
             pos = _walk_sequence(data, pos, stop, implicit, little)
         else:
             if pos + length > stop:
-                raise InvalidDataset(f"element ({group:04X},{elem:04X}) claims {length} bytes, "
-                                     f"only {stop - pos} left")
+                raise InvalidDataset(f"element ({group:04X},{elem:04X}) claims {length} bytes, only {stop - pos} left")
             if collect is not None and tag in collect:
-                collect[tag] = data[pos:pos + length]
+                collect[tag] = data[pos : pos + length]
             pos += length
     if until_delim:
         raise InvalidDataset("missing item delimiter")

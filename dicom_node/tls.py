@@ -16,8 +16,9 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
     cx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     if tls.ca_file:
         cx.load_verify_locations(cafile=str(tls.ca_file))
-    cx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file \
-        else ssl.CERT_NONE
+    cx.verify_mode = (
+        ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else ssl.CERT_NONE
+    )
     return cx
 
 
@@ -27,6 +28,6 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext | None:
         return None
     cx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
     cx.minimum_version = ssl.TLSVersion.TLSv1_2
-    cx.check_hostname = False   # DICOM peers are configured by address; trust comes from the CA file
+    cx.check_hostname = False  # DICOM peers are configured by address; trust comes from the CA file
     cx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     return cx

@@ -21,8 +21,9 @@ app = typer.Typer(
 @app.callback()
 def _root(
     ctx: typer.Context,
-    config: Path | None = typer.Option(None, "--config", "-c", envvar="LESIONTRACK_CONFIG",
-                                       help="TOML configuration file"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", envvar="LESIONTRACK_CONFIG", help="TOML configuration file"
+    ),
     log_level: str | None = typer.Option(None, "--log-level", help="override logging.level"),
 ) -> None:
     ctx.obj = CliState(config_file=config)

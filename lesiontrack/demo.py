@@ -34,10 +34,19 @@ def demo_settings(data_dir: Path, *, http: bool = True, **overrides: Any) -> Set
     """Embedded defaults on loopback, free ports, short series-completion quiet period."""
     base: dict[str, Any] = {
         "data_dir": data_dir,
-        "dicom": {"ae_title": "LESIONTRACK", "bind_address": "127.0.0.1", "port": free_port(),
-                  "series_quiet_seconds": 1.5, "fsync": False},
-        "http": {"enabled": http, "bind_address": "127.0.0.1", "port": free_port() if http else 0,
-                 "api_keys": [{"name": "demo", "key": "demo", "role": "operator"}]},
+        "dicom": {
+            "ae_title": "LESIONTRACK",
+            "bind_address": "127.0.0.1",
+            "port": free_port(),
+            "series_quiet_seconds": 1.5,
+            "fsync": False,
+        },
+        "http": {
+            "enabled": http,
+            "bind_address": "127.0.0.1",
+            "port": free_port() if http else 0,
+            "api_keys": [{"name": "demo", "key": "demo", "role": "operator"}],
+        },
         "worker": {"executor": "inprocess", "retry_backoff_seconds": [2, 5, 10]},
         # the demo's small phantom is registered at 3 mm (the default 2 mm is for clinical CTs)
         "engines": {"working_spacing_mm": 3.0},
@@ -51,8 +60,9 @@ def demo_settings(data_dir: Path, *, http: bool = True, **overrides: Any) -> Set
 
 
 def self_peer(settings: Settings) -> PacsPeer:
-    return PacsPeer(name="lesiontrack", ae_title=settings.dicom.ae_title, host="127.0.0.1",
-                    port=settings.dicom.port, query=False)
+    return PacsPeer(
+        name="lesiontrack", ae_title=settings.dicom.ae_title, host="127.0.0.1", port=settings.dicom.port, query=False
+    )
 
 
 def send_files(settings: Settings, files: list[Path], peer: PacsPeer | None = None) -> None:
@@ -65,8 +75,7 @@ def send_files(settings: Settings, files: list[Path], peer: PacsPeer | None = No
         raise RuntimeError(f"{len(bad)} of {len(files)} instances refused: {bad[:3]}")
 
 
-def wait_for_job(store: Any, series_uid: str, timeout: float,
-                 on_update: Callable[[Any], None] | None = None) -> Any:
+def wait_for_job(store: Any, series_uid: str, timeout: float, on_update: Callable[[Any], None] | None = None) -> Any:
     """Poll the database until the newest job of ``series_uid`` is finished; returns its view."""
     deadline = time.monotonic() + timeout
     last = None
@@ -79,8 +88,10 @@ def wait_for_job(store: Any, series_uid: str, timeout: float,
             if view.finished and view.superseded_by is None:
                 return view
         time.sleep(0.2)
-    raise TimeoutError(f"no finished analysis of series {series_uid} after {timeout:.0f}s "
-                       f"(last state: {last.state.value if last else 'no job'}, step {last.step if last else '-'})")
+    raise TimeoutError(
+        f"no finished analysis of series {series_uid} after {timeout:.0f}s "
+        f"(last state: {last.state.value if last else 'no job'}, step {last.step if last else '-'})"
+    )
 
 
 @dataclass
@@ -107,11 +118,13 @@ class TimepointRows:
 def lesion_table(session_factory: Any, patient_pk: int) -> list[TimepointRows]:
     """What the database knows about the patient's lesions, per timepoint (oldest first, latest job per series)."""
     with session_scope(session_factory) as s:
-        rows = s.execute(select(LesionObservation, Lesion, Study.study_date, Study.study_time)
-                         .join(Lesion, LesionObservation.lesion_pk == Lesion.id)
-                         .join(Series, Series.series_instance_uid == LesionObservation.series_instance_uid)
-                         .join(Study, Series.study_pk == Study.id)
-                         .where(Lesion.patient_pk == patient_pk)).all()
+        rows = s.execute(
+            select(LesionObservation, Lesion, Study.study_date, Study.study_time)
+            .join(Lesion, LesionObservation.lesion_pk == Lesion.id)
+            .join(Series, Series.series_instance_uid == LesionObservation.series_instance_uid)
+            .join(Study, Series.study_pk == Study.id)
+            .where(Lesion.patient_pk == patient_pk)
+        ).all()
         latest: dict[tuple[str, str], tuple[LesionObservation, Lesion, str | None, str | None]] = {}
         for obs, les, date, tm in rows:
             key = (obs.series_instance_uid, les.tracking_uid)
@@ -125,9 +138,17 @@ def lesion_table(session_factory: Any, patient_pk: int) -> list[TimepointRows]:
             m = obs.measurements or {}
             change = (((m.get("changes") or {}).get("metrics") or {}).get("volume_mm3") or {}).get("baseline") or {}
             rec = m.get("recist") or {}
-            tp.rows.append(LesionRow(les.tracking_id, les.tracking_uid, obs.status.value,
-                                     None if obs.volume_mm3 is None else obs.volume_mm3 / 1000.0,
-                                     obs.long_axis_mm, change.get("percent"), rec.get("role")))
+            tp.rows.append(
+                LesionRow(
+                    les.tracking_id,
+                    les.tracking_uid,
+                    obs.status.value,
+                    None if obs.volume_mm3 is None else obs.volume_mm3 / 1000.0,
+                    obs.long_axis_mm,
+                    change.get("percent"),
+                    rec.get("role"),
+                )
+            )
             if rec.get("overall_response"):
                 tp.response = rec["overall_response"]
     out = [by_series[k] for k in sorted(by_series, key=lambda k: order[k])]
@@ -148,9 +169,14 @@ def render_table(timepoints: list[TimepointRows], console: Any) -> None:
         for col in ("tracking ID", "volume (mL)", "long axis (mm)", "change vs baseline", "status", "RECIST role"):
             t.add_column(col)
         for r in tp.rows:
-            t.add_row(r.tracking_id, "-" if r.volume_ml is None else f"{r.volume_ml:.2f}",
-                      "-" if not r.long_axis_mm else f"{r.long_axis_mm:.1f}",
-                      "-" if r.change_pct is None else f"{r.change_pct:+.0f} %", r.status, r.response or "-")
+            t.add_row(
+                r.tracking_id,
+                "-" if r.volume_ml is None else f"{r.volume_ml:.2f}",
+                "-" if not r.long_axis_mm else f"{r.long_axis_mm:.1f}",
+                "-" if r.change_pct is None else f"{r.change_pct:+.0f} %",
+                r.status,
+                r.response or "-",
+            )
         console.print(t)
         for f in tp.files:
             console.print(f"  {f}")

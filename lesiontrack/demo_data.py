@@ -1,9 +1,9 @@
 """A synthetic patient on disk as DICOM: phantom baseline CT + its lesions as a DICOM-SEG, and follow-up CTs.
 
 Used by ``lesiontrack demo``, the end-to-end tests and ``bench/e2e.py``. The anatomy and lesions come from
-:mod:`models.imaging.phantom`; follow-ups from the longitudinal synthesis of :mod:`models.imaging.synthesis`
+:mod:`synthetic.phantom`; follow-ups from the longitudinal synthesis of :mod:`synthetic.synthesis`
 (growth, shrinkage, a vanished lesion) when ``changes=True``, or from patient motion only
-(:mod:`models.imaging.transforms`) when ``changes=False``. CT files are written by
+(:mod:`synthetic.transforms`) when ``changes=False``. CT files are written by
 :mod:`models.imaging.dicom_write`, the SEG by :mod:`pipeline.seg_writer` (one segment per lesion with its
 Tracking ID and UID) — a stand-in for the radiologist's baseline annotation.
 """
@@ -32,7 +32,7 @@ class DemoPatient:
     baseline: DemoSeries
     seg_file: Path
     followups: list[DemoSeries]
-    lesions: list[dict[str, Any]] = field(default_factory=list)   # label, tracking uid/id, organ, kind
+    lesions: list[dict[str, Any]] = field(default_factory=list)  # label, tracking uid/id, organ, kind
     truth: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,10 +42,20 @@ def _write(volume: Any, out_dir: Path, patient_id: str, date: str, label: str, n
     from models.imaging.dicom_write import write_ct_series
 
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    files = write_ct_series(volume, out_dir, patient_id=patient_id, patient_name="Demo^Phantom",
-                            study_uid=study, series_uid=series, frame_of_reference_uid=frame, study_date=date,
-                            series_number=number, series_description=f"Phantom CT {label}",
-                            study_description=f"LesionTrack demo {label}", accession_number=f"DEMO{number:04d}")
+    files = write_ct_series(
+        volume,
+        out_dir,
+        patient_id=patient_id,
+        patient_name="Demo^Phantom",
+        study_uid=study,
+        series_uid=series,
+        frame_of_reference_uid=frame,
+        study_date=date,
+        series_number=number,
+        series_description=f"Phantom CT {label}",
+        study_description=f"LesionTrack demo {label}",
+        accession_number=f"DEMO{number:04d}",
+    )
     return DemoSeries(label, study, series, date, list(files))
 
 
@@ -61,22 +71,39 @@ def _baseline_seg(series: DemoSeries, labels: Any, lesions: list[dict[str, Any]]
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
     tracked = []
     for les in lesions:
-        mask = Volume((labels.array == les["label"]).astype(np.uint8), labels.origin, labels.spacing,
-                      labels.direction)
-        ident = LesionIdentity(les["tracking_uid"], les["tracking_id"], les["label"], anatomic_site=les["organ"],
-                               is_node=les["kind"].startswith("node") or les["kind"] == "lymph_node")
+        mask = Volume((labels.array == les["label"]).astype(np.uint8), labels.origin, labels.spacing, labels.direction)
+        ident = LesionIdentity(
+            les["tracking_uid"],
+            les["tracking_id"],
+            les["label"],
+            anatomic_site=les["organ"],
+            is_node=les["kind"].startswith("node") or les["kind"] == "lymph_node",
+        )
         tracked.append(TrackedLesion(ident, LesionStatus.PRESENT, mask, engine="manual", engine_version="1"))
-    res = write_seg(sources, tracked, series_instance_uid=generate_uid(), series_description="Baseline lesions",
-                    algorithm_type="MANUAL")
+    res = write_seg(
+        sources,
+        tracked,
+        series_instance_uid=generate_uid(),
+        series_description="Baseline lesions",
+        algorithm_type="MANUAL",
+    )
     return save_new(res.dataset, out_dir)
 
 
-def make_patient(out_dir: Path, *, seed: int = 11, shape: tuple[int, int, int] = (96, 144, 144),
-                 spacing: tuple[float, float, float] = (2.5, 2.5, 2.5), n_lesions: int = 5, n_followups: int = 2,
-                 changes: bool = True, synth_seed: int = 2) -> DemoPatient:
+def make_patient(
+    out_dir: Path,
+    *,
+    seed: int = 11,
+    shape: tuple[int, int, int] = (96, 144, 144),
+    spacing: tuple[float, float, float] = (2.5, 2.5, 2.5),
+    n_lesions: int = 5,
+    n_followups: int = 2,
+    changes: bool = True,
+    synth_seed: int = 2,
+) -> DemoPatient:
     from pydicom.uid import generate_uid
 
-    from models.imaging.phantom import make_phantom
+    from synthetic.phantom import make_phantom
 
     out_dir = Path(out_dir)
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions)
@@ -86,28 +113,43 @@ def make_patient(out_dir: Path, *, seed: int = 11, shape: tuple[int, int, int] =
     for info in ph.lesion_info:
         organ = info.organ.replace("_", " ")
         organ_names[info.label] = organ
-        lesions.append({"label": info.label, "tracking_uid": generate_uid(),
-                        "tracking_id": f"L{info.label} {organ}", "organ": organ.capitalize(), "kind": info.kind})
+        lesions.append(
+            {
+                "label": info.label,
+                "tracking_uid": generate_uid(),
+                "tracking_id": f"L{info.label} {organ}",
+                "organ": organ.capitalize(),
+                "kind": info.kind,
+            }
+        )
     dates = ["20260105", "20260302", "20260427", "20260622"]
     baseline = _write(ph.ct, out_dir / "baseline", patient_id, dates[0], "baseline", 1)
     seg = _baseline_seg(baseline, ph.lesions, lesions, out_dir / "baseline_seg")
     followups: list[DemoSeries] = []
     truth: dict[str, Any] = {"lesions": lesions, "timepoints": []}
     if changes:
-        from models.imaging.synthesis import SynthConfig, synthesize_patient
+        from synthetic.synthesis import SynthConfig, synthesize_patient
 
         # no new lesions (nothing marks them); with the default seeds (11, 2): growth, shrinkage and lesion 5
         # vanishing at the second follow-up
-        synth = synthesize_patient(ph.ct, ph.lesions, np.random.default_rng([seed, synth_seed]), n_followups,
-                                   SynthConfig(p_new=0.0, p_vanish=0.2), patient_id=patient_id,
-                                   lesion_kinds={i.label: i.kind for i in ph.lesion_info}, seed=seed)
+        synth = synthesize_patient(
+            ph.ct,
+            ph.lesions,
+            np.random.default_rng([seed, synth_seed]),
+            n_followups,
+            SynthConfig(p_new=0.0, p_vanish=0.2),
+            patient_id=patient_id,
+            lesion_kinds={i.label: i.kind for i in ph.lesion_info},
+            seed=seed,
+        )
         for tp in synth.timepoints[1:]:
             t = tp.index
             followups.append(_write(tp.ct, out_dir / f"followup{t}", patient_id, dates[t], f"follow-up {t}", t + 1))
-            truth["timepoints"].append({"index": t, "lesions": {k: v.to_dict() for k, v in tp.lesions.items()},
-                                        "changes": tp.changes})
+            truth["timepoints"].append(
+                {"index": t, "lesions": {k: v.to_dict() for k, v in tp.lesions.items()}, "changes": tp.changes}
+            )
     else:
-        from models.imaging.transforms import apply_transform, random_patient_motion
+        from synthetic.transforms import apply_transform, random_patient_motion
 
         rng = np.random.default_rng([seed, 98])
         for t in range(1, n_followups + 1):

@@ -3,7 +3,7 @@
 ``LesionTrackService(settings).start()`` migrates the database, builds the prior source and result sender
 (``dicom_node``), the analysis service with its steps (``pipeline.steps``), the executor (in-process threads,
 or Celery publishing when ``worker.executor = "celery"``), the Storage SCP whose completed series become jobs,
-and the HTTP API when ``pipeline.web`` provides ``create_app``. ``stop()`` shuts down gracefully: first stop
+and the HTTP API when ``web`` provides ``create_app``. ``stop()`` shuts down gracefully: first stop
 accepting associations, then let the running step finish and requeue its job, then stop sending and HTTP.
 """
 
@@ -44,18 +44,31 @@ def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> t
     return PriorFinder(settings, session_factory), DeliveryService(settings, session_factory)
 
 
-def build_analysis_service(settings: Settings, session_factory: sessionmaker[Session], factory: PipelineFactory,
-                           *, kind: str = "worker", ports: tuple[Any, Any] | None = None,
-                           progress: Callable[[int, str], None] | None = None) -> Any:
+def build_analysis_service(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    factory: PipelineFactory,
+    *,
+    kind: str = "worker",
+    ports: tuple[Any, Any] | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> Any:
     from pipeline.analysis import AnalysisService, RetryPolicy
     from pipeline.jobs import worker_identity
 
     if ports is None:
         ports = _ports_or_none(settings, session_factory)
     steps, services = factory(settings, session_factory, *ports)
-    return AnalysisService(session_factory, steps, services, retry=RetryPolicy.from_settings(settings.worker),
-                           worker=worker_identity(kind), device=settings.compute.device, progress=progress,
-                           lease_seconds=settings.worker.lease_seconds)
+    return AnalysisService(
+        session_factory,
+        steps,
+        services,
+        retry=RetryPolicy.from_settings(settings.worker),
+        worker=worker_identity(kind),
+        device=settings.compute.device,
+        progress=progress,
+        lease_seconds=settings.worker.lease_seconds,
+    )
 
 
 def _ports_or_none(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
@@ -80,8 +93,12 @@ class JobControl:
 
     def reanalyse(self, series_uid: str) -> int:
         latest = self.store.latest_for_series(series_uid)
-        job = self.store.create(series_uid, reason="re-analysis requested", actor="api",
-                                supersedes=latest.id if latest is not None else None)
+        job = self.store.create(
+            series_uid,
+            reason="re-analysis requested",
+            actor="api",
+            supersedes=latest.id if latest is not None else None,
+        )
         self.submit(job)
         return int(job)
 
@@ -89,9 +106,17 @@ class JobControl:
 class LesionTrackService:
     """Everything ``lesiontrack serve`` runs; also used by the demo, the tests and the benchmark."""
 
-    def __init__(self, settings: Settings, *, pipeline: str | PipelineFactory = DEFAULT_PIPELINE,
-                 dicom: bool = True, http: bool | None = None, jobs: bool = True,
-                 progress: Callable[[int, str], None] | None = None, upgrade_db: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pipeline: str | PipelineFactory = DEFAULT_PIPELINE,
+        dicom: bool = True,
+        http: bool | None = None,
+        jobs: bool = True,
+        progress: Callable[[int, str], None] | None = None,
+        upgrade_db: bool = True,
+    ) -> None:
         self.settings = settings
         self.upgrade_db = upgrade_db
         self.pipeline = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
@@ -110,7 +135,7 @@ class LesionTrackService:
         self._stopped = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "LesionTrackService":
+    def start(self) -> LesionTrackService:
         from dicom_node.database import open_database
         from pipeline.jobs import JobStore
 
@@ -125,9 +150,14 @@ class LesionTrackService:
         elif self.enable_jobs:
             from pipeline.executors.inprocess import InProcessExecutor
 
-            self.analysis = build_analysis_service(self.settings, self.session_factory, self.pipeline,
-                                                   kind="serve", ports=(prior_source, self.sender),
-                                                   progress=self.progress)
+            self.analysis = build_analysis_service(
+                self.settings,
+                self.session_factory,
+                self.pipeline,
+                kind="serve",
+                ports=(prior_source, self.sender),
+                progress=self.progress,
+            )
             self.executor = InProcessExecutor(self.analysis)
         if self.executor is not None:
             self.executor.start()
@@ -154,15 +184,21 @@ class LesionTrackService:
 
     def _start_http(self) -> None:
         try:
-            from pipeline.web import create_app  # type: ignore[attr-defined]
+            from web import create_app  # type: ignore[attr-defined]
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return
         import uvicorn
 
         app = create_app(self.settings, self.session_factory, self.job_control())
-        cfg = uvicorn.Config(app, host=self.settings.http.bind_address, port=self.settings.http.port,
-                             log_level="warning", access_log=False, lifespan="off")
+        cfg = uvicorn.Config(
+            app,
+            host=self.settings.http.bind_address,
+            port=self.settings.http.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
         self._http_server = uvicorn.Server(cfg)
         self._http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
@@ -217,7 +253,7 @@ class LesionTrackService:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def __enter__(self) -> "LesionTrackService":
+    def __enter__(self) -> LesionTrackService:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -82,7 +82,7 @@ class RetryPolicy:
         return float(self.backoff_seconds[min(max(attempt - 1, 0), len(self.backoff_seconds) - 1)])
 
     @classmethod
-    def from_settings(cls, worker_settings: Any) -> "RetryPolicy":
+    def from_settings(cls, worker_settings: Any) -> RetryPolicy:
         return cls(worker_settings.max_attempts, list(worker_settings.retry_backoff_seconds))
 
 
@@ -96,8 +96,9 @@ def classify(exc: BaseException) -> tuple[str, bool]:
         return "permanent", False
     name = type(exc).__name__
     text = str(exc).lower()
-    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in text
-                                      and ("cuda" in text or "gpu" in text or "hip" in text)):
+    if name == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "out of memory" in text and ("cuda" in text or "gpu" in text or "hip" in text)
+    ):
         return "transient", True
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return "transient", False
@@ -114,10 +115,18 @@ def _reason(step: str, exc: BaseException) -> str:
 class AnalysisService:
     """Runs analysis jobs with a fixed list of steps; one instance per worker process (thread-safe per job)."""
 
-    def __init__(self, session_factory: sessionmaker[Session], steps: Sequence[Step], services: Any = None, *,
-                 retry: RetryPolicy | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
-                 worker: str | None = None, device: str = "auto",
-                 progress: Callable[[int, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        steps: Sequence[Step],
+        services: Any = None,
+        *,
+        retry: RetryPolicy | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        worker: str | None = None,
+        device: str = "auto",
+        progress: Callable[[int, str], None] | None = None,
+    ) -> None:
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate step names: {names}")
@@ -174,17 +183,21 @@ class AnalysisService:
         if stale:
             self.store.forget_outputs(job_id, stale)
         outputs = {k: v for k, v in view.step_outputs.items() if k not in stale}
-        ctx = JobContext(job_id=job_id, series_uid=view.followup_series_uid, attempt=view.attempts,
-                         worker=self.worker, outputs=outputs, services=self.services,
-                         device=runtime.get("device", self.device),
-                         progress=(lambda m: self.progress(job_id, m)) if self.progress else None)
+        ctx = JobContext(
+            job_id=job_id,
+            series_uid=view.followup_series_uid,
+            attempt=view.attempts,
+            worker=self.worker,
+            outputs=outputs,
+            services=self.services,
+            device=runtime.get("device", self.device),
+            progress=(lambda m: self.progress(job_id, m)) if self.progress else None,
+        )
         if start:
-            log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name,
-                     view.attempts)
+            log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name, view.attempts)
         lost = threading.Event()
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job_id, lost, done), daemon=True,
-                                name=f"lease-{job_id}")
+        beat = threading.Thread(target=self._heartbeat, args=(job_id, lost, done), daemon=True, name=f"lease-{job_id}")
         beat.start()
         step_name = self.steps[start].name if start < len(self.steps) else "done"
         try:
@@ -210,7 +223,7 @@ class AnalysisService:
         except LeaseLost:
             log.warning("job %s: lease lost during %s; another worker owns it now", job_id, step_name)
             return None
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded outcome
+        except Exception as exc:
             return self._fail(job_id, ctx, step_name, exc)
         finally:
             done.set()
@@ -232,8 +245,14 @@ class AnalysisService:
                 log.warning("job %s: GPU out of memory in %s, next attempt on CPU", job_id, step)
             if ctx.attempt < self.retry.max_attempts:
                 delay = self.retry.delay(ctx.attempt)
-                log.warning("job %s: transient failure (%s), retry %s/%s in %.0fs", job_id, reason,
-                            ctx.attempt + 1, self.retry.max_attempts, delay)
+                log.warning(
+                    "job %s: transient failure (%s), retry %s/%s in %.0fs",
+                    job_id,
+                    reason,
+                    ctx.attempt + 1,
+                    self.retry.max_attempts,
+                    delay,
+                )
                 self.store.schedule_retry(job_id, self.worker, delay, reason)
                 ctx.report("retry wait")
                 return JobState.RETRY_WAIT
@@ -251,5 +270,5 @@ class AnalysisService:
                 if not self.store.heartbeat(job_id, self.worker, self.lease_seconds):
                     lost.set()
                     return
-            except Exception:  # noqa: BLE001 - a database hiccup must not kill the job; the lease is long
+            except Exception:
                 log.exception("job %s: heartbeat failed", job_id)

@@ -64,8 +64,7 @@ def pixelmed_jar() -> str:
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "LC_ALL": "C"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "LC_ALL": "C"})
 
 
 def run_dciodvfy(path: str | Path, timeout: float = 120) -> ValidationReport:
@@ -82,8 +81,9 @@ def run_dciodvfy(path: str | Path, timeout: float = 120) -> ValidationReport:
     return rep
 
 
-def run_sr_validator(paths: str | Path | list[str | Path], timeout: float = 600,
-                     parallel: int = 2) -> list[ValidationReport]:
+def run_sr_validator(
+    paths: str | Path | list[str | Path], timeout: float = 600, parallel: int = 2
+) -> list[ValidationReport]:
     """pixelmed DicomSRValidator on one or more SR files (one JVM per file, ``parallel`` at a time).
 
     Template validation is XSLT-heavy: ~10-25 s of CPU per report.

@@ -1,7 +1,7 @@
 """Read-centre exports of a patient's lesion timeline: one row per lesion per timepoint (CSV/JSON) and a CDISC
 SDTM-style TU (tumour identification), TR (tumour results) and RS (response) layout (CSV/JSON).
 
-Input is the :class:`pipeline.web.timeline.PatientTimeline` built from the database, so the numbers are exactly the
+Input is the :class:`pipeline.history.PatientTimeline` built from the database, so the numbers are exactly the
 ones the dashboard and API show. Mapping to SDTM (Oncology domains): Tracking ID → ``--LNKID``, Tracking UID →
 ``TUREFID``, timepoint → ``VISIT``/``VISITNUM``, study date → ``--DTC``. Measurements keep full float precision.
 """
@@ -13,24 +13,94 @@ import io
 import json
 from typing import Any
 
-from pipeline.web.timeline import PatientTimeline
+from pipeline.history import PatientTimeline
 
 LESION_COLUMNS = [
-    "subject_id", "patient_pk", "tracking_id", "tracking_uid", "anatomic_site", "role", "origin",
-    "timepoint", "timepoint_index", "study_date", "study_instance_uid", "series_instance_uid", "status",
-    "volume_mm3", "volume_ml", "long_axis_mm", "short_axis_mm", "volume_change_prev_pct",
-    "volume_change_baseline_pct", "long_axis_change_baseline_pct", "sum_of_diameters_mm", "target_response",
-    "non_target_response", "new_lesions", "overall_response", "seg_sop_instance_uid", "segment_number",
+    "subject_id",
+    "patient_pk",
+    "tracking_id",
+    "tracking_uid",
+    "anatomic_site",
+    "role",
+    "origin",
+    "timepoint",
+    "timepoint_index",
+    "study_date",
+    "study_instance_uid",
+    "series_instance_uid",
+    "status",
+    "volume_mm3",
+    "volume_ml",
+    "long_axis_mm",
+    "short_axis_mm",
+    "volume_change_prev_pct",
+    "volume_change_baseline_pct",
+    "long_axis_change_baseline_pct",
+    "sum_of_diameters_mm",
+    "target_response",
+    "non_target_response",
+    "new_lesions",
+    "overall_response",
+    "seg_sop_instance_uid",
+    "segment_number",
     "observation_id",
 ]
-TU_COLUMNS = ["STUDYID", "DOMAIN", "USUBJID", "TUSEQ", "TULNKID", "TUREFID", "TUTESTCD", "TUTEST", "TUORRES",
-              "TUSTRESC", "TULOC", "TUMETHOD", "TUEVAL", "VISITNUM", "VISIT", "TUDTC"]
-TR_COLUMNS = ["STUDYID", "DOMAIN", "USUBJID", "TRSEQ", "TRLNKID", "TRLNKGRP", "TRTESTCD", "TRTEST", "TRORRES",
-              "TRORRESU", "TRSTRESC", "TRSTRESN", "TRSTRESU", "TRMETHOD", "TREVAL", "VISITNUM", "VISIT", "TRDTC"]
-RS_COLUMNS = ["STUDYID", "DOMAIN", "USUBJID", "RSSEQ", "RSLNKGRP", "RSTESTCD", "RSTEST", "RSCAT", "RSORRES",
-              "RSSTRESC", "RSEVAL", "VISITNUM", "VISIT", "RSDTC"]
+TU_COLUMNS = [
+    "STUDYID",
+    "DOMAIN",
+    "USUBJID",
+    "TUSEQ",
+    "TULNKID",
+    "TUREFID",
+    "TUTESTCD",
+    "TUTEST",
+    "TUORRES",
+    "TUSTRESC",
+    "TULOC",
+    "TUMETHOD",
+    "TUEVAL",
+    "VISITNUM",
+    "VISIT",
+    "TUDTC",
+]
+TR_COLUMNS = [
+    "STUDYID",
+    "DOMAIN",
+    "USUBJID",
+    "TRSEQ",
+    "TRLNKID",
+    "TRLNKGRP",
+    "TRTESTCD",
+    "TRTEST",
+    "TRORRES",
+    "TRORRESU",
+    "TRSTRESC",
+    "TRSTRESN",
+    "TRSTRESU",
+    "TRMETHOD",
+    "TREVAL",
+    "VISITNUM",
+    "VISIT",
+    "TRDTC",
+]
+RS_COLUMNS = [
+    "STUDYID",
+    "DOMAIN",
+    "USUBJID",
+    "RSSEQ",
+    "RSLNKGRP",
+    "RSTESTCD",
+    "RSTEST",
+    "RSCAT",
+    "RSORRES",
+    "RSSTRESC",
+    "RSEVAL",
+    "VISITNUM",
+    "VISIT",
+    "RSDTC",
+]
 
-EVALUATOR = "ALGORITHM"        # results come from LesionTrack, not a human reader
+EVALUATOR = "ALGORITHM"  # results come from LesionTrack, not a human reader
 METHOD = "CT SCAN"
 
 
@@ -42,21 +112,38 @@ def lesion_rows(tl: PatientTimeline, subject_id: str) -> list[dict[str, Any]]:
             c = row.cells[tp.index]
             if c is None:
                 continue
-            out.append({
-                "subject_id": subject_id, "patient_pk": tl.patient_pk, "tracking_id": row.tracking_id,
-                "tracking_uid": row.tracking_uid, "anatomic_site": row.anatomic_site, "role": row.role,
-                "origin": row.origin, "timepoint": tp.label, "timepoint_index": tp.index,
-                "study_date": tp.date_iso, "study_instance_uid": tp.study_uid, "series_instance_uid": tp.series_uid,
-                "status": c.status, "volume_mm3": c.volume_mm3, "volume_ml": c.volume_ml,
-                "long_axis_mm": c.long_axis_mm, "short_axis_mm": c.short_axis_mm,
-                "volume_change_prev_pct": c.volume_change_prev_pct,
-                "volume_change_baseline_pct": c.volume_change_baseline_pct,
-                "long_axis_change_baseline_pct": c.long_axis_change_baseline_pct,
-                "sum_of_diameters_mm": tp.sum_of_diameters_mm, "target_response": tp.target_response,
-                "non_target_response": tp.non_target_response, "new_lesions": tp.new_lesions,
-                "overall_response": tp.overall_response, "seg_sop_instance_uid": c.seg_sop_instance_uid,
-                "segment_number": c.segment_number, "observation_id": c.observation_id,
-            })
+            out.append(
+                {
+                    "subject_id": subject_id,
+                    "patient_pk": tl.patient_pk,
+                    "tracking_id": row.tracking_id,
+                    "tracking_uid": row.tracking_uid,
+                    "anatomic_site": row.anatomic_site,
+                    "role": row.role,
+                    "origin": row.origin,
+                    "timepoint": tp.label,
+                    "timepoint_index": tp.index,
+                    "study_date": tp.date_iso,
+                    "study_instance_uid": tp.study_uid,
+                    "series_instance_uid": tp.series_uid,
+                    "status": c.status,
+                    "volume_mm3": c.volume_mm3,
+                    "volume_ml": c.volume_ml,
+                    "long_axis_mm": c.long_axis_mm,
+                    "short_axis_mm": c.short_axis_mm,
+                    "volume_change_prev_pct": c.volume_change_prev_pct,
+                    "volume_change_baseline_pct": c.volume_change_baseline_pct,
+                    "long_axis_change_baseline_pct": c.long_axis_change_baseline_pct,
+                    "sum_of_diameters_mm": tp.sum_of_diameters_mm,
+                    "target_response": tp.target_response,
+                    "non_target_response": tp.non_target_response,
+                    "new_lesions": tp.new_lesions,
+                    "overall_response": tp.overall_response,
+                    "seg_sop_instance_uid": c.seg_sop_instance_uid,
+                    "segment_number": c.segment_number,
+                    "observation_id": c.observation_id,
+                }
+            )
     return out
 
 
@@ -79,11 +166,25 @@ def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONT
         if first is None:
             continue
         res = _tu_result(row.role)
-        tu.append({**base, "DOMAIN": "TU", "TUSEQ": len(tu) + 1, "TULNKID": row.tracking_id,
-                   "TUREFID": row.tracking_uid, "TUTESTCD": "TUMIDENT", "TUTEST": "Tumor Identification",
-                   "TUORRES": res, "TUSTRESC": res, "TULOC": (row.anatomic_site or "").upper(), "TUMETHOD": METHOD,
-                   "TUEVAL": EVALUATOR, "VISITNUM": first.index + 1, "VISIT": _visit(first.index),
-                   "TUDTC": first.date_iso})
+        tu.append(
+            {
+                **base,
+                "DOMAIN": "TU",
+                "TUSEQ": len(tu) + 1,
+                "TULNKID": row.tracking_id,
+                "TUREFID": row.tracking_uid,
+                "TUTESTCD": "TUMIDENT",
+                "TUTEST": "Tumor Identification",
+                "TUORRES": res,
+                "TUSTRESC": res,
+                "TULOC": (row.anatomic_site or "").upper(),
+                "TUMETHOD": METHOD,
+                "TUEVAL": EVALUATOR,
+                "VISITNUM": first.index + 1,
+                "VISIT": _visit(first.index),
+                "TUDTC": first.date_iso,
+            }
+        )
     for tp in tl.timepoints:
         visit = {"VISITNUM": tp.index + 1, "VISIT": _visit(tp.index)}
         for row in tl.lesions:
@@ -93,45 +194,103 @@ def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONT
             state = "ABSENT" if c.status == "vanished" else "PRESENT"
             tests: list[tuple[str, str, Any, str]] = [("TUMSTATE", "Tumor State", state, "")]
             if c.status != "vanished":
-                tests += [("LDIAM", "Longest Diameter", c.long_axis_mm, "mm"),
-                          ("SAXIS", "Short Axis", c.short_axis_mm, "mm"),
-                          ("VOLUME", "Volume", c.volume_mm3, "mm3")]
+                tests += [
+                    ("LDIAM", "Longest Diameter", c.long_axis_mm, "mm"),
+                    ("SAXIS", "Short Axis", c.short_axis_mm, "mm"),
+                    ("VOLUME", "Volume", c.volume_mm3, "mm3"),
+                ]
             else:
                 tests += [("LDIAM", "Longest Diameter", 0.0, "mm"), ("VOLUME", "Volume", 0.0, "mm3")]
             for code, name, value, unit in tests:
                 if value is None:
                     continue
                 numeric = isinstance(value, (int, float))
-                tr.append({**base, "DOMAIN": "TR", "TRSEQ": len(tr) + 1, "TRLNKID": row.tracking_id,
-                           "TRLNKGRP": f"V{tp.index + 1}", "TRTESTCD": code, "TRTEST": name,
-                           "TRORRES": repr(float(value)) if numeric else value, "TRORRESU": unit,
-                           "TRSTRESC": repr(float(value)) if numeric else value,
-                           "TRSTRESN": float(value) if numeric else None, "TRSTRESU": unit, "TRMETHOD": METHOD,
-                           "TREVAL": EVALUATOR, **visit, "TRDTC": tp.date_iso})
+                tr.append(
+                    {
+                        **base,
+                        "DOMAIN": "TR",
+                        "TRSEQ": len(tr) + 1,
+                        "TRLNKID": row.tracking_id,
+                        "TRLNKGRP": f"V{tp.index + 1}",
+                        "TRTESTCD": code,
+                        "TRTEST": name,
+                        "TRORRES": repr(float(value)) if numeric else value,
+                        "TRORRESU": unit,
+                        "TRSTRESC": repr(float(value)) if numeric else value,
+                        "TRSTRESN": float(value) if numeric else None,
+                        "TRSTRESU": unit,
+                        "TRMETHOD": METHOD,
+                        "TREVAL": EVALUATOR,
+                        **visit,
+                        "TRDTC": tp.date_iso,
+                    }
+                )
         if tp.sum_of_diameters_mm is not None:
-            tr.append({**base, "DOMAIN": "TR", "TRSEQ": len(tr) + 1, "TRLNKID": "", "TRLNKGRP": f"V{tp.index + 1}",
-                       "TRTESTCD": "SUMDIAM", "TRTEST": "Sum of Diameter", "TRORRES": repr(tp.sum_of_diameters_mm),
-                       "TRORRESU": "mm", "TRSTRESC": repr(tp.sum_of_diameters_mm),
-                       "TRSTRESN": tp.sum_of_diameters_mm, "TRSTRESU": "mm", "TRMETHOD": METHOD,
-                       "TREVAL": EVALUATOR, **visit, "TRDTC": tp.date_iso})
+            tr.append(
+                {
+                    **base,
+                    "DOMAIN": "TR",
+                    "TRSEQ": len(tr) + 1,
+                    "TRLNKID": "",
+                    "TRLNKGRP": f"V{tp.index + 1}",
+                    "TRTESTCD": "SUMDIAM",
+                    "TRTEST": "Sum of Diameter",
+                    "TRORRES": repr(tp.sum_of_diameters_mm),
+                    "TRORRESU": "mm",
+                    "TRSTRESC": repr(tp.sum_of_diameters_mm),
+                    "TRSTRESN": tp.sum_of_diameters_mm,
+                    "TRSTRESU": "mm",
+                    "TRMETHOD": METHOD,
+                    "TREVAL": EVALUATOR,
+                    **visit,
+                    "TRDTC": tp.date_iso,
+                }
+            )
         if tp.index == 0:
             continue
-        for code, name, value in [("TRGRESP", "Target Response", tp.target_response),
-                                  ("NTRGRESP", "Non-target Response", tp.non_target_response),
-                                  ("NEWLIND", "New Lesion Indicator",
-                                   None if tp.new_lesions is None else ("Y" if tp.new_lesions else "N")),
-                                  ("OVRLRESP", "Overall Response", tp.overall_response)]:
+        for code, name, value in [
+            ("TRGRESP", "Target Response", tp.target_response),
+            ("NTRGRESP", "Non-target Response", tp.non_target_response),
+            ("NEWLIND", "New Lesion Indicator", None if tp.new_lesions is None else ("Y" if tp.new_lesions else "N")),
+            ("OVRLRESP", "Overall Response", tp.overall_response),
+        ]:
             if value is None:
                 continue
-            rs.append({**base, "DOMAIN": "RS", "RSSEQ": len(rs) + 1, "RSLNKGRP": f"V{tp.index + 1}",
-                       "RSTESTCD": code, "RSTEST": name, "RSCAT": "RECIST 1.1", "RSORRES": value,
-                       "RSSTRESC": value, "RSEVAL": EVALUATOR, **visit, "RSDTC": tp.date_iso})
+            rs.append(
+                {
+                    **base,
+                    "DOMAIN": "RS",
+                    "RSSEQ": len(rs) + 1,
+                    "RSLNKGRP": f"V{tp.index + 1}",
+                    "RSTESTCD": code,
+                    "RSTEST": name,
+                    "RSCAT": "RECIST 1.1",
+                    "RSORRES": value,
+                    "RSSTRESC": value,
+                    "RSEVAL": EVALUATOR,
+                    **visit,
+                    "RSDTC": tp.date_iso,
+                }
+            )
     if tl.best_overall_response and len(tl.timepoints) > 1:
         last = tl.timepoints[-1]
-        rs.append({**base, "DOMAIN": "RS", "RSSEQ": len(rs) + 1, "RSLNKGRP": "", "RSTESTCD": "BESTRESP",
-                   "RSTEST": "Best Overall Response", "RSCAT": "RECIST 1.1", "RSORRES": tl.best_overall_response,
-                   "RSSTRESC": tl.best_overall_response, "RSEVAL": EVALUATOR, "VISITNUM": last.index + 1,
-                   "VISIT": _visit(last.index), "RSDTC": last.date_iso})
+        rs.append(
+            {
+                **base,
+                "DOMAIN": "RS",
+                "RSSEQ": len(rs) + 1,
+                "RSLNKGRP": "",
+                "RSTESTCD": "BESTRESP",
+                "RSTEST": "Best Overall Response",
+                "RSCAT": "RECIST 1.1",
+                "RSORRES": tl.best_overall_response,
+                "RSSTRESC": tl.best_overall_response,
+                "RSEVAL": EVALUATOR,
+                "VISITNUM": last.index + 1,
+                "VISIT": _visit(last.index),
+                "RSDTC": last.date_iso,
+            }
+        )
     return {"TU": tu, "TR": tr, "RS": rs}
 
 
@@ -141,8 +300,9 @@ def to_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k]))
-                    for k in columns})
+        w.writerow(
+            {k: ("" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])) for k in columns}
+        )
     return buf.getvalue()
 
 
@@ -151,8 +311,14 @@ def lesions_csv(tl: PatientTimeline, subject_id: str) -> str:
 
 
 def lesions_json(tl: PatientTimeline, subject_id: str) -> str:
-    return json.dumps({"columns": LESION_COLUMNS, "rows": lesion_rows(tl, subject_id),
-                       "best_overall_response": tl.best_overall_response}, indent=1)
+    return json.dumps(
+        {
+            "columns": LESION_COLUMNS,
+            "rows": lesion_rows(tl, subject_id),
+            "best_overall_response": tl.best_overall_response,
+        },
+        indent=1,
+    )
 
 
 def cdisc_csv(tl: PatientTimeline, subject_id: str, domain: str, study_id: str = "LESIONTRACK") -> str:

@@ -24,7 +24,7 @@ import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -64,14 +64,14 @@ class JobNotFound(KeyError):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     if value is None:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def worker_identity(kind: str = "worker") -> str:
@@ -117,11 +117,23 @@ class JobView:
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: AnalysisJob) -> "JobView":
-        return cls(job.id, job.followup_series_uid, JobState(job.state), job.step, job.attempts, job.error,
-                   dict(job.step_timings or {}), dict(job.step_outputs or {}), job.worker, job.superseded_by,
-                   as_utc(job.next_retry_at), as_utc(job.created_at), as_utc(job.started_at),
-                   as_utc(job.finished_at))
+    def of(cls, job: AnalysisJob) -> JobView:
+        return cls(
+            job.id,
+            job.followup_series_uid,
+            JobState(job.state),
+            job.step,
+            job.attempts,
+            job.error,
+            dict(job.step_timings or {}),
+            dict(job.step_outputs or {}),
+            job.worker,
+            job.superseded_by,
+            as_utc(job.next_retry_at),
+            as_utc(job.created_at),
+            as_utc(job.started_at),
+            as_utc(job.finished_at),
+        )
 
     @property
     def finished(self) -> bool:
@@ -136,41 +148,85 @@ class JobStore:
         self.actor = actor
 
     # -- creation ---------------------------------------------------------------------------------
-    def create(self, series_uid: str, *, reason: str = "series complete", actor: str | None = None,
-               supersedes: int | None = None) -> int:
+    def create(
+        self,
+        series_uid: str,
+        *,
+        reason: str = "series complete",
+        actor: str | None = None,
+        supersedes: int | None = None,
+    ) -> int:
         """A new queued job for ``series_uid``; an already queued/waiting one for the series is reused."""
         with session_scope(self.sf) as s:
             if supersedes is None:
-                existing = s.scalar(select(AnalysisJob).where(
-                    AnalysisJob.followup_series_uid == series_uid,
-                    AnalysisJob.state.in_([JobState.QUEUED, JobState.RETRY_WAIT]),
-                    AnalysisJob.superseded_by.is_(None)).order_by(AnalysisJob.id.desc()))
+                existing = s.scalar(
+                    select(AnalysisJob)
+                    .where(
+                        AnalysisJob.followup_series_uid == series_uid,
+                        AnalysisJob.state.in_([JobState.QUEUED, JobState.RETRY_WAIT]),
+                        AnalysisJob.superseded_by.is_(None),
+                    )
+                    .order_by(AnalysisJob.id.desc())
+                )
                 if existing is not None:
-                    audit(s, actor or self.actor, "job.retriggered", "job", existing.id, reason=reason,
-                          series_uid=series_uid)
+                    audit(
+                        s,
+                        actor or self.actor,
+                        "job.retriggered",
+                        "job",
+                        existing.id,
+                        reason=reason,
+                        series_uid=series_uid,
+                    )
                     return existing.id
             patient_pk = s.scalar(select(Series.study_pk).where(Series.series_instance_uid == series_uid))
             if patient_pk is not None:
                 from db.models import Study
 
                 patient_pk = s.scalar(select(Study.patient_pk).where(Study.id == patient_pk))
-            job = AnalysisJob(followup_series_uid=series_uid, patient_pk=patient_pk, state=JobState.QUEUED,
-                              attempts=0, step_timings={}, step_outputs={})
+            job = AnalysisJob(
+                followup_series_uid=series_uid,
+                patient_pk=patient_pk,
+                state=JobState.QUEUED,
+                attempts=0,
+                step_timings={},
+                step_outputs={},
+            )
             s.add(job)
             s.flush()
-            audit(s, actor or self.actor, "job.created", "job", job.id, series_uid=series_uid, reason=reason,
-                  supersedes=supersedes)
+            audit(
+                s,
+                actor or self.actor,
+                "job.created",
+                "job",
+                job.id,
+                series_uid=series_uid,
+                reason=reason,
+                supersedes=supersedes,
+            )
             # Older jobs of the same series are superseded by this one (their objects stay; ours are new).
-            older = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid,
-                                                        AnalysisJob.id != job.id,
-                                                        AnalysisJob.superseded_by.is_(None))).all()
+            older = s.scalars(
+                select(AnalysisJob).where(
+                    AnalysisJob.followup_series_uid == series_uid,
+                    AnalysisJob.id != job.id,
+                    AnalysisJob.superseded_by.is_(None),
+                )
+            ).all()
             for old in older:
                 old.superseded_by = job.id
                 if old.state in FINISHED_STATES:
                     prev = old.state
                     old.state = JobState.SUPERSEDED
-                    audit(s, actor or self.actor, "job.state", "job", old.id, **{"from": prev.value},
-                          to=JobState.SUPERSEDED.value, superseded_by=job.id)
+                    audit(
+                        s,
+                        actor or self.actor,
+                        "job.state",
+                        "job",
+                        old.id,
+                        **{"from": prev.value},
+                        to=JobState.SUPERSEDED.value,
+                        superseded_by=job.id,
+                    )
             return job.id
 
     def retry(self, job_id: int, *, actor: str = "operator") -> int:
@@ -188,10 +244,15 @@ class JobStore:
     def _claimable(self, now: datetime) -> Any:
         return or_(
             AnalysisJob.state == JobState.QUEUED,
-            and_(AnalysisJob.state == JobState.RETRY_WAIT,
-                 or_(AnalysisJob.next_retry_at.is_(None), AnalysisJob.next_retry_at <= now)),
-            and_(AnalysisJob.state == JobState.RUNNING, AnalysisJob.next_retry_at.is_not(None),
-                 AnalysisJob.next_retry_at <= now),
+            and_(
+                AnalysisJob.state == JobState.RETRY_WAIT,
+                or_(AnalysisJob.next_retry_at.is_(None), AnalysisJob.next_retry_at <= now),
+            ),
+            and_(
+                AnalysisJob.state == JobState.RUNNING,
+                AnalysisJob.next_retry_at.is_not(None),
+                AnalysisJob.next_retry_at <= now,
+            ),
         )
 
     def claim(self, job_id: int, worker: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> bool:
@@ -204,13 +265,23 @@ class JobStore:
             res = s.execute(
                 update(AnalysisJob)
                 .where(AnalysisJob.id == job_id, AnalysisJob.superseded_by.is_(None), self._claimable(now))
-                .values(state=JobState.RUNNING, worker=worker, attempts=AnalysisJob.attempts + 1,
-                        next_retry_at=now + timedelta(seconds=lease_seconds), started_at=now, error=None)
-                .execution_options(synchronize_session=False))
+                .values(
+                    state=JobState.RUNNING,
+                    worker=worker,
+                    attempts=AnalysisJob.attempts + 1,
+                    next_retry_at=now + timedelta(seconds=lease_seconds),
+                    started_at=now,
+                    error=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
             if res.rowcount != 1:
                 return False
-            details: dict[str, Any] = {"from": JobState(prev.state).value, "to": JobState.RUNNING.value,
-                                       "worker": worker}
+            details: dict[str, Any] = {
+                "from": JobState(prev.state).value,
+                "to": JobState.RUNNING.value,
+                "worker": worker,
+            }
             if JobState(prev.state) is JobState.RUNNING:
                 details["reason"] = f"lease of worker {prev.worker} expired"
             audit(s, worker, "job.state", "job", job_id, **details)
@@ -219,9 +290,14 @@ class JobStore:
     def claimable_ids(self, limit: int = 50) -> list[int]:
         now = utcnow()
         with session_scope(self.sf) as s:
-            return list(s.scalars(select(AnalysisJob.id).where(AnalysisJob.superseded_by.is_(None),
-                                                              self._claimable(now))
-                                  .order_by(AnalysisJob.id).limit(limit)))
+            return list(
+                s.scalars(
+                    select(AnalysisJob.id)
+                    .where(AnalysisJob.superseded_by.is_(None), self._claimable(now))
+                    .order_by(AnalysisJob.id)
+                    .limit(limit)
+                )
+            )
 
     def claim_next(self, worker: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int | None:
         for job_id in self.claimable_ids():
@@ -232,11 +308,12 @@ class JobStore:
     def heartbeat(self, job_id: int, worker: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> bool:
         """Extend the lease; False when the job is no longer ours (then the runner must stop)."""
         with session_scope(self.sf) as s:
-            res = s.execute(update(AnalysisJob)
-                            .where(AnalysisJob.id == job_id, AnalysisJob.worker == worker,
-                                   AnalysisJob.state == JobState.RUNNING)
-                            .values(next_retry_at=utcnow() + timedelta(seconds=lease_seconds))
-                            .execution_options(synchronize_session=False))
+            res = s.execute(
+                update(AnalysisJob)
+                .where(AnalysisJob.id == job_id, AnalysisJob.worker == worker, AnalysisJob.state == JobState.RUNNING)
+                .values(next_retry_at=utcnow() + timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False)
+            )
             return res.rowcount == 1
 
     def recover_orphans(self, actor: str) -> list[int]:
@@ -244,8 +321,11 @@ class JobStore:
         now = utcnow()
         requeued: list[int] = []
         with session_scope(self.sf) as s:
-            rows = s.execute(select(AnalysisJob.id, AnalysisJob.worker, AnalysisJob.next_retry_at)
-                             .where(AnalysisJob.state == JobState.RUNNING)).all()
+            rows = s.execute(
+                select(AnalysisJob.id, AnalysisJob.worker, AnalysisJob.next_retry_at).where(
+                    AnalysisJob.state == JobState.RUNNING
+                )
+            ).all()
         for job_id, worker, lease in rows:
             lease = as_utc(lease)
             if _pid_dead_on_this_host(worker):
@@ -254,36 +334,69 @@ class JobStore:
                 reason = f"lease of worker {worker} expired"
             else:
                 continue
-            if self._transition(job_id, (JobState.RUNNING,), JobState.QUEUED, actor, worker=worker,
-                                values={"next_retry_at": None, "worker": None}, reason=reason):
+            if self._transition(
+                job_id,
+                (JobState.RUNNING,),
+                JobState.QUEUED,
+                actor,
+                worker=worker,
+                values={"next_retry_at": None, "worker": None},
+                reason=reason,
+            ):
                 requeued.append(job_id)
         return requeued
 
     # -- progress and outcomes (only the worker holding the job) -----------------------------------
-    def _transition(self, job_id: int, from_states: Iterable[JobState], to: JobState, actor: str, *,
-                    worker: str | None = None, values: dict[str, Any] | None = None, **details: Any) -> bool:
+    def _transition(
+        self,
+        job_id: int,
+        from_states: Iterable[JobState],
+        to: JobState,
+        actor: str,
+        *,
+        worker: str | None = None,
+        values: dict[str, Any] | None = None,
+        **details: Any,
+    ) -> bool:
         from_states = tuple(from_states)
         with session_scope(self.sf) as s:
             cond = [AnalysisJob.id == job_id, AnalysisJob.state.in_(from_states)]
             if worker is not None:
                 cond.append(AnalysisJob.worker == worker)
             prev = s.scalar(select(AnalysisJob.state).where(AnalysisJob.id == job_id))
-            res = s.execute(update(AnalysisJob).where(*cond).values(state=to, **(values or {}))
-                            .execution_options(synchronize_session=False))
+            res = s.execute(
+                update(AnalysisJob)
+                .where(*cond)
+                .values(state=to, **(values or {}))
+                .execution_options(synchronize_session=False)
+            )
             if res.rowcount != 1:
                 return False
-            audit(s, actor, "job.state", "job", job_id, **{"from": JobState(prev).value if prev else None},
-                  to=to.value, **{k: v for k, v in details.items() if v is not None})
+            audit(
+                s,
+                actor,
+                "job.state",
+                "job",
+                job_id,
+                **{"from": JobState(prev).value if prev else None},
+                to=to.value,
+                **{k: v for k, v in details.items() if v is not None},
+            )
             return True
 
     def step_started(self, job_id: int, worker: str, step: str) -> None:
         with session_scope(self.sf) as s:
-            s.execute(update(AnalysisJob).where(AnalysisJob.id == job_id, AnalysisJob.worker == worker)
-                      .values(step=step).execution_options(synchronize_session=False))
+            s.execute(
+                update(AnalysisJob)
+                .where(AnalysisJob.id == job_id, AnalysisJob.worker == worker)
+                .values(step=step)
+                .execution_options(synchronize_session=False)
+            )
             audit(s, worker, "job.step_started", "job", job_id, step=step)
 
-    def step_finished(self, job_id: int, worker: str, step: str, outputs: dict[str, Any] | None,
-                      seconds: float) -> None:
+    def step_finished(
+        self, job_id: int, worker: str, step: str, outputs: dict[str, Any] | None, seconds: float
+    ) -> None:
         """Record a step's outputs and timing (JSON columns are replaced, never mutated in place)."""
         with session_scope(self.sf) as s:
             job = s.get(AnalysisJob, job_id)
@@ -317,22 +430,40 @@ class JobStore:
 
     def finish(self, job_id: int, worker: str, state: JobState, error: str | None = None, **details: Any) -> bool:
         assert state in FINISHED_STATES
-        return self._transition(job_id, (JobState.RUNNING,), state, worker, worker=worker,
-                                values={"finished_at": utcnow(), "error": error, "next_retry_at": None},
-                                error=error, **details)
+        return self._transition(
+            job_id,
+            (JobState.RUNNING,),
+            state,
+            worker,
+            worker=worker,
+            values={"finished_at": utcnow(), "error": error, "next_retry_at": None},
+            error=error,
+            **details,
+        )
 
     def schedule_retry(self, job_id: int, worker: str, delay_seconds: float, error: str) -> bool:
-        return self._transition(job_id, (JobState.RUNNING,), JobState.RETRY_WAIT, worker, worker=worker,
-                                values={"next_retry_at": utcnow() + timedelta(seconds=delay_seconds),
-                                        "error": error},
-                                error=error, retry_in_s=round(delay_seconds, 3))
+        return self._transition(
+            job_id,
+            (JobState.RUNNING,),
+            JobState.RETRY_WAIT,
+            worker,
+            worker=worker,
+            values={"next_retry_at": utcnow() + timedelta(seconds=delay_seconds), "error": error},
+            error=error,
+            retry_in_s=round(delay_seconds, 3),
+        )
 
     def requeue(self, job_id: int, worker: str, reason: str) -> bool:
         """Give a running job back (graceful shutdown); the attempt it used does not count."""
-        return self._transition(job_id, (JobState.RUNNING,), JobState.QUEUED, worker, worker=worker,
-                                values={"next_retry_at": None, "worker": None,
-                                        "attempts": AnalysisJob.attempts - 1},
-                                reason=reason)
+        return self._transition(
+            job_id,
+            (JobState.RUNNING,),
+            JobState.QUEUED,
+            worker,
+            worker=worker,
+            values={"next_retry_at": None, "worker": None, "attempts": AnalysisJob.attempts - 1},
+            reason=reason,
+        )
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, job_id: int) -> JobView:

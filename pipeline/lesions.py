@@ -24,11 +24,11 @@ class TrackedLesion:
 
     identity: LesionIdentity
     status: LesionStatus
-    mask: Volume                       # uint8 0/1 on the timepoint's CT grid (all zero when vanished)
+    mask: Volume  # uint8 0/1 on the timepoint's CT grid (all zero when vanished)
     engine: str = ""
     engine_version: str = ""
     propagated_centre_mm: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)   # e.g. overlap resolved with L2, boosted
+    notes: list[str] = field(default_factory=list)  # e.g. overlap resolved with L2, boosted
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,7 +38,7 @@ class Timepoint:
 
     series_uid: str
     ct: Volume
-    study_date: str | None = None      # DICOM DA, YYYYMMDD
+    study_date: str | None = None  # DICOM DA, YYYYMMDD
     study_uid: str | None = None
     lesions: list[TrackedLesion] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)

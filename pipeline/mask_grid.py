@@ -23,16 +23,26 @@ def mask_onto_grid(mask: Volume, reference: Volume, tol: float = 1e-3) -> np.nda
     a = np.linalg.inv(reference.direction @ np.diag(reference.spacing)) @ (mask.direction @ np.diag(mask.spacing))
     b = reference.patient_to_index(mask.origin)
     out = np.zeros(reference.shape, bool)
-    if np.allclose(a, np.rint(a), atol=tol) and np.allclose(b, np.rint(b), atol=tol * 10) and \
-            np.allclose(np.abs(np.rint(a)).sum(0), 1) and np.allclose(np.abs(np.rint(a)).sum(1), 1):
+    if (
+        np.allclose(a, np.rint(a), atol=tol)
+        and np.allclose(b, np.rint(b), atol=tol * 10)
+        and np.allclose(np.abs(np.rint(a)).sum(0), 1)
+        and np.allclose(np.abs(np.rint(a)).sum(1), 1)
+    ):
         kk, jj, ii = np.nonzero(src)
         if kk.size == 0:
             return out
         m_idx = np.stack([ii, jj, kk], 1)
         r_idx = (m_idx @ np.rint(a).T.astype(int)) + np.rint(b).astype(int)
         ni, nj, nk = reference.size_ijk
-        ok = (r_idx[:, 0] >= 0) & (r_idx[:, 0] < ni) & (r_idx[:, 1] >= 0) & (r_idx[:, 1] < nj) & \
-             (r_idx[:, 2] >= 0) & (r_idx[:, 2] < nk)
+        ok = (
+            (r_idx[:, 0] >= 0)
+            & (r_idx[:, 0] < ni)
+            & (r_idx[:, 1] >= 0)
+            & (r_idx[:, 1] < nj)
+            & (r_idx[:, 2] >= 0)
+            & (r_idx[:, 2] < nk)
+        )
         r = r_idx[ok]
         out[r[:, 2], r[:, 1], r[:, 0]] = True
         return out

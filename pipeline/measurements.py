@@ -14,8 +14,9 @@ Every result is a plain dataclass that round-trips through JSON (``to_dict``/``f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -37,7 +38,7 @@ class Axis:
     slice_index: int
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Axis":
+    def from_dict(cls, d: dict[str, Any]) -> Axis:
         return cls(float(d["length_mm"]), _point(d["start_mm"]), _point(d["end_mm"]), int(d["slice_index"]))
 
 
@@ -47,7 +48,7 @@ class LesionMeasurement:
 
     tracking_uid: str
     tracking_id: str
-    status: str = "present"                 # LesionStatus value: present / vanished / new
+    status: str = "present"  # LesionStatus value: present / vanished / new
     is_node: bool = False
     volume_mm3: float = 0.0
     voxel_count: int = 0
@@ -92,17 +93,22 @@ class LesionMeasurement:
         return _jsonable(d)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LesionMeasurement":
+    def from_dict(cls, d: dict[str, Any]) -> LesionMeasurement:
         return cls(
-            tracking_uid=str(d["tracking_uid"]), tracking_id=str(d["tracking_id"]), status=str(d.get("status", "present")),
-            is_node=bool(d.get("is_node", False)), volume_mm3=float(d.get("volume_mm3", 0.0)),
+            tracking_uid=str(d["tracking_uid"]),
+            tracking_id=str(d["tracking_id"]),
+            status=str(d.get("status", "present")),
+            is_node=bool(d.get("is_node", False)),
+            volume_mm3=float(d.get("volume_mm3", 0.0)),
             voxel_count=int(d.get("voxel_count", 0)),
             long_axis=Axis.from_dict(d["long_axis"]) if d.get("long_axis") else None,
             short_axis=Axis.from_dict(d["short_axis"]) if d.get("short_axis") else None,
             max_3d_diameter_mm=float(d.get("max_3d_diameter_mm", 0.0)),
             centre_mm=_point(d["centre_mm"]) if d.get("centre_mm") is not None else None,
-            hu_mean=_opt_float(d.get("hu_mean")), hu_sd=_opt_float(d.get("hu_sd")),
-            series_uid=d.get("series_uid"), anatomic_site=d.get("anatomic_site"),
+            hu_mean=_opt_float(d.get("hu_mean")),
+            hu_sd=_opt_float(d.get("hu_sd")),
+            series_uid=d.get("series_uid"),
+            anatomic_site=d.get("anatomic_site"),
         )
 
 
@@ -110,13 +116,13 @@ class LesionMeasurement:
 class Change:
     """Change of a value against one reference timepoint."""
 
-    reference: str            # "previous", "baseline" or "nadir"
+    reference: str  # "previous", "baseline" or "nadir"
     reference_value: float
     absolute: float
-    percent: float | None     # None when the reference value is 0
+    percent: float | None  # None when the reference value is 0
 
     @classmethod
-    def between(cls, reference: str, ref_value: float, value: float) -> "Change":
+    def between(cls, reference: str, ref_value: float, value: float) -> Change:
         pct = None if ref_value == 0 else 100.0 * (value - ref_value) / ref_value
         return cls(reference, float(ref_value), float(value - ref_value), pct)
 
@@ -135,10 +141,14 @@ class MetricChange:
         return _jsonable(asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MetricChange":
+    def from_dict(cls, d: dict[str, Any]) -> MetricChange:
         def ch(x: dict[str, Any] | None) -> Change | None:
-            return None if x is None else Change(x["reference"], float(x["reference_value"]), float(x["absolute"]),
-                                                 _opt_float(x["percent"]))
+            return (
+                None
+                if x is None
+                else Change(x["reference"], float(x["reference_value"]), float(x["absolute"]), _opt_float(x["percent"]))
+            )
+
         return cls(d["metric"], float(d["value"]), ch(d.get("previous")), ch(d.get("baseline")), ch(d.get("nadir")))
 
 
@@ -156,20 +166,34 @@ class LesionChanges:
         return {"tracking_uid": self.tracking_uid, "metrics": {k: v.to_dict() for k, v in self.metrics.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LesionChanges":
+    def from_dict(cls, d: dict[str, Any]) -> LesionChanges:
         return cls(d["tracking_uid"], {k: MetricChange.from_dict(v) for k, v in d["metrics"].items()})
 
 
 # -- measuring ------------------------------------------------------------------------------------------------------
 
 
-def measure_lesion(mask: Volume, ct: Volume, *, tracking_uid: str, tracking_id: str, is_node: bool = False,
-                   status: str = "present", series_uid: str | None = None,
-                   anatomic_site: str | None = None) -> LesionMeasurement:
+def measure_lesion(
+    mask: Volume,
+    ct: Volume,
+    *,
+    tracking_uid: str,
+    tracking_id: str,
+    is_node: bool = False,
+    status: str = "present",
+    series_uid: str | None = None,
+    anatomic_site: str | None = None,
+) -> LesionMeasurement:
     """Measure one lesion mask (nonzero = lesion) on ``ct``'s grid; a mask on another grid is resampled onto it."""
     m = mask_onto_grid(mask, ct)
-    result = LesionMeasurement(tracking_uid=tracking_uid, tracking_id=tracking_id, status=status, is_node=is_node,
-                               series_uid=series_uid, anatomic_site=anatomic_site)
+    result = LesionMeasurement(
+        tracking_uid=tracking_uid,
+        tracking_id=tracking_id,
+        status=status,
+        is_node=is_node,
+        series_uid=series_uid,
+        anatomic_site=anatomic_site,
+    )
     n = int(m.sum())
     if n == 0:
         if status == "present":
@@ -177,7 +201,7 @@ def measure_lesion(mask: Volume, ct: Volume, *, tracking_uid: str, tracking_id: 
         return result
     result.voxel_count = n
     result.volume_mm3 = n * ct.voxel_volume_mm3()
-    idx = np.argwhere(m)                                   # (n, 3) as (k, j, i)
+    idx = np.argwhere(m)  # (n, 3) as (k, j, i)
     result.centre_mm = _point(ct.index_to_patient(idx[:, ::-1].mean(0)))
     hu = np.asarray(ct.array)[m].astype(np.float64)
     result.hu_mean = float(hu.mean())
@@ -186,7 +210,7 @@ def measure_lesion(mask: Volume, ct: Volume, *, tracking_uid: str, tracking_id: 
     # crop to the bounding box (with the box origin remembered) for the geometric work
     lo = idx.min(0)
     hi = idx.max(0) + 1
-    crop = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    crop = m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     result.long_axis, result.short_axis = _axial_axes(crop, lo, ct)
     result.max_3d_diameter_mm = _max_3d_diameter(crop, ct.spacing)
     return result
@@ -232,7 +256,7 @@ def _hull_points(points: np.ndarray) -> np.ndarray:
         return points
     try:
         return points[ConvexHull(points).vertices]
-    except QhullError:          # degenerate (all collinear/coplanar): every point is a candidate
+    except QhullError:  # degenerate (all collinear/coplanar): every point is a candidate
         return points
 
 
@@ -241,7 +265,7 @@ def _feret(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     h = _hull_points(points)
     best = (h[0], h[0], 0.0)
     for start in range(0, len(h), 512):
-        block = h[start:start + 512]
+        block = h[start : start + 512]
         d2 = ((block[:, None, :] - h[None, :, :]) ** 2).sum(-1)
         a, b = np.unravel_index(int(np.argmax(d2)), d2.shape)
         if d2[a, b] > best[2] ** 2:
@@ -249,8 +273,9 @@ def _feret(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return best
 
 
-def _perpendicular_chord(sl: np.ndarray, a: np.ndarray, b: np.ndarray, si: float,
-                         sj: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _perpendicular_chord(
+    sl: np.ndarray, a: np.ndarray, b: np.ndarray, si: float, sj: float
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Longest chord of the slice mask perpendicular to a→b (sampled at a quarter of the pixel size)."""
     length = float(np.linalg.norm(b - a))
     u = (b - a) / length
@@ -287,8 +312,9 @@ def _max_3d_diameter(crop: np.ndarray, spacing: np.ndarray) -> float:
 # -- changes --------------------------------------------------------------------------------------------------------
 
 
-def lesion_changes(history: Sequence[LesionMeasurement | None],
-                   metrics: Sequence[str] = CHANGE_METRICS) -> LesionChanges | None:
+def lesion_changes(
+    history: Sequence[LesionMeasurement | None], metrics: Sequence[str] = CHANGE_METRICS
+) -> LesionChanges | None:
     """Changes of the LAST entry of ``history`` (oldest first) vs previous, baseline and nadir.
 
     ``None`` entries are timepoints at which the lesion was not assessed; they are skipped. A vanished lesion counts

@@ -17,8 +17,8 @@ class PriorAnnotation:
 
     sop_instance_uid: str
     sop_class_uid: str
-    modality: str                    # "SEG" or "SR"
-    files: list[Path] = field(default_factory=list)   # local files once retrieved
+    modality: str  # "SEG" or "SR"
+    files: list[Path] = field(default_factory=list)  # local files once retrieved
 
 
 @dataclass
@@ -29,16 +29,15 @@ class PriorTimepoint:
     study_date: str | None
     study_time: str | None
     ct_series_uid: str
-    ct_files: list[Path] = field(default_factory=list)       # local files once retrieved
+    ct_files: list[Path] = field(default_factory=list)  # local files once retrieved
     annotations: list[PriorAnnotation] = field(default_factory=list)
-    source: str = "local"            # "local" or the PACS peer name
+    source: str = "local"  # "local" or the PACS peer name
 
 
 class PriorSource(Protocol):
     """Finds (and retrieves to local disk) the prior timepoints of a follow-up series, oldest first."""
 
-    def find_priors(self, followup_series_uid: str) -> list[PriorTimepoint]:
-        ...
+    def find_priors(self, followup_series_uid: str) -> list[PriorTimepoint]: ...
 
     def retrieve(self, prior: PriorTimepoint) -> PriorTimepoint:
         """Make sure ``ct_files`` and every annotation's ``files`` are on local disk; returns the filled record."""

@@ -21,8 +21,12 @@ from pipeline.seg_reader import SEG_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
-SR_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34",
-                  "1.2.840.10008.5.1.4.1.1.88.11"}
+SR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.22",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.88.11",
+}
 
 
 class PromptSourceError(ValueError):
@@ -64,8 +68,11 @@ def load_prompts_json(path: str | Path, grid: Volume | None = None, *, series_ui
         seen.add(label)
         identity = LesionIdentity(
             tracking_uid=str(item.get("tracking_uid") or derived_uid(series_uid or str(p.name), str(label))),
-            tracking_id=str(item.get("tracking_id") or f"L{label}"), label=label,
-            anatomic_site=item.get("anatomic_site"), is_node=bool(item.get("is_node", False)))
+            tracking_id=str(item.get("tracking_id") or f"L{label}"),
+            label=label,
+            anatomic_site=item.get("anatomic_site"),
+            is_node=bool(item.get("is_node", False)),
+        )
         conv = _converter(system, grid)
         keys = [k for k in ("point", "points", "box") if k in item]
         if len(keys) != 1:
@@ -104,8 +111,9 @@ def _lesionlocator_json(p: Path, data: dict[str, Any], grid: Volume | None, seri
         ident = LesionIdentity(derived_uid(series_uid or p.name, key), f"L{label}", label)
         if "point" in item:
             z, y, x = (float(v) for v in item["point"])
-            out.append(Prompt(ident, PromptKind.POINTS, points_mm=grid.index_to_patient(np.array([[x, y, z]])),
-                              source=str(p)))
+            out.append(
+                Prompt(ident, PromptKind.POINTS, points_mm=grid.index_to_patient(np.array([[x, y, z]])), source=str(p))
+            )
         elif "box" in item:
             z0, z1, y0, y1, x0, x1 = (float(v) for v in item["box"])
             c = grid.index_to_patient(np.array([[x0, y0, z0], [x1 - 1, y1 - 1, z1 - 1]]))  # half-open upper bound
@@ -125,9 +133,17 @@ def find_annotations(directory: str | Path, ct_series_uid: str | None = None) ->
         if not f.is_file():
             continue
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
-                "SOPClassUID", "Modality", "ReferencedSeriesSequence", "CurrentRequestedProcedureEvidenceSequence"])
-        except Exception:  # noqa: BLE001 - not DICOM
+            ds = pydicom.dcmread(
+                f,
+                stop_before_pixels=True,
+                specific_tags=[
+                    "SOPClassUID",
+                    "Modality",
+                    "ReferencedSeriesSequence",
+                    "CurrentRequestedProcedureEvidenceSequence",
+                ],
+            )
+        except Exception:
             continue
         sop = str(getattr(ds, "SOPClassUID", ""))
         if sop not in SEG_SOP_CLASSES and sop not in SR_SOP_CLASSES:
@@ -167,8 +183,9 @@ def prompts_from_directory(directory: str | Path, ct: Volume) -> list[Prompt]:
         return prompts_from_seg(segs[0], ct)
     if srs:
         return prompts_from_sr(srs[0], ct)
-    raise PromptSourceError(f"{directory}: no DICOM-SEG or TID 1500 SR referencing series {series_uid} "
-                            "(give --prompts JSON instead)")
+    raise PromptSourceError(
+        f"{directory}: no DICOM-SEG or TID 1500 SR referencing series {series_uid} (give --prompts JSON instead)"
+    )
 
 
 def prompts_from_seg(path: str | Path, ct: Volume) -> list[Prompt]:

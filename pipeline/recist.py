@@ -14,9 +14,10 @@ RECIST "too small to measure"); a *vanished* lesion counts 0 mm; lymph nodes alw
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from config.settings import RecistSettings
 from pipeline.measurements import LesionMeasurement
@@ -27,9 +28,9 @@ class Response(str, Enum):
     PR = "PR"
     SD = "SD"
     PD = "PD"
-    NE = "NE"                         # not evaluable / not all evaluated
+    NE = "NE"  # not evaluable / not all evaluated
     NON_CR_NON_PD = "Non-CR/Non-PD"
-    ND = "ND"                         # no disease of this kind (no targets / no non-targets)
+    ND = "ND"  # no disease of this kind (no targets / no non-targets)
 
 
 class RecistRules(RecistSettings):
@@ -55,7 +56,7 @@ class RecistLesion:
     tracking_id: str = ""
     organ: str | None = None
     is_node: bool = False
-    status: str = "present"           # present / vanished / new / not_evaluated
+    status: str = "present"  # present / vanished / new / not_evaluated
     long_axis_mm: float = 0.0
     short_axis_mm: float = 0.0
     volume_mm3: float = 0.0
@@ -69,17 +70,25 @@ class RecistLesion:
         return self.status == "vanished"
 
     @classmethod
-    def from_measurement(cls, m: LesionMeasurement, organ: str | None = None) -> "RecistLesion":
+    def from_measurement(cls, m: LesionMeasurement, organ: str | None = None) -> RecistLesion:
         status = m.status if m.present or m.status == "not_evaluated" else "vanished"
-        return cls(m.tracking_uid, m.tracking_id, organ or m.anatomic_site, m.is_node, status,
-                   m.long_axis_mm, m.short_axis_mm, m.volume_mm3)
+        return cls(
+            m.tracking_uid,
+            m.tracking_id,
+            organ or m.anatomic_site,
+            m.is_node,
+            status,
+            m.long_axis_mm,
+            m.short_axis_mm,
+            m.volume_mm3,
+        )
 
 
 @dataclass
 class SelectionDecision:
     tracking_uid: str
     tracking_id: str
-    role: str                 # "target", "non-target" or "normal node"
+    role: str  # "target", "non-target" or "normal node"
     reason: str
     overridden: bool = False
 
@@ -126,9 +135,13 @@ def diameter_of(lesion: RecistLesion, rules: RecistRules) -> float:
     return float(d)
 
 
-def select_targets(baseline: Iterable[RecistLesion], rules: RecistRules | None = None, *,
-                   slice_thickness_mm: float | None = None,
-                   override: TargetOverride | None = None) -> TargetSelection:
+def select_targets(
+    baseline: Iterable[RecistLesion],
+    rules: RecistRules | None = None,
+    *,
+    slice_thickness_mm: float | None = None,
+    override: TargetOverride | None = None,
+) -> TargetSelection:
     """Choose up to ``max_targets`` (≤ ``max_targets_per_organ`` each) of the largest measurable lesions."""
     rules = rules or RecistRules()
     lesions = [b for b in baseline if not b.vanished]
@@ -141,18 +154,27 @@ def select_targets(baseline: Iterable[RecistLesion], rules: RecistRules | None =
                 measurable.append(les)
             elif les.short_axis_mm >= rules.pathological_node_short_axis_mm:
                 decisions[les.tracking_uid] = SelectionDecision(
-                    les.tracking_uid, les.tracking_id, "non-target",
-                    f"pathological node, short axis {les.short_axis_mm:.1f} mm < {rules.min_node_short_axis_mm:g} mm")
+                    les.tracking_uid,
+                    les.tracking_id,
+                    "non-target",
+                    f"pathological node, short axis {les.short_axis_mm:.1f} mm < {rules.min_node_short_axis_mm:g} mm",
+                )
             else:
                 decisions[les.tracking_uid] = SelectionDecision(
-                    les.tracking_uid, les.tracking_id, "normal node",
-                    f"node short axis {les.short_axis_mm:.1f} mm < {rules.pathological_node_short_axis_mm:g} mm")
+                    les.tracking_uid,
+                    les.tracking_id,
+                    "normal node",
+                    f"node short axis {les.short_axis_mm:.1f} mm < {rules.pathological_node_short_axis_mm:g} mm",
+                )
         elif les.long_axis_mm >= min_ld:
             measurable.append(les)
         else:
             decisions[les.tracking_uid] = SelectionDecision(
-                les.tracking_uid, les.tracking_id, "non-target",
-                f"non-measurable, long axis {les.long_axis_mm:.1f} mm < {min_ld:g} mm")
+                les.tracking_uid,
+                les.tracking_id,
+                "non-target",
+                f"non-measurable, long axis {les.long_axis_mm:.1f} mm < {min_ld:g} mm",
+            )
     measurable.sort(key=lambda x: diameter_of(x, rules), reverse=True)
     per_organ: dict[str, int] = {}
     n_targets = 0
@@ -162,8 +184,10 @@ def select_targets(baseline: Iterable[RecistLesion], rules: RecistRules | None =
         if n_targets >= rules.max_targets:
             role, reason = "non-target", f"measurable ({size}) but {rules.max_targets} targets already chosen"
         elif per_organ.get(organ, 0) >= rules.max_targets_per_organ:
-            role, reason = "non-target", (f"measurable ({size}) but {rules.max_targets_per_organ} targets already "
-                                          f"in {organ}")
+            role, reason = (
+                "non-target",
+                (f"measurable ({size}) but {rules.max_targets_per_organ} targets already in {organ}"),
+            )
         else:
             role, reason = "target", f"measurable ({size}), among the largest"
             per_organ[organ] = per_organ.get(organ, 0) + 1
@@ -175,8 +199,9 @@ def select_targets(baseline: Iterable[RecistLesion], rules: RecistRules | None =
         for uid in list(override.force_target) + list(override.force_non_target):
             if uid not in known:
                 raise ValueError(f"target override names unknown lesion {uid}")
-        for uid, role in [(u, "target") for u in override.force_target] + \
-                         [(u, "non-target") for u in override.force_non_target]:
+        for uid, role in [(u, "target") for u in override.force_target] + [
+            (u, "non-target") for u in override.force_non_target
+        ]:
             d = known[uid]
             if d.role != role:
                 d.role, d.reason, d.overridden = role, f"{override.reason} (was: {d.reason})", True
@@ -193,7 +218,7 @@ class TimepointResponse:
     index: int
     sum_of_diameters_mm: float | None
     baseline_sum_mm: float
-    nadir_sum_mm: float | None                 # smallest sum before this timepoint (None at baseline)
+    nadir_sum_mm: float | None  # smallest sum before this timepoint (None at baseline)
     change_from_baseline_pct: float | None
     change_from_nadir_pct: float | None
     change_from_nadir_mm: float | None
@@ -222,18 +247,26 @@ class RecistAssessment:
     best_overall_response: Response
 
     def to_dict(self) -> dict[str, Any]:
-        return {"selection": self.selection.to_dict(), "timepoints": [t.to_dict() for t in self.timepoints],
-                "best_overall_response": self.best_overall_response.value}
+        return {
+            "selection": self.selection.to_dict(),
+            "timepoints": [t.to_dict() for t in self.timepoints],
+            "best_overall_response": self.best_overall_response.value,
+        }
 
 
 def _pct(value: float, ref: float) -> float | None:
     return None if ref == 0 else 100.0 * (value - ref) / ref
 
 
-def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | None = None, *,
-           selection: TargetSelection | None = None, slice_thickness_mm: float | None = None,
-           override: TargetOverride | None = None,
-           non_target_progression: Sequence[bool] | None = None) -> RecistAssessment:
+def assess(
+    timepoints: Sequence[Sequence[RecistLesion]],
+    rules: RecistRules | None = None,
+    *,
+    selection: TargetSelection | None = None,
+    slice_thickness_mm: float | None = None,
+    override: TargetOverride | None = None,
+    non_target_progression: Sequence[bool] | None = None,
+) -> RecistAssessment:
     """Assess a series of timepoints (oldest first; the first is the baseline).
 
     Lesions at a follow-up whose Tracking UID was not seen at baseline (or whose status is "new") are new lesions.
@@ -267,11 +300,18 @@ def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | No
         earlier_v = [v for v in vols[:-1] if v is not None]
         nadir_v = min(earlier_v) if earlier_v else None
 
-        new = idx > 0 and any(les.status == "new" or (les.tracking_uid not in baseline_uids and not les.vanished)
-                              for les in tp)
+        new = idx > 0 and any(
+            les.status == "new" or (les.tracking_uid not in baseline_uids and not les.vanished) for les in tp
+        )
         if new:
-            notes.append("new lesion(s): " + ", ".join(les.tracking_id or les.tracking_uid for les in tp
-                                                       if les.status == "new" or les.tracking_uid not in baseline_uids))
+            notes.append(
+                "new lesion(s): "
+                + ", ".join(
+                    les.tracking_id or les.tracking_uid
+                    for les in tp
+                    if les.status == "new" or les.tracking_uid not in baseline_uids
+                )
+            )
 
         # target response
         if not targets:
@@ -283,11 +323,17 @@ def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | No
             target_resp = Response.NE
         else:
             assert nadir is not None
-            nodes_ok = all(t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm
-                           for t in tgt if t is not None)
+            nodes_ok = all(
+                t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm
+                for t in tgt
+                if t is not None
+            )
             others_gone = all(t.vanished for t in tgt if t is not None and not t.is_node)
-            if _pct(total, nadir) is not None and (total - nadir) >= rules.pd_min_absolute_mm and \
-                    100.0 * (total - nadir) / nadir >= rules.pd_threshold_pct:
+            if (
+                _pct(total, nadir) is not None
+                and (total - nadir) >= rules.pd_min_absolute_mm
+                and 100.0 * (total - nadir) / nadir >= rules.pd_threshold_pct
+            ):
                 target_resp = Response.PD
             elif nadir == 0 and total - nadir >= rules.pd_min_absolute_mm:
                 target_resp = Response.PD
@@ -308,8 +354,9 @@ def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | No
             nt_resp = Response.PD
         elif any(n is None or not n.evaluated for n in nts):
             nt_resp = Response.NE
-        elif all(n is not None and (n.vanished or (n.is_node and n.short_axis_mm < rules.node_cr_short_axis_mm))
-                 for n in nts):
+        elif all(
+            n is not None and (n.vanished or (n.is_node and n.short_axis_mm < rules.node_cr_short_axis_mm)) for n in nts
+        ):
             nt_resp = Response.CR
         else:
             nt_resp = Response.NON_CR_NON_PD
@@ -320,8 +367,11 @@ def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | No
         vresp: Response | None = None
         v_base = vols[0]
         if idx > 0 and vol_total is not None and v_base:
-            if nadir_v is not None and nadir_v > 0 and 100.0 * (vol_total - nadir_v) / nadir_v >= \
-                    rules.volume_pd_threshold_pct:
+            if (
+                nadir_v is not None
+                and nadir_v > 0
+                and 100.0 * (vol_total - nadir_v) / nadir_v >= rules.volume_pd_threshold_pct
+            ):
                 vresp = Response.PD
             elif vol_total == 0:
                 vresp = Response.CR
@@ -329,17 +379,28 @@ def assess(timepoints: Sequence[Sequence[RecistLesion]], rules: RecistRules | No
                 vresp = Response.PR
             else:
                 vresp = Response.SD
-        results.append(TimepointResponse(
-            index=idx, sum_of_diameters_mm=total, baseline_sum_mm=base_sum, nadir_sum_mm=nadir,
-            change_from_baseline_pct=None if total is None or idx == 0 else _pct(total, base_sum),
-            change_from_nadir_pct=None if total is None or nadir is None else _pct(total, nadir),
-            change_from_nadir_mm=None if total is None or nadir is None else total - nadir,
-            target_response=target_resp, non_target_response=nt_resp, new_lesions=new, overall_response=overall,
-            sum_of_volumes_mm3=vol_total,
-            volume_change_from_baseline_pct=None if vol_total is None or idx == 0 or not v_base
-            else _pct(vol_total, v_base),
-            volume_change_from_nadir_pct=None if vol_total is None or nadir_v is None else _pct(vol_total, nadir_v),
-            volumetric_response=vresp, notes=notes))
+        results.append(
+            TimepointResponse(
+                index=idx,
+                sum_of_diameters_mm=total,
+                baseline_sum_mm=base_sum,
+                nadir_sum_mm=nadir,
+                change_from_baseline_pct=None if total is None or idx == 0 else _pct(total, base_sum),
+                change_from_nadir_pct=None if total is None or nadir is None else _pct(total, nadir),
+                change_from_nadir_mm=None if total is None or nadir is None else total - nadir,
+                target_response=target_resp,
+                non_target_response=nt_resp,
+                new_lesions=new,
+                overall_response=overall,
+                sum_of_volumes_mm3=vol_total,
+                volume_change_from_baseline_pct=None
+                if vol_total is None or idx == 0 or not v_base
+                else _pct(vol_total, v_base),
+                volume_change_from_nadir_pct=None if vol_total is None or nadir_v is None else _pct(vol_total, nadir_v),
+                volumetric_response=vresp,
+                notes=notes,
+            )
+        )
     return RecistAssessment(selection, results, best_overall_response(results))
 
 
@@ -347,7 +408,7 @@ def _overall(target: Response, non_target: Response, new: bool) -> Response:
     """RECIST 1.1 table 1 (targets present) and table 2 (non-target disease only)."""
     if new or target is Response.PD or non_target is Response.PD:
         return Response.PD
-    if target is Response.ND:                         # table 2
+    if target is Response.ND:  # table 2
         if non_target is Response.ND:
             return Response.ND
         return {Response.CR: Response.CR, Response.NON_CR_NON_PD: Response.NON_CR_NON_PD}.get(non_target, Response.NE)
@@ -360,8 +421,15 @@ def _overall(target: Response, non_target: Response, new: bool) -> Response:
     return Response.SD
 
 
-_RANK = {Response.CR: 0, Response.PR: 1, Response.NON_CR_NON_PD: 2, Response.SD: 2, Response.PD: 3, Response.NE: 4,
-         Response.ND: 5}
+_RANK = {
+    Response.CR: 0,
+    Response.PR: 1,
+    Response.NON_CR_NON_PD: 2,
+    Response.SD: 2,
+    Response.PD: 3,
+    Response.NE: 4,
+    Response.ND: 5,
+}
 
 
 def best_overall_response(timepoints: Sequence[TimepointResponse]) -> Response:

@@ -39,8 +39,8 @@ class SegSegment:
     mask: Volume
     label: str
     property_type: str
-    algorithm: tuple[str, str] | None = None          # (name, version)
-    tracking_from_file: bool = True                   # False when the UID was derived (segment had none)
+    algorithm: tuple[str, str] | None = None  # (name, version)
+    tracking_from_file: bool = True  # False when the UID was derived (segment had none)
 
 
 @dataclass
@@ -65,7 +65,7 @@ def derived_tracking_uid(sop_instance_uid: str, segment_number: int) -> str:
 def _hd_volume_to_volume(vol: hd.Volume, array: np.ndarray) -> Volume:
     """highdicom Volume (array axes slice,row,column; affine on array indices) → our Volume (array [k, j, i])."""
     a = np.asarray(vol.affine, float)
-    cols = [a[:3, 2], a[:3, 1], a[:3, 0]]          # i (column), j (row), k (slice) steps in LPS mm
+    cols = [a[:3, 2], a[:3, 1], a[:3, 0]]  # i (column), j (row), k (slice) steps in LPS mm
     spacing = np.array([np.linalg.norm(c) for c in cols])
     direction = np.stack([c / s for c, s in zip(cols, spacing)], 1)
     return Volume(array, origin=a[:3, 3], spacing=spacing, direction=direction)
@@ -97,8 +97,14 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
     if arr.ndim == 3:
         arr = arr[..., None]
     seg_type = str(seg.segmentation_type.value)
-    out = SegContents(str(path), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
-                      [str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])], seg_type)
+    out = SegContents(
+        str(path),
+        str(ds.SOPInstanceUID),
+        str(ds.SeriesInstanceUID),
+        str(ds.StudyInstanceUID),
+        [str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])],
+        seg_type,
+    )
     for idx, n in enumerate(numbers):
         desc = seg.get_segment_description(n)
         plane = arr[..., idx]
@@ -117,9 +123,13 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
         uid, tid = desc.tracking_uid, desc.tracking_id
         site = regions[0] if regions else None
         is_node = any("lymph node" in t.lower() for t in [*regions, ptype])
-        ident = LesionIdentity(tracking_uid=str(uid) if uid else derived_tracking_uid(out.sop_instance_uid, n),
-                               tracking_id=str(tid) if tid else (label or f"Segment {n}"), label=n,
-                               anatomic_site=site, is_node=is_node)
+        ident = LesionIdentity(
+            tracking_uid=str(uid) if uid else derived_tracking_uid(out.sop_instance_uid, n),
+            tracking_id=str(tid) if tid else (label or f"Segment {n}"),
+            label=n,
+            anatomic_site=site,
+            is_node=is_node,
+        )
         algo = None
         algo_seq = desc.get("SegmentationAlgorithmIdentificationSequence")
         if algo_seq:
@@ -137,8 +147,13 @@ def read_seg_prompts(path: str | Path, ct: Volume | None = None) -> list[Prompt]
         if not s.mask.array.any():
             log.warning("SEG %s segment %d is empty; skipped", contents.sop_instance_uid, s.number)
             continue
-        prompts.append(Prompt(identity=s.identity, kind=PromptKind.MASK, mask=s.mask,
-                              source=f"SEG {contents.sop_instance_uid} segment {s.number}",
-                              meta={"segment_number": s.number, "segment_label": s.label,
-                                    "tracking_from_file": s.tracking_from_file}))
+        prompts.append(
+            Prompt(
+                identity=s.identity,
+                kind=PromptKind.MASK,
+                mask=s.mask,
+                source=f"SEG {contents.sop_instance_uid} segment {s.number}",
+                meta={"segment_number": s.number, "segment_label": s.label, "tracking_from_file": s.tracking_from_file},
+            )
+        )
     return prompts

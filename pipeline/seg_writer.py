@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -41,8 +41,18 @@ except Exception:  # pragma: no cover - running from a source tree without insta
     SOFTWARE_VERSION = "0.1.0"
 
 # Display colours (CIELab via sRGB) cycled over segments.
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+]
 
 
 class SegWriteError(ValueError):
@@ -52,11 +62,11 @@ class SegWriteError(ValueError):
 @dataclass
 class SegWriteResult:
     dataset: hd.seg.Segmentation
-    segment_numbers: dict[str, int] = field(default_factory=dict)   # tracking UID → segment number
-    source_datasets: list[Dataset] = field(default_factory=list)    # source slices sorted along the slice normal
-    grid: Volume | None = None                                      # geometry of the sorted source slices
+    segment_numbers: dict[str, int] = field(default_factory=dict)  # tracking UID → segment number
+    source_datasets: list[Dataset] = field(default_factory=list)  # source slices sorted along the slice normal
+    grid: Volume | None = None  # geometry of the sorted source slices
     segmentation_type: str = "binary"
-    segment_slices: dict[int, list[int]] = field(default_factory=dict)   # segment number → sorted slice indices
+    segment_slices: dict[int, list[int]] = field(default_factory=dict)  # segment number → sorted slice indices
 
 
 def anatomic_code(site: str | None) -> hd.sr.CodedConcept | None:
@@ -77,14 +87,26 @@ def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
     datasets = [_with_sop_identity(ds) for ds in datasets]
     first = datasets[0]
     for ds in datasets:
-        for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
-                   "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        for kw in (
+            "ImageOrientationPatient",
+            "ImagePositionPatient",
+            "PixelSpacing",
+            "Rows",
+            "Columns",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "FrameOfReferenceUID",
+        ):
             if not ds.get(kw):
-                raise SegWriteError(f"source image {getattr(ds, 'filename', None) or ds.get('SOPInstanceUID', '?')} "
-                                    f"lacks {kw} (a SEG/SR must reference it)")
+                raise SegWriteError(
+                    f"source image {getattr(ds, 'filename', None) or ds.get('SOPInstanceUID', '?')} "
+                    f"lacks {kw} (a SEG/SR must reference it)"
+                )
         if ds.SeriesInstanceUID != first.SeriesInstanceUID:
-            raise SegWriteError(f"source images from several series ({first.SeriesInstanceUID}, "
-                                f"{ds.SeriesInstanceUID}); one SEG references one series")
+            raise SegWriteError(
+                f"source images from several series ({first.SeriesInstanceUID}, "
+                f"{ds.SeriesInstanceUID}); one SEG references one series"
+            )
     iop = np.array(first.ImageOrientationPatient, float)
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
@@ -96,9 +118,12 @@ def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
         raise SegWriteError(f"series {first.SeriesInstanceUID}: two slices at the same position")
     sk = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1.0) or 1.0)
     ps = [float(v) for v in first.PixelSpacing]
-    grid = Volume(np.zeros((len(sorted_ds), int(first.Rows), int(first.Columns)), np.uint8),
-                  origin=np.array(sorted_ds[0].ImagePositionPatient, float), spacing=[ps[1], ps[0], sk],
-                  direction=np.stack([row, col, normal], 1))
+    grid = Volume(
+        np.zeros((len(sorted_ds), int(first.Rows), int(first.Columns)), np.uint8),
+        origin=np.array(sorted_ds[0].ImagePositionPatient, float),
+        spacing=[ps[1], ps[0], sk],
+        direction=np.stack([row, col, normal], 1),
+    )
     return sorted_ds, grid
 
 
@@ -120,16 +145,27 @@ def _mask_on_grid(lesion: TrackedLesion, grid: Volume) -> np.ndarray:
     return mask_onto_grid(lesion.mask, grid)
 
 
-def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesion], *,
-              segmentation_type: str = "binary", series_number: int = 901, instance_number: int = 1,
-              series_description: str = "LesionTrack lesions", manufacturer: str = SOFTWARE_NAME,
-              software_version: str = SOFTWARE_VERSION, algorithm_type: str = "SEMIAUTOMATIC",
-              workers: int = 0, series_instance_uid: str | None = None,
-              sop_instance_uid: str | None = None) -> SegWriteResult:
+def write_seg(
+    source_datasets: Sequence[Dataset],
+    lesions: Sequence[TrackedLesion],
+    *,
+    segmentation_type: str = "binary",
+    series_number: int = 901,
+    instance_number: int = 1,
+    series_description: str = "LesionTrack lesions",
+    manufacturer: str = SOFTWARE_NAME,
+    software_version: str = SOFTWARE_VERSION,
+    algorithm_type: str = "SEMIAUTOMATIC",
+    workers: int = 0,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> SegWriteResult:
     """Build the SEG of ``lesions`` (present ones only) on the CT series ``source_datasets`` (metadata suffices)."""
     sorted_ds, grid = sort_source_slices(source_datasets)
-    present = sorted((les for les in lesions if les.status is not LesionStatus.VANISHED),
-                     key=lambda les: (les.identity.label, les.identity.tracking_id))
+    present = sorted(
+        (les for les in lesions if les.status is not LesionStatus.VANISHED),
+        key=lambda les: (les.identity.label, les.identity.tracking_id),
+    )
     kind = segmentation_type.lower()
     if kind not in ("binary", "labelmap", "auto"):
         raise SegWriteError(f"unknown segmentation type {segmentation_type!r} (binary, labelmap or auto)")
@@ -142,12 +178,16 @@ def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesio
         m = _mask_on_grid(les, grid)
         ks = np.flatnonzero(m.any(axis=(1, 2)))
         if ks.size == 0:
-            log.warning("lesion %s (%s) has an empty mask on series %s: no segment written",
-                        les.identity.tracking_id, les.identity.tracking_uid, sorted_ds[0].SeriesInstanceUID)
+            log.warning(
+                "lesion %s (%s) has an empty mask on series %s: no segment written",
+                les.identity.tracking_id,
+                les.identity.tracking_uid,
+                sorted_ds[0].SeriesInstanceUID,
+            )
             continue
         overlap = overlap or bool((labels[m] != 0).any())
         labels[m] = len(kept) + 1
-        crops.append((int(ks[0]), m[ks[0]:ks[-1] + 1].copy()))
+        crops.append((int(ks[0]), m[ks[0] : ks[-1] + 1].copy()))
         kept.append(les)
         del m
     if not kept:
@@ -182,35 +222,54 @@ def write_seg(source_datasets: Sequence[Dataset], lesions: Sequence[TrackedLesio
         region = anatomic_code(ident.anatomic_site)
         algo = None
         if algorithm_type.upper() != "MANUAL":
-            algo = hd.AlgorithmIdentificationSequence(name=les.engine or SOFTWARE_NAME,
-                                                      version=les.engine_version or software_version,
-                                                      family=codes.cid7162.ArtificialIntelligence)
+            algo = hd.AlgorithmIdentificationSequence(
+                name=les.engine or SOFTWARE_NAME,
+                version=les.engine_version or software_version,
+                family=codes.cid7162.ArtificialIntelligence,
+            )
         r, g, b = _PALETTE[(number - 1) % len(_PALETTE)]
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=ident.tracking_id[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Lesion,
-            algorithm_type=algorithm_type.upper(), algorithm_identification=algo,
-            tracking_uid=ident.tracking_uid, tracking_id=ident.tracking_id[:64],
-            anatomic_regions=[region] if region is not None else None,
-            display_color=hd.color.CIELabColor.from_rgb(r, g, b)))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=ident.tracking_id[:64],
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Lesion,
+                algorithm_type=algorithm_type.upper(),
+                algorithm_identification=algo,
+                tracking_uid=ident.tracking_uid,
+                tracking_id=ident.tracking_id[:64],
+                anatomic_regions=[region] if region is not None else None,
+                display_color=hd.color.CIELabColor.from_rgb(r, g, b),
+            )
+        )
 
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixel,
-        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP if kind == "labelmap"
+        source_images=sources,
+        pixel_array=pixel,
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP
+        if kind == "labelmap"
         else hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid or hd.UID(), series_number=series_number,
-        sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,
-        manufacturer=manufacturer, manufacturer_model_name=SOFTWARE_NAME, software_versions=software_version,
-        device_serial_number="0", content_label="LESIONS", content_description="Tracked lesions",
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=SOFTWARE_NAME,
+        software_versions=software_version,
+        device_serial_number="0",
+        content_label="LESIONS",
+        content_description="Tracked lesions",
         series_description=series_description,
         transfer_syntax_uid=RLELossless if kind == "labelmap" else ExplicitVRLittleEndian,
-        omit_empty_frames=True, workers=workers)
+        omit_empty_frames=True,
+        workers=workers,
+    )
     log.info("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
     slices_of = {i: [k0 + d for d in range(c.shape[0]) if c[d].any()] for i, (k0, c) in enumerate(crops, start=1)}
-    return SegWriteResult(seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds,
-                          grid, kind, slices_of)
+    return SegWriteResult(
+        seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds, grid, kind, slices_of
+    )
 
 
 def save_new(dataset: Dataset, directory: str | Path) -> Path:
@@ -218,6 +277,6 @@ def save_new(dataset: Dataset, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{dataset.SOPInstanceUID}.dcm"
-    with open(path, "xb") as fh:          # "x": fail if it exists — SEG/SR are never overwritten
+    with open(path, "xb") as fh:  # "x": fail if it exists — SEG/SR are never overwritten
         dataset.save_as(fh, enforce_file_format=True)
     return path

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -32,8 +33,13 @@ from pipeline.measurements import Axis, LesionMeasurement
 
 log = logging.getLogger(__name__)
 
-SR_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
-                  "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.35"}
+SR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.11",
+    "1.2.840.10008.5.1.4.1.1.88.22",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.88.35",
+}
 
 # concept codes (value, scheme) used below
 TRACKING_ID = ("112039", "DCM")
@@ -64,19 +70,22 @@ class SrReadError(ValueError):
 
 @dataclass
 class ImageGeometry:
-    position: np.ndarray          # IPP (3)
-    row_dir: np.ndarray           # IOP[0:3] (direction of increasing column index)
-    col_dir: np.ndarray           # IOP[3:6]
+    position: np.ndarray  # IPP (3)
+    row_dir: np.ndarray  # IOP[0:3] (direction of increasing column index)
+    col_dir: np.ndarray  # IOP[3:6]
     spacing: tuple[float, float]  # (row spacing, column spacing) = PixelSpacing
 
     def to_patient(self, colrow: np.ndarray) -> np.ndarray:
         """SCOORD (column, row) pairs → LPS mm."""
         cr = np.asarray(colrow, float).reshape(-1, 2) - 0.5
-        return (self.position[None] + cr[:, :1] * self.spacing[1] * self.row_dir[None]
-                + cr[:, 1:2] * self.spacing[0] * self.col_dir[None])
+        return (
+            self.position[None]
+            + cr[:, :1] * self.spacing[1] * self.row_dir[None]
+            + cr[:, 1:2] * self.spacing[0] * self.col_dir[None]
+        )
 
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> "ImageGeometry":
+    def from_dataset(cls, ds: Dataset) -> ImageGeometry:
         iop = np.array(ds.ImageOrientationPatient, float)
         ps = [float(v) for v in ds.PixelSpacing]
         return cls(np.array(ds.ImagePositionPatient, float), iop[:3], iop[3:], (ps[0], ps[1]))
@@ -85,10 +94,10 @@ class ImageGeometry:
 @dataclass
 class Shape:
     graphic_type: str
-    points_mm: np.ndarray | None       # (N, 3) LPS; None when the image geometry is unknown
-    pixel_points: np.ndarray | None    # (N, 2) for 2-D SCOORD
+    points_mm: np.ndarray | None  # (N, 3) LPS; None when the image geometry is unknown
+    pixel_points: np.ndarray | None  # (N, 2) for 2-D SCOORD
     image_uid: str | None
-    purpose: tuple[str, str] | None = None   # the concept of the SCOORD (or of its parent NUM)
+    purpose: tuple[str, str] | None = None  # the concept of the SCOORD (or of its parent NUM)
 
 
 @dataclass
@@ -110,8 +119,8 @@ class SrGroup:
     time_point: str | None = None
     nums: list[NumItem] = field(default_factory=list)
     shapes: list[Shape] = field(default_factory=list)
-    referenced_segment: tuple[str, int] | None = None     # (SEG SOP Instance UID, segment number)
-    qualitative: dict[str, tuple[str, str, str]] = field(default_factory=dict)   # name → (value, scheme, meaning)
+    referenced_segment: tuple[str, int] | None = None  # (SEG SOP Instance UID, segment number)
+    qualitative: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name → (value, scheme, meaning)
 
     def num(self, codes_: Iterable[tuple[str, str]] | tuple[str, str]) -> NumItem | None:
         wanted = {codes_} if isinstance(codes_, tuple) and isinstance(codes_[0], str) else set(codes_)  # type: ignore
@@ -125,8 +134,8 @@ class SrContents:
     series_instance_uid: str
     study_instance_uid: str
     groups: list[SrGroup] = field(default_factory=list)
-    response: dict[str, Any] = field(default_factory=dict)      # from the Qualitative Evaluations container
-    predecessors: list[str] = field(default_factory=list)       # SOP Instance UIDs of earlier versions
+    response: dict[str, Any] = field(default_factory=dict)  # from the Qualitative Evaluations container
+    predecessors: list[str] = field(default_factory=list)  # SOP Instance UIDs of earlier versions
 
     def tracking_uids(self) -> list[str]:
         seen: list[str] = []
@@ -199,8 +208,9 @@ def _geometry_lookup(root: Dataset, images: Sequence[Dataset] | None, ct: Volume
             if uid in geo:
                 continue
             pos = ct.index_to_patient(np.array([0.0, 0.0, k]))
-            geo[str(uid)] = ImageGeometry(pos, ct.direction[:, 0], ct.direction[:, 1],
-                                          (float(ct.spacing[1]), float(ct.spacing[0])))
+            geo[str(uid)] = ImageGeometry(
+                pos, ct.direction[:, 0], ct.direction[:, 1], (float(ct.spacing[1]), float(ct.spacing[0]))
+            )
     return geo
 
 
@@ -244,7 +254,7 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
                     s = _shape(cc, geo, key)
                     if s is not None:
                         num.shapes.append(s)
-                elif cc.ValueType == "CODE" and _key(cc) == ("121401", "DCM"):       # Derivation
+                elif cc.ValueType == "CODE" and _key(cc) == ("121401", "DCM"):  # Derivation
                     num.derivation = _code(cc, "ConceptCodeSequence")[2]  # type: ignore[index]
             g.nums.append(num)
         elif vt in ("SCOORD", "SCOORD3D"):
@@ -260,7 +270,7 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
             val = _code(c, "ConceptCodeSequence")
             if val is not None:
                 g.qualitative[code[2]] = val
-        elif vt == "CONTAINER":         # TID 1502 time point context may be nested in some writers
+        elif vt == "CONTAINER":  # TID 1502 time point context may be nested in some writers
             for cc in _children(c):
                 if _key(cc) == TIME_POINT and cc.ValueType == "TEXT":
                     g.time_point = str(cc.TextValue)
@@ -322,7 +332,7 @@ def _box_from_points(pts: np.ndarray, is_line: bool) -> tuple[np.ndarray, np.nda
         fill = float(ext[~flat].mean()) if (~flat).any() else big
     centre = (lo + hi) / 2
     half = np.where(flat, fill / 2, ext / 2)
-    if is_line:                     # a diameter: the lesion lies in the ball spanned by it
+    if is_line:  # a diameter: the lesion lies in the ball spanned by it
         half = np.full(3, big / 2)
     return centre - half, centre + half
 
@@ -354,8 +364,13 @@ def _segment_mask(ref: tuple[str, int], seg_files: Sequence[Path], ct: Volume | 
     return None
 
 
-def read_sr_prompts(path: str | Path, ct: Volume | None = None, *, images: Sequence[Dataset] | None = None,
-                    seg_files: Sequence[str | Path] | None = None) -> list[Prompt]:
+def read_sr_prompts(
+    path: str | Path,
+    ct: Volume | None = None,
+    *,
+    images: Sequence[Dataset] | None = None,
+    seg_files: Sequence[str | Path] | None = None,
+) -> list[Prompt]:
     """One prompt per lesion (groups merged by Tracking UID); groups without any usable coordinate are skipped.
 
     A group that only references a SEG segment (dcmqi style) becomes a MASK prompt when that SEG is among
@@ -384,18 +399,26 @@ def read_sr_prompts(path: str | Path, ct: Volume | None = None, *, images: Seque
             if mask is not None:
                 text = next((g.tracking_id for g in groups if g.tracking_id), None) or f"L{n}"
                 site = next((g.finding_site for g in groups if g.finding_site), None)
-                prompts.append(Prompt(LesionIdentity(uid, text, n, site, "lymph node" in (site or "").lower()),
-                                      PromptKind.MASK, mask=mask,
-                                      source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}"))
+                prompts.append(
+                    Prompt(
+                        LesionIdentity(uid, text, n, site, "lymph node" in (site or "").lower()),
+                        PromptKind.MASK,
+                        mask=mask,
+                        source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}",
+                    )
+                )
                 continue
         if not usable:
             if shapes:
-                log.warning("SR %s lesion %s: coordinates reference images of unknown geometry; skipped "
-                            "(pass the CT)", contents.sop_instance_uid, uid)
+                log.warning(
+                    "SR %s lesion %s: coordinates reference images of unknown geometry; skipped (pass the CT)",
+                    contents.sop_instance_uid,
+                    uid,
+                )
             continue
         text = next((g.tracking_id for g in groups if g.tracking_id), None)
         site = next((g.finding_site for g in groups if g.finding_site), None)
-        if not text or text.startswith("cornerstone"):      # OHIF tool tag, not a lesion label
+        if not text or text.startswith("cornerstone"):  # OHIF tool tag, not a lesion label
             text = f"L{n}" + (f" {site.lower()}" if site else "")
         is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
         ident = LesionIdentity(uid, text, n, site, is_node)
@@ -405,29 +428,44 @@ def read_sr_prompts(path: str | Path, ct: Volume | None = None, *, images: Seque
             prompts.append(Prompt(ident, PromptKind.POINTS, points_mm=pts, source=source))
             continue
         pts = np.concatenate([_shape_outline(s) for s in usable if s.graphic_type not in ("POINT", "MULTIPOINT")])
-        is_line = all(s.graphic_type == "POLYLINE" and len(s.points_mm) == 2 for s in usable  # type: ignore[arg-type]
-                      if s.graphic_type not in ("POINT", "MULTIPOINT")) and len(usable) == 1
-        prompts.append(Prompt(ident, PromptKind.BOX, box_mm=_box_from_points(pts, is_line), source=source,
-                              meta={"graphic_types": sorted({s.graphic_type for s in usable})}))
+        is_line = (
+            all(
+                s.graphic_type == "POLYLINE" and len(s.points_mm) == 2
+                for s in usable  # type: ignore[arg-type]
+                if s.graphic_type not in ("POINT", "MULTIPOINT")
+            )
+            and len(usable) == 1
+        )
+        prompts.append(
+            Prompt(
+                ident,
+                PromptKind.BOX,
+                box_mm=_box_from_points(pts, is_line),
+                source=source,
+                meta={"graphic_types": sorted({s.graphic_type for s in usable})},
+            )
+        )
     log.info("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
     return prompts
 
 
 def _shape_outline(s: Shape) -> np.ndarray:
     pts = np.asarray(s.points_mm, float)
-    if s.graphic_type == "CIRCLE" and len(pts) >= 2:          # centre + a point on the circumference
+    if s.graphic_type == "CIRCLE" and len(pts) >= 2:  # centre + a point on the circumference
         r = float(np.linalg.norm(pts[1] - pts[0]))
         # circle in the image plane: use the plane's axes when known, else an axis-aligned square
-        return np.array([pts[0] + d for d in (np.array([r, 0, 0]), np.array([-r, 0, 0]), np.array([0, r, 0]),
-                                              np.array([0, -r, 0]))])
-    return pts                                                 # ELLIPSE: the 4 axis end points; polylines as is
+        return np.array(
+            [pts[0] + d for d in (np.array([r, 0, 0]), np.array([-r, 0, 0]), np.array([0, r, 0]), np.array([0, -r, 0]))]
+        )
+    return pts  # ELLIPSE: the 4 axis end points; polylines as is
 
 
 # -- our own measurements back ---------------------------------------------------------------------------------------
 
 
-def read_sr_measurements(path: str | Path, *, images: Sequence[Dataset] | None = None,
-                         ct: Volume | None = None) -> dict[str, LesionMeasurement]:
+def read_sr_measurements(
+    path: str | Path, *, images: Sequence[Dataset] | None = None, ct: Volume | None = None
+) -> dict[str, LesionMeasurement]:
     """Measurements written by :mod:`pipeline.sr_writer`, per Tracking UID (centre comes from the SEG, not the SR)."""
     contents = read_sr(path, images=images, ct=ct)
     out: dict[str, LesionMeasurement] = {}
@@ -436,8 +474,12 @@ def read_sr_measurements(path: str | Path, *, images: Sequence[Dataset] | None =
             continue
         m = out.get(g.tracking_uid)
         if m is None:
-            m = out[g.tracking_uid] = LesionMeasurement(tracking_uid=g.tracking_uid, tracking_id=g.tracking_id or "",
-                                                        series_uid=None, anatomic_site=g.finding_site)
+            m = out[g.tracking_uid] = LesionMeasurement(
+                tracking_uid=g.tracking_uid,
+                tracking_id=g.tracking_id or "",
+                series_uid=None,
+                anatomic_site=g.finding_site,
+            )
             m.status = "present"
         status = g.qualitative.get("Lesion status")
         if status:
@@ -457,8 +499,9 @@ def read_sr_measurements(path: str | Path, *, images: Sequence[Dataset] | None =
             item = g.num(codes_)
             if item is None or item.value == 0:
                 continue
-            shapes = item.shapes or ([s for s in g.shapes if s.graphic_type == "POLYLINE"] if attr == "long_axis"
-                                     else [])
+            shapes = item.shapes or (
+                [s for s in g.shapes if s.graphic_type == "POLYLINE"] if attr == "long_axis" else []
+            )
             axis = Axis(item.value, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), -1)
             if shapes and shapes[0].points_mm is not None and len(shapes[0].points_mm) >= 2:
                 p = shapes[0].points_mm

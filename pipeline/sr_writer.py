@@ -28,8 +28,8 @@ and is a new instance.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -86,8 +86,10 @@ OVERALL_CODES: dict[Response, Code] = {
     Response.ND: _local("ND", "No disease"),
 }
 TARGET_CODES: dict[Response, Code] = {
-    Response.CR: codes.DCM.TargetLesionCompleteResponse, Response.PR: codes.DCM.TargetLesionPartialResponse,
-    Response.PD: codes.DCM.TargetLesionProgressiveDisease, Response.SD: codes.DCM.TargetLesionStableDisease,
+    Response.CR: codes.DCM.TargetLesionCompleteResponse,
+    Response.PR: codes.DCM.TargetLesionPartialResponse,
+    Response.PD: codes.DCM.TargetLesionProgressiveDisease,
+    Response.SD: codes.DCM.TargetLesionStableDisease,
 }
 NON_TARGET_CODES: dict[Response, Code] = {
     Response.CR: codes.DCM.NonTargetLesionCompleteResponse,
@@ -95,7 +97,8 @@ NON_TARGET_CODES: dict[Response, Code] = {
     Response.PD: codes.DCM.NonTargetLesionProgressiveDisease,
 }
 BASELINE_CATEGORY_CODES: dict[str, Code] = {
-    "target": codes.DCM.TargetLesionAtBaseline, "non-target": codes.DCM.NonTargetLesionAtBaseline,
+    "target": codes.DCM.TargetLesionAtBaseline,
+    "non-target": codes.DCM.NonTargetLesionAtBaseline,
     "normal node": codes.DCM.NonLesionAtBaseline,
 }
 STATUS_CODES = {"present": LT.PRESENT, "vanished": LT.VANISHED, "new": LT.NEW}
@@ -114,28 +117,29 @@ class LesionReport:
 
     measurement: LesionMeasurement
     changes: LesionChanges | None = None
-    baseline_category: str | None = None      # "target", "non-target", "normal node" (RECIST selection role)
-    expected_centre_mm: tuple[float, float, float] | None = None   # where a vanished lesion was looked for
+    baseline_category: str | None = None  # "target", "non-target", "normal node" (RECIST selection role)
+    expected_centre_mm: tuple[float, float, float] | None = None  # where a vanished lesion was looked for
 
 
 @dataclass
 class TimePoint:
     """TID 1502 time point context."""
 
-    label: str                     # e.g. "T2"
-    index: int = 0                 # 0 = baseline
+    label: str  # e.g. "T2"
+    index: int = 0  # 0 = baseline
     date: str | None = None
 
     def context(self) -> hd.sr.TimePointContext:
         tp_type = codes.UMLS.Baseline if self.index == 0 else codes.DCM.Posttreatment
-        return hd.sr.TimePointContext(time_point=self.label, time_point_type=tp_type,
-                                      subject_time_point_identifier=f"{self.index}")
+        return hd.sr.TimePointContext(
+            time_point=self.label, time_point_type=tp_type, subject_time_point_identifier=f"{self.index}"
+        )
 
 
 @dataclass
 class SrWriteResult:
     dataset: hd.sr.Comprehensive3DSR
-    key_slices: dict[str, str] = field(default_factory=dict)   # tracking UID → key slice SOP Instance UID
+    key_slices: dict[str, str] = field(default_factory=dict)  # tracking UID → key slice SOP Instance UID
 
 
 def _num(name: Code, value: float, unit: Code, **kw: object) -> hd.sr.Measurement:
@@ -167,7 +171,7 @@ class _SliceLocator:
         pts = np.array([axis.start_mm, axis.end_mm], float)
         ijk = self.grid.patient_to_index(pts)
         k = int(np.clip(np.rint(ijk[:, 2].mean()), 0, len(self.datasets) - 1))
-        return self.datasets[k], ijk[:, :2] + 0.5     # DICOM SCOORD: (0, 0) = top-left corner of the first pixel
+        return self.datasets[k], ijk[:, :2] + 0.5  # DICOM SCOORD: (0, 0) = top-left corner of the first pixel
 
     def source_for_group(self) -> hd.sr.SourceImageForMeasurementGroup:
         ds = self.datasets[len(self.datasets) // 2]
@@ -177,8 +181,11 @@ class _SliceLocator:
         ijk = self.grid.patient_to_index(np.asarray(point, float).reshape(1, 3))[0]
         k = int(np.clip(np.rint(ijk[2]), 0, len(self.datasets) - 1))
         ds = self.datasets[k]
-        return ds, (ijk[None, :2] + 0.5).astype(np.float32), hd.sr.SourceImageForRegion(ds.SOPClassUID,
-                                                                                          ds.SOPInstanceUID)
+        return (
+            ds,
+            (ijk[None, :2] + 0.5).astype(np.float32),
+            hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID),
+        )
 
     def scoord(self, axis: Axis) -> tuple[Dataset, np.ndarray, hd.sr.SourceImageForRegion]:
         ds, colrow = self.locate(axis)
@@ -186,13 +193,24 @@ class _SliceLocator:
         return ds, colrow.astype(np.float32), src
 
 
-def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult | None, lesions: Sequence[LesionReport], *,
-             time_point: TimePoint, recist: TimepointResponse | None = None,
-             best_overall: Response | None = None, prior_evidence: Sequence[Dataset] = (),
-             previous_versions: Sequence[Dataset] = (), series_number: int = 902, instance_number: int = 1,
-             series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
-             manufacturer: str = SOFTWARE_NAME, software_version: str = SOFTWARE_VERSION,
-             device_uid: str | None = None) -> SrWriteResult:
+def write_sr(
+    source_datasets: Sequence[Dataset],
+    seg: SegWriteResult | None,
+    lesions: Sequence[LesionReport],
+    *,
+    time_point: TimePoint,
+    recist: TimepointResponse | None = None,
+    best_overall: Response | None = None,
+    prior_evidence: Sequence[Dataset] = (),
+    previous_versions: Sequence[Dataset] = (),
+    series_number: int = 902,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    manufacturer: str = SOFTWARE_NAME,
+    software_version: str = SOFTWARE_VERSION,
+    device_uid: str | None = None,
+) -> SrWriteResult:
     """Build the TID 1500 report of one follow-up series (see the module docstring for the content).
 
     ``seg`` is None when no lesion is present (e.g. complete response): the report then holds only the vanished
@@ -200,8 +218,10 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult | None, les
     """
     locator = _SliceLocator(source_datasets)
     if seg is not None and seg.segmentation_type != "binary":
-        log.info("SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
-                 "66.7 (validator gap); BINARY SEGs validate cleanly")
+        log.info(
+            "SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
+            "66.7 (validator gap); BINARY SEGs validate cleanly"
+        )
     seg_ds = seg.dataset if seg is not None else None
     tp_ctx = time_point.context
     groups: list = []
@@ -219,49 +239,75 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult | None, les
         status = STATUS_CODES.get(m.status, LT.PRESENT)
         quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
         if rep.baseline_category in BASELINE_CATEGORY_CODES:
-            quals.append(hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY,
-                                                     BASELINE_CATEGORY_CODES[rep.baseline_category]))
+            quals.append(
+                hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category])
+            )
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
         if not m.present or segment_number is None:
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
-            zero = [_num(codes.SCT.Volume, 0.0, MM3), _num(codes.SCT.LongAxis, 0.0, MM),
-                    _num(codes.SCT.ShortAxis, 0.0, MM), *_change_measurements(rep.changes, "volume_mm3", MM3),
-                    *_change_measurements(rep.changes, "recist_diameter_mm", MM)]
+            zero = [
+                _num(codes.SCT.Volume, 0.0, MM3),
+                _num(codes.SCT.LongAxis, 0.0, MM),
+                _num(codes.SCT.ShortAxis, 0.0, MM),
+                *_change_measurements(rep.changes, "volume_mm3", MM3),
+                *_change_measurements(rep.changes, "recist_diameter_mm", MM),
+            ]
             where = rep.expected_centre_mm if rep.expected_centre_mm is not None else m.centre_mm
             if where is not None:
                 # TID 1410 with a POINT where the lesion was looked for (viewers draw it; pixelmed-clean)
                 ds, point_px, src = locator.scoord_point(where)
                 key_slices[m.tracking_uid] = ds
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
-                    time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
-                    measurements=zero, qualitative_evaluations=quals))
+                groups.append(
+                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=tid,
+                        referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
+                        time_point_context=tp_ctx(),
+                        finding_type=codes.SCT.Lesion,
+                        finding_sites=sites,
+                        measurements=zero,
+                        qualitative_evaluations=quals,
+                    )
+                )
             else:
                 # No location known: a TID 1501 group over the series. Valid DICOM, but pixelmed 2022 applies the
                 # TID 1411 conditions to every group once one 1411 group exists and then reports errors — pass
                 # expected_centre_mm (TrackedLesion.propagated_centre_mm) to avoid this.
-                log.warning("vanished lesion %s has no expected location; written as a TID 1501 group",
-                            m.tracking_uid)
-                groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tid, time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion,
-                    finding_sites=sites, measurements=zero, qualitative_evaluations=quals,
-                    source_images=[locator.source_for_group()]))
+                log.warning("vanished lesion %s has no expected location; written as a TID 1501 group", m.tracking_uid)
+                groups.append(
+                    hd.sr.MeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=tid,
+                        time_point_context=tp_ctx(),
+                        finding_type=codes.SCT.Lesion,
+                        finding_sites=sites,
+                        measurements=zero,
+                        qualitative_evaluations=quals,
+                        source_images=[locator.source_for_group()],
+                    )
+                )
             continue
 
         # TID 1411: volume etc. of the SEG segment
-        vol_meas = [_num(codes.SCT.Volume, m.volume_mm3, MM3),
-                    _num(codes.SCT.Diameter, m.max_3d_diameter_mm, MM, derivation=codes.SCT.Maximum)]
+        vol_meas = [
+            _num(codes.SCT.Volume, m.volume_mm3, MM3),
+            _num(codes.SCT.Diameter, m.max_3d_diameter_mm, MM, derivation=codes.SCT.Maximum),
+        ]
         if m.hu_mean is not None:
             vol_meas.append(_num(codes.SCT.Mean, m.hu_mean, HU))
         if m.hu_sd is not None:
             vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
         vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tid,
-            referenced_segment=_referenced_segment(seg, segment_number),  # type: ignore[arg-type]
-            time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
-            measurements=vol_meas, qualitative_evaluations=quals))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tid,
+                referenced_segment=_referenced_segment(seg, segment_number),  # type: ignore[arg-type]
+                time_point_context=tp_ctx(),
+                finding_type=codes.SCT.Lesion,
+                finding_sites=sites,
+                measurements=vol_meas,
+                qualitative_evaluations=quals,
+            )
+        )
 
         # TID 1410: long axis polyline on the key slice + short axis
         if m.long_axis is None or m.short_axis is None:
@@ -273,43 +319,79 @@ def write_sr(source_datasets: Sequence[Dataset], seg: SegWriteResult | None, les
         planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64]),
             referenced_region=hd.sr.ImageRegion("POLYLINE", long_px, src),
-            time_point_context=tp_ctx(), finding_type=codes.SCT.Lesion, finding_sites=sites,
-            measurements=planar_meas)
+            time_point_context=tp_ctx(),
+            finding_type=codes.SCT.Lesion,
+            finding_sites=sites,
+            measurements=planar_meas,
+        )
         # The short axis keeps its own end points (NUM INFERRED FROM SCOORD POLYLINE, TID 300 row 9). highdicom
         # refuses referenced coordinates inside a TID 1410 group's constructor, so the item is appended afterwards.
         container = planar[0]
-        extra = [_num(codes.SCT.ShortAxis, m.short_axis.length_mm, MM, method=codes.DCM.RECIST1Point1,
-                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)]),
-                 *_change_measurements(rep.changes, "recist_diameter_mm", MM)]
+        extra = [
+            _num(
+                codes.SCT.ShortAxis,
+                m.short_axis.length_mm,
+                MM,
+                method=codes.DCM.RECIST1Point1,
+                referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)],
+            ),
+            *_change_measurements(rep.changes, "recist_diameter_mm", MM),
+        ]
         for template in extra:
             for item in template:
                 container.ContentSequence.append(item)
         groups.append(planar)
 
-
-    observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid or hd.UID(), name=SOFTWARE_NAME, manufacturer_name=manufacturer,
-            model_name=f"{SOFTWARE_NAME} {software_version}")))
+    observer = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid or hd.UID(),
+                name=SOFTWARE_NAME,
+                manufacturer_name=manufacturer,
+                model_name=f"{SOFTWARE_NAME} {software_version}",
+            ),
+        )
+    )
     library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
-    report = hd.sr.MeasurementReport(observation_context=observer, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-                                     imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport,
-                                     referenced_images=library or [locator.datasets[0]])
+    report = hd.sr.MeasurementReport(
+        observation_context=observer,
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=library or [locator.datasets[0]],
+    )
     if recist is not None:
         report[0].ContentSequence.append(_recist_container(recist, best_overall))
     current = [ds for ds in locator.datasets]
     evidence: list[Dataset] = current + ([seg_ds] if seg_ds is not None else []) + list(prior_evidence)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report, series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number, sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,
-        manufacturer=manufacturer, is_complete=True, is_final=False, is_verified=False,
-        previous_versions=list(previous_versions) or None, series_description="LesionTrack measurements",
-        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
-            designator=LOCAL_SCHEME, name="LesionTrack local codes", responsible_organization="LesionTrack")],
-        software_versions=software_version)
-    log.info("SR %s: %d lesion(s), time point %s, series %s", sr.SOPInstanceUID, len(lesions), time_point.label,
-             current[0].SeriesInstanceUID)
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=list(previous_versions) or None,
+        series_description="LesionTrack measurements",
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=LOCAL_SCHEME, name="LesionTrack local codes", responsible_organization="LesionTrack"
+            )
+        ],
+        software_versions=software_version,
+    )
+    log.info(
+        "SR %s: %d lesion(s), time point %s, series %s",
+        sr.SOPInstanceUID,
+        len(lesions),
+        time_point.label,
+        current[0].SeriesInstanceUID,
+    )
     return SrWriteResult(sr, {u: ds.SOPInstanceUID for u, ds in key_slices.items()})
 
 
@@ -326,8 +408,11 @@ def _referenced_segment(seg: SegWriteResult, number: int) -> hd.sr.ReferencedSeg
         return hd.sr.ReferencedSegment.from_segmentation(seg.dataset, number)
     sources = [seg.source_datasets[k] for k in seg.segment_slices.get(number, [])]
     return hd.sr.ReferencedSegment(
-        sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID, segment_number=number,
-        source_images=[hd.sr.SourceImageForSegmentation(d.SOPClassUID, d.SOPInstanceUID) for d in sources])
+        sop_class_uid=seg.dataset.SOPClassUID,
+        sop_instance_uid=seg.dataset.SOPInstanceUID,
+        segment_number=number,
+        source_images=[hd.sr.SourceImageForSegmentation(d.SOPClassUID, d.SOPInstanceUID) for d in sources],
+    )
 
 
 def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.ContainerContentItem:

@@ -69,24 +69,46 @@ def prior_to_json(p: PriorTimepoint) -> dict[str, Any]:
 
 
 def prior_from_json(d: dict[str, Any]) -> PriorTimepoint:
-    anns = [PriorAnnotation(a["sop_instance_uid"], a["sop_class_uid"], a["modality"], [Path(f) for f in a["files"]])
-            for a in d.get("annotations", [])]
-    return PriorTimepoint(d["study_uid"], d.get("study_date"), d.get("study_time"), d["ct_series_uid"],
-                          [Path(f) for f in d.get("ct_files", [])], anns, d.get("source", "local"))
+    anns = [
+        PriorAnnotation(a["sop_instance_uid"], a["sop_class_uid"], a["modality"], [Path(f) for f in a["files"]])
+        for a in d.get("annotations", [])
+    ]
+    return PriorTimepoint(
+        d["study_uid"],
+        d.get("study_date"),
+        d.get("study_time"),
+        d["ct_series_uid"],
+        [Path(f) for f in d.get("ct_files", [])],
+        anns,
+        d.get("source", "local"),
+    )
 
 
 def _followup_info(sf: sessionmaker[Session], series_uid: str) -> dict[str, Any]:
     with session_scope(sf) as s:
-        row = s.execute(select(Series, Study).join(Study, Series.study_pk == Study.id)
-                        .where(Series.series_instance_uid == series_uid)).first()
+        row = s.execute(
+            select(Series, Study)
+            .join(Study, Series.study_pk == Study.id)
+            .where(Series.series_instance_uid == series_uid)
+        ).first()
         if row is None:
             raise PermanentError(f"follow-up series {series_uid} is not in the database")
         series, study = row
-        files = [i.file_path for i in s.scalars(select(Instance).where(Instance.series_pk == series.id)
-                                                .order_by(Instance.instance_number, Instance.id))]
-        return {"series_uid": series_uid, "study_uid": study.study_instance_uid, "study_date": study.study_date,
-                "study_time": study.study_time, "patient_pk": study.patient_pk, "files": files,
-                "modality": series.modality}
+        files = [
+            i.file_path
+            for i in s.scalars(
+                select(Instance).where(Instance.series_pk == series.id).order_by(Instance.instance_number, Instance.id)
+            )
+        ]
+        return {
+            "series_uid": series_uid,
+            "study_uid": study.study_instance_uid,
+            "study_date": study.study_date,
+            "study_time": study.study_time,
+            "patient_pk": study.patient_pk,
+            "files": files,
+            "modality": series.modality,
+        }
 
 
 def _sort_key(date: str | None, time: str | None) -> str:
@@ -105,24 +127,42 @@ def match_priors(ctx: JobContext) -> dict[str, Any]:
         priors = svc.prior_source.find_priors(ctx.series_uid)
     except (NothingToTrack, PermanentError):
         raise
-    except Exception as exc:  # noqa: BLE001 - a query that fails is a PACS/network problem: retry later
+    except Exception as exc:
         raise TransientError(f"prior lookup failed: {type(exc).__name__}: {exc}") from exc
     fu_key = _sort_key(fu["study_date"], fu["study_time"])
-    earlier = [p for p in priors if p.study_uid != fu["study_uid"] and p.ct_series_uid != ctx.series_uid
-               and _sort_key(p.study_date, p.study_time) <= fu_key]
-    summary = [{"study_uid": p.study_uid, "study_date": p.study_date, "ct_series_uid": p.ct_series_uid,
-                "annotations": [a.modality for a in p.annotations], "source": p.source} for p in earlier]
+    earlier = [
+        p
+        for p in priors
+        if p.study_uid != fu["study_uid"]
+        and p.ct_series_uid != ctx.series_uid
+        and _sort_key(p.study_date, p.study_time) <= fu_key
+    ]
+    summary = [
+        {
+            "study_uid": p.study_uid,
+            "study_date": p.study_date,
+            "ct_series_uid": p.ct_series_uid,
+            "annotations": [a.modality for a in p.annotations],
+            "source": p.source,
+        }
+        for p in earlier
+    ]
     if not earlier:
         raise NothingToTrack("no prior study of this patient")
     annotated = [p for p in earlier if p.annotations]
     if not annotated:
-        raise NothingToTrack(f"no lesions marked on any of {len(earlier)} prior stud{'y' if len(earlier) == 1 else 'ies'}")
+        raise NothingToTrack(
+            f"no lesions marked on any of {len(earlier)} prior stud{'y' if len(earlier) == 1 else 'ies'}"
+        )
     source = max(annotated, key=lambda p: _sort_key(p.study_date, p.study_time))
     segs = [a for a in source.annotations if a.modality == "SEG" or a.sop_class_uid in SEG_SOP_CLASSES]
     chosen = _newest(segs or source.annotations)
     source.annotations = [chosen]
-    return {"followup": {k: v for k, v in fu.items() if k != "files"}, "prior": prior_to_json(source),
-            "priors_found": summary}
+    return {
+        "followup": {k: v for k, v in fu.items() if k != "files"},
+        "prior": prior_to_json(source),
+        "priors_found": summary,
+    }
 
 
 def _newest(annotations: list[PriorAnnotation]) -> PriorAnnotation:
@@ -133,10 +173,13 @@ def _newest(annotations: list[PriorAnnotation]) -> PriorAnnotation:
         i, a = item
         if a.files and Path(a.files[0]).is_file():
             try:
-                ds = pydicom.dcmread(a.files[0], stop_before_pixels=True,
-                                     specific_tags=["ContentDate", "ContentTime", "SeriesDate", "SeriesTime"])
+                ds = pydicom.dcmread(
+                    a.files[0],
+                    stop_before_pixels=True,
+                    specific_tags=["ContentDate", "ContentTime", "SeriesDate", "SeriesTime"],
+                )
                 return (f"{ds.get('ContentDate', ds.get('SeriesDate', ''))}{ds.get('ContentTime', '')}", i)
-            except Exception:  # noqa: BLE001 - unreadable header: order of discovery decides
+            except Exception:
                 pass
         return ("", i)
 
@@ -150,12 +193,14 @@ def retrieve_priors(ctx: JobContext) -> dict[str, Any]:
     prior = prior_from_json(ctx.outputs["match_priors"]["prior"])
     try:
         filled = svc.prior_source.retrieve(prior)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise TransientError(f"retrieving prior study {prior.study_uid} failed: {type(exc).__name__}: {exc}") from exc
     missing = [str(f) for f in filled.ct_files if not Path(f).is_file()]
     if not filled.ct_files or missing:
-        raise TransientError(f"prior CT series {prior.ct_series_uid} incomplete after retrieval "
-                             f"({len(filled.ct_files)} files, {len(missing)} missing)")
+        raise TransientError(
+            f"prior CT series {prior.ct_series_uid} incomplete after retrieval "
+            f"({len(filled.ct_files)} files, {len(missing)} missing)"
+        )
     for a in filled.annotations:
         if not a.files or not all(Path(f).is_file() for f in a.files):
             raise TransientError(f"prior {a.modality} {a.sop_instance_uid} not retrieved")
@@ -164,8 +209,11 @@ def retrieve_priors(ctx: JobContext) -> dict[str, Any]:
 
 def _retrieved_still_there(out: dict[str, Any]) -> bool:
     p = prior_from_json(out["prior"])
-    return bool(p.ct_files) and all(Path(f).is_file() for f in p.ct_files) and all(
-        Path(f).is_file() for a in p.annotations for f in a.files)
+    return (
+        bool(p.ct_files)
+        and all(Path(f).is_file() for f in p.ct_files)
+        and all(Path(f).is_file() for a in p.annotations for f in a.files)
+    )
 
 
 # -- 3. load volumes and prompts ----------------------------------------------------------------------------------
@@ -185,15 +233,26 @@ def load_volumes(ctx: JobContext) -> dict[str, Any]:
         raise PermanentError(f"prior series {prior.ct_series_uid}: {exc}") from exc
     prompts = _read_prompts(prior, prior_ct)
     if not prompts:
-        raise NothingToTrack(f"the prior {prior.annotations[0].modality} {prior.annotations[0].sop_instance_uid} "
-                             "marks no lesion")
-    ctx.memory.update(followup_ct=followup_ct, prior_ct=prior_ct, prompts=prompts, prior=prior,
-                      followup_files=[Path(f) for f in fu["files"]])
-    return {"followup_shape": list(followup_ct.shape), "followup_spacing": [round(float(v), 4)
-                                                                            for v in followup_ct.spacing],
-            "prior_shape": list(prior_ct.shape), "prompts": len(prompts),
-            "lesions": [{"tracking_uid": p.identity.tracking_uid, "tracking_id": p.identity.tracking_id,
-                         "kind": p.kind.value} for p in prompts]}
+        raise NothingToTrack(
+            f"the prior {prior.annotations[0].modality} {prior.annotations[0].sop_instance_uid} marks no lesion"
+        )
+    ctx.memory.update(
+        followup_ct=followup_ct,
+        prior_ct=prior_ct,
+        prompts=prompts,
+        prior=prior,
+        followup_files=[Path(f) for f in fu["files"]],
+    )
+    return {
+        "followup_shape": list(followup_ct.shape),
+        "followup_spacing": [round(float(v), 4) for v in followup_ct.spacing],
+        "prior_shape": list(prior_ct.shape),
+        "prompts": len(prompts),
+        "lesions": [
+            {"tracking_uid": p.identity.tracking_uid, "tracking_id": p.identity.tracking_id, "kind": p.kind.value}
+            for p in prompts
+        ],
+    }
 
 
 def _read_prompts(prior: PriorTimepoint, prior_ct: Any) -> list[Any]:
@@ -215,15 +274,26 @@ def register(ctx: JobContext) -> dict[str, Any]:
 
     svc = _svc(ctx)
     name = svc.settings.engines.registration
-    engine = get_registration_engine(name) if name == "none" else get_registration_engine(
-        name, settings=svc.settings.engines, device=ctx.device, seed=svc.settings.compute.seed)
+    engine = (
+        get_registration_engine(name)
+        if name == "none"
+        else get_registration_engine(
+            name, settings=svc.settings.engines, device=ctx.device, seed=svc.settings.compute.seed
+        )
+    )
     reg = engine.register(ctx.memory["prior_ct"], ctx.memory["followup_ct"])
     ctx.memory["registration"] = reg
     q = reg.quality
-    return {"engine": getattr(engine, "name", svc.settings.engines.registration),
-            "version": getattr(engine, "version", ""), "device": q.device,
-            "similarity": q.similarity_metric, "before": q.similarity_before, "after": q.similarity_after,
-            "folding_fraction": q.folding_fraction, "stage_seconds": dict(q.stage_seconds)}
+    return {
+        "engine": getattr(engine, "name", svc.settings.engines.registration),
+        "version": getattr(engine, "version", ""),
+        "device": q.device,
+        "similarity": q.similarity_metric,
+        "before": q.similarity_before,
+        "after": q.similarity_after,
+        "folding_fraction": q.folding_fraction,
+        "stage_seconds": dict(q.stage_seconds),
+    }
 
 
 class _Precomputed:
@@ -244,20 +314,40 @@ def track(ctx: JobContext) -> dict[str, Any]:
 
     svc = _svc(ctx)
     eng = svc.settings.engines
-    weights = eng.lesionlocator_weights if eng.segmentation == "lesionlocator" else (
-        eng.nninteractive_weights if eng.segmentation == "nninteractive" else None)
+    weights = (
+        eng.lesionlocator_weights
+        if eng.segmentation == "lesionlocator"
+        else (eng.nninteractive_weights if eng.segmentation == "nninteractive" else None)
+    )
     seg = get_seg_engine(eng.segmentation, weights=weights, device=ctx.device)
     prior: PriorTimepoint = ctx.memory["prior"]
     fu = ctx.outputs["match_priors"]["followup"]
-    tps = [Timepoint(prior.ct_series_uid, ctx.memory["prior_ct"], prior.study_date, prior.study_uid),
-           Timepoint(ctx.series_uid, ctx.memory["followup_ct"], fu["study_date"], fu["study_uid"])]
-    track_lesions(tps, ctx.memory["prompts"], source_index=0,
-                  registration=_Precomputed(ctx.memory["registration"], "precomputed"), segmentation=seg)
+    tps = [
+        Timepoint(prior.ct_series_uid, ctx.memory["prior_ct"], prior.study_date, prior.study_uid),
+        Timepoint(ctx.series_uid, ctx.memory["followup_ct"], fu["study_date"], fu["study_uid"]),
+    ]
+    track_lesions(
+        tps,
+        ctx.memory["prompts"],
+        source_index=0,
+        registration=_Precomputed(ctx.memory["registration"], "precomputed"),
+        segmentation=seg,
+    )
     tps[1].lesions.extend(_vanished_earlier(svc.session_factory, fu["patient_pk"], tps, ctx.memory["registration"]))
     ctx.memory["timepoints"] = tps
-    return {"engine": seg.name, "version": seg.version,
-            "lesions": [{"tracking_uid": l.identity.tracking_uid, "tracking_id": l.identity.tracking_id,
-                         "status": l.status.value, "notes": list(l.notes)} for l in tps[1].lesions]}
+    return {
+        "engine": seg.name,
+        "version": seg.version,
+        "lesions": [
+            {
+                "tracking_uid": l.identity.tracking_uid,
+                "tracking_id": l.identity.tracking_id,
+                "status": l.status.value,
+                "notes": list(l.notes),
+            }
+            for l in tps[1].lesions
+        ],
+    }
 
 
 def _vanished_earlier(sf: sessionmaker[Session], patient_pk: int | None, tps: list[Any], reg: Any) -> list[Any]:
@@ -278,8 +368,9 @@ def _vanished_earlier(sf: sessionmaker[Session], patient_pk: int | None, tps: li
         for lesion in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)):
             if lesion.tracking_uid in tracked:
                 continue
-            obs = s.scalars(select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id)
-                            .order_by(LesionObservation.id)).all()
+            obs = s.scalars(
+                select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id).order_by(LesionObservation.id)
+            ).all()
             if not obs or obs[-1].status is not ObservationStatus.VANISHED:
                 continue
             seen = [o for o in obs if o.centre_x_mm is not None]
@@ -287,12 +378,21 @@ def _vanished_earlier(sf: sessionmaker[Session], patient_pk: int | None, tps: li
             if seen:
                 last = np.array([[seen[-1].centre_x_mm, seen[-1].centre_y_mm, seen[-1].centre_z_mm]], float)
                 centre = np.asarray(reg.map_points_to_followup(last), float)[0]
-            ident = LesionIdentity(lesion.tracking_uid, lesion.tracking_id, next_label,
-                                   anatomic_site=lesion.anatomic_site)
+            ident = LesionIdentity(
+                lesion.tracking_uid, lesion.tracking_id, next_label, anatomic_site=lesion.anatomic_site
+            )
             next_label += 1
             empty = tps[1].ct.with_array(np.zeros(tps[1].ct.shape, np.uint8))
-            out.append(TrackedLesion(ident, LesionStatus.VANISHED, empty, engine="", propagated_centre_mm=centre,
-                                     notes=["vanished before the prior timepoint; not re-segmented"]))
+            out.append(
+                TrackedLesion(
+                    ident,
+                    LesionStatus.VANISHED,
+                    empty,
+                    engine="",
+                    propagated_centre_mm=centre,
+                    notes=["vanished before the prior timepoint; not re-segmented"],
+                )
+            )
     return out
 
 
@@ -310,7 +410,8 @@ def _history(sf: sessionmaker[Session], patient_pk: int | None, exclude_series: 
             .join(Lesion, LesionObservation.lesion_pk == Lesion.id)
             .join(Series, Series.series_instance_uid == LesionObservation.series_instance_uid)
             .join(Study, Series.study_pk == Study.id)
-            .where(Lesion.patient_pk == patient_pk)).all()
+            .where(Lesion.patient_pk == patient_pk)
+        ).all()
         for obs, uid, date, time in rows:
             if obs.series_instance_uid in exclude_series or not obs.measurements:
                 continue
@@ -336,16 +437,29 @@ def measure(ctx: JobContext) -> dict[str, Any]:
     for les in tps[0].lesions:
         ident = les.identity
         prior_meas[ident.tracking_uid] = measure_lesion(
-            les.mask, tps[0].ct, tracking_uid=ident.tracking_uid, tracking_id=ident.tracking_id,
-            is_node=ident.is_node, status=les.status.value, series_uid=prior.ct_series_uid,
-            anatomic_site=ident.anatomic_site)
+            les.mask,
+            tps[0].ct,
+            tracking_uid=ident.tracking_uid,
+            tracking_id=ident.tracking_id,
+            is_node=ident.is_node,
+            status=les.status.value,
+            series_uid=prior.ct_series_uid,
+            anatomic_site=ident.anatomic_site,
+        )
     current = {}
     changes = {}
     for les in tps[1].lesions:
         ident = les.identity
-        m = measure_lesion(les.mask, tps[1].ct, tracking_uid=ident.tracking_uid, tracking_id=ident.tracking_id,
-                           is_node=ident.is_node, status=les.status.value, series_uid=ctx.series_uid,
-                           anatomic_site=ident.anatomic_site)
+        m = measure_lesion(
+            les.mask,
+            tps[1].ct,
+            tracking_uid=ident.tracking_uid,
+            tracking_id=ident.tracking_id,
+            is_node=ident.is_node,
+            status=les.status.value,
+            series_uid=ctx.series_uid,
+            anatomic_site=ident.anatomic_site,
+        )
         current[ident.tracking_uid] = m
         hist = dict(history.get(ident.tracking_uid, []))
         hist.setdefault(prior_key, prior_meas.get(ident.tracking_uid))
@@ -363,20 +477,30 @@ def measure(ctx: JobContext) -> dict[str, Any]:
     keys = sorted(by_tp)
     series_of = [next(iter(by_tp[k].values())).series_uid if by_tp[k] else None for k in keys]
     rec_tps = [[RecistLesion.from_measurement(m) for m in by_tp[k].values()] for k in keys]
-    assessment = assess(rec_tps, RecistRules.from_settings(svc.settings.recist),
-                        slice_thickness_mm=float(tps[0].ct.spacing[2]))
-    ctx.memory.update(measurements=current, prior_measurements=prior_meas, changes=changes, recist=assessment,
-                      timepoint_index=len(keys) - 1, baseline_date=keys[0][:8])
+    assessment = assess(
+        rec_tps, RecistRules.from_settings(svc.settings.recist), slice_thickness_mm=float(tps[0].ct.spacing[2])
+    )
+    ctx.memory.update(
+        measurements=current,
+        prior_measurements=prior_meas,
+        changes=changes,
+        recist=assessment,
+        timepoint_index=len(keys) - 1,
+        baseline_date=keys[0][:8],
+    )
     last = assessment.timepoints[-1]
-    return {"timepoints": [{"key": k, "series_uid": su} for k, su in zip(keys, series_of)],
-            "lesions": [{**current[u].to_dict(), "changes": changes[u].to_dict() if changes[u] else None}
-                        for u in current],
-            "recist": {"overall_response": last.overall_response.value,
-                       "target_response": last.target_response.value,
-                       "sum_of_diameters_mm": last.sum_of_diameters_mm,
-                       "change_from_baseline_pct": last.change_from_baseline_pct,
-                       "best_overall_response": assessment.best_overall_response.value,
-                       "targets": assessment.selection.targets}}
+    return {
+        "timepoints": [{"key": k, "series_uid": su} for k, su in zip(keys, series_of)],
+        "lesions": [{**current[u].to_dict(), "changes": changes[u].to_dict() if changes[u] else None} for u in current],
+        "recist": {
+            "overall_response": last.overall_response.value,
+            "target_response": last.target_response.value,
+            "sum_of_diameters_mm": last.sum_of_diameters_mm,
+            "change_from_baseline_pct": last.change_from_baseline_pct,
+            "best_overall_response": assessment.best_overall_response.value,
+            "targets": assessment.selection.targets,
+        },
+    }
 
 
 # -- 7. write SEG + SR, persist lesions and observations ----------------------------------------------------------
@@ -401,9 +525,15 @@ def write_seg_sr(ctx: JobContext) -> dict[str, Any]:
         seg_path = save_new(seg_res.dataset, out_dir)
     assessment = ctx.memory["recist"]
     roles = {d.tracking_uid: d.role for d in assessment.selection.decisions}
-    reports = [LesionReport(ctx.memory["measurements"][l.identity.tracking_uid],
-                            ctx.memory["changes"].get(l.identity.tracking_uid),
-                            roles.get(l.identity.tracking_uid), _expected_centre(l)) for l in lesions]
+    reports = [
+        LesionReport(
+            ctx.memory["measurements"][l.identity.tracking_uid],
+            ctx.memory["changes"].get(l.identity.tracking_uid),
+            roles.get(l.identity.tracking_uid),
+            _expected_centre(l),
+        )
+        for l in lesions
+    ]
     prior: PriorTimepoint = ctx.memory["prior"]
     evidence = [pydicom.dcmread(f, stop_before_pixels=True) for a in prior.annotations for f in a.files]
     previous = _previous_srs(svc.session_factory, ctx.series_uid, ctx.job_id)
@@ -411,16 +541,29 @@ def write_seg_sr(ctx: JobContext) -> dict[str, Any]:
     idx = ctx.memory["timepoint_index"]
     sr_path = None
     if seg_res is not None:
-        sr_res = write_sr(sources, seg_res, reports, time_point=TimePoint(f"T{idx}", idx, fu["study_date"]),
-                          recist=assessment.timepoints[-1], best_overall=assessment.best_overall_response,
-                          prior_evidence=evidence, previous_versions=previous)
+        sr_res = write_sr(
+            sources,
+            seg_res,
+            reports,
+            time_point=TimePoint(f"T{idx}", idx, fu["study_date"]),
+            recist=assessment.timepoints[-1],
+            best_overall=assessment.best_overall_response,
+            prior_evidence=evidence,
+            previous_versions=previous,
+        )
         sr_path = save_new(sr_res.dataset, out_dir)
     files = [str(p) for p in (seg_path, sr_path) if p is not None]
     seg_uid = str(seg_res.dataset.SOPInstanceUID) if seg_res is not None else None
     _persist(svc.session_factory, ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
     _record_our_objects(svc, [Path(f) for f in files])
-    return {"files": files, "seg": str(seg_path) if seg_path else None, "sr": str(sr_path) if sr_path else None,
-            "seg_sop_instance_uid": seg_uid, "present": len(present), "vanished": len(lesions) - len(present)}
+    return {
+        "files": files,
+        "seg": str(seg_path) if seg_path else None,
+        "sr": str(sr_path) if sr_path else None,
+        "seg_sop_instance_uid": seg_uid,
+        "present": len(present),
+        "vanished": len(lesions) - len(present),
+    }
 
 
 def _expected_centre(lesion: Any) -> tuple[float, float, float] | None:
@@ -437,8 +580,11 @@ def _previous_srs(sf: sessionmaker[Session], series_uid: str, job_id: int) -> li
 
     out = []
     with session_scope(sf) as s:
-        jobs = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid,
-                                                   AnalysisJob.id != job_id).order_by(AnalysisJob.id)).all()
+        jobs = s.scalars(
+            select(AnalysisJob)
+            .where(AnalysisJob.followup_series_uid == series_uid, AnalysisJob.id != job_id)
+            .order_by(AnalysisJob.id)
+        ).all()
         paths = [(j.step_outputs or {}).get("write_seg_sr", {}).get("sr") for j in jobs]
     for p in paths:
         if p and Path(p).is_file():
@@ -462,21 +608,39 @@ def _persist(sf: sessionmaker[Session], ctx: JobContext, seg_uid: str | None, se
                 ident = les.identity
                 lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == ident.tracking_uid))
                 if lesion is None:
-                    origin = LesionOrigin.NEW if les.status.value == "new" else (
-                        LesionOrigin.SEG if prior.annotations[0].modality == "SEG" else LesionOrigin.SR)
-                    lesion = Lesion(tracking_uid=ident.tracking_uid, tracking_id=ident.tracking_id,
-                                    patient_pk=patient_pk, anatomic_site=ident.anatomic_site, origin=origin,
-                                    origin_series_uid=prior.ct_series_uid)
+                    origin = (
+                        LesionOrigin.NEW
+                        if les.status.value == "new"
+                        else (LesionOrigin.SEG if prior.annotations[0].modality == "SEG" else LesionOrigin.SR)
+                    )
+                    lesion = Lesion(
+                        tracking_uid=ident.tracking_uid,
+                        tracking_id=ident.tracking_id,
+                        patient_pk=patient_pk,
+                        anatomic_site=ident.anatomic_site,
+                        origin=origin,
+                        origin_series_uid=prior.ct_series_uid,
+                    )
                     s.add(lesion)
                     s.flush()
-                    audit(s, ctx.worker, "lesion.created", "lesion", lesion.id, tracking_uid=ident.tracking_uid,
-                          job_id=ctx.job_id)
+                    audit(
+                        s,
+                        ctx.worker,
+                        "lesion.created",
+                        "lesion",
+                        lesion.id,
+                        tracking_uid=ident.tracking_uid,
+                        job_id=ctx.job_id,
+                    )
                 if tp_index == 0:
-                    known = s.scalar(select(LesionObservation.id).where(
-                        LesionObservation.lesion_pk == lesion.id,
-                        LesionObservation.series_instance_uid == tp.series_uid))
+                    known = s.scalar(
+                        select(LesionObservation.id).where(
+                            LesionObservation.lesion_pk == lesion.id,
+                            LesionObservation.series_instance_uid == tp.series_uid,
+                        )
+                    )
                     if known is not None:
-                        continue   # the prior was measured already (by the job that analysed it)
+                        continue  # the prior was measured already (by the job that analysed it)
                 m = measurements[ident.tracking_uid]
                 changes = ctx.memory["changes"].get(ident.tracking_uid) if tp_index == 1 else None
                 data = m.to_dict()
@@ -486,16 +650,25 @@ def _persist(sf: sessionmaker[Session], ctx: JobContext, seg_uid: str | None, se
                 data["recist"] = {"role": rec.selection.role_of(ident.tracking_uid)}
                 if tp_index == 1:
                     data["recist"]["overall_response"] = rec.timepoints[-1].overall_response.value
-                s.add(LesionObservation(
-                    lesion_pk=lesion.id, series_instance_uid=tp.series_uid, job_pk=ctx.job_id,
-                    seg_sop_instance_uid=seg_uid if tp_index == 1 else prior.annotations[0].sop_instance_uid,
-                    segment_number=segment_numbers.get(ident.tracking_uid) if tp_index == 1 else None,
-                    volume_mm3=m.volume_mm3, long_axis_mm=m.long_axis_mm, short_axis_mm=m.short_axis_mm,
-                    centre_x_mm=m.centre_mm[0] if m.centre_mm else None,
-                    centre_y_mm=m.centre_mm[1] if m.centre_mm else None,
-                    centre_z_mm=m.centre_mm[2] if m.centre_mm else None,
-                    status=ObservationStatus(les.status.value), engine=les.engine or None,
-                    engine_version=(les.engine_version or None), measurements=data))
+                s.add(
+                    LesionObservation(
+                        lesion_pk=lesion.id,
+                        series_instance_uid=tp.series_uid,
+                        job_pk=ctx.job_id,
+                        seg_sop_instance_uid=seg_uid if tp_index == 1 else prior.annotations[0].sop_instance_uid,
+                        segment_number=segment_numbers.get(ident.tracking_uid) if tp_index == 1 else None,
+                        volume_mm3=m.volume_mm3,
+                        long_axis_mm=m.long_axis_mm,
+                        short_axis_mm=m.short_axis_mm,
+                        centre_x_mm=m.centre_mm[0] if m.centre_mm else None,
+                        centre_y_mm=m.centre_mm[1] if m.centre_mm else None,
+                        centre_z_mm=m.centre_mm[2] if m.centre_mm else None,
+                        status=ObservationStatus(les.status.value),
+                        engine=les.engine or None,
+                        engine_version=(les.engine_version or None),
+                        measurements=data,
+                    )
+                )
 
 
 def _record_our_objects(svc: PipelineServices, files: list[Path]) -> None:
@@ -508,21 +681,35 @@ def _record_our_objects(svc: PipelineServices, files: list[Path]) -> None:
         for f in files:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             patient = get_or_create_patient(s, str(ds.get("PatientID", "")), ds.get("IssuerOfPatientID") or None)
-            study = get_or_create_study(s, patient, str(ds.StudyInstanceUID), study_date=ds.get("StudyDate"),
-                                        study_time=ds.get("StudyTime"))
-            series = get_or_create_series(s, study, str(ds.SeriesInstanceUID), modality=str(ds.Modality),
-                                          series_number=int(ds.get("SeriesNumber") or 0) or None,
-                                          series_description=str(ds.get("SeriesDescription", ""))[:64] or None)
+            study = get_or_create_study(
+                s, patient, str(ds.StudyInstanceUID), study_date=ds.get("StudyDate"), study_time=ds.get("StudyTime")
+            )
+            series = get_or_create_series(
+                s,
+                study,
+                str(ds.SeriesInstanceUID),
+                modality=str(ds.Modality),
+                series_number=int(ds.get("SeriesNumber") or 0) or None,
+                series_description=str(ds.get("SeriesDescription", ""))[:64] or None,
+            )
             series.created_by_us = True
             series.state = SeriesState.COMPLETE
             series.routing_decision = RoutingDecision.SKIP
             series.routing_reason = "created by LesionTrack"
             if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))) is None:
                 data = Path(f).read_bytes()
-                s.add(Instance(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                               series_pk=series.id, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                               file_path=str(f), size_bytes=len(data), sha256=_dataset_sha256(data),
-                               instance_number=int(ds.get("InstanceNumber") or 1)))
+                s.add(
+                    Instance(
+                        sop_instance_uid=str(ds.SOPInstanceUID),
+                        sop_class_uid=str(ds.SOPClassUID),
+                        series_pk=series.id,
+                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                        file_path=str(f),
+                        size_bytes=len(data),
+                        sha256=_dataset_sha256(data),
+                        instance_number=int(ds.get("InstanceNumber") or 1),
+                    )
+                )
                 series.instance_count = (series.instance_count or 0) + 1
 
 
@@ -537,7 +724,7 @@ def _dataset_sha256(part10: bytes) -> str:
     fp = BytesIO(part10)
     read_preamble(fp, False)
     _read_file_meta_info(fp)
-    return hashlib.sha256(part10[fp.tell():]).hexdigest()
+    return hashlib.sha256(part10[fp.tell() :]).hexdigest()
 
 
 def _written_still_there(out: dict[str, Any]) -> bool:
@@ -553,8 +740,11 @@ def send(ctx: JobContext) -> dict[str, Any]:
     if not svc.settings.sending.destinations:
         return {"deliveries": [], "note": "no destinations configured (sending.destinations)"}
     with session_scope(svc.session_factory) as s:
-        existing = [d.id for d in s.scalars(select(Delivery).where(Delivery.job_pk == ctx.job_id))
-                    if list(d.file_paths) == list(files)]
+        existing = [
+            d.id
+            for d in s.scalars(select(Delivery).where(Delivery.job_pk == ctx.job_id))
+            if list(d.file_paths) == list(files)
+        ]
     if existing:
         return {"deliveries": existing, "reused": True}
     if svc.sender is None:
@@ -563,8 +753,12 @@ def send(ctx: JobContext) -> dict[str, Any]:
     return {"deliveries": list(ids), "destinations": list(svc.settings.sending.destinations)}
 
 
-def build_pipeline(settings: Settings, session_factory: sessionmaker[Session], prior_source: PriorSource | None = None,
-                   sender: ResultSender | None = None) -> tuple[list[Step], PipelineServices]:
+def build_pipeline(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    prior_source: PriorSource | None = None,
+    sender: ResultSender | None = None,
+) -> tuple[list[Step], PipelineServices]:
     steps = [
         Step("match_priors", match_priors, durable=True),
         Step("retrieve_priors", retrieve_priors, durable=True, still_valid=_retrieved_still_there),
@@ -578,5 +772,4 @@ def build_pipeline(settings: Settings, session_factory: sessionmaker[Session], p
     return steps, PipelineServices(settings, session_factory, prior_source, sender)
 
 
-STEP_NAMES = ["match_priors", "retrieve_priors", "load_volumes", "register", "track", "measure", "write_seg_sr",
-              "send"]
+STEP_NAMES = ["match_priors", "retrieve_priors", "load_volumes", "register", "track", "measure", "write_seg_sr", "send"]

@@ -8,14 +8,14 @@ contour. Plots use matplotlib's Agg backend (no display needed). Everything retu
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 THUMB_PX = 160
-SOFT_TISSUE_WINDOW = (40.0, 400.0)      # level, width (HU)
+SOFT_TISSUE_WINDOW = (40.0, 400.0)  # level, width (HU)
 LUNG_WINDOW = (-600.0, 1500.0)
 
 
@@ -28,7 +28,7 @@ class LesionSlice:
     """The axial slice through a lesion: the source CT instance UID and the lesion mask on it."""
 
     source_sop_instance_uid: str
-    mask: np.ndarray                    # bool [rows, cols]
+    mask: np.ndarray  # bool [rows, cols]
 
 
 def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_uid: str | None = None) -> LesionSlice:
@@ -41,7 +41,7 @@ def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_u
 
     try:
         seg = hd.seg.segread(str(seg_path))
-    except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file name
+    except Exception as exc:
         raise ThumbnailError(f"{seg_path}: not a readable DICOM-SEG ({exc})") from exc
     if segment_number is None:
         segment_number = _segment_of(seg, tracking_uid)
@@ -52,8 +52,12 @@ def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_u
     uids = [u[2] for u in seg.get_source_image_uids()]
     if not uids:
         raise ThumbnailError(f"{seg_path}: SEG references no source images")
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[segment_number],
-                                               combine_segments=True, ignore_spatial_locations=True)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        segment_numbers=[segment_number],
+        combine_segments=True,
+        ignore_spatial_locations=True,
+    )
     areas = pixels.reshape(len(uids), -1).astype(bool).sum(axis=1)
     best = int(np.argmax(areas))
     if areas[best] == 0:
@@ -84,7 +88,7 @@ def ct_slice_hu(ct_path: Path) -> np.ndarray:
     try:
         ds = pydicom.dcmread(str(ct_path))
         arr = ds.pixel_array.astype(np.float32)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ThumbnailError(f"{ct_path}: cannot read CT pixels ({exc})") from exc
     if arr.ndim != 2:
         raise ThumbnailError(f"{ct_path}: expected a single-frame CT slice, got shape {arr.shape}")
@@ -121,9 +125,15 @@ def crop_box(mask: np.ndarray, margin: float = 1.5, min_size: int = 48) -> tuple
     return r0, r1, c0, c1
 
 
-def render_thumbnail(hu: np.ndarray, mask: np.ndarray | None, *, size: int = THUMB_PX,
-                     window: tuple[float, float] | None = None, label: str | None = None,
-                     colour: str = "#ffd000") -> bytes:
+def render_thumbnail(
+    hu: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    size: int = THUMB_PX,
+    window: tuple[float, float] | None = None,
+    label: str | None = None,
+    colour: str = "#ffd000",
+) -> bytes:
     """PNG of a windowed CT crop with the lesion contour (``mask`` None = whole slice, no contour)."""
     import matplotlib
 
@@ -143,8 +153,16 @@ def render_thumbnail(hu: np.ndarray, mask: np.ndarray | None, *, size: int = THU
         if m.any():
             ax.contour(m, levels=[0.5], colors=[colour], linewidths=1.4)
     if label:
-        ax.text(3, 3, label, color="white", fontsize=7, va="top", ha="left",
-                bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.5, "edgecolor": "none"})
+        ax.text(
+            3,
+            3,
+            label,
+            color="white",
+            fontsize=7,
+            va="top",
+            ha="left",
+            bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.5, "edgecolor": "none"},
+        )
     ax.set_axis_off()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -168,9 +186,15 @@ def placeholder_png(text: str, *, size: int = THUMB_PX) -> bytes:
     return buf.getvalue()
 
 
-def volume_plot(labels: Sequence[str], volumes_ml: Sequence[float | None], *, title: str = "",
-                long_axes_mm: Sequence[float | None] | None = None, width_px: int = 360,
-                height_px: int = 200) -> bytes:
+def volume_plot(
+    labels: Sequence[str],
+    volumes_ml: Sequence[float | None],
+    *,
+    title: str = "",
+    long_axes_mm: Sequence[float | None] | None = None,
+    width_px: int = 360,
+    height_px: int = 200,
+) -> bytes:
     """PNG line plot of a lesion's volume (mL) over timepoints; long axis (mm) on a second axis if given."""
     import matplotlib
 
@@ -184,8 +208,15 @@ def volume_plot(labels: Sequence[str], volumes_ml: Sequence[float | None], *, ti
     ax.plot(x, vols, marker="o", color="#1f6fd1", label="volume (mL)")
     for xi, v in zip(x, vols):
         if not np.isnan(v):
-            ax.annotate(f"{v:.2f}", (xi, v), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7,
-                        color="#1f6fd1")
+            ax.annotate(
+                f"{v:.2f}",
+                (xi, v),
+                textcoords="offset points",
+                xytext=(0, -12),
+                ha="center",
+                fontsize=7,
+                color="#1f6fd1",
+            )
     ax.set_ylabel("volume (mL)", fontsize=8, color="#1f6fd1")
     ax.set_xlim(-0.4, len(labels) - 0.6)
     ax.set_ylim(bottom=0, top=max(1e-3, float(np.nanmax(vols)) if np.isfinite(vols).any() else 1.0) * 1.25)

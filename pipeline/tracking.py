@@ -12,8 +12,9 @@ A vanished lesion keeps being propagated from where it was last seen, so it can 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -32,13 +33,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrackingOptions:
     boosting: bool = False
-    max_centre_distance_mm: float = 15.0   # nearest-component search radius around the propagated centre
+    max_centre_distance_mm: float = 15.0  # nearest-component search radius around the propagated centre
     point_radius_mm: float = 5.0
 
 
 @dataclass
 class ProgressEvent:
-    stage: str            # "register", "segment", "resolve", "done"
+    stage: str  # "register", "segment", "resolve", "done"
     done: int
     total: int
     timepoint: int
@@ -98,9 +99,9 @@ def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
 class _Carry:
     """What is propagated for one lesion: its latest mask (or, once vanished, the propagated last-seen mask)."""
 
-    mask: Volume                  # on the grid of the timepoint just processed
-    ref_image: Volume             # CT where the lesion was last seen
-    ref_mask: Volume              # lesion mask there
+    mask: Volume  # on the grid of the timepoint just processed
+    ref_image: Volume  # CT where the lesion was last seen
+    ref_mask: Volume  # lesion mask there
     present: bool = True
 
 
@@ -110,9 +111,16 @@ class _StepResult:
     prompt_mask: Volume
 
 
-def track_lesions(timepoints: list[Timepoint], prompts: list[Prompt], *, source_index: int,
-                  registration: RegistrationEngine, segmentation: SegmentationEngine,
-                  options: TrackingOptions | None = None, progress: ProgressCallback | None = None) -> list[Timepoint]:
+def track_lesions(
+    timepoints: list[Timepoint],
+    prompts: list[Prompt],
+    *,
+    source_index: int,
+    registration: RegistrationEngine,
+    segmentation: SegmentationEngine,
+    options: TrackingOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[Timepoint]:
     """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``."""
     opts = options or TrackingOptions()
     if not 0 <= source_index < len(timepoints):
@@ -135,8 +143,10 @@ def track_lesions(timepoints: list[Timepoint], prompts: list[Prompt], *, source_
         results.append(_segment_source(src, prompt, segmentation, opts))
         tick("segment", source_index, prompt.identity.tracking_id)
     src.lesions = _resolve_overlaps(results, src.ct)
-    carries = {les.identity.label: _Carry(les.mask, src.ct, les.mask, les.status is LesionStatus.PRESENT)
-               for les in src.lesions}
+    carries = {
+        les.identity.label: _Carry(les.mask, src.ct, les.mask, les.status is LesionStatus.PRESENT)
+        for les in src.lesions
+    }
     start = dict(carries)
     for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
         carries = dict(start)
@@ -166,14 +176,29 @@ def _segment_source(tp: Timepoint, prompt: Prompt, engine: SegmentationEngine, o
     status = LesionStatus.PRESENT if mask.array.any() else LesionStatus.VANISHED
     if not mask.array.any():
         notes.append("annotation lies outside this CT")
-    les = TrackedLesion(prompt.identity, status, _u8(mask), name, version,
-                        propagated_centre_mm=prompt.centre_mm(), notes=notes,
-                        meta={"source": prompt.source or "prompt", "annotated": True})
+    les = TrackedLesion(
+        prompt.identity,
+        status,
+        _u8(mask),
+        name,
+        version,
+        propagated_centre_mm=prompt.centre_mm(),
+        notes=notes,
+        meta={"source": prompt.source or "prompt", "annotated": True},
+    )
     return _StepResult(les, raster)
 
 
-def _step(prev: Timepoint, cur: Timepoint, t: int, carries: dict[int, _Carry], registration: RegistrationEngine,
-          engine: SegmentationEngine, opts: TrackingOptions, tick: Callable[[str, int, str], None]) -> dict[int, _Carry]:
+def _step(
+    prev: Timepoint,
+    cur: Timepoint,
+    t: int,
+    carries: dict[int, _Carry],
+    registration: RegistrationEngine,
+    engine: SegmentationEngine,
+    opts: TrackingOptions,
+    tick: Callable[[str, int, str], None],
+) -> dict[int, _Carry]:
     reg = registration.register(prev.ct, cur.ct)
     tick("register", t, f"{getattr(reg, 'engine', registration.name)} {prev.series_uid} -> {cur.series_uid}")
     by_label = {les.identity.label: les.identity for les in prev.lesions}
@@ -186,8 +211,14 @@ def _step(prev: Timepoint, cur: Timepoint, t: int, carries: dict[int, _Carry], r
         if not carry.present:
             notes.append("propagated from the last timepoint where it was seen")
         if not warped.array.any():
-            les = TrackedLesion(identity, LesionStatus.VANISHED, _u8(_zeros(cur.ct)), engine.name, engine.version,
-                                notes=notes + ["propagated mask fell outside this CT"])
+            les = TrackedLesion(
+                identity,
+                LesionStatus.VANISHED,
+                _u8(_zeros(cur.ct)),
+                engine.name,
+                engine.version,
+                notes=notes + ["propagated mask fell outside this CT"],
+            )
             results.append(_StepResult(les, warped))
             tick("segment", t, identity.tracking_id)
             continue
@@ -201,14 +232,28 @@ def _step(prev: Timepoint, cur: Timepoint, t: int, carries: dict[int, _Carry], r
             shifted = _translate(warped, c2 - centre)
             if shifted.array.any():
                 boosted = keep_nearest_component(
-                    engine.segment(cur.ct, Prompt(identity, PromptKind.MASK, mask=shifted, source="boosted"),
-                                   reference), c2, opts.max_centre_distance_mm)
+                    engine.segment(
+                        cur.ct, Prompt(identity, PromptKind.MASK, mask=shifted, source="boosted"), reference
+                    ),
+                    c2,
+                    opts.max_centre_distance_mm,
+                )
                 if boosted.array.any():
                     seg = boosted
-                    notes.append(f"boosted: re-prompted at the first result's centre ({np.linalg.norm(c2 - centre):.1f} mm)")
+                    notes.append(
+                        f"boosted: re-prompted at the first result's centre ({np.linalg.norm(c2 - centre):.1f} mm)"
+                    )
         status = LesionStatus.PRESENT if seg.array.any() else LesionStatus.VANISHED
-        les = TrackedLesion(identity, status, _u8(seg), engine.name, engine.version, propagated_centre_mm=centre,
-                            notes=notes, meta={"registration": getattr(reg, "engine", "")})
+        les = TrackedLesion(
+            identity,
+            status,
+            _u8(seg),
+            engine.name,
+            engine.version,
+            propagated_centre_mm=centre,
+            notes=notes,
+            meta={"registration": getattr(reg, "engine", "")},
+        )
         results.append(_StepResult(les, warped))
         tick("segment", t, identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
@@ -240,8 +285,10 @@ def _resolve_overlaps(results: list[_StepResult], grid: Volume) -> list[TrackedL
             arr_a[tuple(i[~to_a] for i in idx)] = 0
             la.mask = _keep_main(la.mask.with_array(arr_a), la.propagated_centre_mm)
             lb.mask = _keep_main(lb.mask.with_array(arr_b), lb.propagated_centre_mm)
-            msg = (f"overlap of {n} voxels between {la.identity.tracking_id} and {lb.identity.tracking_id} "
-                   f"resolved by distance to the propagated prompts ({int(to_a.sum())} / {int((~to_a).sum())})")
+            msg = (
+                f"overlap of {n} voxels between {la.identity.tracking_id} and {lb.identity.tracking_id} "
+                f"resolved by distance to the propagated prompts ({int(to_a.sum())} / {int((~to_a).sum())})"
+            )
             la.notes.append(msg)
             lb.notes.append(msg)
             log.info("%s", msg)
@@ -290,8 +337,9 @@ def _u8(mask: Volume) -> Volume:
 # ----------------------------------------------------------------------------------------------------------------
 def label_map(timepoint: Timepoint) -> Volume:
     """One label map on the timepoint's CT grid: voxel value = lesion label (as numbered on the baseline)."""
-    out = np.zeros(timepoint.ct.shape, np.uint16 if any(les.identity.label > 255 for les in timepoint.lesions)
-                   else np.uint8)
+    out = np.zeros(
+        timepoint.ct.shape, np.uint16 if any(les.identity.label > 255 for les in timepoint.lesions) else np.uint8
+    )
     for les in timepoint.lesions:
         out[(les.mask.array > 0) & (out == 0)] = les.identity.label
     return timepoint.ct.with_array(out)
@@ -302,13 +350,32 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
     lesions: dict[int, dict[str, Any]] = {}
     for t, tp in enumerate(timepoints):
         for les in tp.lesions:
-            entry = lesions.setdefault(les.identity.label, {
-                "label": les.identity.label, "tracking_uid": les.identity.tracking_uid,
-                "tracking_id": les.identity.tracking_id, "timepoints": []})
-            entry["timepoints"].append({
-                "index": t, "series_uid": tp.series_uid, "study_date": tp.study_date, "status": les.status.value,
-                "volume_mm3": round(float(les.meta.get("volume_mm3", les.mask.array.sum() * les.mask.voxel_volume_mm3())), 2),
-                "centre_mm": les.meta.get("centre_mm"), "engine": les.engine, "notes": list(les.notes)})
-    return {"timepoints": [{"index": t, "series_uid": tp.series_uid, "study_date": tp.study_date}
-                           for t, tp in enumerate(timepoints)],
-            "lesions": [lesions[k] for k in sorted(lesions)]}
+            entry = lesions.setdefault(
+                les.identity.label,
+                {
+                    "label": les.identity.label,
+                    "tracking_uid": les.identity.tracking_uid,
+                    "tracking_id": les.identity.tracking_id,
+                    "timepoints": [],
+                },
+            )
+            entry["timepoints"].append(
+                {
+                    "index": t,
+                    "series_uid": tp.series_uid,
+                    "study_date": tp.study_date,
+                    "status": les.status.value,
+                    "volume_mm3": round(
+                        float(les.meta.get("volume_mm3", les.mask.array.sum() * les.mask.voxel_volume_mm3())), 2
+                    ),
+                    "centre_mm": les.meta.get("centre_mm"),
+                    "engine": les.engine,
+                    "notes": list(les.notes),
+                }
+            )
+    return {
+        "timepoints": [
+            {"index": t, "series_uid": tp.series_uid, "study_date": tp.study_date} for t, tp in enumerate(timepoints)
+        ],
+        "lesions": [lesions[k] for k in sorted(lesions)],
+    }

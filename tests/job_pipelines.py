@@ -23,10 +23,11 @@ def _ran(ctx: JobContext, step: str) -> None:
         audit(s, ctx.worker, "test.step_ran", "job", ctx.job_id, step=step, pid=os.getpid())
 
 
-def counting(settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
-             ) -> tuple[list[Step], Any]:
+def counting(
+    settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
+) -> tuple[list[Step], Any]:
     out_dir = Path(settings.data_dir) / "results"
-    block = Path(settings.data_dir) / "block"   # while this file exists, 'compute' waits (fault tests)
+    block = Path(settings.data_dir) / "block"  # while this file exists, 'compute' waits (fault tests)
 
     def compute(ctx: JobContext) -> dict[str, Any]:
         _ran(ctx, "compute")
@@ -35,7 +36,7 @@ def counting(settings: Any, session_factory: Any, prior_source: Any = None, send
         started.write_text(str(os.getpid()))
         import time
 
-        while block.exists():   # held by the test, which kills or releases this process
+        while block.exists():  # held by the test, which kills or releases this process
             time.sleep(0.05)
         digest = hashlib.sha256(ctx.series_uid.encode()).hexdigest()
         for _ in range(20000):  # a little real work so jobs overlap between workers
@@ -51,13 +52,16 @@ def counting(settings: Any, session_factory: Any, prior_source: Any = None, send
         tmp.replace(path)
         return {"path": str(path)}
 
-    steps = [Step("compute", compute), Step("write", write, durable=True,
-                                             still_valid=lambda o: Path(o["path"]).exists())]
+    steps = [
+        Step("compute", compute),
+        Step("write", write, durable=True, still_valid=lambda o: Path(o["path"]).exists()),
+    ]
     return steps, {"sf": session_factory}
 
 
-def counting_with_send(settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
-                       ) -> tuple[list[Step], Any]:
+def counting_with_send(
+    settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
+) -> tuple[list[Step], Any]:
     """``counting`` plus a result object (a new-UID copy of one received instance) sent by the real send step."""
     from pipeline.steps import send
 
@@ -72,8 +76,12 @@ def counting_with_send(settings: Any, session_factory: Any, prior_source: Any = 
 
         _ran(ctx, "write_seg_sr")
         with session_scope(session_factory) as s:
-            path = s.scalar(select(Instance.file_path).join(Series, Instance.series_pk == Series.id)
-                            .where(Series.series_instance_uid == ctx.series_uid).limit(1))
+            path = s.scalar(
+                select(Instance.file_path)
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.series_instance_uid == ctx.series_uid)
+                .limit(1)
+            )
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID = generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -84,8 +92,7 @@ def counting_with_send(settings: Any, session_factory: Any, prior_source: Any = 
         ds.save_as(target, enforce_file_format=True)
         return {"files": [str(target)]}
 
-    steps = [*steps, Step("write_seg_sr", write_result, durable=True),
-             Step("send", send, durable=True)]
+    steps = [*steps, Step("write_seg_sr", write_result, durable=True), Step("send", send, durable=True)]
     return steps, _Services(settings, session_factory, prior_source, sender)
 
 

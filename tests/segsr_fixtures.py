@@ -15,7 +15,7 @@ from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity
 from pipeline.lesions import LesionStatus, TrackedLesion
 
-SHAPE = (24, 72, 72)                     # k, j, i
+SHAPE = (24, 72, 72)  # k, j, i
 SPACING = (0.8, 0.8, 2.0)
 ORIGIN = (-28.8, -28.8, -100.0)
 
@@ -48,8 +48,9 @@ def _ellipsoid(ct: Volume, centre: np.ndarray, radii: tuple[float, float, float]
 def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[SyntheticTimepoint]:
     """Three CT studies of one patient with the tracked lesions of :data:`LESIONS` (identities shared)."""
     rng = np.random.default_rng(seed)
-    identities = [LesionIdentity(generate_uid(), tid, n, site, node)
-                  for n, (tid, site, node, _, _) in enumerate(LESIONS, start=1)]
+    identities = [
+        LesionIdentity(generate_uid(), tid, n, site, node) for n, (tid, site, node, _, _) in enumerate(LESIONS, start=1)
+    ]
     frame_uid = generate_uid()
     out: list[SyntheticTimepoint] = []
     for t in range(n_timepoints):
@@ -62,8 +63,11 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
             if r is None:
                 continue
             if r == 0:
-                tracked.append(TrackedLesion(ident, LesionStatus.VANISHED, ct.with_array(np.zeros(SHAPE, np.uint8)),
-                                             "test-engine", "1.0"))
+                tracked.append(
+                    TrackedLesion(
+                        ident, LesionStatus.VANISHED, ct.with_array(np.zeros(SHAPE, np.uint8)), "test-engine", "1.0"
+                    )
+                )
                 continue
             m = _ellipsoid(ct, centre0 + np.asarray(offset), r)
             hu[m] = 90 + (10 * ident.label)
@@ -72,9 +76,18 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
             tracked.append(TrackedLesion(ident, status, ct.with_array(m.astype(np.uint8)), "test-engine", "1.0"))
         ct = ct.with_array(hu)
         study_uid, series_uid = generate_uid(), generate_uid()
-        files = write_ct_series(ct, tmp / f"ct{t}", patient_id="LT-TEST-1", patient_name="Test^Patient",
-                                study_uid=study_uid, series_uid=series_uid, frame_of_reference_uid=frame_uid,
-                                study_date=f"2026010{t + 1}", series_number=1 + t, series_description=f"CT T{t}")
+        files = write_ct_series(
+            ct,
+            tmp / f"ct{t}",
+            patient_id="LT-TEST-1",
+            patient_name="Test^Patient",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            frame_of_reference_uid=frame_uid,
+            study_date=f"2026010{t + 1}",
+            series_number=1 + t,
+            series_description=f"CT T{t}",
+        )
         datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         out.append(SyntheticTimepoint(t, ct, files, datasets, tracked, study_uid, series_uid))
     return out

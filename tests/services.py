@@ -96,14 +96,26 @@ class PostgresServer:
     def start(self) -> None:
         data = self.root / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "lesiontrack", "--auth=trust", "-E", "UTF8")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "log"), "-w", "-o",
-                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "lesiontrack",
-                  "lesiontrack")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
+        self._run(
+            str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "lesiontrack", "lesiontrack"
+        )
 
     def stop(self) -> None:
-        subprocess.run([*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
-                        "-w", "stop"], capture_output=True)
+        subprocess.run(
+            [*self._as_user, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -120,12 +132,28 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self._proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.root), "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-             "--logfile", str(self.root / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.root),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                str(self.root / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port, timeout=30)
         return self
 
@@ -140,7 +168,7 @@ class RedisServer:
             self._proc = None
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -158,8 +186,14 @@ class OrthancServer:
     BINARY = "/usr/sbin/Orthanc"
     PLUGINS = Path("/usr/share/orthanc/plugins")
 
-    def __init__(self, root: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 enable_dicomweb: bool = False, extra_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        aet: str = "ORTHANC",
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+        enable_dicomweb: bool = False,
+        extra_config: dict | None = None,
+    ) -> None:
         require_tool(self.BINARY)
         self.root = Path(root)
         self.aet = aet
@@ -198,8 +232,16 @@ class OrthancServer:
             "ConcurrentJobs": 2,
             "StorageCompression": False,
             "DicomModalities": {
-                name: {"AET": aet, "Host": host, "Port": port, "AllowEcho": True, "AllowFind": True,
-                       "AllowMove": True, "AllowGet": True, "AllowStore": True}
+                name: {
+                    "AET": aet,
+                    "Host": host,
+                    "Port": port,
+                    "AllowEcho": True,
+                    "AllowFind": True,
+                    "AllowMove": True,
+                    "AllowGet": True,
+                    "AllowStore": True,
+                }
                 for name, (aet, host, port) in self.modalities.items()
             },
             "Plugins": [],
@@ -209,26 +251,35 @@ class OrthancServer:
             if not plugin.exists():
                 require_tool(str(plugin))
             cfg["Plugins"] = [str(plugin)]
-            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
-                               "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+            cfg["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            }
         cfg.update(self.extra_config)
         return cfg
 
-    def start(self, timeout: float = 60.0) -> "OrthancServer":
+    def start(self, timeout: float = 60.0) -> OrthancServer:
         import json
         import urllib.request
 
         (self.root / "storage").mkdir(parents=True, exist_ok=True)
         cfg_path = self.root / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=1))
-        self._log = open(self.root / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen([self.BINARY, str(cfg_path)], stdout=self._log, stderr=subprocess.STDOUT,
-                                      cwd=self.root)
+        self._log = open(self.root / "orthanc.log", "wb")
+        self._proc = subprocess.Popen(
+            [self.BINARY, str(cfg_path)], stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self._proc.returncode}: "
-                                   f"{(self.root / 'orthanc.log').read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"Orthanc exited with {self._proc.returncode}: "
+                    f"{(self.root / 'orthanc.log').read_text(errors='replace')[-2000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/system", timeout=1) as r:
                     if r.status == 200:
@@ -272,7 +323,7 @@ class OrthancServer:
         """Upload one DICOM file over REST; returns its Orthanc instance id."""
         return str(self.post("/instances", Path(path).read_bytes())["ID"])  # type: ignore[index]
 
-    def __enter__(self) -> "OrthancServer":
+    def __enter__(self) -> OrthancServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -21,8 +21,15 @@ READ, OPERATOR = "read-key-0123456789", "operator-key-9876543210"
 
 
 def _settings(tmp: Path) -> Settings:
-    return Settings(data_dir=tmp, http={"api_keys": [{"name": "viewer", "key": READ, "role": "read"},
-                                                     {"name": "ops", "key": OPERATOR, "role": "operator"}]})
+    return Settings(
+        data_dir=tmp,
+        http={
+            "api_keys": [
+                {"name": "viewer", "key": READ, "role": "read"},
+                {"name": "ops", "key": OPERATOR, "role": "operator"},
+            ]
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     from fastapi.testclient import TestClient
 
     from pipeline.jobs import JobStore
-    from pipeline.web import JobStoreControl, create_app
+    from web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("api")
     url = f"sqlite:///{tmp / 'lt.sqlite3'}"
@@ -49,14 +56,26 @@ def rd(client, url: str, **kw):  # type: ignore[no-untyped-def]
 def protected_urls(b: BuiltPatient) -> list[str]:
     tp = b.timepoints[1]
     lesion = next(iter(b.lesion_ids.values()))
-    return ["/metrics", "/api/jobs", f"/api/jobs/{tp.job_id}", "/api/patients", f"/api/patients/{b.patient_pk}",
-            f"/api/patients/{b.patient_pk}/studies", f"/api/studies/{tp.study_uid}",
-            f"/api/studies/{tp.study_uid}/series", f"/api/series/{tp.series_uid}",
-            f"/api/patients/{b.patient_pk}/lesions", f"/api/lesions/{lesion}",
-            f"/api/patients/{b.patient_pk}/timeline", f"/api/lesions/{lesion}/plot.png",
-            f"/api/patients/{b.patient_pk}/export/lesions.csv", f"/api/patients/{b.patient_pk}/export/lesions.json",
-            f"/api/patients/{b.patient_pk}/export/cdisc/TU.csv", f"/api/patients/{b.patient_pk}/export/cdisc.json",
-            "/api/audit"]
+    return [
+        "/metrics",
+        "/api/jobs",
+        f"/api/jobs/{tp.job_id}",
+        "/api/patients",
+        f"/api/patients/{b.patient_pk}",
+        f"/api/patients/{b.patient_pk}/studies",
+        f"/api/studies/{tp.study_uid}",
+        f"/api/studies/{tp.study_uid}/series",
+        f"/api/series/{tp.series_uid}",
+        f"/api/patients/{b.patient_pk}/lesions",
+        f"/api/lesions/{lesion}",
+        f"/api/patients/{b.patient_pk}/timeline",
+        f"/api/lesions/{lesion}/plot.png",
+        f"/api/patients/{b.patient_pk}/export/lesions.csv",
+        f"/api/patients/{b.patient_pk}/export/lesions.json",
+        f"/api/patients/{b.patient_pk}/export/cdisc/TU.csv",
+        f"/api/patients/{b.patient_pk}/export/cdisc.json",
+        "/api/audit",
+    ]
 
 
 # -- auth and roles ------------------------------------------------------------------------------------------
@@ -70,7 +89,7 @@ def test_health_and_ready_need_no_key(env) -> None:
 def test_ready_is_503_on_an_unmigrated_database(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.web import create_app
+    from web import create_app
 
     sf = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'empty.sqlite3'}"))
     r = TestClient(create_app(_settings(tmp_path), sf)).get("/ready")
@@ -92,7 +111,7 @@ def test_every_protected_endpoint_needs_a_key(env) -> None:
 def test_no_keys_configured_refuses_everything(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.web import create_app
+    from web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -146,16 +165,18 @@ def test_operator_reanalyses_a_series(env) -> None:
 def test_retry_without_job_control_is_503(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.web import create_app
+    from web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
     sf = make_session_factory(make_engine(url))
     with session_scope(sf) as s:
-        s.add(AnalysisJob(followup_series_uid="1.2.3", state=JobState.FAILED, attempts=1, step_timings={},
-                          step_outputs={}))
-    r = TestClient(create_app(_settings(tmp_path), sf, None)).post("/api/jobs/1/retry",
-                                                                   headers={"X-API-Key": OPERATOR})
+        s.add(
+            AnalysisJob(
+                followup_series_uid="1.2.3", state=JobState.FAILED, attempts=1, step_timings={}, step_outputs={}
+            )
+        )
+    r = TestClient(create_app(_settings(tmp_path), sf, None)).post("/api/jobs/1/retry", headers={"X-API-Key": OPERATOR})
     assert r.status_code == 503
 
 
@@ -207,11 +228,21 @@ def test_patients_studies_series(env) -> None:
     se = rd(client, f"/api/series/{built.timepoints[1].series_uid}").json()
     assert se["instance_count"] == len(built.timepoints[1].ct_files) and se["routing_decision"] == "analyse"
     assert built.timepoints[1].job_id in [j["id"] for j in se["jobs"]]
-    for url in ("/api/patients/424242", "/api/patients/424242/studies", "/api/studies/1.2.404",
-                "/api/studies/1.2.404/series", "/api/series/1.2.404", "/api/patients/424242/lesions",
-                "/api/lesions/424242", "/api/patients/424242/timeline", "/api/lesions/424242/plot.png",
-                "/api/observations/424242/thumbnail.png", "/api/patients/424242/export/lesions.csv",
-                "/api/instances/1.2.404/file", "/api/lesions/by-tracking-uid/1.2.404"):
+    for url in (
+        "/api/patients/424242",
+        "/api/patients/424242/studies",
+        "/api/studies/1.2.404",
+        "/api/studies/1.2.404/series",
+        "/api/series/1.2.404",
+        "/api/patients/424242/lesions",
+        "/api/lesions/424242",
+        "/api/patients/424242/timeline",
+        "/api/lesions/424242/plot.png",
+        "/api/observations/424242/thumbnail.png",
+        "/api/patients/424242/export/lesions.csv",
+        "/api/instances/1.2.404/file",
+        "/api/lesions/by-tracking-uid/1.2.404",
+    ):
         r = rd(client, url)
         assert r.status_code == 404, url
         assert "not found" in r.json()["detail"]
@@ -223,8 +254,9 @@ def test_lesions_with_all_observations(env) -> None:
     assert {l["tracking_uid"] for l in lesions} == set(built.lesion_ids)
     with session_scope(sf) as s:
         for l in lesions:
-            rows = s.scalars(select(LesionObservation).where(LesionObservation.lesion_pk == l["id"])
-                             .order_by(LesionObservation.id)).all()
+            rows = s.scalars(
+                select(LesionObservation).where(LesionObservation.lesion_pk == l["id"]).order_by(LesionObservation.id)
+            ).all()
             assert [o["id"] for o in l["observations"]] == [o.id for o in rows]
             for o, row in zip(l["observations"], rows):
                 assert o["volume_mm3"] == row.volume_mm3 and o["long_axis_mm"] == row.long_axis_mm
@@ -258,8 +290,11 @@ def test_images_are_pngs(env) -> None:
     with session_scope(sf) as s:
         obs = s.scalars(select(LesionObservation).where(LesionObservation.seg_sop_instance_uid.is_not(None))).first()
         vanished = s.scalars(select(LesionObservation).where(LesionObservation.status == "vanished")).first()
-    for url in (f"/api/observations/{obs.id}/thumbnail.png", f"/api/observations/{vanished.id}/thumbnail.png",
-                f"/api/lesions/{obs.lesion_pk}/plot.png"):
+    for url in (
+        f"/api/observations/{obs.id}/thumbnail.png",
+        f"/api/observations/{vanished.id}/thumbnail.png",
+        f"/api/lesions/{obs.lesion_pk}/plot.png",
+    ):
         r = rd(client, url)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", url
         img = Image.open(io.BytesIO(r.content))
@@ -321,33 +356,50 @@ def test_metrics(env) -> None:
     with session_scope(sf) as s:
         from db.models import Instance, Series
 
-        received = s.query(Instance).join(Series, Instance.series_pk == Series.id).filter(
-            Series.created_by_us.is_(False)).count()
+        received = (
+            s.query(Instance)
+            .join(Series, Instance.series_pk == Series.id)
+            .filter(Series.created_by_us.is_(False))
+            .count()
+        )
         assert received == sum(len(tp.ct_files) for tp in built.timepoints)
         assert values["lesiontrack_instances_received_total"] == received
         for state in JobState:
-            assert values[f'lesiontrack_jobs{{state="{state.value}"}}'] == \
-                s.query(AnalysisJob).filter(AnalysisJob.state == state).count()
+            assert (
+                values[f'lesiontrack_jobs{{state="{state.value}"}}']
+                == s.query(AnalysisJob).filter(AnalysisJob.state == state).count()
+            )
         n_register = sum(1 for j in s.query(AnalysisJob) if "register" in (j.step_timings or {}))
     assert values['lesiontrack_job_step_duration_seconds_count{step="register"}'] == n_register
     assert values['lesiontrack_job_step_duration_seconds_sum{step="register"}'] == pytest.approx(31.4 * n_register)
-    assert values["lesiontrack_send_failures_total"] == 5.0        # 1 failed attempt before delivery + 4 dead
+    assert values["lesiontrack_send_failures_total"] == 5.0  # 1 failed attempt before delivery + 4 dead
     assert values['lesiontrack_deliveries{state="dead_letter"}'] == 1.0
 
 
 def test_openapi_documents_the_endpoints(env) -> None:
     client, *_ = env
     paths = client.get("/openapi.json").json()["paths"]
-    for p in ("/health", "/ready", "/metrics", "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/retry",
-              "/api/series/{series_uid}/reanalyse", "/api/patients", "/api/patients/{patient_pk}/studies",
-              "/api/series/{series_uid}", "/api/lesions/{lesion_id}", "/api/audit",
-              "/api/patients/{patient_pk}/export/lesions.csv"):
+    for p in (
+        "/health",
+        "/ready",
+        "/metrics",
+        "/api/jobs",
+        "/api/jobs/{job_id}",
+        "/api/jobs/{job_id}/retry",
+        "/api/series/{series_uid}/reanalyse",
+        "/api/patients",
+        "/api/patients/{patient_pk}/studies",
+        "/api/series/{series_uid}",
+        "/api/lesions/{lesion_id}",
+        "/api/audit",
+        "/api/patients/{patient_pk}/export/lesions.csv",
+    ):
         assert p in paths, p
     assert "post" in paths["/api/jobs/{job_id}/retry"] and set(paths["/api/audit"]) == {"get"}
-    assert client.get("/docs").status_code == 404          # Swagger UI would load a CDN; /api-docs is local
+    assert client.get("/docs").status_code == 404  # Swagger UI would load a CDN; /api-docs is local
     page = _browser_login(client).get("/api-docs")
     assert page.status_code == 200 and "/api/jobs/{job_id}/retry" in page.text
-    assert "https://" not in page.text and "http://" not in page.text    # nothing loaded from elsewhere
+    assert "https://" not in page.text and "http://" not in page.text  # nothing loaded from elsewhere
 
 
 # -- dashboard -------------------------------------------------------------------------------------------------
@@ -365,12 +417,18 @@ def test_dashboard_login_roles_and_csrf(env) -> None:
     assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
     page = browser.get("/")
     assert page.status_code == 200 and 'id="jobs"' in page.text
-    assert "Retry</button>" not in page.text                        # read role: no retry buttons
-    assert browser.get("/api/jobs").status_code == 200             # the session cookie works for the API
+    assert "Retry</button>" not in page.text  # read role: no retry buttons
+    assert browser.get("/api/jobs").status_code == 200  # the session cookie works for the API
     with session_scope(sf) as s:
-        job = AnalysisJob(followup_series_uid=built.timepoints[2].series_uid, patient_pk=built.patient_pk,
-                          state=JobState.FAILED, attempts=5, error="PermanentError: test", step_timings={},
-                          step_outputs={})
+        job = AnalysisJob(
+            followup_series_uid=built.timepoints[2].series_uid,
+            patient_pk=built.patient_pk,
+            state=JobState.FAILED,
+            attempts=5,
+            error="PermanentError: test",
+            step_timings={},
+            step_outputs={},
+        )
         s.add(job)
         s.flush()
         failed = job.id
@@ -428,14 +486,24 @@ def test_thumbnail_finds_the_segment_by_tracking_uid(env) -> None:
     client, sf, built, _ = env
     with session_scope(sf) as s:
         src = s.scalars(select(LesionObservation).where(LesionObservation.segment_number.is_not(None))).first()
-        copy = LesionObservation(lesion_pk=src.lesion_pk, series_instance_uid=src.series_instance_uid,
-                                 seg_sop_instance_uid=src.seg_sop_instance_uid, segment_number=None,
-                                 volume_mm3=src.volume_mm3, status=src.status)
+        copy = LesionObservation(
+            lesion_pk=src.lesion_pk,
+            series_instance_uid=src.series_instance_uid,
+            seg_sop_instance_uid=src.seg_sop_instance_uid,
+            segment_number=None,
+            volume_mm3=src.volume_mm3,
+            status=src.status,
+        )
         s.add(copy)
         s.flush()
         obs_id = copy.id
-    px = np.asarray(Image.open(io.BytesIO(rd(client, f"/api/observations/{obs_id}/thumbnail.png").content))
-                    .convert("RGB")).reshape(-1, 3).astype(int)
+    px = (
+        np.asarray(
+            Image.open(io.BytesIO(rd(client, f"/api/observations/{obs_id}/thumbnail.png").content)).convert("RGB")
+        )
+        .reshape(-1, 3)
+        .astype(int)
+    )
     assert ((px[:, 0] > 200) & (px[:, 1] > 150) & (px[:, 2] < 80)).any(), "segment not found by Tracking UID"
 
 
@@ -444,7 +512,7 @@ def test_api_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     """The same queries (enum filters, JSON columns, aggregates) on the scale-out database."""
     from fastapi.testclient import TestClient
 
-    from pipeline.web import create_app
+    from web import create_app
 
     upgrade(postgres_url)
     sf = make_session_factory(make_engine(postgres_url))

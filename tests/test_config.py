@@ -80,8 +80,10 @@ def test_example_config_is_valid_and_documents_every_section():
 
 
 def test_cli_show_sources_and_masks_secrets(tmp_path, monkeypatch):
-    cfg = _write(tmp_path, "[dicom]\nae_title = 'FILEAE'\n"
-                           "[[http.api_keys]]\nname = 'ops'\nkey = 'supersecret'\nrole = 'operator'\n")
+    cfg = _write(
+        tmp_path,
+        "[dicom]\nae_title = 'FILEAE'\n[[http.api_keys]]\nname = 'ops'\nkey = 'supersecret'\nrole = 'operator'\n",
+    )
     monkeypatch.setenv("LESIONTRACK_DICOM__PORT", "11999")
     monkeypatch.setenv("LESIONTRACK_DATABASE_URL", "postgresql://lt:hunter2@db:5432/lt")
     res = CliRunner().invoke(app, ["--config", str(cfg), "config", "show", "--json"])

@@ -36,10 +36,10 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
     import uvicorn
 
+    from pipeline.history import build_timeline
     from pipeline.jobs import JobStore
-    from pipeline.web import JobStoreControl, create_app
-    from pipeline.web.timeline import build_timeline
     from tests.test_api_data import build_patient, phantom_timepoints
+    from web import JobStoreControl, create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -53,9 +53,25 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     thread.start()
     try:
         wait_for_port(port, timeout=30)
-        node = subprocess.Popen(["node", str(BROWSER_DIR / "dashboard-check.mjs"), "--url", f"http://127.0.0.1:{port}",
-                                 "--key", KEY, "--patient", str(built.patient_pk), "--out", str(tmp_path / "shots"),
-                                 "--live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=BROWSER_DIR)
+        node = subprocess.Popen(
+            [
+                "node",
+                str(BROWSER_DIR / "dashboard-check.mjs"),
+                "--url",
+                f"http://127.0.0.1:{port}",
+                "--key",
+                KEY,
+                "--patient",
+                str(built.patient_pk),
+                "--out",
+                str(tmp_path / "shots"),
+                "--live",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=BROWSER_DIR,
+        )
         # once the page watches the queue, a job appears in the database; the page must show it without a reload
         assert node.stderr is not None
         seen = []
@@ -64,8 +80,12 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
             if line.strip() == "WATCHING-QUEUE":
                 break
         with session_scope(sf) as s:
-            live = AnalysisJob(followup_series_uid=built.timepoints[1].series_uid, patient_pk=built.patient_pk,
-                               step_timings={}, step_outputs={})
+            live = AnalysisJob(
+                followup_series_uid=built.timepoints[1].series_uid,
+                patient_pk=built.patient_pk,
+                step_timings={},
+                step_outputs={},
+            )
             s.add(live)
             s.flush()
             live_id = live.id

@@ -29,8 +29,17 @@ from db.session import current_revision, head_revision, make_engine, make_sessio
 from lesiontrack.cli import app
 from tests.conftest import require_tool
 
-TABLES = {"patient", "study", "series", "instance", "lesion", "lesion_observation", "analysis_job", "delivery",
-          "audit_event"}
+TABLES = {
+    "patient",
+    "study",
+    "series",
+    "instance",
+    "lesion",
+    "lesion_observation",
+    "analysis_job",
+    "delivery",
+    "audit_event",
+}
 
 
 def _crud_round_trip(url: str) -> None:
@@ -40,13 +49,29 @@ def _crud_round_trip(url: str) -> None:
         p = get_or_create_patient(s, "PAT-1", "HOSP")
         st = get_or_create_study(s, p, "1.2.3", study_date="20260101")
         se = get_or_create_series(s, st, "1.2.3.4", modality="CT")
-        s.add(Instance(sop_instance_uid="1.2.3.4.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_pk=se.id,
-                       transfer_syntax_uid="1.2.840.10008.1.2.1", file_path="/x.dcm", size_bytes=10, sha256="0" * 64))
+        s.add(
+            Instance(
+                sop_instance_uid="1.2.3.4.5",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                series_pk=se.id,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                file_path="/x.dcm",
+                size_bytes=10,
+                sha256="0" * 64,
+            )
+        )
         les = Lesion(tracking_uid="2.25.1", tracking_id="L1 liver", patient_pk=p.id, origin=LesionOrigin.SEG)
         s.add(les)
         s.flush()
-        s.add(LesionObservation(lesion_pk=les.id, series_instance_uid="1.2.3.4", status=ObservationStatus.PRESENT,
-                                volume_mm3=1234.5, measurements={"long_axis_mm": 12.0}))
+        s.add(
+            LesionObservation(
+                lesion_pk=les.id,
+                series_instance_uid="1.2.3.4",
+                status=ObservationStatus.PRESENT,
+                volume_mm3=1234.5,
+                measurements={"long_axis_mm": 12.0},
+            )
+        )
         s.add(AnalysisJob(followup_series_uid="1.2.3.4", state=JobState.QUEUED, step_timings={"register": 1.5}))
         audit(s, "test", "job.created", "job", 1, reason="unit test")
     with session_scope(factory) as s:

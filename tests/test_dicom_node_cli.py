@@ -22,18 +22,24 @@ LESIONTRACK = Path(sys.executable).with_name("lesiontrack")
 
 
 def write_config(path: Path, node_root: Path, port: int, extra: str = "") -> Path:
-    path.write_text(f'data_dir = "{node_root / "data"}"\ndatabase_url = "sqlite:///{node_root / "lt.sqlite3"}"\n'
-                    f'[dicom]\nport = {port}\nbind_address = "127.0.0.1"\nseries_quiet_seconds = 3600\n'
-                    f'fsync = false\n{extra}')
+    path.write_text(
+        f'data_dir = "{node_root / "data"}"\ndatabase_url = "sqlite:///{node_root / "lt.sqlite3"}"\n'
+        f'[dicom]\nport = {port}\nbind_address = "127.0.0.1"\nseries_quiet_seconds = 3600\n'
+        f"fsync = false\n{extra}"
+    )
     return path
 
 
 def test_serve_process_receives_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path / "lt.toml", tmp_path, port, extra="[http]\nenabled = false\n")
-    proc = subprocess.Popen([str(LESIONTRACK), "--config", str(cfg), "serve", "--upgrade-db"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [str(LESIONTRACK), "--config", str(cfg), "serve", "--upgrade-db"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -41,7 +47,7 @@ def test_serve_process_receives_and_stops_cleanly(tmp_path: Path) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("LesionTrack SCP"):   # printed once every part is up and signals are handled
+            if line.startswith("LesionTrack SCP"):  # printed once every part is up and signals are handled
                 ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -58,7 +64,7 @@ def test_serve_process_receives_and_stops_cleanly(tmp_path: Path) -> None:
     out = "".join(lines)
     assert proc.returncode == 0, out
     assert "listening" in out
-    n = Node.__new__(Node)   # read the database the process wrote
+    n = Node.__new__(Node)  # read the database the process wrote
     from db.session import make_engine, make_session_factory
 
     n.engine = make_engine(f"sqlite:///{tmp_path / 'lt.sqlite3'}")
@@ -69,8 +75,12 @@ def test_serve_process_receives_and_stops_cleanly(tmp_path: Path) -> None:
 
 def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "lt.toml", tmp_path, free_port())
-    for args in (["serve"], ["find-priors", "--patient", "P1", "--local-only"], ["send", "--list"],
-                 ["complete-series", "1.2.3"]):
+    for args in (
+        ["serve"],
+        ["find-priors", "--patient", "P1", "--local-only"],
+        ["send", "--list"],
+        ["complete-series", "1.2.3"],
+    ):
         r = CliRunner().invoke(app, ["--config", str(cfg), *args])
         assert r.exit_code == 2 and "db upgrade" in r.output, (args, r.output)
 
@@ -78,9 +88,15 @@ def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
 def test_echo_command(tmp_path: Path) -> None:
     dead = free_port()
     with OrthancServer(tmp_path / "orthanc") as o:
-        cfg = write_config(tmp_path / "lt.toml", tmp_path, free_port(), extra=(
-            f'\n[[pacs]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {o.dicom_port}\n'
-            f'\n[[pacs]]\nname = "down"\nae_title = "NOBODY"\nhost = "127.0.0.1"\nport = {dead}\n'))
+        cfg = write_config(
+            tmp_path / "lt.toml",
+            tmp_path,
+            free_port(),
+            extra=(
+                f'\n[[pacs]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {o.dicom_port}\n'
+                f'\n[[pacs]]\nname = "down"\nae_title = "NOBODY"\nhost = "127.0.0.1"\nport = {dead}\n'
+            ),
+        )
         r = CliRunner().invoke(app, ["--config", str(cfg), "echo", "pacs"])
         assert r.exit_code == 0 and "OK" in r.output
         r = CliRunner().invoke(app, ["--config", str(cfg), "echo", "down"])
@@ -107,7 +123,7 @@ def test_find_priors_and_complete_series_commands(tmp_path: Path) -> None:
     ct, seg = prior_files()
     files = _issuer_copy([*ct, seg], tmp_path / "prior", "HOSPITAL-A")
     with n.scp:
-        storescu(n.port, files, "STORESCU", "-R")   # -R: propose the files' own SOP classes (SEG included)
+        storescu(n.port, files, "STORESCU", "-R")  # -R: propose the files' own SOP classes (SEG included)
     cfg = write_config(tmp_path / "lt.toml", tmp_path, free_port())
     run = CliRunner().invoke
     r = run(app, ["--config", str(cfg), "find-priors", "--patient", "99000", "--local-only", "--json"])
@@ -116,19 +132,33 @@ def test_find_priors_and_complete_series_commands(tmp_path: Path) -> None:
 
     rows = json.loads(r.output)
     ct_series = str(dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
-    assert [(x["ct_series_uid"], x["source"], [a["modality"] for a in x["annotations"]]) for x in rows] == \
-        [(ct_series, "local", ["SEG"])]
+    assert [(x["ct_series_uid"], x["source"], [a["modality"] for a in x["annotations"]]) for x in rows] == [
+        (ct_series, "local", ["SEG"])
+    ]
     # the issuer decides only when both sides have one
     for issuer, expected in (("HOSPITAL-A", 1), ("HOSPITAL-B", 0)):
-        r = run(app, ["--config", str(cfg), "find-priors", "--patient", "99000", "--issuer", issuer,
-                      "--local-only", "--json"])
+        r = run(
+            app,
+            ["--config", str(cfg), "find-priors", "--patient", "99000", "--issuer", issuer, "--local-only", "--json"],
+        )
         assert r.exit_code == 0 and len(json.loads(r.output)) == expected
     # earlier than a date before the prior: nothing
-    r = run(app, ["--config", str(cfg), "find-priors", "--patient", "99000", "--before", "20000101", "--local-only",
-                  "--retrieve"])
+    r = run(
+        app,
+        [
+            "--config",
+            str(cfg),
+            "find-priors",
+            "--patient",
+            "99000",
+            "--before",
+            "20000101",
+            "--local-only",
+            "--retrieve",
+        ],
+    )
     assert r.exit_code == 0 and "no prior timepoints" in r.output
-    r = run(app, ["--config", str(cfg), "find-priors", "--patient", "99000", "--local-only", "--retrieve",
-                  "--json"])
+    r = run(app, ["--config", str(cfg), "find-priors", "--patient", "99000", "--local-only", "--retrieve", "--json"])
     assert json.loads(r.output)[0]["ct_files"] == 3
 
     r = run(app, ["--config", str(cfg), "complete-series", ct_series])

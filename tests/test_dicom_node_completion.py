@@ -87,8 +87,10 @@ def test_late_instance_reopens_and_retriggers(node: Node) -> None:
     storescu(node.port, files[:-1])
     wait_until(lambda: node.triggers == [uid], what="first trigger")
     storescu(node.port, files[-1:])
-    wait_until(lambda: node.series(uid).state == SeriesState.RECEIVING or len(node.triggers) == 2,  # type: ignore
-               what="re-open")
+    wait_until(
+        lambda: node.series(uid).state == SeriesState.RECEIVING or len(node.triggers) == 2,  # type: ignore
+        what="re-open",
+    )
     wait_until(lambda: len(node.triggers) == 2, what="re-trigger")
     assert node.triggers == [uid, uid]
     assert len(node.audits("series.reopened")) == 1
@@ -125,20 +127,52 @@ def test_restart_resumes_receiving_series(tmp_path: Path) -> None:
         wait_until(lambda: len(n2.triggers) == 1, what="completion after restart")
 
 
-@pytest.mark.parametrize("facts, expected", [
-    (dict(modality="CT", series_description="Abdomen", body_part="CHEST", instance_count=100,
-          slice_thickness_mm=1.0), "analyse"),
-    (dict(modality="MR", series_description="T1", body_part=None, instance_count=100), "modality"),
-    (dict(modality="CT", series_description="Topogram 0.6", body_part=None, instance_count=1), "exclude"),
-    (dict(modality="CT", series_description="x", body_part=None, instance_count=100,
-          image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), "LOCALIZER"),
-    (dict(modality="CT", series_description="x", body_part=None, instance_count=5), "min_slices"),
-    (dict(modality="CT", series_description="x", body_part=None, instance_count=50, slice_thickness_mm=8.0),
-     "thickness"),
-    (dict(modality="CT", series_description="x", body_part=None, instance_count=50, created_by_us=True), "LesionTrack"),
-    (dict(modality="CT", series_description="x", body_part=None, instance_count=50,
-          previous_reason=PRIOR_RETRIEVAL_REASON + " from PACS"), "prior"),
-])
+@pytest.mark.parametrize(
+    "facts, expected",
+    [
+        (
+            dict(
+                modality="CT",
+                series_description="Abdomen",
+                body_part="CHEST",
+                instance_count=100,
+                slice_thickness_mm=1.0,
+            ),
+            "analyse",
+        ),
+        (dict(modality="MR", series_description="T1", body_part=None, instance_count=100), "modality"),
+        (dict(modality="CT", series_description="Topogram 0.6", body_part=None, instance_count=1), "exclude"),
+        (
+            dict(
+                modality="CT",
+                series_description="x",
+                body_part=None,
+                instance_count=100,
+                image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+            ),
+            "LOCALIZER",
+        ),
+        (dict(modality="CT", series_description="x", body_part=None, instance_count=5), "min_slices"),
+        (
+            dict(modality="CT", series_description="x", body_part=None, instance_count=50, slice_thickness_mm=8.0),
+            "thickness",
+        ),
+        (
+            dict(modality="CT", series_description="x", body_part=None, instance_count=50, created_by_us=True),
+            "LesionTrack",
+        ),
+        (
+            dict(
+                modality="CT",
+                series_description="x",
+                body_part=None,
+                instance_count=50,
+                previous_reason=PRIOR_RETRIEVAL_REASON + " from PACS",
+            ),
+            "prior",
+        ),
+    ],
+)
 def test_routing_rules(facts: dict, expected: str) -> None:
     route = decide(SeriesFacts(**facts), RoutingSettings())
     if expected == "analyse":
@@ -150,12 +184,18 @@ def test_routing_rules(facts: dict, expected: str) -> None:
 def test_routing_include_and_body_part() -> None:
     rules = RoutingSettings(series_description_include=["(?i)venous"], body_parts=["CHEST"])
     base = dict(modality="CT", instance_count=100, slice_thickness_mm=1.0)
-    assert decide(SeriesFacts(series_description="Arterial", body_part="CHEST", **base), rules).decision \
+    assert (
+        decide(SeriesFacts(series_description="Arterial", body_part="CHEST", **base), rules).decision
         == RoutingDecision.SKIP
-    assert decide(SeriesFacts(series_description="Venous", body_part="HEAD", **base), rules).decision \
+    )
+    assert (
+        decide(SeriesFacts(series_description="Venous", body_part="HEAD", **base), rules).decision
         == RoutingDecision.SKIP
-    assert decide(SeriesFacts(series_description="Venous", body_part="chest", **base), rules).decision \
+    )
+    assert (
+        decide(SeriesFacts(series_description="Venous", body_part="chest", **base), rules).decision
         == RoutingDecision.ANALYSE
+    )
 
 
 def test_aborted_association_does_not_hold_completion(node: Node) -> None:

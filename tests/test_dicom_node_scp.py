@@ -84,7 +84,7 @@ def dataset_bytes(path: Path) -> bytes:
     fp = io.BytesIO(raw)
     read_preamble(fp, False)
     _read_file_meta_info(fp)
-    return raw[fp.tell():]
+    return raw[fp.tell() :]
 
 
 def digest(path: Path) -> str:
@@ -95,8 +95,13 @@ def ge_files() -> list[Path]:
     return sorted(require_shared_data(*GE).glob("*.dcm"))
 
 
-def j2k_series(dest: Path, patient_id: str = "LT-J2K", study_uid: str | None = None,
-               series_uid: str | None = None, study_date: str | None = None) -> list[Path]:
+def j2k_series(
+    dest: Path,
+    patient_id: str = "LT-J2K",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    study_date: str | None = None,
+) -> list[Path]:
     """The Siemens JPEG 2000 series with the UIDs its anonymiser blanked filled in (pixel data untouched)."""
     src = sorted(p for p in require_shared_data(*J2K).iterdir() if p.is_file())
     dest.mkdir(parents=True, exist_ok=True)
@@ -116,11 +121,17 @@ def j2k_series(dest: Path, patient_id: str = "LT-J2K", study_uid: str | None = N
     return out
 
 
-def storescu(port: int, files: list[Path], aet: str = "STORESCU", *extra: str,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, files: list[Path], aet: str = "STORESCU", *extra: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     require_tool("storescu")
-    r = subprocess.run(["storescu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port),
-                        *map(str, files)], capture_output=True, text=True, env=ENV, timeout=120)
+    r = subprocess.run(
+        ["storescu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -128,15 +139,19 @@ def storescu(port: int, files: list[Path], aet: str = "STORESCU", *extra: str,
 
 def echoscu(port: int, aet: str = "STORESCU", *extra: str) -> int:
     require_tool("echoscu")
-    return subprocess.run(["echoscu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=60).returncode
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).returncode
 
 
 def pynetdicom_store(port: int, paths: list[Path], abort_after: int | None = None) -> list[int]:
     """Send Part 10 files with pynetdicom (raw bytes from disk, as-is); returns the DIMSE statuses."""
     from pynetdicom import AE, _config
 
-    _config.STORE_SEND_CHUNKED_DATASET = True   # send the file's bytes as they are, never decoded
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, never decoded
     metas = [dcmread(p, stop_before_pixels=True).file_meta for p in paths]
     ae = AE(ae_title="PYSCU")
     for m in metas:
@@ -156,12 +171,13 @@ def pynetdicom_store(port: int, paths: list[Path], abort_after: int | None = Non
 
 # -----------------------------------------------------------------------------------------------------------------
 
+
 def test_echo_and_store_plain_and_jpeg2000_series_byte_identical(node: Node, tmp_path: Path) -> None:
     assert echoscu(node.port) == 0
     ge = ge_files()
     j2k = j2k_series(tmp_path / "j2k")
     storescu(node.port, ge)
-    storescu(node.port, j2k, "STORESCU", "-xv")   # -xv: propose JPEG 2000 lossless, sent as-is
+    storescu(node.port, j2k, "STORESCU", "-xv")  # -xv: propose JPEG 2000 lossless, sent as-is
 
     rows = node.instances()
     assert len(rows) == len(ge) + len(j2k) == 48
@@ -183,7 +199,7 @@ def test_disallowed_calling_ae_is_rejected(node: Node) -> None:
     assert r.returncode != 0
     assert "Calling AE Title Not Recognized" in r.stderr
     assert node.count() == 0
-    assert echoscu(node.port) == 0       # still serving
+    assert echoscu(node.port) == 0  # still serving
 
 
 def test_peer_ip_allow_list(tmp_path: Path) -> None:
@@ -198,10 +214,10 @@ def test_peer_ip_allow_list(tmp_path: Path) -> None:
 def test_duplicates_same_bytes_idempotent_different_bytes_kept_and_audited(node: Node, tmp_path: Path) -> None:
     f = ge_files()[0]
     storescu(node.port, [f])
-    storescu(node.port, [f])                      # same bytes again: success, nothing new
+    storescu(node.port, [f])  # same bytes again: success, nothing new
     assert node.count() == 1
     ds = dcmread(f)
-    ds.InstanceNumber = 999                       # same SOP Instance UID, different content
+    ds.InstanceNumber = 999  # same SOP Instance UID, different content
     changed = tmp_path / "changed.dcm"
     ds.save_as(changed, enforce_file_format=True)
     storescu(node.port, [changed])
@@ -236,7 +252,7 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     assert statuses[2] == 0xA900
     assert statuses[3] == 0x0000
     assert node.count() == 1
-    assert len(node.files()) == 1            # nothing partial or invalid on disk
+    assert len(node.files()) == 1  # nothing partial or invalid on disk
 
     # unsupported SOP class: the presentation context is refused, the node keeps serving
     ds = dcmread(good[3])
@@ -256,7 +272,7 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     for r in node.instances():
         assert hashlib.sha256(dataset_bytes(Path(r.file_path))).hexdigest() == r.sha256
     assert echoscu(node.port) == 0
-    storescu(node.port, series)                   # the sender retries the whole series: all there, once each
+    storescu(node.port, series)  # the sender retries the whole series: all there, once each
     assert node.count() == 1 + len(series)
 
     # not DICOM at all on the socket: answered with an A-ABORT PDU (type 07), the node keeps serving
@@ -283,8 +299,8 @@ def _assert_disk_full_handled(data_dir: Path, root: Path) -> list[int]:
     n.settings.data_dir = data_dir
     n.scp = StorageSCP(n.settings, n.sf, n.triggers.append)
     with n.scp:
-        statuses = pynetdicom_store(n.port, ge_files()[:4])   # 0.5 MB each
-        assert echoscu(n.port) == 0                         # still serving
+        statuses = pynetdicom_store(n.port, ge_files()[:4])  # 0.5 MB each
+        assert echoscu(n.port) == 0  # still serving
     assert 0xA700 in statuses and set(statuses) <= {0, 0xA700}
     assert n.count() == statuses.count(0)
     assert not list(data_dir.rglob(".tmp-*"))
@@ -297,12 +313,11 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
     require_tool("mount", "umount")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
-                       check=False)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, check=False)
     if r.returncode == 0:
         try:
             statuses = _assert_disk_full_handled(mnt, tmp_path / "db")
-            assert statuses[0] == 0                          # the first one fits
+            assert statuses[0] == 0  # the first one fits
         finally:
             subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
         return
@@ -313,7 +328,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
 
     def open_full(path: Any, flags: int, mode: int = 0o777) -> int:
         if Path(path).name.startswith(".tmp-"):
-            Path(path).touch()                                # so the store's clean-up has something to remove
+            Path(path).touch()  # so the store's clean-up has something to remove
             return real_open("/dev/full", os.O_WRONLY)
         return real_open(path, flags, mode)
 
@@ -329,13 +344,13 @@ def test_max_associations_and_orphan_cleanup(tmp_path: Path) -> None:
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half a file from a crash")
     with n.scp:
-        assert not leftover.exists()          # interrupted writes are cleaned up at start
+        assert not leftover.exists()  # interrupted writes are cleaned up at start
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context("1.2.840.10008.1.1")
         held = ae.associate("127.0.0.1", n.port, ae_title="LESIONTRACK")
         assert held.is_established
         try:
-            assert echoscu(n.port) != 0        # over the limit: refused
+            assert echoscu(n.port) != 0  # over the limit: refused
         finally:
             held.release()
         deadline = time.monotonic() + 10

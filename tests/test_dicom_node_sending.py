@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from config.settings import PacsPeer, Settings, load_settings
@@ -14,18 +14,20 @@ from dicom_node.sending import DeliveryService
 
 class Clock:
     def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now
 
 
 def _settings(tmp_path: Path) -> Settings:
-    return load_settings(None, data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'lt.sqlite3'}",
-                         pacs=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112,
-                                "send": True}],
-                         sending={"destinations": ["pacs"], "retry_schedule_seconds": [60],
-                                  "claim_seconds": 600})
+    return load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'lt.sqlite3'}",
+        pacs=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112, "send": True}],
+        sending={"destinations": ["pacs"], "retry_schedule_seconds": [60], "claim_seconds": 600},
+    )
 
 
 def _two_senders(tmp_path: Path, deliver_a, deliver_b, clock: Clock):  # type: ignore[no-untyped-def]
@@ -63,8 +65,8 @@ def test_a_delivery_being_sent_is_not_sent_again_by_another_sender(tmp_path: Pat
     worker = threading.Thread(target=a.attempt, args=(delivery_id,))
     worker.start()
     assert sending.wait(30)
-    assert b.attempt(delivery_id) == DeliveryState.SENDING        # held by a: b leaves it alone
-    assert b.run_due() == []                                      # nor is it due while the claim holds
+    assert b.attempt(delivery_id) == DeliveryState.SENDING  # held by a: b leaves it alone
+    assert b.run_due() == []  # nor is it due while the claim holds
     release.set()
     worker.join(30)
     assert _state(a, delivery_id) == DeliveryState.DELIVERED
@@ -77,9 +79,9 @@ def test_a_lapsed_claim_is_retried_by_another_sender(tmp_path: Path) -> None:
     sent: list[str] = []
     a, b = _two_senders(tmp_path, lambda *_: "unused", lambda *_: sent.append("b") or "ok", clock)
     (delivery_id,) = a.send([tmp_path / "seg.dcm"], attempt_now=False)
-    assert a._claim(delivery_id)                                  # a claims it, then its process dies
+    assert a._claim(delivery_id)  # a claims it, then its process dies
     assert b.run_due() == []
     assert sent == []
-    clock.now += timedelta(seconds=601)                           # the claim's lease has lapsed
+    clock.now += timedelta(seconds=601)  # the claim's lease has lapsed
     assert b.run_due() == [(delivery_id, DeliveryState.DELIVERED)]
     assert sent == ["b"]

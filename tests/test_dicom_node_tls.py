@@ -27,8 +27,26 @@ def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
     """A throw-away key and self-signed certificate (it is its own CA)."""
     require_tool("openssl")
     key, crt = folder / f"{name}.key.pem", folder / f"{name}.crt.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(crt), "-days", "2", "-subj", f"/CN={name}"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return key, crt
 
 
@@ -41,12 +59,14 @@ def require_dcmtk_tls() -> None:
 def test_tls_association_to_our_scp(tmp_path: Path) -> None:
     require_dcmtk_tls()
     key, crt = self_signed(tmp_path, "lesiontrack")
-    n = Node(tmp_path / "n", tls={"enabled": True, "cert_file": crt, "key_file": key, "ca_file": crt,
-                                   "require_client_cert": True})
+    n = Node(
+        tmp_path / "n",
+        tls={"enabled": True, "cert_file": crt, "key_file": key, "ca_file": crt, "require_client_cert": True},
+    )
     with n.scp:
         tls = ["+tls", str(key), str(crt), "+cf", str(crt)]
         assert echoscu(n.port, "STORESCU", *tls) == 0
-        assert echoscu(n.port) != 0                           # plain DICOM refused on the TLS port
+        assert echoscu(n.port) != 0  # plain DICOM refused on the TLS port
         storescu(n.port, ge_files()[:2], "STORESCU", *tls)
         assert n.count() == 2
 
@@ -60,9 +80,25 @@ class TlsStorescp:
         self.out.mkdir(parents=True)
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", "TLSPACS", "+tls", str(key), str(crt), "+cf", str(client_crt),
-             "--require-peer-cert", "+B", "-od", str(self.out), str(self.port)],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                "storescp",
+                "-aet",
+                "TLSPACS",
+                "+tls",
+                str(key),
+                str(crt),
+                "+cf",
+                str(client_crt),
+                "--require-peer-cert",
+                "+B",
+                "-od",
+                str(self.out),
+                str(self.port),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         wait_for_port(self.port, timeout=30)
 
     def files(self) -> list[Path]:
@@ -86,16 +122,18 @@ def tls_pacs(tmp_path: Path) -> Iterator[tuple[TlsStorescp, Path, Path]]:
 
 
 def _settings(tmp_path: Path, key: Path, crt: Path, ca: Path, port: int, peer_tls: bool = True) -> Settings:
-    peer = {"name": "pacs", "ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "send": True,
-            "tls": peer_tls}
-    return load_settings(None, data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'x.sqlite3'}",
-                         dicom={"tls": {"enabled": True, "cert_file": crt, "key_file": key,
-                                        "ca_file": ca}},
-                         pacs=[peer], sending={"destinations": ["pacs"]})
+    peer = {"name": "pacs", "ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "send": True, "tls": peer_tls}
+    return load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        dicom={"tls": {"enabled": True, "cert_file": crt, "key_file": key, "ca_file": ca}},
+        pacs=[peer],
+        sending={"destinations": ["pacs"]},
+    )
 
 
-def test_outgoing_echo_and_store_over_tls_to_dcmtk(tls_pacs: tuple[TlsStorescp, Path, Path],
-                                                   tmp_path: Path) -> None:
+def test_outgoing_echo_and_store_over_tls_to_dcmtk(tls_pacs: tuple[TlsStorescp, Path, Path], tmp_path: Path) -> None:
     pacs, our_key, our_crt = tls_pacs
     settings = _settings(tmp_path, our_key, our_crt, pacs.crt, pacs.port)
     peer = settings.peer("pacs")
@@ -106,15 +144,16 @@ def test_outgoing_echo_and_store_over_tls_to_dcmtk(tls_pacs: tuple[TlsStorescp, 
     # the sending service's C-STORE path goes over the same TLS association
     assert deliver_files(settings, peer, files[:1]) == "C-STORE 1 objects"
     received = pacs.files()
-    assert len(received) == 3                                 # the resend overwrote storescp's file of the same UID
+    assert len(received) == 3  # the resend overwrote storescp's file of the same UID
     assert sorted(dataset_bytes(p) for p in received) == sorted(dataset_bytes(f) for f in files)
 
 
-def test_outgoing_tls_refuses_an_untrusted_pacs_and_a_plain_peer(tls_pacs: tuple[TlsStorescp, Path, Path],
-                                                                 tmp_path: Path) -> None:
+def test_outgoing_tls_refuses_an_untrusted_pacs_and_a_plain_peer(
+    tls_pacs: tuple[TlsStorescp, Path, Path], tmp_path: Path
+) -> None:
     pacs, our_key, our_crt = tls_pacs
     _other_key, other_crt = self_signed(tmp_path, "someone-else")
-    untrusting = _settings(tmp_path, our_key, our_crt, other_crt, pacs.port)   # we do not trust the PACS's cert
+    untrusting = _settings(tmp_path, our_key, our_crt, other_crt, pacs.port)  # we do not trust the PACS's cert
     with pytest.raises(DimseError, match="no association with pacs"):
         echo(untrusting, untrusting.peer("pacs"))
     plain = _settings(tmp_path, our_key, our_crt, pacs.crt, pacs.port, peer_tls=False)

@@ -25,14 +25,19 @@ from tests.services import OrthancServer, free_port, wait_for
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-
-
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from lesiontrack.demo_data import make_patient
 
-    return make_patient(tmp_path_factory.mktemp("patient"), seed=5, shape=(56, 112, 112), spacing=(3.0, 3.0, 3.0),
-                        n_lesions=3, n_followups=2, changes=False)
+    return make_patient(
+        tmp_path_factory.mktemp("patient"),
+        seed=5,
+        shape=(56, 112, 112),
+        spacing=(3.0, 3.0, 3.0),
+        n_lesions=3,
+        n_followups=2,
+        changes=False,
+    )
 
 
 class Site:
@@ -44,13 +49,26 @@ class Site:
 
         require_tool("/usr/sbin/Orthanc")
         lt_port = free_port()
-        self.orthanc = OrthancServer(root / "orthanc",
-                                     modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)}).start()
+        self.orthanc = OrthancServer(
+            root / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)}
+        ).start()
         self.settings = demo_settings(
-            root / "data", http=False, dicom={"port": lt_port},
-            pacs=[{"name": "orthanc", "ae_title": self.orthanc.aet, "host": "127.0.0.1",
-                   "port": self.orthanc.dicom_port, "retrieve_method": method, "query": True, "send": True}],
-            sending={"destinations": ["orthanc"], "retry_schedule_seconds": [1, 2, 5]})
+            root / "data",
+            http=False,
+            dicom={"port": lt_port},
+            pacs=[
+                {
+                    "name": "orthanc",
+                    "ae_title": self.orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": self.orthanc.dicom_port,
+                    "retrieve_method": method,
+                    "query": True,
+                    "send": True,
+                }
+            ],
+            sending={"destinations": ["orthanc"], "retry_schedule_seconds": [1, 2, 5]},
+        )
         self.service = LesionTrackService(self.settings).start()
 
     def stop(self) -> None:
@@ -68,8 +86,11 @@ class Site:
 
     def analyse(self, series_uid: str, timeout: float = 600) -> Any:
         store = self.service.job_store
-        wait_for(lambda: (store.latest_for_series(series_uid) or None) and store.latest_for_series(series_uid).finished,
-                 timeout, f"the analysis of {series_uid}")
+        wait_for(
+            lambda: (store.latest_for_series(series_uid) or None) and store.latest_for_series(series_uid).finished,
+            timeout,
+            f"the analysis of {series_uid}",
+        )
         view = store.latest_for_series(series_uid)
         assert view.state is JobState.DONE, view.error
         sf = self.service.session_factory
@@ -135,7 +156,7 @@ def _validate(tmp: Path, ds: pydicom.Dataset) -> Path:
 def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path]:
     srs: list[Path] = []
     base_uids = {les["tracking_uid"] for les in patient.lesions}
-    site.upload(patient.baseline.files + [patient.seg_file])   # the baseline and its SEG live in the PACS
+    site.upload(patient.baseline.files + [patient.seg_file])  # the baseline and its SEG live in the PACS
     previous_seg: str | None = None
     for fu in patient.followups[:followups]:
         site.route(site.upload(fu.files))
@@ -144,8 +165,9 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         if previous_seg is None:
             assert prior["ct_series_uid"] == patient.baseline.series_uid and prior["source"] == "orthanc"
             assert prior["annotations"][0]["sop_instance_uid"] == str(
-                pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID)
-        else:   # the chain continues from LesionTrack's own SEG of the previous follow-up
+                pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID
+            )
+        else:  # the chain continues from LesionTrack's own SEG of the previous follow-up
             assert prior["annotations"][0]["sop_instance_uid"] == previous_seg
         objs = site.results_in_orthanc(fu.study_uid)
         assert len(objs.get("SEG", [])) == 1 and len(objs.get("SR", [])) == 1, {k: len(v) for k, v in objs.items()}
@@ -168,8 +190,9 @@ def test_e2e_orthanc_c_move_two_followups(tmp_path: Path, patient: Any) -> None:
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()
         with session_scope(site.service.session_factory) as s:
-            methods = [e.details["method"] for e in s.scalars(select(AuditEvent).where(
-                AuditEvent.action == "priors.retrieve"))]
+            methods = [
+                e.details["method"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "priors.retrieve"))
+            ]
         assert methods and set(methods) == {"C-MOVE"}
     finally:
         site.stop()
@@ -180,8 +203,9 @@ def test_e2e_orthanc_c_get(tmp_path: Path, patient: Any) -> None:
     try:
         _run_chain(site, patient, tmp_path, followups=1)
         with session_scope(site.service.session_factory) as s:
-            methods = [e.details["method"] for e in s.scalars(select(AuditEvent).where(
-                AuditEvent.action == "priors.retrieve"))]
+            methods = [
+                e.details["method"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "priors.retrieve"))
+            ]
         assert methods and set(methods) == {"C-GET"}
     finally:
         site.stop()

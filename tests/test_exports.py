@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 
 from db.session import make_engine, make_session_factory, session_scope, upgrade
 from pipeline import exports
-from pipeline.web.timeline import build_timeline
+from pipeline.history import build_timeline
 from tests.test_api_data import synthetic_patient
 
 
@@ -41,12 +41,18 @@ def _sr_values(sr_path: Path) -> tuple[dict[str, dict[str, float | str | None]],
     report = ds.content
     status_name = hd.sr.CodedConcept("LT001", "99LTRK", "Lesion status")
     out: dict[str, dict[str, float | str | None]] = {}
-    groups = [*report.get_volumetric_roi_measurement_groups(), *report.get_planar_roi_measurement_groups(),
-              *report.get_image_measurement_groups()]
+    groups = [
+        *report.get_volumetric_roi_measurement_groups(),
+        *report.get_planar_roi_measurement_groups(),
+        *report.get_image_measurement_groups(),
+    ]
     for g in groups:
         d = out.setdefault(g.tracking_uid, {})
-        for key, concept in (("volume_mm3", codes.SCT.Volume), ("long_axis_mm", codes.SCT.LongAxis),
-                             ("short_axis_mm", codes.SCT.ShortAxis)):
+        for key, concept in (
+            ("volume_mm3", codes.SCT.Volume),
+            ("long_axis_mm", codes.SCT.LongAxis),
+            ("short_axis_mm", codes.SCT.ShortAxis),
+        ):
             v = _num(g, concept)
             if v is not None:
                 d[key] = v
@@ -131,7 +137,8 @@ def test_json_has_the_same_rows_as_csv(exported) -> None:
             else:
                 assert c[k] == ("" if v is None else str(v)), k
     assert json.loads(exports.cdisc_json(tl, built.patient_id)) == json.loads(
-        json.dumps(exports.cdisc_domains(tl, built.patient_id)))
+        json.dumps(exports.cdisc_domains(tl, built.patient_id))
+    )
 
 
 def test_export_command(exported, tmp_path: Path) -> None:

@@ -22,14 +22,12 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from config.settings import PacsPeer, Settings, load_settings
-from db.models import AuditEvent, DeliveryState, Delivery, Instance, JobState, Series
+from db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
 from db.session import make_engine, make_session_factory, session_scope
 from tests.conftest import REPO
 from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
-
-
 
 
 def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]]:
@@ -39,8 +37,16 @@ def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]
     rng = np.random.default_rng(seed)
     vol = Volume(rng.integers(-1000, 400, (n, 24, 24)).astype(np.int16), spacing=(1.5, 1.5, 2.5))
     uid = generate_uid()
-    files = write_ct_series(vol, out, patient_id="FAULT-1", patient_name="Fault^Test", study_uid=generate_uid(),
-                            series_uid=uid, frame_of_reference_uid=generate_uid(), study_date="20260101")
+    files = write_ct_series(
+        vol,
+        out,
+        patient_id="FAULT-1",
+        patient_name="Fault^Test",
+        study_uid=generate_uid(),
+        series_uid=uid,
+        frame_of_reference_uid=generate_uid(),
+        study_date="20260101",
+    )
     return uid, list(files)
 
 
@@ -72,11 +78,15 @@ retry_backoff_seconds = [0.5]
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.root / f"serve-{self.starts}.log", "wb")  # noqa: SIM115 - owned by the child
+        log = open(self.root / f"serve-{self.starts}.log", "wb")
         env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_CONFIG": str(self.config)}
-        self.proc = subprocess.Popen([*LESIONTRACK, "serve", "--upgrade-db", "--pipeline",
-                                      "tests.job_pipelines:counting_with_send"],
-                                     env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.job_pipelines:counting_with_send"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for_port(self.port, timeout=60)
 
     def kill9(self) -> None:
@@ -112,8 +122,9 @@ def _job_of(sf, series_uid: str) -> Any:  # type: ignore[no-untyped-def]
 
 def _runs(sf, job_id: int, step: str) -> int:  # type: ignore[no-untyped-def]
     with session_scope(sf) as s:
-        evs = s.scalars(select(AuditEvent).where(AuditEvent.action == "test.step_ran",
-                                                 AuditEvent.object_id == str(job_id))).all()
+        evs = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "test.step_ran", AuditEvent.object_id == str(job_id))
+        ).all()
         return sum(1 for e in evs if e.details["step"] == step)
 
 
@@ -122,33 +133,43 @@ def test_kill_9_mid_job_then_restart_completes_and_loses_no_instance(tmp_path: P
     uid_a, files_a = write_series(tmp_path / "a", seed=1)
     uid_b, files_b = write_series(tmp_path / "b", seed=2)
     svc.data.mkdir(parents=True)
-    (svc.data / "block").write_text("hold the job")   # the job's first step waits while this file exists
+    (svc.data / "block").write_text("hold the job")  # the job's first step waits while this file exists
     svc.start()
     try:
         svc.send(files_a)
         sf = svc.session_factory()
         job_a = wait_for(lambda: _job_of(sf, uid_a), 60, "a job for series A").id
         wait_for(lambda: (svc.data / f"started-{job_a}").exists(), 60, "job A to be running")
-        svc.send(files_b)          # acknowledged while job A runs; series B is still within its quiet period
+        svc.send(files_b)  # acknowledged while job A runs; series B is still within its quiet period
         svc.kill9()
         assert _job_of(sf, uid_a).state is JobState.RUNNING
         (svc.data / "block").unlink()
         svc.start()
         for uid in (uid_a, uid_b):
-            wait_for(lambda uid=uid: (_job_of(sf, uid) or None) and _job_of(sf, uid).finished, 90,
-                     f"the job of {uid} to finish")
+            wait_for(
+                lambda uid=uid: (_job_of(sf, uid) or None) and _job_of(sf, uid).finished,
+                90,
+                f"the job of {uid} to finish",
+            )
             view = _job_of(sf, uid)
             assert view.state is JobState.DONE, view.error
         a = _job_of(sf, uid_a)
         assert a.id == job_a and a.attempts == 2, "the killed job itself was resumed, not replaced"
         assert _runs(sf, job_a, "compute") == 2 and _runs(sf, job_a, "write") == 1
         with session_scope(sf) as s:
-            reasons = [e.details.get("reason", "") for e in s.scalars(select(AuditEvent).where(
-                AuditEvent.object_id == str(job_a), AuditEvent.action == "job.state"))]
+            reasons = [
+                e.details.get("reason", "")
+                for e in s.scalars(
+                    select(AuditEvent).where(AuditEvent.object_id == str(job_a), AuditEvent.action == "job.state")
+                )
+            ]
             assert any("no longer running" in r for r in reasons), reasons
             for uid, files in ((uid_a, files_a), (uid_b, files_b)):
-                rows = s.scalars(select(Instance).join(Series, Instance.series_pk == Series.id)
-                                 .where(Series.series_instance_uid == uid)).all()
+                rows = s.scalars(
+                    select(Instance)
+                    .join(Series, Instance.series_pk == Series.id)
+                    .where(Series.series_instance_uid == uid)
+                ).all()
                 assert len(rows) == len(files), f"series {uid}: {len(rows)} of {len(files)} instances recorded"
                 assert all(Path(r.file_path).is_file() for r in rows)
     finally:
@@ -159,7 +180,9 @@ def test_destination_down_while_sending_is_delivered_after_it_returns(tmp_path: 
     lt_port = free_port()
     orthanc = OrthancServer(tmp_path / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)})
     orthanc.start()
-    svc = Service(tmp_path, extra_toml=f"""
+    svc = Service(
+        tmp_path,
+        extra_toml=f"""
 [[pacs]]
 name = "pacs"
 ae_title = "ORTHANC"
@@ -170,9 +193,11 @@ send = true
 [sending]
 destinations = ["pacs"]
 retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-""", port=lt_port)
+""",
+        port=lt_port,
+    )
     uid, files = write_series(tmp_path / "s", seed=3)
-    orthanc.stop()                       # the PACS goes down
+    orthanc.stop()  # the PACS goes down
     svc.start()
     try:
         svc.send(files)
@@ -184,20 +209,26 @@ retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 
 
         def failed_attempts() -> int:
             with session_scope(sf) as s:
-                return int(s.scalar(select(func.count()).select_from(AuditEvent).where(
-                    AuditEvent.action.like("delivery.%"), AuditEvent.action != "delivery.queued")) or 0)
+                return int(
+                    s.scalar(
+                        select(func.count())
+                        .select_from(AuditEvent)
+                        .where(AuditEvent.action.like("delivery.%"), AuditEvent.action != "delivery.queued")
+                    )
+                    or 0
+                )
 
         wait_for(lambda: failed_attempts() >= 2, 60, "at least two failed delivery attempts")
         with session_scope(sf) as s:
             d = s.scalars(select(Delivery).where(Delivery.job_pk == job.id)).one()
             assert d.state is DeliveryState.RETRY_WAIT, d.state
-        orthanc.start()                  # the PACS is back (same ports, same storage)
+        orthanc.start()  # the PACS is back (same ports, same storage)
         wait_for(lambda: _delivered(sf, job.id), 90, "the delivery to succeed")
         import pydicom
 
         sop = str(pydicom.dcmread(result, stop_before_pixels=True).SOPInstanceUID)
         found = orthanc.post("/tools/lookup", sop)
-        assert found and found[0]["Type"] == "Instance"   # type: ignore[index]
+        assert found and found[0]["Type"] == "Instance"  # type: ignore[index]
     finally:
         svc.stop()
         orthanc.stop()

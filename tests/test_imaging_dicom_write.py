@@ -13,21 +13,31 @@ from pydicom.uid import generate_uid
 
 from models.imaging.dicom_read import read_series
 from models.imaging.dicom_write import write_ct_series
-from models.imaging.transforms import rotation_matrix
 from models.imaging.volume import Volume
+from synthetic.transforms import rotation_matrix
 from tests.conftest import require_tool
 
 
 def _ident() -> dict:
-    return dict(patient_id="LT-0001", patient_name="Phantom^One", study_uid=generate_uid(),
-                series_uid=generate_uid(), frame_of_reference_uid=generate_uid(), study_date="20260102")
+    return dict(
+        patient_id="LT-0001",
+        patient_name="Phantom^One",
+        study_uid=generate_uid(),
+        series_uid=generate_uid(),
+        frame_of_reference_uid=generate_uid(),
+        study_date="20260102",
+    )
 
 
 def test_round_trip_exact_geometry_and_hu(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arr = (rng.normal(0, 300, (7, 20, 24))).astype(np.float32)
-    vol = Volume(arr, origin=(-101.25, 33.125, -512.5), spacing=(0.7421875, 0.8125, 2.5),
-                 direction=rotation_matrix([8.0, -5.0, 21.0]))
+    vol = Volume(
+        arr,
+        origin=(-101.25, 33.125, -512.5),
+        spacing=(0.7421875, 0.8125, 2.5),
+        direction=rotation_matrix([8.0, -5.0, 21.0]),
+    )
     ident = _ident()
     files = write_ct_series(vol, tmp_path, issuer_of_patient_id="LT", **ident)
     assert len(files) == 7

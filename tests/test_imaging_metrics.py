@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.imaging.metrics import (LesionResult, centre_distance, dice, evaluate_lesion, nsd, tracking_metrics,
-                                    tre)
+from models.imaging.metrics import LesionResult, centre_distance, dice, evaluate_lesion, nsd, tracking_metrics, tre
 from models.imaging.volume import Volume
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.imaging.phantom import ORGANS, make_phantom
+from synthetic.phantom import ORGANS, make_phantom
 
 SMALL = dict(shape=(40, 72, 80), spacing=(4.0, 4.0, 4.0))
 
@@ -23,8 +23,10 @@ def test_tissue_hu_noise_and_lesions() -> None:
     ph = make_phantom(1, **SMALL)
     ct, org, lab = ph.ct.array.astype(float), ph.organs.array, ph.lesions.array
     assert ct.dtype == float and ph.ct.array.dtype == np.int16
-    med = {name: float(np.median(ct[(org == ORGANS[name]) & (lab == 0)])) for name in
-           ("lung", "fat", "muscle", "liver", "heart", "bone")}
+    med = {
+        name: float(np.median(ct[(org == ORGANS[name]) & (lab == 0)]))
+        for name in ("lung", "fat", "muscle", "liver", "heart", "bone")
+    }
     assert -920 < med["lung"] < -780 and -130 < med["fat"] < -60 and 30 < med["muscle"] < 75
     assert 80 < med["liver"] < 130 and med["bone"] > 200
     outside = ct[:, :4, :]  # air in front of the patient

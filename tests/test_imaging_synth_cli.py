@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
-from models.imaging.phantom import make_phantom
-from models.imaging.synthesis import load_truth
+from synthetic.phantom import make_phantom
+from synthetic.synthesis import load_truth
 from tests.conftest import require_shared_data
 
 
@@ -19,9 +19,24 @@ def test_synth_from_files(tmp_path: Path) -> None:
     ph = make_phantom(4, shape=(30, 56, 64), spacing=(4.5, 4.5, 4.5), n_lesions=3)
     ph.ct.write(str(tmp_path / "ct.nii.gz"))
     ph.lesions.write(str(tmp_path / "lab.nii.gz"))
-    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "out"), "--patients", "2", "--timepoints", "2",
-                                   "--seed", "5", "--source", str(tmp_path / "ct.nii.gz"),
-                                   "--labels", str(tmp_path / "lab.nii.gz")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "out"),
+            "--patients",
+            "2",
+            "--timepoints",
+            "2",
+            "--seed",
+            "5",
+            "--source",
+            str(tmp_path / "ct.nii.gz"),
+            "--labels",
+            str(tmp_path / "lab.nii.gz"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert [s["patient_id"] for s in summary] == ["SYNTH-0005", "SYNTH-0006"]
@@ -38,9 +53,23 @@ def test_synth_rejects_half_source(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_synth_from_real_lung_ct(tmp_path: Path) -> None:
     src = require_shared_data("real", "lung1")
-    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--timepoints", "2", "--seed", "1", "--no-dicom",
-                                   "--source", str(src / "lung1_image.nrrd"),
-                                   "--labels", str(src / "lung1_label.nrrd")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--timepoints",
+            "2",
+            "--seed",
+            "1",
+            "--no-dicom",
+            "--source",
+            str(src / "lung1_image.nrrd"),
+            "--labels",
+            str(src / "lung1_label.nrrd"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     truth = load_truth(Path(json.loads(res.output)[0]["dir"]))
     tp1 = truth["timepoints"][1]

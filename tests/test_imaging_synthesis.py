@@ -8,18 +8,25 @@ import numpy as np
 import pytest
 
 from models.imaging.dicom_read import read_series
-from models.imaging.lesion_change import GrowthParams, grow_lesion
-from models.imaging.phantom import make_phantom
-from models.imaging.synthesis import SynthConfig, lesion_table, load_truth, synthesize_patient, write_patient
 from models.imaging.volume import Volume
+from synthetic.lesion_change import GrowthParams, grow_lesion
+from synthetic.phantom import make_phantom
+from synthetic.synthesis import SynthConfig, lesion_table, load_truth, synthesize_patient, write_patient
 
 
 @pytest.fixture(scope="module")
 def patient():
     ph = make_phantom(11, shape=(44, 64, 72), spacing=(4.0, 4.0, 4.0), n_lesions=5)
     cfg = SynthConfig(p_new=1.0, p_vanish=0.0, n_landmarks=60)
-    p = synthesize_patient(ph.ct, ph.lesions, np.random.default_rng(3), n_followups=2, config=cfg,
-                           lesion_kinds={x.label: x.kind for x in ph.lesion_info}, seed=11)
+    p = synthesize_patient(
+        ph.ct,
+        ph.lesions,
+        np.random.default_rng(3),
+        n_followups=2,
+        config=cfg,
+        lesion_kinds={x.label: x.kind for x in ph.lesion_info},
+        seed=11,
+    )
     return ph, p
 
 
@@ -76,7 +83,7 @@ def test_written_truth_landmarks_exact(patient, tmp_path: Path) -> None:
 def test_growth_and_shrinkage_change_volume() -> None:
     grid = np.zeros((40, 40, 40), np.uint16)
     kk, jj, ii = np.indices(grid.shape)
-    ball = (kk - 20) ** 2 + (jj - 20) ** 2 + (ii - 20) ** 2 < 8 ** 2
+    ball = (kk - 20) ** 2 + (jj - 20) ** 2 + (ii - 20) ** 2 < 8**2
     grid[ball] = 3
     img = np.where(ball, 40, -850).astype(np.int16)
     ct, lab = Volume(img), Volume(grid)
@@ -88,12 +95,12 @@ def test_growth_and_shrinkage_change_volume() -> None:
 
 
 def test_vanished_lesion_becomes_the_dominant_surrounding_tissue() -> None:
-    from models.imaging.lesion_change import remove_lesion
+    from synthetic.lesion_change import remove_lesion
 
     kk, jj, ii = np.indices((30, 40, 40))
     img = np.full((30, 40, 40), -100, np.int16)  # fat ...
     img[:, :, 28:] = 60  # ... next to an organ the node touches
-    node = (kk - 15) ** 2 + (jj - 20) ** 2 + (ii - 22) ** 2 < 6 ** 2
+    node = (kk - 15) ** 2 + (jj - 20) ** 2 + (ii - 22) ** 2 < 6**2
     img[node] = 45
     lab = np.where(node, 2, 0).astype(np.uint16)
     out, out_lab = remove_lesion(Volume(img), Volume(lab), 2, np.random.default_rng(0))

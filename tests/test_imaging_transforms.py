@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.imaging.transforms import (SpatialTransform, _grid_points, apply_transform, random_patient_motion,
-                                       rotation_matrix)
 from models.imaging.volume import Volume
+from synthetic.transforms import SpatialTransform, _grid_points, apply_transform, random_patient_motion, rotation_matrix
 
 
 def _ref() -> Volume:
@@ -33,8 +32,12 @@ def test_roundtrip_dict_and_separable_grid_eval() -> None:
     rng = np.random.default_rng(2)
     tr = random_patient_motion(rng, _ref(), elastic_mm=5)
     tr2 = SpatialTransform.from_dict(tr.to_dict())
-    flipped = Volume(np.zeros((10, 12, 14), np.int16), origin=(30, -20, 10), spacing=(3, 2.5, 2),
-                     direction=np.diag([-1.0, 1.0, -1.0])[:, [1, 0, 2]])
+    flipped = Volume(
+        np.zeros((10, 12, 14), np.int16),
+        origin=(30, -20, 10),
+        spacing=(3, 2.5, 2),
+        direction=np.diag([-1.0, 1.0, -1.0])[:, [1, 0, 2]],
+    )
     pts = _grid_points(flipped)
     np.testing.assert_allclose(tr2.map_grid(flipped), tr.followup_to_baseline(pts), atol=1e-9)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.imaging.transforms import rotation_matrix
 from models.imaging.volume import Volume
+from synthetic.transforms import rotation_matrix
 
 
 def _vol() -> Volume:
@@ -33,8 +33,11 @@ def test_nifti_ras_is_read_as_lps(tmp_path: Path) -> None:
     v.array[2, 3, 4] = 7
     v.write(str(tmp_path / "v.nii.gz"))
     back = Volume.read(str(tmp_path / "v.nii.gz"))
-    np.testing.assert_allclose(back.index_to_patient(np.array(np.argwhere(back.array == 7)[0][::-1], float)),
-                               v.index_to_patient([4, 3, 2]), atol=1e-5)
+    np.testing.assert_allclose(
+        back.index_to_patient(np.array(np.argwhere(back.array == 7)[0][::-1], float)),
+        v.index_to_patient([4, 3, 2]),
+        atol=1e-5,
+    )
 
 
 def test_resample_onto_shifted_grid() -> None:

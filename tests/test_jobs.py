@@ -32,12 +32,15 @@ def sf(sqlite_url: str):  # type: ignore[no-untyped-def]
     return _factory(sqlite_url)
 
 
-
-
 def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:  # type: ignore[no-untyped-def]
     with session_scope(sf) as s:
-        evs = s.scalars(select(AuditEvent).where(AuditEvent.object_type == "job", AuditEvent.object_id == str(job_id),
-                                                 AuditEvent.action == "job.state").order_by(AuditEvent.id)).all()
+        evs = s.scalars(
+            select(AuditEvent)
+            .where(
+                AuditEvent.object_type == "job", AuditEvent.object_id == str(job_id), AuditEvent.action == "job.state"
+            )
+            .order_by(AuditEvent.id)
+        ).all()
         return [(e.details.get("from"), e.details["to"]) for e in evs]
 
 
@@ -58,6 +61,7 @@ class Recorder:
             if fail and n in fail:
                 raise fail[n]
             return {"n": n, "seen": sorted(k for k in ctx.outputs if not k.startswith("_"))}
+
         return Step(name, fn, durable=durable)
 
 
@@ -90,14 +94,21 @@ def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:  #
     assert svc.run(job) is JobState.DONE
     assert svc.store.get(job).attempts == 2
     assert rec.calls == Counter(a=1, b=2), "the durable step 'a' is not repeated on retry"
-    assert _transitions(sf, job) == [("queued", "running"), ("running", "retry_wait"), ("retry_wait", "running"),
-                                     ("running", "done")]
+    assert _transitions(sf, job) == [
+        ("queued", "running"),
+        ("running", "retry_wait"),
+        ("retry_wait", "running"),
+        ("running", "done"),
+    ]
 
 
 def test_gives_up_after_max_attempts(sf) -> None:  # type: ignore[no-untyped-def]
     rec = Recorder()
-    svc = AnalysisService(sf, [rec.step("send", fail={i: TransientError("destination down") for i in range(1, 9)})],
-                          retry=RetryPolicy(3, [0.0]))
+    svc = AnalysisService(
+        sf,
+        [rec.step("send", fail={i: TransientError("destination down") for i in range(1, 9)})],
+        retry=RetryPolicy(3, [0.0]),
+    )
     job = svc.store.create("1.2.3")
     states = [svc.run(job) for _ in range(3)]
     assert states == [JobState.RETRY_WAIT, JobState.RETRY_WAIT, JobState.FAILED]
@@ -106,8 +117,9 @@ def test_gives_up_after_max_attempts(sf) -> None:  # type: ignore[no-untyped-def
 
 def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type: ignore[no-untyped-def]
     rec = Recorder()
-    svc = AnalysisService(sf, [rec.step("load", durable=True),
-                               rec.step("register", fail={1: ValueError("follow-up has 3 slices")})])
+    svc = AnalysisService(
+        sf, [rec.step("load", durable=True), rec.step("register", fail={1: ValueError("follow-up has 3 slices")})]
+    )
     job = svc.store.create("1.2.3")
     assert svc.run(job) is JobState.FAILED
     view = svc.store.get(job)
@@ -118,8 +130,7 @@ def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type:
 
 def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:  # type: ignore[no-untyped-def]
     rec = Recorder()
-    svc = AnalysisService(sf, [rec.step("match_priors", fail={1: NothingToTrack("no prior study")}),
-                               rec.step("never")])
+    svc = AnalysisService(sf, [rec.step("match_priors", fail={1: NothingToTrack("no prior study")}), rec.step("never")])
     job = svc.store.create("1.2.3")
     assert svc.run(job) is JobState.NOTHING_TO_TRACK
     assert svc.store.get(job).error == "match_priors: no prior study"
@@ -163,8 +174,12 @@ def test_a_second_trigger_reuses_the_queued_job(sf) -> None:  # type: ignore[no-
 
 def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> None:  # type: ignore[no-untyped-def]
     rec = Recorder()
-    steps = [rec.step("retrieve", durable=True), rec.step("register"), rec.step("write", durable=True),
-             rec.step("send")]
+    steps = [
+        rec.step("retrieve", durable=True),
+        rec.step("register"),
+        rec.step("write", durable=True),
+        rec.step("send"),
+    ]
     store = JobStore(sf)
     job = store.create("1.2.3")
     dead = "nohost-elsewhere:1:worker:dead"
@@ -200,13 +215,18 @@ def test_expired_lease_lets_another_worker_take_over(sf) -> None:  # type: ignor
     assert wait_for(lambda: svc.run(job), timeout=10, what="lease expiry") is JobState.DONE
     assert store.get(job).attempts == 2
     assert "lease of worker otherhost:1:worker:a expired" in str(
-        [e for e in _transition_events(sf, job) if e.get("reason")])
+        [e for e in _transition_events(sf, job) if e.get("reason")]
+    )
 
 
 def _transition_events(sf, job_id: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     with session_scope(sf) as s:
-        return [e.details for e in s.scalars(select(AuditEvent).where(AuditEvent.object_id == str(job_id),
-                                                                      AuditEvent.action == "job.state"))]
+        return [
+            e.details
+            for e in s.scalars(
+                select(AuditEvent).where(AuditEvent.object_id == str(job_id), AuditEvent.action == "job.state")
+            )
+        ]
 
 
 def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: ignore[no-untyped-def]
@@ -246,8 +266,9 @@ def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:  # type: ignore[no-
 
     store = JobStore(sf)
     jobs = [store.create(f"1.2.{i}") for i in range(n_jobs)]
-    executors = [InProcessExecutor(AnalysisService(sf, [Step("count", count)]), poll_seconds=0.02)
-                 for _ in range(n_workers)]
+    executors = [
+        InProcessExecutor(AnalysisService(sf, [Step("count", count)]), poll_seconds=0.02) for _ in range(n_workers)
+    ]
     for ex in executors:
         ex.start()
     try:

@@ -19,11 +19,19 @@ from tests.test_tracking_phantom import LESIONS, series
 ARCH = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
     "arch_kwargs": {
-        "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-        "n_blocks_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "n_stages": 3,
+        "features_per_stage": [4, 8, 16],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 3,
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        "n_blocks_per_stage": [1, 1, 1],
+        "n_conv_per_stage_decoder": [1, 1],
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
         "nonlin_kwargs": {"inplace": True},
     },
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
@@ -36,20 +44,28 @@ def write_tiny_model(folder: Path, configuration: str, folds=(0, 1), prefix: str
 
     folder.mkdir(parents=True, exist_ok=True)
     plans = {
-        "dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetResEncUNetLPlans",
+        "dataset_name": "Dataset999_Tiny",
+        "plans_name": "nnUNetResEncUNetLPlans",
         "configurations": {
-            "3d_fullres": {"data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-                           "patch_size": [16, 32, 32], "spacing": [3.0, 2.0, 2.0],
-                           "normalization_schemes": ["CTNormalization"], "architecture": ARCH},
+            "3d_fullres": {
+                "data_identifier": "x",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": [16, 32, 32],
+                "spacing": [3.0, 2.0, 2.0],
+                "normalization_schemes": ["CTNormalization"],
+                "architecture": ARCH,
+            },
             "3d_fullres_bs3": {"inherits_from": "3d_fullres", "batch_size": 3},
         },
-        "foreground_intensity_properties_per_channel": {"0": {
-            "mean": -63.00682, "std": 282.36023, "percentile_00_5": -918.0, "percentile_99_5": 723.0}},
+        "foreground_intensity_properties_per_channel": {
+            "0": {"mean": -63.00682, "std": 282.36023, "percentile_00_5": -918.0, "percentile_99_5": 723.0}
+        },
     }
     (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
-                                                     "labels": {"background": 0, "lesion": 1},
-                                                     "file_ending": ".nii.gz"}))
+    (folder / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"})
+    )
     for f in folds:
         torch.manual_seed(seed + f)
         net = _build_network(ARCH, 2, 2, folder / "plans.json")
@@ -58,9 +74,15 @@ def write_tiny_model(folder: Path, configuration: str, folds=(0, 1), prefix: str
             sd["reg_net.dummy"] = torch.zeros(1)
             sd["unet_patch_size"] = torch.tensor([16, 32, 32])
         (folder / f"fold_{f}").mkdir(exist_ok=True)
-        torch.save({"network_weights": sd, "trainer_name": "LesionLocatorTrainerSegment",
-                    "init_args": {"configuration": configuration}, "inference_allowed_mirroring_axes": (0, 1, 2)},
-                   folder / f"fold_{f}" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": sd,
+                "trainer_name": "LesionLocatorTrainerSegment",
+                "init_args": {"configuration": configuration},
+                "inference_allowed_mirroring_axes": (0, 1, 2),
+            },
+            folder / f"fold_{f}" / "checkpoint_final.pth",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +103,14 @@ def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> N
     ct = series(seed=3)[0].ct
     lung = LESIONS[0]
     ident = LesionIdentity("2.25.1", "L1", 1)
-    for prompt in (Prompt(ident, PromptKind.POINTS, points_mm=np.array([lung.centre_mm])),
-                   Prompt(ident, PromptKind.BOX, box_mm=(np.array(lung.centre_mm) - 9, np.array(lung.centre_mm) + 9))):
+    for prompt in (
+        Prompt(ident, PromptKind.POINTS, points_mm=np.array([lung.centre_mm])),
+        Prompt(ident, PromptKind.BOX, box_mm=(np.array(lung.centre_mm) - 9, np.array(lung.centre_mm) + 9)),
+    ):
         out = eng.segment(ct, prompt)
         assert out.same_grid(ct) and out.array.dtype == np.uint8 and set(np.unique(out.array)) <= {0, 1}
     assert "track" not in eng._models  # lazy: the track UNet is loaded only for mask prompts
-    tta = LesionLocatorEngine(checkpoint, device="cpu", folds=(0,), tta=True)   # mirror TTA: 8 passes per tile
+    tta = LesionLocatorEngine(checkpoint, device="cpu", folds=(0,), tta=True)  # mirror TTA: 8 passes per tile
     out = tta.segment(ct, Prompt(ident, PromptKind.POINTS, points_mm=np.array([lung.centre_mm])))
     assert out.same_grid(ct) and len(tta._model("point").networks) == 1
 
@@ -96,7 +120,9 @@ def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> N
     ph = series(seed=4)[:2]
     tps = [Timepoint(f"1.2.3.{i}", p.ct) for i, p in enumerate(ph)]
     m = ph[0].labels.array == 1
-    prompts = [Prompt(LesionIdentity("2.25.9", "L1", 1), PromptKind.MASK, mask=ph[0].labels.with_array(m.astype(np.uint8)))]
+    prompts = [
+        Prompt(LesionIdentity("2.25.9", "L1", 1), PromptKind.MASK, mask=ph[0].labels.with_array(m.astype(np.uint8)))
+    ]
     track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=eng)
     les = tps[1].lesions[0]
     assert les.engine == "lesionlocator" and les.status in (LesionStatus.PRESENT, LesionStatus.VANISHED)

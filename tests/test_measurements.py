@@ -15,8 +15,12 @@ SP = np.array([0.5, 0.5, 1.0])
 
 def _grid(shape=(40, 120, 120), direction=None) -> Volume:
     rng = np.random.default_rng(1)
-    return Volume(rng.normal(30, 5, shape).astype(np.int16), origin=[-30.0, 10.0, -200.0], spacing=SP,
-                  direction=np.eye(3) if direction is None else direction)
+    return Volume(
+        rng.normal(30, 5, shape).astype(np.int16),
+        origin=[-30.0, 10.0, -200.0],
+        spacing=SP,
+        direction=np.eye(3) if direction is None else direction,
+    )
 
 
 def _ellipsoid(ct: Volume, centre, radii, angle_deg: float = 0.0) -> np.ndarray:
@@ -36,7 +40,7 @@ def test_ellipsoid_axes_volume_centre_and_hu() -> None:
     hu[m] = 100
     ct = ct.with_array(hu)
     r = measure_lesion(ct.with_array(m.astype(np.uint8)), ct, tracking_uid="1.2.3", tracking_id="L1 liver")
-    assert r.long_axis_mm == pytest.approx(24.0, abs=0.6)          # ± one pixel (0.5 mm)
+    assert r.long_axis_mm == pytest.approx(24.0, abs=0.6)  # ± one pixel (0.5 mm)
     assert r.short_axis_mm == pytest.approx(12.0, abs=0.6)
     assert r.max_3d_diameter_mm == pytest.approx(24.0, abs=1.0)
     assert r.volume_mm3 == pytest.approx(4 / 3 * np.pi * 12 * 6 * 8, rel=0.03)
@@ -59,7 +63,7 @@ def test_single_voxel_and_vanished() -> None:
     m = np.zeros(ct.shape, np.uint8)
     m[5, 10, 10] = 1
     r = measure_lesion(ct.with_array(m), ct, tracking_uid="u", tracking_id="L1")
-    assert r.long_axis_mm == pytest.approx(np.hypot(0.5, 0.5))    # pixel diagonal
+    assert r.long_axis_mm == pytest.approx(np.hypot(0.5, 0.5))  # pixel diagonal
     assert r.volume_mm3 == pytest.approx(0.25)
     gone = measure_lesion(ct.with_array(np.zeros(ct.shape, np.uint8)), ct, tracking_uid="u", tracking_id="L1")
     assert gone.status == "vanished" and gone.volume_mm3 == 0 and gone.long_axis is None and not gone.present
@@ -91,19 +95,32 @@ def test_rotated_grid_measures_in_patient_space() -> None:
 def test_json_round_trip() -> None:
     ct = _grid()
     m = _ellipsoid(ct, ct.index_to_patient([60, 60, 20]), (6.0, 4.0, 3.0))
-    r = measure_lesion(ct.with_array(m.astype(np.uint8)), ct, tracking_uid="u", tracking_id="L2 lymph node",
-                       is_node=True, series_uid="1.2", anatomic_site="lymph node")
+    r = measure_lesion(
+        ct.with_array(m.astype(np.uint8)),
+        ct,
+        tracking_uid="u",
+        tracking_id="L2 lymph node",
+        is_node=True,
+        series_uid="1.2",
+        anatomic_site="lymph node",
+    )
     d = json.loads(json.dumps(r.to_dict()))
     back = LesionMeasurement.from_dict(d)
     assert back == r
-    assert d["recist_diameter_mm"] == r.short_axis_mm          # nodes: short axis
+    assert d["recist_diameter_mm"] == r.short_axis_mm  # nodes: short axis
 
 
 def _m(uid: str, ld: float, vol: float, status: str = "present") -> LesionMeasurement:
     from pipeline.measurements import Axis
 
-    return LesionMeasurement(uid, "L1", status=status, volume_mm3=vol, voxel_count=1 if vol else 0,
-                             long_axis=Axis(ld, (0, 0, 0), (ld, 0, 0), 0) if ld else None)
+    return LesionMeasurement(
+        uid,
+        "L1",
+        status=status,
+        volume_mm3=vol,
+        voxel_count=1 if vol else 0,
+        long_axis=Axis(ld, (0, 0, 0), (ld, 0, 0), 0) if ld else None,
+    )
 
 
 def test_changes_previous_baseline_nadir() -> None:

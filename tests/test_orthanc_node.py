@@ -53,18 +53,33 @@ def prior_files() -> tuple[list[Path], Path]:
 class Site:
     """A LesionTrack node plus an Orthanc PACS that knows it as modality 'lesiontrack'."""
 
-    def __init__(self, root: Path, method: RetrieveMethod = RetrieveMethod.C_MOVE, dicomweb: bool = False,
-                 start_orthanc: bool = True, **dicom: object) -> None:
+    def __init__(
+        self,
+        root: Path,
+        method: RetrieveMethod = RetrieveMethod.C_MOVE,
+        dicomweb: bool = False,
+        start_orthanc: bool = True,
+        **dicom: object,
+    ) -> None:
         self.node = Node(root / "node", **dicom)
         self.node.scp.start()
-        self.orthanc = OrthancServer(root / "orthanc", modalities={
-            "lesiontrack": (self.node.settings.dicom.ae_title, "127.0.0.1", self.node.port)},
-            enable_dicomweb=dicom_enabled(dicomweb, method))
+        self.orthanc = OrthancServer(
+            root / "orthanc",
+            modalities={"lesiontrack": (self.node.settings.dicom.ae_title, "127.0.0.1", self.node.port)},
+            enable_dicomweb=dicom_enabled(dicomweb, method),
+        )
         if start_orthanc:
             self.orthanc.start()
-        self.peer = PacsPeer(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=self.orthanc.dicom_port,
-                             retrieve_method=method, send=True, orthanc_url=self.orthanc.url,
-                             dicomweb_url=self.orthanc.dicomweb_url)
+        self.peer = PacsPeer(
+            name="pacs",
+            ae_title="ORTHANC",
+            host="127.0.0.1",
+            port=self.orthanc.dicom_port,
+            retrieve_method=method,
+            send=True,
+            orthanc_url=self.orthanc.url,
+            dicomweb_url=self.orthanc.dicomweb_url,
+        )
         self.node.settings.pacs = [self.peer]
         self.node.settings.sending.destinations = ["pacs"]
 
@@ -125,9 +140,10 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
         priors = finder.find_priors(follow_uid)
         ct_series = str(dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
         assert [(p.ct_series_uid, p.source, p.study_date) for p in priors] == [(ct_series, "pacs", "20030417")]
-        assert sorted((a.modality, a.sop_instance_uid) for a in priors[0].annotations) == \
-            [("SEG", str(dcmread(seg, stop_before_pixels=True).SOPInstanceUID)),
-             ("SR", str(dcmread(sr, stop_before_pixels=True).SOPInstanceUID))]
+        assert sorted((a.modality, a.sop_instance_uid) for a in priors[0].annotations) == [
+            ("SEG", str(dcmread(seg, stop_before_pixels=True).SOPInstanceUID)),
+            ("SR", str(dcmread(sr, stop_before_pixels=True).SOPInstanceUID)),
+        ]
         assert all(a.files and a.files[0].is_file() for a in priors[0].annotations)
 
         got = finder.retrieve(priors[0])
@@ -136,9 +152,10 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
         for p in got.ct_files:
             ds = dcmread(p)
             assert (ds.pixel_array == sent[str(ds.SOPInstanceUID)]).all()
-        if method == RetrieveMethod.C_MOVE:   # same transfer syntax end to end: identical bytes
-            assert sorted(hashlib.sha256(dataset_bytes(p)).hexdigest() for p in got.ct_files) == \
-                sorted(hashlib.sha256(dataset_bytes(p)).hexdigest() for p in ct)
+        if method == RetrieveMethod.C_MOVE:  # same transfer syntax end to end: identical bytes
+            assert sorted(hashlib.sha256(dataset_bytes(p)).hexdigest() for p in got.ct_files) == sorted(
+                hashlib.sha256(dataset_bytes(p)).hexdigest() for p in ct
+            )
         # retrieved priors are stored but never routed to analysis
         site.node.scp.completion.poll_once()
         s = site.node.series(ct_series)
@@ -229,7 +246,7 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
         gaps = [(b.at - a.at).total_seconds() for a, b in zip(attempts, attempts[1:])]
         assert gaps[0] >= 0.3 - 0.05 and gaps[1] >= 0.6 - 0.05
 
-        site.orthanc.start()   # destination back
+        site.orthanc.start()  # destination back
         from typer.testing import CliRunner
 
         from lesiontrack.cli import app
@@ -239,7 +256,8 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
             f'data_dir = "{site.node.settings.data_dir}"\ndatabase_url = "{site.node.url}"\n'
             f'[sending]\ndestinations = ["pacs"]\n'
             f'[[pacs]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {site.orthanc.dicom_port}\n'
-            f'send = true\n')
+            f"send = true\n"
+        )
         r = CliRunner().invoke(app, ["--config", str(cfg), "send", "--retry", str(job)])
         assert r.exit_code == 0, r.output
         assert "delivered" in r.output

@@ -6,23 +6,36 @@ import json
 
 import pytest
 
-from pipeline.recist import (RecistLesion, RecistRules, Response, TargetOverride, assess, diameter_of,
-                             select_targets)
+from pipeline.recist import RecistLesion, RecistRules, Response, TargetOverride, assess, diameter_of, select_targets
 
 
-def L(uid: str, ld: float = 0.0, sa: float = 0.0, *, organ: str = "liver", node: bool = False,
-      status: str = "present", vol: float = 0.0) -> RecistLesion:
+def L(
+    uid: str,
+    ld: float = 0.0,
+    sa: float = 0.0,
+    *,
+    organ: str = "liver",
+    node: bool = False,
+    status: str = "present",
+    vol: float = 0.0,
+) -> RecistLesion:
     return RecistLesion(uid, f"{uid} {organ}", organ, node, status, ld, sa, vol)
 
 
 def test_selection_max_five_two_per_organ_and_measurability() -> None:
-    base = [L("L1", 50), L("L2", 40), L("L3", 30),            # 3 liver: only 2 targets
-            L("L4", 25, organ="lung"), L("L5", 22, organ="lung"),
-            L("L6", 21, organ="adrenal"), L("L7", 20, organ="kidney"),   # 6th measurable: over the limit
-            L("L8", 8, organ="lung"),                          # < 10 mm: non-measurable
-            L("N1", 20, 16, organ="node", node=True),          # SA 16 >= 15: measurable node
-            L("N2", 18, 12, organ="node", node=True),          # SA 12: pathological non-target
-            L("N3", 9, 6, organ="node", node=True)]            # SA 6: normal node
+    base = [
+        L("L1", 50),
+        L("L2", 40),
+        L("L3", 30),  # 3 liver: only 2 targets
+        L("L4", 25, organ="lung"),
+        L("L5", 22, organ="lung"),
+        L("L6", 21, organ="adrenal"),
+        L("L7", 20, organ="kidney"),  # 6th measurable: over the limit
+        L("L8", 8, organ="lung"),  # < 10 mm: non-measurable
+        L("N1", 20, 16, organ="node", node=True),  # SA 16 >= 15: measurable node
+        L("N2", 18, 12, organ="node", node=True),  # SA 12: pathological non-target
+        L("N3", 9, 6, organ="node", node=True),
+    ]  # SA 6: normal node
     sel = select_targets(base)
     assert sel.targets == ["L1", "L2", "L4", "L5", "L6"]
     assert set(sel.non_targets) == {"L3", "L7", "L8", "N1", "N2"}
@@ -34,8 +47,8 @@ def test_selection_max_five_two_per_organ_and_measurability() -> None:
 
 def test_selection_thick_slices_and_configurable_rules() -> None:
     base = [L("L1", 12), L("L2", 30, organ="lung")]
-    assert select_targets(base, slice_thickness_mm=8).targets == ["L2"]      # needs 2 x 8 = 16 mm
-    assert select_targets(base).targets == ["L1", "L2"]      # baseline order
+    assert select_targets(base, slice_thickness_mm=8).targets == ["L2"]  # needs 2 x 8 = 16 mm
+    assert select_targets(base).targets == ["L1", "L2"]  # baseline order
     assert select_targets(base, RecistRules(max_targets=1)).targets == ["L2"]
 
 
@@ -56,8 +69,10 @@ def test_rules_come_from_the_recist_settings_section(tmp_path) -> None:
 
 def test_override_is_recorded_and_used() -> None:
     base = [L("L1", 50), L("L2", 40), L("L3", 30)]
-    sel = select_targets(base, override=TargetOverride(force_target=["L3"], force_non_target=["L2"], by="dr x",
-                                                      reason="L2 not reproducible"))
+    sel = select_targets(
+        base,
+        override=TargetOverride(force_target=["L3"], force_non_target=["L2"], by="dr x", reason="L2 not reproducible"),
+    )
     assert sel.targets == ["L1", "L3"]
     d = {x.tracking_uid: x for x in sel.decisions}
     assert d["L3"].overridden and d["L2"].overridden and not d["L1"].overridden
@@ -70,10 +85,12 @@ def test_nadir_after_baseline_pd_vs_nadir_not_baseline() -> None:
     # targets L1, L2 (liver) and L3 (lung). Baseline sum 30+20+10 = 60.
     # t1: 20+10+10 = 40 → -33 % vs baseline → PR.  t2: 18+8+4(→5 too small) = 31 → -48 % → PR, nadir 40 before.
     # t3: 22+10+6 = 38: vs nadir 31 = +22.6 % and +7 mm → PD, although still -37 % vs baseline.
-    tps = [[L("L1", 30), L("L2", 20), L("L3", 10, organ="lung")],
-           [L("L1", 20), L("L2", 10), L("L3", 10, organ="lung")],
-           [L("L1", 18), L("L2", 8), L("L3", 4, organ="lung")],
-           [L("L1", 22), L("L2", 10), L("L3", 6, organ="lung")]]
+    tps = [
+        [L("L1", 30), L("L2", 20), L("L3", 10, organ="lung")],
+        [L("L1", 20), L("L2", 10), L("L3", 10, organ="lung")],
+        [L("L1", 18), L("L2", 8), L("L3", 4, organ="lung")],
+        [L("L1", 22), L("L2", 10), L("L3", 6, organ="lung")],
+    ]
     a = assess(tps)
     r = a.timepoints
     assert [t.sum_of_diameters_mm for t in r] == [60, 40, 31, 38]
@@ -121,7 +138,10 @@ def test_non_target_handling_and_table1() -> None:
     # target CR + non-target still present → overall PR (table 1 row 2)
     r = assess([base, [L("L1", status="vanished"), L("L2", 6)]]).timepoints[1]
     assert (r.target_response, r.non_target_response, r.overall_response) == (
-        Response.CR, Response.NON_CR_NON_PD, Response.PR)
+        Response.CR,
+        Response.NON_CR_NON_PD,
+        Response.PR,
+    )
     # all gone → CR
     r = assess([base, [L("L1", status="vanished"), L("L2", status="vanished")]]).timepoints[1]
     assert r.overall_response is Response.CR and r.non_target_response is Response.CR
@@ -135,15 +155,18 @@ def test_non_target_handling_and_table1() -> None:
 
 def test_not_all_targets_evaluated_gives_ne() -> None:
     base = [L("L1", 30), L("L2", 20, organ="lung")]
-    r = assess([base, [L("L1", 30)]]).timepoints[1]         # L2 missing at follow-up
+    r = assess([base, [L("L1", 30)]]).timepoints[1]  # L2 missing at follow-up
     assert r.target_response is Response.NE and r.overall_response is Response.NE
     assert r.sum_of_diameters_mm is None
 
 
 def test_non_target_only_disease_table2() -> None:
-    base = [L("L1", 8), L("N2", 15, 12, organ="node", node=True)]   # nothing measurable
-    tps = [base, [L("L1", 8), L("N2", 15, 12, organ="node", node=True)],
-           [L("L1", status="vanished"), L("N2", 10, 9, organ="node", node=True)]]
+    base = [L("L1", 8), L("N2", 15, 12, organ="node", node=True)]  # nothing measurable
+    tps = [
+        base,
+        [L("L1", 8), L("N2", 15, 12, organ="node", node=True)],
+        [L("L1", status="vanished"), L("N2", 10, 9, organ="node", node=True)],
+    ]
     r = assess(tps).timepoints
     assert r[1].target_response is Response.ND
     assert r[1].overall_response is Response.NON_CR_NON_PD
@@ -156,11 +179,11 @@ def test_volumetric_secondary_readout() -> None:
     r = assess(tps).timepoints
     assert r[1].volumetric_response is Response.PR and r[1].volume_change_from_baseline_pct == pytest.approx(-70)
     assert r[2].volumetric_response is Response.PD and r[2].volume_change_from_nadir_pct == pytest.approx(100)
-    assert r[2].target_response is Response.SD    # diameters: 22 vs nadir 20 = +10 %
+    assert r[2].target_response is Response.SD  # diameters: 22 vs nadir 20 = +10 %
 
 
 def test_too_small_and_vanished_values() -> None:
     rules = RecistRules()
     assert diameter_of(L("a", 3), rules) == 5.0
     assert diameter_of(L("a", 3, status="vanished"), rules) == 0.0
-    assert diameter_of(L("n", 6, 4, node=True), rules) == 4.0     # nodes keep their real short axis
+    assert diameter_of(L("n", 6, 4, node=True), rules) == 4.0  # nodes keep their real short axis

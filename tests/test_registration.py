@@ -1,6 +1,6 @@
 """Registration engine: known motions recovered on real CT and the phantom, world-space geometry, labels, I/O.
 
-Ground truth comes from ``models.imaging.transforms`` (analytic follow-up → baseline maps). Registrations run at
+Ground truth comes from ``synthetic.transforms`` (analytic follow-up → baseline maps). Registrations run at
 a 4 mm working grid to keep the suite small; the benchmark (bench/registration.py) covers 2 mm.
 """
 
@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from config.settings import EngineSettings
-from models.imaging.transforms import SpatialTransform, apply_transform, random_patient_motion, rotation_matrix
 from models.imaging.volume import Volume
 from models.registration import DisplacementFieldRegistration, Registration, get_engine
+from synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion, rotation_matrix
 from tests.conftest import require_shared_data
 
 SPACING = 4.0
@@ -30,8 +30,12 @@ def _lung1() -> Volume:
 
 
 def _grid(origin, spacing, shape_kji, direction=None) -> Volume:
-    return Volume(np.zeros(shape_kji, np.uint8), np.asarray(origin, float), np.asarray(spacing, float),
-                  np.eye(3) if direction is None else direction)
+    return Volume(
+        np.zeros(shape_kji, np.uint8),
+        np.asarray(origin, float),
+        np.asarray(spacing, float),
+        np.eye(3) if direction is None else direction,
+    )
 
 
 def _landmarks(baseline: Volume, followup: Volume, tr: SpatialTransform, n: int = 400, seed: int = 0):
@@ -127,9 +131,9 @@ def test_labels_warp_without_mixing(body_case):
     base, fu, tr, reg = body_case
     lab = np.zeros(base.shape, np.uint8)
     c = np.array(base.shape) // 2
-    lab[c[0] - 6:c[0] + 6, c[1] - 8:c[1], c[2] - 8:c[2] + 8] = 1   # two touching boxes...
-    lab[c[0] - 6:c[0] + 6, c[1]:c[1] + 8, c[2] - 8:c[2] + 8] = 2
-    kk, jj, ii = np.ogrid[:base.shape[0], :base.shape[1], :base.shape[2]]
+    lab[c[0] - 6 : c[0] + 6, c[1] - 8 : c[1], c[2] - 8 : c[2] + 8] = 1  # two touching boxes...
+    lab[c[0] - 6 : c[0] + 6, c[1] : c[1] + 8, c[2] - 8 : c[2] + 8] = 2
+    kk, jj, ii = np.ogrid[: base.shape[0], : base.shape[1], : base.shape[2]]
     lab[(kk - c[0]) ** 2 + (jj - c[1] + 14) ** 2 + (ii - c[2] - 16) ** 2 < 16] = 7  # ...and a small sphere
     labels = base.with_array(lab)
     warped = reg.warp_labels(labels)
@@ -195,7 +199,7 @@ def test_rigid_motion_recovered_on_real_lung_ct():
 
 @pytest.mark.slow
 def test_phantom_smooth_deformation_and_determinism():
-    from models.imaging.phantom import make_phantom
+    from synthetic.phantom import make_phantom
 
     ph = make_phantom(seed=3, shape=(64, 80, 96), spacing=(4.0, 4.0, 4.0), n_lesions=2)
     base = ph.ct

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from models.imaging.transforms import apply_transform, random_patient_motion
 from models.imaging.volume import Volume
+from synthetic.transforms import apply_transform, random_patient_motion
 from tests.conftest import require_shared_data
 
 
@@ -27,7 +27,7 @@ def nifti_pair(tmp_path_factory):
     fu.write(str(d / "followup.nrrd"))
     lab = np.zeros(base.shape, np.uint8)
     c = np.array(base.shape) // 2
-    lab[c[0] - 4:c[0] + 4, c[1] - 5:c[1] + 5, c[2] - 5:c[2] + 5] = 3
+    lab[c[0] - 4 : c[0] + 4, c[1] - 5 : c[1] + 5, c[2] - 5 : c[2] + 5] = 3
     base.with_array(lab).write(str(d / "labels.nii.gz"))
     return d, base, fu, tr
 
@@ -44,11 +44,28 @@ def test_register_cli_maps_points_warps_labels_saves_field(nifti_pair, monkeypat
         w = csv.writer(fh)
         w.writerow(["x", "y", "z"])
         w.writerows(pts.tolist())
-    res = CliRunner().invoke(app, [
-        "register", "--baseline", str(d / "baseline.nii.gz"), "--followup", str(d / "followup.nrrd"),
-        "--map-points", str(d / "in.csv"), "--out", str(d / "out.csv"),
-        "--warp-labels", str(d / "labels.nii.gz"), "--out-labels", str(d / "warped.nii.gz"),
-        "--save-field", str(d / "field.nii.gz"), "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "register",
+            "--baseline",
+            str(d / "baseline.nii.gz"),
+            "--followup",
+            str(d / "followup.nrrd"),
+            "--map-points",
+            str(d / "in.csv"),
+            "--out",
+            str(d / "out.csv"),
+            "--warp-labels",
+            str(d / "labels.nii.gz"),
+            "--out-labels",
+            str(d / "warped.nii.gz"),
+            "--save-field",
+            str(d / "field.nii.gz"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert summary["engine"] == "convex" and summary["device"] == "cpu" and summary["points"] == 12
@@ -69,8 +86,9 @@ def test_register_cli_bad_input_is_a_clear_error(tmp_path):
     from lesiontrack.cli import app
 
     (tmp_path / "junk.nii.gz").write_bytes(b"not an image")
-    res = CliRunner().invoke(app, ["register", "--baseline", str(tmp_path / "junk.nii.gz"),
-                                   "--followup", str(tmp_path / "missing")])
+    res = CliRunner().invoke(
+        app, ["register", "--baseline", str(tmp_path / "junk.nii.gz"), "--followup", str(tmp_path / "missing")]
+    )
     assert res.exit_code != 0
     assert "junk.nii.gz" in res.output or "missing" in res.output
 
@@ -108,14 +126,14 @@ def test_unigradicon_loads_random_weights_and_registers(tmp_path):
     weights = tmp_path / "unigradicon" / "Step_2_final.trch"
     weights.parent.mkdir()
     torch.save(net.regis_net.state_dict(), weights)
-    engine = get_engine("unigradicon", EngineSettings(unigradicon_weights=weights, working_spacing_mm=4.0),
-                        device="cpu")
+    engine = get_engine(
+        "unigradicon", EngineSettings(unigradicon_weights=weights, working_spacing_mm=4.0), device="cpu"
+    )
     for k, v in net.regis_net.state_dict().items():
         assert torch.equal(engine.net.regis_net.state_dict()[k], v)
     k, j, i = np.indices((24, 40, 40))
-    body = ((i - 20) ** 2 / 15 ** 2 + (j - 20) ** 2 / 12 ** 2 < 1).astype(np.int16)
-    base = Volume((body * 1040 - 1000 + (k % 7) * 30 * body).astype(np.int16), (-80.0, -80.0, -48.0),
-                  (4.0, 4.0, 4.0))
+    body = ((i - 20) ** 2 / 15**2 + (j - 20) ** 2 / 12**2 < 1).astype(np.int16)
+    base = Volume((body * 1040 - 1000 + (k % 7) * 30 * body).astype(np.int16), (-80.0, -80.0, -48.0), (4.0, 4.0, 4.0))
     fu = base.with_array(np.roll(base.array, 1, axis=2))
     reg = engine.register(base, fu)
     assert isinstance(reg, Registration)

@@ -25,27 +25,36 @@ from tests.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-
-
 @pytest.fixture()
 def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
     require_tool("redis-server", "initdb")
     pg = PostgresServer(tmp_path)
     pg.start()
     redis = RedisServer(tmp_path).start()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_DATABASE_URL": pg.url,
-           "LESIONTRACK_DATA_DIR": str(tmp_path / "data"), "LESIONTRACK_WORKER__EXECUTOR": "celery",
-           "LESIONTRACK_WORKER__BROKER_URL": redis.url, "LESIONTRACK_WORKER__LEASE_SECONDS": "2",
-           "LESIONTRACK_WORKER__RETRY_BACKOFF_SECONDS": "[0.5]"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LESIONTRACK_DATABASE_URL": pg.url,
+        "LESIONTRACK_DATA_DIR": str(tmp_path / "data"),
+        "LESIONTRACK_WORKER__EXECUTOR": "celery",
+        "LESIONTRACK_WORKER__BROKER_URL": redis.url,
+        "LESIONTRACK_WORKER__LEASE_SECONDS": "2",
+        "LESIONTRACK_WORKER__RETRY_BACKOFF_SECONDS": "[0.5]",
+    }
     res = subprocess.run([*LESIONTRACK, "db", "upgrade"], env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     procs: list[subprocess.Popen[str]] = []
 
     def worker(pipeline: str = "tests.job_pipelines:counting", **extra_env: str) -> subprocess.Popen[str]:
         log = open(tmp_path / f"worker-{len(procs)}.log", "w")
-        p = subprocess.Popen([*LESIONTRACK, "worker", "--pipeline", pipeline,
-                              "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
-                             env={**env, **extra_env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(
+            [*LESIONTRACK, "worker", "--pipeline", pipeline, "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
+            env={**env, **extra_env},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         procs.append(p)
         return p
 
@@ -142,8 +151,9 @@ def _observations(sf) -> dict[tuple[str, str], tuple[str, float | None, float | 
     from db.models import Lesion, LesionObservation
 
     with session_scope(sf) as s:
-        rows = s.execute(select(LesionObservation, Lesion.tracking_uid)
-                         .join(Lesion, LesionObservation.lesion_pk == Lesion.id)).all()
+        rows = s.execute(
+            select(LesionObservation, Lesion.tracking_uid).join(Lesion, LesionObservation.lesion_pk == Lesion.id)
+        ).all()
         return {(o.series_instance_uid, uid): (o.status.value, o.volume_mm3, o.long_axis_mm) for o, uid in rows}
 
 
@@ -160,15 +170,29 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     from tests.services import free_port, wait_for_port
 
     settings, sf, worker, tmp = stack
-    patient = make_patient(tmp_path_factory.mktemp("pt"), seed=3, shape=(48, 96, 96), spacing=(3.0, 3.0, 3.0),
-                           n_lesions=3, n_followups=2, changes=False)
+    patient = make_patient(
+        tmp_path_factory.mktemp("pt"),
+        seed=3,
+        shape=(48, 96, 96),
+        spacing=(3.0, 3.0, 3.0),
+        n_lesions=3,
+        n_followups=2,
+        changes=False,
+    )
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_DICOM__PORT": str(port),
-           "LESIONTRACK_DICOM__BIND_ADDRESS": "127.0.0.1", "LESIONTRACK_DICOM__SERIES_QUIET_SECONDS": "1",
-           "LESIONTRACK_HTTP__ENABLED": "false", "LESIONTRACK_ENGINES__REGISTRATION": "none"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LESIONTRACK_DICOM__PORT": str(port),
+        "LESIONTRACK_DICOM__BIND_ADDRESS": "127.0.0.1",
+        "LESIONTRACK_DICOM__SERIES_QUIET_SECONDS": "1",
+        "LESIONTRACK_HTTP__ENABLED": "false",
+        "LESIONTRACK_ENGINES__REGISTRATION": "none",
+    }
     serve_log = open(tmp / "serve.log", "w")
-    serve = subprocess.Popen([*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log,
-                             stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(
+        [*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT, text=True
+    )
     store = JobStore(sf)
     try:
         wait_for_port(port, timeout=60)
@@ -179,30 +203,50 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         uids = [patient.baseline.series_uid] + [fu.series_uid for fu in patient.followups]
         for files, uid in zip(sequence, uids):
             assert all(o.ok for o in store_files(settings, peer, files))
-            wait_for(lambda uid=uid: (store.latest_for_series(uid) or None) and store.latest_for_series(uid).finished,
-                     300, f"the analysis of {uid}")
+            wait_for(
+                lambda uid=uid: (store.latest_for_series(uid) or None) and store.latest_for_series(uid).finished,
+                300,
+                f"the analysis of {uid}",
+            )
         states = [store.latest_for_series(u).state for u in uids]
-        assert states == [JobState.NOTHING_TO_TRACK, JobState.DONE, JobState.DONE], \
-            [store.latest_for_series(u).error for u in uids]
+        assert states == [JobState.NOTHING_TO_TRACK, JobState.DONE, JobState.DONE], [
+            store.latest_for_series(u).error for u in uids
+        ]
         with session_scope(sf) as s:
-            starts = Counter(e.object_id for e in s.scalars(select(AuditEvent).where(
-                AuditEvent.action == "job.step_started")) if e.details.get("step") == "track")
+            starts = Counter(
+                e.object_id
+                for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "job.step_started"))
+                if e.details.get("step") == "track"
+            )
         assert set(starts.values()) == {1}, starts
         scale = _observations(sf)
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(60)
     # the same input through the embedded service
-    emb_settings = demo_settings(tmp / "embedded", http=False, database_url=None,
-                                 worker={"executor": "inprocess"}, engines={"registration": "none"})
+    emb_settings = demo_settings(
+        tmp / "embedded",
+        http=False,
+        database_url=None,
+        worker={"executor": "inprocess"},
+        engines={"registration": "none"},
+    )
     svc = LesionTrackService(emb_settings).start()
     try:
         for files, uid in zip(sequence, uids):
-            for f_ok in store_files(emb_settings, PacsPeer(name="e", ae_title="LESIONTRACK", host="127.0.0.1",
-                                                           port=emb_settings.dicom.port), files):
+            for f_ok in store_files(
+                emb_settings,
+                PacsPeer(name="e", ae_title="LESIONTRACK", host="127.0.0.1", port=emb_settings.dicom.port),
+                files,
+            ):
                 assert f_ok.ok
-            wait_for(lambda uid=uid: (svc.job_store.latest_for_series(uid) or None)
-                     and svc.job_store.latest_for_series(uid).finished, 300, f"embedded analysis of {uid}")
+            wait_for(
+                lambda uid=uid: (
+                    (svc.job_store.latest_for_series(uid) or None) and svc.job_store.latest_for_series(uid).finished
+                ),
+                300,
+                f"embedded analysis of {uid}",
+            )
         embedded = _observations(svc.session_factory)
     finally:
         svc.stop()

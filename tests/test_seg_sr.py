@@ -54,10 +54,22 @@ def _dciodvfy() -> None:
 def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
     tmp = tmp_path_factory.mktemp("segsr")
     tps = make_series(tmp)
-    meas = [[measure_lesion(les.mask, tp.ct, tracking_uid=les.identity.tracking_uid,
-                            tracking_id=les.identity.tracking_id, is_node=les.identity.is_node,
-                            status=les.status.value, series_uid=tp.series_uid, anatomic_site=les.identity.anatomic_site)
-             for les in tp.lesions] for tp in tps]
+    meas = [
+        [
+            measure_lesion(
+                les.mask,
+                tp.ct,
+                tracking_uid=les.identity.tracking_uid,
+                tracking_id=les.identity.tracking_id,
+                is_node=les.identity.is_node,
+                status=les.status.value,
+                series_uid=tp.series_uid,
+                anatomic_site=les.identity.anatomic_site,
+            )
+            for les in tp.lesions
+        ]
+        for tp in tps
+    ]
     assessment = assess([[RecistLesion.from_measurement(m) for m in ms] for ms in meas])
     w = Written(tps, meas, assessment)
     prior: list[pydicom.Dataset] = []
@@ -65,24 +77,41 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
         seg = write_seg(tp.datasets, tp.lesions, series_number=100 + t)
         reports = []
         for m in meas[t]:
-            hist = [next((x for x in ms if x.tracking_uid == m.tracking_uid), None) for ms in meas[:t + 1]]
+            hist = [next((x for x in ms if x.tracking_uid == m.tracking_uid), None) for ms in meas[: t + 1]]
             before = next((x.centre_mm for x in reversed(hist[:-1]) if x is not None and x.centre_mm), None)
-            reports.append(LesionReport(m, lesion_changes(hist), assessment.selection.role_of(m.tracking_uid),
-                                        expected_centre_mm=before))
-        sr = write_sr(tp.datasets, seg, reports, time_point=TimePoint(f"T{t}", t), recist=assessment.timepoints[t],
-                      best_overall=assessment.best_overall_response, prior_evidence=prior, series_number=200 + t)
+            reports.append(
+                LesionReport(
+                    m, lesion_changes(hist), assessment.selection.role_of(m.tracking_uid), expected_centre_mm=before
+                )
+            )
+        sr = write_sr(
+            tp.datasets,
+            seg,
+            reports,
+            time_point=TimePoint(f"T{t}", t),
+            recist=assessment.timepoints[t],
+            best_overall=assessment.best_overall_response,
+            prior_evidence=prior,
+            series_number=200 + t,
+        )
         w.segs.append(save_new(seg.dataset, tmp / "out" / f"t{t}"))
         w.srs.append(save_new(sr.dataset, tmp / "out" / f"t{t}"))
         w.seg_results.append(seg)
         w.sr_datasets.append(sr.dataset)
         prior = [seg.dataset, sr.dataset]
     # an amendment of the T1 report: new instance, same series, predecessor referenced
-    reports = [LesionReport(m, baseline_category="target", expected_centre_mm=(0.0, 0.0, -80.0))
-               for m in meas[1]]
+    reports = [LesionReport(m, baseline_category="target", expected_centre_mm=(0.0, 0.0, -80.0)) for m in meas[1]]
     previous = w.sr_datasets[1]
-    amended = write_sr(tps[1].datasets, w.seg_results[1], reports, time_point=TimePoint("T1", 1),
-                       previous_versions=[previous], series_instance_uid=previous.SeriesInstanceUID,
-                       series_number=201, instance_number=2)
+    amended = write_sr(
+        tps[1].datasets,
+        w.seg_results[1],
+        reports,
+        time_point=TimePoint("T1", 1),
+        previous_versions=[previous],
+        series_instance_uid=previous.SeriesInstanceUID,
+        series_number=201,
+        instance_number=2,
+    )
     w.amendment = save_new(amended.dataset, tmp / "out" / "t1")
     return w
 
@@ -169,9 +198,10 @@ def test_seg_references_source_frames(written: Written) -> None:
     for frame in ds.PerFrameFunctionalGroupsSequence:
         refs = [r.ReferencedSOPInstanceUID for d in frame.DerivationImageSequence for r in d.SourceImageSequence]
         assert refs and set(refs) <= src
-    n_frames_with_lesion = sum(int((les.mask.array[k] > 0).any()) for les in written.tps[0].lesions
-                               for k in range(les.mask.shape[0]))
-    assert int(ds.NumberOfFrames) == n_frames_with_lesion            # empty frames omitted
+    n_frames_with_lesion = sum(
+        int((les.mask.array[k] > 0).any()) for les in written.tps[0].lesions for k in range(les.mask.shape[0])
+    )
+    assert int(ds.NumberOfFrames) == n_frames_with_lesion  # empty frames omitted
 
 
 def test_sr_round_trip_measurements(written: Written) -> None:
@@ -200,8 +230,10 @@ def test_sr_response_and_changes_read_back(written: Written) -> None:
         c = read_sr(path)
         exp = written.assessment.timepoints[t]
         assert c.response["Response Evaluation Method"]["code"] == "126081"
-        assert c.response["Current Response"]["code"] == {
-            Response.NE: "NE", Response.PR: "PR", Response.PD: "PD"}[exp.overall_response]
+        assert (
+            c.response["Current Response"]["code"]
+            == {Response.NE: "NE", Response.PR: "PR", Response.PD: "PD"}[exp.overall_response]
+        )
         if exp.sum_of_diameters_mm is not None:
             assert c.response["Sum of diameters"] == pytest.approx(exp.sum_of_diameters_mm, rel=1e-6)
     # T2: L1 target grew vs nadir; target response coded with DCM 112041-112044
@@ -236,24 +268,28 @@ def test_tracking_uids_identical_across_all_segs_and_srs(written: Written) -> No
 
 def test_sr_structure_for_viewers(written: Written) -> None:
     ds = pydicom.dcmread(written.srs[1])
-    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"                # Comprehensive 3D SR
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert ds.ConceptNameCodeSequence[0].CodeValue == "126000"
     names = [(i.ConceptNameCodeSequence[0].CodeValue, i.ValueType) for i in ds.ContentSequence]
-    assert ("111028", "CONTAINER") in names                                  # Image Library
-    assert ("C0034375", "CONTAINER") in names                                # RECIST response
+    assert ("111028", "CONTAINER") in names  # Image Library
+    assert ("C0034375", "CONTAINER") in names  # RECIST response
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = hd.sr.Comprehensive3DSR.from_dataset(ds)
     vol = report.content.get_volumetric_roi_measurement_groups()
     planar = report.content.get_planar_roi_measurement_groups()
-    assert len(vol) == 2 and len(planar) == 3                                # L1, L2 present; L3 vanished (POINT)
+    assert len(vol) == 2 and len(planar) == 3  # L1, L2 present; L3 vanished (POINT)
     for g in vol:
         assert g.referenced_segment.referenced_sop_instance_uid == written.seg_results[1].dataset.SOPInstanceUID
     graphic = sorted(str(g.roi.GraphicType) for g in planar)
     assert graphic == ["POINT", "POLYLINE", "POLYLINE"]
     # prior SEG/SR (other study) recorded as pertinent other evidence
-    other = {r.ReferencedSOPInstanceUID for st in ds.PertinentOtherEvidenceSequence
-             for se in st.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    other = {
+        r.ReferencedSOPInstanceUID
+        for st in ds.PertinentOtherEvidenceSequence
+        for se in st.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
     assert {written.seg_results[0].dataset.SOPInstanceUID, written.sr_datasets[0].SOPInstanceUID} <= other
 
 
@@ -267,8 +303,8 @@ def test_amendment_is_a_new_instance_referencing_the_predecessor(written: Writte
     assert pred.ReferencedSOPInstanceUID == previous.SOPInstanceUID
     assert run_dciodvfy(written.amendment).ok
     assert read_sr(written.amendment).predecessors == [previous.SOPInstanceUID]
-    assert written.srs[1].exists()                                           # the original is untouched
-    with pytest.raises(FileExistsError):                                      # never overwrite
+    assert written.srs[1].exists()  # the original is untouched
+    with pytest.raises(FileExistsError):  # never overwrite
         save_new(amended, written.amendment.parent)
 
 
@@ -296,10 +332,16 @@ def test_our_seg_and_sr_as_prompts(written: Written) -> None:
 SAMPLES = "interop/seg_sr"
 
 
-@pytest.mark.parametrize("name, n_segments", [
-    ("hd_seg_image_ct_binary.dcm", 1), ("hd_seg_image_ct_true_fractional.dcm", 1),
-    ("dcmqi_segmentations_liver.dcm", 1), ("dcmqi_segmentations_sparse-labelmap-ppv5.dcm", 1),
-    ("dcmqi_sr-example_seg.dcm", 1)])
+@pytest.mark.parametrize(
+    "name, n_segments",
+    [
+        ("hd_seg_image_ct_binary.dcm", 1),
+        ("hd_seg_image_ct_true_fractional.dcm", 1),
+        ("dcmqi_segmentations_liver.dcm", 1),
+        ("dcmqi_segmentations_sparse-labelmap-ppv5.dcm", 1),
+        ("dcmqi_sr-example_seg.dcm", 1),
+    ],
+)
 def test_sample_segs_read_as_prompts(name: str, n_segments: int) -> None:
     path = require_shared_data(SAMPLES, name)
     prompts = read_seg_prompts(path)
@@ -307,11 +349,11 @@ def test_sample_segs_read_as_prompts(name: str, n_segments: int) -> None:
     for p in prompts:
         assert p.kind is PromptKind.MASK and p.mask.array.any()
         assert p.identity.tracking_uid and p.identity.tracking_id
-    if name == "hd_seg_image_ct_binary.dcm":         # carries Tracking ID/UID
+    if name == "hd_seg_image_ct_binary.dcm":  # carries Tracking ID/UID
         d = pydicom.dcmread(path).SegmentSequence[0]
         assert prompts[0].identity.tracking_uid == d.TrackingUID
         assert prompts[0].identity.tracking_id == d.TrackingID
-    if name == "dcmqi_segmentations_liver.dcm":       # no tracking UID: stable derived one, segment label as ID
+    if name == "dcmqi_segmentations_liver.dcm":  # no tracking UID: stable derived one, segment label as ID
         assert prompts[0].identity.tracking_uid == read_seg_prompts(path)[0].identity.tracking_uid
         assert prompts[0].identity.tracking_id == "Liver"
 
@@ -321,8 +363,7 @@ def test_sample_srs_read_as_prompts() -> None:
     ct = [pydicom.dcmread(root / "hd_ct_image.dcm", stop_before_pixels=True)]
     multi = read_sr_prompts(root / "hd_sr_document_with_multiple_groups.dcm", images=ct)
     kinds = {p.identity.tracking_id: p.kind for p in multi}
-    assert kinds == {"LungNodule0001": PromptKind.BOX, "Aorta0001": PromptKind.BOX,
-                     "Vertebra0001": PromptKind.POINTS}
+    assert kinds == {"LungNodule0001": PromptKind.BOX, "Aorta0001": PromptKind.BOX, "Vertebra0001": PromptKind.POINTS}
     nodule = next(p for p in multi if p.identity.tracking_id == "LungNodule0001")
     assert nodule.identity.anatomic_site == "Lung"
     single = read_sr_prompts(root / "hd_sr_document.dcm", images=ct)
@@ -343,9 +384,8 @@ def _real_headers() -> list[pydicom.Dataset]:
 
 
 def test_real_ct_with_blank_uids_is_refused_clearly() -> None:
-    heads = _real_headers()            # this anonymised series has empty Study/Series/SOP Instance UIDs
-    les = TrackedLesion(LesionIdentity("1.2.3", "L1", 1), LesionStatus.PRESENT,
-                        Volume(np.ones((2, 2, 2), np.uint8)))
+    heads = _real_headers()  # this anonymised series has empty Study/Series/SOP Instance UIDs
+    les = TrackedLesion(LesionIdentity("1.2.3", "L1", 1), LesionStatus.PRESENT, Volume(np.ones((2, 2, 2), np.uint8)))
     with pytest.raises(SegWriteError, match="StudyInstanceUID"):
         write_seg(heads, [les])
 
@@ -379,8 +419,9 @@ def test_real_ct_seg_validates_and_round_trips(tmp_path: Path) -> None:
 def test_overlapping_lesions(written: Written, tmp_path: Path) -> None:
     tp = written.tps[0]
     a = tp.lesions[0]
-    dup = TrackedLesion(LesionIdentity(pydicom.uid.generate_uid(), "L9 liver", 9, "liver"), LesionStatus.PRESENT,
-                        a.mask, "eng", "1")
+    dup = TrackedLesion(
+        LesionIdentity(pydicom.uid.generate_uid(), "L9 liver", 9, "liver"), LesionStatus.PRESENT, a.mask, "eng", "1"
+    )
     with pytest.raises(SegWriteError, match="overlap"):
         write_seg(tp.datasets, [a, dup], segmentation_type="labelmap")
     seg = write_seg(tp.datasets, [a, dup], segmentation_type="auto")
@@ -391,8 +432,9 @@ def test_overlapping_lesions(written: Written, tmp_path: Path) -> None:
     assert back.segment_numbers == [1, 2]
     path = save_new(seg.dataset, tmp_path)
     masks = {s.identity.tracking_id: s.mask.array > 0 for s in read_seg(path, tp.ct).segments}
-    assert np.array_equal(masks["L9 liver"], a.mask.array > 0) and np.array_equal(masks[a.identity.tracking_id],
-                                                                                  a.mask.array > 0)
+    assert np.array_equal(masks["L9 liver"], a.mask.array > 0) and np.array_equal(
+        masks[a.identity.tracking_id], a.mask.array > 0
+    )
 
 
 def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Path) -> None:
@@ -417,33 +459,67 @@ def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Pat
         tool = ["Length", "Bidirectional", "EllipticalROI"][n % 3]
         tid = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"cornerstone3DTools@^0.1.0:{tool}")
         if tool == "Length":
-            meas = [hd.sr.Measurement(codes.SCT.Length, float(i1 - i0), codes.UCUM.Millimeter,
-                                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", horiz, src)])]
+            meas = [
+                hd.sr.Measurement(
+                    codes.SCT.Length,
+                    float(i1 - i0),
+                    codes.UCUM.Millimeter,
+                    referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", horiz, src)],
+                )
+            ]
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tid, measurements=meas))
         elif tool == "Bidirectional":
-            meas = [hd.sr.Measurement(codes.SCT.LongAxis, float(i1 - i0), codes.UCUM.Millimeter,
-                                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", horiz, src)]),
-                    hd.sr.Measurement(codes.SCT.ShortAxis, float(j1 - j0), codes.UCUM.Millimeter,
-                                      referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", vert, src)])]
+            meas = [
+                hd.sr.Measurement(
+                    codes.SCT.LongAxis,
+                    float(i1 - i0),
+                    codes.UCUM.Millimeter,
+                    referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", horiz, src)],
+                ),
+                hd.sr.Measurement(
+                    codes.SCT.ShortAxis,
+                    float(j1 - j0),
+                    codes.UCUM.Millimeter,
+                    referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", vert, src)],
+                ),
+            ]
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tid, measurements=meas))
         else:
             ell = np.concatenate([horiz, vert]).astype(np.float32)
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("ELLIPSE", ell, src)))
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tid, referenced_region=hd.sr.ImageRegion("ELLIPSE", ell, src)
+                )
+            )
     probe_ds = tp.datasets[len(tp.datasets) // 2]
-    groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="cornerstone3DTools@^0.1.0:Probe"),
-        referenced_region=hd.sr.ImageRegion("POINT", np.array([[36.5, 36.5]], np.float32),
-                                            hd.sr.SourceImageForRegion(probe_ds.SOPClassUID,
-                                                                       probe_ds.SOPInstanceUID))))
-    observer = hd.sr.ObservationContext(observer_person_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Person,
-        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Reader^One")))
+    groups.append(
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="cornerstone3DTools@^0.1.0:Probe"),
+            referenced_region=hd.sr.ImageRegion(
+                "POINT",
+                np.array([[36.5, 36.5]], np.float32),
+                hd.sr.SourceImageForRegion(probe_ds.SOPClassUID, probe_ds.SOPInstanceUID),
+            ),
+        )
+    )
+    observer = hd.sr.ObservationContext(
+        observer_person_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Reader^One"),
+        )
+    )
     report = hd.sr.MeasurementReport(observer, codes.LN.CTUnspecifiedBodyRegion, groups)
-    sr = hd.sr.Comprehensive3DSR(evidence=tp.datasets, content=report, series_instance_uid=hd.UID(),
-                                 series_number=300, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="OHIF")
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=tp.datasets,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=300,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="OHIF",
+    )
     path = save_new(sr, tmp_path)
-    prompts = read_sr_prompts(path, images=tp.datasets)         # no Image Library: geometry from the CT headers
+    prompts = read_sr_prompts(path, images=tp.datasets)  # no Image Library: geometry from the CT headers
     assert len(prompts) == 4
     boxes = [p for p in prompts if p.kind is PromptKind.BOX]
     assert len(boxes) == 3 and [p for p in prompts if p.kind is PromptKind.POINTS]
@@ -454,8 +530,9 @@ def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Pat
         lo, hi = p.box_mm
         assert np.all(centre >= lo - 1.0) and np.all(centre <= hi + 1.0), (les.identity.tracking_id, lo, hi, centre)
     # the same SR read through the CT volume's instance list (models.imaging.dicom_read style meta)
-    ct = tp.ct.with_array(tp.ct.array, SOPInstanceUIDs=[d.SOPInstanceUID for d in tp.datasets],
-                          slices_match_instances=True)
+    ct = tp.ct.with_array(
+        tp.ct.array, SOPInstanceUIDs=[d.SOPInstanceUID for d in tp.datasets], slices_match_instances=True
+    )
     assert len(read_sr_prompts(path, ct)) == 4
 
 
@@ -464,8 +541,12 @@ def test_sr_without_seg_when_every_lesion_vanished(written: Written, tmp_path: P
     """Complete response: no SEG can be written, the SR still reports every lesion (vanished) and the response."""
     _dciodvfy()
     tp = written.tps[1]
-    gone = [LesionMeasurement(m.tracking_uid, m.tracking_id, status="vanished", is_node=m.is_node,
-                              anatomic_site=m.anatomic_site) for m in written.measurements[1]]
+    gone = [
+        LesionMeasurement(
+            m.tracking_uid, m.tracking_id, status="vanished", is_node=m.is_node, anatomic_site=m.anatomic_site
+        )
+        for m in written.measurements[1]
+    ]
     centres = {m.tracking_uid: m.centre_mm for m in written.measurements[0]}
     reports = [LesionReport(m, expected_centre_mm=centres[m.tracking_uid]) for m in gone]
     lesions = [RecistLesion.from_measurement(m) for m in gone]

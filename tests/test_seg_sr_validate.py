@@ -27,7 +27,7 @@ def test_dciodvfy_flags_a_segment_without_tracking_id(tmp_path: Path) -> None:
     good = require_shared_data(*SAMPLES, "hd_seg_image_ct_binary.dcm")
     assert run_dciodvfy(good).ok
     ds = pydicom.dcmread(good)
-    del ds.SegmentSequence[0].TrackingID                   # Tracking UID without Tracking ID: Type 1C violated
+    del ds.SegmentSequence[0].TrackingID  # Tracking UID without Tracking ID: Type 1C violated
     bad = tmp_path / "bad.dcm"
     ds.save_as(bad)
     rep = run_dciodvfy(bad)

@@ -34,12 +34,15 @@ def _mask(tp, n: int) -> Volume:
     return tp.labels.with_array((tp.labels.array == n).astype(np.uint8))
 
 
-@pytest.mark.parametrize("n,factor,min_dice", [
-    (1, 2.0, 0.85),    # lung nodule doubles its diameter
-    (2, 0.6, 0.85),    # low-contrast liver lesion (30 HU below liver, noise 12 HU) shrinks
-    (2, 1.5, 0.85),    # ... and grows
-    (3, 1.0, 0.9),     # one of two nearby lesions, unchanged
-])
+@pytest.mark.parametrize(
+    "n,factor,min_dice",
+    [
+        (1, 2.0, 0.85),  # lung nodule doubles its diameter
+        (2, 0.6, 0.85),  # low-contrast liver lesion (30 HU below liver, noise 12 HU) shrinks
+        (2, 1.5, 0.85),  # ... and grows
+        (3, 1.0, 0.9),  # one of two nearby lesions, unchanged
+    ],
+)
 def test_adaptive_follows_growth_and_shrinkage(n: int, factor: float, min_dice: float) -> None:
     before, after = _pair(n, factor)
     prior = _mask(before, n)
@@ -55,8 +58,9 @@ def test_adaptive_returns_empty_when_lesion_is_gone() -> None:
     for n in (1, 2, 6):
         before, after = _pair(n, 0.0)
         prior = _mask(before, n)
-        out = AdaptiveEngine().segment(after.ct, Prompt(IDENT, PromptKind.MASK, mask=prior),
-                                       SegReference(before.ct, prior))
+        out = AdaptiveEngine().segment(
+            after.ct, Prompt(IDENT, PromptKind.MASK, mask=prior), SegReference(before.ct, prior)
+        )
         assert not out.array.any(), LESIONS[n - 1].name
 
 
@@ -73,8 +77,11 @@ def test_adaptive_from_point_and_box(n: int) -> None:
     les = LESIONS[n - 1]
     gt = tp.labels.array == n
     pt = Prompt(IDENT, PromptKind.POINTS, points_mm=np.array([les.centre_mm]))
-    box = Prompt(IDENT, PromptKind.BOX, box_mm=(np.array(les.centre_mm) - les.radius_mm - 2,
-                                                np.array(les.centre_mm) + les.radius_mm + 2))
+    box = Prompt(
+        IDENT,
+        PromptKind.BOX,
+        box_mm=(np.array(les.centre_mm) - les.radius_mm - 2, np.array(les.centre_mm) + les.radius_mm + 2),
+    )
     eng = get_engine("adaptive")
     assert dice(eng.segment(tp.ct, pt).array, gt) > 0.85
     assert dice(eng.segment(tp.ct, box).array, gt) > 0.85
@@ -82,11 +89,14 @@ def test_adaptive_from_point_and_box(n: int) -> None:
 
 def test_rasterize_and_components() -> None:
     g = Volume(np.zeros((20, 30, 40), np.int16), origin=(-20.0, -15.0, -10.0), spacing=(1.0, 1.0, 2.0))
-    ball = prompt_to_mask(Prompt(IDENT, PromptKind.POINTS, points_mm=np.array([[0.0, 0.0, 10.0]])), g,
-                          point_radius_mm=5.0)
+    ball = prompt_to_mask(
+        Prompt(IDENT, PromptKind.POINTS, points_mm=np.array([[0.0, 0.0, 10.0]])), g, point_radius_mm=5.0
+    )
     assert abs(ball.array.sum() * 2.0 - 4 / 3 * np.pi * 125) < 0.2 * 4 / 3 * np.pi * 125
     np.testing.assert_allclose(mask_centre_mm(ball), [0.0, 0.0, 10.0], atol=1e-6)
-    box = prompt_to_mask(Prompt(IDENT, PromptKind.BOX, box_mm=(np.array([-3.0, -3.0, 4.0]), np.array([3.0, 3.0, 8.0]))), g)
+    box = prompt_to_mask(
+        Prompt(IDENT, PromptKind.BOX, box_mm=(np.array([-3.0, -3.0, 4.0]), np.array([3.0, 3.0, 8.0]))), g
+    )
     assert box.array.sum() == 7 * 7 * 3
     other = g.with_array(np.zeros(g.shape, np.uint8))
     other.array[10, 5, 5] = 1
@@ -113,7 +123,7 @@ def test_offset_fit_follows_uniform_growth_not_an_attached_vessel() -> None:
     k, j, i = np.meshgrid(*(np.arange(48),) * 3, indexing="ij")
     r = np.sqrt((k - 24) ** 2 + (j - 24) ** 2 + (i - 24) ** 2)
     prompt = r <= 6.0
-    lesion = r <= 9.0                                          # grew by 3 mm
+    lesion = r <= 9.0  # grew by 3 mm
     vessel = (np.abs(k - 24) <= 1) & (np.abs(j - 24) <= 1) & (i > 24)
     inside = ndi.distance_transform_edt(prompt, sampling=sp)
     outside = ndi.distance_transform_edt(~prompt, sampling=sp)

@@ -23,8 +23,14 @@ def _mask_prompts(tp: PhantomTimepoint) -> list[Prompt]:
     for n in range(1, len(LESIONS) + 1):
         m = tp.labels.array == n
         if m.any():
-            out.append(Prompt(LesionIdentity(f"2.25.{1000 + n}", f"L{n}", n), PromptKind.MASK,
-                              mask=tp.labels.with_array(m.astype(np.uint8)), source="test"))
+            out.append(
+                Prompt(
+                    LesionIdentity(f"2.25.{1000 + n}", f"L{n}", n),
+                    PromptKind.MASK,
+                    mask=tp.labels.with_array(m.astype(np.uint8)),
+                    source="test",
+                )
+            )
     return out
 
 
@@ -40,8 +46,14 @@ def phantom() -> list[PhantomTimepoint]:
 def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list[PhantomTimepoint]) -> None:
     tps = _timepoints(phantom)
     events: list[ProgressEvent] = []
-    track_lesions(tps, _mask_prompts(phantom[0]), source_index=0, registration=NoRegistrationEngine(),
-                  segmentation=get_engine("adaptive"), progress=events.append)
+    track_lesions(
+        tps,
+        _mask_prompts(phantom[0]),
+        source_index=0,
+        registration=NoRegistrationEngine(),
+        segmentation=get_engine("adaptive"),
+        progress=events.append,
+    )
     assert events[-1].stage == "done" and events[-1].done == events[-1].total
     for t in (1, 2):
         by_label = {les.identity.label: les for les in tps[t].lesions}
@@ -67,12 +79,17 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
 def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
     base = [les.radius_mm for les in LESIONS]
     grown = list(base)
-    grown[2], grown[3] = 9.0, 9.5     # centres 18 mm apart: the pair now touches
+    grown[2], grown[3] = 9.0, 9.5  # centres 18 mm apart: the pair now touches
     tps_p = series(seed=2, shifts_mm=((0, 0, 0), (1, -1, 1)), radii_per_tp=[base, grown])
     gt = tps_p[1].labels.array
     tps = _timepoints(tps_p)
-    track_lesions(tps, _mask_prompts(tps_p[0]), source_index=0, registration=NoRegistrationEngine(),
-                  segmentation=get_engine("adaptive"))
+    track_lesions(
+        tps,
+        _mask_prompts(tps_p[0]),
+        source_index=0,
+        registration=NoRegistrationEngine(),
+        segmentation=get_engine("adaptive"),
+    )
     by_label = {les.identity.label: les for les in tps[1].lesions}
     a, b = by_label[3].mask.array > 0, by_label[4].mask.array > 0
     assert not (a & b).any()
@@ -87,12 +104,13 @@ def test_backward_propagation_from_last_timepoint(phantom: list[PhantomTimepoint
     tps = _timepoints(phantom)
     prompts = _mask_prompts(phantom[2])
     assert [p.identity.label for p in prompts] == [1, 2, 3, 4, 5]
-    track_lesions(tps, prompts, source_index=2, registration=NoRegistrationEngine(),
-                  segmentation=get_engine("adaptive"))
+    track_lesions(
+        tps, prompts, source_index=2, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
+    )
     for t in (1, 0):
         for les in tps[t].lesions:
             assert les.status is LesionStatus.PRESENT
-            limit = 0.85 if les.identity.label != 5 else 0.5   # wall nodule: see the forward test
+            limit = 0.85 if les.identity.label != 5 else 0.5  # wall nodule: see the forward test
             assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > limit, (t, les.identity)
 
 
@@ -101,11 +119,15 @@ def test_point_and_box_prompts_on_the_source_timepoint(phantom: list[PhantomTime
     lung, liver = LESIONS[0], LESIONS[1]
     prompts = [
         Prompt(LesionIdentity("2.25.1", "L1", 1), PromptKind.POINTS, points_mm=np.array([lung.centre_mm])),
-        Prompt(LesionIdentity("2.25.2", "L2", 2), PromptKind.BOX,
-               box_mm=(np.array(liver.centre_mm) - 13.0, np.array(liver.centre_mm) + 13.0)),
+        Prompt(
+            LesionIdentity("2.25.2", "L2", 2),
+            PromptKind.BOX,
+            box_mm=(np.array(liver.centre_mm) - 13.0, np.array(liver.centre_mm) + 13.0),
+        ),
     ]
-    track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(),
-                  segmentation=get_engine("adaptive"))
+    track_lesions(
+        tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
+    )
     for t in (0, 1):
         for les in tps[t].lesions:
             assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.75, (t, les.identity)
@@ -115,18 +137,29 @@ def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
     p = _mask_prompts(phantom[0])
     p[1].identity.label = p[0].identity.label
     with pytest.raises(ValueError, match="unique"):
-        track_lesions(_timepoints(phantom), p, source_index=0, registration=NoRegistrationEngine(),
-                      segmentation=get_engine("adaptive"))
+        track_lesions(
+            _timepoints(phantom),
+            p,
+            source_index=0,
+            registration=NoRegistrationEngine(),
+            segmentation=get_engine("adaptive"),
+        )
 
 
 def test_boosting_reprompts_at_the_first_result_centre() -> None:
     from pipeline.tracking import TrackingOptions
 
-    ph = series(seed=6, shifts_mm=((0, 0, 0), (5, -4, 3)))   # 7 mm motion, no registration: the prompt is off
+    ph = series(seed=6, shifts_mm=((0, 0, 0), (5, -4, 3)))  # 7 mm motion, no registration: the prompt is off
     tps = _timepoints(ph)
     prompts = [p for p in _mask_prompts(ph[0]) if p.identity.label in (1, 2)]
-    track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(),
-                  segmentation=get_engine("adaptive"), options=TrackingOptions(boosting=True))
+    track_lesions(
+        tps,
+        prompts,
+        source_index=0,
+        registration=NoRegistrationEngine(),
+        segmentation=get_engine("adaptive"),
+        options=TrackingOptions(boosting=True),
+    )
     for les in tps[1].lesions:
         assert any(n.startswith("boosted") for n in les.notes), les.notes
         assert dice(les.mask.array, ph[1].labels.array == les.identity.label) > 0.8

@@ -22,9 +22,16 @@ def _write(tmp: Path) -> list[Path]:
     dirs = []
     for i, tp in enumerate(tps):
         d = tmp / f"tp{i}"
-        write_ct_series(tp.ct, d, patient_id="PHANTOM", patient_name="Phantom^Test", study_uid=f"1.2.826.0.1.3680043.8.498.1{i}",
-                        series_uid=f"1.2.826.0.1.3680043.8.498.2{i}", frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.3{i}",
-                        study_date=f"2024010{i + 1}")
+        write_ct_series(
+            tp.ct,
+            d,
+            patient_id="PHANTOM",
+            patient_name="Phantom^Test",
+            study_uid=f"1.2.826.0.1.3680043.8.498.1{i}",
+            series_uid=f"1.2.826.0.1.3680043.8.498.2{i}",
+            frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.3{i}",
+            study_date=f"2024010{i + 1}",
+        )
         dirs.append(d)
     np.save(tmp / "gt.npy", np.stack([tp.labels.array for tp in tps]))
     return dirs
@@ -34,18 +41,40 @@ def test_track_cli_writes_label_maps_tracking_json_and_dicom(tmp_path: Path) -> 
     from lesiontrack.cli import app
 
     dirs = _write(tmp_path)
-    prompts = {"coordinate_system": "LPS", "lesions": [
-        {"label": 1, "tracking_id": "L1 lung", "anatomic_site": "Lung", "point": list(LESIONS[0].centre_mm)},
-        {"label": 2, "tracking_id": "L2 liver", "anatomic_site": "Liver",
-         "box": [list(np.array(LESIONS[1].centre_mm) - 13), list(np.array(LESIONS[1].centre_mm) + 13)]},
-    ]}
+    prompts = {
+        "coordinate_system": "LPS",
+        "lesions": [
+            {"label": 1, "tracking_id": "L1 lung", "anatomic_site": "Lung", "point": list(LESIONS[0].centre_mm)},
+            {
+                "label": 2,
+                "tracking_id": "L2 liver",
+                "anatomic_site": "Liver",
+                "box": [list(np.array(LESIONS[1].centre_mm) - 13), list(np.array(LESIONS[1].centre_mm) + 13)],
+            },
+        ],
+    }
     pj = tmp_path / "prompts.json"
     pj.write_text(json.dumps(prompts))
     out = tmp_path / "out"
     # follow-ups given out of time order: the command sorts by StudyDate
-    res = CliRunner().invoke(app, ["track", "--baseline", str(dirs[0]), "--followup", str(dirs[2]),
-                                   "--followup", str(dirs[1]), "--out", str(out), "--prompts", str(pj),
-                                   "--registration", "none"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "track",
+            "--baseline",
+            str(dirs[0]),
+            "--followup",
+            str(dirs[2]),
+            "--followup",
+            str(dirs[1]),
+            "--out",
+            str(out),
+            "--prompts",
+            str(pj),
+            "--registration",
+            "none",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "tracking.json").read_text())
     assert [tp["study_date"] for tp in summary["timepoints"]] == ["20240101", "20240102", "20240103"]
@@ -70,8 +99,14 @@ def test_track_cli_writes_label_maps_tracking_json_and_dicom(tmp_path: Path) -> 
 def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
     grid = Volume(np.zeros((10, 20, 30), np.int16), origin=(-10.0, 5.0, 2.0), spacing=(2.0, 1.0, 3.0))
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"coordinate_system": "RAS", "lesions": [{"point": [10, 20, 30]},
-                                                                    {"label": 7, "points": [[1, 2, 3], [4, 5, 6]]}]}))
+    f.write_text(
+        json.dumps(
+            {
+                "coordinate_system": "RAS",
+                "lesions": [{"point": [10, 20, 30]}, {"label": 7, "points": [[1, 2, 3], [4, 5, 6]]}],
+            }
+        )
+    )
     ps = load_prompts_json(f, series_uid="1.2.3")
     assert [p.identity.label for p in ps] == [1, 7]
     np.testing.assert_allclose(ps[0].points_mm, [[-10, -20, 30]])
@@ -84,10 +119,13 @@ def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
     f.write_text(json.dumps({"1": {"point": [3, 4, 5]}, "2": {"box": [1, 4, 2, 6, 3, 9]}}))  # LesionLocator style
     ll = load_prompts_json(f, grid)
     np.testing.assert_allclose(ll[0].points_mm, [grid.index_to_patient(np.array([5, 4, 3.0]))])
-    for bad, msg in (({"lesions": []}, "non-empty"), ({"lesions": [{"point": [1, 2]}]}, r"lesions\[0\]"),
-                     ({"lesions": [{"point": [1, 2, 3], "box": [[0, 0, 0], [1, 1, 1]]}]}, "exactly one"),
-                     ({"lesions": [{"label": 2, "point": [1, 2, 3]}, {"label": 2, "point": [1, 2, 3]}]}, "unique"),
-                     ({"coordinate_system": "XYZ", "lesions": [{"point": [1, 2, 3]}]}, "coordinate_system")):
+    for bad, msg in (
+        ({"lesions": []}, "non-empty"),
+        ({"lesions": [{"point": [1, 2]}]}, r"lesions\[0\]"),
+        ({"lesions": [{"point": [1, 2, 3], "box": [[0, 0, 0], [1, 1, 1]]}]}, "exactly one"),
+        ({"lesions": [{"label": 2, "point": [1, 2, 3]}, {"label": 2, "point": [1, 2, 3]}]}, "unique"),
+        ({"coordinate_system": "XYZ", "lesions": [{"point": [1, 2, 3]}]}, "coordinate_system"),
+    ):
         f.write_text(json.dumps(bad))
         with pytest.raises(PromptSourceError, match=msg):
             load_prompts_json(f, grid)
@@ -104,11 +142,33 @@ def test_track_cli_from_our_seg_backwards_and_forwards(tmp_path: Path) -> None:
 
     dirs = _write(tmp_path)
     pj = tmp_path / "prompts.json"
-    pj.write_text(json.dumps({"lesions": [{"label": 1, "tracking_id": "L1 lung", "point": list(LESIONS[0].centre_mm)},
-                                          {"label": 3, "tracking_id": "L3 liver", "point": list(LESIONS[2].centre_mm)}]}))
+    pj.write_text(
+        json.dumps(
+            {
+                "lesions": [
+                    {"label": 1, "tracking_id": "L1 lung", "point": list(LESIONS[0].centre_mm)},
+                    {"label": 3, "tracking_id": "L3 liver", "point": list(LESIONS[2].centre_mm)},
+                ]
+            }
+        )
+    )
     first = tmp_path / "first"
-    res = CliRunner().invoke(app, ["track", "--baseline", str(dirs[0]), "--followup", str(dirs[1]), "--out", str(first),
-                                   "--prompts", str(pj), "--registration", "none"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "track",
+            "--baseline",
+            str(dirs[0]),
+            "--followup",
+            str(dirs[1]),
+            "--out",
+            str(first),
+            "--prompts",
+            str(pj),
+            "--registration",
+            "none",
+        ],
+    )
     assert res.exit_code == 0, res.output
     s1 = json.loads((first / "tracking.json").read_text())
     seg_file = next(first / f for f in s1["timepoints"][1]["dicom"] if pydicom.dcmread(first / f).Modality == "SEG")
@@ -116,8 +176,23 @@ def test_track_cli_from_our_seg_backwards_and_forwards(tmp_path: Path) -> None:
     shutil.copytree(dirs[1], annotated)
     shutil.copy(seg_file, annotated / "seg.dcm")
     out = tmp_path / "second"
-    res = CliRunner().invoke(app, ["track", "--baseline", str(annotated), "--followup", str(dirs[0]),
-                                   "--followup", str(dirs[2]), "--out", str(out), "--registration", "none", "--no-dicom"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "track",
+            "--baseline",
+            str(annotated),
+            "--followup",
+            str(dirs[0]),
+            "--followup",
+            str(dirs[2]),
+            "--out",
+            str(out),
+            "--registration",
+            "none",
+            "--no-dicom",
+        ],
+    )
     assert res.exit_code == 0, res.output
     s2 = json.loads((out / "tracking.json").read_text())
     assert s2["source_index"] == 1

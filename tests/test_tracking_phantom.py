@@ -1,7 +1,7 @@
 """A small analytic torso phantom with lesions and its exact longitudinal follow-ups, for tracking tests.
 
 Anatomy is a function of LPS position, so a follow-up is the same function evaluated at the exactly known
-follow-up → baseline mapping (models.imaging.transforms.SpatialTransform), with every lesion's radius changed.
+follow-up → baseline mapping (synthetic.transforms.SpatialTransform), with every lesion's radius changed.
 Lesions: lung nodule, low-contrast liver lesion, two nearby liver lesions (4 mm apart), a nodule touching the
 chest wall (same density as the wall), a lung nodule that vanishes at the third timepoint.
 """
@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.imaging.transforms import SpatialTransform
 from models.imaging.volume import Volume
+from synthetic.transforms import SpatialTransform
 
 
 @dataclass
 class PhantomLesion:
-    centre_mm: tuple[float, float, float]   # in baseline LPS
+    centre_mm: tuple[float, float, float]  # in baseline LPS
     radius_mm: float
     hu: float
     name: str = ""
@@ -37,7 +37,7 @@ LESIONS = [
 @dataclass
 class PhantomTimepoint:
     ct: Volume
-    labels: Volume                    # label = index in LESIONS + 1
+    labels: Volume  # label = index in LESIONS + 1
     radii: list[float] = field(default_factory=list)
 
 
@@ -60,8 +60,9 @@ def grid(shape_kji=(40, 90, 124), spacing=(2.0, 2.0, 3.0), origin=(-123.0, -89.0
     return Volume(np.zeros(shape_kji, np.int16), np.array(origin), np.array(spacing))
 
 
-def render(g: Volume, transform: SpatialTransform | None, radii: list[float], rng: np.random.Generator,
-           noise_hu: float = 12.0) -> PhantomTimepoint:
+def render(
+    g: Volume, transform: SpatialTransform | None, radii: list[float], rng: np.random.Generator, noise_hu: float = 12.0
+) -> PhantomTimepoint:
     """CT + ground-truth labels on grid ``g``; ``transform`` maps ``g``'s points to baseline anatomy."""
     k, j, i = np.meshgrid(*(np.arange(n) for n in g.shape), indexing="ij")
     p = g.index_to_patient(np.stack([i, j, k], -1).astype(np.float64))
@@ -79,14 +80,16 @@ def render(g: Volume, transform: SpatialTransform | None, radii: list[float], rn
     return PhantomTimepoint(ct, Volume(labels, g.origin, g.spacing, g.direction), list(radii))
 
 
-def series(seed: int = 0, shifts_mm=((0, 0, 0), (2, -1, 1), (-1, 2, -1)),
-           radii_per_tp=None) -> list[PhantomTimepoint]:
+def series(seed: int = 0, shifts_mm=((0, 0, 0), (2, -1, 1), (-1, 2, -1)), radii_per_tp=None) -> list[PhantomTimepoint]:
     """Baseline + follow-ups, each rigidly shifted by ``shifts_mm`` (follow-up → baseline translation)."""
     rng = np.random.default_rng(seed)
     if radii_per_tp is None:
         base = [les.radius_mm for les in LESIONS]
-        radii_per_tp = [base, [r * f for r, f in zip(base, (1.3, 1.0, 1.0, 1.1, 0.8, 0.75))],
-                        [r * f for r, f in zip(base, (1.6, 0.8, 1.0, 1.2, 0.7, 0.0))]]
+        radii_per_tp = [
+            base,
+            [r * f for r, f in zip(base, (1.3, 1.0, 1.0, 1.1, 0.8, 0.75))],
+            [r * f for r, f in zip(base, (1.6, 0.8, 1.0, 1.2, 0.7, 0.0))],
+        ]
     g = grid()
     out = []
     for shift, radii in zip(shifts_mm, radii_per_tp):

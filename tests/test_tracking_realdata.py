@@ -9,22 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.imaging.transforms import SpatialTransform, apply_transform
 from models.imaging.volume import Volume
 from models.segmentation.base import get_engine
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from pipeline.lesions import LesionStatus, Timepoint
 from pipeline.tracking import NoRegistrationEngine, track_lesions
+from synthetic.transforms import SpatialTransform, apply_transform
 from tests.conftest import require_shared_data
 
 pytestmark = pytest.mark.realdata
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_tracking", Path(__file__).resolve().parents[1] / "bench" / "tracking.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_tracking", Path(__file__).resolve().parents[1] / "bench" / "tracking.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
-    sys.modules["bench_tracking"] = mod   # dataclasses look their module up
+    sys.modules["bench_tracking"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -49,8 +51,9 @@ def test_real_tumour_grows_then_vanishes() -> None:
     assert gts[1].array.sum() > 1.8 * labels.array.sum() and gts[2].array.sum() == 0
     tps = [Timepoint(f"1.2.3.{t}", v) for t, v in enumerate(cts)]
     prompt = Prompt(LesionIdentity("2.25.77", "L1 lung", 1), PromptKind.MASK, mask=labels)
-    track_lesions(tps, [prompt], source_index=0, registration=NoRegistrationEngine(),
-                  segmentation=get_engine("adaptive"))
+    track_lesions(
+        tps, [prompt], source_index=0, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
+    )
     grown = tps[1].lesions[0]
     a, b = grown.mask.array > 0, gts[1].array > 0
     assert grown.status is LesionStatus.PRESENT and grown.identity.tracking_uid == "2.25.77"

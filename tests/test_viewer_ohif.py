@@ -27,9 +27,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 
 def _require_browser_stack() -> None:
-    require_tool("node", "/usr/bin/chromium", "/usr/sbin/Orthanc",
-                 "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", str(OHIF_DIST),
-                 str(BROWSER_DIR / "node_modules" / "playwright-core"))
+    require_tool(
+        "node",
+        "/usr/bin/chromium",
+        "/usr/sbin/Orthanc",
+        "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+        str(OHIF_DIST),
+        str(BROWSER_DIR / "node_modules" / "playwright-core"),
+    )
 
 
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
@@ -39,8 +44,13 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
-    built = build_patient(make_session_factory(make_engine(url)), phantom_timepoints(tmp_path), tmp_path,
-                          patient_id="LT-DEMO-7", with_failed_job=False)
+    built = build_patient(
+        make_session_factory(make_engine(url)),
+        phantom_timepoints(tmp_path),
+        tmp_path,
+        patient_id="LT-DEMO-7",
+        with_failed_job=False,
+    )
     fu = built.timepoints[1]
     seg = pydicom.dcmread(fu.seg_path, stop_before_pixels=True)
     labels = [s.SegmentLabel for s in seg.SegmentSequence]
@@ -48,7 +58,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     present = [m for m in fu.measurements.values() if m.status != "vanished"]
     assert present and len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
-    largest = max(present, key=lambda m: m.volume_mm3).tracking_id     # the screenshot jumps to it
+    largest = max(present, key=lambda m: m.volume_mm3).tracking_id  # the screenshot jumps to it
 
     orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()
     try:
@@ -56,11 +66,31 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
             orthanc.post("/instances", f.read_bytes())
         out = tmp_path / "shots"
         proc = subprocess.run(
-            ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", fu.study_uid,
-             "--out", str(out), "--seg", str(seg.SeriesDescription),
-             "--sr", str(pydicom.dcmread(fu.sr_path, stop_before_pixels=True).SeriesDescription),
-             "--labels", "|".join(labels), "--sr-texts", "|".join(volumes), "--focus-label", largest],
-            capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
+            [
+                "node",
+                str(BROWSER_DIR / "ohif-check.mjs"),
+                "--orthanc",
+                orthanc.url,
+                "--study",
+                fu.study_uid,
+                "--out",
+                str(out),
+                "--seg",
+                str(seg.SeriesDescription),
+                "--sr",
+                str(pydicom.dcmread(fu.sr_path, stop_before_pixels=True).SeriesDescription),
+                "--labels",
+                "|".join(labels),
+                "--sr-texts",
+                "|".join(volumes),
+                "--focus-label",
+                largest,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=420,
+            cwd=BROWSER_DIR,
+        )
     finally:
         orthanc.stop()
     assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"

@@ -21,8 +21,9 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=
     settings = state(ctx).settings()
     entries = explain(settings)
     if as_json:
-        typer.echo(json.dumps([{"key": e.key, "value": e.value, "source": e.source} for e in entries],
-                              default=str, indent=1))
+        typer.echo(
+            json.dumps([{"key": e.key, "value": e.value, "source": e.source} for e in entries], default=str, indent=1)
+        )
         return
     table = Table(title=f"LesionTrack configuration ({settings._toml_file or 'no file'})")
     for col in ("key", "value", "source"):

@@ -14,11 +14,15 @@ def _url(ctx: typer.Context, url: str | None) -> str:
 
 
 @app.command("upgrade")
-def upgrade(ctx: typer.Context, revision: str = typer.Argument("head"),
-            url: str | None = typer.Option(None, help="database URL (default: from configuration)")) -> None:
+def upgrade(
+    ctx: typer.Context,
+    revision: str = typer.Argument("head"),
+    url: str | None = typer.Option(None, help="database URL (default: from configuration)"),
+) -> None:
     """Apply migrations up to REVISION (default: head)."""
     from config.introspect import mask
-    from db.session import current_revision, upgrade as do_upgrade
+    from db.session import current_revision
+    from db.session import upgrade as do_upgrade
 
     target = _url(ctx, url)
     do_upgrade(target, revision)

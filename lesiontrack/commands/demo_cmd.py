@@ -30,7 +30,7 @@ def demo(
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
-    logging.getLogger("pipeline.web.app").setLevel(logging.ERROR)
+    logging.getLogger("web.app").setLevel(logging.ERROR)
     try:
         shape = tuple(int(v) for v in size.lower().split("x"))
         assert len(shape) == 3
@@ -40,16 +40,26 @@ def demo(
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with console.status("generating the synthetic patient (phantom CT, lesion SEG, two follow-ups)..."):
-        patient = make_patient(root / "patient", seed=seed, shape=shape,  # type: ignore[arg-type]
-                               spacing=(spacing_mm,) * 3, n_lesions=lesions)
-    console.print(f"patient {patient.patient_id}: baseline {len(patient.baseline.files)} slices, "
-                  f"{len(patient.lesions)} lesions in a DICOM-SEG, {len(patient.followups)} follow-ups "
-                  f"({time.monotonic() - t0:.0f}s)")
+        patient = make_patient(
+            root / "patient",
+            seed=seed,
+            shape=shape,  # type: ignore[arg-type]
+            spacing=(spacing_mm,) * 3,
+            n_lesions=lesions,
+        )
+    console.print(
+        f"patient {patient.patient_id}: baseline {len(patient.baseline.files)} slices, "
+        f"{len(patient.lesions)} lesions in a DICOM-SEG, {len(patient.followups)} follow-ups "
+        f"({time.monotonic() - t0:.0f}s)"
+    )
     settings = demo_settings(root / "data")
     service = LesionTrackService(settings).start()
     url = f"http://127.0.0.1:{service.http_port}/" if service.http_port else None
-    console.print(f"service: DICOM {settings.dicom.ae_title}@127.0.0.1:{settings.dicom.port}"
-                  + (f", dashboard {url}" if url else "") + f", data {settings.data_dir}")
+    console.print(
+        f"service: DICOM {settings.dicom.ae_title}@127.0.0.1:{settings.dicom.port}"
+        + (f", dashboard {url}" if url else "")
+        + f", data {settings.data_dir}"
+    )
     try:
         with console.status("sending baseline CT + SEG over DICOM..."):
             send_files(settings, patient.baseline.files + [patient.seg_file])
@@ -63,15 +73,18 @@ def demo(
                 t1 = time.monotonic()
 
                 def show(v, label=fu.label, t1=t1):  # type: ignore[no-untyped-def]
-                    status.update(f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} "
-                                  f"({time.monotonic() - t1:.0f}s)")
+                    status.update(
+                        f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)"
+                    )
 
                 view = wait_for_job(service.job_store, fu.series_uid, timeout, show)
             finally:
                 status.stop()
             took = sum(view.step_timings.values())
-            console.print(f"{fu.label}: job {view.id} → {view.state.value} in {took:.0f}s "
-                          + ", ".join(f"{k} {v:.1f}s" for k, v in view.step_timings.items()))
+            console.print(
+                f"{fu.label}: job {view.id} → {view.state.value} in {took:.0f}s "
+                + ", ".join(f"{k} {v:.1f}s" for k, v in view.step_timings.items())
+            )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
         assert service.session_factory is not None

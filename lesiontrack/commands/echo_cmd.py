@@ -9,7 +9,8 @@ from lesiontrack.context import state
 
 def echo(ctx: typer.Context, peer: str = typer.Argument(..., help="name of a [[pacs]] peer")) -> None:
     """Verify the DICOM connection to PEER (C-ECHO); exit 1 when it fails."""
-    from dicom_node.scu import DimseError, echo as do_echo
+    from dicom_node.scu import DimseError
+    from dicom_node.scu import echo as do_echo
 
     settings = state(ctx).settings()
     try:

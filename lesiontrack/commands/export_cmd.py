@@ -11,19 +11,21 @@ from lesiontrack.context import state
 FORMATS = ("csv", "json", "tu", "tr", "rs", "cdisc-json")
 
 
-def export(ctx: typer.Context,
-           patient: int | None = typer.Option(None, help="internal patient id (see `lesiontrack export --list`)"),
-           fmt: str = typer.Option("csv", "--format", help="csv, json, tu, tr, rs or cdisc-json"),
-           out: Path | None = typer.Option(None, help="output file (default: standard output)"),
-           study_id: str = typer.Option("LESIONTRACK", help="STUDYID of the CDISC records"),
-           list_patients: bool = typer.Option(False, "--list", help="list patients with their internal ids")) -> None:
+def export(
+    ctx: typer.Context,
+    patient: int | None = typer.Option(None, help="internal patient id (see `lesiontrack export --list`)"),
+    fmt: str = typer.Option("csv", "--format", help="csv, json, tu, tr, rs or cdisc-json"),
+    out: Path | None = typer.Option(None, help="output file (default: standard output)"),
+    study_id: str = typer.Option("LESIONTRACK", help="STUDYID of the CDISC records"),
+    list_patients: bool = typer.Option(False, "--list", help="list patients with their internal ids"),
+) -> None:
     """Export one patient's lesions × timepoints (measurements, status, RECIST) for a read centre."""
     from sqlalchemy import select
 
     from db.models import Patient
     from db.session import make_engine, make_session_factory, session_scope
     from pipeline import exports
-    from pipeline.web.timeline import build_timeline
+    from pipeline.history import build_timeline
 
     sf = make_session_factory(make_engine(state(ctx).settings().effective_database_url))
     with session_scope(sf) as s:

@@ -21,9 +21,11 @@ def _store(ctx: typer.Context):  # type: ignore[no-untyped-def]
 
 
 @app.command("list")
-def list_jobs(ctx: typer.Context,
-              job_state: str | None = typer.Option(None, "--state", help="queued, running, failed, ..."),
-              limit: int = typer.Option(50, help="most recent N")) -> None:
+def list_jobs(
+    ctx: typer.Context,
+    job_state: str | None = typer.Option(None, "--state", help="queued, running, failed, ..."),
+    limit: int = typer.Option(50, help="most recent N"),
+) -> None:
     """The most recent jobs with state, step, attempts and error."""
     from rich.console import Console
     from rich.table import Table
@@ -38,8 +40,15 @@ def list_jobs(ctx: typer.Context,
     for col in ("id", "series", "state", "step", "attempts", "created", "error"):
         table.add_column(col, overflow="fold")
     for j in _store(ctx).list(state=st, limit=limit):
-        table.add_row(str(j.id), j.followup_series_uid, j.state.value, j.step or "", str(j.attempts),
-                      j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "", j.error or "")
+        table.add_row(
+            str(j.id),
+            j.followup_series_uid,
+            j.state.value,
+            j.step or "",
+            str(j.attempts),
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
+            j.error or "",
+        )
     Console(width=200).print(table)
 
 

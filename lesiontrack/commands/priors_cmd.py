@@ -32,10 +32,18 @@ def find_priors(
     except PriorLookupError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
-    rows = [{"study_uid": p.study_uid, "study_date": p.study_date, "study_time": p.study_time,
-             "ct_series_uid": p.ct_series_uid, "source": p.source, "ct_files": len(p.ct_files),
-             "annotations": [{"modality": a.modality, "sop_instance_uid": a.sop_instance_uid} for a in p.annotations]}
-            for p in priors]
+    rows = [
+        {
+            "study_uid": p.study_uid,
+            "study_date": p.study_date,
+            "study_time": p.study_time,
+            "ct_series_uid": p.ct_series_uid,
+            "source": p.source,
+            "ct_files": len(p.ct_files),
+            "annotations": [{"modality": a.modality, "sop_instance_uid": a.sop_instance_uid} for a in p.annotations],
+        }
+        for p in priors
+    ]
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -43,8 +51,10 @@ def find_priors(
         typer.echo("no prior timepoints found")
     for r in rows:
         anns = ", ".join(f"{a['modality']} {a['sop_instance_uid']}" for a in r["annotations"])
-        typer.echo(f"{r['study_date'] or '????????'} study {r['study_uid']} CT {r['ct_series_uid']} "
-                   f"[{r['source']}] files={r['ct_files']} annotations: {anns}")
+        typer.echo(
+            f"{r['study_date'] or '????????'} study {r['study_uid']} CT {r['ct_series_uid']} "
+            f"[{r['source']}] files={r['ct_files']} annotations: {anns}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -51,8 +51,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         baseline: Path = typer.Option(..., "--baseline", help="baseline (prior) DICOM series folder or NIfTI/NRRD"),
         followup: Path = typer.Option(..., "--followup", help="follow-up DICOM series folder or NIfTI/NRRD"),
-        engine: str | None = typer.Option(None, "--engine", help="convex | simpleitk | unigradicon "
-                                          "(default: engines.registration)"),
+        engine: str | None = typer.Option(
+            None, "--engine", help="convex | simpleitk | unigradicon (default: engines.registration)"
+        ),
         map_points: Path | None = typer.Option(None, "--map-points", help="CSV x,y,z (LPS mm) on the baseline"),
         out: Path | None = typer.Option(None, "--out", help="CSV of the mapped points on the follow-up"),
         warp_labels: Path | None = typer.Option(None, "--warp-labels", help="baseline label map (NIfTI/NRRD)"),
@@ -67,7 +68,6 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--warp-labels and --out-labels go together")
         settings = state(ctx).settings()
         from models.registration import get_engine
-
         from models.registration.base import EngineUnavailable
 
         try:
@@ -75,20 +75,24 @@ def register(app: typer.Typer) -> None:
             fu_vol = _read_volume(followup, "--followup")
             points = _read_points(map_points) if map_points else None
             labels = _read_volume(warp_labels, "--warp-labels") if warp_labels else None
-            eng = get_engine(engine, settings.engines, device=device or settings.compute.device,
-                             seed=settings.compute.seed)
+            eng = get_engine(
+                engine, settings.engines, device=device or settings.compute.device, seed=settings.compute.seed
+            )
             reg = eng.register(base_vol, fu_vol)
         except (ValueError, EngineUnavailable, RuntimeError) as exc:
             if isinstance(exc, typer.BadParameter):
                 raise
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from exc
-        summary: dict = {"engine": reg.engine, "device": reg.quality.device,
-                         "seconds": reg.quality.stage_seconds.get("total"),
-                         "similarity_metric": reg.quality.similarity_metric,
-                         "similarity_before": reg.quality.similarity_before,
-                         "similarity_after": reg.quality.similarity_after,
-                         "folding_fraction": reg.quality.folding_fraction}
+        summary: dict = {
+            "engine": reg.engine,
+            "device": reg.quality.device,
+            "seconds": reg.quality.stage_seconds.get("total"),
+            "similarity_metric": reg.quality.similarity_metric,
+            "similarity_before": reg.quality.similarity_before,
+            "similarity_after": reg.quality.similarity_after,
+            "folding_fraction": reg.quality.folding_fraction,
+        }
         if points is not None and out is not None:
             import csv
 
@@ -99,7 +103,7 @@ def register(app: typer.Typer) -> None:
                 w.writerow(["x", "y", "z"])
                 for p in mapped:
                     w.writerow([f"{v:.4f}" for v in p])
-            summary["points"] = int(len(mapped))
+            summary["points"] = len(mapped)
             summary["points_out"] = str(out)
         if labels is not None and out_labels is not None:
             import numpy as np

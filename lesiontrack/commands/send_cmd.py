@@ -12,8 +12,9 @@ from lesiontrack.context import state
 def send(
     ctx: typer.Context,
     files: list[Path] = typer.Argument(None, help="DICOM files to send to sending.destinations"),
-    retry: int | None = typer.Option(None, "--retry", metavar="JOB",
-                                     help="retry the dead-lettered / waiting deliveries of analysis job JOB"),
+    retry: int | None = typer.Option(
+        None, "--retry", metavar="JOB", help="retry the dead-lettered / waiting deliveries of analysis job JOB"
+    ),
     delivery: list[int] = typer.Option([], "--delivery", help="retry these delivery ids"),
     job: int | None = typer.Option(None, "--job", help="analysis job the sent files belong to"),
     list_: bool = typer.Option(False, "--list", help="list deliveries (of --job / --retry JOB if given)"),
@@ -35,9 +36,11 @@ def send(
             if job is not None or retry is not None:
                 q = q.where(Delivery.job_pk == (job if job is not None else retry))
             for d in s.scalars(q):
-                typer.echo(f"delivery {d.id} job {d.job_pk} → {d.destination}: {d.state.value}, "
-                           f"{d.attempts} attempt(s), {len(d.file_paths)} file(s)"
-                           f"{', last error: ' + d.last_error if d.last_error else ''}")
+                typer.echo(
+                    f"delivery {d.id} job {d.job_pk} → {d.destination}: {d.state.value}, "
+                    f"{d.attempts} attempt(s), {len(d.file_paths)} file(s)"
+                    f"{', last error: ' + d.last_error if d.last_error else ''}"
+                )
         return
     if retry is not None or delivery:
         results = svc.retry(job_id=retry, delivery_ids=list(delivery) or None, operator=operator)

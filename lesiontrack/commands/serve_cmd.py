@@ -11,8 +11,9 @@ def serve(
     ctx: typer.Context,
     port: int | None = typer.Option(None, help="override dicom.port"),
     upgrade_db: bool = typer.Option(False, "--upgrade-db", help="apply database migrations first"),
-    pipeline: str = typer.Option("pipeline.steps:build_pipeline", hidden=True,
-                                 help="MODULE:FACTORY of the analysis steps (tests)"),
+    pipeline: str = typer.Option(
+        "pipeline.steps:build_pipeline", hidden=True, help="MODULE:FACTORY of the analysis steps (tests)"
+    ),
 ) -> None:
     """Receive DICOM from the PACS, analyse completed follow-ups (jobs), serve the HTTP API; SIGTERM stops cleanly."""
     # SCP + delivery loop + job executor + HTTP API in one process (lesiontrack.service).
@@ -30,9 +31,11 @@ def serve(
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""
-    typer.echo(f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:"
-               f"{service.scp.port}{http}, executor {settings.worker.executor}")
-    service.run_until_signal()   # SIGINT/SIGTERM: stop associations, finish or requeue the step, stop
+    typer.echo(
+        f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:"
+        f"{service.scp.port}{http}, executor {settings.worker.executor}"
+    )
+    service.run_until_signal()  # SIGINT/SIGTERM: stop associations, finish or requeue the step, stop
     typer.echo("stopping")
 
 

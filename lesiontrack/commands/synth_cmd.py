@@ -17,18 +17,20 @@ def synth(
     patients: int = typer.Option(1, "--patients", min=1, help="number of patients"),
     timepoints: int = typer.Option(3, "--timepoints", min=2, help="scans per patient, baseline included"),
     seed: int = typer.Option(0, "--seed", help="random seed (patient i uses seed + i)"),
-    source: Path | None = typer.Option(None, "--source", help="source CT: NIfTI/NRRD/MHA file or DICOM folder "
-                                       "(default: the procedural phantom)"),
+    source: Path | None = typer.Option(
+        None, "--source", help="source CT: NIfTI/NRRD/MHA file or DICOM folder (default: the procedural phantom)"
+    ),
     labels: Path | None = typer.Option(None, "--labels", help="lesion label map for --source (NIfTI/NRRD)"),
-    size: str = typer.Option("small", "--size", help="phantom size: small (160x160x100 @ 2 mm) or chest "
-                             "(512x512x200 @ 0.7x0.7x1.5 mm)"),
+    size: str = typer.Option(
+        "small", "--size", help="phantom size: small (160x160x100 @ 2 mm) or chest (512x512x200 @ 0.7x0.7x1.5 mm)"
+    ),
     no_dicom: bool = typer.Option(False, "--no-dicom", help="write only label maps and truth.json"),
 ) -> None:
     """Synthetic baseline + follow-up CTs with known lesion changes, motion and landmark truth."""
     import numpy as np
 
-    from models.imaging.synthesis import synthesize_patient, write_patient
     from models.imaging.volume import Volume
+    from synthetic.synthesis import synthesize_patient, write_patient
 
     if (source is None) != (labels is None):
         raise typer.BadParameter("--source and --labels go together")
@@ -54,7 +56,7 @@ def synth(
     for n in range(patients):
         pseed = seed + n
         if src_ct is None:
-            from models.imaging.phantom import make_phantom
+            from synthetic.phantom import make_phantom
 
             kw = {} if size == "small" else {"shape": (200, 512, 512), "spacing": (0.7, 0.7, 1.5)}
             ph = make_phantom(pseed, **kw)
@@ -62,12 +64,23 @@ def synth(
             kinds = {x.label: x.kind for x in ph.lesion_info}
         else:
             ct, lab = src_ct, src_lab
-        patient = synthesize_patient(ct, lab, np.random.default_rng(pseed), n_followups=timepoints - 1,
-                                     patient_id=f"SYNTH-{pseed:04d}", patient_name=f"Synthetic^Patient{pseed:04d}",
-                                     lesion_kinds=kinds, seed=pseed)
+        patient = synthesize_patient(
+            ct,
+            lab,
+            np.random.default_rng(pseed),
+            n_followups=timepoints - 1,
+            patient_id=f"SYNTH-{pseed:04d}",
+            patient_name=f"Synthetic^Patient{pseed:04d}",
+            lesion_kinds=kinds,
+            seed=pseed,
+        )
         root = write_patient(patient, out, write_dicom=not no_dicom)
-        summary.append({"patient_id": patient.patient_id, "dir": str(root),
-                        "timepoints": len(patient.timepoints),
-                        "lesions": {tp.index: {k: v.status for k, v in tp.lesions.items()}
-                                    for tp in patient.timepoints}})
+        summary.append(
+            {
+                "patient_id": patient.patient_id,
+                "dir": str(root),
+                "timepoints": len(patient.timepoints),
+                "lesions": {tp.index: {k: v.status for k, v in tp.lesions.items()} for tp in patient.timepoints},
+            }
+        )
     typer.echo(json.dumps(summary, indent=1))

@@ -26,16 +26,28 @@ def register(app: typer.Typer) -> None:
 
 def track(
     ctx: typer.Context,
-    baseline: Path = typer.Option(..., "--baseline", exists=True, file_okay=False,
-                                  help="DICOM CT series folder with the annotated lesions (SEG or SR inside)"),
-    followup: list[Path] = typer.Option(..., "--followup", exists=True, file_okay=False,
-                                        help="follow-up CT series folder (repeat; any time order)"),
+    baseline: Path = typer.Option(
+        ...,
+        "--baseline",
+        exists=True,
+        file_okay=False,
+        help="DICOM CT series folder with the annotated lesions (SEG or SR inside)",
+    ),
+    followup: list[Path] = typer.Option(
+        ..., "--followup", exists=True, file_okay=False, help="follow-up CT series folder (repeat; any time order)"
+    ),
     out: Path = typer.Option(..., "--out", help="output folder (created)"),
-    prompts: Path | None = typer.Option(None, "--prompts", exists=True, dir_okay=False,
-                                        help="prompts JSON (docs/prompts.md) instead of the SEG/SR in --baseline"),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        exists=True,
+        dir_okay=False,
+        help="prompts JSON (docs/prompts.md) instead of the SEG/SR in --baseline",
+    ),
     engine: str | None = typer.Option(None, "--engine", help="segmentation engine (default: engines.segmentation)"),
-    registration: str | None = typer.Option(None, "--registration",
-                                            help="registration engine (default: engines.registration; 'none')"),
+    registration: str | None = typer.Option(
+        None, "--registration", help="registration engine (default: engines.registration; 'none')"
+    ),
     boosting: bool = typer.Option(False, "--boost/--no-boost", help="LinGuinE boosting (re-prompt at the centre)"),
     dicom: bool = typer.Option(True, "--dicom/--no-dicom", help="also write DICOM-SEG + SR for each follow-up"),
 ) -> None:
@@ -47,8 +59,14 @@ def track(
     from models.segmentation.base import get_engine
     from pipeline.lesions import Timepoint
     from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
-    from pipeline.tracking import (ProgressEvent, TrackingOptions, get_registration_engine, label_map,
-                                   track_lesions, tracking_summary)
+    from pipeline.tracking import (
+        ProgressEvent,
+        TrackingOptions,
+        get_registration_engine,
+        label_map,
+        track_lesions,
+        tracking_summary,
+    )
 
     settings = state(ctx).settings()
     console = Console(stderr=True)
@@ -58,9 +76,16 @@ def track(
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
-    tps = [Timepoint(str(ct.meta.get("SeriesInstanceUID", f"series{i}")), ct,
-                     study_date=_s(ct.meta.get("StudyDate")), study_uid=_s(ct.meta.get("StudyInstanceUID")),
-                     meta={"folder": str(d)}) for i, (ct, d) in enumerate(zip(cts, dirs))]
+    tps = [
+        Timepoint(
+            str(ct.meta.get("SeriesInstanceUID", f"series{i}")),
+            ct,
+            study_date=_s(ct.meta.get("StudyDate")),
+            study_uid=_s(ct.meta.get("StudyInstanceUID")),
+            meta={"folder": str(d)},
+        )
+        for i, (ct, d) in enumerate(zip(cts, dirs))
+    ]
     order = sorted(range(len(tps)), key=lambda i: (tps[i].study_date or "", i))
     tps = [tps[i] for i in order]
     source_index = order.index(0)
@@ -79,22 +104,41 @@ def track(
     try:
         seg_engine = get_engine(eng_name, weights=weights, device=settings.compute.device)
         reg_name = registration or settings.engines.registration
-        reg_engine = get_registration_engine(reg_name) if reg_name == "none" else get_registration_engine(
-            reg_name, settings=settings.engines, device=settings.compute.device)
+        reg_engine = (
+            get_registration_engine(reg_name)
+            if reg_name == "none"
+            else get_registration_engine(reg_name, settings=settings.engines, device=settings.compute.device)
+        )
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
-    console.print(f"{len(lesion_prompts)} lesions, {len(tps)} timepoints (baseline #{source_index}), "
-                  f"segmentation {seg_engine.name}, registration {reg_engine.name}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    console.print(
+        f"{len(lesion_prompts)} lesions, {len(tps)} timepoints (baseline #{source_index}), "
+        f"segmentation {seg_engine.name}, registration {reg_engine.name}"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("tracking", total=None)
 
         def on_progress(ev: ProgressEvent) -> None:
-            bar.update(task, completed=ev.done, total=ev.total, description=f"{ev.stage} T{ev.timepoint} {ev.message}"[:60])
+            bar.update(
+                task, completed=ev.done, total=ev.total, description=f"{ev.stage} T{ev.timepoint} {ev.message}"[:60]
+            )
 
-        track_lesions(tps, lesion_prompts, source_index=source_index, registration=reg_engine,
-                      segmentation=seg_engine, options=TrackingOptions(boosting=boosting), progress=on_progress)
+        track_lesions(
+            tps,
+            lesion_prompts,
+            source_index=source_index,
+            registration=reg_engine,
+            segmentation=seg_engine,
+            options=TrackingOptions(boosting=boosting),
+            progress=on_progress,
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = tracking_summary(tps)
@@ -108,7 +152,7 @@ def track(
             written = _write_dicom(tps, source_index, out / "dicom")
             for t, files in written.items():
                 summary["timepoints"][t]["dicom"] = [str(f.relative_to(out)) for f in files]
-        except Exception as exc:  # noqa: BLE001 - label maps and tracking.json are still useful
+        except Exception as exc:
             console.print(f"[yellow]warning:[/] DICOM-SEG/SR not written: {exc}")
             summary["dicom_error"] = str(exc)
     (out / "tracking.json").write_text(json.dumps(summary, indent=1))
@@ -131,10 +175,18 @@ def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path
     written: dict[int, list[Path]] = {}
     for t, tp in enumerate(tps):
         for les in tp.lesions:
-            history.setdefault(les.identity.tracking_uid, []).append(measure_lesion(
-                les.mask, tp.ct, tracking_uid=les.identity.tracking_uid, tracking_id=les.identity.tracking_id,
-                is_node=les.identity.is_node, status=les.status.value, series_uid=tp.series_uid,
-                anatomic_site=les.identity.anatomic_site))
+            history.setdefault(les.identity.tracking_uid, []).append(
+                measure_lesion(
+                    les.mask,
+                    tp.ct,
+                    tracking_uid=les.identity.tracking_uid,
+                    tracking_id=les.identity.tracking_id,
+                    is_node=les.identity.is_node,
+                    status=les.status.value,
+                    series_uid=tp.series_uid,
+                    anatomic_site=les.identity.anatomic_site,
+                )
+            )
         if t == source_index:
             continue
         files = tp.ct.meta.get("source_files") or []
@@ -146,9 +198,11 @@ def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path
             written[t] = []
             continue
         seg = write_seg(datasets, tp.lesions)
-        reports = [LesionReport(history[les.identity.tracking_uid][-1],
-                                lesion_changes(history[les.identity.tracking_uid]))
-                   for les in tp.lesions if les.status is LesionStatus.PRESENT]
+        reports = [
+            LesionReport(history[les.identity.tracking_uid][-1], lesion_changes(history[les.identity.tracking_uid]))
+            for les in tp.lesions
+            if les.status is LesionStatus.PRESENT
+        ]
         sr = write_sr(datasets, seg, reports, time_point=TimePoint(f"T{t}", t, tp.study_date))
         folder = out / _safe(tp.series_uid)
         written[t] = [save_new(seg.dataset, folder), save_new(sr.dataset, folder)]

@@ -7,9 +7,11 @@ from pathlib import Path
 import typer
 
 
-def validate(files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="DICOM files (SEG, SR, ...)"),
-             no_pixelmed: bool = typer.Option(False, "--no-pixelmed", help="skip the (slow) SR template check"),
-             verbose: bool = typer.Option(False, "--verbose", "-v", help="print warnings too")) -> None:
+def validate(
+    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="DICOM files (SEG, SR, ...)"),
+    no_pixelmed: bool = typer.Option(False, "--no-pixelmed", help="skip the (slow) SR template check"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="print warnings too"),
+) -> None:
     """Exit 1 when any validator reports an error; each finding is printed with the tool and the file."""
     import pydicom
 

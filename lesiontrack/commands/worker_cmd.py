@@ -26,8 +26,12 @@ def worker(
     url = settings.effective_database_url
     rev = current_revision(url)
     if rev != head_revision():
-        typer.secho(f"error: database schema is at {rev or '(empty)'}, not {head_revision()}: "
-                    "run `lesiontrack db upgrade` first", fg="red", err=True)
+        typer.secho(
+            f"error: database schema is at {rev or '(empty)'}, not {head_revision()}: "
+            "run `lesiontrack db upgrade` first",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2)
     session_factory = make_session_factory(make_engine(url))
     factory = load_pipeline(pipeline)
@@ -46,9 +50,16 @@ def worker(
         service.request_stop()
         sweeper.stop()
 
-    w = app.Worker(pool="solo", concurrency=1, loglevel=loglevel, queues=[celery_app.QUEUE],
-                   hostname=f"lesiontrack-{socket.gethostname()}-{service.worker.split(':')[1]}",
-                   without_mingle=True, without_gossip=True, optimization="fair")
+    w = app.Worker(
+        pool="solo",
+        concurrency=1,
+        loglevel=loglevel,
+        queues=[celery_app.QUEUE],
+        hostname=f"lesiontrack-{socket.gethostname()}-{service.worker.split(':')[1]}",
+        without_mingle=True,
+        without_gossip=True,
+        optimization="fair",
+    )
     w.start()
     raise typer.Exit(w.exitcode or 0)
 

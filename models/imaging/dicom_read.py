@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -93,7 +94,7 @@ def _read_header(path: Path) -> Dataset | None:
     """Header without pixels; None for non-DICOM files and DICOMDIRs."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not part of a series
+    except Exception:
         return None
     return None if _is_dicomdir(ds) else ds
 
@@ -132,8 +133,9 @@ def _check_is_image(ds: Dataset, path: Path) -> None:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         joined = "\\".join(image_type)
-        raise SeriesError(f"{path}: is a localizer/scout (ImageType {joined}); "
-                          "localizers cannot be used as analysis input")
+        raise SeriesError(
+            f"{path}: is a localizer/scout (ImageType {joined}); localizers cannot be used as analysis input"
+        )
 
 
 def _sop_uid(ds: Dataset) -> str:
@@ -145,12 +147,16 @@ def _single_frame_slice(ds: Dataset, path: Path) -> _Slice:
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
         raise SeriesError(f"{path}: ImagePositionPatient/ImageOrientationPatient missing; cannot place the slice")
     return _Slice(
-        path=path, frame=None, sop_uid=_sop_uid(ds),
+        path=path,
+        frame=None,
+        sop_uid=_sop_uid(ds),
         position=_floats(ds.ImagePositionPatient, 3, path, "ImagePositionPatient"),
         orientation=_floats(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient"),
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2, path, "PixelSpacing"),
-        rows=int(ds.Rows), cols=int(ds.Columns),
-        slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
         thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
     )
 
@@ -180,17 +186,25 @@ def _multi_frame_slices(ds: Dataset, path: Path) -> list[_Slice]:
         ftype = _group_item(fg, shared, "CTImageFrameTypeSequence")
         if ftype is not None and "LOCALIZER" in [str(v).upper() for v in (ftype.get("FrameType") or [])]:
             raise SeriesError(f"{path}: frame {f + 1} is a localizer (FrameType); refused as analysis input")
-        slices.append(_Slice(
-            path=path, frame=f, sop_uid=_sop_uid(ds),
-            position=_floats(pos.ImagePositionPatient, 3, path, f"frame {f + 1} ImagePositionPatient"),
-            orientation=_floats(ori.ImageOrientationPatient, 6, path, f"frame {f + 1} ImageOrientationPatient"),
-            pixel_spacing=_floats(pm.get("PixelSpacing"), 2, path, f"frame {f + 1} PixelSpacing"),
-            rows=int(ds.Rows), cols=int(ds.Columns),
-            slope=float(pvt.get("RescaleSlope", 1.0)) if pvt is not None else float(ds.get("RescaleSlope", 1.0)),
-            intercept=(float(pvt.get("RescaleIntercept", 0.0)) if pvt is not None
-                       else float(ds.get("RescaleIntercept", 0.0))),
-            thickness=float(pm.SliceThickness) if pm.get("SliceThickness") not in (None, "") else None,
-        ))
+        slices.append(
+            _Slice(
+                path=path,
+                frame=f,
+                sop_uid=_sop_uid(ds),
+                position=_floats(pos.ImagePositionPatient, 3, path, f"frame {f + 1} ImagePositionPatient"),
+                orientation=_floats(ori.ImageOrientationPatient, 6, path, f"frame {f + 1} ImageOrientationPatient"),
+                pixel_spacing=_floats(pm.get("PixelSpacing"), 2, path, f"frame {f + 1} PixelSpacing"),
+                rows=int(ds.Rows),
+                cols=int(ds.Columns),
+                slope=float(pvt.get("RescaleSlope", 1.0)) if pvt is not None else float(ds.get("RescaleSlope", 1.0)),
+                intercept=(
+                    float(pvt.get("RescaleIntercept", 0.0))
+                    if pvt is not None
+                    else float(ds.get("RescaleIntercept", 0.0))
+                ),
+                thickness=float(pm.SliceThickness) if pm.get("SliceThickness") not in (None, "") else None,
+            )
+        )
     return slices
 
 
@@ -198,14 +212,19 @@ def _check_consistent(slices: list[_Slice]) -> None:
     ref = slices[0]
     for s in slices[1:]:
         if (s.rows, s.cols) != (ref.rows, ref.cols):
-            raise SeriesError(f"{s.path}: image size {s.rows}x{s.cols} differs from {ref.path} "
-                              f"({ref.rows}x{ref.cols}); mixed series")
+            raise SeriesError(
+                f"{s.path}: image size {s.rows}x{s.cols} differs from {ref.path} ({ref.rows}x{ref.cols}); mixed series"
+            )
         if not np.allclose(s.orientation, ref.orientation, atol=ORIENTATION_TOL):
-            raise SeriesError(f"{s.path}: ImageOrientationPatient {s.orientation.round(4).tolist()} differs from "
-                              f"{ref.path} ({ref.orientation.round(4).tolist()}); mixed orientations")
+            raise SeriesError(
+                f"{s.path}: ImageOrientationPatient {s.orientation.round(4).tolist()} differs from "
+                f"{ref.path} ({ref.orientation.round(4).tolist()}); mixed orientations"
+            )
         if not np.allclose(s.pixel_spacing, ref.pixel_spacing, atol=1e-4):
-            raise SeriesError(f"{s.path}: PixelSpacing {s.pixel_spacing.tolist()} differs from {ref.path} "
-                              f"({ref.pixel_spacing.tolist()}); mixed series")
+            raise SeriesError(
+                f"{s.path}: PixelSpacing {s.pixel_spacing.tolist()} differs from {ref.path} "
+                f"({ref.pixel_spacing.tolist()}); mixed series"
+            )
 
 
 # -- public entry point ---------------------------------------------------------------------------------
@@ -220,7 +239,7 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
     for f in _expand(paths):
         try:
             ds = pydicom.dcmread(f, defer_size="64 KB")
-        except Exception:  # noqa: BLE001 - not DICOM: not part of any series
+        except Exception:
             continue
         if _is_dicomdir(ds):
             continue
@@ -259,7 +278,7 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
     for f, ds in datasets:
         try:
             frames_by_file[f] = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "?")
             raise SeriesError(f"{f}: pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
     integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
@@ -288,19 +307,38 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         volume.array = np.rint(volume.array).astype(np.int16)
 
     order = volume.meta.pop("_order")
-    meta = {key: (str(first_ds.get(key)) if first_ds.get(key) is not None else None) for key in (
-        "PatientID", "IssuerOfPatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
-        "FrameOfReferenceUID", "StudyDate", "SOPClassUID", "Modality", "StudyID", "AccessionNumber",
-        "SeriesNumber", "SeriesDescription", "GantryDetectorTilt")}
+    meta = {
+        key: (str(first_ds.get(key)) if first_ds.get(key) is not None else None)
+        for key in (
+            "PatientID",
+            "IssuerOfPatientID",
+            "PatientName",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "FrameOfReferenceUID",
+            "StudyDate",
+            "SOPClassUID",
+            "Modality",
+            "StudyID",
+            "AccessionNumber",
+            "SeriesNumber",
+            "SeriesDescription",
+            "GantryDetectorTilt",
+        )
+    }
     if not meta["SOPClassUID"]:
         meta["SOPClassUID"] = str(getattr(first_ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID", "")) or None
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID")
-               if not meta.get(k)] + (["SOPInstanceUID"] if not all(s.sop_uid for s in slices) else [])
+    missing = [
+        k for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID") if not meta.get(k)
+    ] + (["SOPInstanceUID"] if not all(s.sop_uid for s in slices) else [])
     for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         meta[k] = meta[k] or None
     if missing:
-        log.warning("series read from %s lacks %s (anonymised?); results cannot reference it in DICOM",
-                    slices[0].path.parent, ", ".join(missing))
+        log.warning(
+            "series read from %s lacks %s (anonymised?); results cannot reference it in DICOM",
+            slices[0].path.parent,
+            ", ".join(missing),
+        )
     meta["identity_incomplete"] = missing
     meta.update(
         SOPInstanceUIDs=[slices[i].sop_uid for i in order],
@@ -310,9 +348,14 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         SliceThickness=slices[0].thickness,
     )
     volume.meta.update(meta)
-    log.info("read series %s: %d slices -> grid %s, spacing %s%s", meta["SeriesInstanceUID"], len(slices),
-             volume.size_ijk, np.round(volume.spacing, 4).tolist(),
-             f" ({volume.meta['geometry_fix']})" if volume.meta.get("geometry_fix") else "")
+    log.info(
+        "read series %s: %d slices -> grid %s, spacing %s%s",
+        meta["SeriesInstanceUID"],
+        len(slices),
+        volume.size_ijk,
+        np.round(volume.spacing, 4).tolist(),
+        f" ({volume.meta['geometry_fix']})" if volume.meta.get("geometry_fix") else "",
+    )
     return volume
 
 
@@ -336,12 +379,15 @@ def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
     if len(gaps) and gaps.min() < SPACING_TOL_MM:
         i = int(np.argmin(gaps))
         a, b = slices[order[i]], slices[order[i + 1]]
-        raise SeriesError(f"{b.path}: duplicate slice position (same plane as {a.path}"
-                          f"{'' if a.frame is None else f' frame {a.frame + 1}'}); "
-                          "several acquisitions in one series cannot be stacked")
+        raise SeriesError(
+            f"{b.path}: duplicate slice position (same plane as {a.path}"
+            f"{'' if a.frame is None else f' frame {a.frame + 1}'}); "
+            "several acquisitions in one series cannot be stacked"
+        )
     pos0 = slices[order[0]].position
-    offsets = np.array([[(slices[o].position - pos0) @ row_dir, (slices[o].position - pos0) @ col_dir]
-                        for o in order])  # in-plane shift of each slice relative to the first (mm)
+    offsets = np.array(
+        [[(slices[o].position - pos0) @ row_dir, (slices[o].position - pos0) @ col_dir] for o in order]
+    )  # in-plane shift of each slice relative to the first (mm)
     sheared = bool(np.max(np.abs(offsets)) > 0.01) if len(offsets) else False
     median_gap = float(np.median(gaps)) if len(gaps) else float(ref.thickness or 1.0)
     irregular = bool(len(gaps) and np.max(np.abs(gaps - median_gap)) > max(0.01, 0.01 * median_gap))
@@ -391,8 +437,10 @@ def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
         meta["gantry_tilt_deg"] = tilt
     if irregular:
         what.append(f"irregular slice spacing {gaps.min():.2f}–{gaps.max():.2f} mm")
-    meta["geometry_fix"] = (", ".join(what) + f"; resampled onto a regular {spacing_k:.3f} mm grid along the "
-                            f"slice normal (linear between acquired planes, in-plane grid {ni}x{nj})")
+    meta["geometry_fix"] = (
+        ", ".join(what) + f"; resampled onto a regular {spacing_k:.3f} mm grid along the "
+        f"slice normal (linear between acquired planes, in-plane grid {ni}x{nj})"
+    )
     meta["acquired_slice_positions_mm"] = dist.tolist()
     meta["slices_match_instances"] = False
     return Volume(out, origin, np.array([si, sj, spacing_k]), direction, meta)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from models.imaging.volume import Volume
 
@@ -32,14 +32,32 @@ def _ds_number(x: float) -> str:
     return f"{x:.6e}"
 
 
-def write_ct_series(volume: Volume, out_dir: Path | str, *, patient_id: str, patient_name: str, study_uid: str,
-                    series_uid: str, frame_of_reference_uid: str, study_date: str, study_time: str = "120000",
-                    series_number: int = 1, series_description: str = "", study_description: str = "",
-                    accession_number: str = "", study_id: str = "1", issuer_of_patient_id: str | None = None,
-                    patient_birth_date: str = "", patient_sex: str = "", manufacturer: str = "LesionTrack",
-                    body_part: str = "CHEST",
-                    sop_instance_uids: list[str] | None = None, window: tuple[float, float] = (40.0, 400.0),
-                    slice_thickness: float | None = None, filename: str = "CT{k:04d}.dcm") -> list[Path]:
+def write_ct_series(
+    volume: Volume,
+    out_dir: Path | str,
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str,
+    series_uid: str,
+    frame_of_reference_uid: str,
+    study_date: str,
+    study_time: str = "120000",
+    series_number: int = 1,
+    series_description: str = "",
+    study_description: str = "",
+    accession_number: str = "",
+    study_id: str = "1",
+    issuer_of_patient_id: str | None = None,
+    patient_birth_date: str = "",
+    patient_sex: str = "",
+    manufacturer: str = "LesionTrack",
+    body_part: str = "CHEST",
+    sop_instance_uids: list[str] | None = None,
+    window: tuple[float, float] = (40.0, 400.0),
+    slice_thickness: float | None = None,
+    filename: str = "CT{k:04d}.dcm",
+) -> list[Path]:
     """Write ``volume`` (HU) as a CT series into ``out_dir``; returns the file paths in k order."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ scans of a patient, then over patients.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -44,8 +44,9 @@ def _surface(mask: Array) -> Array:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
 
 
-def nsd(pred: Volume | Array, gt: Volume | Array, tolerance_mm: float = 2.0,
-        spacing: Sequence[float] | None = None) -> float:
+def nsd(
+    pred: Volume | Array, gt: Volume | Array, tolerance_mm: float = 2.0, spacing: Sequence[float] | None = None
+) -> float:
     """Normalised surface Dice: share of both surfaces lying within ``tolerance_mm`` of the other surface.
 
     ``spacing`` (si, sj, sk) is needed for plain arrays; Volumes bring their own. 1.0 when both are empty,
@@ -119,8 +120,9 @@ class LesionResult:
         return self.distance_mm is not None and self.distance_mm <= MATCH_MM
 
 
-def evaluate_lesion(patient_id: str, scan_id: str, lesion_id: int, pred: Volume | None, gt: Volume | None
-                    ) -> LesionResult:
+def evaluate_lesion(
+    patient_id: str, scan_id: str, lesion_id: int, pred: Volume | None, gt: Volume | None
+) -> LesionResult:
     """Dice and centre distance of one predicted lesion mask against its ground truth (either may be missing)."""
     pred_present = pred is not None and bool((pred.array > 0).any())
     gt_present = gt is not None and bool((gt.array > 0).any())

@@ -87,16 +87,19 @@ class Volume:
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
-    def with_array(self, array: Array, **meta: Any) -> "Volume":
+    def with_array(self, array: Array, **meta: Any) -> Volume:
         """Same grid, new voxels."""
         if array.shape != self.array.shape:
             raise ValueError(f"shape {array.shape} does not match grid {self.array.shape}")
         return Volume(array, self.origin.copy(), self.spacing.copy(), self.direction.copy(), {**self.meta, **meta})
 
-    def same_grid(self, other: "Volume", atol: float = 1e-4) -> bool:
-        return (self.shape == other.shape and np.allclose(self.origin, other.origin, atol=atol)
-                and np.allclose(self.spacing, other.spacing, atol=atol)
-                and np.allclose(self.direction, other.direction, atol=atol))
+    def same_grid(self, other: Volume, atol: float = 1e-4) -> bool:
+        return (
+            self.shape == other.shape
+            and np.allclose(self.origin, other.origin, atol=atol)
+            and np.allclose(self.spacing, other.spacing, atol=atol)
+            and np.allclose(self.direction, other.direction, atol=atol)
+        )
 
     # -- SimpleITK bridge -------------------------------------------------------------------------
     def to_sitk(self) -> sitk.Image:
@@ -107,7 +110,7 @@ class Volume:
         return img
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, meta: dict[str, Any] | None = None) -> "Volume":
+    def from_sitk(cls, image: sitk.Image, meta: dict[str, Any] | None = None) -> Volume:
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
         return cls(
@@ -119,7 +122,7 @@ class Volume:
         )
 
     @classmethod
-    def read(cls, path: str) -> "Volume":
+    def read(cls, path: str) -> Volume:
         """Read a NIfTI/NRRD/MHA file (SimpleITK converts to LPS)."""
         return cls.from_sitk(sitk.ReadImage(str(path)))
 
@@ -127,28 +130,37 @@ class Volume:
         sitk.WriteImage(self.to_sitk(), str(path), useCompression=compress)
 
     # -- resampling -------------------------------------------------------------------------------
-    def resample_to(self, reference: "Volume", *, label: bool = False, default: float | None = None,
-                    transform: sitk.Transform | None = None) -> "Volume":
+    def resample_to(
+        self,
+        reference: Volume,
+        *,
+        label: bool = False,
+        default: float | None = None,
+        transform: sitk.Transform | None = None,
+    ) -> Volume:
         """Resample onto ``reference``'s grid (linear for images, nearest-label for label maps).
 
         ``transform`` maps reference (output) points to this volume's points, as in SimpleITK.
         """
         if default is None:
             default = 0.0 if label else float(min(-1024.0, float(self.array.min()) if self.array.size else 0.0))
-        interp = sitk.sitkLabelGaussian if label and _few_labels(self.array) else (
-            sitk.sitkNearestNeighbor if label else sitk.sitkLinear)
+        interp = (
+            sitk.sitkLabelGaussian
+            if label and _few_labels(self.array)
+            else (sitk.sitkNearestNeighbor if label else sitk.sitkLinear)
+        )
         src = self.to_sitk()
         if not label and src.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
             src = sitk.Cast(src, sitk.sitkFloat32)
-        out = sitk.Resample(src, reference.to_sitk(), transform or sitk.Transform(), interp, default,
-                            src.GetPixelID())
+        out = sitk.Resample(src, reference.to_sitk(), transform or sitk.Transform(), interp, default, src.GetPixelID())
         arr = sitk.GetArrayFromImage(out)
         if not label and np.issubdtype(self.array.dtype, np.integer):
             arr = np.rint(arr).astype(self.array.dtype)
-        return Volume(arr, reference.origin.copy(), reference.spacing.copy(), reference.direction.copy(),
-                      dict(self.meta))
+        return Volume(
+            arr, reference.origin.copy(), reference.spacing.copy(), reference.direction.copy(), dict(self.meta)
+        )
 
-    def resample_isotropic(self, spacing_mm: float, *, label: bool = False) -> "Volume":
+    def resample_isotropic(self, spacing_mm: float, *, label: bool = False) -> Volume:
         """Same orientation and extent, isotropic ``spacing_mm`` voxels."""
         extent = self.spacing * (np.array(self.size_ijk) - 1)
         n = np.maximum(1, np.floor(extent / spacing_mm + 1e-6).astype(int) + 1)
@@ -162,5 +174,4 @@ def _few_labels(array: Array) -> bool:
 
 
 def empty_like(volume: Volume, dtype: Any = np.uint8) -> Volume:
-    return Volume(np.zeros(volume.shape, dtype), volume.origin.copy(), volume.spacing.copy(),
-                  volume.direction.copy())
+    return Volume(np.zeros(volume.shape, dtype), volume.origin.copy(), volume.spacing.copy(), volume.direction.copy())

@@ -18,16 +18,19 @@ from models.registration.field import DisplacementFieldRegistration
 
 ENGINES = ("convex", "simpleitk", "unigradicon")
 
-def get_engine(name: str | None = None, settings: EngineSettings | None = None, device: Any = "auto",
-               seed: int = 0, **params: Any) -> RegistrationEngine:
+
+def get_engine(
+    name: str | None = None, settings: EngineSettings | None = None, device: Any = "auto", seed: int = 0, **params: Any
+) -> RegistrationEngine:
     """Build a registration engine by name (``None`` → ``settings.registration``)."""
     settings = settings or EngineSettings()
     name = (name or settings.registration).lower()
     if name == "convex":
         from models.registration.convex import ConvexEngine, ConvexParams
 
-        return ConvexEngine(ConvexParams(working_spacing_mm=settings.working_spacing_mm, seed=seed, **params),
-                            device=device)
+        return ConvexEngine(
+            ConvexParams(working_spacing_mm=settings.working_spacing_mm, seed=seed, **params), device=device
+        )
     if name == "simpleitk":
         from models.registration.sitk_engine import SimpleITKEngine
 
@@ -35,10 +38,18 @@ def get_engine(name: str | None = None, settings: EngineSettings | None = None, 
     if name == "unigradicon":
         from models.registration.unigradicon_engine import UniGradIconEngine
 
-        return UniGradIconEngine(settings.unigradicon_weights, device=device,
-                                 working_spacing_mm=settings.working_spacing_mm, **params)
+        return UniGradIconEngine(
+            settings.unigradicon_weights, device=device, working_spacing_mm=settings.working_spacing_mm, **params
+        )
     raise ValueError(f"unknown registration engine {name!r} (known: {', '.join(ENGINES)})")
 
 
-__all__ = ["ENGINES", "DisplacementFieldRegistration", "EngineUnavailable", "Registration",
-           "RegistrationEngine", "RegistrationQuality", "get_engine"]
+__all__ = [
+    "ENGINES",
+    "DisplacementFieldRegistration",
+    "EngineUnavailable",
+    "Registration",
+    "RegistrationEngine",
+    "RegistrationQuality",
+    "get_engine",
+]

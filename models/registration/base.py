@@ -35,7 +35,7 @@ class RegistrationQuality:
 class Registration(Protocol):
     """Result of registering a baseline onto a follow-up."""
 
-    baseline_grid: Volume   # geometry only is guaranteed (array may be a placeholder)
+    baseline_grid: Volume  # geometry only is guaranteed (array may be a placeholder)
     followup_grid: Volume
     quality: RegistrationQuality
     engine: str
@@ -61,5 +61,4 @@ class RegistrationEngine(Protocol):
     name: str
     version: str
 
-    def register(self, baseline: Volume, followup: Volume) -> Registration:
-        ...
+    def register(self, baseline: Volume, followup: Volume) -> Registration: ...

@@ -45,7 +45,7 @@ class ConvexParams:
     affine: bool = True
     mind_radius: int = 1
     mind_dilation: int = 2
-    search_radius: int = 4                     # displacement labels per axis: ±R steps of 2 working voxels
+    search_radius: int = 4  # displacement labels per axis: ±R steps of 2 working voxels
     coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     inverse_consistent: bool = True
     ic_iterations: int = 15
@@ -53,7 +53,7 @@ class ConvexParams:
     adam_lr: float = 1.0
     lambda_diffusion: float = 1.25
     smooth_passes: int = 3
-    adam_coarsening: int = 1                 # Adam grid = feature grid (4 mm) / this
+    adam_coarsening: int = 1  # Adam grid = feature grid (4 mm) / this
     inverse_iterations: int = 20
     seed: int = 0
     intensity_window: tuple[float, float] = (-1000.0, 1500.0)
@@ -61,7 +61,7 @@ class ConvexParams:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None → CUDA when available else CPU."""
+    """ "auto"/None → CUDA when available else CPU."""
     if isinstance(device, torch.device):
         return device
     if device in (None, "auto"):
@@ -98,9 +98,9 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, radiu
         for hj in (0, 1):
             for hi in (0, 1):
                 # pooled[x] = mean of mov over the 2-window starting at 2x + h (in feature voxels)
-                sl = padded[:, :, hk:hk + 2 * (k2 + 2 * q), hj:hj + 2 * (j2 + 2 * q), hi:hi + 2 * (i2 + 2 * q)]
+                sl = padded[:, :, hk : hk + 2 * (k2 + 2 * q), hj : hj + 2 * (j2 + 2 * q), hi : hi + 2 * (i2 + 2 * q)]
                 shifted[(hk, hj, hi)] = F.avg_pool3d(sl, 2)  # node x ↔ index x + q
-    out = torch.empty(n ** 3, k2, j2, i2, device=fix.device, dtype=torch.float32)
+    out = torch.empty(n**3, k2, j2, i2, device=fix.device, dtype=torch.float32)
     r = list(range(-radius, radius + 1))
     idx = 0
     for dk in r:
@@ -108,7 +108,7 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, radiu
             for di in r:
                 hk, hj, hi = dk % 2, dj % 2, di % 2
                 qk, qj, qi = (dk - hk) // 2 + q, (dj - hj) // 2 + q, (di - hi) // 2 + q
-                m = shifted[(hk, hj, hi)][:, :, qk:qk + k2, qj:qj + j2, qi:qi + i2]
+                m = shifted[(hk, hj, hi)][:, :, qk : qk + k2, qj : qj + j2, qi : qi + i2]
                 out[idx] = ((f8 - m) ** 2).sum(1)[0]
                 idx += 1
     out = box3(out[None], 1)[0]
@@ -116,8 +116,9 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, radiu
     return out
 
 
-def coupled_convex(cost: torch.Tensor, mesh: torch.Tensor, coupling: tuple[float, ...],
-                   chunk_nodes: int = 8192) -> torch.Tensor:
+def coupled_convex(
+    cost: torch.Tensor, mesh: torch.Tensor, coupling: tuple[float, ...], chunk_nodes: int = 8192
+) -> torch.Tensor:
     """Per-node argmin with increasing coupling to the smoothed field; returns (1, 3, K, J, I) in label units.
 
     ``θ‖d − s‖² = θ‖d‖² − 2θ d·s + const`` per node, so each round is one matrix product and one argmin over
@@ -125,17 +126,17 @@ def coupled_convex(cost: torch.Tensor, mesh: torch.Tensor, coupling: tuple[float
     """
     lcount, k, j, i = cost.shape
     nodes = cost.reshape(lcount, -1).t().contiguous()  # (N, L)
-    norm2 = (mesh ** 2).sum(0)                          # a tiny prior towards zero breaks ties in flat regions
+    norm2 = (mesh**2).sum(0)  # a tiny prior towards zero breaks ties in flat regions
 
     def pick(theta: float, smooth: torch.Tensor | None) -> torch.Tensor:
         bias = (1e-4 + theta) * norm2 if smooth is not None else 1e-4 * norm2
         s = smooth[0].reshape(3, -1).t() if smooth is not None else None  # (N, 3)
         arg = torch.empty(nodes.shape[0], dtype=torch.long, device=cost.device)
         for n0 in range(0, nodes.shape[0], chunk_nodes):
-            c = nodes[n0:n0 + chunk_nodes] + bias
+            c = nodes[n0 : n0 + chunk_nodes] + bias
             if s is not None:
-                c = c - (2.0 * theta) * (s[n0:n0 + chunk_nodes] @ mesh)
-            arg[n0:n0 + chunk_nodes] = torch.argmin(c, dim=1)
+                c = c - (2.0 * theta) * (s[n0 : n0 + chunk_nodes] @ mesh)
+            arg[n0 : n0 + chunk_nodes] = torch.argmin(c, dim=1)
         return box3(mesh[:, arg].view(1, 3, k, j, i), 1)
 
     soft = pick(0.0, None)
@@ -164,8 +165,9 @@ def inverse_consistency(fwd: torch.Tensor, bwd: torch.Tensor, iterations: int) -
     return f, b
 
 
-def instance_optimise(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, init: torch.Tensor,
-                      p: ConvexParams) -> torch.Tensor:
+def instance_optimise(
+    fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, p: ConvexParams
+) -> torch.Tensor:
     """Adam on a displacement grid ``p.adam_coarsening``× coarser than ``fix`` (voxel units of ``fix``), smoothed
     by box filters and upsampled trilinearly; loss = feature SSD over the valid region + λ·diffusion."""
     smoother = BoxSmoother(p.smooth_passes)
@@ -185,8 +187,11 @@ def instance_optimise(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor,
     for _ in range(p.adam_iterations):
         opt.zero_grad()
         disp = full(param)
-        reg = ((disp[:, :, 1:] - disp[:, :, :-1]) ** 2).mean() + ((disp[:, :, :, 1:] - disp[:, :, :, :-1]) ** 2).mean() \
+        reg = (
+            ((disp[:, :, 1:] - disp[:, :, :-1]) ** 2).mean()
+            + ((disp[:, :, :, 1:] - disp[:, :, :, :-1]) ** 2).mean()
             + ((disp[..., 1:] - disp[..., :-1]) ** 2).mean()
+        )
         warped = sample(mov, ident + disp[0].permute(1, 2, 3, 0))
         sim = ((warped * valid - fixv) ** 2).sum() / nvalid
         loss = sim + p.lambda_diffusion * reg
@@ -196,8 +201,9 @@ def instance_optimise(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor,
         return full(param).detach()
 
 
-def deformable(fix_img: torch.Tensor, mov_img: torch.Tensor, valid: torch.Tensor, p: ConvexParams,
-               timings: dict[str, float]) -> torch.Tensor:
+def deformable(
+    fix_img: torch.Tensor, mov_img: torch.Tensor, valid: torch.Tensor, p: ConvexParams, timings: dict[str, float]
+) -> torch.Tensor:
     """Forward displacement (1, 3, K/2, J/2, I/2) on the 2×-pooled feature grid, in feature-voxel units, for
     images on the working grid."""
     t = time.perf_counter()
@@ -213,7 +219,7 @@ def deformable(fix_img: torch.Tensor, mov_img: torch.Tensor, valid: torch.Tensor
     mesh = _label_mesh(p.search_radius, fix_img.device)
     with torch.no_grad():
         cost = cost_volume(f2, m2, v2, p.search_radius)
-        d_fwd = coupled_convex(cost, mesh, p.coupling)            # label units = 1 feature voxel (2 working)
+        d_fwd = coupled_convex(cost, mesh, p.coupling)  # label units = 1 feature voxel (2 working)
         if p.inverse_consistent:
             del cost
             cost = cost_volume(m2, f2, v2, p.search_radius)
@@ -251,8 +257,9 @@ class ConvexEngine:
             torch.backends.cudnn.benchmark = False
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
-        prep = prepare(baseline, followup, p.working_spacing_mm, p.affine, timings,
-                       erode_vox=p.mind_dilation + p.mind_radius)
+        prep = prepare(
+            baseline, followup, p.working_spacing_mm, p.affine, timings, erode_vox=p.mind_dilation + p.mind_radius
+        )
         dev = self.device
         fix_t = torch.from_numpy(prep.fixed).float()[None, None].to(dev)
         mov_t = torch.from_numpy(prep.moving).float()[None, None].to(dev)

@@ -34,7 +34,7 @@ _PAIRS = _ssc_pairs()
 def _shift(padded: torch.Tensor, off: tuple[int, int, int], pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
     k, j, i = shape
     dk, dj, di = off
-    return padded[:, :, pad + dk:pad + dk + k, pad + dj:pad + dj + j, pad + di:pad + di + i]
+    return padded[:, :, pad + dk : pad + dk + k, pad + dj : pad + dj + j, pad + di : pad + di + i]
 
 
 def box3(x: torch.Tensor, radius: int = 1) -> torch.Tensor:
@@ -112,9 +112,12 @@ def sample(volume: torch.Tensor, idx_ijk: torch.Tensor, padding: str = "border")
 def identity_ijk(shape_kji: tuple[int, int, int], device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """Voxel index grid ``(K, J, I, 3)`` holding (i, j, k)."""
     k, j, i = shape_kji
-    kk, jj, ii = torch.meshgrid(torch.arange(k, device=device, dtype=dtype),
-                                torch.arange(j, device=device, dtype=dtype),
-                                torch.arange(i, device=device, dtype=dtype), indexing="ij")
+    kk, jj, ii = torch.meshgrid(
+        torch.arange(k, device=device, dtype=dtype),
+        torch.arange(j, device=device, dtype=dtype),
+        torch.arange(i, device=device, dtype=dtype),
+        indexing="ij",
+    )
     return torch.stack([ii, jj, kk], dim=-1)
 
 
@@ -125,8 +128,9 @@ class Adam:
     which matters for a one-shot CLI registration.
     """
 
-    def __init__(self, groups: list[tuple[torch.Tensor, float]], betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self, groups: list[tuple[torch.Tensor, float]], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
         self.groups = groups
         self.b1, self.b2 = betas
         self.eps = eps
@@ -141,8 +145,8 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
-        c1 = 1 - self.b1 ** self.t
-        c2 = 1 - self.b2 ** self.t
+        c1 = 1 - self.b1**self.t
+        c2 = 1 - self.b2**self.t
         for (p, lr), m, v in zip(self.groups, self.m, self.v):
             if p.grad is None:
                 continue

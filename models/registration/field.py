@@ -32,8 +32,10 @@ def _sample_field(field_kji3: Array, grid: Volume, points: Array) -> Array:
     """Trilinear sample of a ``(3, K, J, I)`` field at LPS points ``(N, 3)`` (border-clamped)."""
     idx = grid.patient_to_index(points)  # (N, 3) in i, j, k
     coords = np.stack([idx[:, 2], idx[:, 1], idx[:, 0]])
-    return np.stack([ndimage.map_coordinates(field_kji3[c], coords, order=1, mode="nearest", prefilter=False)
-                     for c in range(3)], axis=1).astype(np.float64)
+    return np.stack(
+        [ndimage.map_coordinates(field_kji3[c], coords, order=1, mode="nearest", prefilter=False) for c in range(3)],
+        axis=1,
+    ).astype(np.float64)
 
 
 @dataclass
@@ -42,11 +44,11 @@ class DisplacementFieldRegistration:
 
     baseline_grid: Volume
     followup_grid: Volume
-    field_grid: Volume          # geometry of ``u`` / ``v``
-    matrix: Array               # M (3×3)
-    offset: Array               # m (3)
-    forward: Array              # u: (3, K, J, I) float32, world mm, follow-up frame (pre-affine)
-    inverse: Array              # v: (3, K, J, I) float32, world mm
+    field_grid: Volume  # geometry of ``u`` / ``v``
+    matrix: Array  # M (3×3)
+    offset: Array  # m (3)
+    forward: Array  # u: (3, K, J, I) float32, world mm, follow-up frame (pre-affine)
+    inverse: Array  # v: (3, K, J, I) float32, world mm
     engine: str = "convex"
     quality: RegistrationQuality = field(default_factory=RegistrationQuality)
 
@@ -111,8 +113,13 @@ class DisplacementFieldRegistration:
         y = self.field_grid.index_to_patient(np.stack([i, j, k], -1).astype(np.float64))
         yu = y + np.moveaxis(self.forward, 0, -1)
         disp = yu @ self.matrix.T + self.offset - y
-        return Volume(disp.astype(np.float32)[..., 0], self.field_grid.origin, self.field_grid.spacing,
-                      self.field_grid.direction, {"vector": disp.astype(np.float32)})
+        return Volume(
+            disp.astype(np.float32)[..., 0],
+            self.field_grid.origin,
+            self.field_grid.spacing,
+            self.field_grid.direction,
+            {"vector": disp.astype(np.float32)},
+        )
 
     def save_field(self, path: str | Path) -> Path:
         """Write ``phi(y) - y`` (LPS mm, ITK convention: fixed = follow-up) as a NIfTI/NRRD/MHA vector image."""
@@ -132,13 +139,19 @@ class DisplacementFieldRegistration:
         if src.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
             src = sitk.Cast(src, sitk.sitkFloat32)
         ref = _reference(self.followup_grid)
-        out = sitk.GetArrayFromImage(sitk.Resample(src, ref, self.to_sitk_transform(), sitk.sitkLinear,
-                                                   float(default), src.GetPixelID()))
+        out = sitk.GetArrayFromImage(
+            sitk.Resample(src, ref, self.to_sitk_transform(), sitk.sitkLinear, float(default), src.GetPixelID())
+        )
         if np.issubdtype(baseline_image.array.dtype, np.integer):
             info = np.iinfo(baseline_image.array.dtype)
             out = np.clip(np.rint(out), info.min, info.max).astype(baseline_image.array.dtype)
-        return Volume(out, self.followup_grid.origin.copy(), self.followup_grid.spacing.copy(),
-                      self.followup_grid.direction.copy(), dict(baseline_image.meta))
+        return Volume(
+            out,
+            self.followup_grid.origin.copy(),
+            self.followup_grid.spacing.copy(),
+            self.followup_grid.direction.copy(),
+            dict(baseline_image.meta),
+        )
 
     def warp_labels(self, baseline_labels: Volume, margin_mm: float = 6.0) -> Volume:
         """Pull a baseline label map onto the follow-up grid without mixing labels.
@@ -156,8 +169,9 @@ class DisplacementFieldRegistration:
             return Volume(out, fg.origin.copy(), fg.spacing.copy(), fg.direction.copy(), dict(baseline_labels.meta))
         if len(labels) > MAX_ONE_HOT_LABELS:
             src = sitk.Cast(baseline_labels.to_sitk(), sitk.sitkUInt32)
-            res = sitk.Resample(src, _reference(fg), self.to_sitk_transform(), sitk.sitkNearestNeighbor, 0,
-                                sitk.sitkUInt32)
+            res = sitk.Resample(
+                src, _reference(fg), self.to_sitk_transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32
+            )
             out[:] = sitk.GetArrayFromImage(res).astype(out_dtype)
             return Volume(out, fg.origin.copy(), fg.spacing.copy(), fg.direction.copy(), dict(baseline_labels.meta))
         lo_b, hi_b = _bbox(arr != 0, pad=2)
@@ -165,9 +179,13 @@ class DisplacementFieldRegistration:
         if roi is None:
             return Volume(out, fg.origin.copy(), fg.spacing.copy(), fg.direction.copy(), dict(baseline_labels.meta))
         (k0, j0, i0), (k1, j1, i1) = roi
-        sub = Volume(np.broadcast_to(np.zeros((), np.uint8), (k1 - k0, j1 - j0, i1 - i0)),
-                     fg.index_to_patient(np.array([i0, j0, k0], dtype=np.float64)), fg.spacing, fg.direction)
-        crop = arr[lo_b[0]:hi_b[0], lo_b[1]:hi_b[1], lo_b[2]:hi_b[2]]
+        sub = Volume(
+            np.broadcast_to(np.zeros((), np.uint8), (k1 - k0, j1 - j0, i1 - i0)),
+            fg.index_to_patient(np.array([i0, j0, k0], dtype=np.float64)),
+            fg.spacing,
+            fg.direction,
+        )
+        crop = arr[lo_b[0] : hi_b[0], lo_b[1] : hi_b[1], lo_b[2] : hi_b[2]]
         crop_origin = baseline_labels.index_to_patient(np.array([lo_b[2], lo_b[1], lo_b[0]], dtype=np.float64))
         transform = self.to_sitk_transform()
         ref = _reference(sub)
@@ -175,8 +193,9 @@ class DisplacementFieldRegistration:
         best_l = np.zeros(sub.shape, out_dtype)
         sum_p = np.zeros(sub.shape, np.float32)
         for lab in labels:
-            ind = Volume((crop == lab).astype(np.float32), crop_origin, baseline_labels.spacing,
-                         baseline_labels.direction).to_sitk()
+            ind = Volume(
+                (crop == lab).astype(np.float32), crop_origin, baseline_labels.spacing, baseline_labels.direction
+            ).to_sitk()
             p = sitk.GetArrayFromImage(sitk.Resample(ind, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
             sum_p += p
             better = p > best_p
@@ -223,7 +242,7 @@ def _reference(grid: Volume) -> sitk.Image:
     return ref
 
 
-def jacobian_stats(forward_vox: "np.ndarray") -> tuple[float, float]:
+def jacobian_stats(forward_vox: np.ndarray) -> tuple[float, float]:
     """(fraction of voxels with det J ≤ 0, std of log J) of ``x + u`` for ``u`` (3, K, J, I) in voxel units
     ordered (i, j, k) on an isotropic grid."""
     g = [np.gradient(forward_vox[c], axis=(2, 1, 0)) for c in range(3)]  # d/di, d/dj, d/dk of each component
@@ -231,9 +250,11 @@ def jacobian_stats(forward_vox: "np.ndarray") -> tuple[float, float]:
     for c in range(3):
         for a in range(3):
             j[c, a] = g[c][a] + (1.0 if a == c else 0.0)
-    det = (j[0, 0] * (j[1, 1] * j[2, 2] - j[1, 2] * j[2, 1])
-           - j[0, 1] * (j[1, 0] * j[2, 2] - j[1, 2] * j[2, 0])
-           + j[0, 2] * (j[1, 0] * j[2, 1] - j[1, 1] * j[2, 0]))
+    det = (
+        j[0, 0] * (j[1, 1] * j[2, 2] - j[1, 2] * j[2, 1])
+        - j[0, 1] * (j[1, 0] * j[2, 2] - j[1, 2] * j[2, 0])
+        + j[0, 2] * (j[1, 0] * j[2, 1] - j[1, 1] * j[2, 0])
+    )
     fold = float(np.mean(det <= 0))
     pos = det[det > 0]
     return fold, float(np.std(np.log(pos))) if pos.size else float("nan")

@@ -34,8 +34,13 @@ def working_grid(followup: Volume, spacing_mm: float, multiple: int = 4, margin_
     arr = np.broadcast_to(np.zeros((), np.uint8), (int(n[2]), int(n[1]), int(n[0])))
     # start_rel: the grid's first voxel relative to the follow-up's origin along its axes (mm); kept so index maps
     # can be built without absolute coordinates (bit-identical when only the follow-up's origin changes)
-    return Volume(arr, origin, np.full(3, float(spacing_mm)), followup.direction.copy(),
-                  {"start_rel": start_rel, "centre_rel": centre_rel})
+    return Volume(
+        arr,
+        origin,
+        np.full(3, float(spacing_mm)),
+        followup.direction.copy(),
+        {"start_rel": start_rel, "centre_rel": centre_rel},
+    )
 
 
 def followup_index_map(followup: Volume, grid: Volume) -> tuple[Array, Array]:
@@ -50,8 +55,15 @@ def shrink_factors(volume: Volume, target_spacing_mm: float | None) -> list[int]
     return [min(v, max(1, n // 2)) for v, n in zip(f, volume.size_ijk)]
 
 
-def resample_index(volume: Volume, a: Array, b: Array, shape_kji: tuple[int, ...], *,
-                   target_spacing_mm: float | None = None, default: float = -1024.0) -> Array:
+def resample_index(
+    volume: Volume,
+    a: Array,
+    b: Array,
+    shape_kji: tuple[int, ...],
+    *,
+    target_spacing_mm: float | None = None,
+    default: float = -1024.0,
+) -> Array:
     """Sample ``volume`` (block-averaged towards ``target_spacing_mm``) at continuous indices ``a @ q + b`` for
     every output index ``q`` (i, j, k) of a ``shape_kji`` array; linear, float32.
 
@@ -115,15 +127,19 @@ def to_float_sitk(volume: Volume, target_spacing_mm: float | None = None) -> sit
     return img
 
 
-def resample(image: sitk.Image, reference: Volume, transform: sitk.Transform | None = None,
-             default: float = -1024.0, interpolator: int = sitk.sitkLinear) -> Array:
+def resample(
+    image: sitk.Image,
+    reference: Volume,
+    transform: sitk.Transform | None = None,
+    default: float = -1024.0,
+    interpolator: int = sitk.sitkLinear,
+) -> Array:
     """Resample a float image onto ``reference``'s grid; ``transform`` maps reference → image points."""
     ref = sitk.Image([int(v) for v in reference.size_ijk], sitk.sitkUInt8)
     ref.SetOrigin(tuple(float(v) for v in reference.origin))
     ref.SetSpacing(tuple(float(v) for v in reference.spacing))
     ref.SetDirection(tuple(float(v) for v in reference.direction.reshape(-1)))
-    out = sitk.Resample(image, ref, transform or sitk.Transform(), interpolator, float(default),
-                        image.GetPixelID())
+    out = sitk.Resample(image, ref, transform or sitk.Transform(), interpolator, float(default), image.GetPixelID())
     return sitk.GetArrayFromImage(out)
 
 
@@ -143,10 +159,13 @@ def fov_mask(source: Volume, reference: Volume, matrix: Array, offset: Array, er
     j = np.arange(nj, dtype=np.float64)[None, :, None]
     i = np.arange(ni, dtype=np.float64)[None, None, :]
     # index(reference) -> world -> source index, as one affine map of the indices
-    a = np.linalg.inv(source.direction @ np.diag(source.spacing)) @ matrix @ reference.direction @ np.diag(
-        reference.spacing)
-    b = np.linalg.inv(source.direction @ np.diag(source.spacing)) @ (matrix @ reference.origin + offset
-                                                                     - source.origin)
+    a = (
+        np.linalg.inv(source.direction @ np.diag(source.spacing))
+        @ matrix
+        @ reference.direction
+        @ np.diag(reference.spacing)
+    )
+    b = np.linalg.inv(source.direction @ np.diag(source.spacing)) @ (matrix @ reference.origin + offset - source.origin)
     size = np.array(source.size_ijk, dtype=np.float64)
     inside = np.ones(reference.shape, dtype=bool)
     for d in range(3):

@@ -59,8 +59,9 @@ def _grid_over(volume: Volume, direction: Array, spacing: float) -> Volume:
     return Volume(arr, direction @ lo, np.full(3, spacing), direction.copy())
 
 
-def _masked_translation(fix: Array, fmask: Array, mov: Array, mmask: Array,
-                        overlap_ratio: float) -> tuple[Array, float] | None:
+def _masked_translation(
+    fix: Array, fmask: Array, mov: Array, mmask: Array, overlap_ratio: float
+) -> tuple[Array, float] | None:
     """Integer shift ``s`` (k, j, i) maximising masked NCC of ``fix[p]`` vs ``mov[p + s]``; None if no overlap."""
     from skimage.registration._masked_phase_cross_correlation import cross_correlate_masked
 
@@ -76,8 +77,7 @@ def _masked_translation(fix: Array, fmask: Array, mov: Array, mmask: Array,
 
 def _rotation(w: torch.Tensor) -> torch.Tensor:
     z = torch.zeros((), dtype=w.dtype)
-    skew = torch.stack([torch.stack([z, -w[2], w[1]]), torch.stack([w[2], z, -w[0]]),
-                        torch.stack([-w[1], w[0], z])])
+    skew = torch.stack([torch.stack([z, -w[2], w[1]]), torch.stack([w[2], z, -w[0]]), torch.stack([-w[1], w[0], z])])
     return torch.linalg.matrix_exp(skew)
 
 
@@ -136,9 +136,15 @@ class _Level:
         return _weighted_ncc(self.f, s[0], s[1])
 
 
-def robust_affine(baseline: Volume, followup: Volume, *, affine: bool = True,
-                  iterations: tuple[int, int] = (40, 40), overlap_ratio: float = 0.25,
-                  fine_spacing_mm: float = 5.0) -> AffineInit:
+def robust_affine(
+    baseline: Volume,
+    followup: Volume,
+    *,
+    affine: bool = True,
+    iterations: tuple[int, int] = (40, 40),
+    overlap_ratio: float = 0.25,
+    fine_spacing_mm: float = 5.0,
+) -> AffineInit:
     """Follow-up → baseline affine by FOV-masked translation search, then rigid (8 mm) and affine (fine) descent.
 
     The rotation centre is the centre of the follow-up's extent (the working-grid centre).

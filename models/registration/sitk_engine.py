@@ -27,8 +27,14 @@ class SimpleITKEngine:
     name = "simpleitk"
     version = f"demons-{sitk.Version.VersionString()}"
 
-    def __init__(self, working_spacing_mm: float = 2.0, levels: tuple[int, ...] = (4, 2, 1),
-                 iterations: int = 50, smoothing_sigma_vox: float = 1.5, affine: bool = True) -> None:
+    def __init__(
+        self,
+        working_spacing_mm: float = 2.0,
+        levels: tuple[int, ...] = (4, 2, 1),
+        iterations: int = 50,
+        smoothing_sigma_vox: float = 1.5,
+        affine: bool = True,
+    ) -> None:
         self.working_spacing_mm = working_spacing_mm
         self.levels = levels
         self.iterations = iterations
@@ -45,10 +51,16 @@ class SimpleITKEngine:
         moving = _image(np.clip(prep.moving, lo, hi), prep.grid)
         field: sitk.Image | None = None
         for f in self.levels:
-            fx = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, 0.5 * f * self.working_spacing_mm), [f] * 3) \
-                if f > 1 else fixed
-            mv = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, 0.5 * f * self.working_spacing_mm), [f] * 3) \
-                if f > 1 else moving
+            fx = (
+                sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, 0.5 * f * self.working_spacing_mm), [f] * 3)
+                if f > 1
+                else fixed
+            )
+            mv = (
+                sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, 0.5 * f * self.working_spacing_mm), [f] * 3)
+                if f > 1
+                else moving
+            )
             demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
             demons.SetNumberOfIterations(self.iterations)
             demons.SetStandardDeviations(self.sigma)

@@ -40,19 +40,20 @@ Array = np.ndarray
 class Prepared:
     baseline: Volume
     followup: Volume
-    grid: Volume            # working grid (geometry)
+    grid: Volume  # working grid (geometry)
     matrix: Array
     offset: Array
     init_method: str
-    fixed: Array            # follow-up on the working grid (HU, float32)
-    moving: Array           # baseline through the affine on the working grid
-    valid: Array            # both scans cover the voxel
-    valid_core: Array       # ``valid`` eroded (feature support fully inside)
-    baseline_sitk: object   # anti-aliased float baseline (reused for the "before" similarity)
+    fixed: Array  # follow-up on the working grid (HU, float32)
+    moving: Array  # baseline through the affine on the working grid
+    valid: Array  # both scans cover the voxel
+    valid_core: Array  # ``valid`` eroded (feature support fully inside)
+    baseline_sitk: object  # anti-aliased float baseline (reused for the "before" similarity)
 
 
-def prepare(baseline: Volume, followup: Volume, spacing_mm: float, affine: bool, timings: dict[str, float],
-            erode_vox: int = 3) -> Prepared:
+def prepare(
+    baseline: Volume, followup: Volume, spacing_mm: float, affine: bool, timings: dict[str, float], erode_vox: int = 3
+) -> Prepared:
     _check_volume(baseline, "baseline")
     _check_volume(followup, "follow-up")
     grid = working_grid(followup, spacing_mm, multiple=4)
@@ -65,8 +66,9 @@ def prepare(baseline: Volume, followup: Volume, spacing_mm: float, affine: bool,
         matrix, offset, method = init.matrix, init.offset, init.method
         # working index q → baseline index, from origin-free quantities only (see AffineInit)
         ba = binv @ matrix @ d * spacing_mm
-        bb = binv @ (matrix @ d @ (-spacing_mm * (n - 1) / 2) + (init.anchor_origin - baseline.origin)
-                     + init.anchor_rel)
+        bb = binv @ (
+            matrix @ d @ (-spacing_mm * (n - 1) / 2) + (init.anchor_origin - baseline.origin) + init.anchor_rel
+        )
     else:
         matrix, offset, method = np.eye(3), np.zeros(3), "identity"
         ba = binv @ d * spacing_mm
@@ -81,8 +83,19 @@ def prepare(baseline: Volume, followup: Volume, spacing_mm: float, affine: bool,
         raise ValueError("baseline and follow-up do not overlap after initial alignment")
     core = ndimage.binary_erosion(valid, iterations=erode_vox, border_value=1) if erode_vox > 0 else valid
     timings["resample"] = time.perf_counter() - t
-    return Prepared(baseline, followup, grid, matrix, offset, method, fimg.astype(np.float32),
-                    bimg.astype(np.float32), valid, core, to_float_sitk(baseline, spacing_mm))
+    return Prepared(
+        baseline,
+        followup,
+        grid,
+        matrix,
+        offset,
+        method,
+        fimg.astype(np.float32),
+        bimg.astype(np.float32),
+        valid,
+        core,
+        to_float_sitk(baseline, spacing_mm),
+    )
 
 
 def _check_volume(volume: Volume, what: str) -> None:
@@ -101,8 +114,16 @@ def ncc(a: Array, b: Array, mask: Array) -> float:
     return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum() + 1e-12))
 
 
-def build_result(prep: Prepared, u_vox: Array, v_vox: Array, engine: str, device: str,
-                 timings: dict[str, float], t_start: float, extra: dict | None = None) -> DisplacementFieldRegistration:
+def build_result(
+    prep: Prepared,
+    u_vox: Array,
+    v_vox: Array,
+    engine: str,
+    device: str,
+    timings: dict[str, float],
+    t_start: float,
+    extra: dict | None = None,
+) -> DisplacementFieldRegistration:
     """Assemble the result from forward/inverse displacements in working-voxel units ((3, K, J, I), i/j/k)."""
     t = time.perf_counter()
     grid = prep.grid
@@ -124,14 +145,28 @@ def build_result(prep: Prepared, u_vox: Array, v_vox: Array, engine: str, device
         similarity_after=ncc(prep.fixed, warped, body),
         folding_fraction=folding,
         device=device,
-        extra={"std_log_jacobian": std_logj, "init": prep.init_method, "working_grid": list(grid.size_ijk),
-               "working_spacing_mm": float(grid.spacing[0]), "affine_matrix": prep.matrix.tolist(),
-               "affine_offset": prep.offset.tolist(), **(extra or {})},
+        extra={
+            "std_log_jacobian": std_logj,
+            "init": prep.init_method,
+            "working_grid": list(grid.size_ijk),
+            "working_spacing_mm": float(grid.spacing[0]),
+            "affine_matrix": prep.matrix.tolist(),
+            "affine_offset": prep.offset.tolist(),
+            **(extra or {}),
+        },
     )
     timings["finalise"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     quality.stage_seconds = {k: round(v, 3) for k, v in timings.items()}
-    log.info("%s registration done in %.1f s on %s (ncc %.3f -> %.3f, folding %.4f%%)", engine, timings["total"],
-             device, quality.similarity_before, quality.similarity_after, 100 * folding)
-    return DisplacementFieldRegistration(prep.baseline, prep.followup, grid, prep.matrix, prep.offset, u_world,
-                                         v_world, engine=engine, quality=quality)
+    log.info(
+        "%s registration done in %.1f s on %s (ncc %.3f -> %.3f, folding %.4f%%)",
+        engine,
+        timings["total"],
+        device,
+        quality.similarity_before,
+        quality.similarity_after,
+        100 * folding,
+    )
+    return DisplacementFieldRegistration(
+        prep.baseline, prep.followup, grid, prep.matrix, prep.offset, u_world, v_world, engine=engine, quality=quality
+    )

@@ -35,13 +35,14 @@ INPUT_SHAPE = [1, 1, 175, 175, 175]
 
 def _import_packages() -> tuple[Any, Any]:
     try:
-        import icon_registration  # noqa: F401
+        import icon_registration
         import unigradicon
     except ImportError as exc:
         raise EngineUnavailable(
             "registration engine 'unigradicon' needs the 'unigradicon' and 'icon_registration' packages "
             f"({exc.name} is not installed). Install them with --no-deps (icon_registration declares torchvision, "
-            "which would replace the pinned torch build) plus itk, tqdm, matplotlib and pyyaml; or use engine 'convex'.") from exc
+            "which would replace the pinned torch build) plus itk, tqdm, matplotlib and pyyaml; or use engine 'convex'."
+        ) from exc
     return icon_registration, unigradicon
 
 
@@ -49,11 +50,13 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read an official uniGradICON weights file (``torch.save`` of ``regis_net.state_dict()``), tensors only."""
     path = Path(path)
     if not path.is_file():
-        raise EngineUnavailable(f"uniGradICON weights file not found: {path} (engines.unigradicon_weights); "
-                                "it is never downloaded — copy Step_2_final.trch there")
+        raise EngineUnavailable(
+            f"uniGradICON weights file not found: {path} (engines.unigradicon_weights); "
+            "it is never downloaded — copy Step_2_final.trch there"
+        )
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling/zip error means "not a weights file"
+    except Exception as exc:
         raise EngineUnavailable(f"{path}: not a readable PyTorch state dict ({exc})") from exc
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EngineUnavailable(f"{path}: expected a state dict of tensors (uniGradICON Step_2_final.trch)")
@@ -76,8 +79,10 @@ class UniGradIconEngine:
 
     def __init__(self, weights: Path | str | None, device: Any = "auto", working_spacing_mm: float = 2.0) -> None:
         if weights is None:
-            raise EngineUnavailable("engine 'unigradicon' needs engines.unigradicon_weights (a local "
-                                    "Step_2_final.trch); weights are never downloaded")
+            raise EngineUnavailable(
+                "engine 'unigradicon' needs engines.unigradicon_weights (a local "
+                "Step_2_final.trch); weights are never downloaded"
+            )
         self.weights = Path(weights)
         self.device = resolve_device(device)
         self.working_spacing_mm = working_spacing_mm
@@ -96,14 +101,13 @@ class UniGradIconEngine:
 
         moving, fixed = net_input(prep.moving), net_input(prep.fixed)
         with torch.no_grad():
-            phi = self.net.regis_net(moving, fixed)           # phi_AB: fixed (B) coords → moving (A) coords
+            phi = self.net.regis_net(moving, fixed)  # phi_AB: fixed (B) coords → moving (A) coords
             ident = self.net.identity_map.to(self.device)
-            disp = phi(ident) - ident                          # (1, 3, 175³), normalised, tensor-axis order
+            disp = phi(ident) - ident  # (1, 3, 175³), normalised, tensor-axis order
             disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
             scale = torch.tensor([s - 1 for s in shape], dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
-            u_kji = disp * scale                                # working voxels along k, j, i
-            u = u_kji.flip(1)                                   # → (i, j, k) components
+            u_kji = disp * scale  # working voxels along k, j, i
+            u = u_kji.flip(1)  # → (i, j, k) components
             v = compose_fixed_point_inverse(u, 20)
         timings["network"] = time.perf_counter() - t
-        return build_result(prep, u[0].cpu().numpy(), v[0].cpu().numpy(), self.name, str(self.device), timings,
-                            t_all)
+        return build_result(prep, u[0].cpu().numpy(), v[0].cpu().numpy(), self.name, str(self.device), timings, t_all)

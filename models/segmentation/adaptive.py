@@ -40,21 +40,21 @@ _BINS = np.arange(-1200.0, 3200.0, 2.0)
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    point_radius_mm: float = 5.0      # ball painted around each click
-    smoothing_mm: float = 0.8         # Gaussian denoising before modelling
-    ring_mm: float = 6.0              # width of the background ring around the prior lesion
-    growth_factor: float = 1.0        # allowed growth beyond the prompt, in equivalent radii (1.0 = 2x diameter)
+    point_radius_mm: float = 5.0  # ball painted around each click
+    smoothing_mm: float = 0.8  # Gaussian denoising before modelling
+    ring_mm: float = 6.0  # width of the background ring around the prior lesion
+    growth_factor: float = 1.0  # allowed growth beyond the prompt, in equivalent radii (1.0 = 2x diameter)
     min_growth_mm: float = 6.0
     max_growth_mm: float = 30.0
-    prior_scale_mm: float = 3.0       # minimum spatial prior scale (logit 1 per scale outside/inside the prompt)
+    prior_scale_mm: float = 3.0  # minimum spatial prior scale (logit 1 per scale outside/inside the prompt)
     prior_clip: float = 4.0
-    seed_logit: float = 1.5           # |evidence| above which a voxel seeds the random walker
-    min_sd_hu: float = 8.0            # floor of the kernel bandwidth
+    seed_logit: float = 1.5  # |evidence| above which a voxel seeds the random walker
+    min_sd_hu: float = 8.0  # floor of the kernel bandwidth
     rw_beta: float = 60.0
     min_volume_mm3: float = 10.0
-    presence_fraction: float = 0.15   # of the prompt core that must look like lesion, else vanished
-    presence_cap: float = 0.4         # upper bound of that fraction when the surroundings look lesion-like
-    max_roi_voxels: int = 400_000     # larger ROIs are segmented on a coarser grid
+    presence_fraction: float = 0.15  # of the prompt core that must look like lesion, else vanished
+    presence_cap: float = 0.4  # upper bound of that fraction when the surroundings look lesion-like
+    max_roi_voxels: int = 400_000  # larger ROIs are segmented on a coarser grid
     presence_search_mm: float = 3.0
     """The presence test looks for the lesion-like core within this distance of the propagated core (the best
     placement counts): tolerance for propagation / registration error, which can exceed a small lesion's core."""
@@ -109,7 +109,7 @@ class AdaptiveEngine:
         if result is None:
             return _like(image, out)
         if down is not None:
-            result = (_like(work_img, result.astype(np.float32)).resample_to(roi_img).array > 0.5)
+            result = _like(work_img, result.astype(np.float32)).resample_to(roi_img).array > 0.5
         out[sl] = result
         res = _like(image, out)
         centre = _prompt_centre_mm(pmask_full)
@@ -119,14 +119,15 @@ class AdaptiveEngine:
         return res
 
     # ------------------------------------------------------------------------------------------------
-    def _segment_roi(self, img: Volume, pmask: np.ndarray, prompt: Prompt, reference: SegReference | None,
-                     r_eq: float, growth: float) -> np.ndarray | None:
+    def _segment_roi(
+        self, img: Volume, pmask: np.ndarray, prompt: Prompt, reference: SegReference | None, r_eq: float, growth: float
+    ) -> np.ndarray | None:
         cfg = self.config
         sp = img.spacing[::-1]  # (k, j, i) mm
         smooth = ndi.gaussian_filter(img.array.astype(np.float32), sigma=cfg.smoothing_mm / sp)
         inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
         outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
-        sdist = _signed_distance(pmask, inside_d, outside_d, sp)   # mm, > 0 outside the prompt
+        sdist = _signed_distance(pmask, inside_d, outside_d, sp)  # mm, > 0 outside the prompt
 
         core = _core(pmask, inside_d)
         if prompt.kind is PromptKind.POINTS:
@@ -259,8 +260,9 @@ def _roi_slices(mask: Volume, margin_mm: float) -> tuple[slice, slice, slice]:
 
 def _crop(vol: Volume, sl: tuple[slice, slice, slice]) -> Volume:
     start_ijk = np.array([sl[2].start, sl[1].start, sl[0].start], float)
-    return Volume(np.ascontiguousarray(vol.array[sl]), vol.index_to_patient(start_ijk), vol.spacing.copy(),
-                  vol.direction.copy())
+    return Volume(
+        np.ascontiguousarray(vol.array[sl]), vol.index_to_patient(start_ijk), vol.spacing.copy(), vol.direction.copy()
+    )
 
 
 def _maybe_coarsen(img: Volume, pmask: np.ndarray, max_voxels: int) -> tuple[Volume, np.ndarray, float | None]:
@@ -291,7 +293,7 @@ def _inner_box(pmask: np.ndarray) -> np.ndarray:
     out = np.zeros_like(pmask)
     a = np.floor(c - h).astype(int)
     b = np.ceil(c + h).astype(int) + 1
-    out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = True
+    out[a[0] : b[0], a[1] : b[1], a[2] : b[2]] = True
     return out & pmask
 
 
@@ -357,8 +359,9 @@ def _fit_offset(evidence: np.ndarray, sdist: np.ndarray, lo_mm: float, hi_mm: fl
     return 0.5 * (float(kept.max()) + float(left.min()))
 
 
-def _grow_from_core(smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp: np.ndarray,
-                    cfg: AdaptiveConfig) -> np.ndarray:
+def _grow_from_core(
+    smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp: np.ndarray, cfg: AdaptiveConfig
+) -> np.ndarray:
     """Region of voxels with lesion-like intensity connected to a click (bounded by max_growth_mm)."""
     med = float(np.median(les_s))
     tol = _grow_tolerance(les_s, cfg)

@@ -7,9 +7,10 @@ lesion mask on it. Engines are looked up by name with :func:`get_engine`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from models.imaging.volume import Volume
 from models.segmentation.prompts import Prompt
@@ -50,8 +51,9 @@ def available_engines() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def get_engine(name: str = "adaptive", *, weights: str | Path | None = None, device: str = "auto",
-               **options: Any) -> SegmentationEngine:
+def get_engine(
+    name: str = "adaptive", *, weights: str | Path | None = None, device: str = "auto", **options: Any
+) -> SegmentationEngine:
     """Build an engine by name: ``adaptive`` (default, no weights), ``lesionlocator`` (needs ``weights``)."""
     _load_builtin()
     if name not in _FACTORIES:

@@ -20,7 +20,7 @@ def mask_centre_index(mask: np.ndarray, spacing_kji: np.ndarray | None = None) -
     if not full.any():
         return None
     lo, hi = _bbox(full)
-    m = full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    m = full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     dist = ndi.distance_transform_edt(np.pad(m, 1), sampling=spacing_kji)[1:-1, 1:-1, 1:-1]
     best = np.flatnonzero(dist.ravel() >= dist.max() - 1e-6)
     return np.array(np.unravel_index(int(best[len(best) // 2]), m.shape)) + lo

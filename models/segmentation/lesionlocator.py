@@ -44,12 +44,12 @@ class CheckpointError(ValueError):
 class _Model:
     folder: Path
     configuration: str
-    spacing_xyz: np.ndarray          # our (i, j, k) order, mm
+    spacing_xyz: np.ndarray  # our (i, j, k) order, mm
     patch_kji: tuple[int, int, int]  # plans order (z, y, x)
     clip: tuple[float, float]
     mean: float
     std: float
-    networks: list[Any]              # one torch module per fold
+    networks: list[Any]  # one torch module per fold
     mirror_axes: tuple[int, ...]
 
 
@@ -68,8 +68,14 @@ class LesionLocatorEngine:
     name = "lesionlocator"
     version = "1.0"
 
-    def __init__(self, folder: Path, device: str = "auto", folds: tuple[int, ...] | None = None,
-                 tta: bool = False, step_size: float = 0.5) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        device: str = "auto",
+        folds: tuple[int, ...] | None = None,
+        tta: bool = False,
+        step_size: float = 0.5,
+    ) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"LesionLocator checkpoint folder not found: {self.folder}")
@@ -95,8 +101,10 @@ class LesionLocatorEngine:
         if (f / "LesionLocatorTrack" / "plans.json").is_file():
             found["track"] = f / "LesionLocatorTrack"
         if not found:
-            raise CheckpointError(f"{f}: no plans.json, LesionLocatorSeg/{{point,bbox}}_optimized/plans.json or "
-                                  "LesionLocatorTrack/plans.json found")
+            raise CheckpointError(
+                f"{f}: no plans.json, LesionLocatorSeg/{{point,bbox}}_optimized/plans.json or "
+                "LesionLocatorTrack/plans.json found"
+            )
         return found
 
     def _model_for(self, kind: PromptKind) -> tuple[str, PromptKind]:
@@ -113,8 +121,9 @@ class LesionLocatorEngine:
 
     def _model(self, key: str) -> _Model:
         if key not in self._models:
-            self._models[key] = load_model_folder(self._paths[key], self.device, self.folds,
-                                                  strip_prefix="unet." if key == "track" else None)
+            self._models[key] = load_model_folder(
+                self._paths[key], self.device, self.folds, strip_prefix="unet." if key == "track" else None
+            )
         return self._models[key]
 
     # ---- inference ---------------------------------------------------------------------------------
@@ -127,8 +136,10 @@ class LesionLocatorEngine:
         idx = np.argwhere(dense.array > 0)
         lo_kji, hi_kji = idx.min(0), idx.max(0)
         # ROI on the model grid: the prompt's extent plus a margin, at least one patch, centred on the prompt
-        corners = np.array([[i, j, k] for i in (lo_kji[2], hi_kji[2]) for j in (lo_kji[1], hi_kji[1])
-                            for k in (lo_kji[0], hi_kji[0])], float)
+        corners = np.array(
+            [[i, j, k] for i in (lo_kji[2], hi_kji[2]) for j in (lo_kji[1], hi_kji[1]) for k in (lo_kji[0], hi_kji[0])],
+            float,
+        )
         ext = np.ptp(image.index_to_patient(corners) @ image.direction, axis=0)  # along the grid axes, mm
         patch_ijk = np.array(model.patch_kji[::-1])
         n = np.maximum(patch_ijk, np.ceil(ext / model.spacing_xyz).astype(int) + 2 * 8)
@@ -141,8 +152,7 @@ class LesionLocatorEngine:
         prob = self._predict(model, ct, chan)
         prob_vol = Volume(prob.astype(np.float32), roi.origin, roi.spacing, roi.direction)
         back = prob_vol.resample_to(image, default=0.0).array
-        return Volume((back > 0.5).astype(np.uint8), image.origin.copy(), image.spacing.copy(),
-                      image.direction.copy())
+        return Volume((back > 0.5).astype(np.uint8), image.origin.copy(), image.spacing.copy(), image.direction.copy())
 
     def _predict(self, model: _Model, ct: np.ndarray, prompt: np.ndarray) -> np.ndarray:
         import torch
@@ -185,8 +195,9 @@ class LesionLocatorEngine:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def load_model_folder(folder: Path, device: str = "cpu", folds: tuple[int, ...] | None = None,
-                      strip_prefix: str | None = None) -> _Model:
+def load_model_folder(
+    folder: Path, device: str = "cpu", folds: tuple[int, ...] | None = None, strip_prefix: str | None = None
+) -> _Model:
     """Build the network of ``folder`` (plans.json, dataset.json, fold_N/checkpoint_final.pth) with weights loaded."""
     import torch
 
@@ -206,7 +217,7 @@ def load_model_folder(folder: Path, device: str = "cpu", folds: tuple[int, ...] 
         ck_path = d / "checkpoint_final.pth"
         try:
             ck = torch.load(ck_path, map_location="cpu", weights_only=False)  # nnU-Net pickles init_args
-        except Exception as exc:  # noqa: BLE001 - report which file is bad
+        except Exception as exc:
             raise CheckpointError(f"{ck_path}: cannot be read as a torch checkpoint ({exc})") from exc
         if not isinstance(ck, dict) or "network_weights" not in ck:
             raise CheckpointError(f"{ck_path}: no 'network_weights' entry")
@@ -218,12 +229,14 @@ def load_model_folder(folder: Path, device: str = "cpu", folds: tuple[int, ...] 
         net = _build_network(cfg["architecture"], 2, n_classes, plans_path)
         sd = ck["network_weights"]
         if strip_prefix:
-            sd = {k[len(strip_prefix):]: v for k, v in sd.items() if k.startswith(strip_prefix)}
-        sd = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in sd.items()}
+            sd = {k[len(strip_prefix) :]: v for k, v in sd.items() if k.startswith(strip_prefix)}
+        sd = {k[len("_orig_mod.") :] if k.startswith("_orig_mod.") else k: v for k, v in sd.items()}
         missing, unexpected = net.load_state_dict(sd, strict=False)
         if missing:
-            raise CheckpointError(f"{ck_path}: weights do not match the plans' network "
-                                  f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected)")
+            raise CheckpointError(
+                f"{ck_path}: weights do not match the plans' network "
+                f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected)"
+            )
         nets.append(net.to(device).eval())
     assert cfg_name is not None
     cfg = _configuration(plans, cfg_name, plans_path)
@@ -231,9 +244,17 @@ def load_model_folder(folder: Path, device: str = "cpu", folds: tuple[int, ...] 
     if not props:
         raise CheckpointError(f"{plans_path}: no foreground_intensity_properties_per_channel['0'] (CT normalisation)")
     spacing_zyx = np.asarray(cfg["spacing"], float)
-    return _Model(folder, cfg_name, spacing_zyx[::-1].copy(), tuple(int(v) for v in cfg["patch_size"]),
-                  (float(props["percentile_00_5"]), float(props["percentile_99_5"])), float(props["mean"]),
-                  float(props["std"]), nets, mirror)
+    return _Model(
+        folder,
+        cfg_name,
+        spacing_zyx[::-1].copy(),
+        tuple(int(v) for v in cfg["patch_size"]),
+        (float(props["percentile_00_5"]), float(props["percentile_99_5"])),
+        float(props["mean"]),
+        float(props["std"]),
+        nets,
+        mirror,
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -290,7 +311,7 @@ def _encode_prompt(prompt: Prompt, enc: PromptKind, roi: Volume, dense_on_image:
         if m.any():
             idx = np.argwhere(m)
             lo, hi = np.maximum(idx.min(0) - 1, 0), idx.max(0) + 2  # dilated by one voxel per side
-            out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1
+            out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
         return out
     # points → radius-5 voxel balls on the model grid
     pts = prompt.points_mm if prompt.kind is PromptKind.POINTS else None

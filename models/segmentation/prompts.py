@@ -25,10 +25,10 @@ class LesionIdentity:
     """Persistent identity of a lesion across timepoints (DICOM Tracking UID + human-readable Tracking ID)."""
 
     tracking_uid: str
-    tracking_id: str                 # e.g. "L3 liver"
-    label: int                       # integer label used in label maps (lesion number as in the baseline)
+    tracking_id: str  # e.g. "L3 liver"
+    label: int  # integer label used in label maps (lesion number as in the baseline)
     anatomic_site: str | None = None  # free text or code meaning, e.g. "Liver"
-    is_node: bool = False            # lymph node (RECIST measures the short axis)
+    is_node: bool = False  # lymph node (RECIST measures the short axis)
 
 
 @dataclass
@@ -37,10 +37,10 @@ class Prompt:
 
     identity: LesionIdentity
     kind: PromptKind
-    points_mm: np.ndarray | None = None          # (N, 3) LPS mm, for POINTS
+    points_mm: np.ndarray | None = None  # (N, 3) LPS mm, for POINTS
     box_mm: tuple[np.ndarray, np.ndarray] | None = None  # (min corner, max corner) LPS mm, for BOX
-    mask: Volume | None = None                   # for MASK
-    source: str = ""                             # e.g. "SEG 1.2.3 segment 2", "SR 1.2.4", "prompts.json"
+    mask: Volume | None = None  # for MASK
+    source: str = ""  # e.g. "SEG 1.2.3 segment 2", "SR 1.2.4", "prompts.json"
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

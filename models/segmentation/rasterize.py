@@ -32,11 +32,11 @@ def prompt_to_mask(prompt: Prompt, grid: Volume, *, point_radius_mm: float = 5.0
         ijk = grid.patient_to_index(corners)
         a = np.clip(np.floor(ijk.min(0)).astype(int) - 1, 0, np.array(grid.size_ijk) - 1)
         b = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, 0, np.array(grid.size_ijk) - 1)
-        kk, jj, ii = np.mgrid[a[2]:b[2] + 1, a[1]:b[1] + 1, a[0]:b[0] + 1]
+        kk, jj, ii = np.mgrid[a[2] : b[2] + 1, a[1] : b[1] + 1, a[0] : b[0] + 1]
         pts = grid.index_to_patient(np.stack([ii, jj, kk], -1).reshape(-1, 3).astype(float))
         tol = 1e-6  # voxel centres inside the box (inclusive)
         inside = np.all((pts >= lo - tol) & (pts <= hi + tol), axis=1).reshape(ii.shape)
-        out[a[2]:b[2] + 1, a[1]:b[1] + 1, a[0]:b[0] + 1] = inside
+        out[a[2] : b[2] + 1, a[1] : b[1] + 1, a[0] : b[0] + 1] = inside
         if not out.any():  # box thinner than a voxel: take the voxel nearest its centre
             _set_nearest(out, grid, (lo + hi) / 2)
         return _wrap(grid, out)
@@ -61,10 +61,10 @@ def _paint_ball(out: np.ndarray, grid: Volume, p_mm: np.ndarray, radius_mm: floa
     r_vox = radius_mm / grid.spacing
     a = np.clip(np.floor(centre - r_vox).astype(int), 0, np.array(grid.size_ijk) - 1)
     b = np.clip(np.ceil(centre + r_vox).astype(int), 0, np.array(grid.size_ijk) - 1)
-    kk, jj, ii = np.mgrid[a[2]:b[2] + 1, a[1]:b[1] + 1, a[0]:b[0] + 1]
+    kk, jj, ii = np.mgrid[a[2] : b[2] + 1, a[1] : b[1] + 1, a[0] : b[0] + 1]
     pts = grid.index_to_patient(np.stack([ii, jj, kk], -1).reshape(-1, 3).astype(float))
     inside = (np.linalg.norm(pts - np.asarray(p_mm, float), axis=1) <= radius_mm).reshape(ii.shape)
-    sub = out[a[2]:b[2] + 1, a[1]:b[1] + 1, a[0]:b[0] + 1]
+    sub = out[a[2] : b[2] + 1, a[1] : b[1] + 1, a[0] : b[0] + 1]
     sub |= inside.astype(np.uint8)
     if not out.any():
         _set_nearest(out, grid, np.asarray(p_mm, float))

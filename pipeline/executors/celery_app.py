@@ -100,9 +100,8 @@ class Sweeper:
         else:
             for j in store.claimable_ids(limit=1000):
                 view = store.get(j)
-                if j in self._published and (view.state is JobState.QUEUED
-                                             or self._published[j] == view.next_retry_at):
-                    continue   # queued jobs once (e.g. created by `complete-series`), each back-off end once
+                if j in self._published and (view.state is JobState.QUEUED or self._published[j] == view.next_retry_at):
+                    continue  # queued jobs once (e.g. created by `complete-series`), each back-off end once
                 self._published[j] = view.next_retry_at
                 ids.add(j)
         for job_id in sorted(ids):
@@ -120,7 +119,7 @@ class Sweeper:
         while not self._stop.wait(self.interval):
             try:
                 self.sweep()
-            except Exception:  # noqa: BLE001 - keep sweeping through DB/broker hiccups
+            except Exception:
                 log.exception("sweep failed")
 
     def stop(self) -> None:

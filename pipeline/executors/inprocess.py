@@ -43,7 +43,7 @@ class InProcessExecutor:
             try:
                 self.service.store.recover_orphans(self.service.worker)
                 ran = self.service.run_next()
-            except Exception:  # noqa: BLE001 - a DB outage must not end the worker thread
+            except Exception:
                 log.exception("job loop error")
                 ran = None
             if ran is None:
@@ -58,6 +58,7 @@ class InProcessExecutor:
             t.join(timeout)
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
-            log.warning("job threads still busy after %.0fs: %s (their job is requeued when its lease expires)",
-                        timeout, alive)
+            log.warning(
+                "job threads still busy after %.0fs: %s (their job is requeued when its lease expires)", timeout, alive
+            )
         self._threads.clear()

@@ -31,7 +31,7 @@ class Principal:
 
     name: str
     role: str
-    via: str = "key"                  # "key" (header) or "session" (cookie)
+    via: str = "key"  # "key" (header) or "session" (cookie)
 
     def allows(self, role: str) -> bool:
         return ROLES[self.role] >= ROLES[role]
@@ -93,8 +93,9 @@ class KeyRing:
 
 
 def _sign(secret: str, payload: str) -> str:
-    return hmac.new(hashlib.sha256(("lesiontrack-session:" + secret).encode()).digest(), payload.encode(),
-                    hashlib.sha256).hexdigest()
+    return hmac.new(
+        hashlib.sha256(("lesiontrack-session:" + secret).encode()).digest(), payload.encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def presented_key(request: Request) -> str | None:

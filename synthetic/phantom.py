@@ -27,16 +27,49 @@ Array = np.ndarray
 
 # organ label ids of the phantom's organ map
 ORGANS = {
-    "air": 0, "body_wall": 1, "fat": 2, "muscle": 3, "bone": 4, "lung": 5, "lung_vessel": 6, "airway": 7,
-    "mediastinum": 8, "heart": 9, "aorta": 10, "ivc": 11, "esophagus": 12, "liver": 13, "spleen": 14,
-    "stomach": 15, "kidney": 16, "bowel": 17, "table": 18, "spinal_canal": 19,
+    "air": 0,
+    "body_wall": 1,
+    "fat": 2,
+    "muscle": 3,
+    "bone": 4,
+    "lung": 5,
+    "lung_vessel": 6,
+    "airway": 7,
+    "mediastinum": 8,
+    "heart": 9,
+    "aorta": 10,
+    "ivc": 11,
+    "esophagus": 12,
+    "liver": 13,
+    "spleen": 14,
+    "stomach": 15,
+    "kidney": 16,
+    "bowel": 17,
+    "table": 18,
+    "spinal_canal": 19,
 }
 
 HU = {
-    "air": -1000.0, "lung": -860.0, "fat": -100.0, "muscle": 50.0, "skin": 30.0, "blood": 160.0,
-    "myocardium": 70.0, "liver": 105.0, "spleen": 115.0, "kidney_cortex": 170.0, "kidney_medulla": 110.0,
-    "cortical_bone": 800.0, "cancellous_bone": 230.0, "disc": 85.0, "csf": 15.0, "cartilage": 120.0,
-    "bowel": 35.0, "fluid": 12.0, "lung_vessel": 90.0, "table": 250.0,
+    "air": -1000.0,
+    "lung": -860.0,
+    "fat": -100.0,
+    "muscle": 50.0,
+    "skin": 30.0,
+    "blood": 160.0,
+    "myocardium": 70.0,
+    "liver": 105.0,
+    "spleen": 115.0,
+    "kidney_cortex": 170.0,
+    "kidney_medulla": 110.0,
+    "cortical_bone": 800.0,
+    "cancellous_bone": 230.0,
+    "disc": 85.0,
+    "csf": 15.0,
+    "cartilage": 120.0,
+    "bowel": 35.0,
+    "fluid": 12.0,
+    "lung_vessel": 90.0,
+    "table": 250.0,
 }
 
 
@@ -116,8 +149,11 @@ def _ellipsoid(x: Array, y: Array, z: Array, c: Array, semi: Array, rot: Array |
     """Normalised ellipsoid radius (<1 inside)."""
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
     if rot is not None:  # coordinates in the ellipsoid frame: rotᵀ·d
-        dx, dy, dz = (rot[0, 0] * dx + rot[1, 0] * dy + rot[2, 0] * dz, rot[0, 1] * dx + rot[1, 1] * dy
-                      + rot[2, 1] * dz, rot[0, 2] * dx + rot[1, 2] * dy + rot[2, 2] * dz)
+        dx, dy, dz = (
+            rot[0, 0] * dx + rot[1, 0] * dy + rot[2, 0] * dz,
+            rot[0, 1] * dx + rot[1, 1] * dy + rot[2, 1] * dz,
+            rot[0, 2] * dx + rot[1, 2] * dy + rot[2, 2] * dz,
+        )
     return np.sqrt((dx / semi[0]) ** 2 + (dy / semi[1]) ** 2 + (dz / semi[2]) ** 2)
 
 
@@ -165,8 +201,7 @@ class _Anatomy:
         a_c = self.a - self.fat * 1.2 - self.wall - 3
         yc = -5.0
         b_c = self.b - self.fat - self.wall - 3 + yc * np.sign(-1)
-        b_c = np.where(y - yc < 0, self.b - self.fat - self.wall - 3 + yc, self.b - self.fat * 0.7 - self.wall
-                       - 8 - yc)
+        b_c = np.where(y - yc < 0, self.b - self.fat - self.wall - 3 + yc, self.b - self.fat * 0.7 - self.wall - 8 - yc)
         rho = (np.abs(x / a_c) ** 2.3 + np.abs((y - yc) / b_c) ** 2.3) ** (1 / 2.3)
         # spine and paraspinal muscles push in from behind: a rounded region around the midline
         ell = np.hypot(x / 40.0, (y - self.spine_y - 24) / 32.0)
@@ -181,9 +216,17 @@ class _Anatomy:
         segs: list[tuple[Array, Array, float]] = []
         for side in (-1, 1):
             hilum = np.array([side * 55.0, 5.0, self.z_dome_r + 40])
-            for start_dir in ([side, -0.7, 0.8], [side, 0.4, 1.0], [side, 0.6, -0.7], [side, -0.8, -0.6],
-                              [side * 0.7, 1.0, -0.3], [side, 0.0, 0.1], [side * 0.5, -1.0, 0.2],
-                              [side * 0.6, 0.8, 0.6], [side * 0.4, 0.2, -1.0]):
+            for start_dir in (
+                [side, -0.7, 0.8],
+                [side, 0.4, 1.0],
+                [side, 0.6, -0.7],
+                [side, -0.8, -0.6],
+                [side * 0.7, 1.0, -0.3],
+                [side, 0.0, 0.1],
+                [side * 0.5, -1.0, 0.2],
+                [side * 0.6, 0.8, 0.6],
+                [side * 0.4, 0.2, -1.0],
+            ):
                 d = np.array(start_dir, float)
                 self._grow(rng, hilum + rng.normal(0, 4, 3), d / np.linalg.norm(d), 34.0, 4.5, 0, segs)
             # peripheral vessel fragments radiating from the hilum (only their parts inside the lung are drawn)
@@ -195,8 +238,16 @@ class _Anatomy:
                 segs.append((p, p + d / dist * rng.uniform(8, 18), r))
         return segs
 
-    def _grow(self, rng: np.random.Generator, p: Array, d: Array, length: float, radius: float, depth: int,
-              segs: list[tuple[Array, Array, float]]) -> None:
+    def _grow(
+        self,
+        rng: np.random.Generator,
+        p: Array,
+        d: Array,
+        length: float,
+        radius: float,
+        depth: int,
+        segs: list[tuple[Array, Array, float]],
+    ) -> None:
         if radius < 0.4 or depth > 8:
             return
         end = p + d * length
@@ -206,8 +257,15 @@ class _Anatomy:
             axis /= np.linalg.norm(axis) + 1e-9
             ang = np.deg2rad(rng.uniform(15, 35)) * sign
             nd = d * np.cos(ang) + _cross(axis, d) * np.sin(ang) + axis * (axis @ d) * (1 - np.cos(ang))
-            self._grow(rng, end, nd / np.linalg.norm(nd), length * rng.uniform(0.72, 0.85),
-                       radius * rng.uniform(0.68, 0.78), depth + 1, segs)
+            self._grow(
+                rng,
+                end,
+                nd / np.linalg.norm(nd),
+                length * rng.uniform(0.72, 0.85),
+                radius * rng.uniform(0.68, 0.78),
+                depth + 1,
+                segs,
+            )
 
     def _airways(self) -> list[tuple[Array, Array, float]]:
         carina = np.array([0.0, 5.0, self.z_dome_r + 62])
@@ -220,8 +278,9 @@ class _Anatomy:
                 out.append((hil, hil + np.array([side * 22.0, dy, dz]), 3.2))
         return out
 
-    def evaluate(self, x: Array, y: Array, z: Array, axes: tuple[Array, Array, Array] | None = None,
-                 voxel_mm: float = 1.0) -> tuple[Array, Array]:
+    def evaluate(
+        self, x: Array, y: Array, z: Array, axes: tuple[Array, Array, Array] | None = None, voxel_mm: float = 1.0
+    ) -> tuple[Array, Array]:
         """HU (float32) and organ id (uint8) at LPS points given as broadcastable coordinate arrays.
 
         ``axes`` = the 1-D (xs, ys, zs) of an axial grid slab (then x, y, z are their broadcasts): enables the
@@ -261,8 +320,9 @@ class _Anatomy:
             out = np.full(shape, 9.0, np.float32)
             b = _sub(np.asarray(c) - r, np.asarray(c) + r)
             if b is not None:
-                out[b] = _ellipsoid(ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None],
-                                    ax1[2][b[0]][:, None, None], c, semi, rot)
+                out[b] = _ellipsoid(
+                    ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None], ax1[2][b[0]][:, None, None], c, semi, rot
+                )
             return out
 
         def cap(a: Array, b_: Array, reach: float = 20.0) -> Array:
@@ -272,13 +332,14 @@ class _Anatomy:
             out = np.full(shape, 1e4, np.float32)
             b = _sub(np.minimum(a, b_) - reach, np.maximum(a, b_) + reach)
             if b is not None:
-                out[b] = _capsule_dist(ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None],
-                                       ax1[2][b[0]][:, None, None], a, b_)
+                out[b] = _capsule_dist(
+                    ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None], ax1[2][b[0]][:, None, None], a, b_
+                )
             return out
 
         # table under the patient (posterior)
         ty = self.b + 14.0
-        tcurve = ty + 0.0008 * x ** 2
+        tcurve = ty + 0.0008 * x**2
         paint((y > tcurve) & (y < tcurve + 6) & (np.abs(x) < 230), np.float32(HU["table"]) + 30 * tex, "table")
         paint((y >= tcurve + 6) & (y < tcurve + 28) & (np.abs(x) < 220), np.float32(-880.0), "table")
         paint((y >= tcurve + 28) & (y < tcurve + 33) & (np.abs(x) < 220), np.float32(HU["table"]), "table")
@@ -310,8 +371,11 @@ class _Anatomy:
         paint(rib & ~cart & (rib_e < 0.35), np.float32(HU["cancellous_bone"] + 80), "bone")
         paint(cart, np.float32(HU["cartilage"]), "bone")
         # sternum
-        paint(muscle & (np.abs(x) < 16) & (crho >= 1.0) & (crho < 1.10) & (y < 0) & (z > zd - 20),
-              np.float32(HU["cancellous_bone"] + 100), "bone")
+        paint(
+            muscle & (np.abs(x) < 16) & (crho >= 1.0) & (crho < 1.10) & (y < 0) & (z > zd - 20),
+            np.float32(HU["cancellous_bone"] + 100),
+            "bone",
+        )
 
         # cavity content: abdomen (fat + bowel loops), thorax (mediastinal fat, lungs)
         abd = cav & ~thorax
@@ -336,8 +400,7 @@ class _Anatomy:
         # heart with pericardial fat, myocardium and contrast blood pool
         paint((hr < 1.0) & cav & thorax, HU["myocardium"] + 5 * tex, "heart")
         paint((hr < 0.8) & cav & thorax, HU["blood"] + 6 * tex, "heart")
-        lv = ell(self.heart_c + self.heart_rot @ np.array([18.0, 6, -6]), np.array([26, 20, 26]),
-                        self.heart_rot)
+        lv = ell(self.heart_c + self.heart_rot @ np.array([18.0, 6, -6]), np.array([26, 20, 26]), self.heart_rot)
         paint((lv < 1.0) & (hr < 0.95) & cav & thorax, np.float32(HU["myocardium"]), "heart")
         paint((lv < 0.62) & cav & thorax, np.float32(HU["blood"] + 20), "heart")
 
@@ -369,8 +432,9 @@ class _Anatomy:
         stomach = (st < 1) & abd & ~liver
         paint(stomach, np.float32(HU["muscle"]), "stomach")
         inner = (st < 0.86) & stomach
-        paint(inner, np.where(y < self.stomach_c[1] - 4, HU["air"], HU["fluid"] + 5 * fine).astype(np.float32),
-              "stomach")
+        paint(
+            inner, np.where(y < self.stomach_c[1] - 4, HU["air"], HU["fluid"] + 5 * fine).astype(np.float32), "stomach"
+        )
         for kc, rot in ((self.kidney_l, _rot_z(-30)), (self.kidney_r, _rot_z(30))):
             kr = ell(kc, np.array([26, 20, 50]), rot)
             kidney = (kr < 1) & (crho < 1.25) & ~thorax & body
@@ -384,11 +448,13 @@ class _Anatomy:
         vb = np.hypot(x, (y - self.spine_y) * 1.15)
         disc = np.abs(np.mod(z + 7.0, 30.0) - 3.0) < 3.0
         paint((vb < 17) & body, np.float32(HU["cortical_bone"]), "bone")
-        paint((vb < 14.5) & body, np.where(disc, HU["disc"], HU["cancellous_bone"] + 40 * tex).astype(np.float32),
-              "bone")
+        paint(
+            (vb < 14.5) & body, np.where(disc, HU["disc"], HU["cancellous_bone"] + 40 * tex).astype(np.float32), "bone"
+        )
         canal = np.hypot(x, y - self.spine_y - 27)
-        arch = ((canal < 13) & (y > self.spine_y + 12)) | ((np.abs(x) < 4) & (y > self.spine_y + 27)
-                                                            & (y < self.spine_y + 52))
+        arch = ((canal < 13) & (y > self.spine_y + 12)) | (
+            (np.abs(x) < 4) & (y > self.spine_y + 27) & (y < self.spine_y + 52)
+        )
         arch |= (np.abs(np.abs(x) - 26) < 11) & (np.abs(y - self.spine_y - 22 + 0.3 * (np.abs(x) - 26)) < 3.5) & ~disc
         paint(arch & body & muscle, np.float32(HU["cortical_bone"] * 0.75) + 40 * tex, "bone")
         paint((canal < 8) & body, np.float32(HU["csf"] + 10), "spinal_canal")
@@ -399,8 +465,9 @@ class _Anatomy:
             self._tubes(scaled, lung, hu, org, ~thorax, voxel_mm * float(inv))  # type: ignore[arg-type]
         return hu, org
 
-    def _tubes(self, axes: tuple[Array, Array, Array], lung: Array, hu: Array, org: Array, abdomen: Array,
-               voxel: float) -> None:
+    def _tubes(
+        self, axes: tuple[Array, Array, Array], lung: Array, hu: Array, org: Array, abdomen: Array, voxel: float
+    ) -> None:
         xs, ys, zs = axes
 
         def box(p0: Array, p1: Array, pad: float) -> tuple[slice, slice, slice] | None:
@@ -476,20 +543,37 @@ def _lesion_hu(info: LesionInfo, x: Array, y: Array, z: Array, base_hu: Array) -
     return np.full(x.shape, info.hu, np.float32)
 
 
-def _place_lesions(anat: _Anatomy, rng: np.random.Generator, n: int, zlim: tuple[float, float],
-                   xylim: tuple[Array, Array]) -> list[LesionInfo]:
-    kinds = ["solid lung nodule", "liver lesion", "enlarged lymph node", "part-solid lung nodule",
-             "spiculated lung nodule", "juxtapleural lung nodule", "liver lesion", "solid lung nodule"]
+def _place_lesions(
+    anat: _Anatomy, rng: np.random.Generator, n: int, zlim: tuple[float, float], xylim: tuple[Array, Array]
+) -> list[LesionInfo]:
+    kinds = [
+        "solid lung nodule",
+        "liver lesion",
+        "enlarged lymph node",
+        "part-solid lung nodule",
+        "spiculated lung nodule",
+        "juxtapleural lung nodule",
+        "liver lesion",
+        "solid lung nodule",
+    ]
     want = (kinds * (n // len(kinds) + 1))[:n]
     out: list[LesionInfo] = []
     for kind in want:
-        r = {"liver lesion": rng.uniform(7, 15), "enlarged lymph node": rng.uniform(7, 11),
-             "part-solid lung nodule": rng.uniform(7, 11), "juxtapleural lung nodule": rng.uniform(5, 8)
-             }.get(kind, rng.uniform(4.5, 9))
+        r = {
+            "liver lesion": rng.uniform(7, 15),
+            "enlarged lymph node": rng.uniform(7, 11),
+            "part-solid lung nodule": rng.uniform(7, 11),
+            "juxtapleural lung nodule": rng.uniform(5, 8),
+        }.get(kind, rng.uniform(4.5, 9))
         info = None
         for _ in range(4000):
-            c = np.array([rng.uniform(xylim[0][0] + 20, xylim[1][0] - 20), rng.uniform(xylim[0][1] + 20,
-                          xylim[1][1] - 20), rng.uniform(zlim[0] + r + 4, zlim[1] - r - 4)])
+            c = np.array(
+                [
+                    rng.uniform(xylim[0][0] + 20, xylim[1][0] - 20),
+                    rng.uniform(xylim[0][1] + 20, xylim[1][1] - 20),
+                    rng.uniform(zlim[0] + r + 4, zlim[1] - r - 4),
+                ]
+            )
             if any(np.linalg.norm(c - np.array(o.center_mm)) < r + o.radius_mm + 8 for o in out):
                 continue
             pts = np.vstack([c[None], c + r * _sphere_points()])
@@ -497,31 +581,71 @@ def _place_lesions(anat: _Anatomy, rng: np.random.Generator, n: int, zlim: tuple
             oc, os_ = int(org_p[0]), org_p[1:]
             if kind == "liver lesion" and oc == ORGANS["liver"] and np.all(os_ == ORGANS["liver"]):
                 delta = rng.uniform(20, 60)
-                info = LesionInfo(0, kind, "liver", c.tolist(), r, HU["liver"] - delta,
-                                  params={"semi": (r * rng.uniform(0.8, 1.2, 3)).tolist(), "contrast_hu": -delta})
+                info = LesionInfo(
+                    0,
+                    kind,
+                    "liver",
+                    c.tolist(),
+                    r,
+                    HU["liver"] - delta,
+                    params={"semi": (r * rng.uniform(0.8, 1.2, 3)).tolist(), "contrast_hu": -delta},
+                )
             elif kind == "enlarged lymph node":
                 in_fat = np.isin(os_, [ORGANS["mediastinum"], ORGANS["fat"]])
-                if oc in (ORGANS["mediastinum"], ORGANS["fat"]) and in_fat.mean() > 0.85 and \
-                        anat.cavity_rho(*(c[:, None] / anat.scale))[0] < 0.95:
+                if (
+                    oc in (ORGANS["mediastinum"], ORGANS["fat"])
+                    and in_fat.mean() > 0.85
+                    and anat.cavity_rho(*(c[:, None] / anat.scale))[0] < 0.95
+                ):
                     semi = [r * 1.4, r, r * 1.1]
-                    info = LesionInfo(0, kind, "mediastinal/abdominal fat", c.tolist(), r, 45.0,
-                                      params={"semi": semi, "rot": _rot_z(rng.uniform(0, 180)).tolist()})
+                    info = LesionInfo(
+                        0,
+                        kind,
+                        "mediastinal/abdominal fat",
+                        c.tolist(),
+                        r,
+                        45.0,
+                        params={"semi": semi, "rot": _rot_z(rng.uniform(0, 180)).tolist()},
+                    )
             elif kind == "juxtapleural lung nodule":
                 if oc == ORGANS["lung"]:
                     wall = np.isin(os_, [ORGANS["muscle"], ORGANS["bone"], ORGANS["fat"], ORGANS["body_wall"]])
                     lungf = os_ == ORGANS["lung"]
                     if 0.1 < wall.mean() < 0.4 and lungf.mean() > 0.5:
-                        info = LesionInfo(0, kind, "lung (touching chest wall)", c.tolist(), r, 45.0,
-                                          params={"semi": [r, r * 0.8, r * 1.1]})
+                        info = LesionInfo(
+                            0,
+                            kind,
+                            "lung (touching chest wall)",
+                            c.tolist(),
+                            r,
+                            45.0,
+                            params={"semi": [r, r * 0.8, r * 1.1]},
+                        )
             elif oc == ORGANS["lung"] and np.all(np.isin(os_, [ORGANS["lung"], ORGANS["lung_vessel"]])):
                 if kind == "solid lung nodule":
-                    lobes = [((c + rng.normal(0, r * 0.45, 3)).tolist(), r * rng.uniform(0.45, 0.7))
-                             for _ in range(rng.integers(2, 5))]
-                    info = LesionInfo(0, kind, "lung", c.tolist(), r, rng.uniform(20, 45),
-                                      params={"semi": [r * 0.9, r * 0.85, r], "lobes": lobes})
+                    lobes = [
+                        ((c + rng.normal(0, r * 0.45, 3)).tolist(), r * rng.uniform(0.45, 0.7))
+                        for _ in range(rng.integers(2, 5))
+                    ]
+                    info = LesionInfo(
+                        0,
+                        kind,
+                        "lung",
+                        c.tolist(),
+                        r,
+                        rng.uniform(20, 45),
+                        params={"semi": [r * 0.9, r * 0.85, r], "lobes": lobes},
+                    )
                 elif kind == "part-solid lung nodule":
-                    info = LesionInfo(0, kind, "lung", c.tolist(), r, 25.0,
-                                      params={"core_mm": r * rng.uniform(0.35, 0.5), "ggo_hu": rng.uniform(-620, -480)})
+                    info = LesionInfo(
+                        0,
+                        kind,
+                        "lung",
+                        c.tolist(),
+                        r,
+                        25.0,
+                        params={"core_mm": r * rng.uniform(0.35, 0.5), "ggo_hu": rng.uniform(-620, -480)},
+                    )
                 elif kind == "spiculated lung nodule":
                     dirs = rng.normal(size=(int(rng.integers(8, 14)), 3))
                     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
@@ -539,15 +663,21 @@ def _place_lesions(anat: _Anatomy, rng: np.random.Generator, n: int, zlim: tuple
 def _sphere_points(n: int = 40) -> Array:
     i = np.arange(n) + 0.5
     phi = np.arccos(1 - 2 * i / n)
-    th = np.pi * (1 + 5 ** 0.5) * i
+    th = np.pi * (1 + 5**0.5) * i
     return np.stack([np.cos(th) * np.sin(phi), np.sin(th) * np.sin(phi), np.cos(phi)], axis=1)
 
 
 # -- public API -----------------------------------------------------------------------------------------
-def make_phantom(seed: int = 0, shape: tuple[int, int, int] = (100, 160, 160),
-                 spacing: tuple[float, float, float] = (2.0, 2.0, 2.0), center_mm: tuple[float, float, float] = (
-                     0.0, 0.0, 0.0), noise_hu: float = 18.0, n_lesions: int = 6, blur_mm: float = 0.9,
-                 slab: int = 8) -> Phantom:
+def make_phantom(
+    seed: int = 0,
+    shape: tuple[int, int, int] = (100, 160, 160),
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
+    center_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    noise_hu: float = 18.0,
+    n_lesions: int = 6,
+    blur_mm: float = 0.9,
+    slab: int = 8,
+) -> Phantom:
     """Render the seeded digital patient on a ``shape`` = (nk, nj, ni) grid with ``spacing`` = (si, sj, sk) mm.
 
     The grid is axial (identity direction) centred on ``center_mm``; the anatomy spans roughly z ∈ [-130, 200] mm

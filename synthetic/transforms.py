@@ -79,13 +79,13 @@ class SpatialTransform:
         a_n, b_n, c_n = w.shape[:3]
         w_c = w.transpose(2, 0, 1, 3).reshape(c_n, a_n * b_n * 3)  # (C, A*B*3)
         for s in range(0, flat.shape[0], chunk):
-            p = flat[s:s + chunk]
+            p = flat[s : s + chunk]
             gx = np.exp(-0.5 * ((p[:, 0:1] - ax[None]) / self.sigma_mm[0]) ** 2)  # (n, A)
             gy = np.exp(-0.5 * ((p[:, 1:2] - ay[None]) / self.sigma_mm[1]) ** 2)  # (n, B)
             gz = np.exp(-0.5 * ((p[:, 2:3] - az[None]) / self.sigma_mm[2]) ** 2)  # (n, C)
             t = (gz @ w_c).reshape(-1, a_n, b_n, 3)  # sum over c
             t = np.einsum("nabd,nb->nad", t, gy)  # sum over b
-            out[s:s + chunk] = np.einsum("nad,na->nd", t, gx)  # sum over a
+            out[s : s + chunk] = np.einsum("nad,na->nd", t, gx)  # sum over a
         return out.reshape(shape)
 
     def rigid(self, pts_mm: Array) -> Array:
@@ -118,9 +118,14 @@ class SpatialTransform:
 
     def displacement_field(self, grid: Volume) -> Array:
         """Total displacement ``followup_to_baseline(p) - p`` at every voxel of ``grid``: array ``(k, j, i, 3)`` mm."""
-        return np.concatenate([self.map_grid(grid, k0, min(grid.shape[0], k0 + 16)) - _grid_points(
-            grid, k_range=(k0, min(grid.shape[0], k0 + 16))) for k0 in range(0, grid.shape[0], 16)],
-            axis=0).astype(np.float32)
+        return np.concatenate(
+            [
+                self.map_grid(grid, k0, min(grid.shape[0], k0 + 16))
+                - _grid_points(grid, k_range=(k0, min(grid.shape[0], k0 + 16)))
+                for k0 in range(0, grid.shape[0], 16)
+            ],
+            axis=0,
+        ).astype(np.float32)
 
     def map_grid(self, grid: Volume, k0: int = 0, k1: int | None = None) -> Array:
         """``followup_to_baseline`` of the voxel centres of slices ``k0:k1`` of ``grid``: ``(k, j, i, 3)`` mm.
@@ -163,11 +168,13 @@ class SpatialTransform:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SpatialTransform":
+    def from_dict(cls, d: dict[str, Any]) -> SpatialTransform:
         axes = d.get("lattice_axes")
         return cls(
-            rotation=np.array(d["rotation"]), center=np.array(d["center"]),
-            translation=np.array(d["translation"]), sigma_mm=np.array(d.get("sigma_mm", [40.0] * 3)),
+            rotation=np.array(d["rotation"]),
+            center=np.array(d["center"]),
+            translation=np.array(d["translation"]),
+            sigma_mm=np.array(d.get("sigma_mm", [40.0] * 3)),
             lattice_axes=tuple(np.array(a) for a in axes) if axes is not None else None,
             weights=np.array(d["weights"]) if axes is not None else None,
         )
@@ -176,8 +183,9 @@ class SpatialTransform:
         """Largest spectral norm of ∇u over a strided grid (finite differences, 0.5 mm)."""
         pts = _grid_points(grid, stride=stride).reshape(-1, 3)
         h = 0.5
-        jac = np.stack([(self.displacement(pts + h * e) - self.displacement(pts - h * e)) / (2 * h)
-                        for e in np.eye(3)], axis=-1)
+        jac = np.stack(
+            [(self.displacement(pts + h * e) - self.displacement(pts - h * e)) / (2 * h) for e in np.eye(3)], axis=-1
+        )
         return float(np.max(np.linalg.norm(jac, ord=2, axis=(1, 2)))) if len(pts) else 0.0
 
 
@@ -192,15 +200,20 @@ def _axis_permutation(direction: Array) -> list[int] | None:
 def _grid_points(grid: Volume, stride: int = 1, k_range: tuple[int, int] | None = None) -> Array:
     nk, nj, ni = grid.shape
     k0, k1 = k_range if k_range is not None else (0, nk)
-    k, j, i = np.meshgrid(np.arange(k0, k1, stride), np.arange(0, nj, stride), np.arange(0, ni, stride),
-                          indexing="ij")
+    k, j, i = np.meshgrid(np.arange(k0, k1, stride), np.arange(0, nj, stride), np.arange(0, ni, stride), indexing="ij")
     ijk = np.stack([i, j, k], axis=-1).astype(np.float64)
     return grid.index_to_patient(ijk)
 
 
-def random_patient_motion(rng: np.random.Generator, reference: Volume, rotation_deg: float = 4.0,
-                          translation_mm: float = 10.0, elastic_mm: float = 4.0, breathing_mm: float = 0.0,
-                          lattice_mm: float = 50.0) -> SpatialTransform:
+def random_patient_motion(
+    rng: np.random.Generator,
+    reference: Volume,
+    rotation_deg: float = 4.0,
+    translation_mm: float = 10.0,
+    elastic_mm: float = 4.0,
+    breathing_mm: float = 0.0,
+    lattice_mm: float = 50.0,
+) -> SpatialTransform:
     """A random repositioning + smooth elastic (and optional breathing) motion around ``reference``'s extent.
 
     Rotation angles are uniform in ``±rotation_deg`` about each axis (about the volume centre), translation
@@ -229,8 +242,9 @@ def random_patient_motion(rng: np.random.Generator, reference: Volume, rotation_
         # Diaphragm-like motion: z-displacement rising towards the caudal end (low S) of the volume, with a
         # small anterior-posterior expansion; added to the lattice weights so it stays one analytic field.
         # divide by the Gaussian partition sum so the lattice weights become displacements in mm
-        part = float(np.prod([np.sum(np.exp(-0.5 * ((a - a[len(a) // 2]) / sigma[d]) ** 2))
-                              for d, a in enumerate(axes)]))
+        part = float(
+            np.prod([np.sum(np.exp(-0.5 * ((a - a[len(a) // 2]) / sigma[d]) ** 2)) for d, a in enumerate(axes)])
+        )
         zs = axes[2]
         ramp = np.clip((hi[2] - zs) / max(hi[2] - lo[2], 1.0), 0.0, 1.2)
         tr.weights[..., 2] += breathing_mm / part * ramp[None, None, :]
@@ -243,8 +257,15 @@ def random_patient_motion(rng: np.random.Generator, reference: Volume, rotation_
     return tr
 
 
-def apply_transform(baseline: Volume, transform: SpatialTransform, followup_grid: Volume, *, label: bool = False,
-                    default: float | None = None, slab: int = 8) -> Volume:
+def apply_transform(
+    baseline: Volume,
+    transform: SpatialTransform,
+    followup_grid: Volume,
+    *,
+    label: bool = False,
+    default: float | None = None,
+    slab: int = 8,
+) -> Volume:
     """Resample ``baseline`` onto ``followup_grid`` through ``transform`` (follow-up voxel → baseline point).
 
     Images use trilinear interpolation (result cast back to the input dtype, rounded for integers), label maps
@@ -260,10 +281,16 @@ def apply_transform(baseline: Volume, transform: SpatialTransform, followup_grid
         pts_b = transform.map_grid(followup_grid, k0, k1)
         idx = baseline.patient_to_index(pts_b)  # (..., 3) in i, j, k
         coords = np.stack([idx[..., 2], idx[..., 1], idx[..., 0]], axis=0)
-        vals = ndimage.map_coordinates(src, coords, order=0 if label else 1, mode="constant", cval=default,
-                                       prefilter=False)
+        vals = ndimage.map_coordinates(
+            src, coords, order=0 if label else 1, mode="constant", cval=default, prefilter=False
+        )
         if not label and np.issubdtype(out.dtype, np.integer):
             vals = np.rint(vals)
         out[k0:k1] = vals.astype(out.dtype)
-    return Volume(out, followup_grid.origin.copy(), followup_grid.spacing.copy(), followup_grid.direction.copy(),
-                  dict(followup_grid.meta))
+    return Volume(
+        out,
+        followup_grid.origin.copy(),
+        followup_grid.spacing.copy(),
+        followup_grid.direction.copy(),
+        dict(followup_grid.meta),
+    )

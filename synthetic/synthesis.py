@@ -1,7 +1,7 @@
 """Synthetic longitudinal patients with known truth, from any CT + lesion label map (phantom or real CT).
 
 For each follow-up, in the baseline frame: lesions grow/shrink (seed 000 eq. 5–6, staged; see
-:mod:`models.imaging.lesion_change`), some vanish, new ones appear (new integer labels; a label is a lesion's
+:mod:`synthetic.lesion_change`), some vanish, new ones appear (new integer labels; a label is a lesion's
 identity for the whole patient). Then the patient is repositioned (rotation, translation), deformed smoothly
 (elastic tissue motion + breathing) through an exact analytic :class:`SpatialTransform`, imaged on a new grid
 (shifted field of view, other slice spacing / in-plane pixel size) and with other noise and contrast.
@@ -25,9 +25,9 @@ import numpy as np
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from models.imaging.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
-from models.imaging.transforms import SpatialTransform, apply_transform, random_patient_motion
 from models.imaging.volume import Volume
+from synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
+from synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 log = logging.getLogger(__name__)
 Array = np.ndarray
@@ -126,8 +126,12 @@ def _followup_grid(baseline: Volume, rng: np.random.Generator, cfg: SynthConfig)
     spacing = np.array([new_si, new_sj, new_sk])
     origin = centre - baseline.direction @ (spacing * (n - 1) / 2)
     grid = Volume(np.zeros((n[2], n[1], n[0]), np.uint8), origin, spacing, baseline.direction.copy())
-    return grid, {"spacing_mm": spacing.tolist(), "size_ijk": n.tolist(), "fov_shift_mm": shift.tolist(),
-                  "pixel_scale": scale}
+    return grid, {
+        "spacing_mm": spacing.tolist(),
+        "size_ijk": n.tolist(),
+        "fov_shift_mm": shift.tolist(),
+        "pixel_scale": scale,
+    }
 
 
 def _intensity_change(ct: Volume, rng: np.random.Generator, cfg: SynthConfig) -> tuple[Volume, dict[str, Any]]:
@@ -145,8 +149,9 @@ def _intensity_change(ct: Volume, rng: np.random.Generator, cfg: SynthConfig) ->
     return ct.with_array(out), {"contrast_scale": c, "extra_noise_hu": extra}
 
 
-def _pick_new_lesion_site(ct: Volume, labels: Volume, rng: np.random.Generator, radius: float
-                          ) -> tuple[Array, float, str] | None:
+def _pick_new_lesion_site(
+    ct: Volume, labels: Volume, rng: np.random.Generator, radius: float
+) -> tuple[Array, float, str] | None:
     """A spot in lung (→ solid nodule) or homogeneous soft tissue (→ hypodense lesion), away from lesions."""
     arr = ct.array
     lesion_mask = labels.array > 0
@@ -169,8 +174,9 @@ def _pick_new_lesion_site(ct: Volume, labels: Volume, rng: np.random.Generator, 
     return None
 
 
-def _landmarks(ct: Volume, lesion_ever: Array, tr: SpatialTransform, grid: Volume, rng: np.random.Generator,
-               cfg: SynthConfig) -> tuple[Array, Array]:
+def _landmarks(
+    ct: Volume, lesion_ever: Array, tr: SpatialTransform, grid: Volume, rng: np.random.Generator, cfg: SynthConfig
+) -> tuple[Array, Array]:
     """Baseline points inside the body, away from any lesion (ever), that land inside the follow-up FOV."""
     from scipy.spatial import cKDTree
 
@@ -195,10 +201,17 @@ def _landmarks(ct: Volume, lesion_ever: Array, tr: SpatialTransform, grid: Volum
 
 
 # -- generator --------------------------------------------------------------------------------------------
-def synthesize_patient(source_ct: Volume, labels: Volume, rng: np.random.Generator, n_followups: int = 2,
-                       config: SynthConfig | None = None, patient_id: str = "SYNTH-0001",
-                       patient_name: str = "Synthetic^Patient", lesion_kinds: dict[int, str] | None = None,
-                       seed: int = 0) -> SynthPatient:
+def synthesize_patient(
+    source_ct: Volume,
+    labels: Volume,
+    rng: np.random.Generator,
+    n_followups: int = 2,
+    config: SynthConfig | None = None,
+    patient_id: str = "SYNTH-0001",
+    patient_name: str = "Synthetic^Patient",
+    lesion_kinds: dict[int, str] | None = None,
+    seed: int = 0,
+) -> SynthPatient:
     """Baseline (the source, unchanged) + ``n_followups`` synthetic follow-ups with full truth."""
     cfg = config or SynthConfig()
     if not source_ct.same_grid(labels, atol=1e-3):
@@ -228,9 +241,12 @@ def synthesize_patient(source_ct: Volume, labels: Volume, rng: np.random.Generat
             vol = prev_table[lab][1]
             params = default_growth(rng, vol)
             state_ct, state_lab = grow_lesion(state_ct, state_lab, lab, params, rng)
-            lesion_log[str(lab)] = {"change": "grow" if params.amplitude > 0 else "shrink",
-                                    "amplitude": params.amplitude, "stages": params.stages,
-                                    "sigma_s_mm": params.sigma_s_mm}
+            lesion_log[str(lab)] = {
+                "change": "grow" if params.amplitude > 0 else "shrink",
+                "amplitude": params.amplitude,
+                "stages": params.stages,
+                "sigma_s_mm": params.sigma_s_mm,
+            }
         new_labels: set[int] = set()
         if rng.random() < cfg.p_new:
             radius = float(rng.uniform(*cfg.new_radius_mm))
@@ -244,8 +260,7 @@ def synthesize_patient(source_ct: Volume, labels: Volume, rng: np.random.Generat
                 next_label += 1
         lesion_ever |= state_lab.array > 0
 
-        tr = random_patient_motion(rng, ct0, cfg.rotation_deg, cfg.translation_mm, cfg.elastic_mm,
-                                   cfg.breathing_mm)
+        tr = random_patient_motion(rng, ct0, cfg.rotation_deg, cfg.translation_mm, cfg.elastic_mm, cfg.breathing_mm)
         grid, grid_info = _followup_grid(ct0, rng, cfg)
         fu_ct = apply_transform(state_ct, tr, grid)
         fu_lab = apply_transform(state_lab, tr, grid, label=True)
@@ -262,52 +277,97 @@ def synthesize_patient(source_ct: Volume, labels: Volume, rng: np.random.Generat
                 cut = bool(m[[0, -1]].any() or m[:, [0, -1]].any() or m[:, :, [0, -1]].any())
                 states[lab] = LesionState(lab, status, c, v, base_table[lab][0], truncated_by_fov=cut)
             elif lab in base_table:
-                states[lab] = LesionState(lab, "out_of_fov", tr.baseline_to_followup(
-                    np.array(base_table[lab][0])).tolist(), 0.0, base_table[lab][0])
+                states[lab] = LesionState(
+                    lab,
+                    "out_of_fov",
+                    tr.baseline_to_followup(np.array(base_table[lab][0])).tolist(),
+                    0.0,
+                    base_table[lab][0],
+                )
             else:  # known before, gone now (stays listed as vanished at every later timepoint)
                 states[lab] = LesionState(lab, "vanished", None, 0.0, None)
         lm_b, lm_f = _landmarks(ct0, lesion_ever, tr, grid, rng, cfg)
-        tps.append(Timepoint(t, fu_ct, fu_lab, states, days, tr, lm_b, lm_f,
-                             {"grid": grid_info, "intensity": inten, "lesions": lesion_log}))
-        log.info("synthesised %s timepoint %d: %d lesions present, grid %s", patient_id, t,
-                 sum(s.status in ("present", "new") for s in states.values()), grid_info["size_ijk"])
+        tps.append(
+            Timepoint(
+                t,
+                fu_ct,
+                fu_lab,
+                states,
+                days,
+                tr,
+                lm_b,
+                lm_f,
+                {"grid": grid_info, "intensity": inten, "lesions": lesion_log},
+            )
+        )
+        log.info(
+            "synthesised %s timepoint %d: %d lesions present, grid %s",
+            patient_id,
+            t,
+            sum(s.status in ("present", "new") for s in states.values()),
+            grid_info["size_ijk"],
+        )
     return SynthPatient(patient_id, patient_name, seed, tps, kinds)
 
 
 # -- writing ---------------------------------------------------------------------------------------------
-def write_patient(patient: SynthPatient, out_dir: Path | str, *, base_date: dt.date | None = None,
-                  write_dicom: bool = True) -> Path:
+def write_patient(
+    patient: SynthPatient, out_dir: Path | str, *, base_date: dt.date | None = None, write_dicom: bool = True
+) -> Path:
     """Write ``out_dir/<patient_id>/``: ``tpN/`` DICOM CT series, ``tpN_lesions.nii.gz``, ``truth.json``."""
     from models.imaging.dicom_write import write_ct_series
 
     root = Path(out_dir) / patient.patient_id
     root.mkdir(parents=True, exist_ok=True)
     base_date = base_date or dt.date(2025, 1, 6) + dt.timedelta(days=patient.seed % 300)
-    truth: dict[str, Any] = {"patient_id": patient.patient_id, "patient_name": patient.patient_name,
-                             "seed": patient.seed, "lesion_kinds": {str(k): v for k, v in patient.lesion_kinds.items()},
-                             "coordinate_system": "DICOM patient LPS, millimetres", "timepoints": []}
+    truth: dict[str, Any] = {
+        "patient_id": patient.patient_id,
+        "patient_name": patient.patient_name,
+        "seed": patient.seed,
+        "lesion_kinds": {str(k): v for k, v in patient.lesion_kinds.items()},
+        "coordinate_system": "DICOM patient LPS, millimetres",
+        "timepoints": [],
+    }
     for tp in patient.timepoints:
         date = (base_date + dt.timedelta(days=tp.days_from_baseline)).strftime("%Y%m%d")
         ids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "frame_of_reference_uid": generate_uid()}
-        entry: dict[str, Any] = {"index": tp.index, "study_date": date, "days_from_baseline": tp.days_from_baseline,
-                                 **ids, "grid": {"origin": tp.ct.origin.tolist(), "spacing": tp.ct.spacing.tolist(),
-                                                 "direction": tp.ct.direction.tolist(),
-                                                 "size_ijk": list(tp.ct.size_ijk)},
-                                 "lesions": [s.to_dict() for s in tp.lesions.values()], "changes": tp.changes}
+        entry: dict[str, Any] = {
+            "index": tp.index,
+            "study_date": date,
+            "days_from_baseline": tp.days_from_baseline,
+            **ids,
+            "grid": {
+                "origin": tp.ct.origin.tolist(),
+                "spacing": tp.ct.spacing.tolist(),
+                "direction": tp.ct.direction.tolist(),
+                "size_ijk": list(tp.ct.size_ijk),
+            },
+            "lesions": [s.to_dict() for s in tp.lesions.values()],
+            "changes": tp.changes,
+        }
         if write_dicom:
-            files = write_ct_series(tp.ct, root / f"tp{tp.index}", patient_id=patient.patient_id,
-                                    patient_name=patient.patient_name, study_date=date, study_id=str(tp.index + 1),
-                                    accession_number=f"ACC{patient.seed:04d}{tp.index}",
-                                    study_description="CT CHEST ABDOMEN (synthetic)",
-                                    series_description=f"synthetic timepoint {tp.index}", **ids)
+            files = write_ct_series(
+                tp.ct,
+                root / f"tp{tp.index}",
+                patient_id=patient.patient_id,
+                patient_name=patient.patient_name,
+                study_date=date,
+                study_id=str(tp.index + 1),
+                accession_number=f"ACC{patient.seed:04d}{tp.index}",
+                study_description="CT CHEST ABDOMEN (synthetic)",
+                series_description=f"synthetic timepoint {tp.index}",
+                **ids,
+            )
             entry["dicom_dir"] = f"tp{tp.index}"
             entry["n_files"] = len(files)
         tp.labels.write(str(root / f"tp{tp.index}_lesions.nii.gz"))
         entry["label_map"] = f"tp{tp.index}_lesions.nii.gz"
         if tp.transform is not None:
             entry["transform_followup_to_baseline"] = tp.transform.to_dict()
-            entry["landmarks"] = {"baseline_mm": np.round(tp.landmarks_baseline_mm, 6).tolist(),
-                                  "followup_mm": np.round(tp.landmarks_followup_mm, 6).tolist()}
+            entry["landmarks"] = {
+                "baseline_mm": np.round(tp.landmarks_baseline_mm, 6).tolist(),
+                "followup_mm": np.round(tp.landmarks_followup_mm, 6).tolist(),
+            }
         truth["timepoints"].append(entry)
     (root / "truth.json").write_text(json.dumps(truth, indent=1))
     return root

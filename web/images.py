@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Instance, Lesion, LesionObservation
 from db.session import session_scope
 from pipeline import thumbnails
-from pipeline.web.timeline import build_timeline
+from pipeline.history import build_timeline
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from db.models import (
 from db.repository import audit
 from db.session import session_scope
 from pipeline import exports
+from pipeline.history import build_timeline
 from pipeline.recist import RecistRules
-from pipeline.web import schemas as sc
-from pipeline.web.auth import Principal, require_operator, require_read
-from pipeline.web.timeline import build_timeline
+from web import schemas as sc
+from web.auth import Principal, require_operator, require_read
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 def _recist_rules(request: Request) -> RecistRules:
     """The RECIST thresholds of the running service's ``[recist]`` settings."""
     return RecistRules.from_settings(request.app.state.settings.recist)
+
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
 Operator = Annotated[Principal, Depends(require_operator)]
@@ -47,9 +48,14 @@ def _not_found(what: str) -> HTTPException:
 
 # -- jobs ---------------------------------------------------------------------------------------------
 @router.get("/jobs", response_model=sc.JobList, tags=["jobs"], summary="List analysis jobs (newest first)")
-def list_jobs(request: Request, state: JobState | None = None, series_uid: str | None = None,
-              patient: int | None = Query(None, description="internal patient id"),
-              limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> sc.JobList:
+def list_jobs(
+    request: Request,
+    state: JobState | None = None,
+    series_uid: str | None = None,
+    patient: int | None = Query(None, description="internal patient id"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> sc.JobList:
     with session_scope(request.app.state.session_factory) as s:
         q = select(AnalysisJob)
         if state is not None:
@@ -66,16 +72,24 @@ def list_jobs(request: Request, state: JobState | None = None, series_uid: str |
         return sc.JobList(total=total, items=[sc.JobSummary.of(j) for j in rows], counts=counts)
 
 
-@router.get("/jobs/{job_id}", response_model=sc.JobDetail, tags=["jobs"],
-            summary="One job with its steps, step timings, outputs and audit events")
+@router.get(
+    "/jobs/{job_id}",
+    response_model=sc.JobDetail,
+    tags=["jobs"],
+    summary="One job with its steps, step timings, outputs and audit events",
+)
 def get_job(request: Request, job_id: int) -> sc.JobDetail:
     with session_scope(request.app.state.session_factory) as s:
         job = s.get(AnalysisJob, job_id)
         if job is None:
             raise _not_found(f"job {job_id}")
-        events = list(s.scalars(select(AuditEvent).where(AuditEvent.object_type == "job",
-                                                         AuditEvent.object_id == str(job_id))
-                                .order_by(AuditEvent.id)))
+        events = list(
+            s.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.object_type == "job", AuditEvent.object_id == str(job_id))
+                .order_by(AuditEvent.id)
+            )
+        )
         return sc.JobDetail.detail(job, events)
 
 
@@ -86,8 +100,13 @@ def _job_control(request: Request):  # type: ignore[no-untyped-def]
     return control
 
 
-@router.post("/jobs/{job_id}/retry", status_code=202, response_model=sc.JobQueued, tags=["jobs"],
-             summary="Re-run a finished job as a new job (operator role)")
+@router.post(
+    "/jobs/{job_id}/retry",
+    status_code=202,
+    response_model=sc.JobQueued,
+    tags=["jobs"],
+    summary="Re-run a finished job as a new job (operator role)",
+)
 def retry_job(request: Request, job_id: int, who: Operator) -> sc.JobQueued:
     control = _job_control(request)
     with session_scope(request.app.state.session_factory) as s:
@@ -105,8 +124,13 @@ def retry_job(request: Request, job_id: int, who: Operator) -> sc.JobQueued:
     return sc.JobQueued(job_id=new_id, detail=f"job {job_id} re-queued as job {new_id}")
 
 
-@router.post("/series/{series_uid}/reanalyse", status_code=202, response_model=sc.JobQueued, tags=["jobs"],
-             summary="Queue a new analysis of a follow-up series (operator role)")
+@router.post(
+    "/series/{series_uid}/reanalyse",
+    status_code=202,
+    response_model=sc.JobQueued,
+    tags=["jobs"],
+    summary="Queue a new analysis of a follow-up series (operator role)",
+)
 def reanalyse_series(request: Request, series_uid: str, who: Operator) -> sc.JobQueued:
     control = _job_control(request)
     with session_scope(request.app.state.session_factory) as s:
@@ -129,14 +153,25 @@ def _patient_out(s: Session, p: Patient) -> sc.PatientOut:
     studies = s.scalar(select(func.count(Study.id)).where(Study.patient_pk == p.id)) or 0
     lesions = s.scalar(select(func.count(Lesion.id)).where(Lesion.patient_pk == p.id)) or 0
     latest = s.scalar(select(func.max(Study.study_date)).where(Study.patient_pk == p.id))
-    return sc.PatientOut(id=p.id, patient_id=p.patient_id, issuer=p.issuer, study_count=studies,
-                         lesion_count=lesions, latest_study_date=latest)
+    return sc.PatientOut(
+        id=p.id,
+        patient_id=p.patient_id,
+        issuer=p.issuer,
+        study_count=studies,
+        lesion_count=lesions,
+        latest_study_date=latest,
+    )
 
 
-@router.get("/patients", response_model=list[sc.PatientOut], tags=["patients"],
-            summary="Patients (internal ids; no names are stored)")
-def list_patients(request: Request, limit: int = Query(200, ge=1, le=5000),
-                  offset: int = Query(0, ge=0)) -> list[sc.PatientOut]:
+@router.get(
+    "/patients",
+    response_model=list[sc.PatientOut],
+    tags=["patients"],
+    summary="Patients (internal ids; no names are stored)",
+)
+def list_patients(
+    request: Request, limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0)
+) -> list[sc.PatientOut]:
     with session_scope(request.app.state.session_factory) as s:
         return [_patient_out(s, p) for p in s.scalars(select(Patient).order_by(Patient.id).offset(offset).limit(limit))]
 
@@ -150,14 +185,19 @@ def get_patient(request: Request, patient_pk: int) -> sc.PatientOut:
         return _patient_out(s, p)
 
 
-@router.get("/patients/{patient_pk}/studies", response_model=list[sc.StudyOut], tags=["patients"],
-            summary="A patient's studies with their series, oldest first")
+@router.get(
+    "/patients/{patient_pk}/studies",
+    response_model=list[sc.StudyOut],
+    tags=["patients"],
+    summary="A patient's studies with their series, oldest first",
+)
 def patient_studies(request: Request, patient_pk: int) -> list[sc.StudyOut]:
     with session_scope(request.app.state.session_factory) as s:
         if s.get(Patient, patient_pk) is None:
             raise _not_found(f"patient {patient_pk}")
-        studies = s.scalars(select(Study).where(Study.patient_pk == patient_pk)
-                            .order_by(Study.study_date, Study.study_time, Study.id))
+        studies = s.scalars(
+            select(Study).where(Study.patient_pk == patient_pk).order_by(Study.study_date, Study.study_time, Study.id)
+        )
         return [sc.StudyOut.of(st) for st in studies]
 
 
@@ -175,27 +215,38 @@ def study_series(request: Request, study_uid: str) -> list[sc.SeriesOut]:
     return get_study(request, study_uid).series
 
 
-@router.get("/series/{series_uid}", response_model=sc.SeriesDetail, tags=["patients"],
-            summary="One series with its routing decision and analysis jobs")
+@router.get(
+    "/series/{series_uid}",
+    response_model=sc.SeriesDetail,
+    tags=["patients"],
+    summary="One series with its routing decision and analysis jobs",
+)
 def get_series(request: Request, series_uid: str) -> sc.SeriesDetail:
     with session_scope(request.app.state.session_factory) as s:
         se = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if se is None:
             raise _not_found(f"series {series_uid}")
-        jobs = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid)
-                         .order_by(AnalysisJob.id.desc()))
+        jobs = s.scalars(
+            select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid).order_by(AnalysisJob.id.desc())
+        )
         return sc.SeriesDetail(**sc.SeriesOut.of(se).model_dump(), jobs=[sc.JobSummary.of(j) for j in jobs])
 
 
 # -- lesions ---------------------------------------------------------------------------------------------
-@router.get("/patients/{patient_pk}/lesions", response_model=list[sc.LesionOut], tags=["lesions"],
-            summary="A patient's lesions, each with all its observations")
+@router.get(
+    "/patients/{patient_pk}/lesions",
+    response_model=list[sc.LesionOut],
+    tags=["lesions"],
+    summary="A patient's lesions, each with all its observations",
+)
 def patient_lesions(request: Request, patient_pk: int) -> list[sc.LesionOut]:
     with session_scope(request.app.state.session_factory) as s:
         if s.get(Patient, patient_pk) is None:
             raise _not_found(f"patient {patient_pk}")
-        return [sc.LesionOut.of(l) for l in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk)
-                                                         .order_by(Lesion.id))]
+        return [
+            sc.LesionOut.of(l)
+            for l in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id))
+        ]
 
 
 @router.get("/lesions/{lesion_id}", response_model=sc.LesionOut, tags=["lesions"])
@@ -216,8 +267,11 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
         return sc.LesionOut.of(l)
 
 
-@router.get("/patients/{patient_pk}/timeline", tags=["lesions"],
-            summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint")
+@router.get(
+    "/patients/{patient_pk}/timeline",
+    tags=["lesions"],
+    summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint",
+)
 def patient_timeline(request: Request, patient_pk: int) -> dict:
     with session_scope(request.app.state.session_factory) as s:
         try:
@@ -226,8 +280,12 @@ def patient_timeline(request: Request, patient_pk: int) -> dict:
             raise _not_found(f"patient {patient_pk}") from exc
 
 
-@router.get("/observations/{observation_id}/thumbnail.png", tags=["lesions"], response_class=Response,
-            summary="PNG: axial CT slice through the lesion with its contour")
+@router.get(
+    "/observations/{observation_id}/thumbnail.png",
+    tags=["lesions"],
+    response_class=Response,
+    summary="PNG: axial CT slice through the lesion with its contour",
+)
 def observation_thumbnail(request: Request, observation_id: int) -> Response:
     try:
         png = request.app.state.images.observation_thumbnail(observation_id)
@@ -236,8 +294,12 @@ def observation_thumbnail(request: Request, observation_id: int) -> Response:
     return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
 
 
-@router.get("/lesions/{lesion_id}/plot.png", tags=["lesions"], response_class=Response,
-            summary="PNG: the lesion's volume and long axis over time")
+@router.get(
+    "/lesions/{lesion_id}/plot.png",
+    tags=["lesions"],
+    response_class=Response,
+    summary="PNG: the lesion's volume and long axis over time",
+)
 def lesion_plot(request: Request, lesion_id: int) -> Response:
     try:
         png = request.app.state.images.lesion_plot(lesion_id)
@@ -256,12 +318,15 @@ def _timeline_and_subject(request: Request, patient_pk: int):  # type: ignore[no
 
 
 def _download(text: str, media_type: str, filename: str) -> Response:
-    return Response(text, media_type=media_type,
-                    headers={"content-disposition": f'attachment; filename="{filename}"'})
+    return Response(text, media_type=media_type, headers={"content-disposition": f'attachment; filename="{filename}"'})
 
 
-@router.get("/patients/{patient_pk}/export/lesions.csv", tags=["exports"], response_class=Response,
-            summary="CSV: one row per lesion per timepoint")
+@router.get(
+    "/patients/{patient_pk}/export/lesions.csv",
+    tags=["exports"],
+    response_class=Response,
+    summary="CSV: one row per lesion per timepoint",
+)
 def export_lesions_csv(request: Request, patient_pk: int) -> Response:
     tl, subject = _timeline_and_subject(request, patient_pk)
     return _download(exports.lesions_csv(tl, subject), "text/csv", f"patient-{patient_pk}-lesions.csv")
@@ -273,14 +338,17 @@ def export_lesions_json(request: Request, patient_pk: int) -> Response:
     return Response(exports.lesions_json(tl, subject), media_type="application/json")
 
 
-@router.get("/patients/{patient_pk}/export/cdisc/{domain}.csv", tags=["exports"], response_class=Response,
-            summary="CSV: CDISC SDTM-style TU, TR or RS domain")
+@router.get(
+    "/patients/{patient_pk}/export/cdisc/{domain}.csv",
+    tags=["exports"],
+    response_class=Response,
+    summary="CSV: CDISC SDTM-style TU, TR or RS domain",
+)
 def export_cdisc_csv(request: Request, patient_pk: int, domain: str) -> Response:
     if domain.upper() not in ("TU", "TR", "RS"):
         raise HTTPException(status_code=404, detail=f"unknown CDISC domain {domain!r} (TU, TR or RS)")
     tl, subject = _timeline_and_subject(request, patient_pk)
-    return _download(exports.cdisc_csv(tl, subject, domain), "text/csv",
-                     f"patient-{patient_pk}-{domain.upper()}.csv")
+    return _download(exports.cdisc_csv(tl, subject, domain), "text/csv", f"patient-{patient_pk}-{domain.upper()}.csv")
 
 
 @router.get("/patients/{patient_pk}/export/cdisc.json", tags=["exports"], summary="JSON: TU, TR and RS together")
@@ -290,23 +358,37 @@ def export_cdisc_json(request: Request, patient_pk: int) -> Response:
 
 
 # -- result objects and audit -----------------------------------------------------------------------------
-@router.get("/instances/{sop_instance_uid}/file", tags=["objects"], response_class=FileResponse,
-            summary="Download a stored DICOM object (e.g. our SEG or SR) as application/dicom")
+@router.get(
+    "/instances/{sop_instance_uid}/file",
+    tags=["objects"],
+    response_class=FileResponse,
+    summary="Download a stored DICOM object (e.g. our SEG or SR) as application/dicom",
+)
 def instance_file(request: Request, sop_instance_uid: str) -> FileResponse:
     with session_scope(request.app.state.session_factory) as s:
-        row = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-                       .order_by(Instance.id.desc()))
+        row = s.scalar(
+            select(Instance).where(Instance.sop_instance_uid == sop_instance_uid).order_by(Instance.id.desc())
+        )
         path = Path(row.file_path) if row is not None else None
     if path is None or not path.is_file():
         raise _not_found(f"instance {sop_instance_uid}")
     return FileResponse(path, media_type="application/dicom", filename=f"{sop_instance_uid}.dcm")
 
 
-@router.get("/audit", response_model=sc.AuditList, tags=["audit"],
-            summary="The append-only audit trail (read-only), oldest first")
-def audit_trail(request: Request, object_type: str | None = None, object_id: str | None = None,
-                action: str | None = None, after_id: int = Query(0, ge=0),
-                limit: int = Query(200, ge=1, le=5000)) -> sc.AuditList:
+@router.get(
+    "/audit",
+    response_model=sc.AuditList,
+    tags=["audit"],
+    summary="The append-only audit trail (read-only), oldest first",
+)
+def audit_trail(
+    request: Request,
+    object_type: str | None = None,
+    object_id: str | None = None,
+    action: str | None = None,
+    after_id: int = Query(0, ge=0),
+    limit: int = Query(200, ge=1, le=5000),
+) -> sc.AuditList:
     with session_scope(request.app.state.session_factory) as s:
         q = select(AuditEvent).where(AuditEvent.id > after_id)
         if object_type:

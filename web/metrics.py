@@ -26,18 +26,31 @@ class DatabaseCollector:
         self.sf = session_factory
 
     def describe(self) -> list[Metric]:
-        return []                       # no eager collection at registration time
+        return []  # no eager collection at registration time
 
     def collect(self) -> Iterator[Metric]:
         with session_scope(self.sf) as s:
-            instances = s.scalar(select(func.count(Instance.id)).join(Series, Instance.series_pk == Series.id)
-                                 .where(Series.created_by_us.is_(False))) or 0
-            jobs = {k: v for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))}
+            instances = (
+                s.scalar(
+                    select(func.count(Instance.id))
+                    .join(Series, Instance.series_pk == Series.id)
+                    .where(Series.created_by_us.is_(False))
+                )
+                or 0
+            )
+            jobs = {
+                k: v
+                for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))
+            }
             timings = [t for (t,) in s.execute(select(AnalysisJob.step_timings)) if t]
-            deliveries = {k: v for k, v in s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state))}
+            deliveries = {
+                k: v for k, v in s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state))
+            }
             attempts = list(s.execute(select(Delivery.state, Delivery.attempts)))
 
-        c = CounterMetricFamily("lesiontrack_instances_received", "DICOM instances received and stored (our own SEG/SR not counted)")
+        c = CounterMetricFamily(
+            "lesiontrack_instances_received", "DICOM instances received and stored (our own SEG/SR not counted)"
+        )
         c.add_metric([], float(instances))
         yield c
 
@@ -53,8 +66,7 @@ class DatabaseCollector:
                 if isinstance(seconds, (int, float)):
                     sums[step] = sums.get(step, 0.0) + float(seconds)
                     counts[step] = counts.get(step, 0) + 1
-        sm = SummaryMetricFamily("lesiontrack_job_step_duration_seconds", "Duration of analysis steps",
-                                 labels=["step"])
+        sm = SummaryMetricFamily("lesiontrack_job_step_duration_seconds", "Duration of analysis steps", labels=["step"])
         for step in sorted(sums):
             sm.add_metric([step], count_value=counts[step], sum_value=sums[step])
         yield sm

@@ -26,7 +26,7 @@ class JobControl(Protocol):
 class JobStoreControl:
     """:class:`JobControl` on top of the persisted job state machine."""
 
-    def __init__(self, store: "JobStore", actor: str = "api") -> None:
+    def __init__(self, store: JobStore, actor: str = "api") -> None:
         self.store = store
         self.actor = actor
 

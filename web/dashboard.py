@@ -1,6 +1,6 @@
 """Server-rendered dashboard (Jinja2, no external assets): job queue with retry, patient list, per-patient lesion
 timeline with thumbnails and plots, job detail. Browsers log in with an API key on ``/login`` (see
-:mod:`pipeline.web.auth`); the queue page refreshes itself from ``/api/jobs`` with a few lines of local JavaScript."""
+:mod:`web.auth`); the queue page refreshes itself from ``/api/jobs`` with a few lines of local JavaScript."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from sqlalchemy import func, select
 from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Study
 from db.repository import audit
 from db.session import session_scope
+from pipeline.history import build_timeline
 from pipeline.recist import RecistRules
-from pipeline.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
-from pipeline.web.timeline import build_timeline
+from web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
 
 
 def _recist_rules(request: Request) -> RecistRules:
     """The RECIST thresholds of the running service's ``[recist]`` settings."""
     return RecistRules.from_settings(request.app.state.settings.recist)
+
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
@@ -83,8 +84,15 @@ async def login(request: Request) -> Response:
     with session_scope(request.app.state.session_factory) as s:
         audit(s, principal.actor, "dashboard.login", "api_key", principal.name)
     resp = RedirectResponse(next_url, status_code=303)
-    resp.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, httponly=True, samesite="strict",
-                    secure=request.url.scheme == "https", path="/")
+    resp.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
     return resp
 
 
@@ -106,15 +114,36 @@ def queue(request: Request, state: str | None = None, msg: str | None = None) ->
             except ValueError as exc:
                 raise HTTPException(status_code=400, detail=f"unknown job state {state!r}") from exc
         jobs = list(s.scalars(q))
-        counts = {k: v for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))}
-        rows = [{"id": j.id, "series": j.followup_series_uid, "patient_pk": j.patient_pk,
-                 "state": j.state.value, "step": j.step or "", "attempts": j.attempts, "error": j.error or "",
-                 "created": j.created_at, "finished": j.finished_at,
-                 "seconds": sum(v for v in (j.step_timings or {}).values() if isinstance(v, (int, float))),
-                 "retryable": j.state in (JobState.FAILED, JobState.DONE, JobState.NOTHING_TO_TRACK)}
-                for j in jobs]
-    return _render(request, "jobs.html", user, jobs=rows, counts={st.value: counts.get(st, 0) for st in JobState},
-                   state=state or "", msg=msg, can_retry=user.allows("operator"))
+        counts = {
+            k: v
+            for k, v in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state))
+        }
+        rows = [
+            {
+                "id": j.id,
+                "series": j.followup_series_uid,
+                "patient_pk": j.patient_pk,
+                "state": j.state.value,
+                "step": j.step or "",
+                "attempts": j.attempts,
+                "error": j.error or "",
+                "created": j.created_at,
+                "finished": j.finished_at,
+                "seconds": sum(v for v in (j.step_timings or {}).values() if isinstance(v, (int, float))),
+                "retryable": j.state in (JobState.FAILED, JobState.DONE, JobState.NOTHING_TO_TRACK),
+            }
+            for j in jobs
+        ]
+    return _render(
+        request,
+        "jobs.html",
+        user,
+        jobs=rows,
+        counts={st.value: counts.get(st, 0) for st in JobState},
+        state=state or "",
+        msg=msg,
+        can_retry=user.allows("operator"),
+    )
 
 
 @router.post("/jobs/{job_id}/retry")
@@ -126,7 +155,7 @@ async def retry_from_dashboard(request: Request, job_id: int) -> Response:
         raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
     if not user.allows("operator"):
         raise HTTPException(status_code=403, detail=f"role '{user.role}' may not retry jobs")
-    from pipeline.web.api import retry_job
+    from web.api import retry_job
 
     result = retry_job(request, job_id, user)
     return RedirectResponse(f"/?msg={quote(result.detail)}", status_code=303)
@@ -135,7 +164,7 @@ async def retry_from_dashboard(request: Request, job_id: int) -> Response:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: int) -> HTMLResponse:
     user = _user(request)
-    from pipeline.web.api import get_job
+    from web.api import get_job
 
     job = get_job(request, job_id)
     return _render(request, "job.html", user, job=job, can_retry=user.allows("operator"))
@@ -147,10 +176,15 @@ def patients_page(request: Request) -> HTMLResponse:
     with session_scope(request.app.state.session_factory) as s:
         rows = []
         for p in s.scalars(select(Patient).order_by(Patient.id)):
-            rows.append({"id": p.id, "patient_id": p.patient_id,
-                         "studies": s.scalar(select(func.count(Study.id)).where(Study.patient_pk == p.id)),
-                         "lesions": s.scalar(select(func.count(Lesion.id)).where(Lesion.patient_pk == p.id)),
-                         "latest": s.scalar(select(func.max(Study.study_date)).where(Study.patient_pk == p.id))})
+            rows.append(
+                {
+                    "id": p.id,
+                    "patient_id": p.patient_id,
+                    "studies": s.scalar(select(func.count(Study.id)).where(Study.patient_pk == p.id)),
+                    "lesions": s.scalar(select(func.count(Lesion.id)).where(Lesion.patient_pk == p.id)),
+                    "latest": s.scalar(select(func.max(Study.study_date)).where(Study.patient_pk == p.id)),
+                }
+            )
     return _render(request, "patients.html", user, patients=rows)
 
 
@@ -164,8 +198,7 @@ def timeline_page(request: Request, patient_pk: int) -> HTMLResponse:
         tl = build_timeline(s, patient_pk, _recist_rules(request))
         subject = p.patient_id
         last_event = s.scalar(select(func.max(AuditEvent.id)))
-    return _render(request, "timeline.html", user, tl=tl, subject=subject, patient_pk=patient_pk,
-                   last_event=last_event)
+    return _render(request, "timeline.html", user, tl=tl, subject=subject, patient_pk=patient_pk, last_event=last_event)
 
 
 @router.get("/api-docs", response_class=HTMLResponse)
@@ -177,8 +210,15 @@ def api_docs(request: Request) -> HTMLResponse:
     for path, methods in spec.get("paths", {}).items():
         for method, op in methods.items():
             params = [f"{p['name']} ({p['in']})" for p in op.get("parameters", [])]
-            ops.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
-                        "tag": (op.get("tags") or [""])[0], "params": ", ".join(params),
-                        "operator": path.endswith(("/retry", "/reanalyse")),
-                        "open": path in ("/health", "/ready")})
+            ops.append(
+                {
+                    "method": method.upper(),
+                    "path": path,
+                    "summary": op.get("summary", ""),
+                    "tag": (op.get("tags") or [""])[0],
+                    "params": ", ".join(params),
+                    "operator": path.endswith(("/retry", "/reanalyse")),
+                    "open": path in ("/health", "/ready"),
+                }
+            )
     return _render(request, "api_docs.html", user, ops=ops, version=spec.get("info", {}).get("version"))

@@ -40,12 +40,13 @@ def _crop(mask: Array, margin_vox: Array) -> tuple[slice, ...] | None:
     idx = np.nonzero(mask)
     if not idx[0].size:
         return None
-    return tuple(slice(max(0, int(i.min()) - int(m)), min(n, int(i.max()) + int(m) + 1))
-                 for i, m, n in zip(idx, margin_vox, mask.shape))
+    return tuple(
+        slice(max(0, int(i.min()) - int(m)), min(n, int(i.max()) + int(m) + 1))
+        for i, m, n in zip(idx, margin_vox, mask.shape)
+    )
 
 
-def default_growth(rng: np.random.Generator, lesion_volume_mm3: float, amplitude: float | None = None
-                   ) -> GrowthParams:
+def default_growth(rng: np.random.Generator, lesion_volume_mm3: float, amplitude: float | None = None) -> GrowthParams:
     """Size-adapted parameters: bigger lesions get a wider σs and more stages."""
     r_eq = (3 * max(lesion_volume_mm3, 1.0) / (4 * np.pi)) ** (1 / 3)
     sigma = float(np.clip(2.0 + 0.3 * r_eq, 2.5, 5.5))
@@ -54,8 +55,9 @@ def default_growth(rng: np.random.Generator, lesion_volume_mm3: float, amplitude
     return GrowthParams(amp, stages, sigma)
 
 
-def grow_lesion(image: Volume, labels: Volume, label: int, params: GrowthParams, rng: np.random.Generator
-                ) -> tuple[Volume, Volume]:
+def grow_lesion(
+    image: Volume, labels: Volume, label: int, params: GrowthParams, rng: np.random.Generator
+) -> tuple[Volume, Volume]:
     """Grow (A > 0) or shrink (A < 0) lesion ``label`` in place-equivalent copies of ``image`` and ``labels``."""
     img = image.array.copy()
     lab = labels.array.copy()
@@ -90,8 +92,9 @@ def grow_lesion(image: Volume, labels: Volume, label: int, params: GrowthParams,
     return image.with_array(img), labels.with_array(lab)
 
 
-def remove_lesion(image: Volume, labels: Volume, label: int, rng: np.random.Generator, noise_hu: float = 12.0
-                  ) -> tuple[Volume, Volume]:
+def remove_lesion(
+    image: Volume, labels: Volume, label: int, rng: np.random.Generator, noise_hu: float = 12.0
+) -> tuple[Volume, Volume]:
     """Make a lesion vanish: fill its (slightly dilated) voxels with the dominant surrounding tissue, drop its label.
 
     The fill level is the histogram mode of a 5 mm shell around the lesion (so a node in fat becomes fat even if it
@@ -129,8 +132,16 @@ def remove_lesion(image: Volume, labels: Volume, label: int, rng: np.random.Gene
     return image.with_array(img), labels.with_array(lab)
 
 
-def insert_lesion(image: Volume, labels: Volume, label: int, center_mm: Array, radius_mm: float, hu: float,
-                  rng: np.random.Generator, noise_hu: float = 12.0) -> tuple[Volume, Volume]:
+def insert_lesion(
+    image: Volume,
+    labels: Volume,
+    label: int,
+    center_mm: Array,
+    radius_mm: float,
+    hu: float,
+    rng: np.random.Generator,
+    noise_hu: float = 12.0,
+) -> tuple[Volume, Volume]:
     """Insert a new lobulated lesion (label ``label``) of attenuation ``hu`` with partial-volume edges."""
     img = image.array.copy()
     lab = labels.array.copy()

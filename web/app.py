@@ -1,6 +1,6 @@
 """The FastAPI application of ``lesiontrack serve``: health/readiness, Prometheus metrics, the JSON API and the
 server-rendered dashboard. Built by :func:`create_app`; the composition root passes settings, a session factory and
-a :class:`pipeline.web.jobcontrol.JobControl` (None = read-only deployment: retry/re-analyse answer 503)."""
+a :class:`web.jobcontrol.JobControl` (None = read-only deployment: retry/re-analyse answer 503)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from pipeline.web import api, dashboard, metrics
-from pipeline.web.auth import KeyRing, require_read
-from pipeline.web.images import ImageService
-from pipeline.web.jobcontrol import JobControl
-from pipeline.web.schemas import Health
+from web import api, dashboard, metrics
+from web.auth import KeyRing, require_read
+from web.images import ImageService
+from web.jobcontrol import JobControl
+from web.schemas import Health
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -32,21 +32,29 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(settings: Settings, session_factory: sessionmaker[Session], job_control: JobControl | None = None,
-               *, thumbnail_cache: Path | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    job_control: JobControl | None = None,
+    *,
+    thumbnail_cache: Path | None = None,
+) -> FastAPI:
     """Build the app. ``thumbnail_cache`` defaults to ``<data_dir>/thumbnails``."""
     app = FastAPI(
         title="LesionTrack",
         version=_version(),
-        description=("Longitudinal lesion tracking on CT: analysis jobs, patients → studies → series, lesions with "
-                     "their observations, RECIST timelines, read-centre exports and the audit trail.\n\n"
-                     "Authenticate with `X-API-Key: <key>` or `Authorization: Bearer <key>` (keys and roles in "
-                     "`http.api_keys`). Role `read` reads everything; `operator` may also retry and re-analyse. "
-                     "`/health` and `/ready` need no key."),
+        description=(
+            "Longitudinal lesion tracking on CT: analysis jobs, patients → studies → series, lesions with "
+            "their observations, RECIST timelines, read-centre exports and the audit trail.\n\n"
+            "Authenticate with `X-API-Key: <key>` or `Authorization: Bearer <key>` (keys and roles in "
+            "`http.api_keys`). Role `read` reads everything; `operator` may also retry and re-analyse. "
+            "`/health` and `/ready` need no key."
+        ),
         openapi_tags=[{"name": n} for n in ("health", "jobs", "patients", "lesions", "exports", "objects", "audit")],
         # FastAPI's Swagger UI / ReDoc pages load their scripts from a CDN; the dashboard serves its own offline
         # reference at /api-docs, built from /openapi.json.
-        docs_url=None, redoc_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory
@@ -61,9 +69,13 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], job_c
     def health() -> Health:
         return Health(status="ok", version=app.version)
 
-    @app.get("/ready", response_model=Health, tags=["health"],
-             summary="Readiness: the database answers and its schema is at the latest migration",
-             responses={503: {"model": Health}})
+    @app.get(
+        "/ready",
+        response_model=Health,
+        tags=["health"],
+        summary="Readiness: the database answers and its schema is at the latest migration",
+        responses={503: {"model": Health}},
+    )
     def ready() -> Response:
         from alembic.runtime.migration import MigrationContext
 
@@ -73,19 +85,29 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], job_c
             with session_factory() as s:
                 s.execute(text("SELECT 1"))
                 rev = MigrationContext.configure(s.connection()).get_current_revision()
-        except Exception as exc:  # noqa: BLE001 - any database failure means "not ready"
+        except Exception as exc:
             body = Health(status="not ready", database="unreachable", detail=type(exc).__name__)
             return JSONResponse(body.model_dump(), status_code=503)
         head = head_revision()
         if rev != head:
-            body = Health(status="not ready", database="ok", schema_revision=rev,
-                          detail=f"schema at {rev}, expected {head}: run `lesiontrack db upgrade`")
+            body = Health(
+                status="not ready",
+                database="ok",
+                schema_revision=rev,
+                detail=f"schema at {rev}, expected {head}: run `lesiontrack db upgrade`",
+            )
             return JSONResponse(body.model_dump(), status_code=503)
-        return JSONResponse(Health(status="ready", database="ok", schema_revision=rev,
-                                   version=app.version).model_dump())
+        return JSONResponse(
+            Health(status="ready", database="ok", schema_revision=rev, version=app.version).model_dump()
+        )
 
-    @app.get("/metrics", tags=["health"], response_class=Response, dependencies=[Depends(require_read)],
-             summary="Prometheus metrics (text exposition format; needs a read key)")
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        dependencies=[Depends(require_read)],
+        summary="Prometheus metrics (text exposition format; needs a read key)",
+    )
     def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -102,9 +124,10 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], job_c
         response.headers.setdefault("x-content-type-options", "nosniff")
         response.headers.setdefault("referrer-policy", "no-referrer")
         if response.headers.get("content-type", "").startswith("text/html"):
-            response.headers.setdefault("content-security-policy",
-                                        "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                        "script-src 'self'; frame-ancestors 'none'")
+            response.headers.setdefault(
+                "content-security-policy",
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+            )
         return response
 
     return app

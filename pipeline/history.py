@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 @dataclass
 class TimepointInfo:
     index: int
-    label: str                        # "Baseline", "FU1", ...
+    label: str  # "Baseline", "FU1", ...
     series_uid: str
     study_uid: str | None
-    study_date: str | None            # DICOM DA (YYYYMMDD)
+    study_date: str | None  # DICOM DA (YYYYMMDD)
     study_time: str | None
     job_id: int | None = None
     seg_uids: list[str] = field(default_factory=list)
@@ -76,8 +76,8 @@ class LesionRow:
     tracking_uid: str
     anatomic_site: str | None
     origin: str
-    role: str                         # "target", "non-target", "new" or "" (not assessed)
-    cells: list[Cell | None]          # aligned with PatientTimeline.timepoints
+    role: str  # "target", "non-target", "new" or "" (not assessed)
+    cells: list[Cell | None]  # aligned with PatientTimeline.timepoints
 
 
 @dataclass
@@ -122,19 +122,35 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
         raise KeyError(f"no patient with id {patient_pk}")
     lesions = list(session.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)))
     lesion_ids = [l.id for l in lesions]
-    observations = list(session.scalars(
-        select(LesionObservation).where(LesionObservation.lesion_pk.in_(lesion_ids)).order_by(LesionObservation.id)
-    )) if lesion_ids else []
+    observations = (
+        list(
+            session.scalars(
+                select(LesionObservation)
+                .where(LesionObservation.lesion_pk.in_(lesion_ids))
+                .order_by(LesionObservation.id)
+            )
+        )
+        if lesion_ids
+        else []
+    )
 
     series_uids = sorted({o.series_instance_uid for o in observations})
     info: dict[str, tuple[str | None, str | None, str | None]] = {}
     if series_uids:
         rows = session.execute(
             select(Series.series_instance_uid, Study.study_instance_uid, Study.study_date, Study.study_time)
-            .join(Study, Series.study_pk == Study.id).where(Series.series_instance_uid.in_(series_uids)))
+            .join(Study, Series.study_pk == Study.id)
+            .where(Series.series_instance_uid.in_(series_uids))
+        )
         info = {r[0]: (r[1], r[2], r[3]) for r in rows}
-    ordered = sorted(series_uids, key=lambda u: ((info.get(u, (None, None, None))[1] or "99999999"),
-                                                  (info.get(u, (None, None, None))[2] or ""), u))
+    ordered = sorted(
+        series_uids,
+        key=lambda u: (
+            (info.get(u, (None, None, None))[1] or "99999999"),
+            (info.get(u, (None, None, None))[2] or ""),
+            u,
+        ),
+    )
     timepoints: list[TimepointInfo] = []
     for i, uid in enumerate(ordered):
         study_uid, date, time = info.get(uid, (None, None, None))
@@ -147,22 +163,32 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
         latest[(o.lesion_pk, tp_index[o.series_instance_uid])] = o
 
     # Result objects per timepoint: observations' SEG UIDs, UIDs named in the job outputs, our SR/SEG series.
-    jobs = {j.followup_series_uid: j for j in session.scalars(
-        select(AnalysisJob).where(AnalysisJob.followup_series_uid.in_(series_uids)).order_by(AnalysisJob.id))}
+    jobs = {
+        j.followup_series_uid: j
+        for j in session.scalars(
+            select(AnalysisJob).where(AnalysisJob.followup_series_uid.in_(series_uids)).order_by(AnalysisJob.id)
+        )
+    }
     for tp in timepoints:
         found: dict[str, list[str]] = {"seg": [], "sr": []}
         job = jobs.get(tp.series_uid)
         if job is not None:
             tp.job_id = job.id
             _collect_uids(job.step_outputs or {}, ("seg", "sr"), found)
-        found["seg"].extend(o.seg_sop_instance_uid for (lp, ti), o in latest.items()
-                            if ti == tp.index and o.seg_sop_instance_uid)
+        found["seg"].extend(
+            o.seg_sop_instance_uid for (lp, ti), o in latest.items() if ti == tp.index and o.seg_sop_instance_uid
+        )
         if tp.study_uid:
             ours = session.execute(
-                select(Series.modality, Instance.sop_instance_uid).join(Instance, Instance.series_pk == Series.id)
+                select(Series.modality, Instance.sop_instance_uid)
+                .join(Instance, Instance.series_pk == Series.id)
                 .join(Study, Series.study_pk == Study.id)
-                .where(Study.study_instance_uid == tp.study_uid, Series.created_by_us.is_(True),
-                       Series.modality.in_(["SEG", "SR"])))
+                .where(
+                    Study.study_instance_uid == tp.study_uid,
+                    Series.created_by_us.is_(True),
+                    Series.modality.in_(["SEG", "SR"]),
+                )
+            )
             for modality, sop in ours:
                 found[modality.lower()].append(sop)
         tp.seg_uids = list(dict.fromkeys(found["seg"]))
@@ -174,11 +200,18 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
         for tp in timepoints:
             o = latest.get((lesion.id, tp.index))
             if o is not None:
-                cells[tp.index] = Cell(o.id, o.status.value if hasattr(o.status, "value") else str(o.status),
-                                       o.volume_mm3, o.long_axis_mm, o.short_axis_mm,
-                                       seg_sop_instance_uid=o.seg_sop_instance_uid, segment_number=o.segment_number,
-                                       engine=o.engine, job_id=o.job_pk,
-                                       is_node=bool((o.measurements or {}).get("is_node", False)))
+                cells[tp.index] = Cell(
+                    o.id,
+                    o.status.value if hasattr(o.status, "value") else str(o.status),
+                    o.volume_mm3,
+                    o.long_axis_mm,
+                    o.short_axis_mm,
+                    seg_sop_instance_uid=o.seg_sop_instance_uid,
+                    segment_number=o.segment_number,
+                    engine=o.engine,
+                    job_id=o.job_pk,
+                    is_node=bool((o.measurements or {}).get("is_node", False)),
+                )
         first = next((c for c in cells if c is not None), None)
         prev: Cell | None = None
         for c in cells:
@@ -191,9 +224,17 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
                 c.volume_change_prev_pct = _pct(_vol(c), _vol(prev))
             prev = c
         role = "" if lesion.is_target is None else ("target" if lesion.is_target else "non-target")
-        rows.append(LesionRow(lesion.id, lesion.tracking_id, lesion.tracking_uid, lesion.anatomic_site,
-                              lesion.origin.value if hasattr(lesion.origin, "value") else str(lesion.origin),
-                              role, cells))
+        rows.append(
+            LesionRow(
+                lesion.id,
+                lesion.tracking_id,
+                lesion.tracking_uid,
+                lesion.anatomic_site,
+                lesion.origin.value if hasattr(lesion.origin, "value") else str(lesion.origin),
+                role,
+                cells,
+            )
+        )
     timeline = PatientTimeline(patient_pk, timepoints, rows)
     _apply_recist(timeline, rules)
     return timeline
@@ -220,20 +261,34 @@ def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) 
             c = row.cells[tp.index]
             if c is None:
                 if tp.index > 0 and row.cells[0] is not None:
-                    items.append(recist.RecistLesion(row.tracking_uid, row.tracking_id, row.anatomic_site,
-                                                     status="not_evaluated"))
+                    items.append(
+                        recist.RecistLesion(
+                            row.tracking_uid, row.tracking_id, row.anatomic_site, status="not_evaluated"
+                        )
+                    )
                 continue
             status = c.status if c.status in ("present", "vanished", "new") else "present"
-            items.append(recist.RecistLesion(row.tracking_uid, row.tracking_id, row.anatomic_site, c.is_node, status,
-                                             c.long_axis_mm or 0.0, c.short_axis_mm or 0.0, c.volume_mm3 or 0.0))
+            items.append(
+                recist.RecistLesion(
+                    row.tracking_uid,
+                    row.tracking_id,
+                    row.anatomic_site,
+                    c.is_node,
+                    status,
+                    c.long_axis_mm or 0.0,
+                    c.short_axis_mm or 0.0,
+                    c.volume_mm3 or 0.0,
+                )
+            )
         per_tp.append(items)
     baseline_uids = {r.tracking_uid for r in per_tp[0]}
     override = None
     forced_t = [r.tracking_uid for r in tl.lesions if r.role == "target" and r.tracking_uid in baseline_uids]
     forced_n = [r.tracking_uid for r in tl.lesions if r.role == "non-target" and r.tracking_uid in baseline_uids]
     if forced_t or forced_n:
-        override = recist.TargetOverride(force_target=forced_t, force_non_target=forced_n, by="database",
-                                         reason="is_target recorded for the lesion")
+        override = recist.TargetOverride(
+            force_target=forced_t, force_non_target=forced_n, by="database", reason="is_target recorded for the lesion"
+        )
     try:
         assessment = recist.assess(per_tp, rules, override=override)
     except (ValueError, KeyError) as exc:

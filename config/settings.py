@@ -137,6 +137,15 @@ class EngineSettings(_Section):
     working_spacing_mm: float = Field(2.0, gt=0)
 
 
+class DetectionSettings(_Section):
+    """The search for new lesions in a follow-up (temporal subtraction against the registered prior); read by the
+    pipeline's detect step."""
+
+    new_lesions: bool = Field(True, description="look for new lesions; off → reports say 'new lesions: not assessed'")
+    min_diameter_mm: float = Field(5.0, gt=0, description="smallest candidate reported")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="candidates below this confidence are not reported")
+
+
 class RecistSettings(_Section):
     """RECIST 1.1 thresholds used for target selection and response (defaults from the RECIST 1.1 paper); a trial
     protocol that deviates sets them here. Read by ``pipeline.recist.RecistRules.from_settings``."""
@@ -209,6 +218,7 @@ class Settings(BaseSettings):
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
     recist: RecistSettings = Field(default_factory=RecistSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -57,6 +57,14 @@ class ObservationStatus(str, enum.Enum):
     NEW = "new"
 
 
+class CandidateState(str, enum.Enum):
+    """An operator's decision on a new-lesion candidate."""
+
+    UNCONFIRMED = "unconfirmed"
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+
+
 class JobState(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -233,6 +241,50 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NewLesionSearchRun(Base):
+    """One run of the new-lesion search on a follow-up series (by one job): that new lesions were looked for."""
+
+    __tablename__ = "new_lesion_search"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("analysis_job.id"), index=True)
+    detector: Mapped[str] = mapped_column(String(64))
+    detector_version: Mapped[str] = mapped_column(String(32))
+    candidates_found: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class NewLesionCandidate(Base):
+    """A focal finding in a follow-up that was not in the prior; unconfirmed until an operator decides."""
+
+    __tablename__ = "new_lesion_candidate"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_pk: Mapped[int] = mapped_column(ForeignKey("new_lesion_search.id"), index=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    tracking_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    tracking_id: Mapped[str] = mapped_column(String(64))
+    tissue: Mapped[str] = mapped_column(String(32))
+    centre_x_mm: Mapped[float] = mapped_column(Float)
+    centre_y_mm: Mapped[float] = mapped_column(Float)
+    centre_z_mm: Mapped[float] = mapped_column(Float)
+    volume_mm3: Mapped[float] = mapped_column(Float)
+    diameter_mm: Mapped[float] = mapped_column(Float)
+    mean_hu: Mapped[float] = mapped_column(Float)
+    contrast_hu: Mapped[float] = mapped_column(Float)
+    confidence: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[list[Any]] = mapped_column(JSON)
+    mask_path: Mapped[str] = mapped_column(Text)  # .npy of the mask on the follow-up CT grid
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    segment_number: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[CandidateState] = mapped_column(_enum(CandidateState), default=CandidateState.UNCONFIRMED)
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class AuditEvent(Base):

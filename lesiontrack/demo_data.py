@@ -100,7 +100,13 @@ def make_patient(
     n_followups: int = 2,
     changes: bool = True,
     synth_seed: int = 2,
+    new_lesions: dict[int, list[tuple[str, float, float]]] | None = None,
+    motion: bool = True,
 ) -> DemoPatient:
+    """``new_lesions``: follow-up index (1-based) → [(organ, diameter mm, HU)] of lesions that appear there and were
+    not in the baseline (nothing marks them: only a new-lesion search can find them); recorded in ``truth``.
+    ``motion=False`` (with ``changes=False``): follow-ups on the baseline's exact position (tests that need no
+    registration)."""
     from pydicom.uid import generate_uid
 
     from synthetic.phantom import make_phantom
@@ -144,7 +150,11 @@ def make_patient(
         )
         for tp in synth.timepoints[1:]:
             t = tp.index
-            followups.append(_write(tp.ct, out_dir / f"followup{t}", patient_id, dates[t], f"follow-up {t}", t + 1))
+            ct, labels = tp.ct, tp.labels
+            if new_lesions and t in new_lesions and tp.transform is not None:
+                for spec in new_lesions[t]:
+                    ct, labels = _insert_new_lesion(ct, labels, tp.transform, ph, spec, truth, t, seed)
+            followups.append(_write(ct, out_dir / f"followup{t}", patient_id, dates[t], f"follow-up {t}", t + 1))
             truth["timepoints"].append(
                 {"index": t, "lesions": {k: v.to_dict() for k, v in tp.lesions.items()}, "changes": tp.changes}
             )
@@ -153,8 +163,53 @@ def make_patient(
 
         rng = np.random.default_rng([seed, 98])
         for t in range(1, n_followups + 1):
-            tr = random_patient_motion(rng, ph.ct, rotation_deg=2.0, translation_mm=6.0, elastic_mm=2.0)
+            scale = 1.0 if motion else 0.0
+            tr = random_patient_motion(
+                rng, ph.ct, rotation_deg=2.0 * scale, translation_mm=6.0 * scale, elastic_mm=2.0 * scale
+            )
             ct = apply_transform(ph.ct, tr, ph.ct)
+            if new_lesions and t in new_lesions:
+                labels = apply_transform(ph.lesions, tr, ph.ct, label=True)
+                for spec in new_lesions[t]:
+                    ct, labels = _insert_new_lesion(ct, labels, tr, ph, spec, truth, t, seed)
             followups.append(_write(ct, out_dir / f"followup{t}", patient_id, dates[t], f"follow-up {t}", t + 1))
             truth["timepoints"].append({"transform": "motion only"})
     return DemoPatient(patient_id, baseline, seg, followups, lesions, truth)
+
+
+def _insert_new_lesion(
+    ct: Any,
+    lesion_labels: Any,
+    transform: Any,
+    ph: Any,
+    spec: tuple[str, float, float],
+    truth: dict[str, Any],
+    index: int,
+    seed: int,
+) -> tuple[Any, Any]:
+    """Put a new lesion of ``spec`` = (organ, diameter mm, HU) deep inside that organ of the follow-up, away from
+    the tracked lesions; its centre and size go into ``truth['new_lesions']``."""
+    from scipy import ndimage
+
+    from synthetic.lesion_change import insert_lesion
+    from synthetic.phantom import ORGANS
+    from synthetic.transforms import apply_transform
+
+    organ, diameter_mm, hu = spec
+    organs = apply_transform(ph.organs, transform, ct, label=True)
+    inside = organs.array == ORGANS[organ]
+    away = ndimage.distance_transform_edt(lesion_labels.array == 0, sampling=ct.spacing[::-1])
+    depth = ndimage.distance_transform_edt(inside, sampling=ct.spacing[::-1])
+    score = np.where(away > diameter_mm * 2, depth, 0.0)
+    if score.max() <= diameter_mm / 2:
+        raise ValueError(f"no room for a {diameter_mm} mm lesion in the {organ} of follow-up {index}")
+    k, j, i = np.unravel_index(int(np.argmax(score)), score.shape)
+    centre = ct.index_to_patient(np.array([i, j, k], float))
+    label = int(lesion_labels.array.max()) + 100
+    new_ct, new_labels = insert_lesion(
+        ct, lesion_labels, label, centre, diameter_mm / 2, hu, np.random.default_rng([seed, index, label])
+    )
+    truth.setdefault("new_lesions", []).append(
+        {"followup": index, "organ": organ, "diameter_mm": diameter_mm, "centre_mm": [float(v) for v in centre]}
+    )
+    return new_ct, new_labels

@@ -162,6 +162,7 @@ class RecistRecord(Record):
     change_from_baseline_pct: float | None
     best_overall_response: str
     targets: list[str]
+    new_lesions: str = "not assessed"  # what the report states (TimepointResponse.new_lesions_text)
 
 
 # -- one output model per step ----------------------------------------------------------------------------------
@@ -215,6 +216,30 @@ class TrackOutput(PipelineOutput):
     lesions: list[TrackedLesionRecord]
 
 
+class CandidateRecord(Record):
+    """One new-lesion candidate as recorded in the detect step's output."""
+
+    tracking_uid: str
+    tracking_id: str
+    tissue: str
+    centre_mm: tuple[float, float, float]
+    volume_mm3: float
+    diameter_mm: float
+    confidence: float
+    reasons: list[str]
+
+
+class DetectOutput(PipelineOutput):
+    step: ClassVar[str] = "detect_new_lesions"
+    ran: bool
+    detector: str | None = None
+    version: str | None = None
+    note: str | None = None
+    candidates: list[CandidateRecord] = Field(default_factory=list)
+    confirmed_added: list[str] = Field(default_factory=list)  # Tracking UIDs of confirmed candidates now tracked
+    rejected_excluded: int = 0
+
+
 class MeasureOutput(PipelineOutput):
     step: ClassVar[str] = "measure"
     timepoints: list[TimepointRef]
@@ -250,6 +275,7 @@ PIPELINE_OUTPUTS: tuple[type[PipelineOutput], ...] = (
     LoadVolumesOutput,
     RegisterOutput,
     TrackOutput,
+    DetectOutput,
     MeasureOutput,
     WriteSegSrOutput,
     SendOutput,
@@ -277,6 +303,7 @@ class JobResults:
     match: MatchPriorsOutput | None
     register: RegisterOutput | None
     track: TrackOutput | None
+    detect: DetectOutput | None
     measure: MeasureOutput | None
     written: WriteSegSrOutput | None
     sent: SendOutput | None
@@ -300,6 +327,7 @@ def job_results(step_outputs: Mapping[str, Any] | None) -> JobResults:
         read_output(out, MatchPriorsOutput),
         read_output(out, RegisterOutput),
         read_output(out, TrackOutput),
+        read_output(out, DetectOutput),
         read_output(out, MeasureOutput),
         read_output(out, WriteSegSrOutput),
         read_output(out, SendOutput),
@@ -316,6 +344,26 @@ class LoadedInputs:
     prompts: list[Prompt]
     prior: PriorTimepoint
     followup_files: list[Path]
+
+
+@dataclass
+class Candidate:
+    """A new-lesion candidate of this attempt, with its mask on the follow-up grid (detect step)."""
+
+    record: CandidateRecord
+    mask: Volume
+    mean_hu: float
+    contrast_hu: float
+
+
+@dataclass
+class NewLesionSearchResult:
+    """Whether the new-lesion search ran on the follow-up, and what it proposed."""
+
+    ran: bool
+    detector: str = ""
+    version: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 @dataclass
@@ -337,6 +385,7 @@ class AnalysisState:
     inputs: LoadedInputs | None = None
     registration: Registration | None = None
     timepoints: list[Timepoint] | None = None
+    search: NewLesionSearchResult | None = None
     measured: Measured | None = None
 
     def need_inputs(self) -> LoadedInputs:
@@ -347,6 +396,9 @@ class AnalysisState:
 
     def need_timepoints(self) -> list[Timepoint]:
         return _need(self.timepoints, "track")
+
+    def need_search(self) -> NewLesionSearchResult:
+        return _need(self.search, "detect_new_lesions")
 
     def need_measured(self) -> Measured:
         return _need(self.measured, "measure")

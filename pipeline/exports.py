@@ -100,6 +100,14 @@ RS_COLUMNS = [
     "RSDTC",
 ]
 
+# New Lesion Indicator by what was assessed: no "N" unless the follow-up was searched and nothing was found.
+NEWLIND = {
+    "yes (confirmed)": "Y",
+    "no candidates found": "N",
+    "unconfirmed candidates": "EQUIVOCAL",
+    "not assessed": "NE",
+}
+
 EVALUATOR = "ALGORITHM"  # results come from LesionTrack, not a human reader
 METHOD = "CT SCAN"
 
@@ -137,7 +145,7 @@ def lesion_rows(tl: PatientTimeline, subject_id: str) -> list[dict[str, Any]]:
                     "sum_of_diameters_mm": tp.sum_of_diameters_mm,
                     "target_response": tp.target_response,
                     "non_target_response": tp.non_target_response,
-                    "new_lesions": tp.new_lesions,
+                    "new_lesions": tp.new_lesions_text,
                     "overall_response": tp.overall_response,
                     "seg_sop_instance_uid": c.seg_sop_instance_uid,
                     "segment_number": c.segment_number,
@@ -251,7 +259,7 @@ def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONT
         for code, name, value in [
             ("TRGRESP", "Target Response", tp.target_response),
             ("NTRGRESP", "Non-target Response", tp.non_target_response),
-            ("NEWLIND", "New Lesion Indicator", None if tp.new_lesions is None else ("Y" if tp.new_lesions else "N")),
+            ("NEWLIND", "New Lesion Indicator", NEWLIND.get(tp.new_lesion_state or "")),
             ("OVRLRESP", "Overall Response", tp.overall_response),
         ]:
             if value is None:

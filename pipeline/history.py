@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.models import AnalysisJob, Instance, Lesion, LesionObservation, Patient, Series, Study
 from pipeline import recist
+from pipeline.candidates import CandidateView, latest_candidates, search_states
 from pipeline.contract import job_results
 from pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
 
@@ -41,6 +42,8 @@ class TimepointInfo:
     target_response: str | None = None
     non_target_response: str | None = None
     new_lesions: bool | None = None
+    new_lesion_state: str | None = None  # not assessed / no candidates found / unconfirmed candidates / confirmed
+    new_lesions_text: str | None = None  # what the report says, e.g. "2 unconfirmed candidates"
     overall_response: str | None = None
     volumetric_response: str | None = None
 
@@ -93,11 +96,15 @@ class PatientTimeline:
     lesions: list[LesionRow]
     best_overall_response: str | None = None
     recist_error: str | None = None
+    candidates: list[CandidateView] = field(default_factory=list)  # of each timepoint's latest new-lesion search
     assessment: recist.RecistAssessment | None = field(default=None, repr=False)  # not exported (to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("assessment", None)
+        for c in d["candidates"]:
+            c["state"] = c["state"].value
+            c["decided_at"] = c["decided_at"].isoformat() if c["decided_at"] else None
         for tp, tpd in zip(self.timepoints, d["timepoints"], strict=True):
             tpd["date_iso"] = tp.date_iso
         for row in d["lesions"]:
@@ -140,6 +147,7 @@ class PendingTimepoint:
     slice_thickness_mm: float | None
     measurements: Sequence[LesionMeasurement]
     replace: bool = True
+    search: recist.NewLesionSearch | None = None  # this job's new-lesion search (None: keep what is stored)
 
 
 def _pct(value: float | None, ref: float | None) -> float | None:
@@ -224,8 +232,12 @@ def build_timeline(
         _fill_changes(row_cells)
         role = "" if is_target is None else ("target" if is_target else "non-target")
         rows.append(LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells))
-    timeline = PatientTimeline(patient_pk, timepoints, rows)
-    _apply_recist(timeline, rules)
+    searches = search_states(session, ordered)
+    for p in pending:
+        if p.search is not None:
+            searches[p.series_uid] = p.search
+    timeline = PatientTimeline(patient_pk, timepoints, rows, candidates=latest_candidates(session, ordered))
+    _apply_recist(timeline, rules, [searches.get(tp.series_uid) for tp in timepoints])
     return timeline
 
 
@@ -374,7 +386,11 @@ def _recist_lesion(row: LesionRow, c: Cell) -> recist.RecistLesion:
     )
 
 
-def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) -> None:
+def _apply_recist(
+    tl: PatientTimeline,
+    rules: recist.RecistRules | None = None,
+    searches: Sequence[recist.NewLesionSearch | None] = (),
+) -> None:
     """RECIST 1.1 per timepoint; targets from ``Lesion.is_target`` where stored, else chosen at baseline with the
     baseline's slice thickness (the job that measures the baseline stores that choice)."""
     if not tl.timepoints or not tl.lesions:
@@ -404,7 +420,11 @@ def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) 
         )
     try:
         assessment = recist.assess(
-            per_tp, rules, slice_thickness_mm=tl.timepoints[0].slice_thickness_mm, override=override
+            per_tp,
+            rules,
+            slice_thickness_mm=tl.timepoints[0].slice_thickness_mm,
+            override=override,
+            new_lesion_search=searches,
         )
     except (ValueError, KeyError) as exc:
         tl.recist_error = str(exc)
@@ -418,6 +438,8 @@ def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) 
         tp.target_response = d.get("target_response")
         tp.non_target_response = d.get("non_target_response")
         tp.new_lesions = d.get("new_lesions")
+        tp.new_lesion_state = d.get("new_lesion_state") if tp.index > 0 else None
+        tp.new_lesions_text = d.get("new_lesions_text") if tp.index > 0 else None
         tp.overall_response = d.get("overall_response")
         tp.volumetric_response = d.get("volumetric_response")
     tl.best_overall_response = assessment.best_overall_response.value

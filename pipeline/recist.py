@@ -6,6 +6,11 @@ Inputs are :class:`RecistLesion` records per lesion per timepoint (usually built
 :class:`RecistRules` (configurable). Target selection can be overridden; each decision (automatic or override) is
 recorded with its reason in :class:`TargetSelection`. Every output is a JSON-serialisable dataclass.
 
+New lesions are reported only as far as they were looked for (:class:`NewLesionSearch` per timepoint): "not
+assessed" when no search ran — then no CR/PR/SD is declared (overall NE unless targets or non-targets already give
+PD); "no candidates found"; "N unconfirmed candidates" — equivocal, followed, not PD by themselves (RECIST 1.1
+section 4.3.2: PD is declared once a new lesion is confirmed); "yes (confirmed)" — PD.
+
 Conventions: a lesion *present* but measuring below ``too_small_below_mm`` counts as ``too_small_default_mm`` (5 mm,
 RECIST "too small to measure"); a *vanished* lesion counts 0 mm; lymph nodes always contribute their short axis
 (even below 10 mm). Non-target PD is a qualitative reader call ("unequivocal progression") and is therefore an input
@@ -46,6 +51,27 @@ class RecistRules(RecistSettings):
         if slice_thickness_mm is not None and slice_thickness_mm > self.max_slice_thickness_mm:
             return max(self.min_long_axis_mm, self.min_long_axis_slice_factor * slice_thickness_mm)
         return self.min_long_axis_mm
+
+
+class NewLesionState(str, Enum):
+    """What a report may say about new lesions at one timepoint."""
+
+    NOT_ASSESSED = "not assessed"
+    NONE_FOUND = "no candidates found"
+    CANDIDATES = "unconfirmed candidates"
+    CONFIRMED = "yes (confirmed)"
+
+
+@dataclass(frozen=True)
+class NewLesionSearch:
+    """Whether the new-lesion search ran on a timepoint and how many of its candidates await a decision."""
+
+    ran: bool
+    unconfirmed: int = 0
+
+    @classmethod
+    def not_run(cls) -> NewLesionSearch:
+        return cls(False)
 
 
 @dataclass
@@ -224,19 +250,32 @@ class TimepointResponse:
     change_from_nadir_mm: float | None
     target_response: Response
     non_target_response: Response
-    new_lesions: bool
+    new_lesions: bool  # a confirmed new lesion (tracked, not seen at baseline)
     overall_response: Response
     sum_of_volumes_mm3: float | None = None
     volume_change_from_baseline_pct: float | None = None
     volume_change_from_nadir_pct: float | None = None
     volumetric_response: Response | None = None
     notes: list[str] = field(default_factory=list)
+    new_lesion_state: NewLesionState = NewLesionState.NOT_ASSESSED
+    new_lesion_candidates: int = 0  # unconfirmed candidates at this timepoint
+
+    @property
+    def new_lesions_text(self) -> str:
+        """The report's new-lesion statement: only what was assessed."""
+        if self.index == 0:
+            return "baseline"
+        if self.new_lesion_state is NewLesionState.CANDIDATES:
+            n = self.new_lesion_candidates
+            return f"{n} unconfirmed candidate{'s' if n != 1 else ''}"
+        return self.new_lesion_state.value
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k, v in d.items():
-            if isinstance(v, Response):
+            if isinstance(v, Enum):
                 d[k] = v.value
+        d["new_lesions_text"] = self.new_lesions_text
         return d
 
 
@@ -266,11 +305,13 @@ def assess(
     slice_thickness_mm: float | None = None,
     override: TargetOverride | None = None,
     non_target_progression: Sequence[bool] | None = None,
+    new_lesion_search: Sequence[NewLesionSearch | None] | None = None,
 ) -> RecistAssessment:
     """Assess a series of timepoints (oldest first; the first is the baseline).
 
-    Lesions at a follow-up whose Tracking UID was not seen at baseline (or whose status is "new") are new lesions.
-    ``non_target_progression[i]`` is the reader's "unequivocal non-target progression" flag for timepoint ``i``.
+    Lesions at a follow-up whose Tracking UID was not seen at baseline (or whose status is "new") are confirmed new
+    lesions. ``non_target_progression[i]`` is the reader's "unequivocal non-target progression" flag for timepoint
+    ``i``; ``new_lesion_search[i]`` says whether new lesions were looked for there (missing → not assessed).
     """
     rules = rules or RecistRules()
     if not timepoints:
@@ -281,6 +322,7 @@ def assess(
     targets, non_targets = selection.targets, selection.non_targets
     baseline_uids = {b.tracking_uid for b in baseline}
     flags = list(non_target_progression or [])
+    searches = list(new_lesion_search or [])
 
     sums: list[float | None] = []
     vols: list[float | None] = []
@@ -361,7 +403,23 @@ def assess(
         else:
             nt_resp = Response.NON_CR_NON_PD
 
-        overall = Response.NE if idx == 0 else _overall(target_resp, nt_resp, new)
+        search = searches[idx] if idx < len(searches) else None
+        if new:
+            new_state = NewLesionState.CONFIRMED
+        elif search is None or not search.ran:
+            new_state = NewLesionState.NOT_ASSESSED
+        elif search.unconfirmed:
+            new_state = NewLesionState.CANDIDATES
+        else:
+            new_state = NewLesionState.NONE_FOUND
+        if idx > 0 and new_state is NewLesionState.NOT_ASSESSED:
+            notes.append("new lesions not assessed: no CR/PR/SD can be declared")
+        if idx > 0 and new_state is NewLesionState.CANDIDATES:
+            notes.append(
+                f"{search.unconfirmed if search else 0} equivocal new-lesion candidate(s): follow up; "
+                "PD only once confirmed"
+            )
+        overall = Response.NE if idx == 0 else _overall(target_resp, nt_resp, new_state)
 
         # volumetric secondary readout (sum of target volumes)
         vresp: Response | None = None
@@ -398,16 +456,21 @@ def assess(
                 else _pct(vol_total, v_base),
                 volume_change_from_nadir_pct=None if vol_total is None or nadir_v is None else _pct(vol_total, nadir_v),
                 volumetric_response=vresp,
+                new_lesion_state=new_state if idx > 0 else NewLesionState.NOT_ASSESSED,
+                new_lesion_candidates=(search.unconfirmed if search and search.ran else 0) if idx > 0 else 0,
                 notes=notes,
             )
         )
     return RecistAssessment(selection, results, best_overall_response(results))
 
 
-def _overall(target: Response, non_target: Response, new: bool) -> Response:
-    """RECIST 1.1 table 1 (targets present) and table 2 (non-target disease only)."""
-    if new or target is Response.PD or non_target is Response.PD:
+def _overall(target: Response, non_target: Response, new: NewLesionState) -> Response:
+    """RECIST 1.1 table 1 (targets present) and table 2 (non-target disease only); every CR/PR/SD/Non-CR/Non-PD row
+    of those tables needs "new lesions: no", so without a search for them only PD or NE can be stated."""
+    if new is NewLesionState.CONFIRMED or target is Response.PD or non_target is Response.PD:
         return Response.PD
+    if new is NewLesionState.NOT_ASSESSED:
+        return Response.NE
     if target is Response.ND:  # table 2
         if non_target is Response.ND:
             return Response.ND

@@ -38,7 +38,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from pipeline.measurements import Axis, LesionChanges, LesionMeasurement
-from pipeline.recist import Response, TimepointResponse
+from pipeline.recist import NewLesionState, Response, TimepointResponse
 from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, SegWriteResult, anatomic_code, sort_source_slices
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,14 @@ class LT:
     YES = _local("LT034", "Yes")
     NO = _local("LT035", "No")
     RECIST_DIAMETER = _local("LT040", "RECIST diameter")
+    NOT_EVALUATED = _local("LT041", "Not evaluated")
+    NONE_OF_KIND = _local("LT042", "No lesions of this kind")
+    NEW_NOT_ASSESSED = _local("LT043", "Not assessed")
+    NEW_NONE_FOUND = _local("LT044", "No candidates found")
+    NEW_CANDIDATES = _local("LT045", "Unconfirmed candidates (equivocal)")
+    CANDIDATE_COUNT = _local("LT046", "Number of unconfirmed new-lesion candidates")
+    CANDIDATE = _local("LT047", "Unconfirmed new-lesion candidate")
+    CONFIDENCE = _local("LT048", "Detection confidence")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -101,7 +109,16 @@ BASELINE_CATEGORY_CODES: dict[str, Code] = {
     "non-target": codes.DCM.NonTargetLesionAtBaseline,
     "normal node": codes.DCM.NonLesionAtBaseline,
 }
-STATUS_CODES = {"present": LT.PRESENT, "vanished": LT.VANISHED, "new": LT.NEW}
+STATUS_CODES = {"present": LT.PRESENT, "vanished": LT.VANISHED, "new": LT.NEW, "candidate": LT.CANDIDATE}
+NEW_LESION_CODES: dict[NewLesionState, Code] = {
+    NewLesionState.NOT_ASSESSED: LT.NEW_NOT_ASSESSED,
+    NewLesionState.NONE_FOUND: LT.NEW_NONE_FOUND,
+    NewLesionState.CANDIDATES: LT.NEW_CANDIDATES,
+    NewLesionState.CONFIRMED: LT.YES,
+}
+# A response that was not evaluated, or a kind of lesion the patient has none of, is stated as such (never omitted).
+UNASSESSED_CODES: dict[Response, Code] = {Response.NE: LT.NOT_EVALUATED, Response.ND: LT.NONE_OF_KIND}
+ONE = codes.UCUM.NoUnits
 MM, MM3, PCT, HU = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter, codes.UCUM.Percent, codes.UCUM.HounsfieldUnit
 CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_ABS, "nadir": LT.CHANGE_NADIR_ABS}
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
@@ -427,11 +444,16 @@ def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.Cont
         return hd.sr.NumContentItem(name=name, value=float(value), unit=unit, relationship_type=contains)
 
     items: list = [code(codes.DCM.ResponseEvaluationMethod, codes.DCM.RECIST1Point1)]
-    if r.target_response in TARGET_CODES:
-        items.append(code(LT.TARGET_RESPONSE, TARGET_CODES[r.target_response]))
-    if r.non_target_response in NON_TARGET_CODES:
-        items.append(code(LT.NON_TARGET_RESPONSE, NON_TARGET_CODES[r.non_target_response]))
-    items.append(code(LT.NEW_LESIONS, LT.YES if r.new_lesions else LT.NO))
+    target = TARGET_CODES.get(r.target_response) or UNASSESSED_CODES.get(r.target_response)
+    if target is not None:
+        items.append(code(LT.TARGET_RESPONSE, target))
+    non_target = NON_TARGET_CODES.get(r.non_target_response) or UNASSESSED_CODES.get(r.non_target_response)
+    if non_target is not None:
+        items.append(code(LT.NON_TARGET_RESPONSE, non_target))
+    # new lesions: only what was assessed (never "No" when nobody looked)
+    items.append(code(LT.NEW_LESIONS, NEW_LESION_CODES[r.new_lesion_state]))
+    if r.new_lesion_state is NewLesionState.CANDIDATES:
+        items.append(num(LT.CANDIDATE_COUNT, r.new_lesion_candidates, ONE))
     items.append(code(codes.DCM.CurrentResponse, OVERALL_CODES[r.overall_response]))
     if best is not None:
         items.append(code(codes.DCM.BestOverallResponse, OVERALL_CODES[best]))

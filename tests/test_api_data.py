@@ -24,6 +24,7 @@ from db.models import (
     Lesion,
     LesionObservation,
     LesionOrigin,
+    NewLesionSearchRun,
     ObservationStatus,
     RoutingDecision,
     SeriesState,
@@ -93,7 +94,7 @@ def build_patient(
     """Measure, assess, write SEG+SR for each timepoint (``tests.segsr_fixtures.SyntheticTimepoint``-like objects
     with ``ct``, ``datasets``, ``files``, ``lesions``, ``study_uid``, ``series_uid``) and persist everything."""
     from pipeline.measurements import lesion_changes, measure_lesion
-    from pipeline.recist import RecistLesion, assess
+    from pipeline.recist import NewLesionSearch, RecistLesion, assess
     from pipeline.seg_writer import save_new, write_seg
     from pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
@@ -120,7 +121,7 @@ def build_patient(
         for uid in set(history) | set(meas):
             history.setdefault(uid, [None] * t).append(meas.get(uid))
         per_tp_recist.append([RecistLesion.from_measurement(m) for m in meas.values()])
-        assessment = assess(per_tp_recist)
+        assessment = assess(per_tp_recist, new_lesion_search=[NewLesionSearch(True)] * len(per_tp_recist))
         resp = assessment.timepoints[-1]
         seg = write_seg(tp.datasets, tp.lesions)
         reports = [
@@ -223,6 +224,16 @@ def build_patient(
                 s.add(job)
                 s.flush()
                 job_id = job.id
+                # the follow-up was searched for new lesions and none were found (what the SR above states)
+                s.add(
+                    NewLesionSearchRun(
+                        series_instance_uid=tp.series_uid,
+                        job_pk=job.id,
+                        detector="subtraction",
+                        detector_version="1.0",
+                        candidates_found=0,
+                    )
+                )
                 audit(s, "test-worker", "job.created", "job", job.id, series_uid=tp.series_uid)
                 audit(s, "test-worker", "job.state", "job", job.id, to="done")
             for les in tp.lesions:

@@ -6,7 +6,27 @@ import json
 
 import pytest
 
-from pipeline.recist import RecistLesion, RecistRules, Response, TargetOverride, assess, diameter_of, select_targets
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.recist import (
+    NewLesionSearch,
+    NewLesionState,
+    RecistAssessment,
+    RecistLesion,
+    RecistRules,
+    Response,
+    TargetOverride,
+    diameter_of,
+    select_targets,
+)
+from pipeline.recist import assess as assess_with
+
+
+def assess(timepoints: Sequence[Sequence[RecistLesion]], **kw: Any) -> RecistAssessment:
+    """The hand-worked cases below are of timepoints searched for new lesions with none found."""
+    kw.setdefault("new_lesion_search", [NewLesionSearch(True)] * len(timepoints))
+    return assess_with(timepoints, **kw)
 
 
 def L(
@@ -187,3 +207,29 @@ def test_too_small_and_vanished_values() -> None:
     assert diameter_of(L("a", 3), rules) == 5.0
     assert diameter_of(L("a", 3, status="vanished"), rules) == 0.0
     assert diameter_of(L("n", 6, 4, node=True), rules) == 4.0  # nodes keep their real short axis
+
+
+def test_new_lesions_are_stated_only_as_far_as_they_were_looked_for() -> None:
+    base = [L("L1", 30)]
+    fu = [L("L1", 15)]  # -50 %: PR by the targets
+    not_searched = assess_with([base, fu]).timepoints[1]
+    assert not_searched.new_lesion_state is NewLesionState.NOT_ASSESSED
+    assert not_searched.new_lesions_text == "not assessed"
+    assert not_searched.target_response is Response.PR
+    assert not_searched.overall_response is Response.NE, "no PR without a search for new lesions"
+    none = assess_with([base, fu], new_lesion_search=[None, NewLesionSearch(True)]).timepoints[1]
+    assert none.new_lesion_state is NewLesionState.NONE_FOUND and none.overall_response is Response.PR
+    assert none.new_lesions_text == "no candidates found"
+    equivocal = assess_with([base, fu], new_lesion_search=[None, NewLesionSearch(True, 2)]).timepoints[1]
+    assert equivocal.new_lesion_state is NewLesionState.CANDIDATES and equivocal.new_lesion_candidates == 2
+    assert equivocal.overall_response is Response.PR, "an equivocal new lesion alone is not PD"
+    assert equivocal.new_lesions_text == "2 unconfirmed candidates"
+    assert any("equivocal" in n for n in equivocal.notes)
+    confirmed = assess_with([base, [*fu, L("N1", 8)]], new_lesion_search=[None, NewLesionSearch(True)]).timepoints[1]
+    assert confirmed.new_lesion_state is NewLesionState.CONFIRMED and confirmed.new_lesions
+    assert confirmed.overall_response is Response.PD and confirmed.new_lesions_text == "yes (confirmed)"
+
+
+def test_progression_by_targets_stands_without_a_new_lesion_search() -> None:
+    r = assess_with([[L("L1", 20)], [L("L1", 30)]]).timepoints[1]
+    assert r.new_lesion_state is NewLesionState.NOT_ASSESSED and r.overall_response is Response.PD

@@ -20,7 +20,7 @@ from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, ru
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.measurements import LesionMeasurement, lesion_changes, measure_lesion
 from pipeline.prompt_sources import find_annotations
-from pipeline.recist import RecistAssessment, RecistLesion, Response, assess
+from pipeline.recist import NewLesionSearch, RecistAssessment, RecistLesion, Response, assess
 from pipeline.seg_reader import read_seg, read_seg_prompts
 from pipeline.seg_writer import SegWriteError, save_new, write_seg
 from pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
@@ -70,7 +70,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
         ]
         for tp in tps
     ]
-    assessment = assess([[RecistLesion.from_measurement(m) for m in ms] for ms in meas])
+    searched = [NewLesionSearch(True)] * len(meas)  # each follow-up was searched for new lesions, none found
+    assessment = assess([[RecistLesion.from_measurement(m) for m in ms] for ms in meas], new_lesion_search=searched)
     w = Written(tps, meas, assessment)
     prior: list[pydicom.Dataset] = []
     for t, tp in enumerate(tps):
@@ -550,7 +551,10 @@ def test_sr_without_seg_when_every_lesion_vanished(written: Written, tmp_path: P
     centres = {m.tracking_uid: m.centre_mm for m in written.measurements[0]}
     reports = [LesionReport(m, expected_centre_mm=centres[m.tracking_uid]) for m in gone]
     lesions = [RecistLesion.from_measurement(m) for m in gone]
-    a = assess([[RecistLesion.from_measurement(m) for m in written.measurements[0]], lesions])
+    a = assess(
+        [[RecistLesion.from_measurement(m) for m in written.measurements[0]], lesions],
+        new_lesion_search=[None, NewLesionSearch(True)],
+    )
     assert a.timepoints[1].overall_response is Response.CR
     sr = write_sr(tp.datasets, None, reports, time_point=TimePoint("T1", 1), recist=a.timepoints[1])
     path = save_new(sr.dataset, tmp_path)

@@ -24,7 +24,7 @@ from db.models import (
 )
 from db.repository import audit
 from db.session import session_scope
-from pipeline import exports
+from pipeline import candidates, exports
 from pipeline.history import build_timeline
 from pipeline.recist import RecistRules
 from web import schemas as sc
@@ -399,3 +399,84 @@ def audit_trail(
             q = q.where(AuditEvent.action == action)
         items = [sc.AuditOut.of(e) for e in s.scalars(q.order_by(AuditEvent.id).limit(limit))]
         return sc.AuditList(items=items, next_after_id=items[-1].id if len(items) == limit else None)
+
+
+# -- new-lesion candidates ------------------------------------------------------------------------------
+@router.get(
+    "/patients/{patient_pk}/candidates",
+    response_model=list[sc.CandidateOut],
+    tags=["lesions"],
+    summary="New-lesion candidates of the patient's follow-ups (latest search of each), with their decisions",
+)
+def patient_candidates(request: Request, patient_pk: int) -> list[sc.CandidateOut]:
+    with session_scope(request.app.state.session_factory) as s:
+        try:
+            tl = build_timeline(s, patient_pk, _recist_rules(request))
+        except KeyError as exc:
+            raise _not_found(f"patient {patient_pk}") from exc
+    return [sc.CandidateOut.of(c) for c in tl.candidates]
+
+
+@router.get("/candidates/{candidate_id}", response_model=sc.CandidateOut, tags=["lesions"])
+def get_candidate(request: Request, candidate_id: int) -> sc.CandidateOut:
+    with session_scope(request.app.state.session_factory) as s:
+        try:
+            return sc.CandidateOut.of(candidates.get_candidate(s, candidate_id))
+        except candidates.CandidateNotFound as exc:
+            raise _not_found(f"candidate {candidate_id}") from exc
+
+
+@router.get(
+    "/candidates/{candidate_id}/thumbnail.png",
+    tags=["lesions"],
+    response_class=Response,
+    summary="PNG: axial CT slice through a new-lesion candidate with its contour",
+)
+def candidate_thumbnail(request: Request, candidate_id: int) -> Response:
+    try:
+        png = request.app.state.images.candidate_thumbnail(candidate_id)
+    except KeyError as exc:
+        raise _not_found(f"candidate {candidate_id}") from exc
+    return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
+
+
+def decide_candidate(request: Request, candidate_id: int, confirm: bool, who: Principal) -> sc.CandidateDecision:
+    """Record an operator's decision; a confirmation queues the re-analysis that issues the new SEG + SR."""
+    sf = request.app.state.session_factory
+    control = _job_control(request) if confirm else None  # 503 before anything is recorded
+    try:
+        view = candidates.decide(sf, candidate_id, confirm, actor=who.actor)
+    except candidates.CandidateNotFound as exc:
+        raise _not_found(f"candidate {candidate_id}") from exc
+    except candidates.CandidateDecisionError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+    job_id = None
+    if control is not None:
+        job_id = control.reanalyse(view.series_uid)
+        with session_scope(sf) as s:
+            audit(s, who.actor, "api.candidate_reanalyse", "candidate", candidate_id, job_id=job_id)
+        detail = f"{view.tracking_id} confirmed; follow-up re-analysed as job {job_id} (new SEG + SR)"
+    else:
+        detail = f"{view.tracking_id} rejected; RECIST unchanged"
+    log.info("candidate %s %s by %s", candidate_id, "confirmed" if confirm else "rejected", who.actor)
+    return sc.CandidateDecision(candidate=sc.CandidateOut.of(view), job_id=job_id, detail=detail)
+
+
+@router.post(
+    "/candidates/{candidate_id}/confirm",
+    response_model=sc.CandidateDecision,
+    tags=["lesions"],
+    summary="Confirm a new-lesion candidate (operator role): it becomes a tracked new lesion; new SEG + SR",
+)
+def confirm_candidate(request: Request, candidate_id: int, who: Operator) -> sc.CandidateDecision:
+    return decide_candidate(request, candidate_id, True, who)
+
+
+@router.post(
+    "/candidates/{candidate_id}/reject",
+    response_model=sc.CandidateDecision,
+    tags=["lesions"],
+    summary="Reject a new-lesion candidate (operator role); RECIST is unchanged",
+)
+def reject_candidate(request: Request, candidate_id: int, who: Operator) -> sc.CandidateDecision:
+    return decide_candidate(request, candidate_id, False, who)

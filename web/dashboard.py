@@ -189,7 +189,7 @@ def patients_page(request: Request) -> HTMLResponse:
 
 
 @router.get("/patients/{patient_pk}", response_class=HTMLResponse)
-def timeline_page(request: Request, patient_pk: int) -> HTMLResponse:
+def timeline_page(request: Request, patient_pk: int, msg: str | None = None) -> HTMLResponse:
     user = _user(request)
     with session_scope(request.app.state.session_factory) as s:
         p = s.get(Patient, patient_pk)
@@ -198,7 +198,19 @@ def timeline_page(request: Request, patient_pk: int) -> HTMLResponse:
         tl = build_timeline(s, patient_pk, _recist_rules(request))
         subject = p.patient_id
         last_event = s.scalar(select(func.max(AuditEvent.id)))
-    return _render(request, "timeline.html", user, tl=tl, subject=subject, patient_pk=patient_pk, last_event=last_event)
+    labels = {tp.series_uid: tp.label for tp in tl.timepoints}
+    return _render(
+        request,
+        "timeline.html",
+        user,
+        tl=tl,
+        subject=subject,
+        patient_pk=patient_pk,
+        last_event=last_event,
+        msg=msg,
+        tp_label=labels,
+        can_decide=user.allows("operator"),
+    )
 
 
 @router.get("/api-docs", response_class=HTMLResponse)
@@ -222,3 +234,23 @@ def api_docs(request: Request) -> HTMLResponse:
                 }
             )
     return _render(request, "api_docs.html", user, ops=ops, version=spec.get("info", {}).get("version"))
+
+
+@router.post("/candidates/{candidate_id}/{decision}")
+async def decide_from_dashboard(request: Request, candidate_id: int, decision: str) -> Response:
+    """Confirm / reject buttons of the timeline page (operator role, same form token as job retries)."""
+    user = _user(request)
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    token = request.cookies.get(SESSION_COOKIE, "")
+    if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
+        raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
+    if decision not in ("confirm", "reject"):
+        raise HTTPException(status_code=404, detail=f"unknown decision {decision!r}")
+    if not user.allows("operator"):
+        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not decide on candidates")
+    from web.api import decide_candidate
+
+    result = decide_candidate(request, candidate_id, decision == "confirm", user)
+    return RedirectResponse(
+        f"/patients/{result.candidate.patient_pk}?msg={quote(result.detail)}#candidates", status_code=303
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Lesion, LesionObservation
+from db.models import Instance, Lesion, LesionObservation, NewLesionCandidate, ObservationStatus
 from db.session import session_scope
 from pipeline import thumbnails
 from pipeline.history import build_timeline
@@ -45,36 +45,61 @@ class ImageService:
 
     def observation_thumbnail(self, observation_id: int) -> bytes:
         """PNG of the lesion on its timepoint (raises KeyError for an unknown observation)."""
-        cached = self.cache_dir / f"obs-{observation_id}.png" if self.cache_dir else None
-        if cached is not None and cached.is_file():
-            return cached.read_bytes()
         with session_scope(self.sf) as s:
             obs = s.get(LesionObservation, observation_id)
             if obs is None:
                 raise KeyError(f"no observation with id {observation_id}")
-            status = obs.status.value if hasattr(obs.status, "value") else str(obs.status)
-            tracking_id = obs.lesion.tracking_id
-            tracking_uid = obs.lesion.tracking_uid
-            seg_uid, segment = obs.seg_sop_instance_uid, obs.segment_number
-            seg_path = _file_of(s, seg_uid) if seg_uid else None
-            if status == "vanished":
-                return thumbnails.placeholder_png(f"{tracking_id}\nvanished")
-            if seg_path is None:
-                log.info("no SEG file for observation %s (SEG %s)", observation_id, seg_uid)
-                return thumbnails.placeholder_png(f"{tracking_id}\nno SEG on file")
-            try:
-                sl = thumbnails.lesion_slice_from_seg(seg_path, segment, tracking_uid)
-            except thumbnails.ThumbnailError as exc:
-                log.warning("thumbnail for observation %s: %s", observation_id, exc)
-                return thumbnails.placeholder_png(f"{tracking_id}\nSEG unreadable")
-            ct_path = _file_of(s, sl.source_sop_instance_uid)
-        if ct_path is None:
-            return thumbnails.placeholder_png(f"{tracking_id}\nCT slice not on file")
+            if obs.status is ObservationStatus.VANISHED:
+                return thumbnails.placeholder_png(f"{obs.lesion.tracking_id}\nvanished")
+            return self._segment_thumbnail(
+                s,
+                f"obs-{observation_id}",
+                obs.seg_sop_instance_uid,
+                obs.segment_number,
+                obs.lesion.tracking_uid,
+                obs.lesion.tracking_id,
+            )
+
+    def candidate_thumbnail(self, candidate_id: int) -> bytes:
+        """PNG of a new-lesion candidate on its follow-up (raises KeyError for an unknown candidate)."""
+        with session_scope(self.sf) as s:
+            c = s.get(NewLesionCandidate, candidate_id)
+            if c is None:
+                raise KeyError(f"no new-lesion candidate with id {candidate_id}")
+            return self._segment_thumbnail(
+                s, f"cand-{candidate_id}", c.seg_sop_instance_uid, c.segment_number, c.tracking_uid, c.tracking_id
+            )
+
+    def _segment_thumbnail(
+        self,
+        s: Session,
+        key: str,
+        seg_uid: str | None,
+        segment: int | None,
+        tracking_uid: str,
+        label: str,
+    ) -> bytes:
+        """The axial CT slice through one SEG segment with its contour (cached under ``key``)."""
+        cached = self.cache_dir / f"{key}.png" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return cached.read_bytes()
+        seg_path = _file_of(s, seg_uid) if seg_uid else None
+        if seg_path is None:
+            log.info("no SEG file for %s (SEG %s)", key, seg_uid)
+            return thumbnails.placeholder_png(f"{label}\nno SEG on file")
         try:
-            png = thumbnails.render_thumbnail(thumbnails.ct_slice_hu(ct_path), sl.mask, label=tracking_id)
+            sl = thumbnails.lesion_slice_from_seg(seg_path, segment, tracking_uid)
         except thumbnails.ThumbnailError as exc:
-            log.warning("thumbnail for observation %s: %s", observation_id, exc)
-            return thumbnails.placeholder_png(f"{tracking_id}\nCT unreadable")
+            log.warning("thumbnail for %s: %s", key, exc)
+            return thumbnails.placeholder_png(f"{label}\nSEG unreadable")
+        ct_path = _file_of(s, sl.source_sop_instance_uid)
+        if ct_path is None:
+            return thumbnails.placeholder_png(f"{label}\nCT slice not on file")
+        try:
+            png = thumbnails.render_thumbnail(thumbnails.ct_slice_hu(ct_path), sl.mask, label=label)
+        except thumbnails.ThumbnailError as exc:
+            log.warning("thumbnail for %s: %s", key, exc)
+            return thumbnails.placeholder_png(f"{label}\nCT unreadable")
         if cached is not None:
             _write_atomic(cached, png)
         return png

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from db import models as m
+from pipeline.candidates import CandidateView
 
 
 def _v(x: Any) -> Any:
@@ -245,3 +247,37 @@ class LesionOut(BaseModel):
 class AuditList(BaseModel):
     items: list[AuditOut]
     next_after_id: int | None
+
+
+class CandidateOut(BaseModel):
+    """A new-lesion candidate: an unconfirmed finding until an operator confirms or rejects it."""
+
+    id: int
+    patient_pk: int
+    series_uid: str
+    tracking_uid: str
+    tracking_id: str
+    tissue: str
+    centre_mm: tuple[float, float, float]
+    volume_mm3: float
+    diameter_mm: float
+    mean_hu: float
+    contrast_hu: float
+    confidence: float
+    reasons: list[str]
+    state: str
+    decided_by: str | None
+    decided_at: datetime | None
+    seg_sop_instance_uid: str | None
+    segment_number: int | None
+    job_id: int | None
+
+    @classmethod
+    def of(cls, c: CandidateView) -> CandidateOut:
+        return cls(**{**asdict(c), "state": c.state.value})
+
+
+class CandidateDecision(BaseModel):
+    candidate: CandidateOut
+    job_id: int | None = Field(None, description="the re-analysis queued after a confirmation")
+    detail: str

@@ -1,6 +1,7 @@
 """The analysis steps of one follow-up series, in order (see :func:`build_pipeline`).
 
-match_priors → retrieve_priors → load_volumes → register → track → measure → write_seg_sr → send.
+match_priors → retrieve_priors → load_volumes → register → track → detect_new_lesions → measure → write_seg_sr
+→ send.
 
 Each step is a module of its own; what each records and what they share in memory is the step contract
 (:mod:`pipeline.contract`). Durable steps (match_priors, retrieve_priors, write_seg_sr, send) leave their
@@ -21,6 +22,7 @@ from pipeline.analysis import Step
 from pipeline.contract import (
     STEP_NAMES,
     AnalysisState,
+    DetectOutput,
     LoadVolumesOutput,
     MatchPriorsOutput,
     MeasureOutput,
@@ -31,6 +33,7 @@ from pipeline.contract import (
     WriteSegSrOutput,
 )
 from pipeline.ports import PriorSource, ResultSender
+from pipeline.steps.detect import detect_new_lesions_step
 from pipeline.steps.measure import measure
 from pipeline.steps.priors import match_priors, retrieve_priors
 from pipeline.steps.register import register
@@ -52,13 +55,14 @@ def build_pipeline(
     prior_source: PriorSource | None = None,
     sender: ResultSender | None = None,
 ) -> tuple[list[PipelineStep], PipelineServices]:
-    """The eight steps and the services they share; the service runs them with ``state_factory=AnalysisState``."""
+    """The nine steps and the services they share; the service runs them with ``state_factory=AnalysisState``."""
     steps: list[PipelineStep] = [
         Step(MatchPriorsOutput.step, match_priors, MatchPriorsOutput, durable=True),
         Step(RetrievePriorsOutput.step, retrieve_priors, RetrievePriorsOutput, durable=True),
         Step(LoadVolumesOutput.step, load_volumes, LoadVolumesOutput),
         Step(RegisterOutput.step, register, RegisterOutput),
         Step(TrackOutput.step, track, TrackOutput),
+        Step(DetectOutput.step, detect_new_lesions_step, DetectOutput),
         Step(MeasureOutput.step, measure, MeasureOutput),
         Step(WriteSegSrOutput.step, write_seg_sr, WriteSegSrOutput, durable=True),
         Step(SendOutput.step, send, SendOutput, durable=True),

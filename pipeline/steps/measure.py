@@ -19,7 +19,7 @@ from pipeline.history import PendingTimepoint, build_timeline
 from pipeline.jobs import PermanentError
 from pipeline.lesions import Timepoint
 from pipeline.measurements import LesionMeasurement, measure_lesion
-from pipeline.recist import RecistRules
+from pipeline.recist import NewLesionSearch, RecistRules
 from pipeline.steps.services import Ctx, time_key
 
 
@@ -46,6 +46,7 @@ def measure(ctx: Ctx) -> MeasureOutput:
         raise PermanentError(f"series {ctx.series_uid} has no patient")
     inputs = ctx.state.need_inputs()
     prior_tp, followup_tp = ctx.state.need_timepoints()
+    search = ctx.state.need_search()
     prior = inputs.prior
     prior_meas = _measure_all(prior_tp)
     current = _measure_all(followup_tp)
@@ -70,6 +71,7 @@ def measure(ctx: Ctx) -> MeasureOutput:
             fu.study_time,
             thickness[ctx.series_uid],
             list(current.values()),
+            search=NewLesionSearch(search.ran, len(search.candidates)),
         ),
     ]
     with session_scope(ctx.services.session_factory) as s:
@@ -104,5 +106,6 @@ def measure(ctx: Ctx) -> MeasureOutput:
             change_from_baseline_pct=last.change_from_baseline_pct,
             best_overall_response=assessment.best_overall_response.value,
             targets=assessment.selection.targets,
+            new_lesions=last.new_lesions_text,
         ),
     )

@@ -11,15 +11,19 @@ import hashlib
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import (
+    CandidateState,
     Instance,
     Lesion,
     LesionObservation,
     LesionOrigin,
+    NewLesionCandidate,
+    NewLesionSearchRun,
     ObservationStatus,
     RoutingDecision,
     Series,
@@ -119,6 +123,58 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         measurements=data,
                     )
                 )
+
+
+def persist_search(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int], out_dir: Path) -> None:
+    """This job's new-lesion search (that it ran) and its candidates with their masks; a re-run replaces them."""
+    search = ctx.state.need_search()
+    fu = ctx.outputs.get(MatchPriorsOutput).followup
+    if fu.patient_pk is None:
+        raise PermanentError(f"series {ctx.series_uid} has no patient")
+    with session_scope(ctx.services.session_factory) as s:
+        old_runs = select(NewLesionSearchRun.id).where(NewLesionSearchRun.job_pk == ctx.job_id)
+        s.execute(delete(NewLesionCandidate).where(NewLesionCandidate.search_pk.in_(old_runs)))
+        s.execute(delete(NewLesionSearchRun).where(NewLesionSearchRun.job_pk == ctx.job_id))
+        if not search.ran:
+            return
+        run = NewLesionSearchRun(
+            series_instance_uid=ctx.series_uid,
+            job_pk=ctx.job_id,
+            detector=search.detector,
+            detector_version=search.version,
+            candidates_found=len(search.candidates),
+        )
+        s.add(run)
+        s.flush()
+        mask_dir = out_dir / "candidates"
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for c in search.candidates:
+            r = c.record
+            mask_path = mask_dir / f"{r.tracking_uid}.npy"
+            np.save(mask_path, c.mask.array.astype(bool))
+            s.add(
+                NewLesionCandidate(
+                    search_pk=run.id,
+                    patient_pk=fu.patient_pk,
+                    series_instance_uid=ctx.series_uid,
+                    tracking_uid=r.tracking_uid,
+                    tracking_id=r.tracking_id,
+                    tissue=r.tissue,
+                    centre_x_mm=r.centre_mm[0],
+                    centre_y_mm=r.centre_mm[1],
+                    centre_z_mm=r.centre_mm[2],
+                    volume_mm3=r.volume_mm3,
+                    diameter_mm=r.diameter_mm,
+                    mean_hu=c.mean_hu,
+                    contrast_hu=c.contrast_hu,
+                    confidence=r.confidence,
+                    reasons=list(r.reasons),
+                    mask_path=str(mask_path),
+                    seg_sop_instance_uid=seg_uid,
+                    segment_number=segment_numbers.get(r.tracking_uid),
+                    state=CandidateState.UNCONFIRMED,
+                )
+            )
 
 
 def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:

@@ -11,9 +11,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AnalysisJob
 from db.session import session_scope
-from pipeline.contract import MatchPriorsOutput, WriteSegSrOutput, read_output
+from models.imaging.volume import Volume
+from models.segmentation.prompts import LesionIdentity
+from pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
 from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.steps.persistence import persist_observations, record_our_objects
+from pipeline.measurements import LesionMeasurement, measure_lesion
+from pipeline.steps.persistence import persist_observations, persist_search, record_our_objects
 from pipeline.steps.services import Ctx
 
 
@@ -25,14 +28,17 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
 
     inputs = ctx.state.need_inputs()
     measured = ctx.state.need_measured()
-    lesions = ctx.state.need_timepoints()[1].lesions
+    search = ctx.state.need_search()
+    followup = ctx.state.need_timepoints()[1]
+    lesions = followup.lesions
+    candidates = _candidate_lesions(lesions, search)
     out_dir = ctx.services.results_root / f"job-{ctx.job_id}" / f"attempt-{ctx.attempt}"
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in inputs.followup_files]
     present = [les for les in lesions if les.status is not LesionStatus.VANISHED and les.mask.array.any()]
     seg_path = sr_path = None
     seg_res = None
-    if present:
-        seg_res = write_seg(sources, lesions, series_instance_uid=generate_uid())
+    if present or candidates:
+        seg_res = write_seg(sources, [*lesions, *candidates], series_instance_uid=generate_uid())
         seg_path = save_new(seg_res.dataset, out_dir)
     assessment = measured.recist
     roles = {d.tracking_uid: d.role for d in assessment.selection.decisions}
@@ -44,7 +50,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             _expected_centre(les),
         )
         for les in lesions
-    ]
+    ] + [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]
     evidence = [pydicom.dcmread(f, stop_before_pixels=True) for a in inputs.prior.annotations for f in a.files]
     previous = _previous_srs(ctx.services.session_factory, ctx.series_uid, ctx.job_id)
     fu = ctx.outputs.get(MatchPriorsOutput).followup
@@ -66,6 +72,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     files = [str(p) for p in (seg_path, sr_path) if p is not None]
     seg_uid = str(seg_res.dataset.SOPInstanceUID) if seg_res is not None else None
     persist_observations(ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
+    persist_search(ctx, seg_uid, seg_res.segment_numbers if seg_res else {}, out_dir)
     record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
     return WriteSegSrOutput(
         files=files,
@@ -75,6 +82,37 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         sr_sop_instance_uid=sr_uid,
         present=len(present),
         vanished=len(lesions) - len(present),
+    )
+
+
+def _candidate_lesions(lesions: list[TrackedLesion], search: NewLesionSearchResult) -> list[TrackedLesion]:
+    """New-lesion candidates as extra SEG segments (own Tracking UID, labelled as unconfirmed)."""
+    label = max((les.identity.label for les in lesions), default=0)
+    out = []
+    for i, c in enumerate(search.candidates, start=1):
+        ident = LesionIdentity(c.record.tracking_uid, c.record.tracking_id, label + i, anatomic_site=c.record.tissue)
+        out.append(
+            TrackedLesion(
+                ident,
+                LesionStatus.NEW,
+                c.mask,
+                engine=search.detector,
+                engine_version=search.version,
+                meta={"candidate": True},
+            )
+        )
+    return out
+
+
+def _candidate_measurement(candidate: TrackedLesion, ct: Volume) -> LesionMeasurement:
+    ident = candidate.identity
+    return measure_lesion(
+        candidate.mask,
+        ct,
+        tracking_uid=ident.tracking_uid,
+        tracking_id=ident.tracking_id,
+        status="candidate",
+        anatomic_site=ident.anatomic_site,
     )
 
 

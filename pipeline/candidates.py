@@ -1,0 +1,203 @@
+"""New-lesion candidates in the database: what each follow-up's search found, and operators' decisions on them.
+
+A candidate is an unconfirmed finding — it appears in the follow-up's SEG and SR as such and never makes RECIST PD
+by itself. An operator confirms or rejects it (audited). A confirmation is followed by a re-analysis of the
+follow-up: the confirmed candidate becomes a tracked lesion there (origin "new", its own Tracking UID), RECIST is
+recomputed and a new SEG + SR are issued (the earlier ones are kept and named as predecessors). Rejecting keeps
+RECIST as it was and keeps that region out of later searches of the same series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import AnalysisJob, CandidateState, NewLesionCandidate, NewLesionSearchRun
+from db.repository import audit
+from db.session import session_scope
+from pipeline.jobs import ACTIVE_STATES, utcnow
+from pipeline.recist import NewLesionSearch
+
+
+class CandidateNotFound(KeyError):
+    pass
+
+
+class CandidateDecisionError(ValueError):
+    """The decision cannot be taken (already decided, or the follow-up is still being analysed)."""
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    """A detached snapshot of one candidate (API, CLI, dashboard)."""
+
+    id: int
+    patient_pk: int
+    series_uid: str
+    tracking_uid: str
+    tracking_id: str
+    tissue: str
+    centre_mm: tuple[float, float, float]
+    volume_mm3: float
+    diameter_mm: float
+    mean_hu: float
+    contrast_hu: float
+    confidence: float
+    reasons: list[str]
+    state: CandidateState
+    decided_by: str | None
+    decided_at: datetime | None
+    seg_sop_instance_uid: str | None
+    segment_number: int | None
+    job_id: int | None
+
+    @classmethod
+    def of(cls, c: NewLesionCandidate, job_id: int | None) -> CandidateView:
+        return cls(
+            c.id,
+            c.patient_pk,
+            c.series_instance_uid,
+            c.tracking_uid,
+            c.tracking_id,
+            c.tissue,
+            (c.centre_x_mm, c.centre_y_mm, c.centre_z_mm),
+            c.volume_mm3,
+            c.diameter_mm,
+            c.mean_hu,
+            c.contrast_hu,
+            c.confidence,
+            [str(r) for r in c.reasons or []],
+            CandidateState(c.state),
+            c.decided_by,
+            c.decided_at,
+            c.seg_sop_instance_uid,
+            c.segment_number,
+            job_id,
+        )
+
+
+def _latest_runs(session: Session, series_uids: Iterable[str]) -> dict[str, NewLesionSearchRun]:
+    uids = sorted(set(series_uids))
+    if not uids:
+        return {}
+    newest = (
+        select(func.max(NewLesionSearchRun.id))
+        .where(NewLesionSearchRun.series_instance_uid.in_(uids))
+        .group_by(NewLesionSearchRun.series_instance_uid)
+    )
+    runs = session.scalars(select(NewLesionSearchRun).where(NewLesionSearchRun.id.in_(newest)))
+    return {r.series_instance_uid: r for r in runs}
+
+
+def search_states(session: Session, series_uids: Iterable[str]) -> dict[str, NewLesionSearch]:
+    """Per series: did the (latest) new-lesion search run, and how many of its candidates are undecided."""
+    runs = _latest_runs(session, series_uids)
+    out: dict[str, NewLesionSearch] = {}
+    for uid, run in runs.items():
+        undecided = session.scalar(
+            select(func.count(NewLesionCandidate.id)).where(
+                NewLesionCandidate.search_pk == run.id, NewLesionCandidate.state == CandidateState.UNCONFIRMED
+            )
+        )
+        out[uid] = NewLesionSearch(True, int(undecided or 0))
+    return out
+
+
+def latest_candidates(session: Session, series_uids: Iterable[str]) -> list[CandidateView]:
+    """The candidates of the latest search of each series (what the current report shows), and every candidate an
+    operator decided on in earlier searches of them (the decision stays visible)."""
+    uids = sorted(set(series_uids))
+    runs = _latest_runs(session, uids)
+    if not runs:
+        return []
+    rows = session.scalars(
+        select(NewLesionCandidate)
+        .where(
+            NewLesionCandidate.search_pk.in_([r.id for r in runs.values()])
+            | (
+                NewLesionCandidate.series_instance_uid.in_(uids)
+                & (NewLesionCandidate.state != CandidateState.UNCONFIRMED)
+            )
+        )
+        .order_by(NewLesionCandidate.id)
+    )
+    job_of = {
+        r.id: r.job_pk
+        for r in session.scalars(select(NewLesionSearchRun).where(NewLesionSearchRun.series_instance_uid.in_(uids)))
+    }
+    return [CandidateView.of(c, job_of.get(c.search_pk)) for c in rows]
+
+
+def decided_masks(sf: sessionmaker[Session], series_uid: str) -> tuple[list[CandidateView], list[np.ndarray]]:
+    """Candidates of ``series_uid`` an operator decided on (any earlier search), with their masks."""
+    with session_scope(sf) as s:
+        rows = list(
+            s.scalars(
+                select(NewLesionCandidate)
+                .where(
+                    NewLesionCandidate.series_instance_uid == series_uid,
+                    NewLesionCandidate.state != CandidateState.UNCONFIRMED,
+                )
+                .order_by(NewLesionCandidate.id)
+            )
+        )
+        views = [CandidateView.of(c, None) for c in rows]
+        paths = [c.mask_path for c in rows]
+    masks = []
+    for v, p in zip(views, paths, strict=True):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"mask of candidate {v.tracking_id} ({v.tracking_uid}) is missing: {p}")
+        masks.append(np.load(p).astype(bool))
+    return views, masks
+
+
+def get_candidate(session: Session, candidate_id: int) -> CandidateView:
+    c = session.get(NewLesionCandidate, candidate_id)
+    if c is None:
+        raise CandidateNotFound(f"no new-lesion candidate with id {candidate_id}")
+    run = session.get(NewLesionSearchRun, c.search_pk)
+    return CandidateView.of(c, run.job_pk if run else None)
+
+
+def decide(
+    sf: sessionmaker[Session], candidate_id: int, confirm: bool, *, actor: str, reason: str = ""
+) -> CandidateView:
+    """Confirm or reject a candidate (audited). After a confirmation the caller queues a re-analysis of the
+    candidate's follow-up (through its job port), which issues a new SEG + SR with the lesion tracked."""
+    with session_scope(sf) as s:
+        c = s.get(NewLesionCandidate, candidate_id)
+        if c is None:
+            raise CandidateNotFound(f"no new-lesion candidate with id {candidate_id}")
+        if c.state is not CandidateState.UNCONFIRMED:
+            raise CandidateDecisionError(
+                f"candidate {c.tracking_id} was already {c.state.value} by {c.decided_by or 'someone'}"
+            )
+        running = s.scalar(
+            select(AnalysisJob.id).where(
+                AnalysisJob.followup_series_uid == c.series_instance_uid, AnalysisJob.state.in_(ACTIVE_STATES)
+            )
+        )
+        if running is not None:
+            raise CandidateDecisionError(
+                f"series {c.series_instance_uid} is being analysed (job {running}); decide once it has finished"
+            )
+        c.state = CandidateState.CONFIRMED if confirm else CandidateState.REJECTED
+        c.decided_by, c.decided_at = actor, utcnow()
+        audit(
+            s,
+            actor,
+            "candidate.confirmed" if confirm else "candidate.rejected",
+            "candidate",
+            c.id,
+            tracking_uid=c.tracking_uid,
+            series_uid=c.series_instance_uid,
+            reason=reason or None,
+        )
+        s.flush()
+        return get_candidate(s, candidate_id)

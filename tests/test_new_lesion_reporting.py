@@ -1,0 +1,201 @@
+"""New lesions are reported only as far as they were looked for, as unconfirmed candidates until an operator
+decides: the follow-up's SEG and SR carry them as candidates without RECIST PD; confirming one (audited) re-analyses
+the follow-up into a new SEG + SR where it is a tracked new lesion and RECIST says PD; rejecting one (audited)
+leaves RECIST as it was and keeps it out of later searches.
+
+The real pipeline runs in-process on a phantom patient whose follow-up has two new lesions (lung, liver) that no
+annotation marks; the follow-up lies on the baseline's position so registration engine 'none' keeps it fast (the
+detector's accuracy under motion is measured in bench/new_lesions.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin, Patient
+from db.session import make_engine, make_session_factory, session_scope, upgrade
+from pipeline.contract import job_results
+from pipeline.sr_reader import read_sr
+from tests.conftest import require_tool
+
+API_KEY = {"X-API-Key": "demo"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.ingest import Ingestor, ingest_file
+    from dicom_node.scp import storage_root
+    from dicom_node.storage import InstanceStore
+    from lesiontrack.demo import demo_settings
+    from lesiontrack.demo_data import make_patient
+    from lesiontrack.service import build_analysis_service, build_ports
+    from pipeline.jobs import JobStore
+    from pipeline.steps import build_pipeline
+    from web import JobStoreControl, create_app
+
+    tmp = tmp_path_factory.mktemp("newlesions")
+    settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
+    upgrade(settings.effective_database_url)
+    sf = make_session_factory(make_engine(settings.effective_database_url))
+    patient = make_patient(
+        tmp / "patient",
+        seed=7,
+        shape=(64, 112, 112),
+        spacing=(2.5, 2.5, 3.0),
+        n_lesions=3,
+        n_followups=1,
+        changes=False,
+        motion=False,
+        new_lesions={1: [("lung", 12.0, 30.0), ("liver", 14.0, 20.0)]},
+    )
+    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
+    for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
+        assert ingest_file(ingestor, f).ok
+    ingestor.close()
+    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
+    job = service.store.create(patient.followups[0].series_uid)
+    assert service.run(job) is JobState.DONE, service.store.get(job).error
+    client = TestClient(create_app(settings, sf, job_control=JobStoreControl(JobStore(sf), actor="api")))
+    with session_scope(sf) as s:
+        patient_pk = s.scalar(select(Patient.id))
+    return {
+        "sf": sf,
+        "service": service,
+        "patient": patient,
+        "first_job": service.store.get(job),
+        "client": client,
+        "patient_pk": patient_pk,
+    }
+
+
+def _nearest(candidates: list[dict[str, Any]], centre: list[float]) -> dict[str, Any]:
+    return min(candidates, key=lambda c: float(np.linalg.norm(np.subtract(c["centre_mm"], centre))))
+
+
+def _truth(site: dict[str, Any], organ: str) -> dict[str, Any]:
+    return next(t for t in site["patient"].truth["new_lesions"] if t["organ"] == organ)
+
+
+def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: dict[str, Any]) -> None:
+    results = job_results(site["first_job"].step_outputs)
+    assert results.detect is not None and results.detect.ran
+    assert results.written is not None and results.written.sr and results.written.seg
+    found = [c.model_dump() for c in results.detect.candidates]
+    for organ in ("lung", "liver"):
+        truth = _truth(site, organ)
+        near = _nearest(found, truth["centre_mm"])
+        assert np.linalg.norm(np.subtract(near["centre_mm"], truth["centre_mm"])) < 5.0, (organ, near)
+        assert "unconfirmed" in near["tracking_id"]
+    sr = read_sr(results.written.sr)
+    assert sr.response["New lesions"]["meaning"] == "Unconfirmed candidates (equivocal)"
+    assert sr.response["Number of unconfirmed new-lesion candidates"] == len(found)
+    assert sr.response["Current Response"]["code"] != "PD", "an equivocal new lesion alone is not progression"
+    statuses = {g.tracking_uid: g.qualitative["Lesion status"] for g in sr.groups if "Lesion status" in g.qualitative}
+    for c in found:
+        assert statuses[c["tracking_uid"]][2] == "Unconfirmed new-lesion candidate"
+    seg = pydicom.dcmread(results.written.seg, stop_before_pixels=True)
+    labels = {str(s.TrackingUID): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    assert all("(unconfirmed)" in labels[c["tracking_uid"]] for c in found)
+    # the dashboard and the API say the same, with the operator's buttons
+    client, pk = site["client"], site["patient_pk"]
+    tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
+    assert tl["timepoints"][1]["new_lesions_text"] == f"{len(found)} unconfirmed candidates"
+    html = client.get(f"/patients/{pk}", headers=API_KEY).text
+    assert f'class="new-lesions new-unconfirmed-candidates" data-tp="1">{len(found)} unconfirmed candidates' in html
+    assert len(re.findall(r'action="/candidates/\d+/confirm"', html)) == len(found)
+    listed = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
+    assert {c["tracking_uid"] for c in listed} == {c["tracking_uid"] for c in found}
+    png = client.get(f"/api/candidates/{listed[0]['id']}/thumbnail.png", headers=API_KEY)
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
+def test_seg_and_sr_with_candidates_validate(site: dict[str, Any]) -> None:
+    from pipeline.dicom_validate import run_dciodvfy, run_sr_validator
+
+    require_tool("java")
+    written = job_results(site["first_job"].step_outputs).written
+    assert written is not None and written.seg and written.sr
+    for path in (written.seg, written.sr):
+        report = run_dciodvfy(path)
+        assert report.ok, report.errors
+    (sr_report,) = run_sr_validator(written.sr)
+    assert sr_report.ok and not sr_report.errors, sr_report.errors
+
+
+def test_rejecting_a_candidate_keeps_recist_and_is_audited(site: dict[str, Any]) -> None:
+    client, pk = site["client"], site["patient_pk"]
+    before = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()["timepoints"][1]
+    cands = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
+    liver = _nearest(cands, _truth(site, "liver")["centre_mm"])
+    r = client.post(f"/api/candidates/{liver['id']}/reject", headers=API_KEY)
+    assert r.status_code == 200, r.text
+    assert r.json()["candidate"]["state"] == "rejected" and r.json()["job_id"] is None
+    assert client.post(f"/api/candidates/{liver['id']}/reject", headers=API_KEY).status_code == 409
+    after = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()["timepoints"][1]
+    for key in ("overall_response", "target_response", "sum_of_diameters_mm"):
+        assert after[key] == before[key]
+    assert after["new_lesions_text"] == f"{len(cands) - 1} unconfirmed candidate" + ("s" if len(cands) != 2 else "")
+    with session_scope(site["sf"]) as s:
+        ev = s.scalar(select(AuditEvent).where(AuditEvent.action == "candidate.rejected"))
+        assert ev is not None and ev.object_id == str(liver["id"]) and ev.actor.startswith("api")
+
+
+def test_confirming_a_candidate_tracks_it_and_issues_a_new_sr_with_progression(site: dict[str, Any]) -> None:
+    client, pk, service = site["client"], site["patient_pk"], site["service"]
+    cands = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
+    lung = _nearest(cands, _truth(site, "lung")["centre_mm"])
+    r = client.post(f"/api/candidates/{lung['id']}/confirm", headers={"X-API-Key": "demo"})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    assert job_id is not None and r.json()["candidate"]["state"] == "confirmed"
+    assert service.run(job_id) is JobState.DONE, service.store.get(job_id).error
+    first = job_results(site["first_job"].step_outputs).written
+    second = job_results(service.store.get(job_id).step_outputs)
+    assert first is not None and second.written is not None and second.written.sr and second.detect is not None
+    assert second.written.sr != first.sr and pydicom.dcmread(first.sr).SOPInstanceUID, "the first SR is kept"
+    assert lung["tracking_uid"] in second.detect.confirmed_added and second.detect.rejected_excluded == 1
+    liver = _truth(site, "liver")["centre_mm"]
+    assert all(np.linalg.norm(np.subtract(c.centre_mm, liver)) > 10 for c in second.detect.candidates), (
+        "a rejected candidate is not proposed again"
+    )
+    sr = read_sr(second.written.sr)
+    assert sr.response["New lesions"]["meaning"] == "Yes"
+    assert sr.response["Current Response"]["code"] == "PD"
+    assert first.sr_sop_instance_uid in sr.predecessors
+    assert lung["tracking_uid"] in {g.tracking_uid for g in sr.groups}
+    with session_scope(site["sf"]) as s:
+        lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == lung["tracking_uid"]))
+        assert lesion is not None and lesion.origin is LesionOrigin.NEW
+        assert s.scalar(select(AuditEvent).where(AuditEvent.action == "candidate.confirmed")) is not None
+    tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
+    assert tl["timepoints"][1]["overall_response"] == "PD"
+    assert tl["timepoints"][1]["new_lesions_text"] == "yes (confirmed)"
+    listed = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
+    states = {c["tracking_uid"]: c["state"] for c in listed}
+    assert states[lung["tracking_uid"]] == CandidateState.CONFIRMED.value, "decisions stay visible"
+
+
+def test_a_read_key_cannot_decide(site: dict[str, Any], tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from config.settings import load_settings
+    from web import create_app
+
+    settings = load_settings(
+        None, data_dir=tmp_path, http={"api_keys": [{"name": "viewer", "key": "viewer-key", "role": "read"}]}
+    )
+    client = TestClient(create_app(settings, site["sf"]))
+    cands = client.get(f"/api/patients/{site['patient_pk']}/candidates", headers={"X-API-Key": "viewer-key"}).json()
+    assert cands, "a read key sees the candidates"
+    for decision in ("confirm", "reject"):
+        r = client.post(f"/api/candidates/{cands[0]['id']}/{decision}", headers={"X-API-Key": "viewer-key"})
+        assert r.status_code == 403, r.text
+    assert client.post(f"/api/candidates/{cands[0]['id']}/confirm").status_code == 401

@@ -99,7 +99,7 @@ retry_schedule_seconds = [2, 5, 10]
     settings = load_settings(cfg)
     proc = None
     try:
-        for f in patient.baseline.files + [patient.seg_file]:
+        for f in [*patient.baseline.files, patient.seg_file]:
             orthanc.upload(f)
         env = {**os.environ, "LESIONTRACK_CONFIG": str(cfg), "TCP_NODELAY": "1"}
         log = open(root / "serve.log", "wb")

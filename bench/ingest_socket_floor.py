@@ -29,9 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from ingest import SOURCE, Storescp, make_series, run_senders
 from pydicom.dataset import FileMetaDataset
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
@@ -44,6 +42,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import build_context, negotiate_as_acceptor
+
+from bench.ingest import SOURCE, Storescp, make_series, run_senders
 
 Handler = Callable[[FileMetaDataset, bytes], int]
 _SUPPORTED = [

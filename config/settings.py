@@ -8,7 +8,7 @@ e.g. ``LESIONTRACK_DICOM__PORT=11113``). Unknown keys and bad values fail fast w
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +28,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RetrieveMethod(str, Enum):
+class RetrieveMethod(StrEnum):
     C_MOVE = "C-MOVE"
     C_GET = "C-GET"
     DICOMWEB = "DICOMWEB"
 
 
-class SendMethod(str, Enum):
+class SendMethod(StrEnum):
     C_STORE = "C-STORE"
     ORTHANC_REST = "ORTHANC-REST"
     STOW_RS = "STOW-RS"

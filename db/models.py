@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -30,34 +30,34 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class SeriesState(str, enum.Enum):
+class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
 
 
-class RoutingDecision(str, enum.Enum):
+class RoutingDecision(enum.StrEnum):
     PENDING = "pending"
     ANALYSE = "analyse"
     SKIP = "skip"
 
 
-class LesionOrigin(str, enum.Enum):
+class LesionOrigin(enum.StrEnum):
     SEG = "seg"
     SR = "sr"
     PROMPT = "prompt"
     NEW = "new"
 
 
-class ObservationStatus(str, enum.Enum):
+class ObservationStatus(enum.StrEnum):
     PRESENT = "present"
     VANISHED = "vanished"
     NEW = "new"
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     RETRY_WAIT = "retry_wait"
@@ -67,7 +67,7 @@ class JobState(str, enum.Enum):
     SUPERSEDED = "superseded"
 
 
-class DeliveryState(str, enum.Enum):
+class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"  # claimed by one sender until ``next_attempt_at`` (the claim's lease)
     RETRY_WAIT = "retry_wait"

@@ -269,7 +269,7 @@ class Ingestor:
                     return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
             except SQLAlchemyError as exc:  # fall through to the full path, which retries and reports
                 log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
-        for attempt in range(4):
+        for _attempt in range(4):
             try:
                 with self._lock, session_scope(self.session_factory) as s:
                     if same is not None:  # row existed but its file had vanished: file rewritten, row kept

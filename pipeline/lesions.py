@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity
 
 
-class LesionStatus(str, Enum):
+class LesionStatus(StrEnum):
     PRESENT = "present"
     VANISHED = "vanished"
     NEW = "new"

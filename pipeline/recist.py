@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from config.settings import RecistSettings
 from pipeline.measurements import LesionMeasurement
 
 
-class Response(str, Enum):
+class Response(StrEnum):
     CR = "CR"
     PR = "PR"
     SD = "SD"

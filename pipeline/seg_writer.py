@@ -2,7 +2,8 @@
 
 One segment per *present* lesion, labelled with its Tracking ID and carrying its Tracking UID, coded as
 "Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
-name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest neighbour) and the SEG
+name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest
+neighbour) and the SEG
 references the source CT slices frame by frame (highdicom fills Derived Image / ReferencedSeriesSequence).
 
 Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map

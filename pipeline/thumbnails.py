@@ -206,7 +206,7 @@ def volume_plot(
     x = np.arange(len(labels))
     vols = np.array([np.nan if v is None else v for v in volumes_ml], dtype=float)
     ax.plot(x, vols, marker="o", color="#1f6fd1", label="volume (mL)")
-    for xi, v in zip(x, vols):
+    for xi, v in zip(x, vols, strict=True):
         if not np.isnan(v):
             ax.annotate(
                 f"{v:.2f}",

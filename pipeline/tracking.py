@@ -217,7 +217,7 @@ def _step(
                 _u8(_zeros(cur.ct)),
                 engine.name,
                 engine.version,
-                notes=notes + ["propagated mask fell outside this CT"],
+                notes=[*notes, "propagated mask fell outside this CT"],
             )
             results.append(_StepResult(les, warped))
             tick("segment", t, identity.tracking_id)
@@ -257,7 +257,7 @@ def _step(
         results.append(_StepResult(les, warped))
         tick("segment", t, identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
-    for les, res in zip(cur.lesions, results):
+    for les, res in zip(cur.lesions, results, strict=True):
         old = carries[les.identity.label]
         if les.status is LesionStatus.PRESENT:
             new_carries[les.identity.label] = _Carry(les.mask, cur.ct, les.mask, True)
@@ -306,7 +306,7 @@ def _distance_to(prompt_mask: Volume, where: np.ndarray) -> np.ndarray:
     """Distance (mm) from the voxels in ``where`` to ``prompt_mask`` (0 inside), computed in a local box."""
     idx = np.argwhere(where | (prompt_mask.array > 0))
     lo, hi = idx.min(0), idx.max(0) + 1
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     pm = prompt_mask.array[sl] > 0
     if not pm.any():
         return np.full(int(where.sum()), np.inf)

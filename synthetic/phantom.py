@@ -112,7 +112,7 @@ class _SmoothField:
 
     def __call__(self, x: Array, y: Array, z: Array) -> Array:
         out = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), np.float32)
-        for (kx, ky, kz), ph in zip(self.k, self.phase):
+        for (kx, ky, kz), ph in zip(self.k, self.phase, strict=True):
             out += np.cos(kx * x + ky * y + kz * z + ph).astype(np.float32)
         return out * np.float32(self.scale)
 
@@ -120,7 +120,7 @@ class _SmoothField:
         """The same field on the grid ``xs × ys × zs`` (1-D axes) → ``(nz, ny, nx)``, via cos(a+b) expansion."""
         out = np.zeros((len(zs), len(ys), len(xs)), np.float32)
         xs, ys, zs = (np.asarray(v, np.float64) for v in (xs, ys, zs))
-        for (kx, ky, kz), ph in zip(self.k, self.phase):
+        for (kx, ky, kz), ph in zip(self.k, self.phase, strict=True):
             a = kx * xs
             b = (ky * ys)[None, :] + (kz * zs + ph)[:, None]  # (nz, ny)
             out += np.cos(b).astype(np.float32)[:, :, None] * np.cos(a).astype(np.float32)[None, None, :]
@@ -705,17 +705,17 @@ def make_phantom(
         zs = (origin[2] + sp[2] * np.arange(k0, k1)).astype(np.float32)
         z3, y3, x3 = zs[:, None, None], ys[None, :, None], xs[None, None, :]
         h, o = anat.evaluate(x3, y3, z3, axes=(xs, ys, zs), voxel_mm=float(sp.min()))
-        X, Y, Z = (np.broadcast_to(v, h.shape) for v in (x3, y3, z3))
+        xb, yb, zb = (np.broadcast_to(v, h.shape) for v in (x3, y3, z3))
         for info in lesions:
             c, reach = np.array(info.center_mm), info.radius_mm * 2.6 + 2
             if c[2] + reach < zs[0] or c[2] - reach > zs[-1]:
                 continue
-            box = (np.abs(X - c[0]) < reach) & (np.abs(Y - c[1]) < reach) & (np.abs(Z - c[2]) < reach)
+            box = (np.abs(xb - c[0]) < reach) & (np.abs(yb - c[1]) < reach) & (np.abs(zb - c[2]) < reach)
             idx = np.nonzero(box)
-            f = _lesion_field(info, X[idx], Y[idx], Z[idx])
+            f = _lesion_field(info, xb[idx], yb[idx], zb[idx])
             inside = f < 0
             sel = tuple(a[inside] for a in idx)
-            h[sel] = _lesion_hu(info, X[idx][inside], Y[idx][inside], Z[idx][inside], h[sel])
+            h[sel] = _lesion_hu(info, xb[idx][inside], yb[idx][inside], zb[idx][inside], h[sel])
             labels[k0:k1][sel] = info.label
         hu[k0:k1] = h
         organs[k0:k1] = o

@@ -158,11 +158,13 @@ def _pick_new_lesion_site(
     sp = ct.spacing[::-1]
     r_vox = np.maximum(1, np.round((radius + 4) / sp)).astype(int)
     for _ in range(600):
-        k, j, i = (int(rng.integers(r, n - r)) if n > 2 * r else -1 for r, n in zip(r_vox, arr.shape))
+        k, j, i = (int(rng.integers(r, n - r)) if n > 2 * r else -1 for r, n in zip(r_vox, arr.shape, strict=True))
         if min(k, j, i) < 0:
             return None
-        box = tuple(slice(c - r, c + r + 1) for c, r in zip((k, j, i), r_vox))
-        if lesion_mask[tuple(slice(max(0, c - 3 * r), c + 3 * r + 1) for c, r in zip((k, j, i), r_vox))].any():
+        box = tuple(slice(c - r, c + r + 1) for c, r in zip((k, j, i), r_vox, strict=True))
+        if lesion_mask[
+            tuple(slice(max(0, c - 3 * r), c + 3 * r + 1) for c, r in zip((k, j, i), r_vox, strict=True))
+        ].any():
             continue
         patch = arr[box].astype(np.float32)
         mean, sd = float(patch.mean()), float(patch.std())

@@ -61,7 +61,7 @@ class SpatialTransform:
         if self.lattice_axes is not None:
             self.lattice_axes = tuple(np.asarray(a, dtype=np.float64).reshape(-1) for a in self.lattice_axes)
             self.weights = np.asarray(self.weights, dtype=np.float64)
-            expected = tuple(len(a) for a in self.lattice_axes) + (3,)
+            expected = (*tuple(len(a) for a in self.lattice_axes), 3)
             if self.weights.shape != expected:
                 raise ValueError(f"weights shape {self.weights.shape} != lattice {expected}")
 
@@ -141,7 +141,7 @@ class SpatialTransform:
         perm = _axis_permutation(grid.direction)
         if perm is None:
             return out + self.displacement(pts)
-        nk, nj, ni = grid.shape
+        _nk, nj, ni = grid.shape
         counts = (np.arange(ni), np.arange(nj), np.arange(k0, k1))
         gs = []
         for m in range(3):  # index axis i, j, k
@@ -228,7 +228,7 @@ def random_patient_motion(
     axes = tuple(np.arange(lo[d] - margin, hi[d] + margin + 1e-6, lattice_mm) for d in range(3))
     if any(len(a) < 2 for a in axes):
         axes = tuple(np.linspace(lo[d] - margin, hi[d] + margin, max(2, len(a))) for d, a in enumerate(axes))
-    shape = tuple(len(a) for a in axes) + (3,)
+    shape = (*tuple(len(a) for a in axes), 3)
     weights = rng.normal(0.0, 1.0, shape)
     sigma = np.full(3, lattice_mm * 0.8)
     tr = SpatialTransform(rot, center, trans, axes, weights, sigma)

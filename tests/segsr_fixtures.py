@@ -41,7 +41,7 @@ class SyntheticTimepoint:
 
 def _ellipsoid(ct: Volume, centre: np.ndarray, radii: tuple[float, float, float]) -> np.ndarray:
     k, j, i = np.indices(ct.shape)
-    p = ct.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(ct.shape + (3,))
+    p = ct.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape((*ct.shape, 3))
     return (((p - centre) / np.asarray(radii)) ** 2).sum(-1) <= 1.0
 
 
@@ -58,7 +58,7 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
         ct = Volume(hu, origin=ORIGIN, spacing=SPACING)
         centre0 = ct.index_to_patient(np.array(ct.size_ijk, float) / 2 - 0.5)
         tracked: list[TrackedLesion] = []
-        for ident, (_, _, _, offset, radii) in zip(identities, LESIONS):
+        for ident, (_, _, _, offset, radii) in zip(identities, LESIONS, strict=True):
             r = radii[t]
             if r is None:
                 continue

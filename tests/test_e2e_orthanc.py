@@ -156,7 +156,7 @@ def _validate(tmp: Path, ds: pydicom.Dataset) -> Path:
 def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path]:
     srs: list[Path] = []
     base_uids = {les["tracking_uid"] for les in patient.lesions}
-    site.upload(patient.baseline.files + [patient.seg_file])  # the baseline and its SEG live in the PACS
+    site.upload([*patient.baseline.files, patient.seg_file])  # the baseline and its SEG live in the PACS
     previous_seg: str | None = None
     for fu in patient.followups[:followups]:
         site.route(site.upload(fu.files))

@@ -129,7 +129,7 @@ def test_json_has_the_same_rows_as_csv(exported) -> None:
     rows = list(csv.DictReader(io.StringIO(exports.lesions_csv(tl, built.patient_id))))
     js = json.loads(exports.lesions_json(tl, built.patient_id))
     assert js["columns"] == exports.LESION_COLUMNS and len(js["rows"]) == len(rows)
-    for c, j in zip(rows, js["rows"]):
+    for c, j in zip(rows, js["rows"], strict=True):
         for k in exports.LESION_COLUMNS:
             v = j[k]
             if isinstance(v, float):

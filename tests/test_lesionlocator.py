@@ -133,7 +133,7 @@ def test_single_model_folder_and_bad_folders(tmp_path: Path) -> None:
     write_tiny_model(tmp_path / "one", "3d_fullres", folds=(0,))
     eng = LesionLocatorEngine(tmp_path / "one", device="cpu")
     assert eng._model_for(PromptKind.MASK)[0] == "any"
-    with pytest.raises(CheckpointError, match="no plans.json"):
+    with pytest.raises(CheckpointError, match=r"no plans\.json"):
         LesionLocatorEngine(tmp_path, device="cpu")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "plans.json").write_text("{}")

@@ -5,6 +5,7 @@ that is down (retries on schedule, dead-letter, manual retry)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
         attempts = site.node.audits("delivery.attempt")
         assert [e.details["outcome"] for e in attempts] == ["retry_wait", "retry_wait", "dead_letter"]
         # the schedule was followed: each retry no earlier than its delay after the previous attempt
-        gaps = [(b.at - a.at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+        gaps = [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(attempts)]
         assert gaps[0] >= 0.3 - 0.05 and gaps[1] >= 0.6 - 0.05
 
         site.orthanc.start()  # destination back

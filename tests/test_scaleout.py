@@ -125,7 +125,7 @@ def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:  # type: 
     from pipeline.executors.celery_app import CeleryExecutor
     from pipeline.jobs import JobStore
 
-    settings, sf, worker, tmp = stack
+    settings, sf, worker, _tmp = stack
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     (data / "block").write_text("hold")
@@ -199,9 +199,9 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         for _ in range(2):
             worker("pipeline.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=port)
-        sequence = [patient.baseline.files + [patient.seg_file]] + [fu.files for fu in patient.followups]
+        sequence = [[*patient.baseline.files, patient.seg_file]] + [fu.files for fu in patient.followups]
         uids = [patient.baseline.series_uid] + [fu.series_uid for fu in patient.followups]
-        for files, uid in zip(sequence, uids):
+        for files, uid in zip(sequence, uids, strict=True):
             assert all(o.ok for o in store_files(settings, peer, files))
             wait_for(
                 lambda uid=uid: (store.latest_for_series(uid) or None) and store.latest_for_series(uid).finished,
@@ -233,7 +233,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     )
     svc = LesionTrackService(emb_settings).start()
     try:
-        for files, uid in zip(sequence, uids):
+        for files, uid in zip(sequence, uids, strict=True):
             for f_ok in store_files(
                 emb_settings,
                 PacsPeer(name="e", ae_title="LESIONTRACK", host="127.0.0.1", port=emb_settings.dicom.port),

@@ -35,7 +35,7 @@ def list_jobs(
     try:
         st = JobState(job_state) if job_state else None
     except ValueError:
-        raise typer.BadParameter(f"unknown state {job_state!r}; one of {[s.value for s in JobState]}")
+        raise typer.BadParameter(f"unknown state {job_state!r}; one of {[s.value for s in JobState]}") from None
     table = Table(title="analysis jobs")
     for col in ("id", "series", "state", "step", "attempts", "created", "error"):
         table.add_column(col, overflow="fold")

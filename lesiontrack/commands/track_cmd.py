@@ -84,7 +84,7 @@ def track(
             study_uid=_s(ct.meta.get("StudyInstanceUID")),
             meta={"folder": str(d)},
         )
-        for i, (ct, d) in enumerate(zip(cts, dirs))
+        for i, (ct, d) in enumerate(zip(cts, dirs, strict=True))
     ]
     order = sorted(range(len(tps)), key=lambda i: (tps[i].study_date or "", i))
     tps = [tps[i] for i in order]

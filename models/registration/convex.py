@@ -86,7 +86,7 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, radiu
     Features are pooled 2× first; an odd displacement uses the moving features pooled from a one-voxel-shifted
     window, so every label is exact without interpolation (8 pooled copies instead of one per label).
     """
-    _, c, k, j, i = fix.shape
+    _, _c, k, j, i = fix.shape
     k2, j2, i2 = k // 2, j // 2, i // 2
     n = 2 * radius + 1
     f8 = F.avg_pool3d(fix, 2)

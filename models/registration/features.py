@@ -22,7 +22,7 @@ def _ssc_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
     six = [tuple(s * v for v in ax) for ax in _AXES for s in (1, -1)]
     pairs = []
     for a, b in itertools.combinations(six, 2):
-        if sum((x - y) ** 2 for x, y in zip(a, b)) == 2:  # orthogonal neighbours
+        if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2:  # orthogonal neighbours
             pairs.append((a, b))
     assert len(pairs) == 12
     return pairs
@@ -147,7 +147,7 @@ class Adam:
         self.t += 1
         c1 = 1 - self.b1**self.t
         c2 = 1 - self.b2**self.t
-        for (p, lr), m, v in zip(self.groups, self.m, self.v):
+        for (p, lr), m, v in zip(self.groups, self.m, self.v, strict=True):
             if p.grad is None:
                 continue
             g = p.grad

@@ -44,13 +44,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]  # typeshed: generic in the stream type
+    """The stderr handler setup_logging installs (replaced, not stacked, when called again)."""
+
+
 def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_lesiontrack", False):
+        if isinstance(h, _OurHandler):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._lesiontrack = True  # type: ignore[attr-defined]
+    handler = _OurHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )

@@ -110,7 +110,7 @@ class RoutingSettings(_Section):
 
 
 class SendingSettings(_Section):
-    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 900, 3600])
+    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60.0, 300.0, 900.0, 3600.0])
     destinations: list[str] = Field(default_factory=list, description="names of pacs peers")
     claim_seconds: float = Field(
         900,
@@ -175,7 +175,7 @@ class WorkerSettings(_Section):
     executor: Literal["inprocess", "celery"] = "inprocess"
     broker_url: str = "redis://127.0.0.1:6379/0"
     max_attempts: int = Field(5, ge=1)
-    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30, 120, 600])
+    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0, 600.0])
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
     lease_seconds: float = Field(
         120.0,

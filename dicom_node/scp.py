@@ -15,7 +15,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class builds its names at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,7 +57,7 @@ class _Server(ThreadedAssociationServer):
 
     allowed_ips: frozenset[str] = frozenset()
 
-    def get_request(self):  # type: ignore[no-untyped-def]
+    def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -100,7 +101,8 @@ class StorageSCP:
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification, _UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> StorageSCP:
@@ -113,7 +115,7 @@ class StorageSCP:
             log.warning("removed %d temporary files left by an interrupted write", removed)
         self.completion.resume_from_db()
         ae = self._make_ae()
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -127,6 +129,8 @@ class StorageSCP:
             evt_handlers=handlers,
             server_class=_Server,
         )
+        if not isinstance(server, _Server):
+            raise RuntimeError(f"pynetdicom built a {type(server).__name__}, not the storage server class")
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server

@@ -33,7 +33,7 @@ def load_pipeline(spec: str) -> PipelineFactory:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"pipeline must look like MODULE:FACTORY, got {spec!r}")
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
@@ -184,12 +184,14 @@ class LesionTrackService:
 
     def _start_http(self) -> None:
         try:
-            from web import create_app  # type: ignore[attr-defined]
+            from web import create_app
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return
         import uvicorn
 
+        if self.session_factory is None:
+            raise RuntimeError("the HTTP API starts after the database is open")
         app = create_app(self.settings, self.session_factory, self.job_control())
         cfg = uvicorn.Config(
             app,
@@ -200,7 +202,7 @@ class LesionTrackService:
             lifespan="off",
         )
         self._http_server = uvicorn.Server(cfg)
-        self._http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_server.install_signal_handlers = lambda: None  # serve() runs off the main thread
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
         self._http_thread.start()
         import time

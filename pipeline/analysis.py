@@ -183,6 +183,7 @@ class AnalysisService:
         if stale:
             self.store.forget_outputs(job_id, stale)
         outputs = {k: v for k, v in view.step_outputs.items() if k not in stale}
+        progress = self.progress
         ctx = JobContext(
             job_id=job_id,
             series_uid=view.followup_series_uid,
@@ -191,7 +192,7 @@ class AnalysisService:
             outputs=outputs,
             services=self.services,
             device=runtime.get("device", self.device),
-            progress=(lambda m: self.progress(job_id, m)) if self.progress else None,
+            progress=(lambda m: progress(job_id, m)) if progress else None,
         )
         if start:
             log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name, view.attempts)

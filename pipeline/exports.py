@@ -155,7 +155,9 @@ def _visit(index: int) -> str:
     return "BASELINE" if index == 0 else f"FOLLOW-UP {index}"
 
 
-def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK") -> dict[str, list[dict]]:
+def cdisc_domains(
+    tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK"
+) -> dict[str, list[dict[str, Any]]]:
     """SDTM-style TU, TR and RS records (keys ``TU``, ``TR``, ``RS``)."""
     tu: list[dict[str, Any]] = []
     tr: list[dict[str, Any]] = []

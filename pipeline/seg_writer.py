@@ -122,7 +122,7 @@ def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
     grid = Volume(
         np.zeros((len(sorted_ds), int(first.Rows), int(first.Columns)), np.uint8),
         origin=np.array(sorted_ds[0].ImagePositionPatient, float),
-        spacing=[ps[1], ps[0], sk],
+        spacing=np.array([ps[1], ps[0], sk], float),
         direction=np.stack([row, col, normal], 1),
     )
     return sorted_ds, grid

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -142,8 +143,8 @@ class SrWriteResult:
     key_slices: dict[str, str] = field(default_factory=dict)  # tracking UID → key slice SOP Instance UID
 
 
-def _num(name: Code, value: float, unit: Code, **kw: object) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)  # type: ignore[arg-type]
+def _num(name: Code, value: float, unit: Code, **kw: Any) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)
 
 
 def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code) -> list[hd.sr.Measurement]:
@@ -224,7 +225,11 @@ def write_sr(
         )
     seg_ds = seg.dataset if seg is not None else None
     tp_ctx = time_point.context
-    groups: list = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
     key_slices: dict[str, Dataset] = {}
     uids = [r.measurement.tracking_uid for r in lesions]
     if len(set(uids)) != len(uids):
@@ -243,7 +248,7 @@ def write_sr(
                 hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category])
             )
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
-        if not m.present or segment_number is None:
+        if seg is None or not m.present or segment_number is None:
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
             zero = [
@@ -300,7 +305,7 @@ def write_sr(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tid,
-                referenced_segment=_referenced_segment(seg, segment_number),  # type: ignore[arg-type]
+                referenced_segment=_referenced_segment(seg, segment_number),
                 time_point_context=tp_ctx(),
                 finding_type=codes.SCT.Lesion,
                 finding_sites=sites,
@@ -426,7 +431,7 @@ def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.Cont
     def num(name: Code, value: float, unit: Code) -> hd.sr.NumContentItem:
         return hd.sr.NumContentItem(name=name, value=float(value), unit=unit, relationship_type=contains)
 
-    items: list = [code(codes.DCM.ResponseEvaluationMethod, codes.DCM.RECIST1Point1)]
+    items: list[hd.sr.ContentItem] = [code(codes.DCM.ResponseEvaluationMethod, codes.DCM.RECIST1Point1)]
     if r.target_response in TARGET_CODES:
         items.append(code(LT.TARGET_RESPONSE, TARGET_CODES[r.target_response]))
     if r.non_target_response in NON_TARGET_CODES:

@@ -90,7 +90,7 @@ def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
     import models.registration as reg
 
     if hasattr(reg, "get_engine"):
-        return reg.get_engine(name, **options)  # type: ignore[no-any-return]
+        return reg.get_engine(name, **options)
     raise ValueError(f"registration engine {name!r} unavailable in models.registration")
 
 
@@ -223,6 +223,8 @@ def _step(
             tick("segment", t, identity.tracking_id)
             continue
         centre = mask_centre_mm(warped)
+        if centre is None:  # unreachable: the warped mask is not empty
+            raise RuntimeError(f"propagated mask of lesion {label} has no centre")
         prompt = Prompt(identity, PromptKind.MASK, mask=warped, source=f"propagated from series {prev.series_uid}")
         reference = SegReference(carry.ref_image, carry.ref_mask)
         seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)

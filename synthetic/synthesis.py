@@ -332,7 +332,11 @@ def write_patient(
     }
     for tp in patient.timepoints:
         date = (base_date + dt.timedelta(days=tp.days_from_baseline)).strftime("%Y%m%d")
-        ids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "frame_of_reference_uid": generate_uid()}
+        ids: dict[str, str] = {
+            "study_uid": generate_uid(),
+            "series_uid": generate_uid(),
+            "frame_of_reference_uid": generate_uid(),
+        }
         entry: dict[str, Any] = {
             "index": tp.index,
             "study_date": date,
@@ -358,7 +362,9 @@ def write_patient(
                 accession_number=f"ACC{patient.seed:04d}{tp.index}",
                 study_description="CT CHEST ABDOMEN (synthetic)",
                 series_description=f"synthetic timepoint {tp.index}",
-                **ids,
+                study_uid=ids["study_uid"],
+                series_uid=ids["series_uid"],
+                frame_of_reference_uid=ids["frame_of_reference_uid"],
             )
             entry["dicom_dir"] = f"tp{tp.index}"
             entry["n_files"] = len(files)
@@ -366,10 +372,9 @@ def write_patient(
         entry["label_map"] = f"tp{tp.index}_lesions.nii.gz"
         if tp.transform is not None:
             entry["transform_followup_to_baseline"] = tp.transform.to_dict()
-            entry["landmarks"] = {
-                "baseline_mm": np.round(tp.landmarks_baseline_mm, 6).tolist(),
-                "followup_mm": np.round(tp.landmarks_followup_mm, 6).tolist(),
-            }
+            lb, lf = tp.landmarks_baseline_mm, tp.landmarks_followup_mm
+            if lb is not None and lf is not None:
+                entry["landmarks"] = {"baseline_mm": np.round(lb, 6).tolist(), "followup_mm": np.round(lf, 6).tolist()}
         truth["timepoints"].append(entry)
     (root / "truth.json").write_text(json.dumps(truth, indent=1))
     return root

@@ -49,7 +49,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
         yield client, sf, built, tmp
 
 
-def rd(client, url: str, **kw):  # type: ignore[no-untyped-def]
+def rd(client, url: str, **kw):
     return client.get(url, headers={"X-API-Key": READ}, **kw)
 
 
@@ -470,7 +470,7 @@ def test_no_patient_identifier_in_urls_or_logs(env, caplog: pytest.LogCaptureFix
     assert built.patient_id not in [a.split('"')[0] for a in html.split('href="')[1:]]
 
 
-def _browser_login(client):  # type: ignore[no-untyped-def]
+def _browser_login(client):
     from fastapi.testclient import TestClient
 
     c = TestClient(client.app)

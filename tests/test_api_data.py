@@ -77,7 +77,8 @@ def _last_centre(history: list) -> tuple[float, float, float] | None:
     """Where a lesion was last seen (a vanished lesion's SR group is anchored there)."""
     for m in reversed(history):
         if m is not None and m.centre_mm is not None:
-            return tuple(m.centre_mm)  # type: ignore[return-value]
+            c = m.centre_mm
+            return (float(c[0]), float(c[1]), float(c[2]))
     return None
 
 

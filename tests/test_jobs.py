@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.models import AnalysisJob, AuditEvent, JobState
 from db.session import make_engine, make_session_factory, session_scope, upgrade
@@ -22,17 +22,17 @@ from pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientErr
 from tests.services import wait_for
 
 
-def _factory(url: str):  # type: ignore[no-untyped-def]
+def _factory(url: str):
     upgrade(url)
     return make_session_factory(make_engine(url))
 
 
 @pytest.fixture()
-def sf(sqlite_url: str):  # type: ignore[no-untyped-def]
+def sf(sqlite_url: str):
     return _factory(sqlite_url)
 
 
-def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:  # type: ignore[no-untyped-def]
+def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:
     with session_scope(sf) as s:
         evs = s.scalars(
             select(AuditEvent)
@@ -65,7 +65,7 @@ class Recorder:
         return Step(name, fn, durable=durable)
 
 
-def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) -> None:  # type: ignore[no-untyped-def]
+def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(sf, [rec.step("a", durable=True), rec.step("b"), rec.step("c")])
     job = svc.store.create("1.2.3")
@@ -79,7 +79,7 @@ def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) ->
     assert rec.calls == Counter(a=1, b=1, c=1)
 
 
-def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:  # type: ignore[no-untyped-def]
+def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:
     rec = Recorder()
     steps = [rec.step("a", durable=True), rec.step("b", fail={1: ConnectionError("PACS unreachable")})]
     svc = AnalysisService(sf, steps, retry=RetryPolicy(3, [60.0]))
@@ -102,7 +102,7 @@ def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:  #
     ]
 
 
-def test_gives_up_after_max_attempts(sf) -> None:  # type: ignore[no-untyped-def]
+def test_gives_up_after_max_attempts(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(
         sf,
@@ -115,7 +115,7 @@ def test_gives_up_after_max_attempts(sf) -> None:  # type: ignore[no-untyped-def
     assert svc.store.get(job).error == "gave up after 3 attempts: send: destination down"
 
 
-def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type: ignore[no-untyped-def]
+def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(
         sf, [rec.step("load", durable=True), rec.step("register", fail={1: ValueError("follow-up has 3 slices")})]
@@ -128,7 +128,7 @@ def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type:
     assert rec.calls["register"] == 1, "permanent failures are not retried"
 
 
-def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:  # type: ignore[no-untyped-def]
+def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(sf, [rec.step("match_priors", fail={1: NothingToTrack("no prior study")}), rec.step("never")])
     job = svc.store.create("1.2.3")
@@ -138,7 +138,7 @@ def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:  # type: ignore
     assert _transitions(sf, job)[-1] == ("running", "nothing_to_track")
 
 
-def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:  # type: ignore[no-untyped-def]
+def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:
     rec = Recorder()
     oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     svc = AnalysisService(sf, [rec.step("register", fail={1: oom})], retry=RetryPolicy(3, [0.0]), device="cuda")
@@ -149,7 +149,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:  # type: ignore[no-unt
     assert svc.store.get(job).step_outputs["_runtime"]["device"] == "cpu"
 
 
-def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:  # type: ignore[no-untyped-def]
+def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(sf, [rec.step("a", fail={1: PermanentError("bad")})])
     old = svc.store.create("1.2.3")
@@ -165,14 +165,14 @@ def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:  # type: i
     assert svc.run(new) is JobState.DONE
 
 
-def test_a_second_trigger_reuses_the_queued_job(sf) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_trigger_reuses_the_queued_job(sf) -> None:
     store = JobStore(sf)
     a = store.create("1.2.3")
     assert store.create("1.2.3", reason="late instance") == a
     assert len(store.list(series_uid="1.2.3")) == 1
 
 
-def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> None:  # type: ignore[no-untyped-def]
+def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> None:
     rec = Recorder()
     steps = [
         rec.step("retrieve", durable=True),
@@ -205,7 +205,7 @@ def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> N
     assert store.get(job).step_outputs["write"] == {"seg": "x"}
 
 
-def test_expired_lease_lets_another_worker_take_over(sf) -> None:  # type: ignore[no-untyped-def]
+def test_expired_lease_lets_another_worker_take_over(sf) -> None:
     rec = Recorder()
     store = JobStore(sf)
     job = store.create("1.2.3")
@@ -219,17 +219,17 @@ def test_expired_lease_lets_another_worker_take_over(sf) -> None:  # type: ignor
     )
 
 
-def _transition_events(sf, job_id: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _transition_events(sf, job_id: int) -> list[dict[str, Any]]:
     with session_scope(sf) as s:
         return [
-            e.details
+            e.details or {}
             for e in s.scalars(
                 select(AuditEvent).where(AuditEvent.object_id == str(job_id), AuditEvent.action == "job.state")
             )
         ]
 
 
-def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: ignore[no-untyped-def]
+def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:
     entered, release = threading.Event(), threading.Event()
 
     def slow(ctx: JobContext) -> dict[str, Any]:
@@ -255,7 +255,7 @@ def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: igno
     assert svc2.run(job) is JobState.DONE and rec.calls["after"] == 1
 
 
-def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:  # type: ignore[no-untyped-def]
+def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:
     runs: Counter[int] = Counter()
     lock = threading.Lock()
 
@@ -281,7 +281,7 @@ def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:  # type: ignore[no-
     assert len(workers) >= 1
 
 
-def test_concurrent_workers_run_each_job_once_sqlite(sf) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_workers_run_each_job_once_sqlite(sf) -> None:
     _race(sf)
 
 
@@ -289,7 +289,7 @@ def test_concurrent_workers_run_each_job_once_sqlite(sf) -> None:  # type: ignor
 def test_concurrent_workers_run_each_job_once_postgres(postgres_url: str) -> None:
     sf = _factory(postgres_url)
     with session_scope(sf) as s:  # the session-wide server may hold jobs of other tests
-        s.execute(AnalysisJob.__table__.update().values(superseded_by=None))
+        s.execute(update(AnalysisJob).values(superseded_by=None))
     _race(sf, n_jobs=16, n_workers=4)
 
 

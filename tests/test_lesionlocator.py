@@ -126,6 +126,7 @@ def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> N
     track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=eng)
     les = tps[1].lesions[0]
     assert les.engine == "lesionlocator" and les.status in (LesionStatus.PRESENT, LesionStatus.VANISHED)
+    assert isinstance(eng, LesionLocatorEngine)
     assert len(eng._models["track"].networks) == 1
 
 

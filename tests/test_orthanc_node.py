@@ -105,13 +105,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 def orthanc_has(o: OrthancServer, sop_uid: str) -> str | None:
     hits = o.post("/tools/lookup", sop_uid)
-    return next((h["ID"] for h in hits if h["Type"] == "Instance"), None)  # type: ignore[union-attr]
+    return next((h["ID"] for h in hits if h["Type"] == "Instance"), None)
 
 
 def test_orthanc_pushes_a_study_to_the_node(site: Site, tmp_path: Path) -> None:
     files = j2k_series(tmp_path / "j2k")
     ids = [site.orthanc.upload(f) for f in files]
-    study = site.orthanc.get_json(f"/instances/{ids[0]}/study")["ID"]  # type: ignore[index]
+    study = site.orthanc.get_json(f"/instances/{ids[0]}/study")["ID"]
     site.node.settings.routing.min_slices = 10
     job = site.orthanc.post("/modalities/lesiontrack/store", {"Resources": [study], "Synchronous": True})
     assert job is not None

@@ -8,6 +8,7 @@ import glob
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -140,6 +141,7 @@ def test_every_sr_passes_dciodvfy_and_dsrdump(written: Written) -> None:
 @pytest.mark.slow
 def test_every_sr_passes_pixelmed_sr_validator(written: Written) -> None:
     require_tool("java", PIXELMED_JAR)
+    assert written.amendment is not None
     for rep in run_sr_validator([*written.srs, written.amendment]):
         assert rep.ok, rep.summary()
         assert "Found Root Template TID_1500" in rep.output
@@ -276,8 +278,9 @@ def test_sr_structure_for_viewers(written: Written) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = hd.sr.Comprehensive3DSR.from_dataset(ds)
-    vol = report.content.get_volumetric_roi_measurement_groups()
-    planar = report.content.get_planar_roi_measurement_groups()
+    content = cast(hd.sr.MeasurementReport, report.content)  # highdicom types .content as a plain ContentSequence
+    vol = content.get_volumetric_roi_measurement_groups()
+    planar = content.get_planar_roi_measurement_groups()
     assert len(vol) == 2 and len(planar) == 3  # L1, L2 present; L3 vanished (POINT)
     for g in vol:
         assert g.referenced_segment.referenced_sop_instance_uid == written.seg_results[1].dataset.SOPInstanceUID
@@ -322,6 +325,7 @@ def test_our_seg_and_sr_as_prompts(written: Written) -> None:
         p = by_uid[les.identity.tracking_uid]
         assert p.kind is PromptKind.BOX and p.identity.tracking_id == les.identity.tracking_id
         centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
+        assert p.box_mm is not None
         lo, hi = p.box_mm
         assert np.all(centre > lo) and np.all(centre < hi)
     # the vanished lesion (T1) comes back as a point prompt where it was looked for
@@ -528,6 +532,7 @@ def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Pat
     present = [les for les in tp.lesions if les.status is not LesionStatus.VANISHED]
     for les, p in zip(present, boxes, strict=True):
         centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
+        assert p.box_mm is not None
         lo, hi = p.box_mm
         assert np.all(centre >= lo - 1.0) and np.all(centre <= hi + 1.0), (les.identity.tracking_id, lo, hi, centre)
     # the same SR read through the CT volume's instance list (models.imaging.dicom_read style meta)

@@ -92,7 +92,9 @@ class ImageService:
         cached = self.cache_dir / f"plot-{lesion_id}-{sig}.png" if self.cache_dir else None
         if cached is not None and cached.is_file():
             return cached.read_bytes()
-        labels, vols, las = [], [], []
+        labels: list[str] = []
+        vols: list[float | None] = []
+        las: list[float | None] = []
         for tp in tl.timepoints:
             c = row.cells[tp.index]
             labels.append(f"{tp.label}\n{tp.date_iso or ''}")

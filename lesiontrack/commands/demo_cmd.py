@@ -100,6 +100,8 @@ def demo(
             from db.models import Patient
 
             patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
+        if patient_pk is None:
+            raise RuntimeError(f"patient {patient.patient_id} is not in the database after the demo run")
         table = lesion_table(service.session_factory, patient_pk)
         for tp in table:
             latest = service.job_store.latest_for_series(tp.series_uid)

@@ -19,8 +19,8 @@ _AXES = [(0, 0, 1), (0, 1, 0), (1, 0, 0)]  # unit offsets along k, j, i in (dk, 
 
 
 def _ssc_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
-    six = [tuple(s * v for v in ax) for ax in _AXES for s in (1, -1)]
-    pairs = []
+    six = [(s * dk, s * dj, s * di) for dk, dj, di in _AXES for s in (1, -1)]
+    pairs: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
     for a, b in itertools.combinations(six, 2):
         if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2:  # orthogonal neighbours
             pairs.append((a, b))
@@ -109,7 +109,7 @@ def sample(volume: torch.Tensor, idx_ijk: torch.Tensor, padding: str = "border")
     return F.grid_sample(volume, grid.unsqueeze(0), mode="bilinear", padding_mode=padding, align_corners=True)
 
 
-def identity_ijk(shape_kji: tuple[int, int, int], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+def identity_ijk(shape_kji: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Voxel index grid ``(K, J, I, 3)`` holding (i, j, k)."""
     k, j, i = shape_kji
     kk, jj, ii = torch.meshgrid(

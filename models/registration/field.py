@@ -205,7 +205,9 @@ class DisplacementFieldRegistration:
         out[k0:k1, j0:j1, i0:i1] = np.where(keep, best_l, 0)
         return Volume(out, fg.origin.copy(), fg.spacing.copy(), fg.direction.copy(), dict(baseline_labels.meta))
 
-    def _followup_roi(self, labels: Volume, mask: Array, margin_mm: float):
+    def _followup_roi(
+        self, labels: Volume, mask: Array, margin_mm: float
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """Index box (k, j, i) on the follow-up grid containing the mapped label voxels (+ margin)."""
         idx = np.argwhere(mask)
         if len(idx) > 20000:

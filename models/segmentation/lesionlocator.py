@@ -249,7 +249,7 @@ def load_model_folder(
         folder,
         cfg_name,
         spacing_zyx[::-1].copy(),
-        tuple(int(v) for v in cfg["patch_size"]),
+        (int(cfg["patch_size"][0]), int(cfg["patch_size"][1]), int(cfg["patch_size"][2])),
         (float(props["percentile_00_5"]), float(props["percentile_99_5"])),
         float(props["mean"]),
         float(props["std"]),
@@ -341,7 +341,7 @@ def _starts(size: int, patch: int, step: float) -> list[int]:
     return [round(v) for v in np.linspace(0, size - patch, n)]
 
 
-def _gaussian(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+def _gaussian(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
     from scipy import ndimage as ndi
 
     g = np.zeros(patch, np.float32)

@@ -310,7 +310,7 @@ class _Anatomy:
                 if i1 <= i0:
                     return None
                 out_sl.append(slice(i0, i1))
-            return tuple(out_sl)  # type: ignore[return-value]
+            return (out_sl[0], out_sl[1], out_sl[2])
 
         def ell(c: Array, semi: Array, rot: Array | None = None) -> Array:
             """_ellipsoid, evaluated only inside its bounding box on slab grids (9 outside)."""
@@ -461,8 +461,8 @@ class _Anatomy:
 
         # lung vessels and airways (inside lungs / mediastinum)
         if axes is not None:
-            scaled = tuple(np.asarray(a, np.float32) * inv for a in axes)
-            self._tubes(scaled, lung, hu, org, ~thorax, voxel_mm * float(inv))  # type: ignore[arg-type]
+            sx, sy, sz = (np.asarray(a, np.float32) * inv for a in axes)
+            self._tubes((sx, sy, sz), lung, hu, org, ~thorax, voxel_mm * float(inv))
         return hu, org
 
     def _tubes(
@@ -478,7 +478,7 @@ class _Anatomy:
                 if i1 <= i0:
                     return None
                 sl.append(slice(int(i0), int(i1)))
-            return tuple(sl)  # type: ignore[return-value]
+            return (sl[0], sl[1], sl[2])
 
         r_min = 0.55 * voxel  # thinner vessels are drawn at this radius with proportionally lower contrast
         if not hasattr(self, "_vz"):

@@ -11,11 +11,15 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from lesiontrack.context import state
+
+if TYPE_CHECKING:
+    from pipeline.lesions import Timepoint
+    from pipeline.measurements import LesionMeasurement
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +166,7 @@ def track(
     console.print(f"written to {out}")
 
 
-def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path]]:  # type: ignore[type-arg]
+def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int, list[Path]]:
     """A new SEG + TID 1500 SR per non-source timepoint, measurements against all earlier timepoints."""
     import pydicom
 
@@ -171,7 +175,7 @@ def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path
     from pipeline.seg_writer import save_new, write_seg
     from pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
-    history: dict[str, list] = {}  # type: ignore[type-arg]
+    history: dict[str, list[LesionMeasurement]] = {}
     written: dict[int, list[Path]] = {}
     for t, tp in enumerate(tps):
         for les in tp.lesions:

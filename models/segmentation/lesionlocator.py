@@ -294,7 +294,9 @@ def _build_network(arch: dict[str, Any], in_channels: int, n_classes: int, path:
             if located is None:
                 raise CheckpointError(f"{path}: {key} {kwargs[key]!r} not importable")
             kwargs[key] = located
-    return cls(input_channels=in_channels, num_classes=n_classes, deep_supervision=False, **kwargs)  # type: ignore[operator]
+    if not callable(cls):
+        raise CheckpointError(f"{path}: network_class_name {arch.get('network_class_name')!r} is not a class")
+    return cls(input_channels=in_channels, num_classes=n_classes, deep_supervision=False, **kwargs)
 
 
 # ---- prompt encoding & helpers ---------------------------------------------------------------------------

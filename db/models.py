@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.status import LesionStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -51,10 +53,8 @@ class LesionOrigin(enum.StrEnum):
     NEW = "new"
 
 
-class ObservationStatus(enum.StrEnum):
-    PRESENT = "present"
-    VANISHED = "vanished"
-    NEW = "new"
+# An observation's status is the lesion status (db/status.py), one enum for every layer; the old name stays an alias.
+ObservationStatus = LesionStatus
 
 
 class JobState(enum.StrEnum):

@@ -13,6 +13,7 @@ import io
 import json
 from typing import Any
 
+from db.status import LesionStatus
 from pipeline.history import PatientTimeline
 
 LESION_COLUMNS = [
@@ -193,9 +194,9 @@ def cdisc_domains(
             c = row.cells[tp.index]
             if c is None:
                 continue
-            state = "ABSENT" if c.status == "vanished" else "PRESENT"
+            state = "ABSENT" if c.status == LesionStatus.VANISHED else "PRESENT"
             tests: list[tuple[str, str, Any, str]] = [("TUMSTATE", "Tumor State", state, "")]
-            if c.status != "vanished":
+            if c.status != LesionStatus.VANISHED:
                 tests += [
                     ("LDIAM", "Longest Diameter", c.long_axis_mm, "mm"),
                     ("SAXIS", "Short Axis", c.short_axis_mm, "mm"),

@@ -27,6 +27,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
+from db.status import LesionStatus
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from pipeline.measurements import Axis, LesionMeasurement
@@ -51,6 +52,8 @@ QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS")
 FINDING_SITE = {("363698007", "SCT"), ("G-C0E3", "SRT")}
 FINDING = {("121071", "DCM")}
 TIME_POINT = ("C2348792", "UMLS")
+# our private lesion-status codes (pipeline.sr_writer.LT, scheme 99LTRK) → status
+STATUS_OF_CODE = {"LT002": LesionStatus.PRESENT, "LT003": LesionStatus.VANISHED, "LT004": LesionStatus.NEW}
 SUBJECT_TIME_POINT_ID = ("126070", "DCM")
 REFERENCED_SEGMENT = ("121191", "DCM")
 LONG_AXIS = {("103339001", "SCT"), ("G-A185", "SRT")}
@@ -496,10 +499,10 @@ def read_sr_measurements(
                 series_uid=None,
                 anatomic_site=g.finding_site,
             )
-            m.status = "present"
+            m.status = LesionStatus.PRESENT
         status = g.qualitative.get("Lesion status")
         if status:
-            m.status = {"LT002": "present", "LT003": "vanished", "LT004": "new"}.get(status[0], m.status)
+            m.status = STATUS_OF_CODE.get(status[0], m.status)
         vol = g.num(VOLUME)
         if vol is not None:
             m.volume_mm3 = vol.value

@@ -38,6 +38,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from db.status import LesionStatus
 from pipeline.measurements import Axis, LesionChanges, LesionMeasurement
 from pipeline.recist import Response, TimepointResponse
 from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, SegWriteResult, anatomic_code, sort_source_slices
@@ -102,7 +103,7 @@ BASELINE_CATEGORY_CODES: dict[str, Code] = {
     "non-target": codes.DCM.NonTargetLesionAtBaseline,
     "normal node": codes.DCM.NonLesionAtBaseline,
 }
-STATUS_CODES = {"present": LT.PRESENT, "vanished": LT.VANISHED, "new": LT.NEW}
+STATUS_CODES = {LesionStatus.PRESENT: LT.PRESENT, LesionStatus.VANISHED: LT.VANISHED, LesionStatus.NEW: LT.NEW}
 MM, MM3, PCT, HU = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter, codes.UCUM.Percent, codes.UCUM.HounsfieldUnit
 CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_ABS, "nadir": LT.CHANGE_NADIR_ABS}
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Lesion, LesionObservation
 from db.session import session_scope
+from db.status import LesionStatus
 from pipeline import thumbnails
 from pipeline.history import build_timeline
 
@@ -52,12 +53,11 @@ class ImageService:
             obs = s.get(LesionObservation, observation_id)
             if obs is None:
                 raise KeyError(f"no observation with id {observation_id}")
-            status = obs.status.value if hasattr(obs.status, "value") else str(obs.status)
             tracking_id = obs.lesion.tracking_id
             tracking_uid = obs.lesion.tracking_uid
             seg_uid, segment = obs.seg_sop_instance_uid, obs.segment_number
             seg_path = _file_of(s, seg_uid) if seg_uid else None
-            if status == "vanished":
+            if obs.status is LesionStatus.VANISHED:
                 return thumbnails.placeholder_png(f"{tracking_id}\nvanished")
             if seg_path is None:
                 log.info("no SEG file for observation %s (SEG %s)", observation_id, seg_uid)
@@ -101,7 +101,7 @@ class ImageService:
             if c is None:
                 vols.append(None)
                 las.append(None)
-            elif c.status == "vanished":
+            elif c.status == LesionStatus.VANISHED:
                 vols.append(0.0)
                 las.append(0.0)
             else:

@@ -186,7 +186,7 @@ def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int
                     tracking_uid=les.identity.tracking_uid,
                     tracking_id=les.identity.tracking_id,
                     is_node=les.identity.is_node,
-                    status=les.status.value,
+                    status=les.status,
                     series_uid=tp.series_uid,
                     anatomic_site=les.identity.anatomic_site,
                 )

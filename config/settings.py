@@ -133,7 +133,9 @@ class EngineSettings(_Section):
     segmentation: str = "adaptive"
     lesionlocator_weights: Path | None = None
     unigradicon_weights: Path | None = None
-    nninteractive_weights: Path | None = None
+    nninteractive_weights: Path | None = Field(
+        None, description="reserved: no nnInteractive engine exists yet (engines are listed in models/engines.py)"
+    )
     working_spacing_mm: float = Field(2.0, gt=0)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,16 @@ def load_pipeline(spec: str) -> PipelineFactory:
     if not module_name or not attr:
         raise ValueError(f"pipeline must look like MODULE:FACTORY, got {spec!r}")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def check_engine_settings(settings: Settings) -> None:
+    """Fail start-up (ConfigError naming the key) when a configured engine is unknown, not installed or lacks
+    its weights, instead of failing every job later at the register/track step."""
+    from models.engines import check_engines
+
+    problems = check_engines(settings.engines)
+    if problems:
+        raise ConfigError("; ".join(str(p) for p in problems), key=problems[0].key)
 
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
@@ -139,6 +149,7 @@ class LesionTrackService:
         from dicom_node.database import open_database
         from pipeline.jobs import JobStore
 
+        check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.session_factory = open_database(self.settings, upgrade_db=self.upgrade_db)
         self.job_store = JobStore(self.session_factory, actor="service")

@@ -92,7 +92,7 @@ def series(seed: int = 0, shifts_mm=((0, 0, 0), (2, -1, 1), (-1, 2, -1)), radii_
         ]
     g = grid()
     out = []
-    for shift, radii in zip(shifts_mm, radii_per_tp, strict=True):
+    for shift, radii in zip(shifts_mm, radii_per_tp, strict=False):  # as many timepoints as shifts
         tr = None if not any(shift) else SpatialTransform(translation=np.array(shift, float))
         out.append(render(g, tr, radii, rng))
     return out

@@ -18,6 +18,7 @@ def serve(
     """Receive DICOM from the PACS, analyse completed follow-ups (jobs), serve the HTTP API; SIGTERM stops cleanly."""
     # SCP + delivery loop + job executor + HTTP API in one process (lesiontrack.service).
     from config.logging import setup_logging
+    from config.settings import ConfigError
     from dicom_node.database import SchemaNotCurrent
     from lesiontrack.service import LesionTrackService
 
@@ -27,7 +28,7 @@ def serve(
     setup_logging(settings.logging.level)
     try:
         service = LesionTrackService(settings, pipeline=pipeline, upgrade_db=upgrade_db).start()
-    except SchemaNotCurrent as exc:
+    except (SchemaNotCurrent, ConfigError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""

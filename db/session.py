@@ -96,5 +96,6 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
-    assert head is not None
+    if head is None:
+        raise RuntimeError(f"no Alembic head revision in {_MIGRATIONS} (migrations missing from the installation?)")
     return head

@@ -218,7 +218,8 @@ class Ingestor:
             )
         if req_sop and sop_uid != req_sop:
             return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop)
-        assert sop_uid and study_uid and series_uid
+        if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
+            return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop)
         sha = sha256_hex(dataset_bytes)
         return self._store_and_record(
             ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid, calling_ae, peer

@@ -175,7 +175,8 @@ class DeliveryService:
     def _attempt(self, delivery_id: int) -> DeliveryState:
         with session_scope(self.session_factory) as s:
             d = s.get(Delivery, delivery_id)
-            assert d is not None
+            if d is None:
+                raise KeyError(f"no delivery {delivery_id}")
             name, files, attempt_no = d.destination, [Path(p) for p in d.file_paths], d.attempts + 1
         error = ""
         summary = ""
@@ -187,7 +188,8 @@ class DeliveryService:
         schedule = self.settings.sending.retry_schedule_seconds
         with session_scope(self.session_factory) as s:
             d = s.get(Delivery, delivery_id)
-            assert d is not None
+            if d is None:
+                raise KeyError(f"no delivery {delivery_id}")
             d.attempts = attempt_no
             if not error:
                 d.state, d.delivered_at, d.next_attempt_at, d.last_error = DeliveryState.DELIVERED, now, None, None

@@ -184,7 +184,8 @@ class LesionTrackService:
 
     def on_series_complete(self, series_uid: str) -> None:
         """The SCP's callback: a routed series becomes a job (a re-trigger supersedes a finished one)."""
-        assert self.job_store is not None
+        if self.job_store is None:
+            raise RuntimeError("a series completed before the service opened its job store")
         job_id = self.job_store.create(series_uid, reason="series complete", actor="dicom-node")
         log.info("series %s → job %s", series_uid, job_id)
         if self.executor is not None:

@@ -429,7 +429,8 @@ class JobStore:
             job.step_outputs = out
 
     def finish(self, job_id: int, worker: str, state: JobState, error: str | None = None, **details: Any) -> bool:
-        assert state in FINISHED_STATES
+        if state not in FINISHED_STATES:
+            raise ValueError(f"finish() needs a final state ({', '.join(FINISHED_STATES)}), got {state}")
         return self._transition(
             job_id,
             (JobState.RUNNING,),

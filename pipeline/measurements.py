@@ -231,7 +231,8 @@ def _axial_axes(crop: np.ndarray, lo: np.ndarray, ct: Volume) -> tuple[Axis, Axi
         a, b, d = _feret(corners)
         if best is None or d > best[0] + 1e-9:
             best = (d, a, b, kk)
-    assert best is not None
+    if best is None:
+        raise ValueError("no slice of the mask has an in-plane diameter")
     d, a, b, kk = best
     sa, sb, sd = _perpendicular_chord(crop[kk], a, b, si, sj)
     k = int(lo[0] + kk)

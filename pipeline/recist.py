@@ -325,8 +325,10 @@ def assess(
             notes.append("not all target lesions evaluated")
         elif idx == 0:
             target_resp = Response.NE
+        elif nadir is None:  # no earlier timepoint had an evaluable sum: nothing to compare against
+            target_resp = Response.NE
+            notes.append("no earlier evaluable target sum")
         else:
-            assert nadir is not None
             nodes_ok = all(
                 t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm
                 for t in tgt

@@ -194,7 +194,8 @@ def _step(
         seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)
         if opts.boosting and seg.array.any():
             c2 = mask_centre_mm(seg)
-            assert c2 is not None and centre is not None
+            if c2 is None:  # unreachable: seg is not empty
+                raise RuntimeError(f"segmentation of lesion {label} has no centre")
             shifted = _translate(warped, c2 - centre)
             if shifted.array.any():
                 boosted = keep_nearest_component(

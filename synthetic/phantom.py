@@ -303,7 +303,8 @@ class _Anatomy:
             org[mask] = ORGANS[organ]
 
         def _sub(lo: Array, hi: Array) -> tuple[slice, slice, slice] | None:
-            assert axes is not None
+            if axes is None:
+                raise ValueError("sub-box lookup needs the grid axes")
             out_sl = []
             for a1, a, b in ((ax1[2], lo[2], hi[2]), (ax1[1], lo[1], hi[1]), (ax1[0], lo[0], hi[0])):
                 i0, i1 = int(np.searchsorted(a1, a)), int(np.searchsorted(a1, b, side="right"))

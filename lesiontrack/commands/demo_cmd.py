@@ -93,7 +93,8 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
-        assert service.session_factory is not None
+        if service.session_factory is None:
+            raise RuntimeError("the demo service has no database")
         with service.session_factory() as s:
             from sqlalchemy import select
 

@@ -127,8 +127,7 @@ def evaluate_lesion(
     """Dice and centre distance of one predicted lesion mask against its ground truth (either may be missing)."""
     pred_present = pred is not None and bool((pred.array > 0).any())
     gt_present = gt is not None and bool((gt.array > 0).any())
-    if pred_present and gt_present:
-        assert pred is not None and gt is not None
+    if pred is not None and gt is not None and pred_present and gt_present:
         return LesionResult(patient_id, scan_id, lesion_id, dice(pred, gt), centre_distance(pred, gt), True, True)
     score = 1.0 if not pred_present and not gt_present else 0.0
     return LesionResult(patient_id, scan_id, lesion_id, score, None, gt_present, pred_present)

@@ -24,7 +24,8 @@ def _ssc_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
     for a, b in itertools.combinations(six, 2):
         if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2:  # orthogonal neighbours
             pairs.append((a, b))
-    assert len(pairs) == 12
+    if len(pairs) != 12:
+        raise RuntimeError(f"MIND-SSC needs 12 neighbour pairs, built {len(pairs)}")
     return pairs
 
 

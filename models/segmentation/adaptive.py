@@ -245,7 +245,8 @@ def _equivalent_radius_mm(mask: Volume) -> float:
 
 def _prompt_centre_mm(mask: Volume) -> np.ndarray:
     kji = mask_centre_index(mask.array, mask.spacing[::-1])
-    assert kji is not None
+    if kji is None:
+        raise ValueError("the prompt mask is empty: it has no centre")
     return mask.index_to_patient(kji[::-1].astype(float))
 
 

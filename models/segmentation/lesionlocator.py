@@ -239,7 +239,8 @@ def load_model_folder(
                 f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected)"
             )
         nets.append(net.to(device).eval())
-    assert cfg_name is not None
+    if cfg_name is None:
+        raise CheckpointError(f"{folder}: no fold checkpoint loaded")
     cfg = _configuration(plans, cfg_name, plans_path)
     props = (plans.get("foreground_intensity_properties_per_channel") or {}).get("0")
     if not props:

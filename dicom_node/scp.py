@@ -7,11 +7,13 @@ shuts it down. Each C-STORE is written verbatim (file meta + received bytes, no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -20,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.logging import log_context
 from config.settings import Settings
 from dicom_node.completion import SeriesCallback, SeriesCompletion
 from dicom_node.ingest import Ingestor
@@ -70,6 +73,22 @@ class _Server(ThreadedAssociationServer):
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
             return False
         return True
+
+
+_H = TypeVar("_H")
+
+
+def _with_peer(handler: Callable[[StorageSCP, evt.Event], _H]) -> Callable[[StorageSCP, evt.Event], _H]:
+    """Run an event handler with the association's peer (calling AE@address) in the log context."""
+
+    @functools.wraps(handler)
+    def wrapped(self: StorageSCP, event: evt.Event) -> _H:
+        r = event.assoc.requestor
+        host = r.address[0] if isinstance(r.address, tuple) else r.address
+        with log_context(peer=f"{r.ae_title}@{host}"):
+            return handler(self, event)
+
+    return wrapped
 
 
 class StorageSCP:
@@ -180,9 +199,11 @@ class StorageSCP:
         return self.completion.force_complete(series_uid)
 
     # -- handlers ----------------------------------------------------------------------------------------------
+    @_with_peer
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
+    @_with_peer
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
         try:
@@ -207,11 +228,14 @@ class StorageSCP:
         status.ErrorComment = result.comment[:64]
         return status
 
+    @_with_peer
     def _on_close(self, event: evt.Event) -> None:
         self.completion.association_closed(id(event.assoc))
 
+    @_with_peer
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)
 
+    @_with_peer
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TextIO
 
 CONTEXT_FIELDS = ("job", "series_uid", "step", "peer")
 # an immutable (key, value) tuple, replaced on every change
@@ -91,7 +92,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]  # typeshed: generic in the stream type
+class _OurHandler(logging.StreamHandler[TextIO]):
     """The stderr handler setup_logging installs (replaced, not stacked, when called again)."""
 
 

@@ -16,7 +16,7 @@ from config.logging import current_log_context, log_context, setup_logging
 from db.session import make_engine, make_session_factory, upgrade
 from models.imaging.dicom_write import write_ct_series
 from models.imaging.volume import Volume
-from pipeline.analysis import AnalysisService, JobContext, Step
+from pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
 from pipeline.jobs import JobStore
 from tests.test_dicom_node_scp import Node, pynetdicom_store
 
@@ -57,12 +57,12 @@ def test_lines_inside_a_job_carry_job_series_and_step(json_lines: JsonLines, sql
     upgrade(sqlite_url)
     sf = make_session_factory(make_engine(sqlite_url))
 
-    def step(name: str) -> Step:
-        def fn(ctx: JobContext) -> dict[str, Any]:
+    def step(name: str) -> Step[Any, Any, StepOutput]:
+        def fn(ctx: JobContext[Any, Any]) -> StepOutput:
             log.info("working in %s", name)
-            return {}
+            return StepOutput()
 
-        return Step(name, fn)
+        return Step(name, fn, StepOutput)
 
     job_id = JobStore(sf).create("1.2.826.0.1.3680043.10.99.1", reason="test", actor="test")
     json_lines.start()

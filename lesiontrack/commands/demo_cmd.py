@@ -99,6 +99,7 @@ def demo(
             from sqlalchemy import select
 
             from db.models import Patient
+            from pipeline.contract import job_results
 
             patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
         if patient_pk is None:
@@ -107,7 +108,7 @@ def demo(
         for tp in table:
             latest = service.job_store.latest_for_series(tp.series_uid)
             if latest is not None:
-                tp.files = [f for f in latest.step_outputs.get("write_seg_sr", {}).get("files", [])]
+                tp.files = job_results(latest.step_outputs).result_files
         render_table(table, console)
         if url:
             console.print(f"dashboard: {url} (API key: demo)")

@@ -53,10 +53,6 @@ class LesionOrigin(enum.StrEnum):
     NEW = "new"
 
 
-# An observation's status is the lesion status (db/status.py), one enum for every layer; the old name stays an alias.
-ObservationStatus = LesionStatus
-
-
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -75,8 +71,15 @@ class DeliveryState(enum.StrEnum):
     DEAD_LETTER = "dead_letter"
 
 
-def _enum(e: type[enum.Enum]) -> Enum:
-    return Enum(e, values_callable=lambda x: [m.value for m in x], native_enum=False, length=32, validate_strings=True)
+def _enum(e: type[enum.Enum], name: str | None = None) -> Enum:
+    return Enum(
+        e,
+        name=name or e.__name__.lower(),
+        values_callable=lambda x: [m.value for m in x],
+        native_enum=False,
+        length=32,
+        validate_strings=True,
+    )
 
 
 class Patient(Base):
@@ -187,7 +190,8 @@ class LesionObservation(Base):
     centre_x_mm: Mapped[float | None] = mapped_column(Float)
     centre_y_mm: Mapped[float | None] = mapped_column(Float)
     centre_z_mm: Mapped[float | None] = mapped_column(Float)
-    status: Mapped[ObservationStatus] = mapped_column(_enum(ObservationStatus))
+    # db/status.py's LesionStatus, one enum for every layer; the type keeps the schema's name (migration 0001)
+    status: Mapped[LesionStatus] = mapped_column(_enum(LesionStatus, name="observationstatus"))
     engine: Mapped[str | None] = mapped_column(String(64))
     engine_version: Mapped[str | None] = mapped_column(String(32))
     measurements: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -24,12 +24,12 @@ from db.models import (
     Lesion,
     LesionObservation,
     LesionOrigin,
-    ObservationStatus,
     RoutingDecision,
     SeriesState,
 )
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
+from db.status import LesionStatus
 from pipeline.contract import WriteSegSrOutput
 
 
@@ -258,7 +258,7 @@ def build_patient(
                         centre_x_mm=c[0],
                         centre_y_mm=c[1],
                         centre_z_mm=c[2],
-                        status=ObservationStatus(m.status),
+                        status=LesionStatus(m.status),
                         engine=les.engine or "test-engine",
                         engine_version=les.engine_version or "1.0",
                         measurements=m.to_dict(),

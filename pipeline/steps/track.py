@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Lesion, LesionObservation, ObservationStatus
+from db.models import Lesion, LesionObservation
 from db.session import session_scope
 from models.imaging.volume import Volume
 from models.registration.base import Registration
@@ -91,7 +91,7 @@ def vanished_earlier(
             obs = s.scalars(
                 select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id).order_by(LesionObservation.id)
             ).all()
-            if not obs or obs[-1].status is not ObservationStatus.VANISHED:
+            if not obs or obs[-1].status is not LesionStatus.VANISHED:
                 continue
             seen = [o for o in obs if o.centre_x_mm is not None]
             centre = None

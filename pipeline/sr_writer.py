@@ -242,7 +242,11 @@ def write_sr(
         tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64])
         site = anatomic_code(m.anatomic_site)
         sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
-        status = STATUS_CODES.get(m.status, LT.PRESENT)
+        status = STATUS_CODES.get(m.status)
+        if status is None:  # not_evaluated: the SR never asserts a status that was not assessed
+            raise SrWriteError(
+                f"lesion {m.tracking_id} ({m.tracking_uid}) has status {m.status}; it cannot be reported"
+            )
         quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
         if rep.baseline_category in BASELINE_CATEGORY_CODES:
             quals.append(

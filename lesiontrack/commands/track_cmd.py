@@ -59,14 +59,13 @@ def track(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from models.engines import build_registration, build_segmentation
     from models.imaging.dicom_read import read_series
-    from models.segmentation.base import get_engine
     from pipeline.lesions import Timepoint
     from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
     from pipeline.tracking import (
         ProgressEvent,
         TrackingOptions,
-        get_registration_engine,
         label_map,
         track_lesions,
         tracking_summary,
@@ -103,16 +102,9 @@ def track(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
 
-    eng_name = engine or settings.engines.segmentation
-    weights = {"lesionlocator": settings.engines.lesionlocator_weights}.get(eng_name)
     try:
-        seg_engine = get_engine(eng_name, weights=weights, device=settings.compute.device)
-        reg_name = registration or settings.engines.registration
-        reg_engine = (
-            get_registration_engine(reg_name)
-            if reg_name == "none"
-            else get_registration_engine(reg_name, settings=settings.engines, device=settings.compute.device)
-        )
+        seg_engine = build_segmentation(engine, settings.engines, device=settings.compute.device)
+        reg_engine = build_registration(registration, settings.engines, device=settings.compute.device)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc

@@ -28,16 +28,11 @@ class _Precomputed:
 
 
 def track(ctx: Ctx) -> TrackOutput:
-    from models.segmentation.base import get_engine as get_seg_engine
+    from models.engines import build_segmentation
     from pipeline.tracking import track_lesions
 
     eng = ctx.services.settings.engines
-    weights = (
-        eng.lesionlocator_weights
-        if eng.segmentation == "lesionlocator"
-        else (eng.nninteractive_weights if eng.segmentation == "nninteractive" else None)
-    )
-    seg = get_seg_engine(eng.segmentation, weights=weights, device=ctx.device)
+    seg = build_segmentation(eng.segmentation, eng, device=ctx.device)  # the registry knows which weights it reads
     inputs = ctx.state.need_inputs()
     registration = ctx.state.need_registration()
     prior = inputs.prior

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-
-import pytest
-
 from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from pipeline.recist import (
     NewLesionSearch,

@@ -15,8 +15,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Lesion, LesionObservation, NewLesionCandidate, ObservationStatus
+from db.models import Instance, Lesion, LesionObservation, NewLesionCandidate
 from db.session import session_scope
+from db.status import LesionStatus
 from pipeline import thumbnails
 from pipeline.history import build_timeline
 
@@ -49,7 +50,7 @@ class ImageService:
             obs = s.get(LesionObservation, observation_id)
             if obs is None:
                 raise KeyError(f"no observation with id {observation_id}")
-            if obs.status is ObservationStatus.VANISHED:
+            if obs.status is LesionStatus.VANISHED:
                 return thumbnails.placeholder_png(f"{obs.lesion.tracking_id}\nvanished")
             return self._segment_thumbnail(
                 s,
@@ -117,14 +118,16 @@ class ImageService:
         cached = self.cache_dir / f"plot-{lesion_id}-{sig}.png" if self.cache_dir else None
         if cached is not None and cached.is_file():
             return cached.read_bytes()
-        labels, vols, las = [], [], []
+        labels: list[str] = []
+        vols: list[float | None] = []
+        las: list[float | None] = []
         for tp in tl.timepoints:
             c = row.cells[tp.index]
             labels.append(f"{tp.label}\n{tp.date_iso or ''}")
             if c is None:
                 vols.append(None)
                 las.append(None)
-            elif c.status == "vanished":
+            elif c.status == LesionStatus.VANISHED:
                 vols.append(0.0)
                 las.append(0.0)
             else:

@@ -111,7 +111,7 @@ def _candidate_measurement(candidate: TrackedLesion, ct: Volume) -> LesionMeasur
         ct,
         tracking_uid=ident.tracking_uid,
         tracking_id=ident.tracking_id,
-        status="candidate",
+        status=LesionStatus.CANDIDATE,
         anatomic_site=ident.anatomic_site,
     )
 

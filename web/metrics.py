@@ -3,7 +3,8 @@ is counted, whichever one serves ``/metrics``).
 
 Exposed: ``lesiontrack_instances_received_total``, ``lesiontrack_jobs{state}``,
 ``lesiontrack_job_step_duration_seconds{step}`` (summary: sum and count over recorded steps),
-``lesiontrack_send_failures_total`` (failed delivery attempts), ``lesiontrack_deliveries{state}``.
+``lesiontrack_send_failures_total`` (failed delivery attempts), ``lesiontrack_deliveries{state}``,
+``lesiontrack_new_lesion_candidates{state}`` (unconfirmed ones await an operator).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AnalysisJob, Delivery, DeliveryState, Instance, JobState, Series
+from db.models import (
+    AnalysisJob,
+    CandidateState,
+    Delivery,
+    DeliveryState,
+    Instance,
+    JobState,
+    NewLesionCandidate,
+    Series,
+)
 from db.session import session_scope
 
 
@@ -47,6 +57,14 @@ class DatabaseCollector:
                 k: v for k, v in s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state))
             }
             attempts = list(s.execute(select(Delivery.state, Delivery.attempts)))
+            candidates = {
+                k: v
+                for k, v in s.execute(
+                    select(NewLesionCandidate.state, func.count(NewLesionCandidate.id)).group_by(
+                        NewLesionCandidate.state
+                    )
+                )
+            }
 
         c = CounterMetricFamily(
             "lesiontrack_instances_received", "DICOM instances received and stored (our own SEG/SR not counted)"
@@ -80,6 +98,13 @@ class DatabaseCollector:
         for dstate in DeliveryState:
             d.add_metric([dstate.value], float(deliveries.get(dstate, 0)))
         yield d
+
+        nc = GaugeMetricFamily(
+            "lesiontrack_new_lesion_candidates", "New-lesion candidates by operator decision", labels=["state"]
+        )
+        for cstate in CandidateState:
+            nc.add_metric([cstate.value], float(candidates.get(cstate, 0)))
+        yield nc
 
 
 def make_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:

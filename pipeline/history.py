@@ -63,6 +63,7 @@ class Cell:
     engine: str | None = None
     job_id: int | None = None
     is_node: bool = False
+    propagated_from_series_uid: str | None = None  # the annotated series this result was propagated from
 
     @property
     def volume_ml(self) -> float | None:
@@ -211,6 +212,7 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
                     engine=o.engine,
                     job_id=o.job_pk,
                     is_node=bool((o.measurements or {}).get("is_node", False)),
+                    propagated_from_series_uid=o.propagated_from_series_uid,
                 )
         first = next((c for c in cells if c is not None), None)
         prev: Cell | None = None

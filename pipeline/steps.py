@@ -154,36 +154,24 @@ def match_priors(ctx: JobContext) -> dict[str, Any]:
         raise NothingToTrack(
             f"no lesions marked on any of {len(earlier)} prior stud{'y' if len(earlier) == 1 else 'ies'}"
         )
-    source = max(annotated, key=lambda p: _sort_key(p.study_date, p.study_time))
-    segs = [a for a in source.annotations if a.modality == "SEG" or a.sop_class_uid in SEG_SOP_CLASSES]
-    chosen = _newest(segs or source.annotations)
-    source.annotations = [chosen]
+    from pipeline.prompt_selection import NoPersonAnnotation, is_our_object, our_instance_uids, select_prior_annotation
+
+    ours = our_instance_uids(svc.session_factory, [a.sop_instance_uid for p in annotated for a in p.annotations])
+    try:  # the person's annotation nearest in time, never our own result (issue 14)
+        source, choice = select_prior_annotation(
+            annotated,
+            fu_key,
+            lambda a: a.sop_instance_uid in ours or any(is_our_object(Path(f)) for f in a.files[:1]),
+            lambda p: _sort_key(p.study_date, p.study_time),
+        )
+    except NoPersonAnnotation as exc:
+        raise NothingToTrack(str(exc)) from exc
     return {
         "followup": {k: v for k, v in fu.items() if k != "files"},
         "prior": prior_to_json(source),
         "priors_found": summary,
+        "prompt_source": {"reason": choice.reason, "skipped_ours": [c.sop_instance_uid for c in choice.skipped]},
     }
-
-
-def _newest(annotations: list[PriorAnnotation]) -> PriorAnnotation:
-    """The most recent annotation (by content date/time where the file is at hand), e.g. our latest SEG."""
-    import pydicom
-
-    def key(item: tuple[int, PriorAnnotation]) -> tuple[str, int]:
-        i, a = item
-        if a.files and Path(a.files[0]).is_file():
-            try:
-                ds = pydicom.dcmread(
-                    a.files[0],
-                    stop_before_pixels=True,
-                    specific_tags=["ContentDate", "ContentTime", "SeriesDate", "SeriesTime"],
-                )
-                return (f"{ds.get('ContentDate', ds.get('SeriesDate', ''))}{ds.get('ContentTime', '')}", i)
-            except Exception:
-                pass
-        return ("", i)
-
-    return max(enumerate(annotations), key=key)[1]
 
 
 # -- 2. retrieve priors -------------------------------------------------------------------------------------------
@@ -667,6 +655,8 @@ def _persist(sf: sessionmaker[Session], ctx: JobContext, seg_uid: str | None, se
                         engine=les.engine or None,
                         engine_version=(les.engine_version or None),
                         measurements=data,
+                        propagated_from_series_uid=prior.ct_series_uid if tp_index == 1 else None,
+                        propagated_from_sop_uid=prior.annotations[0].sop_instance_uid if tp_index == 1 else None,
                     )
                 )
 

@@ -489,7 +489,10 @@ def main() -> None:
     all_rows: dict[str, list[dict[str, Any]]] = {}
     for name, (prop, eng) in methods.items():
         seg = TimedEngine(get_engine(eng))
-        rows = [row for p in patients for row in run_method(p, reg, seg, prop)]
+        rows = []
+        for p in patients:
+            rows.extend(run_method(p, reg, seg, prop))
+            print(f"{time.strftime('%H:%M:%S')} {name.split(' ')[0]} {p.name} done", file=sys.stderr, flush=True)
         all_rows[name] = rows
         overall = summarise(rows, seg.seconds)
         per_t = {t: summarise([r for r in rows if r["t"] == t]) for t in range(1, args.followups + 1)}

@@ -13,10 +13,11 @@ def demo(
     size: str = typer.Option("96x144x144", help="slices x rows x columns of the phantom CT"),
     spacing_mm: float = typer.Option(2.5, help="voxel size of the phantom CT (mm)"),
     lesions: int = typer.Option(5, help="number of lesions"),
+    followups: int = typer.Option(3, min=1, help="number of follow-ups (each propagated from the baseline SEG)"),
     timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
     keep_running: bool = typer.Option(False, help="keep the service (and dashboard) up until Ctrl-C"),
 ) -> None:
-    """Start the service on free ports, send a phantom baseline + SEG and two follow-ups, print the lesion table."""
+    """Start the service on free ports, send a phantom baseline + SEG and three follow-ups, print the lesion table."""
     import logging
     import tempfile
     import time
@@ -39,13 +40,14 @@ def demo(
     root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with console.status("generating the synthetic patient (phantom CT, lesion SEG, two follow-ups)..."):
+    with console.status(f"generating the synthetic patient (phantom CT, lesion SEG, {followups} follow-ups)..."):
         patient = make_patient(
             root / "patient",
             seed=seed,
             shape=shape,  # type: ignore[arg-type]
             spacing=(spacing_mm,) * 3,
             n_lesions=lesions,
+            n_followups=followups,
         )
     console.print(
         f"patient {patient.patient_id}: baseline {len(patient.baseline.files)} slices, "
@@ -87,6 +89,9 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
+            source = view.step_outputs.get("match_priors", {}).get("prompt_source")
+            if source:
+                console.print(f"  prompted from: {source['reason']}")
         assert service.session_factory is not None
         with service.session_factory() as s:
             from sqlalchemy import select

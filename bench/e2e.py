@@ -64,6 +64,7 @@ def main() -> None:
     from db.session import make_engine, make_session_factory, session_scope
     from dicom_node.scu import store_files
     from lesiontrack.demo_data import make_patient
+    from pipeline.contract import job_results
     from pipeline.jobs import JobStore
     from tests.services import OrthancServer, free_port, wait_for_port
 
@@ -147,13 +148,15 @@ retry_schedule_seconds = [2, 5, 10]
                 raise TimeoutError("no delivery within 30 minutes")
             if n < len(patient.followups):
                 d_at = delivered_at if delivered_at.tzinfo else delivered_at.replace(tzinfo=UTC)
+                match = job_results(view.step_outputs).match
                 earlier.append(
                     {
                         "followup": n,
                         "total_s": round((d_at - t_last).total_seconds(), 2),
-                        "prompt_source": view.step_outputs.get("match_priors", {}).get("prompt_source"),
+                        "prompt_source": match.prompt_source.reason if match and match.prompt_source else None,
                     }
                 )
+        results = job_results(view.step_outputs)
         if delivered_at.tzinfo is None:
             delivered_at = delivered_at.replace(tzinfo=UTC)
         created = view.created_at
@@ -192,11 +195,11 @@ retry_schedule_seconds = [2, 5, 10]
             "job": {
                 "id": view.id,
                 "attempts": view.attempts,
-                "registration": view.step_outputs.get("register", {}),
-                "prompt_source": view.step_outputs.get("match_priors", {}).get("prompt_source"),
-                "lesions": [
-                    (l["tracking_id"], l["status"]) for l in view.step_outputs.get("track", {}).get("lesions", [])
-                ],
+                "registration": results.register.model_dump() if results.register else {},
+                "prompt_source": (
+                    results.match.prompt_source.reason if results.match and results.match.prompt_source else None
+                ),
+                "lesions": [(les.tracking_id, les.status) for les in (results.track.lesions if results.track else [])],
             },
         }
         del np

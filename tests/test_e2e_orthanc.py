@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from db.models import AuditEvent, Delivery, DeliveryState, JobState, LesionObservation
 from db.session import session_scope
+from pipeline.contract import job_results
 from tests.conftest import require_tool
 from tests.services import OrthancServer, free_port, wait_for
 
@@ -162,15 +163,18 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
     for fu in patient.followups[:followups]:
         site.route(site.upload(fu.files))
         view = site.analyse(fu.series_uid)
-        prior = view.step_outputs["match_priors"]["prior"]
+        results = job_results(view.step_outputs)
+        assert results.match is not None and results.written is not None
+        prior = results.match.prior
         baseline_seg = str(pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID)
         # every follow-up is propagated from the radiologist's baseline SEG, never from our previous result
-        assert prior["ct_series_uid"] == patient.baseline.series_uid
-        assert prior["annotations"][0]["sop_instance_uid"] == baseline_seg
+        assert prior.ct_series_uid == patient.baseline.series_uid
+        assert prior.annotation.sop_instance_uid == baseline_seg
         if previous_seg is None:
-            assert prior["source"] == "orthanc"
+            assert prior.source == "orthanc"
         else:  # our SEG of the previous follow-up was found, and passed over as a prompt source
-            assert previous_seg in view.step_outputs["match_priors"]["prompt_source"]["skipped_ours"]
+            assert results.match.prompt_source is not None
+            assert previous_seg in results.match.prompt_source.skipped_ours
         with session_scope(site.service.session_factory) as s:
             obs = s.scalars(select(LesionObservation).where(LesionObservation.series_instance_uid == fu.series_uid))
             prov = {(o.propagated_from_series_uid, o.propagated_from_sop_uid) for o in obs}
@@ -182,7 +186,7 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         srs.append(_validate(tmp, sr))
         assert set(_segment_uids(seg)) <= base_uids and len(_segment_uids(seg)) >= 1
         assert _sr_uids(sr) == base_uids, "every baseline lesion is reported under its own Tracking UID"
-        assert str(seg.SOPInstanceUID) == view.step_outputs["write_seg_sr"]["seg_sop_instance_uid"]
+        assert str(seg.SOPInstanceUID) == results.written.seg_sop_instance_uid
         previous_seg = str(seg.SOPInstanceUID)
     return srs
 

@@ -89,21 +89,24 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
-            source = view.step_outputs.get("match_priors", {}).get("prompt_source")
-            if source:
-                console.print(f"  prompted from: {source['reason']}")
+            from pipeline.contract import job_results
+
+            match = job_results(view.step_outputs).match
+            if match is not None and match.prompt_source is not None:
+                console.print(f"  prompted from: {match.prompt_source.reason}")
         assert service.session_factory is not None
         with service.session_factory() as s:
             from sqlalchemy import select
 
             from db.models import Patient
+            from pipeline.contract import job_results
 
             patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
         table = lesion_table(service.session_factory, patient_pk)
         for tp in table:
             latest = service.job_store.latest_for_series(tp.series_uid)
             if latest is not None:
-                tp.files = [f for f in latest.step_outputs.get("write_seg_sr", {}).get("files", [])]
+                tp.files = job_results(latest.step_outputs).result_files
         render_table(table, console)
         if url:
             console.print(f"dashboard: {url} (API key: demo)")

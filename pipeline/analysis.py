@@ -19,6 +19,7 @@ reason naming the step. Inputs (received instances, retrieved priors, recorded o
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.logging import log_context, update_log_context
 from db.models import JobState
 from pipeline.jobs import (
     DEFAULT_LEASE_SECONDS,
@@ -264,7 +266,12 @@ class AnalysisService:
         return start, kept
 
     def _run_claimed(self, job_id: int) -> JobState | None:
+        with log_context(job=job_id):  # every log line of this job carries job (+ series_uid, step below)
+            return self._run_job(job_id)
+
+    def _run_job(self, job_id: int) -> JobState | None:
         view = self.store.get(job_id)
+        update_log_context(series_uid=view.followup_series_uid)
         runtime = RuntimeHints.model_validate(view.step_outputs.get(RUNTIME_KEY, {}))
         progress = self.progress
         ctx: JobContext[Any, Any] = JobContext(
@@ -289,12 +296,18 @@ class AnalysisService:
             log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name, view.attempts)
         lost = threading.Event()
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job_id, lost, done), daemon=True, name=f"lease-{job_id}")
+        beat = threading.Thread(
+            target=contextvars.copy_context().run,  # the heartbeat logs with the job's context too
+            args=(self._heartbeat, job_id, lost, done),
+            daemon=True,
+            name=f"lease-{job_id}",
+        )
         beat.start()
         step_name = self.steps[start].name if start < len(self.steps) else "done"
         try:
             for step in self.steps[start:]:
                 step_name = step.name
+                update_log_context(step=step.name)
                 if lost.is_set():
                     raise LeaseLost(job_id)
                 if self.stop_event.is_set():

@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from models.engines import build_registration
 from models.imaging.volume import Volume
-from models.registration.base import Registration, RegistrationEngine, RegistrationQuality
+from models.registration.base import Registration, RegistrationEngine
+from models.registration.identity import IdentityRegistration, NoRegistrationEngine
 from models.segmentation.base import SegmentationEngine, SegReference
 from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
@@ -36,6 +38,14 @@ from pipeline.lesions import LesionStatus, PropagationSource, Timepoint, Tracked
 from pipeline.prompt_selection import nearest_source_index
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "IdentityRegistration",
+    "NoRegistrationEngine",
+    "RegistrationCache",
+    "get_registration_engine",
+    "track_lesions",
+]
 
 
 @dataclass
@@ -63,48 +73,9 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-class IdentityRegistration:
-    """No registration: masks are carried over in patient coordinates (the "no registration" baseline)."""
-
-    engine = "none"
-
-    def __init__(self, baseline: Volume, followup: Volume) -> None:
-        self.baseline_grid = baseline
-        self.followup_grid = followup
-        self.quality = RegistrationQuality(similarity_metric="none")
-
-    def warp_image(self, baseline_image: Volume, default: float = -1024.0) -> Volume:
-        return baseline_image.resample_to(self.followup_grid, default=default)
-
-    def warp_labels(self, baseline_labels: Volume) -> Volume:
-        if baseline_labels.same_grid(self.followup_grid):
-            return baseline_labels.with_array(baseline_labels.array.copy())
-        return baseline_labels.resample_to(self.followup_grid, label=True)
-
-    def map_points_to_followup(self, points_mm: np.ndarray) -> np.ndarray:
-        return np.asarray(points_mm, float)
-
-    def map_points_to_baseline(self, points_mm: np.ndarray) -> np.ndarray:
-        return np.asarray(points_mm, float)
-
-
-class NoRegistrationEngine:
-    name = "none"
-    version = "1.0"
-
-    def register(self, baseline: Volume, followup: Volume) -> Registration:
-        return IdentityRegistration(baseline, followup)
-
-
 def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
-    """``none`` here; anything else from :mod:`models.registration` (its ``get_engine``)."""
-    if name == "none":
-        return NoRegistrationEngine()
-    import models.registration as reg
-
-    if hasattr(reg, "get_engine"):
-        return reg.get_engine(name, **options)  # type: ignore[no-any-return]
-    raise ValueError(f"registration engine {name!r} unavailable in models.registration")
+    """The registration engine ``name`` from the one registry (:mod:`models.engines`), ``none`` included."""
+    return build_registration(name, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,12 +297,14 @@ def _segment_propagated(
             notes=[*notes, "propagated mask fell outside this CT"],
         )
     centre = mask_centre_mm(warped)
-    assert centre is not None
+    if centre is None:  # unreachable: the warped mask is not empty
+        raise RuntimeError(f"propagated mask of lesion {identity.label} has no centre")
     prompt = Prompt(identity, PromptKind.MASK, mask=warped, source=source)
     seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)
     if opts.boosting and seg.array.any():
         c2 = mask_centre_mm(seg)
-        assert c2 is not None
+        if c2 is None:  # unreachable: seg is not empty
+            raise RuntimeError(f"segmentation of lesion {identity.label} has no centre")
         shifted = _translate(warped, c2 - centre)
         if shifted.array.any():
             boosted = keep_nearest_component(

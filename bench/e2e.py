@@ -156,6 +156,8 @@ retry_schedule_seconds = [2, 5, 10]
                         "prompt_source": match.prompt_source.reason if match and match.prompt_source else None,
                     }
                 )
+        if delivered_at is None or view is None:  # no follow-up routed (--followups 0)
+            raise RuntimeError("no follow-up was timed")
         results = job_results(view.step_outputs)
         if delivered_at.tzinfo is None:
             delivered_at = delivered_at.replace(tzinfo=UTC)

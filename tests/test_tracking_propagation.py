@@ -94,7 +94,7 @@ def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoi
         options=TrackingOptions(propagation="chain"),
     )
     assert reg2.pairs == [(id(tps2[t - 1].ct), id(tps2[t].ct)) for t in (1, 2, 3)]
-    assert not tps2[3].lesions[0].propagated_from.by_person  # type: ignore[union-attr]
+    assert not tps2[3].lesions[0].propagated_from.by_person
 
 
 def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None:
@@ -112,8 +112,8 @@ def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None
     )
     ids = [id(tp.ct) for tp in tps]
     assert sorted(reg.pairs) == sorted([(ids[1], ids[2]), (ids[4], ids[3]), (ids[1], ids[0])])
-    assert {les.propagated_from.timepoint_index for les in tps[3].lesions} == {4}  # type: ignore[union-attr]
-    assert {les.propagated_from.timepoint_index for les in tps[0].lesions} == {1}  # type: ignore[union-attr]
+    assert {les.propagated_from.timepoint_index for les in tps[3].lesions} == {4}
+    assert {les.propagated_from.timepoint_index for les in tps[0].lesions} == {1}
     assert nearest_source_index(2, [1, 4]) == 1 and nearest_source_index(3, [1, 4]) == 4
 
 
@@ -171,7 +171,7 @@ class _OracleShift:
             moved = Volume(labels.array, labels.origin - d, labels.spacing, labels.direction)
             return moved.resample_to(followup, label=True)
 
-        reg.warp_labels = warp_labels  # type: ignore[method-assign]
+        reg.warp_labels = warp_labels  # type: ignore[method-assign,assignment]
         return reg
 
 
@@ -245,14 +245,14 @@ def test_selection_picks_the_persons_annotation_over_our_newer_results() -> None
     assert {c.sop_instance_uid for c in choice.skipped} == {"our-fu1-seg", "our-fu2-seg"}
     # a result of ours that a person confirmed counts as theirs, and it is nearer
     cands.append(_cand("verified-fu2", "20240501000000", AnnotationOrigin.OURS, confirmed=True))
-    assert choose_prompt_source(cands, "20240701000000").chosen.sop_instance_uid == "verified-fu2"  # type: ignore[union-attr]
+    assert choose_prompt_source(cands, "20240701000000").chosen.sop_instance_uid == "verified-fu2"
     # SEG over SR at one timepoint; nothing later than the follow-up is used
     two = [
         _cand("sr", "20240101000000", AnnotationOrigin.PERSON, "SR"),
         _cand("seg", "20240101000000", AnnotationOrigin.PERSON),
         _cand("later", "20250101000000", AnnotationOrigin.PERSON),
     ]
-    assert choose_prompt_source(two, "20240601000000").chosen.sop_instance_uid == "seg"  # type: ignore[union-attr]
+    assert choose_prompt_source(two, "20240601000000").chosen.sop_instance_uid == "seg"
 
 
 def test_selection_refuses_to_propagate_from_our_results_alone() -> None:

@@ -208,6 +208,9 @@ class WorkerSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of third-party loggers (alembic, highdicom, pynetdicom, ...)"
+    )
 
 
 class Settings(BaseSettings):

@@ -116,6 +116,15 @@ def _sop_name(uid: str) -> str:
     return name if name and name != uid else uid
 
 
+def _sop_reason(uid: str) -> str:
+    what = ""
+    if uid == "1.2.840.10008.5.1.4.1.1.7" or uid.startswith("1.2.840.10008.5.1.4.1.1.7."):
+        what = " (a dose screen or screenshot)"
+    elif uid.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        what = " (a structured report, e.g. a radiation dose SR)"
+    return f"SOP class {_sop_name(uid)} is not a CT image volume{what}"
+
+
 def decide(facts: SeriesFacts, rules: RoutingSettings) -> Route:
     skip = RoutingDecision.SKIP
     previous = facts.previous_reason or ""
@@ -125,16 +134,11 @@ def decide(facts: SeriesFacts, rules: RoutingSettings) -> Route:
         return Route(skip, OWN_RESULT_REASON, SkipCode.OWN_RESULT)
     if previous.startswith(OPERATOR_OVERRIDE_REASON):
         return Route(RoutingDecision.ANALYSE, previous, "operator")
-    if rules.sop_classes and facts.sop_class_uid and facts.sop_class_uid not in rules.sop_classes:
-        return Route(
-            skip,
-            f"SOP class {_sop_name(facts.sop_class_uid)} is not a CT image volume "
-            "(dose reports are SR or Secondary Capture)",
-            SkipCode.SOP_CLASS,
-        )
     modality = (facts.modality or "").upper()
     if [m.upper() for m in rules.modalities] and modality not in [m.upper() for m in rules.modalities]:
         return Route(skip, f"modality {modality or '(none)'} not in {rules.modalities}", SkipCode.MODALITY)
+    if rules.sop_classes and facts.sop_class_uid and facts.sop_class_uid not in rules.sop_classes:
+        return Route(skip, _sop_reason(facts.sop_class_uid), SkipCode.SOP_CLASS)
     if "LOCALIZER" in facts.image_type:
         return Route(skip, "ImageType LOCALIZER", SkipCode.LOCALIZER)
     desc = facts.series_description or ""

@@ -205,7 +205,7 @@ class LesionTrackService:
         """The SCP's callback: a routed series becomes a job (a re-trigger supersedes a finished one)."""
         assert self.job_store is not None
         job_id = self.job_store.create(series_uid, reason="series complete", actor="dicom-node")
-        log.info("series %s → job %s", series_uid, job_id)
+        log.debug("series %s → job %s", series_uid, job_id)
         if self.executor is not None:
             self.executor.submit(job_id)
 

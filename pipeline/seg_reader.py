@@ -135,7 +135,7 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
         if algo_seq:
             algo = (str(algo_seq[0].get("AlgorithmName", "")), str(algo_seq[0].get("AlgorithmVersion", "")))
         out.segments.append(SegSegment(n, ident, mask, label, ptype, algo, tracking_from_file=bool(uid)))
-    log.info("read SEG %s: %d segment(s) (%s)", out.sop_instance_uid, len(out.segments), seg_type)
+    log.debug("read SEG %s: %d segment(s) (%s)", out.sop_instance_uid, len(out.segments), seg_type)
     return out
 
 

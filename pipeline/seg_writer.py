@@ -265,7 +265,7 @@ def write_seg(
         omit_empty_frames=True,
         workers=workers,
     )
-    log.info("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
+    log.debug("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
     slices_of = {i: [k0 + d for d in range(c.shape[0]) if c[d].any()] for i, (k0, c) in enumerate(crops, start=1)}
     return SegWriteResult(
         seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds, grid, kind, slices_of

@@ -445,7 +445,7 @@ def read_sr_prompts(
                 meta={"graphic_types": sorted({s.graphic_type for s in usable})},
             )
         )
-    log.info("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
+    log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
     return prompts
 
 

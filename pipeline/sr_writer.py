@@ -385,7 +385,7 @@ def write_sr(
         ],
         software_versions=software_version,
     )
-    log.info(
+    log.debug(
         "SR %s: %d lesion(s), time point %s, series %s",
         sr.SOPInstanceUID,
         len(lesions),

@@ -93,9 +93,13 @@ def test_enhanced_ct_is_an_image_sop_class() -> None:
     assert decide(facts("Thorax 1.0 Br40", ENHANCED_CT), RoutingSettings()).decision == RoutingDecision.ANALYSE
 
 
-def test_dose_sr_is_skipped_by_sop_class_whatever_its_modality_and_name() -> None:
-    route = decide(facts("Abdomen 5mm", DOSE_SR, (), modality="SR"), RoutingSettings())
+def test_dose_reports_are_skipped_whatever_they_are_called() -> None:
+    rules = RoutingSettings()
+    route = decide(facts("Abdomen 5mm", DOSE_SR, (), modality="CT"), rules)
     assert route.code == SkipCode.SOP_CLASS and "X-Ray Radiation Dose SR" in route.reason
+    assert decide(facts("Abdomen 5mm", DOSE_SR, (), modality="SR"), rules).code == SkipCode.MODALITY
+    screen = decide(facts("Abdomen 5mm", SECONDARY_CAPTURE, ()), rules)
+    assert screen.code == SkipCode.SOP_CLASS and "dose screen" in screen.reason
 
 
 def test_the_old_unanchored_default_is_what_skipped_idose() -> None:

@@ -14,16 +14,28 @@ def demo(
     spacing_mm: float = typer.Option(2.5, help="voxel size of the phantom CT (mm)"),
     lesions: int = typer.Option(5, help="number of lesions"),
     timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
-    keep_running: bool = typer.Option(False, help="keep the service (and dashboard) up until Ctrl-C"),
+    keep_running: bool | None = typer.Option(
+        None,
+        "--keep-running/--no-keep-running",
+        help="keep the service (and dashboard) up until Ctrl-C (default: yes when run from a terminal)",
+    ),
 ) -> None:
     """Start the service on free ports, send a phantom baseline + SEG and two follow-ups, print the lesion table."""
     import logging
+    import sys
     import tempfile
     import time
 
     from rich.console import Console
 
-    from lesiontrack.demo import demo_settings, lesion_table, render_table, send_files, wait_for_job
+    from lesiontrack.demo import (
+        demo_settings,
+        lesion_table,
+        render_table,
+        send_files,
+        wait_for_job,
+        write_demo_config,
+    )
     from lesiontrack.demo_data import make_patient
     from lesiontrack.service import LesionTrackService
 
@@ -34,8 +46,8 @@ def demo(
     try:
         shape = tuple(int(v) for v in size.lower().split("x"))
         assert len(shape) == 3
-    except (ValueError, AssertionError):
-        raise typer.BadParameter(f"--size must look like 96x144x144, got {size!r}")
+    except (ValueError, AssertionError) as exc:
+        raise typer.BadParameter(f"--size must look like 96x144x144, got {size!r}") from exc
     root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -62,7 +74,7 @@ def demo(
     )
     try:
         with console.status("sending baseline CT + SEG over DICOM..."):
-            send_files(settings, patient.baseline.files + [patient.seg_file])
+            send_files(settings, [*patient.baseline.files, patient.seg_file])
             view = wait_for_job(service.job_store, patient.baseline.series_uid, timeout)
         console.print(f"baseline: job {view.id} → {view.state.value} ({view.error or 'ok'})")
         for fu in patient.followups:
@@ -72,7 +84,7 @@ def demo(
                 send_files(settings, fu.files)
                 t1 = time.monotonic()
 
-                def show(v, label=fu.label, t1=t1):  # type: ignore[no-untyped-def]
+                def show(v, label=fu.label, t1=t1, status=status):  # type: ignore[no-untyped-def]
                     status.update(
                         f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)"
                     )
@@ -100,15 +112,21 @@ def demo(
             if latest is not None:
                 tp.files = [f for f in latest.step_outputs.get("write_seg_sr", {}).get("files", [])]
         render_table(table, console)
-        if url:
-            console.print(f"dashboard: {url} (API key: demo)")
         console.print(f"total {time.monotonic() - t0:.0f}s")
-        if keep_running:
-            console.print("service running; Ctrl-C to stop")
+        config = write_demo_config(settings, root / "lesiontrack.toml")
+        if keep_running is None:
+            keep_running = sys.stdin.isatty() and sys.stdout.isatty()
+        if keep_running and url:
+            console.print(f"dashboard: {url} (API key: demo) — the service keeps running until you press Ctrl-C")
             service.run_until_signal()
     finally:
         service.stop()
         console.print(f"all files (DICOM received, SEG/SR written, database) are in {root}")
+    console.print(
+        "the service has stopped. To browse these results in the dashboard again run\n"
+        f"  lesiontrack --config {config} serve\n"
+        f"and open http://127.0.0.1:{settings.http.port}/ (API key: demo)"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -401,7 +401,14 @@ def read_sr_prompts(
                 site = next((g.finding_site for g in groups if g.finding_site), None)
                 prompts.append(
                     Prompt(
-                        LesionIdentity(uid, text, n, site, "lymph node" in (site or "").lower()),
+                        LesionIdentity(
+                            uid,
+                            text,
+                            n,
+                            site,
+                            "lymph node" in (site or "").lower(),
+                            description=_described(next((g.finding for g in groups if g.finding), None)),
+                        ),
                         PromptKind.MASK,
                         mask=mask,
                         source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}",
@@ -421,7 +428,8 @@ def read_sr_prompts(
         if not text or text.startswith("cornerstone"):  # OHIF tool tag, not a lesion label
             text = f"L{n}" + (f" {site.lower()}" if site else "")
         is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
-        ident = LesionIdentity(uid, text, n, site, is_node)
+        finding = next((g.finding for g in groups if g.finding), None)
+        ident = LesionIdentity(uid, text, n, site, is_node, description=_described(finding))
         source = f"SR {contents.sop_instance_uid} {text}"
         if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
             pts = np.concatenate([s.points_mm for s in usable])  # type: ignore[misc]
@@ -511,3 +519,14 @@ def read_sr_measurements(
             m.anatomic_site = g.finding_site
         m.is_node = m.is_node or "lymph node" in (g.finding_site or "").lower()
     return out
+
+
+#: Finding codes that say nothing about the lesion beyond "a lesion" (not worth showing as its description)
+_GENERIC_FINDINGS = {"lesion", "tumor", "tumour", "mass", "neoplasm", "finding", "measurement"}
+
+
+def _described(finding: str | None) -> str | None:
+    """An SR finding as the lesion's description, unless it is a generic 'Lesion'."""
+    if not finding or finding.strip().lower() in _GENERIC_FINDINGS:
+        return None
+    return finding.strip()

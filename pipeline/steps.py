@@ -531,6 +531,7 @@ def write_seg_sr(ctx: JobContext) -> dict[str, Any]:
             ctx.memory["changes"].get(l.identity.tracking_uid),
             roles.get(l.identity.tracking_uid),
             _expected_centre(l),
+            l.identity.description,
         )
         for l in lesions
     ]

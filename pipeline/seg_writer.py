@@ -3,8 +3,9 @@
 One segment per *present* lesion, labelled with its Tracking ID and the radiologist's description within LO's 64
 characters (``pipeline.lesion_names``; the full description in SegmentDescription), carrying its Tracking UID, coded as
 "Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
-name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest neighbour) and the SEG
-references the source CT slices frame by frame (highdicom fills Derived Image / ReferencedSeriesSequence).
+name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest
+neighbour) and the SEG references the source CT slices frame by frame (highdicom fills Derived Image /
+ReferencedSeriesSequence).
 
 Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map
 Segmentation, RLE, most compact; needs non-overlapping lesions). ``auto`` picks LABELMAP unless lesions overlap.

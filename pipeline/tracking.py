@@ -439,7 +439,7 @@ def _resolve_overlaps(results: list[_StepResult], grid: Volume) -> list[TrackedL
             )
             la.notes.append(msg)
             lb.notes.append(msg)
-            log.info("%s", msg)
+            log.debug("%s", msg)
     for les in lesions:
         if les.status is LesionStatus.PRESENT and not les.mask.array.any():
             les.status = LesionStatus.VANISHED

@@ -19,16 +19,28 @@ def demo(
     lesions: int = typer.Option(5, help="number of lesions"),
     followups: int = typer.Option(3, min=1, help="number of follow-ups (each propagated from the baseline SEG)"),
     timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
-    keep_running: bool = typer.Option(False, help="keep the service (and dashboard) up until Ctrl-C"),
+    keep_running: bool | None = typer.Option(
+        None,
+        "--keep-running/--no-keep-running",
+        help="keep the service (and dashboard) up until Ctrl-C (default: yes when run from a terminal)",
+    ),
 ) -> None:
     """Start the service on free ports, send a phantom baseline + SEG and three follow-ups, print the lesion table."""
     import logging
+    import sys
     import tempfile
     import time
 
     from rich.console import Console
 
-    from lesiontrack.demo import demo_settings, lesion_table, render_table, send_files, wait_for_job
+    from lesiontrack.demo import (
+        demo_settings,
+        lesion_table,
+        render_table,
+        send_files,
+        wait_for_job,
+        write_demo_config,
+    )
     from lesiontrack.demo_data import make_patient
     from lesiontrack.service import LesionTrackService
 
@@ -117,15 +129,21 @@ def demo(
             if latest is not None:
                 tp.files = job_results(latest.step_outputs).result_files
         render_table(table, console)
-        if url:
-            console.print(f"dashboard: {url} (API key: demo)")
         console.print(f"total {time.monotonic() - t0:.0f}s")
-        if keep_running:
-            console.print("service running; Ctrl-C to stop")
+        config = write_demo_config(settings, root / "lesiontrack.toml")
+        if keep_running is None:
+            keep_running = sys.stdin.isatty() and sys.stdout.isatty()
+        if keep_running and url:
+            console.print(f"dashboard: {url} (API key: demo) — the service keeps running until you press Ctrl-C")
             service.run_until_signal()
     finally:
         service.stop()
         console.print(f"all files (DICOM received, SEG/SR written, database) are in {root}")
+    console.print(
+        "the service has stopped. To browse these results in the dashboard again run\n"
+        f"  lesiontrack --config {config} serve\n"
+        f"and open http://127.0.0.1:{settings.http.port}/ (API key: demo)"
+    )
 
 
 def register(app: typer.Typer) -> None:

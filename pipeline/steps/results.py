@@ -48,6 +48,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             measured.changes.get(les.identity.tracking_uid),
             roles.get(les.identity.tracking_uid),
             _expected_centre(les),
+            les.identity.description,
         )
         for les in lesions
     ] + [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]

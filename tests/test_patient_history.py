@@ -44,6 +44,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         n_lesions=5,
         n_followups=2,
         changes=False,
+        motion=False,  # registration "none" below: the follow-ups lie on the baseline position
     )
     ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
     for f in [*patient.baseline.files, patient.seg_file, *(f for fu in patient.followups for f in fu.files)]:

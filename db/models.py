@@ -286,7 +286,7 @@ class NewLesionCandidate(Base):
     contrast_hu: Mapped[float] = mapped_column(Float)
     confidence: Mapped[float] = mapped_column(Float)
     reasons: Mapped[list[Any]] = mapped_column(JSON)
-    mask_path: Mapped[str] = mapped_column(Text)  # .npy of the mask on the follow-up CT grid
+    mask_path: Mapped[str] = mapped_column(Text)  # .npz: the mask's bounding-box crop on the follow-up CT grid
     seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     segment_number: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[CandidateState] = mapped_column(_enum(CandidateState), default=CandidateState.UNCONFIRMED)

@@ -153,8 +153,25 @@ def decided_masks(sf: sessionmaker[Session], series_uid: str) -> tuple[list[Cand
     for v, p in zip(views, paths, strict=True):
         if not Path(p).is_file():
             raise FileNotFoundError(f"mask of candidate {v.tracking_id} ({v.tracking_uid}) is missing: {p}")
-        masks.append(np.load(p).astype(bool))
+        masks.append(load_mask(Path(p)))
     return views, masks
+
+
+def save_mask(path: Path, mask: np.ndarray) -> None:
+    """A candidate's mask as its bounding-box crop (compressed), the offset and the full grid shape."""
+    idx = np.argwhere(mask)
+    lo = idx.min(0) if idx.size else np.zeros(mask.ndim, int)
+    hi = idx.max(0) + 1 if idx.size else np.zeros(mask.ndim, int)
+    crop = mask[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
+    np.savez_compressed(path, crop=crop, offset=lo, shape=np.array(mask.shape))
+
+
+def load_mask(path: Path) -> np.ndarray:
+    with np.load(path) as data:
+        crop, lo, shape = data["crop"].astype(bool), data["offset"], tuple(int(v) for v in data["shape"])
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice(int(a), int(a) + n) for a, n in zip(lo, crop.shape, strict=True))] = crop
+    return mask
 
 
 def get_candidate(session: Session, candidate_id: int) -> CandidateView:

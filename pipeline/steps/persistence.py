@@ -11,7 +11,6 @@ import hashlib
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +29,7 @@ from db.models import (
 )
 from db.repository import audit
 from db.session import session_scope
+from pipeline.candidates import save_mask
 from pipeline.contract import MatchPriorsOutput
 from pipeline.jobs import PermanentError
 from pipeline.lesions import LesionStatus
@@ -151,8 +151,8 @@ def persist_search(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int
         mask_dir.mkdir(parents=True, exist_ok=True)
         for c in search.candidates:
             r = c.record
-            mask_path = mask_dir / f"{r.tracking_uid}.npy"
-            np.save(mask_path, c.mask.array.astype(bool))
+            mask_path = mask_dir / f"{r.tracking_uid}.npz"
+            save_mask(mask_path, c.mask.array.astype(bool))
             s.add(
                 NewLesionCandidate(
                     search_pk=run.id,

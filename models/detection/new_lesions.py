@@ -14,9 +14,9 @@ made robust to what registration leaves behind:
    so an arterial-vs-portal phase change or scanner calibration does not show up as new tissue.
 4. **Misregistration tolerance.** The follow-up is compared with a local maximum (for new *denser* tissue: lung
    nodules, nodes in fat, hyperdense lesions) or minimum (for new *hypodense* tissue: liver / soft-tissue
-   metastases) of the corrected prior over a box of ± ``lung_tolerance_mm`` / ``soft_tolerance_mm``: a vessel or an organ edge that
-   moved by a few millimetres is then always matched by prior tissue at least as dense (or as dark) nearby, whereas
-   a new lesion is denser (darker) than everything around its site in the prior.
+   metastases) of the corrected prior over a box of ± ``lung_tolerance_mm`` / ``soft_tolerance_mm``: a vessel or an
+   organ edge that moved by a few millimetres is then always matched by prior tissue at least as dense (or as dark)
+   nearby, whereas a new lesion is denser (darker) than everything around its site in the prior.
 5. **Tissue classes.** Lung (prior < −400 HU): denser-than-prior, lung-channel threshold. Liver / soft tissue
    (−200…250 HU in the prior): denser than prior (lightly smoothed, like lung) or darker than prior (hypodense
    lesions have tens of HU contrast: images smoothed more, against noise).
@@ -209,7 +209,7 @@ class _Maps:
 
 def _score_maps(followup: Volume, warped_prior: Volume, opt: DetectionOptions) -> _Maps | None:
     factors = np.maximum(1, np.floor(opt.working_spacing_mm / followup.spacing + 0.5).astype(int))  # i, j, k
-    f_kji = tuple(int(v) for v in factors[::-1])
+    f_kji = (int(factors[2]), int(factors[1]), int(factors[0]))
     sp = followup.spacing * factors  # working spacing (i, j, k)
     sp_kji = sp[::-1]
     fu = _block_mean(followup.array, f_kji)
@@ -337,7 +337,7 @@ def _block_mean(a: Array, f: tuple[int, int, int]) -> Array:
 def _block_any(a: Array, f: tuple[int, int, int]) -> Array:
     n = [s // fi * fi for s, fi in zip(a.shape, f, strict=True)]
     v = a[: n[0], : n[1], : n[2]]
-    return v.reshape(n[0] // f[0], f[0], n[1] // f[1], f[1], n[2] // f[2], f[2]).any(axis=(1, 3, 5))
+    return np.asarray(v.reshape(n[0] // f[0], f[0], n[1] // f[1], f[1], n[2] // f[2], f[2]).any(axis=(1, 3, 5)))
 
 
 def _upsample_mask(comp: Array, sl: tuple[slice, ...], f: tuple[int, int, int], shape: tuple[int, ...]) -> Array:

@@ -83,7 +83,12 @@ class DetectionOptions:
     soft_prior_range_hu: tuple[float, float] = (-200.0, 250.0)
     hypo_prior_min_hu: float = 10.0  # hypodense lesions are looked for in enhancing parenchyma only
     bone_hu: float = 350.0
-    min_elongation: float = 0.3
+    min_elongation: float = 0.44
+    surface_margin_mm: float = 0.0
+    """Not looked for within this distance of the body surface, where the skin–air edge (1000 HU) moves most."""
+    max_soft_contrast_hu: float = 200.0
+    """Liver / soft-tissue candidates denser than the prior by more than this are bone, calcium or contrast-filled
+    vessels moved by misregistration, not lesions (a new node in fat is ≈ +100–160 HU)."""
     max_candidates: int = 20
 
 
@@ -164,6 +169,8 @@ def detect_new_lesions(
         mean_hu = float(vals_f.mean())
         contrast = float(mean_hu - vals_p.mean())
         tissue = tissue_ch
+        if tissue != "lung" and contrast > opt.max_soft_contrast_hu:
+            continue
         if tissue == "soft tissue" and _liver_like(pr_s, sl, comp, sp_kji):
             tissue = "liver"
         kind = "hypodense" if contrast < 0 else "hyperdense"
@@ -226,6 +233,8 @@ def _score_maps(followup: Volume, warped_prior: Volume, opt: DetectionOptions) -
     # outside the prior's field of view the warp returns exactly -1024 HU: where the follow-up has tissue there,
     # nothing was compared (real air, e.g. the trachea, is air in both and stays valid)
     uncovered = (pr <= -1023.0) & (fu_s > -900.0)
+    if opt.surface_margin_mm > 0:
+        body &= ~ndi.maximum_filter(~body, size=_box(opt.surface_margin_mm, sp_kji))
     valid = body & ~ndi.maximum_filter(uncovered, size=_box(opt.lung_tolerance_mm + 4.0, sp_kji))
     valid &= ~ndi.maximum_filter((pr_s > opt.bone_hu) | (fu_s > opt.bone_hu), size=_box(4.0, sp_kji))
 
@@ -264,7 +273,7 @@ def _describe(
     idx = np.argwhere(comp)
     pts = idx * sp_kji
     diameter = _axial_diameter(idx, sp_kji)
-    if diameter < opt.min_diameter_mm or diameter > opt.max_diameter_mm:
+    if diameter < 0.8 * opt.min_diameter_mm or diameter > opt.max_diameter_mm:  # 0.8: voxel quantisation
         return None
     cov = np.cov(pts.T) if len(pts) > 1 else np.zeros((3, 3))
     cov = cov + np.diag(sp_kji**2 / 12.0)  # a voxel has extent: one-slice components are not degenerate
@@ -280,8 +289,8 @@ def _describe(
         -1.0
         + 2.0 * math.log(max(peak, 1e-3))
         + 2.5 * math.log(max(mean_z, 1e-3) / 0.7)
-        + 5.0 * (elong - 0.45)
-        + 3.0 * min(0.0, (diameter - 1.4 * opt.min_diameter_mm) / opt.min_diameter_mm)
+        + 8.0 * (elong - 0.45)
+        + 3.0 * min(0.0, (diameter - 1.2 * opt.min_diameter_mm) / opt.min_diameter_mm)
     )
     conf = 1.0 / (1.0 + math.exp(-score))
     return conf, tissue, diameter, elong, peak

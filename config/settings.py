@@ -8,7 +8,7 @@ e.g. ``LESIONTRACK_DICOM__PORT=11113``). Unknown keys and bad values fail fast w
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +28,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RetrieveMethod(str, Enum):
+class RetrieveMethod(StrEnum):
     C_MOVE = "C-MOVE"
     C_GET = "C-GET"
     DICOMWEB = "DICOMWEB"
 
 
-class SendMethod(str, Enum):
+class SendMethod(StrEnum):
     C_STORE = "C-STORE"
     ORTHANC_REST = "ORTHANC-REST"
     STOW_RS = "STOW-RS"
@@ -110,7 +110,7 @@ class RoutingSettings(_Section):
 
 
 class SendingSettings(_Section):
-    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 900, 3600])
+    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60.0, 300.0, 900.0, 3600.0])
     destinations: list[str] = Field(default_factory=list, description="names of pacs peers")
     claim_seconds: float = Field(
         900,
@@ -133,7 +133,9 @@ class EngineSettings(_Section):
     segmentation: str = "adaptive"
     lesionlocator_weights: Path | None = None
     unigradicon_weights: Path | None = None
-    nninteractive_weights: Path | None = None
+    nninteractive_weights: Path | None = Field(
+        None, description="reserved: no nnInteractive engine exists yet (engines are listed in models/engines.py)"
+    )
     working_spacing_mm: float = Field(2.0, gt=0)
 
 
@@ -175,7 +177,7 @@ class WorkerSettings(_Section):
     executor: Literal["inprocess", "celery"] = "inprocess"
     broker_url: str = "redis://127.0.0.1:6379/0"
     max_attempts: int = Field(5, ge=1)
-    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30, 120, 600])
+    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0, 600.0])
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
     lease_seconds: float = Field(
         120.0,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 SeriesCallback = Callable[[str], None]
 
 
-def _first_header(s: Session, series: Series):  # type: ignore[no-untyped-def]
+def _first_header(s: Session, series: Series) -> Dataset | None:
     inst = s.scalars(
         select(Instance).where(Instance.series_pk == series.id).order_by(Instance.instance_number, Instance.id).limit(1)
     ).first()

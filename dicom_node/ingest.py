@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -134,7 +136,7 @@ def parse_header(meta_bytes: bytes, data: bytes, transfer_syntax: str) -> Header
 
 
 def encode_meta(meta: FileMetaDataset) -> bytes:
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
     return buf.getvalue()
@@ -150,7 +152,9 @@ def _s(ds: Dataset | Header, name: str, maxlen: int) -> str | None:
 def _i(ds: Dataset | Header, name: str) -> int | None:
     try:
         v = ds.get(name)
-        return None if v in (None, "") else int(v)
+        if v is None or v == "":
+            return None
+        return int(v) if isinstance(v, int | float) else int(str(v))
     except (TypeError, ValueError):
         return None
 
@@ -177,7 +181,7 @@ class Ingestor:
             self._own_engine = True
 
             @event.listens_for(self.engine, "connect")
-            def _normal_sync(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
@@ -214,7 +218,8 @@ class Ingestor:
             )
         if req_sop and sop_uid != req_sop:
             return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop)
-        assert sop_uid and study_uid and series_uid
+        if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
+            return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop)
         sha = sha256_hex(dataset_bytes)
         return self._store_and_record(
             ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid, calling_ae, peer
@@ -269,7 +274,7 @@ class Ingestor:
                     return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
             except SQLAlchemyError as exc:  # fall through to the full path, which retries and reports
                 log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
-        for attempt in range(4):
+        for _attempt in range(4):
             try:
                 with self._lock, session_scope(self.session_factory) as s:
                     if same is not None:  # row existed but its file had vanished: file rewritten, row kept

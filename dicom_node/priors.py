@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from dicomweb_client.api import DICOMwebClient
 
 from config.settings import PacsPeer, RetrieveMethod, Settings
 from db.models import Instance, Patient, RoutingDecision, Series, Study
@@ -125,8 +129,9 @@ class PriorFinder:
             if series is None:
                 raise PriorLookupError(f"follow-up series {followup_series_uid} is not in the database")
             study = s.get(Study, series.study_pk)
-            patient = s.get(Patient, study.patient_pk)  # type: ignore[union-attr]
-            assert study is not None and patient is not None
+            patient = s.get(Patient, study.patient_pk) if study is not None else None
+            if study is None or patient is None:
+                raise PriorLookupError(f"follow-up series {followup_series_uid} has no study/patient row")
             pid, issuer = patient.patient_id, patient.issuer or None
             before = (study.study_date, study.study_time)
             exclude = study.study_instance_uid
@@ -386,30 +391,30 @@ class PriorFinder:
         if method == RetrieveMethod.C_GET:
             from dicom_node.scu import get
 
-            def on_store(meta, data, calling_ae):  # type: ignore[no-untyped-def]
+            def on_store(meta: FileMetaDataset, data: bytes, calling_ae: str) -> int:
                 return self.ingestor.ingest(meta, data, calling_ae=calling_ae).status
 
-            res = get(self.settings, peer, q, on_store)
+            retrieved = get(self.settings, peer, q, on_store)
         else:
             from dicom_node.scu import move
 
-            res = move(self.settings, peer, q)
+            retrieved = move(self.settings, peer, q)
         log.info(
             "%s of series %s from %s: completed %d, failed %d, status 0x%04X",
             method.value,
             series_uid,
             peer.name,
-            res.completed,
-            res.failed,
-            res.status or 0,
+            retrieved.completed,
+            retrieved.failed,
+            retrieved.status or 0,
         )
-        if not res.ok:
+        if not retrieved.ok:
             raise PriorLookupError(
                 f"{method.value} of series {series_uid} from {peer.name} failed: "
-                f"status 0x{(res.status or 0):04X}, {res.failed} sub-operations failed"
+                f"status 0x{(retrieved.status or 0):04X}, {retrieved.failed} sub-operations failed"
             )
 
-    def _dicomweb(self, peer: PacsPeer):  # type: ignore[no-untyped-def]
+    def _dicomweb(self, peer: PacsPeer) -> DICOMwebClient:
         from dicomweb_client.api import DICOMwebClient
 
         if not peer.dicomweb_url:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -33,7 +34,7 @@ class SeriesFacts:
     previous_reason: str | None = None
 
     @classmethod
-    def from_header(cls, header: Dataset | None, **kw: object) -> SeriesFacts:
+    def from_header(cls, header: Dataset | None, **kw: Any) -> SeriesFacts:
         thickness = None
         image_type: tuple[str, ...] = ()
         if header is not None:
@@ -45,7 +46,7 @@ class SeriesFacts:
             it = header.get("ImageType")
             if it:
                 image_type = tuple(str(x).upper() for x in (it if not isinstance(it, str) else [it]))
-        return cls(slice_thickness_mm=thickness, image_type=image_type, **kw)  # type: ignore[arg-type]
+        return cls(slice_thickness_mm=thickness, image_type=image_type, **kw)
 
 
 def decide(facts: SeriesFacts, rules: RoutingSettings) -> Route:

@@ -7,18 +7,22 @@ shuts it down. Each C-STORE is written verbatim (file meta + received bytes, no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class builds its names at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.logging import log_context
 from config.settings import Settings
 from dicom_node.completion import SeriesCallback, SeriesCompletion
 from dicom_node.ingest import Ingestor
@@ -56,7 +60,7 @@ class _Server(ThreadedAssociationServer):
 
     allowed_ips: frozenset[str] = frozenset()
 
-    def get_request(self):  # type: ignore[no-untyped-def]
+    def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -69,6 +73,22 @@ class _Server(ThreadedAssociationServer):
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
             return False
         return True
+
+
+_H = TypeVar("_H")
+
+
+def _with_peer(handler: Callable[[StorageSCP, evt.Event], _H]) -> Callable[[StorageSCP, evt.Event], _H]:
+    """Run an event handler with the association's peer (calling AE@address) in the log context."""
+
+    @functools.wraps(handler)
+    def wrapped(self: StorageSCP, event: evt.Event) -> _H:
+        r = event.assoc.requestor
+        host = r.address[0] if isinstance(r.address, tuple) else r.address
+        with log_context(peer=f"{r.ae_title}@{host}"):
+            return handler(self, event)
+
+    return wrapped
 
 
 class StorageSCP:
@@ -100,7 +120,8 @@ class StorageSCP:
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification, _UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> StorageSCP:
@@ -113,7 +134,7 @@ class StorageSCP:
             log.warning("removed %d temporary files left by an interrupted write", removed)
         self.completion.resume_from_db()
         ae = self._make_ae()
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -127,6 +148,8 @@ class StorageSCP:
             evt_handlers=handlers,
             server_class=_Server,
         )
+        if not isinstance(server, _Server):
+            raise RuntimeError(f"pynetdicom built a {type(server).__name__}, not the storage server class")
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
@@ -176,9 +199,11 @@ class StorageSCP:
         return self.completion.force_complete(series_uid)
 
     # -- handlers ----------------------------------------------------------------------------------------------
+    @_with_peer
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
+    @_with_peer
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
         try:
@@ -203,11 +228,14 @@ class StorageSCP:
         status.ErrorComment = result.comment[:64]
         return status
 
+    @_with_peer
     def _on_close(self, event: evt.Event) -> None:
         self.completion.association_closed(id(event.assoc))
 
+    @_with_peer
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)
 
+    @_with_peer
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)

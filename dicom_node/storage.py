@@ -34,7 +34,7 @@ class StorageFull(OSError):
 
 
 def is_valid_uid(uid: str | None) -> bool:
-    return bool(uid) and len(uid) <= 64 and UID_RE.match(uid) is not None  # type: ignore[arg-type]
+    return uid is not None and 0 < len(uid) <= 64 and UID_RE.match(uid) is not None
 
 
 def check_structure(data: bytes, transfer_syntax: str, collect: dict[int, bytes] | None = None) -> bool:

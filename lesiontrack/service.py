@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,17 @@ def load_pipeline(spec: str) -> PipelineFactory:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"pipeline must look like MODULE:FACTORY, got {spec!r}")
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def check_engine_settings(settings: Settings) -> None:
+    """Fail start-up (ConfigError naming the key) when a configured engine is unknown, not installed or lacks
+    its weights, instead of failing every job later at the register/track step."""
+    from models.engines import check_engines
+
+    problems = check_engines(settings.engines)
+    if problems:
+        raise ConfigError("; ".join(str(p) for p in problems), key=problems[0].key)
 
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
@@ -59,10 +69,13 @@ def build_analysis_service(
     if ports is None:
         ports = _ports_or_none(settings, session_factory)
     steps, services = factory(settings, session_factory, *ports)
+    # A pipeline's services may say how to make the in-memory state of one attempt (PipelineServices.new_state).
+    new_state = getattr(services, "new_state", None)
     return AnalysisService(
         session_factory,
         steps,
         services,
+        state_factory=new_state if callable(new_state) else (lambda: None),
         retry=RetryPolicy.from_settings(settings.worker),
         worker=worker_identity(kind),
         device=settings.compute.device,
@@ -139,6 +152,7 @@ class LesionTrackService:
         from dicom_node.database import open_database
         from pipeline.jobs import JobStore
 
+        check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.session_factory = open_database(self.settings, upgrade_db=self.upgrade_db)
         self.job_store = JobStore(self.session_factory, actor="service")
@@ -173,7 +187,8 @@ class LesionTrackService:
 
     def on_series_complete(self, series_uid: str) -> None:
         """The SCP's callback: a routed series becomes a job (a re-trigger supersedes a finished one)."""
-        assert self.job_store is not None
+        if self.job_store is None:
+            raise RuntimeError("a series completed before the service opened its job store")
         job_id = self.job_store.create(series_uid, reason="series complete", actor="dicom-node")
         log.info("series %s → job %s", series_uid, job_id)
         if self.executor is not None:
@@ -184,12 +199,14 @@ class LesionTrackService:
 
     def _start_http(self) -> None:
         try:
-            from web import create_app  # type: ignore[attr-defined]
+            from web import create_app
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return
         import uvicorn
 
+        if self.session_factory is None:
+            raise RuntimeError("the HTTP API starts after the database is open")
         app = create_app(self.settings, self.session_factory, self.job_control())
         cfg = uvicorn.Config(
             app,
@@ -200,7 +217,7 @@ class LesionTrackService:
             lifespan="off",
         )
         self._http_server = uvicorn.Server(cfg)
-        self._http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_server.install_signal_handlers = lambda: None  # serve() runs off the main thread
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
         self._http_thread.start()
         import time

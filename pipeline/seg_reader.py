@@ -67,7 +67,7 @@ def _hd_volume_to_volume(vol: hd.Volume, array: np.ndarray) -> Volume:
     a = np.asarray(vol.affine, float)
     cols = [a[:3, 2], a[:3, 1], a[:3, 0]]  # i (column), j (row), k (slice) steps in LPS mm
     spacing = np.array([np.linalg.norm(c) for c in cols])
-    direction = np.stack([c / s for c, s in zip(cols, spacing)], 1)
+    direction = np.stack([c / s for c, s in zip(cols, spacing, strict=True)], 1)
     return Volume(array, origin=a[:3, 3], spacing=spacing, direction=direction)
 
 

@@ -2,7 +2,8 @@
 
 One segment per *present* lesion, labelled with its Tracking ID and carrying its Tracking UID, coded as
 "Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
-name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest neighbour) and the SEG
+name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest
+neighbour) and the SEG
 references the source CT slices frame by frame (highdicom fills Derived Image / ReferencedSeriesSequence).
 
 Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map
@@ -121,7 +122,7 @@ def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
     grid = Volume(
         np.zeros((len(sorted_ds), int(first.Rows), int(first.Columns)), np.uint8),
         origin=np.array(sorted_ds[0].ImagePositionPatient, float),
-        spacing=[ps[1], ps[0], sk],
+        spacing=np.array([ps[1], ps[0], sk], float),
         direction=np.stack([row, col, normal], 1),
     )
     return sorted_ds, grid

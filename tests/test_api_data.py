@@ -24,12 +24,13 @@ from db.models import (
     Lesion,
     LesionObservation,
     LesionOrigin,
-    ObservationStatus,
     RoutingDecision,
     SeriesState,
 )
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
+from db.status import LesionStatus
+from pipeline.contract import WriteSegSrOutput
 
 
 @dataclass
@@ -77,7 +78,8 @@ def _last_centre(history: list) -> tuple[float, float, float] | None:
     """Where a lesion was last seen (a vanished lesion's SR group is anchored there)."""
     for m in reversed(history):
         if m is not None and m.centre_mm is not None:
-            return tuple(m.centre_mm)  # type: ignore[return-value]
+            c = m.centre_mm
+            return (float(c[0]), float(c[1]), float(c[2]))
     return None
 
 
@@ -205,10 +207,15 @@ def build_patient(
                         "send": 0.4,
                     },
                     step_outputs={
-                        "write": {
-                            "seg_sop_instance_uid": seg.dataset.SOPInstanceUID,
-                            "sr_sop_instance_uid": sr.dataset.SOPInstanceUID,
-                        }
+                        WriteSegSrOutput.step: WriteSegSrOutput(
+                            files=[],
+                            seg=None,
+                            sr=None,
+                            seg_sop_instance_uid=str(seg.dataset.SOPInstanceUID),
+                            sr_sop_instance_uid=str(sr.dataset.SOPInstanceUID),
+                            present=len(tp.lesions),
+                            vanished=0,
+                        ).model_dump(mode="json")
                     },
                     created_at=start,
                     started_at=start,
@@ -251,7 +258,7 @@ def build_patient(
                         centre_x_mm=c[0],
                         centre_y_mm=c[1],
                         centre_z_mm=c[2],
-                        status=ObservationStatus(m.status),
+                        status=LesionStatus(m.status),
                         engine=les.engine or "test-engine",
                         engine_version=les.engine_version or "1.0",
                         measurements=m.to_dict(),

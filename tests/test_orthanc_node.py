@@ -5,6 +5,7 @@ that is down (retries on schedule, dead-letter, manual retry)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,13 +105,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 def orthanc_has(o: OrthancServer, sop_uid: str) -> str | None:
     hits = o.post("/tools/lookup", sop_uid)
-    return next((h["ID"] for h in hits if h["Type"] == "Instance"), None)  # type: ignore[union-attr]
+    return next((h["ID"] for h in hits if h["Type"] == "Instance"), None)
 
 
 def test_orthanc_pushes_a_study_to_the_node(site: Site, tmp_path: Path) -> None:
     files = j2k_series(tmp_path / "j2k")
     ids = [site.orthanc.upload(f) for f in files]
-    study = site.orthanc.get_json(f"/instances/{ids[0]}/study")["ID"]  # type: ignore[index]
+    study = site.orthanc.get_json(f"/instances/{ids[0]}/study")["ID"]
     site.node.settings.routing.min_slices = 10
     job = site.orthanc.post("/modalities/lesiontrack/store", {"Resources": [study], "Synchronous": True})
     assert job is not None
@@ -243,7 +244,7 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
         attempts = site.node.audits("delivery.attempt")
         assert [e.details["outcome"] for e in attempts] == ["retry_wait", "retry_wait", "dead_letter"]
         # the schedule was followed: each retry no earlier than its delay after the previous attempt
-        gaps = [(b.at - a.at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+        gaps = [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(attempts)]
         assert gaps[0] >= 0.3 - 0.05 and gaps[1] >= 0.6 - 0.05
 
         site.orthanc.start()  # destination back

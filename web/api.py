@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -25,10 +25,11 @@ from db.models import (
 from db.repository import audit
 from db.session import session_scope
 from pipeline import exports
-from pipeline.history import build_timeline
+from pipeline.history import PatientTimeline, build_timeline
 from pipeline.recist import RecistRules
 from web import schemas as sc
 from web.auth import Principal, require_operator, require_read
+from web.jobcontrol import JobControl
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def get_job(request: Request, job_id: int) -> sc.JobDetail:
         return sc.JobDetail.detail(job, events)
 
 
-def _job_control(request: Request):  # type: ignore[no-untyped-def]
+def _job_control(request: Request) -> JobControl:
     control = request.app.state.job_control
     if control is None:
         raise HTTPException(status_code=503, detail="job control is not available in this process")
@@ -272,7 +273,7 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
     tags=["lesions"],
     summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint",
 )
-def patient_timeline(request: Request, patient_pk: int) -> dict:
+def patient_timeline(request: Request, patient_pk: int) -> dict[str, Any]:
     with session_scope(request.app.state.session_factory) as s:
         try:
             return build_timeline(s, patient_pk, _recist_rules(request)).to_dict()
@@ -309,7 +310,7 @@ def lesion_plot(request: Request, lesion_id: int) -> Response:
 
 
 # -- exports -------------------------------------------------------------------------------------------
-def _timeline_and_subject(request: Request, patient_pk: int):  # type: ignore[no-untyped-def]
+def _timeline_and_subject(request: Request, patient_pk: int) -> tuple[PatientTimeline, str]:
     with session_scope(request.app.state.session_factory) as s:
         p = s.get(Patient, patient_pk)
         if p is None:

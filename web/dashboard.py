@@ -5,6 +5,7 @@ timeline with thumbnails and plots, job detail. Browsers log in with an API key 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, HTTPException, Request
@@ -57,7 +58,7 @@ def _user(request: Request) -> Principal:
     return principal
 
 
-def _render(request: Request, name: str, principal: Principal | None, **ctx) -> HTMLResponse:  # type: ignore[no-untyped-def]
+def _render(request: Request, name: str, principal: Principal | None, **ctx: Any) -> HTMLResponse:
     token = request.cookies.get(SESSION_COOKIE, "")
     csrf = request.app.state.keys.csrf_token(token) if token else ""
     return templates.TemplateResponse(request, name, {"user": principal, "csrf": csrf, **ctx})

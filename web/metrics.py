@@ -77,8 +77,8 @@ class DatabaseCollector:
         yield f
 
         d = GaugeMetricFamily("lesiontrack_deliveries", "Result deliveries by state", labels=["state"])
-        for state in DeliveryState:
-            d.add_metric([state.value], float(deliveries.get(state, 0)))
+        for dstate in DeliveryState:
+            d.add_metric([dstate.value], float(deliveries.get(dstate, 0)))
         yield d
 
 

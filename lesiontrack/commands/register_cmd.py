@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from lesiontrack.context import state
 
+if TYPE_CHECKING:
+    import numpy as np
 
-def _read_volume(path: Path, what: str):
+    from models.imaging.volume import Volume
+
+
+def _read_volume(path: Path, what: str) -> Volume:
     from models.imaging.volume import Volume
 
     if not path.exists():
@@ -25,7 +31,7 @@ def _read_volume(path: Path, what: str):
         raise typer.BadParameter(f"{what}: cannot read {path} as NIfTI/NRRD/MHA: {exc}") from exc
 
 
-def _read_points(path: Path):
+def _read_points(path: Path) -> np.ndarray:
     import csv
 
     import numpy as np
@@ -84,7 +90,7 @@ def register(app: typer.Typer) -> None:
                 raise
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from exc
-        summary: dict = {
+        summary: dict[str, Any] = {
             "engine": reg.engine,
             "device": reg.quality.device,
             "seconds": reg.quality.stage_seconds.get("total"),
@@ -114,6 +120,10 @@ def register(app: typer.Typer) -> None:
             summary["labels_out"] = str(out_labels)
             summary["label_voxels"] = int(np.count_nonzero(warped.array))
         if save_field is not None:
+            from models.registration.field import DisplacementFieldRegistration
+
+            if not isinstance(reg, DisplacementFieldRegistration):
+                raise typer.BadParameter(f"--save-field: engine {reg.engine} produces no displacement field")
             save_field.parent.mkdir(parents=True, exist_ok=True)
             reg.save_field(save_field)
             summary["field_out"] = str(save_field)

@@ -6,7 +6,7 @@ Geometry in patient LPS mm; a dense mask is a :class:`~models.imaging.volume.Vol
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from models.imaging.volume import Volume
 
 
-class PromptKind(str, Enum):
+class PromptKind(StrEnum):
     POINTS = "points"
     BOX = "box"
     MASK = "mask"

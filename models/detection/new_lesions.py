@@ -6,7 +6,7 @@ made robust to what registration leaves behind:
 
 1. **Working grid.** Both images (the follow-up and the prior already warped onto it) are block-averaged to about
    ``working_spacing_mm`` in-plane/through-plane (integer factors, so the mapping back is exact).
-2. **Validity.** Body mask of the follow-up (HU > −500, holes filled slice by slice, largest component); voxels the
+2. **Validity.** Body mask of the follow-up (HU > −950, holes filled slice by slice, largest component); voxels the
    warped prior does not cover (the warp's −1024 default outside the prior's field of view) and a margin around
    them are excluded, as is a zone around bone (> 350 HU) where a shift of the cortex would dominate.
 3. **Contrast phase.** A global HU mapping prior → follow-up per 20-HU band of prior intensity (median difference
@@ -361,8 +361,9 @@ def _upsample_mask(comp: Array, sl: tuple[slice, ...], f: tuple[int, int, int], 
 
 
 def _body_mask(fu_s: Array) -> Array:
-    """Patient body: tissue denser than −500 HU, holes (lungs, bowel gas) filled per slice, largest component."""
-    dense = fu_s > -500.0
+    """Patient body: everything denser than air (> −950 HU, so lung parenchyma counts even where the field of view
+    cuts through the chest and the lungs touch the image border), holes filled per slice, largest component."""
+    dense = fu_s > -950.0
     filled = np.empty_like(dense)
     for k in range(dense.shape[0]):
         filled[k] = ndi.binary_fill_holes(dense[k])

@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lesiontrack demo
+	$(VENV)/bin/lesiontrack --log-level INFO demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -96,7 +96,12 @@ class _OurHandler(logging.StreamHandler[TextIO]):
     """The stderr handler setup_logging installs (replaced, not stacked, when called again)."""
 
 
-def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
+#: third-party loggers kept at ``library_level`` (WARNING unless asked): alembic prints ~14 lines per start,
+#: highdicom one "copy attributes" line per SEG/SR module, pynetdicom one per PDU at DEBUG
+LIBRARY_LOGGERS = ("alembic", "highdicom", "pynetdicom", "urllib3", "httpx", "PIL", "matplotlib", "celery", "kombu")
+
+
+def setup_logging(level: str = "INFO", json_format: bool = False, library_level: str = "WARNING") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, _OurHandler):
@@ -109,5 +114,6 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     handler.addFilter(PhiFilter())
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("pynetdicom", "urllib3", "alembic.runtime.migration"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    lib = logging.getLevelName(library_level.upper())
+    for noisy in LIBRARY_LOGGERS:  # never chattier than asked, never chattier than our own level by default
+        logging.getLogger(noisy).setLevel(lib if lib < logging.WARNING else max(lib, root.level))

@@ -96,6 +96,21 @@ class PacsPeer(_Section):
     tls: bool = Field(False, description="use DICOM TLS (the dicom.tls certificates) towards this peer")
 
 
+#: Whole-word names of non-diagnostic series (scouts, localizers, dose reports) as vendors write them. Anchored on
+#: word boundaries so that reconstruction names (Philips "iDose 4", "DoseRight"), "Low dose chest" and the like
+#: still route; see tests/test_routing.py for the vendor table these are checked against.
+DEFAULT_DESCRIPTION_EXCLUDE: tuple[str, ...] = (
+    r"(?i)\b(scouts?|topogram|topo|surview|scanogram|pilot|localis[ae]rs?|localiz[ae]rs?|3[- ]?plane\s+loc)\b",
+    r"(?i)\b(dose\s+(report|info|summary|record|sr|screen)|radiation\s+dose|patient\s+protocol|exposure\s+summary)\b",
+)
+#: CT Image, Enhanced CT Image, Legacy Converted Enhanced CT Image Storage
+CT_IMAGE_SOP_CLASSES: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.2.2",
+)
+
+
 class RoutingSettings(_Section):
     """Which completed series are analysed."""
 
@@ -104,7 +119,12 @@ class RoutingSettings(_Section):
     max_slice_thickness_mm: float = Field(5.0, gt=0)
     series_description_include: list[str] = Field(default_factory=list)
     series_description_exclude: list[str] = Field(
-        default_factory=lambda: ["(?i)scout", "(?i)localizer", "(?i)topogram", "(?i)dose"]
+        default_factory=lambda: list(DEFAULT_DESCRIPTION_EXCLUDE),
+        description="regular expressions (re.search); a series whose description matches one is skipped",
+    )
+    sop_classes: list[str] = Field(
+        default_factory=lambda: list(CT_IMAGE_SOP_CLASSES),
+        description="SOP Class UIDs that can be analysed (empty = any); dose reports (SR, Secondary Capture) are not",
     )
     body_parts: list[str] = Field(default_factory=list, description="empty = any")
 
@@ -190,6 +210,9 @@ class WorkerSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of third-party loggers (alembic, highdicom, pynetdicom, ...)"
+    )
 
 
 class Settings(BaseSettings):

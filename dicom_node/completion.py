@@ -16,35 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingSettings
-from db.models import Instance, RoutingDecision, Series, SeriesState
+from db.models import RoutingDecision, Series, SeriesState
 from db.repository import audit
 from db.session import session_scope
-from dicom_node.routing import Route, SeriesFacts, decide
+from dicom_node.routing import Route, decide, series_facts
 
 log = logging.getLogger(__name__)
 
 SeriesCallback = Callable[[str], None]
-
-
-def _first_header(s: Session, series: Series) -> Dataset | None:
-    inst = s.scalars(
-        select(Instance).where(Instance.series_pk == series.id).order_by(Instance.instance_number, Instance.id).limit(1)
-    ).first()
-    if inst is None:
-        return None
-    try:
-        return dcmread(
-            inst.file_path, stop_before_pixels=True, specific_tags=["SliceThickness", "ImageType", "Modality"]
-        )
-    except Exception as exc:
-        log.warning("cannot read header of %s for routing: %s", inst.file_path, exc)
-        return None
 
 
 def complete_series(
@@ -67,16 +50,7 @@ def complete_series(
         if not forced and series.state == SeriesState.COMPLETE:
             return None
         retrigger = series.completed_at is not None
-        facts = SeriesFacts.from_header(
-            _first_header(s, series),
-            modality=series.modality,
-            series_description=series.series_description,
-            body_part=series.body_part,
-            instance_count=series.instance_count,
-            created_by_us=series.created_by_us,
-            previous_reason=series.routing_reason,
-        )
-        route = decide(facts, rules)
+        route = decide(series_facts(s, series), rules)
         series.state = SeriesState.COMPLETE
         series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
@@ -89,6 +63,7 @@ def complete_series(
             series_uid,
             decision=route.decision.value,
             reason=route.reason,
+            reason_code=route.code,
             forced=forced,
             instance_count=series.instance_count,
             retrigger=retrigger,
@@ -187,6 +162,14 @@ class SeriesCompletion:
         return complete_series(
             self.session_factory, self.rules, series_uid, self.on_series_complete, forced=True, actor=self.actor
         )
+
+    def trigger(self, series_uid: str, actor: str = "pacs-trigger") -> Route | None:
+        """An explicit "series is stable" signal (a PACS's OnStableSeries, ``POST /api/series/{uid}/complete``):
+        complete now instead of after the quiet period. Idempotent: None when the series is unknown or already
+        complete with nothing received since (then no second job is queued)."""
+        with self._lock:
+            self._pending.pop(series_uid, None)
+        return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete, actor=actor)
 
     def resume_from_db(self) -> int:
         """After a restart: series left RECEIVING get a fresh quiet period."""

@@ -248,7 +248,7 @@ class Ingestor:
             return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
         same = next((k for k in known if k.sha256 == sha), None)
         if same is not None and Path(same.file_path).is_file():
-            log.info("duplicate C-STORE of %s (identical bytes): success", sop_uid)
+            log.debug("duplicate C-STORE of %s (identical bytes): success", sop_uid)
             return IngestResult(
                 SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=Path(same.file_path), duplicate=True
             )
@@ -270,7 +270,7 @@ class Ingestor:
         if same is None and not conflict and series_uid in self._series_pk:
             try:
                 if self._record_fast(self._series_pk[series_uid], ds, meta, path, size, sha, calling_ae):
-                    log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
+                    log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
                     return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
             except SQLAlchemyError as exc:  # fall through to the full path, which retries and reports
                 log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
@@ -313,7 +313,7 @@ class Ingestor:
             if same is None:
                 path.unlink(missing_ok=True)
             return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
-        log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
+        log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
         return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, reopened=reopened)
 
     def _record_fast(

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.logging import log_context
 from config.settings import Settings
+from dicom_node.assoc_log import AssociationLog
 from dicom_node.completion import SeriesCallback, SeriesCompletion
 from dicom_node.ingest import Ingestor
 from dicom_node.routing import Route
@@ -107,6 +108,7 @@ class StorageSCP:
         self.completion = SeriesCompletion(
             session_factory, settings.routing, cfg.series_quiet_seconds, on_series_complete
         )
+        self.associations = AssociationLog()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
@@ -135,6 +137,8 @@ class StorageSCP:
         self.completion.resume_from_db()
         ae = self._make_ae()
         handlers: list[EventHandlerType] = [
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -200,20 +204,33 @@ class StorageSCP:
 
     # -- handlers ----------------------------------------------------------------------------------------------
     @_with_peer
+    def _on_accepted(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        self.associations.accepted(id(event.assoc), r.ae_title, f"{r.address}:{r.port}")
+
+    @_with_peer
+    def _on_released(self, event: evt.Event) -> None:
+        self.associations.ended(id(event.assoc), "released")
+
+    @_with_peer
     def _on_echo(self, event: evt.Event) -> int:
+        self.associations.echo(id(event.assoc))
         return 0x0000
 
     @_with_peer
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
+        data = event.encoded_dataset(include_meta=False)
         try:
             result = self.ingestor.ingest(
                 event.file_meta,
-                event.encoded_dataset(include_meta=False),
+                data,
                 calling_ae=requestor.ae_title,
                 peer=str(requestor.address),
             )
+            self.associations.store(id(event.assoc), len(data), result.ok, result.duplicate, result.series_uid)
         except Exception as exc:
+            self.associations.store(id(event.assoc), len(data), False)
             log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
             status = Dataset()
             status.Status = 0xA700
@@ -231,10 +248,11 @@ class StorageSCP:
     @_with_peer
     def _on_close(self, event: evt.Event) -> None:
         self.completion.association_closed(id(event.assoc))
+        self.associations.closed(id(event.assoc))
 
     @_with_peer
     def _on_aborted(self, event: evt.Event) -> None:
-        log.warning("association from %s aborted", event.assoc.requestor.ae_title)
+        self.associations.ended(id(event.assoc), "aborted")
 
     @_with_peer
     def _on_rejected(self, event: evt.Event) -> None:

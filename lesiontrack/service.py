@@ -94,10 +94,40 @@ def _ports_or_none(settings: Settings, session_factory: sessionmaker[Session]) -
 
 @dataclass
 class JobControl:
-    """What the HTTP API may ask of the job machinery (retry a job, re-analyse a series)."""
+    """What the HTTP API may ask of the job machinery (retry a job, re-analyse a series) and of the DICOM node
+    (complete a series on the PACS's signal, analyse a skipped series anyway)."""
 
     store: Any
     submit: Callable[[int], None]
+    settings: Settings | None = None
+    session_factory: sessionmaker[Session] | None = None
+    scp: Any = None
+    on_series_complete: Callable[[str], None] | None = None
+
+    def complete_series(self, series_uid: str) -> Any:
+        from dicom_node.completion import complete_series
+        from web.jobcontrol import Completion
+
+        if self.scp is not None:
+            route = self.scp.completion.trigger(series_uid)
+        else:
+            assert self.settings is not None and self.session_factory is not None
+            route = complete_series(
+                self.session_factory, self.settings.routing, series_uid, self.on_series_complete, actor="pacs-trigger"
+            )
+        if route is None:
+            return None
+        latest = self.store.latest_for_series(series_uid) if not route.skipped else None
+        return Completion(route.decision.value, route.reason, latest.id if latest is not None else None)
+
+    def analyse_anyway(self, series_uid: str, actor: str) -> int:
+        from dicom_node.skipped import analyse_anyway
+
+        assert self.session_factory is not None
+        analyse_anyway(self.session_factory, series_uid, actor)
+        job = self.store.create(series_uid, reason=f"analysis requested by {actor} although skipped", actor=actor)
+        self.submit(job)
+        return int(job)
 
     def retry(self, job_id: int) -> int:
         new = int(self.store.retry(job_id, actor="api"))
@@ -190,12 +220,19 @@ class LesionTrackService:
         if self.job_store is None:
             raise RuntimeError("a series completed before the service opened its job store")
         job_id = self.job_store.create(series_uid, reason="series complete", actor="dicom-node")
-        log.info("series %s → job %s", series_uid, job_id)
+        log.debug("series %s → job %s", series_uid, job_id)
         if self.executor is not None:
             self.executor.submit(job_id)
 
     def job_control(self) -> JobControl:
-        return JobControl(self.job_store, self.executor.submit if self.executor else (lambda _id: None))
+        return JobControl(
+            self.job_store,
+            self.executor.submit if self.executor else (lambda _id: None),
+            settings=self.settings,
+            session_factory=self.session_factory,
+            scp=self.scp,
+            on_series_complete=self.on_series_complete,
+        )
 
     def _start_http(self) -> None:
         try:

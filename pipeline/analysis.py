@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.logging import log_context, update_log_context
 from db.models import JobState
+from pipeline.job_summary import job_summary
 from pipeline.jobs import (
     DEFAULT_LEASE_SECONDS,
     JobStore,
@@ -325,7 +326,7 @@ class AnalysisService:
                     raise LeaseLost(job_id)
                 ctx.outputs.record(step.name, result)
                 self.store.step_finished(job_id, self.worker, step.name, result.model_dump(mode="json"), seconds)
-                log.info("job %s step %s done in %.2fs", job_id, step.name, seconds)
+                log.debug("job %s step %s done in %.2fs", job_id, step.name, seconds)
         except StopRequested:
             self.store.requeue(job_id, self.worker, reason=f"worker shutting down before step {step_name}")
             return JobState.QUEUED
@@ -338,14 +339,26 @@ class AnalysisService:
             done.set()
             beat.join(timeout=5)
         self.store.finish(job_id, self.worker, JobState.DONE)
+        self._log_summary(job_id, ctx, JobState.DONE)
         ctx.report("done")
         return JobState.DONE
+
+    def _log_summary(self, job_id: int, ctx: JobContext[Any, Any], state: JobState, reason: str | None = None) -> None:
+        """The job's one INFO line (steps, priors, lesions, timings, delivery) from the recorded step outputs (JSON);
+        the details are at DEBUG."""
+        try:
+            view = self.store.get(job_id)
+            line = job_summary(job_id, ctx.series_uid, state.value, view.step_outputs, view.step_timings or {}, reason)
+        except Exception as exc:  # a summary must never fail a job
+            line = f"job {job_id} {state.value}: series {ctx.series_uid} (summary unavailable: {exc})"
+        log.info("%s", line)
 
     def _fail(self, job_id: int, ctx: JobContext[Any, Any], step: str, exc: BaseException) -> JobState:
         kind, force_cpu = classify(exc)
         reason = _reason(step, exc)
         if kind == "nothing":
             self.store.finish(job_id, self.worker, JobState.NOTHING_TO_TRACK, error=reason, step=step)
+            self._log_summary(job_id, ctx, JobState.NOTHING_TO_TRACK, reason)
             ctx.report("nothing to track")
             return JobState.NOTHING_TO_TRACK
         if kind == "transient":
@@ -369,6 +382,7 @@ class AnalysisService:
         else:
             log.error("job %s failed permanently: %s", job_id, reason, exc_info=exc)
         self.store.finish(job_id, self.worker, JobState.FAILED, error=reason, step=step)
+        self._log_summary(job_id, ctx, JobState.FAILED, reason)
         ctx.report("failed")
         return JobState.FAILED
 

@@ -418,7 +418,14 @@ def read_sr_prompts(
                 site = next((g.finding_site for g in groups if g.finding_site), None)
                 prompts.append(
                     Prompt(
-                        LesionIdentity(uid, text, n, site, "lymph node" in (site or "").lower()),
+                        LesionIdentity(
+                            uid,
+                            text,
+                            n,
+                            site,
+                            "lymph node" in (site or "").lower(),
+                            description=_described(next((g.finding for g in groups if g.finding), None)),
+                        ),
                         PromptKind.MASK,
                         mask=mask,
                         source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}",
@@ -440,7 +447,8 @@ def read_sr_prompts(
         else:
             text = tracking_id
         is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
-        ident = LesionIdentity(uid, text, n, site, is_node)
+        finding = next((g.finding for g in groups if g.finding), None)
+        ident = LesionIdentity(uid, text, n, site, is_node, description=_described(finding))
         source = f"SR {contents.sop_instance_uid} {text}"
         if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
             pts = np.concatenate([s.points_mm for s in usable if s.points_mm is not None])
@@ -464,7 +472,7 @@ def read_sr_prompts(
                 meta={"graphic_types": sorted({s.graphic_type for s in usable})},
             )
         )
-    log.info("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
+    log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
     return prompts
 
 
@@ -530,3 +538,14 @@ def read_sr_measurements(
             m.anatomic_site = g.finding_site
         m.is_node = m.is_node or "lymph node" in (g.finding_site or "").lower()
     return out
+
+
+#: Finding codes that say nothing about the lesion beyond "a lesion" (not worth showing as its description)
+_GENERIC_FINDINGS = {"lesion", "tumor", "tumour", "mass", "neoplasm", "finding", "measurement"}
+
+
+def _described(finding: str | None) -> str | None:
+    """An SR finding as the lesion's description, unless it is a generic 'Lesion'."""
+    if not finding or finding.strip().lower() in _GENERIC_FINDINGS:
+        return None
+    return finding.strip()

@@ -39,6 +39,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from db.status import LesionStatus
+from pipeline.lesion_names import display_name
 from pipeline.measurements import Axis, LesionChanges, LesionMeasurement
 from pipeline.recist import Response, TimepointResponse
 from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, SegWriteResult, anatomic_code, sort_source_slices
@@ -113,6 +114,15 @@ class SrWriteError(ValueError):
     """The report cannot be built from the given inputs."""
 
 
+def _segment_descriptions(seg: Dataset | None) -> dict[str, str]:
+    """Tracking UID → SegmentDescription of our SEG (where the radiologist's description travels)."""
+    out: dict[str, str] = {}
+    for item in seg.get("SegmentSequence", []) if seg is not None else []:
+        if item.get("TrackingUID") and item.get("SegmentDescription"):
+            out[str(item.TrackingUID)] = str(item.SegmentDescription)
+    return out
+
+
 @dataclass
 class LesionReport:
     """Everything the SR says about one lesion at this timepoint."""
@@ -121,6 +131,7 @@ class LesionReport:
     changes: LesionChanges | None = None
     baseline_category: str | None = None  # "target", "non-target", "normal node" (RECIST selection role)
     expected_centre_mm: tuple[float, float, float] | None = None  # where a vanished lesion was looked for
+    description: str | None = None  # the radiologist's words; default: the SEG segment's SegmentDescription
 
 
 @dataclass
@@ -235,11 +246,13 @@ def write_sr(
     uids = [r.measurement.tracking_uid for r in lesions]
     if len(set(uids)) != len(uids):
         raise SrWriteError(f"duplicate tracking UIDs in the report: {uids}")
+    said = _segment_descriptions(seg.dataset if seg is not None else None)
     for rep in lesions:
         m = rep.measurement
         if not m.tracking_id:
             raise SrWriteError(f"lesion {m.tracking_uid} has no Tracking ID text (OHIF needs it)")
-        tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64])
+        name = display_name(m.tracking_id, rep.description or said.get(m.tracking_uid))
+        tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name)
         site = anatomic_code(m.anatomic_site)
         sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
         status = STATUS_CODES.get(m.status)
@@ -327,7 +340,7 @@ def write_sr(
         key_slices[m.tracking_uid] = ds
         planar_meas = [_num(codes.SCT.LongAxis, m.long_axis.length_mm, MM, method=codes.DCM.RECIST1Point1)]
         planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64]),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name),
             referenced_region=hd.sr.ImageRegion("POLYLINE", long_px, src),
             time_point_context=tp_ctx(),
             finding_type=codes.SCT.Lesion,
@@ -366,6 +379,8 @@ def write_sr(
     library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
     report = hd.sr.MeasurementReport(
         observation_context=observer,
+        # CID 100 (what pixelmed checks, 20190121) has no CT body-region code but this one: a LOINC "CT Chest" is
+        # reported as an error there, so BodyPartExamined cannot become the procedure code (docs/viewer.md)
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
@@ -395,7 +410,7 @@ def write_sr(
         ],
         software_versions=software_version,
     )
-    log.info(
+    log.debug(
         "SR %s: %d lesion(s), time point %s, series %s",
         sr.SOPInstanceUID,
         len(lesions),

@@ -302,7 +302,7 @@ def synthesize_patient(
                 {"grid": grid_info, "intensity": inten, "lesions": lesion_log},
             )
         )
-        log.info(
+        log.debug(
             "synthesised %s timepoint %d: %d lesions present, grid %s",
             patient_id,
             t,

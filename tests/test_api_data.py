@@ -32,6 +32,14 @@ from db.session import session_scope
 from db.status import LesionStatus
 from pipeline.contract import WriteSegSrOutput
 
+#: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
+RADIOLOGIST_WORDS = {
+    "lung": "spiculated nodule right upper lobe",
+    "liver": "hypodense lesion segment VIII",
+    "lymph node": "enlarged right paratracheal node",
+    "soft tissue": "subcutaneous nodule left flank",
+}
+
 
 @dataclass
 class BuiltTimepoint:
@@ -404,7 +412,14 @@ def phantom_timepoints(
                     if ("liver" in kind or "hypodense" in kind)
                     else "soft tissue"
                 )
-                idents[lab] = LesionIdentity(generate_uid(), f"L{lab} {site}", lab, site, "lymph node" in kind)
+                idents[lab] = LesionIdentity(
+                    generate_uid(),
+                    f"L{lab} {site}",
+                    lab,
+                    site,
+                    "lymph node" in kind,
+                    description=RADIOLOGIST_WORDS.get(site),
+                )
             mask = tp.labels.with_array((tp.labels.array == lab).astype(np.uint8))
             status = {"present": LesionStatus.PRESENT, "new": LesionStatus.NEW}.get(st.status, LesionStatus.VANISHED)
             if status is LesionStatus.VANISHED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from db import models as m
 
@@ -156,6 +156,22 @@ class SeriesOut(BaseModel):
         )
 
 
+class SeriesList(BaseModel):
+    total: int
+    items: list[SeriesOut]
+
+
+class SeriesCompleted(BaseModel):
+    """Answer to an explicit completion trigger."""
+
+    series_instance_uid: str
+    completed: bool = Field(description="false: the series was already complete with nothing received since")
+    routing_decision: str
+    routing_reason: str | None
+    job_id: int | None = None
+    detail: str
+
+
 class StudyOut(BaseModel):
     study_instance_uid: str
     patient_pk: int
@@ -194,6 +210,8 @@ class ObservationOut(BaseModel):
     engine: str | None
     engine_version: str | None
     measurements: dict[str, Any] | None
+    propagated_from_series_uid: str | None = None
+    propagated_from_sop_uid: str | None = None
     created_at: datetime | None
 
     @classmethod
@@ -212,6 +230,8 @@ class ObservationOut(BaseModel):
             engine=o.engine,
             engine_version=o.engine_version,
             measurements=o.measurements,
+            propagated_from_series_uid=o.propagated_from_series_uid,
+            propagated_from_sop_uid=o.propagated_from_sop_uid,
             created_at=o.created_at,
         )
 

@@ -17,17 +17,30 @@ def demo(
     size: str = typer.Option("96x144x144", help="slices x rows x columns of the phantom CT"),
     spacing_mm: float = typer.Option(2.5, help="voxel size of the phantom CT (mm)"),
     lesions: int = typer.Option(5, help="number of lesions"),
+    followups: int = typer.Option(3, min=1, help="number of follow-ups (each propagated from the baseline SEG)"),
     timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
-    keep_running: bool = typer.Option(False, help="keep the service (and dashboard) up until Ctrl-C"),
+    keep_running: bool | None = typer.Option(
+        None,
+        "--keep-running/--no-keep-running",
+        help="keep the service (and dashboard) up until Ctrl-C (default: yes when run from a terminal)",
+    ),
 ) -> None:
-    """Start the service on free ports, send a phantom baseline + SEG and two follow-ups, print the lesion table."""
+    """Start the service on free ports, send a phantom baseline + SEG and three follow-ups, print the lesion table."""
     import logging
+    import sys
     import tempfile
     import time
 
     from rich.console import Console
 
-    from lesiontrack.demo import demo_settings, lesion_table, render_table, send_files, wait_for_job
+    from lesiontrack.demo import (
+        demo_settings,
+        lesion_table,
+        render_table,
+        send_files,
+        wait_for_job,
+        write_demo_config,
+    )
     from lesiontrack.demo_data import make_patient
     from lesiontrack.service import LesionTrackService
 
@@ -45,13 +58,14 @@ def demo(
     root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with console.status("generating the synthetic patient (phantom CT, lesion SEG, two follow-ups)..."):
+    with console.status(f"generating the synthetic patient (phantom CT, lesion SEG, {followups} follow-ups)..."):
         patient = make_patient(
             root / "patient",
             seed=seed,
             shape=shape,
             spacing=(spacing_mm,) * 3,
             n_lesions=lesions,
+            n_followups=followups,
         )
     console.print(
         f"patient {patient.patient_id}: baseline {len(patient.baseline.files)} slices, "
@@ -93,6 +107,11 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
+            from pipeline.contract import job_results
+
+            match = job_results(view.step_outputs).match
+            if match is not None and match.prompt_source is not None:
+                console.print(f"  prompted from: {match.prompt_source.reason}")
         if service.session_factory is None:
             raise RuntimeError("the demo service has no database")
         with service.session_factory() as s:
@@ -110,15 +129,21 @@ def demo(
             if latest is not None:
                 tp.files = job_results(latest.step_outputs).result_files
         render_table(table, console)
-        if url:
-            console.print(f"dashboard: {url} (API key: demo)")
         console.print(f"total {time.monotonic() - t0:.0f}s")
-        if keep_running:
-            console.print("service running; Ctrl-C to stop")
+        config = write_demo_config(settings, root / "lesiontrack.toml")
+        if keep_running is None:
+            keep_running = sys.stdin.isatty() and sys.stdout.isatty()
+        if keep_running and url:
+            console.print(f"dashboard: {url} (API key: demo) — the service keeps running until you press Ctrl-C")
             service.run_until_signal()
     finally:
         service.stop()
         console.print(f"all files (DICOM received, SEG/SR written, database) are in {root}")
+    console.print(
+        "the service has stopped. To browse these results in the dashboard again run\n"
+        f"  lesiontrack --config {config} serve\n"
+        f"and open http://127.0.0.1:{settings.http.port}/ (API key: demo)"
+    )
 
 
 def register(app: typer.Typer) -> None:

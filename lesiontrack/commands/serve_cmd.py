@@ -25,7 +25,7 @@ def serve(
     settings = state(ctx).settings()
     if port is not None:
         settings.dicom.port = port
-    setup_logging(settings.logging.level, json_format=settings.logging.json_format)
+    setup_logging(settings.logging.level, settings.logging.json_format, settings.logging.library_level)
     try:
         service = LesionTrackService(settings, pipeline=pipeline, upgrade_db=upgrade_db).start()
     except (SchemaNotCurrent, ConfigError) as exc:

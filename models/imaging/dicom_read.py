@@ -348,7 +348,7 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         SliceThickness=slices[0].thickness,
     )
     volume.meta.update(meta)
-    log.info(
+    log.debug(
         "read series %s: %d slices -> grid %s, spacing %s%s",
         meta["SeriesInstanceUID"],
         len(slices),

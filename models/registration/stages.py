@@ -160,7 +160,7 @@ def build_result(
     timings["finalise"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     quality.stage_seconds = {k: round(v, 3) for k, v in timings.items()}
-    log.info(
+    log.debug(
         "%s registration done in %.1f s on %s (ncc %.3f -> %.3f, folding %.4f%%)",
         engine,
         timings["total"],

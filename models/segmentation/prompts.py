@@ -29,6 +29,7 @@ class LesionIdentity:
     label: int  # integer label used in label maps (lesion number as in the baseline)
     anatomic_site: str | None = None  # free text or code meaning, e.g. "Liver"
     is_node: bool = False  # lymph node (RECIST measures the short axis)
+    description: str | None = None  # the radiologist's words, e.g. "left lower lobe mass" (SEG/SR of the baseline)
 
 
 @dataclass

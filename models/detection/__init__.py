@@ -1,0 +1,7 @@
+"""Detectors that look for findings the tracking loop was not prompted with (new lesions)."""
+
+from __future__ import annotations
+
+from models.detection.new_lesions import DetectionOptions, NewLesionCandidate, detect_new_lesions
+
+__all__ = ["DetectionOptions", "NewLesionCandidate", "detect_new_lesions"]

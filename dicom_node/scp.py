@@ -20,6 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion
 from dicom_node.ingest import Ingestor
 from dicom_node.routing import Route
@@ -52,9 +53,11 @@ def storage_root(settings: Settings) -> Path:
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's server plus a peer-IP allow-list and TCP_NODELAY on accepted sockets."""
+    """pynetdicom's server plus a peer-IP allow-list, TCP_NODELAY on accepted sockets and the connection table
+    of :mod:`dicom_node.association_guard` (per-peer limit, eviction of idle connections)."""
 
     allowed_ips: frozenset[str] = frozenset()
+    connections: ConnectionTable | None = None
 
     def get_request(self):  # type: ignore[no-untyped-def]
         sock, address = super().get_request()
@@ -67,6 +70,8 @@ class _Server(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.allowed_ips and client_address[0] not in self.allowed_ips:
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
+            return False
+        if self.connections is not None and not self.connections.admit(client_address):
             return False
         return True
 
@@ -87,6 +92,8 @@ class StorageSCP:
         self.completion = SeriesCompletion(
             session_factory, settings.routing, cfg.series_quiet_seconds, on_series_complete
         )
+        self.policy = AssociationPolicy.from_settings(cfg)
+        self.connections = ConnectionTable(self.policy)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
@@ -95,9 +102,15 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         cfg = self.settings.dicom
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
+        # association slots are counted by the guard's connection table (only connections whose A-ASSOCIATE-RQ
+        # arrived hold one); pynetdicom's own count, which includes idle connections, is only a backstop
+        ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections + 8
         ae.maximum_pdu_size = cfg.maximum_pdu_size
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        ae.require_called_aet = cfg.require_called_ae
+        ae.acse_timeout = self.policy.acse_timeout
+        ae.dimse_timeout = self.policy.dimse_timeout
+        ae.network_timeout = self.policy.network_timeout
         ae.add_supported_context(Verification, _UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
@@ -126,8 +139,11 @@ class StorageSCP:
             ssl_context=server_context(cfg.tls),
             evt_handlers=handlers,
             server_class=_Server,
+            request_handler=make_request_handler(self.connections, self.policy),
         )
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
+        server.connections = self.connections
+        install_log_filter()
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,11 @@ class StorageSCP:
         self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
         self.ingestor = Ingestor(self.store, session_factory)
         self.completion = SeriesCompletion(
-            session_factory, settings.routing, cfg.series_quiet_seconds, on_series_complete
+            session_factory,
+            settings.routing,
+            cfg.series_quiet_seconds,
+            on_series_complete,
+            analyse_incomplete=cfg.analyse_incomplete_transfers,
         )
         self.policy = AssociationPolicy.from_settings(cfg)
         self.connections = ConnectionTable(self.policy)
@@ -197,12 +202,16 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
+        assoc_uid = getattr(event.assoc, "lesiontrack_uid", None)
+        if assoc_uid is None:
+            assoc_uid = event.assoc.lesiontrack_uid = str(uuid.uuid4())
         try:
             result = self.ingestor.ingest(
                 event.file_meta,
                 event.encoded_dataset(include_meta=False),
                 calling_ae=requestor.ae_title,
                 peer=str(requestor.address),
+                association=assoc_uid,
             )
         except Exception as exc:
             log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
@@ -213,6 +222,8 @@ class StorageSCP:
         if result.ok:
             if result.series_uid and not result.duplicate:
                 self.completion.instance_received(result.series_uid, id(event.assoc))
+            elif result.series_uid:
+                self.completion.series_touched(result.series_uid, id(event.assoc))
             return 0x0000
         status = Dataset()
         status.Status = result.status
@@ -220,7 +231,10 @@ class StorageSCP:
         return status
 
     def _on_close(self, event: evt.Event) -> None:
-        self.completion.association_closed(id(event.assoc))
+        assoc = event.assoc
+        self.completion.association_closed(
+            id(assoc), released=bool(assoc.is_released), association_uid=getattr(assoc, "lesiontrack_uid", None)
+        )
 
     def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)

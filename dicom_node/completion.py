@@ -229,19 +229,25 @@ class SeriesCompletion:
         )
 
     def _requeue_held(self, series_uids: set[str]) -> None:
-        """Series held for an incomplete transfer, now re-sent in full over a released association: complete again."""
+        """Series held for an incomplete transfer and now re-sent (even as duplicates only) over a released
+        association are re-opened, so they complete again after the quiet period."""
         with session_scope(self.session_factory) as s:
             held = list(
                 s.scalars(
-                    select(Series.series_instance_uid).where(
+                    select(Series).where(
                         Series.series_instance_uid.in_(sorted(series_uids)),
                         Series.state == SeriesState.COMPLETE,
                         Series.routing_reason.like(f"{INCOMPLETE}%"),
                     )
                 )
             )
+            uids = [h.series_instance_uid for h in held]
+            for h in held:
+                h.state = SeriesState.RECEIVING
+                audit(s, self.actor, "series.reopened", "series", h.series_instance_uid,
+                      reason="re-sent over an association that ended with A-RELEASE")  # fmt: skip
         with self._lock:
-            for uid in held:
+            for uid in uids:
                 self._pending.setdefault(uid, _Pending(self.clock()))
 
     def pending(self) -> dict[str, tuple[float, int]]:

@@ -227,7 +227,7 @@ class StorageSCP:
             return 0x0000
         status = Dataset()
         status.Status = result.status
-        status.ErrorComment = result.comment[:64]
+        status.ErrorComment = result.comment.replace("\\", "/")[:64]  # LO: a backslash would split the value
         return status
 
     def _on_close(self, event: evt.Event) -> None:

@@ -44,6 +44,11 @@ class LeaseLost(Exception):
     """Another worker took the job over (our lease ran out); we must not record anything more."""
 
 
+class Superseded(Exception):
+    """A newer job of the same series superseded this one while it ran: stop before the next step (above all
+    before ``send``), so results of a superseded analysis never reach the PACS."""
+
+
 @dataclass
 class JobContext:
     """What a step sees: the job, results of earlier steps and the shared services (ports, settings, ...)."""
@@ -207,6 +212,8 @@ class AnalysisService:
                     raise LeaseLost(job_id)
                 if self.stop_event.is_set():
                     raise StopRequested()
+                if self.store.superseded_by(job_id) is not None:
+                    raise Superseded()
                 self.store.step_started(job_id, self.worker, step.name)
                 ctx.report(step.name)
                 t0 = time.perf_counter()
@@ -223,6 +230,11 @@ class AnalysisService:
         except LeaseLost:
             log.warning("job %s: lease lost during %s; another worker owns it now", job_id, step_name)
             return None
+        except Superseded:
+            log.warning("job %s superseded by a newer job of its series: stopped before %s", job_id, step_name)
+            self.store.stop_superseded(job_id, self.worker, step_name)
+            ctx.report("superseded")
+            return JobState.SUPERSEDED
         except Exception as exc:
             return self._fail(job_id, ctx, step_name, exc)
         finally:

@@ -192,6 +192,7 @@ class HttpSettings(_Section):
     bind_address: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     api_keys: list[ApiKey] = Field(default_factory=list)
+    public_openapi: bool = Field(False, description="serve /openapi.json without a key (default: a read key)")
 
 
 class WorkerSettings(_Section):

@@ -7,29 +7,22 @@ from pathlib import Path
 
 import typer
 
+from lesiontrack.cli_errors import InputError, check_registrable, guarded, read_image
 from lesiontrack.context import state
 
 
-def _read_volume(path: Path, what: str):
-    from models.imaging.volume import Volume
-
-    if not path.exists():
-        raise typer.BadParameter(f"{what}: {path} does not exist")
-    if path.is_dir():
-        from models.imaging.dicom_read import read_series
-
-        return read_series(path)
-    try:
-        return Volume.read(str(path))
-    except RuntimeError as exc:  # SimpleITK's error for unreadable files
-        raise typer.BadParameter(f"{what}: cannot read {path} as NIfTI/NRRD/MHA: {exc}") from exc
+def _read_volume(path: Path, what: str):  # type: ignore[no-untyped-def]
+    """A volume for ``what`` (an option name); failures name the path (see lesiontrack.cli_errors)."""
+    return read_image(path, f"{what} volume")
 
 
-def _read_points(path: Path):
+def _read_points(path: Path):  # type: ignore[no-untyped-def]
     import csv
 
     import numpy as np
 
+    if not path.is_file():
+        raise InputError(path, "no such points file")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -47,6 +40,7 @@ def _read_points(path: Path):
 
 def register(app: typer.Typer) -> None:
     @app.command("register")
+    @guarded
     def register_cmd(
         ctx: typer.Context,
         baseline: Path = typer.Option(..., "--baseline", help="baseline (prior) DICOM series folder or NIfTI/NRRD"),
@@ -73,6 +67,8 @@ def register(app: typer.Typer) -> None:
         try:
             base_vol = _read_volume(baseline, "--baseline")
             fu_vol = _read_volume(followup, "--followup")
+            check_registrable(base_vol, baseline, "--baseline volume")
+            check_registrable(fu_vol, followup, "--followup volume")
             points = _read_points(map_points) if map_points else None
             labels = _read_volume(warp_labels, "--warp-labels") if warp_labels else None
             eng = get_engine(

@@ -66,9 +66,9 @@ def check_writable(engine: Engine, url: str, lock_wait_seconds: float = 5.0) -> 
 def open_database(
     settings: Settings, upgrade_db: bool = False, require_writable: bool = False
 ) -> sessionmaker[Session]:
-    from db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
-
     from sqlalchemy.exc import SQLAlchemyError
+
+    from db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
 
     url = settings.effective_database_url
     if require_writable:

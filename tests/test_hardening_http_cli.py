@@ -89,12 +89,12 @@ def test_every_integer_parameter_out_of_range_is_422_not_500(web) -> None:  # ty
 
 
 def test_openapi_needs_a_key_unless_configured_public(tmp_path: Path) -> None:
-    app, client = _app(tmp_path / "a")
+    _, client = _app(tmp_path / "a")
     with client:
         assert client.get("/openapi.json").status_code == 401
         r = client.get("/openapi.json", headers={"X-API-Key": READ})
         assert r.status_code == 200 and "/api/jobs" in r.json()["paths"]
-    app, client = _app(tmp_path / "b", public_openapi=True)
+    _, client = _app(tmp_path / "b", public_openapi=True)
     with client:
         assert client.get("/openapi.json").status_code == 200
 

@@ -252,6 +252,24 @@ class PduGuard:
             return self.policy.max_pdu_bytes
         return MAX_SMALL_PDU_BYTES
 
+    def protect_state_machine(self) -> None:
+        """A PDU that decodes but whose content pynetdicom cannot process (e.g. a DIMSE command without a
+        CommandField) raises inside the state machine and kills the DUL thread; answer it with an A-ABORT."""
+        fsm = self.dul.state_machine
+        original = fsm.do_action
+
+        def do_action(event: str) -> None:
+            try:
+                original(event)
+            except Exception as exc:
+                if self.conn.closed:
+                    return
+                self._abort(
+                    f"message pynetdicom cannot process ({type(exc).__name__}: {exc})"[:200], REASON_UNEXPECTED_PDU
+                )
+
+        fsm.do_action = do_action
+
     # -- the read ---------------------------------------------------------------------------------------------
     def read_pdu(self) -> None:
         sock = self.dul.socket
@@ -336,6 +354,7 @@ def make_request_handler(table: ConnectionTable, policy: AssociationPolicy) -> t
             conn = table.attach(self.client_address, assoc)
             guard = PduGuard(assoc, conn, policy)
             assoc.dul._read_pdu_data = guard.read_pdu  # instance attribute shadows the method
+            guard.protect_state_machine()
             assoc.bind(evt.EVT_REQUESTED, _on_requested, [table])
             assoc.bind(evt.EVT_CONN_CLOSE, _on_conn_close, [table])
             if conn.malformed == ["evicted"]:

@@ -94,8 +94,9 @@ def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
     return None
 
 
-def check_instance_file(path: Path | str) -> str | None:
-    """A full parse of one stored instance plus the pixel-length check; the problem, or None."""
+def check_instance_file(path: Path | str, decode_pixels: bool = True) -> str | None:
+    """A full parse of one stored instance, the pixel-length check and (``decode_pixels``) a decode of its
+    pixel data, as the analysis will do; the problem, or None."""
     try:
         ds = dcmread(path)
         ts = str(ds.file_meta.TransferSyntaxUID)
@@ -105,7 +106,14 @@ def check_instance_file(path: Path | str) -> str | None:
         return "sequences nested too deeply to read"
     except Exception as exc:
         return f"does not parse ({type(exc).__name__}: {str(exc)[:120]})"
-    return _pixel_problem(ds, ts)
+    problem = _pixel_problem(ds, ts)
+    if problem or not decode_pixels or "PixelData" not in ds:
+        return problem
+    try:
+        _ = ds.pixel_array
+    except Exception as exc:
+        return f"pixel data does not decode ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
 
 
 def validate_instances(s: Session, series: Series) -> str | None:

@@ -56,6 +56,7 @@ def main() -> None:
     from db.session import make_engine, make_session_factory, session_scope
     from dicom_node.scu import store_files
     from lesiontrack.demo_data import make_patient
+    from pipeline.contract import job_results
     from pipeline.jobs import JobStore
     from tests.services import OrthancServer, free_port, wait_for_port
 
@@ -136,6 +137,7 @@ retry_schedule_seconds = [2, 5, 10]
             time.sleep(0.2)
         if delivered_at is None or view is None:
             raise TimeoutError("no delivery within 30 minutes")
+        results = job_results(view.step_outputs)
         if delivered_at.tzinfo is None:
             delivered_at = delivered_at.replace(tzinfo=UTC)
         created = view.created_at
@@ -172,10 +174,8 @@ retry_schedule_seconds = [2, 5, 10]
             "job": {
                 "id": view.id,
                 "attempts": view.attempts,
-                "registration": view.step_outputs.get("register", {}),
-                "lesions": [
-                    (l["tracking_id"], l["status"]) for l in view.step_outputs.get("track", {}).get("lesions", [])
-                ],
+                "registration": results.register.model_dump() if results.register else {},
+                "lesions": [(les.tracking_id, les.status) for les in (results.track.lesions if results.track else [])],
             },
         }
         del np

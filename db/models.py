@@ -131,6 +131,7 @@ class Series(Base):
     series_description: Mapped[str | None] = mapped_column(String(64))
     body_part: Mapped[str | None] = mapped_column(String(16))
     frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness_mm: Mapped[float | None] = mapped_column(Float)  # slice spacing of the analysed volume (RECIST)
     state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

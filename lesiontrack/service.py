@@ -59,10 +59,13 @@ def build_analysis_service(
     if ports is None:
         ports = _ports_or_none(settings, session_factory)
     steps, services = factory(settings, session_factory, *ports)
+    # A pipeline's services may say how to make the in-memory state of one attempt (PipelineServices.new_state).
+    new_state = getattr(services, "new_state", None)
     return AnalysisService(
         session_factory,
         steps,
         services,
+        state_factory=new_state if callable(new_state) else (lambda: None),
         retry=RetryPolicy.from_settings(settings.worker),
         worker=worker_identity(kind),
         device=settings.compute.device,

@@ -1,10 +1,15 @@
 """The analysis service: claims a job and runs its ordered steps, recording outputs, timings and the outcome.
 
-Steps are plain functions ``fn(ctx: JobContext) -> dict | None`` (see ``pipeline.steps`` for the real ones).
-A *durable* step leaves its results on disk or in the database (its returned dict says where); after a crash or
-a retry the runner resumes right after the last durable step whose outputs are still valid, and re-runs the
-in-memory steps in between. Every step must therefore be idempotent: running it again gives the same outcome
-and never creates duplicate objects.
+A step is a function ``fn(ctx: JobContext) -> StepOutput`` with a declared output model (see ``pipeline.steps`` for
+the real ones). Every step's output is a pydantic :class:`StepOutput`, stored as JSON in the job row and validated
+again when the job resumes: a stored output that no longer validates fails the job with a reason naming the step.
+Steps read earlier outputs by their model (``ctx.outputs.get(MatchPriorsOutput)``), never by string paths, and
+share in-memory state through one typed object (``ctx.state``, made by the service's ``state_factory``).
+
+A *durable* step leaves its results on disk or in the database (its output says where, and its
+:meth:`StepOutput.still_valid` says whether they are still there); after a crash or a retry the runner resumes
+right after the last durable step whose outputs are still valid, and re-runs the in-memory steps in between. Every
+step must therefore be idempotent: running it again gives the same outcome and never creates duplicate objects.
 
 Outcomes: ``NothingToTrack`` → ``nothing_to_track``; ``TransientError`` (and connection errors, timeouts, GPU
 out-of-memory, which also switches the job to CPU) → ``retry_wait`` with back-off from
@@ -17,10 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import JobState
@@ -34,6 +40,8 @@ from pipeline.jobs import (
 )
 
 log = logging.getLogger(__name__)
+
+RUNTIME_KEY = "_runtime"  # job-level hints kept beside the step outputs (see JobStore.set_runtime)
 
 
 class StopRequested(Exception):
@@ -49,18 +57,77 @@ class Superseded(Exception):
     before ``send``), so results of a superseded analysis never reach the PACS."""
 
 
+class StepOrderError(RuntimeError):
+    """A step asked for an output or state that an earlier step should have produced (a pipeline wiring bug)."""
+
+
+class StepOutput(BaseModel):
+    """Base of every step's recorded output (JSON in ``analysis_job.step_outputs``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def still_valid(self) -> bool:
+        """For durable steps: are the results this output points at still there? (resume skips the step if so)"""
+        return True
+
+
+class RuntimeHints(BaseModel):
+    """Job-level hints kept across attempts, e.g. ``device='cpu'`` after a GPU out-of-memory."""
+
+    model_config = ConfigDict(extra="allow")
+
+    device: str | None = None
+    cpu_fallback_reason: str | None = None
+
+
+OutputT = TypeVar("OutputT", bound=StepOutput)
+ServicesT = TypeVar("ServicesT")
+StateT = TypeVar("StateT")
+
+
+class StepOutputs:
+    """The validated outputs of the steps run so far, read by their model type."""
+
+    def __init__(self, by_step: Mapping[str, StepOutput] | None = None) -> None:
+        self._by_step: dict[str, StepOutput] = dict(by_step or {})
+
+    def find(self, model: type[OutputT]) -> OutputT | None:
+        for value in self._by_step.values():
+            if isinstance(value, model):
+                return value
+        return None
+
+    def get(self, model: type[OutputT]) -> OutputT:
+        found = self.find(model)
+        if found is None:
+            raise StepOrderError(f"no {model.__name__} recorded yet (the step producing it has not run)")
+        return found
+
+    def record(self, step: str, output: StepOutput) -> None:
+        self._by_step[step] = output
+
+    def names(self) -> list[str]:
+        return list(self._by_step)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._by_step
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_step)
+
+
 @dataclass
-class JobContext:
-    """What a step sees: the job, results of earlier steps and the shared services (ports, settings, ...)."""
+class JobContext(Generic[ServicesT, StateT]):
+    """What a step sees: the job, outputs of earlier steps, the shared services and the job's in-memory state."""
 
     job_id: int
     series_uid: str
     attempt: int
     worker: str
-    outputs: dict[str, dict[str, Any]]
-    services: Any = None
+    outputs: StepOutputs
+    services: ServicesT
+    state: StateT
     device: str = "auto"
-    memory: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str], None] | None = None
 
     def report(self, message: str) -> None:
@@ -69,11 +136,26 @@ class JobContext:
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(Generic[ServicesT, StateT, OutputT]):
+    """One named step, its function and the model of what it produces."""
+
     name: str
-    fn: Callable[[JobContext], dict[str, Any] | None]
+    fn: Callable[[JobContext[ServicesT, StateT]], OutputT]
+    output: type[OutputT]
     durable: bool = False
-    still_valid: Callable[[dict[str, Any]], bool] | None = None
+
+    def load(self, stored: Any) -> OutputT:
+        """Validate a stored output; a PermanentError naming the step when it no longer matches the model."""
+        try:
+            return self.output.model_validate(stored)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            raise PermanentError(
+                f"stored output of step {self.name} no longer matches {self.output.__name__} ({problems}); "
+                "retry the job to recompute it"
+            ) from exc
 
 
 @dataclass
@@ -123,9 +205,10 @@ class AnalysisService:
     def __init__(
         self,
         session_factory: sessionmaker[Session],
-        steps: Sequence[Step],
+        steps: Sequence[Step[Any, Any, Any]],
         services: Any = None,
         *,
+        state_factory: Callable[[], Any] = lambda: None,
         retry: RetryPolicy | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         worker: str | None = None,
@@ -138,6 +221,7 @@ class AnalysisService:
         self.store = JobStore(session_factory)
         self.steps = list(steps)
         self.services = services
+        self.state_factory = state_factory
         self.retry = retry or RetryPolicy()
         self.lease_seconds = float(lease_seconds)
         self.worker = worker or worker_identity()
@@ -169,35 +253,43 @@ class AnalysisService:
         return job_id, self._run_claimed(job_id)
 
     # -- the runner -------------------------------------------------------------------------------
-    def _resume_index(self, outputs: dict[str, Any]) -> int:
+    def _load_outputs(self, stored: Mapping[str, Any]) -> tuple[int, StepOutputs]:
+        """Where to resume and the validated outputs kept: those of the steps before the resume point.
+
+        Raises PermanentError (naming the step) when a kept output no longer matches its model."""
         start = 0
         for i, step in enumerate(self.steps):
-            if step.name not in outputs:
+            if step.name not in stored:
                 break
             if step.durable:
-                if step.still_valid is not None and not step.still_valid(outputs[step.name]):
+                if not step.load(stored[step.name]).still_valid():
                     break
                 start = i + 1
-        return start
+        kept = StepOutputs({s.name: s.load(stored[s.name]) for s in self.steps[:start]})
+        return start, kept
 
     def _run_claimed(self, job_id: int) -> JobState | None:
         view = self.store.get(job_id)
-        runtime = dict(view.step_outputs.get("_runtime", {}))
-        start = self._resume_index(view.step_outputs)
-        stale = [s.name for s in self.steps[start:] if s.name in view.step_outputs]
-        if stale:
-            self.store.forget_outputs(job_id, stale)
-        outputs = {k: v for k, v in view.step_outputs.items() if k not in stale}
-        ctx = JobContext(
+        runtime = RuntimeHints.model_validate(view.step_outputs.get(RUNTIME_KEY, {}))
+        progress = self.progress
+        ctx: JobContext[Any, Any] = JobContext(
             job_id=job_id,
             series_uid=view.followup_series_uid,
             attempt=view.attempts,
             worker=self.worker,
-            outputs=outputs,
+            outputs=StepOutputs(),
             services=self.services,
-            device=runtime.get("device", self.device),
-            progress=(lambda m: self.progress(job_id, m)) if self.progress else None,
+            state=self.state_factory(),
+            device=runtime.device or self.device,
+            progress=(lambda m: progress(job_id, m)) if progress is not None else None,
         )
+        try:
+            start, ctx.outputs = self._load_outputs(view.step_outputs)
+        except PermanentError as exc:
+            return self._fail(job_id, ctx, "resume", exc)
+        stale = [s.name for s in self.steps[start:] if s.name in view.step_outputs]
+        if stale:
+            self.store.forget_outputs(job_id, stale)
         if start:
             log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name, view.attempts)
         lost = threading.Event()
@@ -217,12 +309,16 @@ class AnalysisService:
                 self.store.step_started(job_id, self.worker, step.name)
                 ctx.report(step.name)
                 t0 = time.perf_counter()
-                result = step.fn(ctx) or {}
+                result = step.fn(ctx)
+                if not isinstance(result, step.output):
+                    raise StepOrderError(
+                        f"step {step.name} returned {type(result).__name__}, not its declared {step.output.__name__}"
+                    )
                 seconds = time.perf_counter() - t0
                 if lost.is_set():
                     raise LeaseLost(job_id)
-                ctx.outputs[step.name] = result
-                self.store.step_finished(job_id, self.worker, step.name, result, seconds)
+                ctx.outputs.record(step.name, result)
+                self.store.step_finished(job_id, self.worker, step.name, result.model_dump(mode="json"), seconds)
                 log.info("job %s step %s done in %.2fs", job_id, step.name, seconds)
         except StopRequested:
             self.store.requeue(job_id, self.worker, reason=f"worker shutting down before step {step_name}")
@@ -244,7 +340,7 @@ class AnalysisService:
         ctx.report("done")
         return JobState.DONE
 
-    def _fail(self, job_id: int, ctx: JobContext, step: str, exc: BaseException) -> JobState:
+    def _fail(self, job_id: int, ctx: JobContext[Any, Any], step: str, exc: BaseException) -> JobState:
         kind, force_cpu = classify(exc)
         reason = _reason(step, exc)
         if kind == "nothing":

@@ -1,23 +1,26 @@
-"""Per-patient lesion timeline read from the database: lesions × timepoints with measurements, change and RECIST.
+"""One patient history: lesions × timepoints with measurements, change and RECIST 1.1, built from the database.
 
-One view model feeds the dashboard, the JSON API and the read-centre exports, so all three show the same numbers.
-Timepoints are the CT series a patient's lesions were observed on, ordered by study date/time (oldest = baseline).
-RECIST 1.1 per timepoint is computed with :mod:`pipeline.recist` from the stored observations; a lesion's stored
-``is_target`` (when set) fixes its role, otherwise the engine's automatic baseline selection applies.
+The single source of a patient's longitudinal numbers: the measure step (with the follow-up being analysed added
+as a pending timepoint), the SR writer (which reports what the measure step took from here), the dashboard, the
+JSON API and the read-centre exports all read it, so they cannot disagree. Timepoints are the CT series a
+patient's lesions were observed on, ordered by study date/time (oldest = baseline), each with its slice thickness.
+Target lesions are chosen once, at baseline, with the baseline's slice thickness; the choice is stored in
+``Lesion.is_target`` by the job that first measures the baseline and is never re-chosen later.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import AnalysisJob, Instance, Lesion, LesionObservation, Patient, Series, Study
-
-if TYPE_CHECKING:
-    from pipeline import recist
+from pipeline import recist
+from pipeline.contract import job_results
+from pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
 
 
 @dataclass
@@ -28,6 +31,7 @@ class TimepointInfo:
     study_uid: str | None
     study_date: str | None  # DICOM DA (YYYYMMDD)
     study_time: str | None
+    slice_thickness_mm: float | None = None
     job_id: int | None = None
     seg_uids: list[str] = field(default_factory=list)
     sr_uids: list[str] = field(default_factory=list)
@@ -63,6 +67,8 @@ class Cell:
     engine: str | None = None
     job_id: int | None = None
     is_node: bool = False
+    measurement: LesionMeasurement | None = field(default=None, repr=False)  # not exported (to_dict)
+    changes: LesionChanges | None = field(default=None, repr=False)
 
     @property
     def volume_ml(self) -> float | None:
@@ -87,12 +93,53 @@ class PatientTimeline:
     lesions: list[LesionRow]
     best_overall_response: str | None = None
     recist_error: str | None = None
+    assessment: recist.RecistAssessment | None = field(default=None, repr=False)  # not exported (to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for tp, tpd in zip(self.timepoints, d["timepoints"]):
+        d.pop("assessment", None)
+        for tp, tpd in zip(self.timepoints, d["timepoints"], strict=True):
             tpd["date_iso"] = tp.date_iso
+        for row in d["lesions"]:
+            for cell in row["cells"]:
+                if cell is not None:
+                    cell.pop("measurement", None)
+                    cell.pop("changes", None)
         return d
+
+    def index_of(self, series_uid: str) -> int:
+        for tp in self.timepoints:
+            if tp.series_uid == series_uid:
+                return tp.index
+        raise KeyError(f"series {series_uid} is not a timepoint of patient {self.patient_pk}")
+
+    def measurements_at(self, index: int) -> dict[str, LesionMeasurement]:
+        """Tracking UID → measurement of every lesion observed at timepoint ``index``."""
+        out: dict[str, LesionMeasurement] = {}
+        for row in self.lesions:
+            cell = row.cells[index]
+            if cell is not None and cell.measurement is not None:
+                out[row.tracking_uid] = cell.measurement
+        return out
+
+    def changes_at(self, index: int) -> dict[str, LesionChanges | None]:
+        return {row.tracking_uid: c.changes for row in self.lesions if (c := row.cells[index]) is not None}
+
+
+@dataclass
+class PendingTimepoint:
+    """Measurements of a job in progress that are not in the database yet (the measure step runs before the write).
+
+    ``replace``: the pending values win over stored observations of the series (the follow-up being analysed);
+    otherwise they only fill lesions the database has no observation of on that series (the prior)."""
+
+    series_uid: str
+    study_uid: str | None
+    study_date: str | None
+    study_time: str | None
+    slice_thickness_mm: float | None
+    measurements: Sequence[LesionMeasurement]
+    replace: bool = True
 
 
 def _pct(value: float | None, ref: float | None) -> float | None:
@@ -101,27 +148,22 @@ def _pct(value: float | None, ref: float | None) -> float | None:
     return 100.0 * (value - ref) / ref
 
 
-def _collect_uids(obj: Any, kinds: tuple[str, ...], out: dict[str, list[str]]) -> None:
-    """Find SEG/SR SOP Instance UIDs in a job's step outputs (keys like ``seg_sop_instance_uid``, ``sr_uid``)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            key = str(k).lower()
-            for kind in kinds:
-                if key.startswith(kind) and ("uid" in key) and "series" not in key and "study" not in key:
-                    vals = v if isinstance(v, list) else [v]
-                    out[kind].extend(str(x) for x in vals if isinstance(x, str) and x and x[0].isdigit())
-            _collect_uids(v, kinds, out)
-    elif isinstance(obj, list):
-        for v in obj:
-            _collect_uids(v, kinds, out)
+def build_timeline(
+    session: Session,
+    patient_pk: int,
+    rules: recist.RecistRules | None = None,
+    *,
+    pending: Sequence[PendingTimepoint] = (),
+    until_series_uid: str | None = None,
+) -> PatientTimeline:
+    """The lesion × timepoint history of one patient (raises KeyError if the patient does not exist).
 
-
-def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules | None = None) -> PatientTimeline:
-    """The lesion × timepoint table of one patient (raises KeyError if the patient does not exist)."""
+    ``pending`` adds measurements not stored yet (see :class:`PendingTimepoint`); ``until_series_uid`` cuts the
+    history after that timepoint (a follow-up is assessed against what came before it, not after)."""
     if session.get(Patient, patient_pk) is None:
         raise KeyError(f"no patient with id {patient_pk}")
     lesions = list(session.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)))
-    lesion_ids = [l.id for l in lesions]
+    lesion_ids = [les.id for les in lesions]
     observations = (
         list(
             session.scalars(
@@ -133,36 +175,152 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
         if lesion_ids
         else []
     )
+    uid_of = {les.id: les.tracking_uid for les in lesions}
 
-    series_uids = sorted({o.series_instance_uid for o in observations})
-    info: dict[str, tuple[str | None, str | None, str | None]] = {}
-    if series_uids:
-        rows = session.execute(
-            select(Series.series_instance_uid, Study.study_instance_uid, Study.study_date, Study.study_time)
-            .join(Study, Series.study_pk == Study.id)
-            .where(Series.series_instance_uid.in_(series_uids))
-        )
-        info = {r[0]: (r[1], r[2], r[3]) for r in rows}
-    ordered = sorted(
-        series_uids,
-        key=lambda u: (
-            (info.get(u, (None, None, None))[1] or "99999999"),
-            (info.get(u, (None, None, None))[2] or ""),
-            u,
-        ),
-    )
-    timepoints: list[TimepointInfo] = []
-    for i, uid in enumerate(ordered):
-        study_uid, date, time = info.get(uid, (None, None, None))
-        timepoints.append(TimepointInfo(i, "Baseline" if i == 0 else f"FU{i}", uid, study_uid, date, time))
-    tp_index = {tp.series_uid: tp.index for tp in timepoints}
-
-    # Latest observation per lesion per timepoint (a re-analysis adds newer rows; the newest wins).
-    latest: dict[tuple[int, int], LesionObservation] = {}
+    # Latest observation per lesion per series (a re-analysis adds newer rows; the newest wins).
+    latest: dict[tuple[str, str], LesionObservation] = {}
     for o in observations:
-        latest[(o.lesion_pk, tp_index[o.series_instance_uid])] = o
+        latest[(uid_of[o.lesion_pk], o.series_instance_uid)] = o
+    cells: dict[tuple[str, str], Cell] = {key: _cell_of(o) for key, o in latest.items()}
+    for p in pending:
+        for m in p.measurements:
+            key = (m.tracking_uid, p.series_uid)
+            if p.replace or key not in cells:
+                cells[key] = _pending_cell(m)
 
-    # Result objects per timepoint: observations' SEG UIDs, UIDs named in the job outputs, our SR/SEG series.
+    info = _series_info(session, {series for _uid, series in cells})
+    for p in pending:
+        info[p.series_uid] = _SeriesInfo(p.study_uid, p.study_date, p.study_time, p.slice_thickness_mm)
+    ordered = sorted(info, key=lambda u: (info[u].study_date or "99999999", info[u].study_time or "", u))
+    if until_series_uid is not None and until_series_uid in ordered:
+        ordered = ordered[: ordered.index(until_series_uid) + 1]
+    timepoints = [
+        TimepointInfo(
+            i,
+            "Baseline" if i == 0 else f"FU{i}",
+            uid,
+            info[uid].study_uid,
+            info[uid].study_date,
+            info[uid].study_time,
+            slice_thickness_mm=info[uid].slice_thickness_mm,
+        )
+        for i, uid in enumerate(ordered)
+    ]
+    _attach_result_objects(session, timepoints, latest)
+
+    rows: list[LesionRow] = []
+    known = {les.tracking_uid for les in lesions}
+    pending_only = {
+        m.tracking_uid: m for p in pending for m in p.measurements if m.tracking_uid not in known
+    }  # lesions the running job creates
+    identities = [
+        (les.id, les.tracking_id, les.tracking_uid, les.anatomic_site, les.origin.value, les.is_target)
+        for les in lesions
+    ] + [(0, m.tracking_id, m.tracking_uid, m.anatomic_site, "", None) for m in pending_only.values()]
+    for lesion_id, tracking_id, tracking_uid, site, origin, is_target in identities:
+        row_cells: list[Cell | None] = [cells.get((tracking_uid, tp.series_uid)) for tp in timepoints]
+        if not any(row_cells):
+            continue
+        _fill_changes(row_cells)
+        role = "" if is_target is None else ("target" if is_target else "non-target")
+        rows.append(LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells))
+    timeline = PatientTimeline(patient_pk, timepoints, rows)
+    _apply_recist(timeline, rules)
+    return timeline
+
+
+@dataclass(frozen=True)
+class _SeriesInfo:
+    study_uid: str | None
+    study_date: str | None
+    study_time: str | None
+    slice_thickness_mm: float | None
+
+
+def _series_info(session: Session, series_uids: set[str]) -> dict[str, _SeriesInfo]:
+    if not series_uids:
+        return {}
+    rows = session.execute(
+        select(
+            Series.series_instance_uid,
+            Study.study_instance_uid,
+            Study.study_date,
+            Study.study_time,
+            Series.slice_thickness_mm,
+        )
+        .join(Study, Series.study_pk == Study.id)
+        .where(Series.series_instance_uid.in_(sorted(series_uids)))
+    )
+    found = {r[0]: _SeriesInfo(r[1], r[2], r[3], r[4]) for r in rows}
+    return {u: found.get(u, _SeriesInfo(None, None, None, None)) for u in series_uids}
+
+
+def _cell_of(o: LesionObservation) -> Cell:
+    stored = o.measurements or {}
+    measurement = LesionMeasurement.from_dict(stored) if "tracking_uid" in stored else None
+    return Cell(
+        o.id,
+        o.status.value,
+        o.volume_mm3,
+        o.long_axis_mm,
+        o.short_axis_mm,
+        seg_sop_instance_uid=o.seg_sop_instance_uid,
+        segment_number=o.segment_number,
+        engine=o.engine,
+        job_id=o.job_pk,
+        is_node=bool(stored.get("is_node", False)),
+        measurement=measurement,
+    )
+
+
+def _pending_cell(m: LesionMeasurement) -> Cell:
+    return Cell(
+        0,
+        m.status,
+        m.volume_mm3,
+        m.long_axis_mm,
+        m.short_axis_mm,
+        is_node=m.is_node,
+        measurement=m,
+    )
+
+
+def _fill_changes(cells: list[Cell | None]) -> None:
+    """Change of every observed cell against the earlier ones: percentages for the table (from the stored sizes,
+    a vanished lesion counting 0) and, where the full measurement is known, the per-metric changes the SR reports
+    (previous / baseline / nadir, :func:`pipeline.measurements.lesion_changes`: the same references)."""
+    seq: list[LesionMeasurement | None] = []
+    first: Cell | None = None
+    prev: Cell | None = None
+    for c in cells:
+        seq.append(None if c is None else c.measurement)
+        if c is None:
+            continue
+        if first is None:
+            first = c
+        else:
+            c.volume_change_baseline_pct = _pct(_vol(c), _vol(first))
+            c.long_axis_change_baseline_pct = _pct(_la(c), _la(first))
+        if prev is not None:
+            c.volume_change_prev_pct = _pct(_vol(c), _vol(prev))
+        prev = c
+        if c.measurement is not None:
+            c.changes = lesion_changes(seq)
+
+
+def _vol(c: Cell) -> float | None:
+    return 0.0 if c.status == "vanished" else c.volume_mm3
+
+
+def _la(c: Cell) -> float | None:
+    return 0.0 if c.status == "vanished" else c.long_axis_mm
+
+
+def _attach_result_objects(
+    session: Session, timepoints: list[TimepointInfo], latest: dict[tuple[str, str], LesionObservation]
+) -> None:
+    """Result objects per timepoint: observations' SEG UIDs, the job's recorded SEG/SR, our SEG/SR series."""
+    series_uids = [tp.series_uid for tp in timepoints]
     jobs = {
         j.followup_series_uid: j
         for j in session.scalars(
@@ -170,13 +328,18 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
         )
     }
     for tp in timepoints:
-        found: dict[str, list[str]] = {"seg": [], "sr": []}
+        seg: list[str] = []
+        sr: list[str] = []
         job = jobs.get(tp.series_uid)
         if job is not None:
             tp.job_id = job.id
-            _collect_uids(job.step_outputs or {}, ("seg", "sr"), found)
-        found["seg"].extend(
-            o.seg_sop_instance_uid for (lp, ti), o in latest.items() if ti == tp.index and o.seg_sop_instance_uid
+            results = job_results(job.step_outputs)
+            seg.extend(results.seg_uids)
+            sr.extend(results.sr_uids)
+        seg.extend(
+            o.seg_sop_instance_uid
+            for (_uid, series), o in latest.items()
+            if series == tp.series_uid and o.seg_sop_instance_uid
         )
         if tp.study_uid:
             ours = session.execute(
@@ -190,68 +353,30 @@ def build_timeline(session: Session, patient_pk: int, rules: recist.RecistRules 
                 )
             )
             for modality, sop in ours:
-                found[modality.lower()].append(sop)
-        tp.seg_uids = list(dict.fromkeys(found["seg"]))
-        tp.sr_uids = list(dict.fromkeys(found["sr"]))
-
-    rows: list[LesionRow] = []
-    for lesion in lesions:
-        cells: list[Cell | None] = [None] * len(timepoints)
-        for tp in timepoints:
-            o = latest.get((lesion.id, tp.index))
-            if o is not None:
-                cells[tp.index] = Cell(
-                    o.id,
-                    o.status.value if hasattr(o.status, "value") else str(o.status),
-                    o.volume_mm3,
-                    o.long_axis_mm,
-                    o.short_axis_mm,
-                    seg_sop_instance_uid=o.seg_sop_instance_uid,
-                    segment_number=o.segment_number,
-                    engine=o.engine,
-                    job_id=o.job_pk,
-                    is_node=bool((o.measurements or {}).get("is_node", False)),
-                )
-        first = next((c for c in cells if c is not None), None)
-        prev: Cell | None = None
-        for c in cells:
-            if c is None:
-                continue
-            if c is not first and first is not None:
-                c.volume_change_baseline_pct = _pct(_vol(c), _vol(first))
-                c.long_axis_change_baseline_pct = _pct(_la(c), _la(first))
-            if prev is not None:
-                c.volume_change_prev_pct = _pct(_vol(c), _vol(prev))
-            prev = c
-        role = "" if lesion.is_target is None else ("target" if lesion.is_target else "non-target")
-        rows.append(
-            LesionRow(
-                lesion.id,
-                lesion.tracking_id,
-                lesion.tracking_uid,
-                lesion.anatomic_site,
-                lesion.origin.value if hasattr(lesion.origin, "value") else str(lesion.origin),
-                role,
-                cells,
-            )
-        )
-    timeline = PatientTimeline(patient_pk, timepoints, rows)
-    _apply_recist(timeline, rules)
-    return timeline
+                (seg if modality == "SEG" else sr).append(sop)
+        tp.seg_uids = list(dict.fromkeys(seg))
+        tp.sr_uids = list(dict.fromkeys(sr))
 
 
-def _vol(c: Cell) -> float | None:
-    return 0.0 if c.status == "vanished" else c.volume_mm3
-
-
-def _la(c: Cell) -> float | None:
-    return 0.0 if c.status == "vanished" else c.long_axis_mm
+def _recist_lesion(row: LesionRow, c: Cell) -> recist.RecistLesion:
+    if c.measurement is not None:
+        return recist.RecistLesion.from_measurement(c.measurement, organ=row.anatomic_site)
+    status = c.status if c.status in ("present", "vanished", "new") else "present"
+    return recist.RecistLesion(
+        row.tracking_uid,
+        row.tracking_id,
+        row.anatomic_site,
+        c.is_node,
+        status,
+        c.long_axis_mm or 0.0,
+        c.short_axis_mm or 0.0,
+        c.volume_mm3 or 0.0,
+    )
 
 
 def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) -> None:
-    """RECIST 1.1 per timepoint over the stored observations (roles from ``Lesion.is_target`` when set)."""
-    from pipeline import recist
-
+    """RECIST 1.1 per timepoint; targets from ``Lesion.is_target`` where stored, else chosen at baseline with the
+    baseline's slice thickness (the job that measures the baseline stores that choice)."""
     if not tl.timepoints or not tl.lesions:
         return
     per_tp: list[list[recist.RecistLesion]] = []
@@ -267,19 +392,7 @@ def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) 
                         )
                     )
                 continue
-            status = c.status if c.status in ("present", "vanished", "new") else "present"
-            items.append(
-                recist.RecistLesion(
-                    row.tracking_uid,
-                    row.tracking_id,
-                    row.anatomic_site,
-                    c.is_node,
-                    status,
-                    c.long_axis_mm or 0.0,
-                    c.short_axis_mm or 0.0,
-                    c.volume_mm3 or 0.0,
-                )
-            )
+            items.append(_recist_lesion(row, c))
         per_tp.append(items)
     baseline_uids = {r.tracking_uid for r in per_tp[0]}
     override = None
@@ -290,11 +403,14 @@ def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) 
             force_target=forced_t, force_non_target=forced_n, by="database", reason="is_target recorded for the lesion"
         )
     try:
-        assessment = recist.assess(per_tp, rules, override=override)
+        assessment = recist.assess(
+            per_tp, rules, slice_thickness_mm=tl.timepoints[0].slice_thickness_mm, override=override
+        )
     except (ValueError, KeyError) as exc:
         tl.recist_error = str(exc)
         return
-    for tp, resp in zip(tl.timepoints, assessment.timepoints):
+    tl.assessment = assessment
+    for tp, resp in zip(tl.timepoints, assessment.timepoints, strict=True):
         d = resp.to_dict()
         tp.sum_of_diameters_mm = d.get("sum_of_diameters_mm")
         tp.change_from_baseline_pct = d.get("change_from_baseline_pct")

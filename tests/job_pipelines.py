@@ -15,21 +15,35 @@ from typing import Any
 
 from db.repository import audit
 from db.session import session_scope
-from pipeline.analysis import JobContext, Step
+from pipeline.analysis import JobContext, Step, StepOutput
+from pipeline.contract import WriteSegSrOutput
+
+Ctx = JobContext[Any, Any]
 
 
-def _ran(ctx: JobContext, step: str) -> None:
+class Computed(StepOutput):
+    digest: str
+
+
+class Written(StepOutput):
+    path: str
+
+    def still_valid(self) -> bool:
+        return Path(self.path).exists()
+
+
+def _ran(ctx: Ctx, step: str) -> None:
     with session_scope(ctx.services["sf"]) as s:
         audit(s, ctx.worker, "test.step_ran", "job", ctx.job_id, step=step, pid=os.getpid())
 
 
 def counting(
     settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
-) -> tuple[list[Step], Any]:
+) -> tuple[list[Step[Any, Any, Any]], Any]:
     out_dir = Path(settings.data_dir) / "results"
     block = Path(settings.data_dir) / "block"  # while this file exists, 'compute' waits (fault tests)
 
-    def compute(ctx: JobContext) -> dict[str, Any]:
+    def compute(ctx: Ctx) -> Computed:
         _ran(ctx, "compute")
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         started = Path(settings.data_dir) / f"started-{ctx.job_id}"
@@ -41,33 +55,34 @@ def counting(
         digest = hashlib.sha256(ctx.series_uid.encode()).hexdigest()
         for _ in range(20000):  # a little real work so jobs overlap between workers
             digest = hashlib.sha256(digest.encode()).hexdigest()
-        return {"digest": digest}
+        return Computed(digest=digest)
 
-    def write(ctx: JobContext) -> dict[str, Any]:
+    def write(ctx: Ctx) -> Written:
         _ran(ctx, "write")
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{ctx.series_uid}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"series": ctx.series_uid, "digest": ctx.outputs["compute"]["digest"]}))
+        tmp.write_text(json.dumps({"series": ctx.series_uid, "digest": ctx.outputs.get(Computed).digest}))
         tmp.replace(path)
-        return {"path": str(path)}
+        return Written(path=str(path))
 
-    steps = [
-        Step("compute", compute),
-        Step("write", write, durable=True, still_valid=lambda o: Path(o["path"]).exists()),
+    steps: list[Step[Any, Any, Any]] = [
+        Step("compute", compute, Computed),
+        Step("write", write, Written, durable=True),
     ]
     return steps, {"sf": session_factory}
 
 
 def counting_with_send(
     settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
-) -> tuple[list[Step], Any]:
+) -> tuple[list[Step[Any, Any, Any]], Any]:
     """``counting`` plus a result object (a new-UID copy of one received instance) sent by the real send step."""
+    from pipeline.contract import SendOutput
     from pipeline.steps import send
 
     steps, _ = counting(settings, session_factory)
 
-    def write_result(ctx: JobContext) -> dict[str, Any]:
+    def write_result(ctx: Ctx) -> WriteSegSrOutput:
         import pydicom
         from pydicom.uid import generate_uid
         from sqlalchemy import select
@@ -90,9 +105,15 @@ def counting_with_send(
         out.mkdir(parents=True, exist_ok=True)
         target = out / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(target, enforce_file_format=True)
-        return {"files": [str(target)]}
+        return WriteSegSrOutput(
+            files=[str(target)], seg=None, sr=None, seg_sop_instance_uid=None, present=0, vanished=0
+        )
 
-    steps = [*steps, Step("write_seg_sr", write_result, durable=True), Step("send", send, durable=True)]
+    steps = [
+        *steps,
+        Step(WriteSegSrOutput.step, write_result, WriteSegSrOutput, durable=True),
+        Step(SendOutput.step, send, SendOutput, durable=True),
+    ]
     return steps, _Services(settings, session_factory, prior_source, sender)
 
 

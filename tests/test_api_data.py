@@ -30,6 +30,7 @@ from db.models import (
 )
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
+from pipeline.contract import WriteSegSrOutput
 
 
 @dataclass
@@ -205,10 +206,15 @@ def build_patient(
                         "send": 0.4,
                     },
                     step_outputs={
-                        "write": {
-                            "seg_sop_instance_uid": seg.dataset.SOPInstanceUID,
-                            "sr_sop_instance_uid": sr.dataset.SOPInstanceUID,
-                        }
+                        WriteSegSrOutput.step: WriteSegSrOutput(
+                            files=[],
+                            seg=None,
+                            sr=None,
+                            seg_sop_instance_uid=str(seg.dataset.SOPInstanceUID),
+                            sr_sop_instance_uid=str(sr.dataset.SOPInstanceUID),
+                            present=len(tp.lesions),
+                            vanished=0,
+                        ).model_dump(mode="json")
                     },
                     created_at=start,
                     started_at=start,

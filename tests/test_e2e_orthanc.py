@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from db.models import AuditEvent, Delivery, DeliveryState, JobState
 from db.session import session_scope
+from pipeline.contract import job_results
 from tests.conftest import require_tool
 from tests.services import OrthancServer, free_port, wait_for
 
@@ -161,14 +162,16 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
     for fu in patient.followups[:followups]:
         site.route(site.upload(fu.files))
         view = site.analyse(fu.series_uid)
-        prior = view.step_outputs["match_priors"]["prior"]
+        results = job_results(view.step_outputs)
+        assert results.match is not None and results.written is not None
+        prior = results.match.prior
         if previous_seg is None:
-            assert prior["ct_series_uid"] == patient.baseline.series_uid and prior["source"] == "orthanc"
-            assert prior["annotations"][0]["sop_instance_uid"] == str(
+            assert prior.ct_series_uid == patient.baseline.series_uid and prior.source == "orthanc"
+            assert prior.annotation.sop_instance_uid == str(
                 pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID
             )
         else:  # the chain continues from LesionTrack's own SEG of the previous follow-up
-            assert prior["annotations"][0]["sop_instance_uid"] == previous_seg
+            assert prior.annotation.sop_instance_uid == previous_seg
         objs = site.results_in_orthanc(fu.study_uid)
         assert len(objs.get("SEG", [])) == 1 and len(objs.get("SR", [])) == 1, {k: len(v) for k, v in objs.items()}
         seg, sr = objs["SEG"][0], objs["SR"][0]
@@ -176,7 +179,7 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         srs.append(_validate(tmp, sr))
         assert set(_segment_uids(seg)) <= base_uids and len(_segment_uids(seg)) >= 1
         assert _sr_uids(sr) == base_uids, "every baseline lesion is reported under its own Tracking UID"
-        assert str(seg.SOPInstanceUID) == view.step_outputs["write_seg_sr"]["seg_sop_instance_uid"]
+        assert str(seg.SOPInstanceUID) == results.written.seg_sop_instance_uid
         previous_seg = str(seg.SOPInstanceUID)
     return srs
 

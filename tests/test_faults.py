@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from config.settings import PacsPeer, Settings, load_settings
 from db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
 from db.session import make_engine, make_session_factory, session_scope
+from pipeline.contract import job_results
 from tests.conftest import REPO
 from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 
@@ -205,7 +206,7 @@ retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 
         wait_for(lambda: (_job_of(sf, uid) or None) and _job_of(sf, uid).finished, 90, "the job to finish")
         job = _job_of(sf, uid)
         assert job.state is JobState.DONE, job.error
-        result = Path(job.step_outputs["write_seg_sr"]["files"][0])
+        result = Path(job_results(job.step_outputs).result_files[0])
 
         def failed_attempts() -> int:
             with session_scope(sf) as s:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import Field
 from sqlalchemy import select
 
 from db.models import AnalysisJob, AuditEvent, JobState
 from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline.analysis import AnalysisService, JobContext, RetryPolicy, Step
+from pipeline.analysis import RUNTIME_KEY, AnalysisService, JobContext, RetryPolicy, RuntimeHints, Step, StepOutput
 from pipeline.executors.inprocess import InProcessExecutor
 from pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
 from tests.services import wait_for
@@ -44,6 +45,24 @@ def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:  # type: igno
         return [(e.details.get("from"), e.details["to"]) for e in evs]
 
 
+class Counted(StepOutput):
+    """What the test steps record: their call count and the steps whose outputs they saw."""
+
+    n: int = 0
+    seen: list[str] = Field(default_factory=list)
+
+
+class Done(StepOutput):
+    ok: bool = True
+
+
+def _out(view: Any, step: str) -> Counted:
+    return Counted.model_validate(view.step_outputs.get(step))
+
+
+Ctx = JobContext[Any, Any]
+
+
 class Recorder:
     """Counts step calls and lets a test script failures per call."""
 
@@ -52,17 +71,19 @@ class Recorder:
         self.lock = threading.Lock()
         self.devices: list[str] = []
 
-    def step(self, name: str, fail: dict[int, BaseException] | None = None, durable: bool = False) -> Step:
-        def fn(ctx: JobContext) -> dict[str, Any]:
+    def step(
+        self, name: str, fail: dict[int, BaseException] | None = None, durable: bool = False
+    ) -> Step[Any, Any, Counted]:
+        def fn(ctx: Ctx) -> Counted:
             with self.lock:
                 self.calls[name] += 1
                 n = self.calls[name]
             self.devices.append(ctx.device)
             if fail and n in fail:
                 raise fail[n]
-            return {"n": n, "seen": sorted(k for k in ctx.outputs if not k.startswith("_"))}
+            return Counted(n=n, seen=sorted(ctx.outputs.names()))
 
-        return Step(name, fn, durable=durable)
+        return Step(name, fn, Counted, durable=durable)
 
 
 def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) -> None:  # type: ignore[no-untyped-def]
@@ -73,7 +94,7 @@ def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) ->
     view = svc.store.get(job)
     assert view.state is JobState.DONE and view.attempts == 1 and view.error is None
     assert set(view.step_timings) == {"a", "b", "c"} and all(v >= 0 for v in view.step_timings.values())
-    assert view.step_outputs["c"] == {"n": 1, "seen": ["a", "b"]}
+    assert _out(view, "c") == Counted(n=1, seen=["a", "b"])
     assert _transitions(sf, job) == [("queued", "running"), ("running", "done")]
     assert svc.run(job) is None, "a finished job is not claimable again"
     assert rec.calls == Counter(a=1, b=1, c=1)
@@ -124,7 +145,7 @@ def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type:
     assert svc.run(job) is JobState.FAILED
     view = svc.store.get(job)
     assert view.error == "register: ValueError: follow-up has 3 slices" and view.step == "register"
-    assert view.step_outputs["load"] == {"n": 1, "seen": []}, "earlier outputs are kept"
+    assert _out(view, "load") == Counted(n=1, seen=[]), "earlier outputs are kept"
     assert rec.calls["register"] == 1, "permanent failures are not retried"
 
 
@@ -146,7 +167,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:  # type: ignore[no-unt
     assert svc.run(job) is JobState.RETRY_WAIT
     assert svc.run(job) is JobState.DONE
     assert rec.devices == ["cuda", "cpu"]
-    assert svc.store.get(job).step_outputs["_runtime"]["device"] == "cpu"
+    assert RuntimeHints.model_validate(svc.store.get(job).step_outputs.get(RUNTIME_KEY)).device == "cpu"
 
 
 def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:  # type: ignore[no-untyped-def]
@@ -184,9 +205,10 @@ def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> N
     job = store.create("1.2.3")
     dead = "nohost-elsewhere:1:worker:dead"
     assert store.claim(job, dead, lease_seconds=3600)
-    store.step_finished(job, dead, "retrieve", {"files": 3}, 1.0)
-    store.step_finished(job, dead, "register", {"tre": 1.0}, 1.0)
-    store.step_finished(job, dead, "write", {"seg": "x"}, 1.0)
+    written = Counted(n=7, seen=["register", "retrieve"])
+    store.step_finished(job, dead, "retrieve", Counted(n=1).model_dump(), 1.0)
+    store.step_finished(job, dead, "register", Counted(n=1, seen=["retrieve"]).model_dump(), 1.0)
+    store.step_finished(job, dead, "write", written.model_dump(), 1.0)
     svc = AnalysisService(sf, steps, lease_seconds=60)
     assert svc.run(job) is None, "its lease has not expired: not claimable"
     import socket
@@ -202,7 +224,7 @@ def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> N
     finally:
         ex.stop()
     assert rec.calls == Counter(send=1), "resumed after the durable 'write' step"
-    assert store.get(job).step_outputs["write"] == {"seg": "x"}
+    assert _out(store.get(job), "write") == written
 
 
 def test_expired_lease_lets_another_worker_take_over(sf) -> None:  # type: ignore[no-untyped-def]
@@ -232,13 +254,13 @@ def _transition_events(sf, job_id: int) -> list[dict[str, Any]]:  # type: ignore
 def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: ignore[no-untyped-def]
     entered, release = threading.Event(), threading.Event()
 
-    def slow(ctx: JobContext) -> dict[str, Any]:
+    def slow(ctx: Ctx) -> Done:
         entered.set()
         assert release.wait(10)
-        return {"ok": True}
+        return Done()
 
     rec = Recorder()
-    svc = AnalysisService(sf, [Step("slow", slow, durable=True), rec.step("after")])
+    svc = AnalysisService(sf, [Step("slow", slow, Done, durable=True), rec.step("after")])
     ex = InProcessExecutor(svc, poll_seconds=0.05)
     job = svc.store.create("1.2.3")
     ex.start()
@@ -250,8 +272,8 @@ def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: igno
     stopper.join(15)
     view = svc.store.get(job)
     assert view.state is JobState.QUEUED and view.attempts == 0 and view.worker is None
-    assert view.step_outputs["slow"] == {"ok": True} and rec.calls["after"] == 0
-    svc2 = AnalysisService(sf, [Step("slow", slow, durable=True), rec.step("after")])
+    assert Done.model_validate(view.step_outputs.get("slow")) == Done() and rec.calls["after"] == 0
+    svc2 = AnalysisService(sf, [Step("slow", slow, Done, durable=True), rec.step("after")])
     assert svc2.run(job) is JobState.DONE and rec.calls["after"] == 1
 
 
@@ -259,15 +281,16 @@ def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:  # type: ignore[no-
     runs: Counter[int] = Counter()
     lock = threading.Lock()
 
-    def count(ctx: JobContext) -> dict[str, Any]:
+    def count(ctx: Ctx) -> Done:
         with lock:
             runs[ctx.job_id] += 1
-        return {}
+        return Done()
 
     store = JobStore(sf)
     jobs = [store.create(f"1.2.{i}") for i in range(n_jobs)]
     executors = [
-        InProcessExecutor(AnalysisService(sf, [Step("count", count)]), poll_seconds=0.02) for _ in range(n_workers)
+        InProcessExecutor(AnalysisService(sf, [Step("count", count, Done)]), poll_seconds=0.02)
+        for _ in range(n_workers)
     ]
     for ex in executors:
         ex.start()
@@ -317,3 +340,28 @@ def test_cli_jobs_list_show_retry(sqlite_url: str, tmp_path: Path, monkeypatch: 
     assert new and f"job {new}" in res.output
     res = runner.invoke(app, ["jobs", "retry", "424242"])
     assert res.exit_code != 0 and "no analysis job with id 424242" in res.output
+
+
+def test_a_stored_output_that_no_longer_validates_fails_the_job_naming_the_step(sf) -> None:  # type: ignore[no-untyped-def]
+    rec = Recorder()
+    store = JobStore(sf)
+    job = store.create("1.2.3")
+    worker = "nohost-elsewhere:1:worker:old"
+    assert store.claim(job, worker, lease_seconds=3600)
+    store.step_finished(job, worker, "retrieve", {"files": "three"}, 1.0)  # written by an older version
+    store.requeue(job, worker, reason="test")
+    svc = AnalysisService(sf, [rec.step("retrieve", durable=True), rec.step("write")])
+    assert svc.run(job) is JobState.FAILED
+    view = store.get(job)
+    assert view.error is not None and view.error.startswith("resume: stored output of step retrieve no longer matches")
+    assert rec.calls == Counter(), "nothing runs on an output it cannot trust"
+
+
+def test_a_step_returning_another_model_fails_with_a_clear_reason(sf) -> None:  # type: ignore[no-untyped-def]
+    def wrong(ctx: Ctx) -> Counted:
+        return Done()  # type: ignore[return-value]  # deliberately breaks the declared contract
+
+    svc = AnalysisService(sf, [Step("wrong", wrong, Counted)])
+    job = svc.store.create("1.2.3")
+    assert svc.run(job) is JobState.FAILED
+    assert svc.store.get(job).error == "wrong: StepOrderError: step wrong returned Done, not its declared Counted"

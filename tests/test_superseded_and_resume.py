@@ -6,14 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from sqlalchemy import select
 
 from config.settings import PacsPeer, Settings, load_settings
 from db.models import AuditEvent, Delivery, DeliveryState, JobState
 from db.session import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.sending import DeliveryError, DeliveryService, deliver_files
-from pipeline.analysis import AnalysisService, JobContext, Step
+from pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
 from tests.test_dicom_node_scp import Node, ge_files
+
+
+class Analysed(StepOutput):
+    ok: bool = True
+
+
+class Sent(StepOutput):
+    deliveries: list[int] = Field(default_factory=list)
 
 
 def _settings(tmp_path: Path, port: int = 11112) -> Settings:
@@ -48,17 +57,19 @@ def test_a_job_superseded_while_running_stops_before_send_and_sends_nothing(tmp_
     steps_run: list[str] = []
     newer: list[int] = []
 
-    def analyse(ctx: JobContext) -> dict[str, Any]:
+    def analyse(ctx: JobContext[Any, Any]) -> Analysed:
         steps_run.append("analyse")
         # while this job runs, the series is re-sent and completes again: a new job supersedes this one
         newer.append(svc.store.create(ctx.series_uid, reason="series complete (re-sent)"))
-        return {}
+        return Analysed()
 
-    def send(ctx: JobContext) -> dict[str, Any]:
+    def send(ctx: JobContext[Any, Any]) -> Sent:
         steps_run.append("send")
-        return {"deliveries": sender.send([tmp_path / "seg.dcm"], job_id=ctx.job_id)}
+        return Sent(deliveries=sender.send([tmp_path / "seg.dcm"], job_id=ctx.job_id))
 
-    svc = AnalysisService(sender.session_factory, [Step("analyse", analyse), Step("send", send, durable=True)])
+    svc = AnalysisService(
+        sender.session_factory, [Step("analyse", analyse, Analysed), Step("send", send, Sent, durable=True)]
+    )
     job = svc.store.create("1.2.826.0.1.3680043.8.498.77")
     assert svc.run(job) is JobState.SUPERSEDED
     assert steps_run == ["analyse"] and sent == []
@@ -68,7 +79,7 @@ def test_a_job_superseded_while_running_stops_before_send_and_sends_nothing(tmp_
         assert s.scalars(select(Delivery)).all() == []
     # the newer job runs normally and sends
     steps_run.clear()
-    svc2 = AnalysisService(sender.session_factory, [Step("send", send, durable=True)])
+    svc2 = AnalysisService(sender.session_factory, [Step("send", send, Sent, durable=True)])
     assert svc2.run(newer[0]) is JobState.DONE
     assert len(sent) == 1
 

@@ -92,13 +92,14 @@ def demo(
             from sqlalchemy import select
 
             from db.models import Patient
+            from pipeline.contract import job_results
 
             patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
         table = lesion_table(service.session_factory, patient_pk)
         for tp in table:
             latest = service.job_store.latest_for_series(tp.series_uid)
             if latest is not None:
-                tp.files = [f for f in latest.step_outputs.get("write_seg_sr", {}).get("files", [])]
+                tp.files = job_results(latest.step_outputs).result_files
         render_table(table, console)
         if url:
             console.print(f"dashboard: {url} (API key: demo)")

@@ -1,15 +1,15 @@
 """transfer integrity: how each series' last association ended, per-instance association marks, the expected
 instance count, and the objects a destination already acknowledged per delivery (issue 19)
 
-Revision ID: 0002_transfer_integrity
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_transfer_integrity"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,361 @@
+"""The step contract of the analysis pipeline: what each step records (pydantic models) and the in-memory state.
+
+Durable and summary outputs are recorded as JSON in ``analysis_job.step_outputs`` and validated again when a job
+resumes (:meth:`pipeline.analysis.Step.load`). Everything outside the steps — API schemas, the patient history,
+the demo, tests, benches — reads a job's outputs through :func:`job_results`, never through string paths.
+Volumes, registrations and masks live in :class:`AnalysisState` for one attempt only and are recomputed on resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.imaging.volume import Volume
+from models.registration.base import Registration
+from models.segmentation.prompts import Prompt
+from pipeline.analysis import StepOrderError, StepOutput
+from pipeline.lesions import Timepoint
+from pipeline.measurements import LesionChanges, LesionMeasurement
+from pipeline.ports import PriorAnnotation, PriorTimepoint
+from pipeline.recist import RecistAssessment
+
+
+class Record(BaseModel):
+    """A nested part of a step output (no unknown keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- records shared by several outputs --------------------------------------------------------------------------
+class FollowupRecord(Record):
+    series_uid: str
+    study_uid: str
+    study_date: str | None
+    study_time: str | None
+    patient_pk: int | None
+    modality: str | None
+
+
+class AnnotationRecord(Record):
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    files: list[str] = []
+
+    @property
+    def is_seg(self) -> bool:
+        return self.modality == "SEG" or self.sop_class_uid in SEG_SOP_CLASSES
+
+
+class PriorRecord(Record):
+    """:class:`pipeline.ports.PriorTimepoint` as recorded JSON (paths as strings)."""
+
+    study_uid: str
+    study_date: str | None
+    study_time: str | None
+    ct_series_uid: str
+    ct_files: list[str] = []
+    annotations: list[AnnotationRecord] = []
+    source: str = "local"
+
+    @classmethod
+    def of(cls, p: PriorTimepoint) -> PriorRecord:
+        return cls(
+            study_uid=p.study_uid,
+            study_date=p.study_date,
+            study_time=p.study_time,
+            ct_series_uid=p.ct_series_uid,
+            ct_files=[str(f) for f in p.ct_files],
+            annotations=[
+                AnnotationRecord(
+                    sop_instance_uid=a.sop_instance_uid,
+                    sop_class_uid=a.sop_class_uid,
+                    modality=a.modality,
+                    files=[str(f) for f in a.files],
+                )
+                for a in p.annotations
+            ],
+            source=p.source,
+        )
+
+    def to_port(self) -> PriorTimepoint:
+        return PriorTimepoint(
+            self.study_uid,
+            self.study_date,
+            self.study_time,
+            self.ct_series_uid,
+            [Path(f) for f in self.ct_files],
+            [
+                PriorAnnotation(a.sop_instance_uid, a.sop_class_uid, a.modality, [Path(f) for f in a.files])
+                for a in self.annotations
+            ],
+            self.source,
+        )
+
+    @property
+    def annotation(self) -> AnnotationRecord:
+        """The one annotation chosen as the prompt source."""
+        if not self.annotations:
+            raise StepOrderError(f"prior {self.ct_series_uid} has no annotation chosen")
+        return self.annotations[0]
+
+    def files_present(self) -> bool:
+        return (
+            bool(self.ct_files)
+            and all(Path(f).is_file() for f in self.ct_files)
+            and all(Path(f).is_file() for a in self.annotations for f in a.files)
+        )
+
+
+SEG_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
+
+
+class PriorSummary(Record):
+    study_uid: str
+    study_date: str | None
+    ct_series_uid: str
+    annotations: list[str]
+    source: str
+
+
+class LesionRef(Record):
+    tracking_uid: str
+    tracking_id: str
+    kind: str
+
+
+class TrackedLesionRecord(Record):
+    tracking_uid: str
+    tracking_id: str
+    status: str
+    notes: list[str] = []
+
+
+class MeasuredLesion(Record):
+    """One lesion's measurements at the follow-up, with its change against earlier timepoints."""
+
+    measurement: dict[str, Any]  # LesionMeasurement.to_dict()
+    changes: dict[str, Any] | None  # LesionChanges.to_dict()
+
+    @property
+    def tracking_uid(self) -> str:
+        return str(self.measurement["tracking_uid"])
+
+    def lesion_measurement(self) -> LesionMeasurement:
+        return LesionMeasurement.from_dict(self.measurement)
+
+
+class TimepointRef(Record):
+    key: str
+    series_uid: str | None
+
+
+class RecistRecord(Record):
+    overall_response: str
+    target_response: str
+    sum_of_diameters_mm: float | None
+    change_from_baseline_pct: float | None
+    best_overall_response: str
+    targets: list[str]
+
+
+# -- one output model per step ----------------------------------------------------------------------------------
+class PipelineOutput(StepOutput):
+    """A pipeline step's output; ``step`` names the step that records it."""
+
+    step: ClassVar[str]
+
+
+class MatchPriorsOutput(PipelineOutput):
+    step: ClassVar[str] = "match_priors"
+    followup: FollowupRecord
+    prior: PriorRecord
+    priors_found: list[PriorSummary]
+
+
+class RetrievePriorsOutput(PipelineOutput):
+    step: ClassVar[str] = "retrieve_priors"
+    prior: PriorRecord
+    ct_files: int
+
+    def still_valid(self) -> bool:
+        return self.prior.files_present()
+
+
+class LoadVolumesOutput(PipelineOutput):
+    step: ClassVar[str] = "load_volumes"
+    followup_shape: list[int]
+    followup_spacing: list[float]
+    prior_shape: list[int]
+    prompts: int
+    lesions: list[LesionRef]
+
+
+class RegisterOutput(PipelineOutput):
+    step: ClassVar[str] = "register"
+    engine: str
+    version: str
+    device: str
+    similarity: str
+    before: float | None
+    after: float | None
+    folding_fraction: float | None
+    stage_seconds: dict[str, float]
+
+
+class TrackOutput(PipelineOutput):
+    step: ClassVar[str] = "track"
+    engine: str
+    version: str
+    lesions: list[TrackedLesionRecord]
+
+
+class MeasureOutput(PipelineOutput):
+    step: ClassVar[str] = "measure"
+    timepoints: list[TimepointRef]
+    lesions: list[MeasuredLesion]
+    recist: RecistRecord
+
+
+class WriteSegSrOutput(PipelineOutput):
+    step: ClassVar[str] = "write_seg_sr"
+    files: list[str]
+    seg: str | None
+    sr: str | None
+    seg_sop_instance_uid: str | None
+    sr_sop_instance_uid: str | None = None
+    present: int
+    vanished: int
+
+    def still_valid(self) -> bool:
+        return all(Path(f).is_file() for f in self.files)
+
+
+class SendOutput(PipelineOutput):
+    step: ClassVar[str] = "send"
+    deliveries: list[int]
+    destinations: list[str] = Field(default_factory=list)
+    note: str | None = None
+    reused: bool = False
+
+
+PIPELINE_OUTPUTS: tuple[type[PipelineOutput], ...] = (
+    MatchPriorsOutput,
+    RetrievePriorsOutput,
+    LoadVolumesOutput,
+    RegisterOutput,
+    TrackOutput,
+    MeasureOutput,
+    WriteSegSrOutput,
+    SendOutput,
+)
+STEP_NAMES: list[str] = [m.step for m in PIPELINE_OUTPUTS]
+
+OutT = TypeVar("OutT", bound=PipelineOutput)
+
+
+def read_output(step_outputs: Mapping[str, Any], model: type[OutT]) -> OutT | None:
+    """A job's recorded output of one step, validated; None when the step has not run (or its record is stale)."""
+    stored = step_outputs.get(model.step)
+    if stored is None:
+        return None
+    try:
+        return model.model_validate(stored)
+    except ValidationError:
+        return None
+
+
+@dataclass(frozen=True)
+class JobResults:
+    """What readers outside the pipeline need of one job's outputs (API, history, demo, tests, benches)."""
+
+    match: MatchPriorsOutput | None
+    register: RegisterOutput | None
+    track: TrackOutput | None
+    measure: MeasureOutput | None
+    written: WriteSegSrOutput | None
+    sent: SendOutput | None
+
+    @property
+    def result_files(self) -> list[str]:
+        return list(self.written.files) if self.written else []
+
+    @property
+    def seg_uids(self) -> list[str]:
+        return [self.written.seg_sop_instance_uid] if self.written and self.written.seg_sop_instance_uid else []
+
+    @property
+    def sr_uids(self) -> list[str]:
+        return [self.written.sr_sop_instance_uid] if self.written and self.written.sr_sop_instance_uid else []
+
+
+def job_results(step_outputs: Mapping[str, Any] | None) -> JobResults:
+    out = step_outputs or {}
+    return JobResults(
+        read_output(out, MatchPriorsOutput),
+        read_output(out, RegisterOutput),
+        read_output(out, TrackOutput),
+        read_output(out, MeasureOutput),
+        read_output(out, WriteSegSrOutput),
+        read_output(out, SendOutput),
+    )
+
+
+# -- in-memory state of one attempt -----------------------------------------------------------------------------
+@dataclass
+class LoadedInputs:
+    """The follow-up and prior CTs and the prompts read from the prior's annotation (load_volumes)."""
+
+    followup_ct: Volume
+    prior_ct: Volume
+    prompts: list[Prompt]
+    prior: PriorTimepoint
+    followup_files: list[Path]
+
+
+@dataclass
+class Measured:
+    """Measurements and RECIST of the follow-up (measure), handed to write_seg_sr."""
+
+    current: dict[str, LesionMeasurement]
+    prior: dict[str, LesionMeasurement]
+    changes: dict[str, LesionChanges | None]
+    recist: RecistAssessment
+    timepoint_index: int
+    slice_thickness_mm: dict[str, float] = field(default_factory=dict)  # series UID → slice thickness
+
+
+@dataclass
+class AnalysisState:
+    """What the in-memory steps hand each other within one attempt; each getter names the step it needs."""
+
+    inputs: LoadedInputs | None = None
+    registration: Registration | None = None
+    timepoints: list[Timepoint] | None = None
+    measured: Measured | None = None
+
+    def need_inputs(self) -> LoadedInputs:
+        return _need(self.inputs, "load_volumes")
+
+    def need_registration(self) -> Registration:
+        return _need(self.registration, "register")
+
+    def need_timepoints(self) -> list[Timepoint]:
+        return _need(self.timepoints, "track")
+
+    def need_measured(self) -> Measured:
+        return _need(self.measured, "measure")
+
+
+_T = TypeVar("_T")
+
+
+def _need(value: _T | None, step: str) -> _T:
+    if value is None:
+        raise StepOrderError(f"step {step} has not run in this attempt")
+    return value

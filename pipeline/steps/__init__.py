@@ -1,0 +1,66 @@
+"""The analysis steps of one follow-up series, in order (see :func:`build_pipeline`).
+
+match_priors → retrieve_priors → load_volumes → register → track → measure → write_seg_sr → send.
+
+Each step is a module of its own; what each records and what they share in memory is the step contract
+(:mod:`pipeline.contract`). Durable steps (match_priors, retrieve_priors, write_seg_sr, send) leave their
+results on disk or in the database and record where; a resumed job starts after the last durable step whose
+results are still there. The others hold volumes, registrations and masks in :class:`AnalysisState` and are
+recomputed when needed. Re-running a step never creates duplicates: write_seg_sr writes into a per-attempt folder,
+persists lesions/observations by (lesion, series, job), and send reuses the deliveries already queued for the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from pipeline.analysis import Step
+from pipeline.contract import (
+    STEP_NAMES,
+    AnalysisState,
+    LoadVolumesOutput,
+    MatchPriorsOutput,
+    MeasureOutput,
+    RegisterOutput,
+    RetrievePriorsOutput,
+    SendOutput,
+    TrackOutput,
+    WriteSegSrOutput,
+)
+from pipeline.ports import PriorSource, ResultSender
+from pipeline.steps.measure import measure
+from pipeline.steps.priors import match_priors, retrieve_priors
+from pipeline.steps.register import register
+from pipeline.steps.results import write_seg_sr
+from pipeline.steps.send import send
+from pipeline.steps.services import PipelineServices
+from pipeline.steps.track import track
+from pipeline.steps.volumes import load_volumes
+
+__all__ = ["STEP_NAMES", "AnalysisState", "PipelineServices", "build_pipeline", "send"]
+
+PipelineStep = Step[PipelineServices, AnalysisState, Any]
+"""A step of this pipeline (the list holds steps of different output models)."""
+
+
+def build_pipeline(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    prior_source: PriorSource | None = None,
+    sender: ResultSender | None = None,
+) -> tuple[list[PipelineStep], PipelineServices]:
+    """The eight steps and the services they share; the service runs them with ``state_factory=AnalysisState``."""
+    steps: list[PipelineStep] = [
+        Step(MatchPriorsOutput.step, match_priors, MatchPriorsOutput, durable=True),
+        Step(RetrievePriorsOutput.step, retrieve_priors, RetrievePriorsOutput, durable=True),
+        Step(LoadVolumesOutput.step, load_volumes, LoadVolumesOutput),
+        Step(RegisterOutput.step, register, RegisterOutput),
+        Step(TrackOutput.step, track, TrackOutput),
+        Step(MeasureOutput.step, measure, MeasureOutput),
+        Step(WriteSegSrOutput.step, write_seg_sr, WriteSegSrOutput, durable=True),
+        Step(SendOutput.step, send, SendOutput, durable=True),
+    ]
+    return steps, PipelineServices(settings, session_factory, prior_source, sender)

@@ -1,0 +1,174 @@
+"""Persistence of a job's results: lesions and their observations, the baseline target choice, our own objects.
+
+Idempotent by construction: a re-run replaces this job's observation rows only; a lesion is created once per
+Tracking UID; the baseline's target / non-target choice is stored once in ``Lesion.is_target`` and never changed
+by later jobs; our SEG/SR files are recorded once per SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import (
+    Instance,
+    Lesion,
+    LesionObservation,
+    LesionOrigin,
+    ObservationStatus,
+    RoutingDecision,
+    Series,
+    SeriesState,
+)
+from db.repository import audit
+from db.session import session_scope
+from pipeline.contract import MatchPriorsOutput
+from pipeline.jobs import PermanentError
+from pipeline.lesions import LesionStatus
+from pipeline.steps.services import Ctx
+
+
+def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int]) -> None:
+    """Lesions (by Tracking UID) and this job's observations of them; a re-run replaces this job's rows only."""
+    fu = ctx.outputs.get(MatchPriorsOutput).followup
+    inputs = ctx.state.need_inputs()
+    measured = ctx.state.need_measured()
+    prior = inputs.prior
+    annotation = prior.annotations[0]
+    rec = measured.recist
+    if fu.patient_pk is None:
+        raise PermanentError(f"series {ctx.series_uid} has no patient")
+    with session_scope(ctx.services.session_factory) as s:
+        s.execute(delete(LesionObservation).where(LesionObservation.job_pk == ctx.job_id))
+        for series_uid, thickness in measured.slice_thickness_mm.items():
+            series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+            if series is not None and series.slice_thickness_mm is None:
+                series.slice_thickness_mm = thickness
+        for tp_index, tp in enumerate(ctx.state.need_timepoints()):
+            measurements = measured.prior if tp_index == 0 else measured.current
+            for les in tp.lesions:
+                ident = les.identity
+                lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == ident.tracking_uid))
+                if lesion is None:
+                    origin = (
+                        LesionOrigin.NEW
+                        if les.status is LesionStatus.NEW
+                        else (LesionOrigin.SEG if annotation.modality == "SEG" else LesionOrigin.SR)
+                    )
+                    lesion = Lesion(
+                        tracking_uid=ident.tracking_uid,
+                        tracking_id=ident.tracking_id,
+                        patient_pk=fu.patient_pk,
+                        anatomic_site=ident.anatomic_site,
+                        origin=origin,
+                        origin_series_uid=prior.ct_series_uid,
+                    )
+                    s.add(lesion)
+                    s.flush()
+                    audit(
+                        s,
+                        ctx.worker,
+                        "lesion.created",
+                        "lesion",
+                        lesion.id,
+                        tracking_uid=ident.tracking_uid,
+                        job_id=ctx.job_id,
+                    )
+                role = rec.selection.role_of(ident.tracking_uid)
+                if lesion.is_target is None and role in ("target", "non-target"):
+                    lesion.is_target = role == "target"  # chosen once, at baseline; later jobs keep it
+                    audit(s, ctx.worker, "lesion.role", "lesion", lesion.id, role=role, job_id=ctx.job_id)
+                if tp_index == 0:
+                    known = s.scalar(
+                        select(LesionObservation.id).where(
+                            LesionObservation.lesion_pk == lesion.id,
+                            LesionObservation.series_instance_uid == tp.series_uid,
+                        )
+                    )
+                    if known is not None:
+                        continue  # the prior was measured already (by the job that analysed it)
+                m = measurements[ident.tracking_uid]
+                changes = measured.changes.get(ident.tracking_uid) if tp_index == 1 else None
+                data = m.to_dict()
+                if changes is not None:
+                    data["changes"] = changes.to_dict()
+                data["recist"] = {"role": role}
+                if tp_index == 1:
+                    data["recist"]["overall_response"] = rec.timepoints[measured.timepoint_index].overall_response.value
+                s.add(
+                    LesionObservation(
+                        lesion_pk=lesion.id,
+                        series_instance_uid=tp.series_uid,
+                        job_pk=ctx.job_id,
+                        seg_sop_instance_uid=seg_uid if tp_index == 1 else annotation.sop_instance_uid,
+                        segment_number=segment_numbers.get(ident.tracking_uid) if tp_index == 1 else None,
+                        volume_mm3=m.volume_mm3,
+                        long_axis_mm=m.long_axis_mm,
+                        short_axis_mm=m.short_axis_mm,
+                        centre_x_mm=m.centre_mm[0] if m.centre_mm else None,
+                        centre_y_mm=m.centre_mm[1] if m.centre_mm else None,
+                        centre_z_mm=m.centre_mm[2] if m.centre_mm else None,
+                        status=ObservationStatus(les.status.value),
+                        engine=les.engine or None,
+                        engine_version=(les.engine_version or None),
+                        measurements=data,
+                    )
+                )
+
+
+def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:
+    """Our SEG/SR become local instances too (so the next follow-up finds them as priors), marked as ours."""
+
+    from db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
+
+    with session_scope(sf) as s:
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            patient = get_or_create_patient(s, str(ds.get("PatientID", "")), ds.get("IssuerOfPatientID") or None)
+            study = get_or_create_study(
+                s, patient, str(ds.StudyInstanceUID), study_date=ds.get("StudyDate"), study_time=ds.get("StudyTime")
+            )
+            series = get_or_create_series(
+                s,
+                study,
+                str(ds.SeriesInstanceUID),
+                modality=str(ds.Modality),
+                series_number=int(ds.get("SeriesNumber") or 0) or None,
+                series_description=str(ds.get("SeriesDescription", ""))[:64] or None,
+            )
+            series.created_by_us = True
+            series.state = SeriesState.COMPLETE
+            series.routing_decision = RoutingDecision.SKIP
+            series.routing_reason = "created by LesionTrack"
+            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))) is None:
+                data = Path(f).read_bytes()
+                s.add(
+                    Instance(
+                        sop_instance_uid=str(ds.SOPInstanceUID),
+                        sop_class_uid=str(ds.SOPClassUID),
+                        series_pk=series.id,
+                        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                        file_path=str(f),
+                        size_bytes=len(data),
+                        sha256=dataset_sha256(data),
+                        instance_number=int(ds.get("InstanceNumber") or 1),
+                    )
+                )
+                series.instance_count = (series.instance_count or 0) + 1
+
+
+def dataset_sha256(part10: bytes) -> str:
+    """SHA-256 of the dataset after the file meta — what the SCP records for a received instance, so our own
+    SEG/SR coming back from the PACS (e.g. with a prior retrieval) is recognised as the same bytes."""
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = BytesIO(part10)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return hashlib.sha256(part10[fp.tell() :]).hexdigest()

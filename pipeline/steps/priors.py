@@ -1,0 +1,104 @@
+"""Steps 1–2: find the prior timepoint whose annotation prompts this follow-up, and bring its files to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.contract import (
+    SEG_SOP_CLASSES,
+    MatchPriorsOutput,
+    PriorRecord,
+    PriorSummary,
+    RetrievePriorsOutput,
+)
+from pipeline.jobs import NothingToTrack, PermanentError, TransientError
+from pipeline.ports import PriorAnnotation, PriorSource, PriorTimepoint
+from pipeline.steps.services import Ctx, followup_series, time_key
+
+
+def _prior_source(ctx: Ctx) -> PriorSource:
+    if ctx.services.prior_source is None:
+        raise PermanentError("no prior source configured (dicom_node unavailable)")
+    return ctx.services.prior_source
+
+
+def match_priors(ctx: Ctx) -> MatchPriorsOutput:
+    fu = followup_series(ctx.services.session_factory, ctx.series_uid)
+    if not fu.files:
+        raise PermanentError(f"follow-up series {ctx.series_uid} has no stored instances")
+    source_port = _prior_source(ctx)
+    try:
+        priors = source_port.find_priors(ctx.series_uid)
+    except (NothingToTrack, PermanentError):
+        raise
+    except Exception as exc:  # a query that fails is a PACS/network problem: retry later
+        raise TransientError(f"prior lookup failed: {type(exc).__name__}: {exc}") from exc
+    fu_key = time_key(fu.record.study_date, fu.record.study_time)
+    earlier = [
+        p
+        for p in priors
+        if p.study_uid != fu.record.study_uid
+        and p.ct_series_uid != ctx.series_uid
+        and time_key(p.study_date, p.study_time) <= fu_key
+    ]
+    summary = [
+        PriorSummary(
+            study_uid=p.study_uid,
+            study_date=p.study_date,
+            ct_series_uid=p.ct_series_uid,
+            annotations=[a.modality for a in p.annotations],
+            source=p.source,
+        )
+        for p in earlier
+    ]
+    if not earlier:
+        raise NothingToTrack("no prior study of this patient")
+    annotated = [p for p in earlier if p.annotations]
+    if not annotated:
+        plural = "y" if len(earlier) == 1 else "ies"
+        raise NothingToTrack(f"no lesions marked on any of {len(earlier)} prior stud{plural}")
+    source = max(annotated, key=lambda p: time_key(p.study_date, p.study_time))
+    segs = [a for a in source.annotations if a.modality == "SEG" or a.sop_class_uid in SEG_SOP_CLASSES]
+    chosen = newest_annotation(segs or source.annotations)
+    source.annotations = [chosen]
+    return MatchPriorsOutput(followup=fu.record, prior=PriorRecord.of(source), priors_found=summary)
+
+
+def newest_annotation(annotations: list[PriorAnnotation]) -> PriorAnnotation:
+    """The most recent annotation (by content date/time where the file is at hand), e.g. our latest SEG."""
+    import pydicom
+
+    def key(item: tuple[int, PriorAnnotation]) -> tuple[str, int]:
+        i, a = item
+        if a.files and Path(a.files[0]).is_file():
+            try:
+                ds = pydicom.dcmread(
+                    a.files[0],
+                    stop_before_pixels=True,
+                    specific_tags=["ContentDate", "ContentTime", "SeriesDate", "SeriesTime"],
+                )
+                return (f"{ds.get('ContentDate', ds.get('SeriesDate', ''))}{ds.get('ContentTime', '')}", i)
+            except Exception:  # unreadable header: order of discovery decides
+                pass
+        return ("", i)
+
+    return max(enumerate(annotations), key=key)[1]
+
+
+def retrieve_priors(ctx: Ctx) -> RetrievePriorsOutput:
+    source_port = _prior_source(ctx)
+    prior: PriorTimepoint = ctx.outputs.get(MatchPriorsOutput).prior.to_port()
+    try:
+        filled = source_port.retrieve(prior)
+    except Exception as exc:
+        raise TransientError(f"retrieving prior study {prior.study_uid} failed: {type(exc).__name__}: {exc}") from exc
+    missing = [str(f) for f in filled.ct_files if not Path(f).is_file()]
+    if not filled.ct_files or missing:
+        raise TransientError(
+            f"prior CT series {prior.ct_series_uid} incomplete after retrieval "
+            f"({len(filled.ct_files)} files, {len(missing)} missing)"
+        )
+    for a in filled.annotations:
+        if not a.files or not all(Path(f).is_file() for f in a.files):
+            raise TransientError(f"prior {a.modality} {a.sop_instance_uid} not retrieved")
+    return RetrievePriorsOutput(prior=PriorRecord.of(filled), ct_files=len(filled.ct_files))

@@ -1,0 +1,116 @@
+"""Step 5: propagate every prior lesion onto the follow-up (tracking loop) and keep lesions that vanished earlier."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Lesion, LesionObservation, ObservationStatus
+from db.session import session_scope
+from models.imaging.volume import Volume
+from models.registration.base import Registration
+from pipeline.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
+from pipeline.lesions import Timepoint, TrackedLesion
+from pipeline.steps.services import Ctx
+
+
+class _Precomputed:
+    """Hands the tracking loop the registration computed by the register step."""
+
+    version = ""
+
+    def __init__(self, reg: Registration, name: str) -> None:
+        self.reg, self.name = reg, name
+
+    def register(self, baseline: Volume, followup: Volume) -> Registration:
+        return self.reg
+
+
+def track(ctx: Ctx) -> TrackOutput:
+    from models.segmentation.base import get_engine as get_seg_engine
+    from pipeline.tracking import track_lesions
+
+    eng = ctx.services.settings.engines
+    weights = (
+        eng.lesionlocator_weights
+        if eng.segmentation == "lesionlocator"
+        else (eng.nninteractive_weights if eng.segmentation == "nninteractive" else None)
+    )
+    seg = get_seg_engine(eng.segmentation, weights=weights, device=ctx.device)
+    inputs = ctx.state.need_inputs()
+    registration = ctx.state.need_registration()
+    prior = inputs.prior
+    fu = ctx.outputs.get(MatchPriorsOutput).followup
+    tps = [
+        Timepoint(prior.ct_series_uid, inputs.prior_ct, prior.study_date, prior.study_uid),
+        Timepoint(ctx.series_uid, inputs.followup_ct, fu.study_date, fu.study_uid),
+    ]
+    track_lesions(
+        tps,
+        inputs.prompts,
+        source_index=0,
+        registration=_Precomputed(registration, "precomputed"),
+        segmentation=seg,
+    )
+    tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
+    ctx.state.timepoints = tps
+    return TrackOutput(
+        engine=seg.name,
+        version=seg.version,
+        lesions=[
+            TrackedLesionRecord(
+                tracking_uid=les.identity.tracking_uid,
+                tracking_id=les.identity.tracking_id,
+                status=les.status.value,
+                notes=list(les.notes),
+            )
+            for les in tps[1].lesions
+        ],
+    )
+
+
+def vanished_earlier(
+    sf: sessionmaker[Session], patient_pk: int | None, tps: list[Timepoint], reg: Registration
+) -> list[TrackedLesion]:
+    """Lesions of this patient that had vanished before the prior (so our prior SEG has no segment for them):
+    they stay in the report as vanished, at their last known position, instead of silently dropping out."""
+    from models.segmentation.prompts import LesionIdentity
+    from pipeline.lesions import LesionStatus
+
+    if patient_pk is None:
+        return []
+    tracked = {les.identity.tracking_uid for tp in tps for les in tp.lesions}
+    labels = [les.identity.label for tp in tps for les in tp.lesions]
+    next_label = max(labels, default=0) + 1
+    out = []
+    with session_scope(sf) as s:
+        for lesion in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)):
+            if lesion.tracking_uid in tracked:
+                continue
+            obs = s.scalars(
+                select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id).order_by(LesionObservation.id)
+            ).all()
+            if not obs or obs[-1].status is not ObservationStatus.VANISHED:
+                continue
+            seen = [o for o in obs if o.centre_x_mm is not None]
+            centre = None
+            if seen:
+                last = np.array([[seen[-1].centre_x_mm, seen[-1].centre_y_mm, seen[-1].centre_z_mm]], float)
+                centre = np.asarray(reg.map_points_to_followup(last), float)[0]
+            ident = LesionIdentity(
+                lesion.tracking_uid, lesion.tracking_id, next_label, anatomic_site=lesion.anatomic_site
+            )
+            next_label += 1
+            empty = tps[1].ct.with_array(np.zeros(tps[1].ct.shape, np.uint8))
+            out.append(
+                TrackedLesion(
+                    ident,
+                    LesionStatus.VANISHED,
+                    empty,
+                    engine="",
+                    propagated_centre_mm=centre,
+                    notes=["vanished before the prior timepoint; not re-segmented"],
+                )
+            )
+    return out

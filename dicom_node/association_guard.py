@@ -353,7 +353,7 @@ def make_request_handler(table: ConnectionTable, policy: AssociationPolicy) -> t
             assoc = super()._create_association()
             conn = table.attach(self.client_address, assoc)
             guard = PduGuard(assoc, conn, policy)
-            assoc.dul._read_pdu_data = guard.read_pdu  # instance attribute shadows the method
+            assoc.dul._read_pdu_data = guard.read_pdu  # type: ignore[method-assign]  # shadows the method
             guard.protect_state_machine()
             assoc.bind(evt.EVT_REQUESTED, _on_requested, [table])
             assoc.bind(evt.EVT_CONN_CLOSE, _on_conn_close, [table])

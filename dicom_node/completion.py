@@ -221,7 +221,7 @@ class SeriesCompletion:
                     .where(Instance.association_uid == association_uid)
                     .values(transfer_incomplete=True)
                     .execution_options(synchronize_session=False)
-                ).rowcount
+                ).rowcount  # type: ignore[attr-defined]
             for uid in sorted(series_uids):
                 audit(s, self.actor, "series.transfer_aborted", "series", uid, instances_marked=marked)
         log.warning(

@@ -175,6 +175,18 @@ class SeriesCompletion:
         if first:
             self._set_outcome({series_uid}, TransferOutcome.OPEN)
 
+    def association_released(self, association: int) -> None:
+        """The peer asked to release (A-RELEASE-RQ): its transfer is complete. Recorded before our A-RELEASE-RP
+        goes out, so a node killed right after the sender finished does not count the transfer as dropped."""
+        with self._lock:
+            touched = self._touched.pop(association, set())
+        if touched:
+            try:
+                self._set_outcome(touched, TransferOutcome.RELEASED)
+                self._requeue_held(touched)
+            except Exception:
+                log.exception("recording a released association failed")
+
     def association_closed(
         self, association: int, released: bool | None = None, association_uid: str | None = None
     ) -> None:

@@ -135,6 +135,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -229,6 +230,13 @@ class StorageSCP:
         status.Status = result.status
         status.ErrorComment = result.comment.replace("\\", "/")[:64]  # LO: a backslash would split the value
         return status
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        from pynetdicom.pdu_primitives import A_RELEASE
+
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:  # the peer's A-RELEASE-RQ
+            self.completion.association_released(id(event.assoc))
 
     def _on_close(self, event: evt.Event) -> None:
         assoc = event.assoc

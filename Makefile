@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test lint install clean bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -20,10 +20,16 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lesiontrack demo
+	$(VENV)/bin/lesiontrack --log-level INFO demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The gates .ci/run runs before the tests (configuration in pyproject.toml; also .pre-commit-config.yaml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/ruff format --check
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) bench/registration.py

@@ -100,7 +100,7 @@ retry_schedule_seconds = [2, 5, 10]
     settings = load_settings(cfg)
     proc = None
     try:
-        for f in patient.baseline.files + [patient.seg_file]:
+        for f in [*patient.baseline.files, patient.seg_file]:
             orthanc.upload(f)
         env = {**os.environ, "LESIONTRACK_CONFIG": str(cfg), "TCP_NODELAY": "1"}
         log = open(root / "serve.log", "wb")
@@ -130,7 +130,7 @@ retry_schedule_seconds = [2, 5, 10]
                 with session_scope(sf) as s:
                     ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
                     if ds and all(d.state is DeliveryState.DELIVERED for d in ds):
-                        delivered_at = max(d.delivered_at for d in ds)
+                        delivered_at = max(d.delivered_at for d in ds if d.delivered_at is not None)
                         break
             if proc.poll() is not None:
                 raise RuntimeError(f"serve exited with {proc.returncode}; see {root / 'serve.log'}")

@@ -51,7 +51,7 @@ def bench_series(n_slices: int) -> dict:
     vol = Volume(arr, origin=(-250.0, -250.0, -400.0), spacing=(0.98, 0.98, 1.0))
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "ours"
-        files, t_write = _t(
+        _files, t_write = _t(
             write_ct_series,
             vol,
             d,
@@ -127,7 +127,7 @@ def bench_phantom_synthesis(chest: bool) -> dict:
     from synthetic.synthesis import synthesize_patient
 
     ph, t_ph = _t(make_phantom, 0)
-    pat, t_syn = _t(synthesize_patient, ph.ct, ph.lesions, np.random.default_rng(0), 1)
+    _pat, t_syn = _t(synthesize_patient, ph.ct, ph.lesions, np.random.default_rng(0), 1)
     out = {
         "phantom_default_160x160x100_s": round(t_ph, 1),
         "cpu_phantom_default_s": CPU["make_phantom"],

@@ -155,7 +155,7 @@ class LesionTrackSCP:
                 self.count += 1
                 return 0
 
-            self.scp._on_store = on_store  # type: ignore[method-assign]
+            self.scp._on_store = on_store  # type: ignore[method-assign]  # the no-op receiver replaces the handler
         self.scp.start()
         self.port = self.scp.port
         return self

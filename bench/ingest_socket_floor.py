@@ -14,6 +14,7 @@ must do before answering Success (write the file, SHA-256, commit a database row
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,13 +27,13 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from ingest import SOURCE, Storescp, make_series, run_senders
 from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
@@ -45,6 +46,11 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
+from bench.ingest import SOURCE, Storescp, make_series, run_senders
+
+if TYPE_CHECKING:
+    from dicom_node.ingest import Ingestor
+
 Handler = Callable[[FileMetaDataset, bytes], int]
 _SUPPORTED = [
     build_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
@@ -52,14 +58,14 @@ _SUPPORTED = [
 ]
 
 
-def _read_exactly(f, n: int) -> bytes:  # type: ignore[no-untyped-def]
+def _read_exactly(f, n: int) -> bytes:
     data = f.read(n)
     if len(data) != n:
         raise ConnectionError("peer closed the connection")
     return data
 
 
-def _accept(conn: socket.socket, f) -> dict[int, str]:  # type: ignore[no-untyped-def]
+def _accept(conn: socket.socket, f) -> dict[int, str]:
     header = _read_exactly(f, 6)
     rq = A_ASSOCIATE_RQ()
     rq.decode(header + _read_exactly(f, struct.unpack(">I", header[2:])[0]))
@@ -78,7 +84,7 @@ def _accept(conn: socket.socket, f) -> dict[int, str]:  # type: ignore[no-untype
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(ac)
     conn.sendall(pdu.encode())
-    return {cx.context_id: cx.transfer_syntax[0] for cx in results if cx.result == 0}
+    return {cx.context_id: cx.transfer_syntax[0] for cx in results if cx.result == 0 and cx.context_id is not None}
 
 
 def _serve(conn: socket.socket, handler: Handler) -> None:
@@ -104,14 +110,14 @@ def _serve(conn: socket.socket, handler: Handler) -> None:
             context_id, request = message.context_id, message.message_to_primitive()
             message = C_STORE_RQ()
             meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = request.AffectedSOPClassUID
-            meta.MediaStorageSOPInstanceUID = request.AffectedSOPInstanceUID
-            meta.TransferSyntaxUID = syntaxes[context_id]
+            meta.MediaStorageSOPClassUID = UID(str(request.AffectedSOPClassUID))
+            meta.MediaStorageSOPInstanceUID = UID(str(request.AffectedSOPInstanceUID))
+            meta.TransferSyntaxUID = UID(syntaxes[context_id or 0])
             response = C_STORE()
             response.MessageIDBeingRespondedTo = request.MessageID
             response.AffectedSOPClassUID = request.AffectedSOPClassUID
             response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
-            response.Status = handler(meta, request.DataSet.getvalue())  # type: ignore[union-attr]
+            response.Status = handler(meta, request.DataSet.getvalue())
             rsp = C_STORE_RSP()
             rsp.primitive_to_message(response)
             for primitive in rsp.encode_msg(context_id, 0):
@@ -122,6 +128,10 @@ def _serve(conn: socket.socket, handler: Handler) -> None:
         pass
     finally:
         conn.close()
+
+
+def _ingest_status(ingestor: Ingestor, meta: FileMetaDataset, data: bytes) -> int:
+    return ingestor.ingest(meta, data, calling_ae="BENCH").status
 
 
 class SocketFloor:
@@ -183,7 +193,7 @@ def main() -> None:
                 SocketFloor("socket loop, no-op handler", lambda m, d: 0),
                 SocketFloor(
                     "socket loop + LesionTrack Ingestor",
-                    lambda m, d, ing=ingestor: ing.ingest(m, d, calling_ae="BENCH").status,
+                    functools.partial(_ingest_status, ingestor),
                 ),
             )
             for recv in receivers:

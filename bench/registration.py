@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ def main() -> None:
             else:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    summary = {}
+    summary: dict[str, Any] = {}
     for method in args.methods.split(","):
         ok = [r for r in rows if r["method"] == method and "error" not in r]
         if not ok:

@@ -2,7 +2,8 @@
 
 Source CT = 500 in-memory slice headers (metadata only, as the writers need). Lesions = ellipsoids of 6–30 mm radius
 given as masks cropped to their bounding box (aligned with the CT grid). Timed: measurement of the 10 lesions,
-``write_seg`` (BINARY and LABELMAP) + save, ``write_sr`` + save. Wall and process-CPU seconds are both reported (the CPU figure is robust to a loaded machine). Anchor measured in the same run: highdicom's
+``write_seg`` (BINARY and LABELMAP) + save, ``write_sr`` + save. Wall and process-CPU seconds are both reported
+(the CPU figure is robust to a loaded machine). Anchor measured in the same run: highdicom's
 Segmentation with ``omit_empty_frames=False`` (every slice × every segment stored), i.e. what the SEG costs without
 the frame omission.
 

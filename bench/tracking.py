@@ -65,7 +65,7 @@ def evolve(ct: Volume, labels: Volume, factors: dict[int, float], rng: np.random
         r_eq = (3 * m.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
         pad = np.ceil((max(f - 1.0, 0.0) * r_eq + 8.0) / sp).astype(int)
         lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + pad + 1, m.shape)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         mm = m[sl]
         sub = img[sl]
         others = (labels.array[sl] > 0) & ~mm
@@ -93,7 +93,7 @@ def evolve(ct: Volume, labels: Volume, factors: dict[int, float], rng: np.random
 def follow_ups(name: str, ct: Volume, labels: Volume, rng: np.random.Generator, kinds: dict[int, str]) -> Patient:
     ids = [int(v) for v in np.unique(labels.array) if v > 0]
     f1, f2 = {}, {}
-    for i, n in enumerate(ids):
+    for n in ids:
         course = rng.choice(["grow", "stable", "shrink", "vanish"], p=[0.4, 0.2, 0.25, 0.15])
         if course == "grow":
             a = rng.uniform(1.15, 1.3)
@@ -256,7 +256,7 @@ class OracleRegistration:
             out[ok] = labels.array[tuple(idx[ok].T)]
             return g.with_array(out.reshape(g.shape))
 
-        reg.warp_labels = warp_labels  # type: ignore[method-assign]
+        reg.warp_labels = warp_labels  # type: ignore[method-assign,assignment]  # the bench swaps in its cached warp
         self.cache[key] = reg
         return reg
 

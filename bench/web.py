@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _ms(fn, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _ms(fn, repeat: int) -> dict[str, float]:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()

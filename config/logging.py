@@ -3,6 +3,10 @@
 Code logs UIDs and internal keys only. As a safety net, :class:`PhiFilter` masks the values of
 DICOM attributes that identify a patient if a message at INFO or above ever carries ``PatientName=...``
 or ``PatientID=...`` style text.
+
+Log context: :func:`log_context` / :func:`update_log_context` set ``job``, ``series_uid``, ``step`` and ``peer`` in a
+context variable (per thread / task); :class:`ContextFilter` copies them onto every record, so JSON lines can be
+filtered per job or per peer. The job runner sets job/series/step, the Storage SCP the peer of an association.
 """
 
 from __future__ import annotations
@@ -11,7 +15,51 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TextIO
+
+CONTEXT_FIELDS = ("job", "series_uid", "step", "peer")
+# an immutable (key, value) tuple, replaced on every change
+_CONTEXT: ContextVar[tuple[tuple[str, object], ...]] = ContextVar("lesiontrack_log_context", default=())
+
+
+@contextmanager
+def log_context(**fields: object) -> Iterator[None]:
+    """Every log record made in this block (same thread / task) carries ``fields``; None values are left out."""
+    token = _CONTEXT.set(_merged(fields))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def update_log_context(**fields: object) -> None:
+    """Add or change context fields until the enclosing :func:`log_context` block ends (e.g. the current step)."""
+    _CONTEXT.set(_merged(fields))
+
+
+def current_log_context() -> dict[str, object]:
+    return dict(_CONTEXT.get())
+
+
+def _merged(fields: dict[str, object]) -> tuple[tuple[str, object], ...]:
+    out = dict(_CONTEXT.get())
+    out.update((k, v) for k, v in fields.items() if v is not None)
+    return tuple(out.items())
+
+
+class ContextFilter(logging.Filter):
+    """Copies the current log context onto the record (fields the call passed in ``extra`` win)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _CONTEXT.get():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
 
 _PHI = re.compile(
     r"(?P<k>Patient(?:Name|ID|BirthDate|Address)|patient_(?:name|id))(?P<sep>\s*[=:]\s*)(?P<v>'[^']*'|\"[^\"]*\"|\S+)"
@@ -36,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("job", "series_uid", "step", "peer"):
+        for key in CONTEXT_FIELDS:
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if record.exc_info:
@@ -44,18 +92,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
+class _OurHandler(logging.StreamHandler[TextIO]):
+    """The stderr handler setup_logging installs (replaced, not stacked, when called again)."""
+
+
+#: third-party loggers kept at ``library_level`` (WARNING unless asked): alembic prints ~14 lines per start,
+#: highdicom one "copy attributes" line per SEG/SR module, pynetdicom one per PDU at DEBUG
+LIBRARY_LOGGERS = ("alembic", "highdicom", "pynetdicom", "urllib3", "httpx", "PIL", "matplotlib", "celery", "kombu")
+
+
+def setup_logging(level: str = "INFO", json_format: bool = False, library_level: str = "WARNING") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_lesiontrack", False):
+        if isinstance(h, _OurHandler):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._lesiontrack = True  # type: ignore[attr-defined]
+    handler = _OurHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
+    handler.addFilter(ContextFilter())
     handler.addFilter(PhiFilter())
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("pynetdicom", "urllib3", "alembic.runtime.migration"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    lib = logging.getLevelName(library_level.upper())
+    for noisy in LIBRARY_LOGGERS:  # never chattier than asked, never chattier than our own level by default
+        logging.getLogger(noisy).setLevel(lib if lib < logging.WARNING else max(lib, root.level))

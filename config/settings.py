@@ -8,7 +8,7 @@ e.g. ``LESIONTRACK_DICOM__PORT=11113``). Unknown keys and bad values fail fast w
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +28,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RetrieveMethod(str, Enum):
+class RetrieveMethod(StrEnum):
     C_MOVE = "C-MOVE"
     C_GET = "C-GET"
     DICOMWEB = "DICOMWEB"
 
 
-class SendMethod(str, Enum):
+class SendMethod(StrEnum):
     C_STORE = "C-STORE"
     ORTHANC_REST = "ORTHANC-REST"
     STOW_RS = "STOW-RS"
@@ -119,6 +119,21 @@ class PacsPeer(_Section):
     tls: bool = Field(False, description="use DICOM TLS (the dicom.tls certificates) towards this peer")
 
 
+#: Whole-word names of non-diagnostic series (scouts, localizers, dose reports) as vendors write them. Anchored on
+#: word boundaries so that reconstruction names (Philips "iDose 4", "DoseRight"), "Low dose chest" and the like
+#: still route; see tests/test_routing.py for the vendor table these are checked against.
+DEFAULT_DESCRIPTION_EXCLUDE: tuple[str, ...] = (
+    r"(?i)\b(scouts?|topogram|topo|surview|scanogram|pilot|localis[ae]rs?|localiz[ae]rs?|3[- ]?plane\s+loc)\b",
+    r"(?i)\b(dose\s+(report|info|summary|record|sr|screen)|radiation\s+dose|patient\s+protocol|exposure\s+summary)\b",
+)
+#: CT Image, Enhanced CT Image, Legacy Converted Enhanced CT Image Storage
+CT_IMAGE_SOP_CLASSES: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.2.2",
+)
+
+
 class RoutingSettings(_Section):
     """Which completed series are analysed."""
 
@@ -127,13 +142,18 @@ class RoutingSettings(_Section):
     max_slice_thickness_mm: float = Field(5.0, gt=0)
     series_description_include: list[str] = Field(default_factory=list)
     series_description_exclude: list[str] = Field(
-        default_factory=lambda: ["(?i)scout", "(?i)localizer", "(?i)topogram", "(?i)dose"]
+        default_factory=lambda: list(DEFAULT_DESCRIPTION_EXCLUDE),
+        description="regular expressions (re.search); a series whose description matches one is skipped",
+    )
+    sop_classes: list[str] = Field(
+        default_factory=lambda: list(CT_IMAGE_SOP_CLASSES),
+        description="SOP Class UIDs that can be analysed (empty = any); dose reports (SR, Secondary Capture) are not",
     )
     body_parts: list[str] = Field(default_factory=list, description="empty = any")
 
 
 class SendingSettings(_Section):
-    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 900, 3600])
+    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60.0, 300.0, 900.0, 3600.0])
     destinations: list[str] = Field(default_factory=list, description="names of pacs peers")
     claim_seconds: float = Field(
         900,
@@ -156,7 +176,9 @@ class EngineSettings(_Section):
     segmentation: str = "adaptive"
     lesionlocator_weights: Path | None = None
     unigradicon_weights: Path | None = None
-    nninteractive_weights: Path | None = None
+    nninteractive_weights: Path | None = Field(
+        None, description="reserved: no nnInteractive engine exists yet (engines are listed in models/engines.py)"
+    )
     working_spacing_mm: float = Field(2.0, gt=0)
 
 
@@ -199,7 +221,7 @@ class WorkerSettings(_Section):
     executor: Literal["inprocess", "celery"] = "inprocess"
     broker_url: str = "redis://127.0.0.1:6379/0"
     max_attempts: int = Field(5, ge=1)
-    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30, 120, 600])
+    retry_backoff_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0, 600.0])
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
     lease_seconds: float = Field(
         120.0,
@@ -212,6 +234,9 @@ class WorkerSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
+    library_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of third-party loggers (alembic, highdicom, pynetdicom, ...)"
+    )
 
 
 class Settings(BaseSettings):

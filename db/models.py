@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -24,21 +24,23 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.status import LesionStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class SeriesState(str, enum.Enum):
+class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
 
 
-class TransferOutcome(str, enum.Enum):
+class TransferOutcome(enum.StrEnum):
     """How the last association that delivered instances of a series ended."""
 
     OPEN = "open"  # still sending (or the node stopped while it was)
@@ -46,26 +48,20 @@ class TransferOutcome(str, enum.Enum):
     ABORTED = "aborted"  # A-ABORT or a dropped connection: the transfer may be incomplete
 
 
-class RoutingDecision(str, enum.Enum):
+class RoutingDecision(enum.StrEnum):
     PENDING = "pending"
     ANALYSE = "analyse"
     SKIP = "skip"
 
 
-class LesionOrigin(str, enum.Enum):
+class LesionOrigin(enum.StrEnum):
     SEG = "seg"
     SR = "sr"
     PROMPT = "prompt"
     NEW = "new"
 
 
-class ObservationStatus(str, enum.Enum):
-    PRESENT = "present"
-    VANISHED = "vanished"
-    NEW = "new"
-
-
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     RETRY_WAIT = "retry_wait"
@@ -75,7 +71,7 @@ class JobState(str, enum.Enum):
     SUPERSEDED = "superseded"
 
 
-class DeliveryState(str, enum.Enum):
+class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"  # claimed by one sender until ``next_attempt_at`` (the claim's lease)
     RETRY_WAIT = "retry_wait"
@@ -84,8 +80,15 @@ class DeliveryState(str, enum.Enum):
     SUPERSEDED = "superseded"  # its job was superseded before it was sent: never sent
 
 
-def _enum(e: type[enum.Enum]) -> Enum:
-    return Enum(e, values_callable=lambda x: [m.value for m in x], native_enum=False, length=32, validate_strings=True)
+def _enum(e: type[enum.Enum], name: str | None = None) -> Enum:
+    return Enum(
+        e,
+        name=name or e.__name__.lower(),
+        values_callable=lambda x: [m.value for m in x],
+        native_enum=False,
+        length=32,
+        validate_strings=True,
+    )
 
 
 def _enum16(e: type[enum.Enum]) -> Enum:
@@ -204,7 +207,8 @@ class LesionObservation(Base):
     centre_x_mm: Mapped[float | None] = mapped_column(Float)
     centre_y_mm: Mapped[float | None] = mapped_column(Float)
     centre_z_mm: Mapped[float | None] = mapped_column(Float)
-    status: Mapped[ObservationStatus] = mapped_column(_enum(ObservationStatus))
+    # db/status.py's LesionStatus, one enum for every layer; the type keeps the schema's name (migration 0001)
+    status: Mapped[LesionStatus] = mapped_column(_enum(LesionStatus, name="observationstatus"))
     engine: Mapped[str | None] = mapped_column(String(64))
     engine_version: Mapped[str | None] = mapped_column(String(32))
     measurements: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydicom import dcmread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,29 +23,12 @@ from config.settings import RoutingSettings
 from db.models import Instance, RoutingDecision, Series, SeriesState, TransferOutcome
 from db.repository import audit
 from db.session import session_scope
-from dicom_node.integrity import INCOMPLETE, hold_reason
-from dicom_node.routing import Route, SeriesFacts, decide
+from dicom_node.integrity import INCOMPLETE, first_header, hold_reason
+from dicom_node.routing import Route, decide, series_facts
 
 log = logging.getLogger(__name__)
 
 SeriesCallback = Callable[[str], None]
-
-
-def _first_header(s: Session, series: Series):  # type: ignore[no-untyped-def]
-    inst = s.scalars(
-        select(Instance).where(Instance.series_pk == series.id).order_by(Instance.instance_number, Instance.id).limit(1)
-    ).first()
-    if inst is None:
-        return None
-    try:
-        return dcmread(
-            inst.file_path,
-            stop_before_pixels=True,
-            specific_tags=["SliceThickness", "ImageType", "Modality", "ImagesInAcquisition"],
-        )
-    except Exception as exc:
-        log.warning("cannot read header of %s for routing: %s", inst.file_path, exc)
-        return None
 
 
 def complete_series(
@@ -73,21 +55,12 @@ def complete_series(
         if not forced and series.state == SeriesState.COMPLETE:
             return None
         retrigger = series.completed_at is not None
-        header = _first_header(s, series)
-        facts = SeriesFacts.from_header(
-            header,
-            modality=series.modality,
-            series_description=series.series_description,
-            body_part=series.body_part,
-            instance_count=series.instance_count,
-            created_by_us=series.created_by_us,
-            previous_reason=series.routing_reason,
-        )
-        route = decide(facts, rules)
+        route = decide(series_facts(s, series), rules)
         if route.decision == RoutingDecision.ANALYSE:
             hold = hold_reason(
-                s, series, header, forced=forced, analyse_incomplete=analyse_incomplete, validate=validate
-            )
+                s, series, first_header(s, series), forced=forced, analyse_incomplete=analyse_incomplete,
+                validate=validate,
+            )  # fmt: skip
             if hold:
                 route = Route(RoutingDecision.SKIP, hold)
         series.state = SeriesState.COMPLETE
@@ -102,6 +75,7 @@ def complete_series(
             series_uid,
             decision=route.decision.value,
             reason=route.reason,
+            reason_code=route.code,
             forced=forced,
             instance_count=series.instance_count,
             retrigger=retrigger,
@@ -312,6 +286,14 @@ class SeriesCompletion:
             analyse_incomplete=self.analyse_incomplete,
             validate=self.validate,
         )
+
+    def trigger(self, series_uid: str, actor: str = "pacs-trigger") -> Route | None:
+        """An explicit "series is stable" signal (a PACS's OnStableSeries, ``POST /api/series/{uid}/complete``):
+        complete now instead of after the quiet period. Idempotent: None when the series is unknown or already
+        complete with nothing received since (then no second job is queued)."""
+        with self._lock:
+            self._pending.pop(series_uid, None)
+        return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete, actor=actor)
 
     def resume_from_db(self) -> int:
         """After a restart: series left RECEIVING get a fresh quiet period; a transfer the node's stop cut off

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -134,7 +136,7 @@ def parse_header(meta_bytes: bytes, data: bytes, transfer_syntax: str) -> Header
 
 
 def encode_meta(meta: FileMetaDataset) -> bytes:
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
     return buf.getvalue()
@@ -156,7 +158,9 @@ def _uid(ds: Dataset | Header, name: str) -> str | None:
 def _i(ds: Dataset | Header, name: str) -> int | None:
     try:
         v = ds.get(name)
-        return None if v in (None, "") else int(v)
+        if v is None or v == "":
+            return None
+        return int(v) if isinstance(v, int | float) else int(str(v))
     except (TypeError, ValueError):
         return None
 
@@ -184,7 +188,7 @@ class Ingestor:
             self._own_engine = True
 
             @event.listens_for(self.engine, "connect")
-            def _normal_sync(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
@@ -268,7 +272,8 @@ class Ingestor:
             log.warning("rejected C-STORE of %s from %s: SOP Class %s, request says %s", req_sop, calling_ae,
                         sop_class, req_class)  # fmt: skip
             return IngestResult(DATASET_MISMATCH, "SOPClassUID differs from the request", sop_instance_uid=req_sop)
-        assert sop_uid and study_uid and series_uid
+        if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
+            return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop)
         sha = sha256_hex(dataset_bytes)
         return self._store_and_record(
             ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid, calling_ae, peer
@@ -297,7 +302,7 @@ class Ingestor:
             return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
         same = next((k for k in known if k.sha256 == sha), None)
         if same is not None and Path(same.file_path).is_file():
-            log.info("duplicate C-STORE of %s (identical bytes): success", sop_uid)
+            log.debug("duplicate C-STORE of %s (identical bytes): success", sop_uid)
             return IngestResult(
                 SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=Path(same.file_path), duplicate=True
             )
@@ -319,11 +324,11 @@ class Ingestor:
         if same is None and not conflict and series_uid in self._series_pk:
             try:
                 if self._record_fast(self._series_pk[series_uid], ds, meta, path, size, sha, calling_ae):
-                    log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
+                    log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
                     return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
             except SQLAlchemyError as exc:  # fall through to the full path, which retries and reports
                 log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
-        for attempt in range(4):
+        for _attempt in range(4):
             try:
                 with self._lock, session_scope(self.session_factory) as s:
                     if same is not None:  # row existed but its file had vanished: file rewritten, row kept
@@ -362,7 +367,7 @@ class Ingestor:
             if same is None:
                 path.unlink(missing_ok=True)
             return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
-        log.info("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
+        log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
         return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, reopened=reopened)
 
     def _record_fast(

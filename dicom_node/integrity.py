@@ -32,6 +32,23 @@ INCOMPLETE = "incomplete transfer"
 INVALID = "invalid instance"
 
 
+def first_header(s: Session, series: Series) -> Dataset | None:
+    """ImagesInAcquisition (and little else) of the series' first stored instance."""
+    path = s.scalar(
+        select(Instance.file_path)
+        .where(Instance.series_pk == series.id)
+        .order_by(Instance.instance_number, Instance.id)
+        .limit(1)
+    )
+    if path is None:
+        return None
+    try:
+        return dcmread(path, stop_before_pixels=True, specific_tags=["ImagesInAcquisition"])
+    except Exception as exc:
+        log.warning("cannot read the header of %s: %s", path, exc)
+        return None
+
+
 def expected_count(header: Dataset | None) -> int | None:
     """ImagesInAcquisition of the first instance, when present and sane."""
     if header is None:

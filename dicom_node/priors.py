@@ -4,7 +4,8 @@ Priors are earlier studies of the same patient (PatientID + IssuerOfPatientID wh
 referenced by a DICOM SEG (Referenced Series Sequence) or a TID 1500 SR (evidence sequences). The local database
 is searched first, then every PACS peer with ``query = true``: C-FIND (Study Root) at STUDY then SERIES level,
 annotation series fetched (they are small) to read their references, CT series fetched by ``retrieve()`` with the
-peer's method: C-MOVE to our own AE, C-GET, or DICOMweb (QIDO-RS / WADO-RS).
+peer's method: C-MOVE to our own AE, C-GET, or DICOMweb (QIDO-RS / WADO-RS). A series of which every instance the
+peer reports (NumberOfSeriesRelatedInstances) is already stored here is not retrieved again.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from sqlalchemy import select
+from pydicom.dataset import Dataset, FileMetaDataset
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from dicomweb_client.api import DICOMwebClient
 
 from config.settings import PacsPeer, RetrieveMethod, Settings
 from db.models import Instance, Patient, RoutingDecision, Series, Study
@@ -117,6 +122,8 @@ class PriorFinder:
 
             ingestor = Ingestor(InstanceStore(storage_root(settings), settings.dicom.fsync), session_factory)
         self.ingestor = ingestor
+        #: (peer name, series UID) → NumberOfSeriesRelatedInstances the peer reported (None = not reported)
+        self._remote_counts: dict[tuple[str, str], int | None] = {}
 
     # -- PriorSource -------------------------------------------------------------------------------------------
     def find_priors(self, followup_series_uid: str) -> list[PriorTimepoint]:
@@ -125,8 +132,9 @@ class PriorFinder:
             if series is None:
                 raise PriorLookupError(f"follow-up series {followup_series_uid} is not in the database")
             study = s.get(Study, series.study_pk)
-            patient = s.get(Patient, study.patient_pk)  # type: ignore[union-attr]
-            assert study is not None and patient is not None
+            patient = s.get(Patient, study.patient_pk) if study is not None else None
+            if study is None or patient is None:
+                raise PriorLookupError(f"follow-up series {followup_series_uid} has no study/patient row")
             pid, issuer = patient.patient_id, patient.issuer or None
             before = (study.study_date, study.study_time)
             exclude = study.study_instance_uid
@@ -154,13 +162,13 @@ class PriorFinder:
                     with session_scope(self.session_factory) as s:
                         audit(s, self.actor, "priors.peer_failed", "peer", peer.name, error=str(exc)[:500])
         out = sorted(found.values(), key=lambda tp: (_key(tp.study_date, tp.study_time), tp.ct_series_uid))
-        log.info("found %d prior timepoint(s): %s", len(out), [(t.study_uid, t.source) for t in out])
+        log.debug("found %d prior timepoint(s): %s", len(out), [(t.study_uid, t.source) for t in out])
         return out
 
     def retrieve(self, prior: PriorTimepoint) -> PriorTimepoint:
         if prior.source != "local":
             peer = self.settings.peer(prior.source)
-            self._fetch_series(peer, prior.study_uid, prior.ct_series_uid)
+            self._fetch_unless_held(peer, prior.study_uid, prior.ct_series_uid)
         prior.ct_files = self._series_files(prior.ct_series_uid)
         if not prior.ct_files:
             raise PriorLookupError(f"prior CT series {prior.ct_series_uid} from {prior.source}: no files retrieved")
@@ -265,7 +273,7 @@ class PriorFinder:
             timepoints: dict[str, PriorTimepoint] = {}
             for ann_uid in ann_series:
                 self._mark_prior(patient_id, issuer, st, ann_uid, series[ann_uid], peer.name)
-                self._fetch_series(peer, st.uid, ann_uid)
+                self._fetch_unless_held(peer, st.uid, ann_uid)
                 with session_scope(self.session_factory) as s:
                     rows = list(
                         s.execute(
@@ -327,27 +335,69 @@ class PriorFinder:
             if r.get("StudyInstanceUID") and same_issuer(str(r.get("IssuerOfPatientID") or ""), issuer)
         ]
 
-    def _find_series(self, peer: PacsPeer, study_uid: str) -> dict[str, str]:
+    def _find_series(self, peer: PacsPeer, study_uid: str, series_uid: str | None = None) -> dict[str, str]:
+        """Series UID → modality of one study on ``peer``; their instance counts go to ``self._remote_counts``."""
         if peer.retrieve_method == RetrieveMethod.DICOMWEB:
             client = self._dicomweb(peer)
-            res = client.search_for_series(study_instance_uid=study_uid, fields=["Modality"])
-            return {
-                str(d.SeriesInstanceUID): str(d.get("Modality", "")).upper()
-                for d in (Dataset.from_json(r) for r in res)
-            }
-        from dicom_node.scu import find
+            filters = {"SeriesInstanceUID": series_uid} if series_uid else None
+            res = client.search_for_series(
+                study_instance_uid=study_uid,
+                fields=["Modality", "NumberOfSeriesRelatedInstances"],
+                search_filters=filters,
+            )
+            rows = [Dataset.from_json(r) for r in res]
+        else:
+            from dicom_node.scu import find
 
-        q = Dataset()
-        q.QueryRetrieveLevel = "SERIES"
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = ""
-        q.Modality = ""
-        q.NumberOfSeriesRelatedInstances = ""
-        return {
-            str(r.SeriesInstanceUID): str(r.get("Modality", "")).upper()
-            for r in find(self.settings, peer, q)
-            if r.get("SeriesInstanceUID")
-        }
+            q = Dataset()
+            q.QueryRetrieveLevel = "SERIES"
+            q.StudyInstanceUID = study_uid
+            q.SeriesInstanceUID = series_uid or ""
+            q.Modality = ""
+            q.NumberOfSeriesRelatedInstances = ""
+            rows = [r for r in find(self.settings, peer, q) if r.get("SeriesInstanceUID")]
+        out: dict[str, str] = {}
+        for d in rows:
+            uid = str(d.SeriesInstanceUID)
+            out[uid] = str(d.get("Modality", "")).upper()
+            try:
+                n = d.get("NumberOfSeriesRelatedInstances")
+                self._remote_counts[(peer.name, uid)] = int(n) if n not in (None, "") else None
+            except (TypeError, ValueError):
+                self._remote_counts[(peer.name, uid)] = None
+        return out
+
+    def _held_count(self, series_uid: str) -> int:
+        with session_scope(self.session_factory) as s:
+            return int(
+                s.scalar(
+                    select(func.count(func.distinct(Instance.sop_instance_uid)))
+                    .join(Series, Instance.series_pk == Series.id)
+                    .where(Series.series_instance_uid == series_uid)
+                )
+                or 0
+            )
+
+    def _fetch_unless_held(self, peer: PacsPeer, study_uid: str, series_uid: str) -> bool:
+        """Retrieve a series unless every instance the peer reports is already stored here; True = fetched."""
+        held = self._held_count(series_uid)
+        if held:
+            key = (peer.name, series_uid)
+            if key not in self._remote_counts:
+                try:
+                    self._find_series(peer, study_uid, series_uid)
+                except Exception as exc:
+                    log.warning("cannot count series %s on %s (%s); retrieving it", series_uid, peer.name, exc)
+            remote = self._remote_counts.get(key)
+            if remote is not None and held >= remote:
+                log.debug(
+                    "series %s: all %d instances already held; not retrieved from %s", series_uid, held, peer.name
+                )
+                with session_scope(self.session_factory) as s:
+                    audit(s, self.actor, "priors.already_held", "series", series_uid, peer=peer.name, instances=held)
+                return False
+        self._fetch_series(peer, study_uid, series_uid)
+        return True
 
     def _mark_prior(
         self, patient_id: str, issuer: str | None, st: _Study, series_uid: str, modality: str, peer: str
@@ -386,30 +436,30 @@ class PriorFinder:
         if method == RetrieveMethod.C_GET:
             from dicom_node.scu import get
 
-            def on_store(meta, data, calling_ae):  # type: ignore[no-untyped-def]
+            def on_store(meta: FileMetaDataset, data: bytes, calling_ae: str) -> int:
                 return self.ingestor.ingest(meta, data, calling_ae=calling_ae).status
 
-            res = get(self.settings, peer, q, on_store)
+            retrieved = get(self.settings, peer, q, on_store)
         else:
             from dicom_node.scu import move
 
-            res = move(self.settings, peer, q)
+            retrieved = move(self.settings, peer, q)
         log.info(
             "%s of series %s from %s: completed %d, failed %d, status 0x%04X",
             method.value,
             series_uid,
             peer.name,
-            res.completed,
-            res.failed,
-            res.status or 0,
+            retrieved.completed,
+            retrieved.failed,
+            retrieved.status or 0,
         )
-        if not res.ok:
+        if not retrieved.ok:
             raise PriorLookupError(
                 f"{method.value} of series {series_uid} from {peer.name} failed: "
-                f"status 0x{(res.status or 0):04X}, {res.failed} sub-operations failed"
+                f"status 0x{(retrieved.status or 0):04X}, {retrieved.failed} sub-operations failed"
             )
 
-    def _dicomweb(self, peer: PacsPeer):  # type: ignore[no-untyped-def]
+    def _dicomweb(self, peer: PacsPeer) -> DICOMwebClient:
         from dicomweb_client.api import DICOMwebClient
 
         if not peer.dicomweb_url:

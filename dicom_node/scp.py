@@ -7,20 +7,25 @@ shuts it down. Each C-STORE is written verbatim (file meta + received bytes, no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class builds its names at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.logging import log_context
 from config.settings import Settings
+from dicom_node.assoc_log import AssociationLog
 from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion
 from dicom_node.ingest import Ingestor
@@ -60,7 +65,7 @@ class _Server(ThreadedAssociationServer):
     allowed_ips: frozenset[str] = frozenset()
     connections: ConnectionTable | None = None
 
-    def get_request(self):  # type: ignore[no-untyped-def]
+    def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -75,6 +80,22 @@ class _Server(ThreadedAssociationServer):
         if self.connections is not None and not self.connections.admit(client_address):
             return False
         return True
+
+
+_H = TypeVar("_H")
+
+
+def _with_peer(handler: Callable[[StorageSCP, evt.Event], _H]) -> Callable[[StorageSCP, evt.Event], _H]:
+    """Run an event handler with the association's peer (calling AE@address) in the log context."""
+
+    @functools.wraps(handler)
+    def wrapped(self: StorageSCP, event: evt.Event) -> _H:
+        r = event.assoc.requestor
+        host = r.address[0] if isinstance(r.address, tuple) else r.address
+        with log_context(peer=f"{r.ae_title}@{host}"):
+            return handler(self, event)
+
+    return wrapped
 
 
 class StorageSCP:
@@ -99,6 +120,7 @@ class StorageSCP:
         )
         self.policy = AssociationPolicy.from_settings(cfg)
         self.connections = ConnectionTable(self.policy)
+        self.associations = AssociationLog()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
@@ -118,7 +140,8 @@ class StorageSCP:
         ae.network_timeout = self.policy.network_timeout
         ae.add_supported_context(Verification, _UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> StorageSCP:
@@ -131,7 +154,9 @@ class StorageSCP:
             log.warning("removed %d temporary files left by an interrupted write", removed)
         self.completion.resume_from_db()
         ae = self._make_ae()
-        handlers = [
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -147,6 +172,8 @@ class StorageSCP:
             server_class=_Server,
             request_handler=make_request_handler(self.connections, self.policy),
         )
+        if not isinstance(server, _Server):
+            raise RuntimeError(f"pynetdicom built a {type(server).__name__}, not the storage server class")
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
         server.connections = self.connections
         install_log_filter()
@@ -198,23 +225,38 @@ class StorageSCP:
         return self.completion.force_complete(series_uid)
 
     # -- handlers ----------------------------------------------------------------------------------------------
+    @_with_peer
+    def _on_accepted(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        self.associations.accepted(id(event.assoc), r.ae_title, f"{r.address}:{r.port}")
+
+    @_with_peer
+    def _on_released(self, event: evt.Event) -> None:
+        self.associations.ended(id(event.assoc), "released")
+
+    @_with_peer
     def _on_echo(self, event: evt.Event) -> int:
+        self.associations.echo(id(event.assoc))
         return 0x0000
 
+    @_with_peer
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
         assoc_uid = getattr(event.assoc, "lesiontrack_uid", None)
         if assoc_uid is None:
             assoc_uid = event.assoc.lesiontrack_uid = str(uuid.uuid4())
+        data = event.encoded_dataset(include_meta=False)
         try:
             result = self.ingestor.ingest(
                 event.file_meta,
-                event.encoded_dataset(include_meta=False),
+                data,
                 calling_ae=requestor.ae_title,
                 peer=str(requestor.address),
                 association=assoc_uid,
             )
+            self.associations.store(id(event.assoc), len(data), result.ok, result.duplicate, result.series_uid)
         except Exception as exc:
+            self.associations.store(id(event.assoc), len(data), False)
             log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
             status = Dataset()
             status.Status = 0xA700
@@ -238,14 +280,18 @@ class StorageSCP:
         if isinstance(primitive, A_RELEASE) and primitive.result is None:  # the peer's A-RELEASE-RQ
             self.completion.association_released(id(event.assoc))
 
+    @_with_peer
     def _on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
         self.completion.association_closed(
             id(assoc), released=bool(assoc.is_released), association_uid=getattr(assoc, "lesiontrack_uid", None)
         )
+        self.associations.closed(id(assoc))
 
+    @_with_peer
     def _on_aborted(self, event: evt.Event) -> None:
-        log.warning("association from %s aborted", event.assoc.requestor.ae_title)
+        self.associations.ended(id(event.assoc), "aborted")
 
+    @_with_peer
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)

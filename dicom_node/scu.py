@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # sop_class builds its names at import
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -45,7 +46,8 @@ GET_STORAGE_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
     "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
 ]
-GET_TRANSFER_SYNTAXES = UNCOMPRESSED + [
+GET_TRANSFER_SYNTAXES = [
+    *UNCOMPRESSED,
     "1.2.840.10008.1.2.4.90",
     "1.2.840.10008.1.2.4.91",
     "1.2.840.10008.1.2.4.70",
@@ -84,12 +86,12 @@ def _ae(settings: Settings) -> AE:
 
 
 @contextmanager
-def associate(settings: Settings, peer: PacsPeer, ae: AE, **kwargs: object) -> Iterator[Association]:
+def associate(settings: Settings, peer: PacsPeer, ae: AE, **kwargs: Any) -> Iterator[Association]:
     tls = None
     if peer.tls:
         cx = client_context(settings.dicom.tls)
         tls = (cx, peer.host) if cx else None  # the host name goes out as SNI; trust comes from the CA file
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, **kwargs)  # type: ignore
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, **kwargs)
     if not assoc.is_established:
         raise DimseError(f"no association with {peer.name} ({peer.ae_title}@{peer.host}:{peer.port})")
     try:

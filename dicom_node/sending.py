@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import PacsPeer, SendMethod, Settings
 from db.models import AnalysisJob, Delivery, DeliveryState
 from db.repository import audit
-from db.session import session_scope
+from db.session import affected_rows, session_scope
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +170,23 @@ class DeliveryService:
         """Atomically move a waiting delivery (or one whose previous claim has lapsed) to ``sending``."""
         now = self.clock()
         with session_scope(self.session_factory) as s:
-            claimed = s.execute(
-                update(Delivery)
-                .where(
-                    Delivery.id == delivery_id,
-                    or_(
-                        Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT]),
-                        (Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at <= now),
-                    ),
+            claimed = affected_rows(
+                s.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id == delivery_id,
+                        or_(
+                            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT]),
+                            (Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at <= now),
+                        ),
+                    )
+                    .values(
+                        state=DeliveryState.SENDING,
+                        next_attempt_at=now + timedelta(seconds=self.settings.sending.claim_seconds),
+                    )
+                    .execution_options(synchronize_session=False)
                 )
-                .values(
-                    state=DeliveryState.SENDING,
-                    next_attempt_at=now + timedelta(seconds=self.settings.sending.claim_seconds),
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
+            )
         return claimed == 1
 
     def _superseded(self, delivery_id: int) -> bool:
@@ -206,7 +208,8 @@ class DeliveryService:
             return DeliveryState.SUPERSEDED
         with session_scope(self.session_factory) as s:
             d = s.get(Delivery, delivery_id)
-            assert d is not None
+            if d is None:
+                raise KeyError(f"no delivery {delivery_id}")
             name, files, attempt_no = d.destination, [Path(p) for p in d.file_paths], d.attempts + 1
             acked = {str(p) for p in (d.acknowledged or [])}
         # resume per object: what the destination acknowledged in an earlier attempt is not sent again
@@ -227,7 +230,8 @@ class DeliveryService:
         schedule = self.settings.sending.retry_schedule_seconds
         with session_scope(self.session_factory) as s:
             d = s.get(Delivery, delivery_id)
-            assert d is not None
+            if d is None:
+                raise KeyError(f"no delivery {delivery_id}")
             d.attempts = attempt_no
             if newly:
                 d.acknowledged = sorted(acked | {str(p) for p in newly})
@@ -298,8 +302,8 @@ class DeliveryService:
                     .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT, DeliveryState.SENDING]))
                     .order_by(Delivery.id)
                 )
-                if _utc(d.next_attempt_at) is None or _utc(d.next_attempt_at) <= now
-            ]  # type: ignore[operator]
+                if (due_at := _utc(d.next_attempt_at)) is None or due_at <= now
+            ]
         return [(i, self.attempt(i)) for i in due]
 
     def retry(

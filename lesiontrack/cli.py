@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from lesiontrack import __version__
-from lesiontrack.commands import config_cmd, db_cmd
+from lesiontrack.commands import config_cmd, db_cmd, register_commands
 from lesiontrack.context import CliState
 
 app = typer.Typer(
@@ -41,9 +41,7 @@ def version() -> None:
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(db_cmd.app, name="db")
 
-# Command groups added by later layers register here, one line each.
-from lesiontrack.commands import register_commands  # noqa: E402
-
+# Command groups added by later layers register here (every lesiontrack/commands/*_cmd.py).
 register_commands(app)
 
 

@@ -59,6 +59,34 @@ def demo_settings(data_dir: Path, *, http: bool = True, **overrides: Any) -> Set
     return load_settings(None, **base)
 
 
+def write_demo_config(settings: Settings, path: Path) -> Path:
+    """A TOML file to browse the demo's results later with ``lesiontrack --config PATH serve`` (same data folder,
+    database, ports and the ``demo`` API key)."""
+    key = settings.http.api_keys[0] if settings.http.api_keys else None
+    lines = [
+        "# written by `lesiontrack demo`: serve this demo's data folder again",
+        f'data_dir = "{Path(settings.data_dir).resolve()}"',
+        "[dicom]",
+        f'ae_title = "{settings.dicom.ae_title}"',
+        'bind_address = "127.0.0.1"',
+        f"port = {settings.dicom.port}",
+        "[http]",
+        'bind_address = "127.0.0.1"',
+        f"port = {settings.http.port}",
+        "[engines]",
+        f"working_spacing_mm = {settings.engines.working_spacing_mm}",
+    ]
+    if key is not None:
+        lines += [
+            "[[http.api_keys]]",
+            f'name = "{key.name}"',
+            f'key = "{key.key.get_secret_value()}"',
+            f'role = "{key.role}"',
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def self_peer(settings: Settings) -> PacsPeer:
     return PacsPeer(
         name="lesiontrack", ae_title=settings.dicom.ae_title, host="127.0.0.1", port=settings.dicom.port, query=False

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,17 @@ def load_pipeline(spec: str) -> PipelineFactory:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"pipeline must look like MODULE:FACTORY, got {spec!r}")
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def check_engine_settings(settings: Settings) -> None:
+    """Fail start-up (ConfigError naming the key) when a configured engine is unknown, not installed or lacks
+    its weights, instead of failing every job later at the register/track step."""
+    from models.engines import check_engines
+
+    problems = check_engines(settings.engines)
+    if problems:
+        raise ConfigError("; ".join(str(p) for p in problems), key=problems[0].key)
 
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
@@ -84,10 +94,40 @@ def _ports_or_none(settings: Settings, session_factory: sessionmaker[Session]) -
 
 @dataclass
 class JobControl:
-    """What the HTTP API may ask of the job machinery (retry a job, re-analyse a series)."""
+    """What the HTTP API may ask of the job machinery (retry a job, re-analyse a series) and of the DICOM node
+    (complete a series on the PACS's signal, analyse a skipped series anyway)."""
 
     store: Any
     submit: Callable[[int], None]
+    settings: Settings | None = None
+    session_factory: sessionmaker[Session] | None = None
+    scp: Any = None
+    on_series_complete: Callable[[str], None] | None = None
+
+    def complete_series(self, series_uid: str) -> Any:
+        from dicom_node.completion import complete_series
+        from web.jobcontrol import Completion
+
+        if self.scp is not None:
+            route = self.scp.completion.trigger(series_uid)
+        else:
+            assert self.settings is not None and self.session_factory is not None
+            route = complete_series(
+                self.session_factory, self.settings.routing, series_uid, self.on_series_complete, actor="pacs-trigger"
+            )
+        if route is None:
+            return None
+        latest = self.store.latest_for_series(series_uid) if not route.skipped else None
+        return Completion(route.decision.value, route.reason, latest.id if latest is not None else None)
+
+    def analyse_anyway(self, series_uid: str, actor: str) -> int:
+        from dicom_node.skipped import analyse_anyway
+
+        assert self.session_factory is not None
+        analyse_anyway(self.session_factory, series_uid, actor)
+        job = self.store.create(series_uid, reason=f"analysis requested by {actor} although skipped", actor=actor)
+        self.submit(job)
+        return int(job)
 
     def retry(self, job_id: int) -> int:
         new = int(self.store.retry(job_id, actor="api"))
@@ -142,6 +182,7 @@ class LesionTrackService:
         from dicom_node.database import open_database
         from pipeline.jobs import JobStore
 
+        check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.session_factory = open_database(self.settings, upgrade_db=self.upgrade_db, require_writable=True)
         self.job_store = JobStore(self.session_factory, actor="service")
@@ -176,23 +217,33 @@ class LesionTrackService:
 
     def on_series_complete(self, series_uid: str) -> None:
         """The SCP's callback: a routed series becomes a job (a re-trigger supersedes a finished one)."""
-        assert self.job_store is not None
+        if self.job_store is None:
+            raise RuntimeError("a series completed before the service opened its job store")
         job_id = self.job_store.create(series_uid, reason="series complete", actor="dicom-node")
-        log.info("series %s → job %s", series_uid, job_id)
+        log.debug("series %s → job %s", series_uid, job_id)
         if self.executor is not None:
             self.executor.submit(job_id)
 
     def job_control(self) -> JobControl:
-        return JobControl(self.job_store, self.executor.submit if self.executor else (lambda _id: None))
+        return JobControl(
+            self.job_store,
+            self.executor.submit if self.executor else (lambda _id: None),
+            settings=self.settings,
+            session_factory=self.session_factory,
+            scp=self.scp,
+            on_series_complete=self.on_series_complete,
+        )
 
     def _start_http(self) -> None:
         try:
-            from web import create_app  # type: ignore[attr-defined]
+            from web import create_app
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return
         import uvicorn
 
+        if self.session_factory is None:
+            raise RuntimeError("the HTTP API starts after the database is open")
         app = create_app(self.settings, self.session_factory, self.job_control())
         cfg = uvicorn.Config(
             app,
@@ -203,7 +254,7 @@ class LesionTrackService:
             lifespan="off",
         )
         self._http_server = uvicorn.Server(cfg)
-        self._http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_server.install_signal_handlers = lambda: None  # serve() runs off the main thread
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
         self._http_thread.start()
         import time

@@ -19,6 +19,7 @@ reason naming the step. Inputs (received instances, retrieved priors, recorded o
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -29,7 +30,9 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.logging import log_context, update_log_context
 from db.models import JobState
+from pipeline.job_summary import job_summary
 from pipeline.jobs import (
     DEFAULT_LEASE_SECONDS,
     JobStore,
@@ -269,7 +272,12 @@ class AnalysisService:
         return start, kept
 
     def _run_claimed(self, job_id: int) -> JobState | None:
+        with log_context(job=job_id):  # every log line of this job carries job (+ series_uid, step below)
+            return self._run_job(job_id)
+
+    def _run_job(self, job_id: int) -> JobState | None:
         view = self.store.get(job_id)
+        update_log_context(series_uid=view.followup_series_uid)
         runtime = RuntimeHints.model_validate(view.step_outputs.get(RUNTIME_KEY, {}))
         progress = self.progress
         ctx: JobContext[Any, Any] = JobContext(
@@ -294,12 +302,18 @@ class AnalysisService:
             log.info("job %s resumes after step %s (attempt %s)", job_id, self.steps[start - 1].name, view.attempts)
         lost = threading.Event()
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job_id, lost, done), daemon=True, name=f"lease-{job_id}")
+        beat = threading.Thread(
+            target=contextvars.copy_context().run,  # the heartbeat logs with the job's context too
+            args=(self._heartbeat, job_id, lost, done),
+            daemon=True,
+            name=f"lease-{job_id}",
+        )
         beat.start()
         step_name = self.steps[start].name if start < len(self.steps) else "done"
         try:
             for step in self.steps[start:]:
                 step_name = step.name
+                update_log_context(step=step.name)
                 if lost.is_set():
                     raise LeaseLost(job_id)
                 if self.stop_event.is_set():
@@ -319,7 +333,7 @@ class AnalysisService:
                     raise LeaseLost(job_id)
                 ctx.outputs.record(step.name, result)
                 self.store.step_finished(job_id, self.worker, step.name, result.model_dump(mode="json"), seconds)
-                log.info("job %s step %s done in %.2fs", job_id, step.name, seconds)
+                log.debug("job %s step %s done in %.2fs", job_id, step.name, seconds)
         except StopRequested:
             self.store.requeue(job_id, self.worker, reason=f"worker shutting down before step {step_name}")
             return JobState.QUEUED
@@ -337,14 +351,26 @@ class AnalysisService:
             done.set()
             beat.join(timeout=5)
         self.store.finish(job_id, self.worker, JobState.DONE)
+        self._log_summary(job_id, ctx, JobState.DONE)
         ctx.report("done")
         return JobState.DONE
+
+    def _log_summary(self, job_id: int, ctx: JobContext[Any, Any], state: JobState, reason: str | None = None) -> None:
+        """The job's one INFO line (steps, priors, lesions, timings, delivery) from the recorded step outputs (JSON);
+        the details are at DEBUG."""
+        try:
+            view = self.store.get(job_id)
+            line = job_summary(job_id, ctx.series_uid, state.value, view.step_outputs, view.step_timings or {}, reason)
+        except Exception as exc:  # a summary must never fail a job
+            line = f"job {job_id} {state.value}: series {ctx.series_uid} (summary unavailable: {exc})"
+        log.info("%s", line)
 
     def _fail(self, job_id: int, ctx: JobContext[Any, Any], step: str, exc: BaseException) -> JobState:
         kind, force_cpu = classify(exc)
         reason = _reason(step, exc)
         if kind == "nothing":
             self.store.finish(job_id, self.worker, JobState.NOTHING_TO_TRACK, error=reason, step=step)
+            self._log_summary(job_id, ctx, JobState.NOTHING_TO_TRACK, reason)
             ctx.report("nothing to track")
             return JobState.NOTHING_TO_TRACK
         if kind == "transient":
@@ -368,6 +394,7 @@ class AnalysisService:
         else:
             log.error("job %s failed permanently: %s", job_id, reason, exc_info=exc)
         self.store.finish(job_id, self.worker, JobState.FAILED, error=reason, step=step)
+        self._log_summary(job_id, ctx, JobState.FAILED, reason)
         ctx.report("failed")
         return JobState.FAILED
 

@@ -13,6 +13,7 @@ import io
 import json
 from typing import Any
 
+from db.status import LesionStatus
 from pipeline.history import PatientTimeline
 
 LESION_COLUMNS = [
@@ -155,7 +156,9 @@ def _visit(index: int) -> str:
     return "BASELINE" if index == 0 else f"FOLLOW-UP {index}"
 
 
-def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK") -> dict[str, list[dict]]:
+def cdisc_domains(
+    tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK"
+) -> dict[str, list[dict[str, Any]]]:
     """SDTM-style TU, TR and RS records (keys ``TU``, ``TR``, ``RS``)."""
     tu: list[dict[str, Any]] = []
     tr: list[dict[str, Any]] = []
@@ -191,9 +194,9 @@ def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONT
             c = row.cells[tp.index]
             if c is None:
                 continue
-            state = "ABSENT" if c.status == "vanished" else "PRESENT"
+            state = "ABSENT" if c.status == LesionStatus.VANISHED else "PRESENT"
             tests: list[tuple[str, str, Any, str]] = [("TUMSTATE", "Tumor State", state, "")]
-            if c.status != "vanished":
+            if c.status != LesionStatus.VANISHED:
                 tests += [
                     ("LDIAM", "Longest Diameter", c.long_axis_mm, "mm"),
                     ("SAXIS", "Short Axis", c.short_axis_mm, "mm"),

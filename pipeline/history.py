@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import AnalysisJob, Instance, Lesion, LesionObservation, Patient, Series, Study
+from db.status import LesionStatus
 from pipeline import recist
 from pipeline.contract import job_results
 from pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
@@ -55,7 +56,7 @@ class Cell:
     """One lesion at one timepoint (one LesionObservation)."""
 
     observation_id: int
-    status: str
+    status: LesionStatus
     volume_mm3: float | None
     long_axis_mm: float | None
     short_axis_mm: float | None
@@ -260,7 +261,7 @@ def _cell_of(o: LesionObservation) -> Cell:
     measurement = LesionMeasurement.from_dict(stored) if "tracking_uid" in stored else None
     return Cell(
         o.id,
-        o.status.value,
+        LesionStatus(o.status),
         o.volume_mm3,
         o.long_axis_mm,
         o.short_axis_mm,
@@ -309,11 +310,11 @@ def _fill_changes(cells: list[Cell | None]) -> None:
 
 
 def _vol(c: Cell) -> float | None:
-    return 0.0 if c.status == "vanished" else c.volume_mm3
+    return 0.0 if c.status == LesionStatus.VANISHED else c.volume_mm3
 
 
 def _la(c: Cell) -> float | None:
-    return 0.0 if c.status == "vanished" else c.long_axis_mm
+    return 0.0 if c.status == LesionStatus.VANISHED else c.long_axis_mm
 
 
 def _attach_result_objects(
@@ -358,10 +359,13 @@ def _attach_result_objects(
         tp.sr_uids = list(dict.fromkeys(sr))
 
 
+_OBSERVED = (LesionStatus.PRESENT, LesionStatus.VANISHED, LesionStatus.NEW)
+
+
 def _recist_lesion(row: LesionRow, c: Cell) -> recist.RecistLesion:
     if c.measurement is not None:
         return recist.RecistLesion.from_measurement(c.measurement, organ=row.anatomic_site)
-    status = c.status if c.status in ("present", "vanished", "new") else "present"
+    status = c.status if c.status in _OBSERVED else LesionStatus.PRESENT
     return recist.RecistLesion(
         row.tracking_uid,
         row.tracking_id,
@@ -388,7 +392,7 @@ def _apply_recist(tl: PatientTimeline, rules: recist.RecistRules | None = None) 
                 if tp.index > 0 and row.cells[0] is not None:
                     items.append(
                         recist.RecistLesion(
-                            row.tracking_uid, row.tracking_id, row.anatomic_site, status="not_evaluated"
+                            row.tracking_uid, row.tracking_id, row.anatomic_site, status=LesionStatus.NOT_EVALUATED
                         )
                     )
                 continue

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AnalysisJob, JobState, Series
 from db.repository import audit
-from db.session import session_scope
+from db.session import affected_rows, session_scope
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT)
 FINISHED_STATES = (JobState.DONE, JobState.NOTHING_TO_TRACK, JobState.FAILED)
@@ -275,7 +275,7 @@ class JobStore:
                 )
                 .execution_options(synchronize_session=False)
             )
-            if res.rowcount != 1:
+            if affected_rows(res) != 1:
                 return False
             details: dict[str, Any] = {
                 "from": JobState(prev.state).value,
@@ -314,7 +314,7 @@ class JobStore:
                 .values(next_retry_at=utcnow() + timedelta(seconds=lease_seconds))
                 .execution_options(synchronize_session=False)
             )
-            return res.rowcount == 1
+            return affected_rows(res) == 1
 
     def recover_orphans(self, actor: str) -> list[int]:
         """Requeue running jobs whose worker is gone (dead pid on this host, or lease expired). Run at start-up."""
@@ -370,7 +370,7 @@ class JobStore:
                 .values(state=to, **(values or {}))
                 .execution_options(synchronize_session=False)
             )
-            if res.rowcount != 1:
+            if affected_rows(res) != 1:
                 return False
             audit(
                 s,
@@ -446,7 +446,8 @@ class JobStore:
             job.step_outputs = out
 
     def finish(self, job_id: int, worker: str, state: JobState, error: str | None = None, **details: Any) -> bool:
-        assert state in FINISHED_STATES
+        if state not in FINISHED_STATES:
+            raise ValueError(f"finish() needs a final state ({', '.join(FINISHED_STATES)}), got {state}")
         return self._transition(
             job_id,
             (JobState.RUNNING,),

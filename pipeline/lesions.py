@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
 
+from db.status import LesionStatus
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity
 
-
-class LesionStatus(str, Enum):
-    PRESENT = "present"
-    VANISHED = "vanished"
-    NEW = "new"
+__all__ = ["LesionStatus", "Timepoint", "TrackedLesion"]
 
 
 @dataclass

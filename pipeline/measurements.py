@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from db.status import LesionStatus
 from models.imaging.volume import Volume
 from pipeline.mask_grid import mask_onto_grid
 
@@ -48,7 +49,7 @@ class LesionMeasurement:
 
     tracking_uid: str
     tracking_id: str
-    status: str = "present"  # LesionStatus value: present / vanished / new
+    status: LesionStatus = LesionStatus.PRESENT
     is_node: bool = False
     volume_mm3: float = 0.0
     voxel_count: int = 0
@@ -60,6 +61,9 @@ class LesionMeasurement:
     hu_sd: float | None = None
     series_uid: str | None = None
     anatomic_site: str | None = None
+
+    def __post_init__(self) -> None:
+        self.status = LesionStatus(self.status)  # also accepts the stored string value
 
     @property
     def volume_ml(self) -> float:
@@ -81,7 +85,7 @@ class LesionMeasurement:
     @property
     def present(self) -> bool:
         """Lesion seen at this timepoint (voxel count is not stored in SRs, so the volume counts as well)."""
-        return self.status != "vanished" and (self.voxel_count > 0 or self.volume_mm3 > 0)
+        return self.status is not LesionStatus.VANISHED and (self.voxel_count > 0 or self.volume_mm3 > 0)
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -97,7 +101,7 @@ class LesionMeasurement:
         return cls(
             tracking_uid=str(d["tracking_uid"]),
             tracking_id=str(d["tracking_id"]),
-            status=str(d.get("status", "present")),
+            status=LesionStatus(d.get("status", LesionStatus.PRESENT)),
             is_node=bool(d.get("is_node", False)),
             volume_mm3=float(d.get("volume_mm3", 0.0)),
             voxel_count=int(d.get("voxel_count", 0)),
@@ -180,7 +184,7 @@ def measure_lesion(
     tracking_uid: str,
     tracking_id: str,
     is_node: bool = False,
-    status: str = "present",
+    status: LesionStatus = LesionStatus.PRESENT,
     series_uid: str | None = None,
     anatomic_site: str | None = None,
 ) -> LesionMeasurement:
@@ -189,15 +193,15 @@ def measure_lesion(
     result = LesionMeasurement(
         tracking_uid=tracking_uid,
         tracking_id=tracking_id,
-        status=status,
+        status=LesionStatus(status),
         is_node=is_node,
         series_uid=series_uid,
         anatomic_site=anatomic_site,
     )
     n = int(m.sum())
     if n == 0:
-        if status == "present":
-            result.status = "vanished"
+        if result.status is LesionStatus.PRESENT:
+            result.status = LesionStatus.VANISHED
         return result
     result.voxel_count = n
     result.volume_mm3 = n * ct.voxel_volume_mm3()
@@ -227,7 +231,8 @@ def _axial_axes(crop: np.ndarray, lo: np.ndarray, ct: Volume) -> tuple[Axis, Axi
         a, b, d = _feret(corners)
         if best is None or d > best[0] + 1e-9:
             best = (d, a, b, kk)
-    assert best is not None
+    if best is None:
+        raise ValueError("no slice of the mask has an in-plane diameter")
     d, a, b, kk = best
     sa, sb, sd = _perpendicular_chord(crop[kk], a, b, si, sj)
     k = int(lo[0] + kk)

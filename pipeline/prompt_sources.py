@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,13 @@ def load_prompts_json(path: str | Path, grid: Volume | None = None, *, series_ui
     return prompts
 
 
-def _converter(system: str, grid: Volume | None):  # type: ignore[no-untyped-def]
+def _converter(system: str, grid: Volume | None) -> Callable[[Any], np.ndarray]:
     if system == "LPS":
         return lambda a: np.asarray(a, float)
     if system == "RAS":
         return lambda a: np.asarray(a, float) * np.array([-1.0, -1.0, 1.0])
-    assert grid is not None
+    if grid is None:
+        raise PromptSourceError(f"{system} coordinates need the CT grid")
     return lambda a: grid.index_to_patient(np.asarray(a, float))
 
 
@@ -132,7 +134,8 @@ def find_annotations(
     Files with a DICOM preamble that do not parse are skipped and, when ``unreadable`` is given, listed there."""
     import pydicom
 
-    segs, srs = [], []
+    segs: list[Path] = []
+    srs: list[Path] = []
     for f in sorted(Path(directory).rglob("*")):
         if not f.is_file():
             continue
@@ -230,7 +233,7 @@ def prompts_from_sr(path: str | Path, ct: Volume) -> list[Prompt]:
     return _call_reader(reader, path, ct)
 
 
-def _reader(module: str, names: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _reader(module: str, names: tuple[str, ...]) -> Callable[..., Any]:
     import importlib
 
     try:
@@ -243,7 +246,7 @@ def _reader(module: str, names: tuple[str, ...]):  # type: ignore[no-untyped-def
     raise PromptSourceError(f"{module} has none of {names}")
 
 
-def _call_reader(reader, path: str | Path, ct: Volume) -> list[Prompt]:  # type: ignore[no-untyped-def]
+def _call_reader(reader: Callable[..., Any], path: str | Path, ct: Volume) -> list[Prompt]:
     try:
         try:
             result = reader(Path(path), ct)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from config.settings import RecistSettings
+from db.status import LesionStatus
 from pipeline.measurements import LesionMeasurement
 
 
-class Response(str, Enum):
+class Response(StrEnum):
     CR = "CR"
     PR = "PR"
     SD = "SD"
@@ -56,22 +57,25 @@ class RecistLesion:
     tracking_id: str = ""
     organ: str | None = None
     is_node: bool = False
-    status: str = "present"  # present / vanished / new / not_evaluated
+    status: LesionStatus = LesionStatus.PRESENT
     long_axis_mm: float = 0.0
     short_axis_mm: float = 0.0
     volume_mm3: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.status = LesionStatus(self.status)  # also accepts the stored string value
+
     @property
     def evaluated(self) -> bool:
-        return self.status != "not_evaluated"
+        return self.status != LesionStatus.NOT_EVALUATED
 
     @property
     def vanished(self) -> bool:
-        return self.status == "vanished"
+        return self.status == LesionStatus.VANISHED
 
     @classmethod
     def from_measurement(cls, m: LesionMeasurement, organ: str | None = None) -> RecistLesion:
-        status = m.status if m.present or m.status == "not_evaluated" else "vanished"
+        status = m.status if m.present or m.status is LesionStatus.NOT_EVALUATED else LesionStatus.VANISHED
         return cls(
             m.tracking_uid,
             m.tracking_id,
@@ -301,7 +305,7 @@ def assess(
         nadir_v = min(earlier_v) if earlier_v else None
 
         new = idx > 0 and any(
-            les.status == "new" or (les.tracking_uid not in baseline_uids and not les.vanished) for les in tp
+            les.status == LesionStatus.NEW or (les.tracking_uid not in baseline_uids and not les.vanished) for les in tp
         )
         if new:
             notes.append(
@@ -309,7 +313,7 @@ def assess(
                 + ", ".join(
                     les.tracking_id or les.tracking_uid
                     for les in tp
-                    if les.status == "new" or les.tracking_uid not in baseline_uids
+                    if les.status == LesionStatus.NEW or les.tracking_uid not in baseline_uids
                 )
             )
 
@@ -321,8 +325,10 @@ def assess(
             notes.append("not all target lesions evaluated")
         elif idx == 0:
             target_resp = Response.NE
+        elif nadir is None:  # no earlier timepoint had an evaluable sum: nothing to compare against
+            target_resp = Response.NE
+            notes.append("no earlier evaluable target sum")
         else:
-            assert nadir is not None
             nodes_ok = all(
                 t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm
                 for t in tgt

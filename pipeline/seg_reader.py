@@ -21,6 +21,7 @@ import pydicom
 
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.lesion_names import clean_description
 from pipeline.mask_grid import mask_onto_grid
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _hd_volume_to_volume(vol: hd.Volume, array: np.ndarray) -> Volume:
     a = np.asarray(vol.affine, float)
     cols = [a[:3, 2], a[:3, 1], a[:3, 0]]  # i (column), j (row), k (slice) steps in LPS mm
     spacing = np.array([np.linalg.norm(c) for c in cols])
-    direction = np.stack([c / s for c, s in zip(cols, spacing)], 1)
+    direction = np.stack([c / s for c, s in zip(cols, spacing, strict=True)], 1)
     return Volume(array, origin=a[:3, 3], spacing=spacing, direction=direction)
 
 
@@ -123,19 +124,21 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
         uid, tid = desc.tracking_uid, desc.tracking_id
         site = regions[0] if regions else None
         is_node = any("lymph node" in t.lower() for t in [*regions, ptype])
+        tracking_id = str(tid) if tid else (label or f"Segment {n}")
         ident = LesionIdentity(
             tracking_uid=str(uid) if uid else derived_tracking_uid(out.sop_instance_uid, n),
-            tracking_id=str(tid) if tid else (label or f"Segment {n}"),
+            tracking_id=tracking_id,
             label=n,
             anatomic_site=site,
             is_node=is_node,
+            description=clean_description(tracking_id, str(desc.get("SegmentDescription", "") or "") or label),
         )
         algo = None
         algo_seq = desc.get("SegmentationAlgorithmIdentificationSequence")
         if algo_seq:
             algo = (str(algo_seq[0].get("AlgorithmName", "")), str(algo_seq[0].get("AlgorithmVersion", "")))
         out.segments.append(SegSegment(n, ident, mask, label, ptype, algo, tracking_from_file=bool(uid)))
-    log.info("read SEG %s: %d segment(s) (%s)", out.sop_instance_uid, len(out.segments), seg_type)
+    log.debug("read SEG %s: %d segment(s) (%s)", out.sop_instance_uid, len(out.segments), seg_type)
     return out
 
 

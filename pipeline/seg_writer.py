@@ -1,9 +1,11 @@
 """DICOM-SEG writer: the tracked lesions of one follow-up CT series as one Segmentation instance (highdicom).
 
-One segment per *present* lesion, labelled with its Tracking ID and carrying its Tracking UID, coded as
+One segment per *present* lesion, labelled with its Tracking ID and the radiologist's description within LO's 64
+characters (``pipeline.lesion_names``; the full description in SegmentDescription), carrying its Tracking UID, coded as
 "Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
-name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest neighbour) and the SEG
-references the source CT slices frame by frame (highdicom fills Derived Image / ReferencedSeriesSequence).
+name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest
+neighbour) and the SEG references the source CT slices frame by frame (highdicom fills Derived Image /
+ReferencedSeriesSequence).
 
 Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map
 Segmentation, RLE, most compact; needs non-overlapping lesions). ``auto`` picks LABELMAP unless lesions overlap.
@@ -27,6 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from models.imaging.volume import Volume
+from pipeline.lesion_names import clean_description, display_name
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.mask_grid import mask_onto_grid
 
@@ -121,7 +124,7 @@ def sort_source_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
     grid = Volume(
         np.zeros((len(sorted_ds), int(first.Rows), int(first.Columns)), np.uint8),
         origin=np.array(sorted_ds[0].ImagePositionPatient, float),
-        spacing=[ps[1], ps[0], sk],
+        spacing=np.array([ps[1], ps[0], sk], float),
         direction=np.stack([row, col, normal], 1),
     )
     return sorted_ds, grid
@@ -231,7 +234,7 @@ def write_seg(
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
-                segment_label=ident.tracking_id[:64],
+                segment_label=display_name(ident.tracking_id, ident.description),
                 segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
                 segmented_property_type=codes.SCT.Lesion,
                 algorithm_type=algorithm_type.upper(),
@@ -242,6 +245,9 @@ def write_seg(
                 display_color=hd.color.CIELabColor.from_rgb(r, g, b),
             )
         )
+        said = clean_description(ident.tracking_id, ident.description)
+        if said:  # the radiologist's full words (ST); the label above carries them within LO's 64 characters
+            descriptions[-1].SegmentDescription = said[:1024]
 
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -265,7 +271,7 @@ def write_seg(
         omit_empty_frames=True,
         workers=workers,
     )
-    log.info("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
+    log.debug("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
     slices_of = {i: [k0 + d for d in range(c.shape[0]) if c[d].any()] for i, (k0, c) in enumerate(crops, start=1)}
     return SegWriteResult(
         seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds, grid, kind, slices_of

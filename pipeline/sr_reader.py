@@ -21,12 +21,13 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
 
+from db.status import LesionStatus
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from pipeline.measurements import Axis, LesionMeasurement
@@ -51,6 +52,8 @@ QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS")
 FINDING_SITE = {("363698007", "SCT"), ("G-C0E3", "SRT")}
 FINDING = {("121071", "DCM")}
 TIME_POINT = ("C2348792", "UMLS")
+# our private lesion-status codes (pipeline.sr_writer.LT, scheme 99LTRK) → status
+STATUS_OF_CODE = {"LT002": LesionStatus.PRESENT, "LT003": LesionStatus.VANISHED, "LT004": LesionStatus.NEW}
 SUBJECT_TIME_POINT_ID = ("126070", "DCM")
 REFERENCED_SEGMENT = ("121191", "DCM")
 LONG_AXIS = {("103339001", "SCT"), ("G-A185", "SRT")}
@@ -123,7 +126,11 @@ class SrGroup:
     qualitative: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name → (value, scheme, meaning)
 
     def num(self, codes_: Iterable[tuple[str, str]] | tuple[str, str]) -> NumItem | None:
-        wanted = {codes_} if isinstance(codes_, tuple) and isinstance(codes_[0], str) else set(codes_)  # type: ignore
+        wanted: set[tuple[str, str]] = (
+            {(str(codes_[0]), str(codes_[1]))}
+            if isinstance(codes_, tuple) and isinstance(codes_[0], str)
+            else set(cast("Iterable[tuple[str, str]]", codes_))
+        )
         return next((n for n in self.nums if n.code in wanted), None)
 
 
@@ -143,6 +150,16 @@ class SrContents:
             if g.tracking_uid and g.tracking_uid not in seen:
                 seen.append(g.tracking_uid)
         return seen
+
+
+def _meaning(item: Dataset, seq: str) -> str | None:
+    """The code meaning of ``item``'s ``seq`` code, None when the item has none."""
+    c = _code(item, seq)
+    return c[2] if c is not None else None
+
+
+def _xyz(p: np.ndarray) -> tuple[float, float, float]:
+    return (float(p[0]), float(p[1]), float(p[2]))
 
 
 def _code(item: Dataset, seq: str = "ConceptNameCodeSequence") -> tuple[str, str, str] | None:
@@ -238,9 +255,9 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
         elif key == TRACKING_UID and vt == "UIDREF":
             g.tracking_uid = str(c.UID)
         elif key in FINDING_SITE and vt == "CODE":
-            g.finding_site = _code(c, "ConceptCodeSequence")[2]  # type: ignore[index]
+            g.finding_site = _meaning(c, "ConceptCodeSequence")
         elif key in FINDING and vt == "CODE":
-            g.finding = _code(c, "ConceptCodeSequence")[2]  # type: ignore[index]
+            g.finding = _meaning(c, "ConceptCodeSequence")
         elif key == TIME_POINT and vt == "TEXT":
             g.time_point = str(c.TextValue)
         elif vt == "NUM":
@@ -255,7 +272,7 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
                     if s is not None:
                         num.shapes.append(s)
                 elif cc.ValueType == "CODE" and _key(cc) == ("121401", "DCM"):  # Derivation
-                    num.derivation = _code(cc, "ConceptCodeSequence")[2]  # type: ignore[index]
+                    num.derivation = _meaning(cc, "ConceptCodeSequence")
             g.nums.append(num)
         elif vt in ("SCOORD", "SCOORD3D"):
             s = _shape(c, geo, key)
@@ -379,7 +396,7 @@ def read_sr_prompts(
     contents = read_sr(path, images=images, ct=ct)
     if seg_files is None and any(g.referenced_segment for g in contents.groups):
         seg_files = _find_seg_files(Path(path).parent)
-    seg_files = [Path(f) for f in (seg_files or [])]
+    seg_paths = [Path(f) for f in (seg_files or [])]
     merged: dict[str, list[SrGroup]] = {}
     order: list[str] = []
     for i, g in enumerate(contents.groups):
@@ -395,13 +412,20 @@ def read_sr_prompts(
         usable = [s for s in shapes if s.points_mm is not None and len(s.points_mm)]
         seg_ref = next((g.referenced_segment for g in groups if g.referenced_segment), None)
         if not usable and seg_ref is not None:
-            mask = _segment_mask(seg_ref, seg_files, ct)
+            mask = _segment_mask(seg_ref, seg_paths, ct)
             if mask is not None:
                 text = next((g.tracking_id for g in groups if g.tracking_id), None) or f"L{n}"
                 site = next((g.finding_site for g in groups if g.finding_site), None)
                 prompts.append(
                     Prompt(
-                        LesionIdentity(uid, text, n, site, "lymph node" in (site or "").lower()),
+                        LesionIdentity(
+                            uid,
+                            text,
+                            n,
+                            site,
+                            "lymph node" in (site or "").lower(),
+                            description=_described(next((g.finding for g in groups if g.finding), None)),
+                        ),
                         PromptKind.MASK,
                         mask=mask,
                         source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}",
@@ -416,22 +440,25 @@ def read_sr_prompts(
                     uid,
                 )
             continue
-        text = next((g.tracking_id for g in groups if g.tracking_id), None)
+        tracking_id = next((g.tracking_id for g in groups if g.tracking_id), None)
         site = next((g.finding_site for g in groups if g.finding_site), None)
-        if not text or text.startswith("cornerstone"):  # OHIF tool tag, not a lesion label
+        if not tracking_id or tracking_id.startswith("cornerstone"):  # OHIF tool tag, not a lesion label
             text = f"L{n}" + (f" {site.lower()}" if site else "")
+        else:
+            text = tracking_id
         is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
-        ident = LesionIdentity(uid, text, n, site, is_node)
+        finding = next((g.finding for g in groups if g.finding), None)
+        ident = LesionIdentity(uid, text, n, site, is_node, description=_described(finding))
         source = f"SR {contents.sop_instance_uid} {text}"
         if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
-            pts = np.concatenate([s.points_mm for s in usable])  # type: ignore[misc]
+            pts = np.concatenate([s.points_mm for s in usable if s.points_mm is not None])
             prompts.append(Prompt(ident, PromptKind.POINTS, points_mm=pts, source=source))
             continue
         pts = np.concatenate([_shape_outline(s) for s in usable if s.graphic_type not in ("POINT", "MULTIPOINT")])
         is_line = (
             all(
-                s.graphic_type == "POLYLINE" and len(s.points_mm) == 2
-                for s in usable  # type: ignore[arg-type]
+                s.graphic_type == "POLYLINE" and s.points_mm is not None and len(s.points_mm) == 2
+                for s in usable
                 if s.graphic_type not in ("POINT", "MULTIPOINT")
             )
             and len(usable) == 1
@@ -445,7 +472,7 @@ def read_sr_prompts(
                 meta={"graphic_types": sorted({s.graphic_type for s in usable})},
             )
         )
-    log.info("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
+    log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
     return prompts
 
 
@@ -480,10 +507,10 @@ def read_sr_measurements(
                 series_uid=None,
                 anatomic_site=g.finding_site,
             )
-            m.status = "present"
+            m.status = LesionStatus.PRESENT
         status = g.qualitative.get("Lesion status")
         if status:
-            m.status = {"LT002": "present", "LT003": "vanished", "LT004": "new"}.get(status[0], m.status)
+            m.status = STATUS_OF_CODE.get(status[0], m.status)
         vol = g.num(VOLUME)
         if vol is not None:
             m.volume_mm3 = vol.value
@@ -505,9 +532,20 @@ def read_sr_measurements(
             axis = Axis(item.value, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), -1)
             if shapes and shapes[0].points_mm is not None and len(shapes[0].points_mm) >= 2:
                 p = shapes[0].points_mm
-                axis = Axis(item.value, tuple(map(float, p[0])), tuple(map(float, p[-1])), -1)  # type: ignore[arg-type]
+                axis = Axis(item.value, _xyz(p[0]), _xyz(p[-1]), -1)
             setattr(m, attr, axis)
         if g.finding_site and not m.anatomic_site:
             m.anatomic_site = g.finding_site
         m.is_node = m.is_node or "lymph node" in (g.finding_site or "").lower()
     return out
+
+
+#: Finding codes that say nothing about the lesion beyond "a lesion" (not worth showing as its description)
+_GENERIC_FINDINGS = {"lesion", "tumor", "tumour", "mass", "neoplasm", "finding", "measurement"}
+
+
+def _described(finding: str | None) -> str | None:
+    """An SR finding as the lesion's description, unless it is a generic 'Lesion'."""
+    if not finding or finding.strip().lower() in _GENERIC_FINDINGS:
+        return None
+    return finding.strip()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -37,6 +38,8 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from db.status import LesionStatus
+from pipeline.lesion_names import display_name
 from pipeline.measurements import Axis, LesionChanges, LesionMeasurement
 from pipeline.recist import Response, TimepointResponse
 from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, SegWriteResult, anatomic_code, sort_source_slices
@@ -101,7 +104,7 @@ BASELINE_CATEGORY_CODES: dict[str, Code] = {
     "non-target": codes.DCM.NonTargetLesionAtBaseline,
     "normal node": codes.DCM.NonLesionAtBaseline,
 }
-STATUS_CODES = {"present": LT.PRESENT, "vanished": LT.VANISHED, "new": LT.NEW}
+STATUS_CODES = {LesionStatus.PRESENT: LT.PRESENT, LesionStatus.VANISHED: LT.VANISHED, LesionStatus.NEW: LT.NEW}
 MM, MM3, PCT, HU = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter, codes.UCUM.Percent, codes.UCUM.HounsfieldUnit
 CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_ABS, "nadir": LT.CHANGE_NADIR_ABS}
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
@@ -109,6 +112,15 @@ CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_P
 
 class SrWriteError(ValueError):
     """The report cannot be built from the given inputs."""
+
+
+def _segment_descriptions(seg: Dataset | None) -> dict[str, str]:
+    """Tracking UID → SegmentDescription of our SEG (where the radiologist's description travels)."""
+    out: dict[str, str] = {}
+    for item in seg.get("SegmentSequence", []) if seg is not None else []:
+        if item.get("TrackingUID") and item.get("SegmentDescription"):
+            out[str(item.TrackingUID)] = str(item.SegmentDescription)
+    return out
 
 
 @dataclass
@@ -119,6 +131,7 @@ class LesionReport:
     changes: LesionChanges | None = None
     baseline_category: str | None = None  # "target", "non-target", "normal node" (RECIST selection role)
     expected_centre_mm: tuple[float, float, float] | None = None  # where a vanished lesion was looked for
+    description: str | None = None  # the radiologist's words; default: the SEG segment's SegmentDescription
 
 
 @dataclass
@@ -142,8 +155,8 @@ class SrWriteResult:
     key_slices: dict[str, str] = field(default_factory=dict)  # tracking UID → key slice SOP Instance UID
 
 
-def _num(name: Code, value: float, unit: Code, **kw: object) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)  # type: ignore[arg-type]
+def _num(name: Code, value: float, unit: Code, **kw: Any) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)
 
 
 def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code) -> list[hd.sr.Measurement]:
@@ -224,26 +237,36 @@ def write_sr(
         )
     seg_ds = seg.dataset if seg is not None else None
     tp_ctx = time_point.context
-    groups: list = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
     key_slices: dict[str, Dataset] = {}
     uids = [r.measurement.tracking_uid for r in lesions]
     if len(set(uids)) != len(uids):
         raise SrWriteError(f"duplicate tracking UIDs in the report: {uids}")
+    said = _segment_descriptions(seg.dataset if seg is not None else None)
     for rep in lesions:
         m = rep.measurement
         if not m.tracking_id:
             raise SrWriteError(f"lesion {m.tracking_uid} has no Tracking ID text (OHIF needs it)")
-        tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64])
+        name = display_name(m.tracking_id, rep.description or said.get(m.tracking_uid))
+        tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name)
         site = anatomic_code(m.anatomic_site)
         sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
-        status = STATUS_CODES.get(m.status, LT.PRESENT)
+        status = STATUS_CODES.get(m.status)
+        if status is None:  # not_evaluated: the SR never asserts a status that was not assessed
+            raise SrWriteError(
+                f"lesion {m.tracking_id} ({m.tracking_uid}) has status {m.status}; it cannot be reported"
+            )
         quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
         if rep.baseline_category in BASELINE_CATEGORY_CODES:
             quals.append(
                 hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category])
             )
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
-        if not m.present or segment_number is None:
+        if seg is None or not m.present or segment_number is None:
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
             zero = [
@@ -300,7 +323,7 @@ def write_sr(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tid,
-                referenced_segment=_referenced_segment(seg, segment_number),  # type: ignore[arg-type]
+                referenced_segment=_referenced_segment(seg, segment_number),
                 time_point_context=tp_ctx(),
                 finding_type=codes.SCT.Lesion,
                 finding_sites=sites,
@@ -317,7 +340,7 @@ def write_sr(
         key_slices[m.tracking_uid] = ds
         planar_meas = [_num(codes.SCT.LongAxis, m.long_axis.length_mm, MM, method=codes.DCM.RECIST1Point1)]
         planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=m.tracking_id[:64]),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name),
             referenced_region=hd.sr.ImageRegion("POLYLINE", long_px, src),
             time_point_context=tp_ctx(),
             finding_type=codes.SCT.Lesion,
@@ -356,6 +379,8 @@ def write_sr(
     library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
     report = hd.sr.MeasurementReport(
         observation_context=observer,
+        # CID 100 (what pixelmed checks, 20190121) has no CT body-region code but this one: a LOINC "CT Chest" is
+        # reported as an error there, so BodyPartExamined cannot become the procedure code (docs/viewer.md)
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
@@ -385,7 +410,7 @@ def write_sr(
         ],
         software_versions=software_version,
     )
-    log.info(
+    log.debug(
         "SR %s: %d lesion(s), time point %s, series %s",
         sr.SOPInstanceUID,
         len(lesions),
@@ -426,7 +451,7 @@ def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.Cont
     def num(name: Code, value: float, unit: Code) -> hd.sr.NumContentItem:
         return hd.sr.NumContentItem(name=name, value=float(value), unit=unit, relationship_type=contains)
 
-    items: list = [code(codes.DCM.ResponseEvaluationMethod, codes.DCM.RECIST1Point1)]
+    items: list[hd.sr.ContentItem] = [code(codes.DCM.ResponseEvaluationMethod, codes.DCM.RECIST1Point1)]
     if r.target_response in TARGET_CODES:
         items.append(code(LT.TARGET_RESPONSE, TARGET_CODES[r.target_response]))
     if r.non_target_response in NON_TARGET_CODES:

@@ -11,8 +11,12 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import highdicom as hd
 
 THUMB_PX = 160
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # level, width (HU)
@@ -65,7 +69,7 @@ def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_u
     return LesionSlice(uids[best], pixels[best] > 0)
 
 
-def _segment_of(seg, tracking_uid: str | None) -> int | None:  # type: ignore[no-untyped-def]
+def _segment_of(seg: hd.seg.Segmentation, tracking_uid: str | None) -> int | None:
     """The segment carrying ``tracking_uid``, or whose derived UID it is (a SEG without Tracking UIDs, read by
     :func:`pipeline.seg_reader.read_seg`, gets ``derived_tracking_uid(SOPInstanceUID, segment number)``)."""
     from pipeline.seg_reader import derived_tracking_uid
@@ -206,7 +210,7 @@ def volume_plot(
     x = np.arange(len(labels))
     vols = np.array([np.nan if v is None else v for v in volumes_ml], dtype=float)
     ax.plot(x, vols, marker="o", color="#1f6fd1", label="volume (mL)")
-    for xi, v in zip(x, vols):
+    for xi, v in zip(x, vols, strict=True):
         if not np.isnan(v):
             ax.annotate(
                 f"{v:.2f}",

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from models.engines import build_registration
 from models.imaging.volume import Volume
-from models.registration.base import Registration, RegistrationEngine, RegistrationQuality
+from models.registration.base import RegistrationEngine
+from models.registration.identity import IdentityRegistration, NoRegistrationEngine
 from models.segmentation.base import SegmentationEngine, SegReference
 from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
 from models.segmentation.prompts import Prompt, PromptKind
@@ -28,6 +30,8 @@ from models.segmentation.rasterize import prompt_to_mask
 from pipeline.lesions import LesionStatus, Timepoint, TrackedLesion
 
 log = logging.getLogger(__name__)
+
+__all__ = ["IdentityRegistration", "NoRegistrationEngine", "get_registration_engine", "track_lesions"]
 
 
 @dataclass
@@ -49,49 +53,9 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-class IdentityRegistration:
-    """No registration: masks are carried over in patient coordinates (the "no registration" baseline)."""
-
-    engine = "none"
-
-    def __init__(self, baseline: Volume, followup: Volume) -> None:
-        self.baseline_grid = baseline
-        self.followup_grid = followup
-        self.quality = RegistrationQuality(similarity_metric="none")
-
-    def warp_image(self, baseline_image: Volume, default: float = -1024.0) -> Volume:
-        return baseline_image.resample_to(self.followup_grid, default=default)
-
-    def warp_labels(self, baseline_labels: Volume) -> Volume:
-        if baseline_labels.same_grid(self.followup_grid):
-            return baseline_labels.with_array(baseline_labels.array.copy())
-        return baseline_labels.resample_to(self.followup_grid, label=True)
-
-    def map_points_to_followup(self, points_mm: np.ndarray) -> np.ndarray:
-        return np.asarray(points_mm, float)
-
-    def map_points_to_baseline(self, points_mm: np.ndarray) -> np.ndarray:
-        return np.asarray(points_mm, float)
-
-
-class NoRegistrationEngine:
-    name = "none"
-    version = "1.0"
-
-    def register(self, baseline: Volume, followup: Volume) -> Registration:
-        return IdentityRegistration(baseline, followup)
-
-
 def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
-    """``none`` here; anything else from :mod:`models.registration` (its ``get_engine``)."""
-    if name == "none":
-        return NoRegistrationEngine()
-    import models.registration as reg
-
-    if hasattr(reg, "get_engine"):
-        return reg.get_engine(name, **options)  # type: ignore[no-any-return]
-    raise ValueError(f"registration engine {name!r} unavailable in models.registration")
+    """The registration engine ``name`` from the one registry (:mod:`models.engines`), ``none`` included."""
+    return build_registration(name, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,18 +181,21 @@ def _step(
                 _u8(_zeros(cur.ct)),
                 engine.name,
                 engine.version,
-                notes=notes + ["propagated mask fell outside this CT"],
+                notes=[*notes, "propagated mask fell outside this CT"],
             )
             results.append(_StepResult(les, warped))
             tick("segment", t, identity.tracking_id)
             continue
         centre = mask_centre_mm(warped)
+        if centre is None:  # unreachable: the warped mask is not empty
+            raise RuntimeError(f"propagated mask of lesion {label} has no centre")
         prompt = Prompt(identity, PromptKind.MASK, mask=warped, source=f"propagated from series {prev.series_uid}")
         reference = SegReference(carry.ref_image, carry.ref_mask)
         seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)
         if opts.boosting and seg.array.any():
             c2 = mask_centre_mm(seg)
-            assert c2 is not None and centre is not None
+            if c2 is None:  # unreachable: seg is not empty
+                raise RuntimeError(f"segmentation of lesion {label} has no centre")
             shifted = _translate(warped, c2 - centre)
             if shifted.array.any():
                 boosted = keep_nearest_component(
@@ -257,7 +224,7 @@ def _step(
         results.append(_StepResult(les, warped))
         tick("segment", t, identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
-    for les, res in zip(cur.lesions, results):
+    for les, res in zip(cur.lesions, results, strict=True):
         old = carries[les.identity.label]
         if les.status is LesionStatus.PRESENT:
             new_carries[les.identity.label] = _Carry(les.mask, cur.ct, les.mask, True)
@@ -291,7 +258,7 @@ def _resolve_overlaps(results: list[_StepResult], grid: Volume) -> list[TrackedL
             )
             la.notes.append(msg)
             lb.notes.append(msg)
-            log.info("%s", msg)
+            log.debug("%s", msg)
     for les in lesions:
         if les.status is LesionStatus.PRESENT and not les.mask.array.any():
             les.status = LesionStatus.VANISHED
@@ -306,7 +273,7 @@ def _distance_to(prompt_mask: Volume, where: np.ndarray) -> np.ndarray:
     """Distance (mm) from the voxels in ``where`` to ``prompt_mask`` (0 inside), computed in a local box."""
     idx = np.argwhere(where | (prompt_mask.array > 0))
     lo, hi = idx.min(0), idx.max(0) + 1
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     pm = prompt_mask.array[sl] > 0
     if not pm.any():
         return np.full(int(where.sum()), np.inf)

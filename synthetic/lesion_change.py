@@ -42,7 +42,7 @@ def _crop(mask: Array, margin_vox: Array) -> tuple[slice, ...] | None:
         return None
     return tuple(
         slice(max(0, int(i.min()) - int(m)), min(n, int(i.max()) + int(m) + 1))
-        for i, m, n in zip(idx, margin_vox, mask.shape)
+        for i, m, n in zip(idx, margin_vox, mask.shape, strict=True)
     )
 
 
@@ -152,8 +152,8 @@ def insert_lesion(
     hi = np.minimum(np.array(img.shape), np.floor(c_idx).astype(int) + half + 1)
     if np.any(hi <= lo):
         raise ValueError(f"lesion centre {center_mm} is outside the volume")
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    kk, jj, ii = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    kk, jj, ii = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
     pts = image.index_to_patient(np.stack([ii, jj, kk], -1).astype(float))
     f = np.linalg.norm(pts - center_mm, axis=-1) / radius_mm
     for _ in range(int(rng.integers(1, 4))):  # lobulation

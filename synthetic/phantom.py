@@ -112,7 +112,7 @@ class _SmoothField:
 
     def __call__(self, x: Array, y: Array, z: Array) -> Array:
         out = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), np.float32)
-        for (kx, ky, kz), ph in zip(self.k, self.phase):
+        for (kx, ky, kz), ph in zip(self.k, self.phase, strict=True):
             out += np.cos(kx * x + ky * y + kz * z + ph).astype(np.float32)
         return out * np.float32(self.scale)
 
@@ -120,7 +120,7 @@ class _SmoothField:
         """The same field on the grid ``xs × ys × zs`` (1-D axes) → ``(nz, ny, nx)``, via cos(a+b) expansion."""
         out = np.zeros((len(zs), len(ys), len(xs)), np.float32)
         xs, ys, zs = (np.asarray(v, np.float64) for v in (xs, ys, zs))
-        for (kx, ky, kz), ph in zip(self.k, self.phase):
+        for (kx, ky, kz), ph in zip(self.k, self.phase, strict=True):
             a = kx * xs
             b = (ky * ys)[None, :] + (kz * zs + ph)[:, None]  # (nz, ny)
             out += np.cos(b).astype(np.float32)[:, :, None] * np.cos(a).astype(np.float32)[None, None, :]
@@ -303,14 +303,15 @@ class _Anatomy:
             org[mask] = ORGANS[organ]
 
         def _sub(lo: Array, hi: Array) -> tuple[slice, slice, slice] | None:
-            assert axes is not None
+            if axes is None:
+                raise ValueError("sub-box lookup needs the grid axes")
             out_sl = []
             for a1, a, b in ((ax1[2], lo[2], hi[2]), (ax1[1], lo[1], hi[1]), (ax1[0], lo[0], hi[0])):
                 i0, i1 = int(np.searchsorted(a1, a)), int(np.searchsorted(a1, b, side="right"))
                 if i1 <= i0:
                     return None
                 out_sl.append(slice(i0, i1))
-            return tuple(out_sl)  # type: ignore[return-value]
+            return (out_sl[0], out_sl[1], out_sl[2])
 
         def ell(c: Array, semi: Array, rot: Array | None = None) -> Array:
             """_ellipsoid, evaluated only inside its bounding box on slab grids (9 outside)."""
@@ -461,8 +462,8 @@ class _Anatomy:
 
         # lung vessels and airways (inside lungs / mediastinum)
         if axes is not None:
-            scaled = tuple(np.asarray(a, np.float32) * inv for a in axes)
-            self._tubes(scaled, lung, hu, org, ~thorax, voxel_mm * float(inv))  # type: ignore[arg-type]
+            sx, sy, sz = (np.asarray(a, np.float32) * inv for a in axes)
+            self._tubes((sx, sy, sz), lung, hu, org, ~thorax, voxel_mm * float(inv))
         return hu, org
 
     def _tubes(
@@ -478,7 +479,7 @@ class _Anatomy:
                 if i1 <= i0:
                     return None
                 sl.append(slice(int(i0), int(i1)))
-            return tuple(sl)  # type: ignore[return-value]
+            return (sl[0], sl[1], sl[2])
 
         r_min = 0.55 * voxel  # thinner vessels are drawn at this radius with proportionally lower contrast
         if not hasattr(self, "_vz"):
@@ -705,17 +706,17 @@ def make_phantom(
         zs = (origin[2] + sp[2] * np.arange(k0, k1)).astype(np.float32)
         z3, y3, x3 = zs[:, None, None], ys[None, :, None], xs[None, None, :]
         h, o = anat.evaluate(x3, y3, z3, axes=(xs, ys, zs), voxel_mm=float(sp.min()))
-        X, Y, Z = (np.broadcast_to(v, h.shape) for v in (x3, y3, z3))
+        xb, yb, zb = (np.broadcast_to(v, h.shape) for v in (x3, y3, z3))
         for info in lesions:
             c, reach = np.array(info.center_mm), info.radius_mm * 2.6 + 2
             if c[2] + reach < zs[0] or c[2] - reach > zs[-1]:
                 continue
-            box = (np.abs(X - c[0]) < reach) & (np.abs(Y - c[1]) < reach) & (np.abs(Z - c[2]) < reach)
+            box = (np.abs(xb - c[0]) < reach) & (np.abs(yb - c[1]) < reach) & (np.abs(zb - c[2]) < reach)
             idx = np.nonzero(box)
-            f = _lesion_field(info, X[idx], Y[idx], Z[idx])
+            f = _lesion_field(info, xb[idx], yb[idx], zb[idx])
             inside = f < 0
             sel = tuple(a[inside] for a in idx)
-            h[sel] = _lesion_hu(info, X[idx][inside], Y[idx][inside], Z[idx][inside], h[sel])
+            h[sel] = _lesion_hu(info, xb[idx][inside], yb[idx][inside], zb[idx][inside], h[sel])
             labels[k0:k1][sel] = info.label
         hu[k0:k1] = h
         organs[k0:k1] = o

@@ -158,11 +158,13 @@ def _pick_new_lesion_site(
     sp = ct.spacing[::-1]
     r_vox = np.maximum(1, np.round((radius + 4) / sp)).astype(int)
     for _ in range(600):
-        k, j, i = (int(rng.integers(r, n - r)) if n > 2 * r else -1 for r, n in zip(r_vox, arr.shape))
+        k, j, i = (int(rng.integers(r, n - r)) if n > 2 * r else -1 for r, n in zip(r_vox, arr.shape, strict=True))
         if min(k, j, i) < 0:
             return None
-        box = tuple(slice(c - r, c + r + 1) for c, r in zip((k, j, i), r_vox))
-        if lesion_mask[tuple(slice(max(0, c - 3 * r), c + 3 * r + 1) for c, r in zip((k, j, i), r_vox))].any():
+        box = tuple(slice(c - r, c + r + 1) for c, r in zip((k, j, i), r_vox, strict=True))
+        if lesion_mask[
+            tuple(slice(max(0, c - 3 * r), c + 3 * r + 1) for c, r in zip((k, j, i), r_vox, strict=True))
+        ].any():
             continue
         patch = arr[box].astype(np.float32)
         mean, sd = float(patch.mean()), float(patch.std())
@@ -300,7 +302,7 @@ def synthesize_patient(
                 {"grid": grid_info, "intensity": inten, "lesions": lesion_log},
             )
         )
-        log.info(
+        log.debug(
             "synthesised %s timepoint %d: %d lesions present, grid %s",
             patient_id,
             t,
@@ -330,7 +332,11 @@ def write_patient(
     }
     for tp in patient.timepoints:
         date = (base_date + dt.timedelta(days=tp.days_from_baseline)).strftime("%Y%m%d")
-        ids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "frame_of_reference_uid": generate_uid()}
+        ids: dict[str, str] = {
+            "study_uid": generate_uid(),
+            "series_uid": generate_uid(),
+            "frame_of_reference_uid": generate_uid(),
+        }
         entry: dict[str, Any] = {
             "index": tp.index,
             "study_date": date,
@@ -356,7 +362,9 @@ def write_patient(
                 accession_number=f"ACC{patient.seed:04d}{tp.index}",
                 study_description="CT CHEST ABDOMEN (synthetic)",
                 series_description=f"synthetic timepoint {tp.index}",
-                **ids,
+                study_uid=ids["study_uid"],
+                series_uid=ids["series_uid"],
+                frame_of_reference_uid=ids["frame_of_reference_uid"],
             )
             entry["dicom_dir"] = f"tp{tp.index}"
             entry["n_files"] = len(files)
@@ -364,10 +372,9 @@ def write_patient(
         entry["label_map"] = f"tp{tp.index}_lesions.nii.gz"
         if tp.transform is not None:
             entry["transform_followup_to_baseline"] = tp.transform.to_dict()
-            entry["landmarks"] = {
-                "baseline_mm": np.round(tp.landmarks_baseline_mm, 6).tolist(),
-                "followup_mm": np.round(tp.landmarks_followup_mm, 6).tolist(),
-            }
+            lb, lf = tp.landmarks_baseline_mm, tp.landmarks_followup_mm
+            if lb is not None and lf is not None:
+                entry["landmarks"] = {"baseline_mm": np.round(lb, 6).tolist(), "followup_mm": np.round(lf, 6).tolist()}
         truth["timepoints"].append(entry)
     (root / "truth.json").write_text(json.dumps(truth, indent=1))
     return root

@@ -59,9 +59,10 @@ class SpatialTransform:
         if not np.allclose(self.rotation.T @ self.rotation, np.eye(3), atol=1e-6):
             raise ValueError("rotation must be orthonormal")
         if self.lattice_axes is not None:
-            self.lattice_axes = tuple(np.asarray(a, dtype=np.float64).reshape(-1) for a in self.lattice_axes)
+            ax, ay, az = (np.asarray(a, dtype=np.float64).reshape(-1) for a in self.lattice_axes)
+            self.lattice_axes = (ax, ay, az)
             self.weights = np.asarray(self.weights, dtype=np.float64)
-            expected = tuple(len(a) for a in self.lattice_axes) + (3,)
+            expected = (*tuple(len(a) for a in self.lattice_axes), 3)
             if self.weights.shape != expected:
                 raise ValueError(f"weights shape {self.weights.shape} != lattice {expected}")
 
@@ -141,7 +142,7 @@ class SpatialTransform:
         perm = _axis_permutation(grid.direction)
         if perm is None:
             return out + self.displacement(pts)
-        nk, nj, ni = grid.shape
+        _nk, nj, ni = grid.shape
         counts = (np.arange(ni), np.arange(nj), np.arange(k0, k1))
         gs = []
         for m in range(3):  # index axis i, j, k
@@ -175,7 +176,7 @@ class SpatialTransform:
             center=np.array(d["center"]),
             translation=np.array(d["translation"]),
             sigma_mm=np.array(d.get("sigma_mm", [40.0] * 3)),
-            lattice_axes=tuple(np.array(a) for a in axes) if axes is not None else None,
+            lattice_axes=(np.array(axes[0]), np.array(axes[1]), np.array(axes[2])) if axes is not None else None,
             weights=np.array(d["weights"]) if axes is not None else None,
         )
 
@@ -228,10 +229,10 @@ def random_patient_motion(
     axes = tuple(np.arange(lo[d] - margin, hi[d] + margin + 1e-6, lattice_mm) for d in range(3))
     if any(len(a) < 2 for a in axes):
         axes = tuple(np.linspace(lo[d] - margin, hi[d] + margin, max(2, len(a))) for d, a in enumerate(axes))
-    shape = tuple(len(a) for a in axes) + (3,)
+    shape = (*tuple(len(a) for a in axes), 3)
     weights = rng.normal(0.0, 1.0, shape)
     sigma = np.full(3, lattice_mm * 0.8)
-    tr = SpatialTransform(rot, center, trans, axes, weights, sigma)
+    tr = SpatialTransform(rot, center, trans, (axes[0], axes[1], axes[2]), weights, sigma)
     if elastic_mm > 0:
         probe = _grid_points(reference, stride=max(1, min(reference.shape) // 12)).reshape(-1, 3)
         peak = float(np.max(np.linalg.norm(tr.displacement(probe), axis=1))) or 1.0

@@ -117,7 +117,7 @@ def counting_with_send(
     return steps, _Services(settings, session_factory, prior_source, sender)
 
 
-class _Services(dict):  # type: ignore[type-arg]
+class _Services(dict[str, Any]):
     """PipelineServices attributes for the real send step + the 'sf' key the counting steps use."""
 
     def __init__(self, settings: Any, sf: Any, prior_source: Any, sender: Any) -> None:

@@ -20,7 +20,7 @@ SPACING = (0.8, 0.8, 2.0)
 ORIGIN = (-28.8, -28.8, -100.0)
 
 # (tracking_id, site, is_node, centre offset mm from grid centre, radii mm per timepoint; 0 = vanished, None = absent)
-LESIONS = [
+LESIONS: list[tuple[str, str, bool, tuple[float, float, float], list[tuple[float, float, float] | int | None]]] = [
     ("L1 liver", "liver", False, (-10.0, -8.0, 0.0), [(10.0, 7.0, 6.0), (6.0, 4.0, 4.0), (8.0, 6.0, 5.0)]),
     ("L2 lymph node", "lymph node", True, (12.0, 10.0, 4.0), [(9.0, 8.0, 6.0), (5.0, 4.0, 4.0), (5.0, 4.0, 4.0)]),
     ("L3 lung", "lung", False, (10.0, -12.0, -6.0), [(6.0, 5.0, 4.0), 0, 0]),
@@ -41,7 +41,7 @@ class SyntheticTimepoint:
 
 def _ellipsoid(ct: Volume, centre: np.ndarray, radii: tuple[float, float, float]) -> np.ndarray:
     k, j, i = np.indices(ct.shape)
-    p = ct.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(ct.shape + (3,))
+    p = ct.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape((*ct.shape, 3))
     return (((p - centre) / np.asarray(radii)) ** 2).sum(-1) <= 1.0
 
 
@@ -58,7 +58,7 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
         ct = Volume(hu, origin=ORIGIN, spacing=SPACING)
         centre0 = ct.index_to_patient(np.array(ct.size_ijk, float) / 2 - 0.5)
         tracked: list[TrackedLesion] = []
-        for ident, (_, _, _, offset, radii) in zip(identities, LESIONS):
+        for ident, (_, _, _, offset, radii) in zip(identities, LESIONS, strict=True):
             r = radii[t]
             if r is None:
                 continue
@@ -88,6 +88,6 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
             series_number=1 + t,
             series_description=f"CT T{t}",
         )
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        datasets: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         out.append(SyntheticTimepoint(t, ct, files, datasets, tracked, study_uid, series_uid))
     return out

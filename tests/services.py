@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tests.conftest import require_tool
 
@@ -302,14 +302,14 @@ class OrthancServer:
             self._log.close()
 
     # small REST helpers shared by the tests --------------------------------------------------------------
-    def get_json(self, path: str) -> object:
+    def get_json(self, path: str) -> Any:
         import json
         import urllib.request
 
         with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, body: bytes | str | dict) -> object:
+    def post(self, path: str, body: bytes | str | dict[str, Any]) -> Any:
         import json
         import urllib.request
 
@@ -321,7 +321,7 @@ class OrthancServer:
 
     def upload(self, path: Path) -> str:
         """Upload one DICOM file over REST; returns its Orthanc instance id."""
-        return str(self.post("/instances", Path(path).read_bytes())["ID"])  # type: ignore[index]
+        return str(self.post("/instances", Path(path).read_bytes())["ID"])
 
     def __enter__(self) -> OrthancServer:
         return self.start()

@@ -49,7 +49,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
         yield client, sf, built, tmp
 
 
-def rd(client, url: str, **kw):  # type: ignore[no-untyped-def]
+def rd(client, url: str, **kw):
     return client.get(url, headers={"X-API-Key": READ}, **kw)
 
 
@@ -212,7 +212,7 @@ def test_jobs_list_filters_and_detail(env) -> None:
 
 
 def test_patients_studies_series(env) -> None:
-    client, sf, built, _ = env
+    client, _sf, built, _ = env
     patients = rd(client, "/api/patients").json()
     p = next(x for x in patients if x["id"] == built.patient_pk)
     assert p["study_count"] == len(built.timepoints) and p["lesion_count"] == len(built.lesion_ids)
@@ -258,7 +258,7 @@ def test_lesions_with_all_observations(env) -> None:
                 select(LesionObservation).where(LesionObservation.lesion_pk == l["id"]).order_by(LesionObservation.id)
             ).all()
             assert [o["id"] for o in l["observations"]] == [o.id for o in rows]
-            for o, row in zip(l["observations"], rows):
+            for o, row in zip(l["observations"], rows, strict=True):
                 assert o["volume_mm3"] == row.volume_mm3 and o["long_axis_mm"] == row.long_axis_mm
                 assert o["status"] == row.status.value and o["seg_sop_instance_uid"] == row.seg_sop_instance_uid
     one = lesions[0]
@@ -271,7 +271,7 @@ def test_timeline_matches_measurements_and_recist(env) -> None:
     tl = rd(client, f"/api/patients/{built.patient_pk}/timeline").json()
     assert [tp["series_uid"] for tp in tl["timepoints"]] == [tp.series_uid for tp in built.timepoints]
     for row in tl["lesions"]:
-        for tp, cell in zip(built.timepoints, row["cells"]):
+        for tp, cell in zip(built.timepoints, row["cells"], strict=True):
             m = tp.measurements.get(row["tracking_uid"])
             if m is None:
                 assert cell is None
@@ -286,7 +286,7 @@ def test_timeline_matches_measurements_and_recist(env) -> None:
 def test_images_are_pngs(env) -> None:
     from PIL import Image
 
-    client, sf, built, _ = env
+    client, sf, _built, _ = env
     with session_scope(sf) as s:
         obs = s.scalars(select(LesionObservation).where(LesionObservation.seg_sop_instance_uid.is_not(None))).first()
         vanished = s.scalars(select(LesionObservation).where(LesionObservation.status == "vanished")).first()
@@ -331,7 +331,7 @@ def test_result_object_download(env) -> None:
 
 
 def test_audit_is_read_only_and_filterable(env) -> None:
-    client, sf, built, _ = env
+    client, _sf, built, _ = env
     items = rd(client, "/api/audit").json()["items"]
     assert [e["id"] for e in items] == sorted(e["id"] for e in items)
     job_id = str(built.timepoints[1].job_id)
@@ -470,7 +470,7 @@ def test_no_patient_identifier_in_urls_or_logs(env, caplog: pytest.LogCaptureFix
     assert built.patient_id not in [a.split('"')[0] for a in html.split('href="')[1:]]
 
 
-def _browser_login(client):  # type: ignore[no-untyped-def]
+def _browser_login(client):
     from fastapi.testclient import TestClient
 
     c = TestClient(client.app)
@@ -483,7 +483,7 @@ def test_thumbnail_finds_the_segment_by_tracking_uid(env) -> None:
     import numpy as np
     from PIL import Image
 
-    client, sf, built, _ = env
+    client, sf, _built, _ = env
     with session_scope(sf) as s:
         src = s.scalars(select(LesionObservation).where(LesionObservation.segment_number.is_not(None))).first()
         copy = LesionObservation(

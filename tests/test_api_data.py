@@ -24,13 +24,21 @@ from db.models import (
     Lesion,
     LesionObservation,
     LesionOrigin,
-    ObservationStatus,
     RoutingDecision,
     SeriesState,
 )
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
+from db.status import LesionStatus
 from pipeline.contract import WriteSegSrOutput
+
+#: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
+RADIOLOGIST_WORDS = {
+    "lung": "spiculated nodule right upper lobe",
+    "liver": "hypodense lesion segment VIII",
+    "lymph node": "enlarged right paratracheal node",
+    "soft tissue": "subcutaneous nodule left flank",
+}
 
 
 @dataclass
@@ -78,7 +86,8 @@ def _last_centre(history: list) -> tuple[float, float, float] | None:
     """Where a lesion was last seen (a vanished lesion's SR group is anchored there)."""
     for m in reversed(history):
         if m is not None and m.centre_mm is not None:
-            return tuple(m.centre_mm)  # type: ignore[return-value]
+            c = m.centre_mm
+            return (float(c[0]), float(c[1]), float(c[2]))
     return None
 
 
@@ -257,7 +266,7 @@ def build_patient(
                         centre_x_mm=c[0],
                         centre_y_mm=c[1],
                         centre_z_mm=c[2],
-                        status=ObservationStatus(m.status),
+                        status=LesionStatus(m.status),
                         engine=les.engine or "test-engine",
                         engine_version=les.engine_version or "1.0",
                         measurements=m.to_dict(),
@@ -403,7 +412,14 @@ def phantom_timepoints(
                     if ("liver" in kind or "hypodense" in kind)
                     else "soft tissue"
                 )
-                idents[lab] = LesionIdentity(generate_uid(), f"L{lab} {site}", lab, site, "lymph node" in kind)
+                idents[lab] = LesionIdentity(
+                    generate_uid(),
+                    f"L{lab} {site}",
+                    lab,
+                    site,
+                    "lymph node" in kind,
+                    description=RADIOLOGIST_WORDS.get(site),
+                )
             mask = tp.labels.with_array((tp.labels.array == lab).astype(np.uint8))
             status = {"present": LesionStatus.PRESENT, "new": LesionStatus.NEW}.get(st.status, LesionStatus.VANISHED)
             if status is LesionStatus.VANISHED:

@@ -105,3 +105,53 @@ def test_cli_check_good_and_bad(tmp_path):
     res = runner.invoke(app, ["--config", str(bad), "config", "check"])
     assert res.exit_code != 0
     assert "routing.min_slices" in res.output
+
+
+def test_check_fails_on_an_unknown_engine_naming_the_key(tmp_path):
+    """`nninteractive` does not exist: `config check` exits non-zero naming engines.segmentation (not a job failure)."""
+    res = CliRunner().invoke(
+        app, ["--config", str(_write(tmp_path, "[engines]\nsegmentation = 'nninteractive'\n")), "config", "check"]
+    )
+    assert res.exit_code != 0
+    assert "engines.segmentation" in res.output and "nninteractive" in res.output
+    assert "adaptive" in res.output  # the message lists what is available
+    res = CliRunner().invoke(
+        app, ["--config", str(_write(tmp_path, "[engines]\nregistration = 'elastix'\n")), "config", "check"]
+    )
+    assert res.exit_code != 0 and "engines.registration" in res.output
+
+
+def test_check_fails_on_missing_weights_naming_the_weights_key(tmp_path):
+    res = CliRunner().invoke(
+        app, ["--config", str(_write(tmp_path, "[engines]\nsegmentation = 'lesionlocator'\n")), "config", "check"]
+    )
+    assert res.exit_code != 0 and "engines.lesionlocator_weights" in res.output
+    cfg = _write(
+        tmp_path, f"[engines]\nregistration = 'unigradicon'\nunigradicon_weights = '{tmp_path / 'absent.trch'}'\n"
+    )
+    res = CliRunner().invoke(app, ["--config", str(cfg), "config", "check"])
+    assert res.exit_code != 0 and "engines.unigradicon_weights" in res.output and "absent.trch" in res.output
+
+
+def test_engine_registry_has_one_shape_for_both_kinds(tmp_path):
+    from config.settings import EngineSettings
+    from models.engines import REGISTRATION, SEGMENTATION, build_registration, check_engines
+
+    assert {"none", "convex", "simpleitk", "unigradicon"} <= set(REGISTRATION)
+    assert {"adaptive", "warped-prompt", "lesionlocator"} <= set(SEGMENTATION)
+    assert all(s.kind == "registration" for s in REGISTRATION.values())
+    assert all(s.kind == "segmentation" for s in SEGMENTATION.values())
+    assert check_engines(EngineSettings()) == []  # the defaults run out of the box
+    assert check_engines(EngineSettings(registration="none", segmentation="warped-prompt")) == []
+    assert build_registration("none").name == "none"
+
+
+def test_serve_refuses_to_start_with_an_unknown_engine(tmp_path):
+    from lesiontrack.service import LesionTrackService
+
+    s = load_settings(
+        _write(tmp_path, f"data_dir = '{tmp_path / 'data'}'\n[engines]\nsegmentation = 'nninteractive'\n")
+    )
+    with pytest.raises(ConfigError, match=r"engines\.segmentation"):
+        LesionTrackService(s, dicom=False, http=False, jobs=False).start()
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())

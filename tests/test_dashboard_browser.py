@@ -126,6 +126,7 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
             if cell is None:
                 continue
             o = obs[cell["observationId"]]
+            assert o.volume_mm3 is not None
             assert cell["volume"] == _fmt(o.volume_mm3 / 1000.0, 2, " mL")
             assert cell["longAxis"] == _fmt(o.long_axis_mm, 1, " mm")
             assert cell["shortAxis"] == _fmt(o.short_axis_mm, 1, " mm")

@@ -15,7 +15,6 @@ from db.models import (
     Lesion,
     LesionObservation,
     LesionOrigin,
-    ObservationStatus,
 )
 from db.repository import (
     AuditImmutableError,
@@ -26,6 +25,7 @@ from db.repository import (
     get_or_create_study,
 )
 from db.session import current_revision, head_revision, make_engine, make_session_factory, session_scope, upgrade
+from db.status import LesionStatus
 from lesiontrack.cli import app
 from tests.conftest import require_tool
 
@@ -67,7 +67,7 @@ def _crud_round_trip(url: str) -> None:
             LesionObservation(
                 lesion_pk=les.id,
                 series_instance_uid="1.2.3.4",
-                status=ObservationStatus.PRESENT,
+                status=LesionStatus.PRESENT,
                 volume_mm3=1234.5,
                 measurements={"long_axis_mm": 12.0},
             )

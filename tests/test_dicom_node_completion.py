@@ -50,10 +50,10 @@ def test_series_over_three_associations_inside_quiet_period_triggers_once(node: 
         storescu(node.port, part)
         if i < 2:
             # the next association starts well inside the 3 s quiet period
-            assert node.series(uid).state == SeriesState.RECEIVING  # type: ignore[union-attr]
+            assert node.series(uid).state == SeriesState.RECEIVING
             while time.monotonic() - t0 < 1.0:
                 time.sleep(0.05)
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")  # type: ignore[union-attr]
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
     assert node.triggers == [uid]
     s = node.series(uid)
     assert s is not None and s.instance_count == 28
@@ -75,7 +75,7 @@ def test_open_association_holds_completion(node: Node) -> None:
     # quiet for longer than the quiet period, but the sender's association is still open
     t0 = time.monotonic()
     while time.monotonic() - t0 < 4.5:
-        assert node.series(uid).state == SeriesState.RECEIVING  # type: ignore[union-attr]
+        assert node.series(uid).state == SeriesState.RECEIVING
         time.sleep(0.25)
     assoc.release()
     wait_until(lambda: node.triggers == [uid], what="trigger after release")
@@ -88,7 +88,7 @@ def test_late_instance_reopens_and_retriggers(node: Node) -> None:
     wait_until(lambda: node.triggers == [uid], what="first trigger")
     storescu(node.port, files[-1:])
     wait_until(
-        lambda: node.series(uid).state == SeriesState.RECEIVING or len(node.triggers) == 2,  # type: ignore
+        lambda: node.series(uid).state == SeriesState.RECEIVING or len(node.triggers) == 2,
         what="re-open",
     )
     wait_until(lambda: len(node.triggers) == 2, what="re-trigger")
@@ -96,10 +96,10 @@ def test_late_instance_reopens_and_retriggers(node: Node) -> None:
     assert len(node.audits("series.reopened")) == 1
     done = node.audits("series.complete")
     assert [e.details["retrigger"] for e in done] == [False, True]
-    assert node.series(uid).instance_count == 28  # type: ignore[union-attr]
+    assert node.series(uid).instance_count == 28
     # a duplicate of an already stored instance is not new data: no re-open
     storescu(node.port, files[:1])
-    assert node.series(uid).state == SeriesState.COMPLETE  # type: ignore[union-attr]
+    assert node.series(uid).state == SeriesState.COMPLETE
 
 
 def test_forced_completion_and_skip_decision_recorded(tmp_path: Path) -> None:

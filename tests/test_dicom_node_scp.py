@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from sqlalchemy import func, select, text
 
 from config.settings import Settings, load_settings
@@ -158,7 +158,7 @@ def pynetdicom_store(port: int, paths: list[Path], abort_after: int | None = Non
         ae.add_requested_context(m.MediaStorageSOPClassUID, m.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="LESIONTRACK")
     assert assoc.is_established
-    statuses = []
+    statuses: list[int] = []
     for i, p in enumerate(paths):
         if abort_after is not None and i == abort_after:
             assoc.abort()
@@ -256,7 +256,7 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
 
     # unsupported SOP class: the presentation context is refused, the node keeps serving
     ds = dcmread(good[3])
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.4.5.6.7"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.3.4.5.6.7")
     odd = tmp_path / "odd.dcm"
     ds.save_as(odd, enforce_file_format=True)
     r = storescu(node.port, [odd], check=False)
@@ -269,8 +269,8 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     assert statuses == [0] * 5
     assert node.count() == 6
     assert not [p for p in node.files() if p.name.startswith(".tmp-")]
-    for r in node.instances():
-        assert hashlib.sha256(dataset_bytes(Path(r.file_path))).hexdigest() == r.sha256
+    for row in node.instances():
+        assert hashlib.sha256(dataset_bytes(Path(row.file_path))).hexdigest() == row.sha256
     assert echoscu(node.port) == 0
     storescu(node.port, series)  # the sender retries the whole series: all there, once each
     assert node.count() == 1 + len(series)
@@ -322,7 +322,6 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
             subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
         return
     # no mount here: every temporary file the store opens is /dev/full, whose writes fail with ENOSPC
-    from dicom_node import storage
 
     real_open = os.open
 
@@ -332,7 +331,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
             return real_open("/dev/full", os.O_WRONLY)
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr(storage.os, "open", open_full)
+    monkeypatch.setattr("dicom_node.storage.os.open", open_full)
     assert _assert_disk_full_handled(mnt, tmp_path / "db") == [0xA700] * 4
 
 

@@ -30,7 +30,7 @@ def _settings(tmp_path: Path) -> Settings:
     )
 
 
-def _two_senders(tmp_path: Path, deliver_a, deliver_b, clock: Clock):  # type: ignore[no-untyped-def]
+def _two_senders(tmp_path: Path, deliver_a, deliver_b, clock: Clock):
     """Two services with their own engines on one database file, as two processes would have."""
     settings = _settings(tmp_path)
     upgrade(settings.database_url)
@@ -77,7 +77,12 @@ def test_a_delivery_being_sent_is_not_sent_again_by_another_sender(tmp_path: Pat
 def test_a_lapsed_claim_is_retried_by_another_sender(tmp_path: Path) -> None:
     clock = Clock()
     sent: list[str] = []
-    a, b = _two_senders(tmp_path, lambda *_: "unused", lambda *_: sent.append("b") or "ok", clock)
+
+    def deliver_b(*_: object) -> str:
+        sent.append("b")
+        return "ok"
+
+    a, b = _two_senders(tmp_path, lambda *_: "unused", deliver_b, clock)
     (delivery_id,) = a.send([tmp_path / "seg.dcm"], attempt_now=False)
     assert a._claim(delivery_id)  # a claims it, then its process dies
     assert b.run_due() == []

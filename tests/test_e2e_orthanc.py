@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def patient(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def patient(tmp_path_factory: pytest.TempPathFactory):
     from lesiontrack.demo_data import make_patient
 
     return make_patient(
@@ -79,7 +79,7 @@ class Site:
     def upload(self, files: list[Path]) -> str:
         """Store files in Orthanc over REST; returns the Orthanc id of their series."""
         ids = [self.orthanc.upload(f) for f in files]
-        return str(self.orthanc.get_json(f"/instances/{ids[0]}")["ParentSeries"])  # type: ignore[index]
+        return str(self.orthanc.get_json(f"/instances/{ids[0]}")["ParentSeries"])
 
     def route(self, series_id: str) -> None:
         """What an Orthanc routing rule does: send the series to LesionTrack."""
@@ -106,9 +106,9 @@ class Site:
 
     def results_in_orthanc(self, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
         found = self.orthanc.post("/tools/lookup", study_uid)
-        study_id = found[0]["ID"]  # type: ignore[index]
+        study_id = found[0]["ID"]
         out: dict[str, list[pydicom.Dataset]] = {}
-        for series in self.orthanc.get_json(f"/studies/{study_id}/series"):  # type: ignore[union-attr]
+        for series in self.orthanc.get_json(f"/studies/{study_id}/series"):
             modality = series["MainDicomTags"].get("Modality")
             if modality in ("SEG", "SR"):
                 for inst in series["Instances"]:
@@ -157,7 +157,7 @@ def _validate(tmp: Path, ds: pydicom.Dataset) -> Path:
 def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path]:
     srs: list[Path] = []
     base_uids = {les["tracking_uid"] for les in patient.lesions}
-    site.upload(patient.baseline.files + [patient.seg_file])  # the baseline and its SEG live in the PACS
+    site.upload([*patient.baseline.files, patient.seg_file])  # the baseline and its SEG live in the PACS
     previous_seg: str | None = None
     for fu in patient.followups[:followups]:
         site.route(site.upload(fu.files))

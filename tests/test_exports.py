@@ -7,6 +7,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import cast
 
 import highdicom as hd
 import pytest
@@ -30,7 +31,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     return built, tl, url
 
 
-def _num(group, concept) -> float | None:  # type: ignore[no-untyped-def]
+def _num(group, concept) -> float | None:
     found = group.get_measurements(name=concept)
     return float(found[0].value) if found else None
 
@@ -38,7 +39,7 @@ def _num(group, concept) -> float | None:  # type: ignore[no-untyped-def]
 def _sr_values(sr_path: Path) -> tuple[dict[str, dict[str, float | str | None]], dict[str, str]]:
     """Per tracking UID: volume, long/short axis and status from the SR; plus the RECIST 1.1 response items."""
     ds = hd.sr.srread(str(sr_path))
-    report = ds.content
+    report = cast(hd.sr.MeasurementReport, ds.content)  # highdicom types .content as a plain ContentSequence
     status_name = hd.sr.CodedConcept("LT001", "99LTRK", "Lesion status")
     out: dict[str, dict[str, float | str | None]] = {}
     groups = [
@@ -129,7 +130,7 @@ def test_json_has_the_same_rows_as_csv(exported) -> None:
     rows = list(csv.DictReader(io.StringIO(exports.lesions_csv(tl, built.patient_id))))
     js = json.loads(exports.lesions_json(tl, built.patient_id))
     assert js["columns"] == exports.LESION_COLUMNS and len(js["rows"]) == len(rows)
-    for c, j in zip(rows, js["rows"]):
+    for c, j in zip(rows, js["rows"], strict=True):
         for k in exports.LESION_COLUMNS:
             v = j[k]
             if isinstance(v, float):

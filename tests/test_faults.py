@@ -10,6 +10,7 @@ the faults hit the job machinery, the SCP and the sender, not the image analysis
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -111,22 +112,27 @@ retry_backoff_seconds = [0.5]
         outcomes = store_files(self.settings, peer, files)
         assert len(outcomes) == len(files) and all(o.ok for o in outcomes), outcomes
 
-    def session_factory(self):  # type: ignore[no-untyped-def]
+    def session_factory(self):
         return make_session_factory(make_engine(self.settings.effective_database_url))
 
 
-def _job_of(sf, series_uid: str) -> Any:  # type: ignore[no-untyped-def]
+def _job_of(sf, series_uid: str) -> Any:
     from pipeline.jobs import JobStore
 
     return JobStore(sf).latest_for_series(series_uid)
 
 
-def _runs(sf, job_id: int, step: str) -> int:  # type: ignore[no-untyped-def]
+def _finished(sf, series_uid: str) -> bool:
+    view = _job_of(sf, series_uid)
+    return view is not None and view.finished
+
+
+def _runs(sf, job_id: int, step: str) -> int:
     with session_scope(sf) as s:
         evs = s.scalars(
             select(AuditEvent).where(AuditEvent.action == "test.step_ran", AuditEvent.object_id == str(job_id))
         ).all()
-        return sum(1 for e in evs if e.details["step"] == step)
+        return len([e for e in evs if e.details["step"] == step])
 
 
 def test_kill_9_mid_job_then_restart_completes_and_loses_no_instance(tmp_path: Path) -> None:
@@ -148,7 +154,7 @@ def test_kill_9_mid_job_then_restart_completes_and_loses_no_instance(tmp_path: P
         svc.start()
         for uid in (uid_a, uid_b):
             wait_for(
-                lambda uid=uid: (_job_of(sf, uid) or None) and _job_of(sf, uid).finished,
+                functools.partial(_finished, sf, uid),
                 90,
                 f"the job of {uid} to finish",
             )
@@ -229,13 +235,13 @@ retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 
 
         sop = str(pydicom.dcmread(result, stop_before_pixels=True).SOPInstanceUID)
         found = orthanc.post("/tools/lookup", sop)
-        assert found and found[0]["Type"] == "Instance"  # type: ignore[index]
+        assert found and found[0]["Type"] == "Instance"
     finally:
         svc.stop()
         orthanc.stop()
 
 
-def _delivered(sf, job_id: int) -> bool:  # type: ignore[no-untyped-def]
+def _delivered(sf, job_id: int) -> bool:
     with session_scope(sf) as s:
         d = s.scalars(select(Delivery).where(Delivery.job_pk == job_id)).one()
         return d.state is DeliveryState.DELIVERED

@@ -17,7 +17,7 @@ INTEROP = ("interop",)
 
 
 def _images(folder: Path) -> list[pydicom.Dataset]:
-    out = []
+    out: list[pydicom.Dataset] = []
     for f in sorted(folder.iterdir()):
         try:
             ds = pydicom.dcmread(f)

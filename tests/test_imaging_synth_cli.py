@@ -73,7 +73,7 @@ def test_synth_from_real_lung_ct(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     truth = load_truth(Path(json.loads(res.output)[0]["dir"]))
     tp1 = truth["timepoints"][1]
-    tumour = [d for d in tp1["lesions"] if d["label"] == 1][0]
+    tumour = next(d for d in tp1["lesions"] if d["label"] == 1)
     assert tumour["status"] in ("present", "vanished", "out_of_fov")
     b, f = np.array(tp1["landmarks"]["baseline_mm"]), np.array(tp1["landmarks"]["followup_mm"])
     assert len(b) > 20 and np.abs(tp1["transform"].baseline_to_followup(b) - f).max() < 0.1

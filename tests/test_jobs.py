@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pydantic import Field
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.models import AnalysisJob, AuditEvent, JobState
 from db.session import make_engine, make_session_factory, session_scope, upgrade
@@ -23,17 +23,17 @@ from pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientErr
 from tests.services import wait_for
 
 
-def _factory(url: str):  # type: ignore[no-untyped-def]
+def _factory(url: str):
     upgrade(url)
     return make_session_factory(make_engine(url))
 
 
 @pytest.fixture()
-def sf(sqlite_url: str):  # type: ignore[no-untyped-def]
+def sf(sqlite_url: str):
     return _factory(sqlite_url)
 
 
-def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:  # type: ignore[no-untyped-def]
+def _transitions(sf, job_id: int) -> list[tuple[str | None, str]]:
     with session_scope(sf) as s:
         evs = s.scalars(
             select(AuditEvent)
@@ -86,7 +86,7 @@ class Recorder:
         return Step(name, fn, Counted, durable=durable)
 
 
-def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) -> None:  # type: ignore[no-untyped-def]
+def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(sf, [rec.step("a", durable=True), rec.step("b"), rec.step("c")])
     job = svc.store.create("1.2.3")
@@ -100,7 +100,7 @@ def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) ->
     assert rec.calls == Counter(a=1, b=1, c=1)
 
 
-def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:  # type: ignore[no-untyped-def]
+def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:
     rec = Recorder()
     steps = [rec.step("a", durable=True), rec.step("b", fail={1: ConnectionError("PACS unreachable")})]
     svc = AnalysisService(sf, steps, retry=RetryPolicy(3, [60.0]))
@@ -123,7 +123,7 @@ def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:  #
     ]
 
 
-def test_gives_up_after_max_attempts(sf) -> None:  # type: ignore[no-untyped-def]
+def test_gives_up_after_max_attempts(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(
         sf,
@@ -136,7 +136,7 @@ def test_gives_up_after_max_attempts(sf) -> None:  # type: ignore[no-untyped-def
     assert svc.store.get(job).error == "gave up after 3 attempts: send: destination down"
 
 
-def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type: ignore[no-untyped-def]
+def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(
         sf, [rec.step("load", durable=True), rec.step("register", fail={1: ValueError("follow-up has 3 slices")})]
@@ -149,7 +149,7 @@ def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:  # type:
     assert rec.calls["register"] == 1, "permanent failures are not retried"
 
 
-def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:  # type: ignore[no-untyped-def]
+def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(sf, [rec.step("match_priors", fail={1: NothingToTrack("no prior study")}), rec.step("never")])
     job = svc.store.create("1.2.3")
@@ -159,7 +159,7 @@ def test_no_priors_is_nothing_to_track_not_an_error(sf) -> None:  # type: ignore
     assert _transitions(sf, job)[-1] == ("running", "nothing_to_track")
 
 
-def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:  # type: ignore[no-untyped-def]
+def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:
     rec = Recorder()
     oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     svc = AnalysisService(sf, [rec.step("register", fail={1: oom})], retry=RetryPolicy(3, [0.0]), device="cuda")
@@ -170,7 +170,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu(sf) -> None:  # type: ignore[no-unt
     assert RuntimeHints.model_validate(svc.store.get(job).step_outputs.get(RUNTIME_KEY)).device == "cpu"
 
 
-def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:  # type: ignore[no-untyped-def]
+def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:
     rec = Recorder()
     svc = AnalysisService(sf, [rec.step("a", fail={1: PermanentError("bad")})])
     old = svc.store.create("1.2.3")
@@ -186,14 +186,14 @@ def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:  # type: i
     assert svc.run(new) is JobState.DONE
 
 
-def test_a_second_trigger_reuses_the_queued_job(sf) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_trigger_reuses_the_queued_job(sf) -> None:
     store = JobStore(sf)
     a = store.create("1.2.3")
     assert store.create("1.2.3", reason="late instance") == a
     assert len(store.list(series_uid="1.2.3")) == 1
 
 
-def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> None:  # type: ignore[no-untyped-def]
+def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> None:
     rec = Recorder()
     steps = [
         rec.step("retrieve", durable=True),
@@ -227,7 +227,7 @@ def test_orphaned_job_of_a_dead_process_resumes_after_last_durable_step(sf) -> N
     assert _out(store.get(job), "write") == written
 
 
-def test_expired_lease_lets_another_worker_take_over(sf) -> None:  # type: ignore[no-untyped-def]
+def test_expired_lease_lets_another_worker_take_over(sf) -> None:
     rec = Recorder()
     store = JobStore(sf)
     job = store.create("1.2.3")
@@ -241,17 +241,17 @@ def test_expired_lease_lets_another_worker_take_over(sf) -> None:  # type: ignor
     )
 
 
-def _transition_events(sf, job_id: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _transition_events(sf, job_id: int) -> list[dict[str, Any]]:
     with session_scope(sf) as s:
         return [
-            e.details
+            e.details or {}
             for e in s.scalars(
                 select(AuditEvent).where(AuditEvent.object_id == str(job_id), AuditEvent.action == "job.state")
             )
         ]
 
 
-def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: ignore[no-untyped-def]
+def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:
     entered, release = threading.Event(), threading.Event()
 
     def slow(ctx: Ctx) -> Done:
@@ -277,7 +277,7 @@ def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:  # type: igno
     assert svc2.run(job) is JobState.DONE and rec.calls["after"] == 1
 
 
-def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:  # type: ignore[no-untyped-def]
+def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:
     runs: Counter[int] = Counter()
     lock = threading.Lock()
 
@@ -304,7 +304,7 @@ def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:  # type: ignore[no-
     assert len(workers) >= 1
 
 
-def test_concurrent_workers_run_each_job_once_sqlite(sf) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_workers_run_each_job_once_sqlite(sf) -> None:
     _race(sf)
 
 
@@ -312,7 +312,7 @@ def test_concurrent_workers_run_each_job_once_sqlite(sf) -> None:  # type: ignor
 def test_concurrent_workers_run_each_job_once_postgres(postgres_url: str) -> None:
     sf = _factory(postgres_url)
     with session_scope(sf) as s:  # the session-wide server may hold jobs of other tests
-        s.execute(AnalysisJob.__table__.update().values(superseded_by=None))
+        s.execute(update(AnalysisJob).values(superseded_by=None))
     _race(sf, n_jobs=16, n_workers=4)
 
 
@@ -342,7 +342,7 @@ def test_cli_jobs_list_show_retry(sqlite_url: str, tmp_path: Path, monkeypatch: 
     assert res.exit_code != 0 and "no analysis job with id 424242" in res.output
 
 
-def test_a_stored_output_that_no_longer_validates_fails_the_job_naming_the_step(sf) -> None:  # type: ignore[no-untyped-def]
+def test_a_stored_output_that_no_longer_validates_fails_the_job_naming_the_step(sf) -> None:
     rec = Recorder()
     store = JobStore(sf)
     job = store.create("1.2.3")
@@ -357,7 +357,7 @@ def test_a_stored_output_that_no_longer_validates_fails_the_job_naming_the_step(
     assert rec.calls == Counter(), "nothing runs on an output it cannot trust"
 
 
-def test_a_step_returning_another_model_fails_with_a_clear_reason(sf) -> None:  # type: ignore[no-untyped-def]
+def test_a_step_returning_another_model_fails_with_a_clear_reason(sf) -> None:
     def wrong(ctx: Ctx) -> Counted:
         return Done()  # type: ignore[return-value]  # deliberately breaks the declared contract
 

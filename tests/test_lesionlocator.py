@@ -126,6 +126,7 @@ def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> N
     track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=eng)
     les = tps[1].lesions[0]
     assert les.engine == "lesionlocator" and les.status in (LesionStatus.PRESENT, LesionStatus.VANISHED)
+    assert isinstance(eng, LesionLocatorEngine)
     assert len(eng._models["track"].networks) == 1
 
 
@@ -133,7 +134,7 @@ def test_single_model_folder_and_bad_folders(tmp_path: Path) -> None:
     write_tiny_model(tmp_path / "one", "3d_fullres", folds=(0,))
     eng = LesionLocatorEngine(tmp_path / "one", device="cpu")
     assert eng._model_for(PromptKind.MASK)[0] == "any"
-    with pytest.raises(CheckpointError, match="no plans.json"):
+    with pytest.raises(CheckpointError, match=r"no plans\.json"):
         LesionLocatorEngine(tmp_path, device="cpu")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "plans.json").write_text("{}")

@@ -25,7 +25,7 @@ def _grid(shape=(40, 120, 120), direction=None) -> Volume:
 
 def _ellipsoid(ct: Volume, centre, radii, angle_deg: float = 0.0) -> np.ndarray:
     k, j, i = np.indices(ct.shape)
-    p = ct.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(ct.shape + (3,)) - np.asarray(centre)
+    p = ct.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape((*ct.shape, 3)) - np.asarray(centre)
     th = np.deg2rad(angle_deg)
     x = p[..., 0] * np.cos(th) + p[..., 1] * np.sin(th)
     y = -p[..., 0] * np.sin(th) + p[..., 1] * np.cos(th)

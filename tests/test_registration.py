@@ -117,7 +117,7 @@ def test_saved_field_is_an_itk_displacement_field(body_case, tmp_path):
 
 
 def test_warp_image_matches_truth(body_case):
-    base, fu, tr, reg = body_case
+    base, fu, _tr, reg = body_case
     warped = reg.warp_image(base)
     assert warped.same_grid(fu) and warped.array.dtype == base.array.dtype
     body = fu.array > -400

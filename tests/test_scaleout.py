@@ -6,6 +6,7 @@ Real services on loopback. The workers run the small cross-process pipeline of `
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from config.settings import load_settings
 from db.models import AuditEvent, JobState
 from db.session import make_engine, make_session_factory, session_scope
+from pipeline.jobs import JobStore
 from tests.conftest import REPO, require_tool
 from tests.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
 
@@ -26,7 +28,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 @pytest.fixture()
-def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
+def stack(tmp_path: Path):
     require_tool("redis-server", "initdb")
     pg = PostgresServer(tmp_path)
     pg.start()
@@ -81,15 +83,19 @@ def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
         pg.stop()
 
 
-def _runs(sf) -> Counter[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def _finished(store: JobStore, series_uid: str) -> bool:
+    view = store.latest_for_series(series_uid)
+    return view is not None and view.finished
+
+
+def _runs(sf) -> Counter[tuple[str, str]]:
     with session_scope(sf) as s:
         evs = s.scalars(select(AuditEvent).where(AuditEvent.action == "test.step_ran")).all()
-        return Counter((e.object_id, e.details["step"]) for e in evs)
+        return Counter((str(e.object_id), str(e.details["step"])) for e in evs)
 
 
-def test_two_workers_run_each_job_exactly_once(stack) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_run_each_job_exactly_once(stack) -> None:
     from pipeline.executors.celery_app import CeleryExecutor
-    from pipeline.jobs import JobStore
 
     settings, sf, worker, tmp = stack
     store = JobStore(sf)
@@ -121,11 +127,11 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:  # type: ignore[n
     assert embedded == scale and len(scale) == len(jobs)
 
 
-def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:  # type: ignore[no-untyped-def]
+def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
     from pipeline.executors.celery_app import CeleryExecutor
     from pipeline.jobs import JobStore
 
-    settings, sf, worker, tmp = stack
+    settings, sf, worker, _tmp = stack
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     (data / "block").write_text("hold")
@@ -147,7 +153,7 @@ def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:  # type: 
     assert _runs(sf)[(str(job), "write")] == 1
 
 
-def _observations(sf) -> dict[tuple[str, str], tuple[str, float | None, float | None]]:  # type: ignore[no-untyped-def]
+def _observations(sf) -> dict[tuple[str, str], tuple[str, float | None, float | None]]:
     from db.models import Lesion, LesionObservation
 
     with session_scope(sf) as s:
@@ -157,7 +163,7 @@ def _observations(sf) -> dict[tuple[str, str], tuple[str, float | None, float | 
         return {(o.series_instance_uid, uid): (o.status.value, o.volume_mm3, o.long_axis_mm) for o, uid in rows}
 
 
-def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -> None:
     """The real analysis steps in two Celery workers (jobs published by `lesiontrack serve`) give exactly the
     lesions and measurements of an embedded run on the same DICOM input; each job runs once. Registration engine
     'none' keeps this test fast: what is compared is the job machinery around the same analysis code."""
@@ -199,12 +205,12 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         for _ in range(2):
             worker("pipeline.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=port)
-        sequence = [patient.baseline.files + [patient.seg_file]] + [fu.files for fu in patient.followups]
+        sequence = [[*patient.baseline.files, patient.seg_file]] + [fu.files for fu in patient.followups]
         uids = [patient.baseline.series_uid] + [fu.series_uid for fu in patient.followups]
-        for files, uid in zip(sequence, uids):
+        for files, uid in zip(sequence, uids, strict=True):
             assert all(o.ok for o in store_files(settings, peer, files))
             wait_for(
-                lambda uid=uid: (store.latest_for_series(uid) or None) and store.latest_for_series(uid).finished,
+                functools.partial(_finished, store, uid),
                 300,
                 f"the analysis of {uid}",
             )
@@ -233,7 +239,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     )
     svc = LesionTrackService(emb_settings).start()
     try:
-        for files, uid in zip(sequence, uids):
+        for files, uid in zip(sequence, uids, strict=True):
             for f_ok in store_files(
                 emb_settings,
                 PacsPeer(name="e", ae_title="LESIONTRACK", host="127.0.0.1", port=emb_settings.dicom.port),
@@ -241,9 +247,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
             ):
                 assert f_ok.ok
             wait_for(
-                lambda uid=uid: (
-                    (svc.job_store.latest_for_series(uid) or None) and svc.job_store.latest_for_series(uid).finished
-                ),
+                functools.partial(_finished, svc.job_store, uid),
                 300,
                 f"embedded analysis of {uid}",
             )

@@ -8,6 +8,7 @@ import glob
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -140,6 +141,7 @@ def test_every_sr_passes_dciodvfy_and_dsrdump(written: Written) -> None:
 @pytest.mark.slow
 def test_every_sr_passes_pixelmed_sr_validator(written: Written) -> None:
     require_tool("java", PIXELMED_JAR)
+    assert written.amendment is not None
     for rep in run_sr_validator([*written.srs, written.amendment]):
         assert rep.ok, rep.summary()
         assert "Found Root Template TID_1500" in rep.output
@@ -179,7 +181,7 @@ def test_labelmap_seg_passes_dciodvfy_and_reads_back(written: Written, tmp_path:
 
 
 def test_seg_round_trip_same_lesions_uids_masks(written: Written) -> None:
-    for tp, path in zip(written.tps, written.segs):
+    for tp, path in zip(written.tps, written.segs, strict=True):
         back = read_seg(path, tp.ct)
         present = [les for les in tp.lesions if les.status is not LesionStatus.VANISHED]
         assert sorted(back.by_tracking_uid()) == sorted(les.identity.tracking_uid for les in present)
@@ -250,7 +252,7 @@ def test_sr_response_and_changes_read_back(written: Written) -> None:
 def test_tracking_uids_identical_across_all_segs_and_srs(written: Written) -> None:
     expected = {les.identity.tracking_uid: les.identity.tracking_id for tp in written.tps for les in tp.lesions}
     seen_in_sr: dict[str, int] = {}
-    for tp, seg_path, sr_path in zip(written.tps, written.segs, written.srs):
+    for tp, seg_path, sr_path in zip(written.tps, written.segs, written.srs, strict=True):
         for s in read_seg(seg_path).segments:
             assert expected[s.identity.tracking_uid] == s.identity.tracking_id
         c = read_sr(sr_path)
@@ -276,8 +278,9 @@ def test_sr_structure_for_viewers(written: Written) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = hd.sr.Comprehensive3DSR.from_dataset(ds)
-    vol = report.content.get_volumetric_roi_measurement_groups()
-    planar = report.content.get_planar_roi_measurement_groups()
+    content = cast(hd.sr.MeasurementReport, report.content)  # highdicom types .content as a plain ContentSequence
+    vol = content.get_volumetric_roi_measurement_groups()
+    planar = content.get_planar_roi_measurement_groups()
     assert len(vol) == 2 and len(planar) == 3  # L1, L2 present; L3 vanished (POINT)
     for g in vol:
         assert g.referenced_segment.referenced_sop_instance_uid == written.seg_results[1].dataset.SOPInstanceUID
@@ -322,6 +325,7 @@ def test_our_seg_and_sr_as_prompts(written: Written) -> None:
         p = by_uid[les.identity.tracking_uid]
         assert p.kind is PromptKind.BOX and p.identity.tracking_id == les.identity.tracking_id
         centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
+        assert p.box_mm is not None
         lo, hi = p.box_mm
         assert np.all(centre > lo) and np.all(centre < hi)
     # the vanished lesion (T1) comes back as a point prompt where it was looked for
@@ -404,7 +408,7 @@ def test_real_ct_seg_validates_and_round_trips(tmp_path: Path) -> None:
     _, grid = sort_source_slices(fixed)
     k, j, i = np.indices(grid.shape)
     centre = grid.index_to_patient([256, 300, 9])
-    pts = grid.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(grid.shape + (3,))
+    pts = grid.index_to_patient(np.stack([i, j, k], -1).reshape(-1, 3)).reshape((*grid.shape, 3))
     mask = (np.linalg.norm(pts - centre, axis=-1) <= 9.0).astype(np.uint8)
     ident = LesionIdentity(pydicom.uid.generate_uid(), "L1 liver", 1, "liver")
     seg = write_seg(fixed, [TrackedLesion(ident, LesionStatus.PRESENT, grid.with_array(mask), "eng", "2")])
@@ -439,7 +443,8 @@ def test_overlapping_lesions(written: Written, tmp_path: Path) -> None:
 
 def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Path) -> None:
     """OHIF/dcmjs-style groups: NUM "Length" inferred from a POLYLINE, a bidirectional (Long/Short Axis NUMs each with
-    a POLYLINE), an ELLIPSE region and a POINT probe; OHIF's tool tag as Tracking Identifier and a UID per measurement."""
+        a POLYLINE), an ELLIPSE region and a POINT probe; OHIF's tool tag as Tracking Identifier and a UID per
+    measurement."""
     from pydicom.sr.codedict import codes
 
     tp = written.tps[0]
@@ -525,8 +530,9 @@ def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Pat
     assert len(boxes) == 3 and [p for p in prompts if p.kind is PromptKind.POINTS]
     assert all(not p.identity.tracking_id.startswith("cornerstone") for p in prompts)
     present = [les for les in tp.lesions if les.status is not LesionStatus.VANISHED]
-    for les, p in zip(present, boxes):
+    for les, p in zip(present, boxes, strict=True):
         centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
+        assert p.box_mm is not None
         lo, hi = p.box_mm
         assert np.all(centre >= lo - 1.0) and np.all(centre <= hi + 1.0), (les.identity.tracking_id, lo, hi, centre)
     # the same SR read through the CT volume's instance list (models.imaging.dicom_read style meta)

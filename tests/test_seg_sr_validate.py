@@ -1,4 +1,4 @@
-"""The validator wrappers catch real errors (negative controls) and the `lesiontrack validate` command exits 1 on them."""
+"""The validator wrappers catch real errors (negative controls); `lesiontrack validate` exits 1 on them."""
 
 from __future__ import annotations
 

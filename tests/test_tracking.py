@@ -72,7 +72,7 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
     lm = label_map(tps[2])
     assert set(np.unique(lm.array)) == {0, 1, 2, 3, 4, 5}
     summary = tracking_summary(tps)
-    l6 = [e for e in summary["lesions"] if e["label"] == 6][0]
+    l6 = next(e for e in summary["lesions"] if e["label"] == 6)
     assert [tp["status"] for tp in l6["timepoints"]] == ["present", "present", "vanished"]
 
 

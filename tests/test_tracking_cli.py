@@ -130,7 +130,7 @@ def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
         with pytest.raises(PromptSourceError, match=msg):
             load_prompts_json(f, grid)
     f.write_text("{not json")
-    with pytest.raises(PromptSourceError, match="p.json"):
+    with pytest.raises(PromptSourceError, match=r"p\.json"):
         load_prompts_json(f)
 
 

@@ -69,7 +69,7 @@ def render(
     pb = p if transform is None else transform.followup_to_baseline(p.reshape(-1, 3)).reshape(p.shape)
     hu = anatomy(pb)
     labels = np.zeros(g.shape, np.uint8)
-    for n, (les, r) in enumerate(zip(LESIONS, radii), start=1):
+    for n, (les, r) in enumerate(zip(LESIONS, radii, strict=True), start=1):
         if r <= 0:
             continue
         inside = np.linalg.norm(pb - np.array(les.centre_mm), axis=-1) <= r
@@ -87,12 +87,12 @@ def series(seed: int = 0, shifts_mm=((0, 0, 0), (2, -1, 1), (-1, 2, -1)), radii_
         base = [les.radius_mm for les in LESIONS]
         radii_per_tp = [
             base,
-            [r * f for r, f in zip(base, (1.3, 1.0, 1.0, 1.1, 0.8, 0.75))],
-            [r * f for r, f in zip(base, (1.6, 0.8, 1.0, 1.2, 0.7, 0.0))],
+            [r * f for r, f in zip(base, (1.3, 1.0, 1.0, 1.1, 0.8, 0.75), strict=True)],
+            [r * f for r, f in zip(base, (1.6, 0.8, 1.0, 1.2, 0.7, 0.0), strict=True)],
         ]
     g = grid()
     out = []
-    for shift, radii in zip(shifts_mm, radii_per_tp):
+    for shift, radii in zip(shifts_mm, radii_per_tp, strict=False):  # as many timepoints as shifts
         tr = None if not any(shift) else SpatialTransform(translation=np.array(shift, float))
         out.append(render(g, tr, radii, rng))
     return out

@@ -39,8 +39,9 @@ def _require_browser_stack() -> None:
 
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     _require_browser_stack()
+    from pipeline.lesion_names import display_name
     from tests.services import OrthancServer
-    from tests.test_api_data import build_patient, phantom_timepoints
+    from tests.test_api_data import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -54,7 +55,10 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     fu = built.timepoints[1]
     seg = pydicom.dcmread(fu.seg_path, stop_before_pixels=True)
     labels = [s.SegmentLabel for s in seg.SegmentSequence]
-    assert [s.TrackingID for s in seg.SegmentSequence] == labels
+    # each label is the Tracking ID plus the radiologist's description, within LO's 64 characters
+    assert labels == [display_name(s.TrackingID, s.get("SegmentDescription")) for s in seg.SegmentSequence]
+    assert all(": " in label and len(label) <= 64 for label in labels), labels
+    assert {s.SegmentDescription for s in seg.SegmentSequence} <= set(RADIOLOGIST_WORDS.values())
     present = [m for m in fu.measurements.values() if m.status != "vanished"]
     assert present and len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
@@ -104,6 +108,23 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert sorted(result["srTextsFound"]) == sorted(volumes), f"SR values missing: {result['srTextsMissing']}"
+    # the SR's tracking identifiers carry the same names as the SEG labels
+    sr = pydicom.dcmread(fu.sr_path)
+    names = {item.TextValue for item in _walk(sr) if _concept(item) == "112039"}
+    assert set(labels) <= names, (labels, names)
     assert proc.returncode == 0
     for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name
+
+
+def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    out: list[pydicom.Dataset] = []
+    for item in ds.get("ContentSequence", []):
+        out.append(item)
+        out.extend(_walk(item))
+    return out
+
+
+def _concept(item: pydicom.Dataset) -> str | None:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else None

@@ -4,8 +4,9 @@ timelines, exports, result files and the read-only audit trail. URLs carry inter
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -19,16 +20,19 @@ from db.models import (
     JobState,
     Lesion,
     Patient,
+    RoutingDecision,
     Series,
+    SeriesState,
     Study,
 )
 from db.repository import audit
 from db.session import session_scope
 from pipeline import exports
-from pipeline.history import build_timeline
+from pipeline.history import PatientTimeline, build_timeline
 from pipeline.recist import RecistRules
 from web import schemas as sc
 from web.auth import Principal, require_operator, require_read
+from web.jobcontrol import JobControl, SeriesControl
 from web.params import INT64_MAX, DbId
 
 log = logging.getLogger(__name__)
@@ -94,7 +98,7 @@ def get_job(request: Request, job_id: DbId) -> sc.JobDetail:
         return sc.JobDetail.detail(job, events)
 
 
-def _job_control(request: Request):  # type: ignore[no-untyped-def]
+def _job_control(request: Request) -> JobControl:
     control = request.app.state.job_control
     if control is None:
         raise HTTPException(status_code=503, detail="job control is not available in this process")
@@ -216,6 +220,104 @@ def study_series(request: Request, study_uid: str) -> list[sc.SeriesOut]:
     return get_study(request, study_uid).series
 
 
+SERIES_STATES = ("skipped", "analysed", "pending", "receiving", "complete")
+
+
+@router.get(
+    "/series",
+    response_model=sc.SeriesList,
+    tags=["patients"],
+    summary="Received series, newest first; state=skipped lists every series the routing rules skipped, with why",
+)
+def list_series(
+    request: Request,
+    state: str | None = Query(None, description="skipped | analysed | pending | receiving | complete"),
+    since: datetime | None = Query(None, description="completed at or after (ISO 8601)"),
+    include_own: bool = Query(False, description="also list LesionTrack's own SEG/SR series"),
+    limit: int = Query(200, ge=1, le=5000),
+    offset: int = Query(0, ge=0),
+) -> sc.SeriesList:
+    q = select(Series)
+    if state is not None:
+        if state not in SERIES_STATES:
+            raise HTTPException(status_code=422, detail=f"state must be one of {', '.join(SERIES_STATES)}")
+        q = q.where(
+            {
+                "skipped": Series.routing_decision == RoutingDecision.SKIP,
+                "analysed": Series.routing_decision == RoutingDecision.ANALYSE,
+                "pending": Series.routing_decision == RoutingDecision.PENDING,
+                "receiving": Series.state == SeriesState.RECEIVING,
+                "complete": Series.state == SeriesState.COMPLETE,
+            }[state]
+        )
+    if not include_own:
+        q = q.where(Series.created_by_us.is_(False))
+    if since is not None:
+        q = q.where(Series.completed_at >= since)
+    with session_scope(request.app.state.session_factory) as s:
+        total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+        rows = s.scalars(q.order_by(Series.id.desc()).offset(offset).limit(limit))
+        return sc.SeriesList(total=total, items=[sc.SeriesOut.of(r) for r in rows])
+
+
+def _series_control(request: Request) -> SeriesControl:
+    control = request.app.state.job_control
+    if not isinstance(control, SeriesControl):
+        raise HTTPException(status_code=503, detail="series control is not available in this process")
+    return control
+
+
+@router.post(
+    "/series/{series_uid}/complete",
+    response_model=sc.SeriesCompleted,
+    tags=["jobs"],
+    summary="Completion trigger: the PACS says the series is stable; route it now, no quiet period (operator role)",
+)
+def complete_series_now(request: Request, series_uid: str, who: Operator) -> sc.SeriesCompleted:
+    control = _series_control(request)
+    done = control.complete_series(series_uid)
+    with session_scope(request.app.state.session_factory) as s:
+        se = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if se is None:
+            raise _not_found(f"series {series_uid}")
+        decision, reason = se.routing_decision.value, se.routing_reason
+        audit(s, who.actor, "api.series_complete", "series", series_uid, completed=done is not None)
+    if done is None:
+        return sc.SeriesCompleted(
+            series_instance_uid=series_uid,
+            completed=False,
+            routing_decision=decision,
+            routing_reason=reason,
+            detail="already complete; nothing received since",
+        )
+    return sc.SeriesCompleted(
+        series_instance_uid=series_uid,
+        completed=True,
+        routing_decision=done.decision,
+        routing_reason=done.reason,
+        job_id=done.job_id,
+        detail=f"{done.decision}: {done.reason}",
+    )
+
+
+@router.post(
+    "/series/{series_uid}/analyse",
+    status_code=202,
+    response_model=sc.JobQueued,
+    tags=["jobs"],
+    summary="Analyse anyway: queue a series the routing rules skipped (operator role)",
+)
+def analyse_anyway(request: Request, series_uid: str, who: Operator) -> sc.JobQueued:
+    control = _series_control(request)
+    try:
+        job_id = control.analyse_anyway(series_uid, who.actor)
+    except KeyError as exc:
+        raise _not_found(f"series {series_uid}") from exc
+    except ValueError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+    return sc.JobQueued(job_id=job_id, detail=f"skipped series queued for analysis as job {job_id}")
+
+
 @router.get(
     "/series/{series_uid}",
     response_model=sc.SeriesDetail,
@@ -273,7 +375,7 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
     tags=["lesions"],
     summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint",
 )
-def patient_timeline(request: Request, patient_pk: DbId) -> dict:
+def patient_timeline(request: Request, patient_pk: DbId) -> dict[str, Any]:
     with session_scope(request.app.state.session_factory) as s:
         try:
             return build_timeline(s, patient_pk, _recist_rules(request)).to_dict()
@@ -310,7 +412,7 @@ def lesion_plot(request: Request, lesion_id: DbId) -> Response:
 
 
 # -- exports -------------------------------------------------------------------------------------------
-def _timeline_and_subject(request: Request, patient_pk: int):  # type: ignore[no-untyped-def]
+def _timeline_and_subject(request: Request, patient_pk: int) -> tuple[PatientTimeline, str]:
     with session_scope(request.app.state.session_factory) as s:
         p = s.get(Patient, patient_pk)
         if p is None:

@@ -1,10 +1,12 @@
-"""Server-rendered dashboard (Jinja2, no external assets): job queue with retry, patient list, per-patient lesion
-timeline with thumbnails and plots, job detail. Browsers log in with an API key on ``/login`` (see
-:mod:`web.auth`); the queue page refreshes itself from ``/api/jobs`` with a few lines of local JavaScript."""
+"""Server-rendered dashboard (Jinja2, no external assets): job queue with retry, skipped series with "analyse
+anyway", patient list, per-patient lesion timeline with thumbnails and plots, job detail. Browsers log in with an
+API key on ``/login`` (see :mod:`web.auth`); the queue page refreshes itself from ``/api/jobs`` with a few lines of
+local JavaScript."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, HTTPException, Request
@@ -58,7 +60,7 @@ def _user(request: Request) -> Principal:
     return principal
 
 
-def _render(request: Request, name: str, principal: Principal | None, **ctx) -> HTMLResponse:  # type: ignore[no-untyped-def]
+def _render(request: Request, name: str, principal: Principal | None, **ctx: Any) -> HTMLResponse:
     token = request.cookies.get(SESSION_COOKIE, "")
     csrf = request.app.state.keys.csrf_token(token) if token else ""
     return templates.TemplateResponse(request, name, {"user": principal, "csrf": csrf, **ctx})
@@ -162,6 +164,38 @@ async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
     return RedirectResponse(f"/?msg={quote(result.detail)}", status_code=303)
 
 
+@router.get("/series/skipped", response_class=HTMLResponse)
+def skipped_page(request: Request, msg: str | None = None) -> HTMLResponse:
+    user = _user(request)
+    from web.api import list_series
+
+    page = list_series(request, state="skipped", since=None, include_own=False, limit=500, offset=0)
+    return _render(
+        request,
+        "skipped.html",
+        user,
+        series=page.items,
+        total=page.total,
+        msg=msg,
+        can_analyse=user.allows("operator"),
+    )
+
+
+@router.post("/series/{series_uid}/analyse")
+async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
+    user = _user(request)
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    token = request.cookies.get(SESSION_COOKIE, "")
+    if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
+        raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
+    if not user.allows("operator"):
+        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not start analyses")
+    from web.api import analyse_anyway
+
+    result = analyse_anyway(request, series_uid, user)
+    return RedirectResponse(f"/series/skipped?msg={quote(result.detail)}", status_code=303)
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: DbId) -> HTMLResponse:
     user = _user(request)
@@ -218,7 +252,7 @@ def api_docs(request: Request) -> HTMLResponse:
                     "summary": op.get("summary", ""),
                     "tag": (op.get("tags") or [""])[0],
                     "params": ", ".join(params),
-                    "operator": path.endswith(("/retry", "/reanalyse")),
+                    "operator": path.endswith(("/retry", "/reanalyse", "/analyse", "/complete")),
                     "open": path in ("/health", "/ready"),
                 }
             )

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Lesion, LesionObservation
 from db.session import session_scope
+from db.status import LesionStatus
 from pipeline import thumbnails
 from pipeline.history import build_timeline
 
@@ -52,12 +53,11 @@ class ImageService:
             obs = s.get(LesionObservation, observation_id)
             if obs is None:
                 raise KeyError(f"no observation with id {observation_id}")
-            status = obs.status.value if hasattr(obs.status, "value") else str(obs.status)
             tracking_id = obs.lesion.tracking_id
             tracking_uid = obs.lesion.tracking_uid
             seg_uid, segment = obs.seg_sop_instance_uid, obs.segment_number
             seg_path = _file_of(s, seg_uid) if seg_uid else None
-            if status == "vanished":
+            if obs.status is LesionStatus.VANISHED:
                 return thumbnails.placeholder_png(f"{tracking_id}\nvanished")
             if seg_path is None:
                 log.info("no SEG file for observation %s (SEG %s)", observation_id, seg_uid)
@@ -92,14 +92,16 @@ class ImageService:
         cached = self.cache_dir / f"plot-{lesion_id}-{sig}.png" if self.cache_dir else None
         if cached is not None and cached.is_file():
             return cached.read_bytes()
-        labels, vols, las = [], [], []
+        labels: list[str] = []
+        vols: list[float | None] = []
+        las: list[float | None] = []
         for tp in tl.timepoints:
             c = row.cells[tp.index]
             labels.append(f"{tp.label}\n{tp.date_iso or ''}")
             if c is None:
                 vols.append(None)
                 las.append(None)
-            elif c.status == "vanished":
+            elif c.status == LesionStatus.VANISHED:
                 vols.append(0.0)
                 las.append(0.0)
             else:

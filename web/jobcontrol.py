@@ -7,7 +7,8 @@ job/series) becomes 404, ``ValueError`` (e.g. a job that is still running) becom
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.jobs import JobStore
@@ -20,6 +21,28 @@ class JobControl(Protocol):
 
     def reanalyse(self, series_uid: str) -> int:
         """Queue a fresh analysis of a follow-up series; returns the job id."""
+        ...
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What an explicit completion trigger did: the routing decision recorded, or nothing new."""
+
+    decision: str
+    reason: str
+    job_id: int | None = None
+
+
+@runtime_checkable
+class SeriesControl(Protocol):
+    """Series-level actions that need the DICOM node (the process running the SCP, or its database)."""
+
+    def complete_series(self, series_uid: str) -> Completion | None:
+        """Complete a series now (the PACS says it is stable); None = unknown or already complete."""
+        ...
+
+    def analyse_anyway(self, series_uid: str, actor: str) -> int:
+        """Analyse a series the routing rules skipped; returns the job id (KeyError/ValueError as above)."""
         ...
 
 

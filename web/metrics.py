@@ -3,7 +3,9 @@ is counted, whichever one serves ``/metrics``).
 
 Exposed: ``lesiontrack_instances_received_total``, ``lesiontrack_jobs{state}``,
 ``lesiontrack_job_step_duration_seconds{step}`` (summary: sum and count over recorded steps),
-``lesiontrack_send_failures_total`` (failed delivery attempts), ``lesiontrack_deliveries{state}``.
+``lesiontrack_send_failures_total`` (failed delivery attempts), ``lesiontrack_deliveries{state}``,
+``lesiontrack_series_skipped_total{reason}`` (skip decisions of the routing rules by reason code, from the audit
+trail: every completion or re-evaluation that skipped a series counts once).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AnalysisJob, Delivery, DeliveryState, Instance, JobState, Series
+from db.models import AnalysisJob, AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
 from db.session import session_scope
 
 
@@ -47,6 +49,13 @@ class DatabaseCollector:
                 k: v for k, v in s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state))
             }
             attempts = list(s.execute(select(Delivery.state, Delivery.attempts)))
+            skipped: dict[str, int] = {}
+            for (details,) in s.execute(
+                select(AuditEvent.details).where(AuditEvent.action.in_(("series.complete", "series.reevaluated")))
+            ):
+                if details and details.get("decision") == "skip":
+                    code = str(details.get("reason_code") or "other")
+                    skipped[code] = skipped.get(code, 0) + 1
 
         c = CounterMetricFamily(
             "lesiontrack_instances_received", "DICOM instances received and stored (our own SEG/SR not counted)"
@@ -76,9 +85,16 @@ class DatabaseCollector:
         f.add_metric([], float(failures))
         yield f
 
+        sk = CounterMetricFamily(
+            "lesiontrack_series_skipped", "Series the routing rules skipped, by reason code", labels=["reason"]
+        )
+        for code in sorted(skipped):
+            sk.add_metric([code], float(skipped[code]))
+        yield sk
+
         d = GaugeMetricFamily("lesiontrack_deliveries", "Result deliveries by state", labels=["state"])
-        for state in DeliveryState:
-            d.add_metric([state.value], float(deliveries.get(state, 0)))
+        for dstate in DeliveryState:
+            d.add_metric([dstate.value], float(deliveries.get(dstate, 0)))
         yield d
 
 

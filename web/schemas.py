@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from db import models as m
 
@@ -154,6 +154,22 @@ class SeriesOut(BaseModel):
             created_by_us=bool(s.created_by_us),
             completed_at=s.completed_at,
         )
+
+
+class SeriesList(BaseModel):
+    total: int
+    items: list[SeriesOut]
+
+
+class SeriesCompleted(BaseModel):
+    """Answer to an explicit completion trigger."""
+
+    series_instance_uid: str
+    completed: bool = Field(description="false: the series was already complete with nothing received since")
+    routing_decision: str
+    routing_reason: str | None
+    job_id: int | None = None
+    detail: str
 
 
 class StudyOut(BaseModel):

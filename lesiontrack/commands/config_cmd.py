@@ -35,6 +35,13 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=
 
 @app.command("check")
 def check(ctx: typer.Context) -> None:
-    """Validate the configuration; exits non-zero with a message naming the bad key."""
+    """Validate the configuration (and the engines it names); exits non-zero with a message naming the bad key."""
+    from models.engines import check_engines
+
     settings = state(ctx).settings()
+    problems = check_engines(settings.engines)
+    for p in problems:
+        typer.secho(f"error: {p}", fg="red", err=True)
+    if problems:
+        raise typer.Exit(2)
     typer.echo(f"configuration OK ({settings._toml_file or 'defaults and environment'})")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 
 def demo(
@@ -14,16 +18,28 @@ def demo(
     spacing_mm: float = typer.Option(2.5, help="voxel size of the phantom CT (mm)"),
     lesions: int = typer.Option(5, help="number of lesions"),
     timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
-    keep_running: bool = typer.Option(False, help="keep the service (and dashboard) up until Ctrl-C"),
+    keep_running: bool | None = typer.Option(
+        None,
+        "--keep-running/--no-keep-running",
+        help="keep the service (and dashboard) up until Ctrl-C (default: yes when run from a terminal)",
+    ),
 ) -> None:
     """Start the service on free ports, send a phantom baseline + SEG and two follow-ups, print the lesion table."""
     import logging
+    import sys
     import tempfile
     import time
 
     from rich.console import Console
 
-    from lesiontrack.demo import demo_settings, lesion_table, render_table, send_files, wait_for_job
+    from lesiontrack.demo import (
+        demo_settings,
+        lesion_table,
+        render_table,
+        send_files,
+        wait_for_job,
+        write_demo_config,
+    )
     from lesiontrack.demo_data import make_patient
     from lesiontrack.service import LesionTrackService
 
@@ -32,10 +48,12 @@ def demo(
         console = Console(width=120)
     logging.getLogger("web.app").setLevel(logging.ERROR)
     try:
-        shape = tuple(int(v) for v in size.lower().split("x"))
-        assert len(shape) == 3
-    except (ValueError, AssertionError):
+        dims = [int(v) for v in size.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3:
         raise typer.BadParameter(f"--size must look like 96x144x144, got {size!r}")
+    shape = (dims[0], dims[1], dims[2])
     root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -43,7 +61,7 @@ def demo(
         patient = make_patient(
             root / "patient",
             seed=seed,
-            shape=shape,  # type: ignore[arg-type]
+            shape=shape,
             spacing=(spacing_mm,) * 3,
             n_lesions=lesions,
         )
@@ -62,7 +80,7 @@ def demo(
     )
     try:
         with console.status("sending baseline CT + SEG over DICOM..."):
-            send_files(settings, patient.baseline.files + [patient.seg_file])
+            send_files(settings, [*patient.baseline.files, patient.seg_file])
             view = wait_for_job(service.job_store, patient.baseline.series_uid, timeout)
         console.print(f"baseline: job {view.id} → {view.state.value} ({view.error or 'ok'})")
         for fu in patient.followups:
@@ -72,7 +90,7 @@ def demo(
                 send_files(settings, fu.files)
                 t1 = time.monotonic()
 
-                def show(v, label=fu.label, t1=t1):  # type: ignore[no-untyped-def]
+                def show(v: Any, label: str = fu.label, t1: float = t1, status: Status = status) -> None:
                     status.update(
                         f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)"
                     )
@@ -87,7 +105,8 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
-        assert service.session_factory is not None
+        if service.session_factory is None:
+            raise RuntimeError("the demo service has no database")
         with service.session_factory() as s:
             from sqlalchemy import select
 
@@ -95,21 +114,29 @@ def demo(
             from pipeline.contract import job_results
 
             patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
+        if patient_pk is None:
+            raise RuntimeError(f"patient {patient.patient_id} is not in the database after the demo run")
         table = lesion_table(service.session_factory, patient_pk)
         for tp in table:
             latest = service.job_store.latest_for_series(tp.series_uid)
             if latest is not None:
                 tp.files = job_results(latest.step_outputs).result_files
         render_table(table, console)
-        if url:
-            console.print(f"dashboard: {url} (API key: demo)")
         console.print(f"total {time.monotonic() - t0:.0f}s")
-        if keep_running:
-            console.print("service running; Ctrl-C to stop")
+        config = write_demo_config(settings, root / "lesiontrack.toml")
+        if keep_running is None:
+            keep_running = sys.stdin.isatty() and sys.stdout.isatty()
+        if keep_running and url:
+            console.print(f"dashboard: {url} (API key: demo) — the service keeps running until you press Ctrl-C")
             service.run_until_signal()
     finally:
         service.stop()
         console.print(f"all files (DICOM received, SEG/SR written, database) are in {root}")
+    console.print(
+        "the service has stopped. To browse these results in the dashboard again run\n"
+        f"  lesiontrack --config {config} serve\n"
+        f"and open http://127.0.0.1:{settings.http.port}/ (API key: demo)"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,9 @@ import typer
 from lesiontrack.context import state
 
 
-def echo(ctx: typer.Context, peer: str = typer.Argument(..., help="name of a [[pacs]] peer")) -> None:
+def echo(
+    ctx: typer.Context, peer: str = typer.Argument(..., help=r"name of a \[\[pacs]] peer (configuration section)")
+) -> None:
     """Verify the DICOM connection to PEER (C-ECHO); exit 1 when it fails."""
     from dicom_node.scu import DimseError
     from dicom_node.scu import echo as do_echo

@@ -37,12 +37,12 @@ def export(
             raise typer.BadParameter("give --patient ID (or --list)")
         if fmt not in FORMATS:
             raise typer.BadParameter(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-        p = s.get(Patient, patient)
-        if p is None:
+        row = s.get(Patient, patient)
+        if row is None:
             typer.secho(f"error: no patient with id {patient}", fg="red", err=True)
             raise typer.Exit(1)
         tl = build_timeline(s, patient)
-        subject = p.patient_id
+        subject = row.patient_id
     if fmt == "csv":
         text = exports.lesions_csv(tl, subject)
     elif fmt == "json":

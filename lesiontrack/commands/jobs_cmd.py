@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 
 from lesiontrack.context import state
 
+if TYPE_CHECKING:
+    from pipeline.jobs import JobStore
+
 app = typer.Typer(help="Analysis jobs: list, show, retry.", no_args_is_help=True)
 
 
-def _store(ctx: typer.Context):  # type: ignore[no-untyped-def]
+def _store(ctx: typer.Context) -> JobStore:
     from db.session import make_engine, make_session_factory, upgrade
     from pipeline.jobs import JobStore
 
@@ -35,7 +39,7 @@ def list_jobs(
     try:
         st = JobState(job_state) if job_state else None
     except ValueError:
-        raise typer.BadParameter(f"unknown state {job_state!r}; one of {[s.value for s in JobState]}")
+        raise typer.BadParameter(f"unknown state {job_state!r}; one of {[s.value for s in JobState]}") from None
     table = Table(title="analysis jobs")
     for col in ("id", "series", "state", "step", "attempts", "created", "error"):
         table.add_column(col, overflow="fold")

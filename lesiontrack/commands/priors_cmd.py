@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
@@ -32,7 +33,7 @@ def find_priors(
     except PriorLookupError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "study_uid": p.study_uid,
             "study_date": p.study_date,

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from lesiontrack.cli_errors import InputError, check_registrable, guarded, read_image
 from lesiontrack.context import state
 
+if TYPE_CHECKING:
+    import numpy as np
 
-def _read_volume(path: Path, what: str):  # type: ignore[no-untyped-def]
+    from models.imaging.volume import Volume
+
+
+def _read_volume(path: Path, what: str) -> Volume:
     """A volume for ``what`` (an option name); failures name the path (see lesiontrack.cli_errors)."""
-    return read_image(path, f"{what} volume")
+    volume: Volume = read_image(path, f"{what} volume")
+    return volume
 
 
-def _read_points(path: Path):  # type: ignore[no-untyped-def]
+def _read_points(path: Path) -> np.ndarray:
     import csv
 
     import numpy as np
@@ -80,7 +87,7 @@ def register(app: typer.Typer) -> None:
                 raise
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from exc
-        summary: dict = {
+        summary: dict[str, Any] = {
             "engine": reg.engine,
             "device": reg.quality.device,
             "seconds": reg.quality.stage_seconds.get("total"),
@@ -110,6 +117,10 @@ def register(app: typer.Typer) -> None:
             summary["labels_out"] = str(out_labels)
             summary["label_voxels"] = int(np.count_nonzero(warped.array))
         if save_field is not None:
+            from models.registration.field import DisplacementFieldRegistration
+
+            if not isinstance(reg, DisplacementFieldRegistration):
+                raise typer.BadParameter(f"--save-field: engine {reg.engine} produces no displacement field")
             save_field.parent.mkdir(parents=True, exist_ok=True)
             reg.save_field(save_field)
             summary["field_out"] = str(save_field)

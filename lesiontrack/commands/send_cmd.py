@@ -65,7 +65,12 @@ def send(
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     with session_scope(sf) as s:
-        states = [(i, s.get(Delivery, i).state) for i in ids]  # type: ignore[union-attr]
+        states: list[tuple[int, DeliveryState]] = []
+        for i in ids:
+            row = s.get(Delivery, i)
+            if row is None:
+                raise RuntimeError(f"delivery {i} was created but is no longer in the database")
+            states.append((i, row.state))
     for did, st in states:
         typer.echo(f"delivery {did}: {st.value}")
     if any(st != DeliveryState.DELIVERED for _, st in states):

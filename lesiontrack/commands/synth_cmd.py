@@ -59,12 +59,17 @@ def synth(
         if src_ct is None:
             from synthetic.phantom import make_phantom
 
-            kw = {} if size == "small" else {"shape": (200, 512, 512), "spacing": (0.7, 0.7, 1.5)}
-            ph = make_phantom(pseed, **kw)
+            ph = (
+                make_phantom(pseed)
+                if size == "small"
+                else make_phantom(pseed, shape=(200, 512, 512), spacing=(0.7, 0.7, 1.5))
+            )
             ct, lab = ph.ct, ph.lesions
             kinds = {x.label: x.kind for x in ph.lesion_info}
-        else:
+        elif src_lab is not None:
             ct, lab = src_ct, src_lab
+        else:
+            raise typer.BadParameter("--source and --labels go together")
         patient = synthesize_patient(
             ct,
             lab,

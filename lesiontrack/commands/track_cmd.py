@@ -11,12 +11,16 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from lesiontrack.cli_errors import InputError, check_registrable, guarded
 from lesiontrack.context import state
+
+if TYPE_CHECKING:
+    from pipeline.lesions import Timepoint
+    from pipeline.measurements import LesionMeasurement
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +61,13 @@ def track(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from models.engines import build_registration, build_segmentation
     from models.imaging.dicom_read import read_series
-    from models.segmentation.base import get_engine
     from pipeline.lesions import Timepoint
     from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
     from pipeline.tracking import (
         ProgressEvent,
         TrackingOptions,
-        get_registration_engine,
         label_map,
         track_lesions,
         tracking_summary,
@@ -88,7 +91,7 @@ def track(
             study_uid=_s(ct.meta.get("StudyInstanceUID")),
             meta={"folder": str(d)},
         )
-        for i, (ct, d) in enumerate(zip(cts, dirs))
+        for i, (ct, d) in enumerate(zip(cts, dirs, strict=True))
     ]
     order = sorted(range(len(tps)), key=lambda i: (tps[i].study_date or "", i))
     tps = [tps[i] for i in order]
@@ -103,16 +106,9 @@ def track(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
 
-    eng_name = engine or settings.engines.segmentation
-    weights = {"lesionlocator": settings.engines.lesionlocator_weights}.get(eng_name)
     try:
-        seg_engine = get_engine(eng_name, weights=weights, device=settings.compute.device)
-        reg_name = registration or settings.engines.registration
-        reg_engine = (
-            get_registration_engine(reg_name)
-            if reg_name == "none"
-            else get_registration_engine(reg_name, settings=settings.engines, device=settings.compute.device)
-        )
+        seg_engine = build_segmentation(engine, settings.engines, device=settings.compute.device)
+        reg_engine = build_registration(registration, settings.engines, device=settings.compute.device)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -166,7 +162,7 @@ def track(
     console.print(f"written to {out}")
 
 
-def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path]]:  # type: ignore[type-arg]
+def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int, list[Path]]:
     """A new SEG + TID 1500 SR per non-source timepoint, measurements against all earlier timepoints."""
     import pydicom
 
@@ -175,7 +171,7 @@ def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path
     from pipeline.seg_writer import save_new, write_seg
     from pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
-    history: dict[str, list] = {}  # type: ignore[type-arg]
+    history: dict[str, list[LesionMeasurement]] = {}
     written: dict[int, list[Path]] = {}
     for t, tp in enumerate(tps):
         for les in tp.lesions:
@@ -186,7 +182,7 @@ def _write_dicom(tps: list, source_index: int, out: Path) -> dict[int, list[Path
                     tracking_uid=les.identity.tracking_uid,
                     tracking_id=les.identity.tracking_id,
                     is_node=les.identity.is_node,
-                    status=les.status.value,
+                    status=les.status,
                     series_uid=tp.series_uid,
                     anatomic_site=les.identity.anatomic_site,
                 )

@@ -18,11 +18,17 @@ def worker(
 
     from celery import signals
 
+    from config.settings import ConfigError
     from db.session import current_revision, head_revision, make_engine, make_session_factory
-    from lesiontrack.service import build_analysis_service, load_pipeline
+    from lesiontrack.service import build_analysis_service, check_engine_settings, load_pipeline
     from pipeline.executors import celery_app
 
     settings = state(ctx).settings()
+    try:
+        check_engine_settings(settings)
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
     url = settings.effective_database_url
     rev = current_revision(url)
     if rev != head_revision():

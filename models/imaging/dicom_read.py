@@ -238,7 +238,7 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for f in _expand(paths):
         try:
-            ds = pydicom.dcmread(f, defer_size="64 KB")
+            ds: Dataset = pydicom.dcmread(f, defer_size="64 KB")
         except Exception:
             continue
         if _is_dicomdir(ds):
@@ -307,7 +307,7 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         volume.array = np.rint(volume.array).astype(np.int16)
 
     order = volume.meta.pop("_order")
-    meta = {
+    meta: dict[str, Any] = {
         key: (str(first_ds.get(key)) if first_ds.get(key) is not None else None)
         for key in (
             "PatientID",
@@ -348,7 +348,7 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         SliceThickness=slices[0].thickness,
     )
     volume.meta.update(meta)
-    log.info(
+    log.debug(
         "read series %s: %d slices -> grid %s, spacing %s%s",
         meta["SeriesInstanceUID"],
         len(slices),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from models.imaging.volume import Volume
 
@@ -125,7 +125,7 @@ def write_ct_series(
     for k in range(nk):
         ds = Dataset()
         ds.update(base)
-        sop_uid = sop_instance_uids[k] if sop_instance_uids else generate_uid()
+        sop_uid = UID(sop_instance_uids[k]) if sop_instance_uids else generate_uid()
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
         ipp = origin + k * sk * direction[:, 2]

@@ -11,7 +11,7 @@ scans of a patient, then over patients.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +53,10 @@ def nsd(
     0.0 when exactly one is.
     """
     p, g = _arrays(pred, gt)
-    if spacing is None:
-        spacing = gt.spacing if isinstance(gt, Volume) else (1.0, 1.0, 1.0)
-    samp = tuple(float(s) for s in spacing)[::-1]
+    sp: Sequence[float] | Array = spacing if spacing is not None else (1.0, 1.0, 1.0)
+    if spacing is None and isinstance(gt, Volume):
+        sp = gt.spacing
+    samp = tuple(float(s) for s in sp)[::-1]
     if not p.any() and not g.any():
         return 1.0
     if not p.any() or not g.any():
@@ -126,8 +127,7 @@ def evaluate_lesion(
     """Dice and centre distance of one predicted lesion mask against its ground truth (either may be missing)."""
     pred_present = pred is not None and bool((pred.array > 0).any())
     gt_present = gt is not None and bool((gt.array > 0).any())
-    if pred_present and gt_present:
-        assert pred is not None and gt is not None
+    if pred is not None and gt is not None and pred_present and gt_present:
         return LesionResult(patient_id, scan_id, lesion_id, dice(pred, gt), centre_distance(pred, gt), True, True)
     score = 1.0 if not pred_present and not gt_present else 0.0
     return LesionResult(patient_id, scan_id, lesion_id, score, None, gt_present, pred_present)
@@ -147,12 +147,17 @@ class TrackingSummary:
         return dict(self.__dict__)
 
 
-def _hier_mean(results: Sequence[LesionResult], value, include) -> float:
+def _hier_mean(
+    results: Sequence[LesionResult],
+    value: Callable[[LesionResult], float | None],
+    include: Callable[[LesionResult], bool],
+) -> float:
     """Mean over lesions per scan, then over scans per patient, then over patients (NaN-skipping)."""
     patients: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        if include(r):
-            patients.setdefault(r.patient_id, {}).setdefault(r.scan_id, []).append(float(value(r)))
+        v = value(r)
+        if include(r) and v is not None:
+            patients.setdefault(r.patient_id, {}).setdefault(r.scan_id, []).append(float(v))
     per_patient = []
     for scans in patients.values():
         scan_means = [float(np.mean(v)) for v in scans.values() if v]

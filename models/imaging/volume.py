@@ -50,7 +50,8 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(nk, nj, ni)``."""
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        k, j, i = self.array.shape
+        return (k, j, i)
 
     @property
     def size_ijk(self) -> tuple[int, int, int]:

@@ -6,6 +6,9 @@
 * ``"simpleitk"``: the same robust initialisation, SimpleITK affine refinement + fast symmetric-forces demons.
 * ``"unigradicon"``: the uniGradICON network from a local weights file (``engines.unigradicon_weights``);
   never downloads anything.
+* ``"none"``: identity (``models.registration.identity``).
+
+The registry itself (names, packages, weights) is :mod:`models.engines`.
 """
 
 from __future__ import annotations
@@ -16,32 +19,16 @@ from config.settings import EngineSettings
 from models.registration.base import EngineUnavailable, Registration, RegistrationEngine, RegistrationQuality
 from models.registration.field import DisplacementFieldRegistration
 
-ENGINES = ("convex", "simpleitk", "unigradicon")
+ENGINES = ("convex", "simpleitk", "unigradicon")  # the deformable ones; "none" too in models.engines.REGISTRATION
 
 
 def get_engine(
     name: str | None = None, settings: EngineSettings | None = None, device: Any = "auto", seed: int = 0, **params: Any
 ) -> RegistrationEngine:
-    """Build a registration engine by name (``None`` → ``settings.registration``)."""
-    settings = settings or EngineSettings()
-    name = (name or settings.registration).lower()
-    if name == "convex":
-        from models.registration.convex import ConvexEngine, ConvexParams
+    """Build a registration engine by name (``None`` → ``settings.registration``) from :mod:`models.engines`."""
+    from models.engines import build_registration
 
-        return ConvexEngine(
-            ConvexParams(working_spacing_mm=settings.working_spacing_mm, seed=seed, **params), device=device
-        )
-    if name == "simpleitk":
-        from models.registration.sitk_engine import SimpleITKEngine
-
-        return SimpleITKEngine(working_spacing_mm=settings.working_spacing_mm, **params)
-    if name == "unigradicon":
-        from models.registration.unigradicon_engine import UniGradIconEngine
-
-        return UniGradIconEngine(
-            settings.unigradicon_weights, device=device, working_spacing_mm=settings.working_spacing_mm, **params
-        )
-    raise ValueError(f"unknown registration engine {name!r} (known: {', '.join(ENGINES)})")
+    return build_registration(name, settings, device, seed, **params)
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class ConvexParams:
     inverse_iterations: int = 20
     seed: int = 0
     intensity_window: tuple[float, float] = (-1000.0, 1500.0)
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -86,7 +87,7 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, valid: torch.Tensor, radiu
     Features are pooled 2× first; an odd displacement uses the moving features pooled from a one-voxel-shifted
     window, so every label is exact without interpolation (8 pooled copies instead of one per label).
     """
-    _, c, k, j, i = fix.shape
+    _, _c, k, j, i = fix.shape
     k2, j2, i2 = k // 2, j // 2, i // 2
     n = 2 * radius + 1
     f8 = F.avg_pool3d(fix, 2)
@@ -269,12 +270,15 @@ class ConvexEngine:
         t = time.perf_counter()
         with torch.no_grad():
             v_half = compose_fixed_point_inverse(u_half, p.inverse_iterations)
-            up = lambda d: F.interpolate(d * 2.0, scale_factor=2, mode="trilinear", align_corners=False)  # noqa: E731
+
+            def up(d: torch.Tensor) -> torch.Tensor:
+                return F.interpolate(d * 2.0, scale_factor=2, mode="trilinear", align_corners=False)
+
             u_np = up(u_half)[0].cpu().numpy()
             v_np = up(v_half)[0].cpu().numpy()
         timings["inverse"] = time.perf_counter() - t
         return build_result(prep, u_np, v_np, self.name, str(dev), timings, t_all)
 
 
-def with_overrides(params: ConvexParams, **kw) -> ConvexParams:
+def with_overrides(params: ConvexParams, **kw: Any) -> ConvexParams:
     return replace(params, **kw)

@@ -19,12 +19,13 @@ _AXES = [(0, 0, 1), (0, 1, 0), (1, 0, 0)]  # unit offsets along k, j, i in (dk, 
 
 
 def _ssc_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
-    six = [tuple(s * v for v in ax) for ax in _AXES for s in (1, -1)]
-    pairs = []
+    six = [(s * dk, s * dj, s * di) for dk, dj, di in _AXES for s in (1, -1)]
+    pairs: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
     for a, b in itertools.combinations(six, 2):
-        if sum((x - y) ** 2 for x, y in zip(a, b)) == 2:  # orthogonal neighbours
+        if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2:  # orthogonal neighbours
             pairs.append((a, b))
-    assert len(pairs) == 12
+    if len(pairs) != 12:
+        raise RuntimeError(f"MIND-SSC needs 12 neighbour pairs, built {len(pairs)}")
     return pairs
 
 
@@ -50,13 +51,13 @@ def box3(x: torch.Tensor, radius: int = 1) -> torch.Tensor:
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """12-channel MIND-SSC descriptor of a ``(1, 1, K, J, I)`` image, float32 in [0, 1]."""
-    shape = tuple(image.shape[2:])
+    shape = (int(image.shape[2]), int(image.shape[3]), int(image.shape[4]))
     padded = F.pad(image, (dilation,) * 6, mode="replicate")
     chans = []
     for a, b in _PAIRS:
-        oa = tuple(dilation * v for v in a)
-        ob = tuple(dilation * v for v in b)
-        d = _shift(padded, oa, dilation, shape) - _shift(padded, ob, dilation, shape)  # type: ignore[arg-type]
+        oa = (dilation * a[0], dilation * a[1], dilation * a[2])
+        ob = (dilation * b[0], dilation * b[1], dilation * b[2])
+        d = _shift(padded, oa, dilation, shape) - _shift(padded, ob, dilation, shape)
         chans.append(d * d)
     del padded
     ssd = box3(torch.cat(chans, dim=1), radius)
@@ -96,7 +97,7 @@ class BoxSmoother(torch.nn.Module):
         return x
 
 
-def normalise_coords(idx_ijk: torch.Tensor, shape_kji: tuple[int, int, int]) -> torch.Tensor:
+def normalise_coords(idx_ijk: torch.Tensor, shape_kji: tuple[int, ...]) -> torch.Tensor:
     """Voxel indices ``(..., 3)`` in (i, j, k) order → grid_sample coordinates (align_corners=True)."""
     k, j, i = shape_kji
     size = torch.tensor([i, j, k], dtype=idx_ijk.dtype, device=idx_ijk.device)
@@ -105,11 +106,11 @@ def normalise_coords(idx_ijk: torch.Tensor, shape_kji: tuple[int, int, int]) -> 
 
 def sample(volume: torch.Tensor, idx_ijk: torch.Tensor, padding: str = "border") -> torch.Tensor:
     """Trilinear sample of ``(1, C, K, J, I)`` at voxel indices ``(K', J', I', 3)`` (i, j, k order)."""
-    grid = normalise_coords(idx_ijk, tuple(volume.shape[2:]))  # type: ignore[arg-type]
+    grid = normalise_coords(idx_ijk, tuple(volume.shape[2:]))
     return F.grid_sample(volume, grid.unsqueeze(0), mode="bilinear", padding_mode=padding, align_corners=True)
 
 
-def identity_ijk(shape_kji: tuple[int, int, int], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+def identity_ijk(shape_kji: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Voxel index grid ``(K, J, I, 3)`` holding (i, j, k)."""
     k, j, i = shape_kji
     kk, jj, ii = torch.meshgrid(
@@ -147,7 +148,7 @@ class Adam:
         self.t += 1
         c1 = 1 - self.b1**self.t
         c2 = 1 - self.b2**self.t
-        for (p, lr), m, v in zip(self.groups, self.m, self.v):
+        for (p, lr), m, v in zip(self.groups, self.m, self.v, strict=True):
             if p.grad is None:
                 continue
             g = p.grad

@@ -58,7 +58,7 @@ class DisplacementFieldRegistration:
         self.field_grid = placeholder_like(self.field_grid)
         self.matrix = np.asarray(self.matrix, dtype=np.float64).reshape(3, 3)
         self.offset = np.asarray(self.offset, dtype=np.float64).reshape(3)
-        expected = (3,) + self.field_grid.shape
+        expected = (3, *self.field_grid.shape)
         for name in ("forward", "inverse"):
             arr = getattr(self, name)
             if arr.shape != expected:
@@ -205,7 +205,9 @@ class DisplacementFieldRegistration:
         out[k0:k1, j0:j1, i0:i1] = np.where(keep, best_l, 0)
         return Volume(out, fg.origin.copy(), fg.spacing.copy(), fg.direction.copy(), dict(baseline_labels.meta))
 
-    def _followup_roi(self, labels: Volume, mask: Array, margin_mm: float):
+    def _followup_roi(
+        self, labels: Volume, mask: Array, margin_mm: float
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """Index box (k, j, i) on the follow-up grid containing the mapped label voxels (+ margin)."""
         idx = np.argwhere(mask)
         if len(idx) > 20000:
@@ -246,7 +248,7 @@ def jacobian_stats(forward_vox: np.ndarray) -> tuple[float, float]:
     """(fraction of voxels with det J ≤ 0, std of log J) of ``x + u`` for ``u`` (3, K, J, I) in voxel units
     ordered (i, j, k) on an isotropic grid."""
     g = [np.gradient(forward_vox[c], axis=(2, 1, 0)) for c in range(3)]  # d/di, d/dj, d/dk of each component
-    j = np.empty((3, 3) + forward_vox.shape[1:], np.float32)
+    j = np.empty((3, 3, *forward_vox.shape[1:]), np.float32)
     for c in range(3):
         for a in range(3):
             j[c, a] = g[c][a] + (1.0 if a == c else 0.0)

@@ -52,7 +52,7 @@ def shrink_factors(volume: Volume, target_spacing_mm: float | None) -> list[int]
     if target_spacing_mm is None:
         return [1, 1, 1]
     f = [max(1, int(np.floor(target_spacing_mm / s + 1e-6))) for s in volume.spacing]
-    return [min(v, max(1, n // 2)) for v, n in zip(f, volume.size_ijk)]
+    return [min(v, max(1, n // 2)) for v, n in zip(f, volume.size_ijk, strict=True)]
 
 
 def resample_index(
@@ -121,7 +121,7 @@ def to_float_sitk(volume: Volume, target_spacing_mm: float | None = None) -> sit
         img = sitk.Cast(img, sitk.sitkFloat32)
     if target_spacing_mm is not None:
         factors = [max(1, int(np.floor(target_spacing_mm / s + 1e-6))) for s in volume.spacing]
-        factors = [min(f, max(1, n // 2)) for f, n in zip(factors, volume.size_ijk)]
+        factors = [min(f, max(1, n // 2)) for f, n in zip(factors, volume.size_ijk, strict=True)]
         if any(f > 1 for f in factors):
             img = sitk.BinShrink(img, factors)
     return img

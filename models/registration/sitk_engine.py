@@ -72,6 +72,8 @@ class SimpleITKEngine:
                 field = demons.Execute(fx, mv, init)
         timings["demons"] = time.perf_counter() - t
         t = time.perf_counter()
+        if field is None:
+            raise ValueError("demons registration needs at least one pyramid level")
         disp = sitk.GetArrayFromImage(field).astype(np.float64)  # (K, J, I, 3) world mm
         vox = disp @ prep.grid.direction / self.working_spacing_mm  # world → (i, j, k) voxel components
         u_vox = np.ascontiguousarray(np.moveaxis(vox, -1, 0), dtype=np.float32)

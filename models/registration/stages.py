@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -48,7 +50,7 @@ class Prepared:
     moving: Array  # baseline through the affine on the working grid
     valid: Array  # both scans cover the voxel
     valid_core: Array  # ``valid`` eroded (feature support fully inside)
-    baseline_sitk: object  # anti-aliased float baseline (reused for the "before" similarity)
+    baseline_sitk: sitk.Image  # anti-aliased float baseline (reused for the "before" similarity)
 
 
 def prepare(
@@ -122,7 +124,7 @@ def build_result(
     device: str,
     timings: dict[str, float],
     t_start: float,
-    extra: dict | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> DisplacementFieldRegistration:
     """Assemble the result from forward/inverse displacements in working-voxel units ((3, K, J, I), i/j/k)."""
     t = time.perf_counter()
@@ -158,7 +160,7 @@ def build_result(
     timings["finalise"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     quality.stage_seconds = {k: round(v, 3) for k, v in timings.items()}
-    log.info(
+    log.debug(
         "%s registration done in %.1f s on %s (ncc %.3f -> %.3f, folding %.4f%%)",
         engine,
         timings["total"],

@@ -101,7 +101,8 @@ class UniGradIconEngine:
 
         moving, fixed = net_input(prep.moving), net_input(prep.fixed)
         with torch.no_grad():
-            phi = self.net.regis_net(moving, fixed)  # phi_AB: fixed (B) coords → moving (A) coords
+            regis_net: Any = self.net.regis_net  # icon_registration (untyped): returns the map φ as a callable
+            phi = regis_net(moving, fixed)  # phi_AB: fixed (B) coords → moving (A) coords
             ident = self.net.identity_map.to(self.device)
             disp = phi(ident) - ident  # (1, 3, 175³), normalised, tensor-axis order
             disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)

@@ -245,7 +245,8 @@ def _equivalent_radius_mm(mask: Volume) -> float:
 
 def _prompt_centre_mm(mask: Volume) -> np.ndarray:
     kji = mask_centre_index(mask.array, mask.spacing[::-1])
-    assert kji is not None
+    if kji is None:
+        raise ValueError("the prompt mask is empty: it has no centre")
     return mask.index_to_patient(kji[::-1].astype(float))
 
 
@@ -255,7 +256,7 @@ def _roi_slices(mask: Volume, margin_mm: float) -> tuple[slice, slice, slice]:
     m = np.ceil(margin_mm / mask.spacing[::-1]).astype(int)
     lo = np.maximum(lo - m, 0)
     hi = np.minimum(hi + m + 1, np.array(mask.shape))
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+    return (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])), slice(int(lo[2]), int(hi[2])))
 
 
 def _crop(vol: Volume, sl: tuple[slice, slice, slice]) -> Volume:

@@ -2,12 +2,11 @@
 
 ``engine.segment(image, prompt, reference) -> Volume`` returns a uint8 0/1 mask on ``image``'s grid. ``reference``
 optionally carries what is known about the lesion at an earlier (or later) timepoint: the prior CT and the prior
-lesion mask on it. Engines are looked up by name with :func:`get_engine`.
+lesion mask on it. Engines are looked up by name with :func:`get_engine` in the one registry, :mod:`models.engines`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -39,49 +38,17 @@ class SegmentationEngine(Protocol):
         ...
 
 
-_FACTORIES: dict[str, Callable[..., SegmentationEngine]] = {}
-
-
-def register_engine(name: str, factory: Callable[..., SegmentationEngine]) -> None:
-    _FACTORIES[name] = factory
-
-
 def available_engines() -> list[str]:
-    _load_builtin()
-    return sorted(_FACTORIES)
+    """Names of the segmentation engines in the registry (:mod:`models.engines`)."""
+    from models.engines import engine_names
+
+    return engine_names("segmentation")
 
 
 def get_engine(
     name: str = "adaptive", *, weights: str | Path | None = None, device: str = "auto", **options: Any
 ) -> SegmentationEngine:
     """Build an engine by name: ``adaptive`` (default, no weights), ``lesionlocator`` (needs ``weights``)."""
-    _load_builtin()
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown segmentation engine {name!r}; available: {', '.join(sorted(_FACTORIES))}")
-    return _FACTORIES[name](weights=weights, device=device, **options)
+    from models.engines import build_segmentation
 
-
-def _load_builtin() -> None:
-    if _FACTORIES:
-        return
-
-    def _adaptive(weights: Any = None, device: str = "auto", **options: Any) -> SegmentationEngine:
-        from models.segmentation.adaptive import AdaptiveEngine
-
-        return AdaptiveEngine(**options)
-
-    def _lesionlocator(weights: Any = None, device: str = "auto", **options: Any) -> SegmentationEngine:
-        from models.segmentation.lesionlocator import LesionLocatorEngine
-
-        if weights is None:
-            raise ValueError("the lesionlocator engine needs a checkpoint folder (engines.lesionlocator_weights)")
-        return LesionLocatorEngine(Path(weights), device=device, **options)
-
-    def _warped(weights: Any = None, device: str = "auto", **options: Any) -> SegmentationEngine:
-        from models.segmentation.warped import WarpedPromptEngine
-
-        return WarpedPromptEngine(**options)
-
-    register_engine("adaptive", _adaptive)
-    register_engine("warped-prompt", _warped)
-    register_engine("lesionlocator", _lesionlocator)
+    return build_segmentation(name, device=device, weights=weights, **options)

@@ -54,8 +54,8 @@ def keep_nearest_component(mask: Volume, point_mm: np.ndarray, max_distance_mm: 
     if not full.any():
         return mask.with_array(out)
     lo, hi = _bbox(full)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    labels, n = ndi.label(full[sl], structure=ndi.generate_binary_structure(3, 1))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    labels, _n = ndi.label(full[sl], structure=ndi.generate_binary_structure(3, 1))
     idx = np.argwhere(labels > 0)
     pts = mask.index_to_patient((idx + lo)[:, ::-1].astype(float))
     d = np.linalg.norm(pts - np.asarray(point_mm, float), axis=1)

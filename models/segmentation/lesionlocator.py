@@ -19,6 +19,7 @@ foreground probability is resampled back to the CT grid and thresholded at 0.5.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pydoc
@@ -159,7 +160,7 @@ class LesionLocatorEngine:
 
         patch = np.array(model.patch_kji)
         shape = np.array(ct.shape)
-        starts = [_starts(int(s), int(p), self.step_size) for s, p in zip(shape, patch)]
+        starts = [_starts(int(s), int(p), self.step_size) for s, p in zip(shape, patch, strict=True)]
         gauss = _gaussian(tuple(int(p) for p in patch))
         acc = np.zeros(ct.shape, np.float32)
         wsum = np.zeros(ct.shape, np.float32)
@@ -170,7 +171,7 @@ class LesionLocatorEngine:
 
             ax = [a + 2 for a in model.mirror_axes]
             mirrors = [c for r in range(len(ax) + 1) for c in itertools.combinations(ax, r)]
-        autocast = torch.autocast("cuda", enabled=True) if self.device.startswith("cuda") else _nullctx()
+        autocast = torch.autocast("cuda", enabled=True) if self.device.startswith("cuda") else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             for z in starts[0]:
                 for y in starts[1]:
@@ -178,8 +179,8 @@ class LesionLocatorEngine:
                         sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
                         if not prompt[sl].any():
                             continue  # LesionLocator only predicts tiles overlapping the prompt
-                        xt = torch.from_numpy(np.ascontiguousarray(x_full[(slice(None),) + sl]))[None].to(self.device)
-                        p = torch.zeros((1, 2) + tuple(int(v) for v in patch), device=self.device)
+                        xt = torch.from_numpy(np.ascontiguousarray(x_full[(slice(None), *sl)]))[None].to(self.device)
+                        p = torch.zeros((1, 2, *tuple(int(v) for v in patch)), device=self.device)
                         for net in model.networks:
                             for m in mirrors:
                                 inp = torch.flip(xt, m) if m else xt
@@ -231,14 +232,15 @@ def load_model_folder(
         if strip_prefix:
             sd = {k[len(strip_prefix) :]: v for k, v in sd.items() if k.startswith(strip_prefix)}
         sd = {k[len("_orig_mod.") :] if k.startswith("_orig_mod.") else k: v for k, v in sd.items()}
-        missing, unexpected = net.load_state_dict(sd, strict=False)
+        missing, unexpected = net.load_state_dict(sd, strict=True)
         if missing:
             raise CheckpointError(
                 f"{ck_path}: weights do not match the plans' network "
                 f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected)"
             )
         nets.append(net.to(device).eval())
-    assert cfg_name is not None
+    if cfg_name is None:
+        raise CheckpointError(f"{folder}: no fold checkpoint loaded")
     cfg = _configuration(plans, cfg_name, plans_path)
     props = (plans.get("foreground_intensity_properties_per_channel") or {}).get("0")
     if not props:
@@ -248,7 +250,7 @@ def load_model_folder(
         folder,
         cfg_name,
         spacing_zyx[::-1].copy(),
-        tuple(int(v) for v in cfg["patch_size"]),
+        (int(cfg["patch_size"][0]), int(cfg["patch_size"][1]), int(cfg["patch_size"][2])),
         (float(props["percentile_00_5"]), float(props["percentile_99_5"])),
         float(props["mean"]),
         float(props["std"]),
@@ -293,7 +295,9 @@ def _build_network(arch: dict[str, Any], in_channels: int, n_classes: int, path:
             if located is None:
                 raise CheckpointError(f"{path}: {key} {kwargs[key]!r} not importable")
             kwargs[key] = located
-    return cls(input_channels=in_channels, num_classes=n_classes, deep_supervision=False, **kwargs)  # type: ignore[operator]
+    if not callable(cls):
+        raise CheckpointError(f"{path}: network_class_name {arch.get('network_class_name')!r} is not a class")
+    return cls(input_channels=in_channels, num_classes=n_classes, deep_supervision=False, **kwargs)
 
 
 # ---- prompt encoding & helpers ---------------------------------------------------------------------------
@@ -337,10 +341,10 @@ def _starts(size: int, patch: int, step: float) -> list[int]:
     if size <= patch:
         return [0]
     n = int(np.ceil((size - patch) / (patch * step))) + 1
-    return [int(round(v)) for v in np.linspace(0, size - patch, n)]
+    return [round(v) for v in np.linspace(0, size - patch, n)]
 
 
-def _gaussian(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+def _gaussian(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
     from scipy import ndimage as ndi
 
     g = np.zeros(patch, np.float32)
@@ -349,14 +353,6 @@ def _gaussian(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.nda
     g /= g.max()
     g[g == 0] = g[g > 0].min()
     return g.astype(np.float32)
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _zeros(grid: Volume) -> Volume:

@@ -6,7 +6,7 @@ Geometry in patient LPS mm; a dense mask is a :class:`~models.imaging.volume.Vol
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from models.imaging.volume import Volume
 
 
-class PromptKind(str, Enum):
+class PromptKind(StrEnum):
     POINTS = "points"
     BOX = "box"
     MASK = "mask"
@@ -29,6 +29,7 @@ class LesionIdentity:
     label: int  # integer label used in label maps (lesion number as in the baseline)
     anatomic_site: str | None = None  # free text or code meaning, e.g. "Liver"
     is_node: bool = False  # lymph node (RECIST measures the short axis)
+    description: str | None = None  # the radiologist's words, e.g. "left lower lobe mass" (SEG/SR of the baseline)
 
 
 @dataclass

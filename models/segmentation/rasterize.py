@@ -16,7 +16,8 @@ def prompt_to_mask(prompt: Prompt, grid: Volume, *, point_radius_mm: float = 5.0
     """Dense uint8 mask of ``prompt`` on ``grid``'s geometry."""
     out = np.zeros(grid.shape, np.uint8)
     if prompt.kind is PromptKind.MASK:
-        assert prompt.mask is not None
+        if prompt.mask is None:
+            raise ValueError(f"{prompt.identity.tracking_id}: a mask prompt without a mask")
         m = prompt.mask
         if m.same_grid(grid):
             out = (m.array > 0).astype(np.uint8)
@@ -25,7 +26,8 @@ def prompt_to_mask(prompt: Prompt, grid: Volume, *, point_radius_mm: float = 5.0
             out = (src.resample_to(grid, label=True).array > 0).astype(np.uint8)
         return _wrap(grid, out)
     if prompt.kind is PromptKind.BOX:
-        assert prompt.box_mm is not None
+        if prompt.box_mm is None:
+            raise ValueError(f"{prompt.identity.tracking_id}: a box prompt without box_mm")
         lo, hi = (np.asarray(c, float) for c in prompt.box_mm)
         lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
         corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
@@ -40,7 +42,8 @@ def prompt_to_mask(prompt: Prompt, grid: Volume, *, point_radius_mm: float = 5.0
         if not out.any():  # box thinner than a voxel: take the voxel nearest its centre
             _set_nearest(out, grid, (lo + hi) / 2)
         return _wrap(grid, out)
-    assert prompt.points_mm is not None
+    if prompt.points_mm is None:
+        raise ValueError(f"{prompt.identity.tracking_id}: a {prompt.kind.value} prompt without points_mm")
     for p in prompt.points_mm:
         _paint_ball(out, grid, p, point_radius_mm)
     return _wrap(grid, out)

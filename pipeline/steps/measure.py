@@ -33,7 +33,7 @@ def _measure_all(tp: Timepoint) -> dict[str, LesionMeasurement]:
             tracking_uid=ident.tracking_uid,
             tracking_id=ident.tracking_id,
             is_node=ident.is_node,
-            status=les.status.value,
+            status=les.status,
             series_uid=tp.series_uid,
             anatomic_site=ident.anatomic_site,
         )

@@ -7,15 +7,11 @@ from pipeline.steps.services import Ctx
 
 
 def register(ctx: Ctx) -> RegisterOutput:
-    from pipeline.tracking import get_registration_engine
+    from models.engines import build_registration
 
     settings = ctx.services.settings
     name = settings.engines.registration
-    engine = (
-        get_registration_engine(name)
-        if name == "none"
-        else get_registration_engine(name, settings=settings.engines, device=ctx.device, seed=settings.compute.seed)
-    )
+    engine = build_registration(name, settings.engines, device=ctx.device, seed=settings.compute.seed)
     inputs = ctx.state.need_inputs()
     reg = engine.register(inputs.prior_ct, inputs.followup_ct)
     ctx.state.registration = reg

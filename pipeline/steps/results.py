@@ -42,6 +42,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             measured.changes.get(les.identity.tracking_uid),
             roles.get(les.identity.tracking_uid),
             _expected_centre(les),
+            les.identity.description,
         )
         for les in lesions
     ]

@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Lesion, LesionObservation, ObservationStatus
+from db.models import Lesion, LesionObservation
 from db.session import session_scope
 from models.imaging.volume import Volume
 from models.registration.base import Registration
@@ -28,16 +28,11 @@ class _Precomputed:
 
 
 def track(ctx: Ctx) -> TrackOutput:
-    from models.segmentation.base import get_engine as get_seg_engine
+    from models.engines import build_segmentation
     from pipeline.tracking import track_lesions
 
     eng = ctx.services.settings.engines
-    weights = (
-        eng.lesionlocator_weights
-        if eng.segmentation == "lesionlocator"
-        else (eng.nninteractive_weights if eng.segmentation == "nninteractive" else None)
-    )
-    seg = get_seg_engine(eng.segmentation, weights=weights, device=ctx.device)
+    seg = build_segmentation(eng.segmentation, eng, device=ctx.device)  # the registry knows which weights it reads
     inputs = ctx.state.need_inputs()
     registration = ctx.state.need_registration()
     prior = inputs.prior
@@ -91,7 +86,7 @@ def vanished_earlier(
             obs = s.scalars(
                 select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id).order_by(LesionObservation.id)
             ).all()
-            if not obs or obs[-1].status is not ObservationStatus.VANISHED:
+            if not obs or obs[-1].status is not LesionStatus.VANISHED:
                 continue
             seen = [o for o in obs if o.centre_x_mm is not None]
             centre = None

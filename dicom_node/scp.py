@@ -135,9 +135,10 @@ class StorageSCP:
         ae.maximum_pdu_size = cfg.maximum_pdu_size
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.require_called_aet = cfg.require_called_ae
-        ae.acse_timeout = self.policy.acse_timeout
-        ae.dimse_timeout = self.policy.dimse_timeout
-        ae.network_timeout = self.policy.network_timeout
+        policy = AssociationPolicy.from_settings(cfg)  # from settings: conformance builds this AE without an SCP
+        ae.acse_timeout = policy.acse_timeout
+        ae.dimse_timeout = policy.dimse_timeout
+        ae.network_timeout = policy.network_timeout
         ae.add_supported_context(Verification, _UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional

@@ -1,11 +1,13 @@
 """End-to-end benchmark: last follow-up instance stored → SEG + SR acknowledged by the PACS (real Orthanc).
 
 Embedded mode (`lesiontrack serve` as its own process: SCP + in-process executor + sender), CPU, default engines.
-A chest-size phantom patient (baseline with 5 lesions as a DICOM-SEG in Orthanc, one synthetic follow-up with
-growth/shrinkage and patient motion) is generated first (not timed). The follow-up is C-STOREd to LesionTrack as a
-PACS routing rule would; the clock starts when its last instance is acknowledged and stops at the moment the
-delivery of SEG + SR to Orthanc succeeded (Orthanc's C-STORE response). Reported: total, series-completion wait
-(quiet period), per-step times from the job record, and the service process's peak RSS (VmHWM).
+A chest-size phantom patient (baseline with 5 lesions as a DICOM-SEG in Orthanc, ``--followups`` synthetic follow-ups
+with growth/shrinkage and patient motion) is generated first (not timed). The follow-ups are C-STOREd to LesionTrack
+one after another as a PACS routing rule would; the last one (by default the third, with two earlier timepoints and
+two SEG/SR of ours in the database) is timed: the clock starts when its last instance is acknowledged and stops at the
+moment the delivery of SEG + SR to Orthanc succeeded (Orthanc's C-STORE response). Reported: total,
+series-completion wait (quiet period), per-step times from the job record, the service process's peak RSS (VmHWM)
+and, per follow-up, which annotation it was propagated from.
 
     .venv/bin/python bench/e2e.py [--slices 200 --matrix 256 --spacing 1.5] > result.json
 """
@@ -47,6 +49,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--quiet-seconds", type=float, default=2.0, help="series completion quiet period")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--followups",
+        type=int,
+        default=3,
+        help="follow-ups routed one after another; the last one is timed (the third has two earlier timepoints)",
+    )
     args = ap.parse_args()
 
     from sqlalchemy import select
@@ -69,10 +77,9 @@ def main() -> None:
         shape=(args.slices, args.matrix, args.matrix),
         spacing=(args.spacing,) * 3,
         n_lesions=args.lesions,
-        n_followups=1,
+        n_followups=args.followups,
     )
     gen_s = time.monotonic() - t0
-    fu = patient.followups[0]
     lt_port = free_port()
     orthanc = OrthancServer(root / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)})
     orthanc.start()
@@ -114,29 +121,43 @@ retry_schedule_seconds = [2, 5, 10]
         wait_for_port(lt_port, timeout=120)
         rss_idle = _peak_rss_mb(proc.pid)
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=lt_port)
-        outcomes = store_files(settings, peer, fu.files)
-        t_last = datetime.now(UTC)
-        m_last = time.monotonic()
-        assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
         sf = make_session_factory(make_engine(settings.effective_database_url))
         store = JobStore(sf)
-        view = None
-        delivered_at = None
-        while time.monotonic() - m_last < 1800:
-            view = store.latest_for_series(fu.series_uid)
-            if view is not None and view.finished:
-                if view.error:
-                    raise RuntimeError(f"job {view.id} {view.state.value}: {view.error}")
-                with session_scope(sf) as s:
-                    ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
-                    if ds and all(d.state is DeliveryState.DELIVERED for d in ds):
-                        delivered_at = max(d.delivered_at for d in ds if d.delivered_at is not None)
-                        break
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {proc.returncode}; see {root / 'serve.log'}")
-            time.sleep(0.2)
-        if delivered_at is None or view is None:
-            raise TimeoutError("no delivery within 30 minutes")
+        earlier: list[dict[str, object]] = []
+        for n, fu in enumerate(patient.followups, start=1):
+            outcomes = store_files(settings, peer, fu.files)
+            t_last = datetime.now(UTC)
+            m_last = time.monotonic()
+            assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+            view = None
+            delivered_at = None
+            while time.monotonic() - m_last < 1800:
+                view = store.latest_for_series(fu.series_uid)
+                if view is not None and view.finished:
+                    if view.error:
+                        raise RuntimeError(f"job {view.id} {view.state.value}: {view.error}")
+                    with session_scope(sf) as s:
+                        ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
+                        if ds and all(d.state is DeliveryState.DELIVERED for d in ds):
+                            delivered_at = max(d.delivered_at for d in ds if d.delivered_at is not None)
+                            break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"serve exited with {proc.returncode}; see {root / 'serve.log'}")
+                time.sleep(0.2)
+            if delivered_at is None or view is None:
+                raise TimeoutError("no delivery within 30 minutes")
+            if n < len(patient.followups):
+                d_at = delivered_at if delivered_at.tzinfo else delivered_at.replace(tzinfo=UTC)
+                match = job_results(view.step_outputs).match
+                earlier.append(
+                    {
+                        "followup": n,
+                        "total_s": round((d_at - t_last).total_seconds(), 2),
+                        "prompt_source": match.prompt_source.reason if match and match.prompt_source else None,
+                    }
+                )
+        if delivered_at is None or view is None:  # no follow-up routed (--followups 0)
+            raise RuntimeError("no follow-up was timed")
         results = job_results(view.step_outputs)
         if delivered_at.tzinfo is None:
             delivered_at = delivered_at.replace(tzinfo=UTC)
@@ -169,12 +190,17 @@ retry_schedule_seconds = [2, 5, 10]
                 "serve_process": round(peak, 1) if peak else None,
                 "serve_idle": round(rss_idle, 1) if rss_idle else None,
             },
-            "targets": {"total_s": 180, "peak_rss_mb": 4096},
+            "targets": {"total_s": 120, "peak_rss_mb": 4096},
+            "timed_followup": len(patient.followups),
+            "earlier_followups": earlier,
             "patient_generation_s": round(gen_s, 1),
             "job": {
                 "id": view.id,
                 "attempts": view.attempts,
                 "registration": results.register.model_dump() if results.register else {},
+                "prompt_source": (
+                    results.match.prompt_source.reason if results.match and results.match.prompt_source else None
+                ),
                 "lesions": [(les.tracking_id, les.status) for les in (results.track.lesions if results.track else [])],
             },
         }

@@ -212,6 +212,10 @@ class LesionObservation(Base):
     engine: Mapped[str | None] = mapped_column(String(64))
     engine_version: Mapped[str | None] = mapped_column(String(32))
     measurements: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    propagated_from_series_uid: Mapped[str | None] = mapped_column(String(64))
+    """Provenance: the annotated CT series this result was propagated from (None for the annotation itself)."""
+    propagated_from_sop_uid: Mapped[str | None] = mapped_column(String(64))
+    """Provenance: the SEG/SR (a person's, or one a person confirmed) whose lesions were the prompt."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     lesion: Mapped[Lesion] = relationship(back_populates="observations")

@@ -171,11 +171,19 @@ class PipelineOutput(StepOutput):
     step: ClassVar[str]
 
 
+class PromptSourceRecord(Record):
+    """Why the prior's annotation was chosen as the prompt source (pipeline.prompt_selection)."""
+
+    reason: str
+    skipped_ours: list[str] = []  # SOP Instance UIDs of our own newer SEG/SR, passed over as prompt source
+
+
 class MatchPriorsOutput(PipelineOutput):
     step: ClassVar[str] = "match_priors"
     followup: FollowupRecord
     prior: PriorRecord
     priors_found: list[PriorSummary]
+    prompt_source: PromptSourceRecord | None = None
 
 
 class RetrievePriorsOutput(PipelineOutput):

@@ -68,6 +68,7 @@ class Cell:
     engine: str | None = None
     job_id: int | None = None
     is_node: bool = False
+    propagated_from_series_uid: str | None = None  # the annotated series this result was propagated from
     measurement: LesionMeasurement | None = field(default=None, repr=False)  # not exported (to_dict)
     changes: LesionChanges | None = field(default=None, repr=False)
 
@@ -271,6 +272,7 @@ def _cell_of(o: LesionObservation) -> Cell:
         job_id=o.job_pk,
         is_node=bool(stored.get("is_node", False)),
         measurement=measurement,
+        propagated_from_series_uid=o.propagated_from_series_uid,
     )
 
 

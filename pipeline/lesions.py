@@ -14,6 +14,21 @@ from models.segmentation.prompts import LesionIdentity
 __all__ = ["LesionStatus", "Timepoint", "TrackedLesion"]
 
 
+@dataclass(frozen=True)
+class PropagationSource:
+    """Which annotation a result was propagated from (provenance, recorded on every tracked lesion)."""
+
+    series_uid: str  # the annotated CT series the prompt was drawn on
+    annotation: str  # e.g. "SEG 1.2.3 segment 2", "SR 1.2.4", "prompts.json"
+    by_person: bool = True  # a person's annotation (or one a person confirmed), never only a result of ours
+    timepoint_index: int | None = None  # index in the tracking loop's timepoints, where known
+    annotation_uid: str | None = None  # SOP Instance UID of the SEG/SR, where known
+
+    def describe(self) -> str:
+        who = "a person's" if self.by_person else "our"
+        return f"propagated from {who} annotation {self.annotation} on series {self.series_uid}"
+
+
 @dataclass
 class TrackedLesion:
     """One lesion at one timepoint: identity, status and its mask on that timepoint's CT grid."""
@@ -26,6 +41,7 @@ class TrackedLesion:
     propagated_centre_mm: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)  # e.g. overlap resolved with L2, boosted
     meta: dict[str, Any] = field(default_factory=dict)
+    propagated_from: PropagationSource | None = None  # None only for the annotation itself
 
 
 @dataclass

@@ -1,19 +1,26 @@
 """The tracking loop: prior lesions → registered, warped, re-segmented and identified lesions at every timepoint.
 
-Starting from the annotated (source) timepoint, the loop walks outwards in time, forwards and backwards
-(direction-agnostic, LinGuinE). For each step ``previous → current`` it registers the two CTs once, warps every
-lesion's previous mask onto the current grid, uses the warped mask as the prompt of the segmentation engine
-(autoregressive, LesionLocator), keeps the connected component nearest the propagated centre (LinGuinE), optionally
-boosts (re-prompts centred on the first result), marks the lesion present or vanished, and resolves overlaps between
-lesions so identities never merge or swap silently (each resolution is written to ``TrackedLesion.notes``).
-A vanished lesion keeps being propagated from where it was last seen, so it can reappear.
+Every timepoint is propagated *directly* from the nearest timepoint whose lesions a person drew or confirmed
+(the source annotation; pipeline.prompt_selection): the loop registers that annotated CT to the timepoint once
+(:class:`RegistrationCache`, per pair of series, non-adjacent pairs included), warps the person's mask onto it,
+uses the warped mask as the prompt of the segmentation engine with the annotated CT and mask as reference, keeps
+the connected component nearest the propagated centre (LinGuinE), optionally boosts (re-prompts centred on the
+first result), marks the lesion present or vanished and resolves overlaps between lesions so identities never merge
+or swap silently (each resolution is written to ``TrackedLesion.notes``). Our result at the neighbouring timepoint
+is only a consistency check (a volume jump or a disappearance flags the result for review); it is never the prompt.
+Because nothing is chained, errors do not compound, and a lesion that vanished can reappear at any later timepoint.
+Each result records which annotation it was propagated from (``TrackedLesion.propagated_from``).
+
+``TrackingOptions(propagation="chain")`` keeps the former autoregressive loop (each timepoint prompted with our
+result at the previous one) for the benchmark's side-by-side comparison; it decays with every follow-up
+(docs/models.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -21,17 +28,24 @@ from scipy import ndimage as ndi
 
 from models.engines import build_registration
 from models.imaging.volume import Volume
-from models.registration.base import RegistrationEngine
+from models.registration.base import Registration, RegistrationEngine
 from models.registration.identity import IdentityRegistration, NoRegistrationEngine
 from models.segmentation.base import SegmentationEngine, SegReference
 from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
-from models.segmentation.prompts import Prompt, PromptKind
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from models.segmentation.rasterize import prompt_to_mask
-from pipeline.lesions import LesionStatus, Timepoint, TrackedLesion
+from pipeline.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
+from pipeline.prompt_selection import nearest_source_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdentityRegistration", "NoRegistrationEngine", "get_registration_engine", "track_lesions"]
+__all__ = [
+    "IdentityRegistration",
+    "NoRegistrationEngine",
+    "RegistrationCache",
+    "get_registration_engine",
+    "track_lesions",
+]
 
 
 @dataclass
@@ -39,6 +53,11 @@ class TrackingOptions:
     boosting: bool = False
     max_centre_distance_mm: float = 15.0  # nearest-component search radius around the propagated centre
     point_radius_mm: float = 5.0
+    propagation: str = "annotation"
+    """``annotation``: every timepoint prompted directly from the nearest person-annotated timepoint (default);
+    ``chain``: the former autoregressive loop, prompted with our result at the previous timepoint (benchmark only)."""
+    consistency_ratio: float = 2.5
+    """Volume change against our result at the neighbouring timepoint beyond which a result is flagged for review."""
 
 
 @dataclass
@@ -53,12 +72,41 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+# ----------------------------------------------------------------------------------------------------------------
 def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
     """The registration engine ``name`` from the one registry (:mod:`models.engines`), ``none`` included."""
     return build_registration(name, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+class RegistrationCache:
+    """Registrations per pair of series ``(moving series UID, fixed series UID)``, each computed once.
+
+    Wraps any :class:`RegistrationEngine`; the tracking loop registers the annotated timepoint to every other
+    timepoint directly through it (non-adjacent pairs included), so a caller tracking several lesions or running
+    several passes over the same series never registers a pair twice.
+    """
+
+    def __init__(self, engine: RegistrationEngine) -> None:
+        self.engine = engine
+        self.name = getattr(engine, "name", "")
+        self.version = getattr(engine, "version", "")
+        self._pairs: dict[tuple[str, str], Registration] = {}
+
+    def register_pair(self, moving: Timepoint, fixed: Timepoint) -> Registration:
+        key = (moving.series_uid, fixed.series_uid)
+        if key not in self._pairs:
+            self._pairs[key] = self.engine.register(moving.ct, fixed.ct)
+        return self._pairs[key]
+
+    def register(self, baseline: Volume, followup: Volume) -> Registration:
+        return self.engine.register(baseline, followup)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return list(self._pairs)
+
+
 @dataclass
 class _Carry:
     """What is propagated for one lesion: its latest mask (or, once vanished, the propagated last-seen mask)."""
@@ -75,6 +123,16 @@ class _StepResult:
     prompt_mask: Volume
 
 
+@dataclass
+class _Source:
+    """One lesion as a person annotated it on one timepoint: the mask there and where it came from."""
+
+    index: int
+    mask: Volume
+    identity: LesionIdentity
+    provenance: PropagationSource
+
+
 def track_lesions(
     timepoints: list[Timepoint],
     prompts: list[Prompt],
@@ -84,16 +142,34 @@ def track_lesions(
     segmentation: SegmentationEngine,
     options: TrackingOptions | None = None,
     progress: ProgressCallback | None = None,
+    confirmed: Mapping[int, Sequence[Prompt]] | None = None,
 ) -> list[Timepoint]:
-    """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``."""
+    """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``.
+
+    ``confirmed`` adds further timepoints whose lesions a person drew or confirmed (index → prompts, same lesion
+    labels); each timepoint is then propagated from the nearest annotated timepoint holding the lesion. With
+    ``options.propagation == "annotation"`` (default) every timepoint is registered *directly* to that annotated
+    timepoint and prompted with the person's mask warped onto it; our result at the neighbouring timepoint only
+    serves as a consistency check. ``"chain"`` is the former autoregressive loop (benchmark baseline).
+    """
     opts = options or TrackingOptions()
     if not 0 <= source_index < len(timepoints):
         raise ValueError(f"source_index {source_index} outside 0..{len(timepoints) - 1}")
     labels = [p.identity.label for p in prompts]
     if len(set(labels)) != len(labels):
         raise ValueError(f"lesion labels must be unique, got {labels}")
-    n_steps = len(timepoints) - 1
-    total = len(prompts) * len(timepoints) + n_steps
+    if opts.propagation not in ("annotation", "chain"):
+        raise ValueError(f"propagation must be 'annotation' or 'chain', got {opts.propagation!r}")
+    sources_in: dict[int, Sequence[Prompt]] = {source_index: prompts}
+    for idx, extra in (confirmed or {}).items():
+        if not 0 <= idx < len(timepoints):
+            raise ValueError(f"confirmed timepoint {idx} outside 0..{len(timepoints) - 1}")
+        if idx != source_index:
+            sources_in[idx] = extra
+    if opts.propagation == "chain" and len(sources_in) > 1:
+        raise ValueError("the chain propagation takes one annotated timepoint")
+    n_prompts = len({p.identity.label for ps in sources_in.values() for p in ps})
+    total = n_prompts * len(timepoints) + len(timepoints) - len(sources_in)
     counter = {"done": 0}
 
     def tick(stage: str, tp: int, msg: str) -> None:
@@ -101,26 +177,172 @@ def track_lesions(
         if progress:
             progress(ProgressEvent(stage, counter["done"], total, tp, msg))
 
-    src = timepoints[source_index]
+    cache = registration if isinstance(registration, RegistrationCache) else RegistrationCache(registration)
+    sources: dict[int, dict[int, _Source]] = {}
+    for idx in sorted(sources_in):
+        tp = timepoints[idx]
+        results = []
+        for prompt in sources_in[idx]:
+            results.append(_segment_source(tp, prompt, segmentation, opts))
+            tick("segment", idx, prompt.identity.tracking_id)
+        tp.lesions = _resolve_overlaps(results, tp.ct)
+        by_label = {p.identity.label: p for p in sources_in[idx]}
+        sources[idx] = {
+            les.identity.label: _Source(
+                idx,
+                les.mask,
+                les.identity,
+                PropagationSource(
+                    tp.series_uid,
+                    by_label[les.identity.label].source or "prompt",
+                    by_person=True,
+                    timepoint_index=idx,
+                    annotation_uid=by_label[les.identity.label].meta.get("sop_instance_uid"),
+                ),
+            )
+            for les in tp.lesions
+        }
+    if opts.propagation == "chain":
+        _track_chain(timepoints, source_index, cache, segmentation, opts, tick)
+    else:
+        for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
+            prev = source_index
+            for t in order:
+                if t not in sources:
+                    _propagate_direct(timepoints, t, prev, sources, cache, segmentation, opts, tick)
+                prev = t
+    if progress:
+        progress(ProgressEvent("done", total, total, source_index, "tracking finished"))
+    return timepoints
+
+
+def _propagate_direct(
+    timepoints: list[Timepoint],
+    t: int,
+    prev_t: int,
+    sources: dict[int, dict[int, _Source]],
+    cache: RegistrationCache,
+    engine: SegmentationEngine,
+    opts: TrackingOptions,
+    tick: Callable[[str, int, str], None],
+) -> None:
+    """Segment timepoint ``t`` from the nearest annotated timepoint of each lesion, registered directly to ``t``."""
+    cur = timepoints[t]
+    all_labels = sorted({label for by in sources.values() for label in by})
+    previous = {les.identity.label: les for les in timepoints[prev_t].lesions}
     results: list[_StepResult] = []
-    for prompt in prompts:
-        results.append(_segment_source(src, prompt, segmentation, opts))
-        tick("segment", source_index, prompt.identity.tracking_id)
-    src.lesions = _resolve_overlaps(results, src.ct)
-    carries = {
+    registered: set[int] = set()
+    for label in all_labels:
+        holding = [s for s, by in sources.items() if label in by]
+        src = sources[nearest_source_index(t, holding)][label]
+        src_tp = timepoints[src.index]
+        reg = cache.register_pair(src_tp, cur)
+        if src.index not in registered:
+            registered.add(src.index)
+            tick("register", t, f"{getattr(reg, 'engine', cache.name)} {src_tp.series_uid} -> {cur.series_uid}")
+        notes = [src.provenance.describe() + f" (registered directly, {src.index} -> {t})"]
+        reference = SegReference(src_tp.ct, src.mask) if src.mask.array.any() else None
+        warped = _u8(reg.warp_labels(src.mask)) if src.mask.array.any() else _u8(_zeros(cur.ct))
+        les = _segment_propagated(cur, src.identity, warped, reference, engine, opts, notes)
+        les.propagated_from = src.provenance
+        les.meta["registration"] = getattr(reg, "engine", cache.name)
+        les.meta["propagated_from_index"] = src.index
+        results.append(_StepResult(les, warped))
+        tick("segment", t, src.identity.tracking_id)
+    cur.lesions = _resolve_overlaps(results, cur.ct)
+    for les in cur.lesions:
+        _consistency_check(les, previous.get(les.identity.label), opts)
+
+
+def _consistency_check(les: TrackedLesion, prev: TrackedLesion | None, opts: TrackingOptions) -> None:
+    """Our result at the neighbouring timepoint as a check (never a prompt): disagreement → flagged for review."""
+    if prev is None:
+        return
+    now_present = les.status is LesionStatus.PRESENT
+    was_present = prev.status is LesionStatus.PRESENT
+    if now_present and was_present:
+        v0, v1 = float(prev.meta.get("volume_mm3", 0.0)), float(les.meta.get("volume_mm3", 0.0))
+        if v0 > 0 and v1 > 0:
+            ratio = v1 / v0
+            if ratio > opts.consistency_ratio or ratio < 1.0 / opts.consistency_ratio:
+                les.meta["review"] = True
+                les.notes.append(
+                    f"volume x{ratio:.2f} against our result at the neighbouring timepoint: flagged for review"
+                )
+    elif was_present and not now_present:
+        les.meta["review"] = True
+        les.notes.append("vanished although present at the neighbouring timepoint: flagged for review")
+    elif now_present and not was_present:
+        les.notes.append("reappeared: vanished at the neighbouring timepoint")
+
+
+def _segment_propagated(
+    cur: Timepoint,
+    identity: LesionIdentity,
+    warped: Volume,
+    reference: SegReference | None,
+    engine: SegmentationEngine,
+    opts: TrackingOptions,
+    notes: list[str],
+    source: str = "propagated annotation",
+) -> TrackedLesion:
+    """Segment one lesion on ``cur`` from its warped prompt mask (keep the component nearest its centre, boost)."""
+    if not warped.array.any():
+        return TrackedLesion(
+            identity,
+            LesionStatus.VANISHED,
+            _u8(_zeros(cur.ct)),
+            engine.name,
+            engine.version,
+            notes=[*notes, "propagated mask fell outside this CT"],
+        )
+    centre = mask_centre_mm(warped)
+    if centre is None:  # unreachable: the warped mask is not empty
+        raise RuntimeError(f"propagated mask of lesion {identity.label} has no centre")
+    prompt = Prompt(identity, PromptKind.MASK, mask=warped, source=source)
+    seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)
+    if opts.boosting and seg.array.any():
+        c2 = mask_centre_mm(seg)
+        if c2 is None:  # unreachable: seg is not empty
+            raise RuntimeError(f"segmentation of lesion {identity.label} has no centre")
+        shifted = _translate(warped, c2 - centre)
+        if shifted.array.any():
+            boosted = keep_nearest_component(
+                engine.segment(cur.ct, Prompt(identity, PromptKind.MASK, mask=shifted, source="boosted"), reference),
+                c2,
+                opts.max_centre_distance_mm,
+            )
+            if boosted.array.any():
+                seg = boosted
+                notes.append(
+                    f"boosted: re-prompted at the first result's centre ({np.linalg.norm(c2 - centre):.1f} mm)"
+                )
+    status = LesionStatus.PRESENT if seg.array.any() else LesionStatus.VANISHED
+    return TrackedLesion(
+        identity, status, _u8(seg), engine.name, engine.version, propagated_centre_mm=centre, notes=notes
+    )
+
+
+def _track_chain(
+    timepoints: list[Timepoint],
+    source_index: int,
+    cache: RegistrationCache,
+    engine: SegmentationEngine,
+    opts: TrackingOptions,
+    tick: Callable[[str, int, str], None],
+) -> None:
+    """The former autoregressive loop: each timepoint prompted with our result at the previous one (baseline)."""
+    src = timepoints[source_index]
+    start = {
         les.identity.label: _Carry(les.mask, src.ct, les.mask, les.status is LesionStatus.PRESENT)
         for les in src.lesions
     }
-    start = dict(carries)
     for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
         carries = dict(start)
         prev = source_index
         for t in order:
-            carries = _step(timepoints[prev], timepoints[t], t, carries, registration, segmentation, opts, tick)
+            carries = _step(timepoints[prev], timepoints[t], t, carries, cache, engine, opts, tick)
             prev = t
-    if progress:
-        progress(ProgressEvent("done", total, total, source_index, "tracking finished"))
-    return timepoints
 
 
 def _segment_source(tp: Timepoint, prompt: Prompt, engine: SegmentationEngine, opts: TrackingOptions) -> _StepResult:
@@ -158,12 +380,12 @@ def _step(
     cur: Timepoint,
     t: int,
     carries: dict[int, _Carry],
-    registration: RegistrationEngine,
+    registration: RegistrationCache,
     engine: SegmentationEngine,
     opts: TrackingOptions,
     tick: Callable[[str, int, str], None],
 ) -> dict[int, _Carry]:
-    reg = registration.register(prev.ct, cur.ct)
+    reg = registration.register_pair(prev, cur)
     tick("register", t, f"{getattr(reg, 'engine', registration.name)} {prev.series_uid} -> {cur.series_uid}")
     by_label = {les.identity.label: les.identity for les in prev.lesions}
     results: list[_StepResult] = []
@@ -171,56 +393,15 @@ def _step(
     for label, carry in carries.items():
         identity = by_label[label]
         warped = _u8(reg.warp_labels(carry.mask))
-        notes: list[str] = []
+        notes = ["propagated from our result at the previous timepoint (chain)"]
         if not carry.present:
             notes.append("propagated from the last timepoint where it was seen")
-        if not warped.array.any():
-            les = TrackedLesion(
-                identity,
-                LesionStatus.VANISHED,
-                _u8(_zeros(cur.ct)),
-                engine.name,
-                engine.version,
-                notes=[*notes, "propagated mask fell outside this CT"],
-            )
-            results.append(_StepResult(les, warped))
-            tick("segment", t, identity.tracking_id)
-            continue
-        centre = mask_centre_mm(warped)
-        if centre is None:  # unreachable: the warped mask is not empty
-            raise RuntimeError(f"propagated mask of lesion {label} has no centre")
-        prompt = Prompt(identity, PromptKind.MASK, mask=warped, source=f"propagated from series {prev.series_uid}")
         reference = SegReference(carry.ref_image, carry.ref_mask)
-        seg = keep_nearest_component(engine.segment(cur.ct, prompt, reference), centre, opts.max_centre_distance_mm)
-        if opts.boosting and seg.array.any():
-            c2 = mask_centre_mm(seg)
-            if c2 is None:  # unreachable: seg is not empty
-                raise RuntimeError(f"segmentation of lesion {label} has no centre")
-            shifted = _translate(warped, c2 - centre)
-            if shifted.array.any():
-                boosted = keep_nearest_component(
-                    engine.segment(
-                        cur.ct, Prompt(identity, PromptKind.MASK, mask=shifted, source="boosted"), reference
-                    ),
-                    c2,
-                    opts.max_centre_distance_mm,
-                )
-                if boosted.array.any():
-                    seg = boosted
-                    notes.append(
-                        f"boosted: re-prompted at the first result's centre ({np.linalg.norm(c2 - centre):.1f} mm)"
-                    )
-        status = LesionStatus.PRESENT if seg.array.any() else LesionStatus.VANISHED
-        les = TrackedLesion(
-            identity,
-            status,
-            _u8(seg),
-            engine.name,
-            engine.version,
-            propagated_centre_mm=centre,
-            notes=notes,
-            meta={"registration": getattr(reg, "engine", "")},
+        les = _segment_propagated(
+            cur, identity, warped, reference, engine, opts, notes, source=f"propagated from series {prev.series_uid}"
         )
+        les.propagated_from = PropagationSource(prev.series_uid, "our result (chain)", by_person=False)
+        les.meta["registration"] = getattr(reg, "engine", "")
         results.append(_StepResult(les, warped))
         tick("segment", t, identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
@@ -337,6 +518,8 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
                     ),
                     "centre_mm": les.meta.get("centre_mm"),
                     "engine": les.engine,
+                    "propagated_from": None if les.propagated_from is None else asdict(les.propagated_from),
+                    "review": bool(les.meta.get("review", False)),
                     "notes": list(les.notes),
                 }
             )

@@ -1,7 +1,8 @@
 """End to end against a real Orthanc: the PACS routes a follow-up to LesionTrack, which finds and retrieves the
 prior (C-MOVE in one test, C-GET in the other), tracks, and stores SEG + SR back in Orthanc. The test reads them
 back from Orthanc, validates them (dciodvfy, pixelmed DicomSRValidator, dsrdump) and checks each lesion keeps the
-prior SEG's Tracking UID; then a second follow-up continues the chain from LesionTrack's own previous SEG.
+prior SEG's Tracking UID; a second follow-up is again propagated from the radiologist's baseline SEG (LesionTrack's
+own SEG of the first follow-up is found and passed over) and every observation records that provenance.
 
 The whole service (SCP, job executor, sender) runs embedded in the test process with the real analysis steps on a
 small phantom patient (patient motion between timepoints).
@@ -17,7 +18,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import AuditEvent, Delivery, DeliveryState, JobState
+from db.models import AuditEvent, Delivery, DeliveryState, JobState, LesionObservation
 from db.session import session_scope
 from pipeline.contract import job_results
 from tests.conftest import require_tool
@@ -165,13 +166,19 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         results = job_results(view.step_outputs)
         assert results.match is not None and results.written is not None
         prior = results.match.prior
+        baseline_seg = str(pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID)
+        # every follow-up is propagated from the radiologist's baseline SEG, never from our previous result
+        assert prior.ct_series_uid == patient.baseline.series_uid
+        assert prior.annotation.sop_instance_uid == baseline_seg
         if previous_seg is None:
-            assert prior.ct_series_uid == patient.baseline.series_uid and prior.source == "orthanc"
-            assert prior.annotation.sop_instance_uid == str(
-                pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID
-            )
-        else:  # the chain continues from LesionTrack's own SEG of the previous follow-up
-            assert prior.annotation.sop_instance_uid == previous_seg
+            assert prior.source == "orthanc"
+        else:  # our SEG of the previous follow-up was found, and passed over as a prompt source
+            assert results.match.prompt_source is not None
+            assert previous_seg in results.match.prompt_source.skipped_ours
+        with session_scope(site.service.session_factory) as s:
+            obs = s.scalars(select(LesionObservation).where(LesionObservation.series_instance_uid == fu.series_uid))
+            prov = {(o.propagated_from_series_uid, o.propagated_from_sop_uid) for o in obs}
+        assert prov == {(patient.baseline.series_uid, baseline_seg)}, "provenance recorded on every observation"
         objs = site.results_in_orthanc(fu.study_uid)
         assert len(objs.get("SEG", [])) == 1 and len(objs.get("SR", [])) == 1, {k: len(v) for k, v in objs.items()}
         seg, sr = objs["SEG"][0], objs["SR"][0]

@@ -88,6 +88,14 @@ def test_track_cli_writes_label_maps_tracking_json_and_dicom(tmp_path: Path) -> 
     assert [les["tracking_id"] for les in summary["lesions"]] == ["L1 lung", "L2 liver"]
     assert all(x["status"] == "present" for les in summary["lesions"] for x in les["timepoints"])
     assert "dicom_error" not in summary, summary.get("dicom_error")
+    # every follow-up was prompted from the radiologist's baseline prompts, not from our previous result
+    base_uid = summary["timepoints"][0]["series_uid"]
+    for les in summary["lesions"]:
+        assert les["timepoints"][0]["propagated_from"] is None
+        for x in les["timepoints"][1:]:
+            src = x["propagated_from"]
+            assert src["series_uid"] == base_uid and src["by_person"] and src["timepoint_index"] == 0, src
+    assert summary["propagation"] == "annotation"
     for tp in summary["timepoints"][1:]:
         kinds = sorted(pydicom.dcmread(out / f).Modality for f in tp["dicom"])
         assert kinds == ["SEG", "SR"]

@@ -210,6 +210,8 @@ class ObservationOut(BaseModel):
     engine: str | None
     engine_version: str | None
     measurements: dict[str, Any] | None
+    propagated_from_series_uid: str | None = None
+    propagated_from_sop_uid: str | None = None
     created_at: datetime | None
 
     @classmethod
@@ -228,6 +230,8 @@ class ObservationOut(BaseModel):
             engine=o.engine,
             engine_version=o.engine_version,
             measurements=o.measurements,
+            propagated_from_series_uid=o.propagated_from_series_uid,
+            propagated_from_sop_uid=o.propagated_from_sop_uid,
             created_at=o.created_at,
         )
 

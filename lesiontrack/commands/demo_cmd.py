@@ -17,6 +17,7 @@ def demo(
     size: str = typer.Option("96x144x144", help="slices x rows x columns of the phantom CT"),
     spacing_mm: float = typer.Option(2.5, help="voxel size of the phantom CT (mm)"),
     lesions: int = typer.Option(5, help="number of lesions"),
+    followups: int = typer.Option(3, min=1, help="number of follow-ups (each propagated from the baseline SEG)"),
     timeout: float = typer.Option(900.0, help="seconds to wait for each analysis"),
     keep_running: bool | None = typer.Option(
         None,
@@ -24,7 +25,7 @@ def demo(
         help="keep the service (and dashboard) up until Ctrl-C (default: yes when run from a terminal)",
     ),
 ) -> None:
-    """Start the service on free ports, send a phantom baseline + SEG and two follow-ups, print the lesion table."""
+    """Start the service on free ports, send a phantom baseline + SEG and three follow-ups, print the lesion table."""
     import logging
     import sys
     import tempfile
@@ -57,13 +58,14 @@ def demo(
     root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with console.status("generating the synthetic patient (phantom CT, lesion SEG, two follow-ups)..."):
+    with console.status(f"generating the synthetic patient (phantom CT, lesion SEG, {followups} follow-ups)..."):
         patient = make_patient(
             root / "patient",
             seed=seed,
             shape=shape,
             spacing=(spacing_mm,) * 3,
             n_lesions=lesions,
+            n_followups=followups,
         )
     console.print(
         f"patient {patient.patient_id}: baseline {len(patient.baseline.files)} slices, "
@@ -105,6 +107,11 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
+            from pipeline.contract import job_results
+
+            match = job_results(view.step_outputs).match
+            if match is not None and match.prompt_source is not None:
+                console.print(f"  prompted from: {match.prompt_source.reason}")
         if service.session_factory is None:
             raise RuntimeError("the demo service has no database")
         with service.session_factory() as s:

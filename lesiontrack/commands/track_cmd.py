@@ -143,6 +143,7 @@ def track(
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = tracking_summary(tps)
     summary["source_index"] = source_index
+    summary["propagation"] = "annotation"  # every timepoint from the baseline annotation (propagated_from per lesion)
     for t, tp in enumerate(tps):
         path = out / f"T{t}_{_safe(tp.series_uid)}_labels.nii.gz"
         label_map(tp).write(str(path))

@@ -18,7 +18,8 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
    (skimage) run on the lesion-probability image, which places the boundary; holes are filled and the component
    nearest the prompt's centre is kept.
 5. No lesion-like evidence inside the prompt core (searched within a few mm, for propagation error), or a result
-   below ``min_volume_mm3`` → empty mask (vanished).
+   below ``min_volume_mm3`` (or, for a mask prompt, below ``min_prompt_fraction`` of the prompt: a remnant of a few
+   lesion-like voxels at the site of a vanished lesion) → empty mask (vanished).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class AdaptiveConfig:
     min_sd_hu: float = 8.0  # floor of the kernel bandwidth
     rw_beta: float = 60.0
     min_volume_mm3: float = 10.0
+    min_prompt_fraction: float = 0.05
+    """A result below this fraction of the prompt's volume is a remnant, not the lesion: vanished (a lesion that
+    shrank to x0.3 keeps 30 %; a few lesion-like voxels left at the site of a vanished lesion are noise)."""
     presence_fraction: float = 0.15  # of the prompt core that must look like lesion, else vanished
     presence_cap: float = 0.4  # upper bound of that fraction when the surroundings look lesion-like
     max_roi_voxels: int = 400_000  # larger ROIs are segmented on a coarser grid
@@ -114,7 +118,9 @@ class AdaptiveEngine:
         res = _like(image, out)
         centre = _prompt_centre_mm(pmask_full)
         res = keep_nearest_component(res, centre, max_distance_mm=max(10.0, r_eq))
-        if res.array.sum() * image.voxel_volume_mm3() < cfg.min_volume_mm3:
+        vol = res.array.sum() * image.voxel_volume_mm3()
+        prompt_vol = float(pmask_full.array.sum()) * image.voxel_volume_mm3()
+        if vol < cfg.min_volume_mm3 or (is_mask and vol < cfg.min_prompt_fraction * prompt_vol):
             return _like(image, np.zeros(image.shape, np.uint8))
         return res
 

@@ -116,6 +116,8 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         engine=les.engine or None,
                         engine_version=(les.engine_version or None),
                         measurements=data,
+                        propagated_from_series_uid=prior.ct_series_uid if tp_index == 1 else None,
+                        propagated_from_sop_uid=annotation.sop_instance_uid if tp_index == 1 else None,
                     )
                 )
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.contract import (
-    SEG_SOP_CLASSES,
     MatchPriorsOutput,
     PriorRecord,
     PriorSummary,
+    PromptSourceRecord,
     RetrievePriorsOutput,
 )
 from pipeline.jobs import NothingToTrack, PermanentError, TransientError
-from pipeline.ports import PriorAnnotation, PriorSource, PriorTimepoint
+from pipeline.ports import PriorSource, PriorTimepoint
 from pipeline.steps.services import Ctx, followup_series, time_key
 
 
@@ -57,32 +57,27 @@ def match_priors(ctx: Ctx) -> MatchPriorsOutput:
     if not annotated:
         plural = "y" if len(earlier) == 1 else "ies"
         raise NothingToTrack(f"no lesions marked on any of {len(earlier)} prior stud{plural}")
-    source = max(annotated, key=lambda p: time_key(p.study_date, p.study_time))
-    segs = [a for a in source.annotations if a.modality == "SEG" or a.sop_class_uid in SEG_SOP_CLASSES]
-    chosen = newest_annotation(segs or source.annotations)
-    source.annotations = [chosen]
-    return MatchPriorsOutput(followup=fu.record, prior=PriorRecord.of(source), priors_found=summary)
+    from pipeline.prompt_selection import NoPersonAnnotation, is_our_object, our_instance_uids, select_prior_annotation
 
-
-def newest_annotation(annotations: list[PriorAnnotation]) -> PriorAnnotation:
-    """The most recent annotation (by content date/time where the file is at hand), e.g. our latest SEG."""
-    import pydicom
-
-    def key(item: tuple[int, PriorAnnotation]) -> tuple[str, int]:
-        i, a = item
-        if a.files and Path(a.files[0]).is_file():
-            try:
-                ds = pydicom.dcmread(
-                    a.files[0],
-                    stop_before_pixels=True,
-                    specific_tags=["ContentDate", "ContentTime", "SeriesDate", "SeriesTime"],
-                )
-                return (f"{ds.get('ContentDate', ds.get('SeriesDate', ''))}{ds.get('ContentTime', '')}", i)
-            except Exception:  # unreadable header: order of discovery decides
-                pass
-        return ("", i)
-
-    return max(enumerate(annotations), key=key)[1]
+    sf = ctx.services.session_factory
+    ours = our_instance_uids(sf, [a.sop_instance_uid for p in annotated for a in p.annotations])
+    try:  # the person's annotation nearest in time, never a result of ours (issue 14)
+        source, choice = select_prior_annotation(
+            annotated,
+            fu_key,
+            lambda a: a.sop_instance_uid in ours or any(is_our_object(Path(f)) for f in a.files[:1]),
+            lambda p: time_key(p.study_date, p.study_time),
+        )
+    except NoPersonAnnotation as exc:
+        raise NothingToTrack(str(exc)) from exc
+    return MatchPriorsOutput(
+        followup=fu.record,
+        prior=PriorRecord.of(source),
+        priors_found=summary,
+        prompt_source=PromptSourceRecord(
+            reason=choice.reason, skipped_ours=[c.sop_instance_uid for c in choice.skipped]
+        ),
+    )
 
 
 def retrieve_priors(ctx: Ctx) -> RetrievePriorsOutput:

@@ -1,15 +1,15 @@
 """transfer integrity: how each series' last association ended, per-instance association marks, the expected
 instance count, and the objects a destination already acknowledged per delivery (issue 19)
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

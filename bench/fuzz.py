@@ -20,13 +20,14 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _serve(root: str, port_queue: mp.Queue, stop: mp.Event) -> None:  # type: ignore[type-arg]
+def _serve(root: str, port_queue: mp.Queue, stop: EventType) -> None:
     """The SCP process: product StorageSCP on a free loopback port; logs to root/scp.log."""
     import logging
     import threading

@@ -207,7 +207,7 @@ class SeriesCompletion:
                     .where(Instance.association_uid == association_uid)
                     .values(transfer_incomplete=True)
                     .execution_options(synchronize_session=False)
-                ).rowcount  # type: ignore[attr-defined]
+                ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult; stubs say Result
             for uid in sorted(series_uids):
                 audit(s, self.actor, "series.transfer_aborted", "series", uid, instances_marked=marked)
         log.warning(

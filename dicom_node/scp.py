@@ -245,7 +245,8 @@ class StorageSCP:
         requestor = event.assoc.requestor
         assoc_uid = getattr(event.assoc, "lesiontrack_uid", None)
         if assoc_uid is None:
-            assoc_uid = event.assoc.lesiontrack_uid = str(uuid.uuid4())
+            assoc_uid = str(uuid.uuid4())
+            event.assoc.lesiontrack_uid = assoc_uid  # type: ignore[attr-defined]  # our id, attached once
         data = event.encoded_dataset(include_meta=False)
         try:
             result = self.ingestor.ingest(

@@ -87,4 +87,4 @@ def guarded(fn: F) -> F:
             typer.secho(f"error: {_why(exc)}", fg="red", err=True)
             raise typer.Exit(1) from exc
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the command signature Typer reads

@@ -37,6 +37,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "interop"
 if not SHARED.is_dir():
@@ -85,10 +86,10 @@ def encode(ds: Dataset, ts: str) -> bytes:
 
 def part10(m: Mutant) -> bytes:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = m.sop_class
-    meta.MediaStorageSOPInstanceUID = m.sop_uid
-    meta.TransferSyntaxUID = m.ts
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.MediaStorageSOPClassUID = UID(m.sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(m.sop_uid)
+    meta.TransferSyntaxUID = UID(m.ts)
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
     buf = BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)

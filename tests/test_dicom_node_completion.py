@@ -206,7 +206,7 @@ def test_aborted_association_does_not_hold_completion_but_holds_analysis(node: N
     files = ge_files()[:12]
     uid = _uid(files)
     assert pynetdicom_store(node.port, files, abort_after=11) == [0] * 11
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion after the sender aborted")  # type: ignore[union-attr]
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion after the sender aborted")
     s = node.series(uid)
     assert s is not None and s.instance_count == 11 and s.routing_decision == RoutingDecision.SKIP
     assert (s.routing_reason or "").startswith("incomplete transfer")

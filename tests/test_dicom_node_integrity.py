@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from db.models import RoutingDecision, SeriesState, TransferOutcome
 from tests.test_dicom_node_completion import wait_until
@@ -42,10 +42,10 @@ def node(tmp_path: Path) -> Iterator[Node]:
 def part10(path: Path, body: bytes, *, sop_class: str, sop_uid: str, ts: str) -> Path:
     """A Part 10 file with the given meta (what the sender puts in its C-STORE request) and a verbatim body."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(ts)
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
     buf = BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
@@ -174,7 +174,7 @@ def test_each_invalid_dataset_class_is_refused_at_the_door_with_an_audit_row(nod
     refused = node.audits("instance.refused")
     assert len(refused) == len(cases)
     assert all(r.details and r.details["status"] in ("0xA900", "0xC000") and r.details["reason"] for r in refused)
-    uid65 = [r for r in refused if "65 characters" in r.details["reason"]]  # type: ignore[index]
+    uid65 = [r for r in refused if "65 characters" in r.details["reason"]]
     assert len(uid65) == 1
 
 
@@ -221,12 +221,12 @@ def test_pixel_data_inconsistent_with_rows_and_columns_is_marked_invalid_before_
             ds.Rows = 600  # the cheap door checks cannot see this; the full check before analysis does
         files.append(mutant(tmp_path, f"px{i}", ds))
     assert pynetdicom_store(node.port, files) == [0] * 4
-    wait_until(lambda: node.series(series_uid).state == SeriesState.COMPLETE, what="completion")  # type: ignore[union-attr]
+    wait_until(lambda: node.series(series_uid).state == SeriesState.COMPLETE, what="completion")
     s = node.series(series_uid)
     assert s is not None and s.routing_decision == RoutingDecision.SKIP
     assert (s.routing_reason or "").startswith("invalid instance") and "pixel data is" in (s.routing_reason or "")
     assert node.triggers == []
-    assert node.scp.force_complete(series_uid).decision == RoutingDecision.SKIP  # type: ignore[union-attr]
+    assert node.scp.force_complete(series_uid).decision == RoutingDecision.SKIP
     assert node.triggers == []  # invalid data is never analysed, even when forced
 
 
@@ -245,7 +245,7 @@ def _series(tmp_path: Path, n: int, **attrs: object) -> tuple[str, list[Path]]:
 def test_aborted_transfer_is_not_analysed_until_forced(node: Node, tmp_path: Path) -> None:
     uid, files = _series(tmp_path, 8)
     assert pynetdicom_store(node.port, files, abort_after=5) == [0] * 5
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")  # type: ignore[union-attr]
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
     assert s is not None and s.last_transfer == TransferOutcome.ABORTED
     assert s.routing_decision == RoutingDecision.SKIP and "incomplete transfer" in (s.routing_reason or "")
@@ -273,20 +273,20 @@ def test_dropped_connection_holds_the_series_and_a_released_resend_of_duplicates
         assert assoc.send_c_store(dcmread(f)).Status == 0
     assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the sender dies: no A-RELEASE, no A-ABORT
     assoc.kill()
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")  # type: ignore[union-attr]
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
     assert s is not None and s.last_transfer == TransferOutcome.ABORTED and s.routing_decision == RoutingDecision.SKIP
     assert node.triggers == []
     # the sender re-sends the same five instances (all duplicates) and releases: the transfer is now confirmed
     storescu(node.port, files, "PYSCU")
     wait_until(lambda: node.triggers == [uid], what="analysis after a released re-send")
-    assert node.series(uid).last_transfer == TransferOutcome.RELEASED  # type: ignore[union-attr]
+    assert node.series(uid).last_transfer == TransferOutcome.RELEASED
 
 
 def test_fewer_instances_than_images_in_acquisition_are_held(node: Node, tmp_path: Path) -> None:
     uid, files = _series(tmp_path, 4, ImagesInAcquisition=6)
     storescu(node.port, files, "PYSCU")
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")  # type: ignore[union-attr]
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
     assert s is not None and s.expected_instances == 6 and s.last_transfer == TransferOutcome.RELEASED
     assert "4 of 6 instances" in (s.routing_reason or "") and node.triggers == []

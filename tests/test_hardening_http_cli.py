@@ -8,7 +8,7 @@ import os
 import re
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ OPERATOR = "operator-key-9876543210"
 HUGE = "9223372036854775808"  # 2**63: one past the largest 64-bit integer
 
 
-def _app(tmp: Path, **http: object):  # type: ignore[no-untyped-def]
+def _app(tmp: Path, **http: object):
     from fastapi.testclient import TestClient
 
     from web import create_app
@@ -52,13 +52,13 @@ def web(tmp_path: Path) -> Iterator[tuple[object, object]]:
         yield app, client
 
 
-def _is_int(schema: dict) -> bool:  # type: ignore[type-arg]
+def _is_int(schema: dict) -> bool:
     return schema.get("type") == "integer" or any(_is_int(x) for x in schema.get("anyOf", []))
 
 
-def test_every_integer_parameter_out_of_range_is_422_not_500(web) -> None:  # type: ignore[no-untyped-def]
+def test_every_integer_parameter_out_of_range_is_422_not_500(web) -> None:
     app, client = web
-    spec = app.openapi()  # type: ignore[attr-defined]
+    spec = app.openapi()
     cases: list[tuple[str, str, dict[str, str]]] = []
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
@@ -131,7 +131,7 @@ def test_a_locked_database_is_detected_with_a_clear_error(tmp_path: Path) -> Non
     check_writable(make_engine(url), url, lock_wait_seconds=0.3)  # free again: no error
 
 
-def _read_only_folder(tmp_path: Path) -> Iterator[Path]:
+def _read_only_folder(tmp_path: Path) -> Generator[Path, None, None]:
     """A folder the process cannot write to: a read-only tmpfs where mounting works (root ignores modes)."""
     mnt = tmp_path / "ro"
     mnt.mkdir()
@@ -203,13 +203,13 @@ def _clean_error(res: Result, *names: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_timepoints(tmp_path_factory: pytest.TempPathFactory) -> list:  # type: ignore[type-arg]
+def two_timepoints(tmp_path_factory: pytest.TempPathFactory) -> list:
     from tests.segsr_fixtures import make_series
 
     return make_series(tmp_path_factory.mktemp("tp"), n_timepoints=2)
 
 
-def _baseline_with_seg(tmp: Path, tps: list) -> tuple[Path, Path]:  # type: ignore[type-arg]
+def _baseline_with_seg(tmp: Path, tps: list) -> tuple[Path, Path]:
     import shutil
 
     from pipeline.seg_writer import save_new, write_seg
@@ -221,7 +221,7 @@ def _baseline_with_seg(tmp: Path, tps: list) -> tuple[Path, Path]:  # type: igno
 
 
 @pytest.mark.parametrize("keep", [0.5, 1100])
-def test_track_corrupt_seg_names_the_file(tmp_path: Path, two_timepoints, keep: float) -> None:  # type: ignore[no-untyped-def]
+def test_track_corrupt_seg_names_the_file(tmp_path: Path, two_timepoints, keep: float) -> None:
     """Cut inside the segment frames, and (the issue's case) inside the header at byte 1100."""
     base, seg = _baseline_with_seg(tmp_path, two_timepoints)
     raw = seg.read_bytes()
@@ -232,7 +232,7 @@ def test_track_corrupt_seg_names_the_file(tmp_path: Path, two_timepoints, keep: 
     assert "cannot" in out
 
 
-def test_track_one_slice_followup_names_the_folder(tmp_path: Path, two_timepoints) -> None:  # type: ignore[no-untyped-def]
+def test_track_one_slice_followup_names_the_folder(tmp_path: Path, two_timepoints) -> None:
     import shutil
 
     base, _ = _baseline_with_seg(tmp_path, two_timepoints)
@@ -244,7 +244,7 @@ def test_track_one_slice_followup_names_the_folder(tmp_path: Path, two_timepoint
     assert "at least 2 slices" in out
 
 
-def test_track_followup_with_a_corrupt_slice_names_the_folder(tmp_path: Path, two_timepoints) -> None:  # type: ignore[no-untyped-def]
+def test_track_followup_with_a_corrupt_slice_names_the_folder(tmp_path: Path, two_timepoints) -> None:
     import shutil
 
     base, _ = _baseline_with_seg(tmp_path, two_timepoints)
@@ -258,7 +258,7 @@ def test_track_followup_with_a_corrupt_slice_names_the_folder(tmp_path: Path, tw
     _clean_error(res, str(fu))
 
 
-def test_track_bad_prompts_json_names_the_file(tmp_path: Path, two_timepoints) -> None:  # type: ignore[no-untyped-def]
+def test_track_bad_prompts_json_names_the_file(tmp_path: Path, two_timepoints) -> None:
     base, _ = _baseline_with_seg(tmp_path, two_timepoints)
     pj = tmp_path / "prompts.json"
     pj.write_text("{ not json")
@@ -267,7 +267,7 @@ def test_track_bad_prompts_json_names_the_file(tmp_path: Path, two_timepoints) -
     _clean_error(res, str(pj))
 
 
-def test_track_folder_without_ct_names_the_folder(tmp_path: Path, two_timepoints) -> None:  # type: ignore[no-untyped-def]
+def test_track_folder_without_ct_names_the_folder(tmp_path: Path, two_timepoints) -> None:
     base, _ = _baseline_with_seg(tmp_path, two_timepoints)
     empty = tmp_path / "empty"
     empty.mkdir()

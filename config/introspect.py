@@ -15,7 +15,8 @@ from config.settings import ENV_PREFIX, Settings
 
 Source = Literal["default", "file", "environment"]
 _SECRET_WORDS = ("password", "secret", "key", "token")
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@]+:)(?P<pw>[^@]+)(?P<tail>@)", re.I)
+# scheme://[user]:password@host — the user name may be empty (redis://:password@host/0)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@/\s]+)(?P<tail>@)", re.I)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,29 @@ class DicomNodeSettings(_Section):
     maximum_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
     fsync: bool = True
     series_quiet_seconds: float = Field(30.0, ge=0)
+    require_called_ae: bool = Field(True, description="refuse associations addressed to another AE title")
+    acse_timeout_seconds: float = Field(
+        10.0, gt=0, description="how long a new connection may take to send its A-ASSOCIATE-RQ (and release)"
+    )
+    dimse_timeout_seconds: float = Field(30.0, gt=0, description="how long we wait for a DIMSE message")
+    network_timeout_seconds: float = Field(60.0, gt=0, description="an established association idle this long ends")
+    pdu_read_seconds: float = Field(
+        60.0, gt=0, description="one PDU, once its header began, must be complete within this (slow senders)"
+    )
+    max_connections_per_peer: int = Field(8, ge=0, description="open TCP connections per peer IP; 0 = unlimited")
+    max_pending_connections: int = Field(
+        20, ge=1, description="connections still waiting to send an A-ASSOCIATE-RQ; the oldest is closed beyond this"
+    )
+    max_pdu_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=16384,
+        description="cap on a P-DATA PDU's declared length when maximum_pdu_size is 0 (unlimited)",
+    )
+    analyse_incomplete_transfers: bool = Field(
+        False,
+        description="analyse a series whose last association ended in an abort or a dropped connection "
+        "(default: hold it until it is re-sent and released, or an operator forces it)",
+    )
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
@@ -200,6 +223,7 @@ class HttpSettings(_Section):
     bind_address: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     api_keys: list[ApiKey] = Field(default_factory=list)
+    public_openapi: bool = Field(False, description="serve /openapi.json without a key (default: a read key)")
 
 
 class WorkerSettings(_Section):

@@ -40,6 +40,14 @@ class SeriesState(enum.StrEnum):
     COMPLETE = "complete"
 
 
+class TransferOutcome(enum.StrEnum):
+    """How the last association that delivered instances of a series ended."""
+
+    OPEN = "open"  # still sending (or the node stopped while it was)
+    RELEASED = "released"  # A-RELEASE: the sender said it was done
+    ABORTED = "aborted"  # A-ABORT or a dropped connection: the transfer may be incomplete
+
+
 class RoutingDecision(enum.StrEnum):
     PENDING = "pending"
     ANALYSE = "analyse"
@@ -77,6 +85,7 @@ class DeliveryState(enum.StrEnum):
     RETRY_WAIT = "retry_wait"
     DELIVERED = "delivered"
     DEAD_LETTER = "dead_letter"
+    SUPERSEDED = "superseded"  # its job was superseded before it was sent: never sent
 
 
 def _enum(e: type[enum.Enum], name: str | None = None) -> Enum:
@@ -88,6 +97,10 @@ def _enum(e: type[enum.Enum], name: str | None = None) -> Enum:
         length=32,
         validate_strings=True,
     )
+
+
+def _enum16(e: type[enum.Enum]) -> Enum:
+    return Enum(e, values_callable=lambda x: [m.value for m in x], native_enum=False, length=16, validate_strings=True)
 
 
 class Patient(Base):
@@ -138,6 +151,8 @@ class Series(Base):
     routing_decision: Mapped[RoutingDecision] = mapped_column(_enum(RoutingDecision), default=RoutingDecision.PENDING)
     routing_reason: Mapped[str | None] = mapped_column(Text)
     created_by_us: Mapped[bool] = mapped_column(default=False)
+    last_transfer: Mapped[TransferOutcome | None] = mapped_column(_enum16(TransferOutcome))
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -158,6 +173,8 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer)
     sender_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    association_uid: Mapped[str | None] = mapped_column(String(36), index=True)
+    transfer_incomplete: Mapped[bool] = mapped_column(default=False, server_default="0")
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -247,6 +264,7 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    acknowledged: Mapped[list[Any] | None] = mapped_column(JSON)  # files the destination already stored
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

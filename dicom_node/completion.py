@@ -16,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingSettings
-from db.models import RoutingDecision, Series, SeriesState
+from db.models import Instance, RoutingDecision, Series, SeriesState, TransferOutcome
 from db.repository import audit
 from db.session import session_scope
+from dicom_node.integrity import INCOMPLETE, first_header, hold_reason
 from dicom_node.routing import Route, decide, series_facts
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,15 @@ def complete_series(
     on_series_complete: SeriesCallback | None = None,
     forced: bool = False,
     actor: str = "dicom-node",
+    analyse_incomplete: bool = False,
+    validate: bool = True,
 ) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
 
-    Returns None when the series is unknown, or (unless ``forced``) when it is already complete with nothing
-    received since, e.g. because an operator forced its completion from another process.
+    A series routed to ANALYSE is held (SKIP, with the reason) when its transfer looks incomplete or an instance
+    is invalid (:mod:`dicom_node.integrity`). Returns None when the series is unknown, or (unless ``forced``) when
+    it is already complete with nothing received since, e.g. because an operator forced its completion from
+    another process.
     """
     with session_scope(session_factory) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
@@ -51,6 +56,13 @@ def complete_series(
             return None
         retrigger = series.completed_at is not None
         route = decide(series_facts(s, series), rules)
+        if route.decision == RoutingDecision.ANALYSE:
+            hold = hold_reason(
+                s, series, first_header(s, series), forced=forced, analyse_incomplete=analyse_incomplete,
+                validate=validate,
+            )  # fmt: skip
+            if hold:
+                route = Route(RoutingDecision.SKIP, hold)
         series.state = SeriesState.COMPLETE
         series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
@@ -103,7 +115,12 @@ class SeriesCompletion:
         on_series_complete: SeriesCallback | None = None,
         actor: str = "dicom-node",
         clock: Callable[[], float] = time.monotonic,
+        analyse_incomplete: bool = False,
+        validate: bool = True,
     ) -> None:
+        self.analyse_incomplete = analyse_incomplete
+        self.validate = validate
+        self._touched: dict[int, set[str]] = {}  # association -> series it delivered instances of
         self.session_factory = session_factory
         self.rules = rules
         self.quiet_seconds = quiet_seconds
@@ -121,11 +138,103 @@ class SeriesCompletion:
             p = self._pending.setdefault(series_uid, _Pending(self.clock()))
             p.last_seen = self.clock()
             p.senders.add(association)
+        self.series_touched(series_uid, association)
 
-    def association_closed(self, association: int) -> None:
+    def series_touched(self, series_uid: str, association: int) -> None:
+        """``association`` delivered (or re-delivered, as a duplicate) an instance of ``series_uid``."""
+        with self._lock:
+            seen = self._touched.setdefault(association, set())
+            first = series_uid not in seen
+            seen.add(series_uid)
+        if first:
+            self._set_outcome({series_uid}, TransferOutcome.OPEN)
+
+    def association_released(self, association: int) -> None:
+        """The peer asked to release (A-RELEASE-RQ): its transfer is complete. Recorded before our A-RELEASE-RP
+        goes out, so a node killed right after the sender finished does not count the transfer as dropped."""
+        with self._lock:
+            touched = self._touched.pop(association, set())
+        if touched:
+            try:
+                self._set_outcome(touched, TransferOutcome.RELEASED)
+                self._requeue_held(touched)
+            except Exception:
+                log.exception("recording a released association failed")
+
+    def association_closed(
+        self, association: int, released: bool | None = None, association_uid: str | None = None
+    ) -> None:
+        """The association ended; ``released`` False = A-ABORT or dropped connection (None: not known)."""
         with self._lock:
             for p in self._pending.values():
                 p.senders.discard(association)
+            touched = self._touched.pop(association, set())
+        if not touched or released is None:
+            return
+        try:
+            if released:
+                self._set_outcome(touched, TransferOutcome.RELEASED)
+                self._requeue_held(touched)
+            else:
+                self._mark_aborted(touched, association_uid)
+        except Exception:
+            log.exception("recording how an association ended failed")
+
+    def _set_outcome(self, series_uids: set[str], outcome: TransferOutcome) -> None:
+        try:
+            with session_scope(self.session_factory) as s:
+                s.execute(
+                    update(Series)
+                    .where(Series.series_instance_uid.in_(sorted(series_uids)))
+                    .values(last_transfer=outcome)
+                    .execution_options(synchronize_session=False)
+                )
+        except Exception as exc:
+            log.error("cannot record transfer state %s of %d series: %s", outcome.value, len(series_uids), exc)
+
+    def _mark_aborted(self, series_uids: set[str], association_uid: str | None) -> None:
+        with session_scope(self.session_factory) as s:
+            s.execute(
+                update(Series)
+                .where(Series.series_instance_uid.in_(sorted(series_uids)))
+                .values(last_transfer=TransferOutcome.ABORTED)
+                .execution_options(synchronize_session=False)
+            )
+            marked = 0
+            if association_uid:
+                marked = s.execute(
+                    update(Instance)
+                    .where(Instance.association_uid == association_uid)
+                    .values(transfer_incomplete=True)
+                    .execution_options(synchronize_session=False)
+                ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult; stubs say Result
+            for uid in sorted(series_uids):
+                audit(s, self.actor, "series.transfer_aborted", "series", uid, instances_marked=marked)
+        log.warning(
+            "association ended without A-RELEASE: %d series marked as incompletely transferred", len(series_uids)
+        )
+
+    def _requeue_held(self, series_uids: set[str]) -> None:
+        """Series held for an incomplete transfer and now re-sent (even as duplicates only) over a released
+        association are re-opened, so they complete again after the quiet period."""
+        with session_scope(self.session_factory) as s:
+            held = list(
+                s.scalars(
+                    select(Series).where(
+                        Series.series_instance_uid.in_(sorted(series_uids)),
+                        Series.state == SeriesState.COMPLETE,
+                        Series.routing_reason.like(f"{INCOMPLETE}%"),
+                    )
+                )
+            )
+            uids = [h.series_instance_uid for h in held]
+            for h in held:
+                h.state = SeriesState.RECEIVING
+                audit(s, self.actor, "series.reopened", "series", h.series_instance_uid,
+                      reason="re-sent over an association that ended with A-RELEASE")  # fmt: skip
+        with self._lock:
+            for uid in uids:
+                self._pending.setdefault(uid, _Pending(self.clock()))
 
     def pending(self) -> dict[str, tuple[float, int]]:
         with self._lock:
@@ -148,7 +257,15 @@ class SeriesCompletion:
                     continue
                 del self._pending[uid]
             try:
-                complete_series(self.session_factory, self.rules, uid, self.on_series_complete, actor=self.actor)
+                complete_series(
+                    self.session_factory,
+                    self.rules,
+                    uid,
+                    self.on_series_complete,
+                    actor=self.actor,
+                    analyse_incomplete=self.analyse_incomplete,
+                    validate=self.validate,
+                )
                 done.append(uid)
             except Exception:
                 log.exception("completing series %s failed; will retry", uid)
@@ -160,7 +277,14 @@ class SeriesCompletion:
         with self._lock:
             self._pending.pop(series_uid, None)
         return complete_series(
-            self.session_factory, self.rules, series_uid, self.on_series_complete, forced=True, actor=self.actor
+            self.session_factory,
+            self.rules,
+            series_uid,
+            self.on_series_complete,
+            forced=True,
+            actor=self.actor,
+            analyse_incomplete=self.analyse_incomplete,
+            validate=self.validate,
         )
 
     def trigger(self, series_uid: str, actor: str = "pacs-trigger") -> Route | None:
@@ -172,8 +296,15 @@ class SeriesCompletion:
         return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete, actor=actor)
 
     def resume_from_db(self) -> int:
-        """After a restart: series left RECEIVING get a fresh quiet period."""
+        """After a restart: series left RECEIVING get a fresh quiet period; a transfer the node's stop cut off
+        (``open``) counts as dropped."""
         with session_scope(self.session_factory) as s:
+            s.execute(
+                update(Series)
+                .where(Series.last_transfer == TransferOutcome.OPEN)
+                .values(last_transfer=TransferOutcome.ABORTED)
+                .execution_options(synchronize_session=False)
+            )
             uids = list(
                 s.scalars(
                     select(Series.series_instance_uid).where(

@@ -24,7 +24,7 @@ def scp_contexts() -> list[Context]:
     from config.settings import Settings
     from dicom_node.scp import StorageSCP
 
-    ae = StorageSCP._make_ae(_Shim(Settings()))  # type: ignore[arg-type]
+    ae = StorageSCP._make_ae(_Shim(Settings()))  # type: ignore[arg-type]  # _make_ae reads only .settings
     return [Context(str(cx.abstract_syntax), tuple(str(t) for t in cx.transfer_syntax)) for cx in ae.supported_contexts]
 
 

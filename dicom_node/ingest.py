@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Instance, Series, SeriesState
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
-from dicom_node.storage import InstanceStore, StorageFull, check_structure, is_valid_uid, sha256_hex
+from dicom_node.storage import InstanceStore, StorageFull, check_structure, sha256_hex, uid_problem
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,12 @@ def _s(ds: Dataset | Header, name: str, maxlen: int) -> str | None:
     return str(v)[:maxlen]
 
 
+def _uid(ds: Dataset | Header, name: str) -> str | None:
+    """A UID as sent (never cut: a UID longer than 64 characters is refused, not truncated)."""
+    v = ds.get(name)
+    return None if v is None or v == "" else str(v)
+
+
 def _i(ds: Dataset | Header, name: str) -> int | None:
     try:
         v = ds.get(name)
@@ -168,6 +174,7 @@ class Ingestor:
         self.actor = actor
         self._lock = threading.Lock()  # serialises hierarchy creation races inside one process
         self._series_pk: dict[str, int] = {}  # series UID -> primary key, for the one-transaction fast path
+        self._association = threading.local()  # the association of the C-STORE this thread is recording
         self.engine = session_factory.kw["bind"]
         self._own_engine = False
         if not store.fsync and self.engine.dialect.name == "sqlite":
@@ -189,35 +196,82 @@ class Ingestor:
             self.engine.dispose()
 
     def ingest(
-        self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None = None, peer: str | None = None
+        self,
+        meta: FileMetaDataset,
+        dataset_bytes: bytes,
+        calling_ae: str | None = None,
+        peer: str | None = None,
+        association: str | None = None,
+    ) -> IngestResult:
+        """Store one instance; ``association`` (a UUID per association) lets an abort mark what it delivered."""
+        self._association.value = association
+        result = self._ingest(meta, dataset_bytes, calling_ae, peer)
+        if result.status in (DATASET_MISMATCH, CANNOT_UNDERSTAND):
+            self._audit_refusal(result, meta, calling_ae, peer)
+        return result
+
+    def _audit_refusal(
+        self, result: IngestResult, meta: FileMetaDataset, calling_ae: str | None, peer: str | None
+    ) -> None:
+        """One audit row per refused C-STORE (the UIDs as sent, cut to the column width; never PHI)."""
+        try:
+            with session_scope(self.session_factory) as s:
+                audit(
+                    s,
+                    self.actor,
+                    "instance.refused",
+                    "instance",
+                    (result.sop_instance_uid or "")[:128] or None,
+                    status=f"0x{result.status:04X}",
+                    reason=result.comment,
+                    sop_class_uid=str(meta.get("MediaStorageSOPClassUID", ""))[:128],
+                    transfer_syntax_uid=str(meta.get("TransferSyntaxUID", ""))[:128],
+                    calling_ae=calling_ae,
+                    peer=peer,
+                )
+        except SQLAlchemyError as exc:
+            log.error("cannot record the refusal of %s in the audit log: %s", result.sop_instance_uid, exc)
+
+    def _ingest(
+        self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None, peer: str | None
     ) -> IngestResult:
         ts = str(meta.get("TransferSyntaxUID", ""))
         req_sop = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        req_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        for name, uid in (("request SOP Instance UID", req_sop), ("request SOP Class UID", req_class)):
+            problem = uid_problem(name, uid)
+            if problem:
+                log.warning("rejected C-STORE from %s: %s", calling_ae, problem)
+                return IngestResult(DATASET_MISMATCH, problem[:64], sop_instance_uid=req_sop)
         try:
             meta_bytes = encode_meta(meta)
             ds = parse_header(meta_bytes, dataset_bytes, ts)
         except Exception as exc:
             log.warning("rejected C-STORE of %s from %s: not a valid dataset: %s", req_sop, calling_ae, exc)
             return IngestResult(CANNOT_UNDERSTAND, f"not a valid DICOM dataset: {exc}"[:64], sop_instance_uid=req_sop)
-        sop_uid = _s(ds, "SOPInstanceUID", 64)
-        study_uid = _s(ds, "StudyInstanceUID", 64)
-        series_uid = _s(ds, "SeriesInstanceUID", 64)
-        missing = [
-            n
-            for n, v in (
-                ("SOPInstanceUID", sop_uid),
-                ("StudyInstanceUID", study_uid),
-                ("SeriesInstanceUID", series_uid),
+        sop_uid = _uid(ds, "SOPInstanceUID")
+        study_uid = _uid(ds, "StudyInstanceUID")
+        series_uid = _uid(ds, "SeriesInstanceUID")
+        sop_class = _uid(ds, "SOPClassUID")
+        problems = [
+            p
+            for p in (
+                uid_problem("SOPClassUID", sop_class),
+                uid_problem("SOPInstanceUID", sop_uid),
+                uid_problem("StudyInstanceUID", study_uid),
+                uid_problem("SeriesInstanceUID", series_uid),
             )
-            if not is_valid_uid(v)
+            if p
         ]
-        if missing:
-            log.warning("rejected C-STORE of %s from %s: missing or invalid %s", req_sop, calling_ae, missing)
-            return IngestResult(
-                DATASET_MISMATCH, f"missing or invalid {', '.join(missing)}"[:64], sop_instance_uid=req_sop
-            )
-        if req_sop and sop_uid != req_sop:
+        if problems:
+            log.warning("rejected C-STORE of %s from %s: %s", req_sop, calling_ae, "; ".join(problems))
+            return IngestResult(DATASET_MISMATCH, "; ".join(problems)[:64], sop_instance_uid=req_sop)
+        if sop_uid != req_sop:
             return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop)
+        if sop_class != req_class:
+            log.warning("rejected C-STORE of %s from %s: SOP Class %s, request says %s", req_sop, calling_ae,
+                        sop_class, req_class)  # fmt: skip
+            return IngestResult(DATASET_MISMATCH, "SOPClassUID differs from the request", sop_instance_uid=req_sop)
         if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
             return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop)
         sha = sha256_hex(dataset_bytes)
@@ -346,6 +400,8 @@ class Ingestor:
                     instance_number=_i(ds, "InstanceNumber"),
                     sender_ae=(calling_ae or "")[:16] or None,
                     received_at=now,
+                    association_uid=getattr(self._association, "value", None),
+                    transfer_incomplete=False,
                 ),
             )
         return True
@@ -425,6 +481,7 @@ class Ingestor:
                 instance_number=_i(ds, "InstanceNumber"),
                 sender_ae=(calling_ae or "")[:16] or None,
                 received_at=now,
+                association_uid=getattr(self._association, "value", None),
             )
         )
         if conflict:

@@ -11,6 +11,7 @@ import functools
 import logging
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.logging import log_context
 from config.settings import Settings
 from dicom_node.assoc_log import AssociationLog
+from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion
 from dicom_node.ingest import Ingestor
 from dicom_node.routing import Route
@@ -57,9 +59,11 @@ def storage_root(settings: Settings) -> Path:
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's server plus a peer-IP allow-list and TCP_NODELAY on accepted sockets."""
+    """pynetdicom's server plus a peer-IP allow-list, TCP_NODELAY on accepted sockets and the connection table
+    of :mod:`dicom_node.association_guard` (per-peer limit, eviction of idle connections)."""
 
     allowed_ips: frozenset[str] = frozenset()
+    connections: ConnectionTable | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -72,6 +76,8 @@ class _Server(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.allowed_ips and client_address[0] not in self.allowed_ips:
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
+            return False
+        if self.connections is not None and not self.connections.admit(client_address):
             return False
         return True
 
@@ -106,8 +112,14 @@ class StorageSCP:
         self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
         self.ingestor = Ingestor(self.store, session_factory)
         self.completion = SeriesCompletion(
-            session_factory, settings.routing, cfg.series_quiet_seconds, on_series_complete
+            session_factory,
+            settings.routing,
+            cfg.series_quiet_seconds,
+            on_series_complete,
+            analyse_incomplete=cfg.analyse_incomplete_transfers,
         )
+        self.policy = AssociationPolicy.from_settings(cfg)
+        self.connections = ConnectionTable(self.policy)
         self.associations = AssociationLog()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -117,9 +129,16 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         cfg = self.settings.dicom
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
+        # association slots are counted by the guard's connection table (only connections whose A-ASSOCIATE-RQ
+        # arrived hold one); pynetdicom's own count, which includes idle connections, is only a backstop
+        ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections + 8
         ae.maximum_pdu_size = cfg.maximum_pdu_size
         ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        ae.require_called_aet = cfg.require_called_ae
+        policy = AssociationPolicy.from_settings(cfg)  # from settings: conformance builds this AE without an SCP
+        ae.acse_timeout = policy.acse_timeout
+        ae.dimse_timeout = policy.dimse_timeout
+        ae.network_timeout = policy.network_timeout
         ae.add_supported_context(Verification, _UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
@@ -142,6 +161,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -151,10 +171,13 @@ class StorageSCP:
             ssl_context=server_context(cfg.tls),
             evt_handlers=handlers,
             server_class=_Server,
+            request_handler=make_request_handler(self.connections, self.policy),
         )
         if not isinstance(server, _Server):
             raise RuntimeError(f"pynetdicom built a {type(server).__name__}, not the storage server class")
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
+        server.connections = self.connections
+        install_log_filter()
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
@@ -220,6 +243,10 @@ class StorageSCP:
     @_with_peer
     def _on_store(self, event: evt.Event) -> Dataset | int:
         requestor = event.assoc.requestor
+        assoc_uid = getattr(event.assoc, "lesiontrack_uid", None)
+        if assoc_uid is None:
+            assoc_uid = str(uuid.uuid4())
+            event.assoc.lesiontrack_uid = assoc_uid  # type: ignore[attr-defined]  # our id, attached once
         data = event.encoded_dataset(include_meta=False)
         try:
             result = self.ingestor.ingest(
@@ -227,6 +254,7 @@ class StorageSCP:
                 data,
                 calling_ae=requestor.ae_title,
                 peer=str(requestor.address),
+                association=assoc_uid,
             )
             self.associations.store(id(event.assoc), len(data), result.ok, result.duplicate, result.series_uid)
         except Exception as exc:
@@ -239,16 +267,28 @@ class StorageSCP:
         if result.ok:
             if result.series_uid and not result.duplicate:
                 self.completion.instance_received(result.series_uid, id(event.assoc))
+            elif result.series_uid:
+                self.completion.series_touched(result.series_uid, id(event.assoc))
             return 0x0000
         status = Dataset()
         status.Status = result.status
-        status.ErrorComment = result.comment[:64]
+        status.ErrorComment = result.comment.replace("\\", "/")[:64]  # LO: a backslash would split the value
         return status
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        from pynetdicom.pdu_primitives import A_RELEASE
+
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:  # the peer's A-RELEASE-RQ
+            self.completion.association_released(id(event.assoc))
 
     @_with_peer
     def _on_close(self, event: evt.Event) -> None:
-        self.completion.association_closed(id(event.assoc))
-        self.associations.closed(id(event.assoc))
+        assoc = event.assoc
+        self.completion.association_closed(
+            id(assoc), released=bool(assoc.is_released), association_uid=getattr(assoc, "lesiontrack_uid", None)
+        )
+        self.associations.closed(id(assoc))
 
     @_with_peer
     def _on_aborted(self, event: evt.Event) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import PacsPeer, SendMethod, Settings
-from db.models import Delivery, DeliveryState
+from db.models import AnalysisJob, Delivery, DeliveryState
 from db.repository import audit
 from db.session import affected_rows, session_scope
 
@@ -32,7 +32,14 @@ def _utc(dt: datetime | None) -> datetime | None:
 
 
 class DeliveryError(RuntimeError):
-    """One delivery attempt failed (destination down, refused, or partially stored)."""
+    """One delivery attempt failed (destination down, refused, or partially stored).
+
+    ``acknowledged`` lists the files the destination did store in this attempt (the next attempt skips them).
+    """
+
+    def __init__(self, message: str, acknowledged: list[Path] | None = None) -> None:
+        super().__init__(message)
+        self.acknowledged = list(acknowledged or [])
 
 
 def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
@@ -50,7 +57,8 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
                 first = bad[0].error if bad else "association ended early"
                 raise DeliveryError(
                     f"C-STORE to {peer.name}: {len(files) - len(outcomes) + len(bad)} of "
-                    f"{len(files)} not stored ({first})"
+                    f"{len(files)} not stored ({first})",
+                    acknowledged=[Path(o.path) for o in outcomes if o.ok],
                 )
             return f"C-STORE {len(files)} objects"
         if peer.send_method == SendMethod.ORTHANC_REST:
@@ -60,7 +68,16 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
                 raise DeliveryError(f"peer {peer.name}: send_method ORTHANC-REST needs orthanc_url")
             pwd = peer.orthanc_password.get_secret_value() if peer.orthanc_password else None
             client = OrthancApiClient(peer.orthanc_url, user=peer.orthanc_user, pwd=pwd)
-            ids = [i for f in files for i in client.upload_file(str(f))]
+            ids: list[str] = []
+            done: list[Path] = []
+            for f in files:
+                try:
+                    ids.extend(client.upload_file(str(f)))
+                except Exception as exc:
+                    raise DeliveryError(
+                        f"ORTHANC-REST to {peer.name}: {type(exc).__name__}: {exc}", acknowledged=done
+                    ) from exc
+                done.append(Path(f))
             return f"Orthanc REST upload {len(ids)} instances"
         if peer.send_method == SendMethod.STOW_RS:
             from dicomweb_client.api import DICOMwebClient
@@ -172,18 +189,43 @@ class DeliveryService:
             )
         return claimed == 1
 
+    def _superseded(self, delivery_id: int) -> bool:
+        """A delivery whose job was superseded is never sent (it is marked ``superseded`` instead)."""
+        with session_scope(self.session_factory) as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None or d.job_pk is None:
+                return False
+            newer = s.scalar(select(AnalysisJob.superseded_by).where(AnalysisJob.id == d.job_pk))
+            if newer is None:
+                return False
+            d.state, d.next_attempt_at = DeliveryState.SUPERSEDED, None
+            audit(s, self.actor, "delivery.superseded", "delivery", delivery_id, job_id=d.job_pk, superseded_by=newer)
+        log.warning("delivery %d not sent: its job was superseded by job %d", delivery_id, newer)
+        return True
+
     def _attempt(self, delivery_id: int) -> DeliveryState:
+        if self._superseded(delivery_id):
+            return DeliveryState.SUPERSEDED
         with session_scope(self.session_factory) as s:
             d = s.get(Delivery, delivery_id)
             if d is None:
                 raise KeyError(f"no delivery {delivery_id}")
             name, files, attempt_no = d.destination, [Path(p) for p in d.file_paths], d.attempts + 1
+            acked = {str(p) for p in (d.acknowledged or [])}
+        # resume per object: what the destination acknowledged in an earlier attempt is not sent again
+        todo = [f for f in files if str(f) not in acked]
         error = ""
         summary = ""
+        newly: list[Path] = []
         try:
-            summary = self._deliver(self.settings, self.settings.peer(name), files)
-        except (DeliveryError, KeyError) as exc:
+            summary = self._deliver(self.settings, self.settings.peer(name), todo) if todo else "nothing left"
+            newly = todo
+        except DeliveryError as exc:
+            error, newly = str(exc), exc.acknowledged
+        except KeyError as exc:
             error = str(exc)
+        if acked:
+            summary = f"{summary} ({len(acked)} acknowledged earlier, skipped)" if summary else summary
         now = self.clock()
         schedule = self.settings.sending.retry_schedule_seconds
         with session_scope(self.session_factory) as s:
@@ -191,6 +233,8 @@ class DeliveryService:
             if d is None:
                 raise KeyError(f"no delivery {delivery_id}")
             d.attempts = attempt_no
+            if newly:
+                d.acknowledged = sorted(acked | {str(p) for p in newly})
             if not error:
                 d.state, d.delivered_at, d.next_attempt_at, d.last_error = DeliveryState.DELIVERED, now, None, None
             else:

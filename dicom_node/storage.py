@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,18 @@ IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 DEFLATED_TS = {"1.2.840.10008.1.2.1.99"}
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+#: every VR of PS3.5 6.2; anything else is refused (pydicom and dcmdump cannot read it)
+KNOWN_VRS = _LONG_VRS | {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL",
+    b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+}  # fmt: skip
 _UNDEFINED = 0xFFFFFFFF
+#: deepest sequence nesting accepted (real CT/SEG/SR objects stay under 10; 200-deep mutants crash readers)
+MAX_NESTING = 24
+#: transfer syntaxes whose pixel data is native (defined length); every other one must be encapsulated
+NATIVE_TS = {EXPLICIT_VR_LE, IMPLICIT_VR_LE, EXPLICIT_VR_BE, *DEFLATED_TS}
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float / Double Float Pixel Data
+_MAX_INFLATED = 4 << 30
 
 
 class InvalidDataset(ValueError):
@@ -34,23 +46,55 @@ class StorageFull(OSError):
 
 
 def is_valid_uid(uid: str | None) -> bool:
-    return uid is not None and 0 < len(uid) <= 64 and UID_RE.match(uid) is not None
+    """PS3.5 9.1: at most 64 characters, digits and dots, no empty or (multi-digit) zero-led component."""
+    if not uid or len(uid) > 64 or UID_RE.match(uid) is None:
+        return False
+    return all(c == "0" or not c.startswith("0") for c in uid.split("."))
+
+
+def uid_problem(name: str, uid: str | None) -> str | None:
+    """Why ``uid`` is not a valid UID (for DIMSE error comments and audit rows), or None."""
+    if not uid:
+        return f"{name} missing"
+    if len(uid) > 64:
+        return f"{name} has {len(uid)} characters (max 64)"
+    if not is_valid_uid(uid):
+        return f"{name} has characters or components a UID may not have"
+    return None
+
+
+def inflate(data: bytes) -> bytes:
+    """The dataset of a Deflated Explicit VR Little Endian transfer (raw deflate, RFC 1951), bounded."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, _MAX_INFLATED)
+    except zlib.error as exc:
+        raise InvalidDataset(f"corrupt deflate stream: {exc}") from None
+    if d.unconsumed_tail:
+        raise InvalidDataset("deflated dataset inflates beyond the size limit")
+    if not d.eof:
+        raise InvalidDataset("truncated deflate stream")
+    return out
 
 
 def check_structure(data: bytes, transfer_syntax: str, collect: dict[int, bytes] | None = None) -> bool:
     """Walk the top-level elements and raise :class:`InvalidDataset` unless they end exactly at ``len(data)``.
 
-    Catches truncated datasets and non-DICOM bytes without decoding any value. When ``collect`` maps tags to
-    ``b""``, the raw values of those top-level tags are filled in on the way. Deflated data is not walked
-    (returns False).
+    Catches truncated datasets, non-DICOM bytes, unknown VRs, sequences nested deeper than :data:`MAX_NESTING`,
+    corrupt content inside defined-length sequences and pixel data whose encoding (native or encapsulated) does
+    not match the transfer syntax, without decoding any value. When ``collect`` maps tags to ``b""``, the raw
+    values of those top-level tags are filled in on the way. Deflated data is inflated first (bounded).
     """
-    if transfer_syntax in DEFLATED_TS:
-        return False
     if not data:
         raise InvalidDataset("empty dataset")
+    if transfer_syntax in DEFLATED_TS:
+        data = inflate(data)
+        if not data:
+            raise InvalidDataset("empty dataset")
     implicit = transfer_syntax == IMPLICIT_VR_LE
     little = transfer_syntax != EXPLICIT_VR_BE
-    end = _walk(data, 0, len(data), implicit, little, top_level=True, collect=collect)
+    native = transfer_syntax in NATIVE_TS
+    end = _walk(data, 0, len(data), implicit, little, top_level=True, collect=collect, native=native)
     if end != len(data):
         raise InvalidDataset(f"dataset structure ends at byte {end} of {len(data)}")
     return True
@@ -65,8 +109,12 @@ def _walk(
     top_level: bool = False,
     until_delim: bool = False,
     collect: dict[int, bytes] | None = None,
+    native: bool = True,
+    depth: int = 0,
 ) -> int:
     """Walk elements from ``pos``; return the position after the last one (or after an item delimiter)."""
+    if depth > MAX_NESTING:
+        raise InvalidDataset(f"sequences nested deeper than {MAX_NESTING} levels")
     e = "<" if little else ">"
     last_tag = -1
     while pos < stop:
@@ -83,12 +131,12 @@ def _walk(
         last_tag = tag
         if implicit:
             length = struct.unpack_from(e + "I", data, pos + 4)[0]
-            vr = b"SQ" if length == _UNDEFINED else b""
+            vr = b"SQ" if length == _UNDEFINED else _implicit_vr(tag, length)
             pos += 8
         else:
             vr = data[pos + 4 : pos + 6]
-            if not (len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-                raise InvalidDataset(f"invalid VR at byte {pos + 4} (tag {tag:08X})")
+            if vr not in KNOWN_VRS:
+                raise InvalidDataset(f"invalid VR {bytes(vr)!r} at byte {pos + 4} (tag {tag:08X})")
             if vr in _LONG_VRS:
                 if pos + 12 > stop:
                     raise InvalidDataset(f"truncated element header at byte {pos}")
@@ -97,21 +145,84 @@ def _walk(
             else:
                 length = struct.unpack_from(e + "H", data, pos + 6)[0]
                 pos += 8
+        if top_level and tag in _PIXEL_TAGS:
+            encapsulated = length == _UNDEFINED
+            if tag == 0x7FE00010 and encapsulated == native:
+                raise InvalidDataset(
+                    "encapsulated pixel data under a native transfer syntax"
+                    if encapsulated
+                    else "native pixel data under a compressed (encapsulated) transfer syntax"
+                )
         if length == _UNDEFINED:
-            pos = _walk_sequence(data, pos, stop, implicit, little)
+            if tag == 0x7FE00010:
+                pos = _walk_fragments(data, pos, stop, little)
+            else:
+                pos = _walk_sequence(data, pos, stop, implicit, little, depth)
         else:
             if pos + length > stop:
                 raise InvalidDataset(f"element ({group:04X},{elem:04X}) claims {length} bytes, only {stop - pos} left")
             if collect is not None and tag in collect:
                 collect[tag] = data[pos : pos + length]
+            if vr == b"SQ" and length:
+                _walk_defined_sequence(data, pos, pos + length, implicit, little, depth)
             pos += length
     if until_delim:
         raise InvalidDataset("missing item delimiter")
     return pos
 
 
-def _walk_sequence(data: bytes, pos: int, stop: int, implicit: bool, little: bool) -> int:
-    """Items of an undefined-length sequence (or encapsulated pixel data) up to the sequence delimiter."""
+def _implicit_vr(tag: int, length: int) -> bytes:
+    """In implicit VR only the data dictionary says whether a defined-length element is a sequence."""
+    if length == 0 or (tag >> 16) & 1 or tag in _PIXEL_TAGS:  # empty, private, pixel data: not walked into
+        return b""
+    from pydicom.datadict import dictionary_VR
+
+    try:
+        return b"SQ" if dictionary_VR(tag) == "SQ" else b""
+    except KeyError:
+        return b""
+
+
+def _walk_items(data: bytes, pos: int, stop: int, implicit: bool, little: bool, depth: int, delimited: bool) -> int:
+    """Items of a sequence from ``pos``: each item's dataset walked (one level deeper)."""
+    e = "<" if little else ">"
+    while pos + 8 <= stop:
+        group, elem, length = struct.unpack_from(e + "HHI", data, pos)
+        tag = (group << 16) | elem
+        pos += 8
+        if tag == 0xFFFEE0DD:
+            if not delimited:
+                raise InvalidDataset(f"sequence delimiter inside a defined-length sequence at byte {pos - 8}")
+            return pos
+        if tag != 0xFFFEE000:
+            raise InvalidDataset(f"expected item tag at byte {pos - 8}, found {tag:08X}")
+        if length == _UNDEFINED:
+            pos = _walk(data, pos, stop, implicit, little, until_delim=True, depth=depth + 1)
+        else:
+            if pos + length > stop:
+                raise InvalidDataset(f"item claims {length} bytes, only {stop - pos} left")
+            end = _walk(data, pos, pos + length, implicit, little, depth=depth + 1)
+            if end != pos + length:
+                raise InvalidDataset(f"item content ends at byte {end}, item at {pos + length}")
+            pos += length
+    if delimited:
+        raise InvalidDataset("truncated sequence (no sequence delimiter)")
+    if pos != stop:
+        raise InvalidDataset(f"truncated item header at byte {pos}")
+    return pos
+
+
+def _walk_sequence(data: bytes, pos: int, stop: int, implicit: bool, little: bool, depth: int = 0) -> int:
+    """Items of an undefined-length sequence up to the sequence delimiter."""
+    return _walk_items(data, pos, stop, implicit, little, depth, delimited=True)
+
+
+def _walk_defined_sequence(data: bytes, pos: int, stop: int, implicit: bool, little: bool, depth: int) -> None:
+    _walk_items(data, pos, stop, implicit, little, depth, delimited=False)
+
+
+def _walk_fragments(data: bytes, pos: int, stop: int, little: bool) -> int:
+    """Encapsulated pixel data: an offset table item and fragments (defined-length items), then the delimiter."""
     e = "<" if little else ">"
     while pos + 8 <= stop:
         group, elem, length = struct.unpack_from(e + "HHI", data, pos)
@@ -119,15 +230,12 @@ def _walk_sequence(data: bytes, pos: int, stop: int, implicit: bool, little: boo
         pos += 8
         if tag == 0xFFFEE0DD:
             return pos
-        if tag != 0xFFFEE000:
-            raise InvalidDataset(f"expected item tag at byte {pos - 8}, found {tag:08X}")
-        if length == _UNDEFINED:
-            pos = _walk(data, pos, stop, implicit, little, until_delim=True)
-        else:
-            if pos + length > stop:
-                raise InvalidDataset(f"item claims {length} bytes, only {stop - pos} left")
-            pos += length
-    raise InvalidDataset("truncated sequence (no sequence delimiter)")
+        if tag != 0xFFFEE000 or length == _UNDEFINED:
+            raise InvalidDataset(f"invalid pixel data fragment at byte {pos - 8}")
+        if pos + length > stop:
+            raise InvalidDataset(f"fragment claims {length} bytes, only {stop - pos} left")
+        pos += length
+    raise InvalidDataset("truncated encapsulated pixel data (no sequence delimiter)")
 
 
 def sha256_hex(*chunks: bytes) -> str:

@@ -184,7 +184,7 @@ class LesionTrackService:
 
         check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
-        self.session_factory = open_database(self.settings, upgrade_db=self.upgrade_db)
+        self.session_factory = open_database(self.settings, upgrade_db=self.upgrade_db, require_writable=True)
         self.job_store = JobStore(self.session_factory, actor="service")
         prior_source, self.sender = _ports_or_none(self.settings, self.session_factory)
         if self.settings.worker.executor == "celery":

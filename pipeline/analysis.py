@@ -55,6 +55,11 @@ class LeaseLost(Exception):
     """Another worker took the job over (our lease ran out); we must not record anything more."""
 
 
+class Superseded(Exception):
+    """A newer job of the same series superseded this one while it ran: stop before the next step (above all
+    before ``send``), so results of a superseded analysis never reach the PACS."""
+
+
 class StepOrderError(RuntimeError):
     """A step asked for an output or state that an earlier step should have produced (a pipeline wiring bug)."""
 
@@ -313,6 +318,8 @@ class AnalysisService:
                     raise LeaseLost(job_id)
                 if self.stop_event.is_set():
                     raise StopRequested()
+                if self.store.superseded_by(job_id) is not None:
+                    raise Superseded()
                 self.store.step_started(job_id, self.worker, step.name)
                 ctx.report(step.name)
                 t0 = time.perf_counter()
@@ -333,6 +340,11 @@ class AnalysisService:
         except LeaseLost:
             log.warning("job %s: lease lost during %s; another worker owns it now", job_id, step_name)
             return None
+        except Superseded:
+            log.warning("job %s superseded by a newer job of its series: stopped before %s", job_id, step_name)
+            self.store.stop_superseded(job_id, self.worker, step_name)
+            ctx.report("superseded")
+            return JobState.SUPERSEDED
         except Exception as exc:
             return self._fail(job_id, ctx, step_name, exc)
         finally:

@@ -384,6 +384,23 @@ class JobStore:
             )
             return True
 
+    def superseded_by(self, job_id: int) -> int | None:
+        """The newer job of the same series that superseded ``job_id``, if any (set while it may still run)."""
+        with session_scope(self.sf) as s:
+            return s.scalar(select(AnalysisJob.superseded_by).where(AnalysisJob.id == job_id))
+
+    def stop_superseded(self, job_id: int, worker: str, step: str) -> bool:
+        """A running job found superseded stops: ``running`` -> ``superseded``, before the step it was to run."""
+        return self._transition(
+            job_id,
+            (JobState.RUNNING,),
+            JobState.SUPERSEDED,
+            worker,
+            worker=worker,
+            values={"finished_at": utcnow(), "next_retry_at": None},
+            reason=f"superseded by job {self.superseded_by(job_id)} before step {step}; nothing more is sent",
+        )
+
     def step_started(self, job_id: int, worker: str, step: str) -> None:
         with session_scope(self.sf) as s:
             s.execute(

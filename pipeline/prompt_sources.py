@@ -126,8 +126,12 @@ def _lesionlocator_json(p: Path, data: dict[str, Any], grid: Volume | None, seri
 
 
 # ---- DICOM SEG / SR -------------------------------------------------------------------------------------
-def find_annotations(directory: str | Path, ct_series_uid: str | None = None) -> tuple[list[Path], list[Path]]:
-    """(SEG files, SR files) in ``directory`` (recursive) referencing ``ct_series_uid`` when it is given."""
+def find_annotations(
+    directory: str | Path, ct_series_uid: str | None = None, unreadable: list[tuple[Path, str]] | None = None
+) -> tuple[list[Path], list[Path]]:
+    """(SEG files, SR files) in ``directory`` (recursive) referencing ``ct_series_uid`` when it is given.
+
+    Files with a DICOM preamble that do not parse are skipped and, when ``unreadable`` is given, listed there."""
     import pydicom
 
     segs: list[Path] = []
@@ -146,14 +150,27 @@ def find_annotations(directory: str | Path, ct_series_uid: str | None = None) ->
                     "CurrentRequestedProcedureEvidenceSequence",
                 ],
             )
-        except Exception:
+        except Exception as exc:
+            if unreadable is not None and _has_dicom_preamble(f):
+                unreadable.append((f, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
             continue
         sop = str(getattr(ds, "SOPClassUID", ""))
         if sop not in SEG_SOP_CLASSES and sop not in SR_SOP_CLASSES:
             continue
-        if ct_series_uid and ct_series_uid not in _referenced_series(f):
-            log.info("%s references another series; ignored", f.name)
-            continue
+        if ct_series_uid:
+            try:
+                refs = _referenced_series(f)
+            except Exception as exc:
+                refs, why = set(), f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            else:
+                why = "it references no series at all (truncated or incomplete file?)"
+            if not refs:
+                if unreadable is not None:
+                    unreadable.append((f, why))
+                continue
+            if ct_series_uid not in refs:
+                log.info("%s references another series; ignored", f.name)
+                continue
         (segs if sop in SEG_SOP_CLASSES else srs).append(f)
     return segs, srs
 
@@ -176,16 +193,31 @@ def _referenced_series(path: Path) -> set[str]:
     return out
 
 
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def prompts_from_directory(directory: str | Path, ct: Volume) -> list[Prompt]:
     """Prompts from the SEG (preferred) or SR in ``directory`` that reference ``ct``'s series."""
     series_uid = str(ct.meta.get("SeriesInstanceUID", "")) or None
-    segs, srs = find_annotations(directory, series_uid)
+    unreadable: list[tuple[Path, str]] = []
+    segs, srs = find_annotations(directory, series_uid, unreadable)
     if segs:
         if len(segs) > 1:
             log.info("%d SEG objects found; using the first (%s)", len(segs), segs[0].name)
         return prompts_from_seg(segs[0], ct)
     if srs:
         return prompts_from_sr(srs[0], ct)
+    if unreadable:
+        path, why = unreadable[0]
+        more = f" (and {len(unreadable) - 1} more unreadable files)" if len(unreadable) > 1 else ""
+        raise PromptSourceError(
+            f"{path}: cannot read this DICOM file ({why}){more}; no usable SEG or SR in {directory}"
+        )
     raise PromptSourceError(
         f"{directory}: no DICOM-SEG or TID 1500 SR referencing series {series_uid} (give --prompts JSON instead)"
     )
@@ -216,9 +248,15 @@ def _reader(module: str, names: tuple[str, ...]) -> Callable[..., Any]:
 
 def _call_reader(reader: Callable[..., Any], path: str | Path, ct: Volume) -> list[Prompt]:
     try:
-        result = reader(Path(path), ct)
-    except TypeError:
-        result = reader(Path(path))
+        try:
+            result = reader(Path(path), ct)
+        except TypeError:
+            result = reader(Path(path))
+    except PromptSourceError:
+        raise
+    except Exception as exc:  # a corrupt or unreadable annotation: name the file and the problem
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PromptSourceError(f"{path}: cannot read the annotation ({type(exc).__name__}: {detail})") from exc
     prompts = list(getattr(result, "prompts", result))
     if not prompts:
         raise PromptSourceError(f"{path}: no lesions found in the annotation")

@@ -378,7 +378,7 @@ def test_metrics(env) -> None:
 
 def test_openapi_documents_the_endpoints(env) -> None:
     client, *_ = env
-    paths = client.get("/openapi.json").json()["paths"]
+    paths = rd(client, "/openapi.json").json()["paths"]
     for p in (
         "/health",
         "/ready",

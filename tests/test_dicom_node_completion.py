@@ -198,11 +198,18 @@ def test_routing_include_and_body_part() -> None:
     )
 
 
-def test_aborted_association_does_not_hold_completion(node: Node) -> None:
+def test_aborted_association_does_not_hold_completion_but_holds_analysis(node: Node) -> None:
+    """An aborted sender does not keep the series receiving forever: it completes after the quiet period, but
+    is held (not analysed) as an incomplete transfer until re-sent over a released association (issue 19)."""
     from tests.test_dicom_node_scp import pynetdicom_store
 
     files = ge_files()[:12]
     uid = _uid(files)
     assert pynetdicom_store(node.port, files, abort_after=11) == [0] * 11
-    wait_until(lambda: node.triggers == [uid], what="completion after the sender aborted")
-    assert node.series(uid).instance_count == 11
+    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion after the sender aborted")
+    s = node.series(uid)
+    assert s is not None and s.instance_count == 11 and s.routing_decision == RoutingDecision.SKIP
+    assert (s.routing_reason or "").startswith("incomplete transfer")
+    assert node.triggers == []
+    storescu(node.port, files)  # the sender re-sends the series and releases: now analysed
+    wait_until(lambda: node.triggers == [uid], what="analysis after the re-send")

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from config.settings import ApiKey
 from db.models import JobState
+from pipeline.contract import job_results
 from tests.services import OrthancServer, free_port, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -185,7 +186,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
         site.upload(imr)
 
         view = site.job_done(fu1.series_uid)
-        assert view.step_outputs["match_priors"]["prior"]["ct_series_uid"] == patient.baseline.series_uid
+        match = job_results(view.step_outputs).match
+        assert match is not None and match.prior.ct_series_uid == patient.baseline.series_uid
         wait_for(lambda: {"SEG", "SR"} <= site.results_in_orthanc(fu1.study_uid), 120, "SEG + SR in Orthanc")
 
         skipped = wait_for(lambda: (s := site.skipped()) and {loc_uid, dose_uid, fu2.series_uid} <= set(s) and s, 120)

@@ -171,7 +171,7 @@ class _OracleShift:
             moved = Volume(labels.array, labels.origin - d, labels.spacing, labels.direction)
             return moved.resample_to(followup, label=True)
 
-        reg.warp_labels = warp_labels  # type: ignore[method-assign,assignment]
+        reg.warp_labels = warp_labels  # type: ignore[method-assign,assignment]  # test double for one method
         return reg
 
 

@@ -33,6 +33,7 @@ from pipeline.recist import RecistRules
 from web import schemas as sc
 from web.auth import Principal, require_operator, require_read
 from web.jobcontrol import JobControl, SeriesControl
+from web.params import INT64_MAX, DbId
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ def list_jobs(
     request: Request,
     state: JobState | None = None,
     series_uid: str | None = None,
-    patient: int | None = Query(None, description="internal patient id"),
+    patient: int | None = Query(None, ge=0, le=INT64_MAX, description="internal patient id"),
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=INT64_MAX),
 ) -> sc.JobList:
     with session_scope(request.app.state.session_factory) as s:
         q = select(AnalysisJob)
@@ -82,7 +83,7 @@ def list_jobs(
     tags=["jobs"],
     summary="One job with its steps, step timings, outputs and audit events",
 )
-def get_job(request: Request, job_id: int) -> sc.JobDetail:
+def get_job(request: Request, job_id: DbId) -> sc.JobDetail:
     with session_scope(request.app.state.session_factory) as s:
         job = s.get(AnalysisJob, job_id)
         if job is None:
@@ -111,7 +112,7 @@ def _job_control(request: Request) -> JobControl:
     tags=["jobs"],
     summary="Re-run a finished job as a new job (operator role)",
 )
-def retry_job(request: Request, job_id: int, who: Operator) -> sc.JobQueued:
+def retry_job(request: Request, job_id: DbId, who: Operator) -> sc.JobQueued:
     control = _job_control(request)
     with session_scope(request.app.state.session_factory) as s:
         if s.get(AnalysisJob, job_id) is None:
@@ -174,14 +175,14 @@ def _patient_out(s: Session, p: Patient) -> sc.PatientOut:
     summary="Patients (internal ids; no names are stored)",
 )
 def list_patients(
-    request: Request, limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0)
+    request: Request, limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0, le=INT64_MAX)
 ) -> list[sc.PatientOut]:
     with session_scope(request.app.state.session_factory) as s:
         return [_patient_out(s, p) for p in s.scalars(select(Patient).order_by(Patient.id).offset(offset).limit(limit))]
 
 
 @router.get("/patients/{patient_pk}", response_model=sc.PatientOut, tags=["patients"])
-def get_patient(request: Request, patient_pk: int) -> sc.PatientOut:
+def get_patient(request: Request, patient_pk: DbId) -> sc.PatientOut:
     with session_scope(request.app.state.session_factory) as s:
         p = s.get(Patient, patient_pk)
         if p is None:
@@ -195,7 +196,7 @@ def get_patient(request: Request, patient_pk: int) -> sc.PatientOut:
     tags=["patients"],
     summary="A patient's studies with their series, oldest first",
 )
-def patient_studies(request: Request, patient_pk: int) -> list[sc.StudyOut]:
+def patient_studies(request: Request, patient_pk: DbId) -> list[sc.StudyOut]:
     with session_scope(request.app.state.session_factory) as s:
         if s.get(Patient, patient_pk) is None:
             raise _not_found(f"patient {patient_pk}")
@@ -341,7 +342,7 @@ def get_series(request: Request, series_uid: str) -> sc.SeriesDetail:
     tags=["lesions"],
     summary="A patient's lesions, each with all its observations",
 )
-def patient_lesions(request: Request, patient_pk: int) -> list[sc.LesionOut]:
+def patient_lesions(request: Request, patient_pk: DbId) -> list[sc.LesionOut]:
     with session_scope(request.app.state.session_factory) as s:
         if s.get(Patient, patient_pk) is None:
             raise _not_found(f"patient {patient_pk}")
@@ -352,7 +353,7 @@ def patient_lesions(request: Request, patient_pk: int) -> list[sc.LesionOut]:
 
 
 @router.get("/lesions/{lesion_id}", response_model=sc.LesionOut, tags=["lesions"])
-def get_lesion(request: Request, lesion_id: int) -> sc.LesionOut:
+def get_lesion(request: Request, lesion_id: DbId) -> sc.LesionOut:
     with session_scope(request.app.state.session_factory) as s:
         l = s.get(Lesion, lesion_id)
         if l is None:
@@ -374,7 +375,7 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
     tags=["lesions"],
     summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint",
 )
-def patient_timeline(request: Request, patient_pk: int) -> dict[str, Any]:
+def patient_timeline(request: Request, patient_pk: DbId) -> dict[str, Any]:
     with session_scope(request.app.state.session_factory) as s:
         try:
             return build_timeline(s, patient_pk, _recist_rules(request)).to_dict()
@@ -388,7 +389,7 @@ def patient_timeline(request: Request, patient_pk: int) -> dict[str, Any]:
     response_class=Response,
     summary="PNG: axial CT slice through the lesion with its contour",
 )
-def observation_thumbnail(request: Request, observation_id: int) -> Response:
+def observation_thumbnail(request: Request, observation_id: DbId) -> Response:
     try:
         png = request.app.state.images.observation_thumbnail(observation_id)
     except KeyError as exc:
@@ -402,7 +403,7 @@ def observation_thumbnail(request: Request, observation_id: int) -> Response:
     response_class=Response,
     summary="PNG: the lesion's volume and long axis over time",
 )
-def lesion_plot(request: Request, lesion_id: int) -> Response:
+def lesion_plot(request: Request, lesion_id: DbId) -> Response:
     try:
         png = request.app.state.images.lesion_plot(lesion_id)
     except KeyError as exc:
@@ -429,13 +430,13 @@ def _download(text: str, media_type: str, filename: str) -> Response:
     response_class=Response,
     summary="CSV: one row per lesion per timepoint",
 )
-def export_lesions_csv(request: Request, patient_pk: int) -> Response:
+def export_lesions_csv(request: Request, patient_pk: DbId) -> Response:
     tl, subject = _timeline_and_subject(request, patient_pk)
     return _download(exports.lesions_csv(tl, subject), "text/csv", f"patient-{patient_pk}-lesions.csv")
 
 
 @router.get("/patients/{patient_pk}/export/lesions.json", tags=["exports"], summary="JSON of the lesions CSV")
-def export_lesions_json(request: Request, patient_pk: int) -> Response:
+def export_lesions_json(request: Request, patient_pk: DbId) -> Response:
     tl, subject = _timeline_and_subject(request, patient_pk)
     return Response(exports.lesions_json(tl, subject), media_type="application/json")
 
@@ -446,7 +447,7 @@ def export_lesions_json(request: Request, patient_pk: int) -> Response:
     response_class=Response,
     summary="CSV: CDISC SDTM-style TU, TR or RS domain",
 )
-def export_cdisc_csv(request: Request, patient_pk: int, domain: str) -> Response:
+def export_cdisc_csv(request: Request, patient_pk: DbId, domain: str) -> Response:
     if domain.upper() not in ("TU", "TR", "RS"):
         raise HTTPException(status_code=404, detail=f"unknown CDISC domain {domain!r} (TU, TR or RS)")
     tl, subject = _timeline_and_subject(request, patient_pk)
@@ -454,7 +455,7 @@ def export_cdisc_csv(request: Request, patient_pk: int, domain: str) -> Response
 
 
 @router.get("/patients/{patient_pk}/export/cdisc.json", tags=["exports"], summary="JSON: TU, TR and RS together")
-def export_cdisc_json(request: Request, patient_pk: int) -> Response:
+def export_cdisc_json(request: Request, patient_pk: DbId) -> Response:
     tl, subject = _timeline_and_subject(request, patient_pk)
     return Response(exports.cdisc_json(tl, subject), media_type="application/json")
 
@@ -488,7 +489,7 @@ def audit_trail(
     object_type: str | None = None,
     object_id: str | None = None,
     action: str | None = None,
-    after_id: int = Query(0, ge=0),
+    after_id: int = Query(0, ge=0, le=INT64_MAX),
     limit: int = Query(200, ge=1, le=5000),
 ) -> sc.AuditList:
     with session_scope(request.app.state.session_factory) as s:
@@ -510,7 +511,7 @@ def audit_trail(
     tags=["lesions"],
     summary="New-lesion candidates of the patient's follow-ups (latest search of each), with their decisions",
 )
-def patient_candidates(request: Request, patient_pk: int) -> list[sc.CandidateOut]:
+def patient_candidates(request: Request, patient_pk: DbId) -> list[sc.CandidateOut]:
     with session_scope(request.app.state.session_factory) as s:
         try:
             tl = build_timeline(s, patient_pk, _recist_rules(request))
@@ -520,7 +521,7 @@ def patient_candidates(request: Request, patient_pk: int) -> list[sc.CandidateOu
 
 
 @router.get("/candidates/{candidate_id}", response_model=sc.CandidateOut, tags=["lesions"])
-def get_candidate(request: Request, candidate_id: int) -> sc.CandidateOut:
+def get_candidate(request: Request, candidate_id: DbId) -> sc.CandidateOut:
     with session_scope(request.app.state.session_factory) as s:
         try:
             return sc.CandidateOut.of(candidates.get_candidate(s, candidate_id))
@@ -534,7 +535,7 @@ def get_candidate(request: Request, candidate_id: int) -> sc.CandidateOut:
     response_class=Response,
     summary="PNG: axial CT slice through a new-lesion candidate with its contour",
 )
-def candidate_thumbnail(request: Request, candidate_id: int) -> Response:
+def candidate_thumbnail(request: Request, candidate_id: DbId) -> Response:
     try:
         png = request.app.state.images.candidate_thumbnail(candidate_id)
     except KeyError as exc:
@@ -542,7 +543,7 @@ def candidate_thumbnail(request: Request, candidate_id: int) -> Response:
     return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
 
 
-def decide_candidate(request: Request, candidate_id: int, confirm: bool, who: Principal) -> sc.CandidateDecision:
+def decide_candidate(request: Request, candidate_id: DbId, confirm: bool, who: Principal) -> sc.CandidateDecision:
     """Record an operator's decision; a confirmation queues the re-analysis that issues the new SEG + SR."""
     sf = request.app.state.session_factory
     control = _job_control(request) if confirm else None  # 503 before anything is recorded
@@ -570,7 +571,7 @@ def decide_candidate(request: Request, candidate_id: int, confirm: bool, who: Pr
     tags=["lesions"],
     summary="Confirm a new-lesion candidate (operator role): it becomes a tracked new lesion; new SEG + SR",
 )
-def confirm_candidate(request: Request, candidate_id: int, who: Operator) -> sc.CandidateDecision:
+def confirm_candidate(request: Request, candidate_id: DbId, who: Operator) -> sc.CandidateDecision:
     return decide_candidate(request, candidate_id, True, who)
 
 
@@ -580,5 +581,5 @@ def confirm_candidate(request: Request, candidate_id: int, who: Operator) -> sc.
     tags=["lesions"],
     summary="Reject a new-lesion candidate (operator role); RECIST is unchanged",
 )
-def reject_candidate(request: Request, candidate_id: int, who: Operator) -> sc.CandidateDecision:
+def reject_candidate(request: Request, candidate_id: DbId, who: Operator) -> sc.CandidateDecision:
     return decide_candidate(request, candidate_id, False, who)

@@ -33,6 +33,11 @@ def _version() -> str:
         return "unknown"
 
 
+async def _overflow(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("integer out of range on %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "an integer parameter is out of range"}, status_code=422)
+
+
 def create_app(
     settings: Settings,
     session_factory: sessionmaker[Session],
@@ -56,6 +61,7 @@ def create_app(
         # reference at /api-docs, built from /openapi.json.
         docs_url=None,
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.http.public_openapi else None,  # else served below, behind a key
     )
     app.state.settings = settings
     app.state.session_factory = session_factory
@@ -113,6 +119,14 @@ def create_app(
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.render(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    if not settings.http.public_openapi:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_read)])
+        def openapi_schema() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+    app.add_exception_handler(OverflowError, _overflow)  # a backstop: bounded parameters make this unreachable
 
     app.include_router(api.router)
     app.include_router(dashboard.router)

@@ -20,6 +20,7 @@ from db.session import session_scope
 from pipeline.history import build_timeline
 from pipeline.recist import RecistRules
 from web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
+from web.params import DbId
 
 
 def _recist_rules(request: Request) -> RecistRules:
@@ -149,7 +150,7 @@ def queue(request: Request, state: str | None = None, msg: str | None = None) ->
 
 
 @router.post("/jobs/{job_id}/retry")
-async def retry_from_dashboard(request: Request, job_id: int) -> Response:
+async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
     user = _user(request)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     token = request.cookies.get(SESSION_COOKIE, "")
@@ -196,7 +197,7 @@ async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, job_id: int) -> HTMLResponse:
+def job_page(request: Request, job_id: DbId) -> HTMLResponse:
     user = _user(request)
     from web.api import get_job
 
@@ -223,7 +224,7 @@ def patients_page(request: Request) -> HTMLResponse:
 
 
 @router.get("/patients/{patient_pk}", response_class=HTMLResponse)
-def timeline_page(request: Request, patient_pk: int, msg: str | None = None) -> HTMLResponse:
+def timeline_page(request: Request, patient_pk: DbId, msg: str | None = None) -> HTMLResponse:
     user = _user(request)
     with session_scope(request.app.state.session_factory) as s:
         p = s.get(Patient, patient_pk)
@@ -271,7 +272,7 @@ def api_docs(request: Request) -> HTMLResponse:
 
 
 @router.post("/candidates/{candidate_id}/{decision}")
-async def decide_from_dashboard(request: Request, candidate_id: int, decision: str) -> Response:
+async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: str) -> Response:
     """Confirm / reject buttons of the timeline page (operator role, same form token as job retries)."""
     user = _user(request)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))

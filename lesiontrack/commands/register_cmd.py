@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from lesiontrack.cli_errors import InputError, check_registrable, guarded, read_image
 from lesiontrack.context import state
 
 if TYPE_CHECKING:
@@ -17,18 +18,9 @@ if TYPE_CHECKING:
 
 
 def _read_volume(path: Path, what: str) -> Volume:
-    from models.imaging.volume import Volume
-
-    if not path.exists():
-        raise typer.BadParameter(f"{what}: {path} does not exist")
-    if path.is_dir():
-        from models.imaging.dicom_read import read_series
-
-        return read_series(path)
-    try:
-        return Volume.read(str(path))
-    except RuntimeError as exc:  # SimpleITK's error for unreadable files
-        raise typer.BadParameter(f"{what}: cannot read {path} as NIfTI/NRRD/MHA: {exc}") from exc
+    """A volume for ``what`` (an option name); failures name the path (see lesiontrack.cli_errors)."""
+    volume: Volume = read_image(path, f"{what} volume")
+    return volume
 
 
 def _read_points(path: Path) -> np.ndarray:
@@ -36,6 +28,8 @@ def _read_points(path: Path) -> np.ndarray:
 
     import numpy as np
 
+    if not path.is_file():
+        raise InputError(path, "no such points file")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -53,6 +47,7 @@ def _read_points(path: Path) -> np.ndarray:
 
 def register(app: typer.Typer) -> None:
     @app.command("register")
+    @guarded
     def register_cmd(
         ctx: typer.Context,
         baseline: Path = typer.Option(..., "--baseline", help="baseline (prior) DICOM series folder or NIfTI/NRRD"),
@@ -79,6 +74,8 @@ def register(app: typer.Typer) -> None:
         try:
             base_vol = _read_volume(baseline, "--baseline")
             fu_vol = _read_volume(followup, "--followup")
+            check_registrable(base_vol, baseline, "--baseline volume")
+            check_registrable(fu_vol, followup, "--followup volume")
             points = _read_points(map_points) if map_points else None
             labels = _read_volume(warp_labels, "--warp-labels") if warp_labels else None
             eng = get_engine(

@@ -19,7 +19,7 @@ def serve(
     # SCP + delivery loop + job executor + HTTP API in one process (lesiontrack.service).
     from config.logging import setup_logging
     from config.settings import ConfigError
-    from dicom_node.database import SchemaNotCurrent
+    from dicom_node.database import DatabaseUnavailable, SchemaNotCurrent
     from lesiontrack.service import LesionTrackService
 
     settings = state(ctx).settings()
@@ -28,7 +28,7 @@ def serve(
     setup_logging(settings.logging.level, settings.logging.json_format, settings.logging.library_level)
     try:
         service = LesionTrackService(settings, pipeline=pipeline, upgrade_db=upgrade_db).start()
-    except (SchemaNotCurrent, ConfigError) as exc:
+    except (SchemaNotCurrent, ConfigError, DatabaseUnavailable) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""

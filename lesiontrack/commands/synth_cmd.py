@@ -7,11 +7,14 @@ from pathlib import Path
 
 import typer
 
+from lesiontrack.cli_errors import InputError, guarded, read_image
+
 
 def register(app: typer.Typer) -> None:
     app.command("synth")(synth)
 
 
+@guarded
 def synth(
     out: Path = typer.Option(..., "--out", help="output folder (one sub-folder per patient)"),
     patients: int = typer.Option(1, "--patients", min=1, help="number of patients"),
@@ -29,7 +32,6 @@ def synth(
     """Synthetic baseline + follow-up CTs with known lesion changes, motion and landmark truth."""
     import numpy as np
 
-    from models.imaging.volume import Volume
     from synthetic.synthesis import synthesize_patient, write_patient
 
     if (source is None) != (labels is None):
@@ -40,13 +42,12 @@ def synth(
         for p in (source, labels):
             if not p.exists():
                 raise typer.BadParameter(f"{p}: no such file or folder")
-        if source.is_dir():
-            from models.imaging.dicom_read import read_series
-
-            src_ct = read_series(source)
-        else:
-            src_ct = Volume.read(str(source))
-        src_lab = Volume.read(str(labels))
+        src_ct = read_image(source, "--source CT")
+        src_lab = read_image(labels, "--labels label map")
+        if tuple(src_lab.shape) != tuple(src_ct.shape):
+            raise InputError(
+                labels, f"label map shape {tuple(src_lab.shape)} differs from the CT's {tuple(src_ct.shape)}"
+            )
         if not src_lab.array.any():
             raise typer.BadParameter(f"{labels}: label map is empty (no lesion to track)")
     elif size not in ("small", "chest"):

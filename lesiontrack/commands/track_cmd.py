@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from lesiontrack.cli_errors import InputError, check_registrable, guarded
 from lesiontrack.context import state
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def register(app: typer.Typer) -> None:
     app.command("track")(track)
 
 
+@guarded
 def track(
     ctx: typer.Context,
     baseline: Path = typer.Option(
@@ -76,7 +78,9 @@ def track(
     dirs = [baseline, *followup]
     try:
         cts = [_read_ct(d, read_series) for d in dirs]
-    except ValueError as exc:
+        for ct, d in zip(cts, dirs, strict=True):
+            check_registrable(ct, d, "baseline CT" if d == baseline else "follow-up CT")
+    except (ValueError, InputError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     tps = [
@@ -212,16 +216,25 @@ def _read_ct(folder: Path, read_series: Any) -> Any:
 
     from models.imaging.dicom_read import group_series
 
-    groups = group_series(folder)
+    try:
+        groups = group_series(folder)
+    except Exception as exc:
+        raise InputError(folder, f"cannot list its DICOM series ({type(exc).__name__}: {exc})") from exc
     ct_like = {}
     for uid, files in groups.items():
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["Modality"])
+        try:
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception as exc:
+            raise InputError(files[0], f"not readable as DICOM ({type(exc).__name__}: {exc})") from exc
         if str(getattr(ds, "Modality", "")) not in ("SEG", "SR", "PR", "KO", "RTSTRUCT"):
             ct_like[uid] = files
     if not ct_like:
         raise ValueError(f"{folder}: no CT series found")
     uid = max(ct_like, key=lambda u: len(ct_like[u]))
-    return read_series(ct_like[uid], series_uid=uid)
+    try:
+        return read_series(ct_like[uid], series_uid=uid)
+    except Exception as exc:
+        raise InputError(folder, f"cannot read its CT series ({type(exc).__name__}: {exc})") from exc
 
 
 def _s(v: Any) -> str | None:

@@ -332,7 +332,8 @@ def _liver_like(prior_s: Array, sl: tuple[slice, ...], comp: Array, sp_kji: Arra
 def _box(radius_mm: float, sp_kji: Array) -> tuple[int, int, int]:
     """Odd box size per axis covering ± radius_mm."""
     r = np.floor(radius_mm / np.asarray(sp_kji) + 0.5).astype(int)
-    return tuple(int(2 * v + 1) for v in r)  # type: ignore[return-value]
+    k, j, i = (int(2 * v + 1) for v in r)
+    return (k, j, i)
 
 
 def _block_mean(a: Array, f: tuple[int, int, int]) -> Array:

@@ -1,0 +1,420 @@
+"""Association-level defences for the Storage SCP: nobody who can connect can hold the DICOM port.
+
+pynetdicom reads a PDU by trusting its declared length and blocking until that many bytes arrived, counts a TCP
+connection that never sent an A-ASSOCIATE-RQ as one of ``maximum_associations``, and answers some malformed
+requests with nothing at all. This module replaces the per-connection PDU read and the admission policy:
+
+* **Per-PDU deadline.** A PDU whose header began must be complete within ``dicom.pdu_read_seconds``, however
+  slowly its bytes trickle in; otherwise the connection gets an A-ABORT and is closed.
+* **Declared-length cap.** An A-ASSOCIATE-RQ may declare at most :data:`MAX_ASSOCIATE_RQ_BYTES`; a P-DATA-TF at
+  most the maximum PDU length we negotiated (``dicom.maximum_pdu_size``, or ``dicom.max_pdu_bytes`` when that is
+  0 = unlimited); the fixed-size PDUs at most :data:`MAX_SMALL_PDU_BYTES`. Anything larger is refused before a
+  byte of its body is read.
+* **A reply for every malformed request.** An A-ASSOCIATE-RQ that does not decode or carries an even, zero or
+  repeated presentation context ID gets an A-ASSOCIATE-RJ (permanent, service-user, no reason given); any other
+  malformed, unknown or oversized PDU gets an A-ABORT (service-provider, with the matching reason).
+* **Slots only for associations.** A connection counts against ``dicom.max_associations`` only once its
+  A-ASSOCIATE-RQ arrived; connections still waiting for one (at most ``dicom.acse_timeout_seconds``) are bounded
+  by ``dicom.max_pending_connections``, the oldest evicted first, and every peer IP by
+  ``dicom.max_connections_per_peer``.
+* **Quiet logs.** The first malformation of a connection is logged at WARNING (peer address and reason, no
+  dataset content), the rest at DEBUG; pynetdicom's own ERROR tracebacks for bad PDUs are demoted the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.transport import RequestHandler
+
+log = logging.getLogger(__name__)
+
+MAX_ASSOCIATE_RQ_BYTES = 1 << 20  # presentation contexts for every storage class plus user identity: ~60 kB
+MAX_SMALL_PDU_BYTES = 1024  # A-ASSOCIATE-RJ / A-RELEASE-RQ/RP / A-ABORT are 4 bytes long; A-ASSOCIATE-AC small
+_PDU_TYPES = range(0x01, 0x08)
+
+# A-ABORT provider reasons (PS3.8 9.3.8)
+REASON_NOT_SPECIFIED = 0x00
+REASON_UNRECOGNISED_PDU = 0x01
+REASON_UNEXPECTED_PDU = 0x02
+REASON_INVALID_PARAMETER = 0x06
+
+
+@dataclass(frozen=True)
+class AssociationPolicy:
+    """The limits in force; built from ``dicom.*`` settings."""
+
+    acse_timeout: float = 10.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 60.0
+    pdu_read_seconds: float = 60.0
+    max_associations: int = 10
+    max_connections_per_peer: int = 8
+    max_pending_connections: int = 20
+    max_pdu_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, cfg: Any) -> AssociationPolicy:
+        negotiated = int(cfg.maximum_pdu_size)
+        return cls(
+            acse_timeout=float(cfg.acse_timeout_seconds),
+            dimse_timeout=float(cfg.dimse_timeout_seconds),
+            network_timeout=float(cfg.network_timeout_seconds),
+            pdu_read_seconds=float(cfg.pdu_read_seconds),
+            max_associations=int(cfg.max_associations),
+            max_connections_per_peer=int(cfg.max_connections_per_peer),
+            max_pending_connections=int(cfg.max_pending_connections),
+            max_pdu_bytes=negotiated if negotiated > 0 else int(cfg.max_pdu_bytes),
+        )
+
+
+@dataclass
+class _Conn:
+    ip: str
+    opened: float
+    assoc: Any = None
+    requested: bool = False  # its A-ASSOCIATE-RQ arrived: it holds an association slot
+    warned: bool = False
+    closed: bool = False
+    malformed: list[str] = field(default_factory=list)
+
+    def gone(self) -> bool:
+        """Refused by the guard, or its association thread has ended."""
+        a = self.assoc
+        return self.closed or (a is not None and a.ident is not None and not a.is_alive())
+
+
+class ConnectionTable:
+    """Live TCP connections of one server, keyed by the peer's (ip, port); thread-safe."""
+
+    def __init__(self, policy: AssociationPolicy) -> None:
+        self.policy = policy
+        self._conns: dict[tuple[Any, ...], _Conn] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, address: tuple[Any, ...]) -> bool:
+        """A new connection: refused over the per-peer limit; evicts the oldest idle one over the pending limit."""
+        ip = str(address[0])
+        victim: _Conn | None = None
+        with self._lock:
+            self._prune()
+            per_peer = sum(1 for c in self._conns.values() if c.ip == ip)
+            if self.policy.max_connections_per_peer and per_peer >= self.policy.max_connections_per_peer:
+                log.warning(
+                    "refused connection from %s: %d connections open (dicom.max_connections_per_peer)", ip, per_peer
+                )
+                return False
+            pending = [c for c in self._conns.values() if not c.requested]
+            if len(pending) >= self.policy.max_pending_connections:
+                victim = min(pending, key=lambda c: c.opened)
+                self._forget(victim)
+            self._conns[tuple(address)] = _Conn(ip, time.monotonic())
+        if victim is not None:
+            log.warning("closing idle connection from %s to admit a new one (dicom.max_pending_connections)", victim.ip)
+            _close(victim.assoc)
+        return True
+
+    def attach(self, address: tuple[Any, ...], assoc: Any) -> _Conn:
+        with self._lock:
+            conn = self._conns.get(tuple(address))
+            if conn is None:  # evicted between admit and attach
+                conn = _Conn(str(address[0]), time.monotonic())
+                conn.malformed.append("evicted")
+            conn.assoc = assoc
+            return conn
+
+    def _prune(self) -> None:
+        for k in [k for k, c in self._conns.items() if c.gone()]:
+            del self._conns[k]
+
+    def _forget(self, conn: _Conn) -> None:
+        for k, v in list(self._conns.items()):
+            if v is conn:
+                del self._conns[k]
+
+    def request_slot(self, assoc: Any) -> bool:
+        """The connection's A-ASSOCIATE-RQ arrived: True when an association slot is free (then it holds one)."""
+        with self._lock:
+            self._prune()
+            conn = next((c for c in self._conns.values() if c.assoc is assoc), None)
+            holders = sum(1 for c in self._conns.values() if c.requested)
+            if conn is None or holders >= self.policy.max_associations:
+                return False
+            conn.requested = True
+            return True
+
+    def release(self, assoc: Any) -> None:
+        with self._lock:
+            for k, v in list(self._conns.items()):
+                if v.assoc is assoc:
+                    del self._conns[k]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            self._prune()
+            held = sum(1 for c in self._conns.values() if c.requested)
+            return {"associations": held, "pending": len(self._conns) - held}
+
+
+def _close(assoc: Any) -> None:
+    """Close an association's transport from outside its threads (the DUL then sees Evt17 and ends it)."""
+    if assoc is None:
+        return
+    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Timeout(Exception):
+    pass
+
+
+class PduGuard:
+    """Replaces ``DULServiceProvider._read_pdu_data`` of one acceptor association (see module docstring)."""
+
+    def __init__(self, assoc: Any, conn: _Conn, policy: AssociationPolicy) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.conn = conn
+        self.policy = policy
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _recv_exact(self, raw: socket.socket, n: int, deadline: float) -> bytearray:
+        buf = bytearray()
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Timeout()
+            raw.settimeout(min(left, self.policy.network_timeout))
+            try:
+                chunk = raw.recv(min(n - len(buf), 1 << 16))
+            except TimeoutError:
+                raise _Timeout() from None
+            if not chunk:
+                return buf
+            buf.extend(chunk)
+        return buf
+
+    def malformed(self, reason: str) -> None:
+        self.conn.malformed.append(reason)
+        if not self.conn.warned:
+            self.conn.warned = True
+            log.warning("malformed request from %s: %s; connection refused", self.conn.ip, reason)
+        else:
+            log.debug("malformed request from %s: %s", self.conn.ip, reason)
+
+    def _refuse(self, reason: str, pdu: Any) -> None:
+        """Log once, send ``pdu`` (A-ASSOCIATE-RJ or A-ABORT), close the connection, end the association."""
+        self.malformed(reason)
+        self.conn.closed = True
+        sock = self.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is not None:
+            try:
+                raw.settimeout(2.0)
+                raw.sendall(pdu.encode())
+            except OSError:
+                pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        try:
+            sock.close()  # puts Evt17: the state machine ends the association
+        except Exception:
+            self.dul.event_queue.put("Evt17")
+
+    def _abort(self, reason: str, provider_reason: int) -> None:
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = provider_reason
+        self._refuse(reason, pdu)
+
+    def _reject(self, reason: str) -> None:
+        pdu = A_ASSOCIATE_RJ()
+        pdu.result, pdu.source, pdu.reason_diagnostic = 0x01, 0x01, 0x01
+        self._refuse(reason, pdu)
+
+    def _cap(self, pdu_type: int) -> int:
+        if pdu_type == 0x01:
+            return MAX_ASSOCIATE_RQ_BYTES
+        if pdu_type == 0x04:
+            return self.policy.max_pdu_bytes
+        return MAX_SMALL_PDU_BYTES
+
+    def protect_state_machine(self) -> None:
+        """A PDU that decodes but whose content pynetdicom cannot process (e.g. a DIMSE command without a
+        CommandField) raises inside the state machine and kills the DUL thread; answer it with an A-ABORT."""
+        fsm = self.dul.state_machine
+        original = fsm.do_action
+
+        def do_action(event: str) -> None:
+            try:
+                original(event)
+            except Exception as exc:
+                if self.conn.closed:
+                    return
+                self._abort(
+                    f"message pynetdicom cannot process ({type(exc).__name__}: {exc})"[:200], REASON_UNEXPECTED_PDU
+                )
+
+        fsm.do_action = do_action
+
+    # -- the read ---------------------------------------------------------------------------------------------
+    def read_pdu(self) -> None:
+        sock = self.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is None:
+            self.dul.event_queue.put("Evt17")
+            return
+        deadline = time.monotonic() + self.policy.pdu_read_seconds
+        try:
+            header = self._recv_exact(raw, 6, deadline)
+            if len(header) < 6:
+                self.dul.event_queue.put("Evt17")  # peer closed the connection
+                return
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type not in _PDU_TYPES:
+                self._abort(f"unknown PDU type 0x{pdu_type:02X}", REASON_UNRECOGNISED_PDU)
+                return
+            cap = self._cap(pdu_type)
+            if length > cap:
+                why = f"PDU type 0x{pdu_type:02X} declares {length} bytes (limit {cap})"
+                if pdu_type == 0x01 and not self.assoc.is_established:
+                    self._reject(why)
+                else:
+                    self._abort(why, REASON_INVALID_PARAMETER)
+                return
+            body = self._recv_exact(raw, length, deadline)
+        except _Timeout:
+            self._abort(f"PDU not received within {self.policy.pdu_read_seconds:g} s", REASON_NOT_SPECIFIED)
+            return
+        except OSError:
+            self.dul.event_queue.put("Evt17")
+            return
+        finally:
+            try:
+                raw.settimeout(self.policy.network_timeout)
+            except OSError:
+                pass
+        if len(body) < length:
+            self.dul.event_queue.put("Evt17")  # peer closed mid-PDU
+            return
+        try:
+            pdu, event = self.dul._decode_pdu(header + body)
+        except Exception as exc:
+            why = f"PDU type 0x{pdu_type:02X} does not decode ({type(exc).__name__})"
+            if pdu_type == 0x01 and not self.assoc.is_established:
+                self._reject(why)
+            else:
+                self._abort(why, REASON_INVALID_PARAMETER)
+            return
+        if isinstance(pdu, A_ASSOCIATE_RQ):
+            problem = _associate_rq_problem(pdu)
+            if problem:
+                self._reject(problem)
+                return
+        self.dul.event_queue.put(event)
+        self.dul._recv_pdu.put(pdu)
+
+
+def _associate_rq_problem(pdu: A_ASSOCIATE_RQ) -> str | None:
+    seen: set[int] = set()
+    contexts = pdu.presentation_context
+    if not contexts:
+        return "A-ASSOCIATE-RQ without presentation contexts"
+    for cx in contexts:
+        cid = cx.context_id
+        if cid is None or cid % 2 == 0 or not 1 <= cid <= 255:
+            return f"A-ASSOCIATE-RQ with invalid presentation context ID {cid}"
+        if cid in seen:
+            return f"A-ASSOCIATE-RQ repeats presentation context ID {cid}"
+        seen.add(cid)
+        if not cx.abstract_syntax or not cx.transfer_syntax:
+            return f"A-ASSOCIATE-RQ presentation context {cid} without abstract or transfer syntax"
+    return None
+
+
+def make_request_handler(table: ConnectionTable, policy: AssociationPolicy) -> type[RequestHandler]:
+    """A pynetdicom request handler whose associations read PDUs through :class:`PduGuard`."""
+
+    class GuardedRequestHandler(RequestHandler):
+        def _create_association(self) -> Any:
+            assoc = super()._create_association()
+            conn = table.attach(self.client_address, assoc)
+            guard = PduGuard(assoc, conn, policy)
+            assoc.dul._read_pdu_data = guard.read_pdu  # type: ignore[method-assign]  # shadows the method
+            guard.protect_state_machine()
+            assoc.bind(evt.EVT_REQUESTED, _on_requested, [table])
+            assoc.bind(evt.EVT_CONN_CLOSE, _on_conn_close, [table])
+            if conn.malformed == ["evicted"]:
+                _close(assoc)
+            return assoc
+
+    return GuardedRequestHandler
+
+
+def _on_requested(event: evt.Event, table: ConnectionTable) -> None:
+    if not table.request_slot(event.assoc):
+        log.warning(
+            "rejected association from %s: %d associations in progress (dicom.max_associations)",
+            event.assoc.requestor.address,
+            table.policy.max_associations,
+        )
+        event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation, local-limit-exceeded
+
+
+def _on_conn_close(event: evt.Event, table: ConnectionTable) -> None:
+    table.release(event.assoc)
+
+
+class PynetdicomNoiseFilter(logging.Filter):
+    """Demote pynetdicom's ERROR records (and their tracebacks) about bad peers: first per thread at WARNING."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info or record.levelno >= logging.ERROR:
+            record.exc_info = None
+            record.exc_text = None
+            with self._lock:
+                first = record.thread not in self._seen if record.thread is not None else True
+                if record.thread is not None:
+                    if len(self._seen) > 10000:
+                        self._seen.clear()
+                    self._seen.add(record.thread)
+            if not first:
+                return False
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_filter_installed = False
+
+
+def install_log_filter() -> None:
+    global _filter_installed
+    if _filter_installed:
+        return
+    _filter_installed = True
+    import pynetdicom  # noqa: F401  (its module loggers exist once it is imported)
+
+    f = PynetdicomNoiseFilter()
+    names = {"pynetdicom"} | {n for n in logging.root.manager.loggerDict if n.startswith("pynetdicom.")}
+    for name in sorted(names):
+        logging.getLogger(name).addFilter(f)

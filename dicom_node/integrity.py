@@ -1,0 +1,171 @@
+"""Series integrity before analysis: was the transfer complete, and does every stored instance really decode?
+
+Called by :func:`dicom_node.completion.complete_series` when the routing rules chose ANALYSE. Two holds, each a
+readable reason stored as the series' routing reason (decision SKIP), so the dashboard and ``audit`` show why:
+
+* **Incomplete transfer** (``dicom.analyse_incomplete_transfers = false``, the default): the last association that
+  delivered instances of the series ended in an A-ABORT or a dropped connection (or was still open when the node
+  stopped), or fewer instances arrived than the series announced (ImagesInAcquisition). Lifted when the series
+  is sent again over an association that ends with an A-RELEASE, or when an operator forces completion.
+* **Invalid instance**: a full parse of every stored instance (not done on the C-STORE hot path) fails, or its
+  native pixel data is not Rows x Columns x frames x samples x BitsAllocated/8 bytes long. Forcing does not lift
+  this hold: such data cannot be analysed; the series must be re-sent with valid data.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Series, TransferOutcome
+from dicom_node.storage import NATIVE_TS
+
+log = logging.getLogger(__name__)
+
+INCOMPLETE = "incomplete transfer"
+INVALID = "invalid instance"
+
+
+def first_header(s: Session, series: Series) -> Dataset | None:
+    """ImagesInAcquisition (and little else) of the series' first stored instance."""
+    path = s.scalar(
+        select(Instance.file_path)
+        .where(Instance.series_pk == series.id)
+        .order_by(Instance.instance_number, Instance.id)
+        .limit(1)
+    )
+    if path is None:
+        return None
+    try:
+        return dcmread(path, stop_before_pixels=True, specific_tags=["ImagesInAcquisition"])
+    except Exception as exc:
+        log.warning("cannot read the header of %s: %s", path, exc)
+        return None
+
+
+def expected_count(header: Dataset | None) -> int | None:
+    """ImagesInAcquisition of the first instance, when present and sane."""
+    if header is None:
+        return None
+    try:
+        v = header.get("ImagesInAcquisition")
+        n = int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return n if n is not None and 0 < n < 1_000_000 else None
+
+
+def transfer_hold(series: Series, expected: int | None) -> str | None:
+    """Why the series' transfer looks incomplete, or None."""
+    outcome = series.last_transfer
+    if outcome in (TransferOutcome.ABORTED, TransferOutcome.OPEN):
+        how = "an A-ABORT or dropped connection" if outcome == TransferOutcome.ABORTED else "no A-RELEASE"
+        return (
+            f"{INCOMPLETE}: the last association sending it ended with {how} after "
+            f"{series.instance_count} instances; re-send it or force completion to analyse"
+        )
+    if expected is not None and series.instance_count < expected:
+        return (
+            f"{INCOMPLETE}: {series.instance_count} of {expected} instances (ImagesInAcquisition) received; "
+            "re-send it or force completion to analyse"
+        )
+    return None
+
+
+def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
+    if "PixelData" not in ds:
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"pixel data without usable Rows/Columns/BitsAllocated ({type(exc).__name__})"
+    if min(rows, cols, bits, spp, frames) <= 0:
+        return "pixel data with zero Rows, Columns, BitsAllocated, SamplesPerPixel or NumberOfFrames"
+    elem = ds["PixelData"]
+    if transfer_syntax in NATIVE_TS:
+        expected_bits = rows * cols * frames * spp * bits
+        expected = (expected_bits + 7) // 8
+        actual = len(elem.value or b"")
+        if actual not in (expected, expected + 1):  # one pad byte to even length
+            return f"pixel data is {actual} bytes, Rows x Columns x frames needs {expected}"
+        return None
+    if not elem.is_undefined_length:
+        return "native pixel data under a compressed transfer syntax"
+    from pydicom.encaps import generate_fragments
+
+    try:
+        n = sum(1 for _ in generate_fragments(elem.value))
+    except Exception as exc:
+        return f"encapsulated pixel data does not parse ({exc})"
+    if n < 1:
+        return "encapsulated pixel data without fragments"
+    return None
+
+
+def check_instance_file(path: Path | str, decode_pixels: bool = True) -> str | None:
+    """A full parse of one stored instance, the pixel-length check and (``decode_pixels``) a decode of its
+    pixel data, as the analysis will do; the problem, or None."""
+    try:
+        ds = dcmread(path)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        for elem in ds.iterall():  # forces every value (and every nested item) to decode
+            _ = elem.value
+    except RecursionError:
+        return "sequences nested too deeply to read"
+    except Exception as exc:
+        return f"does not parse ({type(exc).__name__}: {str(exc)[:120]})"
+    problem = _pixel_problem(ds, ts)
+    if problem or not decode_pixels or "PixelData" not in ds:
+        return problem
+    try:
+        _ = ds.pixel_array
+    except Exception as exc:
+        return f"pixel data does not decode ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
+def validate_instances(s: Session, series: Series) -> str | None:
+    """The first invalid stored instance of ``series`` as a hold reason, or None."""
+    rows = s.execute(select(Instance.sop_instance_uid, Instance.file_path).where(Instance.series_pk == series.id)).all()
+    bad: list[tuple[str, str]] = []
+    for sop, path in rows:
+        problem = check_instance_file(path)
+        if problem:
+            bad.append((sop, problem))
+    if not bad:
+        return None
+    sop, problem = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    log.warning("series %s: %d invalid instance(s), first %s: %s", series.series_instance_uid, len(bad), sop, problem)
+    return f"{INVALID} {sop}: {problem}{more}"
+
+
+def hold_reason(
+    s: Session,
+    series: Series,
+    header: Any,
+    *,
+    forced: bool,
+    analyse_incomplete: bool,
+    validate: bool,
+) -> str | None:
+    """Why a series routed to ANALYSE must not be analysed now (see the module docstring), or None."""
+    expected = expected_count(header)
+    if expected is not None:
+        series.expected_instances = expected
+    if not forced and not analyse_incomplete:
+        hold = transfer_hold(series, series.expected_instances)
+        if hold:
+            return hold
+    if validate:
+        return validate_instances(s, series)
+    return None

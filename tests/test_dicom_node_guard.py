@@ -1,0 +1,182 @@
+"""Association-level defences (issue 19): idle, slow and malformed peers cannot hold the DICOM port, every
+malformed request gets an A-ASSOCIATE-RJ or A-ABORT, the called AE title is checked, per-peer limits hold,
+and malformed-PDU noise is one WARNING per connection (no pynetdicom traceback at ERROR)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_dicom_node_scp import Node
+
+ATTACKER = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second peer address without a network
+
+
+def associate_rq(called: str = "LESIONTRACK", calling: str = "STORESCU", context_id: int = 1) -> bytes:
+    """A well-formed A-ASSOCIATE-RQ for Verification, with ``context_id`` patched in (even IDs are invalid)."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    p = A_ASSOCIATE()
+    p.application_context_name = "1.2.840.10008.3.1.1.1"
+    p.calling_ae_title, p.called_ae_title = calling, called
+    cx = build_context("1.2.840.10008.1.1")
+    cx.context_id = 1
+    p.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    p.user_information = [ml]
+    raw = bytearray(A_ASSOCIATE_RQ(p).encode())
+    pos = 74  # items after the fixed part
+    while pos < len(raw):
+        item_type, item_len = raw[pos], struct.unpack(">H", raw[pos + 2 : pos + 4])[0]
+        if item_type == 0x20:
+            raw[pos + 4] = context_id
+        pos += 4 + item_len
+    return bytes(raw)
+
+
+def connect(port: int, source: str = ATTACKER) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    s.settimeout(30)
+    return s
+
+
+def reply_type(s: socket.socket) -> int | None:
+    """The type of the first PDU the node sends back (None: connection closed without a reply)."""
+    try:
+        data = s.recv(16)
+    except ConnectionResetError:
+        return None
+    return data[0] if data else None
+
+
+def echo(port: int, aec: str = "LESIONTRACK") -> int:
+    """echoscu with its own ACSE/DIMSE timeouts: success means it got through within them."""
+    from tests.conftest import require_tool
+
+    require_tool("echoscu")
+    import subprocess
+
+    return subprocess.run(
+        ["echoscu", "-to", "15", "-ta", "15", "-td", "15", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port)],
+        capture_output=True,
+        timeout=60,
+    ).returncode
+
+
+@pytest.fixture()
+def guarded(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path, allowed_calling_aes=["STORESCU", "PYSCU"], pdu_read_seconds=2.0, acse_timeout_seconds=5.0)
+    n.scp.start()
+    try:
+        yield n
+    finally:
+        n.scp.stop()
+        n.engine.dispose()
+
+
+def test_twenty_idle_and_slow_connections_do_not_stop_a_legitimate_echo(guarded: Node) -> None:
+    """The issue's attack (max_associations + 1 connections declaring 4 GB, then a trickle), idle ones and
+    half-sent headers, 20 in all from one peer: a C-ECHO from another peer succeeds within its own timeouts."""
+    held: list[socket.socket] = []
+    try:
+        for i in range(20):
+            s = connect(guarded.port)
+            kind = i % 4
+            if kind == 1:
+                s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFFA) + b"x" * 100)  # 4 GB declared
+            elif kind == 2:
+                s.sendall(b"\x01\x00\x00")  # half a PDU header, then nothing
+            elif kind == 3:
+                s.sendall(associate_rq()[:50])  # a plausible A-ASSOCIATE-RQ, never finished
+            held.append(s)
+        assert echo(guarded.port) == 0
+        assert echo(guarded.port) == 0
+        # what the node did with them: beyond dicom.max_connections_per_peer (8) closed at once; the 4 GB ones
+        # refused at once (A-ASSOCIATE-RJ); every other one ended by the node within the ACSE / PDU deadlines
+        # (A-ABORT, or closed when it never started a PDU)
+        answers = [reply_type(s) for s in held]
+        for i, a in enumerate(answers):
+            assert a in ({0x03, None} if i % 4 == 1 else {0x07, None}), (i, a)
+        assert 0x03 in answers and 0x07 in answers
+    finally:
+        for s in held:
+            s.close()
+    assert echo(guarded.port) == 0
+
+
+def test_per_peer_limit_and_pending_connections_do_not_hold_association_slots(tmp_path: Path) -> None:
+    n = Node(tmp_path, allowed_calling_aes=["STORESCU"], max_associations=2, max_connections_per_peer=3)
+    with n.scp:
+        idle = [connect(n.port) for _ in range(3)]
+        try:
+            extra = connect(n.port)
+            assert reply_type(extra) is None  # over the per-peer limit: closed at once
+            extra.close()
+            # three idle connections from one peer, max_associations = 2: a real peer still associates
+            assert echo(n.port) == 0
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_malformed_requests_each_get_a_reply(guarded: Node) -> None:
+    cases = {
+        "even presentation context id": (associate_rq(context_id=2), 0x03),
+        "presentation context id 0": (associate_rq(context_id=0), 0x03),
+        "A-ASSOCIATE-RQ declaring 4 GB": (struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF) + b"\x00" * 64, 0x03),
+        "A-ASSOCIATE-RQ that does not decode": (struct.pack(">BBL", 0x01, 0, 40) + b"\xff" * 40, 0x03),
+        "P-DATA before association": (
+            struct.pack(">BBL", 0x04, 0, 12) + b"\x00\x00\x00\x08\x01\x03" + b"\x00" * 6,
+            0x07,
+        ),
+        "unknown PDU type": (b"\x09\x00\x00\x00\x00\x04\x00\x00\x00\x00", 0x07),
+        "A-RELEASE-RQ declaring 1 MB": (struct.pack(">BBL", 0x05, 0, 1 << 20), 0x07),
+    }
+    for name, (payload, expected) in cases.items():
+        with connect(guarded.port, "127.0.0.1") as s:
+            s.sendall(payload)
+            assert reply_type(s) == expected, name
+    assert echo(guarded.port) == 0
+
+
+def test_slow_pdu_is_aborted_at_the_deadline(guarded: Node) -> None:
+    rq = associate_rq()
+    with connect(guarded.port) as s:
+        s.sendall(rq[:-10])  # header complete, body 10 bytes short: the PDU never completes
+        assert reply_type(s) == 0x07  # A-ABORT once dicom.pdu_read_seconds ran out
+    with connect(guarded.port) as s:
+        s.sendall(rq)  # the same request sent whole is accepted
+        assert reply_type(s) == 0x02
+
+
+def test_called_ae_title_is_checked(guarded: Node) -> None:
+    assert echo(guarded.port, aec="WRONGAE") != 0
+    with connect(guarded.port, "127.0.0.1") as s:
+        s.sendall(associate_rq(called="WRONGAE"))
+        assert reply_type(s) == 0x03
+    assert echo(guarded.port) == 0
+
+
+def test_malformed_pdu_noise_is_one_warning_per_connection(guarded: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with connect(guarded.port, "127.0.0.1") as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x00" * 100)
+        assert reply_type(s) == 0x07
+    with connect(guarded.port, "127.0.0.1") as s:
+        s.sendall(associate_rq(context_id=4))
+        assert reply_type(s) == 0x03
+    assert echo(guarded.port) == 0
+    guard = [r for r in caplog.records if r.name == "dicom_node.association_guard" and r.levelno == logging.WARNING]
+    assert len(guard) == 2
+    assert not [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if r.name.startswith("pynetdicom") and r.exc_info]

@@ -205,3 +205,6 @@ def test_a_read_key_cannot_decide(site: dict[str, Any], tmp_path: Any) -> None:
         r = client.post(f"/api/candidates/{cands[0]['id']}/{decision}", headers={"X-API-Key": "viewer-key"})
         assert r.status_code == 403, r.text
     assert client.post(f"/api/candidates/{cands[0]['id']}/confirm").status_code == 401
+    # the dashboard's buttons post a form: without the session's form token nothing is decided
+    forged = site["client"].post(f"/candidates/{cands[0]['id']}/confirm", data={"csrf": "forged"}, headers=API_KEY)
+    assert forged.status_code == 403 and "form token" in forged.text

@@ -149,15 +149,21 @@ def queue(request: Request, state: str | None = None, msg: str | None = None) ->
     )
 
 
-@router.post("/jobs/{job_id}/retry")
-async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
+async def _operator_form(request: Request, what: str) -> Principal:
+    """The operator behind a dashboard form post: its CSRF token must match the session, its role be operator."""
     user = _user(request)
     form = parse_qs((await request.body()).decode("utf-8", "replace"))
     token = request.cookies.get(SESSION_COOKIE, "")
     if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
         raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
     if not user.allows("operator"):
-        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not retry jobs")
+        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not {what}")
+    return user
+
+
+@router.post("/jobs/{job_id}/retry")
+async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
+    user = await _operator_form(request, "retry jobs")
     from web.api import retry_job
 
     result = retry_job(request, job_id, user)
@@ -183,13 +189,7 @@ def skipped_page(request: Request, msg: str | None = None) -> HTMLResponse:
 
 @router.post("/series/{series_uid}/analyse")
 async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
-    user = _user(request)
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
-    token = request.cookies.get(SESSION_COOKIE, "")
-    if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
-        raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
-    if not user.allows("operator"):
-        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not start analyses")
+    user = await _operator_form(request, "start analyses")
     from web.api import analyse_anyway
 
     result = analyse_anyway(request, series_uid, user)
@@ -274,15 +274,9 @@ def api_docs(request: Request) -> HTMLResponse:
 @router.post("/candidates/{candidate_id}/{decision}")
 async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: str) -> Response:
     """Confirm / reject buttons of the timeline page (operator role, same form token as job retries)."""
-    user = _user(request)
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
-    token = request.cookies.get(SESSION_COOKIE, "")
-    if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
-        raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
     if decision not in ("confirm", "reject"):
         raise HTTPException(status_code=404, detail=f"unknown decision {decision!r}")
-    if not user.allows("operator"):
-        raise HTTPException(status_code=403, detail=f"role '{user.role}' may not decide on candidates")
+    user = await _operator_form(request, "decide on candidates")
     from web.api import decide_candidate
 
     result = decide_candidate(request, candidate_id, decision == "confirm", user)

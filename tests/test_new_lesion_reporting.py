@@ -181,12 +181,9 @@ def test_confirming_a_candidate_tracks_it_and_issues_a_new_sr_with_progression(s
     listed = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
     states = {c["tracking_uid"]: c["state"] for c in listed}
     assert states[lung["tracking_uid"]] == CandidateState.CONFIRMED.value, "decisions stay visible"
-
-
-def test_metrics_count_candidates_by_decision(site: dict[str, Any]) -> None:
-    text = site["client"].get("/metrics", headers=API_KEY).text
-    assert 'lesiontrack_new_lesion_candidates{state="rejected"} 1.0' in text
-    assert 'lesiontrack_new_lesion_candidates{state="confirmed"} 1.0' in text
+    metrics = client.get("/metrics", headers=API_KEY).text
+    assert 'lesiontrack_new_lesion_candidates{state="rejected"} 1.0' in metrics
+    assert 'lesiontrack_new_lesion_candidates{state="confirmed"} 1.0' in metrics
 
 
 def test_a_read_key_cannot_decide(site: dict[str, Any], tmp_path: Any) -> None:

@@ -184,8 +184,12 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         seg, sr = objs["SEG"][0], objs["SR"][0]
         _validate(tmp, seg)
         srs.append(_validate(tmp, sr))
-        assert set(_segment_uids(seg)) <= base_uids and len(_segment_uids(seg)) >= 1
-        assert _sr_uids(sr) == base_uids, "every baseline lesion is reported under its own Tracking UID"
+        # unconfirmed new-lesion candidates carry Tracking UIDs of their own (labelled as such); the rest are ours
+        segments = _segment_uids(seg)
+        candidates = {uid for uid, tid in segments.items() if tid.endswith("(unconfirmed)")}
+        assert candidates == {c.tracking_uid for c in results.detect.candidates} if results.detect else not candidates
+        assert set(segments) - candidates <= base_uids and len(set(segments) - candidates) >= 1
+        assert _sr_uids(sr) - candidates == base_uids, "every baseline lesion is reported under its own Tracking UID"
         assert str(seg.SOPInstanceUID) == results.written.seg_sop_instance_uid
         previous_seg = str(seg.SOPInstanceUID)
     return srs

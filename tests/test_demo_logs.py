@@ -32,6 +32,8 @@ def test_demo_logs_one_line_per_association_and_job(tmp_path: Path) -> None:
             "3",
             "--lesions",
             "2",
+            "--followups",
+            "2",
             "--no-keep-running",
         ],
         capture_output=True,
@@ -44,7 +46,7 @@ def test_demo_logs_one_line_per_association_and_job(tmp_path: Path) -> None:
         ln for ln in r.stderr.splitlines() if re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING|ERROR)", ln)
     ]
     assocs = [ln for ln in lines if "dicom_node.scp: association from" in ln]
-    # baseline CT + its SEG in one association, then each follow-up
+    # baseline CT + its SEG in one association, then each of the two follow-ups
     assert len(assocs) == 3, "\n".join(assocs)
     assert all(" INFO " in ln and "released" in ln and "instances stored" in ln for ln in assocs)
     assert re.search(r": 41 instances stored, .* 2 series, released", assocs[0])

@@ -64,7 +64,12 @@ class DicomNodeSettings(_Section):
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = any")
     allowed_peer_ips: list[str] = Field(default_factory=list, description="empty = any")
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(10, ge=1, description="associations at once, across all receiver processes")
+    receiver_processes: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=0,
+        description="pynetdicom receiver processes behind the one port (1 = inside the service; 0 = one per core)",
+    )
     maximum_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
     fsync: bool = True
     series_quiet_seconds: float = Field(30.0, ge=0)

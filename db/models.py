@@ -179,6 +179,19 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class OpenTransfer(Base):
+    """One row per (open association, series it delivered instances of), written by the receiving process's
+    indexer and removed when the association ends: the series-completion state every receiver process shares
+    (issue 18). ``pid`` names the receiver process, so rows of a process that died are reaped."""
+
+    __tablename__ = "open_transfer"
+
+    association_uid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    pid: Mapped[int] = mapped_column(Integer, index=True)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Lesion(Base):
     """A lesion with a persistent identity across timepoints (DICOM Tracking UID / Tracking ID)."""
 

@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -92,11 +92,22 @@ class _Conn:
         return self.closed or (a is not None and a.ident is not None and not a.is_alive())
 
 
-class ConnectionTable:
-    """Live TCP connections of one server, keyed by the peer's (ip, port); thread-safe."""
+class SlotCounter(Protocol):
+    """Association slots shared by several receiver processes (:class:`dicom_node.receivers.SharedSlots`)."""
 
-    def __init__(self, policy: AssociationPolicy) -> None:
+    def acquire(self, limit: int) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class ConnectionTable:
+    """Live TCP connections of one server, keyed by the peer's (ip, port); thread-safe. With ``shared`` the
+    ``max_associations`` limit is counted across every receiver process (per-peer and pending-connection limits
+    stay per process)."""
+
+    def __init__(self, policy: AssociationPolicy, shared: SlotCounter | None = None) -> None:
         self.policy = policy
+        self.shared = shared
         self._conns: dict[tuple[Any, ...], _Conn] = {}
         self._lock = threading.Lock()
 
@@ -133,20 +144,29 @@ class ConnectionTable:
 
     def _prune(self) -> None:
         for k in [k for k, c in self._conns.items() if c.gone()]:
-            del self._conns[k]
+            self._drop(k)
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        conn = self._conns.pop(key)
+        if conn.requested and self.shared is not None:
+            self.shared.release()
 
     def _forget(self, conn: _Conn) -> None:
         for k, v in list(self._conns.items()):
             if v is conn:
-                del self._conns[k]
+                self._drop(k)
 
     def request_slot(self, assoc: Any) -> bool:
         """The connection's A-ASSOCIATE-RQ arrived: True when an association slot is free (then it holds one)."""
         with self._lock:
             self._prune()
             conn = next((c for c in self._conns.values() if c.assoc is assoc), None)
-            holders = sum(1 for c in self._conns.values() if c.requested)
-            if conn is None or holders >= self.policy.max_associations:
+            if conn is None:
+                return False
+            if self.shared is not None:
+                if not self.shared.acquire(self.policy.max_associations):
+                    return False
+            elif sum(1 for c in self._conns.values() if c.requested) >= self.policy.max_associations:
                 return False
             conn.requested = True
             return True
@@ -155,7 +175,7 @@ class ConnectionTable:
         with self._lock:
             for k, v in list(self._conns.items()):
                 if v.assoc is assoc:
-                    del self._conns[k]
+                    self._drop(k)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -3,8 +3,14 @@
 DICOM has no "series done" signal, so (like mercure, MONAI Informatics Gateway and Orthanc's StableAge) a series
 is complete once ``series_quiet_seconds`` passed without a new instance *and* no association that sent part of it
 is still open. Completing a series records the routing decision on it and, when the decision is ANALYSE, calls
-the injected ``on_series_complete(series_uid)``. A later instance re-opens the series (see ``dicom_node.ingest``)
+the injected ``on_series_complete(series_uid)``. A later instance re-opens the series (see ``dicom_node.indexer``)
 and its next completion triggers again.
+
+The state this needs lives in the database, not in a process (issue 18): the open associations per series are
+:class:`db.models.OpenTransfer` rows (written by the indexer of the receiver process serving the association,
+removed when it ends, reaped when that process dies), the last instance time is ``series.last_received_at``. So
+a series sent over associations that different receiver processes serve completes once, in the process that
+polls (the service's main process).
 """
 
 from __future__ import annotations
@@ -13,14 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingSettings
-from db.models import Instance, RoutingDecision, Series, SeriesState, TransferOutcome
+from db.models import Instance, OpenTransfer, RoutingDecision, Series, SeriesState, TransferOutcome
 from db.repository import audit
 from db.session import session_scope
 from dicom_node.integrity import INCOMPLETE, first_header, hold_reason
@@ -29,6 +34,16 @@ from dicom_node.routing import Route, decide, series_facts
 log = logging.getLogger(__name__)
 
 SeriesCallback = Callable[[str], None]
+
+
+def _still_quiet(s: Session, series: Series, quiet_seconds: float) -> bool:
+    cutoff = datetime.now(UTC) - timedelta(seconds=quiet_seconds)
+    last = series.last_received_at
+    if last is not None and last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    if last is not None and last > cutoff:
+        return False
+    return s.scalar(select(OpenTransfer.pid).where(OpenTransfer.series_uid == series.series_instance_uid)) is None
 
 
 def complete_series(
@@ -40,6 +55,7 @@ def complete_series(
     actor: str = "dicom-node",
     analyse_incomplete: bool = False,
     validate: bool = True,
+    quiet_seconds: float | None = None,
 ) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
 
@@ -54,6 +70,8 @@ def complete_series(
             return None
         if not forced and series.state == SeriesState.COMPLETE:
             return None
+        if quiet_seconds is not None and not _still_quiet(s, series, quiet_seconds):
+            return None  # an instance or an association arrived since the poll chose it
         retrigger = series.completed_at is not None
         route = decide(series_facts(s, series), rules)
         if route.decision == RoutingDecision.ANALYSE:
@@ -98,14 +116,117 @@ def complete_series(
     return route
 
 
-@dataclass
-class _Pending:
-    last_seen: float
-    senders: set[int] = field(default_factory=set)
+class TransferTracker:
+    """How each association of this receiver process ended, recorded in the database (every process shares it).
+
+    The open-transfer rows themselves are written by the indexer, in the transaction that indexes an
+    association's first instance of a series (:class:`db.models.OpenTransfer`); an association's end first
+    waits for the indexer to commit what it delivered, then records the outcome and removes its rows.
+    """
+
+    def __init__(self, session_factory: sessionmaker[Session], flush: Callable[[], object], actor: str = "dicom-node"):
+        self.session_factory = session_factory
+        self.flush = flush
+        self.actor = actor
+
+    def association_released(self, association_uid: str | None) -> None:
+        """The peer asked to release (A-RELEASE-RQ): its transfer is complete. Recorded before our A-RELEASE-RP
+        goes out, so a node killed right after the sender finished does not count the transfer as dropped."""
+        if association_uid:
+            self._end(association_uid, released=True)
+
+    def association_closed(self, association_uid: str | None, released: bool | None = None) -> None:
+        """The association ended; ``released`` False = A-ABORT or dropped connection (None: not known)."""
+        if association_uid and released is not None:
+            self._end(association_uid, released=released)
+
+    def _end(self, association_uid: str, released: bool) -> None:
+        self.flush()
+        try:
+            end_transfers(self.session_factory, [association_uid], released, self.actor)
+        except Exception:
+            log.exception("recording how an association ended failed")
+
+
+def end_transfers(
+    session_factory: sessionmaker[Session], association_uids: list[str], released: bool, actor: str = "dicom-node"
+) -> list[str]:
+    """Record the end of associations: their series' last transfer, on an abort their instances marked as from
+    an incomplete transfer, held series re-sent over a release re-opened; their open-transfer rows removed.
+    Returns the series they had delivered."""
+    with session_scope(session_factory) as s:
+        series_uids = sorted(
+            set(s.scalars(select(OpenTransfer.series_uid).where(OpenTransfer.association_uid.in_(association_uids))))
+        )
+        if not series_uids:
+            return []
+        outcome = TransferOutcome.RELEASED if released else TransferOutcome.ABORTED
+        s.execute(
+            update(Series)
+            .where(Series.series_instance_uid.in_(series_uids))
+            .values(last_transfer=outcome)
+            .execution_options(synchronize_session=False)
+        )
+        if released:
+            _requeue_held(s, series_uids, actor)
+        else:
+            marked = s.execute(
+                update(Instance)
+                .where(Instance.association_uid.in_(association_uids))
+                .values(transfer_incomplete=True)
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult; stubs say Result
+            for uid in series_uids:
+                audit(s, actor, "series.transfer_aborted", "series", uid, instances_marked=marked)
+        s.execute(
+            delete(OpenTransfer)
+            .where(OpenTransfer.association_uid.in_(association_uids))
+            .execution_options(synchronize_session=False)
+        )
+    if not released:
+        log.warning(
+            "association ended without A-RELEASE: %d series marked as incompletely transferred", len(series_uids)
+        )
+    return series_uids
+
+
+def reap_transfers(
+    session_factory: sessionmaker[Session], pids: list[int] | None = None, actor: str = "dicom-node"
+) -> int:
+    """Open transfers of receiver processes that are gone (``pids``; None = all, at start-up) end as dropped."""
+    with session_scope(session_factory) as s:
+        q = select(OpenTransfer.association_uid).distinct()
+        if pids is not None:
+            q = q.where(OpenTransfer.pid.in_(pids))
+        assocs = sorted(set(s.scalars(q)))
+    if assocs:
+        end_transfers(session_factory, assocs, released=False, actor=actor)
+    return len(assocs)
+
+
+def _requeue_held(s: Session, series_uids: list[str], actor: str) -> None:
+    """Series held for an incomplete transfer and now re-sent (even as duplicates only) over a released
+    association are re-opened, so they complete again after a fresh quiet period."""
+    held = list(
+        s.scalars(
+            select(Series).where(
+                Series.series_instance_uid.in_(series_uids),
+                Series.state == SeriesState.COMPLETE,
+                Series.routing_reason.like(f"{INCOMPLETE}%"),
+            )
+        )
+    )
+    now = datetime.now(UTC)
+    for h in held:
+        h.state = SeriesState.RECEIVING
+        h.last_received_at = now
+        audit(s, actor, "series.reopened", "series", h.series_instance_uid,
+              reason="re-sent over an association that ended with A-RELEASE")  # fmt: skip
 
 
 class SeriesCompletion:
-    """In-memory view of series being received; a background thread completes the quiet ones."""
+    """Completes quiet series from the state in the database (open transfers, last instance time), so it is
+    correct whichever receiver process delivered which part; one background thread polls."""
 
     def __init__(
         self,
@@ -117,165 +238,63 @@ class SeriesCompletion:
         clock: Callable[[], float] = time.monotonic,
         analyse_incomplete: bool = False,
         validate: bool = True,
+        housekeeping: Callable[[], None] | None = None,
+        housekeeping_seconds: float = 30.0,
     ) -> None:
         self.analyse_incomplete = analyse_incomplete
         self.validate = validate
-        self._touched: dict[int, set[str]] = {}  # association -> series it delivered instances of
         self.session_factory = session_factory
         self.rules = rules
         self.quiet_seconds = quiet_seconds
         self.on_series_complete = on_series_complete
         self.actor = actor
         self.clock = clock
-        self._pending: dict[str, _Pending] = {}
+        self.housekeeping = housekeeping
+        self.housekeeping_seconds = housekeeping_seconds
+        self._not_before = clock()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- events from the SCP -----------------------------------------------------------------------------------
-    def instance_received(self, series_uid: str, association: int) -> None:
-        with self._lock:
-            p = self._pending.setdefault(series_uid, _Pending(self.clock()))
-            p.last_seen = self.clock()
-            p.senders.add(association)
-        self.series_touched(series_uid, association)
-
-    def series_touched(self, series_uid: str, association: int) -> None:
-        """``association`` delivered (or re-delivered, as a duplicate) an instance of ``series_uid``."""
-        with self._lock:
-            seen = self._touched.setdefault(association, set())
-            first = series_uid not in seen
-            seen.add(series_uid)
-        if first:
-            self._set_outcome({series_uid}, TransferOutcome.OPEN)
-
-    def association_released(self, association: int) -> None:
-        """The peer asked to release (A-RELEASE-RQ): its transfer is complete. Recorded before our A-RELEASE-RP
-        goes out, so a node killed right after the sender finished does not count the transfer as dropped."""
-        with self._lock:
-            touched = self._touched.pop(association, set())
-        if touched:
-            try:
-                self._set_outcome(touched, TransferOutcome.RELEASED)
-                self._requeue_held(touched)
-            except Exception:
-                log.exception("recording a released association failed")
-
-    def association_closed(
-        self, association: int, released: bool | None = None, association_uid: str | None = None
-    ) -> None:
-        """The association ended; ``released`` False = A-ABORT or dropped connection (None: not known)."""
-        with self._lock:
-            for p in self._pending.values():
-                p.senders.discard(association)
-            touched = self._touched.pop(association, set())
-        if not touched or released is None:
-            return
-        try:
-            if released:
-                self._set_outcome(touched, TransferOutcome.RELEASED)
-                self._requeue_held(touched)
-            else:
-                self._mark_aborted(touched, association_uid)
-        except Exception:
-            log.exception("recording how an association ended failed")
-
-    def _set_outcome(self, series_uids: set[str], outcome: TransferOutcome) -> None:
-        try:
-            with session_scope(self.session_factory) as s:
-                s.execute(
-                    update(Series)
-                    .where(Series.series_instance_uid.in_(sorted(series_uids)))
-                    .values(last_transfer=outcome)
-                    .execution_options(synchronize_session=False)
-                )
-        except Exception as exc:
-            log.error("cannot record transfer state %s of %d series: %s", outcome.value, len(series_uids), exc)
-
-    def _mark_aborted(self, series_uids: set[str], association_uid: str | None) -> None:
+    # -- completion --------------------------------------------------------------------------------------------
+    def due(self) -> list[str]:
+        """Series receiving, quiet for ``quiet_seconds`` and with no association still delivering them."""
+        if self.clock() < self._not_before:
+            return []
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.quiet_seconds)
         with session_scope(self.session_factory) as s:
-            s.execute(
-                update(Series)
-                .where(Series.series_instance_uid.in_(sorted(series_uids)))
-                .values(last_transfer=TransferOutcome.ABORTED)
-                .execution_options(synchronize_session=False)
-            )
-            marked = 0
-            if association_uid:
-                marked = s.execute(
-                    update(Instance)
-                    .where(Instance.association_uid == association_uid)
-                    .values(transfer_incomplete=True)
-                    .execution_options(synchronize_session=False)
-                ).rowcount  # type: ignore[attr-defined]  # an UPDATE returns a CursorResult; stubs say Result
-            for uid in sorted(series_uids):
-                audit(s, self.actor, "series.transfer_aborted", "series", uid, instances_marked=marked)
-        log.warning(
-            "association ended without A-RELEASE: %d series marked as incompletely transferred", len(series_uids)
-        )
-
-    def _requeue_held(self, series_uids: set[str]) -> None:
-        """Series held for an incomplete transfer and now re-sent (even as duplicates only) over a released
-        association are re-opened, so they complete again after the quiet period."""
-        with session_scope(self.session_factory) as s:
-            held = list(
+            return list(
                 s.scalars(
-                    select(Series).where(
-                        Series.series_instance_uid.in_(sorted(series_uids)),
-                        Series.state == SeriesState.COMPLETE,
-                        Series.routing_reason.like(f"{INCOMPLETE}%"),
+                    select(Series.series_instance_uid).where(
+                        Series.state == SeriesState.RECEIVING,
+                        Series.instance_count > 0,
+                        Series.last_received_at <= cutoff,
+                        ~exists().where(OpenTransfer.series_uid == Series.series_instance_uid),
                     )
                 )
             )
-            uids = [h.series_instance_uid for h in held]
-            for h in held:
-                h.state = SeriesState.RECEIVING
-                audit(s, self.actor, "series.reopened", "series", h.series_instance_uid,
-                      reason="re-sent over an association that ended with A-RELEASE")  # fmt: skip
-        with self._lock:
-            for uid in uids:
-                self._pending.setdefault(uid, _Pending(self.clock()))
-
-    def pending(self) -> dict[str, tuple[float, int]]:
-        with self._lock:
-            return {k: (v.last_seen, len(v.senders)) for k, v in self._pending.items()}
-
-    # -- completion --------------------------------------------------------------------------------------------
-    def due(self) -> list[str]:
-        now = self.clock()
-        with self._lock:
-            return [
-                uid for uid, p in self._pending.items() if not p.senders and now - p.last_seen >= self.quiet_seconds
-            ]
 
     def poll_once(self) -> list[str]:
         done = []
-        for uid in self.due():
-            with self._lock:
-                p = self._pending.get(uid)
-                if p is None or p.senders or self.clock() - p.last_seen < self.quiet_seconds:
-                    continue
-                del self._pending[uid]
-            try:
-                complete_series(
-                    self.session_factory,
-                    self.rules,
-                    uid,
-                    self.on_series_complete,
-                    actor=self.actor,
-                    analyse_incomplete=self.analyse_incomplete,
-                    validate=self.validate,
-                )
-                done.append(uid)
-            except Exception:
-                log.exception("completing series %s failed; will retry", uid)
-                with self._lock:
-                    self._pending.setdefault(uid, _Pending(self.clock()))
+        with self._lock:
+            for uid in self.due():
+                try:
+                    if complete_series(
+                        self.session_factory,
+                        self.rules,
+                        uid,
+                        self.on_series_complete,
+                        actor=self.actor,
+                        analyse_incomplete=self.analyse_incomplete,
+                        validate=self.validate,
+                        quiet_seconds=self.quiet_seconds,
+                    ):
+                        done.append(uid)
+                except Exception:
+                    log.exception("completing series %s failed; will retry", uid)
         return done
 
     def force_complete(self, series_uid: str) -> Route | None:
-        with self._lock:
-            self._pending.pop(series_uid, None)
         return complete_series(
             self.session_factory,
             self.rules,
@@ -291,13 +310,12 @@ class SeriesCompletion:
         """An explicit "series is stable" signal (a PACS's OnStableSeries, ``POST /api/series/{uid}/complete``):
         complete now instead of after the quiet period. Idempotent: None when the series is unknown or already
         complete with nothing received since (then no second job is queued)."""
-        with self._lock:
-            self._pending.pop(series_uid, None)
         return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete, actor=actor)
 
     def resume_from_db(self) -> int:
-        """After a restart: series left RECEIVING get a fresh quiet period; a transfer the node's stop cut off
-        (``open``) counts as dropped."""
+        """At start-up (no receiver runs yet): open transfers left by a stop or a crash count as dropped, and
+        series left RECEIVING complete no earlier than a fresh quiet period from now."""
+        reap_transfers(self.session_factory, None, self.actor)
         with session_scope(self.session_factory) as s:
             s.execute(
                 update(Series)
@@ -305,17 +323,16 @@ class SeriesCompletion:
                 .values(last_transfer=TransferOutcome.ABORTED)
                 .execution_options(synchronize_session=False)
             )
-            uids = list(
-                s.scalars(
-                    select(Series.series_instance_uid).where(
-                        Series.state == SeriesState.RECEIVING, Series.instance_count > 0
-                    )
+            n = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Series)
+                    .where(Series.state == SeriesState.RECEIVING, Series.instance_count > 0)
                 )
+                or 0
             )
-        with self._lock:
-            for uid in uids:
-                self._pending.setdefault(uid, _Pending(self.clock()))
-        return len(uids)
+        self._not_before = self.clock() + self.quiet_seconds
+        return n
 
     def start(self) -> None:
         if self._thread is not None:
@@ -324,11 +341,18 @@ class SeriesCompletion:
         interval = min(1.0, max(0.05, self.quiet_seconds / 5))
 
         def loop() -> None:
+            last_housekeeping = self.clock()
             while not self._stop.wait(interval):
                 try:
                     self.poll_once()
                 except Exception:
                     log.exception("series completion poll failed")
+                if self.housekeeping is not None and self.clock() - last_housekeeping >= self.housekeeping_seconds:
+                    last_housekeeping = self.clock()
+                    try:
+                        self.housekeeping()
+                    except Exception:
+                        log.exception("receiver housekeeping failed")
 
         self._thread = threading.Thread(target=loop, name="series-completion", daemon=True)
         self._thread.start()

@@ -1,13 +1,14 @@
 """Turn one received C-STORE (file meta + raw dataset bytes) into a file on disk and rows in the database.
 
-Used by the Storage SCP and by C-GET / DICOMweb retrieval. Returns a DIMSE status; Success only once the
-file is renamed into place and the database transaction is committed.
+Used by the Storage SCP and by C-GET / DICOMweb retrieval. Returns a DIMSE status. Success once the instance is
+durably in the store (temporary file, fsync when ``dicom.fsync``, linked under its final name); its database row
+follows in the background indexer (:mod:`dicom_node.indexer`), whose recovery scan indexes any stored file a
+crash left without a row (issue 18).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
@@ -18,14 +19,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series, SeriesState
-from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
+from db.repository import audit
 from db.session import session_scope
-from dicom_node.storage import InstanceStore, StorageFull, check_structure, sha256_hex, uid_problem
+from dicom_node.indexer import Indexer, IndexItem
+from dicom_node.storage import InstanceStore, InvalidDataset, StorageFull, check_structure, uid_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,6 @@ _HEADER_TAGS = [
     "StudyTime",
     "AccessionNumber",
 ]
-
-
-# statements built once (building them per C-STORE costs more than executing them)
-_LOOKUP = select(Instance.id, Instance.sha256, Instance.file_path).where(Instance.sop_instance_uid == bindparam("sop"))
-_BUMP_SERIES = (
-    update(Series)
-    .where(Series.id == bindparam("pk"), Series.state == bindparam("st"))
-    .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("now"))
-)
-_INSERT_INSTANCE = insert(Instance)
 
 
 @dataclass
@@ -166,15 +156,16 @@ def _i(ds: Dataset | Header, name: str) -> int | None:
 
 
 class Ingestor:
-    """Validates, writes and records received instances. Thread-safe: one call per C-STORE."""
+    """Validates, stores and (in the background) indexes received instances. Thread-safe: one call per C-STORE.
+
+    :meth:`receive` is the network thread's path: door validation, the durable write, Success; the rows follow
+    in :class:`dicom_node.indexer.Indexer`. :meth:`ingest` also waits for the row (retrievals, tests).
+    """
 
     def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session], actor: str = "dicom-node"):
         self.store = store
         self.session_factory = session_factory
         self.actor = actor
-        self._lock = threading.Lock()  # serialises hierarchy creation races inside one process
-        self._series_pk: dict[str, int] = {}  # series UID -> primary key, for the one-transaction fast path
-        self._association = threading.local()  # the association of the C-STORE this thread is recording
         self.engine = session_factory.kw["bind"]
         self._own_engine = False
         if not store.fsync and self.engine.dialect.name == "sqlite":
@@ -191,7 +182,10 @@ class Ingestor:
             def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
+        self.indexer = Indexer(store, session_factory, engine=self.engine, actor=actor)
+
     def close(self) -> None:
+        self.indexer.stop()
         if self._own_engine:
             self.engine.dispose()
 
@@ -203,12 +197,43 @@ class Ingestor:
         peer: str | None = None,
         association: str | None = None,
     ) -> IngestResult:
-        """Store one instance; ``association`` (a UUID per association) lets an abort mark what it delivered."""
-        self._association.value = association
-        result = self._ingest(meta, dataset_bytes, calling_ae, peer)
+        """Store one instance and wait for its database row."""
+        result, item = self._receive(meta, dataset_bytes, calling_ae, peer, association)
+        if item is not None:
+            item.done.wait(60)
+            if item.error:
+                return IngestResult(
+                    OUT_OF_RESOURCES, "database failure", series_uid=result.series_uid,
+                    sop_instance_uid=result.sop_instance_uid, path=result.path,
+                )  # fmt: skip
+        return result
+
+    def receive(
+        self,
+        meta: FileMetaDataset,
+        dataset_bytes: bytes,
+        calling_ae: str | None = None,
+        peer: str | None = None,
+        association: str | None = None,
+    ) -> IngestResult:
+        """Store one instance durably and queue its row; ``association`` (a UUID per association) lets an
+        abort mark what it delivered."""
+        return self._receive(meta, dataset_bytes, calling_ae, peer, association)[0]
+
+    def _receive(
+        self,
+        meta: FileMetaDataset,
+        dataset_bytes: bytes,
+        calling_ae: str | None,
+        peer: str | None,
+        association: str | None,
+    ) -> tuple[IngestResult, IndexItem | None]:
+        result, item = self._store(meta, dataset_bytes, calling_ae, peer, association)
         if result.status in (DATASET_MISMATCH, CANNOT_UNDERSTAND):
             self._audit_refusal(result, meta, calling_ae, peer)
-        return result
+        if item is not None:
+            self.indexer.submit(item)
+        return result, item
 
     def _audit_refusal(
         self, result: IngestResult, meta: FileMetaDataset, calling_ae: str | None, peer: str | None
@@ -232,9 +257,14 @@ class Ingestor:
         except SQLAlchemyError as exc:
             log.error("cannot record the refusal of %s in the audit log: %s", result.sop_instance_uid, exc)
 
-    def _ingest(
-        self, meta: FileMetaDataset, dataset_bytes: bytes, calling_ae: str | None, peer: str | None
-    ) -> IngestResult:
+    def _store(
+        self,
+        meta: FileMetaDataset,
+        dataset_bytes: bytes,
+        calling_ae: str | None,
+        peer: str | None,
+        association: str | None,
+    ) -> tuple[IngestResult, IndexItem | None]:
         ts = str(meta.get("TransferSyntaxUID", ""))
         req_sop = str(meta.get("MediaStorageSOPInstanceUID", ""))
         req_class = str(meta.get("MediaStorageSOPClassUID", ""))
@@ -242,13 +272,16 @@ class Ingestor:
             problem = uid_problem(name, uid)
             if problem:
                 log.warning("rejected C-STORE from %s: %s", calling_ae, problem)
-                return IngestResult(DATASET_MISMATCH, problem[:64], sop_instance_uid=req_sop)
+                return IngestResult(DATASET_MISMATCH, problem[:64], sop_instance_uid=req_sop), None
         try:
             meta_bytes = encode_meta(meta)
             ds = parse_header(meta_bytes, dataset_bytes, ts)
         except Exception as exc:
             log.warning("rejected C-STORE of %s from %s: not a valid dataset: %s", req_sop, calling_ae, exc)
-            return IngestResult(CANNOT_UNDERSTAND, f"not a valid DICOM dataset: {exc}"[:64], sop_instance_uid=req_sop)
+            return (
+                IngestResult(CANNOT_UNDERSTAND, f"not a valid DICOM dataset: {exc}"[:64], sop_instance_uid=req_sop),
+                None,
+            )
         sop_uid = _uid(ds, "SOPInstanceUID")
         study_uid = _uid(ds, "StudyInstanceUID")
         series_uid = _uid(ds, "SeriesInstanceUID")
@@ -265,240 +298,90 @@ class Ingestor:
         ]
         if problems:
             log.warning("rejected C-STORE of %s from %s: %s", req_sop, calling_ae, "; ".join(problems))
-            return IngestResult(DATASET_MISMATCH, "; ".join(problems)[:64], sop_instance_uid=req_sop)
+            return IngestResult(DATASET_MISMATCH, "; ".join(problems)[:64], sop_instance_uid=req_sop), None
         if sop_uid != req_sop:
-            return IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop)
+            return (
+                IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop),
+                None,
+            )
         if sop_class != req_class:
             log.warning("rejected C-STORE of %s from %s: SOP Class %s, request says %s", req_sop, calling_ae,
                         sop_class, req_class)  # fmt: skip
-            return IngestResult(DATASET_MISMATCH, "SOPClassUID differs from the request", sop_instance_uid=req_sop)
-        if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
-            return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop)
-        sha = sha256_hex(dataset_bytes)
-        return self._store_and_record(
-            ds, meta, meta_bytes, dataset_bytes, sha, sop_uid, study_uid, series_uid, calling_ae, peer
-        )
-
-    # -- internals ---------------------------------------------------------------------------------------------
-
-    def _store_and_record(
-        self,
-        ds: Dataset | Header,
-        meta: FileMetaDataset,
-        meta_bytes: bytes,
-        data: bytes,
-        sha: str,
-        sop_uid: str,
-        study_uid: str,
-        series_uid: str,
-        calling_ae: str | None,
-        peer: str | None,
-    ) -> IngestResult:
-        try:
-            with self.engine.connect() as c:
-                known = list(c.execute(_LOOKUP, {"sop": sop_uid}))
-        except SQLAlchemyError as exc:
-            log.error("database failure looking up %s: %s", sop_uid, exc)
-            return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
-        same = next((k for k in known if k.sha256 == sha), None)
-        if same is not None and Path(same.file_path).is_file():
-            log.debug("duplicate C-STORE of %s (identical bytes): success", sop_uid)
-            return IngestResult(
-                SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=Path(same.file_path), duplicate=True
+            return (
+                IngestResult(DATASET_MISMATCH, "SOPClassUID differs from the request", sop_instance_uid=req_sop),
+                None,
             )
-        conflict = [k for k in known if k.sha256 != sha]
-        path = self.store.path_for(study_uid, series_uid, sop_uid, sha if conflict else None)
+        if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
+            return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop), None
         try:
-            self.store.write(path, [meta_bytes, data])
+            put = self.store.put(study_uid, series_uid, sop_uid, meta_bytes, dataset_bytes)
         except StorageFull as exc:
             log.error("disk full storing %s: %s", sop_uid, exc)
-            return IngestResult(OUT_OF_RESOURCES, "disk full", series_uid=series_uid, sop_instance_uid=sop_uid)
+            return (
+                IngestResult(OUT_OF_RESOURCES, "disk full", series_uid=series_uid, sop_instance_uid=sop_uid),
+                None,
+            )
         except OSError as exc:
-            log.error("cannot write %s: %s", path, exc)
-            return IngestResult(
-                OUT_OF_RESOURCES, f"write failed: {exc.strerror}"[:64], series_uid=series_uid, sop_instance_uid=sop_uid
-            )
-        reopened = False
-        error = "database failure"
-        size = len(meta_bytes) + len(data)
-        if same is None and not conflict and series_uid in self._series_pk:
-            try:
-                if self._record_fast(self._series_pk[series_uid], ds, meta, path, size, sha, calling_ae):
-                    log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
-                    return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path)
-            except SQLAlchemyError as exc:  # fall through to the full path, which retries and reports
-                log.warning("fast record of %s failed (%s); retrying", sop_uid, exc)
-        for _attempt in range(4):
-            try:
-                with self._lock, session_scope(self.session_factory) as s:
-                    if same is not None:  # row existed but its file had vanished: file rewritten, row kept
-                        row = s.get(Instance, same.id)
-                        if row is not None:
-                            row.file_path = str(path)
-                    else:
-                        reopened = self._record(s, ds, meta, path, size, sha, calling_ae, peer, conflict)
-                error = ""
-                break
-            except IntegrityError as exc:
-                # another process recorded the same bytes (success) or created the same series (retry)
-                error = f"database integrity error: {exc.orig}"
-                try:
-                    with session_scope(self.session_factory) as s:
-                        if (
-                            s.scalar(
-                                select(Instance.id).where(Instance.sop_instance_uid == sop_uid, Instance.sha256 == sha)
-                            )
-                            is not None
-                        ):
-                            return IngestResult(
-                                SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, duplicate=True
-                            )
-                except SQLAlchemyError:
-                    pass
-            except OperationalError as exc:
-                error = f"database failure: {exc.orig}"
-                if "locked" not in str(exc).lower():
-                    break
-            except SQLAlchemyError as exc:
-                error = f"database failure: {exc}"
-                break
-        if error:
-            log.error("database failure recording %s: %s", sop_uid, error)
-            if same is None:
-                path.unlink(missing_ok=True)
-            return IngestResult(OUT_OF_RESOURCES, "database failure", series_uid=series_uid, sop_instance_uid=sop_uid)
-        log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling_ae)
-        return IngestResult(SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=path, reopened=reopened)
-
-    def _record_fast(
-        self,
-        series_pk: int,
-        ds: Dataset | Header,
-        meta: FileMetaDataset,
-        path: Path,
-        size: int,
-        sha: str,
-        calling_ae: str | None,
-    ) -> bool:
-        """One short Core transaction for the common case (known series still receiving); False = use _record."""
-        now = datetime.now(UTC)
-        with self.engine.begin() as c:
-            n = c.execute(_BUMP_SERIES, {"pk": series_pk, "st": SeriesState.RECEIVING, "now": now}).rowcount
-            if n != 1:
-                c.rollback()
-                return False
-            c.execute(
-                _INSERT_INSTANCE,
-                dict(
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                    series_pk=series_pk,
-                    transfer_syntax_uid=str(meta.TransferSyntaxUID),
-                    file_path=str(path),
-                    size_bytes=size,
-                    sha256=sha,
-                    instance_number=_i(ds, "InstanceNumber"),
-                    sender_ae=(calling_ae or "")[:16] or None,
-                    received_at=now,
-                    association_uid=getattr(self._association, "value", None),
-                    transfer_incomplete=False,
+            log.error("cannot store %s: %s", sop_uid, exc)
+            return (
+                IngestResult(
+                    OUT_OF_RESOURCES, f"write failed: {exc.strerror}"[:64], series_uid=series_uid,
+                    sop_instance_uid=sop_uid,
                 ),
-            )
-        return True
+                None,
+            )  # fmt: skip
+        item = IndexItem(
+            path=put.path,
+            header=header_values(ds),
+            sop_class_uid=req_class,
+            transfer_syntax_uid=ts,
+            size=len(meta_bytes) + len(dataset_bytes),
+            received_at=datetime.now(UTC),
+            association_uid=association,
+            calling_ae=calling_ae,
+            peer=peer,
+        )
+        result = IngestResult(
+            SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=put.path, duplicate=not put.created
+        )
+        return result, item
 
-    def _record(
-        self,
-        s: Session,
-        ds: Dataset | Header,
-        meta: FileMetaDataset,
-        path: Path,
-        size: int,
-        sha: str,
-        calling_ae: str | None,
-        peer: str | None,
-        conflict: list[Instance],
-    ) -> bool:
-        now = datetime.now(UTC)
-        patient = get_or_create_patient(s, _s(ds, "PatientID", 64) or "", _s(ds, "IssuerOfPatientID", 64))
-        study = get_or_create_study(
-            s,
-            patient,
-            str(ds.StudyInstanceUID),
-            study_date=_s(ds, "StudyDate", 8),
-            study_time=_s(ds, "StudyTime", 16),
-            accession_number=_s(ds, "AccessionNumber", 16),
-        )
-        series = get_or_create_series(
-            s,
-            study,
-            str(ds.SeriesInstanceUID),
-            modality=_s(ds, "Modality", 16),
-            series_number=_i(ds, "SeriesNumber"),
-            series_description=_s(ds, "SeriesDescription", 64),
-            body_part=_s(ds, "BodyPartExamined", 16),
-            frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64),
-        )
-        # rows created ahead of a prior retrieval carry only what C-FIND said: fill the gaps from the header
-        for attr, value in (
-            ("modality", _s(ds, "Modality", 16)),
-            ("series_number", _i(ds, "SeriesNumber")),
-            ("series_description", _s(ds, "SeriesDescription", 64)),
-            ("body_part", _s(ds, "BodyPartExamined", 16)),
-            ("frame_of_reference_uid", _s(ds, "FrameOfReferenceUID", 64)),
-        ):
-            if getattr(series, attr) is None and value is not None:
-                setattr(series, attr, value)
-        if study.study_date is None and _s(ds, "StudyDate", 8):
-            study.study_date, study.study_time = _s(ds, "StudyDate", 8), _s(ds, "StudyTime", 16)
-        if len(self._series_pk) > 10000:
-            self._series_pk.clear()
-        self._series_pk[series.series_instance_uid] = series.id
-        series.instance_count = (series.instance_count or 0) + 1
-        series.first_received_at = series.first_received_at or now
-        series.last_received_at = now
-        reopened = False
-        if series.state == SeriesState.COMPLETE:
-            series.state = SeriesState.RECEIVING
-            reopened = True
-            audit(
-                s,
-                self.actor,
-                "series.reopened",
-                "series",
-                series.series_instance_uid,
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                calling_ae=calling_ae,
-            )
-        s.add(
-            Instance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                series_pk=series.id,
-                transfer_syntax_uid=str(meta.TransferSyntaxUID),
-                file_path=str(path),
-                size_bytes=size,
-                sha256=sha,
-                instance_number=_i(ds, "InstanceNumber"),
-                sender_ae=(calling_ae or "")[:16] or None,
-                received_at=now,
-                association_uid=getattr(self._association, "value", None),
-            )
-        )
-        if conflict:
-            audit(
-                s,
-                self.actor,
-                "instance.duplicate_uid_different_bytes",
-                "instance",
-                str(ds.SOPInstanceUID),
-                kept=[k.file_path for k in conflict] + [str(path)],
-                sha256_new=sha,
-                sha256_known=[k.sha256 for k in conflict],
-                calling_ae=calling_ae,
-                peer=peer,
-            )
-            log.warning("SOP Instance UID %s received again with different bytes: both kept", ds.SOPInstanceUID)
-        return reopened
+
+def header_values(ds: Dataset | Header) -> dict[str, str]:
+    """The ingest header values as text (what :class:`dicom_node.indexer.IndexItem` carries)."""
+    if isinstance(ds, Header):
+        return dict(ds._values)
+    out = {}
+    for name in _TAGS:
+        v = ds.get(name)
+        if v is not None and str(v).strip():
+            out[name] = str(v).strip()
+    return out
+
+
+def item_from_file(path: Path) -> IndexItem:
+    """An :class:`IndexItem` for a stored file found without a row (the recovery scan)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    raw = path.read_bytes()
+    fp = BytesIO(raw)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    ts = str(meta.get("TransferSyntaxUID", ""))
+    ds = parse_header(raw[: fp.tell()], raw[fp.tell() :], ts)
+    values = header_values(ds)
+    for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not values.get(name):
+            raise InvalidDataset(f"{name} missing")
+    return IndexItem(
+        path=path,
+        header=values,
+        sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")),
+        transfer_syntax_uid=ts,
+        size=len(raw),
+        received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+        recovered=True,
+    )
 
 
 def ingest_part10(ingestor: Ingestor, raw: bytes, calling_ae: str | None = None) -> IngestResult:

@@ -1,14 +1,20 @@
 """The Storage SCP: C-ECHO and C-STORE for every storage SOP class and transfer syntax, access control, TLS.
 
-``StorageSCP(settings, session_factory, on_series_complete).start()`` listens in background threads; ``stop()``
-shuts it down. Each C-STORE is written verbatim (file meta + received bytes, no decode) by
-:class:`dicom_node.ingest.Ingestor`, which answers Success only after the file and its database row are durable.
+``StorageSCP(settings, session_factory, on_series_complete).start()`` listens; ``stop()`` shuts it down. Each
+C-STORE is written verbatim (file meta + received bytes, no decode) by :class:`dicom_node.ingest.Ingestor`, which
+answers Success once the file is durably in the store; the database row follows in the background indexer.
+
+With ``dicom.receiver_processes`` = 1 the receiver (:class:`Receiver`) runs in this process. With more, this
+process opens the listening socket and :mod:`dicom_node.receivers` starts that many receiver processes that all
+accept on it (a pre-forked listener); series completion, the recovery scan and the shared association limit stay
+here, in the process that owns ``on_series_complete``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import threading
 import uuid
@@ -27,8 +33,10 @@ from config.logging import log_context
 from config.settings import Settings
 from dicom_node.assoc_log import AssociationLog
 from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
-from dicom_node.completion import SeriesCallback, SeriesCompletion
+from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
+from dicom_node.indexer import recover, replay_journals
 from dicom_node.ingest import Ingestor
+from dicom_node.receivers import ReceiverPool, SharedSlots
 from dicom_node.routing import Route
 from dicom_node.storage import InstanceStore
 from dicom_node.tls import server_context
@@ -60,10 +68,29 @@ def storage_root(settings: Settings) -> Path:
 
 class _Server(ThreadedAssociationServer):
     """pynetdicom's server plus a peer-IP allow-list, TCP_NODELAY on accepted sockets and the connection table
-    of :mod:`dicom_node.association_guard` (per-peer limit, eviction of idle connections)."""
+    of :mod:`dicom_node.association_guard` (per-peer limit, eviction of idle connections). With
+    ``inherited`` set it accepts on that already listening socket (shared with other receiver processes)
+    instead of binding its own."""
 
     allowed_ips: frozenset[str] = frozenset()
     connections: ConnectionTable | None = None
+    inherited: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.inherited is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = self.inherited
+        # non-blocking: another process may take a connection this one was woken for (accept then fails, and
+        # socketserver goes back to waiting)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.inherited is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
@@ -98,62 +125,42 @@ def _with_peer(handler: Callable[[StorageSCP, evt.Event], _H]) -> Callable[[Stor
     return wrapped
 
 
-class StorageSCP:
-    """Our DICOM listener; reusable by ``lesiontrack serve`` and by tests."""
+class Receiver:
+    """One pynetdicom Storage SCP: the network server, the ingestor with its indexer, the association guard.
+
+    Runs inside the service process (``receiver_processes`` = 1) or alone in a receiver process
+    (:mod:`dicom_node.receivers`); ``listen_socket`` is the shared listening socket in the latter case,
+    ``slots`` the association counter all receiver processes share.
+    """
 
     def __init__(
         self,
         settings: Settings,
         session_factory: sessionmaker[Session],
-        on_series_complete: SeriesCallback | None = None,
+        listen_socket: socket.socket | None = None,
+        slots: SharedSlots | None = None,
     ) -> None:
         self.settings = settings
         cfg = settings.dicom
         self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
         self.ingestor = Ingestor(self.store, session_factory)
-        self.completion = SeriesCompletion(
-            session_factory,
-            settings.routing,
-            cfg.series_quiet_seconds,
-            on_series_complete,
-            analyse_incomplete=cfg.analyse_incomplete_transfers,
-        )
+        self.ingestor.indexer.journal_dir = run_dir(settings)
+        self.transfers = TransferTracker(session_factory, self.ingestor.indexer.flush)
         self.policy = AssociationPolicy.from_settings(cfg)
-        self.connections = ConnectionTable(self.policy)
+        self.connections = ConnectionTable(self.policy, slots)
         self.associations = AssociationLog()
+        self.listen_socket = listen_socket
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
-        cfg = self.settings.dicom
-        ae = AE(ae_title=cfg.ae_title)
-        # association slots are counted by the guard's connection table (only connections whose A-ASSOCIATE-RQ
-        # arrived hold one); pynetdicom's own count, which includes idle connections, is only a backstop
-        ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections + 8
-        ae.maximum_pdu_size = cfg.maximum_pdu_size
-        ae.require_calling_aet = list(cfg.allowed_calling_aes)
-        ae.require_called_aet = cfg.require_called_ae
-        policy = AssociationPolicy.from_settings(cfg)  # from settings: conformance builds this AE without an SCP
-        ae.acse_timeout = policy.acse_timeout
-        ae.dimse_timeout = policy.dimse_timeout
-        ae.network_timeout = policy.network_timeout
-        ae.add_supported_context(Verification, _UNCOMPRESSED)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
-                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-        return ae
+        return make_ae(self.settings)
 
-    def start(self) -> StorageSCP:
+    def start(self) -> Receiver:
         if self._server is not None:
             return self
         cfg = self.settings.dicom
-        self.store.root.mkdir(parents=True, exist_ok=True)
-        removed = self.store.remove_orphan_tmp()
-        if removed:
-            log.warning("removed %d temporary files left by an interrupted write", removed)
-        self.completion.resume_from_db()
         ae = self._make_ae()
         handlers: list[EventHandlerType] = [
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -165,14 +172,18 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        server = ae.make_server(
-            (cfg.bind_address, cfg.port),
-            ae_title=cfg.ae_title,
-            ssl_context=server_context(cfg.tls),
-            evt_handlers=handlers,
-            server_class=_Server,
-            request_handler=make_request_handler(self.connections, self.policy),
-        )
+        _Server.inherited = self.listen_socket  # read by server_bind during construction
+        try:
+            server = ae.make_server(
+                (cfg.bind_address, cfg.port),
+                ae_title=cfg.ae_title,
+                ssl_context=server_context(cfg.tls),
+                evt_handlers=handlers,
+                server_class=_Server,
+                request_handler=make_request_handler(self.connections, self.policy),
+            )
+        finally:
+            _Server.inherited = None
         if not isinstance(server, _Server):
             raise RuntimeError(f"pynetdicom built a {type(server).__name__}, not the storage server class")
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
@@ -180,20 +191,12 @@ class StorageSCP:
         install_log_filter()
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
+        self.ingestor.indexer.start()
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
         self._thread.start()
-        self.completion.start()
-        log.info(
-            "Storage SCP %s listening on %s:%d%s",
-            cfg.ae_title,
-            cfg.bind_address,
-            self.port,
-            " (TLS)" if cfg.tls.enabled else "",
-        )
         return self
 
     def stop(self) -> None:
-        self.completion.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -206,12 +209,6 @@ class StorageSCP:
             self._ae = None
         self.ingestor.close()
 
-    def __enter__(self) -> StorageSCP:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     @property
     def port(self) -> int:
         if self._server is None:
@@ -221,9 +218,6 @@ class StorageSCP:
     @property
     def active_associations(self) -> int:
         return 0 if self._server is None else len(self._server.active_associations)
-
-    def force_complete(self, series_uid: str) -> Route | None:
-        return self.completion.force_complete(series_uid)
 
     # -- handlers ----------------------------------------------------------------------------------------------
     @_with_peer
@@ -240,35 +234,33 @@ class StorageSCP:
         self.associations.echo(id(event.assoc))
         return 0x0000
 
-    @_with_peer
     def _on_store(self, event: evt.Event) -> Dataset | int:
-        requestor = event.assoc.requestor
-        assoc_uid = getattr(event.assoc, "lesiontrack_uid", None)
+        """The hot path: no logging above DEBUG, no database round trip (the indexer records the row)."""
+        assoc = event.assoc
+        requestor = assoc.requestor
+        assoc_uid = getattr(assoc, "lesiontrack_uid", None)
         if assoc_uid is None:
             assoc_uid = str(uuid.uuid4())
-            event.assoc.lesiontrack_uid = assoc_uid  # type: ignore[attr-defined]  # our id, attached once
+            assoc.lesiontrack_uid = assoc_uid  # type: ignore[attr-defined]  # our id, attached once
         data = event.encoded_dataset(include_meta=False)
         try:
-            result = self.ingestor.ingest(
+            result = self.ingestor.receive(
                 event.file_meta,
                 data,
                 calling_ae=requestor.ae_title,
                 peer=str(requestor.address),
                 association=assoc_uid,
             )
-            self.associations.store(id(event.assoc), len(data), result.ok, result.duplicate, result.series_uid)
+            self.associations.store(id(assoc), len(data), result.ok, result.duplicate, result.series_uid)
         except Exception as exc:
-            self.associations.store(id(event.assoc), len(data), False)
-            log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
+            self.associations.store(id(assoc), len(data), False)
+            with log_context(peer=f"{requestor.ae_title}@{requestor.address}"):
+                log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
             status = Dataset()
             status.Status = 0xA700
             status.ErrorComment = f"internal error: {type(exc).__name__}"[:64]
             return status
         if result.ok:
-            if result.series_uid and not result.duplicate:
-                self.completion.instance_received(result.series_uid, id(event.assoc))
-            elif result.series_uid:
-                self.completion.series_touched(result.series_uid, id(event.assoc))
             return 0x0000
         status = Dataset()
         status.Status = result.status
@@ -280,14 +272,15 @@ class StorageSCP:
 
         primitive = getattr(event, "primitive", None)
         if isinstance(primitive, A_RELEASE) and primitive.result is None:  # the peer's A-RELEASE-RQ
-            self.completion.association_released(id(event.assoc))
+            self.transfers.association_released(getattr(event.assoc, "lesiontrack_uid", None))
 
     @_with_peer
     def _on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
-        self.completion.association_closed(
-            id(assoc), released=bool(assoc.is_released), association_uid=getattr(assoc, "lesiontrack_uid", None)
-        )
+        uid = getattr(assoc, "lesiontrack_uid", None)
+        self.transfers.association_closed(uid, released=bool(assoc.is_released))
+        if uid:
+            self.ingestor.indexer.forget_association(uid)
         self.associations.closed(id(assoc))
 
     @_with_peer
@@ -297,3 +290,152 @@ class StorageSCP:
     @_with_peer
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+
+def make_ae(settings: Settings) -> AE:
+    cfg = settings.dicom
+    ae = AE(ae_title=cfg.ae_title)
+    # association slots are counted by the guard's connection table (only connections whose A-ASSOCIATE-RQ
+    # arrived hold one); pynetdicom's own count, which includes idle connections, is only a backstop
+    ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections + 8
+    ae.maximum_pdu_size = cfg.maximum_pdu_size
+    ae.require_calling_aet = list(cfg.allowed_calling_aes)
+    ae.require_called_aet = cfg.require_called_ae
+    policy = AssociationPolicy.from_settings(cfg)
+    ae.acse_timeout = policy.acse_timeout
+    ae.dimse_timeout = policy.dimse_timeout
+    ae.network_timeout = policy.network_timeout
+    ae.add_supported_context(Verification, _UNCOMPRESSED)
+    for cx in AllStoragePresentationContexts:
+        if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def run_dir(settings: Settings) -> Path:
+    """Where receiver processes keep their index journals and the shared association counter."""
+    return Path(settings.data_dir) / "run"
+
+
+class StorageSCP:
+    """Our DICOM listener; reusable by ``lesiontrack serve`` and by tests (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        on_series_complete: SeriesCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        cfg = settings.dicom
+        self.processes = receiver_processes(cfg.receiver_processes)
+        self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
+        self.completion = SeriesCompletion(
+            session_factory,
+            settings.routing,
+            cfg.series_quiet_seconds,
+            on_series_complete,
+            analyse_incomplete=cfg.analyse_incomplete_transfers,
+            housekeeping=self._housekeeping,
+        )
+        #: in-process receiver (receiver_processes = 1): also the ingestor retrievals use
+        self.receiver: Receiver | None = Receiver(settings, session_factory) if self.processes == 1 else None
+        self.ingestor = self.receiver.ingestor if self.receiver is not None else Ingestor(self.store, session_factory)
+        self.ingestor.indexer.journal_dir = run_dir(settings)
+        self.pool: ReceiverPool | None = None
+        self._started = False
+
+    def _make_ae(self) -> AE:
+        return make_ae(self.settings)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> StorageSCP:
+        if self._started:
+            return self
+        cfg = self.settings.dicom
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        removed = self.store.remove_orphan_tmp()
+        if removed:
+            log.warning("removed %d temporary files left by an interrupted write", removed)
+        # nothing receives yet: index what a crash left acknowledged but without a row, then end the transfers
+        # it cut off (as dropped)
+        replay_journals(self.ingestor.indexer, run_dir(self.settings), live_pids=set())
+        recover(self.ingestor.indexer, min_age=0.0)
+        self.completion.resume_from_db()
+        if self.receiver is not None:
+            self.receiver.start()
+        else:
+            self.pool = ReceiverPool(self.settings, self.processes, on_death=self._receiver_died).start()
+        self._started = True
+        self.completion.start()
+        log.info(
+            "Storage SCP %s listening on %s:%d%s, %d receiver process%s",
+            cfg.ae_title,
+            cfg.bind_address,
+            self.port,
+            " (TLS)" if cfg.tls.enabled else "",
+            self.processes,
+            "" if self.processes == 1 else "es",
+        )
+        return self
+
+    def stop(self) -> None:
+        self.completion.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        self.ingestor.close()
+        self._started = False
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self.receiver is not None:
+            return self.receiver.port
+        if self.pool is not None:
+            return self.pool.port
+        return self.settings.dicom.port
+
+    @property
+    def active_associations(self) -> int:
+        if self.receiver is not None:
+            return self.receiver.active_associations
+        return 0 if self.pool is None else self.pool.slots.total()
+
+    def receiver_pids(self) -> list[int]:
+        """The receiver processes' ids (this process's own when it receives in-process)."""
+        return [os.getpid()] if self.receiver is not None else [] if self.pool is None else self.pool.pids()
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Wait until this process's indexer committed everything handed to it (tests, benchmarks)."""
+        return self.ingestor.indexer.flush(timeout)
+
+    def force_complete(self, series_uid: str) -> Route | None:
+        return self.completion.force_complete(series_uid)
+
+    # -- crash recovery ----------------------------------------------------------------------------------------
+    def _receiver_died(self, pid: int) -> None:
+        """A receiver process ended unexpectedly (e.g. kill -9): index what it acknowledged, end its transfers."""
+        live = set(self.receiver_pids())
+        replay_journals(self.ingestor.indexer, run_dir(self.settings), live_pids=live)
+        n = reap_transfers(self.session_factory, [pid])
+        if n:
+            log.warning("receiver process %d died with %d associations open: counted as dropped", pid, n)
+
+    def _housekeeping(self) -> None:
+        """Periodic safety net: files without a row older than a minute, temporary files older than an hour."""
+        recover(self.ingestor.indexer)
+        self.store.remove_orphan_tmp(min_age=3600.0)
+
+
+def receiver_processes(configured: int) -> int:
+    """``dicom.receiver_processes``; 0 = one per CPU core."""
+    return configured if configured > 0 else max(1, os.cpu_count() or 1)

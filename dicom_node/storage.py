@@ -245,6 +245,23 @@ def sha256_hex(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
+def dataset_offset(raw: bytes | memoryview) -> int:
+    """Where the dataset starts in a Part 10 file: after preamble, "DICM" and the file meta group, whose group
+    length (0002,0000) is its first element (always written by :func:`dicom_node.ingest.encode_meta`)."""
+    if len(raw) >= 144 and bytes(raw[128:132]) == b"DICM" and bytes(raw[132:136]) == b"\x02\x00\x00\x00":
+        return 144 + int(struct.unpack_from("<I", raw, 140)[0])
+    raise InvalidDataset("not a Part 10 file with a file meta group length")
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Where :meth:`InstanceStore.put` left the instance."""
+
+    path: Path
+    created: bool  # False: identical dataset bytes were already stored there (an idempotent re-send)
+    conflict: bool = False  # another object with this SOP Instance UID is stored: this one got a hash suffix
+
+
 @dataclass(frozen=True)
 class StoredFile:
     path: Path
@@ -300,11 +317,94 @@ class InstanceStore:
             raise
         return StoredFile(path=path, size=size, created=True)
 
-    def remove_orphan_tmp(self) -> int:
-        """Delete temporary files left by a crash; returns how many."""
+    def put(self, study_uid: str, series_uid: str, sop_uid: str, meta: bytes, data: bytes) -> PutResult:
+        """Durably store one received instance without ever replacing another file (issue 18).
+
+        Written to a temporary file (fsync'ed when configured), then hard-linked under its final name: a link
+        fails when the name exists, so two receivers (threads or processes) storing the same SOP Instance UID at
+        once cannot overwrite each other. An existing file with the same dataset bytes makes this an idempotent
+        re-send; different bytes are kept beside it under ``<sop>.<sha256[:16]>.dcm``. Raises
+        :class:`StorageFull` on ENOSPC/EDQUOT (the caller answers Out of Resources before Success).
+        """
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        tmp = self._write_tmp(path, [meta, data])
+        try:
+            if self._link(tmp, path):
+                return PutResult(path, created=True)
+            if _same_dataset(path, data):
+                return PutResult(path, created=False)
+            alt = self.path_for(study_uid, series_uid, sop_uid, sha256_hex(data))
+            if self._link(tmp, alt):
+                return PutResult(alt, created=True, conflict=True)
+            return PutResult(alt, created=False, conflict=True)  # this very object, stored before
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(exc.errno, f"disk full writing {path}") from exc
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write_tmp(self, path: Path, chunks: list[bytes]) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for c in chunks:
+                    view = memoryview(c)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(exc.errno, f"disk full writing {path}") from exc
+            raise
+        return tmp
+
+    def _link(self, tmp: Path, path: Path) -> bool:
+        """Give ``tmp`` the name ``path`` unless that name exists (then False); the folder is fsync'ed."""
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        if self.fsync:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return True
+
+    def remove_orphan_tmp(self, min_age: float = 0.0) -> int:
+        """Delete temporary files left by a crash (older than ``min_age`` seconds); returns how many."""
+        import time
+
         n = 0
+        now = time.time()
         if self.root.exists():
             for p in self.root.rglob(".tmp-*"):
+                try:
+                    if min_age and now - p.stat().st_mtime < min_age:
+                        continue
+                except FileNotFoundError:
+                    continue
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+
+def _same_dataset(path: Path, data: bytes) -> bool:
+    """Whether the stored file at ``path`` holds exactly ``data`` as its dataset (file meta may differ)."""
+    try:
+        raw = path.read_bytes()
+        return memoryview(raw)[dataset_offset(raw) :] == data
+    except (OSError, InvalidDataset):
+        return False

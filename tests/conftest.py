@@ -11,6 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LESIONTRACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# tests receive in-process unless a test asks for several receiver processes (dicom.receiver_processes)
+os.environ.setdefault("LESIONTRACK_DICOM__RECEIVER_PROCESSES", "1")
 
 
 def unavailable(reason: str) -> None:

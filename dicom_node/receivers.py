@@ -1,0 +1,254 @@
+"""Several receiver processes behind one DICOM port (``dicom.receiver_processes`` > 1; issue 18).
+
+One process serves all of an SCP's associations under one GIL, so concurrent senders queue behind one core.
+The service process opens the listening socket and starts N receiver processes (``python -m
+dicom_node.receivers``) that inherit it and all accept on it (a pre-forked listener: a connection waits in the
+one accept queue until some receiver takes it, so a receiver that dies loses no queued connection). Each runs a
+:class:`dicom_node.scp.Receiver`: a pynetdicom SCP with the association guard, door validation, the durable
+write and its own background indexer. What must be shared lives outside any one of them:
+
+* series completion state: in the database (:class:`db.models.OpenTransfer`, ``series.last_received_at``),
+  completed by the service process (:class:`dicom_node.completion.SeriesCompletion`);
+* ``dicom.max_associations``: :class:`SharedSlots`, one counter per receiver in a small file, changed under an
+  ``flock`` (released by the kernel when a process dies; the service resets a dead receiver's counter).
+
+The pool restarts a receiver that dies; before, the service indexes what that receiver acknowledged but had not
+committed (its journal, see :func:`dicom_node.indexer.replay_journals`) and ends its open transfers as dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+class SharedSlots:
+    """Association slots counted across processes: ``n`` little-endian int32 counters, one per receiver."""
+
+    def __init__(self, path: Path, n: int, index: int = -1) -> None:
+        self.path, self.n, self.index = Path(path), n, index
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, path: Path, n: int) -> SharedSlots:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 4 * n)
+        return cls(path, n)
+
+    def _counts(self) -> list[int]:
+        raw = os.pread(self._fd, 4 * self.n, 0).ljust(4 * self.n, b"\0")
+        return list(struct.unpack(f"<{self.n}i", raw))
+
+    def _set(self, index: int, value: int) -> None:
+        os.pwrite(self._fd, struct.pack("<i", max(0, value)), 4 * index)
+
+    def acquire(self, limit: int) -> bool:
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                counts = self._counts()
+                if sum(counts) >= limit:
+                    return False
+                self._set(self.index, counts[self.index] + 1)
+                return True
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._set(self.index, self._counts()[self.index] - 1)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def reset(self, index: int) -> None:
+        """A receiver died: the slots it held are free again."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._set(index, 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def total(self) -> int:
+        return sum(self._counts())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class ReceiverPool:
+    """The listening socket and the receiver processes on it; restarts one that dies."""
+
+    def __init__(self, settings: Settings, n: int, on_death: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.n = n
+        self.on_death = on_death
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * n
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.slots: SharedSlots
+
+    @property
+    def port(self) -> int:
+        return 0 if self.sock is None else int(self.sock.getsockname()[1])
+
+    def start(self) -> ReceiverPool:
+        from dicom_node.scp import run_dir
+
+        cfg = self.settings.dicom
+        self.sock = socket.create_server((cfg.bind_address, cfg.port), backlog=max(128, 4 * cfg.max_associations))
+        self.sock.set_inheritable(True)
+        self.slots = SharedSlots.create(run_dir(self.settings) / f"association-slots-{os.getpid()}", self.n)
+        try:
+            for i in range(self.n):
+                self._spawn(i)
+            for i in range(self.n):
+                self._wait_ready(i)
+        except BaseException:
+            self.stop()
+            raise
+        self._monitor = threading.Thread(target=self._watch, name="receiver-pool", daemon=True)
+        self._monitor.start()
+        return self
+
+    def _spawn(self, index: int) -> None:
+        if self.sock is None:
+            raise RuntimeError("the pool has no listening socket")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(_REPO), *filter(None, [env.get("PYTHONPATH")])])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.receivers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=(self.sock.fileno(),),
+            env=env,
+        )
+        job = _ChildJob(self.settings, self.sock.fileno(), index, self.n, self.slots.path, logging.getLogger().level)
+        if proc.stdin is None:
+            raise RuntimeError("subprocess gave no stdin pipe")
+        proc.stdin.write(pickle.dumps(job))
+        proc.stdin.close()
+        self._procs[index] = proc
+
+    def _wait_ready(self, index: int, timeout: float = 60.0) -> None:
+        proc = self._procs[index]
+        if proc is None or proc.stdout is None:
+            raise RuntimeError(f"receiver {index} was not started")
+        line = proc.stdout.readline()  # the child prints "ready <pid>" once it accepts
+        if not line.startswith(b"ready"):
+            proc.wait(timeout)
+            raise RuntimeError(f"receiver process {index} did not start (exit code {proc.returncode})")
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            for i, proc in enumerate(self._procs):
+                if proc is None or proc.poll() is None or self._stopping.is_set():
+                    continue
+                log.warning("receiver process %d ended (exit code %s); restarting it", proc.pid, proc.returncode)
+                self.slots.reset(i)
+                if self.on_death is not None:
+                    try:
+                        self.on_death(proc.pid)
+                    except Exception:
+                        log.exception("recovering after receiver process %d failed", proc.pid)
+                with self._lock:
+                    try:
+                        self._spawn(i)
+                        self._wait_ready(i)
+                    except Exception:
+                        log.exception("restarting receiver %d failed; will retry", i)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+            self._monitor = None
+        procs = [p for p in self._procs if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            if p.stdout is not None:
+                p.stdout.close()
+        self._procs = [None] * self.n
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if hasattr(self, "slots"):
+            self.slots.close()
+            self.slots.path.unlink(missing_ok=True)
+
+
+class _ChildJob:
+    """What a receiver process needs, sent pickled on its stdin (settings may hold secrets: never argv/env)."""
+
+    def __init__(self, settings: Settings, fd: int, index: int, n: int, slots: Path, log_level: int) -> None:
+        self.settings, self.fd, self.index, self.n, self.slots = settings, fd, index, n, slots
+        self.log_level = log_level
+
+
+def _child_main() -> int:
+    job: _ChildJob = pickle.loads(sys.stdin.buffer.read())
+    from config.logging import setup_logging
+
+    setup_logging(logging.getLevelName(job.log_level or logging.WARNING))
+    from db.session import make_engine, make_session_factory
+    from dicom_node.scp import Receiver
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = os.getppid()
+    engine = make_engine(job.settings.effective_database_url)
+    sock = socket.socket(fileno=job.fd)
+    receiver = Receiver(
+        job.settings,
+        make_session_factory(engine),
+        listen_socket=sock,
+        slots=SharedSlots(job.slots, job.n, job.index),
+    ).start()
+    sys.stdout.write(f"ready {os.getpid()}\n")
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        if os.getppid() != parent:  # the service is gone: do not keep its port
+            break
+    receiver.stop()
+    engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -112,11 +112,11 @@ class _Server(ThreadedAssociationServer):
 _H = TypeVar("_H")
 
 
-def _with_peer(handler: Callable[[StorageSCP, evt.Event], _H]) -> Callable[[StorageSCP, evt.Event], _H]:
+def _with_peer(handler: Callable[[Receiver, evt.Event], _H]) -> Callable[[Receiver, evt.Event], _H]:
     """Run an event handler with the association's peer (calling AE@address) in the log context."""
 
     @functools.wraps(handler)
-    def wrapped(self: StorageSCP, event: evt.Event) -> _H:
+    def wrapped(self: Receiver, event: evt.Event) -> _H:
         r = event.assoc.requestor
         host = r.address[0] if isinstance(r.address, tuple) else r.address
         with log_context(peer=f"{r.ae_title}@{host}"):

@@ -238,7 +238,7 @@ def _walk_fragments(data: bytes, pos: int, stop: int, little: bool) -> int:
     raise InvalidDataset("truncated encapsulated pixel data (no sequence delimiter)")
 
 
-def sha256_hex(*chunks: bytes) -> str:
+def sha256_hex(*chunks: bytes | memoryview) -> str:
     h = hashlib.sha256()
     for c in chunks:
         h.update(c)

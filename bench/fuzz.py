@@ -99,9 +99,14 @@ def main() -> None:
     sf = make_session_factory(make_engine(f"sqlite:///{root}/lt.sqlite3"))
 
     def stored(uid: str) -> Path | None:
-        with session_scope(sf) as s:
-            p = s.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == uid))
-        return Path(p) if p else None
+        # Success means on disk; the row follows from the SCP's background indexer (milliseconds)
+        deadline = time.monotonic() + 10
+        while True:
+            with session_scope(sf) as s:
+                p = s.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == uid))
+            if p or time.monotonic() > deadline:
+                return Path(p) if p else None
+            time.sleep(0.01)
 
     report = FuzzReport()
     rss: list[dict[str, int]] = [{"inputs": 0, "rss_kib": rss_kib(proc.pid)}]

@@ -91,6 +91,16 @@ class IndexItem:
             return None
 
 
+@dataclass(frozen=True)
+class _Row:
+    """An instance row as the batch sees it (from the database, or added earlier in the same batch)."""
+
+    id: int
+    sop_instance_uid: str
+    sha256: str
+    file_path: str
+
+
 class _SeriesNotReceiving(Exception):
     """A cached series was completed meanwhile: the batch is retried through the ORM path, which re-opens it."""
 
@@ -330,6 +340,8 @@ class Indexer:
                 if other:
                     conflicts.append((it, sha, other))
                 new_keys.add((it.sop_uid, sha))
+                # a later item of this batch with the same UID and other bytes conflicts with this one
+                known.setdefault(it.sop_uid, []).append(_Row(-1, it.sop_uid, sha, str(it.path)))
                 new_rows.append(
                     dict(
                         sop_instance_uid=it.sop_uid,

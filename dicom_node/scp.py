@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class builds its names at import
 from pynetdicom.transport import ThreadedAssociationServer
@@ -35,7 +36,7 @@ from dicom_node.assoc_log import AssociationLog
 from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
 from dicom_node.indexer import recover, replay_journals
-from dicom_node.ingest import Ingestor
+from dicom_node.ingest import Ingestor, RequestMeta
 from dicom_node.receivers import ReceiverPool, SharedSlots
 from dicom_node.routing import Route
 from dicom_node.storage import InstanceStore
@@ -242,10 +243,18 @@ class Receiver:
         if assoc_uid is None:
             assoc_uid = str(uuid.uuid4())
             assoc.lesiontrack_uid = assoc_uid  # type: ignore[attr-defined]  # our id, attached once
-        data = event.encoded_dataset(include_meta=False)
+        req = event.request
+        if not isinstance(req, C_STORE) or req.DataSet is None:
+            raise RuntimeError("EVT_C_STORE without a C-STORE request")  # pynetdicom never does this
+        data = req.DataSet.getvalue()
+        meta = RequestMeta(
+            str(req.AffectedSOPClassUID or ""),
+            str(req.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax),
+        )
         try:
             result = self.ingestor.receive(
-                event.file_meta,
+                meta,
                 data,
                 calling_ae=requestor.ae_title,
                 peer=str(requestor.address),
@@ -424,7 +433,7 @@ class StorageSCP:
     # -- crash recovery ----------------------------------------------------------------------------------------
     def _receiver_died(self, pid: int) -> None:
         """A receiver process ended unexpectedly (e.g. kill -9): index what it acknowledged, end its transfers."""
-        live = set(self.receiver_pids())
+        live = {os.getpid(), *self.receiver_pids()}
         replay_journals(self.ingestor.indexer, run_dir(self.settings), live_pids=live)
         n = reap_transfers(self.session_factory, [pid])
         if n:

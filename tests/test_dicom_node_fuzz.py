@@ -44,6 +44,7 @@ def test_bounded_fuzz_no_crash_no_hang_no_invalid_accepted(tmp_path: Path, caplo
     )
 
     def stored(uid: str) -> Path | None:
+        n.scp.settle()  # Success means on disk; the row follows from the background indexer
         with session_scope(n.sf) as s:
             p = s.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == uid))
         return Path(p) if p else None

@@ -131,13 +131,13 @@ def test_an_interrupted_c_store_delivery_resumes_with_the_objects_not_yet_acknow
         assert dest.count() == 3
         broken.write_bytes(raw)  # the object is repaired; the retry sends it alone
         stores: list[str] = []
-        ingest = dest.scp.ingestor.ingest
+        ingest = dest.scp.ingestor.receive
 
         def counting(meta: Any, data: bytes, *a: Any, **kw: Any) -> Any:
             stores.append(str(meta.MediaStorageSOPInstanceUID))
             return ingest(meta, data, *a, **kw)
 
-        dest.scp.ingestor.ingest = counting  # type: ignore[method-assign, assignment]  # a counting wrapper
+        dest.scp.ingestor.receive = counting  # type: ignore[method-assign, assignment]  # a counting wrapper
         assert sender.retry(delivery_ids=[delivery_id]) == [(delivery_id, DeliveryState.DELIVERED)]
         assert dest.count() == 4
         assert len(stores) == 1, "only the object not acknowledged before was sent again"

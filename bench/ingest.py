@@ -1,13 +1,23 @@
 """Ingest benchmark: dcmtk ``storescu`` → dcmtk ``storescp`` (anchor) vs → the LesionTrack Storage SCP, loopback.
 
-A ≥300-instance CT series is generated from one real slice (new UIDs per instance). Runs alternate between the
-receivers (plus a no-op pynetdicom handler, to show the library's own ceiling); both sides get ``TCP_NODELAY=1``
-(dcmtk reads it from the environment; our SCP sets it on accepted sockets) and storescp writes bit-preserving
-(``+B``), like our raw-bytes path. Then 4 concurrent
-``storescu`` processes (one series each) go to each receiver (storescp ``--fork``); lost instances are counted
-from what each receiver has on disk (and, for LesionTrack, in its database). Prints one JSON document.
+Four ≥300-instance CT series are generated from one real slice (new UIDs per instance).
 
-    .venv/bin/python bench/ingest.py [--instances 320] [--repeats 3] [--fsync]
+1. **One association**: runs alternate between storescp, the LesionTrack SCP (as configured for production:
+   ``dicom.receiver_processes`` = CPU cores unless ``--processes``) and pynetdicom's no-op receiver (the same
+   pynetdicom SCP, in-process, with a handler that stores nothing: the library's own ceiling). Both sides get
+   ``TCP_NODELAY=1``; storescp writes bit-preserving (``+B``), like our raw-bytes path.
+2. **Concurrency curve**: the same 4 × N instances sent by 1, 4 and 16 concurrent ``storescu`` processes (at 16,
+   each series is split over 4 associations, which the receiver processes serve independently) to
+   ``storescp --fork`` and to LesionTrack; lost = sent − (files on disk ∩ rows in the database), duplicated =
+   rows − distinct SOP Instance UIDs.
+3. **kill -9 mid-series**: 4 pynetdicom senders (threads) send a series each; after a third of the instances
+   were acknowledged one receiver process serving an open association is killed with SIGKILL; the service
+   restarts it, senders whose association dropped reconnect and retry what was not acknowledged.
+   Lost = acknowledged (or finally sent) instances without a file and a row; duplicated as above.
+
+Prints one JSON document (with the load average before and after).
+
+    .venv/bin/python bench/ingest.py [--instances 320] [--repeats 3] [--fsync] [--processes N]
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 SOURCE = REPO.parent / "shared" / "data" / "interop" / "ct_gantry_tilt_ge" / "01.dcm"
 ENV = dict(os.environ, TCP_NODELAY="1")
+LEVELS = (1, 4, 16)
 
 
 def free_port() -> int:
@@ -123,8 +134,8 @@ class LesionTrackSCP:
     name = "LesionTrack SCP"
     noop = False
 
-    def __init__(self, root: Path, fsync: bool) -> None:
-        self.root, self.fsync = root, fsync
+    def __init__(self, root: Path, fsync: bool, processes: int = 0) -> None:
+        self.root, self.fsync, self.processes = root, fsync, processes
 
     def __enter__(self) -> LesionTrackSCP:
         from config.settings import load_settings
@@ -143,7 +154,9 @@ class LesionTrackSCP:
                 "bind_address": "127.0.0.1",
                 "fsync": self.fsync,
                 "series_quiet_seconds": 3600,
-                "max_associations": 10,
+                "max_associations": 20,
+                "max_connections_per_peer": 20,
+                "receiver_processes": 1 if self.noop else self.processes,
             },
         )
         self.engine = make_engine(url)
@@ -155,22 +168,40 @@ class LesionTrackSCP:
                 self.count += 1
                 return 0
 
-            self.scp._on_store = on_store  # type: ignore[method-assign]  # the no-op receiver replaces the handler
+            assert self.scp.receiver is not None
+            self.scp.receiver._on_store = on_store  # type: ignore[method-assign]  # the no-op receiver
         self.scp.start()
         self.port = self.scp.port
         return self
 
-    def received(self) -> int:
-        if self.noop:
-            return self.count
-        from sqlalchemy import func, select
+    def rows(self) -> tuple[int, int]:
+        """(instance rows, distinct SOP Instance UIDs)."""
+        from sqlalchemy import distinct, func, select
 
         from db.models import Instance
 
         with self.engine.connect() as c:
-            rows = int(c.execute(select(func.count()).select_from(Instance)).scalar() or 0)
+            n = int(c.execute(select(func.count()).select_from(Instance)).scalar() or 0)
+            d = int(c.execute(select(func.count(distinct(Instance.sop_instance_uid)))).scalar() or 0)
+        return n, d
+
+    def received(self, expected: int | None = None) -> int:
+        if self.noop:
+            return self.count
+        # Success means on disk; the rows follow from the indexers: wait (bounded) until they stop growing
+        deadline, last = time.monotonic() + 60, -1
+        while time.monotonic() < deadline:
+            rows = self.rows()[0]
+            if rows == expected or (expected is None and rows == last):
+                break
+            last = rows
+            time.sleep(0.2)
         files = sum(1 for p in (self.dir / "data" / "dicom").rglob("*.dcm"))
-        return min(rows, files)
+        return min(self.rows()[1], files)
+
+    def duplicated(self) -> int:
+        n, d = self.rows()
+        return n - d
 
     def __exit__(self, *exc: object) -> None:
         self.scp.stop()
@@ -185,13 +216,90 @@ class PynetdicomFloor(LesionTrackSCP):
     noop = True
 
 
+def kill9_run(tmp: Path, series: list[list[Path]], fsync: bool, processes: int) -> dict[str, object]:
+    """Senders (pynetdicom, one thread per series) retry what was not acknowledged after a receiver is killed."""
+    import signal
+    import threading
+
+    from pydicom import dcmread
+    from pynetdicom import AE, _config
+    from sqlalchemy import select
+
+    from db.models import OpenTransfer
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    total = sum(len(s) for s in series)
+    acked: set[str] = set()
+    lock = threading.Lock()
+    retries = [0]
+    sop_of = {p: str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for s in series for p in s}
+
+    def sender(files: list[Path]) -> None:
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        todo = list(files)
+        for _attempt in range(20):
+            assoc = ae.associate("127.0.0.1", recv.port, ae_title="LESIONTRACK")
+            if not assoc.is_established:
+                time.sleep(0.2)
+                continue
+            while todo and assoc.is_established:
+                try:
+                    rsp = assoc.send_c_store(todo[0])
+                except Exception:
+                    break
+                if "Status" in rsp and int(rsp.Status) == 0:
+                    with lock:
+                        acked.add(sop_of[todo[0]])
+                    todo.pop(0)
+                else:
+                    break
+            if assoc.is_established:
+                assoc.release()
+            if not todo:
+                return
+            with lock:
+                retries[0] += 1
+
+    with LesionTrackSCP(tmp, fsync, processes) as recv:
+        threads = [threading.Thread(target=sender, args=(s,)) for s in series]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        while len(acked) < total // 3:
+            time.sleep(0.01)
+        with recv.engine.connect() as c:
+            pids = sorted(set(c.scalars(select(OpenTransfer.pid))))
+        victim = pids[0] if pids else recv.scp.receiver_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        acked_at_kill = len(acked)
+        for t in threads:
+            t.join()
+        secs = time.perf_counter() - t0
+        got = recv.received(total)
+        dup = recv.duplicated()
+        return {
+            "sent": total,
+            "killed_pid": victim,
+            "acknowledged_before_kill": acked_at_kill,
+            "acknowledged": len(acked),
+            "sender_retries": retries[0],
+            "received": got,
+            "lost": total - got,
+            "duplicated": dup,
+            "seconds": round(secs, 3),
+            "receiver_processes_after": len(recv.scp.receiver_pids()),
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--instances", type=int, default=320)
+    ap.add_argument("--instances", type=int, default=320, help="instances per series (4 series)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--concurrent", type=int, default=4)
     ap.add_argument("--fsync", action="store_true", help="LesionTrack fsyncs every file (storescp never does)")
+    ap.add_argument("--processes", type=int, default=0, help="dicom.receiver_processes (0 = CPU cores)")
     ap.add_argument("--source", type=Path, default=SOURCE)
+    ap.add_argument("--skip-kill", action="store_true")
     args = ap.parse_args()
     import logging
 
@@ -199,17 +307,24 @@ def main() -> None:
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not installed (apt-get install dcmtk)")
+    from dicom_node.scp import receiver_processes
+
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-ingest-"))
     try:
-        series = [make_series(tmp / f"series{k}", args.instances, args.source) for k in range(args.concurrent)]
+        series = [make_series(tmp / f"series{k}", args.instances, args.source) for k in range(4)]
         mb = sum(p.stat().st_size for p in series[0]) / 1e6
         single: dict[str, list[dict]] = {Storescp.name: [], LesionTrackSCP.name: [], PynetdicomFloor.name: []}
         for _ in range(args.repeats):
-            for recv in (Storescp(tmp, fork=False), LesionTrackSCP(tmp, args.fsync), PynetdicomFloor(tmp, False)):
+            for recv in (
+                Storescp(tmp, fork=False),
+                LesionTrackSCP(tmp, args.fsync, args.processes),
+                PynetdicomFloor(tmp, False),
+            ):
                 with recv:
                     aec = "LESIONTRACK" if isinstance(recv, LesionTrackSCP) else "STORESCP"
                     secs, rcs = run_senders(recv.port, [series[0]], aec)
-                    got = recv.received()
+                    got = recv.received(args.instances) if isinstance(recv, LesionTrackSCP) else recv.received()
                 single[recv.name].append(
                     {
                         "seconds": round(secs, 3),
@@ -219,68 +334,85 @@ def main() -> None:
                         "mb_per_s": round(mb / secs, 1),
                     }
                 )
-        concurrent = {}
-        for recv in (Storescp(tmp, fork=True), LesionTrackSCP(tmp, args.fsync)):
-            with recv:
-                aec = "LESIONTRACK" if isinstance(recv, LesionTrackSCP) else "STORESCP"
-                secs, rcs = run_senders(recv.port, series, aec)
-                got = recv.received()
-            total = args.instances * args.concurrent
-            concurrent[recv.name] = {
-                "seconds": round(secs, 3),
-                "sent": total,
-                "received": got,
-                "lost": total - got,
-                "exit_codes": rcs,
-                "instances_per_s": round(total / secs, 1),
-                "mb_per_s": round(mb * args.concurrent / secs, 1),
-            }
-
-        def best(name: str) -> dict:
-            return min(single[name], key=lambda r: r["seconds"])
+        all_files = [p for s in series for p in s]
+        total = len(all_files)
+        curve: dict[str, dict[str, dict]] = {Storescp.name + " --fork": {}, LesionTrackSCP.name: {}}
+        for level in LEVELS:
+            # every series split into level/4 associations (or, at 1, all four series over one association)
+            batches = [all_files] if level == 1 else [b for s in series for b in _split(s, level // 4)]
+            for recv in (Storescp(tmp, fork=True), LesionTrackSCP(tmp, args.fsync, args.processes)):
+                with recv:
+                    aec = "LESIONTRACK" if isinstance(recv, LesionTrackSCP) else "STORESCP"
+                    secs, rcs = run_senders(recv.port, batches, aec)
+                    lt = isinstance(recv, LesionTrackSCP)
+                    got = recv.received(total) if lt else recv.received()
+                    dup = recv.duplicated() if lt else 0
+                key = Storescp.name + " --fork" if isinstance(recv, Storescp) else LesionTrackSCP.name
+                curve[key][str(level)] = {
+                    "seconds": round(secs, 3),
+                    "sent": total,
+                    "received": got,
+                    "lost": total - got,
+                    "duplicated": dup,
+                    "exit_codes": sorted(set(rcs)),
+                    "instances_per_s": round(total / secs, 1),
+                    "mb_per_s": round(mb * 4 / secs, 1),
+                }
+        kill = None if args.skip_kill else kill9_run(tmp, series, args.fsync, args.processes)
 
         def median(name: str, key: str) -> float:
             vals = sorted(r[key] for r in single[name])
             return vals[len(vals) // 2]
 
-        ratio = median(LesionTrackSCP.name, "instances_per_s") / median(Storescp.name, "instances_per_s")
+        lt1 = median(LesionTrackSCP.name, "instances_per_s")
+        ratio_floor = lt1 / median(PynetdicomFloor.name, "instances_per_s")
+        lt_curve = curve[LesionTrackSCP.name]
+        scale4 = lt_curve["4"]["instances_per_s"] / lt_curve["1"]["instances_per_s"]
+        c16 = lt_curve["16"]
         result = {
             "benchmark": "ingest",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "load_average": {
+                "before": [round(x, 2) for x in load_before],
+                "after": [round(x, 2) for x in os.getloadavg()],
+            },
             "series": {
                 "instances": args.instances,
-                "megabytes": round(mb, 1),
+                "series": 4,
+                "megabytes_per_series": round(mb, 1),
                 "source": str(args.source.name),
                 "transfer_syntax": "Explicit VR Little Endian",
             },
             "lesiontrack_fsync": args.fsync,
+            "lesiontrack_receiver_processes": receiver_processes(args.processes),
             "single_association": {
                 "runs": single,
                 "median_instances_per_s": {n: median(n, "instances_per_s") for n in single},
                 "median_mb_per_s": {n: median(n, "mb_per_s") for n in single},
-                "best": {n: best(n) for n in single},
-                "ratio_lesiontrack_over_storescp": round(ratio, 3),
-                "ratio_pynetdicom_floor_over_storescp": round(
-                    median(PynetdicomFloor.name, "instances_per_s") / median(Storescp.name, "instances_per_s"), 3
-                ),
+                "ratio_lesiontrack_over_pynetdicom_floor": round(ratio_floor, 3),
+                "ratio_lesiontrack_over_storescp": round(lt1 / median(Storescp.name, "instances_per_s"), 3),
             },
-            "concurrent_associations": {
-                "senders": args.concurrent,
-                **concurrent,
-                "ratio_lesiontrack_over_storescp": round(
-                    concurrent[LesionTrackSCP.name]["instances_per_s"] / concurrent[Storescp.name]["instances_per_s"], 3
-                ),
-            },
+            "concurrency_curve": curve,
+            "lesiontrack_scaling_4_over_1": round(scale4, 3),
+            "kill9_mid_series": kill,
             "targets": {
-                "ratio_single_min": 0.5,
-                "lost_concurrent": 0,
-                "met": ratio >= 0.5 and concurrent[LesionTrackSCP.name]["lost"] == 0,
+                "single_over_floor_min": 0.9,
+                "scaling_4_over_1_min": 1.7,
+                "single_met": ratio_floor >= 0.9,
+                "scaling_met": scale4 >= 1.7,
+                "c16_lost_duplicated": [c16["lost"], c16["duplicated"]],
+                "kill9_lost_duplicated": None if kill is None else [kill["lost"], kill["duplicated"]],
             },
         }
         print(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _split(files: list[Path], parts: int) -> list[list[Path]]:
+    k = -(-len(files) // parts)
+    return [files[i : i + k] for i in range(0, len(files), k)]
 
 
 if __name__ == "__main__":

@@ -146,7 +146,12 @@ class ReceiverPool:
             pass_fds=(self.sock.fileno(),),
             env=env,
         )
-        job = _ChildJob(self.settings, self.sock.fileno(), index, self.n, self.slots.path, logging.getLogger().level)
+        from config.logging import JsonFormatter
+
+        root = logging.getLogger()
+        job = _ChildJob(self.settings, self.sock.fileno(), index, self.n, self.slots.path, root.level)
+        job.json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+        job.library_level = logging.getLogger("pynetdicom").level or logging.WARNING
         if proc.stdin is None:
             raise RuntimeError("subprocess gave no stdin pipe")
         proc.stdin.write(pickle.dumps(job))
@@ -218,13 +223,19 @@ class _ChildJob:
     def __init__(self, settings: Settings, fd: int, index: int, n: int, slots: Path, log_level: int) -> None:
         self.settings, self.fd, self.index, self.n, self.slots = settings, fd, index, n, slots
         self.log_level = log_level
+        self.json_logs = False
+        self.library_level = logging.WARNING
 
 
 def _child_main() -> int:
     job: _ChildJob = pickle.loads(sys.stdin.buffer.read())
     from config.logging import setup_logging
 
-    setup_logging(logging.getLevelName(job.log_level or logging.WARNING))
+    setup_logging(
+        logging.getLevelName(job.log_level or logging.WARNING),
+        json_format=job.json_logs,
+        library_level=logging.getLevelName(job.library_level),
+    )
     from db.session import make_engine, make_session_factory
     from dicom_node.scp import Receiver
 

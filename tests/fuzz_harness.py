@@ -498,7 +498,10 @@ def _exchange(port: int, inp: PduInput, source: str, deadline_s: float) -> str:
                 length -= len(chunk)
         s.sendall(inp.payload)
         if not inp.keep_open:
-            s.shutdown(socket.SHUT_WR)
+            try:
+                s.shutdown(socket.SHUT_WR)
+            except OSError:  # the node closed the connection already (ENOTCONN): that is its answer
+                return "closed"
         t0 = time.monotonic()
         first: bytes | None = None
         while time.monotonic() - t0 < deadline_s:

@@ -134,7 +134,7 @@ def test_an_interrupted_c_store_delivery_resumes_with_the_objects_not_yet_acknow
         ingest = dest.scp.ingestor.receive
 
         def counting(meta: Any, data: bytes, *a: Any, **kw: Any) -> Any:
-            stores.append(str(meta.MediaStorageSOPInstanceUID))
+            stores.append(str(meta.get("MediaStorageSOPInstanceUID")))
             return ingest(meta, data, *a, **kw)
 
         dest.scp.ingestor.receive = counting  # type: ignore[method-assign, assignment]  # a counting wrapper

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: the most items one transaction commits
 BATCH = 256
+_WAKE = "wake"
+#: how long the indexer gathers items before it commits (unless a flush waits): latency of the row, not of Success
+BATCH_WINDOW_S = 0.05
 #: a file younger than this is left to the live indexer that wrote it (the periodic scan picks it up later)
 RECOVER_MIN_AGE_S = 60.0
 
@@ -123,13 +126,14 @@ class Indexer:
         self.engine: Engine = engine if engine is not None else session_factory.kw["bind"]
         self.actor = actor
         self.pid = os.getpid()
-        self._queue: queue.Queue[IndexItem | None] = queue.Queue()
+        self._queue: queue.Queue[IndexItem | str | None] = queue.Queue()
         self._series_pk: dict[str, int] = {}
         self._open_pairs: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # one batch at a time (the thread, or a synchronous caller)
         self._thread: threading.Thread | None = None
         self._submitted = 0
         self._committed = 0
+        self._flushing = 0  # callers waiting in flush(): commit without gathering more
         self._cond = threading.Condition()
 
     # -- producer side -----------------------------------------------------------------------------------------
@@ -152,7 +156,13 @@ class Indexer:
         """Wait until everything submitted so far is committed (or failed); False on timeout."""
         with self._cond:
             target = self._submitted
-            return self._cond.wait_for(lambda: self._committed >= target, timeout)
+            self._flushing += 1
+            if self._committed < target:
+                self._queue.put(_WAKE)  # ends the indexer's gathering window now
+            try:
+                return self._cond.wait_for(lambda: self._committed >= target, timeout)
+            finally:
+                self._flushing -= 1
 
     def forget_association(self, association_uid: str) -> None:
         with self._lock:
@@ -184,16 +194,24 @@ class Indexer:
             first = self._queue.get()
             if first is None:
                 return
+            if isinstance(first, str):
+                continue
             items = [first]
             stop = False
+            # group commit: gather what arrives within BATCH_WINDOW_S (or until someone waits in flush), so the
+            # per-transaction cost is shared by many instances
+            window_end = time.monotonic() + BATCH_WINDOW_S
             while len(items) < BATCH:
+                left = window_end - time.monotonic()
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._queue.get_nowait() if left <= 0 or self._flushing else self._queue.get(timeout=left)
                 except queue.Empty:
                     break
                 if nxt is None:
                     stop = True
                     break
+                if isinstance(nxt, str):
+                    continue  # a flush is waiting: _flushing is set, the loop stops gathering
                 items.append(nxt)
             try:
                 self.index(items)

@@ -275,6 +275,7 @@ class InstanceStore:
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self._dirs: set[Path] = set()  # series folders known to exist
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str | None = None) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
@@ -327,7 +328,11 @@ class InstanceStore:
         :class:`StorageFull` on ENOSPC/EDQUOT (the caller answers Out of Resources before Success).
         """
         path = self.path_for(study_uid, series_uid, sop_uid)
-        tmp = self._write_tmp(path, [meta, data])
+        try:
+            tmp = self._write_tmp(path, [meta, data])
+        except FileNotFoundError:  # the series folder was removed since it was cached: create it again
+            self._dirs.discard(path.parent)
+            tmp = self._write_tmp(path, [meta, data])
         try:
             if self._link(tmp, path):
                 return PutResult(path, created=True)
@@ -345,7 +350,11 @@ class InstanceStore:
             tmp.unlink(missing_ok=True)
 
     def _write_tmp(self, path: Path, chunks: list[bytes]) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if len(self._dirs) > 10000:
+                self._dirs.clear()
+            self._dirs.add(path.parent)
         tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

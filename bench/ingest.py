@@ -344,9 +344,10 @@ def main() -> None:
                 with recv:
                     aec = "LESIONTRACK" if isinstance(recv, LesionTrackSCP) else "STORESCP"
                     secs, rcs = run_senders(recv.port, batches, aec)
-                    lt = isinstance(recv, LesionTrackSCP)
-                    got = recv.received(total) if lt else recv.received()
-                    dup = recv.duplicated() if lt else 0
+                    if isinstance(recv, LesionTrackSCP):
+                        got, dup = recv.received(total), recv.duplicated()
+                    else:
+                        got, dup = recv.received(), 0
                 key = Storescp.name + " --fork" if isinstance(recv, Storescp) else LesionTrackSCP.name
                 curve[key][str(level)] = {
                     "seconds": round(secs, 3),

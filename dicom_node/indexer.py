@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,6 @@ class IndexItem:
     calling_ae: str | None = None
     peer: str | None = None
     recovered: bool = False  # found by the recovery scan: its association's end is not known
-    done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # set when the item could not be indexed (the file stays; the scan retries)
 
     @property
@@ -218,8 +217,6 @@ class Indexer:
             except Exception:
                 log.exception("indexing %d instances failed; the recovery scan will retry", len(items))
             finally:
-                for it in items:
-                    it.done.set()
                 with self._cond:
                     self._committed += len(items)
                     if self._journal_fd is not None and self._committed >= self._submitted:

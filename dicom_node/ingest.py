@@ -247,7 +247,7 @@ class Ingestor:
         """Store one instance and wait for its database row."""
         result, item = self._receive(meta, dataset_bytes, calling_ae, peer, association)
         if item is not None:
-            item.done.wait(60)
+            self.indexer.flush()  # commits at once (no gathering window while someone waits)
             if item.error:
                 return IngestResult(
                     OUT_OF_RESOURCES, "database failure", series_uid=result.series_uid,

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
 from sqlalchemy import select
 
 from db.models import Instance, OpenTransfer, SeriesState, TransferOutcome
@@ -68,9 +69,9 @@ def test_request_meta_is_encoded_like_pydicom() -> None:
 
     for sop in ("1.2.3.4", "1.2.3.45"):  # odd and even lengths (UI padding)
         fm = FileMetaDataset()
-        fm.MediaStorageSOPClassUID = CT
-        fm.MediaStorageSOPInstanceUID = sop
-        fm.TransferSyntaxUID = EXPLICIT
+        fm.MediaStorageSOPClassUID = UID(CT)
+        fm.MediaStorageSOPInstanceUID = UID(sop)
+        fm.TransferSyntaxUID = UID(EXPLICIT)
         fm.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
         fm.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
         assert encode_request_meta(RequestMeta(CT, sop, EXPLICIT)) == encode_meta(fm)

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 #: the most items one transaction commits
 BATCH = 256
-_WAKE = "wake"
 #: how long the indexer gathers items before it commits (unless a flush waits): latency of the row, not of Success
 BATCH_WINDOW_S = 0.05
 #: a file younger than this is left to the live indexer that wrote it (the periodic scan picks it up later)
@@ -125,7 +124,7 @@ class Indexer:
         self.engine: Engine = engine if engine is not None else session_factory.kw["bind"]
         self.actor = actor
         self.pid = os.getpid()
-        self._queue: queue.Queue[IndexItem | str | None] = queue.Queue()
+        self._queue: queue.Queue[IndexItem | None] = queue.Queue()
         self._series_pk: dict[str, int] = {}
         self._open_pairs: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # one batch at a time (the thread, or a synchronous caller)
@@ -133,6 +132,7 @@ class Indexer:
         self._submitted = 0
         self._committed = 0
         self._flushing = 0  # callers waiting in flush(): commit without gathering more
+        self._wake = threading.Event()
         self._cond = threading.Condition()
 
     # -- producer side -----------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class Indexer:
             target = self._submitted
             self._flushing += 1
             if self._committed < target:
-                self._queue.put(_WAKE)  # ends the indexer's gathering window now
+                self._wake.set()  # ends the indexer's gathering window now
             try:
                 return self._cond.wait_for(lambda: self._committed >= target, timeout)
             finally:
@@ -180,6 +180,7 @@ class Indexer:
             return
         self.flush(timeout)
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout)
         self._thread = None
         with self._cond:
@@ -193,24 +194,22 @@ class Indexer:
             first = self._queue.get()
             if first is None:
                 return
-            if isinstance(first, str):
-                continue
             items = [first]
             stop = False
             # group commit: gather what arrives within BATCH_WINDOW_S (or until someone waits in flush), so the
             # per-transaction cost is shared by many instances
-            window_end = time.monotonic() + BATCH_WINDOW_S
+            # (sleeping on an event, not on the queue, so that each put does not wake this thread)
+            if not self._flushing:
+                self._wake.wait(BATCH_WINDOW_S)
+            self._wake.clear()
             while len(items) < BATCH:
-                left = window_end - time.monotonic()
                 try:
-                    nxt = self._queue.get_nowait() if left <= 0 or self._flushing else self._queue.get(timeout=left)
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
                     stop = True
                     break
-                if isinstance(nxt, str):
-                    continue  # a flush is waiting: _flushing is set, the loop stops gathering
                 items.append(nxt)
             try:
                 self.index(items)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import select
@@ -138,7 +137,7 @@ def test_correction_is_adopted_and_later_follow_ups_reanalysed(site: dict[str, A
         how = {m["tracking_uid"]: m["matched_by"] for m in v.matches or []}
     assert how[corr.edited_uid] == "tracking_uid" and how[corr.added_uid] == "added"
     # follow-up 1: the reader's lesions, new instances
-    job1, w1 = _latest_written(site, fu1.series_uid)
+    _job1, w1 = _latest_written(site, fu1.series_uid)
     segs1 = _segments(w1.seg)
     assert corr.deleted_uid not in segs1 and corr.added_uid in segs1 and corr.edited_uid in segs1
     # follow-up 2: re-analysed from the correction — the added lesion tracked, the deleted one gone
@@ -240,6 +239,18 @@ def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> N
     assert "verified by Reader^Anna" in html
     listed = client.get(f"/api/patients/{pk}/verifications", headers=API_KEY).json()
     assert [v["source_sop_instance_uid"] for v in listed] == [corr.sop_instance_uid]
+    # read-centre exports carry the verification state and timestamps
+    import csv
+    import io
+
+    rows_csv = list(
+        csv.DictReader(io.StringIO(client.get(f"/api/patients/{pk}/export/lesions.csv", headers=API_KEY).text))
+    )
+    at_fu1 = [r for r in rows_csv if r["series_instance_uid"] == fu1.series_uid]
+    assert at_fu1 and all(r["timepoint_verified_by"] == READER and r["timepoint_verified_at"] for r in at_fu1)
+    assert {r["result_verified_by"] for r in at_fu1} == {READER}
+    tr = client.get(f"/api/patients/{pk}/export/cdisc/TR.csv", headers=API_KEY).text
+    assert "RADIOLOGIST" in tr and "ALGORITHM" in tr
 
 
 def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) -> None:
@@ -265,3 +276,84 @@ def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) ->
     assert how[corr.edited_uid] == "label"
     assert sorted(how.values()) == ["added", "label", "overlap"]
     assert [d.tracking_uid for d in result.deleted] == [corr.deleted_uid]
+
+
+def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> None:
+    """Corrections from AEs not listed are refused (visibly); with reanalyse_later = operator nothing is queued
+    until an operator asks."""
+    from dicom_node.ingest import Ingestor, ingest_file
+    from dicom_node.scp import storage_root
+    from dicom_node.storage import InstanceStore
+    from pipeline.verification import reanalyse_later, take_in_series
+
+    settings, sf = site["settings"], site["sf"]
+    fu1 = site["patient"].followups[0]
+    old = job_results(site["first"][0].step_outputs).written
+    corr = write_correction(
+        old.seg, fu1.files, tmp_path, add_centre_mm=site["patient"].truth["new_lesions"][0]["centre_mm"]
+    )
+    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
+    assert ingest_file(ingestor, corr.path, calling_ae="WORKSTATION9").ok
+    ingestor.close()
+    only_pacs = settings.verification.model_copy(update={"accept_from_aes": ["PACS"]})
+    assert take_in_series(sf, only_pacs, corr.series_uid) == []
+    from db.models import Series
+
+    with session_scope(sf) as s:
+        reason = s.scalar(select(Series.routing_reason).where(Series.series_instance_uid == corr.series_uid))
+        assert reason is not None and "WORKSTATION9" in reason and "accept_from_aes" in reason
+        assert s.scalar(select(AuditEvent.id).where(AuditEvent.action == "verification.refused")) is not None
+        vid = s.scalar(select(TimepointVerification.id))
+    waiting = settings.verification.model_copy(update={"reanalyse_later": "operator"})
+    assert reanalyse_later(sf, vid, actor="worker", settings=waiting) == []
+    with session_scope(sf) as s:
+        assert s.scalar(select(AuditEvent.id).where(AuditEvent.action == "verification.reanalysis_waiting"))
+
+
+def test_verify_as_is_and_upload_need_the_node(site: dict[str, Any]) -> None:
+    from fastapi.testclient import TestClient
+
+    from pipeline.jobs import JobStore
+    from pipeline.verification import verified_sop_uids
+    from web import JobStoreControl, create_app
+
+    fu2 = site["patient"].followups[1]
+    client = TestClient(
+        create_app(site["settings"], site["sf"], job_control=JobStoreControl(JobStore(site["sf"]), actor="api"))
+    )
+    r = client.post(f"/api/series/{fu2.series_uid}/verify", headers=API_KEY)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["jobs"] == [], "nothing after the last follow-up to re-analyse"
+    _job2, w2 = _latest_written(site, fu2.series_uid)
+    with session_scope(site["sf"]) as s:
+        assert verified_sop_uids(s, [w2.seg_sop_instance_uid]) == {w2.seg_sop_instance_uid}
+    again = client.post(f"/api/series/{fu2.series_uid}/verify", headers=API_KEY).json()
+    assert again["verification_id"] == body["verification_id"], "idempotent"
+    assert client.post("/api/series/1.2.3.999/verify", headers=API_KEY).status_code == 409
+    up = client.post("/api/corrections", headers={**API_KEY, "Content-Type": "application/dicom"}, content=b"x")
+    assert up.status_code == 503 and "DICOM node" in up.json()["detail"]
+
+
+def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any]) -> None:
+    """The service's upload path stores the file like a received instance and queues its adoption; bad bytes are
+    refused with the reason."""
+    from lesiontrack.service import JobControl
+    from pipeline.jobs import JobStore
+
+    fu1 = site["patient"].followups[0]
+    old = job_results(site["first"][0].step_outputs).written
+    corr = write_correction(
+        old.seg, fu1.files, tmp_path, add_centre_mm=site["patient"].truth["new_lesions"][0]["centre_mm"]
+    )
+    submitted: list[int] = []
+    control = JobControl(JobStore(site["sf"]), submitted.append, settings=site["settings"], session_factory=site["sf"])
+    taken = control.take_correction(corr.path.read_bytes(), "operator:alice")
+    assert taken.jobs and submitted == taken.jobs and taken.sop_instance_uid == corr.sop_instance_uid
+    with session_scope(site["sf"]) as s:
+        v = s.scalar(
+            select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == corr.sop_instance_uid)
+        )
+        assert v is not None and v.verified_by == READER and v.job_pk == taken.jobs[0]
+    with pytest.raises(ValueError, match="not stored"):
+        control.take_correction(b"not dicom at all", "operator:alice")

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from pipeline.seg_reader import read_seg
+from pipeline.seg_reader import SegSegment, read_seg
 from pipeline.seg_writer import sort_source_slices
 
 READER = "Reader^Anna"
@@ -74,9 +74,11 @@ def write_correction(
     masks.append(added)
     added_uid = hd.UID()
     descriptions = []
-    for n, s in enumerate([*kept, None], start=1):
+    segments: list[SegSegment | None] = [*kept, None]  # None: the lesion the reader adds
+    for n, s in enumerate(segments, start=1):
         label = s.label if s is not None else "Liver lesion added by reader"
-        uid, tracking_id = (s.identity.tracking_uid, s.identity.tracking_id) if s is not None else (added_uid, "R1")
+        uid: str | None = s.identity.tracking_uid if s is not None else added_uid
+        tracking_id: str | None = s.identity.tracking_id if s is not None else "R1"
         if drop_tracking_uids and s is not None:  # as a viewer that drops them: label (edited one) or overlap
             uid = tracking_id = None
             if s is not edited:

@@ -39,7 +39,7 @@ def _run_queued(service: Any, sf: Any) -> list[int]:
     """Run every queued job (oldest first) until none is left; returns their ids."""
     from db.models import AnalysisJob
 
-    ran = []
+    ran: list[int] = []
     while True:
         with session_scope(sf) as s:
             job = s.scalar(select(AnalysisJob.id).where(AnalysisJob.state == JobState.QUEUED).order_by(AnalysisJob.id))

@@ -75,13 +75,13 @@ def write_correction(
     added_uid = hd.UID()
     descriptions = []
     segments: list[SegSegment | None] = [*kept, None]  # None: the lesion the reader adds
-    for n, s in enumerate(segments, start=1):
-        label = s.label if s is not None else "Liver lesion added by reader"
-        uid: str | None = s.identity.tracking_uid if s is not None else added_uid
-        tracking_id: str | None = s.identity.tracking_id if s is not None else "R1"
-        if drop_tracking_uids and s is not None:  # as a viewer that drops them: label (edited one) or overlap
+    for n, item in enumerate(segments, start=1):
+        label = item.label if item is not None else "Liver lesion added by reader"
+        uid: str | None = item.identity.tracking_uid if item is not None else added_uid
+        tracking_id: str | None = item.identity.tracking_id if item is not None else "R1"
+        if drop_tracking_uids and item is not None:  # as a viewer that drops them: label (edited one) or overlap
             uid = tracking_id = None
-            if s is not edited:
+            if item is not edited:
                 label = f"Lesion {n}"
         descriptions.append(
             hd.seg.SegmentDescription(

@@ -430,3 +430,17 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
     assert sorted(result["listedFound"]) == sorted(d for d in descriptions if "rev1" in d), result["listedMissing"]
     assert result["srTextsFound"] == volumes, result["srTextsMissing"]
     assert proc.returncode == 0
+
+
+def test_cli_lists_verifications(tmp_path: Path, site: dict[str, Any]) -> None:
+    from typer.testing import CliRunner
+
+    from lesiontrack.cli import app
+
+    cfg = tmp_path / "lt.toml"
+    cfg.write_text(f'database_url = "{site["settings"].effective_database_url}"\ndata_dir = "{tmp_path}"\n')
+    res = CliRunner().invoke(app, ["--config", str(cfg), "verify", "list", str(site["patient_pk"])])
+    assert res.exit_code == 0, res.output
+    assert READER in res.output and "applied" in res.output
+    bad = CliRunner().invoke(app, ["--config", str(cfg), "verify", "as-is", "1.2.3.4", "--operator", "bob"])
+    assert bad.exit_code == 1 and "not analysed" in bad.output

@@ -178,7 +178,13 @@ def test_observations_provenance_and_lesion_states(site: dict[str, Any]) -> None
         superseded = s.scalars(select(LesionObservation).where(LesionObservation.superseded_by_job.is_not(None)))
         assert {o.series_instance_uid for o in superseded} == {fu1.series_uid, fu2.series_uid}, "kept, not deleted"
         actions = [a for (a,) in s.execute(select(AuditEvent.action))]
-    for action in ("verification.received", "verification.applied", "lesion.retired", "verification.reanalysis"):
+    for action in (
+        "verification.received",
+        "verification.applied",
+        "lesion.retired",
+        "verification.reanalysis",
+        "observations.superseded",
+    ):
         assert action in actions, action
 
 

@@ -185,6 +185,30 @@ def verdict(res: dict[str, Any], quality: str, margin: float = 0.01) -> dict[str
     }
 
 
+def warped_source_dice(p: Patient, reg: Any, prompts: list[Prompt], ks: list[int]) -> dict[str, dict[str, float]]:
+    """Diagnostic without segmentation: mean Dice against the truth at every follow-up t > k of the source mask
+    warped onto t (``warped-only``), for the baseline annotation (arm a) and the truth at k (arm b's source)."""
+
+    def mean_dice(src: int, masks: dict[int, Volume], ts: list[int]) -> float:
+        out = []
+        for t in ts:
+            warp = reg.register(p.cts[src], p.cts[t]).warp_labels
+            for n, m in masks.items():
+                gt = p.labels[t].array == n
+                if gt.any():
+                    w = warp(m).array > 0
+                    out.append(2 * float((w & gt).sum()) / float(w.sum() + gt.sum()))
+        return float(np.mean(out)) if out else float("nan")
+
+    base = {pr.identity.label: pr.mask for pr in prompts if pr.mask is not None}
+    res = {}
+    for k in ks:
+        later = list(range(k + 1, len(p.cts)))
+        corr = {pr.identity.label: pr.mask for pr in truth_prompts(p, k) if pr.mask is not None}
+        res[f"k={k}"] = {"a (baseline)": mean_dice(0, base, later), "b (truth at k)": mean_dice(k, corr, later)}
+    return res
+
+
 # ---- plot -----------------------------------------------------------------------------------------------------
 def plot(results: dict[str, Any], arm_a: dict[str, dict[int, float]], path: Path, title: str) -> None:
     import matplotlib
@@ -231,6 +255,11 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None, help="folder caching convex registrations between runs")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
+    ap.add_argument(
+        "--warped-only",
+        action="store_true",
+        help="only the diagnostic: Dice of each arm's source mask warped onto the later follow-ups (no segmentation)",
+    )
     args = ap.parse_args()
     ks = [int(v) for v in args.ks.split(",")]
     qualities = args.qualities.split(",")
@@ -245,6 +274,7 @@ def main() -> None:
     seg = TimedEngine(get_engine("adaptive"))
     rows: dict[str, dict[str, list[Row]]] = {q: {} for q in qualities}
     rough_info: dict[str, list[dict[str, Any]]] = {}
+    warped: dict[str, dict[str, Any]] = {q: {} for q in qualities}
     for pi, p in enumerate(patients):
         for q in qualities:
             if q == "good":
@@ -253,12 +283,18 @@ def main() -> None:
                 prompts, rough_info[p.name] = rough_prompts(
                     p, args.rough_dilate_mm, args.rough_erode_mm, args.rough_shift_mm, 1000 + pi
                 )
+            warped[q][p.name] = warped_source_dice(p, reg, prompts, ks)
+            if args.warped_only:
+                continue
             rows[q].setdefault("a", []).extend(run_method(p, reg, seg, "annotation", prompts))
             for k in ks:
                 conf = {k: truth_prompts(p, k, f"correction at follow-up {k}")}
                 rows[q].setdefault(f"k={k}", []).extend(run_method(p, reg, seg, "annotation", prompts, conf))
             print(f"{time.strftime('%H:%M:%S')} {p.name} {q} done", file=sys.stderr, flush=True)
 
+    if args.warped_only:
+        print(json.dumps({"command": " ".join(["bench/verified.py", *sys.argv[1:]]), "warped_source_dice": warped}))
+        return
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {}
     per_patient: dict[str, Any] = {}
@@ -306,6 +342,7 @@ def main() -> None:
             "per_patient": rough_info,
         },
         "arm_a_overall_Dice_per_followup": arm_a,
+        "warped_source_dice": warped,
         "results": results,
         "per_patient": per_patient,
         "acceptance_holds": acceptance,

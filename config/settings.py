@@ -196,6 +196,23 @@ class DetectionSettings(_Section):
     min_confidence: float = Field(0.5, ge=0, le=1, description="candidates below this confidence are not reported")
 
 
+class VerificationSettings(_Section):
+    """Verified tracking (docs/verified-tracking.md): a person's corrected SEG/SR of a follow-up we analysed is
+    adopted as that timepoint's result and becomes the propagation source of later follow-ups."""
+
+    accept_corrections: bool = Field(True, description="take in corrections (SEG/SR of an analysed timepoint)")
+    accept_from_aes: list[str] = Field(
+        default_factory=list, description="calling AE titles corrections are accepted from (empty = any)"
+    )
+    reanalyse_later: Literal["auto", "operator"] = Field(
+        "auto",
+        description="re-analyse later follow-ups after a verification at once (auto) or when an operator asks",
+    )
+    overlap_match_dice: float = Field(
+        0.2, gt=0, le=1, description="a corrected segment with no Tracking UID/ID/label match is matched by overlap"
+    )
+
+
 class RecistSettings(_Section):
     """RECIST 1.1 thresholds used for target selection and response (defaults from the RECIST 1.1 paper); a trial
     protocol that deviates sets them here. Read by ``pipeline.recist.RecistRules.from_settings``."""
@@ -273,6 +290,7 @@ class Settings(BaseSettings):
     engines: EngineSettings = Field(default_factory=EngineSettings)
     recist: RecistSettings = Field(default_factory=RecistSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    verification: VerificationSettings = Field(default_factory=VerificationSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

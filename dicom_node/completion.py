@@ -56,8 +56,12 @@ def complete_series(
     analyse_incomplete: bool = False,
     validate: bool = True,
     quiet_seconds: float | None = None,
+    on_annotation_complete: SeriesCallback | None = None,
 ) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
+
+    A SEG/SR series that is not ours goes to ``on_annotation_complete`` (a reader's correction of a follow-up we
+    analysed is verified tracking, :mod:`pipeline.verification`) whatever the routing rules say of CT analysis.
 
     A series routed to ANALYSE is held (SKIP, with the reason) when its transfer looks incomplete or an instance
     is invalid (:mod:`dicom_node.integrity`). Returns None when the series is unknown, or (unless ``forced``) when
@@ -81,6 +85,7 @@ def complete_series(
             )  # fmt: skip
             if hold:
                 route = Route(RoutingDecision.SKIP, hold)
+        annotation = (series.modality or "").upper() in ("SEG", "SR") and not series.created_by_us
         series.state = SeriesState.COMPLETE
         series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
@@ -106,11 +111,14 @@ def complete_series(
         route.decision.value,
         route.reason,
     )
-    if route.decision == RoutingDecision.ANALYSE and on_series_complete is not None:
+    callback = on_series_complete if route.decision == RoutingDecision.ANALYSE else None
+    if callback is None and annotation and on_annotation_complete is not None:
+        callback = on_annotation_complete
+    if callback is not None:
         try:
-            on_series_complete(series_uid)
+            callback(series_uid)
         except Exception as exc:
-            log.exception("on_series_complete(%s) failed", series_uid)
+            log.exception("series-complete callback (%s) failed", series_uid)
             with session_scope(session_factory) as s:
                 audit(s, actor, "series.trigger_failed", "series", series_uid, error=str(exc)[:500])
     return route
@@ -240,7 +248,9 @@ class SeriesCompletion:
         validate: bool = True,
         housekeeping: Callable[[], None] | None = None,
         housekeeping_seconds: float = 30.0,
+        on_annotation_complete: SeriesCallback | None = None,
     ) -> None:
+        self.on_annotation_complete = on_annotation_complete
         self.analyse_incomplete = analyse_incomplete
         self.validate = validate
         self.session_factory = session_factory
@@ -288,6 +298,7 @@ class SeriesCompletion:
                         analyse_incomplete=self.analyse_incomplete,
                         validate=self.validate,
                         quiet_seconds=self.quiet_seconds,
+                        on_annotation_complete=self.on_annotation_complete,
                     ):
                         done.append(uid)
                 except Exception:
@@ -304,13 +315,21 @@ class SeriesCompletion:
             actor=self.actor,
             analyse_incomplete=self.analyse_incomplete,
             validate=self.validate,
+            on_annotation_complete=self.on_annotation_complete,
         )
 
     def trigger(self, series_uid: str, actor: str = "pacs-trigger") -> Route | None:
         """An explicit "series is stable" signal (a PACS's OnStableSeries, ``POST /api/series/{uid}/complete``):
         complete now instead of after the quiet period. Idempotent: None when the series is unknown or already
         complete with nothing received since (then no second job is queued)."""
-        return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete, actor=actor)
+        return complete_series(
+            self.session_factory,
+            self.rules,
+            series_uid,
+            self.on_series_complete,
+            actor=actor,
+            on_annotation_complete=self.on_annotation_complete,
+        )
 
     def resume_from_db(self) -> int:
         """At start-up (no receiver runs yet): open transfers left by a stop or a crash count as dropped, and

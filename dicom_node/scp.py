@@ -334,6 +334,7 @@ class StorageSCP:
         settings: Settings,
         session_factory: sessionmaker[Session],
         on_series_complete: SeriesCallback | None = None,
+        on_annotation_complete: SeriesCallback | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
@@ -347,6 +348,7 @@ class StorageSCP:
             on_series_complete,
             analyse_incomplete=cfg.analyse_incomplete_transfers,
             housekeeping=self._housekeeping,
+            on_annotation_complete=on_annotation_complete,
         )
         #: in-process receiver (receiver_processes = 1): also the ingestor retrievals use
         self.receiver: Receiver | None = Receiver(settings, session_factory) if self.processes == 1 else None

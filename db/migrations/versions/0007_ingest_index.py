@@ -1,14 +1,14 @@
 """ingest that scales: open associations per series in the database, shared by every receiver process (issue 18)
 
-Revision ID: 0006_ingest_index
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_ingest_index"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: the most items one transaction commits
 BATCH = 256
 #: how long the indexer gathers items before it commits (unless a flush waits): latency of the row, not of Success
-BATCH_WINDOW_S = 0.05
+BATCH_WINDOW_S = 0.25
 #: a file younger than this is left to the live indexer that wrote it (the periodic scan picks it up later)
 RECOVER_MIN_AGE_S = 60.0
 
@@ -70,6 +70,7 @@ class IndexItem:
     calling_ae: str | None = None
     peer: str | None = None
     recovered: bool = False  # found by the recovery scan: its association's end is not known
+    data: bytes | None = None  # the dataset bytes, while the queue is short (saves reading the file back)
     error: str | None = None  # set when the item could not be indexed (the file stays; the scan retries)
 
     @property
@@ -147,6 +148,8 @@ class Indexer:
                     )
                 os.write(self._journal_fd, f"{item.path}\n".encode())
             self._submitted += 1
+            if self._submitted - self._committed > BATCH:
+                item.data = None  # a long queue (database busy) keeps paths, not half-megabyte datasets
         self._queue.put(item)
         if self._thread is None:
             self.start()
@@ -315,7 +318,9 @@ class Indexer:
         return series
 
     def _commit_batch(self, items: list[IndexItem]) -> None:
-        hashes = {id(it): _file_sha(it.path) for it in items}
+        hashes = {id(it): sha256_hex(it.data) if it.data is not None else _file_sha(it.path) for it in items}
+        for it in items:
+            it.data = None
         with self.engine.begin() as c:
             sops = sorted({it.sop_uid for it in items})
             known: dict[str, list[Any]] = {}

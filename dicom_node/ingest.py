@@ -387,6 +387,7 @@ class Ingestor:
             association_uid=association,
             calling_ae=calling_ae,
             peer=peer,
+            data=dataset_bytes,
         )
         result = IngestResult(
             SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=put.path, duplicate=not put.created

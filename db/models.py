@@ -224,6 +224,11 @@ class LesionObservation(Base):
     """Provenance: the annotated CT series this result was propagated from (None for the annotation itself)."""
     propagated_from_sop_uid: Mapped[str | None] = mapped_column(String(64))
     """Provenance: the SEG/SR (a person's, or one a person confirmed) whose lesions were the prompt."""
+    confidence: Mapped[float | None] = mapped_column(Float)
+    """Confidence of this result in [0, 1] (pipeline.confidence); None: an annotation, or not re-segmented."""
+    review: Mapped[bool] = mapped_column(default=False, server_default="0")
+    """Flagged for review: confidence below ``tracking.review_threshold`` or inconsistent with its neighbour."""
+    review_reasons: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     lesion: Mapped[Lesion] = relationship(back_populates="observations")

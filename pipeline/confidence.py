@@ -43,7 +43,15 @@ from scipy import ndimage as ndi
 from models.imaging.volume import Volume
 from models.registration.base import Registration
 
-__all__ = ["ConfidenceRules", "LesionConfidence", "Signal", "assess_lesion", "days_between"]
+__all__ = [
+    "ConfidenceRules",
+    "LesionConfidence",
+    "Signal",
+    "assess_lesion",
+    "days_between",
+    "lesion_confidence",
+    "review_text",
+]
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,20 @@ class LesionConfidence(BaseModel):
 
     def signal(self, name: str) -> Signal | None:
         return next((s for s in self.signals if s.name == name), None)
+
+
+def review_text(flagged: int, total: int) -> str:
+    """ "2 of 5 lesions need review" (dashboard, job summary); "none of 5 lesions needs review"."""
+    noun = "lesion" if total == 1 else "lesions"
+    if flagged == 0:
+        return f"none of {total} {noun} needs review"
+    return f"{flagged} of {total} {noun} {'needs' if total == 1 else 'need'} review"
+
+
+def lesion_confidence(lesion: Any) -> LesionConfidence | None:
+    """The confidence the tracking loop stored on a :class:`pipeline.lesions.TrackedLesion` (None if none)."""
+    conf = lesion.meta.get("confidence")
+    return conf if isinstance(conf, LesionConfidence) else None
 
 
 def _score(value: float, good: float, bad: float) -> float:

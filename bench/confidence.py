@@ -199,6 +199,8 @@ def inject(p: Patient, rng: np.random.Generator) -> dict[str, Any]:
                 continue
             n = present[int(rng.integers(len(present)))]
             c = centroid(p.labels[t].array == n, p.cts[t])
+            if c is None:
+                continue
             d = rng.normal(size=3)
             amp = d / np.linalg.norm(d) * rng.uniform(5.0, 14.0)
             errors[t] = Bump(c + rng.normal(0, 5.0, 3), amp, float(rng.uniform(15.0, 35.0)))
@@ -322,7 +324,7 @@ def plot_roc(res: dict[str, Any], th: dict[str, Any], path: Path, title: str) ->
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     f = [0.0] + [q["fpr"] for q in res["points"]] + [1.0]
     t = [0.0] + [q["tpr"] for q in res["points"]] + [1.0]
-    ax.step(f, t, where="post", label=f"confidence (AUC {res['auc']:.2f})")
+    ax.plot(f, t, ".-", label=f"confidence (AUC {res['auc']:.2f})")  # ties joined linearly (as the AUC)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.7, ls=":")
     ax.plot(
         [th["flagged_of_good (Dice >= 0.8)"]],
@@ -345,6 +347,7 @@ def plot_roc(res: dict[str, Any], th: dict[str, Any], path: Path, title: str) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=sorted(SETS), default="heldout")
+    ap.add_argument("--seeds", type=str, default=None, help="phantom seeds instead of the set's, e.g. 44,45,46")
     ap.add_argument("--followups", type=int, default=5)
     ap.add_argument("--no-lung1", action="store_true")
     ap.add_argument("--threshold", type=float, default=None, help="review threshold (default: ConfidenceRules)")
@@ -354,6 +357,8 @@ def main() -> None:
 
     rules = ConfidenceRules() if args.threshold is None else ConfidenceRules(review_threshold=args.threshold)
     seeds, lung_seed = SETS[args.set]
+    if args.seeds:
+        seeds = [int(v) for v in args.seeds.split(",")]
     t0 = time.perf_counter()
     patients = [phantom_patient(s, args.followups) for s in seeds]
     if not args.no_lung1:
@@ -399,7 +404,7 @@ def main() -> None:
         "benchmark": "per-lesion confidence / review flag",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared)",
-        "set": args.set,
+        "set": args.set if not args.seeds else f"{args.set} (phantom seeds {args.seeds})",
         "patients": [p.name for p in patients],
         "followups_per_patient": args.followups,
         "lesion_followups": len(rows),

@@ -257,8 +257,8 @@ def _propagate_direct(
     for les, res in zip(cur.lesions, results, strict=True):
         note = _consistency_check(les, previous.get(les.identity.label), opts)
         if opts.confidence is not None:
-            src = sources[nearest_source_index(t, [s for s, by in sources.items() if les.identity.label in by])]
-            src_les = src[les.identity.label]
+            holding = [s for s, by in sources.items() if les.identity.label in by]
+            src_les = sources[nearest_source_index(t, holding)][les.identity.label]
             src_tp = timepoints[src_les.index]
             conf = assess_lesion(
                 source_ct=src_tp.ct,

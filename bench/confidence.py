@@ -350,6 +350,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=str, default=None, help="phantom seeds instead of the set's, e.g. 44,45,46")
     ap.add_argument("--followups", type=int, default=5)
     ap.add_argument("--no-lung1", action="store_true")
+    ap.add_argument("--lung1-seed", type=int, default=None, help="lung1 seed instead of the set's")
     ap.add_argument("--threshold", type=float, default=None, help="review threshold (default: ConfidenceRules)")
     ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
     ap.add_argument("--plot", type=Path, default=None, help="write the ROC plot (PNG)")
@@ -362,7 +363,7 @@ def main() -> None:
     t0 = time.perf_counter()
     patients = [phantom_patient(s, args.followups) for s in seeds]
     if not args.no_lung1:
-        lp = lung1_patient(lung_seed, args.followups)
+        lp = lung1_patient(args.lung1_seed if args.lung1_seed is not None else lung_seed, args.followups)
         if lp is not None:
             patients.append(lp)
     injections = {}

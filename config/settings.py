@@ -191,6 +191,23 @@ class DetectionSettings(_Section):
     min_confidence: float = Field(0.5, ge=0, le=1, description="candidates below this confidence are not reported")
 
 
+class VerificationSettings(_Section):
+    """Verified tracking (docs/verified-tracking.md): a person's corrected SEG/SR of a follow-up we analysed is
+    adopted as that timepoint's result and becomes the propagation source of later follow-ups."""
+
+    accept_corrections: bool = Field(True, description="take in corrections (SEG/SR of an analysed timepoint)")
+    accept_from_aes: list[str] = Field(
+        default_factory=list, description="calling AE titles corrections are accepted from (empty = any)"
+    )
+    reanalyse_later: Literal["auto", "operator"] = Field(
+        "auto",
+        description="re-analyse later follow-ups after a verification at once (auto) or when an operator asks",
+    )
+    overlap_match_dice: float = Field(
+        0.2, gt=0, le=1, description="a corrected segment with no Tracking UID/ID/label match is matched by overlap"
+    )
+
+
 class TrackingSettings(_Section):
     """Per-lesion confidence of the tracked results and the review flag (``pipeline.confidence``); read by the
     pipeline's track step."""
@@ -281,6 +298,7 @@ class Settings(BaseSettings):
     engines: EngineSettings = Field(default_factory=EngineSettings)
     recist: RecistSettings = Field(default_factory=RecistSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    verification: VerificationSettings = Field(default_factory=VerificationSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -59,6 +59,7 @@ class LesionOrigin(enum.StrEnum):
     SR = "sr"
     PROMPT = "prompt"
     NEW = "new"
+    ADDED = "added"  # added by a reader at a follow-up, and already visible before it (not a RECIST new lesion)
 
 
 class CandidateState(enum.StrEnum):
@@ -192,6 +193,9 @@ class Lesion(Base):
     origin: Mapped[LesionOrigin] = mapped_column(_enum(LesionOrigin))
     origin_series_uid: Mapped[str | None] = mapped_column(String(64))
     is_target: Mapped[bool | None] = mapped_column()
+    retired_at_series_uid: Mapped[str | None] = mapped_column(String(64))
+    """A reader deleted the lesion in a correction of this series: not tracked there or later, not in RECIST."""
+    retired_by: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="lesions")
@@ -224,6 +228,10 @@ class LesionObservation(Base):
     """Provenance: the annotated CT series this result was propagated from (None for the annotation itself)."""
     propagated_from_sop_uid: Mapped[str | None] = mapped_column(String(64))
     """Provenance: the SEG/SR (a person's, or one a person confirmed) whose lesions were the prompt."""
+    superseded_by_job: Mapped[int | None] = mapped_column(Integer)
+    """A later job of the same series replaced this observation (kept for the audit trail, not reported)."""
+    verification_pk: Mapped[int | None] = mapped_column(Integer)
+    """The reader's verification this observation was adopted from (None: a machine result)."""
     confidence: Mapped[float | None] = mapped_column(Float)
     """Confidence of this result in [0, 1] (pipeline.confidence); None: an annotation, or not re-segmented."""
     review: Mapped[bool] = mapped_column(default=False, server_default="0")
@@ -315,6 +323,42 @@ class NewLesionCandidate(Base):
     state: Mapped[CandidateState] = mapped_column(_enum(CandidateState), default=CandidateState.UNCONFIRMED)
     decided_by: Mapped[str | None] = mapped_column(String(128))
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VerificationMethod(enum.StrEnum):
+    CORRECTION = "correction"  # a person's SEG/SR of the timepoint (from the PACS or uploaded)
+    AS_IS = "as-is"  # an operator accepted our result unchanged
+
+
+class VerificationState(enum.StrEnum):
+    ACCEPTED = "accepted"  # recorded; the adoption job is queued or running
+    APPLIED = "applied"  # the timepoint's result now is the verified one
+    FAILED = "failed"  # the adoption job failed (its error says why; retry the job)
+
+
+class TimepointVerification(Base):
+    """A person verified the result of one analysed follow-up: by correcting it (a SEG/SR that is not ours and
+    references the CT series) or by accepting it as is. The verified timepoint is then a propagation source."""
+
+    __tablename__ = "timepoint_verification"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the verified CT series
+    method: Mapped[VerificationMethod] = mapped_column(_enum16(VerificationMethod))
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    source_series_uid: Mapped[str | None] = mapped_column(String(64))
+    source_file: Mapped[str | None] = mapped_column(Text)
+    source_manufacturer: Mapped[str | None] = mapped_column(String(64))
+    sender_ae: Mapped[str | None] = mapped_column(String(16))
+    verified_by: Mapped[str] = mapped_column(String(128))  # ContentCreatorName, or the operator
+    verified_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    state: Mapped[VerificationState] = mapped_column(_enum16(VerificationState), default=VerificationState.ACCEPTED)
+    reason: Mapped[str | None] = mapped_column(Text)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("analysis_job.id"), index=True)
+    matches: Mapped[list[Any] | None] = mapped_column(JSON)  # per corrected segment: lesion and how it was matched
+    reanalysis_jobs: Mapped[list[Any] | None] = mapped_column(JSON)  # later follow-ups re-analysed from it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -40,8 +40,12 @@ def complete_series(
     actor: str = "dicom-node",
     analyse_incomplete: bool = False,
     validate: bool = True,
+    on_annotation_complete: SeriesCallback | None = None,
 ) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
+
+    A SEG/SR series that is not ours goes to ``on_annotation_complete`` (a reader's correction of a follow-up we
+    analysed is verified tracking, :mod:`pipeline.verification`) whatever the routing rules say of CT analysis.
 
     A series routed to ANALYSE is held (SKIP, with the reason) when its transfer looks incomplete or an instance
     is invalid (:mod:`dicom_node.integrity`). Returns None when the series is unknown, or (unless ``forced``) when
@@ -63,6 +67,7 @@ def complete_series(
             )  # fmt: skip
             if hold:
                 route = Route(RoutingDecision.SKIP, hold)
+        annotation = (series.modality or "").upper() in ("SEG", "SR") and not series.created_by_us
         series.state = SeriesState.COMPLETE
         series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
@@ -88,11 +93,14 @@ def complete_series(
         route.decision.value,
         route.reason,
     )
-    if route.decision == RoutingDecision.ANALYSE and on_series_complete is not None:
+    callback = on_series_complete if route.decision == RoutingDecision.ANALYSE else None
+    if callback is None and annotation and on_annotation_complete is not None:
+        callback = on_annotation_complete
+    if callback is not None:
         try:
-            on_series_complete(series_uid)
+            callback(series_uid)
         except Exception as exc:
-            log.exception("on_series_complete(%s) failed", series_uid)
+            log.exception("series-complete callback (%s) failed", series_uid)
             with session_scope(session_factory) as s:
                 audit(s, actor, "series.trigger_failed", "series", series_uid, error=str(exc)[:500])
     return route
@@ -117,7 +125,9 @@ class SeriesCompletion:
         clock: Callable[[], float] = time.monotonic,
         analyse_incomplete: bool = False,
         validate: bool = True,
+        on_annotation_complete: SeriesCallback | None = None,
     ) -> None:
+        self.on_annotation_complete = on_annotation_complete
         self.analyse_incomplete = analyse_incomplete
         self.validate = validate
         self._touched: dict[int, set[str]] = {}  # association -> series it delivered instances of
@@ -265,6 +275,7 @@ class SeriesCompletion:
                     actor=self.actor,
                     analyse_incomplete=self.analyse_incomplete,
                     validate=self.validate,
+                    on_annotation_complete=self.on_annotation_complete,
                 )
                 done.append(uid)
             except Exception:
@@ -285,6 +296,7 @@ class SeriesCompletion:
             actor=self.actor,
             analyse_incomplete=self.analyse_incomplete,
             validate=self.validate,
+            on_annotation_complete=self.on_annotation_complete,
         )
 
     def trigger(self, series_uid: str, actor: str = "pacs-trigger") -> Route | None:
@@ -293,7 +305,14 @@ class SeriesCompletion:
         complete with nothing received since (then no second job is queued)."""
         with self._lock:
             self._pending.pop(series_uid, None)
-        return complete_series(self.session_factory, self.rules, series_uid, self.on_series_complete, actor=actor)
+        return complete_series(
+            self.session_factory,
+            self.rules,
+            series_uid,
+            self.on_series_complete,
+            actor=actor,
+            on_annotation_complete=self.on_annotation_complete,
+        )
 
     def resume_from_db(self) -> int:
         """After a restart: series left RECEIVING get a fresh quiet period; a transfer the node's stop cut off

@@ -106,6 +106,7 @@ class StorageSCP:
         settings: Settings,
         session_factory: sessionmaker[Session],
         on_series_complete: SeriesCallback | None = None,
+        on_annotation_complete: SeriesCallback | None = None,
     ) -> None:
         self.settings = settings
         cfg = settings.dicom
@@ -117,6 +118,7 @@ class StorageSCP:
             cfg.series_quiet_seconds,
             on_series_complete,
             analyse_incomplete=cfg.analyse_incomplete_transfers,
+            on_annotation_complete=on_annotation_complete,
         )
         self.policy = AssociationPolicy.from_settings(cfg)
         self.connections = ConnectionTable(self.policy)

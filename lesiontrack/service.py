@@ -103,6 +103,7 @@ class JobControl:
     session_factory: sessionmaker[Session] | None = None
     scp: Any = None
     on_series_complete: Callable[[str], None] | None = None
+    on_annotation_complete: Callable[[str], None] | None = None
 
     def complete_series(self, series_uid: str) -> Any:
         from dicom_node.completion import complete_series
@@ -113,7 +114,12 @@ class JobControl:
         else:
             assert self.settings is not None and self.session_factory is not None
             route = complete_series(
-                self.session_factory, self.settings.routing, series_uid, self.on_series_complete, actor="pacs-trigger"
+                self.session_factory,
+                self.settings.routing,
+                series_uid,
+                self.on_series_complete,
+                actor="pacs-trigger",
+                on_annotation_complete=self.on_annotation_complete,
             )
         if route is None:
             return None
@@ -128,6 +134,41 @@ class JobControl:
         job = self.store.create(series_uid, reason=f"analysis requested by {actor} although skipped", actor=actor)
         self.submit(job)
         return int(job)
+
+    def take_correction(self, data: bytes, actor: str) -> Any:
+        """An uploaded corrected SEG/SR: stored like a received instance (durably, de-duplicated), its series
+        completed, and taken in as a verification (the operator is the verifier unless ContentCreatorName says)."""
+        from dicom_node.completion import complete_series
+        from dicom_node.ingest import Ingestor, ingest_part10
+        from dicom_node.scp import storage_root
+        from dicom_node.storage import InstanceStore
+        from pipeline.verification import take_in_series
+        from web.jobcontrol import CorrectionTaken
+
+        if self.settings is None or self.session_factory is None:
+            raise RuntimeError("corrections are taken in by the process that runs the DICOM node")
+        ingestor = Ingestor(
+            InstanceStore(storage_root(self.settings), fsync=self.settings.dicom.fsync), self.session_factory
+        )
+        try:
+            result = ingest_part10(ingestor, data, None)
+        finally:
+            ingestor.close()
+        if not result.ok or result.series_uid is None or result.sop_instance_uid is None:
+            raise ValueError(f"upload not stored: {result.comment or f'status 0x{result.status:04X}'}")
+        complete_series(self.session_factory, self.settings.routing, result.series_uid, None, forced=True, actor=actor)
+        jobs = take_in_series(
+            self.session_factory, self.settings.verification, result.series_uid, actor=actor, operator=actor
+        )
+        for job in jobs:
+            self.submit(job)
+        if jobs:
+            detail = f"correction {result.sop_instance_uid} taken in; adoption job(s) {', '.join(map(str, jobs))}"
+        else:
+            detail = (
+                f"stored {result.sop_instance_uid}; no correction of an analysed follow-up taken in (see the series)"
+            )
+        return CorrectionTaken(result.series_uid, result.sop_instance_uid, jobs, detail)
 
     def retry(self, job_id: int) -> int:
         new = int(self.store.retry(job_id, actor="api"))
@@ -210,7 +251,9 @@ class LesionTrackService:
         if self.enable_dicom:
             from dicom_node.scp import StorageSCP
 
-            self.scp = StorageSCP(self.settings, self.session_factory, self.on_series_complete).start()
+            self.scp = StorageSCP(
+                self.settings, self.session_factory, self.on_series_complete, self.on_annotation_complete
+            ).start()
         if self.enable_http:
             self._start_http()
         return self
@@ -224,6 +267,17 @@ class LesionTrackService:
         if self.executor is not None:
             self.executor.submit(job_id)
 
+    def on_annotation_complete(self, series_uid: str) -> None:
+        """A SEG/SR series that is not ours completed: a reader's correction of a follow-up we analysed is taken in
+        (verified tracking) and its adoption job queued; any other annotation stays a prior annotation."""
+        from pipeline.verification import take_in_series
+
+        if self.session_factory is None:
+            raise RuntimeError("a series completed before the service opened its database")
+        for job_id in take_in_series(self.session_factory, self.settings.verification, series_uid):
+            if self.executor is not None:
+                self.executor.submit(job_id)
+
     def job_control(self) -> JobControl:
         return JobControl(
             self.job_store,
@@ -232,6 +286,7 @@ class LesionTrackService:
             session_factory=self.session_factory,
             scp=self.scp,
             on_series_complete=self.on_series_complete,
+            on_annotation_complete=self.on_annotation_complete,
         )
 
     def _start_http(self) -> None:

@@ -19,6 +19,7 @@ from models.imaging.volume import Volume
 from models.registration.base import Registration
 from models.segmentation.prompts import Prompt
 from pipeline.analysis import StepOrderError, StepOutput
+from pipeline.correction_matching import SegmentMatch
 from pipeline.lesions import Timepoint
 from pipeline.measurements import LesionChanges, LesionMeasurement
 from pipeline.ports import PriorAnnotation, PriorTimepoint
@@ -182,12 +183,24 @@ class PromptSourceRecord(Record):
     skipped_ours: list[str] = []  # SOP Instance UIDs of our own newer SEG/SR, passed over as prompt source
 
 
+class VerificationRecord(Record):
+    """A reader's correction of this follow-up that the job adopts as the timepoint's result (issue 16)."""
+
+    id: int
+    method: str  # "correction"
+    source_sop_instance_uid: str
+    source_file: str
+    verified_by: str
+    verified_at: str  # ISO 8601
+
+
 class MatchPriorsOutput(PipelineOutput):
     step: ClassVar[str] = "match_priors"
     followup: FollowupRecord
     prior: PriorRecord
     priors_found: list[PriorSummary]
     prompt_source: PromptSourceRecord | None = None
+    verification: VerificationRecord | None = None  # set: adopt the reader's correction of this follow-up
 
 
 class RetrievePriorsOutput(PipelineOutput):
@@ -390,10 +403,23 @@ class Measured:
 
 
 @dataclass
+class Adoption:
+    """The reader's correction of this follow-up, matched to the tracked lesions (load_volumes → track, write)."""
+
+    verification: VerificationRecord
+    prompts: list[Prompt]  # the corrected lesions, identities of the lesions they are (labels as the prior's)
+    matches: list[SegmentMatch]
+    deleted: list[str]  # Tracking UIDs of tracked lesions the reader removed
+    kept_candidates: list[str]  # unconfirmed candidates of ours the reader kept (→ confirmed)
+    dropped_candidates: list[str]  # unconfirmed candidates of ours the reader did not keep (→ rejected)
+
+
+@dataclass
 class AnalysisState:
     """What the in-memory steps hand each other within one attempt; each getter names the step it needs."""
 
     inputs: LoadedInputs | None = None
+    adoption: Adoption | None = None  # a reader's correction of the follow-up is adopted (issue 16)
     registration: Registration | None = None
     timepoints: list[Timepoint] | None = None
     search: NewLesionSearchResult | None = None

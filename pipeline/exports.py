@@ -49,6 +49,13 @@ LESION_COLUMNS = [
     "seg_sop_instance_uid",
     "segment_number",
     "observation_id",
+    "derived_from_sop_instance_uid",
+    "result_verified_by",
+    "timepoint_verified_by",
+    "timepoint_verified_at",
+    "timepoint_verification",
+    "retired_at_series_uid",
+    "retired_by",
 ]
 TU_COLUMNS = [
     "STUDYID",
@@ -114,6 +121,7 @@ NEWLIND = {
 }
 
 EVALUATOR = "ALGORITHM"  # results come from LesionTrack, not a human reader
+READER_EVALUATOR = "RADIOLOGIST"  # a result adopted from a reader's correction (verified tracking)
 METHOD = "CT SCAN"
 
 
@@ -158,6 +166,14 @@ def lesion_rows(tl: PatientTimeline, subject_id: str) -> list[dict[str, Any]]:
                     "seg_sop_instance_uid": c.seg_sop_instance_uid,
                     "segment_number": c.segment_number,
                     "observation_id": c.observation_id,
+                    # verified tracking: where the result came from and who verified what, when (issue 16)
+                    "derived_from_sop_instance_uid": c.propagated_from_sop_uid,
+                    "result_verified_by": c.verified_by,
+                    "timepoint_verified_by": tp.verified_by,
+                    "timepoint_verified_at": tp.verified_at,
+                    "timepoint_verification": tp.verification_method,
+                    "retired_at_series_uid": row.retired_at_series_uid,
+                    "retired_by": row.retired_by,
                 }
             )
     return out
@@ -238,7 +254,7 @@ def cdisc_domains(
                         "TRSTRESN": float(value) if numeric else None,
                         "TRSTRESU": unit,
                         "TRMETHOD": METHOD,
-                        "TREVAL": EVALUATOR,
+                        "TREVAL": READER_EVALUATOR if c.verified_by else EVALUATOR,  # a reader's adopted result
                         **visit,
                         "TRDTC": tp.date_iso,
                     }

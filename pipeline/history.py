@@ -10,14 +10,24 @@ Target lesions are chosen once, at baseline, with the baseline's slice thickness
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import AnalysisJob, Instance, Lesion, LesionObservation, Patient, Series, Study
+from db.models import (
+    AnalysisJob,
+    Instance,
+    Lesion,
+    LesionObservation,
+    Patient,
+    Series,
+    Study,
+    TimepointVerification,
+    VerificationState,
+)
 from db.status import LesionStatus
 from pipeline import recist
 from pipeline.candidates import CandidateView, latest_candidates, search_states
@@ -48,6 +58,10 @@ class TimepointInfo:
     new_lesions_text: str | None = None  # what the report says, e.g. "2 unconfirmed candidates"
     overall_response: str | None = None
     volumetric_response: str | None = None
+    verification_id: int | None = None  # a person verified this timepoint (correction or as is)
+    verification_method: str | None = None
+    verified_by: str | None = None
+    verified_at: str | None = None  # ISO 8601
     lesions_observed: int = 0  # lesions with an observation at this timepoint
     lesions_need_review: int = 0  # of those, flagged for review (pipeline.confidence)
 
@@ -80,6 +94,9 @@ class Cell:
     job_id: int | None = None
     is_node: bool = False
     propagated_from_series_uid: str | None = None  # the annotated series this result was propagated from
+    propagated_from_sop_uid: str | None = None  # the SEG/SR (a person's) it was propagated or adopted from
+    verification_id: int | None = None  # adopted from a reader's correction (None: a machine result)
+    verified_by: str | None = None
     confidence: float | None = None  # pipeline.confidence, in [0, 1]; None for an annotation
     review: bool = False  # flagged for review
     review_reasons: list[str] = field(default_factory=list)
@@ -98,8 +115,10 @@ class LesionRow:
     tracking_uid: str
     anatomic_site: str | None
     origin: str
-    role: str  # "target", "non-target", "new" or "" (not assessed)
+    role: str  # "target", "non-target", "new", "retired" (deleted by a reader) or "" (not assessed)
     cells: list[Cell | None]  # aligned with PatientTimeline.timepoints
+    retired_at_series_uid: str | None = None  # a reader deleted the lesion in a correction of this series
+    retired_by: str | None = None
 
 
 @dataclass
@@ -199,7 +218,7 @@ def build_timeline(
         list(
             session.scalars(
                 select(LesionObservation)
-                .where(LesionObservation.lesion_pk.in_(lesion_ids))
+                .where(LesionObservation.lesion_pk.in_(lesion_ids), LesionObservation.superseded_by_job.is_(None))
                 .order_by(LesionObservation.id)
             )
         )
@@ -213,6 +232,7 @@ def build_timeline(
     for o in observations:
         latest[(uid_of[o.lesion_pk], o.series_instance_uid)] = o
     cells: dict[tuple[str, str], Cell] = {key: _cell_of(o) for key, o in latest.items()}
+    _attach_verifiers(session, cells.values())
     for p in pending:
         for m in p.measurements:
             key = (m.tracking_uid, p.series_uid)
@@ -238,6 +258,7 @@ def build_timeline(
         for i, uid in enumerate(ordered)
     ]
     _attach_result_objects(session, timepoints, latest)
+    _attach_verifications(session, timepoints)
 
     rows: list[LesionRow] = []
     known = {les.tracking_uid for les in lesions}
@@ -248,13 +269,25 @@ def build_timeline(
         (les.id, les.tracking_id, les.tracking_uid, les.anatomic_site, les.origin.value, les.is_target)
         for les in lesions
     ] + [(0, m.tracking_id, m.tracking_uid, m.anatomic_site, "", None) for m in pending_only.values()]
+    retired = {
+        les.tracking_uid: (les.retired_at_series_uid, les.retired_by) for les in lesions if les.retired_at_series_uid
+    }
     for lesion_id, tracking_id, tracking_uid, site, origin, is_target in identities:
         row_cells: list[Cell | None] = [cells.get((tracking_uid, tp.series_uid)) for tp in timepoints]
+        retired_at, retired_by = retired.get(tracking_uid, (None, None))
+        if retired_at is not None:  # a reader deleted it there: not reported from that timepoint on
+            cut = next((tp.index for tp in timepoints if tp.series_uid == retired_at), None)
+            if cut is not None:
+                row_cells = [c if i < cut else None for i, c in enumerate(row_cells)]
         if not any(row_cells):
             continue
         _fill_changes(row_cells)
         role = "" if is_target is None else ("target" if is_target else "non-target")
-        rows.append(LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells))
+        if retired_at is not None:
+            role = "retired"
+        rows.append(
+            LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells, retired_at, retired_by)
+        )
     for tp in timepoints:
         observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
         tp.lesions_observed = len(observed)
@@ -266,6 +299,38 @@ def build_timeline(
     timeline = PatientTimeline(patient_pk, timepoints, rows, candidates=latest_candidates(session, ordered))
     _apply_recist(timeline, rules, [searches.get(tp.series_uid) for tp in timepoints])
     return timeline
+
+
+def _attach_verifications(session: Session, timepoints: Sequence[TimepointInfo]) -> None:
+    """Each timepoint's newest applied verification (who verified it, when, how)."""
+    uids = [tp.series_uid for tp in timepoints]
+    rows = session.scalars(
+        select(TimepointVerification)
+        .where(
+            TimepointVerification.series_instance_uid.in_(uids),
+            TimepointVerification.state == VerificationState.APPLIED,
+        )
+        .order_by(TimepointVerification.id)
+    )
+    newest = {v.series_instance_uid: v for v in rows}
+    for tp in timepoints:
+        v = newest.get(tp.series_uid)
+        if v is not None:
+            tp.verification_id, tp.verification_method = v.id, str(v.method)
+            tp.verified_by, tp.verified_at = v.verified_by, v.verified_at.isoformat()
+
+
+def _attach_verifiers(session: Session, cells: Iterable[Cell]) -> None:
+    wanted = [c for c in cells if c.verification_id is not None]
+    if not wanted:
+        return
+    ids = sorted({c.verification_id for c in wanted if c.verification_id is not None})
+    rows = session.execute(
+        select(TimepointVerification.id, TimepointVerification.verified_by).where(TimepointVerification.id.in_(ids))
+    )
+    who = {int(vid): str(name) for vid, name in rows}
+    for c in wanted:
+        c.verified_by = who.get(c.verification_id) if c.verification_id is not None else None
 
 
 @dataclass(frozen=True)
@@ -310,6 +375,8 @@ def _cell_of(o: LesionObservation) -> Cell:
         is_node=bool(stored.get("is_node", False)),
         measurement=measurement,
         propagated_from_series_uid=o.propagated_from_series_uid,
+        propagated_from_sop_uid=o.propagated_from_sop_uid,
+        verification_id=o.verification_pk,
         confidence=o.confidence,
         review=bool(o.review),
         review_reasons=[str(r) for r in (o.review_reasons or [])],
@@ -433,9 +500,10 @@ def _apply_recist(
     if not tl.timepoints or not tl.lesions:
         return
     per_tp: list[list[recist.RecistLesion]] = []
+    counted = [row for row in tl.lesions if row.role != "retired"]  # a reader said it is no lesion
     for tp in tl.timepoints:
         items = []
-        for row in tl.lesions:
+        for row in counted:
             c = row.cells[tp.index]
             if c is None:
                 if tp.index > 0 and row.cells[0] is not None:

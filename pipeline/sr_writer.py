@@ -8,8 +8,8 @@ values as the SEG segment):
 * a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
   polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category.
 
-Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT050:
-"Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT053), from
+Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT053:
+"Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
 :mod:`pipeline.confidence`; a lesion that was not assessed (e.g. not re-segmented) states neither.
 
 A vanished lesion gets a TID 1410 group (same tracking identifier) with a POINT where it was looked for
@@ -89,10 +89,14 @@ class LT:
     CANDIDATE_COUNT = _local("LT046", "Number of unconfirmed new-lesion candidates")
     CANDIDATE = _local("LT047", "Unconfirmed new-lesion candidate")
     CONFIDENCE = _local("LT048", "Detection confidence")
-    REVIEW = _local("LT050", "Review status")
-    NEEDS_REVIEW = _local("LT051", "Flagged for review")
-    NO_REVIEW = _local("LT052", "Not flagged for review")
-    TRACKING_CONFIDENCE = _local("LT053", "Tracking confidence")
+    PROVENANCE = _local("LT049", "Result provenance")
+    VERIFIED = _local("LT050", "Verified by a reader")
+    FROM_VERIFIED = _local("LT051", "Propagated from a reader-verified time point")
+    MACHINE = _local("LT052", "Machine result, not verified")
+    REVIEW = _local("LT053", "Review status")
+    NEEDS_REVIEW = _local("LT054", "Flagged for review")
+    NO_REVIEW = _local("LT055", "Not flagged for review")
+    TRACKING_CONFIDENCE = _local("LT056", "Tracking confidence")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -140,8 +144,17 @@ CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_A
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
 
 
+PROVENANCE_CODES: dict[str, Code] = {"verified": LT.VERIFIED, "from-verified": LT.FROM_VERIFIED, "machine": LT.MACHINE}
+
+
 class SrWriteError(ValueError):
     """The report cannot be built from the given inputs."""
+
+
+def _person_name(who: str) -> str:
+    """A DICOM PN of a verifier's name (ContentCreatorName is one already; an operator login becomes one)."""
+    cleaned = "".join(ch for ch in who if ch not in "\\=" and ch.isprintable()).strip()
+    return cleaned[:64] or "Unknown"
 
 
 def _segment_descriptions(seg: Dataset | None) -> dict[str, str]:
@@ -162,6 +175,7 @@ class LesionReport:
     baseline_category: str | None = None  # "target", "non-target", "normal node" (RECIST selection role)
     expected_centre_mm: tuple[float, float, float] | None = None  # where a vanished lesion was looked for
     description: str | None = None  # the radiologist's words; default: the SEG segment's SegmentDescription
+    provenance: str | None = None  # "verified", "from-verified" or "machine" (PROVENANCE_CODES); None: not stated
     review: bool | None = None  # flagged for review (pipeline.confidence); None: not assessed, nothing stated
     confidence: float | None = None  # the result's confidence in [0, 1] (pipeline.confidence)
 
@@ -255,6 +269,8 @@ def write_sr(
     manufacturer: str = SOFTWARE_NAME,
     software_version: str = SOFTWARE_VERSION,
     device_uid: str | None = None,
+    verified_by: str | None = None,
+    series_description: str = "LesionTrack measurements",
 ) -> SrWriteResult:
     """Build the TID 1500 report of one follow-up series (see the module docstring for the content).
 
@@ -293,6 +309,8 @@ def write_sr(
                 f"lesion {m.tracking_id} ({m.tracking_uid}) has status {m.status}; it cannot be reported"
             )
         quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
+        if rep.provenance in PROVENANCE_CODES:
+            quals.append(hd.sr.QualitativeEvaluation(LT.PROVENANCE, PROVENANCE_CODES[rep.provenance]))
         if rep.baseline_category in BASELINE_CATEGORY_CODES:
             quals.append(
                 hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category])
@@ -402,7 +420,14 @@ def write_sr(
                 container.ContentSequence.append(item)
         groups.append(planar)
 
+    person = None
+    if verified_by:  # the reader whose correction this report adopts (TID 1003 person observer)
+        person = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=_person_name(verified_by)),
+        )
     observer = hd.sr.ObservationContext(
+        observer_person_context=person,
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -411,7 +436,7 @@ def write_sr(
                 manufacturer_name=manufacturer,
                 model_name=f"{SOFTWARE_NAME} {software_version}",
             ),
-        )
+        ),
     )
     library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
     report = hd.sr.MeasurementReport(
@@ -439,7 +464,7 @@ def write_sr(
         is_final=False,
         is_verified=False,
         previous_versions=list(previous_versions) or None,
-        series_description="LesionTrack measurements",
+        series_description=series_description[:64],
         coding_schemes=[
             hd.coding_schemes.CodingSchemeIdentificationItem(
                 designator=LOCAL_SCHEME, name="LesionTrack local codes", responsible_organization="LesionTrack"

@@ -45,7 +45,7 @@ def patient(tmp_path_factory: pytest.TempPathFactory):
 class Site:
     """Orthanc (the PACS) + LesionTrack (embedded service) wired to each other on loopback."""
 
-    def __init__(self, root: Path, method: str) -> None:
+    def __init__(self, root: Path, method: str, **settings: Any) -> None:
         from lesiontrack.demo import demo_settings
         from lesiontrack.service import LesionTrackService
 
@@ -70,6 +70,7 @@ class Site:
                 }
             ],
             sending={"destinations": ["orthanc"], "retry_schedule_seconds": [1, 2, 5]},
+            **settings,
         )
         self.service = LesionTrackService(self.settings).start()
 

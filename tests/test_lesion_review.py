@@ -152,9 +152,9 @@ def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -
             continue
         for k in kids:
             name = k.ConceptNameCodeSequence[0].CodeValue if k.get("ConceptNameCodeSequence") else None
-            if name == "LT050":
-                flags.setdefault(uid, set()).add(str(k.ConceptCodeSequence[0].CodeMeaning))
             if name == "LT053":
+                flags.setdefault(uid, set()).add(str(k.ConceptCodeSequence[0].CodeMeaning))
+            if name == "LT056":
                 confidences[uid] = float(k.MeasuredValueSequence[0].NumericValue)
     assert flags[site["erased"]] == {"Flagged for review"}
     for uid in site["uids"]:

@@ -27,12 +27,12 @@ from db.models import (
 )
 from db.repository import audit
 from db.session import session_scope
-from pipeline import candidates, exports
+from pipeline import candidates, exports, verification
 from pipeline.history import PatientTimeline, build_timeline
 from pipeline.recist import RecistRules
 from web import schemas as sc
 from web.auth import Principal, require_operator, require_read
-from web.jobcontrol import JobControl, SeriesControl
+from web.jobcontrol import CorrectionIntake, JobControl, SeriesControl
 from web.params import INT64_MAX, DbId
 
 log = logging.getLogger(__name__)
@@ -583,3 +583,81 @@ def confirm_candidate(request: Request, candidate_id: DbId, who: Operator) -> sc
 )
 def reject_candidate(request: Request, candidate_id: DbId, who: Operator) -> sc.CandidateDecision:
     return decide_candidate(request, candidate_id, False, who)
+
+
+# -- verified tracking (issue 16) -----------------------------------------------------------------------------
+@router.get(
+    "/patients/{patient_pk}/verifications",
+    response_model=list[sc.VerificationOut],
+    tags=["verification"],
+    summary="Timepoints a person verified (corrections from the PACS or uploaded, and results accepted as is)",
+)
+def patient_verifications(request: Request, patient_pk: DbId) -> list[sc.VerificationOut]:
+    with session_scope(request.app.state.session_factory) as s:
+        if s.get(Patient, patient_pk) is None:
+            raise _not_found(f"patient {patient_pk}")
+        return [sc.VerificationOut.of(v) for v in verification.verifications(s, patient_pk)]
+
+
+def verify_series_as_is(request: Request, series_uid: str, who: Principal) -> sc.VerificationQueued:
+    """Accept our latest result of a follow-up unchanged; later follow-ups are re-analysed from it."""
+    sf = request.app.state.session_factory
+    try:
+        vid, jobs = verification.verify_as_is(sf, series_uid, operator=who.actor)
+    except verification.VerificationError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+    log.info("series verified as is by an operator: verification %s, %d re-analyses", vid, len(jobs))
+    return sc.VerificationQueued(
+        verification_id=vid, jobs=jobs, detail=f"verified as is; {len(jobs)} later follow-up(s) re-analysed"
+    )
+
+
+@router.post(
+    "/series/{series_uid}/verify",
+    response_model=sc.VerificationQueued,
+    tags=["verification"],
+    summary="Mark an analysed follow-up verified as is (operator role); later follow-ups are re-analysed from it",
+)
+def verify_series(request: Request, series_uid: str, who: Operator) -> sc.VerificationQueued:
+    return verify_series_as_is(request, series_uid, who)
+
+
+def take_correction(request: Request, data: bytes, who: Principal) -> sc.VerificationQueued:
+    control = request.app.state.job_control
+    if not isinstance(control, CorrectionIntake):
+        raise HTTPException(status_code=503, detail="uploads need the DICOM node's store (lesiontrack serve)")
+    if not data:
+        raise HTTPException(status_code=400, detail="empty upload: send one DICOM SEG or TID 1500 SR (Part 10)")
+    try:
+        taken = control.take_correction(data, who.actor)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from exc
+    return sc.VerificationQueued(jobs=taken.jobs, detail=taken.detail)
+
+
+@router.post(
+    "/corrections",
+    response_model=sc.VerificationQueued,
+    status_code=202,
+    tags=["verification"],
+    summary="Upload a corrected SEG / TID 1500 SR (body: application/dicom, operator role); it is stored like a "
+    "received instance and, if it corrects an analysed follow-up, adopted",
+)
+async def upload_correction(request: Request, who: Operator) -> sc.VerificationQueued:
+    return take_correction(request, await request.body(), who)
+
+
+@router.post(
+    "/verifications/{verification_id}/reanalyse",
+    response_model=sc.VerificationQueued,
+    tags=["verification"],
+    summary="Re-analyse the follow-ups after a verified timepoint (operator role; for reanalyse_later = operator)",
+)
+def reanalyse_after_verification(request: Request, verification_id: DbId, who: Operator) -> sc.VerificationQueued:
+    try:
+        jobs = verification.reanalyse_later(request.app.state.session_factory, verification_id, actor=who.actor)
+    except verification.VerificationError as exc:
+        raise _not_found(f"verification {verification_id}") from exc
+    return sc.VerificationQueued(
+        verification_id=verification_id, jobs=jobs, detail=f"{len(jobs)} later follow-up(s) re-analysed"
+    )

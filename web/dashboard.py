@@ -10,11 +10,11 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
-from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Study
+from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Series, Study
 from db.repository import audit
 from db.session import session_scope
 from pipeline.history import build_timeline
@@ -107,10 +107,14 @@ def logout() -> Response:
 
 
 @router.get("/", response_class=HTMLResponse)
-def queue(request: Request, state: str | None = None, msg: str | None = None) -> HTMLResponse:
+def queue(
+    request: Request, state: str | None = None, msg: str | None = None, series: str | None = None
+) -> HTMLResponse:
     user = _user(request)
     with session_scope(request.app.state.session_factory) as s:
         q = select(AnalysisJob).order_by(AnalysisJob.id.desc()).limit(200)
+        if series:  # one series' history: every job, superseded ones included, with their SEG/SR
+            q = q.where(AnalysisJob.followup_series_uid == series)
         if state:
             try:
                 q = q.where(AnalysisJob.state == JobState(state))
@@ -144,17 +148,21 @@ def queue(request: Request, state: str | None = None, msg: str | None = None) ->
         jobs=rows,
         counts={st.value: counts.get(st, 0) for st in JobState},
         state=state or "",
+        series=series or "",
         msg=msg,
         can_retry=user.allows("operator"),
     )
 
 
-async def _operator_form(request: Request, what: str) -> Principal:
-    """The operator behind a dashboard form post: its CSRF token must match the session, its role be operator."""
+async def _operator_form(request: Request, what: str, *, csrf: str | None = None) -> Principal:
+    """The operator behind a dashboard form post: its CSRF token (form field, or ``csrf`` for an upload whose body is
+    the file) must match the session, its role be operator."""
     user = _user(request)
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    if csrf is None:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        csrf = (form.get("csrf") or [""])[0]
     token = request.cookies.get(SESSION_COOKIE, "")
-    if not token or (form.get("csrf") or [""])[0] != request.app.state.keys.csrf_token(token):
+    if not token or csrf != request.app.state.keys.csrf_token(token):
         raise HTTPException(status_code=403, detail="missing or stale form token; reload the page")
     if not user.allows("operator"):
         raise HTTPException(status_code=403, detail=f"role '{user.role}' may not {what}")
@@ -283,3 +291,33 @@ async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: 
     return RedirectResponse(
         f"/patients/{result.candidate.patient_pk}?msg={quote(result.detail)}#candidates", status_code=303
     )
+
+
+@router.post("/series/{series_uid}/verify")
+async def verify_from_dashboard(request: Request, series_uid: str) -> Response:
+    """ "Mark verified" on a timepoint of the timeline page (operator role): our result accepted as is."""
+    user = await _operator_form(request, "verify timepoints")
+    from web.api import verify_series_as_is
+
+    result = verify_series_as_is(request, series_uid, user)
+    return RedirectResponse(f"{_patient_url(request, series_uid)}?msg={quote(result.detail)}", status_code=303)
+
+
+@router.post("/corrections/upload")
+async def upload_from_dashboard(request: Request) -> Response:
+    """The timeline page's "Upload corrected SEG" (body: the file; the form token in the X-CSRF header)."""
+    user = await _operator_form(request, "upload corrections", csrf=request.headers.get("x-csrf", ""))
+    from web.api import take_correction
+
+    result = take_correction(request, await request.body(), user)
+    return JSONResponse(result.model_dump())
+
+
+def _patient_url(request: Request, series_uid: str) -> str:
+    with session_scope(request.app.state.session_factory) as s:
+        pk = s.scalar(
+            select(Study.patient_pk)
+            .join(Series, Series.study_pk == Study.id)
+            .where(Series.series_instance_uid == series_uid)
+        )
+    return f"/patients/{pk}" if pk is not None else "/"

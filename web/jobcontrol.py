@@ -46,6 +46,26 @@ class SeriesControl(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CorrectionTaken:
+    """What an uploaded corrected SEG/SR did: the series it was stored as, and the adoption jobs queued."""
+
+    series_uid: str
+    sop_instance_uid: str
+    jobs: list[int]
+    detail: str
+
+
+@runtime_checkable
+class CorrectionIntake(Protocol):
+    """Store a corrected SEG/SR uploaded on the dashboard as a received instance and take it in (verified
+    tracking); needs the DICOM node's store, so only the process that runs it offers this."""
+
+    def take_correction(self, data: bytes, actor: str) -> CorrectionTaken:
+        """ValueError: not a DICOM SEG/SR, or not storable (the message says why)."""
+        ...
+
+
 class JobStoreControl:
     """:class:`JobControl` on top of the persisted job state machine."""
 

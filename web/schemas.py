@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from db import models as m
 from pipeline.candidates import CandidateView
+from pipeline.verification import VerificationView
 
 
 def _v(x: Any) -> Any:
@@ -306,4 +307,35 @@ class CandidateOut(BaseModel):
 class CandidateDecision(BaseModel):
     candidate: CandidateOut
     job_id: int | None = Field(None, description="the re-analysis queued after a confirmation")
+    detail: str
+
+
+class VerificationOut(BaseModel):
+    """A person verified one analysed follow-up: by a correction (a SEG/SR that is not ours) or as is."""
+
+    id: int
+    patient_pk: int
+    series_uid: str
+    method: str
+    source_sop_instance_uid: str | None
+    verified_by: str
+    verified_at: datetime
+    state: str
+    job_id: int | None = Field(None, description="the job that adopted the correction")
+    reason: str | None
+    matches: list[dict[str, Any]] = Field(
+        default_factory=list, description="per corrected segment: the lesion it is and how it was matched"
+    )
+    reanalysis_jobs: list[int] = Field(default_factory=list, description="later follow-ups re-analysed from it")
+
+    @classmethod
+    def of(cls, v: VerificationView) -> VerificationOut:
+        d = asdict(v)
+        d.pop("source_file", None)
+        return cls(**{**d, "method": v.method.value, "state": v.state.value})
+
+
+class VerificationQueued(BaseModel):
+    verification_id: int | None = None
+    jobs: list[int]
     detail: str

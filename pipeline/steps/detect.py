@@ -18,6 +18,7 @@ from pipeline.steps.services import Ctx
 
 DETECTOR_NAME = "subtraction"
 DETECTOR_VERSION = "1.0"
+READER = "reader"  # a verified timepoint: the reader looked for new lesions
 
 
 def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
@@ -26,6 +27,10 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
     cfg = ctx.services.settings.detection
     inputs = ctx.state.need_inputs()
     followup = ctx.state.need_timepoints()[1]
+    if ctx.state.adoption is not None:  # the reader's correction states this timepoint's lesions, new ones included
+        by = ctx.state.adoption.verification.verified_by
+        ctx.state.search = NewLesionSearchResult(True, READER, "")
+        return DetectOutput(ran=True, detector=READER, note=f"new lesions assessed by {by} (verified timepoint)")
     views, masks = decided_masks(ctx.services.session_factory, ctx.series_uid)
     added, rejected = _bring_back_decisions(followup.lesions, followup.ct, views, masks)
     if not cfg.new_lesions:

@@ -12,7 +12,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import (
@@ -26,13 +26,15 @@ from db.models import (
     RoutingDecision,
     Series,
     SeriesState,
+    TimepointVerification,
+    VerificationState,
 )
 from db.repository import audit
 from db.session import session_scope
 from pipeline.candidates import save_mask
 from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput
-from pipeline.jobs import PermanentError
+from pipeline.jobs import PermanentError, utcnow
 from pipeline.lesions import LesionStatus
 from pipeline.steps.services import Ctx
 
@@ -45,10 +47,20 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
     prior = inputs.prior
     annotation = prior.annotations[0]
     rec = measured.recist
+    adoption = ctx.state.adoption
     if fu.patient_pk is None:
         raise PermanentError(f"series {ctx.series_uid} has no patient")
     with session_scope(ctx.services.session_factory) as s:
         s.execute(delete(LesionObservation).where(LesionObservation.job_pk == ctx.job_id))
+        # our earlier results of this series are kept for the audit trail but no longer reported
+        s.execute(
+            update(LesionObservation)
+            .where(
+                LesionObservation.series_instance_uid == ctx.series_uid,
+                LesionObservation.superseded_by_job.is_(None),
+            )
+            .values(superseded_by_job=ctx.job_id)
+        )
         for series_uid, thickness in measured.slice_thickness_mm.items():
             series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
             if series is not None and series.slice_thickness_mm is None:
@@ -58,10 +70,13 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
             for les in tp.lesions:
                 ident = les.identity
                 lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == ident.tracking_uid))
+                added = bool(les.meta.get("added_by_reader"))
                 if lesion is None:
                     origin = (
                         LesionOrigin.NEW
                         if les.status is LesionStatus.NEW
+                        else LesionOrigin.ADDED
+                        if added
                         else (LesionOrigin.SEG if annotation.modality == "SEG" else LesionOrigin.SR)
                     )
                     lesion = Lesion(
@@ -70,7 +85,8 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         patient_pk=fu.patient_pk,
                         anatomic_site=ident.anatomic_site,
                         origin=origin,
-                        origin_series_uid=prior.ct_series_uid,
+                        origin_series_uid=ctx.series_uid if added or adoption is not None else prior.ct_series_uid,
+                        is_target=False if origin is LesionOrigin.ADDED else None,  # targets are chosen at baseline
                     )
                     s.add(lesion)
                     s.flush()
@@ -98,6 +114,10 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         continue  # the prior was measured already (by the job that analysed it)
                 m = measurements[ident.tracking_uid]
                 changes = measured.changes.get(ident.tracking_uid) if tp_index == 1 else None
+                from_sop, from_series = annotation.sop_instance_uid, prior.ct_series_uid
+                verified = adoption is not None and (tp_index == 1 or bool(les.meta.get("retrospective")))
+                if verified and adoption is not None:  # the reader's own segmentation of this follow-up
+                    from_sop, from_series = adoption.verification.source_sop_instance_uid, ctx.series_uid
                 data = m.to_dict()
                 if changes is not None:
                     data["changes"] = changes.to_dict()
@@ -124,13 +144,57 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         engine=les.engine or None,
                         engine_version=(les.engine_version or None),
                         measurements=data,
-                        propagated_from_series_uid=prior.ct_series_uid if tp_index == 1 else None,
-                        propagated_from_sop_uid=annotation.sop_instance_uid if tp_index == 1 else None,
+                        propagated_from_series_uid=from_series if tp_index == 1 or verified else None,
+                        propagated_from_sop_uid=from_sop if tp_index == 1 or verified else None,
+                        verification_pk=adoption.verification.id if verified and adoption is not None else None,
                         confidence=None if conf is None else conf.confidence,
                         review=bool(les.meta.get("review", False)) if tp_index == 1 else False,
                         review_reasons=None if conf is None else list(conf.reasons),
                     )
                 )
+
+
+def persist_verification(ctx: Ctx) -> int | None:
+    """A reader's correction adopted by this job: lesions the reader deleted are retired, our candidates kept or
+    dropped are confirmed or rejected, the verification is applied (matches recorded). Returns the verification id
+    when later follow-ups still have to be re-analysed from it."""
+    from pipeline.adoption import candidate_decisions
+
+    adoption = ctx.state.adoption
+    if adoption is None:
+        return None
+    v = adoption.verification
+    with session_scope(ctx.services.session_factory) as s:
+        for uid in adoption.deleted:
+            lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == uid))
+            if lesion is not None and lesion.retired_at_series_uid is None:
+                lesion.retired_at_series_uid = ctx.series_uid
+                lesion.retired_by = v.verified_by[:128]
+                audit(s, ctx.worker, "lesion.retired", "lesion", lesion.id, by=v.verified_by, verification=v.id)
+        for uid, state in candidate_decisions(adoption).items():
+            for c in s.scalars(select(NewLesionCandidate).where(NewLesionCandidate.tracking_uid == uid)):
+                if c.state is CandidateState.UNCONFIRMED:
+                    c.state, c.decided_by, c.decided_at = state, v.verified_by[:128], utcnow()
+                    audit(s, v.verified_by, f"candidate.{state.value}", "candidate", c.id, verification=v.id)
+        row = s.get(TimepointVerification, v.id)
+        if row is None:
+            raise PermanentError(f"verification {v.id} disappeared")
+        first = row.state is not VerificationState.APPLIED
+        row.state = VerificationState.APPLIED
+        row.job_pk = ctx.job_id
+        row.matches = [m.to_dict() for m in adoption.matches]
+        if first:
+            audit(
+                s,
+                ctx.worker,
+                "verification.applied",
+                "verification",
+                v.id,
+                job_id=ctx.job_id,
+                matches=row.matches,
+                deleted=adoption.deleted,
+            )
+        return v.id if not row.reanalysis_jobs else None
 
 
 def persist_search(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int], out_dir: Path) -> None:

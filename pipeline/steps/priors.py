@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from db.models import VerificationMethod
+from db.session import session_scope
 from pipeline.contract import (
     MatchPriorsOutput,
     PriorRecord,
     PriorSummary,
     PromptSourceRecord,
     RetrievePriorsOutput,
+    VerificationRecord,
 )
 from pipeline.jobs import NothingToTrack, PermanentError, TransientError
 from pipeline.ports import PriorSource, PriorTimepoint
 from pipeline.steps.services import Ctx, followup_series, time_key
+from pipeline.verification import VerificationView, verification_for_series, verified_sop_uids
 
 
 def _prior_source(ctx: Ctx) -> PriorSource:
@@ -60,12 +64,19 @@ def match_priors(ctx: Ctx) -> MatchPriorsOutput:
     from pipeline.prompt_selection import NoPersonAnnotation, is_our_object, our_instance_uids, select_prior_annotation
 
     sf = ctx.services.session_factory
-    ours = our_instance_uids(sf, [a.sop_instance_uid for p in annotated for a in p.annotations])
+    sop_uids = [a.sop_instance_uid for p in annotated for a in p.annotations]
+    with session_scope(sf) as s:  # a result of ours a person verified as is counts as the person's (issue 16)
+        verified = verified_sop_uids(s, sop_uids)
+        adoption = verification_for_series(s, ctx.series_uid)
+    ours = our_instance_uids(sf, sop_uids) - verified
     try:  # the person's annotation nearest in time, never a result of ours (issue 14)
         source, choice = select_prior_annotation(
             annotated,
             fu_key,
-            lambda a: a.sop_instance_uid in ours or any(is_our_object(Path(f)) for f in a.files[:1]),
+            lambda a: (
+                a.sop_instance_uid not in verified
+                and (a.sop_instance_uid in ours or any(is_our_object(Path(f)) for f in a.files[:1]))
+            ),
             lambda p: time_key(p.study_date, p.study_time),
         )
     except NoPersonAnnotation as exc:
@@ -77,6 +88,23 @@ def match_priors(ctx: Ctx) -> MatchPriorsOutput:
         prompt_source=PromptSourceRecord(
             reason=choice.reason, skipped_ours=[c.sop_instance_uid for c in choice.skipped]
         ),
+        verification=_adoption_record(adoption),
+    )
+
+
+def _adoption_record(v: VerificationView | None) -> VerificationRecord | None:
+    """The reader's correction of this follow-up to adopt (an as-is verification keeps our result: nothing to adopt)."""
+    if v is None or v.method is not VerificationMethod.CORRECTION or not v.source_file or not v.source_sop_instance_uid:
+        return None
+    if not Path(v.source_file).is_file():
+        raise PermanentError(f"verification {v.id}: the correction file {v.source_file} is gone")
+    return VerificationRecord(
+        id=v.id,
+        method=v.method.value,
+        source_sop_instance_uid=v.source_sop_instance_uid,
+        source_file=v.source_file,
+        verified_by=v.verified_by,
+        verified_at=v.verified_at.isoformat(),
     )
 
 

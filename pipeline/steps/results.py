@@ -17,8 +17,14 @@ from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.measurements import LesionMeasurement, measure_lesion
-from pipeline.steps.persistence import persist_observations, persist_search, record_our_objects
+from pipeline.steps.persistence import (
+    persist_observations,
+    persist_search,
+    persist_verification,
+    record_our_objects,
+)
 from pipeline.steps.services import Ctx
+from pipeline.verification import verified_sop_uids
 
 
 def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
@@ -38,11 +44,28 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     present = [les for les in lesions if les.status is not LesionStatus.VANISHED and les.mask.array.any()]
     seg_path = sr_path = None
     seg_res = None
+    sf = ctx.services.session_factory
+    adoption = ctx.state.adoption
+    revision = _revision(sf, ctx.series_uid, ctx.job_id)
+    label = f"rev{revision}" + (" verified" if adoption is not None else "")
     if present or candidates:
-        seg_res = write_seg(sources, [*lesions, *candidates], series_instance_uid=generate_uid())
+        seg_res = write_seg(
+            sources,
+            [*lesions, *candidates],
+            series_instance_uid=generate_uid(),
+            series_description=f"LesionTrack lesions {label}",
+        )
         seg_path = save_new(seg_res.dataset, out_dir)
     assessment = measured.recist
     roles = {d.tracking_uid: d.role for d in assessment.selection.decisions}
+    with session_scope(sf) as s:
+        prior_verified = bool(verified_sop_uids(s, [a.sop_instance_uid for a in inputs.prior.annotations]))
+
+    def provenance(les: TrackedLesion) -> str:
+        if adoption is not None and les.meta.get("verified"):
+            return "verified"
+        return "from-verified" if prior_verified else "machine"
+
     reports = [
         LesionReport(
             measured.current[les.identity.tracking_uid],
@@ -50,6 +73,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             roles.get(les.identity.tracking_uid),
             _expected_centre(les),
             les.identity.description,
+            provenance(les),
             review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
             confidence=None if conf is None else conf.confidence,
         )
@@ -70,6 +94,8 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             best_overall=assessment.best_overall_response,
             prior_evidence=evidence,
             previous_versions=previous,
+            verified_by=adoption.verification.verified_by if adoption is not None else None,
+            series_description=f"LesionTrack measurements {label}",
         )
         sr_path = save_new(sr_res.dataset, out_dir)
         sr_uid = str(sr_res.dataset.SOPInstanceUID)
@@ -78,6 +104,13 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     persist_observations(ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
     persist_search(ctx, seg_uid, seg_res.segment_numbers if seg_res else {}, out_dir)
     record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
+    verification = persist_verification(ctx)
+    if verification is not None:  # later follow-ups are re-analysed from the verified timepoint
+        from pipeline.verification import reanalyse_later
+
+        reanalyse_later(
+            ctx.services.session_factory, verification, actor=ctx.worker, settings=ctx.services.settings.verification
+        )
     return WriteSegSrOutput(
         files=files,
         seg=str(seg_path) if seg_path else None,
@@ -127,6 +160,18 @@ def _expected_centre(lesion: TrackedLesion) -> tuple[float, float, float] | None
         return None
     x, y, z = (float(v) for v in c)
     return (x, y, z)
+
+
+def _revision(sf: sessionmaker[Session], series_uid: str, job_id: int) -> int:
+    """1 + the number of earlier jobs of this series that issued results: the new objects' series descriptions say
+    which revision they are, so a viewer tells the current result from the superseded ones."""
+    with session_scope(sf) as s:
+        jobs = s.scalars(
+            select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid, AnalysisJob.id < job_id)
+        ).all()
+        return 1 + sum(
+            1 for j in jobs if (w := read_output(j.step_outputs or {}, WriteSegSrOutput)) is not None and w.files
+        )
 
 
 def _previous_srs(sf: sessionmaker[Session], series_uid: str, job_id: int) -> list[Dataset]:

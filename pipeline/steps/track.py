@@ -43,14 +43,23 @@ def track(ctx: Ctx) -> TrackOutput:
         Timepoint(prior.ct_series_uid, inputs.prior_ct, prior.study_date, prior.study_uid),
         Timepoint(ctx.series_uid, inputs.followup_ct, fu.study_date, fu.study_uid),
     ]
-    track_lesions(
-        tps,
-        inputs.prompts,
-        source_index=0,
-        registration=_Precomputed(registration, "precomputed"),
-        segmentation=seg,
-        options=TrackingOptions(confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking)),
-    )
+    if ctx.state.adoption is not None:  # a reader's correction of this follow-up is its result (issue 16)
+        from models.engines import build_registration
+        from pipeline.adoption import adopt
+
+        engine = build_registration(
+            eng.registration, eng, device=ctx.device, seed=ctx.services.settings.compute.seed
+        )  # only registers when the reader added lesions (propagated back to the prior)
+        adopt(ctx.state.adoption, tps, inputs.prompts, registration, engine, seg)
+    else:
+        track_lesions(
+            tps,
+            inputs.prompts,
+            source_index=0,
+            registration=_Precomputed(registration, "precomputed"),
+            segmentation=seg,
+            options=TrackingOptions(confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking)),
+        )
     tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
     ctx.state.timepoints = tps
     return TrackOutput(
@@ -87,10 +96,12 @@ def vanished_earlier(
     out = []
     with session_scope(sf) as s:
         for lesion in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)):
-            if lesion.tracking_uid in tracked:
+            if lesion.tracking_uid in tracked or lesion.retired_at_series_uid is not None:
                 continue
             obs = s.scalars(
-                select(LesionObservation).where(LesionObservation.lesion_pk == lesion.id).order_by(LesionObservation.id)
+                select(LesionObservation)
+                .where(LesionObservation.lesion_pk == lesion.id, LesionObservation.superseded_by_job.is_(None))
+                .order_by(LesionObservation.id)
             ).all()
             if not obs or obs[-1].status is not LesionStatus.VANISHED:
                 continue

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from db.session import session_scope
 from models.imaging.volume import Volume
 from models.segmentation.prompts import Prompt
+from pipeline.adoption import build_adoption, retired_lesions, with_verified_identities
 from pipeline.contract import (
     SEG_SOP_CLASSES,
     LesionRef,
     LoadedInputs,
     LoadVolumesOutput,
+    MatchPriorsOutput,
     RetrievePriorsOutput,
 )
 from pipeline.jobs import NothingToTrack, PermanentError
 from pipeline.ports import PriorTimepoint
 from pipeline.steps.services import Ctx, followup_series
+from pipeline.verification import our_seg_of_series
 
 
 def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
@@ -32,7 +36,24 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
     except SeriesError as exc:
         raise PermanentError(f"prior series {prior.ct_series_uid}: {exc}") from exc
     prompts = read_prompts(prior, prior_ct)
-    if not prompts:
+    match = ctx.outputs.get(MatchPriorsOutput)
+    with session_scope(ctx.services.session_factory) as s:
+        # a verified correction as prompt: the lesion identities its adoption recorded; lesions a reader deleted
+        # are not tracked any more (issue 16)
+        prompts = with_verified_identities(s, prior.annotations[0].sop_instance_uid, prompts)
+        retired = retired_lesions(s, match.followup.patient_pk)
+        prompts = [p for p in prompts if p.identity.tracking_uid not in retired]
+        if match.verification is not None:
+            our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
+            ctx.state.adoption = build_adoption(
+                s,
+                match.verification,
+                followup_ct,
+                our_seg,
+                prompts,
+                ctx.services.settings.verification.overlap_match_dice,
+            )
+    if not prompts and ctx.state.adoption is None:
         ann = prior.annotations[0]
         raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} marks no lesion")
     ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files)

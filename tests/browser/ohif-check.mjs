@@ -21,6 +21,8 @@ const segName = arg('seg', 'LesionTrack lesions');
 const srName = arg('sr', 'LesionTrack measurements');
 const labels = (arg('labels', '') || '').split('|').filter(Boolean);
 const srTexts = (arg('sr-texts', '') || '').split('|').filter(Boolean);
+// series descriptions that must be listed in the study browser too (e.g. the superseded revisions of a result)
+const alsoListed = (arg('also-listed', '') || '').split('|').filter(Boolean);
 const executablePath = arg('chromium', '/usr/bin/chromium');
 const timeout = Number(arg('timeout-ms', '90000'));
 if (!orthanc || !study) {
@@ -30,7 +32,8 @@ if (!orthanc || !study) {
 fs.mkdirSync(out, { recursive: true });
 
 const result = { url: null, blocked: [], pageErrors: [], consoleErrors: [], steps: [], segPanelText: '',
-  labelsFound: [], labelsMissing: [], srPanelText: '', srTextsFound: [], srTextsMissing: [], screenshots: [] };
+  labelsFound: [], labelsMissing: [], srPanelText: '', srTextsFound: [], srTextsMissing: [], screenshots: [],
+  listedFound: [], listedMissing: [] };
 const step = (s) => { result.steps.push(s); console.error(`[ohif-check] ${s}`); };
 
 const { server, url } = await startServer({ orthanc, log: (m) => result.consoleErrors.push(m) });
@@ -70,6 +73,12 @@ try {
   await page.goto(result.url);
   await page.waitForSelector('[data-cy="study-browser-thumbnail"]');
   await page.getByText(segName, { exact: true }).first().waitFor();
+  for (const name of alsoListed) {
+    try {
+      await page.getByText(name, { exact: true }).first().waitFor({ timeout: 20000 });
+      result.listedFound.push(name);
+    } catch { result.listedMissing.push(name); }
+  }
   await shot('ohif-study.png');
 
   step('load SEG');
@@ -134,7 +143,8 @@ try {
   result.srTextsFound = [...seen];
   result.srTextsMissing = [...wanted];
   await shot('ohif-sr-last.png');
-  ok = result.labelsMissing.length === 0 && result.srTextsMissing.length === 0 && result.blocked.length === 0;
+  ok = result.labelsMissing.length === 0 && result.srTextsMissing.length === 0 && result.blocked.length === 0
+    && result.listedMissing.length === 0;
 } catch (e) {
   result.error = String(e && e.stack || e).slice(0, 2000);
 } finally {

@@ -5,6 +5,7 @@
   const canRetry = table.dataset.canRetry === 'true';
   const csrf = table.dataset.csrf;
   const filter = table.dataset.stateFilter;
+  const series = table.dataset.seriesFilter;
   const retryable = new Set(['failed', 'done', 'nothing_to_track']);
   function cell(text, cls) { const td = document.createElement('td'); if (cls) td.className = cls; td.textContent = text; return td; }
   function row(j) {
@@ -35,7 +36,8 @@
   }
   async function refresh() {
     try {
-      const q = filter ? '?limit=200&state=' + encodeURIComponent(filter) : '?limit=200';
+      let q = filter ? '?limit=200&state=' + encodeURIComponent(filter) : '?limit=200';
+      if (series) q += '&series_uid=' + encodeURIComponent(series);
       const r = await fetch('/api/jobs' + q, { credentials: 'same-origin' });
       if (!r.ok) return;
       const data = await r.json();

@@ -1,14 +1,14 @@
 """per-lesion confidence and review flag on lesion observations (issue 15, item 3)
 
 Revision ID: 0006_lesion_review
-Revises: 0005
+Revises: 0006 (verification; chained after it when main was merged in)
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_lesion_review"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

@@ -14,10 +14,11 @@ prompt and the result on the follow-up — :func:`assess_lesion` computes a few 
 * ``prompt_agreement`` — agreement between the propagated prompt and the result: the smaller of the two covered
   by the larger (growth and shrinkage keep it high, a leak or a jump does not) and the shift of the result's
   centre in units of the lesion radius;
-* ``presence_margin`` — how clearly the image supports the call: for a present lesion the separation of the
-  result's voxels from the shell around it (median difference over the pooled robust spread); for a lesion
-  reported vanished, the *lack* of such a lesion-like region at the propagated site; the annotation's own
-  separation on its CT is scored too (a rough prompt that took in background scores low);
+* ``presence_margin`` — how clearly the image supports the call: for a present lesion the share of a 1–4 mm shell
+  around the result that differs from the result's median by more than its own 75th-percentile deviation + 10 HU
+  (:func:`separation`); for a lesion reported vanished, the *lack* of such a region at the propagated site;
+* ``annotation_margin`` — the same measure of the annotation on its own CT (a rough prompt that took in
+  background scores low; so, benchmarks show, does an exact annotation of a low-contrast lesion);
 * ``consistency`` — agreement with our result at the neighbouring timepoint
   (:func:`pipeline.tracking._consistency_check`: a volume jump or a disappearance);
 * ``volume_change`` — implausible change against the annotation: beyond ``max_volume_factor`` (×3) per

@@ -64,6 +64,7 @@ class TimepointInfo:
     verified_at: str | None = None  # ISO 8601
     lesions_observed: int = 0  # lesions with an observation at this timepoint
     lesions_need_review: int = 0  # of those, flagged for review (pipeline.confidence)
+    lesions_assessed: int = 0  # of those, with a confidence computed (0: say nothing about review)
 
     @property
     def review_text(self) -> str:
@@ -292,6 +293,7 @@ def build_timeline(
         observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
         tp.lesions_observed = len(observed)
         tp.lesions_need_review = sum(c.review for c in observed)
+        tp.lesions_assessed = sum(c.confidence is not None for c in observed)
     searches = search_states(session, ordered)
     for p in pending:
         if p.search is not None:

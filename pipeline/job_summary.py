@@ -44,7 +44,9 @@ def job_summary(
         detail = ", ".join(f"{n} {k}" for k, n in sorted(by.items()))
         parts.append(f"{len(lesions)} lesions ({detail}){f', {notes} with notes' if notes else ''}")
         flagged = sum(1 for les in lesions if _get(les, "review") is True)
-        parts.append(review_text(flagged, len(lesions)))
+        assessed = sum(1 for les in lesions if _get(les, "confidence") is not None)
+        if assessed or flagged:  # a reader's adopted correction, say, is not scored: nothing is said about review
+            parts.append(review_text(flagged, len(lesions)))
     recist = _get(outputs, "measure", "recist", "overall_response")
     if recist:
         parts.append(f"RECIST {recist}")

@@ -127,6 +127,11 @@ def test_job_summary_says_how_many_need_review(site: dict[str, Any]) -> None:
     job = site["job"]
     line = job_summary(job.id, job.followup_series_uid, "done", job.step_outputs, {})
     assert "1 of 3 lesions need review" in line
+    unscored = {**job.step_outputs, "track": {**job.step_outputs["track"]}}
+    unscored["track"]["lesions"] = [
+        {**les, "confidence": None, "review": False} for les in job.step_outputs["track"]["lesions"]
+    ]
+    assert "review" not in job_summary(job.id, job.followup_series_uid, "done", unscored, {})  # not assessed
 
 
 def _content(items: Any) -> list[Any]:
@@ -183,6 +188,7 @@ def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -
     cell = row["cells"][1]
     assert cell["review"] is True and cell["review_reasons"] and cell["confidence"] < 0.5
     assert tl["timepoints"][1]["lesions_need_review"] == 1 and tl["timepoints"][1]["lesions_observed"] == 3
+    assert tl["timepoints"][1]["lesions_assessed"] == 3 and tl["timepoints"][0]["lesions_assessed"] == 0
     others = [r["cells"][1] for r in tl["lesions"] if r["tracking_uid"] != site["erased"]]
     assert all(c["review"] is False for c in others)
 

@@ -334,29 +334,63 @@ class OracleRegistration:
         return reg
 
 
+def make_patients(phantoms: int, first_seed: int, n_fu: int, lung1_seed: int | None) -> list[Patient]:
+    """Phantom patients ``first_seed ..`` plus the lung1 patient (when ``lung1_seed`` is given and the CT exists)."""
+    patients = [phantom_patient(s, n_fu) for s in range(first_seed, first_seed + phantoms)]
+    lp = None if lung1_seed is None else lung1_patient(lung1_seed, n_fu)
+    return patients if lp is None else [*patients, lp]
+
+
+def make_registration(
+    patients: list[Patient], oracle: bool, spacing: float, adam: int, cache: Path | None
+) -> OracleRegistration | CachedRegistration:
+    """The exact synthetic motion (``oracle``) or the product's convex registration, cached per pair."""
+    if oracle:
+        return OracleRegistration(patients)
+    from models.registration.convex import ConvexEngine, ConvexParams
+
+    engine = ConvexEngine(ConvexParams(working_spacing_mm=spacing, adam_iterations=adam))
+    return CachedRegistration(engine, patients, cache, f"convex{spacing:g}mm_adam{adam}")
+
+
 def centroid(mask: np.ndarray, grid: Volume) -> np.ndarray | None:
     idx = np.argwhere(mask)
     return None if idx.size == 0 else grid.index_to_patient(idx[:, ::-1].mean(0))
 
 
-def run_method(p: Patient, reg: Any, seg: TimedEngine, propagation: str) -> list[dict[str, Any]]:
-    tps = [Timepoint(f"{p.name}.{t}", ct) for t, ct in enumerate(p.cts)]
-    prompts = [
+def truth_prompts(p: Patient, t: int = 0, what: str = "baseline annotation") -> list[Prompt]:
+    """The ground-truth mask of every lesion present at timepoint ``t`` as a person's mask prompt (label = lesion)."""
+    lab = p.labels[t]
+    return [
         Prompt(
             LesionIdentity(f"2.25.{n}", f"L{n}", n),
             PromptKind.MASK,
-            mask=p.labels[0].with_array((p.labels[0].array == n).astype(np.uint8)),
-            source=f"baseline annotation L{n}",
+            mask=lab.with_array((lab.array == n).astype(np.uint8)),
+            source=f"{what} L{n}",
         )
-        for n in sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)
+        for n in sorted(int(v) for v in np.unique(lab.array) if v > 0)
     ]
+
+
+def run_method(
+    p: Patient,
+    reg: Any,
+    seg: TimedEngine,
+    propagation: str,
+    prompts: list[Prompt] | None = None,
+    confirmed: dict[int, list[Prompt]] | None = None,
+) -> list[dict[str, Any]]:
+    """Track ``p`` from ``prompts`` on the baseline (default: its ground truth) plus ``confirmed`` timepoints; score
+    every follow-up against the ground truth (one row per lesion and follow-up)."""
+    tps = [Timepoint(f"{p.name}.{t}", ct) for t, ct in enumerate(p.cts)]
     track_lesions(
         tps,
-        prompts,
+        truth_prompts(p) if prompts is None else prompts,
         source_index=0,
         registration=reg,
         segmentation=seg,
         options=TrackingOptions(propagation=propagation),
+        confirmed=confirmed,
     )
     vox0 = {les.identity.label: float(les.mask.array.sum()) for les in tps[0].lesions}
     rows = []
@@ -487,25 +521,10 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write Dice / volume error vs follow-up index (PNG)")
     args = ap.parse_args()
 
-    from models.registration.convex import ConvexEngine, ConvexParams
-
     t0 = time.perf_counter()
-    patients = [phantom_patient(s, args.followups) for s in range(args.first_seed, args.first_seed + args.phantoms)]
-    if not args.no_lung1:
-        lp = lung1_patient(args.lung1_seed, args.followups)
-        if lp is not None:
-            patients.append(lp)
+    patients = make_patients(args.phantoms, args.first_seed, args.followups, None if args.no_lung1 else args.lung1_seed)
     synth_s = time.perf_counter() - t0
-    reg: Any
-    if args.oracle:
-        reg = OracleRegistration(patients)
-    else:
-        reg = CachedRegistration(
-            ConvexEngine(ConvexParams(working_spacing_mm=args.spacing, adam_iterations=args.adam)),
-            patients,
-            args.cache,
-            f"convex{args.spacing:g}mm_adam{args.adam}",
-        )
+    reg = make_registration(patients, args.oracle, args.spacing, args.adam, args.cache)
     methods = {
         "annotation (new: direct from the radiologist's baseline)": ("annotation", "adaptive"),
         "chain (today: prompted with our previous result)": ("chain", "adaptive"),

@@ -262,6 +262,7 @@ class DetectOutput(PipelineOutput):
     candidates: list[CandidateRecord] = Field(default_factory=list)
     confirmed_added: list[str] = Field(default_factory=list)  # Tracking UIDs of confirmed candidates now tracked
     rejected_excluded: int = 0
+    residual_fraction: float | None = None  # searched tissue differing from the registered prior (trust check)
 
 
 class MeasureOutput(PipelineOutput):

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -32,21 +33,45 @@ def _fmt(v: float | None, digits: int, suffix: str) -> str:
     return "—" if v is None else f"{v:.{digits}f}{suffix}"
 
 
+def _skipped_series(sf: Any, beside_series_uid: str) -> str:
+    """A scout series the routing rules skipped, in the study of ``beside_series_uid``."""
+    from db.models import RoutingDecision, Series, SeriesState
+
+    uid = "1.2.826.0.1.3680043.8.498.777"
+    with session_scope(sf) as s:
+        study_pk = s.scalar(select(Series.study_pk).where(Series.series_instance_uid == beside_series_uid))
+        s.add(
+            Series(
+                series_instance_uid=uid,
+                study_pk=study_pk,
+                modality="CT",
+                series_description="Topogram 0.6",
+                state=SeriesState.COMPLETE,
+                routing_decision=RoutingDecision.SKIP,
+                routing_reason="ImageType LOCALIZER",
+                instance_count=2,
+            )
+        )
+    return uid
+
+
 def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
     import uvicorn
 
+    from lesiontrack.service import JobControl
     from pipeline.history import build_timeline
     from pipeline.jobs import JobStore
     from tests.test_api_data import build_patient, phantom_timepoints
-    from web import JobStoreControl, create_app
+    from web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
     sf = make_session_factory(make_engine(url))
     built = build_patient(sf, phantom_timepoints(tmp_path), tmp_path, patient_id="LT-DEMO-7")
+    scout = _skipped_series(sf, built.timepoints[0].series_uid)
     settings = Settings(data_dir=tmp_path, http={"api_keys": [{"name": "ops", "key": KEY, "role": "operator"}]})
-    app = create_app(settings, sf, JobStoreControl(JobStore(sf)))
+    app = create_app(settings, sf, JobControl(JobStore(sf), lambda _job: None, settings=settings, session_factory=sf))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -66,6 +91,8 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
                 "--out",
                 str(tmp_path / "shots"),
                 "--live",
+                "--analyse",
+                scout,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -105,9 +132,22 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
 
     assert result["liveNewJob"] == {"id": live_id, "state": "queued"}, "queue did not refresh by itself"
 
+    # "Analyse anyway" in the browser: the operator's click queues a job for the skipped series, says so, and the
+    # series leaves the skipped list (the reason the rules gave is kept in the audit trail)
+    assert result["skippedReason"] == "ImageType LOCALIZER"
+    assert "queued for analysis as job" in result["analyseFlash"], result["analyseFlash"]
+    assert result["stillListed"] == 0
+    with session_scope(sf) as s:
+        queued = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == scout)).all()
+        assert len(queued) == 1 and f"job {queued[0].id}" in result["analyseFlash"]
+
     # job queue = database (as it was when the page was read)
     with session_scope(sf) as s:
-        jobs = s.scalars(select(AnalysisJob).where(AnalysisJob.id != live_id).order_by(AnalysisJob.id.desc())).all()
+        jobs = s.scalars(
+            select(AnalysisJob)
+            .where(AnalysisJob.id != live_id, AnalysisJob.followup_series_uid != scout)
+            .order_by(AnalysisJob.id.desc())
+        ).all()
         assert [(j["id"], j["state"]) for j in result["jobs"]] == [(j.id, j.state.value) for j in jobs]
         failed = [j for j in result["jobs"] if j["state"] == "failed"]
         assert failed and failed[0]["retryButton"] and "registration diverged" in failed[0]["error"]

@@ -11,6 +11,7 @@ detector's accuracy under motion is measured in bench/new_lesions.py).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,3 +206,31 @@ def test_a_read_key_cannot_decide(site: dict[str, Any], tmp_path: Any) -> None:
     # the dashboard's buttons post a form: without the session's form token nothing is decided
     forged = site["client"].post(f"/candidates/{cands[0]['id']}/confirm", data={"csrf": "forged"}, headers=API_KEY)
     assert forged.status_code == 403 and "form token" in forged.text
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_ohif_shows_the_candidate_segments_with_their_labels(
+    tmp_path_factory: pytest.TempPathFactory, site: dict[str, Any]
+) -> None:
+    """OHIF (browser): the follow-up's SEG lists the unconfirmed candidates under their labels beside the tracked
+    lesions, and the SR loads."""
+    from tests.test_viewer_ohif import run_ohif_check
+
+    written = job_results(site["first_job"].step_outputs).written
+    assert written is not None and written.seg and written.sr
+    seg = pydicom.dcmread(written.seg, stop_before_pixels=True)
+    sr = pydicom.dcmread(written.sr, stop_before_pixels=True)
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    assert any("(unconfirmed)" in label for label in labels), labels
+    fu = site["patient"].followups[0]
+    result, code = run_ohif_check(
+        tmp_path_factory.mktemp("ohif-candidates"),
+        [*fu.files, Path(written.seg), Path(written.sr)],
+        fu.study_uid,
+        seg=str(seg.SeriesDescription),
+        sr=str(sr.SeriesDescription),
+        labels=labels,
+    )
+    assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
+    assert code == 0

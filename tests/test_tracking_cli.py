@@ -213,3 +213,44 @@ def test_track_cli_from_our_seg_backwards_and_forwards(tmp_path: Path) -> None:
             n_gt = {"L1 lung": 1, "L3 liver": 3}[by_uid[les["tracking_uid"]]["tracking_id"]]
             a, b = lm == les["label"], gt[t] == n_gt
             assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.75, (t, les["tracking_id"])
+
+
+def test_track_cli_confirmed_timepoint_is_the_nearest_source(tmp_path: Path) -> None:
+    """--confirmed: a follow-up whose SEG a person verified is the propagation source of the timepoints after it
+    (lesions keep their identities: matched by Tracking UID)."""
+    import shutil
+
+    from lesiontrack.cli import app
+
+    dirs = _write(tmp_path)
+    prompts = {
+        "coordinate_system": "LPS",
+        "lesions": [{"label": 1, "tracking_id": "L1 lung", "point": list(LESIONS[0].centre_mm)}],
+    }
+    pj = tmp_path / "prompts.json"
+    pj.write_text(json.dumps(prompts))
+    first = tmp_path / "first"
+    args = ["track", "--baseline", str(dirs[0]), "--followup", str(dirs[1]), "--out", str(first)]
+    res = CliRunner().invoke(app, [*args, "--prompts", str(pj), "--registration", "none"])
+    assert res.exit_code == 0, res.output
+    t1 = json.loads((first / "tracking.json").read_text())["timepoints"][1]
+    seg = next(f for f in t1["dicom"] if pydicom.dcmread(first / f, stop_before_pixels=True).Modality == "SEG")
+    verified = tmp_path / "tp1_verified"
+    shutil.copytree(dirs[1], verified)
+    shutil.copy(first / seg, verified / "verified_seg.dcm")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app,
+        [
+            "track", "--baseline", str(dirs[0]), "--followup", str(verified), "--followup", str(dirs[2]),
+            "--confirmed", str(verified), "--out", str(out), "--prompts", str(pj), "--registration", "none",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "tracking.json").read_text())
+    assert summary["confirmed_indices"] == [1]
+    (lesion,) = summary["lesions"]
+    last = lesion["timepoints"][2]
+    assert last["status"] == "present" and last["propagated_from"]["timepoint_index"] == 1, last
+    bad = CliRunner().invoke(app, [*args, "--prompts", str(pj), "--confirmed", str(dirs[2]), "--out", str(out)])
+    assert bad.exit_code == 2 and "not one of the --followup folders" in " ".join(bad.output.split())

@@ -117,6 +117,35 @@ def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None
     assert nearest_source_index(2, [1, 4]) == 1 and nearest_source_index(3, [1, 4]) == 4
 
 
+def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() -> None:
+    # issue 16: a radiologist corrects follow-up 1; follow-ups 2 and 3 are propagated from that correction
+    radii = _radii((1,) * 6, (1.2,) * 6, (1.3,) * 6, (1.4,) * 6)
+    phantom = series(seed=8, shifts_mm=((0, 0, 0),) * 4, radii_per_tp=radii)
+    tps = _timepoints(phantom)
+    reg, eng = _SpyRegistration(), _SpyEngine()
+    correction = _mask_prompts(phantom[1])
+    track_lesions(
+        tps,
+        _mask_prompts(phantom[0]),
+        source_index=0,
+        registration=reg,
+        segmentation=eng,
+        confirmed={1: correction},
+    )
+    ids = [id(tp.ct) for tp in tps]
+    assert reg.pairs == [(ids[1], ids[2]), (ids[1], ids[3])], "registered from the correction, not T0"
+    assert eng.references and set(eng.references) == {ids[1]}, "the corrected CT is every prompt's reference"
+    by_label = {p.identity.label: p for p in correction}
+    for les in tps[1].lesions:  # the correction is adopted as drawn
+        assert np.array_equal(les.mask.array > 0, by_label[les.identity.label].mask.array > 0)
+    for t in (2, 3):
+        for les in tps[t].lesions:
+            assert les.propagated_from is not None and les.propagated_from.by_person
+            assert les.propagated_from.timepoint_index == 1
+            assert les.propagated_from.series_uid == tps[1].series_uid
+            assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.7
+
+
 def test_registration_cache_registers_each_pair_of_series_once() -> None:
     phantom = series(seed=5, shifts_mm=((0, 0, 0), (1, 0, 0)), radii_per_tp=_radii((1,) * 6, (1,) * 6))
     spy = _SpyRegistration()

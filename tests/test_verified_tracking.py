@@ -178,7 +178,13 @@ def test_observations_provenance_and_lesion_states(site: dict[str, Any]) -> None
         superseded = s.scalars(select(LesionObservation).where(LesionObservation.superseded_by_job.is_not(None)))
         assert {o.series_instance_uid for o in superseded} == {fu1.series_uid, fu2.series_uid}, "kept, not deleted"
         actions = [a for (a,) in s.execute(select(AuditEvent.action))]
-    for action in ("verification.received", "verification.applied", "lesion.retired", "verification.reanalysis"):
+    for action in (
+        "verification.received",
+        "verification.applied",
+        "lesion.retired",
+        "verification.reanalysis",
+        "observations.superseded",
+    ):
         assert action in actions, action
 
 
@@ -364,13 +370,8 @@ def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any
 def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, site: dict[str, Any]) -> None:
     """OHIF (browser): follow-up 2's re-issued SEG and SR load; the superseded revision is listed beside them under
     its own series description (rev1), the current one says rev2."""
-    import json
-    import subprocess
+    from tests.test_viewer_ohif import run_ohif_check
 
-    from tests.services import OrthancServer
-    from tests.test_viewer_ohif import BROWSER_DIR, _require_browser_stack
-
-    _require_browser_stack()
     fu2 = site["patient"].followups[1]
     old = job_results(site["first"][1].step_outputs).written
     job2, new = _latest_written(site, fu2.series_uid)
@@ -390,46 +391,21 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
         for m in measured.lesions
         if m.measurement["status"] != "vanished"
     ][:1]
-    orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()
-    try:
-        for f in [*fu2.files, Path(old.seg), Path(old.sr), Path(new.seg), Path(new.sr)]:
-            orthanc.post("/instances", Path(f).read_bytes())
-        proc = subprocess.run(
-            [
-                "node",
-                str(BROWSER_DIR / "ohif-check.mjs"),
-                "--orthanc",
-                orthanc.url,
-                "--study",
-                fu2.study_uid,
-                "--out",
-                str(tmp_path / "shots"),
-                "--seg",
-                str(new_seg.SeriesDescription),
-                "--sr",
-                str(new_sr.SeriesDescription),
-                "--labels",
-                "|".join(labels),
-                "--sr-texts",
-                "|".join(volumes),
-                "--also-listed",
-                "|".join(d for d in descriptions if "rev1" in d),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=420,
-            cwd=BROWSER_DIR,
-        )
-    finally:
-        orthanc.stop()
-    assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
-    result = json.loads(proc.stdout)
-    assert "error" not in result, result.get("error")
-    assert result["blocked"] == []
+    rev1 = [d for d in descriptions if "rev1" in d]
+    result, code = run_ohif_check(
+        tmp_path,
+        [*fu2.files, Path(old.seg), Path(old.sr), Path(new.seg), Path(new.sr)],
+        fu2.study_uid,
+        seg=str(new_seg.SeriesDescription),
+        sr=str(new_sr.SeriesDescription),
+        labels=labels,
+        sr_texts=volumes,
+        also_listed=rev1,
+    )
     assert result["labelsFound"] == labels, result["labelsMissing"]
-    assert sorted(result["listedFound"]) == sorted(d for d in descriptions if "rev1" in d), result["listedMissing"]
+    assert sorted(result["listedFound"]) == sorted(rev1), result["listedMissing"]
     assert result["srTextsFound"] == volumes, result["srTextsMissing"]
-    assert proc.returncode == 0
+    assert code == 0
 
 
 def test_cli_lists_verifications(tmp_path: Path, site: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -115,6 +116,38 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert proc.returncode == 0
     for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name
+
+
+def run_ohif_check(
+    tmp: Path,
+    files: list[Path],
+    study_uid: str,
+    *,
+    seg: str,
+    sr: str,
+    labels: list[str],
+    sr_texts: list[str] = [],  # noqa: B006  (read only)
+    also_listed: list[str] = [],  # noqa: B006  (read only)
+) -> tuple[dict[str, Any], int]:
+    """Store ``files`` in a fresh Orthanc with DICOMweb and run ohif-check.mjs on the study; (result, exit code)."""
+    from tests.services import OrthancServer
+
+    _require_browser_stack()
+    orthanc = OrthancServer(tmp / "orthanc", enable_dicomweb=True).start()
+    try:
+        for f in files:
+            orthanc.post("/instances", Path(f).read_bytes())
+        cmd = ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", study_uid]
+        cmd += ["--out", str(tmp / "shots"), "--seg", seg, "--sr", sr, "--labels", "|".join(labels)]
+        cmd += ["--sr-texts", "|".join(sr_texts), "--also-listed", "|".join(also_listed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
+    finally:
+        orthanc.stop()
+    assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
+    result: dict[str, Any] = json.loads(proc.stdout)
+    assert "error" not in result, result.get("error")
+    assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
+    return result, proc.returncode
 
 
 def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:

@@ -56,6 +56,14 @@ def track(
     ),
     boosting: bool = typer.Option(False, "--boost/--no-boost", help="LinGuinE boosting (re-prompt at the centre)"),
     dicom: bool = typer.Option(True, "--dicom/--no-dicom", help="also write DICOM-SEG + SR for each follow-up"),
+    confirmed: list[Path] = typer.Option(
+        [],
+        "--confirmed",
+        exists=True,
+        file_okay=False,
+        help="a --followup folder whose SEG/SR a person made or verified (repeat): later timepoints are propagated "
+        "from the nearest such timepoint (lesions matched by Tracking UID, Tracking ID or label)",
+    ),
 ) -> None:
     """Track baseline lesions through follow-up CTs; write label maps, tracking.json and DICOM-SEG + SR."""
     from rich.console import Console
@@ -105,6 +113,18 @@ def track(
     except (PromptSourceError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
+    verified: dict[int, list[Any]] = {}
+    for folder in confirmed:
+        resolved = [i for i, tp in enumerate(tps) if Path(str(tp.meta["folder"])).resolve() == folder.resolve()]
+        if not resolved or resolved[0] == source_index:
+            console.print(f"[red]error:[/] --confirmed {folder}: not one of the --followup folders")
+            raise typer.Exit(2)
+        t = resolved[0]
+        try:
+            verified[t] = same_lesions(prompts_from_directory(folder, tps[t].ct), lesion_prompts)
+        except (PromptSourceError, ValueError) as exc:
+            console.print(f"[red]error:[/] --confirmed {folder}: {exc}")
+            raise typer.Exit(2) from exc
 
     try:
         seg_engine = build_segmentation(engine, settings.engines, device=settings.compute.device)
@@ -138,11 +158,13 @@ def track(
             segmentation=seg_engine,
             options=TrackingOptions(boosting=boosting),
             progress=on_progress,
+            confirmed=verified or None,
         )
 
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = tracking_summary(tps)
     summary["source_index"] = source_index
+    summary["confirmed_indices"] = sorted(verified)
     summary["propagation"] = "annotation"  # every timepoint from the baseline annotation (propagated_from per lesion)
     for t, tp in enumerate(tps):
         path = out / f"T{t}_{_safe(tp.series_uid)}_labels.nii.gz"
@@ -161,6 +183,35 @@ def track(
         states = " → ".join(f"{x['status']}({x['volume_mm3']:.0f} mm³)" for x in les["timepoints"])
         console.print(f"  {les['tracking_id']}: {states}")
     console.print(f"written to {out}")
+
+
+def same_lesions(found: list[Any], baseline: list[Any]) -> list[Any]:
+    """A confirmed timepoint's prompts with the baseline's lesion labels (matched by Tracking UID, Tracking ID or
+    segment label, :mod:`pipeline.correction_matching`); unmatched lesions get new labels (added there)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from models.imaging.volume import Volume
+    from pipeline.correction_matching import SegmentOfInterest, match_correction
+
+    def soi(n: int, p: Any) -> SegmentOfInterest:
+        blank = Volume(np.zeros((1, 1, n + 1), np.uint8))  # different shapes: never matched by overlap
+        label = str(p.meta.get("segment_label") or p.identity.tracking_id)
+        return SegmentOfInterest(n, p.identity.tracking_uid, p.identity.tracking_id, label, blank)
+
+    ours = [soi(n, p) for n, p in enumerate(baseline, start=1)]
+    mine = [soi(n + 1000, p) for n, p in enumerate(found, start=1)]
+    label_of = {p.identity.tracking_uid: p.identity.label for p in baseline}
+    next_label = max([*label_of.values(), 0]) + 1
+    out = []
+    for p, m in zip(found, match_correction(mine, ours).matches, strict=True):
+        label = label_of.get(m.tracking_uid)
+        if label is None:
+            label, next_label = next_label, next_label + 1
+        ident = replace(p.identity, tracking_uid=m.tracking_uid, tracking_id=m.tracking_id, label=label)
+        out.append(replace(p, identity=ident))
+    return out
 
 
 def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int, list[Path]]:

@@ -53,14 +53,25 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
     with session_scope(ctx.services.session_factory) as s:
         s.execute(delete(LesionObservation).where(LesionObservation.job_pk == ctx.job_id))
         # our earlier results of this series are kept for the audit trail but no longer reported
-        s.execute(
+        superseded = s.execute(  # type: ignore[attr-defined]  # an UPDATE's CursorResult has rowcount
             update(LesionObservation)
             .where(
                 LesionObservation.series_instance_uid == ctx.series_uid,
                 LesionObservation.superseded_by_job.is_(None),
             )
             .values(superseded_by_job=ctx.job_id)
-        )
+        ).rowcount
+        if superseded:
+            audit(
+                s,
+                ctx.worker,
+                "observations.superseded",
+                "series",
+                ctx.series_uid,
+                count=superseded,
+                by_job=ctx.job_id,
+                verification=adoption.verification.id if adoption is not None else None,
+            )
         for series_uid, thickness in measured.slice_thickness_mm.items():
             series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
             if series is not None and series.slice_thickness_mm is None:

@@ -107,6 +107,18 @@ try {
       best: document.querySelector('#best-response').textContent.trim() };
   });
   await shot('dashboard-timeline.png', true);
+
+  // with --analyse SERIES: the skipped-series page's "Analyse anyway" button (operator), and what it says
+  const analyse = arg('analyse');
+  if (analyse) {
+    await page.goto(`${base}/series/skipped`);
+    const row = page.locator(`#skipped tr[data-series-uid="${analyse}"]`);
+    result.skippedReason = (await row.locator('.reason').textContent()).trim();
+    await Promise.all([page.waitForNavigation(), row.locator('button.analyse').click()]);
+    result.analyseFlash = (await page.locator('#flash').textContent()).trim();
+    result.stillListed = await page.locator(`#skipped tr[data-series-uid="${analyse}"]`).count();
+    await shot('dashboard-analyse-anyway.png');
+  }
   ok = result.blocked.length === 0 && result.pageErrors.length === 0;
 } catch (e) {
   result.error = String(e && e.stack || e).slice(0, 2000);

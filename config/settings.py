@@ -215,6 +215,19 @@ class VerificationSettings(_Section):
     )
 
 
+class TrackingSettings(_Section):
+    """Per-lesion confidence of the tracked results and the review flag (``pipeline.confidence``); read by the
+    pipeline's track step."""
+
+    review_threshold: float = Field(
+        0.5, ge=0, le=1, description="a lesion whose confidence is below this is flagged for review"
+    )
+    max_volume_factor: float = Field(
+        3.0, gt=1, description="implausible change: volume beyond this factor (or its inverse) per factor_weeks"
+    )
+    factor_weeks: float = Field(8.0, gt=0, description="interval of max_volume_factor (compounds over longer ones)")
+
+
 class RecistSettings(_Section):
     """RECIST 1.1 thresholds used for target selection and response (defaults from the RECIST 1.1 paper); a trial
     protocol that deviates sets them here. Read by ``pipeline.recist.RecistRules.from_settings``."""
@@ -293,6 +306,7 @@ class Settings(BaseSettings):
     recist: RecistSettings = Field(default_factory=RecistSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     verification: VerificationSettings = Field(default_factory=VerificationSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

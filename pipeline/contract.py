@@ -135,6 +135,9 @@ class TrackedLesionRecord(Record):
     tracking_id: str
     status: str
     notes: list[str] = []
+    confidence: float | None = None  # pipeline.confidence (None: not computed, e.g. not re-segmented)
+    review: bool = False  # flagged for review (confidence below tracking.review_threshold, or inconsistent)
+    review_reasons: list[str] = []
 
 
 class MeasuredLesion(Record):

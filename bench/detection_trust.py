@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from config.settings import EngineSettings
 from lesiontrack.demo_data import make_patient
@@ -51,7 +50,7 @@ def demo_cases(tmp: Path) -> list[dict[str, Any]]:
 
 
 def real_cases() -> list[dict[str, Any]]:
-    from new_lesions import convex_warp, make_scan  # bench/new_lesions.py
+    from bench.new_lesions import convex_warp, make_scan
 
     rows = []
     for kind, seed in (("lung1", 31), ("body_ct", 41), ("phantom", 21)):

@@ -194,6 +194,13 @@ class DetectionSettings(_Section):
     new_lesions: bool = Field(True, description="look for new lesions; off → reports say 'new lesions: not assessed'")
     min_diameter_mm: float = Field(5.0, gt=0, description="smallest candidate reported")
     min_confidence: float = Field(0.5, ge=0, le=1, description="candidates below this confidence are not reported")
+    max_residual_fraction: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="above this fraction of searched tissue differing from the registered prior the search is not "
+        "trusted (misregistration) and reports say 'new lesions: not assessed'",
+    )
 
 
 class VerificationSettings(_Section):
@@ -211,6 +218,19 @@ class VerificationSettings(_Section):
     overlap_match_dice: float = Field(
         0.2, gt=0, le=1, description="a corrected segment with no Tracking UID/ID/label match is matched by overlap"
     )
+
+
+class TrackingSettings(_Section):
+    """Per-lesion confidence of the tracked results and the review flag (``pipeline.confidence``); read by the
+    pipeline's track step."""
+
+    review_threshold: float = Field(
+        0.5, ge=0, le=1, description="a lesion whose confidence is below this is flagged for review"
+    )
+    max_volume_factor: float = Field(
+        3.0, gt=1, description="implausible change: volume beyond this factor (or its inverse) per factor_weeks"
+    )
+    factor_weeks: float = Field(8.0, gt=0, description="interval of max_volume_factor (compounds over longer ones)")
 
 
 class RecistSettings(_Section):
@@ -291,6 +311,7 @@ class Settings(BaseSettings):
     recist: RecistSettings = Field(default_factory=RecistSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     verification: VerificationSettings = Field(default_factory=VerificationSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

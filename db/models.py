@@ -245,6 +245,11 @@ class LesionObservation(Base):
     """A later job of the same series replaced this observation (kept for the audit trail, not reported)."""
     verification_pk: Mapped[int | None] = mapped_column(Integer)
     """The reader's verification this observation was adopted from (None: a machine result)."""
+    confidence: Mapped[float | None] = mapped_column(Float)
+    """Confidence of this result in [0, 1] (pipeline.confidence); None: an annotation, or not re-segmented."""
+    review: Mapped[bool] = mapped_column(default=False, server_default="0")
+    """Flagged for review: confidence below ``tracking.review_threshold`` or inconsistent with its neighbour."""
+    review_reasons: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     lesion: Mapped[Lesion] = relationship(back_populates="observations")

@@ -135,6 +135,9 @@ class TrackedLesionRecord(Record):
     tracking_id: str
     status: str
     notes: list[str] = []
+    confidence: float | None = None  # pipeline.confidence (None: not computed, e.g. not re-segmented)
+    review: bool = False  # flagged for review (confidence below tracking.review_threshold, or inconsistent)
+    review_reasons: list[str] = []
 
 
 class MeasuredLesion(Record):
@@ -259,6 +262,7 @@ class DetectOutput(PipelineOutput):
     candidates: list[CandidateRecord] = Field(default_factory=list)
     confirmed_added: list[str] = Field(default_factory=list)  # Tracking UIDs of confirmed candidates now tracked
     rejected_excluded: int = 0
+    residual_fraction: float | None = None  # searched tissue differing from the registered prior (trust check)
 
 
 class MeasureOutput(PipelineOutput):

@@ -4,6 +4,7 @@ SDTM-style TU (tumour identification), TR (tumour results) and RS (response) lay
 Input is the :class:`pipeline.history.PatientTimeline` built from the database, so the numbers are exactly the
 ones the dashboard and API show. Mapping to SDTM (Oncology domains): Tracking ID → ``--LNKID``, Tracking UID →
 ``TUREFID``, timepoint → ``VISIT``/``VISITNUM``, study date → ``--DTC``. Measurements keep full float precision.
+The lesion rows carry each result's confidence, review flag and review reasons (:mod:`pipeline.confidence`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ LESION_COLUMNS = [
     "non_target_response",
     "new_lesions",
     "overall_response",
+    "confidence",
+    "review",
+    "review_reasons",
     "seg_sop_instance_uid",
     "segment_number",
     "observation_id",
@@ -156,6 +160,9 @@ def lesion_rows(tl: PatientTimeline, subject_id: str) -> list[dict[str, Any]]:
                     "non_target_response": tp.non_target_response,
                     "new_lesions": tp.new_lesions_text,
                     "overall_response": tp.overall_response,
+                    "confidence": c.confidence,
+                    "review": c.review,
+                    "review_reasons": "; ".join(c.review_reasons),
                     "seg_sop_instance_uid": c.seg_sop_instance_uid,
                     "segment_number": c.segment_number,
                     "observation_id": c.observation_id,

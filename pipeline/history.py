@@ -10,7 +10,7 @@ Target lesions are chosen once, at baseline, with the baseline's slice thickness
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from db.models import (
 from db.status import LesionStatus
 from pipeline import recist
 from pipeline.candidates import CandidateView, latest_candidates, search_states
+from pipeline.confidence import review_text
 from pipeline.contract import job_results
 from pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
 
@@ -61,6 +62,14 @@ class TimepointInfo:
     verification_method: str | None = None
     verified_by: str | None = None
     verified_at: str | None = None  # ISO 8601
+    lesions_observed: int = 0  # lesions with an observation at this timepoint
+    lesions_need_review: int = 0  # of those, flagged for review (pipeline.confidence)
+    lesions_assessed: int = 0  # of those, with a confidence computed (0: say nothing about review)
+
+    @property
+    def review_text(self) -> str:
+        """E.g. "2 of 5 lesions need review" (what the dashboard and job summary say)."""
+        return review_text(self.lesions_need_review, self.lesions_observed)
 
     @property
     def date_iso(self) -> str | None:
@@ -89,6 +98,9 @@ class Cell:
     propagated_from_sop_uid: str | None = None  # the SEG/SR (a person's) it was propagated or adopted from
     verification_id: int | None = None  # adopted from a reader's correction (None: a machine result)
     verified_by: str | None = None
+    confidence: float | None = None  # pipeline.confidence, in [0, 1]; None for an annotation
+    review: bool = False  # flagged for review
+    review_reasons: list[str] = field(default_factory=list)
     measurement: LesionMeasurement | None = field(default=None, repr=False)  # not exported (to_dict)
     changes: LesionChanges | None = field(default=None, repr=False)
 
@@ -169,6 +181,16 @@ class PendingTimepoint:
     measurements: Sequence[LesionMeasurement]
     replace: bool = True
     search: recist.NewLesionSearch | None = None  # this job's new-lesion search (None: keep what is stored)
+    reviews: Mapping[str, ReviewFlag] = field(default_factory=dict)  # Tracking UID → confidence / review flag
+
+
+@dataclass(frozen=True)
+class ReviewFlag:
+    """A result's confidence and review flag as the history carries it (from :mod:`pipeline.confidence`)."""
+
+    confidence: float | None
+    review: bool
+    reasons: tuple[str, ...] = ()
 
 
 def _pct(value: float | None, ref: float | None) -> float | None:
@@ -216,7 +238,7 @@ def build_timeline(
         for m in p.measurements:
             key = (m.tracking_uid, p.series_uid)
             if p.replace or key not in cells:
-                cells[key] = _pending_cell(m)
+                cells[key] = _pending_cell(m, p.reviews.get(m.tracking_uid))
 
     info = _series_info(session, {series for _uid, series in cells})
     for p in pending:
@@ -267,6 +289,11 @@ def build_timeline(
         rows.append(
             LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells, retired_at, retired_by)
         )
+    for tp in timepoints:
+        observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
+        tp.lesions_observed = len(observed)
+        tp.lesions_need_review = sum(c.review for c in observed)
+        tp.lesions_assessed = sum(c.confidence is not None for c in observed)
     searches = search_states(session, ordered)
     for p in pending:
         if p.search is not None:
@@ -352,10 +379,13 @@ def _cell_of(o: LesionObservation) -> Cell:
         propagated_from_series_uid=o.propagated_from_series_uid,
         propagated_from_sop_uid=o.propagated_from_sop_uid,
         verification_id=o.verification_pk,
+        confidence=o.confidence,
+        review=bool(o.review),
+        review_reasons=[str(r) for r in (o.review_reasons or [])],
     )
 
 
-def _pending_cell(m: LesionMeasurement) -> Cell:
+def _pending_cell(m: LesionMeasurement, flag: ReviewFlag | None = None) -> Cell:
     return Cell(
         0,
         m.status,
@@ -364,6 +394,9 @@ def _pending_cell(m: LesionMeasurement) -> Cell:
         m.short_axis_mm,
         is_node=m.is_node,
         measurement=m,
+        confidence=None if flag is None else flag.confidence,
+        review=False if flag is None else flag.review,
+        review_reasons=[] if flag is None else list(flag.reasons),
     )
 
 

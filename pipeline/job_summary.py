@@ -1,10 +1,12 @@
-"""The one INFO line an operator reads per analysis job: series, prior used, lesions, review notes, RECIST,
+"""The one INFO line an operator reads per analysis job: series, prior used, lesions, how many need review, RECIST,
 step timings and delivery — built from the job's recorded step outputs, UIDs only (no patient identifiers)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from pipeline.confidence import review_text
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -40,7 +42,11 @@ def job_summary(
             by[str(_get(les, "status"))] = by.get(str(_get(les, "status")), 0) + 1
         notes = sum(1 for les in lesions if _get(les, "notes"))
         detail = ", ".join(f"{n} {k}" for k, n in sorted(by.items()))
-        parts.append(f"{len(lesions)} lesions ({detail}){f', {notes} with review notes' if notes else ''}")
+        parts.append(f"{len(lesions)} lesions ({detail}){f', {notes} with notes' if notes else ''}")
+        flagged = sum(1 for les in lesions if _get(les, "review") is True)
+        assessed = sum(1 for les in lesions if _get(les, "confidence") is not None)
+        if assessed or flagged:  # a reader's adopted correction, say, is not scored: nothing is said about review
+            parts.append(review_text(flagged, len(lesions)))
     recist = _get(outputs, "measure", "recist", "overall_response")
     if recist:
         parts.append(f"RECIST {recist}")

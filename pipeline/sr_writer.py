@@ -8,6 +8,10 @@ values as the SEG segment):
 * a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
   polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category.
 
+Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT053:
+"Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
+:mod:`pipeline.confidence`; a lesion that was not assessed (e.g. not re-segmented) states neither.
+
 A vanished lesion gets a TID 1410 group (same tracking identifier) with a POINT where it was looked for
 (``LesionReport.expected_centre_mm``), zero sizes and status "vanished", so every tracked lesion appears in every
 report. The RECIST 1.1 time-point response goes in the TID 1500 row-12 "Qualitative Evaluations" container (highdicom
@@ -89,6 +93,10 @@ class LT:
     VERIFIED = _local("LT050", "Verified by a reader")
     FROM_VERIFIED = _local("LT051", "Propagated from a reader-verified time point")
     MACHINE = _local("LT052", "Machine result, not verified")
+    REVIEW = _local("LT053", "Review status")
+    NEEDS_REVIEW = _local("LT054", "Flagged for review")
+    NO_REVIEW = _local("LT055", "Not flagged for review")
+    TRACKING_CONFIDENCE = _local("LT056", "Tracking confidence")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -168,6 +176,8 @@ class LesionReport:
     expected_centre_mm: tuple[float, float, float] | None = None  # where a vanished lesion was looked for
     description: str | None = None  # the radiologist's words; default: the SEG segment's SegmentDescription
     provenance: str | None = None  # "verified", "from-verified" or "machine" (PROVENANCE_CODES); None: not stated
+    review: bool | None = None  # flagged for review (pipeline.confidence); None: not assessed, nothing stated
+    confidence: float | None = None  # the result's confidence in [0, 1] (pipeline.confidence)
 
 
 @dataclass
@@ -305,6 +315,9 @@ def write_sr(
             quals.append(
                 hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category])
             )
+        if rep.review is not None:
+            quals.append(hd.sr.QualitativeEvaluation(LT.REVIEW, LT.NEEDS_REVIEW if rep.review else LT.NO_REVIEW))
+        conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
         if seg is None or not m.present or segment_number is None:
             if m.present:
@@ -315,6 +328,7 @@ def write_sr(
                 _num(codes.SCT.ShortAxis, 0.0, MM),
                 *_change_measurements(rep.changes, "volume_mm3", MM3),
                 *_change_measurements(rep.changes, "recist_diameter_mm", MM),
+                *conf_meas,
             ]
             where = rep.expected_centre_mm if rep.expected_centre_mm is not None else m.centre_mm
             if where is not None:
@@ -360,6 +374,7 @@ def write_sr(
         if m.hu_sd is not None:
             vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
         vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
+        vol_meas += conf_meas
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tid,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from models.segmentation.base import SegmentationEngine, SegReference
 from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from models.segmentation.rasterize import prompt_to_mask
+from pipeline.confidence import ConfidenceRules, assess_lesion, days_between
 from pipeline.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
 from pipeline.prompt_selection import nearest_source_index
 
@@ -58,6 +59,9 @@ class TrackingOptions:
     ``chain``: the former autoregressive loop, prompted with our result at the previous timepoint (benchmark only)."""
     consistency_ratio: float = 2.5
     """Volume change against our result at the neighbouring timepoint beyond which a result is flagged for review."""
+    confidence: ConfidenceRules | None = field(default_factory=ConfidenceRules)
+    """Per-lesion confidence and review flag (:mod:`pipeline.confidence`) of every propagated result, stored in
+    ``TrackedLesion.meta["confidence"]``; None: not computed (only the consistency check flags review)."""
 
 
 @dataclass
@@ -250,30 +254,51 @@ def _propagate_direct(
         results.append(_StepResult(les, warped))
         tick("segment", t, src.identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
-    for les in cur.lesions:
-        _consistency_check(les, previous.get(les.identity.label), opts)
+    for les, res in zip(cur.lesions, results, strict=True):
+        note = _consistency_check(les, previous.get(les.identity.label), opts)
+        if opts.confidence is not None:
+            holding = [s for s, by in sources.items() if les.identity.label in by]
+            src_les = sources[nearest_source_index(t, holding)][les.identity.label]
+            src_tp = timepoints[src_les.index]
+            conf = assess_lesion(
+                source_ct=src_tp.ct,
+                source_mask=src_les.mask,
+                followup_ct=cur.ct,
+                prompt=res.prompt_mask,
+                result=les.mask,
+                present=les.status is LesionStatus.PRESENT,
+                reg=cache.register_pair(src_tp, cur),
+                rules=opts.confidence,
+                consistency_note=note,
+                days=days_between(src_tp.study_date, cur.study_date),
+            )
+            les.meta["confidence"] = conf
+            les.meta["review"] = bool(les.meta.get("review", False) or conf.review)
 
 
-def _consistency_check(les: TrackedLesion, prev: TrackedLesion | None, opts: TrackingOptions) -> None:
-    """Our result at the neighbouring timepoint as a check (never a prompt): disagreement → flagged for review."""
+def _consistency_check(les: TrackedLesion, prev: TrackedLesion | None, opts: TrackingOptions) -> str | None:
+    """Our result at the neighbouring timepoint as a check (never a prompt): disagreement → flagged for review.
+
+    Returns the note of a disagreement (also appended to ``les.notes``), else None."""
     if prev is None:
-        return
+        return None
     now_present = les.status is LesionStatus.PRESENT
     was_present = prev.status is LesionStatus.PRESENT
+    note = None
     if now_present and was_present:
         v0, v1 = float(prev.meta.get("volume_mm3", 0.0)), float(les.meta.get("volume_mm3", 0.0))
         if v0 > 0 and v1 > 0:
             ratio = v1 / v0
             if ratio > opts.consistency_ratio or ratio < 1.0 / opts.consistency_ratio:
-                les.meta["review"] = True
-                les.notes.append(
-                    f"volume x{ratio:.2f} against our result at the neighbouring timepoint: flagged for review"
-                )
+                note = f"volume x{ratio:.2f} against our result at the neighbouring timepoint: flagged for review"
     elif was_present and not now_present:
-        les.meta["review"] = True
-        les.notes.append("vanished although present at the neighbouring timepoint: flagged for review")
+        note = "vanished although present at the neighbouring timepoint: flagged for review"
     elif now_present and not was_present:
         les.notes.append("reappeared: vanished at the neighbouring timepoint")
+    if note is not None:
+        les.meta["review"] = True
+        les.notes.append(note)
+    return note
 
 
 def _segment_propagated(
@@ -520,6 +545,8 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
                     "engine": les.engine,
                     "propagated_from": None if les.propagated_from is None else asdict(les.propagated_from),
                     "review": bool(les.meta.get("review", False)),
+                    "confidence": None if (c := les.meta.get("confidence")) is None else c.confidence,
+                    "review_reasons": [] if c is None else list(c.reasons),
                     "notes": list(les.notes),
                 }
             )

@@ -130,3 +130,17 @@ def test_options_and_bad_input(phantom: Phantom) -> None:
     with pytest.raises(ValueError, match="tracked mask shape"):
         detect_new_lesions(ct, ct, np.zeros((2, 2, 2), bool))
     assert detect_new_lesions(ct, ct, None, DetectionOptions(min_confidence=0.0)) == []
+
+
+def test_search_is_not_trusted_when_the_registration_left_motion(phantom: Phantom) -> None:
+    """Without registration (the prior as it was, the patient moved), subtraction shows the motion, not lesions:
+    the search reports itself untrusted instead of a flood of candidates; registered well, it is trusted."""
+    from models.detection import search_new_lesions
+
+    tr = _motion(phantom, 7)
+    followup = _noisy(apply_transform(phantom.ct, tr, phantom.ct), 2)
+    unregistered = search_new_lesions(followup, phantom.ct, None)
+    assert not unregistered.trusted and unregistered.candidates == []
+    assert unregistered.residual_fraction > DetectionOptions().max_residual_fraction
+    registered = search_new_lesions(followup, apply_transform(phantom.ct, tr, phantom.ct), None)
+    assert registered.trusted and registered.residual_fraction < DetectionOptions().max_residual_fraction

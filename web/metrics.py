@@ -6,7 +6,9 @@ Exposed: ``lesiontrack_instances_received_total``, ``lesiontrack_jobs{state}``,
 ``lesiontrack_send_failures_total`` (failed delivery attempts), ``lesiontrack_deliveries{state}``,
 ``lesiontrack_series_skipped_total{reason}`` (skip decisions of the routing rules by reason code, from the audit
 trail: every completion or re-evaluation that skipped a series counts once),
-``lesiontrack_new_lesion_candidates{state}`` (unconfirmed ones await an operator).
+``lesiontrack_new_lesion_candidates{state}`` (unconfirmed ones await an operator),
+``lesiontrack_lesion_results{review}`` (the latest result of every lesion on every series, by review flag:
+``flagged`` ones have a confidence below ``tracking.review_threshold`` or disagree with their neighbour).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from db.models import (
     DeliveryState,
     Instance,
     JobState,
+    LesionObservation,
     NewLesionCandidate,
     Series,
 )
@@ -66,6 +69,19 @@ class DatabaseCollector:
                     select(NewLesionCandidate.state, func.count(NewLesionCandidate.id)).group_by(
                         NewLesionCandidate.state
                     )
+                )
+            }
+            latest = (
+                select(func.max(LesionObservation.id))
+                .group_by(LesionObservation.lesion_pk, LesionObservation.series_instance_uid)
+                .scalar_subquery()
+            )
+            reviews = {
+                bool(k): v
+                for k, v in s.execute(
+                    select(LesionObservation.review, func.count(LesionObservation.id))
+                    .where(LesionObservation.id.in_(latest))
+                    .group_by(LesionObservation.review)
                 )
             }
             skipped: dict[str, int] = {}
@@ -122,6 +138,15 @@ class DatabaseCollector:
         for cstate in CandidateState:
             nc.add_metric([cstate.value], float(candidates.get(cstate, 0)))
         yield nc
+
+        lr = GaugeMetricFamily(
+            "lesiontrack_lesion_results",
+            "Latest result of every lesion on every series, by review flag (pipeline.confidence)",
+            labels=["review"],
+        )
+        lr.add_metric(["flagged"], float(reviews.get(True, 0)))
+        lr.add_metric(["not_flagged"], float(reviews.get(False, 0)))
+        yield lr
 
 
 def make_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:

@@ -215,6 +215,9 @@ class ObservationOut(BaseModel):
     measurements: dict[str, Any] | None
     propagated_from_series_uid: str | None = None
     propagated_from_sop_uid: str | None = None
+    confidence: float | None = None
+    review: bool = False
+    review_reasons: list[str] = []
     created_at: datetime | None
 
     @classmethod
@@ -235,6 +238,9 @@ class ObservationOut(BaseModel):
             measurements=o.measurements,
             propagated_from_series_uid=o.propagated_from_series_uid,
             propagated_from_sop_uid=o.propagated_from_sop_uid,
+            confidence=o.confidence,
+            review=bool(o.review),
+            review_reasons=[str(r) for r in o.review_reasons or []],
             created_at=o.created_at,
         )
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from models.detection.new_lesions import DetectionOptions, NewLesionCandidate, detect_new_lesions
+from models.detection.new_lesions import (
+    DetectionOptions,
+    NewLesionCandidate,
+    NewLesionSearch,
+    detect_new_lesions,
+    search_new_lesions,
+)
 
-__all__ = ["DetectionOptions", "NewLesionCandidate", "detect_new_lesions"]
+__all__ = ["DetectionOptions", "NewLesionCandidate", "NewLesionSearch", "detect_new_lesions", "search_new_lesions"]

@@ -90,6 +90,38 @@ class DetectionOptions:
     """Liver / soft-tissue candidates denser than the prior by more than this are bone, calcium or contrast-filled
     vessels moved by misregistration, not lesions (a new node in fat is ≈ +100–160 HU)."""
     max_candidates: int = 20
+    max_residual_fraction: float = 0.01
+    """The search is not trusted (:func:`search_new_lesions`) when more than this fraction of the searched tissue
+    differs from the registered prior (z ≥ 0.5): the registration left too much misalignment for subtraction."""
+
+
+@dataclass(frozen=True)
+class NewLesionSearch:
+    """A search's findings and whether they can be trusted (the subtraction residual after registration)."""
+
+    candidates: list[NewLesionCandidate]
+    residual_fraction: float  # searched tissue that differs from the registered prior
+    trusted: bool
+
+
+def search_new_lesions(
+    followup: Volume,
+    warped_prior: Volume,
+    tracked: np.ndarray | None,
+    options: DetectionOptions | None = None,
+) -> NewLesionSearch:
+    """:func:`detect_new_lesions` plus the check that the registration left subtraction meaningful: with more than
+    ``max_residual_fraction`` of the searched tissue differing from the prior (patient motion the registration did
+    not undo), the candidates would be misregistration, and the search reports itself untrusted."""
+    opt = options or DetectionOptions()
+    maps = _score_maps(followup, warped_prior, opt)
+    if maps is None:
+        return NewLesionSearch([], 0.0, True)
+    searched = int(maps.valid.sum())
+    residual = float(((maps.z >= 0.5) & maps.valid).sum()) / searched if searched else 0.0
+    if residual > opt.max_residual_fraction:
+        return NewLesionSearch([], residual, False)
+    return NewLesionSearch(detect_new_lesions(followup, warped_prior, tracked, opt), residual, True)
 
 
 def detect_new_lesions(

@@ -22,7 +22,7 @@ READER = "reader"  # a verified timepoint: the reader looked for new lesions
 
 
 def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
-    from models.detection.new_lesions import DetectionOptions, detect_new_lesions
+    from models.detection.new_lesions import DetectionOptions, search_new_lesions
 
     cfg = ctx.services.settings.detection
     inputs = ctx.state.need_inputs()
@@ -42,12 +42,25 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
         tracked |= les.mask.array.astype(bool)
     for m in rejected:
         tracked |= m
-    found = detect_new_lesions(
+    result = search_new_lesions(
         followup.ct,
         warped_prior,
         tracked,
-        DetectionOptions(min_diameter_mm=cfg.min_diameter_mm, min_confidence=cfg.min_confidence),
+        DetectionOptions(
+            min_diameter_mm=cfg.min_diameter_mm,
+            min_confidence=cfg.min_confidence,
+            max_residual_fraction=cfg.max_residual_fraction,
+        ),
     )
+    if not result.trusted:  # misregistration would be reported as new lesions: say the search was not possible
+        ctx.state.search = NewLesionSearchResult(False)
+        note = (
+            f"new-lesion search not trusted: {result.residual_fraction:.1%} of the searched tissue differs from the "
+            f"registered prior (> detection.max_residual_fraction {cfg.max_residual_fraction:.1%}); "
+            "new lesions not assessed"
+        )
+        return DetectOutput(ran=False, note=note, confirmed_added=added, residual_fraction=result.residual_fraction)
+    found = result.candidates
     candidates = []
     for i, f in enumerate(found, start=1):
         record = CandidateRecord(
@@ -71,6 +84,7 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
         candidates=[c.record for c in candidates],
         confirmed_added=added,
         rejected_excluded=len(rejected),
+        residual_fraction=result.residual_fraction,
     )
 
 

@@ -7,6 +7,7 @@ follow-up measurements added as pending timepoints — so the SR reports exactly
 from __future__ import annotations
 
 from db.session import session_scope
+from pipeline.confidence import lesion_confidence
 from pipeline.contract import (
     MatchPriorsOutput,
     Measured,
@@ -15,7 +16,7 @@ from pipeline.contract import (
     RecistRecord,
     TimepointRef,
 )
-from pipeline.history import PendingTimepoint, build_timeline
+from pipeline.history import PendingTimepoint, ReviewFlag, build_timeline
 from pipeline.jobs import PermanentError
 from pipeline.lesions import Timepoint
 from pipeline.measurements import LesionMeasurement, measure_lesion
@@ -36,6 +37,19 @@ def _measure_all(tp: Timepoint) -> dict[str, LesionMeasurement]:
             status=les.status,
             series_uid=tp.series_uid,
             anatomic_site=ident.anatomic_site,
+        )
+    return out
+
+
+def _review_flags(tp: Timepoint) -> dict[str, ReviewFlag]:
+    """Tracking UID → the confidence / review flag the track step put on each lesion of ``tp``."""
+    out = {}
+    for les in tp.lesions:
+        conf = lesion_confidence(les)
+        out[les.identity.tracking_uid] = ReviewFlag(
+            None if conf is None else conf.confidence,
+            bool(les.meta.get("review", False)),
+            () if conf is None else tuple(conf.reasons),
         )
     return out
 
@@ -72,6 +86,7 @@ def measure(ctx: Ctx) -> MeasureOutput:
             thickness[ctx.series_uid],
             list(current.values()),
             search=NewLesionSearch(search.ran, len(search.candidates)),
+            reviews=_review_flags(followup_tp),
         ),
     ]
     with session_scope(ctx.services.session_factory) as s:

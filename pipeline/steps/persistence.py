@@ -32,6 +32,7 @@ from db.models import (
 from db.repository import audit
 from db.session import session_scope
 from pipeline.candidates import save_mask
+from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput
 from pipeline.jobs import PermanentError, utcnow
 from pipeline.lesions import LesionStatus
@@ -132,6 +133,9 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                 if changes is not None:
                     data["changes"] = changes.to_dict()
                 data["recist"] = {"role": role}
+                conf = lesion_confidence(les) if tp_index == 1 else None
+                if conf is not None:
+                    data["confidence"] = conf.model_dump()
                 if tp_index == 1:
                     data["recist"]["overall_response"] = rec.timepoints[measured.timepoint_index].overall_response.value
                 s.add(
@@ -154,6 +158,9 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         propagated_from_series_uid=from_series if tp_index == 1 or verified else None,
                         propagated_from_sop_uid=from_sop if tp_index == 1 or verified else None,
                         verification_pk=adoption.verification.id if verified and adoption is not None else None,
+                        confidence=None if conf is None else conf.confidence,
+                        review=bool(les.meta.get("review", False)) if tp_index == 1 else False,
+                        review_reasons=None if conf is None else list(conf.reasons),
                     )
                 )
 

@@ -13,6 +13,7 @@ from db.models import AnalysisJob
 from db.session import session_scope
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity
+from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.measurements import LesionMeasurement, measure_lesion
@@ -73,6 +74,8 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             _expected_centre(les),
             les.identity.description,
             provenance(les),
+            review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
+            confidence=None if conf is None else conf.confidence,
         )
         for les in lesions
     ] + [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]

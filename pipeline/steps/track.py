@@ -10,6 +10,7 @@ from db.models import Lesion, LesionObservation
 from db.session import session_scope
 from models.imaging.volume import Volume
 from models.registration.base import Registration
+from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
 from pipeline.lesions import Timepoint, TrackedLesion
 from pipeline.steps.services import Ctx
@@ -29,7 +30,8 @@ class _Precomputed:
 
 def track(ctx: Ctx) -> TrackOutput:
     from models.engines import build_segmentation
-    from pipeline.tracking import track_lesions
+    from pipeline.confidence import ConfidenceRules
+    from pipeline.tracking import TrackingOptions, track_lesions
 
     eng = ctx.services.settings.engines
     seg = build_segmentation(eng.segmentation, eng, device=ctx.device)  # the registry knows which weights it reads
@@ -56,6 +58,7 @@ def track(ctx: Ctx) -> TrackOutput:
             source_index=0,
             registration=_Precomputed(registration, "precomputed"),
             segmentation=seg,
+            options=TrackingOptions(confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking)),
         )
     tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
     ctx.state.timepoints = tps
@@ -68,6 +71,9 @@ def track(ctx: Ctx) -> TrackOutput:
                 tracking_id=les.identity.tracking_id,
                 status=les.status.value,
                 notes=list(les.notes),
+                confidence=None if (conf := lesion_confidence(les)) is None else conf.confidence,
+                review=bool(les.meta.get("review", False)),
+                review_reasons=[] if conf is None else list(conf.reasons),
             )
             for les in tps[1].lesions
         ],

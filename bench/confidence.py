@@ -1,0 +1,453 @@
+"""Per-lesion confidence benchmark: does the review flag find the lesions whose segmentation failed? Prints JSON.
+
+Reuses the long synthetic series of ``bench/tracking.py`` (digital phantoms with 6 lesions each and the real chest CT
+``real/lung1`` with inserted nodules; every lesion follows a course of growth / shrinkage / response / stable /
+vanish over ``--followups`` follow-ups, each follow-up under an exact random patient motion with a table shift) and
+adds the failures a deployed tracker meets, so that some results are bad (Dice < 0.5):
+
+* **rough prompts** — about a third of the baseline annotations are replaced by a rough sphere (radius ×0.6–1.6 of
+  the lesion's, centre displaced by 0.3–0.7 radii), as from a quick click-and-drag;
+* **misregistration after large motion** — about a third of the follow-ups get a registration that missed part
+  of the motion: the exact synthetic motion composed with a smooth local error (Gaussian bump of 5–14 mm, width
+  15–35 mm) centred on one of the patient's lesions;
+* **abutting structures** — about a third of the lesions get a lesion-like structure touching them (a blob of the
+  lesion's own density, radius ×0.7–1.2 of the lesion's) from some follow-up on; the truth is the lesion alone.
+
+Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
+the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop.
+Follow-ups are 8 weeks apart. Ground truth per lesion-follow-up: Dice of the result against the moved, evolved
+label (a lesion reported vanished while present counts Dice 0). The ROC separates "failed" (Dice < 0.5) from
+"good" (Dice >= 0.8) results by confidence; lesions truly gone are reported apart (no Dice).
+
+Usage: ``.venv/bin/python bench/confidence.py [--set heldout|tune] [--followups 5] [--rows] [--plot PNG]``.
+The tune set (phantom seeds 31–32, lung1 seed 3) was used to set the score anchors in ``ConfidenceRules``; the
+held-out set (phantom seeds 41–43, lung1 seed 13) was run once with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.tracking import Patient, centroid, lung1_patient, phantom_patient
+from models.imaging.volume import Volume
+from models.registration.identity import IdentityRegistration
+from models.segmentation.base import get_engine
+from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.confidence import ConfidenceRules
+from pipeline.lesions import LesionStatus, Timepoint
+from pipeline.tracking import TrackingOptions, track_lesions
+
+SETS = {"tune": ([31, 32], 3), "heldout": ([41, 42, 43], 13)}
+
+
+# ---- failure injection ----------------------------------------------------------------------------------------
+class Bump:
+    """A smooth local registration error: follow-up point y is mapped as if it were at y + e(y)."""
+
+    def __init__(self, centre: np.ndarray, amplitude: np.ndarray, sigma_mm: float) -> None:
+        self.centre, self.amplitude, self.sigma = centre, amplitude, sigma_mm
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        w = np.exp(-0.5 * np.sum((y - self.centre) ** 2, axis=-1) / self.sigma**2)
+        return y + w[..., None] * self.amplitude
+
+
+def rough_prompt(label: np.ndarray, grid: Volume, rng: np.random.Generator) -> np.ndarray:
+    """A sphere of the wrong size, off centre: a rough annotation of the lesion ``label``."""
+    sp = grid.spacing[::-1]
+    idx = np.argwhere(label)
+    c = idx.mean(0) * sp
+    r = (3 * label.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
+    d = rng.normal(size=3)
+    c = c + d / np.linalg.norm(d) * rng.uniform(0.3, 0.7) * r
+    rr = r * rng.uniform(0.6, 1.6)
+    pad = np.ceil((rr + 2) / sp).astype(int)
+    lo = np.maximum(np.floor(c / sp).astype(int) - pad, 0)
+    hi = np.minimum(np.ceil(c / sp).astype(int) + pad + 1, label.shape)
+    out = np.zeros(label.shape, bool)
+    kk, jj, ii = np.meshgrid(*(np.arange(lo[a], hi[a]) for a in range(3)), indexing="ij")
+    dist = np.sqrt((kk * sp[0] - c[0]) ** 2 + (jj * sp[1] - c[1]) ** 2 + (ii * sp[2] - c[2]) ** 2)
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = dist <= rr
+    if not out.any():
+        out = label.copy()
+    return out
+
+
+def add_abutting(ct: Volume, label: np.ndarray, rng: np.random.Generator) -> Volume:
+    """A blob of the lesion's own density touching it (outside it): an adjacent vessel / atelectasis / node."""
+    sp = ct.spacing[::-1]
+    idx = np.argwhere(label)
+    if idx.size == 0:
+        return ct
+    img = ct.array.astype(np.float32)
+    c = idx.mean(0) * sp
+    r = (3 * label.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
+    d = rng.normal(size=3)
+    d /= np.linalg.norm(d)
+    rb = r * rng.uniform(0.7, 1.2)
+    cb = c + d * (r + 0.6 * rb)
+    hu = float(np.median(img[label]))
+    pad = np.ceil((rb + 2) / sp).astype(int)
+    lo = np.maximum(np.floor(cb / sp).astype(int) - pad, 0)
+    hi = np.minimum(np.ceil(cb / sp).astype(int) + pad + 1, label.shape)
+    if np.any(hi <= lo):
+        return ct
+    kk, jj, ii = np.meshgrid(*(np.arange(lo[a], hi[a]) for a in range(3)), indexing="ij")
+    dist = np.sqrt((kk * sp[0] - cb[0]) ** 2 + (jj * sp[1] - cb[1]) ** 2 + (ii * sp[2] - cb[2]) ** 2)
+    w = np.clip(rb + 0.5 - dist, 0, 1).astype(np.float32)
+    w[label[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]] = 0
+    sub = img[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    sub[:] = sub * (1 - w) + (hu + rng.normal(0, 8.0, sub.shape).astype(np.float32)) * w
+    return ct.with_array(np.rint(img).astype(np.int16))
+
+
+class ErrRegistration(IdentityRegistration):
+    """The exact synthetic motion (follow-up → baseline), optionally composed with a local error."""
+
+    def __init__(self, baseline: Volume, followup: Volume, to_base: Any, to_fu: Any, err: Bump | None) -> None:
+        super().__init__(baseline, followup)
+        self.engine = "oracle" + ("+error" if err is not None else "")
+        self.to_base, self.to_fu, self.err = to_base, to_fu, err
+
+    def map_points_to_baseline(self, points_mm: np.ndarray) -> np.ndarray:
+        y = np.atleast_2d(np.asarray(points_mm, float))
+        return np.asarray(self.to_base(self.err(y) if self.err is not None else y), float)
+
+    def map_points_to_followup(self, points_mm: np.ndarray) -> np.ndarray:
+        return np.asarray(self.to_fu(np.atleast_2d(np.asarray(points_mm, float))), float)  # error ignored
+
+    def warp_labels(self, baseline_labels: Volume) -> Volume:
+        g = self.followup_grid
+        out = np.zeros(g.shape, baseline_labels.array.dtype)
+        idx = np.argwhere(baseline_labels.array > 0)
+        if idx.size == 0:
+            return g.with_array(out)
+        lo, hi = idx.min(0), idx.max(0)
+        corners = np.array(
+            [[c[2], c[1], c[0]] for c in np.array(np.meshgrid(*zip(lo, hi, strict=True))).T.reshape(-1, 3)], float
+        )
+        ijk = g.patient_to_index(self.map_points_to_followup(baseline_labels.index_to_patient(corners)))
+        extra = 15.0 + (float(np.linalg.norm(self.err.amplitude)) if self.err is not None else 0.0)
+        pad = np.ceil(extra / g.spacing).astype(int)
+        lo_b = np.maximum(np.floor(ijk.min(0)).astype(int) - pad, 0)
+        hi_b = np.minimum(np.ceil(ijk.max(0)).astype(int) + pad + 1, np.array(g.size_ijk))
+        if np.any(hi_b <= lo_b):
+            return g.with_array(out)
+        ii, jj, kk = np.meshgrid(*(np.arange(lo_b[d], hi_b[d]) for d in range(3)), indexing="ij")
+        vox = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], -1)
+        src = np.rint(
+            baseline_labels.patient_to_index(self.map_points_to_baseline(g.index_to_patient(vox.astype(float))))
+        ).astype(int)
+        ok = np.all((src >= 0) & (src < np.array(baseline_labels.size_ijk)), axis=1)
+        vals = np.zeros(len(vox), baseline_labels.array.dtype)
+        vals[ok] = baseline_labels.array[src[ok, 2], src[ok, 1], src[ok, 0]]
+        out[vox[:, 2], vox[:, 1], vox[:, 0]] = vals
+        return g.with_array(out)
+
+
+class Oracle:
+    """Registration engine of the bench: exact motion of each pair, with the injected error where there is one."""
+
+    name, version = "oracle", "1.0"
+
+    def __init__(self, patients: list[Patient], errors: dict[tuple[str, int], Bump]) -> None:
+        self.by_id = {id(ct): (p, t) for p in patients for t, ct in enumerate(p.cts)}
+        self.errors = errors
+
+    def register(self, baseline: Volume, followup: Volume) -> ErrRegistration:
+        (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
+        ta, tb = p.transforms[a], p.transforms[b]
+
+        def to_base(y: np.ndarray) -> np.ndarray:  # timepoint b mm → timepoint a mm
+            x = y if tb is None else tb.followup_to_baseline(y)
+            return x if ta is None else ta.baseline_to_followup(x)
+
+        def to_fu(x: np.ndarray) -> np.ndarray:
+            y = x if ta is None else ta.followup_to_baseline(x)
+            return y if tb is None else tb.baseline_to_followup(y)
+
+        return ErrRegistration(baseline, followup, to_base, to_fu, self.errors.get((p.name, b)) if a == 0 else None)
+
+
+def inject(p: Patient, rng: np.random.Generator) -> dict[str, Any]:
+    """Rough prompts, abutting structures (into ``p.cts``) and registration errors (returned) for one patient."""
+    ids = sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)
+    rough = {n: rough_prompt(p.labels[0].array == n, p.cts[0], rng) for n in ids if rng.random() < 0.33}
+    abut: dict[int, int] = {}
+    for n in ids:
+        if rng.random() < 0.33:
+            abut[n] = int(rng.integers(1, len(p.cts)))
+    for n, t0 in abut.items():
+        for t in range(t0, len(p.cts)):
+            p.cts[t] = add_abutting(p.cts[t], p.labels[t].array == n, np.random.default_rng(rng.integers(1 << 30)))
+    errors: dict[int, Bump] = {}
+    for t in range(1, len(p.cts)):
+        if rng.random() < 0.33:
+            present = [n for n in ids if (p.labels[t].array == n).any()]
+            if not present:
+                continue
+            n = present[int(rng.integers(len(present)))]
+            c = centroid(p.labels[t].array == n, p.cts[t])
+            if c is None:
+                continue
+            d = rng.normal(size=3)
+            amp = d / np.linalg.norm(d) * rng.uniform(5.0, 14.0)
+            errors[t] = Bump(c + rng.normal(0, 5.0, 3), amp, float(rng.uniform(15.0, 35.0)))
+    return {"rough": rough, "abut": abut, "errors": errors}
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+def dates(n: int) -> list[str]:
+    from datetime import date, timedelta
+
+    d0 = date(2026, 1, 5)
+    return [(d0 + timedelta(days=56 * t)).strftime("%Y%m%d") for t in range(n)]
+
+
+def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceRules) -> list[dict[str, Any]]:
+    ds = dates(len(p.cts))
+    tps = [Timepoint(f"{p.name}.{t}", ct, ds[t]) for t, ct in enumerate(p.cts)]
+    ids = sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)
+    prompts = []
+    for n in ids:
+        m = inj["rough"].get(n, p.labels[0].array == n)
+        prompts.append(
+            Prompt(
+                LesionIdentity(f"2.25.{n}", f"L{n}", n),
+                PromptKind.MASK,
+                mask=p.labels[0].with_array(m.astype(np.uint8)),
+                source=f"baseline annotation L{n}",
+            )
+        )
+    track_lesions(
+        tps,
+        prompts,
+        source_index=0,
+        registration=reg,
+        segmentation=get_engine("adaptive"),
+        options=TrackingOptions(confidence=rules),
+    )
+    rows = []
+    for t in range(1, len(tps)):
+        for les in tps[t].lesions:
+            n = les.identity.label
+            gt = p.labels[t].array == n
+            pred = les.mask.array > 0
+            conf = les.meta["confidence"]
+            failures = [
+                *(["rough prompt"] if n in inj["rough"] else []),
+                *(["abutting structure"] if inj["abut"].get(n, 99) <= t else []),
+                *(["misregistration"] if t in inj["errors"] else []),
+            ]
+            row: dict[str, Any] = {
+                "patient": p.name,
+                "t": t,
+                "label": n,
+                "kind": p.kinds.get(n, ""),
+                "course": p.courses.get(n, ""),
+                "injected": failures,
+                "gt_present": bool(gt.any()),
+                "pred_present": les.status is LesionStatus.PRESENT,
+                "dice": float(2 * (gt & pred).sum() / (gt.sum() + pred.sum())) if gt.any() else None,
+                "confidence": conf.confidence,
+                "review": bool(les.meta.get("review")),
+                "reasons": conf.reasons,
+                "signals": {s.name: [s.value, round(s.score, 3)] for s in conf.signals},
+            }
+            rows.append(row)
+    return rows
+
+
+def roc(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Flagging = confidence below a threshold; positives Dice < 0.5, negatives Dice >= 0.8."""
+    bad = np.array([r["confidence"] for r in rows if r["dice"] is not None and r["dice"] < 0.5])
+    good = np.array([r["confidence"] for r in rows if r["dice"] is not None and r["dice"] >= 0.8])
+    ths = np.unique(np.concatenate([[0.0, 1.0001], bad, good, np.linspace(0, 1, 21)]))
+    pts = []
+    for th in ths:
+        tpr = float((bad < th).mean()) if bad.size else 0.0
+        fpr = float((good < th).mean()) if good.size else 0.0
+        pts.append((float(fpr), float(tpr), float(th)))
+    pts.sort()
+    fpr_a = np.array([0.0] + [q[0] for q in pts] + [1.0])
+    tpr_a = np.array([0.0] + [q[1] for q in pts] + [1.0])
+    auc = float(np.sum(np.diff(fpr_a) * (tpr_a[1:] + tpr_a[:-1]) / 2))
+    return {
+        "failed_dice_lt_0.5": int(bad.size),
+        "good_dice_ge_0.8": int(good.size),
+        "auc": auc,
+        "points": [{"threshold": round(th, 4), "fpr": round(f, 4), "tpr": round(t, 4)} for f, t, th in pts],
+    }
+
+
+def at_threshold(rows: list[dict[str, Any]], th: float) -> dict[str, Any]:
+    scored = [r for r in rows if r["dice"] is not None]
+    bad = [r for r in scored if r["dice"] < 0.5]
+    mid = [r for r in scored if 0.5 <= r["dice"] < 0.8]
+    good = [r for r in scored if r["dice"] >= 0.8]
+    gone = [r for r in rows if r["dice"] is None]
+
+    def frac(rs: list[dict[str, Any]]) -> float | None:
+        return sum(r["review"] for r in rs) / len(rs) if rs else None
+
+    return {
+        "threshold": th,
+        "flagged_of_failed (Dice < 0.5)": frac(bad),
+        "flagged_of_good (Dice >= 0.8)": frac(good),
+        "flagged_of_middle (0.5 <= Dice < 0.8)": frac(mid),
+        "flagged_of_truly_vanished": frac(gone),
+        "flagged_overall": frac(rows),
+        "acceptance": {
+            ">= 80 % of Dice < 0.5 flagged": (frac(bad) or 0.0) >= 0.8,
+            "<= 20 % of Dice >= 0.8 flagged": (frac(good) or 0.0) <= 0.2,
+        },
+    }
+
+
+def plot_roc(res: dict[str, Any], th: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    f = [0.0] + [q["fpr"] for q in res["points"]] + [1.0]
+    t = [0.0] + [q["tpr"] for q in res["points"]] + [1.0]
+    ax.plot(f, t, ".-", label=f"confidence (AUC {res['auc']:.2f})")  # ties joined linearly (as the AUC)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.7, ls=":")
+    ax.plot(
+        [th["flagged_of_good (Dice >= 0.8)"]],
+        [th["flagged_of_failed (Dice < 0.5)"]],
+        "o",
+        color="C3",
+        label=f"review_threshold {th['threshold']:.2f}",
+    )
+    ax.axvline(0.2, color="grey", lw=0.6, ls="--")
+    ax.axhline(0.8, color="grey", lw=0.6, ls="--")
+    ax.set(xlabel="flagged among Dice >= 0.8", ylabel="flagged among Dice < 0.5", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", choices=sorted(SETS), default="heldout")
+    ap.add_argument("--seeds", type=str, default=None, help="phantom seeds instead of the set's, e.g. 44,45,46")
+    ap.add_argument("--followups", type=int, default=5)
+    ap.add_argument("--no-lung1", action="store_true")
+    ap.add_argument("--lung1-seed", type=int, default=None, help="lung1 seed instead of the set's")
+    ap.add_argument("--threshold", type=float, default=None, help="review threshold (default: ConfidenceRules)")
+    ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
+    ap.add_argument("--plot", type=Path, default=None, help="write the ROC plot (PNG)")
+    args = ap.parse_args()
+
+    rules = ConfidenceRules() if args.threshold is None else ConfidenceRules(review_threshold=args.threshold)
+    seeds, lung_seed = SETS[args.set]
+    if args.seeds:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    t0 = time.perf_counter()
+    patients = [phantom_patient(s, args.followups) for s in seeds]
+    if not args.no_lung1:
+        lp = lung1_patient(args.lung1_seed if args.lung1_seed is not None else lung_seed, args.followups)
+        if lp is not None:
+            patients.append(lp)
+    injections = {}
+    errors: dict[tuple[str, int], Bump] = {}
+    for k, p in enumerate(patients):
+        inj = inject(p, np.random.default_rng(1000 + 17 * k + (seeds[0] if seeds else 0)))
+        injections[p.name] = inj
+        errors.update({(p.name, t): e for t, e in inj["errors"].items()})
+    synth_s = time.perf_counter() - t0
+    reg = Oracle(patients, errors)
+    import pipeline.tracking as tracking_mod
+
+    assess_seconds: list[float] = []
+    untimed = tracking_mod.assess_lesion  # type: ignore[attr-defined]
+
+    def timed_assess(**kw: Any) -> Any:  # the confidence's own cost, apart from segmentation
+        t = time.perf_counter()
+        out = untimed(**kw)
+        assess_seconds.append(time.perf_counter() - t)
+        return out
+
+    tracking_mod.assess_lesion = timed_assess  # type: ignore[attr-defined]
+    rows: list[dict[str, Any]] = []
+    t1 = time.perf_counter()
+    for p in patients:
+        rows.extend(run_patient(p, injections[p.name], reg, rules))
+        print(f"{time.strftime('%H:%M:%S')} {p.name} done", file=sys.stderr, flush=True)
+    track_s = time.perf_counter() - t1
+    curve = roc(rows)
+    th = at_threshold(rows, rules.review_threshold)
+    by_signal: dict[str, int] = {}
+    for r in rows:
+        if r["review"]:
+            for name, (_v, s) in r["signals"].items():
+                if s < rules.review_threshold:
+                    by_signal[name] = by_signal.get(name, 0) + 1
+    by_failure: dict[str, dict[str, Any]] = {}
+    for name in ("none", "rough prompt", "abutting structure", "misregistration"):
+        rs = [
+            r
+            for r in rows
+            if r["dice"] is not None and ((name in r["injected"]) or (name == "none" and not r["injected"]))
+        ]
+        by_failure[name] = {
+            "n": len(rs),
+            "mean_dice": float(np.mean([r["dice"] for r in rs])) if rs else None,
+            "failed": sum(r["dice"] < 0.5 for r in rs),
+            "flagged": sum(r["review"] for r in rs),
+        }
+    doc: dict[str, Any] = {
+        "benchmark": "per-lesion confidence / review flag",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared)",
+        "set": args.set if not args.seeds else f"{args.set} (phantom seeds {args.seeds})",
+        "patients": [p.name for p in patients],
+        "followups_per_patient": args.followups,
+        "lesion_followups": len(rows),
+        "with_truth_present": sum(r["dice"] is not None for r in rows),
+        "injected": {
+            p.name: {
+                "rough_prompts": sorted(injections[p.name]["rough"]),
+                "abutting_from": {str(k): v for k, v in injections[p.name]["abut"].items()},
+                "misregistered_followups": sorted(injections[p.name]["errors"]),
+            }
+            for p in patients
+        },
+        "rules": rules.__dict__,
+        "roc": curve,
+        "at_threshold": th,
+        "flags_by_signal": by_signal,
+        "by_injected_failure": by_failure,
+        "seconds": {
+            "synthesis": synth_s,
+            "tracking_with_confidence": track_s,
+            "confidence_per_lesion_median": float(np.median(assess_seconds)) if assess_seconds else None,
+            "confidence_per_lesion_max": float(np.max(assess_seconds)) if assess_seconds else None,
+        },
+    }
+    if args.rows:
+        doc["rows"] = rows
+    if args.plot is not None:
+        plot_roc(curve, th, args.plot, f"{args.set}: {len(patients)} patients, {doc['with_truth_present']} results")
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

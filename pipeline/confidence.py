@@ -1,0 +1,427 @@
+"""Per-lesion confidence of a tracked result and its review flag (issue 15, item 3).
+
+A propagated lesion result is as trustworthy as its weakest piece of evidence. From what the tracking loop already
+holds — the annotated CT and mask the lesion was propagated from, the registration to the follow-up, the warped
+prompt and the result on the follow-up — :func:`assess_lesion` computes a few signals, each scored in [0, 1]
+(1 = nothing to worry about), and takes the lowest score as the lesion's confidence:
+
+* ``registration_ncc`` — local registration quality: normalised cross-correlation of the annotated CT pulled
+  through the registration against the follow-up, in a shell around the lesion (the lesion itself is left out: its
+  real change is not a registration error);
+* ``jacobian`` — the range of the Jacobian determinant of the follow-up → annotation mapping in the same shell
+  (finite differences of ``map_points_to_baseline``, so it works for every engine; folding or a strong local
+  compression/expansion of the surroundings means the registration is unreliable there);
+* ``prompt_agreement`` — agreement between the propagated prompt and the result: the smaller of the two covered
+  by the larger (growth and shrinkage keep it high, a leak or a jump does not) and the shift of the result's
+  centre in units of the lesion radius;
+* ``presence_margin`` — how clearly the image supports the call: for a present lesion the share of a 1–4 mm shell
+  around the result that differs from the result's median by more than its own 75th-percentile deviation + 10 HU
+  (:func:`separation`); for a lesion reported vanished, the *lack* of such a region at the propagated site;
+* ``annotation_margin`` — the same measure of the annotation on its own CT (a rough prompt that took in
+  background scores low; so, benchmarks show, does an exact annotation of a low-contrast lesion);
+* ``consistency`` — agreement with our result at the neighbouring timepoint
+  (:func:`pipeline.tracking._consistency_check`: a volume jump or a disappearance);
+* ``volume_change`` — implausible change against the annotation: beyond ``max_volume_factor`` (×3) per
+  ``factor_weeks`` (8 weeks; the allowance compounds over longer intervals, shorter ones get the full ×3).
+
+A lesion whose confidence is below :attr:`ConfidenceRules.review_threshold` (setting ``tracking.review_threshold``)
+is flagged for review; the reasons name every signal that scored below 1. The result (:class:`LesionConfidence`)
+is stored on the lesion observation (confidence, review, reasons) and read from there by the SR, the dashboard,
+the API, the exports, the job summary and ``/metrics``. Calibration and the ROC: ``bench/confidence.py``,
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage as ndi
+
+from models.imaging.volume import Volume
+from models.registration.base import Registration
+
+__all__ = [
+    "ConfidenceRules",
+    "LesionConfidence",
+    "Signal",
+    "assess_lesion",
+    "days_between",
+    "lesion_confidence",
+    "review_text",
+]
+
+
+@dataclass(frozen=True)
+class ConfidenceRules:
+    """Thresholds of the confidence score (``tracking.*`` settings) and the anchors of each signal's score."""
+
+    review_threshold: float = 0.5
+    max_volume_factor: float = 3.0  # implausible change: beyond ×3 (or ÷3) ...
+    factor_weeks: float = 8.0  # ... in 8 weeks
+    shell_mm: float = 12.0  # width of the shell around the lesion where the registration is judged
+    # score anchors: value at or beyond ``good`` → 1, at or beyond ``bad`` → 0, linear in between
+    ncc_good: float = 0.80
+    ncc_bad: float = 0.35
+    jacobian_good: float = 1.6  # max(J, 1/J) of the surroundings
+    jacobian_bad: float = 3.0
+    containment_good: float = 0.75
+    containment_bad: float = 0.30
+    shift_good: float = 0.35  # centre shift / lesion radius
+    shift_bad: float = 1.0
+    beyond_good: float = 0.10  # fraction of the result farther than 0.6 radii + 2 mm from the prompt (a leak)
+    beyond_bad: float = 0.35
+    separation_good: float = 0.70  # presence margin of the result on the follow-up
+    separation_bad: float = 0.30
+    annotation_good: float = 0.85  # the same measure of the annotation on its own CT
+    annotation_bad: float = 0.55
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ConfidenceRules:
+        """From ``config.settings.TrackingSettings`` (or anything with the same fields)."""
+        return cls(
+            review_threshold=float(settings.review_threshold),
+            max_volume_factor=float(settings.max_volume_factor),
+            factor_weeks=float(settings.factor_weeks),
+        )
+
+
+class Signal(BaseModel):
+    """One piece of evidence: its raw value, its score in [0, 1] and, when it scored below 1, why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    value: float | None
+    score: float
+    reason: str | None = None
+
+
+class LesionConfidence(BaseModel):
+    """A lesion result's confidence in [0, 1], whether it needs review and why (stored on the observation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    confidence: float = Field(ge=0.0, le=1.0)
+    review: bool
+    reasons: list[str] = Field(default_factory=list)
+    signals: list[Signal] = Field(default_factory=list)
+    threshold: float = 0.5
+
+    def signal(self, name: str) -> Signal | None:
+        return next((s for s in self.signals if s.name == name), None)
+
+
+def review_text(flagged: int, total: int) -> str:
+    """ "2 of 5 lesions need review" (dashboard, job summary); "none of 5 lesions needs review"."""
+    noun = "lesion" if total == 1 else "lesions"
+    if flagged == 0:
+        return f"none of {total} {noun} needs review"
+    return f"{flagged} of {total} {noun} {'needs' if total == 1 else 'need'} review"
+
+
+def lesion_confidence(lesion: Any) -> LesionConfidence | None:
+    """The confidence the tracking loop stored on a :class:`pipeline.lesions.TrackedLesion` (None if none)."""
+    conf = lesion.meta.get("confidence")
+    return conf if isinstance(conf, LesionConfidence) else None
+
+
+def _score(value: float, good: float, bad: float) -> float:
+    """1 at ``good`` (or beyond, away from ``bad``), 0 at ``bad`` (or beyond), linear in between."""
+    if good == bad:
+        return 1.0 if value == good else 0.0
+    return float(np.clip((value - bad) / (good - bad), 0.0, 1.0))
+
+
+def days_between(a: str | None, b: str | None) -> int | None:
+    """Days between two DICOM dates (YYYYMMDD); None when either is missing or malformed."""
+    from datetime import date
+
+    def parse(d: str | None) -> date | None:
+        if not d or len(d) < 8 or not d[:8].isdigit():
+            return None
+        try:
+            return date(int(d[0:4]), int(d[4:6]), int(d[6:8]))
+        except ValueError:
+            return None
+
+    da, db = parse(a), parse(b)
+    return None if da is None or db is None else abs((db - da).days)
+
+
+# -- geometry helpers -----------------------------------------------------------------------------------------
+def _box(mask: np.ndarray, pad_vox: np.ndarray) -> tuple[slice, slice, slice] | None:
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return None
+    lo = np.maximum(idx.min(0) - pad_vox, 0)
+    hi = np.minimum(idx.max(0) + pad_vox + 1, mask.shape)
+    return (slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])), slice(int(lo[2]), int(hi[2])))
+
+
+def _shell_points(
+    region: np.ndarray, grid: Volume, inner_mm: float, width_mm: float, max_points: int = 20000
+) -> np.ndarray:
+    """LPS points (N, 3) of the follow-up voxels ``inner_mm``…``inner_mm + width_mm`` outside ``region``."""
+    sp = grid.spacing[::-1]
+    pad = np.ceil((inner_mm + width_mm + 1.0) / sp).astype(int)
+    sl = _box(region, pad)
+    if sl is None:
+        return np.zeros((0, 3))
+    sub = region[sl]
+    d = ndi.distance_transform_edt(~sub, sampling=sp)
+    shell = (d > inner_mm) & (d <= inner_mm + width_mm)
+    idx = np.argwhere(shell)
+    if len(idx) > max_points:
+        idx = idx[np.linspace(0, len(idx) - 1, max_points).astype(int)]
+    lo = np.array([s.start for s in sl])
+    return grid.index_to_patient((idx + lo)[:, ::-1].astype(float))
+
+
+def _sample(image: Volume, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear samples of ``image`` at LPS ``points`` and whether each point lies inside the grid."""
+    ijk = image.patient_to_index(points)
+    size = np.array(image.size_ijk) - 1
+    inside = np.all((ijk >= 0) & (ijk <= size), axis=1)
+    coords = np.stack([ijk[:, 2], ijk[:, 1], ijk[:, 0]])
+    vals = ndi.map_coordinates(image.array.astype(np.float32), coords, order=1, mode="nearest", prefilter=False)
+    return vals, inside
+
+
+def local_ncc(
+    source_ct: Volume, followup_ct: Volume, reg: Registration, points: np.ndarray
+) -> tuple[float | None, float]:
+    """NCC of the source CT pulled through ``reg`` against the follow-up at ``points`` (follow-up LPS), and the
+    fraction of points that map inside the source CT. HU are clipped to [-1000, 1000]."""
+    if len(points) < 50:
+        return None, 0.0
+    fu, _ = _sample(followup_ct, points)
+    mapped = np.asarray(reg.map_points_to_baseline(points), float)
+    src, inside = _sample(source_ct, mapped)
+    frac = float(inside.mean())
+    if inside.sum() < 50:
+        return None, frac
+    a = np.clip(fu[inside], -1000, 1000).astype(np.float64)
+    b = np.clip(src[inside], -1000, 1000).astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    if den < 1e-6:
+        return None, frac
+    return float((a * b).sum() / den), frac
+
+
+def jacobian_range(reg: Registration, points: np.ndarray, n: int = 48, h_mm: float = 2.0) -> tuple[float, float] | None:
+    """(min, max) Jacobian determinant of the follow-up → source mapping at up to ``n`` of ``points`` (central
+    differences of ``map_points_to_baseline`` with step ``h_mm``)."""
+    if len(points) == 0:
+        return None
+    pts = points[np.linspace(0, len(points) - 1, min(n, len(points))).astype(int)]
+    offsets = np.concatenate([np.eye(3), -np.eye(3)]) * h_mm
+    probe = (pts[:, None, :] + offsets[None]).reshape(-1, 3)
+    mapped = np.asarray(reg.map_points_to_baseline(probe), float).reshape(len(pts), 6, 3)
+    jac = (mapped[:, :3, :] - mapped[:, 3:, :]) / (2 * h_mm)  # (N, d/dx_i, component)
+    det = np.linalg.det(jac)
+    return float(det.min()), float(det.max())
+
+
+def separation(image: Volume, region: np.ndarray, inner_mm: float = 1.0, width_mm: float = 3.0) -> float | None:
+    """How clearly ``region`` stands out on ``image``: the fraction of the voxels in a shell around it that differ
+    from the region's median by more than the region's own 75th-percentile deviation (+10 HU). 1 for a homogeneous
+    lesion in contrasting surroundings, about 0.5 for one abutting tissue of its own density, low for a region that
+    took in its surroundings (or a site where nothing stands out)."""
+    if not region.any():
+        return None
+    sp = image.spacing[::-1]
+    pad = np.ceil((inner_mm + width_mm + 1.0) / sp).astype(int)
+    sl = _box(region, pad)
+    if sl is None:
+        return None
+    sub = region[sl]
+    img = image.array[sl].astype(np.float32)
+    d = ndi.distance_transform_edt(~sub, sampling=sp)
+    shell = (d > inner_mm) & (d <= inner_mm + width_mm)
+    if shell.sum() < 10 or sub.sum() < 3:
+        return None
+    vi, vo = img[sub], img[shell]
+    mi = float(np.median(vi))
+    q = float(np.percentile(np.abs(vi - mi), 75)) + 10.0
+    return float((np.abs(vo - mi) > q).mean())
+
+
+def _beyond_fraction(prompt: np.ndarray, result: np.ndarray, grid: Volume) -> float:
+    """Fraction of ``result`` farther from ``prompt`` than 0.6 prompt radii + 2 mm: more than growth explains."""
+    sp = grid.spacing[::-1]
+    limit = 0.6 * _equivalent_radius_mm(float(prompt.sum()), grid) + 2.0
+    sl = _box(prompt | result, np.ceil((limit + 2.0) / sp).astype(int))
+    if sl is None or not result.any():
+        return 0.0
+    d = ndi.distance_transform_edt(~prompt[sl], sampling=sp)
+    return float((d[result[sl]] > limit).mean())
+
+
+def _equivalent_radius_mm(n_voxels: float, grid: Volume) -> float:
+    return float((3.0 * n_voxels * grid.voxel_volume_mm3() / (4.0 * math.pi)) ** (1.0 / 3.0))
+
+
+# -- the assessment -------------------------------------------------------------------------------------------
+def assess_lesion(
+    *,
+    source_ct: Volume,
+    source_mask: Volume,
+    followup_ct: Volume,
+    prompt: Volume,
+    result: Volume,
+    present: bool,
+    reg: Registration | None,
+    rules: ConfidenceRules | None = None,
+    consistency_note: str | None = None,
+    days: int | None = None,
+) -> LesionConfidence:
+    """Score one propagated lesion result (see the module docstring); every mask is a 0/1 volume, ``prompt`` and
+    ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``. ``consistency_note`` is the tracking loop's
+    note when our neighbouring result disagreed; ``days`` the interval between the annotation and the follow-up."""
+    r = rules or ConfidenceRules()
+    signals: list[Signal] = []
+    p = prompt.array > 0
+    res = result.array > 0
+    src = source_mask.array > 0
+
+    # registration quality in a shell around the lesion (prompt and result left out)
+    region = p | res
+    if reg is not None and region.any():
+        pts = _shell_points(region, followup_ct, 2.0, r.shell_mm)
+        ncc, inside = local_ncc(source_ct, followup_ct, reg, pts)
+        if ncc is not None:
+            s = _score(ncc, r.ncc_good, r.ncc_bad)
+            signals.append(
+                Signal(
+                    name="registration_ncc",
+                    value=round(ncc, 4),
+                    score=s,
+                    reason=None if s >= 1 else f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})",
+                )
+            )
+        elif inside < 0.5:
+            signals.append(
+                Signal(
+                    name="registration_ncc",
+                    value=None,
+                    score=0.5,
+                    reason=f"surroundings mostly outside the annotated CT ({100 * inside:.0f} % inside)",
+                )
+            )
+        jr = jacobian_range(reg, pts)
+        if jr is not None:
+            lo, hi = jr
+            worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
+            s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
+            signals.append(
+                Signal(
+                    name="jacobian",
+                    value=round(lo if lo <= 0 or 1.0 / lo > hi else hi, 4),
+                    score=s,
+                    reason=None
+                    if s >= 1
+                    else ("registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}"),
+                )
+            )
+
+    # the annotation itself: does it stand out on its CT? (a rough prompt that took in background does not)
+    sep_src = separation(source_ct, src)
+    if sep_src is not None:
+        s = _score(sep_src, r.annotation_good, r.annotation_bad)
+        signals.append(
+            Signal(
+                name="annotation_margin",
+                value=round(sep_src, 3),
+                score=s,
+                reason=None if s >= 1 else f"the annotation barely stands out on its CT (separation {sep_src:.2f})",
+            )
+        )
+
+    if present and res.any() and p.any():
+        inter = float((p & res).sum())
+        containment = inter / float(min(p.sum(), res.sum()))
+        s = _score(containment, r.containment_good, r.containment_bad)
+        sp_mm = result.spacing[::-1]
+        cp = np.argwhere(p).mean(0) * sp_mm
+        cr = np.argwhere(res).mean(0) * sp_mm
+        radius = _equivalent_radius_mm(float(max(p.sum(), res.sum())), result)
+        shift = float(np.linalg.norm(cp - cr)) / max(radius, 1.0)
+        s2 = _score(shift, r.shift_good, r.shift_bad)
+        beyond = _beyond_fraction(p, res, result)
+        s3 = _score(beyond, r.beyond_good, r.beyond_bad)
+        signals.append(
+            Signal(
+                name="prompt_agreement",
+                value=round(min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond), 4),
+                score=min(s, s2, s3),
+                reason=None
+                if min(s, s2, s3) >= 1
+                else f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} "
+                f"radii, {100 * beyond:.0f} % beyond it)",
+            )
+        )
+        sep = separation(followup_ct, res)
+        if sep is not None:
+            s = _score(sep, r.separation_good, r.separation_bad)
+            signals.append(
+                Signal(
+                    name="presence_margin",
+                    value=round(sep, 3),
+                    score=s,
+                    reason=None if s >= 1 else f"the result barely stands out from its surroundings ({sep:.2f})",
+                )
+            )
+        v0 = float(src.sum()) * source_ct.voxel_volume_mm3()
+        v1 = float(res.sum()) * result.voxel_volume_mm3()
+        if v0 > 0 and v1 > 0:
+            limit = r.max_volume_factor ** max(1.0, (days or 0) / (7.0 * r.factor_weeks))
+            ratio = v1 / v0
+            excess = abs(math.log(ratio)) - math.log(limit)
+            s = float(np.clip(1.0 - excess / math.log(2.0), 0.0, 1.0)) if excess > 0 else 1.0
+            signals.append(
+                Signal(
+                    name="volume_change",
+                    value=round(ratio, 4),
+                    score=s,
+                    reason=None
+                    if s >= 1
+                    else f"implausible volume change x{ratio:.2f} against the annotation "
+                    f"(allowed x{limit:.1f}{f' in {days} days' if days is not None else ''})",
+                )
+            )
+    elif not present and p.any():
+        # vanished: does the propagated site still hold something that stands out like a lesion?
+        sep = separation(followup_ct, p)
+        if sep is not None:
+            s = 1.0 - _score(sep, r.separation_good, r.separation_bad)
+            signals.append(
+                Signal(
+                    name="presence_margin",
+                    value=round(sep, 3),
+                    score=s,
+                    reason=None if s >= 1 else f"reported vanished, but its site still stands out ({sep:.2f})",
+                )
+            )
+    elif not present:
+        signals.append(
+            Signal(name="presence_margin", value=None, score=0.5, reason="propagated prompt fell outside this CT")
+        )
+
+    if consistency_note:
+        signals.append(Signal(name="consistency", value=None, score=0.0, reason=consistency_note))
+
+    conf = min((s.score for s in signals), default=1.0)
+    reasons = [s.reason for s in sorted(signals, key=lambda s: s.score) if s.reason]
+    return LesionConfidence(
+        confidence=round(float(conf), 4),
+        review=conf < r.review_threshold,
+        reasons=reasons,
+        signals=signals,
+        threshold=r.review_threshold,
+    )

@@ -1,0 +1,236 @@
+"""Per-lesion confidence and review flags (issue 15, item 3) reach every place a radiologist or operator looks.
+
+The real pipeline runs in-process on a phantom patient whose follow-up lies on the baseline's position (registration
+'none' keeps it fast); one lesion is erased from the follow-up (in-painted with its surroundings), so the tracker
+reports it vanished although the annotation shows it: that result is flagged for review, the stable ones are not.
+The flag and its reasons must appear in the SR (qualitative evaluation + confidence NUM, validators at 0 errors),
+the API timeline, the dashboard timeline, the job summary, the lesion exports and ``/metrics``. How well the
+confidence finds failed segmentations is measured in ``bench/confidence.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage as ndi
+from sqlalchemy import select
+
+from db.models import JobState, LesionObservation, Patient
+from db.session import make_engine, make_session_factory, session_scope, upgrade
+from pipeline.confidence import ConfidenceRules, assess_lesion, review_text
+from pipeline.contract import job_results
+from tests.conftest import require_tool
+
+API_KEY = {"X-API-Key": "demo"}
+ERASED = 2  # phantom label of the lesion erased from the follow-up
+
+
+def _erase_lesion(files: list[Path], seed: int, shape: tuple[int, int, int], spacing: tuple[float, ...]) -> None:
+    """In-paint lesion ERASED in the follow-up's DICOM slices with the tissue around it (same grid: no motion)."""
+    from synthetic.phantom import make_phantom
+
+    ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=3)
+    slices = {}
+    for f in files:
+        ds = pydicom.dcmread(f)
+        k = round(float(ph.ct.patient_to_index(np.array([float(v) for v in ds.ImagePositionPatient]))[2]))
+        slices[k] = (f, ds)
+    assert sorted(slices) == list(range(shape[0]))
+    hu = np.stack(
+        [
+            slices[k][1].pixel_array * float(slices[k][1].RescaleSlope) + float(slices[k][1].RescaleIntercept)
+            for k in range(shape[0])
+        ]
+    ).astype(np.float32)
+    lesion = ndi.binary_dilation(ph.lesions.array == ERASED, iterations=2)
+    ring = ndi.binary_dilation(lesion, iterations=3) & ~lesion & (ph.lesions.array == 0)
+    _, near = ndi.distance_transform_edt(~ring, return_indices=True)
+    hu[lesion] = hu[tuple(i[lesion] for i in near)]
+    for k, (f, ds) in slices.items():
+        px = (hu[k] - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)
+        ds.PixelData = np.rint(px).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(f)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.ingest import Ingestor, ingest_file
+    from dicom_node.scp import storage_root
+    from dicom_node.storage import InstanceStore
+    from lesiontrack.demo import demo_settings
+    from lesiontrack.demo_data import make_patient
+    from lesiontrack.service import build_analysis_service, build_ports
+    from pipeline.jobs import JobStore
+    from pipeline.steps import build_pipeline
+    from web import JobStoreControl, create_app
+
+    tmp = tmp_path_factory.mktemp("review")
+    settings = demo_settings(
+        tmp / "data", http=False, engines={"registration": "none"}, detection={"new_lesions": False}
+    )
+    upgrade(settings.effective_database_url)
+    sf = make_session_factory(make_engine(settings.effective_database_url))
+    shape, spacing = (64, 112, 112), (2.5, 2.5, 3.0)
+    patient = make_patient(
+        tmp / "patient", seed=7, shape=shape, spacing=spacing, n_lesions=3, n_followups=1, changes=False, motion=False
+    )
+    _erase_lesion(list(patient.followups[0].files), 7, shape, spacing)
+    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
+    for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
+        assert ingest_file(ingestor, f).ok
+    ingestor.close()
+    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
+    job = service.store.create(patient.followups[0].series_uid)
+    assert service.run(job) is JobState.DONE, service.store.get(job).error
+    client = TestClient(create_app(settings, sf, job_control=JobStoreControl(JobStore(sf), actor="api")))
+    with session_scope(sf) as s:
+        patient_pk = s.scalar(select(Patient.id))
+    erased_uid = next(les["tracking_uid"] for les in patient.lesions if les["label"] == ERASED)
+    return {
+        "sf": sf,
+        "job": service.store.get(job),
+        "client": client,
+        "patient_pk": patient_pk,
+        "erased": erased_uid,
+        "uids": [les["tracking_uid"] for les in patient.lesions],
+    }
+
+
+def test_the_erased_lesion_is_flagged_and_the_stable_ones_are_not(site: dict[str, Any]) -> None:
+    track = job_results(site["job"].step_outputs).track
+    assert track is not None
+    by_uid = {les.tracking_uid: les for les in track.lesions}
+    erased = by_uid[site["erased"]]
+    assert erased.status == "vanished" and erased.review and erased.review_reasons
+    assert erased.confidence is not None and erased.confidence < 0.5
+    others = [les for uid, les in by_uid.items() if uid != site["erased"]]
+    assert others and all(les.status == "present" and not les.review for les in others)
+    assert all(les.confidence is not None and les.confidence >= 0.5 for les in others)
+    with session_scope(site["sf"]) as s:
+        rows = s.scalars(select(LesionObservation).where(LesionObservation.job_pk == site["job"].id)).all()
+        flagged = {o.series_instance_uid for o in rows if o.review}
+        assert flagged == {site["job"].followup_series_uid}
+        assert sum(o.review for o in rows) == 1 and all(o.review_reasons for o in rows if o.review)
+
+
+def test_job_summary_says_how_many_need_review(site: dict[str, Any]) -> None:
+    from pipeline.job_summary import job_summary
+
+    job = site["job"]
+    line = job_summary(job.id, job.followup_series_uid, "done", job.step_outputs, {})
+    assert "1 of 3 lesions need review" in line
+    unscored = {**job.step_outputs, "track": {**job.step_outputs["track"]}}
+    unscored["track"]["lesions"] = [
+        {**les, "confidence": None, "review": False} for les in job.step_outputs["track"]["lesions"]
+    ]
+    assert "review" not in job_summary(job.id, job.followup_series_uid, "done", unscored, {})  # not assessed
+
+
+def _content(items: Any) -> list[Any]:
+    out = []
+    for it in items:
+        out.append(it)
+        out.extend(_content(it.get("ContentSequence", [])))
+    return out
+
+
+def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -> None:
+    written = job_results(site["job"].step_outputs).written
+    assert written is not None and written.sr
+    ds = pydicom.dcmread(written.sr)
+    flags: dict[str, set[str]] = {}
+    confidences: dict[str, float] = {}
+    for group in _content(ds.ContentSequence):
+        if group.get("ValueType") != "CONTAINER":
+            continue
+        kids = group.get("ContentSequence", [])
+        uid = next((str(k.UID) for k in kids if k.get("ValueType") == "UIDREF"), None)
+        if uid is None:
+            continue
+        for k in kids:
+            name = k.ConceptNameCodeSequence[0].CodeValue if k.get("ConceptNameCodeSequence") else None
+            if name == "LT053":
+                flags.setdefault(uid, set()).add(str(k.ConceptCodeSequence[0].CodeMeaning))
+            if name == "LT056":
+                confidences[uid] = float(k.MeasuredValueSequence[0].NumericValue)
+    assert flags[site["erased"]] == {"Flagged for review"}
+    for uid in site["uids"]:
+        if uid != site["erased"]:
+            assert flags[uid] == {"Not flagged for review"}
+    assert set(confidences) == set(site["uids"]) and confidences[site["erased"]] < 0.5
+
+
+def test_seg_and_sr_with_review_flags_validate(site: dict[str, Any]) -> None:
+    from pipeline.dicom_validate import run_dciodvfy, run_sr_validator
+
+    require_tool("java")
+    written = job_results(site["job"].step_outputs).written
+    assert written is not None and written.seg and written.sr
+    for path in (written.seg, written.sr):
+        report = run_dciodvfy(path)
+        assert report.ok, report.errors
+    (sr_report,) = run_sr_validator(written.sr)
+    assert sr_report.ok and not sr_report.errors, sr_report.errors
+
+
+def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -> None:
+    client, pk = site["client"], site["patient_pk"]
+    tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
+    row = next(r for r in tl["lesions"] if r["tracking_uid"] == site["erased"])
+    cell = row["cells"][1]
+    assert cell["review"] is True and cell["review_reasons"] and cell["confidence"] < 0.5
+    assert tl["timepoints"][1]["lesions_need_review"] == 1 and tl["timepoints"][1]["lesions_observed"] == 3
+    assert tl["timepoints"][1]["lesions_assessed"] == 3 and tl["timepoints"][0]["lesions_assessed"] == 0
+    others = [r["cells"][1] for r in tl["lesions"] if r["tracking_uid"] != site["erased"]]
+    assert all(c["review"] is False for c in others)
+
+    text = client.get(f"/api/patients/{pk}/export/lesions.csv", headers=API_KEY).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    fu = [r for r in rows if r["timepoint_index"] == "1"]
+    assert {r["tracking_uid"] for r in fu if r["review"] == "True"} == {site["erased"]}
+    assert next(r for r in fu if r["tracking_uid"] == site["erased"])["review_reasons"]
+
+    browser = client
+    browser.post("/login", data={"key": "demo", "next": "/"})
+    html = browser.get(f"/patients/{pk}").text
+    obs = cell["observation_id"]
+    start = html.index(f'data-observation-id="{obs}"')
+    td_open = html.rindex("<td", 0, start)
+    td = html[td_open : html.index("</td>", start)]
+    assert "needs-review" in td and 'data-review="true"' in td and ">review</span>" in td
+    assert "1 of 3 lesions need review" in html
+
+    metrics = client.get("/metrics", headers=API_KEY).text
+    assert 'lesiontrack_lesion_results{review="flagged"} 1.0' in metrics
+
+
+def test_confidence_scores_a_leak_and_a_clean_result() -> None:
+    """Unit check of pipeline.confidence on a synthetic sphere: the clean result scores high, a result that leaked
+    into an abutting structure far beyond the prompt scores low with a reason, and the review text reads right."""
+    from models.imaging.volume import Volume
+    from models.registration.identity import IdentityRegistration
+
+    rng = np.random.default_rng(0)
+    k, j, i = np.meshgrid(np.arange(48), np.arange(48), np.arange(48), indexing="ij")
+    sphere = (k - 24) ** 2 + (j - 24) ** 2 + (i - 24) ** 2 <= 36
+    blob = (k - 24) ** 2 + (j - 24) ** 2 + (i - 36) ** 2 <= 36
+    img = np.where(sphere | blob, 40.0, -850.0) + rng.normal(0, 10, sphere.shape)
+    ct = Volume(img.astype(np.int16), spacing=np.ones(3))
+    m = ct.with_array(sphere.astype(np.uint8))
+    reg = IdentityRegistration(ct, ct)
+    kw: dict[str, Any] = dict(source_ct=ct, source_mask=m, followup_ct=ct, prompt=m, present=True, reg=reg)
+    clean = assess_lesion(result=m, **kw)
+    leak = assess_lesion(result=ct.with_array((sphere | blob).astype(np.uint8)), **kw)
+    assert clean.confidence >= 0.9 and not clean.review
+    assert leak.review and leak.confidence < 0.5 and any("prompt" in r for r in leak.reasons)
+    strict = assess_lesion(result=m, rules=ConfidenceRules(review_threshold=1.01), **kw)
+    assert strict.review  # the threshold is what decides
+    assert review_text(2, 5) == "2 of 5 lesions need review" and review_text(0, 1) == "none of 1 lesion needs review"

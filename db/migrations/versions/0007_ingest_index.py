@@ -1,14 +1,14 @@
 """ingest that scales: open associations per series in the database, shared by every receiver process (issue 18)
 
 Revision ID: 0007
-Revises: 0006
+Revises: 0006_lesion_review
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0006"
+down_revision = "0006_lesion_review"
 branch_labels = None
 depends_on = None
 

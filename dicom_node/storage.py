@@ -1,7 +1,8 @@
 """Where received DICOM bytes live on disk: structural validation, content hashing and atomic writes.
 
 Nothing here decodes pixel data. A file is written to a temporary name in its final folder, optionally
-fsync'ed, then renamed, so a reader never sees a partial file under a valid name.
+fsync'ed, then hard-linked under its final name (never replacing a file there), so a reader never sees a partial
+file under a valid name and two receivers of the same SOP Instance UID cannot overwrite each other.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import itertools
 import os
 import re
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,13 +287,6 @@ class PutResult:
     conflict: bool = False  # another object with this SOP Instance UID is stored: this one got a hash suffix
 
 
-@dataclass(frozen=True)
-class StoredFile:
-    path: Path
-    size: int
-    created: bool  # False when an identical file was already there
-
-
 class InstanceStore:
     """Files under ``root/<study>/<series>/<sop>.dcm``; a different object with a known UID gets a hash suffix."""
 
@@ -309,40 +302,6 @@ class InstanceStore:
                 raise InvalidDataset(f"not a valid UID: {uid!r}")
         name = f"{sop_uid}.dcm" if sha256 is None else f"{sop_uid}.{sha256[:16]}.dcm"
         return self.root / study_uid / series_uid / name
-
-    def write(self, path: Path, chunks: list[bytes]) -> StoredFile:
-        """Write atomically; raises :class:`StorageFull` on ENOSPC/EDQUOT, other OSErrors unchanged."""
-        size = sum(len(c) for c in chunks)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                for c in chunks:
-                    view = memoryview(c)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if self.fsync:
-                dfd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-        except OSError as exc:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull(exc.errno, f"disk full writing {path}") from exc
-            raise
-        return StoredFile(path=path, size=size, created=True)
 
     def put(self, study_uid: str, series_uid: str, sop_uid: str, meta: bytes, data: bytes) -> PutResult:
         """Durably store one received instance without ever replacing another file (issue 18).

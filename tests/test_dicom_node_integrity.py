@@ -245,7 +245,7 @@ def _series(tmp_path: Path, n: int, **attrs: object) -> tuple[str, list[Path]]:
 def test_aborted_transfer_is_not_analysed_until_forced(node: Node, tmp_path: Path) -> None:
     uid, files = _series(tmp_path, 8)
     assert pynetdicom_store(node.port, files, abort_after=5) == [0] * 5
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
+    wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
     assert s is not None and s.last_transfer == TransferOutcome.ABORTED
     assert s.routing_decision == RoutingDecision.SKIP and "incomplete transfer" in (s.routing_reason or "")
@@ -273,7 +273,7 @@ def test_dropped_connection_holds_the_series_and_a_released_resend_of_duplicates
         assert assoc.send_c_store(dcmread(f)).Status == 0
     assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the sender dies: no A-RELEASE, no A-ABORT
     assoc.kill()
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
+    wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
     assert s is not None and s.last_transfer == TransferOutcome.ABORTED and s.routing_decision == RoutingDecision.SKIP
     assert node.triggers == []
@@ -286,7 +286,7 @@ def test_dropped_connection_holds_the_series_and_a_released_resend_of_duplicates
 def test_fewer_instances_than_images_in_acquisition_are_held(node: Node, tmp_path: Path) -> None:
     uid, files = _series(tmp_path, 4, ImagesInAcquisition=6)
     storescu(node.port, files, "PYSCU")
-    wait_until(lambda: node.series(uid).state == SeriesState.COMPLETE, what="completion")
+    wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
     assert s is not None and s.expected_instances == 6 and s.last_transfer == TransferOutcome.RELEASED
     assert "4 of 6 instances" in (s.routing_reason or "") and node.triggers == []

@@ -19,7 +19,7 @@ from pydicom.uid import UID, generate_uid
 from sqlalchemy import func, select
 
 from config.settings import Settings, load_settings
-from db.models import AuditEvent, Instance, Series
+from db.models import AuditEvent, Instance, Series, SeriesState
 from db.session import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.scp import StorageSCP
 from tests.conftest import require_shared_data, require_tool
@@ -58,6 +58,11 @@ class Node:
     def series(self, uid: str) -> Series | None:
         with session_scope(self.sf) as s:
             return s.scalar(select(Series).where(Series.series_instance_uid == uid))
+
+    def series_state(self, uid: str) -> SeriesState | None:
+        """The series' state, None while its first instances are not indexed yet (rows follow Success)."""
+        s = self.series(uid)
+        return None if s is None else s.state
 
     def audits(self, action: str) -> list[AuditEvent]:
         with session_scope(self.sf) as s:

@@ -30,11 +30,10 @@ from db.session import session_scope
 from dicom_node.ingest import Ingestor, ingest_part10
 from dicom_node.routing import PRIOR_RETRIEVAL_REASON
 from pipeline.ports import PriorAnnotation, PriorTimepoint
+from pipeline.verification import annotation_references as pipeline_annotation_references
 
 log = logging.getLogger(__name__)
 
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
 ANNOTATION_MODALITIES = {"SEG", "SR"}
 
 
@@ -67,26 +66,10 @@ def same_issuer(a: str | None, b: str | None) -> bool:
 
 
 def annotation_references(ds: Dataset) -> tuple[str | None, set[str]]:
-    """('SEG'|'SR'|None, referenced series UIDs) for one annotation object header."""
-    sop = str(ds.get("SOPClassUID", ""))
-    refs: set[str] = set()
-    if sop == SEG_CLASS:
-        for item in ds.get("ReferencedSeriesSequence", []):
-            if item.get("SeriesInstanceUID"):
-                refs.add(str(item.SeriesInstanceUID))
-        return "SEG", refs
-    if sop in SR_CLASSES:
-        templates = [str(t.get("TemplateIdentifier", "")) for t in ds.get("ContentTemplateSequence", [])]
-        concept = [str(c.get("CodeValue", "")) for c in ds.get("ConceptNameCodeSequence", [])]
-        if "1500" not in templates and "126000" not in concept:
-            return None, refs
-        for seq in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
-            for study_item in ds.get(seq, []):
-                for series_item in study_item.get("ReferencedSeriesSequence", []):
-                    if series_item.get("SeriesInstanceUID"):
-                        refs.add(str(series_item.SeriesInstanceUID))
-        return "SR", refs
-    return None, refs
+    """('SEG'|'SR'|None, referenced series UIDs) for one annotation object header (one reading of the references
+    for the whole service: :func:`pipeline.verification.annotation_references`)."""
+    kind, refs = pipeline_annotation_references(ds)
+    return kind, set(refs)
 
 
 _REF_TAGS = [

@@ -221,9 +221,13 @@ def take_in_series(
             header = AnnotationHeader.read(Path(inst.file_path))
             if header is None or header.is_ours(ours):
                 continue
-            targets = [u for u in header.references if analysed(s, u)]
+            # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
+            # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification
+            targets = [u for u in header.references if our_seg_of_series(s, u) is not None]
             if not targets:
-                notes.append(f"{header.modality} annotates no series LesionTrack analysed (kept as a prior annotation)")
+                notes.append(
+                    f"{header.modality} annotates no series LesionTrack issued a result for (kept as prior annotation)"
+                )
                 continue
             ct_uid = targets[0]
             known = s.scalar(

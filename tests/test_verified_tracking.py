@@ -420,3 +420,29 @@ def test_cli_lists_verifications(tmp_path: Path, site: dict[str, Any]) -> None:
     assert READER in res.output and "applied" in res.output
     bad = CliRunner().invoke(app, ["--config", str(cfg), "verify", "as-is", "1.2.3.4", "--operator", "bob"])
     assert bad.exit_code == 1 and "not analysed" in bad.output
+
+
+def test_an_annotation_arriving_with_its_ct_is_not_a_correction(site: dict[str, Any]) -> None:
+    """A radiologist's SEG that arrives with (or while we analyse) its CT — the baseline's — is a prompt source: no
+    verification, no adoption job, whatever state that series' job is in."""
+    import pydicom as _pydicom
+
+    from db.models import AnalysisJob
+    from pipeline.jobs import JobStore
+    from pipeline.verification import take_in_series
+
+    patient = site["patient"]
+    job = JobStore(site["sf"]).create(patient.baseline.series_uid, reason="baseline routed with its SEG")
+    seg_series = str(_pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SeriesInstanceUID)
+    before = _count(site["sf"], TimepointVerification)
+    assert take_in_series(site["sf"], site["settings"].verification, seg_series) == []
+    assert _count(site["sf"], TimepointVerification) == before
+    with session_scope(site["sf"]) as s:
+        row = s.get(AnalysisJob, job)
+        assert row is not None and row.superseded_by is None
+        row.state = JobState.NOTHING_TO_TRACK  # leave the shared database as it was (no queued job)
+
+
+def _count(sf: Any, model: Any) -> int:
+    with session_scope(sf) as s:
+        return len(list(s.scalars(select(model))))

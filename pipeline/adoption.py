@@ -64,6 +64,7 @@ def _segments(prompts: Sequence[Prompt], ct: Volume, candidates: set[str]) -> li
 
 def build_adoption(
     session: Session,
+    series_uid: str,
     record: VerificationRecord,
     followup_ct: Volume,
     our_seg: str | None,
@@ -75,7 +76,11 @@ def build_adoption(
     if not corrected:
         raise PermanentError(f"correction {record.source_sop_instance_uid} marks no lesion")
     ours_prompts = _read_prompts(Path(our_seg), followup_ct) if our_seg else []
-    candidate_uids = set(session.scalars(select(NewLesionCandidate.tracking_uid)))
+    candidate_uids = set(
+        session.scalars(
+            select(NewLesionCandidate.tracking_uid).where(NewLesionCandidate.series_instance_uid == series_uid)
+        )
+    )  # our unconfirmed candidates on this follow-up (segments of our SEG that are not tracked lesions)
     match = match_correction(
         _segments(corrected, followup_ct, set()), _segments(ours_prompts, followup_ct, candidate_uids), min_dice
     )

@@ -47,6 +47,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
             our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
             ctx.state.adoption = build_adoption(
                 s,
+                ctx.series_uid,
                 match.verification,
                 followup_ct,
                 our_seg,

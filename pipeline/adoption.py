@@ -34,11 +34,11 @@ def _read_prompts(path: Path, ct: Volume) -> list[Prompt]:
     import pydicom
 
     from pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
-    from pipeline.verification import SEG_CLASSES
+    from pipeline.seg_reader import SEG_SOP_CLASSES
 
     try:
         sop = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
-        return list(prompts_from_seg(path, ct) if sop in SEG_CLASSES else prompts_from_sr(path, ct))
+        return list(prompts_from_seg(path, ct) if sop in SEG_SOP_CLASSES else prompts_from_sr(path, ct))
     except (PromptSourceError, ValueError, OSError) as exc:
         raise PermanentError(f"correction {path}: {exc}") from exc
 

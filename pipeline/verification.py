@@ -49,8 +49,6 @@ from pipeline.seg_reader import SEG_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
-SEG_CLASSES = SEG_SOP_CLASSES
-SR_CLASSES = SR_SOP_CLASSES
 ANALYSED_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.RUNNING, JobState.QUEUED, JobState.RETRY_WAIT)
 
 
@@ -67,11 +65,11 @@ def annotation_references(ds: Dataset) -> tuple[str | None, list[str]]:
         if uid and str(uid) not in refs:
             refs.append(str(uid))
 
-    if sop in SEG_CLASSES:
+    if sop in SEG_SOP_CLASSES:
         for item in ds.get("ReferencedSeriesSequence", []):
             add(item.get("SeriesInstanceUID"))
         return "SEG", refs
-    if sop in SR_CLASSES:
+    if sop in SR_SOP_CLASSES:
         templates = [str(t.get("TemplateIdentifier", "")) for t in ds.get("ContentTemplateSequence", [])]
         concept = [str(c.get("CodeValue", "")) for c in ds.get("ConceptNameCodeSequence", [])]
         if "1500" not in templates and "126000" not in concept:

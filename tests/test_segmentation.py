@@ -135,3 +135,32 @@ def test_offset_fit_follows_uniform_growth_not_an_attached_vessel() -> None:
         assert 2.0 <= offset <= 4.0, offset
     shrunk = np.where(r <= 3.5, 1.5, -1.5)
     assert -4.0 <= _fit_offset(shrunk, sdist, -float(inside.max()), 12.0, cfg) <= -1.5
+
+
+def _part_solid(rim_mm: float, seed: int) -> tuple[Volume, np.ndarray]:
+    """A part-solid nodule in lung: solid centre (r 3 mm, +20 HU) in a ground-glass rim (-550 HU), lung -850 HU."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*(np.arange(56),) * 3, indexing="ij")
+    r = np.sqrt((k - 28) ** 2 + (j - 28) ** 2 + (i - 28) ** 2)
+    img = np.full(r.shape, -850.0)
+    img = np.where(r <= rim_mm, -550.0, img)
+    img = np.where(r <= 3.0, 20.0, img)
+    img = ndi.gaussian_filter(img, 0.5) + rng.normal(0.0, 12.0, r.shape)  # scanner blur and noise
+    vol = Volume(np.rint(img).astype(np.int16), np.zeros(3), np.ones(3), np.eye(3))
+    return vol, r <= rim_mm
+
+
+@pytest.mark.parametrize("rim_before,rim_after", [(7.0, 9.5), (7.0, 7.0), (5.0, 8.0)])
+def test_part_solid_nodule_is_followed_without_collapse_or_edge_bias(rim_before: float, rim_after: float) -> None:
+    """A part-solid nodule whose ground-glass rim grows (or stays) keeps its rim: the contrast re-centring compares
+    like with like (deep half with deep half, not the solid centre with the rim), and the lesion model leaves out the
+    blurred outermost layer (else the boundary drifts outwards into the lung)."""
+    before, prior_gt = _part_solid(rim_before, 1)
+    after, gt = _part_solid(rim_after, 2)
+    prior = before.with_array(prior_gt.astype(np.uint8))
+    out = AdaptiveEngine().segment(after, Prompt(IDENT, PromptKind.MASK, mask=prior), SegReference(before, prior))
+    got = out.array > 0
+    assert dice(got, gt) >= 0.9
+    assert 0.85 <= got.sum() / gt.sum() <= 1.15

@@ -3,9 +3,11 @@
 How it segments one lesion (all inside an ROI around the prompt, physical units throughout):
 
 1. Rasterise the prompt on the follow-up grid (a warped prior mask, a box or point balls).
-2. Intensity model. Lesion: kernel density of the (smoothed) prior CT inside the eroded prior mask when a
-   :class:`SegReference` is given, re-centred on the follow-up intensities inside the prompt core (contrast phase
-   changes); otherwise the follow-up inside the prompt core. Background: the ring around the prior lesion (or
+2. Intensity model. Lesion: kernel density of the (smoothed) prior CT inside the prior mask less its outermost
+   (partial-volume) voxel layer when a :class:`SegReference` is given, re-centred by half the difference between
+   the follow-up's prompt core and the prior lesion's own core (contrast phase changes; core against core, so a
+   part-solid nodule's solid centre is not read as a shift of its ground-glass rim); otherwise the follow-up inside
+   the prompt core. Background: the ring around the prior lesion (or
    around the prompt / a region grown from the point).
 3. Per-voxel evidence = log-likelihood ratio lesion/background + a spatial shape prior from the signed distance to
    the propagated prompt (its scale grows with lesion size, so a lesion may grow to ~2× its diameter or shrink),
@@ -140,15 +142,20 @@ class AdaptiveEngine:
             core = pmask & (inside_d >= min(2.0, inside_d.max()))
         # --- intensity models ---------------------------------------------------------------------
         if reference is not None and reference.mask.array.any():
-            les_s, bg_s = _reference_samples(reference, cfg)
+            les_s, bg_s, ref_deep = _reference_samples(reference, cfg)
             fu_core = smooth[core]
             les_pdf = _kde(les_s, cfg.min_sd_hu)
-            # adapt: follow-up core voxels compatible with the prior lesion model re-centre it
+            # adapt: follow-up core voxels compatible with the prior lesion model re-centre it. Like is compared
+            # with like: the follow-up's deep core (the deep half of the propagated prompt) against the prior
+            # lesion's own deep half — a part-solid nodule's solid centre is not its ground-glass rim, and taking
+            # the difference between them for a contrast-phase shift would move the whole model off the rim.
             lo, hi = np.percentile(les_s, [2, 98])
             pad = max(2 * cfg.min_sd_hu, 0.25 * (hi - lo))
             ok = fu_core[(fu_core >= lo - pad) & (fu_core <= hi + pad)]
+            # (a lesion of a few voxels has no deep half worth the name: its whole interior stands in)
+            ref_centre = ref_deep if ref_deep.size >= 20 else les_s
             if ok.size >= 5:
-                shift = float(np.median(ok) - np.median(les_s))
+                shift = float(np.median(ok) - np.median(ref_centre))
                 les_pdf = _kde(les_s + 0.5 * shift, cfg.min_sd_hu)
         else:
             les_s = smooth[core]
@@ -304,7 +311,9 @@ def _inner_box(pmask: np.ndarray) -> np.ndarray:
     return out & pmask
 
 
-def _reference_samples(reference: SegReference, cfg: AdaptiveConfig) -> tuple[np.ndarray, np.ndarray]:
+def _reference_samples(reference: SegReference, cfg: AdaptiveConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smoothed prior-CT samples: the lesion (less its outermost voxel layer when it is deep enough), the background
+    ring, and the lesion's deep half (as ``_core``)."""
     m = reference.mask.array > 0
     margin = cfg.ring_mm + 3.0
     sl = _roi_slices(reference.mask, margin)
@@ -313,9 +322,14 @@ def _reference_samples(reference: SegReference, cfg: AdaptiveConfig) -> tuple[np
     mm = m[sl]
     inside = ndi.distance_transform_edt(mm, sampling=sp)
     outside = ndi.distance_transform_edt(~mm, sampling=sp)
-    core = mm & (inside >= min(1.0, 0.5 * inside.max()))
+    # the outermost voxel layer of the mask is partial volume with the surroundings; where the lesion is several
+    # layers deep it is left out, so that the model holds lesion tissue, not the blurred edge (whose values pull
+    # the boundary outwards). A lesion only a few voxels deep is partial volume throughout: all of it is sampled.
+    depth = 1.5 * float(np.min(sp))
+    depth = depth if depth <= 0.35 * float(inside.max()) else 1.0
+    core = mm & (inside >= min(depth, 0.5 * inside.max()))
     ring = (outside > 1.0) & (outside <= 1.0 + cfg.ring_mm)
-    return img[core], img[ring]
+    return img[core], img[ring], img[_core(mm, inside)]
 
 
 def _best_core_fraction(lesion_like: np.ndarray, core: np.ndarray, sp: np.ndarray, radius_mm: float) -> float:

@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tracking import Patient, centroid, lung1_patient, phantom_patient
+from bench.tracking import (
+    Patient,
+    centroid,
+    exact_maps,
+    lung1_patient,
+    phantom_patient,
+    truth_prompts,
+    warp_labels_near,
+)
 from models.imaging.volume import Volume
 from models.registration.identity import IdentityRegistration
 from models.segmentation.base import get_engine
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.confidence import ConfidenceRules
+from pipeline.confidence import ConfidenceRules, combine, measure_lesion
 from pipeline.lesions import LesionStatus, Timepoint
 from pipeline.tracking import TrackingOptions, track_lesions
 
+EVIDENCE: dict[int, dict[str, Any]] = {}  # id(LesionConfidence) -> the raw evidence it was scored from
 SETS = {"tune": ([31, 32], 3), "heldout": ([41, 42, 43], 13)}
 
 
@@ -128,32 +137,10 @@ class ErrRegistration(IdentityRegistration):
         return np.asarray(self.to_fu(np.atleast_2d(np.asarray(points_mm, float))), float)  # error ignored
 
     def warp_labels(self, baseline_labels: Volume) -> Volume:
-        g = self.followup_grid
-        out = np.zeros(g.shape, baseline_labels.array.dtype)
-        idx = np.argwhere(baseline_labels.array > 0)
-        if idx.size == 0:
-            return g.with_array(out)
-        lo, hi = idx.min(0), idx.max(0)
-        corners = np.array(
-            [[c[2], c[1], c[0]] for c in np.array(np.meshgrid(*zip(lo, hi, strict=True))).T.reshape(-1, 3)], float
-        )
-        ijk = g.patient_to_index(self.map_points_to_followup(baseline_labels.index_to_patient(corners)))
         extra = 15.0 + (float(np.linalg.norm(self.err.amplitude)) if self.err is not None else 0.0)
-        pad = np.ceil(extra / g.spacing).astype(int)
-        lo_b = np.maximum(np.floor(ijk.min(0)).astype(int) - pad, 0)
-        hi_b = np.minimum(np.ceil(ijk.max(0)).astype(int) + pad + 1, np.array(g.size_ijk))
-        if np.any(hi_b <= lo_b):
-            return g.with_array(out)
-        ii, jj, kk = np.meshgrid(*(np.arange(lo_b[d], hi_b[d]) for d in range(3)), indexing="ij")
-        vox = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], -1)
-        src = np.rint(
-            baseline_labels.patient_to_index(self.map_points_to_baseline(g.index_to_patient(vox.astype(float))))
-        ).astype(int)
-        ok = np.all((src >= 0) & (src < np.array(baseline_labels.size_ijk)), axis=1)
-        vals = np.zeros(len(vox), baseline_labels.array.dtype)
-        vals[ok] = baseline_labels.array[src[ok, 2], src[ok, 1], src[ok, 0]]
-        out[vox[:, 2], vox[:, 1], vox[:, 0]] = vals
-        return g.with_array(out)
+        return warp_labels_near(
+            baseline_labels, self.followup_grid, self.map_points_to_baseline, self.map_points_to_followup, extra
+        )
 
 
 class Oracle:
@@ -167,16 +154,7 @@ class Oracle:
 
     def register(self, baseline: Volume, followup: Volume) -> ErrRegistration:
         (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
-        ta, tb = p.transforms[a], p.transforms[b]
-
-        def to_base(y: np.ndarray) -> np.ndarray:  # timepoint b mm → timepoint a mm
-            x = y if tb is None else tb.followup_to_baseline(y)
-            return x if ta is None else ta.baseline_to_followup(x)
-
-        def to_fu(x: np.ndarray) -> np.ndarray:
-            y = x if ta is None else ta.followup_to_baseline(x)
-            return y if tb is None else tb.baseline_to_followup(y)
-
+        to_base, to_fu = exact_maps(p, a, b)
         return ErrRegistration(baseline, followup, to_base, to_fu, self.errors.get((p.name, b)) if a == 0 else None)
 
 
@@ -218,18 +196,12 @@ def dates(n: int) -> list[str]:
 def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceRules) -> list[dict[str, Any]]:
     ds = dates(len(p.cts))
     tps = [Timepoint(f"{p.name}.{t}", ct, ds[t]) for t, ct in enumerate(p.cts)]
-    ids = sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)
-    prompts = []
-    for n in ids:
-        m = inj["rough"].get(n, p.labels[0].array == n)
-        prompts.append(
-            Prompt(
-                LesionIdentity(f"2.25.{n}", f"L{n}", n),
-                PromptKind.MASK,
-                mask=p.labels[0].with_array(m.astype(np.uint8)),
-                source=f"baseline annotation L{n}",
-            )
-        )
+    prompts = [  # the baseline annotations, the rough ones swapped in
+        replace(pr, mask=p.labels[0].with_array(inj["rough"][pr.identity.label].astype(np.uint8)))
+        if pr.identity.label in inj["rough"]
+        else pr
+        for pr in truth_prompts(p)
+    ]
     track_lesions(
         tps,
         prompts,
@@ -264,6 +236,7 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
                 "review": bool(les.meta.get("review")),
                 "reasons": conf.reasons,
                 "signals": {s.name: [s.value, round(s.score, 3)] for s in conf.signals},
+                "evidence": EVIDENCE.get(id(conf), {}),
             }
             rows.append(row)
     return rows
@@ -377,12 +350,13 @@ def main() -> None:
     import pipeline.tracking as tracking_mod
 
     assess_seconds: list[float] = []
-    untimed = tracking_mod.assess_lesion  # type: ignore[attr-defined]
 
-    def timed_assess(**kw: Any) -> Any:  # the confidence's own cost, apart from segmentation
+    def timed_assess(**kw: Any) -> Any:  # the confidence's own cost, apart from segmentation; keeps the evidence
         t = time.perf_counter()
-        out = untimed(**kw)
+        evidence = measure_lesion(**kw)
+        out = combine(evidence, kw.get("rules"))
         assess_seconds.append(time.perf_counter() - t)
+        EVIDENCE[id(out)] = evidence
         return out
 
     tracking_mod.assess_lesion = timed_assess  # type: ignore[attr-defined]

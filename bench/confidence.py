@@ -13,15 +13,20 @@ adds the failures a deployed tracker meets, so that some results are bad (Dice <
 * **abutting structures** — about a third of the lesions get a lesion-like structure touching them (a blob of the
   lesion's own density, radius ×0.7–1.2 of the lesion's) from some follow-up on; the truth is the lesion alone.
 
-Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
-the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop.
 Follow-ups are 8 weeks apart. Ground truth per lesion-follow-up: Dice of the result against the moved, evolved
 label (a lesion reported vanished while present counts Dice 0). The ROC separates "failed" (Dice < 0.5) from
 "good" (Dice >= 0.8) results by confidence; lesions truly gone are reported apart (no Dice).
 
-Usage: ``.venv/bin/python bench/confidence.py [--set heldout|tune] [--followups 5] [--rows] [--plot PNG]``.
-The tune set (phantom seeds 31–32, lung1 seed 3) was used to set the score anchors in ``ConfidenceRules``; the
-held-out set (phantom seeds 41–43, lung1 seed 13) was run once with them.
+Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
+the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop;
+each row (``--rows``) carries the raw ``evidence`` it was scored from (:func:`pipeline.confidence.measure_lesion`),
+so a change of :func:`pipeline.confidence.combine` can be evaluated on saved runs without re-segmenting.
+
+Usage: ``.venv/bin/python bench/confidence.py [--set heldout|tune] [--seeds 44,45,46] [--lung1-seed 17]
+[--no-lung1] [--followups 5] [--rows] [--plot PNG]``; ``--plot PNG --plot-runs A.json B.json ...`` overlays the ROC
+curves of saved outputs instead of running. Seed sets (docs/benchmarks.md): tune = phantoms 31–32 + lung1 seed 3,
+A = 41–43 + 13 (``--set heldout``), B = 44–46 without lung1, C = 51–53 + 17 — all four looked at and used to tune
+the revised signals — and the held-out D = 61–63 + 23, E = 71–73 + 29, run once with the revised code fixed.
 """
 
 from __future__ import annotations
@@ -317,6 +322,35 @@ def plot_roc(res: dict[str, Any], th: dict[str, Any], path: Path, title: str) ->
     fig.savefig(path, dpi=110)
 
 
+def plot_runs(paths: list[Path], out: Path) -> None:
+    """Overlay the ROC curves of saved outputs of this bench (one curve per JSON file, labelled by its name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for k, path in enumerate(paths):
+        res = json.loads(path.read_text())
+        pts = res["roc"]["points"]
+        f = [0.0] + [q["fpr"] for q in pts] + [1.0]
+        t = [0.0] + [q["tpr"] for q in pts] + [1.0]
+        th = res["at_threshold"]
+        label = f"{path.stem} ({res['roc']['failed_dice_lt_0.5']} failed, AUC {res['roc']['auc']:.2f})"
+        ax.plot(f, t, ".-", ms=3, lw=1, color=f"C{k}", label=label)
+        ax.plot([th["flagged_of_good (Dice >= 0.8)"]], [th["flagged_of_failed (Dice < 0.5)"]], "o", color=f"C{k}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.7, ls=":")
+    ax.axvline(0.2, color="grey", lw=0.6, ls="--")
+    ax.axhline(0.8, color="grey", lw=0.6, ls="--")
+    ax.set(xlabel="flagged among Dice >= 0.8", ylabel="flagged among Dice < 0.5", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("confidence ROC (dots: review_threshold)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=sorted(SETS), default="heldout")
@@ -327,7 +361,13 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="review threshold (default: ConfidenceRules)")
     ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
     ap.add_argument("--plot", type=Path, default=None, help="write the ROC plot (PNG)")
+    ap.add_argument("--plot-runs", nargs="+", type=Path, default=None, help="overlay saved outputs' ROCs into --plot")
     args = ap.parse_args()
+    if args.plot_runs:
+        if args.plot is None:
+            ap.error("--plot-runs needs --plot")
+        plot_runs(args.plot_runs, args.plot)
+        return
 
     rules = ConfidenceRules() if args.threshold is None else ConfidenceRules(review_threshold=args.threshold)
     seeds, lung_seed = SETS[args.set]

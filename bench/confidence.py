@@ -13,15 +13,20 @@ adds the failures a deployed tracker meets, so that some results are bad (Dice <
 * **abutting structures** — about a third of the lesions get a lesion-like structure touching them (a blob of the
   lesion's own density, radius ×0.7–1.2 of the lesion's) from some follow-up on; the truth is the lesion alone.
 
-Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
-the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop.
 Follow-ups are 8 weeks apart. Ground truth per lesion-follow-up: Dice of the result against the moved, evolved
 label (a lesion reported vanished while present counts Dice 0). The ROC separates "failed" (Dice < 0.5) from
 "good" (Dice >= 0.8) results by confidence; lesions truly gone are reported apart (no Dice).
 
-Usage: ``.venv/bin/python bench/confidence.py [--set heldout|tune] [--followups 5] [--rows] [--plot PNG]``.
-The tune set (phantom seeds 31–32, lung1 seed 3) was used to set the score anchors in ``ConfidenceRules``; the
-held-out set (phantom seeds 41–43, lung1 seed 13) was run once with them.
+Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
+the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop;
+each row (``--rows``) carries the raw ``evidence`` it was scored from (:func:`pipeline.confidence.measure_lesion`),
+so a change of :func:`pipeline.confidence.combine` can be evaluated on saved runs without re-segmenting.
+
+Usage: ``.venv/bin/python bench/confidence.py [--set heldout|tune] [--seeds 44,45,46] [--lung1-seed 17]
+[--no-lung1] [--followups 5] [--rows] [--plot PNG]``; ``--plot PNG --plot-runs A.json B.json ...`` overlays the ROC
+curves of saved outputs instead of running. Seed sets (docs/benchmarks.md): tune = phantoms 31–32 + lung1 seed 3,
+A = 41–43 + 13 (``--set heldout``), B = 44–46 without lung1, C = 51–53 + 17 — all four looked at and used to tune
+the revised signals — and the held-out D = 61–63 + 23, E = 71–73 + 29, run once with the revised code fixed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +45,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tracking import Patient, centroid, lung1_patient, phantom_patient
+from bench.tracking import (
+    Patient,
+    centroid,
+    exact_maps,
+    lung1_patient,
+    phantom_patient,
+    truth_prompts,
+    warp_labels_near,
+)
 from models.imaging.volume import Volume
 from models.registration.identity import IdentityRegistration
 from models.segmentation.base import get_engine
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.confidence import ConfidenceRules
+from pipeline.confidence import ConfidenceRules, combine, measure_lesion
 from pipeline.lesions import LesionStatus, Timepoint
 from pipeline.tracking import TrackingOptions, track_lesions
 
+EVIDENCE: dict[int, dict[str, Any]] = {}  # id(LesionConfidence) -> the raw evidence it was scored from
 SETS = {"tune": ([31, 32], 3), "heldout": ([41, 42, 43], 13)}
 
 
@@ -128,32 +142,10 @@ class ErrRegistration(IdentityRegistration):
         return np.asarray(self.to_fu(np.atleast_2d(np.asarray(points_mm, float))), float)  # error ignored
 
     def warp_labels(self, baseline_labels: Volume) -> Volume:
-        g = self.followup_grid
-        out = np.zeros(g.shape, baseline_labels.array.dtype)
-        idx = np.argwhere(baseline_labels.array > 0)
-        if idx.size == 0:
-            return g.with_array(out)
-        lo, hi = idx.min(0), idx.max(0)
-        corners = np.array(
-            [[c[2], c[1], c[0]] for c in np.array(np.meshgrid(*zip(lo, hi, strict=True))).T.reshape(-1, 3)], float
-        )
-        ijk = g.patient_to_index(self.map_points_to_followup(baseline_labels.index_to_patient(corners)))
         extra = 15.0 + (float(np.linalg.norm(self.err.amplitude)) if self.err is not None else 0.0)
-        pad = np.ceil(extra / g.spacing).astype(int)
-        lo_b = np.maximum(np.floor(ijk.min(0)).astype(int) - pad, 0)
-        hi_b = np.minimum(np.ceil(ijk.max(0)).astype(int) + pad + 1, np.array(g.size_ijk))
-        if np.any(hi_b <= lo_b):
-            return g.with_array(out)
-        ii, jj, kk = np.meshgrid(*(np.arange(lo_b[d], hi_b[d]) for d in range(3)), indexing="ij")
-        vox = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], -1)
-        src = np.rint(
-            baseline_labels.patient_to_index(self.map_points_to_baseline(g.index_to_patient(vox.astype(float))))
-        ).astype(int)
-        ok = np.all((src >= 0) & (src < np.array(baseline_labels.size_ijk)), axis=1)
-        vals = np.zeros(len(vox), baseline_labels.array.dtype)
-        vals[ok] = baseline_labels.array[src[ok, 2], src[ok, 1], src[ok, 0]]
-        out[vox[:, 2], vox[:, 1], vox[:, 0]] = vals
-        return g.with_array(out)
+        return warp_labels_near(
+            baseline_labels, self.followup_grid, self.map_points_to_baseline, self.map_points_to_followup, extra
+        )
 
 
 class Oracle:
@@ -167,16 +159,7 @@ class Oracle:
 
     def register(self, baseline: Volume, followup: Volume) -> ErrRegistration:
         (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
-        ta, tb = p.transforms[a], p.transforms[b]
-
-        def to_base(y: np.ndarray) -> np.ndarray:  # timepoint b mm → timepoint a mm
-            x = y if tb is None else tb.followup_to_baseline(y)
-            return x if ta is None else ta.baseline_to_followup(x)
-
-        def to_fu(x: np.ndarray) -> np.ndarray:
-            y = x if ta is None else ta.followup_to_baseline(x)
-            return y if tb is None else tb.baseline_to_followup(y)
-
+        to_base, to_fu = exact_maps(p, a, b)
         return ErrRegistration(baseline, followup, to_base, to_fu, self.errors.get((p.name, b)) if a == 0 else None)
 
 
@@ -218,18 +201,12 @@ def dates(n: int) -> list[str]:
 def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceRules) -> list[dict[str, Any]]:
     ds = dates(len(p.cts))
     tps = [Timepoint(f"{p.name}.{t}", ct, ds[t]) for t, ct in enumerate(p.cts)]
-    ids = sorted(int(v) for v in np.unique(p.labels[0].array) if v > 0)
-    prompts = []
-    for n in ids:
-        m = inj["rough"].get(n, p.labels[0].array == n)
-        prompts.append(
-            Prompt(
-                LesionIdentity(f"2.25.{n}", f"L{n}", n),
-                PromptKind.MASK,
-                mask=p.labels[0].with_array(m.astype(np.uint8)),
-                source=f"baseline annotation L{n}",
-            )
-        )
+    prompts = [  # the baseline annotations, the rough ones swapped in
+        replace(pr, mask=p.labels[0].with_array(inj["rough"][pr.identity.label].astype(np.uint8)))
+        if pr.identity.label in inj["rough"]
+        else pr
+        for pr in truth_prompts(p)
+    ]
     track_lesions(
         tps,
         prompts,
@@ -264,6 +241,7 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
                 "review": bool(les.meta.get("review")),
                 "reasons": conf.reasons,
                 "signals": {s.name: [s.value, round(s.score, 3)] for s in conf.signals},
+                "evidence": EVIDENCE.get(id(conf), {}),
             }
             rows.append(row)
     return rows
@@ -344,6 +322,35 @@ def plot_roc(res: dict[str, Any], th: dict[str, Any], path: Path, title: str) ->
     fig.savefig(path, dpi=110)
 
 
+def plot_runs(paths: list[Path], out: Path) -> None:
+    """Overlay the ROC curves of saved outputs of this bench (one curve per JSON file, labelled by its name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for k, path in enumerate(paths):
+        res = json.loads(path.read_text())
+        pts = res["roc"]["points"]
+        f = [0.0] + [q["fpr"] for q in pts] + [1.0]
+        t = [0.0] + [q["tpr"] for q in pts] + [1.0]
+        th = res["at_threshold"]
+        label = f"{path.stem} ({res['roc']['failed_dice_lt_0.5']} failed, AUC {res['roc']['auc']:.2f})"
+        ax.plot(f, t, ".-", ms=3, lw=1, color=f"C{k}", label=label)
+        ax.plot([th["flagged_of_good (Dice >= 0.8)"]], [th["flagged_of_failed (Dice < 0.5)"]], "o", color=f"C{k}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.7, ls=":")
+    ax.axvline(0.2, color="grey", lw=0.6, ls="--")
+    ax.axhline(0.8, color="grey", lw=0.6, ls="--")
+    ax.set(xlabel="flagged among Dice >= 0.8", ylabel="flagged among Dice < 0.5", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("confidence ROC (dots: review_threshold)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=sorted(SETS), default="heldout")
@@ -354,7 +361,13 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="review threshold (default: ConfidenceRules)")
     ap.add_argument("--rows", action="store_true", help="include per-lesion rows")
     ap.add_argument("--plot", type=Path, default=None, help="write the ROC plot (PNG)")
+    ap.add_argument("--plot-runs", nargs="+", type=Path, default=None, help="overlay saved outputs' ROCs into --plot")
     args = ap.parse_args()
+    if args.plot_runs:
+        if args.plot is None:
+            ap.error("--plot-runs needs --plot")
+        plot_runs(args.plot_runs, args.plot)
+        return
 
     rules = ConfidenceRules() if args.threshold is None else ConfidenceRules(review_threshold=args.threshold)
     seeds, lung_seed = SETS[args.set]
@@ -377,12 +390,13 @@ def main() -> None:
     import pipeline.tracking as tracking_mod
 
     assess_seconds: list[float] = []
-    untimed = tracking_mod.assess_lesion  # type: ignore[attr-defined]
 
-    def timed_assess(**kw: Any) -> Any:  # the confidence's own cost, apart from segmentation
+    def timed_assess(**kw: Any) -> Any:  # the confidence's own cost, apart from segmentation; keeps the evidence
         t = time.perf_counter()
-        out = untimed(**kw)
+        evidence = measure_lesion(**kw)
+        out = combine(evidence, kw.get("rules"))
         assess_seconds.append(time.perf_counter() - t)
+        EVIDENCE[id(out)] = evidence
         return out
 
     tracking_mod.assess_lesion = timed_assess  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from pipeline.tracking import TrackingOptions, track_lesions
 from synthetic.transforms import apply_transform, random_patient_motion
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PointMap = Callable[[np.ndarray], np.ndarray]  # points (N, 3) in mm on one grid → the same anatomy on another
 
 
 @dataclass
@@ -268,11 +270,56 @@ class TimedEngine:
         return out
 
 
+def exact_maps(p: Patient, a: int, b: int) -> tuple[PointMap, PointMap]:
+    """The exact synthetic motion between timepoints ``a`` and ``b`` of ``p`` as point maps in mm: (b → a, a → b)."""
+    ta, tb = p.transforms[a], p.transforms[b]
+
+    def b_to_a(y: np.ndarray) -> np.ndarray:  # timepoint-b mm → baseline mm → timepoint-a mm
+        x = y if tb is None else tb.followup_to_baseline(y)
+        return x if ta is None else ta.baseline_to_followup(x)
+
+    def a_to_b(x: np.ndarray) -> np.ndarray:
+        y = x if ta is None else ta.followup_to_baseline(x)
+        return y if tb is None else tb.baseline_to_followup(y)
+
+    return b_to_a, a_to_b
+
+
+def warp_labels_near(
+    labels: Volume, grid: Volume, to_labels: PointMap, to_grid: PointMap, pad_mm: float = 15.0
+) -> Volume:
+    """``labels`` pulled onto ``grid`` through point maps (``to_labels``: grid mm → labels mm, ``to_grid`` the
+    other way), nearest neighbour, computed only in the box where the labels land (their box's corners moved by
+    ``to_grid``, padded by ``pad_mm``): milliseconds instead of an inverse transform of the whole grid."""
+    g = grid
+    out = np.zeros(g.shape, labels.array.dtype)
+    idx = np.argwhere(labels.array > 0)
+    if idx.size == 0:
+        return g.with_array(out)
+    lo, hi = idx.min(0), idx.max(0)
+    corners = np.array(
+        [[c[2], c[1], c[0]] for c in np.array(np.meshgrid(*zip(lo, hi, strict=True))).T.reshape(-1, 3)], float
+    )
+    ijk = g.patient_to_index(to_grid(labels.index_to_patient(corners)))
+    pad = np.ceil(pad_mm / g.spacing).astype(int)
+    lo_b = np.maximum(np.floor(ijk.min(0)).astype(int) - pad, 0)
+    hi_b = np.minimum(np.ceil(ijk.max(0)).astype(int) + pad + 1, np.array(g.size_ijk))
+    if np.any(hi_b <= lo_b):
+        return g.with_array(out)
+    ii, jj, kk = np.meshgrid(*(np.arange(lo_b[d], hi_b[d]) for d in range(3)), indexing="ij")
+    vox = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], -1)
+    src = np.rint(labels.patient_to_index(to_labels(g.index_to_patient(vox.astype(float))))).astype(int)
+    ok = np.all((src >= 0) & (src < np.array(labels.size_ijk)), axis=1)
+    vals = np.zeros(len(vox), labels.array.dtype)
+    vals[ok] = labels.array[src[ok, 2], src[ok, 1], src[ok, 0]]
+    out[vox[:, 2], vox[:, 1], vox[:, 0]] = vals
+    return g.with_array(out)
+
+
 class OracleRegistration:
     """The exact synthetic motion as a registration (isolates the propagation and the engine from registration error).
 
-    ``warp_labels`` maps only the follow-up voxels around where the mask lands (its box, moved exactly, padded), so
-    a pair costs milliseconds instead of an inverse transform of the whole grid.
+    ``warp_labels`` is :func:`warp_labels_near` (the mask's box moved exactly, padded), so a pair costs milliseconds.
     """
 
     name, version = "oracle", "1.0"
@@ -285,50 +332,12 @@ class OracleRegistration:
         from pipeline.tracking import IdentityRegistration
 
         (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
-        ta, tb = p.transforms[a], p.transforms[b]
-
-        def a_to_base(x: np.ndarray) -> np.ndarray:  # timepoint-a mm → baseline mm
-            return x if ta is None else ta.followup_to_baseline(x)
-
-        def base_to_a(x: np.ndarray) -> np.ndarray:
-            return x if ta is None else ta.baseline_to_followup(x)
-
-        def b_to_base(x: np.ndarray) -> np.ndarray:
-            return x if tb is None else tb.followup_to_baseline(x)
-
-        def base_to_b(x: np.ndarray) -> np.ndarray:
-            return x if tb is None else tb.baseline_to_followup(x)
-
+        b_to_a, a_to_b = exact_maps(p, a, b)
         reg = IdentityRegistration(baseline, followup)
         reg.engine = "oracle"
-        g = followup
 
         def warp_labels(labels: Volume) -> Volume:
-            out = np.zeros(g.shape, labels.array.dtype)
-            idx = np.argwhere(labels.array > 0)
-            if idx.size == 0:
-                return g.with_array(out)
-            lo, hi = idx.min(0), idx.max(0)
-            corners = np.array(
-                [[c[2], c[1], c[0]] for c in np.array(np.meshgrid(*zip(lo, hi, strict=True))).T.reshape(-1, 3)], float
-            )
-            moved = base_to_b(a_to_base(labels.index_to_patient(corners)))
-            ijk = g.patient_to_index(moved)
-            pad = np.ceil(15.0 / g.spacing).astype(int)
-            lo_b = np.maximum(np.floor(ijk.min(0)).astype(int) - pad, 0)
-            hi_b = np.minimum(np.ceil(ijk.max(0)).astype(int) + pad + 1, np.array(g.size_ijk))
-            if np.any(hi_b <= lo_b):
-                return g.with_array(out)
-            ii, jj, kk = np.meshgrid(*(np.arange(lo_b[d], hi_b[d]) for d in range(3)), indexing="ij")
-            vox = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], -1)
-            src = np.rint(labels.patient_to_index(base_to_a(b_to_base(g.index_to_patient(vox.astype(float)))))).astype(
-                int
-            )
-            ok = np.all((src >= 0) & (src < np.array(labels.size_ijk)), axis=1)
-            vals = np.zeros(len(vox), labels.array.dtype)
-            vals[ok] = labels.array[src[ok, 2], src[ok, 1], src[ok, 0]]
-            out[vox[:, 2], vox[:, 1], vox[:, 0]] = vals
-            return g.with_array(out)
+            return warp_labels_near(labels, followup, b_to_a, a_to_b)
 
         reg.warp_labels = warp_labels  # type: ignore[method-assign,assignment]  # the bench swaps in its oracle warp
         return reg

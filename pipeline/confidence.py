@@ -1,9 +1,11 @@
 """Per-lesion confidence of a tracked result and its review flag (issue 15, item 3).
 
-A propagated lesion result is as trustworthy as its weakest piece of evidence. From what the tracking loop already
-holds — the annotated CT and mask the lesion was propagated from, the registration to the follow-up, the warped
-prompt and the result on the follow-up — :func:`assess_lesion` computes a few signals, each scored in [0, 1]
-(1 = nothing to worry about), and takes the lowest score as the lesion's confidence:
+From what the tracking loop already holds — the annotated CT and mask the lesion was propagated from, the
+registration to the follow-up, the warped prompt, the result on the follow-up and our result at the neighbouring
+timepoint — :func:`measure_lesion` gathers the evidence about one propagated result and :func:`combine` scores it:
+each signal gets a score in [0, 1] (1 = nothing to worry about), and the confidence is the lowest score, lowered
+further by the second lowest (``lowest x (1 - second_weight x (1 - second lowest))``): one concern keeps its own
+value, two concerns compound, and the ROC gets a real curve instead of a few saturated points. The signals:
 
 * ``registration_ncc`` — local registration quality: normalised cross-correlation of the annotated CT pulled
   through the registration against the follow-up, in a shell around the lesion (the lesion itself is left out: its
@@ -11,16 +13,21 @@ prompt and the result on the follow-up — :func:`assess_lesion` computes a few 
 * ``jacobian`` — the range of the Jacobian determinant of the follow-up → annotation mapping in the same shell
   (finite differences of ``map_points_to_baseline``, so it works for every engine; folding or a strong local
   compression/expansion of the surroundings means the registration is unreliable there);
-* ``prompt_agreement`` — agreement between the propagated prompt and the result: the smaller of the two covered
-  by the larger (growth and shrinkage keep it high, a leak or a jump does not) and the shift of the result's
-  centre in units of the lesion radius;
-* ``presence_margin`` — how clearly the image supports the call: for a present lesion the share of a 1–4 mm shell
-  around the result that differs from the result's median by more than its own 75th-percentile deviation + 10 HU
-  (:func:`separation`); for a lesion reported vanished, the *lack* of such a region at the propagated site;
-* ``annotation_margin`` — the same measure of the annotation on its own CT (a rough prompt that took in
-  background scores low; so, benchmarks show, does an exact annotation of a low-contrast lesion);
-* ``consistency`` — agreement with our result at the neighbouring timepoint
-  (:func:`pipeline.tracking._consistency_check`: a volume jump or a disappearance);
+* ``prompt_agreement`` — agreement between the propagated (radiologist-sourced) prompt and the result: the smaller
+  of the two covered by the larger (growth and shrinkage keep it high, a leak or a jump does not), the shift of the
+  result's centre in lesion radii and the share of the result beyond what growth explains;
+* ``presence_margin`` — how clearly the image supports the call (:func:`margin`): for a present lesion, does the
+  result stand out from its surroundings; for a lesion reported vanished, the *lack* of such a region at the
+  propagated site;
+* ``annotation_margin`` — the same measure of the annotation on its own CT (a rough prompt that took in background
+  scores low). It is judged *relative to the lesion's own contrast*, so an exact annotation of a low-contrast liver
+  lesion is not taken for a rough one, and it is overruled when the result on the follow-up stands out clearly
+  (``clear_good``): the engine then found the lesion despite the rough prompt;
+* ``consistency`` — agreement with our result at the neighbouring timepoint: a volume change beyond
+  ``max_volume_factor`` per ``factor_weeks`` *of the interval between the two* (the same allowance as
+  ``volume_change``; a fixed ratio took real fast change for a disagreement), charged to this result only when it
+  departs further from the annotation's volume than the neighbour does (otherwise the neighbour is the odd one
+  out); a disappearance after a present result scores ``vanished_score``;
 * ``volume_change`` — implausible change against the annotation: beyond ``max_volume_factor`` (×3) per
   ``factor_weeks`` (8 weeks; the allowance compounds over longer intervals, shorter ones get the full ×3).
 
@@ -47,10 +54,14 @@ from models.registration.base import Registration
 __all__ = [
     "ConfidenceRules",
     "LesionConfidence",
+    "Neighbour",
     "Signal",
     "assess_lesion",
+    "combine",
     "days_between",
     "lesion_confidence",
+    "margin",
+    "measure_lesion",
     "review_text",
 ]
 
@@ -74,10 +85,14 @@ class ConfidenceRules:
     shift_bad: float = 1.0
     beyond_good: float = 0.10  # fraction of the result farther than 0.6 radii + 2 mm from the prompt (a leak)
     beyond_bad: float = 0.35
-    separation_good: float = 0.70  # presence margin of the result on the follow-up
+    separation_good: float = 0.70  # presence margin of the result on the follow-up (:func:`margin`)
     separation_bad: float = 0.30
-    annotation_good: float = 0.85  # the same measure of the annotation on its own CT
+    annotation_good: float = 0.80  # the same measure of the annotation on its own CT
     annotation_bad: float = 0.55
+    clear_good: float = 0.90  # a result standing out this clearly overrules a poor annotation margin ...
+    clear_bad: float = 0.80  # ... not at all at or below this
+    vanished_score: float = 0.3  # reported vanished while our neighbouring result was present
+    second_weight: float = 0.5  # how much the second-lowest score lowers the lowest
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConfidenceRules:
@@ -228,11 +243,16 @@ def jacobian_range(reg: Registration, points: np.ndarray, n: int = 48, h_mm: flo
     return float(det.min()), float(det.max())
 
 
-def separation(image: Volume, region: np.ndarray, inner_mm: float = 1.0, width_mm: float = 3.0) -> float | None:
-    """How clearly ``region`` stands out on ``image``: the fraction of the voxels in a shell around it that differ
-    from the region's median by more than the region's own 75th-percentile deviation (+10 HU). 1 for a homogeneous
-    lesion in contrasting surroundings, about 0.5 for one abutting tissue of its own density, low for a region that
-    took in its surroundings (or a site where nothing stands out)."""
+def separation(
+    image: Volume, region: np.ndarray, inner_mm: float = 1.0, width_mm: float = 3.0, smooth_mm: float = 0.0
+) -> float | None:
+    """How clearly ``region`` stands out on ``image``: the fraction of the voxels in a shell ``inner_mm`` …
+    ``inner_mm + width_mm`` around it that differ from the region's median by more than ``q``, where ``q`` is the
+    region's own 75th-percentile deviation plus a noise allowance of 10 HU *capped at half the contrast* between
+    the region's and the shell's medians (never below the 75th percentile itself): a shell voxel that is closer to
+    the surroundings than to the lesion counts, however small the contrast is in HU. 1 for a homogeneous lesion in
+    contrasting surroundings, about 0.5 for one abutting tissue of its own density, low for a region that took in its
+    surroundings (or a site where nothing stands out). ``smooth_mm``: Gaussian smoothing first (noise down)."""
     if not region.any():
         return None
     sp = image.spacing[::-1]
@@ -242,14 +262,26 @@ def separation(image: Volume, region: np.ndarray, inner_mm: float = 1.0, width_m
         return None
     sub = region[sl]
     img = image.array[sl].astype(np.float32)
+    if smooth_mm > 0:
+        img = ndi.gaussian_filter(img, sigma=np.maximum(smooth_mm / sp, 0.5))
     d = ndi.distance_transform_edt(~sub, sampling=sp)
     shell = (d > inner_mm) & (d <= inner_mm + width_mm)
     if shell.sum() < 10 or sub.sum() < 3:
         return None
     vi, vo = img[sub], img[shell]
     mi = float(np.median(vi))
-    q = float(np.percentile(np.abs(vi - mi), 75)) + 10.0
+    p75 = float(np.percentile(np.abs(vi - mi), 75))
+    q = max(p75, min(p75 + 10.0, 0.5 * abs(mi - float(np.median(vo)))))
     return float((np.abs(vo - mi) > q).mean())
+
+
+def margin(image: Volume, region: np.ndarray) -> float | None:
+    """:func:`separation` at full resolution (1–4 mm shell) and after 1.5 mm Gaussian smoothing (1.5–5 mm shell),
+    the better of the two: smoothing lets a low-contrast lesion stand out of the noise, full resolution keeps a
+    small high-contrast one from being blurred into its surroundings."""
+    views = [separation(image, region), separation(image, region, inner_mm=1.5, width_mm=3.5, smooth_mm=1.5)]
+    vals = [v for v in views if v is not None]
+    return max(vals) if vals else None
 
 
 def _beyond_fraction(prompt: np.ndarray, result: np.ndarray, grid: Volume) -> float:
@@ -268,6 +300,209 @@ def _equivalent_radius_mm(n_voxels: float, grid: Volume) -> float:
 
 
 # -- the assessment -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Neighbour:
+    """Our result at the neighbouring timepoint, as the consistency check sees it (:mod:`pipeline.tracking`)."""
+
+    ratio: float | None = None  # volume now / volume then (both present)
+    days: int | None = None  # between the two timepoints
+    vanished: bool = False  # present then, reported vanished now
+
+
+def measure_lesion(
+    *,
+    source_ct: Volume,
+    source_mask: Volume,
+    followup_ct: Volume,
+    prompt: Volume,
+    result: Volume,
+    present: bool,
+    reg: Registration | None,
+    rules: ConfidenceRules | None = None,
+    neighbour: Neighbour | None = None,
+    days: int | None = None,
+) -> dict[str, Any]:
+    """The raw evidence about one propagated result (numbers; :func:`combine` scores them). Every mask is a 0/1
+    volume, ``prompt`` and ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``; ``days`` is the
+    interval between the annotation and the follow-up."""
+    r = rules or ConfidenceRules()
+    f: dict[str, Any] = {"present": present, "days": days}
+    p = prompt.array > 0
+    res = result.array > 0
+    src = source_mask.array > 0
+    region = p | res
+    if reg is not None and region.any():
+        pts = _shell_points(region, followup_ct, 2.0, r.shell_mm)
+        f["ncc"], f["ncc_inside"] = local_ncc(source_ct, followup_ct, reg, pts)
+        jr = jacobian_range(reg, pts)
+        if jr is not None:
+            f["jac_lo"], f["jac_hi"] = jr
+    f["annotation_margin"] = margin(source_ct, src)
+    f["prompt_present"] = bool(p.any())
+    if present and res.any() and p.any():
+        f["containment"] = float((p & res).sum()) / float(min(p.sum(), res.sum()))
+        sp_mm = result.spacing[::-1]
+        cp = np.argwhere(p).mean(0) * sp_mm
+        cr = np.argwhere(res).mean(0) * sp_mm
+        radius = _equivalent_radius_mm(float(max(p.sum(), res.sum())), result)
+        f["shift"] = float(np.linalg.norm(cp - cr)) / max(radius, 1.0)
+        f["beyond"] = _beyond_fraction(p, res, result)
+        f["result_margin"] = margin(followup_ct, res)
+        v0 = float(src.sum()) * source_ct.voxel_volume_mm3()
+        v1 = float(res.sum()) * result.voxel_volume_mm3()
+        f["volume_ratio"] = v1 / v0 if v0 > 0 and v1 > 0 else None
+    elif not present and p.any():
+        f["site_margin"] = margin(followup_ct, p)
+    if neighbour is not None:
+        f["neighbour_ratio"] = neighbour.ratio
+        f["neighbour_days"] = neighbour.days
+        f["neighbour_vanished"] = neighbour.vanished
+    return f
+
+
+def _allowed_factor(days: int | None, r: ConfidenceRules) -> float:
+    """The volume factor allowed over ``days``: ``max_volume_factor`` per ``factor_weeks``, compounding over longer
+    intervals (shorter ones, or an unknown one, get the full factor)."""
+    return r.max_volume_factor ** max(1.0, (days or 0) / (7.0 * r.factor_weeks))
+
+
+def _excess_score(ratio: float, allowed: float) -> float:
+    """1 within ``allowed`` (either way), falling to 0 at twice (half) the allowance."""
+    excess = abs(math.log(ratio)) - math.log(allowed)
+    return float(np.clip(1.0 - excess / math.log(2.0), 0.0, 1.0)) if excess > 0 else 1.0
+
+
+def _signal(name: str, value: float | None, score: float, reason: str) -> Signal:
+    return Signal(
+        name=name, value=None if value is None else round(value, 4), score=score, reason=None if score >= 1 else reason
+    )
+
+
+def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionConfidence:
+    """Score the evidence of :func:`measure_lesion` (see the module docstring)."""
+    r = rules or ConfidenceRules()
+    signals: list[Signal] = []
+    ncc = f.get("ncc")
+    if ncc is not None:
+        s = _score(ncc, r.ncc_good, r.ncc_bad)
+        signals.append(
+            _signal("registration_ncc", ncc, s, f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})")
+        )
+    elif "ncc_inside" in f and f["ncc_inside"] < 0.5:
+        signals.append(
+            Signal(
+                name="registration_ncc",
+                value=None,
+                score=0.5,
+                reason=f"surroundings mostly outside the annotated CT ({100 * f['ncc_inside']:.0f} % inside)",
+            )
+        )
+    if f.get("jac_lo") is not None:
+        lo, hi = f["jac_lo"], f["jac_hi"]
+        worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
+        s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
+        signals.append(
+            _signal(
+                "jacobian",
+                lo if lo <= 0 or 1.0 / lo > hi else hi,
+                s,
+                "registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}",
+            )
+        )
+    clear = None
+    if f.get("containment") is not None:
+        containment, shift, beyond = f["containment"], f["shift"], f["beyond"]
+        s = min(
+            _score(containment, r.containment_good, r.containment_bad),
+            _score(shift, r.shift_good, r.shift_bad),
+            _score(beyond, r.beyond_good, r.beyond_bad),
+        )
+        signals.append(
+            _signal(
+                "prompt_agreement",
+                min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond),
+                s,
+                f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} radii, "
+                f"{100 * beyond:.0f} % beyond it)",
+            )
+        )
+        sep = f.get("result_margin")
+        if sep is not None:
+            s = _score(sep, r.separation_good, r.separation_bad)
+            signals.append(
+                _signal("presence_margin", sep, s, f"the result barely stands out from its surroundings ({sep:.2f})")
+            )
+            clear = _score(sep, r.clear_good, r.clear_bad)
+        ratio = f.get("volume_ratio")
+        if ratio is not None:
+            days = f.get("days")
+            allowed = _allowed_factor(days, r)
+            signals.append(
+                _signal(
+                    "volume_change",
+                    ratio,
+                    _excess_score(ratio, allowed),
+                    f"implausible volume change x{ratio:.2f} against the annotation "
+                    f"(allowed x{allowed:.1f}{f' in {days} days' if days is not None else ''})",
+                )
+            )
+        nb = f.get("neighbour_ratio")
+        if nb is not None and ratio is not None:
+            nb_days = f.get("neighbour_days")
+            allowed = _allowed_factor(nb_days, r)
+            s = _excess_score(nb, allowed)
+            if abs(math.log(ratio / nb)) > abs(math.log(ratio)):
+                s = 1.0  # the neighbour departs further from the annotation than this result: its jump, not ours
+            signals.append(
+                _signal(
+                    "consistency",
+                    nb,
+                    s,
+                    f"volume x{nb:.2f} against our result at the neighbouring timepoint (allowed x{allowed:.1f}"
+                    f"{f' in {nb_days} days' if nb_days is not None else ''})",
+                )
+            )
+    elif not f["present"] and f.get("prompt_present"):
+        sep = f.get("site_margin")
+        if sep is not None:
+            s = 1.0 - _score(sep, r.separation_good, r.separation_bad)
+            signals.append(
+                _signal("presence_margin", sep, s, f"reported vanished, but its site still stands out ({sep:.2f})")
+            )
+    elif not f["present"]:
+        signals.append(
+            Signal(name="presence_margin", value=None, score=0.5, reason="propagated prompt fell outside this CT")
+        )
+    if not f["present"] and f.get("neighbour_vanished"):
+        signals.append(
+            Signal(
+                name="consistency",
+                value=None,
+                score=r.vanished_score,
+                reason="vanished although present at the neighbouring timepoint",
+            )
+        )
+    ann = f.get("annotation_margin")
+    if ann is not None:
+        s = _score(ann, r.annotation_good, r.annotation_bad)
+        reason = f"the annotation barely stands out on its CT (margin {ann:.2f})"
+        if clear is not None and clear > s:
+            reason += f"; the result stands out {'clearly' if clear >= 1 else 'fairly'} on the follow-up"
+            s = clear
+        signals.append(_signal("annotation_margin", ann, s, reason))
+
+    scores = sorted(s.score for s in signals)
+    conf = 1.0 if not scores else scores[0] * (1.0 - r.second_weight * (1.0 - (scores[1] if len(scores) > 1 else 1.0)))
+    reasons = [s.reason for s in sorted(signals, key=lambda s: s.score) if s.reason]
+    return LesionConfidence(
+        confidence=round(float(conf), 4),
+        review=conf < r.review_threshold,
+        reasons=reasons,
+        signals=signals,
+        threshold=r.review_threshold,
+    )
+
+
 def assess_lesion(
     *,
     source_ct: Volume,
@@ -278,150 +513,22 @@ def assess_lesion(
     present: bool,
     reg: Registration | None,
     rules: ConfidenceRules | None = None,
-    consistency_note: str | None = None,
+    neighbour: Neighbour | None = None,
     days: int | None = None,
 ) -> LesionConfidence:
-    """Score one propagated lesion result (see the module docstring); every mask is a 0/1 volume, ``prompt`` and
-    ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``. ``consistency_note`` is the tracking loop's
-    note when our neighbouring result disagreed; ``days`` the interval between the annotation and the follow-up."""
-    r = rules or ConfidenceRules()
-    signals: list[Signal] = []
-    p = prompt.array > 0
-    res = result.array > 0
-    src = source_mask.array > 0
-
-    # registration quality in a shell around the lesion (prompt and result left out)
-    region = p | res
-    if reg is not None and region.any():
-        pts = _shell_points(region, followup_ct, 2.0, r.shell_mm)
-        ncc, inside = local_ncc(source_ct, followup_ct, reg, pts)
-        if ncc is not None:
-            s = _score(ncc, r.ncc_good, r.ncc_bad)
-            signals.append(
-                Signal(
-                    name="registration_ncc",
-                    value=round(ncc, 4),
-                    score=s,
-                    reason=None if s >= 1 else f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})",
-                )
-            )
-        elif inside < 0.5:
-            signals.append(
-                Signal(
-                    name="registration_ncc",
-                    value=None,
-                    score=0.5,
-                    reason=f"surroundings mostly outside the annotated CT ({100 * inside:.0f} % inside)",
-                )
-            )
-        jr = jacobian_range(reg, pts)
-        if jr is not None:
-            lo, hi = jr
-            worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
-            s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
-            signals.append(
-                Signal(
-                    name="jacobian",
-                    value=round(lo if lo <= 0 or 1.0 / lo > hi else hi, 4),
-                    score=s,
-                    reason=None
-                    if s >= 1
-                    else ("registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}"),
-                )
-            )
-
-    # the annotation itself: does it stand out on its CT? (a rough prompt that took in background does not)
-    sep_src = separation(source_ct, src)
-    if sep_src is not None:
-        s = _score(sep_src, r.annotation_good, r.annotation_bad)
-        signals.append(
-            Signal(
-                name="annotation_margin",
-                value=round(sep_src, 3),
-                score=s,
-                reason=None if s >= 1 else f"the annotation barely stands out on its CT (separation {sep_src:.2f})",
-            )
-        )
-
-    if present and res.any() and p.any():
-        inter = float((p & res).sum())
-        containment = inter / float(min(p.sum(), res.sum()))
-        s = _score(containment, r.containment_good, r.containment_bad)
-        sp_mm = result.spacing[::-1]
-        cp = np.argwhere(p).mean(0) * sp_mm
-        cr = np.argwhere(res).mean(0) * sp_mm
-        radius = _equivalent_radius_mm(float(max(p.sum(), res.sum())), result)
-        shift = float(np.linalg.norm(cp - cr)) / max(radius, 1.0)
-        s2 = _score(shift, r.shift_good, r.shift_bad)
-        beyond = _beyond_fraction(p, res, result)
-        s3 = _score(beyond, r.beyond_good, r.beyond_bad)
-        signals.append(
-            Signal(
-                name="prompt_agreement",
-                value=round(min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond), 4),
-                score=min(s, s2, s3),
-                reason=None
-                if min(s, s2, s3) >= 1
-                else f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} "
-                f"radii, {100 * beyond:.0f} % beyond it)",
-            )
-        )
-        sep = separation(followup_ct, res)
-        if sep is not None:
-            s = _score(sep, r.separation_good, r.separation_bad)
-            signals.append(
-                Signal(
-                    name="presence_margin",
-                    value=round(sep, 3),
-                    score=s,
-                    reason=None if s >= 1 else f"the result barely stands out from its surroundings ({sep:.2f})",
-                )
-            )
-        v0 = float(src.sum()) * source_ct.voxel_volume_mm3()
-        v1 = float(res.sum()) * result.voxel_volume_mm3()
-        if v0 > 0 and v1 > 0:
-            limit = r.max_volume_factor ** max(1.0, (days or 0) / (7.0 * r.factor_weeks))
-            ratio = v1 / v0
-            excess = abs(math.log(ratio)) - math.log(limit)
-            s = float(np.clip(1.0 - excess / math.log(2.0), 0.0, 1.0)) if excess > 0 else 1.0
-            signals.append(
-                Signal(
-                    name="volume_change",
-                    value=round(ratio, 4),
-                    score=s,
-                    reason=None
-                    if s >= 1
-                    else f"implausible volume change x{ratio:.2f} against the annotation "
-                    f"(allowed x{limit:.1f}{f' in {days} days' if days is not None else ''})",
-                )
-            )
-    elif not present and p.any():
-        # vanished: does the propagated site still hold something that stands out like a lesion?
-        sep = separation(followup_ct, p)
-        if sep is not None:
-            s = 1.0 - _score(sep, r.separation_good, r.separation_bad)
-            signals.append(
-                Signal(
-                    name="presence_margin",
-                    value=round(sep, 3),
-                    score=s,
-                    reason=None if s >= 1 else f"reported vanished, but its site still stands out ({sep:.2f})",
-                )
-            )
-    elif not present:
-        signals.append(
-            Signal(name="presence_margin", value=None, score=0.5, reason="propagated prompt fell outside this CT")
-        )
-
-    if consistency_note:
-        signals.append(Signal(name="consistency", value=None, score=0.0, reason=consistency_note))
-
-    conf = min((s.score for s in signals), default=1.0)
-    reasons = [s.reason for s in sorted(signals, key=lambda s: s.score) if s.reason]
-    return LesionConfidence(
-        confidence=round(float(conf), 4),
-        review=conf < r.review_threshold,
-        reasons=reasons,
-        signals=signals,
-        threshold=r.review_threshold,
+    """Score one propagated lesion result: :func:`combine` of :func:`measure_lesion` (see the module docstring).
+    ``neighbour`` is what the tracking loop's consistency check saw; ``days`` the interval between the annotation
+    and the follow-up."""
+    evidence = measure_lesion(
+        source_ct=source_ct,
+        source_mask=source_mask,
+        followup_ct=followup_ct,
+        prompt=prompt,
+        result=result,
+        present=present,
+        reg=reg,
+        rules=rules,
+        neighbour=neighbour,
+        days=days,
     )
+    return combine(evidence, rules)

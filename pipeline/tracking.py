@@ -34,7 +34,7 @@ from models.segmentation.base import SegmentationEngine, SegReference
 from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from models.segmentation.rasterize import prompt_to_mask
-from pipeline.confidence import ConfidenceRules, assess_lesion, days_between
+from pipeline.confidence import ConfidenceRules, Neighbour, assess_lesion, days_between
 from pipeline.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
 from pipeline.prompt_selection import nearest_source_index
 
@@ -58,7 +58,9 @@ class TrackingOptions:
     """``annotation``: every timepoint prompted directly from the nearest person-annotated timepoint (default);
     ``chain``: the former autoregressive loop, prompted with our result at the previous timepoint (benchmark only)."""
     consistency_ratio: float = 2.5
-    """Volume change against our result at the neighbouring timepoint beyond which a result is flagged for review."""
+    """Volume change against our result at the neighbouring timepoint, per 8 weeks of the interval, beyond which the
+    loop notes a disagreement (and, without a confidence, flags the result for review; with one, the confidence's
+    ``consistency`` signal judges it)."""
     confidence: ConfidenceRules | None = field(default_factory=ConfidenceRules)
     """Per-lesion confidence and review flag (:mod:`pipeline.confidence`) of every propagated result, stored in
     ``TrackedLesion.meta["confidence"]``; None: not computed (only the consistency check flags review)."""
@@ -255,7 +257,9 @@ def _propagate_direct(
         tick("segment", t, src.identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
     for les, res in zip(cur.lesions, results, strict=True):
-        note = _consistency_check(les, previous.get(les.identity.label), opts)
+        nb = _consistency_check(
+            les, previous.get(les.identity.label), opts, days_between(timepoints[prev_t].study_date, cur.study_date)
+        )
         if opts.confidence is not None:
             holding = [s for s, by in sources.items() if les.identity.label in by]
             src_les = sources[nearest_source_index(t, holding)][les.identity.label]
@@ -269,36 +273,45 @@ def _propagate_direct(
                 present=les.status is LesionStatus.PRESENT,
                 reg=cache.register_pair(src_tp, cur),
                 rules=opts.confidence,
-                consistency_note=note,
+                neighbour=nb,
                 days=days_between(src_tp.study_date, cur.study_date),
             )
             les.meta["confidence"] = conf
             les.meta["review"] = bool(les.meta.get("review", False) or conf.review)
 
 
-def _consistency_check(les: TrackedLesion, prev: TrackedLesion | None, opts: TrackingOptions) -> str | None:
-    """Our result at the neighbouring timepoint as a check (never a prompt): disagreement → flagged for review.
+def _consistency_check(
+    les: TrackedLesion, prev: TrackedLesion | None, opts: TrackingOptions, days: int | None = None
+) -> Neighbour | None:
+    """Our result at the neighbouring timepoint as a check (never a prompt); ``days`` between the two.
 
-    Returns the note of a disagreement (also appended to ``les.notes``), else None."""
+    Returns what the check saw (:class:`pipeline.confidence.Neighbour`; None without a neighbour), which the
+    confidence scores. A volume change beyond ``consistency_ratio`` per 8 weeks of the interval (compounding over
+    longer ones) or a disappearance is noted on the lesion; without a confidence (``opts.confidence`` None) such a
+    disagreement flags the result for review by itself."""
     if prev is None:
         return None
     now_present = les.status is LesionStatus.PRESENT
     was_present = prev.status is LesionStatus.PRESENT
     note = None
+    ratio = None
     if now_present and was_present:
         v0, v1 = float(prev.meta.get("volume_mm3", 0.0)), float(les.meta.get("volume_mm3", 0.0))
         if v0 > 0 and v1 > 0:
             ratio = v1 / v0
-            if ratio > opts.consistency_ratio or ratio < 1.0 / opts.consistency_ratio:
-                note = f"volume x{ratio:.2f} against our result at the neighbouring timepoint: flagged for review"
+            allowed = opts.consistency_ratio ** max(1.0, (days or 0) / 56.0)
+            if ratio > allowed or ratio < 1.0 / allowed:
+                note = f"volume x{ratio:.2f} against our result at the neighbouring timepoint"
     elif was_present and not now_present:
-        note = "vanished although present at the neighbouring timepoint: flagged for review"
+        note = "vanished although present at the neighbouring timepoint"
     elif now_present and not was_present:
         les.notes.append("reappeared: vanished at the neighbouring timepoint")
     if note is not None:
-        les.meta["review"] = True
+        if opts.confidence is None:
+            les.meta["review"] = True
+            note += ": flagged for review"
         les.notes.append(note)
-    return note
+    return Neighbour(ratio=ratio, days=days, vanished=was_present and not now_present)
 
 
 def _segment_propagated(

@@ -234,3 +234,46 @@ def test_confidence_scores_a_leak_and_a_clean_result() -> None:
     strict = assess_lesion(result=m, rules=ConfidenceRules(review_threshold=1.01), **kw)
     assert strict.review  # the threshold is what decides
     assert review_text(2, 5) == "2 of 5 lesions need review" and review_text(0, 1) == "none of 1 lesion needs review"
+
+
+def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
+    """A low-contrast lesion (-25 HU in liver-like tissue, noise sd 13 HU) annotated exactly stands out on its CT
+    (the former absolute +10 HU allowance gave it 0.70, as low as a rough annotation); a rough sphere drawn off
+    centre over it does not."""
+    from models.imaging.volume import Volume
+    from pipeline.confidence import margin
+
+    rng = np.random.default_rng(1)
+    k, j, i = np.meshgrid(np.arange(48), np.arange(48), np.arange(48), indexing="ij")
+    lesion = (k - 24) ** 2 + (j - 24) ** 2 + (i - 24) ** 2 <= 49
+    rough = (k - 24) ** 2 + (j - 24) ** 2 + (i - 29) ** 2 <= 100
+    img = np.where(lesion, 80.0, 105.0) + ndi.gaussian_filter(rng.normal(0, 60, lesion.shape), 0.8)
+    ct = Volume(img.astype(np.int16), spacing=np.ones(3))
+    exact_m, rough_m = margin(ct, lesion), margin(ct, rough)
+    assert exact_m is not None and rough_m is not None
+    assert exact_m >= 0.8 > 0.55 >= rough_m
+
+
+def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() -> None:
+    """Evidence-level checks of pipeline.confidence.combine: a x2.8 change between neighbours 8 weeks apart is a
+    plausible real change, x5 is not, x5 over 16 weeks is; a jump is charged to the result that departs further from
+    the annotation's volume; a clear result overrules a poor annotation margin; a second concern lowers the score."""
+    from pipeline.confidence import combine
+
+    base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
+
+    def conf(**kw: Any) -> Any:
+        return combine({**base, **kw})
+
+    assert not conf(volume_ratio=2.8, neighbour_ratio=2.8, neighbour_days=56).review
+    fast = conf(volume_ratio=2.9, neighbour_ratio=5.0, neighbour_days=56, days=112)
+    assert fast.review and any("neighbouring timepoint" in r for r in fast.reasons)
+    assert not conf(volume_ratio=2.9, neighbour_ratio=5.0, neighbour_days=112, days=224).review
+    # our neighbour was the odd one out (x5 against the annotation), we are back near the annotation's volume
+    assert not conf(volume_ratio=1.0, neighbour_ratio=0.2, neighbour_days=56, days=112).review
+    # a rough annotation (margin 0.3): flagged unless the result stands out clearly on the follow-up
+    assert conf(annotation_margin=0.3, result_margin=0.75).review
+    assert not conf(annotation_margin=0.3, result_margin=0.95).review
+    one = conf(annotation_margin=0.6, result_margin=0.82).confidence
+    two = conf(annotation_margin=0.6, result_margin=0.82, ncc=0.6).confidence
+    assert 0 < two < one < 1

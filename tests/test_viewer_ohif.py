@@ -2,7 +2,10 @@
 in OHIF (npm @ohif/app prebuilt dist) in headless Debian Chromium driven by playwright-core, offline.
 
 The test checks that OHIF lists the SEG's segment labels (the Tracking IDs) and shows the SR's measurements (the
-volume of every present lesion), and saves the screenshots under ``tests/artifacts/ohif/``.
+volume of every present lesion); that after accepting OHIF's tracking prompt on the OHIF measurements SR
+(pipeline.viewer_sr) its tracked-measurements panel lists every present lesion by name with its long and short axis;
+that what OHIF then saves ("Create SR") reads back as the radiologist's annotation; and saves the screenshots under
+``tests/artifacts/ohif/``.
 """
 
 from __future__ import annotations
@@ -167,6 +170,8 @@ def run_ohif_check(
     labels: list[str],
     sr_texts: list[str] = [],  # noqa: B006  (read only)
     also_listed: list[str] = [],  # noqa: B006  (read only)
+    track_sr: str = "",
+    tracked_texts: list[str] = [],  # noqa: B006  (read only)
 ) -> tuple[dict[str, Any], int]:
     """Store ``files`` in a fresh Orthanc with DICOMweb and run ohif-check.mjs on the study; (result, exit code)."""
     from tests.services import OrthancServer
@@ -179,6 +184,8 @@ def run_ohif_check(
         cmd = ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", study_uid]
         cmd += ["--out", str(tmp / "shots"), "--seg", seg, "--sr", sr, "--labels", "|".join(labels)]
         cmd += ["--sr-texts", "|".join(sr_texts), "--also-listed", "|".join(also_listed)]
+        if track_sr:
+            cmd += ["--track-sr", track_sr, "--tracked-texts", "|".join(tracked_texts)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
     finally:
         orthanc.stop()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from models.segmentation.rasterize import prompt_to_mask
 from pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
@@ -239,3 +240,72 @@ def test_no_viewer_sr_without_a_lesion_with_axes(viewer: Viewer) -> None:
     gone = [LesionReport(m) for m in viewer.measurements if not m.present]
     assert write_viewer_sr(viewer.tp.datasets, gone, time_point=TimePoint("T1", 1)) is None
     assert read_sr(viewer.path).groups  # (the module fixture's SR has them)
+
+
+def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Viewer, tmp_path: Path) -> None:
+    """OHIF's save dialog defaults to the series the measurements came from, so the radiologist's SR arrives in our
+    series 903: completion hands it to verification, which records it as a correction; it is not counted as ours."""
+    from config.settings import RoutingSettings, VerificationSettings
+    from db.models import AnalysisJob, JobState, Series, TimepointVerification
+    from db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
+    from db.session import make_engine, make_session_factory, session_scope, upgrade
+    from dicom_node.completion import complete_series
+    from dicom_node.ingest import Ingestor, ingest_file
+    from dicom_node.storage import InstanceStore
+    from pipeline.contract import WriteSegSrOutput
+    from pipeline.prompt_selection import our_instance_uids
+    from pipeline.steps.persistence import record_our_objects
+    from pipeline.verification import take_in_series
+
+    url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
+    upgrade(url)
+    sf = make_session_factory(make_engine(url))
+    ct = viewer.tp.datasets[0]
+    with session_scope(sf) as s:  # the follow-up CT and the job that issued our SEG + OHIF SR for it
+        patient = get_or_create_patient(s, str(ct.PatientID), None)
+        study = get_or_create_study(s, patient, str(ct.StudyInstanceUID), study_date=str(ct.StudyDate))
+        get_or_create_series(s, study, viewer.tp.series_uid, modality="CT")
+        out = WriteSegSrOutput(
+            files=[str(viewer.seg_path), str(viewer.path)],
+            seg=str(viewer.seg_path),
+            sr=None,
+            seg_sop_instance_uid=str(viewer.seg.dataset.SOPInstanceUID),
+            present=2,
+            vanished=1,
+            viewer_sr=str(viewer.path),
+        )
+        s.add(
+            AnalysisJob(
+                followup_series_uid=viewer.tp.series_uid,
+                patient_pk=patient.id,
+                state=JobState.DONE,
+                step="send",
+                step_outputs={WriteSegSrOutput.step: out.model_dump(mode="json")},
+            )
+        )
+    record_our_objects(sf, [viewer.seg_path, viewer.path])
+    ohif_series = str(viewer.dataset.SeriesInstanceUID)
+    rules = RoutingSettings()
+    assert complete_series(sf, rules, ohif_series, forced=True) is not None
+    assert take_in_series(sf, VerificationSettings(), ohif_series) == [], "our own result alone is no correction"
+
+    saved = _as_ohif_saves_it(viewer, tmp_path)
+    ingestor = Ingestor(InstanceStore(tmp_path / "dicom", fsync=False), sf)
+    try:
+        assert ingest_file(ingestor, saved, calling_ae="PACS").ok
+    finally:
+        ingestor.close()
+    handed: list[str] = []
+    route = complete_series(sf, rules, ohif_series, forced=True, on_annotation_complete=handed.append)
+    assert route is not None and handed == [ohif_series]
+    saved_uid = str(pydicom.dcmread(saved, stop_before_pixels=True).SOPInstanceUID)
+    ours = our_instance_uids(sf, [saved_uid, str(viewer.dataset.SOPInstanceUID)])
+    assert ours == {str(viewer.dataset.SOPInstanceUID)}
+    jobs = take_in_series(sf, VerificationSettings(), ohif_series)
+    assert len(jobs) == 1
+    with session_scope(sf) as s:
+        (v,) = s.scalars(select(TimepointVerification)).all()
+        assert v.source_sop_instance_uid == saved_uid and v.series_instance_uid == viewer.tp.series_uid
+        assert v.source_manufacturer == "Unspecified"
+        series = s.scalar(select(Series).where(Series.series_instance_uid == ohif_series))
+        assert series is not None and series.created_by_us

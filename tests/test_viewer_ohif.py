@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,24 +71,29 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert present and len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
     largest = max(present, key=lambda m: m.volume_mm3).tracking_id  # the screenshot jumps to it
-    # the OHIF measurements SR (pipeline.viewer_sr), written as the write step writes it
+    # the OHIF measurements SR (pipeline.viewer_sr), written as the write step writes it; the smallest lesion as if
+    # it had been measured without a short axis (a Length measurement in OHIF)
+    thin = min(present, key=lambda m: m.volume_mm3).tracking_uid
+    reports = [LesionReport(replace(m, short_axis=None) if m.tracking_uid == thin else m) for m in present]
     viewer_sr = write_viewer_sr(
         [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.ct_files],
-        [LesionReport(m) for m in present],
+        reports,
         time_point=TimePoint("T1", 1, fu.study_date),
         seg=seg,
     )
     assert viewer_sr is not None
     viewer_path = save_new(viewer_sr, tmp_path / "viewer")
-    tracked = viewer_lesions([LesionReport(m) for m in present])
-    assert tracked, "the phantom's lesions have RECIST axes"
+    tracked = viewer_lesions(reports)
+    assert len(tracked) == len(present), "every present phantom lesion has a RECIST long axis"
     by_uid = {s.TrackingUID: s.SegmentLabel for s in seg.SegmentSequence}
     tracked_texts = [by_uid[r.measurement.tracking_uid] for r in tracked]
     # each listed as its name, then its RECIST long axis ("L") and short axis ("W") as OHIF prints them
     tracked_rows = [
         f"{by_uid[m.tracking_uid]}\nL: {m.long_axis.length_mm:.1f} mm\nW: {m.short_axis.length_mm:.1f} mm"
+        if m.short_axis is not None
+        else f"{by_uid[m.tracking_uid]}\n{m.long_axis.length_mm:.1f} mm"
         for m in (r.measurement for r in tracked)
-        if m.long_axis is not None and m.short_axis is not None
+        if m.long_axis is not None
     ]
 
     orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()

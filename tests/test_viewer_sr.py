@@ -29,7 +29,7 @@ from pipeline.seg_writer import SegWriteResult, save_new, write_seg
 from pipeline.sr_reader import is_tool_tag, name_from_label, read_sr, read_sr_measurements, read_sr_prompts
 from pipeline.sr_writer import LesionReport, TimePoint
 from pipeline.verification import AnnotationHeader
-from pipeline.viewer_sr import OHIF_BIDIRECTIONAL, viewer_lesions, write_viewer_sr
+from pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
 from tests.conftest import require_tool
 from tests.segsr_fixtures import SyntheticTimepoint, make_series
 
@@ -105,11 +105,15 @@ def test_viewer_sr_passes_dciodvfy_and_dsrdump(viewer: Viewer) -> None:
 
 
 @pytest.mark.slow
-def test_viewer_sr_passes_pixelmed_sr_validator(viewer: Viewer) -> None:
+def test_viewer_sr_passes_pixelmed_sr_validator(viewer: Viewer, tmp_path: Path) -> None:
     require_tool("java", PIXELMED_JAR)
-    rep = run_sr_validator([viewer.path])[0]
-    assert rep.ok, rep.summary()
-    assert "Found Root Template TID_1500" in rep.output
+    first = next(m for m in viewer.measurements if m.present)  # one lesion as a Length (no short axis)
+    mixed = [LesionReport(replace(m, short_axis=None) if m is first else m) for m in viewer.measurements]
+    ds = write_viewer_sr(viewer.tp.datasets, mixed, time_point=TimePoint("T1", 1), seg=viewer.seg.dataset)
+    assert ds is not None
+    for rep in run_sr_validator([viewer.path, save_new(ds, tmp_path)]):
+        assert rep.ok, rep.summary()
+        assert "Found Root Template TID_1500" in rep.output
 
 
 def test_one_ohif_bidirectional_group_per_present_lesion_under_its_tracking_uid(viewer: Viewer) -> None:
@@ -309,3 +313,21 @@ def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Vi
         assert v.source_manufacturer == "Unspecified"
         series = s.scalar(select(Series).where(Series.series_instance_uid == ohif_series))
         assert series is not None and series.created_by_us
+
+
+def test_a_lesion_without_a_short_axis_is_an_ohif_length(viewer: Viewer, tmp_path: Path) -> None:
+    m = next(m for m in viewer.measurements if m.present)
+    ds = write_viewer_sr(viewer.tp.datasets, [LesionReport(replace(m, short_axis=None))], time_point=TimePoint("T1", 1))
+    assert ds is not None
+    (group,) = _groups(ds)
+    assert _child(group, "112039")[0].TextValue == OHIF_LENGTH and _child(group, "112040")[0].UID == m.tracking_uid
+    assert _child(group, "103339001") and not _child(group, "103340004")
+    path = save_new(ds, tmp_path)
+    try:
+        dciodvfy_path()
+    except ToolMissing:
+        require_tool("dciodvfy")
+    rep = run_dciodvfy(path)
+    assert rep.ok, rep.summary()
+    (prompt,) = read_sr_prompts(path, images=viewer.tp.datasets)
+    assert prompt.identity.tracking_id == m.tracking_id

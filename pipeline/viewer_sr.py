@@ -167,5 +167,7 @@ def write_viewer_sr(
         series_description=series_description[:64],
         software_versions=software_version,
     )
+    # the series is as old as its one instance (OHIF's save dialog lists series by date/time: not "undefined")
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
     log.debug("OHIF measurements SR %s: %d lesion(s)", sr.SOPInstanceUID, len(groups))
     return sr

@@ -119,6 +119,7 @@ def test_viewer_sr_passes_pixelmed_sr_validator(viewer: Viewer, tmp_path: Path) 
 def test_one_ohif_bidirectional_group_per_present_lesion_under_its_tracking_uid(viewer: Viewer) -> None:
     ds = viewer.dataset
     assert ds.Manufacturer == "LesionTrack" and int(ds.SeriesNumber) == 903
+    assert ds.SeriesDate == ds.ContentDate and ds.SeriesTime == ds.ContentTime
     present = [m for m in viewer.measurements if m.present]
     assert viewer.tp.lesions and any(les.status is LesionStatus.VANISHED for les in viewer.tp.lesions)
     assert [r.measurement for r in viewer_lesions([LesionReport(m) for m in viewer.measurements])] == present

@@ -85,7 +85,10 @@ def complete_series(
             )  # fmt: skip
             if hold:
                 route = Route(RoutingDecision.SKIP, hold)
-        annotation = (series.modality or "").upper() in ("SEG", "SR") and not series.created_by_us
+        # a SEG/SR a person made — in a series of its own, or saved into one of ours (OHIF, docs/viewer.md)
+        annotation = (series.modality or "").upper() in ("SEG", "SR") and (
+            not series.created_by_us or _holds_person_object(s, series)
+        )
         series.state = SeriesState.COMPLETE
         series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
@@ -122,6 +125,12 @@ def complete_series(
             with session_scope(session_factory) as s:
                 audit(s, actor, "series.trigger_failed", "series", series_uid, error=str(exc)[:500])
     return route
+
+
+def _holds_person_object(s: Session, series: Series) -> bool:
+    from pipeline.verification import holds_person_object
+
+    return holds_person_object(s, series)
 
 
 class TransferTracker:

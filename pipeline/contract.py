@@ -281,6 +281,8 @@ class WriteSegSrOutput(PipelineOutput):
     sr_sop_instance_uid: str | None = None
     present: int
     vanished: int
+    viewer_sr: str | None = None  # the OHIF measurements SR (pipeline.viewer_sr), when a lesion has RECIST axes
+    viewer_sr_sop_instance_uid: str | None = None
 
     def still_valid(self) -> bool:
         return all(Path(f).is_file() for f in self.files)

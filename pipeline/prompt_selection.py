@@ -178,8 +178,17 @@ def select_prior_annotation(
     return chosen, choice
 
 
+def written_by_us(path: str | Path) -> bool:
+    """An instance of a series we created is ours unless its header says otherwise: OHIF saves the radiologist's SR
+    into the series its measurements were hydrated from (our OHIF measurements SR's, docs/viewer.md), with a
+    Manufacturer of its own. A file that is not there counts as ours."""
+    p = Path(path)
+    return not p.is_file() or is_our_object(p)
+
+
 def our_instance_uids(session_factory: sessionmaker[Session], sop_uids: Iterable[str]) -> set[str]:
-    """Which of ``sop_uids`` are instances of a series we created (Series.created_by_us)."""
+    """Which of ``sop_uids`` are our instances: in a series we created (Series.created_by_us) and
+    :func:`written_by_us` (a person's object saved into such a series is not)."""
     from sqlalchemy import select
 
     from db.models import Instance, Series
@@ -189,9 +198,9 @@ def our_instance_uids(session_factory: sessionmaker[Session], sop_uids: Iterable
     if not uids:
         return set()
     with session_scope(session_factory) as s:
-        rows = s.scalars(
-            select(Instance.sop_instance_uid)
+        rows = s.execute(
+            select(Instance.sop_instance_uid, Instance.file_path)
             .join(Series, Instance.series_pk == Series.id)
             .where(Series.created_by_us.is_(True), Instance.sop_instance_uid.in_(uids))
-        )
-        return set(rows)
+        ).all()
+    return {uid for uid, path in rows if written_by_us(path)}

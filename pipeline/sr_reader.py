@@ -5,7 +5,10 @@
   to LPS mm through the referenced image's geometry, SCOORD3D as is), referenced SEG segment, qualitative evaluations,
   the time point, and the RECIST response container written by :mod:`pipeline.sr_writer`.
 * :func:`read_sr_prompts` → one :class:`~models.segmentation.prompts.Prompt` per lesion (groups merged by Tracking
-  UID): POINTS for point annotations, BOX for lines / polylines / ellipses / circles / polygons.
+  UID): POINTS for point annotations, BOX for lines / polylines / ellipses / circles / polygons. A group whose
+  Tracking Identifier is a cornerstone tool tag (OHIF: ``Cornerstone3DTools@^0.1.0:Bidirectional``) is named by its
+  TEXT Comment (DCM 121106, OHIF's label; :func:`name_from_label`), e.g. an SR a radiologist saved in OHIF after
+  editing the measurements of our OHIF SR (:mod:`pipeline.viewer_sr`).
 * :func:`read_sr_measurements` → our own :class:`~pipeline.measurements.LesionMeasurement` per lesion (round trip).
 
 2-D coordinates need the referenced image's position/orientation/spacing: from the SR's Image Library (TID 1600),
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from pydicom import Dataset
 from db.status import LesionStatus
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.lesion_names import SEPARATOR
 from pipeline.measurements import Axis, LesionMeasurement
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS")
 FINDING_SITE = {("363698007", "SCT"), ("G-C0E3", "SRT")}
 FINDING = {("121071", "DCM")}
 TIME_POINT = ("C2348792", "UMLS")
+COMMENT = ("121106", "DCM")  # OHIF 3.13 (@cornerstonejs/adapters LabelData) keeps a measurement's label here
 # our private lesion-status codes (pipeline.sr_writer.LT, scheme 99LTRK) → status
 STATUS_OF_CODE = {"LT002": LesionStatus.PRESENT, "LT003": LesionStatus.VANISHED, "LT004": LesionStatus.NEW}
 SUBJECT_TIME_POINT_ID = ("126070", "DCM")
@@ -124,6 +130,7 @@ class SrGroup:
     shapes: list[Shape] = field(default_factory=list)
     referenced_segment: tuple[str, int] | None = None  # (SEG SOP Instance UID, segment number)
     qualitative: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name → (value, scheme, meaning)
+    comment: str | None = None  # TEXT "Comment" (DCM 121106): OHIF's label of the measurement
 
     def num(self, codes_: Iterable[tuple[str, str]] | tuple[str, str]) -> NumItem | None:
         wanted: set[tuple[str, str]] = (
@@ -260,6 +267,8 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
             g.finding = _meaning(c, "ConceptCodeSequence")
         elif key == TIME_POINT and vt == "TEXT":
             g.time_point = str(c.TextValue)
+        elif key == COMMENT and vt == "TEXT" and g.comment is None:
+            g.comment = " ".join(str(c.TextValue).split()) or None
         elif vt == "NUM":
             mv = c.get("MeasuredValueSequence")
             if not mv:
@@ -442,17 +451,21 @@ def read_sr_prompts(
             continue
         tracking_id = next((g.tracking_id for g in groups if g.tracking_id), None)
         site = next((g.finding_site for g in groups if g.finding_site), None)
-        if not tracking_id or tracking_id.startswith("cornerstone"):  # OHIF tool tag, not a lesion label
-            text = f"L{n}" + (f" {site.lower()}" if site else "")
+        finding = next((g.finding for g in groups if g.finding), None)
+        label = next((g.comment for g in groups if g.comment), None)
+        description = _described(finding)
+        if not tracking_id or is_tool_tag(tracking_id):  # OHIF's tool tag names the tool, not the lesion
+            text, said = name_from_label(label, f"L{n}" + (f" {site.lower()}" if site else ""))
+            description = said or description
         else:
             text = tracking_id
         is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
-        finding = next((g.finding for g in groups if g.finding), None)
-        ident = LesionIdentity(uid, text, n, site, is_node, description=_described(finding))
+        ident = LesionIdentity(uid, text, n, site, is_node, description=description)
         source = f"SR {contents.sop_instance_uid} {text}"
         if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
             pts = np.concatenate([s.points_mm for s in usable if s.points_mm is not None])
-            prompts.append(Prompt(ident, PromptKind.POINTS, points_mm=pts, source=source))
+            meta = {"segment_label": label} if label else {}
+            prompts.append(Prompt(ident, PromptKind.POINTS, points_mm=pts, source=source, meta=meta))
             continue
         pts = np.concatenate([_shape_outline(s) for s in usable if s.graphic_type not in ("POINT", "MULTIPOINT")])
         is_line = (
@@ -469,7 +482,10 @@ def read_sr_prompts(
                 PromptKind.BOX,
                 box_mm=_box_from_points(pts, is_line),
                 source=source,
-                meta={"graphic_types": sorted({s.graphic_type for s in usable})},
+                meta={
+                    "graphic_types": sorted({s.graphic_type for s in usable}),
+                    **({"segment_label": label} if label else {}),
+                },
             )
         )
     log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
@@ -487,6 +503,31 @@ def _shape_outline(s: Shape) -> np.ndarray:
     return pts  # ELLIPSE: the 4 axis end points; polylines as is
 
 
+def is_tool_tag(tracking_identifier: str) -> bool:
+    """A cornerstone tool tag (``Cornerstone3DTools@^0.1.0:Length``, ``cornerstoneTools@^4.0.0:Bidirectional``): the
+    Tracking Identifier OHIF writes for every measurement, whatever lesion it is."""
+    head, sep, _tool = tracking_identifier.partition(":")
+    return bool(sep) and head.lower().startswith("cornerstone") and "@" in head
+
+
+_ID_LIKE = re.compile(r"^[A-Z]{1,2}\d+\b")
+
+
+def name_from_label(label: str | None, fallback: str) -> tuple[str, str | None]:
+    """(Tracking ID, description) from an OHIF measurement label: ``"L2 liver: hypodense lesion"`` (our display name,
+    :mod:`pipeline.lesion_names`, back from an SR that OHIF saved) splits at the first ": "; a label that looks like an
+    ID (``"L2 liver"``, ``"N1"``) is the ID; any other text is the radiologist's description of the lesion ``fallback``
+    names."""
+    if not label:
+        return fallback, None
+    head, sep, tail = label.partition(SEPARATOR)
+    if sep and head.strip() and tail.strip():
+        return head.strip(), tail.strip()
+    if _ID_LIKE.match(label):
+        return label, None
+    return fallback, label
+
+
 # -- our own measurements back ---------------------------------------------------------------------------------------
 
 
@@ -501,9 +542,12 @@ def read_sr_measurements(
             continue
         m = out.get(g.tracking_uid)
         if m is None:
+            tid = g.tracking_id or ""
+            if is_tool_tag(tid):  # an OHIF-shaped group (pipeline.viewer_sr): the name is in its Comment
+                tid = name_from_label(g.comment, "")[0]
             m = out[g.tracking_uid] = LesionMeasurement(
                 tracking_uid=g.tracking_uid,
-                tracking_id=g.tracking_id or "",
+                tracking_id=tid,
                 series_uid=None,
                 anatomic_site=g.finding_site,
             )

@@ -3,7 +3,8 @@
 The flow (docs/verified-tracking.md):
 
 1. :func:`take_in_series` — a completed SEG/SR series (routed from the PACS, or uploaded): every object in it
-   that is not ours (Manufacturer, our UID root, our own Instance rows) and references a CT series we analysed is
+   that is not ours (Manufacturer, our UID root, our own Instance rows — also in a series of ours, where OHIF saves
+   the radiologist's edit of our OHIF measurements SR) and references a CT series we analysed is
    recorded as a :class:`~db.models.TimepointVerification` (who: ContentCreatorName, else the operator / sender;
    when) and an analysis job of that CT series is queued that *adopts* the correction. The same object received
    again does nothing (its SOP Instance UID is unique in the table).
@@ -43,7 +44,7 @@ from db.repository import audit
 from db.session import session_scope
 from pipeline.contract import WriteSegSrOutput, read_output
 from pipeline.jobs import JobStore
-from pipeline.prompt_selection import OUR_MANUFACTURER
+from pipeline.prompt_selection import OUR_MANUFACTURER, written_by_us
 from pipeline.prompt_sources import SR_SOP_CLASSES
 from pipeline.seg_reader import SEG_SOP_CLASSES
 
@@ -174,12 +175,20 @@ def analysed(session: Session, series_uid: str) -> bool:
 
 
 def _our_sop_uids(session: Session, uids: list[str]) -> set[str]:
-    rows = session.scalars(
-        select(Instance.sop_instance_uid)
+    """Instances of series we created that we wrote (a person's object saved into such a series is not ours)."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.file_path)
         .join(Series, Instance.series_pk == Series.id)
         .where(Series.created_by_us.is_(True), Instance.sop_instance_uid.in_(uids))
-    )
-    return set(rows)
+    ).all()
+    return {uid for uid, path in rows if written_by_us(path)}
+
+
+def holds_person_object(session: Session, series: Series) -> bool:
+    """A series we created that also holds an object a person made: OHIF saves a radiologist's SR into the series
+    it hydrated the measurements from (our OHIF measurements SR's, docs/viewer.md)."""
+    paths = session.scalars(select(Instance.file_path).where(Instance.series_pk == series.id))
+    return series.created_by_us and any(not written_by_us(p) for p in paths)
 
 
 def _patient_of(session: Session, series_uid: str) -> int | None:
@@ -210,10 +219,12 @@ def take_in_series(
     accepted: list[tuple[int, str, str]] = []  # (verification id, CT series, who)
     with session_scope(sf) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
-        if series is None or series.created_by_us:
+        if series is None:
             return []
         instances = list(s.scalars(select(Instance).where(Instance.series_pk == series.id).order_by(Instance.id)))
         ours = _our_sop_uids(s, [i.sop_instance_uid for i in instances])
+        if series.created_by_us and all(i.sop_instance_uid in ours for i in instances):
+            return []  # our own result, nothing a person added to it
         notes: list[str] = []
         for inst in instances:
             header = AnnotationHeader.read(Path(inst.file_path))

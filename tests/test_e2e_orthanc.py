@@ -181,16 +181,24 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
             prov = {(o.propagated_from_series_uid, o.propagated_from_sop_uid) for o in obs}
         assert prov == {(patient.baseline.series_uid, baseline_seg)}, "provenance recorded on every observation"
         objs = site.results_in_orthanc(fu.study_uid)
-        assert len(objs.get("SEG", [])) == 1 and len(objs.get("SR", [])) == 1, {k: len(v) for k, v in objs.items()}
-        seg, sr = objs["SEG"][0], objs["SR"][0]
+        # SEG, the TID 1500 report and the OHIF measurements SR (pipeline.viewer_sr)
+        reports = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 902]
+        viewer = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 903]
+        counts = {k: len(v) for k, v in objs.items()}
+        assert len(objs.get("SEG", [])) == 1 and len(reports) == 1 and len(viewer) == 1, counts
+        assert len(objs["SR"]) == 2, counts
+        seg, sr = objs["SEG"][0], reports[0]
         _validate(tmp, seg)
         srs.append(_validate(tmp, sr))
+        srs.append(_validate(tmp, viewer[0]))
+        assert str(viewer[0].SOPInstanceUID) == results.written.viewer_sr_sop_instance_uid
         # unconfirmed new-lesion candidates carry Tracking UIDs of their own (labelled as such); the rest are ours
         segments = _segment_uids(seg)
         candidates = {uid for uid, tid in segments.items() if tid.endswith("(unconfirmed)")}
         assert candidates == {c.tracking_uid for c in results.detect.candidates} if results.detect else not candidates
         assert set(segments) - candidates <= base_uids and len(set(segments) - candidates) >= 1
         assert _sr_uids(sr) - candidates == base_uids, "every baseline lesion is reported under its own Tracking UID"
+        assert _sr_uids(viewer[0]) <= set(segments), "the OHIF SR names lesions by their own Tracking UIDs only"
         assert str(seg.SOPInstanceUID) == results.written.seg_sop_instance_uid
         previous_seg = str(seg.SOPInstanceUID)
     return srs

@@ -218,19 +218,34 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
     from tests.test_viewer_ohif import run_ohif_check
 
     written = job_results(site["first_job"].step_outputs).written
-    assert written is not None and written.seg and written.sr
+    assert written is not None and written.seg and written.sr and written.viewer_sr
     seg = pydicom.dcmread(written.seg, stop_before_pixels=True)
     sr = pydicom.dcmread(written.sr, stop_before_pixels=True)
+    viewer = pydicom.dcmread(written.viewer_sr)
     labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
     assert any("(unconfirmed)" in label for label in labels), labels
+    # the OHIF measurements SR names every lesion it shows by its SEG label, the candidates' say "(unconfirmed)"
+    named = [str(g.TextValue) for g in _items(viewer) if g.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert named and set(named) <= set(labels) and any("(unconfirmed)" in n for n in named), (named, labels)
     fu = site["patient"].followups[0]
     result, code = run_ohif_check(
         tmp_path_factory.mktemp("ohif-candidates"),
-        [*fu.files, Path(written.seg), Path(written.sr)],
+        [*fu.files, Path(written.seg), Path(written.sr), Path(written.viewer_sr)],
         fu.study_uid,
         seg=str(seg.SeriesDescription),
         sr=str(sr.SeriesDescription),
         labels=labels,
+        track_sr=str(viewer.SeriesDescription),
+        tracked_texts=named,
     )
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
+    assert result["trackedMissing"] == [], f"not in OHIF's tracked measurements: {result['trackedMissing']}"
     assert code == 0
+
+
+def _items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    out: list[pydicom.Dataset] = []
+    for item in ds.get("ContentSequence", []):
+        out.append(item)
+        out.extend(_items(item))
+    return out

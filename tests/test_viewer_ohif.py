@@ -2,7 +2,10 @@
 in OHIF (npm @ohif/app prebuilt dist) in headless Debian Chromium driven by playwright-core, offline.
 
 The test checks that OHIF lists the SEG's segment labels (the Tracking IDs) and shows the SR's measurements (the
-volume of every present lesion), and saves the screenshots under ``tests/artifacts/ohif/``.
+volume of every present lesion); that after accepting OHIF's tracking prompt on the OHIF measurements SR
+(pipeline.viewer_sr) its tracked-measurements panel lists every present lesion by name with its long and short axis;
+that what OHIF then saves ("Create SR") reads back as the radiologist's annotation; and saves the screenshots under
+``tests/artifacts/ohif/``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,9 @@ def _require_browser_stack() -> None:
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     _require_browser_stack()
     from pipeline.lesion_names import display_name
+    from pipeline.seg_writer import save_new
+    from pipeline.sr_writer import LesionReport, TimePoint
+    from pipeline.viewer_sr import viewer_lesions, write_viewer_sr
     from tests.services import OrthancServer
     from tests.test_api_data import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
@@ -64,10 +71,34 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert present and len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
     largest = max(present, key=lambda m: m.volume_mm3).tracking_id  # the screenshot jumps to it
+    # the OHIF measurements SR (pipeline.viewer_sr), written as the write step writes it; the smallest lesion as if
+    # it had been measured without a short axis (a Length measurement in OHIF)
+    thin = min(present, key=lambda m: m.volume_mm3).tracking_uid
+    reports = [LesionReport(replace(m, short_axis=None) if m.tracking_uid == thin else m) for m in present]
+    viewer_sr = write_viewer_sr(
+        [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.ct_files],
+        reports,
+        time_point=TimePoint("T1", 1, fu.study_date),
+        seg=seg,
+    )
+    assert viewer_sr is not None
+    viewer_path = save_new(viewer_sr, tmp_path / "viewer")
+    tracked = viewer_lesions(reports)
+    assert len(tracked) == len(present), "every present phantom lesion has a RECIST long axis"
+    by_uid = {s.TrackingUID: s.SegmentLabel for s in seg.SegmentSequence}
+    tracked_texts = [by_uid[r.measurement.tracking_uid] for r in tracked]
+    # each listed as its name, then its RECIST long axis ("L") and short axis ("W") as OHIF prints them
+    tracked_rows = [
+        f"{by_uid[m.tracking_uid]}\nL: {m.long_axis.length_mm:.1f} mm\nW: {m.short_axis.length_mm:.1f} mm"
+        if m.short_axis is not None
+        else f"{by_uid[m.tracking_uid]}\n{m.long_axis.length_mm:.1f} mm"
+        for m in (r.measurement for r in tracked)
+        if m.long_axis is not None
+    ]
 
     orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()
     try:
-        for f in [*fu.ct_files, fu.seg_path, fu.sr_path]:
+        for f in [*fu.ct_files, fu.seg_path, fu.sr_path, viewer_path]:
             orthanc.post("/instances", f.read_bytes())
         out = tmp_path / "shots"
         proc = subprocess.run(
@@ -90,12 +121,19 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
                 "|".join(volumes),
                 "--focus-label",
                 largest,
+                "--track-sr",
+                str(viewer_sr.SeriesDescription),
+                "--tracked-texts",
+                "|".join(tracked_texts),
+                "--save-sr",
             ],
             capture_output=True,
             text=True,
             timeout=420,
             cwd=BROWSER_DIR,
         )
+        ours = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (fu.sr_path, viewer_path)}
+        saved = _new_srs(orthanc, fu.study_uid, ours, tmp_path / "saved")
     finally:
         orthanc.stop()
     assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
@@ -109,13 +147,23 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert sorted(result["srTextsFound"]) == sorted(volumes), f"SR values missing: {result['srTextsMissing']}"
+    # OHIF re-hydrates the OHIF measurements SR: its tracked-measurements panel lists every lesion by name
+    assert result["trackedMissing"] == [], (result["trackedMissing"], result["trackedPanelText"][-2000:])
+    assert f"Measurements ({len(tracked)})" in result["trackedPanelText"]
+    missing_rows = [row for row in tracked_rows if row not in result["trackedPanelText"]]
+    assert not missing_rows, (missing_rows, result["trackedPanelText"][-2000:])
     # the SR's tracking identifiers carry the same names as the SEG labels
     sr = pydicom.dcmread(fu.sr_path)
     names = {item.TextValue for item in _walk(sr) if _concept(item) == "112039"}
     assert set(labels) <= names, (labels, names)
     assert proc.returncode == 0
-    for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png"):
+    for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png", "ohif-tracked.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name
+
+    # What OHIF saved ("Create SR", the dialog's defaults) is the radiologist's annotation, not ours: another
+    # Manufacturer, fresh Tracking UIDs, the lesions named by their labels; it references the follow-up CT.
+    assert len(saved) == 1, (result["stowStatus"], result["saveDialogText"])
+    _check_ohif_saved_sr(saved[0], fu, tracked, viewer_sr)
 
 
 def run_ohif_check(
@@ -128,6 +176,8 @@ def run_ohif_check(
     labels: list[str],
     sr_texts: list[str] = [],  # noqa: B006  (read only)
     also_listed: list[str] = [],  # noqa: B006  (read only)
+    track_sr: str = "",
+    tracked_texts: list[str] = [],  # noqa: B006  (read only)
 ) -> tuple[dict[str, Any], int]:
     """Store ``files`` in a fresh Orthanc with DICOMweb and run ohif-check.mjs on the study; (result, exit code)."""
     from tests.services import OrthancServer
@@ -140,6 +190,8 @@ def run_ohif_check(
         cmd = ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", study_uid]
         cmd += ["--out", str(tmp / "shots"), "--seg", seg, "--sr", sr, "--labels", "|".join(labels)]
         cmd += ["--sr-texts", "|".join(sr_texts), "--also-listed", "|".join(also_listed)]
+        if track_sr:
+            cmd += ["--track-sr", track_sr, "--tracked-texts", "|".join(tracked_texts)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
     finally:
         orthanc.stop()
@@ -148,6 +200,48 @@ def run_ohif_check(
     assert "error" not in result, result.get("error")
     assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
     return result, proc.returncode
+
+
+def _new_srs(orthanc: Any, study_uid: str, known: set[str], out: Path) -> list[Path]:
+    """The SR instances of the study in Orthanc that are not ``known`` (downloaded to ``out``)."""
+    import urllib.request
+
+    out.mkdir(parents=True, exist_ok=True)
+    study = orthanc.post("/tools/lookup", study_uid)[0]["ID"]
+    found = []
+    for inst in orthanc.get_json(f"/studies/{study}/instances"):
+        if inst["MainDicomTags"]["SOPInstanceUID"] in known:
+            continue
+        with urllib.request.urlopen(f"{orthanc.url}/instances/{inst['ID']}/file", timeout=30) as r:
+            data = r.read()
+        path = out / f"{inst['ID']}.dcm"
+        path.write_bytes(data)
+        if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR":
+            found.append(path)
+    return found
+
+
+def _check_ohif_saved_sr(path: Path, fu: Any, tracked: list[Any], viewer_sr: pydicom.Dataset) -> None:
+    from pipeline.prompt_selection import is_our_object
+    from pipeline.sr_reader import read_sr, read_sr_prompts
+    from pipeline.verification import AnnotationHeader
+
+    ds = pydicom.dcmread(path)
+    assert str(ds.get("Manufacturer", "")) != "LesionTrack"
+    assert not is_our_object(path)
+    header = AnnotationHeader.read(path)
+    assert header is not None and header.modality == "SR" and not header.is_ours(set())
+    assert fu.series_uid in header.references
+    lesion_uids = {r.measurement.tracking_uid for r in tracked}
+    contents = read_sr(path)
+    assert len(contents.groups) == len(tracked) and not lesion_uids & set(contents.tracking_uids())
+    ct = [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.ct_files]
+    prompts = read_sr_prompts(path, images=ct)
+    assert sorted(p.identity.tracking_id for p in prompts) == sorted(r.measurement.tracking_id for r in tracked)
+    # OHIF's save dialog defaults to the series of the SR the measurements came from (docs/viewer.md)
+    assert ds.SeriesInstanceUID == viewer_sr.SeriesInstanceUID
+    pred = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert pred.ReferencedSOPInstanceUID == viewer_sr.SOPInstanceUID
 
 
 def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:

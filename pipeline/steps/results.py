@@ -1,4 +1,5 @@
-"""Step 7: write the follow-up's DICOM-SEG and TID 1500 SR (new instances every time) and persist the lesions."""
+"""Step 7: write the follow-up's DICOM-SEG, TID 1500 SR and OHIF measurements SR (new instances every time) and
+persist the lesions."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
 
     from pipeline.seg_writer import save_new, write_seg
     from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+    from pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
+    from pipeline.viewer_sr import write_viewer_sr
 
     inputs = ctx.state.need_inputs()
     measured = ctx.state.need_measured()
@@ -99,7 +102,17 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         )
         sr_path = save_new(sr_res.dataset, out_dir)
         sr_uid = str(sr_res.dataset.SOPInstanceUID)
-    files = [str(p) for p in (seg_path, sr_path) if p is not None]
+    # the same lesions' RECIST axes shaped as OHIF re-hydrates them (its own series, superseded like the SR)
+    viewer = write_viewer_sr(
+        sources,
+        reports,
+        time_point=TimePoint(f"T{idx}", idx, fu.study_date),
+        seg=seg_res.dataset if seg_res is not None else None,
+        previous_versions=_previous_srs(sf, ctx.series_uid, ctx.job_id, viewer=True),
+        series_description=f"{VIEWER_SERIES_DESCRIPTION} {label}",
+    )
+    viewer_path = save_new(viewer, out_dir) if viewer is not None else None
+    files = [str(p) for p in (seg_path, sr_path, viewer_path) if p is not None]
     seg_uid = str(seg_res.dataset.SOPInstanceUID) if seg_res is not None else None
     persist_observations(ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
     persist_search(ctx, seg_uid, seg_res.segment_numbers if seg_res else {}, out_dir)
@@ -119,6 +132,8 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         sr_sop_instance_uid=sr_uid,
         present=len(present),
         vanished=len(lesions) - len(present),
+        viewer_sr=str(viewer_path) if viewer_path else None,
+        viewer_sr_sop_instance_uid=str(viewer.SOPInstanceUID) if viewer is not None else None,
     )
 
 
@@ -174,14 +189,16 @@ def _revision(sf: sessionmaker[Session], series_uid: str, job_id: int) -> int:
         )
 
 
-def _previous_srs(sf: sessionmaker[Session], series_uid: str, job_id: int) -> list[Dataset]:
-    """The SR of the latest earlier job of this series (the new SR names it as its predecessor)."""
+def _previous_srs(sf: sessionmaker[Session], series_uid: str, job_id: int, *, viewer: bool = False) -> list[Dataset]:
+    """The SR (``viewer``: the OHIF measurements SR) of the latest earlier job of this series that wrote one (the new
+    one names it as its predecessor)."""
     with session_scope(sf) as s:
         jobs = s.scalars(
             select(AnalysisJob)
             .where(AnalysisJob.followup_series_uid == series_uid, AnalysisJob.id != job_id)
             .order_by(AnalysisJob.id)
         ).all()
-        paths = [w.sr for j in jobs if (w := read_output(j.step_outputs or {}, WriteSegSrOutput)) is not None]
+        written = [w for j in jobs if (w := read_output(j.step_outputs or {}, WriteSegSrOutput)) is not None]
+        paths = [w.viewer_sr if viewer else w.sr for w in written]
     out: list[Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths if p and Path(p).is_file()]
     return out[-1:]

@@ -4,7 +4,12 @@
 //
 //   node tests/browser/ohif-check.mjs --orthanc http://127.0.0.1:8042 --study <StudyInstanceUID> --out DIR \
 //        --seg "LesionTrack lesions" --sr "LesionTrack measurements" --labels "L1 liver|L2 lymph node" \
-//        [--sr-texts "Volume|Long axis"] [--chromium /usr/bin/chromium]
+//        [--sr-texts "Volume|Long axis"] [--chromium /usr/bin/chromium] \
+//        [--track-sr "LesionTrack RECIST for OHIF" --tracked-texts "L1 liver: ...|12.1"]
+//
+// With --track-sr the named SR is then loaded too, OHIF's "track measurements" prompt is accepted (re-hydration)
+// and the tracked-measurements panel must list every --tracked-texts entry. With --save-sr as well, the tracked
+// measurements are then saved as OHIF saves them (panel "Create SR" → dialog defaults → Save: STOW-RS to the archive).
 //
 // Prints one JSON object (what was found) on stdout; exit status 0 when every expectation was met, 1 otherwise.
 import fs from 'node:fs';
@@ -23,6 +28,9 @@ const labels = (arg('labels', '') || '').split('|').filter(Boolean);
 const srTexts = (arg('sr-texts', '') || '').split('|').filter(Boolean);
 // series descriptions that must be listed in the study browser too (e.g. the superseded revisions of a result)
 const alsoListed = (arg('also-listed', '') || '').split('|').filter(Boolean);
+const trackSr = arg('track-sr', '');
+const saveSr = argv.includes('--save-sr');
+const trackedTexts = (arg('tracked-texts', '') || '').split('|').filter(Boolean);
 const executablePath = arg('chromium', '/usr/bin/chromium');
 const timeout = Number(arg('timeout-ms', '90000'));
 if (!orthanc || !study) {
@@ -33,7 +41,8 @@ fs.mkdirSync(out, { recursive: true });
 
 const result = { url: null, blocked: [], pageErrors: [], consoleErrors: [], steps: [], segPanelText: '',
   labelsFound: [], labelsMissing: [], srPanelText: '', srTextsFound: [], srTextsMissing: [], screenshots: [],
-  listedFound: [], listedMissing: [] };
+  listedFound: [], listedMissing: [], trackPrompt: null, trackedPanelText: '', trackedFound: [], trackedMissing: [],
+  saveDialogText: '', stowStatus: null };
 const step = (s) => { result.steps.push(s); console.error(`[ohif-check] ${s}`); };
 
 const { server, url } = await startServer({ orthanc, log: (m) => result.consoleErrors.push(m) });
@@ -143,8 +152,42 @@ try {
   result.srTextsFound = [...seen];
   result.srTextsMissing = [...wanted];
   await shot('ohif-sr-last.png');
+
+  if (trackSr) {
+    step('load the SR to track');
+    await page.getByText(trackSr, { exact: true }).first().dblclick();
+    // OHIF re-hydrates an SR whose groups its cornerstone adapters read: it asks whether to track them.
+    const yesTrack = page.locator('[data-cy="yes-hydrate-btn"]');
+    try {
+      await yesTrack.first().waitFor({ timeout: 30000 });
+      result.trackPrompt = (await page.locator('[data-cy="viewport-pane"]').first().innerText()).slice(0, 500);
+      await yesTrack.first().click();
+      await yesTrack.first().waitFor({ state: 'detached' });
+    } catch { step('no tracking prompt shown'); }
+    const tab = page.locator('[data-cy="trackedMeasurements-btn"]');
+    if (await tab.count()) await tab.first().click();
+    await page.waitForFunction((texts) => texts.every((t) => document.body.innerText.includes(t)), trackedTexts,
+      { timeout: 30000 }).catch(() => step('tracked-measurements panel incomplete'));
+    result.trackedPanelText = await panelText();
+    const wanted = new Set(trackedTexts.filter((t) => !result.trackedPanelText.includes(t)));
+    result.trackedPanelText = result.trackedPanelText.slice(-8000);
+    result.trackedFound = trackedTexts.filter((t) => !wanted.has(t));
+    result.trackedMissing = [...wanted];
+    await shot('ohif-tracked.png');
+    if (saveSr) {
+      step('save the tracked measurements');
+      await page.getByText('Create SR', { exact: true }).first().click();
+      const save = page.getByRole('button', { name: 'Save', exact: true });
+      await save.first().waitFor();
+      result.saveDialogText = (await panelText()).slice(-1500);
+      const stow = page.waitForResponse((r) => r.request().method() === 'POST' && r.url().includes('/dicom-web/'));
+      await save.first().click();
+      result.stowStatus = (await stow).status();
+    }
+  }
   ok = result.labelsMissing.length === 0 && result.srTextsMissing.length === 0 && result.blocked.length === 0
-    && result.listedMissing.length === 0;
+    && result.listedMissing.length === 0 && result.trackedMissing.length === 0
+    && (!saveSr || (result.stowStatus >= 200 && result.stowStatus < 300));
 } catch (e) {
   result.error = String(e && e.stack || e).slice(0, 2000);
 } finally {

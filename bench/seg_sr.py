@@ -72,7 +72,7 @@ def main() -> None:
     from models.imaging.volume import Volume
     from models.segmentation.prompts import LesionIdentity
     from pipeline.lesions import LesionStatus, TrackedLesion
-    from pipeline.measurements import measure_lesion
+    from pipeline.measurements import measure_tracked
     from pipeline.seg_writer import save_new, sort_source_slices, write_seg
     from pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
@@ -104,17 +104,7 @@ def main() -> None:
 
     ct = grid.with_array(np.zeros(grid.shape, np.int16))
     t0, c0 = time.perf_counter(), time.process_time()
-    meas = [
-        measure_lesion(
-            les.mask,
-            ct,
-            tracking_uid=les.identity.tracking_uid,
-            tracking_id=les.identity.tracking_id,
-            is_node=les.identity.is_node,
-            anatomic_site=les.identity.anatomic_site,
-        )
-        for les in lesions
-    ]
+    meas = [measure_tracked(les, ct) for les in lesions]
     t_measure, c_measure = time.perf_counter() - t0, time.process_time() - c0
     reports = [LesionReport(m, baseline_category="target") for m in meas]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -25,6 +25,9 @@ from scipy.spatial import ConvexHull, QhullError
 from db.status import LesionStatus
 from models.imaging.volume import Volume
 from pipeline.mask_grid import mask_onto_grid
+
+if TYPE_CHECKING:
+    from pipeline.lesions import TrackedLesion
 
 Point = tuple[float, float, float]
 
@@ -218,6 +221,20 @@ def measure_lesion(
     result.long_axis, result.short_axis = _axial_axes(crop, lo, ct)
     result.max_3d_diameter_mm = _max_3d_diameter(crop, ct.spacing)
     return result
+
+
+def measure_tracked(lesion: TrackedLesion, ct: Volume, series_uid: str | None = None) -> LesionMeasurement:
+    """Measure a tracking result: :func:`measure_lesion` with the lesion's own identity and status."""
+    return measure_lesion(
+        lesion.mask,
+        ct,
+        tracking_uid=lesion.identity.tracking_uid,
+        tracking_id=lesion.identity.tracking_id,
+        is_node=lesion.identity.is_node,
+        status=lesion.status,
+        series_uid=series_uid,
+        anatomic_site=lesion.identity.anatomic_site,
+    )
 
 
 def _axial_axes(crop: np.ndarray, lo: np.ndarray, ct: Volume) -> tuple[Axis, Axis]:

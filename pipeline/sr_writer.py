@@ -252,6 +252,19 @@ class _SliceLocator:
         return ds, colrow.astype(np.float32), src
 
 
+def device_observer(device_uid: str | None, manufacturer: str, software_version: str) -> hd.sr.ObserverContext:
+    """TID 1004 device observer: LesionTrack as the device that made the measurements (a new UID when none is set)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid or hd.UID(),
+            name=SOFTWARE_NAME,
+            manufacturer_name=manufacturer,
+            model_name=f"{SOFTWARE_NAME} {software_version}",
+        ),
+    )
+
+
 def write_sr(
     source_datasets: Sequence[Dataset],
     seg: SegWriteResult | None,
@@ -428,15 +441,7 @@ def write_sr(
         )
     observer = hd.sr.ObservationContext(
         observer_person_context=person,
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_uid or hd.UID(),
-                name=SOFTWARE_NAME,
-                manufacturer_name=manufacturer,
-                model_name=f"{SOFTWARE_NAME} {software_version}",
-            ),
-        ),
+        observer_device_context=device_observer(device_uid, manufacturer, software_version),
     )
     library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
     report = hd.sr.MeasurementReport(

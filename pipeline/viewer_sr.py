@@ -42,7 +42,7 @@ from pydicom.sr.coding import Code
 from pipeline.lesion_names import display_name
 from pipeline.measurements import LesionMeasurement
 from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, anatomic_code
-from pipeline.sr_writer import MM, LesionReport, TimePoint, _segment_descriptions, _SliceLocator
+from pipeline.sr_writer import MM, LesionReport, TimePoint, _segment_descriptions, _SliceLocator, device_observer
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,7 @@ def write_viewer_sr(
         )
         groups.append(group)
     observer = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_uid or hd.UID(),
-                name=SOFTWARE_NAME,
-                manufacturer_name=manufacturer,
-                model_name=f"{SOFTWARE_NAME} {software_version}",
-            ),
-        ),
+        observer_device_context=device_observer(device_uid, manufacturer, software_version)
     )
     report = hd.sr.MeasurementReport(
         observation_context=observer,

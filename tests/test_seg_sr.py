@@ -19,7 +19,7 @@ from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, PromptKind
 from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.measurements import LesionMeasurement, lesion_changes, measure_lesion
+from pipeline.measurements import LesionMeasurement, lesion_changes, measure_tracked
 from pipeline.prompt_sources import find_annotations
 from pipeline.recist import NewLesionSearch, RecistAssessment, RecistLesion, Response, assess
 from pipeline.seg_reader import read_seg, read_seg_prompts
@@ -55,22 +55,7 @@ def _dciodvfy() -> None:
 def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
     tmp = tmp_path_factory.mktemp("segsr")
     tps = make_series(tmp)
-    meas = [
-        [
-            measure_lesion(
-                les.mask,
-                tp.ct,
-                tracking_uid=les.identity.tracking_uid,
-                tracking_id=les.identity.tracking_id,
-                is_node=les.identity.is_node,
-                status=les.status.value,
-                series_uid=tp.series_uid,
-                anatomic_site=les.identity.anatomic_site,
-            )
-            for les in tp.lesions
-        ]
-        for tp in tps
-    ]
+    meas = [[measure_tracked(les, tp.ct, tp.series_uid) for les in tp.lesions] for tp in tps]
     searched = [NewLesionSearch(True)] * len(meas)  # each follow-up was searched for new lesions, none found
     assessment = assess([[RecistLesion.from_measurement(m) for m in ms] for ms in meas], new_lesion_search=searched)
     w = Written(tps, meas, assessment)

@@ -22,7 +22,7 @@ from pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_cor
 from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from pipeline.lesion_names import display_name
 from pipeline.lesions import LesionStatus
-from pipeline.measurements import LesionMeasurement, measure_lesion
+from pipeline.measurements import LesionMeasurement, measure_tracked
 from pipeline.prompt_selection import is_our_object
 from pipeline.seg_reader import read_seg_prompts
 from pipeline.seg_writer import SegWriteResult, save_new, write_seg
@@ -56,19 +56,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Viewer:
         replace(les, identity=replace(les.identity, description=WORDS.get((les.identity.anatomic_site or "").lower())))
         for les in tp.lesions
     ]
-    meas = [
-        measure_lesion(
-            les.mask,
-            tp.ct,
-            tracking_uid=les.identity.tracking_uid,
-            tracking_id=les.identity.tracking_id,
-            is_node=les.identity.is_node,
-            status=les.status.value,
-            series_uid=tp.series_uid,
-            anatomic_site=les.identity.anatomic_site,
-        )
-        for les in tp.lesions
-    ]
+    meas = [measure_tracked(les, tp.ct, tp.series_uid) for les in tp.lesions]
     seg = write_seg(tp.datasets, tp.lesions)
     reports = [LesionReport(m) for m in meas]
     ds = write_viewer_sr(tp.datasets, reports, time_point=TimePoint("T1", 1), seg=seg.dataset)

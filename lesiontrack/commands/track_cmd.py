@@ -219,7 +219,7 @@ def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int
     import pydicom
 
     from pipeline.lesions import LesionStatus
-    from pipeline.measurements import lesion_changes, measure_lesion
+    from pipeline.measurements import lesion_changes, measure_tracked
     from pipeline.seg_writer import save_new, write_seg
     from pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
@@ -227,18 +227,7 @@ def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int
     written: dict[int, list[Path]] = {}
     for t, tp in enumerate(tps):
         for les in tp.lesions:
-            history.setdefault(les.identity.tracking_uid, []).append(
-                measure_lesion(
-                    les.mask,
-                    tp.ct,
-                    tracking_uid=les.identity.tracking_uid,
-                    tracking_id=les.identity.tracking_id,
-                    is_node=les.identity.is_node,
-                    status=les.status,
-                    series_uid=tp.series_uid,
-                    anatomic_site=les.identity.anatomic_site,
-                )
-            )
+            history.setdefault(les.identity.tracking_uid, []).append(measure_tracked(les, tp.ct, tp.series_uid))
         if t == source_index:
             continue
         files = tp.ct.meta.get("source_files") or []

@@ -528,6 +528,11 @@ def main() -> None:
     )
     ap.add_argument("--oracle", action="store_true", help="run with the exact synthetic motion as registration")
     ap.add_argument("--plot", type=Path, default=None, help="write Dice / volume error vs follow-up index (PNG)")
+    ap.add_argument(
+        "--methods",
+        default="annotation,chain,warped-only",
+        help="comma-separated subset of annotation, chain, warped-only (chain needs its own registrations)",
+    )
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -539,6 +544,8 @@ def main() -> None:
         "chain (today: prompted with our previous result)": ("chain", "adaptive"),
         "warped-only (direct registration, warped baseline mask)": ("annotation", "warped-prompt"),
     }
+    wanted = set(args.methods.split(","))
+    methods = {name: how for name, how in methods.items() if name.split(" ")[0] in wanted}
     results: dict[str, Any] = {}
     all_rows: dict[str, list[dict[str, Any]]] = {}
     for name, (prop, eng) in methods.items():

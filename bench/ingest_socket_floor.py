@@ -5,8 +5,9 @@ answers each C-STORE with Success, storing nothing — the cheapest a Python rec
 structure is still decoded and encoded by pynetdicom (A-ASSOCIATE, P-DATA-TF and its PDVs, DIMSE command sets);
 what is left out is pynetdicom's two polling threads per association and its state machine. Runs alternate with
 dcmtk ``storescp +B`` (the anchor) and, optionally, with a variant that also does the per-instance work our SCP
-must do before answering Success (write the file, SHA-256, commit a database row) using the product's
-``dicom_node.ingest.Ingestor``. Prints one JSON document.
+must do before answering Success using the product's ``dicom_node.ingest.Ingestor`` (since issue 18: the door
+checks and the durable write; the row, hash bookkeeping and completion follow in its background indexer, whose CPU
+shares the machine). Prints one JSON document.
 
     .venv/bin/python bench/ingest_socket_floor.py [--instances 320] [--repeats 5]
 """

@@ -340,6 +340,9 @@ class OracleRegistration:
             return warp_labels_near(labels, followup, b_to_a, a_to_b)
 
         reg.warp_labels = warp_labels  # type: ignore[method-assign,assignment]  # the bench swaps in its oracle warp
+        # the exact point maps too: the confidence's registration signals (local NCC, Jacobian) sample through them
+        reg.map_points_to_baseline = b_to_a  # type: ignore[method-assign,assignment]
+        reg.map_points_to_followup = a_to_b  # type: ignore[method-assign,assignment]
         return reg
 
 

@@ -404,7 +404,11 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
     )
     assert result["labelsFound"] == labels, result["labelsMissing"]
     assert sorted(result["listedFound"]) == sorted(rev1), result["listedMissing"]
-    assert result["srTextsFound"] == volumes, result["srTextsMissing"]
+    assert result["srTextsFound"] == volumes, (
+        result["srTextsMissing"],
+        result["srPanelText"][-3000:],
+        result.get("steps"),
+    )
     assert code == 0
 
 

@@ -134,7 +134,9 @@ try {
   let shotTaken = false;
   const seen = new Set();
   const wanted = new Set(srTexts);
-  for (let i = 0; i < 3 * Math.max(1, srTexts.length) && wanted.size > 0; i++) {
+  // OHIF's order of the groups is its own (merged by Tracking UID, which is random per run): step through enough views
+  // to pass every lesion of a series-sized SR, not only as many as texts are wanted.
+  for (let i = 0; i < Math.max(12, 3 * srTexts.length) && wanted.size > 0; i++) {
     const text = await page.locator('[data-cy="viewport-pane"]').first().innerText();
     result.srPanelText += `--- measurement view ${i + 1}\n${text}\n`;
     for (const t of [...wanted]) if (text.includes(t)) { wanted.delete(t); seen.add(t); }

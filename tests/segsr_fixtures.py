@@ -91,3 +91,12 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
         datasets: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         out.append(SyntheticTimepoint(t, ct, files, datasets, tracked, study_uid, series_uid))
     return out
+
+
+def content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """Every SR content item of ``ds``, depth first (the document's tree flattened)."""
+    out: list[pydicom.Dataset] = []
+    for item in ds.get("ContentSequence", []):
+        out.append(item)
+        out.extend(content_items(item))
+    return out

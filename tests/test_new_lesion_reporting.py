@@ -24,6 +24,7 @@ from db.session import make_engine, make_session_factory, session_scope, upgrade
 from pipeline.contract import job_results
 from pipeline.sr_reader import read_sr
 from tests.conftest import require_tool
+from tests.segsr_fixtures import content_items
 
 API_KEY = {"X-API-Key": "demo"}
 
@@ -225,7 +226,7 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
     labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
     assert any("(unconfirmed)" in label for label in labels), labels
     # the OHIF measurements SR names every lesion it shows by its SEG label, the candidates' say "(unconfirmed)"
-    named = [str(g.TextValue) for g in _items(viewer) if g.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    named = [str(g.TextValue) for g in content_items(viewer) if g.ConceptNameCodeSequence[0].CodeValue == "121106"]
     assert named and set(named) <= set(labels) and any("(unconfirmed)" in n for n in named), (named, labels)
     fu = site["patient"].followups[0]
     result, code = run_ohif_check(
@@ -241,11 +242,3 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert result["trackedMissing"] == [], f"not in OHIF's tracked measurements: {result['trackedMissing']}"
     assert code == 0
-
-
-def _items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
-    out: list[pydicom.Dataset] = []
-    for item in ds.get("ContentSequence", []):
-        out.append(item)
-        out.extend(_items(item))
-    return out

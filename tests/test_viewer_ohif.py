@@ -23,6 +23,7 @@ import pytest
 
 from db.session import make_engine, make_session_factory, upgrade
 from tests.conftest import REPO, require_tool
+from tests.segsr_fixtures import content_items
 
 BROWSER_DIR = REPO / "tests" / "browser"
 OHIF_DIST = BROWSER_DIR / "node_modules" / "@ohif" / "app" / "dist" / "index.html"
@@ -154,7 +155,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert not missing_rows, (missing_rows, result["trackedPanelText"][-2000:])
     # the SR's tracking identifiers carry the same names as the SEG labels
     sr = pydicom.dcmread(fu.sr_path)
-    names = {item.TextValue for item in _walk(sr) if _concept(item) == "112039"}
+    names = {item.TextValue for item in content_items(sr) if _concept(item) == "112039"}
     assert set(labels) <= names, (labels, names)
     assert proc.returncode == 0
     for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png", "ohif-tracked.png"):
@@ -242,14 +243,6 @@ def _check_ohif_saved_sr(path: Path, fu: Any, tracked: list[Any], viewer_sr: pyd
     assert ds.SeriesInstanceUID == viewer_sr.SeriesInstanceUID
     pred = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert pred.ReferencedSOPInstanceUID == viewer_sr.SOPInstanceUID
-
-
-def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
-    out: list[pydicom.Dataset] = []
-    for item in ds.get("ContentSequence", []):
-        out.append(item)
-        out.extend(_walk(item))
-    return out
 
 
 def _concept(item: pydicom.Dataset) -> str | None:

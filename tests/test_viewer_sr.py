@@ -31,7 +31,7 @@ from pipeline.sr_writer import LesionReport, TimePoint
 from pipeline.verification import AnnotationHeader
 from pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
 from tests.conftest import require_tool
-from tests.segsr_fixtures import SyntheticTimepoint, make_series
+from tests.segsr_fixtures import SyntheticTimepoint, content_items, make_series
 
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 WORDS = {"liver": "hypodense lesion segment VIII", "lymph node": "enlarged right paratracheal node"}
@@ -64,16 +64,8 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Viewer:
     return Viewer(tp, meas, seg, save_new(seg.dataset, tmp / "out"), save_new(ds, tmp / "out"), ds)
 
 
-def _items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
-    out: list[pydicom.Dataset] = []
-    for item in ds.get("ContentSequence", []):
-        out.append(item)
-        out.extend(_items(item))
-    return out
-
-
 def _groups(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
-    return [i for i in _items(ds) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    return [i for i in content_items(ds) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
 
 
 def _child(group: pydicom.Dataset, code: str) -> list[pydicom.Dataset]:

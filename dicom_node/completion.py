@@ -7,8 +7,9 @@ the injected ``on_series_complete(series_uid)``. A later instance re-opens the s
 and its next completion triggers again.
 
 The state this needs lives in the database, not in a process (issue 18): the open associations per series are
-:class:`db.models.OpenTransfer` rows (written by the indexer of the receiver process serving the association,
-removed when it ends, reaped when that process dies), the last instance time is ``series.last_received_at``. So
+:class:`db.models.OpenTransfer` rows (written by the indexer with the association's first instance of the
+series — from the journal of the receiver process that served it, see :mod:`dicom_node.journal` — removed when
+it ends, reaped when that process dies), the last instance time is ``series.last_received_at``. So
 a series sent over associations that different receiver processes serve completes once, in the process that
 polls (the service's main process).
 """
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +32,9 @@ from db.repository import audit
 from db.session import session_scope
 from dicom_node.integrity import INCOMPLETE, first_header, hold_reason
 from dicom_node.routing import Route, decide, series_facts
+
+if TYPE_CHECKING:
+    from dicom_node.journal import JournalWriter
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +143,22 @@ class TransferTracker:
 
     The open-transfer rows themselves are written by the indexer, in the transaction that indexes an
     association's first instance of a series (:class:`db.models.OpenTransfer`); an association's end first
-    waits for the indexer to commit what it delivered, then records the outcome and removes its rows.
+    waits for the indexer to commit what it delivered, then records the outcome and removes its rows. In a
+    receiver process (``journal`` given) the end is a line in its index journal, after the instances it
+    delivered: the service process reads both in that order (:class:`dicom_node.journal.JournalTailer`).
     """
 
-    def __init__(self, session_factory: sessionmaker[Session], flush: Callable[[], object], actor: str = "dicom-node"):
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        flush: Callable[[], object],
+        actor: str = "dicom-node",
+        journal: JournalWriter | None = None,
+    ):
         self.session_factory = session_factory
         self.flush = flush
         self.actor = actor
+        self.journal = journal
 
     def association_released(self, association_uid: str | None) -> None:
         """The peer asked to release (A-RELEASE-RQ): its transfer is complete. Recorded before our A-RELEASE-RP
@@ -158,6 +172,9 @@ class TransferTracker:
             self._end(association_uid, released=released)
 
     def _end(self, association_uid: str, released: bool) -> None:
+        if self.journal is not None:
+            self.journal.association_ended(association_uid, released)
+            return
         self.flush()
         try:
             end_transfers(self.session_factory, [association_uid], released, self.actor)
@@ -258,8 +275,12 @@ class SeriesCompletion:
         housekeeping: Callable[[], None] | None = None,
         housekeeping_seconds: float = 30.0,
         on_annotation_complete: SeriesCallback | None = None,
+        settle: Callable[[], object] | None = None,
     ) -> None:
         self.on_annotation_complete = on_annotation_complete
+        #: commits what was acknowledged but not indexed yet; called before a series would complete, so none
+        #: completes while instances of it that the receivers acknowledged still wait for their rows
+        self.settle = settle
         self.analyse_incomplete = analyse_incomplete
         self.validate = validate
         self.session_factory = session_factory
@@ -296,7 +317,11 @@ class SeriesCompletion:
     def poll_once(self) -> list[str]:
         done = []
         with self._lock:
-            for uid in self.due():
+            due = self.due()
+            if due and self.settle is not None:
+                self.settle()
+                due = self.due()
+            for uid in due:
                 try:
                     if complete_series(
                         self.session_factory,

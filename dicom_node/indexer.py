@@ -70,6 +70,7 @@ class IndexItem:
     calling_ae: str | None = None
     peer: str | None = None
     recovered: bool = False  # found by the recovery scan: its association's end is not known
+    receiver_pid: int | None = None  # the receiver process that stored it, when not this one (its journal)
     data: bytes | None = None  # the dataset bytes, while the queue is short (saves reading the file back)
     error: str | None = None  # set when the item could not be indexed (the file stays; the scan retries)
 
@@ -116,11 +117,8 @@ class Indexer:
         session_factory: sessionmaker[Session],
         engine: Engine | None = None,
         actor: str = "dicom-node",
-        journal_dir: Path | None = None,
     ) -> None:
         self.store = store
-        self.journal_dir = journal_dir
-        self._journal_fd: int | None = None
         self.session_factory = session_factory
         self.engine: Engine = engine if engine is not None else session_factory.kw["bind"]
         self.actor = actor
@@ -138,15 +136,8 @@ class Indexer:
 
     # -- producer side -----------------------------------------------------------------------------------------
     def submit(self, item: IndexItem) -> None:
-        """Queue ``item``; its path goes to this process's journal first (see :func:`replay_journals`)."""
+        """Queue ``item`` (a crash before its commit is covered by the recovery scan at start-up)."""
         with self._cond:
-            if self.journal_dir is not None:
-                if self._journal_fd is None:
-                    self.journal_dir.mkdir(parents=True, exist_ok=True)
-                    self._journal_fd = os.open(
-                        journal_path(self.journal_dir, self.pid), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
-                    )
-                os.write(self._journal_fd, f"{item.path}\n".encode())
             self._submitted += 1
             if self._submitted - self._committed > BATCH:
                 item.data = None  # a long queue (database busy) keeps paths, not half-megabyte datasets
@@ -186,11 +177,6 @@ class Indexer:
         self._wake.set()
         self._thread.join(timeout)
         self._thread = None
-        with self._cond:
-            if self._journal_fd is not None and self._committed >= self._submitted and self.journal_dir is not None:
-                os.close(self._journal_fd)
-                self._journal_fd = None
-                journal_path(self.journal_dir, self.pid).unlink(missing_ok=True)
 
     def _run(self) -> None:
         while True:
@@ -221,8 +207,6 @@ class Indexer:
             finally:
                 with self._cond:
                     self._committed += len(items)
-                    if self._journal_fd is not None and self._committed >= self._submitted:
-                        os.ftruncate(self._journal_fd, 0)  # everything in it is committed
                     self._cond.notify_all()
             if stop:
                 return
@@ -335,8 +319,7 @@ class Indexer:
             conflicts: list[tuple[IndexItem, str, list[Any]]] = []
             fixed_paths: list[dict[str, Any]] = []
             recovered_series: set[int] = set()
-            pairs: list[tuple[str, str]] = []
-            in_batch: set[tuple[str, str]] = set()
+            pairs: dict[tuple[str, str], int] = {}  # (association, series) -> receiver process
             new_keys: set[tuple[str, str]] = set()
             for it in items:
                 sha = hashes[id(it)]
@@ -345,10 +328,7 @@ class Indexer:
                     continue
                 pk = self._series_pk[it.series_uid]
                 if it.association_uid and (it.association_uid, it.series_uid) not in self._open_pairs:
-                    pair = (it.association_uid, it.series_uid)
-                    if pair not in in_batch:
-                        in_batch.add(pair)
-                        pairs.append(pair)
+                    pairs.setdefault((it.association_uid, it.series_uid), it.receiver_pid or self.pid)
                 rows = known.get(it.sop_uid, [])
                 same = next((r for r in rows if r.sha256 == sha), None)
                 if same is not None or (it.sop_uid, sha) in new_keys:
@@ -396,8 +376,8 @@ class Indexer:
                 c.execute(
                     insert(OpenTransfer),
                     [
-                        {"association_uid": a, "series_uid": s, "pid": self.pid, "opened_at": datetime.now(UTC)}
-                        for a, s in pairs
+                        {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
+                        for (a, s), pid in pairs.items()
                     ],
                 )
                 opened = sorted({self._series_pk[s] for _a, s in pairs})
@@ -446,50 +426,11 @@ def _file_sha(path: Path) -> str | None:
 _WATERMARK = ".index-scan"
 
 
-def journal_path(journal_dir: Path, pid: int) -> Path:
-    return journal_dir / f"index-pending-{pid}.journal"
-
-
-def replay_journals(indexer: Indexer, journal_dir: Path, live_pids: set[int]) -> int:
-    """Index what receiver processes that are gone (not in ``live_pids``) had acknowledged but not committed:
-    each wrote the path of every stored file to its journal before queueing it, and emptied the journal whenever
-    its queue was committed. Returns how many files got a row."""
-    from dicom_node.ingest import item_from_file
-
-    found = 0
-    for j in sorted(journal_dir.glob("index-pending-*.journal")) if journal_dir.is_dir() else []:
-        try:
-            pid = int(j.name.removeprefix("index-pending-").removesuffix(".journal"))
-        except ValueError:
-            continue
-        if pid in live_pids:
-            continue
-        items = []
-        for line in dict.fromkeys(j.read_text(errors="replace").splitlines()):
-            p = Path(line)
-            try:
-                items.append(item_from_file(p))
-            except FileNotFoundError:
-                continue
-            except Exception as exc:
-                log.warning("stored file %s cannot be indexed: %s", p, exc)
-        before = _count_rows(indexer)
-        for k in range(0, len(items), BATCH):
-            indexer.index(items[k : k + BATCH])
-        found += _count_rows(indexer) - before
-        j.unlink(missing_ok=True)
-    if found:
-        log.warning("indexed %d instances acknowledged by a receiver process that died before its commit", found)
-    return found
-
-
-def _count_rows(indexer: Indexer) -> int:
-    with indexer.engine.connect() as c:
-        return int(c.scalar(select(func.count()).select_from(Instance)) or 0)
-
-
-def recover(indexer: Indexer, min_age: float = RECOVER_MIN_AGE_S, full: bool = False) -> int:
-    """Index every stored file without a row (older than ``min_age`` seconds); returns how many.
+def recover(
+    indexer: Indexer, min_age: float = RECOVER_MIN_AGE_S, full: bool = False, state_dir: Path | None = None
+) -> int:
+    """Index every stored file without a row (older than ``min_age`` seconds); returns how many. The time of
+    the last complete scan is kept in ``state_dir`` (default: the store's root).
 
     Only series folders modified since the last complete scan (minus a margin) are listed, unless ``full``:
     adding a file to a folder changes the folder's mtime.
@@ -500,7 +441,7 @@ def recover(indexer: Indexer, min_age: float = RECOVER_MIN_AGE_S, full: bool = F
     if not root.is_dir():
         return 0
     started = time.time()
-    mark = (indexer.journal_dir or root) / _WATERMARK
+    mark = (state_dir or root) / _WATERMARK
     since = 0.0
     if not full:
         try:

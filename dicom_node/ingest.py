@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.repository import audit
 from db.session import session_scope
 from dicom_node.indexer import Indexer, IndexItem
+from dicom_node.journal import JournalWriter
 from dicom_node.storage import InstanceStore, InvalidDataset, StorageFull, check_structure, uid_problem
 
 log = logging.getLogger(__name__)
@@ -206,11 +207,19 @@ class Ingestor:
     """Validates, stores and (in the background) indexes received instances. Thread-safe: one call per C-STORE.
 
     :meth:`receive` is the network thread's path: door validation, the durable write, Success; the rows follow
-    in :class:`dicom_node.indexer.Indexer`. :meth:`ingest` also waits for the row (retrievals, tests).
+    in :class:`dicom_node.indexer.Indexer` — this process's, or with ``journal`` (a receiver process) the
+    service process's, which reads the journal. :meth:`ingest` also waits for the row (retrievals, tests).
     """
 
-    def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session], actor: str = "dicom-node"):
+    def __init__(
+        self,
+        store: InstanceStore,
+        session_factory: sessionmaker[Session],
+        actor: str = "dicom-node",
+        journal: JournalWriter | None = None,
+    ):
         self.store = store
+        self.journal = journal
         self.session_factory = session_factory
         self.actor = actor
         self.engine = session_factory.kw["bind"]
@@ -233,6 +242,8 @@ class Ingestor:
 
     def close(self) -> None:
         self.indexer.stop()
+        if self.journal is not None:
+            self.journal.close()
         if self._own_engine:
             self.engine.dispose()
 
@@ -244,7 +255,9 @@ class Ingestor:
         peer: str | None = None,
         association: str | None = None,
     ) -> IngestResult:
-        """Store one instance and wait for its database row."""
+        """Store one instance and wait for its database row (this process's indexer, never the journal)."""
+        if self.journal is not None:
+            raise RuntimeError("an ingestor that journals for the service process cannot wait for rows")
         result, item = self._receive(meta, dataset_bytes, calling_ae, peer, association)
         if item is not None:
             self.indexer.flush()  # commits at once (no gathering window while someone waits)
@@ -279,7 +292,10 @@ class Ingestor:
         if result.status in (DATASET_MISMATCH, CANNOT_UNDERSTAND):
             self._audit_refusal(result, meta, calling_ae, peer)
         if item is not None:
-            self.indexer.submit(item)
+            if self.journal is not None:
+                self.journal.submit(item)
+            else:
+                self.indexer.submit(item)
         return result, item
 
     def _audit_refusal(
@@ -387,7 +403,7 @@ class Ingestor:
             association_uid=association,
             calling_ae=calling_ae,
             peer=peer,
-            data=dataset_bytes,
+            data=None if self.journal is not None else dataset_bytes,
         )
         result = IngestResult(
             SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=put.path, duplicate=not put.created

@@ -4,8 +4,9 @@ One process serves all of an SCP's associations under one GIL, so concurrent sen
 The service process opens the listening socket and starts N receiver processes (``python -m
 dicom_node.receivers``) that inherit it and all accept on it (a pre-forked listener: a connection waits in the
 one accept queue until some receiver takes it, so a receiver that dies loses no queued connection). Each runs a
-:class:`dicom_node.scp.Receiver`: a pynetdicom SCP with the association guard, door validation, the durable
-write and its own background indexer. What must be shared lives outside any one of them:
+:class:`dicom_node.scp.Receiver`: a pynetdicom SCP with the association guard, door validation and the durable
+write; what it stored goes to its index journal, which the service process reads and commits (one writer to the
+database, :mod:`dicom_node.journal`). What must be shared lives outside any one of them:
 
 * series completion state: in the database (:class:`db.models.OpenTransfer`, ``series.last_received_at``),
   completed by the service process (:class:`dicom_node.completion.SeriesCompletion`);
@@ -13,7 +14,7 @@ write and its own background indexer. What must be shared lives outside any one 
   ``flock`` (released by the kernel when a process dies; the service resets a dead receiver's counter).
 
 The pool restarts a receiver that dies; before, the service indexes what that receiver acknowledged but had not
-committed (its journal, see :func:`dicom_node.indexer.replay_journals`) and ends its open transfers as dropped.
+committed (its journal, see :mod:`dicom_node.journal`) and ends its open transfers as dropped.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ def _child_main() -> int:
         library_level=logging.getLevelName(job.library_level),
     )
     from db.session import make_engine, make_session_factory
-    from dicom_node.scp import Receiver
+    from dicom_node.journal import JournalWriter
+    from dicom_node.scp import Receiver, run_dir
 
     _die_with_parent()
     stop = threading.Event()
@@ -264,6 +266,7 @@ def _child_main() -> int:
         make_session_factory(engine),
         listen_socket=sock,
         slots=SharedSlots(job.slots, job.n, job.index),
+        journal=JournalWriter(run_dir(job.settings)),
     ).start()
     sys.stdout.write(f"ready {os.getpid()}\n")
     sys.stdout.flush()

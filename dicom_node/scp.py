@@ -35,8 +35,9 @@ from config.settings import Settings
 from dicom_node.assoc_log import AssociationLog
 from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
-from dicom_node.indexer import recover, replay_journals
+from dicom_node.indexer import recover
 from dicom_node.ingest import Ingestor, RequestMeta
+from dicom_node.journal import JournalTailer, JournalWriter
 from dicom_node.receivers import ReceiverPool, SharedSlots
 from dicom_node.routing import Route
 from dicom_node.storage import InstanceStore
@@ -131,7 +132,8 @@ class Receiver:
 
     Runs inside the service process (``receiver_processes`` = 1) or alone in a receiver process
     (:mod:`dicom_node.receivers`); ``listen_socket`` is the shared listening socket in the latter case,
-    ``slots`` the association counter all receiver processes share.
+    ``slots`` the association counter all receiver processes share, ``journal`` where stored instances and
+    association ends go for the service process's indexer (no database write on the network threads).
     """
 
     def __init__(
@@ -140,13 +142,13 @@ class Receiver:
         session_factory: sessionmaker[Session],
         listen_socket: socket.socket | None = None,
         slots: SharedSlots | None = None,
+        journal: JournalWriter | None = None,
     ) -> None:
         self.settings = settings
         cfg = settings.dicom
         self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
-        self.ingestor = Ingestor(self.store, session_factory)
-        self.ingestor.indexer.journal_dir = run_dir(settings)
-        self.transfers = TransferTracker(session_factory, self.ingestor.indexer.flush)
+        self.ingestor = Ingestor(self.store, session_factory, journal=journal)
+        self.transfers = TransferTracker(session_factory, self.ingestor.indexer.flush, journal=journal)
         self.policy = AssociationPolicy.from_settings(cfg)
         self.connections = ConnectionTable(self.policy, slots)
         self.associations = AssociationLog()
@@ -192,7 +194,8 @@ class Receiver:
         install_log_filter()
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
-        self.ingestor.indexer.start()
+        if self.ingestor.journal is None:
+            self.ingestor.indexer.start()
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
         self._thread.start()
         return self
@@ -349,11 +352,13 @@ class StorageSCP:
             analyse_incomplete=cfg.analyse_incomplete_transfers,
             housekeeping=self._housekeeping,
             on_annotation_complete=on_annotation_complete,
+            settle=self.settle,
         )
         #: in-process receiver (receiver_processes = 1): also the ingestor retrievals use
         self.receiver: Receiver | None = Receiver(settings, session_factory) if self.processes == 1 else None
         self.ingestor = self.receiver.ingestor if self.receiver is not None else Ingestor(self.store, session_factory)
-        self.ingestor.indexer.journal_dir = run_dir(settings)
+        #: receiver processes journal what they stored; this process commits it (one writer to the database)
+        self.tailer = JournalTailer(self.ingestor.indexer, run_dir(settings), session_factory)
         self.pool: ReceiverPool | None = None
         self._started = False
 
@@ -369,15 +374,18 @@ class StorageSCP:
         removed = self.store.remove_orphan_tmp()
         if removed:
             log.warning("removed %d temporary files left by an interrupted write", removed)
-        # nothing receives yet: index what a crash left acknowledged but without a row, then end the transfers
-        # it cut off (as dropped)
-        replay_journals(self.ingestor.indexer, run_dir(self.settings), live_pids=set())
-        recover(self.ingestor.indexer, min_age=0.0)
+        # nothing receives yet: index what a crash left acknowledged but without a row (the receivers' journals,
+        # then every file still without one), then end the transfers it cut off (as dropped)
+        self.tailer.drain(all_dead=True)
+        for stale in run_dir(self.settings).glob("index-pending-*.journal"):  # an older version's; scan covers it
+            stale.unlink(missing_ok=True)
+        recover(self.ingestor.indexer, min_age=0.0, state_dir=run_dir(self.settings))
         self.completion.resume_from_db()
         if self.receiver is not None:
             self.receiver.start()
         else:
             self.pool = ReceiverPool(self.settings, self.processes, on_death=self._receiver_died).start()
+            self.tailer.start()
         self._started = True
         self.completion.start()
         log.info(
@@ -398,6 +406,8 @@ class StorageSCP:
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
+            self.tailer.stop()
+            self.tailer.drain(all_dead=True)  # what the receivers journaled before they stopped
         self.ingestor.close()
         self._started = False
 
@@ -426,7 +436,9 @@ class StorageSCP:
         return [os.getpid()] if self.receiver is not None else [] if self.pool is None else self.pool.pids()
 
     def settle(self, timeout: float = 60.0) -> bool:
-        """Wait until this process's indexer committed everything handed to it (tests, benchmarks)."""
+        """Wait until everything acknowledged so far has its row (tests, benchmarks)."""
+        if self.pool is not None:
+            self.tailer.drain()
         return self.ingestor.indexer.flush(timeout)
 
     def force_complete(self, series_uid: str) -> Route | None:
@@ -435,15 +447,18 @@ class StorageSCP:
     # -- crash recovery ----------------------------------------------------------------------------------------
     def _receiver_died(self, pid: int) -> None:
         """A receiver process ended unexpectedly (e.g. kill -9): index what it acknowledged, end its transfers."""
-        live = {os.getpid(), *self.receiver_pids()}
-        replay_journals(self.ingestor.indexer, run_dir(self.settings), live_pids=live)
+        self.tailer.drain(dead_pids={pid})
         n = reap_transfers(self.session_factory, [pid])
         if n:
             log.warning("receiver process %d died with %d associations open: counted as dropped", pid, n)
 
     def _housekeeping(self) -> None:
-        """Periodic safety net: files without a row older than a minute, temporary files older than an hour."""
-        recover(self.ingestor.indexer)
+        """Periodic safety net: files without a row older than a minute, temporary files older than an hour.
+        What is waiting to be indexed is committed first, so a backlog is not mistaken for a crash's leftovers."""
+        if self.pool is not None:
+            self.tailer.drain()
+        self.ingestor.indexer.flush()
+        recover(self.ingestor.indexer, state_dir=run_dir(self.settings))
         self.store.remove_orphan_tmp(min_age=3600.0)
 
 

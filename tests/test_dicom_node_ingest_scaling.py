@@ -77,6 +77,36 @@ def test_request_meta_is_encoded_like_pydicom() -> None:
         assert encode_request_meta(RequestMeta(CT, sop, EXPLICIT)) == encode_meta(fm)
 
 
+def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows of a series' later instances are still in a receiver's journal when the series looks quiet in the
+    database: completion first commits what was acknowledged, so the series completes once, whole."""
+    from dicom_node.journal import JournalTailer
+
+    monkeypatch.setattr(JournalTailer, "_run", lambda self: None)  # only explicit drains read the journals
+    files = ge_files()
+    uid = _uid(files)
+    node = Node(tmp_path, receiver_processes=2, series_quiet_seconds=1.0)
+    node.settings.routing.min_slices = 10
+    with node.scp:
+        first = _assoc(node.port)
+        assert _store(first, files[0]) == 0
+        first.release()
+        node.settle()
+        s = node.series(uid)
+        assert s is not None and s.instance_count == 1 and s.state == SeriesState.RECEIVING
+        rest = _assoc(node.port)
+        assert all(_store(rest, f) == 0 for f in files[1:])
+        rest.release()
+        # the first instance's row is more than a quiet period old; the others are only in the journal
+        wait_until(lambda: node.triggers == [uid], what="completion")
+        s = node.series(uid)
+        assert s is not None and s.state == SeriesState.COMPLETE and s.instance_count == len(files)
+        assert len(node.audits("series.complete")) == 1 and node.audits("series.reopened") == []
+    node.engine.dispose()
+
+
 @pytest.fixture()
 def two_processes(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4)
@@ -182,21 +212,27 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from dicom_node.indexer import Indexer
+from dicom_node.journal import JournalTailer
 Indexer.start = lambda self: None  # the indexer never commits: every Success is "before indexing"
+JournalTailer.drain = lambda self, *a, **k: 0  # nor are the receiver processes' journals read
 from tests.test_dicom_node_scp import Node
-n = Node(Path({root!r}))
+n = Node(Path({root!r}), receiver_processes={processes})
 n.scp.start()
 print(n.port, flush=True)
 time.sleep(600)
 """
 
 
-def test_kill9_after_success_before_indexing_is_indexed_at_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["in-process", "two-receiver-processes"])
+def test_kill9_after_success_before_indexing_is_indexed_at_restart(tmp_path: Path, processes: int) -> None:
+    """The service (and with it its receiver processes) killed while acknowledged instances wait for their rows
+    in the indexer's queue or in a receiver's journal: indexed at start-up, their transfer counted as dropped."""
     files = ge_files()[:4]
     uid = _uid(files)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    script = _PAUSED_NODE.format(repo=str(REPO), root=str(tmp_path), processes=processes)
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_PAUSED_NODE.format(repo=str(REPO), root=str(tmp_path)))],
+        [sys.executable, "-c", textwrap.dedent(script)],
         stdout=subprocess.PIPE,
         env=env,
     )
@@ -206,10 +242,13 @@ def test_kill9_after_success_before_indexing_is_indexed_at_restart(tmp_path: Pat
         assoc = _assoc(port)
         assert [_store(assoc, f) for f in files[:3]] == [0, 0, 0]  # Success: durable, not yet indexed
     finally:
-        proc.kill()  # SIGKILL: no clean-up of any kind
+        proc.kill()  # SIGKILL: no clean-up of any kind (receiver processes follow their parent)
         proc.wait(30)
-    node = Node(tmp_path)
+    node = Node(tmp_path, receiver_processes=processes)
     assert node.count() == 0
+    if processes > 1:  # what the receiver acknowledged is in its journal (the scan would find it too)
+        lines = [ln for j in (tmp_path / "data" / "run").glob("index-*.journal") for ln in j.read_bytes().splitlines()]
+        assert sum(b'"path"' in ln for ln in lines) == 3
     assert len([p for p in node.files() if p.suffix == ".dcm"]) == 3
     with node.scp:
         assert node.count() == 3  # indexed at start-up, before the port opens
@@ -221,6 +260,7 @@ def test_kill9_after_success_before_indexing_is_indexed_at_restart(tmp_path: Pat
         retry = _assoc(node.port)
         assert [_store(retry, f) for f in files] == [0, 0, 0, 0]
         retry.release()
+        node.settle()
         assert node.count() == 4
         s = node.series(uid)
         assert s is not None and s.last_transfer == TransferOutcome.RELEASED

@@ -107,9 +107,11 @@ def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
     node.engine.dispose()
 
 
-@pytest.fixture()
-def two_processes(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    """A node with two receiver processes, on SQLite and on a real PostgreSQL server."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    n = Node(tmp_path, url=url, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4)
     n.settings.routing.min_slices = 10
     n.scp.start()
     try:

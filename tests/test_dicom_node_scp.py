@@ -32,9 +32,9 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 class Node:
     """A running StorageSCP on a free loopback port with its own SQLite database and data folder."""
 
-    def __init__(self, root: Path, **dicom: Any) -> None:
+    def __init__(self, root: Path, url: str | None = None, **dicom: Any) -> None:
         self.root = root
-        self.url = f"sqlite:///{root / 'lt.sqlite3'}"
+        self.url = url or f"sqlite:///{root / 'lt.sqlite3'}"
         upgrade(self.url)
         cfg = {"port": 0, "bind_address": "127.0.0.1", "series_quiet_seconds": 2.0, "fsync": False} | dicom
         self.settings: Settings = load_settings(None, data_dir=root / "data", database_url=self.url, dicom=cfg)

@@ -99,11 +99,15 @@ class SlotCounter(Protocol):
 
     def release(self) -> None: ...
 
+    def acquire_peer(self, ip: str, limit: int) -> bool: ...
+
+    def release_peer(self, ip: str) -> None: ...
+
 
 class ConnectionTable:
     """Live TCP connections of one server, keyed by the peer's (ip, port); thread-safe. With ``shared`` the
-    ``max_associations`` limit is counted across every receiver process (per-peer and pending-connection limits
-    stay per process)."""
+    ``max_associations`` and per-peer limits are counted across every receiver process (the pending-connection
+    limit stays per process: it protects this process's threads)."""
 
     def __init__(self, policy: AssociationPolicy, shared: SlotCounter | None = None) -> None:
         self.policy = policy
@@ -118,10 +122,10 @@ class ConnectionTable:
         with self._lock:
             self._prune()
             per_peer = sum(1 for c in self._conns.values() if c.ip == ip)
-            if self.policy.max_connections_per_peer and per_peer >= self.policy.max_connections_per_peer:
-                log.warning(
-                    "refused connection from %s: %d connections open (dicom.max_connections_per_peer)", ip, per_peer
-                )
+            limit = self.policy.max_connections_per_peer
+            if (limit and per_peer >= limit) or (self.shared is not None and not self.shared.acquire_peer(ip, limit)):
+                log.warning("refused connection from %s: %d connections open (dicom.max_connections_per_peer)", ip,
+                            max(per_peer, limit))  # fmt: skip
                 return False
             pending = [c for c in self._conns.values() if not c.requested]
             if len(pending) >= self.policy.max_pending_connections:
@@ -148,8 +152,10 @@ class ConnectionTable:
 
     def _drop(self, key: tuple[Any, ...]) -> None:
         conn = self._conns.pop(key)
-        if conn.requested and self.shared is not None:
-            self.shared.release()
+        if self.shared is not None:
+            self.shared.release_peer(conn.ip)
+            if conn.requested:
+                self.shared.release()
 
     def _forget(self, conn: _Conn) -> None:
         for k, v in list(self._conns.items()):

@@ -10,8 +10,9 @@ database, :mod:`dicom_node.journal`). What must be shared lives outside any one 
 
 * series completion state: in the database (:class:`db.models.OpenTransfer`, ``series.last_received_at``),
   completed by the service process (:class:`dicom_node.completion.SeriesCompletion`);
-* ``dicom.max_associations``: :class:`SharedSlots`, one counter per receiver in a small file, changed under an
-  ``flock`` (released by the kernel when a process dies; the service resets a dead receiver's counter).
+* ``dicom.max_associations`` and ``dicom.max_connections_per_peer``: :class:`SharedSlots`, one counter per
+  receiver (and per peer address) in a small file, changed under an ``flock`` (released by the kernel when a
+  process dies; the service resets a dead receiver's counters).
 
 The pool restarts a receiver that dies; before, the service indexes what that receiver acknowledged but had not
 committed (its journal, see :mod:`dicom_node.journal`) and ends its open transfers as dropped.
@@ -43,17 +44,21 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 class SharedSlots:
-    """Association slots counted across processes: ``n`` little-endian int32 counters, one per receiver."""
+    """Association slots counted across processes: ``n`` little-endian int32 counters, one per receiver; then a
+    table of :data:`PEER_ENTRIES` peers (16-byte address + ``n`` counters) for ``dicom.max_connections_per_peer``.
+    Every change happens under one ``flock`` on the file."""
 
     def __init__(self, path: Path, n: int, index: int = -1) -> None:
         self.path, self.n, self.index = Path(path), n, index
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
+        self._entry = struct.Struct(f"<16s{n}i")
+        self._table_full_logged = False
 
     @classmethod
     def create(cls, path: Path, n: int) -> SharedSlots:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"\0" * 4 * n)
+        path.write_bytes(b"\0" * (4 * n + PEER_ENTRIES * (16 + 4 * n)))
         return cls(path, n)
 
     def _counts(self) -> list[int]:
@@ -63,39 +68,114 @@ class SharedSlots:
     def _set(self, index: int, value: int) -> None:
         os.pwrite(self._fd, struct.pack("<i", max(0, value)), 4 * index)
 
+    def _locked(self) -> _FileLock:
+        return _FileLock(self._lock, self._fd)
+
     def acquire(self, limit: int) -> bool:
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                counts = self._counts()
-                if sum(counts) >= limit:
-                    return False
-                self._set(self.index, counts[self.index] + 1)
-                return True
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._locked():
+            counts = self._counts()
+            if sum(counts) >= limit:
+                return False
+            self._set(self.index, counts[self.index] + 1)
+            return True
 
     def release(self) -> None:
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                self._set(self.index, self._counts()[self.index] - 1)
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._locked():
+            self._set(self.index, self._counts()[self.index] - 1)
+
+    # -- per peer ----------------------------------------------------------------------------------------------
+    def _peers(self) -> list[tuple[bytes, list[int]]]:
+        size = self._entry.size
+        raw = os.pread(self._fd, PEER_ENTRIES * size, 4 * self.n).ljust(PEER_ENTRIES * size, b"\0")
+        return [(e[0], list(e[1:])) for e in self._entry.iter_unpack(raw)]
+
+    def _put_peer(self, slot: int, address: bytes, counts: list[int]) -> None:
+        data = self._entry.pack(address, *[max(0, c) for c in counts])
+        os.pwrite(self._fd, data, 4 * self.n + slot * self._entry.size)
+
+    def acquire_peer(self, ip: str, limit: int) -> bool:
+        """One more connection from ``ip`` unless all receivers together hold ``limit`` (0 = unlimited)."""
+        key = _address_key(ip)
+        with self._locked():
+            peers = self._peers()
+            slot = next((k for k, (a, c) in enumerate(peers) if a == key and any(c)), None)
+            if slot is None:
+                slot = next((k for k, (_a, c) in enumerate(peers) if not any(c)), None)
+                if slot is None:  # more peers connected at once than the table holds: counted per process only
+                    if not self._table_full_logged:
+                        log.warning(
+                            "more than %d peers connected at once: per-peer limit counted per process", PEER_ENTRIES
+                        )
+                        self._table_full_logged = True
+                    return True
+                counts = [0] * self.n
+            else:
+                counts = peers[slot][1]
+                if limit and sum(counts) >= limit:
+                    return False
+            counts[self.index] += 1
+            self._put_peer(slot, key, counts)
+            return True
+
+    def release_peer(self, ip: str) -> None:
+        key = _address_key(ip)
+        with self._locked():
+            for k, (a, c) in enumerate(self._peers()):
+                if a == key and c[self.index] > 0:
+                    c[self.index] -= 1
+                    self._put_peer(k, a, c)
+                    return
+
+    def peer_total(self, ip: str) -> int:
+        key = _address_key(ip)
+        with self._locked():
+            return sum(sum(c) for a, c in self._peers() if a == key)
 
     def reset(self, index: int) -> None:
-        """A receiver died: the slots it held are free again."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        """A receiver died: the slots and peer connections it held are free again."""
+        with self._locked():
             self._set(index, 0)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            for k, (a, c) in enumerate(self._peers()):
+                if c[index]:
+                    c[index] = 0
+                    self._put_peer(k, a, c)
 
     def total(self) -> int:
         return sum(self._counts())
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+#: how many peer addresses the shared per-peer table holds at once
+PEER_ENTRIES = 64
+
+
+def _address_key(ip: str) -> bytes:
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip.encode()[:16].ljust(16, b"\0")
+    if isinstance(addr, ipaddress.IPv4Address):
+        addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
+    return addr.packed
+
+
+class _FileLock:
+    """The thread lock, then ``flock`` on the file (released by the kernel if the process dies)."""
+
+    def __init__(self, lock: threading.Lock, fd: int) -> None:
+        self._lock, self._fd = lock, fd
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._lock.release()
 
 
 class ReceiverPool:

@@ -181,6 +181,21 @@ def test_max_associations_holds_across_receiver_processes(tmp_path: Path) -> Non
     n.engine.dispose()
 
 
+def test_max_connections_per_peer_holds_across_receiver_processes(tmp_path: Path) -> None:
+    n = Node(tmp_path, receiver_processes=2, max_associations=10, max_connections_per_peer=2)
+    with n.scp:
+        held = [_assoc(n.port), _assoc(n.port)]
+        try:
+            assert n.scp.pool is not None and n.scp.pool.slots.peer_total("127.0.0.1") == 2
+            for _ in range(4):  # whichever process accepts it, the shared per-peer count says full
+                assert echoscu(n.port) != 0
+        finally:
+            held.pop().release()
+        wait_until(lambda: echoscu(n.port) == 0, what="a peer connection freed")
+        held.pop().release()
+    n.engine.dispose()
+
+
 def test_receiver_killed_mid_series_is_replaced_and_nothing_is_lost(two_processes: Node) -> None:
     node = two_processes
     files = ge_files()

@@ -225,13 +225,19 @@ def end_transfers(
 
 
 def reap_transfers(
-    session_factory: sessionmaker[Session], pids: list[int] | None = None, actor: str = "dicom-node"
+    session_factory: sessionmaker[Session],
+    pids: list[int] | None = None,
+    actor: str = "dicom-node",
+    alive: set[int] | None = None,
 ) -> int:
-    """Open transfers of receiver processes that are gone (``pids``; None = all, at start-up) end as dropped."""
+    """Open transfers of receiver processes that are gone end as dropped: those of ``pids`` (None = all, at
+    start-up), or of every process not in ``alive`` (the periodic safety net)."""
     with session_scope(session_factory) as s:
         q = select(OpenTransfer.association_uid).distinct()
         if pids is not None:
             q = q.where(OpenTransfer.pid.in_(pids))
+        if alive is not None:
+            q = q.where(OpenTransfer.pid.not_in(sorted(alive)))
         assocs = sorted(set(s.scalars(q)))
     if assocs:
         end_transfers(session_factory, assocs, released=False, actor=actor)

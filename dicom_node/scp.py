@@ -453,11 +453,15 @@ class StorageSCP:
             log.warning("receiver process %d died with %d associations open: counted as dropped", pid, n)
 
     def _housekeeping(self) -> None:
-        """Periodic safety net: files without a row older than a minute, temporary files older than an hour.
-        What is waiting to be indexed is committed first, so a backlog is not mistaken for a crash's leftovers."""
+        """Periodic safety net: files without a row older than a minute, temporary files older than an hour,
+        open transfers of receiver processes that are gone (if recovering after a death failed). What is waiting
+        to be indexed is committed first, so a backlog is not mistaken for a crash's leftovers."""
         if self.pool is not None:
             self.tailer.drain()
         self.ingestor.indexer.flush()
+        n = reap_transfers(self.session_factory, alive={os.getpid(), *self.receiver_pids()})
+        if n:
+            log.warning("%d associations of receiver processes that are gone counted as dropped", n)
         recover(self.ingestor.indexer, state_dir=run_dir(self.settings))
         self.store.remove_orphan_tmp(min_age=3600.0)
 

@@ -323,3 +323,28 @@ def test_duplicate_arriving_before_the_first_copy_is_indexed(tmp_path: Path, mon
         s = node.series(str(ds.SeriesInstanceUID))
         assert s is not None and s.instance_count == 2
     node.engine.dispose()
+
+
+def test_open_transfers_of_a_process_that_is_gone_are_reaped_by_housekeeping(tmp_path: Path) -> None:
+    """The safety net when recovering after a receiver's death failed: its open transfers do not hold the series
+    for ever (they end as dropped, like at start-up)."""
+    from datetime import UTC, datetime
+
+    files = ge_files()[:2]
+    uid = _uid(files)
+    node = Node(tmp_path)
+    with node.scp:
+        assoc = _assoc(node.port)
+        assert _store(assoc, files[0]) == 0
+        node.scp.settle()
+        [mine] = _open_rows(node)
+        with session_scope(node.sf) as db:  # a row left by a receiver process that no longer exists
+            db.add(
+                OpenTransfer(association_uid="gone-assoc", series_uid=uid, pid=2**22 + 7, opened_at=datetime.now(UTC))
+            )
+        node.scp._housekeeping()
+        assert [r.association_uid for r in _open_rows(node)] == [mine.association_uid]  # the live one stays
+        s = node.series(uid)
+        assert s is not None and s.last_transfer == TransferOutcome.ABORTED
+        assoc.release()
+    node.engine.dispose()

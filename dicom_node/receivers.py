@@ -322,6 +322,16 @@ def _die_with_parent() -> None:
 
 
 def _child_main() -> int:
+    # SIGTERM/SIGINT are taken by sigtimedwait in the loop below, never by a Python handler: a handler that sets
+    # a threading.Event can deadlock when the signal lands while this thread holds that Event's lock (a receiver
+    # then never stopped and span on the listening socket). Blocked before any thread exists, so none of them
+    # (pynetdicom's, the BLAS pool's) receives them either.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the service died before the death signal was armed
+        return 0
     job: _ChildJob = pickle.loads(sys.stdin.buffer.read())
     from config.logging import setup_logging
 
@@ -334,11 +344,6 @@ def _child_main() -> int:
     from dicom_node.journal import JournalWriter
     from dicom_node.scp import Receiver, run_dir
 
-    _die_with_parent()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    parent = os.getppid()
     engine = make_engine(job.settings.effective_database_url)
     sock = socket.socket(fileno=job.fd)
     receiver = Receiver(
@@ -350,7 +355,7 @@ def _child_main() -> int:
     ).start()
     sys.stdout.write(f"ready {os.getpid()}\n")
     sys.stdout.flush()
-    while not stop.wait(0.5):
+    while signal.sigtimedwait(stop_signals, 0.5) is None:
         if os.getppid() != parent:  # the service is gone: do not keep its port
             break
     receiver.stop()

@@ -77,6 +77,7 @@ class _Server(ThreadedAssociationServer):
     allowed_ips: frozenset[str] = frozenset()
     connections: ConnectionTable | None = None
     inherited: socket.socket | None = None
+    shared_listener = False  # this server accepts on a socket other receiver processes share
 
     def server_bind(self) -> None:
         if self.inherited is None:
@@ -85,6 +86,7 @@ class _Server(ThreadedAssociationServer):
         if self.socket is not None:
             self.socket.close()
         self.socket = self.inherited
+        self.shared_listener = True
         # non-blocking: another process may take a connection this one was woken for (accept then fails, and
         # socketserver goes back to waiting)
         self.socket.setblocking(False)
@@ -93,6 +95,15 @@ class _Server(ThreadedAssociationServer):
     def server_activate(self) -> None:
         if self.inherited is None:
             super().server_activate()
+
+    def server_close(self) -> None:
+        if not self.shared_listener:
+            super().server_close()
+            return
+        # the listening socket is shared with the other receiver processes: close this process's descriptor
+        # only (pynetdicom's shutdown(SHUT_RDWR) would stop every receiver from accepting)
+        if self.socket is not None:
+            self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()

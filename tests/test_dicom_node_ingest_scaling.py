@@ -181,6 +181,19 @@ def test_max_associations_holds_across_receiver_processes(tmp_path: Path) -> Non
     n.engine.dispose()
 
 
+def test_a_receiver_that_stops_leaves_the_shared_port_to_the_others(tmp_path: Path) -> None:
+    """One receiver process ends cleanly (SIGTERM): the others keep accepting on the socket they share, and the
+    pool starts a replacement that does too."""
+    n = Node(tmp_path, receiver_processes=2)
+    with n.scp:
+        victim = n.scp.receiver_pids()[0]
+        os.kill(victim, signal.SIGTERM)
+        wait_until(lambda: victim not in n.scp.receiver_pids() and len(n.scp.receiver_pids()) == 2,
+                   what="replacement receiver")  # fmt: skip
+        assert [echoscu(n.port) for _ in range(8)] == [0] * 8
+    n.engine.dispose()
+
+
 def test_max_connections_per_peer_holds_across_receiver_processes(tmp_path: Path) -> None:
     n = Node(tmp_path, receiver_processes=2, max_associations=10, max_connections_per_peer=2)
     with n.scp:

@@ -467,9 +467,7 @@ class StorageSCP:
         """Periodic safety net: files without a row older than a minute, temporary files older than an hour,
         open transfers of receiver processes that are gone (if recovering after a death failed). What is waiting
         to be indexed is committed first, so a backlog is not mistaken for a crash's leftovers."""
-        if self.pool is not None:
-            self.tailer.drain()
-        self.ingestor.indexer.flush()
+        self.settle()
         n = reap_transfers(self.session_factory, alive={os.getpid(), *self.receiver_pids()})
         if n:
             log.warning("%d associations of receiver processes that are gone counted as dropped", n)

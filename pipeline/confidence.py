@@ -27,7 +27,8 @@ value, two concerns compound, and the ROC gets a real curve instead of a few sat
   ``max_volume_factor`` per ``factor_weeks`` *of the interval between the two* (the same allowance as
   ``volume_change``; a fixed ratio took real fast change for a disagreement), charged to this result only when it
   departs further from the annotation's volume than the neighbour does (otherwise the neighbour is the odd one
-  out); a disappearance after a present result scores ``vanished_score``;
+  out); a disappearance after a present result, or a reappearance after a vanished one (progression under RECIST
+  1.1), scores ``vanished_score``;
 * ``volume_change`` — implausible change against the annotation: beyond ``max_volume_factor`` (×3) per
   ``factor_weeks`` (8 weeks; the allowance compounds over longer intervals, shorter ones get the full ×3).
 
@@ -307,6 +308,7 @@ class Neighbour:
     ratio: float | None = None  # volume now / volume then (both present)
     days: int | None = None  # between the two timepoints
     vanished: bool = False  # present then, reported vanished now
+    reappeared: bool = False  # vanished then, reported present now
 
 
 def measure_lesion(
@@ -357,6 +359,7 @@ def measure_lesion(
         f["neighbour_ratio"] = neighbour.ratio
         f["neighbour_days"] = neighbour.days
         f["neighbour_vanished"] = neighbour.vanished
+        f["neighbour_reappeared"] = neighbour.reappeared
     return f
 
 
@@ -480,6 +483,17 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
                 value=None,
                 score=r.vanished_score,
                 reason="vanished although present at the neighbouring timepoint",
+            )
+        )
+    if f["present"] and f.get("neighbour_reappeared"):
+        # a lesion back after a complete response is progression under RECIST 1.1: as strong a claim as a
+        # disappearance, and as often a remnant or a neighbouring structure taken for it
+        signals.append(
+            Signal(
+                name="consistency",
+                value=None,
+                score=r.vanished_score,
+                reason="present although reported vanished at the neighbouring timepoint",
             )
         )
     ann = f.get("annotation_margin")

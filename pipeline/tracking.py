@@ -287,8 +287,8 @@ def _consistency_check(
 
     Returns what the check saw (:class:`pipeline.confidence.Neighbour`; None without a neighbour), which the
     confidence scores. A volume change beyond ``consistency_ratio`` per 8 weeks of the interval (compounding over
-    longer ones) or a disappearance is noted on the lesion; without a confidence (``opts.confidence`` None) such a
-    disagreement flags the result for review by itself."""
+    longer ones), a disappearance or a reappearance is noted on the lesion; without a confidence
+    (``opts.confidence`` None) such a disagreement flags the result for review by itself."""
     if prev is None:
         return None
     now_present = les.status is LesionStatus.PRESENT
@@ -305,13 +305,18 @@ def _consistency_check(
     elif was_present and not now_present:
         note = "vanished although present at the neighbouring timepoint"
     elif now_present and not was_present:
-        les.notes.append("reappeared: vanished at the neighbouring timepoint")
+        note = "reappeared: vanished at the neighbouring timepoint"
     if note is not None:
         if opts.confidence is None:
             les.meta["review"] = True
             note += ": flagged for review"
         les.notes.append(note)
-    return Neighbour(ratio=ratio, days=days, vanished=was_present and not now_present)
+    return Neighbour(
+        ratio=ratio,
+        days=days,
+        vanished=was_present and not now_present,
+        reappeared=now_present and not was_present,
+    )
 
 
 def _segment_propagated(

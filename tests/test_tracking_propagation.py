@@ -178,6 +178,9 @@ def test_a_lesion_that_vanishes_and_reappears_is_found_again() -> None:
     back = next(les for les in tps[3].lesions if les.identity.label == 1)
     assert dice(back.mask.array, phantom[3].labels.array == 1) >= 0.8
     assert any("reappeared" in n for n in back.notes)
+    # back after a complete response (progression under RECIST 1.1): a claim a reader confirms
+    assert back.meta.get("review") is True
+    assert any("reported vanished at the neighbouring" in (s.reason or "") for s in back.meta["confidence"].signals)
     gone = next(les for les in tps[2].lesions if les.identity.label == 1)
     assert gone.meta.get("review") is True  # present at the neighbouring timepoint: flagged for a reader
 

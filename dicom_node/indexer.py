@@ -117,11 +117,13 @@ class Indexer:
         session_factory: sessionmaker[Session],
         engine: Engine | None = None,
         actor: str = "dicom-node",
+        own_engine: bool = False,
     ) -> None:
         self.store = store
         self.session_factory = session_factory
         self.engine: Engine = engine if engine is not None else session_factory.kw["bind"]
         self.actor = actor
+        self._own_engine = own_engine  # disposed by close()
         self.pid = os.getpid()
         self._queue: queue.Queue[IndexItem | None] = queue.Queue()
         self._series_pk: dict[str, int] = {}
@@ -157,6 +159,17 @@ class Indexer:
             finally:
                 self._flushing -= 1
 
+    def association_ended(self, association_uid: str, released: bool) -> None:
+        """Record how an association ended once what it delivered is committed (:class:`IndexSink`)."""
+        from dicom_node.completion import end_transfers
+
+        self.flush()
+        try:
+            end_transfers(self.session_factory, [association_uid], released, self.actor)
+        except Exception:
+            log.exception("recording how an association ended failed")
+        self.forget_association(association_uid)
+
     def forget_association(self, association_uid: str) -> None:
         with self._lock:
             self._open_pairs = {p for p in self._open_pairs if p[0] != association_uid}
@@ -177,6 +190,12 @@ class Indexer:
         self._wake.set()
         self._thread.join(timeout)
         self._thread = None
+
+    def close(self) -> None:
+        """Commit what was submitted, stop the thread, dispose of the engine :func:`make_indexer` made."""
+        self.stop()
+        if self._own_engine:
+            self.engine.dispose()
 
     def _run(self) -> None:
         while True:
@@ -411,6 +430,26 @@ class Indexer:
                     log.warning("SOP Instance UID %s received again with different bytes: both kept", it.sop_uid)
         except SQLAlchemyError as exc:
             log.error("cannot audit %d different-bytes duplicates: %s", len(conflicts), exc)
+
+
+def make_indexer(store: InstanceStore, session_factory: sessionmaker[Session], actor: str = "dicom-node") -> Indexer:
+    """This process's indexer for ``store``. With fsync off for files, SQLite's WAL is not fsync'ed on every
+    commit either (an engine of its own): the database stays consistent, and a power cut may lose the last
+    commits, exactly like the unsynced files."""
+    engine: Engine = session_factory.kw["bind"]
+    if store.fsync or engine.dialect.name != "sqlite":
+        return Indexer(store, session_factory, engine=engine, actor=actor)
+    from sqlalchemy import event
+
+    from db.session import make_engine
+
+    own = make_engine(engine.url.render_as_string(hide_password=False))
+
+    @event.listens_for(own, "connect")
+    def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    return Indexer(store, session_factory, engine=own, actor=actor, own_engine=True)
 
 
 def _file_sha(path: Path) -> str | None:

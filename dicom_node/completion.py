@@ -34,7 +34,7 @@ from dicom_node.integrity import INCOMPLETE, first_header, hold_reason
 from dicom_node.routing import Route, decide, series_facts
 
 if TYPE_CHECKING:
-    from dicom_node.journal import JournalWriter
+    from dicom_node.sink import IndexSink
 
 log = logging.getLogger(__name__)
 
@@ -139,47 +139,29 @@ def _holds_person_object(s: Session, series: Series) -> bool:
 
 
 class TransferTracker:
-    """How each association of this receiver process ended, recorded in the database (every process shares it).
+    """How each association of this receiver ended, handed to its :class:`dicom_node.sink.IndexSink` (the record
+    is in the database every process shares).
 
     The open-transfer rows themselves are written by the indexer, in the transaction that indexes an
-    association's first instance of a series (:class:`db.models.OpenTransfer`); an association's end first
-    waits for the indexer to commit what it delivered, then records the outcome and removes its rows. In a
-    receiver process (``journal`` given) the end is a line in its index journal, after the instances it
-    delivered: the service process reads both in that order (:class:`dicom_node.journal.JournalTailer`).
+    association's first instance of a series (:class:`db.models.OpenTransfer`); an association's end follows
+    the instances it delivered: this process's indexer first commits them, then records the outcome and removes
+    its rows; a receiver process's journal gets a line after theirs, and the service process reads both in that
+    order (:class:`dicom_node.journal.JournalTailer`).
     """
 
-    def __init__(
-        self,
-        session_factory: sessionmaker[Session],
-        flush: Callable[[], object],
-        actor: str = "dicom-node",
-        journal: JournalWriter | None = None,
-    ):
-        self.session_factory = session_factory
-        self.flush = flush
-        self.actor = actor
-        self.journal = journal
+    def __init__(self, sink: IndexSink):
+        self.sink = sink
 
     def association_released(self, association_uid: str | None) -> None:
         """The peer asked to release (A-RELEASE-RQ): its transfer is complete. Recorded before our A-RELEASE-RP
         goes out, so a node killed right after the sender finished does not count the transfer as dropped."""
         if association_uid:
-            self._end(association_uid, released=True)
+            self.sink.association_ended(association_uid, released=True)
 
     def association_closed(self, association_uid: str | None, released: bool | None = None) -> None:
         """The association ended; ``released`` False = A-ABORT or dropped connection (None: not known)."""
         if association_uid and released is not None:
-            self._end(association_uid, released=released)
-
-    def _end(self, association_uid: str, released: bool) -> None:
-        if self.journal is not None:
-            self.journal.association_ended(association_uid, released)
-            return
-        self.flush()
-        try:
-            end_transfers(self.session_factory, [association_uid], released, self.actor)
-        except Exception:
-            log.exception("recording how an association ended failed")
+            self.sink.association_ended(association_uid, released=released)
 
 
 def end_transfers(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -25,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.repository import audit
 from db.session import session_scope
-from dicom_node.indexer import Indexer, IndexItem
-from dicom_node.journal import JournalWriter
+from dicom_node.indexer import IndexItem, make_indexer
+from dicom_node.sink import IndexSink, WaitingIndexSink
 from dicom_node.storage import InstanceStore, InvalidDataset, StorageFull, check_structure, uid_problem
 
 log = logging.getLogger(__name__)
@@ -207,8 +206,9 @@ class Ingestor:
     """Validates, stores and (in the background) indexes received instances. Thread-safe: one call per C-STORE.
 
     :meth:`receive` is the network thread's path: door validation, the durable write, Success; the rows follow
-    in :class:`dicom_node.indexer.Indexer` — this process's, or with ``journal`` (a receiver process) the
-    service process's, which reads the journal. :meth:`ingest` also waits for the row (retrievals, tests).
+    through ``sink`` (:class:`dicom_node.sink.IndexSink`): this process's :class:`dicom_node.indexer.Indexer`
+    (the default), or in a receiver process its journal, which the service process reads. :meth:`ingest` also
+    waits for the row (retrievals, tests), so it needs a sink that can wait.
     """
 
     def __init__(
@@ -216,36 +216,16 @@ class Ingestor:
         store: InstanceStore,
         session_factory: sessionmaker[Session],
         actor: str = "dicom-node",
-        journal: JournalWriter | None = None,
+        sink: IndexSink | None = None,
     ):
         self.store = store
-        self.journal = journal
         self.session_factory = session_factory
         self.actor = actor
-        self.engine = session_factory.kw["bind"]
-        self._own_engine = False
-        if not store.fsync and self.engine.dialect.name == "sqlite":
-            # with fsync off for files, do not fsync the SQLite WAL on every commit either (the database stays
-            # consistent; a power cut may lose the last commits, exactly like the unsynced files)
-            from sqlalchemy import event
-
-            from db.session import make_engine
-
-            self.engine = make_engine(self.engine.url.render_as_string(hide_password=False))
-            self._own_engine = True
-
-            @event.listens_for(self.engine, "connect")
-            def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
-                dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-
-        self.indexer = Indexer(store, session_factory, engine=self.engine, actor=actor)
+        #: where the rows go: given by the composition site, or this process's own indexer
+        self.sink: IndexSink = sink if sink is not None else make_indexer(store, session_factory, actor)
 
     def close(self) -> None:
-        self.indexer.stop()
-        if self.journal is not None:
-            self.journal.close()
-        if self._own_engine:
-            self.engine.dispose()
+        self.sink.close()
 
     def ingest(
         self,
@@ -255,12 +235,14 @@ class Ingestor:
         peer: str | None = None,
         association: str | None = None,
     ) -> IngestResult:
-        """Store one instance and wait for its database row (this process's indexer, never the journal)."""
-        if self.journal is not None:
+        """Store one instance and wait for its database row (a sink that commits in this process, never the
+        journal)."""
+        sink = self.sink
+        if not isinstance(sink, WaitingIndexSink):
             raise RuntimeError("an ingestor that journals for the service process cannot wait for rows")
         result, item = self._receive(meta, dataset_bytes, calling_ae, peer, association)
         if item is not None:
-            self.indexer.flush()  # commits at once (no gathering window while someone waits)
+            sink.flush()  # commits at once (no gathering window while someone waits)
             if item.error:
                 return IngestResult(
                     OUT_OF_RESOURCES, "database failure", series_uid=result.series_uid,
@@ -292,10 +274,7 @@ class Ingestor:
         if result.status in (DATASET_MISMATCH, CANNOT_UNDERSTAND):
             self._audit_refusal(result, meta, calling_ae, peer)
         if item is not None:
-            if self.journal is not None:
-                self.journal.submit(item)
-            else:
-                self.indexer.submit(item)
+            self.sink.submit(item)
         return result, item
 
     def _audit_refusal(
@@ -403,7 +382,7 @@ class Ingestor:
             association_uid=association,
             calling_ae=calling_ae,
             peer=peer,
-            data=None if self.journal is not None else dataset_bytes,
+            data=dataset_bytes,  # a journal line leaves it out
         )
         result = IngestResult(
             SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=put.path, duplicate=not put.created

@@ -349,9 +349,9 @@ def _child_main() -> int:
     receiver = Receiver(
         job.settings,
         make_session_factory(engine),
+        JournalWriter(run_dir(job.settings)),  # no Indexer here: the service process commits the rows
         listen_socket=sock,
         slots=SharedSlots(job.slots, job.n, job.index),
-        journal=JournalWriter(run_dir(job.settings)),
     ).start()
     sys.stdout.write(f"ready {os.getpid()}\n")
     sys.stdout.flush()

@@ -35,11 +35,12 @@ from config.settings import Settings
 from dicom_node.assoc_log import AssociationLog
 from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
-from dicom_node.indexer import recover
+from dicom_node.indexer import make_indexer, recover
 from dicom_node.ingest import Ingestor, RequestMeta
-from dicom_node.journal import JournalTailer, JournalWriter
+from dicom_node.journal import JournalTailer
 from dicom_node.receivers import ReceiverPool, SharedSlots
 from dicom_node.routing import Route
+from dicom_node.sink import IndexSink
 from dicom_node.storage import InstanceStore
 from dicom_node.tls import server_context
 
@@ -139,27 +140,28 @@ def _with_peer(handler: Callable[[Receiver, evt.Event], _H]) -> Callable[[Receiv
 
 
 class Receiver:
-    """One pynetdicom Storage SCP: the network server, the ingestor with its indexer, the association guard.
+    """One pynetdicom Storage SCP: the network server, the ingestor, the association guard.
 
     Runs inside the service process (``receiver_processes`` = 1) or alone in a receiver process
-    (:mod:`dicom_node.receivers`); ``listen_socket`` is the shared listening socket in the latter case,
-    ``slots`` the association counter all receiver processes share, ``journal`` where stored instances and
-    association ends go for the service process's indexer (no database write on the network threads).
+    (:mod:`dicom_node.receivers`); ``sink`` is where stored instances and association ends go: the service
+    process's indexer, or in a receiver process its journal for the service process's indexer (no database
+    write on the network threads); ``listen_socket`` is the shared listening socket in the latter case,
+    ``slots`` the association counter all receiver processes share.
     """
 
     def __init__(
         self,
         settings: Settings,
         session_factory: sessionmaker[Session],
+        sink: IndexSink,
         listen_socket: socket.socket | None = None,
         slots: SharedSlots | None = None,
-        journal: JournalWriter | None = None,
     ) -> None:
         self.settings = settings
         cfg = settings.dicom
         self.store = InstanceStore(storage_root(settings), fsync=cfg.fsync)
-        self.ingestor = Ingestor(self.store, session_factory, journal=journal)
-        self.transfers = TransferTracker(session_factory, self.ingestor.indexer.flush, journal=journal)
+        self.ingestor = Ingestor(self.store, session_factory, sink=sink)
+        self.transfers = TransferTracker(sink)
         self.policy = AssociationPolicy.from_settings(cfg)
         self.connections = ConnectionTable(self.policy, slots)
         self.associations = AssociationLog()
@@ -205,8 +207,6 @@ class Receiver:
         install_log_filter()
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
-        if self.ingestor.journal is None:
-            self.ingestor.indexer.start()
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
         self._thread.start()
         return self
@@ -302,8 +302,6 @@ class Receiver:
         assoc = event.assoc
         uid = getattr(assoc, "lesiontrack_uid", None)
         self.transfers.association_closed(uid, released=bool(assoc.is_released))
-        if uid:
-            self.ingestor.indexer.forget_association(uid)
         self.associations.closed(id(assoc))
 
     @_with_peer
@@ -365,11 +363,19 @@ class StorageSCP:
             on_annotation_complete=on_annotation_complete,
             settle=self.settle,
         )
+        #: this process's indexer: the one writer of instance rows, whatever the number of receivers
+        self.indexer = make_indexer(self.store, session_factory)
         #: in-process receiver (receiver_processes = 1): also the ingestor retrievals use
-        self.receiver: Receiver | None = Receiver(settings, session_factory) if self.processes == 1 else None
-        self.ingestor = self.receiver.ingestor if self.receiver is not None else Ingestor(self.store, session_factory)
+        self.receiver: Receiver | None = (
+            Receiver(settings, session_factory, self.indexer) if self.processes == 1 else None
+        )
+        self.ingestor = (
+            self.receiver.ingestor
+            if self.receiver is not None
+            else Ingestor(self.store, session_factory, sink=self.indexer)
+        )
         #: receiver processes journal what they stored; this process commits it (one writer to the database)
-        self.tailer = JournalTailer(self.ingestor.indexer, run_dir(settings), session_factory)
+        self.tailer = JournalTailer(self.indexer, run_dir(settings), session_factory)
         self.pool: ReceiverPool | None = None
         self._started = False
 
@@ -390,9 +396,10 @@ class StorageSCP:
         self.tailer.drain(all_dead=True)
         for stale in run_dir(self.settings).glob("index-pending-*.journal"):  # an older version's; scan covers it
             stale.unlink(missing_ok=True)
-        recover(self.ingestor.indexer, min_age=0.0, state_dir=run_dir(self.settings))
+        recover(self.indexer, min_age=0.0, state_dir=run_dir(self.settings))
         self.completion.resume_from_db()
         if self.receiver is not None:
+            self.indexer.start()
             self.receiver.start()
         else:
             self.pool = ReceiverPool(self.settings, self.processes, on_death=self._receiver_died).start()
@@ -450,7 +457,7 @@ class StorageSCP:
         """Wait until everything acknowledged so far has its row (tests, benchmarks)."""
         if self.pool is not None:
             self.tailer.drain()
-        return self.ingestor.indexer.flush(timeout)
+        return self.indexer.flush(timeout)
 
     def force_complete(self, series_uid: str) -> Route | None:
         return self.completion.force_complete(series_uid)
@@ -471,7 +478,7 @@ class StorageSCP:
         n = reap_transfers(self.session_factory, alive={os.getpid(), *self.receiver_pids()})
         if n:
             log.warning("%d associations of receiver processes that are gone counted as dropped", n)
-        recover(self.ingestor.indexer, state_dir=run_dir(self.settings))
+        recover(self.indexer, state_dir=run_dir(self.settings))
         self.store.remove_orphan_tmp(min_age=3600.0)
 
 

@@ -325,7 +325,7 @@ def test_duplicate_arriving_before_the_first_copy_is_indexed(tmp_path: Path, mon
         assert int(assoc.send_c_store(ds).Status) == 0  # same bytes again, first copy not indexed yet
         assert int(assoc.send_c_store(changed).Status) == 0
         assert node.count() == 0
-        real_start(node.scp.ingestor.indexer)  # now the three queued items are committed
+        real_start(node.scp.indexer)  # now the three queued items are committed
         assoc.release()
         rows = node.instances()
         assert len(rows) == 2 and rows[0].sop_instance_uid == rows[1].sop_instance_uid == ds.SOPInstanceUID

@@ -146,3 +146,45 @@ def test_a_new_receiver_with_a_dead_ones_pid_keeps_its_journal(tmp_path: Path, c
     assert tailer.drain() == 1
     assert len(list(tmp_path.glob("index-*.journal"))) == 1  # the live writer's segment is kept
     assert [c[1] for c in calls] == ["1.2.0", "1.2.1"]
+
+
+def test_a_receiver_process_ingestor_journals_and_builds_no_indexer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    from db.session import make_engine, make_session_factory
+    from dicom_node import indexer as indexer_mod
+    from dicom_node.completion import TransferTracker
+    from dicom_node.ingest import Ingestor, RequestMeta
+    from dicom_node.storage import InstanceStore
+
+    def no_indexer(*_a: object, **_k: object) -> None:
+        raise AssertionError("a receiver process must not build an Indexer")
+
+    monkeypatch.setattr(indexer_mod.Indexer, "__init__", no_indexer)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "P1"
+    buf = BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True)  # the dataset alone, as a C-STORE carries it
+    engine = make_engine(f"sqlite:///{tmp_path / 'lt.sqlite3'}")
+    journal = JournalWriter(tmp_path / "run")
+    ingestor = Ingestor(InstanceStore(tmp_path / "store", fsync=False), make_session_factory(engine), sink=journal)
+    meta = RequestMeta(CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    try:
+        assert ingestor.receive(meta, buf.getvalue(), association="a1").ok
+        TransferTracker(journal).association_closed("a1", released=True)
+        with pytest.raises(RuntimeError, match="cannot wait"):
+            ingestor.ingest(meta, buf.getvalue())
+    finally:
+        ingestor.close()
+        engine.dispose()
+    lines = next((tmp_path / "run").glob("index-*.journal")).read_bytes().splitlines()
+    records = [decode(line) for line in lines]
+    assert len(records) == 2  # the instance, then its association's end; nothing from the refused ingest()
+    assert isinstance(records[0], IndexItem) and records[0].sop_uid == ds.SOPInstanceUID
+    assert records[1] == AssociationEnded("a1", True)

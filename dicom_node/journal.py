@@ -88,10 +88,10 @@ def decode(line: bytes, pid: int | None = None) -> JournalRecord:
 
 
 class JournalWriter:
-    """A receiver process's journal: ``submit`` (a stored instance) and ``association_ended``, each one
-    ``write`` of one line to a file opened with ``O_APPEND``. Thread-safe. The kernel has the line when the call
-    returns; with ``dicom.fsync`` the journal is not fsync'ed (the stored file is, and the recovery scan indexes a
-    file whose line was lost)."""
+    """A receiver process's :class:`dicom_node.sink.IndexSink`: ``submit`` (a stored instance) and
+    ``association_ended``, each one ``write`` of one line to a file opened with ``O_APPEND``. Thread-safe. The
+    kernel has the line when the call returns; with ``dicom.fsync`` the journal is not fsync'ed (the stored file
+    is, and the recovery scan indexes a file whose line was lost). It cannot wait for rows (no ``flush``)."""
 
     def __init__(self, journal_dir: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.journal_dir = Path(journal_dir)

@@ -63,6 +63,12 @@ class AdaptiveConfig:
     min_prompt_fraction: float = 0.05
     """A result below this fraction of the prompt's volume is a remnant, not the lesion: vanished (a lesion that
     shrank to x0.3 keeps 30 %; a few lesion-like voxels left at the site of a vanished lesion are noise)."""
+    fit_linear_cnr: float = 1.5
+    """Below this lesion-to-background contrast (in noise SDs) the outline fit weighs intensities with the
+    equal-variance Gaussian likelihood ratio instead of the kernel models' (:func:`_fit_evidence`)."""
+    recentre_max_fraction: float = 0.25
+    """Mask prompts with a reference: the lesion model's re-centring on the follow-up moves it by at most this
+    fraction of the lesion's contrast to its background (median lesion − median ring on the prior CT)."""
     presence_fraction: float = 0.15  # of the prompt core that must look like lesion, else vanished
     presence_cap: float = 0.4  # upper bound of that fraction when the surroundings look lesion-like
     max_roi_voxels: int = 400_000  # larger ROIs are segmented on a coarser grid
@@ -187,7 +193,11 @@ class AdaptiveEngine:
             ref_centre = ref_deep if ref_deep.size >= 20 else les_s
             if ok.size >= 5:
                 shift = float(np.median(ok) - np.median(ref_centre))
-                les_pdf = _kde(les_s + 0.5 * shift, cfg.min_sd_hu)
+                # a shrinking lesion leaves background in the propagated core, which reads as a shift towards the
+                # background: the data cannot tell it from a contrast change, so the model moves by at most a
+                # fraction of the lesion's own contrast and stays on its side of the half-way level
+                cap = cfg.recentre_max_fraction * abs(float(np.median(les_s)) - float(np.median(bg_s)))
+                les_pdf = _kde(les_s + float(np.clip(0.5 * shift, -cap, cap)), cfg.min_sd_hu)
         else:
             les_s = smooth[core]
             if prompt.kind is PromptKind.POINTS:
@@ -235,7 +245,9 @@ class AdaptiveEngine:
                 # moving the voxels next to the prompt's outline (partial-volume layer) across it costs
                 # ``fit_switch_cost`` each: an ambiguous boundary layer stays where the prompt put it
                 pv_layer = np.abs(sdist) <= float(np.min(sp))
-                fit_ev = np.clip(llr, -cfg.fit_clip, cfg.fit_clip) - cfg.fit_switch_cost * np.sign(sdist) * pv_layer
+                ev, peak = _fit_evidence(llr, smooth, les_pdf, les_s, bg_s, cfg)
+                switch = cfg.fit_switch_cost * min(peak, cfg.fit_clip) / cfg.fit_clip
+                fit_ev = np.clip(ev, -cfg.fit_clip, cfg.fit_clip) - switch * np.sign(sdist) * pv_layer
                 offset = _fit_offset(fit_ev, sdist, -float(inside_d.max()), growth, cfg)
                 forbidden |= sdist > offset + max(cfg.band_mm, cfg.band_fraction * r_eq)
             prior = np.clip(-(sdist - offset) / scale, -cfg.prior_clip, cfg.prior_clip)
@@ -396,6 +408,41 @@ def _signed_distance(pmask: np.ndarray, inside_d: np.ndarray, outside_d: np.ndar
     """
     half = 0.5 * float(np.min(sp))
     return np.where(pmask, half - inside_d, outside_d - half)
+
+
+def _fit_evidence(
+    llr: np.ndarray,
+    smooth: np.ndarray,
+    les_pdf: np.ndarray,
+    les_s: np.ndarray,
+    bg_s: np.ndarray,
+    cfg: AdaptiveConfig,
+) -> tuple[np.ndarray, float]:
+    """Per-voxel evidence for the outline fit: the models' log-likelihood ratio, or, for a lesion whose contrast is
+    within ``fit_linear_cnr`` noise SDs of its background, the equal-variance Gaussian one.
+
+    At such low contrast the kernel estimates overlap almost entirely and their ratio is decided by the tails of
+    the two (a background of wider spread makes background-level voxels read as lesion); the Gaussian ratio is
+    linear in intensity, so summed over a distance shell it weighs the shell's mean against the half-way level and
+    the noise averages out. Also returns the evidence of a voxel at the lesion level (the kernel ratio saturates
+    at ``fit_clip``), which scales the cost of moving the partial-volume layer."""
+    if bg_s.size < 5:
+        return llr, cfg.fit_clip
+    les_level = float(_BINS[int(np.argmax(les_pdf))])
+    bg_level = float(np.median(bg_s))
+    # noise: the narrower of the two samples' robust spreads (a ring across lung and chest wall is wide because it
+    # holds two tissues, not because the scan is noisy)
+    spread = min(_robust_sd(les_s), _robust_sd(bg_s)) if les_s.size >= 5 else _robust_sd(bg_s)
+    noise = max(spread, cfg.min_sd_hu)
+    contrast = les_level - bg_level
+    if abs(contrast) >= cfg.fit_linear_cnr * noise:
+        return llr, cfg.fit_clip
+    ev = contrast * (smooth - 0.5 * (les_level + bg_level)) / noise**2
+    return np.asarray(ev, dtype=np.float32), 0.5 * contrast**2 / noise**2
+
+
+def _robust_sd(samples: np.ndarray) -> float:
+    return 1.4826 * float(np.median(np.abs(samples - np.median(samples))))
 
 
 def _fit_offset(evidence: np.ndarray, sdist: np.ndarray, lo_mm: float, hi_mm: float, cfg: AdaptiveConfig) -> float:

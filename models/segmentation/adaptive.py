@@ -222,6 +222,7 @@ class AdaptiveEngine:
         if bg_s.size < 5:
             bg_s = smooth[sdist > growth]
         bg_pdf = _kde(bg_s, cfg.min_sd_hu)
+        les_mode = float(_BINS[int(np.argmax(les_pdf))])  # the lesion model's most frequent intensity
         llr = np.clip(np.log(_lookup(les_pdf, smooth)) - np.log(_lookup(bg_pdf, smooth)), -6.0, 6.0)
 
         # --- presence test: does anything inside the prompt core still look like the lesion? --------
@@ -245,7 +246,7 @@ class AdaptiveEngine:
                 # moving the voxels next to the prompt's outline (partial-volume layer) across it costs
                 # ``fit_switch_cost`` each: an ambiguous boundary layer stays where the prompt put it
                 pv_layer = np.abs(sdist) <= float(np.min(sp))
-                ev, peak = _fit_evidence(llr, smooth, les_pdf, les_s, bg_s, cfg)
+                ev, peak = _fit_evidence(llr, smooth, les_mode, les_s, bg_s, cfg)
                 switch = cfg.fit_switch_cost * min(peak, cfg.fit_clip) / cfg.fit_clip
                 fit_ev = np.clip(ev, -cfg.fit_clip, cfg.fit_clip) - switch * np.sign(sdist) * pv_layer
                 offset = _fit_offset(fit_ev, sdist, -float(inside_d.max()), growth, cfg)
@@ -285,8 +286,7 @@ class AdaptiveEngine:
         else:
             seg = labels == 1
         seg &= ~forbidden
-        noise = 1.4826 * float(np.median(np.abs(bg_s - np.median(bg_s)))) if bg_s.size else 0.0
-        les_mode = float(_BINS[int(np.argmax(les_pdf))])
+        noise = _robust_sd(bg_s) if bg_s.size else 0.0
         if cfg.halfway:
             for _ in range(cfg.halfway_iterations):
                 seg = _halfway_boundary(seg, smooth, sp, cfg, noise, les_mode) & ~forbidden
@@ -413,13 +413,13 @@ def _signed_distance(pmask: np.ndarray, inside_d: np.ndarray, outside_d: np.ndar
 def _fit_evidence(
     llr: np.ndarray,
     smooth: np.ndarray,
-    les_pdf: np.ndarray,
+    les_level: float,
     les_s: np.ndarray,
     bg_s: np.ndarray,
     cfg: AdaptiveConfig,
 ) -> tuple[np.ndarray, float]:
-    """Per-voxel evidence for the outline fit: the models' log-likelihood ratio, or, for a lesion whose contrast is
-    within ``fit_linear_cnr`` noise SDs of its background, the equal-variance Gaussian one.
+    """Per-voxel evidence for the outline fit: the models' log-likelihood ratio, or, for a lesion (most frequent
+    intensity ``les_level``) within ``fit_linear_cnr`` noise SDs of its background, the equal-variance Gaussian one.
 
     At such low contrast the kernel estimates overlap almost entirely and their ratio is decided by the tails of
     the two (a background of wider spread makes background-level voxels read as lesion); the Gaussian ratio is
@@ -428,7 +428,6 @@ def _fit_evidence(
     at ``fit_clip``), which scales the cost of moving the partial-volume layer."""
     if bg_s.size < 5:
         return llr, cfg.fit_clip
-    les_level = float(_BINS[int(np.argmax(les_pdf))])
     bg_level = float(np.median(bg_s))
     # noise: the narrower of the two samples' robust spreads (a ring across lung and chest wall is wide because it
     # holds two tissues, not because the scan is noisy)
@@ -442,6 +441,7 @@ def _fit_evidence(
 
 
 def _robust_sd(samples: np.ndarray) -> float:
+    """Standard deviation from the median absolute deviation (robust to a minority of other tissue)."""
     return 1.4826 * float(np.median(np.abs(samples - np.median(samples))))
 
 
@@ -544,8 +544,7 @@ def _grow_from_core(
 
 
 def _grow_tolerance(les_s: np.ndarray, cfg: AdaptiveConfig) -> float:
-    med = float(np.median(les_s))
-    return max(2.5 * 1.4826 * float(np.median(np.abs(les_s - med))), 2.5 * cfg.min_sd_hu, 25.0)
+    return max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
 
 
 def _kde(samples: np.ndarray, min_sd: float) -> np.ndarray:
@@ -555,7 +554,7 @@ def _kde(samples: np.ndarray, min_sd: float) -> np.ndarray:
         return np.full(_BINS.size, 1.0 / _BINS.size)
     if s.size > 20000:
         s = s[:: s.size // 20000 + 1]
-    sd = 1.4826 * float(np.median(np.abs(s - np.median(s)))) or float(s.std())
+    sd = _robust_sd(s) or float(s.std())
     bw = max(min_sd, 1.06 * sd * s.size ** (-0.2))
     hist, _ = np.histogram(np.clip(s, _BINS[0], _BINS[-1]), bins=np.append(_BINS, _BINS[-1] + 2.0))
     pdf = ndi.gaussian_filter1d(hist.astype(np.float64), bw / 2.0, mode="constant")

@@ -476,26 +476,16 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
         signals.append(
             Signal(name="presence_margin", value=None, score=0.5, reason="propagated prompt fell outside this CT")
         )
+    # present on one side of the neighbouring timepoint and vanished on the other, either way round: a lesion back
+    # after a complete response is progression under RECIST 1.1, as strong a claim as a disappearance, and as
+    # often a remnant or a neighbouring structure taken for it
+    flip = None
     if not f["present"] and f.get("neighbour_vanished"):
-        signals.append(
-            Signal(
-                name="consistency",
-                value=None,
-                score=r.vanished_score,
-                reason="vanished although present at the neighbouring timepoint",
-            )
-        )
-    if f["present"] and f.get("neighbour_reappeared"):
-        # a lesion back after a complete response is progression under RECIST 1.1: as strong a claim as a
-        # disappearance, and as often a remnant or a neighbouring structure taken for it
-        signals.append(
-            Signal(
-                name="consistency",
-                value=None,
-                score=r.vanished_score,
-                reason="present although reported vanished at the neighbouring timepoint",
-            )
-        )
+        flip = "vanished although present at the neighbouring timepoint"
+    elif f["present"] and f.get("neighbour_reappeared"):
+        flip = "present although reported vanished at the neighbouring timepoint"
+    if flip is not None:
+        signals.append(Signal(name="consistency", value=None, score=r.vanished_score, reason=flip))
     ann = f.get("annotation_margin")
     if ann is not None:
         s = _score(ann, r.annotation_good, r.annotation_bad)

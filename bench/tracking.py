@@ -7,7 +7,8 @@ one course over the series, as a volume factor against the baseline: growth to �
 (growth then shrinkage), stable, or shrink-then-vanish (gone from follow-up 4 on); each patient gets at least one
 vanishing lesion and its part-solid nodule grows. The change is applied on the lesion's own shape by signed
 distance (new tissue copies the nearest inner lesion tissue, so a part-solid nodule's ground-glass rim grows;
-removed tissue is in-painted from the surroundings). Then the whole CT moves by an exact random patient motion
+removed tissue is in-painted from the surrounding parenchyma: lung for a lung lesion, else the surroundings' most
+frequent tissue). Then the whole CT moves by an exact random patient motion
 (rotation ±4°, translation ±20 mm, elastic ≈10 mm; synthetic.transforms) with one table shift of 55 mm along z at
 follow-up 3 (the field of view follows the patient, so the same anatomy has other coordinates), and gets fresh
 noise. Ground truth = the evolved labels moved by the same exact transform.
@@ -98,14 +99,41 @@ def evolve(ct: Volume, labels: Volume, factors: dict[int, float], rng: np.random
             sub[grow] = sub[src] + rng.normal(0, 6.0, int(grow.sum()))
         gone = mm & ~new
         if gone.any():
-            ring = ~mm & ~others & (d_out > 3.0)  # beyond the blurred edge: no partial-volume residue
-            _, ind = ndi.distance_transform_edt(~ring, sampling=sp, return_indices=True)
-            src = tuple(i[gone] for i in ind)
-            sub[gone] = sub[src] + rng.normal(0, 6.0, int(gone.sum()))
+            sub[gone] = _parenchyma_fill(sub, mm, others, d_out, gone, sp) + rng.normal(0, 6.0, int(gone.sum()))
         lab_sub = lab[sl]
         lab_sub[mm & ~new] = 0
         lab_sub[new] = n
     return ct.with_array(np.rint(img).astype(np.int16)), labels.with_array(lab)
+
+
+def _parenchyma_fill(
+    img: np.ndarray, lesion: np.ndarray, others: np.ndarray, d_out: np.ndarray, gone: np.ndarray, sp: np.ndarray
+) -> np.ndarray:
+    """Values for removed lesion tissue: copies of the nearest voxel of the surrounding parenchyma.
+
+    Sources lie beyond the lesion's blurred edge (> 3 mm) within the ring around it, and only where the ring holds
+    the tissue that fills the space when a lesion shrinks: aerated lung when at least 30 % of the ring is lung (a
+    lung lesion, even one against the chest wall or the mediastinum), else the ring's most frequent tissue (liver,
+    fat), each within 3 robust SDs (at least ±60 HU) of its histogram mode. Copying the nearest voxel of *any*
+    tissue extruded the chest wall, the mediastinum or a vessel next to the lesion into its site, leaving
+    lesion-dense tissue where the truth says the lesion is gone (0–48 % of the removed voxels of the phantoms' lung
+    nodules ended above the half-way level).
+    """
+    ring = ~lesion & ~others & (d_out > 3.0)
+    near = ring & (d_out <= 9.0)
+    if near.sum() >= 20:
+        vals = img[near].astype(np.float64)
+        if np.mean(vals < -500.0) >= 0.3:
+            vals = vals[vals < -500.0]
+        hist, edges = np.histogram(vals, bins=np.arange(-1100.0, 1520.0, 20.0))
+        mode = float(edges[int(np.argmax(ndi.gaussian_filter1d(hist.astype(np.float64), 1.0)))] + 10.0)
+        close = vals[np.abs(vals - mode) <= 100.0]
+        spread = max(3.0 * 1.4826 * float(np.median(np.abs(close - np.median(close)))), 60.0)
+        parenchyma = near & (np.abs(img - mode) <= spread)
+        if parenchyma.sum() >= 10:
+            ring = parenchyma
+    _, ind = ndi.distance_transform_edt(~ring, sampling=sp, return_indices=True)
+    return np.asarray(img[tuple(i[gone] for i in ind)])
 
 
 COURSES = ("grow", "shrink", "response", "stable", "vanish")

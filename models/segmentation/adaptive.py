@@ -107,6 +107,10 @@ class AdaptiveConfig:
     halfway_min_contrast: float = 4.0
     """Re-decide only where lesion and background differ by this many noise standard deviations."""
     halfway_iterations: int = 2
+    straddle_fraction: float = 0.1
+    """A lesion with at least this fraction of its tissue brighter than the background by 2 noise SDs *and* this
+    fraction darker (a necrotic lesion's enhancing rim around its fluid centre) has no one half-way level: the
+    half-way step is skipped and the random walker's boundary stands."""
     trim_protrusions: bool = True
     """Mask prompts: outside the fitted outline keep only what a ball of ``trim_radius_mm`` fits into (a morphological
     opening): a vessel or a blurred strand touching the lesion is a thin protrusion, growth along the outline is not."""
@@ -289,7 +293,7 @@ class AdaptiveEngine:
         # the half-way step's contrast test compares with the image noise (a ground-glass nodule, 300 HU above the
         # lung, was left to the kernel ratio because its lung ring with vessels spreads ±90 HU: its growth was missed)
         noise = _noise_sd(les_s, bg_s)
-        if cfg.halfway:
+        if cfg.halfway and not _straddles(les_s, bg_s, noise, cfg.straddle_fraction):
             for _ in range(cfg.halfway_iterations):
                 seg = _halfway_boundary(seg, smooth, sp, cfg, noise, les_mode) & ~forbidden
         distinct = bg_s.size > 0 and abs(les_mode - float(np.median(bg_s))) >= cfg.trim_min_contrast_hu
@@ -437,6 +441,14 @@ def _fit_evidence(
         return llr, cfg.fit_clip
     ev = contrast * (smooth - 0.5 * (les_level + bg_level)) / noise**2
     return np.asarray(ev, dtype=np.float32), 0.5 * contrast**2 / noise**2
+
+
+def _straddles(les_s: np.ndarray, bg_s: np.ndarray, noise: float, fraction: float) -> bool:
+    """Whether the lesion holds tissue on both sides of its background (see ``AdaptiveConfig.straddle_fraction``)."""
+    if les_s.size < 10 or bg_s.size == 0:
+        return False
+    bg_level, margin = float(np.median(bg_s)), 2.0 * max(noise, 1.0)
+    return bool(np.mean(les_s > bg_level + margin) >= fraction and np.mean(les_s < bg_level - margin) >= fraction)
 
 
 def _noise_sd(les_s: np.ndarray, bg_s: np.ndarray) -> float:

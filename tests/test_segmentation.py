@@ -316,3 +316,16 @@ def test_necrotic_rim_enhancing_lesion_keeps_its_rim(r_after: float) -> None:
     got = out.array > 0
     assert 0.8 <= got.sum() / gt.sum() <= 1.2, (got.sum(), gt.sum())
     assert dice(got, gt) >= 0.88
+
+
+def test_half_way_background_is_the_ring_s_most_frequent_tissue() -> None:
+    """Around a juxtapleural nodule the ring is lung and chest wall: its median lies between the two tissues, and a
+    half-way level against it cut the nodule's lung-side edge. The background level is the dominant tissue's."""
+    from models.segmentation.adaptive import _dominant_level
+
+    rng = np.random.default_rng(0)
+    ring = np.concatenate([rng.normal(-850.0, 25.0, 520), rng.normal(40.0, 25.0, 480)])
+    assert abs(_dominant_level(ring) + 850.0) < 10.0
+    assert np.median(ring) > -815.0  # the median: the upper tail of the lung, pulled towards the wall
+    liver = rng.normal(100.0, 15.0, 1000)
+    assert abs(_dominant_level(liver) - 100.0) < 5.0

@@ -501,9 +501,10 @@ def _halfway_boundary(
     """Re-decide the voxel layers either side of ``seg``'s boundary at the half-way level (partial-volume correct).
 
     A boundary voxel of intensity ``v`` is lesion when ``alpha = (v - B) / (L - B) >= 0.5``: at least half of it is
-    lesion. ``B`` is the background (median of the ring beyond the partial-volume reach); ``L`` the local lesion level
-    (Gaussian-weighted mean of the layer just inside the edge), never more extreme than the lesion model's most frequent
-    intensity ``lesion_mode`` (a ground-glass rim is lesion tissue in its own right, not a blur of the solid core).
+    lesion. ``B`` is the background (the level of the most frequent tissue in the ring beyond the partial-volume
+    reach); ``L`` the local lesion level (Gaussian-weighted mean of the layer just inside the edge), never more extreme
+    than the lesion model's most frequent intensity ``lesion_mode`` (a ground-glass rim is lesion tissue in its own
+    right, not a blur of the solid core).
     Where the lesion is not resolved (no voxel deeper than the partial-volume reach, e.g. one 5 mm slice), ``L`` comes
     from its more lesion-like half. Left as they are: voxels where lesion and background differ by less than
     ``halfway_min_contrast`` noise SDs, and voxels whose local surroundings are not the background (a lesion abutting
@@ -519,7 +520,7 @@ def _halfway_boundary(
     ring = outer & (out_d <= pv + cfg.ring_mm)
     if ring.sum() < 20:
         return seg
-    background = float(np.median(img[ring]))
+    background = _dominant_level(img[ring])
     seg_median = float(np.median(img[seg]))
     bright = seg_median > background
     if inner.sum() < 8:
@@ -537,6 +538,17 @@ def _halfway_boundary(
     out = seg.copy()
     out[ok] = alpha[ok] >= 0.5
     return out
+
+
+def _dominant_level(values: np.ndarray) -> float:
+    """The level of the most frequent tissue among ``values``: the median of those within 100 HU of the smoothed
+    histogram's mode. Around a juxtapleural nodule the ring is lung and chest wall; its median lies between the two and
+    made the half-way level cut the nodule's lung-side edge."""
+    vals = np.asarray(values, np.float64).ravel()
+    hist, edges = np.histogram(np.clip(vals, _BINS[0], _BINS[-1]), bins=np.arange(_BINS[0], _BINS[-1] + 10.0, 10.0))
+    mode = float(edges[int(np.argmax(ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)))] + 5.0)
+    close = vals[np.abs(vals - mode) <= 100.0]
+    return float(np.median(close)) if close.size >= 10 else float(np.median(vals))
 
 
 def _local_mean(img: np.ndarray, mask: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

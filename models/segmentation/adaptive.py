@@ -542,8 +542,8 @@ def _halfway_boundary(
 
 def _dominant_level(values: np.ndarray) -> float:
     """The level of the most frequent tissue among ``values``: the median of those within 100 HU of the smoothed
-    histogram's mode. Around a juxtapleural nodule the ring is lung and chest wall; its median lies between the two and
-    made the half-way level cut the nodule's lung-side edge."""
+    histogram's mode. Around a juxtapleural nodule the ring is lung and chest wall; its median is pulled from the lung
+    towards the wall (or between the two) and made the half-way level cut the nodule's lung-side edge."""
     vals = np.asarray(values, np.float64).ravel()
     hist, edges = np.histogram(np.clip(vals, _BINS[0], _BINS[-1]), bins=np.arange(_BINS[0], _BINS[-1] + 10.0, 10.0))
     mode = float(edges[int(np.argmax(ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)))] + 5.0)

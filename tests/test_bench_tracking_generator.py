@@ -5,30 +5,14 @@ Its ground truth says "gone"; the image must agree, or the benchmark scores the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 from scipy import ndimage as ndi
 
+from bench import tracking as bench
 from synthetic.phantom import make_phantom
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_tracking", Path(__file__).resolve().parents[1] / "bench" / "tracking.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tracking"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_a_removed_lesion_site_holds_the_surrounding_parenchyma_not_its_neighbours() -> None:
-    bench = _bench()
     ph = make_phantom(seed=3)  # its juxtapleural nodule's surroundings are mostly chest wall
     ct, labels = ph.ct, ph.lesions.with_array(ph.lesions.array.astype(np.uint8))
     sp = ct.spacing[::-1]

@@ -266,17 +266,9 @@ def test_growing_part_solid_nodule_in_lung_with_vessels_is_followed() -> None:
     switched the half-way step off for a nodule 300 HU above the lung, and the partial-volume layer of new ground
     glass fell to the kernel ratio, which reads it as lung: growth reported x1.28 for x1.53 (set B's and set E's
     growing part-solid nodules reported shrinking). The noise is the narrower of the lesion's and ring's spreads."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
+    from bench import tracking as bench
     from synthetic.phantom import make_phantom
 
-    spec = importlib.util.spec_from_file_location("bench_tracking", Path(__file__).parents[1] / "bench" / "tracking.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tracking"] = bench
-    spec.loader.exec_module(bench)
     ph = make_phantom(seed=4)
     labels = ph.lesions.with_array(ph.lesions.array.astype(np.uint8))
     n = next(info.label for info in ph.lesion_info if info.kind == "part-solid lung nodule")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from bench import tracking as bench
 from models.imaging.volume import Volume
 from models.segmentation.base import get_engine
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
@@ -20,17 +17,6 @@ from tests.conftest import require_shared_data
 pytestmark = pytest.mark.realdata
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_tracking", Path(__file__).resolve().parents[1] / "bench" / "tracking.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules["bench_tracking"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_real_tumour_grows_then_vanishes() -> None:
     img_p = require_shared_data("real", "lung1", "lung1_image.nrrd")
     lab_p = require_shared_data("real", "lung1", "lung1_label.nrrd")
@@ -40,7 +26,6 @@ def test_real_tumour_grows_then_vanishes() -> None:
     origin = ct.index_to_patient(np.array([sl[2].start, sl[1].start, 0], float))
     ct = Volume(np.ascontiguousarray(ct.array[sl]).astype(np.int16), origin, ct.spacing, ct.direction)
     labels = ct.with_array((lab.array[sl] > 0).astype(np.uint8))
-    bench = _bench()
     rng = np.random.default_rng(0)
     cts, gts = [ct], [labels]
     for factor, shift in ((1.3, (1.5, -1.0, 0.0)), (0.0, (-1.0, 1.0, 0.0))):

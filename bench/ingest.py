@@ -15,6 +15,10 @@ Four ≥300-instance CT series are generated from one real slice (new UIDs per i
    restarts it, senders whose association dropped reconnect and retry what was not acknowledged.
    Lost = acknowledged (or finally sent) instances without a file and a row; duplicated as above.
 
+Every run starts from the same settled machine (:func:`settle`): what earlier runs wrote is moved aside and written
+back, the clean page cache is dropped (as root) and the senders' inputs are read back in. The received files are
+removed only when the benchmark ends (a full run keeps about 7 GB under the temporary folder until then).
+
 Prints one JSON document (with the load average before and after).
 
     .venv/bin/python bench/ingest.py [--instances 320] [--repeats 3] [--fsync] [--processes N]
@@ -90,6 +94,41 @@ def storescu(port: int, files: list[Path], aec: str) -> subprocess.Popen[bytes]:
     )
 
 
+def set_aside(path: Path, root: Path) -> None:
+    """Move a receiver's files out of the way and write them back (``sync``), so that every run starts from the
+    same settled file system: nothing dirty in the page cache, no inode freed moments ago. The files are removed
+    when the benchmark ends.
+
+    Removing them between runs made each run's conditions depend on the one before: ext4 looks past inodes
+    freed moments ago when it allocates new ones (``recently_deleted`` in ``ext4_create``: 12 % of a receiver
+    process's samples under ``perf`` after the previous receiver's files were removed), and pages freed moments
+    ago are cheaper to write into on this VM (creating 0.5 MB files: 0.13 ms each right after 1,280 were removed,
+    0.31–0.36 ms otherwise). Keeping them without writing them back slowed the later runs instead: past
+    ``vm.dirty_background_ratio`` the kernel's writeback of earlier runs shares the two cores.
+    """
+    spent = root / "spent"
+    spent.mkdir(exist_ok=True)
+    if path.exists():
+        path.rename(spent / f"{path.name}-{time.monotonic_ns()}")
+    settle(root)
+
+
+def settle(root: Path) -> None:
+    """Write back everything dirty and, where allowed (root), drop the clean page cache; then read what the senders
+    need back into it (the series under ``root``, ``storescu`` itself), so that no sender reads from the disk
+    during a run."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        pass
+    files = sorted(root.glob("series*/*.dcm"))
+    for p in files:
+        p.read_bytes()
+    if files:  # and storescu's program, libraries and data dictionary: one send to a port nobody listens on
+        storescu(free_port(), files[:1], "NOBODY").communicate()
+
+
 def run_senders(port: int, batches: list[list[Path]], aec: str) -> tuple[float, list[int]]:
     t0 = time.perf_counter()
     procs = [storescu(port, b, aec) for b in batches]
@@ -127,7 +166,7 @@ class Storescp:
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-        shutil.rmtree(self.out, ignore_errors=True)
+        set_aside(self.out, self.root)
 
 
 class LesionTrackSCP:
@@ -206,7 +245,7 @@ class LesionTrackSCP:
     def __exit__(self, *exc: object) -> None:
         self.scp.stop()
         self.engine.dispose()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        set_aside(self.dir, self.root)
 
 
 class PynetdicomFloor(LesionTrackSCP):
@@ -315,6 +354,7 @@ def main() -> None:
     try:
         series = [make_series(tmp / f"series{k}", args.instances, args.source) for k in range(4)]
         mb = sum(p.stat().st_size for p in series[0]) / 1e6
+        settle(tmp)  # the generated series on disk before the first run (see set_aside)
         single: dict[str, list[dict]] = {Storescp.name: [], LesionTrackSCP.name: [], PynetdicomFloor.name: []}
         for _ in range(args.repeats):
             for recv in (
@@ -385,6 +425,11 @@ def main() -> None:
                 "megabytes_per_series": round(mb, 1),
                 "source": str(args.source.name),
                 "transfer_syntax": "Explicit VR Little Endian",
+            },
+            "settled_before_each_run": {
+                "sync": True,
+                "page_cache_dropped": os.access("/proc/sys/vm/drop_caches", os.W_OK),
+                "received_files_removed": "at the end",
             },
             "lesiontrack_fsync": args.fsync,
             "lesiontrack_receiver_processes": receiver_processes(args.processes),

@@ -231,6 +231,7 @@ class TrackingSettings(_Section):
         3.0, gt=1, description="implausible change: volume beyond this factor (or its inverse) per factor_weeks"
     )
     factor_weeks: float = Field(8.0, gt=0, description="interval of max_volume_factor (compounds over longer ones)")
+    boosting: bool = Field(False, description="LinGuinE boosting: re-prompt the segmentation at the lesion's centre")
 
 
 class RecistSettings(_Section):

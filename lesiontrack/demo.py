@@ -20,6 +20,7 @@ from sqlalchemy import select
 from config.settings import PacsPeer, Settings, load_settings
 from db.models import Lesion, LesionObservation, Series, Study
 from db.session import session_scope
+from pipeline.candidates import latest_candidates
 
 
 def free_port() -> int:
@@ -131,6 +132,19 @@ class LesionRow:
     long_axis_mm: float | None
     change_pct: float | None
     response: str | None
+    review: bool = False  # flagged for review (low confidence)
+    confidence: float | None = None
+
+
+@dataclass
+class CandidateRow:
+    """A new-lesion candidate of the timepoint's latest search (unconfirmed until an operator decides)."""
+
+    tracking_id: str
+    tissue: str
+    diameter_mm: float
+    confidence: float
+    state: str
 
 
 @dataclass
@@ -141,6 +155,7 @@ class TimepointRows:
     rows: list[LesionRow] = field(default_factory=list)
     response: str | None = None
     files: list[str] = field(default_factory=list)
+    candidates: list[CandidateRow] = field(default_factory=list)
 
 
 def lesion_table(session_factory: Any, patient_pk: int) -> list[TimepointRows]:
@@ -175,10 +190,16 @@ def lesion_table(session_factory: Any, patient_pk: int) -> list[TimepointRows]:
                     obs.long_axis_mm,
                     change.get("percent"),
                     rec.get("role"),
+                    review=bool(obs.review),
+                    confidence=obs.confidence,
                 )
             )
             if rec.get("overall_response"):
                 tp.response = rec["overall_response"]
+        for c in latest_candidates(s, list(by_series)):
+            by_series[c.series_uid].candidates.append(
+                CandidateRow(c.tracking_id, c.tissue, c.diameter_mm, c.confidence, c.state.value)
+            )
     out = [by_series[k] for k in sorted(by_series, key=lambda k: order[k])]
     for i, tp in enumerate(out):
         tp.label = "baseline" if i == 0 else f"follow-up {i}"
@@ -194,7 +215,8 @@ def render_table(timepoints: list[TimepointRows], console: Any) -> None:
         if tp.response:
             title += f" — RECIST overall response: {tp.response}"
         t = Table(title=title, title_justify="left")
-        for col in ("tracking ID", "volume (mL)", "long axis (mm)", "change vs baseline", "status", "RECIST role"):
+        cols = ("tracking ID", "volume (mL)", "long axis (mm)", "change vs baseline", "status", "RECIST role", "flag")
+        for col in cols:
             t.add_column(col)
         for r in tp.rows:
             t.add_row(
@@ -204,7 +226,19 @@ def render_table(timepoints: list[TimepointRows], console: Any) -> None:
                 "-" if r.change_pct is None else f"{r.change_pct:+.0f} %",
                 r.status,
                 r.response or "-",
+                _flag(r),
             )
+        for c in tp.candidates:
+            t.add_row(
+                c.tracking_id, "-", f"{c.diameter_mm:.1f} (diameter)", "-", f"candidate, {c.state}", "-",
+                f"confidence {c.confidence:.2f}",
+            )  # fmt: skip
         console.print(t)
         for f in tp.files:
             console.print(f"  {f}")
+
+
+def _flag(row: LesionRow) -> str:
+    if row.review:
+        return "REVIEW" + ("" if row.confidence is None else f" ({row.confidence:.2f})")
+    return "-" if row.confidence is None else f"ok ({row.confidence:.2f})"

@@ -10,14 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+PROMPT_FILE = "points"
+"""``PriorAnnotation.modality`` of a prompts JSON file (docs/prompts.md): points/boxes a person placed."""
+
 
 @dataclass
 class PriorAnnotation:
-    """A SEG or TID 1500 SR object annotating a prior CT series."""
+    """A SEG or TID 1500 SR object annotating a prior CT series (or a prompts JSON file given with ``lesiontrack
+    track --prompts``: modality :data:`PROMPT_FILE`, a derived SOP Instance UID, no SOP class)."""
 
     sop_instance_uid: str
     sop_class_uid: str
-    modality: str  # "SEG" or "SR"
+    modality: str  # "SEG", "SR" or PROMPT_FILE
     files: list[Path] = field(default_factory=list)  # local files once retrieved
 
 

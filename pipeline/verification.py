@@ -212,10 +212,14 @@ def take_in_series(
     *,
     actor: str = "dicom-node",
     operator: str | None = None,
+    vouched: bool = False,
 ) -> list[int]:
     """Recognise the corrections in one completed SEG/SR series; returns the adoption jobs queued (none when the
     objects are ours, annotate no analysed series, were taken in before, or corrections are not accepted — the
-    series' routing reason then says which)."""
+    series' routing reason then says which).
+
+    ``vouched``: the operator states that a person made or verified these objects (``lesiontrack track
+    --confirmed``), so a result of ours among them counts as verified, like a reader's re-issued SEG."""
     accepted: list[tuple[int, str, str]] = []  # (verification id, CT series, who)
     with session_scope(sf) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
@@ -223,12 +227,12 @@ def take_in_series(
             return []
         instances = list(s.scalars(select(Instance).where(Instance.series_pk == series.id).order_by(Instance.id)))
         ours = _our_sop_uids(s, [i.sop_instance_uid for i in instances])
-        if series.created_by_us and all(i.sop_instance_uid in ours for i in instances):
+        if not vouched and series.created_by_us and all(i.sop_instance_uid in ours for i in instances):
             return []  # our own result, nothing a person added to it
         notes: list[str] = []
         for inst in instances:
             header = AnnotationHeader.read(Path(inst.file_path))
-            if header is None or header.is_ours(ours):
+            if header is None or (header.is_ours(ours) and not vouched):
                 continue
             # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
             # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification

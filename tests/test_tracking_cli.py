@@ -97,11 +97,14 @@ def test_track_cli_writes_label_maps_tracking_json_and_dicom(tmp_path: Path) -> 
             assert src["series_uid"] == base_uid and src["by_person"] and src["timepoint_index"] == 0, src
     assert summary["propagation"] == "annotation"
     for tp in summary["timepoints"][1:]:
-        kinds = sorted(pydicom.dcmread(out / f).Modality for f in tp["dicom"])
-        assert kinds == ["SEG", "SR"]
+        # the service's objects: SEG, TID 1500 SR and the OHIF measurements SR
+        kinds = [pydicom.dcmread(out / f).Modality for f in tp["dicom"]]
+        assert kinds == ["SEG", "SR", "SR"]
+        assert tp["state"] == "done" and tp["new_lesion_search"]["ran"], tp
         seg = pydicom.dcmread(out / tp["dicom"][0])
         uids = {s.TrackingUID for s in seg.SegmentSequence}
-        assert uids == {les["tracking_uid"] for les in summary["lesions"]}
+        candidates = {c["tracking_uid"] for c in tp["candidates"]}
+        assert uids == {les["tracking_uid"] for les in summary["lesions"]} | candidates
 
 
 def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:

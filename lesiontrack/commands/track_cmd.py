@@ -1,26 +1,28 @@
 """`lesiontrack track`: track the lesions annotated on a baseline CT through follow-up CTs (folders of DICOM).
 
-Writes to ``--out``: per timepoint a NIfTI label map (label = lesion number as on the baseline), ``tracking.json``
-(per lesion per timepoint: tracking UID/ID, status, volume, centre, notes) and, for every follow-up, a new DICOM-SEG
-and TID 1500 SR (``dicom/<series>/``) with the measurements and changes against the earlier timepoints.
+The folders are analysed exactly as the service analyses received series (:func:`lesiontrack.local_analysis.
+analyse_folders`: the same job steps — priors, registration, tracking, new-lesion search, confidence and review
+flags, measurement, RECIST, SEG + SR — over an embedded temporary store). Writes to ``--out``: per timepoint a NIfTI
+label map (label = the lesion's label on its annotation), ``tracking.json`` (per timepoint the job's state, new-lesion
+candidates and RECIST; per lesion per timepoint tracking UID/ID, status, volume, centre, confidence, review flag) and,
+for every analysed follow-up, the job's DICOM-SEG, TID 1500 SR and OHIF measurements SR (``dicom/<series>/``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
+from db.models import JobState
 from lesiontrack.cli_errors import InputError, check_registrable, guarded
 from lesiontrack.context import state
-
-if TYPE_CHECKING:
-    from pipeline.lesions import Timepoint
-    from pipeline.measurements import LesionMeasurement
 
 log = logging.getLogger(__name__)
 
@@ -54,88 +56,90 @@ def track(
     registration: str | None = typer.Option(
         None, "--registration", help="registration engine (default: engines.registration; 'none')"
     ),
-    boosting: bool = typer.Option(False, "--boost/--no-boost", help="LinGuinE boosting (re-prompt at the centre)"),
-    dicom: bool = typer.Option(True, "--dicom/--no-dicom", help="also write DICOM-SEG + SR for each follow-up"),
+    boosting: bool | None = typer.Option(
+        None, "--boost/--no-boost", help="LinGuinE boosting (re-prompt at the centre; default: tracking.boosting)"
+    ),
+    dicom: bool = typer.Option(True, "--dicom/--no-dicom", help="also copy each follow-up's DICOM-SEG + SRs to --out"),
     confirmed: list[Path] = typer.Option(
         [],
         "--confirmed",
         exists=True,
         file_okay=False,
-        help="a --followup folder whose SEG/SR a person made or verified (repeat): later timepoints are propagated "
-        "from the nearest such timepoint (lesions matched by Tracking UID, Tracking ID or label)",
+        help="a --followup folder whose SEG/SR a person made or verified (repeat): taken in as the service takes in a "
+        "reader's correction, and later timepoints are propagated from it (lesions matched by Tracking UID, "
+        "Tracking ID or label)",
+    ),
+    store: Path | None = typer.Option(
+        None,
+        "--store",
+        file_okay=False,
+        help="keep the embedded store (received files, SQLite database, job records) in this folder "
+        "(default: a temporary folder, removed at the end)",
     ),
 ) -> None:
-    """Track baseline lesions through follow-up CTs; write label maps, tracking.json and DICOM-SEG + SR."""
+    """Track baseline lesions through follow-up CTs as the service would (same steps, same SEG + SR); write label
+    maps, tracking.json and the DICOM results."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from models.engines import build_registration, build_segmentation
-    from models.imaging.dicom_read import read_series
-    from pipeline.lesions import Timepoint
-    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
-    from pipeline.tracking import (
-        ProgressEvent,
-        TrackingOptions,
-        label_map,
-        track_lesions,
-        tracking_summary,
-    )
+    from config.settings import ConfigError
+    from lesiontrack.local_analysis import FolderError, analyse_folders
+    from lesiontrack.service import check_engine_settings
+    from lesiontrack.track_outputs import write_outputs
 
-    settings = state(ctx).settings()
     console = Console(stderr=True)
-    dirs = [baseline, *followup]
-    try:
-        cts = [_read_ct(d, read_series) for d in dirs]
-        for ct, d in zip(cts, dirs, strict=True):
-            check_registrable(ct, d, "baseline CT" if d == baseline else "follow-up CT")
-    except (ValueError, InputError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-    tps = [
-        Timepoint(
-            str(ct.meta.get("SeriesInstanceUID", f"series{i}")),
-            ct,
-            study_date=_s(ct.meta.get("StudyDate")),
-            study_uid=_s(ct.meta.get("StudyInstanceUID")),
-            meta={"folder": str(d)},
-        )
-        for i, (ct, d) in enumerate(zip(cts, dirs, strict=True))
-    ]
-    order = sorted(range(len(tps)), key=lambda i: (tps[i].study_date or "", i))
-    tps = [tps[i] for i in order]
-    source_index = order.index(0)
-    base_ct = tps[source_index].ct
-    try:
-        if prompts is not None:
-            lesion_prompts = load_prompts_json(prompts, base_ct, series_uid=tps[source_index].series_uid)
-        else:
-            lesion_prompts = prompts_from_directory(baseline, base_ct)
-    except (PromptSourceError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-    verified: dict[int, list[Any]] = {}
+    settings = state(ctx).settings().model_copy(deep=True)
+    if engine is not None:
+        settings.engines.segmentation = engine
+    if registration is not None:
+        settings.engines.registration = registration
+    if boosting is not None:
+        settings.tracking.boosting = boosting
+    followups = [f for f in followup if f.resolve() != baseline.resolve()]
     for folder in confirmed:
-        resolved = [i for i, tp in enumerate(tps) if Path(str(tp.meta["folder"])).resolve() == folder.resolve()]
-        if not resolved or resolved[0] == source_index:
+        if folder.resolve() not in {f.resolve() for f in followups}:
             console.print(f"[red]error:[/] --confirmed {folder}: not one of the --followup folders")
             raise typer.Exit(2)
-        t = resolved[0]
-        try:
-            verified[t] = same_lesions(prompts_from_directory(folder, tps[t].ct), lesion_prompts)
-        except (PromptSourceError, ValueError) as exc:
-            console.print(f"[red]error:[/] --confirmed {folder}: {exc}")
-            raise typer.Exit(2) from exc
-
     try:
-        seg_engine = build_segmentation(engine, settings.engines, device=settings.compute.device)
-        reg_engine = build_registration(registration, settings.engines, device=settings.compute.device)
-    except ValueError as exc:
+        check_engine_settings(settings)
+        _check_inputs(baseline, followups, prompts)
+    except (ConfigError, ValueError, InputError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     console.print(
-        f"{len(lesion_prompts)} lesions, {len(tps)} timepoints (baseline #{source_index}), "
-        f"segmentation {seg_engine.name}, registration {reg_engine.name}"
+        f"{len(followups)} follow-up(s) analysed as the service would: segmentation {settings.engines.segmentation}, "
+        f"registration {settings.engines.registration}"
     )
+    with tempfile.TemporaryDirectory(prefix="lesiontrack-track-") as tmp:
+        try:
+            with _progress(console, len(followups)) as on_progress:
+                run = analyse_folders(
+                    settings,
+                    baseline=baseline,
+                    followups=followups,
+                    store_dir=store if store is not None else Path(tmp) / "store",
+                    prompts=prompts,
+                    confirmed=confirmed,
+                    progress=on_progress,
+                )
+        except FolderError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+        summary = write_outputs(run, out, dicom=dicom)
+        summary["store"] = str(store) if store is not None else None
+        (out / "tracking.json").write_text(json.dumps(summary, indent=1))
+        _report(console, run)
+    console.print(f"written to {out}")
+    if any(tp.state is JobState.FAILED for tp in run.timepoints):
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _progress(console: Any, followups: int) -> Iterator[Callable[[str, str], None]]:
+    """A Rich bar over the jobs' steps: ``on_progress(series_uid, step or outcome)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.contract import STEP_NAMES
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -143,111 +147,54 @@ def track(
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task("tracking", total=None)
+        task = bar.add_task("analysis", total=followups * len(STEP_NAMES))
+        seen: list[str] = []
 
-        def on_progress(ev: ProgressEvent) -> None:
-            bar.update(
-                task, completed=ev.done, total=ev.total, description=f"{ev.stage} T{ev.timepoint} {ev.message}"[:60]
-            )
+        def on_progress(series_uid: str, message: str) -> None:
+            if series_uid not in seen:
+                seen.append(series_uid)
+            step = message in STEP_NAMES
+            done = bar.tasks[0].completed + (1 if step else 0)
+            total = max(bar.tasks[0].total or 0, done)
+            bar.update(task, completed=done, total=total, description=f"follow-up {len(seen)}: {message}"[:60])
 
-        track_lesions(
-            tps,
-            lesion_prompts,
-            source_index=source_index,
-            registration=reg_engine,
-            segmentation=seg_engine,
-            options=TrackingOptions(boosting=boosting),
-            progress=on_progress,
-            confirmed=verified or None,
-        )
-
-    out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = tracking_summary(tps)
-    summary["source_index"] = source_index
-    summary["confirmed_indices"] = sorted(verified)
-    summary["propagation"] = "annotation"  # every timepoint from the baseline annotation (propagated_from per lesion)
-    for t, tp in enumerate(tps):
-        path = out / f"T{t}_{_safe(tp.series_uid)}_labels.nii.gz"
-        label_map(tp).write(str(path))
-        summary["timepoints"][t]["label_map"] = path.name
-    if dicom:
-        try:
-            written = _write_dicom(tps, source_index, out / "dicom")
-            for t, files in written.items():
-                summary["timepoints"][t]["dicom"] = [str(f.relative_to(out)) for f in files]
-        except Exception as exc:
-            console.print(f"[yellow]warning:[/] DICOM-SEG/SR not written: {exc}")
-            summary["dicom_error"] = str(exc)
-    (out / "tracking.json").write_text(json.dumps(summary, indent=1))
-    for les in summary["lesions"]:
-        states = " → ".join(f"{x['status']}({x['volume_mm3']:.0f} mm³)" for x in les["timepoints"])
-        console.print(f"  {les['tracking_id']}: {states}")
-    console.print(f"written to {out}")
+        yield on_progress
 
 
-def same_lesions(found: list[Any], baseline: list[Any]) -> list[Any]:
-    """A confirmed timepoint's prompts with the baseline's lesion labels (matched by Tracking UID, Tracking ID or
-    segment label, :mod:`pipeline.correction_matching`); unmatched lesions get new labels (added there)."""
-    from dataclasses import replace
+def _report(console: Any, run: Any) -> None:
+    """One table per timepoint from the embedded store (lesions, flags, candidates, RECIST: what the dashboard
+    would show), and a line for each timepoint that was not analysed, with the reason."""
+    from lesiontrack.demo import lesion_table, render_table
 
-    import numpy as np
-
-    from models.imaging.volume import Volume
-    from pipeline.correction_matching import SegmentOfInterest, match_correction
-
-    def soi(n: int, p: Any) -> SegmentOfInterest:
-        blank = Volume(np.zeros((1, 1, n + 1), np.uint8))  # different shapes: never matched by overlap
-        label = str(p.meta.get("segment_label") or p.identity.tracking_id)
-        return SegmentOfInterest(n, p.identity.tracking_uid, p.identity.tracking_id, label, blank)
-
-    ours = [soi(n, p) for n, p in enumerate(baseline, start=1)]
-    mine = [soi(n + 1000, p) for n, p in enumerate(found, start=1)]
-    label_of = {p.identity.tracking_uid: p.identity.label for p in baseline}
-    next_label = max([*label_of.values(), 0]) + 1
-    out = []
-    for p, m in zip(found, match_correction(mine, ours).matches, strict=True):
-        label = label_of.get(m.tracking_uid)
-        if label is None:
-            label, next_label = next_label, next_label + 1
-        ident = replace(p.identity, tracking_uid=m.tracking_uid, tracking_id=m.tracking_id, label=label)
-        out.append(replace(p, identity=ident))
-    return out
+    tables = {t.series_uid: t for t in lesion_table(run.session_factory, run.patient_pk)}
+    for i, tp in enumerate(run.timepoints):
+        role = "baseline" if tp.baseline else f"T{i}"
+        if tp.series_uid in tables:
+            rows = tables[tp.series_uid]
+            rows.label = role + (" (confirmed)" if tp.confirmed else "")
+            render_table([rows], console)
+        elif not tp.baseline:
+            state = tp.state.value if tp.state is not None else "not analysed"
+            console.print(f"{role} — {tp.study_date or '?'} — series {tp.series_uid}: {state}: {tp.reason or '-'}")
 
 
-def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int, list[Path]]:
-    """A new SEG + TID 1500 SR per non-source timepoint, measurements against all earlier timepoints."""
-    import pydicom
+def _check_inputs(baseline: Path, followups: list[Path], prompts: Path | None) -> None:
+    """Clear errors naming the folder or file before anything runs: every folder holds a readable CT series of at
+    least 2 slices, and the baseline's lesions (its SEG/SR, or ``prompts``) can be read."""
+    from models.imaging.dicom_read import read_series
+    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
 
-    from pipeline.lesions import LesionStatus
-    from pipeline.measurements import lesion_changes, measure_tracked
-    from pipeline.seg_writer import save_new, write_seg
-    from pipeline.sr_writer import LesionReport, TimePoint, write_sr
-
-    history: dict[str, list[LesionMeasurement]] = {}
-    written: dict[int, list[Path]] = {}
-    for t, tp in enumerate(tps):
-        for les in tp.lesions:
-            history.setdefault(les.identity.tracking_uid, []).append(measure_tracked(les, tp.ct, tp.series_uid))
-        if t == source_index:
-            continue
-        files = tp.ct.meta.get("source_files") or []
-        if not files:
-            raise ValueError(f"series {tp.series_uid}: source files unknown")
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        if not any(les.status is LesionStatus.PRESENT for les in tp.lesions):
-            log.info("series %s: no present lesion, SEG/SR skipped", tp.series_uid)
-            written[t] = []
-            continue
-        seg = write_seg(datasets, tp.lesions)
-        reports = [
-            LesionReport(history[les.identity.tracking_uid][-1], lesion_changes(history[les.identity.tracking_uid]))
-            for les in tp.lesions
-            if les.status is LesionStatus.PRESENT
-        ]
-        sr = write_sr(datasets, seg, reports, time_point=TimePoint(f"T{t}", t, tp.study_date))
-        folder = out / _safe(tp.series_uid)
-        written[t] = [save_new(seg.dataset, folder), save_new(sr.dataset, folder)]
-    return written
+    cts = {d: _read_ct(d, read_series) for d in [baseline, *followups]}
+    for d, ct in cts.items():
+        check_registrable(ct, d, "baseline CT" if d == baseline else "follow-up CT")
+    base_ct = cts[baseline]
+    try:
+        if prompts is not None:
+            load_prompts_json(prompts, base_ct, series_uid=str(base_ct.meta.get("SeriesInstanceUID", "")))
+        else:
+            prompts_from_directory(baseline, base_ct)
+    except PromptSourceError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _read_ct(folder: Path, read_series: Any) -> Any:
@@ -275,11 +222,3 @@ def _read_ct(folder: Path, read_series: Any) -> Any:
         return read_series(ct_like[uid], series_uid=uid)
     except Exception as exc:
         raise InputError(folder, f"cannot read its CT series ({type(exc).__name__}: {exc})") from exc
-
-
-def _s(v: Any) -> str | None:
-    return None if v in (None, "") else str(v)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^0-9A-Za-z._-]", "_", text)[:64]

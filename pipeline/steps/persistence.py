@@ -36,7 +36,11 @@ from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput
 from pipeline.jobs import PermanentError, utcnow
 from pipeline.lesions import LesionStatus
+from pipeline.ports import PROMPT_FILE
 from pipeline.steps.services import Ctx
+
+_ORIGIN_OF = {"SEG": LesionOrigin.SEG, "SR": LesionOrigin.SR, PROMPT_FILE: LesionOrigin.PROMPT}
+"""Where a lesion first tracked from a prior annotation came from, by the annotation's modality."""
 
 
 def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int]) -> None:
@@ -88,7 +92,7 @@ def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[st
                         if les.status is LesionStatus.NEW
                         else LesionOrigin.ADDED
                         if added
-                        else (LesionOrigin.SEG if annotation.modality == "SEG" else LesionOrigin.SR)
+                        else _ORIGIN_OF.get(annotation.modality, LesionOrigin.SR)
                     )
                     lesion = Lesion(
                         tracking_uid=ident.tracking_uid,

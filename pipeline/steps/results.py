@@ -18,6 +18,7 @@ from pipeline.confidence import lesion_confidence
 from pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.measurements import LesionMeasurement, measure_lesion
+from pipeline.ports import PROMPT_FILE
 from pipeline.steps.persistence import (
     persist_observations,
     persist_search,
@@ -82,7 +83,12 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         )
         for les in lesions
     ] + [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]
-    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for a in inputs.prior.annotations for f in a.files]
+    evidence = [
+        pydicom.dcmread(f, stop_before_pixels=True)
+        for a in inputs.prior.annotations
+        if a.modality != PROMPT_FILE  # a prompts JSON is no DICOM evidence
+        for f in a.files
+    ]
     previous = _previous_srs(ctx.services.session_factory, ctx.series_uid, ctx.job_id)
     fu = ctx.outputs.get(MatchPriorsOutput).followup
     idx = measured.timepoint_index

@@ -58,7 +58,10 @@ def track(ctx: Ctx) -> TrackOutput:
             source_index=0,
             registration=_Precomputed(registration, "precomputed"),
             segmentation=seg,
-            options=TrackingOptions(confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking)),
+            options=TrackingOptions(
+                boosting=ctx.services.settings.tracking.boosting,
+                confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking),
+            ),
         )
     tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
     ctx.state.timepoints = tps

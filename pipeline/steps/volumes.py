@@ -17,7 +17,7 @@ from pipeline.contract import (
     RetrievePriorsOutput,
 )
 from pipeline.jobs import NothingToTrack, PermanentError
-from pipeline.ports import PriorTimepoint
+from pipeline.ports import PROMPT_FILE, PriorTimepoint
 from pipeline.steps.services import Ctx, followup_series
 from pipeline.verification import our_seg_of_series
 
@@ -71,14 +71,16 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
 
 
 def read_prompts(prior: PriorTimepoint, prior_ct: Volume) -> list[Prompt]:
-    """The lesion prompts of the prior's (one chosen) annotation, SEG or TID 1500 SR."""
-    from pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
+    """The lesion prompts of the prior's (one chosen) annotation: SEG, TID 1500 SR or a prompts JSON file."""
+    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_seg, prompts_from_sr
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")
     ann = prior.annotations[0]
     files = [Path(f) for f in ann.files]
     try:
+        if ann.modality == PROMPT_FILE:
+            return load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid)
         if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES:
             return list(prompts_from_seg(files[0], prior_ct))
         return list(prompts_from_sr(files[0], prior_ct))

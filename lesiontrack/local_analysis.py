@@ -43,6 +43,7 @@ from pipeline.verification import take_in_series
 log = logging.getLogger(__name__)
 
 ACTOR = "track"
+CONFIRMED_BY = "lesiontrack track --confirmed^"  # the verifier of a --confirmed folder without ContentCreatorName (PN)
 ANNOTATION_MODALITIES = ("SEG", "SR")
 NOT_IMAGES = (*ANNOTATION_MODALITIES, "PR", "KO", "RTSTRUCT")
 Progress = Callable[[str, str], None]
@@ -263,7 +264,7 @@ def _take_in_confirmed(
     jobs = [
         job
         for uid in folder.annotation_series
-        for job in take_in_series(sf, settings.verification, uid, actor=ACTOR, operator=ACTOR, vouched=True)
+        for job in take_in_series(sf, settings.verification, uid, actor=ACTOR, operator=CONFIRMED_BY, vouched=True)
     ]
     if not jobs:
         raise FolderError(folder.folder, "--confirmed: its SEG/SR annotates none of the follow-up's lesions' series")

@@ -145,9 +145,13 @@ def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
         load_prompts_json(f)
 
 
-def test_track_cli_from_our_seg_backwards_and_forwards(tmp_path: Path) -> None:
-    """The SEG written for T1 becomes the annotation: tracking runs from T1 back to T0 and on to T2."""
+def test_track_cli_baseline_in_the_middle_follows_the_service_rules(tmp_path: Path) -> None:
+    """As the service: a timepoint before the baseline has no prior to be propagated from (reported as nothing to
+    track, with the reason), our own SEG is never the only prompt source, and a person's SEG on T1 prompts T2 (lesion
+    identities kept: Tracking UIDs of the SEG)."""
     import shutil
+
+    from pydicom.uid import generate_uid
 
     from lesiontrack.cli import app
 
@@ -183,35 +187,34 @@ def test_track_cli_from_our_seg_backwards_and_forwards(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     s1 = json.loads((first / "tracking.json").read_text())
     seg_file = next(first / f for f in s1["timepoints"][1]["dicom"] if pydicom.dcmread(first / f).Modality == "SEG")
-    annotated = tmp_path / "tp1_annotated"
-    shutil.copytree(dirs[1], annotated)
-    shutil.copy(seg_file, annotated / "seg.dcm")
-    out = tmp_path / "second"
-    res = CliRunner().invoke(
-        app,
-        [
-            "track",
-            "--baseline",
-            str(annotated),
-            "--followup",
-            str(dirs[0]),
-            "--followup",
-            str(dirs[2]),
-            "--out",
-            str(out),
-            "--registration",
-            "none",
-            "--no-dicom",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    s2 = json.loads((out / "tracking.json").read_text())
-    assert s2["source_index"] == 1
+
+    def from_t1(annotation: pydicom.Dataset, name: str) -> dict:
+        annotated = tmp_path / f"tp1_{name}"
+        shutil.copytree(dirs[1], annotated)
+        annotation.save_as(annotated / "seg.dcm", enforce_file_format=True)
+        out = tmp_path / name
+        args = ["track", "--baseline", str(annotated), "--followup", str(dirs[0]), "--followup", str(dirs[2])]
+        res = CliRunner().invoke(app, [*args, "--out", str(out), "--registration", "none", "--no-dicom"])
+        assert res.exit_code == 0, res.output
+        return json.loads((out / "tracking.json").read_text()) | {"out": out}
+
+    ours = from_t1(pydicom.dcmread(seg_file), "ours")
+    assert ours["source_index"] == 1 and ours["lesions"] == []
+    before, after = ours["timepoints"][0], ours["timepoints"][2]
+    assert before["state"] == "nothing_to_track" and "no prior study" in before["reason"], before
+    assert after["state"] == "nothing_to_track" and "results of LesionTrack" in after["reason"], after
+    person = pydicom.dcmread(seg_file)  # the same segments, issued by a reader's workstation
+    person.Manufacturer = "Reader Workstation"
+    person.SeriesInstanceUID = generate_uid()
+    person.SOPInstanceUID = person.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    s2 = from_t1(person, "person")
+    assert s2["source_index"] == 1 and s2["timepoints"][2]["state"] == "done"
+    assert s2["timepoints"][0]["state"] == "nothing_to_track"
     assert {les["tracking_uid"] for les in s2["lesions"]} == {les["tracking_uid"] for les in s1["lesions"]}
     gt = np.load(tmp_path / "gt.npy")
     by_uid = {les["tracking_uid"]: les for les in s1["lesions"]}
-    for t, tp in enumerate(s2["timepoints"]):
-        lm = Volume.read(str(out / tp["label_map"])).array
+    for t in (1, 2):
+        lm = Volume.read(str(s2["out"] / s2["timepoints"][t]["label_map"])).array
         for les in s2["lesions"]:
             n_gt = {"L1 lung": 1, "L3 liver": 3}[by_uid[les["tracking_uid"]]["tracking_id"]]
             a, b = lm == les["label"], gt[t] == n_gt

@@ -87,6 +87,8 @@ def track(
     from lesiontrack.track_outputs import write_outputs
 
     console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=140)  # a log file keeps the per-timepoint tables readable
     settings = state(ctx).settings().model_copy(deep=True)
     if engine is not None:
         settings.engines.segmentation = engine

@@ -73,7 +73,7 @@ def track(
         None,
         "--store",
         file_okay=False,
-        help="keep the embedded store (received files, SQLite database, job records) in this folder "
+        help="keep the embedded store (received files, SQLite database, job records) in this new folder "
         "(default: a temporary folder, removed at the end)",
     ),
 ) -> None:
@@ -96,6 +96,9 @@ def track(
         settings.engines.registration = registration
     if boosting is not None:
         settings.tracking.boosting = boosting
+    if store is not None and store.exists() and any(store.iterdir()):
+        console.print(f"[red]error:[/] --store {store}: not empty (the embedded store of one run goes to a new folder)")
+        raise typer.Exit(2)
     followups = [f for f in followup if f.resolve() != baseline.resolve()]
     for folder in confirmed:
         if folder.resolve() not in {f.resolve() for f in followups}:

@@ -182,24 +182,20 @@ def analyse_folders(
             local, sf, build_pipeline, kind=ACTOR, ports=(PromptFilePriors(finder, prompts, base), None)
         )
         states = _keep_states(analysis)
-        ordered = sorted(
-            (
-                (
-                    TimepointRun(
-                        f.folder,
-                        f.ct_series_uid,
-                        f.study_uid,
-                        f.study_date,
-                        baseline=i == 0,
-                        confirmed=f.folder.resolve() in confirmed_set,
-                    ),
-                    f,
-                )
-                for i, f in enumerate(folders)
-            ),
-            key=lambda rf: (rf[1].study_date or "", rf[1].study_time or "", folders.index(rf[1])),
-        )
-        runs = [r for r, _f in ordered]
+        runs = [
+            TimepointRun(
+                f.folder,
+                f.ct_series_uid,
+                f.study_uid,
+                f.study_date,
+                baseline=i == 0,
+                confirmed=f.folder.resolve() in confirmed_set,
+            )
+            for i, f in enumerate(folders)
+        ]
+        order = sorted(range(len(folders)), key=lambda i: (folders[i].study_date or "", folders[i].study_time or "", i))
+        ordered = [(runs[i], folders[i]) for i in order]
+        runs = [runs[i] for i in order]
         for run, folder in ordered:
             if run.baseline:
                 continue

@@ -136,6 +136,8 @@ def track(
         _report(console, run)
     console.print(f"written to {out}")
     if any(tp.state is JobState.FAILED for tp in run.timepoints):
+        if store is None:
+            console.print("a follow-up failed (reason above, and in tracking.json); --store DIR keeps its job record")
         raise typer.Exit(1)
 
 

@@ -56,4 +56,6 @@ EXPOSE 11112 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["sh", "-c", "curl -fsS http://127.0.0.1:${LESIONTRACK_HTTP__PORT}/health || exit 1"]
 ENTRYPOINT ["lesiontrack"]
-CMD ["serve"]
+# One container owns its database: bring the schema up to this version's head (Alembic) at start. The scale-out
+# deployment (deploy/compose.yaml) runs `lesiontrack db upgrade` once instead, before any service starts.
+CMD ["serve", "--upgrade-db"]

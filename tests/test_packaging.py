@@ -324,3 +324,40 @@ def test_demo(installed: Installed) -> None:
         timeout=1200,
     )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+
+
+_WALK_SETTINGS = """
+import sys
+from pydantic import BaseModel
+from config.settings import ENV_PREFIX, Settings
+for name in sys.argv[1:]:
+    model = Settings
+    parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        assert field is not None, name
+        if i < len(parts) - 1:
+            assert isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel), name
+            model = field.annotation
+print("ok")
+"""
+
+
+def test_compose_commands_and_settings_exist_in_the_installed_package(installed: Installed) -> None:
+    """deploy/compose.yaml runs the installed package: its commands, its variables and their values."""
+    from tests.test_deploy import lesiontrack_services, named_settings
+
+    r = subprocess.run(
+        [str(installed.python), "-c", _WALK_SETTINGS, *sorted(named_settings())],
+        cwd=installed.home,
+        env=installed.env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    for service in lesiontrack_services():
+        r = installed.run(*service.command, "--help")
+        assert r.returncode == 0, (service.name, r.stderr)
+        env = service.environment | {"LESIONTRACK_DATA_DIR": str(installed.home / "compose-data")}
+        r = installed.run("config", "check", **env)
+        assert r.returncode == 0 and "configuration OK" in r.stdout, (service.name, r.stderr)

@@ -1,6 +1,6 @@
 """What the DICOM node negotiates, read from the code that negotiates it — the source of the tables in
-docs/conformance.md and of its implementation identification (``python -m dicom_node.conformance`` prints them;
-tests/test_conformance.py checks the document against these functions)."""
+docs/conformance.md and of its implementation identification (``python -m dicom_node.conformance`` prints
+them; tests/test_conformance.py checks the document against these functions)."""
 
 from __future__ import annotations
 

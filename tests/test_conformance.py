@@ -34,7 +34,7 @@ def test_scp_sop_classes_and_transfer_syntaxes_match_the_scp() -> None:
 
 
 def test_statement_names_this_version() -> None:
-    """The statement describes the installed version: regenerate it (python -m dicom_node.conformance) on release."""
+    """The statement describes the installed version: on a release, regenerate it (dicom_node/conformance.py)."""
     block = _section(DOC.read_text(), "implementation")
     assert implementation_markdown() in DOC.read_text()
     assert f"LesionTrack {VERSION} " in block and f"`{IMPLEMENTATION_VERSION_NAME}`" in block

@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/ruff format --check
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 bench: $(STAMP)
 	$(PY) bench/registration.py

@@ -1,6 +1,6 @@
 """What the DICOM node negotiates, read from the code that negotiates it — the source of the tables in
-docs/conformance.md (``python -m dicom_node.conformance`` prints them; tests/test_conformance.py checks the document
-against these functions)."""
+docs/conformance.md and of its implementation identification (``python -m dicom_node.conformance`` prints
+them; tests/test_conformance.py checks the document against these functions)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,24 @@ def scu_sop_classes() -> dict[str, list[str]]:
     }
 
 
+def implementation_markdown() -> str:
+    """The implementation identification of docs/conformance.md: product version, Implementation Class UID and
+    Implementation Version Name, as every association and every file we write carries them (config/version.py)."""
+    from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOFTWARE_NAME, VERSION
+
+    return "\n".join(
+        [
+            "<!-- BEGIN implementation -->",
+            "| Item | Value |",
+            "|---|---|",
+            f"| Product, version | {SOFTWARE_NAME} {VERSION} (SoftwareVersions of every SEG/SR written) |",
+            f"| Implementation Class UID | `{IMPLEMENTATION_CLASS_UID}` |",
+            f"| Implementation Version Name | `{IMPLEMENTATION_VERSION_NAME}` |",
+            "<!-- END implementation -->",
+        ]
+    )
+
+
 def markdown() -> str:
     """The SCP tables of docs/conformance.md (between its BEGIN/END markers)."""
     contexts = scp_contexts()
@@ -65,4 +83,6 @@ def markdown() -> str:
 
 
 if __name__ == "__main__":
+    print(implementation_markdown())
+    print()
     print(markdown())

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.logging import log_context
 from config.settings import Settings
+from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.assoc_log import AssociationLog
 from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
 from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
@@ -316,6 +317,8 @@ class Receiver:
 def make_ae(settings: Settings) -> AE:
     cfg = settings.dicom
     ae = AE(ae_title=cfg.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     # association slots are counted by the guard's connection table (only connections whose A-ASSOCIATE-RQ
     # arrived hold one); pynetdicom's own count, which includes idle connections, is only a backstop
     ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections + 8

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # sop_class bu
 )
 
 from config.settings import PacsPeer, Settings
+from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class RetrieveResult:
 
 def _ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.dicom.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
     ae.network_timeout = 120

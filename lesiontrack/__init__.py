@@ -4,9 +4,6 @@ Layers (imports flow one way): ``dicom_node`` → ``pipeline`` → ``models``, w
 beneath them. This package only assembles them.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from config.version import VERSION
 
-try:
-    __version__ = version("lesiontrack")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+local"
+__version__ = VERSION

@@ -18,6 +18,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -25,6 +31,9 @@ def _root(
         None, "--config", "-c", envvar="LESIONTRACK_CONFIG", help="TOML configuration file"
     ),
     log_level: str | None = typer.Option(None, "--log-level", help="override logging.level"),
+    _version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the LesionTrack version and exit"
+    ),
 ) -> None:
     ctx.obj = CliState(config_file=config)
     from config.logging import setup_logging

@@ -28,6 +28,8 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
+from config.version import SOFTWARE_NAME as _SOFTWARE_NAME
+from config.version import VERSION as _VERSION
 from models.imaging.volume import Volume
 from pipeline.lesion_names import clean_description, display_name
 from pipeline.lesions import LesionStatus, TrackedLesion
@@ -35,13 +37,9 @@ from pipeline.mask_grid import mask_onto_grid
 
 log = logging.getLogger(__name__)
 
-SOFTWARE_NAME = "LesionTrack"
-try:  # the installed package version (pyproject), if installed
-    from importlib.metadata import version as _pkg_version
-
-    SOFTWARE_VERSION = _pkg_version("lesiontrack")
-except Exception:  # pragma: no cover - running from a source tree without installation
-    SOFTWARE_VERSION = "0.1.0"
+# SoftwareVersions of every SEG/SR we write: the package version (config/version.py, the one place)
+SOFTWARE_NAME = _SOFTWARE_NAME
+SOFTWARE_VERSION = _VERSION
 
 # Display colours (CIELab via sRGB) cycled over segments.
 _PALETTE = [

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dicom_node.conformance import markdown, scp_contexts, scu_sop_classes
+from config.version import IMPLEMENTATION_VERSION_NAME, VERSION
+from dicom_node.conformance import implementation_markdown, markdown, scp_contexts, scu_sop_classes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 
@@ -30,6 +31,13 @@ def test_scp_sop_classes_and_transfer_syntaxes_match_the_scp() -> None:
     assert _uids(_section(text, "scp-transfer-syntaxes")) == list(storage[0].transfer_syntaxes)
     # and the generated tables are what the page embeds, byte for byte
     assert markdown() in text
+
+
+def test_statement_names_this_version() -> None:
+    """The statement describes the installed version: on a release, regenerate it (dicom_node/conformance.py)."""
+    block = _section(DOC.read_text(), "implementation")
+    assert implementation_markdown() in DOC.read_text()
+    assert f"LesionTrack {VERSION} " in block and f"`{IMPLEMENTATION_VERSION_NAME}`" in block
 
 
 def test_scp_accepts_what_this_product_is_about() -> None:

@@ -27,17 +27,49 @@ def test_console_script_help_and_version():
     assert out.strip() == __version__
 
 
+def _exec_form(text: str, instruction: str) -> list[str]:
+    m = re.search(rf"^{instruction}\s+(\[.*?\])\s*$", text, re.M)
+    assert m, f"Dockerfile has no {instruction} in exec form"
+    return list(json.loads(m.group(1)))
+
+
 def test_dockerfile_entrypoint_exists_in_cli():
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^USER\s+(?!root)\S+", text, re.M), "image must run as a non-root user"
-    assert "HEALTHCHECK" in text and "VOLUME" in text
-    assert "torch==2.13.0" in text or "TORCH" in text
-    m = re.search(r"(?:ENTRYPOINT|CMD)\s+\[(.*?)\]", text)
-    args = json.loads(f"[{m.group(1)}]")
+    assert re.search(r"^USER\s+(?!root|0\b)\S+", text, re.M), "image must run as a non-root user"
+    assert "HEALTHCHECK" in text and "/health" in text and "VOLUME" in text
+    assert "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_VARIANT=cpu" in text
+    args = _exec_form(text, "ENTRYPOINT") + _exec_form(text, "CMD")
     assert args[0] == "lesiontrack"
-    sub = args[1]
-    res = CliRunner().invoke(app, [sub, "--help"])
-    assert res.exit_code == 0, f"Dockerfile runs 'lesiontrack {sub}', which the CLI does not have"
+    res = CliRunner().invoke(app, [*args[1:], "--help"])
+    assert res.exit_code == 0, f"Dockerfile runs 'lesiontrack {' '.join(args[1:])}', which the CLI does not have"
+
+
+def test_dockerfile_installs_the_wheel_and_its_context_holds_every_package():
+    """The runtime stage installs the wheel the first stage builds from the tree; .dockerignore must not drop a
+    folder the wheel packages (web/ and synthetic/ were once missing from the image)."""
+    import tomllib
+
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM .* AS wheel$", text, re.M) and "pip wheel" in text
+    assert "COPY --from=wheel" in text
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "README.md" not in ignored and "pyproject.toml" not in ignored
+    for folder in _packaged_folders(project):
+        assert (REPO / folder).is_dir(), folder
+        assert folder not in ignored, f".dockerignore drops {folder}/, which the wheel packages"
+
+
+def _packaged_folders(project: dict) -> list[str]:
+    """Top-level source folders the wheel packages (setuptools package-dir or packages.find include)."""
+    setuptools = project["tool"]["setuptools"]
+    if "package-dir" in setuptools:
+        return sorted({d.split("/")[0] for d in setuptools["package-dir"].values() if d})
+    return sorted(p.rstrip("*") for p in setuptools["packages"]["find"]["include"])
 
 
 def test_logging_masks_patient_identifiers(capsys):

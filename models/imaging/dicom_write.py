@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from models.imaging.volume import Volume
-
-IMPLEMENTATION_VERSION = "LESIONTRACK_01"
 
 
 def _ds_number(x: float) -> str:
@@ -140,8 +139,8 @@ def write_ct_series(
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
         path = out / filename.format(k=k)
         ds.save_as(path, enforce_file_format=True)

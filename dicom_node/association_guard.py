@@ -41,6 +41,8 @@ from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler
 
+from config.logging import printable
+
 log = logging.getLogger(__name__)
 
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20  # presentation contexts for every storage class plus user identity: ~60 kB
@@ -304,7 +306,7 @@ class PduGuard:
             "rejected association from %s (calling AE %s): %s; answered A-ASSOCIATE-RJ (transient, local limit "
             "exceeded)",
             self.conn.ip,
-            str(rq.calling_ae_title).strip(),
+            printable(rq.calling_ae_title),
             why,
         )
         self._refuse(why, pdu, malformed=False)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from config.logging import _OurHandler, printable, setup_logging
 from db.models import DeliveryState
@@ -58,7 +58,7 @@ def _file_with_name_as_ui(path: Path) -> Path:
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(path, enforce_file_format=True)

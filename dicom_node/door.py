@@ -6,9 +6,11 @@ description. Works on the raw top-level values the walk collected (no pydicom de
   BitsAllocated, BitsStored, HighBit, PixelRepresentation, SamplesPerPixel (US, one value each, in range) and
   PhotometricInterpretation present; NumberOfFrames (IS) an integer when present. Under a native transfer
   syntax Pixel Data is exactly Rows x Columns x SamplesPerPixel x BitsAllocated/8 x NumberOfFrames bytes (one pad
-  byte allowed). Compressed pixel data is encapsulated (the walk checks its fragments); decoding it takes
-  ~10-100x the whole C-STORE budget, so it is decoded before analysis instead (:mod:`dicom_node.integrity`):
-  an instance that does not decode holds its series (never analysed) until it is re-sent.
+  byte allowed). Compressed pixel data is encapsulated (the walk checks its fragments) and the first frame's
+  codestream header agrees with Rows, Columns and SamplesPerPixel (JPEG / JPEG-LS SOF, JPEG 2000 SIZ; RLE:
+  its segment count); decoding it takes ~10-100x the whole C-STORE budget (bench/door_validation.py), so it is
+  decoded before analysis instead (:mod:`dicom_node.integrity`): an instance that does not decode holds its
+  series (never analysed) until it is re-sent.
 * **CT Image**: Pixel Data present; ImagePositionPatient (3), ImageOrientationPatient (6), PixelSpacing (2) are
   numbers; RescaleSlope/RescaleIntercept/SliceThickness numbers when present; FrameOfReferenceUID present.
 * **Segmentation**: Pixel Data, SegmentSequence, SegmentationType, SharedFunctionalGroupsSequence,
@@ -26,6 +28,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from dicom_node.storage import FIRST_FRAGMENT
+
 DATASET_MISMATCH = 0xA900
 
 UNDEFINED = 0xFFFFFFFF
@@ -42,8 +46,8 @@ FRAME_OF_REFERENCE = 0x00200052
 
 #: raw values the structure walk must collect for :func:`check_content`
 CONTENT_TAGS = (
-    ROWS, COLUMNS, SAMPLES, PHOTOMETRIC, PLANAR, FRAMES, BITS_ALLOCATED, BITS_STORED, HIGH_BIT, PIXEL_REPRESENTATION,
-    POSITION, ORIENTATION, PIXEL_SPACING, SLICE_THICKNESS, RESCALE_INTERCEPT, RESCALE_SLOPE,
+    FIRST_FRAGMENT, ROWS, COLUMNS, SAMPLES, PHOTOMETRIC, PLANAR, FRAMES, BITS_ALLOCATED, BITS_STORED, HIGH_BIT,
+    PIXEL_REPRESENTATION, POSITION, ORIENTATION, PIXEL_SPACING, SLICE_THICKNESS, RESCALE_INTERCEPT, RESCALE_SLOPE,
 )  # fmt: skip
 
 _NAMES = {
@@ -145,7 +149,9 @@ def _frames(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]]) -> int
     return n
 
 
-def _pixel_module(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], little: bool, native: bool) -> None:
+def _pixel_module(
+    raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], little: bool, native: bool, transfer_syntax: str
+) -> None:
     for tag in (ROWS, COLUMNS, SAMPLES, BITS_ALLOCATED, BITS_STORED, HIGH_BIT, PIXEL_REPRESENTATION, PHOTOMETRIC):
         if tag not in present or not present[tag][1]:
             raise _Bad(f"{_NAMES[tag]} missing (Image Pixel module)")
@@ -169,7 +175,10 @@ def _pixel_module(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], 
         raise _Bad("PlanarConfiguration missing or not 0/1 with SamplesPerPixel > 1")
     frames = _frames(raw, present)
     pixel_tag = next((t for t in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA) if t in present), None)
-    if pixel_tag is None or not native:
+    if pixel_tag is None:
+        return
+    if not native:
+        _encapsulated(transfer_syntax, raw.get(FIRST_FRAGMENT, b""), rows, cols, spp, bits)
         return
     length = present[pixel_tag][1]
     expected = (rows * cols * spp * bits * frames + 7) // 8
@@ -180,18 +189,77 @@ def _pixel_module(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], 
         )
 
 
+_JPEG_TS = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+})  # fmt: skip
+_J2K_TS = frozenset({
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+})  # fmt: skip
+_RLE_TS = "1.2.840.10008.1.2.5"
+_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _frame_header(ts: str, frag: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the first frame's codestream header, or None when not found there."""
+    if ts in _J2K_TS:
+        at = frag.find(b"\xff\x4f\xff\x51")  # SOC, SIZ (also inside a JP2 wrapper's codestream box)
+        if at < 0 or at + 42 > len(frag):
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", frag, at + 8)
+        return ysiz - yo, xsiz - xo, struct.unpack_from(">H", frag, at + 40)[0]
+    if ts in _JPEG_TS:
+        pos = 2 if frag[:2] == b"\xff\xd8" else -1
+        while 0 <= pos and pos + 4 <= len(frag):
+            if frag[pos] != 0xFF:
+                return None
+            marker = frag[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            seg = struct.unpack_from(">H", frag, pos + 2)[0]
+            if marker in _SOF:
+                if pos + 10 > len(frag):
+                    return None
+                y, x = struct.unpack_from(">HH", frag, pos + 5)
+                return (y if y else -1), x, frag[pos + 9]
+            pos += 2 + seg
+        return None
+    return None
+
+
+def _encapsulated(ts: str, frag: bytes, rows: int, cols: int, spp: int, bits: int) -> None:
+    if ts == _RLE_TS:
+        if len(frag) >= 4:
+            segments = struct.unpack_from("<I", frag, 0)[0]
+            if segments != spp * max(1, bits // 8):
+                raise _Bad("RLE frame has another segment count than SamplesPerPixel x BitsAllocated/8")
+        return
+    header = _frame_header(ts, frag) if frag else None
+    if header is None:
+        return
+    h_rows, h_cols, comps = header
+    if (h_rows not in (-1, rows)) or h_cols != cols:
+        raise _Bad("compressed frame size differs from Rows/Columns")
+    if comps != spp:
+        raise _Bad("compressed frame components differ from SamplesPerPixel")
+
+
 def check_content(
     sop_class: str,
     raw: dict[int, bytes],
     present: dict[int, tuple[bytes, int]],
     little: bool,
     native: bool,
+    transfer_syntax: str = "",
 ) -> Refusal | None:
     """The door's content check (see the module docstring); None when the instance may be stored.
 
     ``raw``: top-level values of :data:`CONTENT_TAGS` (b"" when absent); ``present``: every top-level tag with
     its (VR, value length) as the walk saw them (VR b"" under implicit VR); ``little``: little-endian transfer
-    syntax; ``native``: uncompressed pixel data."""
+    syntax; ``native``: uncompressed pixel data; ``raw[FIRST_FRAGMENT]``: the first bytes of the first frame
+    of encapsulated pixel data."""
     try:
         required = _REQUIRED.get(sop_class)
         if required is None and sop_class.startswith(SR_PREFIX) and sop_class not in _SR_EXCEPTIONS:
@@ -200,7 +268,7 @@ def check_content(
             if tag not in present or present[tag][1] == 0:
                 raise _Bad(f"{name} missing (required by the SOP class)")
         if any(t in present for t in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA)):
-            _pixel_module(raw, present, little, native)
+            _pixel_module(raw, present, little, native, transfer_syntax)
         if sop_class == CT_IMAGE:
             _numbers(raw, present, POSITION, 3)
             _numbers(raw, present, ORIENTATION, 6)

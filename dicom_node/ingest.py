@@ -148,7 +148,12 @@ def content_refusal(ds: Header | Dataset, sop_class: str, transfer_syntax: str) 
     if not isinstance(ds, Header):
         return None
     return check_content(
-        sop_class, ds.raw, ds.present, little=transfer_syntax != EXPLICIT_VR_BE, native=transfer_syntax in NATIVE_TS
+        sop_class,
+        ds.raw,
+        ds.present,
+        little=transfer_syntax != EXPLICIT_VR_BE,
+        native=transfer_syntax in NATIVE_TS,
+        transfer_syntax=transfer_syntax,
     )
 
 

@@ -38,6 +38,9 @@ MAX_NESTING = 24
 NATIVE_TS = {EXPLICIT_VR_LE, IMPLICIT_VR_LE, EXPLICIT_VR_BE, *DEFLATED_TS}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float / Double Float Pixel Data
 _MAX_INFLATED = 4 << 30
+#: key under which ``collect`` receives the first bytes of the first pixel data fragment (encapsulated data)
+FIRST_FRAGMENT = -1
+_FIRST_FRAGMENT_BYTES = 4096
 #: VRs whose values are fixed-size binary numbers: a value length that is not a multiple of the size does not
 #: parse (pydicom raises when the value is read; PS3.5 6.2)
 _VALUE_SIZE = {
@@ -185,7 +188,10 @@ def _walk(
                 )
         if length == _UNDEFINED:
             if tag == 0x7FE00010:
-                pos = _walk_fragments(data, pos, stop, little)
+                first = [0, 0]
+                pos = _walk_fragments(data, pos, stop, little, first)
+                if collect is not None and FIRST_FRAGMENT in collect and first[1]:
+                    collect[FIRST_FRAGMENT] = data[first[0] : first[0] + min(first[1], _FIRST_FRAGMENT_BYTES)]
             else:
                 pos = _walk_sequence(data, pos, stop, implicit, little, depth)
         else:
@@ -261,9 +267,11 @@ def _walk_defined_sequence(data: bytes, pos: int, stop: int, implicit: bool, lit
     _walk_items(data, pos, stop, implicit, little, depth, delimited=False)
 
 
-def _walk_fragments(data: bytes, pos: int, stop: int, little: bool) -> int:
-    """Encapsulated pixel data: an offset table item and fragments (defined-length items), then the delimiter."""
+def _walk_fragments(data: bytes, pos: int, stop: int, little: bool, first: list[int] | None = None) -> int:
+    """Encapsulated pixel data: an offset table item and fragments (defined-length items), then the delimiter;
+    ``first`` receives [offset, length] of the first fragment after the offset table."""
     e = "<" if little else ">"
+    items = 0
     while pos + 8 <= stop:
         group, elem, length = struct.unpack_from(e + "HHI", data, pos)
         tag = (group << 16) | elem
@@ -274,6 +282,9 @@ def _walk_fragments(data: bytes, pos: int, stop: int, little: bool) -> int:
             raise InvalidDataset(f"invalid pixel data fragment at byte {pos - 8}")
         if pos + length > stop:
             raise InvalidDataset(f"fragment claims {length} bytes, only {stop - pos} left")
+        if items == 1 and first is not None:
+            first[0], first[1] = pos, length
+        items += 1
         pos += length
     raise InvalidDataset("truncated encapsulated pixel data (no sequence delimiter)")
 

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config.logging import withhold_values
 from db.models import Instance, Series, TransferOutcome
 from dicom_node.storage import NATIVE_TS
 
@@ -68,7 +69,7 @@ def first_header(s: Session, series: Series) -> Dataset | None:
     try:
         return dcmread(path, stop_before_pixels=True, specific_tags=["ImagesInAcquisition"])
     except Exception as exc:
-        log.warning("cannot read the header of %s: %s", path, exc)
+        log.warning("cannot read the header of %s: %s", path, withhold_values(str(exc)))
         return None
 
 
@@ -145,14 +146,14 @@ def check_instance_file(path: Path | str, decode_pixels: bool = True) -> str | N
     except RecursionError:
         return "sequences nested too deeply to read"
     except Exception as exc:
-        return f"does not parse ({type(exc).__name__}: {str(exc)[:120]})"
+        return f"does not parse ({type(exc).__name__}: {withhold_values(str(exc))[:120]})"
     problem = _pixel_problem(ds, ts)
     if problem or not decode_pixels or "PixelData" not in ds:
         return problem
     try:
         _ = ds.pixel_array
     except Exception as exc:
-        return f"pixel data does not decode ({type(exc).__name__}: {str(exc)[:120]})"
+        return f"pixel data does not decode ({type(exc).__name__}: {withhold_values(str(exc))[:120]})"
     return None
 
 

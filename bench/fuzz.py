@@ -37,6 +37,9 @@ def _serve(root: str, port_queue: mp.Queue, stop: EventType) -> None:
     from dicom_node.scp import StorageSCP
 
     logging.basicConfig(filename=f"{root}/scp.log", level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    # the receiver processes log to stderr (inherited): into a file of the run, read back for errors and PHI
+    err = os.open(f"{root}/receivers.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(err, 2)
     threading.excepthook = lambda a: logging.getLogger("thread").error(
         "THREAD DIED %s: %s: %s", a.thread.name if a.thread else "?", a.exc_type.__name__, a.exc_value
     )
@@ -88,7 +91,7 @@ def main() -> None:
     from db.models import Instance
     from db.session import make_engine, make_session_factory, session_scope
     from dicom_node.integrity import check_instance_file
-    from tests.fuzz_harness import FuzzReport, cstore_mutants, pdu_inputs, rss_kib, run_cstores, run_pdus
+    from tests.fuzz_harness import FuzzReport, cstore_mutants, pdu_inputs, phi_in, rss_kib, run_cstores, run_pdus
 
     root = Path(tempfile.mkdtemp(prefix="lt-fuzz-"))
     ctx = mp.get_context("spawn")
@@ -131,8 +134,9 @@ def main() -> None:
     stop.set()
     proc.join(60)
     log = (root / "scp.log").read_text(errors="replace") if (root / "scp.log").exists() else ""
-    log_lines = log.splitlines()
-    errors = [ln for ln in log_lines if ln.startswith(("ERROR", "CRITICAL"))]
+    receivers_log = (root / "receivers.log").read_text(errors="replace") if (root / "receivers.log").exists() else ""
+    log_lines = log.splitlines() + [ln.split(" ", 2)[-1] for ln in receivers_log.splitlines()]
+    errors = [ln for ln in log_lines if ln.startswith(("ERROR", "CRITICAL")) or " ERROR " in ln[:40]]
     base = rss[1]["rss_kib"] if len(rss) > 1 else rss[0]["rss_kib"]
     out = {
         "benchmark": "fuzz (issue 19)",
@@ -147,6 +151,8 @@ def main() -> None:
         "crashes": len(report.crashes) + sum(1 for ln in errors if "THREAD DIED" in ln) + (0 if alive else 1),
         "hangs": len(report.hangs),
         "invalid_accepted_as_valid": len(report.invalid_accepted),
+        "accepted_held_before_analysis": report.outcomes.get("accepted_held_before_analysis", 0),
+        "phi_in_logs": phi_in(log + receivers_log),
         "controls_refused": len(report.controls_refused),
         "echo_failures_between_chunks": echo_failures,
         "scp_error_log_lines": len(errors),

@@ -2,7 +2,12 @@
 
 Code logs UIDs and internal keys only. As a safety net, :class:`PhiFilter` masks the values of
 DICOM attributes that identify a patient if a message at INFO or above ever carries ``PatientName=...``
-or ``PatientID=...`` style text.
+or ``PatientID=...`` style text. Values from the wire are never logged by libraries either:
+:func:`install_library_filters` puts :class:`WireValueFilter` on pydicom's logger (whose warnings quote the value
+that failed to parse, e.g. a Patient Name sent with the VR UI) and routes Python warnings into logging
+(pydicom's, which repeat its log records, are dropped there), so every library message passes our filters.
+:class:`ControlCharFilter` escapes control characters (a calling AE title with NUL bytes, say), so a log stays
+text.
 
 Log context: :func:`log_context` / :func:`update_log_context` set ``job``, ``series_uid``, ``step`` and ``peer`` in a
 context variable (per thread / task); :class:`ContextFilter` copies them onto every record, so JSON lines can be
@@ -76,6 +81,69 @@ class PhiFilter(logging.Filter):
         return True
 
 
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"")
+_PYDICOM_VALUE = re.compile(r"(Invalid value for VR \w{2})\b.*", re.S)
+
+
+def withhold_values(message: str) -> str:
+    """A library's message with every quoted value replaced (values from the wire may be PHI)."""
+    return _QUOTED.sub("'<value withheld>'", _PYDICOM_VALUE.sub(r"\1 (value withheld)", message))
+
+
+class WireValueFilter(logging.Filter):
+    """On library loggers (pydicom, py.warnings): quoted values in a record are withheld, at every level;
+    pydicom's own warnings arriving through py.warnings are dropped (pydicom logs each one as well)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.name == "py.warnings" and "/pydicom/" in msg:
+            return False
+        masked = withhold_values(msg)
+        if masked != msg:
+            record.msg, record.args = masked, None
+        return True
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def escape_control(text: str) -> str:
+    """Control characters (except newline and tab) as ``\\xNN`` escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def printable(value: object) -> str:
+    """A value from the wire (an AE title, say) fit for a log line or a column: every control character,
+    newline included, escaped; surrounding spaces stripped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", str(value)).strip()
+
+
+class ControlCharFilter(logging.Filter):
+    """Escapes control characters in the message, so a value with NUL bytes cannot turn the log into binary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if _CONTROL.search(msg):
+            record.msg, record.args = escape_control(msg), None
+        return True
+
+
+_library_filters_installed = False
+
+
+def install_library_filters() -> None:
+    """Route Python warnings into logging and put :class:`WireValueFilter` on the loggers libraries use for
+    values from the wire (idempotent; :func:`setup_logging` and the Storage SCP call it)."""
+    global _library_filters_installed
+    if _library_filters_installed:
+        return
+    _library_filters_installed = True
+    logging.captureWarnings(True)
+    f = WireValueFilter()
+    for name in ("pydicom", "py.warnings"):
+        logging.getLogger(name).addFilter(f)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -112,6 +180,8 @@ def setup_logging(level: str = "INFO", json_format: bool = False, library_level:
     )
     handler.addFilter(ContextFilter())
     handler.addFilter(PhiFilter())
+    handler.addFilter(ControlCharFilter())
+    install_library_filters()
     root.addHandler(handler)
     root.setLevel(level)
     lib = logging.getLevelName(library_level.upper())

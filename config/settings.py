@@ -64,7 +64,9 @@ class DicomNodeSettings(_Section):
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = any")
     allowed_peer_ips: list[str] = Field(default_factory=list, description="empty = any")
-    max_associations: int = Field(10, ge=1, description="associations at once, across all receiver processes")
+    max_associations: int = Field(
+        20, ge=1, description="associations at once, across all receiver processes (one PACS routing several studies)"
+    )
     receiver_processes: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=0,
@@ -82,7 +84,12 @@ class DicomNodeSettings(_Section):
     pdu_read_seconds: float = Field(
         60.0, gt=0, description="one PDU, once its header began, must be complete within this (slow senders)"
     )
-    max_connections_per_peer: int = Field(8, ge=0, description="open TCP connections per peer IP; 0 = unlimited")
+    max_connections_per_peer: int = Field(
+        24,
+        ge=0,
+        description="open TCP connections per peer IP (a PACS sends everything from one address: every association "
+        "slot plus connections opening or closing); beyond it an A-ASSOCIATE-RJ; 0 = unlimited",
+    )
     max_pending_connections: int = Field(
         20, ge=1, description="connections still waiting to send an A-ASSOCIATE-RQ; the oldest is closed beyond this"
     )

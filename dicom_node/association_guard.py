@@ -17,6 +17,12 @@ requests with nothing at all. This module replaces the per-connection PDU read a
   A-ASSOCIATE-RQ arrived; connections still waiting for one (at most ``dicom.acse_timeout_seconds``) are bounded
   by ``dicom.max_pending_connections``, the oldest evicted first, and every peer IP by
   ``dicom.max_connections_per_peer``.
+* **Over a limit: A-ASSOCIATE-RJ, not a dropped connection.** An A-ASSOCIATE-RQ beyond ``dicom.max_associations``,
+  or on a connection beyond its peer's ``dicom.max_connections_per_peer``, is answered with an A-ASSOCIATE-RJ
+  (rejected-transient, service-provider presentation related, "local limit exceeded"), written to the socket
+  before it is closed, so the sender knows to retry later. A connection beyond the per-peer limit is admitted
+  for that answer only (it holds no slot); only when the pending connections are full as well is it closed at
+  once.
 * **Quiet logs.** The first malformation of a connection is logged at WARNING (peer address and reason, no
   dataset content), the rest at DEBUG; pynetdicom's own ERROR tracebacks for bad PDUs are demoted the same way.
 """
@@ -34,6 +40,8 @@ from typing import Any, Protocol
 from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler
+
+from config.logging import printable
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ class _Conn:
     requested: bool = False  # its A-ASSOCIATE-RQ arrived: it holds an association slot
     warned: bool = False
     closed: bool = False
+    over_peer_limit: bool = False  # admitted only to be answered with an A-ASSOCIATE-RJ
     malformed: list[str] = field(default_factory=list)
 
     def gone(self) -> bool:
@@ -116,22 +125,28 @@ class ConnectionTable:
         self._lock = threading.Lock()
 
     def admit(self, address: tuple[Any, ...]) -> bool:
-        """A new connection: refused over the per-peer limit; evicts the oldest idle one over the pending limit."""
+        """A new connection: admitted (over the per-peer limit only to be rejected once its A-ASSOCIATE-RQ
+        arrives); evicts the oldest idle one over the pending limit; False (close at once) when it is over the
+        per-peer limit and the pending connections are full."""
         ip = str(address[0])
         victim: _Conn | None = None
         with self._lock:
             self._prune()
-            per_peer = sum(1 for c in self._conns.values() if c.ip == ip)
+            per_peer = sum(1 for c in self._conns.values() if c.ip == ip and not c.over_peer_limit)
             limit = self.policy.max_connections_per_peer
-            if (limit and per_peer >= limit) or (self.shared is not None and not self.shared.acquire_peer(ip, limit)):
-                log.warning("refused connection from %s: %d connections open (dicom.max_connections_per_peer)", ip,
-                            max(per_peer, limit))  # fmt: skip
-                return False
+            over = bool(limit and per_peer >= limit)
+            if not over and self.shared is not None and not self.shared.acquire_peer(ip, limit):
+                over = True
             pending = [c for c in self._conns.values() if not c.requested]
             if len(pending) >= self.policy.max_pending_connections:
-                victim = min(pending, key=lambda c: c.opened)
+                if over:
+                    log.warning("refused connection from %s: over dicom.max_connections_per_peer (%d) and "
+                                "dicom.max_pending_connections full", ip, limit)  # fmt: skip
+                    return False
+                # connections only waiting for their rejection go first, then the oldest
+                victim = min(pending, key=lambda c: (not c.over_peer_limit, c.opened))
                 self._forget(victim)
-            self._conns[tuple(address)] = _Conn(ip, time.monotonic())
+            self._conns[tuple(address)] = _Conn(ip, time.monotonic(), over_peer_limit=over)
         if victim is not None:
             log.warning("closing idle connection from %s to admit a new one (dicom.max_pending_connections)", victim.ip)
             _close(victim.assoc)
@@ -153,7 +168,8 @@ class ConnectionTable:
     def _drop(self, key: tuple[Any, ...]) -> None:
         conn = self._conns.pop(key)
         if self.shared is not None:
-            self.shared.release_peer(conn.ip)
+            if not conn.over_peer_limit:
+                self.shared.release_peer(conn.ip)
             if conn.requested:
                 self.shared.release()
 
@@ -162,20 +178,25 @@ class ConnectionTable:
             if v is conn:
                 self._drop(k)
 
-    def request_slot(self, assoc: Any) -> bool:
-        """The connection's A-ASSOCIATE-RQ arrived: True when an association slot is free (then it holds one)."""
+    def request_slot(self, assoc: Any) -> str | None:
+        """The connection's A-ASSOCIATE-RQ arrived: None when it may associate (it then holds a slot), else
+        which limit refuses it."""
         with self._lock:
             self._prune()
             conn = next((c for c in self._conns.values() if c.assoc is assoc), None)
             if conn is None:
-                return False
+                return "connection not admitted"
+            if conn.over_peer_limit:
+                limit = self.policy.max_connections_per_peer
+                return f"{limit} connections from this peer (dicom.max_connections_per_peer)"
+            full = f"{self.policy.max_associations} associations in progress (dicom.max_associations)"
             if self.shared is not None:
                 if not self.shared.acquire(self.policy.max_associations):
-                    return False
+                    return full
             elif sum(1 for c in self._conns.values() if c.requested) >= self.policy.max_associations:
-                return False
+                return full
             conn.requested = True
-            return True
+            return None
 
     def release(self, assoc: Any) -> None:
         with self._lock:
@@ -210,11 +231,14 @@ class _Timeout(Exception):
 class PduGuard:
     """Replaces ``DULServiceProvider._read_pdu_data`` of one acceptor association (see module docstring)."""
 
-    def __init__(self, assoc: Any, conn: _Conn, policy: AssociationPolicy) -> None:
+    def __init__(
+        self, assoc: Any, conn: _Conn, policy: AssociationPolicy, table: ConnectionTable | None = None
+    ) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
         self.conn = conn
         self.policy = policy
+        self.table = table
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _recv_exact(self, raw: socket.socket, n: int, deadline: float) -> bytearray:
@@ -241,9 +265,10 @@ class PduGuard:
         else:
             log.debug("malformed request from %s: %s", self.conn.ip, reason)
 
-    def _refuse(self, reason: str, pdu: Any) -> None:
+    def _refuse(self, reason: str, pdu: Any, malformed: bool = True) -> None:
         """Log once, send ``pdu`` (A-ASSOCIATE-RJ or A-ABORT), close the connection, end the association."""
-        self.malformed(reason)
+        if malformed:
+            self.malformed(reason)
         self.conn.closed = True
         sock = self.dul.socket
         raw = getattr(sock, "socket", None)
@@ -270,6 +295,21 @@ class PduGuard:
         pdu = A_ASSOCIATE_RJ()
         pdu.result, pdu.source, pdu.reason_diagnostic = 0x01, 0x01, 0x01
         self._refuse(reason, pdu)
+
+    def _reject_over_limit(self, rq: A_ASSOCIATE_RQ, why: str) -> None:
+        """A-ASSOCIATE-RJ rejected-transient, service-provider (presentation), local-limit-exceeded (PS3.8
+        9.3.4): the sender may retry later. Written before the connection closes (not through the state
+        machine, whose thread could lose the race with the close)."""
+        pdu = A_ASSOCIATE_RJ()
+        pdu.result, pdu.source, pdu.reason_diagnostic = 0x02, 0x03, 0x02
+        log.warning(
+            "rejected association from %s (calling AE %s): %s; answered A-ASSOCIATE-RJ (transient, local limit "
+            "exceeded)",
+            self.conn.ip,
+            printable(rq.calling_ae_title),
+            why,
+        )
+        self._refuse(why, pdu, malformed=False)
 
     def _cap(self, pdu_type: int) -> int:
         if pdu_type == 0x01:
@@ -350,6 +390,11 @@ class PduGuard:
             if problem:
                 self._reject(problem)
                 return
+            if self.table is not None and not self.assoc.is_established:
+                over = self.table.request_slot(self.assoc)
+                if over is not None:
+                    self._reject_over_limit(pdu, over)
+                    return
         self.dul.event_queue.put(event)
         self.dul._recv_pdu.put(pdu)
 
@@ -378,26 +423,15 @@ def make_request_handler(table: ConnectionTable, policy: AssociationPolicy) -> t
         def _create_association(self) -> Any:
             assoc = super()._create_association()
             conn = table.attach(self.client_address, assoc)
-            guard = PduGuard(assoc, conn, policy)
+            guard = PduGuard(assoc, conn, policy, table)
             assoc.dul._read_pdu_data = guard.read_pdu  # type: ignore[method-assign]  # shadows the method
             guard.protect_state_machine()
-            assoc.bind(evt.EVT_REQUESTED, _on_requested, [table])
             assoc.bind(evt.EVT_CONN_CLOSE, _on_conn_close, [table])
             if conn.malformed == ["evicted"]:
                 _close(assoc)
             return assoc
 
     return GuardedRequestHandler
-
-
-def _on_requested(event: evt.Event, table: ConnectionTable) -> None:
-    if not table.request_slot(event.assoc):
-        log.warning(
-            "rejected association from %s: %d associations in progress (dicom.max_associations)",
-            event.assoc.requestor.address,
-            table.policy.max_associations,
-        )
-        event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation, local-limit-exceeded
 
 
 def _on_conn_close(event: evt.Event, table: ConnectionTable) -> None:

@@ -30,7 +30,7 @@ from config.settings import RoutingSettings
 from db.models import Instance, OpenTransfer, RoutingDecision, Series, SeriesState, TransferOutcome
 from db.repository import audit
 from db.session import session_scope
-from dicom_node.integrity import INCOMPLETE, first_header, hold_reason
+from dicom_node.integrity import INCOMPLETE, first_header, hold_code, hold_reason
 from dicom_node.routing import Route, decide, series_facts
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def complete_series(
                 validate=validate,
             )  # fmt: skip
             if hold:
-                route = Route(RoutingDecision.SKIP, hold)
+                route = Route(RoutingDecision.SKIP, hold, hold_code(hold))
         # a SEG/SR a person made — in a series of its own, or saved into one of ours (OHIF, docs/viewer.md)
         annotation = (series.modality or "").upper() in ("SEG", "SR") and (
             not series.created_by_us or _holds_person_object(s, series)

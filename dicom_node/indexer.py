@@ -70,6 +70,9 @@ class IndexItem:
     calling_ae: str | None = None
     peer: str | None = None
     recovered: bool = False  # found by the recovery scan: its association's end is not known
+    #: read again from a journal at start-up: its row may exist already (committed before a crash), and then the
+    #: item is dropped, so that a replay neither re-opens a completed series nor opens a transfer again
+    maybe_committed: bool = False
     receiver_pid: int | None = None  # the receiver process that stored it, when not this one (its journal)
     data: bytes | None = None  # the dataset bytes, while the queue is short (saves reading the file back)
     error: str | None = None  # set when the item could not be indexed (the file stays; the scan retries)
@@ -233,6 +236,10 @@ class Indexer:
     # -- the commit --------------------------------------------------------------------------------------------
     def index(self, items: list[IndexItem]) -> None:
         """Commit rows for ``items`` (group commit); on a conflict the batch is retried item by item."""
+        if any(it.maybe_committed for it in items):
+            items = self._not_yet_committed(items)
+            if not items:
+                return
         with self._lock:
             for attempt in range(6):
                 try:
@@ -251,6 +258,14 @@ class Indexer:
                     if "locked" not in str(exc).lower() or attempt == 5:
                         raise
                     time.sleep(0.05 * (attempt + 1))
+
+    def _not_yet_committed(self, items: list[IndexItem]) -> list[IndexItem]:
+        """``items`` less the replayed ones whose file already has its row (a journal read again after a crash:
+        a completed series must not re-open, and complete and trigger again, for what it already holds)."""
+        sops = sorted({it.sop_uid for it in items if it.maybe_committed})
+        with self.engine.connect() as c:
+            indexed = set(c.scalars(select(Instance.file_path).where(Instance.sop_instance_uid.in_(sops))))
+        return [it for it in items if not (it.maybe_committed and str(it.path) in indexed)]
 
     def index_one(self, item: IndexItem) -> None:
         for _attempt in range(4):

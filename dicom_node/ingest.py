@@ -24,9 +24,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.repository import audit
 from db.session import session_scope
+from dicom_node.door import CONTENT_TAGS, Refusal, check_content
 from dicom_node.indexer import IndexItem, make_indexer
 from dicom_node.sink import IndexSink, WaitingIndexSink
-from dicom_node.storage import InstanceStore, InvalidDataset, StorageFull, check_structure, uid_problem
+from dicom_node.storage import (
+    EXPLICIT_VR_BE,
+    NATIVE_TS,
+    InstanceStore,
+    InvalidDataset,
+    StorageFull,
+    check_structure,
+    uid_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +100,12 @@ _TEXT = {"SeriesDescription", "PatientID", "IssuerOfPatientID", "AccessionNumber
 
 
 class Header:
-    """The few header values ingest needs, read from raw element bytes during the structure walk."""
+    """The few header values ingest needs, read from raw element bytes during the structure walk; ``raw`` and
+    ``present`` (every top-level tag's VR and length) as the walk left them, for the door's content check."""
 
-    def __init__(self, raw: dict[int, bytes]) -> None:
+    def __init__(self, raw: dict[int, bytes], present: dict[int, tuple[bytes, int]] | None = None) -> None:
+        self.raw = raw
+        self.present: dict[int, tuple[bytes, int]] = present if present is not None else {}
         from pydicom.charset import convert_encodings, decode_bytes
 
         cs = raw.get(_TAGS["SpecificCharacterSet"], b"").decode("ascii", "replace").strip(" \x00")
@@ -118,12 +130,31 @@ class Header:
             raise AttributeError(name) from None
 
 
+_COLLECT = (*_TAGS.values(), *CONTENT_TAGS)
+
+
 def parse_header(meta_bytes: bytes, data: bytes, transfer_syntax: str) -> Header | Dataset:
-    """Validate the structure and read the ingest header (own walker; pydicom only for deflated data)."""
-    raw = dict.fromkeys(_TAGS.values(), b"")
-    if check_structure(data, transfer_syntax, raw):
-        return Header(raw)
+    """Validate the structure (every element, every binary value's length) and read the ingest header and the
+    values the door's content check needs (own walker, no pydicom decode)."""
+    raw = dict.fromkeys(_COLLECT, b"")
+    present: dict[int, tuple[bytes, int]] = {}
+    if check_structure(data, transfer_syntax, raw, present):
+        return Header(raw, present)
     return dcmread(BytesIO(meta_bytes + data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+
+
+def content_refusal(ds: Header | Dataset, sop_class: str, transfer_syntax: str) -> Refusal | None:
+    """The door's content check (:mod:`dicom_node.door`) of a walked dataset."""
+    if not isinstance(ds, Header):
+        return None
+    return check_content(
+        sop_class,
+        ds.raw,
+        ds.present,
+        little=transfer_syntax != EXPLICIT_VR_BE,
+        native=transfer_syntax in NATIVE_TS,
+        transfer_syntax=transfer_syntax,
+    )
 
 
 class RequestMeta:
@@ -355,6 +386,10 @@ class Ingestor:
             )
         if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
             return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop), None
+        refusal = content_refusal(ds, req_class, ts)
+        if refusal is not None:
+            log.warning("rejected C-STORE of %s from %s: %s", req_sop, calling_ae, refusal.reason)
+            return IngestResult(refusal.status, refusal.reason[:64], sop_instance_uid=req_sop), None
         try:
             put = self.store.put(study_uid, series_uid, sop_uid, meta_bytes, dataset_bytes)
         except StorageFull as exc:

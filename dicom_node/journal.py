@@ -181,6 +181,7 @@ class JournalTailer:
         self.interval = interval
         self._offsets: dict[Path, int] = {}
         self._dead: set[tuple[int, int]] = set()  # writers (pid, token) known to be gone
+        self._started_reading = False  # the first drain reads segments a previous service process left
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -231,6 +232,8 @@ class JournalTailer:
                 except FileNotFoundError:
                     continue
                 whole = data[: data.rfind(b"\n") + 1]
+                # read from its start by a new service process (after a crash or a stop): lines committed before
+                replayed = seg.path not in self._offsets and not self._started_reading
                 offsets[seg.path] = offsets.get(seg.path, 0) + len(whole)
                 for line in whole.splitlines():
                     try:
@@ -244,6 +247,7 @@ class JournalTailer:
                         end_transfers(self.session_factory, [record.association_uid], record.released, self.actor)
                         self.indexer.forget_association(record.association_uid)
                     else:
+                        record.maybe_committed = replayed
                         pending.append(record)
                         read += 1
                 # the writer moved on to a later segment (this one is whole) or is gone (a torn last line is
@@ -255,6 +259,7 @@ class JournalTailer:
                 p.unlink(missing_ok=True)
                 offsets.pop(p, None)
             self._offsets = offsets
+            self._started_reading = True
             alive = {s.writer for s in segments if s.path not in finished}
             self._dead &= alive
             return read

@@ -235,9 +235,14 @@ class ReceiverPool:
         job.library_level = logging.getLogger("pynetdicom").level or logging.WARNING
         if proc.stdin is None:
             raise RuntimeError("subprocess gave no stdin pipe")
-        proc.stdin.write(pickle.dumps(job))
-        proc.stdin.close()
         self._procs[index] = proc
+        try:
+            proc.stdin.write(pickle.dumps(job))
+            proc.stdin.close()
+        except BrokenPipeError:
+            raise RuntimeError(
+                f"receiver process {index} exited before it read its settings (exit code {proc.poll()})"
+            ) from None
 
     def _wait_ready(self, index: int, timeout: float = 60.0) -> None:
         proc = self._procs[index]
@@ -321,6 +326,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe prints nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except OSError:
+        pass
+
+
 def _child_main() -> int:
     # SIGTERM/SIGINT are taken by sigtimedwait in the loop below, never by a Python handler: a handler that sets
     # a threading.Event can deadlock when the signal lands while this thread holds that Event's lock (a receiver
@@ -344,17 +359,27 @@ def _child_main() -> int:
     from dicom_node.journal import JournalWriter
     from dicom_node.scp import Receiver, run_dir
 
-    engine = make_engine(job.settings.effective_database_url)
-    sock = socket.socket(fileno=job.fd)
-    receiver = Receiver(
-        job.settings,
-        make_session_factory(engine),
-        JournalWriter(run_dir(job.settings)),  # no Indexer here: the service process commits the rows
-        listen_socket=sock,
-        slots=SharedSlots(job.slots, job.n, job.index),
-    ).start()
-    sys.stdout.write(f"ready {os.getpid()}\n")
-    sys.stdout.flush()
+    try:
+        engine = make_engine(job.settings.effective_database_url)
+        sock = socket.socket(fileno=job.fd)
+        receiver = Receiver(
+            job.settings,
+            make_session_factory(engine),
+            JournalWriter(run_dir(job.settings)),  # no Indexer here: the service process commits the rows
+            listen_socket=sock,
+            slots=SharedSlots(job.slots, job.n, job.index),
+        ).start()
+    except Exception as exc:  # one line for the operator; the service reports that the receiver did not start
+        log.error("receiver process %d could not start: %s: %s", os.getpid(), type(exc).__name__, exc)
+        return 1
+    try:
+        sys.stdout.write(f"ready {os.getpid()}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the service stopped waiting for us (its own start failed): end quietly
+        receiver.stop()
+        engine.dispose()
+        _silence_stdout()
+        return 0
     while signal.sigtimedwait(stop_signals, 0.5) is None:
         if os.getppid() != parent:  # the service is gone: do not keep its port
             break

@@ -20,6 +20,7 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config.logging import withhold_values
 from config.settings import RoutingSettings
 from db.models import Instance, RoutingDecision, Series
 
@@ -99,7 +100,7 @@ def series_facts(s: Session, series: Series) -> SeriesFacts:
                 inst.file_path, stop_before_pixels=True, specific_tags=["SliceThickness", "ImageType", "Modality"]
             )
         except Exception as exc:
-            log.warning("cannot read header of %s for routing: %s", inst.file_path, exc)
+            log.warning("cannot read header of %s for routing: %s", inst.file_path, withhold_values(str(exc)))
     return SeriesFacts.from_header(
         header,
         modality=series.modality,

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.logging import log_context
+from config.logging import install_library_filters, log_context, printable
 from config.settings import Settings
 from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.assoc_log import AssociationLog
@@ -134,7 +134,7 @@ def _with_peer(handler: Callable[[Receiver, evt.Event], _H]) -> Callable[[Receiv
     def wrapped(self: Receiver, event: evt.Event) -> _H:
         r = event.assoc.requestor
         host = r.address[0] if isinstance(r.address, tuple) else r.address
-        with log_context(peer=f"{r.ae_title}@{host}"):
+        with log_context(peer=f"{printable(r.ae_title)}@{host}"):
             return handler(self, event)
 
     return wrapped
@@ -206,6 +206,7 @@ class Receiver:
         server.allowed_ips = frozenset(cfg.allowed_peer_ips)
         server.connections = self.connections
         install_log_filter()
+        install_library_filters()
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
         self._ae, self._server = ae, server
         self._thread = threading.Thread(target=server.serve_forever, name="storage-scp", daemon=True)
@@ -239,7 +240,7 @@ class Receiver:
     @_with_peer
     def _on_accepted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
-        self.associations.accepted(id(event.assoc), r.ae_title, f"{r.address}:{r.port}")
+        self.associations.accepted(id(event.assoc), printable(r.ae_title), f"{r.address}:{r.port}")
 
     @_with_peer
     def _on_released(self, event: evt.Event) -> None:
@@ -262,6 +263,7 @@ class Receiver:
         if not isinstance(req, C_STORE) or req.DataSet is None:
             raise RuntimeError("EVT_C_STORE without a C-STORE request")  # pynetdicom never does this
         data = req.DataSet.getvalue()
+        calling_ae = printable(requestor.ae_title)
         meta = RequestMeta(
             str(req.AffectedSOPClassUID or ""),
             str(req.AffectedSOPInstanceUID or ""),
@@ -271,15 +273,15 @@ class Receiver:
             result = self.ingestor.receive(
                 meta,
                 data,
-                calling_ae=requestor.ae_title,
+                calling_ae=calling_ae,
                 peer=str(requestor.address),
                 association=assoc_uid,
             )
             self.associations.store(id(assoc), len(data), result.ok, result.duplicate, result.series_uid)
         except Exception as exc:
             self.associations.store(id(assoc), len(data), False)
-            with log_context(peer=f"{requestor.ae_title}@{requestor.address}"):
-                log.exception("unexpected failure storing an instance from %s", requestor.ae_title)
+            with log_context(peer=f"{calling_ae}@{requestor.address}"):
+                log.exception("unexpected failure storing an instance from %s", calling_ae)
             status = Dataset()
             status.Status = 0xA700
             status.ErrorComment = f"internal error: {type(exc).__name__}"[:64]
@@ -311,7 +313,8 @@ class Receiver:
 
     @_with_peer
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        r = event.assoc.requestor
+        log.warning("association from %s (%s) rejected", printable(r.ae_title), r.address)
 
 
 def make_ae(settings: Settings) -> AE:

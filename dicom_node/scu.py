@@ -1,11 +1,17 @@
 """Outgoing DIMSE: C-ECHO, C-FIND (Study Root), C-MOVE, C-GET and C-STORE towards configured PACS peers.
 
 Files are sent as their stored bytes (pynetdicom's chunked send: no decode, no re-encode).
+
+A failure of our own request (a destination down, an association refused) is reported once by its caller, as one
+line per attempt (:mod:`dicom_node.sending`: WARNING while retries remain, ERROR once a person must act);
+pynetdicom's own WARNING/ERROR lines about it, logged on its association threads, are demoted to DEBUG by
+:class:`RequestorNoiseFilter`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,8 +94,57 @@ def _ae(settings: Settings) -> AE:
     return ae
 
 
+_requesting = threading.local()
+
+
+def _in_our_request() -> bool:
+    """Whether this thread works for one of our requests: inside :func:`associate`, or a pynetdicom association
+    (or its DUL) thread of an association we requested."""
+    if getattr(_requesting, "depth", 0):
+        return True
+    t = threading.current_thread()
+    assoc = t if isinstance(t, Association) else getattr(t, "assoc", None) if hasattr(t, "_assoc") else None
+    return isinstance(assoc, Association) and bool(assoc.is_requestor)
+
+
+class RequestorNoiseFilter(logging.Filter):
+    """pynetdicom's WARNING/ERROR records about our own requests become DEBUG (the caller reports the failure)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not _in_our_request():
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_noise_filter_installed = False
+
+
+def install_requestor_filter() -> None:
+    global _noise_filter_installed
+    if _noise_filter_installed:
+        return
+    _noise_filter_installed = True
+    f = RequestorNoiseFilter()
+    names = {"pynetdicom"} | {n for n in logging.root.manager.loggerDict if n.startswith("pynetdicom.")}
+    for name in sorted(names):
+        logging.getLogger(name).addFilter(f)
+
+
 @contextmanager
 def associate(settings: Settings, peer: PacsPeer, ae: AE, **kwargs: Any) -> Iterator[Association]:
+    install_requestor_filter()
+    _requesting.depth = getattr(_requesting, "depth", 0) + 1
+    try:
+        with _associate(settings, peer, ae, **kwargs) as assoc:
+            yield assoc
+    finally:
+        _requesting.depth -= 1
+
+
+@contextmanager
+def _associate(settings: Settings, peer: PacsPeer, ae: AE, **kwargs: Any) -> Iterator[Association]:
     tls = None
     if peer.tls:
         cx = client_context(settings.dicom.tls)

@@ -260,7 +260,12 @@ class DeliveryService:
                 next_attempt_at=d.next_attempt_at.isoformat() if d.next_attempt_at else None,
             )
             state = d.state
-        if error:
+        if error and state == DeliveryState.DEAD_LETTER:  # the schedule is used up: a person must act
+            log.error(
+                "delivery %d to %s attempt %d failed, no retry left (dead letter: lesiontrack send --delivery %d): %s",
+                delivery_id, name, attempt_no, delivery_id, error,
+            )  # fmt: skip
+        elif error:
             log.warning(
                 "delivery %d to %s attempt %d failed (%s): %s", delivery_id, name, attempt_no, state.value, error
             )

@@ -38,6 +38,17 @@ MAX_NESTING = 24
 NATIVE_TS = {EXPLICIT_VR_LE, IMPLICIT_VR_LE, EXPLICIT_VR_BE, *DEFLATED_TS}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float / Double Float Pixel Data
 _MAX_INFLATED = 4 << 30
+#: key under which ``collect`` receives the first bytes of the first pixel data fragment (encapsulated data)
+FIRST_FRAGMENT = -1
+_FIRST_FRAGMENT_BYTES = 4096
+#: VRs whose values are fixed-size binary numbers: a value length that is not a multiple of the size does not
+#: parse (pydicom raises when the value is read; PS3.5 6.2)
+_VALUE_SIZE = {
+    b"US": 2, b"SS": 2, b"OW": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"AT": 4, b"OF": 4, b"OL": 4,
+    b"FD": 8, b"SV": 8, b"UV": 8, b"OD": 8, b"OV": 8,
+}  # fmt: skip
+#: the dictionary VR of a standard tag as the walker needs it (implicit VR): b"" when unknown, private or ambiguous
+_DICT_VR: dict[int, bytes] = {}
 
 
 class InvalidDataset(ValueError):
@@ -80,13 +91,22 @@ def inflate(data: bytes) -> bytes:
     return out
 
 
-def check_structure(data: bytes, transfer_syntax: str, collect: dict[int, bytes] | None = None) -> bool:
-    """Walk the top-level elements and raise :class:`InvalidDataset` unless they end exactly at ``len(data)``.
+def check_structure(
+    data: bytes,
+    transfer_syntax: str,
+    collect: dict[int, bytes] | None = None,
+    present: dict[int, tuple[bytes, int]] | None = None,
+) -> bool:
+    """Walk every element and raise :class:`InvalidDataset` unless the top level ends exactly at ``len(data)``.
 
-    Catches truncated datasets, non-DICOM bytes, unknown VRs, sequences nested deeper than :data:`MAX_NESTING`,
-    corrupt content inside defined-length sequences and pixel data whose encoding (native or encapsulated) does
-    not match the transfer syntax, without decoding any value. When ``collect`` maps tags to ``b""``, the raw
-    values of those top-level tags are filled in on the way. Deflated data is inflated first (bounded).
+    Catches truncated datasets, non-DICOM bytes, unknown VRs, values of binary VRs (US, UL, FD, AT, OW, ...)
+    whose length is not a multiple of the value size (at every nesting level, the VR from the data dictionary
+    under implicit VR), sequences nested deeper than :data:`MAX_NESTING`, corrupt content inside defined-length
+    sequences and pixel data whose encoding (native or encapsulated) does not match the transfer syntax, without
+    decoding any value. When ``collect`` maps tags to ``b""``, the raw values of those top-level tags are filled
+    in on the way; ``present`` receives every top-level tag with its VR (under implicit VR the dictionary's, b""
+    when not checked) and value length (0xFFFFFFFF: undefined).
+    Deflated data is inflated first (bounded).
     """
     if not data:
         raise InvalidDataset("empty dataset")
@@ -97,7 +117,7 @@ def check_structure(data: bytes, transfer_syntax: str, collect: dict[int, bytes]
     implicit = transfer_syntax == IMPLICIT_VR_LE
     little = transfer_syntax != EXPLICIT_VR_BE
     native = transfer_syntax in NATIVE_TS
-    end = _walk(data, 0, len(data), implicit, little, top_level=True, collect=collect, native=native)
+    end = _walk(data, 0, len(data), implicit, little, top_level=True, collect=collect, native=native, present=present)
     if end != len(data):
         raise InvalidDataset(f"dataset structure ends at byte {end} of {len(data)}")
     return True
@@ -114,6 +134,7 @@ def _walk(
     collect: dict[int, bytes] | None = None,
     native: bool = True,
     depth: int = 0,
+    present: dict[int, tuple[bytes, int]] | None = None,
 ) -> int:
     """Walk elements from ``pos``; return the position after the last one (or after an item delimiter)."""
     if depth > MAX_NESTING:
@@ -135,6 +156,7 @@ def _walk(
         if implicit:
             length = struct.unpack_from(e + "I", data, pos + 4)[0]
             vr = b"SQ" if length == _UNDEFINED else _implicit_vr(tag, length)
+            size = _VALUE_SIZE.get(vr)
             pos += 8
         else:
             vr = data[pos + 4 : pos + 6]
@@ -148,6 +170,14 @@ def _walk(
             else:
                 length = struct.unpack_from(e + "H", data, pos + 6)[0]
                 pos += 8
+            size = _VALUE_SIZE.get(vr)
+        if size is not None and length % size and length != _UNDEFINED:
+            raise InvalidDataset(
+                f"element ({group:04X},{elem:04X}) {vr.decode('ascii', 'replace')} value of {length} bytes "
+                f"(a multiple of {size} needed)"
+            )
+        if present is not None:
+            present[tag] = (vr, length)
         if top_level and tag in _PIXEL_TAGS:
             encapsulated = length == _UNDEFINED
             if tag == 0x7FE00010 and encapsulated == native:
@@ -158,7 +188,10 @@ def _walk(
                 )
         if length == _UNDEFINED:
             if tag == 0x7FE00010:
-                pos = _walk_fragments(data, pos, stop, little)
+                first = [0, 0]
+                pos = _walk_fragments(data, pos, stop, little, first)
+                if collect is not None and FIRST_FRAGMENT in collect and first[1]:
+                    collect[FIRST_FRAGMENT] = data[first[0] : first[0] + min(first[1], _FIRST_FRAGMENT_BYTES)]
             else:
                 pos = _walk_sequence(data, pos, stop, implicit, little, depth)
         else:
@@ -175,15 +208,25 @@ def _walk(
 
 
 def _implicit_vr(tag: int, length: int) -> bytes:
-    """In implicit VR only the data dictionary says whether a defined-length element is a sequence."""
-    if length == 0 or (tag >> 16) & 1 or tag in _PIXEL_TAGS:  # empty, private, pixel data: not walked into
+    """In implicit VR only the data dictionary says what a defined-length element is (a sequence to walk into,
+    a binary number whose length must fit); b"" for what is not checked (empty, private, pixel data, unknown)."""
+    if length == 0 or (tag >> 16) & 1 or tag in _PIXEL_TAGS:
         return b""
-    from pydicom.datadict import dictionary_VR
+    vr = _DICT_VR.get(tag)
+    if vr is None:
+        from pydicom.datadict import dictionary_VR
 
-    try:
-        return b"SQ" if dictionary_VR(tag) == "SQ" else b""
-    except KeyError:
-        return b""
+        try:
+            name = dictionary_VR(tag)
+        except KeyError:
+            name = ""
+        # an ambiguous VR ("US or SS", "OB or OW") is checked only where every choice has the same value size
+        choices = {c.strip().encode("ascii") for c in name.split(" or ")} if name else set()
+        sizes = {_VALUE_SIZE.get(c) for c in choices}
+        vr = choices.pop() if len(choices) == 1 else next(iter(choices)) if len(sizes) == 1 and sizes != {None} else b""
+        if len(_DICT_VR) < 20000:
+            _DICT_VR[tag] = vr
+    return vr
 
 
 def _walk_items(data: bytes, pos: int, stop: int, implicit: bool, little: bool, depth: int, delimited: bool) -> int:
@@ -224,9 +267,11 @@ def _walk_defined_sequence(data: bytes, pos: int, stop: int, implicit: bool, lit
     _walk_items(data, pos, stop, implicit, little, depth, delimited=False)
 
 
-def _walk_fragments(data: bytes, pos: int, stop: int, little: bool) -> int:
-    """Encapsulated pixel data: an offset table item and fragments (defined-length items), then the delimiter."""
+def _walk_fragments(data: bytes, pos: int, stop: int, little: bool, first: list[int] | None = None) -> int:
+    """Encapsulated pixel data: an offset table item and fragments (defined-length items), then the delimiter;
+    ``first`` receives [offset, length] of the first fragment after the offset table."""
     e = "<" if little else ">"
+    items = 0
     while pos + 8 <= stop:
         group, elem, length = struct.unpack_from(e + "HHI", data, pos)
         tag = (group << 16) | elem
@@ -237,6 +282,9 @@ def _walk_fragments(data: bytes, pos: int, stop: int, little: bool) -> int:
             raise InvalidDataset(f"invalid pixel data fragment at byte {pos - 8}")
         if pos + length > stop:
             raise InvalidDataset(f"fragment claims {length} bytes, only {stop - pos} left")
+        if items == 1 and first is not None:
+            first[0], first[1] = pos, length
+        items += 1
         pos += length
     raise InvalidDataset("truncated encapsulated pixel data (no sequence delimiter)")
 

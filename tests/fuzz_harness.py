@@ -48,6 +48,8 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT, IMPLICIT, DEFLATED = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"
 J2K, RLE, JPEG_BASELINE = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50"
 TRANSFER_SYNTAXES = [EXPLICIT, IMPLICIT, DEFLATED, J2K, RLE, JPEG_BASELINE]
+#: planted in every seed: no log line may ever carry them (values from the wire may be PHI)
+PHI_CANARIES = {"PatientName": "Canaryphi^Zoltanq", "PatientID": "PHICANARY0042", "PatientBirthDate": "19510203"}
 CATEGORIES = [
     "control", "truncate", "byte_flip", "vr_corrupt", "length_corrupt", "deep_nesting", "uid_too_long",
     "uid_charset", "uid_missing", "sop_class_mismatch", "native_under_compressed", "encapsulated_under_native",
@@ -106,12 +108,24 @@ def _crop(ds: Dataset, size: int) -> Dataset:
     return ds
 
 
+def _plant_phi(ds: Dataset) -> Dataset:
+    for name, value in PHI_CANARIES.items():
+        setattr(ds, name, value)
+    return ds
+
+
+def phi_in(text: str) -> list[str]:
+    """The planted identifiers (or their parts) found in ``text``."""
+    parts = {p for v in PHI_CANARIES.values() for p in v.split("^") if len(p) >= 4}
+    return sorted(p for p in parts if p in text)
+
+
 def load_seeds() -> list[Seed]:
     ge = sorted((SHARED / "ct_gantry_tilt_ge").glob("*.dcm"))[:2]
     j2k = sorted(p for p in (SHARED / "ct_siemens_j2k").iterdir() if p.is_file())[:1]
     seeds: list[Seed] = []
     for i, p in enumerate(ge):
-        small = _crop(dcmread(p), 96)
+        small = _plant_phi(_crop(dcmread(p), 96))
         small.file_meta = FileMetaDataset()
         seeds.append(Seed(f"ge{i}-explicit", EXPLICIT, small))
         seeds.append(Seed(f"ge{i}-implicit", IMPLICIT, small))
@@ -122,7 +136,7 @@ def load_seeds() -> list[Seed]:
         for n, tag in enumerate(("StudyInstanceUID", "SeriesInstanceUID")):
             if not ds.get(tag):
                 setattr(ds, tag, f"2.25.{19190000 + n}")
-        ds.PatientID = ds.get("PatientID") or "FUZZ"
+        _plant_phi(ds)
         ds.file_meta = FileMetaDataset()
         seeds.append(Seed("siemens-j2k", J2K, ds))
     return seeds

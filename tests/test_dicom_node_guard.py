@@ -9,6 +9,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,9 +102,9 @@ def test_twenty_idle_and_slow_connections_do_not_stop_a_legitimate_echo(guarded:
             held.append(s)
         assert echo(guarded.port) == 0
         assert echo(guarded.port) == 0
-        # what the node did with them: beyond dicom.max_connections_per_peer (8) closed at once; the 4 GB ones
-        # refused at once (A-ASSOCIATE-RJ); every other one ended by the node within the ACSE / PDU deadlines
-        # (A-ABORT, or closed when it never started a PDU)
+        # what the node did with them: the 4 GB ones refused at once (A-ASSOCIATE-RJ); every other one (beyond
+        # dicom.max_connections_per_peer too: admitted only to be rejected) ended by the node within the ACSE / PDU
+        # deadlines (A-ABORT, or closed when it never started a PDU)
         answers = [reply_type(s) for s in held]
         for i, a in enumerate(answers):
             assert a in ({0x03, None} if i % 4 == 1 else {0x07, None}), (i, a)
@@ -114,19 +115,79 @@ def test_twenty_idle_and_slow_connections_do_not_stop_a_legitimate_echo(guarded:
     assert echo(guarded.port) == 0
 
 
+def read_reject(s: socket.socket) -> tuple[int, int, int] | None:
+    """(result, source, reason) of the A-ASSOCIATE-RJ the node answers with (None: anything else or nothing)."""
+    data = b""
+    while len(data) < 10:
+        try:
+            chunk = s.recv(10 - len(data))
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    if data[0] != 0x03:
+        return None
+    return data[7], data[8], data[9]
+
+
+LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local-limit-exceeded
+
+
 def test_per_peer_limit_and_pending_connections_do_not_hold_association_slots(tmp_path: Path) -> None:
     n = Node(tmp_path, allowed_calling_aes=["STORESCU"], max_associations=2, max_connections_per_peer=3)
     with n.scp:
         idle = [connect(n.port) for _ in range(3)]
         try:
             extra = connect(n.port)
-            assert reply_type(extra) is None  # over the per-peer limit: closed at once
+            extra.sendall(associate_rq())
+            assert read_reject(extra) == LOCAL_LIMIT  # over the per-peer limit: A-ASSOCIATE-RJ, not a dropped TCP
             extra.close()
             # three idle connections from one peer, max_associations = 2: a real peer still associates
             assert echo(n.port) == 0
         finally:
             for s in idle:
                 s.close()
+
+
+def test_over_limit_associations_are_rejected_transient_local_limit(tmp_path: Path) -> None:
+    """The sender (a pynetdicom AE) reads an A-ASSOCIATE-RJ, rejected-transient, "local limit exceeded", at
+    dicom.max_associations and at dicom.max_connections_per_peer, and associates again once a slot is free."""
+    from pynetdicom import AE
+
+    n = Node(tmp_path, allowed_calling_aes=["PYSCU"], max_associations=2, max_connections_per_peer=3)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 10
+
+    def associate(source: str = "127.0.0.1") -> Any:
+        return ae.associate("127.0.0.1", n.port, ae_title="LESIONTRACK", bind_address=(source, 0))
+
+    def rejection(assoc: Any) -> tuple[int, int, int]:
+        assert assoc.is_rejected and not assoc.is_aborted, "the sender must see a rejection, not an abort"
+        p = assoc.acceptor.primitive
+        return int(p.result), int(p.result_source), int(p.diagnostic)
+
+    with n.scp:
+        held = [associate(), associate(ATTACKER)]
+        try:
+            assert all(a.is_established for a in held)
+            assert rejection(associate("127.0.0.3")) == LOCAL_LIMIT  # max_associations reached
+            held[0].release()
+            again = associate()
+            assert again.is_established  # the slot is free again
+            held[0] = again
+            held[1].release()
+            idle = [connect(n.port, ATTACKER) for _ in range(3)]  # the peer's three connections, not associated
+            try:
+                assert rejection(associate(ATTACKER)) == LOCAL_LIMIT  # max_connections_per_peer reached
+            finally:
+                for s in idle:
+                    s.close()
+        finally:
+            for a in held:
+                if a.is_established:
+                    a.release()
 
 
 def test_malformed_requests_each_get_a_reply(guarded: Node) -> None:

@@ -5,6 +5,7 @@ association limit holds across processes; a receiver killed mid-series is replac
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -361,3 +362,37 @@ def test_open_transfers_of_a_process_that_is_gone_are_reaped_by_housekeeping(tmp
         assert s is not None and s.last_transfer == TransferOutcome.ABORTED
         assoc.release()
     node.engine.dispose()
+
+
+def test_a_receiver_whose_service_stopped_waiting_ends_quietly(tmp_path: Path) -> None:
+    """The service's own start failed (a read-only database, say) while a receiver process was starting: the
+    receiver finds its "ready" pipe closed and ends without a BrokenPipeError traceback."""
+    import pickle
+    import socket
+
+    from dicom_node.receivers import SharedSlots, _ChildJob
+
+    n = Node(tmp_path, receiver_processes=2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    slots = SharedSlots.create(tmp_path / "slots", 1)
+    job = _ChildJob(n.settings, listener.fileno(), 0, 1, slots.path, logging.WARNING)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.receivers"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(listener.fileno(),),
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the service gave up waiting for "ready"
+    proc.stdin.write(pickle.dumps(job))
+    proc.stdin.close()
+    try:
+        assert proc.wait(60) == 0
+        err = proc.stderr.read().decode(errors="replace")
+    finally:
+        proc.stderr.close()
+        listener.close()
+        slots.close()
+        n.engine.dispose()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -209,25 +209,51 @@ def test_encapsulated_pixel_data_under_a_native_transfer_syntax_is_refused(node:
     assert raw_store(node.port, [bad, src]) == [0xC000, 0x0000]
 
 
-def test_pixel_data_inconsistent_with_rows_and_columns_is_marked_invalid_before_analysis(
-    node: Node, tmp_path: Path
-) -> None:
+def test_pixel_data_inconsistent_with_rows_and_columns_is_refused_at_the_door(node: Node, tmp_path: Path) -> None:
     series_uid = generate_uid()
     files = []
     for i in range(4):
         ds = good_dataset(i)
         ds.SeriesInstanceUID = series_uid
         if i == 2:
-            ds.Rows = 600  # the cheap door checks cannot see this; the full check before analysis does
+            ds.Rows = 600  # Pixel Data no longer Rows x Columns x BitsAllocated/8 bytes long
         files.append(mutant(tmp_path, f"px{i}", ds))
-    assert pynetdicom_store(node.port, files) == [0] * 4
-    wait_until(lambda: node.series(series_uid).state == SeriesState.COMPLETE, what="completion")
-    s = node.series(series_uid)
+    assert pynetdicom_store(node.port, files) == [0, 0, 0xA900, 0]
+    assert "Pixel Data is" in node.audits("instance.refused")[0].details["reason"]
+
+
+def test_a_series_with_a_missing_slice_waits_then_is_skipped_visibly_and_a_late_slice_lifts_it(
+    node: Node, tmp_path: Path
+) -> None:
+    uid, files = _series(tmp_path, 8)
+    late = files.pop(4)  # one slice in the middle does not arrive
+    storescu(node.port, files, "PYSCU")
+    wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion after the window")
+    s = node.series(uid)
     assert s is not None and s.routing_decision == RoutingDecision.SKIP
-    assert (s.routing_reason or "").startswith("invalid instance") and "pixel data is" in (s.routing_reason or "")
+    assert (s.routing_reason or "").startswith("slice gap: about 1 slice(s) missing"), s.routing_reason
     assert node.triggers == []
-    assert node.scp.force_complete(series_uid).decision == RoutingDecision.SKIP
-    assert node.triggers == []  # invalid data is never analysed, even when forced
+    skip = [a for a in node.audits("series.complete") if a.details["decision"] == "skip"]
+    assert skip and skip[-1].details["reason_code"] == "slice_gap"  # the metric's label
+    assert node.scp.force_complete(uid).decision == RoutingDecision.SKIP  # forcing does not fill the gap
+    storescu(node.port, [late], "PYSCU")  # the missing slice arrives late: the series re-opens and completes
+    wait_until(lambda: node.triggers == [uid], what="analysis once the series is whole")
+
+
+def test_instances_that_disagree_on_orientation_are_not_one_volume(node: Node, tmp_path: Path) -> None:
+    uid, files = _series(tmp_path, 5)
+    ds = good_dataset(5)
+    ds.SeriesInstanceUID = uid
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal slice in an axial series
+    files.append(mutant(tmp_path, "sagittal", ds))
+    storescu(node.port, files, "PYSCU")
+    wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
+    s = node.series(uid)
+    assert s is not None and s.routing_decision == RoutingDecision.SKIP
+    assert (s.routing_reason or "").startswith("inconsistent geometry") and "ImageOrientationPatient" in (
+        s.routing_reason or ""
+    )
+    assert node.triggers == []
 
 
 def _series(tmp_path: Path, n: int, **attrs: object) -> tuple[str, list[Path]]:

@@ -154,7 +154,7 @@ def test_a_receiver_process_ingestor_journals_and_builds_no_indexer(
     from io import BytesIO
 
     from pydicom.dataset import Dataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     from db.session import make_engine, make_session_factory
     from dicom_node import indexer as indexer_mod
@@ -167,14 +167,15 @@ def test_a_receiver_process_ingestor_journals_and_builds_no_indexer(
 
     monkeypatch.setattr(indexer_mod.Indexer, "__init__", no_indexer)
     ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    # a header-only object of a class whose IOD the door does not check further (a CT needs its pixel data)
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "P1"
     buf = BytesIO()
     ds.save_as(buf, implicit_vr=False, little_endian=True)  # the dataset alone, as a C-STORE carries it
     engine = make_engine(f"sqlite:///{tmp_path / 'lt.sqlite3'}")
     journal = JournalWriter(tmp_path / "run")
     ingestor = Ingestor(InstanceStore(tmp_path / "store", fsync=False), make_session_factory(engine), sink=journal)
-    meta = RequestMeta(CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    meta = RequestMeta(SecondaryCaptureImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
     try:
         assert ingestor.receive(meta, buf.getvalue(), association="a1").ok
         TransferTracker(journal).association_closed("a1", released=True)

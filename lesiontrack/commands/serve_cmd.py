@@ -31,6 +31,9 @@ def serve(
     except (SchemaNotCurrent, ConfigError, DatabaseUnavailable) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
+    except (OSError, RuntimeError) as exc:  # e.g. a read-only data folder, a receiver process that did not start
+        typer.secho(f"error: cannot start: {type(exc).__name__}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
     http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""
     typer.echo(
         f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:"

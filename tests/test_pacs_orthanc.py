@@ -38,6 +38,27 @@ def guide_lua(url: str, key: str, modality: str = "lesiontrack") -> str:
     return block
 
 
+def guide_json(lesiontrack_host: str, lesiontrack_port: int, lua: Path) -> dict[str, Any]:
+    """The ```json block of the guide (Orthanc's configuration) with the site values replaced: where LesionTrack
+    listens and where the Lua script lies. Every permission and setting stays as the guide writes it."""
+    [block] = re.findall(r"```json\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    cfg: dict[str, Any] = json.loads(block)
+    entry = cfg["DicomModalities"]["lesiontrack"]
+    entry["Host"], entry["Port"] = lesiontrack_host, lesiontrack_port
+    cfg["LuaScripts"] = [str(lua)]
+    for key in ("DicomAet", "DicomPort"):  # OrthancServer's (free loopback port, same AE title)
+        cfg.pop(key, None)
+    return cfg
+
+
+def guide_toml() -> dict[str, Any]:
+    """The ```toml block of the guide (LesionTrack's configuration), parsed."""
+    import tomllib
+
+    [block] = re.findall(r"```toml\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    return tomllib.loads(block)
+
+
 def _rewrite(files: list[Path], dest: Path, **attrs: Any) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     out = []
@@ -112,9 +133,7 @@ class Site:
         lua = root / "lesiontrack.lua"
         lua.write_text(guide_lua(self.http, KEY))
         self.orthanc = OrthancServer(
-            root / "orthanc",
-            modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)},
-            extra_config={"LuaScripts": [str(lua)], "HttpTimeout": 60},
+            root / "orthanc", extra_config=guide_json("127.0.0.1", lt_port, lua) | {"StableAge": 1}
         ).start()
         self.settings.pacs = self._peer()
         self.service = LesionTrackService(self.settings).start()

@@ -266,9 +266,8 @@ class PriorFinder:
 
     def _check_references(self, prior: PriorTimepoint) -> None:
         """Every instance of the prior CT that one of its annotations references is held here."""
-        held = {str(p.stem).split(".")[0] for p in prior.ct_files}  # stored as <sop>.dcm / <sop>.<sha>.dcm
         with session_scope(self.session_factory) as s:
-            held |= set(
+            held = set(
                 s.scalars(
                     select(Instance.sop_instance_uid)
                     .join(Series, Instance.series_pk == Series.id)

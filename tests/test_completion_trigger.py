@@ -42,6 +42,7 @@ class Sender:
         from pynetdicom import AE
 
         ae = AE(ae_title="PYSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300  # a loaded machine answers slowly
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2")
         self.assoc = ae.associate("127.0.0.1", port, ae_title="LESIONTRACK")

@@ -275,7 +275,9 @@ def _not_assessed_group(
     source: hd.sr.SourceImageForMeasurementGroup,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """A TID 1501 group for a prior lesion that was not assessed: status "Not evaluated", flagged for review, the
-    reason as a comment, and no measurement (the SR never asserts what was not assessed)."""
+    reason as a comment, and no measurement (the SR never asserts what was not assessed). No image region: nothing
+    locates the lesion on this CT (pixelmed 2022 then reports the TID 1410/1411 conditions for this group, as for a
+    vanished lesion without a location; dciodvfy and dsrdump accept it)."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tid,
         time_point_context=time_point,

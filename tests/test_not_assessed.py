@@ -58,6 +58,8 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
     )
     sr = write_sr(fu.datasets, seg, reports, time_point=TimePoint("T1", 1)).dataset
     path = save_new(sr, tmp_path / "sr")
+    # (pixelmed's 2022 validator applies the TID 1410/1411 conditions to a TID 1501 group once the report has a 1411
+    # group — a known false positive, see pipeline.sr_writer's vanished lesions without a location)
     for rep in (run_dciodvfy(path), run_dsrdump(path)):
         assert rep.ok, rep.summary()
     items = content_items(sr)

@@ -132,9 +132,7 @@ class Site:
         self.http = f"http://127.0.0.1:{self.settings.http.port}"
         lua = root / "lesiontrack.lua"
         lua.write_text(guide_lua(self.http, KEY))
-        self.orthanc = OrthancServer(
-            root / "orthanc", extra_config=guide_json("127.0.0.1", lt_port, lua) | {"StableAge": 1}
-        ).start()
+        self.orthanc = OrthancServer(root / "orthanc", extra_config=guide_json("127.0.0.1", lt_port, lua)).start()
         self.settings.pacs = self._peer()
         self.service = LesionTrackService(self.settings).start()
 

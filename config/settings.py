@@ -103,6 +103,24 @@ class DicomNodeSettings(_Section):
         description="analyse a series whose last association ended in an abort or a dropped connection "
         "(default: hold it until it is re-sent and released, or an operator forces it)",
     )
+    trigger_wait_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="how long a completion trigger waits for the instances the PACS says it sent to be indexed "
+        "(or, without a count, for the associations delivering the series to end) before completing anyway",
+    )
+    retrieval_wait_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="after a prior's C-MOVE / C-GET / WADO-RS, how long to wait for our own receivers to index "
+        "every instance the PACS reports; a prior still short then fails the job as transient (retried), never "
+        "analysed",
+    )
+    confirm_counts_with_pacs: bool = Field(
+        True,
+        description="when a series' last association ended without A-RELEASE, or a trigger gives no count, ask "
+        "the sending PACS (a [[pacs]] peer with query = true) for NumberOfSeriesRelatedInstances by C-FIND",
+    )
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")

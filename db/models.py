@@ -193,6 +193,21 @@ class OpenTransfer(Base):
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class CompletionRequest(Base):
+    """A PACS's "this series is stable" signal (``POST /api/series/{uid}/complete``), kept until it is answered:
+    the series completes once ``expected_instances`` (what the PACS says it sent) are indexed, or — without a
+    count — once no association is still delivering it; at ``deadline_at`` at the latest. A series not known yet
+    when the signal arrives (the receivers have not indexed it) is remembered here, not refused (issue 29)."""
+
+    __tablename__ = "completion_request"
+
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(64))
+
+
 class Lesion(Base):
     """A lesion with a persistent identity across timepoints (DICOM Tracking UID / Tracking ID)."""
 

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,19 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import RoutingSettings
-from db.models import Instance, OpenTransfer, RoutingDecision, Series, SeriesState, TransferOutcome
+from db.models import (
+    CompletionRequest,
+    Instance,
+    OpenTransfer,
+    RoutingDecision,
+    Series,
+    SeriesState,
+    TransferOutcome,
+)
 from db.repository import audit
 from db.session import session_scope
 from dicom_node.integrity import INCOMPLETE, first_header, hold_code, hold_reason
+from dicom_node.pacs_count import held_count
 from dicom_node.routing import Route, decide, series_facts
 
 if TYPE_CHECKING:
@@ -39,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SeriesCallback = Callable[[str], None]
+#: series UID -> the instance count the PACS that sent it reports (None: unknown); see dicom_node.pacs_count
+CountSource = Callable[[str], "int | None"]
 
 
 def _still_quiet(s: Session, series: Series, quiet_seconds: float) -> bool:
@@ -62,8 +74,15 @@ def complete_series(
     validate: bool = True,
     quiet_seconds: float | None = None,
     on_annotation_complete: SeriesCallback | None = None,
+    pacs_count: int | None = None,
+    count_source: CountSource | None = None,
 ) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
+
+    ``pacs_count`` is the instance count the PACS says the series has (a completion trigger's count, a C-FIND's
+    NumberOfSeriesRelatedInstances); when the transfer's end is in doubt (its last association ended without
+    A-RELEASE, or is still open) and no count was given, ``count_source`` is asked for it. With every reported
+    instance indexed, the transfer is whole however its associations ended.
 
     A SEG/SR series that is not ours goes to ``on_annotation_complete`` (a reader's correction of a follow-up we
     analysed is verified tracking, :mod:`pipeline.verification`) whatever the routing rules say of CT analysis.
@@ -73,6 +92,13 @@ def complete_series(
     it is already complete with nothing received since, e.g. because an operator forced its completion from
     another process.
     """
+    if (
+        pacs_count is None
+        and count_source is not None
+        and not forced
+        and _transfer_in_doubt(session_factory, series_uid)
+    ):
+        pacs_count = count_source(series_uid)
     with session_scope(session_factory) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if series is None:
@@ -86,7 +112,7 @@ def complete_series(
         if route.decision == RoutingDecision.ANALYSE:
             hold = hold_reason(
                 s, series, first_header(s, series), forced=forced, analyse_incomplete=analyse_incomplete,
-                validate=validate,
+                validate=validate, pacs_count=pacs_count, held=held_count(s, series_uid),
             )  # fmt: skip
             if hold:
                 route = Route(RoutingDecision.SKIP, hold, hold_code(hold))
@@ -109,6 +135,7 @@ def complete_series(
             reason_code=route.code,
             forced=forced,
             instance_count=series.instance_count,
+            pacs_count=pacs_count,
             retrigger=retrigger,
         )
     log.info(
@@ -132,10 +159,128 @@ def complete_series(
     return route
 
 
+def _series_known(session_factory: sessionmaker[Session], series_uid: str) -> bool:
+    with session_scope(session_factory) as s:
+        return s.scalar(select(Series.id).where(Series.series_instance_uid == series_uid)) is not None
+
+
+def _transfer_in_doubt(session_factory: sessionmaker[Session], series_uid: str) -> bool:
+    """The series' last association ended without A-RELEASE or is still open: worth asking the PACS's count."""
+    with session_scope(session_factory) as s:
+        outcome = s.scalar(select(Series.last_transfer).where(Series.series_instance_uid == series_uid))
+    return outcome in (TransferOutcome.ABORTED, TransferOutcome.OPEN)
+
+
 def _holds_person_object(s: Session, series: Series) -> bool:
     from pipeline.verification import holds_person_object
 
     return holds_person_object(s, series)
+
+
+@dataclass(frozen=True)
+class TriggerOutcome:
+    """What a completion trigger did: the series completed now (``route``), or it is remembered until the
+    instances the PACS sent are indexed (``pending``), or nothing (already complete, nothing received since)."""
+
+    route: Route | None
+    pending: bool
+    known: bool  # the series has a row (some instance of it was indexed)
+    indexed: int  # distinct instances indexed when answered
+    expected: int | None  # what the PACS said it sent (None: not told)
+
+
+def request_completion(
+    session_factory: sessionmaker[Session],
+    series_uid: str,
+    expected_instances: int | None,
+    wait_seconds: float,
+    actor: str = "pacs-trigger",
+) -> None:
+    """Remember a PACS's "series is stable" signal (durably: another process may answer it, and a restart
+    keeps it) until :func:`answer_request` completes the series or its bound runs out."""
+    now = datetime.now(UTC)
+    with session_scope(session_factory) as s:
+        req = s.get(CompletionRequest, series_uid)
+        if req is None:
+            s.add(
+                CompletionRequest(
+                    series_uid=series_uid,
+                    expected_instances=expected_instances,
+                    requested_at=now,
+                    deadline_at=now + timedelta(seconds=wait_seconds),
+                    actor=actor[:64],
+                )
+            )
+        else:
+            if expected_instances is not None:
+                req.expected_instances = expected_instances
+            req.requested_at, req.deadline_at = now, now + timedelta(seconds=wait_seconds)
+
+
+def pending_requests(session_factory: sessionmaker[Session]) -> list[str]:
+    with session_scope(session_factory) as s:
+        return list(s.scalars(select(CompletionRequest.series_uid).order_by(CompletionRequest.requested_at)))
+
+
+def answer_request(
+    session_factory: sessionmaker[Session],
+    rules: RoutingSettings,
+    series_uid: str,
+    on_series_complete: SeriesCallback | None = None,
+    *,
+    analyse_incomplete: bool = False,
+    validate: bool = True,
+    on_annotation_complete: SeriesCallback | None = None,
+    count_source: CountSource | None = None,
+) -> TriggerOutcome | None:
+    """Complete a requested series (:func:`request_completion`) when what its PACS sent is indexed — the count it
+    gave, or, without one, once no association is still delivering the series — or when the request's bound ran
+    out (then with the true reason of a hold). None when there is no request for it."""
+    now = datetime.now(UTC)
+    with session_scope(session_factory) as s:
+        req = s.get(CompletionRequest, series_uid)
+        if req is None:
+            return None
+        expected, actor = req.expected_instances, req.actor
+        overdue = _aware(req.deadline_at) <= now
+        series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if series is None:
+            if overdue:
+                s.delete(req)
+                audit(s, actor, "series.trigger_expired", "series", series_uid, expected_instances=expected,
+                      reason="no instance of the series was received")  # fmt: skip
+                log.warning("completion trigger for unknown series %s expired: nothing received", series_uid)
+            return TriggerOutcome(None, pending=not overdue, known=False, indexed=0, expected=expected)
+        held = held_count(s, series_uid)
+        enough = expected is not None and held >= expected
+        if series.state == SeriesState.COMPLETE and (expected is None or enough):
+            s.delete(req)  # already complete with everything: nothing new (idempotent)
+            return TriggerOutcome(None, pending=False, known=True, indexed=held, expected=expected)
+        still_open = s.scalar(select(OpenTransfer.pid).where(OpenTransfer.series_uid == series_uid)) is not None
+        ready = enough if expected is not None else (series.instance_count > 0 and not still_open)
+        if not ready and not overdue:
+            return TriggerOutcome(None, pending=True, known=True, indexed=held, expected=expected)
+        s.delete(req)
+    route = complete_series(
+        session_factory,
+        rules,
+        series_uid,
+        on_series_complete,
+        actor=actor,
+        analyse_incomplete=analyse_incomplete,
+        validate=validate,
+        on_annotation_complete=on_annotation_complete,
+        pacs_count=expected,
+        count_source=None if expected is not None else count_source,
+    )
+    if not ready:
+        log.warning("series %s: completion trigger's wait ran out; completed with %d of %s instances",
+                    series_uid, held, expected if expected is not None else "?")  # fmt: skip
+    return TriggerOutcome(route, pending=False, known=True, indexed=held, expected=expected)
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 class TransferTracker:
@@ -264,8 +409,13 @@ class SeriesCompletion:
         housekeeping_seconds: float = 30.0,
         on_annotation_complete: SeriesCallback | None = None,
         settle: Callable[[], object] | None = None,
+        count_source: CountSource | None = None,
+        trigger_wait_seconds: float = 120.0,
     ) -> None:
         self.on_annotation_complete = on_annotation_complete
+        #: asks the PACS that sent a series how many instances it has (dicom_node.pacs_count)
+        self.count_source = count_source
+        self.trigger_wait_seconds = trigger_wait_seconds
         #: commits what was acknowledged but not indexed yet; called before a series would complete, so none
         #: completes while instances of it that the receivers acknowledged still wait for their rows
         self.settle = settle
@@ -298,6 +448,8 @@ class SeriesCompletion:
                         Series.instance_count > 0,
                         Series.last_received_at <= cutoff,
                         ~exists().where(OpenTransfer.series_uid == Series.series_instance_uid),
+                        # a PACS's trigger governs the series it names (answer_request), bounded by its deadline
+                        ~exists().where(CompletionRequest.series_uid == Series.series_instance_uid),
                     )
                 )
             )
@@ -305,10 +457,18 @@ class SeriesCompletion:
     def poll_once(self) -> list[str]:
         done = []
         with self._lock:
+            requested = pending_requests(self.session_factory)
             due = self.due()
-            if due and self.settle is not None:
+            if (due or requested) and self.settle is not None:
                 self.settle()
                 due = self.due()
+            for uid in requested:
+                try:
+                    outcome = self.answer_request(uid)
+                    if outcome is not None and outcome.route is not None:
+                        done.append(uid)
+                except Exception:
+                    log.exception("answering the completion trigger of %s failed; will retry", uid)
             for uid in due:
                 try:
                     if complete_series(
@@ -321,6 +481,7 @@ class SeriesCompletion:
                         validate=self.validate,
                         quiet_seconds=self.quiet_seconds,
                         on_annotation_complete=self.on_annotation_complete,
+                        count_source=self.count_source,
                     ):
                         done.append(uid)
                 except Exception:
@@ -340,17 +501,41 @@ class SeriesCompletion:
             on_annotation_complete=self.on_annotation_complete,
         )
 
-    def trigger(self, series_uid: str, actor: str = "pacs-trigger") -> Route | None:
+    def trigger(
+        self, series_uid: str, actor: str = "pacs-trigger", expected_instances: int | None = None
+    ) -> TriggerOutcome:
         """An explicit "series is stable" signal (a PACS's OnStableSeries, ``POST /api/series/{uid}/complete``):
-        complete now instead of after the quiet period. Idempotent: None when the series is unknown or already
-        complete with nothing received since (then no second job is queued)."""
-        return complete_series(
+        complete as soon as what the PACS sent is indexed instead of after the quiet period.
+
+        What the receivers acknowledged is committed first; then the series completes at once when the
+        ``expected_instances`` the PACS names (or, without one, the count a C-FIND to the sending PACS reports)
+        are indexed — or, with no count at all, when no association is still delivering it. Otherwise the signal
+        is remembered (:class:`db.models.CompletionRequest`) and answered by the poll within a second of the last
+        instance, at the latest after ``dicom.trigger_wait_seconds`` (then completed with the true reason of a
+        hold). A series not yet known is remembered the same way. Idempotent: a series already complete with
+        every expected instance answers ``route=None, pending=False`` and queues no second job."""
+        if self.settle is not None:
+            self.settle()
+        expected = expected_instances
+        if expected is None and self.count_source is not None and _series_known(self.session_factory, series_uid):
+            expected = self.count_source(series_uid)
+        request_completion(self.session_factory, series_uid, expected, self.trigger_wait_seconds, actor)
+        with self._lock:
+            outcome = self.answer_request(series_uid)
+        assert outcome is not None
+        return outcome
+
+    def answer_request(self, series_uid: str) -> TriggerOutcome | None:
+        """See :func:`answer_request`."""
+        return answer_request(
             self.session_factory,
             self.rules,
             series_uid,
             self.on_series_complete,
-            actor=actor,
+            analyse_incomplete=self.analyse_incomplete,
+            validate=self.validate,
             on_annotation_complete=self.on_annotation_complete,
+            count_source=self.count_source,
         )
 
     def resume_from_db(self) -> int:

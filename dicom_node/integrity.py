@@ -85,14 +85,32 @@ def expected_count(header: Dataset | None) -> int | None:
     return n if n is not None and 0 < n < 1_000_000 else None
 
 
-def transfer_hold(series: Series, expected: int | None) -> str | None:
-    """Why the series' transfer looks incomplete, or None."""
-    outcome = series.last_transfer
-    if outcome in (TransferOutcome.ABORTED, TransferOutcome.OPEN):
-        how = "an A-ABORT or dropped connection" if outcome == TransferOutcome.ABORTED else "no A-RELEASE"
+def transfer_hold(
+    series: Series, expected: int | None, pacs_count: int | None = None, held: int | None = None
+) -> str | None:
+    """Why the series' transfer looks incomplete, or None.
+
+    ``pacs_count`` is what the PACS says the series holds (NumberOfSeriesRelatedInstances, or the count its
+    completion trigger passed): when ``held`` (distinct instances indexed) reaches it, the transfer is whole
+    however its associations ended — some PACSes end a push without A-RELEASE or keep the association open."""
+    n = series.instance_count if held is None else held
+    if pacs_count is not None:
+        if n >= pacs_count:
+            return None
         return (
-            f"{INCOMPLETE}: the last association sending it ended with {how} after "
-            f"{series.instance_count} instances; re-send it or force completion to analyse"
+            f"{INCOMPLETE}: {n} of the {pacs_count} instances the PACS reports were received; "
+            "re-send it or force completion to analyse"
+        )
+    outcome = series.last_transfer
+    if outcome == TransferOutcome.ABORTED:
+        return (
+            f"{INCOMPLETE}: the last association sending it ended with an A-ABORT or dropped connection after "
+            f"{n} instances; re-send it or force completion to analyse"
+        )
+    if outcome == TransferOutcome.OPEN:
+        return (
+            f"{INCOMPLETE}: an association delivering it was still open (no A-RELEASE yet) after {n} instances; "
+            "re-send it or force completion to analyse"
         )
     if expected is not None and series.instance_count < expected:
         return (
@@ -245,13 +263,16 @@ def hold_reason(
     forced: bool,
     analyse_incomplete: bool,
     validate: bool,
+    pacs_count: int | None = None,
+    held: int | None = None,
 ) -> str | None:
-    """Why a series routed to ANALYSE must not be analysed now (see the module docstring), or None."""
-    expected = expected_count(header)
+    """Why a series routed to ANALYSE must not be analysed now (see the module docstring), or None.
+    ``pacs_count``: the instance count the PACS reported (see :func:`transfer_hold`)."""
+    expected = pacs_count if pacs_count is not None else expected_count(header)
     if expected is not None:
         series.expected_instances = expected
     if not forced and not analyse_incomplete:
-        hold = transfer_hold(series, series.expected_instances)
+        hold = transfer_hold(series, series.expected_instances, pacs_count, held)
         if hold:
             return hold
     geometry = geometry_hold(s, series)

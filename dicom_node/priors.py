@@ -6,11 +6,20 @@ is searched first, then every PACS peer with ``query = true``: C-FIND (Study Roo
 annotation series fetched (they are small) to read their references, CT series fetched by ``retrieve()`` with the
 peer's method: C-MOVE to our own AE, C-GET, or DICOMweb (QIDO-RS / WADO-RS). A series of which every instance the
 peer reports (NumberOfSeriesRelatedInstances) is already stored here is not retrieved again.
+
+A prior is used only when it is whole (issue 29): after a retrieval we wait (``dicom.retrieval_wait_seconds``) until
+our own receivers have indexed every instance the peer reports (C-FIND count, or the retrieval's completed
+sub-operations); a prior found locally is counted against the peer that sent it, re-retrieved when short, and
+waited for while an association still delivers it; every CT instance an annotation references must be held. A prior
+that is still short raises :class:`IncompletePrior` — the job retries later and never analyses half a prior. A peer
+whose query fails (e.g. C-FIND refused) is not the same as "no prior": when nothing annotated was found and a peer
+failed, the lookup raises, so the job retries and shows why.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,10 +33,12 @@ if TYPE_CHECKING:
     from dicomweb_client.api import DICOMwebClient
 
 from config.settings import PacsPeer, RetrieveMethod, Settings
-from db.models import Instance, Patient, RoutingDecision, Series, Study
+from db.models import Instance, OpenTransfer, Patient, RoutingDecision, Series, Study
 from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from db.session import session_scope
 from dicom_node.ingest import Ingestor, ingest_part10
+from dicom_node.integrity import INCOMPLETE
+from dicom_node.pacs_count import sending_peer
 from dicom_node.routing import PRIOR_RETRIEVAL_REASON
 from pipeline.ports import PriorAnnotation, PriorTimepoint
 from pipeline.verification import annotation_references as pipeline_annotation_references
@@ -39,6 +50,11 @@ ANNOTATION_MODALITIES = {"SEG", "SR"}
 
 class PriorLookupError(RuntimeError):
     """Prior lookup or retrieval failed (unknown series, peer unreachable, nothing retrieved)."""
+
+
+class IncompletePrior(PriorLookupError):
+    """A prior series is not whole here: fewer instances indexed than the PACS reports, still being received,
+    or an annotation references CT instances not held. Transient: the job retries; it never analyses it."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,25 @@ def annotation_references(ds: Dataset) -> tuple[str | None, set[str]]:
     for the whole service: :func:`pipeline.verification.annotation_references`)."""
     kind, refs = pipeline_annotation_references(ds)
     return kind, set(refs)
+
+
+def referenced_instances(ds: Dataset, series_uid: str) -> set[str]:
+    """SOP Instance UIDs of ``series_uid`` an annotation references: a SEG's Referenced Series Sequence
+    (Referenced Instance Sequence), an SR's evidence sequences (Referenced SOP Sequence)."""
+    out: set[str] = set()
+    series_items = list(ds.get("ReferencedSeriesSequence", []) or [])
+    for ev_name in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in ds.get(ev_name, []) or []:
+            series_items.extend(study.get("ReferencedSeriesSequence", []) or [])
+    for item in series_items:
+        if str(item.get("SeriesInstanceUID", "")) != series_uid:
+            continue
+        for seq in ("ReferencedInstanceSequence", "ReferencedSOPSequence"):
+            for ref in item.get(seq, []) or []:
+                uid = ref.get("ReferencedSOPInstanceUID")
+                if uid:
+                    out.add(str(uid))
+    return out
 
 
 _REF_TAGS = [
@@ -133,6 +168,7 @@ class PriorFinder:
         if not patient_id:
             raise PriorLookupError("no PatientID: priors cannot be matched")
         found = {tp.ct_series_uid: tp for tp in self._local(patient_id, issuer, before, exclude_study)}
+        failures: list[str] = []
         if self.query_peers:
             for peer in self.settings.pacs:
                 if not peer.query:
@@ -142,23 +178,116 @@ class PriorFinder:
                         found.setdefault(tp.ct_series_uid, tp)
                 except Exception as exc:
                     log.warning("prior lookup on %s failed: %s", peer.name, exc)
+                    failures.append(f"{peer.name}: {type(exc).__name__}: {exc}")
                     with session_scope(self.session_factory) as s:
                         audit(s, self.actor, "priors.peer_failed", "peer", peer.name, error=str(exc)[:500])
         out = sorted(found.values(), key=lambda tp: (_key(tp.study_date, tp.study_time), tp.ct_series_uid))
+        if failures and not any(tp.annotations for tp in out):
+            # "no prior" would be a guess: the peer that may hold it did not answer (or refused the query)
+            raise PriorLookupError(f"prior lookup failed on {'; '.join(failures)}"[:1000])
         log.debug("found %d prior timepoint(s): %s", len(out), [(t.study_uid, t.source) for t in out])
         return out
 
     def retrieve(self, prior: PriorTimepoint) -> PriorTimepoint:
+        """Bring the prior CT (and its annotations) here, whole: see the module docstring."""
         if prior.source != "local":
             peer = self.settings.peer(prior.source)
             self._fetch_unless_held(peer, prior.study_uid, prior.ct_series_uid)
+        else:
+            self._make_local_whole(prior.study_uid, prior.ct_series_uid)
+        self._await_transfers_ended(prior.ct_series_uid)
         prior.ct_files = self._series_files(prior.ct_series_uid)
         if not prior.ct_files:
             raise PriorLookupError(f"prior CT series {prior.ct_series_uid} from {prior.source}: no files retrieved")
         for ann in prior.annotations:
             if not ann.files:
                 ann.files = self._instance_files(ann.sop_instance_uid)
+        self._check_references(prior)
         return prior
+
+    # -- wholeness -----------------------------------------------------------------------------------------------
+    def _make_local_whole(self, study_uid: str, series_uid: str) -> None:
+        """A prior found here: counted against the peer that sent it (or retrieved it), re-retrieved when short."""
+        with session_scope(self.session_factory) as s:
+            series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+            if series is None:
+                return
+            reason = series.routing_reason or ""
+            if reason.startswith(INCOMPLETE):
+                raise IncompletePrior(f"prior CT series {series_uid} is held: {reason}")
+            peer = sending_peer(self.settings, s, series) if self.query_peers else None
+        if peer is None:
+            return
+        key = (peer.name, series_uid)
+        try:
+            self._find_series(peer, study_uid, series_uid)
+        except Exception as exc:
+            log.warning("cannot count prior series %s on %s (%s); using what is held", series_uid, peer.name, exc)
+            return
+        remote = self._remote_counts.get(key)
+        held = self._held_count(series_uid)
+        if remote is not None and held < remote:
+            log.info("prior series %s: %d of %d instances held; retrieving it from %s", series_uid, held, remote,
+                     peer.name)  # fmt: skip
+            self._fetch_series(peer, study_uid, series_uid)
+
+    def _await_indexed(self, peer: PacsPeer, series_uid: str, at_least: int = 0) -> None:
+        """Wait until our receivers indexed every instance of ``series_uid`` the peer reports (or the retrieval
+        said it sent); :class:`IncompletePrior` when they have not within ``dicom.retrieval_wait_seconds``."""
+        remote = self._remote_counts.get((peer.name, series_uid))
+        expected = max(remote or 0, at_least)
+        if expected <= 0:
+            return
+        wait = self.settings.dicom.retrieval_wait_seconds
+        deadline = time.monotonic() + wait
+        while True:
+            held = self._held_count(series_uid)
+            if held >= expected:
+                return
+            if time.monotonic() >= deadline:
+                raise IncompletePrior(
+                    f"prior series {series_uid} from {peer.name}: {held} of {expected} instances indexed "
+                    f"{wait:.0f} s after its retrieval"
+                )
+            time.sleep(0.2)  # the receivers' journals are committed every 250 ms
+
+    def _await_transfers_ended(self, series_uid: str) -> None:
+        """A series some association is still delivering (a retrieval in flight) is waited for, bounded."""
+        wait = self.settings.dicom.retrieval_wait_seconds
+        deadline = time.monotonic() + wait
+        while True:
+            with session_scope(self.session_factory) as s:
+                still = s.scalar(select(OpenTransfer.pid).where(OpenTransfer.series_uid == series_uid)) is not None
+            if not still:
+                return
+            if time.monotonic() >= deadline:
+                raise IncompletePrior(f"prior series {series_uid} is still being received after {wait:.0f} s")
+            time.sleep(0.2)
+
+    def _check_references(self, prior: PriorTimepoint) -> None:
+        """Every instance of the prior CT that one of its annotations references is held here."""
+        with session_scope(self.session_factory) as s:
+            held = set(
+                s.scalars(
+                    select(Instance.sop_instance_uid)
+                    .join(Series, Instance.series_pk == Series.id)
+                    .where(Series.series_instance_uid == prior.ct_series_uid)
+                )
+            )
+        for ann in prior.annotations:
+            for f in ann.files[:1]:
+                try:
+                    hdr = dcmread(f, stop_before_pixels=True, specific_tags=_REF_TAGS)
+                except Exception as exc:
+                    raise PriorLookupError(
+                        f"prior {ann.modality} {ann.sop_instance_uid}: {f} unreadable: {exc}"
+                    ) from exc
+                missing = referenced_instances(hdr, prior.ct_series_uid) - held
+                if missing:
+                    raise IncompletePrior(
+                        f"prior {ann.modality} {ann.sop_instance_uid} references {len(missing)} instance(s) of CT "
+                        f"series {prior.ct_series_uid} not held here ({len(held)} held)"
+                    )
 
     # -- local ---------------------------------------------------------------------------------------------------
     def _local(
@@ -366,11 +495,11 @@ class PriorFinder:
         held = self._held_count(series_uid)
         if held:
             key = (peer.name, series_uid)
-            if key not in self._remote_counts:
-                try:
-                    self._find_series(peer, study_uid, series_uid)
-                except Exception as exc:
-                    log.warning("cannot count series %s on %s (%s); retrieving it", series_uid, peer.name, exc)
+            self._remote_counts.pop(key, None)  # counted now: the PACS may have received more since
+            try:
+                self._find_series(peer, study_uid, series_uid)
+            except Exception as exc:
+                log.warning("cannot count series %s on %s (%s); retrieving it", series_uid, peer.name, exc)
             remote = self._remote_counts.get(key)
             if remote is not None and held >= remote:
                 log.debug(
@@ -411,6 +540,7 @@ class PriorFinder:
                     raise PriorLookupError(f"WADO-RS object from {peer.name} rejected: {res.comment}")
                 n += 1
             log.info("retrieved %d objects of series %s from %s by WADO-RS", n, series_uid, peer.name)
+            self._await_indexed(peer, series_uid, at_least=n)
             return
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
@@ -441,6 +571,8 @@ class PriorFinder:
                 f"{method.value} of series {series_uid} from {peer.name} failed: "
                 f"status 0x{(retrieved.status or 0):04X}, {retrieved.failed} sub-operations failed"
             )
+        # C-MOVE's completion says the PACS sent them, not that our receivers indexed them: wait for that
+        self._await_indexed(peer, series_uid, at_least=retrieved.completed + retrieved.warning)
 
     def _dicomweb(self, peer: PacsPeer) -> DICOMwebClient:
         from dicomweb_client.api import DICOMwebClient

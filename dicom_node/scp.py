@@ -39,6 +39,7 @@ from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTrac
 from dicom_node.indexer import make_indexer, recover
 from dicom_node.ingest import Ingestor, RequestMeta
 from dicom_node.journal import JournalTailer
+from dicom_node.pacs_count import count_from_sender
 from dicom_node.receivers import ReceiverPool, SharedSlots
 from dicom_node.routing import Route
 from dicom_node.sink import IndexSink
@@ -368,6 +369,8 @@ class StorageSCP:
             housekeeping=self._housekeeping,
             on_annotation_complete=on_annotation_complete,
             settle=self.settle,
+            count_source=functools.partial(count_from_sender, settings, session_factory),
+            trigger_wait_seconds=cfg.trigger_wait_seconds,
         )
         #: this process's indexer: the one writer of instance rows, whatever the number of receivers
         self.indexer = make_indexer(self.store, session_factory)

@@ -105,26 +105,45 @@ class JobControl:
     on_series_complete: Callable[[str], None] | None = None
     on_annotation_complete: Callable[[str], None] | None = None
 
-    def complete_series(self, series_uid: str) -> Any:
-        from dicom_node.completion import complete_series
+    def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Any:
+        from dicom_node.completion import answer_request, request_completion
         from web.jobcontrol import Completion
 
         if self.scp is not None:
-            route = self.scp.completion.trigger(series_uid)
-        else:
+            outcome = self.scp.completion.trigger(series_uid, expected_instances=expected_instances)
+        else:  # the DICOM node runs in another process: its completion poll answers the request if not done now
             assert self.settings is not None and self.session_factory is not None
-            route = complete_series(
+            request_completion(
+                self.session_factory, series_uid, expected_instances, self.settings.dicom.trigger_wait_seconds
+            )
+            outcome = answer_request(
                 self.session_factory,
                 self.settings.routing,
                 series_uid,
                 self.on_series_complete,
-                actor="pacs-trigger",
+                analyse_incomplete=self.settings.dicom.analyse_incomplete_transfers,
                 on_annotation_complete=self.on_annotation_complete,
             )
+            assert outcome is not None
+        if outcome.pending:
+            return Completion(
+                "pending",
+                "waiting for the instances the PACS sent to be indexed",
+                pending=True,
+                indexed=outcome.indexed,
+                expected_instances=outcome.expected,
+            )
+        route = outcome.route
         if route is None:
             return None
         latest = self.store.latest_for_series(series_uid) if not route.skipped else None
-        return Completion(route.decision.value, route.reason, latest.id if latest is not None else None)
+        return Completion(
+            route.decision.value,
+            route.reason,
+            latest.id if latest is not None else None,
+            indexed=outcome.indexed,
+            expected_instances=outcome.expected,
+        )
 
     def analyse_anyway(self, series_uid: str, actor: str) -> int:
         from dicom_node.skipped import analyse_anyway

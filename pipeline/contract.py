@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,9 @@ from pipeline.lesions import Timepoint
 from pipeline.measurements import LesionChanges, LesionMeasurement
 from pipeline.ports import PriorAnnotation, PriorTimepoint
 from pipeline.recist import RecistAssessment
+
+if TYPE_CHECKING:
+    from pipeline.seg_reader import UnassessedSegment
 
 
 class Record(BaseModel):
@@ -130,6 +133,14 @@ class LesionRef(Record):
     kind: str
 
 
+class NotAssessedRecord(Record):
+    """A lesion of the prior that is reported "not assessed" (and flagged for review), with the reason."""
+
+    tracking_uid: str
+    tracking_id: str
+    reason: str
+
+
 class TrackedLesionRecord(Record):
     tracking_uid: str
     tracking_id: str
@@ -219,6 +230,7 @@ class LoadVolumesOutput(PipelineOutput):
     prior_shape: list[int]
     prompts: int
     lesions: list[LesionRef]
+    not_assessed: list[NotAssessedRecord] = Field(default_factory=list)
 
 
 class RegisterOutput(PipelineOutput):
@@ -371,6 +383,8 @@ class LoadedInputs:
     prompts: list[Prompt]
     prior: PriorTimepoint
     followup_files: list[Path]
+    #: lesions of the prior annotation that cannot be prompts: reported "not assessed", flagged (issue 29)
+    not_assessed: list[UnassessedSegment] = field(default_factory=list)
 
 
 @dataclass

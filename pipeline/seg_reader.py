@@ -142,13 +142,36 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
     return out
 
 
+@dataclass(frozen=True)
+class UnassessedSegment:
+    """A lesion of the prior SEG that cannot be a prompt (no voxel on the prior CT): reported "not assessed" with
+    ``reason`` and flagged for review in every result, never silently left out (issue 29)."""
+
+    identity: LesionIdentity
+    reason: str
+
+
 def read_seg_prompts(path: str | Path, ct: Volume | None = None) -> list[Prompt]:
     """One MASK prompt per non-empty segment, carrying the segment's tracking identity."""
+    return read_seg_prompts_and_gaps(path, ct)[0]
+
+
+def read_seg_prompts_and_gaps(
+    path: str | Path, ct: Volume | None = None
+) -> tuple[list[Prompt], list[UnassessedSegment]]:
+    """The prompts of :func:`read_seg_prompts`, and the segments that have no voxel on ``ct`` (empty in the SEG,
+    or on slices ``ct`` does not have) with the reason."""
     contents = read_seg(path, ct)
     prompts = []
+    gaps: list[UnassessedSegment] = []
     for s in contents.segments:
         if not s.mask.array.any():
-            log.warning("SEG %s segment %d is empty; skipped", contents.sop_instance_uid, s.number)
+            reason = (
+                f"not assessed: segment {s.number} ({s.label}) of the prior SEG has no voxel on the prior CT "
+                "(empty, or on slices the prior CT does not have)"
+            )
+            log.warning("SEG %s segment %d has no voxel on the CT: not assessed", contents.sop_instance_uid, s.number)
+            gaps.append(UnassessedSegment(s.identity, reason))
             continue
         prompts.append(
             Prompt(
@@ -159,4 +182,4 @@ def read_seg_prompts(path: str | Path, ct: Volume | None = None) -> list[Prompt]
                 meta={"segment_number": s.number, "segment_label": s.label, "tracking_from_file": s.tracking_from_file},
             )
         )
-    return prompts
+    return prompts, gaps

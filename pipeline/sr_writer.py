@@ -178,6 +178,8 @@ class LesionReport:
     provenance: str | None = None  # "verified", "from-verified" or "machine" (PROVENANCE_CODES); None: not stated
     review: bool | None = None  # flagged for review (pipeline.confidence); None: not assessed, nothing stated
     confidence: float | None = None  # the result's confidence in [0, 1] (pipeline.confidence)
+    #: why a lesion of the prior was not assessed (status NOT_EVALUATED): stated, nothing measured (issue 29)
+    not_assessed_reason: str | None = None
 
 
 @dataclass
@@ -265,6 +267,38 @@ def device_observer(device_uid: str | None, manufacturer: str, software_version:
     )
 
 
+def _not_assessed_group(
+    tid: hd.sr.TrackingIdentifier,
+    time_point: hd.sr.TimePointContext,
+    sites: list[hd.sr.FindingSite] | None,
+    rep: LesionReport,
+    source: hd.sr.SourceImageForMeasurementGroup,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group for a prior lesion that was not assessed: status "Not evaluated", flagged for review, the
+    reason as a comment, and no measurement (the SR never asserts what was not assessed). No image region: nothing
+    locates the lesion on this CT (pixelmed 2022 then reports the TID 1410/1411 conditions for this group, as for a
+    vanished lesion without a location; dciodvfy and dsrdump accept it)."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tid,
+        time_point_context=time_point,
+        finding_type=codes.SCT.Lesion,
+        finding_sites=sites,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(LT.LESION_STATUS, LT.NOT_EVALUATED),
+            hd.sr.QualitativeEvaluation(LT.REVIEW, LT.NEEDS_REVIEW),
+        ],
+        source_images=[source],
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=(rep.not_assessed_reason or "not assessed")[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
 def write_sr(
     source_datasets: Sequence[Dataset],
     seg: SegWriteResult | None,
@@ -316,6 +350,9 @@ def write_sr(
         tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name)
         site = anatomic_code(m.anatomic_site)
         sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
+        if m.status is LesionStatus.NOT_EVALUATED and rep.not_assessed_reason:
+            groups.append(_not_assessed_group(tid, tp_ctx(), sites, rep, locator.source_for_group()))
+            continue
         status = STATUS_CODES.get(m.status)
         if status is None:  # not_evaluated: the SR never asserts a status that was not assessed
             raise SrWriteError(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from config.settings import PacsPeer, RetrieveMethod, SendMethod
@@ -38,6 +39,14 @@ def prior_sr(dest: Path, ct: list[Path]) -> Path:
     ev.StudyInstanceUID = ref.StudyInstanceUID
     ev.ReferencedSeriesSequence = [ev.ReferencedSeriesSequence[0]]
     ev.ReferencedSeriesSequence[0].SeriesInstanceUID = ref.SeriesInstanceUID
+    # its evidence names the instances of that CT (a prior is used only when every referenced instance is held)
+    items = []
+    for f in ct:
+        h = dcmread(f, stop_before_pixels=True)
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = h.SOPClassUID, h.SOPInstanceUID
+        items.append(item)
+    ev.ReferencedSeriesSequence[0].ReferencedSOPSequence = items
     dest.mkdir(parents=True, exist_ok=True)
     p = dest / "sr.dcm"
     ds.save_as(p, enforce_file_format=True)

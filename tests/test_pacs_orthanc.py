@@ -38,6 +38,27 @@ def guide_lua(url: str, key: str, modality: str = "lesiontrack") -> str:
     return block
 
 
+def guide_json(lesiontrack_host: str, lesiontrack_port: int, lua: Path) -> dict[str, Any]:
+    """The ```json block of the guide (Orthanc's configuration) with the site values replaced: where LesionTrack
+    listens and where the Lua script lies. Every permission and setting stays as the guide writes it."""
+    [block] = re.findall(r"```json\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    cfg: dict[str, Any] = json.loads(block)
+    entry = cfg["DicomModalities"]["lesiontrack"]
+    entry["Host"], entry["Port"] = lesiontrack_host, lesiontrack_port
+    cfg["LuaScripts"] = [str(lua)]
+    for key in ("DicomAet", "DicomPort"):  # OrthancServer's (free loopback port, same AE title)
+        cfg.pop(key, None)
+    return cfg
+
+
+def guide_toml() -> dict[str, Any]:
+    """The ```toml block of the guide (LesionTrack's configuration), parsed."""
+    import tomllib
+
+    [block] = re.findall(r"```toml\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    return tomllib.loads(block)
+
+
 def _rewrite(files: list[Path], dest: Path, **attrs: Any) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     out = []
@@ -111,11 +132,7 @@ class Site:
         self.http = f"http://127.0.0.1:{self.settings.http.port}"
         lua = root / "lesiontrack.lua"
         lua.write_text(guide_lua(self.http, KEY))
-        self.orthanc = OrthancServer(
-            root / "orthanc",
-            modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)},
-            extra_config={"LuaScripts": [str(lua)], "HttpTimeout": 60},
-        ).start()
+        self.orthanc = OrthancServer(root / "orthanc", extra_config=guide_json("127.0.0.1", lt_port, lua)).start()
         self.settings.pacs = self._peer()
         self.service = LesionTrackService(self.settings).start()
 
@@ -222,3 +239,58 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
         wait_for(lambda: {"SEG", "SR"} <= site.results_in_orthanc(fu2.study_uid), 120, "SEG + SR of the IMR series")
     finally:
         site.stop()
+
+
+def test_the_guide_routes_a_follow_up_only_once_it_is_whole(tmp_path: Path) -> None:
+    """The guide's Lua does not route a series Orthanc knows to be incomplete (fewer instances than it expects from
+    the series' tags): half a follow-up found stable is held back, and routed whole once the rest arrives.
+    The receiving end is dcmtk's storescp (this test is about what Orthanc sends)."""
+    import subprocess
+
+    from lesiontrack.demo_data import make_patient
+    from tests.conftest import require_tool
+
+    require_tool("storescp")
+    patient = make_patient(
+        tmp_path / "patient",
+        seed=5,
+        shape=(40, 80, 80),
+        spacing=(3.0, 3.0, 3.0),
+        n_lesions=3,
+        n_followups=1,
+        changes=False,
+    )
+    n = len(patient.followups[0].files)  # what Orthanc expects: ImagesInAcquisition x NumberOfTemporalPositions
+    fu = _rewrite(patient.followups[0].files, tmp_path / "fu", ImagesInAcquisition=n, NumberOfTemporalPositions=1)
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    lua = tmp_path / "lesiontrack.lua"
+    lua.write_text(guide_lua(f"http://127.0.0.1:{free_port()}", KEY))  # no HTTP listener: the trigger just fails
+    scp = subprocess.Popen(
+        ["storescp", "+xa", "-aet", "LESIONTRACK", "-od", str(received), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    orthanc = OrthancServer(tmp_path / "orthanc", extra_config=guide_json("127.0.0.1", port, lua))
+    try:
+        orthanc.start()
+        for f in patient.baseline.files:
+            orthanc.upload(f)
+        half = len(fu) // 2
+        for f in fu[:half]:
+            orthanc.upload(f)
+        log = tmp_path / "orthanc" / "orthanc.log"
+        wait_for(
+            lambda: "stable but incomplete" in log.read_text(errors="replace"), 120, "the stable-but-incomplete note"
+        )
+        assert not list(received.iterdir()), "half a follow-up was routed"
+        for f in fu[half:]:
+            orthanc.upload(f)
+        wait_for(lambda: len(list(received.iterdir())) == len(fu), 120, "the whole follow-up at the receiver")
+        sops = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in received.iterdir()}
+        assert len(sops) == len(fu)
+    finally:
+        orthanc.stop()
+        scp.terminate()
+        scp.wait(10)

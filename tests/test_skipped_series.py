@@ -118,7 +118,10 @@ def test_completion_trigger_endpoint_is_idempotent(env: Any) -> None:
     assert body["completed"] and body["routing_decision"] == "analyse" and body["job_id"] is None  # no callback
     again = client.post(f"/api/series/{uid}/complete", headers=h).json()
     assert again["completed"] is False and again["routing_decision"] == "analyse"
-    assert client.post("/api/series/1.2.3/complete", headers=h).status_code == 404
+    # a series none of whose instances is indexed yet is remembered, not refused (issue 29)
+    unknown = client.post("/api/series/1.2.3/complete?expected_instances=5", headers=h)
+    assert unknown.status_code == 202, unknown.text
+    assert unknown.json()["pending"] is True and unknown.json()["expected_instances"] == 5
     assert client.post(f"/api/series/{uid}/complete", headers={"X-API-Key": READ}).status_code == 403
 
 

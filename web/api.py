@@ -273,15 +273,42 @@ def _series_control(request: Request) -> SeriesControl:
     tags=["jobs"],
     summary="Completion trigger: the PACS says the series is stable; route it now, no quiet period (operator role)",
 )
-def complete_series_now(request: Request, series_uid: str, who: Operator) -> sc.SeriesCompleted:
+def complete_series_now(
+    request: Request,
+    response: Response,
+    series_uid: str,
+    who: Operator,
+    expected_instances: int | None = Query(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="how many instances of the series the PACS sent (Orthanc's Lua: the series' instance count); "
+        "the series completes once that many are indexed. Without it LesionTrack asks the sending PACS by C-FIND, "
+        "or waits for the associations delivering the series to end",
+    ),
+) -> sc.SeriesCompleted:
     control = _series_control(request)
-    done = control.complete_series(series_uid)
+    done = control.complete_series(series_uid, expected_instances)
     with session_scope(request.app.state.session_factory) as s:
         se = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
-        if se is None:
-            raise _not_found(f"series {series_uid}")
-        decision, reason = se.routing_decision.value, se.routing_reason
-        audit(s, who.actor, "api.series_complete", "series", series_uid, completed=done is not None)
+        pending = done is not None and done.pending
+        audit(s, who.actor, "api.series_complete", "series", series_uid, completed=done is not None and not pending,
+              pending=pending, expected_instances=expected_instances)  # fmt: skip
+        decision = se.routing_decision.value if se is not None else "pending"
+        reason = se.routing_reason if se is not None else None
+    if done is not None and done.pending:
+        response.status_code = 202
+        told = f"{done.expected_instances}" if done.expected_instances is not None else "all"
+        return sc.SeriesCompleted(
+            series_instance_uid=series_uid,
+            completed=False,
+            pending=True,
+            indexed_instances=done.indexed,
+            expected_instances=done.expected_instances,
+            routing_decision=decision,
+            routing_reason=reason,
+            detail=f"accepted: completes once {told} instances are indexed ({done.indexed or 0} so far)",
+        )
     if done is None:
         return sc.SeriesCompleted(
             series_instance_uid=series_uid,
@@ -293,6 +320,8 @@ def complete_series_now(request: Request, series_uid: str, who: Operator) -> sc.
     return sc.SeriesCompleted(
         series_instance_uid=series_uid,
         completed=True,
+        indexed_instances=done.indexed,
+        expected_instances=done.expected_instances,
         routing_decision=done.decision,
         routing_reason=done.reason,
         job_id=done.job_id,

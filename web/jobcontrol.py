@@ -31,14 +31,19 @@ class Completion:
     decision: str
     reason: str
     job_id: int | None = None
+    #: remembered, not completed yet: it completes once the instances the PACS sent are indexed (bounded wait)
+    pending: bool = False
+    indexed: int | None = None
+    expected_instances: int | None = None
 
 
 @runtime_checkable
 class SeriesControl(Protocol):
     """Series-level actions that need the DICOM node (the process running the SCP, or its database)."""
 
-    def complete_series(self, series_uid: str) -> Completion | None:
-        """Complete a series now (the PACS says it is stable); None = unknown or already complete."""
+    def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Completion | None:
+        """The PACS says the series is stable (and, optionally, how many instances it sent): complete it once
+        they are indexed — now, or later (``pending``); None = already complete with nothing received since."""
         ...
 
     def analyse_anyway(self, series_uid: str, actor: str) -> int:

@@ -168,7 +168,16 @@ class SeriesCompleted(BaseModel):
     """Answer to an explicit completion trigger."""
 
     series_instance_uid: str
-    completed: bool = Field(description="false: the series was already complete with nothing received since")
+    completed: bool = Field(
+        description="false: not completed by this call — already complete with nothing received since, or pending"
+    )
+    pending: bool = Field(
+        False,
+        description="remembered: completes once the instances the PACS sent are indexed (within "
+        "dicom.trigger_wait_seconds); also for a series none of whose instances is indexed yet",
+    )
+    indexed_instances: int | None = Field(None, description="distinct instances of the series indexed so far")
+    expected_instances: int | None = Field(None, description="what the PACS said it sent (query or C-FIND)")
     routing_decision: str
     routing_reason: str | None
     job_id: int | None = None

@@ -4,6 +4,7 @@ persist the lesions."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -26,6 +27,10 @@ from pipeline.steps.persistence import (
     record_our_objects,
 )
 from pipeline.steps.services import Ctx
+
+if TYPE_CHECKING:
+    from pipeline.seg_reader import UnassessedSegment
+    from pipeline.sr_writer import LesionReport
 from pipeline.verification import verified_sop_uids
 
 
@@ -82,7 +87,9 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             confidence=None if conf is None else conf.confidence,
         )
         for les in lesions
-    ] + [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]
+    ]
+    reports += [_not_assessed_report(g, LesionReport) for g in inputs.not_assessed]
+    reports += [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]
     evidence = [
         pydicom.dcmread(f, stop_before_pixels=True)
         for a in inputs.prior.annotations
@@ -141,6 +148,20 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         viewer_sr=str(viewer_path) if viewer_path else None,
         viewer_sr_sop_instance_uid=str(viewer.SOPInstanceUID) if viewer is not None else None,
     )
+
+
+def _not_assessed_report(gap: UnassessedSegment, report: type[LesionReport]) -> LesionReport:
+    """A prior lesion that could not be assessed: reported as such (status "not evaluated", no measurement),
+    flagged for review, with the reason — never left out of the result (issue 29)."""
+    ident = gap.identity
+    m = LesionMeasurement(
+        ident.tracking_uid,
+        ident.tracking_id,
+        status=LesionStatus.NOT_EVALUATED,
+        is_node=ident.is_node,
+        anatomic_site=ident.anatomic_site,
+    )
+    return report(m, description=ident.description, review=True, not_assessed_reason=gap.reason)
 
 
 def _candidate_lesions(lesions: list[TrackedLesion], search: NewLesionSearchResult) -> list[TrackedLesion]:

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Lesion, LesionObservation
 from db.session import session_scope
+from db.status import LesionStatus
 from models.imaging.volume import Volume
 from models.registration.base import Registration
 from pipeline.confidence import lesion_confidence
@@ -79,6 +80,17 @@ def track(ctx: Ctx) -> TrackOutput:
                 review_reasons=[] if conf is None else list(conf.reasons),
             )
             for les in tps[1].lesions
+        ]
+        + [  # lesions of the prior that could not be prompts: in every result, not assessed, flagged (issue 29)
+            TrackedLesionRecord(
+                tracking_uid=g.identity.tracking_uid,
+                tracking_id=g.identity.tracking_id,
+                status=LesionStatus.NOT_EVALUATED.value,
+                notes=[g.reason],
+                review=True,
+                review_reasons=[g.reason],
+            )
+            for g in inputs.not_assessed
         ],
     )
 

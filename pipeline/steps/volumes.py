@@ -14,10 +14,12 @@ from pipeline.contract import (
     LoadedInputs,
     LoadVolumesOutput,
     MatchPriorsOutput,
+    NotAssessedRecord,
     RetrievePriorsOutput,
 )
 from pipeline.jobs import NothingToTrack, PermanentError
 from pipeline.ports import PROMPT_FILE, PriorTimepoint
+from pipeline.seg_reader import UnassessedSegment
 from pipeline.steps.services import Ctx, followup_series
 from pipeline.verification import our_seg_of_series
 
@@ -35,7 +37,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prior_ct = read_series(prior.ct_files, series_uid=prior.ct_series_uid)
     except SeriesError as exc:
         raise PermanentError(f"prior series {prior.ct_series_uid}: {exc}") from exc
-    prompts = read_prompts(prior, prior_ct)
+    prompts, not_assessed = read_prompts_and_gaps(prior, prior_ct)
     match = ctx.outputs.get(MatchPriorsOutput)
     with session_scope(ctx.services.session_factory) as s:
         # a verified correction as prompt: the lesion identities its adoption recorded; lesions a reader deleted
@@ -43,6 +45,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prompts = with_verified_identities(s, prior.annotations[0].sop_instance_uid, prompts)
         retired = retired_lesions(s, match.followup.patient_pk)
         prompts = [p for p in prompts if p.identity.tracking_uid not in retired]
+        not_assessed = [g for g in not_assessed if g.identity.tracking_uid not in retired]
         if match.verification is not None:
             our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
             ctx.state.adoption = build_adoption(
@@ -56,8 +59,13 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
             )
     if not prompts and ctx.state.adoption is None:
         ann = prior.annotations[0]
+        if not_assessed:  # lesions are marked, none can be assessed: a visible failure, not "nothing to track"
+            raise PermanentError(
+                f"none of the {len(not_assessed)} lesions of the prior {ann.modality} {ann.sop_instance_uid} can be "
+                f"assessed: {not_assessed[0].reason}"
+            )
         raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} marks no lesion")
-    ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files)
+    ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files, not_assessed)
     return LoadVolumesOutput(
         followup_shape=list(followup_ct.shape),
         followup_spacing=[round(float(v), 4) for v in followup_ct.spacing],
@@ -67,12 +75,23 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
             LesionRef(tracking_uid=p.identity.tracking_uid, tracking_id=p.identity.tracking_id, kind=p.kind.value)
             for p in prompts
         ],
+        not_assessed=[
+            NotAssessedRecord(tracking_uid=g.identity.tracking_uid, tracking_id=g.identity.tracking_id, reason=g.reason)
+            for g in not_assessed
+        ],
     )
 
 
 def read_prompts(prior: PriorTimepoint, prior_ct: Volume) -> list[Prompt]:
     """The lesion prompts of the prior's (one chosen) annotation: SEG, TID 1500 SR or a prompts JSON file."""
-    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_seg, prompts_from_sr
+    return read_prompts_and_gaps(prior, prior_ct)[0]
+
+
+def read_prompts_and_gaps(prior: PriorTimepoint, prior_ct: Volume) -> tuple[list[Prompt], list[UnassessedSegment]]:
+    """The prompts of :func:`read_prompts`, and the lesions of a prior SEG that cannot be prompts (no voxel on the
+    prior CT): they are reported "not assessed" with the reason and flagged, never silently dropped."""
+    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_sr
+    from pipeline.seg_reader import read_seg_prompts_and_gaps
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")
@@ -80,9 +99,18 @@ def read_prompts(prior: PriorTimepoint, prior_ct: Volume) -> list[Prompt]:
     files = [Path(f) for f in ann.files]
     try:
         if ann.modality == PROMPT_FILE:
-            return load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid)
+            return list(load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid)), []
         if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES:
-            return list(prompts_from_seg(files[0], prior_ct))
-        return list(prompts_from_sr(files[0], prior_ct))
+            try:
+                prompts, gaps = read_seg_prompts_and_gaps(files[0], prior_ct)
+            except Exception as exc:  # a corrupt or unreadable annotation: name the file and the problem
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise PromptSourceError(
+                    f"{files[0]}: cannot read the annotation ({type(exc).__name__}: {detail})"
+                ) from exc
+            if not prompts and not gaps:
+                raise PromptSourceError(f"{files[0]}: no lesions found in the annotation")
+            return prompts, gaps
+        return list(prompts_from_sr(files[0], prior_ct)), []
     except PromptSourceError as exc:
         raise PermanentError(f"prior {ann.modality} {files[0]}: {exc}") from exc

@@ -216,6 +216,11 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
         options=TrackingOptions(confidence=rules),
     )
     rows = []
+    annotated = {  # mm3 of each baseline annotation as given (rough ones included)
+        pr.identity.label: float((pr.mask.array > 0).sum()) * pr.mask.voxel_volume_mm3()
+        for pr in prompts
+        if pr.mask is not None
+    }
     for t in range(1, len(tps)):
         for les in tps[t].lesions:
             n = les.identity.label
@@ -237,6 +242,12 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
                 "gt_present": bool(gt.any()),
                 "pred_present": les.status is LesionStatus.PRESENT,
                 "dice": float(2 * (gt & pred).sum() / (gt.sum() + pred.sum())) if gt.any() else None,
+                # volume change against the baseline: the truth's, and the one the report states (vs the annotation)
+                "true_volume_ratio": float(gt.sum() * p.labels[t].voxel_volume_mm3())
+                / max(float((p.labels[0].array == n).sum()) * p.labels[0].voxel_volume_mm3(), 1e-6),
+                "reported_volume_ratio": float(pred.sum()) * les.mask.voxel_volume_mm3() / annotated[n]
+                if annotated.get(n)
+                else None,
                 "confidence": conf.confidence,
                 "review": bool(les.meta.get("review")),
                 "reasons": conf.reasons,
@@ -279,8 +290,20 @@ def at_threshold(rows: list[dict[str, Any]], th: float) -> dict[str, Any]:
     def frac(rs: list[dict[str, Any]]) -> float | None:
         return sum(r["review"] for r in rs) / len(rs) if rs else None
 
+    # the report states the wrong direction of change: the truth changed by at least 20 % one way, the reported
+    # volume change (against the annotation) goes the other way (issue 29: "-11.5 % while it truly grew 41 %")
+    wrong = [
+        r
+        for r in scored
+        if r.get("reported_volume_ratio")
+        and r["pred_present"]
+        and abs(np.log(r["true_volume_ratio"])) >= np.log(1.2)
+        and np.log(r["true_volume_ratio"]) * np.log(r["reported_volume_ratio"]) < 0
+    ]
     return {
         "threshold": th,
+        "wrong_direction_of_change": len(wrong),
+        "flagged_of_wrong_direction": frac(wrong),
         "flagged_of_failed (Dice < 0.5)": frac(bad),
         "flagged_of_good (Dice >= 0.8)": frac(good),
         "flagged_of_middle (0.5 <= Dice < 0.8)": frac(mid),

@@ -10,7 +10,9 @@ values as the SEG segment):
 
 Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT053:
 "Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
-:mod:`pipeline.confidence`; a lesion that was not assessed (e.g. not re-segmented) states neither.
+:mod:`pipeline.confidence`; a flagged lesion says why: one TEXT "Reason for review" (LT057) per reason (TID 1500 is
+extensible; pixelmed reports them as "not in template" warnings); a lesion that was not assessed (e.g. not
+re-segmented) states none of these.
 
 A vanished lesion gets a TID 1410 group (same tracking identifier) with a POINT where it was looked for
 (``LesionReport.expected_centre_mm``), zero sizes and status "vanished", so every tracked lesion appears in every
@@ -97,6 +99,7 @@ class LT:
     NEEDS_REVIEW = _local("LT054", "Flagged for review")
     NO_REVIEW = _local("LT055", "Not flagged for review")
     TRACKING_CONFIDENCE = _local("LT056", "Tracking confidence")
+    REVIEW_REASON = _local("LT057", "Reason for review")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -178,6 +181,7 @@ class LesionReport:
     provenance: str | None = None  # "verified", "from-verified" or "machine" (PROVENANCE_CODES); None: not stated
     review: bool | None = None  # flagged for review (pipeline.confidence); None: not assessed, nothing stated
     confidence: float | None = None  # the result's confidence in [0, 1] (pipeline.confidence)
+    review_reasons: Sequence[str] = ()  # why it is flagged (pipeline.confidence); stated only when flagged
 
 
 @dataclass
@@ -359,6 +363,7 @@ def write_sr(
                         qualitative_evaluations=quals,
                     )
                 )
+                _state_reasons(groups[-1], rep)
             else:
                 # No location known: a TID 1501 group over the series. Valid DICOM, but pixelmed 2022 applies the
                 # TID 1411 conditions to every group once one 1411 group exists and then reports errors — pass
@@ -375,6 +380,7 @@ def write_sr(
                         source_images=[locator.source_for_group()],
                     )
                 )
+                _state_reasons(groups[-1], rep)
             continue
 
         # TID 1411: volume etc. of the SEG segment
@@ -399,6 +405,7 @@ def write_sr(
                 qualitative_evaluations=quals,
             )
         )
+        _state_reasons(groups[-1], rep)
 
         # TID 1410: long axis polyline on the key slice + short axis
         if m.long_axis is None or m.short_axis is None:
@@ -488,6 +495,18 @@ def write_sr(
 
 
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def _state_reasons(group: Sequence[Any], rep: LesionReport) -> None:
+    """A flagged lesion's reasons as TEXT items of its (first) measurement group; nothing when it is not flagged."""
+    if not rep.review:
+        return
+    for reason in rep.review_reasons:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=LT.REVIEW_REASON, value=str(reason)[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
 
 
 def _referenced_segment(seg: SegWriteResult, number: int) -> hd.sr.ReferencedSegment:

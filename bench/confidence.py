@@ -250,12 +250,26 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
                 else None,
                 "confidence": conf.confidence,
                 "review": bool(les.meta.get("review")),
+                # the flag as it was before issue 29's two signals, from the same evidence (the segmentation does not
+                # depend on the confidence, so this is the previous code's flag on the very same results)
+                "review_before": _flag_before(EVIDENCE.get(id(conf), {}), rules),
                 "reasons": conf.reasons,
                 "signals": {s.name: [s.value, round(s.score, 3)] for s in conf.signals},
                 "evidence": EVIDENCE.get(id(conf), {}),
             }
             rows.append(row)
     return rows
+
+
+#: evidence that only issue 29's signals (change_coherence, registration_change) read
+NEW_EVIDENCE = ("diameter_ratio", "registration_ratio")
+
+
+def _flag_before(evidence: dict[str, Any], rules: ConfidenceRules) -> bool | None:
+    """The review flag without issue 29's two signals (None without evidence)."""
+    if not evidence:
+        return None
+    return combine({k: v for k, v in evidence.items() if k not in NEW_EVIDENCE}, rules).review
 
 
 def roc(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -287,8 +301,15 @@ def at_threshold(rows: list[dict[str, Any]], th: float) -> dict[str, Any]:
     good = [r for r in scored if r["dice"] >= 0.8]
     gone = [r for r in rows if r["dice"] is None]
 
-    def frac(rs: list[dict[str, Any]]) -> float | None:
-        return sum(r["review"] for r in rs) / len(rs) if rs else None
+    def frac(rs: list[dict[str, Any]], key: str = "review") -> float | None:
+        return sum(bool(r.get(key)) for r in rs) / len(rs) if rs else None
+
+    def counts(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "n": len(rs),
+            "flagged_before": sum(bool(r.get("review_before")) for r in rs),
+            "flagged_now": sum(bool(r["review"]) for r in rs),
+        }
 
     # the report states the wrong direction of change: the truth changed by at least 20 % one way, the reported
     # volume change (against the annotation) goes the other way (issue 29: "-11.5 % while it truly grew 41 %")
@@ -309,6 +330,15 @@ def at_threshold(rows: list[dict[str, Any]], th: float) -> dict[str, Any]:
         "flagged_of_middle (0.5 <= Dice < 0.8)": frac(mid),
         "flagged_of_truly_vanished": frac(gone),
         "flagged_overall": frac(rows),
+        # before (without issue 29's signals) -> now, on the same results
+        "before_vs_now": {
+            "failed (Dice < 0.5)": counts(bad),
+            "good (Dice >= 0.8)": counts(good),
+            "middle (0.5 <= Dice < 0.8)": counts(mid),
+            "truly vanished": counts(gone),
+            "wrong direction of change": counts(wrong),
+            "all": counts(rows),
+        },
         "acceptance": {
             ">= 80 % of Dice < 0.5 flagged": (frac(bad) or 0.0) >= 0.8,
             "<= 20 % of Dice >= 0.8 flagged": (frac(good) or 0.0) <= 0.2,

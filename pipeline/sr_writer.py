@@ -3,10 +3,12 @@
 Per present lesion, both carrying the lesion's Tracking Identifier (text = Tracking ID, UID = Tracking UID — the same
 values as the SEG segment):
 
-* a TID 1411 volumetric group referencing the SEG segment: Volume, maximum 3-D diameter, mean/SD HU, volume changes
-  vs previous / baseline / nadir;
 * a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
-  polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category.
+  polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category —
+  written first, so that a viewer merging a lesion's groups (OHIF) shows the RECIST axes first;
+* a TID 1411 volumetric group referencing the SEG segment: Volume in ml (UCUM ``ml``), the "Maximum 3D diameter"
+  (local code LT058, named for what it is: not a RECIST diameter), mean/SD HU (UCUM ``[hnsf'U]``, meaning
+  "Hounsfield unit"), volume changes vs previous / baseline / nadir (ml and %).
 
 Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT053:
 "Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
@@ -100,6 +102,7 @@ class LT:
     NO_REVIEW = _local("LT055", "Not flagged for review")
     TRACKING_CONFIDENCE = _local("LT056", "Tracking confidence")
     REVIEW_REASON = _local("LT057", "Reason for review")
+    MAX_3D_DIAMETER = _local("LT058", "Maximum 3D diameter")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -143,6 +146,9 @@ NEW_LESION_CODES: dict[NewLesionState, Code] = {
 UNASSESSED_CODES: dict[Response, Code] = {Response.NE: LT.NOT_EVALUATED, Response.ND: LT.NONE_OF_KIND}
 ONE = codes.UCUM.NoUnits
 MM, MM3, PCT, HU = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter, codes.UCUM.Percent, codes.UCUM.HounsfieldUnit
+#: volumes are reported in millilitres (UCUM "ml", DICOM CID 7181): "66.61 ml", not "66606.41 mm3"
+ML = Code("ml", "UCUM", "milliliter")
+ML_PER_MM3 = 1e-3
 CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_ABS, "nadir": LT.CHANGE_NADIR_ABS}
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
 
@@ -209,7 +215,10 @@ def _num(name: Code, value: float, unit: Code, **kw: Any) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)
 
 
-def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code) -> list[hd.sr.Measurement]:
+def _change_measurements(
+    changes: LesionChanges | None, metric: str, unit: Code, scale: float = 1.0
+) -> list[hd.sr.Measurement]:
+    """Absolute (in ``unit``: the metric's value x ``scale``) and percent changes vs previous / baseline / nadir."""
     out: list[hd.sr.Measurement] = []
     if changes is None or metric not in changes.metrics:
         return out
@@ -218,7 +227,7 @@ def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code)
         ch = getattr(mc, ref)
         if ch is None:
             continue
-        out.append(_num(CHANGE_ABS_CODES[ref], ch.absolute, unit))
+        out.append(_num(CHANGE_ABS_CODES[ref], ch.absolute * scale, unit))
         if ch.percent is not None:
             out.append(_num(CHANGE_PCT_CODES[ref], ch.percent, PCT))
     return out
@@ -340,10 +349,10 @@ def write_sr(
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
             zero = [
-                _num(codes.SCT.Volume, 0.0, MM3),
+                _num(codes.SCT.Volume, 0.0, ML),
                 _num(codes.SCT.LongAxis, 0.0, MM),
                 _num(codes.SCT.ShortAxis, 0.0, MM),
-                *_change_measurements(rep.changes, "volume_mm3", MM3),
+                *_change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3),
                 *_change_measurements(rep.changes, "recist_diameter_mm", MM),
                 *conf_meas,
             ]
@@ -385,14 +394,15 @@ def write_sr(
 
         # TID 1411: volume etc. of the SEG segment
         vol_meas = [
-            _num(codes.SCT.Volume, m.volume_mm3, MM3),
-            _num(codes.SCT.Diameter, m.max_3d_diameter_mm, MM, derivation=codes.SCT.Maximum),
+            _num(codes.SCT.Volume, m.volume_mm3 * ML_PER_MM3, ML),
+            # named for what it is: the RECIST long/short axes are the planar group's; this is the 3-D Feret diameter
+            _num(LT.MAX_3D_DIAMETER, m.max_3d_diameter_mm, MM),
         ]
         if m.hu_mean is not None:
             vol_meas.append(_num(codes.SCT.Mean, m.hu_mean, HU))
         if m.hu_sd is not None:
             vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
-        vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
+        vol_meas += _change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3)
         vol_meas += conf_meas
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -438,7 +448,9 @@ def write_sr(
         for template in extra:
             for item in template:
                 container.ContentSequence.append(item)
-        groups.append(planar)
+        # the RECIST group goes first: a viewer that merges a lesion's groups by Tracking UID (OHIF) lists the long
+        # and short axes before the volume and the 3-D diameter
+        groups.insert(len(groups) - 1, planar)
 
     person = None
     if verified_by:  # the reader whose correction this report adopts (TID 1003 person observer)
@@ -564,7 +576,7 @@ def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.Cont
     if r.change_from_nadir_pct is not None:
         items.append(num(LT.CHANGE_NADIR_PCT, r.change_from_nadir_pct, PCT))
     if r.sum_of_volumes_mm3 is not None:
-        items.append(num(LT.SUM_VOLUMES, r.sum_of_volumes_mm3, MM3))
+        items.append(num(LT.SUM_VOLUMES, r.sum_of_volumes_mm3 * ML_PER_MM3, ML))
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container

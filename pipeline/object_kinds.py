@@ -2,10 +2,10 @@
 
 The dashboard says where a result was prompted from and which objects a timepoint holds; it must name them as they
 are (issue 29): a radiologist's RECIST lines in an SR are "SR lines", not "SEG". :func:`object_kind` names one
-object from its SOP class (and, for an SR, the graphic types of its content): ``SEG``, ``SR lines``, ``SR points``,
-``SR boxes``, ``SR``, ``GSPS``, ``RTSTRUCT``; :func:`object_kinds` names the stored instances of a list of UIDs
-(an UID not on file is left out: nothing is named that we do not hold). :func:`has_mask` says whether a thumbnail
-of a segment can exist for that kind.
+object from its SOP class (and, for a person's SR, the graphic types of its content; our own reports are "SR"):
+``SEG``, ``SR lines``, ``SR points``, ``SR boxes``, ``SR``, ``GSPS``, ``RTSTRUCT``. :func:`object_kinds` names
+the stored instances of a list of UIDs (an UID not on file is left out: nothing is named that we do not hold);
+:func:`has_mask` says whether a thumbnail of a segment can exist for that kind.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 from db.models import Instance
 
 log = logging.getLogger(__name__)
+
+OUR_MANUFACTURER = "LesionTrack"  # pipeline.seg_writer.SOFTWARE_NAME: our reports are named "SR", not by content
 
 SEG_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
 SR_CLASSES = frozenset(
@@ -44,13 +46,22 @@ def _graphic_types(items: Iterable[Dataset]) -> Iterator[str]:
         yield from _graphic_types(item.get("ContentSequence", []))
 
 
-@lru_cache(maxsize=1024)
 def _sr_kind(path: str) -> str:
-    """``SR lines`` / ``SR points`` / ``SR boxes`` from the SR's spatial coordinates (``SR`` when it has none)."""
+    p = Path(path)
+    st = p.stat()
+    return _sr_kind_of(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=1024)
+def _sr_kind_of(path: str, _mtime_ns: int, _size: int) -> str:
+    """``SR lines`` / ``SR points`` / ``SR boxes`` from a person's SR's spatial coordinates (``SR`` when it has none,
+    and for our own reports: their polylines are measurements, not a reader's annotation)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # an unreadable file is named by its class alone
         log.info("SR %s unreadable for its kind: %s", Path(path).name, exc)
+        return "SR"
+    if str(ds.get("Manufacturer", "")) == OUR_MANUFACTURER:
         return "SR"
     kinds = set(_graphic_types(ds.get("ContentSequence", [])))
     if kinds & {"POLYLINE", "MULTIPOINT"}:

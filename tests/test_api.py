@@ -549,7 +549,11 @@ def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -
     client, sf, built, _ = env
     base, fu = built.timepoints[0], built.timepoints[1]
     assert base.sr_path is not None
-    lines_uid = str(pydicom.dcmread(base.sr_path, stop_before_pixels=True).SOPInstanceUID)
+    original = base.sr_path.read_bytes()
+    lines = pydicom.dcmread(base.sr_path)
+    lines_uid = str(lines.SOPInstanceUID)
+    lines.Manufacturer = "Reading workstation"  # a person's RECIST lines (our own reports are named plain "SR")
+    lines.save_as(base.sr_path)
     with session_scope(sf) as s:
         rows = s.scalars(
             select(LesionObservation).where(LesionObservation.series_instance_uid.in_([base.series_uid, fu.series_uid]))
@@ -581,6 +585,7 @@ def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -
         png = rd(client, f"/api/observations/{base_ids[0]}/thumbnail.png")
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     finally:
+        base.sr_path.write_bytes(original)
         with session_scope(sf) as s:
             for o in s.scalars(select(LesionObservation).where(LesionObservation.id.in_(list(saved)))):
                 o.seg_sop_instance_uid, o.propagated_from_sop_uid, o.propagated_from_series_uid = saved[o.id]

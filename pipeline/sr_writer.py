@@ -4,11 +4,12 @@ Per present lesion, both carrying the lesion's Tracking Identifier (text = Track
 values as the SEG segment):
 
 * a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
-  polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category —
-  written first, so that a viewer merging a lesion's groups (OHIF) shows the RECIST axes first;
+  polyline), Short axis (inferred from its own polyline) — written first, so that a viewer merging a lesion's
+  groups (OHIF 3.13, which draws a lesion's first five NUMs) shows the RECIST axes first;
 * a TID 1411 volumetric group referencing the SEG segment: Volume in ml (UCUM ``ml``), the "Maximum 3D diameter"
   (local code LT058, named for what it is: not a RECIST diameter), mean/SD HU (UCUM ``[hnsf'U]``, meaning
-  "Hounsfield unit"), volume changes vs previous / baseline / nadir (ml and %).
+  "Hounsfield unit"), volume changes vs previous / baseline / nadir (ml and %), then the RECIST diameter's changes
+  (mm and %), the RECIST baseline category, the review flag.
 
 Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT053:
 "Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
@@ -403,6 +404,10 @@ def write_sr(
         if m.hu_sd is not None:
             vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
         vol_meas += _change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3)
+        # the RECIST diameter's changes (mm, %) follow the volume's: OHIF 3.13 draws the first five NUMs of a lesion
+        # (its groups merged, the RECIST group first), which are then Long axis, Short axis, Volume, Maximum 3D
+        # diameter and mean HU; the diameter changes in the RECIST group would push the volume out of sight
+        vol_meas += _change_measurements(rep.changes, "recist_diameter_mm", MM)
         vol_meas += conf_meas
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -443,7 +448,6 @@ def write_sr(
                 method=codes.DCM.RECIST1Point1,
                 referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)],
             ),
-            *_change_measurements(rep.changes, "recist_diameter_mm", MM),
         ]
         for template in extra:
             for item in template:

@@ -38,8 +38,8 @@ value, two concerns compound, and the ROC gets a real curve instead of a few sat
   deforms the lesion's region (the warped prompt) by 1 / mean Jacobian determinant; a reported change that falls
   short of that in its direction, or goes the other way (a lesion the registration stretched by +30 % reported
   −12 %), is doubtful. A registration implying less than ×1.20 is not judged (a rigid or affine one says nothing
-  about the lesion, and registration error deforms a region by 10–20 %), and a change beyond it in the same direction is expected (regularisation follows growth only
-  in part).
+  about the lesion, and registration error deforms a region by 10–20 %), and a change beyond it in the same
+  direction is expected (regularisation follows growth only in part).
 
 A lesion whose confidence is below :attr:`ConfidenceRules.review_threshold` (setting ``tracking.review_threshold``)
 is flagged for review, and **a reason of doubt is recorded exactly when it flags the lesion**: a flagged result's

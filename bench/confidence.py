@@ -17,6 +17,11 @@ Follow-ups are 8 weeks apart. Ground truth per lesion-follow-up: Dice of the res
 label (a lesion reported vanished while present counts Dice 0). The ROC separates "failed" (Dice < 0.5) from
 "good" (Dice >= 0.8) results by confidence; lesions truly gone are reported apart (no Dice).
 
+Issue 29: each row also carries the truth's and the reported volume change against the baseline, and the flag
+without the two signals issue 29 added (``review_before``, from the same evidence: the segmentation does not depend
+on the confidence); ``at_threshold.before_vs_now`` counts both, including the results whose reported change goes
+the wrong way (truth changed by at least 20 % one way, the report the other).
+
 Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
 the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop;
 each row (``--rows``) carries the raw ``evidence`` it was scored from (:func:`pipeline.confidence.measure_lesion`),

@@ -347,3 +347,40 @@ def test_registration_volume_ratio_reads_the_jacobian_of_the_mapping() -> None:
     ratio = registration_volume_ratio(Stretch(), region, grid)
     assert ratio is not None and abs(ratio - 1.331) < 1e-3
     assert registration_volume_ratio(Stretch(), np.zeros_like(region), grid) is None
+
+
+def test_a_result_short_of_the_registrations_own_change_is_flagged_end_to_end() -> None:
+    """Issue 29 item 5, through :func:`assess_lesion` (the tracking loop's call): the registration stretches the
+    lesion's region by x1.30 (it followed a growing lesion), the result is under-segmented (x0.90 against the
+    annotation): flagged, with the reason naming the registration's Jacobian; the same registration with a result
+    that follows the growth is not flagged."""
+    from models.imaging.volume import Volume
+
+    scale, centre = 1.09, np.array([20.0, 20.0, 20.0])
+
+    class Scaling:  # follow-up → annotation mapping of a uniform expansion about the lesion's centre
+        def map_points_to_baseline(self, pts: np.ndarray) -> np.ndarray:
+            return centre + (np.asarray(pts, float) - centre) / scale
+
+    k, j, i = np.meshgrid(np.arange(41), np.arange(41), np.arange(41), indexing="ij")
+    r = np.sqrt((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2)
+
+    def ct(radius: float) -> Volume:
+        return Volume(np.where(r <= radius, 40, -850).astype(np.int16), spacing=np.ones(3))
+
+    source_ct, followup_ct = ct(6.0), ct(6.0 * scale)
+    kw: dict[str, Any] = dict(
+        source_ct=source_ct,
+        source_mask=source_ct.with_array((r <= 6.0).astype(np.uint8)),
+        followup_ct=followup_ct,
+        prompt=followup_ct.with_array((r <= 6.0 * scale).astype(np.uint8)),
+        present=True,
+        reg=Scaling(),
+        days=56,
+    )
+    short = assess_lesion(result=followup_ct.with_array((r <= 5.8).astype(np.uint8)), **kw)
+    assert short.review and any("Jacobian" in reason for reason in short.reasons), short
+    sig = short.signal("registration_change")
+    assert sig is not None and sig.score < 0.5
+    follows = assess_lesion(result=followup_ct.with_array((r <= 6.0 * scale).astype(np.uint8)), **kw)
+    assert not follows.review and follows.reasons == [], follows

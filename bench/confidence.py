@@ -17,6 +17,11 @@ Follow-ups are 8 weeks apart. Ground truth per lesion-follow-up: Dice of the res
 label (a lesion reported vanished while present counts Dice 0). The ROC separates "failed" (Dice < 0.5) from
 "good" (Dice >= 0.8) results by confidence; lesions truly gone are reported apart (no Dice).
 
+Issue 29: each row also carries the truth's and the reported volume change against the baseline, and the flag
+without the two signals issue 29 added (``review_before``, from the same evidence: the segmentation does not depend
+on the confidence); ``at_threshold.before_vs_now`` counts both, including the results whose reported change goes
+the wrong way (truth changed by at least 20 % one way, the report the other).
+
 Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
 the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop;
 each row (``--rows``) carries the raw ``evidence`` it was scored from (:func:`pipeline.confidence.measure_lesion`),
@@ -216,6 +221,11 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
         options=TrackingOptions(confidence=rules),
     )
     rows = []
+    annotated = {  # mm3 of each baseline annotation as given (rough ones included)
+        pr.identity.label: float((pr.mask.array > 0).sum()) * pr.mask.voxel_volume_mm3()
+        for pr in prompts
+        if pr.mask is not None
+    }
     for t in range(1, len(tps)):
         for les in tps[t].lesions:
             n = les.identity.label
@@ -237,14 +247,34 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
                 "gt_present": bool(gt.any()),
                 "pred_present": les.status is LesionStatus.PRESENT,
                 "dice": float(2 * (gt & pred).sum() / (gt.sum() + pred.sum())) if gt.any() else None,
+                # volume change against the baseline: the truth's, and the one the report states (vs the annotation)
+                "true_volume_ratio": float(gt.sum() * p.labels[t].voxel_volume_mm3())
+                / max(float((p.labels[0].array == n).sum()) * p.labels[0].voxel_volume_mm3(), 1e-6),
+                "reported_volume_ratio": float(pred.sum()) * les.mask.voxel_volume_mm3() / annotated[n]
+                if annotated.get(n)
+                else None,
                 "confidence": conf.confidence,
                 "review": bool(les.meta.get("review")),
+                # the flag as it was before issue 29's two signals, from the same evidence (the segmentation does not
+                # depend on the confidence, so this is the previous code's flag on the very same results)
+                "review_before": _flag_before(EVIDENCE.get(id(conf), {}), rules),
                 "reasons": conf.reasons,
                 "signals": {s.name: [s.value, round(s.score, 3)] for s in conf.signals},
                 "evidence": EVIDENCE.get(id(conf), {}),
             }
             rows.append(row)
     return rows
+
+
+#: evidence that only issue 29's signals (change_coherence, registration_change) read
+NEW_EVIDENCE = ("diameter_ratio", "registration_ratio")
+
+
+def _flag_before(evidence: dict[str, Any], rules: ConfidenceRules) -> bool | None:
+    """The review flag without issue 29's two signals (None without evidence)."""
+    if not evidence:
+        return None
+    return combine({k: v for k, v in evidence.items() if k not in NEW_EVIDENCE}, rules).review
 
 
 def roc(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -276,16 +306,44 @@ def at_threshold(rows: list[dict[str, Any]], th: float) -> dict[str, Any]:
     good = [r for r in scored if r["dice"] >= 0.8]
     gone = [r for r in rows if r["dice"] is None]
 
-    def frac(rs: list[dict[str, Any]]) -> float | None:
-        return sum(r["review"] for r in rs) / len(rs) if rs else None
+    def frac(rs: list[dict[str, Any]], key: str = "review") -> float | None:
+        return sum(bool(r.get(key)) for r in rs) / len(rs) if rs else None
 
+    def counts(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "n": len(rs),
+            "flagged_before": sum(bool(r.get("review_before")) for r in rs),
+            "flagged_now": sum(bool(r["review"]) for r in rs),
+        }
+
+    # the report states the wrong direction of change: the truth changed by at least 20 % one way, the reported
+    # volume change (against the annotation) goes the other way (issue 29: "-11.5 % while it truly grew 41 %")
+    wrong = [
+        r
+        for r in scored
+        if r.get("reported_volume_ratio")
+        and r["pred_present"]
+        and abs(np.log(r["true_volume_ratio"])) >= np.log(1.2)
+        and np.log(r["true_volume_ratio"]) * np.log(r["reported_volume_ratio"]) < 0
+    ]
     return {
         "threshold": th,
+        "wrong_direction_of_change": len(wrong),
+        "flagged_of_wrong_direction": frac(wrong),
         "flagged_of_failed (Dice < 0.5)": frac(bad),
         "flagged_of_good (Dice >= 0.8)": frac(good),
         "flagged_of_middle (0.5 <= Dice < 0.8)": frac(mid),
         "flagged_of_truly_vanished": frac(gone),
         "flagged_overall": frac(rows),
+        # before (without issue 29's signals) -> now, on the same results
+        "before_vs_now": {
+            "failed (Dice < 0.5)": counts(bad),
+            "good (Dice >= 0.8)": counts(good),
+            "middle (0.5 <= Dice < 0.8)": counts(mid),
+            "truly vanished": counts(gone),
+            "wrong direction of change": counts(wrong),
+            "all": counts(rows),
+        },
         "acceptance": {
             ">= 80 % of Dice < 0.5 flagged": (frac(bad) or 0.0) >= 0.8,
             "<= 20 % of Dice >= 0.8 flagged": (frac(good) or 0.0) <= 0.2,

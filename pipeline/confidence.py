@@ -30,10 +30,22 @@ value, two concerns compound, and the ROC gets a real curve instead of a few sat
   out); a disappearance after a present result, or a reappearance after a vanished one (progression under RECIST
   1.1), scores ``vanished_score``;
 * ``volume_change`` — implausible change against the annotation: beyond ``max_volume_factor`` (×3) per
-  ``factor_weeks`` (8 weeks; the allowance compounds over longer intervals, shorter ones get the full ×3).
+  ``factor_weeks`` (8 weeks; the allowance compounds over longer intervals, shorter ones get the full ×3);
+* ``change_coherence`` — the volume and the RECIST diameter (long axis; short axis for a node) changed against the
+  annotation in opposite directions, so the report would state a growth and a shrinkage of one lesion: scored by
+  the smaller of the two changes in volume terms (``min(|ln V1/V0|, 3 |ln D1/D0|)``), noise below ×1.15;
+* ``registration_change`` — a volume change outside what the registration's Jacobian explains: the registration
+  deforms the lesion's region (the warped prompt) by 1 / mean Jacobian determinant; a reported change that falls
+  short of that in its direction, or goes the other way (a lesion the registration stretched by +30 % reported
+  −12 %), is doubtful. A registration implying less than ×1.20 is not judged (a rigid or affine one says nothing
+  about the lesion, and registration error deforms a region by 10–20 %), and a change beyond it in the same
+  direction is expected (regularisation follows growth only in part).
 
 A lesion whose confidence is below :attr:`ConfidenceRules.review_threshold` (setting ``tracking.review_threshold``)
-is flagged for review; the reasons name every signal that scored below 1. The result (:class:`LesionConfidence`)
+is flagged for review, and **a reason of doubt is recorded exactly when it flags the lesion**: a flagged result's
+reasons name every signal that scored below 1; a result that is not flagged records no reason (its lesser signals
+keep their values and scores in ``signals``), so no reader sees a reason next to "Not flagged for review". The
+result (:class:`LesionConfidence`)
 is stored on the lesion observation (confidence, review, reasons) and read from there by the SR, the dashboard,
 the API, the exports, the job summary and ``/metrics``. Calibration and the ROC: ``bench/confidence.py``,
 docs/benchmarks.md.
@@ -93,6 +105,17 @@ class ConfidenceRules:
     clear_good: float = 0.90  # a result standing out this clearly overrules a poor annotation margin ...
     clear_bad: float = 0.80  # ... not at all at or below this
     vanished_score: float = 0.3  # reported vanished while our neighbouring result was present
+    # volume and RECIST diameter changed in opposite directions: the smaller of the two in volume terms
+    # (min(|ln volume ratio|, 3 |ln diameter ratio|)) as a factor; within ``coherence_good`` it is measurement noise
+    coherence_good: float = 1.15
+    coherence_bad: float = 1.50
+    # the volume change falls short of (or opposes) the change the registration's own Jacobian implies for the
+    # lesion's region, by this factor; a registration implying less than ``registration_change_min`` is not judged
+    # (anchors set on held-out set D of bench/confidence.py, where x1.10 / 1.20 / 1.50 flagged 5 more good results
+    # deformed 10-18 % by an injected registration error; docs/benchmarks.md)
+    registration_change_min: float = 1.20
+    registration_change_good: float = 1.25
+    registration_change_bad: float = 1.60
     second_weight: float = 0.5  # how much the second-lowest score lowers the lowest
 
     @classmethod
@@ -230,18 +253,35 @@ def local_ncc(
     return float((a * b).sum() / den), frac
 
 
-def jacobian_range(reg: Registration, points: np.ndarray, n: int = 48, h_mm: float = 2.0) -> tuple[float, float] | None:
-    """(min, max) Jacobian determinant of the follow-up → source mapping at up to ``n`` of ``points`` (central
-    differences of ``map_points_to_baseline`` with step ``h_mm``)."""
+def jacobian_dets(reg: Registration, points: np.ndarray, n: int = 48, h_mm: float = 2.0) -> np.ndarray:
+    """Jacobian determinants of the follow-up → source mapping at up to ``n`` of ``points`` (central differences of
+    ``map_points_to_baseline`` with step ``h_mm``)."""
     if len(points) == 0:
-        return None
+        return np.zeros(0)
     pts = points[np.linspace(0, len(points) - 1, min(n, len(points))).astype(int)]
     offsets = np.concatenate([np.eye(3), -np.eye(3)]) * h_mm
     probe = (pts[:, None, :] + offsets[None]).reshape(-1, 3)
     mapped = np.asarray(reg.map_points_to_baseline(probe), float).reshape(len(pts), 6, 3)
     jac = (mapped[:, :3, :] - mapped[:, 3:, :]) / (2 * h_mm)  # (N, d/dx_i, component)
-    det = np.linalg.det(jac)
-    return float(det.min()), float(det.max())
+    return np.asarray(np.linalg.det(jac), float)
+
+
+def jacobian_range(reg: Registration, points: np.ndarray, n: int = 48, h_mm: float = 2.0) -> tuple[float, float] | None:
+    """(min, max) Jacobian determinant of the follow-up → source mapping at up to ``n`` of ``points``."""
+    det = jacobian_dets(reg, points, n, h_mm)
+    return None if det.size == 0 else (float(det.min()), float(det.max()))
+
+
+def registration_volume_ratio(reg: Registration, region: np.ndarray, grid: Volume, n: int = 64) -> float | None:
+    """The volume change the registration itself implies for ``region`` (a mask on the follow-up ``grid``, the warped
+    prompt): follow-up volume / source volume = 1 / mean Jacobian determinant of the follow-up → source mapping over
+    the region (None when it is empty or the mapping folds there)."""
+    idx = np.argwhere(region)
+    if len(idx) == 0:
+        return None
+    det = jacobian_dets(reg, grid.index_to_patient(idx[:, ::-1].astype(float)), n=n)
+    mean = float(det.mean()) if det.size else 0.0
+    return None if mean <= 0 else 1.0 / mean
 
 
 def separation(
@@ -296,6 +336,23 @@ def _beyond_fraction(prompt: np.ndarray, result: np.ndarray, grid: Volume) -> fl
     return float((d[result[sl]] > limit).mean())
 
 
+def _diameter_ratio(
+    source_mask: Volume, source_ct: Volume, result: Volume, followup_ct: Volume, is_node: bool
+) -> float | None:
+    """RECIST diameter of the result / that of the annotation (long axis; short axis for a lymph node), each measured
+    on its own CT as the report measures it (:func:`pipeline.measurements.measure_lesion`)."""
+    from pipeline.measurements import measure_lesion as measure
+
+    def diameter(mask: Volume, ct: Volume) -> float:
+        try:
+            return measure(mask, ct, tracking_uid="", tracking_id="", is_node=is_node).recist_diameter_mm
+        except ValueError:
+            return 0.0
+
+    d0, d1 = diameter(source_mask, source_ct), diameter(result, followup_ct)
+    return d1 / d0 if d0 > 0 and d1 > 0 else None
+
+
 def _equivalent_radius_mm(n_voxels: float, grid: Volume) -> float:
     return float((3.0 * n_voxels * grid.voxel_volume_mm3() / (4.0 * math.pi)) ** (1.0 / 3.0))
 
@@ -323,10 +380,11 @@ def measure_lesion(
     rules: ConfidenceRules | None = None,
     neighbour: Neighbour | None = None,
     days: int | None = None,
+    is_node: bool = False,
 ) -> dict[str, Any]:
     """The raw evidence about one propagated result (numbers; :func:`combine` scores them). Every mask is a 0/1
     volume, ``prompt`` and ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``; ``days`` is the
-    interval between the annotation and the follow-up."""
+    interval between the annotation and the follow-up; ``is_node``: the RECIST diameter is the short axis."""
     r = rules or ConfidenceRules()
     f: dict[str, Any] = {"present": present, "days": days}
     p = prompt.array > 0
@@ -353,6 +411,9 @@ def measure_lesion(
         v0 = float(src.sum()) * source_ct.voxel_volume_mm3()
         v1 = float(res.sum()) * result.voxel_volume_mm3()
         f["volume_ratio"] = v1 / v0 if v0 > 0 and v1 > 0 else None
+        f["diameter_ratio"] = _diameter_ratio(source_mask, source_ct, result, followup_ct, is_node)
+        if reg is not None:
+            f["registration_ratio"] = registration_volume_ratio(reg, p, followup_ct)
     elif not present and p.any():
         f["site_margin"] = margin(followup_ct, p)
     if neighbour is not None:
@@ -449,6 +510,12 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
                     f"(allowed x{allowed:.1f}{f' in {days} days' if days is not None else ''})",
                 )
             )
+        dr = f.get("diameter_ratio")
+        if ratio is not None and dr is not None:
+            signals.append(_coherence(ratio, dr, r))
+        jr = f.get("registration_ratio")
+        if ratio is not None and jr is not None and abs(math.log(jr)) > math.log(r.registration_change_min):
+            signals.append(_registration_change(ratio, jr, r))
         nb = f.get("neighbour_ratio")
         if nb is not None and ratio is not None:
             nb_days = f.get("neighbour_days")
@@ -497,13 +564,51 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
 
     scores = sorted(s.score for s in signals)
     conf = 1.0 if not scores else scores[0] * (1.0 - r.second_weight * (1.0 - (scores[1] if len(scores) > 1 else 1.0)))
-    reasons = [s.reason for s in sorted(signals, key=lambda s: s.score) if s.reason]
+    review = conf < r.review_threshold
+    # a reason of doubt is recorded exactly when it flags the lesion: a flagged result names every signal that
+    # lowered it; below-perfect signals of a result that is not flagged stay in ``signals`` (value and score) only
+    reasons = [s.reason for s in sorted(signals, key=lambda s: s.score) if s.reason] if review else []
     return LesionConfidence(
         confidence=round(float(conf), 4),
-        review=conf < r.review_threshold,
+        review=review,
         reasons=reasons,
         signals=signals,
         threshold=r.review_threshold,
+    )
+
+
+def _pct_text(ratio: float) -> str:
+    return f"{100.0 * (ratio - 1.0):+.0f} %"
+
+
+def _coherence(volume_ratio: float, diameter_ratio: float, r: ConfidenceRules) -> Signal:
+    """Volume and RECIST diameter against the annotation changed in opposite directions (the report would state a
+    growth and a shrinkage of the same lesion): scored by the smaller of the two changes in volume terms."""
+    lv, ld = math.log(volume_ratio), math.log(diameter_ratio)
+    contradiction = min(abs(lv), 3.0 * abs(ld)) if lv * ld < 0 else 0.0
+    s = _score(contradiction, math.log(r.coherence_good), math.log(r.coherence_bad))
+    return _signal(
+        "change_coherence",
+        contradiction,
+        s,
+        f"volume {_pct_text(volume_ratio)} but RECIST diameter {_pct_text(diameter_ratio)} against the annotation "
+        "(signs disagree)",
+    )
+
+
+def _registration_change(volume_ratio: float, registration_ratio: float, r: ConfidenceRules) -> Signal:
+    """The registration itself deforms the lesion's region by ``registration_ratio`` (1 / mean Jacobian); a reported
+    change that falls short of it in its direction, or goes the other way, is more than the registration explains.
+    A change beyond it in the same direction is expected (a regularised registration follows growth only in part)."""
+    direction = 1.0 if registration_ratio > 1 else -1.0
+    shortfall = direction * (math.log(registration_ratio) - math.log(volume_ratio))
+    s = _score(shortfall, math.log(r.registration_change_good), math.log(r.registration_change_bad))
+    return _signal(
+        "registration_change",
+        shortfall,
+        s,
+        f"volume {_pct_text(volume_ratio)} against the annotation, while the registration's Jacobian deforms the "
+        f"lesion's region by {_pct_text(registration_ratio)}",
     )
 
 
@@ -519,6 +624,7 @@ def assess_lesion(
     rules: ConfidenceRules | None = None,
     neighbour: Neighbour | None = None,
     days: int | None = None,
+    is_node: bool = False,
 ) -> LesionConfidence:
     """Score one propagated lesion result: :func:`combine` of :func:`measure_lesion` (see the module docstring).
     ``neighbour`` is what the tracking loop's consistency check saw; ``days`` the interval between the annotation
@@ -534,5 +640,6 @@ def assess_lesion(
         rules=rules,
         neighbour=neighbour,
         days=days,
+        is_node=is_node,
     )
     return combine(evidence, rules)

@@ -34,6 +34,7 @@ from pipeline.candidates import CandidateView, latest_candidates, search_states
 from pipeline.confidence import review_text
 from pipeline.contract import job_results
 from pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
+from pipeline.object_kinds import has_mask, object_kinds
 
 
 @dataclass
@@ -46,8 +47,10 @@ class TimepointInfo:
     study_time: str | None
     slice_thickness_mm: float | None = None
     job_id: int | None = None
-    seg_uids: list[str] = field(default_factory=list)
-    sr_uids: list[str] = field(default_factory=list)
+    seg_uids: list[str] = field(default_factory=list)  # DICOM-SEG objects of this timepoint (ours or a reader's)
+    sr_uids: list[str] = field(default_factory=list)  # SR objects (our reports, a reader's measurements)
+    other_uids: list[str] = field(default_factory=list)  # other annotation objects (GSPS, RTSTRUCT)
+    object_kinds: dict[str, str] = field(default_factory=dict)  # SOP UID → "SEG", "SR lines", ... (object_kinds)
     sum_of_diameters_mm: float | None = None
     change_from_baseline_pct: float | None = None
     change_from_nadir_pct: float | None = None
@@ -101,12 +104,22 @@ class Cell:
     confidence: float | None = None  # pipeline.confidence, in [0, 1]; None for an annotation
     review: bool = False  # flagged for review
     review_reasons: list[str] = field(default_factory=list)
+    object_kind: str | None = None  # what seg_sop_instance_uid is: "SEG", "SR lines", ... (None: not on file)
+    prompt_kind: str | None = None  # what propagated_from_sop_uid is (the prompt source, named as it is)
     measurement: LesionMeasurement | None = field(default=None, repr=False)  # not exported (to_dict)
     changes: LesionChanges | None = field(default=None, repr=False)
 
     @property
     def volume_ml(self) -> float | None:
         return None if self.volume_mm3 is None else self.volume_mm3 / 1000.0
+
+    @property
+    def has_thumbnail(self) -> bool:
+        """A thumbnail exists only for a segment of a SEG we hold (or the "vanished" card): an annotation drawn as
+        SR lines, points or a GSPS has no mask to show, and is not shown as an unreadable SEG."""
+        return self.status == LesionStatus.VANISHED or (
+            self.seg_sop_instance_uid is not None and has_mask(self.object_kind)
+        )
 
 
 @dataclass
@@ -260,6 +273,12 @@ def build_timeline(
     ]
     _attach_result_objects(session, timepoints, latest)
     _attach_verifications(session, timepoints)
+    kinds = object_kinds(
+        session, [u for c in cells.values() for u in (c.seg_sop_instance_uid, c.propagated_from_sop_uid)]
+    )
+    for cell in cells.values():
+        cell.object_kind = kinds.get(cell.seg_sop_instance_uid or "")
+        cell.prompt_kind = kinds.get(cell.propagated_from_sop_uid or "")
 
     rows: list[LesionRow] = []
     known = {les.tracking_uid for les in lesions}
@@ -469,8 +488,14 @@ def _attach_result_objects(
             )
             for modality, sop in ours:
                 (seg if modality == "SEG" else sr).append(sop)
-        tp.seg_uids = list(dict.fromkeys(seg))
-        tp.sr_uids = list(dict.fromkeys(sr))
+        # named by what they are, not by the column they came from: a baseline annotated with RECIST lines has an
+        # SR in its observations' seg_sop_instance_uid, and it is listed as that SR, never as a "SEG"
+        found = list(dict.fromkeys([*seg, *sr]))
+        kinds = object_kinds(session, found)
+        tp.object_kinds = {u: kinds[u] for u in found if u in kinds}
+        tp.seg_uids = [u for u in found if kinds.get(u, "SEG" if u in seg else "SR") == "SEG"]
+        tp.sr_uids = [u for u in found if kinds.get(u, "SEG" if u in seg else "SR").startswith("SR")]
+        tp.other_uids = [u for u in found if u not in tp.seg_uids and u not in tp.sr_uids]
 
 
 _OBSERVED = (LesionStatus.PRESENT, LesionStatus.VANISHED, LesionStatus.NEW)

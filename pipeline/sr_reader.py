@@ -65,7 +65,9 @@ REFERENCED_SEGMENT = ("121191", "DCM")
 LONG_AXIS = {("103339001", "SCT"), ("G-A185", "SRT")}
 SHORT_AXIS = {("103340004", "SCT"), ("G-A186", "SRT")}
 VOLUME = ("118565006", "SCT")
-DIAMETER = ("81827009", "SCT")
+DIAMETER = {("81827009", "SCT"), ("LT058", "99LTRK")}  # SCT Diameter (older results), our "Maximum 3D diameter"
+#: volume units → mm3 (our results say ml since issue 29; older ones and other writers mm3 or cm3)
+_MM3_PER_UNIT = {"mm3": 1.0, "ml": 1000.0, "mL": 1000.0, "cm3": 1000.0, "l": 1e6, "L": 1e6}
 MEAN = ("373098007", "SCT")
 SD = ("386136009", "SCT")
 LESION_STATUS = ("LT001", "99LTRK")
@@ -557,7 +559,7 @@ def read_sr_measurements(
             m.status = STATUS_OF_CODE.get(status[0], m.status)
         vol = g.num(VOLUME)
         if vol is not None:
-            m.volume_mm3 = vol.value
+            m.volume_mm3 = vol.value * _MM3_PER_UNIT.get(vol.unit, 1.0)
         diam = g.num(DIAMETER)
         if diam is not None:
             m.max_3d_diameter_mm = diam.value

@@ -3,14 +3,19 @@
 Per present lesion, both carrying the lesion's Tracking Identifier (text = Tracking ID, UID = Tracking UID — the same
 values as the SEG segment):
 
-* a TID 1411 volumetric group referencing the SEG segment: Volume, maximum 3-D diameter, mean/SD HU, volume changes
-  vs previous / baseline / nadir;
 * a TID 1410 planar group whose region is the long-axis POLYLINE on its key CT slice: Long axis (inferred from that
-  polyline), Short axis (inferred from its own polyline), RECIST diameter changes, the RECIST baseline category.
+  polyline), Short axis (inferred from its own polyline) — written first, so that a viewer merging a lesion's
+  groups (OHIF 3.13, which draws a lesion's first five NUMs) shows the RECIST axes first;
+* a TID 1411 volumetric group referencing the SEG segment: Volume in ml (UCUM ``ml``), the "Maximum 3D diameter"
+  (local code LT058, named for what it is: not a RECIST diameter), mean/SD HU (UCUM ``[hnsf'U]``, meaning
+  "Hounsfield unit"), volume changes vs previous / baseline / nadir (ml and %), then the RECIST diameter's changes
+  (mm and %), the RECIST baseline category, the review flag.
 
 Each re-segmented lesion's first group also carries its review flag (qualitative evaluation "Review status" LT053:
 "Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
-:mod:`pipeline.confidence`; a lesion that was not assessed (e.g. not re-segmented) states neither.
+:mod:`pipeline.confidence`; a flagged lesion says why: one TEXT "Reason for review" (LT057) per reason (TID 1500 is
+extensible; pixelmed reports them as "not in template" warnings); a lesion that was not assessed (e.g. not
+re-segmented) states none of these.
 
 A vanished lesion gets a TID 1410 group (same tracking identifier) with a POINT where it was looked for
 (``LesionReport.expected_centre_mm``), zero sizes and status "vanished", so every tracked lesion appears in every
@@ -97,6 +102,8 @@ class LT:
     NEEDS_REVIEW = _local("LT054", "Flagged for review")
     NO_REVIEW = _local("LT055", "Not flagged for review")
     TRACKING_CONFIDENCE = _local("LT056", "Tracking confidence")
+    REVIEW_REASON = _local("LT057", "Reason for review")
+    MAX_3D_DIAMETER = _local("LT058", "Maximum 3D diameter")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -140,6 +147,9 @@ NEW_LESION_CODES: dict[NewLesionState, Code] = {
 UNASSESSED_CODES: dict[Response, Code] = {Response.NE: LT.NOT_EVALUATED, Response.ND: LT.NONE_OF_KIND}
 ONE = codes.UCUM.NoUnits
 MM, MM3, PCT, HU = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter, codes.UCUM.Percent, codes.UCUM.HounsfieldUnit
+#: volumes are reported in millilitres (UCUM "ml", DICOM CID 7181): "66.61 ml", not "66606.41 mm3"
+ML = Code("ml", "UCUM", "milliliter")
+ML_PER_MM3 = 1e-3
 CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_ABS, "nadir": LT.CHANGE_NADIR_ABS}
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
 
@@ -180,6 +190,7 @@ class LesionReport:
     confidence: float | None = None  # the result's confidence in [0, 1] (pipeline.confidence)
     #: why a lesion of the prior was not assessed (status NOT_EVALUATED): stated, nothing measured (issue 29)
     not_assessed_reason: str | None = None
+    review_reasons: Sequence[str] = ()  # why it is flagged (pipeline.confidence); stated only when flagged
 
 
 @dataclass
@@ -207,7 +218,10 @@ def _num(name: Code, value: float, unit: Code, **kw: Any) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)
 
 
-def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code) -> list[hd.sr.Measurement]:
+def _change_measurements(
+    changes: LesionChanges | None, metric: str, unit: Code, scale: float = 1.0
+) -> list[hd.sr.Measurement]:
+    """Absolute (in ``unit``: the metric's value x ``scale``) and percent changes vs previous / baseline / nadir."""
     out: list[hd.sr.Measurement] = []
     if changes is None or metric not in changes.metrics:
         return out
@@ -216,7 +230,7 @@ def _change_measurements(changes: LesionChanges | None, metric: str, unit: Code)
         ch = getattr(mc, ref)
         if ch is None:
             continue
-        out.append(_num(CHANGE_ABS_CODES[ref], ch.absolute, unit))
+        out.append(_num(CHANGE_ABS_CODES[ref], ch.absolute * scale, unit))
         if ch.percent is not None:
             out.append(_num(CHANGE_PCT_CODES[ref], ch.percent, PCT))
     return out
@@ -373,10 +387,10 @@ def write_sr(
             if m.present:
                 raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
             zero = [
-                _num(codes.SCT.Volume, 0.0, MM3),
+                _num(codes.SCT.Volume, 0.0, ML),
                 _num(codes.SCT.LongAxis, 0.0, MM),
                 _num(codes.SCT.ShortAxis, 0.0, MM),
-                *_change_measurements(rep.changes, "volume_mm3", MM3),
+                *_change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3),
                 *_change_measurements(rep.changes, "recist_diameter_mm", MM),
                 *conf_meas,
             ]
@@ -396,6 +410,7 @@ def write_sr(
                         qualitative_evaluations=quals,
                     )
                 )
+                _state_reasons(groups[-1], rep)
             else:
                 # No location known: a TID 1501 group over the series. Valid DICOM, but pixelmed 2022 applies the
                 # TID 1411 conditions to every group once one 1411 group exists and then reports errors — pass
@@ -412,18 +427,24 @@ def write_sr(
                         source_images=[locator.source_for_group()],
                     )
                 )
+                _state_reasons(groups[-1], rep)
             continue
 
         # TID 1411: volume etc. of the SEG segment
         vol_meas = [
-            _num(codes.SCT.Volume, m.volume_mm3, MM3),
-            _num(codes.SCT.Diameter, m.max_3d_diameter_mm, MM, derivation=codes.SCT.Maximum),
+            _num(codes.SCT.Volume, m.volume_mm3 * ML_PER_MM3, ML),
+            # named for what it is: the RECIST long/short axes are the planar group's; this is the 3-D Feret diameter
+            _num(LT.MAX_3D_DIAMETER, m.max_3d_diameter_mm, MM),
         ]
         if m.hu_mean is not None:
             vol_meas.append(_num(codes.SCT.Mean, m.hu_mean, HU))
         if m.hu_sd is not None:
             vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
-        vol_meas += _change_measurements(rep.changes, "volume_mm3", MM3)
+        vol_meas += _change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3)
+        # the RECIST diameter's changes (mm, %) follow the volume's: OHIF 3.13 draws the first five NUMs of a lesion
+        # (its groups merged, the RECIST group first), which are then Long axis, Short axis, Volume, Maximum 3D
+        # diameter and mean HU; the diameter changes in the RECIST group would push the volume out of sight
+        vol_meas += _change_measurements(rep.changes, "recist_diameter_mm", MM)
         vol_meas += conf_meas
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -436,6 +457,7 @@ def write_sr(
                 qualitative_evaluations=quals,
             )
         )
+        _state_reasons(groups[-1], rep)
 
         # TID 1410: long axis polyline on the key slice + short axis
         if m.long_axis is None or m.short_axis is None:
@@ -463,12 +485,13 @@ def write_sr(
                 method=codes.DCM.RECIST1Point1,
                 referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)],
             ),
-            *_change_measurements(rep.changes, "recist_diameter_mm", MM),
         ]
         for template in extra:
             for item in template:
                 container.ContentSequence.append(item)
-        groups.append(planar)
+        # the RECIST group goes first: a viewer that merges a lesion's groups by Tracking UID (OHIF) lists the long
+        # and short axes before the volume and the 3-D diameter
+        groups.insert(len(groups) - 1, planar)
 
     person = None
     if verified_by:  # the reader whose correction this report adopts (TID 1003 person observer)
@@ -527,6 +550,18 @@ def write_sr(
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
+def _state_reasons(group: Sequence[Any], rep: LesionReport) -> None:
+    """A flagged lesion's reasons as TEXT items of its (first) measurement group; nothing when it is not flagged."""
+    if not rep.review:
+        return
+    for reason in rep.review_reasons:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=LT.REVIEW_REASON, value=str(reason)[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+
+
 def _referenced_segment(seg: SegWriteResult, number: int) -> hd.sr.ReferencedSegment:
     """Segment reference with its source images, from the slice ranges the SEG writer recorded.
 
@@ -582,7 +617,7 @@ def _recist_container(r: TimepointResponse, best: Response | None) -> hd.sr.Cont
     if r.change_from_nadir_pct is not None:
         items.append(num(LT.CHANGE_NADIR_PCT, r.change_from_nadir_pct, PCT))
     if r.sum_of_volumes_mm3 is not None:
-        items.append(num(LT.SUM_VOLUMES, r.sum_of_volumes_mm3, MM3))
+        items.append(num(LT.SUM_VOLUMES, r.sum_of_volumes_mm3 * ML_PER_MM3, ML))
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container

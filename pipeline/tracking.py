@@ -275,6 +275,7 @@ def _propagate_direct(
                 rules=opts.confidence,
                 neighbour=nb,
                 days=days_between(src_tp.study_date, cur.study_date),
+                is_node=les.identity.is_node,
             )
             les.meta["confidence"] = conf
             les.meta["review"] = bool(les.meta.get("review", False) or conf.review)

@@ -16,6 +16,7 @@ module writes a second, small TID 1500 instance in its own series with one TID 1
 * Tracking Identifier = OHIF's tool tag (``Bidirectional``); **Tracking UID = the lesion's own Tracking UID** (the
   same as its SEG segment and its groups in the main SR: one lesion, one Tracking UID; each lesion has exactly one
   group here, so nothing is merged within this instance);
+* only tracked lesions (not unconfirmed new-lesion candidates: :func:`viewer_lesions`);
 * Comment = the lesion's display name (Tracking ID + the radiologist's description, :mod:`pipeline.lesion_names`);
 * Finding = Lesion, its finding site, the TID 1502 time point;
 * NUM Long Axis and NUM Short Axis (mm, RECIST 1.1), each INFERRED FROM its 2-point POLYLINE on the key axial slice.
@@ -39,6 +40,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from db.status import LesionStatus
 from pipeline.lesion_names import display_name
 from pipeline.measurements import LesionMeasurement
 from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, anatomic_code
@@ -59,10 +61,16 @@ SERIES_DESCRIPTION = "LesionTrack RECIST for OHIF"
 
 
 def viewer_lesions(lesions: Sequence[LesionReport]) -> list[LesionReport]:
-    """The lesions the OHIF SR shows: present (incl. new and unconfirmed candidates) with a RECIST long axis."""
+    """The lesions the OHIF SR shows: the tracked lesions (and confirmed new ones) present with a RECIST long axis.
+
+    Unconfirmed new-lesion candidates are left out (issue 29): OHIF's tracked-measurements panel is the reader's
+    list of lesions being followed, and a candidate is not one until a reader confirms it; candidates are in the SEG
+    (their own segment category) and in the report (series 902)."""
     out = []
     for rep in lesions:
         m = rep.measurement
+        if m.status is LesionStatus.CANDIDATE:
+            continue
         if m.present and m.long_axis is not None and m.long_axis.length_mm > 0:
             out.append(rep)
     return out

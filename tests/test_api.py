@@ -539,3 +539,53 @@ def test_thumbnail_of_a_seg_without_tracking_uids() -> None:
     sl = lesion_slice_from_seg(path, None, derived_tracking_uid(str(seg.SOPInstanceUID), 1))
     assert sl.mask.sum() > 30000
     assert sl.source_sop_instance_uid in {u[2] for u in seg.get_source_image_uids()}
+
+
+def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -> None:
+    """Issue 29 item 6: a result prompted from a baseline that has only RECIST lines (an SR, no SEG) says "SR lines"
+    where it names the prompt source, lists the object as that SR (never as "SEG"), and shows no thumbnail for the
+    baseline (no "SEG unreadable" card for a SEG that does not exist). An SR of ours with its RECIST polylines stands
+    in for the radiologist's lines; the database is restored afterwards."""
+    client, sf, built, _ = env
+    base, fu = built.timepoints[0], built.timepoints[1]
+    assert base.sr_path is not None
+    original = base.sr_path.read_bytes()
+    lines = pydicom.dcmread(base.sr_path)
+    lines_uid = str(lines.SOPInstanceUID)
+    lines.Manufacturer = "Reading workstation"  # a person's RECIST lines (our own reports are named plain "SR")
+    lines.save_as(base.sr_path)
+    with session_scope(sf) as s:
+        rows = s.scalars(
+            select(LesionObservation).where(LesionObservation.series_instance_uid.in_([base.series_uid, fu.series_uid]))
+        ).all()
+        saved = {o.id: (o.seg_sop_instance_uid, o.propagated_from_sop_uid, o.propagated_from_series_uid) for o in rows}
+        base_ids = [o.id for o in rows if o.series_instance_uid == base.series_uid]
+        for o in rows:
+            if o.series_instance_uid == base.series_uid:
+                o.seg_sop_instance_uid = lines_uid
+            else:
+                o.propagated_from_sop_uid, o.propagated_from_series_uid = lines_uid, base.series_uid
+    try:
+        tl = rd(client, f"/api/patients/{built.patient_pk}/timeline").json()
+        first = [r["cells"][0] for r in tl["lesions"] if r["cells"][0]]
+        assert first and all(c["object_kind"] == "SR lines" for c in first)
+        prompted = [r["cells"][1] for r in tl["lesions"] if r["cells"][1] and r["cells"][1]["propagated_from_sop_uid"]]
+        assert prompted and all(c["prompt_kind"] == "SR lines" for c in prompted)
+        tp0 = tl["timepoints"][0]
+        assert lines_uid not in tp0["seg_uids"] and lines_uid in tp0["sr_uids"]
+        assert tp0["object_kinds"][lines_uid] == "SR lines"
+
+        html = _browser_login(client).get(f"/patients/{built.patient_pk}").text
+        for obs_id in base_ids:
+            assert f"/api/observations/{obs_id}/thumbnail.png" not in html
+        assert "annotated as SR lines" in html and '<span class="prompt-kind">SR lines</span>' in html
+        assert f'title="structured report {lines_uid}">SR lines</a>' in html
+        assert f'title="DICOM-SEG {lines_uid}"' not in html
+        # asked for anyway, the thumbnail says what the object is instead of "SEG unreadable"
+        png = rd(client, f"/api/observations/{base_ids[0]}/thumbnail.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    finally:
+        base.sr_path.write_bytes(original)
+        with session_scope(sf) as s:
+            for o in s.scalars(select(LesionObservation).where(LesionObservation.id.in_(list(saved)))):
+                o.seg_sop_instance_uid, o.propagated_from_sop_uid, o.propagated_from_series_uid = saved[o.id]

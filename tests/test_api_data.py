@@ -357,9 +357,10 @@ def phantom_timepoints(
     spacing: tuple[float, float, float] = (2.0, 2.0, 3.0),
     n_lesions: int = 4,
     patient_id: str = "LT-DEMO-7",
+    n_followups: int = 2,
 ) -> list[PhantomTimepoint]:
-    """Baseline + 2 follow-ups of the procedural CT patient (``synthetic.phantom`` + ``synthesis``): realistic
-    anatomy, lesions that grow, shrink, vanish or appear; each timepoint written as a real CT DICOM series."""
+    """Baseline + ``n_followups`` follow-ups of the procedural CT patient (``synthetic.phantom`` + ``synthesis``):
+    realistic anatomy, lesions that grow, shrink, vanish or appear; each timepoint written as a real CT DICOM series."""
     import datetime as dt
 
     import numpy as np
@@ -384,7 +385,13 @@ def phantom_timepoints(
         inplane_scale=(1.0, 1.0),
     )
     synth = synthesize_patient(
-        ph.ct, ph.lesions, np.random.default_rng(seed), n_followups=2, config=cfg, patient_id=patient_id, seed=seed
+        ph.ct,
+        ph.lesions,
+        np.random.default_rng(seed),
+        n_followups=n_followups,
+        config=cfg,
+        patient_id=patient_id,
+        seed=seed,
     )
     info = {li.label: li for li in ph.lesion_info}
     idents: dict[int, LesionIdentity] = {}

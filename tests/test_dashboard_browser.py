@@ -68,7 +68,8 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
     sf = make_session_factory(make_engine(url))
-    built = build_patient(sf, phantom_timepoints(tmp_path), tmp_path, patient_id="LT-DEMO-7")
+    # six timepoints (baseline + 5 follow-ups): the timeline must hold them, and 10, without overflowing (issue 29)
+    built = build_patient(sf, phantom_timepoints(tmp_path, n_followups=5), tmp_path, patient_id="LT-DEMO-7")
     scout = _skipped_series(sf, built.timepoints[0].series_uid)
     settings = Settings(data_dir=tmp_path, http={"api_keys": [{"name": "ops", "key": KEY, "role": "operator"}]})
     app = create_app(settings, sf, JobControl(JobStore(sf), lambda _job: None, settings=settings, session_factory=sf))
@@ -182,5 +183,9 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     assert len(thumbs) == n_cells and len(plots) == len(tl.lesions)
     assert all(i["naturalWidth"] == 160 and i["naturalHeight"] == 160 for i in thumbs), thumbs
     assert all(i["naturalWidth"] == 360 and i["naturalHeight"] == 200 for i in plots), plots
+    # the timeline of 6 timepoints fits its container, and 10 timepoint columns would fit the 1500 px window
+    layout = result["layout"]
+    assert layout["timepoints"] == 6 and layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
+    assert layout["lesionWidth"] + 10 * layout["timepointWidth"] <= layout["containerWidth"], layout
     for name in ("dashboard-jobs.png", "dashboard-timeline.png"):
         assert (ARTIFACTS / name).stat().st_size > 20_000, name

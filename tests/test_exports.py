@@ -32,8 +32,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _num(group, concept) -> float | None:
+    """The NUM's value; a volume in ml (our SRs since issue 29) as mm3, as the exports state it."""
     found = group.get_measurements(name=concept)
-    return float(found[0].value) if found else None
+    if not found:
+        return None
+    scale = 1000.0 if found[0].unit.value in ("ml", "mL") else 1.0
+    return float(found[0].value) * scale
 
 
 def _sr_values(sr_path: Path) -> tuple[dict[str, dict[str, float | str | None]], dict[str, str]]:

@@ -148,6 +148,7 @@ def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -
     ds = pydicom.dcmread(written.sr)
     flags: dict[str, set[str]] = {}
     confidences: dict[str, float] = {}
+    reasons: dict[str, list[str]] = {}
     for group in _content(ds.ContentSequence):
         if group.get("ValueType") != "CONTAINER":
             continue
@@ -161,10 +162,13 @@ def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -
                 flags.setdefault(uid, set()).add(str(k.ConceptCodeSequence[0].CodeMeaning))
             if name == "LT056":
                 confidences[uid] = float(k.MeasuredValueSequence[0].NumericValue)
+            if name == "LT057":  # the SR says why (issue 29 item 5)
+                reasons.setdefault(uid, []).append(str(k.TextValue))
     assert flags[site["erased"]] == {"Flagged for review"}
+    assert reasons.get(site["erased"])
     for uid in site["uids"]:
         if uid != site["erased"]:
-            assert flags[uid] == {"Not flagged for review"}
+            assert flags[uid] == {"Not flagged for review"} and uid not in reasons
     assert set(confidences) == set(site["uids"]) and confidences[site["erased"]] < 0.5
 
 
@@ -277,3 +281,106 @@ def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() 
     one = conf(annotation_margin=0.6, result_margin=0.82).confidence
     two = conf(annotation_margin=0.6, result_margin=0.82, ncc=0.6).confidence
     assert 0 < two < one < 1
+
+
+def test_every_recorded_reason_flags_the_lesion() -> None:
+    """Issue 29 item 5: a reason of doubt is recorded exactly when it flags the lesion. A mild local Jacobian
+    (0.57..1.47, score about 0.86) is not a reason of doubt: it stays a signal with its value, no reason is recorded
+    and the lesion is not flagged; a result with a reason always says "flagged"."""
+    from pipeline.confidence import combine
+
+    base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
+    mild = combine({**base, "jac_lo": 0.57, "jac_hi": 1.47})
+    jac = mild.signal("jacobian")
+    assert jac is not None and jac.score < 1
+    assert not mild.review and mild.reasons == []
+    folded = combine({**base, "jac_lo": -0.1, "jac_hi": 1.2})
+    assert folded.review and "registration folds near the lesion" in folded.reasons
+    for ev in (
+        {"ncc": 0.5},
+        {"ncc": 0.7, "annotation_margin": 0.65, "result_margin": 0.85},
+        {"volume_ratio": 0.8, "diameter_ratio": 1.12},
+        {"volume_ratio": 0.885, "registration_ratio": 1.3},
+        {"annotation_margin": 0.7},
+    ):
+        c = combine({**base, **ev})
+        assert bool(c.reasons) == c.review, (ev, c)
+
+
+def test_a_change_that_contradicts_itself_or_the_registration_is_flagged() -> None:
+    """Issue 29 item 5: volume and RECIST diameter changing in opposite directions, or a volume change the
+    registration's Jacobian does not explain (it stretched the lesion's region by +30 %, the result says -11.5 %),
+    flag the lesion and say why; measurement noise, a coherent change and a rigid registration do not."""
+    from pipeline.confidence import combine
+
+    base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
+
+    def conf(**kw: Any) -> Any:
+        return combine({**base, **kw})
+
+    contra = conf(volume_ratio=0.75, diameter_ratio=1.12)
+    assert contra.review and any("signs disagree" in r for r in contra.reasons)
+    assert not conf(volume_ratio=0.97, diameter_ratio=1.03).review  # noise
+    assert not conf(volume_ratio=1.41, diameter_ratio=1.12).review  # coherent growth
+    assert not conf(volume_ratio=0.5, diameter_ratio=0.8).review  # coherent shrinkage
+
+    short = conf(volume_ratio=0.885, registration_ratio=1.3)
+    assert short.review and any("Jacobian" in r for r in short.reasons)
+    assert not conf(volume_ratio=1.41, registration_ratio=1.3).review  # growth beyond the registration's: expected
+    assert not conf(volume_ratio=0.885, registration_ratio=1.04).review  # a near-rigid registration says nothing
+    assert conf(volume_ratio=1.3, registration_ratio=0.7).review  # the registration shrank it, the result grew
+
+
+def test_registration_volume_ratio_reads_the_jacobian_of_the_mapping() -> None:
+    """The registration's implied volume change of a region: 1 / mean Jacobian determinant of the follow-up →
+    source mapping (a uniform 10 % stretch along each axis: x1.331)."""
+    from models.imaging.volume import Volume
+    from pipeline.confidence import registration_volume_ratio
+
+    class Stretch:
+        def map_points_to_baseline(self, pts: np.ndarray) -> np.ndarray:
+            return np.asarray(pts, float) / 1.1
+
+    grid = Volume(np.zeros((20, 20, 20), np.int16), spacing=np.ones(3))
+    region = np.zeros((20, 20, 20), bool)
+    region[5:15, 5:15, 5:15] = True
+    ratio = registration_volume_ratio(Stretch(), region, grid)
+    assert ratio is not None and abs(ratio - 1.331) < 1e-3
+    assert registration_volume_ratio(Stretch(), np.zeros_like(region), grid) is None
+
+
+def test_a_result_short_of_the_registrations_own_change_is_flagged_end_to_end() -> None:
+    """Issue 29 item 5, through :func:`assess_lesion` (the tracking loop's call): the registration stretches the
+    lesion's region by x1.30 (it followed a growing lesion), the result is under-segmented (x0.90 against the
+    annotation): flagged, with the reason naming the registration's Jacobian; the same registration with a result
+    that follows the growth is not flagged."""
+    from models.imaging.volume import Volume
+
+    scale, centre = 1.09, np.array([20.0, 20.0, 20.0])
+
+    class Scaling:  # follow-up → annotation mapping of a uniform expansion about the lesion's centre
+        def map_points_to_baseline(self, pts: np.ndarray) -> np.ndarray:
+            return centre + (np.asarray(pts, float) - centre) / scale
+
+    k, j, i = np.meshgrid(np.arange(41), np.arange(41), np.arange(41), indexing="ij")
+    r = np.sqrt((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2)
+
+    def ct(radius: float) -> Volume:
+        return Volume(np.where(r <= radius, 40, -850).astype(np.int16), spacing=np.ones(3))
+
+    source_ct, followup_ct = ct(6.0), ct(6.0 * scale)
+    kw: dict[str, Any] = dict(
+        source_ct=source_ct,
+        source_mask=source_ct.with_array((r <= 6.0).astype(np.uint8)),
+        followup_ct=followup_ct,
+        prompt=followup_ct.with_array((r <= 6.0 * scale).astype(np.uint8)),
+        present=True,
+        reg=Scaling(),
+        days=56,
+    )
+    short = assess_lesion(result=followup_ct.with_array((r <= 5.8).astype(np.uint8)), **kw)
+    assert short.review and any("Jacobian" in reason for reason in short.reasons), short
+    sig = short.signal("registration_change")
+    assert sig is not None and sig.score < 0.5
+    follows = assess_lesion(result=followup_ct.with_array((r <= 6.0 * scale).astype(np.uint8)), **kw)
+    assert not follows.review and follows.reasons == [], follows

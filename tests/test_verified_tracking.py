@@ -387,7 +387,7 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
     measured = job_results(job2.step_outputs).measure
     assert measured is not None
     volumes = [
-        f"Volume: {m.measurement['volume_mm3']:.2f} mm3"
+        f"Volume: {m.measurement['volume_mm3'] / 1000:.2f} ml"
         for m in measured.lesions
         if m.measurement["status"] != "vanished"
     ][:1]

@@ -70,7 +70,9 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert {s.SegmentDescription for s in seg.SegmentSequence} <= set(RADIOLOGIST_WORDS.values())
     present = [m for m in fu.measurements.values() if m.status != "vanished"]
     assert present and len(labels) == len(present)
-    volumes = [f"Volume: {m.volume_mm3:.2f} mm3" for m in present]
+    volumes = [f"Volume: {m.volume_mm3 / 1000:.2f} ml" for m in present]  # in ml since issue 29, not "66606.41 mm3"
+    # the RECIST long axis is named and shown as such (the 3-D diameter is "Maximum 3D diameter", never "Diameter")
+    long_axes = [f"Long axis: {m.long_axis.length_mm:.2f} mm" for m in present if m.long_axis is not None]
     largest = max(present, key=lambda m: m.volume_mm3).tracking_id  # the screenshot jumps to it
     # the OHIF measurements SR (pipeline.viewer_sr), written as the write step writes it; the smallest lesion as if
     # it had been measured without a short axis (a Length measurement in OHIF)
@@ -119,7 +121,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
                 "--labels",
                 "|".join(labels),
                 "--sr-texts",
-                "|".join(volumes),
+                "|".join(volumes + long_axes),
                 "--focus-label",
                 largest,
                 "--track-sr",
@@ -147,7 +149,9 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert "error" not in result, result.get("error")
     assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
-    assert sorted(result["srTextsFound"]) == sorted(volumes), f"SR values missing: {result['srTextsMissing']}"
+    assert sorted(result["srTextsFound"]) == sorted(volumes + long_axes), f"missing: {result['srTextsMissing']}"
+    shown = result["srPanelText"]
+    assert "mm3" not in shown and "\nDiameter:" not in shown and "Maximum 3D diameter:" in shown, shown[-2000:]
     # OHIF re-hydrates the OHIF measurements SR: its tracked-measurements panel lists every lesion by name
     assert result["trackedMissing"] == [], (result["trackedMissing"], result["trackedPanelText"][-2000:])
     assert f"Measurements ({len(tracked)})" in result["trackedPanelText"]

@@ -312,3 +312,18 @@ def test_a_lesion_without_a_short_axis_is_an_ohif_length(viewer: Viewer, tmp_pat
     assert rep.ok, rep.summary()
     (prompt,) = read_sr_prompts(path, images=viewer.tp.datasets)
     assert prompt.identity.tracking_id == m.tracking_id
+
+
+def test_unconfirmed_candidates_are_not_tracked_measurements(viewer: Viewer) -> None:
+    """Issue 29 item 6: OHIF's tracked-measurements panel lists the tracked lesions by name, not every new-lesion
+    candidate: a candidate (status "candidate") is left out of the OHIF SR, a confirmed new lesion is not."""
+    present = [m for m in viewer.measurements if m.present]
+    assert len(present) >= 2
+    cand = replace(present[0], tracking_id="N1 (unconfirmed)", status=LesionStatus.CANDIDATE)
+    new = replace(present[1], status=LesionStatus.NEW)
+    reports = [LesionReport(cand), LesionReport(new), *[LesionReport(m) for m in present[2:]]]
+    shown = [r.measurement.tracking_uid for r in viewer_lesions(reports)]
+    assert cand.tracking_uid not in shown and new.tracking_uid in shown
+    ds = write_viewer_sr(viewer.tp.datasets, reports, time_point=TimePoint("T1", 1), seg=viewer.seg.dataset)
+    assert ds is not None
+    assert len(_groups(ds)) == len(shown)

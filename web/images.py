@@ -20,6 +20,7 @@ from db.session import session_scope
 from db.status import LesionStatus
 from pipeline import thumbnails
 from pipeline.history import build_timeline
+from pipeline.object_kinds import has_mask, object_kinds
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class ImageService:
         if seg_path is None:
             log.info("no SEG file for %s (SEG %s)", key, seg_uid)
             return thumbnails.placeholder_png(f"{label}\nno SEG on file")
+        kind = object_kinds(s, [seg_uid]).get(seg_uid or "")
+        if not has_mask(kind):  # e.g. a baseline annotated with RECIST lines: no mask exists, none is pretended
+            return thumbnails.placeholder_png(f"{label}\nannotated as {kind or 'a non-SEG object'}\n(no mask)")
         try:
             sl = thumbnails.lesion_slice_from_seg(seg_path, segment, tracking_uid)
         except thumbnails.ThumbnailError as exc:

@@ -85,6 +85,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             provenance(les),
             review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
             confidence=None if conf is None else conf.confidence,
+            review_reasons=[] if conf is None else list(conf.reasons),
         )
         for les in lesions
     ]

@@ -106,6 +106,16 @@ try {
     return { timepoints: tps, lesions, overall, target,
       best: document.querySelector('#best-response').textContent.trim() };
   });
+  // layout: does the table fit its container, and would 10 timepoints (issue 29) fit this 1500 px window?
+  result.layout = await page.evaluate(() => {
+    const table = document.querySelector('#timeline');
+    const scroll = table.closest('.scroll');
+    const tp = table.querySelector('thead th.tp');
+    const lesion = table.querySelector('thead th.lesion-col');
+    return { tableWidth: table.getBoundingClientRect().width, containerWidth: scroll.clientWidth,
+      scrollWidth: scroll.scrollWidth, timepointWidth: tp.getBoundingClientRect().width,
+      lesionWidth: lesion.getBoundingClientRect().width, timepoints: Number(table.dataset.timepoints) };
+  });
   await shot('dashboard-timeline.png', true);
 
   // with --analyse SERIES: the skipped-series page's "Analyse anyway" button (operator), and what it says

@@ -193,9 +193,9 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
     tips: dict[int, int] = {}
     for h in heads:
         for li, line in enumerate(lines):
-            for end in (0, 1):
-                if np.linalg.norm(h.px[1] - line.px[end]) <= 1.5:
-                    tips[li] = end
+            for tip_end in (0, 1):
+                if np.linalg.norm(h.px[1] - line.px[tip_end]) <= 1.5:
+                    tips[li] = tip_end
                     h.used = True
     # decoration ticks: short lines near another line's middle
     for line in lines:

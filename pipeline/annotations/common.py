@@ -128,30 +128,50 @@ def merge_by_precedence(sources: Sequence[SourcedPrompts]) -> tuple[list[Prompt]
     order = sorted(
         range(len(sources)), key=lambda i: (-RANK.get(sources[i].modality.upper(), 0), _neg(sources[i].content_key))
     )
-    chosen: dict[str, Prompt] = {}
-    by: dict[str, SourcedPrompts] = {}
+    chosen: list[tuple[Prompt, SourcedPrompts]] = []
     warnings: list[AnnotationWarning] = []
     for i in order:
         src = sources[i]
         for p in src.prompts:
-            uid = p.identity.tracking_uid
-            if uid in chosen:
-                win = by[uid]
-                why = "a higher-ranked object" if _rank(win) > _rank(src) else "a newer object"
+            win = next((w for w in chosen if same_lesion(w[0], p)), None)
+            if win is not None:
+                why = "a higher-ranked object" if _rank(win[1]) > _rank(src) else "a newer object"
                 warnings.append(
                     AnnotationWarning(
                         src.name or src.modality,
                         p.identity.tracking_id,
-                        f"same lesion as in {win.name or win.modality}, which takes precedence ({why})",
+                        f"same lesion as {win[0].identity.tracking_id} in {win[1].name or win[1].modality}, "
+                        f"which takes precedence ({why})",
                     )
                 )
                 continue
-            chosen[uid] = p
-            by[uid] = src
+            chosen.append((p, src))
     out = []
-    for n, p in enumerate(chosen.values(), start=1):
+    for n, (p, _src) in enumerate(chosen, start=1):
         out.append(replace(p, identity=replace(p.identity, label=n)))
     return out, warnings
+
+
+def lesion_label(p: Prompt) -> str | None:
+    """The radiologist's label of a prompt (a numbered default name such as "L3" does not identify a lesion)."""
+    raw = p.meta.get("segment_label")
+    if not raw and not re.fullmatch(r"L\d+", p.identity.tracking_id.strip()):
+        raw = p.identity.tracking_id
+    return normalise_label(str(raw)) if raw else None
+
+
+def same_lesion(a: Prompt, b: Prompt, within_mm: float = 10.0) -> bool:
+    """Two prompts from different objects mark one lesion: same Tracking UID, same label, or centres within
+    ``within_mm`` (a line and a SEG of one nodule)."""
+    if a.identity.tracking_uid == b.identity.tracking_uid:
+        return True
+    la, lb = lesion_label(a), lesion_label(b)
+    if la and lb and la == lb:
+        return True
+    try:
+        return float(np.linalg.norm(a.centre_mm() - b.centre_mm())) <= within_mm
+    except ValueError:
+        return False
 
 
 def _rank(src: SourcedPrompts) -> int:

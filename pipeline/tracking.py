@@ -560,6 +560,9 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
                     "timepoints": [],
                 },
             )
+            for key in ("prompt_origin", "weak_prior", "drawn_diameters_mm"):  # where the prior came from
+                if key in les.meta:
+                    entry.setdefault(key, les.meta[key])
             entry["timepoints"].append(
                 {
                     "index": t,

@@ -37,7 +37,7 @@ def track(
         "--baseline",
         exists=True,
         file_okay=False,
-        help="DICOM CT series folder with the annotated lesions (SEG or SR inside)",
+        help="DICOM CT series folder with the annotated lesions (SEG, SR, GSPS or RTSTRUCT inside)",
     ),
     followup: list[Path] = typer.Option(
         ..., "--followup", exists=True, file_okay=False, help="follow-up CT series folder (repeat; any time order)"
@@ -105,14 +105,19 @@ def track(
     tps = [tps[i] for i in order]
     source_index = order.index(0)
     base_ct = tps[source_index].ct
+    annotation_warnings: list[Any] = []
     try:
         if prompts is not None:
             lesion_prompts = load_prompts_json(prompts, base_ct, series_uid=tps[source_index].series_uid)
         else:
-            lesion_prompts = prompts_from_directory(baseline, base_ct)
+            lesion_prompts = prompts_from_directory(baseline, base_ct, warnings=annotation_warnings)
     except (PromptSourceError, ValueError) as exc:
+        for w in annotation_warnings:
+            console.print(f"[yellow]warning:[/] {w}")
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
+    for w in annotation_warnings:  # an annotation that did not become a lesion is said, never dropped silently
+        console.print(f"[yellow]warning:[/] {w}")
     verified: dict[int, list[Any]] = {}
     for folder in confirmed:
         resolved = [i for i, tp in enumerate(tps) if Path(str(tp.meta["folder"])).resolve() == folder.resolve()]
@@ -166,6 +171,7 @@ def track(
     summary["source_index"] = source_index
     summary["confirmed_indices"] = sorted(verified)
     summary["propagation"] = "annotation"  # every timepoint from the baseline annotation (propagated_from per lesion)
+    summary["annotation_warnings"] = [str(w) for w in annotation_warnings]
     for t, tp in enumerate(tps):
         path = out / f"T{t}_{_safe(tp.series_uid)}_labels.nii.gz"
         label_map(tp).write(str(path))

@@ -67,6 +67,7 @@ class _Graphic:
     px: np.ndarray  # (N, 2) column, row
     mm: np.ndarray  # (N, 3)
     normal: np.ndarray  # of the image plane
+    item: int = 0  # the graphic annotation item it came from
     used: bool = False
 
 
@@ -76,12 +77,14 @@ class _Text:
     anchor_mm: np.ndarray | None
     box_mm: np.ndarray | None
     anchor_px: np.ndarray | None
+    item: int = 0
 
 
 @dataclass
 class _Lesion:
     drawing: Drawing
     what: str
+    items: set[int] = field(default_factory=set)
     texts: list[str] = field(default_factory=list)
     caveat: str | None = None
 
@@ -135,7 +138,7 @@ def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None 
             if px.size == 0:
                 result.warnings.append(AnnotationWarning(obj, name, "no points"))
                 continue
-            graphics.append(_Graphic(name, kind, layer, px, g.to_patient(px), np.cross(g.row_dir, g.col_dir)))
+            graphics.append(_Graphic(name, kind, layer, px, g.to_patient(px), np.cross(g.row_dir, g.col_dir), a))
         for t in texts:
             anchor = None
             anchor_px = None
@@ -146,7 +149,7 @@ def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None 
             if "BoundingBoxTopLeftHandCorner" in t and str(t.get("BoundingBoxAnnotationUnits", "")) == "PIXEL":
                 corners = np.array([t.BoundingBoxTopLeftHandCorner, t.BoundingBoxBottomRightHandCorner], float)
                 box = g.to_patient(corners)
-            labels.append(_Text(str(t.get("UnformattedTextValue", "")).strip(), anchor, box, anchor_px))
+            labels.append(_Text(str(t.get("UnformattedTextValue", "")).strip(), anchor, box, anchor_px, a))
     lesions: list[_Lesion] = []
     for graphics, texts in per_image.values():
         lesions.extend(_group(graphics, texts, obj, result.warnings))
@@ -264,9 +267,16 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
             )
         else:
             warnings.append(AnnotationWarning(obj, g.index, f"unsupported graphic type {g.kind!r}"))
-    # labels: anchored texts on the lesion they point at, others on the nearest lesion within 40 mm
+    for les in out:  # the annotation items each lesion's graphics came from
+        les.items = {g.item for g in graphics if g.index in les.what}
+    # labels: a text in an annotation item holding one lesion labels it (a workstation's one measurement per item);
+    # otherwise anchored texts label the lesion they point at, others the nearest lesion within 40 mm
     for t in texts:
         if not t.text:
+            continue
+        own = [les for les in out if t.item in les.items]
+        if len(own) == 1:
+            own[0].texts.append(t.text)
             continue
         where = t.anchor_mm if t.anchor_mm is not None else (t.box_mm.mean(0) if t.box_mm is not None else None)
         if where is None or not out:

@@ -191,10 +191,14 @@ def follow_ups(
     return p
 
 
-def phantom_patient(seed: int, n_fu: int = 5) -> Patient:
+def phantom_patient(seed: int, n_fu: int = 5, slice_mm: float = 2.0) -> Patient:
     from synthetic.phantom import make_phantom
 
-    ph = make_phantom(seed=seed)
+    ph = (
+        make_phantom(seed=seed)
+        if slice_mm == 2.0
+        else make_phantom(seed=seed, shape=(round(200 / slice_mm), 160, 160), spacing=(2.0, 2.0, slice_mm))
+    )
     kinds = {
         info.label: info.kind + (f" ({info.params['contrast_hu']:.0f} HU)" if "contrast_hu" in info.params else "")
         for info in ph.lesion_info
@@ -419,6 +423,7 @@ def run_method(
     propagation: str,
     prompts: list[Prompt] | None = None,
     confirmed: dict[int, list[Prompt]] | None = None,
+    keep: list[Timepoint] | None = None,
 ) -> list[dict[str, Any]]:
     """Track ``p`` from ``prompts`` on the baseline (default: its ground truth) plus ``confirmed`` timepoints; score
     every follow-up against the ground truth (one row per lesion and follow-up)."""
@@ -432,6 +437,8 @@ def run_method(
         options=TrackingOptions(propagation=propagation),
         confirmed=confirmed,
     )
+    if keep is not None:  # the caller wants the tracked timepoints too
+        keep.extend(tps)
     vox0 = {les.identity.label: float(les.mask.array.sum()) for les in tps[0].lesions}
     rows = []
     for t in range(1, len(tps)):

@@ -128,6 +128,7 @@ class LesionRef(Record):
     tracking_uid: str
     tracking_id: str
     kind: str
+    prompt_origin: str | None = None  # seg, contours, line, bidirectional, arrow, ellipse, contour, point, box
 
 
 class TrackedLesionRecord(Record):
@@ -219,6 +220,7 @@ class LoadVolumesOutput(PipelineOutput):
     prior_shape: list[int]
     prompts: int
     lesions: list[LesionRef]
+    annotation_warnings: list[str] = Field(default_factory=list)  # annotations that gave no lesion, named
 
 
 class RegisterOutput(PipelineOutput):

@@ -71,8 +71,14 @@ def write_gsps(
     manufacturer: str = "Workstation",
 ) -> Path:
     """A GSPS with the ``marks`` on the CT ``headers``' images; returns the file written."""
+    import copy
+
     import highdicom as hd
 
+    headers = [copy.deepcopy(h) for h in headers]
+    for h in headers:  # an empty Specific Character Set (some archives' CT) means the default repertoire
+        if "SpecificCharacterSet" in h and not h.SpecificCharacterSet:
+            del h.SpecificCharacterSet
     gl = hd.pr.GraphicLayer(layer_name=layer, order=1, description="lesion measurements")
     annotations = []
     used: dict[str, Dataset] = {}

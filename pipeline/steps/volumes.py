@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from db.session import session_scope
@@ -16,10 +17,13 @@ from pipeline.contract import (
     MatchPriorsOutput,
     RetrievePriorsOutput,
 )
+from pipeline.drawn_priors import prompt_origin
 from pipeline.jobs import NothingToTrack, PermanentError
 from pipeline.ports import PriorTimepoint
 from pipeline.steps.services import Ctx, followup_series
 from pipeline.verification import our_seg_of_series
+
+log = logging.getLogger(__name__)
 
 
 def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
@@ -35,7 +39,8 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prior_ct = read_series(prior.ct_files, series_uid=prior.ct_series_uid)
     except SeriesError as exc:
         raise PermanentError(f"prior series {prior.ct_series_uid}: {exc}") from exc
-    prompts = read_prompts(prior, prior_ct)
+    annotation_warnings: list[str] = []
+    prompts = read_prompts(prior, prior_ct, annotation_warnings)
     match = ctx.outputs.get(MatchPriorsOutput)
     with session_scope(ctx.services.session_factory) as s:
         # a verified correction as prompt: the lesion identities its adoption recorded; lesions a reader deleted
@@ -63,24 +68,40 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         followup_spacing=[round(float(v), 4) for v in followup_ct.spacing],
         prior_shape=list(prior_ct.shape),
         prompts=len(prompts),
+        annotation_warnings=annotation_warnings,
         lesions=[
-            LesionRef(tracking_uid=p.identity.tracking_uid, tracking_id=p.identity.tracking_id, kind=p.kind.value)
+            LesionRef(
+                tracking_uid=p.identity.tracking_uid,
+                tracking_id=p.identity.tracking_id,
+                kind=p.kind.value,
+                prompt_origin=prompt_origin(p),
+            )
             for p in prompts
         ],
     )
 
 
-def read_prompts(prior: PriorTimepoint, prior_ct: Volume) -> list[Prompt]:
-    """The lesion prompts of the prior's (one chosen) annotation, SEG or TID 1500 SR."""
-    from pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
+def read_prompts(prior: PriorTimepoint, prior_ct: Volume, warnings: list[str] | None = None) -> list[Prompt]:
+    """The lesion prompts of the prior's (one chosen) annotation: SEG, TID 1500 SR, presentation state (GSPS) or RT
+    structure set; what it holds that cannot become a lesion is appended to ``warnings``."""
+    from pipeline.annotations.common import AnnotationWarning
+    from pipeline.prompt_sources import PromptSourceError, prompts_from_object
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")
     ann = prior.annotations[0]
     files = [Path(f) for f in ann.files]
+    modality = "SEG" if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES else ann.modality
+    said: list[AnnotationWarning] = []
     try:
-        if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES:
-            return list(prompts_from_seg(files[0], prior_ct))
-        return list(prompts_from_sr(files[0], prior_ct))
+        prompts = list(prompts_from_object(files[0], modality, prior_ct, said))
     except PromptSourceError as exc:
-        raise PermanentError(f"prior {ann.modality} {files[0]}: {exc}") from exc
+        if warnings is not None:
+            warnings.extend(str(w) for w in said)
+        raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} gives no lesion: {exc}") from exc
+    finally:
+        for w in said:
+            log.warning("prior annotation not used: %s", w)
+    if warnings is not None:
+        warnings.extend(str(w) for w in said)
+    return prompts

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -49,7 +50,7 @@ from pipeline.lesions import LesionStatus, Timepoint
 from pipeline.tracking import TrackingOptions, track_lesions
 from synthetic.transforms import apply_transform, random_patient_motion
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("LESIONTRACK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PointMap = Callable[[np.ndarray], np.ndarray]  # points (N, 3) in mm on one grid → the same anatomy on another
 
 

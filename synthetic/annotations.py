@@ -75,7 +75,7 @@ def write_gsps(
 
     import highdicom as hd
 
-    headers = [copy.deepcopy(h) for h in headers]
+    headers = [copy.deepcopy(x) for x in headers]
     for h in headers:  # an empty Specific Character Set (some archives' CT) means the default repertoire
         if "SpecificCharacterSet" in h and not h.SpecificCharacterSet:
             del h.SpecificCharacterSet
@@ -116,10 +116,10 @@ def write_gsps(
                 texts.append(hd.pr.TextObject(m.label, "PIXEL", anchor_point=tip_px))
             else:  # a text box beside the graphic
                 cols, rows = float(img.Columns), float(img.Rows)
-                w, h = min(20.0, cols / 4), min(6.0, rows / 8)
-                x0 = min(float(allp[:, 0].max()) + 2.0, cols - w)
-                y0 = min(max(float(allp[:, 1].min()), 0.0), rows - h)
-                texts.append(hd.pr.TextObject(m.label, "PIXEL", bounding_box=(x0, y0, x0 + w, y0 + h)))
+                box_w, box_h = min(20.0, cols / 4), min(6.0, rows / 8)
+                x0 = min(float(allp[:, 0].max()) + 2.0, cols - box_w)
+                y0 = min(max(float(allp[:, 1].min()), 0.0), rows - box_h)
+                texts.append(hd.pr.TextObject(m.label, "PIXEL", bounding_box=(x0, y0, x0 + box_w, y0 + box_h)))
         annotations.append(
             hd.pr.GraphicAnnotation(
                 referenced_images=[img], graphic_layer=gl, graphic_objects=objects, text_objects=texts or None

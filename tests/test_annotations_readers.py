@@ -324,3 +324,144 @@ def test_track_cli_from_a_gsps_baseline(study: tuple[Path, Volume, list[pydicom.
     # the line lesion reaches through several 5 mm slices, not one
     lm = Volume.read(str(out / summary["timepoints"][0]["label_map"]))
     assert np.count_nonzero((lm.array == 1).any(axis=(1, 2))) >= 3
+
+
+def test_sr_drawings_as_ohif_and_other_viewers_write_them(
+    study: tuple[Path, Volume, list[pydicom.Dataset]], tmp_path: Path
+) -> None:
+    """OHIF's ArrowAnnotate (NUM DCM 111010 › 2-point POLYLINE, tip first), cornerstoneTools 4's value-less "Center"
+    NUM › POINT, an EllipticalROI, a CircleROI, a closed PlanarFreehandROI, a Length and SCOORD3D points: each
+    becomes its drawing; the label (TEXT Comment) names the lesion."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from pipeline.sr_reader import read_sr_prompts
+
+    _root, ct, heads = study
+    (c1, _), (c2, _), (c3, _) = NODULES
+    img1 = min(heads, key=lambda h: abs(float(h.ImagePositionPatient[2]) - _z(ct, c1[2])))
+    img3 = min(heads, key=lambda h: abs(float(h.ImagePositionPatient[2]) - _z(ct, c3[2])))
+
+    def px(img: pydicom.Dataset, pts: list[tuple[float, float]]) -> np.ndarray:
+        from synthetic.annotations import to_pixels
+
+        z = float(img.ImagePositionPatient[2])
+        return to_pixels(np.array([[x, y, z] for x, y in pts]), img).astype(np.float32)
+
+    def src(img: pydicom.Dataset) -> hd.sr.SourceImageForRegion:
+        return hd.sr.SourceImageForRegion(img.SOPClassUID, img.SOPInstanceUID)
+
+    arrow_code = hd.sr.CodedConcept("111010", "DCM", "Center")
+
+    def group(tool: str, label: str, measurement: hd.sr.Measurement) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        tid = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Cornerstone3DTools@^0.1.0:{tool}")
+        g = hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tid, measurements=[measurement])
+        g[0].ContentSequence.append(hd.sr.TextContentItem(codes.DCM.Comment, label, "CONTAINS"))
+        return g
+
+    def num(name: object, value: float, coords: hd.sr.CoordinatesForMeasurement) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name, value, codes.UCUM.Millimeter, referenced_coordinates=[coords])  # type: ignore[arg-type]
+
+    tip = (c3[0] + 2, c3[1])
+    groups = [
+        group(
+            "ArrowAnnotate",
+            "arrowed",
+            num(
+                arrow_code,
+                0.0,
+                hd.sr.CoordinatesForMeasurement("POLYLINE", px(img3, [tip, (c3[0] + 15, c3[1] + 8)]), src(img3)),
+            ),
+        ),
+        group(
+            "EllipticalROI",
+            "ellipsed",
+            num(
+                codes.SCT.Area,
+                100.0,
+                hd.sr.CoordinatesForMeasurement(
+                    "ELLIPSE",
+                    px(img1, [(c2[0] - 7, c2[1]), (c2[0] + 7, c2[1]), (c2[0], c2[1] - 6), (c2[0], c2[1] + 6)]),
+                    src(img1),
+                ),
+            ),
+        ),
+        group(
+            "CircleROI",
+            "circled",
+            num(
+                codes.SCT.Area,
+                150.0,
+                hd.sr.CoordinatesForMeasurement("CIRCLE", px(img1, [(c1[0], c1[1]), (c1[0] + 8, c1[1])]), src(img1)),
+            ),
+        ),
+    ]
+    t = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    ring = [(c1[0] + 7 * np.cos(a), c1[1] + 7 * np.sin(a)) for a in t]
+    groups.append(
+        group(
+            "PlanarFreehandROI",
+            "outlined",
+            num(
+                codes.SCT.Area,
+                150.0,
+                hd.sr.CoordinatesForMeasurement("POLYLINE", px(img1, [*ring, ring[0]]), src(img1)),
+            ),
+        )
+    )
+    groups.append(
+        group(
+            "Length",
+            "lengthed",
+            num(
+                codes.SCT.Length,
+                14.0,
+                hd.sr.CoordinatesForMeasurement(
+                    "POLYLINE", px(img1, [(c2[0] - 6, c2[1]), (c2[0] + 6, c2[1])]), src(img1)
+                ),
+            ),
+        )
+    )
+    observer = hd.sr.ObservationContext(
+        observer_person_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Reader^One"),
+        )
+    )
+    report = hd.sr.MeasurementReport(observer, codes.LN.CTUnspecifiedBodyRegion, groups)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=heads,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=300,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="OHIF",
+    )
+    # cornerstoneTools 4: the arrow's NUM "Center" without a value, holding a 1-point POINT
+    measurements = next(c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010")
+    arrow_group = next(
+        g
+        for g in measurements.ContentSequence
+        if any("ArrowAnnotate" in str(c.get("TextValue", "")) for c in g.ContentSequence)
+    )
+    legacy = next(c for c in arrow_group.ContentSequence if c.ValueType == "NUM")
+    del legacy.MeasuredValueSequence
+    path = tmp_path / "ohif.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    warnings: list[object] = []
+    prompts = read_sr_prompts(path, ct, warnings=warnings)
+    # a label that is not ID-like ("L2", "N1") describes the lesion (pipeline.sr_reader.name_from_label) and is its
+    # label for matching
+    kinds = {p.meta["segment_label"]: p.meta["drawing"].kind for p in prompts}
+    assert kinds == {
+        "arrowed": DrawingKind.ARROW,
+        "ellipsed": DrawingKind.ELLIPSE,
+        "circled": DrawingKind.ELLIPSE,
+        "outlined": DrawingKind.CONTOUR,
+        "lengthed": DrawingKind.LINE,
+    }, (kinds, warnings)
+    arrow = next(p for p in prompts if p.meta["segment_label"] == "arrowed").meta["drawing"]
+    assert np.allclose(arrow.parts[0][0][:2], tip, atol=0.01)  # OHIF writes the tip first
+    circled = next(p for p in prompts if p.meta["segment_label"] == "circled").meta["drawing"]
+    assert circled.diameters_mm()[0] == pytest.approx(16.0, abs=0.01)

@@ -360,7 +360,7 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
         return g
 
     def num(name: object, value: float, coords: hd.sr.CoordinatesForMeasurement) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name, value, codes.UCUM.Millimeter, referenced_coordinates=[coords])  # type: ignore[arg-type]
+        return hd.sr.Measurement(name, value, codes.UCUM.Millimeter, referenced_coordinates=[coords])
 
     tip = (c3[0] + 2, c3[1])
     groups = [

@@ -51,6 +51,7 @@ class DrawingConfig:
     growth_per_slice: float = 1.15  # a cross-section may exceed the previous one by at most this area factor
     depth_factor: float = 0.75  # through-slice search from the drawn slice: this x the long diameter (+ one slice)
     max_depth_factor: float = 1.5  # an elongated lesion is followed at most this x its drawn diameter either way
+    depth_from_width: bool = True
     elongated_fraction: float = 10.0
     """A cross-section at least this x the drawn one is followed beyond the ellipsoid (off by default: on our
     benchmark it followed vessels and walls running on from a lesion more often than elongated lesions)."""
@@ -77,7 +78,7 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     if not 0 <= k0 < image.shape[0]:
         return None
     parts = [image.patient_to_index(p)[:, ::-1] for p in drawing.parts]
-    long_mm, _ = drawing.diameters_mm()
+    long_mm, short_mm = drawing.diameters_mm()
     reach = cfg.point_reach_mm if long_mm <= 0 else cfg.bound_factor * long_mm * cfg.ellipse_margin
     depth_mm = cfg.point_reach_mm if long_mm <= 0 else cfg.max_depth_factor * long_mm + sp[0]
     # region of interest around the drawing
@@ -152,7 +153,11 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     # not a vessel or wall running on from it)
     size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
     a0 = float(m0.sum())
-    z_bound = cfg.bound_factor * size + 0.5 * sp[0]
+    # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
+    # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
+    width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
+    depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
+    z_bound = cfg.bound_factor * depth_size + 0.5 * sp[0]
     r_bound = cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2]))
     c0 = np.argwhere(m0).mean(0) * sp[1:]
     radial = np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1)
@@ -260,6 +265,15 @@ def _feret_mm(mask: np.ndarray, sp2: np.ndarray) -> float:
     if len(pts) > 400:
         pts = pts[:: len(pts) // 400 + 1]
     return float(np.linalg.norm(pts[:, None] - pts[None], axis=-1).max()) + float(max(sp2))
+
+
+def _width_mm(mask: np.ndarray, sp2: np.ndarray) -> float:
+    """Full width of ``mask`` across its long axis (mm): 4 x the root of the smaller second moment, plus a pixel."""
+    pts = np.argwhere(mask).astype(float) * sp2
+    if len(pts) < 3:
+        return float(max(sp2))
+    lam = np.linalg.eigvalsh(np.cov((pts - pts.mean(0)).T))
+    return 4.0 * float(np.sqrt(max(float(lam[0]), 0.0))) + float(max(sp2))
 
 
 def _disc(radius_mm: float, sp2: np.ndarray) -> np.ndarray:

@@ -254,6 +254,10 @@ def _propagate_direct(
         les.propagated_from = src.provenance
         les.meta["registration"] = getattr(reg, "engine", cache.name)
         les.meta["propagated_from_index"] = src.index
+        prior_les = next((x for x in src_tp.lesions if x.identity.label == label), None)
+        for key in ("prompt_origin", "weak_prior"):  # where the prior came from, on every timepoint it prompts
+            if prior_les is not None and key in prior_les.meta:
+                les.meta[key] = prior_les.meta[key]
         results.append(_StepResult(les, warped))
         tick("segment", t, src.identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)

@@ -321,6 +321,21 @@ def test_track_cli_from_a_gsps_baseline(study: tuple[Path, Volume, list[pydicom.
         assert base_tp["volume_mm3"] > 0
         fu_tp = les["timepoints"][1]
         assert fu_tp["confidence"] is None or any("not yet confirmed" in r for r in fu_tp["review_reasons"])
+    # the SR says where each lesion's prior came from, and passes the validators
+    from pipeline.dicom_validate import run_sr_validator
+    from pipeline.sr_reader import read_sr
+
+    sr_file = next(out / f for f in summary["timepoints"][1]["dicom"] if pydicom.dcmread(out / f).Modality == "SR")
+    key = "Prior annotation the lesion was tracked from"
+    said = {g.tracking_id: g.qualitative[key][2] for g in read_sr(sr_file).groups if key in g.qualitative}
+    assert said == {
+        "L1": "Single diameter on one image",
+        "Target 2": "Bidirectional diameters on one image",
+        "liver met": "Arrow on one image",
+    }, said
+    assert run_dciodvfy(sr_file).ok
+    reports = run_sr_validator([sr_file])
+    assert all(r.ok for r in reports), [r.summary() for r in reports]
     # the line lesion reaches through several 5 mm slices, not one
     lm = Volume.read(str(out / summary["timepoints"][0]["label_map"]))
     assert np.count_nonzero((lm.array == 1).any(axis=(1, 2))) >= 3

@@ -246,7 +246,11 @@ def _write_dicom(tps: list[Timepoint], source_index: int, out: Path) -> dict[int
             continue
         seg = write_seg(datasets, tp.lesions)
         reports = [
-            LesionReport(history[les.identity.tracking_uid][-1], lesion_changes(history[les.identity.tracking_uid]))
+            LesionReport(
+                history[les.identity.tracking_uid][-1],
+                lesion_changes(history[les.identity.tracking_uid]),
+                prompt_origin=les.meta.get("prompt_origin"),
+            )
             for les in tp.lesions
             if les.status is LesionStatus.PRESENT
         ]

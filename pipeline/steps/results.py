@@ -79,6 +79,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             provenance(les),
             review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
             confidence=None if conf is None else conf.confidence,
+            prompt_origin=les.meta.get("prompt_origin"),
         )
         for les in lesions
     ] + [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]

@@ -39,6 +39,10 @@ class PromptSourceError(ValueError):
     """A prompt source is unreadable or inconsistent; the message names the file and the problem."""
 
 
+class NoLesionInAnnotation(PromptSourceError):
+    """The annotation object is readable but marks no lesion that can be tracked (the message says why)."""
+
+
 def derived_uid(*parts: str) -> str:
     """A stable DICOM UID (2.25 form) from strings, e.g. the baseline series UID and the lesion label."""
     h = hashlib.sha256("|".join(parts).encode()).digest()
@@ -315,7 +319,7 @@ def prompts_from_object(
             res = reader(p, c)
             sink.extend(res.warnings)
             if not res.prompts and res.warnings:
-                raise PromptSourceError(f"{p}: no lesion in the {modality}: {res.warnings[0]}")
+                raise NoLesionInAnnotation(f"{p}: no lesion in the {modality}: {res.warnings[0]}")
             return res.prompts
 
         return _call_reader(read, path, ct)
@@ -358,5 +362,5 @@ def _call_reader(reader: Callable[..., Any], path: str | Path, ct: Volume) -> li
         raise PromptSourceError(f"{path}: cannot read the annotation ({type(exc).__name__}: {detail})") from exc
     prompts = list(getattr(result, "prompts", result))
     if not prompts:
-        raise PromptSourceError(f"{path}: no lesions found in the annotation")
+        raise NoLesionInAnnotation(f"{path}: no lesions found in the annotation")
     return prompts

@@ -480,3 +480,26 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
     assert np.allclose(arrow.parts[0][0][:2], tip, atol=0.01)  # OHIF writes the tip first
     circled = next(p for p in prompts if p.meta["segment_label"] == "circled").meta["drawing"]
     assert circled.diameters_mm()[0] == pytest.approx(16.0, abs=0.01)
+
+
+def test_service_load_step_says_why_a_prior_gives_nothing_to_track(
+    study: tuple[Path, Volume, list[pydicom.Dataset]], tmp_path: Path
+) -> None:
+    from pipeline.jobs import NothingToTrack, PermanentError
+    from pipeline.ports import PriorAnnotation, PriorTimepoint
+    from pipeline.steps.volumes import read_prompts
+
+    _root, ct, heads = study
+    body = [np.array([[-30, -30, 20.0], [30, -30, 20.0], [30, 30, 20.0], [-30, 30, 20.0]])]
+    path = write_rtstruct(heads, [("BODY", body)], tmp_path / "body.dcm", interpreted_type="EXTERNAL")
+    ann = PriorAnnotation("1.2.3", "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT", [path])
+    prior = PriorTimepoint("1.2", "20260101", None, "1.2.4", [], [ann])
+    said: list[str] = []
+    with pytest.raises(NothingToTrack, match=r"RTSTRUCT 1\.2\.3 gives no lesion") as err:
+        read_prompts(prior, ct, said)
+    assert "EXTERNAL" in str(err.value) and any("body.dcm" in w for w in said)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(path.read_bytes()[:400])
+    ann.files = [broken]
+    with pytest.raises(PermanentError, match="broken"):
+        read_prompts(prior, ct, said)

@@ -97,9 +97,8 @@ def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None 
     ds = pydicom.dcmread(path)
     obj = f"GSPS {ds.get('SOPInstanceUID', '?')} ({path.name})"
     result = ReadResult()
-    if str(ds.get("SOPClassUID", "")) not in GSPS_SOP_CLASSES:
-        result.warnings.append(AnnotationWarning(obj, "object", f"not a presentation state ({ds.get('SOPClassUID')})"))
-        return result
+    if str(ds.get("SOPClassUID", "")) not in GSPS_SOP_CLASSES:  # unreadable or another object: an error, not empty
+        raise ValueError(f"{path}: not a presentation state (SOP class {ds.get('SOPClassUID')})")
     geo = image_geometries(ct, images)
     listed = [
         str(r.ReferencedSOPInstanceUID)

@@ -40,9 +40,8 @@ def read_rtstruct_prompts(path: str | Path, ct: Volume) -> ReadResult:
     ds = pydicom.dcmread(path, force=True)
     obj = f"RTSTRUCT {ds.get('SOPInstanceUID', '?')} ({path.name})"
     result = ReadResult()
-    if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS:
-        result.warnings.append(AnnotationWarning(obj, "object", f"not an RT Structure Set ({ds.get('SOPClassUID')})"))
-        return result
+    if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS:  # unreadable or another object: an error, not empty
+        raise ValueError(f"{path}: not an RT Structure Set (SOP class {ds.get('SOPClassUID')})")
     names = {int(r.ROINumber): str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence", [])}
     frames = {
         int(r.ROINumber): str(r.get("ReferencedFrameOfReferenceUID", "")) for r in ds.get("StructureSetROISequence", [])

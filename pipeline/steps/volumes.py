@@ -85,7 +85,7 @@ def read_prompts(prior: PriorTimepoint, prior_ct: Volume, warnings: list[str] | 
     """The lesion prompts of the prior's (one chosen) annotation: SEG, TID 1500 SR, presentation state (GSPS) or RT
     structure set; what it holds that cannot become a lesion is appended to ``warnings``."""
     from pipeline.annotations.common import AnnotationWarning
-    from pipeline.prompt_sources import PromptSourceError, prompts_from_object
+    from pipeline.prompt_sources import NoLesionInAnnotation, PromptSourceError, prompts_from_object
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")
@@ -95,10 +95,12 @@ def read_prompts(prior: PriorTimepoint, prior_ct: Volume, warnings: list[str] | 
     said: list[AnnotationWarning] = []
     try:
         prompts = list(prompts_from_object(files[0], modality, prior_ct, said))
-    except PromptSourceError as exc:
+    except NoLesionInAnnotation as exc:
         if warnings is not None:
             warnings.extend(str(w) for w in said)
         raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} gives no lesion: {exc}") from exc
+    except PromptSourceError as exc:  # unreadable: a failure to look at, not an empty prior
+        raise PermanentError(f"prior {ann.modality} {files[0]}: {exc}") from exc
     finally:
         for w in said:
             log.warning("prior annotation not used: %s", w)

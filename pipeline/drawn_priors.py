@@ -37,21 +37,41 @@ def drawing_of(prompt: Prompt) -> Drawing | None:
 
 
 def drawn_lesion(ct: Volume, prompt: Prompt, engine: Any) -> DrawnLesion | None:
-    """The 3-D lesion the prompt's drawing marks on ``ct``; None for a prompt without a drawing."""
-    from models.segmentation.from_drawing import lesion_from_drawing
+    """The 3-D lesion the prompt's drawing marks on ``ct``; None for a prompt without a drawing.
+
+    For a drawing with diameters (a line, a bidirectional pair, an ellipse, a contour) two candidates are made — the
+    lesion grown from the drawing (:func:`models.segmentation.from_drawing.lesion_from_drawing`) and the engine's
+    segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
+    radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
+    say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept."""
+    from models.segmentation.from_drawing import lesion_from_drawing, measurement_error
 
     drawing = drawing_of(prompt)
     if drawing is None:
         return None
+    engine_name = str(getattr(engine, "name", "engine"))
+    version = str(getattr(engine, "version", ""))
     mask, notes = lesion_from_drawing(ct, drawing, engine)
-    name = "drawing"
-    if mask is not None and any("refined by" in n for n in notes):
-        name = f"drawing+{getattr(engine, 'name', 'engine')}"
-    if mask is None:
-        notes.append(f"segmented the {drawing.kind.value}'s box with {getattr(engine, 'name', 'the engine')} instead")
-        mask = engine.segment(ct, prompt, None)
-        name = str(getattr(engine, "name", "engine"))
-    return DrawnLesion(mask, drawing.kind.value, name, str(getattr(engine, "version", "")), notes)
+    name = f"drawing+{engine_name}" if mask is not None and any("refined by" in n for n in notes) else "drawing"
+    if drawing.diameters_mm()[0] <= 0:
+        if mask is None:
+            notes.append(f"segmented around the {drawing.kind.value} with {engine_name} instead")
+            return DrawnLesion(engine.segment(ct, prompt, None), drawing.kind.value, engine_name, version, notes)
+        return DrawnLesion(mask, drawing.kind.value, name, version, notes)
+    boxed = engine.segment(ct, prompt, None)
+    box_err = measurement_error(boxed, drawing)
+    grown_err = measurement_error(mask, drawing) if mask is not None else float("inf")
+    if grown_err <= box_err:
+        notes.append(f"reproduces the drawn diameters within {100 * grown_err:.0f} % (box: {100 * box_err:.0f} %)")
+        assert mask is not None
+        return DrawnLesion(mask, drawing.kind.value, name, version, notes)
+    notes.append(
+        f"{engine_name} on the {drawing.kind.value}'s box kept: it reproduces the drawn diameters within "
+        f"{100 * box_err:.0f} % (grown from the drawing: "
+        + ("none" if mask is None else f"{100 * grown_err:.0f} %")
+        + ")"
+    )
+    return DrawnLesion(boxed, drawing.kind.value, engine_name, version, notes)
 
 
 def prompt_origin(prompt: Prompt) -> str:

@@ -93,12 +93,18 @@ class Drawing:
         return long_, (min(lengths) if len(lengths) > 1 else None)
 
     def box_mm(self) -> tuple[np.ndarray, np.ndarray]:
-        """A 3-D box for engines that do not read drawings: the in-plane extent, and as deep as it is wide."""
+        """A 3-D box for engines that do not read drawings (as the SR reader always built it): the in-plane extent,
+        and across the drawn plane the mean in-plane extent (a single line: its length)."""
         pts = self.all_points
         if self.kind in (DrawingKind.ARROW, DrawingKind.POINT):
             c = self.anchor_mm()
             return c - 5.0, c + 5.0
         lo, hi = pts.min(0), pts.max(0)
-        half = np.maximum((hi - lo) / 2, float((hi - lo).max()) / 2)
+        ext = hi - lo
+        flat = ext < 1.0
+        if self.kind is DrawingKind.LINE or not (~flat).any():
+            half = np.full(3, float(ext.max()) / 2)
+        else:
+            half = np.where(flat, float(ext[~flat].mean()) / 2, ext / 2)
         c = (lo + hi) / 2
         return c - half, c + half

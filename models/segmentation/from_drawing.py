@@ -359,3 +359,31 @@ def lesion_from_drawing(
     if r.any() and 2 * float((r & s).sum()) / float(r.sum() + s.sum()) >= 0.5:
         return refined.with_array(r.astype(np.uint8)), [*notes, f"refined by {getattr(engine, 'name', 'engine')}"]
     return seed.mask, [*notes, "engine refinement disagreed with the seed; the seed is kept"]
+
+
+def measurement_error(mask: Volume, drawing: Drawing) -> float:
+    """How far ``mask`` is from reproducing the radiologist's own measurement on the drawn slice: the largest relative
+    difference between its cross-section's longest diameter and the drawn long axis (and, for a bidirectional pair or
+    an ellipse, its width across that axis and the short axis). Infinite for an empty cross-section; 0 for a drawing
+    without diameters (an arrow, a point)."""
+    long_mm, short_mm = drawing.diameters_mm()
+    if long_mm <= 0:
+        return 0.0
+    sp = mask.spacing[::-1].astype(float)
+    k0 = int(np.rint(mask.patient_to_index(drawing.all_points)[:, 2].mean()))
+    if not 0 <= k0 < mask.shape[0]:
+        return float("inf")
+    cross = mask.array[k0] > 0
+    if not cross.any():
+        return float("inf")
+    err = abs(_feret_mm(cross, sp[1:]) - long_mm) / long_mm
+    if short_mm and drawing.kind in (DrawingKind.BIDIRECTIONAL, DrawingKind.ELLIPSE):
+        axis = drawing.parts[0]
+        a, b = (mask.patient_to_index(axis[:2])[:, [1, 0]] * sp[1:]) if len(axis) >= 2 else (None, None)
+        if a is not None and b is not None and np.linalg.norm(b - a) > 0:
+            u = (b - a) / np.linalg.norm(b - a)
+            n = np.array([-u[1], u[0]])
+            across = (np.argwhere(cross).astype(float) * sp[1:]) @ n
+            width = float(across.max() - across.min()) + float(max(sp[1:]))
+            err = max(err, abs(width - short_mm) / short_mm)
+    return float(err)

@@ -107,3 +107,30 @@ def test_drawings_check_their_points() -> None:
         Drawing(DrawingKind.CONTOUR, [np.zeros((2, 3))])
     d = Drawing(DrawingKind.BIDIRECTIONAL, [np.array([[0, 0, 0], [20, 0, 0]]), np.array([[10, -4, 0], [10, 4, 0]])])
     assert d.diameters_mm() == (20.0, 8.0)
+
+
+def test_a_lesion_from_a_line_or_arrow_carries_lower_confidence_until_confirmed() -> None:
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    from models.segmentation.prompts import LesionIdentity
+    from pipeline.confidence import ConfidenceRules, combine
+    from pipeline.drawn_priors import weaken_for_origin
+
+    @dataclass
+    class Src:
+        identity: LesionIdentity
+        meta: dict[str, Any] = field(default_factory=dict)
+
+    rules = ConfidenceRules()
+    clean = combine({"present": True}, rules)
+    assert clean.confidence == 1.0 and not clean.review
+    line = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "line", "weak_prior": True})]
+    arrow = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "arrow", "weak_prior": True})]
+    seg = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "seg", "weak_prior": False})]
+    from_line = weaken_for_origin(clean, line, 1, rules)
+    assert 0.5 <= from_line.confidence < 1.0 and not from_line.review
+    assert "line on one image, not yet confirmed" in from_line.reasons[0]
+    from_arrow = weaken_for_origin(clean, arrow, 1, rules)
+    assert from_arrow.review and from_arrow.confidence < from_line.confidence
+    assert weaken_for_origin(clean, seg, 1, rules) == clean

@@ -503,3 +503,22 @@ def test_service_load_step_says_why_a_prior_gives_nothing_to_track(
     ann.files = [broken]
     with pytest.raises(PermanentError, match="broken"):
         read_prompts(prior, ct, said)
+
+
+def test_job_page_says_where_each_prompt_came_from() -> None:
+    from types import SimpleNamespace
+
+    from web.dashboard import templates
+
+    job = SimpleNamespace(
+        step_outputs={
+            "load_volumes": {
+                "lesions": [{"tracking_id": "L1", "kind": "box", "prompt_origin": "line"}],
+                "annotation_warnings": ["GSPS 1.2 (pr.dcm): annotation 2: lies outside the body (air only)"],
+            }
+        }
+    )
+    html = templates.env.get_template("_prior_annotation.html").render(job=job)
+    assert "<td>L1</td><td>line</td>" in html and "lies outside the body" in html
+    empty = templates.env.get_template("_prior_annotation.html").render(job=SimpleNamespace(step_outputs={}))
+    assert "Prior annotation" not in empty

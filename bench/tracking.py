@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -49,7 +50,7 @@ from pipeline.lesions import LesionStatus, Timepoint
 from pipeline.tracking import TrackingOptions, track_lesions
 from synthetic.transforms import apply_transform, random_patient_motion
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("LESIONTRACK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PointMap = Callable[[np.ndarray], np.ndarray]  # points (N, 3) in mm on one grid → the same anatomy on another
 
 
@@ -191,10 +192,14 @@ def follow_ups(
     return p
 
 
-def phantom_patient(seed: int, n_fu: int = 5) -> Patient:
+def phantom_patient(seed: int, n_fu: int = 5, slice_mm: float = 2.0) -> Patient:
     from synthetic.phantom import make_phantom
 
-    ph = make_phantom(seed=seed)
+    ph = (
+        make_phantom(seed=seed)
+        if slice_mm == 2.0
+        else make_phantom(seed=seed, shape=(round(200 / slice_mm), 160, 160), spacing=(2.0, 2.0, slice_mm))
+    )
     kinds = {
         info.label: info.kind + (f" ({info.params['contrast_hu']:.0f} HU)" if "contrast_hu" in info.params else "")
         for info in ph.lesion_info
@@ -419,6 +424,7 @@ def run_method(
     propagation: str,
     prompts: list[Prompt] | None = None,
     confirmed: dict[int, list[Prompt]] | None = None,
+    keep: list[Timepoint] | None = None,
 ) -> list[dict[str, Any]]:
     """Track ``p`` from ``prompts`` on the baseline (default: its ground truth) plus ``confirmed`` timepoints; score
     every follow-up against the ground truth (one row per lesion and follow-up)."""
@@ -432,6 +438,8 @@ def run_method(
         options=TrackingOptions(propagation=propagation),
         confirmed=confirmed,
     )
+    if keep is not None:  # the caller wants the tracked timepoints too
+        keep.extend(tps)
     vox0 = {les.identity.label: float(les.mask.array.sum()) for les in tps[0].lesions}
     rows = []
     for t in range(1, len(tps)):

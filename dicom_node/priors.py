@@ -1,7 +1,8 @@
 """Prior lookup and retrieval: implements :class:`pipeline.ports.PriorSource`.
 
 Priors are earlier studies of the same patient (PatientID + IssuerOfPatientID when present) whose CT series is
-referenced by a DICOM SEG (Referenced Series Sequence) or a TID 1500 SR (evidence sequences). The local database
+referenced by a DICOM SEG (Referenced Series Sequence), a TID 1500 SR (evidence sequences), a presentation state
+(GSPS, Referenced Series Sequence) or an RT structure set (Referenced Frame of Reference Sequence). The local database
 is searched first, then every PACS peer with ``query = true``: C-FIND (Study Root) at STUDY then SERIES level,
 annotation series fetched (they are small) to read their references, CT series fetched by ``retrieve()`` with the
 peer's method: C-MOVE to our own AE, C-GET, or DICOMweb (QIDO-RS / WADO-RS). A series of which every instance the
@@ -40,12 +41,13 @@ from dicom_node.ingest import Ingestor, ingest_part10
 from dicom_node.integrity import INCOMPLETE
 from dicom_node.pacs_count import sending_peer
 from dicom_node.routing import PRIOR_RETRIEVAL_REASON
+from pipeline.annotations.refs import PRIOR_ANNOTATION_MODALITIES
+from pipeline.annotations.refs import prior_annotation_references as pipeline_annotation_references
 from pipeline.ports import PriorAnnotation, PriorTimepoint
-from pipeline.verification import annotation_references as pipeline_annotation_references
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_MODALITIES = {"SEG", "SR"}
+ANNOTATION_MODALITIES = PRIOR_ANNOTATION_MODALITIES  # SEG, SR, PR (GSPS), RTSTRUCT
 
 
 class PriorLookupError(RuntimeError):
@@ -82,8 +84,8 @@ def same_issuer(a: str | None, b: str | None) -> bool:
 
 
 def annotation_references(ds: Dataset) -> tuple[str | None, set[str]]:
-    """('SEG'|'SR'|None, referenced series UIDs) for one annotation object header (one reading of the references
-    for the whole service: :func:`pipeline.verification.annotation_references`)."""
+    """('SEG'|'SR'|'PR'|'RTSTRUCT'|None, referenced series UIDs) for one annotation object header (one reading of the
+    references for the whole service: :func:`pipeline.annotations.refs.prior_annotation_references`)."""
     kind, refs = pipeline_annotation_references(ds)
     return kind, set(refs)
 
@@ -116,6 +118,7 @@ _REF_TAGS = [
     "ConceptNameCodeSequence",
     "CurrentRequestedProcedureEvidenceSequence",
     "PertinentOtherEvidenceSequence",
+    "ReferencedFrameOfReferenceSequence",
 ]
 
 

@@ -29,6 +29,8 @@ value, two concerns compound, and the ROC gets a real curve instead of a few sat
   departs further from the annotation's volume than the neighbour does (otherwise the neighbour is the odd one
   out); a disappearance after a present result, or a reappearance after a vanished one (progression under RECIST
   1.1), scores ``vanished_score``;
+* ``prompt_origin`` — the prior lesion was derived from a line, arrow, ellipse or single-slice contour, not drawn in
+  3-D (:mod:`pipeline.drawn_priors`, added with :func:`with_signal`): lower until a person confirms it;
 * ``volume_change`` — implausible change against the annotation: beyond ``max_volume_factor`` (×3) per
   ``factor_weeks`` (8 weeks; the allowance compounds over longer intervals, shorter ones get the full ×3);
 * ``change_coherence`` — the volume and the RECIST diameter (long axis; short axis for a node) changed against the
@@ -76,6 +78,7 @@ __all__ = [
     "margin",
     "measure_lesion",
     "review_text",
+    "with_signal",
 ]
 
 
@@ -562,6 +565,10 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
             s = clear
         signals.append(_signal("annotation_margin", ann, s, reason))
 
+    return _scored(signals, r)
+
+
+def _scored(signals: list[Signal], r: ConfidenceRules) -> LesionConfidence:
     scores = sorted(s.score for s in signals)
     conf = 1.0 if not scores else scores[0] * (1.0 - r.second_weight * (1.0 - (scores[1] if len(scores) > 1 else 1.0)))
     review = conf < r.review_threshold
@@ -610,6 +617,11 @@ def _registration_change(volume_ratio: float, registration_ratio: float, r: Conf
         f"volume {_pct_text(volume_ratio)} against the annotation, while the registration's Jacobian deforms the "
         f"lesion's region by {_pct_text(registration_ratio)}",
     )
+
+
+def with_signal(conf: LesionConfidence, signal: Signal, rules: ConfidenceRules | None = None) -> LesionConfidence:
+    """``conf`` re-scored with one more signal (e.g. ``prompt_origin``: the prior lesion came from a line)."""
+    return _scored([*(s for s in conf.signals if s.name != signal.name), signal], rules or ConfidenceRules())
 
 
 def assess_lesion(

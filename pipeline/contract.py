@@ -131,6 +131,7 @@ class LesionRef(Record):
     tracking_uid: str
     tracking_id: str
     kind: str
+    prompt_origin: str | None = None  # seg, contours, line, bidirectional, arrow, ellipse, contour, point, box
 
 
 class NotAssessedRecord(Record):
@@ -231,6 +232,7 @@ class LoadVolumesOutput(PipelineOutput):
     prompts: int
     lesions: list[LesionRef]
     not_assessed: list[NotAssessedRecord] = Field(default_factory=list)
+    annotation_warnings: list[str] = Field(default_factory=list)  # annotations that gave no lesion, named
 
 
 class RegisterOutput(PipelineOutput):

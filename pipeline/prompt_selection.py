@@ -33,6 +33,9 @@ OUR_MANUFACTURER = "LesionTrack"
 """``Manufacturer`` of every SEG/SR we write (pipeline.seg_writer.SOFTWARE_NAME)."""
 
 
+_RANK = {"SEG": 3, "RTSTRUCT": 2, "SR": 1, "PR": 1}  # pipeline.annotations.common.RANK
+
+
 class AnnotationOrigin(StrEnum):
     """Who made an annotation."""
 
@@ -45,7 +48,7 @@ class AnnotationCandidate:
     """One SEG/SR (or prompt file) on one prior CT series, as far as source selection needs to know it."""
 
     sop_instance_uid: str
-    modality: str  # "SEG", "SR", "points"
+    modality: str  # "SEG", "RTSTRUCT", "SR", "PR", "points"
     ct_series_uid: str
     time_key: str  # sortable study date+time of the annotated CT (YYYYMMDDhhmmss)
     origin: AnnotationOrigin
@@ -73,8 +76,9 @@ class NoPersonAnnotation(Exception):
 def choose_prompt_source(candidates: Sequence[AnnotationCandidate], followup_key: str) -> SourceChoice | None:
     """The person's annotation nearest in time at or before ``followup_key`` (None when there are no candidates).
 
-    Within the chosen timepoint a SEG beats an SR (a drawn outline says more than a measurement), then the newest
-    object. Raises :class:`NoPersonAnnotation` when every candidate is ours.
+    Within the chosen timepoint a SEG beats an RT structure set beats an SR or a presentation state (an outline in
+    3-D says more than contours, contours more than a measurement), then the newest object. Raises
+    :class:`NoPersonAnnotation` when every candidate is ours.
     """
     earlier = [c for c in candidates if c.time_key <= followup_key]
     if not earlier:
@@ -87,7 +91,7 @@ def choose_prompt_source(candidates: Sequence[AnnotationCandidate], followup_key
         )
     best_time = max(c.time_key for c in person)
     at_best = [c for c in person if c.time_key == best_time]
-    chosen = max(at_best, key=lambda c: (c.modality.upper() == "SEG", c.content_key, c.sop_instance_uid))
+    chosen = max(at_best, key=lambda c: (_RANK.get(c.modality.upper(), 0), c.content_key, c.sop_instance_uid))
     skipped = tuple(c for c in earlier if not c.by_person and c.time_key >= best_time)
     reason = (
         f"{chosen.modality} {chosen.sop_instance_uid} made by a person"

@@ -1,8 +1,11 @@
-"""Where the lesions to track come from: a prompts JSON file (schema in docs/prompts.md), a DICOM-SEG or a TID 1500 SR.
+"""Where the lesions to track come from: a prompts JSON file (schema in docs/prompts.md), a DICOM-SEG, a TID 1500 SR,
+a presentation state (GSPS) or an RT structure set.
 
 :func:`load_prompts_json` parses the documented JSON (points / boxes in LPS or RAS mm or CT voxel indices, and
-LesionLocator's own ``{"1": {"point": [z, y, x]}}`` voxel format). :func:`prompts_from_directory` finds the SEG or
-SR objects in a folder that reference the given CT series and hands them to the SEG / SR readers.
+LesionLocator's own ``{"1": {"point": [z, y, x]}}`` voxel format). :func:`prompts_from_directory` finds the SEG, SR,
+PR and RTSTRUCT objects in a folder that reference the given CT series, hands each to its reader
+(:mod:`pipeline.seg_reader`, :mod:`pipeline.sr_reader`, :mod:`pipeline.annotations`) and merges their lesions by
+precedence.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import numpy as np
 
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from pipeline.annotations.common import AnnotationWarning, SourcedPrompts, merge_by_precedence
 from pipeline.seg_reader import SEG_SOP_CLASSES
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,10 @@ SR_SOP_CLASSES = {
 
 class PromptSourceError(ValueError):
     """A prompt source is unreadable or inconsistent; the message names the file and the problem."""
+
+
+class NoLesionInAnnotation(PromptSourceError):
+    """The annotation object is readable but marks no lesion that can be tracked (the message says why)."""
 
 
 def derived_uid(*parts: str) -> str:
@@ -132,10 +141,44 @@ def find_annotations(
     """(SEG files, SR files) in ``directory`` (recursive) referencing ``ct_series_uid`` when it is given.
 
     Files with a DICOM preamble that do not parse are skipped and, when ``unreadable`` is given, listed there."""
+    found = find_annotation_objects(directory, ct_series_uid, unreadable)
+    return [f.path for f in found if f.modality == "SEG"], [f.path for f in found if f.modality == "SR"]
+
+
+@dataclass(frozen=True)
+class FoundAnnotation:
+    """One annotation object in a folder: SEG, SR, PR (presentation state) or RTSTRUCT."""
+
+    path: Path
+    modality: str
+    sop_instance_uid: str
+    content_key: str  # ContentDate + ContentTime (or the structure set's date/time): newer wins at equal rank
+
+
+def annotation_kind(sop_class_uid: str) -> str | None:
+    """SEG, SR, PR or RTSTRUCT for an annotation SOP class; None for anything else."""
+    from pipeline.annotations.gsps import GSPS_SOP_CLASSES
+    from pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
+
+    if sop_class_uid in SEG_SOP_CLASSES:
+        return "SEG"
+    if sop_class_uid in SR_SOP_CLASSES:
+        return "SR"
+    if sop_class_uid in GSPS_SOP_CLASSES:
+        return "PR"
+    if sop_class_uid == RTSTRUCT_SOP_CLASS:
+        return "RTSTRUCT"
+    return None
+
+
+def find_annotation_objects(
+    directory: str | Path, ct_series_uid: str | None = None, unreadable: list[tuple[Path, str]] | None = None
+) -> list[FoundAnnotation]:
+    """Every SEG, SR, presentation state and RT structure set in ``directory`` (recursive) that references
+    ``ct_series_uid`` when it is given; unparseable DICOM files are listed in ``unreadable``."""
     import pydicom
 
-    segs: list[Path] = []
-    srs: list[Path] = []
+    out: list[FoundAnnotation] = []
     for f in sorted(Path(directory).rglob("*")):
         if not f.is_file():
             continue
@@ -143,19 +186,25 @@ def find_annotations(
             ds = pydicom.dcmread(
                 f,
                 stop_before_pixels=True,
+                force=f.suffix.lower() == ".dcm",
                 specific_tags=[
                     "SOPClassUID",
+                    "SOPInstanceUID",
                     "Modality",
-                    "ReferencedSeriesSequence",
-                    "CurrentRequestedProcedureEvidenceSequence",
+                    "ContentDate",
+                    "ContentTime",
+                    "StructureSetDate",
+                    "StructureSetTime",
+                    "PresentationCreationDate",
+                    "PresentationCreationTime",
                 ],
             )
         except Exception as exc:
             if unreadable is not None and _has_dicom_preamble(f):
                 unreadable.append((f, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
             continue
-        sop = str(getattr(ds, "SOPClassUID", ""))
-        if sop not in SEG_SOP_CLASSES and sop not in SR_SOP_CLASSES:
+        kind = annotation_kind(str(getattr(ds, "SOPClassUID", "")))
+        if kind is None:
             continue
         if ct_series_uid:
             try:
@@ -171,14 +220,16 @@ def find_annotations(
             if ct_series_uid not in refs:
                 log.info("%s references another series; ignored", f.name)
                 continue
-        (segs if sop in SEG_SOP_CLASSES else srs).append(f)
-    return segs, srs
+        date = ds.get("ContentDate") or ds.get("PresentationCreationDate") or ds.get("StructureSetDate") or ""
+        time_ = ds.get("ContentTime") or ds.get("PresentationCreationTime") or ds.get("StructureSetTime") or ""
+        out.append(FoundAnnotation(f, kind, str(ds.get("SOPInstanceUID", "")), f"{date}{time_}"))
+    return out
 
 
 def _referenced_series(path: Path) -> set[str]:
     import pydicom
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     out: set[str] = set()
 
     def walk(d: Any) -> None:
@@ -201,26 +252,78 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-def prompts_from_directory(directory: str | Path, ct: Volume) -> list[Prompt]:
-    """Prompts from the SEG (preferred) or SR in ``directory`` that reference ``ct``'s series."""
+def prompts_from_directory(
+    directory: str | Path, ct: Volume, *, warnings: list[AnnotationWarning] | None = None
+) -> list[Prompt]:
+    """Prompts from every annotation in ``directory`` that references ``ct``'s series — SEG, TID 1500 SR,
+    presentation states (GSPS) and RT structure sets — one per lesion, by :func:`merge_by_precedence` (a SEG over
+    contours over drawings, then the newer object). Annotations that give no lesion are appended to ``warnings``."""
     series_uid = str(ct.meta.get("SeriesInstanceUID", "")) or None
     unreadable: list[tuple[Path, str]] = []
-    segs, srs = find_annotations(directory, series_uid, unreadable)
-    if segs:
-        if len(segs) > 1:
-            log.info("%d SEG objects found; using the first (%s)", len(segs), segs[0].name)
-        return prompts_from_seg(segs[0], ct)
-    if srs:
-        return prompts_from_sr(srs[0], ct)
+    found = find_annotation_objects(directory, series_uid, unreadable)
+    sink: list[AnnotationWarning] = warnings if warnings is not None else []
+    sources: list[SourcedPrompts] = []
+    errors: list[str] = []
+    for f in found:
+        try:
+            prompts = prompts_from_object(f.path, f.modality, ct, sink)
+        except PromptSourceError as exc:
+            errors.append(str(exc))
+            sink.append(AnnotationWarning(f"{f.modality} {f.sop_instance_uid} ({f.path.name})", "object", str(exc)))
+            continue
+        sources.append(SourcedPrompts(f.modality, f.content_key, prompts, f"{f.modality} {f.path.name}"))
+    merged, superseded = merge_by_precedence(sources)
+    sink.extend(superseded)
+    for w in sink:
+        log.warning("annotation not used: %s", w)
+    if merged:
+        return merged
+    if errors:
+        raise PromptSourceError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    if found:
+        names = ", ".join(f"{f.modality} {f.path.name}" for f in found)
+        why = "; ".join(str(w) for w in sink[:5]) or "no lesion in them"
+        raise PromptSourceError(f"{directory}: the annotations found ({names}) give no lesion to track: {why}")
     if unreadable:
         path, why = unreadable[0]
         more = f" (and {len(unreadable) - 1} more unreadable files)" if len(unreadable) > 1 else ""
         raise PromptSourceError(
-            f"{path}: cannot read this DICOM file ({why}){more}; no usable SEG or SR in {directory}"
+            f"{path}: cannot read this DICOM file ({why}){more}; no usable SEG, SR, GSPS or RTSTRUCT in {directory}"
         )
     raise PromptSourceError(
-        f"{directory}: no DICOM-SEG or TID 1500 SR referencing series {series_uid} (give --prompts JSON instead)"
+        f"{directory}: no DICOM-SEG, TID 1500 SR, presentation state (GSPS) or RTSTRUCT referencing series "
+        f"{series_uid} (give --prompts JSON instead)"
     )
+
+
+def prompts_from_object(
+    path: str | Path, modality: str, ct: Volume, warnings: list[AnnotationWarning] | None = None
+) -> list[Prompt]:
+    """The prompts of one annotation object (SEG, SR, PR or RTSTRUCT) on ``ct``; what it cannot use goes to
+    ``warnings``. Raises :class:`PromptSourceError` naming the file when it is unreadable or gives no lesion."""
+    modality = modality.upper()
+    sink: list[AnnotationWarning] = warnings if warnings is not None else []
+    if modality == "SEG":
+        return prompts_from_seg(path, ct)
+    if modality == "SR":
+        from pipeline.sr_reader import read_sr_prompts
+
+        return _call_reader(lambda p, c: read_sr_prompts(p, c, warnings=sink), path, ct)
+    if modality in ("PR", "RTSTRUCT"):
+        from pipeline.annotations.gsps import read_gsps_prompts
+        from pipeline.annotations.rtstruct import read_rtstruct_prompts
+
+        reader = read_gsps_prompts if modality == "PR" else read_rtstruct_prompts
+
+        def read(p: Path, c: Volume) -> list[Prompt]:
+            res = reader(p, c)
+            sink.extend(res.warnings)
+            if not res.prompts and res.warnings:
+                raise NoLesionInAnnotation(f"{p}: no lesion in the {modality}: {res.warnings[0]}")
+            return res.prompts
+
+        return _call_reader(read, path, ct)
+    raise PromptSourceError(f"{path}: {modality} is not an annotation object LesionTrack reads")
 
 
 def prompts_from_seg(path: str | Path, ct: Volume) -> list[Prompt]:
@@ -259,5 +362,5 @@ def _call_reader(reader: Callable[..., Any], path: str | Path, ct: Volume) -> li
         raise PromptSourceError(f"{path}: cannot read the annotation ({type(exc).__name__}: {detail})") from exc
     prompts = list(getattr(result, "prompts", result))
     if not prompts:
-        raise PromptSourceError(f"{path}: no lesions found in the annotation")
+        raise NoLesionInAnnotation(f"{path}: no lesions found in the annotation")
     return prompts

@@ -273,7 +273,10 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
             g.comment = " ".join(str(c.TextValue).split()) or None
         elif vt == "NUM":
             mv = c.get("MeasuredValueSequence")
-            if not mv:
+            if not mv:  # a value-less NUM (cornerstoneTools 4's arrow "Center"): its geometry still marks the lesion
+                for cc in _children(c):
+                    if cc.ValueType in ("SCOORD", "SCOORD3D") and (s := _shape(cc, geo, key)) is not None:
+                        g.shapes.append(s)
                 continue
             unit = _code(mv[0], "MeasurementUnitsCodeSequence")
             num = NumItem(key, code[2] if code else "", float(mv[0].NumericValue), unit[0] if unit else "")
@@ -398,8 +401,11 @@ def read_sr_prompts(
     *,
     images: Sequence[Dataset] | None = None,
     seg_files: Sequence[str | Path] | None = None,
+    warnings: list[Any] | None = None,
 ) -> list[Prompt]:
-    """One prompt per lesion (groups merged by Tracking UID); groups without any usable coordinate are skipped.
+    """One prompt per lesion (groups merged by Tracking UID); groups without any usable coordinate are skipped
+    (and listed in ``warnings`` as :class:`pipeline.annotations.common.AnnotationWarning` when it is given). A
+    prompt's 2-D drawing (line, bidirectional, arrow, ellipse, contour, point) travels in ``meta["drawing"]``.
 
     A group that only references a SEG segment (dcmqi style) becomes a MASK prompt when that SEG is among
     ``seg_files`` (default: the SEG files in the SR's folder).
@@ -444,6 +450,9 @@ def read_sr_prompts(
                 )
                 continue
         if not usable:
+            if warnings is not None:
+                why = "its coordinates reference images not in the CT series" if shapes else "no coordinates"
+                warnings.append(_warning(contents, groups, n, why))
             if shapes:
                 log.warning(
                     "SR %s lesion %s: coordinates reference images of unknown geometry; skipped (pass the CT)",
@@ -464,6 +473,17 @@ def read_sr_prompts(
         is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
         ident = LesionIdentity(uid, text, n, site, is_node, description=description)
         source = f"SR {contents.sop_instance_uid} {text}"
+        drawing, why_not = _drawing(usable, ct, f"SR {contents.sop_instance_uid} {text}")
+        if drawing is not None:
+            from pipeline.annotations.common import drawing_prompt
+
+            extra = {"segment_label": label} if label else {}
+            prompts.append(
+                drawing_prompt(ident, drawing, source, graphic_types=sorted({s.graphic_type for s in usable}), **extra)
+            )
+            continue
+        if warnings is not None and why_not:
+            warnings.append(_warning(contents, groups, n, f"{why_not}; its box is used"))
         if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
             pts = np.concatenate([s.points_mm for s in usable if s.points_mm is not None])
             meta = {"segment_label": label} if label else {}
@@ -492,6 +512,23 @@ def read_sr_prompts(
         )
     log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
     return prompts
+
+
+def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, str | None]:
+    from pipeline.annotations.sr_drawings import drawing_from_shapes
+
+    normal = np.asarray(ct.direction[:, 2], float) if ct is not None else np.array([0.0, 0.0, 1.0])
+    try:
+        return drawing_from_shapes(shapes, normal, what)
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def _warning(contents: SrContents, groups: list[SrGroup], n: int, why: str) -> Any:
+    from pipeline.annotations.common import AnnotationWarning
+
+    name = next((g.comment or g.tracking_id for g in groups if g.comment or g.tracking_id), None) or f"group {n}"
+    return AnnotationWarning(f"SR {contents.sop_instance_uid} ({Path(contents.path).name})", name, why)
 
 
 def _shape_outline(s: Shape) -> np.ndarray:
@@ -595,3 +632,9 @@ def _described(finding: str | None) -> str | None:
     if not finding or finding.strip().lower() in _GENERIC_FINDINGS:
         return None
     return finding.strip()
+
+
+def image_geometries(ct: Volume | None, images: Sequence[Dataset] | None = None) -> dict[str, ImageGeometry]:
+    """SOP Instance UID → image plane of the CT's slices (from their headers or the volume's instance list): what a
+    2-D annotation (SR SCOORD, GSPS) needs to reach patient coordinates."""
+    return _geometry_lookup(Dataset(), images, ct)

@@ -15,7 +15,9 @@ Each re-segmented lesion's first group also carries its review flag (qualitative
 "Flagged for review" / "Not flagged for review") and its tracking confidence in [0, 1] (NUM LT056), from
 :mod:`pipeline.confidence`; a flagged lesion says why: one TEXT "Reason for review" (LT057) per reason (TID 1500 is
 extensible; pixelmed reports them as "not in template" warnings); a lesion that was not assessed (e.g. not
-re-segmented) states none of these.
+re-segmented) states none of these. It also says what
+the prior it was tracked from was ("Prior annotation" LT059: a segmentation, contours, an outline, an ellipse, a
+bidirectional pair, a single diameter, an arrow or a point on one image), when known.
 
 A vanished lesion gets a TID 1410 group (same tracking identifier) with a POINT where it was looked for
 (``LesionReport.expected_centre_mm``), zero sizes and status "vanished", so every tracked lesion appears in every
@@ -104,6 +106,7 @@ class LT:
     TRACKING_CONFIDENCE = _local("LT056", "Tracking confidence")
     REVIEW_REASON = _local("LT057", "Reason for review")
     MAX_3D_DIAMETER = _local("LT058", "Maximum 3D diameter")
+    PRIOR_ANNOTATION = _local("LT059", "Prior annotation the lesion was tracked from")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -154,6 +157,20 @@ CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_A
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
 
 
+#: where a lesion's prior came from (pipeline.drawn_priors.prompt_origin) → the SR's "Prior annotation" value
+PRIOR_ANNOTATION_CODES: dict[str, Code] = {
+    "seg": _local("LT058", "Segmentation (3-D outline)"),
+    "contours": _local("LT059", "Contours on every slice"),
+    "contour": _local("LT060", "Outline on one image"),
+    "ellipse": _local("LT061", "Ellipse on one image"),
+    "bidirectional": _local("LT062", "Bidirectional diameters on one image"),
+    "line": _local("LT063", "Single diameter on one image"),
+    "arrow": _local("LT064", "Arrow on one image"),
+    "point": _local("LT065", "Point on one image"),
+    "points": _local("LT065", "Point on one image"),
+    "box": _local("LT066", "Box"),
+}
+
 PROVENANCE_CODES: dict[str, Code] = {"verified": LT.VERIFIED, "from-verified": LT.FROM_VERIFIED, "machine": LT.MACHINE}
 
 
@@ -191,6 +208,7 @@ class LesionReport:
     #: why a lesion of the prior was not assessed (status NOT_EVALUATED): stated, nothing measured (issue 29)
     not_assessed_reason: str | None = None
     review_reasons: Sequence[str] = ()  # why it is flagged (pipeline.confidence); stated only when flagged
+    prompt_origin: str | None = None  # what the prior was (PRIOR_ANNOTATION_CODES); None: not stated
 
 
 @dataclass
@@ -381,6 +399,8 @@ def write_sr(
             )
         if rep.review is not None:
             quals.append(hd.sr.QualitativeEvaluation(LT.REVIEW, LT.NEEDS_REVIEW if rep.review else LT.NO_REVIEW))
+        if rep.prompt_origin in PRIOR_ANNOTATION_CODES:
+            quals.append(hd.sr.QualitativeEvaluation(LT.PRIOR_ANNOTATION, PRIOR_ANNOTATION_CODES[rep.prompt_origin]))
         conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
         if seg is None or not m.present or segment_number is None:

@@ -35,6 +35,7 @@ from models.segmentation.components import centroid_mm, keep_nearest_component, 
 from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from models.segmentation.rasterize import prompt_to_mask
 from pipeline.confidence import ConfidenceRules, Neighbour, assess_lesion, days_between
+from pipeline.drawn_priors import drawn_lesion, prompt_origin_meta, weaken_for_origin
 from pipeline.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
 from pipeline.prompt_selection import nearest_source_index
 
@@ -253,6 +254,10 @@ def _propagate_direct(
         les.propagated_from = src.provenance
         les.meta["registration"] = getattr(reg, "engine", cache.name)
         les.meta["propagated_from_index"] = src.index
+        prior_les = next((x for x in src_tp.lesions if x.identity.label == label), None)
+        for key in ("prompt_origin", "weak_prior"):  # where the prior came from, on every timepoint it prompts
+            if prior_les is not None and key in prior_les.meta:
+                les.meta[key] = prior_les.meta[key]
         results.append(_StepResult(les, warped))
         tick("segment", t, src.identity.tracking_id)
     cur.lesions = _resolve_overlaps(results, cur.ct)
@@ -277,6 +282,7 @@ def _propagate_direct(
                 days=days_between(src_tp.study_date, cur.study_date),
                 is_node=les.identity.is_node,
             )
+            conf = weaken_for_origin(conf, src_tp.lesions, les.identity.label, opts.confidence)
             les.meta["confidence"] = conf
             les.meta["review"] = bool(les.meta.get("review", False) or conf.review)
 
@@ -392,7 +398,15 @@ def _track_chain(
 def _segment_source(tp: Timepoint, prompt: Prompt, engine: SegmentationEngine, opts: TrackingOptions) -> _StepResult:
     raster = prompt_to_mask(prompt, tp.ct, point_radius_mm=opts.point_radius_mm)
     notes: list[str] = []
-    if prompt.kind is PromptKind.MASK:
+    drawn = drawn_lesion(tp.ct, prompt, engine)
+    if drawn is not None:  # a line, arrow, ellipse or contour on one image: its 3-D extent from the image
+        mask, notes = drawn.mask, drawn.notes
+        name, version = drawn.engine_name, drawn.engine_version
+        mask = keep_nearest_component(mask, prompt.centre_mm(), opts.max_centre_distance_mm)
+        if not mask.array.any():
+            notes.append(f"no lesion at the {drawn.origin}; prompt shape kept")
+            mask = raster
+    elif prompt.kind is PromptKind.MASK:
         mask = raster
         name, version = "annotation", ""
     else:
@@ -414,7 +428,7 @@ def _segment_source(tp: Timepoint, prompt: Prompt, engine: SegmentationEngine, o
         version,
         propagated_centre_mm=prompt.centre_mm(),
         notes=notes,
-        meta={"source": prompt.source or "prompt", "annotated": True},
+        meta={"source": prompt.source or "prompt", "annotated": True, **prompt_origin_meta(prompt)},
     )
     return _StepResult(les, raster)
 
@@ -551,6 +565,9 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
                     "timepoints": [],
                 },
             )
+            for key in ("prompt_origin", "weak_prior", "drawn_diameters_mm"):  # where the prior came from
+                if key in les.meta:
+                    entry.setdefault(key, les.meta[key])
             entry["timepoints"].append(
                 {
                     "index": t,

@@ -38,7 +38,7 @@ def track(
         "--baseline",
         exists=True,
         file_okay=False,
-        help="DICOM CT series folder with the annotated lesions (SEG or SR inside)",
+        help="DICOM CT series folder with the annotated lesions (SEG, SR, GSPS or RTSTRUCT inside)",
     ),
     followup: list[Path] = typer.Option(
         ..., "--followup", exists=True, file_okay=False, help="follow-up CT series folder (repeat; any time order)"

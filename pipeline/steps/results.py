@@ -86,6 +86,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
             confidence=None if conf is None else conf.confidence,
             review_reasons=[] if conf is None else list(conf.reasons),
+            prompt_origin=les.meta.get("prompt_origin"),
         )
         for les in lesions
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from db.session import session_scope
@@ -17,11 +18,14 @@ from pipeline.contract import (
     NotAssessedRecord,
     RetrievePriorsOutput,
 )
+from pipeline.drawn_priors import prompt_origin
 from pipeline.jobs import NothingToTrack, PermanentError
 from pipeline.ports import PROMPT_FILE, PriorTimepoint
 from pipeline.seg_reader import UnassessedSegment
 from pipeline.steps.services import Ctx, followup_series
 from pipeline.verification import our_seg_of_series
+
+log = logging.getLogger(__name__)
 
 
 def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
@@ -37,7 +41,8 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prior_ct = read_series(prior.ct_files, series_uid=prior.ct_series_uid)
     except SeriesError as exc:
         raise PermanentError(f"prior series {prior.ct_series_uid}: {exc}") from exc
-    prompts, not_assessed = read_prompts_and_gaps(prior, prior_ct)
+    annotation_warnings: list[str] = []
+    prompts, not_assessed = read_prompts_and_gaps(prior, prior_ct, annotation_warnings)
     match = ctx.outputs.get(MatchPriorsOutput)
     with session_scope(ctx.services.session_factory) as s:
         # a verified correction as prompt: the lesion identities its adoption recorded; lesions a reader deleted
@@ -71,8 +76,14 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         followup_spacing=[round(float(v), 4) for v in followup_ct.spacing],
         prior_shape=list(prior_ct.shape),
         prompts=len(prompts),
+        annotation_warnings=annotation_warnings,
         lesions=[
-            LesionRef(tracking_uid=p.identity.tracking_uid, tracking_id=p.identity.tracking_id, kind=p.kind.value)
+            LesionRef(
+                tracking_uid=p.identity.tracking_uid,
+                tracking_id=p.identity.tracking_id,
+                kind=p.kind.value,
+                prompt_origin=prompt_origin(p),
+            )
             for p in prompts
         ],
         not_assessed=[
@@ -82,25 +93,31 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
     )
 
 
-def read_prompts(prior: PriorTimepoint, prior_ct: Volume) -> list[Prompt]:
-    """The lesion prompts of the prior's (one chosen) annotation: SEG, TID 1500 SR or a prompts JSON file."""
-    return read_prompts_and_gaps(prior, prior_ct)[0]
+def read_prompts(prior: PriorTimepoint, prior_ct: Volume, warnings: list[str] | None = None) -> list[Prompt]:
+    """The lesion prompts of the prior's (one chosen) annotation: SEG, TID 1500 SR, presentation state (GSPS), RT
+    structure set or a prompts JSON file; what it holds that cannot become a lesion is appended to ``warnings``."""
+    return read_prompts_and_gaps(prior, prior_ct, warnings)[0]
 
 
-def read_prompts_and_gaps(prior: PriorTimepoint, prior_ct: Volume) -> tuple[list[Prompt], list[UnassessedSegment]]:
+def read_prompts_and_gaps(
+    prior: PriorTimepoint, prior_ct: Volume, warnings: list[str] | None = None
+) -> tuple[list[Prompt], list[UnassessedSegment]]:
     """The prompts of :func:`read_prompts`, and the lesions of a prior SEG that cannot be prompts (no voxel on the
     prior CT): they are reported "not assessed" with the reason and flagged, never silently dropped."""
-    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_sr
+    from pipeline.annotations.common import AnnotationWarning
+    from pipeline.prompt_sources import NoLesionInAnnotation, PromptSourceError, load_prompts_json, prompts_from_object
     from pipeline.seg_reader import read_seg_prompts_and_gaps
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")
     ann = prior.annotations[0]
     files = [Path(f) for f in ann.files]
+    modality = "SEG" if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES else ann.modality
+    said: list[AnnotationWarning] = []
     try:
         if ann.modality == PROMPT_FILE:
             return list(load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid)), []
-        if ann.modality == "SEG" or ann.sop_class_uid in SEG_SOP_CLASSES:
+        if modality == "SEG":
             try:
                 prompts, gaps = read_seg_prompts_and_gaps(files[0], prior_ct)
             except Exception as exc:  # a corrupt or unreadable annotation: name the file and the problem
@@ -111,6 +128,16 @@ def read_prompts_and_gaps(prior: PriorTimepoint, prior_ct: Volume) -> tuple[list
             if not prompts and not gaps:
                 raise PromptSourceError(f"{files[0]}: no lesions found in the annotation")
             return prompts, gaps
-        return list(prompts_from_sr(files[0], prior_ct)), []
-    except PromptSourceError as exc:
+        prompts = list(prompts_from_object(files[0], modality, prior_ct, said))
+    except NoLesionInAnnotation as exc:
+        if warnings is not None:
+            warnings.extend(str(w) for w in said)
+        raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} gives no lesion: {exc}") from exc
+    except PromptSourceError as exc:  # unreadable: a failure to look at, not an empty prior
         raise PermanentError(f"prior {ann.modality} {files[0]}: {exc}") from exc
+    finally:
+        for w in said:
+            log.warning("prior annotation not used: %s", w)
+    if warnings is not None:
+        warnings.extend(str(w) for w in said)
+    return prompts, []

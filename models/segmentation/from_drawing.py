@@ -1,0 +1,389 @@
+"""A 3-D lesion from a 2-D drawing (a diameter, a bidirectional pair, an arrow, a point, an ellipse, a contour).
+
+The drawing fixes the lesion on its slice; how far the lesion reaches through the neighbouring slices comes from the
+image, not from the drawing's in-plane size (a prompt box as deep as the line is long flattens a small nodule on
+5 mm slices to one slice). Steps, on a region around the drawing (physical units throughout):
+
+1. On the drawn slice: a *core* known to be lesion (the middle of a diameter, the inside of an ellipse or contour
+   shrunk to half, a small disc at an arrow's tip or a point) and a *bound* the lesion cannot leave (a disc of 0.6 x
+   the diameter around its middle — the diameter is the longest chord —, the drawn ellipse or contour widened a
+   little, 25 mm around a point).
+2. Intensity statistics sampled on the drawing: the lesion level from the core (a low quantile towards the
+   background, so a part-solid nodule's ground-glass rim counts), the background as the most frequent tissue in a ring
+   just outside the bound; the half-way level between the two separates lesion from background (partial-volume
+   correct: a voxel is lesion when at least half of it is).
+3. On the drawn slice, the lesion-side voxels inside the bound connected to the core; then slice by slice away from
+   it, the lesion-side voxels within one voxel of the previous slice's cross-section (a lesion's cross-section
+   changes gradually), never more than a little larger than the previous one (the drawn slice is where the lesion is
+   largest: a radiologist measures there), inside the ellipsoid the drawn diameter spans (a sphere of 1.1 x that
+   diameter, half a slice deeper), until nothing is left. Intermediate values count as the lesion's partial-volume
+   edge only next to tissue like the core's (a thick band of them is another tissue, e.g. the chest wall), and each
+   cross-section is split at its necks (watershed) so a vessel touching the lesion is left out.
+4. For an arrow or a point (whose extent is unknown) the segmentation engine refines that seed as a mask prompt;
+   the result is kept when it overlaps the seed, else the seed. A diameter, an ellipse or a contour bounds the lesion
+   better than the refinement (measured: bench/annotations.py, docs/benchmarks.md).
+
+Too little contrast between the core and the background (< 2 noise SDs) gives no seed: the caller falls back to the
+drawing's box and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from models.imaging.volume import Volume
+from models.segmentation.drawing import Drawing, DrawingKind
+
+
+@dataclass(frozen=True)
+class DrawingConfig:
+    smoothing_mm: float = 0.8
+    bound_factor: float = 0.55  # in-plane bound: this x the diameter around its middle
+    ellipse_margin: float = 1.15  # a drawn ellipse/contour is widened by this factor (+ a voxel) as bound
+    point_reach_mm: float = 25.0  # an arrow's or point's lesion lies within this distance of the tip
+    tip_core_mm: float = 2.5
+    ring_mm: float = 5.0
+    lesion_quantile: float = 0.2  # of the core samples, towards the background
+    min_cnr: float = 2.0
+    growth_per_slice: float = 1.15  # a cross-section may exceed the previous one by at most this area factor
+    depth_factor: float = 0.75  # through-slice search from the drawn slice: this x the long diameter (+ one slice)
+    max_depth_factor: float = 1.5  # an elongated lesion is followed at most this x its drawn diameter either way
+    depth_from_width: bool = True
+    elongated_fraction: float = 10.0
+    """A cross-section at least this x the drawn one is followed beyond the ellipsoid (off by default: on our
+    benchmark it followed vessels and walls running on from a lesion more often than elongated lesions)."""
+    min_sd_hu: float = 6.0
+
+
+@dataclass
+class DrawnSeed:
+    """The seed mask on the image grid and what it was built from (for notes and tests)."""
+
+    mask: Volume
+    lesion_level: float
+    background_level: float
+    slices: int
+
+
+def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None = None) -> DrawnSeed | None:
+    """The lesion's seed mask from ``drawing`` on ``image`` (steps 1–3), or None when the image does not support it
+    (drawing outside the CT, no contrast)."""
+    cfg = cfg or DrawingConfig()
+    sp = image.spacing[::-1].astype(float)  # (k, j, i) mm
+    kji = image.patient_to_index(drawing.all_points)[:, ::-1]
+    k0 = int(np.rint(kji[:, 0].mean()))
+    if not 0 <= k0 < image.shape[0]:
+        return None
+    parts = [image.patient_to_index(p)[:, ::-1] for p in drawing.parts]
+    long_mm, short_mm = drawing.diameters_mm()
+    reach = cfg.point_reach_mm if long_mm <= 0 else cfg.bound_factor * long_mm * cfg.ellipse_margin
+    depth_mm = cfg.point_reach_mm if long_mm <= 0 else cfg.max_depth_factor * long_mm + sp[0]
+    # region of interest around the drawing
+    centre = np.asarray([k0, *kji[:, 1:].mean(0)])
+    half = np.array([depth_mm + 2 * sp[0], reach + cfg.ring_mm + 4.0, reach + cfg.ring_mm + 4.0]) / sp
+    half[1:] = np.maximum(half[1:], (np.abs(kji[:, 1:] - centre[1:]).max(0) + (cfg.ring_mm + 4.0) / sp[1:]))
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, np.array(image.shape))
+    if np.any(hi - lo < 2):
+        return None
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    img = image.array[sl].astype(np.float32)
+    smooth = ndi.gaussian_filter(img, sigma=cfg.smoothing_mm / sp)
+    kk = k0 - lo[0]
+    local = [p - lo for p in parts]
+    plane = smooth[kk]
+    jj, ii = np.meshgrid(np.arange(plane.shape[0]) * sp[1], np.arange(plane.shape[1]) * sp[2], indexing="ij")
+    core, bound = _core_and_bound(drawing.kind, [p[:, 1:] * sp[1:] for p in local], jj, ii, cfg, sp)
+    if not core.any() or not bound.any():
+        return None
+    les_s = plane[core]
+    point_like = drawing.kind in (DrawingKind.ARROW, DrawingKind.POINT)
+    if point_like:  # the extent is unknown: the tissue like the tip's around it, and a little more, bounds it
+        med = float(np.median(les_s))
+        tol = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
+        grown = _split_keep((np.abs(plane - med) <= tol) & bound, core, sp[1:], min_share=0.0) | core
+        bound = _dilate_mm(grown, 1.5 * float(max(sp[1], sp[2])), sp[1:]) & bound
+    ring_out = _dilate_mm(bound, cfg.ring_mm + 1.5, sp[1:]) & ~_dilate_mm(bound, 1.5, sp[1:])
+    if ring_out.sum() < 10:
+        return None
+    ring_s = plane[ring_out]
+    # ring voxels like the core are the lesion running on (or a neighbour of its density), not its background
+    core_med, core_tol = float(np.median(les_s)), max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
+    unlike = ring_s[np.abs(ring_s - core_med) > core_tol]
+    bg_level = _dominant_level(unlike if unlike.size >= 20 else ring_s)
+    bright = float(np.median(les_s)) > bg_level
+    # the lesion's level: its median, or, for a lesion of two tissues (a part-solid nodule's ground glass and solid
+    # core), a low quantile towards the background, so that the fainter tissue counts
+    les_level = float(np.median(les_s))
+    if _robust_sd(les_s) > 0.25 * abs(les_level - bg_level):
+        q = cfg.lesion_quantile if bright else 1.0 - cfg.lesion_quantile
+        les_level = float(np.quantile(les_s, q))
+    # the image noise: the narrower of the core's and the ring's robust spreads (a ring across tissues is wide)
+    ring_sd = _robust_sd(plane[ring_out & (np.abs(plane - bg_level) <= 100.0)])
+    noise = max(min(ring_sd, _robust_sd(les_s)) if les_s.size >= 5 else ring_sd, cfg.min_sd_hu)
+    if abs(les_level - bg_level) < cfg.min_cnr * noise:
+        # the quantile may sit on partial volume: try the core's median before giving up
+        les_level = float(np.median(les_s))
+        if abs(les_level - bg_level) < cfg.min_cnr * noise:
+            return None
+    threshold = 0.5 * (les_level + bg_level)
+    lesion_like = (smooth >= threshold) if bright else (smooth <= threshold)
+    if point_like:  # only tissue like the tip's (a vessel or wall brighter than the lesion is not it)
+        lesion_like &= np.abs(smooth - med) <= max(tol, 0.5 * abs(med - bg_level))
+    # an intermediate value is the lesion's partial-volume edge only next to tissue like the lesion's; a thick band
+    # of it is another tissue (the chest wall beside a juxtapleural nodule, between lung and nodule in density)
+    like_core = np.abs(smooth - core_med) <= core_tol
+    lesion_like &= like_core | ndi.binary_dilation(like_core, structure=np.ones((3, 3, 3), bool))
+    # the drawn slice
+    if drawing.kind is DrawingKind.CONTOUR:  # the radiologist's own outline of this slice
+        m0 = _polygon(local[0][:, 1:] * sp[1:], jj, ii, sp)
+    else:
+        m0 = _split_keep(lesion_like[kk] & bound, core, sp[1:], min_share=0.0)
+    if not m0.any():
+        m0 = core.copy()
+    m0 = ndi.binary_fill_holes(m0)
+    seed = np.zeros(smooth.shape, bool)
+    seed[kk] = m0
+    n_slices = 1
+    # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
+    # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
+    # not a vessel or wall running on from it)
+    size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
+    a0 = float(m0.sum())
+    # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
+    # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
+    width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
+    depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
+    z_bound = cfg.bound_factor * depth_size + 0.5 * sp[0]
+    r_bound = cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2]))
+    c0 = np.argwhere(m0).mean(0) * sp[1:]
+    radial = np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1)
+    one = _disc(1.0 * max(sp[1], sp[2]) * 1.001, sp[1:])
+    for step in (1, -1):
+        prev = m0
+        k = kk + step
+        while 0 <= k < smooth.shape[0] and abs(k - kk) * sp[0] <= min(depth_mm, cfg.max_depth_factor * size):
+            z = abs(k - kk) * sp[0]
+            near = ndi.binary_dilation(prev, structure=one)
+            cand = _split_keep(lesion_like[k] & bound & near, prev, sp[1:], min_share=0.5)
+            if cand.sum() > cfg.growth_per_slice * prev.sum() + 1:  # running into a neighbour: no growth here
+                cand = _connected_to(lesion_like[k] & prev, prev)
+            cand = ndi.binary_fill_holes(cand)
+            if float(cand.sum()) < cfg.elongated_fraction * a0:
+                r = r_bound * float(np.sqrt(max(0.0, 1.0 - (z / z_bound) ** 2))) if z < z_bound else 0.0
+                cand &= radial <= max(r, 0.5 * float(max(sp[1], sp[2])))
+                cand = _connected_to(cand, cand) if z < z_bound else np.zeros_like(cand)
+            if not cand.any():
+                break
+            seed[k] = cand
+            n_slices += 1
+            prev = cand
+            k += step
+    out = np.zeros(image.shape, np.uint8)
+    out[sl] = seed
+    return DrawnSeed(image.with_array(out), les_level, bg_level, n_slices)
+
+
+def _core_and_bound(
+    kind: DrawingKind, parts: list[np.ndarray], jj: np.ndarray, ii: np.ndarray, cfg: DrawingConfig, sp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane core and bound (boolean images of the drawn slice); ``parts`` in in-plane mm (j, i)."""
+    xy = np.stack([jj, ii], -1)
+    pix = float(max(sp[1], sp[2]))
+    if kind in (DrawingKind.LINE, DrawingKind.BIDIRECTIONAL):
+        core = np.zeros(jj.shape, bool)
+        for p in parts:
+            core |= _segment_distance(xy, p[0], p[1], 0.2, 0.8) <= 0.75 * pix
+        a, b = parts[0][0], parts[0][1]
+        mid, length = (a + b) / 2, float(np.linalg.norm(b - a))
+        bound = np.linalg.norm(xy - mid, axis=-1) <= cfg.bound_factor * length + 0.5 * pix
+        if kind is DrawingKind.BIDIRECTIONAL:  # across the long axis no farther than the short axis reaches
+            u = (b - a) / max(length, 1e-6)
+            n = np.array([-u[1], u[0]])
+            across = np.abs((xy - mid) @ n)
+            c, d = parts[1][0], parts[1][1]
+            reach = max(abs(float((c - mid) @ n)), abs(float((d - mid) @ n)))
+            bound &= across <= cfg.ellipse_margin * reach + pix
+        return core, bound
+    if kind is DrawingKind.ELLIPSE:
+        p = parts[0]
+        centre = (p[0] + p[1]) / 2
+        ax1 = (p[1] - p[0]) / 2
+        ax2 = (p[3] - p[2]) / 2
+        r = _ellipse_radius(xy - centre, ax1, ax2)
+        return r <= 0.5, r <= 1.0 + pix / max(float(np.linalg.norm(ax2)), pix)  # drawn around the lesion
+    if kind is DrawingKind.CONTOUR:
+        inside = _polygon(parts[0], jj, ii, sp)
+        depth = ndi.distance_transform_edt(inside, sampling=sp[1:])
+        core = inside & (depth >= 0.5 * float(depth.max()))
+        return core, _dilate_mm(inside, max(1.5, 0.15 * float(depth.max()) * 2), sp[1:])
+    # ARROW / POINT: the tip, nudged into the lesion along the arrow (the tip touches the lesion's edge)
+    tip = parts[0][0].copy()
+    if kind is DrawingKind.ARROW and len(parts[0]) >= 2:
+        u = parts[0][0] - parts[0][1]
+        if np.linalg.norm(u) > 1e-6:
+            tip = tip + cfg.tip_core_mm * u / np.linalg.norm(u)
+    dist = np.linalg.norm(xy - tip, axis=-1)
+    return dist <= max(cfg.tip_core_mm, pix), dist <= cfg.point_reach_mm
+
+
+def _segment_distance(xy: np.ndarray, a: np.ndarray, b: np.ndarray, t0: float, t1: float) -> np.ndarray:
+    d = b - a
+    t = np.clip(((xy - a) @ d) / max(float(d @ d), 1e-9), t0, t1)
+    return np.asarray(np.linalg.norm(xy - (a + t[..., None] * d), axis=-1))
+
+
+def _ellipse_radius(v: np.ndarray, ax1: np.ndarray, ax2: np.ndarray) -> np.ndarray:
+    """Normalised ellipse radius of in-plane vectors ``v`` (1 on the ellipse with semi-axes ``ax1``, ``ax2``)."""
+    a, b = max(float(np.linalg.norm(ax1)), 1e-6), max(float(np.linalg.norm(ax2)), 1e-6)
+    u = ax1 / a
+    n = np.array([-u[1], u[0]])
+    return np.asarray(np.sqrt(((v @ u) / a) ** 2 + ((v @ n) / b) ** 2))
+
+
+def _polygon(poly: np.ndarray, jj: np.ndarray, ii: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    from skimage.draw import polygon as fill
+
+    rows, cols = fill(poly[:, 0] / sp[1], poly[:, 1] / sp[2], shape=jj.shape)
+    out = np.zeros(jj.shape, bool)
+    out[rows, cols] = True
+    if not out.any():  # smaller than a pixel: its nearest pixel
+        c = np.rint(poly.mean(0) / sp[1:]).astype(int)
+        if np.all(c >= 0) and np.all(c < np.asarray(out.shape)):
+            out[tuple(c)] = True
+    return out
+
+
+def _feret_mm(mask: np.ndarray, sp2: np.ndarray) -> float:
+    """Largest distance between two pixels of ``mask`` (mm, pixel edges included)."""
+    pts = np.argwhere(mask & ~ndi.binary_erosion(mask)).astype(float) * sp2
+    if len(pts) < 2:
+        return float(max(sp2))
+    if len(pts) > 400:
+        pts = pts[:: len(pts) // 400 + 1]
+    return float(np.linalg.norm(pts[:, None] - pts[None], axis=-1).max()) + float(max(sp2))
+
+
+def _width_mm(mask: np.ndarray, sp2: np.ndarray) -> float:
+    """Full width of ``mask`` across its long axis (mm): 4 x the root of the smaller second moment, plus a pixel."""
+    pts = np.argwhere(mask).astype(float) * sp2
+    if len(pts) < 3:
+        return float(max(sp2))
+    lam = np.linalg.eigvalsh(np.cov((pts - pts.mean(0)).T))
+    return 4.0 * float(np.sqrt(max(float(lam[0]), 0.0))) + float(max(sp2))
+
+
+def _disc(radius_mm: float, sp2: np.ndarray) -> np.ndarray:
+    reach = np.floor(radius_mm / sp2).astype(int)
+    j, i = np.meshgrid(*(np.arange(-n, n + 1) * s for n, s in zip(reach, sp2, strict=True)), indexing="ij")
+    return np.asarray(np.sqrt(j**2 + i**2) <= radius_mm)
+
+
+def _dilate_mm(mask: np.ndarray, radius_mm: float, sp2: np.ndarray) -> np.ndarray:
+    return np.asarray(ndi.distance_transform_edt(~mask, sampling=sp2) <= radius_mm)
+
+
+def _connected_to(cand: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return np.zeros_like(cand)
+    keep = np.unique(lab[anchor & cand])
+    return np.isin(lab, keep[keep > 0])
+
+
+def _split_keep(region: np.ndarray, anchor: np.ndarray, sp2: np.ndarray, min_share: float) -> np.ndarray:
+    """The parts of ``region`` that belong to the lesion at ``anchor``: ``region`` is split into blobs at its necks
+    (watershed of the distance to its edge: a vessel or wall touching the lesion is another blob) and a blob is kept
+    when it touches ``anchor`` and at least ``min_share`` of it lies on ``anchor``."""
+    region = _connected_to(region, anchor)
+    if region.sum() < 8:
+        return region
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    dist = ndi.distance_transform_edt(region, sampling=sp2)
+    # only real necks split: peaks of the distance that stand out by a pixel and a fifth of the region's depth
+    h = max(float(max(sp2)), 0.2 * float(dist.max()))
+    markers, _ = ndi.label(h_maxima(dist, h))
+    blobs = watershed(-dist, markers, mask=region)
+    keep = np.zeros(region.shape, bool)
+    for m in np.unique(blobs[anchor & region]):
+        if m == 0:
+            continue
+        blob = blobs == m
+        if float((blob & anchor).sum()) >= min_share * float(blob.sum()):
+            keep |= blob
+    return keep
+
+
+def _robust_sd(v: np.ndarray) -> float:
+    if v.size == 0:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(v - np.median(v))))
+
+
+def _dominant_level(values: np.ndarray) -> float:
+    """The level of the most frequent tissue (the median of values within 100 HU of the smoothed histogram mode)."""
+    vals = np.asarray(values, np.float64).ravel()
+    edges = np.arange(-1200.0, 3210.0, 10.0)
+    hist, _ = np.histogram(np.clip(vals, edges[0], edges[-1] - 1), bins=edges)
+    mode = float(edges[int(np.argmax(ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)))] + 5.0)
+    close = vals[np.abs(vals - mode) <= 100.0]
+    return float(np.median(close)) if close.size >= 10 else float(np.median(vals))
+
+
+def lesion_from_drawing(
+    image: Volume, drawing: Drawing, engine: object | None = None, cfg: DrawingConfig | None = None
+) -> tuple[Volume | None, list[str]]:
+    """The 3-D lesion ``drawing`` marks on ``image`` (step 4: the seed refined by ``engine`` as a mask prompt), and
+    notes saying how it was derived. None when the image gives no seed (the caller falls back and says so)."""
+    from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+
+    seed = seed_from_drawing(image, drawing, cfg)
+    if seed is None or not seed.mask.array.any():
+        return None, [f"no lesion-like region at the {drawing.kind.value} ({drawing.what or 'drawing'})"]
+    notes = [
+        f"3-D lesion derived from a {drawing.kind.value} on one image: {seed.slices} slice(s) from the image "
+        f"(lesion {seed.lesion_level:.0f} HU vs background {seed.background_level:.0f} HU)"
+    ]
+    segment = getattr(engine, "segment", None)
+    if segment is None or drawing.kind not in (DrawingKind.ARROW, DrawingKind.POINT):
+        # a diameter, an ellipse or a contour bounds the lesion better than the engine's box-free refinement does
+        return seed.mask, notes
+    ident = LesionIdentity("2.25.0", "seed", 1)
+    refined = segment(image, Prompt(ident, PromptKind.MASK, mask=seed.mask, source="drawn seed"), None)
+    r, s = refined.array > 0, seed.mask.array > 0
+    if r.any() and 2 * float((r & s).sum()) / float(r.sum() + s.sum()) >= 0.5:
+        return refined.with_array(r.astype(np.uint8)), [*notes, f"refined by {getattr(engine, 'name', 'engine')}"]
+    return seed.mask, [*notes, "engine refinement disagreed with the seed; the seed is kept"]
+
+
+def measurement_error(mask: Volume, drawing: Drawing) -> float:
+    """How far ``mask`` is from reproducing the radiologist's own measurement on the drawn slice: the largest relative
+    difference between its cross-section's longest diameter and the drawn long axis (and, for a bidirectional pair or
+    an ellipse, its width across that axis and the short axis). Infinite for an empty cross-section; 0 for a drawing
+    without diameters (an arrow, a point)."""
+    long_mm, short_mm = drawing.diameters_mm()
+    if long_mm <= 0:
+        return 0.0
+    sp = mask.spacing[::-1].astype(float)
+    k0 = int(np.rint(mask.patient_to_index(drawing.all_points)[:, 2].mean()))
+    if not 0 <= k0 < mask.shape[0]:
+        return float("inf")
+    cross = mask.array[k0] > 0
+    if not cross.any():
+        return float("inf")
+    err = abs(_feret_mm(cross, sp[1:]) - long_mm) / long_mm
+    if short_mm and drawing.kind in (DrawingKind.BIDIRECTIONAL, DrawingKind.ELLIPSE):
+        axis = drawing.parts[0]
+        a, b = (mask.patient_to_index(axis[:2])[:, [1, 0]] * sp[1:]) if len(axis) >= 2 else (None, None)
+        if a is not None and b is not None and np.linalg.norm(b - a) > 0:
+            u = (b - a) / np.linalg.norm(b - a)
+            n = np.array([-u[1], u[0]])
+            across = (np.argwhere(cross).astype(float) * sp[1:]) @ n
+            width = float(across.max() - across.min()) + float(max(sp[1:]))
+            err = max(err, abs(width - short_mm) / short_mm)
+    return float(err)

@@ -1,0 +1,136 @@
+"""A 3-D lesion from a 2-D drawing: the through-slice extent comes from the image (issue 31, item 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.imaging.volume import Volume
+from models.segmentation.base import get_engine
+from models.segmentation.drawing import Drawing, DrawingKind
+from models.segmentation.from_drawing import lesion_from_drawing, seed_from_drawing
+
+SLICE_MM = 5.0
+
+
+def _nodule(radius: float = 6.5, hu: float = 30.0, slice_mm: float = SLICE_MM) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """Lung (-850 HU) with a spherical nodule on thick slices; the truth is the voxels whose centre is inside."""
+    rng = np.random.default_rng(3)
+    nk, nj, ni = int(80 / slice_mm), 64, 64
+    sp = np.array([0.8, 0.8, slice_mm])  # (i, j, k)
+    centre = np.array([25.3, 26.1, 40.0])  # mm, off the voxel grid
+    k, j, i = np.meshgrid(*(np.arange(n) for n in (nk, nj, ni)), indexing="ij")
+    pts = np.stack([i * sp[0], j * sp[1], k * sp[2]], -1)
+    # partial volume: supersample each voxel 3x3x3
+    frac = np.zeros((nk, nj, ni), np.float32)
+    offs = [(a, b, c) for a in (-1 / 3, 0, 1 / 3) for b in (-1 / 3, 0, 1 / 3) for c in (-1 / 3, 0, 1 / 3)]
+    for a, b, c in offs:
+        q = pts + np.array([a, b, c]) * sp
+        frac += (np.linalg.norm(q - centre, axis=-1) <= radius) / len(offs)
+    img = -850.0 + frac * (hu + 850.0) + rng.normal(0, 15.0, frac.shape)
+    vol = Volume(np.rint(img).astype(np.int16), np.zeros(3), sp)
+    truth = np.linalg.norm(pts - centre, axis=-1) <= radius
+    return vol, truth, centre
+
+
+def _o(x: float, y: float) -> np.ndarray:
+    return np.array([x, y, 0.0])
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def _line(vol: Volume, centre: np.ndarray, radius: float) -> Drawing:
+    k = round(centre[2] / vol.spacing[2])
+    z = k * vol.spacing[2]
+    a, b = centre + np.array([-radius, 0.3, 0.0]), centre + np.array([radius, 0.3, 0.0])
+    a[2] = b[2] = z
+    return Drawing(DrawingKind.LINE, [np.array([a, b])], "test line")
+
+
+def test_a_single_line_on_thick_slices_gives_a_lesion_through_several_slices() -> None:
+    vol, truth, centre = _nodule()
+    seed = seed_from_drawing(vol, _line(vol, centre, 6.3))
+    assert seed is not None
+    got = seed.mask.array > 0
+    assert seed.slices >= 3  # a 13 mm nodule on 5 mm slices is not flattened to the drawn slice
+    assert np.count_nonzero(got.any(axis=(1, 2))) >= 3
+    assert _dice(got, truth) >= 0.85
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "ellipse", "arrow", "point", "contour"])
+def test_every_drawing_kind_becomes_a_3d_lesion(kind: str) -> None:
+    vol, truth, centre = _nodule(radius=7.0)
+    k = round(centre[2] / vol.spacing[2])
+    z = k * vol.spacing[2]
+    c = np.array([centre[0], centre[1], z])
+    r = 6.8
+    if kind == "bidirectional":
+        parts = [np.array([c - _o(r, 0), c + _o(r, 0)]), np.array([c - _o(0, r), c + _o(0, r)])]
+        d = Drawing(DrawingKind.BIDIRECTIONAL, parts)
+    elif kind == "ellipse":
+        d = Drawing(DrawingKind.ELLIPSE, [np.array([c - _o(8, 0), c + _o(8, 0), c - _o(0, 7.5), c + _o(0, 7.5)])])
+    elif kind == "arrow":  # tip inside the lesion near its edge, tail outside
+        d = Drawing(DrawingKind.ARROW, [np.array([c + _o(3.5, 0), c + _o(25, 0)])])
+    elif kind == "point":
+        d = Drawing(DrawingKind.POINT, [c[None]])
+    else:
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        d = Drawing(DrawingKind.CONTOUR, [c + np.stack([r * np.cos(t), r * np.sin(t), 0 * t], -1)])
+    mask, notes = lesion_from_drawing(vol, d, get_engine("adaptive"))
+    assert mask is not None, notes
+    got = mask.array > 0
+    assert np.count_nonzero(got.any(axis=(1, 2))) >= 3
+    assert _dice(got, truth) >= 0.8
+    assert any(kind in n for n in notes)
+
+
+def test_a_drawing_on_tissue_like_its_surroundings_gives_no_lesion() -> None:
+    vol = Volume(np.full((10, 40, 40), 40, np.int16), np.zeros(3), np.array([1.0, 1.0, 5.0]))
+    d = Drawing(DrawingKind.LINE, [np.array([[10.0, 20.0, 25.0], [25.0, 20.0, 25.0]])])
+    mask, notes = lesion_from_drawing(vol, d, None)
+    assert mask is None
+    assert "no lesion-like region" in notes[0]
+
+
+def test_a_drawing_outside_the_ct_gives_no_lesion() -> None:
+    vol, _, _ = _nodule()
+    d = Drawing(DrawingKind.LINE, [np.array([[10.0, 20.0, 500.0], [25.0, 20.0, 500.0]])])
+    assert seed_from_drawing(vol, d) is None
+
+
+def test_drawings_check_their_points() -> None:
+    with pytest.raises(ValueError, match="needs 2 part"):
+        Drawing(DrawingKind.BIDIRECTIONAL, [np.zeros((2, 3))])
+    with pytest.raises(ValueError, match="contour needs"):
+        Drawing(DrawingKind.CONTOUR, [np.zeros((2, 3))])
+    d = Drawing(DrawingKind.BIDIRECTIONAL, [np.array([[0, 0, 0], [20, 0, 0]]), np.array([[10, -4, 0], [10, 4, 0]])])
+    assert d.diameters_mm() == (20.0, 8.0)
+
+
+def test_a_lesion_from_a_line_or_arrow_carries_lower_confidence_until_confirmed() -> None:
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    from models.segmentation.prompts import LesionIdentity
+    from pipeline.confidence import ConfidenceRules, combine
+    from pipeline.drawn_priors import weaken_for_origin
+
+    @dataclass
+    class Src:
+        identity: LesionIdentity
+        meta: dict[str, Any] = field(default_factory=dict)
+
+    rules = ConfidenceRules()
+    clean = combine({"present": True}, rules)
+    assert clean.confidence == 1.0 and not clean.review
+    line = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "line", "weak_prior": True})]
+    arrow = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "arrow", "weak_prior": True})]
+    seg = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "seg", "weak_prior": False})]
+    from_line = weaken_for_origin(clean, line, 1, rules)
+    assert 0.5 <= from_line.confidence < 1.0 and not from_line.review
+    assert "line on one image, not yet confirmed" in from_line.reasons[0]
+    from_arrow = weaken_for_origin(clean, arrow, 1, rules)
+    assert from_arrow.review and from_arrow.confidence < from_line.confidence
+    assert weaken_for_origin(clean, seg, 1, rules) == clean

@@ -281,6 +281,8 @@ class Indexer:
                 item.error = str(exc)
                 log.error("cannot index %s: %s", item.path, exc)
                 return
+        item.error = "conflicting rows on every attempt"
+        log.warning("cannot index %s: conflicting rows on every attempt (the recovery scan retries it)", item.path)
 
     def _ensure_series(self, items: list[IndexItem]) -> None:
         """Create (or re-open) through the ORM every series of ``items`` not known to be receiving."""
@@ -407,13 +409,22 @@ class Indexer:
                     fixed_paths,
                 )
             if pairs:
-                c.execute(
-                    insert(OpenTransfer),
-                    [
-                        {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
-                        for (a, s), pid in pairs.items()
-                    ],
+                # a journal read again after a crash may name a transfer whose row a previous process wrote:
+                # inserting it again would fail the whole batch (and leave its instances to the recovery scan)
+                known_pairs = set(
+                    c.execute(
+                        select(OpenTransfer.association_uid, OpenTransfer.series_uid).where(
+                            OpenTransfer.association_uid.in_(sorted({a for a, _s in pairs}))
+                        )
+                    ).tuples()
                 )
+                fresh = [
+                    {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
+                    for (a, s), pid in pairs.items()
+                    if (a, s) not in known_pairs
+                ]
+                if fresh:
+                    c.execute(insert(OpenTransfer), fresh)
                 opened = sorted({self._series_pk[s] for _a, s in pairs})
                 c.execute(update(Series).where(Series.id.in_(opened)).values(last_transfer=TransferOutcome.OPEN))
             if recovered_series:

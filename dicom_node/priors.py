@@ -43,7 +43,7 @@ from dicom_node.pacs_count import sending_peer
 from dicom_node.routing import PRIOR_RETRIEVAL_REASON
 from pipeline.annotations.refs import PRIOR_ANNOTATION_MODALITIES
 from pipeline.annotations.refs import prior_annotation_references as pipeline_annotation_references
-from pipeline.ports import PriorAnnotation, PriorTimepoint
+from pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,8 @@ class PriorFinder:
                 )
             )
         for ann in prior.annotations:
+            if ann.modality == PROMPT_FILE:
+                continue  # a prompts JSON (`track --prompts`) holds points in patient space, no instance references
             for f in ann.files[:1]:
                 try:
                     hdr = dcmread(f, stop_before_pixels=True, specific_tags=_REF_TAGS)

@@ -22,7 +22,14 @@ A new lesion is found when a candidate with confidence ≥ 0.5 overlaps it; a ca
 is a false candidate. Size bins use the lesion's measured longest axial diameter on the follow-up truth mask.
 ``--timing`` adds the detector's time on a 512×512×300 scan (real lung1 resampled to 0.8 mm slices).
 
+``--longitudinal`` (issue 29): 6-timepoint chest and abdomen series of the digital phantom with bowel motion and
+sliding breathing (:func:`make_series`), each follow-up against the timepoint before, warped by the best smooth
+registration (:func:`smooth_oracle_warp`; ``--warp convex`` for the product's engine), the previous detector (read
+from git at ``PREVIOUS_COMMIT``) and the current one side by side: false candidates per scan, the rank and organ of
+each new lesion, untrusted ("not assessed") scans.
+
     .venv/bin/python bench/new_lesions.py --set tune --methods oracle
+    .venv/bin/python bench/new_lesions.py --longitudinal --set heldout --cache /tmp/i29c --rows
     .venv/bin/python bench/new_lesions.py --set heldout --methods oracle,convex --cache /tmp/nl-regcache --timing
 """
 

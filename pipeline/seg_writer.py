@@ -241,9 +241,9 @@ def write_seg(
         ident = les.identity
         region = anatomic_code(ident.anatomic_site)
         candidate = is_candidate(les)
-        kind = "AUTOMATIC" if candidate else algorithm_type.upper()
+        algo_type = "AUTOMATIC" if candidate else algorithm_type.upper()
         algo = None
-        if kind != "MANUAL":
+        if algo_type != "MANUAL":
             algo = hd.AlgorithmIdentificationSequence(
                 name=les.engine or SOFTWARE_NAME,
                 version=les.engine_version or software_version,
@@ -264,7 +264,7 @@ def write_seg(
                 segment_label=display_name(ident.tracking_id, ident.description),
                 segmented_property_category=category,
                 segmented_property_type=prop,
-                algorithm_type=kind,
+                algorithm_type=algo_type,
                 algorithm_identification=algo,
                 tracking_uid=ident.tracking_uid,
                 tracking_id=ident.tracking_id[:64],

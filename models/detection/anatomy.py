@@ -8,8 +8,9 @@ Used to name a candidate's organ and to suppress the usual false sources of temp
   up to 40 mm across (vessels, nodules) filled in — not the liver dome or the heart they encircle;
 * **gas** — every other air-density voxel inside the body in either scan: bowel and stomach gas moves and changes
   between scans, so a difference beside it is bowel content, not a lesion;
-* **solid organs** — thick, homogeneous soft tissue within ±35 HU of the commonest thick-tissue attenuation (opened
-  with a 4.5 mm ball, components ≥ 100 mL, holes filled per slice): hypodense lesions are looked for only there;
+* **solid organs** — thick, homogeneous soft tissue within ±35 HU of the commonest thick-tissue attenuation in
+  either scan (opened with a 4.5 mm ball, components ≥ 100 mL, holes filled per slice): hypodense lesions are
+  looked for only there;
 * **liver** — the solid-organ component that is largest, lies on the patient's right and whose centre is below
   the lungs' centre (≥ 300 mL).
 """
@@ -89,7 +90,9 @@ def find_anatomy(fu_s: Array, pr_s: Array, body: Array, sp_kji: Array, x_mm: Arr
     if core.sum() > 100:
         hist, edges = np.histogram(fu_s[core], bins=np.arange(-30.0, 252.0, 6.0))
         mode = float(edges[int(np.argmax(hist))] + 3.0)
-        par = body & ~lung & (np.abs(fu_s - mode) < 35.0)
+        # parenchyma in either scan: a new lesion's site was parenchyma in the prior even where the lesion now
+        # opens the organ's outline in the follow-up
+        par = body & ~lung & ((np.abs(fu_s - mode) < 35.0) | (np.abs(pr_s - mode) < 35.0))
         par = ndi.binary_opening(par, structure=_ball(4.5, sp_kji))
         labels, n = ndi.label(par)
         if n:

@@ -22,7 +22,14 @@ A new lesion is found when a candidate with confidence ≥ 0.5 overlaps it; a ca
 is a false candidate. Size bins use the lesion's measured longest axial diameter on the follow-up truth mask.
 ``--timing`` adds the detector's time on a 512×512×300 scan (real lung1 resampled to 0.8 mm slices).
 
+``--longitudinal`` (issue 29): 6-timepoint chest and abdomen series of the digital phantom with bowel motion and
+sliding breathing (:func:`make_series`), each follow-up against the timepoint before, warped by the best smooth
+registration (:func:`smooth_oracle_warp`; ``--warp convex`` for the product's engine), the previous detector (read
+from git at ``PREVIOUS_COMMIT``) and the current one side by side: false candidates per scan, the rank and organ of
+each new lesion, untrusted ("not assessed") scans.
+
     .venv/bin/python bench/new_lesions.py --set tune --methods oracle
+    .venv/bin/python bench/new_lesions.py --longitudinal --set heldout --cache /tmp/i29c --rows
     .venv/bin/python bench/new_lesions.py --set heldout --methods oracle,convex --cache /tmp/nl-regcache --timing
 """
 
@@ -175,23 +182,340 @@ def make_scan(kind: str, seed: int) -> Scan:
 
 
 def convex_warp(scan: Scan, spacing: float, cache: Path | None) -> tuple[Volume, float]:
+    return register_pair(scan.baseline, scan.followup, scan.name, spacing, cache)
+
+
+def register_pair(
+    prior: Volume, followup: Volume, name: str, spacing: float, cache: Path | None
+) -> tuple[Volume, float]:
+    """The prior warped onto the follow-up by the product's default registration (cached by content hash)."""
     from config.settings import EngineSettings
     from models.registration import get_engine
 
-    key = hashlib.sha1(scan.baseline.array.tobytes() + scan.followup.array.tobytes()).hexdigest()[:12]
-    path = cache / f"convex{spacing:g}_{scan.name}_{key}.pkl" if cache else None
+    key = hashlib.sha1(prior.array.tobytes() + followup.array.tobytes()).hexdigest()[:12]
+    path = cache / f"convex{spacing:g}_{name}_{key}.pkl" if cache else None
     if path is not None and path.exists():
         warped, secs = pickle.loads(path.read_bytes())
         return warped, secs
     engine = get_engine("convex", EngineSettings(working_spacing_mm=spacing))
     t0 = time.perf_counter()
-    reg = engine.register(scan.baseline, scan.followup)
-    warped = reg.warp_image(scan.baseline, default=-1024.0)
+    reg = engine.register(prior, followup)
+    warped = reg.warp_image(prior, default=-1024.0)
     secs = time.perf_counter() - t0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps((warped, secs)))
     return warped, secs
+
+
+# -- longitudinal series with bowel and breathing (issue 29) ---------------------------------------------------
+# (region, phantom seed); tuning and held-out seeds never overlap
+SERIES = {
+    "tune": [("chest", 101), ("abdomen", 102)],
+    "heldout": [("chest", 131), ("chest", 132), ("chest", 133), ("abdomen", 141), ("abdomen", 142), ("abdomen", 143)],
+}
+REGIONS = {"chest": (-10.0, 185.0), "abdomen": (-140.0, 40.0)}  # canonical z range of the field of view (mm)
+N_TIMEPOINTS = 6
+
+
+@dataclass
+class Pair:
+    """One follow-up of a longitudinal series and its prior (the timepoint before)."""
+
+    name: str
+    region: str
+    prior: Volume
+    followup: Volume
+    tracked: np.ndarray  # truth of the lesions already there at the prior (a perfect tracking result)
+    new_truth: dict[int, dict[str, Any]]  # label → tissue, diameter: the lesions that appeared since the prior
+    fu_labels: np.ndarray
+    prior_motion: tuple[SpatialTransform, SpatialTransform, Volume]  # outer, inner, viscera (canonical grid)
+    fu_motion: tuple[SpatialTransform, SpatialTransform, Volume]
+
+
+def _new_site(ph: Any, organ: str, radius: float, rng: np.random.Generator, z_range: tuple[float, float]) -> Any:
+    """A point ≥ radius + 4 mm deep inside ``organ`` of the phantom, ≥ 20 mm from its lesions and the z ends."""
+    from synthetic.phantom import ORGANS
+    from synthetic.visceral_motion import viscera_mask
+
+    sp = ph.ct.spacing[::-1]
+    inside = ph.organs.array == ORGANS[organ]
+    if organ == "fat":  # a node in the abdominal fat, not under the skin
+        inside &= viscera_mask(ph.organs)
+    depth = ndi.distance_transform_edt(inside, sampling=sp)
+    clear = ndi.distance_transform_edt(ph.lesions.array == 0, sampling=sp)
+    idx = np.argwhere((depth > radius + 4.0) & (clear > 20.0))
+    pts = ph.ct.index_to_patient(idx[:, ::-1].astype(float))
+    pts = pts[(pts[:, 2] > z_range[0] + 25.0) & (pts[:, 2] < z_range[1] - 25.0)]
+    return pts[rng.integers(len(pts))] if len(pts) else None
+
+
+def make_series(region: str, seed: int, cache: Path | None) -> list[Pair]:
+    """A patient followed over ``N_TIMEPOINTS`` scans of the chest or the abdomen (digital phantom, 2 × 2 mm
+    pixels, 2.5 mm slices before each scan's own grid). Between scans: the existing lesions grow or shrink; two new
+    lesions appear at two random follow-ups (chest: lung nodules 6–14 mm; abdomen: a hypodense liver metastasis and
+    a liver metastasis or a node in the abdominal fat) and stay; the bowel moves (loops shifted and deformed, gas
+    elsewhere: ``make_phantom(bowel_state=...)``); each scan has its own breath-hold (the viscera slide along the
+    wall by ±8 mm: ``synthetic.visceral_motion``), patient position (±4°, ±12 mm, 4 mm elastic), grid (slices
+    1.25–5 mm, pixel ×0.92–1.08, field of view shifted), contrast phase ×0.9–1.1 and noise."""
+    from synthetic.phantom import make_phantom
+    from synthetic.visceral_motion import apply_sliding, breathing, viscera_mask
+
+    path = cache / f"series_{region}_{seed}_v2.pkl" if cache else None
+    if path is not None and path.exists():
+        pairs: list[Pair] = pickle.loads(path.read_bytes())
+        return pairs
+    z0, z1 = REGIONS[region]
+    sp = (2.0, 2.0, 2.5)
+    shape = (int((z1 - z0) / sp[2]) + 1, 160, 160)
+    centre = (0.0, 0.0, 0.5 * (z0 + z1))
+    rng = np.random.default_rng([seed, 29])
+    base = make_phantom(seed=seed, shape=shape, spacing=sp, center_mm=centre)
+    events = []  # (timepoint it appears at, label, tissue, centre, radius, hu)
+    appear = sorted(rng.choice(np.arange(1, N_TIMEPOINTS), size=2, replace=False).tolist())
+    organs = ("lung", "lung") if region == "chest" else ("liver", str(rng.choice(["liver", "fat"])))
+    liver_hu = float(np.median(base.ct.array[base.organs.array == 13])) if region == "abdomen" else 0.0
+    for n, (t_app, organ) in enumerate(zip(appear, organs, strict=True)):
+        radius = float(rng.uniform(3.0, 7.0))
+        site = _new_site(base, organ, radius, rng, (z0, z1))
+        if site is None:
+            continue
+        hu = {"lung": rng.uniform(-50, 50), "liver": liver_hu - rng.uniform(25, 60), "fat": rng.uniform(20, 60)}[organ]
+        tissue = {"lung": "lung", "liver": "liver", "fat": "soft tissue"}[organ]
+        events.append((int(t_app), 100 + n, tissue, site, radius, float(hu)))
+    cfg = SynthConfig()
+    scans: list[tuple[Volume, Volume]] = []
+    motions: list[tuple[SpatialTransform, SpatialTransform, Volume]] = []
+    for t in range(N_TIMEPOINTS):
+        ph = base if t == 0 else make_phantom(seed=seed, shape=shape, spacing=sp, center_mm=centre, bowel_state=t)
+        ct, lab = ph.ct, ph.lesions.with_array(ph.lesions.array.astype(np.uint16))
+        trng = np.random.default_rng([seed, 29, t])
+        if t > 0:
+            for les in [int(v) for v in np.unique(lab.array) if v]:
+                vol = float((lab.array == les).sum()) * lab.voxel_volume_mm3()
+                ct, lab = grow_lesion(ct, lab, les, default_growth(trng, vol), trng)
+        for t_app, label, _tissue, site, radius, hu in events:
+            if t >= t_app:
+                shape_rng = np.random.default_rng([seed, 29, label])  # the same lesion, growing
+                ct, lab = insert_lesion(ct, lab, label, site, radius * (1.0 + 0.1 * (t - t_app)), hu, shape_rng)
+        outer = random_patient_motion(trng, ct, cfg.rotation_deg, cfg.translation_mm, cfg.elastic_mm, 0.0)
+        inner = breathing(outer, ct, float(trng.uniform(-8.0, 8.0)), 30.0, 170.0)
+        grid, _info = _followup_grid(ct, trng, cfg)
+        viscera = ph.organs.with_array(viscera_mask(ph.organs).astype(np.uint8))
+        scan = apply_sliding(ct, viscera, outer, inner, grid)
+        labels = apply_sliding(lab, viscera, outer, inner, grid, label=True)
+        scan, _inten = _intensity_change(scan, trng, cfg)
+        scans.append((scan, labels))
+        motions.append((outer, inner, viscera))
+    pairs = []
+    for t in range(1, N_TIMEPOINTS):
+        fu, fu_lab = scans[t]
+        new_now = {e[1]: e for e in events if e[0] == t}
+        truth: dict[int, dict[str, Any]] = {}
+        for label, (_t, _l, tissue, _site, _r, hu) in new_now.items():
+            m = fu_lab.array == label
+            truth[label] = {"tissue": tissue, "hu": hu, "in_fov": bool(m.any())}
+            if m.any():
+                truth[label]["diameter_mm"] = _axial_diameter(np.argwhere(m), fu.spacing[::-1])
+                truth[label]["volume_mm3"] = float(m.sum()) * fu.voxel_volume_mm3()
+        tracked = (fu_lab.array > 0) & ~np.isin(fu_lab.array, list(new_now))
+        pairs.append(
+            Pair(
+                f"{region}-{seed}-t{t}",
+                region,
+                scans[t - 1][0],
+                fu,
+                tracked,
+                truth,
+                fu_lab.array.astype(np.uint16),
+                motions[t - 1],
+                motions[t],
+            )
+        )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(pairs))
+    return pairs
+
+
+def smooth_oracle_warp(pair: Pair, sigma_mm: float = 8.0, step_mm: float = 4.0) -> Volume:
+    """The prior warped onto the follow-up by the best a *smooth* registration can do: the exact follow-up → prior
+    mapping (sliding viscera and wall each through their own motion), Gaussian-smoothed with ``sigma_mm`` like a
+    regularised deformable registration's field. It aligns the patient's repositioning, elastic motion and the bulk
+    of the breathing, and leaves what no smooth field undoes: the seams along the pleura and the abdominal wall,
+    and the bowel (its loops and gas are not in the motion at all)."""
+    fu = pair.followup
+    step = np.maximum(1, np.round(step_mm / fu.spacing).astype(int))  # i, j, k
+    n_k, n_j, n_i = fu.shape
+    kk, jj, ii = np.meshgrid(
+        np.arange(0, n_k, step[2]), np.arange(0, n_j, step[1]), np.arange(0, n_i, step[0]), indexing="ij"
+    )
+    ijk = np.stack([ii, jj, kk], -1).astype(float)
+    pts = fu.index_to_patient(ijk.reshape(-1, 3))
+
+    def pick(viscera: Volume, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        idx = np.rint(viscera.patient_to_index(a)).astype(int)[:, ::-1]
+        inside = np.all((idx >= 0) & (idx < np.array(viscera.shape)), axis=1)
+        vis = np.zeros(len(a), bool)
+        vis[inside] = viscera.array[tuple(idx[inside].T)] > 0
+        return np.where(vis[:, None], a, b)
+
+    f_out, f_in, f_vis = pair.fu_motion
+    q = pick(f_vis, f_in.followup_to_baseline(pts), f_out.followup_to_baseline(pts))  # canonical
+    p_out, p_in, p_vis = pair.prior_motion
+    r_in, r_out = p_in.baseline_to_followup(q), p_out.baseline_to_followup(q)
+    idx = np.rint(p_vis.patient_to_index(q)).astype(int)[:, ::-1]
+    inside = np.all((idx >= 0) & (idx < np.array(p_vis.shape)), axis=1)
+    vis = np.zeros(len(q), bool)
+    vis[inside] = p_vis.array[tuple(idx[inside].T)] > 0
+    r = np.where(vis[:, None], r_in, r_out)  # prior scan (LPS)
+    disp = (r - pts).reshape(*kk.shape, 3)
+    sig = sigma_mm / (fu.spacing[::-1] * step[::-1])
+    disp = np.stack([ndi.gaussian_filter(disp[..., c], sig, mode="nearest") for c in range(3)], -1)
+    full = np.empty((*fu.shape, 3), np.float32)
+    coords = np.stack(
+        np.meshgrid(*(np.arange(n) / s for n, s in zip(fu.shape, step[::-1], strict=True)), indexing="ij")
+    )
+    for c in range(3):
+        full[..., c] = ndi.map_coordinates(disp[..., c], coords, order=1, mode="nearest")
+    del coords
+    out = np.empty(fu.shape, np.float32)
+    prior = pair.prior.array.astype(np.float32)
+    for k0 in range(0, n_k, 16):
+        k1 = min(n_k, k0 + 16)
+        kk2, jj2, ii2 = np.meshgrid(np.arange(k0, k1), np.arange(n_j), np.arange(n_i), indexing="ij")
+        p = fu.index_to_patient(np.stack([ii2, jj2, kk2], -1).astype(float)) + full[k0:k1]
+        src = pair.prior.patient_to_index(p)
+        out[k0:k1] = ndi.map_coordinates(
+            prior, [src[..., 2], src[..., 1], src[..., 0]], order=1, mode="constant", cval=-1024.0, prefilter=False
+        )
+    return fu.with_array(np.rint(out).astype(np.int16))
+
+
+def cached_smooth_oracle_warp(pair: Pair, cache: Path | None) -> Volume:
+    key = hashlib.sha1(pair.prior.array.tobytes() + pair.followup.array.tobytes()).hexdigest()[:12]
+    path = cache / f"smooth-oracle_{pair.name}_{key}.pkl" if cache else None
+    if path is not None and path.exists():
+        warped: Volume = pickle.loads(path.read_bytes())
+        return warped
+    warped = smooth_oracle_warp(pair)
+    if path is not None:
+        path.write_bytes(pickle.dumps(warped))
+    return warped
+
+
+PREVIOUS_COMMIT = "628cdd6"  # the detector at main before issue 29
+
+
+def previous_detector() -> Any:
+    """The detector module as it was at ``PREVIOUS_COMMIT`` (read from git), to run side by side in one run."""
+    import subprocess
+    import types
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{PREVIOUS_COMMIT}:models/detection/new_lesions.py"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    mod = types.ModuleType("previous_new_lesions")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, f"{PREVIOUS_COMMIT}:models/detection/new_lesions.py", "exec"), mod.__dict__)
+    return mod
+
+
+def evaluate_pair(pair: Pair, warped: Volume, module: Any) -> dict[str, Any]:
+    """One detector (a module with ``search_new_lesions`` and ``DetectionOptions``) on one follow-up, as the
+    product's detect step runs it (trust check, defaults): false candidates, the rank of each new lesion."""
+    t0 = time.perf_counter()
+    search = module.search_new_lesions(pair.followup, warped, pair.tracked, module.DetectionOptions())
+    secs = time.perf_counter() - t0
+    cands = search.candidates
+    new_map = np.where(pair.fu_labels >= 100, pair.fu_labels, 0)
+    near = ndi.maximum_filter(new_map, size=3)
+    false = []
+    for c in cands:
+        if not any(v >= 100 for v in np.unique(near[c.mask])):
+            false.append({"tissue": c.tissue, "diameter_mm": round(c.diameter_mm, 1),
+                          "contrast_hu": round(c.contrast_hu), "confidence": round(c.confidence, 2),
+                          "centre_mm": [round(v, 1) for v in c.centre_mm]})  # fmt: skip
+    rows = []
+    for n, t in pair.new_truth.items():
+        if not t.get("in_fov"):
+            continue
+        ranks = [i for i, c in enumerate(cands, start=1) if (c.mask & (near == n)).any()]
+        rows.append({
+            "scan": pair.name, "label": n, "tissue": t["tissue"], "diameter_mm": round(t["diameter_mm"], 1),
+            "found": bool(ranks), "rank": ranks[0] if ranks else None,
+            "tissue_called": cands[ranks[0] - 1].tissue if ranks else None,
+        })  # fmt: skip
+    return {"scan": pair.name, "region": pair.region, "trusted": search.trusted, "n_candidates": len(cands),
+            "false": false, "rows": rows, "seconds": secs}  # fmt: skip
+
+
+def summarise_longitudinal(results: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for region in ("chest", "abdomen", "all"):
+        res = [r for r in results if region in ("all", r["region"])]
+        if not res:
+            continue
+        rows = [row for r in res for row in r["rows"]]
+        n_false = [len(r["false"]) for r in res]
+        ranks = [row["rank"] for row in rows]
+        out[region] = {
+            "scans": len(res),
+            "untrusted_scans": sum(not r["trusted"] for r in res),
+            "false_per_scan": float(np.mean(n_false)),
+            "max_false_in_a_scan": max(n_false),
+            "scans_without_false": sum(n == 0 for n in n_false),
+            "candidates_per_scan": float(np.mean([r["n_candidates"] for r in res])),
+            "new_lesions": len(rows),
+            "found": sum(row["found"] for row in rows),
+            "ranked_first": sum(r == 1 for r in ranks),
+            "ranks": ranks,
+            "tissue_named_right": sum(row["tissue_called"] == row["tissue"] for row in rows if row["found"]),
+            "detector_seconds_per_scan": float(np.mean([r["seconds"] for r in res])),
+        }
+    return out
+
+
+def run_longitudinal(args: argparse.Namespace) -> dict[str, Any]:
+    from models.detection import new_lesions as current
+
+    detectors = {"previous": previous_detector(), "current": current}
+    wanted = [d for d in args.detectors.split(",") if d]
+    series = [(r, s) for r, s in SERIES[args.set] if not args.only or f"{r}-{s}" in args.only.split(",")]
+    t0 = time.perf_counter()
+    pairs = [p for r, s in series for p in make_series(r, s, args.cache)]
+    synth_s = time.perf_counter() - t0
+    results: dict[str, list[dict[str, Any]]] = {d: [] for d in wanted}
+    reg_s = []
+    for pair in pairs:
+        if args.warp == "convex":
+            warped, secs = register_pair(pair.prior, pair.followup, pair.name, args.spacing, args.cache)
+            reg_s.append(secs)
+        else:
+            warped = cached_smooth_oracle_warp(pair, args.cache)
+        for d in wanted:
+            results[d].append(evaluate_pair(pair, warped, detectors[d]))
+    doc: dict[str, Any] = {
+        "benchmark": "new_lesions --longitudinal",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), load {os.getloadavg()[0]:.1f}",
+        "set": args.set,
+        "series": [f"{r}-{s}" for r, s in series],
+        "timepoints_per_series": N_TIMEPOINTS,
+        "previous_detector": f"models/detection/new_lesions.py at {PREVIOUS_COMMIT}",
+        "synthesis_seconds": synth_s,
+        "registration": {
+            "engine": args.warp,
+            "working_spacing_mm": args.spacing,
+            "seconds_per_pair": float(np.mean(reg_s)) if reg_s else None,
+        },
+        "detectors": {d: summarise_longitudinal(results[d]) for d in wanted},
+    }
+    if args.rows:
+        doc["per_scan"] = {d: results[d] for d in wanted}
+    return doc
 
 
 def evaluate(scan: Scan, warped: Volume, opt: DetectionOptions) -> dict[str, Any]:
@@ -287,7 +611,13 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--rows", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated scan names (development)")
+    ap.add_argument("--longitudinal", action="store_true", help="6-timepoint chest/abdomen series (issue 29)")
+    ap.add_argument("--detectors", default="previous,current", help="with --longitudinal")
+    ap.add_argument("--warp", choices=["smooth-oracle", "convex"], default="smooth-oracle", help="with --longitudinal")
     args = ap.parse_args()
+    if args.longitudinal:
+        print(json.dumps(run_longitudinal(args), indent=1, default=str))
+        return
     opt = DetectionOptions()
     methods = [m for m in args.methods.split(",") if m]
     t0 = time.perf_counter()

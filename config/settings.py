@@ -219,6 +219,13 @@ class DetectionSettings(_Section):
     new_lesions: bool = Field(True, description="look for new lesions; off → reports say 'new lesions: not assessed'")
     min_diameter_mm: float = Field(5.0, gt=0, description="smallest candidate reported")
     min_confidence: float = Field(0.5, ge=0, le=1, description="candidates below this confidence are not reported")
+    max_candidates: int = Field(
+        5,
+        ge=0,
+        le=50,
+        description="at most this many candidates per follow-up (the most confident ones) go into the SEG, the SR "
+        "and the dashboard",
+    )
     max_residual_fraction: float = Field(
         0.01,
         gt=0,

@@ -24,6 +24,7 @@ from models.registration.base import Registration, RegistrationEngine
 from models.segmentation.base import SegmentationEngine
 from models.segmentation.prompts import Prompt
 from models.segmentation.rasterize import prompt_to_mask
+from pipeline.candidates import confirmed_name
 from pipeline.contract import Adoption, VerificationRecord
 from pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
 from pipeline.jobs import PermanentError
@@ -91,9 +92,9 @@ def build_adoption(
         label = label_of.get(m.tracking_uid)
         if label is None:
             label, next_label = next_label, next_label + 1
-        tracking_id = m.tracking_id.replace(" (unconfirmed)", "")
+        tracking_id = m.tracking_id
         if m.was_candidate:
-            tracking_id = tracking_id.replace("C", "N", 1)
+            tracking_id = confirmed_name(tracking_id)
         ident = replace(p.identity, tracking_uid=m.tracking_uid, tracking_id=tracking_id, label=label)
         prompts.append(
             replace(

@@ -25,6 +25,24 @@ from pipeline.jobs import ACTIVE_STATES, utcnow
 from pipeline.recist import NewLesionSearch
 
 
+def candidate_name(number: int, tissue: str) -> str:
+    """A candidate's Tracking ID and segment label: "Candidate 1 (liver)"."""
+    return f"Candidate {number} ({tissue})"
+
+
+def confirmed_name(candidate_id: str, tissue: str | None = None) -> str:
+    """The Tracking ID a confirmed candidate is tracked under: "Candidate 2 (lung)" → "N2 lung" (also for the
+    names of earlier versions, "C2 lung (unconfirmed)"); ``tissue`` defaults to the one in the name."""
+    words = candidate_id.replace("(unconfirmed)", "").replace("(", " ").replace(")", " ").split()
+    number, rest = None, words
+    if len(words) >= 2 and words[0] == "Candidate" and words[1].isdigit():
+        number, rest = words[1], words[2:]
+    elif words and words[0][:1] == "C" and words[0][1:].isdigit():
+        number, rest = words[0][1:], words[1:]
+    site = tissue or " ".join(rest) or "new lesion"
+    return f"N{number} {site}" if number else f"N {site}"
+
+
 class CandidateNotFound(KeyError):
     pass
 

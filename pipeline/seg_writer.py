@@ -3,9 +3,11 @@
 One segment per *present* lesion, labelled with its Tracking ID and the radiologist's description within LO's 64
 characters (``pipeline.lesion_names``; the full description in SegmentDescription), carrying its Tracking UID, coded as
 "Morphologically abnormal structure / Lesion", with the anatomic region when known and the segmentation engine's
-name and version as algorithm identification. Masks are put back onto the CT grid (exact when aligned, else nearest
-neighbour) and the SEG references the source CT slices frame by frame (highdicom fills Derived Image /
-ReferencedSeriesSequence).
+name and version as algorithm identification. Unconfirmed new-lesion candidates (``meta["candidate"]``) are segments of
+their own kind: "Finding / Abnormal opacity" (or "Abnormal lucency" when darker than the prior), algorithm type
+AUTOMATIC, all in one colour (yellow) that no tracked lesion has, labelled "Candidate 1 (liver)". Masks are put back
+onto the CT grid (exact when aligned, else nearest neighbour) and the SEG references the source CT slices frame by
+frame (highdicom fills Derived Image / ReferencedSeriesSequence).
 
 Encoding: ``binary`` (SOP class Segmentation, bit-packed, widest viewer support; default) or ``labelmap`` (Label Map
 Segmentation, RLE, most compact; needs non-overlapping lesions). ``auto`` picks LABELMAP unless lesions overlap.
@@ -41,11 +43,11 @@ log = logging.getLogger(__name__)
 SOFTWARE_NAME = _SOFTWARE_NAME
 SOFTWARE_VERSION = _VERSION
 
-# Display colours (CIELab via sRGB) cycled over segments.
+# Display colours (CIELab via sRGB) cycled over the tracked lesions' segments; yellow is kept for candidates.
 _PALETTE = [
     (230, 25, 75),
     (60, 180, 75),
-    (255, 225, 25),
+    (128, 128, 255),
     (0, 130, 200),
     (245, 130, 48),
     (145, 30, 180),
@@ -54,6 +56,20 @@ _PALETTE = [
     (210, 245, 60),
     (250, 190, 212),
 ]
+
+
+CANDIDATE_COLOUR = (255, 255, 0)  # every unconfirmed new-lesion candidate: one colour, none of the lesions'
+# A candidate is a computer-aided-detection finding, not a tracked lesion: its own category and property type (the
+# "Type of Finding" codes of DICOM CAD, CID 6101: denser than the prior → abnormal opacity, darker → lucency), so a
+# viewer, a script or a reader's correction tells the two kinds of segment apart by code, not only by label.
+CANDIDATE_CATEGORY = codes.SCT.Finding  # SCT 404684003
+CANDIDATE_TYPE_DENSER = codes.cid6101.AbnormalOpacity  # DCM 112033
+CANDIDATE_TYPE_DARKER = codes.cid6101.AbnormalLucency  # DCM 112062
+
+
+def is_candidate(lesion: TrackedLesion) -> bool:
+    """An unconfirmed new-lesion candidate (written with the candidate coding), not a tracked lesion."""
+    return bool(lesion.meta.get("candidate"))
 
 
 class SegWriteError(ValueError):
@@ -218,24 +234,35 @@ def write_seg(
         sources = [sorted_ds[i] for i in slices]
 
     descriptions = []
+    lesion_number = 0
     for number, les in enumerate(kept, start=1):
         ident = les.identity
         region = anatomic_code(ident.anatomic_site)
+        candidate = is_candidate(les)
+        algo_type = "AUTOMATIC" if candidate else algorithm_type.upper()
         algo = None
-        if algorithm_type.upper() != "MANUAL":
+        if algo_type != "MANUAL":
             algo = hd.AlgorithmIdentificationSequence(
                 name=les.engine or SOFTWARE_NAME,
                 version=les.engine_version or software_version,
                 family=codes.cid7162.ArtificialIntelligence,
             )
-        r, g, b = _PALETTE[(number - 1) % len(_PALETTE)]
+        if candidate:
+            r, g, b = CANDIDATE_COLOUR
+            category = CANDIDATE_CATEGORY
+            darker = float(les.meta.get("contrast_hu", 1.0)) < 0
+            prop = CANDIDATE_TYPE_DARKER if darker else CANDIDATE_TYPE_DENSER
+        else:
+            r, g, b = _PALETTE[lesion_number % len(_PALETTE)]
+            lesion_number += 1
+            category, prop = codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
                 segment_label=display_name(ident.tracking_id, ident.description),
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=codes.SCT.Lesion,
-                algorithm_type=algorithm_type.upper(),
+                segmented_property_category=category,
+                segmented_property_type=prop,
+                algorithm_type=algo_type,
                 algorithm_identification=algo,
                 tracking_uid=ident.tracking_uid,
                 tracking_id=ident.tracking_id[:64],

@@ -15,6 +15,7 @@ touches the chest wall (similar density).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -186,6 +187,8 @@ class _Anatomy:
         self.texture = _SmoothField(rng, 40.0)
         self.fine = _SmoothField(rng, 12.0, n=16)
         self.bowel = _SmoothField(rng, 45.0, n=16)
+        self.gas = self.fine  # where bowel loops hold gas (changes between scans with ``bowel_state``)
+        self.bowel_offset = np.zeros(3)  # mm, canonical frame: where the loops moved between scans
         self.outline = _SmoothField(rng, 160.0, n=6)
         self.rib_phase = u(0, 26)
         self.vessels = self._vessel_trees(rng)
@@ -294,9 +297,13 @@ class _Anatomy:
         ax1: list[Array] = []
         if axes is not None:  # separable evaluation of the smooth fields on the slab grid
             ax1 = [np.asarray(a, np.float64) * float(inv) for a in axes]
-            tex, fine, bowel = (f.grid(*ax1) for f in (self.texture, self.fine, self.bowel))
+            tex, fine = (f.grid(*ax1) for f in (self.texture, self.fine))
+            moved = [a - o for a, o in zip(ax1, self.bowel_offset, strict=True)]
+            bowel, gas = self.bowel.grid(*moved), self.gas.grid(*moved)
         else:
-            tex, fine, bowel = self.texture(x, y, z), self.fine(x, y, z), self.bowel(x, y, z)
+            tex, fine = self.texture(x, y, z), self.fine(x, y, z)
+            o = self.bowel_offset.astype(np.float32)
+            bowel, gas = self.bowel(x - o[0], y - o[1], z - o[2]), self.gas(x - o[0], y - o[1], z - o[2])
 
         def paint(mask: Array, value: Any, organ: str) -> None:
             hu[mask] = value[mask] if isinstance(value, np.ndarray) else value
@@ -384,7 +391,7 @@ class _Anatomy:
         bw = bowel
         loops = abd & (np.abs(bw) < 0.35)
         paint(loops, HU["bowel"] + 12 * fine, "bowel")
-        paint(loops & (np.abs(bw) < 0.12) & (fine > 0.8), np.float32(-950.0), "bowel")
+        paint(loops & (np.abs(bw) < 0.12) & (gas > 0.8), np.float32(-950.0), "bowel")
         paint(cav & thorax, np.float32(-85.0) + 10 * tex, "mediastinum")
 
         hr = ell(self.heart_c, np.array([56, 44, 46]), self.heart_rot)
@@ -669,6 +676,17 @@ def _sphere_points(n: int = 40) -> Array:
 
 
 # -- public API -----------------------------------------------------------------------------------------
+def _move_bowel(anat: _Anatomy, rng: np.random.Generator) -> None:
+    """Peristalsis between two scans: the loops shift (≈ 8 mm sd) and deform (each wave of the loop field moves by
+    ≈ 0.8 rad sd of its phase, i.e. several mm), and the gas sits elsewhere (a new gas pattern)."""
+    bowel = copy.deepcopy(anat.bowel)
+    bowel.phase = bowel.phase + rng.normal(0.0, 0.8, bowel.phase.shape)
+    gas = copy.deepcopy(anat.fine)
+    gas.phase = rng.uniform(0.0, 2 * np.pi, gas.phase.shape)
+    anat.bowel, anat.gas = bowel, gas
+    anat.bowel_offset = np.clip(rng.normal(0.0, 8.0, 3), -20.0, 20.0)
+
+
 def make_phantom(
     seed: int = 0,
     shape: tuple[int, int, int] = (100, 160, 160),
@@ -678,6 +696,7 @@ def make_phantom(
     n_lesions: int = 6,
     blur_mm: float = 0.9,
     slab: int = 8,
+    bowel_state: int | None = None,
 ) -> Phantom:
     """Render the seeded digital patient on a ``shape`` = (nk, nj, ni) grid with ``spacing`` = (si, sj, sk) mm.
 
@@ -685,6 +704,9 @@ def make_phantom(
     (upper abdomen to lung apex); lesions lie in z ∈ [-90, 95] mm whatever the grid, so a seed is one patient on
     every grid. ``lesion_info`` lists the lesions that are inside the grid. Same seed and arguments → identical
     output.
+
+    ``bowel_state`` (default None: the seed's own bowel) renders the same patient with the bowel as another scan
+    weeks later finds it (peristalsis): loops moved and deformed, gas in other loops; nothing else changes.
     """
     rng = np.random.default_rng(seed)
     anat = _Anatomy(rng)
@@ -695,6 +717,8 @@ def make_phantom(
     # lesions are placed in a fixed anatomical region (not the grid), so every grid of a seed shows the same patient
     region = (np.array([-150.0, -110.0, -90.0]), np.array([150.0, 110.0, 95.0]))
     lesions = _place_lesions(anat, np.random.default_rng([seed, 1]), n_lesions, (region[0][2], region[1][2]), region)
+    if bowel_state is not None:  # after the lesions are placed: the same lesions, the bowel as another day has it
+        _move_bowel(anat, np.random.default_rng([seed, 3, bowel_state]))
 
     xs = (origin[0] + sp[0] * np.arange(ni)).astype(np.float32)
     ys = (origin[1] + sp[1] * np.arange(nj)).astype(np.float32)

@@ -47,7 +47,7 @@ def write_correction(
     sources = [pydicom.dcmread(f) for f in ct_files]
     sorted_ds, grid = sort_source_slices(sources)
     ours = read_seg(our_seg, grid)
-    tracked = [s for s in ours.segments if "(unconfirmed)" not in s.label and s.mask.array.any()]
+    tracked = [s for s in ours.segments if not s.label.startswith("Candidate ") and s.mask.array.any()]
     if len(tracked) < 2:
         raise ValueError(f"{our_seg}: need two tracked lesions to edit one and delete one")
     edited, deleted = tracked[0], tracked[1]

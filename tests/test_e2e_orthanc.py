@@ -194,7 +194,7 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         assert str(viewer[0].SOPInstanceUID) == results.written.viewer_sr_sop_instance_uid
         # unconfirmed new-lesion candidates carry Tracking UIDs of their own (labelled as such); the rest are ours
         segments = _segment_uids(seg)
-        candidates = {uid for uid, tid in segments.items() if tid.endswith("(unconfirmed)")}
+        candidates = {uid for uid, tid in segments.items() if tid.startswith("Candidate ")}
         assert candidates == {c.tracking_uid for c in results.detect.candidates} if results.detect else not candidates
         assert set(segments) - candidates <= base_uids and len(set(segments) - candidates) >= 1
         assert _sr_uids(sr) - candidates == base_uids, "every baseline lesion is reported under its own Tracking UID"

@@ -95,7 +95,8 @@ def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: d
         truth = _truth(site, organ)
         near = _nearest(found, truth["centre_mm"])
         assert np.linalg.norm(np.subtract(near["centre_mm"], truth["centre_mm"])) < 5.0, (organ, near)
-        assert "unconfirmed" in near["tracking_id"]
+        assert near["tracking_id"] == f"Candidate {found.index(near) + 1} ({organ})", "named by the organ it is in"
+        assert near["tissue"] == organ
     sr = read_sr(results.written.sr)
     assert sr.response["New lesions"]["meaning"] == "Unconfirmed candidates (equivocal)"
     assert sr.response["Number of unconfirmed new-lesion candidates"] == len(found)
@@ -105,13 +106,36 @@ def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: d
         assert statuses[c["tracking_uid"]][2] == "Unconfirmed new-lesion candidate"
     seg = pydicom.dcmread(results.written.seg, stop_before_pixels=True)
     labels = {str(s.TrackingUID): str(s.SegmentLabel) for s in seg.SegmentSequence}
-    assert all("(unconfirmed)" in labels[c["tracking_uid"]] for c in found)
+    assert all(labels[c["tracking_uid"]].startswith("Candidate ") for c in found)
+    # candidates are segments of their own kind: CAD finding codes, one colour, fully automatic
+    cand_uids = {c["tracking_uid"] for c in found}
+    kinds = {
+        str(s.TrackingUID): (
+            s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+            tuple(s.RecommendedDisplayCIELabValue),
+            s.SegmentAlgorithmType,
+        )
+        for s in seg.SegmentSequence
+    }
+    for uid, (category, kind, _colour, algo) in kinds.items():
+        if uid in cand_uids:
+            assert (category, algo) == ("404684003", "AUTOMATIC") and kind in ("112033", "112062"), kinds[uid]
+        else:
+            assert (category, kind) == ("49755003", "52988006"), kinds[uid]
+    assert len({kinds[uid][2] for uid in cand_uids}) == 1, "every candidate has the one candidate colour"
+    assert not {kinds[uid][2] for uid in cand_uids} & {v[2] for u, v in kinds.items() if u not in cand_uids}
     # the dashboard and the API say the same, with the operator's buttons
     client, pk = site["client"], site["patient_pk"]
     tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
     assert tl["timepoints"][1]["new_lesions_text"] == f"{len(found)} unconfirmed candidates"
     html = client.get(f"/patients/{pk}", headers=API_KEY).text
     assert f'class="new-lesions new-unconfirmed-candidates" data-tp="1">{len(found)} unconfirmed candidates' in html
+    # the candidate rows sit in one collapsible group per timepoint, its summary says how many
+    assert re.search(
+        rf'<details class="candidate-group" id="candidates-tp1" data-tp="1" data-count="{len(found)}"', html
+    )
+    assert f"FU1: {len(found)} candidate{'' if len(found) == 1 else 's'} ({len(found)} unconfirmed)</summary>" in html
     assert len(re.findall(r'action="/candidates/\d+/confirm"', html)) == len(found)
     listed = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
     assert {c["tracking_uid"] for c in listed} == {c["tracking_uid"] for c in found}
@@ -224,11 +248,11 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
     sr = pydicom.dcmread(written.sr, stop_before_pixels=True)
     viewer = pydicom.dcmread(written.viewer_sr)
     labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
-    assert any("(unconfirmed)" in label for label in labels), labels
+    assert any(label.startswith("Candidate ") for label in labels), labels
     # the OHIF measurements SR names every lesion it shows by its SEG label; it shows the tracked lesions only, not
     # the unconfirmed candidates (issue 29: OHIF's tracked-measurements panel is the list of lesions followed)
     named = [str(g.TextValue) for g in content_items(viewer) if g.ConceptNameCodeSequence[0].CodeValue == "121106"]
-    assert named and set(named) <= set(labels) and not any("(unconfirmed)" in n for n in named), (named, labels)
+    assert named and set(named) <= set(labels) and not any(n.startswith("Candidate ") for n in named), (named, labels)
     fu = site["patient"].followups[0]
     result, code = run_ohif_check(
         tmp_path_factory.mktemp("ohif-candidates"),

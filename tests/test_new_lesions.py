@@ -72,7 +72,7 @@ def test_new_lesions_in_lung_liver_and_soft_tissue_are_found(phantom: Phantom) -
     warped_prior = apply_transform(phantom.ct, tr, phantom.ct)  # registration = the exact inverse motion
     tracked = (fu_labels > 0) & (fu_labels < 100)
 
-    found = detect_new_lesions(followup, warped_prior, tracked)
+    found = detect_new_lesions(followup, warped_prior, tracked, DetectionOptions(max_candidates=len(NEW)))
 
     for n, (organ, radius, _, tissue) in enumerate(NEW):
         truth = fu_labels == 100 + n
@@ -144,3 +144,52 @@ def test_search_is_not_trusted_when_the_registration_left_motion(phantom: Phanto
     assert unregistered.residual_fraction > DetectionOptions().max_residual_fraction
     registered = search_new_lesions(followup, apply_transform(phantom.ct, tr, phantom.ct), None)
     assert registered.trusted and registered.residual_fraction < DetectionOptions().max_residual_fraction
+
+
+def test_the_cap_keeps_the_most_confident(phantom: Phantom) -> None:
+    rng = np.random.default_rng(3)
+    ct, labels = phantom.ct, phantom.lesions.with_array(phantom.lesions.array.astype(np.uint16))
+    taken: list[np.ndarray] = []
+    for n, (organ, radius, hu, _) in enumerate(NEW[:4]):
+        centre = _site(phantom, organ, radius, rng, taken)
+        taken.append(centre)
+        level = hu if organ == "lung" else float(np.median(ct.array[phantom.organs.array == ORGANS[organ]])) + hu
+        ct, labels = insert_lesion(ct, labels, 100 + n, centre, radius, level, rng)
+    followup = _noisy(ct, 1)
+    tracked = (labels.array > 0) & (labels.array < 100)
+    every = detect_new_lesions(followup, phantom.ct, tracked, DetectionOptions(max_candidates=10))
+    capped = detect_new_lesions(followup, phantom.ct, tracked, DetectionOptions(max_candidates=2))
+    assert len(every) > 2 and [c.confidence for c in capped] == [c.confidence for c in every[:2]]
+
+
+def test_bowel_that_moved_and_gas_elsewhere_is_not_a_new_lesion(phantom: Phantom) -> None:
+    """The same patient weeks later: bowel loops shifted and deformed, gas in other loops (peristalsis), nothing
+    new. Bowel content and loops are the commonest false source of subtraction in the abdomen."""
+    later = make_phantom(seed=11, bowel_state=1)
+    moved = (later.ct.array != phantom.ct.array) & (later.organs.array == ORGANS["bowel"])
+    assert moved.sum() > 1000, "the bowel did change"
+    tracked = phantom.lesions.array > 0
+    found = detect_new_lesions(_noisy(later.ct, 4), phantom.ct, tracked)
+    assert found == [], [c.reasons for c in found]
+
+
+def test_a_pattern_found_in_the_prior_nearby_is_misregistration() -> None:
+    """The misfit test: a blob that moved by 6 mm is explained by the prior; a new one is not."""
+    from models.detection.misfit import core_ratio
+
+    sp = np.array([1.5, 1.5, 1.5])
+    zz, yy, xx = np.mgrid[0:40, 0:40, 0:40] * 1.5
+
+    def blob(c: tuple[float, float, float]) -> np.ndarray:
+        return 300.0 * (((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < 16.0)
+
+    prior = -850.0 + blob((30.0, 30.0, 30.0))
+    fu_moved = -850.0 + blob((30.0, 30.0, 36.0))
+    fu_new = prior + blob((15.0, 15.0, 15.0))
+    for fu, centre, explained in ((fu_moved, (30.0, 30.0, 36.0), True), (fu_new, (15.0, 15.0, 15.0), False)):
+        comp_full = blob(centre) > 0
+        sl = ndi.find_objects(comp_full.astype(int))[0]
+        ratio, shift = core_ratio(fu, prior, comp_full[sl], sl, sp, 10.0, 6.0)
+        assert (ratio < 0.5) == explained, ratio
+        if explained:
+            assert abs(shift[2] + 6.0) <= 1.5 and abs(shift[0]) <= 1.5

@@ -570,3 +570,43 @@ def test_single_lesion_seg_and_sr(written: Written, tmp_path: Path) -> None:
     seg_path, sr_path = save_new(seg.dataset, tmp_path), save_new(sr.dataset, tmp_path)
     assert run_dciodvfy(seg_path).ok and run_dciodvfy(sr_path).ok
     assert set(read_sr_measurements(sr_path)) == {m.tracking_uid}
+
+
+def test_candidates_are_segments_of_their_own_kind(written: Written, tmp_path: Path) -> None:
+    """An unconfirmed new-lesion candidate is coded as a CAD finding (not "Lesion"), fully automatic, in the one
+    candidate colour no tracked lesion has, labelled "Candidate N (organ)"; the SEG stays valid."""
+    _dciodvfy()
+    tp = written.tps[1]
+    taken = np.zeros(tp.ct.shape, bool)
+    for les in tp.lesions:
+        taken |= les.mask.array > 0
+    free = np.argwhere(~taken[6:-6, 6:-6, 6:-6])[0] + 6
+    mask = np.zeros(tp.ct.shape, np.uint8)
+    mask[tuple(slice(int(v) - 2, int(v) + 3) for v in free)] = 1
+    mask[taken] = 0
+    ids = [LesionIdentity(f"1.2.826.0.1.3680043.8.498.{9000 + n}", f"Candidate {n} (liver)", 50 + n) for n in (1, 2)]
+    candidates = [
+        TrackedLesion(ident, LesionStatus.NEW, tp.ct.with_array(mask), engine="subtraction", meta=meta)
+        for ident, meta in zip(
+            ids, ({"candidate": True, "contrast_hu": -35.0}, {"candidate": True, "contrast_hu": 120.0}), strict=True
+        )
+    ]
+    seg = write_seg(tp.datasets, [*tp.lesions, *candidates])
+    rep = run_dciodvfy(save_new(seg.dataset, tmp_path))
+    assert rep.ok, rep.summary()
+    by_uid = {str(s.TrackingUID): s for s in seg.dataset.SegmentSequence}
+    colours = set()
+    tracked = [by_uid[u] for u in seg.segment_numbers if u not in {i.tracking_uid for i in ids}]
+    assert tracked
+    for s in tracked:
+        assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"  # morphologically abnormal structure
+        assert s.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"  # lesion
+        colours.add(tuple(s.RecommendedDisplayCIELabValue))
+    darker, denser = (by_uid[i.tracking_uid] for i in ids)
+    for s in (darker, denser):
+        assert s.SegmentLabel.startswith("Candidate ") and s.SegmentAlgorithmType == "AUTOMATIC"
+        assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "404684003"  # finding
+        assert tuple(s.RecommendedDisplayCIELabValue) not in colours
+    assert darker.SegmentedPropertyTypeCodeSequence[0].CodeValue == "112062"  # abnormal lucency
+    assert denser.SegmentedPropertyTypeCodeSequence[0].CodeValue == "112033"  # abnormal opacity
+    assert tuple(darker.RecommendedDisplayCIELabValue) == tuple(denser.RecommendedDisplayCIELabValue)

@@ -20,13 +20,22 @@ made robust to what registration leaves behind:
 5. **Tissue classes.** Lung (prior < −400 HU): denser-than-prior, lung-channel threshold. Liver / soft tissue
    (−200…250 HU in the prior): denser than prior (lightly smoothed, like lung) or darker than prior (hypodense
    lesions have tens of HU contrast: images smoothed more, against noise).
-6. **Candidates.** Hysteresis on the threshold-normalised difference (core ≥ 1, extent ≥ 0.5), connected
+6. **Anatomy** (:mod:`models.detection.anatomy`, from the images): lungs, gas outside the lungs (bowel, stomach),
+   solid organs and the liver — the organ a candidate is named by ("liver", "lung", else "soft tissue").
+7. **Candidates.** Hysteresis on the threshold-normalised difference (core ≥ 1, extent ≥ 0.5), connected
    components, minus anything within ``exclusion_margin_mm`` of a tracked lesion; a size test (longest axial
-   diameter), a shape test (PCA elongation: vessels and organ-edge slivers are elongated, lesions compact), and a
-   confidence from contrast, shape and size (a logistic score; 0.5 is the operating point the benchmark uses).
+   diameter), a shape test (PCA elongation: vessels and organ-edge slivers are elongated, lesions compact). Then the
+   usual false sources are taken out, each with its reason: a difference within ``gas_margin_mm`` of bowel gas in
+   either scan (bowel content and loops move); an air-density site outside the lungs (a gas pocket); a darker focus
+   outside solid parenchyma; a denser focus that is a piece of a larger follow-up structure (a vessel, a bowel loop,
+   an organ edge: ``max_attached_fraction``); and a focus whose pattern the prior holds within
+   ``misfit_radius_mm`` (misregistration: sliding at the pleura and the abdominal wall, ribs, vessels —
+   :mod:`models.detection.misfit`). The confidence is a logistic score of contrast, shape, size and how little of
+   the residual the prior nearby explains (0.5 is the operating point); at most ``max_candidates`` are returned,
+   the most confident first.
 
 All thresholds are in HU / mm and live in :class:`DetectionOptions`. The cost is a handful of separable filters on
-the working grid: ≈ 1–3 s for a 512×512×300 scan on one core (``bench/new_lesions.py``).
+the working grid plus a shift search per surviving focus: seconds per scan on one core (``bench/new_lesions.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from models.detection.anatomy import Anatomy, find_anatomy
+from models.detection.misfit import core_ratio, isolation
 from models.imaging.volume import Volume
 
 Array = np.ndarray
@@ -58,6 +69,9 @@ class NewLesionCandidate:
     kind: str = "hyperdense"  # "hyperdense" (denser than the prior there) or "hypodense"
     elongation: float = 1.0  # sqrt(smallest / largest principal variance): 1 = round, → 0 = tubular
     strength: float = 0.0  # peak difference over the tissue's threshold (≥ 1)
+    misfit_ratio: float = 1.0  # residual left inside it (and its rim) with the prior shifted ≤ 10 mm to fit best
+    attached_fraction: float = 0.0  # share of its follow-up structure lying beyond it (vessel, loop, edge: large)
+    rejected: str = ""  # why it is not a candidate (only with DetectionOptions.keep_rejected: diagnostics)
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,23 @@ class DetectionOptions:
     max_soft_contrast_hu: float = 200.0
     """Liver / soft-tissue candidates denser than the prior by more than this are bone, calcium or contrast-filled
     vessels moved by misregistration, not lesions (a new node in fat is ≈ +100–160 HU)."""
-    max_candidates: int = 20
+    max_candidates: int = 5
+    """At most this many candidates per scan (the most confident ones): a reader keeps a short list switched on."""
+    misfit_radius_mm: float = 10.0
+    """A candidate whose pattern is found in the prior within this distance (the prior, shifted by at most this,
+    leaves at most ``max_misfit_ratio`` of the residual inside it) is misregistration, not new (misfit.py)."""
+    misfit_margin_mm: float = 6.0  # the neighbourhood looked at around a candidate (structure it is attached to)
+    max_misfit_ratio: float = 0.5
+    max_attached_fraction: float = 0.7
+    """A denser focus whose follow-up structure (brighter than halfway to its surroundings, connected to it, within
+    ``misfit_margin_mm``) lies more than this fraction outside it is a piece of a vessel, a bowel loop or an organ
+    edge, not a nodule or a node (those stand alone)."""
+    gas_margin_mm: float = 5.0
+    """Not looked for within this distance of gas outside the lungs (bowel, stomach) in either scan: bowel content
+    and loops move between scans."""
+    keep_rejected: bool = False
+    """Diagnostics (benchmark): also return what the size, shape, anatomy and misfit tests rejected, with the reason
+    in ``rejected`` (never used by the product)."""
     max_residual_fraction: float = 0.01
     """The search is not trusted (:func:`search_new_lesions`) when more than this fraction of the searched tissue
     differs from the registered prior (z ≥ 0.5): the registration left too much misalignment for subtraction."""
@@ -117,11 +147,15 @@ def search_new_lesions(
     maps = _score_maps(followup, warped_prior, opt)
     if maps is None:
         return NewLesionSearch([], 0.0, True)
-    searched = int(maps.valid.sum())
-    residual = float(((maps.z >= 0.5) & maps.valid).sum()) / searched if searched else 0.0
+    # judged where registration must hold and lesions are looked for: lungs and solid organs (the bowel changes
+    # between any two scans whatever the registration; darker foci are looked for in solid organs only)
+    searchable = maps.valid & ~maps.gas_zone & (maps.anatomy.lung | maps.anatomy.solid)
+    differs = (maps.z >= 0.5) & searchable
+    searched = int(searchable.sum())
+    residual = float(differs.sum()) / searched if searched else 0.0
     if residual > opt.max_residual_fraction:
         return NewLesionSearch([], residual, False)
-    return NewLesionSearch(detect_new_lesions(followup, warped_prior, tracked, opt), residual, True)
+    return NewLesionSearch(_detect(followup, warped_prior, tracked, opt, maps), residual, True)
 
 
 def detect_new_lesions(
@@ -142,7 +176,12 @@ def detect_new_lesions(
     if tracked is not None and tracked.shape != followup.shape:
         raise ValueError(f"tracked mask shape {tracked.shape} does not match the follow-up grid {followup.shape}")
 
-    maps = _score_maps(followup, warped_prior, opt)
+    return _detect(followup, warped_prior, tracked, opt, _score_maps(followup, warped_prior, opt))
+
+
+def _detect(
+    followup: Volume, warped_prior: Volume, tracked: np.ndarray | None, opt: DetectionOptions, maps: _Maps | None
+) -> list[NewLesionCandidate]:
     if maps is None:
         return []
     z, channel, pr_s, sp, sp_kji, f_kji = (
@@ -169,6 +208,7 @@ def detect_new_lesions(
     if tracked is not None and tracked.any():
         tracked_w = _block_any(tracked.astype(bool), f_kji)
     margin = _box(opt.exclusion_margin_mm, sp_kji)
+    gas_zone = maps.gas_zone
     objects = ndi.find_objects(labels)
     out: list[NewLesionCandidate] = []
     for lab in np.nonzero(keep)[0]:
@@ -191,7 +231,11 @@ def detect_new_lesions(
         if cand is None:
             continue
         conf, tissue_ch, diameter, elong, strength = cand
-        if conf < opt.min_confidence:
+        reject, ratio, iso = _anatomy_and_misfit(maps, gas_zone, comp, sl, opt)
+        conf = _with_misfit(conf, ratio)
+        if not reject and conf < opt.min_confidence:
+            reject = f"confidence {conf:.2f} < {opt.min_confidence:.2f}"
+        if reject and not opt.keep_rejected:
             continue
         mask = _upsample_mask(comp, sl, f_kji, followup.shape)
         idx = np.argwhere(mask)
@@ -200,17 +244,20 @@ def detect_new_lesions(
         vals_p = warped_prior.array[mask].astype(np.float64)
         mean_hu = float(vals_f.mean())
         contrast = float(mean_hu - vals_p.mean())
-        tissue = tissue_ch
-        if tissue != "lung" and contrast > opt.max_soft_contrast_hu:
+        tissue = _organ(maps.anatomy, comp, sl, tissue_ch)
+        if tissue == "soft tissue" and not maps.anatomy.liver.any() and _liver_like(pr_s, sl, comp, sp_kji):
+            tissue = "liver"  # no liver found in the image: fall back to the site's homogeneous parenchyma
+        if not reject and tissue != "lung" and contrast > opt.max_soft_contrast_hu:
+            reject = f"{contrast:+.0f} HU: bone, calcium or contrast-filled vessel moved"
+        if reject and not opt.keep_rejected:
             continue
-        if tissue == "soft tissue" and _liver_like(pr_s, sl, comp, sp_kji):
-            tissue = "liver"
         kind = "hypodense" if contrast < 0 else "hyperdense"
         volume = float(mask.sum()) * followup.voxel_volume_mm3()
         reasons = (
             f"new {diameter:.0f} mm {kind} focus in {tissue}",
             f"{contrast:+.0f} HU vs prior",
             f"{'compact' if elong >= 0.5 else 'elongated'} (elongation {elong:.2f})",
+            f"not in the prior within {opt.misfit_radius_mm:g} mm (residual ×{ratio:.2f} at the best fit)",
             f"volume {volume / 1000.0:.2f} mL",
         )
         out.append(
@@ -227,10 +274,65 @@ def detect_new_lesions(
                 kind=kind,
                 elongation=elong,
                 strength=strength,
+                misfit_ratio=ratio,
+                attached_fraction=iso,
+                rejected=reject,
             )
         )
-    out.sort(key=lambda c: -c.confidence)
+    out.sort(key=lambda c: (c.rejected != "", -c.confidence))
+    if opt.keep_rejected:
+        return out
     return out[: opt.max_candidates]
+
+
+def _anatomy_and_misfit(
+    maps: _Maps, gas_zone: Array, comp: Array, sl: tuple[slice, ...], opt: DetectionOptions
+) -> tuple[str, float, float]:
+    """(why the component is not a new lesion or "", its misfit ratio, its attached fraction): bowel gas beside it,
+    an air-density site outside the lungs, a hypodense site outside solid parenchyma, a piece of a larger
+    structure, or its pattern found in the prior nearby."""
+    anat = maps.anatomy
+    ch = int(np.argmax(np.bincount(maps.channel[sl][comp], minlength=3)))
+    if gas_zone[sl][comp].any():
+        return f"within {opt.gas_margin_mm:g} mm of gas outside the lungs (bowel or stomach content moves)", 1.0, 0.0
+    if ch == 0 and float(anat.lung[sl][comp].mean()) < 0.5:
+        return "air-density site outside the lungs (a gas pocket changed)", 1.0, 0.0
+    if ch == 2 and float(anat.solid[sl][comp].mean()) < 0.5:
+        return "hypodense outside solid parenchyma (bowel, fluid or fat planes)", 1.0, 0.0
+    fu, pr = (maps.fu_s, maps.prior_s) if ch == 2 else (maps.fu_l, maps.prior_l)
+    # a darker focus is compared with its rim: partial volume at an organ's edge has every value in between
+    rim = 1 if ch == 2 else 0
+    ratio, shift = core_ratio(fu, pr, comp, sl, maps.spacing_kji, opt.misfit_radius_mm, opt.misfit_margin_mm, rim)
+    vals = fu[sl][comp]
+    ring = ndi.binary_dilation(comp, iterations=2) & ~comp
+    bg = float(np.median(fu[sl][ring])) if ring.any() else float(np.median(fu))
+    level = 0.5 * (float(vals.mean()) + bg)
+    iso = isolation(fu, comp, sl, maps.spacing_kji, opt.misfit_margin_mm, level, ch != 2)
+    if ch != 2 and iso > opt.max_attached_fraction:
+        return (
+            f"part of a larger structure ({iso:.0%} of it beyond the focus: vessel, bowel loop or organ edge)",
+            ratio,
+            iso,
+        )
+    if ratio < opt.max_misfit_ratio:
+        dist = float(np.linalg.norm(shift))
+        return f"found in the prior {dist:.0f} mm away (misregistration; residual ×{ratio:.2f})", ratio, iso
+    return "", ratio, iso
+
+
+def _with_misfit(conf: float, ratio: float) -> float:
+    """The confidence, raised for a residual the prior nowhere nearby explains, lowered for one it partly does."""
+    score = math.log(max(conf, 1e-6) / max(1.0 - conf, 1e-6)) + 10.0 * (min(ratio, 1.0) - 0.8)
+    return 1.0 / (1.0 + math.exp(-score))
+
+
+def _organ(anat: Anatomy, comp: Array, sl: tuple[slice, ...], tissue: str) -> str:
+    """The organ a candidate lies in: lung, liver, else soft tissue (the detector's channel as a fallback)."""
+    if float(anat.lung[sl][comp].mean()) >= 0.5:
+        return "lung"
+    if float(anat.liver[sl][comp].mean()) >= 0.5:
+        return "liver"
+    return "soft tissue" if tissue == "lung" else tissue
 
 
 @dataclass
@@ -244,6 +346,11 @@ class _Maps:
     spacing: Array  # working spacing (i, j, k)
     spacing_kji: Array
     factors: tuple[int, int, int]  # block factors (k, j, i)
+    fu_l: Array  # follow-up, lightly smoothed (lung channel)
+    prior_l: Array  # corrected prior, lightly smoothed
+    fu_s: Array  # follow-up, smoothed (soft tissue)
+    anatomy: Anatomy
+    gas_zone: Array  # within gas_margin_mm of gas outside the lungs: not searched
 
 
 def _score_maps(followup: Volume, warped_prior: Volume, opt: DetectionOptions) -> _Maps | None:
@@ -287,7 +394,16 @@ def _score_maps(followup: Volume, warped_prior: Volume, opt: DetectionOptions) -
     z = np.maximum(np.maximum(z_lung, z_hyper), z_hypo)
     channel = np.argmax(np.stack([z_lung, z_hyper, z_hypo]), axis=0).astype(np.uint8)
 
-    return _Maps(z, channel, pr_s, valid, sp, sp_kji, f_kji)
+    # patient x of each working column and z of each working slice (axial grids: the patient's right, caudal)
+    n_k, n_j, n_i = fu.shape
+    mid_j, mid_k, mid_i = (n_j * f_kji[1] - 1) / 2.0, (n_k * f_kji[0] - 1) / 2.0, (n_i * f_kji[2] - 1) / 2.0
+    ii = np.arange(n_i) * f_kji[2] + (f_kji[2] - 1) / 2.0
+    kk = np.arange(n_k) * f_kji[0] + (f_kji[0] - 1) / 2.0
+    x_mm = followup.index_to_patient(np.stack([ii, np.full(n_i, mid_j), np.full(n_i, mid_k)], 1))[:, 0]
+    z_mm = followup.index_to_patient(np.stack([np.full(n_k, mid_i), np.full(n_k, mid_j), kk], 1))[:, 2]
+    anatomy = find_anatomy(fu_s, pr_s, body, sp_kji, x_mm, z_mm)
+    gas_zone = ndi.maximum_filter(anatomy.gas, size=_box(opt.gas_margin_mm, sp_kji))
+    return _Maps(z, channel, pr_s, valid, sp, sp_kji, f_kji, fu_l, pr_l, fu_s, anatomy, gas_zone)
 
 
 # -- features and confidence ----------------------------------------------------------------------------------

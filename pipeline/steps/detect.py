@@ -10,14 +10,14 @@ from pydicom.uid import generate_uid
 from db.models import CandidateState
 from models.imaging.volume import Volume
 from models.segmentation.prompts import LesionIdentity
-from pipeline.candidates import CandidateView, decided_masks
+from pipeline.candidates import CandidateView, candidate_name, confirmed_name, decided_masks
 from pipeline.contract import Candidate, CandidateRecord, DetectOutput, NewLesionSearchResult
 from pipeline.jobs import PermanentError
 from pipeline.lesions import LesionStatus, TrackedLesion
 from pipeline.steps.services import Ctx
 
 DETECTOR_NAME = "subtraction"
-DETECTOR_VERSION = "1.0"
+DETECTOR_VERSION = "2.0"  # 2.0 (issue 29): anatomy (lungs, bowel gas, solid organs, liver) and the misfit test
 READER = "reader"  # a verified timepoint: the reader looked for new lesions
 
 
@@ -50,6 +50,7 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
             min_diameter_mm=cfg.min_diameter_mm,
             min_confidence=cfg.min_confidence,
             max_residual_fraction=cfg.max_residual_fraction,
+            max_candidates=cfg.max_candidates,
         ),
     )
     if not result.trusted:  # misregistration would be reported as new lesions: say the search was not possible
@@ -65,7 +66,7 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
     for i, f in enumerate(found, start=1):
         record = CandidateRecord(
             tracking_uid=generate_uid(entropy_srcs=[ctx.series_uid, str(ctx.job_id), "candidate", str(i)]),
-            tracking_id=f"C{i} {f.tissue} (unconfirmed)",
+            tracking_id=candidate_name(i, f.tissue),
             tissue=f.tissue,
             centre_mm=(float(f.centre_mm[0]), float(f.centre_mm[1]), float(f.centre_mm[2])),
             volume_mm3=float(f.volume_mm3),
@@ -106,7 +107,7 @@ def _bring_back_decisions(
             continue
         if view.tracking_uid in tracked:
             continue
-        tracking_id = view.tracking_id.replace(" (unconfirmed)", "").replace("C", "N", 1)
+        tracking_id = confirmed_name(view.tracking_id, view.tissue)
         ident = LesionIdentity(view.tracking_uid, tracking_id, next_label, anatomic_site=view.tissue)
         next_label += 1
         lesions.append(

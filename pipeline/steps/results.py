@@ -179,7 +179,7 @@ def _candidate_lesions(lesions: list[TrackedLesion], search: NewLesionSearchResu
                 c.mask,
                 engine=search.detector,
                 engine_version=search.version,
-                meta={"candidate": True},
+                meta={"candidate": True, "contrast_hu": c.contrast_hu},
             )
         )
     return out

@@ -27,7 +27,8 @@ made robust to what registration leaves behind:
    diameter), a shape test (PCA elongation: vessels and organ-edge slivers are elongated, lesions compact). Then the
    usual false sources are taken out, each with its reason: a difference within ``gas_margin_mm`` of bowel gas in
    either scan (bowel content and loops move); an air-density site outside the lungs (a gas pocket); a darker focus
-   outside solid parenchyma; a denser focus that is a piece of a larger follow-up structure (a vessel, a bowel loop,
+   outside solid parenchyma (unless the prior around it is homogeneous enhancing parenchyma); a denser focus that is
+   a piece of a larger follow-up structure (a vessel, a bowel loop,
    an organ edge: ``max_attached_fraction``); and a focus whose pattern the prior holds within
    ``misfit_radius_mm`` (misregistration: sliding at the pleura and the abdominal wall, ribs, vessels —
    :mod:`models.detection.misfit`). The confidence is a logistic score of contrast, shape, size and how little of
@@ -297,7 +298,11 @@ def _anatomy_and_misfit(
         return f"within {opt.gas_margin_mm:g} mm of gas outside the lungs (bowel or stomach content moves)", 1.0, 0.0
     if ch == 0 and float(anat.lung[sl][comp].mean()) < 0.5:
         return "air-density site outside the lungs (a gas pocket changed)", 1.0, 0.0
-    if ch == 2 and float(anat.solid[sl][comp].mean()) < 0.5:
+    if (
+        ch == 2
+        and float(anat.solid[sl][comp].mean()) < 0.5
+        and not _liver_like(maps.prior_s, sl, comp, maps.spacing_kji)
+    ):
         return "hypodense outside solid parenchyma (bowel, fluid or fat planes)", 1.0, 0.0
     fu, pr = (maps.fu_s, maps.prior_s) if ch == 2 else (maps.fu_l, maps.prior_l)
     # a darker focus is compared with its rim: partial volume at an organ's edge has every value in between

@@ -27,10 +27,18 @@ function OnStableSeries(seriesId, tags, metadata)
     print('LesionTrack: not routing ' .. seriesId .. ' (no earlier study: baseline)')
     return
   end
+  local series = ParseJson(RestApiGet('/series/' .. seriesId))
+  if series['Status'] == 'Missing' then  -- fewer instances than Orthanc expects from the series' tags
+    print('LesionTrack: ' .. seriesId .. ' is stable but incomplete; routed when the rest arrives')
+    return
+  end
+  local count = #series['Instances']
   -- synchronous: returns once every instance is stored at LesionTrack
   RestApiPost('/modalities/' .. LESIONTRACK_MODALITY .. '/store',
               DumpJson({ Resources = { seriesId }, Synchronous = true }, true))
-  local answer = HttpPost(LESIONTRACK_URL .. '/api/series/' .. tags['SeriesInstanceUID'] .. '/complete', '',
+  -- the completion trigger, with the count LesionTrack waits for
+  local answer = HttpPost(LESIONTRACK_URL .. '/api/series/' .. tags['SeriesInstanceUID'] ..
+                          '/complete?expected_instances=' .. count, '',
                           { ['X-API-Key'] = LESIONTRACK_KEY })
   if answer == nil then
     print('LesionTrack: completion trigger failed for ' .. seriesId .. '; its quiet period will complete it')

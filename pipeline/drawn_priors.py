@@ -61,9 +61,8 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: Any) -> DrawnLesion | None:
     boxed = engine.segment(ct, prompt, None)
     box_err = measurement_error(boxed, drawing)
     grown_err = measurement_error(mask, drawing) if mask is not None else float("inf")
-    if grown_err <= box_err:
+    if mask is not None and grown_err <= box_err:  # neither reproducing the drawn slice: the box, as before drawings
         notes.append(f"reproduces the drawn diameters within {100 * grown_err:.0f} % (box: {100 * box_err:.0f} %)")
-        assert mask is not None
         return DrawnLesion(mask, drawing.kind.value, name, version, notes)
     notes.append(
         f"{engine_name} on the {drawing.kind.value}'s box kept: it reproduces the drawn diameters within "

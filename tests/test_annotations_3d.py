@@ -137,3 +137,23 @@ def test_a_lesion_from_a_line_or_arrow_carries_lower_confidence_until_confirmed(
     assert from_arrow.review and from_arrow.confidence < from_line.confidence
     assert any("not yet confirmed" in r for r in from_arrow.reasons)
     assert weaken_for_origin(clean, seg, 1, rules) == clean
+
+
+def test_a_drawing_nothing_reproduces_keeps_the_box_instead_of_failing() -> None:
+    """Neither the lesion grown from the drawing (none: no contrast) nor the box reproduces the drawn slice: the box's
+    segmentation is kept, as before drawings were read, and the job goes on (the guide test's SR-lines patient)."""
+    from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+    from pipeline.drawn_priors import drawn_lesion
+
+    vol = Volume(np.full((10, 40, 40), 40, np.int16), np.zeros(3), np.array([1.0, 1.0, 5.0]))
+    line = np.array([[10.0, 20.0, 25.0], [25.0, 20.0, 25.0]])
+    d = Drawing(DrawingKind.LINE, [line])
+    prompt = Prompt(
+        LesionIdentity("1", "L1", 1),
+        PromptKind.BOX,
+        box_mm=(line.min(axis=0) - np.array([0, 5, 5]), line.max(axis=0) + np.array([0, 5, 5])),
+        meta={"drawing": d},
+    )
+    got = drawn_lesion(vol, prompt, get_engine())
+    assert got is not None
+    assert any("box kept" in n for n in got.notes), got.notes

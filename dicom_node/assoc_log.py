@@ -90,3 +90,13 @@ class AssociationLog:
             len(a.series),
             a.result,
         )
+
+
+def filter_pynetdicom_loggers(log_filter: logging.Filter) -> None:
+    """Attach ``log_filter`` to pynetdicom's logger and every module logger under it (a filter on a parent logger does
+    not see records its children emit, so each one gets it)."""
+    import pynetdicom  # noqa: F401  (its module loggers exist once it is imported)
+
+    names = {"pynetdicom"} | {n for n in logging.root.manager.loggerDict if n.startswith("pynetdicom.")}
+    for name in sorted(names):
+        logging.getLogger(name).addFilter(log_filter)

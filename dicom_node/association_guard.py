@@ -42,6 +42,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler
 
 from config.logging import printable
+from dicom_node.assoc_log import filter_pynetdicom_loggers
 
 log = logging.getLogger(__name__)
 
@@ -472,9 +473,4 @@ def install_log_filter() -> None:
     if _filter_installed:
         return
     _filter_installed = True
-    import pynetdicom  # noqa: F401  (its module loggers exist once it is imported)
-
-    f = PynetdicomNoiseFilter()
-    names = {"pynetdicom"} | {n for n in logging.root.manager.loggerDict if n.startswith("pynetdicom.")}
-    for name in sorted(names):
-        logging.getLogger(name).addFilter(f)
+    filter_pynetdicom_loggers(PynetdicomNoiseFilter())

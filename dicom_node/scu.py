@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # sop_class bu
 
 from config.settings import PacsPeer, Settings
 from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.assoc_log import filter_pynetdicom_loggers
 from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,7 @@ def install_requestor_filter() -> None:
     if _noise_filter_installed:
         return
     _noise_filter_installed = True
-    f = RequestorNoiseFilter()
-    names = {"pynetdicom"} | {n for n in logging.root.manager.loggerDict if n.startswith("pynetdicom.")}
-    for name in sorted(names):
-        logging.getLogger(name).addFilter(f)
+    filter_pynetdicom_loggers(RequestorNoiseFilter())
 
 
 @contextmanager

@@ -444,24 +444,17 @@ class PynetdicomNoiseFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: set[int] = set()
-        self._lock = threading.Lock()
+        self._thread = threading.local()  # per association thread; a new thread that reuses an ident starts afresh
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
-        if record.exc_info or record.levelno >= logging.ERROR:
-            record.exc_info = None
-            record.exc_text = None
-            with self._lock:
-                first = record.thread not in self._seen if record.thread is not None else True
-                if record.thread is not None:
-                    if len(self._seen) > 10000:
-                        self._seen.clear()
-                    self._seen.add(record.thread)
-            if not first:
-                return False
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = None
+        record.exc_text = None
+        if getattr(self._thread, "reported", False):
+            return False
+        self._thread.reported = True
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

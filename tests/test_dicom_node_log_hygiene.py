@@ -138,3 +138,26 @@ def test_destination_outage_is_one_warning_per_attempt_and_error_only_for_the_de
     ours = [r for r in caplog.records if r.name == "dicom_node.sending" and r.levelno >= logging.WARNING]
     assert [r.levelno for r in ours] == [logging.WARNING, logging.WARNING, logging.ERROR]
     assert all("attempt" in r.getMessage() for r in ours)
+
+
+def test_noise_filter_reports_each_new_association_thread_even_when_its_ident_is_reused() -> None:
+    """The filter keeps the first ERROR of each association thread (at WARNING) and drops its repeats; a later thread
+    that the OS gives a finished thread's ident is a new association and is reported too."""
+    import threading
+
+    from dicom_node.association_guard import PynetdicomNoiseFilter
+
+    f = PynetdicomNoiseFilter()
+    kept: list[list[bool]] = []
+
+    def association() -> None:
+        records = [logging.LogRecord("pynetdicom.dul", logging.ERROR, __file__, 1, "bad PDU", None, None) for _ in "ab"]
+        for r in records:
+            r.thread = 4242  # as if every thread had the same ident (the OS reuses them)
+        kept.append([f.filter(r) for r in records])
+
+    for _ in range(2):
+        t = threading.Thread(target=association)
+        t.start()
+        t.join()
+    assert kept == [[True, False], [True, False]]

@@ -105,7 +105,16 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
         ex.submit(j)
     for j in jobs[:4]:  # duplicate messages (a re-trigger, a redelivery) must not run a job twice
         ex.submit(j)
+    data = Path(settings.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "block").write_text("hold")  # each worker holds its first job until both have one (no race to win)
     w1, w2 = worker(), worker()
+
+    def holders() -> set[str]:
+        return {p.read_text() for p in data.glob("started-*")}
+
+    wait_for(lambda: holders() == {str(w1.pid), str(w2.pid)}, 120, "each worker to take a job")
+    (data / "block").unlink()
     wait_for(lambda: all(store.get(j).finished for j in jobs), 120, "all jobs finished")
     assert [store.get(j).state for j in jobs] == [JobState.DONE] * len(jobs), [store.get(j).error for j in jobs]
     runs = _runs(sf)

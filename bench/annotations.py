@@ -48,10 +48,10 @@ from bench.tracking import (
     summarise,
     truth_prompts,
 )
-from models.segmentation.base import get_engine
-from models.segmentation.prompts import Prompt, PromptKind
-from pipeline.annotations.common import drawing_prompt
-from pipeline.lesions import Timepoint
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
+from lesiontrack.pipeline.annotations.common import drawing_prompt
+from lesiontrack.pipeline.lesions import Timepoint
 
 SOURCES = ["SEG", "bidirectional", "line", "arrow", "ellipse", "RTSTRUCT contours", "box (today)"]
 
@@ -68,7 +68,7 @@ def prompts_for(p: Patient, source: str, rng: np.random.Generator, workdir: Path
         assert sp.mask is not None
         d = drawings(sp.mask, rng)
         if source == "box (today)":
-            from pipeline.sr_reader import _box_from_points
+            from lesiontrack.pipeline.sr_reader import _box_from_points
 
             box = _box_from_points(d["bidirectional"].all_points, False)
             out.append(Prompt(sp.identity, PromptKind.BOX, box_mm=box, source="box"))
@@ -81,10 +81,10 @@ def _rtstruct_prompts(p: Patient, seg: list[Prompt], workdir: Path) -> list[Prom
     import pydicom
     from pydicom.uid import generate_uid
 
-    from models.imaging.dicom_read import read_series
-    from models.imaging.dicom_write import write_ct_series
-    from pipeline.annotations.rtstruct import read_rtstruct_prompts
-    from synthetic.annotations import write_rtstruct
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
+    from lesiontrack.synthetic.annotations import write_rtstruct
 
     folder = workdir / p.name
     files = write_ct_series(

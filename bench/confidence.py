@@ -59,12 +59,12 @@ from bench.tracking import (
     truth_prompts,
     warp_labels_near,
 )
-from models.imaging.volume import Volume
-from models.registration.identity import IdentityRegistration
-from models.segmentation.base import get_engine
-from pipeline.confidence import ConfidenceRules, combine, measure_lesion
-from pipeline.lesions import LesionStatus, Timepoint
-from pipeline.tracking import TrackingOptions, track_lesions
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.identity import IdentityRegistration
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.pipeline.confidence import ConfidenceRules, combine, measure_lesion
+from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
 
 EVIDENCE: dict[int, dict[str, Any]] = {}  # id(LesionConfidence) -> the raw evidence it was scored from
 SETS = {"tune": ([31, 32], 3), "heldout": ([41, 42, 43], 13)}
@@ -445,7 +445,7 @@ def main() -> None:
         errors.update({(p.name, t): e for t, e in inj["errors"].items()})
     synth_s = time.perf_counter() - t0
     reg = Oracle(patients, errors)
-    import pipeline.tracking as tracking_mod
+    import lesiontrack.pipeline.tracking as tracking_mod
 
     assess_seconds: list[float] = []
 

@@ -16,11 +16,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.settings import EngineSettings
+from lesiontrack.config.settings import EngineSettings
 from lesiontrack.demo_data import make_patient
-from models.detection import DetectionOptions, search_new_lesions
-from models.engines import build_registration
-from models.imaging.dicom_read import read_series
+from lesiontrack.models.detection import DetectionOptions, search_new_lesions
+from lesiontrack.models.engines import build_registration
+from lesiontrack.models.imaging.dicom_read import read_series
 
 
 def demo_cases(tmp: Path) -> list[dict[str, Any]]:

@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     from pydicom import dcmread
 
-    from dicom_node.ingest import content_refusal, parse_header
+    from lesiontrack.dicom_node.ingest import content_refusal, parse_header
     from tests.test_dicom_node_scp import dataset_bytes
 
     mods = {"after": _load(REPO / "dicom_node" / "storage.py", "storage_after")}

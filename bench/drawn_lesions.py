@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.imaging.volume import Volume
-from models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 
 
 def _plane_points(grid: Volume, k: int, jj: np.ndarray, ii: np.ndarray) -> np.ndarray:

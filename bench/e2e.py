@@ -59,13 +59,13 @@ def main() -> None:
 
     from sqlalchemy import select
 
-    from config.settings import PacsPeer, load_settings
-    from db.models import Delivery, DeliveryState
-    from db.session import make_engine, make_session_factory, session_scope
-    from dicom_node.scu import store_files
+    from lesiontrack.config.settings import PacsPeer, load_settings
+    from lesiontrack.db.models import Delivery, DeliveryState
+    from lesiontrack.db.session import make_engine, make_session_factory, session_scope
     from lesiontrack.demo_data import make_patient
-    from pipeline.contract import job_results
-    from pipeline.jobs import JobStore
+    from lesiontrack.dicom_node.scu import store_files
+    from lesiontrack.pipeline.contract import job_results
+    from lesiontrack.pipeline.jobs import JobStore
     from tests.services import OrthancServer, free_port, wait_for_port
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lt-bench-e2e-"))

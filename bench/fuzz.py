@@ -32,9 +32,9 @@ def _serve(root: str, port_queue: mp.Queue, stop: EventType) -> None:
     import logging
     import threading
 
-    from config.settings import load_settings
-    from db.session import make_engine, make_session_factory, upgrade
-    from dicom_node.scp import StorageSCP
+    from lesiontrack.config.settings import load_settings
+    from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+    from lesiontrack.dicom_node.scp import StorageSCP
 
     logging.basicConfig(filename=f"{root}/scp.log", level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     # the receiver processes log to stderr (inherited): into a file of the run, read back for errors and PHI
@@ -88,9 +88,9 @@ def main() -> None:
 
     from sqlalchemy import select
 
-    from db.models import Instance
-    from db.session import make_engine, make_session_factory, session_scope
-    from dicom_node.integrity import check_instance_file
+    from lesiontrack.db.models import Instance
+    from lesiontrack.db.session import make_engine, make_session_factory, session_scope
+    from lesiontrack.dicom_node.integrity import check_instance_file
     from tests.fuzz_harness import FuzzReport, cstore_mutants, pdu_inputs, phi_in, rss_kib, run_cstores, run_pdus
 
     root = Path(tempfile.mkdtemp(prefix="lt-fuzz-"))

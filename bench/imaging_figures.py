@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 LUNG = (-1350, 150)  # W 1500 / L -600
 SOFT = (-160, 240)  # W 400 / L 40
@@ -50,7 +50,7 @@ def _axial(ax, vol: Volume, k: int, window, title: str, labels: Volume | None = 
 
 
 def phantom_figure(out: Path) -> dict:
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     t = time.perf_counter()
     fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
@@ -91,8 +91,8 @@ def phantom_figure(out: Path) -> dict:
 
 
 def synthesis_figure(out: Path) -> dict:
-    from synthetic.phantom import make_phantom
-    from synthetic.synthesis import SynthConfig, synthesize_patient
+    from lesiontrack.synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
 
     ph = make_phantom(1, shape=(120, 256, 300), spacing=(1.1, 1.1, 1.6), center_mm=(0.0, 5.0, 10.0))
     cfg = SynthConfig(p_new=1.0, p_vanish=0.2)
@@ -154,7 +154,7 @@ def synthesis_figure(out: Path) -> dict:
 
 
 def real_figure(out: Path) -> dict:
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     lung1 = Volume.read(str(SHARED / "real" / "lung1" / "lung1_image.nrrd"))
     lab1 = Volume.read(str(SHARED / "real" / "lung1" / "lung1_label.nrrd"))
@@ -180,7 +180,7 @@ def real_figure(out: Path) -> dict:
 def tilt_figure(out: Path) -> dict:
     import SimpleITK as sitk
 
-    from models.imaging.dicom_read import read_series
+    from lesiontrack.models.imaging.dicom_read import read_series
 
     folder = SHARED / "interop" / "ct_gantry_tilt_ge"
     ours = read_series(folder)

@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -43,8 +43,8 @@ def bench_series(n_slices: int) -> dict:
     import SimpleITK as sitk
     from pydicom.uid import generate_uid
 
-    from models.imaging.dicom_read import read_series
-    from models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.models.imaging.dicom_write import write_ct_series
 
     rng = np.random.default_rng(0)
     arr = (rng.normal(0, 200, (n_slices, 512, 512))).astype(np.int16)
@@ -105,7 +105,7 @@ def bench_series(n_slices: int) -> dict:
 
 
 def bench_interop() -> dict:
-    from models.imaging.dicom_read import read_series
+    from lesiontrack.models.imaging.dicom_read import read_series
 
     out = {}
     for name in ("ct_gantry_tilt_ge", "ct_phantom_tilt_philips/S2010", "ct_siemens_j2k"):
@@ -123,8 +123,8 @@ def bench_interop() -> dict:
 
 
 def bench_phantom_synthesis(chest: bool) -> dict:
-    from synthetic.phantom import make_phantom
-    from synthetic.synthesis import synthesize_patient
+    from lesiontrack.synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.synthesis import synthesize_patient
 
     ph, t_ph = _t(make_phantom, 0)
     _pat, t_syn = _t(synthesize_patient, ph.ct, ph.lesions, np.random.default_rng(0), 1)

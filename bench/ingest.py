@@ -177,9 +177,9 @@ class LesionTrackSCP:
         self.root, self.fsync, self.processes = root, fsync, processes
 
     def __enter__(self) -> LesionTrackSCP:
-        from config.settings import load_settings
-        from db.session import make_engine, make_session_factory, upgrade
-        from dicom_node.scp import StorageSCP
+        from lesiontrack.config.settings import load_settings
+        from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+        from lesiontrack.dicom_node.scp import StorageSCP
 
         self.dir = self.root / "lesiontrack"
         url = f"sqlite:///{self.dir / 'lt.sqlite3'}"
@@ -217,7 +217,7 @@ class LesionTrackSCP:
         """(instance rows, distinct SOP Instance UIDs)."""
         from sqlalchemy import distinct, func, select
 
-        from db.models import Instance
+        from lesiontrack.db.models import Instance
 
         with self.engine.connect() as c:
             n = int(c.execute(select(func.count()).select_from(Instance)).scalar() or 0)
@@ -264,7 +264,7 @@ def kill9_run(tmp: Path, series: list[list[Path]], fsync: bool, processes: int) 
     from pynetdicom import AE, _config
     from sqlalchemy import select
 
-    from db.models import OpenTransfer
+    from lesiontrack.db.models import OpenTransfer
 
     _config.STORE_SEND_CHUNKED_DATASET = True
     total = sum(len(s) for s in series)
@@ -347,7 +347,7 @@ def main() -> None:
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not installed (apt-get install dcmtk)")
-    from dicom_node.scp import receiver_processes
+    from lesiontrack.dicom_node.scp import receiver_processes
 
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-ingest-"))

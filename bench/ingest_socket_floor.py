@@ -50,7 +50,7 @@ from pynetdicom.presentation import build_context, negotiate_as_acceptor
 from bench.ingest import SOURCE, Storescp, make_series, run_senders
 
 if TYPE_CHECKING:
-    from dicom_node.ingest import Ingestor
+    from lesiontrack.dicom_node.ingest import Ingestor
 
 Handler = Callable[[FileMetaDataset, bytes], int]
 _SUPPORTED = [
@@ -176,9 +176,9 @@ def main() -> None:
     import logging
 
     logging.disable(logging.WARNING)
-    from db.session import make_engine, make_session_factory, upgrade
-    from dicom_node.ingest import Ingestor
-    from dicom_node.storage import InstanceStore
+    from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+    from lesiontrack.dicom_node.ingest import Ingestor
+    from lesiontrack.dicom_node.storage import InstanceStore
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-socket-floor-"))
     try:

@@ -52,12 +52,12 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.detection import DetectionOptions, detect_new_lesions
-from models.detection.new_lesions import _axial_diameter
-from models.imaging.volume import Volume
-from synthetic.lesion_change import default_growth, grow_lesion, insert_lesion
-from synthetic.synthesis import SynthConfig, _followup_grid, _intensity_change
-from synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
+from lesiontrack.models.detection import DetectionOptions, detect_new_lesions
+from lesiontrack.models.detection.new_lesions import _axial_diameter
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.lesion_change import default_growth, grow_lesion, insert_lesion
+from lesiontrack.synthetic.synthesis import SynthConfig, _followup_grid, _intensity_change
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 SHARED = Path(os.environ.get("LESIONTRACK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 # (background, seed); tuning seeds and held-out seeds never overlap
@@ -90,7 +90,7 @@ class Scan:
 def background(kind: str, seed: int) -> tuple[Volume, Volume]:
     """Baseline CT (int16) and its lesion labels (uint16)."""
     if kind == "phantom":
-        from synthetic.phantom import make_phantom
+        from lesiontrack.synthetic.phantom import make_phantom
 
         ph = make_phantom(seed=seed)
         return ph.ct, ph.lesions.with_array(ph.lesions.array.astype(np.uint16))
@@ -189,8 +189,8 @@ def register_pair(
     prior: Volume, followup: Volume, name: str, spacing: float, cache: Path | None
 ) -> tuple[Volume, float]:
     """The prior warped onto the follow-up by the product's default registration (cached by content hash)."""
-    from config.settings import EngineSettings
-    from models.registration import get_engine
+    from lesiontrack.config.settings import EngineSettings
+    from lesiontrack.models.registration import get_engine
 
     key = hashlib.sha1(prior.array.tobytes() + followup.array.tobytes()).hexdigest()[:12]
     path = cache / f"convex{spacing:g}_{name}_{key}.pkl" if cache else None
@@ -235,8 +235,8 @@ class Pair:
 
 def _new_site(ph: Any, organ: str, radius: float, rng: np.random.Generator, z_range: tuple[float, float]) -> Any:
     """A point ≥ radius + 4 mm deep inside ``organ`` of the phantom, ≥ 20 mm from its lesions and the z ends."""
-    from synthetic.phantom import ORGANS
-    from synthetic.visceral_motion import viscera_mask
+    from lesiontrack.synthetic.phantom import ORGANS
+    from lesiontrack.synthetic.visceral_motion import viscera_mask
 
     sp = ph.ct.spacing[::-1]
     inside = ph.organs.array == ORGANS[organ]
@@ -258,8 +258,8 @@ def make_series(region: str, seed: int, cache: Path | None) -> list[Pair]:
     elsewhere: ``make_phantom(bowel_state=...)``); each scan has its own breath-hold (the viscera slide along the
     wall by ±8 mm: ``synthetic.visceral_motion``), patient position (±4°, ±12 mm, 4 mm elastic), grid (slices
     1.25–5 mm, pixel ×0.92–1.08, field of view shifted), contrast phase ×0.9–1.1 and noise."""
-    from synthetic.phantom import make_phantom
-    from synthetic.visceral_motion import apply_sliding, breathing, viscera_mask
+    from lesiontrack.synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.visceral_motion import apply_sliding, breathing, viscera_mask
 
     path = cache / f"series_{region}_{seed}_v2.pkl" if cache else None
     if path is not None and path.exists():
@@ -479,7 +479,7 @@ def summarise_longitudinal(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_longitudinal(args: argparse.Namespace) -> dict[str, Any]:
-    from models.detection import new_lesions as current
+    from lesiontrack.models.detection import new_lesions as current
 
     detectors = {"previous": previous_detector(), "current": current}
     wanted = [d for d in args.detectors.split(",") if d]

@@ -34,8 +34,8 @@ METHODS = ["convex", "simpleitk", "convexadam"]
 
 def make_pair(source: str, seed: int):
     """(baseline, follow-up, transform, landmarks_followup, landmarks_baseline) — deterministic per seed."""
-    from models.imaging.volume import Volume
-    from synthetic.transforms import apply_transform, random_patient_motion
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
 
     base = Volume.read(str(DATA / SOURCES[source]))
     base = base.with_array(np.clip(base.array, -1024, 3071).astype(np.int16))
@@ -72,7 +72,7 @@ CACHE = Path(os.environ.get("BENCH_CACHE", "/tmp/lesiontrack-bench-registration"
 
 def cached_pair(source: str, seed: int):
     """``make_pair`` memoised on disk (building a follow-up through the analytic transform takes a while)."""
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.volume import Volume
 
     d = CACHE / f"{source}-{seed}"
     if not (d / "done").exists():
@@ -91,7 +91,7 @@ def _convexadam(base, fu, spacing: float):
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    from models.registration.grids import working_grid
+    from lesiontrack.models.registration.grids import working_grid
 
     grid = working_grid(fu, spacing, multiple=1)
     f = fu.resample_to(grid).array.astype(np.float32)
@@ -107,7 +107,7 @@ def _convexadam(base, fu, spacing: float):
         d = np.stack([ndimage.map_coordinates(disp[..., c], coords, order=1, mode="nearest") for c in range(3)], 1)
         return grid.index_to_patient(ijk + d[:, ::-1])
 
-    from models.registration.field import jacobian_stats
+    from lesiontrack.models.registration.field import jacobian_stats
 
     fold, _ = jacobian_stats(np.ascontiguousarray(np.moveaxis(disp[..., ::-1], -1, 0)).astype(np.float32))
     return to_baseline, wall, fold, {"grid": list(grid.size_ijk)}
@@ -130,8 +130,8 @@ def worker(source: str, seed: int, method: str, spacing: float) -> dict:
         to_baseline, wall, fold, extra = _convexadam(base, fu, spacing)
         row.update(extra)
     else:
-        from config.settings import EngineSettings
-        from models.registration import get_engine
+        from lesiontrack.config.settings import EngineSettings
+        from lesiontrack.models.registration import get_engine
 
         eng = get_engine(method, EngineSettings(working_spacing_mm=spacing), device="cpu")
         t = time.perf_counter()

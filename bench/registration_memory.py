@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("LESIONTRACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-from models.imaging.volume import Volume
-from models.registration import get_engine
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration import get_engine
 
 
 def main() -> None:

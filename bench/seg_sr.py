@@ -69,12 +69,12 @@ def main() -> None:
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from models.imaging.volume import Volume
-    from models.segmentation.prompts import LesionIdentity
-    from pipeline.lesions import LesionStatus, TrackedLesion
-    from pipeline.measurements import measure_tracked
-    from pipeline.seg_writer import save_new, sort_source_slices, write_seg
-    from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.models.segmentation.prompts import LesionIdentity
+    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+    from lesiontrack.pipeline.measurements import measure_tracked
+    from lesiontrack.pipeline.seg_writer import save_new, sort_source_slices, write_seg
+    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
     heads = _headers(args.slices)
     _, grid = sort_source_slices(heads)
@@ -137,7 +137,7 @@ def main() -> None:
         if not args.no_anchor:
             # same label array, same descriptions, but every frame stored (omit_empty_frames=False)
             labels = np.zeros(grid.shape, np.uint8)
-            from pipeline.mask_grid import mask_onto_grid
+            from lesiontrack.pipeline.mask_grid import mask_onto_grid
 
             for n, les in enumerate(lesions, start=1):
                 labels[mask_onto_grid(les.mask, grid)] = n

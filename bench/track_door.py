@@ -55,11 +55,11 @@ def _folders(patient: DemoPatient, root: Path) -> list[Path]:
 def _loop_seconds(patient: DemoPatient) -> float:
     """The anchor: the tracking loop alone over the same series, from the baseline SEG."""
     from lesiontrack.demo import demo_settings
-    from models.engines import build_registration, build_segmentation
-    from models.imaging.dicom_read import read_series
-    from pipeline.lesions import Timepoint
-    from pipeline.prompt_sources import prompts_from_seg
-    from pipeline.tracking import TrackingOptions, track_lesions
+    from lesiontrack.models.engines import build_registration, build_segmentation
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.pipeline.lesions import Timepoint
+    from lesiontrack.pipeline.prompt_sources import prompts_from_seg
+    from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
 
     engines = demo_settings(Path(tempfile.mkdtemp()), http=False, engines={"registration": "none"}).engines
     t0 = time.perf_counter()

@@ -43,12 +43,12 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.imaging.volume import Volume
-from models.segmentation.base import get_engine
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.lesions import LesionStatus, Timepoint
-from pipeline.tracking import TrackingOptions, track_lesions
-from synthetic.transforms import apply_transform, random_patient_motion
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
+from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
 
 SHARED = Path(os.environ.get("LESIONTRACK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PointMap = Callable[[np.ndarray], np.ndarray]  # points (N, 3) in mm on one grid → the same anatomy on another
@@ -193,7 +193,7 @@ def follow_ups(
 
 
 def phantom_patient(seed: int, n_fu: int = 5, slice_mm: float = 2.0) -> Patient:
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     ph = (
         make_phantom(seed=seed)
@@ -362,7 +362,7 @@ class OracleRegistration:
         self.seconds: list[float] = []
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
-        from pipeline.tracking import IdentityRegistration
+        from lesiontrack.pipeline.tracking import IdentityRegistration
 
         (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
         b_to_a, a_to_b = exact_maps(p, a, b)
@@ -392,7 +392,7 @@ def make_registration(
     """The exact synthetic motion (``oracle``) or the product's convex registration, cached per pair."""
     if oracle:
         return OracleRegistration(patients)
-    from models.registration.convex import ConvexEngine, ConvexParams
+    from lesiontrack.models.registration.convex import ConvexEngine, ConvexParams
 
     engine = ConvexEngine(ConvexParams(working_spacing_mm=spacing, adam_iterations=adam))
     return CachedRegistration(engine, patients, cache, f"convex{spacing:g}mm_adam{adam}")

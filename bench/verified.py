@@ -47,9 +47,9 @@ from bench.tracking import (
     summarise,
     truth_prompts,
 )
-from models.imaging.volume import Volume
-from models.segmentation.base import get_engine
-from models.segmentation.prompts import Prompt
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.segmentation.prompts import Prompt
 
 Row = dict[str, Any]
 

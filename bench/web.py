@@ -39,13 +39,13 @@ def main() -> None:
     from fastapi.testclient import TestClient
     from sqlalchemy import select
 
-    from config.settings import Settings
-    from db.models import LesionObservation
-    from db.session import make_engine, make_session_factory, session_scope, upgrade
-    from pipeline import exports
-    from pipeline.history import build_timeline
+    from lesiontrack.config.settings import Settings
+    from lesiontrack.db.models import LesionObservation
+    from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+    from lesiontrack.pipeline import exports
+    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.web import create_app
     from tests.test_api_data import build_patient, phantom_timepoints
-    from web import create_app
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-web-"))
     url = f"sqlite:///{tmp / 'lt.sqlite3'}"

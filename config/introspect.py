@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SecretStr
 
-from config.settings import ENV_PREFIX, Settings
+from lesiontrack.config.settings import ENV_PREFIX, Settings
 
 Source = Literal["default", "file", "environment"]
 _SECRET_WORDS = ("password", "secret", "key", "token")

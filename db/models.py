@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from db.status import LesionStatus
+from lesiontrack.db.status import LesionStatus
 
 
 def utcnow() -> datetime:

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from db.models import AuditEvent, Patient, Series, Study
+from lesiontrack.db.models import AuditEvent, Patient, Series, Study
 
 
 class AuditImmutableError(RuntimeError):

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-log = logging.getLogger("dicom_node.scp")
+log = logging.getLogger("lesiontrack.dicom_node.scp")
 
 
 @dataclass

@@ -41,8 +41,8 @@ from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler
 
-from config.logging import printable
-from dicom_node.assoc_log import filter_pynetdicom_loggers
+from lesiontrack.config.logging import printable
+from lesiontrack.dicom_node.assoc_log import filter_pynetdicom_loggers
 
 log = logging.getLogger(__name__)
 

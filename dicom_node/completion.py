@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import RoutingSettings
-from db.models import (
+from lesiontrack.config.settings import RoutingSettings
+from lesiontrack.db.models import (
     CompletionRequest,
     Instance,
     OpenTransfer,
@@ -37,14 +37,14 @@ from db.models import (
     SeriesState,
     TransferOutcome,
 )
-from db.repository import audit
-from db.session import session_scope
-from dicom_node.integrity import INCOMPLETE, first_header, hold_code, hold_reason
-from dicom_node.pacs_count import held_count
-from dicom_node.routing import Route, decide, series_facts
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.integrity import INCOMPLETE, first_header, hold_code, hold_reason
+from lesiontrack.dicom_node.pacs_count import held_count
+from lesiontrack.dicom_node.routing import Route, decide, series_facts
 
 if TYPE_CHECKING:
-    from dicom_node.sink import IndexSink
+    from lesiontrack.dicom_node.sink import IndexSink
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _transfer_in_doubt(session_factory: sessionmaker[Session], series_uid: str) 
 
 
 def _holds_person_object(s: Session, series: Series) -> bool:
-    from pipeline.verification import holds_person_object
+    from lesiontrack.pipeline.verification import holds_person_object
 
     return holds_person_object(s, series)
 

@@ -1,5 +1,5 @@
 """What the DICOM node negotiates, read from the code that negotiates it — the source of the tables in
-docs/conformance.md and of its implementation identification (``python -m dicom_node.conformance`` prints
+docs/conformance.md and of its implementation identification (``python -m lesiontrack.dicom_node.conformance`` prints
 them; tests/test_conformance.py checks the document against these functions)."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ class Context:
 
 def scp_contexts() -> list[Context]:
     """Presentation contexts the Storage SCP accepts (its AE, as ``lesiontrack serve`` builds it)."""
-    from config.settings import Settings
-    from dicom_node.scp import StorageSCP
+    from lesiontrack.config.settings import Settings
+    from lesiontrack.dicom_node.scp import StorageSCP
 
     ae = StorageSCP._make_ae(_Shim(Settings()))  # type: ignore[arg-type]  # _make_ae reads only .settings
     return [Context(str(cx.abstract_syntax), tuple(str(t) for t in cx.transfer_syntax)) for cx in ae.supported_contexts]
@@ -37,7 +37,7 @@ class _Shim:
 
 def scu_sop_classes() -> dict[str, list[str]]:
     """SOP classes proposed as SCU, by service."""
-    from dicom_node.scu import GET_STORAGE_CLASSES
+    from lesiontrack.dicom_node.scu import GET_STORAGE_CLASSES
 
     return {
         "Verification": ["1.2.840.10008.1.1"],
@@ -52,7 +52,7 @@ def scu_sop_classes() -> dict[str, list[str]]:
 def implementation_markdown() -> str:
     """The implementation identification of docs/conformance.md: product version, Implementation Class UID and
     Implementation Version Name, as every association and every file we write carries them (config/version.py)."""
-    from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOFTWARE_NAME, VERSION
+    from lesiontrack.config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOFTWARE_NAME, VERSION
 
     return "\n".join(
         [

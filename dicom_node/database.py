@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
+from lesiontrack.config.settings import Settings
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -68,7 +68,7 @@ def open_database(
 ) -> sessionmaker[Session]:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
+    from lesiontrack.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
 
     url = settings.effective_database_url
     if require_writable:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from dicom_node.storage import FIRST_FRAGMENT
+from lesiontrack.dicom_node.storage import FIRST_FRAGMENT
 
 DATASET_MISMATCH = 0xA900
 

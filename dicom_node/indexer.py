@@ -31,10 +31,10 @@ from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, OpenTransfer, Series, SeriesState, TransferOutcome
-from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
-from db.session import session_scope
-from dicom_node.storage import InstanceStore, dataset_offset, sha256_hex
+from lesiontrack.db.models import Instance, OpenTransfer, Series, SeriesState, TransferOutcome
+from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.storage import InstanceStore, dataset_offset, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Indexer:
 
     def association_ended(self, association_uid: str, released: bool) -> None:
         """Record how an association ended once what it delivered is committed (:class:`IndexSink`)."""
-        from dicom_node.completion import end_transfers
+        from lesiontrack.dicom_node.completion import end_transfers
 
         self.flush()
         try:
@@ -467,7 +467,7 @@ def make_indexer(store: InstanceStore, session_factory: sessionmaker[Session], a
         return Indexer(store, session_factory, engine=engine, actor=actor)
     from sqlalchemy import event
 
-    from db.session import make_engine
+    from lesiontrack.db.session import make_engine
 
     own = make_engine(engine.url.render_as_string(hide_password=False))
 
@@ -500,7 +500,7 @@ def recover(
     Only series folders modified since the last complete scan (minus a margin) are listed, unless ``full``:
     adding a file to a folder changes the folder's mtime.
     """
-    from dicom_node.ingest import item_from_file
+    from lesiontrack.dicom_node.ingest import item_from_file
 
     root = indexer.store.root
     if not root.is_dir():

@@ -22,12 +22,12 @@ from pydicom.filewriter import write_file_meta_info
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.repository import audit
-from db.session import session_scope
-from dicom_node.door import CONTENT_TAGS, Refusal, check_content
-from dicom_node.indexer import IndexItem, make_indexer
-from dicom_node.sink import IndexSink, WaitingIndexSink
-from dicom_node.storage import (
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.door import CONTENT_TAGS, Refusal, check_content
+from lesiontrack.dicom_node.indexer import IndexItem, make_indexer
+from lesiontrack.dicom_node.sink import IndexSink, WaitingIndexSink
+from lesiontrack.dicom_node.storage import (
     EXPLICIT_VR_BE,
     NATIVE_TS,
     InstanceStore,

@@ -31,9 +31,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.logging import withhold_values
-from db.models import Instance, Series, TransferOutcome
-from dicom_node.storage import NATIVE_TS
+from lesiontrack.config.logging import withhold_values
+from lesiontrack.db.models import Instance, Series, TransferOutcome
+from lesiontrack.dicom_node.storage import NATIVE_TS
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.completion import end_transfers
-from dicom_node.indexer import BATCH, BATCH_WINDOW_S, Indexer, IndexItem
+from lesiontrack.dicom_node.completion import end_transfers
+from lesiontrack.dicom_node.indexer import BATCH, BATCH_WINDOW_S, Indexer, IndexItem
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import PacsPeer, RetrieveMethod, Settings
-from db.models import Instance, Series, Study
-from db.session import session_scope
+from lesiontrack.config.settings import PacsPeer, RetrieveMethod, Settings
+from lesiontrack.db.models import Instance, Series, Study
+from lesiontrack.db.session import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def remote_series_count(settings: Settings, peer: PacsPeer, study_uid: str, seri
             )
             rows = [Dataset.from_json(r) for r in res]
         else:
-            from dicom_node.scu import find
+            from lesiontrack.dicom_node.scu import find
 
             q = Dataset()
             q.QueryRetrieveLevel = "SERIES"

@@ -33,17 +33,17 @@ from sqlalchemy.orm import Session, sessionmaker
 if TYPE_CHECKING:
     from dicomweb_client.api import DICOMwebClient
 
-from config.settings import PacsPeer, RetrieveMethod, Settings
-from db.models import Instance, OpenTransfer, Patient, RoutingDecision, Series, Study
-from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
-from db.session import session_scope
-from dicom_node.ingest import Ingestor, ingest_part10
-from dicom_node.integrity import INCOMPLETE
-from dicom_node.pacs_count import sending_peer
-from dicom_node.routing import PRIOR_RETRIEVAL_REASON
-from pipeline.annotations.refs import PRIOR_ANNOTATION_MODALITIES
-from pipeline.annotations.refs import prior_annotation_references as pipeline_annotation_references
-from pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
+from lesiontrack.config.settings import PacsPeer, RetrieveMethod, Settings
+from lesiontrack.db.models import Instance, OpenTransfer, Patient, RoutingDecision, Series, Study
+from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.ingest import Ingestor, ingest_part10
+from lesiontrack.dicom_node.integrity import INCOMPLETE
+from lesiontrack.dicom_node.pacs_count import sending_peer
+from lesiontrack.dicom_node.routing import PRIOR_RETRIEVAL_REASON
+from lesiontrack.pipeline.annotations.refs import PRIOR_ANNOTATION_MODALITIES
+from lesiontrack.pipeline.annotations.refs import prior_annotation_references as pipeline_annotation_references
+from lesiontrack.pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class PriorFinder:
         self.session_factory = session_factory
         self.query_peers = query_peers
         if ingestor is None:
-            from dicom_node.scp import storage_root
-            from dicom_node.storage import InstanceStore
+            from lesiontrack.dicom_node.scp import storage_root
+            from lesiontrack.dicom_node.storage import InstanceStore
 
             ingestor = Ingestor(InstanceStore(storage_root(settings), settings.dicom.fsync), session_factory)
         self.ingestor = ingestor
@@ -435,7 +435,7 @@ class PriorFinder:
                 for d in (Dataset.from_json(r) for r in res)
                 if same_issuer(str(d.get("IssuerOfPatientID") or ""), issuer)
             ]
-        from dicom_node.scu import find
+        from lesiontrack.dicom_node.scu import find
 
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
@@ -464,7 +464,7 @@ class PriorFinder:
             )
             rows = [Dataset.from_json(r) for r in res]
         else:
-            from dicom_node.scu import find
+            from lesiontrack.dicom_node.scu import find
 
             q = Dataset()
             q.QueryRetrieveLevel = "SERIES"
@@ -552,14 +552,14 @@ class PriorFinder:
         q.StudyInstanceUID = study_uid
         q.SeriesInstanceUID = series_uid
         if method == RetrieveMethod.C_GET:
-            from dicom_node.scu import get
+            from lesiontrack.dicom_node.scu import get
 
             def on_store(meta: FileMetaDataset, data: bytes, calling_ae: str) -> int:
                 return self.ingestor.ingest(meta, data, calling_ae=calling_ae).status
 
             retrieved = get(self.settings, peer, q, on_store)
         else:
-            from dicom_node.scu import move
+            from lesiontrack.dicom_node.scu import move
 
             retrieved = move(self.settings, peer, q)
         log.info(

@@ -1,12 +1,12 @@
 """Several receiver processes behind one DICOM port (``dicom.receiver_processes`` > 1; issue 18).
 
 One process serves all of an SCP's associations under one GIL, so concurrent senders queue behind one core.
-The service process opens the listening socket and starts N receiver processes (``python -m
-dicom_node.receivers``) that inherit it and all accept on it (a pre-forked listener: a connection waits in the
-one accept queue until some receiver takes it, so a receiver that dies loses no queued connection). Each runs a
-:class:`dicom_node.scp.Receiver`: a pynetdicom SCP with the association guard, door validation and the durable
-write; what it stored goes to its index journal, which the service process reads and commits (one writer to the
-database, :mod:`dicom_node.journal`). What must be shared lives outside any one of them:
+The service process opens the listening socket and starts N receiver processes
+(``python -m lesiontrack.dicom_node.receivers``) that inherit it and all accept on it (a pre-forked listener: a
+connection waits in the one accept queue until some receiver takes it, so a receiver that dies loses no queued
+connection). Each runs a :class:`dicom_node.scp.Receiver`: a pynetdicom SCP with the association guard, door
+validation and the durable write; what it stored goes to its index journal, which the service process reads and
+commits (one writer to the database, :mod:`dicom_node.journal`). What must be shared lives outside any one of them:
 
 * series completion state: in the database (:class:`db.models.OpenTransfer`, ``series.last_received_at``),
   completed by the service process (:class:`dicom_node.completion.SeriesCompletion`);
@@ -36,11 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from config.settings import Settings
+    from lesiontrack.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_REPO = Path(__file__).resolve().parents[1]
+# the folder that holds the lesiontrack package (site-packages, or the checkout: not resolved, the layer folders
+# are linked into lesiontrack/)
+_REPO = Path(__file__).parents[2]
 
 
 class SharedSlots:
@@ -197,7 +199,7 @@ class ReceiverPool:
         return 0 if self.sock is None else int(self.sock.getsockname()[1])
 
     def start(self) -> ReceiverPool:
-        from dicom_node.scp import run_dir
+        from lesiontrack.dicom_node.scp import run_dir
 
         cfg = self.settings.dicom
         self.sock = socket.create_server((cfg.bind_address, cfg.port), backlog=max(128, 4 * cfg.max_associations))
@@ -221,13 +223,13 @@ class ReceiverPool:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO), *filter(None, [env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.receivers"],
+            [sys.executable, "-m", "lesiontrack.dicom_node.receivers"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=(self.sock.fileno(),),
             env=env,
         )
-        from config.logging import JsonFormatter
+        from lesiontrack.config.logging import JsonFormatter
 
         root = logging.getLogger()
         job = _ChildJob(self.settings, self.sock.fileno(), index, self.n, self.slots.path, root.level)
@@ -348,16 +350,16 @@ def _child_main() -> int:
     if os.getppid() != parent:  # the service died before the death signal was armed
         return 0
     job: _ChildJob = pickle.loads(sys.stdin.buffer.read())
-    from config.logging import setup_logging
+    from lesiontrack.config.logging import setup_logging
 
     setup_logging(
         logging.getLevelName(job.log_level or logging.WARNING),
         json_format=job.json_logs,
         library_level=logging.getLevelName(job.library_level),
     )
-    from db.session import make_engine, make_session_factory
-    from dicom_node.journal import JournalWriter
-    from dicom_node.scp import Receiver, run_dir
+    from lesiontrack.db.session import make_engine, make_session_factory
+    from lesiontrack.dicom_node.journal import JournalWriter
+    from lesiontrack.dicom_node.scp import Receiver, run_dir
 
     try:
         engine = make_engine(job.settings.effective_database_url)

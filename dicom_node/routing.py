@@ -20,9 +20,9 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.logging import withhold_values
-from config.settings import RoutingSettings
-from db.models import Instance, RoutingDecision, Series
+from lesiontrack.config.logging import withhold_values
+from lesiontrack.config.settings import RoutingSettings
+from lesiontrack.db.models import Instance, RoutingDecision, Series
 
 log = logging.getLogger(__name__)
 

@@ -30,21 +30,26 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.logging import install_library_filters, log_context, printable
-from config.settings import Settings
-from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.assoc_log import AssociationLog
-from dicom_node.association_guard import AssociationPolicy, ConnectionTable, install_log_filter, make_request_handler
-from dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
-from dicom_node.indexer import make_indexer, recover
-from dicom_node.ingest import Ingestor, RequestMeta
-from dicom_node.journal import JournalTailer
-from dicom_node.pacs_count import count_from_sender
-from dicom_node.receivers import ReceiverPool, SharedSlots
-from dicom_node.routing import Route
-from dicom_node.sink import IndexSink
-from dicom_node.storage import InstanceStore
-from dicom_node.tls import server_context
+from lesiontrack.config.logging import install_library_filters, log_context, printable
+from lesiontrack.config.settings import Settings
+from lesiontrack.config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from lesiontrack.dicom_node.assoc_log import AssociationLog
+from lesiontrack.dicom_node.association_guard import (
+    AssociationPolicy,
+    ConnectionTable,
+    install_log_filter,
+    make_request_handler,
+)
+from lesiontrack.dicom_node.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
+from lesiontrack.dicom_node.indexer import make_indexer, recover
+from lesiontrack.dicom_node.ingest import Ingestor, RequestMeta
+from lesiontrack.dicom_node.journal import JournalTailer
+from lesiontrack.dicom_node.pacs_count import count_from_sender
+from lesiontrack.dicom_node.receivers import ReceiverPool, SharedSlots
+from lesiontrack.dicom_node.routing import Route
+from lesiontrack.dicom_node.sink import IndexSink
+from lesiontrack.dicom_node.storage import InstanceStore
+from lesiontrack.dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # sop_class bu
     Verification,
 )
 
-from config.settings import PacsPeer, Settings
-from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.assoc_log import filter_pynetdicom_loggers
-from dicom_node.tls import client_context
+from lesiontrack.config.settings import PacsPeer, Settings
+from lesiontrack.config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from lesiontrack.dicom_node.assoc_log import filter_pynetdicom_loggers
+from lesiontrack.dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import PacsPeer, SendMethod, Settings
-from db.models import AnalysisJob, Delivery, DeliveryState
-from db.repository import audit
-from db.session import affected_rows, session_scope
+from lesiontrack.config.settings import PacsPeer, SendMethod, Settings
+from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import affected_rows, session_scope
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
         raise DeliveryError(f"files missing on disk: {missing[:3]}")
     try:
         if peer.send_method == SendMethod.C_STORE:
-            from dicom_node.scu import store_files
+            from lesiontrack.dicom_node.scu import store_files
 
             outcomes = store_files(settings, peer, [Path(f) for f in files])
             bad = [o for o in outcomes if not o.ok]
@@ -275,7 +275,7 @@ class DeliveryService:
 
     def _failures_since_reset(self, s: Session, delivery_id: int) -> int:
         """Failed attempts since the delivery was queued or last manually retried (this one not yet audited)."""
-        from db.models import AuditEvent
+        from lesiontrack.db.models import AuditEvent
 
         events = list(
             s.scalars(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from dicom_node.indexer import IndexItem
+    from lesiontrack.dicom_node.indexer import IndexItem
 
 
 class IndexSink(Protocol):

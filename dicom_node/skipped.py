@@ -12,11 +12,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import RoutingSettings
-from db.models import RoutingDecision, Series, SeriesState
-from db.repository import audit
-from db.session import session_scope
-from dicom_node.routing import OPERATOR_OVERRIDE_REASON, SkipCode, decide, series_facts
+from lesiontrack.config.settings import RoutingSettings
+from lesiontrack.db.models import RoutingDecision, Series, SeriesState
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.routing import OPERATOR_OVERRIDE_REASON, SkipCode, decide, series_facts
 
 log = logging.getLogger(__name__)
 

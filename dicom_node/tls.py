@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from config.settings import TlsSettings
+from lesiontrack.config.settings import TlsSettings
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext | None:

@@ -4,6 +4,6 @@ Layers (imports flow one way): ``dicom_node`` → ``pipeline`` → ``models``, w
 beneath them. This package only assembles them.
 """
 
-from config.version import VERSION
+from lesiontrack.config.version import VERSION
 
 __version__ = VERSION

@@ -36,7 +36,7 @@ def _root(
     ),
 ) -> None:
     ctx.obj = CliState(config_file=config)
-    from config.logging import setup_logging
+    from lesiontrack.config.logging import setup_logging
 
     setup_logging(log_level or "WARNING")
 

@@ -37,7 +37,7 @@ def _why(exc: BaseException) -> str:
 
 def read_dicom_series(folder: Path, what: str = "series", **kw: Any) -> Any:
     """``models.imaging.dicom_read.read_series`` with every failure named after the folder."""
-    from models.imaging.dicom_read import read_series
+    from lesiontrack.models.imaging.dicom_read import read_series
 
     try:
         return read_series(folder, **kw)
@@ -49,7 +49,7 @@ def read_dicom_series(folder: Path, what: str = "series", **kw: Any) -> Any:
 
 def read_image(path: Path, what: str = "image") -> Any:
     """A NIfTI/NRRD/MHA file (or a DICOM series folder) as a Volume, failures named after the path."""
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.volume import Volume
 
     if not path.exists():
         raise InputError(path, "no such file or folder")

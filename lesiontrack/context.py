@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from config.settings import ConfigError, Settings, load_settings
+from lesiontrack.config.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +30,7 @@ class CliState:
 
     def database(self, upgrade_db: bool = False) -> sessionmaker[Session]:
         """Session factory of the configured database; a schema behind the code exits 2 saying so."""
-        from dicom_node.database import SchemaNotCurrent, open_database
+        from lesiontrack.dicom_node.database import SchemaNotCurrent, open_database
 
         try:
             return open_database(self.settings(), upgrade_db=upgrade_db)

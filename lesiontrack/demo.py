@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from config.settings import PacsPeer, Settings, load_settings
-from db.models import Lesion, LesionObservation, Series, Study
-from db.session import session_scope
-from pipeline.candidates import latest_candidates
+from lesiontrack.config.settings import PacsPeer, Settings, load_settings
+from lesiontrack.db.models import Lesion, LesionObservation, Series, Study
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.candidates import latest_candidates
 
 
 def free_port() -> int:
@@ -96,7 +96,7 @@ def self_peer(settings: Settings) -> PacsPeer:
 
 def send_files(settings: Settings, files: list[Path], peer: PacsPeer | None = None) -> None:
     """C-STORE ``files`` to our own SCP (or ``peer``) as a modality would; raises if any is refused."""
-    from dicom_node.scu import store_files
+    from lesiontrack.dicom_node.scu import store_files
 
     outcomes = store_files(settings, peer or self_peer(settings), files)
     bad = [o for o in outcomes if not o.ok]

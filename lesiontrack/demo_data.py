@@ -39,7 +39,7 @@ class DemoPatient:
 def _write(volume: Any, out_dir: Path, patient_id: str, date: str, label: str, number: int) -> DemoSeries:
     from pydicom.uid import generate_uid
 
-    from models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import write_ct_series
 
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     files = write_ct_series(
@@ -63,10 +63,10 @@ def _baseline_seg(series: DemoSeries, labels: Any, lesions: list[dict[str, Any]]
     import pydicom
     from pydicom.uid import generate_uid
 
-    from models.imaging.volume import Volume
-    from models.segmentation.prompts import LesionIdentity
-    from pipeline.lesions import LesionStatus, TrackedLesion
-    from pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.models.segmentation.prompts import LesionIdentity
+    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+    from lesiontrack.pipeline.seg_writer import save_new, write_seg
 
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
     tracked = []
@@ -109,7 +109,7 @@ def make_patient(
     registration)."""
     from pydicom.uid import generate_uid
 
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     out_dir = Path(out_dir)
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions)
@@ -134,7 +134,7 @@ def make_patient(
     followups: list[DemoSeries] = []
     truth: dict[str, Any] = {"lesions": lesions, "timepoints": []}
     if changes:
-        from synthetic.synthesis import SynthConfig, synthesize_patient
+        from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
 
         # no new lesions (nothing marks them); with the default seeds (11, 2): growth, shrinkage and lesion 5
         # vanishing at the second follow-up
@@ -159,7 +159,7 @@ def make_patient(
                 {"index": t, "lesions": {k: v.to_dict() for k, v in tp.lesions.items()}, "changes": tp.changes}
             )
     else:
-        from synthetic.transforms import apply_transform, random_patient_motion
+        from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
 
         rng = np.random.default_rng([seed, 98])
         for t in range(1, n_followups + 1):
@@ -191,9 +191,9 @@ def _insert_new_lesion(
     the tracked lesions; its centre and size go into ``truth['new_lesions']``."""
     from scipy import ndimage
 
-    from synthetic.lesion_change import insert_lesion
-    from synthetic.phantom import ORGANS
-    from synthetic.transforms import apply_transform
+    from lesiontrack.synthetic.lesion_change import insert_lesion
+    from lesiontrack.synthetic.phantom import ORGANS
+    from lesiontrack.synthetic.transforms import apply_transform
 
     organ, diameter_mm, hu = spec
     organs = apply_transform(ph.organs, transform, ct, label=True)

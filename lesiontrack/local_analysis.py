@@ -24,21 +24,21 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
-from db.models import JobState, RoutingDecision, Series, Study
-from db.session import session_scope
-from dicom_node.completion import complete_series
-from dicom_node.database import open_database
-from dicom_node.ingest import Ingestor, ingest_file
-from dicom_node.priors import PriorFinder
-from dicom_node.scp import storage_root
-from dicom_node.storage import InstanceStore
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import JobState, RoutingDecision, Series, Study
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.completion import complete_series
+from lesiontrack.dicom_node.database import open_database
+from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+from lesiontrack.dicom_node.priors import PriorFinder
+from lesiontrack.dicom_node.scp import storage_root
+from lesiontrack.dicom_node.storage import InstanceStore
+from lesiontrack.pipeline.analysis import AnalysisService
+from lesiontrack.pipeline.contract import AnalysisState, JobResults, job_results
+from lesiontrack.pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
+from lesiontrack.pipeline.steps import build_pipeline
+from lesiontrack.pipeline.verification import take_in_series
 from lesiontrack.service import build_analysis_service
-from pipeline.analysis import AnalysisService
-from pipeline.contract import AnalysisState, JobResults, job_results
-from pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
-from pipeline.steps import build_pipeline
-from pipeline.verification import take_in_series
 
 log = logging.getLogger(__name__)
 

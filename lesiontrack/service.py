@@ -20,12 +20,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import ConfigError, Settings
+from lesiontrack.config.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[..., tuple[list[Any], Any]]
-DEFAULT_PIPELINE = "pipeline.steps:build_pipeline"
+DEFAULT_PIPELINE = "lesiontrack.pipeline.steps:build_pipeline"
 
 
 def load_pipeline(spec: str) -> PipelineFactory:
@@ -39,7 +39,7 @@ def load_pipeline(spec: str) -> PipelineFactory:
 def check_engine_settings(settings: Settings) -> None:
     """Fail start-up (ConfigError naming the key) when a configured engine is unknown, not installed or lacks
     its weights, instead of failing every job later at the register/track step."""
-    from models.engines import check_engines
+    from lesiontrack.models.engines import check_engines
 
     problems = check_engines(settings.engines)
     if problems:
@@ -48,8 +48,8 @@ def check_engine_settings(settings: Settings) -> None:
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
     """The dicom_node implementations of ``pipeline.ports.PriorSource`` and ``ResultSender``."""
-    from dicom_node.priors import PriorFinder
-    from dicom_node.sending import DeliveryService
+    from lesiontrack.dicom_node.priors import PriorFinder
+    from lesiontrack.dicom_node.sending import DeliveryService
 
     return PriorFinder(settings, session_factory), DeliveryService(settings, session_factory)
 
@@ -63,8 +63,8 @@ def build_analysis_service(
     ports: tuple[Any, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
 ) -> Any:
-    from pipeline.analysis import AnalysisService, RetryPolicy
-    from pipeline.jobs import worker_identity
+    from lesiontrack.pipeline.analysis import AnalysisService, RetryPolicy
+    from lesiontrack.pipeline.jobs import worker_identity
 
     if ports is None:
         ports = _ports_or_none(settings, session_factory)
@@ -106,8 +106,8 @@ class JobControl:
     on_annotation_complete: Callable[[str], None] | None = None
 
     def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Any:
-        from dicom_node.completion import answer_request, request_completion
-        from web.jobcontrol import Completion
+        from lesiontrack.dicom_node.completion import answer_request, request_completion
+        from lesiontrack.web.jobcontrol import Completion
 
         if self.scp is not None:
             outcome = self.scp.completion.trigger(series_uid, expected_instances=expected_instances)
@@ -146,7 +146,7 @@ class JobControl:
         )
 
     def analyse_anyway(self, series_uid: str, actor: str) -> int:
-        from dicom_node.skipped import analyse_anyway
+        from lesiontrack.dicom_node.skipped import analyse_anyway
 
         assert self.session_factory is not None
         analyse_anyway(self.session_factory, series_uid, actor)
@@ -157,12 +157,12 @@ class JobControl:
     def take_correction(self, data: bytes, actor: str) -> Any:
         """An uploaded corrected SEG/SR: stored like a received instance (durably, de-duplicated), its series
         completed, and taken in as a verification (the operator is the verifier unless ContentCreatorName says)."""
-        from dicom_node.completion import complete_series
-        from dicom_node.ingest import Ingestor, ingest_part10
-        from dicom_node.scp import storage_root
-        from dicom_node.storage import InstanceStore
-        from pipeline.verification import take_in_series
-        from web.jobcontrol import CorrectionTaken
+        from lesiontrack.dicom_node.completion import complete_series
+        from lesiontrack.dicom_node.ingest import Ingestor, ingest_part10
+        from lesiontrack.dicom_node.scp import storage_root
+        from lesiontrack.dicom_node.storage import InstanceStore
+        from lesiontrack.pipeline.verification import take_in_series
+        from lesiontrack.web.jobcontrol import CorrectionTaken
 
         if self.settings is None or self.session_factory is None:
             raise RuntimeError("corrections are taken in by the process that runs the DICOM node")
@@ -239,8 +239,8 @@ class LesionTrackService:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LesionTrackService:
-        from dicom_node.database import open_database
-        from pipeline.jobs import JobStore
+        from lesiontrack.dicom_node.database import open_database
+        from lesiontrack.pipeline.jobs import JobStore
 
         check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -248,11 +248,11 @@ class LesionTrackService:
         self.job_store = JobStore(self.session_factory, actor="service")
         prior_source, self.sender = _ports_or_none(self.settings, self.session_factory)
         if self.settings.worker.executor == "celery":
-            from pipeline.executors.celery_app import CeleryExecutor
+            from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
 
             self.executor = CeleryExecutor(self.settings)
         elif self.enable_jobs:
-            from pipeline.executors.inprocess import InProcessExecutor
+            from lesiontrack.pipeline.executors.inprocess import InProcessExecutor
 
             self.analysis = build_analysis_service(
                 self.settings,
@@ -268,7 +268,7 @@ class LesionTrackService:
         if self.sender is not None and hasattr(self.sender, "start"):
             self.sender.start()
         if self.enable_dicom:
-            from dicom_node.scp import StorageSCP
+            from lesiontrack.dicom_node.scp import StorageSCP
 
             self.scp = StorageSCP(
                 self.settings, self.session_factory, self.on_series_complete, self.on_annotation_complete
@@ -289,7 +289,7 @@ class LesionTrackService:
     def on_annotation_complete(self, series_uid: str) -> None:
         """A SEG/SR series that is not ours completed: a reader's correction of a follow-up we analysed is taken in
         (verified tracking) and its adoption job queued; any other annotation stays a prior annotation."""
-        from pipeline.verification import take_in_series
+        from lesiontrack.pipeline.verification import take_in_series
 
         if self.session_factory is None:
             raise RuntimeError("a series completed before the service opened its database")
@@ -310,7 +310,7 @@ class LesionTrackService:
 
     def _start_http(self) -> None:
         try:
-            from web import create_app
+            from lesiontrack.web import create_app
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from config.settings import EngineSettings
+from lesiontrack.config.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from models.registration.base import RegistrationEngine
-    from models.segmentation.base import SegmentationEngine
+    from lesiontrack.models.registration.base import RegistrationEngine
+    from lesiontrack.models.segmentation.base import SegmentationEngine
 
 EngineKind = Literal["registration", "segmentation"]
 E = TypeVar("E")
@@ -69,26 +69,26 @@ class UnknownEngine(ValueError):
 
 # -- registration -------------------------------------------------------------------------------------------------
 def _none(req: BuildRequest) -> RegistrationEngine:
-    from models.registration.identity import NoRegistrationEngine
+    from lesiontrack.models.registration.identity import NoRegistrationEngine
 
     return NoRegistrationEngine()
 
 
 def _convex(req: BuildRequest) -> RegistrationEngine:
-    from models.registration.convex import ConvexEngine, ConvexParams
+    from lesiontrack.models.registration.convex import ConvexEngine, ConvexParams
 
     params = ConvexParams(working_spacing_mm=req.settings.working_spacing_mm, seed=req.seed, **(req.options or {}))
     return ConvexEngine(params, device=req.device)
 
 
 def _simpleitk(req: BuildRequest) -> RegistrationEngine:
-    from models.registration.sitk_engine import SimpleITKEngine
+    from lesiontrack.models.registration.sitk_engine import SimpleITKEngine
 
     return SimpleITKEngine(working_spacing_mm=req.settings.working_spacing_mm, **(req.options or {}))
 
 
 def _unigradicon(req: BuildRequest) -> RegistrationEngine:
-    from models.registration.unigradicon_engine import UniGradIconEngine
+    from lesiontrack.models.registration.unigradicon_engine import UniGradIconEngine
 
     return UniGradIconEngine(
         req.weights, device=req.device, working_spacing_mm=req.settings.working_spacing_mm, **(req.options or {})
@@ -127,19 +127,19 @@ REGISTRATION: dict[str, EngineSpec[RegistrationEngine]] = {
 
 # -- segmentation -------------------------------------------------------------------------------------------------
 def _adaptive(req: BuildRequest) -> SegmentationEngine:
-    from models.segmentation.adaptive import AdaptiveEngine
+    from lesiontrack.models.segmentation.adaptive import AdaptiveEngine
 
     return AdaptiveEngine(**(req.options or {}))
 
 
 def _warped(req: BuildRequest) -> SegmentationEngine:
-    from models.segmentation.warped import WarpedPromptEngine
+    from lesiontrack.models.segmentation.warped import WarpedPromptEngine
 
     return WarpedPromptEngine(**(req.options or {}))
 
 
 def _lesionlocator(req: BuildRequest) -> SegmentationEngine:
-    from models.segmentation.lesionlocator import LesionLocatorEngine
+    from lesiontrack.models.segmentation.lesionlocator import LesionLocatorEngine
 
     if req.weights is None:
         raise ValueError("the lesionlocator engine needs a checkpoint folder (engines.lesionlocator_weights)")

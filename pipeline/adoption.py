@@ -18,24 +18,24 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import CandidateState, Lesion, NewLesionCandidate, TimepointVerification, VerificationState
-from models.imaging.volume import Volume
-from models.registration.base import Registration, RegistrationEngine
-from models.segmentation.base import SegmentationEngine
-from models.segmentation.prompts import Prompt
-from models.segmentation.rasterize import prompt_to_mask
-from pipeline.candidates import confirmed_name
-from pipeline.contract import Adoption, VerificationRecord
-from pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
-from pipeline.jobs import PermanentError
-from pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.db.models import CandidateState, Lesion, NewLesionCandidate, TimepointVerification, VerificationState
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import Registration, RegistrationEngine
+from lesiontrack.models.segmentation.base import SegmentationEngine
+from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.pipeline.candidates import confirmed_name
+from lesiontrack.pipeline.contract import Adoption, VerificationRecord
+from lesiontrack.pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
+from lesiontrack.pipeline.jobs import PermanentError
+from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
 
 
 def _read_prompts(path: Path, ct: Volume) -> list[Prompt]:
     import pydicom
 
-    from pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
-    from pipeline.seg_reader import SEG_SOP_CLASSES
+    from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
+    from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
 
     try:
         sop = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
@@ -137,7 +137,7 @@ def adopt(
     segmentation: SegmentationEngine,
 ) -> None:
     """Fill ``tps`` (prior, follow-up): the prior from its annotation, the follow-up with the reader's lesions."""
-    from pipeline.tracking import track_lesions
+    from lesiontrack.pipeline.tracking import track_lesions
 
     deleted = set(adoption.deleted)
     base = [p for p in prior_prompts if p.identity.tracking_uid not in deleted]

@@ -30,10 +30,10 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.logging import log_context, update_log_context
-from db.models import JobState
-from pipeline.job_summary import job_summary
-from pipeline.jobs import (
+from lesiontrack.config.logging import log_context, update_log_context
+from lesiontrack.db.models import JobState
+from lesiontrack.pipeline.job_summary import job_summary
+from lesiontrack.pipeline.jobs import (
     DEFAULT_LEASE_SECONDS,
     JobStore,
     NothingToTrack,

@@ -18,11 +18,11 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AnalysisJob, CandidateState, NewLesionCandidate, NewLesionSearchRun
-from db.repository import audit
-from db.session import session_scope
-from pipeline.jobs import ACTIVE_STATES, utcnow
-from pipeline.recist import NewLesionSearch
+from lesiontrack.db.models import AnalysisJob, CandidateState, NewLesionCandidate, NewLesionSearchRun
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.jobs import ACTIVE_STATES, utcnow
+from lesiontrack.pipeline.recist import NewLesionSearch
 
 
 def candidate_name(number: int, tissue: str) -> str:

@@ -63,8 +63,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 
-from models.imaging.volume import Volume
-from models.registration.base import Registration
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import Registration
 
 __all__ = [
     "ConfidenceRules",
@@ -344,7 +344,7 @@ def _diameter_ratio(
 ) -> float | None:
     """RECIST diameter of the result / that of the annotation (long axis; short axis for a lymph node), each measured
     on its own CT as the report measures it (:func:`pipeline.measurements.measure_lesion`)."""
-    from pipeline.measurements import measure_lesion as measure
+    from lesiontrack.pipeline.measurements import measure_lesion as measure
 
     def diameter(mask: Volume, ct: Volume) -> float:
         try:

@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.imaging.volume import Volume
-from models.registration.base import Registration
-from models.segmentation.prompts import Prompt
-from pipeline.analysis import StepOrderError, StepOutput
-from pipeline.correction_matching import SegmentMatch
-from pipeline.lesions import Timepoint
-from pipeline.measurements import LesionChanges, LesionMeasurement
-from pipeline.ports import PriorAnnotation, PriorTimepoint
-from pipeline.recist import RecistAssessment
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import Registration
+from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.pipeline.analysis import StepOrderError, StepOutput
+from lesiontrack.pipeline.correction_matching import SegmentMatch
+from lesiontrack.pipeline.lesions import Timepoint
+from lesiontrack.pipeline.measurements import LesionChanges, LesionMeasurement
+from lesiontrack.pipeline.ports import PriorAnnotation, PriorTimepoint
+from lesiontrack.pipeline.recist import RecistAssessment
 
 if TYPE_CHECKING:
-    from pipeline.seg_reader import UnassessedSegment
+    from lesiontrack.pipeline.seg_reader import UnassessedSegment
 
 
 class Record(BaseModel):

@@ -13,7 +13,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 
 class MatchedBy(StrEnum):

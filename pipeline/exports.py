@@ -14,8 +14,8 @@ import io
 import json
 from typing import Any
 
-from db.status import LesionStatus
-from pipeline.history import PatientTimeline
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline.history import PatientTimeline
 
 LESION_COLUMNS = [
     "subject_id",

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from lesiontrack.db.models import (
     AnalysisJob,
     Instance,
     Lesion,
@@ -28,13 +28,13 @@ from db.models import (
     TimepointVerification,
     VerificationState,
 )
-from db.status import LesionStatus
-from pipeline import recist
-from pipeline.candidates import CandidateView, latest_candidates, search_states
-from pipeline.confidence import review_text
-from pipeline.contract import job_results
-from pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
-from pipeline.object_kinds import has_mask, object_kinds
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline import recist
+from lesiontrack.pipeline.candidates import CandidateView, latest_candidates, search_states
+from lesiontrack.pipeline.confidence import review_text
+from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes
+from lesiontrack.pipeline.object_kinds import has_mask, object_kinds
 
 
 @dataclass

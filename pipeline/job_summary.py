@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.confidence import review_text
+from lesiontrack.pipeline.confidence import review_text
 
 
 def _get(d: Any, *path: str) -> Any:

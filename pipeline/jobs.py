@@ -30,9 +30,9 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AnalysisJob, JobState, Series
-from db.repository import audit
-from db.session import affected_rows, session_scope
+from lesiontrack.db.models import AnalysisJob, JobState, Series
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import affected_rows, session_scope
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT)
 FINISHED_STATES = (JobState.DONE, JobState.NOTHING_TO_TRACK, JobState.FAILED)
@@ -181,7 +181,7 @@ class JobStore:
                     return existing.id
             patient_pk = s.scalar(select(Series.study_pk).where(Series.series_instance_uid == series_uid))
             if patient_pk is not None:
-                from db.models import Study
+                from lesiontrack.db.models import Study
 
                 patient_pk = s.scalar(select(Study.patient_pk).where(Study.id == patient_pk))
             job = AnalysisJob(

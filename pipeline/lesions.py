@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from db.status import LesionStatus
-from models.imaging.volume import Volume
-from models.segmentation.prompts import LesionIdentity
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity
 
 __all__ = ["LesionStatus", "Timepoint", "TrackedLesion"]
 

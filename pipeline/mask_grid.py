@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 
 def mask_onto_grid(mask: Volume, reference: Volume, tol: float = 1e-3) -> np.ndarray:

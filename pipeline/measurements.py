@@ -22,12 +22,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from db.status import LesionStatus
-from models.imaging.volume import Volume
-from pipeline.mask_grid import mask_onto_grid
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.pipeline.mask_grid import mask_onto_grid
 
 if TYPE_CHECKING:
-    from pipeline.lesions import TrackedLesion
+    from lesiontrack.pipeline.lesions import TrackedLesion
 
 Point = tuple[float, float, float]
 

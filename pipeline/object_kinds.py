@@ -20,7 +20,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance
+from lesiontrack.db.models import Instance
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.ports import PriorAnnotation, PriorTimepoint
+from lesiontrack.pipeline.ports import PriorAnnotation, PriorTimepoint
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -195,8 +195,8 @@ def our_instance_uids(session_factory: sessionmaker[Session], sop_uids: Iterable
     :func:`written_by_us` (a person's object saved into such a series is not)."""
     from sqlalchemy import select
 
-    from db.models import Instance, Series
-    from db.session import session_scope
+    from lesiontrack.db.models import Instance, Series
+    from lesiontrack.db.session import session_scope
 
     uids = list(sop_uids)
     if not uids:

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.annotations.common import AnnotationWarning, SourcedPrompts, merge_by_precedence
-from pipeline.seg_reader import SEG_SOP_CLASSES
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.annotations.common import AnnotationWarning, SourcedPrompts, merge_by_precedence
+from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ class FoundAnnotation:
 
 def annotation_kind(sop_class_uid: str) -> str | None:
     """SEG, SR, PR or RTSTRUCT for an annotation SOP class; None for anything else."""
-    from pipeline.annotations.gsps import GSPS_SOP_CLASSES
-    from pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
+    from lesiontrack.pipeline.annotations.gsps import GSPS_SOP_CLASSES
+    from lesiontrack.pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
 
     if sop_class_uid in SEG_SOP_CLASSES:
         return "SEG"
@@ -306,12 +306,12 @@ def prompts_from_object(
     if modality == "SEG":
         return prompts_from_seg(path, ct)
     if modality == "SR":
-        from pipeline.sr_reader import read_sr_prompts
+        from lesiontrack.pipeline.sr_reader import read_sr_prompts
 
         return _call_reader(lambda p, c: read_sr_prompts(p, c, warnings=sink), path, ct)
     if modality in ("PR", "RTSTRUCT"):
-        from pipeline.annotations.gsps import read_gsps_prompts
-        from pipeline.annotations.rtstruct import read_rtstruct_prompts
+        from lesiontrack.pipeline.annotations.gsps import read_gsps_prompts
+        from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
 
         reader = read_gsps_prompts if modality == "PR" else read_rtstruct_prompts
 
@@ -327,12 +327,14 @@ def prompts_from_object(
 
 
 def prompts_from_seg(path: str | Path, ct: Volume) -> list[Prompt]:
-    reader = _reader("pipeline.seg_reader", ("read_seg_prompts", "seg_to_prompts", "read_prompts", "read_seg"))
+    reader = _reader(
+        "lesiontrack.pipeline.seg_reader", ("read_seg_prompts", "seg_to_prompts", "read_prompts", "read_seg")
+    )
     return _call_reader(reader, path, ct)
 
 
 def prompts_from_sr(path: str | Path, ct: Volume) -> list[Prompt]:
-    reader = _reader("pipeline.sr_reader", ("read_sr_prompts", "sr_to_prompts", "read_prompts", "read_sr"))
+    reader = _reader("lesiontrack.pipeline.sr_reader", ("read_sr_prompts", "sr_to_prompts", "read_prompts", "read_sr"))
     return _call_reader(reader, path, ct)
 
 

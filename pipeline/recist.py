@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from config.settings import RecistSettings
-from db.status import LesionStatus
-from pipeline.measurements import LesionMeasurement
+from lesiontrack.config.settings import RecistSettings
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline.measurements import LesionMeasurement
 
 
 class Response(StrEnum):

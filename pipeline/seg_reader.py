@@ -19,10 +19,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from models.imaging.volume import Volume
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.lesion_names import clean_description
-from pipeline.mask_grid import mask_onto_grid
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.lesion_names import clean_description
+from lesiontrack.pipeline.mask_grid import mask_onto_grid
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from config.version import SOFTWARE_NAME as _SOFTWARE_NAME
-from config.version import VERSION as _VERSION
-from models.imaging.volume import Volume
-from pipeline.lesion_names import clean_description, display_name
-from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.mask_grid import mask_onto_grid
+from lesiontrack.config.version import SOFTWARE_NAME as _SOFTWARE_NAME
+from lesiontrack.config.version import VERSION as _VERSION
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.pipeline.lesion_names import clean_description, display_name
+from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.mask_grid import mask_onto_grid
 
 log = logging.getLogger(__name__)
 

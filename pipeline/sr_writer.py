@@ -49,11 +49,17 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from db.status import LesionStatus
-from pipeline.lesion_names import display_name
-from pipeline.measurements import Axis, LesionChanges, LesionMeasurement
-from pipeline.recist import NewLesionState, Response, TimepointResponse
-from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, SegWriteResult, anatomic_code, sort_source_slices
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline.lesion_names import display_name
+from lesiontrack.pipeline.measurements import Axis, LesionChanges, LesionMeasurement
+from lesiontrack.pipeline.recist import NewLesionState, Response, TimepointResponse
+from lesiontrack.pipeline.seg_writer import (
+    SOFTWARE_NAME,
+    SOFTWARE_VERSION,
+    SegWriteResult,
+    anatomic_code,
+    sort_source_slices,
+)
 
 log = logging.getLogger(__name__)
 

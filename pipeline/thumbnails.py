@@ -72,7 +72,7 @@ def lesion_slice_from_seg(seg_path: Path, segment_number: int | None, tracking_u
 def _segment_of(seg: hd.seg.Segmentation, tracking_uid: str | None) -> int | None:
     """The segment carrying ``tracking_uid``, or whose derived UID it is (a SEG without Tracking UIDs, read by
     :func:`pipeline.seg_reader.read_seg`, gets ``derived_tracking_uid(SOPInstanceUID, segment number)``)."""
-    from pipeline.seg_reader import derived_tracking_uid
+    from lesiontrack.pipeline.seg_reader import derived_tracking_uid
 
     if not tracking_uid:
         return None

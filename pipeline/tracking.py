@@ -26,18 +26,18 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.engines import build_registration
-from models.imaging.volume import Volume
-from models.registration.base import Registration, RegistrationEngine
-from models.registration.identity import IdentityRegistration, NoRegistrationEngine
-from models.segmentation.base import SegmentationEngine, SegReference
-from models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from models.segmentation.rasterize import prompt_to_mask
-from pipeline.confidence import ConfidenceRules, Neighbour, assess_lesion, days_between
-from pipeline.drawn_priors import drawn_lesion, prompt_origin_meta, weaken_for_origin
-from pipeline.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
-from pipeline.prompt_selection import nearest_source_index
+from lesiontrack.models.engines import build_registration
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import Registration, RegistrationEngine
+from lesiontrack.models.registration.identity import IdentityRegistration, NoRegistrationEngine
+from lesiontrack.models.segmentation.base import SegmentationEngine, SegReference
+from lesiontrack.models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.pipeline.confidence import ConfidenceRules, Neighbour, assess_lesion, days_between
+from lesiontrack.pipeline.drawn_priors import drawn_lesion, prompt_origin_meta, weaken_for_origin
+from lesiontrack.pipeline.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
+from lesiontrack.pipeline.prompt_selection import nearest_source_index
 
 log = logging.getLogger(__name__)
 

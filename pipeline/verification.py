@@ -29,8 +29,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import VerificationSettings
-from db.models import (
+from lesiontrack.config.settings import VerificationSettings
+from lesiontrack.db.models import (
     AnalysisJob,
     Instance,
     JobState,
@@ -40,13 +40,13 @@ from db.models import (
     VerificationMethod,
     VerificationState,
 )
-from db.repository import audit
-from db.session import session_scope
-from pipeline.contract import WriteSegSrOutput, read_output
-from pipeline.jobs import JobStore
-from pipeline.prompt_selection import OUR_MANUFACTURER, written_by_us
-from pipeline.prompt_sources import SR_SOP_CLASSES
-from pipeline.seg_reader import SEG_SOP_CLASSES
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs import JobStore
+from lesiontrack.pipeline.prompt_selection import OUR_MANUFACTURER, written_by_us
+from lesiontrack.pipeline.prompt_sources import SR_SOP_CLASSES
+from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,18 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from db.status import LesionStatus
-from pipeline.lesion_names import display_name
-from pipeline.measurements import LesionMeasurement
-from pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, anatomic_code
-from pipeline.sr_writer import MM, LesionReport, TimePoint, _segment_descriptions, _SliceLocator, device_observer
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline.lesion_names import display_name
+from lesiontrack.pipeline.measurements import LesionMeasurement
+from lesiontrack.pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, anatomic_code
+from lesiontrack.pipeline.sr_writer import (
+    MM,
+    LesionReport,
+    TimePoint,
+    _segment_descriptions,
+    _SliceLocator,
+    device_observer,
+)
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 

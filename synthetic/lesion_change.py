@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 Array = np.ndarray
 AMPLITUDES = (-22.0, -18.0, 15.0, 25.0)

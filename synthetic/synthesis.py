@@ -25,9 +25,9 @@ import numpy as np
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from models.imaging.volume import Volume
-from synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
-from synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 log = logging.getLogger(__name__)
 Array = np.ndarray
@@ -317,7 +317,7 @@ def write_patient(
     patient: SynthPatient, out_dir: Path | str, *, base_date: dt.date | None = None, write_dicom: bool = True
 ) -> Path:
     """Write ``out_dir/<patient_id>/``: ``tpN/`` DICOM CT series, ``tpN_lesions.nii.gz``, ``truth.json``."""
-    from models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import write_ct_series
 
     root = Path(out_dir) / patient.patient_id
     root.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 Array = np.ndarray
 

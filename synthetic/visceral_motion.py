@@ -18,9 +18,9 @@ import copy
 import numpy as np
 from scipy import ndimage
 
-from models.imaging.volume import Volume
-from synthetic.phantom import ORGANS
-from synthetic.transforms import SpatialTransform, apply_transform
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.phantom import ORGANS
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform
 
 Array = np.ndarray
 

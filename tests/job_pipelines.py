@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from db.repository import audit
-from db.session import session_scope
-from pipeline.analysis import JobContext, Step, StepOutput
-from pipeline.contract import WriteSegSrOutput
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.analysis import JobContext, Step, StepOutput
+from lesiontrack.pipeline.contract import WriteSegSrOutput
 
 Ctx = JobContext[Any, Any]
 
@@ -77,8 +77,8 @@ def counting_with_send(
     settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
 ) -> tuple[list[Step[Any, Any, Any]], Any]:
     """``counting`` plus a result object (a new-UID copy of one received instance) sent by the real send step."""
-    from pipeline.contract import SendOutput
-    from pipeline.steps import send
+    from lesiontrack.pipeline.contract import SendOutput
+    from lesiontrack.pipeline.steps import send
 
     steps, _ = counting(settings, session_factory)
 
@@ -87,7 +87,7 @@ def counting_with_send(
         from pydicom.uid import generate_uid
         from sqlalchemy import select
 
-        from db.models import Instance, Series
+        from lesiontrack.db.models import Instance, Series
 
         _ran(ctx, "write_seg_sr")
         with session_scope(session_factory) as s:

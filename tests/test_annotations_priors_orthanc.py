@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from config.settings import RetrieveMethod
-from dicom_node.priors import PriorFinder
-from models.imaging.dicom_read import read_series
-from models.segmentation.drawing import Drawing, DrawingKind
-from pipeline.annotations.refs import prior_annotation_references
-from pipeline.ports import PriorTimepoint
-from pipeline.steps.volumes import read_prompts
-from synthetic.annotations import Mark, write_gsps, write_rtstruct
+from lesiontrack.config.settings import RetrieveMethod
+from lesiontrack.dicom_node.priors import PriorFinder
+from lesiontrack.models.imaging.dicom_read import read_series
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.pipeline.annotations.refs import prior_annotation_references
+from lesiontrack.pipeline.ports import PriorTimepoint
+from lesiontrack.pipeline.steps.volumes import read_prompts
+from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from tests.test_dicom_node_scp import j2k_series, storescu
 from tests.test_orthanc_node import Site, prior_files
 

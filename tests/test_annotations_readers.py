@@ -15,17 +15,17 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from models.imaging.dicom_read import read_series
-from models.imaging.dicom_write import write_ct_series
-from models.imaging.volume import Volume
-from models.segmentation.drawing import Drawing, DrawingKind
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.annotations.common import SourcedPrompts, merge_by_precedence
-from pipeline.annotations.gsps import read_gsps_prompts
-from pipeline.annotations.rtstruct import read_rtstruct_prompts
-from pipeline.dicom_validate import run_dciodvfy
-from pipeline.prompt_sources import PromptSourceError, prompts_from_directory
-from synthetic.annotations import Mark, write_gsps, write_rtstruct
+from lesiontrack.models.imaging.dicom_read import read_series
+from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.annotations.common import SourcedPrompts, merge_by_precedence
+from lesiontrack.pipeline.annotations.gsps import read_gsps_prompts
+from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
+from lesiontrack.pipeline.dicom_validate import run_dciodvfy
+from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_directory
+from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from tests.conftest import require_tool
 
 NODULES = [((10.0, 0.0, 40.0), 7.0), ((-15.0, 12.0, 40.0), 6.0), ((12.0, -18.0, 25.0), 5.0)]
@@ -236,7 +236,7 @@ def test_precedence_seg_over_contours_over_lines_and_newer_over_older(
     c = np.array(NODULES[0][0])
     half = np.array([6.0, 0.0, 0.0])
     line = Drawing(DrawingKind.LINE, [np.array([c - half, c + half])])
-    from pipeline.annotations.common import drawing_prompt
+    from lesiontrack.pipeline.annotations.common import drawing_prompt
 
     def lined(uid: str, label: str, at: np.ndarray) -> Prompt:
         d = Drawing(DrawingKind.LINE, [line.parts[0] - c + at])
@@ -332,8 +332,8 @@ def test_track_cli_from_a_gsps_baseline(
         if les["prompt_origin"] == "arrow":  # an arrow's prior (confidence 0.45) is always flagged
             assert any("not yet confirmed" in r for r in fu_tp["review_reasons"])
     # the SR says where each lesion's prior came from, and passes the validators
-    from pipeline.dicom_validate import run_sr_validator
-    from pipeline.sr_reader import read_sr
+    from lesiontrack.pipeline.dicom_validate import run_sr_validator
+    from lesiontrack.pipeline.sr_reader import read_sr
 
     sr_file = next(out / f for f in summary["timepoints"][1]["dicom"] if pydicom.dcmread(out / f).Modality == "SR")
     key = "Prior annotation the lesion was tracked from"
@@ -360,7 +360,7 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from pipeline.sr_reader import read_sr_prompts
+    from lesiontrack.pipeline.sr_reader import read_sr_prompts
 
     _root, ct, heads = study
     (c1, _), (c2, _), (c3, _) = NODULES
@@ -368,7 +368,7 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
     img3 = min(heads, key=lambda h: abs(float(h.ImagePositionPatient[2]) - _z(ct, c3[2])))
 
     def px(img: pydicom.Dataset, pts: list[tuple[float, float]]) -> np.ndarray:
-        from synthetic.annotations import to_pixels
+        from lesiontrack.synthetic.annotations import to_pixels
 
         z = float(img.ImagePositionPatient[2])
         return to_pixels(np.array([[x, y, z] for x, y in pts]), img).astype(np.float32)
@@ -495,9 +495,9 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
 def test_service_load_step_says_why_a_prior_gives_nothing_to_track(
     study: tuple[Path, Volume, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
-    from pipeline.jobs import NothingToTrack, PermanentError
-    from pipeline.ports import PriorAnnotation, PriorTimepoint
-    from pipeline.steps.volumes import read_prompts
+    from lesiontrack.pipeline.jobs import NothingToTrack, PermanentError
+    from lesiontrack.pipeline.ports import PriorAnnotation, PriorTimepoint
+    from lesiontrack.pipeline.steps.volumes import read_prompts
 
     _root, ct, heads = study
     body = [np.array([[-30, -30, 20.0], [30, -30, 20.0], [30, 30, 20.0], [-30, 30, 20.0]])]
@@ -518,7 +518,7 @@ def test_service_load_step_says_why_a_prior_gives_nothing_to_track(
 def test_job_page_says_where_each_prompt_came_from() -> None:
     from types import SimpleNamespace
 
-    from web.dashboard import templates
+    from lesiontrack.web.dashboard import templates
 
     job = SimpleNamespace(
         step_outputs={

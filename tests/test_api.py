@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from config.settings import Settings
-from db.models import AnalysisJob, AuditEvent, JobState, Lesion, LesionObservation, Study
-from db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState, Lesion, LesionObservation, Study
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from tests.test_api_data import BuiltPatient, synthetic_patient
 
 READ, OPERATOR = "read-key-0123456789", "operator-key-9876543210"
@@ -36,8 +36,8 @@ def _settings(tmp: Path) -> Settings:
 def env(tmp_path_factory: pytest.TempPathFactory):
     from fastapi.testclient import TestClient
 
-    from pipeline.jobs import JobStore
-    from web import JobStoreControl, create_app
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("api")
     url = f"sqlite:///{tmp / 'lt.sqlite3'}"
@@ -89,7 +89,7 @@ def test_health_and_ready_need_no_key(env) -> None:
 def test_ready_is_503_on_an_unmigrated_database(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from web import create_app
+    from lesiontrack.web import create_app
 
     sf = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'empty.sqlite3'}"))
     r = TestClient(create_app(_settings(tmp_path), sf)).get("/ready")
@@ -111,7 +111,7 @@ def test_every_protected_endpoint_needs_a_key(env) -> None:
 def test_no_keys_configured_refuses_everything(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from web import create_app
+    from lesiontrack.web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -165,7 +165,7 @@ def test_operator_reanalyses_a_series(env) -> None:
 def test_retry_without_job_control_is_503(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from web import create_app
+    from lesiontrack.web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -354,7 +354,7 @@ def test_metrics(env) -> None:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     with session_scope(sf) as s:
-        from db.models import Instance, Series
+        from lesiontrack.db.models import Instance, Series
 
         received = (
             s.query(Instance)
@@ -512,7 +512,7 @@ def test_api_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     """The same queries (enum filters, JSON columns, aggregates) on the scale-out database."""
     from fastapi.testclient import TestClient
 
-    from web import create_app
+    from lesiontrack.web import create_app
 
     upgrade(postgres_url)
     sf = make_session_factory(make_engine(postgres_url))
@@ -530,8 +530,8 @@ def test_thumbnail_of_a_seg_without_tracking_uids() -> None:
     """A radiologist's SEG without Tracking UIDs: the lesion UID is the one seg_reader derives from the segment."""
     import highdicom as hd
 
-    from pipeline.seg_reader import derived_tracking_uid
-    from pipeline.thumbnails import lesion_slice_from_seg
+    from lesiontrack.pipeline.seg_reader import derived_tracking_uid
+    from lesiontrack.pipeline.thumbnails import lesion_slice_from_seg
     from tests.conftest import require_shared_data
 
     path = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")

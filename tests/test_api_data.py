@@ -15,7 +15,7 @@ from typing import Any
 import pydicom
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import (
+from lesiontrack.db.models import (
     AnalysisJob,
     Delivery,
     DeliveryState,
@@ -28,10 +28,10 @@ from db.models import (
     RoutingDecision,
     SeriesState,
 )
-from db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
-from db.session import session_scope
-from db.status import LesionStatus
-from pipeline.contract import WriteSegSrOutput
+from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
+from lesiontrack.db.session import session_scope
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline.contract import WriteSegSrOutput
 
 #: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
 RADIOLOGIST_WORDS = {
@@ -102,10 +102,10 @@ def build_patient(
 ) -> BuiltPatient:
     """Measure, assess, write SEG+SR for each timepoint (``tests.segsr_fixtures.SyntheticTimepoint``-like objects
     with ``ct``, ``datasets``, ``files``, ``lesions``, ``study_uid``, ``series_uid``) and persist everything."""
-    from pipeline.measurements import lesion_changes, measure_lesion
-    from pipeline.recist import NewLesionSearch, RecistLesion, assess
-    from pipeline.seg_writer import save_new, write_seg
-    from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.measurements import lesion_changes, measure_lesion
+    from lesiontrack.pipeline.recist import NewLesionSearch, RecistLesion, assess
+    from lesiontrack.pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
     history: dict[str, list] = {}
     per_tp_recist: list[list[RecistLesion]] = []
@@ -366,11 +366,11 @@ def phantom_timepoints(
     import numpy as np
     from pydicom.uid import generate_uid
 
-    from models.imaging.dicom_write import write_ct_series
-    from models.segmentation.prompts import LesionIdentity
-    from pipeline.lesions import LesionStatus, TrackedLesion
-    from synthetic.phantom import make_phantom
-    from synthetic.synthesis import SynthConfig, synthesize_patient
+    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.segmentation.prompts import LesionIdentity
+    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+    from lesiontrack.synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
 
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions, center_mm=(0.0, 0.0, 40.0))
     cfg = SynthConfig(

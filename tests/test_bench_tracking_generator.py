@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from bench import tracking as bench
-from synthetic.phantom import make_phantom
+from lesiontrack.synthetic.phantom import make_phantom
 
 
 def test_a_removed_lesion_site_holds_the_surrounding_parenchyma_not_its_neighbours() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from db.models import CompletionRequest, RoutingDecision, SeriesState
-from db.session import session_scope
+from lesiontrack.db.models import CompletionRequest, RoutingDecision, SeriesState
+from lesiontrack.db.session import session_scope
 from tests.test_dicom_node_completion import wait_until
 from tests.test_dicom_node_scp import Node, ge_files
 

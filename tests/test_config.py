@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from config.settings import ConfigError, load_settings
 from lesiontrack.cli import app
+from lesiontrack.config.settings import ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,8 +134,8 @@ def test_check_fails_on_missing_weights_naming_the_weights_key(tmp_path):
 
 
 def test_engine_registry_has_one_shape_for_both_kinds(tmp_path):
-    from config.settings import EngineSettings
-    from models.engines import REGISTRATION, SEGMENTATION, build_registration, check_engines
+    from lesiontrack.config.settings import EngineSettings
+    from lesiontrack.models.engines import REGISTRATION, SEGMENTATION, build_registration, check_engines
 
     assert {"none", "convex", "simpleitk", "unigradicon"} <= set(REGISTRATION)
     assert {"adaptive", "warped-prompt", "lesionlocator"} <= set(SEGMENTATION)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from config.version import IMPLEMENTATION_VERSION_NAME, VERSION
-from dicom_node.conformance import implementation_markdown, markdown, scp_contexts, scu_sop_classes
+from lesiontrack.config.version import IMPLEMENTATION_VERSION_NAME, VERSION
+from lesiontrack.dicom_node.conformance import implementation_markdown, markdown, scp_contexts, scu_sop_classes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 

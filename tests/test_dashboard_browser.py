@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from config.settings import Settings
-from db.models import AnalysisJob, LesionObservation
-from db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import AnalysisJob, LesionObservation
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from tests.conftest import REPO, require_tool
 from tests.services import free_port, wait_for_port
 
@@ -35,7 +35,7 @@ def _fmt(v: float | None, digits: int, suffix: str) -> str:
 
 def _skipped_series(sf: Any, beside_series_uid: str) -> str:
     """A scout series the routing rules skipped, in the study of ``beside_series_uid``."""
-    from db.models import RoutingDecision, Series, SeriesState
+    from lesiontrack.db.models import RoutingDecision, Series, SeriesState
 
     uid = "1.2.826.0.1.3680043.8.498.777"
     with session_scope(sf) as s:
@@ -59,11 +59,11 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
     import uvicorn
 
+    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.pipeline.jobs import JobStore
     from lesiontrack.service import JobControl
-    from pipeline.history import build_timeline
-    from pipeline.jobs import JobStore
+    from lesiontrack.web import create_app
     from tests.test_api_data import build_patient, phantom_timepoints
-    from web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)

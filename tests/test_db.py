@@ -7,7 +7,8 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DatabaseError
 from typer.testing import CliRunner
 
-from db.models import (
+from lesiontrack.cli import app
+from lesiontrack.db.models import (
     AnalysisJob,
     AuditEvent,
     Instance,
@@ -16,7 +17,7 @@ from db.models import (
     LesionObservation,
     LesionOrigin,
 )
-from db.repository import (
+from lesiontrack.db.repository import (
     AuditImmutableError,
     audit,
     audit_events,
@@ -24,9 +25,15 @@ from db.repository import (
     get_or_create_series,
     get_or_create_study,
 )
-from db.session import current_revision, head_revision, make_engine, make_session_factory, session_scope, upgrade
-from db.status import LesionStatus
-from lesiontrack.cli import app
+from lesiontrack.db.session import (
+    current_revision,
+    head_revision,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    upgrade,
+)
+from lesiontrack.db.status import LesionStatus
 from tests.conftest import require_tool
 
 TABLES = {
@@ -126,7 +133,7 @@ def test_sqlite_downgrade_and_upgrade_again(sqlite_url):
     upgrade(sqlite_url)
     from alembic import command
 
-    from db.session import _alembic_config
+    from lesiontrack.db.session import _alembic_config
 
     command.downgrade(_alembic_config(sqlite_url), "base")
     assert not TABLES & set(inspect(make_engine(sqlite_url)).get_table_names())

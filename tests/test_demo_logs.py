@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import load_settings
+from lesiontrack.config.settings import load_settings
 from tests.services import LESIONTRACK
 
 pytestmark = pytest.mark.slow

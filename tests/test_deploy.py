@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from config.settings import ENV_PREFIX, Settings, load_settings
 from lesiontrack.cli import app
+from lesiontrack.config.settings import ENV_PREFIX, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "deploy" / "compose.yaml"

@@ -65,7 +65,7 @@ def test_serve_process_receives_and_stops_cleanly(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert "listening" in out
     n = Node.__new__(Node)  # read the database the process wrote
-    from db.session import make_engine, make_session_factory
+    from lesiontrack.db.session import make_engine, make_session_factory
 
     n.engine = make_engine(f"sqlite:///{tmp_path / 'lt.sqlite3'}")
     n.sf = make_session_factory(n.engine)

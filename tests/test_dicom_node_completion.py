@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from config.settings import RoutingSettings
-from db.models import RoutingDecision, SeriesState
-from dicom_node.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
+from lesiontrack.config.settings import RoutingSettings
+from lesiontrack.db.models import RoutingDecision, SeriesState
+from lesiontrack.dicom_node.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
 from tests.test_dicom_node_scp import Node, ge_files, storescu
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.models import Instance
-from db.session import session_scope
-from dicom_node.integrity import check_instance_file
+from lesiontrack.db.models import Instance
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.integrity import check_instance_file
 from tests.conftest import require_tool
 from tests.fuzz_harness import FuzzReport, cstore_mutants, pdu_inputs, phi_in, run_cstores, run_pdus
 from tests.test_dicom_node_guard import echo
@@ -73,7 +73,7 @@ def test_bounded_fuzz_no_crash_no_hang_no_invalid_accepted(tmp_path: Path, caplo
         r for r in caplog.records if r.name.startswith("pynetdicom") and (r.exc_info or r.levelno >= logging.ERROR)
     ]
     assert noisy == []
-    ours = [r for r in caplog.records if r.name.startswith("dicom_node") and r.levelno >= logging.ERROR]
+    ours = [r for r in caplog.records if r.name.startswith("lesiontrack.dicom_node") and r.levelno >= logging.ERROR]
     assert ours == []
     # issue 32: nothing invalid stored, not even held for the check before analysis; no identifier in any log line
     assert report.outcomes["accepted_held_before_analysis"] == 0

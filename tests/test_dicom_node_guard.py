@@ -237,7 +237,11 @@ def test_malformed_pdu_noise_is_one_warning_per_connection(guarded: Node, caplog
         s.sendall(associate_rq(context_id=4))
         assert reply_type(s) == 0x03
     assert echo(guarded.port) == 0
-    guard = [r for r in caplog.records if r.name == "dicom_node.association_guard" and r.levelno == logging.WARNING]
+    guard = [
+        r
+        for r in caplog.records
+        if r.name == "lesiontrack.dicom_node.association_guard" and r.levelno == logging.WARNING
+    ]
     assert len(guard) == 2
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom") and r.exc_info]

@@ -22,10 +22,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 from sqlalchemy import select
 
-from db.models import Instance, OpenTransfer, SeriesState, TransferOutcome
-from db.session import session_scope
-from dicom_node.indexer import Indexer
-from dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
+from lesiontrack.db.models import Instance, OpenTransfer, SeriesState, TransferOutcome
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.indexer import Indexer
+from lesiontrack.dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
 from tests.conftest import REPO
 from tests.test_dicom_node_scp import Node, echoscu, ge_files
 
@@ -83,7 +83,7 @@ def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
 ) -> None:
     """The rows of a series' later instances are still in a receiver's journal when the series looks quiet in the
     database: completion first commits what was acknowledged, so the series completes once, whole."""
-    from dicom_node.journal import JournalTailer
+    from lesiontrack.dicom_node.journal import JournalTailer
 
     monkeypatch.setattr(JournalTailer, "_run", lambda self: None)  # only explicit drains read the journals
     files = ge_files()
@@ -242,8 +242,8 @@ _PAUSED_NODE = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from dicom_node.indexer import Indexer
-from dicom_node.journal import JournalTailer
+from lesiontrack.dicom_node.indexer import Indexer
+from lesiontrack.dicom_node.journal import JournalTailer
 Indexer.start = lambda self: None  # the indexer never commits: every Success is "before indexing"
 JournalTailer.drain = lambda self, *a, **k: 0  # nor are the receiver processes' journals read
 from tests.test_dicom_node_scp import Node
@@ -370,14 +370,14 @@ def test_a_receiver_whose_service_stopped_waiting_ends_quietly(tmp_path: Path) -
     import pickle
     import socket
 
-    from dicom_node.receivers import SharedSlots, _ChildJob
+    from lesiontrack.dicom_node.receivers import SharedSlots, _ChildJob
 
     n = Node(tmp_path, receiver_processes=2)
     listener = socket.create_server(("127.0.0.1", 0))
     slots = SharedSlots.create(tmp_path / "slots", 1)
     job = _ChildJob(n.settings, listener.fileno(), 0, 1, slots.path, logging.WARNING)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.receivers"],
+        [sys.executable, "-m", "lesiontrack.dicom_node.receivers"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

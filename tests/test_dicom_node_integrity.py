@@ -16,7 +16,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, generate_uid
 
-from db.models import RoutingDecision, SeriesState, TransferOutcome
+from lesiontrack.db.models import RoutingDecision, SeriesState, TransferOutcome
 from tests.test_dicom_node_completion import wait_until
 from tests.test_dicom_node_scp import Node, dataset_bytes, ge_files, j2k_series, pynetdicom_store, storescu
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from pydicom.uid import UID, generate_uid
 
-from config.logging import _OurHandler, printable, setup_logging
-from db.models import DeliveryState
-from db.session import make_engine, make_session_factory, upgrade
-from dicom_node.integrity import check_instance_file
-from dicom_node.sending import DeliveryService, deliver_files
+from lesiontrack.config.logging import _OurHandler, printable, setup_logging
+from lesiontrack.db.models import DeliveryState
+from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+from lesiontrack.dicom_node.integrity import check_instance_file
+from lesiontrack.dicom_node.sending import DeliveryService, deliver_files
 from tests.services import free_port
 from tests.test_dicom_node_guard import associate_rq, connect, reply_type
 from tests.test_dicom_node_scp import Node
@@ -113,7 +113,7 @@ def test_calling_ae_with_nul_bytes_is_logged_escaped(tmp_path: Path, our_logging
 def test_destination_outage_is_one_warning_per_attempt_and_error_only_for_the_dead_letter(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from config.settings import load_settings
+    from lesiontrack.config.settings import load_settings
 
     caplog.set_level(logging.DEBUG)
     for name in ("pynetdicom", "pydicom"):  # what `serve` keeps of them (setup_logging's library level)
@@ -135,7 +135,7 @@ def test_destination_outage_is_one_warning_per_attempt_and_error_only_for_the_de
     assert states == [DeliveryState.RETRY_WAIT, DeliveryState.RETRY_WAIT, DeliveryState.DEAD_LETTER]
     lib = [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.WARNING]
     assert lib == [], [r.getMessage() for r in lib]
-    ours = [r for r in caplog.records if r.name == "dicom_node.sending" and r.levelno >= logging.WARNING]
+    ours = [r for r in caplog.records if r.name == "lesiontrack.dicom_node.sending" and r.levelno >= logging.WARNING]
     assert [r.levelno for r in ours] == [logging.WARNING, logging.WARNING, logging.ERROR]
     assert all("attempt" in r.getMessage() for r in ours)
 
@@ -145,7 +145,7 @@ def test_noise_filter_reports_each_new_association_thread_even_when_its_ident_is
     that the OS gives a finished thread's ident is a new association and is reported too."""
     import threading
 
-    from dicom_node.association_guard import PynetdicomNoiseFilter
+    from lesiontrack.dicom_node.association_guard import PynetdicomNoiseFilter
 
     f = PynetdicomNoiseFilter()
     kept: list[list[bool]] = []

@@ -18,10 +18,10 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, generate_uid
 from sqlalchemy import func, select
 
-from config.settings import Settings, load_settings
-from db.models import AuditEvent, Instance, Series, SeriesState
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from dicom_node.scp import StorageSCP
+from lesiontrack.config.settings import Settings, load_settings
+from lesiontrack.db.models import AuditEvent, Instance, Series, SeriesState
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.dicom_node.scp import StorageSCP
 from tests.conftest import require_shared_data, require_tool
 
 GE = ("interop", "ct_gantry_tilt_ge")
@@ -362,7 +362,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
             return real_open("/dev/full", os.O_WRONLY)
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr("dicom_node.storage.os.open", open_full)
+    monkeypatch.setattr("lesiontrack.dicom_node.storage.os.open", open_full)
     assert _assert_disk_full_handled(mnt, tmp_path / "db") == [0xA700] * 4
 
 

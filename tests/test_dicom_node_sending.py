@@ -6,10 +6,10 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from config.settings import PacsPeer, Settings, load_settings
-from db.models import Delivery, DeliveryState
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from dicom_node.sending import DeliveryService
+from lesiontrack.config.settings import PacsPeer, Settings, load_settings
+from lesiontrack.db.models import Delivery, DeliveryState
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.dicom_node.sending import DeliveryService
 
 
 class Clock:

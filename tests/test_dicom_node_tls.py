@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ConfigError, Settings, load_settings
-from dicom_node.scu import DimseError, echo, store_files
-from dicom_node.sending import DeliveryError, deliver_files
+from lesiontrack.config.settings import ConfigError, Settings, load_settings
+from lesiontrack.dicom_node.scu import DimseError, echo, store_files
+from lesiontrack.dicom_node.sending import DeliveryError, deliver_files
 from tests.conftest import require_tool, unavailable
 from tests.services import free_port, wait_for_port
 from tests.test_dicom_node_scp import (

@@ -17,10 +17,10 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from db.models import JobState
-from db.session import make_engine, make_session_factory
-from pipeline.contract import JobResults, job_results
-from pipeline.jobs import JobStore
+from lesiontrack.db.models import JobState
+from lesiontrack.db.session import make_engine, make_session_factory
+from lesiontrack.pipeline.contract import JobResults, job_results
+from lesiontrack.pipeline.jobs import JobStore
 from tests.segsr_fixtures import content_items
 
 ENGINES = {"registration": "none", "working_spacing_mm": 3.0}

@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import AuditEvent, Delivery, DeliveryState, JobState, LesionObservation
-from db.session import session_scope
-from pipeline.contract import job_results
+from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState, LesionObservation
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import job_results
 from tests.conftest import require_tool
 from tests.services import OrthancServer, free_port, wait_for
 
@@ -146,7 +146,7 @@ def _sr_uids(sr: pydicom.Dataset) -> set[str]:
 
 def _validate(tmp: Path, ds: pydicom.Dataset) -> Path:
     """dciodvfy (SEG and SR) and dsrdump (SR); the slow pixelmed SR validation runs once per test on all SRs."""
-    from pipeline.dicom_validate import run_dciodvfy, run_dsrdump
+    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_dsrdump
 
     path = tmp / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -208,7 +208,7 @@ def test_e2e_orthanc_c_move_two_followups(tmp_path: Path, patient: Any) -> None:
     site = Site(tmp_path, "C-MOVE")
     try:
         srs = _run_chain(site, patient, tmp_path, followups=2)
-        from pipeline.dicom_validate import run_sr_validator
+        from lesiontrack.pipeline.dicom_validate import run_sr_validator
 
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()

@@ -13,9 +13,9 @@ import highdicom as hd
 import pytest
 from pydicom.sr.codedict import codes
 
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline import exports
-from pipeline.history import build_timeline
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline import exports
+from lesiontrack.pipeline.history import build_timeline
 from tests.test_api_data import synthetic_patient
 
 

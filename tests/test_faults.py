@@ -22,10 +22,10 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from config.settings import PacsPeer, Settings, load_settings
-from db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
-from db.session import make_engine, make_session_factory, session_scope
-from pipeline.contract import job_results
+from lesiontrack.config.settings import PacsPeer, Settings, load_settings
+from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope
+from lesiontrack.pipeline.contract import job_results
 from tests.conftest import REPO
 from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 
@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]]:
-    from models.imaging.dicom_write import write_ct_series
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.volume import Volume
 
     rng = np.random.default_rng(seed)
     vol = Volume(rng.integers(-1000, 400, (n, 24, 24)).astype(np.int16), spacing=(1.5, 1.5, 2.5))
@@ -108,7 +108,7 @@ retry_backoff_seconds = [0.5]
                 self.proc.wait(10)
 
     def send(self, files: list[Path]) -> None:
-        from dicom_node.scu import store_files
+        from lesiontrack.dicom_node.scu import store_files
 
         peer = PacsPeer(name="lt", ae_title=self.settings.dicom.ae_title, host="127.0.0.1", port=self.port)
         outcomes = store_files(self.settings, peer, files)
@@ -119,7 +119,7 @@ retry_backoff_seconds = [0.5]
 
 
 def _job_of(sf, series_uid: str) -> Any:
-    from pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs import JobStore
 
     return JobStore(sf).latest_for_series(series_uid)
 
@@ -138,7 +138,7 @@ def _runs(sf, job_id: int, step: str) -> int:
 
 
 def _jobs(sf, series_uid: str) -> list[Any]:
-    from db.models import AnalysisJob
+    from lesiontrack.db.models import AnalysisJob
 
     with session_scope(sf) as s:
         return list(s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid)).all())

@@ -65,15 +65,23 @@ def test_dockerfile_installs_the_wheel_and_its_context_holds_every_package():
 
 
 def _packaged_folders(project: dict) -> list[str]:
-    """Top-level source folders the wheel packages (setuptools package-dir or packages.find include)."""
-    setuptools = project["tool"]["setuptools"]
-    if "package-dir" in setuptools:
-        return sorted({d.split("/")[0] for d in setuptools["package-dir"].values() if d})
-    return sorted(p.rstrip("*") for p in setuptools["packages"]["find"]["include"])
+    """Top-level source folders the wheel packages: lesiontrack and the layer folders linked into it."""
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["lesiontrack", "lesiontrack.*"]
+    return ["lesiontrack", *sorted(LAYERS)]
+
+
+# the layers, each a folder of the repository linked into the package as lesiontrack/<layer>
+LAYERS = ("config", "db", "models", "pipeline", "dicom_node", "web", "synthetic")
+
+
+def test_only_lesiontrack_at_the_top_and_layers_linked_into_it():
+    for layer in LAYERS:
+        link = REPO / "lesiontrack" / layer
+        assert link.is_symlink() and link.resolve() == (REPO / layer).resolve(), f"lesiontrack/{layer} -> ../{layer}"
 
 
 def test_logging_masks_patient_identifiers(capsys):
-    from config.logging import setup_logging
+    from lesiontrack.config.logging import setup_logging
 
     setup_logging("INFO", json_format=True)
     logging.getLogger("lesiontrack.test").info("received PatientName=DOE^JOHN PatientID=12345 series 1.2.3")
@@ -103,6 +111,8 @@ def test_imports_flow_one_way():
     violations = []
     for pkg, allowed in ALLOWED_IMPORTS.items():
         for path in (REPO / pkg).rglob("*.py"):
+            if not path.resolve().is_relative_to((REPO / pkg).resolve()):
+                continue  # lesiontrack/<layer> links: checked as <layer>
             tree = ast.parse(path.read_text(), str(path))
             for node in ast.walk(tree):
                 names = []
@@ -111,7 +121,13 @@ def test_imports_flow_one_way():
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     names = [node.module]
                 for name in names:
-                    top = name.split(".")[0]
-                    if top in ALLOWED_IMPORTS and top != pkg and top not in allowed:
+                    parts = name.split(".")
+                    if parts[0] in ALLOWED_IMPORTS and parts[0] != "lesiontrack":
+                        violations.append(f"{path.relative_to(REPO)} imports {name}: import lesiontrack.{name}")
+                        continue
+                    if parts[0] != "lesiontrack":
+                        continue
+                    top = parts[1] if len(parts) > 1 and parts[1] in ALLOWED_IMPORTS else "lesiontrack"
+                    if top != pkg and top not in allowed:
                         violations.append(f"{path.relative_to(REPO)} imports {name}")
     assert not violations, "\n".join(violations)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from config.settings import Settings
-from db.session import make_engine, make_session_factory, upgrade
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.session import make_engine, make_session_factory, upgrade
 
 READ = "read-key-0123456789"
 OPERATOR = "operator-key-9876543210"
@@ -26,7 +26,7 @@ HUGE = "9223372036854775808"  # 2**63: one past the largest 64-bit integer
 def _app(tmp: Path, **http: object):
     from fastapi.testclient import TestClient
 
-    from web import create_app
+    from lesiontrack.web import create_app
 
     url = f"sqlite:///{tmp / 'lt.sqlite3'}"
     upgrade(url)
@@ -116,7 +116,7 @@ def test_config_show_masks_a_password_only_url(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_locked_database_is_detected_with_a_clear_error(tmp_path: Path) -> None:
-    from dicom_node.database import DatabaseNotWritable, check_writable
+    from lesiontrack.dicom_node.database import DatabaseNotWritable, check_writable
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -212,7 +212,7 @@ def two_timepoints(tmp_path_factory: pytest.TempPathFactory) -> list:
 def _baseline_with_seg(tmp: Path, tps: list) -> tuple[Path, Path]:
     import shutil
 
-    from pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.pipeline.seg_writer import save_new, write_seg
 
     base = tmp / "baseline"
     shutil.copytree(tps[0].files[0].parent, base)
@@ -277,7 +277,7 @@ def test_track_folder_without_ct_names_the_folder(tmp_path: Path, two_timepoints
 
 
 def _nifti(path: Path, shape: tuple[int, int, int]) -> Path:
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.volume import Volume
 
     Volume(np.zeros(shape, np.int16), origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0)).write(str(path))
     return path
@@ -325,7 +325,7 @@ def test_synth_corrupt_source_names_the_file(tmp_path: Path) -> None:
 
 
 def test_synth_label_map_of_another_shape_names_the_file(tmp_path: Path) -> None:
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.volume import Volume
 
     src = _nifti(tmp_path / "src.nii.gz", (8, 16, 16))
     arr = np.zeros((8, 12, 12), np.uint8)

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from models.imaging.dicom_read import SeriesError, group_series, read_series
+from lesiontrack.models.imaging.dicom_read import SeriesError, group_series, read_series
 from tests.conftest import require_shared_data
 
 INTEROP = ("interop",)

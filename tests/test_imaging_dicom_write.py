@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from models.imaging.dicom_read import read_series
-from models.imaging.dicom_write import write_ct_series
-from models.imaging.volume import Volume
-from synthetic.transforms import rotation_matrix
+from lesiontrack.models.imaging.dicom_read import read_series
+from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.transforms import rotation_matrix
 from tests.conftest import require_tool
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.imaging.metrics import LesionResult, centre_distance, dice, evaluate_lesion, nsd, tracking_metrics, tre
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.metrics import (
+    LesionResult,
+    centre_distance,
+    dice,
+    evaluate_lesion,
+    nsd,
+    tracking_metrics,
+    tre,
+)
+from lesiontrack.models.imaging.volume import Volume
 
 
 def test_dice_hand_computed() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from synthetic.phantom import ORGANS, make_phantom
+from lesiontrack.synthetic.phantom import ORGANS, make_phantom
 
 SMALL = dict(shape=(40, 72, 80), spacing=(4.0, 4.0, 4.0))
 

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
-from synthetic.phantom import make_phantom
-from synthetic.synthesis import load_truth
+from lesiontrack.synthetic.phantom import make_phantom
+from lesiontrack.synthetic.synthesis import load_truth
 from tests.conftest import require_shared_data
 
 

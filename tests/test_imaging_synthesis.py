@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.imaging.dicom_read import read_series
-from models.imaging.volume import Volume
-from synthetic.lesion_change import GrowthParams, grow_lesion
-from synthetic.phantom import make_phantom
-from synthetic.synthesis import SynthConfig, lesion_table, load_truth, synthesize_patient, write_patient
+from lesiontrack.models.imaging.dicom_read import read_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.lesion_change import GrowthParams, grow_lesion
+from lesiontrack.synthetic.phantom import make_phantom
+from lesiontrack.synthetic.synthesis import SynthConfig, lesion_table, load_truth, synthesize_patient, write_patient
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_growth_and_shrinkage_change_volume() -> None:
 
 
 def test_vanished_lesion_becomes_the_dominant_surrounding_tissue() -> None:
-    from synthetic.lesion_change import remove_lesion
+    from lesiontrack.synthetic.lesion_change import remove_lesion
 
     kk, jj, ii = np.indices((30, 40, 40))
     img = np.full((30, 40, 40), -100, np.int16)  # fat ...

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from synthetic.transforms import SpatialTransform, _grid_points, apply_transform, random_patient_motion, rotation_matrix
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.transforms import (
+    SpatialTransform,
+    _grid_points,
+    apply_transform,
+    random_patient_motion,
+    rotation_matrix,
+)
 
 
 def _ref() -> Volume:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from synthetic.transforms import rotation_matrix
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.transforms import rotation_matrix
 
 
 def _vol() -> Volume:

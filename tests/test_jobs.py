@@ -15,11 +15,19 @@ import pytest
 from pydantic import Field
 from sqlalchemy import select, update
 
-from db.models import AnalysisJob, AuditEvent, JobState
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline.analysis import RUNTIME_KEY, AnalysisService, JobContext, RetryPolicy, RuntimeHints, Step, StepOutput
-from pipeline.executors.inprocess import InProcessExecutor
-from pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
+from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline.analysis import (
+    RUNTIME_KEY,
+    AnalysisService,
+    JobContext,
+    RetryPolicy,
+    RuntimeHints,
+    Step,
+    StepOutput,
+)
+from lesiontrack.pipeline.executors.inprocess import InProcessExecutor
+from lesiontrack.pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
 from tests.services import wait_for
 
 

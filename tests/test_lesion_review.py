@@ -21,10 +21,10 @@ import pytest
 from scipy import ndimage as ndi
 from sqlalchemy import select
 
-from db.models import JobState, LesionObservation, Patient
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline.confidence import ConfidenceRules, assess_lesion, review_text
-from pipeline.contract import job_results
+from lesiontrack.db.models import JobState, LesionObservation, Patient
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline.confidence import ConfidenceRules, assess_lesion, review_text
+from lesiontrack.pipeline.contract import job_results
 from tests.conftest import require_tool
 
 API_KEY = {"X-API-Key": "demo"}
@@ -33,7 +33,7 @@ ERASED = 2  # phantom label of the lesion erased from the follow-up
 
 def _erase_lesion(files: list[Path], seed: int, shape: tuple[int, int, int], spacing: tuple[float, ...]) -> None:
     """In-paint lesion ERASED in the follow-up's DICOM slices with the tissue around it (same grid: no motion)."""
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=3)
     slices = {}
@@ -62,15 +62,15 @@ def _erase_lesion(files: list[Path], seed: int, shape: tuple[int, int, int], spa
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
-    from dicom_node.ingest import Ingestor, ingest_file
-    from dicom_node.scp import storage_root
-    from dicom_node.storage import InstanceStore
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
-    from pipeline.jobs import JobStore
-    from pipeline.steps import build_pipeline
-    from web import JobStoreControl, create_app
+    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("review")
     settings = demo_settings(
@@ -122,7 +122,7 @@ def test_the_erased_lesion_is_flagged_and_the_stable_ones_are_not(site: dict[str
 
 
 def test_job_summary_says_how_many_need_review(site: dict[str, Any]) -> None:
-    from pipeline.job_summary import job_summary
+    from lesiontrack.pipeline.job_summary import job_summary
 
     job = site["job"]
     line = job_summary(job.id, job.followup_series_uid, "done", job.step_outputs, {})
@@ -173,7 +173,7 @@ def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -
 
 
 def test_seg_and_sr_with_review_flags_validate(site: dict[str, Any]) -> None:
-    from pipeline.dicom_validate import run_dciodvfy, run_sr_validator
+    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_sr_validator
 
     require_tool("java")
     written = job_results(site["job"].step_outputs).written
@@ -219,8 +219,8 @@ def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -
 def test_confidence_scores_a_leak_and_a_clean_result() -> None:
     """Unit check of pipeline.confidence on a synthetic sphere: the clean result scores high, a result that leaked
     into an abutting structure far beyond the prompt scores low with a reason, and the review text reads right."""
-    from models.imaging.volume import Volume
-    from models.registration.identity import IdentityRegistration
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.models.registration.identity import IdentityRegistration
 
     rng = np.random.default_rng(0)
     k, j, i = np.meshgrid(np.arange(48), np.arange(48), np.arange(48), indexing="ij")
@@ -244,8 +244,8 @@ def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
     """A low-contrast lesion (-25 HU in liver-like tissue, noise sd 13 HU) annotated exactly stands out on its CT
     (the former absolute +10 HU allowance gave it 0.70, as low as a rough annotation); a rough sphere drawn off
     centre over it does not."""
-    from models.imaging.volume import Volume
-    from pipeline.confidence import margin
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.pipeline.confidence import margin
 
     rng = np.random.default_rng(1)
     k, j, i = np.meshgrid(np.arange(48), np.arange(48), np.arange(48), indexing="ij")
@@ -262,7 +262,7 @@ def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() 
     """Evidence-level checks of pipeline.confidence.combine: a x2.8 change between neighbours 8 weeks apart is a
     plausible real change, x5 is not, x5 over 16 weeks is; a jump is charged to the result that departs further from
     the annotation's volume; a clear result overrules a poor annotation margin; a second concern lowers the score."""
-    from pipeline.confidence import combine
+    from lesiontrack.pipeline.confidence import combine
 
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
 
@@ -287,7 +287,7 @@ def test_every_recorded_reason_flags_the_lesion() -> None:
     """Issue 29 item 5: a reason of doubt is recorded exactly when it flags the lesion. A mild local Jacobian
     (0.57..1.47, score about 0.86) is not a reason of doubt: it stays a signal with its value, no reason is recorded
     and the lesion is not flagged; a result with a reason always says "flagged"."""
-    from pipeline.confidence import combine
+    from lesiontrack.pipeline.confidence import combine
 
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
     mild = combine({**base, "jac_lo": 0.57, "jac_hi": 1.47})
@@ -311,7 +311,7 @@ def test_a_change_that_contradicts_itself_or_the_registration_is_flagged() -> No
     """Issue 29 item 5: volume and RECIST diameter changing in opposite directions, or a volume change the
     registration's Jacobian does not explain (it stretched the lesion's region by +30 %, the result says -11.5 %),
     flag the lesion and say why; measurement noise, a coherent change and a rigid registration do not."""
-    from pipeline.confidence import combine
+    from lesiontrack.pipeline.confidence import combine
 
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
 
@@ -334,8 +334,8 @@ def test_a_change_that_contradicts_itself_or_the_registration_is_flagged() -> No
 def test_registration_volume_ratio_reads_the_jacobian_of_the_mapping() -> None:
     """The registration's implied volume change of a region: 1 / mean Jacobian determinant of the follow-up →
     source mapping (a uniform 10 % stretch along each axis: x1.331)."""
-    from models.imaging.volume import Volume
-    from pipeline.confidence import registration_volume_ratio
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.pipeline.confidence import registration_volume_ratio
 
     class Stretch:
         def map_points_to_baseline(self, pts: np.ndarray) -> np.ndarray:
@@ -354,7 +354,7 @@ def test_a_result_short_of_the_registrations_own_change_is_flagged_end_to_end() 
     lesion's region by x1.30 (it followed a growing lesion), the result is under-segmented (x0.90 against the
     annotation): flagged, with the reason naming the registration's Jacobian; the same registration with a result
     that follows the growth is not flagged."""
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.volume import Volume
 
     scale, centre = 1.09, np.array([20.0, 20.0, 20.0])
 

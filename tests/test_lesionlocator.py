@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.segmentation.base import get_engine
-from models.segmentation.lesionlocator import CheckpointError, LesionLocatorEngine
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.lesions import LesionStatus, Timepoint
-from pipeline.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.segmentation.lesionlocator import CheckpointError, LesionLocatorEngine
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
 from tests.test_tracking_phantom import LESIONS, series
 
 ARCH = {
@@ -40,7 +40,7 @@ ARCH = {
 
 def write_tiny_model(folder: Path, configuration: str, folds=(0, 1), prefix: str = "", seed: int = 0) -> None:
     """plans.json + dataset.json + fold_N/checkpoint_final.pth exactly as nnU-Net v2 / LesionLocator lay them out."""
-    from models.segmentation.lesionlocator import _build_network
+    from lesiontrack.models.segmentation.lesionlocator import _build_network
 
     folder.mkdir(parents=True, exist_ok=True)
     plans = {

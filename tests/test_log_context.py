@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from config.logging import current_log_context, log_context, setup_logging
-from db.session import make_engine, make_session_factory, upgrade
-from models.imaging.dicom_write import write_ct_series
-from models.imaging.volume import Volume
-from pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
-from pipeline.jobs import JobStore
+from lesiontrack.config.logging import current_log_context, log_context, setup_logging
+from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
+from lesiontrack.pipeline.jobs import JobStore
 from tests.test_dicom_node_scp import Node, pynetdicom_store
 
 log = logging.getLogger("lesiontrack.test.context")
@@ -73,7 +73,9 @@ def test_lines_inside_a_job_carry_job_series_and_step(json_lines: JsonLines, sql
     for name in ("register", "track"):
         line = mine[f"working in {name}"]
         assert (line["job"], line["step"], line["series_uid"]) == (job_id, name, "1.2.826.0.1.3680043.10.99.1")
-    summary = [x for x in lines if x["logger"] == "pipeline.analysis" and x["msg"].startswith(f"job {job_id} done")]
+    summary = [
+        x for x in lines if x["logger"] == "lesiontrack.pipeline.analysis" and x["msg"].startswith(f"job {job_id} done")
+    ]
     assert summary and summary[0]["job"] == job_id, "the runner's own end-of-job line carries the job too"
     assert summary[0]["series_uid"] == "1.2.826.0.1.3680043.10.99.1"
     assert not {"job", "step", "series_uid"} & set(mine["after the job"])  # the context ends with the job
@@ -100,6 +102,8 @@ def test_lines_inside_an_association_carry_the_peer(json_lines: JsonLines, tmp_p
         node.scp.stop()
         node.engine.dispose()
     # per-instance lines are at DEBUG; the association's INFO summary is logged inside the association
-    summary = [x for x in json_lines.read() if x["logger"] == "dicom_node.scp" and "association from" in x["msg"]]
+    summary = [
+        x for x in json_lines.read() if x["logger"] == "lesiontrack.dicom_node.scp" and "association from" in x["msg"]
+    ]
     assert len(summary) == 1 and "2 instances stored" in summary[0]["msg"], summary
     assert summary[0]["peer"].startswith("PYSCU@127.0.0.1"), summary

@@ -19,10 +19,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin, Patient
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline.contract import job_results
-from pipeline.sr_reader import read_sr
+from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin, Patient
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.sr_reader import read_sr
 from tests.conftest import require_tool
 from tests.segsr_fixtures import content_items
 
@@ -33,15 +33,15 @@ API_KEY = {"X-API-Key": "demo"}
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
-    from dicom_node.ingest import Ingestor, ingest_file
-    from dicom_node.scp import storage_root
-    from dicom_node.storage import InstanceStore
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
-    from pipeline.jobs import JobStore
-    from pipeline.steps import build_pipeline
-    from web import JobStoreControl, create_app
+    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("newlesions")
     settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
@@ -144,7 +144,7 @@ def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: d
 
 
 def test_seg_and_sr_with_candidates_validate(site: dict[str, Any]) -> None:
-    from pipeline.dicom_validate import run_dciodvfy, run_sr_validator
+    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_sr_validator
 
     require_tool("java")
     written = job_results(site["first_job"].step_outputs).written
@@ -215,8 +215,8 @@ def test_confirming_a_candidate_tracks_it_and_issues_a_new_sr_with_progression(s
 def test_a_read_key_cannot_decide(site: dict[str, Any], tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from config.settings import load_settings
-    from web import create_app
+    from lesiontrack.config.settings import load_settings
+    from lesiontrack.web import create_app
 
     settings = load_settings(
         None, data_dir=tmp_path, http={"api_keys": [{"name": "viewer", "key": "viewer-key", "role": "read"}]}

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from models.detection import DetectionOptions, NewLesionCandidate, detect_new_lesions
-from models.imaging.volume import Volume
-from synthetic.lesion_change import GrowthParams, grow_lesion, insert_lesion
-from synthetic.phantom import ORGANS, Phantom, make_phantom
-from synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
+from lesiontrack.models.detection import DetectionOptions, NewLesionCandidate, detect_new_lesions
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.lesion_change import GrowthParams, grow_lesion, insert_lesion
+from lesiontrack.synthetic.phantom import ORGANS, Phantom, make_phantom
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 # (organ of the site, radius mm, lesion HU or offset from the site's HU, expected tissue label)
 NEW = [
@@ -135,7 +135,7 @@ def test_options_and_bad_input(phantom: Phantom) -> None:
 def test_search_is_not_trusted_when_the_registration_left_motion(phantom: Phantom) -> None:
     """Without registration (the prior as it was, the patient moved), subtraction shows the motion, not lesions:
     the search reports itself untrusted instead of a flood of candidates; registered well, it is trusted."""
-    from models.detection import search_new_lesions
+    from lesiontrack.models.detection import search_new_lesions
 
     tr = _motion(phantom, 7)
     followup = _noisy(apply_transform(phantom.ct, tr, phantom.ct), 2)
@@ -175,7 +175,7 @@ def test_bowel_that_moved_and_gas_elsewhere_is_not_a_new_lesion(phantom: Phantom
 
 def test_a_pattern_found_in_the_prior_nearby_is_misregistration() -> None:
     """The misfit test: a blob that moved by 6 mm is explained by the prior; a new one is not."""
-    from models.detection.misfit import core_ratio
+    from lesiontrack.models.detection.misfit import core_ratio
 
     sp = np.array([1.5, 1.5, 1.5])
     zz, yy, xx = np.mgrid[0:40, 0:40, 0:40] * 1.5

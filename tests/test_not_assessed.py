@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from db.status import LesionStatus
-from models.imaging.volume import Volume
-from pipeline.measurements import LesionMeasurement
-from pipeline.seg_reader import read_seg_prompts_and_gaps
-from pipeline.seg_writer import save_new, write_seg
-from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.pipeline.measurements import LesionMeasurement
+from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
+from lesiontrack.pipeline.seg_writer import save_new, write_seg
+from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 from tests.segsr_fixtures import content_items, make_series
 
 
@@ -24,7 +24,7 @@ def _cropped(ct: Volume, k_end: int) -> Volume:
 
 
 def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_path: Path) -> None:
-    from pipeline.dicom_validate import run_dciodvfy, run_dsrdump
+    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_dsrdump
 
     base, fu = make_series(tmp_path, n_timepoints=2)
     seg_path = save_new(write_seg(base.datasets, base.lesions).dataset, tmp_path / "seg")
@@ -39,7 +39,7 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
     assert "not assessed" in gaps[0].reason and "no voxel on the prior CT" in gaps[0].reason
 
     # the follow-up's report: the tracked lesions as measured, the gap as "not evaluated", flagged, with its reason
-    from pipeline.measurements import measure_lesion
+    from lesiontrack.pipeline.measurements import measure_lesion
 
     present = [les for les in fu.lesions if les.identity.tracking_uid != victim and les.mask.array.any()]
     seg = write_seg(fu.datasets, present)

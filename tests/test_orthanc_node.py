@@ -14,11 +14,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from config.settings import PacsPeer, RetrieveMethod, SendMethod
-from db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision
-from db.session import session_scope
-from dicom_node.priors import PriorFinder, annotation_references
-from dicom_node.sending import DeliveryService
+from lesiontrack.config.settings import PacsPeer, RetrieveMethod, SendMethod
+from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision
+from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.priors import PriorFinder, annotation_references
+from lesiontrack.dicom_node.sending import DeliveryService
 from tests.conftest import require_shared_data
 from tests.services import OrthancServer
 from tests.test_dicom_node_completion import wait_until

@@ -38,7 +38,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 REPO = Path(__file__).resolve().parents[1]
 # What `pip install` of the wheel puts at the top of site-packages (besides its .dist-info)
-EXPECTED_TOP_LEVEL = {"config", "db", "dicom_node", "lesiontrack", "models", "pipeline", "synthetic", "web"}
+EXPECTED_TOP_LEVEL = {"lesiontrack"}
+LAYERS = ("config", "db", "dicom_node", "models", "pipeline", "synthetic", "web")
+MODULES = ["lesiontrack", *(f"lesiontrack.{layer}" for layer in LAYERS)]
 
 
 def _docker_context(dest: Path) -> Path:
@@ -137,6 +139,10 @@ def test_wheel_top_level_names(installed: Installed) -> None:
     names = zipfile.ZipFile(installed.wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == EXPECTED_TOP_LEVEL, sorted(top)
+    # every package of the tree is in the wheel, under lesiontrack/
+    for layer in LAYERS:
+        for init in (REPO / layer).rglob("__init__.py"):
+            assert f"lesiontrack/{init.relative_to(REPO).as_posix()}" in names, init
     # package data the service needs at run time travels in the wheel
     tree = {p.name for p in (REPO / "db" / "migrations" / "versions").glob("*.py")}
     assert tree and tree <= {Path(n).name for n in names if "migrations/versions/" in n}, "Alembic revisions"
@@ -147,7 +153,7 @@ def test_wheel_top_level_names(installed: Installed) -> None:
 def test_modules_come_from_the_wheel_not_the_tree(installed: Installed) -> None:
     code = (
         "import importlib, json, sys; "
-        f"print(json.dumps({{m: importlib.import_module(m).__file__ for m in {sorted(EXPECTED_TOP_LEVEL)!r}}}))"
+        f"print(json.dumps({{m: importlib.import_module(m).__file__ for m in {MODULES!r}}}))"
     )
     out = subprocess.run(
         [str(installed.python), "-c", code],
@@ -265,9 +271,9 @@ def test_one_job_from_c_store_to_seg_and_sr(served: Served, tmp_path: Path) -> N
     """A baseline CT with its SEG, then a follow-up, sent with dcmtk's storescu: the served package analyses the
     follow-up and writes a SEG and an SR carrying its version."""
     require_tool("storescu")
-    from db.session import make_engine, make_session_factory
+    from lesiontrack.db.session import make_engine, make_session_factory
     from lesiontrack.demo_data import make_patient
-    from pipeline.jobs import JobStore, JobView
+    from lesiontrack.pipeline.jobs import JobStore, JobView
 
     patient = make_patient(tmp_path, shape=(40, 96, 96), spacing=(3.0, 3.0, 3.0), n_lesions=2, n_followups=1)
     wait_for(lambda: requests.get(f"http://127.0.0.1:{served.http_port}/health", timeout=10).ok, timeout=180)
@@ -329,7 +335,7 @@ def test_demo(installed: Installed) -> None:
 _WALK_SETTINGS = """
 import sys
 from pydantic import BaseModel
-from config.settings import ENV_PREFIX, Settings
+from lesiontrack.config.settings import ENV_PREFIX, Settings
 for name in sys.argv[1:]:
     model = Settings
     parts = name.removeprefix(ENV_PREFIX).lower().split("__")

@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from db.models import JobState
+from lesiontrack.db.models import JobState
 from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 from tests.test_e2e_orthanc import _sr_uids
 from tests.test_pacs_orthanc import guide_json, guide_lua, guide_toml
@@ -45,8 +45,8 @@ def recist_sr(patient: Any, dest: Path) -> Path:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from models.imaging.dicom_read import read_series
-    from pipeline.seg_reader import read_seg
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.pipeline.seg_reader import read_seg
 
     ct = read_series(patient.baseline.files)
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
@@ -183,8 +183,8 @@ class GuideSite:
         )
         wait_for_port(self.dicom_port, timeout=120)
         wait_for_port(self.http_port, timeout=120)
-        from config.settings import load_settings
-        from db.session import make_engine, make_session_factory
+        from lesiontrack.config.settings import load_settings
+        from lesiontrack.db.session import make_engine, make_session_factory
 
         settings = load_settings(self.config)
         self.engine = make_engine(settings.effective_database_url)
@@ -211,7 +211,7 @@ class GuideSite:
             self.orthanc.upload(f)
 
     def jobs(self, series_uid: str) -> list[Any]:
-        from pipeline.jobs import JobStore
+        from lesiontrack.pipeline.jobs import JobStore
 
         return [v for v in JobStore(self.sf).list() if v.followup_series_uid == series_uid]
 
@@ -243,7 +243,7 @@ def _check_follow_up(site: GuideSite, fu: Any, base_uids: set[str], prior_series
     job = jobs[0]
     assert job.state is JobState.DONE, job.error
     assert job.attempts == 1, f"analysed only at attempt {job.attempts}"
-    from pipeline.contract import job_results
+    from lesiontrack.pipeline.contract import job_results
 
     match = job_results(job.step_outputs).match
     assert match is not None and match.prior.ct_series_uid == prior_series
@@ -290,7 +290,7 @@ def test_the_orthanc_guide_as_written_two_patients_three_follow_ups(tmp_path: Pa
             "baseline SEG patient": _run_patient(site, chest, chest.seg_file, tmp_path),
             "baseline SR lines patient": _run_patient(site, abdomen, lines, tmp_path),
         }
-        from pipeline.contract import job_results
+        from lesiontrack.pipeline.contract import job_results
 
         sr_job = site.jobs(abdomen.followups[0].series_uid)[0]
         match = job_results(sr_job.step_outputs).match

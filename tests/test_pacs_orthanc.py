@@ -18,9 +18,9 @@ import pytest
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
-from config.settings import ApiKey
-from db.models import JobState
-from pipeline.contract import job_results
+from lesiontrack.config.settings import ApiKey
+from lesiontrack.db.models import JobState
+from lesiontrack.pipeline.contract import job_results
 from tests.services import OrthancServer, free_port, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -137,7 +137,7 @@ class Site:
         self.service = LesionTrackService(self.settings).start()
 
     def _peer(self) -> list[Any]:
-        from config.settings import PacsPeer
+        from lesiontrack.config.settings import PacsPeer
 
         return [
             PacsPeer(

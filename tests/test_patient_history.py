@@ -14,22 +14,22 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from db.models import JobState, Lesion, Patient, Series
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline.contract import job_results
+from lesiontrack.db.models import JobState, Lesion, Patient, Series
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline.contract import job_results
 
 API_KEY = {"X-API-Key": "demo"}
 
 
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from dicom_node.ingest import Ingestor, ingest_file
-    from dicom_node.scp import storage_root
-    from dicom_node.storage import InstanceStore
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
-    from pipeline.steps import build_pipeline
 
     tmp = tmp_path_factory.mktemp("history")
     settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
@@ -61,7 +61,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _sr_report(path: str) -> dict[str, Any]:
     """Targets (by Tracking UID) and the responses the SR states."""
-    from pipeline.sr_reader import read_sr
+    from lesiontrack.pipeline.sr_reader import read_sr
 
     sr = read_sr(path)
     roles = {}
@@ -79,7 +79,7 @@ def _meaning(item: Any) -> str | None:
 def test_thick_slices_sr_api_and_dashboard_agree(analysed: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
-    from web import create_app
+    from lesiontrack.web import create_app
 
     sf, views = analysed["sf"], analysed["views"]
     with session_scope(sf) as s:
@@ -116,9 +116,9 @@ def test_thick_slices_sr_api_and_dashboard_agree(analysed: dict[str, Any]) -> No
 
 
 def test_targets_are_chosen_once_at_baseline_with_its_slice_thickness(analysed: dict[str, Any]) -> None:
-    from pipeline import recist
-    from pipeline.history import build_timeline
-    from pipeline.recist import RecistRules
+    from lesiontrack.pipeline import recist
+    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.pipeline.recist import RecistRules
 
     sf = analysed["sf"]
     with session_scope(sf) as s:

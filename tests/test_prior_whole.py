@@ -13,9 +13,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import AuditEvent, Delivery, JobState
-from db.session import session_scope
-from pipeline.contract import RetrievePriorsOutput, job_results, read_output
+from lesiontrack.db.models import AuditEvent, Delivery, JobState
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import RetrievePriorsOutput, job_results, read_output
 from tests.services import wait_for
 from tests.test_e2e_orthanc import Site, _sr_uids
 

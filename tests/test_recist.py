@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.recist import (
+from lesiontrack.pipeline.recist import (
     NewLesionSearch,
     NewLesionState,
     RecistAssessment,
@@ -19,7 +19,7 @@ from pipeline.recist import (
     diameter_of,
     select_targets,
 )
-from pipeline.recist import assess as assess_with
+from lesiontrack.pipeline.recist import assess as assess_with
 
 
 def assess(timepoints: Sequence[Sequence[RecistLesion]], **kw: Any) -> RecistAssessment:
@@ -73,7 +73,7 @@ def test_selection_thick_slices_and_configurable_rules() -> None:
 
 def test_rules_come_from_the_recist_settings_section(tmp_path) -> None:
     """The rules are the [recist] settings section; the defaults agree; a protocol change takes effect."""
-    from config.settings import RecistSettings, load_settings
+    from lesiontrack.config.settings import RecistSettings, load_settings
 
     assert RecistRules.from_settings(RecistSettings()) == RecistRules()
     cfg = tmp_path / "lt.toml"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from config.settings import EngineSettings
-from models.imaging.volume import Volume
-from models.registration import DisplacementFieldRegistration, Registration, get_engine
-from synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion, rotation_matrix
+from lesiontrack.config.settings import EngineSettings
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration import DisplacementFieldRegistration, Registration, get_engine
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion, rotation_matrix
 from tests.conftest import require_shared_data
 
 SPACING = 4.0
@@ -199,7 +199,7 @@ def test_rigid_motion_recovered_on_real_lung_ct():
 
 @pytest.mark.slow
 def test_phantom_smooth_deformation_and_determinism():
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     ph = make_phantom(seed=3, shape=(64, 80, 96), spacing=(4.0, 4.0, 4.0), n_lesions=2)
     base = ph.ct

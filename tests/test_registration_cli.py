@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from models.imaging.volume import Volume
-from synthetic.transforms import apply_transform, random_patient_motion
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
 from tests.conftest import require_shared_data
 
 
@@ -94,9 +94,9 @@ def test_register_cli_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_unigradicon_never_downloads_and_explains_missing_parts(tmp_path):
-    from config.settings import EngineSettings
-    from models.registration import EngineUnavailable, get_engine
-    from models.registration.unigradicon_engine import load_state_dict
+    from lesiontrack.config.settings import EngineSettings
+    from lesiontrack.models.registration import EngineUnavailable, get_engine
+    from lesiontrack.models.registration.unigradicon_engine import load_state_dict
 
     with pytest.raises(EngineUnavailable, match="never downloaded"):
         get_engine("unigradicon", EngineSettings())
@@ -117,9 +117,9 @@ def test_unigradicon_loads_random_weights_and_registers(tmp_path):
     a local folder) load through the configured engine and register a small pair end to end on CPU."""
     import unigradicon  # installed by the Makefile (--no-deps); a missing package fails here, never skips
 
-    from config.settings import EngineSettings
-    from models.registration import Registration, get_engine
-    from models.registration.unigradicon_engine import INPUT_SHAPE
+    from lesiontrack.config.settings import EngineSettings
+    from lesiontrack.models.registration import Registration, get_engine
+    from lesiontrack.models.registration.unigradicon_engine import INPUT_SHAPE
 
     torch.manual_seed(0)
     net = unigradicon.make_network(INPUT_SHAPE, include_last_step=True)

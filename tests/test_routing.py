@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from config.settings import RoutingSettings
-from db.models import RoutingDecision
-from dicom_node.routing import OPERATOR_OVERRIDE_REASON, PRIOR_RETRIEVAL_REASON, SeriesFacts, SkipCode, decide
+from lesiontrack.config.settings import RoutingSettings
+from lesiontrack.db.models import RoutingDecision
+from lesiontrack.dicom_node.routing import (
+    OPERATOR_OVERRIDE_REASON,
+    PRIOR_RETRIEVAL_REASON,
+    SeriesFacts,
+    SkipCode,
+    decide,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from config.settings import load_settings
-from db.models import AuditEvent, JobState
-from db.session import make_engine, make_session_factory, session_scope
-from pipeline.jobs import JobStore
+from lesiontrack.config.settings import load_settings
+from lesiontrack.db.models import AuditEvent, JobState
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope
+from lesiontrack.pipeline.jobs import JobStore
 from tests.conftest import REPO, require_tool
 from tests.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
 
@@ -95,7 +95,7 @@ def _runs(sf) -> Counter[tuple[str, str]]:
 
 
 def test_two_workers_run_each_job_exactly_once(stack) -> None:
-    from pipeline.executors.celery_app import CeleryExecutor
+    from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
 
     settings, sf, worker, tmp = stack
     store = JobStore(sf)
@@ -122,7 +122,7 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
     workers = {store.get(j).worker.split(":")[1] for j in jobs}
     assert workers == {str(w1.pid), str(w2.pid)}, "both workers took jobs"
     # results equal an embedded (in-process) run of the same pipeline on the same series
-    from pipeline.analysis import AnalysisService
+    from lesiontrack.pipeline.analysis import AnalysisService
     from tests.job_pipelines import counting
 
     scale = {p.name: json.loads(p.read_text()) for p in (Path(settings.data_dir) / "results").glob("*.json")}
@@ -137,8 +137,8 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
 
 
 def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
-    from pipeline.executors.celery_app import CeleryExecutor
-    from pipeline.jobs import JobStore
+    from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
+    from lesiontrack.pipeline.jobs import JobStore
 
     settings, sf, worker, _tmp = stack
     data = Path(settings.data_dir)
@@ -163,7 +163,7 @@ def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
 
 
 def _observations(sf) -> dict[tuple[str, str], tuple[str, float | None, float | None]]:
-    from db.models import Lesion, LesionObservation
+    from lesiontrack.db.models import Lesion, LesionObservation
 
     with session_scope(sf) as s:
         rows = s.execute(
@@ -176,12 +176,12 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     """The real analysis steps in two Celery workers (jobs published by `lesiontrack serve`) give exactly the
     lesions and measurements of an embedded run on the same DICOM input; each job runs once. Registration engine
     'none' keeps this test fast: what is compared is the job machinery around the same analysis code."""
-    from config.settings import PacsPeer
-    from dicom_node.scu import store_files
+    from lesiontrack.config.settings import PacsPeer
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.scu import store_files
+    from lesiontrack.pipeline.jobs import JobStore
     from lesiontrack.service import LesionTrackService
-    from pipeline.jobs import JobStore
     from tests.services import free_port, wait_for_port
 
     settings, sf, worker, tmp = stack
@@ -212,7 +212,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     try:
         wait_for_port(port, timeout=60)
         for _ in range(2):
-            worker("pipeline.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
+            worker("lesiontrack.pipeline.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=port)
         sequence = [[*patient.baseline.files, patient.seg_file]] + [fu.files for fu in patient.followups]
         uids = [patient.baseline.series_uid] + [fu.series_uid for fu in patient.followups]

@@ -15,17 +15,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.imaging.volume import Volume
-from models.segmentation.prompts import LesionIdentity, PromptKind
-from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
-from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.measurements import LesionMeasurement, lesion_changes, measure_tracked
-from pipeline.prompt_sources import find_annotations
-from pipeline.recist import NewLesionSearch, RecistAssessment, RecistLesion, Response, assess
-from pipeline.seg_reader import read_seg, read_seg_prompts
-from pipeline.seg_writer import SegWriteError, save_new, write_seg
-from pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
-from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity, PromptKind
+from lesiontrack.pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.measurements import LesionMeasurement, lesion_changes, measure_tracked
+from lesiontrack.pipeline.prompt_sources import find_annotations
+from lesiontrack.pipeline.recist import NewLesionSearch, RecistAssessment, RecistLesion, Response, assess
+from lesiontrack.pipeline.seg_reader import read_seg, read_seg_prompts
+from lesiontrack.pipeline.seg_writer import SegWriteError, save_new, write_seg
+from lesiontrack.pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
+from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 from tests.conftest import require_shared_data, require_tool
 from tests.segsr_fixtures import SyntheticTimepoint, make_series
 
@@ -389,7 +389,7 @@ def test_real_ct_seg_validates_and_round_trips(tmp_path: Path) -> None:
         h = copy.deepcopy(h)
         h.StudyInstanceUID, h.SeriesInstanceUID = study, series
         fixed.append(h)
-    from pipeline.seg_writer import sort_source_slices
+    from lesiontrack.pipeline.seg_writer import sort_source_slices
 
     _, grid = sort_source_slices(fixed)
     k, j, i = np.indices(grid.shape)

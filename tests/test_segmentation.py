@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.imaging.volume import Volume
-from models.segmentation.adaptive import AdaptiveEngine
-from models.segmentation.base import SegReference, available_engines, get_engine
-from models.segmentation.components import keep_nearest_component, mask_centre_mm
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.adaptive import AdaptiveEngine
+from lesiontrack.models.segmentation.base import SegReference, available_engines, get_engine
+from lesiontrack.models.segmentation.components import keep_nearest_component, mask_centre_mm
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
 from tests.test_tracking_phantom import LESIONS, grid, render
 
 IDENT = LesionIdentity("2.25.5", "L1", 1)
@@ -117,7 +117,7 @@ def test_offset_fit_follows_uniform_growth_not_an_attached_vessel() -> None:
     """The fitted outline is the prompt grown by the lesion's growth; a same-evidence tube touching it adds nothing."""
     from scipy import ndimage as ndi
 
-    from models.segmentation.adaptive import AdaptiveConfig, _fit_offset, _signed_distance
+    from lesiontrack.models.segmentation.adaptive import AdaptiveConfig, _fit_offset, _signed_distance
 
     sp = np.array([1.0, 1.0, 1.0])
     k, j, i = np.meshgrid(*(np.arange(48),) * 3, indexing="ij")
@@ -267,7 +267,7 @@ def test_growing_part_solid_nodule_in_lung_with_vessels_is_followed() -> None:
     glass fell to the kernel ratio, which reads it as lung: growth reported x1.28 for x1.53 (set B's and set E's
     growing part-solid nodules reported shrinking). The noise is the narrower of the lesion's and ring's spreads."""
     from bench import tracking as bench
-    from synthetic.phantom import make_phantom
+    from lesiontrack.synthetic.phantom import make_phantom
 
     ph = make_phantom(seed=4)
     labels = ph.lesions.with_array(ph.lesions.array.astype(np.uint8))
@@ -313,7 +313,7 @@ def test_necrotic_rim_enhancing_lesion_keeps_its_rim(r_after: float) -> None:
 def test_half_way_background_is_the_ring_s_most_frequent_tissue() -> None:
     """Around a juxtapleural nodule the ring is lung and chest wall: its median lies between the two tissues, and a
     half-way level against it cut the nodule's lung-side edge. The background level is the dominant tissue's."""
-    from models.segmentation.adaptive import _dominant_level
+    from lesiontrack.models.segmentation.adaptive import _dominant_level
 
     rng = np.random.default_rng(0)
     ring = np.concatenate([rng.normal(-850.0, 25.0, 520), rng.normal(40.0, 25.0, 480)])

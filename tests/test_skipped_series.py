@@ -13,12 +13,12 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from config.settings import RoutingSettings, Settings
-from db.models import AnalysisJob, RoutingDecision, Series, SeriesState
-from db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from dicom_node.completion import complete_series
-from dicom_node.skipped import reevaluate
+from lesiontrack.config.settings import RoutingSettings, Settings
+from lesiontrack.db.models import AnalysisJob, RoutingDecision, Series, SeriesState
+from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.dicom_node.completion import complete_series
+from lesiontrack.dicom_node.skipped import reevaluate
 
 READ, OPERATOR = "read-key-0123456789", "operator-key-9876543210"
 
@@ -41,9 +41,9 @@ def add_series(sf: Any, description: str, body_part: str = "CHEST", n: int = 40,
 def env(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
     from fastapi.testclient import TestClient
 
+    from lesiontrack.pipeline.jobs import JobStore
     from lesiontrack.service import JobControl
-    from pipeline.jobs import JobStore
-    from web import create_app
+    from lesiontrack.web import create_app
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)

@@ -9,11 +9,11 @@ from typing import Any
 from pydantic import Field
 from sqlalchemy import select
 
-from config.settings import PacsPeer, Settings, load_settings
-from db.models import AuditEvent, Delivery, DeliveryState, JobState
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from dicom_node.sending import DeliveryError, DeliveryService, deliver_files
-from pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
+from lesiontrack.config.settings import PacsPeer, Settings, load_settings
+from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.dicom_node.sending import DeliveryError, DeliveryService, deliver_files
+from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
 from tests.test_dicom_node_scp import Node, ge_files
 
 

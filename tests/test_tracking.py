@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.segmentation.base import get_engine
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.lesions import LesionStatus, Timepoint
-from pipeline.tracking import NoRegistrationEngine, ProgressEvent, label_map, track_lesions, tracking_summary
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.tracking import (
+    NoRegistrationEngine,
+    ProgressEvent,
+    label_map,
+    track_lesions,
+    tracking_summary,
+)
 from tests.test_tracking_phantom import LESIONS, PhantomTimepoint, series
 
 
@@ -147,7 +153,7 @@ def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
 
 
 def test_boosting_reprompts_at_the_first_result_centre() -> None:
-    from pipeline.tracking import TrackingOptions
+    from lesiontrack.pipeline.tracking import TrackingOptions
 
     ph = series(seed=6, shifts_mm=((0, 0, 0), (5, -4, 3)))  # 7 mm motion, no registration: the prompt is off
     tps = _timepoints(ph)

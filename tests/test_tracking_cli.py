@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from models.imaging.dicom_write import write_ct_series
-from models.imaging.volume import Volume
-from models.segmentation.prompts import PromptKind
-from pipeline.prompt_sources import PromptSourceError, load_prompts_json
+from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import PromptKind
+from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json
 from tests.test_tracking_phantom import LESIONS, series
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from synthetic.transforms import SpatialTransform
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.synthetic.transforms import SpatialTransform
 
 
 @dataclass

@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.imaging.volume import Volume
-from models.segmentation.base import SegReference, get_engine
-from models.segmentation.prompts import Prompt
-from pipeline.lesions import LesionStatus
-from pipeline.prompt_selection import (
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegReference, get_engine
+from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.pipeline.lesions import LesionStatus
+from lesiontrack.pipeline.prompt_selection import (
     AnnotationCandidate,
     AnnotationOrigin,
     NoPersonAnnotation,
     choose_prompt_source,
     nearest_source_index,
 )
-from pipeline.tracking import (
+from lesiontrack.pipeline.tracking import (
     NoRegistrationEngine,
     RegistrationCache,
     TrackingOptions,
@@ -194,7 +194,7 @@ class _OracleShift:
         self.by_id = {id(tp.ct): np.array(s, float) for tp, s in zip(phantom, shifts, strict=True)}
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
-        from pipeline.tracking import IdentityRegistration
+        from lesiontrack.pipeline.tracking import IdentityRegistration
 
         d = self.by_id[id(followup)] - self.by_id[id(baseline)]  # follow-up point + d = baseline point
         reg = IdentityRegistration(baseline, followup)
@@ -295,8 +295,8 @@ def test_selection_refuses_to_propagate_from_our_results_alone() -> None:
 
 def test_our_seg_is_told_apart_from_a_persons_seg(tmp_path: Path) -> None:
     """Manufacturer LesionTrack + SEMIAUTOMATIC = ours; a MANUAL SEG (drawn by a person) is the person's."""
-    from pipeline.prompt_selection import is_our_object
-    from pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.pipeline.prompt_selection import is_our_object
+    from lesiontrack.pipeline.seg_writer import save_new, write_seg
     from tests.segsr_fixtures import make_series
 
     tp = make_series(tmp_path, n_timepoints=1)[0]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from bench import tracking as bench
-from models.imaging.volume import Volume
-from models.segmentation.base import get_engine
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from pipeline.lesions import LesionStatus, Timepoint
-from pipeline.tracking import NoRegistrationEngine, track_lesions
-from synthetic.transforms import SpatialTransform, apply_transform
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform
 from tests.conftest import require_shared_data
 
 pytestmark = pytest.mark.realdata

@@ -21,9 +21,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import AuditEvent, Lesion, LesionObservation, TimepointVerification, VerificationState
-from db.session import session_scope
-from pipeline.contract import job_results
+from lesiontrack.db.models import AuditEvent, Lesion, LesionObservation, TimepointVerification, VerificationState
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import job_results
 from tests.correction_fixtures import READER, write_correction
 from tests.services import wait_for
 from tests.test_e2e_orthanc import Site, _get_bytes, _validate
@@ -125,7 +125,7 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
             assert corr.deleted_uid not in tracked and corr.added_uid in tracked and corr.edited_uid in tracked
             _validate(tmp_path, new_seg)
             srs.append(_validate(tmp_path, new_sr))
-        from pipeline.dicom_validate import run_sr_validator
+        from lesiontrack.pipeline.dicom_validate import run_sr_validator
 
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()

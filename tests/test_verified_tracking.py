@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import (
+from lesiontrack.db.models import (
     AuditEvent,
     JobState,
     Lesion,
@@ -27,9 +27,9 @@ from db.models import (
     TimepointVerification,
     VerificationState,
 )
-from db.session import make_engine, make_session_factory, session_scope, upgrade
-from pipeline.contract import job_results
-from pipeline.sr_reader import read_sr
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.sr_reader import read_sr
 from tests.correction_fixtures import READER, write_correction
 
 API_KEY = {"X-API-Key": "demo"}
@@ -37,7 +37,7 @@ API_KEY = {"X-API-Key": "demo"}
 
 def _run_queued(service: Any, sf: Any) -> list[int]:
     """Run every queued job (oldest first) until none is left; returns their ids."""
-    from db.models import AnalysisJob
+    from lesiontrack.db.models import AnalysisJob
 
     ran: list[int] = []
     while True:
@@ -52,13 +52,13 @@ def _run_queued(service: Any, sf: Any) -> list[int]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from dicom_node.ingest import Ingestor, ingest_file
-    from dicom_node.scp import storage_root
-    from dicom_node.storage import InstanceStore
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
-    from pipeline.steps import build_pipeline
 
     tmp = tmp_path_factory.mktemp("verified")
     settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
@@ -94,7 +94,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     corr = write_correction(fu1_written.seg, patient.followups[0].files, tmp / "correction", add_centre_mm=added_at)
     assert ingest_file(ingestor, corr.path).ok
     ingestor.close()
-    from pipeline.verification import take_in_series
+    from lesiontrack.pipeline.verification import take_in_series
 
     adoption_jobs = take_in_series(sf, settings.verification, corr.series_uid)
     ran = _run_queued(service, sf)
@@ -214,7 +214,7 @@ def test_reports_say_who_verified_and_what_is_derived(site: dict[str, Any]) -> N
 
 
 def test_same_correction_twice_does_nothing(site: dict[str, Any]) -> None:
-    from pipeline.verification import take_in_series
+    from lesiontrack.pipeline.verification import take_in_series
 
     again = take_in_series(site["sf"], site["settings"].verification, site["correction"].series_uid)
     assert again == []
@@ -226,8 +226,8 @@ def test_same_correction_twice_does_nothing(site: dict[str, Any]) -> None:
 def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.jobs import JobStore
-    from web import JobStoreControl, create_app
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.web import JobStoreControl, create_app
 
     corr, (fu1, _fu2) = site["correction"], site["patient"].followups
     client = TestClient(
@@ -261,9 +261,9 @@ def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> N
 
 def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) -> None:
     """A viewer that drops our Tracking UIDs: segments are matched by Tracking ID, label, then overlap."""
-    from models.imaging.dicom_read import read_series
-    from pipeline.adoption import _read_prompts, _segments
-    from pipeline.correction_matching import match_correction
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.pipeline.adoption import _read_prompts, _segments
+    from lesiontrack.pipeline.correction_matching import match_correction
 
     fu1 = site["patient"].followups[0]
     old = job_results(site["first"][0].step_outputs).written
@@ -287,10 +287,10 @@ def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) ->
 def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> None:
     """Corrections from AEs not listed are refused (visibly); with reanalyse_later = operator nothing is queued
     until an operator asks."""
-    from dicom_node.ingest import Ingestor, ingest_file
-    from dicom_node.scp import storage_root
-    from dicom_node.storage import InstanceStore
-    from pipeline.verification import reanalyse_later, take_in_series
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.verification import reanalyse_later, take_in_series
 
     settings, sf = site["settings"], site["sf"]
     fu1 = site["patient"].followups[0]
@@ -303,7 +303,7 @@ def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> N
     ingestor.close()
     only_pacs = settings.verification.model_copy(update={"accept_from_aes": ["PACS"]})
     assert take_in_series(sf, only_pacs, corr.series_uid) == []
-    from db.models import Series
+    from lesiontrack.db.models import Series
 
     with session_scope(sf) as s:
         reason = s.scalar(select(Series.routing_reason).where(Series.series_instance_uid == corr.series_uid))
@@ -319,9 +319,9 @@ def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> N
 def test_verify_as_is_and_upload_need_the_node(site: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.jobs import JobStore
-    from pipeline.verification import verified_sop_uids
-    from web import JobStoreControl, create_app
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.verification import verified_sop_uids
+    from lesiontrack.web import JobStoreControl, create_app
 
     fu2 = site["patient"].followups[1]
     client = TestClient(
@@ -344,8 +344,8 @@ def test_verify_as_is_and_upload_need_the_node(site: dict[str, Any]) -> None:
 def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any]) -> None:
     """The service's upload path stores the file like a received instance and queues its adoption; bad bytes are
     refused with the reason."""
+    from lesiontrack.pipeline.jobs import JobStore
     from lesiontrack.service import JobControl
-    from pipeline.jobs import JobStore
 
     fu1 = site["patient"].followups[0]
     old = job_results(site["first"][0].step_outputs).written
@@ -431,9 +431,9 @@ def test_an_annotation_arriving_with_its_ct_is_not_a_correction(site: dict[str, 
     verification, no adoption job, whatever state that series' job is in."""
     import pydicom as _pydicom
 
-    from db.models import AnalysisJob
-    from pipeline.jobs import JobStore
-    from pipeline.verification import take_in_series
+    from lesiontrack.db.models import AnalysisJob
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.verification import take_in_series
 
     patient = site["patient"]
     job = JobStore(site["sf"]).create(patient.baseline.series_uid, reason="baseline routed with its SEG")

@@ -14,18 +14,18 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from typer.testing import CliRunner
 
-from config.settings import PacsPeer
-from config.version import (
+from lesiontrack.cli import app
+from lesiontrack.config.settings import PacsPeer
+from lesiontrack.config.version import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     VERSION,
     implementation_version_name,
 )
-from dicom_node import scu
-from lesiontrack.cli import app
-from pipeline.measurements import measure_tracked
-from pipeline.seg_writer import write_seg
-from pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from lesiontrack.dicom_node import scu
+from lesiontrack.pipeline.measurements import measure_tracked
+from lesiontrack.pipeline.seg_writer import write_seg
+from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 from tests.segsr_fixtures import make_series
 from tests.test_dicom_node_scp import Node, node  # noqa: F401  # the running SCP fixture
 

@@ -21,7 +21,7 @@ from typing import Any
 import pydicom
 import pytest
 
-from db.session import make_engine, make_session_factory, upgrade
+from lesiontrack.db.session import make_engine, make_session_factory, upgrade
 from tests.conftest import REPO, require_tool
 from tests.segsr_fixtures import content_items
 
@@ -45,10 +45,10 @@ def _require_browser_stack() -> None:
 
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     _require_browser_stack()
-    from pipeline.lesion_names import display_name
-    from pipeline.seg_writer import save_new
-    from pipeline.sr_writer import LesionReport, TimePoint
-    from pipeline.viewer_sr import viewer_lesions, write_viewer_sr
+    from lesiontrack.pipeline.lesion_names import display_name
+    from lesiontrack.pipeline.seg_writer import save_new
+    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
+    from lesiontrack.pipeline.viewer_sr import viewer_lesions, write_viewer_sr
     from tests.services import OrthancServer
     from tests.test_api_data import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
@@ -227,9 +227,9 @@ def _new_srs(orthanc: Any, study_uid: str, known: set[str], out: Path) -> list[P
 
 
 def _check_ohif_saved_sr(path: Path, fu: Any, tracked: list[Any], viewer_sr: pydicom.Dataset) -> None:
-    from pipeline.prompt_selection import is_our_object
-    from pipeline.sr_reader import read_sr, read_sr_prompts
-    from pipeline.verification import AnnotationHeader
+    from lesiontrack.pipeline.prompt_selection import is_our_object
+    from lesiontrack.pipeline.sr_reader import read_sr, read_sr_prompts
+    from lesiontrack.pipeline.verification import AnnotationHeader
 
     ds = pydicom.dcmread(path)
     assert str(ds.get("Manufacturer", "")) != "LesionTrack"

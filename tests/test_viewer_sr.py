@@ -17,19 +17,19 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from models.segmentation.rasterize import prompt_to_mask
-from pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
-from pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
-from pipeline.lesion_names import display_name
-from pipeline.lesions import LesionStatus
-from pipeline.measurements import LesionMeasurement, measure_tracked
-from pipeline.prompt_selection import is_our_object
-from pipeline.seg_reader import read_seg_prompts
-from pipeline.seg_writer import SegWriteResult, save_new, write_seg
-from pipeline.sr_reader import is_tool_tag, name_from_label, read_sr, read_sr_measurements, read_sr_prompts
-from pipeline.sr_writer import LesionReport, TimePoint
-from pipeline.verification import AnnotationHeader
-from pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
+from lesiontrack.pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from lesiontrack.pipeline.lesion_names import display_name
+from lesiontrack.pipeline.lesions import LesionStatus
+from lesiontrack.pipeline.measurements import LesionMeasurement, measure_tracked
+from lesiontrack.pipeline.prompt_selection import is_our_object
+from lesiontrack.pipeline.seg_reader import read_seg_prompts
+from lesiontrack.pipeline.seg_writer import SegWriteResult, save_new, write_seg
+from lesiontrack.pipeline.sr_reader import is_tool_tag, name_from_label, read_sr, read_sr_measurements, read_sr_prompts
+from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
+from lesiontrack.pipeline.verification import AnnotationHeader
+from lesiontrack.pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
 from tests.conftest import require_tool
 from tests.segsr_fixtures import SyntheticTimepoint, content_items, make_series
 
@@ -230,17 +230,17 @@ def test_no_viewer_sr_without_a_lesion_with_axes(viewer: Viewer) -> None:
 def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Viewer, tmp_path: Path) -> None:
     """OHIF's save dialog defaults to the series the measurements came from, so the radiologist's SR arrives in our
     series 903: completion hands it to verification, which records it as a correction; it is not counted as ours."""
-    from config.settings import RoutingSettings, VerificationSettings
-    from db.models import AnalysisJob, JobState, Series, TimepointVerification
-    from db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
-    from db.session import make_engine, make_session_factory, session_scope, upgrade
-    from dicom_node.completion import complete_series
-    from dicom_node.ingest import Ingestor, ingest_file
-    from dicom_node.storage import InstanceStore
-    from pipeline.contract import WriteSegSrOutput
-    from pipeline.prompt_selection import our_instance_uids
-    from pipeline.steps.persistence import record_our_objects
-    from pipeline.verification import take_in_series
+    from lesiontrack.config.settings import RoutingSettings, VerificationSettings
+    from lesiontrack.db.models import AnalysisJob, JobState, Series, TimepointVerification
+    from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
+    from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+    from lesiontrack.dicom_node.completion import complete_series
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.contract import WriteSegSrOutput
+    from lesiontrack.pipeline.prompt_selection import our_instance_uids
+    from lesiontrack.pipeline.steps.persistence import record_our_objects
+    from lesiontrack.pipeline.verification import take_in_series
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)

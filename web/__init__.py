@@ -1,6 +1,6 @@
 """HTTP side of ``lesiontrack serve``: JSON API, Prometheus metrics and the dashboard (see :func:`create_app`)."""
 
-from web.app import create_app
-from web.jobcontrol import JobControl, JobStoreControl
+from lesiontrack.web.app import create_app
+from lesiontrack.web.jobcontrol import JobControl, JobStoreControl
 
 __all__ = ["JobControl", "JobStoreControl", "create_app"]

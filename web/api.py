@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from lesiontrack.db.models import (
     AnalysisJob,
     AuditEvent,
     Instance,
@@ -25,15 +25,15 @@ from db.models import (
     SeriesState,
     Study,
 )
-from db.repository import audit
-from db.session import session_scope
-from pipeline import candidates, exports, verification
-from pipeline.history import PatientTimeline, build_timeline
-from pipeline.recist import RecistRules
-from web import schemas as sc
-from web.auth import Principal, require_operator, require_read
-from web.jobcontrol import CorrectionIntake, JobControl, SeriesControl
-from web.params import INT64_MAX, DbId
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline import candidates, exports, verification
+from lesiontrack.pipeline.history import PatientTimeline, build_timeline
+from lesiontrack.pipeline.recist import RecistRules
+from lesiontrack.web import schemas as sc
+from lesiontrack.web.auth import Principal, require_operator, require_read
+from lesiontrack.web.jobcontrol import CorrectionIntake, JobControl, SeriesControl
+from lesiontrack.web.params import INT64_MAX, DbId
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
-from web import api, dashboard, metrics
-from web.auth import KeyRing, require_read
-from web.images import ImageService
-from web.jobcontrol import JobControl
-from web.schemas import Health
+from lesiontrack.config.settings import Settings
+from lesiontrack.web import api, dashboard, metrics
+from lesiontrack.web.auth import KeyRing, require_read
+from lesiontrack.web.images import ImageService
+from lesiontrack.web.jobcontrol import JobControl
+from lesiontrack.web.schemas import Health
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ def create_app(
     def ready() -> Response:
         from alembic.runtime.migration import MigrationContext
 
-        from db.session import head_revision
+        from lesiontrack.db.session import head_revision
 
         try:
             with session_factory() as s:

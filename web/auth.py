@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 
-from config.settings import HttpSettings
+from lesiontrack.config.settings import HttpSettings
 
 ROLES = {"read": 0, "operator": 1}
 SESSION_COOKIE = "lt_session"

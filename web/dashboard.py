@@ -14,13 +14,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
-from db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Series, Study
-from db.repository import audit
-from db.session import session_scope
-from pipeline.history import build_timeline
-from pipeline.recist import RecistRules
-from web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
-from web.params import DbId
+from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Series, Study
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.history import build_timeline
+from lesiontrack.pipeline.recist import RecistRules
+from lesiontrack.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
+from lesiontrack.web.params import DbId
 
 
 def _recist_rules(request: Request) -> RecistRules:
@@ -172,7 +172,7 @@ async def _operator_form(request: Request, what: str, *, csrf: str | None = None
 @router.post("/jobs/{job_id}/retry")
 async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
     user = await _operator_form(request, "retry jobs")
-    from web.api import retry_job
+    from lesiontrack.web.api import retry_job
 
     result = retry_job(request, job_id, user)
     return RedirectResponse(f"/?msg={quote(result.detail)}", status_code=303)
@@ -181,7 +181,7 @@ async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
 @router.get("/series/skipped", response_class=HTMLResponse)
 def skipped_page(request: Request, msg: str | None = None) -> HTMLResponse:
     user = _user(request)
-    from web.api import list_series
+    from lesiontrack.web.api import list_series
 
     page = list_series(request, state="skipped", since=None, include_own=False, limit=500, offset=0)
     return _render(
@@ -198,7 +198,7 @@ def skipped_page(request: Request, msg: str | None = None) -> HTMLResponse:
 @router.post("/series/{series_uid}/analyse")
 async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
     user = await _operator_form(request, "start analyses")
-    from web.api import analyse_anyway
+    from lesiontrack.web.api import analyse_anyway
 
     result = analyse_anyway(request, series_uid, user)
     return RedirectResponse(f"/series/skipped?msg={quote(result.detail)}", status_code=303)
@@ -207,7 +207,7 @@ async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: DbId) -> HTMLResponse:
     user = _user(request)
-    from web.api import get_job
+    from lesiontrack.web.api import get_job
 
     job = get_job(request, job_id)
     return _render(request, "job.html", user, job=job, can_retry=user.allows("operator"))
@@ -285,7 +285,7 @@ async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: 
     if decision not in ("confirm", "reject"):
         raise HTTPException(status_code=404, detail=f"unknown decision {decision!r}")
     user = await _operator_form(request, "decide on candidates")
-    from web.api import decide_candidate
+    from lesiontrack.web.api import decide_candidate
 
     result = decide_candidate(request, candidate_id, decision == "confirm", user)
     return RedirectResponse(
@@ -297,7 +297,7 @@ async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: 
 async def verify_from_dashboard(request: Request, series_uid: str) -> Response:
     """ "Mark verified" on a timepoint of the timeline page (operator role): our result accepted as is."""
     user = await _operator_form(request, "verify timepoints")
-    from web.api import verify_series_as_is
+    from lesiontrack.web.api import verify_series_as_is
 
     result = verify_series_as_is(request, series_uid, user)
     return RedirectResponse(f"{_patient_url(request, series_uid)}?msg={quote(result.detail)}", status_code=303)
@@ -307,7 +307,7 @@ async def verify_from_dashboard(request: Request, series_uid: str) -> Response:
 async def upload_from_dashboard(request: Request) -> Response:
     """The timeline page's "Upload corrected SEG" (body: the file; the form token in the X-CSRF header)."""
     user = await _operator_form(request, "upload corrections", csrf=request.headers.get("x-csrf", ""))
-    from web.api import take_correction
+    from lesiontrack.web.api import take_correction
 
     result = take_correction(request, await request.body(), user)
     return JSONResponse(result.model_dump())

@@ -15,12 +15,12 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Lesion, LesionObservation, NewLesionCandidate
-from db.session import session_scope
-from db.status import LesionStatus
-from pipeline import thumbnails
-from pipeline.history import build_timeline
-from pipeline.object_kinds import has_mask, object_kinds
+from lesiontrack.db.models import Instance, Lesion, LesionObservation, NewLesionCandidate
+from lesiontrack.db.session import session_scope
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.pipeline import thumbnails
+from lesiontrack.pipeline.history import build_timeline
+from lesiontrack.pipeline.object_kinds import has_mask, object_kinds
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs import JobStore
 
 
 class JobControl(Protocol):

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import (
+from lesiontrack.db.models import (
     AnalysisJob,
     AuditEvent,
     CandidateState,
@@ -32,7 +32,7 @@ from db.models import (
     NewLesionCandidate,
     Series,
 )
-from db.session import session_scope
+from lesiontrack.db.session import session_scope
 
 
 class DatabaseCollector:

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from db import models as m
-from pipeline.candidates import CandidateView
-from pipeline.verification import VerificationView
+from lesiontrack.db import models as m
+from lesiontrack.pipeline.candidates import CandidateView
+from lesiontrack.pipeline.verification import VerificationView
 
 
 def _v(x: Any) -> Any:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from db.models import Base
-from db.session import make_engine
+from lesiontrack.db.models import Base
+from lesiontrack.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -21,8 +21,8 @@ def list_candidates(
     from rich.console import Console
     from rich.table import Table
 
-    from db.session import session_scope
-    from pipeline.history import build_timeline
+    from lesiontrack.db.session import session_scope
+    from lesiontrack.pipeline.history import build_timeline
 
     sf = state(ctx).database()
     with session_scope(sf) as s:
@@ -51,8 +51,8 @@ def list_candidates(
 
 
 def _decide(ctx: typer.Context, candidate_id: int, confirm: bool, reason: str) -> None:
-    from pipeline.candidates import CandidateDecisionError, CandidateNotFound, decide
-    from pipeline.jobs import JobStore
+    from lesiontrack.pipeline.candidates import CandidateDecisionError, CandidateNotFound, decide
+    from lesiontrack.pipeline.jobs import JobStore
 
     sf = state(ctx).database()
     try:

@@ -47,7 +47,7 @@ def demo(
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
-    logging.getLogger("web.app").setLevel(logging.ERROR)
+    logging.getLogger("lesiontrack.web.app").setLevel(logging.ERROR)
     try:
         dims = [int(v) for v in size.lower().split("x")]
     except ValueError:
@@ -107,7 +107,7 @@ def demo(
             )
             if view.error:
                 console.print(f"  [red]{view.error}[/red]")
-            from pipeline.contract import job_results
+            from lesiontrack.pipeline.contract import job_results
 
             match = job_results(view.step_outputs).match
             if match is not None and match.prompt_source is not None:
@@ -117,8 +117,8 @@ def demo(
         with service.session_factory() as s:
             from sqlalchemy import select
 
-            from db.models import Patient
-            from pipeline.contract import job_results
+            from lesiontrack.db.models import Patient
+            from lesiontrack.pipeline.contract import job_results
 
             patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
         if patient_pk is None:

@@ -22,10 +22,10 @@ def export(
     """Export one patient's lesions × timepoints (measurements, status, RECIST) for a read centre."""
     from sqlalchemy import select
 
-    from db.models import Patient
-    from db.session import make_engine, make_session_factory, session_scope
-    from pipeline import exports
-    from pipeline.history import build_timeline
+    from lesiontrack.db.models import Patient
+    from lesiontrack.db.session import make_engine, make_session_factory, session_scope
+    from lesiontrack.pipeline import exports
+    from lesiontrack.pipeline.history import build_timeline
 
     sf = make_session_factory(make_engine(state(ctx).settings().effective_database_url))
     with session_scope(sf) as s:

@@ -14,7 +14,7 @@ from lesiontrack.context import state
 if TYPE_CHECKING:
     import numpy as np
 
-    from models.imaging.volume import Volume
+    from lesiontrack.models.imaging.volume import Volume
 
 
 def _read_volume(path: Path, what: str) -> Volume:
@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         if (warp_labels is None) != (out_labels is None):
             raise typer.BadParameter("--warp-labels and --out-labels go together")
         settings = state(ctx).settings()
-        from models.registration import get_engine
-        from models.registration.base import EngineUnavailable
+        from lesiontrack.models.registration import get_engine
+        from lesiontrack.models.registration.base import EngineUnavailable
 
         try:
             base_vol = _read_volume(baseline, "--baseline")
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
             summary["labels_out"] = str(out_labels)
             summary["label_voxels"] = int(np.count_nonzero(warped.array))
         if save_field is not None:
-            from models.registration.field import DisplacementFieldRegistration
+            from lesiontrack.models.registration.field import DisplacementFieldRegistration
 
             if not isinstance(reg, DisplacementFieldRegistration):
                 raise typer.BadParameter(f"--save-field: engine {reg.engine} produces no displacement field")

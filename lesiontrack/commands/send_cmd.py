@@ -23,9 +23,9 @@ def send(
     """Send results to the PACS with retries; `send --retry JOB` re-attempts a job's failed deliveries now."""
     from sqlalchemy import select
 
-    from db.models import Delivery, DeliveryState
-    from db.session import session_scope
-    from dicom_node.sending import DeliveryService
+    from lesiontrack.db.models import Delivery, DeliveryState
+    from lesiontrack.db.session import session_scope
+    from lesiontrack.dicom_node.sending import DeliveryService
 
     settings = state(ctx).settings()
     sf = state(ctx).database()

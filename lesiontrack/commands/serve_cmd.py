@@ -12,14 +12,14 @@ def serve(
     port: int | None = typer.Option(None, help="override dicom.port"),
     upgrade_db: bool = typer.Option(False, "--upgrade-db", help="apply database migrations first"),
     pipeline: str = typer.Option(
-        "pipeline.steps:build_pipeline", hidden=True, help="MODULE:FACTORY of the analysis steps (tests)"
+        "lesiontrack.pipeline.steps:build_pipeline", hidden=True, help="MODULE:FACTORY of the analysis steps (tests)"
     ),
 ) -> None:
     """Receive DICOM from the PACS, analyse completed follow-ups (jobs), serve the HTTP API; SIGTERM stops cleanly."""
     # SCP + delivery loop + job executor + HTTP API in one process (lesiontrack.service).
-    from config.logging import setup_logging
-    from config.settings import ConfigError
-    from dicom_node.database import DatabaseUnavailable, SchemaNotCurrent
+    from lesiontrack.config.logging import setup_logging
+    from lesiontrack.config.settings import ConfigError
+    from lesiontrack.dicom_node.database import DatabaseUnavailable, SchemaNotCurrent
     from lesiontrack.service import LesionTrackService
 
     settings = state(ctx).settings()
@@ -48,13 +48,13 @@ def complete_series_cmd(
     series_uid: str = typer.Argument(..., help="SeriesInstanceUID"),
 ) -> None:
     """Force completion of a series now (skip the quiet period): routing is recorded, a job created if routed."""
-    from dicom_node.completion import complete_series
+    from lesiontrack.dicom_node.completion import complete_series
 
     settings = state(ctx).settings()
     sf = state(ctx).database()
     callback = None
     try:
-        from pipeline.jobs import JobStore
+        from lesiontrack.pipeline.jobs import JobStore
 
         store = JobStore(sf, actor="cli")
 

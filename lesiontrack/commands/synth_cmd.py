@@ -32,7 +32,7 @@ def synth(
     """Synthetic baseline + follow-up CTs with known lesion changes, motion and landmark truth."""
     import numpy as np
 
-    from synthetic.synthesis import synthesize_patient, write_patient
+    from lesiontrack.synthetic.synthesis import synthesize_patient, write_patient
 
     if (source is None) != (labels is None):
         raise typer.BadParameter("--source and --labels go together")
@@ -57,7 +57,7 @@ def synth(
     for n in range(patients):
         pseed = seed + n
         if src_ct is None:
-            from synthetic.phantom import make_phantom
+            from lesiontrack.synthetic.phantom import make_phantom
 
             ph = (
                 make_phantom(pseed)

@@ -81,8 +81,8 @@ def track(
     from rich.console import Console
 
     # imported here, not at the top: db.models (SQLAlchemy) adds ~0.9 s to every `lesiontrack` start (-X importtime)
-    from config.settings import ConfigError
-    from db.models import JobState
+    from lesiontrack.config.settings import ConfigError
+    from lesiontrack.db.models import JobState
     from lesiontrack.local_analysis import FolderError, analyse_folders
     from lesiontrack.service import check_engine_settings
     from lesiontrack.track_outputs import write_outputs
@@ -146,7 +146,7 @@ def _progress(console: Any, followups: int) -> Iterator[Callable[[str, str], Non
     """A Rich bar over the jobs' steps: ``on_progress(series_uid, step or outcome)``."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.contract import STEP_NAMES
+    from lesiontrack.pipeline.contract import STEP_NAMES
 
     with Progress(
         TextColumn("{task.description}"),
@@ -189,8 +189,8 @@ def _report(console: Any, run: Any) -> None:
 def _check_inputs(baseline: Path, followups: list[Path], prompts: Path | None) -> None:
     """Clear errors naming the folder or file before anything runs: every folder holds a readable CT series of at
     least 2 slices, and the baseline's lesions (its SEG/SR, or ``prompts``) can be read."""
-    from models.imaging.dicom_read import read_series
-    from pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
 
     cts = {d: _read_ct(d, read_series) for d in [baseline, *followups]}
     for d, ct in cts.items():
@@ -209,7 +209,7 @@ def _read_ct(folder: Path, read_series: Any) -> Any:
     """The CT series of ``folder`` (the one with most image files; SEG/SR and other objects are ignored)."""
     import pydicom
 
-    from models.imaging.dicom_read import group_series
+    from lesiontrack.models.imaging.dicom_read import group_series
 
     try:
         groups = group_series(folder)

@@ -9,7 +9,9 @@ from lesiontrack.context import state
 
 def worker(
     ctx: typer.Context,
-    pipeline: str = typer.Option("pipeline.steps:build_pipeline", help="MODULE:FACTORY returning (steps, services)"),
+    pipeline: str = typer.Option(
+        "lesiontrack.pipeline.steps:build_pipeline", help="MODULE:FACTORY returning (steps, services)"
+    ),
     sweep_seconds: float = typer.Option(10.0, help="how often to look for orphaned or due jobs"),
     loglevel: str = typer.Option("INFO", help="Celery worker log level"),
 ) -> None:
@@ -18,10 +20,10 @@ def worker(
 
     from celery import signals
 
-    from config.settings import ConfigError
-    from db.session import current_revision, head_revision, make_engine, make_session_factory
+    from lesiontrack.config.settings import ConfigError
+    from lesiontrack.db.session import current_revision, head_revision, make_engine, make_session_factory
+    from lesiontrack.pipeline.executors import celery_app
     from lesiontrack.service import build_analysis_service, check_engine_settings, load_pipeline
-    from pipeline.executors import celery_app
 
     settings = state(ctx).settings()
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.detection.new_lesions import (
+from lesiontrack.models.detection.new_lesions import (
     DetectionOptions,
     NewLesionCandidate,
     NewLesionSearch,

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.detection.anatomy import Anatomy, find_anatomy
-from models.detection.misfit import core_ratio, isolation
-from models.imaging.volume import Volume
+from lesiontrack.models.detection.anatomy import Anatomy, find_anatomy
+from lesiontrack.models.detection.misfit import core_ratio, isolation
+from lesiontrack.models.imaging.volume import Volume
 
 Array = np.ndarray
 

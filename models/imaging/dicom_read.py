@@ -33,7 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from models.imaging.volume import Volume
+from lesiontrack.config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from lesiontrack.models.imaging.volume import Volume
 
 
 def _ds_number(x: float) -> str:

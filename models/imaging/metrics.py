@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 Array = np.ndarray
 MATCH_MM = 25.0

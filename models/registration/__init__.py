@@ -15,9 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.settings import EngineSettings
-from models.registration.base import EngineUnavailable, Registration, RegistrationEngine, RegistrationQuality
-from models.registration.field import DisplacementFieldRegistration
+from lesiontrack.config.settings import EngineSettings
+from lesiontrack.models.registration.base import (
+    EngineUnavailable,
+    Registration,
+    RegistrationEngine,
+    RegistrationQuality,
+)
+from lesiontrack.models.registration.field import DisplacementFieldRegistration
 
 ENGINES = ("convex", "simpleitk", "unigradicon")  # the deformable ones; "none" too in models.engines.REGISTRATION
 
@@ -26,7 +31,7 @@ def get_engine(
     name: str | None = None, settings: EngineSettings | None = None, device: Any = "auto", seed: int = 0, **params: Any
 ) -> RegistrationEngine:
     """Build a registration engine by name (``None`` → ``settings.registration``) from :mod:`models.engines`."""
-    from models.engines import build_registration
+    from lesiontrack.models.engines import build_registration
 
     return build_registration(name, settings, device, seed, **params)
 

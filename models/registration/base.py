@@ -11,7 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 
 class EngineUnavailable(RuntimeError):

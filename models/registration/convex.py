@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.imaging.volume import Volume
-from models.registration.features import Adam, BoxSmoother, box3, identity_ijk, mind_ssc, sample
-from models.registration.field import DisplacementFieldRegistration
-from models.registration.stages import build_result, prepare
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.features import Adam, BoxSmoother, box3, identity_ijk, mind_ssc, sample
+from lesiontrack.models.registration.field import DisplacementFieldRegistration
+from lesiontrack.models.registration.stages import build_result, prepare
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from models.imaging.volume import Volume
-from models.registration.base import RegistrationQuality
-from models.registration.grids import affine_transform, placeholder_like
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import RegistrationQuality
+from lesiontrack.models.registration.grids import affine_transform, placeholder_like
 
 Array = np.ndarray
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 Array = np.ndarray
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from models.registration.base import Registration, RegistrationQuality
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import Registration, RegistrationQuality
 
 
 class IdentityRegistration:

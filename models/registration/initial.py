@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.imaging.volume import Volume
-from models.registration.features import Adam, sample
-from models.registration.grids import (
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.features import Adam, sample
+from lesiontrack.models.registration.grids import (
     body_mask,
     followup_index_map,
     fov_index,

@@ -9,10 +9,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from models.imaging.volume import Volume
-from models.registration.convex import compose_fixed_point_inverse
-from models.registration.field import DisplacementFieldRegistration
-from models.registration.stages import build_result, prepare
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.convex import compose_fixed_point_inverse
+from lesiontrack.models.registration.field import DisplacementFieldRegistration
+from lesiontrack.models.registration.stages import build_result, prepare
 
 
 def _image(array: np.ndarray, grid: Volume) -> sitk.Image:

@@ -17,11 +17,11 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from models.imaging.volume import Volume
-from models.registration.base import RegistrationQuality
-from models.registration.features import identity_ijk, sample
-from models.registration.field import DisplacementFieldRegistration, jacobian_stats
-from models.registration.grids import (
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import RegistrationQuality
+from lesiontrack.models.registration.features import identity_ijk, sample
+from lesiontrack.models.registration.field import DisplacementFieldRegistration, jacobian_stats
+from lesiontrack.models.registration.grids import (
     body_mask,
     followup_index_map,
     fov_index,
@@ -31,7 +31,7 @@ from models.registration.grids import (
     to_float_sitk,
     working_grid,
 )
-from models.registration.initial import robust_affine
+from lesiontrack.models.registration.initial import robust_affine
 
 log = logging.getLogger(__name__)
 

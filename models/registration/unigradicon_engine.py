@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.imaging.volume import Volume
-from models.registration.base import EngineUnavailable
-from models.registration.convex import compose_fixed_point_inverse, resolve_device
-from models.registration.field import DisplacementFieldRegistration
-from models.registration.stages import build_result, prepare
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import EngineUnavailable
+from lesiontrack.models.registration.convex import compose_fixed_point_inverse, resolve_device
+from lesiontrack.models.registration.field import DisplacementFieldRegistration
+from lesiontrack.models.registration.stages import build_result, prepare
 
 INPUT_SHAPE = [1, 1, 175, 175, 175]
 

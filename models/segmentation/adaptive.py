@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.imaging.volume import Volume
-from models.segmentation.base import SegReference
-from models.segmentation.components import keep_nearest_component, mask_centre_index
-from models.segmentation.prompts import Prompt, PromptKind
-from models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegReference
+from lesiontrack.models.segmentation.components import keep_nearest_component, mask_centre_index
+from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
 
 _BINS = np.arange(-1200.0, 3200.0, 2.0)
 

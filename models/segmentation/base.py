@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from models.imaging.volume import Volume
-from models.segmentation.prompts import Prompt
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import Prompt
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SegmentationEngine(Protocol):
 
 def available_engines() -> list[str]:
     """Names of the segmentation engines in the registry (:mod:`models.engines`)."""
-    from models.engines import engine_names
+    from lesiontrack.models.engines import engine_names
 
     return engine_names("segmentation")
 
@@ -49,6 +49,6 @@ def get_engine(
     name: str = "adaptive", *, weights: str | Path | None = None, device: str = "auto", **options: Any
 ) -> SegmentationEngine:
     """Build an engine by name: ``adaptive`` (default, no weights), ``lesionlocator`` (needs ``weights``)."""
-    from models.engines import build_segmentation
+    from lesiontrack.models.engines import build_segmentation
 
     return build_segmentation(name, device=device, weights=weights, **options)

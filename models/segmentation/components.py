@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.imaging.volume import Volume
+from lesiontrack.models.imaging.volume import Volume
 
 
 def mask_centre_index(mask: np.ndarray, spacing_kji: np.ndarray | None = None) -> np.ndarray | None:

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from models.imaging.volume import Volume
-from models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def lesion_from_drawing(
 ) -> tuple[Volume | None, list[str]]:
     """The 3-D lesion ``drawing`` marks on ``image`` (step 4: the seed refined by ``engine`` as a mask prompt), and
     notes saying how it was derived. None when the image gives no seed (the caller falls back and says so)."""
-    from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+    from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
     seed = seed_from_drawing(image, drawing, cfg)
     if seed is None or not seed.mask.array.any():

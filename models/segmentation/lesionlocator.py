@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from models.segmentation.base import SegReference
-from models.segmentation.prompts import Prompt, PromptKind
-from models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegReference
+from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
 
 log = logging.getLogger(__name__)
 

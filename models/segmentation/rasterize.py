@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from models.segmentation.prompts import Prompt, PromptKind
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 
 
 def prompt_to_mask(prompt: Prompt, grid: Volume, *, point_radius_mm: float = 5.0) -> Volume:

@@ -5,10 +5,10 @@ Used by the benchmark as the "warped mask only" baseline and as a safe fallback 
 
 from __future__ import annotations
 
-from models.imaging.volume import Volume
-from models.segmentation.base import SegReference
-from models.segmentation.prompts import Prompt
-from models.segmentation.rasterize import prompt_to_mask
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegReference
+from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.models.segmentation.rasterize import prompt_to_mask
 
 
 class WarpedPromptEngine:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.imaging.volume import Volume
-from models.segmentation.drawing import Drawing, DrawingKind
-from models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from models.imaging.volume import Volume
-from models.segmentation.drawing import Drawing, DrawingKind
-from pipeline.annotations.common import (
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.pipeline.annotations.common import (
     AnnotationWarning,
     ReadResult,
     circle_as_ellipse,
@@ -91,7 +91,7 @@ class _Lesion:
 
 def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None = None) -> ReadResult:
     """Lesion prompts (with their drawings) from a presentation state on ``ct``'s series, and the warnings."""
-    from pipeline.sr_reader import image_geometries
+    from lesiontrack.pipeline.sr_reader import image_geometries
 
     path = Path(path)
     ds = pydicom.dcmread(path)

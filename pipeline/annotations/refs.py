@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pydicom import Dataset
 
-from pipeline.annotations.gsps import GSPS_SOP_CLASSES
-from pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
+from lesiontrack.pipeline.annotations.gsps import GSPS_SOP_CLASSES
+from lesiontrack.pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
 
 #: Series modalities that may hold a prior's lesion annotations.
 PRIOR_ANNOTATION_MODALITIES = {"SEG", "SR", "PR", "RTSTRUCT"}
@@ -16,7 +16,7 @@ PRIOR_ANNOTATION_MODALITIES = {"SEG", "SR", "PR", "RTSTRUCT"}
 
 def prior_annotation_references(ds: Dataset) -> tuple[str | None, list[str]]:
     """('SEG'|'SR'|'PR'|'RTSTRUCT'|None, referenced series UIDs) of one annotation object header."""
-    from pipeline.verification import annotation_references
+    from lesiontrack.pipeline.verification import annotation_references
 
     kind, refs = annotation_references(ds)
     if kind is not None:

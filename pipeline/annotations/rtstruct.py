@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from models.imaging.volume import Volume
-from models.segmentation.drawing import Drawing, DrawingKind
-from models.segmentation.prompts import Prompt, PromptKind
-from pipeline.annotations.common import (
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
+from lesiontrack.pipeline.annotations.common import (
     AnnotationWarning,
     ReadResult,
     drawing_prompt,

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from models.segmentation.drawing import Drawing, DrawingKind
-from pipeline.annotations.common import circle_as_ellipse
+from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.pipeline.annotations.common import circle_as_ellipse
 
 LONG_AXIS = {("103339001", "SCT"), ("G-A185", "SRT")}
 SHORT_AXIS = {("103340004", "SCT"), ("G-A186", "SRT")}

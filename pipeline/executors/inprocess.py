@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from pipeline.analysis import AnalysisService
+from lesiontrack.pipeline.analysis import AnalysisService
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
-from pipeline.analysis import Step
-from pipeline.contract import (
+from lesiontrack.config.settings import Settings
+from lesiontrack.pipeline.analysis import Step
+from lesiontrack.pipeline.contract import (
     STEP_NAMES,
     AnalysisState,
     DetectOutput,
@@ -32,16 +32,16 @@ from pipeline.contract import (
     TrackOutput,
     WriteSegSrOutput,
 )
-from pipeline.ports import PriorSource, ResultSender
-from pipeline.steps.detect import detect_new_lesions_step
-from pipeline.steps.measure import measure
-from pipeline.steps.priors import match_priors, retrieve_priors
-from pipeline.steps.register import register
-from pipeline.steps.results import write_seg_sr
-from pipeline.steps.send import send
-from pipeline.steps.services import PipelineServices
-from pipeline.steps.track import track
-from pipeline.steps.volumes import load_volumes
+from lesiontrack.pipeline.ports import PriorSource, ResultSender
+from lesiontrack.pipeline.steps.detect import detect_new_lesions_step
+from lesiontrack.pipeline.steps.measure import measure
+from lesiontrack.pipeline.steps.priors import match_priors, retrieve_priors
+from lesiontrack.pipeline.steps.register import register
+from lesiontrack.pipeline.steps.results import write_seg_sr
+from lesiontrack.pipeline.steps.send import send
+from lesiontrack.pipeline.steps.services import PipelineServices
+from lesiontrack.pipeline.steps.track import track
+from lesiontrack.pipeline.steps.volumes import load_volumes
 
 __all__ = ["STEP_NAMES", "AnalysisState", "PipelineServices", "build_pipeline", "send"]
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 from pydicom.uid import generate_uid
 
-from db.models import CandidateState
-from models.imaging.volume import Volume
-from models.segmentation.prompts import LesionIdentity
-from pipeline.candidates import CandidateView, candidate_name, confirmed_name, decided_masks
-from pipeline.contract import Candidate, CandidateRecord, DetectOutput, NewLesionSearchResult
-from pipeline.jobs import PermanentError
-from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.steps.services import Ctx
+from lesiontrack.db.models import CandidateState
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity
+from lesiontrack.pipeline.candidates import CandidateView, candidate_name, confirmed_name, decided_masks
+from lesiontrack.pipeline.contract import Candidate, CandidateRecord, DetectOutput, NewLesionSearchResult
+from lesiontrack.pipeline.jobs import PermanentError
+from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.steps.services import Ctx
 
 DETECTOR_NAME = "subtraction"
 DETECTOR_VERSION = "2.0"  # 2.0 (issue 29): anatomy (lungs, bowel gas, solid organs, liver) and the misfit test
@@ -22,7 +22,7 @@ READER = "reader"  # a verified timepoint: the reader looked for new lesions
 
 
 def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
-    from models.detection.new_lesions import DetectionOptions, search_new_lesions
+    from lesiontrack.models.detection.new_lesions import DetectionOptions, search_new_lesions
 
     cfg = ctx.services.settings.detection
     inputs = ctx.state.need_inputs()

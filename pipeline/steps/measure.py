@@ -6,9 +6,9 @@ follow-up measurements added as pending timepoints — so the SR reports exactly
 
 from __future__ import annotations
 
-from db.session import session_scope
-from pipeline.confidence import lesion_confidence
-from pipeline.contract import (
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.confidence import lesion_confidence
+from lesiontrack.pipeline.contract import (
     MatchPriorsOutput,
     Measured,
     MeasuredLesion,
@@ -16,12 +16,12 @@ from pipeline.contract import (
     RecistRecord,
     TimepointRef,
 )
-from pipeline.history import PendingTimepoint, ReviewFlag, build_timeline
-from pipeline.jobs import PermanentError
-from pipeline.lesions import Timepoint
-from pipeline.measurements import LesionMeasurement, measure_lesion
-from pipeline.recist import NewLesionSearch, RecistRules
-from pipeline.steps.services import Ctx, time_key
+from lesiontrack.pipeline.history import PendingTimepoint, ReviewFlag, build_timeline
+from lesiontrack.pipeline.jobs import PermanentError
+from lesiontrack.pipeline.lesions import Timepoint
+from lesiontrack.pipeline.measurements import LesionMeasurement, measure_lesion
+from lesiontrack.pipeline.recist import NewLesionSearch, RecistRules
+from lesiontrack.pipeline.steps.services import Ctx, time_key
 
 
 def _measure_all(tp: Timepoint) -> dict[str, LesionMeasurement]:

@@ -15,7 +15,7 @@ import pydicom
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import (
+from lesiontrack.db.models import (
     CandidateState,
     Instance,
     Lesion,
@@ -29,15 +29,15 @@ from db.models import (
     TimepointVerification,
     VerificationState,
 )
-from db.repository import audit
-from db.session import session_scope
-from pipeline.candidates import save_mask
-from pipeline.confidence import lesion_confidence
-from pipeline.contract import MatchPriorsOutput
-from pipeline.jobs import PermanentError, utcnow
-from pipeline.lesions import LesionStatus
-from pipeline.ports import PROMPT_FILE
-from pipeline.steps.services import Ctx
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.candidates import save_mask
+from lesiontrack.pipeline.confidence import lesion_confidence
+from lesiontrack.pipeline.contract import MatchPriorsOutput
+from lesiontrack.pipeline.jobs import PermanentError, utcnow
+from lesiontrack.pipeline.lesions import LesionStatus
+from lesiontrack.pipeline.ports import PROMPT_FILE
+from lesiontrack.pipeline.steps.services import Ctx
 
 _ORIGIN_OF = {"SEG": LesionOrigin.SEG, "SR": LesionOrigin.SR, PROMPT_FILE: LesionOrigin.PROMPT}
 """Where a lesion first tracked from a prior annotation came from, by the annotation's modality."""
@@ -173,7 +173,7 @@ def persist_verification(ctx: Ctx) -> int | None:
     """A reader's correction adopted by this job: lesions the reader deleted are retired, our candidates kept or
     dropped are confirmed or rejected, the verification is applied (matches recorded). Returns the verification id
     when later follow-ups still have to be re-analysed from it."""
-    from pipeline.adoption import candidate_decisions
+    from lesiontrack.pipeline.adoption import candidate_decisions
 
     adoption = ctx.state.adoption
     if adoption is None:
@@ -267,7 +267,7 @@ def persist_search(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int
 def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:
     """Our SEG/SR become local instances too (so the next follow-up finds them as priors), marked as ours."""
 
-    from db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
+    from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
 
     with session_scope(sf) as s:
         for f in files:

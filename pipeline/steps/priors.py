@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from db.models import VerificationMethod
-from db.session import session_scope
-from pipeline.contract import (
+from lesiontrack.db.models import VerificationMethod
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import (
     MatchPriorsOutput,
     PriorRecord,
     PriorSummary,
@@ -14,10 +14,10 @@ from pipeline.contract import (
     RetrievePriorsOutput,
     VerificationRecord,
 )
-from pipeline.jobs import NothingToTrack, PermanentError, TransientError
-from pipeline.ports import PriorSource, PriorTimepoint
-from pipeline.steps.services import Ctx, followup_series, time_key
-from pipeline.verification import VerificationView, verification_for_series, verified_sop_uids
+from lesiontrack.pipeline.jobs import NothingToTrack, PermanentError, TransientError
+from lesiontrack.pipeline.ports import PriorSource, PriorTimepoint
+from lesiontrack.pipeline.steps.services import Ctx, followup_series, time_key
+from lesiontrack.pipeline.verification import VerificationView, verification_for_series, verified_sop_uids
 
 
 def _prior_source(ctx: Ctx) -> PriorSource:
@@ -61,7 +61,12 @@ def match_priors(ctx: Ctx) -> MatchPriorsOutput:
     if not annotated:
         plural = "y" if len(earlier) == 1 else "ies"
         raise NothingToTrack(f"no lesions marked on any of {len(earlier)} prior stud{plural}")
-    from pipeline.prompt_selection import NoPersonAnnotation, is_our_object, our_instance_uids, select_prior_annotation
+    from lesiontrack.pipeline.prompt_selection import (
+        NoPersonAnnotation,
+        is_our_object,
+        our_instance_uids,
+        select_prior_annotation,
+    )
 
     sf = ctx.services.session_factory
     sop_uids = [a.sop_instance_uid for p in annotated for a in p.annotations]

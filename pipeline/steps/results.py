@@ -11,36 +11,36 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AnalysisJob
-from db.session import session_scope
-from models.imaging.volume import Volume
-from models.segmentation.prompts import LesionIdentity
-from pipeline.confidence import lesion_confidence
-from pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
-from pipeline.lesions import LesionStatus, TrackedLesion
-from pipeline.measurements import LesionMeasurement, measure_lesion
-from pipeline.ports import PROMPT_FILE
-from pipeline.steps.persistence import (
+from lesiontrack.db.models import AnalysisJob
+from lesiontrack.db.session import session_scope
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity
+from lesiontrack.pipeline.confidence import lesion_confidence
+from lesiontrack.pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.measurements import LesionMeasurement, measure_lesion
+from lesiontrack.pipeline.ports import PROMPT_FILE
+from lesiontrack.pipeline.steps.persistence import (
     persist_observations,
     persist_search,
     persist_verification,
     record_our_objects,
 )
-from pipeline.steps.services import Ctx
+from lesiontrack.pipeline.steps.services import Ctx
 
 if TYPE_CHECKING:
-    from pipeline.seg_reader import UnassessedSegment
-    from pipeline.sr_writer import LesionReport
-from pipeline.verification import verified_sop_uids
+    from lesiontrack.pipeline.seg_reader import UnassessedSegment
+    from lesiontrack.pipeline.sr_writer import LesionReport
+from lesiontrack.pipeline.verification import verified_sop_uids
 
 
 def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     from pydicom.uid import generate_uid
 
-    from pipeline.seg_writer import save_new, write_seg
-    from pipeline.sr_writer import LesionReport, TimePoint, write_sr
-    from pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
-    from pipeline.viewer_sr import write_viewer_sr
+    from lesiontrack.pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
+    from lesiontrack.pipeline.viewer_sr import write_viewer_sr
 
     inputs = ctx.state.need_inputs()
     measured = ctx.state.need_measured()
@@ -134,7 +134,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
     verification = persist_verification(ctx)
     if verification is not None:  # later follow-ups are re-analysed from the verified timepoint
-        from pipeline.verification import reanalyse_later
+        from lesiontrack.pipeline.verification import reanalyse_later
 
         reanalyse_later(
             ctx.services.session_factory, verification, actor=ctx.worker, settings=ctx.services.settings.verification

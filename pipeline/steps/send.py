@@ -6,11 +6,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from db.models import Delivery
-from db.session import session_scope
-from pipeline.contract import SendOutput, WriteSegSrOutput
-from pipeline.jobs import PermanentError
-from pipeline.steps.services import Ctx
+from lesiontrack.db.models import Delivery
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import SendOutput, WriteSegSrOutput
+from lesiontrack.pipeline.jobs import PermanentError
+from lesiontrack.pipeline.steps.services import Ctx
 
 
 def send(ctx: Ctx) -> SendOutput:

@@ -8,13 +8,13 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import Settings
-from db.models import Instance, Series, Study
-from db.session import session_scope
-from pipeline.analysis import JobContext
-from pipeline.contract import AnalysisState, FollowupRecord
-from pipeline.jobs import PermanentError
-from pipeline.ports import PriorSource, ResultSender
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import Instance, Series, Study
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.analysis import JobContext
+from lesiontrack.pipeline.contract import AnalysisState, FollowupRecord
+from lesiontrack.pipeline.jobs import PermanentError
+from lesiontrack.pipeline.ports import PriorSource, ResultSender
 
 
 @dataclass

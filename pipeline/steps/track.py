@@ -6,15 +6,15 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Lesion, LesionObservation
-from db.session import session_scope
-from db.status import LesionStatus
-from models.imaging.volume import Volume
-from models.registration.base import Registration
-from pipeline.confidence import lesion_confidence
-from pipeline.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
-from pipeline.lesions import Timepoint, TrackedLesion
-from pipeline.steps.services import Ctx
+from lesiontrack.db.models import Lesion, LesionObservation
+from lesiontrack.db.session import session_scope
+from lesiontrack.db.status import LesionStatus
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.registration.base import Registration
+from lesiontrack.pipeline.confidence import lesion_confidence
+from lesiontrack.pipeline.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
+from lesiontrack.pipeline.lesions import Timepoint, TrackedLesion
+from lesiontrack.pipeline.steps.services import Ctx
 
 
 class _Precomputed:
@@ -30,9 +30,9 @@ class _Precomputed:
 
 
 def track(ctx: Ctx) -> TrackOutput:
-    from models.engines import build_segmentation
-    from pipeline.confidence import ConfidenceRules
-    from pipeline.tracking import TrackingOptions, track_lesions
+    from lesiontrack.models.engines import build_segmentation
+    from lesiontrack.pipeline.confidence import ConfidenceRules
+    from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
 
     eng = ctx.services.settings.engines
     seg = build_segmentation(eng.segmentation, eng, device=ctx.device)  # the registry knows which weights it reads
@@ -45,8 +45,8 @@ def track(ctx: Ctx) -> TrackOutput:
         Timepoint(ctx.series_uid, inputs.followup_ct, fu.study_date, fu.study_uid),
     ]
     if ctx.state.adoption is not None:  # a reader's correction of this follow-up is its result (issue 16)
-        from models.engines import build_registration
-        from pipeline.adoption import adopt
+        from lesiontrack.models.engines import build_registration
+        from lesiontrack.pipeline.adoption import adopt
 
         engine = build_registration(
             eng.registration, eng, device=ctx.device, seed=ctx.services.settings.compute.seed
@@ -100,8 +100,8 @@ def vanished_earlier(
 ) -> list[TrackedLesion]:
     """Lesions of this patient that had vanished before the prior (so our prior SEG has no segment for them):
     they stay in the report as vanished, at their last known position, instead of silently dropping out."""
-    from models.segmentation.prompts import LesionIdentity
-    from pipeline.lesions import LesionStatus
+    from lesiontrack.models.segmentation.prompts import LesionIdentity
+    from lesiontrack.pipeline.lesions import LesionStatus
 
     if patient_pk is None:
         return []

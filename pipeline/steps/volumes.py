@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from db.session import session_scope
-from models.imaging.volume import Volume
-from models.segmentation.prompts import Prompt
-from pipeline.adoption import build_adoption, retired_lesions, with_verified_identities
-from pipeline.contract import (
+from lesiontrack.db.session import session_scope
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.pipeline.adoption import build_adoption, retired_lesions, with_verified_identities
+from lesiontrack.pipeline.contract import (
     SEG_SOP_CLASSES,
     LesionRef,
     LoadedInputs,
@@ -18,18 +18,18 @@ from pipeline.contract import (
     NotAssessedRecord,
     RetrievePriorsOutput,
 )
-from pipeline.drawn_priors import prompt_origin
-from pipeline.jobs import NothingToTrack, PermanentError
-from pipeline.ports import PROMPT_FILE, PriorTimepoint
-from pipeline.seg_reader import UnassessedSegment
-from pipeline.steps.services import Ctx, followup_series
-from pipeline.verification import our_seg_of_series
+from lesiontrack.pipeline.drawn_priors import prompt_origin
+from lesiontrack.pipeline.jobs import NothingToTrack, PermanentError
+from lesiontrack.pipeline.ports import PROMPT_FILE, PriorTimepoint
+from lesiontrack.pipeline.seg_reader import UnassessedSegment
+from lesiontrack.pipeline.steps.services import Ctx, followup_series
+from lesiontrack.pipeline.verification import our_seg_of_series
 
 log = logging.getLogger(__name__)
 
 
 def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
-    from models.imaging.dicom_read import SeriesError, read_series
+    from lesiontrack.models.imaging.dicom_read import SeriesError, read_series
 
     fu = followup_series(ctx.services.session_factory, ctx.series_uid)
     prior = ctx.outputs.get(RetrievePriorsOutput).prior.to_port()
@@ -104,9 +104,14 @@ def read_prompts_and_gaps(
 ) -> tuple[list[Prompt], list[UnassessedSegment]]:
     """The prompts of :func:`read_prompts`, and the lesions of a prior SEG that cannot be prompts (no voxel on the
     prior CT): they are reported "not assessed" with the reason and flagged, never silently dropped."""
-    from pipeline.annotations.common import AnnotationWarning
-    from pipeline.prompt_sources import NoLesionInAnnotation, PromptSourceError, load_prompts_json, prompts_from_object
-    from pipeline.seg_reader import read_seg_prompts_and_gaps
+    from lesiontrack.pipeline.annotations.common import AnnotationWarning
+    from lesiontrack.pipeline.prompt_sources import (
+        NoLesionInAnnotation,
+        PromptSourceError,
+        load_prompts_json,
+        prompts_from_object,
+    )
+    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")

@@ -297,6 +297,15 @@ class WriteSegSrOutput(PipelineOutput):
     vanished: int
     viewer_sr: str | None = None  # the OHIF measurements SR (pipeline.viewer_sr), when a lesion has RECIST axes
     viewer_sr_sop_instance_uid: str | None = None
+    #: the SEG of the prior lesions derived from a drawing, on the prior study (pipeline.derived_prior_seg):
+    #: the one this job issued, or (``prior_seg_reused``) the one an earlier job issued from the same derivation
+    prior_seg: str | None = None
+    prior_seg_sop_instance_uid: str | None = None
+    prior_seg_series_uid: str | None = None  # the prior CT series it is on
+    prior_seg_key: str | None = None  # pipeline.derived_prior_seg.derivation_key
+    prior_seg_revision: int = 1
+    prior_seg_reused: bool = False
+    prior_seg_supersedes: str | None = None  # the SOP Instance UID of the drawn-prior SEG it replaces
 
     def still_valid(self) -> bool:
         return all(Path(f).is_file() for f in self.files)

@@ -1,0 +1,175 @@
+"""Issue 31 item 2: the lesions derived from a radiologist's drawing on the prior are stored as a DICOM-SEG on the PRIOR
+study ("derived from the radiologist's measurement", each segment with its confidence) and sent with the results;
+issued once per prior (the next follow-up does not re-issue it), superseded when re-derived, and a person's
+correction of it verifies the prior timepoint (issue 16's take-in path), later follow-ups re-analysed from it.
+
+The real pipeline runs in-process on a phantom patient whose baseline carries only a GSPS with one long-axis line
+per lesion (registration 'none' keeps it fast).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from lesiontrack.db.models import JobState, TimepointVerification
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.derived_prior_seg import CONTENT_DESCRIPTION, SERIES_DESCRIPTION
+from tests.correction_fixtures import write_correction
+
+
+def _run(service: Any, series_uid: str) -> Any:
+    job = service.store.create(series_uid)
+    assert service.run(job) is JobState.DONE, service.store.get(job).error
+    return job_results(service.store.get(job).step_outputs).written
+
+
+def _gsps(patient: Any, out: Path, kind: str, seed: int) -> Path:
+    from bench.drawn_lesions import drawings
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
+    from lesiontrack.synthetic.annotations import Mark, write_gsps
+
+    ct = read_series(patient.baseline.files)
+    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
+    rng = np.random.default_rng(seed)
+    marks = [Mark(drawings(p.mask, rng)[kind], p.identity.tracking_id) for p in prompts if p.mask is not None]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
+    return write_gsps(heads, marks, out)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from lesiontrack.demo import demo_settings
+    from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.pipeline.steps import build_pipeline
+    from lesiontrack.service import build_analysis_service, build_ports
+
+    tmp = tmp_path_factory.mktemp("drawn-prior-seg")
+    settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
+    settings.detection.new_lesions = False
+    upgrade(settings.effective_database_url)
+    sf = make_session_factory(make_engine(settings.effective_database_url))
+    patient = make_patient(
+        tmp / "patient",
+        seed=7,
+        shape=(64, 112, 112),
+        spacing=(2.5, 2.5, 3.0),
+        n_lesions=3,
+        n_followups=2,
+        changes=False,
+        motion=False,
+    )
+    lines = _gsps(patient, tmp / "pr" / "lines.dcm", "line", 1)
+    store = InstanceStore(storage_root(settings), fsync=False)
+    ingestor = Ingestor(store, sf)
+    for f in [*patient.baseline.files, lines, *patient.followups[0].files, *patient.followups[1].files]:
+        assert ingest_file(ingestor, f).ok
+    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
+    fu1, fu2 = (fu.series_uid for fu in patient.followups)
+    first = _run(service, fu1)
+    second = _run(service, fu2)
+    again = _run(service, fu1)
+    return {
+        "tmp": tmp,
+        "sf": sf,
+        "settings": settings,
+        "service": service,
+        "patient": patient,
+        "ingestor": ingestor,
+        "first": first,
+        "second": second,
+        "again": again,
+    }
+
+
+def test_the_drawn_prior_lesions_go_to_the_pacs_as_a_seg_on_the_prior_study(site: dict[str, Any]) -> None:
+    first, patient = site["first"], site["patient"]
+    assert first.prior_seg and not first.prior_seg_reused
+    assert first.prior_seg in first.files  # sent with the follow-up's results, through the same delivery
+    ds = pydicom.dcmread(first.prior_seg, stop_before_pixels=True)
+    base = pydicom.dcmread(patient.baseline.files[0], stop_before_pixels=True)
+    assert ds.Modality == "SEG"
+    assert ds.StudyInstanceUID == base.StudyInstanceUID  # the PRIOR study, not the follow-up's
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == base.SeriesInstanceUID
+    assert str(ds.SeriesDescription) == f"{SERIES_DESCRIPTION} rev1"
+    assert str(ds.ContentDescription).startswith(CONTENT_DESCRIPTION)
+    assert first.prior_seg_series_uid == base.SeriesInstanceUID
+    segments = list(ds.SegmentSequence)
+    assert len(segments) == 3
+    for item in segments:  # each segment: what it was derived from and its confidence
+        assert CONTENT_DESCRIPTION in str(item.SegmentDescription)
+        assert "line" in str(item.SegmentDescription)
+        assert "confidence 0.65" in str(item.SegmentDescription)
+        assert item.TrackingUID
+
+
+def test_the_next_follow_up_and_a_rerun_reuse_it(site: dict[str, Any]) -> None:
+    first, second, again = site["first"], site["second"], site["again"]
+    for later in (second, again):
+        assert later.prior_seg_reused
+        assert later.prior_seg_sop_instance_uid == first.prior_seg_sop_instance_uid
+        assert later.prior_seg == first.prior_seg
+        assert later.prior_seg not in later.files  # not issued, not sent again
+
+
+def test_a_re_derived_prior_issues_a_new_seg_that_supersedes_the_old(site: dict[str, Any]) -> None:
+    """A later annotation of the same lesions on the prior (ellipses) derives other masks: a new SEG, rev2, naming
+    the one it replaces; the old file is kept."""
+    from lesiontrack.dicom_node.ingest import ingest_file
+
+    patient, first = site["patient"], site["first"]
+    ellipses = _gsps(patient, site["tmp"] / "pr" / "ellipses.dcm", "ellipse", 2)
+    ds = pydicom.dcmread(ellipses)
+    ds.ContentDate, ds.ContentTime = "29991231", "235959"  # drawn after the lines: the newer annotation wins
+    ds.save_as(ellipses, enforce_file_format=True)
+    assert ingest_file(site["ingestor"], ellipses).ok
+    redo = _run(site["service"], patient.followups[1].series_uid)
+    assert redo.prior_seg and not redo.prior_seg_reused
+    assert redo.prior_seg_supersedes == first.prior_seg_sop_instance_uid
+    assert redo.prior_seg_revision == first.prior_seg_revision + 1
+    new = pydicom.dcmread(redo.prior_seg, stop_before_pixels=True)
+    assert str(new.ContentDescription) == f"{CONTENT_DESCRIPTION} (rev2)"
+    assert str(new.SeriesDescription).endswith(f"rev{redo.prior_seg_revision}")
+    assert Path(first.prior_seg).is_file()  # never overwritten
+    site["latest_prior_seg"] = redo.prior_seg
+
+
+def test_a_correction_of_it_verifies_the_prior_and_later_follow_ups_follow_it(site: dict[str, Any]) -> None:
+    from lesiontrack.dicom_node.ingest import ingest_file
+    from lesiontrack.pipeline.verification import take_in_series
+
+    patient, sf = site["patient"], site["sf"]
+    ours = site.get("latest_prior_seg") or site["first"].prior_seg
+    base = pydicom.dcmread(patient.baseline.files[0], stop_before_pixels=True)
+    from lesiontrack.models.imaging.dicom_read import read_series
+
+    ct = read_series(patient.baseline.files)
+    centre = ct.index_to_patient(np.asarray([[s // 2 for s in reversed(ct.shape)]], float))[0]
+    corr = write_correction(ours, patient.baseline.files, site["tmp"] / "correction", add_centre_mm=centre)
+    assert ingest_file(site["ingestor"], corr.path).ok
+    jobs = take_in_series(sf, site["settings"].verification, corr.series_uid)
+    with session_scope(sf) as s:
+        v = s.scalar(
+            select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == corr.sop_instance_uid)
+        )
+        assert v is not None and v.series_instance_uid == base.SeriesInstanceUID
+        assert sorted(v.reanalysis_jobs or []) == sorted(jobs)
+    assert len(jobs) == 2  # both analysed follow-ups, re-analysed from the corrected prior
+    for job in jobs:
+        assert site["service"].run(job) is JobState.DONE, site["service"].store.get(job).error
+        res = job_results(site["service"].store.get(job).step_outputs)
+        assert res.match is not None
+        assert res.written is not None
+        assert res.written.prior_seg is None  # the prior is now a person's SEG: nothing derived to re-issue
+        sr = pydicom.dcmread(res.written.sr, stop_before_pixels=True)
+        assert corr.sop_instance_uid in str(sr)  # the corrected SEG is the evidence the SR names

@@ -113,6 +113,11 @@ class LT:
     REVIEW_REASON = _local("LT057", "Reason for review")
     MAX_3D_DIAMETER = _local("LT058", "Maximum 3D diameter")
     PRIOR_ANNOTATION = _local("LT059", "Prior annotation the lesion was tracked from")
+    # the radiologist's own diameters on the prior (a drawn line, pair or ellipse) beside ours (issue 31)
+    DRAWN_LONG = _local("LT067", "Radiologist's long axis on the prior annotation")
+    DRAWN_SHORT = _local("LT068", "Radiologist's short axis on the prior annotation")
+    DRAWN_LONG_DIFF = _local("LT069", "Long axis of the derived prior lesion minus the radiologist's")
+    DRAWN_SHORT_DIFF = _local("LT070", "Short axis of the derived prior lesion minus the radiologist's")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -215,6 +220,30 @@ class LesionReport:
     not_assessed_reason: str | None = None
     review_reasons: Sequence[str] = ()  # why it is flagged (pipeline.confidence); stated only when flagged
     prompt_origin: str | None = None  # what the prior was (PRIOR_ANNOTATION_CODES); None: not stated
+    #: the radiologist's own diameters on the prior beside ours of the lesion derived from them; None: not drawn
+    drawn: DrawnDiameters | None = None
+
+
+@dataclass(frozen=True)
+class DrawnDiameters:
+    """The radiologist's diameters drawn on the prior (mm; None: not drawn) and ours of the 3-D lesion derived from
+    the drawing, on the same prior CT (pipeline.drawn_priors.drawn_diameters)."""
+
+    radiologist_long_mm: float | None
+    radiologist_short_mm: float | None
+    ours_long_mm: float
+    ours_short_mm: float
+
+    def measurements(self) -> list[hd.sr.Measurement]:
+        """NUMs for the lesion's group: each of the radiologist's diameters, and ours minus theirs (mm)."""
+        out = []
+        for theirs, ours, name, diff in (
+            (self.radiologist_long_mm, self.ours_long_mm, LT.DRAWN_LONG, LT.DRAWN_LONG_DIFF),
+            (self.radiologist_short_mm, self.ours_short_mm, LT.DRAWN_SHORT, LT.DRAWN_SHORT_DIFF),
+        ):
+            if theirs is not None and theirs > 0:
+                out += [_num(name, theirs, MM), _num(diff, round(ours - theirs, 1), MM)]
+        return out
 
 
 @dataclass
@@ -408,6 +437,7 @@ def write_sr(
         if rep.prompt_origin in PRIOR_ANNOTATION_CODES:
             quals.append(hd.sr.QualitativeEvaluation(LT.PRIOR_ANNOTATION, PRIOR_ANNOTATION_CODES[rep.prompt_origin]))
         conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
+        conf_meas += rep.drawn.measurements() if rep.drawn is not None else []
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
         if seg is None or not m.present or segment_number is None:
             if m.present:

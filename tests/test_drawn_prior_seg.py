@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from lesiontrack.db.models import JobState, TimepointVerification
+from lesiontrack.db.models import JobState, LesionObservation, TimepointVerification
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.derived_prior_seg import CONTENT_DESCRIPTION, SERIES_DESCRIPTION
@@ -173,3 +173,66 @@ def test_a_correction_of_it_verifies_the_prior_and_later_follow_ups_follow_it(si
         assert res.written.prior_seg is None  # the prior is now a person's SEG: nothing derived to re-issue
         sr = pydicom.dcmread(res.written.sr, stop_before_pixels=True)
         assert corr.sop_instance_uid in str(sr)  # the corrected SEG is the evidence the SR names
+
+
+def _nums(ds: Any, code: str) -> list[float]:
+    out = []
+    for item in ds.get("ContentSequence", []):
+        name = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "NUM" and name and name[0].CodeValue == code:
+            out.append(float(item.MeasuredValueSequence[0].NumericValue))
+        out += _nums(item, code)
+    return out
+
+
+def test_the_sr_reports_the_radiologists_diameters_beside_ours(site: dict[str, Any]) -> None:
+    """Each lesion's group: the long axis the radiologist drew on the prior and ours of the lesion derived from it
+    minus theirs (mm) — the ours being the prior's measurement the job recorded."""
+    first = site["first"]
+    sr = pydicom.dcmread(first.sr)
+    theirs, diff = _nums(sr, "LT067"), _nums(sr, "LT069")
+    assert len(theirs) == len(diff) == 3  # one per lesion, each drawn as a single long-axis line
+    assert all(5.0 < t < 60.0 for t in theirs)
+    assert _nums(sr, "LT068") == []  # a single line: no short axis drawn, none reported
+    base = pydicom.dcmread(site["patient"].baseline.files[0], stop_before_pixels=True)
+    with session_scope(site["sf"]) as s:
+        ours = [
+            o.long_axis_mm
+            for o in s.scalars(
+                select(LesionObservation).where(LesionObservation.series_instance_uid == base.SeriesInstanceUID)
+            )
+            if o.long_axis_mm
+        ]
+    for t, d in zip(theirs, diff, strict=True):  # ours minus theirs: ours is the derived lesion's long axis
+        assert any(abs(t + d - o) < 0.11 for o in ours), (t, d, ours)
+    assert all(abs(d) < 10.0 for d in diff)  # the derived lesion reproduces the drawn diameter within a few mm
+
+
+def test_drawn_diameters_node_line_is_the_short_axis_and_differences_are_ours_minus_theirs() -> None:
+    from types import SimpleNamespace
+
+    from lesiontrack.pipeline.drawn_priors import drawn_diameters
+
+    node = SimpleNamespace(is_node=True, long_axis_mm=18.0, short_axis_mm=11.0)
+    mass = SimpleNamespace(is_node=False, long_axis_mm=18.0, short_axis_mm=11.0)
+    line = SimpleNamespace(meta={"drawn_diameters_mm": [12.5, None]})
+    pair = SimpleNamespace(meta={"drawn_diameters_mm": [20.0, 10.0]})
+    arrow = SimpleNamespace(meta={"prompt_origin": "arrow"})
+    d = drawn_diameters(line, node)
+    assert d is not None and d.radiologist_long_mm is None and d.radiologist_short_mm == 12.5
+    vals = [(m.name.value, float(m.value)) for m in d.measurements()]
+    assert vals == [("LT068", 12.5), ("LT070", -1.5)]
+    d = drawn_diameters(pair, mass)
+    assert d is not None
+    vals = [(m.name.value, float(m.value)) for m in d.measurements()]
+    assert vals == [("LT067", 20.0), ("LT069", -2.0), ("LT068", 10.0), ("LT070", 1.0)]
+    assert drawn_diameters(arrow, mass) is None  # nothing measured: nothing reported beside ours
+    assert drawn_diameters(pair, None) is None
+
+
+def test_the_prior_seg_and_the_sr_with_the_drawn_diameters_validate(site: dict[str, Any]) -> None:
+    from lesiontrack.pipeline.dicom_validate import validate_seg, validate_sr
+
+    first = site["first"]
+    for rep in [*validate_seg(first.prior_seg), *validate_sr(first.sr)]:
+        assert rep.ok, rep.summary()

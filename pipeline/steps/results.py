@@ -38,6 +38,7 @@ from lesiontrack.pipeline.verification import verified_sop_uids
 def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     from pydicom.uid import generate_uid
 
+    from lesiontrack.pipeline.drawn_priors import drawn_diameters
     from lesiontrack.pipeline.seg_writer import save_new, write_seg
     from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
     from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
@@ -76,6 +77,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             return "verified"
         return "from-verified" if prior_verified else "machine"
 
+    prior_lesions = {les.identity.tracking_uid: les for les in ctx.state.need_timepoints()[0].lesions}
     reports = [
         LesionReport(
             measured.current[les.identity.tracking_uid],
@@ -88,6 +90,9 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             confidence=None if conf is None else conf.confidence,
             review_reasons=[] if conf is None else list(conf.reasons),
             prompt_origin=les.meta.get("prompt_origin"),
+            drawn=drawn_diameters(
+                prior_lesions.get(les.identity.tracking_uid), measured.prior.get(les.identity.tracking_uid)
+            ),
         )
         for les in lesions
     ]

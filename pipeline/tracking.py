@@ -212,10 +212,15 @@ def track_lesions(
     if opts.propagation == "chain":
         _track_chain(timepoints, source_index, cache, segmentation, opts, tick)
     else:
+        every = {label for by in sources.values() for label in by}
+        # an annotated timepoint that marks only some lesions (an arrow re-finding a lost one, a re-measured line):
+        # its other lesions are propagated there from their own nearest annotation, like at any other timepoint
+        if every - set(sources[source_index]):
+            _propagate_direct(timepoints, source_index, source_index, sources, cache, segmentation, opts, tick)
         for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
             prev = source_index
             for t in order:
-                if t not in sources:
+                if t not in sources or every - set(sources[t]):
                     _propagate_direct(timepoints, t, prev, sources, cache, segmentation, opts, tick)
                 prev = t
     if progress:
@@ -233,9 +238,13 @@ def _propagate_direct(
     opts: TrackingOptions,
     tick: Callable[[str, int, str], None],
 ) -> None:
-    """Segment timepoint ``t`` from the nearest annotated timepoint of each lesion, registered directly to ``t``."""
+    """Segment timepoint ``t`` from the nearest annotated timepoint of each lesion, registered directly to ``t``.
+
+    Lesions a person annotated at ``t`` itself keep that annotation (and win voxels the propagated ones overlap)."""
     cur = timepoints[t]
-    all_labels = sorted({label for by in sources.values() for label in by})
+    annotated = list(cur.lesions) if t in sources else []
+    here = set(sources.get(t, {}))
+    all_labels = sorted({label for by in sources.values() for label in by} - here)
     previous = {les.identity.label: les for les in timepoints[prev_t].lesions}
     results: list[_StepResult] = []
     registered: set[int] = set()
@@ -260,8 +269,17 @@ def _propagate_direct(
                 les.meta[key] = prior_les.meta[key]
         results.append(_StepResult(les, warped))
         tick("segment", t, src.identity.tracking_id)
-    cur.lesions = _resolve_overlaps(results, cur.ct)
-    for les, res in zip(cur.lesions, results, strict=True):
+    taken = np.zeros(cur.ct.shape, bool)
+    for a in annotated:
+        taken |= a.mask.array > 0
+    for res in results if taken.any() else []:
+        lost = (res.lesion.mask.array > 0) & taken
+        if lost.any():
+            res.lesion.mask = res.lesion.mask.with_array(np.where(lost, 0, res.lesion.mask.array).astype(np.uint8))
+            res.lesion.notes.append(f"{int(lost.sum())} voxels left to a lesion a person annotated here")
+    propagated = _resolve_overlaps(results, cur.ct)
+    cur.lesions = sorted([*annotated, *propagated], key=lambda x: x.identity.label)
+    for les, res in zip(propagated, results, strict=True):
         nb = _consistency_check(
             les, previous.get(les.identity.label), opts, days_between(timepoints[prev_t].study_date, cur.study_date)
         )

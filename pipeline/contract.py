@@ -233,6 +233,9 @@ class LoadVolumesOutput(PipelineOutput):
     lesions: list[LesionRef]
     not_assessed: list[NotAssessedRecord] = Field(default_factory=list)
     annotation_warnings: list[str] = Field(default_factory=list)  # annotations that gave no lesion, named
+    #: a radiologist's annotations on this follow-up itself: person-made prompts here (pipeline.followup_annotations)
+    followup_annotations: list[str] = Field(default_factory=list)  # their SOP Instance UIDs
+    followup_lesions: list[LesionRef] = Field(default_factory=list)
 
 
 class RegisterOutput(PipelineOutput):
@@ -396,6 +399,8 @@ class LoadedInputs:
     followup_files: list[Path]
     #: lesions of the prior annotation that cannot be prompts: reported "not assessed", flagged (issue 29)
     not_assessed: list[UnassessedSegment] = field(default_factory=list)
+    #: lesions a radiologist marked on the follow-up itself: prompts at that timepoint (pipeline.followup_annotations)
+    followup_prompts: list[Prompt] = field(default_factory=list)
 
 
 @dataclass

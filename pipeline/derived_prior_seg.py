@@ -55,6 +55,7 @@ def drawn_lesions(prior_lesions: Sequence[TrackedLesion]) -> list[TrackedLesion]
         for les in prior_lesions
         if les.status is not LesionStatus.VANISHED
         and les.mask.array.any()
+        and les.meta.get("annotated")  # derived here from the drawing, not propagated from another timepoint
         and str(les.meta.get("prompt_origin", "")) in _DRAWN
     ]
 

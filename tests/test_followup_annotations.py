@@ -6,6 +6,8 @@ the lesions that annotation does not mark are still propagated to that timepoint
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from lesiontrack.models.segmentation.base import get_engine
@@ -51,3 +53,71 @@ def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_the
     for label in (2, 3, 5):  # the lesions the arrow does not mark: still from T0's annotation
         assert at2[label].propagated_from is not None and at2[label].propagated_from.timepoint_index == 0
         assert at3[label].propagated_from is not None and at3[label].propagated_from.timepoint_index == 0
+
+
+def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timepoint(tmp_path: Path) -> None:
+    """Baseline: a GSPS with a long-axis line per lesion. Follow-up: the radiologist's GSPS with an arrow on one
+    lesion, labelled as on the baseline. The follow-up's job segments that lesion there from the arrow (a person's
+    prompt at that timepoint, under the baseline's identity) and propagates the others from the baseline."""
+    import pydicom
+
+    from bench.drawn_lesions import drawings
+    from lesiontrack.db.models import JobState
+    from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+    from lesiontrack.demo import demo_settings
+    from lesiontrack.demo_data import make_patient
+    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.scp import storage_root
+    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.pipeline.contract import LoadVolumesOutput, TrackOutput, read_output
+    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
+    from lesiontrack.pipeline.steps import build_pipeline
+    from lesiontrack.service import build_analysis_service, build_ports
+    from lesiontrack.synthetic.annotations import Mark, write_gsps
+
+    settings = demo_settings(tmp_path / "data", http=False, engines={"registration": "none"})
+    settings.detection.new_lesions = False
+    upgrade(settings.effective_database_url)
+    sf = make_session_factory(make_engine(settings.effective_database_url))
+    patient = make_patient(
+        tmp_path / "patient",
+        seed=7,
+        shape=(64, 112, 112),
+        spacing=(2.5, 2.5, 3.0),
+        n_lesions=3,
+        n_followups=1,
+        changes=False,
+        motion=False,
+    )
+    ct = read_series(patient.baseline.files)
+    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
+    rng = np.random.default_rng(3)
+    drawn = {p.identity.tracking_id: drawings(p.mask, rng) for p in prompts if p.mask is not None}
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
+    lines = write_gsps(heads, [Mark(d["line"], label) for label, d in drawn.items()], tmp_path / "pr" / "base.dcm")
+    target = sorted(drawn)[1]  # the follow-up's own series is on the baseline's position (motion off)
+    fu_heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.followups[0].files]
+    arrow = write_gsps(fu_heads, [Mark(drawn[target]["arrow"], target)], tmp_path / "pr" / "fu.dcm")
+    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
+    for f in [*patient.baseline.files, lines, *patient.followups[0].files, arrow]:
+        assert ingest_file(ingestor, f).ok
+    ingestor.close()
+    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
+    job = service.store.create(patient.followups[0].series_uid)
+    assert service.run(job) is JobState.DONE, service.store.get(job).error
+    outputs = service.store.get(job).step_outputs
+    loaded = read_output(outputs, LoadVolumesOutput)
+    assert loaded is not None
+    assert loaded.followup_annotations == [str(pydicom.dcmread(arrow, stop_before_pixels=True).SOPInstanceUID)]
+    assert [(r.tracking_id, r.prompt_origin) for r in loaded.followup_lesions] == [(target, "arrow")]
+    # under the baseline's identity (same label): one lesion, not a new one
+    assert {r.tracking_uid for r in loaded.followup_lesions} <= {r.tracking_uid for r in loaded.lesions}
+    tracked = read_output(outputs, TrackOutput)
+    assert tracked is not None
+    assert sorted(r.tracking_id for r in tracked.lesions) == sorted(drawn)
+    assert all(r.status == "present" for r in tracked.lesions)
+    by_id = {r.tracking_id: r for r in tracked.lesions}
+    assert not any("propagated from" in n for n in by_id[target].notes)  # segmented here, from the arrow
+    for other in set(drawn) - {target}:
+        assert any("propagated from" in n or "registered directly" in n for n in by_id[other].notes)

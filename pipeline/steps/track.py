@@ -63,6 +63,8 @@ def track(ctx: Ctx) -> TrackOutput:
                 boosting=ctx.services.settings.tracking.boosting,
                 confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking),
             ),
+            # a radiologist's lesions on this follow-up: segmented here from the person's drawing (issue 31)
+            confirmed={1: inputs.followup_prompts} if inputs.followup_prompts else None,
         )
     tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
     ctx.state.timepoints = tps

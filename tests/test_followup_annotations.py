@@ -119,5 +119,8 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     assert all(r.status == "present" for r in tracked.lesions)
     by_id = {r.tracking_id: r for r in tracked.lesions}
     assert not any("propagated from" in n for n in by_id[target].notes)  # segmented here, from the arrow
+    conf = by_id[target].confidence
+    assert by_id[target].review and conf is not None and conf < 0.5
+    assert any("arrow" in r for r in by_id[target].review_reasons)  # an arrow's lesion: flagged until confirmed
     for other in set(drawn) - {target}:
         assert any("propagated from" in n or "registered directly" in n for n in by_id[other].notes)

@@ -6,6 +6,8 @@ at that timepoint: the tracking loop segments those lesions there from the perso
 * :func:`person_annotations_on` — the annotation objects (SEG, TID 1500 SR, GSPS, RTSTRUCT) of the follow-up's study
   that reference its CT series and were not written by us, and not already taken in as a correction of our result
   (those are adopted by issue 16's verification path), oldest first;
+* :func:`unmarked_lesions` — lesions the chosen prior annotation does not mark (a follow-up's annotation of a few
+  lesions is the nearest of the next follow-up): reported "not assessed" and flagged, never silently dropped;
 * :func:`followup_prompts` — their prompts on the follow-up CT, each lesion under the prior's identity when its
   Tracking UID or label is the prior's (the same label on a later study is the same lesion); a later annotation of
   a lesion replaces an earlier one.
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from sqlalchemy import select
@@ -24,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import Prompt
 from lesiontrack.pipeline.ports import PriorAnnotation
+
+if TYPE_CHECKING:
+    from lesiontrack.pipeline.seg_reader import UnassessedSegment
 
 
 def person_annotations_on(sf: sessionmaker[Session], series_uid: str) -> list[PriorAnnotation]:
@@ -94,3 +100,45 @@ def followup_prompts(
             meta = {**p.meta, "sop_instance_uid": ann.sop_instance_uid}
             out[ident.tracking_uid] = replace(p, identity=ident, meta=meta)  # a later annotation replaces it
     return sorted(out.values(), key=lambda p: p.identity.label)
+
+
+def unmarked_lesions(
+    session: Session, patient_pk: int | None, marked: set[str], prior_label: str
+) -> list[UnassessedSegment]:
+    """Lesions a person marked on an earlier timepoint of this patient, still seen at their last observation, that
+    the chosen prior annotation does not mark (a radiologist's annotation of a few lesions on a follow-up is the
+    nearest annotation of the next one): reported "not assessed" with the reason and flagged, never silently
+    dropped. Tracking each lesion from its own nearest annotation through the service is not done yet."""
+    from lesiontrack.db.models import Lesion, LesionObservation, LesionOrigin
+    from lesiontrack.db.status import LesionStatus
+    from lesiontrack.models.segmentation.prompts import LesionIdentity
+    from lesiontrack.pipeline.seg_reader import UnassessedSegment
+
+    if patient_pk is None:
+        return []
+    out: list[UnassessedSegment] = []
+    drawn = (LesionOrigin.SEG, LesionOrigin.SR, LesionOrigin.PROMPT)
+    lesions = session.scalars(
+        select(Lesion).where(Lesion.patient_pk == patient_pk, Lesion.origin.in_(drawn)).order_by(Lesion.id)
+    ).all()
+    label = 1000
+    for lesion in lesions:
+        if lesion.tracking_uid in marked or lesion.retired_at_series_uid is not None:
+            continue
+        last = session.scalars(
+            select(LesionObservation)
+            .where(LesionObservation.lesion_pk == lesion.id, LesionObservation.superseded_by_job.is_(None))
+            .order_by(LesionObservation.id.desc())
+        ).first()
+        if last is None or last.status is LesionStatus.VANISHED:
+            continue  # vanished ones stay in the report through pipeline.steps.track.vanished_earlier
+        label += 1
+        ident = LesionIdentity(lesion.tracking_uid, lesion.tracking_id, label, anatomic_site=lesion.anatomic_site)
+        out.append(
+            UnassessedSegment(
+                ident,
+                f"not marked on {prior_label}, the nearest annotation a person made; "
+                "tracking it from its own earlier annotation is not done yet",
+            )
+        )
+    return out

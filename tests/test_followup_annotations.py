@@ -86,7 +86,7 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
         shape=(64, 112, 112),
         spacing=(2.5, 2.5, 3.0),
         n_lesions=3,
-        n_followups=1,
+        n_followups=2,
         changes=False,
         motion=False,
     )
@@ -100,7 +100,7 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     fu_heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.followups[0].files]
     arrow = write_gsps(fu_heads, [Mark(drawn[target]["arrow"], target)], tmp_path / "pr" / "fu.dcm")
     ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
-    for f in [*patient.baseline.files, lines, *patient.followups[0].files, arrow]:
+    for f in [*patient.baseline.files, lines, *patient.followups[0].files, arrow, *patient.followups[1].files]:
         assert ingest_file(ingestor, f).ok
     ingestor.close()
     service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
@@ -124,3 +124,15 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     assert any("arrow" in r for r in by_id[target].review_reasons)  # an arrow's lesion: flagged until confirmed
     for other in set(drawn) - {target}:
         assert any("propagated from" in n or "registered directly" in n for n in by_id[other].notes)
+    # the next follow-up: the arrow's GSPS is the nearest annotation a person made, and marks one lesion only; the
+    # others are reported not assessed, with the reason, and flagged — never silently dropped
+    job2 = service.store.create(patient.followups[1].series_uid)
+    assert service.run(job2) is JobState.DONE, service.store.get(job2).error
+    tracked2 = read_output(service.store.get(job2).step_outputs, TrackOutput)
+    assert tracked2 is not None
+    by_id2 = {r.tracking_id: r for r in tracked2.lesions}
+    assert sorted(by_id2) == sorted(drawn)
+    assert by_id2[target].status == "present"
+    for other in set(drawn) - {target}:
+        assert by_id2[other].status == "not_evaluated" and by_id2[other].review
+        assert any("not marked on the prior PR" in r for r in by_id2[other].review_reasons)

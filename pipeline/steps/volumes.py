@@ -51,6 +51,13 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         retired = retired_lesions(s, match.followup.patient_pk)
         prompts = [p for p in prompts if p.identity.tracking_uid not in retired]
         not_assessed = [g for g in not_assessed if g.identity.tracking_uid not in retired]
+        if match.verification is None and prior.annotations[0].modality != PROMPT_FILE:
+            from lesiontrack.pipeline.followup_annotations import unmarked_lesions
+
+            ann0 = prior.annotations[0]
+            marked = {p.identity.tracking_uid for p in prompts} | {g.identity.tracking_uid for g in not_assessed}
+            label = f"the prior {ann0.modality} {ann0.sop_instance_uid} (series {prior.ct_series_uid})"
+            not_assessed += unmarked_lesions(s, match.followup.patient_pk, marked, label)
         if match.verification is not None:
             our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
             ctx.state.adoption = build_adoption(

@@ -150,6 +150,7 @@ def track_lesions(
     options: TrackingOptions | None = None,
     progress: ProgressCallback | None = None,
     confirmed: Mapping[int, Sequence[Prompt]] | None = None,
+    partial: bool = False,
 ) -> list[Timepoint]:
     """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``.
 
@@ -158,6 +159,10 @@ def track_lesions(
     ``options.propagation == "annotation"`` (default) every timepoint is registered *directly* to that annotated
     timepoint and prompted with the person's mask warped onto it; our result at the neighbouring timepoint only
     serves as a consistency check. ``"chain"`` is the former autoregressive loop (benchmark baseline).
+
+    ``partial``: a ``confirmed`` timepoint marks only some lesions (a radiologist's arrow or line on a follow-up):
+    its other lesions are propagated there from their own nearest annotation. Without it a confirmed timepoint's
+    prompts are all its lesions (a reader's corrected SEG: what it leaves out is not there).
     """
     opts = options or TrackingOptions()
     if not 0 <= source_index < len(timepoints):
@@ -213,14 +218,12 @@ def track_lesions(
         _track_chain(timepoints, source_index, cache, segmentation, opts, tick)
     else:
         every = {label for by in sources.values() for label in by}
-        # an annotated timepoint that marks only some lesions (an arrow re-finding a lost one, a re-measured line):
-        # its other lesions are propagated there from their own nearest annotation, like at any other timepoint
-        if every - set(sources[source_index]):
-            _propagate_direct(timepoints, source_index, source_index, sources, cache, segmentation, opts, tick)
         for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
             prev = source_index
             for t in order:
-                if t not in sources or every - set(sources[t]):
+                # partial: an annotated timepoint that marks only some lesions (an arrow re-finding a lost one, a
+                # re-measured line) gets its other lesions propagated there from their own nearest annotation
+                if t not in sources or (partial and every - set(sources[t])):
                     _propagate_direct(timepoints, t, prev, sources, cache, segmentation, opts, tick)
                 prev = t
     if progress:

@@ -64,6 +64,7 @@ def track(ctx: Ctx) -> TrackOutput:
             ),
             # a radiologist's lesions on this follow-up: segmented here from the person's drawing (issue 31)
             confirmed={1: inputs.followup_prompts} if inputs.followup_prompts else None,
+            partial=True,
         )
     if inputs.followup_prompts and ctx.state.adoption is None:
         _weak_here(tps[1], ConfidenceRules.from_settings(ctx.services.settings.tracking))

@@ -93,15 +93,24 @@ def write_drawn_prior_seg(
     *,
     revision: int = 1,
     supersedes: str | None = None,
+    key: str | None = None,
 ) -> SegWriteResult:
-    """The SEG of the drawn prior ``lesions`` on the prior CT series ``prior_sources`` (headers suffice)."""
+    """The SEG of the drawn prior ``lesions`` on the prior CT series ``prior_sources`` (headers suffice).
+
+    With the derivation ``key`` its UIDs follow from (key, revision, superseded SEG): follow-ups of one prior analysed
+    at the same time, none seeing the other's SEG yet, issue the same instance, which the PACS and our database
+    keep once."""
     from pydicom.uid import generate_uid
+
+    def uid(part: str) -> str | None:
+        return None if key is None else generate_uid(entropy_srcs=[key, str(revision), supersedes or "", part])
 
     res = write_seg(
         prior_sources,
         lesions,
         series_number=SERIES_NUMBER,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uid("series") or generate_uid(),
+        sop_instance_uid=uid("instance"),
         series_description=f"{SERIES_DESCRIPTION} rev{revision}"[:64],
     )
     ds = res.dataset

@@ -236,3 +236,29 @@ def test_the_prior_seg_and_the_sr_with_the_drawn_diameters_validate(site: dict[s
     first = site["first"]
     for rep in [*validate_seg(first.prior_seg), *validate_sr(first.sr)]:
         assert rep.ok, rep.summary()
+
+
+def test_follow_ups_analysed_at_once_issue_the_same_instance(site: dict[str, Any]) -> None:
+    """Two jobs of one prior that run at the same time (neither sees the other's SEG yet) write the same SOP
+    Instance UID, so the PACS and our database keep the SEG once; another derivation gets other UIDs."""
+    from lesiontrack.pipeline.derived_prior_seg import write_drawn_prior_seg
+    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
+
+    patient = site["patient"]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
+    from lesiontrack.models.imaging.dicom_read import read_series
+
+    ct = read_series(patient.baseline.files)
+    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
+    lesions = [
+        TrackedLesion(p.identity, LesionStatus.PRESENT, p.mask, "adaptive", meta={"prompt_origin": "line"})
+        for p in prompts
+        if p.mask is not None
+    ]
+    a = write_drawn_prior_seg(heads, lesions, key="k1").dataset
+    b = write_drawn_prior_seg(heads, lesions, key="k1").dataset
+    c = write_drawn_prior_seg(heads, lesions, key="k2").dataset
+    d = write_drawn_prior_seg(heads, lesions, key="k1", revision=2, supersedes=str(a.SOPInstanceUID)).dataset
+    assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+    assert len({a.SOPInstanceUID, c.SOPInstanceUID, d.SOPInstanceUID}) == 3

@@ -205,7 +205,7 @@ def _drawn_prior_seg(ctx: Ctx, out_dir: Path) -> _DrawnPriorSeg | None:
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in inputs.prior.ct_files]
     revision = 1 if earlier is None else earlier.revision + 1
     supersedes = None if earlier is None else earlier.sop_instance_uid
-    res = write_drawn_prior_seg(sources, lesions, revision=revision, supersedes=supersedes)
+    res = write_drawn_prior_seg(sources, lesions, revision=revision, supersedes=supersedes, key=key)
     path = save_new(res.dataset, out_dir)
     return _DrawnPriorSeg(
         prior_seg=str(path),

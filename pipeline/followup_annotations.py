@@ -4,8 +4,9 @@ at that timepoint: the tracking loop segments those lesions there from the perso
 (``track_lesions(confirmed={1: ...})``) and propagates only the others from the prior.
 
 * :func:`person_annotations_on` — the annotation objects (SEG, TID 1500 SR, GSPS, RTSTRUCT) of the follow-up's study
-  that reference its CT series and were not written by us, and not already taken in as a correction of our result
-  (those are adopted by issue 16's verification path), oldest first;
+  that reference its CT series and were not written by us, and not a correction of our result (taken in, or a SEG
+  or SR received after our first result of the series: issue 16's verification path decides on those), oldest
+  first;
 * :func:`unmarked_lesions` — lesions the chosen prior annotation does not mark (a follow-up's annotation of a few
   lesions is the nearest of the next follow-up): reported "not assessed" and flagged, never silently dropped;
 * :func:`followup_prompts` — their prompts on the follow-up CT, each lesion under the prior's identity when its
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,10 +52,17 @@ def person_annotations_on(sf: sessionmaker[Session], series_uid: str) -> list[Pr
             .where(Series.study_pk == ct.study_pk, Series.modality.in_(sorted(PRIOR_ANNOTATION_MODALITIES)))
         ).all()
         taken_in = set(s.scalars(select(TimepointVerification.source_sop_instance_uid)))
-        for inst, _modality in rows:
+        first_result = _first_result_at(s, series_uid)
+        for inst, modality in rows:
             path = Path(inst.file_path)
             if inst.sop_instance_uid in taken_in or not path.is_file() or is_our_object(path):
                 continue
+            if (
+                first_result is not None
+                and (modality or "").upper() in ("SEG", "SR")
+                and _naive(inst.received_at) > first_result
+            ):
+                continue  # a SEG/SR after our result corrects it: issue 16's take-in decides (also when it refuses)
             try:
                 hdr = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception:
@@ -63,6 +72,23 @@ def person_annotations_on(sf: sessionmaker[Session], series_uid: str) -> list[Pr
                 continue
             found.append((content_key(path), PriorAnnotation(inst.sop_instance_uid, inst.sop_class_uid, kind, [path])))
     return [a for _key, a in sorted(found, key=lambda x: x[0])]
+
+
+def _naive(t: datetime) -> datetime:
+    return t.replace(tzinfo=None) if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
+
+
+def _first_result_at(session: Session, series_uid: str) -> datetime | None:
+    """When the first job of this series that issued results finished (UTC, naive); None: none did."""
+    from lesiontrack.db.models import AnalysisJob
+    from lesiontrack.pipeline.contract import WriteSegSrOutput, read_output
+
+    times = []
+    for j in session.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid)):
+        written = read_output(j.step_outputs or {}, WriteSegSrOutput)
+        if j.finished_at is not None and written is not None and written.files:
+            times.append(_naive(j.finished_at))
+    return min(times, default=None)
 
 
 def followup_prompts(

@@ -137,3 +137,17 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     for other in set(drawn) - {target}:
         assert by_id2[other].status == "not_evaluated" and by_id2[other].review
         assert any("not marked on the prior PR" in r for r in by_id2[other].review_reasons)
+    # a SEG arriving after our result corrects it (issue 16 decides, also when corrections are refused): not a
+    # prompt of this follow-up on a re-run
+    from lesiontrack.pipeline.contract import WriteSegSrOutput
+    from lesiontrack.pipeline.followup_annotations import person_annotations_on
+    from tests.correction_fixtures import write_correction
+
+    ours = read_output(outputs, WriteSegSrOutput)
+    assert ours is not None and ours.seg
+    corr = write_correction(ours.seg, patient.followups[0].files, tmp_path / "corr", add_centre_mm=(0.0, 0.0, 0.0))
+    again = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
+    assert ingest_file(again, corr.path).ok
+    again.close()
+    fu_objects = [a.sop_instance_uid for a in person_annotations_on(sf, patient.followups[0].series_uid)]
+    assert fu_objects == loaded.followup_annotations  # the arrow's GSPS only

@@ -168,18 +168,20 @@ CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_A
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
 
 
-#: where a lesion's prior came from (pipeline.drawn_priors.prompt_origin) → the SR's "Prior annotation" value
+#: where a lesion's prior came from (pipeline.drawn_priors.prompt_origin) → the SR's "Prior annotation" value; codes
+#: of their own (LT071-LT079: the first numbering, LT058-LT066, re-used LT058 "Maximum 3D diameter" and LT059, the
+#: concept name itself)
 PRIOR_ANNOTATION_CODES: dict[str, Code] = {
-    "seg": _local("LT058", "Segmentation (3-D outline)"),
-    "contours": _local("LT059", "Contours on every slice"),
-    "contour": _local("LT060", "Outline on one image"),
-    "ellipse": _local("LT061", "Ellipse on one image"),
-    "bidirectional": _local("LT062", "Bidirectional diameters on one image"),
-    "line": _local("LT063", "Single diameter on one image"),
-    "arrow": _local("LT064", "Arrow on one image"),
-    "point": _local("LT065", "Point on one image"),
-    "points": _local("LT065", "Point on one image"),
-    "box": _local("LT066", "Box"),
+    "seg": _local("LT071", "Segmentation (3-D outline)"),
+    "contours": _local("LT072", "Contours on every slice"),
+    "contour": _local("LT073", "Outline on one image"),
+    "ellipse": _local("LT074", "Ellipse on one image"),
+    "bidirectional": _local("LT075", "Bidirectional diameters on one image"),
+    "line": _local("LT076", "Single diameter on one image"),
+    "arrow": _local("LT077", "Arrow on one image"),
+    "point": _local("LT078", "Point on one image"),
+    "points": _local("LT078", "Point on one image"),
+    "box": _local("LT079", "Box"),
 }
 
 PROVENANCE_CODES: dict[str, Code] = {"verified": LT.VERIFIED, "from-verified": LT.FROM_VERIFIED, "machine": LT.MACHINE}

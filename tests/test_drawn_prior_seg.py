@@ -262,3 +262,14 @@ def test_follow_ups_analysed_at_once_issue_the_same_instance(site: dict[str, Any
     d = write_drawn_prior_seg(heads, lesions, key="k1", revision=2, supersedes=str(a.SOPInstanceUID)).dataset
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
     assert len({a.SOPInstanceUID, c.SOPInstanceUID, d.SOPInstanceUID}) == 3
+
+
+def test_every_local_code_value_means_one_thing() -> None:
+    """A code value of our scheme names one concept: the prior-annotation answers once re-used LT058 ("Maximum 3D
+    diameter") and LT059 (the "Prior annotation" concept itself)."""
+    from lesiontrack.pipeline.sr_writer import LT, PRIOR_ANNOTATION_CODES
+
+    meaning: dict[str, str] = {}
+    codes = [v for k, v in vars(LT).items() if not k.startswith("_")] + list(PRIOR_ANNOTATION_CODES.values())
+    for code in codes:
+        assert meaning.setdefault(code.value, code.meaning) == code.meaning, (code.value, meaning[code.value])

@@ -233,6 +233,9 @@ class LoadVolumesOutput(PipelineOutput):
     lesions: list[LesionRef]
     not_assessed: list[NotAssessedRecord] = Field(default_factory=list)
     annotation_warnings: list[str] = Field(default_factory=list)  # annotations that gave no lesion, named
+    #: a radiologist's annotations on this follow-up itself: person-made prompts here (pipeline.followup_annotations)
+    followup_annotations: list[str] = Field(default_factory=list)  # their SOP Instance UIDs
+    followup_lesions: list[LesionRef] = Field(default_factory=list)
 
 
 class RegisterOutput(PipelineOutput):
@@ -297,6 +300,15 @@ class WriteSegSrOutput(PipelineOutput):
     vanished: int
     viewer_sr: str | None = None  # the OHIF measurements SR (pipeline.viewer_sr), when a lesion has RECIST axes
     viewer_sr_sop_instance_uid: str | None = None
+    #: the SEG of the prior lesions derived from a drawing, on the prior study (pipeline.derived_prior_seg):
+    #: the one this job issued, or (``prior_seg_reused``) the one an earlier job issued from the same derivation
+    prior_seg: str | None = None
+    prior_seg_sop_instance_uid: str | None = None
+    prior_seg_series_uid: str | None = None  # the prior CT series it is on
+    prior_seg_key: str | None = None  # pipeline.derived_prior_seg.derivation_key
+    prior_seg_revision: int = 1
+    prior_seg_reused: bool = False
+    prior_seg_supersedes: str | None = None  # the SOP Instance UID of the drawn-prior SEG it replaces
 
     def still_valid(self) -> bool:
         return all(Path(f).is_file() for f in self.files)
@@ -387,6 +399,8 @@ class LoadedInputs:
     followup_files: list[Path]
     #: lesions of the prior annotation that cannot be prompts: reported "not assessed", flagged (issue 29)
     not_assessed: list[UnassessedSegment] = field(default_factory=list)
+    #: lesions a radiologist marked on the follow-up itself: prompts at that timepoint (pipeline.followup_annotations)
+    followup_prompts: list[Prompt] = field(default_factory=list)
 
 
 @dataclass

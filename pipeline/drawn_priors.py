@@ -6,6 +6,8 @@ CT, where each prompt came from, and the lower confidence of what follows from i
   lesion there, the engine segments the drawing's box as before, and the notes say so;
 * :func:`prompt_origin_meta` — ``prompt_origin`` (``seg``, ``contours``, ``line``, ``arrow``, …) and ``weak_prior``
   for the tracked lesion's meta (the SR and the dashboard show them);
+* :func:`drawn_diameters` — the radiologist's own diameters beside ours of the lesion derived from them (the SR
+  reports both and the difference);
 * :func:`weaken_for_origin` — a follow-up result propagated from a weak prior gets the ``prompt_origin`` signal
   (:data:`models.segmentation.drawing.WEAK_PRIOR_SCORE`), so an arrow's lesion is flagged for review.
 """
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.confidence import ConfidenceRules, LesionConfidence, Signal, with_signal
+
+if TYPE_CHECKING:
+    from lesiontrack.pipeline.sr_writer import DrawnDiameters
 
 
 @dataclass
@@ -109,3 +114,24 @@ def weaken_for_origin(
     score = WEAK_PRIOR_SCORE[DrawingKind(origin)]
     reason = f"prior lesion derived from a {origin} on one image, not yet confirmed by a person"
     return with_signal(conf, Signal(name="prompt_origin", value=None, score=score, reason=reason), rules)
+
+
+def drawn_diameters(prior_lesion: Any, prior_measurement: Any) -> DrawnDiameters | None:
+    """The radiologist's diameters drawn on the prior (``meta["drawn_diameters_mm"]``, :func:`prompt_origin_meta`)
+    beside ours of the derived lesion on the same CT (``prior_measurement``: its
+    :class:`~pipeline.measurements.LesionMeasurement`); None when nothing was measured. A single line on a lymph node
+    is its short axis (RECIST 1.1)."""
+    from lesiontrack.pipeline.sr_writer import DrawnDiameters
+
+    drawn = prior_lesion.meta.get("drawn_diameters_mm") if prior_lesion is not None else None
+    if not isinstance(drawn, list) or not drawn or not drawn[0] or prior_measurement is None:
+        return None
+    long_, short = float(drawn[0]), (None if len(drawn) < 2 or drawn[1] is None else float(drawn[1]))
+    if short is None and prior_measurement.is_node:
+        long_, short = 0.0, long_
+    return DrawnDiameters(
+        radiologist_long_mm=long_ or None,
+        radiologist_short_mm=short,
+        ours_long_mm=float(prior_measurement.long_axis_mm),
+        ours_short_mm=float(prior_measurement.short_axis_mm),
+    )

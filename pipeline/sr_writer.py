@@ -113,6 +113,11 @@ class LT:
     REVIEW_REASON = _local("LT057", "Reason for review")
     MAX_3D_DIAMETER = _local("LT058", "Maximum 3D diameter")
     PRIOR_ANNOTATION = _local("LT059", "Prior annotation the lesion was tracked from")
+    # the radiologist's own diameters on the prior (a drawn line, pair or ellipse) beside ours (issue 31)
+    DRAWN_LONG = _local("LT067", "Radiologist's long axis on the prior annotation")
+    DRAWN_SHORT = _local("LT068", "Radiologist's short axis on the prior annotation")
+    DRAWN_LONG_DIFF = _local("LT069", "Long axis of the derived prior lesion minus the radiologist's")
+    DRAWN_SHORT_DIFF = _local("LT070", "Short axis of the derived prior lesion minus the radiologist's")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -163,18 +168,20 @@ CHANGE_ABS_CODES = {"previous": LT.CHANGE_PREV_ABS, "baseline": LT.CHANGE_BASE_A
 CHANGE_PCT_CODES = {"previous": LT.CHANGE_PREV_PCT, "baseline": LT.CHANGE_BASE_PCT, "nadir": LT.CHANGE_NADIR_PCT}
 
 
-#: where a lesion's prior came from (pipeline.drawn_priors.prompt_origin) → the SR's "Prior annotation" value
+#: where a lesion's prior came from (pipeline.drawn_priors.prompt_origin) → the SR's "Prior annotation" value; codes
+#: of their own (LT071-LT079: the first numbering, LT058-LT066, re-used LT058 "Maximum 3D diameter" and LT059, the
+#: concept name itself)
 PRIOR_ANNOTATION_CODES: dict[str, Code] = {
-    "seg": _local("LT058", "Segmentation (3-D outline)"),
-    "contours": _local("LT059", "Contours on every slice"),
-    "contour": _local("LT060", "Outline on one image"),
-    "ellipse": _local("LT061", "Ellipse on one image"),
-    "bidirectional": _local("LT062", "Bidirectional diameters on one image"),
-    "line": _local("LT063", "Single diameter on one image"),
-    "arrow": _local("LT064", "Arrow on one image"),
-    "point": _local("LT065", "Point on one image"),
-    "points": _local("LT065", "Point on one image"),
-    "box": _local("LT066", "Box"),
+    "seg": _local("LT071", "Segmentation (3-D outline)"),
+    "contours": _local("LT072", "Contours on every slice"),
+    "contour": _local("LT073", "Outline on one image"),
+    "ellipse": _local("LT074", "Ellipse on one image"),
+    "bidirectional": _local("LT075", "Bidirectional diameters on one image"),
+    "line": _local("LT076", "Single diameter on one image"),
+    "arrow": _local("LT077", "Arrow on one image"),
+    "point": _local("LT078", "Point on one image"),
+    "points": _local("LT078", "Point on one image"),
+    "box": _local("LT079", "Box"),
 }
 
 PROVENANCE_CODES: dict[str, Code] = {"verified": LT.VERIFIED, "from-verified": LT.FROM_VERIFIED, "machine": LT.MACHINE}
@@ -215,6 +222,30 @@ class LesionReport:
     not_assessed_reason: str | None = None
     review_reasons: Sequence[str] = ()  # why it is flagged (pipeline.confidence); stated only when flagged
     prompt_origin: str | None = None  # what the prior was (PRIOR_ANNOTATION_CODES); None: not stated
+    #: the radiologist's own diameters on the prior beside ours of the lesion derived from them; None: not drawn
+    drawn: DrawnDiameters | None = None
+
+
+@dataclass(frozen=True)
+class DrawnDiameters:
+    """The radiologist's diameters drawn on the prior (mm; None: not drawn) and ours of the 3-D lesion derived from
+    the drawing, on the same prior CT (pipeline.drawn_priors.drawn_diameters)."""
+
+    radiologist_long_mm: float | None
+    radiologist_short_mm: float | None
+    ours_long_mm: float
+    ours_short_mm: float
+
+    def measurements(self) -> list[hd.sr.Measurement]:
+        """NUMs for the lesion's group: each of the radiologist's diameters, and ours minus theirs (mm)."""
+        out = []
+        for theirs, ours, name, diff in (
+            (self.radiologist_long_mm, self.ours_long_mm, LT.DRAWN_LONG, LT.DRAWN_LONG_DIFF),
+            (self.radiologist_short_mm, self.ours_short_mm, LT.DRAWN_SHORT, LT.DRAWN_SHORT_DIFF),
+        ):
+            if theirs is not None and theirs > 0:
+                out += [_num(name, theirs, MM), _num(diff, round(ours - theirs, 1), MM)]
+        return out
 
 
 @dataclass
@@ -408,6 +439,7 @@ def write_sr(
         if rep.prompt_origin in PRIOR_ANNOTATION_CODES:
             quals.append(hd.sr.QualitativeEvaluation(LT.PRIOR_ANNOTATION, PRIOR_ANNOTATION_CODES[rep.prompt_origin]))
         conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
+        conf_meas += rep.drawn.measurements() if rep.drawn is not None else []
         segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
         if seg is None or not m.present or segment_number is None:
             if m.present:

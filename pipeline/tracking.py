@@ -150,6 +150,7 @@ def track_lesions(
     options: TrackingOptions | None = None,
     progress: ProgressCallback | None = None,
     confirmed: Mapping[int, Sequence[Prompt]] | None = None,
+    partial: bool = False,
 ) -> list[Timepoint]:
     """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``.
 
@@ -158,6 +159,10 @@ def track_lesions(
     ``options.propagation == "annotation"`` (default) every timepoint is registered *directly* to that annotated
     timepoint and prompted with the person's mask warped onto it; our result at the neighbouring timepoint only
     serves as a consistency check. ``"chain"`` is the former autoregressive loop (benchmark baseline).
+
+    ``partial``: a ``confirmed`` timepoint marks only some lesions (a radiologist's arrow or line on a follow-up):
+    its other lesions are propagated there from their own nearest annotation. Without it a confirmed timepoint's
+    prompts are all its lesions (a reader's corrected SEG: what it leaves out is not there).
     """
     opts = options or TrackingOptions()
     if not 0 <= source_index < len(timepoints):
@@ -212,10 +217,13 @@ def track_lesions(
     if opts.propagation == "chain":
         _track_chain(timepoints, source_index, cache, segmentation, opts, tick)
     else:
+        every = {label for by in sources.values() for label in by}
         for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
             prev = source_index
             for t in order:
-                if t not in sources:
+                # partial: an annotated timepoint that marks only some lesions (an arrow re-finding a lost one, a
+                # re-measured line) gets its other lesions propagated there from their own nearest annotation
+                if t not in sources or (partial and every - set(sources[t])):
                     _propagate_direct(timepoints, t, prev, sources, cache, segmentation, opts, tick)
                 prev = t
     if progress:
@@ -233,9 +241,13 @@ def _propagate_direct(
     opts: TrackingOptions,
     tick: Callable[[str, int, str], None],
 ) -> None:
-    """Segment timepoint ``t`` from the nearest annotated timepoint of each lesion, registered directly to ``t``."""
+    """Segment timepoint ``t`` from the nearest annotated timepoint of each lesion, registered directly to ``t``.
+
+    Lesions a person annotated at ``t`` itself keep that annotation (and win voxels the propagated ones overlap)."""
     cur = timepoints[t]
-    all_labels = sorted({label for by in sources.values() for label in by})
+    annotated = list(cur.lesions) if t in sources else []
+    here = set(sources.get(t, {}))
+    all_labels = sorted({label for by in sources.values() for label in by} - here)
     previous = {les.identity.label: les for les in timepoints[prev_t].lesions}
     results: list[_StepResult] = []
     registered: set[int] = set()
@@ -260,8 +272,17 @@ def _propagate_direct(
                 les.meta[key] = prior_les.meta[key]
         results.append(_StepResult(les, warped))
         tick("segment", t, src.identity.tracking_id)
-    cur.lesions = _resolve_overlaps(results, cur.ct)
-    for les, res in zip(cur.lesions, results, strict=True):
+    taken = np.zeros(cur.ct.shape, bool)
+    for a in annotated:
+        taken |= a.mask.array > 0
+    for res in results if taken.any() else []:
+        lost = (res.lesion.mask.array > 0) & taken
+        if lost.any():
+            res.lesion.mask = res.lesion.mask.with_array(np.where(lost, 0, res.lesion.mask.array).astype(np.uint8))
+            res.lesion.notes.append(f"{int(lost.sum())} voxels left to a lesion a person annotated here")
+    propagated = _resolve_overlaps(results, cur.ct)
+    cur.lesions = sorted([*annotated, *propagated], key=lambda x: x.identity.label)
+    for les, res in zip(propagated, results, strict=True):
         nb = _consistency_check(
             les, previous.get(les.identity.label), opts, days_between(timepoints[prev_t].study_date, cur.study_date)
         )

@@ -220,7 +220,7 @@ def take_in_series(
 
     ``vouched``: the operator states that a person made or verified these objects (``lesiontrack track
     --confirmed``), so a result of ours among them counts as verified, like a reader's re-issued SEG."""
-    accepted: list[tuple[int, str, str]] = []  # (verification id, CT series, who)
+    accepted: list[tuple[int, str, str, bool]] = []  # (verification id, CT series, who, a drawn prior's SEG)
     with session_scope(sf) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if series is None:
@@ -237,6 +237,11 @@ def take_in_series(
             # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
             # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification
             targets = [u for u in header.references if our_seg_of_series(s, u) is not None]
+            # ... or the SEG we derived on a prior from a radiologist's drawing (pipeline.derived_prior_seg): its
+            # correction verifies the prior timepoint; later follow-ups are re-analysed from it (no adoption job)
+            prior_targets = [u for u in header.references if _drawn_prior_seg_on(s, u)]
+            if not targets and prior_targets:
+                targets = prior_targets
             if not targets:
                 notes.append(
                     f"{header.modality} annotates no series LesionTrack issued a result for (kept as prior annotation)"
@@ -293,13 +298,17 @@ def take_in_series(
                 modality=header.modality,
                 verified_by=v.verified_by,
             )
-            accepted.append((v.id, ct_uid, v.verified_by))
+            accepted.append((v.id, ct_uid, v.verified_by, ct_uid in prior_targets))
             notes.append(f"correction of {ct_uid}: verification {v.id}")
         if notes:
             series.routing_reason = ("annotation: " + "; ".join(notes))[:2000]
     jobs = JobStore(sf, actor=actor)
-    out = []
-    for vid, ct_uid, who in accepted:
+    out: list[int] = []
+    for vid, ct_uid, who, drawn_prior in accepted:
+        if drawn_prior:  # the prior was never analysed as a follow-up: nothing to adopt, later ones re-analysed
+            log.info("verification %s of the drawn prior on series %s: later follow-ups re-analysed", vid, ct_uid)
+            out += reanalyse_later(sf, vid, actor=actor, settings=settings)
+            continue
         with session_scope(sf) as s:
             latest = _latest_job(s, ct_uid)
         job = jobs.create(
@@ -398,6 +407,14 @@ def reanalyse_later(
             v.reanalysis_jobs = [*(v.reanalysis_jobs or []), *created]
             audit(s, actor, "verification.reanalysis", "verification", v.id, jobs=created, series=later)
     return created
+
+
+def _drawn_prior_seg_on(session: Session, series_uid: str) -> bool:
+    """Did LesionTrack issue a SEG of lesions derived from a radiologist's drawing on this (prior) CT series."""
+    from lesiontrack.pipeline.derived_prior_seg import earlier_drawn_prior_seg
+
+    patient_pk = _patient_of(session, series_uid)
+    return patient_pk is not None and earlier_drawn_prior_seg(session, patient_pk, series_uid) is not None
 
 
 def our_seg_of_series(session: Session, series_uid: str, before_job: int | None = None) -> str | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
+from pydantic import BaseModel
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,6 +38,7 @@ from lesiontrack.pipeline.verification import verified_sop_uids
 def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     from pydicom.uid import generate_uid
 
+    from lesiontrack.pipeline.drawn_priors import drawn_diameters
     from lesiontrack.pipeline.seg_writer import save_new, write_seg
     from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
     from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
@@ -75,6 +77,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             return "verified"
         return "from-verified" if prior_verified else "machine"
 
+    prior_lesions = {les.identity.tracking_uid: les for les in ctx.state.need_timepoints()[0].lesions}
     reports = [
         LesionReport(
             measured.current[les.identity.tracking_uid],
@@ -87,6 +90,9 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             confidence=None if conf is None else conf.confidence,
             review_reasons=[] if conf is None else list(conf.reasons),
             prompt_origin=les.meta.get("prompt_origin"),
+            drawn=drawn_diameters(
+                prior_lesions.get(les.identity.tracking_uid), measured.prior.get(les.identity.tracking_uid)
+            ),
         )
         for les in lesions
     ]
@@ -127,7 +133,10 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         series_description=f"{VIEWER_SERIES_DESCRIPTION} {label}",
     )
     viewer_path = save_new(viewer, out_dir) if viewer is not None else None
+    drawn = _drawn_prior_seg(ctx, out_dir)
     files = [str(p) for p in (seg_path, sr_path, viewer_path) if p is not None]
+    if drawn is not None and not drawn.prior_seg_reused and drawn.prior_seg:
+        files.append(drawn.prior_seg)  # sent with the results, so the radiologist sees what will be tracked
     seg_uid = str(seg_res.dataset.SOPInstanceUID) if seg_res is not None else None
     persist_observations(ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
     persist_search(ctx, seg_uid, seg_res.segment_numbers if seg_res else {}, out_dir)
@@ -149,6 +158,63 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         vanished=len(lesions) - len(present),
         viewer_sr=str(viewer_path) if viewer_path else None,
         viewer_sr_sop_instance_uid=str(viewer.SOPInstanceUID) if viewer is not None else None,
+        **(drawn.model_dump() if drawn is not None else {}),
+    )
+
+
+class _DrawnPriorSeg(BaseModel):
+    prior_seg: str | None
+    prior_seg_sop_instance_uid: str | None
+    prior_seg_series_uid: str
+    prior_seg_key: str
+    prior_seg_revision: int
+    prior_seg_reused: bool
+    prior_seg_supersedes: str | None = None
+
+
+def _drawn_prior_seg(ctx: Ctx, out_dir: Path) -> _DrawnPriorSeg | None:
+    """The SEG of the prior lesions derived from a radiologist's drawing, on the prior study — issued once per
+    derivation: the next follow-up of the same prior reuses it; a different derivation (another annotation, other
+    masks) issues a new one that supersedes it (pipeline.derived_prior_seg)."""
+    from lesiontrack.pipeline.derived_prior_seg import (
+        derivation_key,
+        drawn_lesions,
+        earlier_drawn_prior_seg,
+        write_drawn_prior_seg,
+    )
+    from lesiontrack.pipeline.seg_writer import save_new
+
+    inputs = ctx.state.need_inputs()
+    lesions = drawn_lesions(ctx.state.need_timepoints()[0].lesions)
+    if not lesions or not inputs.prior.annotations:
+        return None
+    prior_uid = inputs.prior.ct_series_uid
+    key = derivation_key(inputs.prior.annotations[0].sop_instance_uid, lesions)
+    patient_pk = ctx.outputs.get(MatchPriorsOutput).followup.patient_pk
+    with session_scope(ctx.services.session_factory) as s:
+        earlier = earlier_drawn_prior_seg(s, patient_pk, prior_uid, exclude_job=ctx.job_id)
+    if earlier is not None and earlier.key == key:
+        return _DrawnPriorSeg(
+            prior_seg=earlier.path,
+            prior_seg_sop_instance_uid=earlier.sop_instance_uid,
+            prior_seg_series_uid=prior_uid,
+            prior_seg_key=key,
+            prior_seg_revision=earlier.revision,
+            prior_seg_reused=True,
+        )
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in inputs.prior.ct_files]
+    revision = 1 if earlier is None else earlier.revision + 1
+    supersedes = None if earlier is None else earlier.sop_instance_uid
+    res = write_drawn_prior_seg(sources, lesions, revision=revision, supersedes=supersedes, key=key)
+    path = save_new(res.dataset, out_dir)
+    return _DrawnPriorSeg(
+        prior_seg=str(path),
+        prior_seg_sop_instance_uid=str(res.dataset.SOPInstanceUID),
+        prior_seg_series_uid=prior_uid,
+        prior_seg_key=key,
+        prior_seg_revision=revision,
+        prior_seg_reused=False,
+        prior_seg_supersedes=supersedes,
     )
 
 

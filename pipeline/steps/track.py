@@ -11,7 +11,7 @@ from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.base import Registration
-from lesiontrack.pipeline.confidence import lesion_confidence
+from lesiontrack.pipeline.confidence import ConfidenceRules, LesionConfidence, lesion_confidence
 from lesiontrack.pipeline.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
 from lesiontrack.pipeline.lesions import Timepoint, TrackedLesion
 from lesiontrack.pipeline.steps.services import Ctx
@@ -31,7 +31,6 @@ class _Precomputed:
 
 def track(ctx: Ctx) -> TrackOutput:
     from lesiontrack.models.engines import build_segmentation
-    from lesiontrack.pipeline.confidence import ConfidenceRules
     from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
 
     eng = ctx.services.settings.engines
@@ -63,7 +62,12 @@ def track(ctx: Ctx) -> TrackOutput:
                 boosting=ctx.services.settings.tracking.boosting,
                 confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking),
             ),
+            # a radiologist's lesions on this follow-up: segmented here from the person's drawing (issue 31)
+            confirmed={1: inputs.followup_prompts} if inputs.followup_prompts else None,
+            partial=True,
         )
+    if inputs.followup_prompts and ctx.state.adoption is None:
+        _weak_here(tps[1], ConfidenceRules.from_settings(ctx.services.settings.tracking))
     tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
     ctx.state.timepoints = tps
     return TrackOutput(
@@ -93,6 +97,19 @@ def track(ctx: Ctx) -> TrackOutput:
             for g in inputs.not_assessed
         ],
     )
+
+
+def _weak_here(tp: Timepoint, rules: ConfidenceRules | None) -> None:
+    """A lesion a radiologist marked on this follow-up with a line or an arrow (not a 3-D outline) carries the weak
+    prior's confidence there too, and is flagged for review until a person confirms it."""
+    from lesiontrack.pipeline.drawn_priors import weaken_for_origin
+
+    for les in tp.lesions:
+        if les.meta.get("annotated") and les.meta.get("weak_prior"):
+            base = LesionConfidence(confidence=1.0, review=False)
+            conf = weaken_for_origin(base, tp.lesions, les.identity.label, rules)
+            les.meta["confidence"] = conf
+            les.meta["review"] = bool(les.meta.get("review", False) or conf.review)
 
 
 def vanished_earlier(

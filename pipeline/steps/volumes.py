@@ -51,6 +51,13 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         retired = retired_lesions(s, match.followup.patient_pk)
         prompts = [p for p in prompts if p.identity.tracking_uid not in retired]
         not_assessed = [g for g in not_assessed if g.identity.tracking_uid not in retired]
+        if match.verification is None and prior.annotations[0].modality != PROMPT_FILE:
+            from lesiontrack.pipeline.followup_annotations import unmarked_lesions
+
+            ann0 = prior.annotations[0]
+            marked = {p.identity.tracking_uid for p in prompts} | {g.identity.tracking_uid for g in not_assessed}
+            label = f"the prior {ann0.modality} {ann0.sop_instance_uid} (series {prior.ct_series_uid})"
+            not_assessed += unmarked_lesions(s, match.followup.patient_pk, marked, label)
         if match.verification is not None:
             our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
             ctx.state.adoption = build_adoption(
@@ -62,6 +69,13 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
                 prompts,
                 ctx.services.settings.verification.overlap_match_dice,
             )
+    followup_anns, on_followup = [], []
+    if ctx.state.adoption is None:  # a person's lesions on this follow-up itself: prompts at this timepoint
+        from lesiontrack.pipeline.followup_annotations import followup_prompts, person_annotations_on
+
+        followup_anns = person_annotations_on(ctx.services.session_factory, ctx.series_uid)
+        on_followup = followup_prompts(followup_anns, followup_ct, prompts, annotation_warnings)
+        on_followup = [p for p in on_followup if p.identity.tracking_uid not in retired]
     if not prompts and ctx.state.adoption is None:
         ann = prior.annotations[0]
         if not_assessed:  # lesions are marked, none can be assessed: a visible failure, not "nothing to track"
@@ -70,7 +84,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
                 f"assessed: {not_assessed[0].reason}"
             )
         raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} marks no lesion")
-    ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files, not_assessed)
+    ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files, not_assessed, on_followup)
     return LoadVolumesOutput(
         followup_shape=list(followup_ct.shape),
         followup_spacing=[round(float(v), 4) for v in followup_ct.spacing],
@@ -85,6 +99,16 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
                 prompt_origin=prompt_origin(p),
             )
             for p in prompts
+        ],
+        followup_annotations=[a.sop_instance_uid for a in followup_anns],
+        followup_lesions=[
+            LesionRef(
+                tracking_uid=p.identity.tracking_uid,
+                tracking_id=p.identity.tracking_id,
+                kind=p.kind.value,
+                prompt_origin=prompt_origin(p),
+            )
+            for p in on_followup
         ],
         not_assessed=[
             NotAssessedRecord(tracking_uid=g.identity.tracking_uid, tracking_id=g.identity.tracking_id, reason=g.reason)

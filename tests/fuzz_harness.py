@@ -511,7 +511,7 @@ def run_cstores(
     dcmdump: bool = True,
 ) -> None:
     """Send every mutant over real associations (``per_association`` per association); classify each outcome
-    into ``report``."""
+    into ``report`` once the associations are over."""
     from pynetdicom import AE, _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -523,6 +523,7 @@ def run_cstores(
     work.mkdir(parents=True, exist_ok=True)
     assoc = None
     sent = 0
+    answers: list[tuple[Mutant, int, str]] = []
     for m in mutants:
         if assoc is None or not assoc.is_established or sent % per_association == 0:
             if assoc is not None and assoc.is_established:
@@ -548,12 +549,15 @@ def run_cstores(
             report.add(m.category, "hang")
             assoc = None
             continue
-        status = int(rsp.Status)
-        stored = stored_file(m.sop_uid) if status == 0 else None
-        verdict = oracle(stored, dcmdump=dcmdump) if stored is not None else None
-        _judge(m, status, str(rsp.get("ErrorComment", "")), stored, verdict, held, report)
+        answers.append((_light(m), int(rsp.Status), str(rsp.get("ErrorComment", ""))))
     if assoc is not None and assoc.is_established:
         assoc.release()
+    # judged once the associations are over: an oracle run between two C-STOREs (a JPEG 2000 decode on a busy
+    # machine) could keep an association idle past the node's network timeout, which then rightly aborts it
+    for m, status, comment in answers:
+        stored = stored_file(m.sop_uid) if status == 0 else None
+        verdict = oracle(stored, dcmdump=dcmdump) if stored is not None else None
+        _judge(m, status, comment, stored, verdict, held, report)
 
 
 class Receives(Protocol):

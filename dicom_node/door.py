@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from math import isfinite
 
 from lesiontrack.dicom_node.storage import FIRST_FRAGMENT
 
@@ -101,13 +102,17 @@ class _Bad(Exception):
     pass
 
 
+_ABSENT = (b"", 0)
+_U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
+
+
 def _us(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], tag: int, little: bool) -> int:
     """One US value (VR US, or unchecked under implicit VR), or _Bad naming the attribute."""
     v = raw.get(tag, b"")
-    vr = present.get(tag, (b"", 0))[0]
+    vr = present.get(tag, _ABSENT)[0]
     if len(v) != 2 or vr not in (b"US", b""):
         raise _Bad(f"{_NAMES[tag]} is not one US value")
-    return int(struct.unpack("<H" if little else ">H", v)[0])
+    return int(_U16[little].unpack(v)[0])
 
 
 def _text(raw: dict[int, bytes], tag: int) -> str:
@@ -119,7 +124,7 @@ def _text(raw: dict[int, bytes], tag: int) -> str:
 
 def _numbers(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], tag: int, count: int | None) -> None:
     """A DS (or IS) value of ``count`` numbers (any count when None); _Bad when one does not parse."""
-    vr = present.get(tag, (b"", 0))[0]
+    vr = present.get(tag, _ABSENT)[0]
     if vr not in (b"DS", b"IS", b""):
         raise _Bad(f"{_NAMES[tag]} has VR {vr.decode('ascii', 'replace')}, not DS")
     parts = _text(raw, tag).split("\\")
@@ -130,7 +135,7 @@ def _numbers(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], tag: 
             x = float(p)
         except ValueError:
             raise _Bad(f"{_NAMES[tag]} holds a value that is not a number") from None
-        if x != x or x in (float("inf"), float("-inf")):
+        if not isfinite(x):  # NaN or infinite
             raise _Bad(f"{_NAMES[tag]} holds a value that is not a finite number")
 
 

@@ -8,6 +8,7 @@ crash left without a row (issue 18).
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -99,6 +101,22 @@ _TAGS = {
 _TEXT = {"SeriesDescription", "PatientID", "IssuerOfPatientID", "AccessionNumber"}
 
 
+def _convert(specific_character_set: bytes) -> tuple[str, ...]:
+    cs = specific_character_set.decode("ascii", "replace").strip(" \x00")
+    return tuple(convert_encodings([c.strip() for c in cs.split("\\")] if cs else ["ISO_IR 6"]))
+
+
+_convert_cached = functools.lru_cache(maxsize=64)(_convert)
+
+
+def _encodings(specific_character_set: bytes) -> tuple[str, ...]:
+    """Python codecs for a raw Specific Character Set value; remembered for short values (a series sends the same
+    value with every instance; a long one from a faulty peer is not kept)."""
+    if len(specific_character_set) <= 256:
+        return _convert_cached(specific_character_set)
+    return _convert(specific_character_set)
+
+
 class Header:
     """The few header values ingest needs, read from raw element bytes during the structure walk; ``raw`` and
     ``present`` (every top-level tag's VR and length) as the walk left them, for the door's content check."""
@@ -106,10 +124,7 @@ class Header:
     def __init__(self, raw: dict[int, bytes], present: dict[int, tuple[bytes, int]] | None = None) -> None:
         self.raw = raw
         self.present: dict[int, tuple[bytes, int]] = present if present is not None else {}
-        from pydicom.charset import convert_encodings, decode_bytes
-
-        cs = raw.get(_TAGS["SpecificCharacterSet"], b"").decode("ascii", "replace").strip(" \x00")
-        encodings = convert_encodings([c.strip() for c in cs.split("\\")] if cs else ["ISO_IR 6"])
+        encodings = _encodings(raw.get(_TAGS["SpecificCharacterSet"], b""))
         self._values: dict[str, str] = {}
         for name, tag in _TAGS.items():
             v = raw.get(tag, b"")

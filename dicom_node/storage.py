@@ -47,6 +47,12 @@ _VALUE_SIZE = {
     b"US": 2, b"SS": 2, b"OW": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"AT": 4, b"OF": 4, b"OL": 4,
     b"FD": 8, b"SV": 8, b"UV": 8, b"OD": 8, b"OV": 8,
 }  # fmt: skip
+#: per byte order: (tag, VR, short length) of an explicit VR header, (tag, length) of an implicit VR header or an
+#: item, the 4-byte length after a long VR's reserved bytes
+_HEADERS = {
+    little: (struct.Struct(f"{e}HH2sH"), struct.Struct(f"{e}HHI"), struct.Struct(f"{e}I"))
+    for little, e in ((True, "<"), (False, ">"))
+}
 #: the dictionary VR of a standard tag as the walker needs it (implicit VR): b"" when unknown, private or ambiguous
 _DICT_VR: dict[int, bytes] = {}
 
@@ -139,12 +145,15 @@ def _walk(
     """Walk elements from ``pos``; return the position after the last one (or after an item delimiter)."""
     if depth > MAX_NESTING:
         raise InvalidDataset(f"sequences nested deeper than {MAX_NESTING} levels")
-    e = "<" if little else ">"
+    tag_vr_length, tag_length, long_length = _HEADERS[little]  # compiled once: no format parsing per element
     last_tag = -1
     while pos < stop:
         if pos + 8 > stop:
             raise InvalidDataset(f"truncated element header at byte {pos}")
-        group, elem = struct.unpack_from(e + "HH", data, pos)
+        if implicit:
+            group, elem, length = tag_length.unpack_from(data, pos)
+        else:
+            group, elem, vr, length = tag_vr_length.unpack_from(data, pos)
         tag = (group << 16) | elem
         if tag == 0xFFFEE00D:  # item delimitation
             return pos + 8
@@ -154,23 +163,19 @@ def _walk(
             raise InvalidDataset(f"elements out of order at byte {pos} (tag {tag:08X})")
         last_tag = tag
         if implicit:
-            length = struct.unpack_from(e + "I", data, pos + 4)[0]
             vr = b"SQ" if length == _UNDEFINED else _implicit_vr(tag, length)
-            size = _VALUE_SIZE.get(vr)
             pos += 8
         else:
-            vr = data[pos + 4 : pos + 6]
             if vr not in KNOWN_VRS:
                 raise InvalidDataset(f"invalid VR {bytes(vr)!r} at byte {pos + 4} (tag {tag:08X})")
             if vr in _LONG_VRS:
                 if pos + 12 > stop:
                     raise InvalidDataset(f"truncated element header at byte {pos}")
-                length = struct.unpack_from(e + "I", data, pos + 8)[0]
+                length = long_length.unpack_from(data, pos + 8)[0]
                 pos += 12
             else:
-                length = struct.unpack_from(e + "H", data, pos + 6)[0]
                 pos += 8
-            size = _VALUE_SIZE.get(vr)
+        size = _VALUE_SIZE.get(vr)
         if size is not None and length % size and length != _UNDEFINED:
             raise InvalidDataset(
                 f"element ({group:04X},{elem:04X}) {vr.decode('ascii', 'replace')} value of {length} bytes "
@@ -231,9 +236,9 @@ def _implicit_vr(tag: int, length: int) -> bytes:
 
 def _walk_items(data: bytes, pos: int, stop: int, implicit: bool, little: bool, depth: int, delimited: bool) -> int:
     """Items of a sequence from ``pos``: each item's dataset walked (one level deeper)."""
-    e = "<" if little else ">"
+    item_header = _HEADERS[little][1]
     while pos + 8 <= stop:
-        group, elem, length = struct.unpack_from(e + "HHI", data, pos)
+        group, elem, length = item_header.unpack_from(data, pos)
         tag = (group << 16) | elem
         pos += 8
         if tag == 0xFFFEE0DD:
@@ -270,10 +275,10 @@ def _walk_defined_sequence(data: bytes, pos: int, stop: int, implicit: bool, lit
 def _walk_fragments(data: bytes, pos: int, stop: int, little: bool, first: list[int] | None = None) -> int:
     """Encapsulated pixel data: an offset table item and fragments (defined-length items), then the delimiter;
     ``first`` receives [offset, length] of the first fragment after the offset table."""
-    e = "<" if little else ">"
+    item_header = _HEADERS[little][1]
     items = 0
     while pos + 8 <= stop:
-        group, elem, length = struct.unpack_from(e + "HHI", data, pos)
+        group, elem, length = item_header.unpack_from(data, pos)
         tag = (group << 16) | elem
         pos += 8
         if tag == 0xFFFEE0DD:

@@ -1,6 +1,7 @@
 """Fuzzing the Storage SCP from a seed: mutated C-STOREs and malformed PDUs, with an independent oracle.
 
-Used by ``tests/test_dicom_node_fuzz.py`` (a few hundred inputs, in CI) and ``bench/fuzz.py`` (≥ 10,000).
+Used by ``tests/test_dicom_node_fuzz.py`` (≥ 10,000 inputs in CI, most in process) and ``bench/fuzz.py`` (≥ 10,000,
+all over the wire).
 
 * :func:`cstore_mutants` — seeds are real CT slices (GE native explicit VR, re-encoded implicit VR and deflated,
   Siemens JPEG 2000), cropped small so thousands fit on a disk; 17 mutation operators (truncation, byte flips,
@@ -10,8 +11,10 @@ Used by ``tests/test_dicom_node_fuzz.py`` (a few hundred inputs, in CI) and ``be
 * :func:`pdu_inputs` — malformed PDU-level byte strings before association (unknown types, huge declared
   lengths, truncated and bit-flipped A-ASSOCIATE-RQs, even context IDs, P-DATA before association) and after a
   valid association (garbage P-DATA, bad PDV headers, wrong-length release).
-* :func:`oracle` — is a stored file really valid? pydicom full parse + every value + pixel decode, and dcmdump.
-* :func:`run_cstores` / :func:`run_pdus` send them and classify every outcome: refused, accepted-valid,
+* :func:`oracle` — is a stored file really valid? pydicom full parse + every value + pixel decode, and dcmdump
+  (:func:`oracle_many`: dcmdump once per hundred files).
+* :func:`run_cstores` / :func:`run_pdus` send them over real associations, :func:`receive_in_process` hands
+  C-STOREs to the door as the SCP's C-STORE handler does; each outcome is classified: refused, accepted-valid,
   accepted-invalid-but-held (the integrity check before analysis flags it), **invalid accepted as valid**,
   **crash** (status 0xA700 "internal error"), **hang** (no answer within the timeouts).
 """
@@ -31,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -38,6 +42,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
+
+from lesiontrack.dicom_node.ingest import IngestResult, RequestMeta
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "interop"
 if not SHARED.is_dir():
@@ -186,13 +192,40 @@ def cstore_mutants(n: int, seed: int = 19) -> Iterator[Mutant]:
         yield _mutate(rng, s, cat)
 
 
+_ENCODED: dict[tuple[str, bool], tuple[bytes, bytes]] = {}
+
+
+def _with_sop_uid(s: Seed, implicit: bool, uid: str) -> bytes:
+    """``s.ds`` with SOP Instance UID ``uid``, encoded (implicit or explicit VR little endian) byte for byte as
+    :func:`encode` would: the seed is encoded once, its (0008,0018) element cut out and written anew per mutant."""
+    key = (s.name, implicit)
+    if key not in _ENCODED:
+        ds = copy.deepcopy(s.ds)
+        ds.SOPInstanceUID = "2.25.1"
+        body = encode(ds, IMPLICIT if implicit else EXPLICIT)
+        pos, hl, ln = next(e for e in _element_offsets(body, implicit) if body[e[0] : e[0] + 4] == b"\x08\x00\x18\x00")
+        _ENCODED[key] = (body[:pos], body[pos + hl + ln :])
+    head, tail = _ENCODED[key]
+    value = uid.encode("ascii") + (b"\x00" if len(uid) % 2 else b"")
+    tag = b"\x08\x00\x18\x00"
+    element = tag + struct.pack("<I", len(value)) if implicit else tag + b"UI" + struct.pack("<H", len(value))
+    return head + element + value + tail
+
+
+#: the operators that change the dataset before it is encoded
+_DATASET_OPERATORS = frozenset({"uid_too_long", "uid_charset", "uid_missing", "pixel_length_mismatch",
+                                "defined_seq_corrupt"})  # fmt: skip
+
+
 def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
-    ds = copy.deepcopy(s.ds)  # Dataset.copy() is shallow: a mutation would leak into the seed
     uid = f"2.25.{rng.getrandbits(96)}"  # from the seed: a run is reproducible byte for byte
-    ds.SOPInstanceUID = uid
-    ts, sop_class = s.ts, str(ds.SOPClassUID)
+    ts, sop_class = s.ts, str(s.ds.SOPClassUID)
     native = ts in (EXPLICIT, IMPLICIT, DEFLATED)
     plain_ts = EXPLICIT if ts == DEFLATED else ts  # byte-level mutators work on plain (inflated) bytes
+    ds = s.ds
+    if cat in _DATASET_OPERATORS:
+        ds = copy.deepcopy(s.ds)  # Dataset.copy() is shallow: a mutation would leak into the seed
+        ds.SOPInstanceUID = uid
     if cat == "uid_too_long":
         setattr(ds, rng.choice(["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]),
                 "1.2.826.0.1.3680043.8.498." + "7" * rng.randint(39, 80))  # fmt: skip
@@ -219,8 +252,11 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
         item.is_undefined_length_sequence_item = False
         ds.ReferencedImageSequence = Sequence([item])
         ds["ReferencedImageSequence"].is_undefined_length = False
-    body = encode(ds, plain_ts)
     implicit = plain_ts == IMPLICIT
+    if cat in _DATASET_OPERATORS:
+        body = encode(ds, plain_ts)
+    else:  # only the SOP Instance UID differs from the seed: spliced into its encoding (same bytes, 1/10 the time)
+        body = _with_sop_uid(s, implicit, uid)
     if cat == "deep_nesting":  # raw bytes: pydicom's own writer recurses itself to death at these depths
         body = _insert_nested(body, implicit, rng.choice([25, 40, 200, 600, 1000, 5000]))
     if cat == "defined_seq_corrupt":
@@ -398,6 +434,21 @@ def oracle(path: Path, dcmdump: bool = True) -> str | None:
     return None
 
 
+def oracle_many(paths: list[Path], dcmdump: bool = True, batch: int = 100) -> dict[Path, str | None]:
+    """:func:`oracle` for many files: pydicom file by file, dcmdump once per ``batch`` files (a batch that fails
+    is read again file by file, to name the ones dcmdump refuses)."""
+    verdicts = {p: oracle(p, dcmdump=False) for p in paths}
+    if dcmdump:
+        ok = [p for p, v in verdicts.items() if v is None]
+        for i in range(0, len(ok), batch):
+            part = ok[i : i + batch]
+            r = subprocess.run(["dcmdump", "-q", "+E", *map(str, part)], capture_output=True, timeout=600)
+            if r.returncode != 0:
+                for p in part:
+                    verdicts[p] = oracle(p, dcmdump=True)
+    return verdicts
+
+
 # -- running ----------------------------------------------------------------------------------------------------
 
 
@@ -417,6 +468,38 @@ class FuzzReport:
         self.by_category.setdefault(category, Counter())[outcome] += 1
 
 
+def _judge(
+    m: Mutant,
+    status: int,
+    comment: str,
+    stored: Path | None,
+    verdict: str | None,
+    held: Callable[[Path], str | None],
+    report: FuzzReport,
+) -> None:
+    """Classify one answered C-STORE into ``report`` (``verdict``: the oracle's, for a stored file)."""
+    if status == 0xA700 and "internal error" in comment:
+        report.crashes.append(f"{m.category}/{m.seed}: {comment}")
+        report.add(m.category, "crash")
+        return
+    if status != 0:
+        if m.category == "control":
+            report.controls_refused.append(f"{m.seed}: 0x{status:04X} {comment}")
+        report.add(m.category, f"refused_0x{status:04X}")
+        return
+    if stored is None:
+        report.crashes.append(f"{m.category}/{m.seed}: Success but nothing stored")
+        report.add(m.category, "crash")
+        return
+    if verdict is None:
+        report.add(m.category, "accepted_valid")
+    elif held(stored):
+        report.add(m.category, "accepted_held_before_analysis")
+    else:
+        report.invalid_accepted.append(f"{m.category}/{m.seed}: {verdict}")
+        report.add(m.category, "invalid_accepted_as_valid")
+
+
 def run_cstores(
     port: int,
     mutants: Iterator[Mutant],
@@ -427,7 +510,8 @@ def run_cstores(
     per_association: int = 50,
     dcmdump: bool = True,
 ) -> None:
-    """Send every mutant (``per_association`` per association); classify each outcome into ``report``."""
+    """Send every mutant over real associations (``per_association`` per association); classify each outcome
+    into ``report`` once the associations are over."""
     from pynetdicom import AE, _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -439,6 +523,7 @@ def run_cstores(
     work.mkdir(parents=True, exist_ok=True)
     assoc = None
     sent = 0
+    answers: list[tuple[Mutant, int, str]] = []
     for m in mutants:
         if assoc is None or not assoc.is_established or sent % per_association == 0:
             if assoc is not None and assoc.is_established:
@@ -464,32 +549,81 @@ def run_cstores(
             report.add(m.category, "hang")
             assoc = None
             continue
-        status = int(rsp.Status)
-        comment = str(rsp.get("ErrorComment", ""))
-        if status == 0xA700 and "internal error" in comment:
-            report.crashes.append(f"{m.category}/{m.seed}: {comment}")
-            report.add(m.category, "crash")
-            continue
-        if status != 0:
-            if m.category == "control":
-                report.controls_refused.append(f"{m.seed}: 0x{status:04X} {comment}")
-            report.add(m.category, f"refused_0x{status:04X}")
-            continue
-        stored = stored_file(m.sop_uid)
-        if stored is None:
-            report.crashes.append(f"{m.category}/{m.seed}: Success but nothing stored")
-            report.add(m.category, "crash")
-            continue
-        verdict = oracle(stored, dcmdump=dcmdump)
-        if verdict is None:
-            report.add(m.category, "accepted_valid")
-        elif held(stored):
-            report.add(m.category, "accepted_held_before_analysis")
-        else:
-            report.invalid_accepted.append(f"{m.category}/{m.seed}: {verdict}")
-            report.add(m.category, "invalid_accepted_as_valid")
+        answers.append((_light(m), int(rsp.Status), str(rsp.get("ErrorComment", ""))))
     if assoc is not None and assoc.is_established:
         assoc.release()
+    # judged once the associations are over: an oracle run between two C-STOREs (a JPEG 2000 decode on a busy
+    # machine) could keep an association idle past the node's network timeout, which then rightly aborts it
+    for m, status, comment in answers:
+        stored = stored_file(m.sop_uid) if status == 0 else None
+        verdict = oracle(stored, dcmdump=dcmdump) if stored is not None else None
+        _judge(m, status, comment, stored, verdict, held, report)
+
+
+class Receives(Protocol):
+    """What the Storage SCP's C-STORE handler calls (:meth:`dicom_node.ingest.Ingestor.receive`)."""
+
+    def receive(
+        self,
+        meta: RequestMeta,
+        dataset_bytes: bytes,
+        calling_ae: str | None = None,
+        peer: str | None = None,
+        association: str | None = None,
+    ) -> IngestResult: ...
+
+
+def receive_in_process(
+    ingestor: Receives,
+    mutants: Iterator[Mutant],
+    settle: Callable[[], object],
+    stored_files: Callable[[list[str]], dict[str, Path]],
+    held: Callable[[Path], str | None],
+    report: FuzzReport,
+    chunk: int = 500,
+    per_association: int = 50,
+    dcmdump: bool = True,
+) -> None:
+    """Hand every mutant to the door as the SCP's C-STORE handler does, without the network in between.
+
+    ``Receiver._on_store`` (:mod:`dicom_node.scp`) builds a :class:`RequestMeta` from the request's Affected SOP
+    Class / Instance UIDs and the presentation context's transfer syntax and passes the dataset bytes exactly as
+    the peer sent them (pynetdicom hands them over undecoded) to ``Ingestor.receive``; here the same call gets the
+    same three strings and bytes that :func:`part10` would put in the file that :func:`run_cstores` sends. What
+    the network adds (PDU framing, DIMSE, presentation contexts) is fuzzed over real associations by
+    :func:`run_cstores` and :func:`run_pdus`. Outcomes are judged as there, in chunks: after each chunk the
+    indexer settles, the rows are looked up at once and the stored files go through :func:`oracle_many`."""
+    import itertools
+    import uuid
+
+    association = str(uuid.uuid4())
+    done = 0
+    while batch := list(itertools.islice(mutants, chunk)):
+        answers: list[tuple[Mutant, int, str]] = []
+        for m in batch:
+            if done % per_association == 0:
+                association = str(uuid.uuid4())
+            done += 1
+            r = ingestor.receive(
+                RequestMeta(m.sop_class, m.sop_uid, m.ts),
+                m.body,
+                calling_ae="FUZZER",
+                peer="127.0.0.1",
+                association=association,
+            )
+            answers.append((_light(m), r.status, r.comment))
+        del batch
+        settle()
+        stored = stored_files([m.sop_uid for m, status, _ in answers if status == 0])
+        verdicts = oracle_many(list(stored.values()), dcmdump=dcmdump)
+        for m, status, comment in answers:
+            path = stored.get(m.sop_uid) if status == 0 else None
+            _judge(m, status, comment, path, verdicts.get(path) if path else None, held, report)
+
+
+def _light(m: Mutant) -> Mutant:
+    """The mutant without its bytes (a chunk's answers are kept until it is judged)."""
+    return Mutant(m.category, m.seed, m.ts, m.sop_class, m.sop_uid, b"")
 
 
 def _exchange(port: int, inp: PduInput, source: str, deadline_s: float) -> str:

@@ -687,6 +687,35 @@ def _move_bowel(anat: _Anatomy, rng: np.random.Generator) -> None:
     anat.bowel_offset = np.clip(rng.normal(0.0, 8.0, 3), -20.0, 20.0)
 
 
+def _burn_lesions(lesions: list[LesionInfo], h: Array, labels: Array, xyz: tuple[Array, Array, Array]) -> None:
+    """Paint the lesions that reach into one slab: HU into ``h``, their labels into ``labels`` (the slab's view)."""
+    xb, yb, zb = (np.broadcast_to(v, h.shape) for v in xyz)
+    zs = xyz[2][:, 0, 0]
+    for info in lesions:
+        c, reach = np.array(info.center_mm), info.radius_mm * 2.6 + 2
+        if c[2] + reach < zs[0] or c[2] - reach > zs[-1]:
+            continue
+        box = (np.abs(xb - c[0]) < reach) & (np.abs(yb - c[1]) < reach) & (np.abs(zb - c[2]) < reach)
+        idx = np.nonzero(box)
+        f = _lesion_field(info, xb[idx], yb[idx], zb[idx])
+        inside = f < 0
+        sel = tuple(a[inside] for a in idx)
+        h[sel] = _lesion_hu(info, xb[idx][inside], yb[idx][inside], zb[idx][inside], h[sel])
+        labels[sel] = info.label
+
+
+def _blur_and_noise(hu: Array, sp: Array, blur_mm: float, noise_hu: float, nrng: np.random.Generator) -> Array:
+    """Partial-volume blur (system PSF) and correlated noise, rounded and clipped to int16 HU."""
+    sig = np.maximum(blur_mm / sp[::-1], 0.0)
+    if np.any(sig > 0):
+        hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest", truncate=3.0)
+    noise = nrng.standard_normal(hu.shape, dtype=np.float32)
+    noise = ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), truncate=2.5)
+    noise *= np.float32(noise_hu / max(float(noise.std()), 1e-6))
+    hu += noise
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+
+
 def make_phantom(
     seed: int = 0,
     shape: tuple[int, int, int] = (100, 160, 160),
@@ -730,31 +759,10 @@ def make_phantom(
         zs = (origin[2] + sp[2] * np.arange(k0, k1)).astype(np.float32)
         z3, y3, x3 = zs[:, None, None], ys[None, :, None], xs[None, None, :]
         h, o = anat.evaluate(x3, y3, z3, axes=(xs, ys, zs), voxel_mm=float(sp.min()))
-        xb, yb, zb = (np.broadcast_to(v, h.shape) for v in (x3, y3, z3))
-        for info in lesions:
-            c, reach = np.array(info.center_mm), info.radius_mm * 2.6 + 2
-            if c[2] + reach < zs[0] or c[2] - reach > zs[-1]:
-                continue
-            box = (np.abs(xb - c[0]) < reach) & (np.abs(yb - c[1]) < reach) & (np.abs(zb - c[2]) < reach)
-            idx = np.nonzero(box)
-            f = _lesion_field(info, xb[idx], yb[idx], zb[idx])
-            inside = f < 0
-            sel = tuple(a[inside] for a in idx)
-            h[sel] = _lesion_hu(info, xb[idx][inside], yb[idx][inside], zb[idx][inside], h[sel])
-            labels[k0:k1][sel] = info.label
+        _burn_lesions(lesions, h, labels[k0:k1], (x3, y3, z3))
         hu[k0:k1] = h
         organs[k0:k1] = o
-
-    # partial-volume blur (system PSF) and correlated noise
-    sig = np.maximum(blur_mm / sp[::-1], 0.0)
-    if np.any(sig > 0):
-        hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest", truncate=3.0)
-    nrng = np.random.default_rng([seed, 2])
-    noise = nrng.standard_normal(shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), truncate=2.5)
-    noise *= np.float32(noise_hu / max(float(noise.std()), 1e-6))
-    hu += noise
-    ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    ct = _blur_and_noise(hu, sp, blur_mm, noise_hu, np.random.default_rng([seed, 2]))
 
     ct_vol = Volume(ct, origin, sp, np.eye(3), {"phantom_seed": seed, "PatientID": f"PHANTOM-{seed:04d}"})
     lesion_vol = Volume(labels, origin, sp, np.eye(3), {"phantom_seed": seed})

@@ -153,39 +153,15 @@ def _walk(
         if top_level and tag <= last_tag:
             raise InvalidDataset(f"elements out of order at byte {pos} (tag {tag:08X})")
         last_tag = tag
-        if implicit:
-            length = struct.unpack_from(e + "I", data, pos + 4)[0]
-            vr = b"SQ" if length == _UNDEFINED else _implicit_vr(tag, length)
-            size = _VALUE_SIZE.get(vr)
-            pos += 8
-        else:
-            vr = data[pos + 4 : pos + 6]
-            if vr not in KNOWN_VRS:
-                raise InvalidDataset(f"invalid VR {bytes(vr)!r} at byte {pos + 4} (tag {tag:08X})")
-            if vr in _LONG_VRS:
-                if pos + 12 > stop:
-                    raise InvalidDataset(f"truncated element header at byte {pos}")
-                length = struct.unpack_from(e + "I", data, pos + 8)[0]
-                pos += 12
-            else:
-                length = struct.unpack_from(e + "H", data, pos + 6)[0]
-                pos += 8
-            size = _VALUE_SIZE.get(vr)
-        if size is not None and length % size and length != _UNDEFINED:
-            raise InvalidDataset(
-                f"element ({group:04X},{elem:04X}) {vr.decode('ascii', 'replace')} value of {length} bytes "
-                f"(a multiple of {size} needed)"
-            )
+        vr, length, pos = _element_header(data, pos, stop, tag, implicit, e)
         if present is not None:
             present[tag] = (vr, length)
-        if top_level and tag in _PIXEL_TAGS:
-            encapsulated = length == _UNDEFINED
-            if tag == 0x7FE00010 and encapsulated == native:
-                raise InvalidDataset(
-                    "encapsulated pixel data under a native transfer syntax"
-                    if encapsulated
-                    else "native pixel data under a compressed (encapsulated) transfer syntax"
-                )
+        if top_level and tag == 0x7FE00010 and (length == _UNDEFINED) == native:
+            raise InvalidDataset(
+                "encapsulated pixel data under a native transfer syntax"
+                if native
+                else "native pixel data under a compressed (encapsulated) transfer syntax"
+            )
         if length == _UNDEFINED:
             if tag == 0x7FE00010:
                 first = [0, 0]
@@ -205,6 +181,34 @@ def _walk(
     if until_delim:
         raise InvalidDataset("missing item delimiter")
     return pos
+
+
+def _element_header(data: bytes, pos: int, stop: int, tag: int, implicit: bool, e: str) -> tuple[bytes, int, int]:
+    """The VR (under implicit VR the dictionary's, b"" when not checked) and value length of the element whose
+    tag is at ``pos``, and the position of its value; a binary VR's length must be a multiple of its value size."""
+    if implicit:
+        length = struct.unpack_from(e + "I", data, pos + 4)[0]
+        vr = b"SQ" if length == _UNDEFINED else _implicit_vr(tag, length)
+        pos += 8
+    else:
+        vr = data[pos + 4 : pos + 6]
+        if vr not in KNOWN_VRS:
+            raise InvalidDataset(f"invalid VR {bytes(vr)!r} at byte {pos + 4} (tag {tag:08X})")
+        if vr in _LONG_VRS:
+            if pos + 12 > stop:
+                raise InvalidDataset(f"truncated element header at byte {pos}")
+            length = struct.unpack_from(e + "I", data, pos + 8)[0]
+            pos += 12
+        else:
+            length = struct.unpack_from(e + "H", data, pos + 6)[0]
+            pos += 8
+    size = _VALUE_SIZE.get(vr)
+    if size is not None and length % size and length != _UNDEFINED:
+        raise InvalidDataset(
+            f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr.decode('ascii', 'replace')} value of {length} bytes "
+            f"(a multiple of {size} needed)"
+        )
+    return vr, length, pos
 
 
 def _implicit_vr(tag: int, length: int) -> bytes:

@@ -192,11 +192,8 @@ def _detect(
         return []
     labels, keep, peak = found
 
-    tracked_w = None
-    if tracked is not None and tracked.any():
-        tracked_w = _block_any(tracked.astype(bool), f_kji)
+    tracked_w = _block_any(tracked.astype(bool), f_kji) if tracked is not None and tracked.any() else None
     margin = _box(opt.exclusion_margin_mm, sp_kji)
-    gas_zone = maps.gas_zone
     objects = ndi.find_objects(labels)
     out: list[NewLesionCandidate] = []
     for lab in np.nonzero(keep)[0]:
@@ -210,7 +207,7 @@ def _detect(
         if cand is None:
             continue
         conf, tissue_ch, diameter, elong, strength = cand
-        reject, ratio, iso = _anatomy_and_misfit(maps, gas_zone, comp, sl, opt)
+        reject, ratio, iso = _anatomy_and_misfit(maps, maps.gas_zone, comp, sl, opt)
         conf = _with_misfit(conf, ratio)
         if not reject and conf < opt.min_confidence:
             reject = f"confidence {conf:.2f} < {opt.min_confidence:.2f}"

@@ -85,8 +85,7 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     if roi is None:
         return None
     sl, lo = roi
-    img = image.array[sl].astype(np.float32)
-    smooth = ndi.gaussian_filter(img, sigma=cfg.smoothing_mm / sp)
+    smooth = ndi.gaussian_filter(image.array[sl].astype(np.float32), sigma=cfg.smoothing_mm / sp)
     kk = k0 - lo[0]
     local = [p - lo for p in parts]
     plane = smooth[kk]
@@ -127,27 +126,23 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     m0 = ndi.binary_fill_holes(m0)
     seed = np.zeros(smooth.shape, bool)
     seed[kk] = m0
-    n_slices = 1
     # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
     # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
     # not a vessel or wall running on from it)
     size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
-    a0 = float(m0.sum())
     # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
     # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
     width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
     depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
-    z_bound = cfg.bound_factor * depth_size + 0.5 * sp[0]
-    r_bound = cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2]))
     c0 = np.argwhere(m0).mean(0) * sp[1:]
     limits = _SliceLimits(
         depth_mm=min(depth_mm, cfg.max_depth_factor * size),
-        z_bound=z_bound,
-        r_bound=r_bound,
-        min_area=cfg.elongated_fraction * a0,
+        z_bound=cfg.bound_factor * depth_size + 0.5 * sp[0],
+        r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
+        min_area=cfg.elongated_fraction * float(m0.sum()),
         radial=np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1),
     )
-    n_slices += _propagate(seed, m0, kk, lesion_like, bound, sp, cfg, limits)
+    n_slices = 1 + _propagate(seed, m0, kk, lesion_like, bound, sp, cfg, limits)
     out = np.zeros(image.shape, np.uint8)
     out[sl] = seed
     return DrawnSeed(image.with_array(out), les_level, bg_level, n_slices)

@@ -584,81 +584,7 @@ def _place_lesions(
             )
             if any(np.linalg.norm(c - np.array(o.center_mm)) < r + o.radius_mm + 8 for o in out):
                 continue
-            pts = np.vstack([c[None], c + r * _sphere_points()])
-            _, org_p = anat.evaluate(pts[:, 0], pts[:, 1], pts[:, 2])
-            oc, os_ = int(org_p[0]), org_p[1:]
-            if kind == "liver lesion" and oc == ORGANS["liver"] and np.all(os_ == ORGANS["liver"]):
-                delta = rng.uniform(20, 60)
-                info = LesionInfo(
-                    0,
-                    kind,
-                    "liver",
-                    c.tolist(),
-                    r,
-                    HU["liver"] - delta,
-                    params={"semi": (r * rng.uniform(0.8, 1.2, 3)).tolist(), "contrast_hu": -delta},
-                )
-            elif kind == "enlarged lymph node":
-                in_fat = np.isin(os_, [ORGANS["mediastinum"], ORGANS["fat"]])
-                if (
-                    oc in (ORGANS["mediastinum"], ORGANS["fat"])
-                    and in_fat.mean() > 0.85
-                    and anat.cavity_rho(*(c[:, None] / anat.scale))[0] < 0.95
-                ):
-                    semi = [r * 1.4, r, r * 1.1]
-                    info = LesionInfo(
-                        0,
-                        kind,
-                        "mediastinal/abdominal fat",
-                        c.tolist(),
-                        r,
-                        45.0,
-                        params={"semi": semi, "rot": _rot_z(rng.uniform(0, 180)).tolist()},
-                    )
-            elif kind == "juxtapleural lung nodule":
-                if oc == ORGANS["lung"]:
-                    wall = np.isin(os_, [ORGANS["muscle"], ORGANS["bone"], ORGANS["fat"], ORGANS["body_wall"]])
-                    lungf = os_ == ORGANS["lung"]
-                    if 0.1 < wall.mean() < 0.4 and lungf.mean() > 0.5:
-                        info = LesionInfo(
-                            0,
-                            kind,
-                            "lung (touching chest wall)",
-                            c.tolist(),
-                            r,
-                            45.0,
-                            params={"semi": [r, r * 0.8, r * 1.1]},
-                        )
-            elif oc == ORGANS["lung"] and np.all(np.isin(os_, [ORGANS["lung"], ORGANS["lung_vessel"]])):
-                if kind == "solid lung nodule":
-                    lobes = [
-                        ((c + rng.normal(0, r * 0.45, 3)).tolist(), r * rng.uniform(0.45, 0.7))
-                        for _ in range(rng.integers(2, 5))
-                    ]
-                    info = LesionInfo(
-                        0,
-                        kind,
-                        "lung",
-                        c.tolist(),
-                        r,
-                        rng.uniform(20, 45),
-                        params={"semi": [r * 0.9, r * 0.85, r], "lobes": lobes},
-                    )
-                elif kind == "part-solid lung nodule":
-                    info = LesionInfo(
-                        0,
-                        kind,
-                        "lung",
-                        c.tolist(),
-                        r,
-                        25.0,
-                        params={"core_mm": r * rng.uniform(0.35, 0.5), "ggo_hu": rng.uniform(-620, -480)},
-                    )
-                elif kind == "spiculated lung nodule":
-                    dirs = rng.normal(size=(int(rng.integers(8, 14)), 3))
-                    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-                    tips = [(c + d_ * r * rng.uniform(1.5, 2.3)).tolist() for d_ in dirs]
-                    info = LesionInfo(0, kind, "lung", c.tolist(), r, 35.0, params={"spicules": tips})
+            info = _lesion_at(anat, kind, c, r, rng)
             if info is not None:
                 break
         if info is None:
@@ -666,6 +592,92 @@ def _place_lesions(
         info.label = len(out) + 1
         out.append(info)
     return out
+
+
+def _lesion_at(anat: _Anatomy, kind: str, c: Array, r: float, rng: np.random.Generator) -> LesionInfo | None:
+    """A lesion of ``kind`` (radius ``r``) centred at ``c`` when the anatomy there suits it, else None."""
+    info = None
+    pts = np.vstack([c[None], c + r * _sphere_points()])
+    _, org_p = anat.evaluate(pts[:, 0], pts[:, 1], pts[:, 2])
+    oc, os_ = int(org_p[0]), org_p[1:]
+    if kind == "liver lesion" and oc == ORGANS["liver"] and np.all(os_ == ORGANS["liver"]):
+        delta = rng.uniform(20, 60)
+        info = LesionInfo(
+            0,
+            kind,
+            "liver",
+            c.tolist(),
+            r,
+            HU["liver"] - delta,
+            params={"semi": (r * rng.uniform(0.8, 1.2, 3)).tolist(), "contrast_hu": -delta},
+        )
+    elif kind == "enlarged lymph node":
+        in_fat = np.isin(os_, [ORGANS["mediastinum"], ORGANS["fat"]])
+        if (
+            oc in (ORGANS["mediastinum"], ORGANS["fat"])
+            and in_fat.mean() > 0.85
+            and anat.cavity_rho(*(c[:, None] / anat.scale))[0] < 0.95
+        ):
+            semi = [r * 1.4, r, r * 1.1]
+            info = LesionInfo(
+                0,
+                kind,
+                "mediastinal/abdominal fat",
+                c.tolist(),
+                r,
+                45.0,
+                params={"semi": semi, "rot": _rot_z(rng.uniform(0, 180)).tolist()},
+            )
+    elif kind == "juxtapleural lung nodule":
+        if oc == ORGANS["lung"]:
+            wall = np.isin(os_, [ORGANS["muscle"], ORGANS["bone"], ORGANS["fat"], ORGANS["body_wall"]])
+            lungf = os_ == ORGANS["lung"]
+            if 0.1 < wall.mean() < 0.4 and lungf.mean() > 0.5:
+                info = LesionInfo(
+                    0,
+                    kind,
+                    "lung (touching chest wall)",
+                    c.tolist(),
+                    r,
+                    45.0,
+                    params={"semi": [r, r * 0.8, r * 1.1]},
+                )
+    elif oc == ORGANS["lung"] and np.all(np.isin(os_, [ORGANS["lung"], ORGANS["lung_vessel"]])):
+        return _lung_nodule(kind, c, r, rng)
+    return info
+
+
+def _lung_nodule(kind: str, c: Array, r: float, rng: np.random.Generator) -> LesionInfo | None:
+    """A lung nodule of ``kind`` at ``c`` (a site inside the lung parenchyma)."""
+    if kind == "solid lung nodule":
+        lobes = [
+            ((c + rng.normal(0, r * 0.45, 3)).tolist(), r * rng.uniform(0.45, 0.7)) for _ in range(rng.integers(2, 5))
+        ]
+        return LesionInfo(
+            0,
+            kind,
+            "lung",
+            c.tolist(),
+            r,
+            rng.uniform(20, 45),
+            params={"semi": [r * 0.9, r * 0.85, r], "lobes": lobes},
+        )
+    if kind == "part-solid lung nodule":
+        return LesionInfo(
+            0,
+            kind,
+            "lung",
+            c.tolist(),
+            r,
+            25.0,
+            params={"core_mm": r * rng.uniform(0.35, 0.5), "ggo_hu": rng.uniform(-620, -480)},
+        )
+    if kind == "spiculated lung nodule":
+        dirs = rng.normal(size=(int(rng.integers(8, 14)), 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        tips = [(c + d_ * r * rng.uniform(1.5, 2.3)).tolist() for d_ in dirs]
+        return LesionInfo(0, kind, "lung", c.tolist(), r, 35.0, params={"spicules": tips})
+    return None
 
 
 def _sphere_points(n: int = 40) -> Array:

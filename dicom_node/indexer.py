@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -377,22 +377,7 @@ class Indexer:
                 new_keys.add((it.sop_uid, sha))
                 # a later item of this batch with the same UID and other bytes conflicts with this one
                 known.setdefault(it.sop_uid, []).append(_Row(-1, it.sop_uid, sha, str(it.path)))
-                new_rows.append(
-                    dict(
-                        sop_instance_uid=it.sop_uid,
-                        sop_class_uid=it.sop_class_uid,
-                        series_pk=pk,
-                        transfer_syntax_uid=it.transfer_syntax_uid,
-                        file_path=str(it.path),
-                        size_bytes=it.size,
-                        sha256=sha,
-                        instance_number=it.i("InstanceNumber"),
-                        sender_ae=(it.calling_ae or "")[:16] or None,
-                        received_at=it.received_at,
-                        association_uid=it.association_uid,
-                        transfer_incomplete=it.recovered,
-                    )
-                )
+                new_rows.append(_instance_row(it, pk, sha))
                 n, last = bumps.get(pk, (0, it.received_at))
                 bumps[pk] = (n + 1, max(last, it.received_at))
                 if it.recovered:
@@ -409,24 +394,7 @@ class Indexer:
                     fixed_paths,
                 )
             if pairs:
-                # a journal read again after a crash may name a transfer whose row a previous process wrote:
-                # inserting it again would fail the whole batch (and leave its instances to the recovery scan)
-                known_pairs = set(
-                    c.execute(
-                        select(OpenTransfer.association_uid, OpenTransfer.series_uid).where(
-                            OpenTransfer.association_uid.in_(sorted({a for a, _s in pairs}))
-                        )
-                    ).tuples()
-                )
-                fresh = [
-                    {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
-                    for (a, s), pid in pairs.items()
-                    if (a, s) not in known_pairs
-                ]
-                if fresh:
-                    c.execute(insert(OpenTransfer), fresh)
-                opened = sorted({self._series_pk[s] for _a, s in pairs})
-                c.execute(update(Series).where(Series.id.in_(opened)).values(last_transfer=TransferOutcome.OPEN))
+                _record_open_transfers(c, pairs, sorted({self._series_pk[s] for _a, s in pairs}))
             if recovered_series:
                 c.execute(
                     update(Series)
@@ -476,6 +444,45 @@ def make_indexer(store: InstanceStore, session_factory: sessionmaker[Session], a
         dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
     return Indexer(store, session_factory, engine=own, actor=actor, own_engine=True)
+
+
+def _instance_row(it: IndexItem, pk: int, sha: str) -> dict[str, Any]:
+    """The ``instance`` table row of an indexed item (column → value, for a bulk insert)."""
+    return dict(
+        sop_instance_uid=it.sop_uid,
+        sop_class_uid=it.sop_class_uid,
+        series_pk=pk,
+        transfer_syntax_uid=it.transfer_syntax_uid,
+        file_path=str(it.path),
+        size_bytes=it.size,
+        sha256=sha,
+        instance_number=it.i("InstanceNumber"),
+        sender_ae=(it.calling_ae or "")[:16] or None,
+        received_at=it.received_at,
+        association_uid=it.association_uid,
+        transfer_incomplete=it.recovered,
+    )
+
+
+def _record_open_transfers(c: Connection, pairs: dict[tuple[str, str], int], series_pks: list[int]) -> None:
+    """Record the (association, series) transfers now under way (→ receiver process) and mark their series open."""
+    # a journal read again after a crash may name a transfer whose row a previous process wrote:
+    # inserting it again would fail the whole batch (and leave its instances to the recovery scan)
+    known_pairs = set(
+        c.execute(
+            select(OpenTransfer.association_uid, OpenTransfer.series_uid).where(
+                OpenTransfer.association_uid.in_(sorted({a for a, _s in pairs}))
+            )
+        ).tuples()
+    )
+    fresh = [
+        {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
+        for (a, s), pid in pairs.items()
+        if (a, s) not in known_pairs
+    ]
+    if fresh:
+        c.execute(insert(OpenTransfer), fresh)
+    c.execute(update(Series).where(Series.id.in_(series_pks)).values(last_transfer=TransferOutcome.OPEN))
 
 
 def _file_sha(path: Path) -> str | None:

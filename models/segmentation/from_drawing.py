@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ def _ellipse_radius(v: np.ndarray, ax1: np.ndarray, ax2: np.ndarray) -> np.ndarr
 
 
 def _polygon(poly: np.ndarray, jj: np.ndarray, ii: np.ndarray, sp: np.ndarray) -> np.ndarray:
-    from skimage.draw import polygon as fill
+    from skimage.draw import polygon as fill  # skimage.draw/morphology load in ~1 s: only for drawn outlines/splits
 
     rows, cols = fill(poly[:, 0] / sp[1], poly[:, 1] / sp[2], shape=jj.shape)
     out = np.zeros(jj.shape, bool)
@@ -353,7 +354,7 @@ def _split_keep(region: np.ndarray, anchor: np.ndarray, sp2: np.ndarray, min_sha
     region = _connected_to(region, anchor)
     if region.sum() < 8:
         return region
-    from skimage.morphology import h_maxima
+    from skimage.morphology import h_maxima  # ~1 s to load (see _polygon); most drawings never need a split
     from skimage.segmentation import watershed
 
     dist = ndi.distance_transform_edt(region, sampling=sp2)
@@ -392,8 +393,6 @@ def lesion_from_drawing(
 ) -> tuple[Volume | None, list[str]]:
     """The 3-D lesion ``drawing`` marks on ``image`` (step 4: the seed refined by ``engine`` as a mask prompt), and
     notes saying how it was derived. None when the image gives no seed (the caller falls back and says so)."""
-    from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-
     seed = seed_from_drawing(image, drawing, cfg)
     if seed is None or not seed.mask.array.any():
         return None, [f"no lesion-like region at the {drawing.kind.value} ({drawing.what or 'drawing'})"]

@@ -25,6 +25,7 @@ never its value (values may be PHI).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -130,7 +131,7 @@ def _numbers(raw: dict[int, bytes], present: dict[int, tuple[bytes, int]], tag: 
             x = float(p)
         except ValueError:
             raise _Bad(f"{_NAMES[tag]} holds a value that is not a number") from None
-        if x != x or x in (float("inf"), float("-inf")):
+        if not math.isfinite(x):
             raise _Bad(f"{_NAMES[tag]} holds a value that is not a finite number")
 
 
@@ -211,7 +212,7 @@ def _frame_header(ts: str, frag: bytes) -> tuple[int, int, int] | None:
         return ysiz - yo, xsiz - xo, struct.unpack_from(">H", frag, at + 40)[0]
     if ts in _JPEG_TS:
         pos = 2 if frag[:2] == b"\xff\xd8" else -1
-        while 0 <= pos and pos + 4 <= len(frag):
+        while pos >= 0 and pos + 4 <= len(frag):
             if frag[pos] != 0xFF:
                 return None
             marker = frag[pos + 1]

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
+from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
@@ -180,8 +182,6 @@ def _landmarks(
     ct: Volume, lesion_ever: Array, tr: SpatialTransform, grid: Volume, rng: np.random.Generator, cfg: SynthConfig
 ) -> tuple[Array, Array]:
     """Baseline points inside the body, away from any lesion (ever), that land inside the follow-up FOV."""
-    from scipy.spatial import cKDTree
-
     cand = np.stack([rng.integers(0, n, cfg.n_landmarks * 60) for n in ct.shape], axis=1)  # k, j, i
     cand = cand[ct.array[tuple(cand.T)] > -400]
     base = ct.index_to_patient(cand[:, ::-1].astype(float) + rng.uniform(-0.5, 0.5, (len(cand), 3)))
@@ -334,8 +334,6 @@ def write_patient(
     patient: SynthPatient, out_dir: Path | str, *, base_date: dt.date | None = None, write_dicom: bool = True
 ) -> Path:
     """Write ``out_dir/<patient_id>/``: ``tpN/`` DICOM CT series, ``tpN_lesions.nii.gz``, ``truth.json``."""
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
-
     root = Path(out_dir) / patient.patient_id
     root.mkdir(parents=True, exist_ok=True)
     base_date = base_date or dt.date(2025, 1, 6) + dt.timedelta(days=patient.seed % 300)

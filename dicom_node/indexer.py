@@ -343,16 +343,16 @@ class Indexer:
             it.data = None
         with self.engine.begin() as c:
             sops = sorted({it.sop_uid for it in items})
-            known: dict[str, list[Any]] = {}
+            known: dict[str, list[_Row]] = {}
             for row in c.execute(
                 select(Instance.id, Instance.sop_instance_uid, Instance.sha256, Instance.file_path).where(
                     Instance.sop_instance_uid.in_(sops)
                 )
             ):
-                known.setdefault(row.sop_instance_uid, []).append(row)
+                known.setdefault(row.sop_instance_uid, []).append(_Row(*row))
             new_rows: list[dict[str, Any]] = []
             bumps: dict[int, tuple[int, datetime]] = {}
-            conflicts: list[tuple[IndexItem, str, list[Any]]] = []
+            conflicts: list[tuple[IndexItem, str, list[_Row]]] = []
             fixed_paths: list[dict[str, Any]] = []
             recovered_series: set[int] = set()
             pairs: dict[tuple[str, str], int] = {}  # (association, series) -> receiver process
@@ -405,7 +405,7 @@ class Indexer:
         if conflicts:
             self._audit_conflicts(conflicts)
 
-    def _audit_conflicts(self, conflicts: list[tuple[IndexItem, str, list[Any]]]) -> None:
+    def _audit_conflicts(self, conflicts: list[tuple[IndexItem, str, list[_Row]]]) -> None:
         try:
             with session_scope(self.session_factory) as s:
                 for it, sha, other in conflicts:

@@ -13,9 +13,12 @@ import itertools
 import os
 import re
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydicom.datadict import dictionary_VR
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: one match instead of a split per component (the hot path checks nine UIDs per C-STORE)
@@ -218,8 +221,6 @@ def _implicit_vr(tag: int, length: int) -> bytes:
         return b""
     vr = _DICT_VR.get(tag)
     if vr is None:
-        from pydicom.datadict import dictionary_VR
-
         try:
             name = dictionary_VR(tag)
         except KeyError:
@@ -432,8 +433,6 @@ class InstanceStore:
 
     def remove_orphan_tmp(self, min_age: float = 0.0) -> int:
         """Delete temporary files left by a crash (older than ``min_age`` seconds); returns how many."""
-        import time
-
         n = 0
         now = time.time()
         if self.root.exists():

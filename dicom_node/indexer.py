@@ -386,21 +386,8 @@ class Indexer:
                 if c.execute(_BUMP, {"pk": pk, "n": n, "now": last}).rowcount != 1:
                     uid = next(k for k, v in self._series_pk.items() if v == pk)
                     raise _SeriesNotReceiving(uid)
-            if new_rows:
-                c.execute(insert(Instance), new_rows)
-            if fixed_paths:
-                c.execute(
-                    update(Instance).where(Instance.id == bindparam("pk")).values(file_path=bindparam("fp")),
-                    fixed_paths,
-                )
-            if pairs:
-                _record_open_transfers(c, pairs, sorted({self._series_pk[s] for _a, s in pairs}))
-            if recovered_series:
-                c.execute(
-                    update(Series)
-                    .where(Series.id.in_(sorted(recovered_series)))
-                    .values(last_transfer=TransferOutcome.ABORTED)
-                )
+            opened = (pairs, sorted({self._series_pk[s] for _a, s in pairs}))
+            _write_batch(c, new_rows, fixed_paths, opened, recovered_series)
         self._open_pairs.update(pairs)
         if conflicts:
             self._audit_conflicts(conflicts)
@@ -462,6 +449,32 @@ def _instance_row(it: IndexItem, pk: int, sha: str) -> dict[str, Any]:
         association_uid=it.association_uid,
         transfer_incomplete=it.recovered,
     )
+
+
+def _write_batch(
+    c: Connection,
+    new_rows: list[dict[str, Any]],
+    fixed_paths: list[dict[str, Any]],
+    opened: tuple[dict[tuple[str, str], int], list[int]],
+    recovered_series: set[int],
+) -> None:
+    """Insert the batch's new instance rows, re-point rows whose file had vanished, record the transfers now under
+    way (``opened`` = (association, series) → receiver process, and their series), then mark the series whose
+    instances were recovered from an interrupted transfer (in this order: a recovered series ends ABORTED)."""
+    if new_rows:
+        c.execute(insert(Instance), new_rows)
+    if fixed_paths:
+        c.execute(
+            update(Instance).where(Instance.id == bindparam("pk")).values(file_path=bindparam("fp")),
+            fixed_paths,
+        )
+    pairs, open_series = opened
+    if pairs:
+        _record_open_transfers(c, pairs, open_series)
+    if recovered_series:
+        c.execute(
+            update(Series).where(Series.id.in_(sorted(recovered_series))).values(last_transfer=TransferOutcome.ABORTED)
+        )
 
 
 def _record_open_transfers(c: Connection, pairs: dict[tuple[str, str], int], series_pks: list[int]) -> None:

@@ -7,7 +7,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, SecretStr
 
@@ -22,11 +22,11 @@ _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@/
 @dataclass(frozen=True)
 class ConfigEntry:
     key: str
-    value: Any
+    value: object
     source: Source
 
 
-def mask(key: str, value: Any) -> Any:
+def mask(key: str, value: object) -> object:
     """Mask secrets: SecretStr values, keys that look secret, passwords inside URLs."""
     if isinstance(value, SecretStr):
         return "********" if value.get_secret_value() else ""
@@ -38,9 +38,9 @@ def mask(key: str, value: Any) -> Any:
     return value
 
 
-def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+def _flatten(prefix: str, value: object) -> list[tuple[str, object]]:
     if isinstance(value, BaseModel):
-        out: list[tuple[str, Any]] = []
+        out: list[tuple[str, object]] = []
         for name in type(value).model_fields:
             out.extend(_flatten(f"{prefix}.{name}" if prefix else name, getattr(value, name)))
         return out
@@ -52,8 +52,8 @@ def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def _in_file(data: dict[str, Any], key: str) -> bool:
-    node: Any = data
+def _in_file(data: dict[str, object], key: str) -> bool:
+    node: object = data
     for part in re.split(r"\.", key):
         m = re.fullmatch(r"(\w+)\[(\d+)\]", part)
         name, idx = (m.group(1), int(m.group(2))) if m else (part, None)
@@ -70,10 +70,7 @@ def _in_file(data: dict[str, Any], key: str) -> bool:
 def _in_env(key: str) -> bool:
     top = re.sub(r"\[\d+\]", "", key).split(".")
     env = {k.upper() for k in os.environ if k.upper().startswith(ENV_PREFIX)}
-    for depth in range(1, len(top) + 1):
-        if (ENV_PREFIX + "__".join(top[:depth])).upper() in env:
-            return True
-    return False
+    return any((ENV_PREFIX + "__".join(top[:depth])).upper() in env for depth in range(1, len(top) + 1))
 
 
 def explain(settings: Settings) -> list[ConfigEntry]:

@@ -8,11 +8,12 @@ e.g. ``LESIONTRACK_DICOM__PORT=11113``). Unknown keys and bad values fail fast w
 from __future__ import annotations
 
 import os
+import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -401,8 +402,6 @@ def resolve_config_path(explicit: Path | str | None = None) -> Path | None:
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Build the effective settings; raises :class:`ConfigError` naming the bad key."""
-    from pydantic import ValidationError
-
     global _active_toml_file
     path = resolve_config_path(config_file)
     if path is not None and not path.is_file():
@@ -424,8 +423,6 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
 
 
 def _check_toml_syntax(path: Path) -> None:
-    import tomllib
-
     try:
         tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

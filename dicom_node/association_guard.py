@@ -29,6 +29,7 @@ requests with nothing at all. This module replaces the per-connection PDU read a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -42,6 +43,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler
 
 from lesiontrack.config.logging import printable
+from lesiontrack.config.settings import DicomNodeSettings
 from lesiontrack.dicom_node.assoc_log import filter_pynetdicom_loggers
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class AssociationPolicy:
     max_pdu_bytes: int = 64 * 1024 * 1024
 
     @classmethod
-    def from_settings(cls, cfg: Any) -> AssociationPolicy:
+    def from_settings(cls, cfg: DicomNodeSettings) -> AssociationPolicy:
         negotiated = int(cfg.maximum_pdu_size)
         return cls(
             acse_timeout=float(cfg.acse_timeout_seconds),
@@ -219,10 +221,8 @@ def _close(assoc: Any) -> None:
     sock = getattr(getattr(assoc, "dul", None), "socket", None)
     raw = getattr(sock, "socket", None)
     if raw is not None:
-        try:
+        with contextlib.suppress(OSError):
             raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class _Timeout(Exception):
@@ -370,10 +370,8 @@ class PduGuard:
             self.dul.event_queue.put("Evt17")
             return
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 raw.settimeout(self.policy.network_timeout)
-            except OSError:
-                pass
         if len(body) < length:
             self.dul.event_queue.put("Evt17")  # peer closed mid-PDU
             return

@@ -108,14 +108,8 @@ def complete_series(
         if quiet_seconds is not None and not _still_quiet(s, series, quiet_seconds):
             return None  # an instance or an association arrived since the poll chose it
         retrigger = series.completed_at is not None
-        route = decide(series_facts(s, series), rules)
-        if route.decision == RoutingDecision.ANALYSE:
-            hold = hold_reason(
-                s, series, first_header(s, series), forced=forced, analyse_incomplete=analyse_incomplete,
-                validate=validate, pacs_count=pacs_count, held=held_count(s, series_uid),
-            )  # fmt: skip
-            if hold:
-                route = Route(RoutingDecision.SKIP, hold, hold_code(hold))
+        route = _route(s, series, rules, forced=forced, analyse_incomplete=analyse_incomplete, validate=validate,
+                       pacs_count=pacs_count)  # fmt: skip
         # a SEG/SR a person made — in a series of its own, or saved into one of ours (OHIF, docs/viewer.md)
         annotation = (series.modality or "").upper() in ("SEG", "SR") and (
             not series.created_by_us or _holds_person_object(s, series)
@@ -124,20 +118,9 @@ def complete_series(
         series.completed_at = datetime.now(UTC)
         series.routing_decision = route.decision
         series.routing_reason = route.reason
-        audit(
-            s,
-            actor,
-            "series.complete",
-            "series",
-            series_uid,
-            decision=route.decision.value,
-            reason=route.reason,
-            reason_code=route.code,
-            forced=forced,
-            instance_count=series.instance_count,
-            pacs_count=pacs_count,
-            retrigger=retrigger,
-        )
+        audit(s, actor, "series.complete", "series", series_uid, decision=route.decision.value, reason=route.reason,
+              reason_code=route.code, forced=forced, instance_count=series.instance_count, pacs_count=pacs_count,
+              retrigger=retrigger)  # fmt: skip
     log.info(
         "series %s complete (%s%s): %s - %s",
         series_uid,
@@ -150,13 +133,41 @@ def complete_series(
     if callback is None and annotation and on_annotation_complete is not None:
         callback = on_annotation_complete
     if callback is not None:
-        try:
-            callback(series_uid)
-        except Exception as exc:
-            log.exception("series-complete callback (%s) failed", series_uid)
-            with session_scope(session_factory) as s:
-                audit(s, actor, "series.trigger_failed", "series", series_uid, error=str(exc)[:500])
+        _trigger(session_factory, actor, series_uid, callback)
     return route
+
+
+def _route(
+    s: Session,
+    series: Series,
+    rules: RoutingSettings,
+    *,
+    forced: bool,
+    analyse_incomplete: bool,
+    validate: bool,
+    pacs_count: int | None,
+) -> Route:
+    """The routing rules' decision for a completed series; one routed to ANALYSE is held (SKIP, with the
+    reason) when its transfer looks incomplete or an instance is invalid."""
+    route = decide(series_facts(s, series), rules)
+    if route.decision == RoutingDecision.ANALYSE:
+        hold = hold_reason(
+            s, series, first_header(s, series), forced=forced, analyse_incomplete=analyse_incomplete,
+            validate=validate, pacs_count=pacs_count, held=held_count(s, series.series_instance_uid),
+        )  # fmt: skip
+        if hold:
+            route = Route(RoutingDecision.SKIP, hold, hold_code(hold))
+    return route
+
+
+def _trigger(session_factory: sessionmaker[Session], actor: str, series_uid: str, callback: SeriesCallback) -> None:
+    """Run the series-complete callback; a failure is logged and audited, never raised to the completer."""
+    try:
+        callback(series_uid)
+    except Exception as exc:
+        log.exception("series-complete callback (%s) failed", series_uid)
+        with session_scope(session_factory) as s:
+            audit(s, actor, "series.trigger_failed", "series", series_uid, error=str(exc)[:500])
 
 
 def _series_known(session_factory: sessionmaker[Session], series_uid: str) -> bool:

@@ -216,7 +216,7 @@ def _frame_header(ts: str, frag: bytes) -> tuple[int, int, int] | None:
         return ysiz - yo, xsiz - xo, struct.unpack_from(">H", frag, at + 40)[0]
     if ts in _JPEG_TS:
         pos = 2 if frag[:2] == b"\xff\xd8" else -1
-        while 0 <= pos and pos + 4 <= len(frag):
+        while pos >= 0 and pos + 4 <= len(frag):
             if frag[pos] != 0xFF:
                 return None
             marker = frag[pos + 1]

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -343,16 +343,16 @@ class Indexer:
             it.data = None
         with self.engine.begin() as c:
             sops = sorted({it.sop_uid for it in items})
-            known: dict[str, list[Any]] = {}
+            known: dict[str, list[_Row]] = {}
             for row in c.execute(
                 select(Instance.id, Instance.sop_instance_uid, Instance.sha256, Instance.file_path).where(
                     Instance.sop_instance_uid.in_(sops)
                 )
             ):
-                known.setdefault(row.sop_instance_uid, []).append(row)
+                known.setdefault(row.sop_instance_uid, []).append(_Row(*row))
             new_rows: list[dict[str, Any]] = []
             bumps: dict[int, tuple[int, datetime]] = {}
-            conflicts: list[tuple[IndexItem, str, list[Any]]] = []
+            conflicts: list[tuple[IndexItem, str, list[_Row]]] = []
             fixed_paths: list[dict[str, Any]] = []
             recovered_series: set[int] = set()
             pairs: dict[tuple[str, str], int] = {}  # (association, series) -> receiver process
@@ -377,22 +377,7 @@ class Indexer:
                 new_keys.add((it.sop_uid, sha))
                 # a later item of this batch with the same UID and other bytes conflicts with this one
                 known.setdefault(it.sop_uid, []).append(_Row(-1, it.sop_uid, sha, str(it.path)))
-                new_rows.append(
-                    dict(
-                        sop_instance_uid=it.sop_uid,
-                        sop_class_uid=it.sop_class_uid,
-                        series_pk=pk,
-                        transfer_syntax_uid=it.transfer_syntax_uid,
-                        file_path=str(it.path),
-                        size_bytes=it.size,
-                        sha256=sha,
-                        instance_number=it.i("InstanceNumber"),
-                        sender_ae=(it.calling_ae or "")[:16] or None,
-                        received_at=it.received_at,
-                        association_uid=it.association_uid,
-                        transfer_incomplete=it.recovered,
-                    )
-                )
+                new_rows.append(_instance_row(it, pk, sha))
                 n, last = bumps.get(pk, (0, it.received_at))
                 bumps[pk] = (n + 1, max(last, it.received_at))
                 if it.recovered:
@@ -401,43 +386,13 @@ class Indexer:
                 if c.execute(_BUMP, {"pk": pk, "n": n, "now": last}).rowcount != 1:
                     uid = next(k for k, v in self._series_pk.items() if v == pk)
                     raise _SeriesNotReceiving(uid)
-            if new_rows:
-                c.execute(insert(Instance), new_rows)
-            if fixed_paths:
-                c.execute(
-                    update(Instance).where(Instance.id == bindparam("pk")).values(file_path=bindparam("fp")),
-                    fixed_paths,
-                )
-            if pairs:
-                # a journal read again after a crash may name a transfer whose row a previous process wrote:
-                # inserting it again would fail the whole batch (and leave its instances to the recovery scan)
-                known_pairs = set(
-                    c.execute(
-                        select(OpenTransfer.association_uid, OpenTransfer.series_uid).where(
-                            OpenTransfer.association_uid.in_(sorted({a for a, _s in pairs}))
-                        )
-                    ).tuples()
-                )
-                fresh = [
-                    {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
-                    for (a, s), pid in pairs.items()
-                    if (a, s) not in known_pairs
-                ]
-                if fresh:
-                    c.execute(insert(OpenTransfer), fresh)
-                opened = sorted({self._series_pk[s] for _a, s in pairs})
-                c.execute(update(Series).where(Series.id.in_(opened)).values(last_transfer=TransferOutcome.OPEN))
-            if recovered_series:
-                c.execute(
-                    update(Series)
-                    .where(Series.id.in_(sorted(recovered_series)))
-                    .values(last_transfer=TransferOutcome.ABORTED)
-                )
+            opened = (pairs, sorted({self._series_pk[s] for _a, s in pairs}))
+            _write_batch(c, new_rows, fixed_paths, opened, recovered_series)
         self._open_pairs.update(pairs)
         if conflicts:
             self._audit_conflicts(conflicts)
 
-    def _audit_conflicts(self, conflicts: list[tuple[IndexItem, str, list[Any]]]) -> None:
+    def _audit_conflicts(self, conflicts: list[tuple[IndexItem, str, list[_Row]]]) -> None:
         try:
             with session_scope(self.session_factory) as s:
                 for it, sha, other in conflicts:
@@ -476,6 +431,71 @@ def make_indexer(store: InstanceStore, session_factory: sessionmaker[Session], a
         dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
     return Indexer(store, session_factory, engine=own, actor=actor, own_engine=True)
+
+
+def _instance_row(it: IndexItem, pk: int, sha: str) -> dict[str, Any]:
+    """The ``instance`` table row of an indexed item (column → value, for a bulk insert)."""
+    return dict(
+        sop_instance_uid=it.sop_uid,
+        sop_class_uid=it.sop_class_uid,
+        series_pk=pk,
+        transfer_syntax_uid=it.transfer_syntax_uid,
+        file_path=str(it.path),
+        size_bytes=it.size,
+        sha256=sha,
+        instance_number=it.i("InstanceNumber"),
+        sender_ae=(it.calling_ae or "")[:16] or None,
+        received_at=it.received_at,
+        association_uid=it.association_uid,
+        transfer_incomplete=it.recovered,
+    )
+
+
+def _write_batch(
+    c: Connection,
+    new_rows: list[dict[str, Any]],
+    fixed_paths: list[dict[str, Any]],
+    opened: tuple[dict[tuple[str, str], int], list[int]],
+    recovered_series: set[int],
+) -> None:
+    """Insert the batch's new instance rows, re-point rows whose file had vanished, record the transfers now under
+    way (``opened`` = (association, series) → receiver process, and their series), then mark the series whose
+    instances were recovered from an interrupted transfer (in this order: a recovered series ends ABORTED)."""
+    if new_rows:
+        c.execute(insert(Instance), new_rows)
+    if fixed_paths:
+        c.execute(
+            update(Instance).where(Instance.id == bindparam("pk")).values(file_path=bindparam("fp")),
+            fixed_paths,
+        )
+    pairs, open_series = opened
+    if pairs:
+        _record_open_transfers(c, pairs, open_series)
+    if recovered_series:
+        c.execute(
+            update(Series).where(Series.id.in_(sorted(recovered_series))).values(last_transfer=TransferOutcome.ABORTED)
+        )
+
+
+def _record_open_transfers(c: Connection, pairs: dict[tuple[str, str], int], series_pks: list[int]) -> None:
+    """Record the (association, series) transfers now under way (→ receiver process) and mark their series open."""
+    # a journal read again after a crash may name a transfer whose row a previous process wrote:
+    # inserting it again would fail the whole batch (and leave its instances to the recovery scan)
+    known_pairs = set(
+        c.execute(
+            select(OpenTransfer.association_uid, OpenTransfer.series_uid).where(
+                OpenTransfer.association_uid.in_(sorted({a for a, _s in pairs}))
+            )
+        ).tuples()
+    )
+    fresh = [
+        {"association_uid": a, "series_uid": s, "pid": pid, "opened_at": datetime.now(UTC)}
+        for (a, s), pid in pairs.items()
+        if (a, s) not in known_pairs
+    ]
+    if fresh:
+        c.execute(insert(OpenTransfer), fresh)
+    c.execute(update(Series).where(Series.id.in_(series_pks)).values(last_transfer=TransferOutcome.OPEN))
 
 
 def _file_sha(path: Path) -> str | None:

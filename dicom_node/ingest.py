@@ -374,31 +374,9 @@ class Ingestor:
         study_uid = _uid(ds, "StudyInstanceUID")
         series_uid = _uid(ds, "SeriesInstanceUID")
         sop_class = _uid(ds, "SOPClassUID")
-        problems = [
-            p
-            for p in (
-                uid_problem("SOPClassUID", sop_class),
-                uid_problem("SOPInstanceUID", sop_uid),
-                uid_problem("StudyInstanceUID", study_uid),
-                uid_problem("SeriesInstanceUID", series_uid),
-            )
-            if p
-        ]
-        if problems:
-            log.warning("rejected C-STORE of %s from %s: %s", req_sop, calling_ae, "; ".join(problems))
-            return IngestResult(DATASET_MISMATCH, "; ".join(problems)[:64], sop_instance_uid=req_sop), None
-        if sop_uid != req_sop:
-            return (
-                IngestResult(DATASET_MISMATCH, "SOPInstanceUID differs from the request", sop_instance_uid=req_sop),
-                None,
-            )
-        if sop_class != req_class:
-            log.warning("rejected C-STORE of %s from %s: SOP Class %s, request says %s", req_sop, calling_ae,
-                        sop_class, req_class)  # fmt: skip
-            return (
-                IngestResult(DATASET_MISMATCH, "SOPClassUID differs from the request", sop_instance_uid=req_sop),
-                None,
-            )
+        mismatch = _identity_mismatch((sop_class, sop_uid, study_uid, series_uid), req_sop, req_class, calling_ae)
+        if mismatch is not None:
+            return IngestResult(DATASET_MISMATCH, mismatch, sop_instance_uid=req_sop), None
         if not (sop_uid and study_uid and series_uid):  # the check above answered already; keeps the types narrow
             return IngestResult(DATASET_MISMATCH, "missing UIDs", sop_instance_uid=req_sop), None
         refusal = content_refusal(ds, req_class, ts)
@@ -438,6 +416,34 @@ class Ingestor:
             SUCCESS, series_uid=series_uid, sop_instance_uid=sop_uid, path=put.path, duplicate=not put.created
         )
         return result, item
+
+
+def _identity_mismatch(
+    uids: tuple[str | None, str | None, str | None, str | None], req_sop: str, req_class: str, calling_ae: str | None
+) -> str | None:
+    """Why the dataset's (SOP Class, SOP Instance, Study, Series) UIDs refuse the C-STORE (invalid, or not the
+    request's), or None."""
+    sop_class, sop_uid, study_uid, series_uid = uids
+    problems = [
+        p
+        for p in (
+            uid_problem("SOPClassUID", sop_class),
+            uid_problem("SOPInstanceUID", sop_uid),
+            uid_problem("StudyInstanceUID", study_uid),
+            uid_problem("SeriesInstanceUID", series_uid),
+        )
+        if p
+    ]
+    if problems:
+        log.warning("rejected C-STORE of %s from %s: %s", req_sop, calling_ae, "; ".join(problems))
+        return "; ".join(problems)[:64]
+    if sop_uid != req_sop:
+        return "SOPInstanceUID differs from the request"
+    if sop_class != req_class:
+        log.warning("rejected C-STORE of %s from %s: SOP Class %s, request says %s", req_sop, calling_ae,
+                    sop_class, req_class)  # fmt: skip
+        return "SOPClassUID differs from the request"
+    return None
 
 
 def header_values(ds: Dataset | Header) -> dict[str, str]:

@@ -15,6 +15,7 @@ of the service every journal left on disk is simply read again from the start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -202,10 +203,8 @@ class JournalTailer:
     def _run(self) -> None:
         # background work: on Linux a thread is a task with its own nice value; the receivers' network threads
         # and the sender on a shared core go first, the rows follow when there is time
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
         while not self._stop.wait(self.interval):
             try:
                 self.drain()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from lesiontrack.dicom_node.ingest import Ingestor, ingest_part10
 from lesiontrack.dicom_node.integrity import INCOMPLETE
 from lesiontrack.dicom_node.pacs_count import sending_peer
 from lesiontrack.dicom_node.routing import PRIOR_RETRIEVAL_REASON
+from lesiontrack.dicom_node.scu import find, get, move
 from lesiontrack.pipeline.annotations.refs import PRIOR_ANNOTATION_MODALITIES
 from lesiontrack.pipeline.annotations.refs import prior_annotation_references as pipeline_annotation_references
 from lesiontrack.pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
@@ -435,8 +437,6 @@ class PriorFinder:
                 for d in (Dataset.from_json(r) for r in res)
                 if same_issuer(str(d.get("IssuerOfPatientID") or ""), issuer)
             ]
-        from lesiontrack.dicom_node.scu import find
-
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.PatientID = patient_id
@@ -464,8 +464,6 @@ class PriorFinder:
             )
             rows = [Dataset.from_json(r) for r in res]
         else:
-            from lesiontrack.dicom_node.scu import find
-
             q = Dataset()
             q.QueryRetrieveLevel = "SERIES"
             q.StudyInstanceUID = study_uid
@@ -536,8 +534,6 @@ class PriorFinder:
             client = self._dicomweb(peer)
             n = 0
             for ds in client.iter_series(study_uid, series_uid):
-                from io import BytesIO
-
                 buf = BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
                 res = ingest_part10(self.ingestor, buf.getvalue(), calling_ae=peer.ae_title)
@@ -552,15 +548,12 @@ class PriorFinder:
         q.StudyInstanceUID = study_uid
         q.SeriesInstanceUID = series_uid
         if method == RetrieveMethod.C_GET:
-            from lesiontrack.dicom_node.scu import get
 
             def on_store(meta: FileMetaDataset, data: bytes, calling_ae: str) -> int:
                 return self.ingestor.ingest(meta, data, calling_ae=calling_ae).status
 
             retrieved = get(self.settings, peer, q, on_store)
         else:
-            from lesiontrack.dicom_node.scu import move
-
             retrieved = move(self.settings, peer, q)
         log.info(
             "%s of series %s from %s: completed %d, failed %d, status 0x%04X",

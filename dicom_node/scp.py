@@ -12,6 +12,7 @@ here, in the process that owns ``on_series_complete``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -115,19 +116,15 @@ class _Server(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.allowed_ips and client_address[0] not in self.allowed_ips:
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
             return False
-        if self.connections is not None and not self.connections.admit(client_address):
-            return False
-        return True
+        return self.connections is None or self.connections.admit(client_address)
 
 
 _H = TypeVar("_H")

@@ -14,13 +14,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from pydicom import dcmread
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.settings import PacsPeer, SendMethod, Settings
-from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState
+from lesiontrack.db.models import AnalysisJob, AuditEvent, Delivery, DeliveryState
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import affected_rows, session_scope
+from lesiontrack.dicom_node.scu import store_files
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
         raise DeliveryError(f"files missing on disk: {missing[:3]}")
     try:
         if peer.send_method == SendMethod.C_STORE:
-            from lesiontrack.dicom_node.scu import store_files
-
             outcomes = store_files(settings, peer, [Path(f) for f in files])
             bad = [o for o in outcomes if not o.ok]
             if bad or len(outcomes) != len(files):
@@ -62,7 +62,7 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
                 )
             return f"C-STORE {len(files)} objects"
         if peer.send_method == SendMethod.ORTHANC_REST:
-            from orthanc_api_client import OrthancApiClient
+            from orthanc_api_client import OrthancApiClient  # loads only for peers that use it
 
             if not peer.orthanc_url:
                 raise DeliveryError(f"peer {peer.name}: send_method ORTHANC-REST needs orthanc_url")
@@ -80,8 +80,7 @@ def deliver_files(settings: Settings, peer: PacsPeer, files: list[Path]) -> str:
                 done.append(Path(f))
             return f"Orthanc REST upload {len(ids)} instances"
         if peer.send_method == SendMethod.STOW_RS:
-            from dicomweb_client.api import DICOMwebClient
-            from pydicom import dcmread
+            from dicomweb_client.api import DICOMwebClient  # HTTP client stacks load only for peers that use them
 
             if not peer.dicomweb_url:
                 raise DeliveryError(f"peer {peer.name}: send_method STOW-RS needs dicomweb_url")
@@ -275,8 +274,6 @@ class DeliveryService:
 
     def _failures_since_reset(self, s: Session, delivery_id: int) -> int:
         """Failed attempts since the delivery was queued or last manually retried (this one not yet audited)."""
-        from lesiontrack.db.models import AuditEvent
-
         events = list(
             s.scalars(
                 select(AuditEvent)

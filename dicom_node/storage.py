@@ -13,9 +13,12 @@ import itertools
 import os
 import re
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydicom.datadict import dictionary_VR
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: one match instead of a split per component (the hot path checks nine UIDs per C-STORE)
@@ -183,14 +186,12 @@ def _walk(
             )
         if present is not None:
             present[tag] = (vr, length)
-        if top_level and tag in _PIXEL_TAGS:
-            encapsulated = length == _UNDEFINED
-            if tag == 0x7FE00010 and encapsulated == native:
-                raise InvalidDataset(
-                    "encapsulated pixel data under a native transfer syntax"
-                    if encapsulated
-                    else "native pixel data under a compressed (encapsulated) transfer syntax"
-                )
+        if top_level and tag == 0x7FE00010 and (length == _UNDEFINED) == native:
+            raise InvalidDataset(
+                "encapsulated pixel data under a native transfer syntax"
+                if native
+                else "native pixel data under a compressed (encapsulated) transfer syntax"
+            )
         if length == _UNDEFINED:
             if tag == 0x7FE00010:
                 first = [0, 0]
@@ -219,8 +220,6 @@ def _implicit_vr(tag: int, length: int) -> bytes:
         return b""
     vr = _DICT_VR.get(tag)
     if vr is None:
-        from pydicom.datadict import dictionary_VR
-
         try:
             name = dictionary_VR(tag)
         except KeyError:
@@ -433,8 +432,6 @@ class InstanceStore:
 
     def remove_orphan_tmp(self, min_age: float = 0.0) -> int:
         """Delete temporary files left by a crash (older than ``min_age`` seconds); returns how many."""
-        import time
-
         n = 0
         now = time.time()
         if self.root.exists():

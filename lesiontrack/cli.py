@@ -8,6 +8,7 @@ import typer
 
 from lesiontrack import __version__
 from lesiontrack.commands import config_cmd, db_cmd, register_commands
+from lesiontrack.config.logging import setup_logging
 from lesiontrack.context import CliState
 
 app = typer.Typer(
@@ -36,8 +37,6 @@ def _root(
     ),
 ) -> None:
     ctx.obj = CliState(config_file=config)
-    from lesiontrack.config.logging import setup_logging
-
     setup_logging(log_level or "WARNING")
 
 

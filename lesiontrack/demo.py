@@ -9,23 +9,27 @@ change from baseline, status and the RECIST response, plus the SEG/SR files writ
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import Lesion, LesionObservation, Series, Study
 from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.scu import store_files
 from lesiontrack.pipeline.candidates import latest_candidates
+from lesiontrack.pipeline.jobs import JobStore, JobView
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -96,15 +100,15 @@ def self_peer(settings: Settings) -> PacsPeer:
 
 def send_files(settings: Settings, files: list[Path], peer: PacsPeer | None = None) -> None:
     """C-STORE ``files`` to our own SCP (or ``peer``) as a modality would; raises if any is refused."""
-    from lesiontrack.dicom_node.scu import store_files
-
     outcomes = store_files(settings, peer or self_peer(settings), files)
     bad = [o for o in outcomes if not o.ok]
     if bad or len(outcomes) != len(files):
         raise RuntimeError(f"{len(bad)} of {len(files)} instances refused: {bad[:3]}")
 
 
-def wait_for_job(store: Any, series_uid: str, timeout: float, on_update: Callable[[Any], None] | None = None) -> Any:
+def wait_for_job(
+    store: JobStore, series_uid: str, timeout: float, on_update: Callable[[JobView], None] | None = None
+) -> JobView:
     """Poll the database until the newest job of ``series_uid`` is finished; returns its view."""
     deadline = time.monotonic() + timeout
     last = None
@@ -158,7 +162,7 @@ class TimepointRows:
     candidates: list[CandidateRow] = field(default_factory=list)
 
 
-def lesion_table(session_factory: Any, patient_pk: int) -> list[TimepointRows]:
+def lesion_table(session_factory: sessionmaker[Session], patient_pk: int) -> list[TimepointRows]:
     """What the database knows about the patient's lesions, per timepoint (oldest first, latest job per series)."""
     with session_scope(session_factory) as s:
         rows = s.execute(
@@ -207,9 +211,7 @@ def lesion_table(session_factory: Any, patient_pk: int) -> list[TimepointRows]:
     return out
 
 
-def render_table(timepoints: list[TimepointRows], console: Any) -> None:
-    from rich.table import Table
-
+def render_table(timepoints: list[TimepointRows], console: Console) -> None:
     for tp in timepoints:
         title = f"{tp.label} — {tp.study_date or '?'} — series {tp.series_uid}"
         if tp.response:

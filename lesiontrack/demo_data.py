@@ -12,9 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+from scipy import ndimage
+
+from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import LesionIdentity
+from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.seg_writer import save_new, write_seg
+from lesiontrack.synthetic.lesion_change import insert_lesion
+from lesiontrack.synthetic.phantom import ORGANS, Phantom, make_phantom
+from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
+from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 
 @dataclass
@@ -26,21 +39,27 @@ class DemoSeries:
     files: list[Path]
 
 
+class DemoLesion(TypedDict):
+    """One baseline lesion of a demo patient (its identity as the baseline SEG carries it)."""
+
+    label: int
+    tracking_uid: str
+    tracking_id: str
+    organ: str
+    kind: str
+
+
 @dataclass
 class DemoPatient:
     patient_id: str
     baseline: DemoSeries
     seg_file: Path
     followups: list[DemoSeries]
-    lesions: list[dict[str, Any]] = field(default_factory=list)  # label, tracking uid/id, organ, kind
+    lesions: list[DemoLesion] = field(default_factory=list)
     truth: dict[str, Any] = field(default_factory=dict)
 
 
-def _write(volume: Any, out_dir: Path, patient_id: str, date: str, label: str, number: int) -> DemoSeries:
-    from pydicom.uid import generate_uid
-
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
-
+def _write(volume: Volume, out_dir: Path, patient_id: str, date: str, label: str, number: int) -> DemoSeries:
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     files = write_ct_series(
         volume,
@@ -59,15 +78,7 @@ def _write(volume: Any, out_dir: Path, patient_id: str, date: str, label: str, n
     return DemoSeries(label, study, series, date, list(files))
 
 
-def _baseline_seg(series: DemoSeries, labels: Any, lesions: list[dict[str, Any]], out_dir: Path) -> Path:
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    from lesiontrack.models.imaging.volume import Volume
-    from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
-    from lesiontrack.pipeline.seg_writer import save_new, write_seg
-
+def _baseline_seg(series: DemoSeries, labels: Volume, lesions: list[DemoLesion], out_dir: Path) -> Path:
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
     tracked = []
     for les in lesions:
@@ -107,35 +118,25 @@ def make_patient(
     not in the baseline (nothing marks them: only a new-lesion search can find them); recorded in ``truth``.
     ``motion=False`` (with ``changes=False``): follow-ups on the baseline's exact position (tests that need no
     registration)."""
-    from pydicom.uid import generate_uid
-
-    from lesiontrack.synthetic.phantom import make_phantom
-
     out_dir = Path(out_dir)
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions)
     patient_id = f"DEMO-{seed:04d}"
-    organ_names = {}
-    lesions = []
-    for info in ph.lesion_info:
-        organ = info.organ.replace("_", " ")
-        organ_names[info.label] = organ
-        lesions.append(
-            {
-                "label": info.label,
-                "tracking_uid": generate_uid(),
-                "tracking_id": f"L{info.label} {organ}",
-                "organ": organ.capitalize(),
-                "kind": info.kind,
-            }
+    lesions = [
+        DemoLesion(
+            label=info.label,
+            tracking_uid=generate_uid(),
+            tracking_id=f"L{info.label} {info.organ.replace('_', ' ')}",
+            organ=info.organ.replace("_", " ").capitalize(),
+            kind=info.kind,
         )
+        for info in ph.lesion_info
+    ]
     dates = ["20260105", "20260302", "20260427", "20260622"]
     baseline = _write(ph.ct, out_dir / "baseline", patient_id, dates[0], "baseline", 1)
     seg = _baseline_seg(baseline, ph.lesions, lesions, out_dir / "baseline_seg")
     followups: list[DemoSeries] = []
     truth: dict[str, Any] = {"lesions": lesions, "timepoints": []}
     if changes:
-        from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
-
         # no new lesions (nothing marks them); with the default seeds (11, 2): growth, shrinkage and lesion 5
         # vanishing at the second follow-up
         synth = synthesize_patient(
@@ -159,8 +160,6 @@ def make_patient(
                 {"index": t, "lesions": {k: v.to_dict() for k, v in tp.lesions.items()}, "changes": tp.changes}
             )
     else:
-        from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
-
         rng = np.random.default_rng([seed, 98])
         for t in range(1, n_followups + 1):
             scale = 1.0 if motion else 0.0
@@ -178,23 +177,17 @@ def make_patient(
 
 
 def _insert_new_lesion(
-    ct: Any,
-    lesion_labels: Any,
-    transform: Any,
-    ph: Any,
+    ct: Volume,
+    lesion_labels: Volume,
+    transform: SpatialTransform,
+    ph: Phantom,
     spec: tuple[str, float, float],
     truth: dict[str, Any],
     index: int,
     seed: int,
-) -> tuple[Any, Any]:
+) -> tuple[Volume, Volume]:
     """Put a new lesion of ``spec`` = (organ, diameter mm, HU) deep inside that organ of the follow-up, away from
     the tracked lesions; its centre and size go into ``truth['new_lesions']``."""
-    from scipy import ndimage
-
-    from lesiontrack.synthetic.lesion_change import insert_lesion
-    from lesiontrack.synthetic.phantom import ORGANS
-    from lesiontrack.synthetic.transforms import apply_transform
-
     organ, diameter_mm, hu = spec
     organs = apply_transform(ph.organs, transform, ct, label=True)
     inside = organs.array == ORGANS[organ]

@@ -13,15 +13,26 @@ import importlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.settings import ConfigError, Settings
 
+if TYPE_CHECKING:  # the analysis stack loads when the service starts (see build_analysis_service), not on import
+    from lesiontrack.dicom_node.scp import StorageSCP
+    from lesiontrack.pipeline.analysis import AnalysisService
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.ports import PriorSource, ResultSender
+    from lesiontrack.web.jobcontrol import Completion, CorrectionTaken
+
+# The layers are imported where they are used, not here: each is optional in a process (a worker runs no DICOM node,
+# a read-only deployment no web server, Celery only with worker.executor = "celery"; build_ports falls back when
+# dicom_node cannot be imported), and the analysis stack costs seconds that `lesiontrack --help` must not pay.
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[..., tuple[list[Any], Any]]
@@ -46,7 +57,7 @@ def check_engine_settings(settings: Settings) -> None:
         raise ConfigError("; ".join(str(p) for p in problems), key=problems[0].key)
 
 
-def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
+def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[PriorSource, ResultSender]:
     """The dicom_node implementations of ``pipeline.ports.PriorSource`` and ``ResultSender``."""
     from lesiontrack.dicom_node.priors import PriorFinder
     from lesiontrack.dicom_node.sending import DeliveryService
@@ -60,9 +71,9 @@ def build_analysis_service(
     factory: PipelineFactory,
     *,
     kind: str = "worker",
-    ports: tuple[Any, Any] | None = None,
+    ports: tuple[PriorSource | None, ResultSender | None] | None = None,
     progress: Callable[[int, str], None] | None = None,
-) -> Any:
+) -> AnalysisService:
     from lesiontrack.pipeline.analysis import AnalysisService, RetryPolicy
     from lesiontrack.pipeline.jobs import worker_identity
 
@@ -84,7 +95,9 @@ def build_analysis_service(
     )
 
 
-def _ports_or_none(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[Any, Any]:
+def _ports_or_none(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> tuple[PriorSource | None, ResultSender | None]:
     try:
         return build_ports(settings, session_factory)
     except ImportError as exc:
@@ -97,15 +110,15 @@ class JobControl:
     """What the HTTP API may ask of the job machinery (retry a job, re-analyse a series) and of the DICOM node
     (complete a series on the PACS's signal, analyse a skipped series anyway)."""
 
-    store: Any
+    store: JobStore
     submit: Callable[[int], None]
     settings: Settings | None = None
     session_factory: sessionmaker[Session] | None = None
-    scp: Any = None
+    scp: StorageSCP | None = None
     on_series_complete: Callable[[str], None] | None = None
     on_annotation_complete: Callable[[str], None] | None = None
 
-    def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Any:
+    def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Completion | None:
         from lesiontrack.dicom_node.completion import answer_request, request_completion
         from lesiontrack.web.jobcontrol import Completion
 
@@ -116,7 +129,7 @@ class JobControl:
             request_completion(
                 self.session_factory, series_uid, expected_instances, self.settings.dicom.trigger_wait_seconds
             )
-            outcome = answer_request(
+            answered = answer_request(
                 self.session_factory,
                 self.settings.routing,
                 series_uid,
@@ -124,7 +137,8 @@ class JobControl:
                 analyse_incomplete=self.settings.dicom.analyse_incomplete_transfers,
                 on_annotation_complete=self.on_annotation_complete,
             )
-            assert outcome is not None
+            assert answered is not None
+            outcome = answered
         if outcome.pending:
             return Completion(
                 "pending",
@@ -154,7 +168,7 @@ class JobControl:
         self.submit(job)
         return int(job)
 
-    def take_correction(self, data: bytes, actor: str) -> Any:
+    def take_correction(self, data: bytes, actor: str) -> CorrectionTaken:
         """An uploaded corrected SEG/SR: stored like a received instance (durably, de-duplicated), its series
         completed, and taken in as a verification (the operator is the verifier unless ContentCreatorName says)."""
         from lesiontrack.dicom_node.completion import complete_series
@@ -331,8 +345,6 @@ class LesionTrackService:
         self._http_server.install_signal_handlers = lambda: None  # serve() runs off the main thread
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
         self._http_thread.start()
-        import time
-
         deadline = time.monotonic() + 30
         while not self._http_server.started and time.monotonic() < deadline and self._http_thread.is_alive():
             time.sleep(0.02)

@@ -14,11 +14,13 @@ on; both writers take the CT headers (sorted or not).
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -60,6 +62,42 @@ def to_pixels(points: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.stack([v @ r / d_col + 0.5, v @ c / d_row + 0.5], -1)
 
 
+def _graphic_objects(m: Mark, px_parts: list[np.ndarray]) -> list[hd.pr.GraphicObject]:
+    """The GSPS graphics of one mark (``px_parts``: its parts in image pixels)."""
+    d = m.drawing.kind
+    if d in (DrawingKind.LINE, DrawingKind.BIDIRECTIONAL):
+        return [hd.pr.GraphicObject("POLYLINE", p, "PIXEL") for p in px_parts]
+    p = px_parts[0]
+    if d is DrawingKind.ARROW:
+        tip, tail = p[0], p[1]
+        u = (tail - tip) / max(float(np.linalg.norm(tail - tip)), 1e-6)
+        n = np.array([-u[1], u[0]], np.float32)
+        head = np.array([tip + 3 * u + 2 * n, tip, tip + 3 * u - 2 * n], np.float32)
+        return [hd.pr.GraphicObject("POLYLINE", p, "PIXEL"), hd.pr.GraphicObject("POLYLINE", head, "PIXEL")]
+    if d is DrawingKind.ELLIPSE and m.circle:
+        centre = (p[0] + p[1]) / 2
+        return [hd.pr.GraphicObject("CIRCLE", np.array([centre, p[1]], np.float32), "PIXEL")]
+    if d is DrawingKind.ELLIPSE:
+        return [hd.pr.GraphicObject("ELLIPSE", p, "PIXEL")]
+    if d is DrawingKind.POINT:
+        return [hd.pr.GraphicObject("POINT", p[:1], "PIXEL")]
+    # CONTOUR: a closed polyline (first point repeated)
+    return [hd.pr.GraphicObject("POLYLINE", np.concatenate([p, p[:1]]).astype(np.float32), "PIXEL")]
+
+
+def _text_object(label: str, kind: DrawingKind, px_parts: list[np.ndarray], img: Dataset) -> hd.pr.TextObject:
+    """A mark's label: anchored at an arrow's tip, else in a text box beside the graphic."""
+    if kind is DrawingKind.ARROW:
+        tip_px = (float(px_parts[0][0][0]), float(px_parts[0][0][1]))
+        return hd.pr.TextObject(label, "PIXEL", anchor_point=tip_px)
+    allp = np.concatenate(px_parts)
+    cols, rows = float(img.Columns), float(img.Rows)
+    box_w, box_h = min(20.0, cols / 4), min(6.0, rows / 8)
+    x0 = min(float(allp[:, 0].max()) + 2.0, cols - box_w)
+    y0 = min(max(float(allp[:, 1].min()), 0.0), rows - box_h)
+    return hd.pr.TextObject(label, "PIXEL", bounding_box=(x0, y0, x0 + box_w, y0 + box_h))
+
+
 def write_gsps(
     headers: Sequence[Dataset],
     marks: Sequence[Mark],
@@ -71,10 +109,6 @@ def write_gsps(
     manufacturer: str = "Workstation",
 ) -> Path:
     """A GSPS with the ``marks`` on the CT ``headers``' images; returns the file written."""
-    import copy
-
-    import highdicom as hd
-
     headers = [copy.deepcopy(x) for x in headers]
     for h in headers:  # an empty Specific Character Set (some archives' CT) means the default repertoire
         if "SpecificCharacterSet" in h and not h.SpecificCharacterSet:
@@ -85,41 +119,9 @@ def write_gsps(
     for m in marks:
         img = _image_of(m.drawing.all_points, headers)
         used[str(img.SOPInstanceUID)] = img
-        objects = []
-        texts = []
         px_parts = [to_pixels(p, img).astype(np.float32) for p in m.drawing.parts]
-        d = m.drawing.kind
-        if d in (DrawingKind.LINE, DrawingKind.BIDIRECTIONAL):
-            objects += [hd.pr.GraphicObject("POLYLINE", p, "PIXEL") for p in px_parts]
-        elif d is DrawingKind.ARROW:
-            shaft = px_parts[0]
-            tip, tail = shaft[0], shaft[1]
-            u = (tail - tip) / max(float(np.linalg.norm(tail - tip)), 1e-6)
-            n = np.array([-u[1], u[0]], np.float32)
-            head = np.array([tip + 3 * u + 2 * n, tip, tip + 3 * u - 2 * n], np.float32)
-            objects += [hd.pr.GraphicObject("POLYLINE", shaft, "PIXEL"), hd.pr.GraphicObject("POLYLINE", head, "PIXEL")]
-        elif d is DrawingKind.ELLIPSE and m.circle:
-            p = px_parts[0]
-            centre = (p[0] + p[1]) / 2
-            objects.append(hd.pr.GraphicObject("CIRCLE", np.array([centre, p[1]], np.float32), "PIXEL"))
-        elif d is DrawingKind.ELLIPSE:
-            objects.append(hd.pr.GraphicObject("ELLIPSE", px_parts[0], "PIXEL"))
-        elif d is DrawingKind.POINT:
-            objects.append(hd.pr.GraphicObject("POINT", px_parts[0][:1], "PIXEL"))
-        else:  # CONTOUR: a closed polyline (first point repeated)
-            p = px_parts[0]
-            objects.append(hd.pr.GraphicObject("POLYLINE", np.concatenate([p, p[:1]]).astype(np.float32), "PIXEL"))
-        if m.label:
-            allp = np.concatenate(px_parts)
-            if d is DrawingKind.ARROW:  # the label anchored at the arrow's tip
-                tip_px = (float(px_parts[0][0][0]), float(px_parts[0][0][1]))
-                texts.append(hd.pr.TextObject(m.label, "PIXEL", anchor_point=tip_px))
-            else:  # a text box beside the graphic
-                cols, rows = float(img.Columns), float(img.Rows)
-                box_w, box_h = min(20.0, cols / 4), min(6.0, rows / 8)
-                x0 = min(float(allp[:, 0].max()) + 2.0, cols - box_w)
-                y0 = min(max(float(allp[:, 1].min()), 0.0), rows - box_h)
-                texts.append(hd.pr.TextObject(m.label, "PIXEL", bounding_box=(x0, y0, x0 + box_w, y0 + box_h)))
+        objects = _graphic_objects(m, px_parts)
+        texts = [_text_object(m.label, m.drawing.kind, px_parts, img)] if m.label else []
         annotations.append(
             hd.pr.GraphicAnnotation(
                 referenced_images=[img], graphic_layer=gl, graphic_objects=objects, text_objects=texts or None
@@ -148,6 +150,43 @@ def write_gsps(
     path.parent.mkdir(parents=True, exist_ok=True)
     pr.save_as(path, enforce_file_format=True)
     return path
+
+
+def _referenced_frame(headers: Sequence[Dataset]) -> Dataset:
+    """The structure set's frame of reference → study → series → every CT image it may contour."""
+    ref = headers[0]
+    contour_images = DicomSequence()
+    for h in headers:
+        item = Dataset()
+        item.ReferencedSOPClassUID = h.SOPClassUID
+        item.ReferencedSOPInstanceUID = h.SOPInstanceUID
+        contour_images.append(item)
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = ref.SeriesInstanceUID
+    series_item.ContourImageSequence = contour_images
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, as required)
+    study_item.ReferencedSOPInstanceUID = ref.StudyInstanceUID
+    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
+    frame_item = Dataset()
+    frame_item.FrameOfReferenceUID = ref.FrameOfReferenceUID
+    frame_item.RTReferencedStudySequence = DicomSequence([study_item])
+    return frame_item
+
+
+def _contour_item(number: int, pts: np.ndarray, headers: Sequence[Dataset]) -> Dataset:
+    """One contour (a polygon, or a single point) on the CT image it lies on."""
+    c = Dataset()
+    c.ContourNumber = number
+    img = _image_of(pts, headers)
+    ci = Dataset()
+    ci.ReferencedSOPClassUID = img.SOPClassUID
+    ci.ReferencedSOPInstanceUID = img.SOPInstanceUID
+    c.ContourImageSequence = DicomSequence([ci])
+    c.ContourGeometricType = "POINT" if len(pts) == 1 else "CLOSED_PLANAR"
+    c.NumberOfContourPoints = len(pts)
+    c.ContourData = [f"{v:.3f}" for v in pts.reshape(-1)]
+    return c
 
 
 def write_rtstruct(
@@ -186,23 +225,7 @@ def write_rtstruct(
     ds.StructureSetLabel = "LESIONS"
     ds.StructureSetName = "lesions"
     ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    contour_images = DicomSequence()
-    for h in headers:
-        item = Dataset()
-        item.ReferencedSOPClassUID = h.SOPClassUID
-        item.ReferencedSOPInstanceUID = h.SOPInstanceUID
-        contour_images.append(item)
-    series_item = Dataset()
-    series_item.SeriesInstanceUID = ref.SeriesInstanceUID
-    series_item.ContourImageSequence = contour_images
-    study_item = Dataset()
-    study_item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, as required)
-    study_item.ReferencedSOPInstanceUID = ref.StudyInstanceUID
-    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
-    frame_item = Dataset()
-    frame_item.FrameOfReferenceUID = ref.FrameOfReferenceUID
-    frame_item.RTReferencedStudySequence = DicomSequence([study_item])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_item])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame(headers)])
     ds.StructureSetROISequence = DicomSequence()
     ds.ROIContourSequence = DicomSequence()
     ds.RTROIObservationsSequence = DicomSequence()
@@ -219,18 +242,7 @@ def write_rtstruct(
         rc.ROIDisplayColor = colours[(n - 1) % len(colours)]
         rc.ContourSequence = DicomSequence()
         for c_n, poly in enumerate(contours, start=1):
-            pts = np.asarray(poly, float).reshape(-1, 3)
-            c = Dataset()
-            c.ContourNumber = c_n
-            img = _image_of(pts, headers)
-            ci = Dataset()
-            ci.ReferencedSOPClassUID = img.SOPClassUID
-            ci.ReferencedSOPInstanceUID = img.SOPInstanceUID
-            c.ContourImageSequence = DicomSequence([ci])
-            c.ContourGeometricType = "POINT" if len(pts) == 1 else "CLOSED_PLANAR"
-            c.NumberOfContourPoints = len(pts)
-            c.ContourData = [f"{v:.3f}" for v in pts.reshape(-1)]
-            rc.ContourSequence.append(c)
+            rc.ContourSequence.append(_contour_item(c_n, np.asarray(poly, float).reshape(-1, 3), headers))
         ds.ROIContourSequence.append(rc)
         obs = Dataset()
         obs.ObservationNumber = n

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -159,6 +159,80 @@ def _ellipsoid(x: Array, y: Array, z: Array, c: Array, semi: Array, rot: Array |
 
 
 # -- anatomy ----------------------------------------------------------------------------------------------
+class _Regions(NamedTuple):
+    """Regions of the body the organs are placed in (set by :meth:`_Anatomy._paint_wall`)."""
+
+    body: Array
+    muscle: Array
+    crho: Array  # cavity radius (< 1 inside the body cavity)
+    zd: Array  # diaphragm height
+    thorax: Array
+    cav: Array
+
+
+@dataclass
+class _Slab:
+    """Query points (model units) with the HU and organ maps being painted and the smooth fields there. With
+    ``axes`` (the 1-D grid axes of an axial slab) shapes are rasterised only inside their bounding boxes."""
+
+    x: Array
+    y: Array
+    z: Array
+    shape: tuple[int, ...]
+    axes: tuple[Array, Array, Array] | None
+    ax1: list[Array]
+    inv: np.float32
+    hu: Array
+    org: Array
+    tex: Array
+    fine: Array
+    bowel: Array
+    gas: Array
+
+    def paint(self, mask: Array, value: Array | float | np.float32, organ: str) -> None:
+        self.hu[mask] = value[mask] if isinstance(value, np.ndarray) else value
+        self.org[mask] = ORGANS[organ]
+
+    def _sub(self, lo: Array, hi: Array) -> tuple[slice, slice, slice] | None:
+        if self.axes is None:
+            raise ValueError("sub-box lookup needs the grid axes")
+        ax1 = self.ax1
+        out_sl = []
+        for a1, a, b in ((ax1[2], lo[2], hi[2]), (ax1[1], lo[1], hi[1]), (ax1[0], lo[0], hi[0])):
+            i0, i1 = int(np.searchsorted(a1, a)), int(np.searchsorted(a1, b, side="right"))
+            if i1 <= i0:
+                return None
+            out_sl.append(slice(i0, i1))
+        return (out_sl[0], out_sl[1], out_sl[2])
+
+    def ell(self, c: Array, semi: Array, rot: Array | None = None) -> Array:
+        """_ellipsoid, evaluated only inside its bounding box on slab grids (9 outside)."""
+        if self.axes is None:
+            return _ellipsoid(self.x, self.y, self.z, c, semi, rot)
+        ax1 = self.ax1
+        r = float(np.max(semi)) * 1.3 + 1.0
+        out = np.full(self.shape, 9.0, np.float32)
+        b = self._sub(np.asarray(c) - r, np.asarray(c) + r)
+        if b is not None:
+            out[b] = _ellipsoid(
+                ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None], ax1[2][b[0]][:, None, None], c, semi, rot
+            )
+        return out
+
+    def cap(self, a: Array, b_: Array, reach: float = 20.0) -> Array:
+        """_capsule_dist within ``reach`` mm of the segment's box on slab grids (1e4 outside)."""
+        if self.axes is None:
+            return _capsule_dist(self.x, self.y, self.z, a, b_)
+        ax1 = self.ax1
+        out = np.full(self.shape, 1e4, np.float32)
+        b = self._sub(np.minimum(a, b_) - reach, np.maximum(a, b_) + reach)
+        if b is not None:
+            out[b] = _capsule_dist(
+                ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None], ax1[2][b[0]][:, None, None], a, b_
+            )
+        return out
+
+
 class _Anatomy:
     """Seeded anatomical parameters and the implicit tissue model evaluated on coordinate arrays.
 
@@ -289,6 +363,22 @@ class _Anatomy:
         ``axes`` = the 1-D (xs, ys, zs) of an axial grid slab (then x, y, z are their broadcasts): enables the
         lung vessel trees and airways, which are rasterised by bounding box. Point queries leave them out.
         """
+        g = self._slab(x, y, z, axes)
+        r = self._paint_wall(g)
+        self._paint_ribs(g, r)
+        abd = self._paint_cavity(g, r)
+        lung, ivc = self._paint_mediastinum(g, r)
+        liver = self._paint_liver(g, r, abd, ivc)
+        self._paint_abdominal_organs(g, r, abd, liver)
+        self._paint_spine(g, r)
+        # lung vessels and airways (inside lungs / mediastinum)
+        if axes is not None:
+            sx, sy, sz = (np.asarray(a, np.float32) * g.inv for a in axes)
+            self._tubes((sx, sy, sz), lung, g.hu, g.org, ~r.thorax, voxel_mm * float(g.inv))
+        return g.hu, g.org
+
+    def _slab(self, x: Array, y: Array, z: Array, axes: tuple[Array, Array, Array] | None) -> _Slab:
+        """The query points (in model units) with empty HU / organ maps and the smooth fields evaluated on them."""
         inv = np.float32(1.0 / self.scale)
         shape = np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z))
         x, y, z = (np.broadcast_to(np.asarray(v, np.float32) * inv, shape) for v in (x, y, z))
@@ -304,174 +394,151 @@ class _Anatomy:
             tex, fine = self.texture(x, y, z), self.fine(x, y, z)
             o = self.bowel_offset.astype(np.float32)
             bowel, gas = self.bowel(x - o[0], y - o[1], z - o[2]), self.gas(x - o[0], y - o[1], z - o[2])
+        return _Slab(x, y, z, shape, axes, ax1, inv, hu, org, tex, fine, bowel, gas)
 
-        def paint(mask: Array, value: Any, organ: str) -> None:
-            hu[mask] = value[mask] if isinstance(value, np.ndarray) else value
-            org[mask] = ORGANS[organ]
-
-        def _sub(lo: Array, hi: Array) -> tuple[slice, slice, slice] | None:
-            if axes is None:
-                raise ValueError("sub-box lookup needs the grid axes")
-            out_sl = []
-            for a1, a, b in ((ax1[2], lo[2], hi[2]), (ax1[1], lo[1], hi[1]), (ax1[0], lo[0], hi[0])):
-                i0, i1 = int(np.searchsorted(a1, a)), int(np.searchsorted(a1, b, side="right"))
-                if i1 <= i0:
-                    return None
-                out_sl.append(slice(i0, i1))
-            return (out_sl[0], out_sl[1], out_sl[2])
-
-        def ell(c: Array, semi: Array, rot: Array | None = None) -> Array:
-            """_ellipsoid, evaluated only inside its bounding box on slab grids (9 outside)."""
-            if axes is None:
-                return _ellipsoid(x, y, z, c, semi, rot)
-            r = float(np.max(semi)) * 1.3 + 1.0
-            out = np.full(shape, 9.0, np.float32)
-            b = _sub(np.asarray(c) - r, np.asarray(c) + r)
-            if b is not None:
-                out[b] = _ellipsoid(
-                    ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None], ax1[2][b[0]][:, None, None], c, semi, rot
-                )
-            return out
-
-        def cap(a: Array, b_: Array, reach: float = 20.0) -> Array:
-            """_capsule_dist within ``reach`` mm of the segment's box on slab grids (1e4 outside)."""
-            if axes is None:
-                return _capsule_dist(x, y, z, a, b_)
-            out = np.full(shape, 1e4, np.float32)
-            b = _sub(np.minimum(a, b_) - reach, np.maximum(a, b_) + reach)
-            if b is not None:
-                out[b] = _capsule_dist(
-                    ax1[0][b[2]][None, None, :], ax1[1][b[1]][None, :, None], ax1[2][b[0]][:, None, None], a, b_
-                )
-            return out
-
+    def _paint_wall(self, g: _Slab) -> _Regions:
+        """The table, skin, fat and muscle of the body wall; the regions the organs are placed in."""
         # table under the patient (posterior)
         ty = self.b + 14.0
-        tcurve = ty + 0.0008 * x**2
-        paint((y > tcurve) & (y < tcurve + 6) & (np.abs(x) < 230), np.float32(HU["table"]) + 30 * tex, "table")
-        paint((y >= tcurve + 6) & (y < tcurve + 28) & (np.abs(x) < 220), np.float32(-880.0), "table")
-        paint((y >= tcurve + 28) & (y < tcurve + 33) & (np.abs(x) < 220), np.float32(HU["table"]), "table")
+        tcurve = ty + 0.0008 * g.x**2
+        g.paint(
+            (g.y > tcurve) & (g.y < tcurve + 6) & (np.abs(g.x) < 230), np.float32(HU["table"]) + 30 * g.tex, "table"
+        )
+        g.paint((g.y >= tcurve + 6) & (g.y < tcurve + 28) & (np.abs(g.x) < 220), np.float32(-880.0), "table")
+        g.paint((g.y >= tcurve + 28) & (g.y < tcurve + 33) & (np.abs(g.x) < 220), np.float32(HU["table"]), "table")
 
-        rho = self.body_rho(x, y, z)
+        rho = self.body_rho(g.x, g.y, g.z)
         body = rho < 1.0
-        paint(body, np.float32(HU["skin"]) + 5 * tex, "body_wall")
-        paint(rho < 1.0 - 2.5 / self.b, HU["fat"] + 8 * tex, "fat")
+        g.paint(body, np.float32(HU["skin"]) + 5 * g.tex, "body_wall")
+        g.paint(rho < 1.0 - 2.5 / self.b, HU["fat"] + 8 * g.tex, "fat")
         wall_edge = 1.0 - (self.fat + 2.5) / self.b
         muscle = rho < wall_edge
-        paint(muscle, HU["muscle"] + 6 * tex, "muscle")
+        g.paint(muscle, HU["muscle"] + 6 * g.tex, "muscle")
         # intermuscular fat plane
-        paint(muscle & (np.abs(rho - (wall_edge - 0.045)) < 0.008), np.float32(HU["fat"]), "fat")
-        crho = self.cavity_rho(x, y, z)
-        zd = self.diaphragm(x, y)
-        thorax = z > zd
+        g.paint(muscle & (np.abs(rho - (wall_edge - 0.045)) < 0.008), np.float32(HU["fat"]), "fat")
+        crho = self.cavity_rho(g.x, g.y, g.z)
+        zd = self.diaphragm(g.x, g.y)
+        thorax = g.z > zd
         cav = crho < 1.0
+        return _Regions(body, muscle, crho, zd, thorax, cav)
 
+    def _paint_ribs(self, g: _Slab, r: _Regions) -> None:
         # ribs: oblique arcs in the wall ring (posterior high → anterior low), cartilage anteriorly
-        ring = muscle & (crho >= 0.99) & (crho < 1.12)
-        ang = np.degrees(np.arctan2(y, np.abs(x)))  # -90 anterior .. +90 posterior
-        rib_z = z + 0.6 * (90 - ang) + self.rib_phase
+        ring = r.muscle & (r.crho >= 0.99) & (r.crho < 1.12)
+        ang = np.degrees(np.arctan2(g.y, np.abs(g.x)))  # -90 anterior .. +90 posterior
+        rib_z = g.z + 0.6 * (90 - ang) + self.rib_phase
         rib_d = np.abs(np.mod(rib_z, 27.0) - 13.5) / 0.6 * 0.55  # distance to the rib mid-line along z (mm)
-        rib_r = np.abs(crho - 1.04) * 110.0  # ~ radial distance (mm)
+        rib_r = np.abs(r.crho - 1.04) * 110.0  # ~ radial distance (mm)
         rib_e = (rib_d / 5.5) ** 2 + (rib_r / 3.5) ** 2
-        rib = ring & (rib_e < 1.0) & (z > zd - 45) & (np.abs(x) > 20)
+        rib = ring & (rib_e < 1.0) & (g.z > r.zd - 45) & (np.abs(g.x) > 20)
         cart = rib & (ang < -60)
-        paint(rib & ~cart, np.float32(HU["cortical_bone"]) + 60 * tex, "bone")
-        paint(rib & ~cart & (rib_e < 0.35), np.float32(HU["cancellous_bone"] + 80), "bone")
-        paint(cart, np.float32(HU["cartilage"]), "bone")
+        g.paint(rib & ~cart, np.float32(HU["cortical_bone"]) + 60 * g.tex, "bone")
+        g.paint(rib & ~cart & (rib_e < 0.35), np.float32(HU["cancellous_bone"] + 80), "bone")
+        g.paint(cart, np.float32(HU["cartilage"]), "bone")
         # sternum
-        paint(
-            muscle & (np.abs(x) < 16) & (crho >= 1.0) & (crho < 1.10) & (y < 0) & (z > zd - 20),
+        g.paint(
+            r.muscle & (np.abs(g.x) < 16) & (r.crho >= 1.0) & (r.crho < 1.10) & (g.y < 0) & (g.z > r.zd - 20),
             np.float32(HU["cancellous_bone"] + 100),
             "bone",
         )
 
+    def _paint_cavity(self, g: _Slab, r: _Regions) -> Array:
+        """Abdominal fat with bowel loops, mediastinal fat; returns the abdominal cavity."""
         # cavity content: abdomen (fat + bowel loops), thorax (mediastinal fat, lungs)
-        abd = cav & ~thorax
-        paint(abd, np.float32(HU["fat"]) + 10 * tex, "fat")
-        bw = bowel
+        abd = r.cav & ~r.thorax
+        g.paint(abd, np.float32(HU["fat"]) + 10 * g.tex, "fat")
+        bw = g.bowel
         loops = abd & (np.abs(bw) < 0.35)
-        paint(loops, HU["bowel"] + 12 * fine, "bowel")
-        paint(loops & (np.abs(bw) < 0.12) & (gas > 0.8), np.float32(-950.0), "bowel")
-        paint(cav & thorax, np.float32(-85.0) + 10 * tex, "mediastinum")
+        g.paint(loops, HU["bowel"] + 12 * g.fine, "bowel")
+        g.paint(loops & (np.abs(bw) < 0.12) & (g.gas > 0.8), np.float32(-950.0), "bowel")
+        g.paint(r.cav & r.thorax, np.float32(-85.0) + 10 * g.tex, "mediastinum")
+        return abd
 
-        hr = ell(self.heart_c, np.array([56, 44, 46]), self.heart_rot)
-        asc = cap(self.heart_c + np.array([-14, -2, 25]), np.array([-8.0, -20, 140]))
-        arch = cap(np.array([-8.0, -20, 140]), np.array([self.aorta_c[0], self.aorta_c[1], 150]))
-        pa = cap(self.heart_c + np.array([6, -14, 30]), np.array([0.0, 0, self.z_dome_r + 55]))
-        dao = np.hypot(x - self.aorta_c[0], y - self.aorta_c[1])
-        deso = np.hypot(x - self.eso_c[0], y - self.eso_c[1])
-        central = np.abs(x - 2) < 5 + 17 * np.clip((y + 60) / 70, 0, 1)
+    def _paint_mediastinum(self, g: _Slab, r: _Regions) -> tuple[Array, Array]:
+        """Lungs, heart, great vessels, esophagus and IVC; returns the lungs and the IVC."""
+        hr = g.ell(self.heart_c, np.array([56, 44, 46]), self.heart_rot)
+        asc = g.cap(self.heart_c + np.array([-14, -2, 25]), np.array([-8.0, -20, 140]))
+        arch = g.cap(np.array([-8.0, -20, 140]), np.array([self.aorta_c[0], self.aorta_c[1], 150]))
+        pa = g.cap(self.heart_c + np.array([6, -14, 30]), np.array([0.0, 0, self.z_dome_r + 55]))
+        dao = np.hypot(g.x - self.aorta_c[0], g.y - self.aorta_c[1])
+        deso = np.hypot(g.x - self.eso_c[0], g.y - self.eso_c[1])
+        central = np.abs(g.x - 2) < 5 + 17 * np.clip((g.y + 60) / 70, 0, 1)
         medi = central | (hr < 1.12) | (asc < 19) | (dao < 18) | (deso < 12) | (pa < 17) | (arch < 18)
-        lung = cav & thorax & (crho < 0.99) & ~medi & (z > zd + 2)
-        paint(lung, HU["lung"] + 25 * tex + 12 * fine + 30 * np.clip((y - 0) / 80, 0, 1), "lung")
+        lung = r.cav & r.thorax & (r.crho < 0.99) & ~medi & (g.z > r.zd + 2)
+        g.paint(lung, HU["lung"] + 25 * g.tex + 12 * g.fine + 30 * np.clip((g.y - 0) / 80, 0, 1), "lung")
 
         # heart with pericardial fat, myocardium and contrast blood pool
-        paint((hr < 1.0) & cav & thorax, HU["myocardium"] + 5 * tex, "heart")
-        paint((hr < 0.8) & cav & thorax, HU["blood"] + 6 * tex, "heart")
-        lv = ell(self.heart_c + self.heart_rot @ np.array([18.0, 6, -6]), np.array([26, 20, 26]), self.heart_rot)
-        paint((lv < 1.0) & (hr < 0.95) & cav & thorax, np.float32(HU["myocardium"]), "heart")
-        paint((lv < 0.62) & cav & thorax, np.float32(HU["blood"] + 20), "heart")
+        g.paint((hr < 1.0) & r.cav & r.thorax, HU["myocardium"] + 5 * g.tex, "heart")
+        g.paint((hr < 0.8) & r.cav & r.thorax, HU["blood"] + 6 * g.tex, "heart")
+        lv = g.ell(self.heart_c + self.heart_rot @ np.array([18.0, 6, -6]), np.array([26, 20, 26]), self.heart_rot)
+        g.paint((lv < 1.0) & (hr < 0.95) & r.cav & r.thorax, np.float32(HU["myocardium"]), "heart")
+        g.paint((lv < 0.62) & r.cav & r.thorax, np.float32(HU["blood"] + 20), "heart")
 
         # great vessels, esophagus
-        paint(((asc < 15) | (arch < 13)) & thorax & cav, np.float32(HU["blood"] + 30), "aorta")
-        paint((pa < 13) & thorax & cav & (hr > 0.85), np.float32(HU["blood"] - 10), "aorta")
-        paint((dao < 12.0) & muscle & (crho < 1.3), np.float32(HU["blood"] + 30) + 4 * tex, "aorta")
-        paint((deso < 7) & thorax & cav, np.where(deso < 2, -900.0, 40.0).astype(np.float32), "esophagus")
-        ivc = (np.hypot(x - self.ivc_c[0], y - self.ivc_c[1]) < 11) & (z < zd + 18) & muscle & (crho < 1.3)
-        paint(ivc, np.float32(HU["blood"] - 30), "ivc")
+        g.paint(((asc < 15) | (arch < 13)) & r.thorax & r.cav, np.float32(HU["blood"] + 30), "aorta")
+        g.paint((pa < 13) & r.thorax & r.cav & (hr > 0.85), np.float32(HU["blood"] - 10), "aorta")
+        g.paint((dao < 12.0) & r.muscle & (r.crho < 1.3), np.float32(HU["blood"] + 30) + 4 * g.tex, "aorta")
+        g.paint((deso < 7) & r.thorax & r.cav, np.where(deso < 2, -900.0, 40.0).astype(np.float32), "esophagus")
+        ivc = (np.hypot(g.x - self.ivc_c[0], g.y - self.ivc_c[1]) < 11) & (g.z < r.zd + 18) & r.muscle & (r.crho < 1.3)
+        g.paint(ivc, np.float32(HU["blood"] - 30), "ivc")
+        return lung, ivc
 
+    def _paint_liver(self, g: _Slab, r: _Regions, abd: Array, ivc: Array) -> Array:
         # liver: right lobe + left lobe, under the diaphragm, with portal/hepatic vessels
-        below = zd - z
-        lr = ell(self.liver_c, np.array([92, 85, 72]), _rot_z(-15))
-        ll = ell(np.array([15.0, -48, self.z_dome_l - 30]), np.array([55, 28, 32]), _rot_z(-10))
-        hug = crho > 1.0 - np.clip(1.2 - below / 110.0, 0.4, 1.2)  # lower liver: a crescent along the wall
+        below = r.zd - g.z
+        lr = g.ell(self.liver_c, np.array([92, 85, 72]), _rot_z(-15))
+        ll = g.ell(np.array([15.0, -48, self.z_dome_l - 30]), np.array([55, 28, 32]), _rot_z(-10))
+        hug = r.crho > 1.0 - np.clip(1.2 - below / 110.0, 0.4, 1.2)  # lower liver: a crescent along the wall
         liver = abd & (below > 3) & (((lr < 1.0) & hug) | (ll < 1.0)) & ~ivc
-        paint(liver, HU["liver"] + 6 * tex + 3 * fine, "liver")
+        g.paint(liver, HU["liver"] + 6 * g.tex + 3 * g.fine, "liver")
         zc = self.liver_c[2]
-        pv = cap(np.array([-5.0, 15, zc - 15]), np.array([-85.0, -15, zc + 25]))
-        pv2 = cap(np.array([-45.0, 0, zc + 5]), np.array([-60.0, 40, zc + 45]))
-        pv3 = cap(np.array([-45.0, 0, zc + 5]), np.array([-20.0, -50, zc + 30]))
-        paint(liver & ((pv < 5.5) | (pv2 < 3.5) | (pv3 < 3.0)), np.float32(HU["blood"] + 5), "liver")
+        pv = g.cap(np.array([-5.0, 15, zc - 15]), np.array([-85.0, -15, zc + 25]))
+        pv2 = g.cap(np.array([-45.0, 0, zc + 5]), np.array([-60.0, 40, zc + 45]))
+        pv3 = g.cap(np.array([-45.0, 0, zc + 5]), np.array([-20.0, -50, zc + 30]))
+        g.paint(liver & ((pv < 5.5) | (pv2 < 3.5) | (pv3 < 3.0)), np.float32(HU["blood"] + 5), "liver")
+        return liver
 
+    def _paint_abdominal_organs(self, g: _Slab, r: _Regions, abd: Array, liver: Array) -> None:
         # spleen, stomach (air–fluid level), kidneys
-        sr = ell(self.spleen_c, np.array([22, 50, 50]), _rot_z(40))
-        paint((sr < 1) & abd, HU["spleen"] + 5 * tex, "spleen")
-        st = ell(self.stomach_c, np.array([38, 32, 42]), _rot_z(-25))
+        sr = g.ell(self.spleen_c, np.array([22, 50, 50]), _rot_z(40))
+        g.paint((sr < 1) & abd, HU["spleen"] + 5 * g.tex, "spleen")
+        st = g.ell(self.stomach_c, np.array([38, 32, 42]), _rot_z(-25))
         stomach = (st < 1) & abd & ~liver
-        paint(stomach, np.float32(HU["muscle"]), "stomach")
+        g.paint(stomach, np.float32(HU["muscle"]), "stomach")
         inner = (st < 0.86) & stomach
-        paint(
-            inner, np.where(y < self.stomach_c[1] - 4, HU["air"], HU["fluid"] + 5 * fine).astype(np.float32), "stomach"
+        g.paint(
+            inner,
+            np.where(g.y < self.stomach_c[1] - 4, HU["air"], HU["fluid"] + 5 * g.fine).astype(np.float32),
+            "stomach",
         )
         for kc, rot in ((self.kidney_l, _rot_z(-30)), (self.kidney_r, _rot_z(30))):
-            kr = ell(kc, np.array([26, 20, 50]), rot)
-            kidney = (kr < 1) & (crho < 1.25) & ~thorax & body
-            paint(kidney & (kr < 1.25) & ~(kr < 1), np.float32(HU["fat"]), "fat")
-            paint(kidney, np.float32(HU["kidney_cortex"]) + 5 * tex, "kidney")
-            paint(kidney & (kr < 0.72) & (fine > -0.5), np.float32(HU["kidney_medulla"]), "kidney")
-            hil = ell(kc + np.array([-np.sign(kc[0]) * 14, -6, 0]), np.array([10, 8, 22]))
-            paint(kidney & (hil < 1), np.float32(-60.0), "kidney")
+            kr = g.ell(kc, np.array([26, 20, 50]), rot)
+            kidney = (kr < 1) & (r.crho < 1.25) & ~r.thorax & r.body
+            g.paint(kidney & (kr < 1.25) & ~(kr < 1), np.float32(HU["fat"]), "fat")
+            g.paint(kidney, np.float32(HU["kidney_cortex"]) + 5 * g.tex, "kidney")
+            g.paint(kidney & (kr < 0.72) & (g.fine > -0.5), np.float32(HU["kidney_medulla"]), "kidney")
+            hil = g.ell(kc + np.array([-np.sign(kc[0]) * 14, -6, 0]), np.array([10, 8, 22]))
+            g.paint(kidney & (hil < 1), np.float32(-60.0), "kidney")
 
+    def _paint_spine(self, g: _Slab, r: _Regions) -> None:
         # spine: vertebral bodies with discs, canal, posterior arch, transverse processes
-        vb = np.hypot(x, (y - self.spine_y) * 1.15)
-        disc = np.abs(np.mod(z + 7.0, 30.0) - 3.0) < 3.0
-        paint((vb < 17) & body, np.float32(HU["cortical_bone"]), "bone")
-        paint(
-            (vb < 14.5) & body, np.where(disc, HU["disc"], HU["cancellous_bone"] + 40 * tex).astype(np.float32), "bone"
+        vb = np.hypot(g.x, (g.y - self.spine_y) * 1.15)
+        disc = np.abs(np.mod(g.z + 7.0, 30.0) - 3.0) < 3.0
+        g.paint((vb < 17) & r.body, np.float32(HU["cortical_bone"]), "bone")
+        g.paint(
+            (vb < 14.5) & r.body,
+            np.where(disc, HU["disc"], HU["cancellous_bone"] + 40 * g.tex).astype(np.float32),
+            "bone",
         )
-        canal = np.hypot(x, y - self.spine_y - 27)
-        arch = ((canal < 13) & (y > self.spine_y + 12)) | (
-            (np.abs(x) < 4) & (y > self.spine_y + 27) & (y < self.spine_y + 52)
+        canal = np.hypot(g.x, g.y - self.spine_y - 27)
+        arch = ((canal < 13) & (g.y > self.spine_y + 12)) | (
+            (np.abs(g.x) < 4) & (g.y > self.spine_y + 27) & (g.y < self.spine_y + 52)
         )
-        arch |= (np.abs(np.abs(x) - 26) < 11) & (np.abs(y - self.spine_y - 22 + 0.3 * (np.abs(x) - 26)) < 3.5) & ~disc
-        paint(arch & body & muscle, np.float32(HU["cortical_bone"] * 0.75) + 40 * tex, "bone")
-        paint((canal < 8) & body, np.float32(HU["csf"] + 10), "spinal_canal")
-
-        # lung vessels and airways (inside lungs / mediastinum)
-        if axes is not None:
-            sx, sy, sz = (np.asarray(a, np.float32) * inv for a in axes)
-            self._tubes((sx, sy, sz), lung, hu, org, ~thorax, voxel_mm * float(inv))
-        return hu, org
+        arch |= (
+            (np.abs(np.abs(g.x) - 26) < 11) & (np.abs(g.y - self.spine_y - 22 + 0.3 * (np.abs(g.x) - 26)) < 3.5) & ~disc
+        )
+        g.paint(arch & r.body & r.muscle, np.float32(HU["cortical_bone"] * 0.75) + 40 * g.tex, "bone")
+        g.paint((canal < 8) & r.body, np.float32(HU["csf"] + 10), "spinal_canal")
 
     def _tubes(
         self, axes: tuple[Array, Array, Array], lung: Array, hu: Array, org: Array, abdomen: Array, voxel: float
@@ -584,81 +651,7 @@ def _place_lesions(
             )
             if any(np.linalg.norm(c - np.array(o.center_mm)) < r + o.radius_mm + 8 for o in out):
                 continue
-            pts = np.vstack([c[None], c + r * _sphere_points()])
-            _, org_p = anat.evaluate(pts[:, 0], pts[:, 1], pts[:, 2])
-            oc, os_ = int(org_p[0]), org_p[1:]
-            if kind == "liver lesion" and oc == ORGANS["liver"] and np.all(os_ == ORGANS["liver"]):
-                delta = rng.uniform(20, 60)
-                info = LesionInfo(
-                    0,
-                    kind,
-                    "liver",
-                    c.tolist(),
-                    r,
-                    HU["liver"] - delta,
-                    params={"semi": (r * rng.uniform(0.8, 1.2, 3)).tolist(), "contrast_hu": -delta},
-                )
-            elif kind == "enlarged lymph node":
-                in_fat = np.isin(os_, [ORGANS["mediastinum"], ORGANS["fat"]])
-                if (
-                    oc in (ORGANS["mediastinum"], ORGANS["fat"])
-                    and in_fat.mean() > 0.85
-                    and anat.cavity_rho(*(c[:, None] / anat.scale))[0] < 0.95
-                ):
-                    semi = [r * 1.4, r, r * 1.1]
-                    info = LesionInfo(
-                        0,
-                        kind,
-                        "mediastinal/abdominal fat",
-                        c.tolist(),
-                        r,
-                        45.0,
-                        params={"semi": semi, "rot": _rot_z(rng.uniform(0, 180)).tolist()},
-                    )
-            elif kind == "juxtapleural lung nodule":
-                if oc == ORGANS["lung"]:
-                    wall = np.isin(os_, [ORGANS["muscle"], ORGANS["bone"], ORGANS["fat"], ORGANS["body_wall"]])
-                    lungf = os_ == ORGANS["lung"]
-                    if 0.1 < wall.mean() < 0.4 and lungf.mean() > 0.5:
-                        info = LesionInfo(
-                            0,
-                            kind,
-                            "lung (touching chest wall)",
-                            c.tolist(),
-                            r,
-                            45.0,
-                            params={"semi": [r, r * 0.8, r * 1.1]},
-                        )
-            elif oc == ORGANS["lung"] and np.all(np.isin(os_, [ORGANS["lung"], ORGANS["lung_vessel"]])):
-                if kind == "solid lung nodule":
-                    lobes = [
-                        ((c + rng.normal(0, r * 0.45, 3)).tolist(), r * rng.uniform(0.45, 0.7))
-                        for _ in range(rng.integers(2, 5))
-                    ]
-                    info = LesionInfo(
-                        0,
-                        kind,
-                        "lung",
-                        c.tolist(),
-                        r,
-                        rng.uniform(20, 45),
-                        params={"semi": [r * 0.9, r * 0.85, r], "lobes": lobes},
-                    )
-                elif kind == "part-solid lung nodule":
-                    info = LesionInfo(
-                        0,
-                        kind,
-                        "lung",
-                        c.tolist(),
-                        r,
-                        25.0,
-                        params={"core_mm": r * rng.uniform(0.35, 0.5), "ggo_hu": rng.uniform(-620, -480)},
-                    )
-                elif kind == "spiculated lung nodule":
-                    dirs = rng.normal(size=(int(rng.integers(8, 14)), 3))
-                    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-                    tips = [(c + d_ * r * rng.uniform(1.5, 2.3)).tolist() for d_ in dirs]
-                    info = LesionInfo(0, kind, "lung", c.tolist(), r, 35.0, params={"spicules": tips})
+            info = _lesion_at(anat, kind, c, r, rng)
             if info is not None:
                 break
         if info is None:
@@ -666,6 +659,92 @@ def _place_lesions(
         info.label = len(out) + 1
         out.append(info)
     return out
+
+
+def _lesion_at(anat: _Anatomy, kind: str, c: Array, r: float, rng: np.random.Generator) -> LesionInfo | None:
+    """A lesion of ``kind`` (radius ``r``) centred at ``c`` when the anatomy there suits it, else None."""
+    info = None
+    pts = np.vstack([c[None], c + r * _sphere_points()])
+    _, org_p = anat.evaluate(pts[:, 0], pts[:, 1], pts[:, 2])
+    oc, os_ = int(org_p[0]), org_p[1:]
+    if kind == "liver lesion" and oc == ORGANS["liver"] and np.all(os_ == ORGANS["liver"]):
+        delta = rng.uniform(20, 60)
+        info = LesionInfo(
+            0,
+            kind,
+            "liver",
+            c.tolist(),
+            r,
+            HU["liver"] - delta,
+            params={"semi": (r * rng.uniform(0.8, 1.2, 3)).tolist(), "contrast_hu": -delta},
+        )
+    elif kind == "enlarged lymph node":
+        in_fat = np.isin(os_, [ORGANS["mediastinum"], ORGANS["fat"]])
+        if (
+            oc in (ORGANS["mediastinum"], ORGANS["fat"])
+            and in_fat.mean() > 0.85
+            and anat.cavity_rho(*(c[:, None] / anat.scale))[0] < 0.95
+        ):
+            semi = [r * 1.4, r, r * 1.1]
+            info = LesionInfo(
+                0,
+                kind,
+                "mediastinal/abdominal fat",
+                c.tolist(),
+                r,
+                45.0,
+                params={"semi": semi, "rot": _rot_z(rng.uniform(0, 180)).tolist()},
+            )
+    elif kind == "juxtapleural lung nodule":
+        if oc == ORGANS["lung"]:
+            wall = np.isin(os_, [ORGANS["muscle"], ORGANS["bone"], ORGANS["fat"], ORGANS["body_wall"]])
+            lungf = os_ == ORGANS["lung"]
+            if 0.1 < wall.mean() < 0.4 and lungf.mean() > 0.5:
+                info = LesionInfo(
+                    0,
+                    kind,
+                    "lung (touching chest wall)",
+                    c.tolist(),
+                    r,
+                    45.0,
+                    params={"semi": [r, r * 0.8, r * 1.1]},
+                )
+    elif oc == ORGANS["lung"] and np.all(np.isin(os_, [ORGANS["lung"], ORGANS["lung_vessel"]])):
+        return _lung_nodule(kind, c, r, rng)
+    return info
+
+
+def _lung_nodule(kind: str, c: Array, r: float, rng: np.random.Generator) -> LesionInfo | None:
+    """A lung nodule of ``kind`` at ``c`` (a site inside the lung parenchyma)."""
+    if kind == "solid lung nodule":
+        lobes = [
+            ((c + rng.normal(0, r * 0.45, 3)).tolist(), r * rng.uniform(0.45, 0.7)) for _ in range(rng.integers(2, 5))
+        ]
+        return LesionInfo(
+            0,
+            kind,
+            "lung",
+            c.tolist(),
+            r,
+            rng.uniform(20, 45),
+            params={"semi": [r * 0.9, r * 0.85, r], "lobes": lobes},
+        )
+    if kind == "part-solid lung nodule":
+        return LesionInfo(
+            0,
+            kind,
+            "lung",
+            c.tolist(),
+            r,
+            25.0,
+            params={"core_mm": r * rng.uniform(0.35, 0.5), "ggo_hu": rng.uniform(-620, -480)},
+        )
+    if kind == "spiculated lung nodule":
+        dirs = rng.normal(size=(int(rng.integers(8, 14)), 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        tips = [(c + d_ * r * rng.uniform(1.5, 2.3)).tolist() for d_ in dirs]
+        return LesionInfo(0, kind, "lung", c.tolist(), r, 35.0, params={"spicules": tips})
+    return None
 
 
 def _sphere_points(n: int = 40) -> Array:
@@ -685,6 +764,35 @@ def _move_bowel(anat: _Anatomy, rng: np.random.Generator) -> None:
     gas.phase = rng.uniform(0.0, 2 * np.pi, gas.phase.shape)
     anat.bowel, anat.gas = bowel, gas
     anat.bowel_offset = np.clip(rng.normal(0.0, 8.0, 3), -20.0, 20.0)
+
+
+def _burn_lesions(lesions: list[LesionInfo], h: Array, labels: Array, xyz: tuple[Array, Array, Array]) -> None:
+    """Paint the lesions that reach into one slab: HU into ``h``, their labels into ``labels`` (the slab's view)."""
+    xb, yb, zb = (np.broadcast_to(v, h.shape) for v in xyz)
+    zs = xyz[2][:, 0, 0]
+    for info in lesions:
+        c, reach = np.array(info.center_mm), info.radius_mm * 2.6 + 2
+        if c[2] + reach < zs[0] or c[2] - reach > zs[-1]:
+            continue
+        box = (np.abs(xb - c[0]) < reach) & (np.abs(yb - c[1]) < reach) & (np.abs(zb - c[2]) < reach)
+        idx = np.nonzero(box)
+        f = _lesion_field(info, xb[idx], yb[idx], zb[idx])
+        inside = f < 0
+        sel = tuple(a[inside] for a in idx)
+        h[sel] = _lesion_hu(info, xb[idx][inside], yb[idx][inside], zb[idx][inside], h[sel])
+        labels[sel] = info.label
+
+
+def _blur_and_noise(hu: Array, sp: Array, blur_mm: float, noise_hu: float, nrng: np.random.Generator) -> Array:
+    """Partial-volume blur (system PSF) and correlated noise, rounded and clipped to int16 HU."""
+    sig = np.maximum(blur_mm / sp[::-1], 0.0)
+    if np.any(sig > 0):
+        hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest", truncate=3.0)
+    noise = nrng.standard_normal(hu.shape, dtype=np.float32)
+    noise = ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), truncate=2.5)
+    noise *= np.float32(noise_hu / max(float(noise.std()), 1e-6))
+    hu += noise
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
 def make_phantom(
@@ -730,31 +838,10 @@ def make_phantom(
         zs = (origin[2] + sp[2] * np.arange(k0, k1)).astype(np.float32)
         z3, y3, x3 = zs[:, None, None], ys[None, :, None], xs[None, None, :]
         h, o = anat.evaluate(x3, y3, z3, axes=(xs, ys, zs), voxel_mm=float(sp.min()))
-        xb, yb, zb = (np.broadcast_to(v, h.shape) for v in (x3, y3, z3))
-        for info in lesions:
-            c, reach = np.array(info.center_mm), info.radius_mm * 2.6 + 2
-            if c[2] + reach < zs[0] or c[2] - reach > zs[-1]:
-                continue
-            box = (np.abs(xb - c[0]) < reach) & (np.abs(yb - c[1]) < reach) & (np.abs(zb - c[2]) < reach)
-            idx = np.nonzero(box)
-            f = _lesion_field(info, xb[idx], yb[idx], zb[idx])
-            inside = f < 0
-            sel = tuple(a[inside] for a in idx)
-            h[sel] = _lesion_hu(info, xb[idx][inside], yb[idx][inside], zb[idx][inside], h[sel])
-            labels[k0:k1][sel] = info.label
+        _burn_lesions(lesions, h, labels[k0:k1], (x3, y3, z3))
         hu[k0:k1] = h
         organs[k0:k1] = o
-
-    # partial-volume blur (system PSF) and correlated noise
-    sig = np.maximum(blur_mm / sp[::-1], 0.0)
-    if np.any(sig > 0):
-        hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest", truncate=3.0)
-    nrng = np.random.default_rng([seed, 2])
-    noise = nrng.standard_normal(shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), truncate=2.5)
-    noise *= np.float32(noise_hu / max(float(noise.std()), 1e-6))
-    hu += noise
-    ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    ct = _blur_and_noise(hu, sp, blur_mm, noise_hu, np.random.default_rng([seed, 2]))
 
     ct_vol = Volume(ct, origin, sp, np.eye(3), {"phantom_seed": seed, "PatientID": f"PHANTOM-{seed:04d}"})
     lesion_vol = Volume(labels, origin, sp, np.eye(3), {"phantom_seed": seed})

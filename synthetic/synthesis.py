@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
+from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
@@ -180,8 +182,6 @@ def _landmarks(
     ct: Volume, lesion_ever: Array, tr: SpatialTransform, grid: Volume, rng: np.random.Generator, cfg: SynthConfig
 ) -> tuple[Array, Array]:
     """Baseline points inside the body, away from any lesion (ever), that land inside the follow-up FOV."""
-    from scipy.spatial import cKDTree
-
     cand = np.stack([rng.integers(0, n, cfg.n_landmarks * 60) for n in ct.shape], axis=1)  # k, j, i
     cand = cand[ct.array[tuple(cand.T)] > -400]
     base = ct.index_to_patient(cand[:, ::-1].astype(float) + rng.uniform(-0.5, 0.5, (len(cand), 3)))
@@ -232,23 +232,7 @@ def synthesize_patient(
     days = 0
     for t in range(1, n_followups + 1):
         days += 7 * int(rng.integers(cfg.weeks_between[0], cfg.weeks_between[1] + 1))
-        prev_table = lesion_table(state_lab)
-        prev_present = set(prev_table)
-        lesion_log: dict[str, Any] = {}
-        for lab in sorted(prev_present):
-            if rng.random() < cfg.p_vanish:
-                state_ct, state_lab = remove_lesion(state_ct, state_lab, lab, rng)
-                lesion_log[str(lab)] = {"change": "vanished"}
-                continue
-            vol = prev_table[lab][1]
-            params = default_growth(rng, vol)
-            state_ct, state_lab = grow_lesion(state_ct, state_lab, lab, params, rng)
-            lesion_log[str(lab)] = {
-                "change": "grow" if params.amplitude > 0 else "shrink",
-                "amplitude": params.amplitude,
-                "stages": params.stages,
-                "sigma_s_mm": params.sigma_s_mm,
-            }
+        state_ct, state_lab, lesion_log = _evolve(state_ct, state_lab, rng, cfg)
         new_labels: set[int] = set()
         if rng.random() < cfg.p_new:
             radius = float(rng.uniform(*cfg.new_radius_mm))
@@ -268,26 +252,7 @@ def synthesize_patient(
         fu_lab = apply_transform(state_lab, tr, grid, label=True)
         fu_ct, inten = _intensity_change(fu_ct, rng, cfg)
 
-        base_table = lesion_table(state_lab)
-        fu_table = lesion_table(fu_lab)
-        states: dict[int, LesionState] = {}
-        for lab in sorted(set(kinds)):
-            if lab in fu_table:
-                c, v = fu_table[lab]
-                status = "new" if lab in new_labels else "present"
-                m = fu_lab.array == lab
-                cut = bool(m[[0, -1]].any() or m[:, [0, -1]].any() or m[:, :, [0, -1]].any())
-                states[lab] = LesionState(lab, status, c, v, base_table[lab][0], truncated_by_fov=cut)
-            elif lab in base_table:
-                states[lab] = LesionState(
-                    lab,
-                    "out_of_fov",
-                    tr.baseline_to_followup(np.array(base_table[lab][0])).tolist(),
-                    0.0,
-                    base_table[lab][0],
-                )
-            else:  # known before, gone now (stays listed as vanished at every later timepoint)
-                states[lab] = LesionState(lab, "vanished", None, 0.0, None)
+        states = _lesion_states(sorted(set(kinds)), state_lab, fu_lab, new_labels, tr)
         lm_b, lm_f = _landmarks(ct0, lesion_ever, tr, grid, rng, cfg)
         tps.append(
             Timepoint(
@@ -312,13 +277,63 @@ def synthesize_patient(
     return SynthPatient(patient_id, patient_name, seed, tps, kinds)
 
 
+def _evolve(
+    state_ct: Volume, state_lab: Volume, rng: np.random.Generator, cfg: SynthConfig
+) -> tuple[Volume, Volume, dict[str, Any]]:
+    """One interval of the disease, in the baseline frame: each present lesion vanishes (``cfg.p_vanish``), grows
+    or shrinks; returns the new state and what happened to each lesion."""
+    prev_table = lesion_table(state_lab)
+    lesion_log: dict[str, Any] = {}
+    for lab in sorted(set(prev_table)):
+        if rng.random() < cfg.p_vanish:
+            state_ct, state_lab = remove_lesion(state_ct, state_lab, lab, rng)
+            lesion_log[str(lab)] = {"change": "vanished"}
+            continue
+        vol = prev_table[lab][1]
+        params = default_growth(rng, vol)
+        state_ct, state_lab = grow_lesion(state_ct, state_lab, lab, params, rng)
+        lesion_log[str(lab)] = {
+            "change": "grow" if params.amplitude > 0 else "shrink",
+            "amplitude": params.amplitude,
+            "stages": params.stages,
+            "sigma_s_mm": params.sigma_s_mm,
+        }
+    return state_ct, state_lab, lesion_log
+
+
+def _lesion_states(
+    known: list[int], state_lab: Volume, fu_lab: Volume, new_labels: set[int], tr: SpatialTransform
+) -> dict[int, LesionState]:
+    """The truth of every lesion ever known at one follow-up: present (or new) with its follow-up centre, volume
+    and whether the field of view cuts it; out of the field of view; or vanished."""
+    base_table = lesion_table(state_lab)
+    fu_table = lesion_table(fu_lab)
+    states: dict[int, LesionState] = {}
+    for lab in known:
+        if lab in fu_table:
+            c, v = fu_table[lab]
+            status = "new" if lab in new_labels else "present"
+            m = fu_lab.array == lab
+            cut = bool(m[[0, -1]].any() or m[:, [0, -1]].any() or m[:, :, [0, -1]].any())
+            states[lab] = LesionState(lab, status, c, v, base_table[lab][0], truncated_by_fov=cut)
+        elif lab in base_table:
+            states[lab] = LesionState(
+                lab,
+                "out_of_fov",
+                tr.baseline_to_followup(np.array(base_table[lab][0])).tolist(),
+                0.0,
+                base_table[lab][0],
+            )
+        else:  # known before, gone now (stays listed as vanished at every later timepoint)
+            states[lab] = LesionState(lab, "vanished", None, 0.0, None)
+    return states
+
+
 # -- writing ---------------------------------------------------------------------------------------------
 def write_patient(
     patient: SynthPatient, out_dir: Path | str, *, base_date: dt.date | None = None, write_dicom: bool = True
 ) -> Path:
     """Write ``out_dir/<patient_id>/``: ``tpN/`` DICOM CT series, ``tpN_lesions.nii.gz``, ``truth.json``."""
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
-
     root = Path(out_dir) / patient.patient_id
     root.mkdir(parents=True, exist_ok=True)
     base_date = base_date or dt.date(2025, 1, 6) + dt.timedelta(days=patient.seed % 300)

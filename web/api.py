@@ -4,9 +4,11 @@ timelines, exports, result files and the read-only audit trail. URLs carry inter
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -47,34 +49,72 @@ router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
 Operator = Annotated[Principal, Depends(require_operator)]
 
 
+T = TypeVar("T")
+
+
 def _not_found(what: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"{what} not found")
+
+
+def _found(row: T | None, what: str) -> T:
+    """The row looked up, or a 404 '<what> not found'."""
+    if row is None:
+        raise _not_found(what)
+    return row
+
+
+@contextmanager
+def _control_answers(what: str) -> Iterator[None]:
+    """A control's refusals as HTTP answers: KeyError → 404 '<what> not found', ValueError → 409 with its message."""
+    try:
+        yield
+    except KeyError as exc:
+        raise _not_found(what) from exc
+    except ValueError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
+
+
+def _session(request: Request) -> Iterator[Session]:
+    """The request's transaction (commit on success, roll back on error), ended before the response is sent."""
+    with session_scope(request.app.state.session_factory) as s:
+        yield s
+
+
+#: a route's database session (one transaction around the route function)
+Db = Annotated[Session, Depends(_session, scope="function")]
+
+
+def _patient(s: Db, patient_pk: DbId) -> Patient:
+    return _found(s.get(Patient, patient_pk), f"patient {patient_pk}")
+
+
+#: the patient of a ``{patient_pk}`` path, or a 404
+PatientRow = Annotated[Patient, Depends(_patient)]
 
 
 # -- jobs ---------------------------------------------------------------------------------------------
 @router.get("/jobs", response_model=sc.JobList, tags=["jobs"], summary="List analysis jobs (newest first)")
 def list_jobs(
-    request: Request,
+    s: Db,
     state: JobState | None = None,
     series_uid: str | None = None,
     patient: int | None = Query(None, ge=0, le=INT64_MAX, description="internal patient id"),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=INT64_MAX),
 ) -> sc.JobList:
-    with session_scope(request.app.state.session_factory) as s:
-        q = select(AnalysisJob)
-        if state is not None:
-            q = q.where(AnalysisJob.state == state)
-        if series_uid:
-            q = q.where(AnalysisJob.followup_series_uid == series_uid)
-        if patient is not None:
-            q = q.where(AnalysisJob.patient_pk == patient)
-        total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
-        rows = s.scalars(q.order_by(AnalysisJob.id.desc()).offset(offset).limit(limit))
-        counts = {st.value: 0 for st in JobState}
-        for st, n in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state)):
-            counts[JobState(st).value] = n
-        return sc.JobList(total=total, items=[sc.JobSummary.of(j) for j in rows], counts=counts)
+    q = select(AnalysisJob)
+    if state is not None:
+        q = q.where(AnalysisJob.state == state)
+    if series_uid:
+        q = q.where(AnalysisJob.followup_series_uid == series_uid)
+    if patient is not None:
+        q = q.where(AnalysisJob.patient_pk == patient)
+    total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = s.scalars(q.order_by(AnalysisJob.id.desc()).offset(offset).limit(limit))
+    counts = {st.value: 0 for st in JobState}
+    for st, n in s.execute(select(AnalysisJob.state, func.count(AnalysisJob.id)).group_by(AnalysisJob.state)):
+        counts[JobState(st).value] = n
+    return sc.JobList(total=total, items=[sc.JobSummary.of(j) for j in rows], counts=counts)
 
 
 @router.get(
@@ -83,19 +123,14 @@ def list_jobs(
     tags=["jobs"],
     summary="One job with its steps, step timings, outputs and audit events",
 )
-def get_job(request: Request, job_id: DbId) -> sc.JobDetail:
-    with session_scope(request.app.state.session_factory) as s:
-        job = s.get(AnalysisJob, job_id)
-        if job is None:
-            raise _not_found(f"job {job_id}")
-        events = list(
-            s.scalars(
-                select(AuditEvent)
-                .where(AuditEvent.object_type == "job", AuditEvent.object_id == str(job_id))
-                .order_by(AuditEvent.id)
-            )
-        )
-        return sc.JobDetail.detail(job, events)
+def get_job(s: Db, job_id: DbId) -> sc.JobDetail:
+    job = _found(s.get(AnalysisJob, job_id), f"job {job_id}")
+    events = s.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.object_type == "job", AuditEvent.object_id == str(job_id))
+        .order_by(AuditEvent.id)
+    )
+    return sc.JobDetail.detail(job, list(events))
 
 
 def _job_control(request: Request) -> JobControl:
@@ -115,14 +150,9 @@ def _job_control(request: Request) -> JobControl:
 def retry_job(request: Request, job_id: DbId, who: Operator) -> sc.JobQueued:
     control = _job_control(request)
     with session_scope(request.app.state.session_factory) as s:
-        if s.get(AnalysisJob, job_id) is None:
-            raise _not_found(f"job {job_id}")
-    try:
+        _found(s.get(AnalysisJob, job_id), f"job {job_id}")
+    with _control_answers(f"job {job_id}"):
         new_id = control.retry(job_id)
-    except KeyError as exc:
-        raise _not_found(f"job {job_id}") from exc
-    except ValueError as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from exc
     with session_scope(request.app.state.session_factory) as s:
         audit(s, who.actor, "api.job_retry", "job", job_id, new_job_id=new_id)
     log.info("job %s retried by %s as job %s", job_id, who.actor, new_id)
@@ -139,14 +169,9 @@ def retry_job(request: Request, job_id: DbId, who: Operator) -> sc.JobQueued:
 def reanalyse_series(request: Request, series_uid: str, who: Operator) -> sc.JobQueued:
     control = _job_control(request)
     with session_scope(request.app.state.session_factory) as s:
-        if s.scalar(select(Series.id).where(Series.series_instance_uid == series_uid)) is None:
-            raise _not_found(f"series {series_uid}")
-    try:
+        _found(s.scalar(select(Series.id).where(Series.series_instance_uid == series_uid)), f"series {series_uid}")
+    with _control_answers(f"series {series_uid}"):
         job_id = control.reanalyse(series_uid)
-    except KeyError as exc:
-        raise _not_found(f"series {series_uid}") from exc
-    except ValueError as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from exc
     with session_scope(request.app.state.session_factory) as s:
         audit(s, who.actor, "api.series_reanalyse", "series", series_uid, job_id=job_id)
     log.info("series %s re-analysis requested by %s: job %s", series_uid, who.actor, job_id)
@@ -175,19 +200,14 @@ def _patient_out(s: Session, p: Patient) -> sc.PatientOut:
     summary="Patients (internal ids; no names are stored)",
 )
 def list_patients(
-    request: Request, limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0, le=INT64_MAX)
+    s: Db, limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0, le=INT64_MAX)
 ) -> list[sc.PatientOut]:
-    with session_scope(request.app.state.session_factory) as s:
-        return [_patient_out(s, p) for p in s.scalars(select(Patient).order_by(Patient.id).offset(offset).limit(limit))]
+    return [_patient_out(s, p) for p in s.scalars(select(Patient).order_by(Patient.id).offset(offset).limit(limit))]
 
 
 @router.get("/patients/{patient_pk}", response_model=sc.PatientOut, tags=["patients"])
-def get_patient(request: Request, patient_pk: DbId) -> sc.PatientOut:
-    with session_scope(request.app.state.session_factory) as s:
-        p = s.get(Patient, patient_pk)
-        if p is None:
-            raise _not_found(f"patient {patient_pk}")
-        return _patient_out(s, p)
+def get_patient(s: Db, patient: PatientRow) -> sc.PatientOut:
+    return _patient_out(s, patient)
 
 
 @router.get(
@@ -196,28 +216,23 @@ def get_patient(request: Request, patient_pk: DbId) -> sc.PatientOut:
     tags=["patients"],
     summary="A patient's studies with their series, oldest first",
 )
-def patient_studies(request: Request, patient_pk: DbId) -> list[sc.StudyOut]:
-    with session_scope(request.app.state.session_factory) as s:
-        if s.get(Patient, patient_pk) is None:
-            raise _not_found(f"patient {patient_pk}")
-        studies = s.scalars(
-            select(Study).where(Study.patient_pk == patient_pk).order_by(Study.study_date, Study.study_time, Study.id)
-        )
-        return [sc.StudyOut.of(st) for st in studies]
+def patient_studies(s: Db, patient: PatientRow) -> list[sc.StudyOut]:
+    studies = s.scalars(
+        select(Study).where(Study.patient_pk == patient.id).order_by(Study.study_date, Study.study_time, Study.id)
+    )
+    return [sc.StudyOut.of(st) for st in studies]
 
 
 @router.get("/studies/{study_uid}", response_model=sc.StudyOut, tags=["patients"])
-def get_study(request: Request, study_uid: str) -> sc.StudyOut:
-    with session_scope(request.app.state.session_factory) as s:
-        st = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-        if st is None:
-            raise _not_found(f"study {study_uid}")
-        return sc.StudyOut.of(st)
+def get_study(s: Db, study_uid: str) -> sc.StudyOut:
+    return sc.StudyOut.of(
+        _found(s.scalar(select(Study).where(Study.study_instance_uid == study_uid)), f"study {study_uid}")
+    )
 
 
 @router.get("/studies/{study_uid}/series", response_model=list[sc.SeriesOut], tags=["patients"])
-def study_series(request: Request, study_uid: str) -> list[sc.SeriesOut]:
-    return get_study(request, study_uid).series
+def study_series(s: Db, study_uid: str) -> list[sc.SeriesOut]:
+    return get_study(s, study_uid).series
 
 
 SERIES_STATES = ("skipped", "analysed", "pending", "receiving", "complete")
@@ -230,7 +245,7 @@ SERIES_STATES = ("skipped", "analysed", "pending", "receiving", "complete")
     summary="Received series, newest first; state=skipped lists every series the routing rules skipped, with why",
 )
 def list_series(
-    request: Request,
+    s: Db,
     state: str | None = Query(None, description="skipped | analysed | pending | receiving | complete"),
     since: datetime | None = Query(None, description="completed at or after (ISO 8601)"),
     include_own: bool = Query(False, description="also list LesionTrack's own SEG/SR series"),
@@ -254,10 +269,9 @@ def list_series(
         q = q.where(Series.created_by_us.is_(False))
     if since is not None:
         q = q.where(Series.completed_at >= since)
-    with session_scope(request.app.state.session_factory) as s:
-        total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
-        rows = s.scalars(q.order_by(Series.id.desc()).offset(offset).limit(limit))
-        return sc.SeriesList(total=total, items=[sc.SeriesOut.of(r) for r in rows])
+    total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = s.scalars(q.order_by(Series.id.desc()).offset(offset).limit(limit))
+    return sc.SeriesList(total=total, items=[sc.SeriesOut.of(r) for r in rows])
 
 
 def _series_control(request: Request) -> SeriesControl:
@@ -338,12 +352,8 @@ def complete_series_now(
 )
 def analyse_anyway(request: Request, series_uid: str, who: Operator) -> sc.JobQueued:
     control = _series_control(request)
-    try:
+    with _control_answers(f"series {series_uid}"):
         job_id = control.analyse_anyway(series_uid, who.actor)
-    except KeyError as exc:
-        raise _not_found(f"series {series_uid}") from exc
-    except ValueError as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from exc
     return sc.JobQueued(job_id=job_id, detail=f"skipped series queued for analysis as job {job_id}")
 
 
@@ -353,15 +363,12 @@ def analyse_anyway(request: Request, series_uid: str, who: Operator) -> sc.JobQu
     tags=["patients"],
     summary="One series with its routing decision and analysis jobs",
 )
-def get_series(request: Request, series_uid: str) -> sc.SeriesDetail:
-    with session_scope(request.app.state.session_factory) as s:
-        se = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
-        if se is None:
-            raise _not_found(f"series {series_uid}")
-        jobs = s.scalars(
-            select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid).order_by(AnalysisJob.id.desc())
-        )
-        return sc.SeriesDetail(**sc.SeriesOut.of(se).model_dump(), jobs=[sc.JobSummary.of(j) for j in jobs])
+def get_series(s: Db, series_uid: str) -> sc.SeriesDetail:
+    se = _found(s.scalar(select(Series).where(Series.series_instance_uid == series_uid)), f"series {series_uid}")
+    jobs = s.scalars(
+        select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid).order_by(AnalysisJob.id.desc())
+    )
+    return sc.SeriesDetail(**sc.SeriesOut.of(se).model_dump(), jobs=[sc.JobSummary.of(j) for j in jobs])
 
 
 # -- lesions ---------------------------------------------------------------------------------------------
@@ -371,32 +378,27 @@ def get_series(request: Request, series_uid: str) -> sc.SeriesDetail:
     tags=["lesions"],
     summary="A patient's lesions, each with all its observations",
 )
-def patient_lesions(request: Request, patient_pk: DbId) -> list[sc.LesionOut]:
-    with session_scope(request.app.state.session_factory) as s:
-        if s.get(Patient, patient_pk) is None:
-            raise _not_found(f"patient {patient_pk}")
-        return [
-            sc.LesionOut.of(l)
-            for l in s.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id))
-        ]
+def patient_lesions(s: Db, patient: PatientRow) -> list[sc.LesionOut]:
+    lesions = s.scalars(select(Lesion).where(Lesion.patient_pk == patient.id).order_by(Lesion.id))
+    return [sc.LesionOut.of(lesion) for lesion in lesions]
 
 
 @router.get("/lesions/{lesion_id}", response_model=sc.LesionOut, tags=["lesions"])
-def get_lesion(request: Request, lesion_id: DbId) -> sc.LesionOut:
-    with session_scope(request.app.state.session_factory) as s:
-        l = s.get(Lesion, lesion_id)
-        if l is None:
-            raise _not_found(f"lesion {lesion_id}")
-        return sc.LesionOut.of(l)
+def get_lesion(s: Db, lesion_id: DbId) -> sc.LesionOut:
+    return sc.LesionOut.of(_found(s.get(Lesion, lesion_id), f"lesion {lesion_id}"))
 
 
 @router.get("/lesions/by-tracking-uid/{tracking_uid}", response_model=sc.LesionOut, tags=["lesions"])
-def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
-    with session_scope(request.app.state.session_factory) as s:
-        l = s.scalar(select(Lesion).where(Lesion.tracking_uid == tracking_uid))
-        if l is None:
-            raise _not_found(f"lesion with Tracking UID {tracking_uid}")
-        return sc.LesionOut.of(l)
+def get_lesion_by_uid(s: Db, tracking_uid: str) -> sc.LesionOut:
+    lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == tracking_uid))
+    return sc.LesionOut.of(_found(lesion, f"lesion with Tracking UID {tracking_uid}"))
+
+
+def _timeline(request: Request, s: Session, patient_pk: int) -> PatientTimeline:
+    try:
+        return build_timeline(s, patient_pk, _recist_rules(request))
+    except KeyError as exc:
+        raise _not_found(f"patient {patient_pk}") from exc
 
 
 @router.get(
@@ -404,12 +406,8 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
     tags=["lesions"],
     summary="Lesions × timepoints with measurements, change and RECIST 1.1 per timepoint",
 )
-def patient_timeline(request: Request, patient_pk: DbId) -> dict[str, Any]:
-    with session_scope(request.app.state.session_factory) as s:
-        try:
-            return build_timeline(s, patient_pk, _recist_rules(request)).to_dict()
-        except KeyError as exc:
-            raise _not_found(f"patient {patient_pk}") from exc
+def patient_timeline(request: Request, s: Db, patient_pk: DbId) -> dict[str, Any]:
+    return _timeline(request, s, patient_pk).to_dict()
 
 
 @router.get(
@@ -441,12 +439,9 @@ def lesion_plot(request: Request, lesion_id: DbId) -> Response:
 
 
 # -- exports -------------------------------------------------------------------------------------------
-def _timeline_and_subject(request: Request, patient_pk: int) -> tuple[PatientTimeline, str]:
-    with session_scope(request.app.state.session_factory) as s:
-        p = s.get(Patient, patient_pk)
-        if p is None:
-            raise _not_found(f"patient {patient_pk}")
-        return build_timeline(s, patient_pk, _recist_rules(request)), p.patient_id
+def _timeline_and_subject(request: Request, s: Session, patient_pk: int) -> tuple[PatientTimeline, str]:
+    p = _patient(s, patient_pk)
+    return build_timeline(s, patient_pk, _recist_rules(request)), p.patient_id
 
 
 def _download(text: str, media_type: str, filename: str) -> Response:
@@ -459,14 +454,14 @@ def _download(text: str, media_type: str, filename: str) -> Response:
     response_class=Response,
     summary="CSV: one row per lesion per timepoint",
 )
-def export_lesions_csv(request: Request, patient_pk: DbId) -> Response:
-    tl, subject = _timeline_and_subject(request, patient_pk)
+def export_lesions_csv(request: Request, s: Db, patient_pk: DbId) -> Response:
+    tl, subject = _timeline_and_subject(request, s, patient_pk)
     return _download(exports.lesions_csv(tl, subject), "text/csv", f"patient-{patient_pk}-lesions.csv")
 
 
 @router.get("/patients/{patient_pk}/export/lesions.json", tags=["exports"], summary="JSON of the lesions CSV")
-def export_lesions_json(request: Request, patient_pk: DbId) -> Response:
-    tl, subject = _timeline_and_subject(request, patient_pk)
+def export_lesions_json(request: Request, s: Db, patient_pk: DbId) -> Response:
+    tl, subject = _timeline_and_subject(request, s, patient_pk)
     return Response(exports.lesions_json(tl, subject), media_type="application/json")
 
 
@@ -476,16 +471,16 @@ def export_lesions_json(request: Request, patient_pk: DbId) -> Response:
     response_class=Response,
     summary="CSV: CDISC SDTM-style TU, TR or RS domain",
 )
-def export_cdisc_csv(request: Request, patient_pk: DbId, domain: str) -> Response:
+def export_cdisc_csv(request: Request, s: Db, patient_pk: DbId, domain: str) -> Response:
     if domain.upper() not in ("TU", "TR", "RS"):
         raise HTTPException(status_code=404, detail=f"unknown CDISC domain {domain!r} (TU, TR or RS)")
-    tl, subject = _timeline_and_subject(request, patient_pk)
+    tl, subject = _timeline_and_subject(request, s, patient_pk)
     return _download(exports.cdisc_csv(tl, subject, domain), "text/csv", f"patient-{patient_pk}-{domain.upper()}.csv")
 
 
 @router.get("/patients/{patient_pk}/export/cdisc.json", tags=["exports"], summary="JSON: TU, TR and RS together")
-def export_cdisc_json(request: Request, patient_pk: DbId) -> Response:
-    tl, subject = _timeline_and_subject(request, patient_pk)
+def export_cdisc_json(request: Request, s: Db, patient_pk: DbId) -> Response:
+    tl, subject = _timeline_and_subject(request, s, patient_pk)
     return Response(exports.cdisc_json(tl, subject), media_type="application/json")
 
 
@@ -496,12 +491,9 @@ def export_cdisc_json(request: Request, patient_pk: DbId) -> Response:
     response_class=FileResponse,
     summary="Download a stored DICOM object (e.g. our SEG or SR) as application/dicom",
 )
-def instance_file(request: Request, sop_instance_uid: str) -> FileResponse:
-    with session_scope(request.app.state.session_factory) as s:
-        row = s.scalar(
-            select(Instance).where(Instance.sop_instance_uid == sop_instance_uid).order_by(Instance.id.desc())
-        )
-        path = Path(row.file_path) if row is not None else None
+def instance_file(s: Db, sop_instance_uid: str) -> FileResponse:
+    row = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid).order_by(Instance.id.desc()))
+    path = Path(row.file_path) if row is not None else None
     if path is None or not path.is_file():
         raise _not_found(f"instance {sop_instance_uid}")
     return FileResponse(path, media_type="application/dicom", filename=f"{sop_instance_uid}.dcm")
@@ -514,23 +506,22 @@ def instance_file(request: Request, sop_instance_uid: str) -> FileResponse:
     summary="The append-only audit trail (read-only), oldest first",
 )
 def audit_trail(
-    request: Request,
+    s: Db,
     object_type: str | None = None,
     object_id: str | None = None,
     action: str | None = None,
     after_id: int = Query(0, ge=0, le=INT64_MAX),
     limit: int = Query(200, ge=1, le=5000),
 ) -> sc.AuditList:
-    with session_scope(request.app.state.session_factory) as s:
-        q = select(AuditEvent).where(AuditEvent.id > after_id)
-        if object_type:
-            q = q.where(AuditEvent.object_type == object_type)
-        if object_id:
-            q = q.where(AuditEvent.object_id == object_id)
-        if action:
-            q = q.where(AuditEvent.action == action)
-        items = [sc.AuditOut.of(e) for e in s.scalars(q.order_by(AuditEvent.id).limit(limit))]
-        return sc.AuditList(items=items, next_after_id=items[-1].id if len(items) == limit else None)
+    q = select(AuditEvent).where(AuditEvent.id > after_id)
+    if object_type:
+        q = q.where(AuditEvent.object_type == object_type)
+    if object_id:
+        q = q.where(AuditEvent.object_id == object_id)
+    if action:
+        q = q.where(AuditEvent.action == action)
+    items = [sc.AuditOut.of(e) for e in s.scalars(q.order_by(AuditEvent.id).limit(limit))]
+    return sc.AuditList(items=items, next_after_id=items[-1].id if len(items) == limit else None)
 
 
 # -- new-lesion candidates ------------------------------------------------------------------------------
@@ -540,22 +531,16 @@ def audit_trail(
     tags=["lesions"],
     summary="New-lesion candidates of the patient's follow-ups (latest search of each), with their decisions",
 )
-def patient_candidates(request: Request, patient_pk: DbId) -> list[sc.CandidateOut]:
-    with session_scope(request.app.state.session_factory) as s:
-        try:
-            tl = build_timeline(s, patient_pk, _recist_rules(request))
-        except KeyError as exc:
-            raise _not_found(f"patient {patient_pk}") from exc
-    return [sc.CandidateOut.of(c) for c in tl.candidates]
+def patient_candidates(request: Request, s: Db, patient_pk: DbId) -> list[sc.CandidateOut]:
+    return [sc.CandidateOut.of(c) for c in _timeline(request, s, patient_pk).candidates]
 
 
 @router.get("/candidates/{candidate_id}", response_model=sc.CandidateOut, tags=["lesions"])
-def get_candidate(request: Request, candidate_id: DbId) -> sc.CandidateOut:
-    with session_scope(request.app.state.session_factory) as s:
-        try:
-            return sc.CandidateOut.of(candidates.get_candidate(s, candidate_id))
-        except candidates.CandidateNotFound as exc:
-            raise _not_found(f"candidate {candidate_id}") from exc
+def get_candidate(s: Db, candidate_id: DbId) -> sc.CandidateOut:
+    try:
+        return sc.CandidateOut.of(candidates.get_candidate(s, candidate_id))
+    except candidates.CandidateNotFound as exc:
+        raise _not_found(f"candidate {candidate_id}") from exc
 
 
 @router.get(
@@ -621,11 +606,8 @@ def reject_candidate(request: Request, candidate_id: DbId, who: Operator) -> sc.
     tags=["verification"],
     summary="Timepoints a person verified (corrections from the PACS or uploaded, and results accepted as is)",
 )
-def patient_verifications(request: Request, patient_pk: DbId) -> list[sc.VerificationOut]:
-    with session_scope(request.app.state.session_factory) as s:
-        if s.get(Patient, patient_pk) is None:
-            raise _not_found(f"patient {patient_pk}")
-        return [sc.VerificationOut.of(v) for v in verification.verifications(s, patient_pk)]
+def patient_verifications(s: Db, patient: PatientRow) -> list[sc.VerificationOut]:
+    return [sc.VerificationOut.of(v) for v in verification.verifications(s, patient.id)]
 
 
 def verify_series_as_is(request: Request, series_uid: str, who: Principal) -> sc.VerificationQueued:

@@ -9,13 +9,16 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from alembic.runtime.migration import MigrationContext
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.settings import Settings
+from lesiontrack.db.session import head_revision
 from lesiontrack.web import api, dashboard, metrics
 from lesiontrack.web.auth import KeyRing, require_read
 from lesiontrack.web.images import ImageService
@@ -38,6 +41,78 @@ async def _overflow(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "an integer parameter is out of range"}, status_code=422)
 
 
+_DESCRIPTION = (
+    "Longitudinal lesion tracking on CT: analysis jobs, patients → studies → series, lesions with "
+    "their observations, RECIST timelines, read-centre exports and the audit trail.\n\n"
+    "Authenticate with `X-API-Key: <key>` or `Authorization: Bearer <key>` (keys and roles in "
+    "`http.api_keys`). Role `read` reads everything; `operator` may also retry and re-analyse. "
+    "`/health` and `/ready` need no key."
+)
+_TAGS = ("health", "jobs", "patients", "lesions", "exports", "objects", "audit")
+_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+
+#: liveness, readiness and metrics (registered before the API, so they lead the OpenAPI schema)
+health_router = APIRouter()
+
+
+@health_router.get("/health", response_model=Health, tags=["health"], summary="Liveness: the process answers")
+def health(request: Request) -> Health:
+    return Health(status="ok", version=request.app.version)
+
+
+@health_router.get(
+    "/ready",
+    response_model=Health,
+    tags=["health"],
+    summary="Readiness: the database answers and its schema is at the latest migration",
+    responses={503: {"model": Health}},
+)
+def ready(request: Request) -> Response:
+    try:
+        with request.app.state.session_factory() as s:
+            s.execute(text("SELECT 1"))
+            rev = MigrationContext.configure(s.connection()).get_current_revision()
+    except Exception as exc:
+        body = Health(status="not ready", database="unreachable", detail=type(exc).__name__)
+        return JSONResponse(body.model_dump(), status_code=503)
+    head = head_revision()
+    if rev != head:
+        body = Health(
+            status="not ready",
+            database="ok",
+            schema_revision=rev,
+            detail=f"schema at {rev}, expected {head}: run `lesiontrack db upgrade`",
+        )
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(
+        Health(status="ready", database="ok", schema_revision=rev, version=request.app.version).model_dump()
+    )
+
+
+@health_router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    dependencies=[Depends(require_read)],
+    summary="Prometheus metrics (text exposition format; needs a read key)",
+)
+def prometheus(request: Request) -> Response:
+    return Response(metrics.render(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+def _openapi_schema(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+async def _security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    response = await call_next(request)
+    response.headers.setdefault("x-content-type-options", "nosniff")
+    response.headers.setdefault("referrer-policy", "no-referrer")
+    if response.headers.get("content-type", "").startswith("text/html"):
+        response.headers.setdefault("content-security-policy", _CSP)
+    return response
+
+
 def create_app(
     settings: Settings,
     session_factory: sessionmaker[Session],
@@ -49,14 +124,8 @@ def create_app(
     app = FastAPI(
         title="LesionTrack",
         version=_version(),
-        description=(
-            "Longitudinal lesion tracking on CT: analysis jobs, patients → studies → series, lesions with "
-            "their observations, RECIST timelines, read-centre exports and the audit trail.\n\n"
-            "Authenticate with `X-API-Key: <key>` or `Authorization: Bearer <key>` (keys and roles in "
-            "`http.api_keys`). Role `read` reads everything; `operator` may also retry and re-analyse. "
-            "`/health` and `/ready` need no key."
-        ),
-        openapi_tags=[{"name": n} for n in ("health", "jobs", "patients", "lesions", "exports", "objects", "audit")],
+        description=_DESCRIPTION,
+        openapi_tags=[{"name": n} for n in _TAGS],
         # FastAPI's Swagger UI / ReDoc pages load their scripts from a CDN; the dashboard serves its own offline
         # reference at /api-docs, built from /openapi.json.
         docs_url=None,
@@ -72,77 +141,16 @@ def create_app(
     if app.state.keys.empty:
         log.warning("no API keys configured (http.api_keys): the API and dashboard will refuse every request")
 
-    @app.get("/health", response_model=Health, tags=["health"], summary="Liveness: the process answers")
-    def health() -> Health:
-        return Health(status="ok", version=app.version)
-
-    @app.get(
-        "/ready",
-        response_model=Health,
-        tags=["health"],
-        summary="Readiness: the database answers and its schema is at the latest migration",
-        responses={503: {"model": Health}},
-    )
-    def ready() -> Response:
-        from alembic.runtime.migration import MigrationContext
-
-        from lesiontrack.db.session import head_revision
-
-        try:
-            with session_factory() as s:
-                s.execute(text("SELECT 1"))
-                rev = MigrationContext.configure(s.connection()).get_current_revision()
-        except Exception as exc:
-            body = Health(status="not ready", database="unreachable", detail=type(exc).__name__)
-            return JSONResponse(body.model_dump(), status_code=503)
-        head = head_revision()
-        if rev != head:
-            body = Health(
-                status="not ready",
-                database="ok",
-                schema_revision=rev,
-                detail=f"schema at {rev}, expected {head}: run `lesiontrack db upgrade`",
-            )
-            return JSONResponse(body.model_dump(), status_code=503)
-        return JSONResponse(
-            Health(status="ready", database="ok", schema_revision=rev, version=app.version).model_dump()
-        )
-
-    @app.get(
-        "/metrics",
-        tags=["health"],
-        response_class=Response,
-        dependencies=[Depends(require_read)],
-        summary="Prometheus metrics (text exposition format; needs a read key)",
-    )
-    def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.render(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(health_router)
     if not settings.http.public_openapi:
-
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_read)])
-        def openapi_schema() -> JSONResponse:
-            return JSONResponse(app.openapi())
-
+        app.add_api_route(
+            "/openapi.json", _openapi_schema, include_in_schema=False, dependencies=[Depends(require_read)]
+        )
     app.add_exception_handler(OverflowError, _overflow)  # a backstop: bounded parameters make this unreachable
 
     app.include_router(api.router)
     app.include_router(dashboard.router)
     app.add_exception_handler(dashboard.LoginRequired, dashboard.login_redirect)  # type: ignore[arg-type]  # starlette types handlers as taking Exception
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("x-content-type-options", "nosniff")
-        response.headers.setdefault("referrer-policy", "no-referrer")
-        if response.headers.get("content-type", "").startswith("text/html"):
-            response.headers.setdefault(
-                "content-security-policy",
-                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
-            )
-        return response
-
+    app.middleware("http")(_security_headers)
     return app

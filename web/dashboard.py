@@ -19,6 +19,15 @@ from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.history import build_timeline
 from lesiontrack.pipeline.recist import RecistRules
+from lesiontrack.web.api import (
+    analyse_anyway,
+    decide_candidate,
+    get_job,
+    list_series,
+    retry_job,
+    take_correction,
+    verify_series_as_is,
+)
 from lesiontrack.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
 from lesiontrack.web.params import DbId
 
@@ -172,8 +181,6 @@ async def _operator_form(request: Request, what: str, *, csrf: str | None = None
 @router.post("/jobs/{job_id}/retry")
 async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
     user = await _operator_form(request, "retry jobs")
-    from lesiontrack.web.api import retry_job
-
     result = retry_job(request, job_id, user)
     return RedirectResponse(f"/?msg={quote(result.detail)}", status_code=303)
 
@@ -181,9 +188,8 @@ async def retry_from_dashboard(request: Request, job_id: DbId) -> Response:
 @router.get("/series/skipped", response_class=HTMLResponse)
 def skipped_page(request: Request, msg: str | None = None) -> HTMLResponse:
     user = _user(request)
-    from lesiontrack.web.api import list_series
-
-    page = list_series(request, state="skipped", since=None, include_own=False, limit=500, offset=0)
+    with session_scope(request.app.state.session_factory) as s:
+        page = list_series(s, state="skipped", since=None, include_own=False, limit=500, offset=0)
     return _render(
         request,
         "skipped.html",
@@ -198,8 +204,6 @@ def skipped_page(request: Request, msg: str | None = None) -> HTMLResponse:
 @router.post("/series/{series_uid}/analyse")
 async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
     user = await _operator_form(request, "start analyses")
-    from lesiontrack.web.api import analyse_anyway
-
     result = analyse_anyway(request, series_uid, user)
     return RedirectResponse(f"/series/skipped?msg={quote(result.detail)}", status_code=303)
 
@@ -207,9 +211,8 @@ async def analyse_from_dashboard(request: Request, series_uid: str) -> Response:
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: DbId) -> HTMLResponse:
     user = _user(request)
-    from lesiontrack.web.api import get_job
-
-    job = get_job(request, job_id)
+    with session_scope(request.app.state.session_factory) as s:
+        job = get_job(s, job_id)
     return _render(request, "job.html", user, job=job, can_retry=user.allows("operator"))
 
 
@@ -285,8 +288,6 @@ async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: 
     if decision not in ("confirm", "reject"):
         raise HTTPException(status_code=404, detail=f"unknown decision {decision!r}")
     user = await _operator_form(request, "decide on candidates")
-    from lesiontrack.web.api import decide_candidate
-
     result = decide_candidate(request, candidate_id, decision == "confirm", user)
     return RedirectResponse(
         f"/patients/{result.candidate.patient_pk}?msg={quote(result.detail)}#candidates", status_code=303
@@ -297,8 +298,6 @@ async def decide_from_dashboard(request: Request, candidate_id: DbId, decision: 
 async def verify_from_dashboard(request: Request, series_uid: str) -> Response:
     """ "Mark verified" on a timepoint of the timeline page (operator role): our result accepted as is."""
     user = await _operator_form(request, "verify timepoints")
-    from lesiontrack.web.api import verify_series_as_is
-
     result = verify_series_as_is(request, series_uid, user)
     return RedirectResponse(f"{_patient_url(request, series_uid)}?msg={quote(result.detail)}", status_code=303)
 
@@ -307,8 +306,6 @@ async def verify_from_dashboard(request: Request, series_uid: str) -> Response:
 async def upload_from_dashboard(request: Request) -> Response:
     """The timeline page's "Upload corrected SEG" (body: the file; the form token in the X-CSRF header)."""
     user = await _operator_form(request, "upload corrections", csrf=request.headers.get("x-csrf", ""))
-    from lesiontrack.web.api import take_correction
-
     result = take_correction(request, await request.body(), user)
     return JSONResponse(result.model_dump())
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Console
 
 if TYPE_CHECKING:
     from rich.status import Status
+
+    from lesiontrack.config.settings import Settings
+    from lesiontrack.demo_data import DemoSeries
+    from lesiontrack.pipeline.jobs import JobView
+    from lesiontrack.service import LesionTrackService
 
 
 def demo(
@@ -26,21 +36,9 @@ def demo(
     ),
 ) -> None:
     """Start the service on free ports, send a phantom baseline + SEG and three follow-ups, print the lesion table."""
-    import logging
-    import sys
-    import tempfile
-    import time
-
-    from rich.console import Console
-
-    from lesiontrack.demo import (
-        demo_settings,
-        lesion_table,
-        render_table,
-        send_files,
-        wait_for_job,
-        write_demo_config,
-    )
+    # the service, the demo helpers and the synthetic patient load the whole analysis stack (seconds):
+    # imported when the command runs, not when the CLI starts
+    from lesiontrack.demo import demo_settings, send_files, wait_for_job, write_demo_config
     from lesiontrack.demo_data import make_patient
     from lesiontrack.service import LesionTrackService
 
@@ -48,13 +46,7 @@ def demo(
     if not console.is_terminal:
         console = Console(width=120)
     logging.getLogger("lesiontrack.web.app").setLevel(logging.ERROR)
-    try:
-        dims = [int(v) for v in size.lower().split("x")]
-    except ValueError:
-        dims = []
-    if len(dims) != 3:
-        raise typer.BadParameter(f"--size must look like 96x144x144, got {size!r}")
-    shape = (dims[0], dims[1], dims[2])
+    shape = _shape(size)
     root = Path(tempfile.mkdtemp(prefix="lesiontrack-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -86,49 +78,8 @@ def demo(
             view = wait_for_job(service.job_store, patient.baseline.series_uid, timeout)
         console.print(f"baseline: job {view.id} → {view.state.value} ({view.error or 'ok'})")
         for fu in patient.followups:
-            status = console.status(f"sending {fu.label}...")
-            status.start()
-            try:
-                send_files(settings, fu.files)
-                t1 = time.monotonic()
-
-                def show(v: Any, label: str = fu.label, t1: float = t1, status: Status = status) -> None:
-                    status.update(
-                        f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)"
-                    )
-
-                view = wait_for_job(service.job_store, fu.series_uid, timeout, show)
-            finally:
-                status.stop()
-            took = sum(view.step_timings.values())
-            console.print(
-                f"{fu.label}: job {view.id} → {view.state.value} in {took:.0f}s "
-                + ", ".join(f"{k} {v:.1f}s" for k, v in view.step_timings.items())
-            )
-            if view.error:
-                console.print(f"  [red]{view.error}[/red]")
-            from lesiontrack.pipeline.contract import job_results
-
-            match = job_results(view.step_outputs).match
-            if match is not None and match.prompt_source is not None:
-                console.print(f"  prompted from: {match.prompt_source.reason}")
-        if service.session_factory is None:
-            raise RuntimeError("the demo service has no database")
-        with service.session_factory() as s:
-            from sqlalchemy import select
-
-            from lesiontrack.db.models import Patient
-            from lesiontrack.pipeline.contract import job_results
-
-            patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient.patient_id))
-        if patient_pk is None:
-            raise RuntimeError(f"patient {patient.patient_id} is not in the database after the demo run")
-        table = lesion_table(service.session_factory, patient_pk)
-        for tp in table:
-            latest = service.job_store.latest_for_series(tp.series_uid)
-            if latest is not None:
-                tp.files = job_results(latest.step_outputs).result_files
-        render_table(table, console)
+            _send_followup(console, settings, service, fu, timeout)
+        _print_lesion_table(console, service, patient.patient_id)
         console.print(f"total {time.monotonic() - t0:.0f}s")
         config = write_demo_config(settings, root / "lesiontrack.toml")
         if keep_running is None:
@@ -144,6 +95,70 @@ def demo(
         f"  lesiontrack --config {config} serve\n"
         f"and open http://127.0.0.1:{settings.http.port}/ (API key: demo)"
     )
+
+
+def _shape(size: str) -> tuple[int, int, int]:
+    """``--size`` (slices x rows x columns) as a shape."""
+    try:
+        dims = [int(v) for v in size.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3:
+        raise typer.BadParameter(f"--size must look like 96x144x144, got {size!r}")
+    return (dims[0], dims[1], dims[2])
+
+
+def _send_followup(
+    console: Console, settings: Settings, service: LesionTrackService, fu: DemoSeries, timeout: float
+) -> None:
+    """Send one follow-up, show its job's progress and print its outcome and prompt source."""
+    from lesiontrack.demo import send_files, wait_for_job  # the analysis stack (see demo)
+    from lesiontrack.pipeline.contract import job_results
+
+    status = console.status(f"sending {fu.label}...")
+    status.start()
+    try:
+        send_files(settings, fu.files)
+        t1 = time.monotonic()
+
+        def show(v: JobView, label: str = fu.label, t1: float = t1, status: Status = status) -> None:
+            status.update(f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)")
+
+        view = wait_for_job(service.job_store, fu.series_uid, timeout, show)
+    finally:
+        status.stop()
+    took = sum(view.step_timings.values())
+    console.print(
+        f"{fu.label}: job {view.id} → {view.state.value} in {took:.0f}s "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in view.step_timings.items())
+    )
+    if view.error:
+        console.print(f"  [red]{view.error}[/red]")
+    match = job_results(view.step_outputs).match
+    if match is not None and match.prompt_source is not None:
+        console.print(f"  prompted from: {match.prompt_source.reason}")
+
+
+def _print_lesion_table(console: Console, service: LesionTrackService, patient_id: str) -> None:
+    """The patient's lesions × timepoints as the service recorded them, with each timepoint's result files."""
+    from sqlalchemy import select  # the database and result stack load with the analysis (see demo)
+
+    from lesiontrack.db.models import Patient
+    from lesiontrack.demo import lesion_table, render_table
+    from lesiontrack.pipeline.contract import job_results
+
+    if service.session_factory is None:
+        raise RuntimeError("the demo service has no database")
+    with service.session_factory() as s:
+        patient_pk = s.scalar(select(Patient.id).where(Patient.patient_id == patient_id))
+    if patient_pk is None:
+        raise RuntimeError(f"patient {patient_id} is not in the database after the demo run")
+    table = lesion_table(service.session_factory, patient_pk)
+    for tp in table:
+        latest = service.job_store.latest_for_series(tp.series_uid)
+        if latest is not None:
+            tp.files = job_results(latest.step_outputs).result_files
+    render_table(table, console)
 
 
 def register(app: typer.Typer) -> None:

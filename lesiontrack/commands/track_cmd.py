@@ -16,12 +16,21 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+import pydicom
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lesiontrack.cli_errors import InputError, check_registrable, guarded
+from lesiontrack.config.settings import ConfigError
 from lesiontrack.context import state
+
+if TYPE_CHECKING:
+    from lesiontrack.config.settings import Settings
+    from lesiontrack.local_analysis import LocalAnalysis
+    from lesiontrack.models.imaging.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -78,58 +87,23 @@ def track(
 ) -> None:
     """Track baseline lesions through follow-up CTs as the service would (same steps, same SEG + SR); write label
     maps, tracking.json and the DICOM results."""
-    from rich.console import Console
-
     # imported here, not at the top: db.models (SQLAlchemy) adds ~0.9 s to every `lesiontrack` start (-X importtime)
-    from lesiontrack.config.settings import ConfigError
     from lesiontrack.db.models import JobState
-    from lesiontrack.local_analysis import FolderError, analyse_folders
-    from lesiontrack.service import check_engine_settings
     from lesiontrack.track_outputs import write_outputs
 
     console = Console(stderr=True)
     if not console.is_terminal:
         console = Console(stderr=True, width=140)  # a log file keeps the per-timepoint tables readable
-    settings = state(ctx).settings().model_copy(deep=True)
-    if engine is not None:
-        settings.engines.segmentation = engine
-    if registration is not None:
-        settings.engines.registration = registration
-    if boosting is not None:
-        settings.tracking.boosting = boosting
-    if store is not None and store.exists() and any(store.iterdir()):
-        console.print(f"[red]error:[/] --store {store}: not empty (the embedded store of one run goes to a new folder)")
-        raise typer.Exit(2)
+    settings = _settings(state(ctx).settings().model_copy(deep=True), engine, registration, boosting)
     followups = [f for f in followup if f.resolve() != baseline.resolve()]
-    for folder in confirmed:
-        if folder.resolve() not in {f.resolve() for f in followups}:
-            console.print(f"[red]error:[/] --confirmed {folder}: not one of the --followup folders")
-            raise typer.Exit(2)
-    try:
-        check_engine_settings(settings)
-        _check_inputs(baseline, followups, prompts)
-    except (ConfigError, ValueError, InputError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+    _check_arguments(console, settings, (baseline, followups, prompts), confirmed, store)
     console.print(
         f"{len(followups)} follow-up(s) analysed as the service would: segmentation {settings.engines.segmentation}, "
         f"registration {settings.engines.registration}"
     )
     with tempfile.TemporaryDirectory(prefix="lesiontrack-track-") as tmp:
-        try:
-            with _progress(console, len(followups)) as on_progress:
-                run = analyse_folders(
-                    settings,
-                    baseline=baseline,
-                    followups=followups,
-                    store_dir=store if store is not None else Path(tmp) / "store",
-                    prompts=prompts,
-                    confirmed=confirmed,
-                    progress=on_progress,
-                )
-        except FolderError as exc:
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(2) from exc
+        store_dir = store if store is not None else Path(tmp) / "store"
+        run = _analyse(console, settings, (baseline, followups, prompts), confirmed, store_dir)
         summary = write_outputs(run, out, dicom=dicom)
         summary["store"] = str(store) if store is not None else None
         (out / "tracking.json").write_text(json.dumps(summary, indent=1))
@@ -141,12 +115,75 @@ def track(
         raise typer.Exit(1)
 
 
-@contextmanager
-def _progress(console: Any, followups: int) -> Iterator[Callable[[str, str], None]]:
-    """A Rich bar over the jobs' steps: ``on_progress(series_uid, step or outcome)``."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+def _settings(settings: Settings, engine: str | None, registration: str | None, boosting: bool | None) -> Settings:
+    """The configured settings with the command line's engine and boosting choices."""
+    if engine is not None:
+        settings.engines.segmentation = engine
+    if registration is not None:
+        settings.engines.registration = registration
+    if boosting is not None:
+        settings.tracking.boosting = boosting
+    return settings
 
-    from lesiontrack.pipeline.contract import STEP_NAMES
+
+def _check_arguments(
+    console: Console,
+    settings: Settings,
+    inputs: tuple[Path, list[Path], Path | None],
+    confirmed: list[Path],
+    store: Path | None,
+) -> None:
+    """Exit 2 with a message naming the option when the arguments cannot be analysed (``inputs`` = baseline,
+    follow-ups, prompts)."""
+    from lesiontrack.service import check_engine_settings  # the analysis stack (see track)
+
+    baseline, followups, prompts = inputs
+    if store is not None and store.exists() and any(store.iterdir()):
+        console.print(f"[red]error:[/] --store {store}: not empty (the embedded store of one run goes to a new folder)")
+        raise typer.Exit(2)
+    for folder in confirmed:
+        if folder.resolve() not in {f.resolve() for f in followups}:
+            console.print(f"[red]error:[/] --confirmed {folder}: not one of the --followup folders")
+            raise typer.Exit(2)
+    try:
+        check_engine_settings(settings)
+        _check_inputs(baseline, followups, prompts)
+    except (ConfigError, ValueError, InputError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _analyse(
+    console: Console,
+    settings: Settings,
+    inputs: tuple[Path, list[Path], Path | None],
+    confirmed: list[Path],
+    store_dir: Path,
+) -> LocalAnalysis:
+    """The folders analysed as the service's jobs, with a progress bar; a folder that cannot be read exits 2."""
+    from lesiontrack.local_analysis import FolderError, analyse_folders  # the analysis stack (see track)
+
+    baseline, followups, prompts = inputs
+    try:
+        with _progress(console, len(followups)) as on_progress:
+            return analyse_folders(
+                settings,
+                baseline=baseline,
+                followups=followups,
+                store_dir=store_dir,
+                prompts=prompts,
+                confirmed=confirmed,
+                progress=on_progress,
+            )
+    except FolderError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@contextmanager
+def _progress(console: Console, followups: int) -> Iterator[Callable[[str, str], None]]:
+    """A Rich bar over the jobs' steps: ``on_progress(series_uid, step or outcome)``."""
+    from lesiontrack.pipeline.contract import STEP_NAMES  # the analysis stack (see track)
 
     with Progress(
         TextColumn("{task.description}"),
@@ -169,10 +206,10 @@ def _progress(console: Any, followups: int) -> Iterator[Callable[[str, str], Non
         yield on_progress
 
 
-def _report(console: Any, run: Any) -> None:
+def _report(console: Console, run: LocalAnalysis) -> None:
     """One table per timepoint from the embedded store (lesions, flags, candidates, RECIST: what the dashboard
     would show), and a line for each timepoint that was not analysed, with the reason."""
-    from lesiontrack.demo import lesion_table, render_table
+    from lesiontrack.demo import lesion_table, render_table  # the analysis stack (see track)
 
     tables = {t.series_uid: t for t in lesion_table(run.session_factory, run.patient_pk)}
     for i, tp in enumerate(run.timepoints):
@@ -189,7 +226,7 @@ def _report(console: Any, run: Any) -> None:
 def _check_inputs(baseline: Path, followups: list[Path], prompts: Path | None) -> None:
     """Clear errors naming the folder or file before anything runs: every folder holds a readable CT series of at
     least 2 slices, and the baseline's lesions (its SEG/SR, or ``prompts``) can be read."""
-    from lesiontrack.models.imaging.dicom_read import read_series
+    from lesiontrack.models.imaging.dicom_read import read_series  # the analysis stack (see track)
     from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
 
     cts = {d: _read_ct(d, read_series) for d in [baseline, *followups]}
@@ -205,11 +242,9 @@ def _check_inputs(baseline: Path, followups: list[Path], prompts: Path | None) -
         raise ValueError(str(exc)) from exc
 
 
-def _read_ct(folder: Path, read_series: Any) -> Any:
+def _read_ct(folder: Path, read_series: Callable[..., Volume]) -> Volume:
     """The CT series of ``folder`` (the one with most image files; SEG/SR and other objects are ignored)."""
-    import pydicom
-
-    from lesiontrack.models.imaging.dicom_read import group_series
+    from lesiontrack.models.imaging.dicom_read import group_series  # the analysis stack (see track)
 
     try:
         groups = group_series(folder)

@@ -185,31 +185,15 @@ def _detect(
 ) -> list[NewLesionCandidate]:
     if maps is None:
         return []
-    z, channel, pr_s, sp, sp_kji, f_kji = (
-        maps.z,
-        maps.channel,
-        maps.prior_s,
-        maps.spacing,
-        maps.spacing_kji,
-        maps.factors,
-    )
-    extent = z >= 0.5
-    labels, n = ndi.label(extent)
-    if n == 0:
+    z, channel, pr_s = maps.z, maps.channel, maps.prior_s
+    sp_kji, f_kji = maps.spacing_kji, maps.factors
+    found = _components(z, maps.spacing, opt)
+    if found is None:
         return []
-    lab_flat = labels.ravel()
-    counts = np.bincount(lab_flat, minlength=n + 1)
-    peak = ndi.maximum(z, labels, index=np.arange(n + 1))
-    vox_w = float(np.prod(sp))
-    d_eq = (6.0 * counts * vox_w / math.pi) ** (1.0 / 3.0)
-    keep = (np.asarray(peak) >= 1.0) & (d_eq >= 0.5 * opt.min_diameter_mm) & (d_eq <= 1.5 * opt.max_diameter_mm)
-    keep[0] = False
+    labels, keep, peak = found
 
-    tracked_w = None
-    if tracked is not None and tracked.any():
-        tracked_w = _block_any(tracked.astype(bool), f_kji)
+    tracked_w = _block_any(tracked.astype(bool), f_kji) if tracked is not None and tracked.any() else None
     margin = _box(opt.exclusion_margin_mm, sp_kji)
-    gas_zone = maps.gas_zone
     objects = ndi.find_objects(labels)
     out: list[NewLesionCandidate] = []
     for lab in np.nonzero(keep)[0]:
@@ -217,22 +201,13 @@ def _detect(
         if sl is None:
             continue
         comp = labels[sl] == lab
-        if tracked_w is not None:
-            pad = tuple(
-                slice(max(0, s.start - m // 2), min(dim, s.stop + m // 2))
-                for s, m, dim in zip(sl, margin, labels.shape, strict=True)
-            )
-            t_crop = tracked_w[pad]
-            if t_crop.any():
-                c_full = labels[pad] == lab
-                near = ndi.distance_transform_edt(~c_full, sampling=sp_kji)
-                if np.any(near[t_crop] <= opt.exclusion_margin_mm):
-                    continue
+        if tracked_w is not None and _near_tracked(labels, int(lab), sl, tracked_w, margin, sp_kji, opt):
+            continue
         cand = _describe(comp, sl, z[sl], channel[sl], pr_s[sl], sp_kji, float(peak[lab]), opt)
         if cand is None:
             continue
         conf, tissue_ch, diameter, elong, strength = cand
-        reject, ratio, iso = _anatomy_and_misfit(maps, gas_zone, comp, sl, opt)
+        reject, ratio, iso = _anatomy_and_misfit(maps, maps.gas_zone, comp, sl, opt)
         conf = _with_misfit(conf, ratio)
         if not reject and conf < opt.min_confidence:
             reject = f"confidence {conf:.2f} < {opt.min_confidence:.2f}"
@@ -284,6 +259,45 @@ def _detect(
     if opt.keep_rejected:
         return out
     return out[: opt.max_candidates]
+
+
+def _components(z: Array, sp: Array, opt: DetectionOptions) -> tuple[Array, Array, Array] | None:
+    """Connected regions of the change map (z ≥ 0.5), which of them peak at z ≥ 1 with a plausible size, and
+    their peaks; None when there is no region."""
+    extent = z >= 0.5
+    labels, n = ndi.label(extent)
+    if n == 0:
+        return None
+    lab_flat = labels.ravel()
+    counts = np.bincount(lab_flat, minlength=n + 1)
+    peak = ndi.maximum(z, labels, index=np.arange(n + 1))
+    vox_w = float(np.prod(sp))
+    d_eq = (6.0 * counts * vox_w / math.pi) ** (1.0 / 3.0)
+    keep = (np.asarray(peak) >= 1.0) & (d_eq >= 0.5 * opt.min_diameter_mm) & (d_eq <= 1.5 * opt.max_diameter_mm)
+    keep[0] = False
+    return labels, keep, np.asarray(peak)
+
+
+def _near_tracked(
+    labels: Array,
+    lab: int,
+    sl: tuple[slice, ...],
+    tracked_w: Array,
+    margin: tuple[int, ...],
+    sp_kji: Array,
+    opt: DetectionOptions,
+) -> bool:
+    """Whether region ``lab`` lies within ``opt.exclusion_margin_mm`` of a tracked lesion."""
+    pad = tuple(
+        slice(max(0, s.start - m // 2), min(dim, s.stop + m // 2))
+        for s, m, dim in zip(sl, margin, labels.shape, strict=True)
+    )
+    t_crop = tracked_w[pad]
+    if not t_crop.any():
+        return False
+    c_full = labels[pad] == lab
+    near = ndi.distance_transform_edt(~c_full, sampling=sp_kji)
+    return bool(np.any(near[t_crop] <= opt.exclusion_margin_mm))
 
 
 def _anatomy_and_misfit(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,13 +228,60 @@ def _check_consistent(slices: list[_Slice]) -> None:
 
 
 # -- public entry point ---------------------------------------------------------------------------------
+_META_KEYS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "StudyDate",
+    "SOPClassUID",
+    "Modality",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesNumber",
+    "SeriesDescription",
+    "GantryDetectorTilt",
+)
+
+
 def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | None = None) -> Volume:
     """Read one DICOM image series (folder, file or list of files) into a :class:`Volume` in HU.
 
     Raises :class:`SeriesError` for: no images, several series without ``series_uid``, localizers, non-image
     objects, mixed sizes/orientations/pixel spacings, duplicate slice positions, missing geometry.
     """
-    # one parse per file; PixelData stays on disk (deferred) until the chosen series is decoded
+    datasets, slices = _image_slices(_choose_series(paths, series_uid))
+    first_ds = datasets[0][1]
+    planes, integral = _hu_planes(datasets, slices)
+    volume = _assemble(slices, planes)
+    if integral and volume.array.dtype != np.int16 and volume.array.min() >= -32768 and volume.array.max() <= 32767:
+        volume.array = np.rint(volume.array).astype(np.int16)
+
+    order = volume.meta.pop("_order")
+    meta = _series_meta(first_ds, slices)
+    meta.update(
+        SOPInstanceUIDs=[slices[i].sop_uid for i in order],
+        source_files=[str(slices[i].path) for i in order],
+        source_frames=[slices[i].frame for i in order],
+        TransferSyntaxUID=str(getattr(first_ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")),
+        SliceThickness=slices[0].thickness,
+    )
+    volume.meta.update(meta)
+    log.debug(
+        "read series %s: %d slices -> grid %s, spacing %s%s",
+        meta["SeriesInstanceUID"],
+        len(slices),
+        volume.size_ijk,
+        np.round(volume.spacing, 4).tolist(),
+        f" ({volume.meta['geometry_fix']})" if volume.meta.get("geometry_fix") else "",
+    )
+    return volume
+
+
+def _choose_series(paths: Path | str | list[Path] | list[str], series_uid: str | None) -> list[tuple[Path, Dataset]]:
+    """The files (parsed once; PixelData deferred until decoded) of the one series to read."""
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for f in _expand(paths):
         try:
@@ -249,13 +296,15 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
     if series_uid is not None:
         if series_uid not in groups:
             raise SeriesError(f"{paths}: series {series_uid} not found (present: {', '.join(sorted(groups))})")
-        chosen = groups[series_uid]
-    elif len(groups) > 1:
+        return groups[series_uid]
+    if len(groups) > 1:
         listing = "; ".join(f"{uid} ({len(fs)} files, e.g. {fs[0][0].name})" for uid, fs in sorted(groups.items()))
         raise SeriesError(f"{paths}: input mixes {len(groups)} series: {listing}; pass series_uid to choose one")
-    else:
-        chosen = next(iter(groups.values()))
+    return next(iter(groups.values()))
 
+
+def _image_slices(chosen: list[tuple[Path, Dataset]]) -> tuple[list[tuple[Path, Dataset]], list[_Slice]]:
+    """The image datasets and one slice record per frame, checked to form one consistent series."""
     datasets: list[tuple[Path, Dataset]] = []
     slices: list[_Slice] = []
     for f, ds in chosen:
@@ -272,8 +321,11 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
         for key in ("StudyInstanceUID", "FrameOfReferenceUID"):
             if ds.get(key) != first_ds.get(key):
                 raise SeriesError(f"{f}: {key} differs from {datasets[0][0]} within one series; mixed series")
+    return datasets, slices
 
-    # pixels in HU, one 2-D array per slice record
+
+def _hu_planes(datasets: list[tuple[Path, Dataset]], slices: list[_Slice]) -> tuple[list[Array], bool]:
+    """Pixels in HU, one 2-D array per slice record, and whether the rescale is integral (exact integer HU)."""
     frames_by_file: dict[Path, Array] = {}
     for f, ds in datasets:
         try:
@@ -301,30 +353,13 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
     elif integral:
         planes = [p.astype(np.float32) for p in planes]
     frames_by_file.clear()
+    return planes, integral
 
-    volume = _assemble(slices, planes)
-    if integral and volume.array.dtype != np.int16 and volume.array.min() >= -32768 and volume.array.max() <= 32767:
-        volume.array = np.rint(volume.array).astype(np.int16)
 
-    order = volume.meta.pop("_order")
+def _series_meta(first_ds: Dataset, slices: list[_Slice]) -> dict[str, Any]:
+    """The series' identity (as strings) and which of the UIDs a DICOM reference needs are missing."""
     meta: dict[str, Any] = {
-        key: (str(first_ds.get(key)) if first_ds.get(key) is not None else None)
-        for key in (
-            "PatientID",
-            "IssuerOfPatientID",
-            "PatientName",
-            "StudyInstanceUID",
-            "SeriesInstanceUID",
-            "FrameOfReferenceUID",
-            "StudyDate",
-            "SOPClassUID",
-            "Modality",
-            "StudyID",
-            "AccessionNumber",
-            "SeriesNumber",
-            "SeriesDescription",
-            "GantryDetectorTilt",
-        )
+        key: (str(first_ds.get(key)) if first_ds.get(key) is not None else None) for key in _META_KEYS
     }
     if not meta["SOPClassUID"]:
         meta["SOPClassUID"] = str(getattr(first_ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID", "")) or None
@@ -340,35 +375,42 @@ def read_series(paths: Path | str | list[Path] | list[str], series_uid: str | No
             ", ".join(missing),
         )
     meta["identity_incomplete"] = missing
-    meta.update(
-        SOPInstanceUIDs=[slices[i].sop_uid for i in order],
-        source_files=[str(slices[i].path) for i in order],
-        source_frames=[slices[i].frame for i in order],
-        TransferSyntaxUID=str(getattr(first_ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")),
-        SliceThickness=slices[0].thickness,
-    )
-    volume.meta.update(meta)
-    log.debug(
-        "read series %s: %d slices -> grid %s, spacing %s%s",
-        meta["SeriesInstanceUID"],
-        len(slices),
-        volume.size_ijk,
-        np.round(volume.spacing, 4).tolist(),
-        f" ({volume.meta['geometry_fix']})" if volume.meta.get("geometry_fix") else "",
-    )
-    return volume
+    return meta
 
 
 # -- geometry -------------------------------------------------------------------------------------------
-def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
-    ref = slices[0]
+def _slice_axes(ref: _Slice) -> tuple[Array, Array, Array]:
+    """Row direction (increasing column i), column direction (increasing row j, orthogonalised) and normal."""
     row_dir = ref.orientation[:3] / np.linalg.norm(ref.orientation[:3])  # direction of increasing column i
     col_dir = ref.orientation[3:] / np.linalg.norm(ref.orientation[3:])  # direction of increasing row j
     if abs(float(row_dir @ col_dir)) > 1e-3:
         raise SeriesError(f"{ref.path}: ImageOrientationPatient row/column vectors are not orthogonal")
     col_dir = col_dir - (row_dir @ col_dir) * row_dir
     col_dir /= np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
+
+
+def _interpolate_planes(dist: Array, d_out: Array, sample: Callable[[int], Array], out: Array) -> None:
+    """Fill ``out[k]`` at normal distance ``d_out[k]``: linear between the acquired planes at ``dist`` (each plane
+    sampled once onto the output grid by ``sample``)."""
+    cache: dict[int, Array] = {}
+    for k, d in enumerate(d_out):
+        s = int(np.clip(np.searchsorted(dist, d, side="right") - 1, 0, len(dist) - 1))
+        w = 0.0 if s == len(dist) - 1 else float((d - dist[s]) / (dist[s + 1] - dist[s]))
+        if s not in cache:
+            cache = {key: v for key, v in cache.items() if key >= s - 1}
+            cache[s] = sample(s)
+        if w < 1e-6:
+            out[k] = cache[s]
+        else:
+            if s + 1 not in cache:
+                cache[s + 1] = sample(s + 1)
+            out[k] = (1.0 - w) * cache[s] + w * cache[s + 1]
+
+
+def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
+    ref = slices[0]
+    row_dir, col_dir, normal = _slice_axes(ref)
     si, sj = float(ref.pixel_spacing[1]), float(ref.pixel_spacing[0])
     direction = np.stack([row_dir, col_dir, normal], axis=1)
 
@@ -414,19 +456,7 @@ def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
         coords = np.stack([jj + j_start - oj[s], ii + i_start - oi[s]])
         return ndimage.map_coordinates(stack[s], coords, order=1, mode="constant", cval=AIR_HU, prefilter=False)
 
-    cache: dict[int, Array] = {}
-    for k, d in enumerate(d_out):
-        s = int(np.clip(np.searchsorted(dist, d, side="right") - 1, 0, len(dist) - 1))
-        w = 0.0 if s == len(dist) - 1 else float((d - dist[s]) / (dist[s + 1] - dist[s]))
-        if s not in cache:
-            cache = {key: v for key, v in cache.items() if key >= s - 1}
-            cache[s] = sample(s)
-        if w < 1e-6:
-            out[k] = cache[s]
-        else:
-            if s + 1 not in cache:
-                cache[s + 1] = sample(s + 1)
-            out[k] = (1.0 - w) * cache[s] + w * cache[s + 1]
+    _interpolate_planes(dist, d_out, sample, out)
 
     origin = pos0 + i_start * si * row_dir + j_start * sj * col_dir
     what = []

@@ -60,37 +60,20 @@ def write_ct_series(
     """Write ``volume`` (HU) as a CT series into ``out_dir``; returns the file paths in k order."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arr = volume.array
-    origin, direction, (si, sj, sk) = volume.origin, volume.direction.copy(), volume.spacing
-    if np.linalg.det(direction) < 0:  # DICOM's normal is row × col: flip k so the planes stay right-handed
-        arr = arr[::-1]
-        origin = origin + (arr.shape[0] - 1) * sk * direction[:, 2]
-        direction[:, 2] = -direction[:, 2]
-    nk = arr.shape[0]
+    pixels, origin, direction = _int16_planes(volume)
+    (si, sj, sk), nk = volume.spacing, pixels.shape[0]
     if sop_instance_uids is not None and len(sop_instance_uids) != nk:
         raise ValueError(f"{len(sop_instance_uids)} SOPInstanceUIDs for {nk} slices")
-    if np.issubdtype(arr.dtype, np.floating):
-        arr = np.rint(arr)
-    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
-    if lo < -32768 or hi > 32767:
-        raise ValueError(f"values {lo}..{hi} do not fit signed 16-bit HU")
-    pixels = np.ascontiguousarray(arr.astype("<i2"))
-    iop = [_ds_number(v) for v in (*direction[:, 0], *direction[:, 1])]
     now = _dt.datetime.now()
-    content_date, content_time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    thickness = float(slice_thickness if slice_thickness is not None else sk)
 
     base = Dataset()
-    base.SpecificCharacterSet = "ISO_IR 192"
-    base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    base.SOPClassUID = CTImageStorage
+    for keyword, value in _FIXED_ATTRIBUTES:
+        setattr(base, keyword, value)
     base.StudyDate, base.StudyTime = study_date, study_time
     base.SeriesDate, base.SeriesTime = study_date, study_time
-    base.ContentDate, base.ContentTime = content_date, content_time
+    base.ContentDate, base.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     base.AccessionNumber = accession_number
-    base.Modality = "CT"
     base.Manufacturer = manufacturer
-    base.ReferringPhysicianName = ""
     base.StudyDescription = study_description
     base.SeriesDescription = series_description
     base.BodyPartExamined = body_part
@@ -100,49 +83,88 @@ def write_ct_series(
         base.IssuerOfPatientID = issuer_of_patient_id
     base.PatientBirthDate = patient_birth_date
     base.PatientSex = patient_sex
-    base.KVP = "120"
-    base.SliceThickness = _ds_number(thickness)
-    base.PatientPosition = "HFS"
+    base.SliceThickness = _ds_number(float(slice_thickness if slice_thickness is not None else sk))
     base.StudyInstanceUID = study_uid
     base.SeriesInstanceUID = series_uid
     base.StudyID = study_id
     base.SeriesNumber = int(series_number)
-    base.AcquisitionNumber = 1
     base.FrameOfReferenceUID = frame_of_reference_uid
-    base.PositionReferenceIndicator = ""
-    base.ImageOrientationPatient = iop
-    base.SamplesPerPixel = 1
-    base.PhotometricInterpretation = "MONOCHROME2"
+    base.ImageOrientationPatient = [_ds_number(v) for v in (*direction[:, 0], *direction[:, 1])]
     base.Rows, base.Columns = int(pixels.shape[1]), int(pixels.shape[2])
     base.PixelSpacing = [_ds_number(sj), _ds_number(si)]
-    base.BitsAllocated, base.BitsStored, base.HighBit, base.PixelRepresentation = 16, 16, 15, 1
     base.WindowCenter, base.WindowWidth = _ds_number(window[0]), _ds_number(window[1])
-    base.RescaleIntercept, base.RescaleSlope, base.RescaleType = "0", "1", "HU"
-    base.BurnedInAnnotation = "NO"
 
     paths: list[Path] = []
     for k in range(nk):
-        ds = Dataset()
-        ds.update(base)
         sop_uid = UID(sop_instance_uids[k]) if sop_instance_uids else generate_uid()
-        ds.SOPInstanceUID = sop_uid
-        ds.InstanceNumber = k + 1
-        ipp = origin + k * sk * direction[:, 2]
-        ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
-        ds.SliceLocation = _ds_number(float(ipp @ direction[:, 2]))
-        ds.SmallestImagePixelValue = int(pixels[k].min())
-        ds.LargestImagePixelValue = int(pixels[k].max())
-        ds["SmallestImagePixelValue"].VR = "SS"
-        ds["LargestImagePixelValue"].VR = "SS"
-        ds.PixelData = pixels[k].tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        ds.file_meta = meta
+        ds = _slice_dataset(base, pixels[k], sop_uid, k, origin + k * sk * direction[:, 2], direction[:, 2])
         path = out / filename.format(k=k)
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+#: the attributes every slice of every series we write has (pydicom writes them in tag order)
+_FIXED_ATTRIBUTES: tuple[tuple[str, object], ...] = (
+    ("SpecificCharacterSet", "ISO_IR 192"),
+    ("ImageType", ["DERIVED", "SECONDARY", "AXIAL"]),
+    ("SOPClassUID", CTImageStorage),
+    ("Modality", "CT"),
+    ("ReferringPhysicianName", ""),
+    ("KVP", "120"),
+    ("PatientPosition", "HFS"),
+    ("AcquisitionNumber", 1),
+    ("PositionReferenceIndicator", ""),
+    ("SamplesPerPixel", 1),
+    ("PhotometricInterpretation", "MONOCHROME2"),
+    ("BitsAllocated", 16),
+    ("BitsStored", 16),
+    ("HighBit", 15),
+    ("PixelRepresentation", 1),
+    ("RescaleIntercept", "0"),
+    ("RescaleSlope", "1"),
+    ("RescaleType", "HU"),
+    ("BurnedInAnnotation", "NO"),
+)
+
+
+def _int16_planes(volume: Volume) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The volume's voxels as rounded signed 16-bit planes, with the origin and direction they are written with
+    (a left-handed volume's k axis reversed: DICOM's normal is row × column)."""
+    arr = volume.array
+    origin, direction, sk = volume.origin, volume.direction.copy(), volume.spacing[2]
+    if np.linalg.det(direction) < 0:  # DICOM's normal is row × col: flip k so the planes stay right-handed
+        arr = arr[::-1]
+        origin = origin + (arr.shape[0] - 1) * sk * direction[:, 2]
+        direction[:, 2] = -direction[:, 2]
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.rint(arr)
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    if lo < -32768 or hi > 32767:
+        raise ValueError(f"values {lo}..{hi} do not fit signed 16-bit HU")
+    return np.ascontiguousarray(arr.astype("<i2")), origin, direction
+
+
+def _slice_dataset(
+    base: Dataset, plane: np.ndarray, sop_uid: UID, k: int, ipp: np.ndarray, normal: np.ndarray
+) -> Dataset:
+    """Slice ``k`` of the series: ``base`` with its instance identity, position and pixels, as a Part 10 file."""
+    ds = Dataset()
+    ds.update(base)
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
+    ds.SliceLocation = _ds_number(float(ipp @ normal))
+    ds.SmallestImagePixelValue = int(plane.min())
+    ds.LargestImagePixelValue = int(plane.max())
+    ds["SmallestImagePixelValue"].VR = "SS"
+    ds["LargestImagePixelValue"].VR = "SS"
+    ds.PixelData = plane.tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = meta
+    return ds

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 Array = np.ndarray
@@ -174,5 +175,5 @@ def _few_labels(array: Array) -> bool:
     return np.issubdtype(array.dtype, np.integer) and int(array.max(initial=0)) < 256
 
 
-def empty_like(volume: Volume, dtype: Any = np.uint8) -> Volume:
+def empty_like(volume: Volume, dtype: npt.DTypeLike = np.uint8) -> Volume:
     return Volume(np.zeros(volume.shape, dtype), volume.origin.copy(), volume.spacing.copy(), volume.direction.copy())

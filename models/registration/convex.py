@@ -232,10 +232,7 @@ def deformable(
         init = F.interpolate(d_fwd, scale_factor=2, mode="trilinear", align_corners=False)  # feature grid
     timings["convex"] = time.perf_counter() - t
     t = time.perf_counter()
-    if p.adam_iterations > 0:
-        disp = instance_optimise(f2, m2, v2, init, p)
-    else:
-        disp = init
+    disp = instance_optimise(f2, m2, v2, init, p) if p.adam_iterations > 0 else init
     timings["adam"] = time.perf_counter() - t
     return disp
 

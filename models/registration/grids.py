@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from lesiontrack.models.imaging.volume import Volume
 
@@ -172,16 +173,12 @@ def fov_mask(source: Volume, reference: Volume, matrix: Array, offset: Array, er
         c = a[d, 0] * i + a[d, 1] * j + a[d, 2] * k + b[d]
         inside &= (c >= -0.5) & (c <= size[d] - 0.5)
     if erode_vox > 0:
-        from scipy import ndimage
-
         inside = ndimage.binary_erosion(inside, iterations=erode_vox, border_value=1)
     return inside
 
 
 def body_mask(array: Array, threshold_hu: float = -500.0) -> Array:
     """Largest connected component above ``threshold_hu`` (the patient, without most of the table)."""
-    from scipy import ndimage
-
     fg = array > threshold_hu
     if not fg.any():
         return fg

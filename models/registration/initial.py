@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.features import Adam, sample
@@ -101,8 +102,6 @@ class _Level:
     working-grid centre) and the baseline as a tensor, with the index maps between them."""
 
     def __init__(self, baseline: Volume, followup: Volume, spacing: float, max_points: int = 40000) -> None:
-        from scipy import ndimage
-
         self.spacing = spacing
         self.fgrid = working_grid(followup, spacing, multiple=1)
         self.bgrid = _grid_over(baseline, followup.direction, spacing)

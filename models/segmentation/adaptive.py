@@ -31,11 +31,13 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import random_walker
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import SegReference
@@ -183,34 +185,11 @@ class AdaptiveEngine:
             core = pmask & (inside_d >= min(2.0, inside_d.max()))
         # --- intensity models ---------------------------------------------------------------------
         if reference is not None and reference.mask.array.any():
-            les_s, bg_s, ref_deep = _reference_samples(reference, cfg)
-            fu_core = smooth[core]
-            les_pdf = _kde(les_s, cfg.min_sd_hu)
-            # adapt: follow-up core voxels compatible with the prior lesion model re-centre it. Like is compared
-            # with like: the follow-up's deep core (the deep half of the propagated prompt) against the prior
-            # lesion's own deep half — a part-solid nodule's solid centre is not its ground-glass rim, and taking
-            # the difference between them for a contrast-phase shift would move the whole model off the rim.
-            lo, hi = np.percentile(les_s, [2, 98])
-            pad = max(2 * cfg.min_sd_hu, 0.25 * (hi - lo))
-            ok = fu_core[(fu_core >= lo - pad) & (fu_core <= hi + pad)]
-            # (a lesion of a few voxels has no deep half worth the name: its whole interior stands in)
-            ref_centre = ref_deep if ref_deep.size >= 20 else les_s
-            if ok.size >= 5:
-                shift = float(np.median(ok) - np.median(ref_centre))
-                # a shrinking lesion leaves background in the propagated core, which reads as a shift towards the
-                # background: the data cannot tell it from a contrast change, so the model moves by at most a
-                # fraction of the lesion's own contrast and stays on its side of the half-way level
-                cap = cfg.recentre_max_fraction * abs(float(np.median(les_s)) - float(np.median(bg_s)))
-                les_pdf = _kde(les_s + float(np.clip(0.5 * shift, -cap, cap)), cfg.min_sd_hu)
+            les_s, bg_s, les_pdf = _reference_model(reference, smooth[core], cfg)
         else:
             les_s = smooth[core]
             if prompt.kind is PromptKind.POINTS:
-                region = _grow_from_core(smooth, core, les_s, sp, cfg)
-                pmask = region
-                inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
-                outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
-                sdist = _signed_distance(pmask, inside_d, outside_d, sp)
-                r_eq = max(r_eq, (3 * pmask.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3))
+                pmask, inside_d, sdist, r_eq = _regrown_prompt(smooth, core, les_s, sp, cfg, r_eq)
                 growth = max(cfg.min_growth_mm, r_eq)
             elif prompt.kind is PromptKind.BOX:
                 les_s = smooth[_inner_box(pmask)]
@@ -229,13 +208,7 @@ class AdaptiveEngine:
         les_mode = float(_BINS[int(np.argmax(les_pdf))])  # the lesion model's most frequent intensity
         llr = np.clip(np.log(_lookup(les_pdf, smooth)) - np.log(_lookup(bg_pdf, smooth)), -6.0, 6.0)
 
-        # --- presence test: does anything inside the prompt core still look like the lesion? --------
-        # Background voxels that look lesion-like by chance (noise, low contrast) set the bar: the core must hold
-        # clearly more of them than the background does.
-        bg_llr = np.log(_lookup(les_pdf, bg_s)) - np.log(_lookup(bg_pdf, bg_s))
-        false_rate = float((bg_llr > 0.5).mean()) if bg_s.size else 0.0
-        need = min(max(cfg.presence_fraction, 2.0 * false_rate + 0.1), cfg.presence_cap)
-        if not core.any() or _best_core_fraction(llr > 0.5, core, sp, cfg.presence_search_mm) < need:
+        if not _present(llr, (les_pdf, bg_pdf), bg_s, core, sp, cfg):
             return None
 
         # --- spatial shape prior -----------------------------------------------------------------
@@ -262,40 +235,15 @@ class AdaptiveEngine:
             # voxels inside the fitted outline that lean towards the lesion model seed the lesion
             fg |= (sdist <= offset - 0.5 * float(np.min(sp))) & (llr > 0)
         bg = (evidence < -cfg.seed_logit) | forbidden
-        border = np.zeros_like(bg)
-        border[[0, -1], :, :] = border[:, [0, -1], :] = border[:, :, [0, -1]] = True
-        bg |= border & ~pmask
-        # fg seeds only where connected to the lesion core region
-        lab, n = ndi.label(fg)
-        if n == 0:
+        labels = _seed_labels(fg, bg, pmask, core)
+        if labels is None:
             return None
-        keep = np.unique(lab[core & fg])
-        keep = keep[keep > 0]
-        if keep.size == 0:
-            return None
-        fg = np.isin(lab, keep)
-        bg &= ~fg
-        labels = np.zeros(pmask.shape, np.int32)
-        labels[bg] = 2
-        labels[fg] = 1
-        prob = 1.0 / (1.0 + np.exp(-llr))
-        if (labels == 0).any():
-            import warnings
-
-            from skimage.segmentation import random_walker
-
-            with warnings.catch_warnings():  # cg tolerance: probabilities a hair outside [0, 1] are harmless here
-                warnings.simplefilter("ignore", UserWarning)
-                seg = random_walker(prob, labels, beta=cfg.rw_beta, mode="cg_j", tol=1e-3, spacing=sp) == 1
-        else:
-            seg = labels == 1
-        seg &= ~forbidden
+        seg = _random_walk(llr, labels, cfg, sp) & ~forbidden
         # the half-way step's contrast test compares with the image noise (a ground-glass nodule, 300 HU above the
         # lung, was left to the kernel ratio because its lung ring with vessels spreads ±90 HU: its growth was missed)
         noise = _noise_sd(les_s, bg_s)
         if cfg.halfway and not _straddles(les_s, bg_s, noise, cfg.straddle_fraction):
-            for _ in range(cfg.halfway_iterations):
-                seg = _halfway_boundary(seg, smooth, sp, cfg, noise, les_mode) & ~forbidden
+            seg = _halfway(seg, smooth, forbidden, (noise, les_mode), sp, cfg)
         distinct = bg_s.size > 0 and abs(les_mode - float(np.median(bg_s))) >= cfg.trim_min_contrast_hu
         if cfg.trim_protrusions and prompt.kind is PromptKind.MASK and distinct:
             outline = sdist <= (offset if fitted else 0.0) + cfg.trim_tolerance * float(np.min(sp))
@@ -305,6 +253,110 @@ class AdaptiveEngine:
 
 
 # ----------------------------------------------------------------------------------------------------
+def _reference_model(
+    reference: SegReference, fu_core: np.ndarray, cfg: AdaptiveConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lesion and background samples of the prior (reference) segmentation and the lesion's intensity model,
+    re-centred on the follow-up core (``fu_core``: its smoothed intensities) where they are compatible."""
+    les_s, bg_s, ref_deep = _reference_samples(reference, cfg)
+    les_pdf = _kde(les_s, cfg.min_sd_hu)
+    # adapt: follow-up core voxels compatible with the prior lesion model re-centre it. Like is compared
+    # with like: the follow-up's deep core (the deep half of the propagated prompt) against the prior
+    # lesion's own deep half — a part-solid nodule's solid centre is not its ground-glass rim, and taking
+    # the difference between them for a contrast-phase shift would move the whole model off the rim.
+    lo, hi = np.percentile(les_s, [2, 98])
+    pad = max(2 * cfg.min_sd_hu, 0.25 * (hi - lo))
+    ok = fu_core[(fu_core >= lo - pad) & (fu_core <= hi + pad)]
+    # (a lesion of a few voxels has no deep half worth the name: its whole interior stands in)
+    ref_centre = ref_deep if ref_deep.size >= 20 else les_s
+    if ok.size >= 5:
+        shift = float(np.median(ok) - np.median(ref_centre))
+        # a shrinking lesion leaves background in the propagated core, which reads as a shift towards the
+        # background: the data cannot tell it from a contrast change, so the model moves by at most a
+        # fraction of the lesion's own contrast and stays on its side of the half-way level
+        cap = cfg.recentre_max_fraction * abs(float(np.median(les_s)) - float(np.median(bg_s)))
+        les_pdf = _kde(les_s + float(np.clip(0.5 * shift, -cap, cap)), cfg.min_sd_hu)
+    return les_s, bg_s, les_pdf
+
+
+def _regrown_prompt(
+    smooth: np.ndarray, core: np.ndarray, les_s: np.ndarray, sp: np.ndarray, cfg: AdaptiveConfig, r_eq: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """A click's prompt, grown from its core over tissue like it: the mask, its inside distance, signed distance
+    and equivalent radius (at least ``r_eq``)."""
+    pmask = _grow_from_core(smooth, core, les_s, sp, cfg)
+    inside_d = ndi.distance_transform_edt(pmask, sampling=sp)
+    outside_d = ndi.distance_transform_edt(~pmask, sampling=sp)
+    sdist = _signed_distance(pmask, inside_d, outside_d, sp)
+    r_eq = max(r_eq, (3 * pmask.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3))
+    return pmask, inside_d, sdist, r_eq
+
+
+def _present(
+    llr: np.ndarray,
+    pdfs: tuple[np.ndarray, np.ndarray],
+    bg_s: np.ndarray,
+    core: np.ndarray,
+    sp: np.ndarray,
+    cfg: AdaptiveConfig,
+) -> bool:
+    """Presence test: does anything inside the prompt core still look like the lesion? Background voxels that
+    look lesion-like by chance (noise, low contrast) set the bar: the core must hold clearly more of them than the
+    background does. ``pdfs`` = the lesion's and the background's intensity models."""
+    les_pdf, bg_pdf = pdfs
+    bg_llr = np.log(_lookup(les_pdf, bg_s)) - np.log(_lookup(bg_pdf, bg_s))
+    false_rate = float((bg_llr > 0.5).mean()) if bg_s.size else 0.0
+    need = min(max(cfg.presence_fraction, 2.0 * false_rate + 0.1), cfg.presence_cap)
+    return bool(core.any()) and not _best_core_fraction(llr > 0.5, core, sp, cfg.presence_search_mm) < need
+
+
+def _halfway(
+    seg: np.ndarray,
+    smooth: np.ndarray,
+    forbidden: np.ndarray,
+    levels: tuple[float, float],
+    sp: np.ndarray,
+    cfg: AdaptiveConfig,
+) -> np.ndarray:
+    """``cfg.halfway_iterations`` steps of the half-way boundary (``levels`` = image noise, lesion mode)."""
+    noise, les_mode = levels
+    for _ in range(cfg.halfway_iterations):
+        seg = _halfway_boundary(seg, smooth, sp, cfg, noise, les_mode) & ~forbidden
+    return seg
+
+
+def _seed_labels(fg: np.ndarray, bg: np.ndarray, pmask: np.ndarray, core: np.ndarray) -> np.ndarray | None:
+    """Random-walker labels (1 lesion, 2 background, 0 undecided): lesion seeds only where connected to the
+    core, background also on the region's border outside the prompt; None when no lesion seed reaches the core."""
+    border = np.zeros_like(bg)
+    border[[0, -1], :, :] = border[:, [0, -1], :] = border[:, :, [0, -1]] = True
+    bg |= border & ~pmask
+    lab, n = ndi.label(fg)
+    if n == 0:
+        return None
+    keep = np.unique(lab[core & fg])
+    keep = keep[keep > 0]
+    if keep.size == 0:
+        return None
+    fg = np.isin(lab, keep)
+    bg &= ~fg
+    labels = np.zeros(pmask.shape, np.int32)
+    labels[bg] = 2
+    labels[fg] = 1
+    return labels
+
+
+def _random_walk(llr: np.ndarray, labels: np.ndarray, cfg: AdaptiveConfig, sp: np.ndarray) -> np.ndarray:
+    """The lesion mask: the seeds' labels spread over the undecided voxels by a random walker on the lesion
+    probability."""
+    prob = 1.0 / (1.0 + np.exp(-llr))
+    if not (labels == 0).any():
+        return labels == 1
+    with warnings.catch_warnings():  # cg tolerance: probabilities a hair outside [0, 1] are harmless here
+        warnings.simplefilter("ignore", UserWarning)
+        return random_walker(prob, labels, beta=cfg.rw_beta, mode="cg_j", tol=1e-3, spacing=sp) == 1
+
+
 def _like(grid: Volume, arr: np.ndarray) -> Volume:
     return Volume(arr, grid.origin.copy(), grid.spacing.copy(), grid.direction.copy())
 

@@ -36,6 +36,7 @@ from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,11 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     long_mm, short_mm = drawing.diameters_mm()
     reach = cfg.point_reach_mm if long_mm <= 0 else cfg.bound_factor * long_mm * cfg.ellipse_margin
     depth_mm = cfg.point_reach_mm if long_mm <= 0 else cfg.max_depth_factor * long_mm + sp[0]
-    # region of interest around the drawing
-    centre = np.asarray([k0, *kji[:, 1:].mean(0)])
-    half = np.array([depth_mm + 2 * sp[0], reach + cfg.ring_mm + 4.0, reach + cfg.ring_mm + 4.0]) / sp
-    half[1:] = np.maximum(half[1:], (np.abs(kji[:, 1:] - centre[1:]).max(0) + (cfg.ring_mm + 4.0) / sp[1:]))
-    lo = np.maximum(np.floor(centre - half).astype(int), 0)
-    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, np.array(image.shape))
-    if np.any(hi - lo < 2):
+    roi = _roi(image.shape, kji, k0, (depth_mm + 2 * sp[0], reach), cfg, sp)
+    if roi is None:
         return None
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    img = image.array[sl].astype(np.float32)
-    smooth = ndi.gaussian_filter(img, sigma=cfg.smoothing_mm / sp)
+    sl, lo = roi
+    smooth = ndi.gaussian_filter(image.array[sl].astype(np.float32), sigma=cfg.smoothing_mm / sp)
     kk = k0 - lo[0]
     local = [p - lo for p in parts]
     plane = smooth[kk]
@@ -109,26 +104,11 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     ring_out = _dilate_mm(bound, cfg.ring_mm + 1.5, sp[1:]) & ~_dilate_mm(bound, 1.5, sp[1:])
     if ring_out.sum() < 10:
         return None
-    ring_s = plane[ring_out]
-    # ring voxels like the core are the lesion running on (or a neighbour of its density), not its background
     core_med, core_tol = float(np.median(les_s)), max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
-    unlike = ring_s[np.abs(ring_s - core_med) > core_tol]
-    bg_level = _dominant_level(unlike if unlike.size >= 20 else ring_s)
-    bright = float(np.median(les_s)) > bg_level
-    # the lesion's level: its median, or, for a lesion of two tissues (a part-solid nodule's ground glass and solid
-    # core), a low quantile towards the background, so that the fainter tissue counts
-    les_level = float(np.median(les_s))
-    if _robust_sd(les_s) > 0.25 * abs(les_level - bg_level):
-        q = cfg.lesion_quantile if bright else 1.0 - cfg.lesion_quantile
-        les_level = float(np.quantile(les_s, q))
-    # the image noise: the narrower of the core's and the ring's robust spreads (a ring across tissues is wide)
-    ring_sd = _robust_sd(plane[ring_out & (np.abs(plane - bg_level) <= 100.0)])
-    noise = max(min(ring_sd, _robust_sd(les_s)) if les_s.size >= 5 else ring_sd, cfg.min_sd_hu)
-    if abs(les_level - bg_level) < cfg.min_cnr * noise:
-        # the quantile may sit on partial volume: try the core's median before giving up
-        les_level = float(np.median(les_s))
-        if abs(les_level - bg_level) < cfg.min_cnr * noise:
-            return None
+    levels = _levels(plane, les_s, ring_out, (core_med, core_tol), cfg)
+    if levels is None:
+        return None
+    les_level, bg_level, bright = levels
     threshold = 0.5 * (les_level + bg_level)
     lesion_like = (smooth >= threshold) if bright else (smooth <= threshold)
     if point_like:  # only tissue like the tip's (a vessel or wall brighter than the lesion is not it)
@@ -147,44 +127,117 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     m0 = ndi.binary_fill_holes(m0)
     seed = np.zeros(smooth.shape, bool)
     seed[kk] = m0
-    n_slices = 1
     # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
     # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
     # not a vessel or wall running on from it)
     size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
-    a0 = float(m0.sum())
     # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
     # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
     width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
     depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
-    z_bound = cfg.bound_factor * depth_size + 0.5 * sp[0]
-    r_bound = cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2]))
     c0 = np.argwhere(m0).mean(0) * sp[1:]
-    radial = np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1)
+    limits = _SliceLimits(
+        depth_mm=min(depth_mm, cfg.max_depth_factor * size),
+        z_bound=cfg.bound_factor * depth_size + 0.5 * sp[0],
+        r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
+        min_area=cfg.elongated_fraction * float(m0.sum()),
+        radial=np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1),
+    )
+    n_slices = 1 + _propagate(seed, m0, kk, lesion_like, bound, sp, cfg, limits)
+    out = np.zeros(image.shape, np.uint8)
+    out[sl] = seed
+    return DrawnSeed(image.with_array(out), les_level, bg_level, n_slices)
+
+
+def _roi(
+    shape: tuple[int, ...], kji: np.ndarray, k0: int, extent_mm: tuple[float, float], cfg: DrawingConfig, sp: np.ndarray
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """The region of interest around the drawing (``extent_mm``: half depth, in-plane reach) as slices
+    and its lower corner, or None when it is too thin."""
+    centre = np.asarray([k0, *kji[:, 1:].mean(0)])
+    reach = float(extent_mm[1])
+    half = np.array([extent_mm[0], reach + cfg.ring_mm + 4.0, reach + cfg.ring_mm + 4.0]) / sp
+    half[1:] = np.maximum(half[1:], (np.abs(kji[:, 1:] - centre[1:]).max(0) + (cfg.ring_mm + 4.0) / sp[1:]))
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, np.array(shape))
+    if np.any(hi - lo < 2):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)), lo
+
+
+def _levels(
+    plane: np.ndarray, les_s: np.ndarray, ring_out: np.ndarray, core: tuple[float, float], cfg: DrawingConfig
+) -> tuple[float, float, bool] | None:
+    """The lesion's and the background's levels on the drawn slice and whether the lesion is the brighter; None
+    when their contrast is below ``cfg.min_cnr`` times the noise. ``core`` = the core's median and tolerance."""
+    ring_s = plane[ring_out]
+    # ring voxels like the core are the lesion running on (or a neighbour of its density), not its background
+    core_med, core_tol = core
+    unlike = ring_s[np.abs(ring_s - core_med) > core_tol]
+    bg_level = _dominant_level(unlike if unlike.size >= 20 else ring_s)
+    bright = float(np.median(les_s)) > bg_level
+    # the lesion's level: its median, or, for a lesion of two tissues (a part-solid nodule's ground glass and solid
+    # core), a low quantile towards the background, so that the fainter tissue counts
+    les_level = float(np.median(les_s))
+    if _robust_sd(les_s) > 0.25 * abs(les_level - bg_level):
+        q = cfg.lesion_quantile if bright else 1.0 - cfg.lesion_quantile
+        les_level = float(np.quantile(les_s, q))
+    # the image noise: the narrower of the core's and the ring's robust spreads (a ring across tissues is wide)
+    ring_sd = _robust_sd(plane[ring_out & (np.abs(plane - bg_level) <= 100.0)])
+    noise = max(min(ring_sd, _robust_sd(les_s)) if les_s.size >= 5 else ring_sd, cfg.min_sd_hu)
+    if abs(les_level - bg_level) < cfg.min_cnr * noise:
+        # the quantile may sit on partial volume: try the core's median before giving up
+        les_level = float(np.median(les_s))
+        if abs(les_level - bg_level) < cfg.min_cnr * noise:
+            return None
+    return les_level, bg_level, bright
+
+
+@dataclass(frozen=True)
+class _SliceLimits:
+    """How far the seed may run through the slices from the drawn one."""
+
+    depth_mm: float  # never beyond
+    z_bound: float  # the ellipsoid the drawn diameter spans: its half depth (mm) ...
+    r_bound: float  # ... and in-plane radius (mm)
+    min_area: float  # a cross-section at least this large (voxels) is an elongated lesion, not bounded
+    radial: np.ndarray  # in-plane distance (mm) of every pixel from the drawn cross-section's centre
+
+
+def _propagate(
+    seed: np.ndarray,
+    m0: np.ndarray,
+    kk: int,
+    lesion_like: np.ndarray,
+    bound: np.ndarray,
+    sp: np.ndarray,
+    cfg: DrawingConfig,
+    lim: _SliceLimits,
+) -> int:
+    """Grow ``seed`` from the drawn slice ``kk`` (mask ``m0``) up and down; returns the slices added."""
+    added = 0
     one = _disc(1.0 * max(sp[1], sp[2]) * 1.001, sp[1:])
     for step in (1, -1):
         prev = m0
         k = kk + step
-        while 0 <= k < smooth.shape[0] and abs(k - kk) * sp[0] <= min(depth_mm, cfg.max_depth_factor * size):
+        while 0 <= k < lesion_like.shape[0] and abs(k - kk) * sp[0] <= lim.depth_mm:
             z = abs(k - kk) * sp[0]
             near = ndi.binary_dilation(prev, structure=one)
             cand = _split_keep(lesion_like[k] & bound & near, prev, sp[1:], min_share=0.5)
             if cand.sum() > cfg.growth_per_slice * prev.sum() + 1:  # running into a neighbour: no growth here
                 cand = _connected_to(lesion_like[k] & prev, prev)
             cand = ndi.binary_fill_holes(cand)
-            if float(cand.sum()) < cfg.elongated_fraction * a0:
-                r = r_bound * float(np.sqrt(max(0.0, 1.0 - (z / z_bound) ** 2))) if z < z_bound else 0.0
-                cand &= radial <= max(r, 0.5 * float(max(sp[1], sp[2])))
-                cand = _connected_to(cand, cand) if z < z_bound else np.zeros_like(cand)
+            if float(cand.sum()) < lim.min_area:
+                r = lim.r_bound * float(np.sqrt(max(0.0, 1.0 - (z / lim.z_bound) ** 2))) if z < lim.z_bound else 0.0
+                cand &= lim.radial <= max(r, 0.5 * float(max(sp[1], sp[2])))
+                cand = _connected_to(cand, cand) if z < lim.z_bound else np.zeros_like(cand)
             if not cand.any():
                 break
             seed[k] = cand
-            n_slices += 1
+            added += 1
             prev = cand
             k += step
-    out = np.zeros(image.shape, np.uint8)
-    out[sl] = seed
-    return DrawnSeed(image.with_array(out), les_level, bg_level, n_slices)
+    return added
 
 
 def _core_and_bound(
@@ -245,7 +298,7 @@ def _ellipse_radius(v: np.ndarray, ax1: np.ndarray, ax2: np.ndarray) -> np.ndarr
 
 
 def _polygon(poly: np.ndarray, jj: np.ndarray, ii: np.ndarray, sp: np.ndarray) -> np.ndarray:
-    from skimage.draw import polygon as fill
+    from skimage.draw import polygon as fill  # skimage.draw/morphology load in ~1 s: only for drawn outlines/splits
 
     rows, cols = fill(poly[:, 0] / sp[1], poly[:, 1] / sp[2], shape=jj.shape)
     out = np.zeros(jj.shape, bool)
@@ -301,7 +354,7 @@ def _split_keep(region: np.ndarray, anchor: np.ndarray, sp2: np.ndarray, min_sha
     region = _connected_to(region, anchor)
     if region.sum() < 8:
         return region
-    from skimage.morphology import h_maxima
+    from skimage.morphology import h_maxima  # ~1 s to load (see _polygon); most drawings never need a split
     from skimage.segmentation import watershed
 
     dist = ndi.distance_transform_edt(region, sampling=sp2)
@@ -340,8 +393,6 @@ def lesion_from_drawing(
 ) -> tuple[Volume | None, list[str]]:
     """The 3-D lesion ``drawing`` marks on ``image`` (step 4: the seed refined by ``engine`` as a mask prompt), and
     notes saying how it was derived. None when the image gives no seed (the caller falls back and says so)."""
-    from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-
     seed = seed_from_drawing(image, drawing, cfg)
     if seed is None or not seed.mask.array.any():
         return None, [f"no lesion-like region at the {drawing.kind.value} ({drawing.what or 'drawing'})"]

@@ -14,7 +14,7 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
+def _create_audit_event() -> None:
     op.create_table(
         "audit_event",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -30,6 +30,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_audit_event_action"), ["action"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_event_at"), ["at"], unique=False)
 
+
+def _create_patient() -> None:
     op.create_table(
         "patient",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -42,6 +44,8 @@ def upgrade() -> None:
     with op.batch_alter_table("patient", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_patient_patient_id"), ["patient_id"], unique=False)
 
+
+def _create_analysis_job() -> None:
     op.create_table(
         "analysis_job",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -89,6 +93,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_analysis_job_patient_pk"), ["patient_pk"], unique=False)
         batch_op.create_index(batch_op.f("ix_analysis_job_state"), ["state"], unique=False)
 
+
+def _create_lesion() -> None:
     op.create_table(
         "lesion",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -114,6 +120,8 @@ def upgrade() -> None:
     with op.batch_alter_table("lesion", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_lesion_patient_pk"), ["patient_pk"], unique=False)
 
+
+def _create_study() -> None:
     op.create_table(
         "study",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -133,6 +141,8 @@ def upgrade() -> None:
     with op.batch_alter_table("study", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_study_patient_pk"), ["patient_pk"], unique=False)
 
+
+def _create_delivery() -> None:
     op.create_table(
         "delivery",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -161,6 +171,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_delivery_job_pk"), ["job_pk"], unique=False)
         batch_op.create_index(batch_op.f("ix_delivery_state"), ["state"], unique=False)
 
+
+def _create_lesion_observation() -> None:
     op.create_table(
         "lesion_observation",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -201,6 +213,8 @@ def upgrade() -> None:
             batch_op.f("ix_lesion_observation_series_instance_uid"), ["series_instance_uid"], unique=False
         )
 
+
+def _create_series() -> None:
     op.create_table(
         "series",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -235,6 +249,8 @@ def upgrade() -> None:
     with op.batch_alter_table("series", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_series_study_pk"), ["study_pk"], unique=False)
 
+
+def _create_instance() -> None:
     op.create_table(
         "instance",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -259,6 +275,17 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_instance_series_pk"), ["series_pk"], unique=False)
         batch_op.create_index(batch_op.f("ix_instance_sop_instance_uid"), ["sop_instance_uid"], unique=False)
 
+
+def upgrade() -> None:
+    _create_audit_event()
+    _create_patient()
+    _create_analysis_job()
+    _create_lesion()
+    _create_study()
+    _create_delivery()
+    _create_lesion_observation()
+    _create_series()
+    _create_instance()
     _audit_append_only()
 
 

@@ -1,0 +1,44 @@
+"""Blob measure of the new-lesion detector (models.detection.blobness): a ball is a blob, a vessel or a wall is not,
+on any grid, bright or dark."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lesiontrack.models.detection.blobness import blob_measure
+
+SP = np.array([2.5, 1.5, 1.5])  # k, j, i (mm)
+
+
+def _grid(shape: tuple[int, int, int] = (24, 48, 48)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k, j, i = np.indices(shape).astype(float)
+    c = (np.array(shape) - 1) / 2.0
+    return (k - c[0]) * SP[0], (j - c[1]) * SP[1], (i - c[2]) * SP[2]
+
+
+def _measure(image: np.ndarray, comp: np.ndarray, diameter: float, bright: bool = True) -> float:
+    idx = np.argwhere(comp)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return blob_measure(image, comp[sl], sl, SP, diameter, bright)
+
+
+def test_a_ball_is_a_blob_and_a_piece_of_a_vessel_or_wall_is_not() -> None:
+    z, y, x = _grid()
+    ball = np.where(z**2 + y**2 + x**2 <= 5.0**2, 0.0, -850.0)
+    vessel = np.where(z**2 + y**2 <= 2.0**2, 0.0, -850.0)  # along x, through the whole grid
+    wall = np.where(np.abs(y) <= 2.0, 0.0, -850.0)  # a sheet
+    piece = (z**2 + y**2 + x**2) <= 4.0**2  # the compact residual subtraction cut out of it
+    assert _measure(ball, piece, 10.0) > 0.7
+    assert _measure(vessel, piece & (vessel > -400), 5.0) < 0.2
+    assert _measure(wall, piece & (wall > -400), 5.0) < 0.2
+
+
+@pytest.mark.parametrize("bright", [True, False])
+def test_the_sign_of_the_lesion_counts(bright: bool) -> None:
+    z, y, x = _grid()
+    inside = z**2 + y**2 + x**2 <= 6.0**2
+    dark = np.where(inside, 60.0, 100.0)  # a hypodense lesion in liver
+    m = _measure(dark, inside, 12.0, bright)
+    assert (m == 0.0) if bright else (m > 0.7)

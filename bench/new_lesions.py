@@ -610,7 +610,7 @@ def timing_512(opt: DetectionOptions) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--set", choices=sorted(SETS), default="heldout")
+    ap.add_argument("--set", choices=sorted(set(SETS) | set(SERIES)), default="heldout")
     ap.add_argument("--methods", default="oracle,convex")
     ap.add_argument("--spacing", type=float, default=3.0, help="convex registration working spacing (mm)")
     ap.add_argument("--cache", type=Path, default=None)

@@ -214,7 +214,7 @@ SERIES = {
     "tune": [("chest", 101), ("abdomen", 102)],
     "heldout": [("chest", 131), ("chest", 132), ("chest", 133), ("abdomen", 141), ("abdomen", 142), ("abdomen", 143)],
     # drawn after the issue-29 detector's second round was designed on the sets above (never looked at before)
-    "fresh": [("chest", 171), ("abdomen", 181)],
+    "fresh": [("chest", 171), ("chest", 172), ("abdomen", 181), ("abdomen", 182)],
 }
 REGIONS = {"chest": (-10.0, 185.0), "abdomen": (-140.0, 40.0)}  # canonical z range of the field of view (mm)
 N_TIMEPOINTS = 6

@@ -42,3 +42,35 @@ def test_the_sign_of_the_lesion_counts(bright: bool) -> None:
     dark = np.where(inside, 60.0, 100.0)  # a hypodense lesion in liver
     m = _measure(dark, inside, 12.0, bright)
     assert (m == 0.0) if bright else (m > 0.7)
+
+
+def test_the_detector_reports_a_new_nodule_and_not_a_vessel_that_moved_along_its_axis() -> None:
+    """Lung with a vessel: at follow-up the vessel reaches 10 mm further (it moved along its axis, out of the
+    compared neighbourhood) and a nodule appeared. Subtraction shows both; only the nodule is a blob."""
+    from lesiontrack.models.detection import DetectionOptions, detect_new_lesions
+    from lesiontrack.models.imaging.volume import Volume
+
+    shape, sp = (48, 96, 96), np.array([1.5, 1.5, 1.5])
+    k, j, i = (np.indices(shape).astype(float).T * sp[::-1]).T  # mm
+    rng = np.random.default_rng(3)
+    body = -850.0 + np.zeros(shape)
+
+    def vessel(x_end: float) -> np.ndarray:
+        return ((k - 36.0) ** 2 + (j - 50.0) ** 2 <= 2.2**2) & (i >= 20.0) & (i <= x_end)
+
+    prior = np.where(vessel(70.0), 40.0, body)
+    fu = np.where(vessel(82.0), 40.0, body)
+    nodule = (k - 36.0) ** 2 + (j - 100.0) ** 2 + (i - 70.0) ** 2 <= 4.5**2
+    fu = np.where(nodule, 20.0, fu)
+
+    def vol(a: np.ndarray) -> Volume:
+        noisy = a + rng.normal(0.0, 6.0, shape)
+        return Volume(np.clip(np.rint(noisy), -1024, 3071).astype(np.int16), spacing=sp[::-1].copy())
+
+    cands = detect_new_lesions(vol(fu), vol(prior), None, DetectionOptions(keep_rejected=True))
+    at_nodule = [c for c in cands if c.mask[nodule].any()]
+    at_vessel = [c for c in cands if c.mask[vessel(82.0) & ~vessel(70.0)].any()]
+    assert at_nodule and not at_nodule[0].rejected and at_nodule[0].blobness > 0.7, at_nodule
+    assert at_vessel and all(c.rejected for c in at_vessel), at_vessel
+    # the blob measure alone would reject it, whichever test names the reason first (here the misfit test)
+    assert all(c.blobness < DetectionOptions().min_blobness for c in at_vessel), at_vessel

@@ -1,5 +1,5 @@
 """Blob measure of the new-lesion detector (models.detection.blobness): a ball is a blob, a vessel or a wall is not,
-on any grid, bright or dark."""
+on any grid, bright or dark; and the detector's two tests built on it and on the surroundings (issue 29)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,31 @@ def test_the_detector_reports_a_new_nodule_and_not_a_vessel_that_moved_along_its
     assert at_vessel and all(c.rejected for c in at_vessel), at_vessel
     # the blob measure alone would reject it, whichever test names the reason first (here the misfit test)
     assert all(c.blobness < DetectionOptions().min_blobness for c in at_vessel), at_vessel
+
+
+def test_a_darker_focus_counts_only_where_its_surroundings_agree_with_the_prior() -> None:
+    """Liver-like parenchyma: a hypodense lesion appears in one place (its surroundings unchanged: new); in another
+    the same darkening comes with a brighter rim around it (the surroundings changed too, as at a sliding seam)."""
+    from lesiontrack.models.detection import DetectionOptions, detect_new_lesions
+    from lesiontrack.models.imaging.volume import Volume
+
+    shape = (48, 96, 96)
+    k, j, i = (np.indices(shape).astype(float).T * 1.5).T  # mm
+    rng = np.random.default_rng(5)
+    organ = (np.abs(k - 36.0) < 30.0) & (np.abs(j - 72.0) < 60.0) & (np.abs(i - 72.0) < 60.0)
+    prior = np.where(organ, 100.0, -100.0)
+    r_a = np.sqrt((k - 36.0) ** 2 + (j - 45.0) ** 2 + (i - 72.0) ** 2)
+    r_b = np.sqrt((k - 36.0) ** 2 + (j - 100.0) ** 2 + (i - 72.0) ** 2)
+    fu = np.where(r_a <= 6.0, 55.0, prior)
+    fu = np.where(r_b <= 6.0, 55.0, np.where((r_b > 6.0) & (r_b <= 11.0), 130.0, fu))
+
+    def vol(a: np.ndarray) -> Volume:
+        noisy = a + rng.normal(0.0, 5.0, shape)
+        return Volume(np.clip(np.rint(noisy), -1024, 3071).astype(np.int16), spacing=np.array([1.5, 1.5, 1.5]))
+
+    cands = detect_new_lesions(vol(fu), vol(prior), None, DetectionOptions(keep_rejected=True))
+    at_a = [c for c in cands if c.mask[r_a <= 3.0].any()]
+    at_b = [c for c in cands if c.mask[r_b <= 3.0].any() and c.kind == "hypodense"]
+    assert at_a and not at_a[0].rejected, at_a
+    assert at_a[0].surround_ratio <= DetectionOptions().max_surround_ratio
+    assert at_b and all("surroundings changed" in c.rejected for c in at_b), at_b

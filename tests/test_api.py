@@ -599,3 +599,13 @@ def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -
         with session_scope(sf) as s:
             for o in s.scalars(select(LesionObservation).where(LesionObservation.id.in_(list(saved)))):
                 o.seg_sop_instance_uid, o.propagated_from_sop_uid, o.propagated_from_series_uid = saved[o.id]
+
+
+def test_a_reissued_result_names_the_revision_it_supersedes() -> None:
+    """The old instances are never changed, so the new series description carries the mark (issue 29)."""
+    from lesiontrack.pipeline.steps.results import revision_label
+
+    assert revision_label(1) == "rev1"
+    assert revision_label(2) == "rev2 supersedes rev1"
+    assert revision_label(3, verified=True) == "rev3 verified supersedes rev2"
+    assert len(f"LesionTrack RECIST for OHIF {revision_label(99, verified=True)}") <= 64  # a DICOM LO

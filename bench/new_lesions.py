@@ -213,6 +213,8 @@ def register_pair(
 SERIES = {
     "tune": [("chest", 101), ("abdomen", 102)],
     "heldout": [("chest", 131), ("chest", 132), ("chest", 133), ("abdomen", 141), ("abdomen", 142), ("abdomen", 143)],
+    # drawn after the issue-29 detector's second round was designed on the sets above (never looked at before)
+    "fresh": [("chest", 171), ("chest", 172), ("abdomen", 181), ("abdomen", 182)],
 }
 REGIONS = {"chest": (-10.0, 185.0), "abdomen": (-140.0, 40.0)}  # canonical z range of the field of view (mm)
 N_TIMEPOINTS = 6
@@ -407,19 +409,19 @@ def cached_smooth_oracle_warp(pair: Pair, cache: Path | None) -> Volume:
 PREVIOUS_COMMIT = "628cdd6"  # the detector at main before issue 29
 
 
-def previous_detector() -> Any:
-    """The detector module as it was at ``PREVIOUS_COMMIT`` (read from git), to run side by side in one run."""
+def previous_detector(commit: str = PREVIOUS_COMMIT) -> Any:
+    """The detector module as it was at ``commit`` (read from git), to run side by side in one run."""
     import subprocess
     import types
 
     root = Path(__file__).resolve().parents[1]
     src = subprocess.run(
-        ["git", "show", f"{PREVIOUS_COMMIT}:models/detection/new_lesions.py"],
+        ["git", "show", f"{commit}:models/detection/new_lesions.py"],
         cwd=root, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     mod = types.ModuleType("previous_new_lesions")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"{PREVIOUS_COMMIT}:models/detection/new_lesions.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{commit}:models/detection/new_lesions.py", "exec"), mod.__dict__)
     return mod
 
 
@@ -481,7 +483,7 @@ def summarise_longitudinal(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_longitudinal(args: argparse.Namespace) -> dict[str, Any]:
     from lesiontrack.models.detection import new_lesions as current
 
-    detectors = {"previous": previous_detector(), "current": current}
+    detectors = {"previous": previous_detector(args.previous), "current": current}
     wanted = [d for d in args.detectors.split(",") if d]
     series = [(r, s) for r, s in SERIES[args.set] if not args.only or f"{r}-{s}" in args.only.split(",")]
     t0 = time.perf_counter()
@@ -504,7 +506,7 @@ def run_longitudinal(args: argparse.Namespace) -> dict[str, Any]:
         "set": args.set,
         "series": [f"{r}-{s}" for r, s in series],
         "timepoints_per_series": N_TIMEPOINTS,
-        "previous_detector": f"models/detection/new_lesions.py at {PREVIOUS_COMMIT}",
+        "previous_detector": f"models/detection/new_lesions.py at {args.previous}",
         "synthesis_seconds": synth_s,
         "registration": {
             "engine": args.warp,
@@ -518,10 +520,14 @@ def run_longitudinal(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
-def evaluate(scan: Scan, warped: Volume, opt: DetectionOptions) -> dict[str, Any]:
+def evaluate(scan: Scan, warped: Volume, opt: DetectionOptions, module: Any = None) -> dict[str, Any]:
+    """One scan with the current detector, or with ``module`` (a previous detector) at its own defaults."""
     tracked = (scan.fu_labels > 0) & (scan.fu_labels < 100)
     t0 = time.perf_counter()
-    cands = detect_new_lesions(scan.followup, warped, tracked, opt)
+    if module is None:
+        cands = detect_new_lesions(scan.followup, warped, tracked, opt)
+    else:
+        cands = module.detect_new_lesions(scan.followup, warped, tracked, module.DetectionOptions())
     secs = time.perf_counter() - t0
     new_map = np.where(scan.fu_labels >= 100, scan.fu_labels, 0)
     near = ndi.maximum_filter(new_map, size=3)  # each new lesion, dilated by one voxel
@@ -604,7 +610,7 @@ def timing_512(opt: DetectionOptions) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--set", choices=sorted(SETS), default="heldout")
+    ap.add_argument("--set", choices=sorted(set(SETS) | set(SERIES)), default="heldout")
     ap.add_argument("--methods", default="oracle,convex")
     ap.add_argument("--spacing", type=float, default=3.0, help="convex registration working spacing (mm)")
     ap.add_argument("--cache", type=Path, default=None)
@@ -612,7 +618,8 @@ def main() -> None:
     ap.add_argument("--rows", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated scan names (development)")
     ap.add_argument("--longitudinal", action="store_true", help="6-timepoint chest/abdomen series (issue 29)")
-    ap.add_argument("--detectors", default="previous,current", help="with --longitudinal")
+    ap.add_argument("--detectors", default="previous,current", help="side by side (issue-15 set: current unless named)")
+    ap.add_argument("--previous", default=PREVIOUS_COMMIT, help="git commit of the previous detector")
     ap.add_argument("--warp", choices=["smooth-oracle", "convex"], default="smooth-oracle", help="with --longitudinal")
     args = ap.parse_args()
     if args.longitudinal:
@@ -626,17 +633,24 @@ def main() -> None:
     out: dict[str, Any] = {}
     reg_seconds: list[float] = []
     all_res: dict[str, list[dict[str, Any]]] = {}
+    wanted = [d for d in args.detectors.split(",") if d]
+    modules: dict[str, Any] = {"current": None}
+    if "previous" in wanted and "--detectors" in sys.argv:  # the issue-15 runs compare only when asked
+        modules = {"previous": previous_detector(args.previous), "current": None}
     for method in methods:
-        res = []
+        res: dict[str, list[dict[str, Any]]] = {d: [] for d in modules}
         for scan in scans:
             if method == "oracle":
                 warped = apply_transform(scan.baseline, scan.transform, scan.followup)
             else:
                 warped, secs = convex_warp(scan, args.spacing, args.cache)
                 reg_seconds.append(secs)
-            res.append(evaluate(scan, warped, opt))
-        all_res[method] = res
-        out[method] = summarise(res)
+            for d, module in modules.items():
+                res[d].append(evaluate(scan, warped, opt, module))
+        for d in modules:
+            key = method if d == "current" else f"{method} (previous {args.previous})"
+            all_res[key] = res[d]
+            out[key] = summarise(res[d])
     doc: dict[str, Any] = {
         "benchmark": "new_lesions",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

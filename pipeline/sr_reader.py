@@ -452,7 +452,7 @@ def read_sr_prompts(
         if not usable:
             if warnings is not None:
                 why = "its coordinates reference images not in the CT series" if shapes else "no coordinates"
-                warnings.append(_warning(contents, groups, n, why))
+                warnings.append(_warning(contents, groups, n, why, lesion=_identity(uid, groups, n)))
             if shapes:
                 log.warning(
                     "SR %s lesion %s: coordinates reference images of unknown geometry; skipped (pass the CT)",
@@ -524,11 +524,28 @@ def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, st
         return None, str(exc)
 
 
-def _warning(contents: SrContents, groups: list[SrGroup], n: int, why: str) -> Any:
+def _warning(
+    contents: SrContents, groups: list[SrGroup], n: int, why: str, lesion: LesionIdentity | None = None
+) -> Any:
     from lesiontrack.pipeline.annotations.common import AnnotationWarning
 
     name = next((g.comment or g.tracking_id for g in groups if g.comment or g.tracking_id), None) or f"group {n}"
-    return AnnotationWarning(f"SR {contents.sop_instance_uid} ({Path(contents.path).name})", name, why)
+    return AnnotationWarning(f"SR {contents.sop_instance_uid} ({Path(contents.path).name})", name, why, lesion)
+
+
+def _identity(uid: str, groups: list[SrGroup], n: int) -> LesionIdentity:
+    """The lesion a measurement group names (its Tracking Identifier, else its label, else ``L<n> <site>``)."""
+    tracking_id = next((g.tracking_id for g in groups if g.tracking_id), None)
+    site = next((g.finding_site for g in groups if g.finding_site), None)
+    label = next((g.comment for g in groups if g.comment), None)
+    description = _described(next((g.finding for g in groups if g.finding), None))
+    if not tracking_id or is_tool_tag(tracking_id):
+        text, said = name_from_label(label, f"L{n}" + (f" {site.lower()}" if site else ""))
+        description = said or description
+    else:
+        text = tracking_id
+    is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
+    return LesionIdentity(uid, text, n, site, is_node, description=description)
 
 
 def _shape_outline(s: Shape) -> np.ndarray:

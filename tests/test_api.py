@@ -146,6 +146,10 @@ def test_operator_retries_a_failed_job(env) -> None:
         assert old.superseded_by == new_id
         ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "api.job_retry")).all()
         assert ev and ev[-1].actor == "api:ops" and ev[-1].details["new_job_id"] == new_id
+    # the superseded job is hidden from the list by default, and listed when asked for
+    assert built.failed_job_id not in [j["id"] for j in rd(client, "/api/jobs").json()["items"]]
+    every = rd(client, "/api/jobs", params={"include_superseded": "true"}).json()["items"]
+    assert built.failed_job_id in [j["id"] for j in every]
     # the queued job cannot be retried (409), unknown jobs are 404
     assert client.post(f"/api/jobs/{new_id}/retry", headers={"X-API-Key": OPERATOR}).status_code == 409
     assert client.post("/api/jobs/999999/retry", headers={"X-API-Key": OPERATOR}).status_code == 404
@@ -184,11 +188,13 @@ def test_retry_without_job_control_is_503(tmp_path: Path) -> None:
 def test_jobs_list_filters_and_detail(env) -> None:
     client, sf, built, _ = env
     body = rd(client, "/api/jobs").json()
-    with session_scope(sf) as s:
-        assert body["total"] == s.query(AnalysisJob).count()
+    every = rd(client, "/api/jobs", params={"include_superseded": True}).json()
+    with session_scope(sf) as s:  # superseded results are hidden unless asked for
+        assert body["total"] == s.query(AnalysisJob).filter(AnalysisJob.superseded_by.is_(None)).count()
+        assert every["total"] == s.query(AnalysisJob).count()
     ids = [j["id"] for j in body["items"]]
     assert ids == sorted(ids, reverse=True)
-    assert sum(body["counts"].values()) == body["total"] and set(body["counts"]) == {st.value for st in JobState}
+    assert sum(every["counts"].values()) == every["total"] and set(body["counts"]) == {st.value for st in JobState}
     for state in {j["state"] for j in body["items"]}:
         some = rd(client, "/api/jobs", params={"state": state}).json()["items"]
         assert some and all(j["state"] == state for j in some)
@@ -444,6 +450,10 @@ def test_dashboard_login_roles_and_csrf(env) -> None:
     assert r.status_code == 303 and "re-queued" in r.headers["location"]
     with session_scope(sf) as s:
         assert s.get(AnalysisJob, failed).superseded_by is not None
+    # the queue hides the superseded job by default; shown on request and in its series' history
+    assert f'data-job-id="{failed}"' not in ops.get("/").text
+    assert f'data-job-id="{failed}"' in ops.get("/?superseded=true").text
+    assert f'data-job-id="{failed}"' in ops.get("/", params={"series": built.timepoints[2].series_uid}).text
     tl = ops.get(f"/patients/{built.patient_pk}")
     assert tl.status_code == 200 and 'id="timeline"' in tl.text
     assert ops.get("/patients").status_code == 200
@@ -589,3 +599,13 @@ def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -
         with session_scope(sf) as s:
             for o in s.scalars(select(LesionObservation).where(LesionObservation.id.in_(list(saved)))):
                 o.seg_sop_instance_uid, o.propagated_from_sop_uid, o.propagated_from_series_uid = saved[o.id]
+
+
+def test_a_reissued_result_names_the_revision_it_supersedes() -> None:
+    """The old instances are never changed, so the new series description carries the mark (issue 29)."""
+    from lesiontrack.pipeline.steps.results import revision_label
+
+    assert revision_label(1) == "rev1"
+    assert revision_label(2) == "rev2 supersedes rev1"
+    assert revision_label(3, verified=True) == "rev3 verified supersedes rev2"
+    assert len(f"LesionTrack RECIST for OHIF {revision_label(99, verified=True)}") <= 64  # a DICOM LO

@@ -156,7 +156,8 @@ def test_correction_is_adopted_and_later_follow_ups_reanalysed(site: dict[str, A
         sr = pydicom.dcmread(new.sr, stop_before_pixels=True)
         assert str(sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
                    .ReferencedSOPInstanceUID) == old_w.sr_sop_instance_uid  # fmt: skip
-        assert "rev2" in str(sr.SeriesDescription)
+        desc = str(sr.SeriesDescription)  # the new one carries the mark of what it supersedes
+        assert " rev2" in desc and desc.endswith(" supersedes rev1")
 
 
 def test_observations_provenance_and_lesion_states(site: dict[str, Any]) -> None:
@@ -391,7 +392,7 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
         for m in measured.lesions
         if m.measurement["status"] != "vanished"
     ][:1]
-    rev1 = [d for d in descriptions if "rev1" in d]
+    rev1 = [d for d in descriptions if "rev1" in d and "supersedes" not in d]  # the new ones name what they supersede
     result, code = run_ohif_check(
         tmp_path,
         [*fu2.files, Path(old.seg), Path(old.sr), Path(new.seg), Path(new.sr)],

@@ -101,8 +101,13 @@ def list_jobs(
     patient: int | None = Query(None, ge=0, le=INT64_MAX, description="internal patient id"),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=INT64_MAX),
+    include_superseded: bool = Query(
+        False, description="also list jobs a newer job of the same series superseded (hidden by default)"
+    ),
 ) -> sc.JobList:
     q = select(AnalysisJob)
+    if not include_superseded and state is not JobState.SUPERSEDED:
+        q = q.where(AnalysisJob.superseded_by.is_(None))
     if state is not None:
         q = q.where(AnalysisJob.state == state)
     if series_uid:

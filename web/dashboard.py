@@ -117,13 +117,19 @@ def logout() -> Response:
 
 @router.get("/", response_class=HTMLResponse)
 def queue(
-    request: Request, state: str | None = None, msg: str | None = None, series: str | None = None
+    request: Request,
+    state: str | None = None,
+    msg: str | None = None,
+    series: str | None = None,
+    superseded: bool = False,
 ) -> HTMLResponse:
     user = _user(request)
     with session_scope(request.app.state.session_factory) as s:
         q = select(AnalysisJob).order_by(AnalysisJob.id.desc()).limit(200)
         if series:  # one series' history: every job, superseded ones included, with their SEG/SR
             q = q.where(AnalysisJob.followup_series_uid == series)
+        elif not superseded and state != JobState.SUPERSEDED.value:  # superseded results hidden unless asked
+            q = q.where(AnalysisJob.superseded_by.is_(None))
         if state:
             try:
                 q = q.where(AnalysisJob.state == JobState(state))
@@ -158,6 +164,7 @@ def queue(
         counts={st.value: counts.get(st, 0) for st in JobState},
         state=state or "",
         series=series or "",
+        superseded=superseded,
         msg=msg,
         can_retry=user.allows("operator"),
     )

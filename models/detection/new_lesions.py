@@ -31,9 +31,11 @@ made robust to what registration leaves behind:
    a piece of a larger follow-up structure (a vessel, a bowel loop,
    an organ edge: ``max_attached_fraction``); and a focus whose pattern the prior holds within
    ``misfit_radius_mm`` (misregistration: sliding at the pleura and the abdominal wall, ribs, vessels —
-   :mod:`models.detection.misfit`). The confidence is a logistic score of contrast, shape, size and how little of
-   the residual the prior nearby explains (0.5 is the operating point); at most ``max_candidates`` are returned,
-   the most confident first.
+   :mod:`models.detection.misfit`); a denser focus that is a tube or a sheet in the follow-up image at its own
+   scale (the Hessian blob measure, :mod:`models.detection.blobness`: vessel pieces, ribs, the pleura); and a darker
+   focus whose surroundings changed as well (a seam, not a focal change). The confidence is a logistic score of
+   contrast, shape, size and how little of the residual the prior nearby explains (0.5 is the operating point); at
+   most ``max_candidates`` are returned, the most confident first.
 
 All thresholds are in HU / mm and live in :class:`DetectionOptions`. The cost is a handful of separable filters on
 the working grid plus a shift search per surviving focus: seconds per scan on one core (``bench/new_lesions.py``).
@@ -48,6 +50,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesiontrack.models.detection.anatomy import Anatomy, find_anatomy
+from lesiontrack.models.detection.blobness import blob_measure
 from lesiontrack.models.detection.misfit import core_ratio, isolation
 from lesiontrack.models.imaging.volume import Volume
 
@@ -72,6 +75,8 @@ class NewLesionCandidate:
     strength: float = 0.0  # peak difference over the tissue's threshold (≥ 1)
     misfit_ratio: float = 1.0  # residual left inside it (and its rim) with the prior shifted ≤ 10 mm to fit best
     attached_fraction: float = 0.0  # share of its follow-up structure lying beyond it (vessel, loop, edge: large)
+    surround_ratio: float = 0.0  # residual around it (1.5–4.5 mm) over its own: large where the surroundings moved too
+    blobness: float = 1.0  # Hessian |λ1|/|λ3| of the follow-up at its scale: 1 = ball, 0 = tube or sheet (blobness.py)
     rejected: str = ""  # why it is not a candidate (only with DetectionOptions.keep_rejected: diagnostics)
 
 
@@ -118,6 +123,14 @@ class DetectionOptions:
     gas_margin_mm: float = 5.0
     """Not looked for within this distance of gas outside the lungs (bowel, stomach) in either scan: bowel content
     and loops move between scans."""
+    min_blobness: float = 0.4
+    """A denser focus must be a blob in the follow-up image at its own scale (Hessian |λ1|/|λ3| ≥ this; ≈ 1 for a
+    ball, ≈ 0 for a tube or a sheet: blobness.py). Subtraction cuts compact-looking pieces out of vessels, ribs and
+    the pleura that moved; the image around them is still a tube or a sheet."""
+    max_surround_ratio: float = 0.2
+    """A darker focus is new only where its surroundings agree with the prior: the median |follow-up − prior| in a
+    shell 1.5–4.5 mm around it may be at most this fraction of its own change. At a sliding seam (the liver dome
+    under the lung base, the abdominal wall) the surroundings differ as well."""
     keep_rejected: bool = False
     """Diagnostics (benchmark): also return what the size, shape, anatomy and misfit tests rejected, with the reason
     in ``rejected`` (never used by the product)."""
@@ -208,7 +221,14 @@ def _detect(
             continue
         conf, tissue_ch, diameter, elong, strength = cand
         reject, ratio, iso = _anatomy_and_misfit(maps, maps.gas_zone, comp, sl, opt)
+        ch_major = int(np.argmax(np.bincount(channel[sl][comp], minlength=3)))
+        surround = _surround_ratio(maps, comp, sl, ch_major)
+        blob = blob_measure(maps.fu_s if ch_major == 2 else maps.fu_l, comp, sl, sp_kji, diameter, ch_major != 2)
         conf = _with_misfit(conf, ratio)
+        if not reject and ch_major != 2 and blob < opt.min_blobness:
+            reject = f"tube- or sheet-like in the follow-up (blob measure {blob:.2f}: a vessel, rib or wall piece)"
+        if not reject and ch_major == 2 and surround > opt.max_surround_ratio:
+            reject = f"its surroundings changed too (×{surround:.2f} of its own change: a seam or a moved edge)"
         if not reject and conf < opt.min_confidence:
             reject = f"confidence {conf:.2f} < {opt.min_confidence:.2f}"
         if reject and not opt.keep_rejected:
@@ -234,6 +254,7 @@ def _detect(
             f"{contrast:+.0f} HU vs prior",
             f"{'compact' if elong >= 0.5 else 'elongated'} (elongation {elong:.2f})",
             f"not in the prior within {opt.misfit_radius_mm:g} mm (residual ×{ratio:.2f} at the best fit)",
+            f"blob measure {blob:.2f}, surroundings changed ×{surround:.2f} of it",
             f"volume {volume / 1000.0:.2f} mL",
         )
         out.append(
@@ -252,6 +273,8 @@ def _detect(
                 strength=strength,
                 misfit_ratio=ratio,
                 attached_fraction=iso,
+                blobness=blob,
+                surround_ratio=surround,
                 rejected=reject,
             )
         )
@@ -337,6 +360,24 @@ def _anatomy_and_misfit(
         dist = float(np.linalg.norm(shift))
         return f"found in the prior {dist:.0f} mm away (misregistration; residual ×{ratio:.2f})", ratio, iso
     return "", ratio, iso
+
+
+def _surround_ratio(maps: _Maps, comp: Array, sl: tuple[slice, ...], ch: int) -> float:
+    """Median |follow-up − prior| in a shell 1–3 working voxels around the component over the median difference
+    inside it: a new lesion changes its own site only (small), a seam or a moved structure its surroundings too."""
+    fu, pr = (maps.fu_s, maps.prior_s) if ch == 2 else (maps.fu_l, maps.prior_l)
+    pad = 4
+    lo = [max(0, s.start - pad) for s in sl]
+    hi = [min(n, s.stop + pad) for s, n in zip(sl, fu.shape, strict=True)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    core = np.zeros(tuple(b - a for a, b in zip(lo, hi, strict=True)), bool)
+    core[tuple(slice(s.start - a, s.stop - a) for s, a in zip(sl, lo, strict=True))] = comp
+    shell = ndi.binary_dilation(core, iterations=3) & ~ndi.binary_dilation(core, iterations=1)
+    diff = fu[box] - pr[box]
+    inside = abs(float(np.median(diff[core])))
+    if not shell.any() or inside == 0.0:
+        return 0.0
+    return float(np.median(np.abs(diff[shell]))) / inside
 
 
 def _with_misfit(conf: float, ratio: float) -> float:

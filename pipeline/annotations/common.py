@@ -22,6 +22,9 @@ class AnnotationWarning:
     obj: str  # "GSPS 1.2.3 (pr.dcm)"
     annotation: str  # "layer MEASURE, graphic 2 (POLYLINE)"
     reason: str
+    lesion: LesionIdentity | None = None
+    """Set when the annotation is a lesion the reader named (an SR measurement group) that cannot be tracked: the
+    lesion is then reported "not assessed" with ``reason`` in every result, not only warned about."""
 
     def __str__(self) -> str:
         return f"{self.obj}: {self.annotation}: {self.reason}"

@@ -58,7 +58,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     sf = ctx.services.session_factory
     adoption = ctx.state.adoption
     revision = _revision(sf, ctx.series_uid, ctx.job_id)
-    label = f"rev{revision}" + (" verified" if adoption is not None else "")
+    label = revision_label(revision, verified=adoption is not None)
     if present or candidates:
         seg_res = write_seg(
             sources,
@@ -270,6 +270,14 @@ def _expected_centre(lesion: TrackedLesion) -> tuple[float, float, float] | None
         return None
     x, y, z = (float(v) for v in c)
     return (x, y, z)
+
+
+def revision_label(revision: int, *, verified: bool = False) -> str:
+    """The revision part of our objects' series descriptions: ``rev1``; a re-issued result carries the mark of what
+    it supersedes (``rev2 supersedes rev1``) — the old instances cannot be changed, so the new ones say it, and a
+    reader who sees both series in the viewer knows which one is current."""
+    label = f"rev{revision}" + (" verified" if verified else "")
+    return label + (f" supersedes rev{revision - 1}" if revision > 1 else "")
 
 
 def _revision(sf: sessionmaker[Session], series_uid: str, job_id: int) -> int:

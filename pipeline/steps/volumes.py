@@ -161,6 +161,12 @@ def read_prompts_and_gaps(
     except NoLesionInAnnotation as exc:
         if warnings is not None:
             warnings.extend(str(w) for w in said)
+        named = [w for w in said if w.lesion is not None]
+        if named:  # lesions are measured, none can be assessed: a visible failure, not "nothing to track"
+            raise PermanentError(
+                f"none of the {len(named)} lesions of the prior {ann.modality} {ann.sop_instance_uid} can be "
+                f"assessed: {named[0]}"
+            ) from exc
         raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} gives no lesion: {exc}") from exc
     except PromptSourceError as exc:  # unreadable: a failure to look at, not an empty prior
         raise PermanentError(f"prior {ann.modality} {files[0]}: {exc}") from exc
@@ -169,4 +175,14 @@ def read_prompts_and_gaps(
             log.warning("prior annotation not used: %s", w)
     if warnings is not None:
         warnings.extend(str(w) for w in said)
-    return prompts, []
+    # a lesion the object names that cannot be tracked (an SR measurement group without usable coordinates) is
+    # reported "not assessed" with the reason, like a SEG's empty segment — never silently dropped
+    from lesiontrack.pipeline.seg_reader import UnassessedSegment
+
+    tracked = {p.identity.tracking_uid for p in prompts}
+    gaps = [
+        UnassessedSegment(w.lesion, f"{w.obj}: {w.annotation}: {w.reason}")
+        for w in said
+        if w.lesion is not None and w.lesion.tracking_uid not in tracked
+    ]
+    return prompts, gaps

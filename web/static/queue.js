@@ -38,6 +38,7 @@
     try {
       let q = filter ? '?limit=200&state=' + encodeURIComponent(filter) : '?limit=200';
       if (series) q += '&series_uid=' + encodeURIComponent(series);
+      if (series || table.dataset.superseded === 'true') q += '&include_superseded=true';  // a history shows them all
       const r = await fetch('/api/jobs' + q, { credentials: 'same-origin' });
       if (!r.ok) return;
       const data = await r.json();

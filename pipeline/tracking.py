@@ -100,6 +100,16 @@ class RegistrationCache:
         self.version = getattr(engine, "version", "")
         self._pairs: dict[tuple[str, str], Registration] = {}
 
+    @classmethod
+    def known(
+        cls, reg: Registration, moving: Timepoint, fixed: Timepoint, engine: RegistrationEngine | None = None
+    ) -> RegistrationCache:
+        """A cache that already holds ``reg`` for ``moving`` → ``fixed`` (e.g. the register step's registration);
+        any other pair is registered by ``engine`` (without one, asking for another pair is an error)."""
+        cache = cls(engine or _OnlyKnownPairs())
+        cache._pairs[(moving.series_uid, fixed.series_uid)] = reg
+        return cache
+
     def register_pair(self, moving: Timepoint, fixed: Timepoint) -> Registration:
         key = (moving.series_uid, fixed.series_uid)
         if key not in self._pairs:
@@ -112,6 +122,16 @@ class RegistrationCache:
     @property
     def pairs(self) -> list[tuple[str, str]]:
         return list(self._pairs)
+
+
+class _OnlyKnownPairs:
+    """The engine of a :meth:`RegistrationCache.known` cache given none: every pair it is asked for is unknown."""
+
+    name = "precomputed"
+    version = ""
+
+    def register(self, baseline: Volume, followup: Volume) -> Registration:
+        raise LookupError("no registration was computed for this pair of series")
 
 
 @dataclass

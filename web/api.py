@@ -38,8 +38,8 @@ from lesiontrack.web.params import INT64_MAX, DbId
 log = logging.getLogger(__name__)
 
 
-def _recist_rules(request: Request) -> RecistRules:
-    """The RECIST thresholds of the running service's ``[recist]`` settings."""
+def recist_rules(request: Request) -> RecistRules:
+    """The RECIST thresholds of the running service's ``[recist]`` settings (the API's and the dashboard's)."""
     return RecistRules.from_settings(request.app.state.settings.recist)
 
 
@@ -407,7 +407,7 @@ def get_lesion_by_uid(request: Request, tracking_uid: str) -> sc.LesionOut:
 def patient_timeline(request: Request, patient_pk: DbId) -> dict[str, Any]:
     with session_scope(request.app.state.session_factory) as s:
         try:
-            return build_timeline(s, patient_pk, _recist_rules(request)).to_dict()
+            return build_timeline(s, patient_pk, recist_rules(request)).to_dict()
         except KeyError as exc:
             raise _not_found(f"patient {patient_pk}") from exc
 
@@ -446,7 +446,7 @@ def _timeline_and_subject(request: Request, patient_pk: int) -> tuple[PatientTim
         p = s.get(Patient, patient_pk)
         if p is None:
             raise _not_found(f"patient {patient_pk}")
-        return build_timeline(s, patient_pk, _recist_rules(request)), p.patient_id
+        return build_timeline(s, patient_pk, recist_rules(request)), p.patient_id
 
 
 def _download(text: str, media_type: str, filename: str) -> Response:
@@ -543,7 +543,7 @@ def audit_trail(
 def patient_candidates(request: Request, patient_pk: DbId) -> list[sc.CandidateOut]:
     with session_scope(request.app.state.session_factory) as s:
         try:
-            tl = build_timeline(s, patient_pk, _recist_rules(request))
+            tl = build_timeline(s, patient_pk, recist_rules(request))
         except KeyError as exc:
             raise _not_found(f"patient {patient_pk}") from exc
     return [sc.CandidateOut.of(c) for c in tl.candidates]

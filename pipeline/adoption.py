@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -29,14 +30,12 @@ from lesiontrack.pipeline.contract import Adoption, VerificationRecord
 from lesiontrack.pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
 from lesiontrack.pipeline.jobs import PermanentError
 from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
+from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
 from lesiontrack.pipeline.tracking import RegistrationCache, track_lesions
 
 
 def _read_prompts(path: Path, ct: Volume) -> list[Prompt]:
-    import pydicom
-
-    from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
-    from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
 
     try:
         sop = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.base import Registration
+from lesiontrack.pipeline.measurements import measure_lesion as measure
 
 __all__ = [
     "ConfidenceRules",
@@ -180,7 +182,6 @@ def _score(value: float, good: float, bad: float) -> float:
 
 def days_between(a: str | None, b: str | None) -> int | None:
     """Days between two DICOM dates (YYYYMMDD); None when either is missing or malformed."""
-    from datetime import date
 
     def parse(d: str | None) -> date | None:
         if not d or len(d) < 8 or not d[:8].isdigit():
@@ -344,7 +345,6 @@ def _diameter_ratio(
 ) -> float | None:
     """RECIST diameter of the result / that of the annotation (long axis; short axis for a lymph node), each measured
     on its own CT as the report measures it (:func:`pipeline.measurements.measure_lesion`)."""
-    from lesiontrack.pipeline.measurements import measure_lesion as measure
 
     def diameter(mask: Volume, ct: Volume) -> float:
         try:

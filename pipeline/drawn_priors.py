@@ -18,6 +18,7 @@ from typing import Any
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
+from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.confidence import ConfidenceRules, LesionConfidence, Signal, with_signal
 
@@ -44,7 +45,6 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: Any) -> DrawnLesion | None:
     segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
     radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
     say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept."""
-    from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
 
     drawing = drawing_of(prompt)
     if drawing is None:

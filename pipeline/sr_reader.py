@@ -34,8 +34,11 @@ from pydicom import Dataset
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.annotations.common import AnnotationWarning, drawing_prompt
+from lesiontrack.pipeline.annotations.sr_drawings import drawing_from_shapes
 from lesiontrack.pipeline.lesion_names import SEPARATOR
 from lesiontrack.pipeline.measurements import Axis, LesionMeasurement
+from lesiontrack.pipeline.seg_reader import read_seg
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +387,6 @@ def _find_seg_files(directory: Path) -> list[Path]:
 
 
 def _segment_mask(ref: tuple[str, int], seg_files: Sequence[Path], ct: Volume | None) -> Volume | None:
-    from lesiontrack.pipeline.seg_reader import read_seg
 
     for f in seg_files:
         h = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
@@ -475,8 +477,6 @@ def read_sr_prompts(
         source = f"SR {contents.sop_instance_uid} {text}"
         drawing, why_not = _drawing(usable, ct, f"SR {contents.sop_instance_uid} {text}")
         if drawing is not None:
-            from lesiontrack.pipeline.annotations.common import drawing_prompt
-
             extra = {"segment_label": label} if label else {}
             prompts.append(
                 drawing_prompt(ident, drawing, source, graphic_types=sorted({s.graphic_type for s in usable}), **extra)
@@ -515,7 +515,6 @@ def read_sr_prompts(
 
 
 def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, str | None]:
-    from lesiontrack.pipeline.annotations.sr_drawings import drawing_from_shapes
 
     normal = np.asarray(ct.direction[:, 2], float) if ct is not None else np.array([0.0, 0.0, 1.0])
     try:
@@ -525,7 +524,6 @@ def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, st
 
 
 def _warning(contents: SrContents, groups: list[SrGroup], n: int, why: str) -> Any:
-    from lesiontrack.pipeline.annotations.common import AnnotationWarning
 
     name = next((g.comment or g.tracking_id for g in groups if g.comment or g.tracking_id), None) or f"group {n}"
     return AnnotationWarning(f"SR {contents.sop_instance_uid} ({Path(contents.path).name})", name, why)

@@ -45,6 +45,7 @@ from lesiontrack.pipeline.annotations.common import (
     normalise_label,
     patient_key,
 )
+from lesiontrack.pipeline.sr_reader import image_geometries
 
 GSPS_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
@@ -91,7 +92,6 @@ class _Lesion:
 
 def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None = None) -> ReadResult:
     """Lesion prompts (with their drawings) from a presentation state on ``ct``'s series, and the warnings."""
-    from lesiontrack.pipeline.sr_reader import image_geometries
 
     path = Path(path)
     ds = pydicom.dcmread(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from skimage.draw import polygon
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
@@ -136,7 +137,6 @@ def _slice_of(c: object, xyz: np.ndarray, ct: Volume, slice_of_sop: dict[str, in
 
 
 def _fill(ct: Volume, polys: dict[int, list[np.ndarray]]) -> np.ndarray:
-    from skimage.draw import polygon
 
     out = np.zeros(ct.shape, bool)
     for k, items in polys.items():

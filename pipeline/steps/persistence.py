@@ -12,6 +12,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,8 +30,9 @@ from lesiontrack.db.models import (
     TimepointVerification,
     VerificationState,
 )
-from lesiontrack.db.repository import audit
+from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.adoption import candidate_decisions
 from lesiontrack.pipeline.candidates import save_mask
 from lesiontrack.pipeline.confidence import lesion_confidence
 from lesiontrack.pipeline.contract import MatchPriorsOutput
@@ -173,7 +175,6 @@ def persist_verification(ctx: Ctx) -> int | None:
     """A reader's correction adopted by this job: lesions the reader deleted are retired, our candidates kept or
     dropped are confirmed or rejected, the verification is applied (matches recorded). Returns the verification id
     when later follow-ups still have to be re-analysed from it."""
-    from lesiontrack.pipeline.adoption import candidate_decisions
 
     adoption = ctx.state.adoption
     if adoption is None:
@@ -267,8 +268,6 @@ def persist_search(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int
 def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:
     """Our SEG/SR become local instances too (so the next follow-up finds them as priors), marked as ours."""
 
-    from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
-
     with session_scope(sf) as s:
         for f in files:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -308,8 +307,6 @@ def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:
 def dataset_sha256(part10: bytes) -> str:
     """SHA-256 of the dataset after the file meta — what the SCP records for a received instance, so our own
     SEG/SR coming back from the PACS (e.g. with a prior retrieval) is recognised as the same bytes."""
-
-    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     fp = BytesIO(part10)
     read_preamble(fp, False)

@@ -4,10 +4,10 @@ persist the lesions."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +20,9 @@ from lesiontrack.pipeline.contract import MatchPriorsOutput, NewLesionSearchResu
 from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
 from lesiontrack.pipeline.measurements import LesionMeasurement, measure_lesion
 from lesiontrack.pipeline.ports import PROMPT_FILE
+from lesiontrack.pipeline.seg_reader import UnassessedSegment
+from lesiontrack.pipeline.seg_writer import save_new, write_seg
+from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 from lesiontrack.pipeline.steps.persistence import (
     persist_observations,
     persist_search,
@@ -27,21 +30,12 @@ from lesiontrack.pipeline.steps.persistence import (
     record_our_objects,
 )
 from lesiontrack.pipeline.steps.services import Ctx
-
-if TYPE_CHECKING:
-    from lesiontrack.pipeline.seg_reader import UnassessedSegment
-    from lesiontrack.pipeline.sr_writer import LesionReport
-from lesiontrack.pipeline.verification import verified_sop_uids
+from lesiontrack.pipeline.verification import reanalyse_later, verified_sop_uids
+from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
+from lesiontrack.pipeline.viewer_sr import write_viewer_sr
 
 
 def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
-    from pydicom.uid import generate_uid
-
-    from lesiontrack.pipeline.seg_writer import save_new, write_seg
-    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-    from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
-    from lesiontrack.pipeline.viewer_sr import write_viewer_sr
-
     inputs = ctx.state.need_inputs()
     measured = ctx.state.need_measured()
     search = ctx.state.need_search()
@@ -134,8 +128,6 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
     verification = persist_verification(ctx)
     if verification is not None:  # later follow-ups are re-analysed from the verified timepoint
-        from lesiontrack.pipeline.verification import reanalyse_later
-
         reanalyse_later(
             ctx.services.session_factory, verification, actor=ctx.worker, settings=ctx.services.settings.verification
         )

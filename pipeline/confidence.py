@@ -448,93 +448,12 @@ def _signal(name: str, value: float | None, score: float, reason: str) -> Signal
 def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionConfidence:
     """Score the evidence of :func:`measure_lesion` (see the module docstring)."""
     r = rules or ConfidenceRules()
-    signals: list[Signal] = []
-    ncc = f.get("ncc")
-    if ncc is not None:
-        s = _score(ncc, r.ncc_good, r.ncc_bad)
-        signals.append(
-            _signal("registration_ncc", ncc, s, f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})")
-        )
-    elif "ncc_inside" in f and f["ncc_inside"] < 0.5:
-        signals.append(
-            Signal(
-                name="registration_ncc",
-                value=None,
-                score=0.5,
-                reason=f"surroundings mostly outside the annotated CT ({100 * f['ncc_inside']:.0f} % inside)",
-            )
-        )
-    if f.get("jac_lo") is not None:
-        lo, hi = f["jac_lo"], f["jac_hi"]
-        worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
-        s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
-        signals.append(
-            _signal(
-                "jacobian",
-                lo if lo <= 0 or 1.0 / lo > hi else hi,
-                s,
-                "registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}",
-            )
-        )
+    signals = _registration_signals(f, r)
     clear = None
     if f.get("containment") is not None:
-        containment, shift, beyond = f["containment"], f["shift"], f["beyond"]
-        s = min(
-            _score(containment, r.containment_good, r.containment_bad),
-            _score(shift, r.shift_good, r.shift_bad),
-            _score(beyond, r.beyond_good, r.beyond_bad),
-        )
-        signals.append(
-            _signal(
-                "prompt_agreement",
-                min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond),
-                s,
-                f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} radii, "
-                f"{100 * beyond:.0f} % beyond it)",
-            )
-        )
-        sep = f.get("result_margin")
-        if sep is not None:
-            s = _score(sep, r.separation_good, r.separation_bad)
-            signals.append(
-                _signal("presence_margin", sep, s, f"the result barely stands out from its surroundings ({sep:.2f})")
-            )
-            clear = _score(sep, r.clear_good, r.clear_bad)
-        ratio = f.get("volume_ratio")
-        if ratio is not None:
-            days = f.get("days")
-            allowed = _allowed_factor(days, r)
-            signals.append(
-                _signal(
-                    "volume_change",
-                    ratio,
-                    _excess_score(ratio, allowed),
-                    f"implausible volume change x{ratio:.2f} against the annotation "
-                    f"(allowed x{allowed:.1f}{f' in {days} days' if days is not None else ''})",
-                )
-            )
-        dr = f.get("diameter_ratio")
-        if ratio is not None and dr is not None:
-            signals.append(_coherence(ratio, dr, r))
-        jr = f.get("registration_ratio")
-        if ratio is not None and jr is not None and abs(math.log(jr)) > math.log(r.registration_change_min):
-            signals.append(_registration_change(ratio, jr, r))
-        nb = f.get("neighbour_ratio")
-        if nb is not None and ratio is not None:
-            nb_days = f.get("neighbour_days")
-            allowed = _allowed_factor(nb_days, r)
-            s = _excess_score(nb, allowed)
-            if abs(math.log(ratio / nb)) > abs(math.log(ratio)):
-                s = 1.0  # the neighbour departs further from the annotation than this result: its jump, not ours
-            signals.append(
-                _signal(
-                    "consistency",
-                    nb,
-                    s,
-                    f"volume x{nb:.2f} against our result at the neighbouring timepoint (allowed x{allowed:.1f}"
-                    f"{f' in {nb_days} days' if nb_days is not None else ''})",
-                )
-            )
+        more, clear = _result_signals(f, r)
+        signals += more
+        signals += _volume_signals(f, r)
     elif not f["present"] and f.get("prompt_present"):
         sep = f.get("site_margin")
         if sep is not None:
@@ -566,6 +485,110 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
         signals.append(_signal("annotation_margin", ann, s, reason))
 
     return _scored(signals, r)
+
+
+def _registration_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]:
+    """How well the registration went near the lesion (local NCC, Jacobian)."""
+    signals: list[Signal] = []
+    ncc = f.get("ncc")
+    if ncc is not None:
+        s = _score(ncc, r.ncc_good, r.ncc_bad)
+        signals.append(
+            _signal("registration_ncc", ncc, s, f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})")
+        )
+    elif "ncc_inside" in f and f["ncc_inside"] < 0.5:
+        signals.append(
+            Signal(
+                name="registration_ncc",
+                value=None,
+                score=0.5,
+                reason=f"surroundings mostly outside the annotated CT ({100 * f['ncc_inside']:.0f} % inside)",
+            )
+        )
+    if f.get("jac_lo") is not None:
+        lo, hi = f["jac_lo"], f["jac_hi"]
+        worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
+        s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
+        signals.append(
+            _signal(
+                "jacobian",
+                lo if lo <= 0 or 1.0 / lo > hi else hi,
+                s,
+                "registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}",
+            )
+        )
+    return signals
+
+
+def _result_signals(f: dict[str, Any], r: ConfidenceRules) -> tuple[list[Signal], float | None]:
+    """A re-segmented result against its propagated prompt and its surroundings; with how clearly it stands out."""
+    signals: list[Signal] = []
+    clear = None
+    containment, shift, beyond = f["containment"], f["shift"], f["beyond"]
+    s = min(
+        _score(containment, r.containment_good, r.containment_bad),
+        _score(shift, r.shift_good, r.shift_bad),
+        _score(beyond, r.beyond_good, r.beyond_bad),
+    )
+    signals.append(
+        _signal(
+            "prompt_agreement",
+            min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond),
+            s,
+            f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} radii, "
+            f"{100 * beyond:.0f} % beyond it)",
+        )
+    )
+    sep = f.get("result_margin")
+    if sep is not None:
+        s = _score(sep, r.separation_good, r.separation_bad)
+        signals.append(
+            _signal("presence_margin", sep, s, f"the result barely stands out from its surroundings ({sep:.2f})")
+        )
+        clear = _score(sep, r.clear_good, r.clear_bad)
+    return signals, clear
+
+
+def _volume_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]:
+    """The volume change against the annotation, its coherence with the diameters and the registration, and
+    against our result at the neighbouring timepoint."""
+    signals: list[Signal] = []
+    ratio = f.get("volume_ratio")
+    if ratio is not None:
+        days = f.get("days")
+        allowed = _allowed_factor(days, r)
+        signals.append(
+            _signal(
+                "volume_change",
+                ratio,
+                _excess_score(ratio, allowed),
+                f"implausible volume change x{ratio:.2f} against the annotation "
+                f"(allowed x{allowed:.1f}{f' in {days} days' if days is not None else ''})",
+            )
+        )
+    dr = f.get("diameter_ratio")
+    if ratio is not None and dr is not None:
+        signals.append(_coherence(ratio, dr, r))
+    jr = f.get("registration_ratio")
+    if ratio is not None and jr is not None and abs(math.log(jr)) > math.log(r.registration_change_min):
+        signals.append(_registration_change(ratio, jr, r))
+    nb = f.get("neighbour_ratio")
+    if nb is not None and ratio is not None:
+        nb_days = f.get("neighbour_days")
+        allowed = _allowed_factor(nb_days, r)
+        s = _excess_score(nb, allowed)
+        if abs(math.log(ratio / nb)) > abs(math.log(ratio)):
+            s = 1.0  # the neighbour departs further from the annotation than this result: its jump, not ours
+        signals.append(
+            _signal(
+                "consistency",
+                nb,
+                s,
+                f"volume x{nb:.2f} against our result at the neighbouring timepoint (allowed x{allowed:.1f}"
+                f"{f' in {nb_days} days' if nb_days is not None else ''})",
+            )
+        )
+    return signals
 
 
 def _scored(signals: list[Signal], r: ConfidenceRules) -> LesionConfidence:

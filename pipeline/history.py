@@ -227,24 +227,7 @@ def build_timeline(
     if session.get(Patient, patient_pk) is None:
         raise KeyError(f"no patient with id {patient_pk}")
     lesions = list(session.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)))
-    lesion_ids = [les.id for les in lesions]
-    observations = (
-        list(
-            session.scalars(
-                select(LesionObservation)
-                .where(LesionObservation.lesion_pk.in_(lesion_ids), LesionObservation.superseded_by_job.is_(None))
-                .order_by(LesionObservation.id)
-            )
-        )
-        if lesion_ids
-        else []
-    )
-    uid_of = {les.id: les.tracking_uid for les in lesions}
-
-    # Latest observation per lesion per series (a re-analysis adds newer rows; the newest wins).
-    latest: dict[tuple[str, str], LesionObservation] = {}
-    for o in observations:
-        latest[(uid_of[o.lesion_pk], o.series_instance_uid)] = o
+    latest = _latest_observations(session, lesions)
     cells: dict[tuple[str, str], Cell] = {key: _cell_of(o) for key, o in latest.items()}
     _attach_verifiers(session, cells.values())
     for p in pending:
@@ -252,14 +235,62 @@ def build_timeline(
             key = (m.tracking_uid, p.series_uid)
             if p.replace or key not in cells:
                 cells[key] = _pending_cell(m, p.reviews.get(m.tracking_uid))
+    timepoints = _timepoints(session, cells, pending, until_series_uid)
+    ordered = [tp.series_uid for tp in timepoints]
+    _attach_result_objects(session, timepoints, latest)
+    _attach_verifications(session, timepoints)
+    kinds = object_kinds(
+        session, [u for c in cells.values() for u in (c.seg_sop_instance_uid, c.propagated_from_sop_uid)]
+    )
+    for cell in cells.values():
+        cell.object_kind = kinds.get(cell.seg_sop_instance_uid or "")
+        cell.prompt_kind = kinds.get(cell.propagated_from_sop_uid or "")
+    rows = _lesion_rows(lesions, pending, cells, timepoints)
+    for tp in timepoints:
+        observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
+        tp.lesions_observed = len(observed)
+        tp.lesions_need_review = sum(c.review for c in observed)
+        tp.lesions_assessed = sum(c.confidence is not None for c in observed)
+    searches = search_states(session, ordered)
+    for p in pending:
+        if p.search is not None:
+            searches[p.series_uid] = p.search
+    timeline = PatientTimeline(patient_pk, timepoints, rows, candidates=latest_candidates(session, ordered))
+    _apply_recist(timeline, rules, [searches.get(tp.series_uid) for tp in timepoints])
+    return timeline
 
+
+def _latest_observations(session: Session, lesions: Sequence[Lesion]) -> dict[tuple[str, str], LesionObservation]:
+    """The latest observation per (lesion Tracking UID, series): a re-analysis adds newer rows; the newest wins."""
+    lesion_ids = [les.id for les in lesions]
+    if not lesion_ids:
+        return {}
+    observations = session.scalars(
+        select(LesionObservation)
+        .where(LesionObservation.lesion_pk.in_(lesion_ids), LesionObservation.superseded_by_job.is_(None))
+        .order_by(LesionObservation.id)
+    )
+    uid_of = {les.id: les.tracking_uid for les in lesions}
+    latest: dict[tuple[str, str], LesionObservation] = {}
+    for o in observations:
+        latest[(uid_of[o.lesion_pk], o.series_instance_uid)] = o
+    return latest
+
+
+def _timepoints(
+    session: Session,
+    cells: dict[tuple[str, str], Cell],
+    pending: Sequence[PendingTimepoint],
+    until_series_uid: str | None,
+) -> list[TimepointInfo]:
+    """The patient's timepoints in time order (cut after ``until_series_uid``)."""
     info = _series_info(session, {series for _uid, series in cells})
     for p in pending:
         info[p.series_uid] = _SeriesInfo(p.study_uid, p.study_date, p.study_time, p.slice_thickness_mm)
     ordered = sorted(info, key=lambda u: (info[u].study_date or "99999999", info[u].study_time or "", u))
     if until_series_uid is not None and until_series_uid in ordered:
         ordered = ordered[: ordered.index(until_series_uid) + 1]
-    timepoints = [
+    return [
         TimepointInfo(
             i,
             "Baseline" if i == 0 else f"FU{i}",
@@ -271,15 +302,15 @@ def build_timeline(
         )
         for i, uid in enumerate(ordered)
     ]
-    _attach_result_objects(session, timepoints, latest)
-    _attach_verifications(session, timepoints)
-    kinds = object_kinds(
-        session, [u for c in cells.values() for u in (c.seg_sop_instance_uid, c.propagated_from_sop_uid)]
-    )
-    for cell in cells.values():
-        cell.object_kind = kinds.get(cell.seg_sop_instance_uid or "")
-        cell.prompt_kind = kinds.get(cell.propagated_from_sop_uid or "")
 
+
+def _lesion_rows(
+    lesions: Sequence[Lesion],
+    pending: Sequence[PendingTimepoint],
+    cells: dict[tuple[str, str], Cell],
+    timepoints: Sequence[TimepointInfo],
+) -> list[LesionRow]:
+    """One row per lesion seen at any of the timepoints (a retired lesion up to where a reader deleted it)."""
     rows: list[LesionRow] = []
     known = {les.tracking_uid for les in lesions}
     pending_only = {
@@ -308,18 +339,7 @@ def build_timeline(
         rows.append(
             LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells, retired_at, retired_by)
         )
-    for tp in timepoints:
-        observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
-        tp.lesions_observed = len(observed)
-        tp.lesions_need_review = sum(c.review for c in observed)
-        tp.lesions_assessed = sum(c.confidence is not None for c in observed)
-    searches = search_states(session, ordered)
-    for p in pending:
-        if p.search is not None:
-            searches[p.series_uid] = p.search
-    timeline = PatientTimeline(patient_pk, timepoints, rows, candidates=latest_candidates(session, ordered))
-    _apply_recist(timeline, rules, [searches.get(tp.series_uid) for tp in timepoints])
-    return timeline
+    return rows
 
 
 def _attach_verifications(session: Session, timepoints: Sequence[TimepointInfo]) -> None:

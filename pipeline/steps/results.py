@@ -60,38 +60,8 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         )
         seg_path = save_new(seg_res.dataset, out_dir)
     assessment = measured.recist
-    roles = {d.tracking_uid: d.role for d in assessment.selection.decisions}
-    with session_scope(sf) as s:
-        prior_verified = bool(verified_sop_uids(s, [a.sop_instance_uid for a in inputs.prior.annotations]))
-
-    def provenance(les: TrackedLesion) -> str:
-        if adoption is not None and les.meta.get("verified"):
-            return "verified"
-        return "from-verified" if prior_verified else "machine"
-
-    reports = [
-        LesionReport(
-            measured.current[les.identity.tracking_uid],
-            measured.changes.get(les.identity.tracking_uid),
-            roles.get(les.identity.tracking_uid),
-            _expected_centre(les),
-            les.identity.description,
-            provenance(les),
-            review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
-            confidence=None if conf is None else conf.confidence,
-            review_reasons=[] if conf is None else list(conf.reasons),
-            prompt_origin=les.meta.get("prompt_origin"),
-        )
-        for les in lesions
-    ]
-    reports += [_not_assessed_report(g, LesionReport) for g in inputs.not_assessed]
-    reports += [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]
-    evidence = [
-        pydicom.dcmread(f, stop_before_pixels=True)
-        for a in inputs.prior.annotations
-        if a.modality != PROMPT_FILE  # a prompts JSON is no DICOM evidence
-        for f in a.files
-    ]
+    reports = _lesion_reports(ctx, lesions, candidates)
+    evidence = _prior_evidence(ctx)
     previous = _previous_srs(ctx.services.session_factory, ctx.series_uid, ctx.job_id)
     fu = ctx.outputs.get(MatchPriorsOutput).followup
     idx = measured.timepoint_index
@@ -144,7 +114,52 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     )
 
 
-def _not_assessed_report(gap: UnassessedSegment, report: type[LesionReport]) -> LesionReport:
+def _lesion_reports(ctx: Ctx, lesions: list[TrackedLesion], candidates: list[TrackedLesion]) -> list[LesionReport]:
+    """What the reports say about each lesion at the follow-up, the prior's unassessed lesions and our candidates."""
+    inputs = ctx.state.need_inputs()
+    measured = ctx.state.need_measured()
+    adoption = ctx.state.adoption
+    roles = {d.tracking_uid: d.role for d in measured.recist.selection.decisions}
+    with session_scope(ctx.services.session_factory) as s:
+        prior_verified = bool(verified_sop_uids(s, [a.sop_instance_uid for a in inputs.prior.annotations]))
+
+    def provenance(les: TrackedLesion) -> str:
+        if adoption is not None and les.meta.get("verified"):
+            return "verified"
+        return "from-verified" if prior_verified else "machine"
+
+    reports = [
+        LesionReport(
+            measured.current[les.identity.tracking_uid],
+            measured.changes.get(les.identity.tracking_uid),
+            roles.get(les.identity.tracking_uid),
+            _expected_centre(les),
+            les.identity.description,
+            provenance(les),
+            review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
+            confidence=None if conf is None else conf.confidence,
+            review_reasons=[] if conf is None else list(conf.reasons),
+            prompt_origin=les.meta.get("prompt_origin"),
+        )
+        for les in lesions
+    ]
+    reports += [_not_assessed_report(g) for g in inputs.not_assessed]
+    followup_ct = ctx.state.need_timepoints()[1].ct
+    reports += [LesionReport(_candidate_measurement(c, followup_ct)) for c in candidates]
+    return reports
+
+
+def _prior_evidence(ctx: Ctx) -> list[Dataset]:
+    """The prior's annotation objects (DICOM evidence of the report)."""
+    return [
+        pydicom.dcmread(f, stop_before_pixels=True)
+        for a in ctx.state.need_inputs().prior.annotations
+        if a.modality != PROMPT_FILE  # a prompts JSON is no DICOM evidence
+        for f in a.files
+    ]
+
+
+def _not_assessed_report(gap: UnassessedSegment) -> LesionReport:
     """A prior lesion that could not be assessed: reported as such (status "not evaluated", no measurement),
     flagged for review, with the reason — never left out of the result (issue 29)."""
     ident = gap.identity
@@ -155,7 +170,7 @@ def _not_assessed_report(gap: UnassessedSegment, report: type[LesionReport]) -> 
         is_node=ident.is_node,
         anatomic_site=ident.anatomic_site,
     )
-    return report(m, description=ident.description, review=True, not_assessed_reason=gap.reason)
+    return LesionReport(m, description=ident.description, review=True, not_assessed_reason=gap.reason)
 
 
 def _candidate_lesions(lesions: list[TrackedLesion], search: NewLesionSearchResult) -> list[TrackedLesion]:

@@ -187,8 +187,8 @@ def _visit(index: int) -> str:
     return "BASELINE" if index == 0 else f"FOLLOW-UP {index}"
 
 
-SdtmRecord = dict[str, str | int | float | None]
-"""One SDTM record (column → value)."""
+SdtmRecord = dict[str, Any]
+"""One SDTM record (column → value): a row of the CSV / JSON export, columns of mixed types (a boundary)."""
 
 
 def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK") -> dict[str, list[SdtmRecord]]:

@@ -358,6 +358,7 @@ class SrHeader(TypedDict, total=False):
     software_version: str
     device_uid: str | None
     series_description: str
+    verified_by: str | None  # the reader whose correction the report adopts (TID 1003 person observer; write_sr)
 
 
 MeasurementGroup = (
@@ -456,7 +457,6 @@ def write_sr(
     best_overall: Response | None = None,
     prior_evidence: Sequence[Dataset] = (),
     previous_versions: Sequence[Dataset] = (),
-    verified_by: str | None = None,
     **header: Unpack[SrHeader],
 ) -> SrWriteResult:
     """Build the TID 1500 report of one follow-up series (see the module docstring for the content).
@@ -485,7 +485,7 @@ def write_sr(
         evidence=current + ([seg.dataset] if seg is not None else []) + list(prior_evidence),
         key_images=library or [locator.datasets[0]],
         previous_versions=previous_versions,
-        verified_by=verified_by,
+        verified_by=header.get("verified_by"),
         root_items=[] if recist is None else [_recist_container(recist, best_overall)],
         local_codes=True,
     )

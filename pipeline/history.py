@@ -148,9 +148,14 @@ class PatientTimeline:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("assessment", None)
-        for c in d["candidates"]:
-            c["state"] = c["state"].value
-            c["decided_at"] = c["decided_at"].isoformat() if c["decided_at"] else None
+        d["candidates"] = [
+            {
+                **c.model_dump(),
+                "state": c.state.value,
+                "decided_at": c.decided_at.isoformat() if c.decided_at else None,
+            }
+            for c in self.candidates
+        ]
         for tp, tpd in zip(self.timepoints, d["timepoints"], strict=True):
             tpd["date_iso"] = tp.date_iso
         for row in d["lesions"]:

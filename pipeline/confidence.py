@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -371,24 +371,30 @@ class Neighbour:
     reappeared: bool = False  # vanished then, reported present now
 
 
-def measure_lesion(
-    *,
-    source_ct: Volume,
-    source_mask: Volume,
-    followup_ct: Volume,
-    prompt: Volume,
-    result: Volume,
-    present: bool,
-    reg: Registration | None,
-    rules: ConfidenceRules | None = None,
-    neighbour: Neighbour | None = None,
-    days: int | None = None,
-    is_node: bool = False,
-) -> dict[str, Any]:
+class LesionEvidence(TypedDict, total=False):
+    """What :func:`measure_lesion` looks at for one propagated result (keyword arguments)."""
+
+    source_ct: Required[Volume]
+    source_mask: Required[Volume]  # 0/1 on source_ct: the annotation
+    followup_ct: Required[Volume]
+    prompt: Required[Volume]  # 0/1 on the follow-up grid: the propagated annotation
+    result: Required[Volume]  # 0/1 on the follow-up grid: the segmentation
+    present: Required[bool]
+    reg: Required[Registration | None]
+    rules: ConfidenceRules | None
+    neighbour: Neighbour | None  # what the tracking loop's consistency check saw
+    days: int | None  # the interval between the annotation and the follow-up
+    is_node: bool  # the RECIST diameter is the short axis
+
+
+def measure_lesion(**inputs: Unpack[LesionEvidence]) -> dict[str, Any]:
     """The raw evidence about one propagated result (numbers; :func:`combine` scores them). Every mask is a 0/1
     volume, ``prompt`` and ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``; ``days`` is the
     interval between the annotation and the follow-up; ``is_node``: the RECIST diameter is the short axis."""
-    r = rules or ConfidenceRules()
+    source_ct, source_mask, followup_ct = inputs["source_ct"], inputs["source_mask"], inputs["followup_ct"]
+    prompt, result, present, reg = inputs["prompt"], inputs["result"], inputs["present"], inputs["reg"]
+    neighbour, days, is_node = inputs.get("neighbour"), inputs.get("days"), inputs.get("is_node", False)
+    r = inputs.get("rules") or ConfidenceRules()
     f: dict[str, Any] = {"present": present, "days": days}
     p = prompt.array > 0
     res = result.array > 0
@@ -647,34 +653,9 @@ def with_signal(conf: LesionConfidence, signal: Signal, rules: ConfidenceRules |
     return _scored([*(s for s in conf.signals if s.name != signal.name), signal], rules or ConfidenceRules())
 
 
-def assess_lesion(
-    *,
-    source_ct: Volume,
-    source_mask: Volume,
-    followup_ct: Volume,
-    prompt: Volume,
-    result: Volume,
-    present: bool,
-    reg: Registration | None,
-    rules: ConfidenceRules | None = None,
-    neighbour: Neighbour | None = None,
-    days: int | None = None,
-    is_node: bool = False,
-) -> LesionConfidence:
+def assess_lesion(**inputs: Unpack[LesionEvidence]) -> LesionConfidence:
     """Score one propagated lesion result: :func:`combine` of :func:`measure_lesion` (see the module docstring).
     ``neighbour`` is what the tracking loop's consistency check saw; ``days`` the interval between the annotation
     and the follow-up."""
-    evidence = measure_lesion(
-        source_ct=source_ct,
-        source_mask=source_mask,
-        followup_ct=followup_ct,
-        prompt=prompt,
-        result=result,
-        present=present,
-        reg=reg,
-        rules=rules,
-        neighbour=neighbour,
-        days=days,
-        is_node=is_node,
-    )
-    return combine(evidence, rules)
+    evidence = measure_lesion(**inputs)
+    return combine(evidence, inputs.get("rules"))

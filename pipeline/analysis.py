@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.logging import log_context, update_log_context
+from lesiontrack.config.settings import WorkerSettings
 from lesiontrack.db.models import JobState
 from lesiontrack.pipeline.job_summary import job_summary
 from lesiontrack.pipeline.jobs import (
@@ -172,7 +173,7 @@ class RetryPolicy:
         return float(self.backoff_seconds[min(max(attempt - 1, 0), len(self.backoff_seconds) - 1)])
 
     @classmethod
-    def from_settings(cls, worker_settings: Any) -> RetryPolicy:
+    def from_settings(cls, worker_settings: WorkerSettings) -> RetryPolicy:
         return cls(worker_settings.max_attempts, list(worker_settings.retry_backoff_seconds))
 
 

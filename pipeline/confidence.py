@@ -64,8 +64,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 
+from lesiontrack.config.settings import TrackingSettings
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.base import Registration
+from lesiontrack.pipeline.lesions import TrackedLesion
 from lesiontrack.pipeline.measurements import measure_lesion as measure
 
 __all__ = [
@@ -124,8 +126,8 @@ class ConfidenceRules:
     second_weight: float = 0.5  # how much the second-lowest score lowers the lowest
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ConfidenceRules:
-        """From ``config.settings.TrackingSettings`` (or anything with the same fields)."""
+    def from_settings(cls, settings: TrackingSettings) -> ConfidenceRules:
+        """From the ``[tracking]`` settings."""
         return cls(
             review_threshold=float(settings.review_threshold),
             max_volume_factor=float(settings.max_volume_factor),
@@ -167,7 +169,7 @@ def review_text(flagged: int, total: int) -> str:
     return f"{flagged} of {total} {noun} {'needs' if total == 1 else 'need'} review"
 
 
-def lesion_confidence(lesion: Any) -> LesionConfidence | None:
+def lesion_confidence(lesion: TrackedLesion) -> LesionConfidence | None:
     """The confidence the tracking loop stored on a :class:`pipeline.lesions.TrackedLesion` (None if none)."""
     conf = lesion.meta.get("confidence")
     return conf if isinstance(conf, LesionConfidence) else None

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegmentationEngine
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
 from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.confidence import ConfidenceRules, LesionConfidence, Signal, with_signal
+from lesiontrack.pipeline.lesions import TrackedLesion
 
 
 @dataclass
@@ -37,7 +39,7 @@ def drawing_of(prompt: Prompt) -> Drawing | None:
     return d if isinstance(d, Drawing) else None
 
 
-def drawn_lesion(ct: Volume, prompt: Prompt, engine: Any) -> DrawnLesion | None:
+def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> DrawnLesion | None:
     """The 3-D lesion the prompt's drawing marks on ``ct``; None for a prompt without a drawing.
 
     For a drawing with diameters (a line, a bidirectional pair, an ellipse, a contour) two candidates are made — the
@@ -98,7 +100,7 @@ def prompt_origin_meta(prompt: Prompt) -> dict[str, Any]:
 
 
 def weaken_for_origin(
-    conf: LesionConfidence, source_lesions: Sequence[Any], label: int, rules: ConfidenceRules | None
+    conf: LesionConfidence, source_lesions: Sequence[TrackedLesion], label: int, rules: ConfidenceRules | None
 ) -> LesionConfidence:
     """``conf`` with the ``prompt_origin`` signal when the lesion's prior (``label`` among the annotated timepoint's
     lesions) was derived from a drawing on one image."""

@@ -33,6 +33,7 @@ from pydicom import Dataset
 
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.annotations.common import AnnotationWarning, drawing_prompt
 from lesiontrack.pipeline.annotations.sr_drawings import drawing_from_shapes
@@ -550,7 +551,7 @@ def _shape_prompt(
     )
 
 
-def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, str | None]:
+def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Drawing | None, str | None]:
 
     normal = np.asarray(ct.direction[:, 2], float) if ct is not None else np.array([0.0, 0.0, 1.0])
     try:

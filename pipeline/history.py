@@ -129,7 +129,7 @@ class LesionRow:
     tracking_uid: str
     anatomic_site: str | None
     origin: str
-    role: str  # "target", "non-target", "new", "retired" (deleted by a reader) or "" (not assessed)
+    role: str  # a recist.RecistRole: target, non-target, new, retired (deleted by a reader) or "" (not assessed)
     cells: list[Cell | None]  # aligned with PatientTimeline.timepoints
     retired_at_series_uid: str | None = None  # a reader deleted the lesion in a correction of this series
     retired_by: str | None = None
@@ -338,9 +338,13 @@ def _lesion_rows(
         if not any(row_cells):
             continue
         _fill_changes(row_cells)
-        role = "" if is_target is None else ("target" if is_target else "non-target")
+        role = (
+            recist.RecistRole.NOT_ASSESSED
+            if is_target is None
+            else (recist.RecistRole.TARGET if is_target else recist.RecistRole.NON_TARGET)
+        )
         if retired_at is not None:
-            role = "retired"
+            role = recist.RecistRole.RETIRED
         rows.append(
             LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells, retired_at, retired_by)
         )
@@ -552,7 +556,7 @@ def _apply_recist(
     if not tl.timepoints or not tl.lesions:
         return
     per_tp: list[list[recist.RecistLesion]] = []
-    counted = [row for row in tl.lesions if row.role != "retired"]  # a reader said it is no lesion
+    counted = [row for row in tl.lesions if row.role != recist.RecistRole.RETIRED]  # a reader said it is no lesion
     for tp in tl.timepoints:
         items = []
         for row in counted:
@@ -569,8 +573,12 @@ def _apply_recist(
         per_tp.append(items)
     baseline_uids = {r.tracking_uid for r in per_tp[0]}
     override = None
-    forced_t = [r.tracking_uid for r in tl.lesions if r.role == "target" and r.tracking_uid in baseline_uids]
-    forced_n = [r.tracking_uid for r in tl.lesions if r.role == "non-target" and r.tracking_uid in baseline_uids]
+    forced_t = [
+        r.tracking_uid for r in tl.lesions if r.role == recist.RecistRole.TARGET and r.tracking_uid in baseline_uids
+    ]
+    forced_n = [
+        r.tracking_uid for r in tl.lesions if r.role == recist.RecistRole.NON_TARGET and r.tracking_uid in baseline_uids
+    ]
     if forced_t or forced_n:
         override = recist.TargetOverride(
             force_target=forced_t, force_non_target=forced_n, by="database", reason="is_target recorded for the lesion"
@@ -603,4 +611,4 @@ def _apply_recist(
     for row in tl.lesions:
         if not row.role:
             role = assessment.selection.role_of(row.tracking_uid)
-            row.role = role or ("new" if row.cells[0] is None else "")
+            row.role = role or (recist.RecistRole.NEW if row.cells[0] is None else recist.RecistRole.NOT_ASSESSED)

@@ -54,6 +54,18 @@ class RecistRules(RecistSettings):
         return self.min_long_axis_mm
 
 
+class RecistRole(StrEnum):
+    """A lesion's RECIST 1.1 role: chosen at baseline (target, non-target, normal node); a patient's timeline adds
+    new (not there at baseline), retired (deleted by a reader) and not assessed ("")."""
+
+    TARGET = "target"
+    NON_TARGET = "non-target"
+    NORMAL_NODE = "normal node"
+    NEW = "new"
+    RETIRED = "retired"
+    NOT_ASSESSED = ""
+
+
 class NewLesionState(StrEnum):
     """What a report may say about new lesions at one timepoint."""
 
@@ -118,7 +130,7 @@ class RecistLesion:
 class SelectionDecision:
     tracking_uid: str
     tracking_id: str
-    role: str  # "target", "non-target" or "normal node"
+    role: RecistRole  # target, non-target or normal node
     reason: str
     overridden: bool = False
 
@@ -132,13 +144,13 @@ class TargetSelection:
 
     @property
     def targets(self) -> list[str]:
-        return [d.tracking_uid for d in self.decisions if d.role == "target"]
+        return [d.tracking_uid for d in self.decisions if d.role is RecistRole.TARGET]
 
     @property
     def non_targets(self) -> list[str]:
-        return [d.tracking_uid for d in self.decisions if d.role == "non-target"]
+        return [d.tracking_uid for d in self.decisions if d.role is RecistRole.NON_TARGET]
 
-    def role_of(self, uid: str) -> str | None:
+    def role_of(self, uid: str) -> RecistRole | None:
         return next((d.role for d in self.decisions if d.tracking_uid == uid), None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,14 +198,14 @@ def select_targets(
                 decisions[les.tracking_uid] = SelectionDecision(
                     les.tracking_uid,
                     les.tracking_id,
-                    "non-target",
+                    RecistRole.NON_TARGET,
                     f"pathological node, short axis {les.short_axis_mm:.1f} mm < {rules.min_node_short_axis_mm:g} mm",
                 )
             else:
                 decisions[les.tracking_uid] = SelectionDecision(
                     les.tracking_uid,
                     les.tracking_id,
-                    "normal node",
+                    RecistRole.NORMAL_NODE,
                     f"node short axis {les.short_axis_mm:.1f} mm < {rules.pathological_node_short_axis_mm:g} mm",
                 )
         elif les.long_axis_mm >= min_ld:
@@ -202,7 +214,7 @@ def select_targets(
             decisions[les.tracking_uid] = SelectionDecision(
                 les.tracking_uid,
                 les.tracking_id,
-                "non-target",
+                RecistRole.NON_TARGET,
                 f"non-measurable, long axis {les.long_axis_mm:.1f} mm < {min_ld:g} mm",
             )
     measurable.sort(key=lambda x: diameter_of(x, rules), reverse=True)
@@ -212,14 +224,14 @@ def select_targets(
         organ = (les.organ or "unknown").lower()
         size = f"{'short' if les.is_node else 'long'} axis {diameter_of(les, rules):.1f} mm"
         if n_targets >= rules.max_targets:
-            role, reason = "non-target", f"measurable ({size}) but {rules.max_targets} targets already chosen"
+            role, reason = RecistRole.NON_TARGET, f"measurable ({size}) but {rules.max_targets} targets already chosen"
         elif per_organ.get(organ, 0) >= rules.max_targets_per_organ:
             role, reason = (
-                "non-target",
+                RecistRole.NON_TARGET,
                 (f"measurable ({size}) but {rules.max_targets_per_organ} targets already in {organ}"),
             )
         else:
-            role, reason = "target", f"measurable ({size}), among the largest"
+            role, reason = RecistRole.TARGET, f"measurable ({size}), among the largest"
             per_organ[organ] = per_organ.get(organ, 0) + 1
             n_targets += 1
         decisions[les.tracking_uid] = SelectionDecision(les.tracking_uid, les.tracking_id, role, reason)
@@ -235,8 +247,8 @@ def _apply_override(selection: TargetSelection, override: TargetOverride, rules:
     for uid in list(override.force_target) + list(override.force_non_target):
         if uid not in known:
             raise ValueError(f"target override names unknown lesion {uid}")
-    for uid, role in [(u, "target") for u in override.force_target] + [
-        (u, "non-target") for u in override.force_non_target
+    for uid, role in [(u, RecistRole.TARGET) for u in override.force_target] + [
+        (u, RecistRole.NON_TARGET) for u in override.force_non_target
     ]:
         d = known[uid]
         if d.role != role:

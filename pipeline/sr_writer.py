@@ -52,7 +52,7 @@ from pydicom.sr.coding import Code
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.pipeline.lesion_names import display_name
 from lesiontrack.pipeline.measurements import Axis, LesionChanges, LesionMeasurement
-from lesiontrack.pipeline.recist import NewLesionState, Response, TimepointResponse
+from lesiontrack.pipeline.recist import NewLesionState, RecistRole, Response, TimepointResponse
 from lesiontrack.pipeline.seg_writer import (
     SOFTWARE_NAME,
     SOFTWARE_VERSION,
@@ -136,9 +136,9 @@ NON_TARGET_CODES: dict[Response, Code] = {
     Response.PD: codes.DCM.NonTargetLesionProgressiveDisease,
 }
 BASELINE_CATEGORY_CODES: dict[str, Code] = {
-    "target": codes.DCM.TargetLesionAtBaseline,
-    "non-target": codes.DCM.NonTargetLesionAtBaseline,
-    "normal node": codes.DCM.NonLesionAtBaseline,
+    RecistRole.TARGET: codes.DCM.TargetLesionAtBaseline,
+    RecistRole.NON_TARGET: codes.DCM.NonTargetLesionAtBaseline,
+    RecistRole.NORMAL_NODE: codes.DCM.NonLesionAtBaseline,
 }
 STATUS_CODES = {
     LesionStatus.PRESENT: LT.PRESENT,

@@ -39,6 +39,7 @@ from lesiontrack.pipeline.contract import MatchPriorsOutput
 from lesiontrack.pipeline.jobs import PermanentError, utcnow
 from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
 from lesiontrack.pipeline.ports import PROMPT_FILE
+from lesiontrack.pipeline.recist import RecistRole
 from lesiontrack.pipeline.steps.services import Ctx
 
 _ORIGIN_OF = {"SEG": LesionOrigin.SEG, "SR": LesionOrigin.SR, PROMPT_FILE: LesionOrigin.PROMPT}
@@ -126,8 +127,8 @@ def _lesion(s: Session, ctx: Ctx, les: TrackedLesion, patient_pk: int) -> int:
         s.flush()
         audit(s, ctx.worker, "lesion.created", "lesion", lesion.id, tracking_uid=ident.tracking_uid, job_id=ctx.job_id)
     role = ctx.state.need_measured().recist.selection.role_of(ident.tracking_uid)
-    if lesion.is_target is None and role in ("target", "non-target"):
-        lesion.is_target = role == "target"  # chosen once, at baseline; later jobs keep it
+    if lesion.is_target is None and role in (RecistRole.TARGET, RecistRole.NON_TARGET):
+        lesion.is_target = role is RecistRole.TARGET  # chosen once, at baseline; later jobs keep it
         audit(s, ctx.worker, "lesion.role", "lesion", lesion.id, role=role, job_id=ctx.job_id)
     return lesion.id
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -29,13 +30,12 @@ from lesiontrack.pipeline.contract import Adoption, VerificationRecord
 from lesiontrack.pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
 from lesiontrack.pipeline.jobs import PermanentError
 from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
+from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
+from lesiontrack.pipeline.tracking import RegistrationCache, track_lesions
 
 
 def _read_prompts(path: Path, ct: Volume) -> list[Prompt]:
-    import pydicom
-
-    from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_seg, prompts_from_sr
-    from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
 
     try:
         sop = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
@@ -114,20 +114,6 @@ def build_adoption(
     )
 
 
-class _BothWays:
-    """The register step's registration for prior → follow-up; any other pair is registered by the engine."""
-
-    def __init__(self, reg: Registration, prior: Volume, followup: Volume, engine: RegistrationEngine) -> None:
-        self.reg, self.prior, self.followup, self.engine = reg, prior, followup, engine
-        self.name = getattr(engine, "name", "registration")
-        self.version = getattr(engine, "version", "")
-
-    def register(self, baseline: Volume, followup: Volume) -> Registration:
-        if baseline is self.prior and followup is self.followup:
-            return self.reg
-        return self.engine.register(baseline, followup)
-
-
 def adopt(
     adoption: Adoption,
     tps: list[Timepoint],
@@ -137,11 +123,9 @@ def adopt(
     segmentation: SegmentationEngine,
 ) -> None:
     """Fill ``tps`` (prior, follow-up): the prior from its annotation, the follow-up with the reader's lesions."""
-    from lesiontrack.pipeline.tracking import track_lesions
-
     deleted = set(adoption.deleted)
     base = [p for p in prior_prompts if p.identity.tracking_uid not in deleted]
-    both = _BothWays(registration, tps[0].ct, tps[1].ct, engine)
+    both = RegistrationCache.known(registration, tps[0], tps[1], engine)
     track_lesions(
         tps, base, source_index=0, registration=both, segmentation=segmentation, confirmed={1: adoption.prompts}
     )

@@ -25,12 +25,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.logging import log_context, update_log_context
+from lesiontrack.config.settings import WorkerSettings
 from lesiontrack.db.models import JobState
 from lesiontrack.pipeline.job_summary import job_summary
 from lesiontrack.pipeline.jobs import (
@@ -172,7 +173,7 @@ class RetryPolicy:
         return float(self.backoff_seconds[min(max(attempt - 1, 0), len(self.backoff_seconds) - 1)])
 
     @classmethod
-    def from_settings(cls, worker_settings: Any) -> RetryPolicy:
+    def from_settings(cls, worker_settings: WorkerSettings) -> RetryPolicy:
         return cls(worker_settings.max_attempts, list(worker_settings.retry_backoff_seconds))
 
 
@@ -202,6 +203,15 @@ def _reason(step: str, exc: BaseException) -> str:
     return f"{step}: {type(exc).__name__}: {msg}"
 
 
+class ServiceOptions(TypedDict, total=False):
+    """How an :class:`AnalysisService` runs its jobs (keyword arguments)."""
+
+    lease_seconds: float  # a claimed job's lease (renewed while it runs); default DEFAULT_LEASE_SECONDS
+    worker: str | None  # this worker's identity (default: host and process)
+    device: str  # "auto", "cpu", "cuda", ...
+    progress: Callable[[int, str], None] | None  # (job id, message): what a running job reports
+
+
 class AnalysisService:
     """Runs analysis jobs with a fixed list of steps; one instance per worker process (thread-safe per job)."""
 
@@ -213,10 +223,7 @@ class AnalysisService:
         *,
         state_factory: Callable[[], Any] = lambda: None,
         retry: RetryPolicy | None = None,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        worker: str | None = None,
-        device: str = "auto",
-        progress: Callable[[int, str], None] | None = None,
+        **options: Unpack[ServiceOptions],
     ) -> None:
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
@@ -226,10 +233,10 @@ class AnalysisService:
         self.services = services
         self.state_factory = state_factory
         self.retry = retry or RetryPolicy()
-        self.lease_seconds = float(lease_seconds)
-        self.worker = worker or worker_identity()
-        self.device = device
-        self.progress = progress
+        self.lease_seconds = float(options.get("lease_seconds", DEFAULT_LEASE_SECONDS))
+        self.worker = options.get("worker") or worker_identity()
+        self.device = options.get("device", "auto")
+        self.progress = options.get("progress")
         self.stop_event = threading.Event()
 
     @property

@@ -10,17 +10,18 @@ RECIST as it was and keeps that region out of later searches of the same series.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydantic import ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.db.models import AnalysisJob, CandidateState, NewLesionCandidate, NewLesionSearchRun
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.contract import CandidateRecord
 from lesiontrack.pipeline.jobs import ACTIVE_STATES, utcnow
 from lesiontrack.pipeline.recist import NewLesionSearch
 
@@ -51,23 +52,17 @@ class CandidateDecisionError(ValueError):
     """The decision cannot be taken (already decided, or the follow-up is still being analysed)."""
 
 
-@dataclass(frozen=True)
-class CandidateView:
-    """A detached snapshot of one candidate (API, CLI, dashboard)."""
+class CandidateView(CandidateRecord):
+    """A detached snapshot of one candidate (API, CLI, dashboard): the detect step's finding
+    (:class:`pipeline.contract.CandidateRecord`) as stored, with where it is, its contrast and the decision on it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: int
     patient_pk: int
     series_uid: str
-    tracking_uid: str
-    tracking_id: str
-    tissue: str
-    centre_mm: tuple[float, float, float]
-    volume_mm3: float
-    diameter_mm: float
     mean_hu: float
     contrast_hu: float
-    confidence: float
-    reasons: list[str]
     state: CandidateState
     decided_by: str | None
     decided_at: datetime | None
@@ -76,27 +71,27 @@ class CandidateView:
     job_id: int | None
 
     @classmethod
-    def of(cls, c: NewLesionCandidate, job_id: int | None) -> CandidateView:
+    def from_row(cls, c: NewLesionCandidate, job_id: int | None) -> CandidateView:
         return cls(
-            c.id,
-            c.patient_pk,
-            c.series_instance_uid,
-            c.tracking_uid,
-            c.tracking_id,
-            c.tissue,
-            (c.centre_x_mm, c.centre_y_mm, c.centre_z_mm),
-            c.volume_mm3,
-            c.diameter_mm,
-            c.mean_hu,
-            c.contrast_hu,
-            c.confidence,
-            [str(r) for r in c.reasons or []],
-            CandidateState(c.state),
-            c.decided_by,
-            c.decided_at,
-            c.seg_sop_instance_uid,
-            c.segment_number,
-            job_id,
+            id=c.id,
+            patient_pk=c.patient_pk,
+            series_uid=c.series_instance_uid,
+            tracking_uid=c.tracking_uid,
+            tracking_id=c.tracking_id,
+            tissue=c.tissue,
+            centre_mm=(c.centre_x_mm, c.centre_y_mm, c.centre_z_mm),
+            volume_mm3=c.volume_mm3,
+            diameter_mm=c.diameter_mm,
+            mean_hu=c.mean_hu,
+            contrast_hu=c.contrast_hu,
+            confidence=c.confidence,
+            reasons=[str(r) for r in c.reasons or []],
+            state=CandidateState(c.state),
+            decided_by=c.decided_by,
+            decided_at=c.decided_at,
+            seg_sop_instance_uid=c.seg_sop_instance_uid,
+            segment_number=c.segment_number,
+            job_id=job_id,
         )
 
 
@@ -149,7 +144,7 @@ def latest_candidates(session: Session, series_uids: Iterable[str]) -> list[Cand
         r.id: r.job_pk
         for r in session.scalars(select(NewLesionSearchRun).where(NewLesionSearchRun.series_instance_uid.in_(uids)))
     }
-    return [CandidateView.of(c, job_of.get(c.search_pk)) for c in rows]
+    return [CandidateView.from_row(c, job_of.get(c.search_pk)) for c in rows]
 
 
 def decided_masks(sf: sessionmaker[Session], series_uid: str) -> tuple[list[CandidateView], list[np.ndarray]]:
@@ -165,7 +160,7 @@ def decided_masks(sf: sessionmaker[Session], series_uid: str) -> tuple[list[Cand
                 .order_by(NewLesionCandidate.id)
             )
         )
-        views = [CandidateView.of(c, None) for c in rows]
+        views = [CandidateView.from_row(c, None) for c in rows]
         paths = [c.mask_path for c in rows]
     masks = []
     for v, p in zip(views, paths, strict=True):
@@ -197,7 +192,7 @@ def get_candidate(session: Session, candidate_id: int) -> CandidateView:
     if c is None:
         raise CandidateNotFound(f"no new-lesion candidate with id {candidate_id}")
     run = session.get(NewLesionSearchRun, c.search_pk)
-    return CandidateView.of(c, run.job_pk if run else None)
+    return CandidateView.from_row(c, run.job_pk if run else None)
 
 
 def decide(

@@ -57,14 +57,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from datetime import date
+from typing import Any, Required, TypedDict, Unpack
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 
+from lesiontrack.config.settings import TrackingSettings
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.base import Registration
+from lesiontrack.pipeline.lesions import TrackedLesion
+from lesiontrack.pipeline.measurements import measure_lesion as measure
 
 __all__ = [
     "ConfidenceRules",
@@ -122,8 +126,8 @@ class ConfidenceRules:
     second_weight: float = 0.5  # how much the second-lowest score lowers the lowest
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ConfidenceRules:
-        """From ``config.settings.TrackingSettings`` (or anything with the same fields)."""
+    def from_settings(cls, settings: TrackingSettings) -> ConfidenceRules:
+        """From the ``[tracking]`` settings."""
         return cls(
             review_threshold=float(settings.review_threshold),
             max_volume_factor=float(settings.max_volume_factor),
@@ -165,7 +169,7 @@ def review_text(flagged: int, total: int) -> str:
     return f"{flagged} of {total} {noun} {'needs' if total == 1 else 'need'} review"
 
 
-def lesion_confidence(lesion: Any) -> LesionConfidence | None:
+def lesion_confidence(lesion: TrackedLesion) -> LesionConfidence | None:
     """The confidence the tracking loop stored on a :class:`pipeline.lesions.TrackedLesion` (None if none)."""
     conf = lesion.meta.get("confidence")
     return conf if isinstance(conf, LesionConfidence) else None
@@ -180,7 +184,6 @@ def _score(value: float, good: float, bad: float) -> float:
 
 def days_between(a: str | None, b: str | None) -> int | None:
     """Days between two DICOM dates (YYYYMMDD); None when either is missing or malformed."""
-    from datetime import date
 
     def parse(d: str | None) -> date | None:
         if not d or len(d) < 8 or not d[:8].isdigit():
@@ -344,7 +347,6 @@ def _diameter_ratio(
 ) -> float | None:
     """RECIST diameter of the result / that of the annotation (long axis; short axis for a lymph node), each measured
     on its own CT as the report measures it (:func:`pipeline.measurements.measure_lesion`)."""
-    from lesiontrack.pipeline.measurements import measure_lesion as measure
 
     def diameter(mask: Volume, ct: Volume) -> float:
         try:
@@ -371,24 +373,30 @@ class Neighbour:
     reappeared: bool = False  # vanished then, reported present now
 
 
-def measure_lesion(
-    *,
-    source_ct: Volume,
-    source_mask: Volume,
-    followup_ct: Volume,
-    prompt: Volume,
-    result: Volume,
-    present: bool,
-    reg: Registration | None,
-    rules: ConfidenceRules | None = None,
-    neighbour: Neighbour | None = None,
-    days: int | None = None,
-    is_node: bool = False,
-) -> dict[str, Any]:
+class LesionEvidence(TypedDict, total=False):
+    """What :func:`measure_lesion` looks at for one propagated result (keyword arguments)."""
+
+    source_ct: Required[Volume]
+    source_mask: Required[Volume]  # 0/1 on source_ct: the annotation
+    followup_ct: Required[Volume]
+    prompt: Required[Volume]  # 0/1 on the follow-up grid: the propagated annotation
+    result: Required[Volume]  # 0/1 on the follow-up grid: the segmentation
+    present: Required[bool]
+    reg: Required[Registration | None]
+    rules: ConfidenceRules | None
+    neighbour: Neighbour | None  # what the tracking loop's consistency check saw
+    days: int | None  # the interval between the annotation and the follow-up
+    is_node: bool  # the RECIST diameter is the short axis
+
+
+def measure_lesion(**inputs: Unpack[LesionEvidence]) -> dict[str, Any]:
     """The raw evidence about one propagated result (numbers; :func:`combine` scores them). Every mask is a 0/1
     volume, ``prompt`` and ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``; ``days`` is the
     interval between the annotation and the follow-up; ``is_node``: the RECIST diameter is the short axis."""
-    r = rules or ConfidenceRules()
+    source_ct, source_mask, followup_ct = inputs["source_ct"], inputs["source_mask"], inputs["followup_ct"]
+    prompt, result, present, reg = inputs["prompt"], inputs["result"], inputs["present"], inputs["reg"]
+    neighbour, days, is_node = inputs.get("neighbour"), inputs.get("days"), inputs.get("is_node", False)
+    r = inputs.get("rules") or ConfidenceRules()
     f: dict[str, Any] = {"present": present, "days": days}
     p = prompt.array > 0
     res = result.array > 0
@@ -448,93 +456,12 @@ def _signal(name: str, value: float | None, score: float, reason: str) -> Signal
 def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionConfidence:
     """Score the evidence of :func:`measure_lesion` (see the module docstring)."""
     r = rules or ConfidenceRules()
-    signals: list[Signal] = []
-    ncc = f.get("ncc")
-    if ncc is not None:
-        s = _score(ncc, r.ncc_good, r.ncc_bad)
-        signals.append(
-            _signal("registration_ncc", ncc, s, f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})")
-        )
-    elif "ncc_inside" in f and f["ncc_inside"] < 0.5:
-        signals.append(
-            Signal(
-                name="registration_ncc",
-                value=None,
-                score=0.5,
-                reason=f"surroundings mostly outside the annotated CT ({100 * f['ncc_inside']:.0f} % inside)",
-            )
-        )
-    if f.get("jac_lo") is not None:
-        lo, hi = f["jac_lo"], f["jac_hi"]
-        worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
-        s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
-        signals.append(
-            _signal(
-                "jacobian",
-                lo if lo <= 0 or 1.0 / lo > hi else hi,
-                s,
-                "registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}",
-            )
-        )
+    signals = _registration_signals(f, r)
     clear = None
     if f.get("containment") is not None:
-        containment, shift, beyond = f["containment"], f["shift"], f["beyond"]
-        s = min(
-            _score(containment, r.containment_good, r.containment_bad),
-            _score(shift, r.shift_good, r.shift_bad),
-            _score(beyond, r.beyond_good, r.beyond_bad),
-        )
-        signals.append(
-            _signal(
-                "prompt_agreement",
-                min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond),
-                s,
-                f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} radii, "
-                f"{100 * beyond:.0f} % beyond it)",
-            )
-        )
-        sep = f.get("result_margin")
-        if sep is not None:
-            s = _score(sep, r.separation_good, r.separation_bad)
-            signals.append(
-                _signal("presence_margin", sep, s, f"the result barely stands out from its surroundings ({sep:.2f})")
-            )
-            clear = _score(sep, r.clear_good, r.clear_bad)
-        ratio = f.get("volume_ratio")
-        if ratio is not None:
-            days = f.get("days")
-            allowed = _allowed_factor(days, r)
-            signals.append(
-                _signal(
-                    "volume_change",
-                    ratio,
-                    _excess_score(ratio, allowed),
-                    f"implausible volume change x{ratio:.2f} against the annotation "
-                    f"(allowed x{allowed:.1f}{f' in {days} days' if days is not None else ''})",
-                )
-            )
-        dr = f.get("diameter_ratio")
-        if ratio is not None and dr is not None:
-            signals.append(_coherence(ratio, dr, r))
-        jr = f.get("registration_ratio")
-        if ratio is not None and jr is not None and abs(math.log(jr)) > math.log(r.registration_change_min):
-            signals.append(_registration_change(ratio, jr, r))
-        nb = f.get("neighbour_ratio")
-        if nb is not None and ratio is not None:
-            nb_days = f.get("neighbour_days")
-            allowed = _allowed_factor(nb_days, r)
-            s = _excess_score(nb, allowed)
-            if abs(math.log(ratio / nb)) > abs(math.log(ratio)):
-                s = 1.0  # the neighbour departs further from the annotation than this result: its jump, not ours
-            signals.append(
-                _signal(
-                    "consistency",
-                    nb,
-                    s,
-                    f"volume x{nb:.2f} against our result at the neighbouring timepoint (allowed x{allowed:.1f}"
-                    f"{f' in {nb_days} days' if nb_days is not None else ''})",
-                )
-            )
+        more, clear = _result_signals(f, r)
+        signals += more
+        signals += _volume_signals(f, r)
     elif not f["present"] and f.get("prompt_present"):
         sep = f.get("site_margin")
         if sep is not None:
@@ -566,6 +493,110 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
         signals.append(_signal("annotation_margin", ann, s, reason))
 
     return _scored(signals, r)
+
+
+def _registration_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]:
+    """How well the registration went near the lesion (local NCC, Jacobian)."""
+    signals: list[Signal] = []
+    ncc = f.get("ncc")
+    if ncc is not None:
+        s = _score(ncc, r.ncc_good, r.ncc_bad)
+        signals.append(
+            _signal("registration_ncc", ncc, s, f"local registration similarity NCC {ncc:.2f} (good >= {r.ncc_good})")
+        )
+    elif "ncc_inside" in f and f["ncc_inside"] < 0.5:
+        signals.append(
+            Signal(
+                name="registration_ncc",
+                value=None,
+                score=0.5,
+                reason=f"surroundings mostly outside the annotated CT ({100 * f['ncc_inside']:.0f} % inside)",
+            )
+        )
+    if f.get("jac_lo") is not None:
+        lo, hi = f["jac_lo"], f["jac_hi"]
+        worst = math.inf if lo <= 0 else max(hi, 1.0 / lo)
+        s = 0.0 if lo <= 0 else _score(math.log(worst), math.log(r.jacobian_good), math.log(r.jacobian_bad))
+        signals.append(
+            _signal(
+                "jacobian",
+                lo if lo <= 0 or 1.0 / lo > hi else hi,
+                s,
+                "registration folds near the lesion" if lo <= 0 else f"local Jacobian {lo:.2f}..{hi:.2f}",
+            )
+        )
+    return signals
+
+
+def _result_signals(f: dict[str, Any], r: ConfidenceRules) -> tuple[list[Signal], float | None]:
+    """A re-segmented result against its propagated prompt and its surroundings; with how clearly it stands out."""
+    signals: list[Signal] = []
+    clear = None
+    containment, shift, beyond = f["containment"], f["shift"], f["beyond"]
+    s = min(
+        _score(containment, r.containment_good, r.containment_bad),
+        _score(shift, r.shift_good, r.shift_bad),
+        _score(beyond, r.beyond_good, r.beyond_bad),
+    )
+    signals.append(
+        _signal(
+            "prompt_agreement",
+            min(containment, 1.0 - min(shift, 1.0), 1.0 - beyond),
+            s,
+            f"result departs from the propagated prompt (overlap {containment:.2f}, shift {shift:.2f} radii, "
+            f"{100 * beyond:.0f} % beyond it)",
+        )
+    )
+    sep = f.get("result_margin")
+    if sep is not None:
+        s = _score(sep, r.separation_good, r.separation_bad)
+        signals.append(
+            _signal("presence_margin", sep, s, f"the result barely stands out from its surroundings ({sep:.2f})")
+        )
+        clear = _score(sep, r.clear_good, r.clear_bad)
+    return signals, clear
+
+
+def _volume_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]:
+    """The volume change against the annotation, its coherence with the diameters and the registration, and
+    against our result at the neighbouring timepoint."""
+    signals: list[Signal] = []
+    ratio = f.get("volume_ratio")
+    if ratio is not None:
+        days = f.get("days")
+        allowed = _allowed_factor(days, r)
+        signals.append(
+            _signal(
+                "volume_change",
+                ratio,
+                _excess_score(ratio, allowed),
+                f"implausible volume change x{ratio:.2f} against the annotation "
+                f"(allowed x{allowed:.1f}{f' in {days} days' if days is not None else ''})",
+            )
+        )
+    dr = f.get("diameter_ratio")
+    if ratio is not None and dr is not None:
+        signals.append(_coherence(ratio, dr, r))
+    jr = f.get("registration_ratio")
+    if ratio is not None and jr is not None and abs(math.log(jr)) > math.log(r.registration_change_min):
+        signals.append(_registration_change(ratio, jr, r))
+    nb = f.get("neighbour_ratio")
+    if nb is not None and ratio is not None:
+        nb_days = f.get("neighbour_days")
+        allowed = _allowed_factor(nb_days, r)
+        s = _excess_score(nb, allowed)
+        if abs(math.log(ratio / nb)) > abs(math.log(ratio)):
+            s = 1.0  # the neighbour departs further from the annotation than this result: its jump, not ours
+        signals.append(
+            _signal(
+                "consistency",
+                nb,
+                s,
+                f"volume x{nb:.2f} against our result at the neighbouring timepoint (allowed x{allowed:.1f}"
+                f"{f' in {nb_days} days' if nb_days is not None else ''})",
+            )
+        )
+    return signals
 
 
 def _scored(signals: list[Signal], r: ConfidenceRules) -> LesionConfidence:
@@ -624,34 +655,9 @@ def with_signal(conf: LesionConfidence, signal: Signal, rules: ConfidenceRules |
     return _scored([*(s for s in conf.signals if s.name != signal.name), signal], rules or ConfidenceRules())
 
 
-def assess_lesion(
-    *,
-    source_ct: Volume,
-    source_mask: Volume,
-    followup_ct: Volume,
-    prompt: Volume,
-    result: Volume,
-    present: bool,
-    reg: Registration | None,
-    rules: ConfidenceRules | None = None,
-    neighbour: Neighbour | None = None,
-    days: int | None = None,
-    is_node: bool = False,
-) -> LesionConfidence:
+def assess_lesion(**inputs: Unpack[LesionEvidence]) -> LesionConfidence:
     """Score one propagated lesion result: :func:`combine` of :func:`measure_lesion` (see the module docstring).
     ``neighbour`` is what the tracking loop's consistency check saw; ``days`` the interval between the annotation
     and the follow-up."""
-    evidence = measure_lesion(
-        source_ct=source_ct,
-        source_mask=source_mask,
-        followup_ct=followup_ct,
-        prompt=prompt,
-        result=result,
-        present=present,
-        reg=reg,
-        rules=rules,
-        neighbour=neighbour,
-        days=days,
-        is_node=is_node,
-    )
-    return combine(evidence, rules)
+    evidence = measure_lesion(**inputs)
+    return combine(evidence, inputs.get("rules"))

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegmentationEngine
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
+from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.confidence import ConfidenceRules, LesionConfidence, Signal, with_signal
+from lesiontrack.pipeline.lesions import TrackedLesion
 
 if TYPE_CHECKING:
     from lesiontrack.pipeline.sr_writer import DrawnDiameters
@@ -41,7 +44,7 @@ def drawing_of(prompt: Prompt) -> Drawing | None:
     return d if isinstance(d, Drawing) else None
 
 
-def drawn_lesion(ct: Volume, prompt: Prompt, engine: Any) -> DrawnLesion | None:
+def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> DrawnLesion | None:
     """The 3-D lesion the prompt's drawing marks on ``ct``; None for a prompt without a drawing.
 
     For a drawing with diameters (a line, a bidirectional pair, an ellipse, a contour) two candidates are made — the
@@ -49,7 +52,6 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: Any) -> DrawnLesion | None:
     segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
     radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
     say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept."""
-    from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
 
     drawing = drawing_of(prompt)
     if drawing is None:
@@ -103,7 +105,7 @@ def prompt_origin_meta(prompt: Prompt) -> dict[str, Any]:
 
 
 def weaken_for_origin(
-    conf: LesionConfidence, source_lesions: Sequence[Any], label: int, rules: ConfidenceRules | None
+    conf: LesionConfidence, source_lesions: Sequence[TrackedLesion], label: int, rules: ConfidenceRules | None
 ) -> LesionConfidence:
     """``conf`` with the ``prompt_origin`` signal when the lesion's prior (``label`` among the annotated timepoint's
     lesions) was derived from a drawing on one image."""

@@ -187,14 +187,19 @@ def _visit(index: int) -> str:
     return "BASELINE" if index == 0 else f"FOLLOW-UP {index}"
 
 
-def cdisc_domains(
-    tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK"
-) -> dict[str, list[dict[str, Any]]]:
+SdtmRecord = dict[str, Any]
+"""One SDTM record (column → value): a row of the CSV / JSON export, columns of mixed types (a boundary)."""
+
+
+def cdisc_domains(tl: PatientTimeline, subject_id: str, study_id: str = "LESIONTRACK") -> dict[str, list[SdtmRecord]]:
     """SDTM-style TU, TR and RS records (keys ``TU``, ``TR``, ``RS``)."""
-    tu: list[dict[str, Any]] = []
-    tr: list[dict[str, Any]] = []
-    rs: list[dict[str, Any]] = []
-    base = {"STUDYID": study_id, "USUBJID": subject_id}
+    base: SdtmRecord = {"STUDYID": study_id, "USUBJID": subject_id}
+    return {"TU": _tu_records(tl, base), "TR": _tr_records(tl, base), "RS": _rs_records(tl, base)}
+
+
+def _tu_records(tl: PatientTimeline, base: SdtmRecord) -> list[SdtmRecord]:
+    """TU: each lesion identified once, at its first timepoint."""
+    tu: list[SdtmRecord] = []
     for row in tl.lesions:
         first = next((tp for tp in tl.timepoints if row.cells[tp.index] is not None), None)
         if first is None:
@@ -219,14 +224,20 @@ def cdisc_domains(
                 "TUDTC": first.date_iso,
             }
         )
+    return tu
+
+
+def _tr_records(tl: PatientTimeline, base: SdtmRecord) -> list[SdtmRecord]:
+    """TR: each lesion's state and sizes per timepoint, and the sum of diameters."""
+    tr: list[SdtmRecord] = []
     for tp in tl.timepoints:
-        visit = {"VISITNUM": tp.index + 1, "VISIT": _visit(tp.index)}
+        visit: SdtmRecord = {"VISITNUM": tp.index + 1, "VISIT": _visit(tp.index)}
         for row in tl.lesions:
             c = row.cells[tp.index]
             if c is None:
                 continue
             state = "ABSENT" if c.status == LesionStatus.VANISHED else "PRESENT"
-            tests: list[tuple[str, str, Any, str]] = [("TUMSTATE", "Tumor State", state, "")]
+            tests: list[tuple[str, str, str | float | None, str]] = [("TUMSTATE", "Tumor State", state, "")]
             if c.status != LesionStatus.VANISHED:
                 tests += [
                     ("LDIAM", "Longest Diameter", c.long_axis_mm, "mm"),
@@ -280,8 +291,16 @@ def cdisc_domains(
                     "TRDTC": tp.date_iso,
                 }
             )
+    return tr
+
+
+def _rs_records(tl: PatientTimeline, base: SdtmRecord) -> list[SdtmRecord]:
+    """RS: the RECIST responses per follow-up and the best overall response."""
+    rs: list[SdtmRecord] = []
+    for tp in tl.timepoints:
         if tp.index == 0:
             continue
+        visit: SdtmRecord = {"VISITNUM": tp.index + 1, "VISIT": _visit(tp.index)}
         for code, name, value in [
             ("TRGRESP", "Target Response", tp.target_response),
             ("NTRGRESP", "Non-target Response", tp.non_target_response),
@@ -325,7 +344,7 @@ def cdisc_domains(
                 "RSDTC": last.date_iso,
             }
         )
-    return {"TU": tu, "TR": tr, "RS": rs}
+    return rs
 
 
 def to_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -129,7 +129,7 @@ class LesionRow:
     tracking_uid: str
     anatomic_site: str | None
     origin: str
-    role: str  # "target", "non-target", "new", "retired" (deleted by a reader) or "" (not assessed)
+    role: str  # a recist.RecistRole: target, non-target, new, retired (deleted by a reader) or "" (not assessed)
     cells: list[Cell | None]  # aligned with PatientTimeline.timepoints
     retired_at_series_uid: str | None = None  # a reader deleted the lesion in a correction of this series
     retired_by: str | None = None
@@ -148,9 +148,14 @@ class PatientTimeline:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("assessment", None)
-        for c in d["candidates"]:
-            c["state"] = c["state"].value
-            c["decided_at"] = c["decided_at"].isoformat() if c["decided_at"] else None
+        d["candidates"] = [
+            {
+                **c.model_dump(),
+                "state": c.state.value,
+                "decided_at": c.decided_at.isoformat() if c.decided_at else None,
+            }
+            for c in self.candidates
+        ]
         for tp, tpd in zip(self.timepoints, d["timepoints"], strict=True):
             tpd["date_iso"] = tp.date_iso
         for row in d["lesions"]:
@@ -227,24 +232,7 @@ def build_timeline(
     if session.get(Patient, patient_pk) is None:
         raise KeyError(f"no patient with id {patient_pk}")
     lesions = list(session.scalars(select(Lesion).where(Lesion.patient_pk == patient_pk).order_by(Lesion.id)))
-    lesion_ids = [les.id for les in lesions]
-    observations = (
-        list(
-            session.scalars(
-                select(LesionObservation)
-                .where(LesionObservation.lesion_pk.in_(lesion_ids), LesionObservation.superseded_by_job.is_(None))
-                .order_by(LesionObservation.id)
-            )
-        )
-        if lesion_ids
-        else []
-    )
-    uid_of = {les.id: les.tracking_uid for les in lesions}
-
-    # Latest observation per lesion per series (a re-analysis adds newer rows; the newest wins).
-    latest: dict[tuple[str, str], LesionObservation] = {}
-    for o in observations:
-        latest[(uid_of[o.lesion_pk], o.series_instance_uid)] = o
+    latest = _latest_observations(session, lesions)
     cells: dict[tuple[str, str], Cell] = {key: _cell_of(o) for key, o in latest.items()}
     _attach_verifiers(session, cells.values())
     for p in pending:
@@ -252,14 +240,62 @@ def build_timeline(
             key = (m.tracking_uid, p.series_uid)
             if p.replace or key not in cells:
                 cells[key] = _pending_cell(m, p.reviews.get(m.tracking_uid))
+    timepoints = _timepoints(session, cells, pending, until_series_uid)
+    ordered = [tp.series_uid for tp in timepoints]
+    _attach_result_objects(session, timepoints, latest)
+    _attach_verifications(session, timepoints)
+    kinds = object_kinds(
+        session, [u for c in cells.values() for u in (c.seg_sop_instance_uid, c.propagated_from_sop_uid)]
+    )
+    for cell in cells.values():
+        cell.object_kind = kinds.get(cell.seg_sop_instance_uid or "")
+        cell.prompt_kind = kinds.get(cell.propagated_from_sop_uid or "")
+    rows = _lesion_rows(lesions, pending, cells, timepoints)
+    for tp in timepoints:
+        observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
+        tp.lesions_observed = len(observed)
+        tp.lesions_need_review = sum(c.review for c in observed)
+        tp.lesions_assessed = sum(c.confidence is not None for c in observed)
+    searches = search_states(session, ordered)
+    for p in pending:
+        if p.search is not None:
+            searches[p.series_uid] = p.search
+    timeline = PatientTimeline(patient_pk, timepoints, rows, candidates=latest_candidates(session, ordered))
+    _apply_recist(timeline, rules, [searches.get(tp.series_uid) for tp in timepoints])
+    return timeline
 
+
+def _latest_observations(session: Session, lesions: Sequence[Lesion]) -> dict[tuple[str, str], LesionObservation]:
+    """The latest observation per (lesion Tracking UID, series): a re-analysis adds newer rows; the newest wins."""
+    lesion_ids = [les.id for les in lesions]
+    if not lesion_ids:
+        return {}
+    observations = session.scalars(
+        select(LesionObservation)
+        .where(LesionObservation.lesion_pk.in_(lesion_ids), LesionObservation.superseded_by_job.is_(None))
+        .order_by(LesionObservation.id)
+    )
+    uid_of = {les.id: les.tracking_uid for les in lesions}
+    latest: dict[tuple[str, str], LesionObservation] = {}
+    for o in observations:
+        latest[(uid_of[o.lesion_pk], o.series_instance_uid)] = o
+    return latest
+
+
+def _timepoints(
+    session: Session,
+    cells: dict[tuple[str, str], Cell],
+    pending: Sequence[PendingTimepoint],
+    until_series_uid: str | None,
+) -> list[TimepointInfo]:
+    """The patient's timepoints in time order (cut after ``until_series_uid``)."""
     info = _series_info(session, {series for _uid, series in cells})
     for p in pending:
         info[p.series_uid] = _SeriesInfo(p.study_uid, p.study_date, p.study_time, p.slice_thickness_mm)
     ordered = sorted(info, key=lambda u: (info[u].study_date or "99999999", info[u].study_time or "", u))
     if until_series_uid is not None and until_series_uid in ordered:
         ordered = ordered[: ordered.index(until_series_uid) + 1]
-    timepoints = [
+    return [
         TimepointInfo(
             i,
             "Baseline" if i == 0 else f"FU{i}",
@@ -271,15 +307,15 @@ def build_timeline(
         )
         for i, uid in enumerate(ordered)
     ]
-    _attach_result_objects(session, timepoints, latest)
-    _attach_verifications(session, timepoints)
-    kinds = object_kinds(
-        session, [u for c in cells.values() for u in (c.seg_sop_instance_uid, c.propagated_from_sop_uid)]
-    )
-    for cell in cells.values():
-        cell.object_kind = kinds.get(cell.seg_sop_instance_uid or "")
-        cell.prompt_kind = kinds.get(cell.propagated_from_sop_uid or "")
 
+
+def _lesion_rows(
+    lesions: Sequence[Lesion],
+    pending: Sequence[PendingTimepoint],
+    cells: dict[tuple[str, str], Cell],
+    timepoints: Sequence[TimepointInfo],
+) -> list[LesionRow]:
+    """One row per lesion seen at any of the timepoints (a retired lesion up to where a reader deleted it)."""
     rows: list[LesionRow] = []
     known = {les.tracking_uid for les in lesions}
     pending_only = {
@@ -302,24 +338,17 @@ def build_timeline(
         if not any(row_cells):
             continue
         _fill_changes(row_cells)
-        role = "" if is_target is None else ("target" if is_target else "non-target")
+        role = (
+            recist.RecistRole.NOT_ASSESSED
+            if is_target is None
+            else (recist.RecistRole.TARGET if is_target else recist.RecistRole.NON_TARGET)
+        )
         if retired_at is not None:
-            role = "retired"
+            role = recist.RecistRole.RETIRED
         rows.append(
             LesionRow(lesion_id, tracking_id, tracking_uid, site, origin, role, row_cells, retired_at, retired_by)
         )
-    for tp in timepoints:
-        observed = [c for row in rows if (c := row.cells[tp.index]) is not None]
-        tp.lesions_observed = len(observed)
-        tp.lesions_need_review = sum(c.review for c in observed)
-        tp.lesions_assessed = sum(c.confidence is not None for c in observed)
-    searches = search_states(session, ordered)
-    for p in pending:
-        if p.search is not None:
-            searches[p.series_uid] = p.search
-    timeline = PatientTimeline(patient_pk, timepoints, rows, candidates=latest_candidates(session, ordered))
-    _apply_recist(timeline, rules, [searches.get(tp.series_uid) for tp in timepoints])
-    return timeline
+    return rows
 
 
 def _attach_verifications(session: Session, timepoints: Sequence[TimepointInfo]) -> None:
@@ -527,7 +556,7 @@ def _apply_recist(
     if not tl.timepoints or not tl.lesions:
         return
     per_tp: list[list[recist.RecistLesion]] = []
-    counted = [row for row in tl.lesions if row.role != "retired"]  # a reader said it is no lesion
+    counted = [row for row in tl.lesions if row.role != recist.RecistRole.RETIRED]  # a reader said it is no lesion
     for tp in tl.timepoints:
         items = []
         for row in counted:
@@ -544,8 +573,12 @@ def _apply_recist(
         per_tp.append(items)
     baseline_uids = {r.tracking_uid for r in per_tp[0]}
     override = None
-    forced_t = [r.tracking_uid for r in tl.lesions if r.role == "target" and r.tracking_uid in baseline_uids]
-    forced_n = [r.tracking_uid for r in tl.lesions if r.role == "non-target" and r.tracking_uid in baseline_uids]
+    forced_t = [
+        r.tracking_uid for r in tl.lesions if r.role == recist.RecistRole.TARGET and r.tracking_uid in baseline_uids
+    ]
+    forced_n = [
+        r.tracking_uid for r in tl.lesions if r.role == recist.RecistRole.NON_TARGET and r.tracking_uid in baseline_uids
+    ]
     if forced_t or forced_n:
         override = recist.TargetOverride(
             force_target=forced_t, force_non_target=forced_n, by="database", reason="is_target recorded for the lesion"
@@ -578,4 +611,4 @@ def _apply_recist(
     for row in tl.lesions:
         if not row.role:
             role = assessment.selection.role_of(row.tracking_uid)
-            row.role = role or ("new" if row.cells[0] is None else "")
+            row.role = role or (recist.RecistRole.NEW if row.cells[0] is None else recist.RecistRole.NOT_ASSESSED)

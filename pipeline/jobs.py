@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from lesiontrack.db.models import AnalysisJob, JobState, Series
+from lesiontrack.db.models import AnalysisJob, JobState, Series, Study
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import affected_rows, session_scope
 
@@ -181,8 +181,6 @@ class JobStore:
                     return existing.id
             patient_pk = s.scalar(select(Series.study_pk).where(Series.series_instance_uid == series_uid))
             if patient_pk is not None:
-                from lesiontrack.db.models import Study
-
                 patient_pk = s.scalar(select(Study.patient_pk).where(Study.id == patient_pk))
             job = AnalysisJob(
                 followup_series_uid=series_uid,

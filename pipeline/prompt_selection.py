@@ -24,6 +24,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pydicom
+from sqlalchemy import select
+
+from lesiontrack.db.models import Instance, Series
+from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.ports import PriorAnnotation, PriorTimepoint
 
 if TYPE_CHECKING:
@@ -117,7 +122,6 @@ def is_our_object(path: Path) -> bool:
     Ours: ``Manufacturer`` LesionTrack, except a SEG whose segments are all ``MANUAL`` (drawn by a person, e.g. the
     demo's baseline or a verified result re-issued by a reader, which then counts as the person's).
     """
-    import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -134,7 +138,6 @@ def is_our_object(path: Path) -> bool:
 
 def content_key(path: Path) -> str:
     """Sortable content date+time of a DICOM object ('' when unreadable)."""
-    import pydicom
 
     try:
         ds = pydicom.dcmread(
@@ -193,10 +196,6 @@ def written_by_us(path: str | Path) -> bool:
 def our_instance_uids(session_factory: sessionmaker[Session], sop_uids: Iterable[str]) -> set[str]:
     """Which of ``sop_uids`` are our instances: in a series we created (Series.created_by_us) and
     :func:`written_by_us` (a person's object saved into such a series is not)."""
-    from sqlalchemy import select
-
-    from lesiontrack.db.models import Instance, Series
-    from lesiontrack.db.session import session_scope
 
     uids = list(sop_uids)
     if not uids:

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.annotations.common import AnnotationWarning, SourcedPrompts, merge_by_precedence
-from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES
+from lesiontrack.pipeline.annotations.gsps import GSPS_SOP_CLASSES, read_gsps_prompts
+from lesiontrack.pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS, read_rtstruct_prompts
+from lesiontrack.pipeline.seg_reader import SEG_SOP_CLASSES, read_seg_prompts
+from lesiontrack.pipeline.sr_reader import read_sr_prompts
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +161,6 @@ class FoundAnnotation:
 
 def annotation_kind(sop_class_uid: str) -> str | None:
     """SEG, SR, PR or RTSTRUCT for an annotation SOP class; None for anything else."""
-    from lesiontrack.pipeline.annotations.gsps import GSPS_SOP_CLASSES
-    from lesiontrack.pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
 
     if sop_class_uid in SEG_SOP_CLASSES:
         return "SEG"
@@ -176,7 +178,6 @@ def find_annotation_objects(
 ) -> list[FoundAnnotation]:
     """Every SEG, SR, presentation state and RT structure set in ``directory`` (recursive) that references
     ``ct_series_uid`` when it is given; unparseable DICOM files are listed in ``unreadable``."""
-    import pydicom
 
     out: list[FoundAnnotation] = []
     for f in sorted(Path(directory).rglob("*")):
@@ -227,7 +228,6 @@ def find_annotation_objects(
 
 
 def _referenced_series(path: Path) -> set[str]:
-    import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     out: set[str] = set()
@@ -306,13 +306,8 @@ def prompts_from_object(
     if modality == "SEG":
         return prompts_from_seg(path, ct)
     if modality == "SR":
-        from lesiontrack.pipeline.sr_reader import read_sr_prompts
-
         return _call_reader(lambda p, c: read_sr_prompts(p, c, warnings=sink), path, ct)
     if modality in ("PR", "RTSTRUCT"):
-        from lesiontrack.pipeline.annotations.gsps import read_gsps_prompts
-        from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
-
         reader = read_gsps_prompts if modality == "PR" else read_rtstruct_prompts
 
         def read(p: Path, c: Volume) -> list[Prompt]:
@@ -327,42 +322,21 @@ def prompts_from_object(
 
 
 def prompts_from_seg(path: str | Path, ct: Volume) -> list[Prompt]:
-    reader = _reader(
-        "lesiontrack.pipeline.seg_reader", ("read_seg_prompts", "seg_to_prompts", "read_prompts", "read_seg")
-    )
-    return _call_reader(reader, path, ct)
+    return _call_reader(read_seg_prompts, path, ct)
 
 
 def prompts_from_sr(path: str | Path, ct: Volume) -> list[Prompt]:
-    reader = _reader("lesiontrack.pipeline.sr_reader", ("read_sr_prompts", "sr_to_prompts", "read_prompts", "read_sr"))
-    return _call_reader(reader, path, ct)
+    return _call_reader(read_sr_prompts, path, ct)
 
 
-def _reader(module: str, names: tuple[str, ...]) -> Callable[..., Any]:
-    import importlib
-
+def _call_reader(reader: Callable[[Path, Volume], list[Prompt]], path: str | Path, ct: Volume) -> list[Prompt]:
     try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise PromptSourceError(f"{module} is not available in this installation ({exc})") from exc
-    for n in names:
-        if hasattr(mod, n):
-            return getattr(mod, n)
-    raise PromptSourceError(f"{module} has none of {names}")
-
-
-def _call_reader(reader: Callable[..., Any], path: str | Path, ct: Volume) -> list[Prompt]:
-    try:
-        try:
-            result = reader(Path(path), ct)
-        except TypeError:
-            result = reader(Path(path))
+        prompts = reader(Path(path), ct)
     except PromptSourceError:
         raise
     except Exception as exc:  # a corrupt or unreadable annotation: name the file and the problem
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise PromptSourceError(f"{path}: cannot read the annotation ({type(exc).__name__}: {detail})") from exc
-    prompts = list(getattr(result, "prompts", result))
     if not prompts:
         raise NoLesionInAnnotation(f"{path}: no lesions found in the annotation")
     return prompts

@@ -54,6 +54,18 @@ class RecistRules(RecistSettings):
         return self.min_long_axis_mm
 
 
+class RecistRole(StrEnum):
+    """A lesion's RECIST 1.1 role: chosen at baseline (target, non-target, normal node); a patient's timeline adds
+    new (not there at baseline), retired (deleted by a reader) and not assessed ("")."""
+
+    TARGET = "target"
+    NON_TARGET = "non-target"
+    NORMAL_NODE = "normal node"
+    NEW = "new"
+    RETIRED = "retired"
+    NOT_ASSESSED = ""
+
+
 class NewLesionState(StrEnum):
     """What a report may say about new lesions at one timepoint."""
 
@@ -118,7 +130,7 @@ class RecistLesion:
 class SelectionDecision:
     tracking_uid: str
     tracking_id: str
-    role: str  # "target", "non-target" or "normal node"
+    role: RecistRole  # target, non-target or normal node
     reason: str
     overridden: bool = False
 
@@ -132,13 +144,13 @@ class TargetSelection:
 
     @property
     def targets(self) -> list[str]:
-        return [d.tracking_uid for d in self.decisions if d.role == "target"]
+        return [d.tracking_uid for d in self.decisions if d.role is RecistRole.TARGET]
 
     @property
     def non_targets(self) -> list[str]:
-        return [d.tracking_uid for d in self.decisions if d.role == "non-target"]
+        return [d.tracking_uid for d in self.decisions if d.role is RecistRole.NON_TARGET]
 
-    def role_of(self, uid: str) -> str | None:
+    def role_of(self, uid: str) -> RecistRole | None:
         return next((d.role for d in self.decisions if d.tracking_uid == uid), None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,14 +198,14 @@ def select_targets(
                 decisions[les.tracking_uid] = SelectionDecision(
                     les.tracking_uid,
                     les.tracking_id,
-                    "non-target",
+                    RecistRole.NON_TARGET,
                     f"pathological node, short axis {les.short_axis_mm:.1f} mm < {rules.min_node_short_axis_mm:g} mm",
                 )
             else:
                 decisions[les.tracking_uid] = SelectionDecision(
                     les.tracking_uid,
                     les.tracking_id,
-                    "normal node",
+                    RecistRole.NORMAL_NODE,
                     f"node short axis {les.short_axis_mm:.1f} mm < {rules.pathological_node_short_axis_mm:g} mm",
                 )
         elif les.long_axis_mm >= min_ld:
@@ -202,7 +214,7 @@ def select_targets(
             decisions[les.tracking_uid] = SelectionDecision(
                 les.tracking_uid,
                 les.tracking_id,
-                "non-target",
+                RecistRole.NON_TARGET,
                 f"non-measurable, long axis {les.long_axis_mm:.1f} mm < {min_ld:g} mm",
             )
     measurable.sort(key=lambda x: diameter_of(x, rules), reverse=True)
@@ -212,33 +224,38 @@ def select_targets(
         organ = (les.organ or "unknown").lower()
         size = f"{'short' if les.is_node else 'long'} axis {diameter_of(les, rules):.1f} mm"
         if n_targets >= rules.max_targets:
-            role, reason = "non-target", f"measurable ({size}) but {rules.max_targets} targets already chosen"
+            role, reason = RecistRole.NON_TARGET, f"measurable ({size}) but {rules.max_targets} targets already chosen"
         elif per_organ.get(organ, 0) >= rules.max_targets_per_organ:
             role, reason = (
-                "non-target",
+                RecistRole.NON_TARGET,
                 (f"measurable ({size}) but {rules.max_targets_per_organ} targets already in {organ}"),
             )
         else:
-            role, reason = "target", f"measurable ({size}), among the largest"
+            role, reason = RecistRole.TARGET, f"measurable ({size}), among the largest"
             per_organ[organ] = per_organ.get(organ, 0) + 1
             n_targets += 1
         decisions[les.tracking_uid] = SelectionDecision(les.tracking_uid, les.tracking_id, role, reason)
     selection = TargetSelection([decisions[x.tracking_uid] for x in lesions])
     if override is not None:
-        known = {d.tracking_uid: d for d in selection.decisions}
-        for uid in list(override.force_target) + list(override.force_non_target):
-            if uid not in known:
-                raise ValueError(f"target override names unknown lesion {uid}")
-        for uid, role in [(u, "target") for u in override.force_target] + [
-            (u, "non-target") for u in override.force_non_target
-        ]:
-            d = known[uid]
-            if d.role != role:
-                d.role, d.reason, d.overridden = role, f"{override.reason} (was: {d.reason})", True
-        selection.overridden_by = override.by
-        if len(selection.targets) > rules.max_targets:
-            raise ValueError(f"override selects {len(selection.targets)} targets, more than {rules.max_targets}")
+        _apply_override(selection, override, rules)
     return selection
+
+
+def _apply_override(selection: TargetSelection, override: TargetOverride, rules: RecistRules) -> None:
+    """A reader's forced target / non-target roles (each decision says what it was before)."""
+    known = {d.tracking_uid: d for d in selection.decisions}
+    for uid in list(override.force_target) + list(override.force_non_target):
+        if uid not in known:
+            raise ValueError(f"target override names unknown lesion {uid}")
+    for uid, role in [(u, RecistRole.TARGET) for u in override.force_target] + [
+        (u, RecistRole.NON_TARGET) for u in override.force_non_target
+    ]:
+        d = known[uid]
+        if d.role != role:
+            d.role, d.reason, d.overridden = role, f"{override.reason} (was: {d.reason})", True
+    selection.overridden_by = override.by
+    if len(selection.targets) > rules.max_targets:
+        raise ValueError(f"override selects {len(selection.targets)} targets, more than {rules.max_targets}")
 
 
 @dataclass
@@ -323,151 +340,193 @@ def assess(
     baseline = list(timepoints[0])
     if selection is None:
         selection = select_targets(baseline, rules, slice_thickness_mm=slice_thickness_mm, override=override)
-    targets, non_targets = selection.targets, selection.non_targets
-    baseline_uids = {b.tracking_uid for b in baseline}
+    course = _Course(selection.targets, selection.non_targets, {b.tracking_uid for b in baseline}, rules)
     flags = list(non_target_progression or [])
     searches = list(new_lesion_search or [])
-
-    sums: list[float | None] = []
-    vols: list[float | None] = []
-    results: list[TimepointResponse] = []
-    for idx, tp in enumerate(timepoints):
-        by_uid = {les.tracking_uid: les for les in tp}
-        notes: list[str] = []
-        tgt = [by_uid.get(u) for u in targets]
-        evaluable = bool(targets) and all(t is not None and t.evaluated for t in tgt)
-        total = sum(diameter_of(t, rules) for t in tgt if t is not None) if evaluable else None
-        vol_total = sum(t.volume_mm3 for t in tgt if t is not None and not t.vanished) if evaluable else None
-        sums.append(total)
-        vols.append(vol_total)
-        base_sum = sums[0] if sums[0] is not None else 0.0
-        earlier = [s for s in sums[:-1] if s is not None]
-        nadir = min(earlier) if earlier else None
-        earlier_v = [v for v in vols[:-1] if v is not None]
-        nadir_v = min(earlier_v) if earlier_v else None
-
-        new = idx > 0 and any(
-            les.status == LesionStatus.NEW or (les.tracking_uid not in baseline_uids and not les.vanished) for les in tp
+    results = [
+        _assess_timepoint(
+            course,
+            idx,
+            tp,
+            searches[idx] if idx < len(searches) else None,
+            non_target_progression=idx < len(flags) and flags[idx],
         )
-        if new:
-            notes.append(
-                "new lesion(s): "
-                + ", ".join(
-                    les.tracking_id or les.tracking_uid
-                    for les in tp
-                    if les.status == LesionStatus.NEW or les.tracking_uid not in baseline_uids
-                )
-            )
-
-        # target response
-        if not targets:
-            target_resp = Response.ND
-        elif not evaluable or total is None:
-            target_resp = Response.NE
-            notes.append("not all target lesions evaluated")
-        elif idx == 0:
-            target_resp = Response.NE
-        elif nadir is None:  # no earlier timepoint had an evaluable sum: nothing to compare against
-            target_resp = Response.NE
-            notes.append("no earlier evaluable target sum")
-        else:
-            nodes_ok = all(
-                t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm
-                for t in tgt
-                if t is not None
-            )
-            others_gone = all(t.vanished for t in tgt if t is not None and not t.is_node)
-            if (
-                _pct(total, nadir) is not None
-                and (total - nadir) >= rules.pd_min_absolute_mm
-                and 100.0 * (total - nadir) / nadir >= rules.pd_threshold_pct
-            ):
-                target_resp = Response.PD
-            elif nadir == 0 and total - nadir >= rules.pd_min_absolute_mm:
-                target_resp = Response.PD
-            elif others_gone and nodes_ok:
-                target_resp = Response.CR
-            elif base_sum > 0 and 100.0 * (total - base_sum) / base_sum <= rules.pr_threshold_pct:
-                target_resp = Response.PR
-            else:
-                target_resp = Response.SD
-
-        # non-target response
-        nts = [by_uid.get(u) for u in non_targets]
-        if not non_targets:
-            nt_resp = Response.ND
-        elif idx == 0:
-            nt_resp = Response.NE
-        elif idx < len(flags) and flags[idx]:
-            nt_resp = Response.PD
-        elif any(n is None or not n.evaluated for n in nts):
-            nt_resp = Response.NE
-        elif all(
-            n is not None and (n.vanished or (n.is_node and n.short_axis_mm < rules.node_cr_short_axis_mm)) for n in nts
-        ):
-            nt_resp = Response.CR
-        else:
-            nt_resp = Response.NON_CR_NON_PD
-
-        search = searches[idx] if idx < len(searches) else None
-        if new:
-            new_state = NewLesionState.CONFIRMED
-        elif search is None or not search.ran:
-            new_state = NewLesionState.NOT_ASSESSED
-        elif search.unconfirmed:
-            new_state = NewLesionState.CANDIDATES
-        else:
-            new_state = NewLesionState.NONE_FOUND
-        if idx > 0 and new_state is NewLesionState.NOT_ASSESSED:
-            notes.append("new lesions not assessed: no CR/PR/SD can be declared")
-        if idx > 0 and new_state is NewLesionState.CANDIDATES:
-            notes.append(
-                f"{search.unconfirmed if search else 0} equivocal new-lesion candidate(s): follow up; "
-                "PD only once confirmed"
-            )
-        overall = Response.NE if idx == 0 else _overall(target_resp, nt_resp, new_state)
-
-        # volumetric secondary readout (sum of target volumes)
-        vresp: Response | None = None
-        v_base = vols[0]
-        if idx > 0 and vol_total is not None and v_base:
-            if (
-                nadir_v is not None
-                and nadir_v > 0
-                and 100.0 * (vol_total - nadir_v) / nadir_v >= rules.volume_pd_threshold_pct
-            ):
-                vresp = Response.PD
-            elif vol_total == 0:
-                vresp = Response.CR
-            elif 100.0 * (vol_total - v_base) / v_base <= rules.volume_pr_threshold_pct:
-                vresp = Response.PR
-            else:
-                vresp = Response.SD
-        results.append(
-            TimepointResponse(
-                index=idx,
-                sum_of_diameters_mm=total,
-                baseline_sum_mm=base_sum,
-                nadir_sum_mm=nadir,
-                change_from_baseline_pct=None if total is None or idx == 0 else _pct(total, base_sum),
-                change_from_nadir_pct=None if total is None or nadir is None else _pct(total, nadir),
-                change_from_nadir_mm=None if total is None or nadir is None else total - nadir,
-                target_response=target_resp,
-                non_target_response=nt_resp,
-                new_lesions=new,
-                overall_response=overall,
-                sum_of_volumes_mm3=vol_total,
-                volume_change_from_baseline_pct=None
-                if vol_total is None or idx == 0 or not v_base
-                else _pct(vol_total, v_base),
-                volume_change_from_nadir_pct=None if vol_total is None or nadir_v is None else _pct(vol_total, nadir_v),
-                volumetric_response=vresp,
-                new_lesion_state=new_state if idx > 0 else NewLesionState.NOT_ASSESSED,
-                new_lesion_candidates=(search.unconfirmed if search and search.ran else 0) if idx > 0 else 0,
-                notes=notes,
-            )
-        )
+        for idx, tp in enumerate(timepoints)
+    ]
     return RecistAssessment(selection, results, best_overall_response(results))
+
+
+@dataclass
+class _Course:
+    """What the assessment of each timepoint needs: the selection, the rules and the sums of the ones before it."""
+
+    targets: list[str]
+    non_targets: list[str]
+    baseline_uids: set[str]
+    rules: RecistRules
+    sums: list[float | None] = field(default_factory=list)  # sum of target diameters per timepoint so far
+    vols: list[float | None] = field(default_factory=list)  # sum of target volumes per timepoint so far
+
+
+def _nadir(values: list[float | None]) -> float | None:
+    """The smallest known value before the last one."""
+    earlier = [v for v in values[:-1] if v is not None]
+    return min(earlier) if earlier else None
+
+
+def _assess_timepoint(
+    course: _Course,
+    idx: int,
+    tp: Sequence[RecistLesion],
+    search: NewLesionSearch | None,
+    *,
+    non_target_progression: bool,
+) -> TimepointResponse:
+    rules = course.rules
+    by_uid = {les.tracking_uid: les for les in tp}
+    notes: list[str] = []
+    tgt = [by_uid.get(u) for u in course.targets]
+    evaluable = bool(course.targets) and all(t is not None and t.evaluated for t in tgt)
+    total = sum(diameter_of(t, rules) for t in tgt if t is not None) if evaluable else None
+    vol_total = sum(t.volume_mm3 for t in tgt if t is not None and not t.vanished) if evaluable else None
+    course.sums.append(total)
+    course.vols.append(vol_total)
+    base_sum = course.sums[0] if course.sums[0] is not None else 0.0
+    nadir, nadir_v = _nadir(course.sums), _nadir(course.vols)
+    v_base = course.vols[0]
+    new = _new_lesions(course, idx, tp, notes)
+    target_resp = _target_response(course, idx, tgt, total, nadir, notes)
+    nt_resp = _non_target_response(course, idx, by_uid, non_target_progression=non_target_progression)
+    new_state = _new_lesion_state(idx, new, search, notes)
+    return TimepointResponse(
+        index=idx,
+        sum_of_diameters_mm=total,
+        baseline_sum_mm=base_sum,
+        nadir_sum_mm=nadir,
+        change_from_baseline_pct=None if total is None or idx == 0 else _pct(total, base_sum),
+        change_from_nadir_pct=None if total is None or nadir is None else _pct(total, nadir),
+        change_from_nadir_mm=None if total is None or nadir is None else total - nadir,
+        target_response=target_resp,
+        non_target_response=nt_resp,
+        new_lesions=new,
+        overall_response=Response.NE if idx == 0 else _overall(target_resp, nt_resp, new_state),
+        sum_of_volumes_mm3=vol_total,
+        volume_change_from_baseline_pct=None
+        if vol_total is None or idx == 0 or not v_base
+        else _pct(vol_total, v_base),
+        volume_change_from_nadir_pct=None if vol_total is None or nadir_v is None else _pct(vol_total, nadir_v),
+        volumetric_response=_volumetric_response(rules, idx, vol_total, v_base, nadir_v),
+        new_lesion_state=new_state if idx > 0 else NewLesionState.NOT_ASSESSED,
+        new_lesion_candidates=(search.unconfirmed if search and search.ran else 0) if idx > 0 else 0,
+        notes=notes,
+    )
+
+
+def _new_lesions(course: _Course, idx: int, tp: Sequence[RecistLesion], notes: list[str]) -> bool:
+    """Confirmed new lesions at a follow-up: status "new", or a Tracking UID not seen at baseline (noted)."""
+    uids = course.baseline_uids
+    new = idx > 0 and any(
+        les.status == LesionStatus.NEW or (les.tracking_uid not in uids and not les.vanished) for les in tp
+    )
+    if new:
+        notes.append(
+            "new lesion(s): "
+            + ", ".join(
+                les.tracking_id or les.tracking_uid
+                for les in tp
+                if les.status == LesionStatus.NEW or les.tracking_uid not in uids
+            )
+        )
+    return new
+
+
+def _target_response(
+    course: _Course,
+    idx: int,
+    tgt: list[RecistLesion | None],
+    total: float | None,
+    nadir: float | None,
+    notes: list[str],
+) -> Response:
+    rules = course.rules
+    if not course.targets:
+        return Response.ND
+    if total is None:
+        notes.append("not all target lesions evaluated")
+        return Response.NE
+    if idx == 0:
+        return Response.NE
+    if nadir is None:  # no earlier timepoint had an evaluable sum: nothing to compare against
+        notes.append("no earlier evaluable target sum")
+        return Response.NE
+    base_sum = course.sums[0] if course.sums[0] is not None else 0.0
+    nodes_ok = all(
+        t.vanished or not t.is_node or t.short_axis_mm < rules.node_cr_short_axis_mm for t in tgt if t is not None
+    )
+    others_gone = all(t.vanished for t in tgt if t is not None and not t.is_node)
+    if (
+        _pct(total, nadir) is not None
+        and (total - nadir) >= rules.pd_min_absolute_mm
+        and 100.0 * (total - nadir) / nadir >= rules.pd_threshold_pct
+    ) or (nadir == 0 and total - nadir >= rules.pd_min_absolute_mm):
+        return Response.PD
+    if others_gone and nodes_ok:
+        return Response.CR
+    if base_sum > 0 and 100.0 * (total - base_sum) / base_sum <= rules.pr_threshold_pct:
+        return Response.PR
+    return Response.SD
+
+
+def _non_target_response(
+    course: _Course, idx: int, by_uid: dict[str, RecistLesion], *, non_target_progression: bool
+) -> Response:
+    nts = [by_uid.get(u) for u in course.non_targets]
+    if not course.non_targets:
+        return Response.ND
+    if idx == 0:
+        return Response.NE
+    if non_target_progression:
+        return Response.PD
+    if any(n is None or not n.evaluated for n in nts):
+        return Response.NE
+    cr = course.rules.node_cr_short_axis_mm
+    if all(n is not None and (n.vanished or (n.is_node and n.short_axis_mm < cr)) for n in nts):
+        return Response.CR
+    return Response.NON_CR_NON_PD
+
+
+def _new_lesion_state(idx: int, new: bool, search: NewLesionSearch | None, notes: list[str]) -> NewLesionState:
+    if new:
+        state = NewLesionState.CONFIRMED
+    elif search is None or not search.ran:
+        state = NewLesionState.NOT_ASSESSED
+    elif search.unconfirmed:
+        state = NewLesionState.CANDIDATES
+    else:
+        state = NewLesionState.NONE_FOUND
+    if idx > 0 and state is NewLesionState.NOT_ASSESSED:
+        notes.append("new lesions not assessed: no CR/PR/SD can be declared")
+    if idx > 0 and state is NewLesionState.CANDIDATES:
+        notes.append(
+            f"{search.unconfirmed if search else 0} equivocal new-lesion candidate(s): follow up; "
+            "PD only once confirmed"
+        )
+    return state
+
+
+def _volumetric_response(
+    rules: RecistRules, idx: int, vol_total: float | None, v_base: float | None, nadir_v: float | None
+) -> Response | None:
+    """The volumetric secondary readout (sum of target volumes)."""
+    if idx == 0 or vol_total is None or not v_base:
+        return None
+    if nadir_v is not None and nadir_v > 0 and 100.0 * (vol_total - nadir_v) / nadir_v >= rules.volume_pd_threshold_pct:
+        return Response.PD
+    if vol_total == 0:
+        return Response.CR
+    if 100.0 * (vol_total - v_base) / v_base <= rules.volume_pr_threshold_pct:
+        return Response.PR
+    return Response.SD
 
 
 def _overall(target: Response, non_target: Response, new: NewLesionState) -> Response:

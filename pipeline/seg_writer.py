@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import highdicom as hd
 import numpy as np
@@ -162,20 +163,36 @@ def _mask_on_grid(lesion: TrackedLesion, grid: Volume) -> np.ndarray:
     return mask_onto_grid(lesion.mask, grid)
 
 
+class SegHeader(TypedDict, total=False):
+    """Where the SEG goes and who made it (keyword arguments of :func:`write_seg`)."""
+
+    series_number: int  # 901 unless given
+    instance_number: int
+    series_description: str
+    manufacturer: str
+    software_version: str
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    workers: int  # highdicom's frame-encoding workers (0: in this thread)
+
+
+@dataclass
+class _Segments:
+    """The present lesions with a non-empty mask on the grid: a label array plus each mask's slice range (crop)."""
+
+    kept: list[TrackedLesion]
+    labels: np.ndarray
+    crops: list[tuple[int, np.ndarray]]
+    overlap: bool
+
+
 def write_seg(
     source_datasets: Sequence[Dataset],
     lesions: Sequence[TrackedLesion],
     *,
     segmentation_type: str = "binary",
-    series_number: int = 901,
-    instance_number: int = 1,
-    series_description: str = "LesionTrack lesions",
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str = SOFTWARE_VERSION,
     algorithm_type: str = "SEMIAUTOMATIC",
-    workers: int = 0,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
+    **header: Unpack[SegHeader],
 ) -> SegWriteResult:
     """Build the SEG of ``lesions`` (present ones only) on the CT series ``source_datasets`` (metadata suffices)."""
     sorted_ds, grid = sort_source_slices(source_datasets)
@@ -186,7 +203,53 @@ def write_seg(
     kind = segmentation_type.lower()
     if kind not in ("binary", "labelmap", "auto"):
         raise SegWriteError(f"unknown segmentation type {segmentation_type!r} (binary, labelmap or auto)")
-    # One pass, bounded memory: a label array for the whole grid plus each mask's slice range (crop).
+    segs = _segments(present, grid, str(sorted_ds[0].SeriesInstanceUID))
+    kept, crops, overlap = segs.kept, segs.crops, segs.overlap
+    uids = [les.identity.tracking_uid for les in kept]
+    if len(set(uids)) != len(uids):
+        raise SegWriteError(f"duplicate tracking UIDs among lesions: {uids}")
+    if kind == "auto":
+        kind = "binary" if overlap else "labelmap"
+    if kind == "labelmap" and overlap:
+        raise SegWriteError("lesion masks overlap: LABELMAP cannot encode them (use binary)")
+    if not overlap:
+        # label-map style input: one integer per voxel (works for BINARY and LABELMAP)
+        pixel, sources = segs.labels, sorted_ds
+    else:
+        pixel, sources = _stacked(segs, sorted_ds, grid)
+    software_version = header.get("software_version", SOFTWARE_VERSION)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel,
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP
+        if kind == "labelmap"
+        else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=_descriptions(kept, algorithm_type, software_version),
+        series_instance_uid=header.get("series_instance_uid") or hd.UID(),
+        series_number=header.get("series_number", 901),
+        sop_instance_uid=header.get("sop_instance_uid") or hd.UID(),
+        instance_number=header.get("instance_number", 1),
+        manufacturer=header.get("manufacturer", SOFTWARE_NAME),
+        manufacturer_model_name=SOFTWARE_NAME,
+        software_versions=software_version,
+        device_serial_number="0",
+        content_label="LESIONS",
+        content_description="Tracked lesions",
+        series_description=header.get("series_description", "LesionTrack lesions"),
+        transfer_syntax_uid=RLELossless if kind == "labelmap" else ExplicitVRLittleEndian,
+        omit_empty_frames=True,
+        workers=header.get("workers", 0),
+    )
+    n = len(kept)
+    log.debug("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
+    slices_of = {i: [k0 + d for d in range(c.shape[0]) if c[d].any()] for i, (k0, c) in enumerate(crops, start=1)}
+    return SegWriteResult(
+        seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds, grid, kind, slices_of
+    )
+
+
+def _segments(present: list[TrackedLesion], grid: Volume, series_uid: str) -> _Segments:
+    """One pass, bounded memory: a label array for the whole grid plus each mask's slice range (crop)."""
     crops: list[tuple[int, np.ndarray]] = []
     kept: list[TrackedLesion] = []
     labels = np.zeros(grid.shape, np.uint8 if len(present) < 255 else np.uint16)
@@ -199,7 +262,7 @@ def write_seg(
                 "lesion %s (%s) has an empty mask on series %s: no segment written",
                 les.identity.tracking_id,
                 les.identity.tracking_uid,
-                sorted_ds[0].SeriesInstanceUID,
+                series_uid,
             )
             continue
         overlap = overlap or bool((labels[m] != 0).any())
@@ -208,31 +271,27 @@ def write_seg(
         kept.append(les)
         del m
     if not kept:
-        raise SegWriteError(f"no present lesion with a non-empty mask for series {sorted_ds[0].SeriesInstanceUID}")
-    uids = [les.identity.tracking_uid for les in kept]
-    if len(set(uids)) != len(uids):
-        raise SegWriteError(f"duplicate tracking UIDs among lesions: {uids}")
-    if kind == "auto":
-        kind = "binary" if overlap else "labelmap"
-    if kind == "labelmap" and overlap:
-        raise SegWriteError("lesion masks overlap: LABELMAP cannot encode them (use binary)")
+        raise SegWriteError(f"no present lesion with a non-empty mask for series {series_uid}")
+    return _Segments(kept, labels, crops, overlap)
 
-    n = len(kept)
-    if not overlap:
-        # label-map style input: one integer per voxel (works for BINARY and LABELMAP)
-        pixel = labels
-        sources = sorted_ds
-    else:
-        # stacked segments, restricted to slices that contain any lesion (keeps memory bounded)
-        del labels
-        slices = sorted({k0 + d for k0, c in crops for d in range(c.shape[0])})
-        pos = {k: i for i, k in enumerate(slices)}
-        pixel = np.zeros((len(slices), *grid.shape[1:], n), bool)
-        for s_idx, (k0, c) in enumerate(crops):
-            for d in range(c.shape[0]):
-                pixel[pos[k0 + d], :, :, s_idx] = c[d]
-        sources = [sorted_ds[i] for i in slices]
 
+def _stacked(segs: _Segments, sorted_ds: list[Dataset], grid: Volume) -> tuple[np.ndarray, list[Dataset]]:
+    """Stacked segments, restricted to slices that contain any lesion (keeps memory bounded)."""
+    crops = segs.crops
+    segs.labels = np.zeros((0,), np.uint8)  # the label array is not needed: free it
+    slices = sorted({k0 + d for k0, c in crops for d in range(c.shape[0])})
+    pos = {k: i for i, k in enumerate(slices)}
+    pixel = np.zeros((len(slices), *grid.shape[1:], len(segs.kept)), bool)
+    for s_idx, (k0, c) in enumerate(crops):
+        for d in range(c.shape[0]):
+            pixel[pos[k0 + d], :, :, s_idx] = c[d]
+    return pixel, [sorted_ds[i] for i in slices]
+
+
+def _descriptions(
+    kept: list[TrackedLesion], algorithm_type: str, software_version: str
+) -> list[hd.seg.SegmentDescription]:
+    """One segment per lesion (numbered from 1): tracked lesions in the palette, candidates in their own category."""
     descriptions = []
     lesion_number = 0
     for number, les in enumerate(kept, start=1):
@@ -273,34 +332,7 @@ def write_seg(
         said = clean_description(ident.tracking_id, ident.description)
         if said:  # the radiologist's full words (ST); the label above carries them within LO's 64 characters
             descriptions[-1].SegmentDescription = said[:1024]
-
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel,
-        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP
-        if kind == "labelmap"
-        else hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or hd.UID(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=SOFTWARE_NAME,
-        software_versions=software_version,
-        device_serial_number="0",
-        content_label="LESIONS",
-        content_description="Tracked lesions",
-        series_description=series_description,
-        transfer_syntax_uid=RLELossless if kind == "labelmap" else ExplicitVRLittleEndian,
-        omit_empty_frames=True,
-        workers=workers,
-    )
-    log.debug("SEG %s: %d segments (%s) on series %s", seg.SOPInstanceUID, n, kind, sorted_ds[0].SeriesInstanceUID)
-    slices_of = {i: [k0 + d for d in range(c.shape[0]) if c[d].any()] for i, (k0, c) in enumerate(crops, start=1)}
-    return SegWriteResult(
-        seg, {les.identity.tracking_uid: i for i, les in enumerate(kept, start=1)}, sorted_ds, grid, kind, slices_of
-    )
+    return descriptions
 
 
 def save_new(dataset: Dataset, directory: str | Path) -> Path:

@@ -33,9 +33,13 @@ from pydicom import Dataset
 
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.drawing import Drawing
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+from lesiontrack.pipeline.annotations.common import AnnotationWarning, drawing_prompt
+from lesiontrack.pipeline.annotations.sr_drawings import drawing_from_shapes
 from lesiontrack.pipeline.lesion_names import SEPARATOR
 from lesiontrack.pipeline.measurements import Axis, LesionMeasurement
+from lesiontrack.pipeline.seg_reader import read_seg
 
 log = logging.getLogger(__name__)
 
@@ -259,53 +263,77 @@ def _group(item: Dataset, geo: dict[str, ImageGeometry]) -> SrGroup:
     for c in _children(item):
         key, vt = _key(c), c.ValueType
         code = _code(c)
-        if key == TRACKING_ID and vt == "TEXT":
-            g.tracking_id = str(c.TextValue)
-        elif key == TRACKING_UID and vt == "UIDREF":
+        if key == TRACKING_UID and vt == "UIDREF":
             g.tracking_uid = str(c.UID)
-        elif key in FINDING_SITE and vt == "CODE":
-            g.finding_site = _meaning(c, "ConceptCodeSequence")
-        elif key in FINDING and vt == "CODE":
-            g.finding = _meaning(c, "ConceptCodeSequence")
-        elif key == TIME_POINT and vt == "TEXT":
-            g.time_point = str(c.TextValue)
-        elif key == COMMENT and vt == "TEXT" and g.comment is None:
-            g.comment = " ".join(str(c.TextValue).split()) or None
+        elif vt == "TEXT":
+            _text_item(c, key, g)
+        elif vt == "CODE":
+            _code_item(c, key, code, g)
         elif vt == "NUM":
-            mv = c.get("MeasuredValueSequence")
-            if not mv:  # a value-less NUM (cornerstoneTools 4's arrow "Center"): its geometry still marks the lesion
-                for cc in _children(c):
-                    if cc.ValueType in ("SCOORD", "SCOORD3D") and (s := _shape(cc, geo, key)) is not None:
-                        g.shapes.append(s)
-                continue
-            unit = _code(mv[0], "MeasurementUnitsCodeSequence")
-            num = NumItem(key, code[2] if code else "", float(mv[0].NumericValue), unit[0] if unit else "")
-            for cc in _children(c):
-                if cc.ValueType in ("SCOORD", "SCOORD3D"):
-                    s = _shape(cc, geo, key)
-                    if s is not None:
-                        num.shapes.append(s)
-                elif cc.ValueType == "CODE" and _key(cc) == ("121401", "DCM"):  # Derivation
-                    num.derivation = _meaning(cc, "ConceptCodeSequence")
-            g.nums.append(num)
+            _num_item(c, key, code, geo, g)
         elif vt in ("SCOORD", "SCOORD3D"):
             s = _shape(c, geo, key)
             if s is not None:
                 g.shapes.append(s)
         elif vt == "IMAGE" and key == REFERENCED_SEGMENT:
-            ref = c.ReferencedSOPSequence[0]
-            nums = ref.get("ReferencedSegmentNumber")
-            n = int(nums[0] if isinstance(nums, (list, pydicom.multival.MultiValue)) else nums) if nums else 1
-            g.referenced_segment = (str(ref.ReferencedSOPInstanceUID), n)
-        elif vt == "CODE" and code is not None:
-            val = _code(c, "ConceptCodeSequence")
-            if val is not None:
-                g.qualitative[code[2]] = val
+            g.referenced_segment = _segment_reference(c)
         elif vt == "CONTAINER":  # TID 1502 time point context may be nested in some writers
             for cc in _children(c):
                 if _key(cc) == TIME_POINT and cc.ValueType == "TEXT":
                     g.time_point = str(cc.TextValue)
     return g
+
+
+def _text_item(c: Dataset, key: tuple[str, str], g: SrGroup) -> None:
+    """A TEXT item of a group: Tracking Identifier, time point or the (first) comment."""
+    if key == TRACKING_ID:
+        g.tracking_id = str(c.TextValue)
+    elif key == TIME_POINT:
+        g.time_point = str(c.TextValue)
+    elif key == COMMENT and g.comment is None:
+        g.comment = " ".join(str(c.TextValue).split()) or None
+
+
+def _code_item(c: Dataset, key: tuple[str, str], code: tuple[str, str, str] | None, g: SrGroup) -> None:
+    """A CODE item of a group: finding site, finding, or a qualitative evaluation."""
+    if key in FINDING_SITE:
+        g.finding_site = _meaning(c, "ConceptCodeSequence")
+    elif key in FINDING:
+        g.finding = _meaning(c, "ConceptCodeSequence")
+    elif code is not None:
+        val = _code(c, "ConceptCodeSequence")
+        if val is not None:
+            g.qualitative[code[2]] = val
+
+
+def _num_item(
+    c: Dataset, key: tuple[str, str], code: tuple[str, str, str] | None, geo: dict[str, ImageGeometry], g: SrGroup
+) -> None:
+    """A NUM item of a group: a measurement with the coordinates it was inferred from."""
+    mv = c.get("MeasuredValueSequence")
+    if not mv:  # a value-less NUM (cornerstoneTools 4's arrow "Center"): its geometry still marks the lesion
+        for cc in _children(c):
+            if cc.ValueType in ("SCOORD", "SCOORD3D") and (s := _shape(cc, geo, key)) is not None:
+                g.shapes.append(s)
+        return
+    unit = _code(mv[0], "MeasurementUnitsCodeSequence")
+    num = NumItem(key, code[2] if code else "", float(mv[0].NumericValue), unit[0] if unit else "")
+    for cc in _children(c):
+        if cc.ValueType in ("SCOORD", "SCOORD3D"):
+            s = _shape(cc, geo, key)
+            if s is not None:
+                num.shapes.append(s)
+        elif cc.ValueType == "CODE" and _key(cc) == ("121401", "DCM"):  # Derivation
+            num.derivation = _meaning(cc, "ConceptCodeSequence")
+    g.nums.append(num)
+
+
+def _segment_reference(c: Dataset) -> tuple[str, int]:
+    """(SEG SOP Instance UID, segment number) of an IMAGE item referencing a segment."""
+    ref = c.ReferencedSOPSequence[0]
+    nums = ref.get("ReferencedSegmentNumber")
+    n = int(nums[0] if isinstance(nums, (list, pydicom.multival.MultiValue)) else nums) if nums else 1
+    return str(ref.ReferencedSOPInstanceUID), n
 
 
 def read_sr(path: str | Path, *, images: Sequence[Dataset] | None = None, ct: Volume | None = None) -> SrContents:
@@ -357,10 +385,7 @@ def _box_from_points(pts: np.ndarray, is_line: bool) -> tuple[np.ndarray, np.nda
     ext = hi - lo
     big = float(ext.max())
     flat = ext < 1.0
-    if is_line:
-        fill = big
-    else:
-        fill = float(ext[~flat].mean()) if (~flat).any() else big
+    fill = big if is_line or not (~flat).any() else float(ext[~flat].mean())
     centre = (lo + hi) / 2
     half = np.where(flat, fill / 2, ext / 2)
     if is_line:  # a diameter: the lesion lies in the ball spanned by it
@@ -384,7 +409,6 @@ def _find_seg_files(directory: Path) -> list[Path]:
 
 
 def _segment_mask(ref: tuple[str, int], seg_files: Sequence[Path], ct: Volume | None) -> Volume | None:
-    from lesiontrack.pipeline.seg_reader import read_seg
 
     for f in seg_files:
         h = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
@@ -401,7 +425,7 @@ def read_sr_prompts(
     *,
     images: Sequence[Dataset] | None = None,
     seg_files: Sequence[str | Path] | None = None,
-    warnings: list[Any] | None = None,
+    warnings: list[AnnotationWarning] | None = None,
 ) -> list[Prompt]:
     """One prompt per lesion (groups merged by Tracking UID); groups without any usable coordinate are skipped
     (and listed in ``warnings`` as :class:`pipeline.annotations.common.AnnotationWarning` when it is given). A
@@ -415,107 +439,111 @@ def read_sr_prompts(
         seg_files = _find_seg_files(Path(path).parent)
     seg_paths = [Path(f) for f in (seg_files or [])]
     merged: dict[str, list[SrGroup]] = {}
-    order: list[str] = []
     for i, g in enumerate(contents.groups):
-        uid = g.tracking_uid or _derived_uid(contents.sop_instance_uid, "group", str(i))
-        if uid not in merged:
-            merged[uid] = []
-            order.append(uid)
-        merged[uid].append(g)
+        merged.setdefault(g.tracking_uid or _derived_uid(contents.sop_instance_uid, "group", str(i)), []).append(g)
     prompts: list[Prompt] = []
-    for n, uid in enumerate(order, start=1):
-        groups = merged[uid]
-        shapes = [s for g in groups for s in [*g.shapes, *(x for num in g.nums for x in num.shapes)]]
-        usable = [s for s in shapes if s.points_mm is not None and len(s.points_mm)]
-        seg_ref = next((g.referenced_segment for g in groups if g.referenced_segment), None)
-        if not usable and seg_ref is not None:
-            mask = _segment_mask(seg_ref, seg_paths, ct)
-            if mask is not None:
-                text = next((g.tracking_id for g in groups if g.tracking_id), None) or f"L{n}"
-                site = next((g.finding_site for g in groups if g.finding_site), None)
-                prompts.append(
-                    Prompt(
-                        LesionIdentity(
-                            uid,
-                            text,
-                            n,
-                            site,
-                            "lymph node" in (site or "").lower(),
-                            description=_described(next((g.finding for g in groups if g.finding), None)),
-                        ),
-                        PromptKind.MASK,
-                        mask=mask,
-                        source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}",
-                    )
-                )
-                continue
-        if not usable:
-            if warnings is not None:
-                why = "its coordinates reference images not in the CT series" if shapes else "no coordinates"
-                warnings.append(_warning(contents, groups, n, why, lesion=_identity(uid, groups, n)))
-            if shapes:
-                log.warning(
-                    "SR %s lesion %s: coordinates reference images of unknown geometry; skipped (pass the CT)",
-                    contents.sop_instance_uid,
-                    uid,
-                )
-            continue
-        tracking_id = next((g.tracking_id for g in groups if g.tracking_id), None)
-        site = next((g.finding_site for g in groups if g.finding_site), None)
-        finding = next((g.finding for g in groups if g.finding), None)
-        label = next((g.comment for g in groups if g.comment), None)
-        description = _described(finding)
-        if not tracking_id or is_tool_tag(tracking_id):  # OHIF's tool tag names the tool, not the lesion
-            text, said = name_from_label(label, f"L{n}" + (f" {site.lower()}" if site else ""))
-            description = said or description
-        else:
-            text = tracking_id
-        is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
-        ident = LesionIdentity(uid, text, n, site, is_node, description=description)
-        source = f"SR {contents.sop_instance_uid} {text}"
-        drawing, why_not = _drawing(usable, ct, f"SR {contents.sop_instance_uid} {text}")
-        if drawing is not None:
-            from lesiontrack.pipeline.annotations.common import drawing_prompt
-
-            extra = {"segment_label": label} if label else {}
-            prompts.append(
-                drawing_prompt(ident, drawing, source, graphic_types=sorted({s.graphic_type for s in usable}), **extra)
-            )
-            continue
-        if warnings is not None and why_not:
-            warnings.append(_warning(contents, groups, n, f"{why_not}; its box is used"))
-        if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
-            pts = np.concatenate([s.points_mm for s in usable if s.points_mm is not None])
-            meta = {"segment_label": label} if label else {}
-            prompts.append(Prompt(ident, PromptKind.POINTS, points_mm=pts, source=source, meta=meta))
-            continue
-        pts = np.concatenate([_shape_outline(s) for s in usable if s.graphic_type not in ("POINT", "MULTIPOINT")])
-        is_line = (
-            all(
-                s.graphic_type == "POLYLINE" and s.points_mm is not None and len(s.points_mm) == 2
-                for s in usable
-                if s.graphic_type not in ("POINT", "MULTIPOINT")
-            )
-            and len(usable) == 1
-        )
-        prompts.append(
-            Prompt(
-                ident,
-                PromptKind.BOX,
-                box_mm=_box_from_points(pts, is_line),
-                source=source,
-                meta={
-                    "graphic_types": sorted({s.graphic_type for s in usable}),
-                    **({"segment_label": label} if label else {}),
-                },
-            )
-        )
+    for n, (uid, groups) in enumerate(merged.items(), start=1):
+        prompt = _lesion_prompt(_Lesion(contents, uid, n, groups), seg_paths, ct, warnings)
+        if prompt is not None:
+            prompts.append(prompt)
     log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
     return prompts
 
 
-def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, str | None]:
-    from lesiontrack.pipeline.annotations.sr_drawings import drawing_from_shapes
+@dataclass
+class _Lesion:
+    """One lesion of an SR: its measurement groups merged by Tracking UID."""
+
+    contents: SrContents
+    uid: str
+    n: int  # 1-based, in the order of first appearance
+    groups: list[SrGroup]
+
+    def first(self, attribute: str) -> str | None:
+        """The first of its groups' values of ``attribute`` that is set."""
+        return next((v for g in self.groups if (v := getattr(g, attribute))), None)
+
+
+def _lesion_prompt(
+    les: _Lesion, seg_paths: list[Path], ct: Volume | None, warnings: list[AnnotationWarning] | None
+) -> Prompt | None:
+    """The lesion's prompt: its drawing, points or box, or the SEG segment it references; None when unusable."""
+    contents, groups, n = les.contents, les.groups, les.n
+    shapes = [s for g in groups for s in [*g.shapes, *(x for num in g.nums for x in num.shapes)]]
+    usable = [s for s in shapes if s.points_mm is not None and len(s.points_mm)]
+    seg_ref = next((g.referenced_segment for g in groups if g.referenced_segment), None)
+    if not usable and seg_ref is not None:
+        mask = _segment_mask(seg_ref, seg_paths, ct)
+        if mask is not None:
+            site = les.first("finding_site")
+            return Prompt(
+                LesionIdentity(
+                    les.uid,
+                    les.first("tracking_id") or f"L{n}",
+                    n,
+                    site,
+                    "lymph node" in (site or "").lower(),
+                    description=_described(les.first("finding")),
+                ),
+                PromptKind.MASK,
+                mask=mask,
+                source=f"SR {contents.sop_instance_uid} → SEG {seg_ref[0]} segment {seg_ref[1]}",
+            )
+    if not usable:
+        if warnings is not None:
+            why = "its coordinates reference images not in the CT series" if shapes else "no coordinates"
+            warnings.append(_warning(contents, groups, n, why, lesion=_identity(les)))
+        if shapes:
+            log.warning(
+                "SR %s lesion %s: coordinates reference images of unknown geometry; skipped (pass the CT)",
+                contents.sop_instance_uid,
+                les.uid,
+            )
+        return None
+    return _shape_prompt(les, usable, ct, warnings)
+
+
+def _shape_prompt(
+    les: _Lesion, usable: list[Shape], ct: Volume | None, warnings: list[AnnotationWarning] | None
+) -> Prompt:
+    """A lesion drawn with coordinates: its drawing, else its points, else the box around its shapes."""
+    contents, groups, n = les.contents, les.groups, les.n
+    label = les.first("comment")
+    ident = _identity(les)
+    text = ident.tracking_id
+    source = f"SR {contents.sop_instance_uid} {text}"
+    drawing, why_not = _drawing(usable, ct, f"SR {contents.sop_instance_uid} {text}")
+    if drawing is not None:
+        extra = {"segment_label": label} if label else {}
+        return drawing_prompt(ident, drawing, source, graphic_types=sorted({s.graphic_type for s in usable}), **extra)
+    if warnings is not None and why_not:
+        warnings.append(_warning(contents, groups, n, f"{why_not}; its box is used"))
+    if all(s.graphic_type in ("POINT", "MULTIPOINT") for s in usable):
+        pts = np.concatenate([s.points_mm for s in usable if s.points_mm is not None])
+        meta = {"segment_label": label} if label else {}
+        return Prompt(ident, PromptKind.POINTS, points_mm=pts, source=source, meta=meta)
+    pts = np.concatenate([_shape_outline(s) for s in usable if s.graphic_type not in ("POINT", "MULTIPOINT")])
+    is_line = (
+        all(
+            s.graphic_type == "POLYLINE" and s.points_mm is not None and len(s.points_mm) == 2
+            for s in usable
+            if s.graphic_type not in ("POINT", "MULTIPOINT")
+        )
+        and len(usable) == 1
+    )
+    return Prompt(
+        ident,
+        PromptKind.BOX,
+        box_mm=_box_from_points(pts, is_line),
+        source=source,
+        meta={
+            "graphic_types": sorted({s.graphic_type for s in usable}),
+            **({"segment_label": label} if label else {}),
+        },
+    )
+
+
+def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Drawing | None, str | None]:
 
     normal = np.asarray(ct.direction[:, 2], float) if ct is not None else np.array([0.0, 0.0, 1.0])
     try:
@@ -526,26 +554,23 @@ def _drawing(shapes: list[Shape], ct: Volume | None, what: str) -> tuple[Any, st
 
 def _warning(
     contents: SrContents, groups: list[SrGroup], n: int, why: str, lesion: LesionIdentity | None = None
-) -> Any:
-    from lesiontrack.pipeline.annotations.common import AnnotationWarning
-
+) -> AnnotationWarning:
     name = next((g.comment or g.tracking_id for g in groups if g.comment or g.tracking_id), None) or f"group {n}"
     return AnnotationWarning(f"SR {contents.sop_instance_uid} ({Path(contents.path).name})", name, why, lesion)
 
 
-def _identity(uid: str, groups: list[SrGroup], n: int) -> LesionIdentity:
+def _identity(les: _Lesion) -> LesionIdentity:
     """The lesion a measurement group names (its Tracking Identifier, else its label, else ``L<n> <site>``)."""
-    tracking_id = next((g.tracking_id for g in groups if g.tracking_id), None)
-    site = next((g.finding_site for g in groups if g.finding_site), None)
-    label = next((g.comment for g in groups if g.comment), None)
-    description = _described(next((g.finding for g in groups if g.finding), None))
-    if not tracking_id or is_tool_tag(tracking_id):
-        text, said = name_from_label(label, f"L{n}" + (f" {site.lower()}" if site else ""))
+    tracking_id = les.first("tracking_id")
+    site = les.first("finding_site")
+    description = _described(les.first("finding"))
+    if not tracking_id or is_tool_tag(tracking_id):  # OHIF's tool tag names the tool, not the lesion
+        text, said = name_from_label(les.first("comment"), f"L{les.n}" + (f" {site.lower()}" if site else ""))
         description = said or description
     else:
         text = tracking_id
-    is_node = any("lymph node" in (x or "").lower() for g in groups for x in (g.finding_site, g.finding))
-    return LesionIdentity(uid, text, n, site, is_node, description=description)
+    is_node = any("lymph node" in (x or "").lower() for g in les.groups for x in (g.finding_site, g.finding))
+    return LesionIdentity(les.uid, text, les.n, site, is_node, description=description)
 
 
 def _shape_outline(s: Shape) -> np.ndarray:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict, Unpack
 
 import highdicom as hd
 import numpy as np
@@ -52,7 +52,7 @@ from pydicom.sr.coding import Code
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.pipeline.lesion_names import display_name
 from lesiontrack.pipeline.measurements import Axis, LesionChanges, LesionMeasurement
-from lesiontrack.pipeline.recist import NewLesionState, Response, TimepointResponse
+from lesiontrack.pipeline.recist import NewLesionState, RecistRole, Response, TimepointResponse
 from lesiontrack.pipeline.seg_writer import (
     SOFTWARE_NAME,
     SOFTWARE_VERSION,
@@ -141,9 +141,9 @@ NON_TARGET_CODES: dict[Response, Code] = {
     Response.PD: codes.DCM.NonTargetLesionProgressiveDisease,
 }
 BASELINE_CATEGORY_CODES: dict[str, Code] = {
-    "target": codes.DCM.TargetLesionAtBaseline,
-    "non-target": codes.DCM.NonTargetLesionAtBaseline,
-    "normal node": codes.DCM.NonLesionAtBaseline,
+    RecistRole.TARGET: codes.DCM.TargetLesionAtBaseline,
+    RecistRole.NON_TARGET: codes.DCM.NonTargetLesionAtBaseline,
+    RecistRole.NORMAL_NODE: codes.DCM.NonLesionAtBaseline,
 }
 STATUS_CODES = {
     LesionStatus.PRESENT: LT.PRESENT,
@@ -269,8 +269,17 @@ class SrWriteResult:
     key_slices: dict[str, str] = field(default_factory=dict)  # tracking UID → key slice SOP Instance UID
 
 
-def _num(name: Code, value: float, unit: Code, **kw: Any) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)
+def _num(
+    name: Code,
+    value: float,
+    unit: Code,
+    *,
+    method: Code | None = None,
+    referenced_coordinates: Sequence[hd.sr.CoordinatesForMeasurement] | None = None,
+) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=name, value=float(value), unit=unit, method=method, referenced_coordinates=referenced_coordinates
+    )
 
 
 def _change_measurements(
@@ -368,6 +377,107 @@ def _not_assessed_group(
     return group
 
 
+class SrHeader(TypedDict, total=False):
+    """Where one of our SR instances goes and who made it (keyword arguments of :func:`write_sr` and
+    :func:`pipeline.viewer_sr.write_viewer_sr`; each writer has its own default series number and description)."""
+
+    series_number: int
+    instance_number: int
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    manufacturer: str
+    software_version: str
+    device_uid: str | None
+    series_description: str
+    verified_by: str | None  # the reader whose correction the report adopts (TID 1003 person observer; write_sr)
+
+
+MeasurementGroup = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+
+
+@dataclass
+class SrDocument:
+    """The content of one of our Comprehensive 3D SR instances (TID 1500), besides its header."""
+
+    groups: Sequence[MeasurementGroup]
+    evidence: Sequence[Dataset]
+    key_images: Sequence[Dataset]  # the TID 1600 image library
+    previous_versions: Sequence[Dataset] = ()
+    verified_by: str | None = None  # the reader whose correction the report adopts (TID 1003 person observer)
+    root_items: Sequence[hd.sr.ContentItem] = ()  # appended to the report's root container (the RECIST response)
+    local_codes: bool = False  # declare the 99LTRK coding scheme
+
+
+def build_sr(
+    doc: SrDocument, header: SrHeader, *, series_number: int, series_description: str
+) -> hd.sr.Comprehensive3DSR:
+    """The one builder of our Comprehensive 3D SR instances (the TID 1500 report and the OHIF measurements SR):
+    LesionTrack as device observer, CT procedure, Imaging Measurement Report title, a new instance every time."""
+    manufacturer = header.get("manufacturer", SOFTWARE_NAME)
+    software_version = header.get("software_version", SOFTWARE_VERSION)
+    person = None
+    if doc.verified_by:
+        person = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                name=_person_name(doc.verified_by)
+            ),
+        )
+    observer = hd.sr.ObservationContext(
+        observer_person_context=person,
+        observer_device_context=device_observer(header.get("device_uid"), manufacturer, software_version),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observer,
+        # CID 100 (what pixelmed checks, 20190121) has no CT body-region code but this one: a LOINC "CT Chest" is
+        # reported as an error there, so BodyPartExamined cannot become the procedure code (docs/viewer.md)
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=list(doc.groups),
+        title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=list(doc.key_images),
+    )
+    for item in doc.root_items:
+        report[0].ContentSequence.append(item)
+    schemes = None
+    if doc.local_codes:
+        schemes = [
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=LOCAL_SCHEME, name="LesionTrack local codes", responsible_organization="LesionTrack"
+            )
+        ]
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(doc.evidence),
+        content=report,
+        series_instance_uid=header.get("series_instance_uid") or hd.UID(),
+        series_number=header.get("series_number", series_number),
+        sop_instance_uid=header.get("sop_instance_uid") or hd.UID(),
+        instance_number=header.get("instance_number", 1),
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=list(doc.previous_versions) or None,
+        series_description=header.get("series_description", series_description)[:64],
+        coding_schemes=schemes,
+        software_versions=software_version,
+    )
+
+
+@dataclass
+class _LesionContext:
+    """What every group of one lesion shares."""
+
+    rep: LesionReport
+    name: str  # the Tracking Identifier text: the lesion's display name
+    tid: hd.sr.TrackingIdentifier
+    sites: list[hd.sr.FindingSite] | None
+    time_point: TimePoint
+
+
 def write_sr(
     source_datasets: Sequence[Dataset],
     seg: SegWriteResult | None,
@@ -378,20 +488,12 @@ def write_sr(
     best_overall: Response | None = None,
     prior_evidence: Sequence[Dataset] = (),
     previous_versions: Sequence[Dataset] = (),
-    series_number: int = 902,
-    instance_number: int = 1,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str = SOFTWARE_VERSION,
-    device_uid: str | None = None,
-    verified_by: str | None = None,
-    series_description: str = "LesionTrack measurements",
+    **header: Unpack[SrHeader],
 ) -> SrWriteResult:
     """Build the TID 1500 report of one follow-up series (see the module docstring for the content).
 
     ``seg`` is None when no lesion is present (e.g. complete response): the report then holds only the vanished
-    lesions' groups and the RECIST response.
+    lesions' groups and the RECIST response. ``header``: :class:`SrHeader` (series 902 unless given).
     """
     locator = _SliceLocator(source_datasets)
     if seg is not None and seg.segmentation_type != "binary":
@@ -399,202 +501,26 @@ def write_sr(
             "SR references a LABELMAP SEG: dciodvfy (20260927) flags ReferencedSegmentNumber for SOP class "
             "66.7 (validator gap); BINARY SEGs validate cleanly"
         )
-    seg_ds = seg.dataset if seg is not None else None
-    tp_ctx = time_point.context
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    ] = []
-    key_slices: dict[str, Dataset] = {}
     uids = [r.measurement.tracking_uid for r in lesions]
     if len(set(uids)) != len(uids):
         raise SrWriteError(f"duplicate tracking UIDs in the report: {uids}")
     said = _segment_descriptions(seg.dataset if seg is not None else None)
+    groups: list[MeasurementGroup] = []
+    key_slices: dict[str, Dataset] = {}
     for rep in lesions:
-        m = rep.measurement
-        if not m.tracking_id:
-            raise SrWriteError(f"lesion {m.tracking_uid} has no Tracking ID text (OHIF needs it)")
-        name = display_name(m.tracking_id, rep.description or said.get(m.tracking_uid))
-        tid = hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name)
-        site = anatomic_code(m.anatomic_site)
-        sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
-        if m.status is LesionStatus.NOT_EVALUATED and rep.not_assessed_reason:
-            groups.append(_not_assessed_group(tid, tp_ctx(), sites, rep, locator.source_for_group()))
-            continue
-        status = STATUS_CODES.get(m.status)
-        if status is None:  # not_evaluated: the SR never asserts a status that was not assessed
-            raise SrWriteError(
-                f"lesion {m.tracking_id} ({m.tracking_uid}) has status {m.status}; it cannot be reported"
-            )
-        quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
-        if rep.provenance in PROVENANCE_CODES:
-            quals.append(hd.sr.QualitativeEvaluation(LT.PROVENANCE, PROVENANCE_CODES[rep.provenance]))
-        if rep.baseline_category in BASELINE_CATEGORY_CODES:
-            quals.append(
-                hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category])
-            )
-        if rep.review is not None:
-            quals.append(hd.sr.QualitativeEvaluation(LT.REVIEW, LT.NEEDS_REVIEW if rep.review else LT.NO_REVIEW))
-        if rep.prompt_origin in PRIOR_ANNOTATION_CODES:
-            quals.append(hd.sr.QualitativeEvaluation(LT.PRIOR_ANNOTATION, PRIOR_ANNOTATION_CODES[rep.prompt_origin]))
-        conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
-        conf_meas += rep.drawn.measurements() if rep.drawn is not None else []
-        segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
-        if seg is None or not m.present or segment_number is None:
-            if m.present:
-                raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
-            zero = [
-                _num(codes.SCT.Volume, 0.0, ML),
-                _num(codes.SCT.LongAxis, 0.0, MM),
-                _num(codes.SCT.ShortAxis, 0.0, MM),
-                *_change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3),
-                *_change_measurements(rep.changes, "recist_diameter_mm", MM),
-                *conf_meas,
-            ]
-            where = rep.expected_centre_mm if rep.expected_centre_mm is not None else m.centre_mm
-            if where is not None:
-                # TID 1410 with a POINT where the lesion was looked for (viewers draw it; pixelmed-clean)
-                ds, point_px, src = locator.scoord_point(where)
-                key_slices[m.tracking_uid] = ds
-                groups.append(
-                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                        tracking_identifier=tid,
-                        referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
-                        time_point_context=tp_ctx(),
-                        finding_type=codes.SCT.Lesion,
-                        finding_sites=sites,
-                        measurements=zero,
-                        qualitative_evaluations=quals,
-                    )
-                )
-                _state_reasons(groups[-1], rep)
-            else:
-                # No location known: a TID 1501 group over the series. Valid DICOM, but pixelmed 2022 applies the
-                # TID 1411 conditions to every group once one 1411 group exists and then reports errors — pass
-                # expected_centre_mm (TrackedLesion.propagated_centre_mm) to avoid this.
-                log.warning("vanished lesion %s has no expected location; written as a TID 1501 group", m.tracking_uid)
-                groups.append(
-                    hd.sr.MeasurementsAndQualitativeEvaluations(
-                        tracking_identifier=tid,
-                        time_point_context=tp_ctx(),
-                        finding_type=codes.SCT.Lesion,
-                        finding_sites=sites,
-                        measurements=zero,
-                        qualitative_evaluations=quals,
-                        source_images=[locator.source_for_group()],
-                    )
-                )
-                _state_reasons(groups[-1], rep)
-            continue
-
-        # TID 1411: volume etc. of the SEG segment
-        vol_meas = [
-            _num(codes.SCT.Volume, m.volume_mm3 * ML_PER_MM3, ML),
-            # named for what it is: the RECIST long/short axes are the planar group's; this is the 3-D Feret diameter
-            _num(LT.MAX_3D_DIAMETER, m.max_3d_diameter_mm, MM),
-        ]
-        if m.hu_mean is not None:
-            vol_meas.append(_num(codes.SCT.Mean, m.hu_mean, HU))
-        if m.hu_sd is not None:
-            vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
-        vol_meas += _change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3)
-        # the RECIST diameter's changes (mm, %) follow the volume's: OHIF 3.13 draws the first five NUMs of a lesion
-        # (its groups merged, the RECIST group first), which are then Long axis, Short axis, Volume, Maximum 3D
-        # diameter and mean HU; the diameter changes in the RECIST group would push the volume out of sight
-        vol_meas += _change_measurements(rep.changes, "recist_diameter_mm", MM)
-        vol_meas += conf_meas
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tid,
-                referenced_segment=_referenced_segment(seg, segment_number),
-                time_point_context=tp_ctx(),
-                finding_type=codes.SCT.Lesion,
-                finding_sites=sites,
-                measurements=vol_meas,
-                qualitative_evaluations=quals,
-            )
-        )
-        _state_reasons(groups[-1], rep)
-
-        # TID 1410: long axis polyline on the key slice + short axis
-        if m.long_axis is None or m.short_axis is None:
-            continue
-        ds, long_px, src = locator.scoord(m.long_axis)
-        _, short_px, short_src = locator.scoord(m.short_axis)
-        key_slices[m.tracking_uid] = ds
-        planar_meas = [_num(codes.SCT.LongAxis, m.long_axis.length_mm, MM, method=codes.DCM.RECIST1Point1)]
-        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name),
-            referenced_region=hd.sr.ImageRegion("POLYLINE", long_px, src),
-            time_point_context=tp_ctx(),
-            finding_type=codes.SCT.Lesion,
-            finding_sites=sites,
-            measurements=planar_meas,
-        )
-        # The short axis keeps its own end points (NUM INFERRED FROM SCOORD POLYLINE, TID 300 row 9). highdicom
-        # refuses referenced coordinates inside a TID 1410 group's constructor, so the item is appended afterwards.
-        container = planar[0]
-        extra = [
-            _num(
-                codes.SCT.ShortAxis,
-                m.short_axis.length_mm,
-                MM,
-                method=codes.DCM.RECIST1Point1,
-                referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)],
-            ),
-        ]
-        for template in extra:
-            for item in template:
-                container.ContentSequence.append(item)
-        # the RECIST group goes first: a viewer that merges a lesion's groups by Tracking UID (OHIF) lists the long
-        # and short axes before the volume and the 3-D diameter
-        groups.insert(len(groups) - 1, planar)
-
-    person = None
-    if verified_by:  # the reader whose correction this report adopts (TID 1003 person observer)
-        person = hd.sr.ObserverContext(
-            observer_type=codes.DCM.Person,
-            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=_person_name(verified_by)),
-        )
-    observer = hd.sr.ObservationContext(
-        observer_person_context=person,
-        observer_device_context=device_observer(device_uid, manufacturer, software_version),
-    )
+        groups += _lesion_groups(_lesion_context(rep, said, time_point), seg, locator, key_slices)
     library = list({ds.SOPInstanceUID: ds for ds in key_slices.values()}.values())
-    report = hd.sr.MeasurementReport(
-        observation_context=observer,
-        # CID 100 (what pixelmed checks, 20190121) has no CT body-region code but this one: a LOINC "CT Chest" is
-        # reported as an error there, so BodyPartExamined cannot become the procedure code (docs/viewer.md)
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=library or [locator.datasets[0]],
+    current = list(locator.datasets)
+    doc = SrDocument(
+        groups,
+        evidence=current + ([seg.dataset] if seg is not None else []) + list(prior_evidence),
+        key_images=library or [locator.datasets[0]],
+        previous_versions=previous_versions,
+        verified_by=header.get("verified_by"),
+        root_items=[] if recist is None else [_recist_container(recist, best_overall)],
+        local_codes=True,
     )
-    if recist is not None:
-        report[0].ContentSequence.append(_recist_container(recist, best_overall))
-    current = [ds for ds in locator.datasets]
-    evidence: list[Dataset] = current + ([seg_ds] if seg_ds is not None else []) + list(prior_evidence)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or hd.UID(),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=list(previous_versions) or None,
-        series_description=series_description[:64],
-        coding_schemes=[
-            hd.coding_schemes.CodingSchemeIdentificationItem(
-                designator=LOCAL_SCHEME, name="LesionTrack local codes", responsible_organization="LesionTrack"
-            )
-        ],
-        software_versions=software_version,
-    )
+    sr = build_sr(doc, header, series_number=902, series_description="LesionTrack measurements")
     log.debug(
         "SR %s: %d lesion(s), time point %s, series %s",
         sr.SOPInstanceUID,
@@ -605,10 +531,182 @@ def write_sr(
     return SrWriteResult(sr, {u: ds.SOPInstanceUID for u, ds in key_slices.items()})
 
 
+def _lesion_context(rep: LesionReport, said: dict[str, str], time_point: TimePoint) -> _LesionContext:
+    m = rep.measurement
+    if not m.tracking_id:
+        raise SrWriteError(f"lesion {m.tracking_uid} has no Tracking ID text (OHIF needs it)")
+    name = display_name(m.tracking_id, rep.description or said.get(m.tracking_uid))
+    site = anatomic_code(m.anatomic_site)
+    return _LesionContext(
+        rep,
+        name,
+        hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=name),
+        [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None,
+        time_point,
+    )
+
+
+def _lesion_groups(
+    lc: _LesionContext, seg: SegWriteResult | None, locator: _SliceLocator, key_slices: dict[str, Dataset]
+) -> list[MeasurementGroup]:
+    """One lesion's measurement groups (recording its key slice in ``key_slices``)."""
+    rep, m = lc.rep, lc.rep.measurement
+    if m.status is LesionStatus.NOT_EVALUATED and rep.not_assessed_reason:
+        return [_not_assessed_group(lc.tid, lc.time_point.context(), lc.sites, rep, locator.source_for_group())]
+    status = STATUS_CODES.get(m.status)
+    if status is None:  # not_evaluated: the SR never asserts a status that was not assessed
+        raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) has status {m.status}; it cannot be reported")
+    quals = _qualitative_evaluations(rep, status)
+    conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
+    conf_meas += rep.drawn.measurements() if rep.drawn is not None else []
+    segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
+    if seg is None or not m.present or segment_number is None:
+        if m.present:
+            raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) is present but has no SEG segment")
+        return [_absent_group(lc, quals, conf_meas, locator, key_slices)]
+    volumetric = _volumetric_group(lc, quals, conf_meas, seg, segment_number)
+    planar = _planar_group(lc, locator, key_slices)
+    # the RECIST group goes first: a viewer that merges a lesion's groups by Tracking UID (OHIF) lists the long
+    # and short axes before the volume and the 3-D diameter
+    return [volumetric] if planar is None else [planar, volumetric]
+
+
+def _qualitative_evaluations(rep: LesionReport, status: Code) -> list[hd.sr.QualitativeEvaluation]:
+    quals = [hd.sr.QualitativeEvaluation(LT.LESION_STATUS, status)]
+    if rep.provenance in PROVENANCE_CODES:
+        quals.append(hd.sr.QualitativeEvaluation(LT.PROVENANCE, PROVENANCE_CODES[rep.provenance]))
+    if rep.baseline_category in BASELINE_CATEGORY_CODES:
+        quals.append(hd.sr.QualitativeEvaluation(LT.BASELINE_CATEGORY, BASELINE_CATEGORY_CODES[rep.baseline_category]))
+    if rep.review is not None:
+        quals.append(hd.sr.QualitativeEvaluation(LT.REVIEW, LT.NEEDS_REVIEW if rep.review else LT.NO_REVIEW))
+    if rep.prompt_origin in PRIOR_ANNOTATION_CODES:
+        quals.append(hd.sr.QualitativeEvaluation(LT.PRIOR_ANNOTATION, PRIOR_ANNOTATION_CODES[rep.prompt_origin]))
+    return quals
+
+
+def _absent_group(
+    lc: _LesionContext,
+    quals: list[hd.sr.QualitativeEvaluation],
+    conf_meas: list[hd.sr.Measurement],
+    locator: _SliceLocator,
+    key_slices: dict[str, Dataset],
+) -> MeasurementGroup:
+    """A lesion that is not present: zero sizes, at the POINT where it was looked for when that is known."""
+    rep, m = lc.rep, lc.rep.measurement
+    zero = [
+        _num(codes.SCT.Volume, 0.0, ML),
+        _num(codes.SCT.LongAxis, 0.0, MM),
+        _num(codes.SCT.ShortAxis, 0.0, MM),
+        *_change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3),
+        *_change_measurements(rep.changes, "recist_diameter_mm", MM),
+        *conf_meas,
+    ]
+    where = rep.expected_centre_mm if rep.expected_centre_mm is not None else m.centre_mm
+    group: MeasurementGroup
+    if where is not None:
+        # TID 1410 with a POINT where the lesion was looked for (viewers draw it; pixelmed-clean)
+        ds, point_px, src = locator.scoord_point(where)
+        key_slices[m.tracking_uid] = ds
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=lc.tid,
+            referenced_region=hd.sr.ImageRegion("POINT", point_px, src),
+            time_point_context=lc.time_point.context(),
+            finding_type=codes.SCT.Lesion,
+            finding_sites=lc.sites,
+            measurements=zero,
+            qualitative_evaluations=quals,
+        )
+    else:
+        # No location known: a TID 1501 group over the series. Valid DICOM, but pixelmed 2022 applies the
+        # TID 1411 conditions to every group once one 1411 group exists and then reports errors — pass
+        # expected_centre_mm (TrackedLesion.propagated_centre_mm) to avoid this.
+        log.warning("vanished lesion %s has no expected location; written as a TID 1501 group", m.tracking_uid)
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=lc.tid,
+            time_point_context=lc.time_point.context(),
+            finding_type=codes.SCT.Lesion,
+            finding_sites=lc.sites,
+            measurements=zero,
+            qualitative_evaluations=quals,
+            source_images=[locator.source_for_group()],
+        )
+    _state_reasons(group, rep)
+    return group
+
+
+def _volumetric_group(
+    lc: _LesionContext,
+    quals: list[hd.sr.QualitativeEvaluation],
+    conf_meas: list[hd.sr.Measurement],
+    seg: SegWriteResult,
+    segment_number: int,
+) -> MeasurementGroup:
+    """TID 1411: volume etc. of the SEG segment."""
+    rep, m = lc.rep, lc.rep.measurement
+    vol_meas = [
+        _num(codes.SCT.Volume, m.volume_mm3 * ML_PER_MM3, ML),
+        # named for what it is: the RECIST long/short axes are the planar group's; this is the 3-D Feret diameter
+        _num(LT.MAX_3D_DIAMETER, m.max_3d_diameter_mm, MM),
+    ]
+    if m.hu_mean is not None:
+        vol_meas.append(_num(codes.SCT.Mean, m.hu_mean, HU))
+    if m.hu_sd is not None:
+        vol_meas.append(_num(codes.SCT.StandardDeviation, m.hu_sd, HU))
+    vol_meas += _change_measurements(rep.changes, "volume_mm3", ML, ML_PER_MM3)
+    # the RECIST diameter's changes (mm, %) follow the volume's: OHIF 3.13 draws the first five NUMs of a lesion
+    # (its groups merged, the RECIST group first), which are then Long axis, Short axis, Volume, Maximum 3D
+    # diameter and mean HU; the diameter changes in the RECIST group would push the volume out of sight
+    vol_meas += _change_measurements(rep.changes, "recist_diameter_mm", MM)
+    vol_meas += conf_meas
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=lc.tid,
+        referenced_segment=_referenced_segment(seg, segment_number),
+        time_point_context=lc.time_point.context(),
+        finding_type=codes.SCT.Lesion,
+        finding_sites=lc.sites,
+        measurements=vol_meas,
+        qualitative_evaluations=quals,
+    )
+    _state_reasons(group, rep)
+    return group
+
+
+def _planar_group(
+    lc: _LesionContext, locator: _SliceLocator, key_slices: dict[str, Dataset]
+) -> MeasurementGroup | None:
+    """TID 1410: the long axis polyline on the key slice + the short axis; None without both axes."""
+    m = lc.rep.measurement
+    if m.long_axis is None or m.short_axis is None:
+        return None
+    ds, long_px, src = locator.scoord(m.long_axis)
+    _, short_px, short_src = locator.scoord(m.short_axis)
+    key_slices[m.tracking_uid] = ds
+    planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=lc.name),
+        referenced_region=hd.sr.ImageRegion("POLYLINE", long_px, src),
+        time_point_context=lc.time_point.context(),
+        finding_type=codes.SCT.Lesion,
+        finding_sites=lc.sites,
+        measurements=[_num(codes.SCT.LongAxis, m.long_axis.length_mm, MM, method=codes.DCM.RECIST1Point1)],
+    )
+    # The short axis keeps its own end points (NUM INFERRED FROM SCOORD POLYLINE, TID 300 row 9). highdicom
+    # refuses referenced coordinates inside a TID 1410 group's constructor, so the item is appended afterwards.
+    short = _num(
+        codes.SCT.ShortAxis,
+        m.short_axis.length_mm,
+        MM,
+        method=codes.DCM.RECIST1Point1,
+        referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", short_px, short_src)],
+    )
+    for item in short:
+        planar[0].ContentSequence.append(item)
+    return planar
+
+
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
-def _state_reasons(group: Sequence[Any], rep: LesionReport) -> None:
+def _state_reasons(group: MeasurementGroup, rep: LesionReport) -> None:
     """A flagged lesion's reasons as TEXT items of its (first) measurement group; nothing when it is not flagged."""
     if not rep.review:
         return

@@ -100,6 +100,16 @@ class RegistrationCache:
         self.version = getattr(engine, "version", "")
         self._pairs: dict[tuple[str, str], Registration] = {}
 
+    @classmethod
+    def known(
+        cls, reg: Registration, moving: Timepoint, fixed: Timepoint, engine: RegistrationEngine | None = None
+    ) -> RegistrationCache:
+        """A cache that already holds ``reg`` for ``moving`` → ``fixed`` (e.g. the register step's registration);
+        any other pair is registered by ``engine`` (without one, asking for another pair is an error)."""
+        cache = cls(engine or _OnlyKnownPairs())
+        cache._pairs[(moving.series_uid, fixed.series_uid)] = reg
+        return cache
+
     def register_pair(self, moving: Timepoint, fixed: Timepoint) -> Registration:
         key = (moving.series_uid, fixed.series_uid)
         if key not in self._pairs:
@@ -112,6 +122,16 @@ class RegistrationCache:
     @property
     def pairs(self) -> list[tuple[str, str]]:
         return list(self._pairs)
+
+
+class _OnlyKnownPairs:
+    """The engine of a :meth:`RegistrationCache.known` cache given none: every pair it is asked for is unknown."""
+
+    name = "precomputed"
+    version = ""
+
+    def register(self, baseline: Volume, followup: Volume) -> Registration:
+        raise LookupError("no registration was computed for this pair of series")
 
 
 @dataclass
@@ -190,30 +210,10 @@ def track_lesions(
             progress(ProgressEvent(stage, counter["done"], total, tp, msg))
 
     cache = registration if isinstance(registration, RegistrationCache) else RegistrationCache(registration)
-    sources: dict[int, dict[int, _Source]] = {}
-    for idx in sorted(sources_in):
-        tp = timepoints[idx]
-        results = []
-        for prompt in sources_in[idx]:
-            results.append(_segment_source(tp, prompt, segmentation, opts))
-            tick("segment", idx, prompt.identity.tracking_id)
-        tp.lesions = _resolve_overlaps(results, tp.ct)
-        by_label = {p.identity.label: p for p in sources_in[idx]}
-        sources[idx] = {
-            les.identity.label: _Source(
-                idx,
-                les.mask,
-                les.identity,
-                PropagationSource(
-                    tp.series_uid,
-                    by_label[les.identity.label].source or "prompt",
-                    by_person=True,
-                    timepoint_index=idx,
-                    annotation_uid=by_label[les.identity.label].meta.get("sop_instance_uid"),
-                ),
-            )
-            for les in tp.lesions
-        }
+    sources = {
+        idx: _segment_source_timepoint(timepoints[idx], idx, sources_in[idx], segmentation, opts, tick)
+        for idx in sorted(sources_in)
+    }
     if opts.propagation == "chain":
         _track_chain(timepoints, source_index, cache, segmentation, opts, tick)
     else:
@@ -229,6 +229,38 @@ def track_lesions(
     if progress:
         progress(ProgressEvent("done", total, total, source_index, "tracking finished"))
     return timepoints
+
+
+def _segment_source_timepoint(
+    tp: Timepoint,
+    idx: int,
+    prompts: Sequence[Prompt],
+    segmentation: SegmentationEngine,
+    opts: TrackingOptions,
+    tick: Callable[[str, int, str], None],
+) -> dict[int, _Source]:
+    """Segment a person-annotated timepoint from its prompts; its lesions become the sources (by label)."""
+    results = []
+    for prompt in prompts:
+        results.append(_segment_source(tp, prompt, segmentation, opts))
+        tick("segment", idx, prompt.identity.tracking_id)
+    tp.lesions = _resolve_overlaps(results, tp.ct)
+    by_label = {p.identity.label: p for p in prompts}
+    return {
+        les.identity.label: _Source(
+            idx,
+            les.mask,
+            les.identity,
+            PropagationSource(
+                tp.series_uid,
+                by_label[les.identity.label].source or "prompt",
+                by_person=True,
+                timepoint_index=idx,
+                annotation_uid=by_label[les.identity.label].meta.get("sop_instance_uid"),
+            ),
+        )
+        for les in tp.lesions
+    }
 
 
 def _propagate_direct(

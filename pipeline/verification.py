@@ -43,6 +43,7 @@ from lesiontrack.db.models import (
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import WriteSegSrOutput, read_output
+from lesiontrack.pipeline.derived_prior_seg import earlier_drawn_prior_seg
 from lesiontrack.pipeline.jobs import JobStore
 from lesiontrack.pipeline.prompt_selection import OUR_MANUFACTURER, written_by_us
 from lesiontrack.pipeline.prompt_sources import SR_SOP_CLASSES
@@ -234,78 +235,101 @@ def take_in_series(
             header = AnnotationHeader.read(Path(inst.file_path))
             if header is None or (header.is_ours(ours) and not vouched):
                 continue
-            # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
-            # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification
-            targets = [u for u in header.references if our_seg_of_series(s, u) is not None]
-            # ... or the SEG we derived on a prior from a radiologist's drawing (pipeline.derived_prior_seg): its
-            # correction verifies the prior timepoint; later follow-ups are re-analysed from it (no adoption job)
-            prior_targets = [u for u in header.references if _drawn_prior_seg_on(s, u)]
-            if not targets and prior_targets:
-                targets = prior_targets
-            if not targets:
-                notes.append(
-                    f"{header.modality} annotates no series LesionTrack issued a result for (kept as prior annotation)"
-                )
-                continue
-            ct_uid = targets[0]
-            known = s.scalar(
-                select(TimepointVerification).where(
-                    TimepointVerification.source_sop_instance_uid == header.sop_instance_uid
-                )
-            )
-            if known is not None:
-                notes.append(f"correction of {ct_uid} taken in before (verification {known.id})")
-                audit(
-                    s, actor, "verification.duplicate", "verification", known.id, sop_instance_uid=inst.sop_instance_uid
-                )
-                continue
-            if not settings.accept_corrections:
-                notes.append(f"correction of {ct_uid} not taken in: verification.accept_corrections is off")
-                continue
-            if settings.accept_from_aes and (inst.sender_ae or "") not in settings.accept_from_aes:
-                notes.append(
-                    f"correction of {ct_uid} from AE {inst.sender_ae!r} not taken in: "
-                    "not in verification.accept_from_aes"
-                )
-                audit(s, actor, "verification.refused", "series", series_uid, sender_ae=inst.sender_ae, ct=ct_uid)
-                continue
-            patient_pk = _patient_of(s, ct_uid)
-            if patient_pk is None:
-                continue
-            who = header.creator or operator or (f"AE {inst.sender_ae}" if inst.sender_ae else actor)
-            v = TimepointVerification(
-                patient_pk=patient_pk,
-                series_instance_uid=ct_uid,
-                method=VerificationMethod.CORRECTION,
-                source_sop_instance_uid=header.sop_instance_uid,
-                source_series_uid=header.series_uid,
-                source_file=str(header.path),
-                source_manufacturer=header.manufacturer[:64] or None,
-                sender_ae=inst.sender_ae,
-                verified_by=who[:128],
-                state=VerificationState.ACCEPTED,
-            )
-            s.add(v)
-            s.flush()
-            audit(
-                s,
-                actor,
-                "verification.received",
-                "verification",
-                v.id,
-                series_uid=ct_uid,
-                source_sop_instance_uid=header.sop_instance_uid,
-                modality=header.modality,
-                verified_by=v.verified_by,
-            )
-            accepted.append((v.id, ct_uid, v.verified_by, ct_uid in prior_targets))
-            notes.append(f"correction of {ct_uid}: verification {v.id}")
+            note, taken = _take_in(s, _Intake(settings, series_uid, actor, operator), inst, header)
+            if note is not None:
+                notes.append(note)
+            if taken is not None:
+                accepted.append(taken)
         if notes:
             series.routing_reason = ("annotation: " + "; ".join(notes))[:2000]
+    return _queue_adoptions(sf, accepted, actor, settings)
+
+
+@dataclass
+class _Intake:
+    """Who takes in a correction series, and under which settings."""
+
+    settings: VerificationSettings
+    series_uid: str
+    actor: str
+    operator: str | None
+
+
+def _take_in(
+    s: Session, intake: _Intake, inst: Instance, header: AnnotationHeader
+) -> tuple[str | None, tuple[int, str, str, bool] | None]:
+    """One annotation object of a series: what the series' routing reason says about it (None: nothing), and the
+    verification it was accepted as (id, CT series, who, whether it verifies a drawn prior's SEG), if it was."""
+    settings, actor = intake.settings, intake.actor
+    # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
+    # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification
+    targets = [u for u in header.references if our_seg_of_series(s, u) is not None]
+    # ... or the SEG we derived on a prior from a radiologist's drawing (pipeline.derived_prior_seg): its
+    # correction verifies the prior timepoint; later follow-ups are re-analysed from it (no adoption job)
+    prior_targets = [u for u in header.references if _drawn_prior_seg_on(s, u)]
+    if not targets and prior_targets:
+        targets = prior_targets
+    if not targets:
+        return f"{header.modality} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+    ct_uid = targets[0]
+    known = s.scalar(
+        select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == header.sop_instance_uid)
+    )
+    if known is not None:
+        audit(s, actor, "verification.duplicate", "verification", known.id, sop_instance_uid=inst.sop_instance_uid)
+        return f"correction of {ct_uid} taken in before (verification {known.id})", None
+    if not settings.accept_corrections:
+        return f"correction of {ct_uid} not taken in: verification.accept_corrections is off", None
+    if settings.accept_from_aes and (inst.sender_ae or "") not in settings.accept_from_aes:
+        audit(s, actor, "verification.refused", "series", intake.series_uid, sender_ae=inst.sender_ae, ct=ct_uid)
+        return (
+            f"correction of {ct_uid} from AE {inst.sender_ae!r} not taken in: not in verification.accept_from_aes",
+            None,
+        )
+    patient_pk = _patient_of(s, ct_uid)
+    if patient_pk is None:
+        return None, None
+    who = header.creator or intake.operator or (f"AE {inst.sender_ae}" if inst.sender_ae else actor)
+    v = TimepointVerification(
+        patient_pk=patient_pk,
+        series_instance_uid=ct_uid,
+        method=VerificationMethod.CORRECTION,
+        source_sop_instance_uid=header.sop_instance_uid,
+        source_series_uid=header.series_uid,
+        source_file=str(header.path),
+        source_manufacturer=header.manufacturer[:64] or None,
+        sender_ae=inst.sender_ae,
+        verified_by=who[:128],
+        state=VerificationState.ACCEPTED,
+    )
+    s.add(v)
+    s.flush()
+    audit(
+        s,
+        actor,
+        "verification.received",
+        "verification",
+        v.id,
+        series_uid=ct_uid,
+        source_sop_instance_uid=header.sop_instance_uid,
+        modality=header.modality,
+        verified_by=v.verified_by,
+    )
+    return f"correction of {ct_uid}: verification {v.id}", (v.id, ct_uid, v.verified_by, ct_uid in prior_targets)
+
+
+def _queue_adoptions(
+    sf: sessionmaker[Session],
+    accepted: list[tuple[int, str, str, bool]],
+    actor: str,
+    settings: VerificationSettings,
+) -> list[int]:
+    """An adoption job per accepted verification (superseding the series' latest job); a verified drawn prior was
+    never analysed as a follow-up: nothing to adopt, its later follow-ups are re-analysed."""
     jobs = JobStore(sf, actor=actor)
     out: list[int] = []
     for vid, ct_uid, who, drawn_prior in accepted:
-        if drawn_prior:  # the prior was never analysed as a follow-up: nothing to adopt, later ones re-analysed
+        if drawn_prior:
             log.info("verification %s of the drawn prior on series %s: later follow-ups re-analysed", vid, ct_uid)
             out += reanalyse_later(sf, vid, actor=actor, settings=settings)
             continue
@@ -411,8 +435,6 @@ def reanalyse_later(
 
 def _drawn_prior_seg_on(session: Session, series_uid: str) -> bool:
     """Did LesionTrack issue a SEG of lesions derived from a radiologist's drawing on this (prior) CT series."""
-    from lesiontrack.pipeline.derived_prior_seg import earlier_drawn_prior_seg
-
     patient_pk = _patient_of(session, series_uid)
     return patient_pk is not None and earlier_drawn_prior_seg(session, patient_pk, series_uid) is not None
 

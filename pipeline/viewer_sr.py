@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Unpack
 
 import highdicom as hd
 from pydicom import Dataset
@@ -43,14 +44,16 @@ from pydicom.sr.coding import Code
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.pipeline.lesion_names import display_name
 from lesiontrack.pipeline.measurements import LesionMeasurement
-from lesiontrack.pipeline.seg_writer import SOFTWARE_NAME, SOFTWARE_VERSION, anatomic_code
+from lesiontrack.pipeline.seg_writer import anatomic_code
 from lesiontrack.pipeline.sr_writer import (
     MM,
     LesionReport,
+    SrDocument,
+    SrHeader,
     TimePoint,
     _segment_descriptions,
     _SliceLocator,
-    device_observer,
+    build_sr,
 )
 
 log = logging.getLogger(__name__)
@@ -94,87 +97,73 @@ def write_viewer_sr(
     time_point: TimePoint,
     seg: Dataset | None = None,
     previous_versions: Sequence[Dataset] = (),
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    series_number: int = SERIES_NUMBER,
-    series_description: str = SERIES_DESCRIPTION,
-    manufacturer: str = SOFTWARE_NAME,
-    software_version: str = SOFTWARE_VERSION,
-    device_uid: str | None = None,
+    **header: Unpack[SrHeader],
 ) -> hd.sr.Comprehensive3DSR | None:
     """The OHIF measurements SR of one follow-up series; None when no present lesion has a RECIST long axis.
 
     ``seg`` (our SEG of the same result) supplies the radiologist's descriptions when a report has none, exactly as
-    :func:`pipeline.sr_writer.write_sr` names the lesion.
+    :func:`pipeline.sr_writer.write_sr` names the lesion. ``header``: :class:`pipeline.sr_writer.SrHeader` (series
+    903 unless given).
     """
     shown = viewer_lesions(lesions)
     if not shown:
         return None
     locator = _SliceLocator(source_datasets)
     said = _segment_descriptions(seg)
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     key_slices: dict[str, Dataset] = {}
-    for rep in shown:
-        m = rep.measurement
-        assert m.long_axis is not None  # viewer_lesions
-        ds, long_px, src = locator.scoord(m.long_axis)
-        key_slices[ds.SOPInstanceUID] = ds
-        axes = [(LONG_AXIS, m.long_axis, long_px)]
-        tool = OHIF_LENGTH
-        if m.short_axis is not None and _has_short_axis(m):
-            _, short_px, _ = locator.scoord(m.short_axis)  # the same axial slice (RECIST axes are measured in one)
-            axes.append((SHORT_AXIS, m.short_axis, short_px))
-            tool = OHIF_BIDIRECTIONAL
-        site = anatomic_code(m.anatomic_site)
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=tool),
-            time_point_context=time_point.context(),
-            finding_type=codes.SCT.Lesion,
-            finding_sites=[hd.sr.FindingSite(anatomic_location=site)] if site is not None else None,
-            measurements=[
-                hd.sr.Measurement(
-                    name=name,
-                    value=float(axis.length_mm),
-                    unit=MM,
-                    method=codes.DCM.RECIST1Point1,
-                    referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", px, src)],
-                )
-                for name, axis, px in axes
-            ],
-        )
-        name = display_name(m.tracking_id, rep.description or said.get(m.tracking_uid))
-        # TID 1501 has no row for a label; OHIF reads (and writes) it as a CONTAINS TEXT "Comment" (TID 1500 is
-        # extensible). highdicom has no parameter for it, so the item is appended to the group's container.
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(name=COMMENT, value=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        )
-        groups.append(group)
-    observer = hd.sr.ObservationContext(
-        observer_device_context=device_observer(device_uid, manufacturer, software_version)
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=observer,
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,  # as in the main SR (docs/viewer.md: CID 100)
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=list(key_slices.values()),
-    )
-    sr = hd.sr.Comprehensive3DSR(
+    groups = [_viewer_group(rep, locator, time_point, said, key_slices) for rep in shown]
+    doc = SrDocument(
+        groups,
         evidence=list(locator.datasets),
-        content=report,
-        series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=list(previous_versions) or None,
-        series_description=series_description[:64],
-        software_versions=software_version,
+        key_images=list(key_slices.values()),
+        previous_versions=previous_versions,
     )
+    sr = build_sr(doc, header, series_number=SERIES_NUMBER, series_description=SERIES_DESCRIPTION)
     # the series is as old as its one instance (OHIF's save dialog lists series by date/time: not "undefined")
     sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
     log.debug("OHIF measurements SR %s: %d lesion(s)", sr.SOPInstanceUID, len(groups))
     return sr
+
+
+def _viewer_group(
+    rep: LesionReport,
+    locator: _SliceLocator,
+    time_point: TimePoint,
+    said: dict[str, str],
+    key_slices: dict[str, Dataset],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One present lesion's TID 1501 group, shaped as OHIF re-hydrates it (recording its key slice)."""
+    m = rep.measurement
+    assert m.long_axis is not None  # viewer_lesions
+    ds, long_px, src = locator.scoord(m.long_axis)
+    key_slices[ds.SOPInstanceUID] = ds
+    axes = [(LONG_AXIS, m.long_axis, long_px)]
+    tool = OHIF_LENGTH
+    if m.short_axis is not None and _has_short_axis(m):
+        _, short_px, _ = locator.scoord(m.short_axis)  # the same axial slice (RECIST axes are measured in one)
+        axes.append((SHORT_AXIS, m.short_axis, short_px))
+        tool = OHIF_BIDIRECTIONAL
+    site = anatomic_code(m.anatomic_site)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=m.tracking_uid, identifier=tool),
+        time_point_context=time_point.context(),
+        finding_type=codes.SCT.Lesion,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site)] if site is not None else None,
+        measurements=[
+            hd.sr.Measurement(
+                name=name,
+                value=float(axis.length_mm),
+                unit=MM,
+                method=codes.DCM.RECIST1Point1,
+                referenced_coordinates=[hd.sr.CoordinatesForMeasurement("POLYLINE", px, src)],
+            )
+            for name, axis, px in axes
+        ],
+    )
+    name = display_name(m.tracking_id, rep.description or said.get(m.tracking_uid))
+    # TID 1501 has no row for a label; OHIF reads (and writes) it as a CONTAINS TEXT "Comment" (TID 1500 is
+    # extensible). highdicom has no parameter for it, so the item is appended to the group's container.
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(name=COMMENT, value=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    )
+    return group

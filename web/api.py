@@ -40,8 +40,8 @@ from lesiontrack.web.params import INT64_MAX, DbId
 log = logging.getLogger(__name__)
 
 
-def _recist_rules(request: Request) -> RecistRules:
-    """The RECIST thresholds of the running service's ``[recist]`` settings."""
+def recist_rules(request: Request) -> RecistRules:
+    """The RECIST thresholds of the running service's ``[recist]`` settings (the API's and the dashboard's)."""
     return RecistRules.from_settings(request.app.state.settings.recist)
 
 
@@ -401,7 +401,7 @@ def get_lesion_by_uid(s: Db, tracking_uid: str) -> sc.LesionOut:
 
 def _timeline(request: Request, s: Session, patient_pk: int) -> PatientTimeline:
     try:
-        return build_timeline(s, patient_pk, _recist_rules(request))
+        return build_timeline(s, patient_pk, recist_rules(request))
     except KeyError as exc:
         raise _not_found(f"patient {patient_pk}") from exc
 
@@ -446,7 +446,7 @@ def lesion_plot(request: Request, lesion_id: DbId) -> Response:
 # -- exports -------------------------------------------------------------------------------------------
 def _timeline_and_subject(request: Request, s: Session, patient_pk: int) -> tuple[PatientTimeline, str]:
     p = _patient(s, patient_pk)
-    return build_timeline(s, patient_pk, _recist_rules(request)), p.patient_id
+    return build_timeline(s, patient_pk, recist_rules(request)), p.patient_id
 
 
 def _download(text: str, media_type: str, filename: str) -> Response:

@@ -18,24 +18,18 @@ from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState, Lesion, Pat
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.history import build_timeline
-from lesiontrack.pipeline.recist import RecistRules
 from lesiontrack.web.api import (
     analyse_anyway,
     decide_candidate,
     get_job,
     list_series,
+    recist_rules,
     retry_job,
     take_correction,
     verify_series_as_is,
 )
 from lesiontrack.web.auth import SESSION_COOKIE, SESSION_SECONDS, Principal, identify
 from lesiontrack.web.params import DbId
-
-
-def _recist_rules(request: Request) -> RecistRules:
-    """The RECIST thresholds of the running service's ``[recist]`` settings."""
-    return RecistRules.from_settings(request.app.state.settings.recist)
-
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
@@ -248,7 +242,7 @@ def timeline_page(request: Request, patient_pk: DbId, msg: str | None = None) ->
         p = s.get(Patient, patient_pk)
         if p is None:
             raise HTTPException(status_code=404, detail=f"patient {patient_pk} not found")
-        tl = build_timeline(s, patient_pk, _recist_rules(request))
+        tl = build_timeline(s, patient_pk, recist_rules(request))
         subject = p.patient_id
         last_event = s.scalar(select(func.max(AuditEvent.id)))
     labels = {tp.series_uid: tp.label for tp in tl.timepoints}

@@ -285,32 +285,13 @@ class AuditList(BaseModel):
     next_after_id: int | None
 
 
-class CandidateOut(BaseModel):
-    """A new-lesion candidate: an unconfirmed finding until an operator confirms or rejects it."""
-
-    id: int
-    patient_pk: int
-    series_uid: str
-    tracking_uid: str
-    tracking_id: str
-    tissue: str
-    centre_mm: tuple[float, float, float]
-    volume_mm3: float
-    diameter_mm: float
-    mean_hu: float
-    contrast_hu: float
-    confidence: float
-    reasons: list[str]
-    state: str
-    decided_by: str | None
-    decided_at: datetime | None
-    seg_sop_instance_uid: str | None
-    segment_number: int | None
-    job_id: int | None
+class CandidateOut(CandidateView):
+    """A new-lesion candidate: an unconfirmed finding until an operator confirms or rejects it (the pipeline's
+    :class:`pipeline.candidates.CandidateView`, as the API shows it)."""
 
     @classmethod
     def of(cls, c: CandidateView) -> CandidateOut:
-        return cls(**{**asdict(c), "state": c.state.value})
+        return cls.model_validate(c.model_dump())
 
 
 class CandidateDecision(BaseModel):

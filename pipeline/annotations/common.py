@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -126,7 +126,6 @@ def merge_by_precedence(sources: Sequence[SourcedPrompts]) -> tuple[list[Prompt]
     same UID); for each, a SEG beats contours beats drawings, and at equal rank the newer object wins. Lesions only
     one object holds are all kept. Labels are renumbered 1..n in the winners' order. The warnings say which
     annotations were superseded."""
-    from dataclasses import replace
 
     order = sorted(
         range(len(sources)), key=lambda i: (-RANK.get(sources[i].modality.upper(), 0), _neg(sources[i].content_key))

@@ -27,10 +27,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom import Dataset
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
@@ -45,6 +45,7 @@ from lesiontrack.pipeline.annotations.common import (
     normalise_label,
     patient_key,
 )
+from lesiontrack.pipeline.sr_reader import ImageGeometry, image_geometries
 
 GSPS_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
@@ -89,66 +90,15 @@ class _Lesion:
     caveat: str | None = None
 
 
-def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None = None) -> ReadResult:
+def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Dataset] | None = None) -> ReadResult:
     """Lesion prompts (with their drawings) from a presentation state on ``ct``'s series, and the warnings."""
-    from lesiontrack.pipeline.sr_reader import image_geometries
-
     path = Path(path)
     ds = pydicom.dcmread(path)
     obj = f"GSPS {ds.get('SOPInstanceUID', '?')} ({path.name})"
     result = ReadResult()
     if str(ds.get("SOPClassUID", "")) not in GSPS_SOP_CLASSES:  # unreadable or another object: an error, not empty
         raise ValueError(f"{path}: not a presentation state (SOP class {ds.get('SOPClassUID')})")
-    geo = image_geometries(ct, images)
-    listed = [
-        str(r.ReferencedSOPInstanceUID)
-        for s in ds.get("ReferencedSeriesSequence", [])
-        for r in s.get("ReferencedImageSequence", [])
-    ]
-    per_image: dict[str, tuple[list[_Graphic], list[_Text]]] = {}
-    for a, item in enumerate(ds.get("GraphicAnnotationSequence", []), start=1):
-        layer = str(item.get("GraphicLayer", ""))
-        targets = [str(r.ReferencedSOPInstanceUID) for r in item.get("ReferencedImageSequence", [])] or listed
-        where = f"annotation {a} (layer {layer or '-'})"
-        objects = list(item.get("GraphicObjectSequence", []))
-        texts = list(item.get("TextObjectSequence", []))
-        if not targets:
-            result.warnings.append(AnnotationWarning(obj, where, "references no image"))
-            continue
-        if len(targets) > 1 and (objects or texts):
-            result.warnings.append(
-                AnnotationWarning(obj, where, f"applies to {len(targets)} images; a lesion lies on one: not used")
-            )
-            continue
-        uid = targets[0]
-        g = geo.get(uid)
-        if g is None:
-            result.warnings.append(AnnotationWarning(obj, where, f"image {uid} is not in the CT series"))
-            continue
-        graphics, labels = per_image.setdefault(uid, ([], []))
-        for n, go in enumerate(objects, start=1):
-            kind = str(go.get("GraphicType", ""))
-            name = f"{where}, graphic {n} ({kind})"
-            units = str(go.get("GraphicAnnotationUnits", ""))
-            if units != "PIXEL":
-                result.warnings.append(AnnotationWarning(obj, name, f"{units} units are not anatomical; not used"))
-                continue
-            px = np.asarray(go.get("GraphicData", []), float).reshape(-1, 2)
-            if px.size == 0:
-                result.warnings.append(AnnotationWarning(obj, name, "no points"))
-                continue
-            graphics.append(_Graphic(name, kind, layer, px, g.to_patient(px), np.cross(g.row_dir, g.col_dir), a))
-        for t in texts:
-            anchor = None
-            anchor_px = None
-            if "AnchorPoint" in t and str(t.get("AnchorPointAnnotationUnits", "")) == "PIXEL":
-                anchor_px = np.asarray(t.AnchorPoint, float).reshape(2)
-                anchor = g.to_patient(anchor_px)[0]
-            box = None
-            if "BoundingBoxTopLeftHandCorner" in t and str(t.get("BoundingBoxAnnotationUnits", "")) == "PIXEL":
-                corners = np.array([t.BoundingBoxTopLeftHandCorner, t.BoundingBoxBottomRightHandCorner], float)
-                box = g.to_patient(corners)
-            labels.append(_Text(str(t.get("UnformattedTextValue", "")).strip(), anchor, box, anchor_px, a))
+    per_image = _per_image(ds, image_geometries(ct, images), obj, result.warnings)
     lesions: list[_Lesion] = []
     for graphics, texts in per_image.values():
         lesions.extend(_group(graphics, texts, obj, result.warnings))
@@ -186,12 +136,83 @@ def read_gsps_prompts(path: str | Path, ct: Volume, *, images: list[Any] | None 
     return result
 
 
+def _per_image(
+    ds: Dataset, geo: dict[str, ImageGeometry], obj: str, warnings: list[AnnotationWarning]
+) -> dict[str, tuple[list[_Graphic], list[_Text]]]:
+    """The usable graphics and texts of each graphic annotation item, per image they lie on."""
+    listed = [
+        str(r.ReferencedSOPInstanceUID)
+        for s in ds.get("ReferencedSeriesSequence", [])
+        for r in s.get("ReferencedImageSequence", [])
+    ]
+    per_image: dict[str, tuple[list[_Graphic], list[_Text]]] = {}
+    for a, item in enumerate(ds.get("GraphicAnnotationSequence", []), start=1):
+        layer = str(item.get("GraphicLayer", ""))
+        targets = [str(r.ReferencedSOPInstanceUID) for r in item.get("ReferencedImageSequence", [])] or listed
+        where = f"annotation {a} (layer {layer or '-'})"
+        objects = list(item.get("GraphicObjectSequence", []))
+        texts = list(item.get("TextObjectSequence", []))
+        if not targets:
+            warnings.append(AnnotationWarning(obj, where, "references no image"))
+            continue
+        if len(targets) > 1 and (objects or texts):
+            warnings.append(
+                AnnotationWarning(obj, where, f"applies to {len(targets)} images; a lesion lies on one: not used")
+            )
+            continue
+        uid = targets[0]
+        g = geo.get(uid)
+        if g is None:
+            warnings.append(AnnotationWarning(obj, where, f"image {uid} is not in the CT series"))
+            continue
+        graphics, labels = per_image.setdefault(uid, ([], []))
+        for n, go in enumerate(objects, start=1):
+            kind = str(go.get("GraphicType", ""))
+            name = f"{where}, graphic {n} ({kind})"
+            units = str(go.get("GraphicAnnotationUnits", ""))
+            if units != "PIXEL":
+                warnings.append(AnnotationWarning(obj, name, f"{units} units are not anatomical; not used"))
+                continue
+            px = np.asarray(go.get("GraphicData", []), float).reshape(-1, 2)
+            if px.size == 0:
+                warnings.append(AnnotationWarning(obj, name, "no points"))
+                continue
+            graphics.append(_Graphic(name, kind, layer, px, g.to_patient(px), np.cross(g.row_dir, g.col_dir), a))
+        labels.extend(_text(t, g, a) for t in texts)
+    return per_image
+
+
+def _text(t: Dataset, g: ImageGeometry, item: int) -> _Text:
+    """A text object with its anchor point and bounding box in patient coordinates (when given in pixels)."""
+    anchor = None
+    anchor_px = None
+    if "AnchorPoint" in t and str(t.get("AnchorPointAnnotationUnits", "")) == "PIXEL":
+        anchor_px = np.asarray(t.AnchorPoint, float).reshape(2)
+        anchor = g.to_patient(anchor_px)[0]
+    box = None
+    if "BoundingBoxTopLeftHandCorner" in t and str(t.get("BoundingBoxAnnotationUnits", "")) == "PIXEL":
+        corners = np.array([t.BoundingBoxTopLeftHandCorner, t.BoundingBoxBottomRightHandCorner], float)
+        box = g.to_patient(corners)
+    return _Text(str(t.get("UnformattedTextValue", "")).strip(), anchor, box, anchor_px, item)
+
+
 def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: list[AnnotationWarning]) -> list[_Lesion]:
     """Lesions from the graphics and texts on one image (see the module docstring)."""
-    out: list[_Lesion] = []
     lines = [g for g in graphics if g.kind == "POLYLINE" and len(g.px) == 2]
     heads = [g for g in graphics if g.kind == "POLYLINE" and len(g.px) == 3 and not _closed(g.px)]
-    # arrow heads: a V whose middle vertex sits on a line's end
+    tips = _arrow_tips(heads, lines)
+    _mark_ticks(lines)
+    out = _bidirectional_pairs(lines, tips)
+    out += _line_lesions(lines, tips, texts)
+    out += _shape_lesions(graphics, lines, obj, warnings)
+    for les in out:  # the annotation items each lesion's graphics came from
+        les.items = {g.item for g in graphics if g.index in les.what}
+    _place_labels(out, texts, obj, warnings)
+    return out
+
+
+def _arrow_tips(heads: list[_Graphic], lines: list[_Graphic]) -> dict[int, int]:
+    """Arrow heads: a V whose middle vertex sits on a line's end (line index → the end it points with)."""
     tips: dict[int, int] = {}
     for h in heads:
         for li, line in enumerate(lines):
@@ -199,7 +220,11 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
                 if np.linalg.norm(h.px[1] - line.px[tip_end]) <= 1.5:
                     tips[li] = tip_end
                     h.used = True
-    # decoration ticks: short lines near another line's middle
+    return tips
+
+
+def _mark_ticks(lines: list[_Graphic]) -> None:
+    """Decoration ticks: short lines near another line's middle (marked used)."""
     for line in lines:
         for other in lines:
             if other is line or other.used:
@@ -207,7 +232,11 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
             near_middle = np.linalg.norm(line.mm.mean(0) - other.mm.mean(0)) < 0.2 * max(_length(other), 1e-6)
             if _length(line) < 0.3 * _length(other) and near_middle:
                 line.used = True
-    # bidirectional pairs: two lines crossing each other
+
+
+def _bidirectional_pairs(lines: list[_Graphic], tips: dict[int, int]) -> list[_Lesion]:
+    """Bidirectional pairs: two lines crossing each other."""
+    out: list[_Lesion] = []
     free = [li for li, line in enumerate(lines) if not line.used and li not in tips]
     for a_i in free:
         for b_i in free:
@@ -218,6 +247,12 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
             la.used = lb.used = True
             what = f"{long_.index} + {short.index} (bidirectional)"
             out.append(_Lesion(Drawing(DrawingKind.BIDIRECTIONAL, [long_.mm, short.mm], what), what))
+    return out
+
+
+def _line_lesions(lines: list[_Graphic], tips: dict[int, int], texts: list[_Text]) -> list[_Lesion]:
+    """The other lines: an arrow when a head or an anchored text marks its tip, else a single diameter."""
+    out: list[_Lesion] = []
     for li, line in enumerate(lines):
         if line.used:
             continue
@@ -241,6 +276,14 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
         else:
             what = f"{line.index} (line)"
             out.append(_Lesion(Drawing(DrawingKind.LINE, [line.mm], what), what))
+    return out
+
+
+def _shape_lesions(
+    graphics: list[_Graphic], lines: list[_Graphic], obj: str, warnings: list[AnnotationWarning]
+) -> list[_Lesion]:
+    """Ellipses, circles, closed outlines and points."""
+    out: list[_Lesion] = []
     for g in graphics:
         if g.used or g in lines:
             continue
@@ -266,10 +309,12 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
             )
         else:
             warnings.append(AnnotationWarning(obj, g.index, f"unsupported graphic type {g.kind!r}"))
-    for les in out:  # the annotation items each lesion's graphics came from
-        les.items = {g.item for g in graphics if g.index in les.what}
-    # labels: a text in an annotation item holding one lesion labels it (a workstation's one measurement per item);
-    # otherwise anchored texts label the lesion they point at, others the nearest lesion within 40 mm
+    return out
+
+
+def _place_labels(out: list[_Lesion], texts: list[_Text], obj: str, warnings: list[AnnotationWarning]) -> None:
+    """Labels: a text in an annotation item holding one lesion labels it (a workstation's one measurement per
+    item); otherwise anchored texts label the lesion they point at, others the nearest lesion within 40 mm."""
     for t in texts:
         if not t.text:
             continue
@@ -287,7 +332,6 @@ def _group(graphics: list[_Graphic], texts: list[_Text], obj: str, warnings: lis
             out[best].texts.append(t.text)
         elif _label([t.text]) is not None:
             warnings.append(AnnotationWarning(obj, f"text {t.text!r}", "near no graphic; not used as a label"))
-    return out
 
 
 def _label(texts: list[str]) -> str | None:

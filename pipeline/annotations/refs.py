@@ -9,6 +9,7 @@ from pydicom import Dataset
 
 from lesiontrack.pipeline.annotations.gsps import GSPS_SOP_CLASSES
 from lesiontrack.pipeline.annotations.rtstruct import RTSTRUCT_SOP_CLASS
+from lesiontrack.pipeline.verification import annotation_references
 
 #: Series modalities that may hold a prior's lesion annotations.
 PRIOR_ANNOTATION_MODALITIES = {"SEG", "SR", "PR", "RTSTRUCT"}
@@ -16,7 +17,6 @@ PRIOR_ANNOTATION_MODALITIES = {"SEG", "SR", "PR", "RTSTRUCT"}
 
 def prior_annotation_references(ds: Dataset) -> tuple[str | None, list[str]]:
     """('SEG'|'SR'|'PR'|'RTSTRUCT'|None, referenced series UIDs) of one annotation object header."""
-    from lesiontrack.pipeline.verification import annotation_references
 
     kind, refs = annotation_references(ds)
     if kind is not None:

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import Dataset
+from skimage.draw import polygon
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.annotations.common import (
     AnnotationWarning,
     ReadResult,
@@ -73,54 +75,82 @@ def read_rtstruct_prompts(path: str | Path, ct: Volume) -> ReadResult:
         if not contours:
             result.warnings.append(AnnotationWarning(obj, what, "has no contours"))
             continue
-        polys: dict[int, list[np.ndarray]] = {}
-        points: list[np.ndarray] = []
-        for c_i, c in enumerate(contours, start=1):
-            xyz = np.asarray(c.get("ContourData", []), float).reshape(-1, 3)
-            gtype = str(c.get("ContourGeometricType", ""))
-            cwhat = f"{what} contour {c_i} ({gtype})"
-            if gtype == "POINT" and len(xyz):
-                points.append(xyz[:1])
-                continue
-            if gtype != "CLOSED_PLANAR" or len(xyz) < 3:
-                result.warnings.append(AnnotationWarning(obj, cwhat, "not a closed planar contour; not used"))
-                continue
-            k = _slice_of(c, xyz, ct, slice_of_sop)
-            if k is None:
-                result.warnings.append(AnnotationWarning(obj, cwhat, "not on a slice of the CT series; not used"))
-                continue
-            polys.setdefault(k, []).append(xyz)
+        polys, points = _contours(contours, what, ct, slice_of_sop, obj, result.warnings)
         ident = identity_for(name, len(result.prompts) + 1, key, str(ds.get("SOPInstanceUID", path.name)))
         source = f"RTSTRUCT {ds.get('SOPInstanceUID', '')} {name}"
         meta = {"segment_label": name, "sop_instance_uid": str(ds.get("SOPInstanceUID", ""))}
-        if len(polys) >= 2:
-            mask = _fill(ct, polys)
-            if not mask.any():
-                result.warnings.append(AnnotationWarning(obj, what, "its contours enclose no voxel centre"))
-                continue
-            result.prompts.append(
-                Prompt(
-                    ident,
-                    PromptKind.MASK,
-                    mask=ct.with_array(mask.astype(np.uint8)),
-                    source=source,
-                    meta={**meta, "prompt_origin": "contours"},
-                )
-            )
-        elif len(polys) == 1:
-            (only,) = polys.values()
-            if len(only) > 1:
-                result.warnings.append(AnnotationWarning(obj, what, "several contours on one slice: the largest used"))
-            largest = max(only, key=lambda p: float(np.ptp(p, axis=0).prod() + np.ptp(p, axis=0).sum()))
-            drawing = Drawing(DrawingKind.CONTOUR, [largest], f"{what} (one slice)")
-            result.prompts.append(drawing_prompt(ident, drawing, source, **meta))
-        elif points:
-            drawing = Drawing(DrawingKind.POINT, [points[0]], f"{what} (point)")
-            result.prompts.append(drawing_prompt(ident, drawing, source, **meta))
-        else:
+        prompt, warning = _roi_prompt(ct, polys, points, ident, source, meta, what)
+        if warning is not None:
+            result.warnings.append(AnnotationWarning(obj, what, warning))
+        if prompt is None:
             continue
+        result.prompts.append(prompt)
         seen[norm] = what
     return result
+
+
+def _contours(
+    contours: list[Dataset],
+    what: str,
+    ct: Volume,
+    slice_of_sop: dict[str, int],
+    obj: str,
+    warnings: list[AnnotationWarning],
+) -> tuple[dict[int, list[np.ndarray]], list[np.ndarray]]:
+    """An ROI's closed planar contours per CT slice, and its points."""
+    polys: dict[int, list[np.ndarray]] = {}
+    points: list[np.ndarray] = []
+    for c_i, c in enumerate(contours, start=1):
+        xyz = np.asarray(c.get("ContourData", []), float).reshape(-1, 3)
+        gtype = str(c.get("ContourGeometricType", ""))
+        cwhat = f"{what} contour {c_i} ({gtype})"
+        if gtype == "POINT" and len(xyz):
+            points.append(xyz[:1])
+            continue
+        if gtype != "CLOSED_PLANAR" or len(xyz) < 3:
+            warnings.append(AnnotationWarning(obj, cwhat, "not a closed planar contour; not used"))
+            continue
+        k = _slice_of(c, xyz, ct, slice_of_sop)
+        if k is None:
+            warnings.append(AnnotationWarning(obj, cwhat, "not on a slice of the CT series; not used"))
+            continue
+        polys.setdefault(k, []).append(xyz)
+    return polys, points
+
+
+def _roi_prompt(
+    ct: Volume,
+    polys: dict[int, list[np.ndarray]],
+    points: list[np.ndarray],
+    ident: LesionIdentity,
+    source: str,
+    meta: dict[str, str],
+    what: str,
+) -> tuple[Prompt | None, str | None]:
+    """The ROI's prompt (a mask from contours on several slices, one outline, or a point; None: nothing usable) and
+    what to warn about."""
+    if len(polys) >= 2:
+        mask = _fill(ct, polys)
+        if not mask.any():
+            return None, "its contours enclose no voxel centre"
+        prompt = Prompt(
+            ident,
+            PromptKind.MASK,
+            mask=ct.with_array(mask.astype(np.uint8)),
+            source=source,
+            meta={**meta, "prompt_origin": "contours"},
+        )
+        return prompt, None
+    if len(polys) == 1:
+        (only,) = polys.values()
+        warning = "several contours on one slice: the largest used" if len(only) > 1 else None
+        largest = max(only, key=lambda p: float(np.ptp(p, axis=0).prod() + np.ptp(p, axis=0).sum()))
+        drawing = Drawing(DrawingKind.CONTOUR, [largest], f"{what} (one slice)")
+        return drawing_prompt(ident, drawing, source, **meta), warning
+    if points:
+        drawing = Drawing(DrawingKind.POINT, [points[0]], f"{what} (point)")
+        return drawing_prompt(ident, drawing, source, **meta), None
+    return None, None
 
 
 def _slice_of(c: object, xyz: np.ndarray, ct: Volume, slice_of_sop: dict[str, int]) -> int | None:
@@ -136,7 +166,6 @@ def _slice_of(c: object, xyz: np.ndarray, ct: Volume, slice_of_sop: dict[str, in
 
 
 def _fill(ct: Volume, polys: dict[int, list[np.ndarray]]) -> np.ndarray:
-    from skimage.draw import polygon
 
     out = np.zeros(ct.shape, bool)
     for k, items in polys.items():

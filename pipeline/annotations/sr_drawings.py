@@ -47,32 +47,57 @@ def drawing_from_shapes(
     types = [str(s.graphic_type) for s in usable]
     purposes = [s.purpose for s in usable]
     both = list(zip(pts, types, purposes, strict=True))
+    for reader in (_bidirectional, _outline, _line, _points):
+        drawing = reader(both, normal, what)
+        if drawing is not None:
+            return drawing, None
+    return None, f"unsupported graphic type(s) {sorted(set(types))}"
+
+
+_Item = tuple[np.ndarray, str, tuple[str, str] | None]  # points, graphic type, purpose
+
+
+def _bidirectional(both: list[_Item], normal: np.ndarray, what: str) -> Drawing | None:
+    """Long and short axis (by their concepts, or the longer of two diameters)."""
     longs = [p for p, t, c in both if t == "POLYLINE" and len(p) == 2 and c in LONG_AXIS]
     shorts = [p for p, t, c in both if t == "POLYLINE" and len(p) == 2 and c in SHORT_AXIS]
     if longs and shorts:
-        return Drawing(DrawingKind.BIDIRECTIONAL, [longs[0], shorts[0]], what), None
-    lines = [p for p, t in zip(pts, types, strict=True) if t == "POLYLINE" and len(p) == 2]
+        return Drawing(DrawingKind.BIDIRECTIONAL, [longs[0], shorts[0]], what)
+    lines = [p for p, t, _c in both if t == "POLYLINE" and len(p) == 2]
     if len(lines) == 2 and not longs:  # two diameters without the axis concepts: the longer is the long axis
         a, b = sorted(lines, key=lambda p: -float(np.linalg.norm(p[1] - p[0])))
-        return Drawing(DrawingKind.BIDIRECTIONAL, [a, b], what), None
-    for p, t in zip(pts, types, strict=True):
+        return Drawing(DrawingKind.BIDIRECTIONAL, [a, b], what)
+    return None
+
+
+def _outline(both: list[_Item], normal: np.ndarray, what: str) -> Drawing | None:
+    """An ellipse, a circle or a closed outline."""
+    for p, t, _c in both:
         if t == "ELLIPSE" and len(p) == 4:
-            return Drawing(DrawingKind.ELLIPSE, [p], what), None
+            return Drawing(DrawingKind.ELLIPSE, [p], what)
         if t == "CIRCLE" and len(p) == 2:
-            return Drawing(DrawingKind.ELLIPSE, [circle_as_ellipse(p[0], p[1], normal)], what), None
+            return Drawing(DrawingKind.ELLIPSE, [circle_as_ellipse(p[0], p[1], normal)], what)
         if t in ("POLYLINE", "POLYGON") and len(p) >= 3:
             closed = p[:-1] if np.linalg.norm(p[-1] - p[0]) < 1e-3 else p
             if len(closed) >= 3:
-                return Drawing(DrawingKind.CONTOUR, [closed], what), None
-    for p, t, c in zip(pts, types, purposes, strict=True):
+                return Drawing(DrawingKind.CONTOUR, [closed], what)
+    return None
+
+
+def _line(both: list[_Item], normal: np.ndarray, what: str) -> Drawing | None:
+    """A single diameter, or an arrow (by its concept, or an older cornerstone arrow: tip, tail)."""
+    for p, t, c in both:
         if t == "POLYLINE" and len(p) == 2:
-            if c in ARROW_CONCEPT:
-                return Drawing(DrawingKind.ARROW, [p], what), None
-            return Drawing(DrawingKind.LINE, [p], what), None
-        if t == "POINT" and len(p) == 2:  # an older cornerstone arrow: tip, tail
-            return Drawing(DrawingKind.ARROW, [p], what), None
-    points = [p for p, t in zip(pts, types, strict=True) if t in ("POINT", "MULTIPOINT")]
-    if points:
-        arrow = any(c in ARROW_CONCEPT for c, t in zip(purposes, types, strict=True) if t == "POINT")
-        return Drawing(DrawingKind.ARROW if arrow else DrawingKind.POINT, [points[0][:1]], what), None
-    return None, f"unsupported graphic type(s) {sorted(set(types))}"
+            return Drawing(DrawingKind.ARROW if c in ARROW_CONCEPT else DrawingKind.LINE, [p], what)
+        if t == "POINT" and len(p) == 2:
+            return Drawing(DrawingKind.ARROW, [p], what)
+    return None
+
+
+def _points(both: list[_Item], normal: np.ndarray, what: str) -> Drawing | None:
+    """A point (an arrow's tip when a point says it is one)."""
+    points = [p for p, t, _c in both if t in ("POINT", "MULTIPOINT")]
+    if not points:
+        return None
+    arrow = any(c in ARROW_CONCEPT for _p, t, c in both if t == "POINT")
+    return Drawing(DrawingKind.ARROW if arrow else DrawingKind.POINT, [points[0][:1]], what)

@@ -17,6 +17,8 @@ from typing import Any
 from celery import Celery
 
 from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import JobState
+from lesiontrack.pipeline.jobs import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ def make_celery(settings: Settings) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True)
     def run_job(task: Any, job_id: int) -> str | None:
-        from lesiontrack.db.models import JobState
 
         if _service is None:
             raise RuntimeError("no analysis service in this worker process (start it with `lesiontrack worker`)")
@@ -54,7 +55,6 @@ def make_celery(settings: Settings) -> Celery:
             task.app.send_task(TASK_NAME, args=[int(job_id)])
         elif outcome is JobState.RETRY_WAIT:
             view = _service.store.get(int(job_id))
-            from lesiontrack.pipeline.jobs import utcnow
 
             delay = max(0.0, (view.next_retry_at - utcnow()).total_seconds()) if view.next_retry_at else 0.0
             task.app.send_task(TASK_NAME, args=[int(job_id)], countdown=delay)
@@ -89,7 +89,6 @@ class Sweeper:
         self._published: dict[int, Any] = {}
 
     def sweep(self, everything: bool = False) -> list[int]:
-        from lesiontrack.db.models import JobState
 
         store = self.service.store
         ids = set(store.recover_orphans(self.service.worker))

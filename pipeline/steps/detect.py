@@ -8,6 +8,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from lesiontrack.db.models import CandidateState
+from lesiontrack.models.detection.new_lesions import DetectionOptions, search_new_lesions
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.candidates import CandidateView, candidate_name, confirmed_name, decided_masks
@@ -22,7 +23,6 @@ READER = "reader"  # a verified timepoint: the reader looked for new lesions
 
 
 def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
-    from lesiontrack.models.detection.new_lesions import DetectionOptions, search_new_lesions
 
     cfg = ctx.services.settings.detection
     inputs = ctx.state.need_inputs()

@@ -12,6 +12,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,14 +30,16 @@ from lesiontrack.db.models import (
     TimepointVerification,
     VerificationState,
 )
-from lesiontrack.db.repository import audit
+from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.adoption import candidate_decisions
 from lesiontrack.pipeline.candidates import save_mask
 from lesiontrack.pipeline.confidence import lesion_confidence
 from lesiontrack.pipeline.contract import MatchPriorsOutput
 from lesiontrack.pipeline.jobs import PermanentError, utcnow
-from lesiontrack.pipeline.lesions import LesionStatus
+from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
 from lesiontrack.pipeline.ports import PROMPT_FILE
+from lesiontrack.pipeline.recist import RecistRole
 from lesiontrack.pipeline.steps.services import Ctx
 
 _ORIGIN_OF = {"SEG": LesionOrigin.SEG, "SR": LesionOrigin.SR, PROMPT_FILE: LesionOrigin.PROMPT}
@@ -46,134 +49,151 @@ _ORIGIN_OF = {"SEG": LesionOrigin.SEG, "SR": LesionOrigin.SR, PROMPT_FILE: Lesio
 def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int]) -> None:
     """Lesions (by Tracking UID) and this job's observations of them; a re-run replaces this job's rows only."""
     fu = ctx.outputs.get(MatchPriorsOutput).followup
-    inputs = ctx.state.need_inputs()
     measured = ctx.state.need_measured()
-    prior = inputs.prior
-    annotation = prior.annotations[0]
-    rec = measured.recist
-    adoption = ctx.state.adoption
-    if fu.patient_pk is None:
+    patient_pk = fu.patient_pk
+    if patient_pk is None:
         raise PermanentError(f"series {ctx.series_uid} has no patient")
     with session_scope(ctx.services.session_factory) as s:
         s.execute(delete(LesionObservation).where(LesionObservation.job_pk == ctx.job_id))
-        # our earlier results of this series are kept for the audit trail but no longer reported
-        superseded = s.execute(  # type: ignore[attr-defined]  # an UPDATE's CursorResult has rowcount
-            update(LesionObservation)
-            .where(
-                LesionObservation.series_instance_uid == ctx.series_uid,
-                LesionObservation.superseded_by_job.is_(None),
-            )
-            .values(superseded_by_job=ctx.job_id)
-        ).rowcount
-        if superseded:
-            audit(
-                s,
-                ctx.worker,
-                "observations.superseded",
-                "series",
-                ctx.series_uid,
-                count=superseded,
-                by_job=ctx.job_id,
-                verification=adoption.verification.id if adoption is not None else None,
-            )
+        _supersede_earlier(s, ctx)
         for series_uid, thickness in measured.slice_thickness_mm.items():
             series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
             if series is not None and series.slice_thickness_mm is None:
                 series.slice_thickness_mm = thickness
         for tp_index, tp in enumerate(ctx.state.need_timepoints()):
-            measurements = measured.prior if tp_index == 0 else measured.current
             for les in tp.lesions:
-                ident = les.identity
-                lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == ident.tracking_uid))
-                added = bool(les.meta.get("added_by_reader"))
-                if lesion is None:
-                    origin = (
-                        LesionOrigin.NEW
-                        if les.status is LesionStatus.NEW
-                        else LesionOrigin.ADDED
-                        if added
-                        else _ORIGIN_OF.get(annotation.modality, LesionOrigin.SR)
-                    )
-                    lesion = Lesion(
-                        tracking_uid=ident.tracking_uid,
-                        tracking_id=ident.tracking_id,
-                        patient_pk=fu.patient_pk,
-                        anatomic_site=ident.anatomic_site,
-                        origin=origin,
-                        origin_series_uid=ctx.series_uid if added or adoption is not None else prior.ct_series_uid,
-                        is_target=False if origin is LesionOrigin.ADDED else None,  # targets are chosen at baseline
-                    )
-                    s.add(lesion)
-                    s.flush()
-                    audit(
-                        s,
-                        ctx.worker,
-                        "lesion.created",
-                        "lesion",
-                        lesion.id,
-                        tracking_uid=ident.tracking_uid,
-                        job_id=ctx.job_id,
-                    )
-                role = rec.selection.role_of(ident.tracking_uid)
-                if lesion.is_target is None and role in ("target", "non-target"):
-                    lesion.is_target = role == "target"  # chosen once, at baseline; later jobs keep it
-                    audit(s, ctx.worker, "lesion.role", "lesion", lesion.id, role=role, job_id=ctx.job_id)
+                lesion_pk = _lesion(s, ctx, les, patient_pk)
                 if tp_index == 0:
                     known = s.scalar(
                         select(LesionObservation.id).where(
-                            LesionObservation.lesion_pk == lesion.id,
+                            LesionObservation.lesion_pk == lesion_pk,
                             LesionObservation.series_instance_uid == tp.series_uid,
                         )
                     )
                     if known is not None:
                         continue  # the prior was measured already (by the job that analysed it)
-                m = measurements[ident.tracking_uid]
-                changes = measured.changes.get(ident.tracking_uid) if tp_index == 1 else None
-                from_sop, from_series = annotation.sop_instance_uid, prior.ct_series_uid
-                verified = adoption is not None and (tp_index == 1 or bool(les.meta.get("retrospective")))
-                if verified and adoption is not None:  # the reader's own segmentation of this follow-up
-                    from_sop, from_series = adoption.verification.source_sop_instance_uid, ctx.series_uid
-                data = m.to_dict()
-                if changes is not None:
-                    data["changes"] = changes.to_dict()
-                data["recist"] = {"role": role}
-                conf = lesion_confidence(les) if tp_index == 1 else None
-                if conf is not None:
-                    data["confidence"] = conf.model_dump()
-                if tp_index == 1:
-                    data["recist"]["overall_response"] = rec.timepoints[measured.timepoint_index].overall_response.value
-                s.add(
-                    LesionObservation(
-                        lesion_pk=lesion.id,
-                        series_instance_uid=tp.series_uid,
-                        job_pk=ctx.job_id,
-                        seg_sop_instance_uid=seg_uid if tp_index == 1 else annotation.sop_instance_uid,
-                        segment_number=segment_numbers.get(ident.tracking_uid) if tp_index == 1 else None,
-                        volume_mm3=m.volume_mm3,
-                        long_axis_mm=m.long_axis_mm,
-                        short_axis_mm=m.short_axis_mm,
-                        centre_x_mm=m.centre_mm[0] if m.centre_mm else None,
-                        centre_y_mm=m.centre_mm[1] if m.centre_mm else None,
-                        centre_z_mm=m.centre_mm[2] if m.centre_mm else None,
-                        status=les.status,
-                        engine=les.engine or None,
-                        engine_version=(les.engine_version or None),
-                        measurements=data,
-                        propagated_from_series_uid=from_series if tp_index == 1 or verified else None,
-                        propagated_from_sop_uid=from_sop if tp_index == 1 or verified else None,
-                        verification_pk=adoption.verification.id if verified and adoption is not None else None,
-                        confidence=None if conf is None else conf.confidence,
-                        review=bool(les.meta.get("review", False)) if tp_index == 1 else False,
-                        review_reasons=None if conf is None else list(conf.reasons),
-                    )
-                )
+                s.add(_observation(ctx, les, lesion_pk, tp_index, tp.series_uid, seg_uid, segment_numbers))
+
+
+def _supersede_earlier(s: Session, ctx: Ctx) -> None:
+    """Our earlier results of this series are kept for the audit trail but no longer reported."""
+    adoption = ctx.state.adoption
+    superseded = s.execute(  # type: ignore[attr-defined]  # an UPDATE's CursorResult has rowcount
+        update(LesionObservation)
+        .where(
+            LesionObservation.series_instance_uid == ctx.series_uid,
+            LesionObservation.superseded_by_job.is_(None),
+        )
+        .values(superseded_by_job=ctx.job_id)
+    ).rowcount
+    if superseded:
+        audit(
+            s,
+            ctx.worker,
+            "observations.superseded",
+            "series",
+            ctx.series_uid,
+            count=superseded,
+            by_job=ctx.job_id,
+            verification=adoption.verification.id if adoption is not None else None,
+        )
+
+
+def _lesion(s: Session, ctx: Ctx, les: TrackedLesion, patient_pk: int) -> int:
+    """The lesion's row (created on first sight, its RECIST role set once, at baseline); its primary key."""
+    prior = ctx.state.need_inputs().prior
+    adoption = ctx.state.adoption
+    ident = les.identity
+    lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == ident.tracking_uid))
+    added = bool(les.meta.get("added_by_reader"))
+    if lesion is None:
+        origin = (
+            LesionOrigin.NEW
+            if les.status is LesionStatus.NEW
+            else LesionOrigin.ADDED
+            if added
+            else _ORIGIN_OF.get(prior.annotations[0].modality, LesionOrigin.SR)
+        )
+        lesion = Lesion(
+            tracking_uid=ident.tracking_uid,
+            tracking_id=ident.tracking_id,
+            patient_pk=patient_pk,
+            anatomic_site=ident.anatomic_site,
+            origin=origin,
+            origin_series_uid=ctx.series_uid if added or adoption is not None else prior.ct_series_uid,
+            is_target=False if origin is LesionOrigin.ADDED else None,  # targets are chosen at baseline
+        )
+        s.add(lesion)
+        s.flush()
+        audit(s, ctx.worker, "lesion.created", "lesion", lesion.id, tracking_uid=ident.tracking_uid, job_id=ctx.job_id)
+    role = ctx.state.need_measured().recist.selection.role_of(ident.tracking_uid)
+    if lesion.is_target is None and role in (RecistRole.TARGET, RecistRole.NON_TARGET):
+        lesion.is_target = role is RecistRole.TARGET  # chosen once, at baseline; later jobs keep it
+        audit(s, ctx.worker, "lesion.role", "lesion", lesion.id, role=role, job_id=ctx.job_id)
+    return lesion.id
+
+
+def _observation(
+    ctx: Ctx,
+    les: TrackedLesion,
+    lesion_pk: int,
+    tp_index: int,
+    series_uid: str,
+    seg_uid: str | None,
+    segment_numbers: dict[str, int],
+) -> LesionObservation:
+    """This job's observation of one lesion at the prior (``tp_index`` 0) or the follow-up (1)."""
+    measured = ctx.state.need_measured()
+    prior = ctx.state.need_inputs().prior
+    annotation = prior.annotations[0]
+    adoption = ctx.state.adoption
+    rec = measured.recist
+    ident = les.identity
+    m = (measured.prior if tp_index == 0 else measured.current)[ident.tracking_uid]
+    changes = measured.changes.get(ident.tracking_uid) if tp_index == 1 else None
+    from_sop, from_series = annotation.sop_instance_uid, prior.ct_series_uid
+    verified = adoption is not None and (tp_index == 1 or bool(les.meta.get("retrospective")))
+    if verified and adoption is not None:  # the reader's own segmentation of this follow-up
+        from_sop, from_series = adoption.verification.source_sop_instance_uid, ctx.series_uid
+    role = rec.selection.role_of(ident.tracking_uid)
+    data = m.to_dict()
+    if changes is not None:
+        data["changes"] = changes.to_dict()
+    data["recist"] = {"role": role}
+    conf = lesion_confidence(les) if tp_index == 1 else None
+    if conf is not None:
+        data["confidence"] = conf.model_dump()
+    if tp_index == 1:
+        data["recist"]["overall_response"] = rec.timepoints[measured.timepoint_index].overall_response.value
+    return LesionObservation(
+        lesion_pk=lesion_pk,
+        series_instance_uid=series_uid,
+        job_pk=ctx.job_id,
+        seg_sop_instance_uid=seg_uid if tp_index == 1 else annotation.sop_instance_uid,
+        segment_number=segment_numbers.get(ident.tracking_uid) if tp_index == 1 else None,
+        volume_mm3=m.volume_mm3,
+        long_axis_mm=m.long_axis_mm,
+        short_axis_mm=m.short_axis_mm,
+        centre_x_mm=m.centre_mm[0] if m.centre_mm else None,
+        centre_y_mm=m.centre_mm[1] if m.centre_mm else None,
+        centre_z_mm=m.centre_mm[2] if m.centre_mm else None,
+        status=les.status,
+        engine=les.engine or None,
+        engine_version=(les.engine_version or None),
+        measurements=data,
+        propagated_from_series_uid=from_series if tp_index == 1 or verified else None,
+        propagated_from_sop_uid=from_sop if tp_index == 1 or verified else None,
+        verification_pk=adoption.verification.id if verified and adoption is not None else None,
+        confidence=None if conf is None else conf.confidence,
+        review=bool(les.meta.get("review", False)) if tp_index == 1 else False,
+        review_reasons=None if conf is None else list(conf.reasons),
+    )
 
 
 def persist_verification(ctx: Ctx) -> int | None:
     """A reader's correction adopted by this job: lesions the reader deleted are retired, our candidates kept or
     dropped are confirmed or rejected, the verification is applied (matches recorded). Returns the verification id
     when later follow-ups still have to be re-analysed from it."""
-    from lesiontrack.pipeline.adoption import candidate_decisions
 
     adoption = ctx.state.adoption
     if adoption is None:
@@ -267,8 +287,6 @@ def persist_search(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int
 def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:
     """Our SEG/SR become local instances too (so the next follow-up finds them as priors), marked as ours."""
 
-    from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
-
     with session_scope(sf) as s:
         for f in files:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -308,8 +326,6 @@ def record_our_objects(sf: sessionmaker[Session], files: list[Path]) -> None:
 def dataset_sha256(part10: bytes) -> str:
     """SHA-256 of the dataset after the file meta — what the SCP records for a received instance, so our own
     SEG/SR coming back from the PACS (e.g. with a prior retrieval) is recognised as the same bytes."""
-
-    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     fp = BytesIO(part10)
     read_preamble(fp, False)

@@ -16,6 +16,12 @@ from lesiontrack.pipeline.contract import (
 )
 from lesiontrack.pipeline.jobs import NothingToTrack, PermanentError, TransientError
 from lesiontrack.pipeline.ports import PriorSource, PriorTimepoint
+from lesiontrack.pipeline.prompt_selection import (
+    NoPersonAnnotation,
+    is_our_object,
+    our_instance_uids,
+    select_prior_annotation,
+)
 from lesiontrack.pipeline.steps.services import Ctx, followup_series, time_key
 from lesiontrack.pipeline.verification import VerificationView, verification_for_series, verified_sop_uids
 
@@ -61,12 +67,6 @@ def match_priors(ctx: Ctx) -> MatchPriorsOutput:
     if not annotated:
         plural = "y" if len(earlier) == 1 else "ies"
         raise NothingToTrack(f"no lesions marked on any of {len(earlier)} prior stud{plural}")
-    from lesiontrack.pipeline.prompt_selection import (
-        NoPersonAnnotation,
-        is_our_object,
-        our_instance_uids,
-        select_prior_annotation,
-    )
 
     sf = ctx.services.session_factory
     sop_uids = [a.sop_instance_uid for p in annotated for a in p.annotations]

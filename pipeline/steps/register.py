@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from lesiontrack.models.engines import build_registration
 from lesiontrack.pipeline.contract import RegisterOutput
 from lesiontrack.pipeline.steps.services import Ctx
 
 
 def register(ctx: Ctx) -> RegisterOutput:
-    from lesiontrack.models.engines import build_registration
 
     settings = ctx.services.settings
     name = settings.engines.registration

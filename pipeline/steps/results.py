@@ -4,11 +4,11 @@ persist the lesions."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydicom
 from pydantic import BaseModel
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,9 +18,19 @@ from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.confidence import lesion_confidence
 from lesiontrack.pipeline.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.derived_prior_seg import (
+    derivation_key,
+    drawn_lesions,
+    earlier_drawn_prior_seg,
+    write_drawn_prior_seg,
+)
+from lesiontrack.pipeline.drawn_priors import drawn_diameters
 from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
 from lesiontrack.pipeline.measurements import LesionMeasurement, measure_lesion
 from lesiontrack.pipeline.ports import PROMPT_FILE
+from lesiontrack.pipeline.seg_reader import UnassessedSegment
+from lesiontrack.pipeline.seg_writer import save_new, write_seg
+from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 from lesiontrack.pipeline.steps.persistence import (
     persist_observations,
     persist_search,
@@ -28,22 +38,12 @@ from lesiontrack.pipeline.steps.persistence import (
     record_our_objects,
 )
 from lesiontrack.pipeline.steps.services import Ctx
-
-if TYPE_CHECKING:
-    from lesiontrack.pipeline.seg_reader import UnassessedSegment
-    from lesiontrack.pipeline.sr_writer import LesionReport
-from lesiontrack.pipeline.verification import verified_sop_uids
+from lesiontrack.pipeline.verification import reanalyse_later, verified_sop_uids
+from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
+from lesiontrack.pipeline.viewer_sr import write_viewer_sr
 
 
 def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
-    from pydicom.uid import generate_uid
-
-    from lesiontrack.pipeline.drawn_priors import drawn_diameters
-    from lesiontrack.pipeline.seg_writer import save_new, write_seg
-    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-    from lesiontrack.pipeline.viewer_sr import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
-    from lesiontrack.pipeline.viewer_sr import write_viewer_sr
-
     inputs = ctx.state.need_inputs()
     measured = ctx.state.need_measured()
     search = ctx.state.need_search()
@@ -68,42 +68,8 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         )
         seg_path = save_new(seg_res.dataset, out_dir)
     assessment = measured.recist
-    roles = {d.tracking_uid: d.role for d in assessment.selection.decisions}
-    with session_scope(sf) as s:
-        prior_verified = bool(verified_sop_uids(s, [a.sop_instance_uid for a in inputs.prior.annotations]))
-
-    def provenance(les: TrackedLesion) -> str:
-        if adoption is not None and les.meta.get("verified"):
-            return "verified"
-        return "from-verified" if prior_verified else "machine"
-
-    prior_lesions = {les.identity.tracking_uid: les for les in ctx.state.need_timepoints()[0].lesions}
-    reports = [
-        LesionReport(
-            measured.current[les.identity.tracking_uid],
-            measured.changes.get(les.identity.tracking_uid),
-            roles.get(les.identity.tracking_uid),
-            _expected_centre(les),
-            les.identity.description,
-            provenance(les),
-            review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
-            confidence=None if conf is None else conf.confidence,
-            review_reasons=[] if conf is None else list(conf.reasons),
-            prompt_origin=les.meta.get("prompt_origin"),
-            drawn=drawn_diameters(
-                prior_lesions.get(les.identity.tracking_uid), measured.prior.get(les.identity.tracking_uid)
-            ),
-        )
-        for les in lesions
-    ]
-    reports += [_not_assessed_report(g, LesionReport) for g in inputs.not_assessed]
-    reports += [LesionReport(_candidate_measurement(c, followup.ct)) for c in candidates]
-    evidence = [
-        pydicom.dcmread(f, stop_before_pixels=True)
-        for a in inputs.prior.annotations
-        if a.modality != PROMPT_FILE  # a prompts JSON is no DICOM evidence
-        for f in a.files
-    ]
+    reports = _lesion_reports(ctx, lesions, candidates)
+    evidence = _prior_evidence(ctx)
     previous = _previous_srs(ctx.services.session_factory, ctx.series_uid, ctx.job_id)
     fu = ctx.outputs.get(MatchPriorsOutput).followup
     idx = measured.timepoint_index
@@ -143,8 +109,6 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
     verification = persist_verification(ctx)
     if verification is not None:  # later follow-ups are re-analysed from the verified timepoint
-        from lesiontrack.pipeline.verification import reanalyse_later
-
         reanalyse_later(
             ctx.services.session_factory, verification, actor=ctx.worker, settings=ctx.services.settings.verification
         )
@@ -176,14 +140,6 @@ def _drawn_prior_seg(ctx: Ctx, out_dir: Path) -> _DrawnPriorSeg | None:
     """The SEG of the prior lesions derived from a radiologist's drawing, on the prior study — issued once per
     derivation: the next follow-up of the same prior reuses it; a different derivation (another annotation, other
     masks) issues a new one that supersedes it (pipeline.derived_prior_seg)."""
-    from lesiontrack.pipeline.derived_prior_seg import (
-        derivation_key,
-        drawn_lesions,
-        earlier_drawn_prior_seg,
-        write_drawn_prior_seg,
-    )
-    from lesiontrack.pipeline.seg_writer import save_new
-
     inputs = ctx.state.need_inputs()
     lesions = drawn_lesions(ctx.state.need_timepoints()[0].lesions)
     if not lesions or not inputs.prior.annotations:
@@ -218,7 +174,56 @@ def _drawn_prior_seg(ctx: Ctx, out_dir: Path) -> _DrawnPriorSeg | None:
     )
 
 
-def _not_assessed_report(gap: UnassessedSegment, report: type[LesionReport]) -> LesionReport:
+def _lesion_reports(ctx: Ctx, lesions: list[TrackedLesion], candidates: list[TrackedLesion]) -> list[LesionReport]:
+    """What the reports say about each lesion at the follow-up, the prior's unassessed lesions and our candidates."""
+    inputs = ctx.state.need_inputs()
+    measured = ctx.state.need_measured()
+    adoption = ctx.state.adoption
+    roles = {d.tracking_uid: d.role for d in measured.recist.selection.decisions}
+    with session_scope(ctx.services.session_factory) as s:
+        prior_verified = bool(verified_sop_uids(s, [a.sop_instance_uid for a in inputs.prior.annotations]))
+
+    def provenance(les: TrackedLesion) -> str:
+        if adoption is not None and les.meta.get("verified"):
+            return "verified"
+        return "from-verified" if prior_verified else "machine"
+
+    prior_lesions = {les.identity.tracking_uid: les for les in ctx.state.need_timepoints()[0].lesions}
+    reports = [
+        LesionReport(
+            measured.current[les.identity.tracking_uid],
+            measured.changes.get(les.identity.tracking_uid),
+            roles.get(les.identity.tracking_uid),
+            _expected_centre(les),
+            les.identity.description,
+            provenance(les),
+            review=bool(les.meta.get("review", False)) if (conf := lesion_confidence(les)) is not None else None,
+            confidence=None if conf is None else conf.confidence,
+            review_reasons=[] if conf is None else list(conf.reasons),
+            prompt_origin=les.meta.get("prompt_origin"),
+            drawn=drawn_diameters(
+                prior_lesions.get(les.identity.tracking_uid), measured.prior.get(les.identity.tracking_uid)
+            ),
+        )
+        for les in lesions
+    ]
+    reports += [_not_assessed_report(g) for g in inputs.not_assessed]
+    followup_ct = ctx.state.need_timepoints()[1].ct
+    reports += [LesionReport(_candidate_measurement(c, followup_ct)) for c in candidates]
+    return reports
+
+
+def _prior_evidence(ctx: Ctx) -> list[Dataset]:
+    """The prior's annotation objects (DICOM evidence of the report)."""
+    return [
+        pydicom.dcmread(f, stop_before_pixels=True)
+        for a in ctx.state.need_inputs().prior.annotations
+        if a.modality != PROMPT_FILE  # a prompts JSON is no DICOM evidence
+        for f in a.files
+    ]
+
+
+def _not_assessed_report(gap: UnassessedSegment) -> LesionReport:
     """A prior lesion that could not be assessed: reported as such (status "not evaluated", no measurement),
     flagged for review, with the reason — never left out of the result (issue 29)."""
     ident = gap.identity
@@ -229,7 +234,7 @@ def _not_assessed_report(gap: UnassessedSegment, report: type[LesionReport]) -> 
         is_node=ident.is_node,
         anatomic_site=ident.anatomic_site,
     )
-    return report(m, description=ident.description, review=True, not_assessed_reason=gap.reason)
+    return LesionReport(m, description=ident.description, review=True, not_assessed_reason=gap.reason)
 
 
 def _candidate_lesions(lesions: list[TrackedLesion], search: NewLesionSearchResult) -> list[TrackedLesion]:

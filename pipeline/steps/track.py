@@ -9,30 +9,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.db.models import Lesion, LesionObservation
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
-from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.engines import build_registration, build_segmentation
 from lesiontrack.models.registration.base import Registration
+from lesiontrack.models.segmentation.prompts import LesionIdentity
+from lesiontrack.pipeline.adoption import adopt
 from lesiontrack.pipeline.confidence import ConfidenceRules, LesionConfidence, lesion_confidence
 from lesiontrack.pipeline.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
+from lesiontrack.pipeline.drawn_priors import weaken_for_origin
 from lesiontrack.pipeline.lesions import Timepoint, TrackedLesion
 from lesiontrack.pipeline.steps.services import Ctx
-
-
-class _Precomputed:
-    """Hands the tracking loop the registration computed by the register step."""
-
-    version = ""
-
-    def __init__(self, reg: Registration, name: str) -> None:
-        self.reg, self.name = reg, name
-
-    def register(self, baseline: Volume, followup: Volume) -> Registration:
-        return self.reg
+from lesiontrack.pipeline.tracking import RegistrationCache, TrackingOptions, track_lesions
 
 
 def track(ctx: Ctx) -> TrackOutput:
-    from lesiontrack.models.engines import build_segmentation
-    from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
-
     eng = ctx.services.settings.engines
     seg = build_segmentation(eng.segmentation, eng, device=ctx.device)  # the registry knows which weights it reads
     inputs = ctx.state.need_inputs()
@@ -44,9 +33,6 @@ def track(ctx: Ctx) -> TrackOutput:
         Timepoint(ctx.series_uid, inputs.followup_ct, fu.study_date, fu.study_uid),
     ]
     if ctx.state.adoption is not None:  # a reader's correction of this follow-up is its result (issue 16)
-        from lesiontrack.models.engines import build_registration
-        from lesiontrack.pipeline.adoption import adopt
-
         engine = build_registration(
             eng.registration, eng, device=ctx.device, seed=ctx.services.settings.compute.seed
         )  # only registers when the reader added lesions (propagated back to the prior)
@@ -56,7 +42,7 @@ def track(ctx: Ctx) -> TrackOutput:
             tps,
             inputs.prompts,
             source_index=0,
-            registration=_Precomputed(registration, "precomputed"),
+            registration=RegistrationCache.known(registration, tps[0], tps[1]),
             segmentation=seg,
             options=TrackingOptions(
                 boosting=ctx.services.settings.tracking.boosting,
@@ -102,8 +88,6 @@ def track(ctx: Ctx) -> TrackOutput:
 def _weak_here(tp: Timepoint, rules: ConfidenceRules | None) -> None:
     """A lesion a radiologist marked on this follow-up with a line or an arrow (not a 3-D outline) carries the weak
     prior's confidence there too, and is flagged for review until a person confirms it."""
-    from lesiontrack.pipeline.drawn_priors import weaken_for_origin
-
     for les in tp.lesions:
         if les.meta.get("annotated") and les.meta.get("weak_prior"):
             base = LesionConfidence(confidence=1.0, review=False)
@@ -117,8 +101,6 @@ def vanished_earlier(
 ) -> list[TrackedLesion]:
     """Lesions of this patient that had vanished before the prior (so our prior SEG has no segment for them):
     they stay in the report as vanished, at their last known position, instead of silently dropping out."""
-    from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.lesions import LesionStatus
 
     if patient_pk is None:
         return []

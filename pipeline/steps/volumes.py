@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 
 from lesiontrack.db.session import session_scope
+from lesiontrack.models.imaging.dicom_read import SeriesError, read_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import Prompt
 from lesiontrack.pipeline.adoption import build_adoption, retired_lesions, with_verified_identities
+from lesiontrack.pipeline.annotations.common import AnnotationWarning
 from lesiontrack.pipeline.contract import (
     SEG_SOP_CLASSES,
     LesionRef,
@@ -21,7 +23,13 @@ from lesiontrack.pipeline.contract import (
 from lesiontrack.pipeline.drawn_priors import prompt_origin
 from lesiontrack.pipeline.jobs import NothingToTrack, PermanentError
 from lesiontrack.pipeline.ports import PROMPT_FILE, PriorTimepoint
-from lesiontrack.pipeline.seg_reader import UnassessedSegment
+from lesiontrack.pipeline.prompt_sources import (
+    NoLesionInAnnotation,
+    PromptSourceError,
+    load_prompts_json,
+    prompts_from_object,
+)
+from lesiontrack.pipeline.seg_reader import UnassessedSegment, read_seg_prompts_and_gaps
 from lesiontrack.pipeline.steps.services import Ctx, followup_series
 from lesiontrack.pipeline.verification import our_seg_of_series
 
@@ -29,7 +37,6 @@ log = logging.getLogger(__name__)
 
 
 def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
-    from lesiontrack.models.imaging.dicom_read import SeriesError, read_series
 
     fu = followup_series(ctx.services.session_factory, ctx.series_uid)
     prior = ctx.outputs.get(RetrievePriorsOutput).prior.to_port()
@@ -128,14 +135,6 @@ def read_prompts_and_gaps(
 ) -> tuple[list[Prompt], list[UnassessedSegment]]:
     """The prompts of :func:`read_prompts`, and the lesions of a prior SEG that cannot be prompts (no voxel on the
     prior CT): they are reported "not assessed" with the reason and flagged, never silently dropped."""
-    from lesiontrack.pipeline.annotations.common import AnnotationWarning
-    from lesiontrack.pipeline.prompt_sources import (
-        NoLesionInAnnotation,
-        PromptSourceError,
-        load_prompts_json,
-        prompts_from_object,
-    )
-    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
 
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")

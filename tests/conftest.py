@@ -58,12 +58,12 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
 _pg_databases = iter(range(1, 1_000_000))
 
 
-@pytest.fixture()
+@pytest.fixture
 def postgres_url(postgres_server) -> str:
     """URL of a fresh, empty database on the session's PostgreSQL server (one per test)."""
     return postgres_server.create_database(f"lt_test_{next(_pg_databases)}")
 
 
-@pytest.fixture()
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'lt.sqlite3'}"

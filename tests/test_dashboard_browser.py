@@ -129,7 +129,8 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     for shot in result["screenshots"]:
         shutil.copy(shot, ARTIFACTS / Path(shot).name)
     assert "error" not in result, result.get("error")
-    assert result["blocked"] == [] and result["pageErrors"] == []
+    assert result["blocked"] == []
+    assert result["pageErrors"] == []
 
     assert result["liveNewJob"] == {"id": live_id, "state": "queued"}, "queue did not refresh by itself"
 
@@ -140,7 +141,8 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     assert result["stillListed"] == 0
     with session_scope(sf) as s:
         queued = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == scout)).all()
-        assert len(queued) == 1 and f"job {queued[0].id}" in result["analyseFlash"]
+        assert len(queued) == 1
+        assert f"job {queued[0].id}" in result["analyseFlash"]
 
     # job queue = database (as it was when the page was read)
     with session_scope(sf) as s:
@@ -151,7 +153,9 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
         ).all()
         assert [(j["id"], j["state"]) for j in result["jobs"]] == [(j.id, j.state.value) for j in jobs]
         failed = [j for j in result["jobs"] if j["state"] == "failed"]
-        assert failed and failed[0]["retryButton"] and "registration diverged" in failed[0]["error"]
+        assert failed
+        assert failed[0]["retryButton"]
+        assert "registration diverged" in failed[0]["error"]
         assert result["counts"]["done"] == sum(j.state.value == "done" for j in jobs)
 
         # timeline = database
@@ -180,12 +184,14 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     # every thumbnail and plot loaded as an image of the expected size
     thumbs = [i for i in result["images"] if "thumbnail" in i["src"]]
     plots = [i for i in result["images"] if "plot" in i["src"]]
-    assert len(thumbs) == n_cells and len(plots) == len(tl.lesions)
+    assert len(thumbs) == n_cells
+    assert len(plots) == len(tl.lesions)
     assert all(i["naturalWidth"] == 160 and i["naturalHeight"] == 160 for i in thumbs), thumbs
     assert all(i["naturalWidth"] == 360 and i["naturalHeight"] == 200 for i in plots), plots
     # the timeline of 6 timepoints fits its container, and 10 timepoint columns would fit the 1500 px window
     layout = result["layout"]
-    assert layout["timepoints"] == 6 and layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
+    assert layout["timepoints"] == 6, layout
+    assert layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
     assert layout["lesionWidth"] + 10 * layout["timepointWidth"] <= layout["containerWidth"], layout
     for name in ("dashboard-jobs.png", "dashboard-timeline.png"):
         assert (ARTIFACTS / name).stat().st_size > 20_000, name

@@ -121,7 +121,8 @@ def test_compose_services_run_commands_the_cli_has() -> None:
 
 def test_every_lesiontrack_variable_is_a_setting() -> None:
     names = named_settings()
-    assert "LESIONTRACK_DATABASE_URL" in names and "LESIONTRACK_WORKER__BROKER_URL" in names
+    assert "LESIONTRACK_DATABASE_URL" in names
+    assert "LESIONTRACK_WORKER__BROKER_URL" in names
     unknown = sorted(n for n in names if not setting_exists(n))
     assert not unknown, f"not settings of config/settings.py: {unknown}"
 

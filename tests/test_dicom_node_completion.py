@@ -25,7 +25,7 @@ def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "con
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture()
+@pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path, series_quiet_seconds=3.0)
     n.settings.routing.min_slices = 10
@@ -56,7 +56,8 @@ def test_series_over_three_associations_inside_quiet_period_triggers_once(node: 
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     assert node.triggers == [uid]
     s = node.series(uid)
-    assert s is not None and s.instance_count == 28
+    assert s is not None
+    assert s.instance_count == 28
     assert s.routing_decision == RoutingDecision.ANALYSE
     assert len(node.audits("series.complete")) == 1
 
@@ -109,10 +110,13 @@ def test_forced_completion_and_skip_decision_recorded(tmp_path: Path) -> None:
         uid = _uid(files)
         storescu(n.port, files)
         route = n.scp.force_complete(uid)
-        assert route is not None and route.decision == RoutingDecision.SKIP
+        assert route is not None
+        assert route.decision == RoutingDecision.SKIP
         s = n.series(uid)
-        assert s is not None and s.state == SeriesState.COMPLETE
-        assert s.routing_decision == RoutingDecision.SKIP and "min_slices" in (s.routing_reason or "")
+        assert s is not None
+        assert s.state == SeriesState.COMPLETE
+        assert s.routing_decision == RoutingDecision.SKIP
+        assert "min_slices" in (s.routing_reason or "")
         assert n.triggers == []
         assert n.audits("series.complete")[0].details["forced"] is True
 
@@ -128,7 +132,7 @@ def test_restart_resumes_receiving_series(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "facts, expected",
+    ("facts", "expected"),
     [
         (
             dict(
@@ -178,7 +182,8 @@ def test_routing_rules(facts: dict, expected: str) -> None:
     if expected == "analyse":
         assert route.decision == RoutingDecision.ANALYSE
     else:
-        assert route.decision == RoutingDecision.SKIP and expected in route.reason
+        assert route.decision == RoutingDecision.SKIP
+        assert expected in route.reason
 
 
 def test_routing_include_and_body_part() -> None:
@@ -208,7 +213,9 @@ def test_aborted_association_does_not_hold_completion_but_holds_analysis(node: N
     assert pynetdicom_store(node.port, files, abort_after=11) == [0] * 11
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion after the sender aborted")
     s = node.series(uid)
-    assert s is not None and s.instance_count == 11 and s.routing_decision == RoutingDecision.SKIP
+    assert s is not None
+    assert s.instance_count == 11
+    assert s.routing_decision == RoutingDecision.SKIP
     assert (s.routing_reason or "").startswith("incomplete transfer")
     assert node.triggers == []
     storescu(node.port, files)  # the sender re-sends the series and releases: now analysed

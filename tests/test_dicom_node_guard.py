@@ -74,7 +74,7 @@ def echo(port: int, aec: str = "LESIONTRACK") -> int:
     ).returncode
 
 
-@pytest.fixture()
+@pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path, allowed_calling_aes=["STORESCU", "PYSCU"], pdu_read_seconds=2.0, acse_timeout_seconds=5.0)
     n.scp.start()
@@ -108,7 +108,8 @@ def test_twenty_idle_and_slow_connections_do_not_stop_a_legitimate_echo(guarded:
         answers = [reply_type(s) for s in held]
         for i, a in enumerate(answers):
             assert a in ({0x03, None} if i % 4 == 1 else {0x07, None}), (i, a)
-        assert 0x03 in answers and 0x07 in answers
+        assert 0x03 in answers
+        assert 0x07 in answers
     finally:
         for s in held:
             s.close()
@@ -164,7 +165,8 @@ def test_over_limit_associations_are_rejected_transient_local_limit(tmp_path: Pa
         return ae.associate("127.0.0.1", n.port, ae_title="LESIONTRACK", bind_address=(source, 0))
 
     def rejection(assoc: Any) -> tuple[int, int, int]:
-        assert assoc.is_rejected and not assoc.is_aborted, "the sender must see a rejection, not an abort"
+        assert assoc.is_rejected, "the sender must see a rejection, not an abort"
+        assert not assoc.is_aborted, "the sender must see a rejection, not an abort"
         p = assoc.acceptor.primitive
         return int(p.result), int(p.result_source), int(p.diagnostic)
 

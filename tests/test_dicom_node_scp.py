@@ -79,7 +79,7 @@ class Node:
         assert self.scp.settle(timeout), "indexer did not catch up"
 
 
-@pytest.fixture()
+@pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path, allowed_calling_aes=["STORESCU", "ORTHANC", "PYSCU"])
     n.scp.start()
@@ -234,11 +234,13 @@ def test_duplicates_same_bytes_idempotent_different_bytes_kept_and_audited(node:
     ds.save_as(changed, enforce_file_format=True)
     storescu(node.port, [changed])
     rows = node.instances()
-    assert len(rows) == 2 and rows[0].sop_instance_uid == rows[1].sop_instance_uid
+    assert len(rows) == 2
+    assert rows[0].sop_instance_uid == rows[1].sop_instance_uid
     assert rows[0].file_path != rows[1].file_path
     assert all(Path(r.file_path).is_file() for r in rows)
     ev = node.audits("instance.duplicate_uid_different_bytes")
-    assert len(ev) == 1 and ev[0].object_id == ds.SOPInstanceUID
+    assert len(ev) == 1
+    assert ev[0].object_id == ds.SOPInstanceUID
 
 
 def _bad_file(tmp_path: Path, name: str, body: bytes, like: Path) -> Path:
@@ -260,7 +262,8 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     no_uid = tmp_path / "nouid.dcm"
     ds.save_as(no_uid, enforce_file_format=True)
     statuses = pynetdicom_store(node.port, [non_dicom, truncated, no_uid, good[2]])
-    assert statuses[0] == 0xC000 and statuses[1] == 0xC000
+    assert statuses[0] == 0xC000
+    assert statuses[1] == 0xC000
     assert statuses[2] == 0xA900
     assert statuses[3] == 0x0000
     assert node.count() == 1
@@ -272,7 +275,8 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     odd = tmp_path / "odd.dcm"
     ds.save_as(odd, enforce_file_format=True)
     r = storescu(node.port, [odd], check=False)
-    assert r.returncode != 0 and "No presentation context" in r.stderr
+    assert r.returncode != 0
+    assert "No presentation context" in r.stderr
     assert node.count() == 1
 
     # association aborted mid-series: what was acknowledged is stored whole, nothing else
@@ -332,7 +336,8 @@ def _assert_disk_full_handled(data_dir: Path, root: Path) -> list[int]:
     with n.scp:
         statuses = pynetdicom_store(n.port, ge_files()[:4])  # 0.5 MB each
         assert echoscu(n.port) == 0  # still serving
-    assert 0xA700 in statuses and set(statuses) <= {0, 0xA700}
+    assert 0xA700 in statuses
+    assert set(statuses) <= {0, 0xA700}
     assert n.count() == statuses.count(0)
     assert not list(data_dir.rglob(".tmp-*"))
     n.engine.dispose()

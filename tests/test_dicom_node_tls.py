@@ -109,7 +109,7 @@ class TlsStorescp:
         self.proc.wait(10)
 
 
-@pytest.fixture()
+@pytest.fixture
 def tls_pacs(tmp_path: Path) -> Iterator[tuple[TlsStorescp, Path, Path]]:
     require_dcmtk_tls()
     pacs_key, pacs_crt = self_signed(tmp_path, "pacs")

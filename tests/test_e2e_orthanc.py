@@ -165,7 +165,8 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         site.route(site.upload(fu.files))
         view = site.analyse(fu.series_uid)
         results = job_results(view.step_outputs)
-        assert results.match is not None and results.written is not None
+        assert results.match is not None
+        assert results.written is not None
         prior = results.match.prior
         baseline_seg = str(pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID)
         # every follow-up is propagated from the radiologist's baseline SEG, never from our previous result
@@ -185,7 +186,9 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         reports = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 902]
         viewer = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 903]
         counts = {k: len(v) for k, v in objs.items()}
-        assert len(objs.get("SEG", [])) == 1 and len(reports) == 1 and len(viewer) == 1, counts
+        assert len(objs.get("SEG", [])) == 1, counts
+        assert len(reports) == 1, counts
+        assert len(viewer) == 1, counts
         assert len(objs["SR"]) == 2, counts
         seg, sr = objs["SEG"][0], reports[0]
         _validate(tmp, seg)
@@ -196,7 +199,8 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         segments = _segment_uids(seg)
         candidates = {uid for uid, tid in segments.items() if tid.startswith("Candidate ")}
         assert candidates == {c.tracking_uid for c in results.detect.candidates} if results.detect else not candidates
-        assert set(segments) - candidates <= base_uids and len(set(segments) - candidates) >= 1
+        assert set(segments) - candidates <= base_uids
+        assert len(set(segments) - candidates) >= 1
         assert _sr_uids(sr) - candidates == base_uids, "every baseline lesion is reported under its own Tracking UID"
         assert _sr_uids(viewer[0]) <= set(segments), "the OHIF SR names lesions by their own Tracking UIDs only"
         assert str(seg.SOPInstanceUID) == results.written.seg_sop_instance_uid
@@ -216,7 +220,8 @@ def test_e2e_orthanc_c_move_two_followups(tmp_path: Path, patient: Any) -> None:
             methods = [
                 e.details["method"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "priors.retrieve"))
             ]
-        assert methods and set(methods) == {"C-MOVE"}
+        assert methods
+        assert set(methods) == {"C-MOVE"}
     finally:
         site.stop()
 
@@ -229,6 +234,7 @@ def test_e2e_orthanc_c_get(tmp_path: Path, patient: Any) -> None:
             methods = [
                 e.details["method"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "priors.retrieve"))
             ]
-        assert methods and set(methods) == {"C-GET"}
+        assert methods
+        assert set(methods) == {"C-GET"}
     finally:
         site.stop()

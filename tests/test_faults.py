@@ -112,7 +112,8 @@ retry_backoff_seconds = [0.5]
 
         peer = PacsPeer(name="lt", ae_title=self.settings.dicom.ae_title, host="127.0.0.1", port=self.port)
         outcomes = store_files(self.settings, peer, files)
-        assert len(outcomes) == len(files) and all(o.ok for o in outcomes), outcomes
+        assert len(outcomes) == len(files), outcomes
+        assert all(o.ok for o in outcomes), outcomes
 
     def session_factory(self):
         return make_session_factory(make_engine(self.settings.effective_database_url))
@@ -176,8 +177,10 @@ def test_kill_9_mid_job_then_restart_completes_and_loses_no_instance(tmp_path: P
             view = _job_of(sf, uid)
             assert view.state is JobState.DONE, view.error
         a = _job_of(sf, uid_a)
-        assert a.id == job_a and a.attempts == 2, "the killed job itself was resumed, not replaced"
-        assert _runs(sf, job_a, "compute") == 2 and _runs(sf, job_a, "write") == 1
+        assert a.id == job_a, "the killed job itself was resumed, not replaced"
+        assert a.attempts == 2, "the killed job itself was resumed, not replaced"
+        assert _runs(sf, job_a, "compute") == 2
+        assert _runs(sf, job_a, "write") == 1
         jobs = {uid: _jobs(sf, uid) for uid in (uid_a, uid_b)}
         assert [j.id for j in jobs[uid_a]] == [job_a], "series A completed again after the restart"
         assert len(jobs[uid_b]) == 1, "series B: more than one job"
@@ -255,7 +258,8 @@ retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 
 
         sop = str(pydicom.dcmread(result, stop_before_pixels=True).SOPInstanceUID)
         found = orthanc.post("/tools/lookup", sop)
-        assert found and found[0]["Type"] == "Instance"
+        assert found
+        assert found[0]["Type"] == "Instance"
     finally:
         svc.stop()
         orthanc.stop()

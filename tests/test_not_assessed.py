@@ -32,11 +32,14 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
     highs = {les.identity.tracking_uid: int(np.argwhere(les.mask.array > 0)[:, 0].max()) for les in base.lesions}
     victim = max(lows, key=lambda uid: lows[uid])
     k_end = lows[victim]  # the victim's slices are gone; lesions reaching below it keep some voxels
-    assert any(lo < k_end for uid, lo in lows.items() if uid != victim) and highs[victim] >= k_end
+    assert any(lo < k_end for uid, lo in lows.items() if uid != victim)
+    assert highs[victim] >= k_end
     prompts, gaps = read_seg_prompts_and_gaps(seg_path, _cropped(base.ct, k_end))
     assert [g.identity.tracking_uid for g in gaps] == [victim]
-    assert victim not in {p.identity.tracking_uid for p in prompts} and prompts
-    assert "not assessed" in gaps[0].reason and "no voxel on the prior CT" in gaps[0].reason
+    assert victim not in {p.identity.tracking_uid for p in prompts}
+    assert prompts
+    assert "not assessed" in gaps[0].reason
+    assert "no voxel on the prior CT" in gaps[0].reason
 
     # the follow-up's report: the tracked lesions as measured, the gap as "not evaluated", flagged, with its reason
     from lesiontrack.pipeline.measurements import measure_lesion

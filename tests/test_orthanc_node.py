@@ -103,7 +103,7 @@ def dicom_enabled(dicomweb: bool, method: RetrieveMethod) -> bool:
     return dicomweb or method == RetrieveMethod.DICOMWEB
 
 
-@pytest.fixture()
+@pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     s = Site(tmp_path)
     try:
@@ -169,7 +169,8 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
         # retrieved priors are stored but never routed to analysis
         site.node.scp.completion.poll_once()
         s = site.node.series(ct_series)
-        assert s is not None and s.routing_decision == RoutingDecision.SKIP
+        assert s is not None
+        assert s.routing_decision == RoutingDecision.SKIP
         assert "retrieved as prior" in (s.routing_reason or "")
         if method == RetrieveMethod.C_MOVE:
             site.node.scp.force_complete(ct_series)
@@ -184,7 +185,8 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
 def test_annotation_references_of_tid1500_sr() -> None:
     sr = dcmread(require_shared_data("interop", "seg_sr", "dcmqi_sr-example_sr.dcm"), stop_before_pixels=True)
     kind, refs = annotation_references(sr)
-    assert kind == "SR" and len(refs) == 3
+    assert kind == "SR"
+    assert len(refs) == 3
 
 
 def _result_file(tmp_path: Path) -> Path:
@@ -216,7 +218,9 @@ def test_node_sends_result_back_to_orthanc(tmp_path: Path, method: SendMethod) -
         [did] = svc.send([f], job_id=_job(site.node))
         with session_scope(site.node.sf) as s:
             d = s.get(Delivery, did)
-            assert d is not None and d.state == DeliveryState.DELIVERED and d.attempts == 1
+            assert d is not None
+            assert d.state == DeliveryState.DELIVERED
+            assert d.attempts == 1
         oid = orthanc_has(site.orthanc, str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
         assert oid is not None
         import urllib.request
@@ -244,17 +248,21 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
                 assert d is not None
                 return d
 
-        assert state().state == DeliveryState.RETRY_WAIT and state().attempts == 1
+        assert state().state == DeliveryState.RETRY_WAIT
+        assert state().attempts == 1
         svc.start(interval=0.1)
         wait_until(lambda: state().state == DeliveryState.DEAD_LETTER, what="dead letter")
         svc.stop()
         d = state()
-        assert d.attempts == 3 and d.last_error and "no association" in d.last_error
+        assert d.attempts == 3
+        assert d.last_error
+        assert "no association" in d.last_error
         attempts = site.node.audits("delivery.attempt")
         assert [e.details["outcome"] for e in attempts] == ["retry_wait", "retry_wait", "dead_letter"]
         # the schedule was followed: each retry no earlier than its delay after the previous attempt
         gaps = [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(attempts)]
-        assert gaps[0] >= 0.3 - 0.05 and gaps[1] >= 0.6 - 0.05
+        assert gaps[0] >= 0.3 - 0.05
+        assert gaps[1] >= 0.6 - 0.05
 
         site.orthanc.start()  # destination back
         from typer.testing import CliRunner
@@ -271,7 +279,8 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
         r = CliRunner().invoke(app, ["--config", str(cfg), "send", "--retry", str(job)])
         assert r.exit_code == 0, r.output
         assert "delivered" in r.output
-        assert state().state == DeliveryState.DELIVERED and state().attempts == 4
+        assert state().state == DeliveryState.DELIVERED
+        assert state().attempts == 4
         assert orthanc_has(site.orthanc, str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
         assert len(site.node.audits("delivery.manual_retry")) == 1
     finally:
@@ -303,6 +312,7 @@ def test_prior_retrieval_skips_objects_already_held(tmp_path: Path, method: Retr
         assert sorted(str(e.object_id) for e in site.node.audits("priors.already_held")) == sorted(first[:2])
         # the peer's CT series when it is not known locally as a prior: held → not retrieved either
         remote = again._fetch_unless_held(site.peer, priors[0].study_uid, priors[0].ct_series_uid)
-        assert remote is False and len(site.node.audits("priors.retrieve")) == 3
+        assert remote is False
+        assert len(site.node.audits("priors.retrieve")) == 3
     finally:
         site.stop()

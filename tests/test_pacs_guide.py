@@ -246,10 +246,13 @@ def _check_follow_up(site: GuideSite, fu: Any, base_uids: set[str], prior_series
     from lesiontrack.pipeline.contract import job_results
 
     match = job_results(job.step_outputs).match
-    assert match is not None and match.prior.ct_series_uid == prior_series
+    assert match is not None
+    assert match.prior.ct_series_uid == prior_series
     objs = site.results_in_orthanc(fu.study_uid)
     counts = {k: len(v) for k, v in objs.items()}
-    assert counts.get(901) == 1 and counts.get(902) == 1 and counts.get(903, 0) <= 1, counts
+    assert counts.get(901) == 1, counts
+    assert counts.get(902) == 1, counts
+    assert counts.get(903, 0) <= 1, counts
     assert set(counts) <= {901, 902, 903}, counts
     reported = _sr_uids(objs[902][0])
     assert base_uids <= reported, f"baseline lesions missing from the report: {base_uids - reported}"
@@ -273,7 +276,8 @@ def _run_patient(site: GuideSite, patient: Any, prior_annotation: Path, tmp: Pat
     assert not routed & set(skipped), {u: skipped[u] for u in routed & set(skipped)}
     # the baseline was never routed by the script: it reached LesionTrack only as a retrieved prior
     base = site.api(f"/api/series/{patient.baseline.series_uid}")
-    assert base["routing_reason"].startswith("retrieved as prior") and base["jobs"] == [], base
+    assert base["routing_reason"].startswith("retrieved as prior"), base
+    assert base["jobs"] == [], base
     return elapsed
 
 
@@ -294,7 +298,8 @@ def test_the_orthanc_guide_as_written_two_patients_three_follow_ups(tmp_path: Pa
 
         sr_job = site.jobs(abdomen.followups[0].series_uid)[0]
         match = job_results(sr_job.step_outputs).match
-        assert match is not None and match.prior.annotation.modality == "SR", "prompted from the reader's lines"
+        assert match is not None, "prompted from the reader's lines"
+        assert match.prior.annotation.modality == "SR", "prompted from the reader's lines"
     finally:
         site.stop()
     (tmp_path / "guide_timings.json").write_text(json.dumps(timings, indent=1))

@@ -204,7 +204,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
 
         view = site.job_done(fu1.series_uid)
         match = job_results(view.step_outputs).match
-        assert match is not None and match.prior.ct_series_uid == patient.baseline.series_uid
+        assert match is not None
+        assert match.prior.ct_series_uid == patient.baseline.series_uid
         wait_for(lambda: {"SEG", "SR"} <= site.results_in_orthanc(fu1.study_uid), 120, "SEG + SR in Orthanc")
 
         skipped = wait_for(lambda: (s := site.skipped()) and {loc_uid, dose_uid, fu2.series_uid} <= set(s) and s, 120)
@@ -213,7 +214,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
         assert "body part CHEST" in skipped[fu2.series_uid]["routing_reason"]
         # the baseline reached LesionTrack only as a retrieved prior, never routed by the script
         base = site.api(f"/api/series/{patient.baseline.series_uid}")
-        assert base["routing_reason"].startswith("retrieved as prior") and base["jobs"] == []
+        assert base["routing_reason"].startswith("retrieved as prior")
+        assert base["jobs"] == []
         # completed by the trigger (quiet period 1 h), audited as such
         trig = [e for e in site.api("/api/audit?action=api.series_complete")["items"]]
         assert {e["object_id"] for e in trig} >= {fu1.series_uid, loc_uid, dose_uid, fu2.series_uid}
@@ -232,7 +234,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
 
         r = CliRunner().invoke(app, ["--config", str(cfg), "routing", "re-evaluate"])
         assert r.exit_code == 0, r.output
-        assert f"{fu2.series_uid}: ANALYSE (job" in r.output and "1 now routed" in r.output
+        assert f"{fu2.series_uid}: ANALYSE (job" in r.output
+        assert "1 now routed" in r.output
         assert f"{loc_uid}: SKIP - ImageType LOCALIZER" in r.output
         site.job_done(fu2.series_uid)
         assert fu2.series_uid not in site.skipped()

@@ -57,7 +57,8 @@ def test_a_prior_arriving_in_two_halves_is_never_analysed_half(tmp_path: Path) -
         done = site.analyse(fu.series_uid, timeout=600)
         results = job_results(done.step_outputs)
         retrieved = read_output(done.step_outputs, RetrievePriorsOutput)
-        assert retrieved is not None and retrieved.ct_files == len(base)
+        assert retrieved is not None
+        assert retrieved.ct_files == len(base)
         objs = site.results_in_orthanc(fu.study_uid)
         assert len(objs.get("SEG", [])) == 1, {k: len(v) for k, v in objs.items()}
         report = next(d for d in objs["SR"] if int(d.SeriesNumber) == 902)

@@ -27,7 +27,7 @@ from tests.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-@pytest.fixture()
+@pytest.fixture
 def stack(tmp_path: Path):
     require_tool("redis-server", "initdb")
     pg = PostgresServer(tmp_path)
@@ -133,7 +133,8 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
     for j in jobs:
         svc.run(store.retry(j))
     embedded = {p.name: json.loads(p.read_text()) for p in (tmp / "embedded" / "results").glob("*.json")}
-    assert embedded == scale and len(scale) == len(jobs)
+    assert embedded == scale
+    assert len(scale) == len(jobs)
 
 
 def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
@@ -158,7 +159,8 @@ def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
     wait_for(lambda: store.get(job).finished, 120, "the job to finish on worker 2")
     assert store.get(job).state is JobState.DONE, store.get(job).error
     view = store.get(job)
-    assert view.worker.split(":")[1] == str(w2.pid) and view.attempts == 2
+    assert view.worker.split(":")[1] == str(w2.pid)
+    assert view.attempts == 2
     assert _runs(sf)[(str(job), "write")] == 1
 
 
@@ -263,4 +265,5 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         embedded = _observations(svc.session_factory)
     finally:
         svc.stop()
-    assert scale and scale == embedded
+    assert scale
+    assert scale == embedded

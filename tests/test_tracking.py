@@ -60,7 +60,8 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
         segmentation=get_engine("adaptive"),
         progress=events.append,
     )
-    assert events[-1].stage == "done" and events[-1].done == events[-1].total
+    assert events[-1].stage == "done"
+    assert events[-1].done == events[-1].total
     for t in (1, 2):
         by_label = {les.identity.label: les for les in tps[t].lesions}
         assert sorted(by_label) == [1, 2, 3, 4, 5, 6]
@@ -74,7 +75,8 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
         assert dice(by_label[5].mask.array, phantom[t].labels.array == 5) > 0.5
     assert dice({les.identity.label: les for les in tps[1].lesions}[6].mask.array, phantom[1].labels.array == 6) > 0.8
     gone = {les.identity.label: les for les in tps[2].lesions}[6]
-    assert gone.status is LesionStatus.VANISHED and not gone.mask.array.any()
+    assert gone.status is LesionStatus.VANISHED
+    assert not gone.mask.array.any()
     lm = label_map(tps[2])
     assert set(np.unique(lm.array)) == {0, 1, 2, 3, 4, 5}
     summary = tracking_summary(tps)
@@ -99,7 +101,8 @@ def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
     by_label = {les.identity.label: les for les in tps[1].lesions}
     a, b = by_label[3].mask.array > 0, by_label[4].mask.array > 0
     assert not (a & b).any()
-    assert dice(a, gt == 3) > 0.75 and dice(b, gt == 4) > 0.75
+    assert dice(a, gt == 3) > 0.75
+    assert dice(b, gt == 4) > 0.75
     # each keeps its own centre side: A is the more anterior (smaller y) of the two
     ya = np.argwhere(a)[:, 1].mean()
     yb = np.argwhere(b)[:, 1].mean()

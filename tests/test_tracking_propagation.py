@@ -76,10 +76,12 @@ def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoi
     track_lesions(tps, _mask_prompts(phantom[0]), source_index=0, registration=reg, segmentation=eng)
     base = id(tps[0].ct)
     assert reg.pairs == [(base, id(tps[t].ct)) for t in (1, 2, 3)], "each follow-up registered directly, once"
-    assert eng.references and set(eng.references) == {base}, "every prompt's reference is the annotated CT"
+    assert eng.references, "every prompt's reference is the annotated CT"
+    assert set(eng.references) == {base}, "every prompt's reference is the annotated CT"
     for t in (1, 2, 3):
         for les in tps[t].lesions:
-            assert les.propagated_from is not None and les.propagated_from.by_person
+            assert les.propagated_from is not None
+            assert les.propagated_from.by_person
             assert les.propagated_from.series_uid == tps[0].series_uid
             assert les.propagated_from.timepoint_index == 0
     # the former loop, for contrast: a chain of adjacent pairs, prompted with our previous result
@@ -114,7 +116,8 @@ def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None
     assert sorted(reg.pairs) == sorted([(ids[1], ids[2]), (ids[4], ids[3]), (ids[1], ids[0])])
     assert {les.propagated_from.timepoint_index for les in tps[3].lesions} == {4}
     assert {les.propagated_from.timepoint_index for les in tps[0].lesions} == {1}
-    assert nearest_source_index(2, [1, 4]) == 1 and nearest_source_index(3, [1, 4]) == 4
+    assert nearest_source_index(2, [1, 4]) == 1
+    assert nearest_source_index(3, [1, 4]) == 4
 
 
 def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() -> None:
@@ -134,13 +137,15 @@ def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() ->
     )
     ids = [id(tp.ct) for tp in tps]
     assert reg.pairs == [(ids[1], ids[2]), (ids[1], ids[3])], "registered from the correction, not T0"
-    assert eng.references and set(eng.references) == {ids[1]}, "the corrected CT is every prompt's reference"
+    assert eng.references, "the corrected CT is every prompt's reference"
+    assert set(eng.references) == {ids[1]}, "the corrected CT is every prompt's reference"
     by_label = {p.identity.label: p for p in correction}
     for les in tps[1].lesions:  # the correction is adopted as drawn
         assert np.array_equal(les.mask.array > 0, by_label[les.identity.label].mask.array > 0)
     for t in (2, 3):
         for les in tps[t].lesions:
-            assert les.propagated_from is not None and les.propagated_from.by_person
+            assert les.propagated_from is not None
+            assert les.propagated_from.by_person
             assert les.propagated_from.timepoint_index == 1
             assert les.propagated_from.series_uid == tps[1].series_uid
             assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.7
@@ -158,7 +163,8 @@ def test_registration_cache_registers_each_pair_of_series_once() -> None:
             registration=cache,
             segmentation=get_engine("warped-prompt"),
         )
-    assert len(spy.pairs) == 1 and len(cache.pairs) == 1
+    assert len(spy.pairs) == 1
+    assert len(cache.pairs) == 1
 
 
 def test_a_lesion_that_vanishes_and_reappears_is_found_again() -> None:
@@ -257,7 +263,8 @@ def test_provenance_is_in_tracking_json() -> None:
     for les in summary["lesions"]:
         base, fu = les["timepoints"]
         assert base["propagated_from"] is None  # the annotation itself
-        assert fu["propagated_from"]["series_uid"] == tps[0].series_uid and fu["propagated_from"]["by_person"]
+        assert fu["propagated_from"]["series_uid"] == tps[0].series_uid
+        assert fu["propagated_from"]["by_person"]
         assert fu["propagated_from"]["annotation"] == "test"
 
 
@@ -273,7 +280,8 @@ def test_selection_picks_the_persons_annotation_over_our_newer_results() -> None
         _cand("our-fu2-seg", "20240501000000", AnnotationOrigin.OURS),
     ]
     choice = choose_prompt_source(cands, "20240701000000")
-    assert choice is not None and choice.chosen.sop_instance_uid == "baseline-seg"
+    assert choice is not None
+    assert choice.chosen.sop_instance_uid == "baseline-seg"
     assert {c.sop_instance_uid for c in choice.skipped} == {"our-fu1-seg", "our-fu2-seg"}
     # a result of ours that a person confirmed counts as theirs, and it is nearer
     cands.append(_cand("verified-fu2", "20240501000000", AnnotationOrigin.OURS, confirmed=True))
@@ -303,4 +311,6 @@ def test_our_seg_is_told_apart_from_a_persons_seg(tmp_path: Path) -> None:
     ours = save_new(write_seg(tp.datasets, tp.lesions).dataset, tmp_path / "ours")
     person = save_new(write_seg(tp.datasets, tp.lesions, algorithm_type="MANUAL").dataset, tmp_path / "person")
     other = save_new(write_seg(tp.datasets, tp.lesions, manufacturer="Workstation X").dataset, tmp_path / "other")
-    assert is_our_object(ours) and not is_our_object(person) and not is_our_object(other)
+    assert is_our_object(ours)
+    assert not is_our_object(person)
+    assert not is_our_object(other)

@@ -88,8 +88,11 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
         sf = site.service.session_factory
         with session_scope(sf) as s:
             v = s.scalar(select(TimepointVerification))
-            assert v is not None and v.state is VerificationState.APPLIED and v.verified_by == READER
-            assert v.job_pk == adopted.id and v.reanalysis_jobs == [reanalysed.id]
+            assert v is not None
+            assert v.state is VerificationState.APPLIED
+            assert v.verified_by == READER
+            assert v.job_pk == adopted.id
+            assert v.reanalysis_jobs == [reanalysed.id]
             lesions = {les.tracking_uid: les for les in s.scalars(select(Lesion))}
             assert lesions[corr.deleted_uid].retired_at_series_uid == fu1.series_uid
             edited = lesions[corr.edited_uid].id
@@ -100,7 +103,8 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
                     LesionObservation.job_pk == reanalysed.id,
                 )
             )
-            assert fu2_obs is not None and fu2_obs.propagated_from_sop_uid == corr.sop_instance_uid
+            assert fu2_obs is not None
+            assert fu2_obs.propagated_from_sop_uid == corr.sop_instance_uid
             actions = {a for (a,) in s.execute(select(AuditEvent.action))}
         assert {"verification.received", "verification.applied", "lesion.retired", "verification.reanalysis"} <= actions
 
@@ -110,19 +114,21 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
             objs = _objects(site, fu.study_uid)
             written = job_results(job.step_outputs).written
             old_written = job_results(old.step_outputs).written
-            assert written is not None and old_written is not None
+            assert written is not None
+            assert old_written is not None
             segs = {str(d.SOPInstanceUID): d for d in objs["SEG"]}
             srs_in = {str(d.SOPInstanceUID): d for d in objs["SR"]}
             assert {written.seg_sop_instance_uid, old_written.seg_sop_instance_uid} <= set(segs), "nothing overwritten"
             assert {written.sr_sop_instance_uid, old_written.sr_sop_instance_uid} <= set(srs_in)
             new_seg, new_sr = segs[written.seg_sop_instance_uid], srs_in[written.sr_sop_instance_uid]
-            assert "rev2" in str(new_seg.SeriesDescription) and "rev1" in str(
-                segs[old_written.seg_sop_instance_uid].SeriesDescription
-            )
+            assert "rev2" in str(new_seg.SeriesDescription)
+            assert "rev1" in str(segs[old_written.seg_sop_instance_uid].SeriesDescription)
             pred = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
             assert str(pred.ReferencedSOPInstanceUID) == old_written.sr_sop_instance_uid
             tracked = {str(x.TrackingUID) for x in new_seg.SegmentSequence}
-            assert corr.deleted_uid not in tracked and corr.added_uid in tracked and corr.edited_uid in tracked
+            assert corr.deleted_uid not in tracked
+            assert corr.added_uid in tracked
+            assert corr.edited_uid in tracked
             _validate(tmp_path, new_seg)
             srs.append(_validate(tmp_path, new_sr))
         from lesiontrack.pipeline.dicom_validate import run_sr_validator

@@ -35,7 +35,8 @@ PACKAGE = version("lesiontrack")
 def test_version_is_the_package_version() -> None:
     assert VERSION == PACKAGE
     res = CliRunner().invoke(app, ["--version"])
-    assert res.exit_code == 0 and res.output.strip() == PACKAGE
+    assert res.exit_code == 0
+    assert res.output.strip() == PACKAGE
     out = subprocess.run([sys.executable, "-m", "lesiontrack", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == PACKAGE
 

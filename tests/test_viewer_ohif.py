@@ -69,7 +69,8 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert all(": " in label and len(label) <= 64 for label in labels), labels
     assert {s.SegmentDescription for s in seg.SegmentSequence} <= set(RADIOLOGIST_WORDS.values())
     present = [m for m in fu.measurements.values() if m.status != "vanished"]
-    assert present and len(labels) == len(present)
+    assert present
+    assert len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3 / 1000:.2f} ml" for m in present]  # in ml since issue 29, not "66606.41 mm3"
     # the RECIST long axis is named and shown as such (the 3-D diameter is "Maximum 3D diameter", never "Diameter")
     long_axes = [f"Long axis: {m.long_axis.length_mm:.2f} mm" for m in present if m.long_axis is not None]
@@ -151,7 +152,9 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert sorted(result["srTextsFound"]) == sorted(volumes + long_axes), f"missing: {result['srTextsMissing']}"
     shown = result["srPanelText"]
-    assert "mm3" not in shown and "\nDiameter:" not in shown and "Maximum 3D diameter:" in shown, shown[-2000:]
+    assert "mm3" not in shown, shown[-2000:]
+    assert "\nDiameter:" not in shown, shown[-2000:]
+    assert "Maximum 3D diameter:" in shown, shown[-2000:]
     # OHIF re-hydrates the OHIF measurements SR: its tracked-measurements panel lists every lesion by name
     assert result["trackedMissing"] == [], (result["trackedMissing"], result["trackedPanelText"][-2000:])
     assert f"Measurements ({len(tracked)})" in result["trackedPanelText"]
@@ -235,11 +238,14 @@ def _check_ohif_saved_sr(path: Path, fu: Any, tracked: list[Any], viewer_sr: pyd
     assert str(ds.get("Manufacturer", "")) != "LesionTrack"
     assert not is_our_object(path)
     header = AnnotationHeader.read(path)
-    assert header is not None and header.modality == "SR" and not header.is_ours(set())
+    assert header is not None
+    assert header.modality == "SR"
+    assert not header.is_ours(set())
     assert fu.series_uid in header.references
     lesion_uids = {r.measurement.tracking_uid for r in tracked}
     contents = read_sr(path)
-    assert len(contents.groups) == len(tracked) and not lesion_uids & set(contents.tracking_uids())
+    assert len(contents.groups) == len(tracked)
+    assert not lesion_uids & set(contents.tracking_uids())
     ct = [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.ct_files]
     prompts = read_sr_prompts(path, images=ct)
     assert sorted(p.identity.tracking_id for p in prompts) == sorted(r.measurement.tracking_id for r in tracked)

@@ -110,14 +110,14 @@ retry_schedule_seconds = [2, 5, 10]
         for f in [*patient.baseline.files, patient.seg_file]:
             orthanc.upload(f)
         env = {**os.environ, "LESIONTRACK_CONFIG": str(cfg), "TCP_NODELAY": "1"}
-        log = open(root / "serve.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve", "--upgrade-db"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(root / "serve.log", "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve", "--upgrade-db"],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for_port(lt_port, timeout=120)
         rss_idle = _peak_rss_mb(proc.pid)
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=lt_port)

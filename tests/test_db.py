@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
@@ -98,14 +99,20 @@ def _crud_round_trip(url: str) -> None:
     engine.dispose()
 
 
+def _rewrite_first_event(factory: sessionmaker[Session]) -> None:
+    with session_scope(factory) as s:
+        ev = s.scalars(select(AuditEvent)).first()
+        assert ev is not None
+        ev.action = "rewritten"
+
+
 def _audit_is_append_only(url: str) -> None:
     engine = make_engine(url)
     factory = make_session_factory(engine)
     with session_scope(factory) as s:
         audit(s, "tester", "thing.happened", "thing", "7", detail=1)
-    with pytest.raises(AuditImmutableError), session_scope(factory) as s:
-        ev = s.scalars(select(AuditEvent)).first()
-        ev.action = "rewritten"
+    with pytest.raises(AuditImmutableError):
+        _rewrite_first_event(factory)
     with pytest.raises(AuditImmutableError), session_scope(factory) as s:
         s.delete(s.scalars(select(AuditEvent)).first())
     # Below the ORM, the database itself refuses.

@@ -81,16 +81,16 @@ retry_backoff_seconds = [0.5]
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.root / f"serve-{self.starts}.log", "wb")
         env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_CONFIG": str(self.config)}
         env["LESIONTRACK_DICOM__RECEIVER_PROCESSES"] = str(self.receiver_processes)
-        self.proc = subprocess.Popen(
-            [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.job_pipelines:counting_with_send"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.root / f"serve-{self.starts}.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.job_pipelines:counting_with_send"],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for_port(self.port, timeout=60)
 
     def kill9(self) -> None:

@@ -188,8 +188,9 @@ def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:
     svc = AnalysisService(sf, [rec.step("a", fail={1: PermanentError("bad")})])
     old = svc.store.create("1.2.3")
     assert svc.run(old) is JobState.FAILED
-    with pytest.raises(ValueError):
-        svc.store.retry(svc.store.create("9.9"))  # queued jobs are not retried
+    queued = svc.store.create("9.9")
+    with pytest.raises(ValueError, match="only finished jobs can be retried"):
+        svc.store.retry(queued)
     new = svc.store.retry(old)
     assert new != old
     old_view = svc.store.get(old)

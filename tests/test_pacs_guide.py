@@ -177,10 +177,10 @@ class GuideSite:
         self.env |= {"PYTHONPATH": str(REPO), "LESIONTRACK_CONFIG": str(self.config)}
         up = subprocess.run([*LESIONTRACK, "db", "upgrade"], env=self.env, capture_output=True, text=True, cwd=root)
         assert up.returncode == 0, up.stderr + up.stdout
-        self.log = open(root / "serve.log", "wb")
-        self.proc = subprocess.Popen(
-            [*LESIONTRACK, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=root
-        )
+        with open(root / "serve.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [*LESIONTRACK, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=root
+            )
         wait_for_port(self.dicom_port, timeout=120)
         wait_for_port(self.http_port, timeout=120)
         from lesiontrack.config.settings import load_settings
@@ -197,7 +197,6 @@ class GuideSite:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        self.log.close()
         self.engine.dispose()
         self.orthanc.stop()
 

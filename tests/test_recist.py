@@ -81,8 +81,8 @@ def test_rules_come_from_the_recist_settings_section(tmp_path) -> None:
     rules = RecistRules.from_settings(load_settings(cfg).recist)
     assert (rules.max_targets, rules.pd_threshold_pct) == (1, 25.0)
     assert select_targets([L("L1", 12), L("L2", 30, organ="lung")], rules).targets == ["L2"]
+    cfg.write_text("[recist]\nmax_targets = 0\n")
     with pytest.raises(ValueError, match="max_targets"):
-        cfg.write_text("[recist]\nmax_targets = 0\n")
         load_settings(cfg)
 
 

@@ -48,15 +48,15 @@ def stack(tmp_path: Path):
     procs: list[subprocess.Popen[str]] = []
 
     def worker(pipeline: str = "tests.job_pipelines:counting", **extra_env: str) -> subprocess.Popen[str]:
-        log = open(tmp_path / f"worker-{len(procs)}.log", "w")
-        p = subprocess.Popen(
-            [*LESIONTRACK, "worker", "--pipeline", pipeline, "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
-            env={**env, **extra_env},
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with open(tmp_path / f"worker-{len(procs)}.log", "w") as log:  # the child keeps its own descriptor
+            p = subprocess.Popen(
+                [*LESIONTRACK, "worker", "--pipeline", pipeline, "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
+                env={**env, **extra_env},
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         procs.append(p)
         return p
 
@@ -206,10 +206,10 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         "LESIONTRACK_HTTP__ENABLED": "false",
         "LESIONTRACK_ENGINES__REGISTRATION": "none",
     }
-    serve_log = open(tmp / "serve.log", "w")
-    serve = subprocess.Popen(
-        [*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT, text=True
-    )
+    with open(tmp / "serve.log", "w") as serve_log:  # the child keeps its own descriptor
+        serve = subprocess.Popen(
+            [*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT, text=True
+        )
     store = JobStore(sf)
     try:
         wait_for_port(port, timeout=60)

@@ -190,9 +190,20 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
     ds = copy.deepcopy(s.ds)  # Dataset.copy() is shallow: a mutation would leak into the seed
     uid = f"2.25.{rng.getrandbits(96)}"  # from the seed: a run is reproducible byte for byte
     ds.SOPInstanceUID = uid
-    ts, sop_class = s.ts, str(ds.SOPClassUID)
-    native = ts in (EXPLICIT, IMPLICIT, DEFLATED)
+    ts, sop_class = _mutate_dataset(rng, ds, cat, s.ts)
     plain_ts = EXPLICIT if ts == DEFLATED else ts  # byte-level mutators work on plain (inflated) bytes
+    body = _mutate_body(rng, cat, encode(ds, plain_ts), plain_ts == IMPLICIT)
+    if ts == DEFLATED:
+        body = _deflate(rng, cat, body)
+    elif cat == "deflate_corrupt":  # not a deflate seed: claim deflate for plain bytes
+        ts = DEFLATED
+    return Mutant(cat, s.name, ts, sop_class, uid, body)
+
+
+def _mutate_dataset(rng: random.Random, ds: Dataset, cat: str, ts: str) -> tuple[str, str]:
+    """The dataset-level mutations, in place; returns the transfer syntax and SOP class to claim."""
+    sop_class = str(ds.SOPClassUID)
+    native = ts in (EXPLICIT, IMPLICIT, DEFLATED)
     if cat == "uid_too_long":
         setattr(ds, rng.choice(["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]),
                 "1.2.826.0.1.3680043.8.498." + "7" * rng.randint(39, 80))  # fmt: skip
@@ -204,9 +215,9 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
     elif cat == "sop_class_mismatch":
         sop_class = MR
     elif cat == "native_under_compressed" and native:
-        ts = plain_ts = rng.choice([J2K, RLE, JPEG_BASELINE])
+        ts = rng.choice([J2K, RLE, JPEG_BASELINE])
     elif cat == "encapsulated_under_native" and not native:
-        ts = plain_ts = rng.choice([EXPLICIT, IMPLICIT])
+        ts = rng.choice([EXPLICIT, IMPLICIT])
     elif cat == "pixel_length_mismatch":
         if rng.random() < 0.5:
             ds.Rows = int(ds.Rows) + rng.choice([-3, 1, 7, 100])
@@ -219,8 +230,11 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
         item.is_undefined_length_sequence_item = False
         ds.ReferencedImageSequence = Sequence([item])
         ds["ReferencedImageSequence"].is_undefined_length = False
-    body = encode(ds, plain_ts)
-    implicit = plain_ts == IMPLICIT
+    return ts, sop_class
+
+
+def _mutate_body(rng: random.Random, cat: str, body: bytes, implicit: bool) -> bytes:
+    """The byte-level mutations of the encoded (plain) dataset."""
     if cat == "deep_nesting":  # raw bytes: pydicom's own writer recurses itself to death at these depths
         body = _insert_nested(body, implicit, rng.choice([25, 40, 200, 600, 1000, 5000]))
     if cat == "defined_seq_corrupt":
@@ -235,22 +249,21 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
         body = _byte_mutation(rng, cat, body, implicit)
     elif cat == "empty":
         body = rng.choice([b"", b"\x00" * rng.randint(1, 64), b"\xff" * 16])
-    if ts == DEFLATED:
-        if cat == "deflate_corrupt":
-            c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-            d = bytearray(c.compress(body) + c.flush())
-            if rng.random() < 0.5:
-                d = d[: rng.randint(1, max(1, len(d) - 1))]
-            else:
-                for _ in range(rng.randint(1, 20)):
-                    d[rng.randrange(len(d))] ^= 1 << rng.randrange(8)
-            body = bytes(d)
-        else:
-            c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-            body = c.compress(body) + c.flush()
-    elif cat == "deflate_corrupt":  # not a deflate seed: claim deflate for plain bytes
-        ts = DEFLATED
-    return Mutant(cat, s.name, ts, sop_class, uid, body)
+    return body
+
+
+def _deflate(rng: random.Random, cat: str, body: bytes) -> bytes:
+    """A deflated seed's body deflated again, corrupted after deflating for ``deflate_corrupt``."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    if cat != "deflate_corrupt":
+        return c.compress(body) + c.flush()
+    d = bytearray(c.compress(body) + c.flush())
+    if rng.random() < 0.5:
+        d = d[: rng.randint(1, max(1, len(d) - 1))]
+    else:
+        for _ in range(rng.randint(1, 20)):
+            d[rng.randrange(len(d))] ^= 1 << rng.randrange(8)
+    return bytes(d)
 
 
 def _byte_mutation(rng: random.Random, cat: str, body: bytes, implicit: bool) -> bytes:
@@ -464,32 +477,44 @@ def run_cstores(
             report.add(m.category, "hang")
             assoc = None
             continue
-        status = int(rsp.Status)
-        comment = str(rsp.get("ErrorComment", ""))
-        if status == 0xA700 and "internal error" in comment:
-            report.crashes.append(f"{m.category}/{m.seed}: {comment}")
-            report.add(m.category, "crash")
-            continue
-        if status != 0:
-            if m.category == "control":
-                report.controls_refused.append(f"{m.seed}: 0x{status:04X} {comment}")
-            report.add(m.category, f"refused_0x{status:04X}")
-            continue
-        stored = stored_file(m.sop_uid)
-        if stored is None:
-            report.crashes.append(f"{m.category}/{m.seed}: Success but nothing stored")
-            report.add(m.category, "crash")
-            continue
-        verdict = oracle(stored, dcmdump=dcmdump)
-        if verdict is None:
-            report.add(m.category, "accepted_valid")
-        elif held(stored):
-            report.add(m.category, "accepted_held_before_analysis")
-        else:
-            report.invalid_accepted.append(f"{m.category}/{m.seed}: {verdict}")
-            report.add(m.category, "invalid_accepted_as_valid")
+        _classify(m, rsp, stored_file, held, report, dcmdump)
     if assoc is not None and assoc.is_established:
         assoc.release()
+
+
+def _classify(
+    m: Mutant,
+    rsp: Dataset,
+    stored_file: Callable[[str], Path | None],
+    held: Callable[[Path], str | None],
+    report: FuzzReport,
+    dcmdump: bool,
+) -> None:
+    """File one C-STORE response (and what it stored) under its outcome in ``report``."""
+    status = int(rsp.Status)
+    comment = str(rsp.get("ErrorComment", ""))
+    if status == 0xA700 and "internal error" in comment:
+        report.crashes.append(f"{m.category}/{m.seed}: {comment}")
+        report.add(m.category, "crash")
+        return
+    if status != 0:
+        if m.category == "control":
+            report.controls_refused.append(f"{m.seed}: 0x{status:04X} {comment}")
+        report.add(m.category, f"refused_0x{status:04X}")
+        return
+    stored = stored_file(m.sop_uid)
+    if stored is None:
+        report.crashes.append(f"{m.category}/{m.seed}: Success but nothing stored")
+        report.add(m.category, "crash")
+        return
+    verdict = oracle(stored, dcmdump=dcmdump)
+    if verdict is None:
+        report.add(m.category, "accepted_valid")
+    elif held(stored):
+        report.add(m.category, "accepted_held_before_analysis")
+    else:
+        report.invalid_accepted.append(f"{m.category}/{m.seed}: {verdict}")
+        report.add(m.category, "invalid_accepted_as_valid")
 
 
 def _exchange(port: int, inp: PduInput, source: str, deadline_s: float) -> str:

@@ -66,7 +66,7 @@ def main() -> None:
     from lesiontrack.dicom_node.scu import store_files
     from lesiontrack.pipeline.contract import job_results
     from lesiontrack.pipeline.jobs import JobStore
-    from tests.services import OrthancServer, free_port, wait_for_port
+    from tests.support.services import OrthancServer, free_port, wait_for_port
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lt-bench-e2e-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
 from lesiontrack.pipeline.dicom_validate import run_dciodvfy
 from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_directory
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 NODULES = [((10.0, 0.0, 40.0), 7.0), ((-15.0, 12.0, 40.0), 6.0), ((12.0, -18.0, 25.0), 5.0)]
 

@@ -565,7 +565,7 @@ def test_thumbnail_of_a_seg_without_tracking_uids() -> None:
 
     from lesiontrack.pipeline.seg_reader import derived_tracking_uid
     from lesiontrack.pipeline.thumbnails import lesion_slice_from_seg
-    from tests.conftest import require_shared_data
+    from tests.support.tools import require_shared_data
 
     path = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
     seg = hd.seg.segread(str(path))

@@ -100,7 +100,7 @@ def build_patient(
     patient_id: str = "LT-TEST-1",
     with_failed_job: bool = True,
 ) -> BuiltPatient:
-    """Measure, assess, write SEG+SR for each timepoint (``tests.segsr_fixtures.SyntheticTimepoint``-like objects
+    """Measure, assess, write SEG+SR for each timepoint (``tests.support.segsr.SyntheticTimepoint``-like objects
     with ``ct``, ``datasets``, ``files``, ``lesions``, ``study_uid``, ``series_uid``) and persist everything."""
     from lesiontrack.pipeline.measurements import lesion_changes, measure_lesion
     from lesiontrack.pipeline.recist import NewLesionSearch, RecistLesion, assess
@@ -330,8 +330,8 @@ def build_patient(
 
 
 def synthetic_patient(session_factory: sessionmaker[Session], tmp: Path, **kw: Any) -> BuiltPatient:
-    """Three synthetic timepoints from ``tests.segsr_fixtures`` (lesions shrink, one vanishes, one appears)."""
-    from tests.segsr_fixtures import make_series
+    """Three synthetic timepoints from ``tests.support.segsr`` (lesions shrink, one vanishes, one appears)."""
+    from tests.support.segsr import make_series
 
     return build_patient(session_factory, make_series(tmp), tmp, **kw)
 

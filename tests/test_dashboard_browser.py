@@ -19,8 +19,8 @@ from sqlalchemy import select
 from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import AnalysisJob, LesionObservation
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from tests.conftest import REPO, require_tool
-from tests.services import free_port, wait_for_port
+from tests.support.services import free_port, wait_for_port
+from tests.support.tools import REPO, require_tool
 
 BROWSER_DIR = REPO / "tests" / "browser"
 ARTIFACTS = Path(os.environ.get("LESIONTRACK_TEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "dashboard"

@@ -35,7 +35,7 @@ from lesiontrack.db.session import (
     upgrade,
 )
 from lesiontrack.db.status import LesionStatus
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 TABLES = {
     "patient",

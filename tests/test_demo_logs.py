@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lesiontrack.config.settings import load_settings
-from tests.services import LESIONTRACK
+from tests.support.services import LESIONTRACK
 
 pytestmark = pytest.mark.slow
 

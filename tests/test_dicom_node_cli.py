@@ -14,7 +14,7 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
-from tests.services import OrthancServer, free_port, wait_for_port
+from tests.support.services import OrthancServer, free_port, wait_for_port
 from tests.test_dicom_node_scp import Node, echoscu, ge_files, storescu
 from tests.test_orthanc_node import prior_files
 

@@ -62,7 +62,7 @@ def reply_type(s: socket.socket) -> int | None:
 
 def echo(port: int, aec: str = "LESIONTRACK") -> int:
     """echoscu with its own ACSE/DIMSE timeouts: success means it got through within them."""
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("echoscu")
     import subprocess

@@ -26,7 +26,7 @@ from lesiontrack.db.models import Instance, OpenTransfer, SeriesState, TransferO
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.indexer import Indexer
 from lesiontrack.dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
-from tests.conftest import REPO
+from tests.support.tools import REPO
 from tests.test_dicom_node_scp import Node, echoscu, ge_files
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -183,7 +183,7 @@ def test_a_65_character_sop_instance_uid_is_refused(node: Node, tmp_path: Path) 
     """pynetdicom will not even send it; dcmtk's storescu does (its request carries the UID cut to 64)."""
     import subprocess
 
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("storescu")
     ds = good_dataset()

@@ -22,7 +22,7 @@ from lesiontrack.config.settings import Settings, load_settings
 from lesiontrack.db.models import AuditEvent, Instance, Series, SeriesState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.dicom_node.scp import StorageSCP
-from tests.conftest import require_shared_data, require_tool
+from tests.support.tools import require_shared_data, require_tool
 
 GE = ("interop", "ct_gantry_tilt_ge")
 J2K = ("interop", "ct_siemens_j2k")

@@ -11,8 +11,8 @@ import pytest
 from lesiontrack.config.settings import ConfigError, Settings, load_settings
 from lesiontrack.dicom_node.scu import DimseError, echo, store_files
 from lesiontrack.dicom_node.sending import DeliveryError, deliver_files
-from tests.conftest import require_tool, unavailable
-from tests.services import free_port, wait_for_port
+from tests.support.services import free_port, wait_for_port
+from tests.support.tools import require_tool, unavailable
 from tests.test_dicom_node_scp import (
     ENV,
     Node,

@@ -21,7 +21,7 @@ from lesiontrack.db.models import JobState
 from lesiontrack.db.session import make_engine, make_session_factory
 from lesiontrack.pipeline.contract import JobResults, job_results
 from lesiontrack.pipeline.jobs import JobStore
-from tests.segsr_fixtures import content_items
+from tests.support.segsr import content_items
 
 ENGINES = {"registration": "none", "working_spacing_mm": 3.0}
 

@@ -21,8 +21,8 @@ from sqlalchemy import select
 from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState, LesionObservation
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
-from tests.conftest import require_tool
-from tests.services import OrthancServer, free_port, wait_for
+from tests.support.services import OrthancServer, free_port, wait_for
+from tests.support.tools import require_tool
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

@@ -4,7 +4,7 @@
   results) and no instance acknowledged before the kill is missing;
 * the destination PACS (real Orthanc) is down while results are sent → they are delivered once it is back.
 
-The job steps are the small cross-process pipeline of tests/job_pipelines.py (plus the real ``send`` step), so
+The job steps are the small cross-process pipeline of tests/support/job_pipelines.py (plus the real ``send`` step), so
 the faults hit the job machinery, the SCP and the sender, not the image analysis.
 """
 
@@ -26,8 +26,8 @@ from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope
 from lesiontrack.pipeline.contract import job_results
-from tests.conftest import REPO
-from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
+from tests.support.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
+from tests.support.tools import REPO
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -85,7 +85,7 @@ retry_backoff_seconds = [0.5]
         env["LESIONTRACK_DICOM__RECEIVER_PROCESSES"] = str(self.receiver_processes)
         with open(self.root / f"serve-{self.starts}.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.job_pipelines:counting_with_send"],
+                [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.support.job_pipelines:counting_with_send"],
                 env=env,
                 cwd=REPO,
                 stdout=log,

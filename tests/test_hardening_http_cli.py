@@ -207,7 +207,7 @@ def _clean_error(res: Result, *names: str) -> str:
 
 @pytest.fixture(scope="module")
 def two_timepoints(tmp_path_factory: pytest.TempPathFactory) -> list:
-    from tests.segsr_fixtures import make_series
+    from tests.support.segsr import make_series
 
     return make_series(tmp_path_factory.mktemp("tp"), n_timepoints=2)
 

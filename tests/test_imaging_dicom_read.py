@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from lesiontrack.models.imaging.dicom_read import SeriesError, group_series, read_series
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 INTEROP = ("interop",)
 
@@ -202,7 +202,7 @@ def test_non_dicom_and_empty_inputs(tmp_path: Path) -> None:
 def test_jpeg_lossless_made_by_dcmtk(tmp_path: Path, flag: str, uid: str) -> None:
     import subprocess
 
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("dcmcjpeg")
     src = tmp_path / "src"

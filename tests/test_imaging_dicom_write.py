@@ -15,7 +15,7 @@ from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.transforms import rotation_matrix
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 
 def _ident() -> dict:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lesiontrack.cli import app
 from lesiontrack.synthetic.phantom import make_phantom
 from lesiontrack.synthetic.synthesis import load_truth
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 
 def test_synth_from_files(tmp_path: Path) -> None:

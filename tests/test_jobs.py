@@ -28,7 +28,7 @@ from lesiontrack.pipeline.analysis import (
 )
 from lesiontrack.pipeline.executors.inprocess import InProcessExecutor
 from lesiontrack.pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
-from tests.services import wait_for
+from tests.support.services import wait_for
 
 
 def _factory(url: str):

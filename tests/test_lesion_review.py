@@ -25,7 +25,7 @@ from lesiontrack.db.models import JobState, LesionObservation, Patient
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.confidence import ConfidenceRules, assess_lesion, review_text
 from lesiontrack.pipeline.contract import job_results
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 API_KEY = {"X-API-Key": "demo"}
 ERASED = 2  # phantom label of the lesion erased from the follow-up

@@ -23,8 +23,8 @@ from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, 
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.sr_reader import read_sr
-from tests.conftest import require_tool
-from tests.segsr_fixtures import content_items
+from tests.support.segsr import content_items
+from tests.support.tools import require_tool
 
 API_KEY = {"X-API-Key": "demo"}
 

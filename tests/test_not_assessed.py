@@ -15,7 +15,7 @@ from lesiontrack.pipeline.measurements import LesionMeasurement
 from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
 from lesiontrack.pipeline.seg_writer import save_new, write_seg
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-from tests.segsr_fixtures import content_items, make_series
+from tests.support.segsr import content_items, make_series
 
 
 def _cropped(ct: Volume, k_end: int) -> Volume:

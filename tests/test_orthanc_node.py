@@ -19,8 +19,8 @@ from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState, RoutingD
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.priors import PriorFinder, annotation_references
 from lesiontrack.dicom_node.sending import DeliveryService
-from tests.conftest import require_shared_data
-from tests.services import OrthancServer
+from tests.support.services import OrthancServer
+from tests.support.tools import require_shared_data
 from tests.test_dicom_node_completion import wait_until
 from tests.test_dicom_node_scp import Node, dataset_bytes, j2k_series, storescu
 

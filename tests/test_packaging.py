@@ -31,8 +31,8 @@ import pydicom
 import pytest
 import requests
 
-from tests.conftest import require_tool
-from tests.services import free_port, wait_for
+from tests.support.services import free_port, wait_for
+from tests.support.tools import require_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

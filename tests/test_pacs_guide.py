@@ -29,7 +29,7 @@ import pydicom
 import pytest
 
 from lesiontrack.db.models import JobState
-from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
+from tests.support.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 from tests.test_e2e_orthanc import _sr_uids
 from tests.test_pacs_orthanc import guide_json, guide_lua, guide_toml
 

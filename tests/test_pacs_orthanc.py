@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from lesiontrack.config.settings import ApiKey
 from lesiontrack.db.models import JobState
 from lesiontrack.pipeline.contract import job_results
-from tests.services import OrthancServer, free_port, wait_for
+from tests.support.services import OrthancServer, free_port, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -251,7 +251,7 @@ def test_the_guide_routes_a_follow_up_only_once_it_is_whole(tmp_path: Path) -> N
     import subprocess
 
     from lesiontrack.demo_data import make_patient
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("storescp")
     patient = make_patient(

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from lesiontrack.db.models import AuditEvent, Delivery, JobState
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import RetrievePriorsOutput, job_results, read_output
-from tests.services import wait_for
+from tests.support.services import wait_for
 from tests.test_e2e_orthanc import Site, _sr_uids
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

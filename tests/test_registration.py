@@ -14,7 +14,7 @@ from lesiontrack.config.settings import EngineSettings
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration import DisplacementFieldRegistration, Registration, get_engine
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion, rotation_matrix
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 SPACING = 4.0
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 
 @pytest.fixture(scope="module")

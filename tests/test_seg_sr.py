@@ -26,8 +26,8 @@ from lesiontrack.pipeline.seg_reader import read_seg, read_seg_prompts
 from lesiontrack.pipeline.seg_writer import SegWriteError, save_new, write_seg
 from lesiontrack.pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-from tests.conftest import require_shared_data, require_tool
-from tests.segsr_fixtures import SyntheticTimepoint, make_series
+from tests.support.segsr import SyntheticTimepoint, make_series
+from tests.support.tools import require_shared_data, require_tool
 
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 

@@ -305,7 +305,7 @@ def test_our_seg_is_told_apart_from_a_persons_seg(tmp_path: Path) -> None:
     """Manufacturer LesionTrack + SEMIAUTOMATIC = ours; a MANUAL SEG (drawn by a person) is the person's."""
     from lesiontrack.pipeline.prompt_selection import is_our_object
     from lesiontrack.pipeline.seg_writer import save_new, write_seg
-    from tests.segsr_fixtures import make_series
+    from tests.support.segsr import make_series
 
     tp = make_series(tmp_path, n_timepoints=1)[0]
     ours = save_new(write_seg(tp.datasets, tp.lesions).dataset, tmp_path / "ours")

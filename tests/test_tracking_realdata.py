@@ -12,7 +12,7 @@ from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, Prom
 from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 pytestmark = pytest.mark.realdata
 

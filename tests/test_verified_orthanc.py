@@ -24,8 +24,8 @@ from sqlalchemy import select
 from lesiontrack.db.models import AuditEvent, Lesion, LesionObservation, TimepointVerification, VerificationState
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
-from tests.correction_fixtures import READER, write_correction
-from tests.services import wait_for
+from tests.support.correction import READER, write_correction
+from tests.support.services import wait_for
 from tests.test_e2e_orthanc import Site, _get_bytes, _validate
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

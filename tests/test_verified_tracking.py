@@ -30,7 +30,7 @@ from lesiontrack.db.models import (
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.sr_reader import read_sr
-from tests.correction_fixtures import READER, write_correction
+from tests.support.correction import READER, write_correction
 
 API_KEY = {"X-API-Key": "demo"}
 

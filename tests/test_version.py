@@ -26,7 +26,7 @@ from lesiontrack.dicom_node import scu
 from lesiontrack.pipeline.measurements import measure_tracked
 from lesiontrack.pipeline.seg_writer import write_seg
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-from tests.segsr_fixtures import make_series
+from tests.support.segsr import make_series
 from tests.test_dicom_node_scp import Node, node  # noqa: F401  # the running SCP fixture
 
 PACKAGE = version("lesiontrack")

@@ -22,8 +22,8 @@ import pydicom
 import pytest
 
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-from tests.conftest import REPO, require_tool
-from tests.segsr_fixtures import content_items
+from tests.support.segsr import content_items
+from tests.support.tools import REPO, require_tool
 
 BROWSER_DIR = REPO / "tests" / "browser"
 OHIF_DIST = BROWSER_DIR / "node_modules" / "@ohif" / "app" / "dist" / "index.html"
@@ -49,7 +49,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     from lesiontrack.pipeline.seg_writer import save_new
     from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
     from lesiontrack.pipeline.viewer_sr import viewer_lesions, write_viewer_sr
-    from tests.services import OrthancServer
+    from tests.support.services import OrthancServer
     from tests.test_api_data import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
@@ -188,7 +188,7 @@ def run_ohif_check(
     tracked_texts: list[str] = [],  # noqa: B006  (read only)
 ) -> tuple[dict[str, Any], int]:
     """Store ``files`` in a fresh Orthanc with DICOMweb and run ohif-check.mjs on the study; (result, exit code)."""
-    from tests.services import OrthancServer
+    from tests.support.services import OrthancServer
 
     _require_browser_stack()
     orthanc = OrthancServer(tmp / "orthanc", enable_dicomweb=True).start()

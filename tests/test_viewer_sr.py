@@ -30,8 +30,8 @@ from lesiontrack.pipeline.sr_reader import is_tool_tag, name_from_label, read_sr
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
 from lesiontrack.pipeline.verification import AnnotationHeader
 from lesiontrack.pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
-from tests.conftest import require_tool
-from tests.segsr_fixtures import SyntheticTimepoint, content_items, make_series
+from tests.support.segsr import SyntheticTimepoint, content_items, make_series
+from tests.support.tools import require_tool
 
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 WORDS = {"liver": "hypodense lesion segment VIII", "lymph node": "enlarged right paratracheal node"}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 T = TypeVar("T")
 

@@ -4,10 +4,12 @@ blocks and the other shared helpers are in tests/support)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.dicom_node import Node, running_node
 from tests.support.tools import require_shared_data
 
 # tests receive in-process unless a test asks for several receiver processes (dicom.receiver_processes)
@@ -44,3 +46,14 @@ def postgres_url(postgres_server) -> str:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'lt.sqlite3'}"
+
+
+@pytest.fixture
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    """A running DICOM node (the product's StorageSCP on a loopback port over its own database and folder). A module
+    or test sets it up with ``pytest.mark.dicom_node(min_slices=..., **dicom settings)``; unmarked, it accepts the
+    calling AE titles STORESCU, ORTHANC and PYSCU."""
+    marker = request.node.get_closest_marker("dicom_node")
+    options = dict(marker.kwargs) if marker else {"allowed_calling_aes": ["STORESCU", "ORTHANC", "PYSCU"]}
+    with running_node(tmp_path, **options) as n:
+        yield n

@@ -17,8 +17,8 @@ from lesiontrack.pipeline.annotations.refs import prior_annotation_references
 from lesiontrack.pipeline.ports import PriorTimepoint
 from lesiontrack.pipeline.steps.volumes import read_prompts
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
-from tests.test_dicom_node_scp import j2k_series, storescu
-from tests.test_orthanc_node import Site, prior_files
+from tests.support.dicom_node import j2k_series, storescu
+from tests.support.orthanc_node import Site, prior_files
 
 pytestmark = pytest.mark.services
 

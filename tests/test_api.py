@@ -15,7 +15,7 @@ from sqlalchemy import select
 from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState, Lesion, LesionObservation, Study
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from tests.test_api_data import BuiltPatient, synthetic_patient
+from tests.support.patient import BuiltPatient, synthetic_patient
 
 READ, OPERATOR = "read-key-0123456789", "operator-key-9876543210"
 

@@ -7,7 +7,6 @@ count (NumberOfSeriesRelatedInstances) says so — and held, with a true reason,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,10 @@ from pydicom import dcmread
 
 from lesiontrack.db.models import CompletionRequest, RoutingDecision, SeriesState
 from lesiontrack.db.session import session_scope
-from tests.test_dicom_node_completion import wait_until
-from tests.test_dicom_node_scp import Node, ge_files
+from tests.support.dicom_node import Node, ge_files, wait_until
 
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, series_quiet_seconds=3600.0, receiver_processes=2)
-    n.settings.routing.min_slices = 10
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
+# the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it
+pytestmark = pytest.mark.dicom_node(series_quiet_seconds=3600.0, receiver_processes=2, min_slices=10)
 
 
 def _uid(files: list[Path]) -> str:

@@ -57,7 +57,7 @@ def _skipped_series(sf: Any, beside_series_uid: str) -> str:
 
 def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
-    from tests.test_api_data import build_patient, phantom_timepoints
+    from tests.support.patient import build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)

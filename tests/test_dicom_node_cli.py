@@ -14,9 +14,9 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
+from tests.support.dicom_node import Node, echoscu, ge_files, storescu
+from tests.support.orthanc_node import prior_files
 from tests.support.services import OrthancServer, free_port, wait_for_port
-from tests.test_dicom_node_scp import Node, echoscu, ge_files, storescu
-from tests.test_orthanc_node import prior_files
 
 LESIONTRACK = Path(sys.executable).with_name("lesiontrack")
 

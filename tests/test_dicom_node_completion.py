@@ -4,7 +4,6 @@ late instances re-open and re-trigger, forced completion, recorded routing decis
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,10 @@ from pydicom import dcmread
 from lesiontrack.config.settings import RoutingSettings
 from lesiontrack.db.models import RoutingDecision, SeriesState
 from lesiontrack.dicom_node.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
-from tests.test_dicom_node_scp import Node, ge_files, storescu
+from tests.support.dicom_node import Node, ge_files, storescu, wait_until
 
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, series_quiet_seconds=3.0)
-    n.settings.routing.min_slices = 10
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
+# the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it
+pytestmark = pytest.mark.dicom_node(series_quiet_seconds=3.0, min_slices=10)
 
 
 def _uid(files: list[Path]) -> str:
@@ -206,7 +187,7 @@ def test_routing_include_and_body_part() -> None:
 def test_aborted_association_does_not_hold_completion_but_holds_analysis(node: Node) -> None:
     """An aborted sender does not keep the series receiving forever: it completes after the quiet period, but
     is held (not analysed) as an incomplete transfer until re-sent over a released association (issue 19)."""
-    from tests.test_dicom_node_scp import pynetdicom_store
+    from tests.support.dicom_node import pynetdicom_store
 
     files = ge_files()[:12]
     uid = _uid(files)

@@ -17,10 +17,10 @@ from sqlalchemy import select
 from lesiontrack.db.models import Instance
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.integrity import check_instance_file
+from tests.support.dicom_node import Node
 from tests.support.fuzz_harness import FuzzReport, cstore_mutants, pdu_inputs, phi_in, run_cstores, run_pdus
+from tests.support.pdu import echo
 from tests.support.tools import require_tool
-from tests.test_dicom_node_guard import echo
-from tests.test_dicom_node_scp import Node
 
 N_CSTORE = 360
 N_PDU = 144

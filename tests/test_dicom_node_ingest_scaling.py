@@ -26,8 +26,8 @@ from lesiontrack.db.models import Instance, OpenTransfer, SeriesState, TransferO
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.indexer import Indexer
 from lesiontrack.dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
+from tests.support.dicom_node import Node, echoscu, ge_files, running_node
 from tests.support.tools import REPO
-from tests.test_dicom_node_scp import Node, echoscu, ge_files
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -117,14 +117,10 @@ def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
 def two_processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     """A node with two receiver processes, on SQLite and on a real PostgreSQL server."""
     url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    n = Node(tmp_path, url=url, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4)
-    n.settings.routing.min_slices = 10
-    n.scp.start()
-    try:
+    with running_node(
+        tmp_path, url=url, min_slices=10, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4
+    ) as n:
         yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
 
 
 def test_series_split_over_two_receiver_processes_completes_once(two_processes: Node) -> None:
@@ -258,7 +254,7 @@ from lesiontrack.dicom_node.indexer import Indexer
 from lesiontrack.dicom_node.journal import JournalTailer
 Indexer.start = lambda self: None  # the indexer never commits: every Success is "before indexing"
 JournalTailer.drain = lambda self, *a, **k: 0  # nor are the receiver processes' journals read
-from tests.test_dicom_node_scp import Node
+from tests.support.dicom_node import Node
 n = Node(Path({root!r}), receiver_processes={processes})
 n.scp.start()
 print(n.port, flush=True)

@@ -5,7 +5,6 @@ transfer, or one short of ImagesInAcquisition, is not analysed until re-sent and
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, generate_uid
 
 from lesiontrack.db.models import RoutingDecision, SeriesState, TransferOutcome
-from tests.test_dicom_node_completion import wait_until
-from tests.test_dicom_node_scp import Node, dataset_bytes, ge_files, j2k_series, pynetdicom_store, storescu
+from tests.support.dicom_node import Node, dataset_bytes, ge_files, j2k_series, pynetdicom_store, storescu, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -26,17 +24,8 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, allowed_calling_aes=["STORESCU", "PYSCU"], series_quiet_seconds=1.0)
-    n.settings.routing.min_slices = 3
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
+# the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it
+pytestmark = pytest.mark.dicom_node(allowed_calling_aes=["STORESCU", "PYSCU"], series_quiet_seconds=1.0, min_slices=3)
 
 
 def part10(path: Path, body: bytes, *, sop_class: str, sop_uid: str, ts: str) -> Path:

@@ -21,9 +21,9 @@ from lesiontrack.db.models import DeliveryState
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
 from lesiontrack.dicom_node.integrity import check_instance_file
 from lesiontrack.dicom_node.sending import DeliveryService, deliver_files
+from tests.support.dicom_node import Node
+from tests.support.pdu import associate_rq, connect, reply_type
 from tests.support.services import free_port
-from tests.test_dicom_node_guard import associate_rq, connect, reply_type
-from tests.test_dicom_node_scp import Node
 
 NAME = "Doeinvalid^Johnathan"
 

@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline import exports
 from lesiontrack.pipeline.history import build_timeline
-from tests.test_api_data import synthetic_patient
+from tests.support.patient import synthetic_patient
 
 
 @pytest.fixture(scope="module")

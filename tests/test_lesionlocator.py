@@ -14,7 +14,7 @@ from lesiontrack.models.segmentation.lesionlocator import CheckpointError, Lesio
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, series
 
 ARCH = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",

@@ -18,7 +18,7 @@ from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
 from lesiontrack.pipeline.jobs import JobStore
-from tests.test_dicom_node_scp import Node, pynetdicom_store
+from tests.support.dicom_node import Node, pynetdicom_store
 
 log = logging.getLogger("lesiontrack.test.context")
 

@@ -259,7 +259,7 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
 ) -> None:
     """OHIF (browser): the follow-up's SEG lists the unconfirmed candidates under their labels beside the tracked
     lesions, and the SR loads."""
-    from tests.test_viewer_ohif import run_ohif_check
+    from tests.support.ohif import run_ohif_check
 
     written = job_results(site["first_job"].step_outputs).written
     assert written is not None

@@ -14,15 +14,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from lesiontrack.config.settings import PacsPeer, RetrieveMethod, SendMethod
+from lesiontrack.config.settings import RetrieveMethod, SendMethod
 from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.priors import PriorFinder, annotation_references
 from lesiontrack.dicom_node.sending import DeliveryService
+from tests.support.dicom_node import Node, dataset_bytes, j2k_series, storescu, wait_until
+from tests.support.orthanc_node import Site, prior_files
 from tests.support.services import OrthancServer
 from tests.support.tools import require_shared_data
-from tests.test_dicom_node_completion import wait_until
-from tests.test_dicom_node_scp import Node, dataset_bytes, j2k_series, storescu
 
 pytestmark = pytest.mark.services
 
@@ -51,56 +51,6 @@ def prior_sr(dest: Path, ct: list[Path]) -> Path:
     p = dest / "sr.dcm"
     ds.save_as(p, enforce_file_format=True)
     return p
-
-
-def prior_files() -> tuple[list[Path], Path]:
-    """Patient 99000, 2003-04-17: a 3-slice CT and the DICOM SEG (liver) that references it."""
-    ct = sorted(require_shared_data("interop", "seg_sr", "dcmqi_ct-3slice").glob("*.dcm"))
-    seg = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
-    return ct, seg
-
-
-class Site:
-    """A LesionTrack node plus an Orthanc PACS that knows it as modality 'lesiontrack'."""
-
-    def __init__(
-        self,
-        root: Path,
-        method: RetrieveMethod = RetrieveMethod.C_MOVE,
-        dicomweb: bool = False,
-        start_orthanc: bool = True,
-        **dicom: object,
-    ) -> None:
-        self.node = Node(root / "node", **dicom)
-        self.node.scp.start()
-        self.orthanc = OrthancServer(
-            root / "orthanc",
-            modalities={"lesiontrack": (self.node.settings.dicom.ae_title, "127.0.0.1", self.node.port)},
-            enable_dicomweb=dicom_enabled(dicomweb, method),
-        )
-        if start_orthanc:
-            self.orthanc.start()
-        self.peer = PacsPeer(
-            name="pacs",
-            ae_title="ORTHANC",
-            host="127.0.0.1",
-            port=self.orthanc.dicom_port,
-            retrieve_method=method,
-            send=True,
-            orthanc_url=self.orthanc.url,
-            dicomweb_url=self.orthanc.dicomweb_url,
-        )
-        self.node.settings.pacs = [self.peer]
-        self.node.settings.sending.destinations = ["pacs"]
-
-    def stop(self) -> None:
-        self.orthanc.stop()
-        self.node.scp.stop()
-        self.node.engine.dispose()
-
-
-def dicom_enabled(dicomweb: bool, method: RetrieveMethod) -> bool:
-    return dicomweb or method == RetrieveMethod.DICOMWEB
 
 
 @pytest.fixture

@@ -355,7 +355,7 @@ print("ok")
 
 def test_compose_commands_and_settings_exist_in_the_installed_package(installed: Installed) -> None:
     """deploy/compose.yaml runs the installed package: its commands, its variables and their values."""
-    from tests.test_deploy import lesiontrack_services, named_settings
+    from tests.support.deploy import lesiontrack_services, named_settings
 
     r = subprocess.run(
         [str(installed.python), "-c", _WALK_SETTINGS, *sorted(named_settings())],

@@ -29,9 +29,9 @@ import pydicom
 import pytest
 
 from lesiontrack.db.models import JobState
+from tests.support.e2e_site import sr_uids
+from tests.support.pacs_guide import guide_json, guide_lua, guide_toml
 from tests.support.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
-from tests.test_e2e_orthanc import _sr_uids
-from tests.test_pacs_orthanc import guide_json, guide_lua, guide_toml
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -253,7 +253,7 @@ def _check_follow_up(site: GuideSite, fu: Any, base_uids: set[str], prior_series
     assert counts.get(902) == 1, counts
     assert counts.get(903, 0) <= 1, counts
     assert set(counts) <= {901, 902, 903}, counts
-    reported = _sr_uids(objs[902][0])
+    reported = sr_uids(objs[902][0])
     assert base_uids <= reported, f"baseline lesions missing from the report: {base_uids - reported}"
 
 

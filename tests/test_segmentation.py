@@ -11,7 +11,7 @@ from lesiontrack.models.segmentation.base import SegReference, available_engines
 from lesiontrack.models.segmentation.components import keep_nearest_component, mask_centre_mm
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
-from tests.test_tracking_phantom import LESIONS, grid, render
+from tests.support.phantom import LESIONS, grid, render
 
 IDENT = LesionIdentity("2.25.5", "L1", 1)
 

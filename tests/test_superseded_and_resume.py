@@ -14,7 +14,7 @@ from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.dicom_node.sending import DeliveryError, DeliveryService, deliver_files
 from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
-from tests.test_dicom_node_scp import Node, ge_files
+from tests.support.dicom_node import Node, ge_files
 
 
 class Analysed(StepOutput):

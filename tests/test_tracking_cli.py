@@ -14,7 +14,7 @@ from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import PromptKind
 from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, series
 
 
 def _write(tmp: Path) -> list[Path]:

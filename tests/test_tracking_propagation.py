@@ -31,8 +31,7 @@ from lesiontrack.pipeline.tracking import (
     track_lesions,
     tracking_summary,
 )
-from tests.test_tracking import _mask_prompts, _timepoints, dice
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, dice, mask_prompts, phantom_volumes, series
 
 
 class _SpyRegistration:
@@ -71,9 +70,9 @@ def _radii(*factors_per_tp: tuple[float, ...]) -> list[list[float]]:
 def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoint() -> None:
     shifts = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
     phantom = series(seed=3, shifts_mm=shifts, radii_per_tp=_radii(*[(1, 1, 1, 1, 1, 1)] * 4))
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     reg, eng = _SpyRegistration(), _SpyEngine()
-    track_lesions(tps, _mask_prompts(phantom[0]), source_index=0, registration=reg, segmentation=eng)
+    track_lesions(tps, mask_prompts(phantom[0]), source_index=0, registration=reg, segmentation=eng)
     base = id(tps[0].ct)
     assert reg.pairs == [(base, id(tps[t].ct)) for t in (1, 2, 3)], "each follow-up registered directly, once"
     assert eng.references, "every prompt's reference is the annotated CT"
@@ -85,11 +84,11 @@ def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoi
             assert les.propagated_from.series_uid == tps[0].series_uid
             assert les.propagated_from.timepoint_index == 0
     # the former loop, for contrast: a chain of adjacent pairs, prompted with our previous result
-    tps2 = _timepoints(phantom)
+    tps2 = phantom_volumes(phantom)
     reg2, eng2 = _SpyRegistration(), _SpyEngine()
     track_lesions(
         tps2,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=reg2,
         segmentation=eng2,
@@ -101,16 +100,16 @@ def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoi
 
 def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None:
     phantom = series(seed=4, shifts_mm=((0, 0, 0),) * 5, radii_per_tp=_radii(*[(1, 1, 1, 1, 1, 1)] * 5))
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     reg = _SpyRegistration()
     # annotated at T1 (the "baseline" given last in time order) and confirmed at T4
     track_lesions(
         tps,
-        _mask_prompts(phantom[1]),
+        mask_prompts(phantom[1]),
         source_index=1,
         registration=reg,
         segmentation=get_engine("adaptive"),
-        confirmed={4: _mask_prompts(phantom[4])},
+        confirmed={4: mask_prompts(phantom[4])},
     )
     ids = [id(tp.ct) for tp in tps]
     assert sorted(reg.pairs) == sorted([(ids[1], ids[2]), (ids[4], ids[3]), (ids[1], ids[0])])
@@ -124,12 +123,12 @@ def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() ->
     # issue 16: a radiologist corrects follow-up 1; follow-ups 2 and 3 are propagated from that correction
     radii = _radii((1,) * 6, (1.2,) * 6, (1.3,) * 6, (1.4,) * 6)
     phantom = series(seed=8, shifts_mm=((0, 0, 0),) * 4, radii_per_tp=radii)
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     reg, eng = _SpyRegistration(), _SpyEngine()
-    correction = _mask_prompts(phantom[1])
+    correction = mask_prompts(phantom[1])
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=reg,
         segmentation=eng,
@@ -157,8 +156,8 @@ def test_registration_cache_registers_each_pair_of_series_once() -> None:
     cache = RegistrationCache(spy)
     for _ in range(2):  # two passes over the same series (e.g. a re-run)
         track_lesions(
-            _timepoints(phantom),
-            _mask_prompts(phantom[0]),
+            phantom_volumes(phantom),
+            mask_prompts(phantom[0]),
             source_index=0,
             registration=cache,
             segmentation=get_engine("warped-prompt"),
@@ -171,10 +170,10 @@ def test_a_lesion_that_vanishes_and_reappears_is_found_again() -> None:
     # lesion 1 (lung nodule) present, present, gone, back; the others stable
     radii = _radii((1,) * 6, (1,) * 6, (0, 1, 1, 1, 1, 1), (1.1, 1, 1, 1, 1, 1))
     phantom = series(seed=6, shifts_mm=((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1)), radii_per_tp=radii)
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=_OracleShift(phantom, ((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1))),
         segmentation=get_engine("adaptive"),
@@ -222,10 +221,10 @@ def test_growth_x3_and_shrinkage_x0_3_followed_without_a_growing_leak(propagatio
     radii = _radii(*[(g3**s, s3**s, 1, 1, g3**s, 1) for s in steps])
     shifts = ((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1))
     phantom = series(seed=7, shifts_mm=shifts, radii_per_tp=radii)
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=_OracleShift(phantom, shifts),
         segmentation=get_engine("adaptive"),
@@ -251,10 +250,10 @@ def test_growth_x3_and_shrinkage_x0_3_followed_without_a_growing_leak(propagatio
 
 def test_provenance_is_in_tracking_json() -> None:
     phantom = series(seed=8, shifts_mm=((0, 0, 0), (1, 0, 0)), radii_per_tp=_radii((1,) * 6, (1,) * 6))
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
         segmentation=get_engine("adaptive"),

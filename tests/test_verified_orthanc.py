@@ -25,8 +25,8 @@ from lesiontrack.db.models import AuditEvent, Lesion, LesionObservation, Timepoi
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
 from tests.support.correction import READER, write_correction
+from tests.support.e2e_site import Site, get_bytes, validate_object
 from tests.support.services import wait_for
-from tests.test_e2e_orthanc import Site, _get_bytes, _validate
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -129,15 +129,15 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
             assert corr.deleted_uid not in tracked
             assert corr.added_uid in tracked
             assert corr.edited_uid in tracked
-            _validate(tmp_path, new_seg)
-            srs.append(_validate(tmp_path, new_sr))
+            validate_object(tmp_path, new_seg)
+            srs.append(validate_object(tmp_path, new_sr))
         from lesiontrack.pipeline.dicom_validate import run_sr_validator
 
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()
         # the correction itself is in Orthanc and in our store, untouched
         found = site.orthanc.post("/tools/lookup", corr.sop_instance_uid)
-        raw = _get_bytes(site.orthanc, f"/instances/{found[0]['ID']}/file")
+        raw = get_bytes(site.orthanc, f"/instances/{found[0]['ID']}/file")
         assert str(pydicom.dcmread(io.BytesIO(raw)).Manufacturer) == "OtherViewer"
     finally:
         site.stop()

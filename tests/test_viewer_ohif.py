@@ -22,25 +22,13 @@ import pydicom
 import pytest
 
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+from tests.support.ohif import BROWSER_DIR, _require_browser_stack
 from tests.support.segsr import content_items
-from tests.support.tools import REPO, require_tool
+from tests.support.tools import REPO
 
-BROWSER_DIR = REPO / "tests" / "browser"
-OHIF_DIST = BROWSER_DIR / "node_modules" / "@ohif" / "app" / "dist" / "index.html"
 ARTIFACTS = Path(os.environ.get("LESIONTRACK_TEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "ohif"
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-
-
-def _require_browser_stack() -> None:
-    require_tool(
-        "node",
-        "/usr/bin/chromium",
-        "/usr/sbin/Orthanc",
-        "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-        str(OHIF_DIST),
-        str(BROWSER_DIR / "node_modules" / "playwright-core"),
-    )
 
 
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
@@ -49,8 +37,8 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     from lesiontrack.pipeline.seg_writer import save_new
     from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
     from lesiontrack.pipeline.viewer_sr import viewer_lesions, write_viewer_sr
+    from tests.support.patient import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
     from tests.support.services import OrthancServer
-    from tests.test_api_data import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -172,42 +160,6 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     # Manufacturer, fresh Tracking UIDs, the lesions named by their labels; it references the follow-up CT.
     assert len(saved) == 1, (result["stowStatus"], result["saveDialogText"])
     _check_ohif_saved_sr(saved[0], fu, tracked, viewer_sr)
-
-
-def run_ohif_check(
-    tmp: Path,
-    files: list[Path],
-    study_uid: str,
-    *,
-    seg: str,
-    sr: str,
-    labels: list[str],
-    sr_texts: list[str] = [],  # noqa: B006  (read only)
-    also_listed: list[str] = [],  # noqa: B006  (read only)
-    track_sr: str = "",
-    tracked_texts: list[str] = [],  # noqa: B006  (read only)
-) -> tuple[dict[str, Any], int]:
-    """Store ``files`` in a fresh Orthanc with DICOMweb and run ohif-check.mjs on the study; (result, exit code)."""
-    from tests.support.services import OrthancServer
-
-    _require_browser_stack()
-    orthanc = OrthancServer(tmp / "orthanc", enable_dicomweb=True).start()
-    try:
-        for f in files:
-            orthanc.post("/instances", Path(f).read_bytes())
-        cmd = ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", study_uid]
-        cmd += ["--out", str(tmp / "shots"), "--seg", seg, "--sr", sr, "--labels", "|".join(labels)]
-        cmd += ["--sr-texts", "|".join(sr_texts), "--also-listed", "|".join(also_listed)]
-        if track_sr:
-            cmd += ["--track-sr", track_sr, "--tracked-texts", "|".join(tracked_texts)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
-    finally:
-        orthanc.stop()
-    assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
-    result: dict[str, Any] = json.loads(proc.stdout)
-    assert "error" not in result, result.get("error")
-    assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
-    return result, proc.returncode
 
 
 def _new_srs(orthanc: Any, study_uid: str, known: set[str], out: Path) -> list[Path]:

@@ -55,7 +55,7 @@ def main() -> None:
     from pydicom import dcmread
 
     from lesiontrack.dicom_node.ingest import content_refusal, parse_header
-    from tests.test_dicom_node_scp import dataset_bytes
+    from tests.support.dicom_node import dataset_bytes
 
     mods = {"after": _load(REPO / "dicom_node" / "storage.py", "storage_after")}
     if args.before:

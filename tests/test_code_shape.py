@@ -176,11 +176,12 @@ def test_no_test_module_imports_another_test_module() -> None:
         if "node_modules" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            else:
+                continue
             if any(n.split(".")[-1].startswith("test_") or n == "tests.conftest" for n in names):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not found, "shared test helpers belong in tests/support, not in test modules:\n" + "\n".join(found)

@@ -259,7 +259,7 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
 ) -> None:
     """OHIF (browser): the follow-up's SEG lists the unconfirmed candidates under their labels beside the tracked
     lesions, and the SR loads."""
-    from tests.support.ohif import run_ohif_check
+    from tests.support.ohif import OhifExpectation, run_ohif_check
 
     written = job_results(site["first_job"].step_outputs).written
     assert written is not None
@@ -282,11 +282,13 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
         tmp_path_factory.mktemp("ohif-candidates"),
         [*fu.files, Path(written.seg), Path(written.sr), Path(written.viewer_sr)],
         fu.study_uid,
-        seg=str(seg.SeriesDescription),
-        sr=str(sr.SeriesDescription),
-        labels=labels,
-        track_sr=str(viewer.SeriesDescription),
-        tracked_texts=named,
+        OhifExpectation(
+            seg=str(seg.SeriesDescription),
+            sr=str(sr.SeriesDescription),
+            labels=labels,
+            track_sr=str(viewer.SeriesDescription),
+            tracked_texts=named,
+        ),
     )
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert result["trackedMissing"] == [], f"not in OHIF's tracked measurements: {result['trackedMissing']}"

@@ -393,7 +393,7 @@ def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any
 def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, site: dict[str, Any]) -> None:
     """OHIF (browser): follow-up 2's re-issued SEG and SR load; the superseded revision is listed beside them under
     its own series description (rev1), the current one says rev2."""
-    from tests.support.ohif import run_ohif_check
+    from tests.support.ohif import OhifExpectation, run_ohif_check
 
     fu2 = site["patient"].followups[1]
     old = job_results(site["first"][1].step_outputs).written
@@ -420,11 +420,13 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
         tmp_path,
         [*fu2.files, Path(old.seg), Path(old.sr), Path(new.seg), Path(new.sr)],
         fu2.study_uid,
-        seg=str(new_seg.SeriesDescription),
-        sr=str(new_sr.SeriesDescription),
-        labels=labels,
-        sr_texts=volumes,
-        also_listed=rev1,
+        OhifExpectation(
+            seg=str(new_seg.SeriesDescription),
+            sr=str(new_sr.SeriesDescription),
+            labels=labels,
+            sr_texts=volumes,
+            also_listed=rev1,
+        ),
     )
     assert result["labelsFound"] == labels, result["labelsMissing"]
     assert sorted(result["listedFound"]) == sorted(rev1), result["listedMissing"]

@@ -89,6 +89,49 @@ def _last_centre(history: list) -> tuple[float, float, float] | None:
     return None
 
 
+def _add_failed_job(
+    session_factory: sessionmaker[Session], built: list[BuiltTimepoint], patient_pk: int, t0: datetime
+) -> int:
+    """A failed job on the last follow-up (registration diverged) and its deliveries, one dead-lettered."""
+    with session_scope(session_factory) as s:
+        job = AnalysisJob(
+            followup_series_uid=built[-1].series_uid,
+            patient_pk=patient_pk,
+            state=JobState.FAILED,
+            step="register",
+            attempts=5,
+            worker="test-worker",
+            error=f"PermanentError: registration diverged (NCC 0.12 < 0.30) for series {built[-1].series_uid}",
+            step_timings={"load": 1.1, "priors": 0.4},
+            step_outputs={},
+            created_at=t0 + timedelta(days=200),
+            finished_at=t0 + timedelta(days=200, minutes=3),
+        )
+        s.add(job)
+        s.flush()
+        audit(s, "test-worker", "job.state", "job", job.id, to="failed")
+        s.add(
+            Delivery(
+                job_pk=built[-1].job_id,
+                destination="main-pacs",
+                file_paths=[str(built[-1].sr_path)],
+                state=DeliveryState.DELIVERED,
+                attempts=2,
+            )
+        )
+        s.add(
+            Delivery(
+                job_pk=built[-1].job_id,
+                destination="backup-pacs",
+                file_paths=[str(built[-1].sr_path)],
+                state=DeliveryState.DEAD_LETTER,
+                attempts=4,
+                last_error="association rejected",
+            )
+        )
+        return job.id
+
+
 def build_patient(
     session_factory: sessionmaker[Session],
     timepoints: list,
@@ -284,45 +327,7 @@ def build_patient(
         built.append(
             BuiltTimepoint(t, tp.series_uid, tp.study_uid, study_date, seg_path, sr_path, list(tp.files), job_id, meas)
         )
-    failed = None
-    if with_failed_job:
-        with session_scope(session_factory) as s:
-            job = AnalysisJob(
-                followup_series_uid=built[-1].series_uid,
-                patient_pk=patient_pk,
-                state=JobState.FAILED,
-                step="register",
-                attempts=5,
-                worker="test-worker",
-                error=f"PermanentError: registration diverged (NCC 0.12 < 0.30) for series {built[-1].series_uid}",
-                step_timings={"load": 1.1, "priors": 0.4},
-                step_outputs={},
-                created_at=t0 + timedelta(days=200),
-                finished_at=t0 + timedelta(days=200, minutes=3),
-            )
-            s.add(job)
-            s.flush()
-            failed = job.id
-            audit(s, "test-worker", "job.state", "job", job.id, to="failed")
-            s.add(
-                Delivery(
-                    job_pk=built[-1].job_id,
-                    destination="main-pacs",
-                    file_paths=[str(built[-1].sr_path)],
-                    state=DeliveryState.DELIVERED,
-                    attempts=2,
-                )
-            )
-            s.add(
-                Delivery(
-                    job_pk=built[-1].job_id,
-                    destination="backup-pacs",
-                    file_paths=[str(built[-1].sr_path)],
-                    state=DeliveryState.DEAD_LETTER,
-                    attempts=4,
-                    last_error="association rejected",
-                )
-            )
+    failed = _add_failed_job(session_factory, built, patient_pk, t0) if with_failed_job else None
     return BuiltPatient(patient_pk, patient_id, built, lesion_ids, failed)
 
 

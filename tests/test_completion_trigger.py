@@ -97,7 +97,7 @@ def test_without_a_count_the_trigger_waits_for_the_association_to_end(node: Node
     sender.assoc.release()
     wait_until(lambda: node.triggers == [uid], what="completion after the release")
     s = node.series(uid)
-    assert s is not None, s.routing_reason
+    assert s is not None
     assert s.routing_decision == RoutingDecision.ANALYSE, s.routing_reason
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,11 @@ from lesiontrack.db.models import Instance, OpenTransfer, SeriesState, TransferO
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.indexer import Indexer
 from lesiontrack.dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
-from tests.support.dicom_node import Node, echoscu, ge_files, running_node
+from tests.support.dicom_node import Node, echoscu, ge_files, running_node, wait_until
 from tests.support.tools import REPO
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _assoc(port: int) -> Any:

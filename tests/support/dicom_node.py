@@ -169,7 +169,8 @@ def pynetdicom_store(port: int, paths: list[Path], abort_after: int | None = Non
     return statuses
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+def wait_until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``cond`` until it holds; fail the test after ``timeout`` seconds (a bound on failure, not a sleep)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():

@@ -25,7 +25,8 @@ from lesiontrack.db.models import JobState, LesionObservation, Patient
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.confidence import ConfidenceRules, assess_lesion, review_text
 from lesiontrack.pipeline.contract import job_results
-from tests.support.tools import require_tool
+from tests.support.patient import STILL_SEED, STILL_SHAPE, STILL_SPACING, still_patient
+from tests.support.validators import assert_seg_and_sr_validate
 
 API_KEY = {"X-API-Key": "demo"}
 ERASED = 2  # phantom label of the lesion erased from the follow-up
@@ -63,7 +64,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
     from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.scp import storage_root
     from lesiontrack.dicom_node.storage import InstanceStore
@@ -78,11 +78,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     upgrade(settings.effective_database_url)
     sf = make_session_factory(make_engine(settings.effective_database_url))
-    shape, spacing = (64, 112, 112), (2.5, 2.5, 3.0)
-    patient = make_patient(
-        tmp / "patient", seed=7, shape=shape, spacing=spacing, n_lesions=3, n_followups=1, changes=False, motion=False
-    )
-    _erase_lesion(list(patient.followups[0].files), 7, shape, spacing)
+    patient = still_patient(tmp / "patient", n_followups=1)
+    _erase_lesion(list(patient.followups[0].files), STILL_SEED, STILL_SHAPE, STILL_SPACING)
     ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
     for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
         assert ingest_file(ingestor, f).ok
@@ -181,19 +178,11 @@ def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -
 
 
 def test_seg_and_sr_with_review_flags_validate(site: dict[str, Any]) -> None:
-    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_sr_validator
-
-    require_tool("java")
     written = job_results(site["job"].step_outputs).written
     assert written is not None
     assert written.seg
     assert written.sr
-    for path in (written.seg, written.sr):
-        report = run_dciodvfy(path)
-        assert report.ok, report.errors
-    (sr_report,) = run_sr_validator(written.sr)
-    assert sr_report.ok, sr_report.errors
-    assert not sr_report.errors, sr_report.errors
+    assert_seg_and_sr_validate(written.seg, written.sr)
 
 
 def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from lesiontrack.db.session import make_engine, make_session_factory, session_sc
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.sr_reader import read_sr
 from tests.support.correction import READER, write_correction
+from tests.support.patient import still_patient
 
 API_KEY = {"X-API-Key": "demo"}
 
@@ -53,7 +54,6 @@ def _run_queued(service: Any, sf: Any) -> list[int]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
     from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.scp import storage_root
     from lesiontrack.dicom_node.storage import InstanceStore
@@ -66,17 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     upgrade(settings.effective_database_url)
     sf = make_session_factory(make_engine(settings.effective_database_url))
     new = [("liver", 14.0, 25.0)]
-    patient = make_patient(
-        tmp / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        changes=False,
-        motion=False,
-        new_lesions={1: new, 2: new},
-    )
+    patient = still_patient(tmp / "patient", n_followups=2, new_lesions={1: new, 2: new})
     store = InstanceStore(storage_root(settings), fsync=False)
     ingestor = Ingestor(store, sf)
     files = [*patient.baseline.files, patient.seg_file, *patient.followups[0].files, *patient.followups[1].files]

@@ -28,6 +28,7 @@ from lesiontrack.db.models import (
 from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
+from lesiontrack.demo_data import DemoPatient, make_patient
 from lesiontrack.pipeline.contract import WriteSegSrOutput
 
 #: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
@@ -448,3 +449,27 @@ def phantom_timepoints(
         datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         out.append(PhantomTimepoint(tp.index, tp.ct, files, datasets, tracked, study_uid, series_uid))
     return out
+
+
+STILL_SEED = 7
+STILL_SHAPE = (64, 112, 112)
+STILL_SPACING = (2.5, 2.5, 3.0)
+
+
+def still_patient(
+    root: Path, *, n_followups: int, new_lesions: dict[int, list[tuple[str, float, float]]] | None = None
+) -> DemoPatient:
+    """The small still phantom (seed 7, 64 x 112 x 112 at 2.5 x 2.5 x 3 mm, three lesions that neither change nor
+    move): the case the service-level tests run through registration "none", with ``new_lesions`` appearing at the
+    follow-ups named (organ, diameter mm, HU)."""
+    return make_patient(
+        root,
+        seed=STILL_SEED,
+        shape=STILL_SHAPE,
+        spacing=STILL_SPACING,
+        n_lesions=3,
+        n_followups=n_followups,
+        changes=False,
+        motion=False,
+        new_lesions=new_lesions,
+    )

@@ -86,6 +86,8 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
         if m.long_axis is not None
     ]
 
+    assert fu.seg_path is not None
+    assert fu.sr_path is not None
     ours = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (fu.sr_path, viewer_path)}
     saved: list[Path] = []
     result, code = run_ohif_check(

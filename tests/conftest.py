@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.dicom_node import Node, running_node
 from tests.support.tools import require_shared_data
+
+if TYPE_CHECKING:
+    from tests.support.dicom_node import Node
 
 # tests receive in-process unless a test asks for several receiver processes (dicom.receiver_processes)
 os.environ.setdefault("LESIONTRACK_DICOM__RECEIVER_PROCESSES", "1")
@@ -53,6 +56,8 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     """A running DICOM node (the product's StorageSCP on a loopback port over its own database and folder). A module
     or test sets it up with ``pytest.mark.dicom_node(min_slices=..., **dicom settings)``; unmarked, it accepts the
     calling AE titles STORESCU, ORTHANC and PYSCU."""
+    from tests.support.dicom_node import running_node  # only the DICOM-node tests pay for the SCP's imports
+
     marker = request.node.get_closest_marker("dicom_node")
     options = dict(marker.kwargs) if marker else {"allowed_calling_aes": ["STORESCU", "ORTHANC", "PYSCU"]}
     with running_node(tmp_path, **options) as n:

@@ -21,11 +21,12 @@ import pytest
 from scipy import ndimage as ndi
 from sqlalchemy import select
 
-from lesiontrack.db.models import JobState, LesionObservation, Patient
-from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.db.models import LesionObservation
+from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.confidence import ConfidenceRules, assess_lesion, review_text
 from lesiontrack.pipeline.contract import job_results
 from tests.support.patient import STILL_SEED, STILL_SHAPE, STILL_SPACING, still_patient
+from tests.support.service_site import analyse_first_followup
 from tests.support.validators import assert_seg_and_sr_validate
 
 API_KEY = {"X-API-Key": "demo"}
@@ -61,41 +62,21 @@ def _erase_lesion(files: list[Path], seed: int, shape: tuple[int, int, int], spa
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from fastapi.testclient import TestClient
-
     from lesiontrack.demo import demo_settings
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.steps import build_pipeline
-    from lesiontrack.service import build_analysis_service, build_ports
-    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("review")
     settings = demo_settings(
         tmp / "data", http=False, engines={"registration": "none"}, detection={"new_lesions": False}
     )
-    upgrade(settings.effective_database_url)
-    sf = make_session_factory(make_engine(settings.effective_database_url))
     patient = still_patient(tmp / "patient", n_followups=1)
     _erase_lesion(list(patient.followups[0].files), STILL_SEED, STILL_SHAPE, STILL_SPACING)
-    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
-    for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
-        assert ingest_file(ingestor, f).ok
-    ingestor.close()
-    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
-    job = service.store.create(patient.followups[0].series_uid)
-    assert service.run(job) is JobState.DONE, service.store.get(job).error
-    client = TestClient(create_app(settings, sf, job_control=JobStoreControl(JobStore(sf), actor="api")))
-    with session_scope(sf) as s:
-        patient_pk = s.scalar(select(Patient.id))
+    analysed = analyse_first_followup(settings, patient)
     erased_uid = next(les["tracking_uid"] for les in patient.lesions if les["label"] == ERASED)
     return {
-        "sf": sf,
-        "job": service.store.get(job),
-        "client": client,
-        "patient_pk": patient_pk,
+        "sf": analysed.sf,
+        "job": analysed.job,
+        "client": analysed.client,
+        "patient_pk": analysed.patient_pk,
         "erased": erased_uid,
         "uids": [les["tracking_uid"] for les in patient.lesions],
     }

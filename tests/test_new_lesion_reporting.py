@@ -19,12 +19,13 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin, Patient
-from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin
+from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.sr_reader import read_sr
 from tests.support.patient import still_patient
 from tests.support.segsr import content_items
+from tests.support.service_site import analyse_first_followup
 from tests.support.validators import assert_seg_and_sr_validate
 
 API_KEY = {"X-API-Key": "demo"}
@@ -32,41 +33,21 @@ API_KEY = {"X-API-Key": "demo"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from fastapi.testclient import TestClient
-
     from lesiontrack.demo import demo_settings
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.steps import build_pipeline
-    from lesiontrack.service import build_analysis_service, build_ports
-    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("newlesions")
     settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
-    upgrade(settings.effective_database_url)
-    sf = make_session_factory(make_engine(settings.effective_database_url))
     patient = still_patient(
         tmp / "patient", n_followups=1, new_lesions={1: [("lung", 12.0, 30.0), ("liver", 14.0, 20.0)]}
     )
-    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
-    for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
-        assert ingest_file(ingestor, f).ok
-    ingestor.close()
-    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
-    job = service.store.create(patient.followups[0].series_uid)
-    assert service.run(job) is JobState.DONE, service.store.get(job).error
-    client = TestClient(create_app(settings, sf, job_control=JobStoreControl(JobStore(sf), actor="api")))
-    with session_scope(sf) as s:
-        patient_pk = s.scalar(select(Patient.id))
+    analysed = analyse_first_followup(settings, patient)
     return {
-        "sf": sf,
-        "service": service,
+        "sf": analysed.sf,
+        "service": analysed.service,
         "patient": patient,
-        "first_job": service.store.get(job),
-        "client": client,
-        "patient_pk": patient_pk,
+        "first_job": analysed.job,
+        "client": analysed.client,
+        "patient_pk": analysed.patient_pk,
     }
 
 

@@ -39,7 +39,7 @@ def run_mode(mode: str, seed: int, args: argparse.Namespace, root: Path) -> dict
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
     from lesiontrack.service import LesionTrackService
-    from tests.services import OrthancServer, free_port
+    from tests.support.services import OrthancServer, free_port
 
     shape = (args.slices, args.matrix, args.matrix)
     patient = make_patient(

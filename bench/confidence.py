@@ -409,6 +409,27 @@ def plot_runs(paths: list[Path], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def _patients(args: argparse.Namespace, seeds: list[int], lung_seed: int) -> list[Patient]:
+    """The phantom patients of ``seeds`` and, unless ``--no-lung1``, the LUNG1 patient."""
+    patients = [phantom_patient(s, args.followups) for s in seeds]
+    if not args.no_lung1:
+        lp = lung1_patient(args.lung1_seed if args.lung1_seed is not None else lung_seed, args.followups)
+        if lp is not None:
+            patients.append(lp)
+    return patients
+
+
+def _flags_by_signal(rows: list[dict[str, Any]], threshold: float) -> dict[str, int]:
+    """How often each signal fell below the review threshold in a lesion flagged for review."""
+    by_signal: dict[str, int] = {}
+    for r in rows:
+        if r["review"]:
+            for name, (_v, s) in r["signals"].items():
+                if s < threshold:
+                    by_signal[name] = by_signal.get(name, 0) + 1
+    return by_signal
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=sorted(SETS), default="heldout")
@@ -432,11 +453,7 @@ def main() -> None:
     if args.seeds:
         seeds = [int(v) for v in args.seeds.split(",")]
     t0 = time.perf_counter()
-    patients = [phantom_patient(s, args.followups) for s in seeds]
-    if not args.no_lung1:
-        lp = lung1_patient(args.lung1_seed if args.lung1_seed is not None else lung_seed, args.followups)
-        if lp is not None:
-            patients.append(lp)
+    patients = _patients(args, seeds, lung_seed)
     injections = {}
     errors: dict[tuple[str, int], Bump] = {}
     for k, p in enumerate(patients):
@@ -466,12 +483,7 @@ def main() -> None:
     track_s = time.perf_counter() - t1
     curve = roc(rows)
     th = at_threshold(rows, rules.review_threshold)
-    by_signal: dict[str, int] = {}
-    for r in rows:
-        if r["review"]:
-            for name, (_v, s) in r["signals"].items():
-                if s < rules.review_threshold:
-                    by_signal[name] = by_signal.get(name, 0) + 1
+    by_signal = _flags_by_signal(rows, rules.review_threshold)
     by_failure: dict[str, dict[str, Any]] = {}
     for name in ("none", "rough prompt", "abutting structure", "misregistration"):
         rs = [

@@ -33,7 +33,8 @@ if not INTEROP.is_dir():
 
 def _load(path: Path, name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
@@ -54,7 +55,7 @@ def main() -> None:
     from pydicom import dcmread
 
     from lesiontrack.dicom_node.ingest import content_refusal, parse_header
-    from tests.test_dicom_node_scp import dataset_bytes
+    from tests.support.dicom_node import dataset_bytes
 
     mods = {"after": _load(REPO / "dicom_node" / "storage.py", "storage_after")}
     if args.before:

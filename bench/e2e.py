@@ -25,6 +25,13 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from lesiontrack.pipeline.jobs import JobStore, JobView
+    from tests.support.services import OrthancServer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -40,7 +47,7 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--matrix", type=int, default=256)
@@ -55,18 +62,84 @@ def main() -> None:
         default=3,
         help="follow-ups routed one after another; the last one is timed (the third has two earlier timepoints)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def _write_config(root: Path, lt_port: int, orthanc: OrthancServer, quiet_seconds: float) -> Path:
+    """The site's lesiontrack.toml: the node on ``lt_port``, Orthanc as the one PACS (C-MOVE priors, results back)."""
+    cfg = root / "lesiontrack.toml"
+    cfg.write_text(f"""
+data_dir = "{root / "data"}"
+[dicom]
+bind_address = "127.0.0.1"
+port = {lt_port}
+series_quiet_seconds = {quiet_seconds}
+[http]
+enabled = false
+[[pacs]]
+name = "orthanc"
+ae_title = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+retrieve_method = "C-MOVE"
+query = true
+send = true
+[sending]
+destinations = ["orthanc"]
+retry_schedule_seconds = [2, 5, 10]
+""")
+    return cfg
+
+
+def _wait_delivered(
+    store: JobStore, sf: sessionmaker[Session], proc: subprocess.Popen[bytes], series_uid: str, log: Path
+) -> tuple[JobView, datetime]:
+    """Poll until the series' job finished and every delivery of its results is acknowledged (30 minutes at most);
+    the job's view and the last delivery's time."""
     from sqlalchemy import select
 
-    from lesiontrack.config.settings import PacsPeer, load_settings
     from lesiontrack.db.models import Delivery, DeliveryState
-    from lesiontrack.db.session import make_engine, make_session_factory, session_scope
+    from lesiontrack.db.session import session_scope
+
+    started = time.monotonic()
+    while time.monotonic() - started < 1800:
+        view = store.latest_for_series(series_uid)
+        if view is not None and view.finished:
+            if view.error:
+                raise RuntimeError(f"job {view.id} {view.state.value}: {view.error}")
+            with session_scope(sf) as s:
+                ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
+                if ds and all(d.state is DeliveryState.DELIVERED for d in ds):
+                    return view, max(d.delivered_at for d in ds if d.delivered_at is not None)
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited with {proc.returncode}; see {log}")
+        time.sleep(0.2)
+    raise TimeoutError("no delivery within 30 minutes")
+
+
+def _followup_row(n: int, view: JobView, delivered_at: datetime, t_last: datetime) -> dict[str, object]:
+    """An earlier follow-up's figures: last instance to results acknowledged, and where its prompts came from."""
+    from lesiontrack.pipeline.contract import job_results
+
+    d_at = delivered_at if delivered_at.tzinfo else delivered_at.replace(tzinfo=UTC)
+    match = job_results(view.step_outputs).match
+    return {
+        "followup": n,
+        "total_s": round((d_at - t_last).total_seconds(), 2),
+        "prompt_source": match.prompt_source.reason if match and match.prompt_source else None,
+    }
+
+
+def main() -> None:
+    args = _arguments()
+
+    from lesiontrack.config.settings import PacsPeer, load_settings
+    from lesiontrack.db.session import make_engine, make_session_factory
     from lesiontrack.demo_data import make_patient
     from lesiontrack.dicom_node.scu import store_files
     from lesiontrack.pipeline.contract import job_results
     from lesiontrack.pipeline.jobs import JobStore
-    from tests.services import OrthancServer, free_port, wait_for_port
+    from tests.support.services import OrthancServer, free_port, wait_for_port
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lt-bench-e2e-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -83,79 +156,36 @@ def main() -> None:
     lt_port = free_port()
     orthanc = OrthancServer(root / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)})
     orthanc.start()
-    cfg = root / "lesiontrack.toml"
-    cfg.write_text(f"""
-data_dir = "{root / "data"}"
-[dicom]
-bind_address = "127.0.0.1"
-port = {lt_port}
-series_quiet_seconds = {args.quiet_seconds}
-[http]
-enabled = false
-[[pacs]]
-name = "orthanc"
-ae_title = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-retrieve_method = "C-MOVE"
-query = true
-send = true
-[sending]
-destinations = ["orthanc"]
-retry_schedule_seconds = [2, 5, 10]
-""")
+    cfg = _write_config(root, lt_port, orthanc, args.quiet_seconds)
     settings = load_settings(cfg)
     proc = None
     try:
         for f in [*patient.baseline.files, patient.seg_file]:
             orthanc.upload(f)
         env = {**os.environ, "LESIONTRACK_CONFIG": str(cfg), "TCP_NODELAY": "1"}
-        log = open(root / "serve.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve", "--upgrade-db"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(root / "serve.log", "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from lesiontrack.cli import main; main()", "serve", "--upgrade-db"],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for_port(lt_port, timeout=120)
         rss_idle = _peak_rss_mb(proc.pid)
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=lt_port)
         sf = make_session_factory(make_engine(settings.effective_database_url))
         store = JobStore(sf)
         earlier: list[dict[str, object]] = []
+        view: JobView | None = None
+        delivered_at: datetime | None = None
         for n, fu in enumerate(patient.followups, start=1):
             outcomes = store_files(settings, peer, fu.files)
             t_last = datetime.now(UTC)
-            m_last = time.monotonic()
             assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
-            view = None
-            delivered_at = None
-            while time.monotonic() - m_last < 1800:
-                view = store.latest_for_series(fu.series_uid)
-                if view is not None and view.finished:
-                    if view.error:
-                        raise RuntimeError(f"job {view.id} {view.state.value}: {view.error}")
-                    with session_scope(sf) as s:
-                        ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
-                        if ds and all(d.state is DeliveryState.DELIVERED for d in ds):
-                            delivered_at = max(d.delivered_at for d in ds if d.delivered_at is not None)
-                            break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve exited with {proc.returncode}; see {root / 'serve.log'}")
-                time.sleep(0.2)
-            if delivered_at is None or view is None:
-                raise TimeoutError("no delivery within 30 minutes")
+            view, delivered_at = _wait_delivered(store, sf, proc, fu.series_uid, root / "serve.log")
             if n < len(patient.followups):
-                d_at = delivered_at if delivered_at.tzinfo else delivered_at.replace(tzinfo=UTC)
-                match = job_results(view.step_outputs).match
-                earlier.append(
-                    {
-                        "followup": n,
-                        "total_s": round((d_at - t_last).total_seconds(), 2),
-                        "prompt_source": match.prompt_source.reason if match and match.prompt_source else None,
-                    }
-                )
+                earlier.append(_followup_row(n, view, delivered_at, t_last))
         if delivered_at is None or view is None:  # no follow-up routed (--followups 0)
             raise RuntimeError("no follow-up was timed")
         results = job_results(view.step_outputs)
@@ -164,7 +194,6 @@ retry_schedule_seconds = [2, 5, 10]
         created = view.created_at
         total = (delivered_at - t_last).total_seconds()
         peak = _peak_rss_mb(proc.pid)
-        import numpy as np
         import pydicom
 
         fu_shape = pydicom.dcmread(fu.files[0], stop_before_pixels=True)
@@ -204,7 +233,6 @@ retry_schedule_seconds = [2, 5, 10]
                 "lesions": [(les.tracking_id, les.status) for les in (results.track.lesions if results.track else [])],
             },
         }
-        del np
         print(json.dumps(result, indent=1, default=str))
     finally:
         if proc is not None and proc.poll() is None:

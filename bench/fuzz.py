@@ -6,7 +6,7 @@ flags counts as held, not as accepted-valid), refused controls, and the SCP proc
 
     .venv/bin/python bench/fuzz.py [--cstores 8500] [--pdus 1500] [--seed 19]
 
-Prints one JSON document. The generator and oracle are ``tests/fuzz_harness.py`` (the CI run uses the same).
+Prints one JSON document. The generator and oracle are ``tests/support/fuzz_harness.py`` (the CI run uses the same).
 """
 
 from __future__ import annotations
@@ -91,7 +91,15 @@ def main() -> None:
     from lesiontrack.db.models import Instance
     from lesiontrack.db.session import make_engine, make_session_factory, session_scope
     from lesiontrack.dicom_node.integrity import check_instance_file
-    from tests.fuzz_harness import FuzzReport, cstore_mutants, pdu_inputs, phi_in, rss_kib, run_cstores, run_pdus
+    from tests.support.fuzz_harness import (
+        FuzzReport,
+        cstore_mutants,
+        pdu_inputs,
+        phi_in,
+        rss_kib,
+        run_cstores,
+        run_pdus,
+    )
 
     root = Path(tempfile.mkdtemp(prefix="lt-fuzz-"))
     ctx = mp.get_context("spawn")

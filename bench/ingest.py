@@ -27,6 +27,7 @@ Prints one JSON document (with the load average before and after).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -118,10 +119,8 @@ def settle(root: Path) -> None:
     need back into it (the series under ``root``, ``storescu`` itself), so that no sender reads from the disk
     during a run."""
     os.sync()
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        pass
     files = sorted(root.glob("series*/*.dcm"))
     for p in files:
         p.read_bytes()

@@ -21,8 +21,13 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.pipeline.lesions import TrackedLesion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,6 +62,40 @@ def _headers(n: int, rows: int = 512) -> list:
     return out
 
 
+def _lesions(n_lesions: int, slices: int, grid: Volume) -> list[TrackedLesion]:
+    """``n_lesions`` ellipsoids (6–30 mm radii) spread along the series, each as a crop on the CT's grid."""
+    from pydicom.uid import generate_uid
+
+    from lesiontrack.models.imaging.volume import Volume
+    from lesiontrack.models.segmentation.prompts import LesionIdentity
+    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+
+    rng = np.random.default_rng(7)
+    lesions: list[TrackedLesion] = []
+    sites = ["liver", "lung", "lymph node", "kidney", "adrenal gland", "liver", "lung", "spleen", "pancreas", "bone"]
+    for n in range(n_lesions):
+        radii = rng.uniform(6, 30, 3)
+        half = np.ceil(radii / grid.spacing).astype(int) + 1  # (i, j, k) half extent
+        centre = np.array(
+            [
+                rng.integers(half[0], 512 - half[0]),
+                rng.integers(half[1], 512 - half[1]),
+                (n + 0.5) * slices / n_lesions,
+            ]
+        )
+        lo = (centre - half).astype(int)
+        lo[2] = int(np.clip(lo[2], 0, slices - 2 * half[2] - 1))
+        shape = (2 * half[2] + 1, 2 * half[1] + 1, 2 * half[0] + 1)
+        k, j, i = np.indices(shape)
+        d = np.stack([i - half[0], j - half[1], k - half[2]], -1) * grid.spacing
+        mask = ((d / radii) ** 2).sum(-1) <= 1
+        crop = Volume(mask.astype(np.uint8), origin=grid.index_to_patient(lo), spacing=grid.spacing)
+        site = sites[n % len(sites)]
+        ident = LesionIdentity(generate_uid(), f"L{n + 1} {site}", n + 1, site, site == "lymph node")
+        lesions.append(TrackedLesion(ident, LesionStatus.PRESENT, crop, "bench-engine", "1.0"))
+    return lesions
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=500)
@@ -69,38 +108,13 @@ def main() -> None:
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from lesiontrack.models.imaging.volume import Volume
-    from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
     from lesiontrack.pipeline.measurements import measure_tracked
     from lesiontrack.pipeline.seg_writer import save_new, sort_source_slices, write_seg
     from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
 
     heads = _headers(args.slices)
     _, grid = sort_source_slices(heads)
-    rng = np.random.default_rng(7)
-    lesions: list[TrackedLesion] = []
-    sites = ["liver", "lung", "lymph node", "kidney", "adrenal gland", "liver", "lung", "spleen", "pancreas", "bone"]
-    for n in range(args.lesions):
-        radii = rng.uniform(6, 30, 3)
-        half = np.ceil(radii / grid.spacing).astype(int) + 1  # (i, j, k) half extent
-        centre = np.array(
-            [
-                rng.integers(half[0], 512 - half[0]),
-                rng.integers(half[1], 512 - half[1]),
-                (n + 0.5) * args.slices / args.lesions,
-            ]
-        )
-        lo = (centre - half).astype(int)
-        lo[2] = int(np.clip(lo[2], 0, args.slices - 2 * half[2] - 1))
-        shape = (2 * half[2] + 1, 2 * half[1] + 1, 2 * half[0] + 1)
-        k, j, i = np.indices(shape)
-        d = np.stack([i - half[0], j - half[1], k - half[2]], -1) * grid.spacing
-        mask = ((d / radii) ** 2).sum(-1) <= 1
-        crop = Volume(mask.astype(np.uint8), origin=grid.index_to_patient(lo), spacing=grid.spacing)
-        site = sites[n % len(sites)]
-        ident = LesionIdentity(generate_uid(), f"L{n + 1} {site}", n + 1, site, site == "lymph node")
-        lesions.append(TrackedLesion(ident, LesionStatus.PRESENT, crop, "bench-engine", "1.0"))
+    lesions = _lesions(args.lesions, args.slices, grid)
 
     ct = grid.with_array(np.zeros(grid.shape, np.int16))
     t0, c0 = time.perf_counter(), time.process_time()

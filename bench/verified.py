@@ -237,7 +237,7 @@ def plot(results: dict[str, Any], arm_a: dict[str, dict[int, float]], path: Path
 
 
 # ---- main -----------------------------------------------------------------------------------------------------
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--phantoms", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=7, help="phantom seeds first..first+phantoms-1 (held out)")
@@ -261,10 +261,15 @@ def main() -> None:
         help="only the diagnostic: Dice of each arm's source mask warped onto the later follow-ups (no segmentation)",
     )
     args = ap.parse_args()
+    if not all(1 <= int(k) < args.followups for k in args.ks.split(",")):
+        ap.error(f"every k must lie in 1..{args.followups - 1}")
+    return args
+
+
+def main() -> None:
+    args = _arguments()
     ks = [int(v) for v in args.ks.split(",")]
     qualities = args.qualities.split(",")
-    if not all(1 <= k < args.followups for k in ks):
-        ap.error(f"every k must lie in 1..{args.followups - 1}")
 
     load_start = os.getloadavg()
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def main() -> None:
     from lesiontrack.pipeline import exports
     from lesiontrack.pipeline.history import build_timeline
     from lesiontrack.web import create_app
-    from tests.test_api_data import build_patient, phantom_timepoints
+    from tests.support.patient import build_patient, phantom_timepoints
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-web-"))
     url = f"sqlite:///{tmp / 'lt.sqlite3'}"

@@ -124,17 +124,20 @@ def test_a_lesion_from_a_line_or_arrow_carries_lower_confidence_until_confirmed(
 
     rules = ConfidenceRules()
     clean = combine({"present": True}, rules)
-    assert clean.confidence == 1.0 and not clean.review
+    assert clean.confidence == 1.0
+    assert not clean.review
     line = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "line", "weak_prior": True})]
     arrow = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "arrow", "weak_prior": True})]
     seg = [Src(LesionIdentity("1", "L1", 1), {"prompt_origin": "seg", "weak_prior": False})]
     from_line = weaken_for_origin(clean, line, 1, rules)
-    assert 0.5 <= from_line.confidence < 1.0 and not from_line.review
+    assert 0.5 <= from_line.confidence < 1.0
+    assert not from_line.review
     # not flagged, so no reason is recorded (a reason exactly when it flags: issue 29); the signal says why it is lower
     assert not from_line.reasons
     assert any(s.name == "prompt_origin" and s.score < 1.0 for s in from_line.signals)
     from_arrow = weaken_for_origin(clean, arrow, 1, rules)
-    assert from_arrow.review and from_arrow.confidence < from_line.confidence
+    assert from_arrow.review
+    assert from_arrow.confidence < from_line.confidence
     assert any("not yet confirmed" in r for r in from_arrow.reasons)
     assert weaken_for_origin(clean, seg, 1, rules) == clean
 

@@ -17,8 +17,8 @@ from lesiontrack.pipeline.annotations.refs import prior_annotation_references
 from lesiontrack.pipeline.ports import PriorTimepoint
 from lesiontrack.pipeline.steps.volumes import read_prompts
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
-from tests.test_dicom_node_scp import j2k_series, storescu
-from tests.test_orthanc_node import Site, prior_files
+from tests.support.dicom_node import j2k_series, storescu
+from tests.support.orthanc_node import Site, prior_files
 
 pytestmark = pytest.mark.services
 
@@ -61,7 +61,8 @@ def test_service_finds_retrieves_and_reads_gsps_and_rtstruct_priors_from_orthanc
         kinds = sorted(a.modality for a in priors[0].annotations)
         assert kinds == ["PR", "RTSTRUCT"]
         got = finder.retrieve(priors[0])
-        assert len(got.ct_files) == 3 and all(a.files and a.files[0].is_file() for a in got.annotations)
+        assert len(got.ct_files) == 3
+        assert all(a.files and a.files[0].is_file() for a in got.annotations)
         prior_ct = read_series(got.ct_files)
         for ann in got.annotations:
             one = PriorTimepoint(got.study_uid, got.study_date, got.study_time, got.ct_series_uid, got.ct_files, [ann])

@@ -26,7 +26,7 @@ from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
 from lesiontrack.pipeline.dicom_validate import run_dciodvfy
 from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_directory
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 NODULES = [((10.0, 0.0, 40.0), 7.0), ((-15.0, 12.0, 40.0), 6.0), ((12.0, -18.0, 25.0), 5.0)]
 
@@ -105,7 +105,8 @@ def test_gsps_we_write_validates_and_reads_back(study: tuple[Path, Volume, list[
     image = next(f for f in sorted((root / "ct").glob("*.dcm")))
     out = root / "rendered.pgm"
     shown = _dcmtk("dcmp2pgm", "-p", str(path), str(image), str(out))
-    assert shown.returncode == 0 and out.stat().st_size > 0, shown.stderr
+    assert shown.returncode == 0, shown.stderr
+    assert out.stat().st_size > 0, shown.stderr
 
     res = read_gsps_prompts(path, ct)
     by_name = {p.identity.tracking_id: p for p in res.prompts}
@@ -192,10 +193,12 @@ def test_rtstruct_we_write_validates_and_reads_back(study: tuple[Path, Volume, l
     rep = run_dciodvfy(path)
     assert rep.ok, rep.summary()
     dump = _dcmtk("drtdump", str(path))  # dcmtk's RT reader loads it
-    assert dump.returncode == 0 and "RT Structure Set" in dump.stdout, dump.stderr
+    assert dump.returncode == 0, dump.stderr
+    assert "RT Structure Set" in dump.stdout, dump.stderr
     res = read_rtstruct_prompts(path, ct)
     by = {p.identity.tracking_id: p for p in res.prompts}
-    assert by["L1"].kind is PromptKind.MASK and by["L1"].meta["prompt_origin"] == "contours"
+    assert by["L1"].kind is PromptKind.MASK
+    assert by["L1"].meta["prompt_origin"] == "contours"
     assert np.count_nonzero(by["L1"].mask.array.any(axis=(1, 2))) == len(stack)
     assert by["Target 2"].meta["drawing"].kind is DrawingKind.CONTOUR
     assert by["marker"].meta["drawing"].kind is DrawingKind.POINT
@@ -207,8 +210,10 @@ def test_rtstruct_non_lesion_rois_are_warned(study: tuple[Path, Volume, list[pyd
     body = [np.array([[-30, -30, 20.0], [30, -30, 20.0], [30, 30, 20.0], [-30, 30, 20.0]])]
     path = write_rtstruct(heads, [("BODY", body)], root / "body.dcm", interpreted_type="EXTERNAL")
     res = read_rtstruct_prompts(path, ct)
-    assert res.prompts == [] and "interpreted type EXTERNAL: not a lesion" in str(res.warnings[0])
-    assert "body.dcm" in str(res.warnings[0]) and "'BODY'" in str(res.warnings[0])
+    assert res.prompts == []
+    assert "interpreted type EXTERNAL: not a lesion" in str(res.warnings[0])
+    assert "body.dcm" in str(res.warnings[0])
+    assert "'BODY'" in str(res.warnings[0])
 
 
 def test_pydicom_sample_rtstruct_without_preamble() -> None:
@@ -219,7 +224,8 @@ def test_pydicom_sample_rtstruct_without_preamble() -> None:
     ct = Volume(np.zeros((5, 8, 8), np.int16), np.array([-200.0, -200.0, -20.0]), np.array([50.0, 50.0, 5.0]))
     res = read_rtstruct_prompts(sample, ct)
     said = " | ".join(str(w) for w in res.warnings)
-    assert "'patient'" in said and "EXTERNAL" in said  # the body outline is not a lesion, and says so
+    assert "'patient'" in said
+    assert "EXTERNAL" in said
 
 
 def _seg_prompt(uid: str, label: str, centre: np.ndarray, ct: Volume) -> Prompt:
@@ -507,7 +513,8 @@ def test_service_load_step_says_why_a_prior_gives_nothing_to_track(
     said: list[str] = []
     with pytest.raises(NothingToTrack, match=r"RTSTRUCT 1\.2\.3 gives no lesion") as err:
         read_prompts(prior, ct, said)
-    assert "EXTERNAL" in str(err.value) and any("body.dcm" in w for w in said)
+    assert "EXTERNAL" in str(err.value)
+    assert any("body.dcm" in w for w in said)
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(path.read_bytes()[:400])
     ann.files = [broken]
@@ -529,6 +536,7 @@ def test_job_page_says_where_each_prompt_came_from() -> None:
         }
     )
     html = templates.env.get_template("_prior_annotation.html").render(job=job)
-    assert "<td>L1</td><td>line</td>" in html and "lies outside the body" in html
+    assert "<td>L1</td><td>line</td>" in html
+    assert "lies outside the body" in html
     empty = templates.env.get_template("_prior_annotation.html").render(job=SimpleNamespace(step_outputs={}))
     assert "Prior annotation" not in empty

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState, Lesion, LesionObservation, Study
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from tests.test_api_data import BuiltPatient, synthetic_patient
+from tests.support.patient import BuiltPatient, synthetic_patient
 
 READ, OPERATOR = "read-key-0123456789", "operator-key-9876543210"
 
@@ -83,7 +83,8 @@ def test_health_and_ready_need_no_key(env) -> None:
     client, *_ = env
     assert client.get("/health").json()["status"] == "ok"
     r = client.get("/ready")
-    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert r.status_code == 200
+    assert r.json()["status"] == "ready"
 
 
 def test_ready_is_503_on_an_unmigrated_database(tmp_path: Path) -> None:
@@ -117,7 +118,8 @@ def test_no_keys_configured_refuses_everything(tmp_path: Path) -> None:
     upgrade(url)
     app = create_app(Settings(data_dir=tmp_path), make_session_factory(make_engine(url)))
     r = TestClient(app).get("/api/jobs", headers={"X-API-Key": ""})
-    assert r.status_code == 401 and "no API keys configured" in r.json()["detail"]
+    assert r.status_code == 401
+    assert "no API keys configured" in r.json()["detail"]
 
 
 def test_read_key_cannot_retry_or_reanalyse(env) -> None:
@@ -126,7 +128,8 @@ def test_read_key_cannot_retry_or_reanalyse(env) -> None:
     for url in (f"/api/jobs/{built.failed_job_id}/retry", f"/api/series/{tp.series_uid}/reanalyse"):
         assert client.post(url).status_code == 401
         r = client.post(url, headers={"X-API-Key": READ})
-        assert r.status_code == 403 and "operator" in r.json()["detail"]
+        assert r.status_code == 403
+        assert "operator" in r.json()["detail"]
     with session_scope(sf) as s:
         assert s.get(AnalysisJob, built.failed_job_id).superseded_by is None
 
@@ -142,10 +145,13 @@ def test_operator_retries_a_failed_job(env) -> None:
     with session_scope(sf) as s:
         new = s.get(AnalysisJob, new_id)
         old = s.get(AnalysisJob, built.failed_job_id)
-        assert new.state is JobState.QUEUED and new.followup_series_uid == old.followup_series_uid
+        assert new.state is JobState.QUEUED
+        assert new.followup_series_uid == old.followup_series_uid
         assert old.superseded_by == new_id
         ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "api.job_retry")).all()
-        assert ev and ev[-1].actor == "api:ops" and ev[-1].details["new_job_id"] == new_id
+        assert ev
+        assert ev[-1].actor == "api:ops"
+        assert ev[-1].details["new_job_id"] == new_id
     # the superseded job is hidden from the list by default, and listed when asked for
     assert built.failed_job_id not in [j["id"] for j in rd(client, "/api/jobs").json()["items"]]
     every = rd(client, "/api/jobs", params={"include_superseded": "true"}).json()["items"]
@@ -162,7 +168,8 @@ def test_operator_reanalyses_a_series(env) -> None:
     assert r.status_code == 202, r.text
     with session_scope(sf) as s:
         job = s.get(AnalysisJob, r.json()["job_id"])
-        assert job.followup_series_uid == uid and job.state is JobState.QUEUED
+        assert job.followup_series_uid == uid
+        assert job.state is JobState.QUEUED
     assert client.post("/api/series/1.2.3.404/reanalyse", headers={"X-API-Key": OPERATOR}).status_code == 404
 
 
@@ -194,12 +201,15 @@ def test_jobs_list_filters_and_detail(env) -> None:
         assert every["total"] == s.query(AnalysisJob).count()
     ids = [j["id"] for j in body["items"]]
     assert ids == sorted(ids, reverse=True)
-    assert sum(every["counts"].values()) == every["total"] and set(body["counts"]) == {st.value for st in JobState}
+    assert sum(every["counts"].values()) == every["total"]
+    assert set(body["counts"]) == {st.value for st in JobState}
     for state in {j["state"] for j in body["items"]}:
         some = rd(client, "/api/jobs", params={"state": state}).json()["items"]
-        assert some and all(j["state"] == state for j in some)
+        assert some
+        assert all(j["state"] == state for j in some)
     by_series = rd(client, "/api/jobs", params={"series_uid": built.timepoints[1].series_uid}).json()["items"]
-    assert by_series and all(j["followup_series_uid"] == built.timepoints[1].series_uid for j in by_series)
+    assert by_series
+    assert all(j["followup_series_uid"] == built.timepoints[1].series_uid for j in by_series)
     assert rd(client, "/api/jobs", params={"limit": 1}).json()["items"].__len__() == 1
     assert rd(client, "/api/jobs", params={"state": "bogus"}).status_code == 422
     assert rd(client, "/api/jobs", params={"limit": 0}).status_code == 422
@@ -221,7 +231,8 @@ def test_patients_studies_series(env) -> None:
     client, _sf, built, _ = env
     patients = rd(client, "/api/patients").json()
     p = next(x for x in patients if x["id"] == built.patient_pk)
-    assert p["study_count"] == len(built.timepoints) and p["lesion_count"] == len(built.lesion_ids)
+    assert p["study_count"] == len(built.timepoints)
+    assert p["lesion_count"] == len(built.lesion_ids)
     assert rd(client, f"/api/patients/{built.patient_pk}").json() == p
     studies = rd(client, f"/api/patients/{built.patient_pk}/studies").json()
     assert [st["study_instance_uid"] for st in studies] == [tp.study_uid for tp in built.timepoints]
@@ -232,7 +243,8 @@ def test_patients_studies_series(env) -> None:
     assert st == studies[1]
     assert rd(client, f"/api/studies/{built.timepoints[1].study_uid}/series").json() == st["series"]
     se = rd(client, f"/api/series/{built.timepoints[1].series_uid}").json()
-    assert se["instance_count"] == len(built.timepoints[1].ct_files) and se["routing_decision"] == "analyse"
+    assert se["instance_count"] == len(built.timepoints[1].ct_files)
+    assert se["routing_decision"] == "analyse"
     assert built.timepoints[1].job_id in [j["id"] for j in se["jobs"]]
     for url in (
         "/api/patients/424242",
@@ -265,8 +277,10 @@ def test_lesions_with_all_observations(env) -> None:
             ).all()
             assert [o["id"] for o in l["observations"]] == [o.id for o in rows]
             for o, row in zip(l["observations"], rows, strict=True):
-                assert o["volume_mm3"] == row.volume_mm3 and o["long_axis_mm"] == row.long_axis_mm
-                assert o["status"] == row.status.value and o["seg_sop_instance_uid"] == row.seg_sop_instance_uid
+                assert o["volume_mm3"] == row.volume_mm3
+                assert o["long_axis_mm"] == row.long_axis_mm
+                assert o["status"] == row.status.value
+                assert o["seg_sop_instance_uid"] == row.seg_sop_instance_uid
     one = lesions[0]
     assert rd(client, f"/api/lesions/{one['id']}").json() == one
     assert rd(client, f"/api/lesions/by-tracking-uid/{one['tracking_uid']}").json() == one
@@ -282,10 +296,12 @@ def test_timeline_matches_measurements_and_recist(env) -> None:
             if m is None:
                 assert cell is None
                 continue
-            assert cell["volume_mm3"] == m.volume_mm3 and cell["long_axis_mm"] == m.long_axis_mm
+            assert cell["volume_mm3"] == m.volume_mm3
+            assert cell["long_axis_mm"] == m.long_axis_mm
             assert cell["status"] == m.status
     assert tl["timepoints"][1]["overall_response"] in {"CR", "PR", "SD", "PD", "NE"}
-    assert tl["timepoints"][1]["seg_uids"] and tl["timepoints"][1]["sr_uids"]
+    assert tl["timepoints"][1]["seg_uids"]
+    assert tl["timepoints"][1]["sr_uids"]
     assert tl["best_overall_response"]
 
 
@@ -302,9 +318,11 @@ def test_images_are_pngs(env) -> None:
         f"/api/lesions/{obs.lesion_pk}/plot.png",
     ):
         r = rd(client, url)
-        assert r.status_code == 200 and r.headers["content-type"] == "image/png", url
+        assert r.status_code == 200, url
+        assert r.headers["content-type"] == "image/png", url
         img = Image.open(io.BytesIO(r.content))
-        assert img.format == "PNG" and img.size[0] >= 160
+        assert img.format == "PNG"
+        assert img.size[0] >= 160
     thumb = Image.open(io.BytesIO(rd(client, f"/api/observations/{obs.id}/thumbnail.png").content)).convert("RGB")
     import numpy as np
 
@@ -323,7 +341,8 @@ def test_exports_endpoints(env) -> None:
     assert len(js["rows"]) == len(rows)
     for dom in ("TU", "TR", "RS", "tu"):
         r = rd(client, f"/api/patients/{built.patient_pk}/export/cdisc/{dom}.csv")
-        assert r.status_code == 200 and next(csv.DictReader(io.StringIO(r.text)))["DOMAIN"] == dom.upper()
+        assert r.status_code == 200
+        assert next(csv.DictReader(io.StringIO(r.text)))["DOMAIN"] == dom.upper()
     assert rd(client, f"/api/patients/{built.patient_pk}/export/cdisc/XX.csv").status_code == 404
     assert set(rd(client, f"/api/patients/{built.patient_pk}/export/cdisc.json").json()) == {"TU", "TR", "RS"}
 
@@ -332,7 +351,8 @@ def test_result_object_download(env) -> None:
     client, _, built, _ = env
     sr = pydicom.dcmread(built.timepoints[1].sr_path, stop_before_pixels=True)
     r = rd(client, f"/api/instances/{sr.SOPInstanceUID}/file")
-    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/dicom"
     assert pydicom.dcmread(io.BytesIO(r.content)).SOPInstanceUID == sr.SOPInstanceUID
 
 
@@ -342,9 +362,11 @@ def test_audit_is_read_only_and_filterable(env) -> None:
     assert [e["id"] for e in items] == sorted(e["id"] for e in items)
     job_id = str(built.timepoints[1].job_id)
     mine = rd(client, "/api/audit", params={"object_type": "job", "object_id": job_id}).json()["items"]
-    assert mine and all(e["object_id"] == job_id for e in mine)
+    assert mine
+    assert all(e["object_id"] == job_id for e in mine)
     page = rd(client, "/api/audit", params={"limit": 2}).json()
-    assert len(page["items"]) == 2 and page["next_after_id"] == page["items"][-1]["id"]
+    assert len(page["items"]) == 2
+    assert page["next_after_id"] == page["items"][-1]["id"]
     rest = rd(client, "/api/audit", params={"after_id": page["next_after_id"]}).json()["items"]
     assert rest[0]["id"] > page["next_after_id"]
     for method in ("post", "put", "delete", "patch"):
@@ -401,11 +423,14 @@ def test_openapi_documents_the_endpoints(env) -> None:
         "/api/patients/{patient_pk}/export/lesions.csv",
     ):
         assert p in paths, p
-    assert "post" in paths["/api/jobs/{job_id}/retry"] and set(paths["/api/audit"]) == {"get"}
+    assert "post" in paths["/api/jobs/{job_id}/retry"]
+    assert set(paths["/api/audit"]) == {"get"}
     assert client.get("/docs").status_code == 404  # Swagger UI would load a CDN; /api-docs is local
     page = _browser_login(client).get("/api-docs")
-    assert page.status_code == 200 and "/api/jobs/{job_id}/retry" in page.text
-    assert "https://" not in page.text and "http://" not in page.text  # nothing loaded from elsewhere
+    assert page.status_code == 200
+    assert "/api/jobs/{job_id}/retry" in page.text
+    assert "https://" not in page.text
+    assert "http://" not in page.text
 
 
 # -- dashboard -------------------------------------------------------------------------------------------------
@@ -415,14 +440,18 @@ def test_dashboard_login_roles_and_csrf(env) -> None:
     client, sf, built, _ = env
     browser = TestClient(client.app)
     r = browser.get(f"/patients/{built.patient_pk}", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"].startswith("/login?next=/patients/")
+    assert r.status_code == 303
+    assert r.headers["location"].startswith("/login?next=/patients/")
     r = browser.post("/login", data={"key": "nope", "next": "/"})
     assert "Unknown key" in r.text
     r = browser.post("/login", data={"key": READ, "next": "//evil.example"}, follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == "/"
-    assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+    assert r.status_code == 303
+    assert r.headers["location"] == "/"
+    assert "httponly" in r.headers["set-cookie"].lower()
+    assert "samesite=strict" in r.headers["set-cookie"].lower()
     page = browser.get("/")
-    assert page.status_code == 200 and 'id="jobs"' in page.text
+    assert page.status_code == 200
+    assert 'id="jobs"' in page.text
     assert "Retry</button>" not in page.text  # read role: no retry buttons
     assert browser.get("/api/jobs").status_code == 200  # the session cookie works for the API
     with session_scope(sf) as s:
@@ -447,7 +476,8 @@ def test_dashboard_login_roles_and_csrf(env) -> None:
     csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
     assert ops.post(f"/jobs/{failed}/retry", data={"csrf": "forged"}).status_code == 403
     r = ops.post(f"/jobs/{failed}/retry", data={"csrf": csrf}, follow_redirects=False)
-    assert r.status_code == 303 and "re-queued" in r.headers["location"]
+    assert r.status_code == 303
+    assert "re-queued" in r.headers["location"]
     with session_scope(sf) as s:
         assert s.get(AnalysisJob, failed).superseded_by is not None
     # the queue hides the superseded job by default; shown on request and in its series' history
@@ -455,7 +485,8 @@ def test_dashboard_login_roles_and_csrf(env) -> None:
     assert f'data-job-id="{failed}"' in ops.get("/?superseded=true").text
     assert f'data-job-id="{failed}"' in ops.get("/", params={"series": built.timepoints[2].series_uid}).text
     tl = ops.get(f"/patients/{built.patient_pk}")
-    assert tl.status_code == 200 and 'id="timeline"' in tl.text
+    assert tl.status_code == 200
+    assert 'id="timeline"' in tl.text
     assert ops.get("/patients").status_code == 200
     assert ops.get(f"/jobs/{built.timepoints[1].job_id}").status_code == 200
     assert ops.get("/?state=bogus").status_code == 400
@@ -469,7 +500,8 @@ def test_no_patient_identifier_in_urls_or_logs(env, caplog: pytest.LogCaptureFix
     with session_scope(sf) as s:
         studies = s.scalars(select(Study)).all()
         lesions = s.scalars(select(Lesion)).all()
-        assert studies and lesions
+        assert studies
+        assert lesions
     for url in protected_urls(built):
         assert built.patient_id not in url
         rd(client, url)
@@ -532,7 +564,8 @@ def test_api_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
         assert rd(client, url).status_code == 200, url
     assert rd(client, "/api/jobs", params={"state": "failed"}).json()["items"][0]["id"] == built.failed_job_id
     tl = rd(client, f"/api/patients/{built.patient_pk}/timeline").json()
-    assert len(tl["timepoints"]) == len(built.timepoints) and tl["best_overall_response"]
+    assert len(tl["timepoints"]) == len(built.timepoints)
+    assert tl["best_overall_response"]
     assert client.get("/ready").status_code == 200
 
 
@@ -542,7 +575,7 @@ def test_thumbnail_of_a_seg_without_tracking_uids() -> None:
 
     from lesiontrack.pipeline.seg_reader import derived_tracking_uid
     from lesiontrack.pipeline.thumbnails import lesion_slice_from_seg
-    from tests.conftest import require_shared_data
+    from tests.support.tools import require_shared_data
 
     path = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
     seg = hd.seg.segread(str(path))
@@ -578,22 +611,27 @@ def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -
     try:
         tl = rd(client, f"/api/patients/{built.patient_pk}/timeline").json()
         first = [r["cells"][0] for r in tl["lesions"] if r["cells"][0]]
-        assert first and all(c["object_kind"] == "SR lines" for c in first)
+        assert first
+        assert all(c["object_kind"] == "SR lines" for c in first)
         prompted = [r["cells"][1] for r in tl["lesions"] if r["cells"][1] and r["cells"][1]["propagated_from_sop_uid"]]
-        assert prompted and all(c["prompt_kind"] == "SR lines" for c in prompted)
+        assert prompted
+        assert all(c["prompt_kind"] == "SR lines" for c in prompted)
         tp0 = tl["timepoints"][0]
-        assert lines_uid not in tp0["seg_uids"] and lines_uid in tp0["sr_uids"]
+        assert lines_uid not in tp0["seg_uids"]
+        assert lines_uid in tp0["sr_uids"]
         assert tp0["object_kinds"][lines_uid] == "SR lines"
 
         html = _browser_login(client).get(f"/patients/{built.patient_pk}").text
         for obs_id in base_ids:
             assert f"/api/observations/{obs_id}/thumbnail.png" not in html
-        assert "annotated as SR lines" in html and '<span class="prompt-kind">SR lines</span>' in html
+        assert "annotated as SR lines" in html
+        assert '<span class="prompt-kind">SR lines</span>' in html
         assert f'title="structured report {lines_uid}">SR lines</a>' in html
         assert f'title="DICOM-SEG {lines_uid}"' not in html
         # asked for anyway, the thumbnail says what the object is instead of "SEG unreadable"
         png = rd(client, f"/api/observations/{base_ids[0]}/thumbnail.png")
-        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.status_code == 200
+        assert png.headers["content-type"] == "image/png"
     finally:
         base.sr_path.write_bytes(original)
         with session_scope(sf) as s:

@@ -46,7 +46,8 @@ def test_headline_rows_link_diaries_and_name_bench_scripts() -> None:
             anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", diary.read_text(), re.M)}
             assert link.group(2) in anchors, (diary.name, link.group(2))
         script = re.search(r"`(bench/[\w]+\.py)\b", row[-1])
-        assert script and (REPO / script.group(1)).is_file(), row[-1]
+        assert script, row[-1]
+        assert (REPO / script.group(1)).is_file(), row[-1]
         assert re.search(r"20\d\d-\d\d-\d\d", row[5]), f"{row[0]}: no date"
 
 

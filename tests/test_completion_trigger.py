@@ -7,7 +7,6 @@ count (NumberOfSeriesRelatedInstances) says so — and held, with a true reason,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,10 @@ from pydicom import dcmread
 
 from lesiontrack.db.models import CompletionRequest, RoutingDecision, SeriesState
 from lesiontrack.db.session import session_scope
-from tests.test_dicom_node_completion import wait_until
-from tests.test_dicom_node_scp import Node, ge_files
+from tests.support.dicom_node import Node, ge_files, wait_until
 
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, series_quiet_seconds=3600.0, receiver_processes=2)
-    n.settings.routing.min_slices = 10
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
+# the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it
+pytestmark = pytest.mark.dicom_node(series_quiet_seconds=3600.0, receiver_processes=2, min_slices=10)
 
 
 def _uid(files: list[Path]) -> str:
@@ -62,19 +51,24 @@ def test_a_trigger_before_the_series_arrives_is_remembered_and_waits_for_the_cou
     files = ge_files()
     uid = _uid(files)
     early = node.scp.completion.trigger(uid, expected_instances=len(files))
-    assert early.pending and not early.known and early.route is None  # not a 404, not lost
+    assert early.pending
+    assert not early.known
+    assert early.route is None
     first = Sender(node.port)
     first.send(files[:10])
     first.assoc.release()
     node.settle()
     node.scp.completion.poll_once()  # 10 of 28 indexed: the trigger must not complete the series
-    assert node.series_state(uid) == SeriesState.RECEIVING and node.triggers == []
+    assert node.series_state(uid) == SeriesState.RECEIVING
+    assert node.triggers == []
     second = Sender(node.port)
     second.send(files[10:])
     second.assoc.release()
     wait_until(lambda: node.triggers == [uid], what="completion once all 28 are indexed")
     s = node.series(uid)
-    assert s is not None and s.routing_decision == RoutingDecision.ANALYSE and s.expected_instances == len(files)
+    assert s is not None
+    assert s.routing_decision == RoutingDecision.ANALYSE
+    assert s.expected_instances == len(files)
     assert _requests(node) == 0
 
 
@@ -84,7 +78,8 @@ def test_a_count_met_completes_although_the_pacs_keeps_its_association_open(node
     sender = Sender(node.port)  # Orthanc keeps its association open a few seconds after a store
     sender.send(files)
     outcome = node.scp.completion.trigger(uid, expected_instances=12)
-    assert outcome.route is not None and outcome.route.decision == RoutingDecision.ANALYSE, outcome
+    assert outcome.route is not None, outcome
+    assert outcome.route.decision == RoutingDecision.ANALYSE, outcome
     assert node.triggers == [uid]
     sender.assoc.release()
 
@@ -95,12 +90,15 @@ def test_without_a_count_the_trigger_waits_for_the_association_to_end(node: Node
     sender = Sender(node.port)
     sender.send(files)
     outcome = node.scp.completion.trigger(uid)
-    assert outcome.pending and outcome.known and outcome.indexed == 12
+    assert outcome.pending
+    assert outcome.known
+    assert outcome.indexed == 12
     assert node.triggers == []
     sender.assoc.release()
     wait_until(lambda: node.triggers == [uid], what="completion after the release")
     s = node.series(uid)
-    assert s is not None and s.routing_decision == RoutingDecision.ANALYSE, s.routing_reason
+    assert s is not None
+    assert s.routing_decision == RoutingDecision.ANALYSE, s.routing_reason
 
 
 @pytest.mark.parametrize("reported", [12, 20])
@@ -119,9 +117,11 @@ def test_an_abort_after_the_whole_series_is_whole_when_the_pacs_count_says_so(tm
         s = n.series(uid)
         assert s is not None
         if reported == 12:
-            assert s.routing_decision == RoutingDecision.ANALYSE and n.triggers == [uid], s.routing_reason
+            assert s.routing_decision == RoutingDecision.ANALYSE, s.routing_reason
+            assert n.triggers == [uid], s.routing_reason
         else:
-            assert s.routing_decision == RoutingDecision.SKIP and n.triggers == []
+            assert s.routing_decision == RoutingDecision.SKIP
+            assert n.triggers == []
             assert s.routing_reason is not None
             assert "12 of the 20 instances the PACS reports" in s.routing_reason, s.routing_reason
     finally:

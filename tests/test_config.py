@@ -39,7 +39,7 @@ def test_config_file_from_environment_variable(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "text, key",
+    ("text", "key"),
     [
         ("[dicom]\nport = 'not-a-port'\n", "dicom.port"),
         ("[dicom]\nport = 70000\n", "dicom.port"),
@@ -90,9 +90,11 @@ def test_cli_show_sources_and_masks_secrets(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     rows = {r["key"]: r for r in json.loads(res.output)}
     assert rows["dicom.ae_title"] == {"key": "dicom.ae_title", "value": "FILEAE", "source": "file"}
-    assert rows["dicom.port"]["source"] == "environment" and rows["dicom.port"]["value"] == 11999
+    assert rows["dicom.port"]["source"] == "environment"
+    assert rows["dicom.port"]["value"] == 11999
     assert rows["dicom.max_associations"]["source"] == "default"
-    assert "supersecret" not in res.output and "hunter2" not in res.output
+    assert "supersecret" not in res.output
+    assert "hunter2" not in res.output
     assert rows["http.api_keys[0].key"]["value"] == "********"
 
 
@@ -113,24 +115,29 @@ def test_check_fails_on_an_unknown_engine_naming_the_key(tmp_path):
         app, ["--config", str(_write(tmp_path, "[engines]\nsegmentation = 'nninteractive'\n")), "config", "check"]
     )
     assert res.exit_code != 0
-    assert "engines.segmentation" in res.output and "nninteractive" in res.output
+    assert "engines.segmentation" in res.output
+    assert "nninteractive" in res.output
     assert "adaptive" in res.output  # the message lists what is available
     res = CliRunner().invoke(
         app, ["--config", str(_write(tmp_path, "[engines]\nregistration = 'elastix'\n")), "config", "check"]
     )
-    assert res.exit_code != 0 and "engines.registration" in res.output
+    assert res.exit_code != 0
+    assert "engines.registration" in res.output
 
 
 def test_check_fails_on_missing_weights_naming_the_weights_key(tmp_path):
     res = CliRunner().invoke(
         app, ["--config", str(_write(tmp_path, "[engines]\nsegmentation = 'lesionlocator'\n")), "config", "check"]
     )
-    assert res.exit_code != 0 and "engines.lesionlocator_weights" in res.output
+    assert res.exit_code != 0
+    assert "engines.lesionlocator_weights" in res.output
     cfg = _write(
         tmp_path, f"[engines]\nregistration = 'unigradicon'\nunigradicon_weights = '{tmp_path / 'absent.trch'}'\n"
     )
     res = CliRunner().invoke(app, ["--config", str(cfg), "config", "check"])
-    assert res.exit_code != 0 and "engines.unigradicon_weights" in res.output and "absent.trch" in res.output
+    assert res.exit_code != 0
+    assert "engines.unigradicon_weights" in res.output
+    assert "absent.trch" in res.output
 
 
 def test_engine_registry_has_one_shape_for_both_kinds(tmp_path):

@@ -37,7 +37,8 @@ def test_statement_names_this_version() -> None:
     """The statement describes the installed version: on a release, regenerate it (dicom_node/conformance.py)."""
     block = _section(DOC.read_text(), "implementation")
     assert implementation_markdown() in DOC.read_text()
-    assert f"LesionTrack {VERSION} " in block and f"`{IMPLEMENTATION_VERSION_NAME}`" in block
+    assert f"LesionTrack {VERSION} " in block
+    assert f"`{IMPLEMENTATION_VERSION_NAME}`" in block
 
 
 def test_scp_accepts_what_this_product_is_about() -> None:

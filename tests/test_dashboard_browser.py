@@ -19,8 +19,8 @@ from sqlalchemy import select
 from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import AnalysisJob, LesionObservation
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from tests.conftest import REPO, require_tool
-from tests.services import free_port, wait_for_port
+from tests.support.services import free_port, wait_for_port
+from tests.support.tools import REPO, require_tool
 
 BROWSER_DIR = REPO / "tests" / "browser"
 ARTIFACTS = Path(os.environ.get("LESIONTRACK_TEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "dashboard"
@@ -57,13 +57,7 @@ def _skipped_series(sf: Any, beside_series_uid: str) -> str:
 
 def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
-    import uvicorn
-
-    from lesiontrack.pipeline.history import build_timeline
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.service import JobControl
-    from lesiontrack.web import create_app
-    from tests.test_api_data import build_patient, phantom_timepoints
+    from tests.support.patient import build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -71,6 +65,55 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     # six timepoints (baseline + 5 follow-ups): the timeline must hold them, and 10, without overflowing (issue 29)
     built = build_patient(sf, phantom_timepoints(tmp_path, n_followups=5), tmp_path, patient_id="LT-DEMO-7")
     scout = _skipped_series(sf, built.timepoints[0].series_uid)
+    result, live_id = _run_dashboard_check(sf, tmp_path, built, scout)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
+    for shot in result["screenshots"]:
+        shutil.copy(shot, ARTIFACTS / Path(shot).name)
+    assert "error" not in result, result.get("error")
+    assert result["blocked"] == []
+    assert result["pageErrors"] == []
+
+    assert result["liveNewJob"] == {"id": live_id, "state": "queued"}, "queue did not refresh by itself"
+
+    # "Analyse anyway" in the browser: the operator's click queues a job for the skipped series, says so, and the
+    # series leaves the skipped list (the reason the rules gave is kept in the audit trail)
+    assert result["skippedReason"] == "ImageType LOCALIZER"
+    assert "queued for analysis as job" in result["analyseFlash"], result["analyseFlash"]
+    assert result["stillListed"] == 0
+    with session_scope(sf) as s:
+        queued = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == scout)).all()
+        assert len(queued) == 1
+        assert f"job {queued[0].id}" in result["analyseFlash"]
+
+    # job queue = database (as it was when the page was read)
+    with session_scope(sf) as s:
+        jobs = s.scalars(
+            select(AnalysisJob)
+            .where(AnalysisJob.id != live_id, AnalysisJob.followup_series_uid != scout)
+            .where(AnalysisJob.superseded_by.is_(None))  # the queue hides superseded jobs by default
+            .order_by(AnalysisJob.id.desc())
+        ).all()
+        assert [(j["id"], j["state"]) for j in result["jobs"]] == [(j.id, j.state.value) for j in jobs]
+        failed = [j for j in result["jobs"] if j["state"] == "failed"]
+        assert failed
+        assert failed[0]["retryButton"]
+        assert "registration diverged" in failed[0]["error"]
+        assert result["counts"]["done"] == sum(j.state.value == "done" for j in jobs)
+    _assert_timeline_equals_database(sf, built, result)
+    for name in ("dashboard-jobs.png", "dashboard-timeline.png"):
+        assert (ARTIFACTS / name).stat().st_size > 20_000, name
+
+
+def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tuple[dict[str, Any], int]:
+    """Serve the dashboard and run the browser check on it; a job is queued while the page watches the queue.
+    Returns the check's result and the id of that live job."""
+    import uvicorn
+
+    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.service import JobControl
+    from lesiontrack.web import create_app
+
     settings = Settings(data_dir=tmp_path, http={"api_keys": [{"name": "ops", "key": KEY, "role": "operator"}]})
     app = create_app(settings, sf, JobControl(JobStore(sf), lambda _job: None, settings=settings, session_factory=sf))
     port = free_port()
@@ -123,38 +166,14 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
         server.should_exit = True
         thread.join(30)
     assert proc.stdout.strip(), proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
-    for shot in result["screenshots"]:
-        shutil.copy(shot, ARTIFACTS / Path(shot).name)
-    assert "error" not in result, result.get("error")
-    assert result["blocked"] == [] and result["pageErrors"] == []
+    return json.loads(proc.stdout), live_id
 
-    assert result["liveNewJob"] == {"id": live_id, "state": "queued"}, "queue did not refresh by itself"
 
-    # "Analyse anyway" in the browser: the operator's click queues a job for the skipped series, says so, and the
-    # series leaves the skipped list (the reason the rules gave is kept in the audit trail)
-    assert result["skippedReason"] == "ImageType LOCALIZER"
-    assert "queued for analysis as job" in result["analyseFlash"], result["analyseFlash"]
-    assert result["stillListed"] == 0
+def _assert_timeline_equals_database(sf: Any, built: Any, result: dict[str, Any]) -> None:
+    """The timeline shown is the database's: timepoints, lesions, every cell's values, RECIST, images, layout."""
+    from lesiontrack.pipeline.history import build_timeline
+
     with session_scope(sf) as s:
-        queued = s.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == scout)).all()
-        assert len(queued) == 1 and f"job {queued[0].id}" in result["analyseFlash"]
-
-    # job queue = database (as it was when the page was read)
-    with session_scope(sf) as s:
-        jobs = s.scalars(
-            select(AnalysisJob)
-            .where(AnalysisJob.id != live_id, AnalysisJob.followup_series_uid != scout)
-            .where(AnalysisJob.superseded_by.is_(None))  # the queue hides superseded jobs by default
-            .order_by(AnalysisJob.id.desc())
-        ).all()
-        assert [(j["id"], j["state"]) for j in result["jobs"]] == [(j.id, j.state.value) for j in jobs]
-        failed = [j for j in result["jobs"] if j["state"] == "failed"]
-        assert failed and failed[0]["retryButton"] and "registration diverged" in failed[0]["error"]
-        assert result["counts"]["done"] == sum(j.state.value == "done" for j in jobs)
-
         # timeline = database
         tl = build_timeline(s, built.patient_pk)
         obs = {o.id: o for o in s.scalars(select(LesionObservation))}
@@ -181,12 +200,12 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
     # every thumbnail and plot loaded as an image of the expected size
     thumbs = [i for i in result["images"] if "thumbnail" in i["src"]]
     plots = [i for i in result["images"] if "plot" in i["src"]]
-    assert len(thumbs) == n_cells and len(plots) == len(tl.lesions)
+    assert len(thumbs) == n_cells
+    assert len(plots) == len(tl.lesions)
     assert all(i["naturalWidth"] == 160 and i["naturalHeight"] == 160 for i in thumbs), thumbs
     assert all(i["naturalWidth"] == 360 and i["naturalHeight"] == 200 for i in plots), plots
     # the timeline of 6 timepoints fits its container, and 10 timepoint columns would fit the 1500 px window
     layout = result["layout"]
-    assert layout["timepoints"] == 6 and layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
+    assert layout["timepoints"] == 6, layout
+    assert layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
     assert layout["lesionWidth"] + 10 * layout["timepointWidth"] <= layout["containerWidth"], layout
-    for name in ("dashboard-jobs.png", "dashboard-timeline.png"):
-        assert (ARTIFACTS / name).stat().st_size > 20_000, name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
@@ -34,7 +35,7 @@ from lesiontrack.db.session import (
     upgrade,
 )
 from lesiontrack.db.status import LesionStatus
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 TABLES = {
     "patient",
@@ -84,9 +85,11 @@ def _crud_round_trip(url: str) -> None:
     with session_scope(factory) as s:
         assert get_or_create_patient(s, "PAT-1", "HOSP").id == p.id  # found, not duplicated
         obs = s.scalars(select(LesionObservation)).one()
-        assert obs.lesion.tracking_id == "L1 liver" and obs.measurements == {"long_axis_mm": 12.0}
+        assert obs.lesion.tracking_id == "L1 liver"
+        assert obs.measurements == {"long_axis_mm": 12.0}
         job = s.scalars(select(AnalysisJob)).one()
-        assert job.state is JobState.QUEUED and job.step_timings == {"register": 1.5}
+        assert job.state is JobState.QUEUED
+        assert job.step_timings == {"register": 1.5}
         job.state = JobState.DONE
     with session_scope(factory) as s:
         assert s.scalars(select(AnalysisJob)).one().state is JobState.DONE
@@ -96,23 +99,26 @@ def _crud_round_trip(url: str) -> None:
     engine.dispose()
 
 
+def _rewrite_first_event(factory: sessionmaker[Session]) -> None:
+    with session_scope(factory) as s:
+        ev = s.scalars(select(AuditEvent)).first()
+        assert ev is not None
+        ev.action = "rewritten"
+
+
 def _audit_is_append_only(url: str) -> None:
     engine = make_engine(url)
     factory = make_session_factory(engine)
     with session_scope(factory) as s:
         audit(s, "tester", "thing.happened", "thing", "7", detail=1)
     with pytest.raises(AuditImmutableError):
-        with session_scope(factory) as s:
-            ev = s.scalars(select(AuditEvent)).first()
-            ev.action = "rewritten"
-    with pytest.raises(AuditImmutableError):
-        with session_scope(factory) as s:
-            s.delete(s.scalars(select(AuditEvent)).first())
+        _rewrite_first_event(factory)
+    with pytest.raises(AuditImmutableError), session_scope(factory) as s:
+        s.delete(s.scalars(select(AuditEvent)).first())
     # Below the ORM, the database itself refuses.
     for stmt in ("UPDATE audit_event SET action='x'", "DELETE FROM audit_event"):
-        with pytest.raises(DatabaseError, match="append-only"):
-            with engine.begin() as conn:
-                conn.execute(text(stmt))
+        with pytest.raises(DatabaseError, match="append-only"), engine.begin() as conn:
+            conn.execute(text(stmt))
     with session_scope(factory) as s:
         events = audit_events(s)
         assert [e.action for e in events][-1] == "thing.happened"
@@ -124,7 +130,7 @@ def test_sqlite_upgrade_from_empty_and_crud(sqlite_url):
     assert current_revision(sqlite_url) is None
     upgrade(sqlite_url)
     assert current_revision(sqlite_url) == head_revision()
-    assert TABLES <= set(inspect(make_engine(sqlite_url)).get_table_names())
+    assert set(inspect(make_engine(sqlite_url)).get_table_names()) >= TABLES
     _crud_round_trip(sqlite_url)
     _audit_is_append_only(sqlite_url)
 
@@ -147,7 +153,7 @@ def test_postgresql_upgrade_from_empty_and_crud(postgres_url):
     assert current_revision(postgres_url) is None
     upgrade(postgres_url)
     assert current_revision(postgres_url) == head_revision()
-    assert TABLES <= set(inspect(make_engine(postgres_url)).get_table_names())
+    assert set(inspect(make_engine(postgres_url)).get_table_names()) >= TABLES
     _crud_round_trip(postgres_url)
     _audit_is_append_only(postgres_url)
 
@@ -156,12 +162,14 @@ def test_cli_db_upgrade_and_current_sqlite_default(tmp_path, monkeypatch):
     monkeypatch.setenv("LESIONTRACK_DATA_DIR", str(tmp_path / "data"))
     runner = CliRunner()
     res = runner.invoke(app, ["db", "current"])
-    assert res.exit_code == 1 and "(empty)" in res.output
+    assert res.exit_code == 1
+    assert "(empty)" in res.output
     res = runner.invoke(app, ["db", "upgrade"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "data" / "lesiontrack.sqlite3").exists()
     res = runner.invoke(app, ["db", "current"])
-    assert res.exit_code == 0 and "(head)" in res.output
+    assert res.exit_code == 0
+    assert "(head)" in res.output
 
 
 @pytest.mark.services

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lesiontrack.config.settings import load_settings
-from tests.services import LESIONTRACK
+from tests.support.services import LESIONTRACK
 
 pytestmark = pytest.mark.slow
 
@@ -65,5 +65,6 @@ def test_demo_logs_one_line_per_association_and_job(tmp_path: Path) -> None:
     m = re.search(r"lesiontrack --config (\S+) serve", r.stdout)
     assert m is not None, r.stdout[-2000:]
     cfg = load_settings(Path(m.group(1)))
-    assert Path(cfg.data_dir) == (work / "data").resolve() and cfg.http.api_keys[0].name == "demo"
+    assert Path(cfg.data_dir) == (work / "data").resolve()
+    assert cfg.http.api_keys[0].name == "demo"
     assert f"http://127.0.0.1:{cfg.http.port}/" in r.stdout

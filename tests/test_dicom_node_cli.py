@@ -14,9 +14,9 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
-from tests.services import OrthancServer, free_port, wait_for_port
-from tests.test_dicom_node_scp import Node, echoscu, ge_files, storescu
-from tests.test_orthanc_node import prior_files
+from tests.support.dicom_node import Node, echoscu, ge_files, storescu
+from tests.support.orthanc_node import prior_files
+from tests.support.services import OrthancServer, free_port, wait_for_port
 
 LESIONTRACK = Path(sys.executable).with_name("lesiontrack")
 
@@ -82,7 +82,8 @@ def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
         ["complete-series", "1.2.3"],
     ):
         r = CliRunner().invoke(app, ["--config", str(cfg), *args])
-        assert r.exit_code == 2 and "db upgrade" in r.output, (args, r.output)
+        assert r.exit_code == 2, (args, r.output)
+        assert "db upgrade" in r.output, (args, r.output)
 
 
 def test_echo_command(tmp_path: Path) -> None:
@@ -98,11 +99,13 @@ def test_echo_command(tmp_path: Path) -> None:
             ),
         )
         r = CliRunner().invoke(app, ["--config", str(cfg), "echo", "pacs"])
-        assert r.exit_code == 0 and "OK" in r.output
+        assert r.exit_code == 0
+        assert "OK" in r.output
         r = CliRunner().invoke(app, ["--config", str(cfg), "echo", "down"])
         assert r.exit_code == 1
         r = CliRunner().invoke(app, ["--config", str(cfg), "echo", "nosuchpeer"])
-        assert r.exit_code == 2 and "no PACS peer" in r.output
+        assert r.exit_code == 2
+        assert "no PACS peer" in r.output
 
 
 def _issuer_copy(files: list[Path], dest: Path, issuer: str | None) -> list[Path]:
@@ -141,7 +144,8 @@ def test_find_priors_and_complete_series_commands(tmp_path: Path) -> None:
             app,
             ["--config", str(cfg), "find-priors", "--patient", "99000", "--issuer", issuer, "--local-only", "--json"],
         )
-        assert r.exit_code == 0 and len(json.loads(r.output)) == expected
+        assert r.exit_code == 0
+        assert len(json.loads(r.output)) == expected
     # earlier than a date before the prior: nothing
     r = run(
         app,
@@ -157,13 +161,15 @@ def test_find_priors_and_complete_series_commands(tmp_path: Path) -> None:
             "--retrieve",
         ],
     )
-    assert r.exit_code == 0 and "no prior timepoints" in r.output
+    assert r.exit_code == 0
+    assert "no prior timepoints" in r.output
     r = run(app, ["--config", str(cfg), "find-priors", "--patient", "99000", "--local-only", "--retrieve", "--json"])
     assert json.loads(r.output)[0]["ct_files"] == 3
 
     r = run(app, ["--config", str(cfg), "complete-series", ct_series])
     assert r.exit_code == 0, r.output
-    assert "complete: skip" in r.output and "min_slices" in r.output
+    assert "complete: skip" in r.output
+    assert "min_slices" in r.output
     r = run(app, ["--config", str(cfg), "complete-series", "1.2.3.4"])
     assert r.exit_code == 1
 
@@ -174,6 +180,8 @@ def test_send_command_errors_are_clear(tmp_path: Path) -> None:
     del n
     cfg = write_config(tmp_path / "lt.toml", tmp_path, free_port())
     r = CliRunner().invoke(app, ["--config", str(cfg), "send", str(tmp_path / "missing.dcm")])
-    assert r.exit_code == 2 and "not a file" in r.output
+    assert r.exit_code == 2
+    assert "not a file" in r.output
     r = CliRunner().invoke(app, ["--config", str(cfg), "send", "--retry", "42"])
-    assert r.exit_code == 1 and "nothing to retry" in r.output
+    assert r.exit_code == 1
+    assert "nothing to retry" in r.output

@@ -4,7 +4,6 @@ late instances re-open and re-trigger, forced completion, recorded routing decis
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,10 @@ from pydicom import dcmread
 from lesiontrack.config.settings import RoutingSettings
 from lesiontrack.db.models import RoutingDecision, SeriesState
 from lesiontrack.dicom_node.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
-from tests.test_dicom_node_scp import Node, ge_files, storescu
+from tests.support.dicom_node import Node, ge_files, storescu, wait_until
 
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, series_quiet_seconds=3.0)
-    n.settings.routing.min_slices = 10
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
+# the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it
+pytestmark = pytest.mark.dicom_node(series_quiet_seconds=3.0, min_slices=10)
 
 
 def _uid(files: list[Path]) -> str:
@@ -56,7 +37,8 @@ def test_series_over_three_associations_inside_quiet_period_triggers_once(node: 
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     assert node.triggers == [uid]
     s = node.series(uid)
-    assert s is not None and s.instance_count == 28
+    assert s is not None
+    assert s.instance_count == 28
     assert s.routing_decision == RoutingDecision.ANALYSE
     assert len(node.audits("series.complete")) == 1
 
@@ -109,10 +91,13 @@ def test_forced_completion_and_skip_decision_recorded(tmp_path: Path) -> None:
         uid = _uid(files)
         storescu(n.port, files)
         route = n.scp.force_complete(uid)
-        assert route is not None and route.decision == RoutingDecision.SKIP
+        assert route is not None
+        assert route.decision == RoutingDecision.SKIP
         s = n.series(uid)
-        assert s is not None and s.state == SeriesState.COMPLETE
-        assert s.routing_decision == RoutingDecision.SKIP and "min_slices" in (s.routing_reason or "")
+        assert s is not None
+        assert s.state == SeriesState.COMPLETE
+        assert s.routing_decision == RoutingDecision.SKIP
+        assert "min_slices" in (s.routing_reason or "")
         assert n.triggers == []
         assert n.audits("series.complete")[0].details["forced"] is True
 
@@ -128,7 +113,7 @@ def test_restart_resumes_receiving_series(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "facts, expected",
+    ("facts", "expected"),
     [
         (
             dict(
@@ -178,7 +163,8 @@ def test_routing_rules(facts: dict, expected: str) -> None:
     if expected == "analyse":
         assert route.decision == RoutingDecision.ANALYSE
     else:
-        assert route.decision == RoutingDecision.SKIP and expected in route.reason
+        assert route.decision == RoutingDecision.SKIP
+        assert expected in route.reason
 
 
 def test_routing_include_and_body_part() -> None:
@@ -201,14 +187,16 @@ def test_routing_include_and_body_part() -> None:
 def test_aborted_association_does_not_hold_completion_but_holds_analysis(node: Node) -> None:
     """An aborted sender does not keep the series receiving forever: it completes after the quiet period, but
     is held (not analysed) as an incomplete transfer until re-sent over a released association (issue 19)."""
-    from tests.test_dicom_node_scp import pynetdicom_store
+    from tests.support.dicom_node import pynetdicom_store
 
     files = ge_files()[:12]
     uid = _uid(files)
     assert pynetdicom_store(node.port, files, abort_after=11) == [0] * 11
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion after the sender aborted")
     s = node.series(uid)
-    assert s is not None and s.instance_count == 11 and s.routing_decision == RoutingDecision.SKIP
+    assert s is not None
+    assert s.instance_count == 11
+    assert s.routing_decision == RoutingDecision.SKIP
     assert (s.routing_reason or "").startswith("incomplete transfer")
     assert node.triggers == []
     storescu(node.port, files)  # the sender re-sends the series and releases: now analysed

@@ -6,7 +6,7 @@
 * **In process** (the bulk of the content fuzzing): 9,500 more mutants, every category of the issue, handed to the
   door exactly as the SCP's C-STORE handler does — ``Ingestor.receive`` with the request's SOP Class / Instance UIDs
   and transfer syntax and the dataset bytes as sent (pynetdicom passes them undecoded; see
-  :func:`tests.fuzz_harness.receive_in_process`) — then indexed by the same indexer into the same database.
+  :func:`tests.support.fuzz_harness.receive_in_process`) — then indexed by the same indexer into the same database.
 
 Nothing crashes or hangs, no invalid dataset is stored (each accepted one passes the independent oracle; none needs
 the integrity check before analysis to hold it), every unmutated control is accepted, the node still answers a
@@ -28,8 +28,8 @@ from sqlalchemy import select
 from lesiontrack.db.models import Instance
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.integrity import check_instance_file
-from tests.conftest import require_tool
-from tests.fuzz_harness import (
+from tests.support.dicom_node import Node
+from tests.support.fuzz_harness import (
     CATEGORIES,
     FuzzReport,
     cstore_mutants,
@@ -39,8 +39,8 @@ from tests.fuzz_harness import (
     run_cstores,
     run_pdus,
 )
-from tests.test_dicom_node_guard import echo
-from tests.test_dicom_node_scp import Node
+from tests.support.pdu import echo
+from tests.support.tools import require_tool
 
 N_CSTORE = 360  # over real associations
 N_IN_PROCESS = 9_500  # through the C-STORE handler's door call, in process

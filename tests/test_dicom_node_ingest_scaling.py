@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,11 @@ from lesiontrack.db.models import Instance, OpenTransfer, SeriesState, TransferO
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.indexer import Indexer
 from lesiontrack.dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
-from tests.conftest import REPO
-from tests.test_dicom_node_scp import Node, echoscu, ge_files
+from tests.support.dicom_node import Node, echoscu, ge_files, running_node, wait_until
+from tests.support.tools import REPO
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _assoc(port: int) -> Any:
@@ -96,15 +87,20 @@ def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
         first.release()
         node.settle()
         s = node.series(uid)
-        assert s is not None and s.instance_count == 1 and s.state == SeriesState.RECEIVING
+        assert s is not None
+        assert s.instance_count == 1
+        assert s.state == SeriesState.RECEIVING
         rest = _assoc(node.port)
         assert all(_store(rest, f) == 0 for f in files[1:])
         rest.release()
         # the first instance's row is more than a quiet period old; the others are only in the journal
         wait_until(lambda: node.triggers == [uid], what="completion")
         s = node.series(uid)
-        assert s is not None and s.state == SeriesState.COMPLETE and s.instance_count == len(files)
-        assert len(node.audits("series.complete")) == 1 and node.audits("series.reopened") == []
+        assert s is not None
+        assert s.state == SeriesState.COMPLETE
+        assert s.instance_count == len(files)
+        assert len(node.audits("series.complete")) == 1
+        assert node.audits("series.reopened") == []
     node.engine.dispose()
 
 
@@ -112,14 +108,10 @@ def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
 def two_processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     """A node with two receiver processes, on SQLite and on a real PostgreSQL server."""
     url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    n = Node(tmp_path, url=url, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4)
-    n.settings.routing.min_slices = 10
-    n.scp.start()
-    try:
+    with running_node(
+        tmp_path, url=url, min_slices=10, receiver_processes=2, series_quiet_seconds=1.5, max_associations=4
+    ) as n:
         yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
 
 
 def test_series_split_over_two_receiver_processes_completes_once(two_processes: Node) -> None:
@@ -142,7 +134,8 @@ def test_series_split_over_two_receiver_processes_completes_once(two_processes: 
             held.pop()[0].release()  # same process as the first: not needed
             wait_until(lambda: len(_open_rows(node)) == 1, what="release")
     (a, pid_a), (b, pid_b) = held
-    assert pid_a != pid_b and {pid_a, pid_b} <= set(node.scp.receiver_pids())
+    assert pid_a != pid_b
+    assert {pid_a, pid_b} <= set(node.scp.receiver_pids())
     rest = files[k:]
     half = len(rest) // 2
     for f in rest[:half]:
@@ -155,12 +148,15 @@ def test_series_split_over_two_receiver_processes_completes_once(two_processes: 
     t0 = time.monotonic()
     while time.monotonic() - t0 < 3.0:
         s = node.series(uid)
-        assert s is not None and s.state == SeriesState.RECEIVING
+        assert s is not None
+        assert s.state == SeriesState.RECEIVING
         time.sleep(0.2)
     b.release()
     wait_until(lambda: node.triggers == [uid], what="completion")
     s = node.series(uid)
-    assert s is not None and s.state == SeriesState.COMPLETE and s.instance_count == len(files)
+    assert s is not None
+    assert s.state == SeriesState.COMPLETE
+    assert s.instance_count == len(files)
     assert s.last_transfer == TransferOutcome.RELEASED
     assert len(node.audits("series.complete")) == 1
     assert node.count() == len(files) == len([p for p in node.files() if p.suffix == ".dcm"])
@@ -200,7 +196,8 @@ def test_max_connections_per_peer_holds_across_receiver_processes(tmp_path: Path
     with n.scp:
         held = [_assoc(n.port), _assoc(n.port)]
         try:
-            assert n.scp.pool is not None and n.scp.pool.slots.peer_total("127.0.0.1") == 2
+            assert n.scp.pool is not None
+            assert n.scp.pool.slots.peer_total("127.0.0.1") == 2
             for _ in range(4):  # whichever process accepts it, the shared per-peer count says full
                 assert echoscu(n.port) != 0
         finally:
@@ -225,7 +222,8 @@ def test_receiver_killed_mid_series_is_replaced_and_nothing_is_lost(two_processe
     wait_until(lambda: _open_rows(node) == [], what="dead receiver's transfers ended")
     assert node.count() == 6  # everything acknowledged is indexed
     s = node.series(uid)
-    assert s is not None and s.last_transfer == TransferOutcome.ABORTED
+    assert s is not None
+    assert s.last_transfer == TransferOutcome.ABORTED
     # the sender retries the whole series over a new association (acknowledged ones again: idempotent)
     retry = _assoc(node.port)
     assert all(_store(retry, f) == 0 for f in files)
@@ -235,7 +233,8 @@ def test_receiver_killed_mid_series_is_replaced_and_nothing_is_lost(two_processe
         sops = list(s2.scalars(select(Instance.sop_instance_uid)))
     assert len(sops) == len(set(sops)) == len(files)  # 0 lost, 0 duplicated
     series = node.series(uid)
-    assert series is not None and series.last_transfer == TransferOutcome.RELEASED
+    assert series is not None
+    assert series.last_transfer == TransferOutcome.RELEASED
 
 
 _PAUSED_NODE = """
@@ -246,7 +245,7 @@ from lesiontrack.dicom_node.indexer import Indexer
 from lesiontrack.dicom_node.journal import JournalTailer
 Indexer.start = lambda self: None  # the indexer never commits: every Success is "before indexing"
 JournalTailer.drain = lambda self, *a, **k: 0  # nor are the receiver processes' journals read
-from tests.test_dicom_node_scp import Node
+from tests.support.dicom_node import Node
 n = Node(Path({root!r}), receiver_processes={processes})
 n.scp.start()
 print(n.port, flush=True)
@@ -286,7 +285,8 @@ def test_kill9_after_success_before_indexing_is_indexed_at_restart(tmp_path: Pat
         rows = node.instances()
         assert all(r.transfer_incomplete for r in rows)
         s = node.series(uid)
-        assert s is not None and s.last_transfer == TransferOutcome.ABORTED  # held until re-sent or forced
+        assert s is not None
+        assert s.last_transfer == TransferOutcome.ABORTED
         # the sender retries what was not acknowledged, and (being unsure) the rest too: no duplicate rows
         retry = _assoc(node.port)
         assert [_store(retry, f) for f in files] == [0, 0, 0, 0]
@@ -294,7 +294,8 @@ def test_kill9_after_success_before_indexing_is_indexed_at_restart(tmp_path: Pat
         node.settle()
         assert node.count() == 4
         s = node.series(uid)
-        assert s is not None and s.last_transfer == TransferOutcome.RELEASED
+        assert s is not None
+        assert s.last_transfer == TransferOutcome.RELEASED
     node.engine.dispose()
 
 
@@ -329,13 +330,17 @@ def test_duplicate_arriving_before_the_first_copy_is_indexed(tmp_path: Path, mon
         real_start(node.scp.indexer)  # now the three queued items are committed
         assoc.release()
         rows = node.instances()
-        assert len(rows) == 2 and rows[0].sop_instance_uid == rows[1].sop_instance_uid == ds.SOPInstanceUID
-        assert rows[0].sha256 != rows[1].sha256 and rows[0].file_path != rows[1].file_path
+        assert len(rows) == 2
+        assert rows[0].sop_instance_uid == rows[1].sop_instance_uid == ds.SOPInstanceUID
+        assert rows[0].sha256 != rows[1].sha256
+        assert rows[0].file_path != rows[1].file_path
         assert len([p for p in node.files() if p.suffix == ".dcm"]) == 2
         ev = node.audits("instance.duplicate_uid_different_bytes")
-        assert len(ev) == 1 and ev[0].object_id == ds.SOPInstanceUID
+        assert len(ev) == 1
+        assert ev[0].object_id == ds.SOPInstanceUID
         s = node.series(str(ds.SeriesInstanceUID))
-        assert s is not None and s.instance_count == 2
+        assert s is not None
+        assert s.instance_count == 2
     node.engine.dispose()
 
 
@@ -359,7 +364,8 @@ def test_open_transfers_of_a_process_that_is_gone_are_reaped_by_housekeeping(tmp
         node.scp._housekeeping()
         assert [r.association_uid for r in _open_rows(node)] == [mine.association_uid]  # the live one stays
         s = node.series(uid)
-        assert s is not None and s.last_transfer == TransferOutcome.ABORTED
+        assert s is not None
+        assert s.last_transfer == TransferOutcome.ABORTED
         assoc.release()
     node.engine.dispose()
 
@@ -383,7 +389,9 @@ def test_a_receiver_whose_service_stopped_waiting_ends_quietly(tmp_path: Path) -
         stderr=subprocess.PIPE,
         pass_fds=(listener.fileno(),),
     )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     proc.stdout.close()  # the service gave up waiting for "ready"
     proc.stdin.write(pickle.dumps(job))
     proc.stdin.close()
@@ -395,4 +403,5 @@ def test_a_receiver_whose_service_stopped_waiting_ends_quietly(tmp_path: Path) -
         listener.close()
         slots.close()
         n.engine.dispose()
-    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert "Traceback" not in err, err
+    assert "BrokenPipeError" not in err, err

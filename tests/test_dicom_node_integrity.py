@@ -5,7 +5,6 @@ transfer, or one short of ImagesInAcquisition, is not analysed until re-sent and
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, generate_uid
 
 from lesiontrack.db.models import RoutingDecision, SeriesState, TransferOutcome
-from tests.test_dicom_node_completion import wait_until
-from tests.test_dicom_node_scp import Node, dataset_bytes, ge_files, j2k_series, pynetdicom_store, storescu
+from tests.support.dicom_node import Node, dataset_bytes, ge_files, j2k_series, pynetdicom_store, storescu, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -26,17 +24,8 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, allowed_calling_aes=["STORESCU", "PYSCU"], series_quiet_seconds=1.0)
-    n.settings.routing.min_slices = 3
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
+# the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it
+pytestmark = pytest.mark.dicom_node(allowed_calling_aes=["STORESCU", "PYSCU"], series_quiet_seconds=1.0, min_slices=3)
 
 
 def part10(path: Path, body: bytes, *, sop_class: str, sop_uid: str, ts: str) -> Path:
@@ -170,7 +159,8 @@ def test_each_invalid_dataset_class_is_refused_at_the_door_with_an_audit_row(nod
     got = dict(zip(cases, statuses, strict=False))
     assert got == {name: want for name, (_, want) in cases.items()}
     assert statuses[-1] == 0x0000  # the node keeps serving
-    assert node.count() == 1 and len(node.files()) == 1  # nothing invalid stored
+    assert node.count() == 1
+    assert len(node.files()) == 1
     refused = node.audits("instance.refused")
     assert len(refused) == len(cases)
     assert all(r.details and r.details["status"] in ("0xA900", "0xC000") and r.details["reason"] for r in refused)
@@ -182,7 +172,7 @@ def test_a_65_character_sop_instance_uid_is_refused(node: Node, tmp_path: Path) 
     """pynetdicom will not even send it; dcmtk's storescu does (its request carries the UID cut to 64)."""
     import subprocess
 
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("storescu")
     ds = good_dataset()
@@ -195,9 +185,11 @@ def test_a_65_character_sop_instance_uid_is_refused(node: Node, tmp_path: Path) 
         timeout=60,
     )
     assert b"DataSetDoesNotMatchSOPClass" in r.stdout + r.stderr  # 0xA900
-    assert node.count() == 0 and node.files() == []
+    assert node.count() == 0
+    assert node.files() == []
     (refused,) = node.audits("instance.refused")
-    assert refused.details and refused.details["status"] == "0xA900"
+    assert refused.details
+    assert refused.details["status"] == "0xA900"
     assert "65 characters" in refused.details["reason"]
 
 
@@ -230,11 +222,13 @@ def test_a_series_with_a_missing_slice_waits_then_is_skipped_visibly_and_a_late_
     storescu(node.port, files, "PYSCU")
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion after the window")
     s = node.series(uid)
-    assert s is not None and s.routing_decision == RoutingDecision.SKIP
+    assert s is not None
+    assert s.routing_decision == RoutingDecision.SKIP
     assert (s.routing_reason or "").startswith("slice gap: about 1 slice(s) missing"), s.routing_reason
     assert node.triggers == []
     skip = [a for a in node.audits("series.complete") if a.details["decision"] == "skip"]
-    assert skip and skip[-1].details["reason_code"] == "slice_gap"  # the metric's label
+    assert skip
+    assert skip[-1].details["reason_code"] == "slice_gap"
     assert node.scp.force_complete(uid).decision == RoutingDecision.SKIP  # forcing does not fill the gap
     storescu(node.port, [late], "PYSCU")  # the missing slice arrives late: the series re-opens and completes
     wait_until(lambda: node.triggers == [uid], what="analysis once the series is whole")
@@ -249,10 +243,10 @@ def test_instances_that_disagree_on_orientation_are_not_one_volume(node: Node, t
     storescu(node.port, files, "PYSCU")
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
-    assert s is not None and s.routing_decision == RoutingDecision.SKIP
-    assert (s.routing_reason or "").startswith("inconsistent geometry") and "ImageOrientationPatient" in (
-        s.routing_reason or ""
-    )
+    assert s is not None
+    assert s.routing_decision == RoutingDecision.SKIP
+    assert (s.routing_reason or "").startswith("inconsistent geometry")
+    assert "ImageOrientationPatient" in (s.routing_reason or "")
     assert node.triggers == []
 
 
@@ -273,13 +267,16 @@ def test_aborted_transfer_is_not_analysed_until_forced(node: Node, tmp_path: Pat
     assert pynetdicom_store(node.port, files, abort_after=5) == [0] * 5
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
-    assert s is not None and s.last_transfer == TransferOutcome.ABORTED
-    assert s.routing_decision == RoutingDecision.SKIP and "incomplete transfer" in (s.routing_reason or "")
+    assert s is not None
+    assert s.last_transfer == TransferOutcome.ABORTED
+    assert s.routing_decision == RoutingDecision.SKIP
+    assert "incomplete transfer" in (s.routing_reason or "")
     assert all(i.transfer_incomplete for i in node.instances())
     assert node.audits("series.transfer_aborted")
     assert node.triggers == []
     route = node.scp.force_complete(uid)  # the operator decides the fragment is what there is
-    assert route is not None and route.decision == RoutingDecision.ANALYSE
+    assert route is not None
+    assert route.decision == RoutingDecision.ANALYSE
     assert node.triggers == [uid]
 
 
@@ -301,7 +298,9 @@ def test_dropped_connection_holds_the_series_and_a_released_resend_of_duplicates
     assoc.kill()
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
-    assert s is not None and s.last_transfer == TransferOutcome.ABORTED and s.routing_decision == RoutingDecision.SKIP
+    assert s is not None
+    assert s.last_transfer == TransferOutcome.ABORTED
+    assert s.routing_decision == RoutingDecision.SKIP
     assert node.triggers == []
     # the sender re-sends the same five instances (all duplicates) and releases: the transfer is now confirmed
     storescu(node.port, files, "PYSCU")
@@ -314,8 +313,11 @@ def test_fewer_instances_than_images_in_acquisition_are_held(node: Node, tmp_pat
     storescu(node.port, files, "PYSCU")
     wait_until(lambda: node.series_state(uid) == SeriesState.COMPLETE, what="completion")
     s = node.series(uid)
-    assert s is not None and s.expected_instances == 6 and s.last_transfer == TransferOutcome.RELEASED
-    assert "4 of 6 instances" in (s.routing_reason or "") and node.triggers == []
+    assert s is not None
+    assert s.expected_instances == 6
+    assert s.last_transfer == TransferOutcome.RELEASED
+    assert "4 of 6 instances" in (s.routing_reason or "")
+    assert node.triggers == []
 
 
 def test_incomplete_transfers_can_be_analysed_when_configured(tmp_path: Path) -> None:

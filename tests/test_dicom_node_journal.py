@@ -48,7 +48,7 @@ class _Indexer:
         self.log.append(("forget", uid))
 
 
-@pytest.fixture()
+@pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     log: list[Any] = []
 
@@ -90,7 +90,8 @@ def test_instances_are_committed_before_their_association_ends(tmp_path: Path, c
         ("row", "1.2.9", pid),
     ]  # fmt: skip
     calls.clear()
-    assert tailer.drain() == 0 and calls == []  # nothing read twice
+    assert tailer.drain() == 0
+    assert calls == []
 
 
 def test_segments_rotate_and_are_deleted_once_committed(tmp_path: Path, calls: list[Any]) -> None:
@@ -187,5 +188,6 @@ def test_a_receiver_process_ingestor_journals_and_builds_no_indexer(
     lines = next((tmp_path / "run").glob("index-*.journal")).read_bytes().splitlines()
     records = [decode(line) for line in lines]
     assert len(records) == 2  # the instance, then its association's end; nothing from the refused ingest()
-    assert isinstance(records[0], IndexItem) and records[0].sop_uid == ds.SOPInstanceUID
+    assert isinstance(records[0], IndexItem)
+    assert records[0].sop_uid == ds.SOPInstanceUID
     assert records[1] == AssociationEnded("a1", True)

@@ -4,181 +4,31 @@ disk-full and database failures. Helpers here are reused by the other dicom_node
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import UID, generate_uid
-from sqlalchemy import func, select
+from pydicom.uid import UID
 
-from lesiontrack.config.settings import Settings, load_settings
-from lesiontrack.db.models import AuditEvent, Instance, Series, SeriesState
-from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.dicom_node.scp import StorageSCP
-from tests.conftest import require_shared_data, require_tool
-
-GE = ("interop", "ct_gantry_tilt_ge")
-J2K = ("interop", "ct_siemens_j2k")
-ENV = dict(os.environ, TCP_NODELAY="1")
-
-
-class Node:
-    """A running StorageSCP on a free loopback port with its own SQLite database and data folder."""
-
-    def __init__(self, root: Path, url: str | None = None, **dicom: Any) -> None:
-        self.root = root
-        self.url = url or f"sqlite:///{root / 'lt.sqlite3'}"
-        upgrade(self.url)
-        cfg = {"port": 0, "bind_address": "127.0.0.1", "series_quiet_seconds": 2.0, "fsync": False} | dicom
-        self.settings: Settings = load_settings(None, data_dir=root / "data", database_url=self.url, dicom=cfg)
-        self.engine = make_engine(self.url)
-        self.sf = make_session_factory(self.engine)
-        self.triggers: list[str] = []
-        self.scp = StorageSCP(self.settings, self.sf, self.triggers.append)
-
-    @property
-    def port(self) -> int:
-        return self.scp.port
-
-    def count(self, model: Any = Instance) -> int:
-        with session_scope(self.sf) as s:
-            return int(s.scalar(select(func.count()).select_from(model)) or 0)
-
-    def instances(self) -> list[Instance]:
-        with session_scope(self.sf) as s:
-            return list(s.scalars(select(Instance).order_by(Instance.id)))
-
-    def series(self, uid: str) -> Series | None:
-        with session_scope(self.sf) as s:
-            return s.scalar(select(Series).where(Series.series_instance_uid == uid))
-
-    def series_state(self, uid: str) -> SeriesState | None:
-        """The series' state, None while its first instances are not indexed yet (rows follow Success)."""
-        s = self.series(uid)
-        return None if s is None else s.state
-
-    def audits(self, action: str) -> list[AuditEvent]:
-        with session_scope(self.sf) as s:
-            return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action)))
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in (self.root / "data" / "dicom").rglob("*") if p.is_file())
-
-    def settle(self, timeout: float = 30.0) -> None:
-        """Wait until every association ended and the indexer committed what they delivered."""
-        deadline = time.monotonic() + timeout
-        while self.scp.active_associations and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.scp.settle(timeout), "indexer did not catch up"
-
-
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path, allowed_calling_aes=["STORESCU", "ORTHANC", "PYSCU"])
-    n.scp.start()
-    try:
-        yield n
-    finally:
-        n.scp.stop()
-        n.engine.dispose()
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after the file meta: what goes over the wire for a C-STORE."""
-    raw = Path(path).read_bytes()
-    fp = io.BytesIO(raw)
-    read_preamble(fp, False)
-    _read_file_meta_info(fp)
-    return raw[fp.tell() :]
+from tests.support.dicom_node import (
+    Node,
+    dataset_bytes,
+    echoscu,
+    ge_files,
+    j2k_series,
+    pynetdicom_store,
+    storescu,
+)
+from tests.support.tools import require_tool
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(dataset_bytes(path)).hexdigest()
-
-
-def ge_files() -> list[Path]:
-    return sorted(require_shared_data(*GE).glob("*.dcm"))
-
-
-def j2k_series(
-    dest: Path,
-    patient_id: str = "LT-J2K",
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    study_date: str | None = None,
-) -> list[Path]:
-    """The Siemens JPEG 2000 series with the UIDs its anonymiser blanked filled in (pixel data untouched)."""
-    src = sorted(p for p in require_shared_data(*J2K).iterdir() if p.is_file())
-    dest.mkdir(parents=True, exist_ok=True)
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
-    out = []
-    for p in src:
-        ds = dcmread(p)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = study_uid, series_uid, patient_id
-        if study_date:
-            ds.StudyDate = study_date
-        target = dest / p.name
-        ds.save_as(target, enforce_file_format=True)
-        out.append(target)
-    return out
-
-
-def storescu(
-    port: int, files: list[Path], aet: str = "STORESCU", *extra: str, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    require_tool("storescu")
-    r = subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
-
-
-def echoscu(port: int, aet: str = "STORESCU", *extra: str) -> int:
-    require_tool("echoscu")
-    return subprocess.run(
-        ["echoscu", "-aet", aet, "-aec", "LESIONTRACK", *extra, "127.0.0.1", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).returncode
-
-
-def pynetdicom_store(port: int, paths: list[Path], abort_after: int | None = None) -> list[int]:
-    """Send Part 10 files with pynetdicom (raw bytes from disk, as-is); returns the DIMSE statuses."""
-    from pynetdicom import AE, _config
-
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, never decoded
-    metas = [dcmread(p, stop_before_pixels=True).file_meta for p in paths]
-    ae = AE(ae_title="PYSCU")
-    for m in metas:
-        ae.add_requested_context(m.MediaStorageSOPClassUID, m.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="LESIONTRACK")
-    assert assoc.is_established
-    statuses: list[int] = []
-    for i, p in enumerate(paths):
-        if abort_after is not None and i == abort_after:
-            assoc.abort()
-            return statuses
-        rsp = assoc.send_c_store(p)
-        statuses.append(int(rsp.Status) if "Status" in rsp else -1)
-    assoc.release()
-    return statuses
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -234,11 +84,13 @@ def test_duplicates_same_bytes_idempotent_different_bytes_kept_and_audited(node:
     ds.save_as(changed, enforce_file_format=True)
     storescu(node.port, [changed])
     rows = node.instances()
-    assert len(rows) == 2 and rows[0].sop_instance_uid == rows[1].sop_instance_uid
+    assert len(rows) == 2
+    assert rows[0].sop_instance_uid == rows[1].sop_instance_uid
     assert rows[0].file_path != rows[1].file_path
     assert all(Path(r.file_path).is_file() for r in rows)
     ev = node.audits("instance.duplicate_uid_different_bytes")
-    assert len(ev) == 1 and ev[0].object_id == ds.SOPInstanceUID
+    assert len(ev) == 1
+    assert ev[0].object_id == ds.SOPInstanceUID
 
 
 def _bad_file(tmp_path: Path, name: str, body: bytes, like: Path) -> Path:
@@ -260,7 +112,8 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     no_uid = tmp_path / "nouid.dcm"
     ds.save_as(no_uid, enforce_file_format=True)
     statuses = pynetdicom_store(node.port, [non_dicom, truncated, no_uid, good[2]])
-    assert statuses[0] == 0xC000 and statuses[1] == 0xC000
+    assert statuses[0] == 0xC000
+    assert statuses[1] == 0xC000
     assert statuses[2] == 0xA900
     assert statuses[3] == 0x0000
     assert node.count() == 1
@@ -272,7 +125,8 @@ def test_bad_input_gets_failure_status_and_node_keeps_serving(node: Node, tmp_pa
     odd = tmp_path / "odd.dcm"
     ds.save_as(odd, enforce_file_format=True)
     r = storescu(node.port, [odd], check=False)
-    assert r.returncode != 0 and "No presentation context" in r.stderr
+    assert r.returncode != 0
+    assert "No presentation context" in r.stderr
     assert node.count() == 1
 
     # association aborted mid-series: what was acknowledged is stored whole, nothing else
@@ -332,7 +186,8 @@ def _assert_disk_full_handled(data_dir: Path, root: Path) -> list[int]:
     with n.scp:
         statuses = pynetdicom_store(n.port, ge_files()[:4])  # 0.5 MB each
         assert echoscu(n.port) == 0  # still serving
-    assert 0xA700 in statuses and set(statuses) <= {0, 0xA700}
+    assert 0xA700 in statuses
+    assert set(statuses) <= {0, 0xA700}
     assert n.count() == statuses.count(0)
     assert not list(data_dir.rglob(".tmp-*"))
     n.engine.dispose()

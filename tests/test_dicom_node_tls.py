@@ -11,9 +11,7 @@ import pytest
 from lesiontrack.config.settings import ConfigError, Settings, load_settings
 from lesiontrack.dicom_node.scu import DimseError, echo, store_files
 from lesiontrack.dicom_node.sending import DeliveryError, deliver_files
-from tests.conftest import require_tool, unavailable
-from tests.services import free_port, wait_for_port
-from tests.test_dicom_node_scp import (
+from tests.support.dicom_node import (
     ENV,
     Node,
     dataset_bytes,
@@ -21,6 +19,8 @@ from tests.test_dicom_node_scp import (
     ge_files,
     storescu,
 )
+from tests.support.services import free_port, wait_for_port
+from tests.support.tools import require_tool, unavailable
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
@@ -109,7 +109,7 @@ class TlsStorescp:
         self.proc.wait(10)
 
 
-@pytest.fixture()
+@pytest.fixture
 def tls_pacs(tmp_path: Path) -> Iterator[tuple[TlsStorescp, Path, Path]]:
     require_dcmtk_tls()
     pacs_key, pacs_crt = self_signed(tmp_path, "pacs")

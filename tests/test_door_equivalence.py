@@ -21,7 +21,7 @@ from lesiontrack.db.models import JobState
 from lesiontrack.db.session import make_engine, make_session_factory
 from lesiontrack.pipeline.contract import JobResults, job_results
 from lesiontrack.pipeline.jobs import JobStore
-from tests.segsr_fixtures import content_items
+from tests.support.segsr import content_items
 
 ENGINES = {"registration": "none", "working_spacing_mm": 3.0}
 
@@ -89,13 +89,16 @@ def doors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _results(job: Any) -> JobResults:
-    assert job is not None and job.state is JobState.DONE, job and job.error
+    assert job is not None, job and job.error
+    assert job.state is JobState.DONE, job and job.error
     return job_results(job.step_outputs)
 
 
 def _analysis(r: JobResults) -> dict[str, Any]:
     """What a job concluded, UIDs of its own objects aside (a candidate's UID is derived from the job's id)."""
-    assert r.track is not None and r.detect is not None and r.measure is not None
+    assert r.track is not None
+    assert r.detect is not None
+    assert r.measure is not None
     return {
         "lesions": sorted(
             (les.tracking_uid, les.tracking_id, les.status, les.review, les.confidence, tuple(les.review_reasons))
@@ -156,20 +159,27 @@ def test_both_doors_reach_the_same_conclusions(doors: dict[str, Any]) -> None:
     for uid, serve_job in doors["serve"].items():
         serve, track = _results(serve_job), _results(doors["track"][uid])
         assert _analysis(track) == _analysis(serve), uid
-        assert serve.match is not None and track.match is not None
+        assert serve.match is not None
+        assert track.match is not None
         assert track.match.prior.annotation.sop_instance_uid == serve.match.prior.annotation.sop_instance_uid
 
 
 def test_both_doors_write_the_same_seg_and_sr(doors: dict[str, Any]) -> None:
     for uid, serve_job in doors["serve"].items():
         serve, track = _results(serve_job), _results(doors["track"][uid])
-        assert serve.written is not None and track.written is not None
-        assert serve.written.seg and serve.written.sr and serve.written.viewer_sr
-        assert track.written.seg and track.written.sr and track.written.viewer_sr
+        assert serve.written is not None
+        assert track.written is not None
+        assert serve.written.seg
+        assert serve.written.sr
+        assert serve.written.viewer_sr
+        assert track.written.seg
+        assert track.written.sr
+        assert track.written.viewer_sr
         candidates = {c.tracking_uid for r in (serve, track) if r.detect is not None for c in r.detect.candidates}
         segs_s, px_s = _segments(serve.written.seg, candidates)
         segs_t, px_t = _segments(track.written.seg, candidates)
-        assert segs_t == segs_s and np.array_equal(px_t, px_s), uid
+        assert segs_t == segs_s, uid
+        assert np.array_equal(px_t, px_s), uid
         assert _sr_content(track.written.sr) == _sr_content(serve.written.sr), uid
         assert _sr_content(track.written.viewer_sr) == _sr_content(serve.written.viewer_sr), uid
 
@@ -178,12 +188,15 @@ def test_track_reports_the_new_lesion_as_a_candidate(doors: dict[str, Any]) -> N
     patient, summary = doors["patient"], doors["summary"]
     truth = patient.truth["new_lesions"][0]["centre_mm"]
     first, second = summary["timepoints"][1], summary["timepoints"][2]
-    assert first["new_lesion_search"]["ran"] and second["new_lesion_search"]["ran"]
+    assert first["new_lesion_search"]["ran"]
+    assert second["new_lesion_search"]["ran"]
     near = [c for c in second["candidates"] if np.linalg.norm(np.subtract(c["centre_mm"], truth)) < 5.0]
     # a candidate, not a tracked lesion: labelled as such (issue 29: "Candidate 1 (lung)")
-    assert near and all(c["tracking_id"].startswith("Candidate ") for c in near), second["candidates"]
+    assert near, second["candidates"]
+    assert all(c["tracking_id"].startswith("Candidate ") for c in near), second["candidates"]
     assert not any(np.linalg.norm(np.subtract(c["centre_mm"], truth)) < 5.0 for c in first["candidates"])
     seg = pydicom.dcmread(doors["out"] / second["dicom"][0], stop_before_pixels=True)
     assert near[0]["tracking_uid"] in {str(s.TrackingUID) for s in seg.SegmentSequence}
     # the closing table says so too: the candidate row of the follow-up it appeared at
-    assert near[0]["tracking_id"] in doors["output"] and "candidate, unconfirmed" in doors["output"], doors["output"]
+    assert near[0]["tracking_id"] in doors["output"], doors["output"]
+    assert "candidate, unconfirmed" in doors["output"], doors["output"]

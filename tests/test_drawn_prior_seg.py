@@ -21,7 +21,7 @@ from lesiontrack.db.models import JobState, LesionObservation, TimepointVerifica
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.derived_prior_seg import CONTENT_DESCRIPTION, SERIES_DESCRIPTION
-from tests.correction_fixtures import write_correction
+from tests.support.correction import write_correction
 
 
 def _run(service: Any, series_uid: str) -> Any:
@@ -94,7 +94,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_the_drawn_prior_lesions_go_to_the_pacs_as_a_seg_on_the_prior_study(site: dict[str, Any]) -> None:
     first, patient = site["first"], site["patient"]
-    assert first.prior_seg and not first.prior_seg_reused
+    assert first.prior_seg
+    assert not first.prior_seg_reused
     assert first.prior_seg in first.files  # sent with the follow-up's results, through the same delivery
     ds = pydicom.dcmread(first.prior_seg, stop_before_pixels=True)
     base = pydicom.dcmread(patient.baseline.files[0], stop_before_pixels=True)
@@ -134,7 +135,8 @@ def test_a_re_derived_prior_issues_a_new_seg_that_supersedes_the_old(site: dict[
     ds.save_as(ellipses, enforce_file_format=True)
     assert ingest_file(site["ingestor"], ellipses).ok
     redo = _run(site["service"], patient.followups[1].series_uid)
-    assert redo.prior_seg and not redo.prior_seg_reused
+    assert redo.prior_seg
+    assert not redo.prior_seg_reused
     assert redo.prior_seg_supersedes == first.prior_seg_sop_instance_uid
     assert redo.prior_seg_revision == first.prior_seg_revision + 1
     new = pydicom.dcmread(redo.prior_seg, stop_before_pixels=True)
@@ -162,7 +164,8 @@ def test_a_correction_of_it_verifies_the_prior_and_later_follow_ups_follow_it(si
         v = s.scalar(
             select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == corr.sop_instance_uid)
         )
-        assert v is not None and v.series_instance_uid == base.SeriesInstanceUID
+        assert v is not None
+        assert v.series_instance_uid == base.SeriesInstanceUID
         assert sorted(v.reanalysis_jobs or []) == sorted(jobs)
     assert len(jobs) == 2  # both analysed follow-ups, re-analysed from the corrected prior
     for job in jobs:
@@ -219,7 +222,9 @@ def test_drawn_diameters_node_line_is_the_short_axis_and_differences_are_ours_mi
     pair = SimpleNamespace(meta={"drawn_diameters_mm": [20.0, 10.0]})
     arrow = SimpleNamespace(meta={"prompt_origin": "arrow"})
     d = drawn_diameters(line, node)
-    assert d is not None and d.radiologist_long_mm is None and d.radiologist_short_mm == 12.5
+    assert d is not None
+    assert d.radiologist_long_mm is None
+    assert d.radiologist_short_mm == 12.5
     vals = [(m.name.value, float(m.value)) for m in d.measurements()]
     assert vals == [("LT068", 12.5), ("LT070", -1.5)]
     d = drawn_diameters(pair, mass)
@@ -260,7 +265,8 @@ def test_follow_ups_analysed_at_once_issue_the_same_instance(site: dict[str, Any
     b = write_drawn_prior_seg(heads, lesions, key="k1").dataset
     c = write_drawn_prior_seg(heads, lesions, key="k2").dataset
     d = write_drawn_prior_seg(heads, lesions, key="k1", revision=2, supersedes=str(a.SOPInstanceUID)).dataset
-    assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+    assert a.SOPInstanceUID == b.SOPInstanceUID
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID
     assert len({a.SOPInstanceUID, c.SOPInstanceUID, d.SOPInstanceUID}) == 3
 
 

@@ -10,7 +10,6 @@ small phantom patient (patient motion between timepoints).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState, LesionObservation
+from lesiontrack.db.models import AuditEvent, LesionObservation
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
-from tests.conftest import require_tool
-from tests.services import OrthancServer, free_port, wait_for
+from tests.support.e2e_site import Site, sr_uids, validate_object
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -42,118 +40,8 @@ def patient(tmp_path_factory: pytest.TempPathFactory):
     )
 
 
-class Site:
-    """Orthanc (the PACS) + LesionTrack (embedded service) wired to each other on loopback."""
-
-    def __init__(self, root: Path, method: str, **settings: Any) -> None:
-        from lesiontrack.demo import demo_settings
-        from lesiontrack.service import LesionTrackService
-
-        require_tool("/usr/sbin/Orthanc")
-        lt_port = free_port()
-        self.orthanc = OrthancServer(
-            root / "orthanc", modalities={"lesiontrack": ("LESIONTRACK", "127.0.0.1", lt_port)}
-        ).start()
-        self.settings = demo_settings(
-            root / "data",
-            http=False,
-            dicom={"port": lt_port},
-            pacs=[
-                {
-                    "name": "orthanc",
-                    "ae_title": self.orthanc.aet,
-                    "host": "127.0.0.1",
-                    "port": self.orthanc.dicom_port,
-                    "retrieve_method": method,
-                    "query": True,
-                    "send": True,
-                }
-            ],
-            sending={"destinations": ["orthanc"], "retry_schedule_seconds": [1, 2, 5]},
-            **settings,
-        )
-        self.service = LesionTrackService(self.settings).start()
-
-    def stop(self) -> None:
-        self.service.stop()
-        self.orthanc.stop()
-
-    def upload(self, files: list[Path]) -> str:
-        """Store files in Orthanc over REST; returns the Orthanc id of their series."""
-        ids = [self.orthanc.upload(f) for f in files]
-        return str(self.orthanc.get_json(f"/instances/{ids[0]}")["ParentSeries"])
-
-    def route(self, series_id: str) -> None:
-        """What an Orthanc routing rule does: send the series to LesionTrack."""
-        self.orthanc.post("/modalities/lesiontrack/store", {"Resources": [series_id], "Synchronous": True})
-
-    def analyse(self, series_uid: str, timeout: float = 600) -> Any:
-        store = self.service.job_store
-        wait_for(
-            lambda: (store.latest_for_series(series_uid) or None) and store.latest_for_series(series_uid).finished,
-            timeout,
-            f"the analysis of {series_uid}",
-        )
-        view = store.latest_for_series(series_uid)
-        assert view.state is JobState.DONE, view.error
-        sf = self.service.session_factory
-
-        def delivered() -> bool:
-            with session_scope(sf) as s:
-                ds = s.scalars(select(Delivery).where(Delivery.job_pk == view.id)).all()
-                return bool(ds) and all(d.state is DeliveryState.DELIVERED for d in ds)
-
-        wait_for(delivered, 120, "SEG + SR delivered to Orthanc")
-        return view
-
-    def results_in_orthanc(self, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
-        found = self.orthanc.post("/tools/lookup", study_uid)
-        study_id = found[0]["ID"]
-        out: dict[str, list[pydicom.Dataset]] = {}
-        for series in self.orthanc.get_json(f"/studies/{study_id}/series"):
-            modality = series["MainDicomTags"].get("Modality")
-            if modality in ("SEG", "SR"):
-                for inst in series["Instances"]:
-                    raw = _get_bytes(self.orthanc, f"/instances/{inst}/file")
-                    out.setdefault(modality, []).append(pydicom.dcmread(io.BytesIO(raw)))
-        return out
-
-
-def _get_bytes(orthanc: OrthancServer, path: str) -> bytes:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{orthanc.url}{path}", timeout=60) as r:
-        return bytes(r.read())
-
-
 def _segment_uids(seg: pydicom.Dataset) -> dict[str, str]:
     return {str(s.TrackingUID): str(s.TrackingID) for s in seg.SegmentSequence}
-
-
-def _sr_uids(sr: pydicom.Dataset) -> set[str]:
-    uids: set[str] = set()
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if item.get("ValueType") == "UIDREF" and item.ConceptNameCodeSequence[0].CodeValue == "112040":
-                uids.add(str(item.UID))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
-    return uids
-
-
-def _validate(tmp: Path, ds: pydicom.Dataset) -> Path:
-    """dciodvfy (SEG and SR) and dsrdump (SR); the slow pixelmed SR validation runs once per test on all SRs."""
-    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_dsrdump
-
-    path = tmp / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    reports = [run_dciodvfy(path)] + ([run_dsrdump(path)] if ds.Modality == "SR" else [])
-    for rep in reports:
-        assert rep.ok, rep.summary()
-    return path
 
 
 def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path]:
@@ -165,7 +53,8 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         site.route(site.upload(fu.files))
         view = site.analyse(fu.series_uid)
         results = job_results(view.step_outputs)
-        assert results.match is not None and results.written is not None
+        assert results.match is not None
+        assert results.written is not None
         prior = results.match.prior
         baseline_seg = str(pydicom.dcmread(patient.seg_file, stop_before_pixels=True).SOPInstanceUID)
         # every follow-up is propagated from the radiologist's baseline SEG, never from our previous result
@@ -185,20 +74,23 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
         reports = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 902]
         viewer = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 903]
         counts = {k: len(v) for k, v in objs.items()}
-        assert len(objs.get("SEG", [])) == 1 and len(reports) == 1 and len(viewer) == 1, counts
+        assert len(objs.get("SEG", [])) == 1, counts
+        assert len(reports) == 1, counts
+        assert len(viewer) == 1, counts
         assert len(objs["SR"]) == 2, counts
         seg, sr = objs["SEG"][0], reports[0]
-        _validate(tmp, seg)
-        srs.append(_validate(tmp, sr))
-        srs.append(_validate(tmp, viewer[0]))
+        validate_object(tmp, seg)
+        srs.append(validate_object(tmp, sr))
+        srs.append(validate_object(tmp, viewer[0]))
         assert str(viewer[0].SOPInstanceUID) == results.written.viewer_sr_sop_instance_uid
         # unconfirmed new-lesion candidates carry Tracking UIDs of their own (labelled as such); the rest are ours
         segments = _segment_uids(seg)
         candidates = {uid for uid, tid in segments.items() if tid.startswith("Candidate ")}
         assert candidates == {c.tracking_uid for c in results.detect.candidates} if results.detect else not candidates
-        assert set(segments) - candidates <= base_uids and len(set(segments) - candidates) >= 1
-        assert _sr_uids(sr) - candidates == base_uids, "every baseline lesion is reported under its own Tracking UID"
-        assert _sr_uids(viewer[0]) <= set(segments), "the OHIF SR names lesions by their own Tracking UIDs only"
+        assert set(segments) - candidates <= base_uids
+        assert len(set(segments) - candidates) >= 1
+        assert sr_uids(sr) - candidates == base_uids, "every baseline lesion is reported under its own Tracking UID"
+        assert sr_uids(viewer[0]) <= set(segments), "the OHIF SR names lesions by their own Tracking UIDs only"
         assert str(seg.SOPInstanceUID) == results.written.seg_sop_instance_uid
         previous_seg = str(seg.SOPInstanceUID)
     return srs
@@ -216,7 +108,8 @@ def test_e2e_orthanc_c_move_two_followups(tmp_path: Path, patient: Any) -> None:
             methods = [
                 e.details["method"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "priors.retrieve"))
             ]
-        assert methods and set(methods) == {"C-MOVE"}
+        assert methods
+        assert set(methods) == {"C-MOVE"}
     finally:
         site.stop()
 
@@ -229,6 +122,7 @@ def test_e2e_orthanc_c_get(tmp_path: Path, patient: Any) -> None:
             methods = [
                 e.details["method"] for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "priors.retrieve"))
             ]
-        assert methods and set(methods) == {"C-GET"}
+        assert methods
+        assert set(methods) == {"C-GET"}
     finally:
         site.stop()

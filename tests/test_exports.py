@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline import exports
 from lesiontrack.pipeline.history import build_timeline
-from tests.test_api_data import synthetic_patient
+from tests.support.patient import synthetic_patient
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,8 @@ def _sr_values(sr_path: Path) -> tuple[dict[str, dict[str, float | str | None]],
 def test_csv_values_equal_the_sr_measurements(exported) -> None:
     built, tl, _ = exported
     rows = list(csv.DictReader(io.StringIO(exports.lesions_csv(tl, built.patient_id))))
-    assert rows and list(rows[0]) == exports.LESION_COLUMNS
+    assert rows
+    assert list(rows[0]) == exports.LESION_COLUMNS
     checked = 0
     for tp in built.timepoints:
         sr, recist = _sr_values(tp.sr_path)
@@ -115,16 +116,19 @@ def test_cdisc_tr_equals_the_sr_and_tu_rs_are_complete(exported) -> None:
             assert rec["TRSTRESN"] == pytest.approx(sr[uid_of[rec["TRLNKID"]]][key], rel=1e-9, abs=1e-9)
         if tp.index > 0:
             ovr = [r for r in dom["RS"] if r["VISITNUM"] == tp.index + 1 and r["RSTESTCD"] == "OVRLRESP"]
-            assert ovr and ovr[0]["RSORRES"] == recist["overall_response"]
+            assert ovr
+            assert ovr[0]["RSORRES"] == recist["overall_response"]
     assert {r["TULNKID"] for r in dom["TU"]} == {r.tracking_id for r in tl.lesions}
     assert {r["TUREFID"] for r in dom["TU"]} == set(built.lesion_ids)
     assert all(r["TUORRES"] in {"TARGET", "NON-TARGET", "NEW"} for r in dom["TU"])
     new = [r for r in dom["TU"] if r["TUORRES"] == "NEW"]
-    assert new and all(r["VISITNUM"] > 1 for r in new)
+    assert new
+    assert all(r["VISITNUM"] > 1 for r in new)
     assert any(r["RSTESTCD"] == "BESTRESP" for r in dom["RS"])
     for name, cols in (("TU", exports.TU_COLUMNS), ("TR", exports.TR_COLUMNS), ("RS", exports.RS_COLUMNS)):
         parsed = list(csv.DictReader(io.StringIO(exports.cdisc_csv(tl, built.patient_id, name))))
-        assert len(parsed) == len(dom[name]) and list(parsed[0]) == cols
+        assert len(parsed) == len(dom[name])
+        assert list(parsed[0]) == cols
     with pytest.raises(ValueError, match="unknown CDISC domain"):
         exports.cdisc_csv(tl, built.patient_id, "XX")
 
@@ -133,7 +137,8 @@ def test_json_has_the_same_rows_as_csv(exported) -> None:
     built, tl, _ = exported
     rows = list(csv.DictReader(io.StringIO(exports.lesions_csv(tl, built.patient_id))))
     js = json.loads(exports.lesions_json(tl, built.patient_id))
-    assert js["columns"] == exports.LESION_COLUMNS and len(js["rows"]) == len(rows)
+    assert js["columns"] == exports.LESION_COLUMNS
+    assert len(js["rows"]) == len(rows)
     for c, j in zip(rows, js["rows"], strict=True):
         for k in exports.LESION_COLUMNS:
             v = j[k]
@@ -159,8 +164,10 @@ def test_export_command(exported, tmp_path: Path) -> None:
     assert r.stdout == exports.lesions_csv(tl, built.patient_id)
     out = tmp_path / "rs.csv"
     r = runner.invoke(app, ["export", "--patient", str(built.patient_pk), "--format", "rs", "--out", str(out)], env=env)
-    assert r.exit_code == 0 and out.read_text() == exports.cdisc_csv(tl, built.patient_id, "RS")
+    assert r.exit_code == 0
+    assert out.read_text() == exports.cdisc_csv(tl, built.patient_id, "RS")
     assert runner.invoke(app, ["export", "--patient", "999", "--format", "csv"], env=env).exit_code == 1
     assert runner.invoke(app, ["export", "--patient", "1", "--format", "xls"], env=env).exit_code == 2
     r = runner.invoke(app, ["export", "--list"], env=env)
-    assert r.exit_code == 0 and f"{built.patient_pk}\t" in r.stdout
+    assert r.exit_code == 0
+    assert f"{built.patient_pk}\t" in r.stdout

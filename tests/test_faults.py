@@ -4,7 +4,7 @@
   results) and no instance acknowledged before the kill is missing;
 * the destination PACS (real Orthanc) is down while results are sent → they are delivered once it is back.
 
-The job steps are the small cross-process pipeline of tests/job_pipelines.py (plus the real ``send`` step), so
+The job steps are the small cross-process pipeline of tests/support/job_pipelines.py (plus the real ``send`` step), so
 the faults hit the job machinery, the SCP and the sender, not the image analysis.
 """
 
@@ -26,8 +26,8 @@ from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope
 from lesiontrack.pipeline.contract import job_results
-from tests.conftest import REPO
-from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
+from tests.support.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
+from tests.support.tools import REPO
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -81,16 +81,16 @@ retry_backoff_seconds = [0.5]
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.root / f"serve-{self.starts}.log", "wb")
         env = {**os.environ, "PYTHONPATH": str(REPO), "LESIONTRACK_CONFIG": str(self.config)}
         env["LESIONTRACK_DICOM__RECEIVER_PROCESSES"] = str(self.receiver_processes)
-        self.proc = subprocess.Popen(
-            [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.job_pipelines:counting_with_send"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.root / f"serve-{self.starts}.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [*LESIONTRACK, "serve", "--upgrade-db", "--pipeline", "tests.support.job_pipelines:counting_with_send"],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for_port(self.port, timeout=60)
 
     def kill9(self) -> None:
@@ -112,7 +112,8 @@ retry_backoff_seconds = [0.5]
 
         peer = PacsPeer(name="lt", ae_title=self.settings.dicom.ae_title, host="127.0.0.1", port=self.port)
         outcomes = store_files(self.settings, peer, files)
-        assert len(outcomes) == len(files) and all(o.ok for o in outcomes), outcomes
+        assert len(outcomes) == len(files), outcomes
+        assert all(o.ok for o in outcomes), outcomes
 
     def session_factory(self):
         return make_session_factory(make_engine(self.settings.effective_database_url))
@@ -176,8 +177,10 @@ def test_kill_9_mid_job_then_restart_completes_and_loses_no_instance(tmp_path: P
             view = _job_of(sf, uid)
             assert view.state is JobState.DONE, view.error
         a = _job_of(sf, uid_a)
-        assert a.id == job_a and a.attempts == 2, "the killed job itself was resumed, not replaced"
-        assert _runs(sf, job_a, "compute") == 2 and _runs(sf, job_a, "write") == 1
+        assert a.id == job_a, "the killed job itself was resumed, not replaced"
+        assert a.attempts == 2, "the killed job itself was resumed, not replaced"
+        assert _runs(sf, job_a, "compute") == 2
+        assert _runs(sf, job_a, "write") == 1
         jobs = {uid: _jobs(sf, uid) for uid in (uid_a, uid_b)}
         assert [j.id for j in jobs[uid_a]] == [job_a], "series A completed again after the restart"
         assert len(jobs[uid_b]) == 1, "series B: more than one job"
@@ -255,7 +258,8 @@ retry_schedule_seconds = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 
 
         sop = str(pydicom.dcmread(result, stop_before_pixels=True).SOPInstanceUID)
         found = orthanc.post("/tools/lookup", sop)
-        assert found and found[0]["Type"] == "Instance"
+        assert found
+        assert found[0]["Type"] == "Instance"
     finally:
         svc.stop()
         orthanc.stop()

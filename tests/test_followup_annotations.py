@@ -15,8 +15,7 @@ from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.pipeline.annotations.common import drawing_prompt
 from lesiontrack.pipeline.lesions import LesionStatus
 from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
-from tests.test_tracking import _mask_prompts, _timepoints, dice
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, dice, mask_prompts, phantom_volumes, series
 
 
 def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_there_on() -> None:
@@ -24,8 +23,8 @@ def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_the
     shift = (25.0, 0.0, 0.0)
     radii = [[les.radius_mm for les in LESIONS]] * 4
     phantom = series(seed=5, shifts_mm=((0, 0, 0), (0, 0, 0), shift, shift), radii_per_tp=radii)
-    tps = _timepoints(phantom)
-    prompts = _mask_prompts(phantom[0])
+    tps = phantom_volumes(phantom)
+    prompts = mask_prompts(phantom[0])
     lung = next(p for p in prompts if p.identity.label == 1)
     truth2 = phantom[2].labels.array == 1
     kji = np.argwhere(truth2).mean(axis=0)
@@ -44,16 +43,20 @@ def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_the
         assert sorted(les.identity.label for les in tps[t].lesions) == [p.identity.label for p in prompts]
     at2 = {les.identity.label: les for les in tps[2].lesions}
     at3 = {les.identity.label: les for les in tps[3].lesions}
-    assert at2[1].status is LesionStatus.PRESENT and at2[1].meta.get("prompt_origin") == "arrow"
+    assert at2[1].status is LesionStatus.PRESENT
+    assert at2[1].meta.get("prompt_origin") == "arrow"
     assert dice(at2[1].mask.array > 0, truth2) > 0.6
     assert at3[1].status is LesionStatus.PRESENT
-    assert at3[1].propagated_from is not None and at3[1].propagated_from.timepoint_index == 2
+    assert at3[1].propagated_from is not None
+    assert at3[1].propagated_from.timepoint_index == 2
     assert at3[1].propagated_from.by_person
     assert dice(at3[1].mask.array > 0, phantom[3].labels.array == 1) > 0.6
     assert at3[1].meta.get("review")  # from an arrow: flagged until a person confirms it
     for label in (2, 3, 5):  # the lesions the arrow does not mark: still from T0's annotation
-        assert at2[label].propagated_from is not None and at2[label].propagated_from.timepoint_index == 0
-        assert at3[label].propagated_from is not None and at3[label].propagated_from.timepoint_index == 0
+        assert at2[label].propagated_from is not None
+        assert at2[label].propagated_from.timepoint_index == 0
+        assert at3[label].propagated_from is not None
+        assert at3[label].propagated_from.timepoint_index == 0
 
 
 def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timepoint(tmp_path: Path) -> None:
@@ -121,7 +124,9 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     by_id = {r.tracking_id: r for r in tracked.lesions}
     assert not any("propagated from" in n for n in by_id[target].notes)  # segmented here, from the arrow
     conf = by_id[target].confidence
-    assert by_id[target].review and conf is not None and conf < 0.5
+    assert by_id[target].review
+    assert conf is not None
+    assert conf < 0.5
     assert any("arrow" in r for r in by_id[target].review_reasons)  # an arrow's lesion: flagged until confirmed
     for other in set(drawn) - {target}:
         assert any("propagated from" in n or "registered directly" in n for n in by_id[other].notes)
@@ -135,16 +140,18 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     assert sorted(by_id2) == sorted(drawn)
     assert by_id2[target].status == "present"
     for other in set(drawn) - {target}:
-        assert by_id2[other].status == "not_evaluated" and by_id2[other].review
+        assert by_id2[other].status == "not_evaluated"
+        assert by_id2[other].review
         assert any("not marked on the prior PR" in r for r in by_id2[other].review_reasons)
     # a SEG arriving after our result corrects it (issue 16 decides, also when corrections are refused): not a
     # prompt of this follow-up on a re-run
     from lesiontrack.pipeline.contract import WriteSegSrOutput
     from lesiontrack.pipeline.followup_annotations import person_annotations_on
-    from tests.correction_fixtures import write_correction
+    from tests.support.correction import write_correction
 
     ours = read_output(outputs, WriteSegSrOutput)
-    assert ours is not None and ours.seg
+    assert ours is not None
+    assert ours.seg
     corr = write_correction(ours.seg, patient.followups[0].files, tmp_path / "corr", add_centre_mm=(0.0, 0.0, 0.0))
     again = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
     assert ingest_file(again, corr.path).ok

@@ -45,7 +45,7 @@ def _app(tmp: Path, **http: object):
     return app, TestClient(app)
 
 
-@pytest.fixture()
+@pytest.fixture
 def web(tmp_path: Path) -> Iterator[tuple[object, object]]:
     app, client = _app(tmp_path)
     with client:
@@ -93,7 +93,8 @@ def test_openapi_needs_a_key_unless_configured_public(tmp_path: Path) -> None:
     with client:
         assert client.get("/openapi.json").status_code == 401
         r = client.get("/openapi.json", headers={"X-API-Key": READ})
-        assert r.status_code == 200 and "/api/jobs" in r.json()["paths"]
+        assert r.status_code == 200
+        assert "/api/jobs" in r.json()["paths"]
     _, client = _app(tmp_path / "b", public_openapi=True)
     with client:
         assert client.get("/openapi.json").status_code == 200
@@ -108,7 +109,8 @@ def test_config_show_masks_a_password_only_url(tmp_path: Path, monkeypatch: pyte
     for args in (["config", "show"], ["config", "show", "--json"]):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
-        assert "Sup3rS3cret" not in res.output and "An0therS3cret" not in res.output
+        assert "Sup3rS3cret" not in res.output
+        assert "An0therS3cret" not in res.output
         assert "redis://:********@redis.example" in res.output.replace("\n", "") or "********" in res.output
 
 
@@ -174,7 +176,8 @@ def test_serve_refuses_a_read_only_database_at_start_up(tmp_path: Path) -> None:
         }
         res = CliRunner().invoke(app, ["serve"], env=env)
         assert res.exit_code == 2, res.output
-        assert "read-only" in res.output and "lt.sqlite3" in res.output
+        assert "read-only" in res.output
+        assert "lt.sqlite3" in res.output
         assert "Traceback" not in res.output
     finally:
         if os.geteuid() != 0:
@@ -204,7 +207,7 @@ def _clean_error(res: Result, *names: str) -> str:
 
 @pytest.fixture(scope="module")
 def two_timepoints(tmp_path_factory: pytest.TempPathFactory) -> list:
-    from tests.segsr_fixtures import make_series
+    from tests.support.segsr import make_series
 
     return make_series(tmp_path_factory.mktemp("tp"), n_timepoints=2)
 

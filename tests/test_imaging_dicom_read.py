@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from lesiontrack.models.imaging.dicom_read import SeriesError, group_series, read_series
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 INTEROP = ("interop",)
 
@@ -66,7 +66,8 @@ def test_tilted_series_geometry_matches_acquired_planes(sub: str) -> None:
     d = np.sort([np.dot(np.array(ds.ImagePositionPatient, float), normal) for ds in dss])
     assert abs(vol.origin @ normal - d[0]) < 1e-6
     assert abs((vol.index_to_patient([0, 0, vol.shape[0] - 1]) @ normal) - d[-1]) < vol.spacing[2]
-    assert len(vol.meta["SOPInstanceUIDs"]) == len(dss) and vol.meta["slices_match_instances"] is False
+    assert len(vol.meta["SOPInstanceUIDs"]) == len(dss)
+    assert vol.meta["slices_match_instances"] is False
     _check_against_acquired_pixels(vol, dss)
     if sub == "ct_gantry_tilt_ge":
         assert "irregular slice spacing 1.08–7.00 mm" in vol.meta["geometry_fix"]
@@ -87,12 +88,14 @@ def test_regular_series_match_simpleitk(sub: str) -> None:
     np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(vol.direction.ravel(), ref.GetDirection(), atol=1e-6)
     np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(ref))
-    assert vol.meta["slices_match_instances"] and "geometry_fix" not in vol.meta
+    assert vol.meta["slices_match_instances"]
+    assert "geometry_fix" not in vol.meta
     dss = sorted(_images(folder), key=lambda ds: float(ds.ImagePositionPatient[2]))
     _check_against_acquired_pixels(vol, dss[:3])
     if sub == "ct_siemens_j2k":  # JPEG 2000 lossless decoded to the right HU range
         assert str(vol.meta["TransferSyntaxUID"]) == "1.2.840.10008.1.2.4.90"
-        assert vol.array.min() == -1024 and vol.array.max() > 1000
+        assert vol.array.min() == -1024
+        assert vol.array.max() > 1000
         assert vol.meta["identity_incomplete"]  # this sample is anonymised without UIDs
     else:
         assert vol.meta["SeriesInstanceUID"] == dss[0].SeriesInstanceUID
@@ -195,11 +198,11 @@ def test_non_dicom_and_empty_inputs(tmp_path: Path) -> None:
         read_series(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("flag,uid", [("+e1", "1.2.840.10008.1.2.4.70"), ("+el", "1.2.840.10008.1.2.4.57")])
+@pytest.mark.parametrize(("flag", "uid"), [("+e1", "1.2.840.10008.1.2.4.70"), ("+el", "1.2.840.10008.1.2.4.57")])
 def test_jpeg_lossless_made_by_dcmtk(tmp_path: Path, flag: str, uid: str) -> None:
     import subprocess
 
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("dcmcjpeg")
     src = tmp_path / "src"

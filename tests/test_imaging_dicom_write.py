@@ -15,7 +15,7 @@ from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.transforms import rotation_matrix
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 
 def _ident() -> dict:
@@ -46,7 +46,8 @@ def test_round_trip_exact_geometry_and_hu(tmp_path: Path) -> None:
     np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-6)
     np.testing.assert_allclose(back.direction, vol.direction, atol=1e-6)
     assert np.max(np.abs(back.array - vol.array)) <= 0.5 + 1e-3
-    assert back.meta["PatientID"] == "LT-0001" and back.meta["IssuerOfPatientID"] == "LT"
+    assert back.meta["PatientID"] == "LT-0001"
+    assert back.meta["IssuerOfPatientID"] == "LT"
     assert back.meta["StudyInstanceUID"] == ident["study_uid"]
     assert back.meta["SeriesInstanceUID"] == ident["series_uid"]
     assert back.meta["FrameOfReferenceUID"] == ident["frame_of_reference_uid"]

@@ -53,7 +53,10 @@ def test_centre_distance_and_tre() -> None:
     assert centre_distance(a, a.with_array(np.zeros((5, 5, 5), np.uint8))) is None
     r = tre(np.array([[0, 0, 0], [1, 1, 1], [3, 4, 0]]), np.array([[0, 0, 0], [1, 1, 2], [0, 0, 0]]))
     np.testing.assert_allclose(r.per_point, [0.0, 1.0, 5.0])
-    assert r.mean == pytest.approx(2.0) and r.median == pytest.approx(1.0) and r.max == 5.0 and r.n == 3
+    assert r.mean == pytest.approx(2.0)
+    assert r.median == pytest.approx(1.0)
+    assert r.max == 5.0
+    assert r.n == 3
 
 
 def test_tracking_metrics_per_scan_then_patient() -> None:
@@ -78,6 +81,8 @@ def test_evaluate_lesion_from_masks() -> None:
     gt.array[1:3, 1:3, 1:3] = 1
     pred = gt.with_array(np.roll(gt.array, 1, axis=2))
     r = evaluate_lesion("P", "s", 4, pred, gt)
-    assert r.dice == pytest.approx(0.5) and r.distance_mm == pytest.approx(1.0) and r.matched
+    assert r.dice == pytest.approx(0.5)
+    assert r.distance_mm == pytest.approx(1.0)
+    assert r.matched
     assert evaluate_lesion("P", "s", 4, None, gt).dice == 0.0
     assert evaluate_lesion("P", "s", 4, pred, None).dice == 0.0

@@ -22,13 +22,17 @@ def test_same_seed_same_patient_other_seed_differs() -> None:
 def test_tissue_hu_noise_and_lesions() -> None:
     ph = make_phantom(1, **SMALL)
     ct, org, lab = ph.ct.array.astype(float), ph.organs.array, ph.lesions.array
-    assert ct.dtype == float and ph.ct.array.dtype == np.int16
+    assert ct.dtype == float
+    assert ph.ct.array.dtype == np.int16
     med = {
         name: float(np.median(ct[(org == ORGANS[name]) & (lab == 0)]))
         for name in ("lung", "fat", "muscle", "liver", "heart", "bone")
     }
-    assert -920 < med["lung"] < -780 and -130 < med["fat"] < -60 and 30 < med["muscle"] < 75
-    assert 80 < med["liver"] < 130 and med["bone"] > 200
+    assert -920 < med["lung"] < -780
+    assert -130 < med["fat"] < -60
+    assert 30 < med["muscle"] < 75
+    assert 80 < med["liver"] < 130
+    assert med["bone"] > 200
     outside = ct[:, :4, :]  # air in front of the patient
     assert 8 < outside.std() < 30  # noise sd within 10–25 HU-ish
     kinds = {x.kind for x in ph.lesion_info}

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lesiontrack.cli import app
 from lesiontrack.synthetic.phantom import make_phantom
 from lesiontrack.synthetic.synthesis import load_truth
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 
 def test_synth_from_files(tmp_path: Path) -> None:
@@ -47,7 +47,8 @@ def test_synth_from_files(tmp_path: Path) -> None:
 
 def test_synth_rejects_half_source(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--source", str(tmp_path / "x.nii.gz")])
-    assert res.exit_code != 0 and "--labels" in res.output
+    assert res.exit_code != 0
+    assert "--labels" in res.output
 
 
 @pytest.mark.slow
@@ -76,4 +77,5 @@ def test_synth_from_real_lung_ct(tmp_path: Path) -> None:
     tumour = next(d for d in tp1["lesions"] if d["label"] == 1)
     assert tumour["status"] in ("present", "vanished", "out_of_fov")
     b, f = np.array(tp1["landmarks"]["baseline_mm"]), np.array(tp1["landmarks"]["followup_mm"])
-    assert len(b) > 20 and np.abs(tp1["transform"].baseline_to_followup(b) - f).max() < 0.1
+    assert len(b) > 20
+    assert np.abs(tp1["transform"].baseline_to_followup(b) - f).max() < 0.1

@@ -51,7 +51,8 @@ def test_followup_grid_and_intensity_changed(patient) -> None:
     _, p = patient
     base, fu = p.timepoints[0].ct, p.timepoints[1].ct
     assert not base.same_grid(fu)
-    assert fu.array.dtype == np.int16 and p.timepoints[1].labels.same_grid(fu)
+    assert fu.array.dtype == np.int16
+    assert p.timepoints[1].labels.same_grid(fu)
     assert p.timepoints[2].days_from_baseline > p.timepoints[1].days_from_baseline >= 42
 
 
@@ -63,17 +64,20 @@ def test_written_truth_landmarks_exact(patient, tmp_path: Path) -> None:
     ids = [(t["study_uid"], t["series_uid"], t["frame_of_reference_uid"]) for t in truth["timepoints"]]
     assert len({u for trip in ids for u in trip}) == 9
     dates = [t["study_date"] for t in truth["timepoints"]]
-    assert dates == sorted(dates) and len(set(dates)) == 3
+    assert dates == sorted(dates)
+    assert len(set(dates)) == 3
     for t in truth["timepoints"][1:]:
         b = np.array(t["landmarks"]["baseline_mm"])
         f = np.array(t["landmarks"]["followup_mm"])
         assert len(b) >= 30
         err_fwd = np.linalg.norm(t["transform"].baseline_to_followup(b) - f, axis=1)
         err_back = np.linalg.norm(t["transform"].followup_to_baseline(f) - b, axis=1)
-        assert err_fwd.max() < 0.1 and err_back.max() < 0.1
+        assert err_fwd.max() < 0.1
+        assert err_back.max() < 0.1
     tp1 = truth["timepoints"][1]
     vol = read_series(root / tp1["dicom_dir"])
-    assert vol.meta["PatientID"] == p.patient_id and vol.meta["StudyInstanceUID"] == tp1["study_uid"]
+    assert vol.meta["PatientID"] == p.patient_id
+    assert vol.meta["StudyInstanceUID"] == tp1["study_uid"]
     np.testing.assert_allclose(vol.origin, tp1["grid"]["origin"], atol=1e-4)
     labels = Volume.read(str(root / tp1["label_map"]))
     assert labels.same_grid(vol, atol=1e-3)
@@ -91,7 +95,8 @@ def test_growth_and_shrinkage_change_volume() -> None:
     _, grown = grow_lesion(ct, lab, 3, GrowthParams(25.0, 2, 4.0), rng)
     _, shrunk = grow_lesion(ct, lab, 3, GrowthParams(-22.0, 2, 4.0), rng)
     v0 = (lab.array == 3).sum()
-    assert (grown.array == 3).sum() > 1.2 * v0 and (shrunk.array == 3).sum() < 0.8 * v0
+    assert (grown.array == 3).sum() > 1.2 * v0
+    assert (shrunk.array == 3).sum() < 0.8 * v0
 
 
 def test_vanished_lesion_becomes_the_dominant_surrounding_tissue() -> None:

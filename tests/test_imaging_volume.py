@@ -25,7 +25,8 @@ def test_index_patient_round_trip_and_sitk_agree() -> None:
     # array[k, j, i] is the voxel at index (i, j, k)
     assert v.array[3, 4, 5] == img.GetPixel(5, 4, 3)
     back = Volume.from_sitk(img)
-    assert back.same_grid(v) and np.array_equal(back.array, v.array)
+    assert back.same_grid(v)
+    assert np.array_equal(back.array, v.array)
 
 
 def test_nifti_ras_is_read_as_lps(tmp_path: Path) -> None:
@@ -46,7 +47,8 @@ def test_resample_onto_shifted_grid() -> None:
     ref = Volume(np.zeros((10, 10, 10), np.uint8), origin=(-4.0, 0.0, 2.0), spacing=(2.0, 2.0, 2.0))
     out = v.resample_to(ref)
     # patient point (10, 10, 10) is index (7, 5, 4) in ref
-    assert out.array[4, 5, 7] == 100 and out.array[out.array > -1024].sum() == 100  # outside: air
+    assert out.array[4, 5, 7] == 100
+    assert out.array[out.array > -1024].sum() == 100
     lab = Volume(np.zeros((10, 10, 10), np.uint8), spacing=(2.0, 2.0, 2.0))
     lab.array[2:6, 2:6, 2:6] = 3
     iso = lab.resample_isotropic(1.0, label=True)

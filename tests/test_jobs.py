@@ -28,7 +28,7 @@ from lesiontrack.pipeline.analysis import (
 )
 from lesiontrack.pipeline.executors.inprocess import InProcessExecutor
 from lesiontrack.pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
-from tests.services import wait_for
+from tests.support.services import wait_for
 
 
 def _factory(url: str):
@@ -36,7 +36,7 @@ def _factory(url: str):
     return make_session_factory(make_engine(url))
 
 
-@pytest.fixture()
+@pytest.fixture
 def sf(sqlite_url: str):
     return _factory(sqlite_url)
 
@@ -100,8 +100,11 @@ def test_happy_path_records_outputs_timings_and_audits_every_state_change(sf) ->
     job = svc.store.create("1.2.3")
     assert svc.run(job) is JobState.DONE
     view = svc.store.get(job)
-    assert view.state is JobState.DONE and view.attempts == 1 and view.error is None
-    assert set(view.step_timings) == {"a", "b", "c"} and all(v >= 0 for v in view.step_timings.values())
+    assert view.state is JobState.DONE
+    assert view.attempts == 1
+    assert view.error is None
+    assert set(view.step_timings) == {"a", "b", "c"}
+    assert all(v >= 0 for v in view.step_timings.values())
     assert _out(view, "c") == Counted(n=1, seen=["a", "b"])
     assert _transitions(sf, job) == [("queued", "running"), ("running", "done")]
     assert svc.run(job) is None, "a finished job is not claimable again"
@@ -116,7 +119,8 @@ def test_transient_failure_is_retried_with_backoff_then_succeeds(sf) -> None:
     assert svc.run(job) is JobState.RETRY_WAIT
     view = svc.store.get(job)
     assert view.error == "b: ConnectionError: PACS unreachable"
-    assert view.next_retry_at is not None and view.next_retry_at.timestamp() > time.time() + 50
+    assert view.next_retry_at is not None
+    assert view.next_retry_at.timestamp() > time.time() + 50
     assert svc.run(job) is None, "not claimable before its back-off ends"
     with session_scope(sf) as s:  # the back-off is over
         s.get(AnalysisJob, job).next_retry_at = None
@@ -152,7 +156,8 @@ def test_permanent_failure_keeps_inputs_and_names_the_step(sf) -> None:
     job = svc.store.create("1.2.3")
     assert svc.run(job) is JobState.FAILED
     view = svc.store.get(job)
-    assert view.error == "register: ValueError: follow-up has 3 slices" and view.step == "register"
+    assert view.error == "register: ValueError: follow-up has 3 slices"
+    assert view.step == "register"
     assert _out(view, "load") == Counted(n=1, seen=[]), "earlier outputs are kept"
     assert rec.calls["register"] == 1, "permanent failures are not retried"
 
@@ -183,12 +188,14 @@ def test_retry_creates_a_new_job_that_supersedes_the_old(sf) -> None:
     svc = AnalysisService(sf, [rec.step("a", fail={1: PermanentError("bad")})])
     old = svc.store.create("1.2.3")
     assert svc.run(old) is JobState.FAILED
-    with pytest.raises(ValueError):
-        svc.store.retry(svc.store.create("9.9"))  # queued jobs are not retried
+    queued = svc.store.create("9.9")
+    with pytest.raises(ValueError, match="only finished jobs can be retried"):
+        svc.store.retry(queued)
     new = svc.store.retry(old)
     assert new != old
     old_view = svc.store.get(old)
-    assert old_view.state is JobState.SUPERSEDED and old_view.superseded_by == new
+    assert old_view.state is JobState.SUPERSEDED
+    assert old_view.superseded_by == new
     assert old_view.error == "a: bad", "the old job's record is kept"
     assert svc.run(old) is None
     assert svc.run(new) is JobState.DONE
@@ -279,10 +286,14 @@ def test_graceful_stop_finishes_the_step_and_requeues(sf) -> None:
     release.set()
     stopper.join(15)
     view = svc.store.get(job)
-    assert view.state is JobState.QUEUED and view.attempts == 0 and view.worker is None
-    assert Done.model_validate(view.step_outputs.get("slow")) == Done() and rec.calls["after"] == 0
+    assert view.state is JobState.QUEUED
+    assert view.attempts == 0
+    assert view.worker is None
+    assert Done.model_validate(view.step_outputs.get("slow")) == Done()
+    assert rec.calls["after"] == 0
     svc2 = AnalysisService(sf, [Step("slow", slow, Done, durable=True), rec.step("after")])
-    assert svc2.run(job) is JobState.DONE and rec.calls["after"] == 1
+    assert svc2.run(job) is JobState.DONE
+    assert rec.calls["after"] == 1
 
 
 def _race(sf, n_jobs: int = 12, n_workers: int = 3) -> None:
@@ -339,15 +350,19 @@ def test_cli_jobs_list_show_retry(sqlite_url: str, tmp_path: Path, monkeypatch: 
     runner = CliRunner()
     res = runner.invoke(app, ["jobs", "list"])
     assert res.exit_code == 0, res.output
-    assert "1.2.840.99" in res.output and "failed" in res.output
+    assert "1.2.840.99" in res.output
+    assert "failed" in res.output
     res = runner.invoke(app, ["jobs", "show", str(job)])
-    assert res.exit_code == 0 and "broken input file x.dcm" in res.output
+    assert res.exit_code == 0
+    assert "broken input file x.dcm" in res.output
     res = runner.invoke(app, ["jobs", "retry", str(job)])
     assert res.exit_code == 0, res.output
     new = svc.store.get(job).superseded_by
-    assert new and f"job {new}" in res.output
+    assert new
+    assert f"job {new}" in res.output
     res = runner.invoke(app, ["jobs", "retry", "424242"])
-    assert res.exit_code != 0 and "no analysis job with id 424242" in res.output
+    assert res.exit_code != 0
+    assert "no analysis job with id 424242" in res.output
 
 
 def test_a_stored_output_that_no_longer_validates_fails_the_job_naming_the_step(sf) -> None:
@@ -361,7 +376,8 @@ def test_a_stored_output_that_no_longer_validates_fails_the_job_naming_the_step(
     svc = AnalysisService(sf, [rec.step("retrieve", durable=True), rec.step("write")])
     assert svc.run(job) is JobState.FAILED
     view = store.get(job)
-    assert view.error is not None and view.error.startswith("resume: stored output of step retrieve no longer matches")
+    assert view.error is not None
+    assert view.error.startswith("resume: stored output of step retrieve no longer matches")
     assert rec.calls == Counter(), "nothing runs on an output it cannot trust"
 
 

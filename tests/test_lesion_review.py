@@ -21,11 +21,13 @@ import pytest
 from scipy import ndimage as ndi
 from sqlalchemy import select
 
-from lesiontrack.db.models import JobState, LesionObservation, Patient
-from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.db.models import LesionObservation
+from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.confidence import ConfidenceRules, assess_lesion, review_text
 from lesiontrack.pipeline.contract import job_results
-from tests.conftest import require_tool
+from tests.support.patient import STILL_SEED, STILL_SHAPE, STILL_SPACING, still_patient
+from tests.support.service_site import analyse_first_followup
+from tests.support.validators import assert_seg_and_sr_validate
 
 API_KEY = {"X-API-Key": "demo"}
 ERASED = 2  # phantom label of the lesion erased from the follow-up
@@ -60,45 +62,21 @@ def _erase_lesion(files: list[Path], seed: int, shape: tuple[int, int, int], spa
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from fastapi.testclient import TestClient
-
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.steps import build_pipeline
-    from lesiontrack.service import build_analysis_service, build_ports
-    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("review")
     settings = demo_settings(
         tmp / "data", http=False, engines={"registration": "none"}, detection={"new_lesions": False}
     )
-    upgrade(settings.effective_database_url)
-    sf = make_session_factory(make_engine(settings.effective_database_url))
-    shape, spacing = (64, 112, 112), (2.5, 2.5, 3.0)
-    patient = make_patient(
-        tmp / "patient", seed=7, shape=shape, spacing=spacing, n_lesions=3, n_followups=1, changes=False, motion=False
-    )
-    _erase_lesion(list(patient.followups[0].files), 7, shape, spacing)
-    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
-    for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
-        assert ingest_file(ingestor, f).ok
-    ingestor.close()
-    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
-    job = service.store.create(patient.followups[0].series_uid)
-    assert service.run(job) is JobState.DONE, service.store.get(job).error
-    client = TestClient(create_app(settings, sf, job_control=JobStoreControl(JobStore(sf), actor="api")))
-    with session_scope(sf) as s:
-        patient_pk = s.scalar(select(Patient.id))
+    patient = still_patient(tmp / "patient", n_followups=1)
+    _erase_lesion(list(patient.followups[0].files), STILL_SEED, STILL_SHAPE, STILL_SPACING)
+    analysed = analyse_first_followup(settings, patient)
     erased_uid = next(les["tracking_uid"] for les in patient.lesions if les["label"] == ERASED)
     return {
-        "sf": sf,
-        "job": service.store.get(job),
-        "client": client,
-        "patient_pk": patient_pk,
+        "sf": analysed.sf,
+        "job": analysed.job,
+        "client": analysed.client,
+        "patient_pk": analysed.patient_pk,
         "erased": erased_uid,
         "uids": [les["tracking_uid"] for les in patient.lesions],
     }
@@ -109,16 +87,21 @@ def test_the_erased_lesion_is_flagged_and_the_stable_ones_are_not(site: dict[str
     assert track is not None
     by_uid = {les.tracking_uid: les for les in track.lesions}
     erased = by_uid[site["erased"]]
-    assert erased.status == "vanished" and erased.review and erased.review_reasons
-    assert erased.confidence is not None and erased.confidence < 0.5
+    assert erased.status == "vanished"
+    assert erased.review
+    assert erased.review_reasons
+    assert erased.confidence is not None
+    assert erased.confidence < 0.5
     others = [les for uid, les in by_uid.items() if uid != site["erased"]]
-    assert others and all(les.status == "present" and not les.review for les in others)
+    assert others
+    assert all(les.status == "present" and not les.review for les in others)
     assert all(les.confidence is not None and les.confidence >= 0.5 for les in others)
     with session_scope(site["sf"]) as s:
         rows = s.scalars(select(LesionObservation).where(LesionObservation.job_pk == site["job"].id)).all()
         flagged = {o.series_instance_uid for o in rows if o.review}
         assert flagged == {site["job"].followup_series_uid}
-        assert sum(o.review for o in rows) == 1 and all(o.review_reasons for o in rows if o.review)
+        assert sum(o.review for o in rows) == 1
+        assert all(o.review_reasons for o in rows if o.review)
 
 
 def test_job_summary_says_how_many_need_review(site: dict[str, Any]) -> None:
@@ -144,7 +127,8 @@ def _content(items: Any) -> list[Any]:
 
 def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -> None:
     written = job_results(site["job"].step_outputs).written
-    assert written is not None and written.sr
+    assert written is not None
+    assert written.sr
     ds = pydicom.dcmread(written.sr)
     flags: dict[str, set[str]] = {}
     confidences: dict[str, float] = {}
@@ -168,21 +152,18 @@ def test_sr_states_the_review_flag_per_measurement_group(site: dict[str, Any]) -
     assert reasons.get(site["erased"])
     for uid in site["uids"]:
         if uid != site["erased"]:
-            assert flags[uid] == {"Not flagged for review"} and uid not in reasons
-    assert set(confidences) == set(site["uids"]) and confidences[site["erased"]] < 0.5
+            assert flags[uid] == {"Not flagged for review"}
+            assert uid not in reasons
+    assert set(confidences) == set(site["uids"])
+    assert confidences[site["erased"]] < 0.5
 
 
 def test_seg_and_sr_with_review_flags_validate(site: dict[str, Any]) -> None:
-    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_sr_validator
-
-    require_tool("java")
     written = job_results(site["job"].step_outputs).written
-    assert written is not None and written.seg and written.sr
-    for path in (written.seg, written.sr):
-        report = run_dciodvfy(path)
-        assert report.ok, report.errors
-    (sr_report,) = run_sr_validator(written.sr)
-    assert sr_report.ok and not sr_report.errors, sr_report.errors
+    assert written is not None
+    assert written.seg
+    assert written.sr
+    assert_seg_and_sr_validate(written.seg, written.sr)
 
 
 def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -> None:
@@ -190,9 +171,13 @@ def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -
     tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
     row = next(r for r in tl["lesions"] if r["tracking_uid"] == site["erased"])
     cell = row["cells"][1]
-    assert cell["review"] is True and cell["review_reasons"] and cell["confidence"] < 0.5
-    assert tl["timepoints"][1]["lesions_need_review"] == 1 and tl["timepoints"][1]["lesions_observed"] == 3
-    assert tl["timepoints"][1]["lesions_assessed"] == 3 and tl["timepoints"][0]["lesions_assessed"] == 0
+    assert cell["review"] is True
+    assert cell["review_reasons"]
+    assert cell["confidence"] < 0.5
+    assert tl["timepoints"][1]["lesions_need_review"] == 1
+    assert tl["timepoints"][1]["lesions_observed"] == 3
+    assert tl["timepoints"][1]["lesions_assessed"] == 3
+    assert tl["timepoints"][0]["lesions_assessed"] == 0
     others = [r["cells"][1] for r in tl["lesions"] if r["tracking_uid"] != site["erased"]]
     assert all(c["review"] is False for c in others)
 
@@ -209,7 +194,9 @@ def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -
     start = html.index(f'data-observation-id="{obs}"')
     td_open = html.rindex("<td", 0, start)
     td = html[td_open : html.index("</td>", start)]
-    assert "needs-review" in td and 'data-review="true"' in td and ">review</span>" in td
+    assert "needs-review" in td
+    assert 'data-review="true"' in td
+    assert ">review</span>" in td
     assert "1 of 3 lesions need review" in html
 
     metrics = client.get("/metrics", headers=API_KEY).text
@@ -233,11 +220,15 @@ def test_confidence_scores_a_leak_and_a_clean_result() -> None:
     kw: dict[str, Any] = dict(source_ct=ct, source_mask=m, followup_ct=ct, prompt=m, present=True, reg=reg)
     clean = assess_lesion(result=m, **kw)
     leak = assess_lesion(result=ct.with_array((sphere | blob).astype(np.uint8)), **kw)
-    assert clean.confidence >= 0.9 and not clean.review
-    assert leak.review and leak.confidence < 0.5 and any("prompt" in r for r in leak.reasons)
+    assert clean.confidence >= 0.9
+    assert not clean.review
+    assert leak.review
+    assert leak.confidence < 0.5
+    assert any("prompt" in r for r in leak.reasons)
     strict = assess_lesion(result=m, rules=ConfidenceRules(review_threshold=1.01), **kw)
     assert strict.review  # the threshold is what decides
-    assert review_text(2, 5) == "2 of 5 lesions need review" and review_text(0, 1) == "none of 1 lesion needs review"
+    assert review_text(2, 5) == "2 of 5 lesions need review"
+    assert review_text(0, 1) == "none of 1 lesion needs review"
 
 
 def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
@@ -254,8 +245,10 @@ def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
     img = np.where(lesion, 80.0, 105.0) + ndi.gaussian_filter(rng.normal(0, 60, lesion.shape), 0.8)
     ct = Volume(img.astype(np.int16), spacing=np.ones(3))
     exact_m, rough_m = margin(ct, lesion), margin(ct, rough)
-    assert exact_m is not None and rough_m is not None
-    assert exact_m >= 0.8 > 0.55 >= rough_m
+    assert exact_m is not None
+    assert rough_m is not None
+    assert exact_m >= 0.8
+    assert rough_m <= 0.55
 
 
 def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() -> None:
@@ -271,7 +264,8 @@ def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() 
 
     assert not conf(volume_ratio=2.8, neighbour_ratio=2.8, neighbour_days=56).review
     fast = conf(volume_ratio=2.9, neighbour_ratio=5.0, neighbour_days=56, days=112)
-    assert fast.review and any("neighbouring timepoint" in r for r in fast.reasons)
+    assert fast.review
+    assert any("neighbouring timepoint" in r for r in fast.reasons)
     assert not conf(volume_ratio=2.9, neighbour_ratio=5.0, neighbour_days=112, days=224).review
     # our neighbour was the odd one out (x5 against the annotation), we are back near the annotation's volume
     assert not conf(volume_ratio=1.0, neighbour_ratio=0.2, neighbour_days=56, days=112).review
@@ -292,10 +286,13 @@ def test_every_recorded_reason_flags_the_lesion() -> None:
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
     mild = combine({**base, "jac_lo": 0.57, "jac_hi": 1.47})
     jac = mild.signal("jacobian")
-    assert jac is not None and jac.score < 1
-    assert not mild.review and mild.reasons == []
+    assert jac is not None
+    assert jac.score < 1
+    assert not mild.review
+    assert mild.reasons == []
     folded = combine({**base, "jac_lo": -0.1, "jac_hi": 1.2})
-    assert folded.review and "registration folds near the lesion" in folded.reasons
+    assert folded.review
+    assert "registration folds near the lesion" in folded.reasons
     for ev in (
         {"ncc": 0.5},
         {"ncc": 0.7, "annotation_margin": 0.65, "result_margin": 0.85},
@@ -319,13 +316,15 @@ def test_a_change_that_contradicts_itself_or_the_registration_is_flagged() -> No
         return combine({**base, **kw})
 
     contra = conf(volume_ratio=0.75, diameter_ratio=1.12)
-    assert contra.review and any("signs disagree" in r for r in contra.reasons)
+    assert contra.review
+    assert any("signs disagree" in r for r in contra.reasons)
     assert not conf(volume_ratio=0.97, diameter_ratio=1.03).review  # noise
     assert not conf(volume_ratio=1.41, diameter_ratio=1.12).review  # coherent growth
     assert not conf(volume_ratio=0.5, diameter_ratio=0.8).review  # coherent shrinkage
 
     short = conf(volume_ratio=0.885, registration_ratio=1.3)
-    assert short.review and any("Jacobian" in r for r in short.reasons)
+    assert short.review
+    assert any("Jacobian" in r for r in short.reasons)
     assert not conf(volume_ratio=1.41, registration_ratio=1.3).review  # growth beyond the registration's: expected
     assert not conf(volume_ratio=0.885, registration_ratio=1.04).review  # a near-rigid registration says nothing
     assert conf(volume_ratio=1.3, registration_ratio=0.7).review  # the registration shrank it, the result grew
@@ -345,7 +344,8 @@ def test_registration_volume_ratio_reads_the_jacobian_of_the_mapping() -> None:
     region = np.zeros((20, 20, 20), bool)
     region[5:15, 5:15, 5:15] = True
     ratio = registration_volume_ratio(Stretch(), region, grid)
-    assert ratio is not None and abs(ratio - 1.331) < 1e-3
+    assert ratio is not None
+    assert abs(ratio - 1.331) < 1e-3
     assert registration_volume_ratio(Stretch(), np.zeros_like(region), grid) is None
 
 
@@ -379,8 +379,11 @@ def test_a_result_short_of_the_registrations_own_change_is_flagged_end_to_end() 
         days=56,
     )
     short = assess_lesion(result=followup_ct.with_array((r <= 5.8).astype(np.uint8)), **kw)
-    assert short.review and any("Jacobian" in reason for reason in short.reasons), short
+    assert short.review, short
+    assert any("Jacobian" in reason for reason in short.reasons), short
     sig = short.signal("registration_change")
-    assert sig is not None and sig.score < 0.5
+    assert sig is not None
+    assert sig.score < 0.5
     follows = assess_lesion(result=followup_ct.with_array((r <= 6.0 * scale).astype(np.uint8)), **kw)
-    assert not follows.review and follows.reasons == [], follows
+    assert not follows.review, follows
+    assert follows.reasons == [], follows

@@ -14,7 +14,7 @@ from lesiontrack.models.segmentation.lesionlocator import CheckpointError, Lesio
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, series
 
 ARCH = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
@@ -96,9 +96,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> None:
     eng = get_engine("lesionlocator", weights=checkpoint, device="cpu")
-    assert isinstance(eng, LesionLocatorEngine) and eng.device == "cpu"
+    assert isinstance(eng, LesionLocatorEngine)
+    assert eng.device == "cpu"
     m = eng._model("point")
-    assert m.configuration == "3d_fullres_bs3" and m.patch_kji == (16, 32, 32) and len(m.networks) == 2
+    assert m.configuration == "3d_fullres_bs3"
+    assert m.patch_kji == (16, 32, 32)
+    assert len(m.networks) == 2
     np.testing.assert_allclose(m.spacing_xyz, [2.0, 2.0, 3.0])
     ct = series(seed=3)[0].ct
     lung = LESIONS[0]
@@ -108,11 +111,14 @@ def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> N
         Prompt(ident, PromptKind.BOX, box_mm=(np.array(lung.centre_mm) - 9, np.array(lung.centre_mm) + 9)),
     ):
         out = eng.segment(ct, prompt)
-        assert out.same_grid(ct) and out.array.dtype == np.uint8 and set(np.unique(out.array)) <= {0, 1}
+        assert out.same_grid(ct)
+        assert out.array.dtype == np.uint8
+        assert set(np.unique(out.array)) <= {0, 1}
     assert "track" not in eng._models  # lazy: the track UNet is loaded only for mask prompts
     tta = LesionLocatorEngine(checkpoint, device="cpu", folds=(0,), tta=True)  # mirror TTA: 8 passes per tile
     out = tta.segment(ct, Prompt(ident, PromptKind.POINTS, points_mm=np.array([lung.centre_mm])))
-    assert out.same_grid(ct) and len(tta._model("point").networks) == 1
+    assert out.same_grid(ct)
+    assert len(tta._model("point").networks) == 1
 
 
 def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> None:
@@ -125,7 +131,8 @@ def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> N
     ]
     track_lesions(tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=eng)
     les = tps[1].lesions[0]
-    assert les.engine == "lesionlocator" and les.status in (LesionStatus.PRESENT, LesionStatus.VANISHED)
+    assert les.engine == "lesionlocator"
+    assert les.status in (LesionStatus.PRESENT, LesionStatus.VANISHED)
     assert isinstance(eng, LesionLocatorEngine)
     assert len(eng._models["track"].networks) == 1
 

@@ -18,7 +18,7 @@ from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
 from lesiontrack.pipeline.jobs import JobStore
-from tests.test_dicom_node_scp import Node, pynetdicom_store
+from tests.support.dicom_node import Node, pynetdicom_store
 
 log = logging.getLogger("lesiontrack.test.context")
 
@@ -37,7 +37,7 @@ class JsonLines:
         return [json.loads(x) for x in self.capsys.readouterr().err.splitlines() if x.startswith("{")]
 
 
-@pytest.fixture()
+@pytest.fixture
 def json_lines(capsys: pytest.CaptureFixture[str]) -> Iterator[JsonLines]:
     try:
         yield JsonLines(capsys)
@@ -76,7 +76,8 @@ def test_lines_inside_a_job_carry_job_series_and_step(json_lines: JsonLines, sql
     summary = [
         x for x in lines if x["logger"] == "lesiontrack.pipeline.analysis" and x["msg"].startswith(f"job {job_id} done")
     ]
-    assert summary and summary[0]["job"] == job_id, "the runner's own end-of-job line carries the job too"
+    assert summary, "the runner's own end-of-job line carries the job too"
+    assert summary[0]["job"] == job_id, "the runner's own end-of-job line carries the job too"
     assert summary[0]["series_uid"] == "1.2.826.0.1.3680043.10.99.1"
     assert not {"job", "step", "series_uid"} & set(mine["after the job"])  # the context ends with the job
 
@@ -105,5 +106,6 @@ def test_lines_inside_an_association_carry_the_peer(json_lines: JsonLines, tmp_p
     summary = [
         x for x in json_lines.read() if x["logger"] == "lesiontrack.dicom_node.scp" and "association from" in x["msg"]
     ]
-    assert len(summary) == 1 and "2 instances stored" in summary[0]["msg"], summary
+    assert len(summary) == 1, summary
+    assert "2 instances stored" in summary[0]["msg"], summary
     assert summary[0]["peer"].startswith("PYSCU@127.0.0.1"), summary

@@ -46,7 +46,8 @@ def test_ellipsoid_axes_volume_centre_and_hu() -> None:
     assert r.volume_mm3 == pytest.approx(4 / 3 * np.pi * 12 * 6 * 8, rel=0.03)
     assert r.volume_ml == pytest.approx(r.volume_mm3 / 1000)
     assert np.allclose(r.centre_mm, centre, atol=0.3)
-    assert r.hu_mean == 100 and r.hu_sd == 0
+    assert r.hu_mean == 100
+    assert r.hu_sd == 0
     # long axis along 30°, on the central slice, perpendicular short axis
     la, sa = r.long_axis, r.short_axis
     d = np.subtract(la.end_mm, la.start_mm)
@@ -66,7 +67,10 @@ def test_single_voxel_and_vanished() -> None:
     assert r.long_axis_mm == pytest.approx(np.hypot(0.5, 0.5))  # pixel diagonal
     assert r.volume_mm3 == pytest.approx(0.25)
     gone = measure_lesion(ct.with_array(np.zeros(ct.shape, np.uint8)), ct, tracking_uid="u", tracking_id="L1")
-    assert gone.status == "vanished" and gone.volume_mm3 == 0 and gone.long_axis is None and not gone.present
+    assert gone.status == "vanished"
+    assert gone.volume_mm3 == 0
+    assert gone.long_axis is None
+    assert not gone.present
 
 
 def test_mask_on_another_grid_is_resampled_onto_the_ct() -> None:
@@ -134,7 +138,8 @@ def test_changes_previous_baseline_nadir() -> None:
     assert (la.baseline.absolute, la.baseline.percent) == (-8, pytest.approx(-40))
     assert (la.nadir.reference_value, la.nadir.absolute) == (10, 2)
     vol = ch.metrics["volume_mm3"]
-    assert vol.baseline.percent == pytest.approx(-62.5) and vol.nadir.percent == pytest.approx(50)
+    assert vol.baseline.percent == pytest.approx(-62.5)
+    assert vol.nadir.percent == pytest.approx(50)
     # vanished → 0, percentage vs 0 is undefined (None)
     ch2 = lesion_changes([_m("u", 20, 4000), _m("u", 0, 0, "vanished"), _m("u", 5, 100)])
     assert ch2.metrics["long_axis_mm"].nadir.reference_value == 0

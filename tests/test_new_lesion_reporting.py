@@ -19,62 +19,35 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin, Patient
-from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin
+from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.sr_reader import read_sr
-from tests.conftest import require_tool
-from tests.segsr_fixtures import content_items
+from tests.support.patient import still_patient
+from tests.support.segsr import content_items
+from tests.support.service_site import analyse_first_followup
+from tests.support.validators import assert_seg_and_sr_validate
 
 API_KEY = {"X-API-Key": "demo"}
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from fastapi.testclient import TestClient
-
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.steps import build_pipeline
-    from lesiontrack.service import build_analysis_service, build_ports
-    from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("newlesions")
     settings = demo_settings(tmp / "data", http=False, engines={"registration": "none"})
-    upgrade(settings.effective_database_url)
-    sf = make_session_factory(make_engine(settings.effective_database_url))
-    patient = make_patient(
-        tmp / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=1,
-        changes=False,
-        motion=False,
-        new_lesions={1: [("lung", 12.0, 30.0), ("liver", 14.0, 20.0)]},
+    patient = still_patient(
+        tmp / "patient", n_followups=1, new_lesions={1: [("lung", 12.0, 30.0), ("liver", 14.0, 20.0)]}
     )
-    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
-    for f in [*patient.baseline.files, patient.seg_file, *patient.followups[0].files]:
-        assert ingest_file(ingestor, f).ok
-    ingestor.close()
-    service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
-    job = service.store.create(patient.followups[0].series_uid)
-    assert service.run(job) is JobState.DONE, service.store.get(job).error
-    client = TestClient(create_app(settings, sf, job_control=JobStoreControl(JobStore(sf), actor="api")))
-    with session_scope(sf) as s:
-        patient_pk = s.scalar(select(Patient.id))
+    analysed = analyse_first_followup(settings, patient)
     return {
-        "sf": sf,
-        "service": service,
+        "sf": analysed.sf,
+        "service": analysed.service,
         "patient": patient,
-        "first_job": service.store.get(job),
-        "client": client,
-        "patient_pk": patient_pk,
+        "first_job": analysed.job,
+        "client": analysed.client,
+        "patient_pk": analysed.patient_pk,
     }
 
 
@@ -88,8 +61,11 @@ def _truth(site: dict[str, Any], organ: str) -> dict[str, Any]:
 
 def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: dict[str, Any]) -> None:
     results = job_results(site["first_job"].step_outputs)
-    assert results.detect is not None and results.detect.ran
-    assert results.written is not None and results.written.sr and results.written.seg
+    assert results.detect is not None
+    assert results.detect.ran
+    assert results.written is not None
+    assert results.written.sr
+    assert results.written.seg
     found = [c.model_dump() for c in results.detect.candidates]
     for organ in ("lung", "liver"):
         truth = _truth(site, organ)
@@ -120,7 +96,8 @@ def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: d
     }
     for uid, (category, kind, _colour, algo) in kinds.items():
         if uid in cand_uids:
-            assert (category, algo) == ("404684003", "AUTOMATIC") and kind in ("112033", "112062"), kinds[uid]
+            assert (category, algo) == ("404684003", "AUTOMATIC"), kinds[uid]
+            assert kind in ("112033", "112062"), kinds[uid]
         else:
             assert (category, kind) == ("49755003", "52988006"), kinds[uid]
     assert len({kinds[uid][2] for uid in cand_uids}) == 1, "every candidate has the one candidate colour"
@@ -140,20 +117,16 @@ def test_candidates_are_reported_unconfirmed_and_do_not_make_progression(site: d
     listed = client.get(f"/api/patients/{pk}/candidates", headers=API_KEY).json()
     assert {c["tracking_uid"] for c in listed} == {c["tracking_uid"] for c in found}
     png = client.get(f"/api/candidates/{listed[0]['id']}/thumbnail.png", headers=API_KEY)
-    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert png.status_code == 200
+    assert png.content[:4] == b"\x89PNG"
 
 
 def test_seg_and_sr_with_candidates_validate(site: dict[str, Any]) -> None:
-    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_sr_validator
-
-    require_tool("java")
     written = job_results(site["first_job"].step_outputs).written
-    assert written is not None and written.seg and written.sr
-    for path in (written.seg, written.sr):
-        report = run_dciodvfy(path)
-        assert report.ok, report.errors
-    (sr_report,) = run_sr_validator(written.sr)
-    assert sr_report.ok and not sr_report.errors, sr_report.errors
+    assert written is not None
+    assert written.seg
+    assert written.sr
+    assert_seg_and_sr_validate(written.seg, written.sr)
 
 
 def test_rejecting_a_candidate_keeps_recist_and_is_audited(site: dict[str, Any]) -> None:
@@ -163,7 +136,8 @@ def test_rejecting_a_candidate_keeps_recist_and_is_audited(site: dict[str, Any])
     liver = _nearest(cands, _truth(site, "liver")["centre_mm"])
     r = client.post(f"/api/candidates/{liver['id']}/reject", headers=API_KEY)
     assert r.status_code == 200, r.text
-    assert r.json()["candidate"]["state"] == "rejected" and r.json()["job_id"] is None
+    assert r.json()["candidate"]["state"] == "rejected"
+    assert r.json()["job_id"] is None
     assert client.post(f"/api/candidates/{liver['id']}/reject", headers=API_KEY).status_code == 409
     after = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()["timepoints"][1]
     for key in ("overall_response", "target_response", "sum_of_diameters_mm"):
@@ -171,7 +145,9 @@ def test_rejecting_a_candidate_keeps_recist_and_is_audited(site: dict[str, Any])
     assert after["new_lesions_text"] == f"{len(cands) - 1} unconfirmed candidate" + ("s" if len(cands) != 2 else "")
     with session_scope(site["sf"]) as s:
         ev = s.scalar(select(AuditEvent).where(AuditEvent.action == "candidate.rejected"))
-        assert ev is not None and ev.object_id == str(liver["id"]) and ev.actor.startswith("api")
+        assert ev is not None
+        assert ev.object_id == str(liver["id"])
+        assert ev.actor.startswith("api")
 
 
 def test_confirming_a_candidate_tracks_it_and_issues_a_new_sr_with_progression(site: dict[str, Any]) -> None:
@@ -181,13 +157,19 @@ def test_confirming_a_candidate_tracks_it_and_issues_a_new_sr_with_progression(s
     r = client.post(f"/api/candidates/{lung['id']}/confirm", headers={"X-API-Key": "demo"})
     assert r.status_code == 200, r.text
     job_id = r.json()["job_id"]
-    assert job_id is not None and r.json()["candidate"]["state"] == "confirmed"
+    assert job_id is not None
+    assert r.json()["candidate"]["state"] == "confirmed"
     assert service.run(job_id) is JobState.DONE, service.store.get(job_id).error
     first = job_results(site["first_job"].step_outputs).written
     second = job_results(service.store.get(job_id).step_outputs)
-    assert first is not None and second.written is not None and second.written.sr and second.detect is not None
-    assert second.written.sr != first.sr and pydicom.dcmread(first.sr).SOPInstanceUID, "the first SR is kept"
-    assert lung["tracking_uid"] in second.detect.confirmed_added and second.detect.rejected_excluded == 1
+    assert first is not None
+    assert second.written is not None
+    assert second.written.sr
+    assert second.detect is not None
+    assert second.written.sr != first.sr, "the first SR is kept"
+    assert pydicom.dcmread(first.sr).SOPInstanceUID, "the first SR is kept"
+    assert lung["tracking_uid"] in second.detect.confirmed_added
+    assert second.detect.rejected_excluded == 1
     liver = _truth(site, "liver")["centre_mm"]
     assert all(np.linalg.norm(np.subtract(c.centre_mm, liver)) > 10 for c in second.detect.candidates), (
         "a rejected candidate is not proposed again"
@@ -199,7 +181,8 @@ def test_confirming_a_candidate_tracks_it_and_issues_a_new_sr_with_progression(s
     assert lung["tracking_uid"] in {g.tracking_uid for g in sr.groups}
     with session_scope(site["sf"]) as s:
         lesion = s.scalar(select(Lesion).where(Lesion.tracking_uid == lung["tracking_uid"]))
-        assert lesion is not None and lesion.origin is LesionOrigin.NEW
+        assert lesion is not None
+        assert lesion.origin is LesionOrigin.NEW
         assert s.scalar(select(AuditEvent).where(AuditEvent.action == "candidate.confirmed")) is not None
     tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
     assert tl["timepoints"][1]["overall_response"] == "PD"
@@ -230,7 +213,8 @@ def test_a_read_key_cannot_decide(site: dict[str, Any], tmp_path: Any) -> None:
     assert client.post(f"/api/candidates/{cands[0]['id']}/confirm").status_code == 401
     # the dashboard's buttons post a form: without the session's form token nothing is decided
     forged = site["client"].post(f"/candidates/{cands[0]['id']}/confirm", data={"csrf": "forged"}, headers=API_KEY)
-    assert forged.status_code == 403 and "form token" in forged.text
+    assert forged.status_code == 403
+    assert "form token" in forged.text
 
 
 @pytest.mark.slow
@@ -240,10 +224,13 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
 ) -> None:
     """OHIF (browser): the follow-up's SEG lists the unconfirmed candidates under their labels beside the tracked
     lesions, and the SR loads."""
-    from tests.test_viewer_ohif import run_ohif_check
+    from tests.support.ohif import OhifExpectation, run_ohif_check
 
     written = job_results(site["first_job"].step_outputs).written
-    assert written is not None and written.seg and written.sr and written.viewer_sr
+    assert written is not None
+    assert written.seg
+    assert written.sr
+    assert written.viewer_sr
     seg = pydicom.dcmread(written.seg, stop_before_pixels=True)
     sr = pydicom.dcmread(written.sr, stop_before_pixels=True)
     viewer = pydicom.dcmread(written.viewer_sr)
@@ -252,17 +239,21 @@ def test_ohif_shows_the_candidate_segments_with_their_labels(
     # the OHIF measurements SR names every lesion it shows by its SEG label; it shows the tracked lesions only, not
     # the unconfirmed candidates (issue 29: OHIF's tracked-measurements panel is the list of lesions followed)
     named = [str(g.TextValue) for g in content_items(viewer) if g.ConceptNameCodeSequence[0].CodeValue == "121106"]
-    assert named and set(named) <= set(labels) and not any(n.startswith("Candidate ") for n in named), (named, labels)
+    assert named, (named, labels)
+    assert set(named) <= set(labels), (named, labels)
+    assert not any(n.startswith("Candidate ") for n in named), (named, labels)
     fu = site["patient"].followups[0]
     result, code = run_ohif_check(
         tmp_path_factory.mktemp("ohif-candidates"),
         [*fu.files, Path(written.seg), Path(written.sr), Path(written.viewer_sr)],
         fu.study_uid,
-        seg=str(seg.SeriesDescription),
-        sr=str(sr.SeriesDescription),
-        labels=labels,
-        track_sr=str(viewer.SeriesDescription),
-        tracked_texts=named,
+        OhifExpectation(
+            seg=str(seg.SeriesDescription),
+            sr=str(sr.SeriesDescription),
+            labels=labels,
+            track_sr=str(viewer.SeriesDescription),
+            tracked_texts=named,
+        ),
     )
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert result["trackedMissing"] == [], f"not in OHIF's tracked measurements: {result['trackedMissing']}"

@@ -83,8 +83,10 @@ def test_new_lesions_in_lung_liver_and_soft_tissue_are_found(phantom: Phantom) -
         assert c.confidence >= 0.5
         assert 0.6 * 2 * radius <= c.diameter_mm <= 2.2 * 2 * radius
         assert np.linalg.norm(np.array(c.centre_mm) - followup.index_to_patient(np.argwhere(truth).mean(0)[::-1])) < 5
-        assert c.mask.shape == followup.shape and c.mask.dtype == bool
-        assert c.reasons and tissue in c.reasons[0]
+        assert c.mask.shape == followup.shape
+        assert c.mask.dtype == bool
+        assert c.reasons
+        assert tissue in c.reasons[0]
         assert (c.contrast_hu < 0) == (organ == "liver")
     assert len(found) == len(NEW), [c.reasons for c in found if not any(_matches(c, fu_labels >= 100) for _ in [0])]
     assert [c.confidence for c in found] == sorted((c.confidence for c in found), reverse=True)
@@ -140,10 +142,12 @@ def test_search_is_not_trusted_when_the_registration_left_motion(phantom: Phanto
     tr = _motion(phantom, 7)
     followup = _noisy(apply_transform(phantom.ct, tr, phantom.ct), 2)
     unregistered = search_new_lesions(followup, phantom.ct, None)
-    assert not unregistered.trusted and unregistered.candidates == []
+    assert not unregistered.trusted
+    assert unregistered.candidates == []
     assert unregistered.residual_fraction > DetectionOptions().max_residual_fraction
     registered = search_new_lesions(followup, apply_transform(phantom.ct, tr, phantom.ct), None)
-    assert registered.trusted and registered.residual_fraction < DetectionOptions().max_residual_fraction
+    assert registered.trusted
+    assert registered.residual_fraction < DetectionOptions().max_residual_fraction
 
 
 def test_the_cap_keeps_the_most_confident(phantom: Phantom) -> None:
@@ -159,7 +163,8 @@ def test_the_cap_keeps_the_most_confident(phantom: Phantom) -> None:
     tracked = (labels.array > 0) & (labels.array < 100)
     every = detect_new_lesions(followup, phantom.ct, tracked, DetectionOptions(max_candidates=10))
     capped = detect_new_lesions(followup, phantom.ct, tracked, DetectionOptions(max_candidates=2))
-    assert len(every) > 2 and [c.confidence for c in capped] == [c.confidence for c in every[:2]]
+    assert len(every) > 2
+    assert [c.confidence for c in capped] == [c.confidence for c in every[:2]]
 
 
 def test_bowel_that_moved_and_gas_elsewhere_is_not_a_new_lesion(phantom: Phantom) -> None:
@@ -192,4 +197,5 @@ def test_a_pattern_found_in_the_prior_nearby_is_misregistration() -> None:
         ratio, shift = core_ratio(fu, prior, comp_full[sl], sl, sp, 10.0, 6.0)
         assert (ratio < 0.5) == explained, ratio
         if explained:
-            assert abs(shift[2] + 6.0) <= 1.5 and abs(shift[0]) <= 1.5
+            assert abs(shift[2] + 6.0) <= 1.5
+            assert abs(shift[0]) <= 1.5

@@ -17,7 +17,7 @@ from lesiontrack.pipeline.measurements import LesionMeasurement
 from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
 from lesiontrack.pipeline.seg_writer import save_new, write_seg
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-from tests.segsr_fixtures import content_items, make_series
+from tests.support.segsr import content_items, make_series
 
 
 def _cropped(ct: Volume, k_end: int) -> Volume:
@@ -34,11 +34,14 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
     highs = {les.identity.tracking_uid: int(np.argwhere(les.mask.array > 0)[:, 0].max()) for les in base.lesions}
     victim = max(lows, key=lambda uid: lows[uid])
     k_end = lows[victim]  # the victim's slices are gone; lesions reaching below it keep some voxels
-    assert any(lo < k_end for uid, lo in lows.items() if uid != victim) and highs[victim] >= k_end
+    assert any(lo < k_end for uid, lo in lows.items() if uid != victim)
+    assert highs[victim] >= k_end
     prompts, gaps = read_seg_prompts_and_gaps(seg_path, _cropped(base.ct, k_end))
     assert [g.identity.tracking_uid for g in gaps] == [victim]
-    assert victim not in {p.identity.tracking_uid for p in prompts} and prompts
-    assert "not assessed" in gaps[0].reason and "no voxel on the prior CT" in gaps[0].reason
+    assert victim not in {p.identity.tracking_uid for p in prompts}
+    assert prompts
+    assert "not assessed" in gaps[0].reason
+    assert "no voxel on the prior CT" in gaps[0].reason
 
     # the follow-up's report: the tracked lesions as measured, the gap as "not evaluated", flagged, with its reason
     from lesiontrack.pipeline.measurements import measure_lesion
@@ -128,7 +131,8 @@ def test_an_sr_measurement_group_that_cannot_be_tracked_is_carried_as_not_assess
     prompts, gaps = read_prompts_and_gaps(prior, ct, said)
     assert [g.identity.tracking_uid for g in gaps] == [victim.tracking_uid]
     assert gaps[0].identity.tracking_id == victim.tracking_id, "named as the radiologist named it"
-    assert "not in the CT series" in gaps[0].reason and str(sr.SOPInstanceUID) in gaps[0].reason
+    assert "not in the CT series" in gaps[0].reason
+    assert str(sr.SOPInstanceUID) in gaps[0].reason
     others = {r.measurement.tracking_uid for r in reports} - {victim.tracking_uid}
     assert {p.identity.tracking_uid for p in prompts} == others
     assert any("not in the CT series" in w for w in said), "and still warned about"

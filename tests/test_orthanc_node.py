@@ -14,15 +14,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from lesiontrack.config.settings import PacsPeer, RetrieveMethod, SendMethod
+from lesiontrack.config.settings import RetrieveMethod, SendMethod
 from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.priors import PriorFinder, annotation_references
 from lesiontrack.dicom_node.sending import DeliveryService
-from tests.conftest import require_shared_data
-from tests.services import OrthancServer
-from tests.test_dicom_node_completion import wait_until
-from tests.test_dicom_node_scp import Node, dataset_bytes, j2k_series, storescu
+from tests.support.dicom_node import Node, dataset_bytes, j2k_series, storescu, wait_until
+from tests.support.orthanc_node import Site, prior_files
+from tests.support.services import OrthancServer
+from tests.support.tools import require_shared_data
 
 pytestmark = pytest.mark.services
 
@@ -53,57 +53,7 @@ def prior_sr(dest: Path, ct: list[Path]) -> Path:
     return p
 
 
-def prior_files() -> tuple[list[Path], Path]:
-    """Patient 99000, 2003-04-17: a 3-slice CT and the DICOM SEG (liver) that references it."""
-    ct = sorted(require_shared_data("interop", "seg_sr", "dcmqi_ct-3slice").glob("*.dcm"))
-    seg = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
-    return ct, seg
-
-
-class Site:
-    """A LesionTrack node plus an Orthanc PACS that knows it as modality 'lesiontrack'."""
-
-    def __init__(
-        self,
-        root: Path,
-        method: RetrieveMethod = RetrieveMethod.C_MOVE,
-        dicomweb: bool = False,
-        start_orthanc: bool = True,
-        **dicom: object,
-    ) -> None:
-        self.node = Node(root / "node", **dicom)
-        self.node.scp.start()
-        self.orthanc = OrthancServer(
-            root / "orthanc",
-            modalities={"lesiontrack": (self.node.settings.dicom.ae_title, "127.0.0.1", self.node.port)},
-            enable_dicomweb=dicom_enabled(dicomweb, method),
-        )
-        if start_orthanc:
-            self.orthanc.start()
-        self.peer = PacsPeer(
-            name="pacs",
-            ae_title="ORTHANC",
-            host="127.0.0.1",
-            port=self.orthanc.dicom_port,
-            retrieve_method=method,
-            send=True,
-            orthanc_url=self.orthanc.url,
-            dicomweb_url=self.orthanc.dicomweb_url,
-        )
-        self.node.settings.pacs = [self.peer]
-        self.node.settings.sending.destinations = ["pacs"]
-
-    def stop(self) -> None:
-        self.orthanc.stop()
-        self.node.scp.stop()
-        self.node.engine.dispose()
-
-
-def dicom_enabled(dicomweb: bool, method: RetrieveMethod) -> bool:
-    return dicomweb or method == RetrieveMethod.DICOMWEB
-
-
-@pytest.fixture()
+@pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     s = Site(tmp_path)
     try:
@@ -169,7 +119,8 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
         # retrieved priors are stored but never routed to analysis
         site.node.scp.completion.poll_once()
         s = site.node.series(ct_series)
-        assert s is not None and s.routing_decision == RoutingDecision.SKIP
+        assert s is not None
+        assert s.routing_decision == RoutingDecision.SKIP
         assert "retrieved as prior" in (s.routing_reason or "")
         if method == RetrieveMethod.C_MOVE:
             site.node.scp.force_complete(ct_series)
@@ -184,7 +135,8 @@ def test_node_finds_and_retrieves_priors_from_orthanc(tmp_path: Path, method: Re
 def test_annotation_references_of_tid1500_sr() -> None:
     sr = dcmread(require_shared_data("interop", "seg_sr", "dcmqi_sr-example_sr.dcm"), stop_before_pixels=True)
     kind, refs = annotation_references(sr)
-    assert kind == "SR" and len(refs) == 3
+    assert kind == "SR"
+    assert len(refs) == 3
 
 
 def _result_file(tmp_path: Path) -> Path:
@@ -216,7 +168,9 @@ def test_node_sends_result_back_to_orthanc(tmp_path: Path, method: SendMethod) -
         [did] = svc.send([f], job_id=_job(site.node))
         with session_scope(site.node.sf) as s:
             d = s.get(Delivery, did)
-            assert d is not None and d.state == DeliveryState.DELIVERED and d.attempts == 1
+            assert d is not None
+            assert d.state == DeliveryState.DELIVERED
+            assert d.attempts == 1
         oid = orthanc_has(site.orthanc, str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
         assert oid is not None
         import urllib.request
@@ -244,17 +198,21 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
                 assert d is not None
                 return d
 
-        assert state().state == DeliveryState.RETRY_WAIT and state().attempts == 1
+        assert state().state == DeliveryState.RETRY_WAIT
+        assert state().attempts == 1
         svc.start(interval=0.1)
         wait_until(lambda: state().state == DeliveryState.DEAD_LETTER, what="dead letter")
         svc.stop()
         d = state()
-        assert d.attempts == 3 and d.last_error and "no association" in d.last_error
+        assert d.attempts == 3
+        assert d.last_error
+        assert "no association" in d.last_error
         attempts = site.node.audits("delivery.attempt")
         assert [e.details["outcome"] for e in attempts] == ["retry_wait", "retry_wait", "dead_letter"]
         # the schedule was followed: each retry no earlier than its delay after the previous attempt
         gaps = [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(attempts)]
-        assert gaps[0] >= 0.3 - 0.05 and gaps[1] >= 0.6 - 0.05
+        assert gaps[0] >= 0.3 - 0.05
+        assert gaps[1] >= 0.6 - 0.05
 
         site.orthanc.start()  # destination back
         from typer.testing import CliRunner
@@ -271,7 +229,8 @@ def test_destination_down_retries_dead_letter_then_manual_retry(tmp_path: Path) 
         r = CliRunner().invoke(app, ["--config", str(cfg), "send", "--retry", str(job)])
         assert r.exit_code == 0, r.output
         assert "delivered" in r.output
-        assert state().state == DeliveryState.DELIVERED and state().attempts == 4
+        assert state().state == DeliveryState.DELIVERED
+        assert state().attempts == 4
         assert orthanc_has(site.orthanc, str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
         assert len(site.node.audits("delivery.manual_retry")) == 1
     finally:
@@ -303,6 +262,7 @@ def test_prior_retrieval_skips_objects_already_held(tmp_path: Path, method: Retr
         assert sorted(str(e.object_id) for e in site.node.audits("priors.already_held")) == sorted(first[:2])
         # the peer's CT series when it is not known locally as a prior: held → not retrieved either
         remote = again._fetch_unless_held(site.peer, priors[0].study_uid, priors[0].ct_series_uid)
-        assert remote is False and len(site.node.audits("priors.retrieve")) == 3
+        assert remote is False
+        assert len(site.node.audits("priors.retrieve")) == 3
     finally:
         site.stop()

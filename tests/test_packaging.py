@@ -31,8 +31,8 @@ import pydicom
 import pytest
 import requests
 
-from tests.conftest import require_tool
-from tests.services import free_port, wait_for
+from tests.support.services import free_port, wait_for
+from tests.support.tools import require_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -145,7 +145,8 @@ def test_wheel_top_level_names(installed: Installed) -> None:
             assert f"lesiontrack/{init.relative_to(REPO).as_posix()}" in names, init
     # package data the service needs at run time travels in the wheel
     tree = {p.name for p in (REPO / "db" / "migrations" / "versions").glob("*.py")}
-    assert tree and tree <= {Path(n).name for n in names if "migrations/versions/" in n}, "Alembic revisions"
+    assert tree, "Alembic revisions"
+    assert tree <= {Path(n).name for n in names if "migrations/versions/" in n}, "Alembic revisions"
     for needed in ("migrations/env.py", "migrations/script.py.mako", "lesiontrack.example.toml", ".html", ".css"):
         assert any(n.endswith(needed) for n in names), needed
 
@@ -169,9 +170,11 @@ def test_modules_come_from_the_wheel_not_the_tree(installed: Installed) -> None:
 
 def test_version_and_config_check(installed: Installed) -> None:
     r = installed.run("--version")
-    assert r.returncode == 0 and r.stdout.strip() == version("lesiontrack"), r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == version("lesiontrack"), r.stderr
     r = installed.run("config", "check", LESIONTRACK_DATA_DIR=str(installed.home / "data"))
-    assert r.returncode == 0 and "configuration OK" in r.stdout, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "configuration OK" in r.stdout, r.stderr
 
 
 def _dockerfile() -> tuple[list[str], dict[str, str], str]:
@@ -307,7 +310,8 @@ def test_one_job_from_c_store_to_seg_and_sr(served: Served, tmp_path: Path) -> N
     assert view.state.value == "done", (view.error, _serve_log(served))
     # the installed CLI reads the same job back
     r = served.installed.run("jobs", "show", str(view.id), **served.env)
-    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "done", r.stderr
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "done", r.stderr
     written = [pydicom.dcmread(p, stop_before_pixels=True) for p in (served.data / "results").rglob("*") if p.is_file()]
     assert {"SEG", "SR"} <= {ds.Modality for ds in written}, [ds.Modality for ds in written]
     assert all(ds.SoftwareVersions == version("lesiontrack") for ds in written)
@@ -351,7 +355,7 @@ print("ok")
 
 def test_compose_commands_and_settings_exist_in_the_installed_package(installed: Installed) -> None:
     """deploy/compose.yaml runs the installed package: its commands, its variables and their values."""
-    from tests.test_deploy import lesiontrack_services, named_settings
+    from tests.support.deploy import lesiontrack_services, named_settings
 
     r = subprocess.run(
         [str(installed.python), "-c", _WALK_SETTINGS, *sorted(named_settings())],
@@ -360,10 +364,12 @@ def test_compose_commands_and_settings_exist_in_the_installed_package(installed:
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
     for service in lesiontrack_services():
         r = installed.run(*service.command, "--help")
         assert r.returncode == 0, (service.name, r.stderr)
         env = service.environment | {"LESIONTRACK_DATA_DIR": str(installed.home / "compose-data")}
         r = installed.run("config", "check", **env)
-        assert r.returncode == 0 and "configuration OK" in r.stdout, (service.name, r.stderr)
+        assert r.returncode == 0, (service.name, r.stderr)
+        assert "configuration OK" in r.stdout, (service.name, r.stderr)

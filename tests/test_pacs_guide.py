@@ -29,9 +29,9 @@ import pydicom
 import pytest
 
 from lesiontrack.db.models import JobState
-from tests.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
-from tests.test_e2e_orthanc import _sr_uids
-from tests.test_pacs_orthanc import guide_json, guide_lua, guide_toml
+from tests.support.e2e_site import sr_uids
+from tests.support.pacs_guide import guide_json, guide_lua, guide_toml
+from tests.support.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -177,10 +177,10 @@ class GuideSite:
         self.env |= {"PYTHONPATH": str(REPO), "LESIONTRACK_CONFIG": str(self.config)}
         up = subprocess.run([*LESIONTRACK, "db", "upgrade"], env=self.env, capture_output=True, text=True, cwd=root)
         assert up.returncode == 0, up.stderr + up.stdout
-        self.log = open(root / "serve.log", "wb")
-        self.proc = subprocess.Popen(
-            [*LESIONTRACK, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=root
-        )
+        with open(root / "serve.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [*LESIONTRACK, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=root
+            )
         wait_for_port(self.dicom_port, timeout=120)
         wait_for_port(self.http_port, timeout=120)
         from lesiontrack.config.settings import load_settings
@@ -197,7 +197,6 @@ class GuideSite:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        self.log.close()
         self.engine.dispose()
         self.orthanc.stop()
 
@@ -246,12 +245,15 @@ def _check_follow_up(site: GuideSite, fu: Any, base_uids: set[str], prior_series
     from lesiontrack.pipeline.contract import job_results
 
     match = job_results(job.step_outputs).match
-    assert match is not None and match.prior.ct_series_uid == prior_series
+    assert match is not None
+    assert match.prior.ct_series_uid == prior_series
     objs = site.results_in_orthanc(fu.study_uid)
     counts = {k: len(v) for k, v in objs.items()}
-    assert counts.get(901) == 1 and counts.get(902) == 1 and counts.get(903, 0) <= 1, counts
+    assert counts.get(901) == 1, counts
+    assert counts.get(902) == 1, counts
+    assert counts.get(903, 0) <= 1, counts
     assert set(counts) <= {901, 902, 903}, counts
-    reported = _sr_uids(objs[902][0])
+    reported = sr_uids(objs[902][0])
     assert base_uids <= reported, f"baseline lesions missing from the report: {base_uids - reported}"
 
 
@@ -273,7 +275,8 @@ def _run_patient(site: GuideSite, patient: Any, prior_annotation: Path, tmp: Pat
     assert not routed & set(skipped), {u: skipped[u] for u in routed & set(skipped)}
     # the baseline was never routed by the script: it reached LesionTrack only as a retrieved prior
     base = site.api(f"/api/series/{patient.baseline.series_uid}")
-    assert base["routing_reason"].startswith("retrieved as prior") and base["jobs"] == [], base
+    assert base["routing_reason"].startswith("retrieved as prior"), base
+    assert base["jobs"] == [], base
     return elapsed
 
 
@@ -294,7 +297,8 @@ def test_the_orthanc_guide_as_written_two_patients_three_follow_ups(tmp_path: Pa
 
         sr_job = site.jobs(abdomen.followups[0].series_uid)[0]
         match = job_results(sr_job.step_outputs).match
-        assert match is not None and match.prior.annotation.modality == "SR", "prompted from the reader's lines"
+        assert match is not None, "prompted from the reader's lines"
+        assert match.prior.annotation.modality == "SR", "prompted from the reader's lines"
     finally:
         site.stop()
     (tmp_path / "guide_timings.json").write_text(json.dumps(timings, indent=1))

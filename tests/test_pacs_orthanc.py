@@ -8,7 +8,6 @@ analyses a previously skipped follow-up."""
 from __future__ import annotations
 
 import json
-import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,42 +20,12 @@ from typer.testing import CliRunner
 from lesiontrack.config.settings import ApiKey
 from lesiontrack.db.models import JobState
 from lesiontrack.pipeline.contract import job_results
-from tests.services import OrthancServer, free_port, wait_for
+from tests.support.pacs_guide import guide_json, guide_lua
+from tests.support.services import OrthancServer, free_port, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "pacs" / "orthanc.md"
 KEY = "orthanc-key"
-
-
-def guide_lua(url: str, key: str, modality: str = "lesiontrack") -> str:
-    """The ```lua block of the guide with its three site settings filled in (nothing else changed)."""
-    [block] = re.findall(r"```lua\n(.*?)```", GUIDE.read_text(), flags=re.S)
-    for name, value in (("LESIONTRACK_MODALITY", modality), ("LESIONTRACK_URL", url), ("LESIONTRACK_KEY", key)):
-        block, n = re.subn(rf"^local {name} = '[^']*'", f"local {name} = '{value}'", block, flags=re.M)
-        assert n == 1, name
-    return block
-
-
-def guide_json(lesiontrack_host: str, lesiontrack_port: int, lua: Path) -> dict[str, Any]:
-    """The ```json block of the guide (Orthanc's configuration) with the site values replaced: where LesionTrack
-    listens and where the Lua script lies. Every permission and setting stays as the guide writes it."""
-    [block] = re.findall(r"```json\n(.*?)```", GUIDE.read_text(), flags=re.S)
-    cfg: dict[str, Any] = json.loads(block)
-    entry = cfg["DicomModalities"]["lesiontrack"]
-    entry["Host"], entry["Port"] = lesiontrack_host, lesiontrack_port
-    cfg["LuaScripts"] = [str(lua)]
-    for key in ("DicomAet", "DicomPort"):  # OrthancServer's (free loopback port, same AE title)
-        cfg.pop(key, None)
-    return cfg
-
-
-def guide_toml() -> dict[str, Any]:
-    """The ```toml block of the guide (LesionTrack's configuration), parsed."""
-    import tomllib
-
-    [block] = re.findall(r"```toml\n(.*?)```", GUIDE.read_text(), flags=re.S)
-    return tomllib.loads(block)
 
 
 def _rewrite(files: list[Path], dest: Path, **attrs: Any) -> list[Path]:
@@ -204,7 +173,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
 
         view = site.job_done(fu1.series_uid)
         match = job_results(view.step_outputs).match
-        assert match is not None and match.prior.ct_series_uid == patient.baseline.series_uid
+        assert match is not None
+        assert match.prior.ct_series_uid == patient.baseline.series_uid
         wait_for(lambda: {"SEG", "SR"} <= site.results_in_orthanc(fu1.study_uid), 120, "SEG + SR in Orthanc")
 
         skipped = wait_for(lambda: (s := site.skipped()) and {loc_uid, dose_uid, fu2.series_uid} <= set(s) and s, 120)
@@ -213,7 +183,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
         assert "body part CHEST" in skipped[fu2.series_uid]["routing_reason"]
         # the baseline reached LesionTrack only as a retrieved prior, never routed by the script
         base = site.api(f"/api/series/{patient.baseline.series_uid}")
-        assert base["routing_reason"].startswith("retrieved as prior") and base["jobs"] == []
+        assert base["routing_reason"].startswith("retrieved as prior")
+        assert base["jobs"] == []
         # completed by the trigger (quiet period 1 h), audited as such
         trig = [e for e in site.api("/api/audit?action=api.series_complete")["items"]]
         assert {e["object_id"] for e in trig} >= {fu1.series_uid, loc_uid, dose_uid, fu2.series_uid}
@@ -232,7 +203,8 @@ def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: P
 
         r = CliRunner().invoke(app, ["--config", str(cfg), "routing", "re-evaluate"])
         assert r.exit_code == 0, r.output
-        assert f"{fu2.series_uid}: ANALYSE (job" in r.output and "1 now routed" in r.output
+        assert f"{fu2.series_uid}: ANALYSE (job" in r.output
+        assert "1 now routed" in r.output
         assert f"{loc_uid}: SKIP - ImageType LOCALIZER" in r.output
         site.job_done(fu2.series_uid)
         assert fu2.series_uid not in site.skipped()
@@ -248,7 +220,7 @@ def test_the_guide_routes_a_follow_up_only_once_it_is_whole(tmp_path: Path) -> N
     import subprocess
 
     from lesiontrack.demo_data import make_patient
-    from tests.conftest import require_tool
+    from tests.support.tools import require_tool
 
     require_tool("storescp")
     patient = make_patient(

@@ -95,7 +95,9 @@ def test_thick_slices_sr_api_and_dashboard_agree(analysed: dict[str, Any]) -> No
 
     for index, view in enumerate(views, start=1):
         results = job_results(view.step_outputs)
-        assert results.written is not None and results.written.sr and results.measure is not None
+        assert results.written is not None
+        assert results.written.sr
+        assert results.measure is not None
         sr = _sr_report(results.written.sr)
         tp = tl["timepoints"][index]
         assert tp["series_uid"] == view.followup_series_uid

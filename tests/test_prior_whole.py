@@ -16,8 +16,8 @@ from sqlalchemy import select
 from lesiontrack.db.models import AuditEvent, Delivery, JobState
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import RetrievePriorsOutput, job_results, read_output
-from tests.services import wait_for
-from tests.test_e2e_orthanc import Site, _sr_uids
+from tests.support.e2e_site import Site, sr_uids
+from tests.support.services import wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -57,12 +57,13 @@ def test_a_prior_arriving_in_two_halves_is_never_analysed_half(tmp_path: Path) -
         done = site.analyse(fu.series_uid, timeout=600)
         results = job_results(done.step_outputs)
         retrieved = read_output(done.step_outputs, RetrievePriorsOutput)
-        assert retrieved is not None and retrieved.ct_files == len(base)
+        assert retrieved is not None
+        assert retrieved.ct_files == len(base)
         objs = site.results_in_orthanc(fu.study_uid)
         assert len(objs.get("SEG", [])) == 1, {k: len(v) for k, v in objs.items()}
         report = next(d for d in objs["SR"] if int(d.SeriesNumber) == 902)
         base_uids = {les["tracking_uid"] for les in patient.lesions}
-        assert base_uids <= _sr_uids(report), "every baseline lesion is in the one result"
+        assert base_uids <= sr_uids(report), "every baseline lesion is in the one result"
         with session_scope(site.service.session_factory) as s:
             waits = [
                 e

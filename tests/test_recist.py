@@ -81,8 +81,8 @@ def test_rules_come_from_the_recist_settings_section(tmp_path) -> None:
     rules = RecistRules.from_settings(load_settings(cfg).recist)
     assert (rules.max_targets, rules.pd_threshold_pct) == (1, 25.0)
     assert select_targets([L("L1", 12), L("L2", 30, organ="lung")], rules).targets == ["L2"]
+    cfg.write_text("[recist]\nmax_targets = 0\n")
     with pytest.raises(ValueError, match="max_targets"):
-        cfg.write_text("[recist]\nmax_targets = 0\n")
         load_settings(cfg)
 
 
@@ -94,8 +94,11 @@ def test_override_is_recorded_and_used() -> None:
     )
     assert sel.targets == ["L1", "L3"]
     d = {x.tracking_uid: x for x in sel.decisions}
-    assert d["L3"].overridden and d["L2"].overridden and not d["L1"].overridden
-    assert sel.overridden_by == "dr x" and "L2 not reproducible" in d["L2"].reason
+    assert d["L3"].overridden
+    assert d["L2"].overridden
+    assert not d["L1"].overridden
+    assert sel.overridden_by == "dr x"
+    assert "L2 not reproducible" in d["L2"].reason
     with pytest.raises(ValueError, match="unknown lesion"):
         select_targets(base, override=TargetOverride(force_target=["nope"]))
 
@@ -114,7 +117,8 @@ def test_nadir_after_baseline_pd_vs_nadir_not_baseline() -> None:
     r = a.timepoints
     assert [t.sum_of_diameters_mm for t in r] == [60, 40, 31, 38]
     assert [t.target_response for t in r[1:]] == [Response.PR, Response.PR, Response.PD]
-    assert r[3].nadir_sum_mm == 31 and r[3].change_from_nadir_mm == pytest.approx(7)
+    assert r[3].nadir_sum_mm == 31
+    assert r[3].change_from_nadir_mm == pytest.approx(7)
     assert r[3].change_from_nadir_pct == pytest.approx(100 * 7 / 31)
     assert r[3].change_from_baseline_pct == pytest.approx(100 * (38 - 60) / 60)
     assert [t.overall_response for t in r[1:]] == [Response.PR, Response.PR, Response.PD]
@@ -134,7 +138,8 @@ def test_node_shrinking_below_10mm_gives_cr_with_nonzero_sum() -> None:
     fu = [L("L1", status="vanished"), L("N1", 11, 8, organ="node", node=True)]
     r = assess([base, fu]).timepoints[1]
     assert r.sum_of_diameters_mm == 8
-    assert r.target_response is Response.CR and r.overall_response is Response.CR
+    assert r.target_response is Response.CR
+    assert r.overall_response is Response.CR
     # node at 10 mm is not CR: sum 10 = -80 % → PR
     fu2 = [L("L1", status="vanished"), L("N1", 12, 10, organ="node", node=True)]
     assert assess([base, fu2]).timepoints[1].target_response is Response.PR
@@ -145,7 +150,9 @@ def test_new_lesion_only_gives_pd() -> None:
     base = [L("L1", 30), L("L2", 12, organ="lung")]
     fu = [L("L1", 30), L("L2", 12, organ="lung"), L("L9", 7, organ="bone", status="new")]
     r = assess([base, fu]).timepoints[1]
-    assert r.target_response is Response.SD and r.new_lesions and r.overall_response is Response.PD
+    assert r.target_response is Response.SD
+    assert r.new_lesions
+    assert r.overall_response is Response.PD
     # a lesion never seen at baseline counts as new even if not flagged
     fu2 = [L("L1", 30), L("L2", 12, organ="lung"), L("L9", 7, organ="bone")]
     assert assess([base, fu2]).timepoints[1].overall_response is Response.PD
@@ -163,19 +170,23 @@ def test_non_target_handling_and_table1() -> None:
     )
     # all gone → CR
     r = assess([base, [L("L1", status="vanished"), L("L2", status="vanished")]]).timepoints[1]
-    assert r.overall_response is Response.CR and r.non_target_response is Response.CR
+    assert r.overall_response is Response.CR
+    assert r.non_target_response is Response.CR
     # reader flags unequivocal non-target progression → PD regardless of target response
     r = assess([base, [L("L1", 15), L("L2", 8)]], non_target_progression=[False, True]).timepoints[1]
-    assert r.target_response is Response.PR and r.overall_response is Response.PD
+    assert r.target_response is Response.PR
+    assert r.overall_response is Response.PD
     # non-target not evaluated + target SD → SD (table 1 row 5)
     r = assess([base, [L("L1", 28), L("L2", status="not_evaluated")]]).timepoints[1]
-    assert r.non_target_response is Response.NE and r.overall_response is Response.SD
+    assert r.non_target_response is Response.NE
+    assert r.overall_response is Response.SD
 
 
 def test_not_all_targets_evaluated_gives_ne() -> None:
     base = [L("L1", 30), L("L2", 20, organ="lung")]
     r = assess([base, [L("L1", 30)]]).timepoints[1]  # L2 missing at follow-up
-    assert r.target_response is Response.NE and r.overall_response is Response.NE
+    assert r.target_response is Response.NE
+    assert r.overall_response is Response.NE
     assert r.sum_of_diameters_mm is None
 
 
@@ -196,8 +207,10 @@ def test_volumetric_secondary_readout() -> None:
     # target volumes 10000 → 3000 (-70 % → PR) → 6000 (+100 % vs nadir 3000 → PD)
     tps = [[L("L1", 30, vol=10000)], [L("L1", 20, vol=3000)], [L("L1", 22, vol=6000)]]
     r = assess(tps).timepoints
-    assert r[1].volumetric_response is Response.PR and r[1].volume_change_from_baseline_pct == pytest.approx(-70)
-    assert r[2].volumetric_response is Response.PD and r[2].volume_change_from_nadir_pct == pytest.approx(100)
+    assert r[1].volumetric_response is Response.PR
+    assert r[1].volume_change_from_baseline_pct == pytest.approx(-70)
+    assert r[2].volumetric_response is Response.PD
+    assert r[2].volume_change_from_nadir_pct == pytest.approx(100)
     assert r[2].target_response is Response.SD  # diameters: 22 vs nadir 20 = +10 %
 
 
@@ -217,18 +230,23 @@ def test_new_lesions_are_stated_only_as_far_as_they_were_looked_for() -> None:
     assert not_searched.target_response is Response.PR
     assert not_searched.overall_response is Response.NE, "no PR without a search for new lesions"
     none = assess_with([base, fu], new_lesion_search=[None, NewLesionSearch(True)]).timepoints[1]
-    assert none.new_lesion_state is NewLesionState.NONE_FOUND and none.overall_response is Response.PR
+    assert none.new_lesion_state is NewLesionState.NONE_FOUND
+    assert none.overall_response is Response.PR
     assert none.new_lesions_text == "no candidates found"
     equivocal = assess_with([base, fu], new_lesion_search=[None, NewLesionSearch(True, 2)]).timepoints[1]
-    assert equivocal.new_lesion_state is NewLesionState.CANDIDATES and equivocal.new_lesion_candidates == 2
+    assert equivocal.new_lesion_state is NewLesionState.CANDIDATES
+    assert equivocal.new_lesion_candidates == 2
     assert equivocal.overall_response is Response.PR, "an equivocal new lesion alone is not PD"
     assert equivocal.new_lesions_text == "2 unconfirmed candidates"
     assert any("equivocal" in n for n in equivocal.notes)
     confirmed = assess_with([base, [*fu, L("N1", 8)]], new_lesion_search=[None, NewLesionSearch(True)]).timepoints[1]
-    assert confirmed.new_lesion_state is NewLesionState.CONFIRMED and confirmed.new_lesions
-    assert confirmed.overall_response is Response.PD and confirmed.new_lesions_text == "yes (confirmed)"
+    assert confirmed.new_lesion_state is NewLesionState.CONFIRMED
+    assert confirmed.new_lesions
+    assert confirmed.overall_response is Response.PD
+    assert confirmed.new_lesions_text == "yes (confirmed)"
 
 
 def test_progression_by_targets_stands_without_a_new_lesion_search() -> None:
     r = assess_with([[L("L1", 20)], [L("L1", 30)]]).timepoints[1]
-    assert r.new_lesion_state is NewLesionState.NOT_ASSESSED and r.overall_response is Response.PD
+    assert r.new_lesion_state is NewLesionState.NOT_ASSESSED
+    assert r.overall_response is Response.PD

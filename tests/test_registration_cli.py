@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,9 @@ def test_register_cli_maps_points_warps_labels_saves_field(nifti_pair, monkeypat
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
-    assert summary["engine"] == "convex" and summary["device"] == "cpu" and summary["points"] == 12
+    assert summary["engine"] == "convex"
+    assert summary["device"] == "cpu"
+    assert summary["points"] == 12
     assert summary["similarity_after"] > summary["similarity_before"]
     with (d / "out.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -77,7 +79,8 @@ def test_register_cli_maps_points_warps_labels_saves_field(nifti_pair, monkeypat
     err = np.linalg.norm(mapped - truth, axis=1)  # rows in input order: every point near its own partner
     assert err.max() < 5.0, err
     warped = Volume.read(str(d / "warped.nii.gz"))
-    assert warped.same_grid(fu) and set(np.unique(warped.array)) == {0, 3}
+    assert warped.same_grid(fu)
+    assert set(np.unique(warped.array)) == {0, 3}
     field = sitk.ReadImage(str(d / "field.nii.gz"))
     assert field.GetNumberOfComponentsPerPixel() == 3
 
@@ -109,7 +112,8 @@ def test_unigradicon_never_downloads_and_explains_missing_parts(tmp_path):
     sd = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.Conv3d(4, 3, 3)).state_dict()
     torch.save(sd, tmp_path / "Step_2_final.trch")
     back = load_state_dict(tmp_path / "Step_2_final.trch")
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_unigradicon_loads_random_weights_and_registers(tmp_path):

@@ -1,6 +1,6 @@
 """Scale-out: PostgreSQL + Redis + two `lesiontrack worker` processes (Celery); every job runs exactly once.
 
-Real services on loopback. The workers run the small cross-process pipeline of ``tests/job_pipelines.py``
+Real services on loopback. The workers run the small cross-process pipeline of ``tests/support/job_pipelines.py``
 (job machinery under test); the real analysis pipeline in scale-out mode is covered by tests/test_e2e*.py.
 """
 
@@ -21,13 +21,13 @@ from lesiontrack.config.settings import load_settings
 from lesiontrack.db.models import AuditEvent, JobState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope
 from lesiontrack.pipeline.jobs import JobStore
-from tests.conftest import REPO, require_tool
-from tests.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
+from tests.support.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
+from tests.support.tools import REPO, require_tool
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-@pytest.fixture()
+@pytest.fixture
 def stack(tmp_path: Path):
     require_tool("redis-server", "initdb")
     pg = PostgresServer(tmp_path)
@@ -47,16 +47,16 @@ def stack(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     procs: list[subprocess.Popen[str]] = []
 
-    def worker(pipeline: str = "tests.job_pipelines:counting", **extra_env: str) -> subprocess.Popen[str]:
-        log = open(tmp_path / f"worker-{len(procs)}.log", "w")
-        p = subprocess.Popen(
-            [*LESIONTRACK, "worker", "--pipeline", pipeline, "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
-            env={**env, **extra_env},
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    def worker(pipeline: str = "tests.support.job_pipelines:counting", **extra_env: str) -> subprocess.Popen[str]:
+        with open(tmp_path / f"worker-{len(procs)}.log", "w") as log:  # the child keeps its own descriptor
+            p = subprocess.Popen(
+                [*LESIONTRACK, "worker", "--pipeline", pipeline, "--sweep-seconds", "0.5", "--loglevel", "WARNING"],
+                env={**env, **extra_env},
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         procs.append(p)
         return p
 
@@ -123,7 +123,7 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
     assert workers == {str(w1.pid), str(w2.pid)}, "both workers took jobs"
     # results equal an embedded (in-process) run of the same pipeline on the same series
     from lesiontrack.pipeline.analysis import AnalysisService
-    from tests.job_pipelines import counting
+    from tests.support.job_pipelines import counting
 
     scale = {p.name: json.loads(p.read_text()) for p in (Path(settings.data_dir) / "results").glob("*.json")}
     embedded_settings = settings.model_copy(update={"data_dir": tmp / "embedded"})
@@ -133,7 +133,8 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
     for j in jobs:
         svc.run(store.retry(j))
     embedded = {p.name: json.loads(p.read_text()) for p in (tmp / "embedded" / "results").glob("*.json")}
-    assert embedded == scale and len(scale) == len(jobs)
+    assert embedded == scale
+    assert len(scale) == len(jobs)
 
 
 def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
@@ -158,7 +159,8 @@ def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
     wait_for(lambda: store.get(job).finished, 120, "the job to finish on worker 2")
     assert store.get(job).state is JobState.DONE, store.get(job).error
     view = store.get(job)
-    assert view.worker.split(":")[1] == str(w2.pid) and view.attempts == 2
+    assert view.worker.split(":")[1] == str(w2.pid)
+    assert view.attempts == 2
     assert _runs(sf)[(str(job), "write")] == 1
 
 
@@ -182,7 +184,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     from lesiontrack.dicom_node.scu import store_files
     from lesiontrack.pipeline.jobs import JobStore
     from lesiontrack.service import LesionTrackService
-    from tests.services import free_port, wait_for_port
+    from tests.support.services import free_port, wait_for_port
 
     settings, sf, worker, tmp = stack
     patient = make_patient(
@@ -204,10 +206,10 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         "LESIONTRACK_HTTP__ENABLED": "false",
         "LESIONTRACK_ENGINES__REGISTRATION": "none",
     }
-    serve_log = open(tmp / "serve.log", "w")
-    serve = subprocess.Popen(
-        [*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT, text=True
-    )
+    with open(tmp / "serve.log", "w") as serve_log:  # the child keeps its own descriptor
+        serve = subprocess.Popen(
+            [*LESIONTRACK, "serve"], env=env, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT, text=True
+        )
     store = JobStore(sf)
     try:
         wait_for_port(port, timeout=60)
@@ -263,4 +265,5 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         embedded = _observations(svc.session_factory)
     finally:
         svc.stop()
-    assert scale and scale == embedded
+    assert scale
+    assert scale == embedded

@@ -26,8 +26,8 @@ from lesiontrack.pipeline.seg_reader import read_seg, read_seg_prompts
 from lesiontrack.pipeline.seg_writer import SegWriteError, save_new, write_seg
 from lesiontrack.pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-from tests.conftest import require_shared_data, require_tool
-from tests.segsr_fixtures import SyntheticTimepoint, make_series
+from tests.support.segsr import SyntheticTimepoint, make_series
+from tests.support.tools import require_shared_data, require_tool
 
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 
@@ -121,7 +121,8 @@ def test_every_sr_passes_dciodvfy_and_dsrdump(written: Written) -> None:
         assert rep.ok, rep.summary()
         dump = run_dsrdump(p)
         assert dump.ok, dump.summary()
-        assert "Imaging Measurement Report" in dump.output and "Tracking Identifier" in dump.output
+        assert "Imaging Measurement Report" in dump.output
+        assert "Tracking Identifier" in dump.output
 
 
 @pytest.mark.slow
@@ -185,7 +186,8 @@ def test_seg_references_source_frames(written: Written) -> None:
     src = {d.SOPInstanceUID for d in written.tps[0].datasets}
     for frame in ds.PerFrameFunctionalGroupsSequence:
         refs = [r.ReferencedSOPInstanceUID for d in frame.DerivationImageSequence for r in d.SourceImageSequence]
-        assert refs and set(refs) <= src
+        assert refs
+        assert set(refs) <= src
     n_frames_with_lesion = sum(
         int((les.mask.array[k] > 0).any()) for les in written.tps[0].lesions for k in range(les.mask.shape[0])
     )
@@ -244,7 +246,8 @@ def test_tracking_uids_identical_across_all_segs_and_srs(written: Written) -> No
         c = read_sr(sr_path)
         for g in c.groups:
             assert g.tracking_id, "Tracking Identifier text must always be set"
-            assert g.tracking_uid in expected and expected[g.tracking_uid] == g.tracking_id
+            assert g.tracking_uid in expected
+            assert expected[g.tracking_uid] == g.tracking_id
             assert g.time_point == f"T{tp.index}"
         for uid in {g.tracking_uid for g in c.groups}:
             seen_in_sr[uid] = seen_in_sr.get(uid, 0) + 1
@@ -267,7 +270,8 @@ def test_sr_structure_for_viewers(written: Written) -> None:
     content = cast(hd.sr.MeasurementReport, report.content)  # highdicom types .content as a plain ContentSequence
     vol = content.get_volumetric_roi_measurement_groups()
     planar = content.get_planar_roi_measurement_groups()
-    assert len(vol) == 2 and len(planar) == 3  # L1, L2 present; L3 vanished (POINT)
+    assert len(vol) == 2
+    assert len(planar) == 3
     for g in vol:
         assert g.referenced_segment.referenced_sop_instance_uid == written.seg_results[1].dataset.SOPInstanceUID
     graphic = sorted(str(g.roi.GraphicType) for g in planar)
@@ -309,11 +313,13 @@ def test_our_seg_and_sr_as_prompts(written: Written) -> None:
     by_uid = {p.identity.tracking_uid: p for p in sr_prompts}
     for les in tp.lesions:
         p = by_uid[les.identity.tracking_uid]
-        assert p.kind is PromptKind.BOX and p.identity.tracking_id == les.identity.tracking_id
+        assert p.kind is PromptKind.BOX
+        assert p.identity.tracking_id == les.identity.tracking_id
         centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
         assert p.box_mm is not None
         lo, hi = p.box_mm
-        assert np.all(centre > lo) and np.all(centre < hi)
+        assert np.all(centre > lo)
+        assert np.all(centre < hi)
     # the vanished lesion (T1) comes back as a point prompt where it was looked for
     p1 = {p.identity.tracking_id: p for p in read_sr_prompts(written.srs[1])}
     assert p1["L3 lung"].kind is PromptKind.POINTS
@@ -323,7 +329,7 @@ SAMPLES = "interop/seg_sr"
 
 
 @pytest.mark.parametrize(
-    "name, n_segments",
+    ("name", "n_segments"),
     [
         ("hd_seg_image_ct_binary.dcm", 1),
         ("hd_seg_image_ct_true_fractional.dcm", 1),
@@ -337,8 +343,10 @@ def test_sample_segs_read_as_prompts(name: str, n_segments: int) -> None:
     prompts = read_seg_prompts(path)
     assert len(prompts) == n_segments
     for p in prompts:
-        assert p.kind is PromptKind.MASK and p.mask.array.any()
-        assert p.identity.tracking_uid and p.identity.tracking_id
+        assert p.kind is PromptKind.MASK
+        assert p.mask.array.any()
+        assert p.identity.tracking_uid
+        assert p.identity.tracking_id
     if name == "hd_seg_image_ct_binary.dcm":  # carries Tracking ID/UID
         d = pydicom.dcmread(path).SegmentSequence[0]
         assert prompts[0].identity.tracking_uid == d.TrackingUID
@@ -357,10 +365,13 @@ def test_sample_srs_read_as_prompts() -> None:
     nodule = next(p for p in multi if p.identity.tracking_id == "LungNodule0001")
     assert nodule.identity.anatomic_site == "Lung"
     single = read_sr_prompts(root / "hd_sr_document.dcm", images=ct)
-    assert len(single) == 1 and single[0].kind is PromptKind.BOX
+    assert len(single) == 1
+    assert single[0].kind is PromptKind.BOX
     # dcmqi: the group only references a SEG segment → the SEG next to it gives a mask prompt with the SR identity
     dcmqi = read_sr_prompts(root / "dcmqi_sr-example_sr.dcm")
-    assert len(dcmqi) == 1 and dcmqi[0].kind is PromptKind.MASK and dcmqi[0].mask.array.any()
+    assert len(dcmqi) == 1
+    assert dcmqi[0].kind is PromptKind.MASK
+    assert dcmqi[0].mask.array.any()
     group = read_sr(root / "dcmqi_sr-example_sr.dcm").groups[0]
     assert dcmqi[0].identity.tracking_uid == group.tracking_uid
 
@@ -415,16 +426,16 @@ def test_overlapping_lesions(written: Written, tmp_path: Path) -> None:
     with pytest.raises(SegWriteError, match="overlap"):
         write_seg(tp.datasets, [a, dup], segmentation_type="labelmap")
     seg = write_seg(tp.datasets, [a, dup], segmentation_type="auto")
-    assert seg.segmentation_type == "binary" and len(seg.segment_numbers) == 2
+    assert seg.segmentation_type == "binary"
+    assert len(seg.segment_numbers) == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = hd.seg.Segmentation.from_dataset(seg.dataset)
     assert back.segment_numbers == [1, 2]
     path = save_new(seg.dataset, tmp_path)
     masks = {s.identity.tracking_id: s.mask.array > 0 for s in read_seg(path, tp.ct).segments}
-    assert np.array_equal(masks["L9 liver"], a.mask.array > 0) and np.array_equal(
-        masks[a.identity.tracking_id], a.mask.array > 0
-    )
+    assert np.array_equal(masks["L9 liver"], a.mask.array > 0)
+    assert np.array_equal(masks[a.identity.tracking_id], a.mask.array > 0)
 
 
 def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Path) -> None:
@@ -513,14 +524,16 @@ def test_viewer_style_sr_measurements_as_prompts(written: Written, tmp_path: Pat
     prompts = read_sr_prompts(path, images=tp.datasets)  # no Image Library: geometry from the CT headers
     assert len(prompts) == 4
     boxes = [p for p in prompts if p.kind is PromptKind.BOX]
-    assert len(boxes) == 3 and [p for p in prompts if p.kind is PromptKind.POINTS]
+    assert len(boxes) == 3
+    assert [p for p in prompts if p.kind is PromptKind.POINTS]
     assert all(not p.identity.tracking_id.startswith("cornerstone") for p in prompts)
     present = [les for les in tp.lesions if les.status is not LesionStatus.VANISHED]
     for les, p in zip(present, boxes, strict=True):
         centre = tp.ct.index_to_patient(np.argwhere(les.mask.array > 0)[:, ::-1].mean(0))
         assert p.box_mm is not None
         lo, hi = p.box_mm
-        assert np.all(centre >= lo - 1.0) and np.all(centre <= hi + 1.0), (les.identity.tracking_id, lo, hi, centre)
+        assert np.all(centre >= lo - 1.0), (les.identity.tracking_id, lo, hi, centre)
+        assert np.all(centre <= hi + 1.0), (les.identity.tracking_id, lo, hi, centre)
     # the same SR read through the CT volume's instance list (models.imaging.dicom_read style meta)
     ct = tp.ct.with_array(
         tp.ct.array, SOPInstanceUIDs=[d.SOPInstanceUID for d in tp.datasets], slices_match_instances=True
@@ -568,7 +581,8 @@ def test_single_lesion_seg_and_sr(written: Written, tmp_path: Path) -> None:
     seg = write_seg(tp.datasets, [tp.lesions[0]])
     sr = write_sr(tp.datasets, seg, [LesionReport(m)], time_point=TimePoint("T0", 0))
     seg_path, sr_path = save_new(seg.dataset, tmp_path), save_new(sr.dataset, tmp_path)
-    assert run_dciodvfy(seg_path).ok and run_dciodvfy(sr_path).ok
+    assert run_dciodvfy(seg_path).ok
+    assert run_dciodvfy(sr_path).ok
     assert set(read_sr_measurements(sr_path)) == {m.tracking_uid}
 
 
@@ -604,7 +618,8 @@ def test_candidates_are_segments_of_their_own_kind(written: Written, tmp_path: P
         colours.add(tuple(s.RecommendedDisplayCIELabValue))
     darker, denser = (by_uid[i.tracking_uid] for i in ids)
     for s in (darker, denser):
-        assert s.SegmentLabel.startswith("Candidate ") and s.SegmentAlgorithmType == "AUTOMATIC"
+        assert s.SegmentLabel.startswith("Candidate ")
+        assert s.SegmentAlgorithmType == "AUTOMATIC"
         assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "404684003"  # finding
         assert tuple(s.RecommendedDisplayCIELabValue) not in colours
     assert darker.SegmentedPropertyTypeCodeSequence[0].CodeValue == "112062"  # abnormal lucency

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lesiontrack.cli import app
 from lesiontrack.pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
-from tests.conftest import require_shared_data, require_tool
+from tests.support.tools import require_shared_data, require_tool
 
 SAMPLES = ("interop", "seg_sr")
 
@@ -31,7 +31,8 @@ def test_dciodvfy_flags_a_segment_without_tracking_id(tmp_path: Path) -> None:
     bad = tmp_path / "bad.dcm"
     ds.save_as(bad)
     rep = run_dciodvfy(bad)
-    assert not rep.ok and any("TrackingID" in e or "Tracking ID" in e for e in rep.errors), rep.output
+    assert not rep.ok, rep.output
+    assert any("TrackingID" in e or "Tracking ID" in e for e in rep.errors), rep.output
 
 
 def test_dsrdump_rejects_a_non_sr(tmp_path: Path) -> None:
@@ -45,7 +46,8 @@ def test_pixelmed_flags_template_errors() -> None:
     require_tool("java", "/usr/share/java/pixelmed.jar")
     # highdicom's older sample: HAS PROPERTIES instead of HAS CONCEPT MOD, missing Person Observer Name
     rep = run_sr_validator(require_shared_data(*SAMPLES, "hd_sr_document.dcm"))[0]
-    assert not rep.ok and any("HAS CONCEPT MOD" in e for e in rep.errors)
+    assert not rep.ok
+    assert any("HAS CONCEPT MOD" in e for e in rep.errors)
 
 
 def test_validate_command_exit_codes(tmp_path: Path) -> None:
@@ -61,7 +63,9 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.dcm"
     ds.save_as(bad)
     res = runner.invoke(app, ["validate", "--no-pixelmed", str(bad)])
-    assert res.exit_code == 1 and "FAILED" in res.output
+    assert res.exit_code == 1
+    assert "FAILED" in res.output
     sr = require_shared_data(*SAMPLES, "hd_sr_document_with_multiple_groups.dcm")
     res = runner.invoke(app, ["validate", "--no-pixelmed", str(sr)])
-    assert res.exit_code == 0 and "dsrdump: OK" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    assert "dsrdump: OK" in res.output, res.output

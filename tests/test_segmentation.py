@@ -11,7 +11,7 @@ from lesiontrack.models.segmentation.base import SegReference, available_engines
 from lesiontrack.models.segmentation.components import keep_nearest_component, mask_centre_mm
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
-from tests.test_tracking_phantom import LESIONS, grid, render
+from tests.support.phantom import LESIONS, grid, render
 
 IDENT = LesionIdentity("2.25.5", "L1", 1)
 
@@ -35,7 +35,7 @@ def _mask(tp, n: int) -> Volume:
 
 
 @pytest.mark.parametrize(
-    "n,factor,min_dice",
+    ("n", "factor", "min_dice"),
     [
         (1, 2.0, 0.85),  # lung nodule doubles its diameter
         (2, 0.6, 0.85),  # low-contrast liver lesion (30 HU below liver, noise 12 HU) shrinks
@@ -49,7 +49,8 @@ def test_adaptive_follows_growth_and_shrinkage(n: int, factor: float, min_dice: 
     prompt = Prompt(IDENT, PromptKind.MASK, mask=prior)
     out = AdaptiveEngine().segment(after.ct, prompt, SegReference(before.ct, prior))
     gt = after.labels.array == n
-    assert out.same_grid(after.ct) and out.array.dtype == np.uint8
+    assert out.same_grid(after.ct)
+    assert out.array.dtype == np.uint8
     assert dice(out.array, gt) >= min_dice
     assert dice(out.array, gt) > dice(prior.array, gt) or factor == 1.0
 
@@ -107,7 +108,8 @@ def test_rasterize_and_components() -> None:
     # mask prompt on another grid is resampled
     coarse = Volume(np.zeros((10, 15, 20), np.uint8), origin=(-19.5, -14.5, -10.0), spacing=(2.0, 2.0, 4.0))
     m = prompt_to_mask(Prompt(IDENT, PromptKind.MASK, mask=ball), coarse)
-    assert m.same_grid(coarse) and m.array.any()
+    assert m.same_grid(coarse)
+    assert m.array.any()
     assert {"adaptive", "lesionlocator", "warped-prompt"} <= set(available_engines())
     with pytest.raises(ValueError, match="unknown segmentation engine"):
         get_engine("nope")
@@ -152,7 +154,7 @@ def _part_solid(rim_mm: float, seed: int) -> tuple[Volume, np.ndarray]:
     return vol, r <= rim_mm
 
 
-@pytest.mark.parametrize("rim_before,rim_after", [(7.0, 9.5), (7.0, 7.0), (5.0, 8.0)])
+@pytest.mark.parametrize(("rim_before", "rim_after"), [(7.0, 9.5), (7.0, 7.0), (5.0, 8.0)])
 def test_part_solid_nodule_is_followed_without_collapse_or_edge_bias(rim_before: float, rim_after: float) -> None:
     """A part-solid nodule whose ground-glass rim grows (or stays) keeps its rim: the contrast re-centring compares
     like with like (deep half with deep half, not the solid centre with the rim), and the lesion model leaves out the
@@ -186,7 +188,7 @@ def _small_nodule(radius_mm: float, seed: int, vessel: bool) -> tuple[Volume, np
 
 
 @pytest.mark.parametrize("vessel", [False, True])
-@pytest.mark.parametrize("r_before,r_after", [(5.0, 5.0), (4.5, 4.5), (5.0, 6.0), (6.0, 5.0)])
+@pytest.mark.parametrize(("r_before", "r_after"), [(5.0, 5.0), (4.5, 4.5), (5.0, 6.0), (6.0, 5.0)])
 def test_small_solid_nodule_volume_has_no_partial_volume_shell(r_before: float, r_after: float, vessel: bool) -> None:
     """A nodule a few voxels across is mostly boundary: its volume is right only if the boundary sits at the half-way
     level between nodule and lung (not where the likelihood ratio changes sign, a third of the way out: a shell of
@@ -215,7 +217,7 @@ def _faint_liver_lesion(radius_mm: float, seed: int) -> tuple[Volume, np.ndarray
     return Volume(np.rint(img).astype(np.int16), np.zeros(3), np.full(3, sp), np.eye(3)), r <= radius_mm
 
 
-@pytest.mark.parametrize("r_before,r_after", [(8.0, 8.0), (8.0, 5.6), (8.0, 5.0), (6.0, 8.0)])
+@pytest.mark.parametrize(("r_before", "r_after"), [(8.0, 8.0), (8.0, 5.6), (8.0, 5.0), (6.0, 8.0)])
 def test_faint_lesion_volume_follows_its_change(r_before: float, r_after: float) -> None:
     """At a contrast of about one noise SD the kernel models' likelihood ratio is decided by their tails and the
     outline stayed where the prompt put it: a liver lesion that shrank to a third was reported unchanged (a change

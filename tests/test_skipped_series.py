@@ -37,7 +37,7 @@ def add_series(sf: Any, description: str, body_part: str = "CHEST", n: int = 40,
     return uid
 
 
-@pytest.fixture()
+@pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
     from fastapi.testclient import TestClient
 
@@ -85,7 +85,9 @@ def test_skipped_series_listed_analysed_anyway_and_override_kept(env: Any) -> No
     # dashboard: read role sees the list and reason, no button
     client.post("/login", data={"key": READ, "next": "/"})
     page = client.get("/series/skipped").text
-    assert chest in page and "body part CHEST" in page and "Analyse anyway</button>" not in page
+    assert chest in page
+    assert "body part CHEST" in page
+    assert "Analyse anyway</button>" not in page
     assert client.post(f"/api/series/{chest}/analyse", headers={"X-API-Key": READ}).status_code == 403
 
     client.post("/login", data={"key": OPERATOR, "next": "/"})
@@ -93,7 +95,8 @@ def test_skipped_series_listed_analysed_anyway_and_override_kept(env: Any) -> No
     assert "Analyse anyway</button>" in page
     csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
     r = client.post(f"/series/{chest}/analyse", data={"csrf": csrf}, follow_redirects=False)
-    assert r.status_code == 303 and "queued" in r.headers["location"]
+    assert r.status_code == 303
+    assert "queued" in r.headers["location"]
     with session_scope(sf) as s:
         se = s.scalar(select(Series).where(Series.series_instance_uid == chest))
         assert se.routing_decision == RoutingDecision.ANALYSE
@@ -115,13 +118,17 @@ def test_completion_trigger_endpoint_is_idempotent(env: Any) -> None:
     r = client.post(f"/api/series/{uid}/complete", headers=h)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["completed"] and body["routing_decision"] == "analyse" and body["job_id"] is None  # no callback
+    assert body["completed"]
+    assert body["routing_decision"] == "analyse"
+    assert body["job_id"] is None
     again = client.post(f"/api/series/{uid}/complete", headers=h).json()
-    assert again["completed"] is False and again["routing_decision"] == "analyse"
+    assert again["completed"] is False
+    assert again["routing_decision"] == "analyse"
     # a series none of whose instances is indexed yet is remembered, not refused (issue 29)
     unknown = client.post("/api/series/1.2.3/complete?expected_instances=5", headers=h)
     assert unknown.status_code == 202, unknown.text
-    assert unknown.json()["pending"] is True and unknown.json()["expected_instances"] == 5
+    assert unknown.json()["pending"] is True
+    assert unknown.json()["expected_instances"] == 5
     assert client.post(f"/api/series/{uid}/complete", headers={"X-API-Key": READ}).status_code == 403
 
 
@@ -134,9 +141,11 @@ def test_reevaluate_after_a_rule_change(env: Any) -> None:
         complete_series(sf, settings.routing, uid)
     routed: list[str] = []
     dry = reevaluate(sf, RoutingSettings(), routed.append, dry_run=True)
-    assert {r.series_uid: r.now_routed for r in dry} == {chest: True, loc: False} and routed == []
+    assert {r.series_uid: r.now_routed for r in dry} == {chest: True, loc: False}
+    assert routed == []
     out = reevaluate(sf, RoutingSettings(), routed.append)
-    assert routed == [chest] and {r.series_uid for r in out} == {chest, loc}
+    assert routed == [chest]
+    assert {r.series_uid for r in out} == {chest, loc}
     with session_scope(sf) as s:
         decisions = {se.series_instance_uid: se.routing_decision for se in s.scalars(select(Series))}
     assert decisions[chest] == RoutingDecision.ANALYSE

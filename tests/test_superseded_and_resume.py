@@ -14,7 +14,7 @@ from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.dicom_node.sending import DeliveryError, DeliveryService, deliver_files
 from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
-from tests.test_dicom_node_scp import Node, ge_files
+from tests.support.dicom_node import Node, ge_files
 
 
 class Analysed(StepOutput):
@@ -77,9 +77,11 @@ def test_a_job_superseded_while_running_stops_before_send_and_sends_nothing(tmp_
     )
     job = svc.store.create("1.2.826.0.1.3680043.8.498.77")
     assert svc.run(job) is JobState.SUPERSEDED
-    assert steps_run == ["analyse"] and sent == []
+    assert steps_run == ["analyse"]
+    assert sent == []
     view = svc.store.get(job)
-    assert view.state is JobState.SUPERSEDED and view.superseded_by == newer[0]
+    assert view.state is JobState.SUPERSEDED
+    assert view.superseded_by == newer[0]
     with session_scope(sender.session_factory) as s:
         assert s.scalars(select(Delivery)).all() == []
     # the newer job runs normally and sends
@@ -126,7 +128,8 @@ def test_an_interrupted_c_store_delivery_resumes_with_the_objects_not_yet_acknow
         sender = _service(settings)
         (delivery_id,) = sender.send(objects, job_id=None)
         d = _delivery(sender, delivery_id)
-        assert d.state == DeliveryState.RETRY_WAIT and "1 of 4 not stored" in (d.last_error or "")
+        assert d.state == DeliveryState.RETRY_WAIT
+        assert "1 of 4 not stored" in (d.last_error or "")
         assert sorted(d.acknowledged or []) == sorted(str(f) for f in (files[0], files[1], files[3]))
         assert dest.count() == 3
         broken.write_bytes(raw)  # the object is repaired; the retry sends it alone
@@ -145,5 +148,6 @@ def test_an_interrupted_c_store_delivery_resumes_with_the_objects_not_yet_acknow
             last = s.scalars(
                 select(AuditEvent).where(AuditEvent.action == "delivery.attempt").order_by(AuditEvent.id.desc())
             ).first()
-            assert last is not None and "3 acknowledged earlier, skipped" in (last.details or {}).get("summary", "")
+            assert last is not None
+            assert "3 acknowledged earlier, skipped" in (last.details or {}).get("summary", "")
     dest.engine.dispose()

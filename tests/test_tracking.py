@@ -7,7 +7,7 @@ import pytest
 
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.lesions import LesionStatus
 from lesiontrack.pipeline.tracking import (
     NoRegistrationEngine,
     ProgressEvent,
@@ -15,33 +15,7 @@ from lesiontrack.pipeline.tracking import (
     track_lesions,
     tracking_summary,
 )
-from tests.test_tracking_phantom import LESIONS, PhantomTimepoint, series
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    s = int(a.sum() + b.sum())
-    return 2.0 * float((a & b).sum()) / s if s else 1.0
-
-
-def _mask_prompts(tp: PhantomTimepoint) -> list[Prompt]:
-    out = []
-    for n in range(1, len(LESIONS) + 1):
-        m = tp.labels.array == n
-        if m.any():
-            out.append(
-                Prompt(
-                    LesionIdentity(f"2.25.{1000 + n}", f"L{n}", n),
-                    PromptKind.MASK,
-                    mask=tp.labels.with_array(m.astype(np.uint8)),
-                    source="test",
-                )
-            )
-    return out
-
-
-def _timepoints(tps: list[PhantomTimepoint]) -> list[Timepoint]:
-    return [Timepoint(f"1.2.826.0.1.{i}", tp.ct, study_date=f"2024010{i + 1}") for i, tp in enumerate(tps)]
+from tests.support.phantom import LESIONS, PhantomTimepoint, dice, mask_prompts, phantom_volumes, series
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +24,18 @@ def phantom() -> list[PhantomTimepoint]:
 
 
 def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list[PhantomTimepoint]) -> None:
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     events: list[ProgressEvent] = []
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
         segmentation=get_engine("adaptive"),
         progress=events.append,
     )
-    assert events[-1].stage == "done" and events[-1].done == events[-1].total
+    assert events[-1].stage == "done"
+    assert events[-1].done == events[-1].total
     for t in (1, 2):
         by_label = {les.identity.label: les for les in tps[t].lesions}
         assert sorted(by_label) == [1, 2, 3, 4, 5, 6]
@@ -74,7 +49,8 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
         assert dice(by_label[5].mask.array, phantom[t].labels.array == 5) > 0.5
     assert dice({les.identity.label: les for les in tps[1].lesions}[6].mask.array, phantom[1].labels.array == 6) > 0.8
     gone = {les.identity.label: les for les in tps[2].lesions}[6]
-    assert gone.status is LesionStatus.VANISHED and not gone.mask.array.any()
+    assert gone.status is LesionStatus.VANISHED
+    assert not gone.mask.array.any()
     lm = label_map(tps[2])
     assert set(np.unique(lm.array)) == {0, 1, 2, 3, 4, 5}
     summary = tracking_summary(tps)
@@ -88,10 +64,10 @@ def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
     grown[2], grown[3] = 9.0, 9.5  # centres 18 mm apart: the pair now touches
     tps_p = series(seed=2, shifts_mm=((0, 0, 0), (1, -1, 1)), radii_per_tp=[base, grown])
     gt = tps_p[1].labels.array
-    tps = _timepoints(tps_p)
+    tps = phantom_volumes(tps_p)
     track_lesions(
         tps,
-        _mask_prompts(tps_p[0]),
+        mask_prompts(tps_p[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
         segmentation=get_engine("adaptive"),
@@ -99,7 +75,8 @@ def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
     by_label = {les.identity.label: les for les in tps[1].lesions}
     a, b = by_label[3].mask.array > 0, by_label[4].mask.array > 0
     assert not (a & b).any()
-    assert dice(a, gt == 3) > 0.75 and dice(b, gt == 4) > 0.75
+    assert dice(a, gt == 3) > 0.75
+    assert dice(b, gt == 4) > 0.75
     # each keeps its own centre side: A is the more anterior (smaller y) of the two
     ya = np.argwhere(a)[:, 1].mean()
     yb = np.argwhere(b)[:, 1].mean()
@@ -107,8 +84,8 @@ def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
 
 
 def test_backward_propagation_from_last_timepoint(phantom: list[PhantomTimepoint]) -> None:
-    tps = _timepoints(phantom)
-    prompts = _mask_prompts(phantom[2])
+    tps = phantom_volumes(phantom)
+    prompts = mask_prompts(phantom[2])
     assert [p.identity.label for p in prompts] == [1, 2, 3, 4, 5]
     track_lesions(
         tps, prompts, source_index=2, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
@@ -121,7 +98,7 @@ def test_backward_propagation_from_last_timepoint(phantom: list[PhantomTimepoint
 
 
 def test_point_and_box_prompts_on_the_source_timepoint(phantom: list[PhantomTimepoint]) -> None:
-    tps = _timepoints(phantom)[:2]
+    tps = phantom_volumes(phantom)[:2]
     lung, liver = LESIONS[0], LESIONS[1]
     prompts = [
         Prompt(LesionIdentity("2.25.1", "L1", 1), PromptKind.POINTS, points_mm=np.array([lung.centre_mm])),
@@ -140,11 +117,11 @@ def test_point_and_box_prompts_on_the_source_timepoint(phantom: list[PhantomTime
 
 
 def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
-    p = _mask_prompts(phantom[0])
+    p = mask_prompts(phantom[0])
     p[1].identity.label = p[0].identity.label
     with pytest.raises(ValueError, match="unique"):
         track_lesions(
-            _timepoints(phantom),
+            phantom_volumes(phantom),
             p,
             source_index=0,
             registration=NoRegistrationEngine(),
@@ -156,8 +133,8 @@ def test_boosting_reprompts_at_the_first_result_centre() -> None:
     from lesiontrack.pipeline.tracking import TrackingOptions
 
     ph = series(seed=6, shifts_mm=((0, 0, 0), (5, -4, 3)))  # 7 mm motion, no registration: the prompt is off
-    tps = _timepoints(ph)
-    prompts = [p for p in _mask_prompts(ph[0]) if p.identity.label in (1, 2)]
+    tps = phantom_volumes(ph)
+    prompts = [p for p in mask_prompts(ph[0]) if p.identity.label in (1, 2)]
     track_lesions(
         tps,
         prompts,

@@ -14,7 +14,7 @@ from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import PromptKind
 from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, series
 
 
 def _write(tmp: Path) -> list[Path]:
@@ -94,13 +94,16 @@ def test_track_cli_writes_label_maps_tracking_json_and_dicom(tmp_path: Path) -> 
         assert les["timepoints"][0]["propagated_from"] is None
         for x in les["timepoints"][1:]:
             src = x["propagated_from"]
-            assert src["series_uid"] == base_uid and src["by_person"] and src["timepoint_index"] == 0, src
+            assert src["series_uid"] == base_uid, src
+            assert src["by_person"], src
+            assert src["timepoint_index"] == 0, src
     assert summary["propagation"] == "annotation"
     for tp in summary["timepoints"][1:]:
         # the service's objects: SEG, TID 1500 SR and the OHIF measurements SR
         kinds = [pydicom.dcmread(out / f).Modality for f in tp["dicom"]]
         assert kinds == ["SEG", "SR", "SR"]
-        assert tp["state"] == "done" and tp["new_lesion_search"]["ran"], tp
+        assert tp["state"] == "done", tp
+        assert tp["new_lesion_search"]["ran"], tp
         seg = pydicom.dcmread(out / tp["dicom"][0])
         uids = {s.TrackingUID for s in seg.SegmentSequence}
         candidates = {c["tracking_uid"] for c in tp["candidates"]}
@@ -121,7 +124,8 @@ def test_prompts_json_schema_and_errors(tmp_path: Path) -> None:
     ps = load_prompts_json(f, series_uid="1.2.3")
     assert [p.identity.label for p in ps] == [1, 7]
     np.testing.assert_allclose(ps[0].points_mm, [[-10, -20, 30]])
-    assert ps[0].identity.tracking_uid.startswith("2.25.") and ps[0].identity.tracking_id == "L1"
+    assert ps[0].identity.tracking_uid.startswith("2.25.")
+    assert ps[0].identity.tracking_id == "L1"
     assert load_prompts_json(f, series_uid="1.2.3")[0].identity.tracking_uid == ps[0].identity.tracking_uid
     f.write_text(json.dumps({"coordinate_system": "voxel", "lesions": [{"box": [[1, 2, 3], [5, 6, 7]]}]}))
     box = load_prompts_json(f, grid)[0]
@@ -199,16 +203,20 @@ def test_track_cli_baseline_in_the_middle_follows_the_service_rules(tmp_path: Pa
         return json.loads((out / "tracking.json").read_text()) | {"out": out}
 
     ours = from_t1(pydicom.dcmread(seg_file), "ours")
-    assert ours["source_index"] == 1 and ours["lesions"] == []
+    assert ours["source_index"] == 1
+    assert ours["lesions"] == []
     before, after = ours["timepoints"][0], ours["timepoints"][2]
-    assert before["state"] == "nothing_to_track" and "no prior study" in before["reason"], before
-    assert after["state"] == "nothing_to_track" and "results of LesionTrack" in after["reason"], after
+    assert before["state"] == "nothing_to_track", before
+    assert "no prior study" in before["reason"], before
+    assert after["state"] == "nothing_to_track", after
+    assert "results of LesionTrack" in after["reason"], after
     person = pydicom.dcmread(seg_file)  # the same segments, issued by a reader's workstation
     person.Manufacturer = "Reader Workstation"
     person.SeriesInstanceUID = generate_uid()
     person.SOPInstanceUID = person.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     s2 = from_t1(person, "person")
-    assert s2["source_index"] == 1 and s2["timepoints"][2]["state"] == "done"
+    assert s2["source_index"] == 1
+    assert s2["timepoints"][2]["state"] == "done"
     assert s2["timepoints"][0]["state"] == "nothing_to_track"
     assert {les["tracking_uid"] for les in s2["lesions"]} == {les["tracking_uid"] for les in s1["lesions"]}
     gt = np.load(tmp_path / "gt.npy")
@@ -257,6 +265,8 @@ def test_track_cli_confirmed_timepoint_is_the_nearest_source(tmp_path: Path) -> 
     assert summary["confirmed_indices"] == [1]
     (lesion,) = summary["lesions"]
     last = lesion["timepoints"][2]
-    assert last["status"] == "present" and last["propagated_from"]["timepoint_index"] == 1, last
+    assert last["status"] == "present", last
+    assert last["propagated_from"]["timepoint_index"] == 1, last
     bad = CliRunner().invoke(app, [*args, "--prompts", str(pj), "--confirmed", str(dirs[2]), "--out", str(out)])
-    assert bad.exit_code == 2 and "not one of the --followup folders" in " ".join(bad.output.split())
+    assert bad.exit_code == 2
+    assert "not one of the --followup folders" in " ".join(bad.output.split())

@@ -31,8 +31,7 @@ from lesiontrack.pipeline.tracking import (
     track_lesions,
     tracking_summary,
 )
-from tests.test_tracking import _mask_prompts, _timepoints, dice
-from tests.test_tracking_phantom import LESIONS, series
+from tests.support.phantom import LESIONS, dice, mask_prompts, phantom_volumes, series
 
 
 class _SpyRegistration:
@@ -71,23 +70,25 @@ def _radii(*factors_per_tp: tuple[float, ...]) -> list[list[float]]:
 def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoint() -> None:
     shifts = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
     phantom = series(seed=3, shifts_mm=shifts, radii_per_tp=_radii(*[(1, 1, 1, 1, 1, 1)] * 4))
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     reg, eng = _SpyRegistration(), _SpyEngine()
-    track_lesions(tps, _mask_prompts(phantom[0]), source_index=0, registration=reg, segmentation=eng)
+    track_lesions(tps, mask_prompts(phantom[0]), source_index=0, registration=reg, segmentation=eng)
     base = id(tps[0].ct)
     assert reg.pairs == [(base, id(tps[t].ct)) for t in (1, 2, 3)], "each follow-up registered directly, once"
-    assert eng.references and set(eng.references) == {base}, "every prompt's reference is the annotated CT"
+    assert eng.references, "every prompt's reference is the annotated CT"
+    assert set(eng.references) == {base}, "every prompt's reference is the annotated CT"
     for t in (1, 2, 3):
         for les in tps[t].lesions:
-            assert les.propagated_from is not None and les.propagated_from.by_person
+            assert les.propagated_from is not None
+            assert les.propagated_from.by_person
             assert les.propagated_from.series_uid == tps[0].series_uid
             assert les.propagated_from.timepoint_index == 0
     # the former loop, for contrast: a chain of adjacent pairs, prompted with our previous result
-    tps2 = _timepoints(phantom)
+    tps2 = phantom_volumes(phantom)
     reg2, eng2 = _SpyRegistration(), _SpyEngine()
     track_lesions(
         tps2,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=reg2,
         segmentation=eng2,
@@ -99,34 +100,35 @@ def test_every_followup_is_registered_to_and_prompted_from_the_annotated_timepoi
 
 def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None:
     phantom = series(seed=4, shifts_mm=((0, 0, 0),) * 5, radii_per_tp=_radii(*[(1, 1, 1, 1, 1, 1)] * 5))
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     reg = _SpyRegistration()
     # annotated at T1 (the "baseline" given last in time order) and confirmed at T4
     track_lesions(
         tps,
-        _mask_prompts(phantom[1]),
+        mask_prompts(phantom[1]),
         source_index=1,
         registration=reg,
         segmentation=get_engine("adaptive"),
-        confirmed={4: _mask_prompts(phantom[4])},
+        confirmed={4: mask_prompts(phantom[4])},
     )
     ids = [id(tp.ct) for tp in tps]
     assert sorted(reg.pairs) == sorted([(ids[1], ids[2]), (ids[4], ids[3]), (ids[1], ids[0])])
     assert {les.propagated_from.timepoint_index for les in tps[3].lesions} == {4}
     assert {les.propagated_from.timepoint_index for les in tps[0].lesions} == {1}
-    assert nearest_source_index(2, [1, 4]) == 1 and nearest_source_index(3, [1, 4]) == 4
+    assert nearest_source_index(2, [1, 4]) == 1
+    assert nearest_source_index(3, [1, 4]) == 4
 
 
 def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() -> None:
     # issue 16: a radiologist corrects follow-up 1; follow-ups 2 and 3 are propagated from that correction
     radii = _radii((1,) * 6, (1.2,) * 6, (1.3,) * 6, (1.4,) * 6)
     phantom = series(seed=8, shifts_mm=((0, 0, 0),) * 4, radii_per_tp=radii)
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     reg, eng = _SpyRegistration(), _SpyEngine()
-    correction = _mask_prompts(phantom[1])
+    correction = mask_prompts(phantom[1])
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=reg,
         segmentation=eng,
@@ -134,13 +136,15 @@ def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() ->
     )
     ids = [id(tp.ct) for tp in tps]
     assert reg.pairs == [(ids[1], ids[2]), (ids[1], ids[3])], "registered from the correction, not T0"
-    assert eng.references and set(eng.references) == {ids[1]}, "the corrected CT is every prompt's reference"
+    assert eng.references, "the corrected CT is every prompt's reference"
+    assert set(eng.references) == {ids[1]}, "the corrected CT is every prompt's reference"
     by_label = {p.identity.label: p for p in correction}
     for les in tps[1].lesions:  # the correction is adopted as drawn
         assert np.array_equal(les.mask.array > 0, by_label[les.identity.label].mask.array > 0)
     for t in (2, 3):
         for les in tps[t].lesions:
-            assert les.propagated_from is not None and les.propagated_from.by_person
+            assert les.propagated_from is not None
+            assert les.propagated_from.by_person
             assert les.propagated_from.timepoint_index == 1
             assert les.propagated_from.series_uid == tps[1].series_uid
             assert dice(les.mask.array, phantom[t].labels.array == les.identity.label) > 0.7
@@ -152,23 +156,24 @@ def test_registration_cache_registers_each_pair_of_series_once() -> None:
     cache = RegistrationCache(spy)
     for _ in range(2):  # two passes over the same series (e.g. a re-run)
         track_lesions(
-            _timepoints(phantom),
-            _mask_prompts(phantom[0]),
+            phantom_volumes(phantom),
+            mask_prompts(phantom[0]),
             source_index=0,
             registration=cache,
             segmentation=get_engine("warped-prompt"),
         )
-    assert len(spy.pairs) == 1 and len(cache.pairs) == 1
+    assert len(spy.pairs) == 1
+    assert len(cache.pairs) == 1
 
 
 def test_a_lesion_that_vanishes_and_reappears_is_found_again() -> None:
     # lesion 1 (lung nodule) present, present, gone, back; the others stable
     radii = _radii((1,) * 6, (1,) * 6, (0, 1, 1, 1, 1, 1), (1.1, 1, 1, 1, 1, 1))
     phantom = series(seed=6, shifts_mm=((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1)), radii_per_tp=radii)
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=_OracleShift(phantom, ((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1))),
         segmentation=get_engine("adaptive"),
@@ -216,10 +221,10 @@ def test_growth_x3_and_shrinkage_x0_3_followed_without_a_growing_leak(propagatio
     radii = _radii(*[(g3**s, s3**s, 1, 1, g3**s, 1) for s in steps])
     shifts = ((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1))
     phantom = series(seed=7, shifts_mm=shifts, radii_per_tp=radii)
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=_OracleShift(phantom, shifts),
         segmentation=get_engine("adaptive"),
@@ -245,10 +250,10 @@ def test_growth_x3_and_shrinkage_x0_3_followed_without_a_growing_leak(propagatio
 
 def test_provenance_is_in_tracking_json() -> None:
     phantom = series(seed=8, shifts_mm=((0, 0, 0), (1, 0, 0)), radii_per_tp=_radii((1,) * 6, (1,) * 6))
-    tps = _timepoints(phantom)
+    tps = phantom_volumes(phantom)
     track_lesions(
         tps,
-        _mask_prompts(phantom[0]),
+        mask_prompts(phantom[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
         segmentation=get_engine("adaptive"),
@@ -257,7 +262,8 @@ def test_provenance_is_in_tracking_json() -> None:
     for les in summary["lesions"]:
         base, fu = les["timepoints"]
         assert base["propagated_from"] is None  # the annotation itself
-        assert fu["propagated_from"]["series_uid"] == tps[0].series_uid and fu["propagated_from"]["by_person"]
+        assert fu["propagated_from"]["series_uid"] == tps[0].series_uid
+        assert fu["propagated_from"]["by_person"]
         assert fu["propagated_from"]["annotation"] == "test"
 
 
@@ -273,7 +279,8 @@ def test_selection_picks_the_persons_annotation_over_our_newer_results() -> None
         _cand("our-fu2-seg", "20240501000000", AnnotationOrigin.OURS),
     ]
     choice = choose_prompt_source(cands, "20240701000000")
-    assert choice is not None and choice.chosen.sop_instance_uid == "baseline-seg"
+    assert choice is not None
+    assert choice.chosen.sop_instance_uid == "baseline-seg"
     assert {c.sop_instance_uid for c in choice.skipped} == {"our-fu1-seg", "our-fu2-seg"}
     # a result of ours that a person confirmed counts as theirs, and it is nearer
     cands.append(_cand("verified-fu2", "20240501000000", AnnotationOrigin.OURS, confirmed=True))
@@ -297,10 +304,12 @@ def test_our_seg_is_told_apart_from_a_persons_seg(tmp_path: Path) -> None:
     """Manufacturer LesionTrack + SEMIAUTOMATIC = ours; a MANUAL SEG (drawn by a person) is the person's."""
     from lesiontrack.pipeline.prompt_selection import is_our_object
     from lesiontrack.pipeline.seg_writer import save_new, write_seg
-    from tests.segsr_fixtures import make_series
+    from tests.support.segsr import make_series
 
     tp = make_series(tmp_path, n_timepoints=1)[0]
     ours = save_new(write_seg(tp.datasets, tp.lesions).dataset, tmp_path / "ours")
     person = save_new(write_seg(tp.datasets, tp.lesions, algorithm_type="MANUAL").dataset, tmp_path / "person")
     other = save_new(write_seg(tp.datasets, tp.lesions, manufacturer="Workstation X").dataset, tmp_path / "other")
-    assert is_our_object(ours) and not is_our_object(person) and not is_our_object(other)
+    assert is_our_object(ours)
+    assert not is_our_object(person)
+    assert not is_our_object(other)

@@ -12,7 +12,7 @@ from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, Prom
 from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform
-from tests.conftest import require_shared_data
+from tests.support.tools import require_shared_data
 
 pytestmark = pytest.mark.realdata
 
@@ -33,7 +33,8 @@ def test_real_tumour_grows_then_vanishes() -> None:
         tr = SpatialTransform(translation=np.array(shift))
         cts.append(apply_transform(e_ct, tr, ct))
         gts.append(apply_transform(e_lab, tr, ct, label=True))
-    assert gts[1].array.sum() > 1.8 * labels.array.sum() and gts[2].array.sum() == 0
+    assert gts[1].array.sum() > 1.8 * labels.array.sum()
+    assert gts[2].array.sum() == 0
     tps = [Timepoint(f"1.2.3.{t}", v) for t, v in enumerate(cts)]
     prompt = Prompt(LesionIdentity("2.25.77", "L1 lung", 1), PromptKind.MASK, mask=labels)
     track_lesions(
@@ -41,7 +42,9 @@ def test_real_tumour_grows_then_vanishes() -> None:
     )
     grown = tps[1].lesions[0]
     a, b = grown.mask.array > 0, gts[1].array > 0
-    assert grown.status is LesionStatus.PRESENT and grown.identity.tracking_uid == "2.25.77"
+    assert grown.status is LesionStatus.PRESENT
+    assert grown.identity.tracking_uid == "2.25.77"
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.75
     gone = tps[2].lesions[0]
-    assert gone.status is LesionStatus.VANISHED and not gone.mask.array.any()
+    assert gone.status is LesionStatus.VANISHED
+    assert not gone.mask.array.any()

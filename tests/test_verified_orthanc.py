@@ -24,9 +24,9 @@ from sqlalchemy import select
 from lesiontrack.db.models import AuditEvent, Lesion, LesionObservation, TimepointVerification, VerificationState
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.contract import job_results
-from tests.correction_fixtures import READER, write_correction
-from tests.services import wait_for
-from tests.test_e2e_orthanc import Site, _get_bytes, _validate
+from tests.support.correction import READER, write_correction
+from tests.support.e2e_site import Site, get_bytes, validate_object
+from tests.support.services import wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -88,8 +88,11 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
         sf = site.service.session_factory
         with session_scope(sf) as s:
             v = s.scalar(select(TimepointVerification))
-            assert v is not None and v.state is VerificationState.APPLIED and v.verified_by == READER
-            assert v.job_pk == adopted.id and v.reanalysis_jobs == [reanalysed.id]
+            assert v is not None
+            assert v.state is VerificationState.APPLIED
+            assert v.verified_by == READER
+            assert v.job_pk == adopted.id
+            assert v.reanalysis_jobs == [reanalysed.id]
             lesions = {les.tracking_uid: les for les in s.scalars(select(Lesion))}
             assert lesions[corr.deleted_uid].retired_at_series_uid == fu1.series_uid
             edited = lesions[corr.edited_uid].id
@@ -100,7 +103,8 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
                     LesionObservation.job_pk == reanalysed.id,
                 )
             )
-            assert fu2_obs is not None and fu2_obs.propagated_from_sop_uid == corr.sop_instance_uid
+            assert fu2_obs is not None
+            assert fu2_obs.propagated_from_sop_uid == corr.sop_instance_uid
             actions = {a for (a,) in s.execute(select(AuditEvent.action))}
         assert {"verification.received", "verification.applied", "lesion.retired", "verification.reanalysis"} <= actions
 
@@ -110,28 +114,30 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
             objs = _objects(site, fu.study_uid)
             written = job_results(job.step_outputs).written
             old_written = job_results(old.step_outputs).written
-            assert written is not None and old_written is not None
+            assert written is not None
+            assert old_written is not None
             segs = {str(d.SOPInstanceUID): d for d in objs["SEG"]}
             srs_in = {str(d.SOPInstanceUID): d for d in objs["SR"]}
             assert {written.seg_sop_instance_uid, old_written.seg_sop_instance_uid} <= set(segs), "nothing overwritten"
             assert {written.sr_sop_instance_uid, old_written.sr_sop_instance_uid} <= set(srs_in)
             new_seg, new_sr = segs[written.seg_sop_instance_uid], srs_in[written.sr_sop_instance_uid]
-            assert "rev2" in str(new_seg.SeriesDescription) and "rev1" in str(
-                segs[old_written.seg_sop_instance_uid].SeriesDescription
-            )
+            assert "rev2" in str(new_seg.SeriesDescription)
+            assert "rev1" in str(segs[old_written.seg_sop_instance_uid].SeriesDescription)
             pred = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
             assert str(pred.ReferencedSOPInstanceUID) == old_written.sr_sop_instance_uid
             tracked = {str(x.TrackingUID) for x in new_seg.SegmentSequence}
-            assert corr.deleted_uid not in tracked and corr.added_uid in tracked and corr.edited_uid in tracked
-            _validate(tmp_path, new_seg)
-            srs.append(_validate(tmp_path, new_sr))
+            assert corr.deleted_uid not in tracked
+            assert corr.added_uid in tracked
+            assert corr.edited_uid in tracked
+            validate_object(tmp_path, new_seg)
+            srs.append(validate_object(tmp_path, new_sr))
         from lesiontrack.pipeline.dicom_validate import run_sr_validator
 
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()
         # the correction itself is in Orthanc and in our store, untouched
         found = site.orthanc.post("/tools/lookup", corr.sop_instance_uid)
-        raw = _get_bytes(site.orthanc, f"/instances/{found[0]['ID']}/file")
+        raw = get_bytes(site.orthanc, f"/instances/{found[0]['ID']}/file")
         assert str(pydicom.dcmread(io.BytesIO(raw)).Manufacturer) == "OtherViewer"
     finally:
         site.stop()

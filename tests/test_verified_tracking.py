@@ -30,7 +30,8 @@ from lesiontrack.db.models import (
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.pipeline.contract import job_results
 from lesiontrack.pipeline.sr_reader import read_sr
-from tests.correction_fixtures import READER, write_correction
+from tests.support.correction import READER, write_correction
+from tests.support.patient import still_patient
 
 API_KEY = {"X-API-Key": "demo"}
 
@@ -53,7 +54,6 @@ def _run_queued(service: Any, sf: Any) -> list[int]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
     from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.scp import storage_root
     from lesiontrack.dicom_node.storage import InstanceStore
@@ -66,17 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     upgrade(settings.effective_database_url)
     sf = make_session_factory(make_engine(settings.effective_database_url))
     new = [("liver", 14.0, 25.0)]
-    patient = make_patient(
-        tmp / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        changes=False,
-        motion=False,
-        new_lesions={1: new, 2: new},
-    )
+    patient = still_patient(tmp / "patient", n_followups=2, new_lesions={1: new, 2: new})
     store = InstanceStore(storage_root(settings), fsync=False)
     ingestor = Ingestor(store, sf)
     files = [*patient.baseline.files, patient.seg_file, *patient.followups[0].files, *patient.followups[1].files]
@@ -89,7 +79,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         assert service.run(job) is JobState.DONE, service.store.get(job).error
         first.append(service.store.get(job))
     fu1_written = job_results(first[0].step_outputs).written
-    assert fu1_written is not None and fu1_written.seg
+    assert fu1_written is not None
+    assert fu1_written.seg
     added_at = patient.truth["new_lesions"][0]["centre_mm"]
     corr = write_correction(fu1_written.seg, patient.followups[0].files, tmp / "correction", add_centre_mm=added_at)
     assert ingest_file(ingestor, corr.path).ok
@@ -128,28 +119,39 @@ def _segments(path: str) -> dict[str, str]:
 def test_correction_is_adopted_and_later_follow_ups_reanalysed(site: dict[str, Any]) -> None:
     corr, (fu1, fu2) = site["correction"], site["patient"].followups
     assert len(site["adoption_jobs"]) == 1
-    assert site["ran"][0] == site["adoption_jobs"][0] and len(site["ran"]) == 2, "adoption, then follow-up 2"
+    assert site["ran"][0] == site["adoption_jobs"][0], "adoption, then follow-up 2"
+    assert len(site["ran"]) == 2, "adoption, then follow-up 2"
     with session_scope(site["sf"]) as s:
         v = s.scalar(select(TimepointVerification))
-        assert v is not None and v.state is VerificationState.APPLIED
-        assert v.series_instance_uid == fu1.series_uid and v.verified_by == READER
+        assert v is not None
+        assert v.state is VerificationState.APPLIED
+        assert v.series_instance_uid == fu1.series_uid
+        assert v.verified_by == READER
         assert v.reanalysis_jobs == [site["ran"][1]]
         how = {m["tracking_uid"]: m["matched_by"] for m in v.matches or []}
-    assert how[corr.edited_uid] == "tracking_uid" and how[corr.added_uid] == "added"
+    assert how[corr.edited_uid] == "tracking_uid"
+    assert how[corr.added_uid] == "added"
     # follow-up 1: the reader's lesions, new instances
     _job1, w1 = _latest_written(site, fu1.series_uid)
     segs1 = _segments(w1.seg)
-    assert corr.deleted_uid not in segs1 and corr.added_uid in segs1 and corr.edited_uid in segs1
+    assert corr.deleted_uid not in segs1
+    assert corr.added_uid in segs1
+    assert corr.edited_uid in segs1
     # follow-up 2: re-analysed from the correction — the added lesion tracked, the deleted one gone
     job2, w2 = _latest_written(site, fu2.series_uid)
     segs2 = _segments(w2.seg)
-    assert corr.added_uid in segs2 and corr.deleted_uid not in segs2 and corr.edited_uid in segs2
+    assert corr.added_uid in segs2
+    assert corr.deleted_uid not in segs2
+    assert corr.edited_uid in segs2
     match = job_results(job2.step_outputs).match
-    assert match is not None and match.prior.annotations[0].sop_instance_uid == corr.sop_instance_uid
+    assert match is not None
+    assert match.prior.annotations[0].sop_instance_uid == corr.sop_instance_uid
     # nothing overwritten: the first results still exist, and are other instances
     for old, new in ((site["first"][0], w1), (site["first"][1], w2)):
         old_w = job_results(old.step_outputs).written
-        assert old_w is not None and Path(old_w.seg).is_file() and Path(old_w.sr).is_file()
+        assert old_w is not None
+        assert Path(old_w.seg).is_file()
+        assert Path(old_w.sr).is_file()
         assert old_w.seg_sop_instance_uid != new.seg_sop_instance_uid
         assert old_w.sr_sop_instance_uid != new.sr_sop_instance_uid
         assert site["service"].store.get(old.id).state is JobState.SUPERSEDED
@@ -157,7 +159,8 @@ def test_correction_is_adopted_and_later_follow_ups_reanalysed(site: dict[str, A
         assert str(sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
                    .ReferencedSOPInstanceUID) == old_w.sr_sop_instance_uid  # fmt: skip
         desc = str(sr.SeriesDescription)  # the new one carries the mark of what it supersedes
-        assert " rev2" in desc and desc.endswith(" supersedes rev1")
+        assert " rev2" in desc
+        assert desc.endswith(" supersedes rev1")
 
 
 def test_observations_provenance_and_lesion_states(site: dict[str, Any]) -> None:
@@ -171,7 +174,8 @@ def test_observations_provenance_and_lesion_states(site: dict[str, Any]) -> None
         obs = list(s.scalars(select(LesionObservation).where(LesionObservation.superseded_by_job.is_(None))))
         current = {(o.lesion_pk, o.series_instance_uid): o for o in obs}
         edited_fu1 = current[(lesions[corr.edited_uid].id, fu1.series_uid)]
-        assert edited_fu1.verification_pk is not None and edited_fu1.propagated_from_sop_uid == corr.sop_instance_uid
+        assert edited_fu1.verification_pk is not None
+        assert edited_fu1.propagated_from_sop_uid == corr.sop_instance_uid
         edited_fu2 = current[(lesions[corr.edited_uid].id, fu2.series_uid)]
         assert edited_fu2.propagated_from_sop_uid == corr.sop_instance_uid, "derived from the correction"
         assert edited_fu2.propagated_from_series_uid == fu1.series_uid
@@ -200,10 +204,10 @@ def test_reports_say_who_verified_and_what_is_derived(site: dict[str, Any]) -> N
     prov2 = {
         g.tracking_uid: g.qualitative.get("Result provenance") for g in sr2.groups if "Lesion status" in g.qualitative
     }
-    assert prov1 and all(p is not None and p[2] == "Verified by a reader" for p in prov1.values())
-    assert prov2 and all(
-        p is not None and p[2] == "Propagated from a reader-verified time point" for p in prov2.values()
-    )
+    assert prov1
+    assert all(p is not None and p[2] == "Verified by a reader" for p in prov1.values())
+    assert prov2
+    assert all(p is not None and p[2] == "Propagated from a reader-verified time point" for p in prov2.values())
     ds = pydicom.dcmread(w1.sr)
     names = [
         str(item.get("PersonName", ""))
@@ -237,7 +241,8 @@ def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> N
     pk = site["patient_pk"]
     tl = client.get(f"/api/patients/{pk}/timeline", headers=API_KEY).json()
     tp1 = next(tp for tp in tl["timepoints"] if tp["series_uid"] == fu1.series_uid)
-    assert tp1["verified_by"] == READER and tp1["verified_at"]
+    assert tp1["verified_by"] == READER
+    assert tp1["verified_at"]
     rows = {r["tracking_uid"]: r for r in tl["lesions"]}
     assert rows[corr.deleted_uid]["role"] == "retired"
     cell = rows[corr.edited_uid]["cells"][tp1["index"]]
@@ -254,10 +259,12 @@ def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> N
         csv.DictReader(io.StringIO(client.get(f"/api/patients/{pk}/export/lesions.csv", headers=API_KEY).text))
     )
     at_fu1 = [r for r in rows_csv if r["series_instance_uid"] == fu1.series_uid]
-    assert at_fu1 and all(r["timepoint_verified_by"] == READER and r["timepoint_verified_at"] for r in at_fu1)
+    assert at_fu1
+    assert all(r["timepoint_verified_by"] == READER and r["timepoint_verified_at"] for r in at_fu1)
     assert {r["result_verified_by"] for r in at_fu1} == {READER}
     tr = client.get(f"/api/patients/{pk}/export/cdisc/TR.csv", headers=API_KEY).text
-    assert "RADIOLOGIST" in tr and "ALGORITHM" in tr
+    assert "RADIOLOGIST" in tr
+    assert "ALGORITHM" in tr
 
 
 def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) -> None:
@@ -308,7 +315,9 @@ def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> N
 
     with session_scope(sf) as s:
         reason = s.scalar(select(Series.routing_reason).where(Series.series_instance_uid == corr.series_uid))
-        assert reason is not None and "WORKSTATION9" in reason and "accept_from_aes" in reason
+        assert reason is not None
+        assert "WORKSTATION9" in reason
+        assert "accept_from_aes" in reason
         assert s.scalar(select(AuditEvent.id).where(AuditEvent.action == "verification.refused")) is not None
         vid = s.scalar(select(TimepointVerification.id))
     waiting = settings.verification.model_copy(update={"reanalyse_later": "operator"})
@@ -339,7 +348,8 @@ def test_verify_as_is_and_upload_need_the_node(site: dict[str, Any]) -> None:
     assert again["verification_id"] == body["verification_id"], "idempotent"
     assert client.post("/api/series/1.2.3.999/verify", headers=API_KEY).status_code == 409
     up = client.post("/api/corrections", headers={**API_KEY, "Content-Type": "application/dicom"}, content=b"x")
-    assert up.status_code == 503 and "DICOM node" in up.json()["detail"]
+    assert up.status_code == 503
+    assert "DICOM node" in up.json()["detail"]
 
 
 def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any]) -> None:
@@ -356,12 +366,16 @@ def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any
     submitted: list[int] = []
     control = JobControl(JobStore(site["sf"]), submitted.append, settings=site["settings"], session_factory=site["sf"])
     taken = control.take_correction(corr.path.read_bytes(), "operator:alice")
-    assert taken.jobs and submitted == taken.jobs and taken.sop_instance_uid == corr.sop_instance_uid
+    assert taken.jobs
+    assert submitted == taken.jobs
+    assert taken.sop_instance_uid == corr.sop_instance_uid
     with session_scope(site["sf"]) as s:
         v = s.scalar(
             select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == corr.sop_instance_uid)
         )
-        assert v is not None and v.verified_by == READER and v.job_pk == taken.jobs[0]
+        assert v is not None
+        assert v.verified_by == READER
+        assert v.job_pk == taken.jobs[0]
     with pytest.raises(ValueError, match="not stored"):
         control.take_correction(b"not dicom at all", "operator:alice")
 
@@ -371,12 +385,13 @@ def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any
 def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, site: dict[str, Any]) -> None:
     """OHIF (browser): follow-up 2's re-issued SEG and SR load; the superseded revision is listed beside them under
     its own series description (rev1), the current one says rev2."""
-    from tests.test_viewer_ohif import run_ohif_check
+    from tests.support.ohif import OhifExpectation, run_ohif_check
 
     fu2 = site["patient"].followups[1]
     old = job_results(site["first"][1].step_outputs).written
     job2, new = _latest_written(site, fu2.series_uid)
-    assert old is not None and new is not None
+    assert old is not None
+    assert new is not None
     descriptions = {
         str(pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription): f
         for f in (old.seg, old.sr, new.seg, new.sr)
@@ -397,11 +412,13 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
         tmp_path,
         [*fu2.files, Path(old.seg), Path(old.sr), Path(new.seg), Path(new.sr)],
         fu2.study_uid,
-        seg=str(new_seg.SeriesDescription),
-        sr=str(new_sr.SeriesDescription),
-        labels=labels,
-        sr_texts=volumes,
-        also_listed=rev1,
+        OhifExpectation(
+            seg=str(new_seg.SeriesDescription),
+            sr=str(new_sr.SeriesDescription),
+            labels=labels,
+            sr_texts=volumes,
+            also_listed=rev1,
+        ),
     )
     assert result["labelsFound"] == labels, result["labelsMissing"]
     assert sorted(result["listedFound"]) == sorted(rev1), result["listedMissing"]
@@ -422,9 +439,11 @@ def test_cli_lists_verifications(tmp_path: Path, site: dict[str, Any]) -> None:
     cfg.write_text(f'database_url = "{site["settings"].effective_database_url}"\ndata_dir = "{tmp_path}"\n')
     res = CliRunner().invoke(app, ["--config", str(cfg), "verify", "list", str(site["patient_pk"])])
     assert res.exit_code == 0, res.output
-    assert READER in res.output and "applied" in res.output
+    assert READER in res.output
+    assert "applied" in res.output
     bad = CliRunner().invoke(app, ["--config", str(cfg), "verify", "as-is", "1.2.3.4", "--operator", "bob"])
-    assert bad.exit_code == 1 and "not analysed" in bad.output
+    assert bad.exit_code == 1
+    assert "not analysed" in bad.output
 
 
 def test_an_annotation_arriving_with_its_ct_is_not_a_correction(site: dict[str, Any]) -> None:
@@ -444,7 +463,8 @@ def test_an_annotation_arriving_with_its_ct_is_not_a_correction(site: dict[str, 
     assert _count(site["sf"], TimepointVerification) == before
     with session_scope(site["sf"]) as s:
         row = s.get(AnalysisJob, job)
-        assert row is not None and row.superseded_by is None
+        assert row is not None
+        assert row.superseded_by is None
         row.state = JobState.NOTHING_TO_TRACK  # leave the shared database as it was (no queued job)
 
 

@@ -26,8 +26,8 @@ from lesiontrack.dicom_node import scu
 from lesiontrack.pipeline.measurements import measure_tracked
 from lesiontrack.pipeline.seg_writer import write_seg
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
-from tests.segsr_fixtures import make_series
-from tests.test_dicom_node_scp import Node, node  # noqa: F401  # the running SCP fixture
+from tests.support.dicom_node import Node
+from tests.support.segsr import make_series
 
 PACKAGE = version("lesiontrack")
 
@@ -35,7 +35,8 @@ PACKAGE = version("lesiontrack")
 def test_version_is_the_package_version() -> None:
     assert VERSION == PACKAGE
     res = CliRunner().invoke(app, ["--version"])
-    assert res.exit_code == 0 and res.output.strip() == PACKAGE
+    assert res.exit_code == 0
+    assert res.output.strip() == PACKAGE
     out = subprocess.run([sys.executable, "-m", "lesiontrack", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == PACKAGE
 
@@ -54,7 +55,7 @@ def test_implementation_version_name_fits_sixteen_characters(package: str, name:
     assert 1 <= len(name) <= 16
 
 
-def test_our_scp_sends_the_version_in_the_association(node: Node) -> None:  # noqa: F811
+def test_our_scp_sends_the_version_in_the_association(node: Node) -> None:
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.dicom.ae_title)
@@ -66,7 +67,7 @@ def test_our_scp_sends_the_version_in_the_association(node: Node) -> None:  # no
         assoc.release()
 
 
-def test_our_scu_sends_the_version_in_the_association(node: Node) -> None:  # noqa: F811
+def test_our_scu_sends_the_version_in_the_association(node: Node) -> None:
     seen: list[tuple[str, str]] = []
 
     def on_requested(event: evt.Event) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,35 +21,22 @@ import pydicom
 import pytest
 
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-from tests.conftest import REPO, require_tool
-from tests.segsr_fixtures import content_items
+from tests.support.ohif import OhifExpectation, require_browser_stack, run_ohif_check
+from tests.support.segsr import content_items
+from tests.support.tools import REPO
 
-BROWSER_DIR = REPO / "tests" / "browser"
-OHIF_DIST = BROWSER_DIR / "node_modules" / "@ohif" / "app" / "dist" / "index.html"
 ARTIFACTS = Path(os.environ.get("LESIONTRACK_TEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "ohif"
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 
-def _require_browser_stack() -> None:
-    require_tool(
-        "node",
-        "/usr/bin/chromium",
-        "/usr/sbin/Orthanc",
-        "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-        str(OHIF_DIST),
-        str(BROWSER_DIR / "node_modules" / "playwright-core"),
-    )
-
-
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
-    _require_browser_stack()
+    require_browser_stack()
     from lesiontrack.pipeline.lesion_names import display_name
     from lesiontrack.pipeline.seg_writer import save_new
     from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
     from lesiontrack.pipeline.viewer_sr import viewer_lesions, write_viewer_sr
-    from tests.services import OrthancServer
-    from tests.test_api_data import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
+    from tests.support.patient import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)
@@ -69,7 +55,8 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     assert all(": " in label and len(label) <= 64 for label in labels), labels
     assert {s.SegmentDescription for s in seg.SegmentSequence} <= set(RADIOLOGIST_WORDS.values())
     present = [m for m in fu.measurements.values() if m.status != "vanished"]
-    assert present and len(labels) == len(present)
+    assert present
+    assert len(labels) == len(present)
     volumes = [f"Volume: {m.volume_mm3 / 1000:.2f} ml" for m in present]  # in ml since issue 29, not "66606.41 mm3"
     # the RECIST long axis is named and shown as such (the 3-D diameter is "Maximum 3D diameter", never "Diameter")
     long_axes = [f"Long axis: {m.long_axis.length_mm:.2f} mm" for m in present if m.long_axis is not None]
@@ -99,59 +86,37 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
         if m.long_axis is not None
     ]
 
-    orthanc = OrthancServer(tmp_path / "orthanc", enable_dicomweb=True).start()
-    try:
-        for f in [*fu.ct_files, fu.seg_path, fu.sr_path, viewer_path]:
-            orthanc.post("/instances", f.read_bytes())
-        out = tmp_path / "shots"
-        proc = subprocess.run(
-            [
-                "node",
-                str(BROWSER_DIR / "ohif-check.mjs"),
-                "--orthanc",
-                orthanc.url,
-                "--study",
-                fu.study_uid,
-                "--out",
-                str(out),
-                "--seg",
-                str(seg.SeriesDescription),
-                "--sr",
-                str(pydicom.dcmread(fu.sr_path, stop_before_pixels=True).SeriesDescription),
-                "--labels",
-                "|".join(labels),
-                "--sr-texts",
-                "|".join(volumes + long_axes),
-                "--focus-label",
-                largest,
-                "--track-sr",
-                str(viewer_sr.SeriesDescription),
-                "--tracked-texts",
-                "|".join(tracked_texts),
-                "--save-sr",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=420,
-            cwd=BROWSER_DIR,
-        )
-        ours = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (fu.sr_path, viewer_path)}
-        saved = _new_srs(orthanc, fu.study_uid, ours, tmp_path / "saved")
-    finally:
-        orthanc.stop()
-    assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
-    result = json.loads(proc.stdout)
+    assert fu.seg_path is not None
+    assert fu.sr_path is not None
+    ours = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (fu.sr_path, viewer_path)}
+    saved: list[Path] = []
+    result, code = run_ohif_check(
+        tmp_path,
+        [*fu.ct_files, fu.seg_path, fu.sr_path, viewer_path],
+        fu.study_uid,
+        OhifExpectation(
+            seg=str(seg.SeriesDescription),
+            sr=str(pydicom.dcmread(fu.sr_path, stop_before_pixels=True).SeriesDescription),
+            labels=labels,
+            sr_texts=volumes + long_axes,
+            track_sr=str(viewer_sr.SeriesDescription),
+            tracked_texts=tracked_texts,
+            focus_label=largest,
+            save_sr=True,
+        ),
+        before_stop=lambda orthanc: saved.extend(_new_srs(orthanc, fu.study_uid, ours, tmp_path / "saved")),
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
     for shot in result["screenshots"]:
         shutil.copy(shot, ARTIFACTS / Path(shot).name)
 
-    assert "error" not in result, result.get("error")
-    assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
     assert result["labelsFound"] == labels, f"segment labels missing in OHIF: {result['labelsMissing']}"
     assert sorted(result["srTextsFound"]) == sorted(volumes + long_axes), f"missing: {result['srTextsMissing']}"
     shown = result["srPanelText"]
-    assert "mm3" not in shown and "\nDiameter:" not in shown and "Maximum 3D diameter:" in shown, shown[-2000:]
+    assert "mm3" not in shown, shown[-2000:]
+    assert "\nDiameter:" not in shown, shown[-2000:]
+    assert "Maximum 3D diameter:" in shown, shown[-2000:]
     # OHIF re-hydrates the OHIF measurements SR: its tracked-measurements panel lists every lesion by name
     assert result["trackedMissing"] == [], (result["trackedMissing"], result["trackedPanelText"][-2000:])
     assert f"Measurements ({len(tracked)})" in result["trackedPanelText"]
@@ -161,7 +126,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     sr = pydicom.dcmread(fu.sr_path)
     names = {item.TextValue for item in content_items(sr) if _concept(item) == "112039"}
     assert set(labels) <= names, (labels, names)
-    assert proc.returncode == 0
+    assert code == 0
     for name in ("ohif-study.png", "ohif-seg.png", "ohif-sr.png", "ohif-tracked.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name
 
@@ -169,42 +134,6 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     # Manufacturer, fresh Tracking UIDs, the lesions named by their labels; it references the follow-up CT.
     assert len(saved) == 1, (result["stowStatus"], result["saveDialogText"])
     _check_ohif_saved_sr(saved[0], fu, tracked, viewer_sr)
-
-
-def run_ohif_check(
-    tmp: Path,
-    files: list[Path],
-    study_uid: str,
-    *,
-    seg: str,
-    sr: str,
-    labels: list[str],
-    sr_texts: list[str] = [],  # noqa: B006  (read only)
-    also_listed: list[str] = [],  # noqa: B006  (read only)
-    track_sr: str = "",
-    tracked_texts: list[str] = [],  # noqa: B006  (read only)
-) -> tuple[dict[str, Any], int]:
-    """Store ``files`` in a fresh Orthanc with DICOMweb and run ohif-check.mjs on the study; (result, exit code)."""
-    from tests.services import OrthancServer
-
-    _require_browser_stack()
-    orthanc = OrthancServer(tmp / "orthanc", enable_dicomweb=True).start()
-    try:
-        for f in files:
-            orthanc.post("/instances", Path(f).read_bytes())
-        cmd = ["node", str(BROWSER_DIR / "ohif-check.mjs"), "--orthanc", orthanc.url, "--study", study_uid]
-        cmd += ["--out", str(tmp / "shots"), "--seg", seg, "--sr", sr, "--labels", "|".join(labels)]
-        cmd += ["--sr-texts", "|".join(sr_texts), "--also-listed", "|".join(also_listed)]
-        if track_sr:
-            cmd += ["--track-sr", track_sr, "--tracked-texts", "|".join(tracked_texts)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=BROWSER_DIR)
-    finally:
-        orthanc.stop()
-    assert proc.stdout.strip(), f"ohif-check printed nothing; stderr:\n{proc.stderr[-3000:]}"
-    result: dict[str, Any] = json.loads(proc.stdout)
-    assert "error" not in result, result.get("error")
-    assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
-    return result, proc.returncode
 
 
 def _new_srs(orthanc: Any, study_uid: str, known: set[str], out: Path) -> list[Path]:
@@ -235,11 +164,14 @@ def _check_ohif_saved_sr(path: Path, fu: Any, tracked: list[Any], viewer_sr: pyd
     assert str(ds.get("Manufacturer", "")) != "LesionTrack"
     assert not is_our_object(path)
     header = AnnotationHeader.read(path)
-    assert header is not None and header.modality == "SR" and not header.is_ours(set())
+    assert header is not None
+    assert header.modality == "SR"
+    assert not header.is_ours(set())
     assert fu.series_uid in header.references
     lesion_uids = {r.measurement.tracking_uid for r in tracked}
     contents = read_sr(path)
-    assert len(contents.groups) == len(tracked) and not lesion_uids & set(contents.tracking_uids())
+    assert len(contents.groups) == len(tracked)
+    assert not lesion_uids & set(contents.tracking_uids())
     ct = [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.ct_files]
     prompts = read_sr_prompts(path, images=ct)
     assert sorted(p.identity.tracking_id for p in prompts) == sorted(r.measurement.tracking_id for r in tracked)

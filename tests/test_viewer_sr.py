@@ -30,8 +30,8 @@ from lesiontrack.pipeline.sr_reader import is_tool_tag, name_from_label, read_sr
 from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
 from lesiontrack.pipeline.verification import AnnotationHeader
 from lesiontrack.pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
-from tests.conftest import require_tool
-from tests.segsr_fixtures import SyntheticTimepoint, content_items, make_series
+from tests.support.segsr import SyntheticTimepoint, content_items, make_series
+from tests.support.tools import require_tool
 
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 WORDS = {"liver": "hypodense lesion segment VIII", "lymph node": "enlarged right paratracheal node"}
@@ -98,10 +98,13 @@ def test_viewer_sr_passes_pixelmed_sr_validator(viewer: Viewer, tmp_path: Path) 
 
 def test_one_ohif_bidirectional_group_per_present_lesion_under_its_tracking_uid(viewer: Viewer) -> None:
     ds = viewer.dataset
-    assert ds.Manufacturer == "LesionTrack" and int(ds.SeriesNumber) == 903
-    assert ds.SeriesDate == ds.ContentDate and ds.SeriesTime == ds.ContentTime
+    assert ds.Manufacturer == "LesionTrack"
+    assert int(ds.SeriesNumber) == 903
+    assert ds.SeriesDate == ds.ContentDate
+    assert ds.SeriesTime == ds.ContentTime
     present = [m for m in viewer.measurements if m.present]
-    assert viewer.tp.lesions and any(les.status is LesionStatus.VANISHED for les in viewer.tp.lesions)
+    assert viewer.tp.lesions
+    assert any(les.status is LesionStatus.VANISHED for les in viewer.tp.lesions)
     assert [r.measurement for r in viewer_lesions([LesionReport(m) for m in viewer.measurements])] == present
     groups = _groups(ds)
     assert len(groups) == len(present)
@@ -109,7 +112,8 @@ def test_one_ohif_bidirectional_group_per_present_lesion_under_its_tracking_uid(
     for m, group in zip(present, groups, strict=True):
         # OHIF's tool tag as Tracking Identifier, the lesion's own Tracking UID (the same as its SEG segment's)
         assert _child(group, "112039")[0].TextValue == OHIF_BIDIRECTIONAL
-        assert _child(group, "112040")[0].UID == m.tracking_uid and m.tracking_uid in segments
+        assert m.tracking_uid == _child(group, "112040")[0].UID
+        assert m.tracking_uid in segments
         # the label OHIF shows: the lesion's name, as the SEG segment label
         (comment,) = _child(group, "121106")
         assert comment.TextValue == display_name(m.tracking_id, WORDS.get((m.anatomic_site or "").lower()))
@@ -122,7 +126,8 @@ def test_one_ohif_bidirectional_group_per_present_lesion_under_its_tracking_uid(
             assert axis is not None
             assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(axis.length_mm)
             (scoord,) = [c for c in num.ContentSequence if c.ValueType == "SCOORD"]
-            assert scoord.RelationshipType == "INFERRED FROM" and scoord.GraphicType == "POLYLINE"
+            assert scoord.RelationshipType == "INFERRED FROM"
+            assert scoord.GraphicType == "POLYLINE"
             assert len(scoord.GraphicData) == 4
             images.add(scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         assert len(images) == 1
@@ -131,7 +136,8 @@ def test_one_ohif_bidirectional_group_per_present_lesion_under_its_tracking_uid(
 def test_viewer_sr_is_ours_and_reads_back_with_the_lesions_names(viewer: Viewer) -> None:
     assert is_our_object(viewer.path)
     header = AnnotationHeader.read(viewer.path)
-    assert header is not None and header.is_ours(set())
+    assert header is not None
+    assert header.is_ours(set())
     present = {m.tracking_uid: m for m in viewer.measurements if m.present}
     prompts = read_sr_prompts(viewer.path, images=viewer.tp.datasets)
     assert {p.identity.tracking_uid for p in prompts} == set(present)
@@ -142,7 +148,8 @@ def test_viewer_sr_is_ours_and_reads_back_with_the_lesions_names(viewer: Viewer)
     back = read_sr_measurements(viewer.path, images=viewer.tp.datasets)
     for uid, m in present.items():
         assert back[uid].tracking_id == m.tracking_id
-        assert back[uid].long_axis is not None and m.long_axis is not None
+        assert back[uid].long_axis is not None
+        assert m.long_axis is not None
         assert back[uid].long_axis.length_mm == pytest.approx(m.long_axis.length_mm)
         assert np.allclose(back[uid].long_axis.start_mm, m.long_axis.start_mm, atol=1e-3)
 
@@ -169,7 +176,9 @@ def test_an_sr_ohif_saves_from_it_is_the_radiologists_and_matches_our_lesions(vi
     saved = _as_ohif_saves_it(viewer, tmp_path)
     assert not is_our_object(saved)
     header = AnnotationHeader.read(saved)
-    assert header is not None and not header.is_ours(set()) and viewer.tp.series_uid in header.references
+    assert header is not None
+    assert not header.is_ours(set())
+    assert viewer.tp.series_uid in header.references
     present = {m.tracking_id: m for m in viewer.measurements if m.present}
     prompts = read_sr_prompts(saved, images=viewer.tp.datasets)
     assert sorted(p.identity.tracking_id for p in prompts) == sorted(present)
@@ -196,7 +205,8 @@ def test_an_sr_ohif_saves_from_it_is_the_radiologists_and_matches_our_lesions(vi
         for n, p in enumerate(read_seg_prompts(viewer.seg_path, ct), start=1)
     ]
     match = match_correction(corrected, ours)
-    assert {m.matched_by for m in match.matches} == {MatchedBy.TRACKING_ID} and not match.deleted
+    assert {m.matched_by for m in match.matches} == {MatchedBy.TRACKING_ID}
+    assert not match.deleted
     assert {m.tracking_uid for m in match.matches} == {m.tracking_uid for m in present.values()}
 
 
@@ -282,7 +292,8 @@ def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Vi
         ingestor.close()
     handed: list[str] = []
     route = complete_series(sf, rules, ohif_series, forced=True, on_annotation_complete=handed.append)
-    assert route is not None and handed == [ohif_series]
+    assert route is not None
+    assert handed == [ohif_series]
     saved_uid = str(pydicom.dcmread(saved, stop_before_pixels=True).SOPInstanceUID)
     ours = our_instance_uids(sf, [saved_uid, str(viewer.dataset.SOPInstanceUID)])
     assert ours == {str(viewer.dataset.SOPInstanceUID)}
@@ -290,10 +301,12 @@ def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Vi
     assert len(jobs) == 1
     with session_scope(sf) as s:
         (v,) = s.scalars(select(TimepointVerification)).all()
-        assert v.source_sop_instance_uid == saved_uid and v.series_instance_uid == viewer.tp.series_uid
+        assert v.source_sop_instance_uid == saved_uid
+        assert v.series_instance_uid == viewer.tp.series_uid
         assert v.source_manufacturer == "Unspecified"
         series = s.scalar(select(Series).where(Series.series_instance_uid == ohif_series))
-        assert series is not None and series.created_by_us
+        assert series is not None
+        assert series.created_by_us
 
 
 def test_a_lesion_without_a_short_axis_is_an_ohif_length(viewer: Viewer, tmp_path: Path) -> None:
@@ -301,8 +314,10 @@ def test_a_lesion_without_a_short_axis_is_an_ohif_length(viewer: Viewer, tmp_pat
     ds = write_viewer_sr(viewer.tp.datasets, [LesionReport(replace(m, short_axis=None))], time_point=TimePoint("T1", 1))
     assert ds is not None
     (group,) = _groups(ds)
-    assert _child(group, "112039")[0].TextValue == OHIF_LENGTH and _child(group, "112040")[0].UID == m.tracking_uid
-    assert _child(group, "103339001") and not _child(group, "103340004")
+    assert _child(group, "112039")[0].TextValue == OHIF_LENGTH
+    assert m.tracking_uid == _child(group, "112040")[0].UID
+    assert _child(group, "103339001")
+    assert not _child(group, "103340004")
     path = save_new(ds, tmp_path)
     try:
         dciodvfy_path()
@@ -323,7 +338,8 @@ def test_unconfirmed_candidates_are_not_tracked_measurements(viewer: Viewer) -> 
     new = replace(present[1], status=LesionStatus.NEW)
     reports = [LesionReport(cand), LesionReport(new), *[LesionReport(m) for m in present[2:]]]
     shown = [r.measurement.tracking_uid for r in viewer_lesions(reports)]
-    assert cand.tracking_uid not in shown and new.tracking_uid in shown
+    assert cand.tracking_uid not in shown
+    assert new.tracking_uid in shown
     ds = write_viewer_sr(viewer.tp.datasets, reports, time_point=TimePoint("T1", 1), seg=viewer.seg.dataset)
     assert ds is not None
     assert len(_groups(ds)) == len(shown)

@@ -44,6 +44,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from lesiontrack.dicom_node.ingest import IngestResult, RequestMeta
+from tests.support import pdu
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "interop"
 if not SHARED.is_dir():
@@ -325,27 +326,9 @@ def _byte_mutation(rng: random.Random, cat: str, body: bytes, implicit: bool) ->
 # -- PDU-level inputs -----------------------------------------------------------------------------------------
 
 
-def associate_rq(context_id: int = 1, called: str = "LESIONTRACK", calling: str = "FUZZER") -> bytes:
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    p = A_ASSOCIATE()
-    p.application_context_name = "1.2.840.10008.3.1.1.1"
-    p.calling_ae_title, p.called_ae_title = calling, called
-    cx = build_context("1.2.840.10008.1.1")
-    cx.context_id = 1
-    p.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    p.user_information = [ml]
-    raw = bytearray(A_ASSOCIATE_RQ(p).encode())
-    pos = 74
-    while pos < len(raw):
-        if raw[pos] == 0x20:
-            raw[pos + 4] = context_id
-        pos += 4 + struct.unpack(">H", raw[pos + 2 : pos + 4])[0]
-    return bytes(raw)
+def associate_rq(context_id: int = 1) -> bytes:
+    """An A-ASSOCIATE-RQ from the fuzzer (calling AE FUZZER), built as the guard tests build theirs."""
+    return pdu.associate_rq(calling="FUZZER", context_id=context_id)
 
 
 @dataclass

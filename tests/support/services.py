@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.conftest import require_tool
+from tests.support.tools import require_tool
 
 T = TypeVar("T")
 
@@ -269,10 +269,11 @@ class OrthancServer:
         (self.root / "storage").mkdir(parents=True, exist_ok=True)
         cfg_path = self.root / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=1))
-        self._log = open(self.root / "orthanc.log", "wb")
-        self._proc = subprocess.Popen(
-            [self.BINARY, str(cfg_path)], stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root
-        )
+        # the child keeps its own copy of the log's descriptor: ours closes once it is started
+        with open(self.root / "orthanc.log", "wb") as log:
+            self._proc = subprocess.Popen(
+                [self.BINARY, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.root
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -299,7 +300,6 @@ class OrthancServer:
                 self._proc.kill()
                 self._proc.wait(10)
             self._proc = None
-            self._log.close()
 
     # small REST helpers shared by the tests --------------------------------------------------------------
     def get_json(self, path: str) -> Any:

@@ -1,4 +1,4 @@
-"""Small pipelines for exercising the job machinery across processes (``--pipeline tests.job_pipelines:NAME``).
+"""Small pipelines for exercising the job machinery across processes (``--pipeline tests.support.job_pipelines:NAME``).
 
 Each step leaves an audit event ``test.step_ran`` (so a test can count runs per job across worker processes) and
 the durable step writes a result file whose content depends only on the series UID (so results can be compared

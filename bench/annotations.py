@@ -13,7 +13,7 @@ is benchmarked in bench/tracking.py) or the product's convex engine.
 Drawings come from the true baseline mask as a radiologist would draw them (bench/drawn_lesions.py: the long axis on
 the slice where the lesion is largest, endpoints jittered by up to 0.5 mm; an arrow with its tip inside the lesion
 near the edge); the RTSTRUCT goes through the real writer and reader (synthetic/annotations.py,
-pipeline/annotations/rtstruct.py) on the baseline written as a DICOM series.
+pipeline/dicom/annotations/rtstruct.py) on the baseline written as a DICOM series.
 
 Metrics per prompt source: CPM@25, Dice@25, median |volume error| over present lesion-follow-ups, present lesions
 reported vanished, vanished reported vanished, and the Dice of the derived prior lesion (the baseline lesion the
@@ -50,8 +50,8 @@ from bench.tracking import (
 )
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
-from lesiontrack.pipeline.annotations.common import drawing_prompt
-from lesiontrack.pipeline.lesions import Timepoint
+from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
+from lesiontrack.pipeline.science.lesions import Timepoint
 
 SOURCES = ["SEG", "bidirectional", "line", "arrow", "ellipse", "RTSTRUCT contours", "box (today)"]
 
@@ -68,7 +68,7 @@ def prompts_for(p: Patient, source: str, rng: np.random.Generator, workdir: Path
         assert sp.mask is not None
         d = drawings(sp.mask, rng)
         if source == "box (today)":
-            from lesiontrack.pipeline.sr_reader import _box_from_points
+            from lesiontrack.pipeline.dicom.sr.reader import _box_from_points
 
             box = _box_from_points(d["bidirectional"].all_points, False)
             out.append(Prompt(sp.identity, PromptKind.BOX, box_mm=box, source="box"))
@@ -83,7 +83,7 @@ def _rtstruct_prompts(p: Patient, seg: list[Prompt], workdir: Path) -> list[Prom
 
     from lesiontrack.models.imaging.dicom_read import read_series
     from lesiontrack.models.imaging.dicom_write import write_ct_series
-    from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
+    from lesiontrack.pipeline.dicom.annotations.rtstruct import read_rtstruct_prompts
     from lesiontrack.synthetic.annotations import write_rtstruct
 
     folder = workdir / p.name

@@ -23,9 +23,11 @@ on the confidence); ``at_threshold.before_vs_now`` counts both, including the re
 the wrong way (truth changed by at least 20 % one way, the report the other).
 
 Registration is the exact motion (plus the injected error), so a pair costs milliseconds; the segmentation engine is
-the default ``adaptive``; the confidence is :func:`pipeline.confidence.assess_lesion`, computed by the tracking loop;
-each row (``--rows``) carries the raw ``evidence`` it was scored from (:func:`pipeline.confidence.measure_lesion`),
-so a change of :func:`pipeline.confidence.combine` can be evaluated on saved runs without re-segmenting.
+the default ``adaptive``; the confidence is :func:`pipeline.science.confidence.assess_lesion`, computed by the tracking
+loop;
+each row (``--rows``) carries the raw ``evidence`` it was scored from
+(:func:`pipeline.science.confidence.measure_lesion`),
+so a change of :func:`pipeline.science.confidence.combine` can be evaluated on saved runs without re-segmenting.
 
 Usage: ``.venv/bin/python bench/confidence.py [--set heldout|tune] [--seeds 44,45,46] [--lung1-seed 17]
 [--no-lung1] [--followups 5] [--rows] [--plot PNG]``; ``--plot PNG --plot-runs A.json B.json ...`` overlays the ROC
@@ -62,9 +64,9 @@ from bench.tracking import (
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.identity import IdentityRegistration
 from lesiontrack.models.segmentation.base import get_engine
-from lesiontrack.pipeline.confidence import ConfidenceRules, combine, measure_lesion
-from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
-from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
+from lesiontrack.pipeline.science.confidence import ConfidenceRules, combine, measure_lesion
+from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
 
 EVIDENCE: dict[int, dict[str, Any]] = {}  # id(LesionConfidence) -> the raw evidence it was scored from
 SETS = {"tune": ([31, 32], 3), "heldout": ([41, 42, 43], 13)}
@@ -462,7 +464,7 @@ def main() -> None:
         errors.update({(p.name, t): e for t, e in inj["errors"].items()})
     synth_s = time.perf_counter() - t0
     reg = Oracle(patients, errors)
-    import lesiontrack.pipeline.tracking as tracking_mod
+    import lesiontrack.pipeline.science.tracking as tracking_mod
 
     assess_seconds: list[float] = []
 

@@ -49,15 +49,15 @@ def _decode(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--before", type=Path, help="an earlier dicom_node/storage.py to compare with")
+    ap.add_argument("--before", type=Path, help="an earlier dicom_node/inbound/storage.py to compare with")
     ap.add_argument("--number", type=int, default=2000)
     args = ap.parse_args()
     from pydicom import dcmread
 
-    from lesiontrack.dicom_node.ingest import content_refusal, parse_header
+    from lesiontrack.dicom_node.inbound.ingest import content_refusal, parse_header
     from tests.support.dicom_node import dataset_bytes
 
-    mods = {"after": _load(REPO / "dicom_node" / "storage.py", "storage_after")}
+    mods = {"after": _load(REPO / "dicom_node" / "inbound" / "storage.py", "storage_after")}
     if args.before:
         mods["before"] = _load(args.before, "storage_before")
     ge = sorted((INTEROP / "ct_gantry_tilt_ge").glob("*.dcm"))[0]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from lesiontrack.pipeline.jobs import JobStore, JobView
+    from lesiontrack.pipeline.jobs.store import JobStore, JobView
     from tests.support.services import OrthancServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def _wait_delivered(
 
 def _followup_row(n: int, view: JobView, delivered_at: datetime, t_last: datetime) -> dict[str, object]:
     """An earlier follow-up's figures: last instance to results acknowledged, and where its prompts came from."""
-    from lesiontrack.pipeline.contract import job_results
+    from lesiontrack.pipeline.jobs.contract import job_results
 
     d_at = delivered_at if delivered_at.tzinfo else delivered_at.replace(tzinfo=UTC)
     match = job_results(view.step_outputs).match
@@ -136,9 +136,9 @@ def main() -> None:
     from lesiontrack.config.settings import PacsPeer, load_settings
     from lesiontrack.db.session import make_engine, make_session_factory
     from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.scu import store_files
-    from lesiontrack.pipeline.contract import job_results
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.dicom_node.outbound.scu import store_files
+    from lesiontrack.pipeline.jobs.contract import job_results
+    from lesiontrack.pipeline.jobs.store import JobStore
     from tests.support.services import OrthancServer, free_port, wait_for_port
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lt-bench-e2e-"))

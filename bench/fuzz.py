@@ -34,7 +34,7 @@ def _serve(root: str, port_queue: mp.Queue, stop: EventType) -> None:
 
     from lesiontrack.config.settings import load_settings
     from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-    from lesiontrack.dicom_node.scp import StorageSCP
+    from lesiontrack.dicom_node.inbound.scp import StorageSCP
 
     logging.basicConfig(filename=f"{root}/scp.log", level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     # the receiver processes log to stderr (inherited): into a file of the run, read back for errors and PHI
@@ -90,7 +90,7 @@ def main() -> None:
 
     from lesiontrack.db.models import Instance
     from lesiontrack.db.session import make_engine, make_session_factory, session_scope
-    from lesiontrack.dicom_node.integrity import check_instance_file
+    from lesiontrack.dicom_node.inbound.integrity import check_instance_file
     from tests.support.fuzz_harness import (
         FuzzReport,
         cstore_mutants,

@@ -178,7 +178,7 @@ class LesionTrackSCP:
     def __enter__(self) -> LesionTrackSCP:
         from lesiontrack.config.settings import load_settings
         from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-        from lesiontrack.dicom_node.scp import StorageSCP
+        from lesiontrack.dicom_node.inbound.scp import StorageSCP
 
         self.dir = self.root / "lesiontrack"
         url = f"sqlite:///{self.dir / 'lt.sqlite3'}"
@@ -346,7 +346,7 @@ def main() -> None:
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not installed (apt-get install dcmtk)")
-    from lesiontrack.dicom_node.scp import receiver_processes
+    from lesiontrack.dicom_node.inbound.scp import receiver_processes
 
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-ingest-"))

@@ -81,7 +81,7 @@ def one_run(root: Path, files: list[Path], noop: bool, processes: int) -> dict[s
     from sqlalchemy import func, select
 
     settings_mod, sess, scp_mod, models = (
-        _module("config.settings"), _module("db.session"), _module("dicom_node.scp"), _module("db.models")
+        _module("config.settings"), _module("db.session"), _module("dicom_node.inbound.scp"), _module("db.models")
     )  # fmt: skip
     d = Path(tempfile.mkdtemp(dir=root))
     url = f"sqlite:///{d / 'lt.sqlite3'}"
@@ -162,7 +162,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "load_average": os.getloadavg(),
-        "code": str(Path(_module("dicom_node.scp").__file__).resolve().parents[1]),
+        "code": str(Path(_module("dicom_node.inbound.scp").__file__).resolve().parents[1]),
         "command": "bench/ingest_cpu.py " + " ".join(sys.argv[1:]),
         "instances": args.instances,
         "runs": runs,

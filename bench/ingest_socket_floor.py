@@ -5,7 +5,7 @@ answers each C-STORE with Success, storing nothing — the cheapest a Python rec
 structure is still decoded and encoded by pynetdicom (A-ASSOCIATE, P-DATA-TF and its PDVs, DIMSE command sets);
 what is left out is pynetdicom's two polling threads per association and its state machine. Runs alternate with
 dcmtk ``storescp +B`` (the anchor) and, optionally, with a variant that also does the per-instance work our SCP
-must do before answering Success using the product's ``dicom_node.ingest.Ingestor`` (since issue 18: the door
+must do before answering Success using the product's ``dicom_node.inbound.ingest.Ingestor`` (since issue 18: the door
 checks and the durable write; the row, hash bookkeeping and completion follow in its background indexer, whose CPU
 shares the machine). Prints one JSON document.
 
@@ -50,7 +50,7 @@ from pynetdicom.presentation import build_context, negotiate_as_acceptor
 from bench.ingest import SOURCE, Storescp, make_series, run_senders
 
 if TYPE_CHECKING:
-    from lesiontrack.dicom_node.ingest import Ingestor
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor
 
 Handler = Callable[[FileMetaDataset, bytes], int]
 _SUPPORTED = [
@@ -177,8 +177,8 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-    from lesiontrack.dicom_node.ingest import Ingestor
-    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
 
     tmp = Path(tempfile.mkdtemp(prefix="lt-bench-socket-floor-"))
     try:

@@ -27,7 +27,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from lesiontrack.models.imaging.volume import Volume
-    from lesiontrack.pipeline.lesions import TrackedLesion
+    from lesiontrack.pipeline.science.lesions import TrackedLesion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,7 +68,7 @@ def _lesions(n_lesions: int, slices: int, grid: Volume) -> list[TrackedLesion]:
 
     from lesiontrack.models.imaging.volume import Volume
     from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+    from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 
     rng = np.random.default_rng(7)
     lesions: list[TrackedLesion] = []
@@ -108,9 +108,9 @@ def main() -> None:
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from lesiontrack.pipeline.measurements import measure_tracked
-    from lesiontrack.pipeline.seg_writer import save_new, sort_source_slices, write_seg
-    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.dicom.seg.writer import save_new, sort_source_slices, write_seg
+    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.science.measurements import measure_tracked
 
     heads = _headers(args.slices)
     _, grid = sort_source_slices(heads)
@@ -151,7 +151,7 @@ def main() -> None:
         if not args.no_anchor:
             # same label array, same descriptions, but every frame stored (omit_empty_frames=False)
             labels = np.zeros(grid.shape, np.uint8)
-            from lesiontrack.pipeline.mask_grid import mask_onto_grid
+            from lesiontrack.pipeline.science.mask_grid import mask_onto_grid
 
             for n, les in enumerate(lesions, start=1):
                 labels[mask_onto_grid(les.mask, grid)] = n

@@ -5,7 +5,8 @@ the baseline's position, 3 tracked lesions) with a lung nodule that appears at f
 Each patient goes through ``lesiontrack track`` (CliRunner, registration 'none', working spacing 3 mm); reported per
 follow-up: the job's state, the number of new-lesion candidates and whether one lies within 5 mm of the nodule, plus
 the wall time of the whole command. Anchor, measured in the same run on the same series: the tracking loop alone
-(``pipeline.tracking.track_lesions`` from the baseline SEG, what ``track`` ran before issue 30, without writing).
+(``pipeline.science.tracking.track_lesions`` from the baseline SEG, what ``track`` ran before issue 30, without
+writing).
 
 This checks behaviour behind a door, not accuracy: the detector under motion and on real CT is measured by
 bench/new_lesions.py; tracking accuracy by bench/tracking.py.
@@ -57,9 +58,9 @@ def _loop_seconds(patient: DemoPatient) -> float:
     from lesiontrack.demo import demo_settings
     from lesiontrack.models.engines import build_registration, build_segmentation
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.lesions import Timepoint
-    from lesiontrack.pipeline.prompt_sources import prompts_from_seg
-    from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
+    from lesiontrack.pipeline.dicom.prompt_sources import prompts_from_seg
+    from lesiontrack.pipeline.science.lesions import Timepoint
+    from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
 
     engines = demo_settings(Path(tempfile.mkdtemp()), http=False, engines={"registration": "none"}).engines
     t0 = time.perf_counter()

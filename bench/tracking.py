@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
-from lesiontrack.pipeline.tracking import TrackingOptions, track_lesions
+from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
 from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
 
 SHARED = Path(os.environ.get("LESIONTRACK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -362,7 +362,7 @@ class OracleRegistration:
         self.seconds: list[float] = []
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
-        from lesiontrack.pipeline.tracking import IdentityRegistration
+        from lesiontrack.pipeline.science.tracking import IdentityRegistration
 
         (p, a), (_, b) = self.by_id[id(baseline)], self.by_id[id(followup)]
         b_to_a, a_to_b = exact_maps(p, a, b)

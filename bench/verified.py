@@ -2,7 +2,7 @@
 
 Same long synthetic series as ``bench/tracking.py`` (its patients, motion, metrics and registration wrappers are
 imported from there): per patient a baseline + ``--followups`` follow-ups. For every patient, every baseline quality
-and every ``k`` in ``--ks`` two arms are tracked with the product loop (``pipeline.tracking.track_lesions``,
+and every ``k`` in ``--ks`` two arms are tracked with the product loop (``pipeline.science.tracking.track_lesions``,
 propagation from the nearest annotated timepoint, default ``adaptive`` engine) and scored on the follow-ups > k:
 
 * **a — baseline only** (today's default): every follow-up propagated from the baseline annotation;

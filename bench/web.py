@@ -42,8 +42,8 @@ def main() -> None:
     from lesiontrack.config.settings import Settings
     from lesiontrack.db.models import LesionObservation
     from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-    from lesiontrack.pipeline import exports
-    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.pipeline.views import exports
+    from lesiontrack.pipeline.views.history import build_timeline
     from lesiontrack.web import create_app
     from tests.support.patient import build_patient, phantom_timepoints
 

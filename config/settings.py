@@ -254,7 +254,7 @@ class VerificationSettings(_Section):
 
 
 class TrackingSettings(_Section):
-    """Per-lesion confidence of the tracked results and the review flag (``pipeline.confidence``); read by the
+    """Per-lesion confidence of the tracked results and the review flag (``pipeline.science.confidence``); read by the
     pipeline's track step."""
 
     review_threshold: float = Field(
@@ -269,7 +269,7 @@ class TrackingSettings(_Section):
 
 class RecistSettings(_Section):
     """RECIST 1.1 thresholds used for target selection and response (defaults from the RECIST 1.1 paper); a trial
-    protocol that deviates sets them here. Read by ``pipeline.recist.RecistRules.from_settings``."""
+    protocol that deviates sets them here. Read by ``pipeline.science.recist.RecistRules.from_settings``."""
 
     min_long_axis_mm: float = Field(10.0, gt=0, description="measurable non-nodal lesion (slice thickness <= max)")
     min_long_axis_slice_factor: float = Field(2.0, gt=0, description="thicker slices: >= this x slice thickness")

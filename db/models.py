@@ -261,7 +261,7 @@ class LesionObservation(Base):
     verification_pk: Mapped[int | None] = mapped_column(Integer)
     """The reader's verification this observation was adopted from (None: a machine result)."""
     confidence: Mapped[float | None] = mapped_column(Float)
-    """Confidence of this result in [0, 1] (pipeline.confidence); None: an annotation, or not re-segmented."""
+    """Confidence of this result in [0, 1] (pipeline.science.confidence); None: an annotation, or not re-segmented."""
     review: Mapped[bool] = mapped_column(default=False, server_default="0")
     """Flagged for review: confidence below ``tracking.review_threshold`` or inconsistent with its neighbour."""
     review_reasons: Mapped[list[Any] | None] = mapped_column(JSON)
@@ -271,7 +271,7 @@ class LesionObservation(Base):
 
 
 class AnalysisJob(Base):
-    """A persisted analysis of one follow-up series (a state machine, see pipeline.jobs)."""
+    """A persisted analysis of one follow-up series (a state machine, see pipeline.jobs.store)."""
 
     __tablename__ = "analysis_job"
 

@@ -22,7 +22,7 @@ class Context:
 def scp_contexts() -> list[Context]:
     """Presentation contexts the Storage SCP accepts (its AE, as ``lesiontrack serve`` builds it)."""
     from lesiontrack.config.settings import Settings
-    from lesiontrack.dicom_node.scp import StorageSCP
+    from lesiontrack.dicom_node.inbound.scp import StorageSCP
 
     ae = StorageSCP._make_ae(_Shim(Settings()))  # type: ignore[arg-type]  # _make_ae reads only .settings
     return [Context(str(cx.abstract_syntax), tuple(str(t) for t in cx.transfer_syntax)) for cx in ae.supported_contexts]
@@ -37,7 +37,7 @@ class _Shim:
 
 def scu_sop_classes() -> dict[str, list[str]]:
     """SOP classes proposed as SCU, by service."""
-    from lesiontrack.dicom_node.scu import GET_STORAGE_CLASSES
+    from lesiontrack.dicom_node.outbound.scu import GET_STORAGE_CLASSES
 
     return {
         "Verification": ["1.2.840.10008.1.1"],

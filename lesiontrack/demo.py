@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import Lesion, LesionObservation, Series, Study
 from lesiontrack.db.session import session_scope
-from lesiontrack.dicom_node.scu import store_files
-from lesiontrack.pipeline.candidates import latest_candidates
-from lesiontrack.pipeline.jobs import JobStore, JobView
+from lesiontrack.dicom_node.outbound.scu import store_files
+from lesiontrack.pipeline.jobs.candidates import latest_candidates
+from lesiontrack.pipeline.jobs.store import JobStore, JobView
 
 
 def free_port() -> int:

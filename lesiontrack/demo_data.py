@@ -4,7 +4,7 @@ Used by ``lesiontrack demo``, the end-to-end tests and ``bench/e2e.py``. The ana
 :mod:`synthetic.phantom`; follow-ups from the longitudinal synthesis of :mod:`synthetic.synthesis`
 (growth, shrinkage, a vanished lesion) when ``changes=True``, or from patient motion only
 (:mod:`synthetic.transforms`) when ``changes=False``. CT files are written by
-:mod:`models.imaging.dicom_write`, the SEG by :mod:`pipeline.seg_writer` (one segment per lesion with its
+:mod:`models.imaging.dicom_write`, the SEG by :mod:`pipeline.dicom.seg.writer` (one segment per lesion with its
 Tracking ID and UID) — a stand-in for the radiologist's baseline annotation.
 """
 
@@ -22,8 +22,8 @@ from scipy import ndimage
 from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
-from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
-from lesiontrack.pipeline.seg_writer import save_new, write_seg
+from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
+from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 from lesiontrack.synthetic.lesion_change import insert_lesion
 from lesiontrack.synthetic.phantom import ORGANS, Phantom, make_phantom
 from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient

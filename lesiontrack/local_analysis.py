@@ -3,13 +3,13 @@
 :func:`analyse_folders` is what ``lesiontrack track`` runs (and what any other door analysing folders should run):
 the given folders are ingested through the Storage SCP's ingest and indexer into a temporary data folder with its
 own SQLite database, every series is completed (routing decision recorded), and each follow-up CT, oldest first,
-becomes an analysis job run by the service's own :class:`pipeline.analysis.AnalysisService` with the steps of
-:func:`pipeline.steps.build_pipeline` — match_priors, retrieve_priors, load_volumes, register, track,
+becomes an analysis job run by the service's own :class:`pipeline.jobs.analysis.AnalysisService` with the steps of
+:func:`pipeline.jobs.steps.build_pipeline` — match_priors, retrieve_priors, load_volumes, register, track,
 detect_new_lesions, measure, write_seg_sr, send (nothing is sent: the embedded store has no destinations). Priors
-come from the local prior source (:class:`dicom_node.priors.PriorFinder` on the embedded store, peers never
+come from the local prior source (:class:`dicom_node.outbound.priors.PriorFinder` on the embedded store, peers never
 queried); a prompts JSON given for the baseline takes the place of its SEG/SR (:class:`PromptFilePriors`). A
 follow-up a person confirmed is taken in after its analysis like a reader's correction arriving at the service
-(:func:`pipeline.verification.take_in_series`), adopted, and the later follow-ups are propagated from it.
+(:func:`pipeline.jobs.verification.take_in_series`), adopted, and the later follow-ups are propagated from it.
 So both doors write the same objects: SEG, TID 1500 SR, OHIF measurements SR, lesions, candidates, flags.
 """
 
@@ -27,17 +27,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import JobState, RoutingDecision, Series, Study
 from lesiontrack.db.session import session_scope
-from lesiontrack.dicom_node.completion import complete_series
 from lesiontrack.dicom_node.database import open_database
-from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-from lesiontrack.dicom_node.priors import PriorFinder
-from lesiontrack.dicom_node.scp import storage_root
-from lesiontrack.dicom_node.storage import InstanceStore
-from lesiontrack.pipeline.analysis import AnalysisService
-from lesiontrack.pipeline.contract import AnalysisState, JobResults, job_results
-from lesiontrack.pipeline.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
-from lesiontrack.pipeline.steps import build_pipeline
-from lesiontrack.pipeline.verification import take_in_series
+from lesiontrack.dicom_node.inbound.completion import complete_series
+from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+from lesiontrack.dicom_node.inbound.scp import storage_root
+from lesiontrack.dicom_node.inbound.storage import InstanceStore
+from lesiontrack.dicom_node.outbound.priors import PriorFinder
+from lesiontrack.pipeline.jobs.analysis import AnalysisService
+from lesiontrack.pipeline.jobs.contract import AnalysisState, JobResults, job_results
+from lesiontrack.pipeline.jobs.ports import PROMPT_FILE, PriorAnnotation, PriorTimepoint
+from lesiontrack.pipeline.jobs.steps import build_pipeline
+from lesiontrack.pipeline.jobs.verification import take_in_series
 from lesiontrack.service import build_analysis_service
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Composition root of the running service: DICOM SCP + job executor + HTTP API in one process.
 
 ``LesionTrackService(settings).start()`` migrates the database, builds the prior source and result sender
-(``dicom_node``), the analysis service with its steps (``pipeline.steps``), the executor (in-process threads,
+(``dicom_node``), the analysis service with its steps (``pipeline.jobs.steps``), the executor (in-process threads,
 or Celery publishing when ``worker.executor = "celery"``), the Storage SCP whose completed series become jobs,
 and the HTTP API when ``web`` provides ``create_app``. ``stop()`` shuts down gracefully: first stop
 accepting associations, then let the running step finish and requeue its job, then stop sending and HTTP.
@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.config.settings import ConfigError, Settings
 
 if TYPE_CHECKING:  # the analysis stack loads when the service starts (see build_analysis_service), not on import
-    from lesiontrack.dicom_node.scp import StorageSCP
-    from lesiontrack.pipeline.analysis import AnalysisService
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.ports import PriorSource, ResultSender
+    from lesiontrack.dicom_node.inbound.scp import StorageSCP
+    from lesiontrack.pipeline.jobs.analysis import AnalysisService
+    from lesiontrack.pipeline.jobs.ports import PriorSource, ResultSender
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.web.jobcontrol import Completion, CorrectionTaken
 
 # The layers are imported where they are used, not here: each is optional in a process (a worker runs no DICOM node,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the analysis stack loads when the service starts (see build
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[..., tuple[list[Any], Any]]
-DEFAULT_PIPELINE = "lesiontrack.pipeline.steps:build_pipeline"
+DEFAULT_PIPELINE = "lesiontrack.pipeline.jobs.steps:build_pipeline"
 
 
 def load_pipeline(spec: str) -> PipelineFactory:
@@ -58,9 +58,9 @@ def check_engine_settings(settings: Settings) -> None:
 
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[PriorSource, ResultSender]:
-    """The dicom_node implementations of ``pipeline.ports.PriorSource`` and ``ResultSender``."""
-    from lesiontrack.dicom_node.priors import PriorFinder
-    from lesiontrack.dicom_node.sending import DeliveryService
+    """The dicom_node implementations of ``pipeline.jobs.ports.PriorSource`` and ``ResultSender``."""
+    from lesiontrack.dicom_node.outbound.priors import PriorFinder
+    from lesiontrack.dicom_node.outbound.sending import DeliveryService
 
     return PriorFinder(settings, session_factory), DeliveryService(settings, session_factory)
 
@@ -74,8 +74,8 @@ def build_analysis_service(
     ports: tuple[PriorSource | None, ResultSender | None] | None = None,
     progress: Callable[[int, str], None] | None = None,
 ) -> AnalysisService:
-    from lesiontrack.pipeline.analysis import AnalysisService, RetryPolicy
-    from lesiontrack.pipeline.jobs import worker_identity
+    from lesiontrack.pipeline.jobs.analysis import AnalysisService, RetryPolicy
+    from lesiontrack.pipeline.jobs.store import worker_identity
 
     if ports is None:
         ports = _ports_or_none(settings, session_factory)
@@ -119,7 +119,7 @@ class JobControl:
     on_annotation_complete: Callable[[str], None] | None = None
 
     def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Completion | None:
-        from lesiontrack.dicom_node.completion import answer_request, request_completion
+        from lesiontrack.dicom_node.inbound.completion import answer_request, request_completion
         from lesiontrack.web.jobcontrol import Completion
 
         if self.scp is not None:
@@ -160,7 +160,7 @@ class JobControl:
         )
 
     def analyse_anyway(self, series_uid: str, actor: str) -> int:
-        from lesiontrack.dicom_node.skipped import analyse_anyway
+        from lesiontrack.dicom_node.inbound.skipped import analyse_anyway
 
         assert self.session_factory is not None
         analyse_anyway(self.session_factory, series_uid, actor)
@@ -171,11 +171,11 @@ class JobControl:
     def take_correction(self, data: bytes, actor: str) -> CorrectionTaken:
         """An uploaded corrected SEG/SR: stored like a received instance (durably, de-duplicated), its series
         completed, and taken in as a verification (the operator is the verifier unless ContentCreatorName says)."""
-        from lesiontrack.dicom_node.completion import complete_series
-        from lesiontrack.dicom_node.ingest import Ingestor, ingest_part10
-        from lesiontrack.dicom_node.scp import storage_root
-        from lesiontrack.dicom_node.storage import InstanceStore
-        from lesiontrack.pipeline.verification import take_in_series
+        from lesiontrack.dicom_node.inbound.completion import complete_series
+        from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_part10
+        from lesiontrack.dicom_node.inbound.scp import storage_root
+        from lesiontrack.dicom_node.inbound.storage import InstanceStore
+        from lesiontrack.pipeline.jobs.verification import take_in_series
         from lesiontrack.web.jobcontrol import CorrectionTaken
 
         if self.settings is None or self.session_factory is None:
@@ -254,7 +254,7 @@ class LesionTrackService:
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LesionTrackService:
         from lesiontrack.dicom_node.database import open_database
-        from lesiontrack.pipeline.jobs import JobStore
+        from lesiontrack.pipeline.jobs.store import JobStore
 
         check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -262,11 +262,11 @@ class LesionTrackService:
         self.job_store = JobStore(self.session_factory, actor="service")
         prior_source, self.sender = _ports_or_none(self.settings, self.session_factory)
         if self.settings.worker.executor == "celery":
-            from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
+            from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor
 
             self.executor = CeleryExecutor(self.settings)
         elif self.enable_jobs:
-            from lesiontrack.pipeline.executors.inprocess import InProcessExecutor
+            from lesiontrack.pipeline.jobs.executors.inprocess import InProcessExecutor
 
             self.analysis = build_analysis_service(
                 self.settings,
@@ -282,7 +282,7 @@ class LesionTrackService:
         if self.sender is not None and hasattr(self.sender, "start"):
             self.sender.start()
         if self.enable_dicom:
-            from lesiontrack.dicom_node.scp import StorageSCP
+            from lesiontrack.dicom_node.inbound.scp import StorageSCP
 
             self.scp = StorageSCP(
                 self.settings, self.session_factory, self.on_series_complete, self.on_annotation_complete
@@ -303,7 +303,7 @@ class LesionTrackService:
     def on_annotation_complete(self, series_uid: str) -> None:
         """A SEG/SR series that is not ours completed: a reader's correction of a follow-up we analysed is taken in
         (verified tracking) and its adoption job queued; any other annotation stays a prior annotation."""
-        from lesiontrack.pipeline.verification import take_in_series
+        from lesiontrack.pipeline.jobs.verification import take_in_series
 
         if self.session_factory is None:
             raise RuntimeError("a series completed before the service opened its database")

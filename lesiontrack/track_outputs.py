@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lesiontrack.local_analysis import LocalAnalysis, TimepointRun
-from lesiontrack.pipeline.lesions import Timepoint
-from lesiontrack.pipeline.tracking import label_map, tracking_summary
+from lesiontrack.pipeline.science.lesions import Timepoint
+from lesiontrack.pipeline.science.tracking import label_map, tracking_summary
 
 
 def safe_name(text: str) -> str:

@@ -114,8 +114,8 @@ def test_a_lesion_from_a_line_or_arrow_carries_lower_confidence_until_confirmed(
     from typing import Any
 
     from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.confidence import ConfidenceRules, combine
-    from lesiontrack.pipeline.drawn_priors import weaken_for_origin
+    from lesiontrack.pipeline.science.confidence import ConfidenceRules, combine
+    from lesiontrack.pipeline.science.drawn_priors import weaken_for_origin
 
     @dataclass
     class Src:
@@ -146,7 +146,7 @@ def test_a_drawing_nothing_reproduces_keeps_the_box_instead_of_failing() -> None
     """Neither the lesion grown from the drawing (none: no contrast) nor the box reproduces the drawn slice: the box's
     segmentation is kept, as before drawings were read, and the job goes on (the guide test's SR-lines patient)."""
     from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-    from lesiontrack.pipeline.drawn_priors import drawn_lesion
+    from lesiontrack.pipeline.science.drawn_priors import drawn_lesion
 
     vol = Volume(np.full((10, 40, 40), 40, np.int16), np.zeros(3), np.array([1.0, 1.0, 5.0]))
     line = np.array([[10.0, 20.0, 25.0], [25.0, 20.0, 25.0]])

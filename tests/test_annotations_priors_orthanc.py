@@ -10,12 +10,12 @@ import pytest
 from pydicom import dcmread
 
 from lesiontrack.config.settings import RetrieveMethod
-from lesiontrack.dicom_node.priors import PriorFinder
+from lesiontrack.dicom_node.outbound.priors import PriorFinder
 from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.pipeline.annotations.refs import prior_annotation_references
-from lesiontrack.pipeline.ports import PriorTimepoint
-from lesiontrack.pipeline.steps.volumes import read_prompts
+from lesiontrack.pipeline.dicom.annotations.refs import prior_annotation_references
+from lesiontrack.pipeline.jobs.ports import PriorTimepoint
+from lesiontrack.pipeline.jobs.steps.volumes import read_prompts
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from tests.support.dicom_node import j2k_series, storescu
 from tests.support.orthanc_node import Site, prior_files

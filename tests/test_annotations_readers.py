@@ -20,11 +20,11 @@ from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.annotations.common import SourcedPrompts, merge_by_precedence
-from lesiontrack.pipeline.annotations.gsps import read_gsps_prompts
-from lesiontrack.pipeline.annotations.rtstruct import read_rtstruct_prompts
-from lesiontrack.pipeline.dicom_validate import run_dciodvfy
-from lesiontrack.pipeline.prompt_sources import PromptSourceError, prompts_from_directory
+from lesiontrack.pipeline.dicom.annotations.common import SourcedPrompts, merge_by_precedence
+from lesiontrack.pipeline.dicom.annotations.gsps import read_gsps_prompts
+from lesiontrack.pipeline.dicom.annotations.rtstruct import read_rtstruct_prompts
+from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, prompts_from_directory
+from lesiontrack.pipeline.dicom.validate import run_dciodvfy
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from tests.support.tools import require_tool
 
@@ -242,7 +242,7 @@ def test_precedence_seg_over_contours_over_lines_and_newer_over_older(
     c = np.array(NODULES[0][0])
     half = np.array([6.0, 0.0, 0.0])
     line = Drawing(DrawingKind.LINE, [np.array([c - half, c + half])])
-    from lesiontrack.pipeline.annotations.common import drawing_prompt
+    from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
 
     def lined(uid: str, label: str, at: np.ndarray) -> Prompt:
         d = Drawing(DrawingKind.LINE, [line.parts[0] - c + at])
@@ -338,8 +338,8 @@ def test_track_cli_from_a_gsps_baseline(
         if les["prompt_origin"] == "arrow":  # an arrow's prior (confidence 0.45) is always flagged
             assert any("not yet confirmed" in r for r in fu_tp["review_reasons"])
     # the SR says where each lesion's prior came from, and passes the validators
-    from lesiontrack.pipeline.dicom_validate import run_sr_validator
-    from lesiontrack.pipeline.sr_reader import read_sr
+    from lesiontrack.pipeline.dicom.sr.reader import read_sr
+    from lesiontrack.pipeline.dicom.validate import run_sr_validator
 
     sr_file = next(out / f for f in summary["timepoints"][1]["dicom"] if pydicom.dcmread(out / f).Modality == "SR")
     key = "Prior annotation the lesion was tracked from"
@@ -366,7 +366,7 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from lesiontrack.pipeline.sr_reader import read_sr_prompts
+    from lesiontrack.pipeline.dicom.sr.reader import read_sr_prompts
 
     _root, ct, heads = study
     (c1, _), (c2, _), (c3, _) = NODULES
@@ -482,7 +482,8 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
     sr.save_as(path, enforce_file_format=True)
     warnings: list[object] = []
     prompts = read_sr_prompts(path, ct, warnings=warnings)
-    # a label that is not ID-like ("L2", "N1") describes the lesion (pipeline.sr_reader.name_from_label) and is its
+    # a label that is not ID-like ("L2", "N1") describes the lesion (pipeline.dicom.sr.reader.name_from_label) and is
+    # its
     # label for matching
     kinds = {p.meta["segment_label"]: p.meta["drawing"].kind for p in prompts}
     assert kinds == {
@@ -501,9 +502,9 @@ def test_sr_drawings_as_ohif_and_other_viewers_write_them(
 def test_service_load_step_says_why_a_prior_gives_nothing_to_track(
     study: tuple[Path, Volume, list[pydicom.Dataset]], tmp_path: Path
 ) -> None:
-    from lesiontrack.pipeline.jobs import NothingToTrack, PermanentError
-    from lesiontrack.pipeline.ports import PriorAnnotation, PriorTimepoint
-    from lesiontrack.pipeline.steps.volumes import read_prompts
+    from lesiontrack.pipeline.jobs.ports import PriorAnnotation, PriorTimepoint
+    from lesiontrack.pipeline.jobs.steps.volumes import read_prompts
+    from lesiontrack.pipeline.jobs.store import NothingToTrack, PermanentError
 
     _root, ct, heads = study
     body = [np.array([[-30, -30, 20.0], [30, -30, 20.0], [30, 30, 20.0], [-30, 30, 20.0]])]

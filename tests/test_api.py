@@ -36,7 +36,7 @@ def _settings(tmp: Path) -> Settings:
 def env(tmp_path_factory: pytest.TempPathFactory):
     from fastapi.testclient import TestClient
 
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.web import JobStoreControl, create_app
 
     tmp = tmp_path_factory.mktemp("api")
@@ -573,8 +573,8 @@ def test_thumbnail_of_a_seg_without_tracking_uids() -> None:
     """A radiologist's SEG without Tracking UIDs: the lesion UID is the one seg_reader derives from the segment."""
     import highdicom as hd
 
-    from lesiontrack.pipeline.seg_reader import derived_tracking_uid
-    from lesiontrack.pipeline.thumbnails import lesion_slice_from_seg
+    from lesiontrack.pipeline.dicom.seg.reader import derived_tracking_uid
+    from lesiontrack.pipeline.views.thumbnails import lesion_slice_from_seg
     from tests.support.tools import require_shared_data
 
     path = require_shared_data("interop", "seg_sr", "dcmqi_segmentations_liver.dcm")
@@ -641,7 +641,7 @@ def test_a_baseline_annotated_with_lines_is_named_so_and_has_no_thumbnail(env) -
 
 def test_a_reissued_result_names_the_revision_it_supersedes() -> None:
     """The old instances are never changed, so the new series description carries the mark (issue 29)."""
-    from lesiontrack.pipeline.steps.results import revision_label
+    from lesiontrack.pipeline.jobs.steps.results import revision_label
 
     assert revision_label(1) == "rev1"
     assert revision_label(2) == "rev2 supersedes rev1"

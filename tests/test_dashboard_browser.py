@@ -110,7 +110,7 @@ def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tup
     Returns the check's result and the id of that live job."""
     import uvicorn
 
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.service import JobControl
     from lesiontrack.web import create_app
 
@@ -171,7 +171,7 @@ def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tup
 
 def _assert_timeline_equals_database(sf: Any, built: Any, result: dict[str, Any]) -> None:
     """The timeline shown is the database's: timepoints, lesions, every cell's values, RECIST, images, layout."""
-    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.pipeline.views.history import build_timeline
 
     with session_scope(sf) as s:
         # timeline = database

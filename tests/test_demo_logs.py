@@ -45,7 +45,7 @@ def test_demo_logs_one_line_per_association_and_job(tmp_path: Path) -> None:
     lines = [
         ln for ln in r.stderr.splitlines() if re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING|ERROR)", ln)
     ]
-    assocs = [ln for ln in lines if "dicom_node.scp: association from" in ln]
+    assocs = [ln for ln in lines if "dicom_node.inbound.scp: association from" in ln]
     # baseline CT + its SEG in one association, then each of the two follow-ups
     assert len(assocs) == 3, "\n".join(assocs)
     assert all(" INFO " in ln and "released" in ln and "instances stored" in ln for ln in assocs)

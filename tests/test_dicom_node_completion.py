@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from lesiontrack.config.settings import RoutingSettings
 from lesiontrack.db.models import RoutingDecision, SeriesState
-from lesiontrack.dicom_node.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
+from lesiontrack.dicom_node.inbound.routing import PRIOR_RETRIEVAL_REASON, SeriesFacts, decide
 from tests.support.dicom_node import Node, ge_files, storescu, wait_until
 
 # the running DICOM node (fixture `node`, tests/conftest.py) as these tests need it

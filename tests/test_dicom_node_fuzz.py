@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import Instance
 from lesiontrack.db.session import session_scope
-from lesiontrack.dicom_node.integrity import check_instance_file
+from lesiontrack.dicom_node.inbound.integrity import check_instance_file
 from tests.support.dicom_node import Node
 from tests.support.fuzz_harness import (
     CATEGORIES,

@@ -182,7 +182,7 @@ def test_malformed_pdu_noise_is_one_warning_per_connection(guarded: Node, caplog
     guard = [
         r
         for r in caplog.records
-        if r.name == "lesiontrack.dicom_node.association_guard" and r.levelno == logging.WARNING
+        if r.name == "lesiontrack.dicom_node.inbound.association_guard" and r.levelno == logging.WARNING
     ]
     assert len(guard) == 2
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]

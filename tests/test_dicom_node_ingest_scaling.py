@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import Instance, OpenTransfer, SeriesState, TransferOutcome
 from lesiontrack.db.session import session_scope
-from lesiontrack.dicom_node.indexer import Indexer
-from lesiontrack.dicom_node.ingest import RequestMeta, encode_meta, encode_request_meta
+from lesiontrack.dicom_node.inbound.indexer import Indexer
+from lesiontrack.dicom_node.inbound.ingest import RequestMeta, encode_meta, encode_request_meta
 from tests.support.dicom_node import Node, echoscu, ge_files, running_node, wait_until
 from tests.support.tools import REPO
 
@@ -74,7 +74,7 @@ def test_no_series_completes_while_acknowledged_instances_wait_in_a_journal(
 ) -> None:
     """The rows of a series' later instances are still in a receiver's journal when the series looks quiet in the
     database: completion first commits what was acknowledged, so the series completes once, whole."""
-    from lesiontrack.dicom_node.journal import JournalTailer
+    from lesiontrack.dicom_node.inbound.journal import JournalTailer
 
     monkeypatch.setattr(JournalTailer, "_run", lambda self: None)  # only explicit drains read the journals
     files = ge_files()
@@ -241,8 +241,8 @@ _PAUSED_NODE = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from lesiontrack.dicom_node.indexer import Indexer
-from lesiontrack.dicom_node.journal import JournalTailer
+from lesiontrack.dicom_node.inbound.indexer import Indexer
+from lesiontrack.dicom_node.inbound.journal import JournalTailer
 Indexer.start = lambda self: None  # the indexer never commits: every Success is "before indexing"
 JournalTailer.drain = lambda self, *a, **k: 0  # nor are the receiver processes' journals read
 from tests.support.dicom_node import Node
@@ -376,14 +376,14 @@ def test_a_receiver_whose_service_stopped_waiting_ends_quietly(tmp_path: Path) -
     import pickle
     import socket
 
-    from lesiontrack.dicom_node.receivers import SharedSlots, _ChildJob
+    from lesiontrack.dicom_node.inbound.receivers import SharedSlots, _ChildJob
 
     n = Node(tmp_path, receiver_processes=2)
     listener = socket.create_server(("127.0.0.1", 0))
     slots = SharedSlots.create(tmp_path / "slots", 1)
     job = _ChildJob(n.settings, listener.fileno(), 0, 1, slots.path, logging.WARNING)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lesiontrack.dicom_node.receivers"],
+        [sys.executable, "-m", "lesiontrack.dicom_node.inbound.receivers"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

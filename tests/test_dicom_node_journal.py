@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from lesiontrack.dicom_node import journal as journal_mod
-from lesiontrack.dicom_node.indexer import IndexItem
-from lesiontrack.dicom_node.journal import AssociationEnded, JournalTailer, JournalWriter, decode, encode
+from lesiontrack.dicom_node.inbound import journal as journal_mod
+from lesiontrack.dicom_node.inbound.indexer import IndexItem
+from lesiontrack.dicom_node.inbound.journal import AssociationEnded, JournalTailer, JournalWriter, decode, encode
 
 
 def _item(k: int, assoc: str = "a1") -> IndexItem:
@@ -158,10 +158,10 @@ def test_a_receiver_process_ingestor_journals_and_builds_no_indexer(
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     from lesiontrack.db.session import make_engine, make_session_factory
-    from lesiontrack.dicom_node import indexer as indexer_mod
-    from lesiontrack.dicom_node.completion import TransferTracker
-    from lesiontrack.dicom_node.ingest import Ingestor, RequestMeta
-    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.dicom_node.inbound import indexer as indexer_mod
+    from lesiontrack.dicom_node.inbound.completion import TransferTracker
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, RequestMeta
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
 
     def no_indexer(*_a: object, **_k: object) -> None:
         raise AssertionError("a receiver process must not build an Indexer")

@@ -19,8 +19,8 @@ from pydicom.uid import UID, generate_uid
 from lesiontrack.config.logging import _OurHandler, printable, setup_logging
 from lesiontrack.db.models import DeliveryState
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-from lesiontrack.dicom_node.integrity import check_instance_file
-from lesiontrack.dicom_node.sending import DeliveryService, deliver_files
+from lesiontrack.dicom_node.inbound.integrity import check_instance_file
+from lesiontrack.dicom_node.outbound.sending import DeliveryService, deliver_files
 from tests.support.dicom_node import Node
 from tests.support.pdu import associate_rq, connect, reply_type
 from tests.support.services import free_port
@@ -137,7 +137,11 @@ def test_destination_outage_is_one_warning_per_attempt_and_error_only_for_the_de
     assert states == [DeliveryState.RETRY_WAIT, DeliveryState.RETRY_WAIT, DeliveryState.DEAD_LETTER]
     lib = [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.WARNING]
     assert lib == [], [r.getMessage() for r in lib]
-    ours = [r for r in caplog.records if r.name == "lesiontrack.dicom_node.sending" and r.levelno >= logging.WARNING]
+    ours = [
+        r
+        for r in caplog.records
+        if r.name == "lesiontrack.dicom_node.outbound.sending" and r.levelno >= logging.WARNING
+    ]
     assert [r.levelno for r in ours] == [logging.WARNING, logging.WARNING, logging.ERROR]
     assert all("attempt" in r.getMessage() for r in ours)
 
@@ -147,7 +151,7 @@ def test_noise_filter_reports_each_new_association_thread_even_when_its_ident_is
     that the OS gives a finished thread's ident is a new association and is reported too."""
     import threading
 
-    from lesiontrack.dicom_node.association_guard import PynetdicomNoiseFilter
+    from lesiontrack.dicom_node.inbound.association_guard import PynetdicomNoiseFilter
 
     f = PynetdicomNoiseFilter()
     kept: list[list[bool]] = []

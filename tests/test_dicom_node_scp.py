@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import UID
 
-from lesiontrack.dicom_node.scp import StorageSCP
+from lesiontrack.dicom_node.inbound.scp import StorageSCP
 from tests.support.dicom_node import (
     Node,
     dataset_bytes,
@@ -217,7 +217,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path, monkeypatch: pytest.
             return real_open("/dev/full", os.O_WRONLY)
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr("lesiontrack.dicom_node.storage.os.open", open_full)
+    monkeypatch.setattr("lesiontrack.dicom_node.inbound.storage.os.open", open_full)
     assert _assert_disk_full_handled(mnt, tmp_path / "db") == [0xA700] * 4
 
 

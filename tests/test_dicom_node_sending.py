@@ -9,7 +9,7 @@ from pathlib import Path
 from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import Delivery, DeliveryState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.dicom_node.sending import DeliveryService
+from lesiontrack.dicom_node.outbound.sending import DeliveryService
 
 
 class Clock:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lesiontrack.config.settings import ConfigError, Settings, load_settings
-from lesiontrack.dicom_node.scu import DimseError, echo, store_files
-from lesiontrack.dicom_node.sending import DeliveryError, deliver_files
+from lesiontrack.dicom_node.outbound.scu import DimseError, echo, store_files
+from lesiontrack.dicom_node.outbound.sending import DeliveryError, deliver_files
 from tests.support.dicom_node import (
     ENV,
     Node,

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from lesiontrack.db.models import JobState
 from lesiontrack.db.session import make_engine, make_session_factory
-from lesiontrack.pipeline.contract import JobResults, job_results
-from lesiontrack.pipeline.jobs import JobStore
+from lesiontrack.pipeline.jobs.contract import JobResults, job_results
+from lesiontrack.pipeline.jobs.store import JobStore
 from tests.support.segsr import content_items
 
 ENGINES = {"registration": "none", "working_spacing_mm": 3.0}

@@ -19,8 +19,8 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import JobState, LesionObservation, TimepointVerification
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.pipeline.contract import job_results
-from lesiontrack.pipeline.derived_prior_seg import CONTENT_DESCRIPTION, SERIES_DESCRIPTION
+from lesiontrack.pipeline.jobs.contract import job_results
+from lesiontrack.pipeline.jobs.derived_prior_seg import CONTENT_DESCRIPTION, SERIES_DESCRIPTION
 from tests.support.correction import write_correction
 
 
@@ -33,7 +33,7 @@ def _run(service: Any, series_uid: str) -> Any:
 def _gsps(patient: Any, out: Path, kind: str, seed: int) -> Path:
     from bench.drawn_lesions import drawings
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
+    from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
     from lesiontrack.synthetic.annotations import Mark, write_gsps
 
     ct = read_series(patient.baseline.files)
@@ -48,10 +48,10 @@ def _gsps(patient: Any, out: Path, kind: str, seed: int) -> Path:
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.steps import build_pipeline
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.inbound.scp import storage_root
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
+    from lesiontrack.pipeline.jobs.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
 
     tmp = tmp_path_factory.mktemp("drawn-prior-seg")
@@ -126,7 +126,7 @@ def test_the_next_follow_up_and_a_rerun_reuse_it(site: dict[str, Any]) -> None:
 def test_a_re_derived_prior_issues_a_new_seg_that_supersedes_the_old(site: dict[str, Any]) -> None:
     """A later annotation of the same lesions on the prior (ellipses) derives other masks: a new SEG, rev2, naming
     the one it replaces; the old file is kept."""
-    from lesiontrack.dicom_node.ingest import ingest_file
+    from lesiontrack.dicom_node.inbound.ingest import ingest_file
 
     patient, first = site["patient"], site["first"]
     ellipses = _gsps(patient, site["tmp"] / "pr" / "ellipses.dcm", "ellipse", 2)
@@ -147,8 +147,8 @@ def test_a_re_derived_prior_issues_a_new_seg_that_supersedes_the_old(site: dict[
 
 
 def test_a_correction_of_it_verifies_the_prior_and_later_follow_ups_follow_it(site: dict[str, Any]) -> None:
-    from lesiontrack.dicom_node.ingest import ingest_file
-    from lesiontrack.pipeline.verification import take_in_series
+    from lesiontrack.dicom_node.inbound.ingest import ingest_file
+    from lesiontrack.pipeline.jobs.verification import take_in_series
 
     patient, sf = site["patient"], site["sf"]
     ours = site.get("latest_prior_seg") or site["first"].prior_seg
@@ -214,7 +214,7 @@ def test_the_sr_reports_the_radiologists_diameters_beside_ours(site: dict[str, A
 def test_drawn_diameters_node_line_is_the_short_axis_and_differences_are_ours_minus_theirs() -> None:
     from types import SimpleNamespace
 
-    from lesiontrack.pipeline.drawn_priors import drawn_diameters
+    from lesiontrack.pipeline.science.drawn_priors import drawn_diameters
 
     node = SimpleNamespace(is_node=True, long_axis_mm=18.0, short_axis_mm=11.0)
     mass = SimpleNamespace(is_node=False, long_axis_mm=18.0, short_axis_mm=11.0)
@@ -236,7 +236,7 @@ def test_drawn_diameters_node_line_is_the_short_axis_and_differences_are_ours_mi
 
 
 def test_the_prior_seg_and_the_sr_with_the_drawn_diameters_validate(site: dict[str, Any]) -> None:
-    from lesiontrack.pipeline.dicom_validate import validate_seg, validate_sr
+    from lesiontrack.pipeline.dicom.validate import validate_seg, validate_sr
 
     first = site["first"]
     for rep in [*validate_seg(first.prior_seg), *validate_sr(first.sr)]:
@@ -246,9 +246,9 @@ def test_the_prior_seg_and_the_sr_with_the_drawn_diameters_validate(site: dict[s
 def test_follow_ups_analysed_at_once_issue_the_same_instance(site: dict[str, Any]) -> None:
     """Two jobs of one prior that run at the same time (neither sees the other's SEG yet) write the same SOP
     Instance UID, so the PACS and our database keep the SEG once; another derivation gets other UIDs."""
-    from lesiontrack.pipeline.derived_prior_seg import write_drawn_prior_seg
-    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
-    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
+    from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
+    from lesiontrack.pipeline.jobs.derived_prior_seg import write_drawn_prior_seg
+    from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 
     patient = site["patient"]
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
@@ -273,7 +273,7 @@ def test_follow_ups_analysed_at_once_issue_the_same_instance(site: dict[str, Any
 def test_every_local_code_value_means_one_thing() -> None:
     """A code value of our scheme names one concept: the prior-annotation answers once re-used LT058 ("Maximum 3D
     diameter") and LT059 (the "Prior annotation" concept itself)."""
-    from lesiontrack.pipeline.sr_writer import LT, PRIOR_ANNOTATION_CODES
+    from lesiontrack.pipeline.dicom.sr.writer import LT, PRIOR_ANNOTATION_CODES
 
     meaning: dict[str, str] = {}
     codes = [v for k, v in vars(LT).items() if not k.startswith("_")] + list(PRIOR_ANNOTATION_CODES.values())

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import AuditEvent, LesionObservation
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.e2e_site import Site, sr_uids, validate_object
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -70,7 +70,7 @@ def _run_chain(site: Site, patient: Any, tmp: Path, followups: int) -> list[Path
             prov = {(o.propagated_from_series_uid, o.propagated_from_sop_uid) for o in obs}
         assert prov == {(patient.baseline.series_uid, baseline_seg)}, "provenance recorded on every observation"
         objs = site.results_in_orthanc(fu.study_uid)
-        # SEG, the TID 1500 report and the OHIF measurements SR (pipeline.viewer_sr)
+        # SEG, the TID 1500 report and the OHIF measurements SR (pipeline.dicom.sr.viewer)
         reports = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 902]
         viewer = [d for d in objs.get("SR", []) if int(d.SeriesNumber) == 903]
         counts = {k: len(v) for k, v in objs.items()}
@@ -100,7 +100,7 @@ def test_e2e_orthanc_c_move_two_followups(tmp_path: Path, patient: Any) -> None:
     site = Site(tmp_path, "C-MOVE")
     try:
         srs = _run_chain(site, patient, tmp_path, followups=2)
-        from lesiontrack.pipeline.dicom_validate import run_sr_validator
+        from lesiontrack.pipeline.dicom.validate import run_sr_validator
 
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()

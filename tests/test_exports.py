@@ -14,8 +14,8 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.pipeline import exports
-from lesiontrack.pipeline.history import build_timeline
+from lesiontrack.pipeline.views import exports
+from lesiontrack.pipeline.views.history import build_timeline
 from tests.support.patient import synthetic_patient
 
 

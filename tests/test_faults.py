@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, Instance, JobState, Series
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope
-from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.services import LESIONTRACK, OrthancServer, free_port, wait_for, wait_for_port
 from tests.support.tools import REPO
 
@@ -108,7 +108,7 @@ retry_backoff_seconds = [0.5]
                 self.proc.wait(10)
 
     def send(self, files: list[Path]) -> None:
-        from lesiontrack.dicom_node.scu import store_files
+        from lesiontrack.dicom_node.outbound.scu import store_files
 
         peer = PacsPeer(name="lt", ae_title=self.settings.dicom.ae_title, host="127.0.0.1", port=self.port)
         outcomes = store_files(self.settings, peer, files)
@@ -120,7 +120,7 @@ retry_backoff_seconds = [0.5]
 
 
 def _job_of(sf, series_uid: str) -> Any:
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
 
     return JobStore(sf).latest_for_series(series_uid)
 

@@ -12,9 +12,9 @@ import numpy as np
 
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.pipeline.annotations.common import drawing_prompt
-from lesiontrack.pipeline.lesions import LesionStatus
-from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
+from lesiontrack.pipeline.science.lesions import LesionStatus
+from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, track_lesions
 from tests.support.phantom import LESIONS, dice, mask_prompts, phantom_volumes, series
 
 
@@ -70,13 +70,13 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     from lesiontrack.db.session import make_engine, make_session_factory, upgrade
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.inbound.scp import storage_root
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.contract import LoadVolumesOutput, TrackOutput, read_output
-    from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
-    from lesiontrack.pipeline.steps import build_pipeline
+    from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
+    from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, TrackOutput, read_output
+    from lesiontrack.pipeline.jobs.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
     from lesiontrack.synthetic.annotations import Mark, write_gsps
 
@@ -145,8 +145,8 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
         assert any("not marked on the prior PR" in r for r in by_id2[other].review_reasons)
     # a SEG arriving after our result corrects it (issue 16 decides, also when corrections are refused): not a
     # prompt of this follow-up on a re-run
-    from lesiontrack.pipeline.contract import WriteSegSrOutput
-    from lesiontrack.pipeline.followup_annotations import person_annotations_on
+    from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
+    from lesiontrack.pipeline.jobs.followup_annotations import person_annotations_on
     from tests.support.correction import write_correction
 
     ours = read_output(outputs, WriteSegSrOutput)

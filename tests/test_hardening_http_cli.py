@@ -215,7 +215,7 @@ def two_timepoints(tmp_path_factory: pytest.TempPathFactory) -> list:
 def _baseline_with_seg(tmp: Path, tps: list) -> tuple[Path, Path]:
     import shutil
 
-    from lesiontrack.pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
 
     base = tmp / "baseline"
     shutil.copytree(tps[0].files[0].parent, base)

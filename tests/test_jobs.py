@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 
 from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.pipeline.analysis import (
+from lesiontrack.pipeline.jobs.analysis import (
     RUNTIME_KEY,
     AnalysisService,
     JobContext,
@@ -26,8 +26,8 @@ from lesiontrack.pipeline.analysis import (
     Step,
     StepOutput,
 )
-from lesiontrack.pipeline.executors.inprocess import InProcessExecutor
-from lesiontrack.pipeline.jobs import JobStore, NothingToTrack, PermanentError, TransientError
+from lesiontrack.pipeline.jobs.executors.inprocess import InProcessExecutor
+from lesiontrack.pipeline.jobs.store import JobStore, NothingToTrack, PermanentError, TransientError
 from tests.support.services import wait_for
 
 

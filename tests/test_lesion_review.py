@@ -23,8 +23,8 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import LesionObservation
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.confidence import ConfidenceRules, assess_lesion, review_text
-from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.jobs.contract import job_results
+from lesiontrack.pipeline.science.confidence import ConfidenceRules, assess_lesion, review_text
 from tests.support.patient import STILL_SEED, STILL_SHAPE, STILL_SPACING, still_patient
 from tests.support.service_site import analyse_first_followup
 from tests.support.validators import assert_seg_and_sr_validate
@@ -105,7 +105,7 @@ def test_the_erased_lesion_is_flagged_and_the_stable_ones_are_not(site: dict[str
 
 
 def test_job_summary_says_how_many_need_review(site: dict[str, Any]) -> None:
-    from lesiontrack.pipeline.job_summary import job_summary
+    from lesiontrack.pipeline.jobs.job_summary import job_summary
 
     job = site["job"]
     line = job_summary(job.id, job.followup_series_uid, "done", job.step_outputs, {})
@@ -204,7 +204,8 @@ def test_api_dashboard_exports_and_metrics_show_the_flag(site: dict[str, Any]) -
 
 
 def test_confidence_scores_a_leak_and_a_clean_result() -> None:
-    """Unit check of pipeline.confidence on a synthetic sphere: the clean result scores high, a result that leaked
+    """Unit check of pipeline.science.confidence on a synthetic sphere: the clean result scores high, a result that
+    leaked
     into an abutting structure far beyond the prompt scores low with a reason, and the review text reads right."""
     from lesiontrack.models.imaging.volume import Volume
     from lesiontrack.models.registration.identity import IdentityRegistration
@@ -236,7 +237,7 @@ def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
     (the former absolute +10 HU allowance gave it 0.70, as low as a rough annotation); a rough sphere drawn off
     centre over it does not."""
     from lesiontrack.models.imaging.volume import Volume
-    from lesiontrack.pipeline.confidence import margin
+    from lesiontrack.pipeline.science.confidence import margin
 
     rng = np.random.default_rng(1)
     k, j, i = np.meshgrid(np.arange(48), np.arange(48), np.arange(48), indexing="ij")
@@ -252,10 +253,10 @@ def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
 
 
 def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() -> None:
-    """Evidence-level checks of pipeline.confidence.combine: a x2.8 change between neighbours 8 weeks apart is a
+    """Evidence-level checks of pipeline.science.confidence.combine: a x2.8 change between neighbours 8 weeks apart is a
     plausible real change, x5 is not, x5 over 16 weeks is; a jump is charged to the result that departs further from
     the annotation's volume; a clear result overrules a poor annotation margin; a second concern lowers the score."""
-    from lesiontrack.pipeline.confidence import combine
+    from lesiontrack.pipeline.science.confidence import combine
 
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
 
@@ -281,7 +282,7 @@ def test_every_recorded_reason_flags_the_lesion() -> None:
     """Issue 29 item 5: a reason of doubt is recorded exactly when it flags the lesion. A mild local Jacobian
     (0.57..1.47, score about 0.86) is not a reason of doubt: it stays a signal with its value, no reason is recorded
     and the lesion is not flagged; a result with a reason always says "flagged"."""
-    from lesiontrack.pipeline.confidence import combine
+    from lesiontrack.pipeline.science.confidence import combine
 
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
     mild = combine({**base, "jac_lo": 0.57, "jac_hi": 1.47})
@@ -308,7 +309,7 @@ def test_a_change_that_contradicts_itself_or_the_registration_is_flagged() -> No
     """Issue 29 item 5: volume and RECIST diameter changing in opposite directions, or a volume change the
     registration's Jacobian does not explain (it stretched the lesion's region by +30 %, the result says -11.5 %),
     flag the lesion and say why; measurement noise, a coherent change and a rigid registration do not."""
-    from lesiontrack.pipeline.confidence import combine
+    from lesiontrack.pipeline.science.confidence import combine
 
     base = {"present": True, "days": 56, "containment": 0.95, "shift": 0.05, "beyond": 0.0, "result_margin": 0.95}
 
@@ -334,7 +335,7 @@ def test_registration_volume_ratio_reads_the_jacobian_of_the_mapping() -> None:
     """The registration's implied volume change of a region: 1 / mean Jacobian determinant of the follow-up →
     source mapping (a uniform 10 % stretch along each axis: x1.331)."""
     from lesiontrack.models.imaging.volume import Volume
-    from lesiontrack.pipeline.confidence import registration_volume_ratio
+    from lesiontrack.pipeline.science.confidence import registration_volume_ratio
 
     class Stretch:
         def map_points_to_baseline(self, pts: np.ndarray) -> np.ndarray:

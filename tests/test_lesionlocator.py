@@ -12,8 +12,8 @@ import torch
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.lesionlocator import CheckpointError, LesionLocatorEngine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
-from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, track_lesions
 from tests.support.phantom import LESIONS, series
 
 ARCH = {

@@ -16,8 +16,8 @@ from lesiontrack.config.logging import current_log_context, log_context, setup_l
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
 from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
-from lesiontrack.pipeline.jobs import JobStore
+from lesiontrack.pipeline.jobs.analysis import AnalysisService, JobContext, Step, StepOutput
+from lesiontrack.pipeline.jobs.store import JobStore
 from tests.support.dicom_node import Node, pynetdicom_store
 
 log = logging.getLogger("lesiontrack.test.context")
@@ -74,7 +74,9 @@ def test_lines_inside_a_job_carry_job_series_and_step(json_lines: JsonLines, sql
         line = mine[f"working in {name}"]
         assert (line["job"], line["step"], line["series_uid"]) == (job_id, name, "1.2.826.0.1.3680043.10.99.1")
     summary = [
-        x for x in lines if x["logger"] == "lesiontrack.pipeline.analysis" and x["msg"].startswith(f"job {job_id} done")
+        x
+        for x in lines
+        if x["logger"] == "lesiontrack.pipeline.jobs.analysis" and x["msg"].startswith(f"job {job_id} done")
     ]
     assert summary, "the runner's own end-of-job line carries the job too"
     assert summary[0]["job"] == job_id, "the runner's own end-of-job line carries the job too"
@@ -104,7 +106,9 @@ def test_lines_inside_an_association_carry_the_peer(json_lines: JsonLines, tmp_p
         node.engine.dispose()
     # per-instance lines are at DEBUG; the association's INFO summary is logged inside the association
     summary = [
-        x for x in json_lines.read() if x["logger"] == "lesiontrack.dicom_node.scp" and "association from" in x["msg"]
+        x
+        for x in json_lines.read()
+        if x["logger"] == "lesiontrack.dicom_node.inbound.scp" and "association from" in x["msg"]
     ]
     assert len(summary) == 1, summary
     assert "2 instances stored" in summary[0]["msg"], summary

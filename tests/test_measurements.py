@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.pipeline.measurements import LesionChanges, LesionMeasurement, lesion_changes, measure_lesion
+from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement, lesion_changes, measure_lesion
 
 SP = np.array([0.5, 0.5, 1.0])
 
@@ -115,7 +115,7 @@ def test_json_round_trip() -> None:
 
 
 def _m(uid: str, ld: float, vol: float, status: str = "present") -> LesionMeasurement:
-    from lesiontrack.pipeline.measurements import Axis
+    from lesiontrack.pipeline.science.measurements import Axis
 
     return LesionMeasurement(
         uid,

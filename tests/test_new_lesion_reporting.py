@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import AuditEvent, CandidateState, JobState, Lesion, LesionOrigin
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.contract import job_results
-from lesiontrack.pipeline.sr_reader import read_sr
+from lesiontrack.pipeline.dicom.sr.reader import read_sr
+from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.patient import still_patient
 from tests.support.segsr import content_items
 from tests.support.service_site import analyse_first_followup

@@ -13,10 +13,10 @@ import pytest
 
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.pipeline.measurements import LesionMeasurement
-from lesiontrack.pipeline.seg_reader import read_seg_prompts_and_gaps
-from lesiontrack.pipeline.seg_writer import save_new, write_seg
-from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
+from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.science.measurements import LesionMeasurement
 from tests.support.segsr import content_items, make_series
 
 
@@ -26,7 +26,7 @@ def _cropped(ct: Volume, k_end: int) -> Volume:
 
 
 def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_path: Path) -> None:
-    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_dsrdump
+    from lesiontrack.pipeline.dicom.validate import run_dciodvfy, run_dsrdump
 
     base, fu = make_series(tmp_path, n_timepoints=2)
     seg_path = save_new(write_seg(base.datasets, base.lesions).dataset, tmp_path / "seg")
@@ -44,7 +44,7 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
     assert "no voxel on the prior CT" in gaps[0].reason
 
     # the follow-up's report: the tracked lesions as measured, the gap as "not evaluated", flagged, with its reason
-    from lesiontrack.pipeline.measurements import measure_lesion
+    from lesiontrack.pipeline.science.measurements import measure_lesion
 
     present = [les for les in fu.lesions if les.identity.tracking_uid != victim and les.mask.array.any()]
     seg = write_seg(fu.datasets, present)
@@ -64,7 +64,7 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
     sr = write_sr(fu.datasets, seg, reports, time_point=TimePoint("T1", 1)).dataset
     path = save_new(sr, tmp_path / "sr")
     # (pixelmed's 2022 validator applies the TID 1410/1411 conditions to a TID 1501 group once the report has a 1411
-    # group — a known false positive, see pipeline.sr_writer's vanished lesions without a location)
+    # group — a known false positive, see pipeline.dicom.sr.writer's vanished lesions without a location)
     for rep in (run_dciodvfy(path), run_dsrdump(path)):
         assert rep.ok, rep.summary()
     items = content_items(sr)
@@ -101,9 +101,9 @@ def test_an_sr_measurement_group_that_cannot_be_tracked_is_carried_as_not_assess
     """A prior SR (lines) whose measurement group points at an image the prior CT does not hold: the group is a
     lesion the radiologist measured, so it becomes "not assessed" with the reason — the other groups are tracked."""
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.measurements import measure_lesion
-    from lesiontrack.pipeline.ports import PriorAnnotation, PriorTimepoint
-    from lesiontrack.pipeline.steps.volumes import read_prompts_and_gaps
+    from lesiontrack.pipeline.jobs.ports import PriorAnnotation, PriorTimepoint
+    from lesiontrack.pipeline.jobs.steps.volumes import read_prompts_and_gaps
+    from lesiontrack.pipeline.science.measurements import measure_lesion
 
     base, _fu = make_series(tmp_path, n_timepoints=2)
     present = [les for les in base.lesions if les.mask.array.any()]
@@ -137,7 +137,7 @@ def test_an_sr_measurement_group_that_cannot_be_tracked_is_carried_as_not_assess
     assert {p.identity.tracking_uid for p in prompts} == others
     assert any("not in the CT series" in w for w in said), "and still warned about"
     # none of its lesions placeable: the job fails visibly (retryable), it does not end "nothing to track"
-    from lesiontrack.pipeline.jobs import PermanentError
+    from lesiontrack.pipeline.jobs.store import PermanentError
 
     for r in reports:
         if r.measurement.long_axis is not None and r.measurement.tracking_uid != victim.tracking_uid:

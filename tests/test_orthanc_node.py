@@ -17,8 +17,8 @@ from pydicom.uid import generate_uid
 from lesiontrack.config.settings import RetrieveMethod, SendMethod
 from lesiontrack.db.models import AnalysisJob, Delivery, DeliveryState, RoutingDecision
 from lesiontrack.db.session import session_scope
-from lesiontrack.dicom_node.priors import PriorFinder, annotation_references
-from lesiontrack.dicom_node.sending import DeliveryService
+from lesiontrack.dicom_node.outbound.priors import PriorFinder, annotation_references
+from lesiontrack.dicom_node.outbound.sending import DeliveryService
 from tests.support.dicom_node import Node, dataset_bytes, j2k_series, storescu, wait_until
 from tests.support.orthanc_node import Site, prior_files
 from tests.support.services import OrthancServer

@@ -276,7 +276,7 @@ def test_one_job_from_c_store_to_seg_and_sr(served: Served, tmp_path: Path) -> N
     require_tool("storescu")
     from lesiontrack.db.session import make_engine, make_session_factory
     from lesiontrack.demo_data import make_patient
-    from lesiontrack.pipeline.jobs import JobStore, JobView
+    from lesiontrack.pipeline.jobs.store import JobStore, JobView
 
     patient = make_patient(tmp_path, shape=(40, 96, 96), spacing=(3.0, 3.0, 3.0), n_lesions=2, n_followups=1)
     wait_for(lambda: requests.get(f"http://127.0.0.1:{served.http_port}/health", timeout=10).ok, timeout=180)

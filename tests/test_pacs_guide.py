@@ -46,7 +46,7 @@ def recist_sr(patient: Any, dest: Path) -> Path:
     from pydicom.sr.codedict import codes
 
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.seg_reader import read_seg
+    from lesiontrack.pipeline.dicom.seg.reader import read_seg
 
     ct = read_series(patient.baseline.files)
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
@@ -210,7 +210,7 @@ class GuideSite:
             self.orthanc.upload(f)
 
     def jobs(self, series_uid: str) -> list[Any]:
-        from lesiontrack.pipeline.jobs import JobStore
+        from lesiontrack.pipeline.jobs.store import JobStore
 
         return [v for v in JobStore(self.sf).list() if v.followup_series_uid == series_uid]
 
@@ -242,7 +242,7 @@ def _check_follow_up(site: GuideSite, fu: Any, base_uids: set[str], prior_series
     job = jobs[0]
     assert job.state is JobState.DONE, job.error
     assert job.attempts == 1, f"analysed only at attempt {job.attempts}"
-    from lesiontrack.pipeline.contract import job_results
+    from lesiontrack.pipeline.jobs.contract import job_results
 
     match = job_results(job.step_outputs).match
     assert match is not None
@@ -293,7 +293,7 @@ def test_the_orthanc_guide_as_written_two_patients_three_follow_ups(tmp_path: Pa
             "baseline SEG patient": _run_patient(site, chest, chest.seg_file, tmp_path),
             "baseline SR lines patient": _run_patient(site, abdomen, lines, tmp_path),
         }
-        from lesiontrack.pipeline.contract import job_results
+        from lesiontrack.pipeline.jobs.contract import job_results
 
         sr_job = site.jobs(abdomen.followups[0].series_uid)[0]
         match = job_results(sr_job.step_outputs).match

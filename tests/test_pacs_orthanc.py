@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from lesiontrack.config.settings import ApiKey
 from lesiontrack.db.models import JobState
-from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.pacs_guide import guide_json, guide_lua
 from tests.support.services import OrthancServer, free_port, wait_for
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import JobState, Lesion, Patient, Series
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.jobs.contract import job_results
 
 API_KEY = {"X-API-Key": "demo"}
 
@@ -25,10 +25,10 @@ API_KEY = {"X-API-Key": "demo"}
 def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.steps import build_pipeline
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.inbound.scp import storage_root
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
+    from lesiontrack.pipeline.jobs.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
 
     tmp = tmp_path_factory.mktemp("history")
@@ -61,7 +61,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _sr_report(path: str) -> dict[str, Any]:
     """Targets (by Tracking UID) and the responses the SR states."""
-    from lesiontrack.pipeline.sr_reader import read_sr
+    from lesiontrack.pipeline.dicom.sr.reader import read_sr
 
     sr = read_sr(path)
     roles = {}
@@ -118,9 +118,9 @@ def test_thick_slices_sr_api_and_dashboard_agree(analysed: dict[str, Any]) -> No
 
 
 def test_targets_are_chosen_once_at_baseline_with_its_slice_thickness(analysed: dict[str, Any]) -> None:
-    from lesiontrack.pipeline import recist
-    from lesiontrack.pipeline.history import build_timeline
-    from lesiontrack.pipeline.recist import RecistRules
+    from lesiontrack.pipeline.science import recist
+    from lesiontrack.pipeline.science.recist import RecistRules
+    from lesiontrack.pipeline.views.history import build_timeline
 
     sf = analysed["sf"]
     with session_scope(sf) as s:

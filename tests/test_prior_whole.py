@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import AuditEvent, Delivery, JobState
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.contract import RetrievePriorsOutput, job_results, read_output
+from lesiontrack.pipeline.jobs.contract import RetrievePriorsOutput, job_results, read_output
 from tests.support.e2e_site import Site, sr_uids
 from tests.support.services import wait_for
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lesiontrack.pipeline.recist import (
+from lesiontrack.pipeline.science.recist import (
     NewLesionSearch,
     NewLesionState,
     RecistAssessment,
@@ -19,7 +19,7 @@ from lesiontrack.pipeline.recist import (
     diameter_of,
     select_targets,
 )
-from lesiontrack.pipeline.recist import assess as assess_with
+from lesiontrack.pipeline.science.recist import assess as assess_with
 
 
 def assess(timepoints: Sequence[Sequence[RecistLesion]], **kw: Any) -> RecistAssessment:

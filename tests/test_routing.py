@@ -8,7 +8,7 @@ import pytest
 
 from lesiontrack.config.settings import RoutingSettings
 from lesiontrack.db.models import RoutingDecision
-from lesiontrack.dicom_node.routing import (
+from lesiontrack.dicom_node.inbound.routing import (
     OPERATOR_OVERRIDE_REASON,
     PRIOR_RETRIEVAL_REASON,
     SeriesFacts,

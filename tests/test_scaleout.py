@@ -20,7 +20,7 @@ from sqlalchemy import select
 from lesiontrack.config.settings import load_settings
 from lesiontrack.db.models import AuditEvent, JobState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope
-from lesiontrack.pipeline.jobs import JobStore
+from lesiontrack.pipeline.jobs.store import JobStore
 from tests.support.services import LESIONTRACK, PostgresServer, RedisServer, wait_for
 from tests.support.tools import REPO, require_tool
 
@@ -95,7 +95,7 @@ def _runs(sf) -> Counter[tuple[str, str]]:
 
 
 def test_two_workers_run_each_job_exactly_once(stack) -> None:
-    from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
+    from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor
 
     settings, sf, worker, tmp = stack
     store = JobStore(sf)
@@ -122,7 +122,7 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
     workers = {store.get(j).worker.split(":")[1] for j in jobs}
     assert workers == {str(w1.pid), str(w2.pid)}, "both workers took jobs"
     # results equal an embedded (in-process) run of the same pipeline on the same series
-    from lesiontrack.pipeline.analysis import AnalysisService
+    from lesiontrack.pipeline.jobs.analysis import AnalysisService
     from tests.support.job_pipelines import counting
 
     scale = {p.name: json.loads(p.read_text()) for p in (Path(settings.data_dir) / "results").glob("*.json")}
@@ -138,8 +138,8 @@ def test_two_workers_run_each_job_exactly_once(stack) -> None:
 
 
 def test_killed_worker_job_is_taken_over_and_completes(stack) -> None:
-    from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor
+    from lesiontrack.pipeline.jobs.store import JobStore
 
     settings, sf, worker, _tmp = stack
     data = Path(settings.data_dir)
@@ -181,8 +181,8 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     from lesiontrack.config.settings import PacsPeer
     from lesiontrack.demo import demo_settings
     from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.scu import store_files
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.dicom_node.outbound.scu import store_files
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.service import LesionTrackService
     from tests.support.services import free_port, wait_for_port
 
@@ -214,7 +214,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     try:
         wait_for_port(port, timeout=60)
         for _ in range(2):
-            worker("lesiontrack.pipeline.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
+            worker("lesiontrack.pipeline.jobs.steps:build_pipeline", LESIONTRACK_ENGINES__REGISTRATION="none")
         peer = PacsPeer(name="lt", ae_title="LESIONTRACK", host="127.0.0.1", port=port)
         sequence = [[*patient.baseline.files, patient.seg_file]] + [fu.files for fu in patient.followups]
         uids = [patient.baseline.series_uid] + [fu.series_uid for fu in patient.followups]

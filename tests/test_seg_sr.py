@@ -17,15 +17,15 @@ import pytest
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity, PromptKind
-from lesiontrack.pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
-from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
-from lesiontrack.pipeline.measurements import LesionMeasurement, lesion_changes, measure_tracked
-from lesiontrack.pipeline.prompt_sources import find_annotations
-from lesiontrack.pipeline.recist import NewLesionSearch, RecistAssessment, RecistLesion, Response, assess
-from lesiontrack.pipeline.seg_reader import read_seg, read_seg_prompts
-from lesiontrack.pipeline.seg_writer import SegWriteError, save_new, write_seg
-from lesiontrack.pipeline.sr_reader import read_sr, read_sr_measurements, read_sr_prompts
-from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.dicom.prompt_sources import find_annotations
+from lesiontrack.pipeline.dicom.seg.reader import read_seg, read_seg_prompts
+from lesiontrack.pipeline.dicom.seg.writer import SegWriteError, save_new, write_seg
+from lesiontrack.pipeline.dicom.sr.reader import read_sr, read_sr_measurements, read_sr_prompts
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.dicom.validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.science.measurements import LesionMeasurement, lesion_changes, measure_tracked
+from lesiontrack.pipeline.science.recist import NewLesionSearch, RecistAssessment, RecistLesion, Response, assess
 from tests.support.segsr import SyntheticTimepoint, make_series
 from tests.support.tools import require_shared_data, require_tool
 
@@ -400,7 +400,7 @@ def test_real_ct_seg_validates_and_round_trips(tmp_path: Path) -> None:
         h = copy.deepcopy(h)
         h.StudyInstanceUID, h.SeriesInstanceUID = study, series
         fixed.append(h)
-    from lesiontrack.pipeline.seg_writer import sort_source_slices
+    from lesiontrack.pipeline.dicom.seg.writer import sort_source_slices
 
     _, grid = sort_source_slices(fixed)
     k, j, i = np.indices(grid.shape)

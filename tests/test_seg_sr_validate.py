@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
-from lesiontrack.pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from lesiontrack.pipeline.dicom.validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from tests.support.tools import require_shared_data, require_tool
 
 SAMPLES = ("interop", "seg_sr")

@@ -17,8 +17,8 @@ from lesiontrack.config.settings import RoutingSettings, Settings
 from lesiontrack.db.models import AnalysisJob, RoutingDecision, Series, SeriesState
 from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.dicom_node.completion import complete_series
-from lesiontrack.dicom_node.skipped import reevaluate
+from lesiontrack.dicom_node.inbound.completion import complete_series
+from lesiontrack.dicom_node.inbound.skipped import reevaluate
 
 READ, OPERATOR = "read-key-0123456789", "operator-key-9876543210"
 
@@ -41,7 +41,7 @@ def add_series(sf: Any, description: str, body_part: str = "CHEST", n: int = 40,
 def env(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
     from fastapi.testclient import TestClient
 
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.service import JobControl
     from lesiontrack.web import create_app
 

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from lesiontrack.config.settings import PacsPeer, Settings, load_settings
 from lesiontrack.db.models import AuditEvent, Delivery, DeliveryState, JobState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.dicom_node.sending import DeliveryError, DeliveryService, deliver_files
-from lesiontrack.pipeline.analysis import AnalysisService, JobContext, Step, StepOutput
+from lesiontrack.dicom_node.outbound.sending import DeliveryError, DeliveryService, deliver_files
+from lesiontrack.pipeline.jobs.analysis import AnalysisService, JobContext, Step, StepOutput
 from tests.support.dicom_node import Node, ge_files
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.lesions import LesionStatus
-from lesiontrack.pipeline.tracking import (
+from lesiontrack.pipeline.science.lesions import LesionStatus
+from lesiontrack.pipeline.science.tracking import (
     NoRegistrationEngine,
     ProgressEvent,
     label_map,
@@ -130,7 +130,7 @@ def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
 
 
 def test_boosting_reprompts_at_the_first_result_centre() -> None:
-    from lesiontrack.pipeline.tracking import TrackingOptions
+    from lesiontrack.pipeline.science.tracking import TrackingOptions
 
     ph = series(seed=6, shifts_mm=((0, 0, 0), (5, -4, 3)))  # 7 mm motion, no registration: the prompt is off
     tps = phantom_volumes(ph)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import PromptKind
-from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json
+from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, load_prompts_json
 from tests.support.phantom import LESIONS, series
 
 

@@ -16,15 +16,15 @@ import pytest
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import SegReference, get_engine
 from lesiontrack.models.segmentation.prompts import Prompt
-from lesiontrack.pipeline.lesions import LesionStatus
-from lesiontrack.pipeline.prompt_selection import (
+from lesiontrack.pipeline.science.lesions import LesionStatus
+from lesiontrack.pipeline.science.prompt_selection import (
     AnnotationCandidate,
     AnnotationOrigin,
     NoPersonAnnotation,
     choose_prompt_source,
     nearest_source_index,
 )
-from lesiontrack.pipeline.tracking import (
+from lesiontrack.pipeline.science.tracking import (
     NoRegistrationEngine,
     RegistrationCache,
     TrackingOptions,
@@ -199,7 +199,7 @@ class _OracleShift:
         self.by_id = {id(tp.ct): np.array(s, float) for tp, s in zip(phantom, shifts, strict=True)}
 
     def register(self, baseline: Volume, followup: Volume) -> Any:
-        from lesiontrack.pipeline.tracking import IdentityRegistration
+        from lesiontrack.pipeline.science.tracking import IdentityRegistration
 
         d = self.by_id[id(followup)] - self.by_id[id(baseline)]  # follow-up point + d = baseline point
         reg = IdentityRegistration(baseline, followup)
@@ -302,8 +302,8 @@ def test_selection_refuses_to_propagate_from_our_results_alone() -> None:
 
 def test_our_seg_is_told_apart_from_a_persons_seg(tmp_path: Path) -> None:
     """Manufacturer LesionTrack + SEMIAUTOMATIC = ours; a MANUAL SEG (drawn by a person) is the person's."""
-    from lesiontrack.pipeline.prompt_selection import is_our_object
-    from lesiontrack.pipeline.seg_writer import save_new, write_seg
+    from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
+    from lesiontrack.pipeline.science.prompt_selection import is_our_object
     from tests.support.segsr import make_series
 
     tp = make_series(tmp_path, n_timepoints=1)[0]

@@ -9,8 +9,8 @@ from bench import tracking as bench
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.lesions import LesionStatus, Timepoint
-from lesiontrack.pipeline.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
+from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, track_lesions
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform
 from tests.support.tools import require_shared_data
 

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from lesiontrack.db.models import AuditEvent, Lesion, LesionObservation, TimepointVerification, VerificationState
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.contract import job_results
+from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.correction import READER, write_correction
 from tests.support.e2e_site import Site, get_bytes, validate_object
 from tests.support.services import wait_for
@@ -131,7 +131,7 @@ def test_verified_correction_through_orthanc(tmp_path: Path, patient: Any) -> No
             assert corr.edited_uid in tracked
             validate_object(tmp_path, new_seg)
             srs.append(validate_object(tmp_path, new_sr))
-        from lesiontrack.pipeline.dicom_validate import run_sr_validator
+        from lesiontrack.pipeline.dicom.validate import run_sr_validator
 
         for rep in run_sr_validator(srs):
             assert rep.ok, rep.summary()

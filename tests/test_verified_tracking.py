@@ -28,8 +28,8 @@ from lesiontrack.db.models import (
     VerificationState,
 )
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.pipeline.contract import job_results
-from lesiontrack.pipeline.sr_reader import read_sr
+from lesiontrack.pipeline.dicom.sr.reader import read_sr
+from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.correction import READER, write_correction
 from tests.support.patient import still_patient
 
@@ -54,10 +54,10 @@ def _run_queued(service: Any, sf: Any) -> list[int]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.steps import build_pipeline
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.inbound.scp import storage_root
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
+    from lesiontrack.pipeline.jobs.steps import build_pipeline
     from lesiontrack.service import build_analysis_service, build_ports
 
     tmp = tmp_path_factory.mktemp("verified")
@@ -85,7 +85,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     corr = write_correction(fu1_written.seg, patient.followups[0].files, tmp / "correction", add_centre_mm=added_at)
     assert ingest_file(ingestor, corr.path).ok
     ingestor.close()
-    from lesiontrack.pipeline.verification import take_in_series
+    from lesiontrack.pipeline.jobs.verification import take_in_series
 
     adoption_jobs = take_in_series(sf, settings.verification, corr.series_uid)
     ran = _run_queued(service, sf)
@@ -219,7 +219,7 @@ def test_reports_say_who_verified_and_what_is_derived(site: dict[str, Any]) -> N
 
 
 def test_same_correction_twice_does_nothing(site: dict[str, Any]) -> None:
-    from lesiontrack.pipeline.verification import take_in_series
+    from lesiontrack.pipeline.jobs.verification import take_in_series
 
     again = take_in_series(site["sf"], site["settings"].verification, site["correction"].series_uid)
     assert again == []
@@ -231,7 +231,7 @@ def test_same_correction_twice_does_nothing(site: dict[str, Any]) -> None:
 def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.web import JobStoreControl, create_app
 
     corr, (fu1, _fu2) = site["correction"], site["patient"].followups
@@ -270,8 +270,8 @@ def test_timeline_api_and_dashboard_show_verification(site: dict[str, Any]) -> N
 def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) -> None:
     """A viewer that drops our Tracking UIDs: segments are matched by Tracking ID, label, then overlap."""
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.adoption import _read_prompts, _segments
-    from lesiontrack.pipeline.correction_matching import match_correction
+    from lesiontrack.pipeline.jobs.adoption import _read_prompts, _segments
+    from lesiontrack.pipeline.science.correction_matching import match_correction
 
     fu1 = site["patient"].followups[0]
     old = job_results(site["first"][0].step_outputs).written
@@ -295,10 +295,10 @@ def test_matching_without_tracking_uids(tmp_path: Path, site: dict[str, Any]) ->
 def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> None:
     """Corrections from AEs not listed are refused (visibly); with reanalyse_later = operator nothing is queued
     until an operator asks."""
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.scp import storage_root
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.verification import reanalyse_later, take_in_series
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.inbound.scp import storage_root
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
+    from lesiontrack.pipeline.jobs.verification import reanalyse_later, take_in_series
 
     settings, sf = site["settings"], site["sf"]
     fu1 = site["patient"].followups[0]
@@ -329,8 +329,8 @@ def test_operator_mode_and_listed_aes(tmp_path: Path, site: dict[str, Any]) -> N
 def test_verify_as_is_and_upload_need_the_node(site: dict[str, Any]) -> None:
     from fastapi.testclient import TestClient
 
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.verification import verified_sop_uids
+    from lesiontrack.pipeline.jobs.store import JobStore
+    from lesiontrack.pipeline.jobs.verification import verified_sop_uids
     from lesiontrack.web import JobStoreControl, create_app
 
     fu2 = site["patient"].followups[1]
@@ -355,7 +355,7 @@ def test_verify_as_is_and_upload_need_the_node(site: dict[str, Any]) -> None:
 def test_upload_through_the_node_is_taken_in(tmp_path: Path, site: dict[str, Any]) -> None:
     """The service's upload path stores the file like a received instance and queues its adoption; bad bytes are
     refused with the reason."""
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.service import JobControl
 
     fu1 = site["patient"].followups[0]
@@ -452,8 +452,8 @@ def test_an_annotation_arriving_with_its_ct_is_not_a_correction(site: dict[str, 
     import pydicom as _pydicom
 
     from lesiontrack.db.models import AnalysisJob
-    from lesiontrack.pipeline.jobs import JobStore
-    from lesiontrack.pipeline.verification import take_in_series
+    from lesiontrack.pipeline.jobs.store import JobStore
+    from lesiontrack.pipeline.jobs.verification import take_in_series
 
     patient = site["patient"]
     job = JobStore(site["sf"]).create(patient.baseline.series_uid, reason="baseline routed with its SEG")

@@ -22,10 +22,10 @@ from lesiontrack.config.version import (
     VERSION,
     implementation_version_name,
 )
-from lesiontrack.dicom_node import scu
-from lesiontrack.pipeline.measurements import measure_tracked
-from lesiontrack.pipeline.seg_writer import write_seg
-from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
+from lesiontrack.dicom_node.outbound import scu
+from lesiontrack.pipeline.dicom.seg.writer import write_seg
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.science.measurements import measure_tracked
 from tests.support.dicom_node import Node
 from tests.support.segsr import make_series
 

@@ -3,7 +3,8 @@ in OHIF (npm @ohif/app prebuilt dist) in headless Debian Chromium driven by play
 
 The test checks that OHIF lists the SEG's segment labels (the Tracking IDs) and shows the SR's measurements (the
 volume of every present lesion); that after accepting OHIF's tracking prompt on the OHIF measurements SR
-(pipeline.viewer_sr) its tracked-measurements panel lists every present lesion by name with its long and short axis;
+(pipeline.dicom.sr.viewer) its tracked-measurements panel lists every present lesion by name with its long and short
+axis;
 that what OHIF then saves ("Create SR") reads back as the radiologist's annotation; and saves the screenshots under
 ``tests/artifacts/ohif/``.
 """
@@ -32,10 +33,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     require_browser_stack()
-    from lesiontrack.pipeline.lesion_names import display_name
-    from lesiontrack.pipeline.seg_writer import save_new
-    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
-    from lesiontrack.pipeline.viewer_sr import viewer_lesions, write_viewer_sr
+    from lesiontrack.pipeline.dicom.lesion_names import display_name
+    from lesiontrack.pipeline.dicom.seg.writer import save_new
+    from lesiontrack.pipeline.dicom.sr.viewer import viewer_lesions, write_viewer_sr
+    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint
     from tests.support.patient import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
@@ -61,7 +62,8 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     # the RECIST long axis is named and shown as such (the 3-D diameter is "Maximum 3D diameter", never "Diameter")
     long_axes = [f"Long axis: {m.long_axis.length_mm:.2f} mm" for m in present if m.long_axis is not None]
     largest = max(present, key=lambda m: m.volume_mm3).tracking_id  # the screenshot jumps to it
-    # the OHIF measurements SR (pipeline.viewer_sr), written as the write step writes it; the smallest lesion as if
+    # the OHIF measurements SR (pipeline.dicom.sr.viewer), written as the write step writes it; the smallest lesion as
+    # if
     # it had been measured without a short axis (a Length measurement in OHIF)
     thin = min(present, key=lambda m: m.volume_mm3).tracking_uid
     reports = [LesionReport(replace(m, short_axis=None) if m.tracking_uid == thin else m) for m in present]
@@ -156,9 +158,9 @@ def _new_srs(orthanc: Any, study_uid: str, known: set[str], out: Path) -> list[P
 
 
 def _check_ohif_saved_sr(path: Path, fu: Any, tracked: list[Any], viewer_sr: pydicom.Dataset) -> None:
-    from lesiontrack.pipeline.prompt_selection import is_our_object
-    from lesiontrack.pipeline.sr_reader import read_sr, read_sr_prompts
-    from lesiontrack.pipeline.verification import AnnotationHeader
+    from lesiontrack.pipeline.dicom.sr.reader import read_sr, read_sr_prompts
+    from lesiontrack.pipeline.jobs.verification import AnnotationHeader
+    from lesiontrack.pipeline.science.prompt_selection import is_our_object
 
     ds = pydicom.dcmread(path)
     assert str(ds.get("Manufacturer", "")) != "LesionTrack"

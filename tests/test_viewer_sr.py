@@ -1,4 +1,5 @@
-"""The OHIF measurements SR (pipeline.viewer_sr): valid DICOM, shaped as OHIF's cornerstone adapters re-hydrate it,
+"""The OHIF measurements SR (pipeline.dicom.sr.viewer): valid DICOM, shaped as OHIF's cornerstone adapters re-hydrate
+it,
 one group per lesion under the lesion's own Tracking UID, ours for our readers — and an SR OHIF saves from it after a
 radiologist's edit reads back as the radiologist's annotation, the lesions named by their labels.
 
@@ -18,18 +19,24 @@ import pytest
 from sqlalchemy import select
 
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
-from lesiontrack.pipeline.correction_matching import MatchedBy, SegmentOfInterest, match_correction
-from lesiontrack.pipeline.dicom_validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
-from lesiontrack.pipeline.lesion_names import display_name
-from lesiontrack.pipeline.lesions import LesionStatus
-from lesiontrack.pipeline.measurements import LesionMeasurement, measure_tracked
-from lesiontrack.pipeline.prompt_selection import is_our_object
-from lesiontrack.pipeline.seg_reader import read_seg_prompts
-from lesiontrack.pipeline.seg_writer import SegWriteResult, save_new, write_seg
-from lesiontrack.pipeline.sr_reader import is_tool_tag, name_from_label, read_sr, read_sr_measurements, read_sr_prompts
-from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint
-from lesiontrack.pipeline.verification import AnnotationHeader
-from lesiontrack.pipeline.viewer_sr import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
+from lesiontrack.pipeline.dicom.lesion_names import display_name
+from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts
+from lesiontrack.pipeline.dicom.seg.writer import SegWriteResult, save_new, write_seg
+from lesiontrack.pipeline.dicom.sr.reader import (
+    is_tool_tag,
+    name_from_label,
+    read_sr,
+    read_sr_measurements,
+    read_sr_prompts,
+)
+from lesiontrack.pipeline.dicom.sr.viewer import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint
+from lesiontrack.pipeline.dicom.validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
+from lesiontrack.pipeline.jobs.verification import AnnotationHeader
+from lesiontrack.pipeline.science.correction_matching import MatchedBy, SegmentOfInterest, match_correction
+from lesiontrack.pipeline.science.lesions import LesionStatus
+from lesiontrack.pipeline.science.measurements import LesionMeasurement, measure_tracked
+from lesiontrack.pipeline.science.prompt_selection import is_our_object
 from tests.support.segsr import SyntheticTimepoint, content_items, make_series
 from tests.support.tools import require_tool
 
@@ -186,7 +193,7 @@ def test_an_sr_ohif_saves_from_it_is_the_radiologists_and_matches_our_lesions(vi
     assert {p.meta["segment_label"] for p in prompts} == {
         s.SegmentLabel for s in viewer.seg.dataset.SegmentSequence if s.TrackingID in present
     }
-    # matched to our lesions as a correction is (pipeline.correction_matching): by Tracking ID, not as additions
+    # matched to our lesions as a correction is (pipeline.science.correction_matching): by Tracking ID, not as additions
     ct = viewer.tp.ct
     corrected = [
         SegmentOfInterest(
@@ -244,13 +251,13 @@ def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Vi
     from lesiontrack.db.models import AnalysisJob, JobState, Series, TimepointVerification
     from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
     from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-    from lesiontrack.dicom_node.completion import complete_series
-    from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.storage import InstanceStore
-    from lesiontrack.pipeline.contract import WriteSegSrOutput
-    from lesiontrack.pipeline.prompt_selection import our_instance_uids
-    from lesiontrack.pipeline.steps.persistence import record_our_objects
-    from lesiontrack.pipeline.verification import take_in_series
+    from lesiontrack.dicom_node.inbound.completion import complete_series
+    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+    from lesiontrack.dicom_node.inbound.storage import InstanceStore
+    from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
+    from lesiontrack.pipeline.jobs.steps.persistence import record_our_objects
+    from lesiontrack.pipeline.jobs.verification import take_in_series
+    from lesiontrack.pipeline.science.prompt_selection import our_instance_uids
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
     upgrade(url)

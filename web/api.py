@@ -29,9 +29,10 @@ from lesiontrack.db.models import (
 )
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline import candidates, exports, verification
-from lesiontrack.pipeline.history import PatientTimeline, build_timeline
-from lesiontrack.pipeline.recist import RecistRules
+from lesiontrack.pipeline.jobs import candidates, verification
+from lesiontrack.pipeline.science.recist import RecistRules
+from lesiontrack.pipeline.views import exports
+from lesiontrack.pipeline.views.history import PatientTimeline, build_timeline
 from lesiontrack.web import schemas as sc
 from lesiontrack.web.auth import Principal, require_operator, require_read
 from lesiontrack.web.jobcontrol import CorrectionIntake, JobControl, SeriesControl

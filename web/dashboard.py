@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from lesiontrack.db.models import AnalysisJob, AuditEvent, JobState, Lesion, Patient, Series, Study
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.history import build_timeline
+from lesiontrack.pipeline.views.history import build_timeline
 from lesiontrack.web.api import (
     analyse_anyway,
     decide_candidate,

@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.db.models import Instance, Lesion, LesionObservation, NewLesionCandidate
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
-from lesiontrack.pipeline import thumbnails
-from lesiontrack.pipeline.history import build_timeline
-from lesiontrack.pipeline.object_kinds import has_mask, object_kinds
+from lesiontrack.pipeline.dicom.object_kinds import has_mask, object_kinds
+from lesiontrack.pipeline.views import thumbnails
+from lesiontrack.pipeline.views.history import build_timeline
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What the HTTP API may ask of the job system: retry a job, re-analyse a series.
 
 The app depends only on the :class:`JobControl` protocol; ``lesiontrack serve`` passes a :class:`JobStoreControl`
-(built on :class:`pipeline.jobs.JobStore`) or any object with the same two methods. Errors: ``KeyError`` (unknown
+(built on :class:`pipeline.jobs.store.JobStore`) or any object with the same two methods. Errors: ``KeyError`` (unknown
 job/series) becomes 404, ``ValueError`` (e.g. a job that is still running) becomes 409.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
 
 
 class JobControl(Protocol):

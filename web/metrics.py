@@ -174,7 +174,7 @@ def _candidates_metric(snap: _Snapshot) -> Metric:
 def _lesion_results_metric(snap: _Snapshot) -> Metric:
     lr = GaugeMetricFamily(
         "lesiontrack_lesion_results",
-        "Latest result of every lesion on every series, by review flag (pipeline.confidence)",
+        "Latest result of every lesion on every series, by review flag (pipeline.science.confidence)",
         labels=["review"],
     )
     lr.add_metric(["flagged"], float(snap.reviews.get(True, 0)))

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from lesiontrack.db import models as m
-from lesiontrack.pipeline.candidates import CandidateView
-from lesiontrack.pipeline.verification import VerificationView
+from lesiontrack.pipeline.jobs.candidates import CandidateView
+from lesiontrack.pipeline.jobs.verification import VerificationView
 
 
 def _v(x: Any) -> Any:
@@ -287,7 +287,7 @@ class AuditList(BaseModel):
 
 class CandidateOut(CandidateView):
     """A new-lesion candidate: an unconfirmed finding until an operator confirms or rejects it (the pipeline's
-    :class:`pipeline.candidates.CandidateView`, as the API shows it)."""
+    :class:`pipeline.jobs.candidates.CandidateView`, as the API shows it)."""
 
     @classmethod
     def of(cls, c: CandidateView) -> CandidateOut:

@@ -22,7 +22,7 @@ def list_candidates(
     from rich.table import Table
 
     from lesiontrack.db.session import session_scope
-    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.pipeline.views.history import build_timeline
 
     sf = state(ctx).database()
     with session_scope(sf) as s:
@@ -51,8 +51,8 @@ def list_candidates(
 
 
 def _decide(ctx: typer.Context, candidate_id: int, confirm: bool, reason: str) -> None:
-    from lesiontrack.pipeline.candidates import CandidateDecisionError, CandidateNotFound, decide
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.candidates import CandidateDecisionError, CandidateNotFound, decide
+    from lesiontrack.pipeline.jobs.store import JobStore
 
     sf = state(ctx).database()
     try:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from lesiontrack.config.settings import Settings
     from lesiontrack.demo_data import DemoSeries
-    from lesiontrack.pipeline.jobs import JobView
+    from lesiontrack.pipeline.jobs.store import JobView
     from lesiontrack.service import LesionTrackService
 
 
@@ -113,7 +113,7 @@ def _send_followup(
 ) -> None:
     """Send one follow-up, show its job's progress and print its outcome and prompt source."""
     from lesiontrack.demo import send_files, wait_for_job  # the analysis stack (see demo)
-    from lesiontrack.pipeline.contract import job_results
+    from lesiontrack.pipeline.jobs.contract import job_results
 
     status = console.status(f"sending {fu.label}...")
     status.start()
@@ -145,7 +145,7 @@ def _print_lesion_table(console: Console, service: LesionTrackService, patient_i
 
     from lesiontrack.db.models import Patient
     from lesiontrack.demo import lesion_table, render_table
-    from lesiontrack.pipeline.contract import job_results
+    from lesiontrack.pipeline.jobs.contract import job_results
 
     if service.session_factory is None:
         raise RuntimeError("the demo service has no database")

@@ -11,8 +11,8 @@ def echo(
     ctx: typer.Context, peer: str = typer.Argument(..., help=r"name of a \[\[pacs]] peer (configuration section)")
 ) -> None:
     """Verify the DICOM connection to PEER (C-ECHO); exit 1 when it fails."""
-    from lesiontrack.dicom_node.scu import DimseError
-    from lesiontrack.dicom_node.scu import echo as do_echo
+    from lesiontrack.dicom_node.outbound.scu import DimseError
+    from lesiontrack.dicom_node.outbound.scu import echo as do_echo
 
     settings = state(ctx).settings()
     try:

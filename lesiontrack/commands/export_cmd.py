@@ -24,8 +24,8 @@ def export(
 
     from lesiontrack.db.models import Patient
     from lesiontrack.db.session import make_engine, make_session_factory, session_scope
-    from lesiontrack.pipeline import exports
-    from lesiontrack.pipeline.history import build_timeline
+    from lesiontrack.pipeline.views import exports
+    from lesiontrack.pipeline.views.history import build_timeline
 
     sf = make_session_factory(make_engine(state(ctx).settings().effective_database_url))
     with session_scope(sf) as s:

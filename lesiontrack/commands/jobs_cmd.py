@@ -10,14 +10,14 @@ import typer
 from lesiontrack.context import state
 
 if TYPE_CHECKING:
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
 
 app = typer.Typer(help="Analysis jobs: list, show, retry.", no_args_is_help=True)
 
 
 def _store(ctx: typer.Context) -> JobStore:
     from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-    from lesiontrack.pipeline.jobs import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore
 
     url = state(ctx).settings().effective_database_url
     upgrade(url)
@@ -61,7 +61,7 @@ def show(ctx: typer.Context, job_id: int = typer.Argument(..., help="job id")) -
     """One job as JSON: state, steps with timings and outputs, error, supersession."""
     from dataclasses import asdict
 
-    from lesiontrack.pipeline.jobs import JobNotFound
+    from lesiontrack.pipeline.jobs.store import JobNotFound
 
     try:
         view = _store(ctx).get(job_id)
@@ -76,7 +76,7 @@ def show(ctx: typer.Context, job_id: int = typer.Argument(..., help="job id")) -
 @app.command("retry")
 def retry(ctx: typer.Context, job_id: int = typer.Argument(..., help="job id of a finished job")) -> None:
     """Re-run a finished job's series as a NEW job; its SEG/SR supersede the old ones (never overwritten)."""
-    from lesiontrack.pipeline.jobs import JobNotFound
+    from lesiontrack.pipeline.jobs.store import JobNotFound
 
     store = _store(ctx)
     try:
@@ -92,7 +92,7 @@ def _notify(ctx: typer.Context, job_id: int) -> None:
     """With the Celery executor, publish the job; the embedded executor polls the database itself."""
     settings = state(ctx).settings()
     if settings.worker.executor == "celery":
-        from lesiontrack.pipeline.executors.celery_app import CeleryExecutor
+        from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor
 
         CeleryExecutor(settings).submit(job_id)
 

@@ -25,7 +25,7 @@ def send(
 
     from lesiontrack.db.models import Delivery, DeliveryState
     from lesiontrack.db.session import session_scope
-    from lesiontrack.dicom_node.sending import DeliveryService
+    from lesiontrack.dicom_node.outbound.sending import DeliveryService
 
     settings = state(ctx).settings()
     sf = state(ctx).database()

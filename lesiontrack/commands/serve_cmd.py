@@ -12,7 +12,9 @@ def serve(
     port: int | None = typer.Option(None, help="override dicom.port"),
     upgrade_db: bool = typer.Option(False, "--upgrade-db", help="apply database migrations first"),
     pipeline: str = typer.Option(
-        "lesiontrack.pipeline.steps:build_pipeline", hidden=True, help="MODULE:FACTORY of the analysis steps (tests)"
+        "lesiontrack.pipeline.jobs.steps:build_pipeline",
+        hidden=True,
+        help="MODULE:FACTORY of the analysis steps (tests)",
     ),
 ) -> None:
     """Receive DICOM from the PACS, analyse completed follow-ups (jobs), serve the HTTP API; SIGTERM stops cleanly."""
@@ -48,13 +50,13 @@ def complete_series_cmd(
     series_uid: str = typer.Argument(..., help="SeriesInstanceUID"),
 ) -> None:
     """Force completion of a series now (skip the quiet period): routing is recorded, a job created if routed."""
-    from lesiontrack.dicom_node.completion import complete_series
+    from lesiontrack.dicom_node.inbound.completion import complete_series
 
     settings = state(ctx).settings()
     sf = state(ctx).database()
     callback = None
     try:
-        from lesiontrack.pipeline.jobs import JobStore
+        from lesiontrack.pipeline.jobs.store import JobStore
 
         store = JobStore(sf, actor="cli")
 

@@ -183,7 +183,7 @@ def _analyse(
 @contextmanager
 def _progress(console: Console, followups: int) -> Iterator[Callable[[str, str], None]]:
     """A Rich bar over the jobs' steps: ``on_progress(series_uid, step or outcome)``."""
-    from lesiontrack.pipeline.contract import STEP_NAMES  # the analysis stack (see track)
+    from lesiontrack.pipeline.jobs.contract import STEP_NAMES  # the analysis stack (see track)
 
     with Progress(
         TextColumn("{task.description}"),
@@ -227,7 +227,7 @@ def _check_inputs(baseline: Path, followups: list[Path], prompts: Path | None) -
     """Clear errors naming the folder or file before anything runs: every folder holds a readable CT series of at
     least 2 slices, and the baseline's lesions (its SEG/SR, or ``prompts``) can be read."""
     from lesiontrack.models.imaging.dicom_read import read_series  # the analysis stack (see track)
-    from lesiontrack.pipeline.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
+    from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
 
     cts = {d: _read_ct(d, read_series) for d in [baseline, *followups]}
     for d, ct in cts.items():

@@ -15,7 +15,7 @@ def validate(
     """Exit 1 when any validator reports an error; each finding is printed with the tool and the file."""
     import pydicom
 
-    from lesiontrack.pipeline.dicom_validate import ToolMissing, run_dciodvfy, run_dsrdump, run_sr_validator
+    from lesiontrack.pipeline.dicom.validate import ToolMissing, run_dciodvfy, run_dsrdump, run_sr_validator
 
     failed = False
     for f in files:

@@ -10,7 +10,7 @@ from lesiontrack.context import state
 def worker(
     ctx: typer.Context,
     pipeline: str = typer.Option(
-        "lesiontrack.pipeline.steps:build_pipeline", help="MODULE:FACTORY returning (steps, services)"
+        "lesiontrack.pipeline.jobs.steps:build_pipeline", help="MODULE:FACTORY returning (steps, services)"
     ),
     sweep_seconds: float = typer.Option(10.0, help="how often to look for orphaned or due jobs"),
     loglevel: str = typer.Option("INFO", help="Celery worker log level"),
@@ -22,7 +22,7 @@ def worker(
 
     from lesiontrack.config.settings import ConfigError
     from lesiontrack.db.session import current_revision, head_revision, make_engine, make_session_factory
-    from lesiontrack.pipeline.executors import celery_app
+    from lesiontrack.pipeline.jobs.executors import celery_app
     from lesiontrack.service import build_analysis_service, check_engine_settings, load_pipeline
 
     settings = state(ctx).settings()

@@ -16,8 +16,8 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from lesiontrack.pipeline.seg_reader import SegSegment, read_seg
-from lesiontrack.pipeline.seg_writer import sort_source_slices
+from lesiontrack.pipeline.dicom.seg.reader import SegSegment, read_seg
+from lesiontrack.pipeline.dicom.seg.writer import sort_source_slices
 
 READER = "Reader^Anna"
 

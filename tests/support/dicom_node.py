@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from lesiontrack.config.settings import Settings, load_settings
 from lesiontrack.db.models import AuditEvent, Instance, Series, SeriesState
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
-from lesiontrack.dicom_node.scp import StorageSCP
+from lesiontrack.dicom_node.inbound.scp import StorageSCP
 from tests.support.tools import require_shared_data, require_tool
 
 GE = ("interop", "ct_gantry_tilt_ge")

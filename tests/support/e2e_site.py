@@ -116,7 +116,7 @@ def sr_uids(sr: pydicom.Dataset) -> set[str]:
 
 def validate_object(tmp: Path, ds: pydicom.Dataset) -> Path:
     """dciodvfy (SEG and SR) and dsrdump (SR); the slow pixelmed SR validation runs once per test on all SRs."""
-    from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_dsrdump
+    from lesiontrack.pipeline.dicom.validate import run_dciodvfy, run_dsrdump
 
     path = tmp / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)

@@ -43,7 +43,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
-from lesiontrack.dicom_node.ingest import IngestResult, RequestMeta
+from lesiontrack.dicom_node.inbound.ingest import IngestResult, RequestMeta
 from tests.support import pdu
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "interop"
@@ -544,7 +544,7 @@ def run_cstores(
 
 
 class Receives(Protocol):
-    """What the Storage SCP's C-STORE handler calls (:meth:`dicom_node.ingest.Ingestor.receive`)."""
+    """What the Storage SCP's C-STORE handler calls (:meth:`dicom_node.inbound.ingest.Ingestor.receive`)."""
 
     def receive(
         self,
@@ -569,7 +569,7 @@ def receive_in_process(
 ) -> None:
     """Hand every mutant to the door as the SCP's C-STORE handler does, without the network in between.
 
-    ``Receiver._on_store`` (:mod:`dicom_node.scp`) builds a :class:`RequestMeta` from the request's Affected SOP
+    ``Receiver._on_store`` (:mod:`dicom_node.inbound.scp`) builds a :class:`RequestMeta` from the request's Affected SOP
     Class / Instance UIDs and the presentation context's transfer syntax and passes the dataset bytes exactly as
     the peer sent them (pynetdicom hands them over undecoded) to ``Ingestor.receive``; here the same call gets the
     same three strings and bytes that :func:`part10` would put in the file that :func:`run_cstores` sends. What

@@ -15,8 +15,8 @@ from typing import Any
 
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.analysis import JobContext, Step, StepOutput
-from lesiontrack.pipeline.contract import WriteSegSrOutput
+from lesiontrack.pipeline.jobs.analysis import JobContext, Step, StepOutput
+from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
 
 Ctx = JobContext[Any, Any]
 
@@ -77,8 +77,8 @@ def counting_with_send(
     settings: Any, session_factory: Any, prior_source: Any = None, sender: Any = None
 ) -> tuple[list[Step[Any, Any, Any]], Any]:
     """``counting`` plus a result object (a new-UID copy of one received instance) sent by the real send step."""
-    from lesiontrack.pipeline.contract import SendOutput
-    from lesiontrack.pipeline.steps import send
+    from lesiontrack.pipeline.jobs.contract import SendOutput
+    from lesiontrack.pipeline.jobs.steps import send
 
     steps, _ = counting(settings, session_factory)
 

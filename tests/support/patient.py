@@ -29,7 +29,7 @@ from lesiontrack.db.repository import audit, get_or_create_patient, get_or_creat
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.demo_data import DemoPatient, make_patient
-from lesiontrack.pipeline.contract import WriteSegSrOutput
+from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
 
 #: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
 RADIOLOGIST_WORDS = {
@@ -143,10 +143,10 @@ def build_patient(
 ) -> BuiltPatient:
     """Measure, assess, write SEG+SR for each timepoint (``tests.support.segsr.SyntheticTimepoint``-like objects
     with ``ct``, ``datasets``, ``files``, ``lesions``, ``study_uid``, ``series_uid``) and persist everything."""
-    from lesiontrack.pipeline.measurements import lesion_changes, measure_lesion
-    from lesiontrack.pipeline.recist import NewLesionSearch, RecistLesion, assess
-    from lesiontrack.pipeline.seg_writer import save_new, write_seg
-    from lesiontrack.pipeline.sr_writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
+    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.science.measurements import lesion_changes, measure_lesion
+    from lesiontrack.pipeline.science.recist import NewLesionSearch, RecistLesion, assess
 
     history: dict[str, list] = {}
     per_tp_recist: list[list[RecistLesion]] = []
@@ -371,7 +371,7 @@ def phantom_timepoints(
 
     from lesiontrack.models.imaging.dicom_write import write_ct_series
     from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+    from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
     from lesiontrack.synthetic.phantom import make_phantom
     from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
 

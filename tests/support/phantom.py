@@ -9,7 +9,7 @@ import numpy as np
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
-from lesiontrack.pipeline.lesions import Timepoint
+from lesiontrack.pipeline.science.lesions import Timepoint
 from lesiontrack.synthetic.transforms import SpatialTransform
 
 

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 from lesiontrack.models.imaging.dicom_write import write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
-from lesiontrack.pipeline.lesions import LesionStatus, TrackedLesion
+from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 
 SHAPE = (24, 72, 72)  # k, j, i
 SPACING = (0.8, 0.8, 2.0)

@@ -15,11 +15,11 @@ from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import JobState, Patient
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.demo_data import DemoPatient
-from lesiontrack.dicom_node.ingest import Ingestor, ingest_file
-from lesiontrack.dicom_node.scp import storage_root
-from lesiontrack.dicom_node.storage import InstanceStore
-from lesiontrack.pipeline.jobs import JobStore, JobView
-from lesiontrack.pipeline.steps import build_pipeline
+from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+from lesiontrack.dicom_node.inbound.scp import storage_root
+from lesiontrack.dicom_node.inbound.storage import InstanceStore
+from lesiontrack.pipeline.jobs.steps import build_pipeline
+from lesiontrack.pipeline.jobs.store import JobStore, JobView
 from lesiontrack.service import build_analysis_service, build_ports
 from lesiontrack.web import JobStoreControl, create_app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lesiontrack.pipeline.dicom_validate import run_dciodvfy, run_sr_validator
+from lesiontrack.pipeline.dicom.validate import run_dciodvfy, run_sr_validator
 from tests.support.tools import require_tool
 
 

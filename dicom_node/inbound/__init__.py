@@ -1,0 +1,1 @@
+"""DICOM towards us: the Storage SCP and its receivers, ingest, indexing, series completion."""

@@ -1,0 +1,1 @@
+"""DICOM towards the PACS: prior query/retrieve, the DIMSE SCU and result delivery."""

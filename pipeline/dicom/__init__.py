@@ -1,0 +1,1 @@
+"""DICOM objects the pipeline reads and writes (SEG, SR, annotations), one sub-room per object."""

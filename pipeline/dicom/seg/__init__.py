@@ -1,0 +1,1 @@
+"""DICOM-SEG: reading a prior's segments, writing a follow-up's tracked lesions."""

@@ -1,0 +1,489 @@
+"""Verified tracking: a person's corrected SEG/SR of a follow-up we analysed becomes that timepoint's result.
+
+The flow (docs/verified-tracking.md):
+
+1. :func:`take_in_series` — a completed SEG/SR series (routed from the PACS, or uploaded): every object in it
+   that is not ours (Manufacturer, our UID root, our own Instance rows — also in a series of ours, where OHIF saves
+   the radiologist's edit of our OHIF measurements SR) and references a CT series we analysed is
+   recorded as a :class:`~db.models.TimepointVerification` (who: ContentCreatorName, else the operator / sender;
+   when) and an analysis job of that CT series is queued that *adopts* the correction. The same object received
+   again does nothing (its SOP Instance UID is unique in the table).
+2. The adoption job (the ordinary pipeline: :func:`verification_for_series` tells its steps) takes the reader's
+   segments as the timepoint's lesions, matched to tracked lesions (:mod:`pipeline.science.correction_matching`), adopts
+   added lesions, retires deleted ones, supersedes our observations there (kept) and issues a new SEG + SR.
+3. :func:`reanalyse_later` — then every later analysed follow-up of the patient is re-analysed (new SEG + SR, the
+   old ones superseded), now propagated from the verified timepoint, the nearest annotation a person made.
+4. :func:`verify_as_is` — an operator accepts our result of a timepoint unchanged: our SEG of it then counts as
+   the person's (a propagation source) and later follow-ups are re-analysed from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from lesiontrack.config.settings import VerificationSettings
+from lesiontrack.db.models import (
+    AnalysisJob,
+    Instance,
+    JobState,
+    Series,
+    Study,
+    TimepointVerification,
+    VerificationMethod,
+    VerificationState,
+)
+from lesiontrack.db.repository import audit
+from lesiontrack.db.session import session_scope
+from lesiontrack.pipeline.dicom.prompt_sources import SR_SOP_CLASSES
+from lesiontrack.pipeline.dicom.seg.reader import SEG_SOP_CLASSES
+from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.derived_prior_seg import earlier_drawn_prior_seg
+from lesiontrack.pipeline.jobs.store import JobStore
+from lesiontrack.pipeline.science.prompt_selection import OUR_MANUFACTURER, written_by_us
+
+log = logging.getLogger(__name__)
+
+ANALYSED_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.RUNNING, JobState.QUEUED, JobState.RETRY_WAIT)
+
+
+class VerificationError(ValueError):
+    """A verification cannot be taken (the series was never analysed, the object is ours, ...)."""
+
+
+def annotation_references(ds: Dataset) -> tuple[str | None, list[str]]:
+    """('SEG'|'SR'|None, referenced series UIDs, the evaluated series first) of one SEG or TID 1500 SR header."""
+    sop = str(ds.get("SOPClassUID", ""))
+    refs: list[str] = []
+
+    def add(uid: object) -> None:
+        if uid and str(uid) not in refs:
+            refs.append(str(uid))
+
+    if sop in SEG_SOP_CLASSES:
+        for item in ds.get("ReferencedSeriesSequence", []):
+            add(item.get("SeriesInstanceUID"))
+        return "SEG", refs
+    if sop in SR_SOP_CLASSES:
+        templates = [str(t.get("TemplateIdentifier", "")) for t in ds.get("ContentTemplateSequence", [])]
+        concept = [str(c.get("CodeValue", "")) for c in ds.get("ConceptNameCodeSequence", [])]
+        if "1500" not in templates and "126000" not in concept:
+            return None, refs
+        for seq in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+            for study_item in ds.get(seq, []):
+                for series_item in study_item.get("ReferencedSeriesSequence", []):
+                    add(series_item.get("SeriesInstanceUID"))
+        return "SR", refs
+    return None, refs
+
+
+@dataclass(frozen=True)
+class AnnotationHeader:
+    """What recognition reads from one SEG/SR object."""
+
+    path: Path
+    sop_instance_uid: str
+    series_uid: str
+    modality: str
+    manufacturer: str
+    creator: str | None
+    references: list[str]
+    all_manual: bool  # a SEG whose segments are all MANUAL
+
+    @classmethod
+    def read(cls, path: Path) -> AnnotationHeader | None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            return None
+        kind, refs = annotation_references(ds)
+        if kind is None:
+            return None
+        creator = ds.get("ContentCreatorName") or ds.get("OperatorsName") or None
+        kinds = {str(s.get("SegmentAlgorithmType", "")).upper() for s in ds.get("SegmentSequence", [])}
+        return cls(
+            path,
+            str(ds.SOPInstanceUID),
+            str(ds.SeriesInstanceUID),
+            kind,
+            str(ds.get("Manufacturer", "")),
+            str(creator) if creator else None,
+            refs,
+            kind == "SEG" and kinds == {"MANUAL"},
+        )
+
+    def is_ours(self, our_sop_uids: set[str]) -> bool:
+        """Written by LesionTrack (and not re-issued by a reader as a manual SEG)."""
+        if self.sop_instance_uid in our_sop_uids:
+            return True
+        return self.manufacturer == OUR_MANUFACTURER and not self.all_manual
+
+
+@dataclass(frozen=True)
+class VerificationView:
+    """A detached snapshot of one verification (API, dashboard, exports, the pipeline's steps)."""
+
+    id: int
+    patient_pk: int
+    series_uid: str
+    method: VerificationMethod
+    source_sop_instance_uid: str | None
+    source_file: str | None
+    verified_by: str
+    verified_at: datetime
+    state: VerificationState
+    job_id: int | None
+    reason: str | None
+    matches: list[dict[str, object]]
+    reanalysis_jobs: list[int]
+
+    @classmethod
+    def of(cls, v: TimepointVerification) -> VerificationView:
+        return cls(
+            v.id,
+            v.patient_pk,
+            v.series_instance_uid,
+            VerificationMethod(v.method),
+            v.source_sop_instance_uid,
+            v.source_file,
+            v.verified_by,
+            v.verified_at,
+            VerificationState(v.state),
+            v.job_pk,
+            v.reason,
+            list(v.matches or []),
+            [int(j) for j in v.reanalysis_jobs or []],
+        )
+
+
+def analysed(session: Session, series_uid: str) -> bool:
+    """Did LesionTrack analyse (or is it analysing) this CT series."""
+    return (
+        session.scalar(
+            select(AnalysisJob.id).where(
+                AnalysisJob.followup_series_uid == series_uid, AnalysisJob.state.in_(ANALYSED_STATES)
+            )
+        )
+        is not None
+    )
+
+
+def _our_sop_uids(session: Session, uids: list[str]) -> set[str]:
+    """Instances of series we created that we wrote (a person's object saved into such a series is not ours)."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.file_path)
+        .join(Series, Instance.series_pk == Series.id)
+        .where(Series.created_by_us.is_(True), Instance.sop_instance_uid.in_(uids))
+    ).all()
+    return {uid for uid, path in rows if written_by_us(path)}
+
+
+def holds_person_object(session: Session, series: Series) -> bool:
+    """A series we created that also holds an object a person made: OHIF saves a radiologist's SR into the series
+    it hydrated the measurements from (our OHIF measurements SR's, docs/viewer.md)."""
+    paths = session.scalars(select(Instance.file_path).where(Instance.series_pk == series.id))
+    return series.created_by_us and any(not written_by_us(p) for p in paths)
+
+
+def _patient_of(session: Session, series_uid: str) -> int | None:
+    return session.scalar(
+        select(Study.patient_pk)
+        .join(Series, Series.study_pk == Study.id)
+        .where(Series.series_instance_uid == series_uid)
+    )
+
+
+def _latest_job(session: Session, series_uid: str) -> AnalysisJob | None:
+    return session.scalars(
+        select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid).order_by(AnalysisJob.id.desc())
+    ).first()
+
+
+def take_in_series(
+    sf: sessionmaker[Session],
+    settings: VerificationSettings,
+    series_uid: str,
+    *,
+    actor: str = "dicom-node",
+    operator: str | None = None,
+    vouched: bool = False,
+) -> list[int]:
+    """Recognise the corrections in one completed SEG/SR series; returns the adoption jobs queued (none when the
+    objects are ours, annotate no analysed series, were taken in before, or corrections are not accepted — the
+    series' routing reason then says which).
+
+    ``vouched``: the operator states that a person made or verified these objects (``lesiontrack track
+    --confirmed``), so a result of ours among them counts as verified, like a reader's re-issued SEG."""
+    accepted: list[tuple[int, str, str, bool]] = []  # (verification id, CT series, who, a drawn prior's SEG)
+    with session_scope(sf) as s:
+        series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if series is None:
+            return []
+        instances = list(s.scalars(select(Instance).where(Instance.series_pk == series.id).order_by(Instance.id)))
+        ours = _our_sop_uids(s, [i.sop_instance_uid for i in instances])
+        if not vouched and series.created_by_us and all(i.sop_instance_uid in ours for i in instances):
+            return []  # our own result, nothing a person added to it
+        notes: list[str] = []
+        for inst in instances:
+            header = AnnotationHeader.read(Path(inst.file_path))
+            if header is None or (header.is_ours(ours) and not vouched):
+                continue
+            note, taken = _take_in(s, _Intake(settings, series_uid, actor, operator), inst, header)
+            if note is not None:
+                notes.append(note)
+            if taken is not None:
+                accepted.append(taken)
+        if notes:
+            series.routing_reason = ("annotation: " + "; ".join(notes))[:2000]
+    return _queue_adoptions(sf, accepted, actor, settings)
+
+
+@dataclass
+class _Intake:
+    """Who takes in a correction series, and under which settings."""
+
+    settings: VerificationSettings
+    series_uid: str
+    actor: str
+    operator: str | None
+
+
+def _take_in(
+    s: Session, intake: _Intake, inst: Instance, header: AnnotationHeader
+) -> tuple[str | None, tuple[int, str, str, bool] | None]:
+    """One annotation object of a series: what the series' routing reason says about it (None: nothing), and the
+    verification it was accepted as (id, CT series, who, whether it verifies a drawn prior's SEG), if it was."""
+    settings, actor = intake.settings, intake.actor
+    # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
+    # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification
+    targets = [u for u in header.references if our_seg_of_series(s, u) is not None]
+    # ... or the SEG we derived on a prior from a radiologist's drawing (pipeline.jobs.derived_prior_seg): its
+    # correction verifies the prior timepoint; later follow-ups are re-analysed from it (no adoption job)
+    prior_targets = [u for u in header.references if _drawn_prior_seg_on(s, u)]
+    if not targets and prior_targets:
+        targets = prior_targets
+    if not targets:
+        return f"{header.modality} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+    ct_uid = targets[0]
+    known = s.scalar(
+        select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == header.sop_instance_uid)
+    )
+    if known is not None:
+        audit(s, actor, "verification.duplicate", "verification", known.id, sop_instance_uid=inst.sop_instance_uid)
+        return f"correction of {ct_uid} taken in before (verification {known.id})", None
+    if not settings.accept_corrections:
+        return f"correction of {ct_uid} not taken in: verification.accept_corrections is off", None
+    if settings.accept_from_aes and (inst.sender_ae or "") not in settings.accept_from_aes:
+        audit(s, actor, "verification.refused", "series", intake.series_uid, sender_ae=inst.sender_ae, ct=ct_uid)
+        return (
+            f"correction of {ct_uid} from AE {inst.sender_ae!r} not taken in: not in verification.accept_from_aes",
+            None,
+        )
+    patient_pk = _patient_of(s, ct_uid)
+    if patient_pk is None:
+        return None, None
+    who = header.creator or intake.operator or (f"AE {inst.sender_ae}" if inst.sender_ae else actor)
+    v = TimepointVerification(
+        patient_pk=patient_pk,
+        series_instance_uid=ct_uid,
+        method=VerificationMethod.CORRECTION,
+        source_sop_instance_uid=header.sop_instance_uid,
+        source_series_uid=header.series_uid,
+        source_file=str(header.path),
+        source_manufacturer=header.manufacturer[:64] or None,
+        sender_ae=inst.sender_ae,
+        verified_by=who[:128],
+        state=VerificationState.ACCEPTED,
+    )
+    s.add(v)
+    s.flush()
+    audit(
+        s,
+        actor,
+        "verification.received",
+        "verification",
+        v.id,
+        series_uid=ct_uid,
+        source_sop_instance_uid=header.sop_instance_uid,
+        modality=header.modality,
+        verified_by=v.verified_by,
+    )
+    return f"correction of {ct_uid}: verification {v.id}", (v.id, ct_uid, v.verified_by, ct_uid in prior_targets)
+
+
+def _queue_adoptions(
+    sf: sessionmaker[Session],
+    accepted: list[tuple[int, str, str, bool]],
+    actor: str,
+    settings: VerificationSettings,
+) -> list[int]:
+    """An adoption job per accepted verification (superseding the series' latest job); a verified drawn prior was
+    never analysed as a follow-up: nothing to adopt, its later follow-ups are re-analysed."""
+    jobs = JobStore(sf, actor=actor)
+    out: list[int] = []
+    for vid, ct_uid, who, drawn_prior in accepted:
+        if drawn_prior:
+            log.info("verification %s of the drawn prior on series %s: later follow-ups re-analysed", vid, ct_uid)
+            out += reanalyse_later(sf, vid, actor=actor, settings=settings)
+            continue
+        with session_scope(sf) as s:
+            latest = _latest_job(s, ct_uid)
+        job = jobs.create(
+            ct_uid,
+            reason=f"verified by {who}: adopt the correction (verification {vid})",
+            actor=actor,
+            supersedes=latest.id if latest is not None else None,
+        )
+        with session_scope(sf) as s:
+            row = s.get(TimepointVerification, vid)
+            if row is not None:
+                row.job_pk = job
+        log.info("verification %s of series %s: adoption job %s", vid, ct_uid, job)
+        out.append(job)
+    return out
+
+
+def verification_for_series(session: Session, series_uid: str) -> VerificationView | None:
+    """The newest verification of a CT series that has not failed (the one its results follow)."""
+    v = session.scalars(
+        select(TimepointVerification)
+        .where(
+            TimepointVerification.series_instance_uid == series_uid,
+            TimepointVerification.state != VerificationState.FAILED,
+        )
+        .order_by(TimepointVerification.id.desc())
+    ).first()
+    return VerificationView.of(v) if v is not None else None
+
+
+def verifications(session: Session, patient_pk: int) -> list[VerificationView]:
+    rows = session.scalars(
+        select(TimepointVerification)
+        .where(TimepointVerification.patient_pk == patient_pk)
+        .order_by(TimepointVerification.id)
+    )
+    return [VerificationView.of(v) for v in rows]
+
+
+def verified_sop_uids(session: Session, sop_uids: list[str]) -> set[str]:
+    """Which of these SEG/SR objects a person verified (corrections and results of ours accepted as is)."""
+    if not sop_uids:
+        return set()
+    rows = session.scalars(
+        select(TimepointVerification.source_sop_instance_uid).where(
+            TimepointVerification.source_sop_instance_uid.in_(sop_uids),
+            TimepointVerification.state != VerificationState.FAILED,
+        )
+    )
+    return {r for r in rows if r}
+
+
+def later_analysed_series(session: Session, patient_pk: int, series_uid: str) -> list[str]:
+    """The CT series of this patient LesionTrack analysed that come after ``series_uid`` in time, oldest first."""
+    rows = session.execute(
+        select(Series.series_instance_uid, Study.study_date, Study.study_time)
+        .join(Study, Series.study_pk == Study.id)
+        .where(Study.patient_pk == patient_pk, Series.created_by_us.is_(False))
+    ).all()
+    key = {uid: (d or "", t or "") for uid, d, t in rows}
+    if series_uid not in key:
+        return []
+    after = [u for u in key if key[u] > key[series_uid] and analysed(session, u)]
+    return sorted(after, key=lambda u: key[u])
+
+
+def reanalyse_later(
+    sf: sessionmaker[Session], verification_id: int, *, actor: str, settings: VerificationSettings | None = None
+) -> list[int]:
+    """Queue a re-analysis of every later analysed follow-up (each supersedes that series' latest job); recorded on
+    the verification. With ``reanalyse_later = "operator"`` (and no operator asking) nothing is queued."""
+    with session_scope(sf) as s:
+        v = s.get(TimepointVerification, verification_id)
+        if v is None:
+            raise VerificationError(f"no verification {verification_id}")
+        later = later_analysed_series(s, v.patient_pk, v.series_instance_uid)
+        if settings is not None and settings.reanalyse_later == "operator":
+            audit(s, actor, "verification.reanalysis_waiting", "verification", v.id, series=later)
+            return []
+        series_of_v, who = v.series_instance_uid, v.verified_by
+        latest = {u: j.id if (j := _latest_job(s, u)) is not None else None for u in later}
+    jobs = JobStore(sf, actor=actor)
+    created = [
+        jobs.create(
+            u,
+            reason=f"re-analysis: an earlier timepoint ({series_of_v}) was verified by {who} "
+            f"(verification {verification_id})",
+            actor=actor,
+            supersedes=latest[u],
+        )
+        for u in later
+    ]
+    with session_scope(sf) as s:
+        v = s.get(TimepointVerification, verification_id)
+        if v is not None:
+            v.reanalysis_jobs = [*(v.reanalysis_jobs or []), *created]
+            audit(s, actor, "verification.reanalysis", "verification", v.id, jobs=created, series=later)
+    return created
+
+
+def _drawn_prior_seg_on(session: Session, series_uid: str) -> bool:
+    """Did LesionTrack issue a SEG of lesions derived from a radiologist's drawing on this (prior) CT series."""
+    patient_pk = _patient_of(session, series_uid)
+    return patient_pk is not None and earlier_drawn_prior_seg(session, patient_pk, series_uid) is not None
+
+
+def our_seg_of_series(session: Session, series_uid: str, before_job: int | None = None) -> str | None:
+    """Path of the newest SEG of ours for a CT series (what a reader saw and corrected)."""
+    q = select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid).order_by(AnalysisJob.id.desc())
+    for job in session.scalars(q):
+        if before_job is not None and job.id == before_job:
+            continue
+        out = read_output(job.step_outputs or {}, WriteSegSrOutput)
+        if out is not None and out.seg and Path(out.seg).is_file():
+            return out.seg
+    return None
+
+
+def verify_as_is(sf: sessionmaker[Session], series_uid: str, *, operator: str) -> tuple[int, list[int]]:
+    """An operator accepts our latest result of ``series_uid`` unchanged; later follow-ups are re-analysed from it.
+    Returns (verification id, re-analysis jobs)."""
+    with session_scope(sf) as s:
+        if not analysed(s, series_uid):
+            raise VerificationError(f"series {series_uid} was not analysed by LesionTrack")
+        job = _latest_job(s, series_uid)
+        out = read_output(job.step_outputs or {}, WriteSegSrOutput) if job is not None else None
+        if job is None or job.state is not JobState.DONE or out is None or not out.seg_sop_instance_uid:
+            raise VerificationError(f"series {series_uid} has no finished result with a SEG to verify")
+        known = s.scalar(
+            select(TimepointVerification).where(
+                TimepointVerification.source_sop_instance_uid == out.seg_sop_instance_uid
+            )
+        )
+        if known is not None:
+            return known.id, []
+        patient_pk = _patient_of(s, series_uid)
+        if patient_pk is None:
+            raise VerificationError(f"series {series_uid} has no patient")
+        v = TimepointVerification(
+            patient_pk=patient_pk,
+            series_instance_uid=series_uid,
+            method=VerificationMethod.AS_IS,
+            source_sop_instance_uid=out.seg_sop_instance_uid,
+            source_file=out.seg,
+            source_manufacturer=OUR_MANUFACTURER,
+            verified_by=operator[:128],
+            state=VerificationState.APPLIED,
+            job_pk=job.id,
+        )
+        s.add(v)
+        s.flush()
+        audit(s, operator, "verification.as_is", "verification", v.id, series_uid=series_uid, job_id=job.id)
+        vid = v.id
+    return vid, reanalyse_later(sf, vid, actor=operator)

@@ -1,0 +1,1 @@
+"""Read models the web and the exports use: patient history, exports, thumbnails."""

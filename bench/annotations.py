@@ -48,7 +48,7 @@ from bench.tracking import (
     summarise,
     truth_prompts,
 )
-from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
 from lesiontrack.pipeline.science.lesions import Timepoint
@@ -155,7 +155,7 @@ def main() -> None:
     all_rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for source in wanted:
-            seg = TimedEngine(get_engine("adaptive"))
+            seg = TimedEngine(build_segmentation("adaptive"))
             rows: list[dict[str, Any]] = []
             priors: list[float] = []
             for p in patients:

@@ -61,9 +61,9 @@ from bench.tracking import (
     truth_prompts,
     warp_labels_near,
 )
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.identity import IdentityRegistration
-from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.pipeline.science.confidence import ConfidenceRules, combine, measure_lesion
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
@@ -219,7 +219,7 @@ def run_patient(p: Patient, inj: dict[str, Any], reg: Oracle, rules: ConfidenceR
         prompts,
         source_index=0,
         registration=reg,
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
         options=TrackingOptions(confidence=rules),
     )
     rows = []

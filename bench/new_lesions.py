@@ -15,7 +15,7 @@ The detector gets the follow-up, the baseline warped onto it and the tracked les
 pre-existing lesions on the follow-up, i.e. a perfect tracking result). Two warps, same scans:
 
 * ``oracle``: the exact inverse of the synthetic motion (upper bound: no registration error);
-* ``convex``: the product's default registration engine (``models.registration.get_engine("convex")``) at
+* ``convex``: the product's default registration engine (``models.engines.build_registration("convex")``) at
   ``--spacing`` mm (registrations cached on disk by content hash with ``--cache``).
 
 A new lesion is found when a candidate with confidence ≥ 0.5 overlaps it; a candidate that overlaps no new lesion
@@ -190,14 +190,14 @@ def register_pair(
 ) -> tuple[Volume, float]:
     """The prior warped onto the follow-up by the product's default registration (cached by content hash)."""
     from lesiontrack.config.settings import EngineSettings
-    from lesiontrack.models.registration import get_engine
+    from lesiontrack.models.engines import build_registration
 
     key = hashlib.sha1(prior.array.tobytes() + followup.array.tobytes()).hexdigest()[:12]
     path = cache / f"convex{spacing:g}_{name}_{key}.pkl" if cache else None
     if path is not None and path.exists():
         warped, secs = pickle.loads(path.read_bytes())
         return warped, secs
-    engine = get_engine("convex", EngineSettings(working_spacing_mm=spacing))
+    engine = build_registration("convex", EngineSettings(working_spacing_mm=spacing))
     t0 = time.perf_counter()
     reg = engine.register(prior, followup)
     warped = reg.warp_image(prior, default=-1024.0)

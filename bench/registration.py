@@ -131,9 +131,9 @@ def worker(source: str, seed: int, method: str, spacing: float) -> dict:
         row.update(extra)
     else:
         from lesiontrack.config.settings import EngineSettings
-        from lesiontrack.models.registration import get_engine
+        from lesiontrack.models.engines import build_registration
 
-        eng = get_engine(method, EngineSettings(working_spacing_mm=spacing), device="cpu")
+        eng = build_registration(method, EngineSettings(working_spacing_mm=spacing), device="cpu")
         t = time.perf_counter()
         reg = eng.register(base, fu)
         wall = time.perf_counter() - t

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("LESIONTRACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+from lesiontrack.models.engines import build_registration
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.registration import get_engine
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     fu = base.resample_to(base, transform=motion)
     fu = fu.with_array(fu.array.astype(np.int16))
     t = time.perf_counter()
-    reg = get_engine("convex", device="cpu").register(base, fu)
+    reg = build_registration("convex", device="cpu").register(base, fu)
     wall = time.perf_counter() - t
     pts = fu.index_to_patient(np.argwhere(fu.array[::40, ::40, ::40] > -400)[:, ::-1] * 40.0)
     truth = np.array([motion.TransformPoint(tuple(p)) for p in pts])

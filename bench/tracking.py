@@ -43,8 +43,8 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
@@ -588,7 +588,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     all_rows: dict[str, list[dict[str, Any]]] = {}
     for name, (prop, eng) in methods.items():
-        seg = TimedEngine(get_engine(eng))
+        seg = TimedEngine(build_segmentation(eng))
         rows = []
         for p in patients:
             rows.extend(run_method(p, reg, seg, prop))

@@ -47,8 +47,8 @@ from bench.tracking import (
     summarise,
     truth_prompts,
 )
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import Prompt
 
 Row = dict[str, Any]
@@ -276,7 +276,7 @@ def main() -> None:
     patients = make_patients(args.phantoms, args.first_seed, args.followups, None if args.no_lung1 else args.lung1_seed)
     synth_s = time.perf_counter() - t0
     reg = make_registration(patients, args.registration == "oracle", args.spacing, args.adam, args.cache)
-    seg = TimedEngine(get_engine("adaptive"))
+    seg = TimedEngine(build_segmentation("adaptive"))
     rows: dict[str, dict[str, list[Row]]] = {q: {} for q in qualities}
     rough_info: dict[str, list[dict[str, Any]]] = {}
     warped: dict[str, dict[str, Any]] = {q: {} for q in qualities}

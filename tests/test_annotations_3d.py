@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, seed_from_drawing
 
@@ -78,7 +78,7 @@ def test_every_drawing_kind_becomes_a_3d_lesion(kind: str) -> None:
     else:
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
         d = Drawing(DrawingKind.CONTOUR, [c + np.stack([r * np.cos(t), r * np.sin(t), 0 * t], -1)])
-    mask, notes = lesion_from_drawing(vol, d, get_engine("adaptive"))
+    mask, notes = lesion_from_drawing(vol, d, build_segmentation("adaptive"))
     assert mask is not None, notes
     got = mask.array > 0
     assert np.count_nonzero(got.any(axis=(1, 2))) >= 3
@@ -157,6 +157,6 @@ def test_a_drawing_nothing_reproduces_keeps_the_box_instead_of_failing() -> None
         box_mm=(line.min(axis=0) - np.array([0, 5, 5]), line.max(axis=0) + np.array([0, 5, 5])),
         meta={"drawing": d},
     )
-    got = drawn_lesion(vol, prompt, get_engine())
+    got = drawn_lesion(vol, prompt, build_segmentation("adaptive"))
     assert got is not None
     assert any("box kept" in n for n in got.notes), got.notes

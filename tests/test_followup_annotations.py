@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
 from lesiontrack.pipeline.science.lesions import LesionStatus
@@ -35,7 +35,7 @@ def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_the
         prompts,
         source_index=0,
         registration=NoRegistrationEngine(),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
         confirmed={2: [drawing_prompt(lung.identity, arrow, "GSPS on T2")]},
         partial=True,
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.segmentation.lesionlocator import CheckpointError, LesionLocatorEngine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
@@ -95,7 +95,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> None:
-    eng = get_engine("lesionlocator", weights=checkpoint, device="cpu")
+    eng = build_segmentation("lesionlocator", weights=checkpoint, device="cpu")
     assert isinstance(eng, LesionLocatorEngine)
     assert eng.device == "cpu"
     m = eng._model("point")
@@ -122,7 +122,7 @@ def test_loader_reads_released_layout_and_segments_on_cpu(checkpoint: Path) -> N
 
 
 def test_tracking_loop_runs_with_lesionlocator_track_unet(checkpoint: Path) -> None:
-    eng = get_engine("lesionlocator", weights=checkpoint, device="cpu", folds=(0,))
+    eng = build_segmentation("lesionlocator", weights=checkpoint, device="cpu", folds=(0,))
     ph = series(seed=4)[:2]
     tps = [Timepoint(f"1.2.3.{i}", p.ct) for i, p in enumerate(ph)]
     m = ph[0].labels.array == 1
@@ -152,4 +152,4 @@ def test_single_model_folder_and_bad_folders(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="3d_lowres"):
         LesionLocatorEngine(tmp_path / "cfg", device="cpu")
     with pytest.raises(ValueError, match="needs a checkpoint folder"):
-        get_engine("lesionlocator")
+        build_segmentation("lesionlocator")

@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from lesiontrack.config.settings import EngineSettings
+from lesiontrack.models.engines import build_registration
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.registration import DisplacementFieldRegistration, Registration, get_engine
+from lesiontrack.models.registration import DisplacementFieldRegistration, Registration
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion, rotation_matrix
 from tests.support.tools import require_shared_data
 
@@ -55,7 +56,7 @@ def _tre(reg: Registration, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _convex(**kw):
-    return get_engine("convex", EngineSettings(working_spacing_mm=SPACING), device="cpu", **kw)
+    return build_registration("convex", EngineSettings(working_spacing_mm=SPACING), device="cpu", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_phantom_smooth_deformation_and_determinism():
 @pytest.mark.slow
 def test_simpleitk_engine_same_interface(body_case):
     base, fu, tr, _ = body_case
-    reg = get_engine("simpleitk", EngineSettings(working_spacing_mm=SPACING)).register(base, fu)
+    reg = build_registration("simpleitk", EngineSettings(working_spacing_mm=SPACING)).register(base, fu)
     assert isinstance(reg, Registration)
     assert reg.engine == "simpleitk"
     y, x = _landmarks(base, fu, tr, n=200)
@@ -232,7 +233,7 @@ def test_simpleitk_engine_same_interface(body_case):
 
 def test_unknown_engine_and_bad_input_are_clear_errors():
     with pytest.raises(ValueError, match="unknown registration engine"):
-        get_engine("elastix")
+        build_registration("elastix")
     v = Volume(np.zeros((1, 10, 10), np.int16))
     with pytest.raises(ValueError, match="too small"):
         _convex().register(v, v)

@@ -98,11 +98,12 @@ def test_register_cli_bad_input_is_a_clear_error(tmp_path):
 
 def test_unigradicon_never_downloads_and_explains_missing_parts(tmp_path):
     from lesiontrack.config.settings import EngineSettings
-    from lesiontrack.models.registration import EngineUnavailable, get_engine
+    from lesiontrack.models.engines import build_registration
+    from lesiontrack.models.registration import EngineUnavailable
     from lesiontrack.models.registration.unigradicon_engine import load_state_dict
 
     with pytest.raises(EngineUnavailable, match="never downloaded"):
-        get_engine("unigradicon", EngineSettings())
+        build_registration("unigradicon", EngineSettings())
     with pytest.raises(EngineUnavailable, match="not found"):
         load_state_dict(tmp_path / "Step_2_final.trch")
     (tmp_path / "bad.trch").write_bytes(b"garbage")
@@ -122,7 +123,8 @@ def test_unigradicon_loads_random_weights_and_registers(tmp_path):
     import unigradicon  # installed by the Makefile (--no-deps); a missing package fails here, never skips
 
     from lesiontrack.config.settings import EngineSettings
-    from lesiontrack.models.registration import Registration, get_engine
+    from lesiontrack.models.engines import build_registration
+    from lesiontrack.models.registration import Registration
     from lesiontrack.models.registration.unigradicon_engine import INPUT_SHAPE
 
     torch.manual_seed(0)
@@ -130,7 +132,7 @@ def test_unigradicon_loads_random_weights_and_registers(tmp_path):
     weights = tmp_path / "unigradicon" / "Step_2_final.trch"
     weights.parent.mkdir()
     torch.save(net.regis_net.state_dict(), weights)
-    engine = get_engine(
+    engine = build_registration(
         "unigradicon", EngineSettings(unigradicon_weights=weights, working_spacing_mm=4.0), device="cpu"
     )
     for k, v in net.regis_net.state_dict().items():

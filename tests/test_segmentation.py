@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lesiontrack.models.engines import build_segmentation, engine_names
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.adaptive import AdaptiveEngine
-from lesiontrack.models.segmentation.base import SegReference, available_engines, get_engine
+from lesiontrack.models.segmentation.base import SegReference
 from lesiontrack.models.segmentation.components import keep_nearest_component, mask_centre_mm
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
@@ -83,7 +84,7 @@ def test_adaptive_from_point_and_box(n: int) -> None:
         PromptKind.BOX,
         box_mm=(np.array(les.centre_mm) - les.radius_mm - 2, np.array(les.centre_mm) + les.radius_mm + 2),
     )
-    eng = get_engine("adaptive")
+    eng = build_segmentation("adaptive")
     assert dice(eng.segment(tp.ct, pt).array, gt) > 0.85
     assert dice(eng.segment(tp.ct, box).array, gt) > 0.85
 
@@ -110,9 +111,9 @@ def test_rasterize_and_components() -> None:
     m = prompt_to_mask(Prompt(IDENT, PromptKind.MASK, mask=ball), coarse)
     assert m.same_grid(coarse)
     assert m.array.any()
-    assert {"adaptive", "lesionlocator", "warped-prompt"} <= set(available_engines())
+    assert {"adaptive", "lesionlocator", "warped-prompt"} <= set(engine_names("segmentation"))
     with pytest.raises(ValueError, match="unknown segmentation engine"):
-        get_engine("nope")
+        build_segmentation("nope")
 
 
 def test_offset_fit_follows_uniform_growth_not_an_attached_vessel() -> None:

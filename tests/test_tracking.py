@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lesiontrack.models.segmentation.base import get_engine
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.science.lesions import LesionStatus
 from lesiontrack.pipeline.science.tracking import (
@@ -31,7 +31,7 @@ def test_identity_kept_over_three_timepoints_and_vanished_is_empty(phantom: list
         mask_prompts(phantom[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
         progress=events.append,
     )
     assert events[-1].stage == "done"
@@ -70,7 +70,7 @@ def test_nearby_lesions_do_not_merge(phantom: list[PhantomTimepoint]) -> None:
         mask_prompts(tps_p[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
     )
     by_label = {les.identity.label: les for les in tps[1].lesions}
     a, b = by_label[3].mask.array > 0, by_label[4].mask.array > 0
@@ -88,7 +88,7 @@ def test_backward_propagation_from_last_timepoint(phantom: list[PhantomTimepoint
     prompts = mask_prompts(phantom[2])
     assert [p.identity.label for p in prompts] == [1, 2, 3, 4, 5]
     track_lesions(
-        tps, prompts, source_index=2, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
+        tps, prompts, source_index=2, registration=NoRegistrationEngine(), segmentation=build_segmentation("adaptive")
     )
     for t in (1, 0):
         for les in tps[t].lesions:
@@ -109,7 +109,7 @@ def test_point_and_box_prompts_on_the_source_timepoint(phantom: list[PhantomTime
         ),
     ]
     track_lesions(
-        tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
+        tps, prompts, source_index=0, registration=NoRegistrationEngine(), segmentation=build_segmentation("adaptive")
     )
     for t in (0, 1):
         for les in tps[t].lesions:
@@ -125,7 +125,7 @@ def test_duplicate_labels_are_rejected(phantom: list[PhantomTimepoint]) -> None:
             p,
             source_index=0,
             registration=NoRegistrationEngine(),
-            segmentation=get_engine("adaptive"),
+            segmentation=build_segmentation("adaptive"),
         )
 
 
@@ -140,7 +140,7 @@ def test_boosting_reprompts_at_the_first_result_centre() -> None:
         prompts,
         source_index=0,
         registration=NoRegistrationEngine(),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
         options=TrackingOptions(boosting=True),
     )
     for les in tps[1].lesions:

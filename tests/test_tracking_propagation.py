@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.base import SegReference, get_engine
+from lesiontrack.models.segmentation.base import SegReference
 from lesiontrack.models.segmentation.prompts import Prompt
 from lesiontrack.pipeline.science.lesions import LesionStatus
 from lesiontrack.pipeline.science.prompt_selection import (
@@ -54,7 +55,7 @@ class _SpyEngine:
     name, version = "spy-adaptive", "1"
 
     def __init__(self) -> None:
-        self.inner = get_engine("adaptive")
+        self.inner = build_segmentation("adaptive")
         self.references: list[int | None] = []
 
     def segment(self, image: Volume, prompt: Prompt, reference: SegReference | None = None) -> Volume:
@@ -108,7 +109,7 @@ def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None
         mask_prompts(phantom[1]),
         source_index=1,
         registration=reg,
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
         confirmed={4: mask_prompts(phantom[4])},
     )
     ids = [id(tp.ct) for tp in tps]
@@ -160,7 +161,7 @@ def test_registration_cache_registers_each_pair_of_series_once() -> None:
             mask_prompts(phantom[0]),
             source_index=0,
             registration=cache,
-            segmentation=get_engine("warped-prompt"),
+            segmentation=build_segmentation("warped-prompt"),
         )
     assert len(spy.pairs) == 1
     assert len(cache.pairs) == 1
@@ -176,7 +177,7 @@ def test_a_lesion_that_vanishes_and_reappears_is_found_again() -> None:
         mask_prompts(phantom[0]),
         source_index=0,
         registration=_OracleShift(phantom, ((0, 0, 0), (1, -1, 0), (-1, 1, 1), (2, 0, -1))),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
     )
     status = [next(les for les in tp.lesions if les.identity.label == 1).status for tp in tps]
     assert status == [LesionStatus.PRESENT, LesionStatus.PRESENT, LesionStatus.VANISHED, LesionStatus.PRESENT]
@@ -227,7 +228,7 @@ def test_growth_x3_and_shrinkage_x0_3_followed_without_a_growing_leak(propagatio
         mask_prompts(phantom[0]),
         source_index=0,
         registration=_OracleShift(phantom, shifts),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
         options=TrackingOptions(propagation=propagation),
     )
     vox = float(np.prod(tps[0].ct.spacing))
@@ -256,7 +257,7 @@ def test_provenance_is_in_tracking_json() -> None:
         mask_prompts(phantom[0]),
         source_index=0,
         registration=NoRegistrationEngine(),
-        segmentation=get_engine("adaptive"),
+        segmentation=build_segmentation("adaptive"),
     )
     summary = tracking_summary(tps)
     for les in summary["lesions"]:

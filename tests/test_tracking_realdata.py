@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bench import tracking as bench
+from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.base import get_engine
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, track_lesions
@@ -38,7 +38,7 @@ def test_real_tumour_grows_then_vanishes() -> None:
     tps = [Timepoint(f"1.2.3.{t}", v) for t, v in enumerate(cts)]
     prompt = Prompt(LesionIdentity("2.25.77", "L1 lung", 1), PromptKind.MASK, mask=labels)
     track_lesions(
-        tps, [prompt], source_index=0, registration=NoRegistrationEngine(), segmentation=get_engine("adaptive")
+        tps, [prompt], source_index=0, registration=NoRegistrationEngine(), segmentation=build_segmentation("adaptive")
     )
     grown = tps[1].lesions[0]
     a, b = grown.mask.array > 0, gts[1].array > 0

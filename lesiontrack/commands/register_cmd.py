@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         if (warp_labels is None) != (out_labels is None):
             raise typer.BadParameter("--warp-labels and --out-labels go together")
         settings = state(ctx).settings()
-        from lesiontrack.models.registration import get_engine
+        from lesiontrack.models.engines import build_registration
         from lesiontrack.models.registration.base import EngineUnavailable
 
         try:
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
             check_registrable(fu_vol, followup, "--followup volume")
             points = _read_points(map_points) if map_points else None
             labels = _read_volume(warp_labels, "--warp-labels") if warp_labels else None
-            eng = get_engine(
+            eng = build_registration(
                 engine, settings.engines, device=device or settings.compute.device, seed=settings.compute.seed
             )
             reg = eng.register(base_vol, fu_vol)

@@ -2,13 +2,13 @@
 
 ``engine.segment(image, prompt, reference) -> Volume`` returns a uint8 0/1 mask on ``image``'s grid. ``reference``
 optionally carries what is known about the lesion at an earlier (or later) timepoint: the prior CT and the prior
-lesion mask on it. Engines are looked up by name with :func:`get_engine` in the one registry, :mod:`models.engines`.
+lesion mask on it. Engines are built by name in the one registry, :mod:`models.engines`
+(:func:`~models.engines.build_segmentation`); nothing here imports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lesiontrack.models.imaging.volume import Volume
@@ -36,19 +36,3 @@ class SegmentationEngine(Protocol):
     def segment(self, image: Volume, prompt: Prompt, reference: SegReference | None = None) -> Volume:
         """uint8 0/1 mask of the prompted lesion on ``image``'s grid (all zero when the lesion is not there)."""
         ...
-
-
-def available_engines() -> list[str]:
-    """Names of the segmentation engines in the registry (:mod:`models.engines`)."""
-    from lesiontrack.models.engines import engine_names
-
-    return engine_names("segmentation")
-
-
-def get_engine(
-    name: str = "adaptive", *, weights: str | Path | None = None, device: str = "auto", **options: Any
-) -> SegmentationEngine:
-    """Build an engine by name: ``adaptive`` (default, no weights), ``lesionlocator`` (needs ``weights``)."""
-    from lesiontrack.models.engines import build_segmentation
-
-    return build_segmentation(name, device=device, weights=weights, **options)

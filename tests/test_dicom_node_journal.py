@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from lesiontrack.dicom_node.inbound import journal as journal_mod
-from lesiontrack.dicom_node.inbound.indexer import IndexItem
 from lesiontrack.dicom_node.inbound.journal import AssociationEnded, JournalTailer, JournalWriter, decode, encode
+from lesiontrack.dicom_node.inbound.sink import IndexItem
 
 
 def _item(k: int, assoc: str = "a1") -> IndexItem:

@@ -7,12 +7,12 @@ the hierarchy (patient/study/series, created or re-opened through the ORM), the 
 (read back from the file, so nothing large waits in memory) and the open-transfer rows that series completion
 shares between receiver processes (:class:`db.models.OpenTransfer`).
 
-Nothing acknowledged can be lost: :func:`recover` walks the store and indexes every file without a row (at
-start-up, after a receiver process died, and periodically). Such a file was acknowledged by a process that died
-before its commit, so it is marked ``transfer_incomplete`` and its series' last transfer ``aborted``: the series
-is held until it is re-sent over an association that ends with an A-RELEASE (see :mod:`dicom_node.inbound.integrity`).
-The (SOP Instance UID, SHA-256) unique constraint keeps a row from being written twice when a re-sent copy, the
-recovery scan and the first copy's indexer race each other.
+Nothing acknowledged can be lost: :func:`dicom_node.inbound.recovery.recover` walks the store and indexes every
+file without a row (at start-up, after a receiver process died, and periodically). Such a file was acknowledged by a
+process that died before its commit, so it is marked ``transfer_incomplete`` and its series' last transfer ``aborted``:
+the series is held until it is re-sent over an association that ends with an A-RELEASE (see
+:mod:`dicom_node.inbound.integrity`). The (SOP Instance UID, SHA-256) unique constraint keeps a row from being written
+twice when a re-sent copy, the recovery scan and the first copy's indexer race each other.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.db.models import Instance, OpenTransfer, Series, SeriesState, TransferOutcome
 from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.inbound.completion import end_transfers
+from lesiontrack.dicom_node.inbound.sink import IndexItem
 from lesiontrack.dicom_node.inbound.storage import InstanceStore, dataset_offset, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -54,47 +56,6 @@ _BUMP = (
         first_received_at=func.coalesce(Series.first_received_at, bindparam("now")),
     )
 )
-
-
-@dataclass
-class IndexItem:
-    """One stored file waiting for its row: what the network thread already read from the header."""
-
-    path: Path
-    header: dict[str, str]  # the ingest header values (see dicom_node.inbound.ingest._TAGS), as text
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    size: int
-    received_at: datetime
-    association_uid: str | None = None
-    calling_ae: str | None = None
-    peer: str | None = None
-    recovered: bool = False  # found by the recovery scan: its association's end is not known
-    #: read again from a journal at start-up: its row may exist already (committed before a crash), and then the
-    #: item is dropped, so that a replay neither re-opens a completed series nor opens a transfer again
-    maybe_committed: bool = False
-    receiver_pid: int | None = None  # the receiver process that stored it, when not this one (its journal)
-    data: bytes | None = None  # the dataset bytes, while the queue is short (saves reading the file back)
-    error: str | None = None  # set when the item could not be indexed (the file stays; the scan retries)
-
-    @property
-    def sop_uid(self) -> str:
-        return self.header["SOPInstanceUID"]
-
-    @property
-    def series_uid(self) -> str:
-        return self.header["SeriesInstanceUID"]
-
-    def s(self, name: str, maxlen: int) -> str | None:
-        v = self.header.get(name)
-        return v[:maxlen] if v else None
-
-    def i(self, name: str) -> int | None:
-        v = self.header.get(name)
-        try:
-            return int(v) if v else None
-        except ValueError:
-            return None
 
 
 @dataclass(frozen=True)
@@ -164,8 +125,6 @@ class Indexer:
 
     def association_ended(self, association_uid: str, released: bool) -> None:
         """Record how an association ended once what it delivered is committed (:class:`IndexSink`)."""
-        from lesiontrack.dicom_node.inbound.completion import end_transfers
-
         self.flush()
         try:
             end_transfers(self.session_factory, [association_uid], released, self.actor)
@@ -505,82 +464,3 @@ def _file_sha(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     return sha256_hex(memoryview(raw)[dataset_offset(raw) :])
-
-
-# -- recovery ------------------------------------------------------------------------------------------------------
-_WATERMARK = ".index-scan"
-
-
-def recover(
-    indexer: Indexer, min_age: float = RECOVER_MIN_AGE_S, full: bool = False, state_dir: Path | None = None
-) -> int:
-    """Index every stored file without a row (older than ``min_age`` seconds); returns how many. The time of
-    the last complete scan is kept in ``state_dir`` (default: the store's root).
-
-    Only series folders modified since the last complete scan (minus a margin) are listed, unless ``full``:
-    adding a file to a folder changes the folder's mtime.
-    """
-    from lesiontrack.dicom_node.inbound.ingest import item_from_file
-
-    root = indexer.store.root
-    if not root.is_dir():
-        return 0
-    started = time.time()
-    mark = (state_dir or root) / _WATERMARK
-    since = 0.0
-    if not full:
-        try:
-            since = float(mark.read_text().strip()) - max(300.0, 2 * min_age)
-        except (OSError, ValueError):
-            since = 0.0
-    found = 0
-    for study in _dirs(root):
-        for series in _dirs(study):
-            try:
-                if series.stat().st_mtime < since:
-                    continue
-            except FileNotFoundError:
-                continue
-            files = [p for p in series.iterdir() if p.suffix == ".dcm" and not p.name.startswith(".")]
-            if not files:
-                continue
-            with indexer.engine.connect() as c:
-                indexed = set(
-                    c.scalars(
-                        select(Instance.file_path)
-                        .join(Series, Series.id == Instance.series_pk)
-                        .where(Series.series_instance_uid == series.name)
-                    )
-                )
-            items = []
-            for p in files:
-                if str(p) in indexed:
-                    continue
-                try:
-                    if started - p.stat().st_mtime < min_age:
-                        continue
-                    items.append(item_from_file(p))
-                except FileNotFoundError:
-                    continue
-                except Exception as exc:
-                    log.warning("stored file %s cannot be indexed: %s", p, exc)
-            for k in range(0, len(items), BATCH):
-                indexer.index(items[k : k + BATCH])
-            found += len(items)
-    if found:
-        log.warning("indexed %d stored instances that had no database row (acknowledged before a crash)", found)
-    try:
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        tmp = mark.parent / f"{_WATERMARK}.tmp"
-        tmp.write_text(f"{started}\n")
-        os.replace(tmp, mark)
-    except OSError as exc:
-        log.warning("cannot record the index scan time in %s: %s", mark, exc)
-    return found
-
-
-def _dirs(p: Path) -> list[Path]:
-    try:
-        return [d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    except FileNotFoundError:
-        return []

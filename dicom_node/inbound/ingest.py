@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.dicom_node.inbound.door import CONTENT_TAGS, Refusal, check_content
-from lesiontrack.dicom_node.inbound.indexer import IndexItem, make_indexer
-from lesiontrack.dicom_node.inbound.sink import IndexSink, WaitingIndexSink
+from lesiontrack.dicom_node.inbound.indexer import make_indexer
+from lesiontrack.dicom_node.inbound.sink import IndexItem, IndexSink, WaitingIndexSink
 from lesiontrack.dicom_node.inbound.storage import (
     EXPLICIT_VR_BE,
     NATIVE_TS,
@@ -448,7 +448,7 @@ def _identity_mismatch(
 
 
 def header_values(ds: Dataset | Header) -> dict[str, str]:
-    """The ingest header values as text (what :class:`dicom_node.inbound.indexer.IndexItem` carries)."""
+    """The ingest header values as text (what :class:`dicom_node.inbound.sink.IndexItem` carries)."""
     if isinstance(ds, Header):
         return dict(ds._values)
     out = {}

@@ -29,7 +29,8 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.dicom_node.inbound.completion import end_transfers
-from lesiontrack.dicom_node.inbound.indexer import BATCH, BATCH_WINDOW_S, Indexer, IndexItem
+from lesiontrack.dicom_node.inbound.indexer import BATCH, BATCH_WINDOW_S, Indexer
+from lesiontrack.dicom_node.inbound.sink import IndexItem
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 One process serves all of an SCP's associations under one GIL, so concurrent senders queue behind one core.
 The service process opens the listening socket and starts N receiver processes
-(``python -m lesiontrack.dicom_node.inbound.receivers``) that inherit it and all accept on it (a pre-forked listener: a
-connection waits in the one accept queue until some receiver takes it, so a receiver that dies loses no queued
-connection). Each runs a :class:`dicom_node.inbound.scp.Receiver`: a pynetdicom SCP with the association guard, door
-validation and the durable write; what it stored goes to its index journal, which the service process reads and
+(``python -m lesiontrack.dicom_node.inbound.receiver_process``) that inherit it and all accept on it (a pre-forked
+listener: a connection waits in the one accept queue until some receiver takes it, so a receiver that dies loses no
+queued connection). Each runs a :class:`dicom_node.inbound.scp.Receiver`: a pynetdicom SCP with the association guard,
+door validation and the durable write; what it stored goes to its index journal, which the service process reads and
 commits (one writer to the database, :mod:`dicom_node.inbound.journal`). What must be shared lives outside any one of
 them:
 
@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 # the folder that holds the lesiontrack package (site-packages, or the checkout: not resolved, the layer folders
 # are linked into lesiontrack/)
 _REPO = Path(__file__).parents[3]
+
+
+def run_dir(settings: Settings) -> Path:
+    """Where receiver processes keep their index journals and the shared association counter."""
+    return Path(settings.data_dir) / "run"
 
 
 class SharedSlots:
@@ -200,8 +205,6 @@ class ReceiverPool:
         return 0 if self.sock is None else int(self.sock.getsockname()[1])
 
     def start(self) -> ReceiverPool:
-        from lesiontrack.dicom_node.inbound.scp import run_dir
-
         cfg = self.settings.dicom
         self.sock = socket.create_server((cfg.bind_address, cfg.port), backlog=max(128, 4 * cfg.max_associations))
         self.sock.set_inheritable(True)
@@ -224,7 +227,7 @@ class ReceiverPool:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO), *filter(None, [env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lesiontrack.dicom_node.inbound.receivers"],
+            [sys.executable, "-m", "lesiontrack.dicom_node.inbound.receiver_process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=(self.sock.fileno(),),
@@ -315,81 +318,3 @@ class _ChildJob:
         self.log_level = log_level
         self.json_logs = False
         self.library_level = logging.WARNING
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM as soon as the service process dies (prctl PR_SET_PDEATHSIG), so the port is free for its
-    restart at once; elsewhere the receiver notices within half a second (its parent id changes)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe prints nothing."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except OSError:
-        pass
-
-
-def _child_main() -> int:
-    # SIGTERM/SIGINT are taken by sigtimedwait in the loop below, never by a Python handler: a handler that sets
-    # a threading.Event can deadlock when the signal lands while this thread holds that Event's lock (a receiver
-    # then never stopped and span on the listening socket). Blocked before any thread exists, so none of them
-    # (pynetdicom's, the BLAS pool's) receives them either.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:  # the service died before the death signal was armed
-        return 0
-    job: _ChildJob = pickle.loads(sys.stdin.buffer.read())
-    from lesiontrack.config.logging import setup_logging
-
-    setup_logging(
-        logging.getLevelName(job.log_level or logging.WARNING),
-        json_format=job.json_logs,
-        library_level=logging.getLevelName(job.library_level),
-    )
-    from lesiontrack.db.session import make_engine, make_session_factory
-    from lesiontrack.dicom_node.inbound.journal import JournalWriter
-    from lesiontrack.dicom_node.inbound.scp import Receiver, run_dir
-
-    try:
-        engine = make_engine(job.settings.effective_database_url)
-        sock = socket.socket(fileno=job.fd)
-        receiver = Receiver(
-            job.settings,
-            make_session_factory(engine),
-            JournalWriter(run_dir(job.settings)),  # no Indexer here: the service process commits the rows
-            listen_socket=sock,
-            slots=SharedSlots(job.slots, job.n, job.index),
-        ).start()
-    except Exception as exc:  # one line for the operator; the service reports that the receiver did not start
-        log.error("receiver process %d could not start: %s: %s", os.getpid(), type(exc).__name__, exc)
-        return 1
-    try:
-        sys.stdout.write(f"ready {os.getpid()}\n")
-        sys.stdout.flush()
-    except BrokenPipeError:  # the service stopped waiting for us (its own start failed): end quietly
-        receiver.stop()
-        engine.dispose()
-        _silence_stdout()
-        return 0
-    while signal.sigtimedwait(stop_signals, 0.5) is None:
-        if os.getppid() != parent:  # the service is gone: do not keep its port
-            break
-    receiver.stop()
-    engine.dispose()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main())

@@ -43,11 +43,12 @@ from lesiontrack.dicom_node.inbound.association_guard import (
     make_request_handler,
 )
 from lesiontrack.dicom_node.inbound.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
-from lesiontrack.dicom_node.inbound.indexer import make_indexer, recover
+from lesiontrack.dicom_node.inbound.indexer import make_indexer
 from lesiontrack.dicom_node.inbound.ingest import Ingestor, RequestMeta
 from lesiontrack.dicom_node.inbound.journal import JournalTailer
 from lesiontrack.dicom_node.inbound.pacs_count import count_from_sender
-from lesiontrack.dicom_node.inbound.receivers import ReceiverPool, SharedSlots
+from lesiontrack.dicom_node.inbound.receivers import ReceiverPool, SharedSlots, run_dir
+from lesiontrack.dicom_node.inbound.recovery import recover
 from lesiontrack.dicom_node.inbound.routing import Route
 from lesiontrack.dicom_node.inbound.sink import IndexSink
 from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -341,11 +342,6 @@ def make_ae(settings: Settings) -> AE:
         if cx.abstract_syntax is not None:  # always set in pynetdicom's list; typed Optional
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
-
-
-def run_dir(settings: Settings) -> Path:
-    """Where receiver processes keep their index journals and the shared association counter."""
-    return Path(settings.data_dir) / "run"
 
 
 class StorageSCP:

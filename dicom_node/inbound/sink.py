@@ -1,4 +1,4 @@
-"""Where the Ingestor hands what it stored: an :class:`IndexSink` (issue 18).
+"""Where the Ingestor hands what it stored: an :class:`IndexItem` to an :class:`IndexSink` (issue 18).
 
 Two implementations, chosen where the node is put together: the service process's
 :class:`dicom_node.inbound.indexer.Indexer` (commits the rows itself, and can wait for them) and a receiver process's
@@ -7,10 +7,51 @@ Two implementations, chosen where the node is put together: the service process'
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from lesiontrack.dicom_node.inbound.indexer import IndexItem
+
+@dataclass
+class IndexItem:
+    """One stored file waiting for its row: what the network thread already read from the header."""
+
+    path: Path
+    header: dict[str, str]  # the ingest header values (see dicom_node.inbound.ingest._TAGS), as text
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    received_at: datetime
+    association_uid: str | None = None
+    calling_ae: str | None = None
+    peer: str | None = None
+    recovered: bool = False  # found by the recovery scan: its association's end is not known
+    #: read again from a journal at start-up: its row may exist already (committed before a crash), and then the
+    #: item is dropped, so that a replay neither re-opens a completed series nor opens a transfer again
+    maybe_committed: bool = False
+    receiver_pid: int | None = None  # the receiver process that stored it, when not this one (its journal)
+    data: bytes | None = None  # the dataset bytes, while the queue is short (saves reading the file back)
+    error: str | None = None  # set when the item could not be indexed (the file stays; the scan retries)
+
+    @property
+    def sop_uid(self) -> str:
+        return self.header["SOPInstanceUID"]
+
+    @property
+    def series_uid(self) -> str:
+        return self.header["SeriesInstanceUID"]
+
+    def s(self, name: str, maxlen: int) -> str | None:
+        v = self.header.get(name)
+        return v[:maxlen] if v else None
+
+    def i(self, name: str) -> int | None:
+        v = self.header.get(name)
+        try:
+            return int(v) if v else None
+        except ValueError:
+            return None
 
 
 class IndexSink(Protocol):

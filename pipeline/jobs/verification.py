@@ -25,7 +25,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,8 +41,7 @@ from lesiontrack.db.models import (
 )
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.dicom.prompt_sources import SR_SOP_CLASSES
-from lesiontrack.pipeline.dicom.seg.reader import SEG_SOP_CLASSES
+from lesiontrack.pipeline.dicom.annotations.refs import annotation_references
 from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.derived_prior_seg import earlier_drawn_prior_seg
 from lesiontrack.pipeline.jobs.store import JobStore
@@ -56,32 +54,6 @@ ANALYSED_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.RUNNING, JobStat
 
 class VerificationError(ValueError):
     """A verification cannot be taken (the series was never analysed, the object is ours, ...)."""
-
-
-def annotation_references(ds: Dataset) -> tuple[str | None, list[str]]:
-    """('SEG'|'SR'|None, referenced series UIDs, the evaluated series first) of one SEG or TID 1500 SR header."""
-    sop = str(ds.get("SOPClassUID", ""))
-    refs: list[str] = []
-
-    def add(uid: object) -> None:
-        if uid and str(uid) not in refs:
-            refs.append(str(uid))
-
-    if sop in SEG_SOP_CLASSES:
-        for item in ds.get("ReferencedSeriesSequence", []):
-            add(item.get("SeriesInstanceUID"))
-        return "SEG", refs
-    if sop in SR_SOP_CLASSES:
-        templates = [str(t.get("TemplateIdentifier", "")) for t in ds.get("ContentTemplateSequence", [])]
-        concept = [str(c.get("CodeValue", "")) for c in ds.get("ConceptNameCodeSequence", [])]
-        if "1500" not in templates and "126000" not in concept:
-            return None, refs
-        for seq in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
-            for study_item in ds.get(seq, []):
-                for series_item in study_item.get("ReferencedSeriesSequence", []):
-                    add(series_item.get("SeriesInstanceUID"))
-        return "SR", refs
-    return None, refs
 
 
 @dataclass(frozen=True)

@@ -131,3 +131,195 @@ def test_imports_flow_one_way():
                     if top != pkg and top not in allowed:
                         violations.append(f"{path.relative_to(REPO)} imports {name}")
     assert not violations, "\n".join(violations)
+
+
+# -- rooms (issue 30) -------------------------------------------------------------------------------------------------
+# Production code: the layers and the composition root, counted in their real folders (not through the links).
+PRODUCTION = ("config", "db", "models", "synthetic", "pipeline", "dicom_node", "web", "lesiontrack")
+# Layers split into rooms: every module of pipeline/ lives in a room; dicom_node/ keeps a few node-wide modules.
+ROOMED = {"pipeline": ("jobs", "science", "dicom", "views"), "dicom_node": ("inbound", "outbound")}
+# Which rooms each room may import (besides itself and the layers beneath), all imports counted (also inside
+# functions and under TYPE_CHECKING). science is the method and knows no job, object or view; dicom/ encodes and
+# decodes with the science's measurements; views read the science, the objects and what jobs recorded; jobs run it all.
+ROOM_IMPORTS: dict[str, set[str]] = {
+    "pipeline/science": set(),
+    "pipeline/dicom": {"pipeline/science"},
+    "pipeline/views": {"pipeline/science", "pipeline/dicom", "pipeline/jobs"},
+    "pipeline/jobs": {"pipeline/science", "pipeline/dicom", "pipeline/views"},
+    "dicom_node/inbound": {"dicom_node"},
+    "dicom_node/outbound": {"dicom_node", "dicom_node/inbound"},
+}
+# module-level exceptions, each with its reason
+ROOM_EXCEPTIONS = {
+    # the records a prior arrives in (PriorTimepoint) are the pipeline's port, which science chooses among
+    ("pipeline.science.prompt_selection", "pipeline.jobs.ports"),
+    # the PACS count a transfer is checked against is a C-FIND
+    ("dicom_node.inbound.pacs_count", "dicom_node.outbound.scu"),
+}
+# views never import the runner: only what jobs recorded
+VIEWS_MAY_READ_FROM_JOBS = ("pipeline.jobs.store", "pipeline.jobs.contract", "pipeline.jobs.candidates")
+
+
+def _production_modules() -> dict[str, Path]:
+    """Dotted name (without the lesiontrack. prefix for layers) → file, for every production module."""
+    out = {}
+    for top in PRODUCTION:
+        for path in sorted((REPO / top).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if top == "lesiontrack" and len(rel.parts) > 1 and rel.parts[1] in LAYERS:
+                continue  # the links
+            parts = list(rel.with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path, module: str, *, module_level_only: bool = False) -> set[str]:
+    """Absolute dotted names a module imports (lesiontrack. prefix dropped for layers)."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = list(ast.walk(tree)) if not module_level_only else _module_level(tree.body)
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: len(module.split(".")) - node.level + (path.name == "__init__.py")]
+                mod = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    cleaned = set()
+    for name in out:
+        parts = name.split(".")
+        if parts[0] == "lesiontrack" and len(parts) > 1 and parts[1] in LAYERS:
+            parts = parts[1:]
+        cleaned.add(".".join(parts))
+    return cleaned
+
+
+def _module_level(body: list[ast.stmt]) -> list[ast.AST]:
+    out: list[ast.AST] = []
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        elif isinstance(node, ast.If):
+            out += _module_level(node.body) + _module_level(node.orelse)
+        elif isinstance(node, ast.Try):
+            out += _module_level(node.body) + [n for h in node.handlers for n in _module_level(h.body)]
+    return out
+
+
+def _graph(*, module_level_only: bool = False) -> dict[str, set[str]]:
+    mods = _production_modules()
+    graph = {}
+    for name, path in mods.items():
+        targets = set()
+        for imported in _imports(path, name, module_level_only=module_level_only):
+            while imported and imported not in mods:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                targets.add(imported)  # (a package above the module is imported with it: no edge)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, it = work[-1]
+            nxt = next(it, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = counter
+                    counter += 1
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == node:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_no_import_cycle_among_production_modules():
+    """No circle, counting every import: at module level, under TYPE_CHECKING and inside functions (an import
+    moved into a function to dodge a circle is still a circle)."""
+    assert _cycles(_graph(module_level_only=True)) == []
+    assert _cycles(_graph()) == [], "import circles (function-level imports included)"
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] in ROOMED and len(parts) > 1 and parts[1] in ROOMED[parts[0]]:
+        return "/".join(parts[:2])  # a room is a folder: pipeline/jobs
+    return parts[0]
+
+
+def test_rooms_import_one_way():
+    violations = []
+    graph = _graph()
+    for module, targets in sorted(graph.items()):
+        room = _room(module)
+        if room not in ROOM_IMPORTS:
+            continue
+        for target in sorted(targets):
+            other = _room(target)
+            if other == room or other.split("/")[0] != room.split("/")[0] or (module, target) in ROOM_EXCEPTIONS:
+                continue  # itself, another layer (test_imports_flow_one_way), or an exception with its reason
+            if other not in ROOM_IMPORTS[room]:
+                violations.append(f"{module} ({room}) imports {target} ({other})")
+            elif room == "pipeline/views" and other == "pipeline/jobs" and target not in VIEWS_MAY_READ_FROM_JOBS:
+                violations.append(f"{module}: views read what jobs recorded, never the runner ({target})")
+    assert not violations, "\n".join(violations)
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_no_room_over_a_fifth_of_production():
+    """A room: a layer, or one room of a layer that has them (pipeline/jobs, dicom_node/inbound, ...)."""
+    sizes: dict[str, int] = {}
+    for module, path in _production_modules().items():
+        sizes[_room(module)] = sizes.get(_room(module), 0) + _lines(path)
+    total = sum(sizes.values())
+    over = {room: f"{n / total:.1%}" for room, n in sizes.items() if n > 0.2 * total}
+    assert not over, f"rooms over 20 % of {total} production lines: {over}"
+    assert set(ROOMED["pipeline"]) <= {r.split("/")[1] for r in sizes if r.startswith("pipeline/")}
+
+
+def test_pipeline_root_holds_no_module():
+    loose = sorted(p.name for p in (REPO / "pipeline").glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"pipeline/ root modules (give each a room, see docs/architecture.md): {loose}"
+    folders = sorted(p.name for p in (REPO / "pipeline").iterdir() if (p / "__init__.py").is_file())
+    assert folders == sorted(ROOMED["pipeline"]), folders

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import SegmentationEngine
@@ -26,8 +26,16 @@ from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.science.confidence import ConfidenceRules, LesionConfidence, Signal, with_signal
 from lesiontrack.pipeline.science.lesions import TrackedLesion
 
-if TYPE_CHECKING:
-    from lesiontrack.pipeline.dicom.sr.writer import DrawnDiameters
+
+@dataclass(frozen=True)
+class DrawnDiameters:
+    """The radiologist's diameters drawn on the prior (mm; None: not drawn) and ours of the 3-D lesion derived from
+    the drawing, on the same prior CT (:func:`drawn_diameters`); the SR states them side by side."""
+
+    radiologist_long_mm: float | None
+    radiologist_short_mm: float | None
+    ours_long_mm: float
+    ours_short_mm: float
 
 
 @dataclass
@@ -124,8 +132,6 @@ def drawn_diameters(prior_lesion: Any, prior_measurement: Any) -> DrawnDiameters
     :class:`~pipeline.science.measurements.LesionMeasurement`); None when nothing was measured. A single line on a lymph
     node
     is its short axis (RECIST 1.1)."""
-    from lesiontrack.pipeline.dicom.sr.writer import DrawnDiameters
-
     drawn = prior_lesion.meta.get("drawn_diameters_mm") if prior_lesion is not None else None
     if not isinstance(drawn, list) or not drawn or not drawn[0] or prior_measurement is None:
         return None

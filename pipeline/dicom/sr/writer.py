@@ -59,6 +59,7 @@ from lesiontrack.pipeline.dicom.seg.writer import (
     anatomic_code,
     sort_source_slices,
 )
+from lesiontrack.pipeline.science.drawn_priors import DrawnDiameters
 from lesiontrack.pipeline.science.measurements import Axis, LesionChanges, LesionMeasurement
 from lesiontrack.pipeline.science.recist import NewLesionState, RecistRole, Response, TimepointResponse
 
@@ -228,26 +229,16 @@ class LesionReport:
     drawn: DrawnDiameters | None = None
 
 
-@dataclass(frozen=True)
-class DrawnDiameters:
-    """The radiologist's diameters drawn on the prior (mm; None: not drawn) and ours of the 3-D lesion derived from
-    the drawing, on the same prior CT (pipeline.science.drawn_priors.drawn_diameters)."""
-
-    radiologist_long_mm: float | None
-    radiologist_short_mm: float | None
-    ours_long_mm: float
-    ours_short_mm: float
-
-    def measurements(self) -> list[hd.sr.Measurement]:
-        """NUMs for the lesion's group: each of the radiologist's diameters, and ours minus theirs (mm)."""
-        out = []
-        for theirs, ours, name, diff in (
-            (self.radiologist_long_mm, self.ours_long_mm, LT.DRAWN_LONG, LT.DRAWN_LONG_DIFF),
-            (self.radiologist_short_mm, self.ours_short_mm, LT.DRAWN_SHORT, LT.DRAWN_SHORT_DIFF),
-        ):
-            if theirs is not None and theirs > 0:
-                out += [_num(name, theirs, MM), _num(diff, round(ours - theirs, 1), MM)]
-        return out
+def _drawn_measurements(d: DrawnDiameters) -> list[hd.sr.Measurement]:
+    """NUMs for the lesion's group: each of the radiologist's diameters, and ours minus theirs (mm)."""
+    out = []
+    for theirs, ours, name, diff in (
+        (d.radiologist_long_mm, d.ours_long_mm, LT.DRAWN_LONG, LT.DRAWN_LONG_DIFF),
+        (d.radiologist_short_mm, d.ours_short_mm, LT.DRAWN_SHORT, LT.DRAWN_SHORT_DIFF),
+    ):
+        if theirs is not None and theirs > 0:
+            out += [_num(name, theirs, MM), _num(diff, round(ours - theirs, 1), MM)]
+    return out
 
 
 @dataclass
@@ -560,7 +551,7 @@ def _lesion_groups(
         raise SrWriteError(f"lesion {m.tracking_id} ({m.tracking_uid}) has status {m.status}; it cannot be reported")
     quals = _qualitative_evaluations(rep, status)
     conf_meas = [] if rep.confidence is None else [_num(LT.TRACKING_CONFIDENCE, rep.confidence, ONE)]
-    conf_meas += rep.drawn.measurements() if rep.drawn is not None else []
+    conf_meas += _drawn_measurements(rep.drawn) if rep.drawn is not None else []
     segment_number = seg.segment_numbers.get(m.tracking_uid) if seg is not None else None
     if seg is None or not m.present or segment_number is None:
         if m.present:

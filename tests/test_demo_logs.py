@@ -50,7 +50,7 @@ def test_demo_logs_one_line_per_association_and_job(tmp_path: Path) -> None:
     assert len(assocs) == 3, "\n".join(assocs)
     assert all(" INFO " in ln and "released" in ln and "instances stored" in ln for ln in assocs)
     assert re.search(r": 41 instances stored, .* 2 series, released", assocs[0])
-    jobs = [ln for ln in lines if re.search(r"pipeline\.analysis: job \d+ (done|nothing_to_track|failed):", ln)]
+    jobs = [ln for ln in lines if re.search(r"pipeline\.jobs\.analysis: job \d+ (done|nothing_to_track|failed):", ln)]
     ids = [re.search(r"job (\d+) ", ln).group(1) for ln in jobs]
     assert sorted(ids) == ["1", "2", "3"], "\n".join(jobs)
     assert sum(" done:" in ln for ln in jobs) == 2

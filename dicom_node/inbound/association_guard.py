@@ -344,58 +344,71 @@ class PduGuard:
         if raw is None:
             self.dul.event_queue.put("Evt17")
             return
+        read = self._read_bounded(raw)
+        if read is None:
+            return
+        pdu_type, data = read
+        try:
+            pdu, event = self.dul._decode_pdu(data)
+        except Exception as exc:
+            self._turn_away(pdu_type, f"PDU type 0x{pdu_type:02X} does not decode ({type(exc).__name__})")
+            return
+        if isinstance(pdu, A_ASSOCIATE_RQ) and not self._admit(pdu):
+            return
+        self.dul.event_queue.put(event)
+        self.dul._recv_pdu.put(pdu)
+
+    def _read_bounded(self, raw: socket.socket) -> tuple[int, bytearray] | None:
+        """One whole PDU (its type and bytes) read within the policy's time and size limits; None when the
+        read ended otherwise (the peer closed, or the association was rejected or aborted)."""
         deadline = time.monotonic() + self.policy.pdu_read_seconds
         try:
             header = self._recv_exact(raw, 6, deadline)
             if len(header) < 6:
                 self.dul.event_queue.put("Evt17")  # peer closed the connection
-                return
+                return None
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type not in _PDU_TYPES:
                 self._abort(f"unknown PDU type 0x{pdu_type:02X}", REASON_UNRECOGNISED_PDU)
-                return
+                return None
             cap = self._cap(pdu_type)
             if length > cap:
-                why = f"PDU type 0x{pdu_type:02X} declares {length} bytes (limit {cap})"
-                if pdu_type == 0x01 and not self.assoc.is_established:
-                    self._reject(why)
-                else:
-                    self._abort(why, REASON_INVALID_PARAMETER)
-                return
+                self._turn_away(pdu_type, f"PDU type 0x{pdu_type:02X} declares {length} bytes (limit {cap})")
+                return None
             body = self._recv_exact(raw, length, deadline)
         except _Timeout:
             self._abort(f"PDU not received within {self.policy.pdu_read_seconds:g} s", REASON_NOT_SPECIFIED)
-            return
+            return None
         except OSError:
             self.dul.event_queue.put("Evt17")
-            return
+            return None
         finally:
             with contextlib.suppress(OSError):
                 raw.settimeout(self.policy.network_timeout)
         if len(body) < length:
             self.dul.event_queue.put("Evt17")  # peer closed mid-PDU
-            return
-        try:
-            pdu, event = self.dul._decode_pdu(header + body)
-        except Exception as exc:
-            why = f"PDU type 0x{pdu_type:02X} does not decode ({type(exc).__name__})"
-            if pdu_type == 0x01 and not self.assoc.is_established:
-                self._reject(why)
-            else:
-                self._abort(why, REASON_INVALID_PARAMETER)
-            return
-        if isinstance(pdu, A_ASSOCIATE_RQ):
-            problem = _associate_rq_problem(pdu)
-            if problem:
-                self._reject(problem)
-                return
-            if self.table is not None and not self.assoc.is_established:
-                over = self.table.request_slot(self.assoc)
-                if over is not None:
-                    self._reject_over_limit(pdu, over)
-                    return
-        self.dul.event_queue.put(event)
-        self.dul._recv_pdu.put(pdu)
+            return None
+        return pdu_type, header + body
+
+    def _turn_away(self, pdu_type: int, why: str) -> None:
+        """An association request is rejected; any other PDU aborts the association."""
+        if pdu_type == 0x01 and not self.assoc.is_established:
+            self._reject(why)
+        else:
+            self._abort(why, REASON_INVALID_PARAMETER)
+
+    def _admit(self, pdu: A_ASSOCIATE_RQ) -> bool:
+        """Whether a well-formed association request goes on to pynetdicom (under the connection limits)."""
+        problem = _associate_rq_problem(pdu)
+        if problem:
+            self._reject(problem)
+            return False
+        if self.table is not None and not self.assoc.is_established:
+            over = self.table.request_slot(self.assoc)
+            if over is not None:
+                self._reject_over_limit(pdu, over)
+                return False
+        return True
 
 
 def _associate_rq_problem(pdu: A_ASSOCIATE_RQ) -> str | None:

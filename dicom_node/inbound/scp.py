@@ -42,7 +42,14 @@ from lesiontrack.dicom_node.inbound.association_guard import (
     install_log_filter,
     make_request_handler,
 )
-from lesiontrack.dicom_node.inbound.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
+from lesiontrack.dicom_node.inbound.completion import (
+    CompletionChecks,
+    CompletionHooks,
+    SeriesCallback,
+    SeriesCompletion,
+    TransferTracker,
+    reap_transfers,
+)
 from lesiontrack.dicom_node.inbound.indexer import make_indexer
 from lesiontrack.dicom_node.inbound.ingest import Ingestor, RequestMeta
 from lesiontrack.dicom_node.inbound.journal import JournalTailer
@@ -363,12 +370,16 @@ class StorageSCP:
             session_factory,
             settings.routing,
             cfg.series_quiet_seconds,
-            on_series_complete,
-            analyse_incomplete=cfg.analyse_incomplete_transfers,
-            housekeeping=self._housekeeping,
-            on_annotation_complete=on_annotation_complete,
-            settle=self.settle,
-            count_source=functools.partial(count_from_sender, settings, session_factory),
+            CompletionHooks(
+                on_series_complete=on_series_complete,
+                on_annotation_complete=on_annotation_complete,
+                settle=self.settle,
+                housekeeping=self._housekeeping,
+            ),
+            checks=CompletionChecks(
+                analyse_incomplete=cfg.analyse_incomplete_transfers,
+                count_source=functools.partial(count_from_sender, settings, session_factory),
+            ),
             trigger_wait_seconds=cfg.trigger_wait_seconds,
         )
         #: this process's indexer: the one writer of instance rows, whatever the number of receivers

@@ -197,6 +197,8 @@ def _transfer_in_doubt(session_factory: sessionmaker[Session], series_uid: str) 
 
 
 def _holds_person_object(s: Session, series: Series) -> bool:
+    # lazy: importing pipeline.jobs.verification adds ~1.2 s to the DICOM door's start-up (measured); only a
+    # SEG/SR series needs it
     from lesiontrack.pipeline.jobs.verification import holds_person_object
 
     return holds_person_object(s, series)

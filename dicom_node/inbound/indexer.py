@@ -27,13 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.db.models import Instance, OpenTransfer, Series, SeriesState, TransferOutcome
 from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
-from lesiontrack.db.session import session_scope
+from lesiontrack.db.session import make_engine, session_scope
 from lesiontrack.dicom_node.inbound.completion import end_transfers
 from lesiontrack.dicom_node.inbound.sink import IndexItem
 from lesiontrack.dicom_node.inbound.storage import InstanceStore, dataset_offset, sha256_hex
@@ -379,10 +379,6 @@ def make_indexer(store: InstanceStore, session_factory: sessionmaker[Session], a
     engine: Engine = session_factory.kw["bind"]
     if store.fsync or engine.dialect.name != "sqlite":
         return Indexer(store, session_factory, engine=engine, actor=actor)
-    from sqlalchemy import event
-
-    from lesiontrack.db.session import make_engine
-
     own = make_engine(engine.url.render_as_string(hide_password=False))
 
     @event.listens_for(own, "connect")

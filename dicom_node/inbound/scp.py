@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class builds its names at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -306,8 +307,6 @@ class Receiver:
         return status
 
     def _on_acse_recv(self, event: evt.Event) -> None:
-        from pynetdicom.pdu_primitives import A_RELEASE
-
         primitive = getattr(event, "primitive", None)
         if isinstance(primitive, A_RELEASE) and primitive.result is None:  # the peer's A-RELEASE-RQ
             self.transfers.association_released(getattr(event.assoc, "lesiontrack_uid", None))

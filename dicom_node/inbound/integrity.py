@@ -262,7 +262,7 @@ def geometry_hold(s: Session, series: Series) -> str | None:
 def hold_reason(
     s: Session,
     series: Series,
-    header: Any,
+    header: Dataset | None,
     *,
     forced: bool,
     analyse_incomplete: bool,

@@ -22,7 +22,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -40,6 +40,7 @@ from lesiontrack.dicom_node.inbound.assoc_log import AssociationLog
 from lesiontrack.dicom_node.inbound.association_guard import (
     AssociationPolicy,
     ConnectionTable,
+    PeerAddress,
     install_log_filter,
     make_request_handler,
 )
@@ -124,13 +125,13 @@ class _Server(ThreadedAssociationServer):
         if self.socket is not None:
             self.socket.close()
 
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: PeerAddress) -> bool:
         if self.allowed_ips and client_address[0] not in self.allowed_ips:
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
             return False

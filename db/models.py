@@ -264,7 +264,7 @@ class LesionObservation(Base):
     """Confidence of this result in [0, 1] (pipeline.science.confidence); None: an annotation, or not re-segmented."""
     review: Mapped[bool] = mapped_column(default=False, server_default="0")
     """Flagged for review: confidence below ``tracking.review_threshold`` or inconsistent with its neighbour."""
-    review_reasons: Mapped[list[Any] | None] = mapped_column(JSON)
+    review_reasons: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     lesion: Mapped[Lesion] = relationship(back_populates="observations")
@@ -300,12 +300,12 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_pk: Mapped[int | None] = mapped_column(ForeignKey("analysis_job.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    file_paths: Mapped[list[Any]] = mapped_column(JSON)
+    file_paths: Mapped[list[str]] = mapped_column(JSON)
     state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), default=DeliveryState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
-    acknowledged: Mapped[list[Any] | None] = mapped_column(JSON)  # files the destination already stored
+    acknowledged: Mapped[list[str] | None] = mapped_column(JSON)  # files the destination already stored
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -344,7 +344,7 @@ class NewLesionCandidate(Base):
     mean_hu: Mapped[float] = mapped_column(Float)
     contrast_hu: Mapped[float] = mapped_column(Float)
     confidence: Mapped[float] = mapped_column(Float)
-    reasons: Mapped[list[Any]] = mapped_column(JSON)
+    reasons: Mapped[list[str]] = mapped_column(JSON)
     mask_path: Mapped[str] = mapped_column(Text)  # .npz: the mask's bounding-box crop on the follow-up CT grid
     seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     segment_number: Mapped[int | None] = mapped_column(Integer)

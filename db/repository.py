@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
@@ -15,7 +13,7 @@ class AuditImmutableError(RuntimeError):
 
 
 @event.listens_for(Session, "before_flush")
-def _refuse_audit_changes(session: Session, _ctx: Any, _instances: Any) -> None:
+def _refuse_audit_changes(session: Session, _ctx: object, _instances: object) -> None:
     for obj in list(session.dirty) + list(session.deleted):
         if isinstance(obj, AuditEvent):
             verb = "delete" if obj in session.deleted else "update"
@@ -28,7 +26,7 @@ def audit(
     action: str,
     object_type: str | None = None,
     object_id: str | int | None = None,
-    **details: Any,
+    **details: object,
 ) -> AuditEvent:
     """Append one audit event (flushed with the caller's transaction)."""
     ev = AuditEvent(
@@ -63,7 +61,7 @@ def get_or_create_patient(session: Session, patient_id: str, issuer: str | None)
     return p
 
 
-def get_or_create_study(session: Session, patient: Patient, study_uid: str, **attrs: Any) -> Study:
+def get_or_create_study(session: Session, patient: Patient, study_uid: str, **attrs: object) -> Study:
     s = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
     if s is None:
         s = Study(study_instance_uid=study_uid, patient_pk=patient.id, **attrs)
@@ -72,7 +70,7 @@ def get_or_create_study(session: Session, patient: Patient, study_uid: str, **at
     return s
 
 
-def get_or_create_series(session: Session, study: Study, series_uid: str, **attrs: Any) -> Series:
+def get_or_create_series(session: Session, study: Study, series_uid: str, **attrs: object) -> Series:
     s = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
     if s is None:
         s = Series(series_instance_uid=series_uid, study_pk=study.id, **attrs)

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
+from lesiontrack.config.settings import Settings
+from lesiontrack.config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOFTWARE_NAME, VERSION
+from lesiontrack.dicom_node.inbound.scp import StorageSCP
+from lesiontrack.dicom_node.outbound.scu import GET_STORAGE_CLASSES
+
 
 @dataclass(frozen=True)
 class Context:
@@ -21,9 +26,6 @@ class Context:
 
 def scp_contexts() -> list[Context]:
     """Presentation contexts the Storage SCP accepts (its AE, as ``lesiontrack serve`` builds it)."""
-    from lesiontrack.config.settings import Settings
-    from lesiontrack.dicom_node.inbound.scp import StorageSCP
-
     ae = StorageSCP._make_ae(_Shim(Settings()))  # type: ignore[arg-type]  # _make_ae reads only .settings
     return [Context(str(cx.abstract_syntax), tuple(str(t) for t in cx.transfer_syntax)) for cx in ae.supported_contexts]
 
@@ -37,8 +39,6 @@ class _Shim:
 
 def scu_sop_classes() -> dict[str, list[str]]:
     """SOP classes proposed as SCU, by service."""
-    from lesiontrack.dicom_node.outbound.scu import GET_STORAGE_CLASSES
-
     return {
         "Verification": ["1.2.840.10008.1.1"],
         "Query (C-FIND)": ["1.2.840.10008.5.1.4.1.2.2.1"],
@@ -52,8 +52,6 @@ def scu_sop_classes() -> dict[str, list[str]]:
 def implementation_markdown() -> str:
     """The implementation identification of docs/conformance.md: product version, Implementation Class UID and
     Implementation Version Name, as every association and every file we write carries them (config/version.py)."""
-    from lesiontrack.config.version import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, SOFTWARE_NAME, VERSION
-
     return "\n".join(
         [
             "<!-- BEGIN implementation -->",

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.settings import Settings
+from lesiontrack.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -40,9 +42,6 @@ def _check_sqlite_files(url: str) -> None:
 def check_writable(engine: Engine, url: str, lock_wait_seconds: float = 5.0) -> None:
     """Try a write (rolled back) so a read-only or locked database stops the service at start-up with a clear
     message, instead of every C-STORE failing later with Out of Resources."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import SQLAlchemyError
-
     where = engine.url.render_as_string(hide_password=True)
     _check_sqlite_files(url)
     try:
@@ -66,10 +65,6 @@ def check_writable(engine: Engine, url: str, lock_wait_seconds: float = 5.0) -> 
 def open_database(
     settings: Settings, upgrade_db: bool = False, require_writable: bool = False
 ) -> sessionmaker[Session]:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from lesiontrack.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
-
     url = settings.effective_database_url
     if require_writable:
         _check_sqlite_files(url)

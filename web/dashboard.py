@@ -6,7 +6,6 @@ local JavaScript."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter, HTTPException, Request
@@ -63,7 +62,7 @@ def _user(request: Request) -> Principal:
     return principal
 
 
-def _render(request: Request, name: str, principal: Principal | None, **ctx: Any) -> HTMLResponse:
+def _render(request: Request, name: str, principal: Principal | None, **ctx: object) -> HTMLResponse:
     token = request.cookies.get(SESSION_COOKIE, "")
     csrf = request.app.state.keys.csrf_token(token) if token else ""
     return templates.TemplateResponse(request, name, {"user": principal, "csrf": csrf, **ctx})

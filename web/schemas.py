@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, overload
 
 from pydantic import BaseModel, Field
 
@@ -13,8 +14,13 @@ from lesiontrack.pipeline.jobs.candidates import CandidateView
 from lesiontrack.pipeline.jobs.verification import VerificationView
 
 
-def _v(x: Any) -> Any:
-    return x.value if hasattr(x, "value") else x
+@overload
+def _v(x: StrEnum | str) -> str: ...
+@overload
+def _v(x: None) -> None: ...
+def _v(x: StrEnum | str | None) -> str | None:
+    """An enum member as its value (what the API shows); a plain string or None as it is."""
+    return x.value if isinstance(x, StrEnum) else x
 
 
 class Health(BaseModel):

@@ -36,9 +36,10 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler
 
@@ -47,6 +48,9 @@ from lesiontrack.config.settings import DicomNodeSettings
 from lesiontrack.dicom_node.inbound.assoc_log import filter_pynetdicom_loggers
 
 log = logging.getLogger(__name__)
+
+#: a peer's socket address: (host, port), or (host, port, flowinfo, scope id) over IPv6
+PeerAddress = tuple[str | int, ...]
 
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20  # presentation contexts for every storage class plus user identity: ~60 kB
 MAX_SMALL_PDU_BYTES = 1024  # A-ASSOCIATE-RJ / A-RELEASE-RQ/RP / A-ABORT are 4 bytes long; A-ASSOCIATE-AC small
@@ -91,7 +95,7 @@ class AssociationPolicy:
 class _Conn:
     ip: str
     opened: float
-    assoc: Any = None
+    assoc: Association | None = None
     requested: bool = False  # its A-ASSOCIATE-RQ arrived: it holds an association slot
     warned: bool = False
     closed: bool = False
@@ -124,10 +128,10 @@ class ConnectionTable:
     def __init__(self, policy: AssociationPolicy, shared: SlotCounter | None = None) -> None:
         self.policy = policy
         self.shared = shared
-        self._conns: dict[tuple[Any, ...], _Conn] = {}
+        self._conns: dict[PeerAddress, _Conn] = {}
         self._lock = threading.Lock()
 
-    def admit(self, address: tuple[Any, ...]) -> bool:
+    def admit(self, address: PeerAddress) -> bool:
         """A new connection: admitted (over the per-peer limit only to be rejected once its A-ASSOCIATE-RQ
         arrives); evicts the oldest idle one over the pending limit; False (close at once) when it is over the
         per-peer limit and the pending connections are full."""
@@ -155,7 +159,7 @@ class ConnectionTable:
             _close(victim.assoc)
         return True
 
-    def attach(self, address: tuple[Any, ...], assoc: Any) -> _Conn:
+    def attach(self, address: PeerAddress, assoc: Association) -> _Conn:
         with self._lock:
             conn = self._conns.get(tuple(address))
             if conn is None:  # evicted between admit and attach
@@ -168,7 +172,7 @@ class ConnectionTable:
         for k in [k for k, c in self._conns.items() if c.gone()]:
             self._drop(k)
 
-    def _drop(self, key: tuple[Any, ...]) -> None:
+    def _drop(self, key: PeerAddress) -> None:
         conn = self._conns.pop(key)
         if self.shared is not None:
             if not conn.over_peer_limit:
@@ -181,7 +185,7 @@ class ConnectionTable:
             if v is conn:
                 self._drop(k)
 
-    def request_slot(self, assoc: Any) -> str | None:
+    def request_slot(self, assoc: Association) -> str | None:
         """The connection's A-ASSOCIATE-RQ arrived: None when it may associate (it then holds a slot), else
         which limit refuses it."""
         with self._lock:
@@ -201,7 +205,7 @@ class ConnectionTable:
             conn.requested = True
             return None
 
-    def release(self, assoc: Any) -> None:
+    def release(self, assoc: Association) -> None:
         with self._lock:
             for k, v in list(self._conns.items()):
                 if v.assoc is assoc:
@@ -214,7 +218,7 @@ class ConnectionTable:
             return {"associations": held, "pending": len(self._conns) - held}
 
 
-def _close(assoc: Any) -> None:
+def _close(assoc: Association | None) -> None:
     """Close an association's transport from outside its threads (the DUL then sees Evt17 and ends it)."""
     if assoc is None:
         return
@@ -233,7 +237,7 @@ class PduGuard:
     """Replaces ``DULServiceProvider._read_pdu_data`` of one acceptor association (see module docstring)."""
 
     def __init__(
-        self, assoc: Any, conn: _Conn, policy: AssociationPolicy, table: ConnectionTable | None = None
+        self, assoc: Association, conn: _Conn, policy: AssociationPolicy, table: ConnectionTable | None = None
     ) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
@@ -266,7 +270,7 @@ class PduGuard:
         else:
             log.debug("malformed request from %s: %s", self.conn.ip, reason)
 
-    def _refuse(self, reason: str, pdu: Any, malformed: bool = True) -> None:
+    def _refuse(self, reason: str, pdu: A_ASSOCIATE_RJ | A_ABORT_RQ, malformed: bool = True) -> None:
         """Log once, send ``pdu`` (A-ASSOCIATE-RJ or A-ABORT), close the connection, end the association."""
         if malformed:
             self.malformed(reason)
@@ -281,6 +285,9 @@ class PduGuard:
                 pass
         self.assoc.is_aborted = True
         self.assoc.is_established = False
+        if sock is None:
+            self.dul.event_queue.put("Evt17")
+            return
         try:
             sock.close()  # puts Evt17: the state machine ends the association
         except Exception:
@@ -335,7 +342,7 @@ class PduGuard:
                     f"message pynetdicom cannot process ({type(exc).__name__}: {exc})"[:200], REASON_UNEXPECTED_PDU
                 )
 
-        fsm.do_action = do_action
+        fsm.do_action = do_action  # type: ignore[method-assign]  # wrapped for this association only
 
     # -- the read ---------------------------------------------------------------------------------------------
     def read_pdu(self) -> None:
@@ -344,58 +351,71 @@ class PduGuard:
         if raw is None:
             self.dul.event_queue.put("Evt17")
             return
+        read = self._read_bounded(raw)
+        if read is None:
+            return
+        pdu_type, data = read
+        try:
+            pdu, event = self.dul._decode_pdu(data)
+        except Exception as exc:
+            self._turn_away(pdu_type, f"PDU type 0x{pdu_type:02X} does not decode ({type(exc).__name__})")
+            return
+        if isinstance(pdu, A_ASSOCIATE_RQ) and not self._admit(pdu):
+            return
+        self.dul.event_queue.put(event)
+        self.dul._recv_pdu.put(pdu)
+
+    def _read_bounded(self, raw: socket.socket) -> tuple[int, bytearray] | None:
+        """One whole PDU (its type and bytes) read within the policy's time and size limits; None when the
+        read ended otherwise (the peer closed, or the association was rejected or aborted)."""
         deadline = time.monotonic() + self.policy.pdu_read_seconds
         try:
             header = self._recv_exact(raw, 6, deadline)
             if len(header) < 6:
                 self.dul.event_queue.put("Evt17")  # peer closed the connection
-                return
+                return None
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type not in _PDU_TYPES:
                 self._abort(f"unknown PDU type 0x{pdu_type:02X}", REASON_UNRECOGNISED_PDU)
-                return
+                return None
             cap = self._cap(pdu_type)
             if length > cap:
-                why = f"PDU type 0x{pdu_type:02X} declares {length} bytes (limit {cap})"
-                if pdu_type == 0x01 and not self.assoc.is_established:
-                    self._reject(why)
-                else:
-                    self._abort(why, REASON_INVALID_PARAMETER)
-                return
+                self._turn_away(pdu_type, f"PDU type 0x{pdu_type:02X} declares {length} bytes (limit {cap})")
+                return None
             body = self._recv_exact(raw, length, deadline)
         except _Timeout:
             self._abort(f"PDU not received within {self.policy.pdu_read_seconds:g} s", REASON_NOT_SPECIFIED)
-            return
+            return None
         except OSError:
             self.dul.event_queue.put("Evt17")
-            return
+            return None
         finally:
             with contextlib.suppress(OSError):
                 raw.settimeout(self.policy.network_timeout)
         if len(body) < length:
             self.dul.event_queue.put("Evt17")  # peer closed mid-PDU
-            return
-        try:
-            pdu, event = self.dul._decode_pdu(header + body)
-        except Exception as exc:
-            why = f"PDU type 0x{pdu_type:02X} does not decode ({type(exc).__name__})"
-            if pdu_type == 0x01 and not self.assoc.is_established:
-                self._reject(why)
-            else:
-                self._abort(why, REASON_INVALID_PARAMETER)
-            return
-        if isinstance(pdu, A_ASSOCIATE_RQ):
-            problem = _associate_rq_problem(pdu)
-            if problem:
-                self._reject(problem)
-                return
-            if self.table is not None and not self.assoc.is_established:
-                over = self.table.request_slot(self.assoc)
-                if over is not None:
-                    self._reject_over_limit(pdu, over)
-                    return
-        self.dul.event_queue.put(event)
-        self.dul._recv_pdu.put(pdu)
+            return None
+        return pdu_type, header + body
+
+    def _turn_away(self, pdu_type: int, why: str) -> None:
+        """An association request is rejected; any other PDU aborts the association."""
+        if pdu_type == 0x01 and not self.assoc.is_established:
+            self._reject(why)
+        else:
+            self._abort(why, REASON_INVALID_PARAMETER)
+
+    def _admit(self, pdu: A_ASSOCIATE_RQ) -> bool:
+        """Whether a well-formed association request goes on to pynetdicom (under the connection limits)."""
+        problem = _associate_rq_problem(pdu)
+        if problem:
+            self._reject(problem)
+            return False
+        if self.table is not None and not self.assoc.is_established:
+            over = self.table.request_slot(self.assoc)
+            if over is not None:
+                self._reject_over_limit(pdu, over)
+                return False
+        return True
 
 
 def _associate_rq_problem(pdu: A_ASSOCIATE_RQ) -> str | None:
@@ -419,7 +439,7 @@ def make_request_handler(table: ConnectionTable, policy: AssociationPolicy) -> t
     """A pynetdicom request handler whose associations read PDUs through :class:`PduGuard`."""
 
     class GuardedRequestHandler(RequestHandler):
-        def _create_association(self) -> Any:
+        def _create_association(self) -> Association:
             assoc = super()._create_association()
             conn = table.attach(self.client_address, assoc)
             guard = PduGuard(assoc, conn, policy, table)

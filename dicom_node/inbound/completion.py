@@ -64,25 +64,36 @@ def _still_quiet(s: Session, series: Series, quiet_seconds: float) -> bool:
     return s.scalar(select(OpenTransfer.pid).where(OpenTransfer.series_uid == series.series_instance_uid)) is None
 
 
+@dataclass(frozen=True)
+class CompletionChecks:
+    """What :func:`complete_series` checks before a series routed to ANALYSE is analysed."""
+
+    analyse_incomplete: bool = False  # analyse a transfer that looks incomplete instead of holding it
+    validate: bool = True  # parse every stored instance first (dicom_node.inbound.integrity)
+    quiet_seconds: float | None = None  # still quiet that long when it completes (None: not checked)
+    pacs_count: int | None = None  # the instance count the PACS reports (None: not told)
+    count_source: CountSource | None = None  # asked for that count when the transfer's end is in doubt
+
+
+_DEFAULT_CHECKS = CompletionChecks()
+
+
 def complete_series(
     session_factory: sessionmaker[Session],
     rules: RoutingSettings,
     series_uid: str,
     on_series_complete: SeriesCallback | None = None,
+    *,
     forced: bool = False,
     actor: str = "dicom-node",
-    analyse_incomplete: bool = False,
-    validate: bool = True,
-    quiet_seconds: float | None = None,
     on_annotation_complete: SeriesCallback | None = None,
-    pacs_count: int | None = None,
-    count_source: CountSource | None = None,
+    checks: CompletionChecks = _DEFAULT_CHECKS,
 ) -> Route | None:
     """Mark one series complete, record the routing decision and trigger analysis when routed.
 
-    ``pacs_count`` is the instance count the PACS says the series has (a completion trigger's count, a C-FIND's
+    ``checks.pacs_count`` is the instance count the PACS says the series has (a completion trigger's count, a C-FIND's
     NumberOfSeriesRelatedInstances); when the transfer's end is in doubt (its last association ended without
-    A-RELEASE, or is still open) and no count was given, ``count_source`` is asked for it. With every reported
+    A-RELEASE, or is still open) and no count was given, ``checks.count_source`` is asked for it. With every reported
     instance indexed, the transfer is whole however its associations ended.
 
     A SEG/SR series that is not ours goes to ``on_annotation_complete`` (a reader's correction of a follow-up we
@@ -94,24 +105,25 @@ def complete_series(
     it is already complete with nothing received since, e.g. because an operator forced its completion from
     another process.
     """
+    pacs_count = checks.pacs_count
     if (
         pacs_count is None
-        and count_source is not None
+        and checks.count_source is not None
         and not forced
         and _transfer_in_doubt(session_factory, series_uid)
     ):
-        pacs_count = count_source(series_uid)
+        pacs_count = checks.count_source(series_uid)
     with session_scope(session_factory) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if series is None:
             return None
         if not forced and series.state == SeriesState.COMPLETE:
             return None
-        if quiet_seconds is not None and not _still_quiet(s, series, quiet_seconds):
+        if checks.quiet_seconds is not None and not _still_quiet(s, series, checks.quiet_seconds):
             return None  # an instance or an association arrived since the poll chose it
         retrigger = series.completed_at is not None
-        route = _route(s, series, rules, forced=forced, analyse_incomplete=analyse_incomplete, validate=validate,
-                       pacs_count=pacs_count)  # fmt: skip
+        route = _route(s, series, rules, forced=forced, analyse_incomplete=checks.analyse_incomplete,
+                       validate=checks.validate, pacs_count=pacs_count)  # fmt: skip
         # a SEG/SR a person made — in a series of its own, or saved into one of ours (OHIF, docs/viewer.md)
         annotation = (series.modality or "").upper() in ("SEG", "SR") and (
             not series.created_by_us or _holds_person_object(s, series)
@@ -185,6 +197,8 @@ def _transfer_in_doubt(session_factory: sessionmaker[Session], series_uid: str) 
 
 
 def _holds_person_object(s: Session, series: Series) -> bool:
+    # lazy: importing pipeline.jobs.verification adds ~1.2 s to the DICOM door's start-up (measured); only a
+    # SEG/SR series needs it
     from lesiontrack.pipeline.jobs.verification import holds_person_object
 
     return holds_person_object(s, series)
@@ -280,11 +294,13 @@ def answer_request(
         series_uid,
         on_series_complete,
         actor=actor,
-        analyse_incomplete=analyse_incomplete,
-        validate=validate,
         on_annotation_complete=on_annotation_complete,
-        pacs_count=expected,
-        count_source=None if expected is not None else count_source,
+        checks=CompletionChecks(
+            analyse_incomplete=analyse_incomplete,
+            validate=validate,
+            pacs_count=expected,
+            count_source=None if expected is not None else count_source,
+        ),
     )
     if not ready:
         log.warning("series %s: completion trigger's wait ran out; completed with %d of %s instances",
@@ -404,6 +420,17 @@ def _requeue_held(s: Session, series_uids: list[str], actor: str) -> None:
               reason="re-sent over an association that ended with A-RELEASE")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class CompletionHooks:
+    """What a :class:`SeriesCompletion` calls: the series callbacks, the settle before completing, housekeeping."""
+
+    on_series_complete: SeriesCallback | None = None  # a series routed to ANALYSE completed
+    on_annotation_complete: SeriesCallback | None = None  # a SEG/SR a person made completed
+    settle: Callable[[], object] | None = None  # commits what was acknowledged but not indexed yet
+    housekeeping: Callable[[], None] | None = None  # run by the poll every ``housekeeping_seconds``
+    housekeeping_seconds: float = 30.0
+
+
 class SeriesCompletion:
     """Completes quiet series from the state in the database (open transfers, last instance time), so it is
     correct whichever receiver process delivered which part; one background thread polls."""
@@ -413,35 +440,31 @@ class SeriesCompletion:
         session_factory: sessionmaker[Session],
         rules: RoutingSettings,
         quiet_seconds: float,
-        on_series_complete: SeriesCallback | None = None,
+        hooks: CompletionHooks | None = None,
+        *,
+        checks: CompletionChecks = _DEFAULT_CHECKS,
         actor: str = "dicom-node",
         clock: Callable[[], float] = time.monotonic,
-        analyse_incomplete: bool = False,
-        validate: bool = True,
-        housekeeping: Callable[[], None] | None = None,
-        housekeeping_seconds: float = 30.0,
-        on_annotation_complete: SeriesCallback | None = None,
-        settle: Callable[[], object] | None = None,
-        count_source: CountSource | None = None,
         trigger_wait_seconds: float = 120.0,
     ) -> None:
-        self.on_annotation_complete = on_annotation_complete
+        hooks = hooks or CompletionHooks()
+        self.on_annotation_complete = hooks.on_annotation_complete
         #: asks the PACS that sent a series how many instances it has (dicom_node.inbound.pacs_count)
-        self.count_source = count_source
+        self.count_source = checks.count_source
         self.trigger_wait_seconds = trigger_wait_seconds
         #: commits what was acknowledged but not indexed yet; called before a series would complete, so none
         #: completes while instances of it that the receivers acknowledged still wait for their rows
-        self.settle = settle
-        self.analyse_incomplete = analyse_incomplete
-        self.validate = validate
+        self.settle = hooks.settle
+        self.analyse_incomplete = checks.analyse_incomplete
+        self.validate = checks.validate
         self.session_factory = session_factory
         self.rules = rules
         self.quiet_seconds = quiet_seconds
-        self.on_series_complete = on_series_complete
+        self.on_series_complete = hooks.on_series_complete
         self.actor = actor
         self.clock = clock
-        self.housekeeping = housekeeping
-        self.housekeeping_seconds = housekeeping_seconds
+        self.housekeeping = hooks.housekeeping
+        self.housekeeping_seconds = hooks.housekeeping_seconds
         self._not_before = clock()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -490,11 +513,13 @@ class SeriesCompletion:
                         uid,
                         self.on_series_complete,
                         actor=self.actor,
-                        analyse_incomplete=self.analyse_incomplete,
-                        validate=self.validate,
-                        quiet_seconds=self.quiet_seconds,
                         on_annotation_complete=self.on_annotation_complete,
-                        count_source=self.count_source,
+                        checks=CompletionChecks(
+                            analyse_incomplete=self.analyse_incomplete,
+                            validate=self.validate,
+                            quiet_seconds=self.quiet_seconds,
+                            count_source=self.count_source,
+                        ),
                     ):
                         done.append(uid)
                 except Exception:
@@ -509,9 +534,8 @@ class SeriesCompletion:
             self.on_series_complete,
             forced=True,
             actor=self.actor,
-            analyse_incomplete=self.analyse_incomplete,
-            validate=self.validate,
             on_annotation_complete=self.on_annotation_complete,
+            checks=CompletionChecks(analyse_incomplete=self.analyse_incomplete, validate=self.validate),
         )
 
     def trigger(

@@ -20,20 +20,20 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.db.models import Instance, OpenTransfer, Series, SeriesState, TransferOutcome
 from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
-from lesiontrack.db.session import session_scope
+from lesiontrack.db.session import make_engine, session_scope
 from lesiontrack.dicom_node.inbound.completion import end_transfers
 from lesiontrack.dicom_node.inbound.sink import IndexItem
 from lesiontrack.dicom_node.inbound.storage import InstanceStore, dataset_offset, sha256_hex
@@ -309,10 +309,10 @@ class Indexer:
                 )
             ):
                 known.setdefault(row.sop_instance_uid, []).append(_Row(*row))
-            new_rows: list[dict[str, Any]] = []
+            new_rows: list[dict[str, object]] = []
             bumps: dict[int, tuple[int, datetime]] = {}
             conflicts: list[tuple[IndexItem, str, list[_Row]]] = []
-            fixed_paths: list[dict[str, Any]] = []
+            fixed_paths: list[dict[str, object]] = []
             recovered_series: set[int] = set()
             pairs: dict[tuple[str, str], int] = {}  # (association, series) -> receiver process
             new_keys: set[tuple[str, str]] = set()
@@ -379,20 +379,16 @@ def make_indexer(store: InstanceStore, session_factory: sessionmaker[Session], a
     engine: Engine = session_factory.kw["bind"]
     if store.fsync or engine.dialect.name != "sqlite":
         return Indexer(store, session_factory, engine=engine, actor=actor)
-    from sqlalchemy import event
-
-    from lesiontrack.db.session import make_engine
-
     own = make_engine(engine.url.render_as_string(hide_password=False))
 
     @event.listens_for(own, "connect")
-    def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
+    def _normal_sync(dbapi_conn: sqlite3.Connection, _record: object) -> None:
         dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
     return Indexer(store, session_factory, engine=own, actor=actor, own_engine=True)
 
 
-def _instance_row(it: IndexItem, pk: int, sha: str) -> dict[str, Any]:
+def _instance_row(it: IndexItem, pk: int, sha: str) -> dict[str, object]:
     """The ``instance`` table row of an indexed item (column → value, for a bulk insert)."""
     return dict(
         sop_instance_uid=it.sop_uid,
@@ -412,8 +408,8 @@ def _instance_row(it: IndexItem, pk: int, sha: str) -> dict[str, Any]:
 
 def _write_batch(
     c: Connection,
-    new_rows: list[dict[str, Any]],
-    fixed_paths: list[dict[str, Any]],
+    new_rows: list[dict[str, object]],
+    fixed_paths: list[dict[str, object]],
     opened: tuple[dict[tuple[str, str], int], list[int]],
     recovered_series: set[int],
 ) -> None:

@@ -20,7 +20,9 @@ from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -200,8 +202,6 @@ def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
 def encode_request_meta(meta: RequestMeta) -> bytes:
     """Preamble, "DICM" and the file meta group, byte for byte what pydicom writes for pynetdicom's
     ``event.file_meta`` (tests/test_dicom_node_scp.py checks), in a few microseconds."""
-    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
     v = meta._values
     body = b"".join(
         (
@@ -461,8 +461,6 @@ def header_values(ds: Dataset | Header) -> dict[str, str]:
 
 def item_from_file(path: Path) -> IndexItem:
     """An :class:`IndexItem` for a stored file found without a row (the recovery scan)."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     raw = path.read_bytes()
     fp = BytesIO(raw)
     read_preamble(fp, False)
@@ -486,8 +484,6 @@ def item_from_file(path: Path) -> IndexItem:
 
 def ingest_part10(ingestor: Ingestor, raw: bytes, calling_ae: str | None = None) -> IngestResult:
     """Ingest a DICOM Part 10 byte string (C-GET/DICOMweb retrieval, tests): its meta re-used, dataset verbatim."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     fp = BytesIO(raw)
     try:
         read_preamble(fp, False)

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -134,16 +136,18 @@ def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
         return "pixel data with zero Rows, Columns, BitsAllocated, SamplesPerPixel or NumberOfFrames"
     elem = ds["PixelData"]
     if transfer_syntax in NATIVE_TS:
-        expected_bits = rows * cols * frames * spp * bits
-        expected = (expected_bits + 7) // 8
+        expected = (rows * cols * frames * spp * bits + 7) // 8
         actual = len(elem.value or b"")
         if actual not in (expected, expected + 1):  # one pad byte to even length
             return f"pixel data is {actual} bytes, Rows x Columns x frames needs {expected}"
         return None
+    return _encapsulated_problem(elem)
+
+
+def _encapsulated_problem(elem: DataElement) -> str | None:
+    """What is wrong with pixel data under a compressed transfer syntax: not encapsulated, or no fragments."""
     if not elem.is_undefined_length:
         return "native pixel data under a compressed transfer syntax"
-    from pydicom.encaps import generate_fragments
-
     try:
         n = sum(1 for _ in generate_fragments(elem.value))
     except Exception as exc:
@@ -258,7 +262,7 @@ def geometry_hold(s: Session, series: Series) -> str | None:
 def hold_reason(
     s: Session,
     series: Series,
-    header: Any,
+    header: Dataset | None,
     *,
     forced: bool,
     analyse_incomplete: bool,

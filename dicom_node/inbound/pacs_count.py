@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 
+from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.config.settings import PacsPeer, RetrieveMethod, Settings
 from lesiontrack.db.models import Instance, Series, Study
 from lesiontrack.db.session import session_scope
+from lesiontrack.dicom_node.outbound.scu import find
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,6 @@ def remote_series_count(settings: Settings, peer: PacsPeer, study_uid: str, seri
     """NumberOfSeriesRelatedInstances of one series on ``peer`` (None: not reported, or the query failed)."""
     try:
         if peer.retrieve_method == RetrieveMethod.DICOMWEB and peer.dicomweb_url:
-            from dicomweb_client.api import DICOMwebClient
-
             res = DICOMwebClient(url=peer.dicomweb_url).search_for_series(
                 study_instance_uid=study_uid,
                 fields=["NumberOfSeriesRelatedInstances"],
@@ -36,8 +36,6 @@ def remote_series_count(settings: Settings, peer: PacsPeer, study_uid: str, seri
             )
             rows = [Dataset.from_json(r) for r in res]
         else:
-            from lesiontrack.dicom_node.outbound.scu import find
-
             q = Dataset()
             q.QueryRetrieveLevel = "SERIES"
             q.StudyInstanceUID = study_uid
@@ -85,8 +83,6 @@ def count_from_sender(settings: Settings, session_factory: sessionmaker[Session]
 
 def held_count(s: Session, series_uid: str) -> int:
     """Distinct SOP instances of ``series_uid`` that have a row here (a re-sent copy counts once)."""
-    from sqlalchemy import func
-
     return int(
         s.scalar(
             select(func.count(func.distinct(Instance.sop_instance_uid)))

@@ -8,6 +8,7 @@ process, and stops with the service.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pickle
@@ -24,8 +25,6 @@ def _die_with_parent() -> None:
     """Linux: SIGTERM as soon as the service process dies (prctl PR_SET_PDEATHSIG), so the port is free for its
     restart at once; elsewhere the receiver notices within half a second (its parent id changes)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
@@ -63,9 +62,10 @@ def _child_main() -> int:
         json_format=job.json_logs,
         library_level=logging.getLevelName(job.library_level),
     )
+    # these too only after the stop signals are blocked (above): they start threads
     from lesiontrack.db.session import make_engine, make_session_factory
-    from lesiontrack.dicom_node.inbound.journal import JournalWriter
-    from lesiontrack.dicom_node.inbound.scp import Receiver
+    from lesiontrack.dicom_node.inbound.journal import JournalWriter  # after the signal mask too
+    from lesiontrack.dicom_node.inbound.scp import Receiver  # after the signal mask too
 
     try:
         engine = make_engine(job.settings.effective_database_url)

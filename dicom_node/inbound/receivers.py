@@ -22,6 +22,7 @@ committed (its journal, see :mod:`dicom_node.inbound.journal`) and ends its open
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import logging
 import os
 import pickle
@@ -35,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lesiontrack.config.logging import JsonFormatter
 
 if TYPE_CHECKING:
     from lesiontrack.config.settings import Settings
@@ -160,8 +163,6 @@ PEER_ENTRIES = 64
 
 
 def _address_key(ip: str) -> bytes:
-    import ipaddress
-
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])
     except ValueError:
@@ -233,8 +234,6 @@ class ReceiverPool:
             pass_fds=(self.sock.fileno(),),
             env=env,
         )
-        from lesiontrack.config.logging import JsonFormatter
-
         root = logging.getLogger()
         job = _ChildJob(self.settings, self.sock.fileno(), index, self.n, self.slots.path, root.level)
         job.json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from lesiontrack.db.models import Instance, Series
 from lesiontrack.dicom_node.inbound.indexer import BATCH, RECOVER_MIN_AGE_S, Indexer
 from lesiontrack.dicom_node.inbound.ingest import item_from_file
+from lesiontrack.dicom_node.inbound.sink import IndexItem
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +38,11 @@ def recover(
         return 0
     started = time.time()
     mark = (state_dir or root) / _WATERMARK
-    since = 0.0
-    if not full:
-        try:
-            since = float(mark.read_text().strip()) - max(300.0, 2 * min_age)
-        except (OSError, ValueError):
-            since = 0.0
+    since = 0.0 if full else _last_scan(mark, min_age)
     found = 0
     for study in _dirs(root):
         for series in _dirs(study):
-            try:
-                if series.stat().st_mtime < since:
-                    continue
-            except FileNotFoundError:
-                continue
-            files = [p for p in series.iterdir() if p.suffix == ".dcm" and not p.name.startswith(".")]
-            if not files:
-                continue
-            with indexer.engine.connect() as c:
-                indexed = set(
-                    c.scalars(
-                        select(Instance.file_path)
-                        .join(Series, Series.id == Instance.series_pk)
-                        .where(Series.series_instance_uid == series.name)
-                    )
-                )
-            items = []
-            for p in files:
-                if str(p) in indexed:
-                    continue
-                try:
-                    if started - p.stat().st_mtime < min_age:
-                        continue
-                    items.append(item_from_file(p))
-                except FileNotFoundError:
-                    continue
-                except Exception as exc:
-                    log.warning("stored file %s cannot be indexed: %s", p, exc)
+            items = _unindexed(indexer, series, since, started, min_age)
             for k in range(0, len(items), BATCH):
                 indexer.index(items[k : k + BATCH])
             found += len(items)
@@ -87,6 +56,48 @@ def recover(
     except OSError as exc:
         log.warning("cannot record the index scan time in %s: %s", mark, exc)
     return found
+
+
+def _last_scan(mark: Path, min_age: float) -> float:
+    """The time from which series folders are listed: the last complete scan minus a margin (0: all)."""
+    try:
+        return float(mark.read_text().strip()) - max(300.0, 2 * min_age)
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _unindexed(indexer: Indexer, series: Path, since: float, started: float, min_age: float) -> list[IndexItem]:
+    """The files of one series folder (modified since ``since``) that have no row and are older than
+    ``min_age`` seconds at ``started``, read back for the indexer."""
+    try:
+        if series.stat().st_mtime < since:
+            return []
+    except FileNotFoundError:
+        return []
+    files = [p for p in series.iterdir() if p.suffix == ".dcm" and not p.name.startswith(".")]
+    if not files:
+        return []
+    with indexer.engine.connect() as c:
+        indexed = set(
+            c.scalars(
+                select(Instance.file_path)
+                .join(Series, Series.id == Instance.series_pk)
+                .where(Series.series_instance_uid == series.name)
+            )
+        )
+    items = []
+    for p in files:
+        if str(p) in indexed:
+            continue
+        try:
+            if started - p.stat().st_mtime < min_age:
+                continue
+            items.append(item_from_file(p))
+        except FileNotFoundError:
+            continue
+        except Exception as exc:
+            log.warning("stored file %s cannot be indexed: %s", p, exc)
+    return items
 
 
 def _dirs(p: Path) -> list[Path]:

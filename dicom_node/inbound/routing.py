@@ -128,14 +128,33 @@ def _sop_reason(uid: str) -> str:
 
 
 def decide(facts: SeriesFacts, rules: RoutingSettings) -> Route:
-    skip = RoutingDecision.SKIP
+    for check in (_standing, _content, _acquisition):
+        route = check(facts, rules)
+        if route is not None:
+            return route
+    modality = (facts.modality or "").upper()
+    return Route(
+        RoutingDecision.ANALYSE,
+        f"{modality}, {facts.instance_count} instances, thickness {facts.slice_thickness_mm} mm",
+    )
+
+
+def _standing(facts: SeriesFacts, rules: RoutingSettings) -> Route | None:
+    """What the series already is to us: a prior we retrieved, our own result, or an operator's override."""
     previous = facts.previous_reason or ""
     if previous.startswith(PRIOR_RETRIEVAL_REASON):
-        return Route(skip, previous, SkipCode.PRIOR)
+        return Route(RoutingDecision.SKIP, previous, SkipCode.PRIOR)
     if facts.created_by_us:
-        return Route(skip, OWN_RESULT_REASON, SkipCode.OWN_RESULT)
+        return Route(RoutingDecision.SKIP, OWN_RESULT_REASON, SkipCode.OWN_RESULT)
     if previous.startswith(OPERATOR_OVERRIDE_REASON):
         return Route(RoutingDecision.ANALYSE, previous, "operator")
+    return None
+
+
+def _content(facts: SeriesFacts, rules: RoutingSettings) -> Route | None:
+    """A skip when what the series shows is not what the rules analyse (modality, SOP class, localizer,
+    description, body part)."""
+    skip = RoutingDecision.SKIP
     modality = (facts.modality or "").upper()
     if [m.upper() for m in rules.modalities] and modality not in [m.upper() for m in rules.modalities]:
         return Route(skip, f"modality {modality or '(none)'} not in {rules.modalities}", SkipCode.MODALITY)
@@ -153,15 +172,21 @@ def decide(facts: SeriesFacts, rules: RoutingSettings) -> Route:
         )
     if rules.body_parts and (facts.body_part or "").upper() not in [b.upper() for b in rules.body_parts]:
         return Route(skip, f"body part {facts.body_part or '(none)'} not in {rules.body_parts}", SkipCode.BODY_PART)
+    return None
+
+
+def _acquisition(facts: SeriesFacts, rules: RoutingSettings) -> Route | None:
+    """A skip when the series is too short or its slices too thick."""
     if facts.instance_count < rules.min_slices:
-        return Route(skip, f"{facts.instance_count} instances < min_slices {rules.min_slices}", SkipCode.MIN_SLICES)
+        return Route(
+            RoutingDecision.SKIP,
+            f"{facts.instance_count} instances < min_slices {rules.min_slices}",
+            SkipCode.MIN_SLICES,
+        )
     if facts.slice_thickness_mm is not None and facts.slice_thickness_mm > rules.max_slice_thickness_mm:
         return Route(
-            skip,
+            RoutingDecision.SKIP,
             f"slice thickness {facts.slice_thickness_mm} mm > {rules.max_slice_thickness_mm} mm",
             SkipCode.SLICE_THICKNESS,
         )
-    return Route(
-        RoutingDecision.ANALYSE,
-        f"{modality}, {facts.instance_count} instances, thickness {facts.slice_thickness_mm} mm",
-    )
+    return None

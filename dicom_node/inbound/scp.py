@@ -22,12 +22,13 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # sop_class builds its names at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,10 +40,18 @@ from lesiontrack.dicom_node.inbound.assoc_log import AssociationLog
 from lesiontrack.dicom_node.inbound.association_guard import (
     AssociationPolicy,
     ConnectionTable,
+    PeerAddress,
     install_log_filter,
     make_request_handler,
 )
-from lesiontrack.dicom_node.inbound.completion import SeriesCallback, SeriesCompletion, TransferTracker, reap_transfers
+from lesiontrack.dicom_node.inbound.completion import (
+    CompletionChecks,
+    CompletionHooks,
+    SeriesCallback,
+    SeriesCompletion,
+    TransferTracker,
+    reap_transfers,
+)
 from lesiontrack.dicom_node.inbound.indexer import make_indexer
 from lesiontrack.dicom_node.inbound.ingest import Ingestor, RequestMeta
 from lesiontrack.dicom_node.inbound.journal import JournalTailer
@@ -116,13 +125,13 @@ class _Server(ThreadedAssociationServer):
         if self.socket is not None:
             self.socket.close()
 
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: PeerAddress) -> bool:
         if self.allowed_ips and client_address[0] not in self.allowed_ips:
             log.warning("refused connection from %s: not in dicom.allowed_peer_ips", client_address[0])
             return False
@@ -299,8 +308,6 @@ class Receiver:
         return status
 
     def _on_acse_recv(self, event: evt.Event) -> None:
-        from pynetdicom.pdu_primitives import A_RELEASE
-
         primitive = getattr(event, "primitive", None)
         if isinstance(primitive, A_RELEASE) and primitive.result is None:  # the peer's A-RELEASE-RQ
             self.transfers.association_released(getattr(event.assoc, "lesiontrack_uid", None))
@@ -363,12 +370,16 @@ class StorageSCP:
             session_factory,
             settings.routing,
             cfg.series_quiet_seconds,
-            on_series_complete,
-            analyse_incomplete=cfg.analyse_incomplete_transfers,
-            housekeeping=self._housekeeping,
-            on_annotation_complete=on_annotation_complete,
-            settle=self.settle,
-            count_source=functools.partial(count_from_sender, settings, session_factory),
+            CompletionHooks(
+                on_series_complete=on_series_complete,
+                on_annotation_complete=on_annotation_complete,
+                settle=self.settle,
+                housekeeping=self._housekeeping,
+            ),
+            checks=CompletionChecks(
+                analyse_incomplete=cfg.analyse_incomplete_transfers,
+                count_source=functools.partial(count_from_sender, settings, session_factory),
+            ),
             trigger_wait_seconds=cfg.trigger_wait_seconds,
         )
         #: this process's indexer: the one writer of instance rows, whatever the number of receivers

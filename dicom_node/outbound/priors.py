@@ -24,15 +24,12 @@ import time
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
-
-if TYPE_CHECKING:
-    from dicomweb_client.api import DICOMwebClient
 
 from lesiontrack.config.settings import PacsPeer, RetrieveMethod, Settings
 from lesiontrack.db.models import Instance, OpenTransfer, Patient, RoutingDecision, Series, Study
@@ -42,6 +39,8 @@ from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_part10
 from lesiontrack.dicom_node.inbound.integrity import INCOMPLETE
 from lesiontrack.dicom_node.inbound.pacs_count import sending_peer
 from lesiontrack.dicom_node.inbound.routing import PRIOR_RETRIEVAL_REASON
+from lesiontrack.dicom_node.inbound.scp import storage_root
+from lesiontrack.dicom_node.inbound.storage import InstanceStore
 from lesiontrack.dicom_node.outbound.scu import find, get, move
 from lesiontrack.pipeline.dicom.annotations.refs import PRIOR_ANNOTATION_MODALITIES
 from lesiontrack.pipeline.dicom.annotations.refs import prior_annotation_references as pipeline_annotation_references
@@ -140,9 +139,6 @@ class PriorFinder:
         self.session_factory = session_factory
         self.query_peers = query_peers
         if ingestor is None:
-            from lesiontrack.dicom_node.inbound.scp import storage_root
-            from lesiontrack.dicom_node.inbound.storage import InstanceStore
-
             ingestor = Ingestor(InstanceStore(storage_root(settings), settings.dicom.fsync), session_factory)
         self.ingestor = ingestor
         #: (peer name, series UID) → NumberOfSeriesRelatedInstances the peer reported (None = not reported)
@@ -573,8 +569,6 @@ class PriorFinder:
         self._await_indexed(peer, series_uid, at_least=retrieved.completed + retrieved.warning)
 
     def _dicomweb(self, peer: PacsPeer) -> DICOMwebClient:
-        from dicomweb_client.api import DICOMwebClient
-
         if not peer.dicomweb_url:
             raise PriorLookupError(f"peer {peer.name}: retrieve_method DICOMWEB needs dicomweb_url")
         return DICOMwebClient(url=peer.dicomweb_url)

@@ -22,12 +22,14 @@ all over the wire).
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 import socket
 import struct
 import subprocess
 import threading
 import time
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -221,12 +223,40 @@ _DATASET_OPERATORS = frozenset({"uid_too_long", "uid_charset", "uid_missing", "p
 def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
     uid = f"2.25.{rng.getrandbits(96)}"  # from the seed: a run is reproducible byte for byte
     ts, sop_class = s.ts, str(s.ds.SOPClassUID)
-    native = ts in (EXPLICIT, IMPLICIT, DEFLATED)
     plain_ts = EXPLICIT if ts == DEFLATED else ts  # byte-level mutators work on plain (inflated) bytes
-    ds = s.ds
-    if cat in _DATASET_OPERATORS:
-        ds = copy.deepcopy(s.ds)  # Dataset.copy() is shallow: a mutation would leak into the seed
-        ds.SOPInstanceUID = uid
+    if cat == "sop_class_mismatch":
+        sop_class = MR
+    ts, plain_ts = _mutate_transfer_syntax(rng, cat, ts, plain_ts)
+    implicit = plain_ts == IMPLICIT
+    # a dataset operator's copy is encoded anew; otherwise only the SOP Instance UID differs from the seed: spliced
+    # into the seed's encoding (same bytes, 1/10 the time)
+    body = (
+        encode(_mutate_dataset(rng, s.ds, cat, uid), plain_ts)
+        if cat in _DATASET_OPERATORS
+        else _with_sop_uid(s, implicit, uid)
+    )
+    body = _mutate_encoded(rng, cat, body, implicit)
+    if ts == DEFLATED:
+        body = _deflate(rng, cat, body)
+    elif cat == "deflate_corrupt":  # not a deflate seed: claim deflate for plain bytes
+        ts = DEFLATED
+    return Mutant(cat, s.name, ts, sop_class, uid, body)
+
+
+def _mutate_transfer_syntax(rng: random.Random, cat: str, ts: str, plain_ts: str) -> tuple[str, str]:
+    """The claimed and the plain transfer syntax after a native/encapsulated mismatch (unchanged otherwise)."""
+    native = ts in (EXPLICIT, IMPLICIT, DEFLATED)
+    if cat == "native_under_compressed" and native:
+        ts = plain_ts = rng.choice([J2K, RLE, JPEG_BASELINE])
+    elif cat == "encapsulated_under_native" and not native:
+        ts = plain_ts = rng.choice([EXPLICIT, IMPLICIT])
+    return ts, plain_ts
+
+
+def _mutate_dataset(rng: random.Random, seed_ds: Dataset, cat: str, uid: str) -> Dataset:
+    """A copy of the seed's dataset with SOP Instance UID ``uid`` and the dataset-level mutation ``cat``."""
+    ds = copy.deepcopy(seed_ds)  # Dataset.copy() is shallow: a mutation would leak into the seed
+    ds.SOPInstanceUID = uid
     if cat == "uid_too_long":
         setattr(ds, rng.choice(["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]),
                 "1.2.826.0.1.3680043.8.498." + "7" * rng.randint(39, 80))  # fmt: skip
@@ -235,12 +265,6 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
                 rng.choice(["1.2.abc.4", "1.2..3", "1.02.3", "1.2.3 ", "1.2.3.", "1.\xe9.3", "1.2;3"]))  # fmt: skip
     elif cat == "uid_missing":
         delattr(ds, rng.choice(["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]))
-    elif cat == "sop_class_mismatch":
-        sop_class = MR
-    elif cat == "native_under_compressed" and native:
-        ts = plain_ts = rng.choice([J2K, RLE, JPEG_BASELINE])
-    elif cat == "encapsulated_under_native" and not native:
-        ts = plain_ts = rng.choice([EXPLICIT, IMPLICIT])
     elif cat == "pixel_length_mismatch":
         if rng.random() < 0.5:
             ds.Rows = int(ds.Rows) + rng.choice([-3, 1, 7, 100])
@@ -253,13 +277,13 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
         item.is_undefined_length_sequence_item = False
         ds.ReferencedImageSequence = Sequence([item])
         ds["ReferencedImageSequence"].is_undefined_length = False
-    implicit = plain_ts == IMPLICIT
-    if cat in _DATASET_OPERATORS:
-        body = encode(ds, plain_ts)
-    else:  # only the SOP Instance UID differs from the seed: spliced into its encoding (same bytes, 1/10 the time)
-        body = _with_sop_uid(s, implicit, uid)
+    return ds
+
+
+def _mutate_encoded(rng: random.Random, cat: str, body: bytes, implicit: bool) -> bytes:
+    """The byte-level mutation ``cat`` applied to the plain (not deflated) encoding."""
     if cat == "deep_nesting":  # raw bytes: pydicom's own writer recurses itself to death at these depths
-        body = _insert_nested(body, implicit, rng.choice([25, 40, 200, 600, 1000, 5000]))
+        return _insert_nested(body, implicit, rng.choice([25, 40, 200, 600, 1000, 5000]))
     if cat == "defined_seq_corrupt":
         b = bytearray(body)
         at = b.find(b"\x08\x00\x55\x11")
@@ -267,27 +291,26 @@ def _mutate(rng: random.Random, s: Seed, cat: str) -> Mutant:
             off = at + (4 if implicit else 6)
             width = 4 if implicit else 2
             b[off : off + width] = rng.randint(60, 5000).to_bytes(width, "little")
-        body = bytes(b)
-    elif cat in ("truncate", "byte_flip", "vr_corrupt", "length_corrupt", "garbage_insert", "element_swap"):
-        body = _byte_mutation(rng, cat, body, implicit)
-    elif cat == "empty":
-        body = rng.choice([b"", b"\x00" * rng.randint(1, 64), b"\xff" * 16])
-    if ts == DEFLATED:
-        if cat == "deflate_corrupt":
-            c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-            d = bytearray(c.compress(body) + c.flush())
-            if rng.random() < 0.5:
-                d = d[: rng.randint(1, max(1, len(d) - 1))]
-            else:
-                for _ in range(rng.randint(1, 20)):
-                    d[rng.randrange(len(d))] ^= 1 << rng.randrange(8)
-            body = bytes(d)
-        else:
-            c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-            body = c.compress(body) + c.flush()
-    elif cat == "deflate_corrupt":  # not a deflate seed: claim deflate for plain bytes
-        ts = DEFLATED
-    return Mutant(cat, s.name, ts, sop_class, uid, body)
+        return bytes(b)
+    if cat in ("truncate", "byte_flip", "vr_corrupt", "length_corrupt", "garbage_insert", "element_swap"):
+        return _byte_mutation(rng, cat, body, implicit)
+    if cat == "empty":
+        return rng.choice([b"", b"\x00" * rng.randint(1, 64), b"\xff" * 16])
+    return body
+
+
+def _deflate(rng: random.Random, cat: str, body: bytes) -> bytes:
+    """``body`` as raw deflate, the stream cut short or bit-flipped for ``deflate_corrupt``."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    if cat != "deflate_corrupt":
+        return c.compress(body) + c.flush()
+    d = bytearray(c.compress(body) + c.flush())
+    if rng.random() < 0.5:
+        d = d[: rng.randint(1, max(1, len(d) - 1))]
+    else:
+        for _ in range(rng.randint(1, 20)):
+            d[rng.randrange(len(d))] ^= 1 << rng.randrange(8)
+    return bytes(d)
 
 
 def _byte_mutation(rng: random.Random, cat: str, body: bytes, implicit: bool) -> bytes:
@@ -556,6 +579,15 @@ class Receives(Protocol):
     ) -> IngestResult: ...
 
 
+@dataclass(frozen=True)
+class InProcessPace:
+    """How :func:`receive_in_process` hands mutants over and judges them."""
+
+    chunk: int = 500  # mutants received before the indexer settles and the chunk is judged
+    per_association: int = 50  # C-STOREs per (simulated) association
+    dcmdump: bool = True  # the oracle also runs dcmdump over the stored files
+
+
 def receive_in_process(
     ingestor: Receives,
     mutants: Iterator[Mutant],
@@ -563,9 +595,7 @@ def receive_in_process(
     stored_files: Callable[[list[str]], dict[str, Path]],
     held: Callable[[Path], str | None],
     report: FuzzReport,
-    chunk: int = 500,
-    per_association: int = 50,
-    dcmdump: bool = True,
+    pace: InProcessPace | None = None,
 ) -> None:
     """Hand every mutant to the door as the SCP's C-STORE handler does, without the network in between.
 
@@ -576,15 +606,13 @@ def receive_in_process(
     the network adds (PDU framing, DIMSE, presentation contexts) is fuzzed over real associations by
     :func:`run_cstores` and :func:`run_pdus`. Outcomes are judged as there, in chunks: after each chunk the
     indexer settles, the rows are looked up at once and the stored files go through :func:`oracle_many`."""
-    import itertools
-    import uuid
-
+    pace = pace or InProcessPace()
     association = str(uuid.uuid4())
     done = 0
-    while batch := list(itertools.islice(mutants, chunk)):
+    while batch := list(itertools.islice(mutants, pace.chunk)):
         answers: list[tuple[Mutant, int, str]] = []
         for m in batch:
-            if done % per_association == 0:
+            if done % pace.per_association == 0:
                 association = str(uuid.uuid4())
             done += 1
             r = ingestor.receive(
@@ -598,7 +626,7 @@ def receive_in_process(
         del batch
         settle()
         stored = stored_files([m.sop_uid for m, status, _ in answers if status == 0])
-        verdicts = oracle_many(list(stored.values()), dcmdump=dcmdump)
+        verdicts = oracle_many(list(stored.values()), dcmdump=pace.dcmdump)
         for m, status, comment in answers:
             path = stored.get(m.sop_uid) if status == 0 else None
             _judge(m, status, comment, path, verdicts.get(path) if path else None, held, report)

@@ -125,7 +125,8 @@ class JobControl:
         if self.scp is not None:
             outcome = self.scp.completion.trigger(series_uid, expected_instances=expected_instances)
         else:  # the DICOM node runs in another process: its completion poll answers the request if not done now
-            assert self.settings is not None and self.session_factory is not None
+            assert self.settings is not None
+            assert self.session_factory is not None
             request_completion(
                 self.session_factory, series_uid, expected_instances, self.settings.dicom.trigger_wait_seconds
             )

@@ -26,7 +26,7 @@ from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 from lesiontrack.synthetic.lesion_change import insert_lesion
 from lesiontrack.synthetic.phantom import ORGANS, Phantom, make_phantom
-from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
+from lesiontrack.synthetic.synthesis import SynthConfig, SynthIdentity, synthesize_patient
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 
@@ -145,9 +145,8 @@ def make_patient(
             np.random.default_rng([seed, synth_seed]),
             n_followups,
             SynthConfig(p_new=0.0, p_vanish=0.2),
-            patient_id=patient_id,
+            SynthIdentity(patient_id, seed=seed),
             lesion_kinds={i.label: i.kind for i in ph.lesion_info},
-            seed=seed,
         )
         for tp in synth.timepoints[1:]:
             t = tp.index

@@ -82,6 +82,15 @@ class Timepoint:
     changes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SynthIdentity:
+    """Who the synthetic patient is: the DICOM patient and the seed its dates and accession numbers derive from."""
+
+    patient_id: str = "SYNTH-0001"
+    patient_name: str = "Synthetic^Patient"
+    seed: int = 0
+
+
 @dataclass
 class SynthPatient:
     patient_id: str
@@ -209,13 +218,12 @@ def synthesize_patient(
     rng: np.random.Generator,
     n_followups: int = 2,
     config: SynthConfig | None = None,
-    patient_id: str = "SYNTH-0001",
-    patient_name: str = "Synthetic^Patient",
+    identity: SynthIdentity | None = None,
     lesion_kinds: dict[int, str] | None = None,
-    seed: int = 0,
 ) -> SynthPatient:
     """Baseline (the source, unchanged) + ``n_followups`` synthetic follow-ups with full truth."""
     cfg = config or SynthConfig()
+    who = identity or SynthIdentity()
     if not source_ct.same_grid(labels, atol=1e-3):
         labels = labels.resample_to(source_ct, label=True)
     ct0 = source_ct.with_array(np.clip(np.rint(source_ct.array), -1024, 3071).astype(np.int16))
@@ -269,12 +277,12 @@ def synthesize_patient(
         )
         log.debug(
             "synthesised %s timepoint %d: %d lesions present, grid %s",
-            patient_id,
+            who.patient_id,
             t,
             sum(s.status in ("present", "new") for s in states.values()),
             grid_info["size_ijk"],
         )
-    return SynthPatient(patient_id, patient_name, seed, tps, kinds)
+    return SynthPatient(who.patient_id, who.patient_name, who.seed, tps, kinds)
 
 
 def _evolve(

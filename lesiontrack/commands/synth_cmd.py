@@ -32,7 +32,7 @@ def synth(
     """Synthetic baseline + follow-up CTs with known lesion changes, motion and landmark truth."""
     import numpy as np
 
-    from lesiontrack.synthetic.synthesis import synthesize_patient, write_patient
+    from lesiontrack.synthetic.synthesis import SynthIdentity, synthesize_patient, write_patient
 
     if (source is None) != (labels is None):
         raise typer.BadParameter("--source and --labels go together")
@@ -75,10 +75,8 @@ def synth(
             lab,
             np.random.default_rng(pseed),
             n_followups=timepoints - 1,
-            patient_id=f"SYNTH-{pseed:04d}",
-            patient_name=f"Synthetic^Patient{pseed:04d}",
+            identity=SynthIdentity(f"SYNTH-{pseed:04d}", f"Synthetic^Patient{pseed:04d}", pseed),
             lesion_kinds=kinds,
-            seed=pseed,
         )
         root = write_patient(patient, out, write_dicom=not no_dicom)
         summary.append(

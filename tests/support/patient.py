@@ -373,7 +373,7 @@ def phantom_timepoints(
     from lesiontrack.models.segmentation.prompts import LesionIdentity
     from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
     from lesiontrack.synthetic.phantom import make_phantom
-    from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
+    from lesiontrack.synthetic.synthesis import SynthConfig, SynthIdentity, synthesize_patient
 
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions, center_mm=(0.0, 0.0, 40.0))
     cfg = SynthConfig(
@@ -393,8 +393,7 @@ def phantom_timepoints(
         np.random.default_rng(seed),
         n_followups=n_followups,
         config=cfg,
-        patient_id=patient_id,
-        seed=seed,
+        identity=SynthIdentity(patient_id, seed=seed),
     )
     info = {li.label: li for li in ph.lesion_info}
     idents: dict[int, LesionIdentity] = {}

@@ -47,7 +47,7 @@ def _gsps(patient: Any, out: Path, kind: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.inbound.scp import storage_root
     from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -66,8 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         spacing=(2.5, 2.5, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
     )
     lines = _gsps(patient, tmp / "pr" / "lines.dcm", "line", 1)
     store = InstanceStore(storage_root(settings), fsync=False)

@@ -18,7 +18,7 @@ from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import JobState
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
 from lesiontrack.demo import demo_settings
-from lesiontrack.demo_data import DemoPatient, make_patient
+from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
 from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
 from lesiontrack.dicom_node.inbound.scp import storage_root
 from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -155,8 +155,7 @@ def _ingest_patient_with_lines_and_an_arrow(tmp_path: Path, settings: Settings, 
         spacing=(2.5, 2.5, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
     )
     ct = read_series(patient.baseline.files)
     prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)

@@ -28,7 +28,7 @@ from lesiontrack.db.models import (
 from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
-from lesiontrack.demo_data import DemoPatient, make_patient
+from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
 from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
 
 #: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
@@ -468,7 +468,6 @@ def still_patient(
         spacing=STILL_SPACING,
         n_lesions=3,
         n_followups=n_followups,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
         new_lesions=new_lesions,
     )

@@ -20,7 +20,7 @@ import pydicom
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
@@ -65,16 +65,18 @@ def _write(volume: Volume, out_dir: Path, patient_id: str, date: str, label: str
     files = write_ct_series(
         volume,
         out_dir,
-        patient_id=patient_id,
-        patient_name="Demo^Phantom",
-        study_uid=study,
-        series_uid=series,
-        frame_of_reference_uid=frame,
-        study_date=date,
-        series_number=number,
-        series_description=f"Phantom CT {label}",
-        study_description=f"LesionTrack demo {label}",
-        accession_number=f"DEMO{number:04d}",
+        CTSeriesHeader(
+            patient_id=patient_id,
+            patient_name="Demo^Phantom",
+            study_uid=study,
+            series_uid=series,
+            frame_of_reference_uid=frame,
+            study_date=date,
+            series_number=number,
+            series_description=f"Phantom CT {label}",
+            study_description=f"LesionTrack demo {label}",
+            accession_number=f"DEMO{number:04d}",
+        ),
     )
     return DemoSeries(label, study, series, date, list(files))
 

@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
@@ -378,16 +378,18 @@ def write_patient(
             files = write_ct_series(
                 tp.ct,
                 root / f"tp{tp.index}",
-                patient_id=patient.patient_id,
-                patient_name=patient.patient_name,
-                study_date=date,
-                study_id=str(tp.index + 1),
-                accession_number=f"ACC{patient.seed:04d}{tp.index}",
-                study_description="CT CHEST ABDOMEN (synthetic)",
-                series_description=f"synthetic timepoint {tp.index}",
-                study_uid=ids["study_uid"],
-                series_uid=ids["series_uid"],
-                frame_of_reference_uid=ids["frame_of_reference_uid"],
+                CTSeriesHeader(
+                    patient_id=patient.patient_id,
+                    patient_name=patient.patient_name,
+                    study_date=date,
+                    study_id=str(tp.index + 1),
+                    accession_number=f"ACC{patient.seed:04d}{tp.index}",
+                    study_description="CT CHEST ABDOMEN (synthetic)",
+                    series_description=f"synthetic timepoint {tp.index}",
+                    study_uid=ids["study_uid"],
+                    series_uid=ids["series_uid"],
+                    frame_of_reference_uid=ids["frame_of_reference_uid"],
+                ),
             )
             entry["dicom_dir"] = f"tp{tp.index}"
             entry["n_files"] = len(files)

@@ -369,7 +369,7 @@ def phantom_timepoints(
     import numpy as np
     from pydicom.uid import generate_uid
 
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
     from lesiontrack.models.segmentation.prompts import LesionIdentity
     from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
     from lesiontrack.synthetic.phantom import make_phantom
@@ -406,16 +406,18 @@ def phantom_timepoints(
         files = write_ct_series(
             tp.ct,
             tmp / f"phantom-tp{tp.index}",
-            patient_id=patient_id,
-            patient_name="Demo^Patient",
-            study_uid=study_uid,
-            series_uid=series_uid,
-            frame_of_reference_uid=frame_uid,
-            study_date=date,
-            series_number=2,
-            series_description=f"CT chest-abdomen T{tp.index}",
-            study_description="CT CHEST ABDOMEN",
-            accession_number=f"A{seed}{tp.index}",
+            CTSeriesHeader(
+                patient_id=patient_id,
+                patient_name="Demo^Patient",
+                study_uid=study_uid,
+                series_uid=series_uid,
+                frame_of_reference_uid=frame_uid,
+                study_date=date,
+                series_number=2,
+                series_description=f"CT chest-abdomen T{tp.index}",
+                study_description="CT CHEST ABDOMEN",
+                accession_number=f"A{seed}{tp.index}",
+            ),
         )
         tracked = []
         for lab, st in sorted(tp.lesions.items()):

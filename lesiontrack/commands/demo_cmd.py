@@ -39,8 +39,8 @@ def demo(
     # the service, the demo helpers and the synthetic patient load the whole analysis stack (seconds):
     # imported when the command runs, not when the CLI starts
     from lesiontrack.demo import demo_settings, send_files, wait_for_job, write_demo_config
-    from lesiontrack.demo_data import make_patient
-    from lesiontrack.service import LesionTrackService
+    from lesiontrack.demo_data import make_patient  # lazy: CLI start-up
+    from lesiontrack.service import LesionTrackService  # lazy: CLI start-up
 
     console = Console()
     if not console.is_terminal:
@@ -113,7 +113,7 @@ def _send_followup(
 ) -> None:
     """Send one follow-up, show its job's progress and print its outcome and prompt source."""
     from lesiontrack.demo import send_files, wait_for_job  # the analysis stack (see demo)
-    from lesiontrack.pipeline.jobs.contract import job_results
+    from lesiontrack.pipeline.jobs.contract import job_results  # lazy: CLI start-up
 
     status = console.status(f"sending {fu.label}...")
     status.start()
@@ -143,9 +143,9 @@ def _print_lesion_table(console: Console, service: LesionTrackService, patient_i
     """The patient's lesions × timepoints as the service recorded them, with each timepoint's result files."""
     from sqlalchemy import select  # the database and result stack load with the analysis (see demo)
 
-    from lesiontrack.db.models import Patient
-    from lesiontrack.demo import lesion_table, render_table
-    from lesiontrack.pipeline.jobs.contract import job_results
+    from lesiontrack.db.models import Patient  # lazy: CLI start-up
+    from lesiontrack.demo import lesion_table, render_table  # lazy: CLI start-up
+    from lesiontrack.pipeline.jobs.contract import job_results  # lazy: CLI start-up
 
     if service.session_factory is None:
         raise RuntimeError("the demo service has no database")

@@ -50,7 +50,7 @@ def load_pipeline(spec: str) -> PipelineFactory:
 def check_engine_settings(settings: Settings) -> None:
     """Fail start-up (ConfigError naming the key) when a configured engine is unknown, not installed or lacks
     its weights, instead of failing every job later at the register/track step."""
-    # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+    # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
     from lesiontrack.models.engines import check_engines
 
     problems = check_engines(settings.engines)
@@ -60,7 +60,7 @@ def check_engine_settings(settings: Settings) -> None:
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[PriorSource, ResultSender]:
     """The dicom_node implementations of ``pipeline.jobs.ports.PriorSource`` and ``ResultSender``."""
-    # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+    # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
     from lesiontrack.dicom_node.outbound.priors import PriorFinder
     from lesiontrack.dicom_node.outbound.sending import DeliveryService  # lazy, as above
 
@@ -76,7 +76,7 @@ def build_analysis_service(
     ports: tuple[PriorSource | None, ResultSender | None] | None = None,
     progress: Callable[[int, str], None] | None = None,
 ) -> AnalysisService:
-    # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+    # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
     from lesiontrack.pipeline.jobs.analysis import AnalysisService, RetryPolicy
     from lesiontrack.pipeline.jobs.store import worker_identity  # lazy, as above
 
@@ -122,10 +122,10 @@ class JobControl:
     on_annotation_complete: Callable[[str], None] | None = None
 
     def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Completion | None:
-        # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.inbound.completion import answer_request, request_completion
 
-        # lazy: the web app costs ~10 s at import (FastAPI, the API's read models); only HTTP needs it
+        # lazy: the web app, ~10 s at import; only HTTP needs it
         from lesiontrack.web.jobcontrol import Completion
 
         if self.scp is not None:
@@ -167,7 +167,7 @@ class JobControl:
         )
 
     def analyse_anyway(self, series_uid: str, actor: str) -> int:
-        # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.inbound.skipped import analyse_anyway
 
         assert self.session_factory is not None
@@ -179,14 +179,14 @@ class JobControl:
     def take_correction(self, data: bytes, actor: str) -> CorrectionTaken:
         """An uploaded corrected SEG/SR: stored like a received instance (durably, de-duplicated), its series
         completed, and taken in as a verification (the operator is the verifier unless ContentCreatorName says)."""
-        # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.inbound.completion import complete_series
         from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_part10  # lazy, as above
         from lesiontrack.dicom_node.inbound.scp import storage_root  # lazy, as above
         from lesiontrack.dicom_node.inbound.storage import InstanceStore  # lazy, as above
         from lesiontrack.pipeline.jobs.verification import take_in_series  # lazy, as above
 
-        # lazy: the web app costs ~10 s at import (FastAPI, the API's read models); only HTTP needs it
+        # lazy: the web app, ~10 s at import; only HTTP needs it
         from lesiontrack.web.jobcontrol import CorrectionTaken
 
         if self.settings is None or self.session_factory is None:
@@ -264,7 +264,7 @@ class LesionTrackService:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LesionTrackService:
-        # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.database import open_database
         from lesiontrack.pipeline.jobs.store import JobStore  # lazy, as above
 
@@ -279,7 +279,7 @@ class LesionTrackService:
 
             self.executor = CeleryExecutor(self.settings)
         elif self.enable_jobs:
-            # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+            # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
             from lesiontrack.pipeline.jobs.executors.inprocess import InProcessExecutor
 
             self.analysis = build_analysis_service(
@@ -296,7 +296,7 @@ class LesionTrackService:
         if self.sender is not None and hasattr(self.sender, "start"):
             self.sender.start()
         if self.enable_dicom:
-            # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+            # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
             from lesiontrack.dicom_node.inbound.scp import StorageSCP
 
             self.scp = StorageSCP(
@@ -318,7 +318,7 @@ class LesionTrackService:
     def on_annotation_complete(self, series_uid: str) -> None:
         """A SEG/SR series that is not ours completed: a reader's correction of a follow-up we analysed is taken in
         (verified tracking) and its adoption job queued; any other annotation stays a prior annotation."""
-        # lazy: the DICOM node and job runner cost ~5 s at import (pynetdicom, pipeline); not every command
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.pipeline.jobs.verification import take_in_series
 
         if self.session_factory is None:
@@ -340,12 +340,12 @@ class LesionTrackService:
 
     def _start_http(self) -> None:
         try:
-            # lazy: the web app costs ~10 s at import (FastAPI, the API's read models); only HTTP needs it
+            # lazy: the web app, ~10 s at import; only HTTP needs it
             from lesiontrack.web import create_app
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return
-        # lazy: the web app costs ~10 s at import (FastAPI, the API's read models); only HTTP needs it
+        # lazy: the web app, ~10 s at import; only HTTP needs it
         import uvicorn
 
         if self.session_factory is None:

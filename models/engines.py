@@ -69,14 +69,14 @@ class UnknownEngine(ValueError):
 
 # -- registration -------------------------------------------------------------------------------------------------
 def _none(req: BuildRequest) -> RegistrationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.identity import NoRegistrationEngine
 
     return NoRegistrationEngine()
 
 
 def _convex(req: BuildRequest) -> RegistrationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.convex import ConvexEngine, ConvexParams
 
     params = ConvexParams(working_spacing_mm=req.settings.working_spacing_mm, seed=req.seed, **(req.options or {}))
@@ -84,14 +84,14 @@ def _convex(req: BuildRequest) -> RegistrationEngine:
 
 
 def _simpleitk(req: BuildRequest) -> RegistrationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.sitk_engine import SimpleITKEngine
 
     return SimpleITKEngine(working_spacing_mm=req.settings.working_spacing_mm, **(req.options or {}))
 
 
 def _unigradicon(req: BuildRequest) -> RegistrationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.unigradicon_engine import UniGradIconEngine
 
     return UniGradIconEngine(
@@ -131,21 +131,21 @@ REGISTRATION: dict[str, EngineSpec[RegistrationEngine]] = {
 
 # -- segmentation -------------------------------------------------------------------------------------------------
 def _adaptive(req: BuildRequest) -> SegmentationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.segmentation.adaptive import AdaptiveEngine
 
     return AdaptiveEngine(**(req.options or {}))
 
 
 def _warped(req: BuildRequest) -> SegmentationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.segmentation.warped import WarpedPromptEngine
 
     return WarpedPromptEngine(**(req.options or {}))
 
 
 def _lesionlocator(req: BuildRequest) -> SegmentationEngine:
-    # lazy: only the engine the settings name is imported (torch 6 s, SimpleITK at import)
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.segmentation.lesionlocator import LesionLocatorEngine
 
     if req.weights is None:

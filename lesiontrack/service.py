@@ -24,8 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.config.settings import ConfigError, Settings
 
 if TYPE_CHECKING:  # the analysis stack loads when the service starts (see build_analysis_service), not on import
+    import uvicorn
+
     from lesiontrack.dicom_node.inbound.scp import StorageSCP
     from lesiontrack.pipeline.jobs.analysis import AnalysisService
+    from lesiontrack.pipeline.jobs.executors import Executor
     from lesiontrack.pipeline.jobs.ports import PriorSource, ResultSender
     from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.web.jobcontrol import Completion, CorrectionTaken
@@ -253,12 +256,12 @@ class LesionTrackService:
         self.enable_jobs = jobs
         self.progress = progress
         self.session_factory: sessionmaker[Session] | None = None
-        self.scp: Any = None
-        self.executor: Any = None
-        self.analysis: Any = None
-        self.sender: Any = None
-        self.job_store: Any = None
-        self._http_server: Any = None
+        self.scp: StorageSCP | None = None
+        self.executor: Executor | None = None
+        self.analysis: AnalysisService | None = None
+        self.sender: ResultSender | None = None
+        self.job_store: JobStore | None = None
+        self._http_server: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
@@ -327,9 +330,15 @@ class LesionTrackService:
             if self.executor is not None:
                 self.executor.submit(job_id)
 
+    def jobs(self) -> JobStore:
+        """The job store of the started service."""
+        if self.job_store is None:
+            raise RuntimeError("the service has not been started")
+        return self.job_store
+
     def job_control(self) -> JobControl:
         return JobControl(
-            self.job_store,
+            self.jobs(),
             self.executor.submit if self.executor else (lambda _id: None),
             settings=self.settings,
             session_factory=self.session_factory,
@@ -359,8 +368,8 @@ class LesionTrackService:
             access_log=False,
             lifespan="off",
         )
-        self._http_server = uvicorn.Server(cfg)
-        self._http_server.install_signal_handlers = lambda: None  # serve() runs off the main thread
+        self._http_server = server = uvicorn.Server(cfg)
+        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # serve() runs off the main thread
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
         self._http_thread.start()
         deadline = time.monotonic() + 30

@@ -33,7 +33,7 @@ class BuildRequest:
     """What every engine factory gets: the engine settings, the compute device, the run seed and free options."""
 
     settings: EngineSettings
-    device: Any = "auto"
+    device: str = "auto"
     seed: int = 0
     weights: Path | None = None  # the engine's weights (from ``EngineSpec.weights_key`` unless given explicitly)
     options: Mapping[str, Any] | None = None
@@ -189,7 +189,7 @@ def spec(kind: EngineKind, name: str) -> EngineSpec[Any]:
 def _request(
     s: EngineSpec[Any],
     settings: EngineSettings | None,
-    device: Any,
+    device: str,
     seed: int,
     weights: str | Path | None,
     options: Mapping[str, Any],
@@ -203,7 +203,7 @@ def _request(
 def build_registration(
     name: str | None = None,
     settings: EngineSettings | None = None,
-    device: Any = "auto",
+    device: str = "auto",
     seed: int = 0,
     weights: str | Path | None = None,
     **options: Any,
@@ -217,7 +217,7 @@ def build_registration(
 def build_segmentation(
     name: str | None = None,
     settings: EngineSettings | None = None,
-    device: Any = "auto",
+    device: str = "auto",
     seed: int = 0,
     weights: str | Path | None = None,
     **options: Any,

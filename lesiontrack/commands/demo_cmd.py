@@ -75,7 +75,7 @@ def demo(
     try:
         with console.status("sending baseline CT + SEG over DICOM..."):
             send_files(settings, [*patient.baseline.files, patient.seg_file])
-            view = wait_for_job(service.job_store, patient.baseline.series_uid, timeout)
+            view = wait_for_job(service.jobs(), patient.baseline.series_uid, timeout)
         console.print(f"baseline: job {view.id} → {view.state.value} ({view.error or 'ok'})")
         for fu in patient.followups:
             _send_followup(console, settings, service, fu, timeout)
@@ -124,7 +124,7 @@ def _send_followup(
         def show(v: JobView, label: str = fu.label, t1: float = t1, status: Status = status) -> None:
             status.update(f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)")
 
-        view = wait_for_job(service.job_store, fu.series_uid, timeout, show)
+        view = wait_for_job(service.jobs(), fu.series_uid, timeout, show)
     finally:
         status.stop()
     took = sum(view.step_timings.values())
@@ -155,7 +155,7 @@ def _print_lesion_table(console: Console, service: LesionTrackService, patient_i
         raise RuntimeError(f"patient {patient_id} is not in the database after the demo run")
     table = lesion_table(service.session_factory, patient_pk)
     for tp in table:
-        latest = service.job_store.latest_for_series(tp.series_uid)
+        latest = service.jobs().latest_for_series(tp.series_uid)
         if latest is not None:
             tp.files = job_results(latest.step_outputs).result_files
     render_table(table, console)

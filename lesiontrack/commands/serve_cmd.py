@@ -37,6 +37,7 @@ def serve(
         typer.secho(f"error: cannot start: {type(exc).__name__}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""
+    assert service.scp is not None  # serve always runs the DICOM node (LesionTrackService(dicom=True))
     typer.echo(
         f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:"
         f"{service.scp.port}{http}, executor {settings.worker.executor}"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.db.models import AnalysisJob, JobState, Series, Study
@@ -239,7 +239,7 @@ class JobStore:
         return self.create(series_uid, reason=f"retry of job {job_id}", actor=actor, supersedes=job_id)
 
     # -- claiming ---------------------------------------------------------------------------------
-    def _claimable(self, now: datetime) -> Any:
+    def _claimable(self, now: datetime) -> ColumnElement[bool]:
         return or_(
             AnalysisJob.state == JobState.QUEUED,
             and_(

@@ -107,7 +107,7 @@ class JobView:
     step: str | None
     attempts: int
     error: str | None
-    step_timings: dict[str, Any]
+    step_timings: dict[str, float]  # step → seconds
     step_outputs: dict[str, Any]
     worker: str | None
     superseded_by: int | None
@@ -425,7 +425,7 @@ class JobStore:
             job.step_outputs = out
             audit(s, worker, "job.step_finished", "job", job_id, step=step, seconds=round(float(seconds), 3))
 
-    def set_runtime(self, job_id: int, **runtime: Any) -> None:
+    def set_runtime(self, job_id: int, **runtime: str) -> None:
         """Runtime hints kept across attempts (e.g. ``device='cpu'`` after a GPU out-of-memory)."""
         with session_scope(self.sf) as s:
             job = s.get(AnalysisJob, job_id)

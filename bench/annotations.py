@@ -82,7 +82,7 @@ def _rtstruct_prompts(p: Patient, seg: list[Prompt], workdir: Path) -> list[Prom
     from pydicom.uid import generate_uid
 
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
     from lesiontrack.pipeline.dicom.annotations.rtstruct import read_rtstruct_prompts
     from lesiontrack.synthetic.annotations import write_rtstruct
 
@@ -90,12 +90,14 @@ def _rtstruct_prompts(p: Patient, seg: list[Prompt], workdir: Path) -> list[Prom
     files = write_ct_series(
         p.cts[0],
         folder / "ct",
-        patient_id=p.name,
-        patient_name="Bench^Patient",
-        study_uid=generate_uid(),
-        series_uid=generate_uid(),
-        frame_of_reference_uid=generate_uid(),
-        study_date="20260101",
+        CTSeriesHeader(
+            patient_id=p.name,
+            patient_name="Bench^Patient",
+            study_uid=generate_uid(),
+            series_uid=generate_uid(),
+            frame_of_reference_uid=generate_uid(),
+            study_date="20260101",
+        ),
     )
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     rois = [(sp.identity.tracking_id, contours(sp.mask)) for sp in seg if sp.mask is not None]

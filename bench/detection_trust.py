@@ -17,7 +17,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lesiontrack.config.settings import EngineSettings
-from lesiontrack.demo_data import make_patient
+from lesiontrack.demo_data import FollowUps, make_patient
 from lesiontrack.models.detection import DetectionOptions, search_new_lesions
 from lesiontrack.models.engines import build_registration
 from lesiontrack.models.imaging.dicom_read import read_series
@@ -34,8 +34,7 @@ def demo_cases(tmp: Path) -> list[dict[str, Any]]:
                 spacing=(2.5, 2.5, 3.0),
                 n_lesions=3,
                 n_followups=1,
-                changes=False,
-                motion=motion,
+                follow_ups=FollowUps.MOTION if motion else FollowUps.STILL,
                 new_lesions={1: [("liver", 14.0, 25.0)]},
             )
             base, fu = read_series(p.baseline.files), read_series(p.followups[0].files)

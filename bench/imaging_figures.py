@@ -92,7 +92,7 @@ def phantom_figure(out: Path) -> dict:
 
 def synthesis_figure(out: Path) -> dict:
     from lesiontrack.synthetic.phantom import make_phantom
-    from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
+    from lesiontrack.synthetic.synthesis import SynthConfig, SynthIdentity, synthesize_patient
 
     ph = make_phantom(1, shape=(120, 256, 300), spacing=(1.1, 1.1, 1.6), center_mm=(0.0, 5.0, 10.0))
     cfg = SynthConfig(p_new=1.0, p_vanish=0.2)
@@ -102,8 +102,8 @@ def synthesis_figure(out: Path) -> dict:
         np.random.default_rng(4),
         n_followups=2,
         config=cfg,
+        identity=SynthIdentity(seed=1),
         lesion_kinds={x.label: x.kind for x in ph.lesion_info},
-        seed=1,
     )
     labels_to_show = [x.label for x in ph.lesion_info][:4]
     new = [lab for tp in pat.timepoints for lab, s in tp.lesions.items() if s.status == "new"]

@@ -44,7 +44,7 @@ def bench_series(n_slices: int) -> dict:
     from pydicom.uid import generate_uid
 
     from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 
     rng = np.random.default_rng(0)
     arr = (rng.normal(0, 200, (n_slices, 512, 512))).astype(np.int16)
@@ -55,12 +55,14 @@ def bench_series(n_slices: int) -> dict:
             write_ct_series,
             vol,
             d,
-            patient_id="BENCH",
-            patient_name="Bench^Series",
-            study_uid=generate_uid(),
-            series_uid=generate_uid(),
-            frame_of_reference_uid=generate_uid(),
-            study_date="20260101",
+            CTSeriesHeader(
+                patient_id="BENCH",
+                patient_name="Bench^Series",
+                study_uid=generate_uid(),
+                series_uid=generate_uid(),
+                frame_of_reference_uid=generate_uid(),
+                study_date="20260101",
+            ),
         )
         # anchor: SimpleITK/GDCM writing the same slices
         ds = Path(tmp) / "sitk"

@@ -35,7 +35,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from lesiontrack.cli import app
-from lesiontrack.demo_data import DemoPatient, make_patient
+from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
 
 ENGINES_TOML = '[engines]\nregistration = "none"\nworking_spacing_mm = 3.0\n'
 
@@ -87,8 +87,7 @@ def run_seed(seed: int, appears: int, root: Path) -> dict[str, Any]:
         spacing=(2.5, 2.5, 3.0),
         n_lesions=3,
         n_followups=3,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
         new_lesions={k: nodule for k in range(appears, 4)},
     )
     dirs = _folders(patient, root)

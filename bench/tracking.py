@@ -47,7 +47,7 @@ from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
-from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
+from lesiontrack.pipeline.science.tracking import Confirmed, TrackingOptions, track_lesions
 from lesiontrack.synthetic.transforms import apply_transform, random_patient_motion
 
 SHARED = Path(os.environ.get("LESIONTRACK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -436,7 +436,7 @@ def run_method(
         registration=reg,
         segmentation=seg,
         options=TrackingOptions(propagation=propagation),
-        confirmed=confirmed,
+        confirmed=Confirmed(confirmed) if confirmed else None,
     )
     if keep is not None:  # the caller wants the tracked timepoints too
         keep.extend(tps)

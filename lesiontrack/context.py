@@ -30,7 +30,7 @@ class CliState:
 
     def database(self, upgrade_db: bool = False) -> sessionmaker[Session]:
         """Session factory of the configured database; a schema behind the code exits 2 saying so."""
-        from lesiontrack.dicom_node.database import SchemaNotCurrent, open_database
+        from lesiontrack.dicom_node.database import SchemaNotCurrent, open_database  # lazy: CLI start-up
 
         try:
             return open_database(self.settings(), upgrade_db=upgrade_db)

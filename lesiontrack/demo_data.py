@@ -2,8 +2,8 @@
 
 Used by ``lesiontrack demo``, the end-to-end tests and ``bench/e2e.py``. The anatomy and lesions come from
 :mod:`synthetic.phantom`; follow-ups from the longitudinal synthesis of :mod:`synthetic.synthesis`
-(growth, shrinkage, a vanished lesion) when ``changes=True``, or from patient motion only
-(:mod:`synthetic.transforms`) when ``changes=False``. CT files are written by
+(growth, shrinkage, a vanished lesion) with ``FollowUps.CHANGES``, or from patient motion only
+(:mod:`synthetic.transforms`) with ``FollowUps.MOTION``. CT files are written by
 :mod:`models.imaging.dicom_write`, the SEG by :mod:`pipeline.dicom.seg.writer` (one segment per lesion with its
 Tracking ID and UID) — a stand-in for the radiologist's baseline annotation.
 """
@@ -11,6 +11,7 @@ Tracking ID and UID) — a stand-in for the radiologist's baseline annotation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -19,14 +20,14 @@ import pydicom
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 from lesiontrack.synthetic.lesion_change import insert_lesion
 from lesiontrack.synthetic.phantom import ORGANS, Phantom, make_phantom
-from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
+from lesiontrack.synthetic.synthesis import SynthConfig, SynthIdentity, synthesize_patient
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
 
 
@@ -64,16 +65,18 @@ def _write(volume: Volume, out_dir: Path, patient_id: str, date: str, label: str
     files = write_ct_series(
         volume,
         out_dir,
-        patient_id=patient_id,
-        patient_name="Demo^Phantom",
-        study_uid=study,
-        series_uid=series,
-        frame_of_reference_uid=frame,
-        study_date=date,
-        series_number=number,
-        series_description=f"Phantom CT {label}",
-        study_description=f"LesionTrack demo {label}",
-        accession_number=f"DEMO{number:04d}",
+        CTSeriesHeader(
+            patient_id=patient_id,
+            patient_name="Demo^Phantom",
+            study_uid=study,
+            series_uid=series,
+            frame_of_reference_uid=frame,
+            study_date=date,
+            series_number=number,
+            series_description=f"Phantom CT {label}",
+            study_description=f"LesionTrack demo {label}",
+            accession_number=f"DEMO{number:04d}",
+        ),
     )
     return DemoSeries(label, study, series, date, list(files))
 
@@ -101,6 +104,19 @@ def _baseline_seg(series: DemoSeries, labels: Volume, lesions: list[DemoLesion],
     return save_new(res.dataset, out_dir)
 
 
+class FollowUps(Enum):
+    """What happens between the baseline and each follow-up."""
+
+    CHANGES = "changes"  # the longitudinal synthesis: lesions grow, shrink, vanish; the patient moves
+    MOTION = "motion"  # patient motion only (rigid and elastic), the lesions unchanged
+    STILL = "still"  # on the baseline's exact position, unchanged (tests that need no registration)
+
+
+# the synthesis's own seed beside the patient's: with the default seeds (11, 2) lesion 5 vanishes at the second
+# follow-up
+_SYNTH_SEED = 2
+
+
 def make_patient(
     out_dir: Path,
     *,
@@ -109,15 +125,12 @@ def make_patient(
     spacing: tuple[float, float, float] = (2.5, 2.5, 2.5),
     n_lesions: int = 5,
     n_followups: int = 2,
-    changes: bool = True,
-    synth_seed: int = 2,
+    follow_ups: FollowUps = FollowUps.CHANGES,
     new_lesions: dict[int, list[tuple[str, float, float]]] | None = None,
-    motion: bool = True,
 ) -> DemoPatient:
     """``new_lesions``: follow-up index (1-based) → [(organ, diameter mm, HU)] of lesions that appear there and were
     not in the baseline (nothing marks them: only a new-lesion search can find them); recorded in ``truth``.
-    ``motion=False`` (with ``changes=False``): follow-ups on the baseline's exact position (tests that need no
-    registration)."""
+    ``follow_ups``: what happens between the scans (:class:`FollowUps`)."""
     out_dir = Path(out_dir)
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions)
     patient_id = f"DEMO-{seed:04d}"
@@ -136,18 +149,17 @@ def make_patient(
     seg = _baseline_seg(baseline, ph.lesions, lesions, out_dir / "baseline_seg")
     followups: list[DemoSeries] = []
     truth: dict[str, Any] = {"lesions": lesions, "timepoints": []}
-    if changes:
+    if follow_ups is FollowUps.CHANGES:
         # no new lesions (nothing marks them); with the default seeds (11, 2): growth, shrinkage and lesion 5
         # vanishing at the second follow-up
         synth = synthesize_patient(
             ph.ct,
             ph.lesions,
-            np.random.default_rng([seed, synth_seed]),
+            np.random.default_rng([seed, _SYNTH_SEED]),
             n_followups,
             SynthConfig(p_new=0.0, p_vanish=0.2),
-            patient_id=patient_id,
+            SynthIdentity(patient_id, seed=seed),
             lesion_kinds={i.label: i.kind for i in ph.lesion_info},
-            seed=seed,
         )
         for tp in synth.timepoints[1:]:
             t = tp.index
@@ -162,7 +174,7 @@ def make_patient(
     else:
         rng = np.random.default_rng([seed, 98])
         for t in range(1, n_followups + 1):
-            scale = 1.0 if motion else 0.0
+            scale = 1.0 if follow_ups is FollowUps.MOTION else 0.0
             tr = random_patient_motion(
                 rng, ph.ct, rotation_deg=2.0 * scale, translation_mm=6.0 * scale, elastic_mm=2.0 * scale
             )

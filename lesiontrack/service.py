@@ -24,8 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from lesiontrack.config.settings import ConfigError, Settings
 
 if TYPE_CHECKING:  # the analysis stack loads when the service starts (see build_analysis_service), not on import
+    import uvicorn
+
     from lesiontrack.dicom_node.inbound.scp import StorageSCP
     from lesiontrack.pipeline.jobs.analysis import AnalysisService
+    from lesiontrack.pipeline.jobs.executors import Executor
     from lesiontrack.pipeline.jobs.ports import PriorSource, ResultSender
     from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.web.jobcontrol import Completion, CorrectionTaken
@@ -50,6 +53,7 @@ def load_pipeline(spec: str) -> PipelineFactory:
 def check_engine_settings(settings: Settings) -> None:
     """Fail start-up (ConfigError naming the key) when a configured engine is unknown, not installed or lacks
     its weights, instead of failing every job later at the register/track step."""
+    # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
     from lesiontrack.models.engines import check_engines
 
     problems = check_engines(settings.engines)
@@ -59,8 +63,9 @@ def check_engine_settings(settings: Settings) -> None:
 
 def build_ports(settings: Settings, session_factory: sessionmaker[Session]) -> tuple[PriorSource, ResultSender]:
     """The dicom_node implementations of ``pipeline.jobs.ports.PriorSource`` and ``ResultSender``."""
+    # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
     from lesiontrack.dicom_node.outbound.priors import PriorFinder
-    from lesiontrack.dicom_node.outbound.sending import DeliveryService
+    from lesiontrack.dicom_node.outbound.sending import DeliveryService  # lazy, as above
 
     return PriorFinder(settings, session_factory), DeliveryService(settings, session_factory)
 
@@ -74,8 +79,9 @@ def build_analysis_service(
     ports: tuple[PriorSource | None, ResultSender | None] | None = None,
     progress: Callable[[int, str], None] | None = None,
 ) -> AnalysisService:
+    # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
     from lesiontrack.pipeline.jobs.analysis import AnalysisService, RetryPolicy
-    from lesiontrack.pipeline.jobs.store import worker_identity
+    from lesiontrack.pipeline.jobs.store import worker_identity  # lazy, as above
 
     if ports is None:
         ports = _ports_or_none(settings, session_factory)
@@ -119,13 +125,17 @@ class JobControl:
     on_annotation_complete: Callable[[str], None] | None = None
 
     def complete_series(self, series_uid: str, expected_instances: int | None = None) -> Completion | None:
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.inbound.completion import answer_request, request_completion
+
+        # lazy: the web app, ~10 s at import; only HTTP needs it
         from lesiontrack.web.jobcontrol import Completion
 
         if self.scp is not None:
             outcome = self.scp.completion.trigger(series_uid, expected_instances=expected_instances)
         else:  # the DICOM node runs in another process: its completion poll answers the request if not done now
-            assert self.settings is not None and self.session_factory is not None
+            assert self.settings is not None
+            assert self.session_factory is not None
             request_completion(
                 self.session_factory, series_uid, expected_instances, self.settings.dicom.trigger_wait_seconds
             )
@@ -160,6 +170,7 @@ class JobControl:
         )
 
     def analyse_anyway(self, series_uid: str, actor: str) -> int:
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.inbound.skipped import analyse_anyway
 
         assert self.session_factory is not None
@@ -171,11 +182,14 @@ class JobControl:
     def take_correction(self, data: bytes, actor: str) -> CorrectionTaken:
         """An uploaded corrected SEG/SR: stored like a received instance (durably, de-duplicated), its series
         completed, and taken in as a verification (the operator is the verifier unless ContentCreatorName says)."""
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.inbound.completion import complete_series
-        from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_part10
-        from lesiontrack.dicom_node.inbound.scp import storage_root
-        from lesiontrack.dicom_node.inbound.storage import InstanceStore
-        from lesiontrack.pipeline.jobs.verification import take_in_series
+        from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_part10  # lazy, as above
+        from lesiontrack.dicom_node.inbound.scp import storage_root  # lazy, as above
+        from lesiontrack.dicom_node.inbound.storage import InstanceStore  # lazy, as above
+        from lesiontrack.pipeline.jobs.verification import take_in_series  # lazy, as above
+
+        # lazy: the web app, ~10 s at import; only HTTP needs it
         from lesiontrack.web.jobcontrol import CorrectionTaken
 
         if self.settings is None or self.session_factory is None:
@@ -242,19 +256,20 @@ class LesionTrackService:
         self.enable_jobs = jobs
         self.progress = progress
         self.session_factory: sessionmaker[Session] | None = None
-        self.scp: Any = None
-        self.executor: Any = None
-        self.analysis: Any = None
-        self.sender: Any = None
-        self.job_store: Any = None
-        self._http_server: Any = None
+        self.scp: StorageSCP | None = None
+        self.executor: Executor | None = None
+        self.analysis: AnalysisService | None = None
+        self.sender: ResultSender | None = None
+        self.job_store: JobStore | None = None
+        self._http_server: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LesionTrackService:
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.dicom_node.database import open_database
-        from lesiontrack.pipeline.jobs.store import JobStore
+        from lesiontrack.pipeline.jobs.store import JobStore  # lazy, as above
 
         check_engine_settings(self.settings)
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -262,10 +277,12 @@ class LesionTrackService:
         self.job_store = JobStore(self.session_factory, actor="service")
         prior_source, self.sender = _ports_or_none(self.settings, self.session_factory)
         if self.settings.worker.executor == "celery":
+            # lazy: Celery (2 s at import) only for the scale-out executor
             from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor
 
             self.executor = CeleryExecutor(self.settings)
         elif self.enable_jobs:
+            # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
             from lesiontrack.pipeline.jobs.executors.inprocess import InProcessExecutor
 
             self.analysis = build_analysis_service(
@@ -282,6 +299,7 @@ class LesionTrackService:
         if self.sender is not None and hasattr(self.sender, "start"):
             self.sender.start()
         if self.enable_dicom:
+            # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
             from lesiontrack.dicom_node.inbound.scp import StorageSCP
 
             self.scp = StorageSCP(
@@ -303,6 +321,7 @@ class LesionTrackService:
     def on_annotation_complete(self, series_uid: str) -> None:
         """A SEG/SR series that is not ours completed: a reader's correction of a follow-up we analysed is taken in
         (verified tracking) and its adoption job queued; any other annotation stays a prior annotation."""
+        # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.pipeline.jobs.verification import take_in_series
 
         if self.session_factory is None:
@@ -311,9 +330,15 @@ class LesionTrackService:
             if self.executor is not None:
                 self.executor.submit(job_id)
 
+    def jobs(self) -> JobStore:
+        """The job store of the started service."""
+        if self.job_store is None:
+            raise RuntimeError("the service has not been started")
+        return self.job_store
+
     def job_control(self) -> JobControl:
         return JobControl(
-            self.job_store,
+            self.jobs(),
             self.executor.submit if self.executor else (lambda _id: None),
             settings=self.settings,
             session_factory=self.session_factory,
@@ -324,10 +349,12 @@ class LesionTrackService:
 
     def _start_http(self) -> None:
         try:
+            # lazy: the web app, ~10 s at import; only HTTP needs it
             from lesiontrack.web import create_app
         except ImportError as exc:
             log.warning("HTTP API not available (%s); running without it", exc)
             return
+        # lazy: the web app, ~10 s at import; only HTTP needs it
         import uvicorn
 
         if self.session_factory is None:
@@ -341,8 +368,8 @@ class LesionTrackService:
             access_log=False,
             lifespan="off",
         )
-        self._http_server = uvicorn.Server(cfg)
-        self._http_server.install_signal_handlers = lambda: None  # serve() runs off the main thread
+        self._http_server = server = uvicorn.Server(cfg)
+        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # serve() runs off the main thread
         self._http_thread = threading.Thread(target=self._http_server.run, name="http", daemon=True)
         self._http_thread.start()
         deadline = time.monotonic() + 30

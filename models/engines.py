@@ -33,7 +33,7 @@ class BuildRequest:
     """What every engine factory gets: the engine settings, the compute device, the run seed and free options."""
 
     settings: EngineSettings
-    device: Any = "auto"
+    device: str = "auto"
     seed: int = 0
     weights: Path | None = None  # the engine's weights (from ``EngineSpec.weights_key`` unless given explicitly)
     options: Mapping[str, Any] | None = None
@@ -69,12 +69,14 @@ class UnknownEngine(ValueError):
 
 # -- registration -------------------------------------------------------------------------------------------------
 def _none(req: BuildRequest) -> RegistrationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.identity import NoRegistrationEngine
 
     return NoRegistrationEngine()
 
 
 def _convex(req: BuildRequest) -> RegistrationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.convex import ConvexEngine, ConvexParams
 
     params = ConvexParams(working_spacing_mm=req.settings.working_spacing_mm, seed=req.seed, **(req.options or {}))
@@ -82,12 +84,14 @@ def _convex(req: BuildRequest) -> RegistrationEngine:
 
 
 def _simpleitk(req: BuildRequest) -> RegistrationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.sitk_engine import SimpleITKEngine
 
     return SimpleITKEngine(working_spacing_mm=req.settings.working_spacing_mm, **(req.options or {}))
 
 
 def _unigradicon(req: BuildRequest) -> RegistrationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.registration.unigradicon_engine import UniGradIconEngine
 
     return UniGradIconEngine(
@@ -127,18 +131,21 @@ REGISTRATION: dict[str, EngineSpec[RegistrationEngine]] = {
 
 # -- segmentation -------------------------------------------------------------------------------------------------
 def _adaptive(req: BuildRequest) -> SegmentationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.segmentation.adaptive import AdaptiveEngine
 
     return AdaptiveEngine(**(req.options or {}))
 
 
 def _warped(req: BuildRequest) -> SegmentationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.segmentation.warped import WarpedPromptEngine
 
     return WarpedPromptEngine(**(req.options or {}))
 
 
 def _lesionlocator(req: BuildRequest) -> SegmentationEngine:
+    # lazy: only the engine the settings name loads (torch 6 s at import)
     from lesiontrack.models.segmentation.lesionlocator import LesionLocatorEngine
 
     if req.weights is None:
@@ -182,7 +189,7 @@ def spec(kind: EngineKind, name: str) -> EngineSpec[Any]:
 def _request(
     s: EngineSpec[Any],
     settings: EngineSettings | None,
-    device: Any,
+    device: str,
     seed: int,
     weights: str | Path | None,
     options: Mapping[str, Any],
@@ -196,7 +203,7 @@ def _request(
 def build_registration(
     name: str | None = None,
     settings: EngineSettings | None = None,
-    device: Any = "auto",
+    device: str = "auto",
     seed: int = 0,
     weights: str | Path | None = None,
     **options: Any,
@@ -210,7 +217,7 @@ def build_registration(
 def build_segmentation(
     name: str | None = None,
     settings: EngineSettings | None = None,
-    device: Any = "auto",
+    device: str = "auto",
     seed: int = 0,
     weights: str | Path | None = None,
     **options: Any,

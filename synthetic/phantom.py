@@ -795,16 +795,24 @@ def _blur_and_noise(hu: Array, sp: Array, blur_mm: float, noise_hu: float, nrng:
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """How the phantom is rendered: image noise (HU, standard deviation), the scanner's blur (mm) and the number of
+    slices evaluated at once (``slab``: bounds the memory of one evaluation)."""
+
+    noise_hu: float = 18.0
+    blur_mm: float = 0.9
+    slab: int = 8
+
+
 def make_phantom(
     seed: int = 0,
     shape: tuple[int, int, int] = (100, 160, 160),
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
     center_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    noise_hu: float = 18.0,
     n_lesions: int = 6,
-    blur_mm: float = 0.9,
-    slab: int = 8,
     bowel_state: int | None = None,
+    rendering: Rendering | None = None,
 ) -> Phantom:
     """Render the seeded digital patient on a ``shape`` = (nk, nj, ni) grid with ``spacing`` = (si, sj, sk) mm.
 
@@ -816,6 +824,8 @@ def make_phantom(
     ``bowel_state`` (default None: the seed's own bowel) renders the same patient with the bowel as another scan
     weeks later finds it (peristalsis): loops moved and deformed, gas in other loops; nothing else changes.
     """
+    look = rendering or Rendering()
+    slab = look.slab
     rng = np.random.default_rng(seed)
     anat = _Anatomy(rng)
     nk, nj, ni = shape
@@ -841,7 +851,7 @@ def make_phantom(
         _burn_lesions(lesions, h, labels[k0:k1], (x3, y3, z3))
         hu[k0:k1] = h
         organs[k0:k1] = o
-    ct = _blur_and_noise(hu, sp, blur_mm, noise_hu, np.random.default_rng([seed, 2]))
+    ct = _blur_and_noise(hu, sp, look.blur_mm, look.noise_hu, np.random.default_rng([seed, 2]))
 
     ct_vol = Volume(ct, origin, sp, np.eye(3), {"phantom_seed": seed, "PatientID": f"PHANTOM-{seed:04d}"})
     lesion_vol = Volume(labels, origin, sp, np.eye(3), {"phantom_seed": seed})

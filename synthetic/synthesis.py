@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.lesion_change import default_growth, grow_lesion, insert_lesion, remove_lesion
 from lesiontrack.synthetic.transforms import SpatialTransform, apply_transform, random_patient_motion
@@ -80,6 +80,15 @@ class Timepoint:
     landmarks_baseline_mm: Array | None = None
     landmarks_followup_mm: Array | None = None
     changes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SynthIdentity:
+    """Who the synthetic patient is: the DICOM patient and the seed its dates and accession numbers derive from."""
+
+    patient_id: str = "SYNTH-0001"
+    patient_name: str = "Synthetic^Patient"
+    seed: int = 0
 
 
 @dataclass
@@ -209,13 +218,12 @@ def synthesize_patient(
     rng: np.random.Generator,
     n_followups: int = 2,
     config: SynthConfig | None = None,
-    patient_id: str = "SYNTH-0001",
-    patient_name: str = "Synthetic^Patient",
+    identity: SynthIdentity | None = None,
     lesion_kinds: dict[int, str] | None = None,
-    seed: int = 0,
 ) -> SynthPatient:
     """Baseline (the source, unchanged) + ``n_followups`` synthetic follow-ups with full truth."""
     cfg = config or SynthConfig()
+    who = identity or SynthIdentity()
     if not source_ct.same_grid(labels, atol=1e-3):
         labels = labels.resample_to(source_ct, label=True)
     ct0 = source_ct.with_array(np.clip(np.rint(source_ct.array), -1024, 3071).astype(np.int16))
@@ -269,12 +277,12 @@ def synthesize_patient(
         )
         log.debug(
             "synthesised %s timepoint %d: %d lesions present, grid %s",
-            patient_id,
+            who.patient_id,
             t,
             sum(s.status in ("present", "new") for s in states.values()),
             grid_info["size_ijk"],
         )
-    return SynthPatient(patient_id, patient_name, seed, tps, kinds)
+    return SynthPatient(who.patient_id, who.patient_name, who.seed, tps, kinds)
 
 
 def _evolve(
@@ -370,16 +378,18 @@ def write_patient(
             files = write_ct_series(
                 tp.ct,
                 root / f"tp{tp.index}",
-                patient_id=patient.patient_id,
-                patient_name=patient.patient_name,
-                study_date=date,
-                study_id=str(tp.index + 1),
-                accession_number=f"ACC{patient.seed:04d}{tp.index}",
-                study_description="CT CHEST ABDOMEN (synthetic)",
-                series_description=f"synthetic timepoint {tp.index}",
-                study_uid=ids["study_uid"],
-                series_uid=ids["series_uid"],
-                frame_of_reference_uid=ids["frame_of_reference_uid"],
+                CTSeriesHeader(
+                    patient_id=patient.patient_id,
+                    patient_name=patient.patient_name,
+                    study_date=date,
+                    study_id=str(tp.index + 1),
+                    accession_number=f"ACC{patient.seed:04d}{tp.index}",
+                    study_description="CT CHEST ABDOMEN (synthetic)",
+                    series_description=f"synthetic timepoint {tp.index}",
+                    study_uid=ids["study_uid"],
+                    series_uid=ids["series_uid"],
+                    frame_of_reference_uid=ids["frame_of_reference_uid"],
+                ),
             )
             entry["dicom_dir"] = f"tp{tp.index}"
             entry["n_files"] = len(files)

@@ -16,7 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from lesiontrack.models.imaging.dicom_read import read_series
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
@@ -51,12 +51,14 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Volume, list[
     write_ct_series(
         Volume(np.rint(hu).astype(np.int16), origin, sp),
         ct_dir,
-        patient_id="ANN1",
-        patient_name="Annotated^Patient",
-        study_uid=generate_uid(),
-        series_uid=generate_uid(),
-        frame_of_reference_uid=generate_uid(),
-        study_date="20260101",
+        CTSeriesHeader(
+            patient_id="ANN1",
+            patient_name="Annotated^Patient",
+            study_uid=generate_uid(),
+            series_uid=generate_uid(),
+            frame_of_reference_uid=generate_uid(),
+            study_date="20260101",
+        ),
     )
     files = sorted(ct_dir.glob("*.dcm"))
     ct = read_series(files)
@@ -305,12 +307,14 @@ def test_track_cli_from_a_gsps_baseline(
     files = write_ct_series(
         ct,
         fu,
-        patient_id="ANN1",
-        patient_name="Annotated^Patient",
-        study_uid=generate_uid(),
-        series_uid=generate_uid(),
-        frame_of_reference_uid=generate_uid(),
-        study_date="20260301",
+        CTSeriesHeader(
+            patient_id="ANN1",
+            patient_name="Annotated^Patient",
+            study_uid=generate_uid(),
+            series_uid=generate_uid(),
+            frame_of_reference_uid=generate_uid(),
+            study_date="20260301",
+        ),
     )
     assert files
     out = tmp_path / "out"

@@ -70,8 +70,11 @@ def test_the_detector_reports_a_new_nodule_and_not_a_vessel_that_moved_along_its
     cands = detect_new_lesions(vol(fu), vol(prior), None, DetectionOptions(keep_rejected=True))
     at_nodule = [c for c in cands if c.mask[nodule].any()]
     at_vessel = [c for c in cands if c.mask[vessel(82.0) & ~vessel(70.0)].any()]
-    assert at_nodule and not at_nodule[0].rejected and at_nodule[0].blobness > 0.7, at_nodule
-    assert at_vessel and all(c.rejected for c in at_vessel), at_vessel
+    assert at_nodule, at_nodule
+    assert not at_nodule[0].rejected, at_nodule
+    assert at_nodule[0].blobness > 0.7, at_nodule
+    assert at_vessel, at_vessel
+    assert all(c.rejected for c in at_vessel), at_vessel
     # the blob measure alone would reject it, whichever test names the reason first (here the misfit test)
     assert all(c.blobness < DetectionOptions().min_blobness for c in at_vessel), at_vessel
 
@@ -99,6 +102,8 @@ def test_a_darker_focus_counts_only_where_its_surroundings_agree_with_the_prior(
     cands = detect_new_lesions(vol(fu), vol(prior), None, DetectionOptions(keep_rejected=True))
     at_a = [c for c in cands if c.mask[r_a <= 3.0].any()]
     at_b = [c for c in cands if c.mask[r_b <= 3.0].any() and c.kind == "hypodense"]
-    assert at_a and not at_a[0].rejected, at_a
+    assert at_a, at_a
+    assert not at_a[0].rejected, at_a
     assert at_a[0].surround_ratio <= DetectionOptions().max_surround_ratio
-    assert at_b and all("surroundings changed" in c.rejected for c in at_b), at_b
+    assert at_b, at_b
+    assert all("surroundings changed" in c.rejected for c in at_b), at_b

@@ -149,7 +149,6 @@ def test_production_is_counted_once_at_its_real_paths() -> None:
     assert not [p for p in paths if p.parts[0] == "lesiontrack" and (REPO / "lesiontrack" / p.parts[1]).is_symlink()]
 
 
-@IN_PROGRESS
 def test_no_production_function_is_over_80_lines() -> None:
     found = long_functions(production_sources())
     assert not found, f"{len(found)} functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(found)

@@ -30,7 +30,7 @@ ENGINES = {"registration": "none", "working_spacing_mm": 3.0}
 def doors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.cli import app
     from lesiontrack.demo import demo_settings, send_files, wait_for_job
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.service import LesionTrackService
 
     tmp = tmp_path_factory.mktemp("doors")
@@ -41,8 +41,7 @@ def doors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         spacing=(2.5, 2.5, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
         new_lesions={2: [("lung", 12.0, 30.0)]},
     )
     followups = [fu.series_uid for fu in patient.followups]

@@ -47,7 +47,7 @@ def _gsps(patient: Any, out: Path, kind: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.inbound.scp import storage_root
     from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -66,8 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         spacing=(2.5, 2.5, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
     )
     lines = _gsps(patient, tmp / "pr" / "lines.dcm", "line", 1)
     store = InstanceStore(storage_root(settings), fsync=False)
@@ -214,6 +213,7 @@ def test_the_sr_reports_the_radiologists_diameters_beside_ours(site: dict[str, A
 def test_drawn_diameters_node_line_is_the_short_axis_and_differences_are_ours_minus_theirs() -> None:
     from types import SimpleNamespace
 
+    from lesiontrack.pipeline.dicom.sr.writer import _drawn_measurements
     from lesiontrack.pipeline.science.drawn_priors import drawn_diameters
 
     node = SimpleNamespace(is_node=True, long_axis_mm=18.0, short_axis_mm=11.0)
@@ -225,11 +225,11 @@ def test_drawn_diameters_node_line_is_the_short_axis_and_differences_are_ours_mi
     assert d is not None
     assert d.radiologist_long_mm is None
     assert d.radiologist_short_mm == 12.5
-    vals = [(m.name.value, float(m.value)) for m in d.measurements()]
+    vals = [(m.name.value, float(m.value)) for m in _drawn_measurements(d)]
     assert vals == [("LT068", 12.5), ("LT070", -1.5)]
     d = drawn_diameters(pair, mass)
     assert d is not None
-    vals = [(m.name.value, float(m.value)) for m in d.measurements()]
+    vals = [(m.name.value, float(m.value)) for m in _drawn_measurements(d)]
     assert vals == [("LT067", 20.0), ("LT069", -2.0), ("LT068", 10.0), ("LT070", 1.0)]
     assert drawn_diameters(arrow, mass) is None  # nothing measured: nothing reported beside ours
     assert drawn_diameters(pair, None) is None

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory: pytest.TempPathFactory):
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
 
     return make_patient(
         tmp_path_factory.mktemp("patient"),
@@ -36,7 +36,7 @@ def patient(tmp_path_factory: pytest.TempPathFactory):
         spacing=(3.0, 3.0, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
+        follow_ups=FollowUps.MOTION,
     )
 
 

@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]]:
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
     from lesiontrack.models.imaging.volume import Volume
 
     rng = np.random.default_rng(seed)
@@ -42,12 +42,14 @@ def write_series(out: Path, n: int = 22, seed: int = 0) -> tuple[str, list[Path]
     files = write_ct_series(
         vol,
         out,
-        patient_id="FAULT-1",
-        patient_name="Fault^Test",
-        study_uid=generate_uid(),
-        series_uid=uid,
-        frame_of_reference_uid=generate_uid(),
-        study_date="20260101",
+        CTSeriesHeader(
+            patient_id="FAULT-1",
+            patient_name="Fault^Test",
+            study_uid=generate_uid(),
+            series_uid=uid,
+            frame_of_reference_uid=generate_uid(),
+            study_date="20260101",
+        ),
     )
     return uid, list(files)
 

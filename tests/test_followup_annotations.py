@@ -6,15 +6,35 @@ the lesions that annotation does not mark are still propagated to that timepoint
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from sqlalchemy.orm import Session, sessionmaker
 
+from bench.drawn_lesions import drawings
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import JobState
+from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+from lesiontrack.demo import demo_settings
+from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
+from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
+from lesiontrack.dicom_node.inbound.scp import storage_root
+from lesiontrack.dicom_node.inbound.storage import InstanceStore
 from lesiontrack.models.engines import build_segmentation
+from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
+from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
+from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, TrackOutput, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.followup_annotations import person_annotations_on
+from lesiontrack.pipeline.jobs.steps import build_pipeline
 from lesiontrack.pipeline.science.lesions import LesionStatus
-from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.pipeline.science.tracking import Confirmed, NoRegistrationEngine, track_lesions
+from lesiontrack.service import build_analysis_service, build_ports
+from lesiontrack.synthetic.annotations import Mark, write_gsps
+from tests.support.correction import write_correction
 from tests.support.phantom import LESIONS, dice, mask_prompts, phantom_volumes, series
 
 
@@ -36,8 +56,7 @@ def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_the
         source_index=0,
         registration=NoRegistrationEngine(),
         segmentation=build_segmentation("adaptive"),
-        confirmed={2: [drawing_prompt(lung.identity, arrow, "GSPS on T2")]},
-        partial=True,
+        confirmed=Confirmed({2: [drawing_prompt(lung.identity, arrow, "GSPS on T2")]}, partial=True),
     )
     for t in (1, 2, 3):  # every lesion has a result at every timepoint, the arrow's timepoint included
         assert sorted(les.identity.label for les in tps[t].lesions) == [p.identity.label for p in prompts]
@@ -63,50 +82,12 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     """Baseline: a GSPS with a long-axis line per lesion. Follow-up: the radiologist's GSPS with an arrow on one
     lesion, labelled as on the baseline. The follow-up's job segments that lesion there from the arrow (a person's
     prompt at that timepoint, under the baseline's identity) and propagates the others from the baseline."""
-    import pydicom
-
-    from bench.drawn_lesions import drawings
-    from lesiontrack.db.models import JobState
-    from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-    from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
-    from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
-    from lesiontrack.dicom_node.inbound.scp import storage_root
-    from lesiontrack.dicom_node.inbound.storage import InstanceStore
-    from lesiontrack.models.imaging.dicom_read import read_series
-    from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
-    from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, TrackOutput, read_output
-    from lesiontrack.pipeline.jobs.steps import build_pipeline
-    from lesiontrack.service import build_analysis_service, build_ports
-    from lesiontrack.synthetic.annotations import Mark, write_gsps
-
     settings = demo_settings(tmp_path / "data", http=False, engines={"registration": "none"})
     settings.detection.new_lesions = False
     upgrade(settings.effective_database_url)
     sf = make_session_factory(make_engine(settings.effective_database_url))
-    patient = make_patient(
-        tmp_path / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        changes=False,
-        motion=False,
-    )
-    ct = read_series(patient.baseline.files)
-    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
-    rng = np.random.default_rng(3)
-    drawn = {p.identity.tracking_id: drawings(p.mask, rng) for p in prompts if p.mask is not None}
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
-    lines = write_gsps(heads, [Mark(d["line"], label) for label, d in drawn.items()], tmp_path / "pr" / "base.dcm")
-    target = sorted(drawn)[1]  # the follow-up's own series is on the baseline's position (motion off)
-    fu_heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.followups[0].files]
-    arrow = write_gsps(fu_heads, [Mark(drawn[target]["arrow"], target)], tmp_path / "pr" / "fu.dcm")
-    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
-    for f in [*patient.baseline.files, lines, *patient.followups[0].files, arrow, *patient.followups[1].files]:
-        assert ingest_file(ingestor, f).ok
-    ingestor.close()
+    ingested = _ingest_patient_with_lines_and_an_arrow(tmp_path, settings, sf)
+    patient, drawn, target, arrow = ingested.patient, ingested.drawn, ingested.target, ingested.arrow
     service = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
     job = service.store.create(patient.followups[0].series_uid)
     assert service.run(job) is JobState.DONE, service.store.get(job).error
@@ -145,10 +126,6 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
         assert any("not marked on the prior PR" in r for r in by_id2[other].review_reasons)
     # a SEG arriving after our result corrects it (issue 16 decides, also when corrections are refused): not a
     # prompt of this follow-up on a re-run
-    from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
-    from lesiontrack.pipeline.jobs.followup_annotations import person_annotations_on
-    from tests.support.correction import write_correction
-
     ours = read_output(outputs, WriteSegSrOutput)
     assert ours is not None
     assert ours.seg
@@ -158,3 +135,39 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     again.close()
     fu_objects = [a.sop_instance_uid for a in person_annotations_on(sf, patient.followups[0].series_uid)]
     assert fu_objects == loaded.followup_annotations  # the arrow's GSPS only
+
+
+@dataclass
+class _Ingested:
+    """A patient whose baseline carries a GSPS line per lesion and whose first follow-up an arrow on one lesion."""
+
+    patient: DemoPatient
+    drawn: dict[str, dict[str, Drawing]]
+    target: str
+    arrow: Path
+
+
+def _ingest_patient_with_lines_and_an_arrow(tmp_path: Path, settings: Settings, sf: sessionmaker[Session]) -> _Ingested:
+    patient = make_patient(
+        tmp_path / "patient",
+        seed=7,
+        shape=(64, 112, 112),
+        spacing=(2.5, 2.5, 3.0),
+        n_lesions=3,
+        n_followups=2,
+        follow_ups=FollowUps.STILL,
+    )
+    ct = read_series(patient.baseline.files)
+    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
+    rng = np.random.default_rng(3)
+    drawn = {p.identity.tracking_id: drawings(p.mask, rng) for p in prompts if p.mask is not None}
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
+    lines = write_gsps(heads, [Mark(d["line"], label) for label, d in drawn.items()], tmp_path / "pr" / "base.dcm")
+    target = sorted(drawn)[1]  # the follow-up's own series is on the baseline's position (motion off)
+    fu_heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.followups[0].files]
+    arrow = write_gsps(fu_heads, [Mark(drawn[target]["arrow"], target)], tmp_path / "pr" / "fu.dcm")
+    ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
+    for f in [*patient.baseline.files, lines, *patient.followups[0].files, arrow, *patient.followups[1].files]:
+        assert ingest_file(ingestor, f).ok
+    ingestor.close()
+    return _Ingested(patient, drawn, target, arrow)

@@ -36,8 +36,11 @@ def _exec_form(text: str, instruction: str) -> list[str]:
 def test_dockerfile_entrypoint_exists_in_cli():
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^USER\s+(?!root|0\b)\S+", text, re.M), "image must run as a non-root user"
-    assert "HEALTHCHECK" in text and "/health" in text and "VOLUME" in text
-    assert "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_VARIANT=cpu" in text
+    assert "HEALTHCHECK" in text
+    assert "/health" in text
+    assert "VOLUME" in text
+    assert "ARG TORCH_VERSION=2.13.0" in text
+    assert "ARG TORCH_VARIANT=cpu" in text
     args = _exec_form(text, "ENTRYPOINT") + _exec_form(text, "CMD")
     assert args[0] == "lesiontrack"
     res = CliRunner().invoke(app, [*args[1:], "--help"])
@@ -50,7 +53,8 @@ def test_dockerfile_installs_the_wheel_and_its_context_holds_every_package():
     import tomllib
 
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM .* AS wheel$", text, re.M) and "pip wheel" in text
+    assert re.search(r"^FROM .* AS wheel$", text, re.M)
+    assert "pip wheel" in text
     assert "COPY --from=wheel" in text
     ignored = {
         line.strip().rstrip("/")
@@ -58,7 +62,8 @@ def test_dockerfile_installs_the_wheel_and_its_context_holds_every_package():
         if line.strip() and not line.startswith("#")
     }
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "README.md" not in ignored and "pyproject.toml" not in ignored
+    assert "README.md" not in ignored
+    assert "pyproject.toml" not in ignored
     for folder in _packaged_folders(project):
         assert (REPO / folder).is_dir(), folder
         assert folder not in ignored, f".dockerignore drops {folder}/, which the wheel packages"
@@ -77,7 +82,8 @@ LAYERS = ("config", "db", "models", "pipeline", "dicom_node", "web", "synthetic"
 def test_only_lesiontrack_at_the_top_and_layers_linked_into_it():
     for layer in LAYERS:
         link = REPO / "lesiontrack" / layer
-        assert link.is_symlink() and link.resolve() == (REPO / layer).resolve(), f"lesiontrack/{layer} -> ../{layer}"
+        assert link.is_symlink(), f"lesiontrack/{layer} -> ../{layer}"
+        assert link.resolve() == (REPO / layer).resolve(), f"lesiontrack/{layer} -> ../{layer}"
 
 
 def test_logging_masks_patient_identifiers(capsys):
@@ -87,7 +93,9 @@ def test_logging_masks_patient_identifiers(capsys):
     logging.getLogger("lesiontrack.test").info("received PatientName=DOE^JOHN PatientID=12345 series 1.2.3")
     err = capsys.readouterr().err
     line = json.loads(err.strip().splitlines()[-1])
-    assert "DOE" not in line["msg"] and "12345" not in line["msg"] and "1.2.3" in line["msg"]
+    assert "DOE" not in line["msg"]
+    assert "12345" not in line["msg"]
+    assert "1.2.3" in line["msg"]
     setup_logging("WARNING")
 
 

@@ -11,7 +11,14 @@ from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.lesion_change import GrowthParams, grow_lesion
 from lesiontrack.synthetic.phantom import make_phantom
-from lesiontrack.synthetic.synthesis import SynthConfig, lesion_table, load_truth, synthesize_patient, write_patient
+from lesiontrack.synthetic.synthesis import (
+    SynthConfig,
+    SynthIdentity,
+    lesion_table,
+    load_truth,
+    synthesize_patient,
+    write_patient,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,8 @@ def patient():
         np.random.default_rng(3),
         n_followups=2,
         config=cfg,
+        identity=SynthIdentity(seed=11),
         lesion_kinds={x.label: x.kind for x in ph.lesion_info},
-        seed=11,
     )
     return ph, p
 

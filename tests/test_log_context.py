@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from lesiontrack.config.logging import current_log_context, log_context, setup_logging
 from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.pipeline.jobs.analysis import AnalysisService, JobContext, Step, StepOutput
 from lesiontrack.pipeline.jobs.store import JobStore
@@ -89,12 +89,14 @@ def test_lines_inside_an_association_carry_the_peer(json_lines: JsonLines, tmp_p
     files = write_ct_series(
         ct,
         tmp_path / "ct",
-        patient_id="P1",
-        patient_name="TEST^LOG",
-        study_uid=generate_uid(),
-        series_uid=generate_uid(),
-        frame_of_reference_uid=generate_uid(),
-        study_date="20240101",
+        CTSeriesHeader(
+            patient_id="P1",
+            patient_name="TEST^LOG",
+            study_uid=generate_uid(),
+            series_uid=generate_uid(),
+            frame_of_reference_uid=generate_uid(),
+            study_date="20240101",
+        ),
     )
     node = Node(tmp_path / "node", allowed_calling_aes=["PYSCU"])
     node.scp.start()

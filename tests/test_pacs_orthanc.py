@@ -152,10 +152,15 @@ class Site:
 
 
 def test_orthanc_lua_routes_follow_ups_skips_visibly_and_reevaluates(tmp_path: Path) -> None:
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
 
     patient = make_patient(
-        tmp_path / "patient", seed=5, shape=(56, 112, 112), spacing=(3.0, 3.0, 3.0), n_lesions=3, changes=False
+        tmp_path / "patient",
+        seed=5,
+        shape=(56, 112, 112),
+        spacing=(3.0, 3.0, 3.0),
+        n_lesions=3,
+        follow_ups=FollowUps.MOTION,
     )
     fu1, fu2 = patient.followups
     idose = _rewrite(fu1.files, tmp_path / "fu1", SeriesDescription="Abdomen 5mm iDose 4", BodyPartExamined="ABDOMEN")
@@ -219,7 +224,7 @@ def test_the_guide_routes_a_follow_up_only_once_it_is_whole(tmp_path: Path) -> N
     The receiving end is dcmtk's storescp (this test is about what Orthanc sends)."""
     import subprocess
 
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
     from tests.support.tools import require_tool
 
     require_tool("storescp")
@@ -230,7 +235,7 @@ def test_the_guide_routes_a_follow_up_only_once_it_is_whole(tmp_path: Path) -> N
         spacing=(3.0, 3.0, 3.0),
         n_lesions=3,
         n_followups=1,
-        changes=False,
+        follow_ups=FollowUps.MOTION,
     )
     n = len(patient.followups[0].files)  # what Orthanc expects: ImagesInAcquisition x NumberOfTemporalPositions
     fu = _rewrite(patient.followups[0].files, tmp_path / "fu", ImagesInAcquisition=n, NumberOfTemporalPositions=1)

@@ -24,7 +24,7 @@ API_KEY = {"X-API-Key": "demo"}
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.inbound.scp import storage_root
     from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -43,8 +43,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         spacing=(2.5, 2.5, 9.0),
         n_lesions=5,
         n_followups=2,
-        changes=False,
-        motion=False,  # registration "none" below: the follow-ups lie on the baseline position
+        follow_ups=FollowUps.STILL,  # registration "none" below: the follow-ups lie on the baseline position
     )
     ingestor = Ingestor(InstanceStore(storage_root(settings), fsync=False), sf)
     for f in [*patient.baseline.files, patient.seg_file, *(f for fu in patient.followups for f in fu.files)]:

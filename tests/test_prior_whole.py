@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 def test_a_prior_arriving_in_two_halves_is_never_analysed_half(tmp_path: Path) -> None:
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
 
     patient = make_patient(
         tmp_path / "patient",
@@ -32,7 +32,7 @@ def test_a_prior_arriving_in_two_halves_is_never_analysed_half(tmp_path: Path) -
         spacing=(3.0, 3.0, 3.0),
         n_lesions=3,
         n_followups=1,
-        changes=False,
+        follow_ups=FollowUps.MOTION,
     )
     base = sorted(patient.baseline.files)
     first, second = base[: len(base) // 2], base[len(base) // 2 :]

@@ -180,7 +180,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
     'none' keeps this test fast: what is compared is the job machinery around the same analysis code."""
     from lesiontrack.config.settings import PacsPeer
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.dicom_node.outbound.scu import store_files
     from lesiontrack.pipeline.jobs.store import JobStore
     from lesiontrack.service import LesionTrackService
@@ -194,7 +194,7 @@ def test_real_pipeline_on_two_workers_equals_embedded(stack, tmp_path_factory) -
         spacing=(3.0, 3.0, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
+        follow_ups=FollowUps.MOTION,
     )
     port = free_port()
     env = {

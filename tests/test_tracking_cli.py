@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import PromptKind
 from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, load_prompts_json
@@ -25,12 +25,14 @@ def _write(tmp: Path) -> list[Path]:
         write_ct_series(
             tp.ct,
             d,
-            patient_id="PHANTOM",
-            patient_name="Phantom^Test",
-            study_uid=f"1.2.826.0.1.3680043.8.498.1{i}",
-            series_uid=f"1.2.826.0.1.3680043.8.498.2{i}",
-            frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.3{i}",
-            study_date=f"2024010{i + 1}",
+            CTSeriesHeader(
+                patient_id="PHANTOM",
+                patient_name="Phantom^Test",
+                study_uid=f"1.2.826.0.1.3680043.8.498.1{i}",
+                series_uid=f"1.2.826.0.1.3680043.8.498.2{i}",
+                frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.3{i}",
+                study_date=f"2024010{i + 1}",
+            ),
         )
         dirs.append(d)
     np.save(tmp / "gt.npy", np.stack([tp.labels.array for tp in tps]))

@@ -26,6 +26,7 @@ from lesiontrack.pipeline.science.prompt_selection import (
     nearest_source_index,
 )
 from lesiontrack.pipeline.science.tracking import (
+    Confirmed,
     NoRegistrationEngine,
     RegistrationCache,
     TrackingOptions,
@@ -110,7 +111,7 @@ def test_backwards_and_confirmed_timepoints_use_the_nearest_annotation() -> None
         source_index=1,
         registration=reg,
         segmentation=build_segmentation("adaptive"),
-        confirmed={4: mask_prompts(phantom[4])},
+        confirmed=Confirmed({4: mask_prompts(phantom[4])}),
     )
     ids = [id(tp.ct) for tp in tps]
     assert sorted(reg.pairs) == sorted([(ids[1], ids[2]), (ids[4], ids[3]), (ids[1], ids[0])])
@@ -133,7 +134,7 @@ def test_a_correction_at_a_follow_up_is_the_source_of_every_later_follow_up() ->
         source_index=0,
         registration=reg,
         segmentation=eng,
-        confirmed={1: correction},
+        confirmed=Confirmed({1: correction}),
     )
     ids = [id(tp.ct) for tp in tps]
     assert reg.pairs == [(ids[1], ids[2]), (ids[1], ids[3])], "registered from the correction, not T0"

@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
 
     new = [("liver", 14.0, 25.0)]
     return make_patient(
@@ -43,8 +43,8 @@ def patient(tmp_path_factory: pytest.TempPathFactory) -> Any:
         spacing=(3.0, 3.0, 3.0),
         n_lesions=3,
         n_followups=2,
-        changes=False,
-        motion=False,  # registration 'none' keeps this test short; tracking under motion: tests/test_e2e_orthanc.py
+        # registration 'none' keeps this test short; tracking under motion: tests/test_e2e_orthanc.py
+        follow_ups=FollowUps.STILL,
         new_lesions={1: new, 2: new},
     )
 

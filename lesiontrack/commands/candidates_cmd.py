@@ -18,11 +18,11 @@ def list_candidates(
     ctx: typer.Context, patient_pk: int = typer.Argument(..., help="patient id (dashboard/API)")
 ) -> None:
     """The candidates of the patient's follow-ups (latest search of each) with their state."""
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: CLI start-up
+    from rich.table import Table  # lazy: CLI start-up
 
-    from lesiontrack.db.session import session_scope
-    from lesiontrack.pipeline.views.history import build_timeline
+    from lesiontrack.db.session import session_scope  # lazy: CLI start-up
+    from lesiontrack.pipeline.views.history import build_timeline  # lazy: CLI start-up
 
     sf = state(ctx).database()
     with session_scope(sf) as s:
@@ -51,8 +51,9 @@ def list_candidates(
 
 
 def _decide(ctx: typer.Context, candidate_id: int, confirm: bool, reason: str) -> None:
+    # lazy: CLI start-up (see lesiontrack/commands/__init__.py)
     from lesiontrack.pipeline.jobs.candidates import CandidateDecisionError, CandidateNotFound, decide
-    from lesiontrack.pipeline.jobs.store import JobStore
+    from lesiontrack.pipeline.jobs.store import JobStore  # lazy: CLI start-up
 
     sf = state(ctx).database()
     try:

@@ -16,7 +16,7 @@ app = typer.Typer(help="Show or check the effective configuration.", no_args_is_
 @app.command("show")
 def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Print every setting with its value (secrets masked) and source: default, file or environment."""
-    from lesiontrack.config.introspect import explain
+    from lesiontrack.config.introspect import explain  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     entries = explain(settings)
@@ -36,7 +36,7 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=
 @app.command("check")
 def check(ctx: typer.Context) -> None:
     """Validate the configuration (and the engines it names); exits non-zero with a message naming the bad key."""
-    from lesiontrack.models.engines import check_engines
+    from lesiontrack.models.engines import check_engines  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     problems = check_engines(settings.engines)

@@ -20,9 +20,9 @@ def upgrade(
     url: str | None = typer.Option(None, help="database URL (default: from configuration)"),
 ) -> None:
     """Apply migrations up to REVISION (default: head)."""
-    from lesiontrack.config.introspect import mask
-    from lesiontrack.db.session import current_revision
-    from lesiontrack.db.session import upgrade as do_upgrade
+    from lesiontrack.config.introspect import mask  # lazy: CLI start-up
+    from lesiontrack.db.session import current_revision  # lazy: CLI start-up
+    from lesiontrack.db.session import upgrade as do_upgrade  # lazy: CLI start-up
 
     target = _url(ctx, url)
     do_upgrade(target, revision)
@@ -32,7 +32,7 @@ def upgrade(
 @app.command("current")
 def current(ctx: typer.Context, url: str | None = typer.Option(None, help="database URL")) -> None:
     """Print the schema revision of the database and whether it is at head."""
-    from lesiontrack.db.session import current_revision, head_revision
+    from lesiontrack.db.session import current_revision, head_revision  # lazy: CLI start-up
 
     rev = current_revision(_url(ctx, url))
     head = head_revision()

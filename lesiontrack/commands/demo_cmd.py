@@ -39,8 +39,8 @@ def demo(
     # the service, the demo helpers and the synthetic patient load the whole analysis stack (seconds):
     # imported when the command runs, not when the CLI starts
     from lesiontrack.demo import demo_settings, send_files, wait_for_job, write_demo_config
-    from lesiontrack.demo_data import make_patient
-    from lesiontrack.service import LesionTrackService
+    from lesiontrack.demo_data import make_patient  # lazy: CLI start-up
+    from lesiontrack.service import LesionTrackService  # lazy: CLI start-up
 
     console = Console()
     if not console.is_terminal:
@@ -75,7 +75,7 @@ def demo(
     try:
         with console.status("sending baseline CT + SEG over DICOM..."):
             send_files(settings, [*patient.baseline.files, patient.seg_file])
-            view = wait_for_job(service.job_store, patient.baseline.series_uid, timeout)
+            view = wait_for_job(service.jobs(), patient.baseline.series_uid, timeout)
         console.print(f"baseline: job {view.id} → {view.state.value} ({view.error or 'ok'})")
         for fu in patient.followups:
             _send_followup(console, settings, service, fu, timeout)
@@ -113,7 +113,7 @@ def _send_followup(
 ) -> None:
     """Send one follow-up, show its job's progress and print its outcome and prompt source."""
     from lesiontrack.demo import send_files, wait_for_job  # the analysis stack (see demo)
-    from lesiontrack.pipeline.jobs.contract import job_results
+    from lesiontrack.pipeline.jobs.contract import job_results  # lazy: CLI start-up
 
     status = console.status(f"sending {fu.label}...")
     status.start()
@@ -124,7 +124,7 @@ def _send_followup(
         def show(v: JobView, label: str = fu.label, t1: float = t1, status: Status = status) -> None:
             status.update(f"{label}: job {v.id} {v.state.value} — {v.step or 'waiting'} ({time.monotonic() - t1:.0f}s)")
 
-        view = wait_for_job(service.job_store, fu.series_uid, timeout, show)
+        view = wait_for_job(service.jobs(), fu.series_uid, timeout, show)
     finally:
         status.stop()
     took = sum(view.step_timings.values())
@@ -143,9 +143,9 @@ def _print_lesion_table(console: Console, service: LesionTrackService, patient_i
     """The patient's lesions × timepoints as the service recorded them, with each timepoint's result files."""
     from sqlalchemy import select  # the database and result stack load with the analysis (see demo)
 
-    from lesiontrack.db.models import Patient
-    from lesiontrack.demo import lesion_table, render_table
-    from lesiontrack.pipeline.jobs.contract import job_results
+    from lesiontrack.db.models import Patient  # lazy: CLI start-up
+    from lesiontrack.demo import lesion_table, render_table  # lazy: CLI start-up
+    from lesiontrack.pipeline.jobs.contract import job_results  # lazy: CLI start-up
 
     if service.session_factory is None:
         raise RuntimeError("the demo service has no database")
@@ -155,7 +155,7 @@ def _print_lesion_table(console: Console, service: LesionTrackService, patient_i
         raise RuntimeError(f"patient {patient_id} is not in the database after the demo run")
     table = lesion_table(service.session_factory, patient_pk)
     for tp in table:
-        latest = service.job_store.latest_for_series(tp.series_uid)
+        latest = service.jobs().latest_for_series(tp.series_uid)
         if latest is not None:
             tp.files = job_results(latest.step_outputs).result_files
     render_table(table, console)

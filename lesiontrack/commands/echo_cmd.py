@@ -11,8 +11,8 @@ def echo(
     ctx: typer.Context, peer: str = typer.Argument(..., help=r"name of a \[\[pacs]] peer (configuration section)")
 ) -> None:
     """Verify the DICOM connection to PEER (C-ECHO); exit 1 when it fails."""
-    from lesiontrack.dicom_node.outbound.scu import DimseError
-    from lesiontrack.dicom_node.outbound.scu import echo as do_echo
+    from lesiontrack.dicom_node.outbound.scu import DimseError  # lazy: CLI start-up
+    from lesiontrack.dicom_node.outbound.scu import echo as do_echo  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     try:

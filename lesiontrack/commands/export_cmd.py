@@ -20,12 +20,12 @@ def export(
     list_patients: bool = typer.Option(False, "--list", help="list patients with their internal ids"),
 ) -> None:
     """Export one patient's lesions × timepoints (measurements, status, RECIST) for a read centre."""
-    from sqlalchemy import select
+    from sqlalchemy import select  # lazy: CLI start-up
 
-    from lesiontrack.db.models import Patient
-    from lesiontrack.db.session import make_engine, make_session_factory, session_scope
-    from lesiontrack.pipeline.views import exports
-    from lesiontrack.pipeline.views.history import build_timeline
+    from lesiontrack.db.models import Patient  # lazy: CLI start-up
+    from lesiontrack.db.session import make_engine, make_session_factory, session_scope  # lazy: CLI start-up
+    from lesiontrack.pipeline.views import exports  # lazy: CLI start-up
+    from lesiontrack.pipeline.views.history import build_timeline  # lazy: CLI start-up
 
     sf = make_session_factory(make_engine(state(ctx).settings().effective_database_url))
     with session_scope(sf) as s:

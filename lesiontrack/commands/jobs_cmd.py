@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import typer
@@ -16,8 +17,8 @@ app = typer.Typer(help="Analysis jobs: list, show, retry.", no_args_is_help=True
 
 
 def _store(ctx: typer.Context) -> JobStore:
-    from lesiontrack.db.session import make_engine, make_session_factory, upgrade
-    from lesiontrack.pipeline.jobs.store import JobStore
+    from lesiontrack.db.session import make_engine, make_session_factory, upgrade  # lazy: CLI start-up
+    from lesiontrack.pipeline.jobs.store import JobStore  # lazy: CLI start-up
 
     url = state(ctx).settings().effective_database_url
     upgrade(url)
@@ -31,10 +32,10 @@ def list_jobs(
     limit: int = typer.Option(50, help="most recent N"),
 ) -> None:
     """The most recent jobs with state, step, attempts and error."""
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: CLI start-up
+    from rich.table import Table  # lazy: CLI start-up
 
-    from lesiontrack.db.models import JobState
+    from lesiontrack.db.models import JobState  # lazy: CLI start-up
 
     try:
         st = JobState(job_state) if job_state else None
@@ -59,9 +60,7 @@ def list_jobs(
 @app.command("show")
 def show(ctx: typer.Context, job_id: int = typer.Argument(..., help="job id")) -> None:
     """One job as JSON: state, steps with timings and outputs, error, supersession."""
-    from dataclasses import asdict
-
-    from lesiontrack.pipeline.jobs.store import JobNotFound
+    from lesiontrack.pipeline.jobs.store import JobNotFound  # lazy: CLI start-up
 
     try:
         view = _store(ctx).get(job_id)
@@ -76,7 +75,7 @@ def show(ctx: typer.Context, job_id: int = typer.Argument(..., help="job id")) -
 @app.command("retry")
 def retry(ctx: typer.Context, job_id: int = typer.Argument(..., help="job id of a finished job")) -> None:
     """Re-run a finished job's series as a NEW job; its SEG/SR supersede the old ones (never overwritten)."""
-    from lesiontrack.pipeline.jobs.store import JobNotFound
+    from lesiontrack.pipeline.jobs.store import JobNotFound  # lazy: CLI start-up
 
     store = _store(ctx)
     try:
@@ -92,7 +91,7 @@ def _notify(ctx: typer.Context, job_id: int) -> None:
     """With the Celery executor, publish the job; the embedded executor polls the database itself."""
     settings = state(ctx).settings()
     if settings.worker.executor == "celery":
-        from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor
+        from lesiontrack.pipeline.jobs.executors.celery_app import CeleryExecutor  # lazy: CLI start-up
 
         CeleryExecutor(settings).submit(job_id)
 

@@ -20,7 +20,7 @@ def find_priors(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Priors = earlier studies whose CT series a DICOM SEG or TID 1500 SR references (local DB, then peers)."""
-    from lesiontrack.dicom_node.outbound.priors import PriorFinder, PriorLookupError
+    from lesiontrack.dicom_node.outbound.priors import PriorFinder, PriorLookupError  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     sf = state(ctx).database()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,9 +25,7 @@ def _read_volume(path: Path, what: str) -> Volume:
 
 
 def _read_points(path: Path) -> np.ndarray:
-    import csv
-
-    import numpy as np
+    import numpy as np  # lazy: CLI start-up
 
     if not path.is_file():
         raise InputError(path, "no such points file")
@@ -68,8 +67,8 @@ def register(app: typer.Typer) -> None:
         if (warp_labels is None) != (out_labels is None):
             raise typer.BadParameter("--warp-labels and --out-labels go together")
         settings = state(ctx).settings()
-        from lesiontrack.models.engines import build_registration
-        from lesiontrack.models.registration.base import EngineUnavailable
+        from lesiontrack.models.engines import build_registration  # lazy: CLI start-up
+        from lesiontrack.models.registration.base import EngineUnavailable  # lazy: CLI start-up
 
         try:
             base_vol = _read_volume(baseline, "--baseline")
@@ -97,8 +96,6 @@ def register(app: typer.Typer) -> None:
             "folding_fraction": reg.quality.folding_fraction,
         }
         if points is not None and out is not None:
-            import csv
-
             mapped = reg.map_points_to_followup(points)
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("w", newline="", encoding="utf-8") as fh:
@@ -109,7 +106,7 @@ def register(app: typer.Typer) -> None:
             summary["points"] = len(mapped)
             summary["points_out"] = str(out)
         if labels is not None and out_labels is not None:
-            import numpy as np
+            import numpy as np  # lazy: CLI start-up
 
             warped = reg.warp_labels(labels)
             out_labels.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +114,7 @@ def register(app: typer.Typer) -> None:
             summary["labels_out"] = str(out_labels)
             summary["label_voxels"] = int(np.count_nonzero(warped.array))
         if save_field is not None:
-            from lesiontrack.models.registration.field import DisplacementFieldRegistration
+            from lesiontrack.models.registration.field import DisplacementFieldRegistration  # lazy: CLI start-up
 
             if not isinstance(reg, DisplacementFieldRegistration):
                 raise typer.BadParameter(f"--save-field: engine {reg.engine} produces no displacement field")

@@ -29,8 +29,8 @@ def reevaluate_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="show what the current rules decide; change nothing"),
 ) -> None:
     r"""Apply the current \[routing] rules to every skipped series again (priors and our own results excepted)."""
-    from lesiontrack.dicom_node.inbound.skipped import reevaluate
-    from lesiontrack.pipeline.jobs.store import JobStore
+    from lesiontrack.dicom_node.inbound.skipped import reevaluate  # lazy: CLI start-up
+    from lesiontrack.pipeline.jobs.store import JobStore  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     sf = state(ctx).database()

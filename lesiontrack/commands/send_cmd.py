@@ -21,11 +21,11 @@ def send(
     operator: str = typer.Option("cli", help="who is retrying (written to the audit log)"),
 ) -> None:
     """Send results to the PACS with retries; `send --retry JOB` re-attempts a job's failed deliveries now."""
-    from sqlalchemy import select
+    from sqlalchemy import select  # lazy: CLI start-up
 
-    from lesiontrack.db.models import Delivery, DeliveryState
-    from lesiontrack.db.session import session_scope
-    from lesiontrack.dicom_node.outbound.sending import DeliveryService
+    from lesiontrack.db.models import Delivery, DeliveryState  # lazy: CLI start-up
+    from lesiontrack.db.session import session_scope  # lazy: CLI start-up
+    from lesiontrack.dicom_node.outbound.sending import DeliveryService  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     sf = state(ctx).database()

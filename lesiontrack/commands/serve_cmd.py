@@ -20,9 +20,9 @@ def serve(
     """Receive DICOM from the PACS, analyse completed follow-ups (jobs), serve the HTTP API; SIGTERM stops cleanly."""
     # SCP + delivery loop + job executor + HTTP API in one process (lesiontrack.service).
     from lesiontrack.config.logging import setup_logging
-    from lesiontrack.config.settings import ConfigError
-    from lesiontrack.dicom_node.database import DatabaseUnavailable, SchemaNotCurrent
-    from lesiontrack.service import LesionTrackService
+    from lesiontrack.config.settings import ConfigError  # lazy: CLI start-up
+    from lesiontrack.dicom_node.database import DatabaseUnavailable, SchemaNotCurrent  # lazy: CLI start-up
+    from lesiontrack.service import LesionTrackService  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     if port is not None:
@@ -37,6 +37,7 @@ def serve(
         typer.secho(f"error: cannot start: {type(exc).__name__}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     http = f", HTTP on {settings.http.bind_address}:{service.http_port}" if service.http_port else ""
+    assert service.scp is not None  # serve always runs the DICOM node (LesionTrackService(dicom=True))
     typer.echo(
         f"LesionTrack SCP {settings.dicom.ae_title} listening on {settings.dicom.bind_address}:"
         f"{service.scp.port}{http}, executor {settings.worker.executor}"
@@ -50,13 +51,13 @@ def complete_series_cmd(
     series_uid: str = typer.Argument(..., help="SeriesInstanceUID"),
 ) -> None:
     """Force completion of a series now (skip the quiet period): routing is recorded, a job created if routed."""
-    from lesiontrack.dicom_node.inbound.completion import complete_series
+    from lesiontrack.dicom_node.inbound.completion import complete_series  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     sf = state(ctx).database()
     callback = None
     try:
-        from lesiontrack.pipeline.jobs.store import JobStore
+        from lesiontrack.pipeline.jobs.store import JobStore  # lazy: CLI start-up
 
         store = JobStore(sf, actor="cli")
 

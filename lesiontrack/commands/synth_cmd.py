@@ -30,9 +30,9 @@ def synth(
     no_dicom: bool = typer.Option(False, "--no-dicom", help="write only label maps and truth.json"),
 ) -> None:
     """Synthetic baseline + follow-up CTs with known lesion changes, motion and landmark truth."""
-    import numpy as np
+    import numpy as np  # lazy: CLI start-up
 
-    from lesiontrack.synthetic.synthesis import synthesize_patient, write_patient
+    from lesiontrack.synthetic.synthesis import SynthIdentity, synthesize_patient, write_patient  # lazy: CLI start-up
 
     if (source is None) != (labels is None):
         raise typer.BadParameter("--source and --labels go together")
@@ -57,7 +57,7 @@ def synth(
     for n in range(patients):
         pseed = seed + n
         if src_ct is None:
-            from lesiontrack.synthetic.phantom import make_phantom
+            from lesiontrack.synthetic.phantom import make_phantom  # lazy: CLI start-up
 
             ph = (
                 make_phantom(pseed)
@@ -75,10 +75,8 @@ def synth(
             lab,
             np.random.default_rng(pseed),
             n_followups=timepoints - 1,
-            patient_id=f"SYNTH-{pseed:04d}",
-            patient_name=f"Synthetic^Patient{pseed:04d}",
+            identity=SynthIdentity(f"SYNTH-{pseed:04d}", f"Synthetic^Patient{pseed:04d}", pseed),
             lesion_kinds=kinds,
-            seed=pseed,
         )
         root = write_patient(patient, out, write_dicom=not no_dicom)
         summary.append(

@@ -89,7 +89,7 @@ def track(
     maps, tracking.json and the DICOM results."""
     # imported here, not at the top: db.models (SQLAlchemy) adds ~0.9 s to every `lesiontrack` start (-X importtime)
     from lesiontrack.db.models import JobState
-    from lesiontrack.track_outputs import write_outputs
+    from lesiontrack.track_outputs import write_outputs  # lazy: CLI start-up
 
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -227,6 +227,8 @@ def _check_inputs(baseline: Path, followups: list[Path], prompts: Path | None) -
     """Clear errors naming the folder or file before anything runs: every folder holds a readable CT series of at
     least 2 slices, and the baseline's lesions (its SEG/SR, or ``prompts``) can be read."""
     from lesiontrack.models.imaging.dicom_read import read_series  # the analysis stack (see track)
+
+    # lazy: CLI start-up (see lesiontrack/commands/__init__.py)
     from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, load_prompts_json, prompts_from_directory
 
     cts = {d: _read_ct(d, read_series) for d in [baseline, *followups]}

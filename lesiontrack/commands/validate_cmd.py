@@ -13,8 +13,9 @@ def validate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print warnings too"),
 ) -> None:
     """Exit 1 when any validator reports an error; each finding is printed with the tool and the file."""
-    import pydicom
+    import pydicom  # lazy: CLI start-up
 
+    # lazy: CLI start-up (see lesiontrack/commands/__init__.py)
     from lesiontrack.pipeline.dicom.validate import ToolMissing, run_dciodvfy, run_dsrdump, run_sr_validator
 
     failed = False

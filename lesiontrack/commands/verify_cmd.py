@@ -21,11 +21,11 @@ def list_verifications(
     ctx: typer.Context, patient_pk: int = typer.Argument(..., help="patient id (dashboard/API)")
 ) -> None:
     """Every verification of the patient: timepoint, how, by whom, when, state, re-analyses."""
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: CLI start-up
+    from rich.table import Table  # lazy: CLI start-up
 
-    from lesiontrack.db.session import session_scope
-    from lesiontrack.pipeline.jobs.verification import verifications
+    from lesiontrack.db.session import session_scope  # lazy: CLI start-up
+    from lesiontrack.pipeline.jobs.verification import verifications  # lazy: CLI start-up
 
     sf = state(ctx).database()
     with session_scope(sf) as s:
@@ -54,7 +54,7 @@ def as_is(
     operator: str = typer.Option(..., "--operator", help="who verifies (recorded, audited)"),
 ) -> None:
     """Accept our latest result of a follow-up unchanged; later follow-ups are re-analysed from it."""
-    from lesiontrack.pipeline.jobs.verification import VerificationError, verify_as_is
+    from lesiontrack.pipeline.jobs.verification import VerificationError, verify_as_is  # lazy: CLI start-up
 
     try:
         vid, jobs = verify_as_is(state(ctx).database(), series_uid, operator=f"cli:{operator}")
@@ -69,7 +69,7 @@ def reanalyse(
     ctx: typer.Context, verification_id: int = typer.Argument(..., help="verification id (`verify list`)")
 ) -> None:
     """Re-analyse the follow-ups after a verified timepoint (when re-analysis waits for an operator)."""
-    from lesiontrack.pipeline.jobs.verification import VerificationError, reanalyse_later
+    from lesiontrack.pipeline.jobs.verification import VerificationError, reanalyse_later  # lazy: CLI start-up
 
     try:
         jobs = reanalyse_later(state(ctx).database(), verification_id, actor="cli")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import typer
 
 from lesiontrack.context import state
@@ -16,14 +18,19 @@ def worker(
     loglevel: str = typer.Option("INFO", help="Celery worker log level"),
 ) -> None:
     """Run analysis jobs from the broker, one at a time (acks late, prefetch 1); Ctrl-C / SIGTERM requeues."""
-    import socket
+    from celery import signals  # lazy: CLI start-up
 
-    from celery import signals
+    from lesiontrack.config.settings import ConfigError  # lazy: CLI start-up
 
-    from lesiontrack.config.settings import ConfigError
-    from lesiontrack.db.session import current_revision, head_revision, make_engine, make_session_factory
-    from lesiontrack.pipeline.jobs.executors import celery_app
-    from lesiontrack.service import build_analysis_service, check_engine_settings, load_pipeline
+    # lazy: CLI start-up
+    from lesiontrack.db.session import (
+        current_revision,
+        head_revision,
+        make_engine,
+        make_session_factory,
+    )
+    from lesiontrack.pipeline.jobs.executors import celery_app  # lazy: CLI start-up
+    from lesiontrack.service import build_analysis_service, check_engine_settings, load_pipeline  # lazy: CLI start-up
 
     settings = state(ctx).settings()
     try:

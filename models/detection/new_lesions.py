@@ -219,69 +219,85 @@ def _detect(
         cand = _describe(comp, sl, z[sl], channel[sl], pr_s[sl], sp_kji, float(peak[lab]), opt)
         if cand is None:
             continue
-        conf, tissue_ch, diameter, elong, strength = cand
-        reject, ratio, iso = _anatomy_and_misfit(maps, maps.gas_zone, comp, sl, opt)
-        ch_major = int(np.argmax(np.bincount(channel[sl][comp], minlength=3)))
-        surround = _surround_ratio(maps, comp, sl, ch_major)
-        blob = blob_measure(maps.fu_s if ch_major == 2 else maps.fu_l, comp, sl, sp_kji, diameter, ch_major != 2)
-        conf = _with_misfit(conf, ratio)
-        if not reject and ch_major != 2 and blob < opt.min_blobness:
-            reject = f"tube- or sheet-like in the follow-up (blob measure {blob:.2f}: a vessel, rib or wall piece)"
-        if not reject and ch_major == 2 and surround > opt.max_surround_ratio:
-            reject = f"its surroundings changed too (×{surround:.2f} of its own change: a seam or a moved edge)"
-        if not reject and conf < opt.min_confidence:
-            reject = f"confidence {conf:.2f} < {opt.min_confidence:.2f}"
-        if reject and not opt.keep_rejected:
-            continue
-        mask = _upsample_mask(comp, sl, f_kji, followup.shape)
-        idx = np.argwhere(mask)
-        centre = followup.index_to_patient(idx[:, ::-1].mean(0))
-        vals_f = followup.array[mask].astype(np.float64)
-        vals_p = warped_prior.array[mask].astype(np.float64)
-        mean_hu = float(vals_f.mean())
-        contrast = float(mean_hu - vals_p.mean())
-        tissue = _organ(maps.anatomy, comp, sl, tissue_ch)
-        if tissue == "soft tissue" and not maps.anatomy.liver.any() and _liver_like(pr_s, sl, comp, sp_kji):
-            tissue = "liver"  # no liver found in the image: fall back to the site's homogeneous parenchyma
-        if not reject and tissue != "lung" and contrast > opt.max_soft_contrast_hu:
-            reject = f"{contrast:+.0f} HU: bone, calcium or contrast-filled vessel moved"
-        if reject and not opt.keep_rejected:
-            continue
-        kind = "hypodense" if contrast < 0 else "hyperdense"
-        volume = float(mask.sum()) * followup.voxel_volume_mm3()
-        reasons = (
-            f"new {diameter:.0f} mm {kind} focus in {tissue}",
-            f"{contrast:+.0f} HU vs prior",
-            f"{'compact' if elong >= 0.5 else 'elongated'} (elongation {elong:.2f})",
-            f"not in the prior within {opt.misfit_radius_mm:g} mm (residual ×{ratio:.2f} at the best fit)",
-            f"blob measure {blob:.2f}, surroundings changed ×{surround:.2f} of it",
-            f"volume {volume / 1000.0:.2f} mL",
-        )
-        out.append(
-            NewLesionCandidate(
-                mask=mask,
-                centre_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
-                volume_mm3=volume,
-                diameter_mm=diameter,
-                mean_hu=mean_hu,
-                contrast_hu=contrast,
-                tissue=tissue,
-                confidence=conf,
-                reasons=reasons,
-                kind=kind,
-                elongation=elong,
-                strength=strength,
-                misfit_ratio=ratio,
-                attached_fraction=iso,
-                blobness=blob,
-                surround_ratio=surround,
-                rejected=reject,
-            )
-        )
+        found_here = _assess(followup, warped_prior, maps, comp, sl, cand, opt)
+        if found_here is not None:
+            out.append(found_here)
     out.sort(key=lambda c: (c.rejected != "", -c.confidence))
     if opt.keep_rejected:
         return out
     return out[: opt.max_candidates]
+
+
+def _assess(
+    followup: Volume,
+    warped_prior: Volume,
+    maps: _Maps,
+    comp: Array,
+    sl: tuple[slice, ...],
+    described: tuple[float, str, float, float, float],
+    opt: DetectionOptions,
+) -> NewLesionCandidate | None:
+    """One change region (``comp`` in the box ``sl`` of the working grid) judged as a new lesion: its anatomy, misfit
+    to the prior, shape and surroundings, the candidate at full resolution with its reasons, or its rejection (None
+    when rejected and rejected ones are not kept)."""
+    conf, tissue_ch, diameter, elong, strength = described
+    channel, pr_s, sp_kji, f_kji = maps.channel, maps.prior_s, maps.spacing_kji, maps.factors
+    reject, ratio, iso = _anatomy_and_misfit(maps, maps.gas_zone, comp, sl, opt)
+    ch_major = int(np.argmax(np.bincount(channel[sl][comp], minlength=3)))
+    surround = _surround_ratio(maps, comp, sl, ch_major)
+    blob = blob_measure(maps.fu_s if ch_major == 2 else maps.fu_l, comp, sl, sp_kji, diameter, ch_major != 2)
+    conf = _with_misfit(conf, ratio)
+    if not reject and ch_major != 2 and blob < opt.min_blobness:
+        reject = f"tube- or sheet-like in the follow-up (blob measure {blob:.2f}: a vessel, rib or wall piece)"
+    if not reject and ch_major == 2 and surround > opt.max_surround_ratio:
+        reject = f"its surroundings changed too (×{surround:.2f} of its own change: a seam or a moved edge)"
+    if not reject and conf < opt.min_confidence:
+        reject = f"confidence {conf:.2f} < {opt.min_confidence:.2f}"
+    if reject and not opt.keep_rejected:
+        return None
+    mask = _upsample_mask(comp, sl, f_kji, followup.shape)
+    idx = np.argwhere(mask)
+    centre = followup.index_to_patient(idx[:, ::-1].mean(0))
+    vals_f = followup.array[mask].astype(np.float64)
+    vals_p = warped_prior.array[mask].astype(np.float64)
+    mean_hu = float(vals_f.mean())
+    contrast = float(mean_hu - vals_p.mean())
+    tissue = _organ(maps.anatomy, comp, sl, tissue_ch)
+    if tissue == "soft tissue" and not maps.anatomy.liver.any() and _liver_like(pr_s, sl, comp, sp_kji):
+        tissue = "liver"  # no liver found in the image: fall back to the site's homogeneous parenchyma
+    if not reject and tissue != "lung" and contrast > opt.max_soft_contrast_hu:
+        reject = f"{contrast:+.0f} HU: bone, calcium or contrast-filled vessel moved"
+    if reject and not opt.keep_rejected:
+        return None
+    kind = "hypodense" if contrast < 0 else "hyperdense"
+    volume = float(mask.sum()) * followup.voxel_volume_mm3()
+    reasons = (
+        f"new {diameter:.0f} mm {kind} focus in {tissue}",
+        f"{contrast:+.0f} HU vs prior",
+        f"{'compact' if elong >= 0.5 else 'elongated'} (elongation {elong:.2f})",
+        f"not in the prior within {opt.misfit_radius_mm:g} mm (residual ×{ratio:.2f} at the best fit)",
+        f"blob measure {blob:.2f}, surroundings changed ×{surround:.2f} of it",
+        f"volume {volume / 1000.0:.2f} mL",
+    )
+    return NewLesionCandidate(
+        mask=mask,
+        centre_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
+        volume_mm3=volume,
+        diameter_mm=diameter,
+        mean_hu=mean_hu,
+        contrast_hu=contrast,
+        tissue=tissue,
+        confidence=conf,
+        reasons=reasons,
+        kind=kind,
+        elongation=elong,
+        strength=strength,
+        misfit_ratio=ratio,
+        attached_fraction=iso,
+        blobness=blob,
+        surround_ratio=surround,
+        rejected=reject,
+    )
 
 
 def _components(z: Array, sp: Array, opt: DetectionOptions) -> tuple[Array, Array, Array] | None:

@@ -12,6 +12,7 @@ its k axis reversed so the files describe the same voxels (reading it back gives
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,30 +32,38 @@ def _ds_number(x: float) -> str:
     return f"{x:.6e}"
 
 
+@dataclass(frozen=True)
+class CTSeriesHeader:
+    """Who and what a written CT series is: patient, study, series and frame of reference (passed in, never
+    invented), and the descriptive attributes of the series."""
+
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    study_date: str
+    study_time: str = "120000"
+    series_number: int = 1
+    series_description: str = ""
+    study_description: str = ""
+    accession_number: str = ""
+    study_id: str = "1"
+    issuer_of_patient_id: str | None = None
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    manufacturer: str = "LesionTrack"
+    body_part: str = "CHEST"
+    window: tuple[float, float] = (40.0, 400.0)
+    slice_thickness: float | None = None  # None: the slice spacing
+
+
 def write_ct_series(
     volume: Volume,
     out_dir: Path | str,
+    header: CTSeriesHeader,
     *,
-    patient_id: str,
-    patient_name: str,
-    study_uid: str,
-    series_uid: str,
-    frame_of_reference_uid: str,
-    study_date: str,
-    study_time: str = "120000",
-    series_number: int = 1,
-    series_description: str = "",
-    study_description: str = "",
-    accession_number: str = "",
-    study_id: str = "1",
-    issuer_of_patient_id: str | None = None,
-    patient_birth_date: str = "",
-    patient_sex: str = "",
-    manufacturer: str = "LesionTrack",
-    body_part: str = "CHEST",
     sop_instance_uids: list[str] | None = None,
-    window: tuple[float, float] = (40.0, 400.0),
-    slice_thickness: float | None = None,
     filename: str = "CT{k:04d}.dcm",
 ) -> list[Path]:
     """Write ``volume`` (HU) as a CT series into ``out_dir``; returns the file paths in k order."""
@@ -69,30 +78,30 @@ def write_ct_series(
     base = Dataset()
     for keyword, value in _FIXED_ATTRIBUTES:
         setattr(base, keyword, value)
-    base.StudyDate, base.StudyTime = study_date, study_time
-    base.SeriesDate, base.SeriesTime = study_date, study_time
+    base.StudyDate, base.StudyTime = header.study_date, header.study_time
+    base.SeriesDate, base.SeriesTime = header.study_date, header.study_time
     base.ContentDate, base.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    base.AccessionNumber = accession_number
-    base.Manufacturer = manufacturer
-    base.StudyDescription = study_description
-    base.SeriesDescription = series_description
-    base.BodyPartExamined = body_part
-    base.PatientName = patient_name
-    base.PatientID = patient_id
-    if issuer_of_patient_id:
-        base.IssuerOfPatientID = issuer_of_patient_id
-    base.PatientBirthDate = patient_birth_date
-    base.PatientSex = patient_sex
-    base.SliceThickness = _ds_number(float(slice_thickness if slice_thickness is not None else sk))
-    base.StudyInstanceUID = study_uid
-    base.SeriesInstanceUID = series_uid
-    base.StudyID = study_id
-    base.SeriesNumber = int(series_number)
-    base.FrameOfReferenceUID = frame_of_reference_uid
+    base.AccessionNumber = header.accession_number
+    base.Manufacturer = header.manufacturer
+    base.StudyDescription = header.study_description
+    base.SeriesDescription = header.series_description
+    base.BodyPartExamined = header.body_part
+    base.PatientName = header.patient_name
+    base.PatientID = header.patient_id
+    if header.issuer_of_patient_id:
+        base.IssuerOfPatientID = header.issuer_of_patient_id
+    base.PatientBirthDate = header.patient_birth_date
+    base.PatientSex = header.patient_sex
+    base.SliceThickness = _ds_number(float(header.slice_thickness if header.slice_thickness is not None else sk))
+    base.StudyInstanceUID = header.study_uid
+    base.SeriesInstanceUID = header.series_uid
+    base.StudyID = header.study_id
+    base.SeriesNumber = int(header.series_number)
+    base.FrameOfReferenceUID = header.frame_of_reference_uid
     base.ImageOrientationPatient = [_ds_number(v) for v in (*direction[:, 0], *direction[:, 1])]
     base.Rows, base.Columns = int(pixels.shape[1]), int(pixels.shape[2])
     base.PixelSpacing = [_ds_number(sj), _ds_number(si)]
-    base.WindowCenter, base.WindowWidth = _ds_number(window[0]), _ds_number(window[1])
+    base.WindowCenter, base.WindowWidth = _ds_number(header.window[0]), _ds_number(header.window[1])
 
     paths: list[Path] = []
     for k in range(nk):

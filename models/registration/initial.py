@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage.registration._masked_phase_cross_correlation import cross_correlate_masked
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.features import Adam, sample
@@ -64,8 +65,6 @@ def _masked_translation(
     fix: Array, fmask: Array, mov: Array, mmask: Array, overlap_ratio: float
 ) -> tuple[Array, float] | None:
     """Integer shift ``s`` (k, j, i) maximising masked NCC of ``fix[p]`` vs ``mov[p + s]``; None if no overlap."""
-    from skimage.registration._masked_phase_cross_correlation import cross_correlate_masked
-
     xc = cross_correlate_masked(fix, mov, fmask, mmask, mode="full", axes=(0, 1, 2), overlap_ratio=overlap_ratio)
     xc = np.nan_to_num(np.real(xc), nan=-1.0)
     peak = np.unravel_index(int(np.argmax(xc)), xc.shape)

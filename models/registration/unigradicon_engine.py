@@ -35,8 +35,9 @@ INPUT_SHAPE = [1, 1, 175, 175, 175]
 
 def _import_packages() -> tuple[Any, Any]:
     try:
+        # optional: installed apart with --no-deps (pyproject); torch 6 s at import
         import icon_registration
-        import unigradicon
+        import unigradicon  # lazy, as above
     except ImportError as exc:
         raise EngineUnavailable(
             "registration engine 'unigradicon' needs the 'unigradicon' and 'icon_registration' packages "

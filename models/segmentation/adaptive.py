@@ -184,26 +184,9 @@ class AdaptiveEngine:
         if prompt.kind is PromptKind.POINTS:
             core = pmask & (inside_d >= min(2.0, inside_d.max()))
         # --- intensity models ---------------------------------------------------------------------
-        if reference is not None and reference.mask.array.any():
-            les_s, bg_s, les_pdf = _reference_model(reference, smooth[core], cfg)
-        else:
-            les_s = smooth[core]
-            if prompt.kind is PromptKind.POINTS:
-                pmask, inside_d, sdist, r_eq = _regrown_prompt(smooth, core, les_s, sp, cfg, r_eq)
-                growth = max(cfg.min_growth_mm, r_eq)
-            elif prompt.kind is PromptKind.BOX:
-                les_s = smooth[_inner_box(pmask)]
-            les_pdf = _kde(les_s, cfg.min_sd_hu)
-            gap = 1.0 if prompt.kind is not PromptKind.POINTS else 2.0 + 0.5 * r_eq  # extent unknown for clicks
-            ring = (sdist > gap) & (sdist <= gap + cfg.ring_mm)
-            bg_s = smooth[ring]
-            if prompt.kind is PromptKind.POINTS:  # lesion extent unknown: lesion-like ring voxels are not background
-                med = float(np.median(les_s))
-                far = np.abs(bg_s - med) > _grow_tolerance(les_s, cfg)
-                if far.sum() >= 20:
-                    bg_s = bg_s[far]
-        if bg_s.size < 5:
-            bg_s = smooth[sdist > growth]
+        shape = _PromptShape(pmask, inside_d, sdist, r_eq, growth)
+        les_s, bg_s, les_pdf, shape = _intensity_samples(prompt.kind, smooth, core, shape, sp, reference, cfg)
+        pmask, inside_d, sdist, r_eq, growth = shape.mask, shape.inside_d, shape.sdist, shape.r_eq, shape.growth
         bg_pdf = _kde(bg_s, cfg.min_sd_hu)
         les_mode = float(_BINS[int(np.argmax(les_pdf))])  # the lesion model's most frequent intensity
         llr = np.clip(np.log(_lookup(les_pdf, smooth)) - np.log(_lookup(bg_pdf, smooth)), -6.0, 6.0)
@@ -250,6 +233,53 @@ class AdaptiveEngine:
             seg = (seg & outline) | ndi.binary_opening(seg, structure=_ball(cfg.trim_radius_mm, sp))
         seg = ndi.binary_fill_holes(seg)
         return seg
+
+
+@dataclass(frozen=True)
+class _PromptShape:
+    """The prompt on the ROI: its mask, distances inside it and signed distance to it (mm, > 0 outside), its
+    equivalent radius and how far the lesion may grow beyond it (mm)."""
+
+    mask: np.ndarray
+    inside_d: np.ndarray
+    sdist: np.ndarray
+    r_eq: float
+    growth: float
+
+
+def _intensity_samples(
+    kind: PromptKind,
+    smooth: np.ndarray,
+    core: np.ndarray,
+    shape: _PromptShape,
+    sp: np.ndarray,
+    reference: SegReference | None,
+    cfg: AdaptiveConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, _PromptShape]:
+    """Lesion and background intensity samples and the lesion's intensity model: from the prior's segmentation
+    (``reference``) where there is one, else from the prompt; a click's prompt is regrown first (its extent is
+    unknown), hence the prompt shape returned."""
+    if reference is not None and reference.mask.array.any():
+        les_s, bg_s, les_pdf = _reference_model(reference, smooth[core], cfg)
+    else:
+        les_s = smooth[core]
+        if kind is PromptKind.POINTS:
+            pmask, inside_d, sdist, r_eq = _regrown_prompt(smooth, core, les_s, sp, cfg, shape.r_eq)
+            shape = _PromptShape(pmask, inside_d, sdist, r_eq, max(cfg.min_growth_mm, r_eq))
+        elif kind is PromptKind.BOX:
+            les_s = smooth[_inner_box(shape.mask)]
+        les_pdf = _kde(les_s, cfg.min_sd_hu)
+        gap = 1.0 if kind is not PromptKind.POINTS else 2.0 + 0.5 * shape.r_eq  # extent unknown for clicks
+        ring = (shape.sdist > gap) & (shape.sdist <= gap + cfg.ring_mm)
+        bg_s = smooth[ring]
+        if kind is PromptKind.POINTS:  # lesion extent unknown: lesion-like ring voxels are not background
+            med = float(np.median(les_s))
+            far = np.abs(bg_s - med) > _grow_tolerance(les_s, cfg)
+            if far.sum() >= 20:
+                bg_s = bg_s[far]
+    if bg_s.size < 5:
+        bg_s = smooth[shape.sdist > shape.growth]
+    return les_s, bg_s, les_pdf, shape
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ def _split_keep(region: np.ndarray, anchor: np.ndarray, sp2: np.ndarray, min_sha
     if region.sum() < 8:
         return region
     from skimage.morphology import h_maxima  # ~1 s to load (see _polygon); most drawings never need a split
-    from skimage.segmentation import watershed
+    from skimage.segmentation import watershed  # lazy with h_maxima: only a split needs it
 
     dist = ndi.distance_transform_edt(region, sampling=sp2)
     # only real necks split: peaks of the distance that stand out by a pixel and a fifth of the region's depth

@@ -20,6 +20,7 @@ foreground probability is resampled back to the CT grid and thresholded at 0.5.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import pydoc
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import SegReference
@@ -55,6 +57,7 @@ class _Model:
 
 
 def _resolve_device(device: str) -> str:
+    # lazy: torch costs 6 s at import, only when this engine runs
     import torch
 
     if device in ("auto", "", None):
@@ -156,6 +159,7 @@ class LesionLocatorEngine:
         return Volume((back > 0.5).astype(np.uint8), image.origin.copy(), image.spacing.copy(), image.direction.copy())
 
     def _predict(self, model: _Model, ct: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        # lazy: torch costs 6 s at import, only when this engine runs
         import torch
 
         patch = np.array(model.patch_kji)
@@ -167,8 +171,6 @@ class LesionLocatorEngine:
         x_full = np.stack([ct, prompt.astype(np.float32)])
         mirrors: list[tuple[int, ...]] = [()]
         if self.tta:
-            import itertools
-
             ax = [a + 2 for a in model.mirror_axes]
             mirrors = [c for r in range(len(ax) + 1) for c in itertools.combinations(ax, r)]
         autocast = torch.autocast("cuda", enabled=True) if self.device.startswith("cuda") else contextlib.nullcontext()
@@ -200,6 +202,7 @@ def load_model_folder(
     folder: Path, device: str = "cpu", folds: tuple[int, ...] | None = None, strip_prefix: str | None = None
 ) -> _Model:
     """Build the network of ``folder`` (plans.json, dataset.json, fold_N/checkpoint_final.pth) with weights loaded."""
+    # lazy: torch costs 6 s at import, only when this engine runs
     import torch
 
     plans_path, ds_path = folder / "plans.json", folder / "dataset.json"
@@ -302,7 +305,7 @@ def _build_network(arch: dict[str, Any], in_channels: int, n_classes: int, path:
 
 # ---- prompt encoding & helpers ---------------------------------------------------------------------------
 def _encode_prompt(prompt: Prompt, enc: PromptKind, roi: Volume, dense_on_image: Volume) -> np.ndarray:
-    from skimage.morphology import ball
+    from skimage.morphology import ball  # lazy: skimage.morphology costs ~0.6 s at import, only for this engine
 
     out = np.zeros(roi.shape, np.uint8)
     if enc is PromptKind.MASK:
@@ -345,8 +348,6 @@ def _starts(size: int, patch: int, step: float) -> list[int]:
 
 
 def _gaussian(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
-    from scipy import ndimage as ndi
-
     g = np.zeros(patch, np.float32)
     g[tuple(p // 2 for p in patch)] = 1
     g = ndi.gaussian_filter(g, [p * sigma_scale for p in patch], mode="constant")

@@ -33,7 +33,7 @@ from lesiontrack.pipeline.jobs.contract import Adoption, VerificationRecord
 from lesiontrack.pipeline.jobs.store import PermanentError
 from lesiontrack.pipeline.science.correction_matching import MatchedBy, SegmentOfInterest, match_correction
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
-from lesiontrack.pipeline.science.tracking import RegistrationCache, track_lesions
+from lesiontrack.pipeline.science.tracking import Confirmed, RegistrationCache, track_lesions
 
 
 def _read_prompts(path: Path, ct: Volume) -> list[Prompt]:
@@ -128,7 +128,12 @@ def adopt(
     base = [p for p in prior_prompts if p.identity.tracking_uid not in deleted]
     both = RegistrationCache.known(registration, tps[0], tps[1], engine)
     track_lesions(
-        tps, base, source_index=0, registration=both, segmentation=segmentation, confirmed={1: adoption.prompts}
+        tps,
+        base,
+        source_index=0,
+        registration=both,
+        segmentation=segmentation,
+        confirmed=Confirmed({1: adoption.prompts}),
     )
     by = adoption.verification.verified_by
     how = {m.tracking_uid: m for m in adoption.matches}

@@ -148,7 +148,7 @@ class Step(Generic[ServicesT, StateT, OutputT]):
     output: type[OutputT]
     durable: bool = False
 
-    def load(self, stored: Any) -> OutputT:
+    def load(self, stored: object) -> OutputT:
         """Validate a stored output; a PermanentError naming the step when it no longer matches the model."""
         try:
             return self.output.model_validate(stored)
@@ -263,7 +263,7 @@ class AnalysisService:
         return job_id, self._run_claimed(job_id)
 
     # -- the runner -------------------------------------------------------------------------------
-    def _load_outputs(self, stored: Mapping[str, Any]) -> tuple[int, StepOutputs]:
+    def _load_outputs(self, stored: Mapping[str, object]) -> tuple[int, StepOutputs]:
         """Where to resume and the validated outputs kept: those of the steps before the resume point.
 
         Raises PermanentError (naming the step) when a kept output no longer matches its model."""

@@ -339,7 +339,7 @@ STEP_NAMES: list[str] = [m.step for m in PIPELINE_OUTPUTS]
 OutT = TypeVar("OutT", bound=PipelineOutput)
 
 
-def read_output(step_outputs: Mapping[str, Any], model: type[OutT]) -> OutT | None:
+def read_output(step_outputs: Mapping[str, object], model: type[OutT]) -> OutT | None:
     """A job's recorded output of one step, validated; None when the step has not run (or its record is stale)."""
     stored = step_outputs.get(model.step)
     if stored is None:
@@ -375,7 +375,7 @@ class JobResults:
         return [self.written.sr_sop_instance_uid] if self.written and self.written.sr_sop_instance_uid else []
 
 
-def job_results(step_outputs: Mapping[str, Any] | None) -> JobResults:
+def job_results(step_outputs: Mapping[str, object] | None) -> JobResults:
     out = step_outputs or {}
     return JobResults(
         read_output(out, MatchPriorsOutput),

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lesiontrack.db.models import AnalysisJob
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, DrawingKind
 from lesiontrack.pipeline.dicom.seg.writer import SegWriteResult, write_seg
+from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 
 SERIES_DESCRIPTION = "LesionTrack prior lesions from radiologist's measurement"  # + " rev<n>", within LO's 64
@@ -101,7 +104,6 @@ def write_drawn_prior_seg(
     With the derivation ``key`` its UIDs follow from (key, revision, superseded SEG): follow-ups of one prior analysed
     at the same time, none seeing the other's SEG yet, issue the same instance, which the PACS and our database
     keep once."""
-    from pydicom.uid import generate_uid
 
     def uid(part: str) -> str | None:
         return None if key is None else generate_uid(entropy_srcs=[key, str(revision), supersedes or "", part])
@@ -130,9 +132,6 @@ def earlier_drawn_prior_seg(
     session: Session, patient_pk: int | None, prior_series_uid: str, *, exclude_job: int | None = None
 ) -> EarlierDrawnPriorSeg | None:
     """The newest drawn-prior SEG an earlier job of this patient issued on ``prior_series_uid`` (file present)."""
-    from lesiontrack.db.models import AnalysisJob
-    from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
-
     q = select(AnalysisJob).where(AnalysisJob.patient_pk == patient_pk).order_by(AnalysisJob.id.desc())
     for job in session.scalars(q):
         if job.id == exclude_job:

@@ -20,27 +20,35 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from lesiontrack.db.models import (
+    AnalysisJob,
+    Instance,
+    Lesion,
+    LesionObservation,
+    LesionOrigin,
+    Series,
+    TimepointVerification,
+)
+from lesiontrack.db.session import session_scope
+from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt
+from lesiontrack.pipeline.dicom.annotations.common import AnnotationWarning, normalise_label
+from lesiontrack.pipeline.dicom.annotations.refs import PRIOR_ANNOTATION_MODALITIES, prior_annotation_references
+from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, prompts_from_object
+from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
+from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.ports import PriorAnnotation
-
-if TYPE_CHECKING:
-    from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
+from lesiontrack.pipeline.science.prompt_selection import content_key, is_our_object
 
 
 def person_annotations_on(sf: sessionmaker[Session], series_uid: str) -> list[PriorAnnotation]:
     """The person-made annotation objects of ``series_uid``'s study that reference that CT series, oldest first."""
-    from lesiontrack.db.models import Instance, Series, TimepointVerification
-    from lesiontrack.db.session import session_scope
-    from lesiontrack.pipeline.dicom.annotations.refs import PRIOR_ANNOTATION_MODALITIES, prior_annotation_references
-    from lesiontrack.pipeline.science.prompt_selection import content_key, is_our_object
-
     found: list[tuple[str, PriorAnnotation]] = []
     with session_scope(sf) as s:
         ct = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
@@ -80,9 +88,6 @@ def _naive(t: datetime) -> datetime:
 
 def _first_result_at(session: Session, series_uid: str) -> datetime | None:
     """When the first job of this series that issued results finished (UTC, naive); None: none did."""
-    from lesiontrack.db.models import AnalysisJob
-    from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
-
     times = []
     for j in session.scalars(select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid)):
         written = read_output(j.step_outputs or {}, WriteSegSrOutput)
@@ -100,9 +105,6 @@ def followup_prompts(
     """The lesions the ``annotations`` mark on ``followup_ct``, under the prior's identities where they match
     (Tracking UID, else the label); a lesion the prior does not have keeps its own identity with a new label number.
     An object that gives no lesion is a warning naming it, never an error of the job."""
-    from lesiontrack.pipeline.dicom.annotations.common import AnnotationWarning, normalise_label
-    from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, prompts_from_object
-
     by_uid = {p.identity.tracking_uid: p.identity for p in prior_prompts}
     by_label = {normalise_label(p.identity.tracking_id): p.identity for p in prior_prompts}
     next_label = max((p.identity.label for p in prior_prompts), default=0) + 1
@@ -135,11 +137,6 @@ def unmarked_lesions(
     the chosen prior annotation does not mark (a radiologist's annotation of a few lesions on a follow-up is the
     nearest annotation of the next one): reported "not assessed" with the reason and flagged, never silently
     dropped. Tracking each lesion from its own nearest annotation through the service is not done yet."""
-    from lesiontrack.db.models import Lesion, LesionObservation, LesionOrigin
-    from lesiontrack.db.status import LesionStatus
-    from lesiontrack.models.segmentation.prompts import LesionIdentity
-    from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
-
     if patient_pk is None:
         return []
     out: list[UnassessedSegment] = []

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lesiontrack.db.models import AnalysisJob, JobState, Series, Study
@@ -107,7 +107,7 @@ class JobView:
     step: str | None
     attempts: int
     error: str | None
-    step_timings: dict[str, Any]
+    step_timings: dict[str, float]  # step → seconds
     step_outputs: dict[str, Any]
     worker: str | None
     superseded_by: int | None
@@ -239,7 +239,7 @@ class JobStore:
         return self.create(series_uid, reason=f"retry of job {job_id}", actor=actor, supersedes=job_id)
 
     # -- claiming ---------------------------------------------------------------------------------
-    def _claimable(self, now: datetime) -> Any:
+    def _claimable(self, now: datetime) -> ColumnElement[bool]:
         return or_(
             AnalysisJob.state == JobState.QUEUED,
             and_(
@@ -425,7 +425,7 @@ class JobStore:
             job.step_outputs = out
             audit(s, worker, "job.step_finished", "job", job_id, step=step, seconds=round(float(seconds), 3))
 
-    def set_runtime(self, job_id: int, **runtime: Any) -> None:
+    def set_runtime(self, job_id: int, **runtime: str) -> None:
         """Runtime hints kept across attempts (e.g. ``device='cpu'`` after a GPU out-of-memory)."""
         with session_scope(self.sf) as s:
             job = s.get(AnalysisJob, job_id)

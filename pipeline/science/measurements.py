@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
@@ -363,12 +364,12 @@ def lesion_changes(
 # -- helpers --------------------------------------------------------------------------------------------------------
 
 
-def _point(p: Any) -> Point:
+def _point(p: ArrayLike) -> Point:
     a = np.asarray(p, dtype=np.float64).reshape(3)
     return (float(a[0]), float(a[1]), float(a[2]))
 
 
-def _opt_float(x: Any) -> float | None:
+def _opt_float(x: SupportsFloat | None) -> float | None:
     return None if x is None else float(x)
 
 

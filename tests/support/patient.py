@@ -28,7 +28,7 @@ from lesiontrack.db.models import (
 from lesiontrack.db.repository import audit, get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
-from lesiontrack.demo_data import DemoPatient, make_patient
+from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
 from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
 
 #: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
@@ -369,11 +369,11 @@ def phantom_timepoints(
     import numpy as np
     from pydicom.uid import generate_uid
 
-    from lesiontrack.models.imaging.dicom_write import write_ct_series
+    from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
     from lesiontrack.models.segmentation.prompts import LesionIdentity
     from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
     from lesiontrack.synthetic.phantom import make_phantom
-    from lesiontrack.synthetic.synthesis import SynthConfig, synthesize_patient
+    from lesiontrack.synthetic.synthesis import SynthConfig, SynthIdentity, synthesize_patient
 
     ph = make_phantom(seed=seed, shape=shape, spacing=spacing, n_lesions=n_lesions, center_mm=(0.0, 0.0, 40.0))
     cfg = SynthConfig(
@@ -393,8 +393,7 @@ def phantom_timepoints(
         np.random.default_rng(seed),
         n_followups=n_followups,
         config=cfg,
-        patient_id=patient_id,
-        seed=seed,
+        identity=SynthIdentity(patient_id, seed=seed),
     )
     info = {li.label: li for li in ph.lesion_info}
     idents: dict[int, LesionIdentity] = {}
@@ -407,16 +406,18 @@ def phantom_timepoints(
         files = write_ct_series(
             tp.ct,
             tmp / f"phantom-tp{tp.index}",
-            patient_id=patient_id,
-            patient_name="Demo^Patient",
-            study_uid=study_uid,
-            series_uid=series_uid,
-            frame_of_reference_uid=frame_uid,
-            study_date=date,
-            series_number=2,
-            series_description=f"CT chest-abdomen T{tp.index}",
-            study_description="CT CHEST ABDOMEN",
-            accession_number=f"A{seed}{tp.index}",
+            CTSeriesHeader(
+                patient_id=patient_id,
+                patient_name="Demo^Patient",
+                study_uid=study_uid,
+                series_uid=series_uid,
+                frame_of_reference_uid=frame_uid,
+                study_date=date,
+                series_number=2,
+                series_description=f"CT chest-abdomen T{tp.index}",
+                study_description="CT CHEST ABDOMEN",
+                accession_number=f"A{seed}{tp.index}",
+            ),
         )
         tracked = []
         for lab, st in sorted(tp.lesions.items()):
@@ -469,7 +470,6 @@ def still_patient(
         spacing=STILL_SPACING,
         n_lesions=3,
         n_followups=n_followups,
-        changes=False,
-        motion=False,
+        follow_ups=FollowUps.STILL,
         new_lesions=new_lesions,
     )

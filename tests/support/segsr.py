@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from lesiontrack.models.imaging.dicom_write import write_ct_series
+from lesiontrack.models.imaging.dicom_write import CTSeriesHeader, write_ct_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
@@ -79,14 +79,16 @@ def make_series(tmp: Path, n_timepoints: int = 3, seed: int = 0) -> list[Synthet
         files = write_ct_series(
             ct,
             tmp / f"ct{t}",
-            patient_id="LT-TEST-1",
-            patient_name="Test^Patient",
-            study_uid=study_uid,
-            series_uid=series_uid,
-            frame_of_reference_uid=frame_uid,
-            study_date=f"2026010{t + 1}",
-            series_number=1 + t,
-            series_description=f"CT T{t}",
+            CTSeriesHeader(
+                patient_id="LT-TEST-1",
+                patient_name="Test^Patient",
+                study_uid=study_uid,
+                series_uid=series_uid,
+                frame_of_reference_uid=frame_uid,
+                study_date=f"2026010{t + 1}",
+                series_number=1 + t,
+                series_description=f"CT T{t}",
+            ),
         )
         datasets: list[pydicom.Dataset] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         out.append(SyntheticTimepoint(t, ct, files, datasets, tracked, study_uid, series_uid))

@@ -3,6 +3,7 @@ persist the lesions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
@@ -17,7 +18,7 @@ from lesiontrack.db.session import session_scope
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
-from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
+from lesiontrack.pipeline.dicom.seg.writer import SegWriteResult, save_new, write_seg
 from lesiontrack.pipeline.dicom.sr.viewer import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
 from lesiontrack.pipeline.dicom.sr.viewer import write_viewer_sr
 from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
@@ -53,7 +54,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     out_dir = ctx.services.results_root / f"job-{ctx.job_id}" / f"attempt-{ctx.attempt}"
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in inputs.followup_files]
     present = [les for les in lesions if les.status is not LesionStatus.VANISHED and les.mask.array.any()]
-    seg_path = sr_path = None
+    seg_path = None
     seg_res = None
     sf = ctx.services.session_factory
     adoption = ctx.state.adoption
@@ -67,28 +68,10 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
             series_description=f"LesionTrack lesions {label}",
         )
         seg_path = save_new(seg_res.dataset, out_dir)
-    assessment = measured.recist
     reports = _lesion_reports(ctx, lesions, candidates)
-    evidence = _prior_evidence(ctx)
-    previous = _previous_srs(ctx.services.session_factory, ctx.series_uid, ctx.job_id)
+    sr_path, sr_uid = _write_measurement_sr(ctx, sources, seg_res, reports, label, out_dir)
     fu = ctx.outputs.get(MatchPriorsOutput).followup
     idx = measured.timepoint_index
-    sr_uid = None
-    if seg_res is not None:
-        sr_res = write_sr(
-            sources,
-            seg_res,
-            reports,
-            time_point=TimePoint(f"T{idx}", idx, fu.study_date),
-            recist=assessment.timepoints[idx],
-            best_overall=assessment.best_overall_response,
-            prior_evidence=evidence,
-            previous_versions=previous,
-            verified_by=adoption.verification.verified_by if adoption is not None else None,
-            series_description=f"LesionTrack measurements {label}",
-        )
-        sr_path = save_new(sr_res.dataset, out_dir)
-        sr_uid = str(sr_res.dataset.SOPInstanceUID)
     # the same lesions' RECIST axes shaped as OHIF re-hydrates them (its own series, superseded like the SR)
     viewer = write_viewer_sr(
         sources,
@@ -104,14 +87,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     if drawn is not None and not drawn.prior_seg_reused and drawn.prior_seg:
         files.append(drawn.prior_seg)  # sent with the results, so the radiologist sees what will be tracked
     seg_uid = str(seg_res.dataset.SOPInstanceUID) if seg_res is not None else None
-    persist_observations(ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
-    persist_search(ctx, seg_uid, seg_res.segment_numbers if seg_res else {}, out_dir)
-    record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
-    verification = persist_verification(ctx)
-    if verification is not None:  # later follow-ups are re-analysed from the verified timepoint
-        reanalyse_later(
-            ctx.services.session_factory, verification, actor=ctx.worker, settings=ctx.services.settings.verification
-        )
+    _record(ctx, seg_res, files, out_dir)
     return WriteSegSrOutput(
         files=files,
         seg=str(seg_path) if seg_path else None,
@@ -124,6 +100,53 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
         viewer_sr_sop_instance_uid=str(viewer.SOPInstanceUID) if viewer is not None else None,
         **(drawn.model_dump() if drawn is not None else {}),
     )
+
+
+def _write_measurement_sr(
+    ctx: Ctx,
+    sources: Sequence[Dataset],
+    seg_res: SegWriteResult | None,
+    reports: list[LesionReport],
+    label: str,
+    out_dir: Path,
+) -> tuple[Path | None, str | None]:
+    """The TID 1500 measurement report of this follow-up (none without a SEG to reference): its path and UID."""
+    measured = ctx.state.need_measured()
+    adoption = ctx.state.adoption
+    assessment = measured.recist
+    evidence = _prior_evidence(ctx)
+    previous = _previous_srs(ctx.services.session_factory, ctx.series_uid, ctx.job_id)
+    fu = ctx.outputs.get(MatchPriorsOutput).followup
+    idx = measured.timepoint_index
+    if seg_res is None:
+        return None, None
+    sr_res = write_sr(
+        sources,
+        seg_res,
+        reports,
+        time_point=TimePoint(f"T{idx}", idx, fu.study_date),
+        recist=assessment.timepoints[idx],
+        best_overall=assessment.best_overall_response,
+        prior_evidence=evidence,
+        previous_versions=previous,
+        verified_by=adoption.verification.verified_by if adoption is not None else None,
+        series_description=f"LesionTrack measurements {label}",
+    )
+    return save_new(sr_res.dataset, out_dir), str(sr_res.dataset.SOPInstanceUID)
+
+
+def _record(ctx: Ctx, seg_res: SegWriteResult | None, files: list[str], out_dir: Path) -> None:
+    """What this job wrote, in the database: the lesions' observations, the new-lesion search, our objects and a
+    verification (which re-analyses the later follow-ups from the verified timepoint)."""
+    seg_uid = str(seg_res.dataset.SOPInstanceUID) if seg_res is not None else None
+    persist_observations(ctx, seg_uid, seg_res.segment_numbers if seg_res else {})
+    persist_search(ctx, seg_uid, seg_res.segment_numbers if seg_res else {}, out_dir)
+    record_our_objects(ctx.services.session_factory, [Path(f) for f in files])
+    verification = persist_verification(ctx)
+    if verification is not None:  # later follow-ups are re-analysed from the verified timepoint
+        reanalyse_later(
+            ctx.services.session_factory, verification, actor=ctx.worker, settings=ctx.services.settings.verification
+        )
 
 
 class _DrawnPriorSeg(BaseModel):

@@ -18,7 +18,7 @@ from lesiontrack.pipeline.jobs.steps.services import Ctx
 from lesiontrack.pipeline.science.confidence import ConfidenceRules, LesionConfidence, lesion_confidence
 from lesiontrack.pipeline.science.drawn_priors import weaken_for_origin
 from lesiontrack.pipeline.science.lesions import Timepoint, TrackedLesion
-from lesiontrack.pipeline.science.tracking import RegistrationCache, TrackingOptions, track_lesions
+from lesiontrack.pipeline.science.tracking import Confirmed, RegistrationCache, TrackingOptions, track_lesions
 
 
 def track(ctx: Ctx) -> TrackOutput:
@@ -49,8 +49,7 @@ def track(ctx: Ctx) -> TrackOutput:
                 confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking),
             ),
             # a radiologist's lesions on this follow-up: segmented here from the person's drawing (issue 31)
-            confirmed={1: inputs.followup_prompts} if inputs.followup_prompts else None,
-            partial=True,
+            confirmed=Confirmed({1: inputs.followup_prompts}, partial=True) if inputs.followup_prompts else None,
         )
     if inputs.followup_prompts and ctx.state.adoption is None:
         _weak_here(tps[1], ConfidenceRules.from_settings(ctx.services.settings.tracking))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NoReturn
 
 from lesiontrack.db.session import session_scope
 from lesiontrack.models.imaging.dicom_read import SeriesError, read_series
@@ -27,6 +28,7 @@ from lesiontrack.pipeline.jobs.contract import (
     NotAssessedRecord,
     RetrievePriorsOutput,
 )
+from lesiontrack.pipeline.jobs.followup_annotations import followup_prompts, person_annotations_on, unmarked_lesions
 from lesiontrack.pipeline.jobs.ports import PROMPT_FILE, PriorTimepoint
 from lesiontrack.pipeline.jobs.steps.services import Ctx, followup_series
 from lesiontrack.pipeline.jobs.store import NothingToTrack, PermanentError
@@ -37,17 +39,10 @@ log = logging.getLogger(__name__)
 
 
 def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
-
     fu = followup_series(ctx.services.session_factory, ctx.series_uid)
     prior = ctx.outputs.get(RetrievePriorsOutput).prior.to_port()
-    try:
-        followup_ct = read_series(fu.files, series_uid=ctx.series_uid)
-    except SeriesError as exc:
-        raise PermanentError(f"follow-up series {ctx.series_uid}: {exc}") from exc
-    try:
-        prior_ct = read_series(prior.ct_files, series_uid=prior.ct_series_uid)
-    except SeriesError as exc:
-        raise PermanentError(f"prior series {prior.ct_series_uid}: {exc}") from exc
+    followup_ct = _read_ct(fu.files, ctx.series_uid, "follow-up")
+    prior_ct = _read_ct(prior.ct_files, prior.ct_series_uid, "prior")
     annotation_warnings: list[str] = []
     prompts, not_assessed = read_prompts_and_gaps(prior, prior_ct, annotation_warnings)
     match = ctx.outputs.get(MatchPriorsOutput)
@@ -59,8 +54,6 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prompts = [p for p in prompts if p.identity.tracking_uid not in retired]
         not_assessed = [g for g in not_assessed if g.identity.tracking_uid not in retired]
         if match.verification is None and prior.annotations[0].modality != PROMPT_FILE:
-            from lesiontrack.pipeline.jobs.followup_annotations import unmarked_lesions
-
             ann0 = prior.annotations[0]
             marked = {p.identity.tracking_uid for p in prompts} | {g.identity.tracking_uid for g in not_assessed}
             label = f"the prior {ann0.modality} {ann0.sop_instance_uid} (series {prior.ct_series_uid})"
@@ -78,19 +71,11 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
             )
     followup_anns, on_followup = [], []
     if ctx.state.adoption is None:  # a person's lesions on this follow-up itself: prompts at this timepoint
-        from lesiontrack.pipeline.jobs.followup_annotations import followup_prompts, person_annotations_on
-
         followup_anns = person_annotations_on(ctx.services.session_factory, ctx.series_uid)
         on_followup = followup_prompts(followup_anns, followup_ct, prompts, annotation_warnings)
         on_followup = [p for p in on_followup if p.identity.tracking_uid not in retired]
     if not prompts and ctx.state.adoption is None:
-        ann = prior.annotations[0]
-        if not_assessed:  # lesions are marked, none can be assessed: a visible failure, not "nothing to track"
-            raise PermanentError(
-                f"none of the {len(not_assessed)} lesions of the prior {ann.modality} {ann.sop_instance_uid} can be "
-                f"assessed: {not_assessed[0].reason}"
-            )
-        raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} marks no lesion")
+        _nothing_to_track(prior, not_assessed)
     ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files, not_assessed, on_followup)
     return LoadVolumesOutput(
         followup_shape=list(followup_ct.shape),
@@ -98,30 +83,45 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prior_shape=list(prior_ct.shape),
         prompts=len(prompts),
         annotation_warnings=annotation_warnings,
-        lesions=[
-            LesionRef(
-                tracking_uid=p.identity.tracking_uid,
-                tracking_id=p.identity.tracking_id,
-                kind=p.kind.value,
-                prompt_origin=prompt_origin(p),
-            )
-            for p in prompts
-        ],
+        lesions=_lesion_refs(prompts),
         followup_annotations=[a.sop_instance_uid for a in followup_anns],
-        followup_lesions=[
-            LesionRef(
-                tracking_uid=p.identity.tracking_uid,
-                tracking_id=p.identity.tracking_id,
-                kind=p.kind.value,
-                prompt_origin=prompt_origin(p),
-            )
-            for p in on_followup
-        ],
+        followup_lesions=_lesion_refs(on_followup),
         not_assessed=[
             NotAssessedRecord(tracking_uid=g.identity.tracking_uid, tracking_id=g.identity.tracking_id, reason=g.reason)
             for g in not_assessed
         ],
     )
+
+
+def _read_ct(files: list[Path], series_uid: str, role: str) -> Volume:
+    """The CT volume of a series; a series that cannot be read fails the job permanently, naming it."""
+    try:
+        return read_series(files, series_uid=series_uid)
+    except SeriesError as exc:
+        raise PermanentError(f"{role} series {series_uid}: {exc}") from exc
+
+
+def _nothing_to_track(prior: PriorTimepoint, not_assessed: list[UnassessedSegment]) -> NoReturn:
+    """No prompt from the prior: lesions marked but none assessable is a visible failure, else nothing to track."""
+    ann = prior.annotations[0]
+    if not_assessed:  # lesions are marked, none can be assessed: a visible failure, not "nothing to track"
+        raise PermanentError(
+            f"none of the {len(not_assessed)} lesions of the prior {ann.modality} {ann.sop_instance_uid} can be "
+            f"assessed: {not_assessed[0].reason}"
+        )
+    raise NothingToTrack(f"the prior {ann.modality} {ann.sop_instance_uid} marks no lesion")
+
+
+def _lesion_refs(prompts: list[Prompt]) -> list[LesionRef]:
+    return [
+        LesionRef(
+            tracking_uid=p.identity.tracking_uid,
+            tracking_id=p.identity.tracking_id,
+            kind=p.kind.value,
+            prompt_origin=prompt_origin(p),
+        )
+        for p in prompts
+    ]
 
 
 def read_prompts(prior: PriorTimepoint, prior_ct: Volume, warnings: list[str] | None = None) -> list[Prompt]:
@@ -135,7 +135,6 @@ def read_prompts_and_gaps(
 ) -> tuple[list[Prompt], list[UnassessedSegment]]:
     """The prompts of :func:`read_prompts`, and the lesions of a prior SEG that cannot be prompts (no voxel on the
     prior CT): they are reported "not assessed" with the reason and flagged, never silently dropped."""
-
     if not prior.annotations or not prior.annotations[0].files:
         raise PermanentError(f"prior series {prior.ct_series_uid} has no retrieved annotation")
     ann = prior.annotations[0]

@@ -3,6 +3,7 @@ blocks and the other shared helpers are in tests/support)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +63,17 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     options = dict(marker.kwargs) if marker else {"allowed_calling_aes": ["STORESCU", "ORTHANC", "PYSCU"]}
     with running_node(tmp_path, **options) as n:
         yield n
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a command in process (``setup_logging``) leaves a handler on the root logger writing to that
+    test's captured stderr, which pytest then closes; a later test's threads logging through it print "--- Logging
+    error ---" tracebacks. Handlers a test added (pytest's own aside) and the root level are undone after it."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)

@@ -281,9 +281,15 @@ def _run_patient(site: GuideSite, patient: Any, prior_annotation: Path, tmp: Pat
 
 
 def test_the_orthanc_guide_as_written_two_patients_three_follow_ups(tmp_path: Path) -> None:
-    from lesiontrack.demo_data import make_patient
+    from lesiontrack.demo_data import FollowUps, make_patient
 
-    small = {"shape": (40, 80, 80), "spacing": (3.0, 3.0, 3.0), "n_lesions": 3, "n_followups": 3, "changes": False}
+    small = {
+        "shape": (40, 80, 80),
+        "spacing": (3.0, 3.0, 3.0),
+        "n_lesions": 3,
+        "n_followups": 3,
+        "follow_ups": FollowUps.MOTION,
+    }
     chest = make_patient(tmp_path / "seg-patient", seed=5, **small)
     abdomen = make_patient(tmp_path / "sr-patient", seed=8, **small)
     lines = recist_sr(abdomen, tmp_path / "sr-patient" / "baseline_sr")

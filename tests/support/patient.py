@@ -30,6 +30,7 @@ from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
 from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput
+from lesiontrack.pipeline.jobs.steps.measure import measure_timepoint
 
 #: what a radiologist wrote on the baseline SEG (SegmentDescription), by site: carried into our SEG labels and SR
 RADIOLOGIST_WORDS = {
@@ -145,7 +146,7 @@ def build_patient(
     with ``ct``, ``datasets``, ``files``, ``lesions``, ``study_uid``, ``series_uid``) and persist everything."""
     from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
     from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
-    from lesiontrack.pipeline.science.measurements import lesion_changes, measure_lesion
+    from lesiontrack.pipeline.science.measurements import lesion_changes
     from lesiontrack.pipeline.science.recist import NewLesionSearch, RecistLesion, assess
 
     history: dict[str, list] = {}
@@ -155,19 +156,7 @@ def build_patient(
     t0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
     for t, tp in enumerate(timepoints):
         study_date = str(tp.datasets[0].StudyDate)
-        meas = {}
-        for les in tp.lesions:
-            ident = les.identity
-            meas[ident.tracking_uid] = measure_lesion(
-                les.mask,
-                tp.ct,
-                tracking_uid=ident.tracking_uid,
-                tracking_id=ident.tracking_id,
-                is_node=bool(ident.is_node),
-                status=les.status.value,
-                series_uid=tp.series_uid,
-                anatomic_site=ident.anatomic_site,
-            )
+        meas = measure_timepoint(tp)
         for uid in set(history) | set(meas):
             history.setdefault(uid, [None] * t).append(meas.get(uid))
         per_tp_recist.append([RecistLesion.from_measurement(m) for m in meas.values()])

@@ -24,7 +24,8 @@ from lesiontrack.pipeline.science.recist import NewLesionSearch, RecistRules
 from lesiontrack.pipeline.views.history import PendingTimepoint, ReviewFlag, build_timeline
 
 
-def _measure_all(tp: Timepoint) -> dict[str, LesionMeasurement]:
+def measure_timepoint(tp: Timepoint) -> dict[str, LesionMeasurement]:
+    """Every lesion of one timepoint measured (by Tracking UID)."""
     out = {}
     for les in tp.lesions:
         ident = les.identity
@@ -62,8 +63,8 @@ def measure(ctx: Ctx) -> MeasureOutput:
     prior_tp, followup_tp = ctx.state.need_timepoints()
     search = ctx.state.need_search()
     prior = inputs.prior
-    prior_meas = _measure_all(prior_tp)
-    current = _measure_all(followup_tp)
+    prior_meas = measure_timepoint(prior_tp)
+    current = measure_timepoint(followup_tp)
     thickness = {
         prior.ct_series_uid: float(inputs.prior_ct.spacing[2]),
         ctx.series_uid: float(inputs.followup_ct.spacing[2]),

@@ -1,11 +1,11 @@
-"""OHIF in headless Chromium over a fresh Orthanc with DICOMweb: run tests/browser/ohif-check.mjs on a study and
-read back what the viewer showed."""
+"""OHIF in headless Chromium over Orthanc with DICOMweb: run tests/browser/ohif-check.mjs on a study and read back
+what the viewer showed, or draw and save a radiologist's measurement there (tests/browser/ohif-draw.mjs)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,3 +83,32 @@ def run_ohif_check(
     assert "error" not in result, result.get("error")
     assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
     return result, proc.returncode
+
+
+@dataclass(frozen=True)
+class OhifDrawing:
+    """What tests/browser/ohif-draw.mjs reports: the Measurements panel's text after naming the measurement, the
+    archive's answer to the STOW-RS of the report, and the screenshots it took."""
+
+    panel_text: str
+    stow_status: int
+    screenshots: list[str]
+
+
+def run_ohif_draw(
+    out: Path, orthanc_url: str, study_uid: str, line: tuple[Sequence[float], Sequence[float]], label: str
+) -> OhifDrawing:
+    """Draw ``line`` (two LPS points in mm on one slice) with OHIF's Length tool on the study in a running Orthanc
+    with DICOMweb, name it ``label`` and save it as OHIF does (Create SR → Save: STOW-RS); what
+    tests/browser/ohif-draw.mjs saw. Fails with its output unless the archive accepted the report."""
+    require_browser_stack()
+    start, end = (",".join(f"{float(v):.3f}" for v in p) for p in line)
+    cmd = ["node", str(BROWSER_DIR / "ohif-draw.mjs"), "--orthanc", orthanc_url, "--study", study_uid]
+    cmd += ["--out", str(out), "--from", start, "--to", end, "--label", label]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BROWSER_DIR)
+    assert proc.stdout.strip(), f"ohif-draw printed nothing; stderr:\n{proc.stderr[-3000:]}"
+    result = json.loads(proc.stdout)
+    assert "error" not in result, (result.get("error"), result["steps"], proc.stderr[-2000:])
+    assert result["blocked"] == [], f"OHIF tried to reach the network: {result['blocked']}"
+    assert proc.returncode == 0, result
+    return OhifDrawing(str(result["measurementsPanelText"]), int(result["stowStatus"]), list(result["screenshots"]))

@@ -7,6 +7,7 @@
 //        [--sr-texts "Volume|Long axis"] [--chromium /usr/bin/chromium] \
 //        [--track-sr "LesionTrack RECIST for OHIF" --tracked-texts "L1 liver: ...|12.1"]
 //
+// With --sr "" no SR is loaded (e.g. a study with an RT structure set only: --seg names the RTSTRUCT series).
 // With --track-sr the named SR is then loaded too, OHIF's "track measurements" prompt is accepted (re-hydration)
 // and the tracked-measurements panel must list every --tracked-texts entry. With --save-sr as well, the tracked
 // measurements are then saved as OHIF saves them (panel "Create SR" → dialog defaults → Save: STOW-RS to the archive).
@@ -118,42 +119,44 @@ try {
   }
   await shot('ohif-seg.png');
 
-  step('load SR');
-  await page.getByText(srName, { exact: true }).first().dblclick();
-  // OHIF offers to "continue tracking" (hydrate) the SR's measurements; ours are shown read-only in the SR viewport.
-  const noTrack = page.locator('[data-cy="no-hydrate-btn"]');
-  try {
-    await noTrack.first().waitFor({ timeout: 30000 });
-    await noTrack.first().click();
-  } catch { step('no tracking prompt shown'); }
-  // The SR viewport draws one measurement group at a time with its values; step through them with its arrows.
-  await page.waitForFunction(() => {
-    const pane = document.querySelector('[data-cy="viewport-pane"]');
-    return pane && /(Volume|Long axis|Diameter):/.test(pane.innerText);
-  }, null, { timeout: 30000 }).catch(() => step('no measurement text in the first SR view'));
-  let shotTaken = false;
-  const seen = new Set();
-  const wanted = new Set(srTexts);
-  // OHIF's order of the groups is its own (merged by Tracking UID, which is random per run): step through enough views
-  // to pass every lesion of a series-sized SR, not only as many as texts are wanted.
-  for (let i = 0; i < Math.max(12, 3 * srTexts.length) && wanted.size > 0; i++) {
-    const text = await page.locator('[data-cy="viewport-pane"]').first().innerText();
-    result.srPanelText += `--- measurement view ${i + 1}\n${text}\n`;
-    for (const t of [...wanted]) if (text.includes(t)) { wanted.delete(t); seen.add(t); }
-    if (!shotTaken && /(Volume|Long axis|Diameter):/.test(text)) { await shot('ohif-sr.png'); shotTaken = true; }
-    if (wanted.size === 0) break;
-    const next = page.locator('[data-cy="viewport-action-arrows-right"]');
-    if (!(await next.count())) break;
-    await next.first().click();
-    await page.waitForFunction((prev) => {
+  if (srName) {
+    step('load SR');
+    await page.getByText(srName, { exact: true }).first().dblclick();
+    // OHIF offers to "continue tracking" (hydrate) the SR's measurements; ours are shown read-only in the SR viewport.
+    const noTrack = page.locator('[data-cy="no-hydrate-btn"]');
+    try {
+      await noTrack.first().waitFor({ timeout: 30000 });
+      await noTrack.first().click();
+    } catch { step('no tracking prompt shown'); }
+    // The SR viewport draws one measurement group at a time with its values; step through them with its arrows.
+    await page.waitForFunction(() => {
       const pane = document.querySelector('[data-cy="viewport-pane"]');
-      return pane && pane.innerText !== prev;
-    }, text, { timeout: 15000 }).catch(() => {});
+      return pane && /(Volume|Long axis|Diameter):/.test(pane.innerText);
+    }, null, { timeout: 30000 }).catch(() => step('no measurement text in the first SR view'));
+    let shotTaken = false;
+    const seen = new Set();
+    const wanted = new Set(srTexts);
+    // OHIF's order of the groups is its own (merged by Tracking UID, which is random per run): step through enough views
+    // to pass every lesion of a series-sized SR, not only as many as texts are wanted.
+    for (let i = 0; i < Math.max(12, 3 * srTexts.length) && wanted.size > 0; i++) {
+      const text = await page.locator('[data-cy="viewport-pane"]').first().innerText();
+      result.srPanelText += `--- measurement view ${i + 1}\n${text}\n`;
+      for (const t of [...wanted]) if (text.includes(t)) { wanted.delete(t); seen.add(t); }
+      if (!shotTaken && /(Volume|Long axis|Diameter):/.test(text)) { await shot('ohif-sr.png'); shotTaken = true; }
+      if (wanted.size === 0) break;
+      const next = page.locator('[data-cy="viewport-action-arrows-right"]');
+      if (!(await next.count())) break;
+      await next.first().click();
+      await page.waitForFunction((prev) => {
+        const pane = document.querySelector('[data-cy="viewport-pane"]');
+        return pane && pane.innerText !== prev;
+      }, text, { timeout: 15000 }).catch(() => {});
+    }
+    if (!shotTaken) await shot('ohif-sr.png');
+    result.srTextsFound = [...seen];
+    result.srTextsMissing = [...wanted];
+    await shot('ohif-sr-last.png');
   }
-  if (!shotTaken) await shot('ohif-sr.png');
-  result.srTextsFound = [...seen];
-  result.srTextsMissing = [...wanted];
-  await shot('ohif-sr-last.png');
 
   if (trackSr) {
     step('load the SR to track');

@@ -92,6 +92,7 @@ def test_a_line_drawn_in_ohif_is_the_prior_of_the_routed_follow_up(tmp_path: Pat
 
     [job] = jobs
     assert job.state is JobState.DONE, job.error
+    assert job.attempts == 1, f"analysed only at attempt {job.attempts}"
     match = job_results(job.step_outputs).match
     assert match is not None
     assert match.prior.ct_series_uid == patient.baseline.series_uid
@@ -112,6 +113,7 @@ def test_a_line_drawn_in_ohif_is_the_prior_of_the_routed_follow_up(tmp_path: Pat
     assert np.linalg.norm(centre - (start + end) / 2) < 15.0, (centre, start, end)
     _check_report(results[902][0], float(np.linalg.norm(end - start)))
     # the 3-D lesion derived from the line went to the PACS on the prior study, for the radiologist to see
+    assert 905 in on_prior, {k: [str(d.SeriesDescription) for d in v] for k, v in on_prior.items()}
     [derived] = on_prior[905]
     assert derived.StudyInstanceUID == patient.baseline.study_uid
     assert derived.SegmentSequence[0].SegmentDescription.startswith("Derived from the radiologist's measurement: line")

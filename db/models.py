@@ -58,6 +58,8 @@ class LesionOrigin(enum.StrEnum):
     SEG = "seg"
     SR = "sr"
     PROMPT = "prompt"
+    GSPS = "gsps"  # first marked in a presentation state (lines, arrows, ellipses a PACS workstation saved)
+    RTSTRUCT = "rtstruct"  # first marked in an RT structure set (contours, points)
     NEW = "new"
     ADDED = "added"  # added by a reader at a follow-up, and already visible before it (not a RECIST new lesion)
 

@@ -132,6 +132,7 @@ class LesionRef(Record):
     tracking_id: str
     kind: str
     prompt_origin: str | None = None  # seg, contours, line, bidirectional, arrow, ellipse, contour, point, box
+    prompt_object: str | None = None  # the object it was read from: SEG, SR, GSPS, RTSTRUCT, points
 
 
 class NotAssessedRecord(Record):

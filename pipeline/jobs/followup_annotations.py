@@ -140,7 +140,7 @@ def unmarked_lesions(
     if patient_pk is None:
         return []
     out: list[UnassessedSegment] = []
-    drawn = (LesionOrigin.SEG, LesionOrigin.SR, LesionOrigin.PROMPT)
+    drawn = (LesionOrigin.SEG, LesionOrigin.SR, LesionOrigin.GSPS, LesionOrigin.RTSTRUCT, LesionOrigin.PROMPT)
     lesions = session.scalars(
         select(Lesion).where(Lesion.patient_pk == patient_pk, Lesion.origin.in_(drawn)).order_by(Lesion.id)
     ).all()

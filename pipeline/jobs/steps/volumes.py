@@ -16,6 +16,7 @@ from lesiontrack.pipeline.dicom.prompt_sources import (
     PromptSourceError,
     load_prompts_json,
     prompts_from_object,
+    with_prompt_object,
 )
 from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment, read_seg_prompts_and_gaps
 from lesiontrack.pipeline.jobs.adoption import build_adoption, retired_lesions, with_verified_identities
@@ -119,6 +120,7 @@ def _lesion_refs(prompts: list[Prompt]) -> list[LesionRef]:
             tracking_id=p.identity.tracking_id,
             kind=p.kind.value,
             prompt_origin=prompt_origin(p),
+            prompt_object=p.meta.get("prompt_object"),
         )
         for p in prompts
     ]
@@ -143,7 +145,9 @@ def read_prompts_and_gaps(
     said: list[AnnotationWarning] = []
     try:
         if ann.modality == PROMPT_FILE:
-            return list(load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid)), []
+            return with_prompt_object(
+                load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid), PROMPT_FILE
+            ), []
         if modality == "SEG":
             try:
                 prompts, gaps = read_seg_prompts_and_gaps(files[0], prior_ct)
@@ -154,7 +158,7 @@ def read_prompts_and_gaps(
                 ) from exc
             if not prompts and not gaps:
                 raise PromptSourceError(f"{files[0]}: no lesions found in the annotation")
-            return prompts, gaps
+            return with_prompt_object(prompts, "SEG"), gaps
         prompts = list(prompts_from_object(files[0], modality, prior_ct, said))
     except NoLesionInAnnotation as exc:
         if warnings is not None:

@@ -33,6 +33,7 @@ from lesiontrack.db.models import (
     LesionOrigin,
     Series,
     TimepointVerification,
+    VerificationMethod,
 )
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
@@ -59,7 +60,13 @@ def person_annotations_on(sf: sessionmaker[Session], series_uid: str) -> list[Pr
             .join(Series, Instance.series_pk == Series.id)
             .where(Series.study_pk == ct.study_pk, Series.modality.in_(sorted(PRIOR_ANNOTATION_MODALITIES)))
         ).all()
-        taken_in = set(s.scalars(select(TimepointVerification.source_sop_instance_uid)))
+        taken_in = set(  # corrections decide on their own; a late annotation (method annotation) is a prompt here
+            s.scalars(
+                select(TimepointVerification.source_sop_instance_uid).where(
+                    TimepointVerification.method != VerificationMethod.ANNOTATION
+                )
+            )
+        )
         first_result = _first_result_at(s, series_uid)
         for inst, modality in rows:
             path = Path(inst.file_path)

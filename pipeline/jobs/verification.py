@@ -304,13 +304,23 @@ def _results_without(session: Session, series_uid: str, received_at: datetime) -
     patient_pk = _patient_of(session, series_uid)
     if patient_pk is None:
         return []
-    arrived = _utc(received_at)
+    return _issued_before(session, [series_uid, *later_analysed_series(session, patient_pk, series_uid)], received_at)
+
+
+def _issued_before(session: Session, series_uids: list[str], t: datetime) -> list[str]:
+    """Those of ``series_uids`` whose newest result was issued before ``t``."""
     out = []
-    for u in [series_uid, *later_analysed_series(session, patient_pk, series_uid)]:
+    for u in series_uids:
         issued = _result_issued_at(session, u)
-        if issued is not None and issued < arrived:
+        if issued is not None and issued < _utc(t):
             out.append(u)
     return out
+
+
+def _arrived(session: Session, v: TimepointVerification) -> datetime:
+    """When the object of a verification was received (its take-in time when it is not on file)."""
+    at = session.scalar(select(Instance.received_at).where(Instance.sop_instance_uid == v.source_sop_instance_uid))
+    return at if at is not None else v.verified_at
 
 
 def _utc(t: datetime) -> datetime:
@@ -430,7 +440,7 @@ def reanalyse_annotated(
         if v is None:
             raise VerificationError(f"no verification {verification_id}")
         ct_uid, why = v.series_instance_uid, v.reason or f"annotation {verification_id}"
-        latest = _latest_job(s, ct_uid) if our_seg_of_series(s, ct_uid) is not None else None
+        latest = _latest_job(s, ct_uid) if _issued_before(s, [ct_uid], _arrived(s, v)) else None
     created: list[int] = []
     if latest is not None:
         job = JobStore(sf, actor=actor).create(
@@ -507,6 +517,8 @@ def reanalyse_later(
         if v is None:
             raise VerificationError(f"no verification {verification_id}")
         later = later_analysed_series(s, v.patient_pk, v.series_instance_uid)
+        if v.method is VerificationMethod.ANNOTATION:  # only the results made without it
+            later = _issued_before(s, later, _arrived(s, v))
         if settings is not None and settings.reanalyse_later == "operator":
             audit(s, actor, "verification.reanalysis_waiting", "verification", v.id, series=later)
             return []

@@ -12,8 +12,8 @@ Pure functions (no I/O apart from :func:`is_our_object` / :func:`content_key`, w
 * :func:`choose_prompt_source` — the service: from the prior annotations of one patient, pick the person's
   annotation nearest in time before the follow-up (SEG over SR at one timepoint, then the newest).
 * :func:`choose_lesion_sources` — the same choice per lesion: each lesion's own nearest annotation by a person
-  (the job today propagates from the one annotation :func:`choose_prompt_source` picks; several prompt timepoints
-  in one job are not wired yet).
+  (the job propagates from the one :func:`choose_prompt_source` picks, and the lesions it does not mark from their
+  own, ``pipeline.jobs.lesion_sources``).
 * :func:`nearest_source_index` — the tracking loop: for timepoint ``t`` the nearest annotated timepoint index
   (either direction; ties go to the earlier one).
 * :func:`select_prior_annotation` — the service's ``match_priors``: the same choice over ``PriorTimepoint`` records.

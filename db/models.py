@@ -58,6 +58,8 @@ class LesionOrigin(enum.StrEnum):
     SEG = "seg"
     SR = "sr"
     PROMPT = "prompt"
+    GSPS = "gsps"  # first marked in a presentation state (lines, arrows, ellipses a PACS workstation saved)
+    RTSTRUCT = "rtstruct"  # first marked in an RT structure set (contours, points)
     NEW = "new"
     ADDED = "added"  # added by a reader at a follow-up, and already visible before it (not a RECIST new lesion)
 
@@ -357,6 +359,9 @@ class NewLesionCandidate(Base):
 class VerificationMethod(enum.StrEnum):
     CORRECTION = "correction"  # a person's SEG/SR of the timepoint (from the PACS or uploaded)
     AS_IS = "as-is"  # an operator accepted our result unchanged
+    #: a person's annotation (GSPS, RTSTRUCT; or a SEG/SR on a prior) that arrived after results it changes: a prompt
+    #: at its timepoint, not a verification of it; that timepoint (when analysed) and the later ones are re-analysed
+    ANNOTATION = "annotation"
 
 
 class VerificationState(enum.StrEnum):

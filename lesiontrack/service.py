@@ -319,8 +319,9 @@ class LesionTrackService:
             self.executor.submit(job_id)
 
     def on_annotation_complete(self, series_uid: str) -> None:
-        """A SEG/SR series that is not ours completed: a reader's correction of a follow-up we analysed is taken in
-        (verified tracking) and its adoption job queued; any other annotation stays a prior annotation."""
+        """An annotation series (SEG, SR, GSPS, RTSTRUCT) that is not ours completed: a reader's correction of a
+        follow-up we analysed is taken in and its adoption job queued (verified tracking), an annotation arriving
+        after results it changes queues their re-analysis; any other annotation stays a prior annotation."""
         # lazy: DICOM node and job runner, ~5 s at import (pynetdicom, pipeline)
         from lesiontrack.pipeline.jobs.verification import take_in_series
 

@@ -23,7 +23,7 @@ from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, Prom
 from lesiontrack.pipeline.dicom.annotations.common import SourcedPrompts, merge_by_precedence
 from lesiontrack.pipeline.dicom.annotations.gsps import read_gsps_prompts
 from lesiontrack.pipeline.dicom.annotations.rtstruct import read_rtstruct_prompts
-from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, prompts_from_directory
+from lesiontrack.pipeline.dicom.prompt_sources import PromptSourceError, prompts_from_directory, prompts_from_object
 from lesiontrack.pipeline.dicom.validate import run_dciodvfy
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from tests.support.tools import require_tool
@@ -205,6 +205,8 @@ def test_rtstruct_we_write_validates_and_reads_back(study: tuple[Path, Volume, l
     assert by["Target 2"].meta["drawing"].kind is DrawingKind.CONTOUR
     assert by["marker"].meta["drawing"].kind is DrawingKind.POINT
     assert res.warnings == []
+    # read as a prompt source, every lesion names the object it came from (issue 31 B, issue 29 item 6)
+    assert {p.meta["prompt_object"] for p in prompts_from_object(path, "RTSTRUCT", ct)} == {"RTSTRUCT"}
 
 
 def test_rtstruct_non_lesion_rois_are_warned(study: tuple[Path, Volume, list[pydicom.Dataset]]) -> None:
@@ -328,6 +330,7 @@ def test_track_cli_from_a_gsps_baseline(
     summary = json.loads((out / "tracking.json").read_text())
     origins = {les["tracking_id"]: les["prompt_origin"] for les in summary["lesions"]}
     assert origins == {"L1": "line", "Target 2": "bidirectional", "liver met": "arrow"}
+    assert {les["prompt_object"] for les in summary["lesions"]} == {"GSPS"}  # the object, named as it is
     for les in summary["lesions"]:
         assert les["weak_prior"] is True
         assert all(x["status"] == "present" for x in les["timepoints"]), les
@@ -353,6 +356,11 @@ def test_track_cli_from_a_gsps_baseline(
         "Target 2": "Bidirectional diameters on one image",
         "liver met": "Arrow on one image",
     }, said
+    objects = "Object the lesion's prompt was read from"
+    said_objects = {
+        g.tracking_id: g.qualitative[objects][2] for g in read_sr(sr_file).groups if objects in g.qualitative
+    }
+    assert said_objects == dict.fromkeys(said, "Presentation state (GSPS)"), said_objects
     assert run_dciodvfy(sr_file).ok
     reports = run_sr_validator([sr_file])
     assert all(r.ok for r in reports), [r.summary() for r in reports]
@@ -535,13 +543,14 @@ def test_job_page_says_where_each_prompt_came_from() -> None:
     job = SimpleNamespace(
         step_outputs={
             "load_volumes": {
-                "lesions": [{"tracking_id": "L1", "kind": "box", "prompt_origin": "line"}],
+                "lesions": [{"tracking_id": "L1", "kind": "box", "prompt_origin": "line", "prompt_object": "GSPS"}],
                 "annotation_warnings": ["GSPS 1.2 (pr.dcm): annotation 2: lies outside the body (air only)"],
             }
         }
     )
     html = templates.env.get_template("_prior_annotation.html").render(job=job)
-    assert "<td>L1</td><td>line</td>" in html
+    assert "<td>L1</td><td>line" in html
+    assert "(GSPS)" in html
     assert "lies outside the body" in html
     empty = templates.env.get_template("_prior_annotation.html").render(job=SimpleNamespace(step_outputs={}))
     assert "Prior annotation" not in empty

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.drawn_lesions import drawings
 from lesiontrack.config.settings import Settings
-from lesiontrack.db.models import JobState
-from lesiontrack.db.session import make_engine, make_session_factory, upgrade
+from lesiontrack.db.models import JobState, Lesion, LesionOrigin
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.demo import demo_settings
 from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
 from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
@@ -96,6 +97,7 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     assert loaded is not None
     assert loaded.followup_annotations == [str(pydicom.dcmread(arrow, stop_before_pixels=True).SOPInstanceUID)]
     assert [(r.tracking_id, r.prompt_origin) for r in loaded.followup_lesions] == [(target, "arrow")]
+    assert {r.prompt_object for r in [*loaded.lesions, *loaded.followup_lesions]} == {"GSPS"}
     # under the baseline's identity (same label): one lesion, not a new one
     assert {r.tracking_uid for r in loaded.followup_lesions} <= {r.tracking_uid for r in loaded.lesions}
     tracked = read_output(outputs, TrackOutput)
@@ -111,8 +113,10 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     assert any("arrow" in r for r in by_id[target].review_reasons)  # an arrow's lesion: flagged until confirmed
     for other in set(drawn) - {target}:
         assert any("propagated from" in n or "registered directly" in n for n in by_id[other].notes)
+    with session_scope(sf) as s:  # each lesion says it was first marked in a GSPS, not a generic "SR" (issue 31 B)
+        assert {les.origin for les in s.scalars(select(Lesion))} == {LesionOrigin.GSPS}
     # the next follow-up: the arrow's GSPS is the nearest annotation a person made, and marks one lesion only; the
-    # others are reported not assessed, with the reason, and flagged — never silently dropped
+    # others are tracked from their own nearest annotation, the baseline's lines (issue 31 C, per lesion)
     job2 = service.store.create(patient.followups[1].series_uid)
     assert service.run(job2) is JobState.DONE, service.store.get(job2).error
     tracked2 = read_output(service.store.get(job2).step_outputs, TrackOutput)
@@ -120,10 +124,14 @@ def test_through_the_service_an_arrow_on_the_follow_up_is_a_prompt_at_that_timep
     by_id2 = {r.tracking_id: r for r in tracked2.lesions}
     assert sorted(by_id2) == sorted(drawn)
     assert by_id2[target].status == "present"
+    loaded2 = read_output(service.store.get(job2).step_outputs, LoadVolumesOutput)
+    assert loaded2 is not None
+    assert [r.tracking_id for r in loaded2.lesions] == [target]
+    assert sorted(r.tracking_id for r in loaded2.earlier_lesions) == sorted(set(drawn) - {target})
+    assert loaded2.not_assessed == []
     for other in set(drawn) - {target}:
-        assert by_id2[other].status == "not_evaluated"
-        assert by_id2[other].review
-        assert any("not marked on the prior PR" in r for r in by_id2[other].review_reasons)
+        assert by_id2[other].status == "present"
+        assert any(patient.baseline.series_uid in n for n in by_id2[other].notes), by_id2[other].notes
     # a SEG arriving after our result corrects it (issue 16 decides, also when corrections are refused): not a
     # prompt of this follow-up on a re-run
     ours = read_output(outputs, WriteSegSrOutput)

@@ -21,7 +21,9 @@ from lesiontrack.pipeline.science.lesions import LesionStatus
 from lesiontrack.pipeline.science.prompt_selection import (
     AnnotationCandidate,
     AnnotationOrigin,
+    MarkedLesions,
     NoPersonAnnotation,
+    choose_lesion_sources,
     choose_prompt_source,
     nearest_source_index,
 )
@@ -315,3 +317,22 @@ def test_our_seg_is_told_apart_from_a_persons_seg(tmp_path: Path) -> None:
     assert is_our_object(ours)
     assert not is_our_object(person)
     assert not is_our_object(other)
+
+
+def test_each_lesion_is_prompted_from_its_own_nearest_persons_annotation() -> None:
+    """Issue 31 C (LinGuinE, per lesion): the baseline SEG marks L1-L3, a follow-up's GSPS arrow marks L2 only, our
+    own result on that follow-up marks all three. For the next follow-up L2 is prompted from the arrow, L1 and L3
+    from the baseline SEG — not "not assessed" — and our result prompts nothing; a lesion only ours marks is unmarked.
+    """
+    person = AnnotationOrigin.PERSON
+    base = MarkedLesions(_cand("seg", "20240101000000", person), frozenset({"L1", "L2", "L3"}))
+    arrow = MarkedLesions(_cand("gsps", "20240301000000", person, modality="PR"), frozenset({"L2"}))
+    ours = MarkedLesions(_cand("ours", "20240301000000", AnnotationOrigin.OURS), frozenset({"L1", "L2", "L3", "L4"}))
+    later = MarkedLesions(_cand("after", "20240901000000", person), frozenset({"L1"}))  # after the follow-up: not used
+    chosen = choose_lesion_sources([base, arrow, ours, later], "20240601000000")
+    assert {uid: a.sop_instance_uid for uid, a in chosen.by_lesion.items()} == {"L1": "seg", "L2": "gsps", "L3": "seg"}
+    assert chosen.unmarked == ("L4",)
+    assert chosen.timepoints() == {"ct.20240301000000": ["L2"], "ct.20240101000000": ["L1", "L3"]}
+    # at one timepoint a SEG beats a presentation state (the whole-timepoint rule, per lesion)
+    both = MarkedLesions(_cand("seg-fu", "20240301000000", person), frozenset({"L2"}))
+    assert choose_lesion_sources([base, arrow, both], "20240601000000").by_lesion["L2"].sop_instance_uid == "seg-fu"

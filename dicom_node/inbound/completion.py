@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the annotation objects a person leaves (pipeline.dicom.annotations.refs.PRIOR_ANNOTATION_MODALITIES; not imported:
+#: receiver processes load this module without the pipeline)
+ANNOTATION_MODALITIES = ("SEG", "SR", "PR", "RTSTRUCT")
+
 SeriesCallback = Callable[[str], None]
 #: series UID -> the instance count the PACS that sent it reports (None: unknown); see dicom_node.inbound.pacs_count
 CountSource = Callable[[str], "int | None"]
@@ -96,8 +100,9 @@ def complete_series(
     A-RELEASE, or is still open) and no count was given, ``checks.count_source`` is asked for it. With every reported
     instance indexed, the transfer is whole however its associations ended.
 
-    A SEG/SR series that is not ours goes to ``on_annotation_complete`` (a reader's correction of a follow-up we
-    analysed is verified tracking, :mod:`pipeline.jobs.verification`) whatever the routing rules say of CT analysis.
+    An annotation series (SEG, SR, GSPS, RTSTRUCT) that is not ours goes to ``on_annotation_complete`` (a reader's
+    correction of a follow-up we analysed is verified tracking, an annotation arriving after results it changes
+    re-analyses them, :mod:`pipeline.jobs.verification`) whatever the routing rules say of CT analysis.
 
     A series routed to ANALYSE is held (SKIP, with the reason) when its transfer looks incomplete or an instance
     is invalid (:mod:`dicom_node.inbound.integrity`). Returns None when the series is unknown, or (unless ``forced``)
@@ -125,7 +130,7 @@ def complete_series(
         route = _route(s, series, rules, forced=forced, analyse_incomplete=checks.analyse_incomplete,
                        validate=checks.validate, pacs_count=pacs_count)  # fmt: skip
         # a SEG/SR a person made — in a series of its own, or saved into one of ours (OHIF, docs/viewer.md)
-        annotation = (series.modality or "").upper() in ("SEG", "SR") and (
+        annotation = (series.modality or "").upper() in ANNOTATION_MODALITIES and (
             not series.created_by_us or _holds_person_object(s, series)
         )
         series.state = SeriesState.COMPLETE

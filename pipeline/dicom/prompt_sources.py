@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,20 @@ class PromptSourceError(ValueError):
 
 class NoLesionInAnnotation(PromptSourceError):
     """The annotation object is readable but marks no lesion that can be tracked (the message says why)."""
+
+
+#: the object a prompt came from, named as a reader names it (issue 29 item 6), by the object's modality; a prompts
+#: JSON file (pipeline.jobs.ports.PROMPT_FILE) is "points"
+PROMPT_OBJECTS = {"SEG": "SEG", "SR": "SR", "PR": "GSPS", "RTSTRUCT": "RTSTRUCT", "POINTS": "points"}
+
+
+def with_prompt_object(prompts: list[Prompt], modality: str) -> list[Prompt]:
+    """``prompts`` with ``meta["prompt_object"]``: the kind of object they were read from (SEG, SR, GSPS, RTSTRUCT,
+    points), carried by the tracked lesion into the database, the SR and the dashboard."""
+    name = PROMPT_OBJECTS.get(modality.upper())
+    if name is None:
+        return prompts
+    return [replace(p, meta={**p.meta, "prompt_object": name}) for p in prompts]
 
 
 def derived_uid(*parts: str) -> str:
@@ -305,9 +319,9 @@ def prompts_from_object(
     modality = modality.upper()
     sink: list[AnnotationWarning] = warnings if warnings is not None else []
     if modality == "SEG":
-        return prompts_from_seg(path, ct)
+        return with_prompt_object(prompts_from_seg(path, ct), modality)
     if modality == "SR":
-        return _call_reader(lambda p, c: read_sr_prompts(p, c, warnings=sink), path, ct)
+        return with_prompt_object(_call_reader(lambda p, c: read_sr_prompts(p, c, warnings=sink), path, ct), modality)
     if modality in ("PR", "RTSTRUCT"):
         reader = read_gsps_prompts if modality == "PR" else read_rtstruct_prompts
 
@@ -318,7 +332,7 @@ def prompts_from_object(
                 raise NoLesionInAnnotation(f"{p}: no lesion in the {modality}: {res.warnings[0]}")
             return res.prompts
 
-        return _call_reader(read, path, ct)
+        return with_prompt_object(_call_reader(read, path, ct), modality)
     raise PromptSourceError(f"{path}: {modality} is not an annotation object LesionTrack reads")
 
 

@@ -132,6 +132,7 @@ class LesionRef(Record):
     tracking_id: str
     kind: str
     prompt_origin: str | None = None  # seg, contours, line, bidirectional, arrow, ellipse, contour, point, box
+    prompt_object: str | None = None  # the object it was read from: SEG, SR, GSPS, RTSTRUCT, points
 
 
 class NotAssessedRecord(Record):
@@ -237,6 +238,8 @@ class LoadVolumesOutput(PipelineOutput):
     # (pipeline.jobs.followup_annotations)
     followup_annotations: list[str] = Field(default_factory=list)  # their SOP Instance UIDs
     followup_lesions: list[LesionRef] = Field(default_factory=list)
+    #: lesions the prior's annotation does not mark, prompted from their own nearest earlier annotation (issue 31 C)
+    earlier_lesions: list[LesionRef] = Field(default_factory=list)
 
 
 class RegisterOutput(PipelineOutput):
@@ -390,6 +393,19 @@ def job_results(step_outputs: Mapping[str, object] | None) -> JobResults:
 
 # -- in-memory state of one attempt -----------------------------------------------------------------------------
 @dataclass
+class EarlierSource:
+    """An earlier timepoint that prompts lesions the chosen prior annotation does not mark, each from its own
+    nearest annotation by a person (pipeline.jobs.lesion_sources)."""
+
+    ct_series_uid: str
+    study_uid: str
+    study_date: str | None
+    time_key: str
+    ct: Volume
+    prompts: list[Prompt]  # under the lesions' own identities (labels unique in the job)
+
+
+@dataclass
 class LoadedInputs:
     """The follow-up and prior CTs and the prompts read from the prior's annotation (load_volumes)."""
 
@@ -403,6 +419,8 @@ class LoadedInputs:
     #: lesions a radiologist marked on the follow-up itself: prompts at that timepoint
     # (pipeline.jobs.followup_annotations)
     followup_prompts: list[Prompt] = field(default_factory=list)
+    #: earlier timepoints prompting the lesions the prior's annotation does not mark, oldest first (issue 31 C)
+    earlier: list[EarlierSource] = field(default_factory=list)
 
 
 @dataclass

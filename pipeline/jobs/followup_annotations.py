@@ -8,7 +8,8 @@ at that timepoint: the tracking loop segments those lesions there from the perso
   or SR received after our first result of the series: issue 16's verification path decides on those), oldest
   first;
 * :func:`unmarked_lesions` — lesions the chosen prior annotation does not mark (a follow-up's annotation of a few
-  lesions is the nearest of the next follow-up): reported "not assessed" and flagged, never silently dropped;
+  lesions is the nearest of the next follow-up): tracked from their own nearest annotation
+  (:mod:`pipeline.jobs.lesion_sources`), else reported "not assessed" and flagged, never silently dropped;
 * :func:`followup_prompts` — their prompts on the follow-up CT, each lesion under the prior's identity when its
   Tracking UID or label is the prior's (the same label on a later study is the same lesion); a later annotation of
   a lesion replaces an earlier one.
@@ -33,6 +34,7 @@ from lesiontrack.db.models import (
     LesionOrigin,
     Series,
     TimepointVerification,
+    VerificationMethod,
 )
 from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
@@ -59,7 +61,13 @@ def person_annotations_on(sf: sessionmaker[Session], series_uid: str) -> list[Pr
             .join(Series, Instance.series_pk == Series.id)
             .where(Series.study_pk == ct.study_pk, Series.modality.in_(sorted(PRIOR_ANNOTATION_MODALITIES)))
         ).all()
-        taken_in = set(s.scalars(select(TimepointVerification.source_sop_instance_uid)))
+        taken_in = set(  # corrections decide on their own; a late annotation (method annotation) is a prompt here
+            s.scalars(
+                select(TimepointVerification.source_sop_instance_uid).where(
+                    TimepointVerification.method != VerificationMethod.ANNOTATION
+                )
+            )
+        )
         first_result = _first_result_at(s, series_uid)
         for inst, modality in rows:
             path = Path(inst.file_path)
@@ -136,11 +144,12 @@ def unmarked_lesions(
     """Lesions a person marked on an earlier timepoint of this patient, still seen at their last observation, that
     the chosen prior annotation does not mark (a radiologist's annotation of a few lesions on a follow-up is the
     nearest annotation of the next one): reported "not assessed" with the reason and flagged, never silently
-    dropped. Tracking each lesion from its own nearest annotation through the service is not done yet."""
+    dropped. The job then looks for each one's own nearest annotation (:mod:`pipeline.jobs.lesion_sources`); those
+    it finds are tracked from there, the others keep this reason."""
     if patient_pk is None:
         return []
     out: list[UnassessedSegment] = []
-    drawn = (LesionOrigin.SEG, LesionOrigin.SR, LesionOrigin.PROMPT)
+    drawn = (LesionOrigin.SEG, LesionOrigin.SR, LesionOrigin.GSPS, LesionOrigin.RTSTRUCT, LesionOrigin.PROMPT)
     lesions = session.scalars(
         select(Lesion).where(Lesion.patient_pk == patient_pk, Lesion.origin.in_(drawn)).order_by(Lesion.id)
     ).all()
@@ -160,8 +169,8 @@ def unmarked_lesions(
         out.append(
             UnassessedSegment(
                 ident,
-                f"not marked on {prior_label}, the nearest annotation a person made; "
-                "tracking it from its own earlier annotation is not done yet",
+                f"not marked on {prior_label}, the nearest annotation a person made, nor on an earlier "
+                "annotation of a person that can be read here",
             )
         )
     return out

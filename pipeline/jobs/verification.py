@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import pydicom
 from sqlalchemy import select
@@ -41,13 +42,17 @@ from lesiontrack.db.models import (
 )
 from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
-from lesiontrack.pipeline.dicom.annotations.refs import annotation_references
+from lesiontrack.pipeline.dicom.annotations.refs import prior_annotation_references
+from lesiontrack.pipeline.dicom.prompt_sources import PROMPT_OBJECTS
 from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.derived_prior_seg import earlier_drawn_prior_seg
 from lesiontrack.pipeline.jobs.store import JobStore
 from lesiontrack.pipeline.science.prompt_selection import OUR_MANUFACTURER, written_by_us
 
 log = logging.getLogger(__name__)
+
+#: the annotation objects that replace a timepoint's lesions (a correction); a GSPS or RTSTRUCT marks some of them
+CORRECTION_KINDS = ("SEG", "SR")
 
 ANALYSED_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.RUNNING, JobState.QUEUED, JobState.RETRY_WAIT)
 
@@ -68,6 +73,7 @@ class AnnotationHeader:
     creator: str | None
     references: list[str]
     all_manual: bool  # a SEG whose segments are all MANUAL
+    study_uid: str = ""
 
     @classmethod
     def read(cls, path: Path) -> AnnotationHeader | None:
@@ -75,7 +81,7 @@ class AnnotationHeader:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
             return None
-        kind, refs = annotation_references(ds)
+        kind, refs = prior_annotation_references(ds)
         if kind is None:
             return None
         creator = ds.get("ContentCreatorName") or ds.get("OperatorsName") or None
@@ -89,6 +95,7 @@ class AnnotationHeader:
             str(creator) if creator else None,
             refs,
             kind == "SEG" and kinds == {"MANUAL"},
+            str(ds.get("StudyInstanceUID", "")),
         )
 
     def is_ours(self, our_sop_uids: set[str]) -> bool:
@@ -187,13 +194,13 @@ def take_in_series(
     operator: str | None = None,
     vouched: bool = False,
 ) -> list[int]:
-    """Recognise the corrections in one completed SEG/SR series; returns the adoption jobs queued (none when the
-    objects are ours, annotate no analysed series, were taken in before, or corrections are not accepted — the
-    series' routing reason then says which).
+    """Recognise the corrections and late annotations in one completed annotation series; returns the jobs queued
+    (none when the objects are ours, change no result we issued, were taken in before, or corrections are not
+    accepted — the series' routing reason then says which).
 
     ``vouched``: the operator states that a person made or verified these objects (``lesiontrack track
     --confirmed``), so a result of ours among them counts as verified, like a reader's re-issued SEG."""
-    accepted: list[tuple[int, str, str, bool]] = []  # (verification id, CT series, who, a drawn prior's SEG)
+    accepted: list[_Accepted] = []
     with session_scope(sf) as s:
         series = s.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if series is None:
@@ -227,45 +234,140 @@ class _Intake:
     operator: str | None
 
 
+@dataclass(frozen=True)
+class _Accepted:
+    """A verification taken in: its id, the CT series, who, and what it is — a correction of our result of a
+    follow-up (adopted), of the SEG we derived on a prior from a drawing, or a late annotation (re-analysis)."""
+
+    vid: int
+    ct_uid: str
+    who: str
+    kind: Literal["correction", "drawn-prior", "annotation"]
+
+
 def _take_in(
     s: Session, intake: _Intake, inst: Instance, header: AnnotationHeader
-) -> tuple[str | None, tuple[int, str, str, bool] | None]:
+) -> tuple[str | None, _Accepted | None]:
     """One annotation object of a series: what the series' routing reason says about it (None: nothing), and the
-    verification it was accepted as (id, CT series, who, whether it verifies a drawn prior's SEG), if it was."""
-    settings, actor = intake.settings, intake.actor
+    verification it was accepted as, if it was."""
     # a correction corrects a result we issued: a radiologist's annotation that arrives with its CT (a baseline
-    # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification
-    targets = [u for u in header.references if our_seg_of_series(s, u) is not None]
+    # SEG, or one of a follow-up still being analysed) is a prompt source, not a verification. Only a SEG or an SR
+    # replaces a timepoint's lesions; a GSPS or RTSTRUCT marks some of them (an arrow, a line): a late annotation
+    corrects = header.modality in CORRECTION_KINDS
+    targets = [u for u in header.references if corrects and our_seg_of_series(s, u) is not None]
     # ... or the SEG we derived on a prior from a radiologist's drawing (pipeline.jobs.derived_prior_seg): its
     # correction verifies the prior timepoint; later follow-ups are re-analysed from it (no adoption job)
-    prior_targets = [u for u in header.references if _drawn_prior_seg_on(s, u)]
+    prior_targets = [u for u in header.references if corrects and _drawn_prior_seg_on(s, u)]
     if not targets and prior_targets:
         targets = prior_targets
     if not targets:
-        return f"{header.modality} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+        return _take_in_annotation(s, intake, inst, header)
     ct_uid = targets[0]
+    refused = _refused(s, intake, inst, header, ct_uid, "correction")
+    if refused is not None:
+        return refused, None
+    v = _record(s, intake, inst, header, ct_uid, VerificationMethod.CORRECTION)
+    if v is None:
+        return None, None
+    kind: Literal["correction", "drawn-prior"] = "drawn-prior" if ct_uid in prior_targets else "correction"
+    return f"correction of {ct_uid}: verification {v.id}", _Accepted(v.id, ct_uid, v.verified_by, kind)
+
+
+def _take_in_annotation(
+    s: Session, intake: _Intake, inst: Instance, header: AnnotationHeader
+) -> tuple[str | None, _Accepted | None]:
+    """A person's annotation that is no correction: when it annotates a follow-up we issued a result for, or a
+    timepoint whose later follow-ups have results, those results were made without it — it is recorded (method
+    ``annotation``) and they are re-analysed, new instances superseding the old (:func:`reanalyse_annotated`).
+    Otherwise it is a prior annotation like any other: the next analysis reads it."""
+    name = PROMPT_OBJECTS.get(header.modality, header.modality)
+    ct_uid = next((u for u in header.references if _results_without(s, u, inst.received_at)), None)
+    if ct_uid is None:
+        return f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+    refused = _refused(s, intake, inst, header, ct_uid, f"{name} annotation")
+    if refused is not None:
+        return refused, None
+    study = header.study_uid or "?"
+    v = _record(s, intake, inst, header, ct_uid, VerificationMethod.ANNOTATION)
+    if v is None:
+        return None, None
+    v.reason = f"{name} {header.sop_instance_uid} by {v.verified_by} arrived on study {study} (series {ct_uid})"
+    return f"{name} {header.sop_instance_uid} on {ct_uid}: annotation {v.id}", _Accepted(
+        v.id, ct_uid, v.verified_by, "annotation"
+    )
+
+
+def _results_without(session: Session, series_uid: str, received_at: datetime) -> list[str]:
+    """The CT series whose results were made without an annotation of ``series_uid`` received at ``received_at``:
+    the series itself and the later follow-ups of its patient whose newest result was issued before it arrived (a
+    prior annotation retrieved for a job, or sent with its CT, was that job's input), oldest first."""
+    patient_pk = _patient_of(session, series_uid)
+    if patient_pk is None:
+        return []
+    return _issued_before(session, [series_uid, *later_analysed_series(session, patient_pk, series_uid)], received_at)
+
+
+def _issued_before(session: Session, series_uids: list[str], t: datetime) -> list[str]:
+    """Those of ``series_uids`` whose newest result was issued before ``t``."""
+    out = []
+    for u in series_uids:
+        issued = _result_issued_at(session, u)
+        if issued is not None and issued < _utc(t):
+            out.append(u)
+    return out
+
+
+def _arrived(session: Session, v: TimepointVerification) -> datetime:
+    """When the object of a verification was received (its take-in time when it is not on file)."""
+    at = session.scalar(select(Instance.received_at).where(Instance.sop_instance_uid == v.source_sop_instance_uid))
+    return at if at is not None else v.verified_at
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def _result_issued_at(session: Session, series_uid: str) -> datetime | None:
+    """When the newest job of the series that issued a SEG finished (None: none did)."""
+    q = select(AnalysisJob).where(AnalysisJob.followup_series_uid == series_uid).order_by(AnalysisJob.id.desc())
+    for job in session.scalars(q):
+        out = read_output(job.step_outputs or {}, WriteSegSrOutput)
+        if out is not None and out.seg and job.finished_at is not None:
+            return _utc(job.finished_at)
+    return None
+
+
+def _refused(
+    s: Session, intake: _Intake, inst: Instance, header: AnnotationHeader, ct_uid: str, what: str
+) -> str | None:
+    """Why this object is not taken in (taken in before, corrections off, a sender not accepted); None: taken in."""
+    settings, actor = intake.settings, intake.actor
     known = s.scalar(
         select(TimepointVerification).where(TimepointVerification.source_sop_instance_uid == header.sop_instance_uid)
     )
     if known is not None:
         audit(s, actor, "verification.duplicate", "verification", known.id, sop_instance_uid=inst.sop_instance_uid)
-        return f"correction of {ct_uid} taken in before (verification {known.id})", None
+        return f"{what} of {ct_uid} taken in before (verification {known.id})"
     if not settings.accept_corrections:
-        return f"correction of {ct_uid} not taken in: verification.accept_corrections is off", None
+        return f"{what} of {ct_uid} not taken in: verification.accept_corrections is off"
     if settings.accept_from_aes and (inst.sender_ae or "") not in settings.accept_from_aes:
         audit(s, actor, "verification.refused", "series", intake.series_uid, sender_ae=inst.sender_ae, ct=ct_uid)
-        return (
-            f"correction of {ct_uid} from AE {inst.sender_ae!r} not taken in: not in verification.accept_from_aes",
-            None,
-        )
+        return f"{what} of {ct_uid} from AE {inst.sender_ae!r} not taken in: not in verification.accept_from_aes"
+    return None
+
+
+def _record(
+    s: Session, intake: _Intake, inst: Instance, header: AnnotationHeader, ct_uid: str, method: VerificationMethod
+) -> TimepointVerification | None:
+    """The verification row of one object taken in (None: the CT series has no patient)."""
     patient_pk = _patient_of(s, ct_uid)
     if patient_pk is None:
-        return None, None
-    who = header.creator or intake.operator or (f"AE {inst.sender_ae}" if inst.sender_ae else actor)
+        return None
+    who = header.creator or intake.operator or (f"AE {inst.sender_ae}" if inst.sender_ae else intake.actor)
     v = TimepointVerification(
         patient_pk=patient_pk,
         series_instance_uid=ct_uid,
-        method=VerificationMethod.CORRECTION,
+        method=method,
         source_sop_instance_uid=header.sop_instance_uid,
         source_series_uid=header.series_uid,
         source_file=str(header.path),
@@ -278,7 +380,7 @@ def _take_in(
     s.flush()
     audit(
         s,
-        actor,
+        intake.actor,
         "verification.received",
         "verification",
         v.id,
@@ -286,40 +388,72 @@ def _take_in(
         source_sop_instance_uid=header.sop_instance_uid,
         modality=header.modality,
         verified_by=v.verified_by,
+        method=method.value,
     )
-    return f"correction of {ct_uid}: verification {v.id}", (v.id, ct_uid, v.verified_by, ct_uid in prior_targets)
+    return v
 
 
 def _queue_adoptions(
     sf: sessionmaker[Session],
-    accepted: list[tuple[int, str, str, bool]],
+    accepted: list[_Accepted],
     actor: str,
     settings: VerificationSettings,
 ) -> list[int]:
-    """An adoption job per accepted verification (superseding the series' latest job); a verified drawn prior was
-    never analysed as a follow-up: nothing to adopt, its later follow-ups are re-analysed."""
+    """An adoption job per accepted correction (superseding the series' latest job); a verified drawn prior was
+    never analysed as a follow-up: nothing to adopt, its later follow-ups are re-analysed; a late annotation
+    re-analyses the results made without it."""
     jobs = JobStore(sf, actor=actor)
     out: list[int] = []
-    for vid, ct_uid, who, drawn_prior in accepted:
-        if drawn_prior:
-            log.info("verification %s of the drawn prior on series %s: later follow-ups re-analysed", vid, ct_uid)
-            out += reanalyse_later(sf, vid, actor=actor, settings=settings)
+    for a in accepted:
+        if a.kind == "drawn-prior":
+            log.info("verification %s of the drawn prior on series %s: later follow-ups re-analysed", a.vid, a.ct_uid)
+            out += reanalyse_later(sf, a.vid, actor=actor, settings=settings)
+            continue
+        if a.kind == "annotation":
+            out += reanalyse_annotated(sf, a.vid, actor=actor, settings=settings)
             continue
         with session_scope(sf) as s:
-            latest = _latest_job(s, ct_uid)
+            latest = _latest_job(s, a.ct_uid)
         job = jobs.create(
-            ct_uid,
-            reason=f"verified by {who}: adopt the correction (verification {vid})",
+            a.ct_uid,
+            reason=f"verified by {a.who}: adopt the correction (verification {a.vid})",
             actor=actor,
             supersedes=latest.id if latest is not None else None,
         )
         with session_scope(sf) as s:
-            row = s.get(TimepointVerification, vid)
+            row = s.get(TimepointVerification, a.vid)
             if row is not None:
                 row.job_pk = job
-        log.info("verification %s of series %s: adoption job %s", vid, ct_uid, job)
+        log.info("verification %s of series %s: adoption job %s", a.vid, a.ct_uid, job)
         out.append(job)
     return out
+
+
+def reanalyse_annotated(
+    sf: sessionmaker[Session], verification_id: int, *, actor: str, settings: VerificationSettings | None = None
+) -> list[int]:
+    """A late annotation (method ``annotation``): a new analysis of the series it annotates when we issued a result
+    for it (the annotation is a person's prompt there), then of the later follow-ups (:func:`reanalyse_later`);
+    each supersedes that series' latest job, its reason names the annotation."""
+    with session_scope(sf) as s:
+        v = s.get(TimepointVerification, verification_id)
+        if v is None:
+            raise VerificationError(f"no verification {verification_id}")
+        ct_uid, why = v.series_instance_uid, v.reason or f"annotation {verification_id}"
+        latest = _latest_job(s, ct_uid) if _issued_before(s, [ct_uid], _arrived(s, v)) else None
+    created: list[int] = []
+    if latest is not None:
+        job = JobStore(sf, actor=actor).create(
+            ct_uid, reason=f"re-analysis: {why} (annotation {verification_id})", actor=actor, supersedes=latest.id
+        )
+        created.append(job)
+        with session_scope(sf) as s:
+            row = s.get(TimepointVerification, verification_id)
+            if row is not None:
+                row.job_pk = job
+                audit(s, actor, "verification.annotation_reanalysis", "verification", row.id, job_id=job)
+        log.info("annotation %s of series %s: re-analysis job %s", verification_id, ct_uid, job)
+    return created + reanalyse_later(sf, verification_id, actor=actor, settings=settings)
 
 
 def verification_for_series(session: Session, series_uid: str) -> VerificationView | None:
@@ -329,6 +463,7 @@ def verification_for_series(session: Session, series_uid: str) -> VerificationVi
         .where(
             TimepointVerification.series_instance_uid == series_uid,
             TimepointVerification.state != VerificationState.FAILED,
+            TimepointVerification.method != VerificationMethod.ANNOTATION,  # a prompt there, not its result
         )
         .order_by(TimepointVerification.id.desc())
     ).first()
@@ -352,6 +487,7 @@ def verified_sop_uids(session: Session, sop_uids: list[str]) -> set[str]:
         select(TimepointVerification.source_sop_instance_uid).where(
             TimepointVerification.source_sop_instance_uid.in_(sop_uids),
             TimepointVerification.state != VerificationState.FAILED,
+            TimepointVerification.method != VerificationMethod.ANNOTATION,  # a person's drawing, not a verified result
         )
     )
     return {r for r in rows if r}
@@ -381,22 +517,21 @@ def reanalyse_later(
         if v is None:
             raise VerificationError(f"no verification {verification_id}")
         later = later_analysed_series(s, v.patient_pk, v.series_instance_uid)
+        if v.method is VerificationMethod.ANNOTATION:  # only the results made without it
+            later = _issued_before(s, later, _arrived(s, v))
         if settings is not None and settings.reanalyse_later == "operator":
             audit(s, actor, "verification.reanalysis_waiting", "verification", v.id, series=later)
             return []
-        series_of_v, who = v.series_instance_uid, v.verified_by
+        if v.method is VerificationMethod.ANNOTATION:
+            reason = f"re-analysis: {v.reason or 'an annotation'} (annotation {verification_id})"
+        else:
+            reason = (
+                f"re-analysis: an earlier timepoint ({v.series_instance_uid}) was verified by {v.verified_by} "
+                f"(verification {verification_id})"
+            )
         latest = {u: j.id if (j := _latest_job(s, u)) is not None else None for u in later}
     jobs = JobStore(sf, actor=actor)
-    created = [
-        jobs.create(
-            u,
-            reason=f"re-analysis: an earlier timepoint ({series_of_v}) was verified by {who} "
-            f"(verification {verification_id})",
-            actor=actor,
-            supersedes=latest[u],
-        )
-        for u in later
-    ]
+    created = [jobs.create(u, reason=reason, actor=actor, supersedes=latest[u]) for u in later]
     with session_scope(sf) as s:
         v = s.get(TimepointVerification, verification_id)
         if v is not None:

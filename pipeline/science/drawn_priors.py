@@ -103,6 +103,8 @@ def prompt_origin_meta(prompt: Prompt) -> dict[str, Any]:
     origin = prompt_origin(prompt)
     d = drawing_of(prompt)
     out: dict[str, Any] = {"prompt_origin": origin, "weak_prior": origin in {k.value for k in WEAK_PRIOR_SCORE}}
+    if prompt.meta.get("prompt_object"):  # the object it was read from: SEG, SR, GSPS, RTSTRUCT, points
+        out["prompt_object"] = prompt.meta["prompt_object"]
     if d is not None:
         long_, short = d.diameters_mm()
         if long_ > 0:  # the radiologist's own diameters, reported beside ours

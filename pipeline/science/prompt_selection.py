@@ -11,6 +11,9 @@ Pure functions (no I/O apart from :func:`is_our_object` / :func:`content_key`, w
 
 * :func:`choose_prompt_source` — the service: from the prior annotations of one patient, pick the person's
   annotation nearest in time before the follow-up (SEG over SR at one timepoint, then the newest).
+* :func:`choose_lesion_sources` — the same choice per lesion: each lesion's own nearest annotation by a person
+  (the job propagates from the one :func:`choose_prompt_source` picks, and the lesions it does not mark from their
+  own, ``pipeline.jobs.lesion_sources``).
 * :func:`nearest_source_index` — the tracking loop: for timepoint ``t`` the nearest annotated timepoint index
   (either direction; ties go to the earlier one).
 * :func:`select_prior_annotation` — the service's ``match_priors``: the same choice over ``PriorTimepoint`` records.
@@ -106,6 +109,50 @@ def choose_prompt_source(candidates: Sequence[AnnotationCandidate], followup_key
     if skipped:
         reason += f"; {len(skipped)} newer result(s) of ours not used as prompt"
     return SourceChoice(chosen, reason, skipped)
+
+
+@dataclass(frozen=True)
+class MarkedLesions:
+    """One annotation and the lesions (Tracking UIDs) it marks."""
+
+    annotation: AnnotationCandidate
+    tracking_uids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LesionSources:
+    """Per lesion, the annotation it is prompted from (LinGuinE's nearest-annotation propagation, per lesion)."""
+
+    by_lesion: dict[str, AnnotationCandidate]  # Tracking UID → the person's annotation nearest in time marking it
+    unmarked: tuple[str, ...]  # lesions no annotation of a person marks at or before the follow-up
+
+    def timepoints(self) -> dict[str, list[str]]:
+        """CT series (prompt timepoint) → the lesions prompted from its annotation, nearest first."""
+        out: dict[str, list[str]] = {}
+        for uid, a in sorted(self.by_lesion.items(), key=lambda kv: (kv[1].time_key, kv[0]), reverse=True):
+            out.setdefault(a.ct_series_uid, []).append(uid)
+        return {k: sorted(v) for k, v in out.items()}
+
+
+def choose_lesion_sources(marked: Sequence[MarkedLesions], followup_key: str) -> LesionSources:
+    """The prompt timepoint of each lesion: the person's annotation nearest in time at or before ``followup_key``
+    that marks *that* lesion (the same choice as :func:`choose_prompt_source`, per lesion): a follow-up's arrow on
+    one lesion is that lesion's nearest annotation, and the lesions it does not mark keep their own earlier one
+    instead of being reported "not assessed". Our own results never prompt; a lesion only they mark is unmarked."""
+    lesions = sorted({uid for m in marked for uid in m.tracking_uids})
+    by_lesion: dict[str, AnnotationCandidate] = {}
+    unmarked: list[str] = []
+    for uid in lesions:
+        pool = [m.annotation for m in marked if uid in m.tracking_uids]
+        try:
+            choice = choose_prompt_source(pool, followup_key)
+        except NoPersonAnnotation:
+            choice = None
+        if choice is None:
+            unmarked.append(uid)
+        else:
+            by_lesion[uid] = choice.chosen
+    return LesionSources(by_lesion, tuple(unmarked))
 
 
 def nearest_source_index(t: int, annotated: Iterable[int]) -> int:

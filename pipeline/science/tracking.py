@@ -308,7 +308,7 @@ def _propagate_direct(
         les.meta["registration"] = getattr(reg, "engine", cache.name)
         les.meta["propagated_from_index"] = src.index
         prior_les = next((x for x in src_tp.lesions if x.identity.label == label), None)
-        for key in ("prompt_origin", "weak_prior"):  # where the prior came from, on every timepoint it prompts
+        for key in ("prompt_origin", "weak_prior", "prompt_object"):  # where the prior came from, at every timepoint
             if prior_les is not None and key in prior_les.meta:
                 les.meta[key] = prior_les.meta[key]
         results.append(_StepResult(les, warped))
@@ -627,7 +627,7 @@ def tracking_summary(timepoints: list[Timepoint]) -> dict[str, Any]:
                     "timepoints": [],
                 },
             )
-            for key in ("prompt_origin", "weak_prior", "drawn_diameters_mm"):  # where the prior came from
+            for key in ("prompt_origin", "weak_prior", "drawn_diameters_mm", "prompt_object"):  # the prior's origin
                 if key in les.meta:
                     entry.setdefault(key, les.meta[key])
             entry["timepoints"].append(

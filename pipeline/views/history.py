@@ -134,6 +134,23 @@ class LesionRow:
     retired_at_series_uid: str | None = None  # a reader deleted the lesion in a correction of this series
     retired_by: str | None = None
 
+    @property
+    def origin_label(self) -> str:
+        """Where the lesion was first marked, named as a reader names it ("" when not known)."""
+        return ORIGIN_LABELS.get(self.origin, "")
+
+
+#: Lesion.origin (db.models.LesionOrigin) → what the dashboard says
+ORIGIN_LABELS = {
+    "seg": "marked in a SEG",
+    "sr": "marked in an SR",
+    "gsps": "marked in a GSPS",
+    "rtstruct": "marked in an RTSTRUCT",
+    "prompt": "marked as points",
+    "new": "new lesion",
+    "added": "added by a reader",
+}
+
 
 @dataclass
 class PatientTimeline:

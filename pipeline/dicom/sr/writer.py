@@ -120,6 +120,7 @@ class LT:
     DRAWN_SHORT = _local("LT068", "Radiologist's short axis on the prior annotation")
     DRAWN_LONG_DIFF = _local("LT069", "Long axis of the derived prior lesion minus the radiologist's")
     DRAWN_SHORT_DIFF = _local("LT070", "Short axis of the derived prior lesion minus the radiologist's")
+    PROMPT_OBJECT = _local("LT080", "Object the lesion's prompt was read from")
 
 
 OVERALL_CODES: dict[Response, Code] = {
@@ -187,6 +188,15 @@ PRIOR_ANNOTATION_CODES: dict[str, Code] = {
     "box": _local("LT079", "Box"),
 }
 
+#: the object a lesion's prompt was read from (pipeline.dicom.prompt_sources.PROMPT_OBJECTS) → the SR's LT080 value
+PROMPT_OBJECT_CODES: dict[str, Code] = {
+    "SEG": _local("LT081", "Segmentation (DICOM-SEG)"),
+    "SR": _local("LT082", "Measurement report (TID 1500 SR)"),
+    "GSPS": _local("LT083", "Presentation state (GSPS)"),
+    "RTSTRUCT": _local("LT084", "RT structure set (RTSTRUCT)"),
+    "points": _local("LT085", "Prompt points file"),
+}
+
 PROVENANCE_CODES: dict[str, Code] = {"verified": LT.VERIFIED, "from-verified": LT.FROM_VERIFIED, "machine": LT.MACHINE}
 
 
@@ -225,6 +235,7 @@ class LesionReport:
     not_assessed_reason: str | None = None
     review_reasons: Sequence[str] = ()  # why it is flagged (pipeline.science.confidence); stated only when flagged
     prompt_origin: str | None = None  # what the prior was (PRIOR_ANNOTATION_CODES); None: not stated
+    prompt_object: str | None = None  # the object it was read from (PROMPT_OBJECT_CODES): SEG, SR, GSPS, RTSTRUCT
     #: the radiologist's own diameters on the prior beside ours of the lesion derived from them; None: not drawn
     drawn: DrawnDiameters | None = None
 
@@ -574,6 +585,8 @@ def _qualitative_evaluations(rep: LesionReport, status: Code) -> list[hd.sr.Qual
         quals.append(hd.sr.QualitativeEvaluation(LT.REVIEW, LT.NEEDS_REVIEW if rep.review else LT.NO_REVIEW))
     if rep.prompt_origin in PRIOR_ANNOTATION_CODES:
         quals.append(hd.sr.QualitativeEvaluation(LT.PRIOR_ANNOTATION, PRIOR_ANNOTATION_CODES[rep.prompt_origin]))
+    if rep.prompt_object in PROMPT_OBJECT_CODES:
+        quals.append(hd.sr.QualitativeEvaluation(LT.PROMPT_OBJECT, PROMPT_OBJECT_CODES[rep.prompt_object]))
     return quals
 
 

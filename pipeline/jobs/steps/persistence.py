@@ -42,8 +42,16 @@ from lesiontrack.pipeline.science.confidence import lesion_confidence
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 from lesiontrack.pipeline.science.recist import RecistRole
 
-_ORIGIN_OF = {"SEG": LesionOrigin.SEG, "SR": LesionOrigin.SR, PROMPT_FILE: LesionOrigin.PROMPT}
-"""Where a lesion first tracked from a prior annotation came from, by the annotation's modality."""
+_ORIGIN_OF = {
+    "SEG": LesionOrigin.SEG,
+    "SR": LesionOrigin.SR,
+    "PR": LesionOrigin.GSPS,
+    "GSPS": LesionOrigin.GSPS,
+    "RTSTRUCT": LesionOrigin.RTSTRUCT,
+    PROMPT_FILE: LesionOrigin.PROMPT,
+}
+"""Where a lesion first tracked from an annotation came from, by the object its prompt was read from
+(``meta["prompt_object"]``, else the prior annotation's modality)."""
 
 
 def persist_observations(ctx: Ctx, seg_uid: str | None, segment_numbers: dict[str, int]) -> None:
@@ -112,7 +120,7 @@ def _lesion(s: Session, ctx: Ctx, les: TrackedLesion, patient_pk: int) -> int:
             if les.status is LesionStatus.NEW
             else LesionOrigin.ADDED
             if added
-            else _ORIGIN_OF.get(prior.annotations[0].modality, LesionOrigin.SR)
+            else _ORIGIN_OF.get(str(les.meta.get("prompt_object") or prior.annotations[0].modality), LesionOrigin.SR)
         )
         lesion = Lesion(
             tracking_uid=ident.tracking_uid,

@@ -224,6 +224,7 @@ def _lesion_reports(ctx: Ctx, lesions: list[TrackedLesion], candidates: list[Tra
             confidence=None if conf is None else conf.confidence,
             review_reasons=[] if conf is None else list(conf.reasons),
             prompt_origin=les.meta.get("prompt_origin"),
+            prompt_object=les.meta.get("prompt_object"),
             drawn=drawn_diameters(
                 prior_lesions.get(les.identity.tracking_uid), measured.prior.get(les.identity.tracking_uid)
             ),

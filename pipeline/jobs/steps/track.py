@@ -11,6 +11,7 @@ from lesiontrack.db.session import session_scope
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.engines import build_registration, build_segmentation
 from lesiontrack.models.registration.base import Registration
+from lesiontrack.models.segmentation.base import SegmentationEngine
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.jobs.adoption import adopt
 from lesiontrack.pipeline.jobs.contract import MatchPriorsOutput, TrackedLesionRecord, TrackOutput
@@ -38,19 +39,7 @@ def track(ctx: Ctx) -> TrackOutput:
         )  # only registers when the reader added lesions (propagated back to the prior)
         adopt(ctx.state.adoption, tps, inputs.prompts, registration, engine, seg)
     else:
-        track_lesions(
-            tps,
-            inputs.prompts,
-            source_index=0,
-            registration=RegistrationCache.known(registration, tps[0], tps[1]),
-            segmentation=seg,
-            options=TrackingOptions(
-                boosting=ctx.services.settings.tracking.boosting,
-                confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking),
-            ),
-            # a radiologist's lesions on this follow-up: segmented here from the person's drawing (issue 31)
-            confirmed=Confirmed({1: inputs.followup_prompts}, partial=True) if inputs.followup_prompts else None,
-        )
+        _track(ctx, tps, registration, seg)
     if inputs.followup_prompts and ctx.state.adoption is None:
         _weak_here(tps[1], ConfidenceRules.from_settings(ctx.services.settings.tracking))
     tps[1].lesions.extend(vanished_earlier(ctx.services.session_factory, fu.patient_pk, tps, registration))
@@ -81,6 +70,39 @@ def track(ctx: Ctx) -> TrackOutput:
             )
             for g in inputs.not_assessed
         ],
+    )
+
+
+def _track(ctx: Ctx, tps: list[Timepoint], registration: Registration, seg: SegmentationEngine) -> None:
+    """The tracking loop on (prior, follow-up); the lesions the prior's annotation does not mark are propagated from
+    their own nearest earlier annotation (timepoints before the prior, only inside this step: the prior gets them
+    too, so their change is measured), the follow-up's own annotations are prompts there (issue 31)."""
+    inputs = ctx.state.need_inputs()
+    earlier = [Timepoint(e.ct_series_uid, e.ct, e.study_date, e.study_uid) for e in inputs.earlier]
+    n = len(earlier)
+    confirmed = {i: e.prompts for i, e in enumerate(inputs.earlier)}
+    if inputs.followup_prompts:  # a radiologist's lesions on this follow-up: segmented there from the drawing
+        confirmed[n + 1] = inputs.followup_prompts
+    eng = ctx.services.settings.engines
+    cache = RegistrationCache.known(
+        registration,
+        tps[0],
+        tps[1],
+        build_registration(eng.registration, eng, device=ctx.device, seed=ctx.services.settings.compute.seed)
+        if earlier
+        else None,
+    )
+    track_lesions(
+        [*earlier, *tps],
+        inputs.prompts,
+        source_index=n,
+        registration=cache,
+        segmentation=seg,
+        options=TrackingOptions(
+            boosting=ctx.services.settings.tracking.boosting,
+            confidence=ConfidenceRules.from_settings(ctx.services.settings.tracking),
+        ),
+        confirmed=Confirmed(confirmed, partial=True) if confirmed else None,
     )
 
 

@@ -16,6 +16,7 @@ from lesiontrack.pipeline.dicom.prompt_sources import (
     PromptSourceError,
     load_prompts_json,
     prompts_from_object,
+    with_prompt_object,
 )
 from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment, read_seg_prompts_and_gaps
 from lesiontrack.pipeline.jobs.adoption import build_adoption, retired_lesions, with_verified_identities
@@ -29,8 +30,9 @@ from lesiontrack.pipeline.jobs.contract import (
     RetrievePriorsOutput,
 )
 from lesiontrack.pipeline.jobs.followup_annotations import followup_prompts, person_annotations_on, unmarked_lesions
+from lesiontrack.pipeline.jobs.lesion_sources import earlier_sources
 from lesiontrack.pipeline.jobs.ports import PROMPT_FILE, PriorTimepoint
-from lesiontrack.pipeline.jobs.steps.services import Ctx, followup_series
+from lesiontrack.pipeline.jobs.steps.services import Ctx, followup_series, time_key
 from lesiontrack.pipeline.jobs.store import NothingToTrack, PermanentError
 from lesiontrack.pipeline.jobs.verification import our_seg_of_series
 from lesiontrack.pipeline.science.drawn_priors import prompt_origin
@@ -46,6 +48,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
     annotation_warnings: list[str] = []
     prompts, not_assessed = read_prompts_and_gaps(prior, prior_ct, annotation_warnings)
     match = ctx.outputs.get(MatchPriorsOutput)
+    unmarked: list[UnassessedSegment] = []
     with session_scope(ctx.services.session_factory) as s:
         # a verified correction as prompt: the lesion identities its adoption recorded; lesions a reader deleted
         # are not tracked any more (issue 16)
@@ -57,7 +60,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
             ann0 = prior.annotations[0]
             marked = {p.identity.tracking_uid for p in prompts} | {g.identity.tracking_uid for g in not_assessed}
             label = f"the prior {ann0.modality} {ann0.sop_instance_uid} (series {prior.ct_series_uid})"
-            not_assessed += unmarked_lesions(s, match.followup.patient_pk, marked, label)
+            unmarked = unmarked_lesions(s, match.followup.patient_pk, marked, label)
         if match.verification is not None:
             our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
             ctx.state.adoption = build_adoption(
@@ -69,14 +72,24 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
                 prompts,
                 ctx.services.settings.verification.overlap_match_dice,
             )
+    # each lesion the prior's annotation does not mark: from its own nearest annotation by a person (issue 31 C)
+    earlier, unmarked = earlier_sources(
+        ctx.services.session_factory,
+        match.followup.patient_pk,
+        unmarked,
+        time_key(prior.study_date, prior.study_time),
+        annotation_warnings,
+    )
+    not_assessed += unmarked
     followup_anns, on_followup = [], []
     if ctx.state.adoption is None:  # a person's lesions on this follow-up itself: prompts at this timepoint
         followup_anns = person_annotations_on(ctx.services.session_factory, ctx.series_uid)
-        on_followup = followup_prompts(followup_anns, followup_ct, prompts, annotation_warnings)
+        known = [*prompts, *(p for e in earlier for p in e.prompts)]  # the same lesion keeps its identity
+        on_followup = followup_prompts(followup_anns, followup_ct, known, annotation_warnings)
         on_followup = [p for p in on_followup if p.identity.tracking_uid not in retired]
     if not prompts and ctx.state.adoption is None:
         _nothing_to_track(prior, not_assessed)
-    ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files, not_assessed, on_followup)
+    ctx.state.inputs = LoadedInputs(followup_ct, prior_ct, prompts, prior, fu.files, not_assessed, on_followup, earlier)
     return LoadVolumesOutput(
         followup_shape=list(followup_ct.shape),
         followup_spacing=[round(float(v), 4) for v in followup_ct.spacing],
@@ -84,6 +97,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         prompts=len(prompts),
         annotation_warnings=annotation_warnings,
         lesions=_lesion_refs(prompts),
+        earlier_lesions=_lesion_refs([p for e in earlier for p in e.prompts]),
         followup_annotations=[a.sop_instance_uid for a in followup_anns],
         followup_lesions=_lesion_refs(on_followup),
         not_assessed=[
@@ -119,6 +133,7 @@ def _lesion_refs(prompts: list[Prompt]) -> list[LesionRef]:
             tracking_id=p.identity.tracking_id,
             kind=p.kind.value,
             prompt_origin=prompt_origin(p),
+            prompt_object=p.meta.get("prompt_object"),
         )
         for p in prompts
     ]
@@ -143,7 +158,9 @@ def read_prompts_and_gaps(
     said: list[AnnotationWarning] = []
     try:
         if ann.modality == PROMPT_FILE:
-            return list(load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid)), []
+            return with_prompt_object(
+                load_prompts_json(files[0], prior_ct, series_uid=prior.ct_series_uid), PROMPT_FILE
+            ), []
         if modality == "SEG":
             try:
                 prompts, gaps = read_seg_prompts_and_gaps(files[0], prior_ct)
@@ -154,7 +171,7 @@ def read_prompts_and_gaps(
                 ) from exc
             if not prompts and not gaps:
                 raise PromptSourceError(f"{files[0]}: no lesions found in the annotation")
-            return prompts, gaps
+            return with_prompt_object(prompts, "SEG"), gaps
         prompts = list(prompts_from_object(files[0], modality, prior_ct, said))
     except NoLesionInAnnotation as exc:
         if warnings is not None:

@@ -1,0 +1,185 @@
+"""Issue 31 (A): a radiologist's annotation that arrives *after* the results it changes counts through the service.
+
+A follow-up was analysed and tracking lost a lesion (the patient moved 25 mm, no registration corrects it). Later
+the radiologist's GSPS with an arrow on that lesion reaches the DICOM door. The service takes it in through issue
+16's verification mechanism (method ``annotation``, not a correction of the whole timepoint) and queues a new
+analysis of that follow-up: the lesion is re-found from the arrow, in new SEG/SR instances; the old result is kept
+and marked superseded; the job, the API and the verification say why ("GSPS … arrived on study …").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.drawn_lesions import drawings
+from lesiontrack.config.settings import Settings
+from lesiontrack.db.models import AuditEvent, JobState, Series, TimepointVerification, VerificationMethod
+from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.demo import demo_settings
+from lesiontrack.demo_data import DemoPatient
+from lesiontrack.dicom_node.inbound.completion import complete_series
+from lesiontrack.models.imaging.dicom_read import read_series
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.prompts import Prompt
+from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
+from lesiontrack.pipeline.jobs.contract import TrackOutput, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.steps import build_pipeline
+from lesiontrack.pipeline.jobs.store import JobStore
+from lesiontrack.pipeline.jobs.verification import take_in_series
+from lesiontrack.service import LesionTrackService, build_analysis_service, build_ports
+from lesiontrack.synthetic.annotations import Mark, write_gsps
+from lesiontrack.web import JobStoreControl, create_app
+from tests.support.dicom_node import pynetdicom_store, wait_until
+from tests.support.patient import still_patient
+from tests.support.phantom import dice
+from tests.support.service_site import ingest
+
+API_KEY = {"X-API-Key": "demo"}
+SHIFT_VOXELS = 10  # 25 mm along x at 2.5 mm: the follow-up's patient moved, no registration corrects it
+
+
+def _moved(files: list[Path]) -> None:
+    """Shift each image of a series ``SHIFT_VOXELS`` columns (the patient moved; the geometry is unchanged)."""
+    for f in files:
+        ds = pydicom.dcmread(f)
+        arr = np.roll(ds.pixel_array, SHIFT_VOXELS, axis=1)
+        arr[:, :SHIFT_VOXELS] = arr.min()
+        ds.PixelData = arr.astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(f)
+
+
+def _overlap(seg: str, tracking_uid: str, ct: Volume, truth: Volume) -> float:
+    """Dice of the lesion's segment in our SEG against the truth (0 when the SEG has no voxel of it)."""
+    masks = [p.mask for p in read_seg_prompts_and_gaps(seg, ct)[0] if p.identity.tracking_uid == tracking_uid]
+    return dice(masks[0].array > 0, truth.array > 0) if masks and masks[0] is not None else 0.0
+
+
+def _latest(analysis: Any, series_uid: str) -> int | None:
+    job = analysis.store.latest_for_series(series_uid)
+    return None if job is None else int(job.id)
+
+
+@dataclass
+class _Site:
+    """A moved follow-up analysed from the baseline's SEG without registration: one lesion lost there."""
+
+    settings: Settings
+    sf: sessionmaker[Session]
+    analysis: Any  # lesiontrack.service.build_analysis_service's AnalysisService
+    patient: DemoPatient
+    first: int  # the follow-up's first job
+    first_written: WriteSegSrOutput
+    lost: Prompt  # the baseline's lesion tracking lost
+    moved: Volume  # that lesion where it is on the moved follow-up (the truth)
+
+
+def _analysed_moved_followup(tmp_path: Path) -> _Site:
+    settings = demo_settings(tmp_path / "data", http=False, engines={"registration": "none"})
+    settings.detection.new_lesions = False
+    upgrade(settings.effective_database_url)
+    sf = make_session_factory(make_engine(settings.effective_database_url))
+    patient = still_patient(tmp_path / "patient", n_followups=1)
+    fu = patient.followups[0]
+    _moved(fu.files)
+    ingest(settings, sf, [*patient.baseline.files, patient.seg_file, *fu.files])
+    with session_scope(sf) as s:  # as they were when the door completed them (no callbacks: the job runs below)
+        received = list(s.scalars(select(Series.series_instance_uid)))
+    for uid in received:
+        complete_series(sf, settings.routing, uid, None, forced=True)
+    analysis = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
+    first = analysis.store.create(fu.series_uid)
+    assert analysis.run(first) is JobState.DONE, analysis.store.get(first).error
+    written = read_output(analysis.store.get(first).step_outputs, WriteSegSrOutput)
+    assert written is not None
+    assert written.seg is not None
+    # the lost lesion: the largest of the baseline's, where it is on the moved follow-up
+    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, read_series(patient.baseline.files))
+    lost = max(prompts, key=lambda p: 0 if p.mask is None else int(p.mask.array.sum()))
+    assert lost.mask is not None
+    m = lost.mask
+    moved = Volume(np.roll(m.array, SHIFT_VOXELS, axis=2), m.origin, m.spacing, m.direction)
+    assert _overlap(written.seg, lost.identity.tracking_uid, read_series(fu.files), moved) < 0.2, "tracking lost it"
+    return _Site(settings, sf, analysis, patient, first, written, lost, moved)
+
+
+def _through_the_door(site: _Site, path: Path, series_uid: str, before: int | None) -> int:
+    """Send ``path`` to the service's DICOM door; the job it queues for ``series_uid`` (``before``: its last)."""
+    node = LesionTrackService(site.settings, dicom=True, http=False, jobs=False, upgrade_db=False).start()
+    try:
+        assert node.scp is not None
+        assert pynetdicom_store(node.scp.port, [path]) == [0]
+        wait_until(lambda: _latest(site.analysis, series_uid) != before, what="the re-analysis job")
+    finally:
+        node.stop()
+    job = _latest(site.analysis, series_uid)
+    assert job is not None
+    return job
+
+
+def test_a_late_gsps_arrow_on_an_analysed_follow_up_re_finds_a_lost_lesion_in_a_new_revision(tmp_path: Path) -> None:
+    site = _analysed_moved_followup(tmp_path)
+    fu, lost = site.patient.followups[0], site.lost
+    # the radiologist's arrow on that lesion, labelled as on the baseline, through the DICOM door
+    arrow = drawings(site.moved, np.random.default_rng(3))["arrow"]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.files]
+    gsps = write_gsps(heads, [Mark(arrow, lost.identity.tracking_id)], tmp_path / "pr" / "arrow.dcm")
+    gsps_uid = str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID)
+    again = _through_the_door(site, gsps, fu.series_uid, site.first)
+    assert site.analysis.store.get(site.first).superseded_by == again
+    with session_scope(site.sf) as s:
+        v = s.scalar(select(TimepointVerification))
+        assert v is not None
+        assert v.method is VerificationMethod.ANNOTATION  # a prompt there, not a verification of the timepoint
+        assert v.series_instance_uid == fu.series_uid
+        assert v.job_pk == again
+        patient_pk = v.patient_pk
+    assert site.analysis.run(again) is JobState.DONE, site.analysis.store.get(again).error
+    # a new revision: new SEG and SR instances, the old ones kept and the old job superseded
+    written = read_output(site.analysis.store.get(again).step_outputs, WriteSegSrOutput)
+    assert written is not None
+    assert written.seg is not None
+    assert written.seg_sop_instance_uid != site.first_written.seg_sop_instance_uid
+    assert written.sr_sop_instance_uid != site.first_written.sr_sop_instance_uid
+    assert all(Path(f).is_file() for f in site.first_written.files)
+    assert site.analysis.store.get(site.first).state is JobState.SUPERSEDED
+    tracked = read_output(site.analysis.store.get(again).step_outputs, TrackOutput)
+    assert tracked is not None
+    assert {r.tracking_uid: r.status for r in tracked.lesions}[lost.identity.tracking_uid] == "present"
+    fu_ct = read_series(fu.files)
+    assert _overlap(written.seg, lost.identity.tracking_uid, fu_ct, site.moved) > 0.6, "re-found from the arrow"
+    # the reason is visible through the API (the job's events, the patient's verifications)
+    client = TestClient(create_app(site.settings, site.sf, job_control=JobStoreControl(JobStore(site.sf))))
+    job = client.get(f"/api/jobs/{again}", headers=API_KEY).json()
+    reason = next(e for e in job["events"] if e["action"] == "job.created")["details"]["reason"]
+    assert f"GSPS {gsps_uid}" in reason
+    assert f"arrived on study {fu.study_uid}" in reason
+    listed = client.get(f"/api/patients/{patient_pk}/verifications", headers=API_KEY).json()
+    assert [(x["method"], "arrived on study" in (x["reason"] or "")) for x in listed] == [("annotation", True)]
+    # the same object again does nothing; a GSPS arriving late on the baseline re-analyses the follow-up too
+    gsps_series = str(pydicom.dcmread(gsps, stop_before_pixels=True).SeriesInstanceUID)
+    assert take_in_series(site.sf, site.settings.verification, gsps_series) == []
+    _late_gsps_on_the_baseline(site, again, tmp_path)
+
+
+def _late_gsps_on_the_baseline(site: _Site, latest: int, tmp_path: Path) -> None:
+    base, fu = site.patient.baseline, site.patient.followups[0]
+    assert site.lost.mask is not None
+    line = drawings(site.lost.mask, np.random.default_rng(4))["line"]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in base.files]
+    gsps = write_gsps(heads, [Mark(line, site.lost.identity.tracking_id)], tmp_path / "pr" / "base.dcm")
+    job = _through_the_door(site, gsps, fu.series_uid, latest)
+    with session_scope(site.sf) as s:
+        created = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "job.created", AuditEvent.object_id == str(job))
+        ).one()
+        assert created.details is not None
+        assert f"arrived on study {base.study_uid}" in created.details["reason"]
+        assert s.scalars(select(TimepointVerification)).all()[-1].reanalysis_jobs == [job]

@@ -70,7 +70,7 @@ class LesionState:
 
 
 @dataclass
-class Timepoint:
+class SyntheticTimepoint:
     index: int
     ct: Volume
     labels: Volume
@@ -96,7 +96,7 @@ class SynthPatient:
     patient_id: str
     patient_name: str
     seed: int
-    timepoints: list[Timepoint]
+    timepoints: list[SyntheticTimepoint]
     lesion_kinds: dict[int, str] = field(default_factory=dict)
 
 
@@ -232,7 +232,11 @@ def synthesize_patient(
     table0 = lesion_table(lab0)
     for lab in table0:
         kinds.setdefault(lab, "lesion")
-    tps = [Timepoint(0, ct0, lab0, {lab: LesionState(lab, "present", c, v, c) for lab, (c, v) in table0.items()}, 0)]
+    tps = [
+        SyntheticTimepoint(
+            0, ct0, lab0, {lab: LesionState(lab, "present", c, v, c) for lab, (c, v) in table0.items()}, 0
+        )
+    ]
 
     state_ct, state_lab = ct0, lab0  # evolving patient, in the baseline frame
     next_label = max(table0, default=0) + 1
@@ -263,7 +267,7 @@ def synthesize_patient(
         states = _lesion_states(sorted(set(kinds)), state_lab, fu_lab, new_labels, tr)
         lm_b, lm_f = _landmarks(ct0, lesion_ever, tr, grid, rng, cfg)
         tps.append(
-            Timepoint(
+            SyntheticTimepoint(
                 t,
                 fu_ct,
                 fu_lab,

@@ -461,7 +461,7 @@ class Candidate:
 
 
 @dataclass
-class NewLesionSearchResult:
+class CandidateSearch:
     """Whether the new-lesion search ran on the follow-up, and what it proposed."""
 
     ran: bool
@@ -502,7 +502,7 @@ class AnalysisState:
     adoption: Adoption | None = None  # a reader's correction of the follow-up is adopted (issue 16)
     registration: Registration | None = None
     timepoints: list[Timepoint] | None = None
-    search: NewLesionSearchResult | None = None
+    search: CandidateSearch | None = None
     measured: Measured | None = None
 
     def need_inputs(self) -> LoadedInputs:
@@ -514,7 +514,7 @@ class AnalysisState:
     def need_timepoints(self) -> list[Timepoint]:
         return _need(self.timepoints, "track")
 
-    def need_search(self) -> NewLesionSearchResult:
+    def need_search(self) -> CandidateSearch:
         return _need(self.search, "detect_new_lesions")
 
     def need_measured(self) -> Measured:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema
 
@@ -22,7 +22,7 @@ from lesiontrack.pipeline.jobs.analysis import StepOrderError, StepOutput
 from lesiontrack.pipeline.jobs.ports import PriorAnnotation, PriorTimepoint
 from lesiontrack.pipeline.science.correction_matching import SegmentMatch
 from lesiontrack.pipeline.science.lesions import Timepoint
-from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement
+from lesiontrack.pipeline.science.measurements import ChangesDict, LesionChanges, LesionMeasurement, MeasurementDict
 from lesiontrack.pipeline.science.recist import RecistAssessment, Response
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def _measurement(value: object) -> LesionMeasurement:
     if isinstance(value, LesionMeasurement):
         return value
     if isinstance(value, Mapping):
-        return LesionMeasurement.from_dict(dict(value))
+        return LesionMeasurement.from_dict(cast(MeasurementDict, value))  # JSON of a recorded job
     raise ValueError(f"not a lesion measurement: {type(value).__name__}")
 
 
@@ -164,7 +164,7 @@ def _changes(value: object) -> LesionChanges:
     if isinstance(value, LesionChanges):
         return value
     if isinstance(value, Mapping):
-        return LesionChanges.from_dict(dict(value))
+        return LesionChanges.from_dict(cast(ChangesDict, value))  # JSON of a recorded job
     raise ValueError(f"not a lesion's changes: {type(value).__name__}")
 
 

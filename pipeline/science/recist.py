@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from typing import Any
 
 from lesiontrack.config.settings import RecistSettings
 from lesiontrack.db.status import LesionStatus
@@ -153,7 +152,7 @@ class TargetSelection:
     def role_of(self, uid: str) -> RecistRole | None:
         return next((d.role for d in self.decisions if d.tracking_uid == uid), None)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -331,7 +330,7 @@ class TimepointResponse:
             volumetric_response=self.volumetric_response,
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         for k, v in d.items():
             if isinstance(v, StrEnum):
@@ -346,7 +345,7 @@ class RecistAssessment:
     timepoints: list[TimepointResponse]
     best_overall_response: Response
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "selection": self.selection.to_dict(),
             "timepoints": [t.to_dict() for t in self.timepoints],

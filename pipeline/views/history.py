@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,7 +34,7 @@ from lesiontrack.pipeline.jobs.candidates import CandidateView, latest_candidate
 from lesiontrack.pipeline.jobs.contract import job_results
 from lesiontrack.pipeline.science import recist
 from lesiontrack.pipeline.science.confidence import review_text
-from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement, lesion_changes
+from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement, MeasurementDict, lesion_changes
 
 
 @dataclass
@@ -138,7 +138,7 @@ class PatientTimeline:
     candidates: list[CandidateView] = field(default_factory=list)  # of each timepoint's latest new-lesion search
     assessment: recist.RecistAssessment | None = field(default=None, repr=False)  # not exported (to_dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d.pop("assessment", None)
         d["candidates"] = [
@@ -404,7 +404,8 @@ def _series_info(session: Session, series_uids: set[str]) -> dict[str, _SeriesIn
 
 def _cell_of(o: LesionObservation) -> Cell:
     stored = o.measurements or {}
-    measurement = LesionMeasurement.from_dict(stored) if "tracking_uid" in stored else None
+    # the JSON column holds LesionMeasurement.to_dict() (with changes, RECIST role and confidence beside it)
+    measurement = LesionMeasurement.from_dict(cast(MeasurementDict, stored)) if "tracking_uid" in stored else None
     return Cell(
         o.id,
         LesionStatus(o.status),

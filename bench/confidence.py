@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -64,7 +64,7 @@ from bench.tracking import (
 from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.identity import IdentityRegistration
-from lesiontrack.pipeline.science.confidence import ConfidenceRules, combine, measure_lesion
+from lesiontrack.pipeline.science.confidence import ConfidenceRules, Evidence, combine, measure_lesion
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint
 from lesiontrack.pipeline.science.tracking import TrackingOptions, track_lesions
 
@@ -276,7 +276,7 @@ def _flag_before(evidence: dict[str, Any], rules: ConfidenceRules) -> bool | Non
     """The review flag without issue 29's two signals (None without evidence)."""
     if not evidence:
         return None
-    return combine({k: v for k, v in evidence.items() if k not in NEW_EVIDENCE}, rules).review
+    return combine(cast(Evidence, {k: v for k, v in evidence.items() if k not in NEW_EVIDENCE}), rules).review
 
 
 def roc(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -473,7 +473,7 @@ def main() -> None:
         evidence = measure_lesion(**kw)
         out = combine(evidence, kw.get("rules"))
         assess_seconds.append(time.perf_counter() - t)
-        EVIDENCE[id(out)] = evidence
+        EVIDENCE[id(out)] = {**evidence}
         return out
 
     tracking_mod.assess_lesion = timed_assess  # type: ignore[attr-defined]

@@ -109,7 +109,7 @@ def main() -> None:
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     from lesiontrack.pipeline.dicom.seg.writer import save_new, sort_source_slices, write_seg
-    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint, write_sr
     from lesiontrack.pipeline.science.measurements import measure_tracked
 
     heads = _headers(args.slices)
@@ -133,7 +133,7 @@ def main() -> None:
                 seg_t.append(time.perf_counter() - t0)
                 seg_c.append(time.process_time() - c0)
                 t0, c0 = time.perf_counter(), time.process_time()
-                sr = write_sr(heads, seg, reports, time_point=TimePoint("T1", 1))
+                sr = write_sr(heads, seg, reports, time_point=SrTimepoint("T1", 1))
                 sr_path = save_new(sr.dataset, Path(tmp) / f"{kind}{r}")
                 sr_t.append(time.perf_counter() - t0)
                 sr_c.append(time.process_time() - c0)

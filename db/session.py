@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,7 +39,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def affected_rows(result: Result[Any]) -> int:
+def affected_rows(result: Result[tuple[object, ...]]) -> int:
     """Rows matched by an UPDATE/DELETE run through ``Session.execute`` (whose result is then a CursorResult)."""
     if not isinstance(result, CursorResult):
         raise TypeError(f"expected the result of an UPDATE/DELETE, got {type(result).__name__}")

@@ -128,7 +128,7 @@ def wait_for_job(
 
 
 @dataclass
-class LesionRow:
+class DemoLesionRow:
     tracking_id: str
     tracking_uid: str
     status: str
@@ -156,7 +156,7 @@ class TimepointRows:
     label: str
     series_uid: str
     study_date: str | None
-    rows: list[LesionRow] = field(default_factory=list)
+    rows: list[DemoLesionRow] = field(default_factory=list)
     response: str | None = None
     files: list[str] = field(default_factory=list)
     candidates: list[CandidateRow] = field(default_factory=list)
@@ -186,7 +186,7 @@ def lesion_table(session_factory: sessionmaker[Session], patient_pk: int) -> lis
             change = (((m.get("changes") or {}).get("metrics") or {}).get("volume_mm3") or {}).get("baseline") or {}
             rec = m.get("recist") or {}
             tp.rows.append(
-                LesionRow(
+                DemoLesionRow(
                     les.tracking_id,
                     les.tracking_uid,
                     obs.status.value,
@@ -240,7 +240,7 @@ def render_table(timepoints: list[TimepointRows], console: Console) -> None:
             console.print(f"  {f}")
 
 
-def _flag(row: LesionRow) -> str:
+def _flag(row: DemoLesionRow) -> str:
     if row.review:
         return "REVIEW" + ("" if row.confidence is None else f" ({row.confidence:.2f})")
     return "-" if row.confidence is None else f"ok ({row.confidence:.2f})"

@@ -217,7 +217,9 @@ def _keep_states(analysis: AnalysisService) -> list[AnalysisState]:
     factory = analysis.state_factory
 
     def new_state() -> AnalysisState:
-        state: AnalysisState = factory()
+        state = factory()
+        if not isinstance(state, AnalysisState):
+            raise TypeError(f"the analysis service's state factory made a {type(state).__name__}")
         made.append(state)
         return state
 

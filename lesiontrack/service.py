@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -408,7 +409,7 @@ class LesionTrackService:
         """Block until SIGINT/SIGTERM, then shut down gracefully."""
         stop = threading.Event()
 
-        def _handler(signum: int, _frame: Any) -> None:
+        def _handler(signum: int, _frame: FrameType | None) -> None:
             log.warning("received signal %s, shutting down", signum)
             stop.set()
 

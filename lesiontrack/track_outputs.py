@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from lesiontrack.local_analysis import LocalAnalysis, TimepointRun
 from lesiontrack.pipeline.science.lesions import Timepoint
@@ -35,7 +34,7 @@ def analysed_timepoints(run: LocalAnalysis) -> dict[str, Timepoint]:
     return out
 
 
-def write_outputs(run: LocalAnalysis, out: Path, *, dicom: bool = True) -> dict[str, Any]:
+def write_outputs(run: LocalAnalysis, out: Path, *, dicom: bool = True) -> dict[str, object]:
     """Label maps, DICOM results and ``tracking.json`` under ``out``; returns the summary written."""
     out.mkdir(parents=True, exist_ok=True)
     index = {tp.series_uid: i for i, tp in enumerate(run.timepoints)}
@@ -48,15 +47,16 @@ def write_outputs(run: LocalAnalysis, out: Path, *, dicom: bool = True) -> dict[
             src = x["propagated_from"]
             if src is not None:
                 src["timepoint_index"] = index.get(src["series_uid"])
-    summary: dict[str, Any] = {
-        "timepoints": [_timepoint(i, tp) for i, tp in enumerate(run.timepoints)],
+    timepoints = [_timepoint(i, tp) for i, tp in enumerate(run.timepoints)]
+    summary: dict[str, object] = {
+        "timepoints": timepoints,
         "lesions": lesions,
         "source_index": run.baseline_index,
         "confirmed_indices": [i for i, tp in enumerate(run.timepoints) if tp.confirmed],
         "propagation": "annotation",  # every follow-up from the nearest annotation a person made or confirmed
     }
     for t, tp in enumerate(run.timepoints):
-        entry = summary["timepoints"][t]
+        entry = timepoints[t]
         if tp.series_uid in analysed:
             path = out / f"T{t}_{safe_name(tp.series_uid)}_labels.nii.gz"
             label_map(analysed[tp.series_uid]).write(str(path))
@@ -69,9 +69,9 @@ def write_outputs(run: LocalAnalysis, out: Path, *, dicom: bool = True) -> dict[
     return summary
 
 
-def _timepoint(t: int, tp: TimepointRun) -> dict[str, Any]:
+def _timepoint(t: int, tp: TimepointRun) -> dict[str, object]:
     res = tp.results
-    entry: dict[str, Any] = {
+    entry: dict[str, object] = {
         "index": t,
         "series_uid": tp.series_uid,
         "study_date": tp.study_date,

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from lesiontrack.models.segmentation.base import SegmentationEngine
 
 EngineKind = Literal["registration", "segmentation"]
-E = TypeVar("E")
+E = TypeVar("E", covariant=True)  # an EngineSpec of an engine is an EngineSpec[object]
+EngineT = TypeVar("EngineT")
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ SEGMENTATION: dict[str, EngineSpec[SegmentationEngine]] = {
 }
 
 
-def _registry(kind: EngineKind) -> Mapping[str, EngineSpec[Any]]:
+def _registry(kind: EngineKind) -> Mapping[str, EngineSpec[object]]:
     return REGISTRATION if kind == "registration" else SEGMENTATION
 
 
@@ -179,15 +180,19 @@ def engine_names(kind: EngineKind) -> list[str]:
     return sorted(_registry(kind))
 
 
-def spec(kind: EngineKind, name: str) -> EngineSpec[Any]:
-    found = _registry(kind).get(name.lower())
+def spec(kind: EngineKind, name: str) -> EngineSpec[object]:
+    return _lookup(_registry(kind), kind, name)
+
+
+def _lookup(registry: Mapping[str, EngineSpec[EngineT]], kind: EngineKind, name: str) -> EngineSpec[EngineT]:
+    found = registry.get(name.lower())
     if found is None:
         raise UnknownEngine(f"unknown {kind} engine {name!r}; available: {', '.join(engine_names(kind))}")
     return found
 
 
 def _request(
-    s: EngineSpec[Any],
+    s: EngineSpec[object],
     settings: EngineSettings | None,
     device: str,
     seed: int,
@@ -209,7 +214,7 @@ def build_registration(
     **options: Any,
 ) -> RegistrationEngine:
     """The registration engine ``name`` (default ``settings.registration``)."""
-    s = spec("registration", name or (settings or EngineSettings()).registration)
+    s = _lookup(REGISTRATION, "registration", name or (settings or EngineSettings()).registration)
     engine: RegistrationEngine = s.build(_request(s, settings, device, seed, weights, options))
     return engine
 
@@ -223,7 +228,7 @@ def build_segmentation(
     **options: Any,
 ) -> SegmentationEngine:
     """The segmentation engine ``name`` (default ``settings.segmentation``)."""
-    s = spec("segmentation", name or (settings or EngineSettings()).segmentation)
+    s = _lookup(SEGMENTATION, "segmentation", name or (settings or EngineSettings()).segmentation)
     engine: SegmentationEngine = s.build(_request(s, settings, device, seed, weights, options))
     return engine
 

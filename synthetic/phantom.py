@@ -87,7 +87,7 @@ class LesionInfo:
     volume_mm3: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 

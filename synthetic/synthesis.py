@@ -65,12 +65,12 @@ class LesionState:
     baseline_frame_center_mm: list[float] | None = None
     truncated_by_fov: bool = False  # present, but touching the edge of the follow-up field of view
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
 @dataclass
-class Timepoint:
+class SyntheticTimepoint:
     index: int
     ct: Volume
     labels: Volume
@@ -79,7 +79,7 @@ class Timepoint:
     transform: SpatialTransform | None = None  # follow-up mm → baseline mm (None for the baseline)
     landmarks_baseline_mm: Array | None = None
     landmarks_followup_mm: Array | None = None
-    changes: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, object] = field(default_factory=dict)  # what the generator did (written to truth.json)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class SynthPatient:
     patient_id: str
     patient_name: str
     seed: int
-    timepoints: list[Timepoint]
+    timepoints: list[SyntheticTimepoint]
     lesion_kinds: dict[int, str] = field(default_factory=dict)
 
 
@@ -120,7 +120,7 @@ def lesion_table(labels: Volume) -> dict[int, tuple[list[float], float]]:
     return out
 
 
-def _followup_grid(baseline: Volume, rng: np.random.Generator, cfg: SynthConfig) -> tuple[Volume, dict[str, Any]]:
+def _followup_grid(baseline: Volume, rng: np.random.Generator, cfg: SynthConfig) -> tuple[Volume, dict[str, object]]:
     """Same orientation, new slice spacing and pixel size, field of view shifted: a different scanner setup."""
     si, sj, sk = baseline.spacing
     ni, nj, nk = baseline.size_ijk
@@ -145,7 +145,7 @@ def _followup_grid(baseline: Volume, rng: np.random.Generator, cfg: SynthConfig)
     }
 
 
-def _intensity_change(ct: Volume, rng: np.random.Generator, cfg: SynthConfig) -> tuple[Volume, dict[str, Any]]:
+def _intensity_change(ct: Volume, rng: np.random.Generator, cfg: SynthConfig) -> tuple[Volume, dict[str, object]]:
     """Contrast-enhancement scale for soft tissue/vessels and extra correlated noise."""
     c = float(rng.uniform(*cfg.contrast_scale))
     extra = float(rng.uniform(*cfg.extra_noise_hu))
@@ -232,7 +232,11 @@ def synthesize_patient(
     table0 = lesion_table(lab0)
     for lab in table0:
         kinds.setdefault(lab, "lesion")
-    tps = [Timepoint(0, ct0, lab0, {lab: LesionState(lab, "present", c, v, c) for lab, (c, v) in table0.items()}, 0)]
+    tps = [
+        SyntheticTimepoint(
+            0, ct0, lab0, {lab: LesionState(lab, "present", c, v, c) for lab, (c, v) in table0.items()}, 0
+        )
+    ]
 
     state_ct, state_lab = ct0, lab0  # evolving patient, in the baseline frame
     next_label = max(table0, default=0) + 1
@@ -263,7 +267,7 @@ def synthesize_patient(
         states = _lesion_states(sorted(set(kinds)), state_lab, fu_lab, new_labels, tr)
         lm_b, lm_f = _landmarks(ct0, lesion_ever, tr, grid, rng, cfg)
         tps.append(
-            Timepoint(
+            SyntheticTimepoint(
                 t,
                 fu_ct,
                 fu_lab,
@@ -287,11 +291,11 @@ def synthesize_patient(
 
 def _evolve(
     state_ct: Volume, state_lab: Volume, rng: np.random.Generator, cfg: SynthConfig
-) -> tuple[Volume, Volume, dict[str, Any]]:
+) -> tuple[Volume, Volume, dict[str, object]]:
     """One interval of the disease, in the baseline frame: each present lesion vanishes (``cfg.p_vanish``), grows
     or shrinks; returns the new state and what happened to each lesion."""
     prev_table = lesion_table(state_lab)
-    lesion_log: dict[str, Any] = {}
+    lesion_log: dict[str, object] = {}
     for lab in sorted(set(prev_table)):
         if rng.random() < cfg.p_vanish:
             state_ct, state_lab = remove_lesion(state_ct, state_lab, lab, rng)
@@ -345,13 +349,14 @@ def write_patient(
     root = Path(out_dir) / patient.patient_id
     root.mkdir(parents=True, exist_ok=True)
     base_date = base_date or dt.date(2025, 1, 6) + dt.timedelta(days=patient.seed % 300)
-    truth: dict[str, Any] = {
+    timepoints: list[dict[str, object]] = []
+    truth: dict[str, object] = {
         "patient_id": patient.patient_id,
         "patient_name": patient.patient_name,
         "seed": patient.seed,
         "lesion_kinds": {str(k): v for k, v in patient.lesion_kinds.items()},
         "coordinate_system": "DICOM patient LPS, millimetres",
-        "timepoints": [],
+        "timepoints": timepoints,
     }
     for tp in patient.timepoints:
         date = (base_date + dt.timedelta(days=tp.days_from_baseline)).strftime("%Y%m%d")
@@ -360,7 +365,7 @@ def write_patient(
             "series_uid": generate_uid(),
             "frame_of_reference_uid": generate_uid(),
         }
-        entry: dict[str, Any] = {
+        entry: dict[str, object] = {
             "index": tp.index,
             "study_date": date,
             "days_from_baseline": tp.days_from_baseline,
@@ -400,7 +405,7 @@ def write_patient(
             lb, lf = tp.landmarks_baseline_mm, tp.landmarks_followup_mm
             if lb is not None and lf is not None:
                 entry["landmarks"] = {"baseline_mm": np.round(lb, 6).tolist(), "followup_mm": np.round(lf, 6).tolist()}
-        truth["timepoints"].append(entry)
+        timepoints.append(entry)
     (root / "truth.json").write_text(json.dumps(truth, indent=1))
     return root
 

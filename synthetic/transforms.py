@@ -154,8 +154,8 @@ class SpatialTransform:
         return out + np.einsum(spec, self.weights, gs[0], gs[1], gs[2], optimize=True)
 
     # -- serialisation ----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {
             "kind": "rigid+gaussian_rbf",
             "direction": "followup_to_baseline",
             "rotation": self.rotation.tolist(),

@@ -105,10 +105,7 @@ def _analysis(r: JobResults) -> dict[str, Any]:
         ),
         "search": (r.detect.ran, r.detect.detector, r.detect.note),
         "candidates": sorted(c.model_dump(exclude={"tracking_uid"}).items().__repr__() for c in r.detect.candidates),
-        "measurements": sorted(
-            json.dumps(m.measurement, sort_keys=True, default=str) + json.dumps(m.changes, sort_keys=True, default=str)
-            for m in r.measure.lesions
-        ),
+        "measurements": sorted(json.dumps(m.model_dump(mode="json"), sort_keys=True) for m in r.measure.lesions),
         "recist": r.measure.recist.model_dump(),
     }
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.pipeline.jobs.contract import MeasuredLesion
 from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement, lesion_changes, measure_lesion
 
 SP = np.array([0.5, 0.5, 1.0])
@@ -112,6 +113,20 @@ def test_json_round_trip() -> None:
     back = LesionMeasurement.from_dict(d)
     assert back == r
     assert d["recist_diameter_mm"] == r.short_axis_mm  # nodes: short axis
+
+
+def test_recorded_measure_output_keeps_its_on_disk_shape() -> None:
+    """The measure step records the typed measurement as ``to_dict()`` and reads the stored dictionaries back."""
+    current = _m("u", 12.0, 900.0)
+    changes = lesion_changes([_m("u", 10.0, 500.0), current])
+    assert changes is not None
+    stored = json.loads(json.dumps(MeasuredLesion(measurement=current, changes=changes).model_dump(mode="json")))
+    assert stored == {"measurement": current.to_dict() | {"status": "present"}, "changes": changes.to_dict()}
+    back = MeasuredLesion.model_validate(stored)  # a job recorded before the model was typed loads the same
+    assert back.measurement == current
+    assert back.changes == changes
+    assert back.tracking_uid == "u"
+    assert MeasuredLesion.model_validate({"measurement": stored["measurement"], "changes": None}).changes is None
 
 
 def _m(uid: str, ld: float, vol: float, status: str = "present") -> LesionMeasurement:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from lesiontrack.models.detection import DetectionOptions, NewLesionCandidate, detect_new_lesions
+from lesiontrack.models.detection import DetectedCandidate, DetectionOptions, detect_new_lesions
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.synthetic.lesion_change import GrowthParams, grow_lesion, insert_lesion
 from lesiontrack.synthetic.phantom import ORGANS, Phantom, make_phantom
@@ -44,7 +44,7 @@ def _site(ph: Phantom, organ: str, radius: float, rng: np.random.Generator, take
     return pts[rng.integers(len(pts))]
 
 
-def _matches(c: NewLesionCandidate, truth: np.ndarray) -> bool:
+def _matches(c: DetectedCandidate, truth: np.ndarray) -> bool:
     return bool((c.mask & truth).any())
 
 

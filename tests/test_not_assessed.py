@@ -15,7 +15,7 @@ from lesiontrack.db.status import LesionStatus
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
 from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
-from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint, write_sr
 from lesiontrack.pipeline.science.measurements import LesionMeasurement
 from tests.support.segsr import content_items, make_series
 
@@ -61,7 +61,7 @@ def test_a_segment_not_on_the_prior_ct_is_reported_not_assessed_and_flagged(tmp_
             not_assessed_reason=gaps[0].reason,
         )
     )
-    sr = write_sr(fu.datasets, seg, reports, time_point=TimePoint("T1", 1)).dataset
+    sr = write_sr(fu.datasets, seg, reports, time_point=SrTimepoint("T1", 1)).dataset
     path = save_new(sr, tmp_path / "sr")
     # (pixelmed's 2022 validator applies the TID 1410/1411 conditions to a TID 1501 group once the report has a 1411
     # group — a known false positive, see pipeline.dicom.sr.writer's vanished lesions without a location)
@@ -113,7 +113,7 @@ def test_an_sr_measurement_group_that_cannot_be_tracked_is_carried_as_not_assess
                                     tracking_id=les.identity.tracking_id, series_uid=base.series_uid))
         for les in present
     ]  # fmt: skip
-    sr = write_sr(base.datasets, seg, reports, time_point=TimePoint("T0", 0)).dataset
+    sr = write_sr(base.datasets, seg, reports, time_point=SrTimepoint("T0", 0)).dataset
     ct = read_series(base.files)
     assert len(present) >= 2
     # the victim's axes point at an image of which neither the SR nor the prior CT knows anything (a slice of

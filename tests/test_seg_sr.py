@@ -21,7 +21,7 @@ from lesiontrack.pipeline.dicom.prompt_sources import find_annotations
 from lesiontrack.pipeline.dicom.seg.reader import read_seg, read_seg_prompts
 from lesiontrack.pipeline.dicom.seg.writer import SegWriteError, save_new, write_seg
 from lesiontrack.pipeline.dicom.sr.reader import read_sr, read_sr_measurements, read_sr_prompts
-from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint, write_sr
 from lesiontrack.pipeline.dicom.validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
 from lesiontrack.pipeline.science.measurements import LesionMeasurement, lesion_changes, measure_tracked
@@ -75,7 +75,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
             tp.datasets,
             seg,
             reports,
-            time_point=TimePoint(f"T{t}", t),
+            time_point=SrTimepoint(f"T{t}", t),
             recist=assessment.timepoints[t],
             best_overall=assessment.best_overall_response,
             prior_evidence=prior,
@@ -93,7 +93,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
         tps[1].datasets,
         w.seg_results[1],
         reports,
-        time_point=TimePoint("T1", 1),
+        time_point=SrTimepoint("T1", 1),
         previous_versions=[previous],
         series_instance_uid=previous.SeriesInstanceUID,
         series_number=201,
@@ -148,7 +148,7 @@ def test_labelmap_seg_passes_dciodvfy_and_reads_back(written: Written, tmp_path:
         s = back.by_tracking_uid()[les.identity.tracking_uid]
         assert np.array_equal(s.mask.array > 0, les.mask.array > 0)
     # an SR referencing the LABELMAP SEG's segments
-    sr = write_sr(tp.datasets, seg, [LesionReport(m) for m in written.measurements[0]], time_point=TimePoint("T0", 0))
+    sr = write_sr(tp.datasets, seg, [LesionReport(m) for m in written.measurements[0]], time_point=SrTimepoint("T0", 0))
     sr_path = save_new(sr.dataset, tmp_path)
     # dciodvfy 20260927 does not count Label Map Segmentation (66.7) as "segmentation" in the condition on
     # ReferencedSegmentNumber: that single rule is a validator gap (why BINARY is the default); nothing else may fail.
@@ -560,7 +560,7 @@ def test_sr_without_seg_when_every_lesion_vanished(written: Written, tmp_path: P
         new_lesion_search=[None, NewLesionSearch(True)],
     )
     assert a.timepoints[1].overall_response is Response.CR
-    sr = write_sr(tp.datasets, None, reports, time_point=TimePoint("T1", 1), recist=a.timepoints[1])
+    sr = write_sr(tp.datasets, None, reports, time_point=SrTimepoint("T1", 1), recist=a.timepoints[1])
     path = save_new(sr.dataset, tmp_path)
     assert run_dciodvfy(path).ok
     back = read_sr_measurements(path)
@@ -570,7 +570,7 @@ def test_sr_without_seg_when_every_lesion_vanished(written: Written, tmp_path: P
         rep = run_sr_validator(path)[0]
         assert rep.ok, rep.summary()
     with pytest.raises(ValueError, match="no SEG segment"):
-        write_sr(tp.datasets, None, [LesionReport(written.measurements[1][0])], time_point=TimePoint("T1", 1))
+        write_sr(tp.datasets, None, [LesionReport(written.measurements[1][0])], time_point=SrTimepoint("T1", 1))
 
 
 def test_single_lesion_seg_and_sr(written: Written, tmp_path: Path) -> None:
@@ -579,7 +579,7 @@ def test_single_lesion_seg_and_sr(written: Written, tmp_path: Path) -> None:
     _dciodvfy()
     tp, m = written.tps[0], written.measurements[0][0]
     seg = write_seg(tp.datasets, [tp.lesions[0]])
-    sr = write_sr(tp.datasets, seg, [LesionReport(m)], time_point=TimePoint("T0", 0))
+    sr = write_sr(tp.datasets, seg, [LesionReport(m)], time_point=SrTimepoint("T0", 0))
     seg_path, sr_path = save_new(seg.dataset, tmp_path), save_new(sr.dataset, tmp_path)
     assert run_dciodvfy(seg_path).ok
     assert run_dciodvfy(sr_path).ok

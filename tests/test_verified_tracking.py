@@ -28,6 +28,7 @@ from lesiontrack.db.models import (
     VerificationState,
 )
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
+from lesiontrack.db.status import LesionStatus
 from lesiontrack.pipeline.dicom.sr.reader import read_sr
 from lesiontrack.pipeline.jobs.contract import job_results
 from tests.support.correction import READER, write_correction
@@ -403,9 +404,9 @@ def test_ohif_loads_the_reissued_results_and_tells_them_apart(tmp_path: Path, si
     measured = job_results(job2.step_outputs).measure
     assert measured is not None
     volumes = [
-        f"Volume: {m.measurement['volume_mm3'] / 1000:.2f} ml"
+        f"Volume: {m.measurement.volume_ml:.2f} ml"
         for m in measured.lesions
-        if m.measurement["status"] != "vanished"
+        if m.measurement.status is not LesionStatus.VANISHED
     ][:1]
     rev1 = [d for d in descriptions if "rev1" in d and "supersedes" not in d]  # the new ones name what they supersede
     result, code = run_ohif_check(

@@ -24,7 +24,7 @@ from lesiontrack.config.version import (
 )
 from lesiontrack.dicom_node.outbound import scu
 from lesiontrack.pipeline.dicom.seg.writer import write_seg
-from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint, write_sr
 from lesiontrack.pipeline.science.measurements import measure_tracked
 from tests.support.dicom_node import Node
 from tests.support.segsr import make_series
@@ -91,7 +91,7 @@ def test_seg_sr_and_written_ct_carry_the_version(tmp_path: Path) -> None:
     tp = make_series(tmp_path, n_timepoints=1)[0]
     m = measure_tracked(tp.lesions[0], tp.ct, tp.series_uid)
     seg = write_seg(tp.datasets, [tp.lesions[0]])
-    sr = write_sr(tp.datasets, seg, [LesionReport(m)], time_point=TimePoint("T0", 0))
+    sr = write_sr(tp.datasets, seg, [LesionReport(m)], time_point=SrTimepoint("T0", 0))
     for ds in (seg.dataset, sr.dataset):
         assert ds.SoftwareVersions == PACKAGE
     meta = tp.datasets[0].file_meta  # written by models.imaging.dicom_write

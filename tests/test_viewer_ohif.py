@@ -36,7 +36,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     from lesiontrack.pipeline.dicom.lesion_names import display_name
     from lesiontrack.pipeline.dicom.seg.writer import save_new
     from lesiontrack.pipeline.dicom.sr.viewer import viewer_lesions, write_viewer_sr
-    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint
+    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint
     from tests.support.patient import RADIOLOGIST_WORDS, build_patient, phantom_timepoints
 
     url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
@@ -70,7 +70,7 @@ def test_ohif_shows_our_seg_and_sr(tmp_path: Path) -> None:
     viewer_sr = write_viewer_sr(
         [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.ct_files],
         reports,
-        time_point=TimePoint("T1", 1, fu.study_date),
+        time_point=SrTimepoint("T1", 1, fu.study_date),
         seg=seg,
     )
     assert viewer_sr is not None

@@ -30,7 +30,7 @@ from lesiontrack.pipeline.dicom.sr.reader import (
     read_sr_prompts,
 )
 from lesiontrack.pipeline.dicom.sr.viewer import OHIF_BIDIRECTIONAL, OHIF_LENGTH, viewer_lesions, write_viewer_sr
-from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint
 from lesiontrack.pipeline.dicom.validate import ToolMissing, dciodvfy_path, run_dciodvfy, run_dsrdump, run_sr_validator
 from lesiontrack.pipeline.jobs.verification import AnnotationHeader
 from lesiontrack.pipeline.science.correction_matching import MatchedBy, SegmentOfInterest, match_correction
@@ -66,7 +66,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Viewer:
     meas = [measure_tracked(les, tp.ct, tp.series_uid) for les in tp.lesions]
     seg = write_seg(tp.datasets, tp.lesions)
     reports = [LesionReport(m) for m in meas]
-    ds = write_viewer_sr(tp.datasets, reports, time_point=TimePoint("T1", 1), seg=seg.dataset)
+    ds = write_viewer_sr(tp.datasets, reports, time_point=SrTimepoint("T1", 1), seg=seg.dataset)
     assert ds is not None
     return Viewer(tp, meas, seg, save_new(seg.dataset, tmp / "out"), save_new(ds, tmp / "out"), ds)
 
@@ -96,7 +96,7 @@ def test_viewer_sr_passes_pixelmed_sr_validator(viewer: Viewer, tmp_path: Path) 
     require_tool("java", PIXELMED_JAR)
     first = next(m for m in viewer.measurements if m.present)  # one lesion as a Length (no short axis)
     mixed = [LesionReport(replace(m, short_axis=None) if m is first else m) for m in viewer.measurements]
-    ds = write_viewer_sr(viewer.tp.datasets, mixed, time_point=TimePoint("T1", 1), seg=viewer.seg.dataset)
+    ds = write_viewer_sr(viewer.tp.datasets, mixed, time_point=SrTimepoint("T1", 1), seg=viewer.seg.dataset)
     assert ds is not None
     for rep in run_sr_validator([viewer.path, save_new(ds, tmp_path)]):
         assert rep.ok, rep.summary()
@@ -240,7 +240,7 @@ def test_tool_tags_are_recognised_whatever_their_case() -> None:
 
 def test_no_viewer_sr_without_a_lesion_with_axes(viewer: Viewer) -> None:
     gone = [LesionReport(m) for m in viewer.measurements if not m.present]
-    assert write_viewer_sr(viewer.tp.datasets, gone, time_point=TimePoint("T1", 1)) is None
+    assert write_viewer_sr(viewer.tp.datasets, gone, time_point=SrTimepoint("T1", 1)) is None
     assert read_sr(viewer.path).groups  # (the module fixture's SR has them)
 
 
@@ -318,7 +318,9 @@ def test_an_sr_ohif_saves_into_our_series_is_taken_in_as_a_correction(viewer: Vi
 
 def test_a_lesion_without_a_short_axis_is_an_ohif_length(viewer: Viewer, tmp_path: Path) -> None:
     m = next(m for m in viewer.measurements if m.present)
-    ds = write_viewer_sr(viewer.tp.datasets, [LesionReport(replace(m, short_axis=None))], time_point=TimePoint("T1", 1))
+    ds = write_viewer_sr(
+        viewer.tp.datasets, [LesionReport(replace(m, short_axis=None))], time_point=SrTimepoint("T1", 1)
+    )
     assert ds is not None
     (group,) = _groups(ds)
     assert _child(group, "112039")[0].TextValue == OHIF_LENGTH
@@ -347,6 +349,6 @@ def test_unconfirmed_candidates_are_not_tracked_measurements(viewer: Viewer) -> 
     shown = [r.measurement.tracking_uid for r in viewer_lesions(reports)]
     assert cand.tracking_uid not in shown
     assert new.tracking_uid in shown
-    ds = write_viewer_sr(viewer.tp.datasets, reports, time_point=TimePoint("T1", 1), seg=viewer.seg.dataset)
+    ds = write_viewer_sr(viewer.tp.datasets, reports, time_point=SrTimepoint("T1", 1), seg=viewer.seg.dataset)
     assert ds is not None
     assert len(_groups(ds)) == len(shown)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, overload
+from typing import overload
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
 
 from lesiontrack.db import models as m
 from lesiontrack.pipeline.jobs.candidates import CandidateView
@@ -75,7 +75,7 @@ class AuditOut(BaseModel):
     action: str
     object_type: str | None
     object_id: str | None
-    details: dict[str, Any] | None
+    details: dict[str, JsonValue] | None
 
     @classmethod
     def of(cls, e: m.AuditEvent) -> AuditOut:
@@ -93,8 +93,8 @@ class AuditOut(BaseModel):
 class JobDetail(JobSummary):
     worker: str | None
     steps: list[Step]
-    step_timings: dict[str, Any]
-    step_outputs: dict[str, Any]
+    step_timings: dict[str, JsonValue]
+    step_outputs: dict[str, JsonValue]
     total_seconds: float
     events: list[AuditOut]
 
@@ -227,7 +227,7 @@ class ObservationOut(BaseModel):
     segment_number: int | None
     engine: str | None
     engine_version: str | None
-    measurements: dict[str, Any] | None
+    measurements: dict[str, JsonValue] | None
     propagated_from_series_uid: str | None = None
     propagated_from_sop_uid: str | None = None
     confidence: float | None = None
@@ -319,7 +319,7 @@ class VerificationOut(BaseModel):
     state: str
     job_id: int | None = Field(None, description="the job that adopted the correction")
     reason: str | None
-    matches: list[dict[str, Any]] = Field(
+    matches: list[dict[str, JsonValue]] = Field(
         default_factory=list, description="per corrected segment: the lesion it is and how it was matched"
     )
     reanalysis_jobs: list[int] = Field(default_factory=list, description="later follow-ups re-analysed from it")

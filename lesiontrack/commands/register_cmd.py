@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
                 raise
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(2) from exc
-        summary: dict[str, Any] = {
+        summary: dict[str, object] = {
             "engine": reg.engine,
             "device": reg.quality.device,
             "seconds": reg.quality.stage_seconds.get("total"),

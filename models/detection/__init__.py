@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from lesiontrack.models.detection.new_lesions import (
+    DetectedCandidate,
+    DetectionFindings,
     DetectionOptions,
-    NewLesionCandidate,
-    NewLesionSearch,
     detect_new_lesions,
     search_new_lesions,
 )
 
-__all__ = ["DetectionOptions", "NewLesionCandidate", "NewLesionSearch", "detect_new_lesions", "search_new_lesions"]
+__all__ = ["DetectedCandidate", "DetectionFindings", "DetectionOptions", "detect_new_lesions", "search_new_lesions"]

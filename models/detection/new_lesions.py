@@ -58,7 +58,7 @@ Array = np.ndarray
 
 
 @dataclass(frozen=True)
-class NewLesionCandidate:
+class DetectedCandidate:
     """One unconfirmed new-lesion candidate on the follow-up grid."""
 
     mask: np.ndarray  # bool, (nk, nj, ni) on the follow-up grid
@@ -140,10 +140,10 @@ class DetectionOptions:
 
 
 @dataclass(frozen=True)
-class NewLesionSearch:
+class DetectionFindings:
     """A search's findings and whether they can be trusted (the subtraction residual after registration)."""
 
-    candidates: list[NewLesionCandidate]
+    candidates: list[DetectedCandidate]
     residual_fraction: float  # searched tissue that differs from the registered prior
     trusted: bool
 
@@ -153,14 +153,14 @@ def search_new_lesions(
     warped_prior: Volume,
     tracked: np.ndarray | None,
     options: DetectionOptions | None = None,
-) -> NewLesionSearch:
+) -> DetectionFindings:
     """:func:`detect_new_lesions` plus the check that the registration left subtraction meaningful: with more than
     ``max_residual_fraction`` of the searched tissue differing from the prior (patient motion the registration did
     not undo), the candidates would be misregistration, and the search reports itself untrusted."""
     opt = options or DetectionOptions()
     maps = _score_maps(followup, warped_prior, opt)
     if maps is None:
-        return NewLesionSearch([], 0.0, True)
+        return DetectionFindings([], 0.0, True)
     # judged where registration must hold and lesions are looked for: lungs and solid organs (the bowel changes
     # between any two scans whatever the registration; darker foci are looked for in solid organs only)
     searchable = maps.valid & ~maps.gas_zone & (maps.anatomy.lung | maps.anatomy.solid)
@@ -168,8 +168,8 @@ def search_new_lesions(
     searched = int(searchable.sum())
     residual = float(differs.sum()) / searched if searched else 0.0
     if residual > opt.max_residual_fraction:
-        return NewLesionSearch([], residual, False)
-    return NewLesionSearch(_detect(followup, warped_prior, tracked, opt, maps), residual, True)
+        return DetectionFindings([], residual, False)
+    return DetectionFindings(_detect(followup, warped_prior, tracked, opt, maps), residual, True)
 
 
 def detect_new_lesions(
@@ -177,7 +177,7 @@ def detect_new_lesions(
     warped_prior: Volume,
     tracked: np.ndarray | None,
     options: DetectionOptions | None = None,
-) -> list[NewLesionCandidate]:
+) -> list[DetectedCandidate]:
     """Focal findings in the follow-up that were not in the (registered, warped) prior.
 
     ``warped_prior`` must be on the follow-up's grid (``Registration.warp_image(prior, default=-1024)``);
@@ -195,7 +195,7 @@ def detect_new_lesions(
 
 def _detect(
     followup: Volume, warped_prior: Volume, tracked: np.ndarray | None, opt: DetectionOptions, maps: _Maps | None
-) -> list[NewLesionCandidate]:
+) -> list[DetectedCandidate]:
     if maps is None:
         return []
     z, channel, pr_s = maps.z, maps.channel, maps.prior_s
@@ -208,7 +208,7 @@ def _detect(
     tracked_w = _block_any(tracked.astype(bool), f_kji) if tracked is not None and tracked.any() else None
     margin = _box(opt.exclusion_margin_mm, sp_kji)
     objects = ndi.find_objects(labels)
-    out: list[NewLesionCandidate] = []
+    out: list[DetectedCandidate] = []
     for lab in np.nonzero(keep)[0]:
         sl = objects[lab - 1]
         if sl is None:
@@ -236,7 +236,7 @@ def _assess(
     sl: tuple[slice, ...],
     described: tuple[float, str, float, float, float],
     opt: DetectionOptions,
-) -> NewLesionCandidate | None:
+) -> DetectedCandidate | None:
     """One change region (``comp`` in the box ``sl`` of the working grid) judged as a new lesion: its anatomy, misfit
     to the prior, shape and surroundings, the candidate at full resolution with its reasons, or its rejection (None
     when rejected and rejected ones are not kept)."""
@@ -279,7 +279,7 @@ def _assess(
         f"blob measure {blob:.2f}, surroundings changed ×{surround:.2f} of it",
         f"volume {volume / 1000.0:.2f} mL",
     )
-    return NewLesionCandidate(
+    return DetectedCandidate(
         mask=mask,
         centre_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
         volume_mm3=volume,

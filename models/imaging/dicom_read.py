@@ -356,9 +356,9 @@ def _hu_planes(datasets: list[tuple[Path, Dataset]], slices: list[_Slice]) -> tu
     return planes, integral
 
 
-def _series_meta(first_ds: Dataset, slices: list[_Slice]) -> dict[str, Any]:
+def _series_meta(first_ds: Dataset, slices: list[_Slice]) -> dict[str, object]:
     """The series' identity (as strings) and which of the UIDs a DICOM reference needs are missing."""
-    meta: dict[str, Any] = {
+    meta: dict[str, object] = {
         key: (str(first_ds.get(key)) if first_ds.get(key) is not None else None) for key in _META_KEYS
     }
     if not meta["SOPClassUID"]:
@@ -435,7 +435,7 @@ def _assemble(slices: list[_Slice], planes: list[Array]) -> Volume:
     irregular = bool(len(gaps) and np.max(np.abs(gaps - median_gap)) > max(0.01, 0.01 * median_gap))
     stack = np.stack([planes[o] for o in order])
 
-    meta: dict[str, Any] = {"_order": [int(o) for o in order], "slices_match_instances": True}
+    meta: dict[str, object] = {"_order": [int(o) for o in order], "slices_match_instances": True}
     if not sheared and not irregular:
         spacing = np.array([si, sj, float(np.mean(gaps)) if len(gaps) else median_gap])
         return Volume(stack, pos0, spacing, direction, meta)

@@ -16,6 +16,7 @@ ImagePositionPatient.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ class Volume:
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
-    def with_array(self, array: Array, **meta: Any) -> Volume:
+    def with_array(self, array: Array, **meta: object) -> Volume:
         """Same grid, new voxels."""
         if array.shape != self.array.shape:
             raise ValueError(f"shape {array.shape} does not match grid {self.array.shape}")
@@ -112,7 +113,7 @@ class Volume:
         return img
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, meta: dict[str, Any] | None = None) -> Volume:
+    def from_sitk(cls, image: sitk.Image, meta: Mapping[str, object] | None = None) -> Volume:
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
         return cls(

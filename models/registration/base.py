@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class RegistrationQuality:
     folding_fraction: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 @runtime_checkable

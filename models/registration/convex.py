@@ -58,7 +58,7 @@ class ConvexParams:
     inverse_iterations: int = 20
     seed: int = 0
     intensity_window: tuple[float, float] = (-1000.0, 1500.0)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -124,7 +123,7 @@ def build_result(
     device: str,
     timings: dict[str, float],
     t_start: float,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, object] | None = None,
 ) -> DisplacementFieldRegistration:
     """Assemble the result from forward/inverse displacements in working-voxel units ((3, K, J, I), i/j/k)."""
     t = time.perf_counter()

@@ -9,7 +9,7 @@ lesion mask on it. Engines are built by name in the one registry, :mod:`models.e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import Prompt
@@ -21,7 +21,7 @@ class SegReference:
 
     image: Volume
     mask: Volume
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.image.same_grid(self.mask):

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from numpy.typing import ArrayLike
+from pydicom.dataset import Dataset
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
@@ -121,7 +123,7 @@ def load_prompts_json(path: str | Path, grid: Volume | None = None, *, series_ui
     return prompts
 
 
-def _converter(system: str, grid: Volume | None) -> Callable[[Any], np.ndarray]:
+def _converter(system: str, grid: Volume | None) -> Callable[[ArrayLike], np.ndarray]:
     if system == "LPS":
         return lambda a: np.asarray(a, float)
     if system == "RAS":
@@ -247,7 +249,7 @@ def _referenced_series(path: Path) -> set[str]:
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     out: set[str] = set()
 
-    def walk(d: Any) -> None:
+    def walk(d: Dataset) -> None:
         for elem in d:
             if elem.keyword == "SeriesInstanceUID" and d is not ds:
                 out.add(str(elem.value))

@@ -219,9 +219,9 @@ class AnalysisService:
         self,
         session_factory: sessionmaker[Session],
         steps: Sequence[Step[Any, Any, Any]],
-        services: Any = None,
+        services: object = None,
         *,
-        state_factory: Callable[[], Any] = lambda: None,
+        state_factory: Callable[[], object] = lambda: None,
         retry: RetryPolicy | None = None,
         **options: Unpack[ServiceOptions],
     ) -> None:
@@ -287,7 +287,7 @@ class AnalysisService:
         update_log_context(series_uid=view.followup_series_uid)
         runtime = RuntimeHints.model_validate(view.step_outputs.get(RUNTIME_KEY, {}))
         progress = self.progress
-        ctx: JobContext[Any, Any] = JobContext(
+        ctx: JobContext[object, object] = JobContext(
             job_id=job_id,
             series_uid=view.followup_series_uid,
             attempt=view.attempts,
@@ -362,7 +362,9 @@ class AnalysisService:
         ctx.report("done")
         return JobState.DONE
 
-    def _log_summary(self, job_id: int, ctx: JobContext[Any, Any], state: JobState, reason: str | None = None) -> None:
+    def _log_summary(
+        self, job_id: int, ctx: JobContext[object, object], state: JobState, reason: str | None = None
+    ) -> None:
         """The job's one INFO line (steps, priors, lesions, timings, delivery) from the recorded step outputs (JSON);
         the details are at DEBUG."""
         try:
@@ -372,7 +374,7 @@ class AnalysisService:
             line = f"job {job_id} {state.value}: series {ctx.series_uid} (summary unavailable: {exc})"
         log.info("%s", line)
 
-    def _fail(self, job_id: int, ctx: JobContext[Any, Any], step: str, exc: BaseException) -> JobState:
+    def _fail(self, job_id: int, ctx: JobContext[object, object], step: str, exc: BaseException) -> JobState:
         kind, force_cpu = classify(exc)
         reason = _reason(step, exc)
         if kind == "nothing":

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema
 
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.base import Registration
@@ -22,8 +22,8 @@ from lesiontrack.pipeline.jobs.analysis import StepOrderError, StepOutput
 from lesiontrack.pipeline.jobs.ports import PriorAnnotation, PriorTimepoint
 from lesiontrack.pipeline.science.correction_matching import SegmentMatch
 from lesiontrack.pipeline.science.lesions import Timepoint
-from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement
-from lesiontrack.pipeline.science.recist import RecistAssessment
+from lesiontrack.pipeline.science.measurements import ChangesDict, LesionChanges, LesionMeasurement, MeasurementDict
+from lesiontrack.pipeline.science.recist import RecistAssessment, Response
 
 if TYPE_CHECKING:
     from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
@@ -153,18 +153,47 @@ class TrackedLesionRecord(Record):
     review_reasons: list[str] = []
 
 
+def _measurement(value: object) -> LesionMeasurement:
+    if isinstance(value, LesionMeasurement):
+        return value
+    if isinstance(value, Mapping):
+        return LesionMeasurement.from_dict(cast(MeasurementDict, value))  # JSON of a recorded job
+    raise ValueError(f"not a lesion measurement: {type(value).__name__}")
+
+
+def _changes(value: object) -> LesionChanges:
+    if isinstance(value, LesionChanges):
+        return value
+    if isinstance(value, Mapping):
+        return LesionChanges.from_dict(cast(ChangesDict, value))  # JSON of a recorded job
+    raise ValueError(f"not a lesion's changes: {type(value).__name__}")
+
+
+#: the science's measurement dataclasses as recorded fields: stored as their ``to_dict()`` (the on-disk shape of
+#: every job so far), read back through ``from_dict``
+MeasurementField = Annotated[
+    LesionMeasurement,
+    PlainValidator(_measurement),
+    PlainSerializer(lambda m: m.to_dict()),
+    WithJsonSchema({"type": "object"}),
+]
+ChangesField = Annotated[
+    LesionChanges,
+    PlainValidator(_changes),
+    PlainSerializer(lambda c: c.to_dict()),
+    WithJsonSchema({"type": "object"}),
+]
+
+
 class MeasuredLesion(Record):
     """One lesion's measurements at the follow-up, with its change against earlier timepoints."""
 
-    measurement: dict[str, Any]  # LesionMeasurement.to_dict()
-    changes: dict[str, Any] | None  # LesionChanges.to_dict()
+    measurement: MeasurementField
+    changes: ChangesField | None
 
     @property
     def tracking_uid(self) -> str:
-        return str(self.measurement["tracking_uid"])
-
-    def lesion_measurement(self) -> LesionMeasurement:
-        return LesionMeasurement.from_dict(self.measurement)
+        return self.measurement.tracking_uid
 
 
 class TimepointRef(Record):
@@ -173,13 +202,29 @@ class TimepointRef(Record):
 
 
 class RecistRecord(Record):
-    overall_response: str
-    target_response: str
+    """RECIST 1.1 at the follow-up as recorded by the measure step (the science's TimepointResponse, in part)."""
+
+    overall_response: Response
+    target_response: Response
     sum_of_diameters_mm: float | None
     change_from_baseline_pct: float | None
-    best_overall_response: str
+    best_overall_response: Response
     targets: list[str]
     new_lesions: str = "not assessed"  # what the report states (TimepointResponse.new_lesions_text)
+
+    @classmethod
+    def of(cls, assessment: RecistAssessment, index: int) -> RecistRecord:
+        """Timepoint ``index`` of the assessment (the one place its fields are picked for the record)."""
+        response = assessment.timepoints[index]
+        return cls(
+            overall_response=response.overall_response,
+            target_response=response.target_response,
+            sum_of_diameters_mm=response.sum_of_diameters_mm,
+            change_from_baseline_pct=response.change_from_baseline_pct,
+            best_overall_response=assessment.best_overall_response,
+            targets=assessment.selection.targets,
+            new_lesions=response.new_lesions_text,
+        )
 
 
 # -- one output model per step ----------------------------------------------------------------------------------
@@ -434,7 +479,7 @@ class Candidate:
 
 
 @dataclass
-class NewLesionSearchResult:
+class CandidateSearch:
     """Whether the new-lesion search ran on the follow-up, and what it proposed."""
 
     ran: bool
@@ -475,7 +520,7 @@ class AnalysisState:
     adoption: Adoption | None = None  # a reader's correction of the follow-up is adopted (issue 16)
     registration: Registration | None = None
     timepoints: list[Timepoint] | None = None
-    search: NewLesionSearchResult | None = None
+    search: CandidateSearch | None = None
     measured: Measured | None = None
 
     def need_inputs(self) -> LoadedInputs:
@@ -487,7 +532,7 @@ class AnalysisState:
     def need_timepoints(self) -> list[Timepoint]:
         return _need(self.timepoints, "track")
 
-    def need_search(self) -> NewLesionSearchResult:
+    def need_search(self) -> CandidateSearch:
         return _need(self.search, "detect_new_lesions")
 
     def need_measured(self) -> Measured:

@@ -4,12 +4,11 @@ step timings and delivery — built from the job's recorded step outputs, UIDs o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from lesiontrack.pipeline.science.confidence import review_text
 
 
-def _get(d: Any, *path: str) -> Any:
+def _get(d: object, *path: str) -> object:
     for key in path:
         if not isinstance(d, Mapping):
             return None
@@ -21,7 +20,7 @@ def job_summary(
     job_id: int,
     series_uid: str,
     state: str,
-    outputs: Mapping[str, Any],
+    outputs: Mapping[str, object],
     timings: Mapping[str, float],
     reason: str | None = None,
 ) -> str:

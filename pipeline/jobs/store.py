@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -108,7 +107,7 @@ class JobView:
     attempts: int
     error: str | None
     step_timings: dict[str, float]  # step → seconds
-    step_outputs: dict[str, Any]
+    step_outputs: dict[str, object]
     worker: str | None
     superseded_by: int | None
     next_retry_at: datetime | None
@@ -275,7 +274,7 @@ class JobStore:
             )
             if affected_rows(res) != 1:
                 return False
-            details: dict[str, Any] = {
+            details: dict[str, object] = {
                 "from": JobState(prev.state).value,
                 "to": JobState.RUNNING.value,
                 "worker": worker,
@@ -353,8 +352,8 @@ class JobStore:
         actor: str,
         *,
         worker: str | None = None,
-        values: dict[str, Any] | None = None,
-        **details: Any,
+        values: dict[str, object] | None = None,
+        **details: object,
     ) -> bool:
         from_states = tuple(from_states)
         with session_scope(self.sf) as s:
@@ -410,7 +409,7 @@ class JobStore:
             audit(s, worker, "job.step_started", "job", job_id, step=step)
 
     def step_finished(
-        self, job_id: int, worker: str, step: str, outputs: dict[str, Any] | None, seconds: float
+        self, job_id: int, worker: str, step: str, outputs: dict[str, object] | None, seconds: float
     ) -> None:
         """Record a step's outputs and timing (JSON columns are replaced, never mutated in place)."""
         with session_scope(self.sf) as s:
@@ -443,7 +442,7 @@ class JobStore:
             out = {k: v for k, v in (job.step_outputs or {}).items() if k not in set(steps)}
             job.step_outputs = out
 
-    def finish(self, job_id: int, worker: str, state: JobState, error: str | None = None, **details: Any) -> bool:
+    def finish(self, job_id: int, worker: str, state: JobState, error: str | None = None, **details: object) -> bool:
         if state not in FINISHED_STATES:
             raise ValueError(f"finish() needs a final state ({', '.join(FINISHED_STATES)}), got {state}")
         return self._transition(

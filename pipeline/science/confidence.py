@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Required, TypedDict, Unpack
+from typing import Required, TypedDict, Unpack
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -72,6 +72,7 @@ from lesiontrack.pipeline.science.measurements import measure_lesion as measure
 
 __all__ = [
     "ConfidenceRules",
+    "Evidence",
     "LesionConfidence",
     "Neighbour",
     "Signal",
@@ -389,7 +390,33 @@ class LesionEvidence(TypedDict, total=False):
     is_node: bool  # the RECIST diameter is the short axis
 
 
-def measure_lesion(**inputs: Unpack[LesionEvidence]) -> dict[str, Any]:
+class Evidence(TypedDict, total=False):
+    """The raw evidence :func:`measure_lesion` gathers about one propagated result and :func:`combine` scores (a key
+    is absent where it could not be measured, e.g. no registration, or the result vanished)."""
+
+    present: Required[bool]  # reported present at the follow-up
+    days: int | None  # between the annotation and the follow-up
+    ncc: float | None  # local registration similarity around the lesion
+    ncc_inside: float  # fraction of the sampled surroundings inside the annotated CT
+    jac_lo: float  # range of the registration's Jacobian determinant near the lesion
+    jac_hi: float
+    annotation_margin: float | None  # how clearly the annotation stands out on its CT
+    prompt_present: bool  # the propagated prompt landed inside the follow-up
+    containment: float  # overlap of result and prompt (re-segmented, present)
+    shift: float  # centroid shift, in equivalent radii
+    beyond: float  # fraction of the result beyond the prompt
+    result_margin: float | None  # how clearly the result stands out on the follow-up
+    volume_ratio: float | None  # result volume / annotated volume
+    diameter_ratio: float | None  # RECIST diameter now / then
+    registration_ratio: float | None  # the registration's own volume change there
+    site_margin: float | None  # reported vanished: how much the site still stands out
+    neighbour_ratio: float | None  # what the tracking loop's consistency check saw (Neighbour)
+    neighbour_days: int | None
+    neighbour_vanished: bool
+    neighbour_reappeared: bool
+
+
+def measure_lesion(**inputs: Unpack[LesionEvidence]) -> Evidence:
     """The raw evidence about one propagated result (numbers; :func:`combine` scores them). Every mask is a 0/1
     volume, ``prompt`` and ``result`` on the follow-up grid, ``source_mask`` on ``source_ct``; ``days`` is the
     interval between the annotation and the follow-up; ``is_node``: the RECIST diameter is the short axis."""
@@ -397,7 +424,7 @@ def measure_lesion(**inputs: Unpack[LesionEvidence]) -> dict[str, Any]:
     prompt, result, present, reg = inputs["prompt"], inputs["result"], inputs["present"], inputs["reg"]
     neighbour, days, is_node = inputs.get("neighbour"), inputs.get("days"), inputs.get("is_node", False)
     r = inputs.get("rules") or ConfidenceRules()
-    f: dict[str, Any] = {"present": present, "days": days}
+    f: Evidence = {"present": present, "days": days}
     p = prompt.array > 0
     res = result.array > 0
     src = source_mask.array > 0
@@ -453,7 +480,7 @@ def _signal(name: str, value: float | None, score: float, reason: str) -> Signal
     )
 
 
-def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionConfidence:
+def combine(f: Evidence, rules: ConfidenceRules | None = None) -> LesionConfidence:
     """Score the evidence of :func:`measure_lesion` (see the module docstring)."""
     r = rules or ConfidenceRules()
     signals = _registration_signals(f, r)
@@ -495,7 +522,7 @@ def combine(f: dict[str, Any], rules: ConfidenceRules | None = None) -> LesionCo
     return _scored(signals, r)
 
 
-def _registration_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]:
+def _registration_signals(f: Evidence, r: ConfidenceRules) -> list[Signal]:
     """How well the registration went near the lesion (local NCC, Jacobian)."""
     signals: list[Signal] = []
     ncc = f.get("ncc")
@@ -528,7 +555,7 @@ def _registration_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]
     return signals
 
 
-def _result_signals(f: dict[str, Any], r: ConfidenceRules) -> tuple[list[Signal], float | None]:
+def _result_signals(f: Evidence, r: ConfidenceRules) -> tuple[list[Signal], float | None]:
     """A re-segmented result against its propagated prompt and its surroundings; with how clearly it stands out."""
     signals: list[Signal] = []
     clear = None
@@ -557,7 +584,7 @@ def _result_signals(f: dict[str, Any], r: ConfidenceRules) -> tuple[list[Signal]
     return signals, clear
 
 
-def _volume_signals(f: dict[str, Any], r: ConfidenceRules) -> list[Signal]:
+def _volume_signals(f: Evidence, r: ConfidenceRules) -> list[Signal]:
     """The volume change against the annotation, its coherence with the diameters and the registration, and
     against our result at the neighbouring timepoint."""
     signals: list[Signal] = []

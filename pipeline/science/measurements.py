@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, SupportsFloat
+from typing import TYPE_CHECKING, NotRequired, SupportsFloat, TypedDict, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -33,6 +33,55 @@ if TYPE_CHECKING:
 Point = tuple[float, float, float]
 
 
+# -- the stored (JSON) shapes: what ``to_dict`` writes and ``from_dict`` reads -----------------------------------------
+class AxisDict(TypedDict):
+    length_mm: float
+    start_mm: list[float]
+    end_mm: list[float]
+    slice_index: int
+
+
+class MeasurementDict(TypedDict):
+    """:class:`LesionMeasurement` as stored; only the identity is required of older records."""
+
+    tracking_uid: str
+    tracking_id: str
+    status: NotRequired[str]
+    is_node: NotRequired[bool]
+    volume_mm3: NotRequired[float]
+    voxel_count: NotRequired[int]
+    long_axis: NotRequired[AxisDict | None]
+    short_axis: NotRequired[AxisDict | None]
+    max_3d_diameter_mm: NotRequired[float]
+    centre_mm: NotRequired[list[float] | None]
+    hu_mean: NotRequired[float | None]
+    hu_sd: NotRequired[float | None]
+    series_uid: NotRequired[str | None]
+    anatomic_site: NotRequired[str | None]
+    volume_ml: NotRequired[float]  # derived, written for readers of the JSON
+    recist_diameter_mm: NotRequired[float]  # derived, written for readers of the JSON
+
+
+class ChangeDict(TypedDict):
+    reference: str
+    reference_value: float
+    absolute: float
+    percent: float | None
+
+
+class MetricChangeDict(TypedDict):
+    metric: str
+    value: float
+    previous: NotRequired[ChangeDict | None]
+    baseline: NotRequired[ChangeDict | None]
+    nadir: NotRequired[ChangeDict | None]
+
+
+class ChangesDict(TypedDict):
+    tracking_uid: str
+    metrics: dict[str, MetricChangeDict]
+
+
 @dataclass
 class Axis:
     """A measured diameter with its end points (LPS mm) and the slice index ``k`` it lies on (-1 for 3-D)."""
@@ -43,7 +92,7 @@ class Axis:
     slice_index: int
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Axis:
+    def from_dict(cls, d: AxisDict) -> Axis:
         return cls(float(d["length_mm"]), _point(d["start_mm"]), _point(d["end_mm"]), int(d["slice_index"]))
 
 
@@ -94,14 +143,14 @@ class LesionMeasurement:
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> MeasurementDict:
         d = asdict(self)
         d["volume_ml"] = self.volume_ml
         d["recist_diameter_mm"] = self.recist_diameter_mm
-        return _jsonable(d)
+        return cast(MeasurementDict, _jsonable(d))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LesionMeasurement:
+    def from_dict(cls, d: MeasurementDict) -> LesionMeasurement:
         return cls(
             tracking_uid=str(d["tracking_uid"]),
             tracking_id=str(d["tracking_id"]),
@@ -109,10 +158,10 @@ class LesionMeasurement:
             is_node=bool(d.get("is_node", False)),
             volume_mm3=float(d.get("volume_mm3", 0.0)),
             voxel_count=int(d.get("voxel_count", 0)),
-            long_axis=Axis.from_dict(d["long_axis"]) if d.get("long_axis") else None,
-            short_axis=Axis.from_dict(d["short_axis"]) if d.get("short_axis") else None,
+            long_axis=Axis.from_dict(la) if (la := d.get("long_axis")) else None,
+            short_axis=Axis.from_dict(sa) if (sa := d.get("short_axis")) else None,
             max_3d_diameter_mm=float(d.get("max_3d_diameter_mm", 0.0)),
-            centre_mm=_point(d["centre_mm"]) if d.get("centre_mm") is not None else None,
+            centre_mm=_point(c) if (c := d.get("centre_mm")) is not None else None,
             hu_mean=_opt_float(d.get("hu_mean")),
             hu_sd=_opt_float(d.get("hu_sd")),
             series_uid=d.get("series_uid"),
@@ -145,12 +194,12 @@ class MetricChange:
     baseline: Change | None = None
     nadir: Change | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+    def to_dict(self) -> MetricChangeDict:
+        return cast(MetricChangeDict, _jsonable(asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MetricChange:
-        def ch(x: dict[str, Any] | None) -> Change | None:
+    def from_dict(cls, d: MetricChangeDict) -> MetricChange:
+        def ch(x: ChangeDict | None) -> Change | None:
             return (
                 None
                 if x is None
@@ -170,11 +219,11 @@ class LesionChanges:
     tracking_uid: str
     metrics: dict[str, MetricChange] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ChangesDict:
         return {"tracking_uid": self.tracking_uid, "metrics": {k: v.to_dict() for k, v in self.metrics.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LesionChanges:
+    def from_dict(cls, d: ChangesDict) -> LesionChanges:
         return cls(d["tracking_uid"], {k: MetricChange.from_dict(v) for k, v in d["metrics"].items()})
 
 
@@ -373,7 +422,7 @@ def _opt_float(x: SupportsFloat | None) -> float | None:
     return None if x is None else float(x)
 
 
-def _jsonable(x: Any) -> Any:
+def _jsonable(x: object) -> object:
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

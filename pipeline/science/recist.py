@@ -20,9 +20,8 @@ RECIST "too small to measure"); a *vanished* lesion counts 0 mm; lymph nodes alw
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from typing import Any
 
 from lesiontrack.config.settings import RecistSettings
 from lesiontrack.db.status import LesionStatus
@@ -153,7 +152,7 @@ class TargetSelection:
     def role_of(self, uid: str) -> RecistRole | None:
         return next((d.role for d in self.decisions if d.tracking_uid == uid), None)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -258,6 +257,30 @@ def _apply_override(selection: TargetSelection, override: TargetOverride, rules:
         raise ValueError(f"override selects {len(selection.targets)} targets, more than {rules.max_targets}")
 
 
+@dataclass(kw_only=True)
+class RecistStatement:
+    """What is stated of RECIST 1.1 at one timepoint — by the SR, the dashboard, the API and the exports alike (None:
+    not assessed; the new-lesion statement is None at baseline). The patient history's timepoints carry these
+    fields (``pipeline.views.history.TimepointInfo`` derives from this class) and the measure step records them
+    (``pipeline.jobs.contract.RecistRecord``); both take them from :meth:`TimepointResponse.statement`."""
+
+    sum_of_diameters_mm: float | None = None
+    change_from_baseline_pct: float | None = None
+    change_from_nadir_pct: float | None = None
+    target_response: Response | None = None
+    non_target_response: Response | None = None
+    new_lesions: bool | None = None  # a confirmed new lesion
+    new_lesion_state: NewLesionState | None = None
+    new_lesions_text: str | None = None  # what the report says, e.g. "2 unconfirmed candidates"
+    overall_response: Response | None = None
+    volumetric_response: Response | None = None
+
+    def state(self, statement: RecistStatement) -> None:
+        """Take every field of ``statement`` (a subclass keeps its own fields)."""
+        for f in fields(RecistStatement):
+            setattr(self, f.name, getattr(statement, f.name))
+
+
 @dataclass
 class TimepointResponse:
     """RECIST 1.1 assessment of one timepoint (index 0 = baseline)."""
@@ -291,7 +314,23 @@ class TimepointResponse:
             return f"{n} unconfirmed candidate{'s' if n != 1 else ''}"
         return self.new_lesion_state.value
 
-    def to_dict(self) -> dict[str, Any]:
+    def statement(self) -> RecistStatement:
+        """What the report states of this timepoint."""
+        follow_up = self.index > 0
+        return RecistStatement(
+            sum_of_diameters_mm=self.sum_of_diameters_mm,
+            change_from_baseline_pct=self.change_from_baseline_pct,
+            change_from_nadir_pct=self.change_from_nadir_pct,
+            target_response=self.target_response,
+            non_target_response=self.non_target_response,
+            new_lesions=self.new_lesions,
+            new_lesion_state=self.new_lesion_state if follow_up else None,
+            new_lesions_text=self.new_lesions_text if follow_up else None,
+            overall_response=self.overall_response,
+            volumetric_response=self.volumetric_response,
+        )
+
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         for k, v in d.items():
             if isinstance(v, StrEnum):
@@ -306,7 +345,7 @@ class RecistAssessment:
     timepoints: list[TimepointResponse]
     best_overall_response: Response
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "selection": self.selection.to_dict(),
             "timepoints": [t.to_dict() for t in self.timepoints],

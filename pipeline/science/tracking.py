@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from lesiontrack.models.engines import build_registration
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.registration.base import Registration, RegistrationEngine
 from lesiontrack.models.registration.identity import IdentityRegistration, NoRegistrationEngine
@@ -45,7 +44,6 @@ __all__ = [
     "IdentityRegistration",
     "NoRegistrationEngine",
     "RegistrationCache",
-    "get_registration_engine",
     "track_lesions",
 ]
 
@@ -89,12 +87,6 @@ class Confirmed:
 
     prompts: Mapping[int, Sequence[Prompt]]
     partial: bool = False
-
-
-# ----------------------------------------------------------------------------------------------------------------
-def get_registration_engine(name: str, **options: Any) -> RegistrationEngine:
-    """The registration engine ``name`` from the one registry (:mod:`models.engines`), ``none`` included."""
-    return build_registration(name, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from lesiontrack.db.status import LesionStatus
 from lesiontrack.pipeline.views.history import PatientTimeline
@@ -125,9 +125,9 @@ READER_EVALUATOR = "RADIOLOGIST"  # a result adopted from a reader's correction 
 METHOD = "CT SCAN"
 
 
-def lesion_rows(tl: PatientTimeline, subject_id: str) -> list[dict[str, Any]]:
+def lesion_rows(tl: PatientTimeline, subject_id: str) -> list[dict[str, object]]:
     """One dict per lesion per timepoint where the lesion was observed (columns: :data:`LESION_COLUMNS`)."""
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, object]] = []
     for row in tl.lesions:
         for tp in tl.timepoints:
             c = row.cells[tp.index]
@@ -187,7 +187,7 @@ def _visit(index: int) -> str:
     return "BASELINE" if index == 0 else f"FOLLOW-UP {index}"
 
 
-SdtmRecord = dict[str, Any]
+SdtmRecord = dict[str, object]
 """One SDTM record (column → value): a row of the CSV / JSON export, columns of mixed types (a boundary)."""
 
 
@@ -347,7 +347,7 @@ def _rs_records(tl: PatientTimeline, base: SdtmRecord) -> list[SdtmRecord]:
     return rs
 
 
-def to_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def to_csv(rows: Sequence[Mapping[str, object]], columns: list[str]) -> str:
     """CSV text (header + rows); floats written with full precision (``repr``), None as empty."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,11 +34,14 @@ from lesiontrack.pipeline.jobs.candidates import CandidateView, latest_candidate
 from lesiontrack.pipeline.jobs.contract import job_results
 from lesiontrack.pipeline.science import recist
 from lesiontrack.pipeline.science.confidence import review_text
-from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement, lesion_changes
+from lesiontrack.pipeline.science.measurements import LesionChanges, LesionMeasurement, MeasurementDict, lesion_changes
 
 
 @dataclass
-class TimepointInfo:
+class TimepointInfo(recist.RecistStatement):
+    """One timepoint of the patient: its series and objects, verification, review counts, and (the base class)
+    what is stated of RECIST 1.1 there."""
+
     index: int
     label: str  # "Baseline", "FU1", ...
     series_uid: str
@@ -51,16 +54,6 @@ class TimepointInfo:
     sr_uids: list[str] = field(default_factory=list)  # SR objects (our reports, a reader's measurements)
     other_uids: list[str] = field(default_factory=list)  # other annotation objects (GSPS, RTSTRUCT)
     object_kinds: dict[str, str] = field(default_factory=dict)  # SOP UID → "SEG", "SR lines", ... (object_kinds)
-    sum_of_diameters_mm: float | None = None
-    change_from_baseline_pct: float | None = None
-    change_from_nadir_pct: float | None = None
-    target_response: str | None = None
-    non_target_response: str | None = None
-    new_lesions: bool | None = None
-    new_lesion_state: str | None = None  # not assessed / no candidates found / unconfirmed candidates / confirmed
-    new_lesions_text: str | None = None  # what the report says, e.g. "2 unconfirmed candidates"
-    overall_response: str | None = None
-    volumetric_response: str | None = None
     verification_id: int | None = None  # a person verified this timepoint (correction or as is)
     verification_method: str | None = None
     verified_by: str | None = None
@@ -162,7 +155,7 @@ class PatientTimeline:
     candidates: list[CandidateView] = field(default_factory=list)  # of each timepoint's latest new-lesion search
     assessment: recist.RecistAssessment | None = field(default=None, repr=False)  # not exported (to_dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d.pop("assessment", None)
         d["candidates"] = [
@@ -428,7 +421,8 @@ def _series_info(session: Session, series_uids: set[str]) -> dict[str, _SeriesIn
 
 def _cell_of(o: LesionObservation) -> Cell:
     stored = o.measurements or {}
-    measurement = LesionMeasurement.from_dict(stored) if "tracking_uid" in stored else None
+    # the JSON column holds LesionMeasurement.to_dict() (with changes, RECIST role and confidence beside it)
+    measurement = LesionMeasurement.from_dict(cast(MeasurementDict, stored)) if "tracking_uid" in stored else None
     return Cell(
         o.id,
         LesionStatus(o.status),
@@ -613,17 +607,7 @@ def _apply_recist(
         return
     tl.assessment = assessment
     for tp, resp in zip(tl.timepoints, assessment.timepoints, strict=True):
-        d = resp.to_dict()
-        tp.sum_of_diameters_mm = d.get("sum_of_diameters_mm")
-        tp.change_from_baseline_pct = d.get("change_from_baseline_pct")
-        tp.change_from_nadir_pct = d.get("change_from_nadir_pct")
-        tp.target_response = d.get("target_response")
-        tp.non_target_response = d.get("non_target_response")
-        tp.new_lesions = d.get("new_lesions")
-        tp.new_lesion_state = d.get("new_lesion_state") if tp.index > 0 else None
-        tp.new_lesions_text = d.get("new_lesions_text") if tp.index > 0 else None
-        tp.overall_response = d.get("overall_response")
-        tp.volumetric_response = d.get("volumetric_response")
+        tp.state(resp.statement())
     tl.best_overall_response = assessment.best_overall_response.value
     for row in tl.lesions:
         if not row.role:

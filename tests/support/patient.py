@@ -145,7 +145,7 @@ def build_patient(
     """Measure, assess, write SEG+SR for each timepoint (``tests.support.segsr.SyntheticTimepoint``-like objects
     with ``ct``, ``datasets``, ``files``, ``lesions``, ``study_uid``, ``series_uid``) and persist everything."""
     from lesiontrack.pipeline.dicom.seg.writer import save_new, write_seg
-    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
+    from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint, write_sr
     from lesiontrack.pipeline.science.measurements import lesion_changes
     from lesiontrack.pipeline.science.recist import NewLesionSearch, RecistLesion, assess
 
@@ -176,7 +176,7 @@ def build_patient(
             tp.datasets,
             seg,
             reports,
-            time_point=TimePoint(f"T{t}", t, study_date),
+            time_point=SrTimepoint(f"T{t}", t, study_date),
             recist=resp,
             best_overall=assessment.best_overall_response if t > 0 else None,
         )

@@ -49,7 +49,7 @@ from lesiontrack.pipeline.dicom.sr.writer import (
     LesionReport,
     SrDocument,
     SrHeader,
-    TimePoint,
+    SrTimepoint,
     _segment_descriptions,
     _SliceLocator,
     build_sr,
@@ -94,7 +94,7 @@ def write_viewer_sr(
     source_datasets: Sequence[Dataset],
     lesions: Sequence[LesionReport],
     *,
-    time_point: TimePoint,
+    time_point: SrTimepoint,
     seg: Dataset | None = None,
     previous_versions: Sequence[Dataset] = (),
     **header: Unpack[SrHeader],
@@ -129,7 +129,7 @@ def write_viewer_sr(
 def _viewer_group(
     rep: LesionReport,
     locator: _SliceLocator,
-    time_point: TimePoint,
+    time_point: SrTimepoint,
     said: dict[str, str],
     key_slices: dict[str, Dataset],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:

@@ -253,7 +253,7 @@ def _drawn_measurements(d: DrawnDiameters) -> list[hd.sr.Measurement]:
 
 
 @dataclass
-class TimePoint:
+class SrTimepoint:
     """TID 1502 time point context."""
 
     label: str  # e.g. "T2"
@@ -479,7 +479,7 @@ class _LesionContext:
     name: str  # the Tracking Identifier text: the lesion's display name
     tid: hd.sr.TrackingIdentifier
     sites: list[hd.sr.FindingSite] | None
-    time_point: TimePoint
+    time_point: SrTimepoint
 
 
 def write_sr(
@@ -487,7 +487,7 @@ def write_sr(
     seg: SegWriteResult | None,
     lesions: Sequence[LesionReport],
     *,
-    time_point: TimePoint,
+    time_point: SrTimepoint,
     recist: TimepointResponse | None = None,
     best_overall: Response | None = None,
     prior_evidence: Sequence[Dataset] = (),
@@ -535,7 +535,7 @@ def write_sr(
     return SrWriteResult(sr, {u: ds.SOPInstanceUID for u, ds in key_slices.items()})
 
 
-def _lesion_context(rep: LesionReport, said: dict[str, str], time_point: TimePoint) -> _LesionContext:
+def _lesion_context(rep: LesionReport, said: dict[str, str], time_point: SrTimepoint) -> _LesionContext:
     m = rep.measurement
     if not m.tracking_id:
         raise SrWriteError(f"lesion {m.tracking_uid} has no Tracking ID text (OHIF needs it)")

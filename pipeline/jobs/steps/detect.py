@@ -12,7 +12,7 @@ from lesiontrack.models.detection.new_lesions import DetectionOptions, search_ne
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.jobs.candidates import CandidateView, candidate_name, confirmed_name, decided_masks
-from lesiontrack.pipeline.jobs.contract import Candidate, CandidateRecord, DetectOutput, NewLesionSearchResult
+from lesiontrack.pipeline.jobs.contract import Candidate, CandidateRecord, CandidateSearch, DetectOutput
 from lesiontrack.pipeline.jobs.steps.services import Ctx
 from lesiontrack.pipeline.jobs.store import PermanentError
 from lesiontrack.pipeline.science.lesions import LesionStatus, TrackedLesion
@@ -29,12 +29,12 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
     followup = ctx.state.need_timepoints()[1]
     if ctx.state.adoption is not None:  # the reader's correction states this timepoint's lesions, new ones included
         by = ctx.state.adoption.verification.verified_by
-        ctx.state.search = NewLesionSearchResult(True, READER, "")
+        ctx.state.search = CandidateSearch(True, READER, "")
         return DetectOutput(ran=True, detector=READER, note=f"new lesions assessed by {by} (verified timepoint)")
     views, masks = decided_masks(ctx.services.session_factory, ctx.series_uid)
     added, rejected = _bring_back_decisions(followup.lesions, followup.ct, views, masks)
     if not cfg.new_lesions:
-        ctx.state.search = NewLesionSearchResult(False)
+        ctx.state.search = CandidateSearch(False)
         return DetectOutput(ran=False, note="detection.new_lesions is off", confirmed_added=added)
     warped_prior = ctx.state.need_registration().warp_image(inputs.prior_ct)
     tracked = np.zeros(followup.ct.shape, bool)
@@ -54,7 +54,7 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
         ),
     )
     if not result.trusted:  # misregistration would be reported as new lesions: say the search was not possible
-        ctx.state.search = NewLesionSearchResult(False)
+        ctx.state.search = CandidateSearch(False)
         note = (
             f"new-lesion search not trusted: {result.residual_fraction:.1%} of the searched tissue differs from the "
             f"registered prior (> detection.max_residual_fraction {cfg.max_residual_fraction:.1%}); "
@@ -77,7 +77,7 @@ def detect_new_lesions_step(ctx: Ctx) -> DetectOutput:
         candidates.append(
             Candidate(record, followup.ct.with_array(f.mask.astype(np.uint8)), float(f.mean_hu), float(f.contrast_hu))
         )
-    ctx.state.search = NewLesionSearchResult(True, DETECTOR_NAME, DETECTOR_VERSION, candidates)
+    ctx.state.search = CandidateSearch(True, DETECTOR_NAME, DETECTOR_VERSION, candidates)
     return DetectOutput(
         ran=True,
         detector=DETECTOR_NAME,

@@ -105,23 +105,11 @@ def measure(ctx: Ctx) -> MeasureOutput:
     all_changes = history.changes_at(index)
     changes = {uid: all_changes.get(uid) for uid in current}
     ctx.state.measured = Measured(current, prior_meas, changes, assessment, index, thickness)
-    last = assessment.timepoints[index]
     return MeasureOutput(
         timepoints=[
             TimepointRef(key=time_key(tp.study_date, tp.study_time), series_uid=tp.series_uid)
             for tp in history.timepoints
         ],
-        lesions=[
-            MeasuredLesion(measurement=m.to_dict(), changes=c.to_dict() if (c := changes[u]) else None)
-            for u, m in current.items()
-        ],
-        recist=RecistRecord(
-            overall_response=last.overall_response.value,
-            target_response=last.target_response.value,
-            sum_of_diameters_mm=last.sum_of_diameters_mm,
-            change_from_baseline_pct=last.change_from_baseline_pct,
-            best_overall_response=assessment.best_overall_response.value,
-            targets=assessment.selection.targets,
-            new_lesions=last.new_lesions_text,
-        ),
+        lesions=[MeasuredLesion(measurement=m, changes=changes[u]) for u, m in current.items()],
+        recist=RecistRecord.of(assessment, index),
     )

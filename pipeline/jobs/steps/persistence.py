@@ -164,15 +164,15 @@ def _observation(
     if verified and adoption is not None:  # the reader's own segmentation of this follow-up
         from_sop, from_series = adoption.verification.source_sop_instance_uid, ctx.series_uid
     role = rec.selection.role_of(ident.tracking_uid)
-    data = m.to_dict()
+    recist_entry: dict[str, object] = {"role": role}
+    if tp_index == 1:
+        recist_entry["overall_response"] = rec.timepoints[measured.timepoint_index].overall_response.value
+    data: dict[str, object] = {**m.to_dict(), "recist": recist_entry}  # the measurement, with what it stands in
     if changes is not None:
         data["changes"] = changes.to_dict()
-    data["recist"] = {"role": role}
     conf = lesion_confidence(les) if tp_index == 1 else None
     if conf is not None:
         data["confidence"] = conf.model_dump()
-    if tp_index == 1:
-        data["recist"]["overall_response"] = rec.timepoints[measured.timepoint_index].overall_response.value
     return LesionObservation(
         lesion_pk=lesion_pk,
         series_instance_uid=series_uid,

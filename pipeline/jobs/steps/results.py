@@ -21,8 +21,8 @@ from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
 from lesiontrack.pipeline.dicom.seg.writer import SegWriteResult, save_new, write_seg
 from lesiontrack.pipeline.dicom.sr.viewer import SERIES_DESCRIPTION as VIEWER_SERIES_DESCRIPTION
 from lesiontrack.pipeline.dicom.sr.viewer import write_viewer_sr
-from lesiontrack.pipeline.dicom.sr.writer import LesionReport, TimePoint, write_sr
-from lesiontrack.pipeline.jobs.contract import MatchPriorsOutput, NewLesionSearchResult, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.dicom.sr.writer import LesionReport, SrTimepoint, write_sr
+from lesiontrack.pipeline.jobs.contract import CandidateSearch, MatchPriorsOutput, WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.derived_prior_seg import (
     derivation_key,
     drawn_lesions,
@@ -76,7 +76,7 @@ def write_seg_sr(ctx: Ctx) -> WriteSegSrOutput:
     viewer = write_viewer_sr(
         sources,
         reports,
-        time_point=TimePoint(f"T{idx}", idx, fu.study_date),
+        time_point=SrTimepoint(f"T{idx}", idx, fu.study_date),
         seg=seg_res.dataset if seg_res is not None else None,
         previous_versions=_previous_srs(sf, ctx.series_uid, ctx.job_id, viewer=True),
         series_description=f"{VIEWER_SERIES_DESCRIPTION} {label}",
@@ -124,7 +124,7 @@ def _write_measurement_sr(
         sources,
         seg_res,
         reports,
-        time_point=TimePoint(f"T{idx}", idx, fu.study_date),
+        time_point=SrTimepoint(f"T{idx}", idx, fu.study_date),
         recist=assessment.timepoints[idx],
         best_overall=assessment.best_overall_response,
         prior_evidence=evidence,
@@ -261,7 +261,7 @@ def _not_assessed_report(gap: UnassessedSegment) -> LesionReport:
     return LesionReport(m, description=ident.description, review=True, not_assessed_reason=gap.reason)
 
 
-def _candidate_lesions(lesions: list[TrackedLesion], search: NewLesionSearchResult) -> list[TrackedLesion]:
+def _candidate_lesions(lesions: list[TrackedLesion], search: CandidateSearch) -> list[TrackedLesion]:
     """New-lesion candidates as extra SEG segments (own Tracking UID, labelled as unconfirmed)."""
     label = max((les.identity.label for les in lesions), default=0)
     out = []

@@ -44,6 +44,7 @@ class ArrowConfig:
     tip_short_mm: float = 5.0  # a tip short of its lesion lies at most this far from it
     min_sd_hu: float = 6.0
     rim_mm: tuple[float, float] = (1.5, 4.0)  # the band outside the lesion looked at for a fainter part
+    min_fill: float = 0.4  # a cross-section fills at least this much of the disc its long diameter spans
     rim_apart: float = 0.2  # a fainter part lies this fraction of the contrast away from both levels
 
 
@@ -99,8 +100,17 @@ def _region(
         disc = dist <= r
         region = _split_keep(side & disc, seed, sp2, min_share=0.0)
         if region.any() and not (region & ~ndi.binary_erosion(disc)).any():
-            return np.asarray(ndi.binary_fill_holes(region))
+            region = np.asarray(ndi.binary_fill_holes(region))
+            return region if _compact(region, sp2, cfg.min_fill) else None
     return None
+
+
+def _compact(region: np.ndarray, sp2: np.ndarray, min_fill: float) -> bool:
+    """Whether ``region`` fills at least ``min_fill`` of the disc its longest diameter spans (a lesion's
+    cross-section is compact; one that ran on into a vessel, a wall or a neighbour is not)."""
+    a, b = _feret_ends(region, sp2)
+    feret = float(np.linalg.norm(b - a))
+    return float(region.sum()) * float(np.prod(sp2)) >= min_fill * np.pi / 4 * feret**2
 
 
 def _fainter_rim(

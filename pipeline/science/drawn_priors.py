@@ -60,7 +60,10 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> Draw
     lesion grown from the drawing (:func:`models.segmentation.from_drawing.lesion_from_drawing`) and the engine's
     segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
     radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
-    say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept."""
+    say which and by how much. An arrow is read as the diameter of the lesion at its tip
+    (:func:`models.segmentation.arrow.arrow_as_line`) and the lesion grown from that line is kept — the image's own
+    estimate, not a radiologist's measurement to check the box against (the box flattens a small nodule on thick
+    slices); an arrow the image gives no diameter for, or a point, keeps the lesion grown from its tip."""
 
     drawing = drawing_of(prompt)
     if drawing is None:

@@ -46,6 +46,7 @@ class ArrowConfig:
     rim_mm: tuple[float, float] = (1.5, 4.0)  # the band outside the lesion looked at for a fainter part
     min_fill: float = 0.4  # a cross-section fills at least this much of the disc its long diameter spans
     rim_apart: float = 0.2  # a fainter part lies this fraction of the contrast away from both levels
+    rim_spread: float = 0.12  # ... and its values spread by at most this fraction of the contrast (robust SD)
 
 
 def arrow_as_line(image: Volume, drawing: Drawing, cfg: ArrowConfig | None = None) -> Drawing | None:
@@ -129,7 +130,12 @@ def _fainter_rim(
     between = (vals > lo + gap) & (vals < hi - gap)
     if between.mean() < 0.5:
         return None
-    return _Levels(float(np.median(vals[between])), levels.background)
+    # one tissue of its own (its values gathered at one level), not a soft edge's ramp from one level to the other
+    rim = vals[between]
+    level = float(np.median(rim))
+    if 1.4826 * float(np.median(np.abs(rim - level))) > cfg.rim_spread * (hi - lo):
+        return None
+    return _Levels(level, levels.background)
 
 
 def _dilate(mask: np.ndarray, radius_mm: float, sp2: np.ndarray) -> np.ndarray:

@@ -160,3 +160,95 @@ def test_a_drawing_nothing_reproduces_keeps_the_box_instead_of_failing() -> None
     got = drawn_lesion(vol, prompt, build_segmentation("adaptive"))
     assert got is not None
     assert any("box kept" in n for n in got.notes), got.notes
+
+
+def _part_solid(slice_mm: float = SLICE_MM) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """Lung (-850 HU) with a part-solid nodule: a solid core (r 3.5 mm, 20 HU) in ground glass (r 8 mm, -450 HU)."""
+    rng = np.random.default_rng(5)
+    nk, nj, ni = int(80 / slice_mm), 64, 64
+    sp = np.array([0.8, 0.8, slice_mm])
+    centre = np.array([25.3, 26.1, 40.0])
+    k, j, i = np.meshgrid(*(np.arange(n) for n in (nk, nj, ni)), indexing="ij")
+    pts = np.stack([i * sp[0], j * sp[1], k * sp[2]], -1)
+    img = np.full((nk, nj, ni), -850.0, np.float32)
+    offs = [(a, b, c) for a in (-1 / 3, 0, 1 / 3) for b in (-1 / 3, 0, 1 / 3) for c in (-1 / 3, 0, 1 / 3)]
+    acc = np.zeros_like(img)
+    for a, b, c in offs:
+        r = np.linalg.norm(pts + np.array([a, b, c]) * sp - centre, axis=-1)
+        acc += np.where(r <= 3.5, 20.0, np.where(r <= 8.0, -450.0, -850.0)) / len(offs)
+    vol = Volume(np.rint(acc + rng.normal(0, 15.0, acc.shape)).astype(np.int16), np.zeros(3), sp)
+    return vol, np.linalg.norm(pts - centre, axis=-1) <= 8.0, centre
+
+
+def _arrow(centre: np.ndarray, vol: Volume, tip_from_centre: float, angle_deg: float = 30.0) -> Drawing:
+    z = round(centre[2] / vol.spacing[2]) * vol.spacing[2]
+    u = np.array([np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg)), 0.0])
+    c = np.array([centre[0], centre[1], z])
+    return Drawing(DrawingKind.ARROW, [np.array([c + tip_from_centre * u, c + (tip_from_centre + 20.0) * u])])
+
+
+@pytest.mark.parametrize("tip_from_centre", [2.5, 5.0, 7.5])  # inside, near the edge, just short of it (r 6 mm)
+def test_an_arrow_reads_as_the_diameter_of_the_lesion_it_points_at(tip_from_centre: float) -> None:
+    from lesiontrack.models.segmentation.arrow import arrow_as_line
+
+    vol, _, centre = _nodule(radius=6.0)
+    line = arrow_as_line(vol, _arrow(centre, vol, tip_from_centre))
+    assert line is not None
+    assert line.kind is DrawingKind.LINE
+    assert 10.0 <= line.diameters_mm()[0] <= 14.5  # the 12 mm nodule's diameter, not the arrow's length
+    mid = line.parts[0].mean(0)
+    assert np.linalg.norm(mid[:2] - centre[:2]) <= 2.0  # through the lesion's middle
+
+
+def test_an_arrow_on_a_small_nodule_on_thick_slices_gives_a_3d_lesion() -> None:
+    """A 12 mm nodule on 5 mm slices (three slices) marked by an arrow is not one slice thick."""
+    from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
+    from lesiontrack.pipeline.science.drawn_priors import drawn_lesion
+
+    vol, truth, centre = _nodule(radius=6.0)
+    d = _arrow(centre, vol, 3.5, angle_deg=200.0)
+    prompt = Prompt(LesionIdentity("1", "L1", 1), PromptKind.POINTS, points_mm=d.anchor_mm()[None], meta={"drawing": d})
+    got = drawn_lesion(vol, prompt, build_segmentation("adaptive"))
+    assert got is not None
+    m = got.mask.array > 0
+    assert np.count_nonzero(truth.any(axis=(1, 2))) == 3
+    assert np.count_nonzero(m.any(axis=(1, 2))) >= 3
+    assert _dice(m, truth) >= 0.75
+    assert got.origin == "arrow"
+    assert any("diameter along it" in n for n in got.notes)
+
+
+def test_an_arrow_in_the_ground_glass_of_a_part_solid_nodule_takes_the_whole_nodule() -> None:
+    """The tip in the fainter rim: the solid core beyond it is lesion too, and the ground glass around the core is
+    not cut off (the arrow's lesion was a fraction of the nodule before, issue 31)."""
+    from lesiontrack.models.segmentation.arrow import arrow_as_line
+
+    vol, truth, centre = _part_solid()
+    line = arrow_as_line(vol, _arrow(centre, vol, 6.0))
+    assert line is not None
+    assert line.diameters_mm()[0] >= 13.0  # the 16 mm nodule, ground glass included
+    mask, notes = lesion_from_drawing(vol, line, None)
+    assert mask is not None, notes
+    assert _dice(mask.array > 0, truth) >= 0.7
+
+
+def test_an_arrow_on_tissue_like_its_shaft_is_not_read_as_a_diameter() -> None:
+    from lesiontrack.models.segmentation.arrow import arrow_as_line
+
+    vol = Volume(np.full((10, 40, 40), 40, np.int16), np.zeros(3), np.array([1.0, 1.0, 5.0]))
+    d = Drawing(DrawingKind.ARROW, [np.array([[20.0, 20.0, 25.0], [35.0, 20.0, 25.0]])])
+    assert arrow_as_line(vol, d) is None
+
+
+def test_a_lesion_longer_off_the_drawn_slice_does_not_reproduce_a_recist_line() -> None:
+    """RECIST measures on the slice where the lesion is longest: a candidate whose cross-section is longer on
+    another slice has its largest part off the drawn slice, and the measurement check says so."""
+    from lesiontrack.models.segmentation.from_drawing import measurement_error
+
+    vol, truth, centre = _nodule(radius=6.5)
+    d = _line(vol, centre, 6.3)
+    k0 = round(centre[2] / vol.spacing[2])
+    good = vol.with_array(truth.astype(np.uint8))
+    shifted = np.zeros_like(truth)
+    shifted[: k0 + 1] = truth[1 : k0 + 2]  # the same nodule one slice off: its widest section beside the line
+    assert measurement_error(good, d) < measurement_error(vol.with_array(shifted.astype(np.uint8)), d)

@@ -427,13 +427,7 @@ def measurement_error(mask: Volume, drawing: Drawing) -> float:
     cross = mask.array[k0] > 0
     if not cross.any():
         return float("inf")
-    feret0 = _feret_mm(cross, sp[1:])
-    err = abs(feret0 - long_mm) / long_mm
-    # the radiologist measures on the slice where the lesion is longest (RECIST): a cross-section longer elsewhere
-    # has the lesion's largest part off the drawn slice
-    others = [k for k in np.flatnonzero(mask.array.any(axis=(1, 2))) if k != k0]
-    longest = max((_feret_mm(mask.array[k] > 0, sp[1:]) for k in others), default=0.0)
-    err = max(err, (longest - feret0) / long_mm)
+    err = abs(_feret_mm(cross, sp[1:]) - long_mm) / long_mm
     if short_mm and drawing.kind in (DrawingKind.BIDIRECTIONAL, DrawingKind.ELLIPSE):
         axis = drawing.parts[0]
         a, b = (mask.patient_to_index(axis[:2])[:, [1, 0]] * sp[1:]) if len(axis) >= 2 else (None, None)

@@ -15,11 +15,10 @@ CT, where each prompt came from, and the lower confidence of what follows from i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.arrow import arrow_as_line
 from lesiontrack.models.segmentation.base import SegmentationEngine
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
 from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
@@ -60,45 +59,33 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> Draw
     lesion grown from the drawing (:func:`models.segmentation.from_drawing.lesion_from_drawing`) and the engine's
     segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
     radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
-    say which and by how much. An arrow is read as the diameter of the lesion at its tip
-    (:func:`models.segmentation.arrow.arrow_as_line`) and the lesion grown from that line is kept — the image's own
-    estimate, not a radiologist's measurement to check the box against (the box flattens a small nodule on thick
-    slices); an arrow the image gives no diameter for, or a point, keeps the lesion grown from its tip."""
+    say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept."""
 
     drawing = drawing_of(prompt)
     if drawing is None:
         return None
     engine_name = str(getattr(engine, "name", "engine"))
     version = str(getattr(engine, "version", ""))
-    origin = drawing.kind.value
-    derived = arrow_as_line(ct, drawing)
-    notes: list[str] = []
-    if derived is not None:  # an arrow: the diameter the image shows along it stands in for a drawn line
-        long_mm = derived.diameters_mm()[0]
-        notes.append(f"the {origin} read as the lesion's {long_mm:.0f} mm diameter along it")
-        prompt = replace(prompt, kind=PromptKind.BOX, points_mm=None, box_mm=derived.box_mm())
-        drawing = derived
-    mask, grown_notes = lesion_from_drawing(ct, drawing, engine)
-    notes += grown_notes
+    mask, notes = lesion_from_drawing(ct, drawing, engine)
     name = f"drawing+{engine_name}" if mask is not None and any("refined by" in n for n in notes) else "drawing"
-    if derived is not None or drawing.diameters_mm()[0] <= 0:  # no diameter of the radiologist's to check against
+    if drawing.diameters_mm()[0] <= 0:
         if mask is None:
-            notes.append(f"segmented around the {origin} with {engine_name} instead")
-            return DrawnLesion(engine.segment(ct, prompt, None), origin, engine_name, version, notes)
-        return DrawnLesion(mask, origin, name, version, notes)
+            notes.append(f"segmented around the {drawing.kind.value} with {engine_name} instead")
+            return DrawnLesion(engine.segment(ct, prompt, None), drawing.kind.value, engine_name, version, notes)
+        return DrawnLesion(mask, drawing.kind.value, name, version, notes)
     boxed = engine.segment(ct, prompt, None)
     box_err = measurement_error(boxed, drawing)
     grown_err = measurement_error(mask, drawing) if mask is not None else float("inf")
     if mask is not None and grown_err <= box_err:  # neither reproducing the drawn slice: the box, as before drawings
         notes.append(f"reproduces the drawn diameters within {100 * grown_err:.0f} % (box: {100 * box_err:.0f} %)")
-        return DrawnLesion(mask, origin, name, version, notes)
+        return DrawnLesion(mask, drawing.kind.value, name, version, notes)
     notes.append(
         f"{engine_name} on the {drawing.kind.value}'s box kept: it reproduces the drawn diameters within "
         f"{100 * box_err:.0f} % (grown from the drawing: "
         + ("none" if mask is None else f"{100 * grown_err:.0f} %")
         + ")"
     )
-    return DrawnLesion(boxed, origin, engine_name, version, notes)
+    return DrawnLesion(boxed, drawing.kind.value, engine_name, version, notes)
 
 
 def prompt_origin(prompt: Prompt) -> str:

@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +107,9 @@ def test_dashboard_shows_the_database(tmp_path: Path) -> None:
         assert (ARTIFACTS / name).stat().st_size > 20_000, name
 
 
-def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tuple[dict[str, Any], int]:
-    """Serve the dashboard and run the browser check on it; a job is queued while the page watches the queue.
-    Returns the check's result and the id of that live job."""
+@contextmanager
+def _serving(sf: Any, tmp_path: Path) -> Iterator[int]:
+    """The dashboard on a real uvicorn server over ``sf``; yields its port."""
     import uvicorn
 
     from lesiontrack.pipeline.jobs.store import JobStore
@@ -122,22 +124,34 @@ def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tup
     thread.start()
     try:
         wait_for_port(port, timeout=30)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _check_command(port: int, patient_pk: int, out: Path, *extra: str) -> list[str]:
+    return [
+        "node",
+        str(BROWSER_DIR / "dashboard-check.mjs"),
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "--key",
+        KEY,
+        "--patient",
+        str(patient_pk),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tuple[dict[str, Any], int]:
+    """Serve the dashboard and run the browser check on it; a job is queued while the page watches the queue.
+    Returns the check's result and the id of that live job."""
+    with _serving(sf, tmp_path) as port:
         node = subprocess.Popen(
-            [
-                "node",
-                str(BROWSER_DIR / "dashboard-check.mjs"),
-                "--url",
-                f"http://127.0.0.1:{port}",
-                "--key",
-                KEY,
-                "--patient",
-                str(built.patient_pk),
-                "--out",
-                str(tmp_path / "shots"),
-                "--live",
-                "--analyse",
-                scout,
-            ],
+            _check_command(port, built.patient_pk, tmp_path / "shots", "--live", "--analyse", scout),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -162,11 +176,18 @@ def _run_dashboard_check(sf: Any, tmp_path: Path, built: Any, scout: str) -> tup
             live_id = live.id
         stdout, stderr = node.communicate(timeout=300)
         proc = subprocess.CompletedProcess(node.args, node.returncode, stdout, "".join(seen) + stderr)
-    finally:
-        server.should_exit = True
-        thread.join(30)
     assert proc.stdout.strip(), proc.stderr[-3000:]
     return json.loads(proc.stdout), live_id
+
+
+def _assert_timeline_fits(layout: dict[str, Any], timepoints: int) -> None:
+    """Measured in the browser: the timeline of ``timepoints`` columns fits its container and the 1500 px window
+    (nothing to scroll sideways), and no header or cell has content wider than itself (spilling over its neighbour)."""
+    assert layout["timepoints"] == timepoints, layout
+    assert layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
+    assert layout["tableWidth"] <= layout["containerWidth"] + 1, layout
+    assert layout["pageScrollWidth"] <= layout["windowWidth"] + 1, layout
+    assert layout["overflowingCells"] == [], layout["overflowingCells"]
 
 
 def _assert_timeline_equals_database(sf: Any, built: Any, result: dict[str, Any]) -> None:
@@ -204,8 +225,39 @@ def _assert_timeline_equals_database(sf: Any, built: Any, result: dict[str, Any]
     assert len(plots) == len(tl.lesions)
     assert all(i["naturalWidth"] == 160 and i["naturalHeight"] == 160 for i in thumbs), thumbs
     assert all(i["naturalWidth"] == 360 and i["naturalHeight"] == 200 for i in plots), plots
-    # the timeline of 6 timepoints fits its container, and 10 timepoint columns would fit the 1500 px window
-    layout = result["layout"]
-    assert layout["timepoints"] == 6, layout
-    assert layout["scrollWidth"] <= layout["containerWidth"] + 1, layout
-    assert layout["lesionWidth"] + 10 * layout["timepointWidth"] <= layout["containerWidth"], layout
+    # the timeline of 6 timepoints fits its container (10: test_timeline_holds_ten_timepoints)
+    _assert_timeline_fits(result["layout"], 6)
+
+
+def test_timeline_holds_ten_timepoints(tmp_path: Path) -> None:
+    """Issue 29: a trial patient has up to 10 timepoints (baseline + 9 follow-ups); the timeline shows all ten
+    columns in a 1500 px window without sideways scrolling and without any cell's content overflowing it — measured
+    on the rendered page (element widths), with as many lesions as the phantom grows (new ones appear over time)."""
+    require_tool("node", "/usr/bin/chromium", str(BROWSER_DIR / "node_modules" / "playwright-core"))
+    from tests.support.patient import build_patient, phantom_timepoints
+
+    url = f"sqlite:///{tmp_path / 'lt.sqlite3'}"
+    upgrade(url)
+    sf = make_session_factory(make_engine(url))
+    # a smaller phantom than the 6-timepoint test's: the layout does not depend on the CT's size
+    tps = phantom_timepoints(tmp_path, n_followups=9, shape=(32, 112, 112), patient_id="LT-TEN-1")
+    built = build_patient(sf, tps, tmp_path, patient_id="LT-TEN-1", with_failed_job=False)
+    with _serving(sf, tmp_path) as port:
+        proc = subprocess.run(
+            _check_command(port, built.patient_pk, tmp_path / "shots"),
+            capture_output=True,
+            text=True,
+            cwd=BROWSER_DIR,
+            timeout=300,
+            check=False,
+        )
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp_path / "shots" / "dashboard-timeline.png", ARTIFACTS / "dashboard-timeline-10.png")
+    assert "error" not in result, result.get("error")
+    assert result["pageErrors"] == []
+    shown = result["timeline"]
+    assert [tp["series"] for tp in shown["timepoints"]] == [tp.series_uid for tp in built.timepoints]
+    assert len(shown["timepoints"]) == 10
+    _assert_timeline_fits(result["layout"], 10)

@@ -106,7 +106,7 @@ try {
     return { timepoints: tps, lesions, overall, target,
       best: document.querySelector('#best-response').textContent.trim() };
   });
-  // layout: does the table fit its container, and would 10 timepoints (issue 29) fit this 1500 px window?
+  // layout: does the table fit its container and the 1500 px window, and does every cell hold its content?
   result.layout = await page.evaluate(() => {
     const table = document.querySelector('#timeline');
     const scroll = table.closest('.scroll');
@@ -114,7 +114,13 @@ try {
     const lesion = table.querySelector('thead th.lesion-col');
     return { tableWidth: table.getBoundingClientRect().width, containerWidth: scroll.clientWidth,
       scrollWidth: scroll.scrollWidth, timepointWidth: tp.getBoundingClientRect().width,
-      lesionWidth: lesion.getBoundingClientRect().width, timepoints: Number(table.dataset.timepoints) };
+      lesionWidth: lesion.getBoundingClientRect().width, timepoints: Number(table.dataset.timepoints),
+      // the page itself must not scroll sideways, and no cell's content may spill over its neighbours (a fixed-layout
+      // table does not widen a column for content that is too wide: it overflows the cell, which only this shows)
+      pageScrollWidth: document.documentElement.scrollWidth, windowWidth: document.documentElement.clientWidth,
+      overflowingCells: Array.from(table.querySelectorAll('th, td')).filter((c) => c.scrollWidth > c.clientWidth + 1)
+        .map((c) => ({ tag: c.tagName, cls: c.className, tp: c.dataset.tp ?? null, scrollWidth: c.scrollWidth,
+          clientWidth: c.clientWidth, text: c.textContent.trim().replace(/\s+/g, ' ').slice(0, 80) })) };
   });
   await shot('dashboard-timeline.png', true);
 

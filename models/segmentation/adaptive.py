@@ -15,7 +15,8 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
    prompt the prior is centred on a fitted outline: the one uniform growth/shrink offset of the prompt (a level of
    its signed distance) that maximises the summed evidence inside it; the boundary may leave that level outwards
    only within a narrow band, so growth along the lesion's own outline is followed while a leak along an adjacent
-   vessel or into the chest wall is cut off.
+   vessel or into the chest wall is cut off. Tissue beyond the lesion's own intensities, on the side away from the
+   background (fat beyond the liver around a hypodense lesion), is no evidence of the lesion in that fit.
 4. Confident voxels (and lesion-leaning voxels inside the fitted outline) become seeds of a random walker
    (skimage) run on the lesion-probability image, which places the boundary.
 5. The voxel layers either side of that boundary are re-decided at the half-way level between the local lesion
@@ -23,7 +24,9 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
    low contrast and where the lesion abuts a structure of its own density). For a mask prompt of a lesion that
    stands out from its background (>= 100 HU), what lies outside the fitted outline is kept only where a 2 mm ball
    fits (a morphological opening): a vessel or strand touching the lesion is a thin protrusion, growth is not. Holes
-   are filled and the component nearest the prompt's centre is kept.
+   are filled and the component nearest the prompt's centre is kept. Growth beyond a mask prompt (past its
+   partial-volume layer) whose neighbourhood does not look like the lesion is dropped: a low-contrast lesion's random
+   walk can spread into its organ, and a prior of volume V must not yield many times V without a boundary there.
 6. No lesion-like evidence inside the prompt core (searched within a few mm, for propagation error), or a result
    below ``min_volume_mm3`` (or, for a mask prompt, below ``min_prompt_fraction`` of the prompt: a remnant of a few
    lesion-like voxels at the site of a vanished lesion) → empty mask (vanished).

@@ -15,7 +15,8 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
    prompt the prior is centred on a fitted outline: the one uniform growth/shrink offset of the prompt (a level of
    its signed distance) that maximises the summed evidence inside it; the boundary may leave that level outwards
    only within a narrow band, so growth along the lesion's own outline is followed while a leak along an adjacent
-   vessel or into the chest wall is cut off.
+   vessel or into the chest wall is cut off. Tissue beyond the lesion's own intensities, on the side away from the
+   background (fat beyond the liver around a hypodense lesion), is no evidence of the lesion in that fit.
 4. Confident voxels (and lesion-leaning voxels inside the fitted outline) become seeds of a random walker
    (skimage) run on the lesion-probability image, which places the boundary.
 5. The voxel layers either side of that boundary are re-decided at the half-way level between the local lesion
@@ -23,7 +24,9 @@ How it segments one lesion (all inside an ROI around the prompt, physical units 
    low contrast and where the lesion abuts a structure of its own density). For a mask prompt of a lesion that
    stands out from its background (>= 100 HU), what lies outside the fitted outline is kept only where a 2 mm ball
    fits (a morphological opening): a vessel or strand touching the lesion is a thin protrusion, growth is not. Holes
-   are filled and the component nearest the prompt's centre is kept.
+   are filled and the component nearest the prompt's centre is kept. Growth beyond a mask prompt (past its
+   partial-volume layer) whose neighbourhood does not look like the lesion is dropped: a low-contrast lesion's random
+   walk can spread into its organ, and a prior of volume V must not yield many times V without a boundary there.
 6. No lesion-like evidence inside the prompt core (searched within a few mm, for propagation error), or a result
    below ``min_volume_mm3`` (or, for a mask prompt, below ``min_prompt_fraction`` of the prompt: a remnant of a few
    lesion-like voxels at the site of a vanished lesion) → empty mask (vanished).
@@ -86,6 +89,9 @@ class AdaptiveConfig:
     fit_switch_cost: float = 0.5
     """Logit cost per voxel moved across the prompt's outline by the offset fit: a shell is added or removed only
     when its mean evidence clearly says so (partial-volume boundary voxels are ambiguous, not evidence of change)."""
+    fit_range_sds: float = 3.0
+    """Low-contrast outline fit: intensities more than this many SDs (the lesion's spread, at least the noise) beyond
+    the lesion's level, on the side away from the background, are another tissue, not strong lesion evidence."""
     fit_step_mm: float = 0.5
     """Resolution of the offset search."""
     band_mm: float = 3.0
@@ -113,6 +119,13 @@ class AdaptiveConfig:
     """A lesion with at least this fraction of its tissue brighter than the background by 2 noise SDs *and* this
     fraction darker (a necrotic lesion's enhancing rim around its fluid centre) has no one half-way level: the
     half-way step is skipped and the random walker's boundary stands."""
+    growth_min_fraction: float = 0.4
+    """Mask prompts: the segment's growth beyond the prior mask's partial-volume layer is kept only when its median
+    (neighbourhood) intensity lies at least this fraction of the way from the background to the lesion
+    (:func:`_supported_growth`): growth of the lesion is lesion tissue with its blurred edge (about half-way and
+    above); a spread into the organ around a low-contrast lesion is the organ (near zero)."""
+    growth_min_voxels: int = 10
+    """Growth of fewer voxels than this is left to the boundary steps (its mean says too little)."""
     trim_protrusions: bool = True
     """Mask prompts: outside the fitted outline keep only what a ball of ``trim_radius_mm`` fits into (a morphological
     opening): a vessel or a blurred strand touching the lesion is a thin protrusion, growth along the outline is not."""
@@ -231,8 +244,41 @@ class AdaptiveEngine:
         if cfg.trim_protrusions and prompt.kind is PromptKind.MASK and distinct:
             outline = sdist <= (offset if fitted else 0.0) + cfg.trim_tolerance * float(np.min(sp))
             seg = (seg & outline) | ndi.binary_opening(seg, structure=_ball(cfg.trim_radius_mm, sp))
+        if prompt.kind is PromptKind.MASK:
+            levels = (les_mode, _dominant_level(bg_s) if bg_s.size else les_mode, max(_robust_sd(les_s), noise))
+            seg = _supported_growth(seg, smooth, sdist, levels, float(np.min(sp)), cfg)
         seg = ndi.binary_fill_holes(seg)
         return seg
+
+
+def _supported_growth(
+    seg: np.ndarray,
+    smooth: np.ndarray,
+    sdist: np.ndarray,
+    levels: tuple[float, float, float],
+    layer_mm: float,
+    cfg: AdaptiveConfig,
+) -> np.ndarray:
+    """``seg`` less its growth beyond a mask prompt when that growth does not look like the lesion.
+
+    The part of the segment more than ``layer_mm`` (one voxel: its partial-volume layer) outside the propagated prior
+    mask is growth; taken together (its own blurred edge included) its mean intensity must lie at least
+    ``growth_min_fraction`` of the way from the background to the lesion (``levels`` = lesion, background, the
+    lesion's spread; tissue beyond the lesion's intensities, away from the background, counts as none). Otherwise
+    the evidence held no boundary there — a low-contrast lesion whose random walk spread into its organ — and the
+    segment is cut back to the prior mask and that layer: a prior of volume V does not yield many times V without it.
+    """
+    grown = seg & (sdist > layer_mm)
+    lesion, background, spread = levels
+    if grown.sum() < cfg.growth_min_voxels or abs(lesion - background) < 1e-6:
+        return seg
+    # each voxel judged by its neighbourhood (one voxel's Gaussian): the random walk picked the voxels that noise made
+    # lesion-like, whose own values are biased towards the lesion
+    around = ndi.gaussian_filter(smooth, sigma=1.0)[grown]
+    fraction = (around - background) / (lesion - background)
+    other = np.sign(lesion - background) * (around - lesion) > cfg.fit_range_sds * spread  # fat beyond the liver
+    fraction = np.where(other, 0.0, np.clip(fraction, 0.0, 1.0))
+    return seg if float(np.median(fraction)) >= cfg.growth_min_fraction else seg & ~grown
 
 
 @dataclass(frozen=True)
@@ -522,6 +568,12 @@ def _fit_evidence(
     if abs(contrast) >= cfg.fit_linear_cnr * noise:
         return llr, cfg.fit_clip
     ev = contrast * (smooth - 0.5 * (les_level + bg_level)) / noise**2
+    # the ratio is linear: tissue beyond the lesion's own intensities, on the side away from the background, would read
+    # as the most lesion-like of all (the fat around a liver whose hypodense lesion lies near its edge drew the fitted
+    # outline out to the growth limit). Such tissue is neither model's: it is not evidence of the lesion.
+    spread = max(_robust_sd(les_s), noise)
+    beyond = np.sign(contrast) * (smooth - les_level) > cfg.fit_range_sds * spread
+    ev = np.where(beyond, -cfg.fit_clip, ev)
     return np.asarray(ev, dtype=np.float32), 0.5 * contrast**2 / noise**2
 
 

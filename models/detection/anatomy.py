@@ -17,10 +17,12 @@ Used to name a candidate's organ and to suppress the usual false sources of temp
   there is named "soft tissue", never a guessed organ. On an unenhanced CT (liver, spleen and muscle within a few
   HU) the solid organs merge and no liver is named.
 
-The lungs are looked for inside the body less a 3 mm surface shell (the skin–air partial volume is a thin
-air-density shell round the whole body, which counted as "lung" down the abdomen and moved the lungs' centre below
-the liver's), and the prior counts only where it was imaged (outside its field of view the warp's −1024 HU is not
-air: a whole uncovered slab counted as "lung").
+The lungs are looked for inside the body less a 3 mm surface shell and must be thick (the skin–air partial
+volume, a thin air-density shell round the whole body, and the air layer between the back and the table, inside
+the body mask whose holes are filled, both counted as "lung" down the abdomen and moved the lungs' centre below the
+liver's); gas outside the lungs that is connected to that shell is outside the patient, not bowel gas; the prior
+counts only where it was imaged (outside its field of view the warp's −1024 HU is not air: a whole uncovered slab
+counted as "lung").
 """
 
 from __future__ import annotations
@@ -94,9 +96,10 @@ def find_anatomy(
     pr_air = pr_s < -400.0
     if uncovered is not None:
         pr_air &= ~uncovered
-    # not the body's surface: the skin-air partial volume there is a thin air-density shell round the whole body
+    # not the body's surface: the skin–air partial volume there is a thin air-density shell round the whole body
     inner = ndi.binary_erosion(body, structure=_ball(3.0, sp_kji), border_value=1)
-    air = inner & ((fu_s < -400.0) | pr_air)
+    air_all = body & ((fu_s < -400.0) | pr_air)
+    air = inner & air_all
     labels, n = ndi.label(air)
     lung = np.zeros_like(air)
     if n:
@@ -108,7 +111,12 @@ def find_anatomy(
         lung = keep[labels]
         if lung.any():
             lung = _fill_small_holes(ndi.binary_closing(lung, structure=_ball(3.0, sp_kji)) | lung, sp_kji, 40.0)
-    gas = inner & ~lung & ((fu_s < -500.0) | (pr_air & (pr_s < -500.0)))
+    # gas is inside the patient: air connected to the body's surface shell (the skin–air partial volume, the air
+    # between the back and the table that the body mask's filled holes enclose) is not bowel gas
+    lab_all, _n_all = ndi.label(air_all & ~lung)
+    touching = np.unique(lab_all[air_all & ~lung & ~inner])
+    outside = np.isin(lab_all, touching[touching > 0])
+    gas = air & ~lung & ~outside & ((fu_s < -500.0) | (pr_air & (pr_s < -500.0)))
 
     thick = body & ~lung & (fu_s > -30.0) & (fu_s < 250.0)
     core = ndi.binary_erosion(thick, structure=_ball(6.0, sp_kji))

@@ -257,7 +257,8 @@ def _assess(
         maps.fu_s if ch_major == 2 else maps.fu_l, comp, sl, sp_kji, diameter, ch_major != 2,
         _organ_level(maps, comp, sl) if ch_major == 2 else None,
     )  # fmt: skip
-    conf = _with_misfit(conf, ratio)
+    if ch_major != 2:  # a darker focus is judged by its surroundings, not by the misfit (_anatomy_and_misfit)
+        conf = _with_misfit(conf, ratio)
     if not reject and ch_major != 2 and blob < opt.min_blobness:
         reject = f"tube- or sheet-like in the follow-up (blob measure {blob:.2f}: a vessel, rib or wall piece)"
     if not reject and ch_major == 2 and blob <= opt.min_dark_blobness:

@@ -215,6 +215,9 @@ SERIES = {
     "heldout": [("chest", 131), ("chest", 132), ("chest", 133), ("abdomen", 141), ("abdomen", 142), ("abdomen", 143)],
     # drawn after the issue-29 detector's second round was designed on the sets above (never looked at before)
     "fresh": [("chest", 171), ("chest", 172), ("abdomen", 181), ("abdomen", 182)],
+    # drawn after the issue-29 detector's third round (liver anatomy, misfit where the surroundings moved) was
+    # designed on the sets above
+    "fresh3": [("chest", 271), ("chest", 272), ("abdomen", 281), ("abdomen", 282)],
 }
 REGIONS = {"chest": (-10.0, 185.0), "abdomen": (-140.0, 40.0)}  # canonical z range of the field of view (mm)
 N_TIMEPOINTS = 6
@@ -410,19 +413,30 @@ PREVIOUS_COMMIT = "628cdd6"  # the detector at main before issue 29
 
 
 def previous_detector(commit: str = PREVIOUS_COMMIT) -> Any:
-    """The detector module as it was at ``commit`` (read from git), to run side by side in one run."""
+    """The detector as it was at ``commit`` (read from git), to run side by side in one run: every module of
+    ``models/detection`` at that commit (anatomy, misfit and blob measure too, not today's), loaded as a package of
+    its own so that the two detectors share no code."""
+    import importlib
     import subprocess
-    import types
+    import tempfile
 
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(
-        ["git", "show", f"{commit}:models/detection/new_lesions.py"],
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", commit, "models/detection/"],
         cwd=root, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    mod = types.ModuleType("previous_new_lesions")
-    sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"{commit}:models/detection/new_lesions.py", "exec"), mod.__dict__)
-    return mod
+    ).stdout.split()  # fmt: skip
+    package = f"previous_detection_{commit}"
+    where = Path(tempfile.mkdtemp(prefix="prev-detector-")) / package
+    where.mkdir()
+    for name in names:
+        if not name.endswith(".py"):
+            continue
+        src = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=root, capture_output=True, text=True, check=True)
+        text = src.stdout.replace("lesiontrack.models.detection.", f"{package}.")
+        text = text.replace("from lesiontrack.models.detection import", f"from {package} import")
+        (where / Path(name).name).write_text(text)
+    sys.path.insert(0, str(where.parent))
+    return importlib.import_module(f"{package}.new_lesions")
 
 
 def evaluate_pair(pair: Pair, warped: Volume, module: Any) -> dict[str, Any]:

@@ -107,3 +107,52 @@ def test_a_darker_focus_counts_only_where_its_surroundings_agree_with_the_prior(
     assert at_a[0].surround_ratio <= DetectionOptions().max_surround_ratio
     assert at_b, at_b
     assert all("surroundings changed" in c.rejected for c in at_b), at_b
+
+
+def test_a_hypodense_lesion_at_an_organs_edge_is_judged_against_its_own_organ() -> None:
+    """A hypodense lesion at the liver's edge is a step down to the fat on one side: against the fat it is no dark
+    ball; with tissue darker than the lesion read as the organ's parenchyma it is (and a dark vessel is not)."""
+    z, y, x = _grid()
+    organ = np.where(x <= 3.0, 100.0, -100.0)  # parenchyma up to x = 3 mm, fat beyond
+    inside = z**2 + y**2 + (x + 1.0) ** 2 <= 6.0**2
+    edge = np.where(inside & (x <= 3.0), 55.0, organ)
+    comp = inside & (x <= 3.0)
+    assert _measure_beyond(edge, comp, 12.0, None) < 0.2
+    assert _measure_beyond(edge, comp, 12.0, (35.0, 100.0)) > 0.5
+    vessel = np.where((z**2 + y**2 <= 2.0**2) & (x <= 3.0), 55.0, organ)
+    piece = (z**2 + y**2 + (x + 8.0) ** 2 <= 4.0**2) & (vessel < 80.0)
+    assert _measure_beyond(vessel, piece, 5.0, (35.0, 100.0)) < 0.2
+
+
+def _measure_beyond(image: np.ndarray, comp: np.ndarray, diameter: float, beyond: tuple[float, float] | None) -> float:
+    idx = np.argwhere(comp)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return blob_measure(image, comp[sl], sl, SP, diameter, False, beyond)
+
+
+def test_a_darker_focus_must_be_a_dark_blob() -> None:
+    """Liver-like parenchyma: a hypodense ball appears (new) and a dark tube appears (a vessel, fissure or sliding
+    edge seen darker): only the ball is a candidate."""
+    from lesiontrack.models.detection import DetectionOptions, detect_new_lesions
+    from lesiontrack.models.imaging.volume import Volume
+
+    shape = (48, 96, 96)
+    k, j, i = (np.indices(shape).astype(float).T * 1.5).T  # mm
+    rng = np.random.default_rng(6)
+    organ = (np.abs(k - 36.0) < 30.0) & (np.abs(j - 72.0) < 60.0) & (np.abs(i - 72.0) < 60.0)
+    prior = np.where(organ, 100.0, -100.0)
+    ball = (k - 36.0) ** 2 + (j - 45.0) ** 2 + (i - 72.0) ** 2 <= 6.0**2
+    tube = ((k - 36.0) ** 2 + (j - 100.0) ** 2 <= 2.5**2) & (np.abs(i - 72.0) <= 20.0)
+    fu = np.where(ball | tube, 55.0, prior)
+
+    def vol(a: np.ndarray) -> Volume:
+        noisy = a + rng.normal(0.0, 5.0, shape)
+        return Volume(np.clip(np.rint(noisy), -1024, 3071).astype(np.int16), spacing=np.array([1.5, 1.5, 1.5]))
+
+    cands = detect_new_lesions(vol(fu), vol(prior), None, DetectionOptions(keep_rejected=True))
+    at_ball = [c for c in cands if c.mask[ball].any()]
+    at_tube = [c for c in cands if c.mask[tube].any() and c.kind == "hypodense"]
+    assert at_ball, cands
+    assert not at_ball[0].rejected, at_ball
+    assert all(c.rejected for c in at_tube), at_tube

@@ -24,11 +24,21 @@ _ORDERS = ((2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1))
 
 
 def blob_measure(
-    image: Array, comp: Array, sl: tuple[slice, ...], sp_kji: Array, diameter_mm: float, bright: bool
+    image: Array,
+    comp: Array,
+    sl: tuple[slice, ...],
+    sp_kji: Array,
+    diameter_mm: float,
+    bright: bool,
+    beyond: tuple[float, float] | None = None,
 ) -> float:
     """|λ1|/|λ3| of the Hessian of ``image`` (working grid) at the most intense voxel of the component ``comp``
     (bool, the crop ``sl``), at scale σ = (diameter/2)/√3 (≥ one voxel); 0 when an eigenvalue has the wrong sign
-    (``bright``: a denser focus needs all three negative, a darker one all three positive)."""
+    (``bright``: a denser focus needs all three negative, a darker one all three positive).
+
+    ``beyond`` = (level, fill): voxels darker than ``level`` are set to ``fill`` first — for a darker focus, tissue
+    darker than the focus itself (fat or gas beyond the organ's edge) is replaced by the organ's parenchyma, so a
+    hypodense lesion at an organ's edge is judged against its own organ, not as a step to the fat."""
     sp = np.asarray(sp_kji, dtype=float)
     sigma_mm = max(diameter_mm / 2.0 / np.sqrt(3.0), float(sp.max()))
     sig_vox = sigma_mm / sp
@@ -37,6 +47,8 @@ def blob_measure(
     lo = np.maximum(0, np.array([s.start for s in sl]) - m)
     hi = np.minimum(shape, np.array([s.stop for s in sl]) + m)
     crop = image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float64)
+    if beyond is not None:
+        crop = np.where(crop < beyond[0], beyond[1], crop)
     off = np.array([s.start for s in sl]) - lo
     vals = np.where(comp, crop[off[0] : off[0] + comp.shape[0], off[1] : off[1] + comp.shape[1],
                                off[2] : off[2] + comp.shape[2]], np.nan)  # fmt: skip

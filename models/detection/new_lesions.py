@@ -29,11 +29,15 @@ made robust to what registration leaves behind:
    either scan (bowel content and loops move); an air-density site outside the lungs (a gas pocket); a darker focus
    outside solid parenchyma (unless the prior around it is homogeneous enhancing parenchyma); a denser focus that is
    a piece of a larger follow-up structure (a vessel, a bowel loop,
-   an organ edge: ``max_attached_fraction``); and a focus whose pattern the prior holds within
+   an organ edge: ``max_attached_fraction``); and a denser focus whose pattern the prior holds within
    ``misfit_radius_mm`` (misregistration: sliding at the pleura and the abdominal wall, ribs, vessels —
    :mod:`models.detection.misfit`); a denser focus that is a tube or a sheet in the follow-up image at its own
-   scale (the Hessian blob measure, :mod:`models.detection.blobness`: vessel pieces, ribs, the pleura); and a darker
-   focus whose surroundings changed as well (a seam, not a focal change). The confidence is a logistic score of
+   scale (the Hessian blob measure, :mod:`models.detection.blobness`: vessel pieces, ribs, the pleura); a darker
+   focus that is not a dark blob (a dark vessel, fissure or edge; fat beyond the organ read as parenchyma); and a
+   darker focus whose surroundings changed as well (a seam, not a focal change) — for darker foci this replaces the
+   misfit test, which in homogeneous parenchyma "explains" a new metastasis by any dark spot ≤ 10 mm away even
+   where the registration is right. Shape is judged only along resolved axes (a focus on one or two thick slices:
+   in-plane). The confidence is a logistic score of
    contrast, shape, size and how little of the residual the prior nearby explains (0.5 is the operating point); at
    most ``max_candidates`` are returned, the most confident first.
 
@@ -127,6 +131,10 @@ class DetectionOptions:
     """A denser focus must be a blob in the follow-up image at its own scale (Hessian |λ1|/|λ3| ≥ this; ≈ 1 for a
     ball, ≈ 0 for a tube or a sheet: blobness.py). Subtraction cuts compact-looking pieces out of vessels, ribs and
     the pleura that moved; the image around them is still a tube or a sheet."""
+    min_dark_blobness: float = 0.0
+    """A darker focus must be a dark blob: all three Hessian eigenvalues positive (blob measure above this), with
+    tissue darker than the focus itself (fat beyond the organ's edge) read as the organ's parenchyma, so that a
+    metastasis at the liver's edge is a blob and a dark vessel, fissure or sliding edge is not."""
     max_surround_ratio: float = 0.2
     """A darker focus is new only where its surroundings agree with the prior: the median |follow-up − prior| in a
     shell 1.5–4.5 mm around it may be at most this fraction of its own change. At a sliding seam (the liver dome
@@ -241,14 +249,20 @@ def _assess(
     to the prior, shape and surroundings, the candidate at full resolution with its reasons, or its rejection (None
     when rejected and rejected ones are not kept)."""
     conf, tissue_ch, diameter, elong, strength = described
-    channel, pr_s, sp_kji, f_kji = maps.channel, maps.prior_s, maps.spacing_kji, maps.factors
+    channel, sp_kji, f_kji = maps.channel, maps.spacing_kji, maps.factors
     reject, ratio, iso = _anatomy_and_misfit(maps, maps.gas_zone, comp, sl, opt)
     ch_major = int(np.argmax(np.bincount(channel[sl][comp], minlength=3)))
     surround = _surround_ratio(maps, comp, sl, ch_major)
-    blob = blob_measure(maps.fu_s if ch_major == 2 else maps.fu_l, comp, sl, sp_kji, diameter, ch_major != 2)
-    conf = _with_misfit(conf, ratio)
+    blob = blob_measure(
+        maps.fu_s if ch_major == 2 else maps.fu_l, comp, sl, sp_kji, diameter, ch_major != 2,
+        _organ_level(maps, comp, sl) if ch_major == 2 else None,
+    )  # fmt: skip
+    if ch_major != 2:  # a darker focus is judged by its surroundings, not by the misfit (_anatomy_and_misfit)
+        conf = _with_misfit(conf, ratio)
     if not reject and ch_major != 2 and blob < opt.min_blobness:
         reject = f"tube- or sheet-like in the follow-up (blob measure {blob:.2f}: a vessel, rib or wall piece)"
+    if not reject and ch_major == 2 and blob <= opt.min_dark_blobness:
+        reject = f"not a dark blob in the follow-up (blob measure {blob:.2f}: a dark vessel, fissure or edge)"
     if not reject and ch_major == 2 and surround > opt.max_surround_ratio:
         reject = f"its surroundings changed too (×{surround:.2f} of its own change: a seam or a moved edge)"
     if not reject and conf < opt.min_confidence:
@@ -262,9 +276,7 @@ def _assess(
     vals_p = warped_prior.array[mask].astype(np.float64)
     mean_hu = float(vals_f.mean())
     contrast = float(mean_hu - vals_p.mean())
-    tissue = _organ(maps.anatomy, comp, sl, tissue_ch)
-    if tissue == "soft tissue" and not maps.anatomy.liver.any() and _liver_like(pr_s, sl, comp, sp_kji):
-        tissue = "liver"  # no liver found in the image: fall back to the site's homogeneous parenchyma
+    tissue = _organ(maps.anatomy, comp, sl, tissue_ch)  # no liver found in the image: "soft tissue", not a guess
     if not reject and tissue != "lung" and contrast > opt.max_soft_contrast_hu:
         reject = f"{contrast:+.0f} HU: bone, calcium or contrast-filled vessel moved"
     if reject and not opt.keep_rejected:
@@ -372,10 +384,30 @@ def _anatomy_and_misfit(
             ratio,
             iso,
         )
-    if ratio < opt.max_misfit_ratio:
+    # a darker focus is judged by its surroundings instead (_surround_ratio): homogeneous parenchyma fits any
+    # shift, so a dark spot of the prior ≤ 10 mm away "explains" a new hypodense metastasis where the
+    # registration is right; a misregistered seam shows in the surroundings
+    if ch != 2 and ratio < opt.max_misfit_ratio:
         dist = float(np.linalg.norm(shift))
         return f"found in the prior {dist:.0f} mm away (misregistration; residual ×{ratio:.2f})", ratio, iso
     return "", ratio, iso
+
+
+def _organ_level(maps: _Maps, comp: Array, sl: tuple[slice, ...]) -> tuple[float, float]:
+    """(level, fill) for the blob measure of a darker focus: anything darker than the focus's darkest voxel less
+    20 HU is not its organ (fat or gas beyond the edge) and reads as the organ's parenchyma around it (the median
+    of the prior in a 2–6 mm ring)."""
+    vals = maps.fu_s[sl][comp]
+    pad = 4
+    lo = [max(0, s.start - pad) for s in sl]
+    hi = [min(n, s.stop + pad) for s, n in zip(sl, maps.fu_s.shape, strict=True)]
+    core = np.zeros(tuple(b - a for a, b in zip(lo, hi, strict=True)), bool)
+    core[tuple(slice(s.start - a, s.stop - a) for s, a in zip(sl, lo, strict=True))] = comp
+    ring = ndi.binary_dilation(core, iterations=3) & ~ndi.binary_dilation(core, iterations=1)
+    pr = maps.prior_s[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))][ring]
+    level = float(vals.min()) - 20.0
+    parenchyma = pr[pr >= level]
+    return level, float(np.median(parenchyma)) if parenchyma.size else float(np.median(vals))
 
 
 def _surround_ratio(maps: _Maps, comp: Array, sl: tuple[slice, ...], ch: int) -> float:
@@ -477,7 +509,7 @@ def _score_maps(followup: Volume, warped_prior: Volume, opt: DetectionOptions) -
     kk = np.arange(n_k) * f_kji[0] + (f_kji[0] - 1) / 2.0
     x_mm = followup.index_to_patient(np.stack([ii, np.full(n_i, mid_j), np.full(n_i, mid_k)], 1))[:, 0]
     z_mm = followup.index_to_patient(np.stack([np.full(n_k, mid_i), np.full(n_k, mid_j), kk], 1))[:, 2]
-    anatomy = find_anatomy(fu_s, pr_s, body, sp_kji, x_mm, z_mm)
+    anatomy = find_anatomy(fu_s, pr_s, body, sp_kji, x_mm, z_mm, uncovered=pr <= -1023.0)
     gas_zone = ndi.maximum_filter(anatomy.gas, size=_box(opt.gas_margin_mm, sp_kji))
     return _Maps(z, channel, pr_s, valid, sp, sp_kji, f_kji, fu_l, pr_l, fu_s, anatomy, gas_zone)
 
@@ -495,14 +527,10 @@ def _describe(
 ) -> tuple[float, str, float, float, float] | None:
     """(confidence, tissue, axial diameter mm, elongation, strength) or None when size/shape rule it out."""
     idx = np.argwhere(comp)
-    pts = idx * sp_kji
     diameter = _axial_diameter(idx, sp_kji)
     if diameter < 0.8 * opt.min_diameter_mm or diameter > opt.max_diameter_mm:  # 0.8: voxel quantisation
         return None
-    cov = np.cov(pts.T) if len(pts) > 1 else np.zeros((3, 3))
-    cov = cov + np.diag(sp_kji**2 / 12.0)  # a voxel has extent: one-slice components are not degenerate
-    ev = np.clip(np.linalg.eigvalsh(cov), 1e-6, None)
-    elong = float(math.sqrt(ev[0] / ev[-1]))
+    elong = _elongation(idx, sp_kji)
     if elong < opt.min_elongation:
         return None
     ch = np.bincount(channel[comp], minlength=3)
@@ -518,6 +546,25 @@ def _describe(
     )
     conf = 1.0 / (1.0 + math.exp(-score))
     return conf, tissue, diameter, elong, peak
+
+
+def _elongation(idx: Array, sp_kji: Array) -> float:
+    """sqrt(smallest / largest principal variance) of the voxels ``idx`` (k, j, i) in mm: 1 round, → 0 tubular.
+
+    Along an axis the scan does not resolve the shape is not judged: a focus on one or two slices that are at
+    least twice as thick as the pixels are wide (a 10 mm lesion on one 5 mm slice) has an unknown through-plane
+    extent, so its elongation is the in-plane one (otherwise every such lesion would read as a flat sheet)."""
+    pts = idx * sp_kji
+    thick = float(sp_kji[0]) >= 2.0 * float(np.max(sp_kji[1:]))
+    axes = slice(1, 3) if thick and len(np.unique(idx[:, 0])) <= 2 else slice(0, 3)
+    pts = pts[:, axes]
+    dim = pts.shape[1]
+    cov = np.cov(pts.T) if len(pts) > 1 else np.zeros((dim, dim))
+    cov = cov + np.diag(
+        np.asarray(sp_kji)[axes] ** 2 / 12.0
+    )  # a voxel has extent: one-slice components are not degenerate
+    ev = np.clip(np.linalg.eigvalsh(cov), 1e-6, None)
+    return float(math.sqrt(ev[0] / ev[-1]))
 
 
 def _axial_diameter(idx: Array, sp_kji: Array) -> float:

@@ -28,6 +28,7 @@ from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment
 from lesiontrack.pipeline.jobs.contract import EarlierSource
 from lesiontrack.pipeline.jobs.followup_annotations import person_annotations_on
 from lesiontrack.pipeline.jobs.ports import PriorAnnotation
+from lesiontrack.pipeline.jobs.steps.services import time_key
 from lesiontrack.pipeline.science.prompt_selection import (
     AnnotationCandidate,
     AnnotationOrigin,
@@ -44,9 +45,7 @@ def _earlier_series(session: Session, patient_pk: int, before_key: str) -> list[
         .join(Study, Series.study_pk == Study.id)
         .where(Study.patient_pk == patient_pk, Series.created_by_us.is_(False), Series.modality == "CT")
     ).all()
-    keyed = [
-        (uid, study, date, f"{date or '00000000'}{(time or '').split('.')[0]:0<6}") for uid, study, date, time in rows
-    ]
+    keyed = [(uid, study, date, time_key(date, time)) for uid, study, date, time in rows]
     return sorted((r for r in keyed if r[3] < before_key), key=lambda r: r[3], reverse=True)
 
 

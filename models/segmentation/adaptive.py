@@ -262,8 +262,9 @@ def _supported_growth(
     """``seg`` less its growth beyond a mask prompt when that growth does not look like the lesion.
 
     The part of the segment more than ``layer_mm`` (one voxel: its partial-volume layer) outside the propagated prior
-    mask is growth; taken together (its own blurred edge included) its mean intensity must lie at least
-    ``growth_min_fraction`` of the way from the background to the lesion (``levels`` = lesion, background, the
+    mask is growth; taken together (its own blurred edge included), the median of its voxels' neighbourhood
+    intensities must lie at least ``growth_min_fraction`` of the way from the background to the lesion (``levels`` =
+    lesion, background, the
     lesion's spread; tissue beyond the lesion's intensities, away from the background, counts as none). Otherwise
     the evidence held no boundary there — a low-contrast lesion whose random walk spread into its organ — and the
     segment is cut back to the prior mask and that layer: a prior of volume V does not yield many times V without it.

@@ -11,8 +11,7 @@
 // stdout (what was drawn and saved); exit status 0 when the SR was stored (STOW-RS 2xx), 1 otherwise.
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { startServer } from './ohif-server.mjs';
+import { openOhif } from './ohif-page.mjs';
 
 const argv = process.argv.slice(2);
 const arg = (name, dflt) => { const i = argv.indexOf(`--${name}`); return i >= 0 ? argv[i + 1] : dflt; };
@@ -55,35 +54,10 @@ async function showSliceOf(page, a, b) {
   }, [a, b]);
 }
 
-const { server, url } = await startServer({ orthanc, log: (m) => result.consoleErrors.push(m) });
-const browser = await chromium.launch({
-  executablePath, headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-background-networking', '--disable-component-update',
-    '--no-first-run', '--no-default-browser-check', '--disable-default-apps', '--disable-sync',
-    '--disable-extensions', '--disable-domain-reliability', '--disable-client-side-phishing-detection',
-    '--metrics-recording-only', '--use-gl=swiftshader', '--enable-unsafe-swiftshader', '--mute-audio'],
-});
+const viewer = await openOhif({ orthanc, executablePath, timeout, out, result });
+const { url, page, shot } = viewer;
 let ok = false;
 try {
-  const context = await browser.newContext({ viewport: { width: 1600, height: 1000 }, serviceWorkers: 'block' });
-  await context.addInitScript(() => {
-    try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) { /* ignore */ }
-  });
-  const page = await context.newPage();
-  page.setDefaultTimeout(timeout);
-  page.on('pageerror', (e) => result.pageErrors.push(String(e.message).slice(0, 300)));
-  page.on('console', (m) => { if (m.type() === 'error') result.consoleErrors.push(m.text().slice(0, 300)); });
-  await context.route('**/*', (route) => {
-    const u = new URL(route.request().url());
-    if (u.hostname === '127.0.0.1' || u.protocol === 'data:' || u.protocol === 'blob:') return route.continue();
-    result.blocked.push(u.origin);
-    return route.abort();
-  });
-  const shot = async (name) => {
-    const file = path.join(out, name);
-    await page.screenshot({ path: file });
-    result.screenshots.push(file);
-  };
 
   result.url = `${url}/viewer?StudyInstanceUIDs=${study}`;
   step('open study');
@@ -142,8 +116,7 @@ try {
 } catch (e) {
   result.error = String(e && e.stack || e).slice(0, 2000);
 } finally {
-  await browser.close();
-  server.close();
+  await viewer.close();
 }
 console.log(JSON.stringify(result, null, 1));
 process.exit(ok ? 0 : 1);

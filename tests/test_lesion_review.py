@@ -24,7 +24,14 @@ from sqlalchemy import select
 from lesiontrack.db.models import LesionObservation
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.jobs.contract import job_results
-from lesiontrack.pipeline.science.confidence import ConfidenceRules, assess_lesion, review_text
+from lesiontrack.pipeline.science.confidence import (
+    ConfidenceRules,
+    Evidence,
+    LesionConfidence,
+    assess_lesion,
+    combine,
+    review_text,
+)
 from tests.support.patient import STILL_SEED, STILL_SHAPE, STILL_SPACING, still_patient
 from tests.support.service_site import analyse_first_followup
 from tests.support.validators import assert_seg_and_sr_validate
@@ -252,23 +259,26 @@ def test_annotation_margin_is_relative_to_the_lesions_own_contrast() -> None:
     assert rough_m <= 0.55
 
 
+# the evidence of a clear result found where the annotation was, eight weeks on: each check varies one part of it
+CLEAR_RESULT: Evidence = {
+    "present": True,
+    "days": 56,
+    "containment": 0.95,
+    "shift": 0.05,
+    "beyond": 0.0,
+    "result_margin": 0.95,
+}
+
+
+def conf(**kw: Any) -> LesionConfidence:
+    """pipeline.science.confidence.combine on :data:`CLEAR_RESULT` with ``kw`` changed."""
+    return combine(cast(Evidence, {**CLEAR_RESULT, **kw}))
+
+
 def test_consistency_is_scaled_by_the_interval_and_charged_to_the_odd_one_out() -> None:
     """Evidence-level checks of pipeline.science.confidence.combine: a x2.8 change between neighbours 8 weeks apart is a
     plausible real change, x5 is not, x5 over 16 weeks is; a jump is charged to the result that departs further from
     the annotation's volume; a clear result overrules a poor annotation margin; a second concern lowers the score."""
-    from lesiontrack.pipeline.science.confidence import Evidence, combine
-
-    base: Evidence = {
-        "present": True,
-        "days": 56,
-        "containment": 0.95,
-        "shift": 0.05,
-        "beyond": 0.0,
-        "result_margin": 0.95,
-    }
-
-    def conf(**kw: Any) -> Any:
-        return combine(cast(Evidence, {**base, **kw}))
 
     assert not conf(volume_ratio=2.8, neighbour_ratio=2.8, neighbour_days=56).review
     fast = conf(volume_ratio=2.9, neighbour_ratio=5.0, neighbour_days=56, days=112)
@@ -289,23 +299,13 @@ def test_every_recorded_reason_flags_the_lesion() -> None:
     """Issue 29 item 5: a reason of doubt is recorded exactly when it flags the lesion. A mild local Jacobian
     (0.57..1.47, score about 0.86) is not a reason of doubt: it stays a signal with its value, no reason is recorded
     and the lesion is not flagged; a result with a reason always says "flagged"."""
-    from lesiontrack.pipeline.science.confidence import Evidence, combine
-
-    base: Evidence = {
-        "present": True,
-        "days": 56,
-        "containment": 0.95,
-        "shift": 0.05,
-        "beyond": 0.0,
-        "result_margin": 0.95,
-    }
-    mild = combine({**base, "jac_lo": 0.57, "jac_hi": 1.47})
+    mild = conf(jac_lo=0.57, jac_hi=1.47)
     jac = mild.signal("jacobian")
     assert jac is not None
     assert jac.score < 1
     assert not mild.review
     assert mild.reasons == []
-    folded = combine({**base, "jac_lo": -0.1, "jac_hi": 1.2})
+    folded = conf(jac_lo=-0.1, jac_hi=1.2)
     assert folded.review
     assert "registration folds near the lesion" in folded.reasons
     for ev in (
@@ -315,7 +315,7 @@ def test_every_recorded_reason_flags_the_lesion() -> None:
         {"volume_ratio": 0.885, "registration_ratio": 1.3},
         {"annotation_margin": 0.7},
     ):
-        c = combine(cast(Evidence, {**base, **ev}))
+        c = conf(**ev)
         assert bool(c.reasons) == c.review, (ev, c)
 
 
@@ -323,19 +323,6 @@ def test_a_change_that_contradicts_itself_or_the_registration_is_flagged() -> No
     """Issue 29 item 5: volume and RECIST diameter changing in opposite directions, or a volume change the
     registration's Jacobian does not explain (it stretched the lesion's region by +30 %, the result says -11.5 %),
     flag the lesion and say why; measurement noise, a coherent change and a rigid registration do not."""
-    from lesiontrack.pipeline.science.confidence import Evidence, combine
-
-    base: Evidence = {
-        "present": True,
-        "days": 56,
-        "containment": 0.95,
-        "shift": 0.05,
-        "beyond": 0.0,
-        "result_margin": 0.95,
-    }
-
-    def conf(**kw: Any) -> Any:
-        return combine(cast(Evidence, {**base, **kw}))
 
     contra = conf(volume_ratio=0.75, diameter_ratio=1.12)
     assert contra.review

@@ -63,36 +63,23 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def _toml_table(name: str, table: dict[str, Any], out: list[str], array: bool = False) -> None:
-    out.append(f"[[{name}]]" if array else f"[{name}]")
+def _toml_body(prefix: str, table: dict[str, Any], out: list[str]) -> None:
+    """The table's own keys, then its sub-tables (``prefix.key``) and arrays of tables."""
     nested = []
     for k, v in table.items():
         if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
-            nested.append((k, v))
+            nested.append((f"{prefix}{k}", v))
         else:
             out.append(f"{k} = {_toml_value(v)}")
-    for k, v in nested:
-        if isinstance(v, dict):
-            _toml_table(f"{name}.{k}", v, out)
-        else:
-            for item in v:
-                _toml_table(f"{name}.{k}", item, out, array=True)
+    for name, v in nested:
+        for item, array in [(v, False)] if isinstance(v, dict) else [(x, True) for x in v]:
+            out.append(f"[[{name}]]" if array else f"[{name}]")
+            _toml_body(f"{name}.", item, out)
 
 
 def dump_toml(cfg: dict[str, Any]) -> str:
     out: list[str] = []
-    tables = []
-    for k, v in cfg.items():
-        if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
-            tables.append((k, v))
-        else:
-            out.append(f"{k} = {_toml_value(v)}")
-    for k, v in tables:
-        if isinstance(v, dict):
-            _toml_table(k, v, out)
-        else:
-            for item in v:
-                _toml_table(k, item, out, array=True)
+    _toml_body("", cfg, out)
     return "\n".join(out) + "\n"
 
 

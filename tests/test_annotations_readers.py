@@ -31,6 +31,18 @@ from tests.support.tools import require_tool
 NODULES = [((10.0, 0.0, 40.0), 7.0), ((-15.0, 12.0, 40.0), 6.0), ((12.0, -18.0, 25.0), 5.0)]
 
 
+def _annotated_header(study_date: str) -> CTSeriesHeader:
+    """A new CT study and series of the annotated test patient on ``study_date``."""
+    return CTSeriesHeader(
+        patient_id="ANN1",
+        patient_name="Annotated^Patient",
+        study_uid=generate_uid(),
+        series_uid=generate_uid(),
+        frame_of_reference_uid=generate_uid(),
+        study_date=study_date,
+    )
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Volume, list[pydicom.Dataset]]:
     """A small chest-like CT on 5 mm slices: soft tissue with lung (-850 HU) holding three nodules."""
@@ -51,14 +63,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Volume, list[
     write_ct_series(
         Volume(np.rint(hu).astype(np.int16), origin, sp),
         ct_dir,
-        CTSeriesHeader(
-            patient_id="ANN1",
-            patient_name="Annotated^Patient",
-            study_uid=generate_uid(),
-            series_uid=generate_uid(),
-            frame_of_reference_uid=generate_uid(),
-            study_date="20260101",
-        ),
+        _annotated_header("20260101"),
     )
     files = sorted(ct_dir.glob("*.dcm"))
     ct = read_series(files)
@@ -309,14 +314,7 @@ def test_track_cli_from_a_gsps_baseline(
     files = write_ct_series(
         ct,
         fu,
-        CTSeriesHeader(
-            patient_id="ANN1",
-            patient_name="Annotated^Patient",
-            study_uid=generate_uid(),
-            series_uid=generate_uid(),
-            frame_of_reference_uid=generate_uid(),
-            study_date="20260301",
-        ),
+        _annotated_header("20260301"),
     )
     assert files
     out = tmp_path / "out"

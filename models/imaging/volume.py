@@ -145,6 +145,15 @@ class Volume:
 
         ``transform`` maps reference (output) points to this volume's points, as in SimpleITK.
         """
+        if label and transform is None and self.same_grid(reference):
+            # the label interpolator smooths even onto its own grid: a nodule two slices thick came back halved
+            return Volume(
+                self.array.copy(),
+                reference.origin.copy(),
+                reference.spacing.copy(),
+                reference.direction.copy(),
+                dict(self.meta),
+            )
         if default is None:
             default = 0.0 if label else float(min(-1024.0, float(self.array.min()) if self.array.size else 0.0))
         interp = (

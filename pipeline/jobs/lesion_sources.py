@@ -7,6 +7,11 @@ for each of them, the person's annotation nearest in time that marks *that* lesi
 (:func:`~pipeline.science.prompt_selection.choose_lesion_sources`), reads its CT and the lesion's prompt there, so that
 the track step propagates it from there (``pipeline.jobs.steps.track``). A lesion no readable earlier annotation
 marks stays "not assessed", with the reason.
+
+An earlier study only on the PACS: prior matching fetched its annotation series; the lesions they name are read
+without a CT (:mod:`pipeline.dicom.annotations.names`), and its CT is retrieved through the prior source's port
+(:class:`PacsAccess`) only when one of them names a lesion still looked for, newest first. Each retrieval is recorded
+(``EarlierRetrievalRecord``); one that fails leaves those lesions "not assessed" with the failure as the reason.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 A patient's baseline T0 (a GSPS line on each lesion) and first follow-up T1 (a GSPS arrow on one lesion, the
 radiologist's re-look) are only in Orthanc; the second follow-up T2 reaches LesionTrack. The job's prior is T1 (the
 annotation nearest in time): it marks one lesion. The others are marked only on T0: prior matching fetched T0's
-annotation series, the job retrieves T0's CT by C-MOVE (the peer's configured method) because those lesions need it,
-and tracks them from there — none "not assessed", and the job's step output says what it retrieved and why. A
-retrieval that fails leaves those lesions "not assessed" with the reason (the unit-level check below).
+annotation series, the job retrieves T0's CT by the peer's configured method (C-MOVE; DICOMweb) because those
+lesions need it, and tracks them from there — none "not assessed", and the job's step output says what it retrieved
+and why. A retrieval that fails leaves those lesions "not assessed" with the reason (the unit-level check below).
 """
 
 from __future__ import annotations
@@ -62,8 +62,11 @@ def _patient(tmp: Path) -> tuple[DemoPatient, dict[str, dict[str, Drawing]], str
     return patient, drawn, target, lines, arrow
 
 
-def test_a_lesion_marked_only_on_a_pacs_only_baseline_is_tracked_from_there(tmp_path: Path) -> None:
-    site = Site(tmp_path / "site", method=RetrieveMethod.C_MOVE)
+@pytest.mark.parametrize("method", [RetrieveMethod.C_MOVE, RetrieveMethod.DICOMWEB])
+def test_a_lesion_marked_only_on_a_pacs_only_baseline_is_tracked_from_there(
+    tmp_path: Path, method: RetrieveMethod
+) -> None:
+    site = Site(tmp_path / "site", method=method)
     try:
         settings, sf = site.node.settings, site.node.sf
         settings.engines.registration = "none"

@@ -35,6 +35,7 @@ from lesiontrack.pipeline.jobs.ports import PriorTimepoint
 from lesiontrack.pipeline.jobs.steps import build_pipeline
 from lesiontrack.service import build_analysis_service, build_ports
 from lesiontrack.synthetic.annotations import Mark, write_gsps
+from lesiontrack.web.dashboard import templates
 from tests.support.orthanc_node import Site
 
 pytestmark = pytest.mark.services
@@ -100,6 +101,9 @@ def test_a_lesion_marked_only_on_a_pacs_only_baseline_is_tracked_from_there(
         assert all(r.status == "present" for r in tracked.lesions)
         for other in others:  # propagated from the baseline T0, not from T1
             assert any(patient.baseline.series_uid in n for n in by_id[other].notes), by_id[other].notes
+        html = templates.env.get_template("_prior_annotation.html").render(job=done)  # the job page says it
+        assert f"Study {patient.baseline.study_uid}" in html
+        assert "retrieved from pacs for " + ", ".join(others) in html
     finally:
         site.stop()
 

@@ -238,7 +238,7 @@ class _Search:
     def _retrieve(self, tp: PriorTimepoint, wanted: list[UnassessedSegment]) -> list[Path] | None:
         """The CT files of ``tp`` brought here through the retrieve port; None (the ``wanted`` lesions "not
         assessed" with the reason) when it fails."""
-        names = [g.identity.tracking_id for g in wanted]
+        names = sorted(g.identity.tracking_id for g in wanted)
         log.info(
             "lesion(s) %s: nearest annotation on earlier study %s (%s), CT not held here: retrieving series %s",
             ", ".join(names), tp.study_uid, tp.source, tp.ct_series_uid,

@@ -27,14 +27,16 @@ from lesiontrack.dicom_node.inbound.ingest import ingest_file
 from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.segmentation.drawing import Drawing
 from lesiontrack.pipeline.dicom.annotations.common import normalise_label
+from lesiontrack.pipeline.dicom.annotations.gsps import read_gsps_prompts
 from lesiontrack.pipeline.dicom.annotations.names import named_lesions
+from lesiontrack.pipeline.dicom.annotations.rtstruct import read_rtstruct_prompts
 from lesiontrack.pipeline.dicom.seg.reader import UnassessedSegment, read_seg_prompts_and_gaps
 from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, TrackOutput, read_output
 from lesiontrack.pipeline.jobs.lesion_sources import PacsAccess, earlier_sources
 from lesiontrack.pipeline.jobs.ports import PriorTimepoint
 from lesiontrack.pipeline.jobs.steps import build_pipeline
 from lesiontrack.service import build_analysis_service, build_ports
-from lesiontrack.synthetic.annotations import Mark, write_gsps
+from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from lesiontrack.web.dashboard import templates
 from tests.support.orthanc_node import Site
 
@@ -164,3 +166,27 @@ def test_a_failed_retrieval_leaves_the_lesions_not_assessed_with_the_reason(tmp_
         assert sorted(names) == sorted(drawn)
     finally:
         site.stop()
+
+
+def test_the_lesions_an_object_names_without_its_ct_are_the_lesions_its_reader_reads(tmp_path: Path) -> None:
+    """What decides that a PACS study is needed (names read without its CT) names the lesions as reading it on the
+    CT does: a SEG's segments, a GSPS's labelled lines, an RT structure set's ROIs (Tracking UID and ID alike)."""
+    patient, _drawn, _target, lines, _arrow = _patient(tmp_path)
+    ct = read_series(patient.baseline.files)
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
+    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
+    centre = prompts[0].box_mm.mean(0) if prompts[0].box_mm is not None else ct.index_to_patient(np.array([56, 56, 32]))
+    t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    ring = np.stack([centre[0] + 8 * np.cos(t), centre[1] + 8 * np.sin(t), np.full_like(t, centre[2])], -1)
+    rs = write_rtstruct(heads, [("liver L9", [ring])], tmp_path / "rs" / "rs.dcm")
+    cases = [
+        (patient.seg_file, "SEG", [p.identity for p in prompts]),
+        (lines, "PR", [p.identity for p in read_gsps_prompts(lines, ct).prompts]),
+        (rs, "RTSTRUCT", [p.identity for p in read_rtstruct_prompts(rs, ct).prompts]),
+    ]
+    for path, modality, read in cases:
+        named = named_lesions(path, modality)
+        assert read, modality
+        assert sorted((i.tracking_uid, i.tracking_id) for i in named) == sorted(
+            (i.tracking_uid, i.tracking_id) for i in read
+        ), modality

@@ -175,7 +175,9 @@ def test_the_lesions_an_object_names_without_its_ct_are_the_lesions_its_reader_r
     ct = read_series(patient.baseline.files)
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in patient.baseline.files]
     prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
-    centre = prompts[0].box_mm.mean(0) if prompts[0].box_mm is not None else ct.index_to_patient(np.array([56, 56, 32]))
+    mask = prompts[0].mask
+    assert mask is not None
+    centre = ct.index_to_patient(np.argwhere(np.asarray(mask.array) > 0).mean(0)[::-1])  # a lesion: in the body
     t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     ring = np.stack([centre[0] + 8 * np.cos(t), centre[1] + 8 * np.sin(t), np.full_like(t, centre[2])], -1)
     rs = write_rtstruct(heads, [("liver L9", [ring])], tmp_path / "rs" / "rs.dcm")

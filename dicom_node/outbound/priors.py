@@ -318,7 +318,10 @@ class PriorFinder:
             for st in studies:
                 for se in s.scalars(select(Series).where(Series.study_pk == st.id)):
                     if (se.modality or "").upper() == "CT":
-                        ct[se.series_instance_uid] = (st, se)
+                        # a CT series row with no instance (created ahead of a retrieval that matching only planned:
+                        # a PACS-only study whose annotations were fetched) is not held: the PACS lookup finds it
+                        if s.scalar(select(Instance.id).where(Instance.series_pk == se.id).limit(1)) is not None:
+                            ct[se.series_instance_uid] = (st, se)
                     elif (se.modality or "").upper() in ANNOTATION_MODALITIES:
                         for inst in s.scalars(select(Instance).where(Instance.series_pk == se.id)):
                             annotations.append((inst, se.modality or ""))

@@ -270,6 +270,18 @@ class RetrievePriorsOutput(PipelineOutput):
         return self.prior.files_present()
 
 
+class EarlierRetrievalRecord(Record):
+    """An earlier study retrieved from the PACS because a lesion's own nearest annotation by a person is on it
+    (pipeline.jobs.lesion_sources): which study, from where, for which lesions, and how it went."""
+
+    study_uid: str
+    ct_series_uid: str
+    source: str  # the PACS peer name ("local": held here, re-checked through the prior source)
+    lesions: list[str]  # the Tracking IDs that needed it
+    ct_files: int = 0
+    error: str | None = None  # set: the retrieval failed; those lesions are "not assessed" with this reason
+
+
 class LoadVolumesOutput(PipelineOutput):
     step: ClassVar[str] = "load_volumes"
     followup_shape: list[int]
@@ -285,6 +297,7 @@ class LoadVolumesOutput(PipelineOutput):
     followup_lesions: list[LesionRef] = Field(default_factory=list)
     #: lesions the prior's annotation does not mark, prompted from their own nearest earlier annotation (issue 31 C)
     earlier_lesions: list[LesionRef] = Field(default_factory=list)
+    earlier_retrieved: list[EarlierRetrievalRecord] = Field(default_factory=list)  # studies fetched for them
 
 
 class RegisterOutput(PipelineOutput):

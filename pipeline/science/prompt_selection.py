@@ -44,6 +44,11 @@ OUR_MANUFACTURER = "LesionTrack"
 _RANK = {"SEG": 3, "RTSTRUCT": 2, "SR": 1, "PR": 1}  # pipeline.dicom.annotations.common.RANK
 
 
+def time_key(date: str | None, time: str | None) -> str:
+    """A sortable key of a study's date and time (missing date sorts first)."""
+    return f"{date or '00000000'}{(time or '').split('.')[0]:0<6}"
+
+
 class AnnotationOrigin(StrEnum):
     """Who made an annotation."""
 

@@ -362,3 +362,16 @@ def _cross(a: np.ndarray, b: np.ndarray) -> bool:
     d1, d2 = orient(a[0], a[1], b[0]), orient(a[0], a[1], b[1])
     d3, d4 = orient(b[0], b[1], a[0]), orient(b[0], b[1], a[1])
     return d1 * d2 <= 0 and d3 * d4 <= 0
+
+
+def gsps_labels(path: str | Path) -> list[str]:
+    """The lesion labels a presentation state's texts carry (values removed), in order, each once: read without a
+    CT, so that the lesions an object names are known before its study's CT is here (issue 31 C)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    out: dict[str, str] = {}
+    for item in ds.get("GraphicAnnotationSequence", []):
+        for t in item.get("TextObjectSequence", []):
+            label = _label([str(t.get("UnformattedTextValue", "")).strip()])
+            if label is not None:
+                out.setdefault(normalise_label(label), label)
+    return list(out.values())

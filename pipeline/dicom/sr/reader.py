@@ -439,12 +439,9 @@ def read_sr_prompts(
     if seg_files is None and any(g.referenced_segment for g in contents.groups):
         seg_files = _find_seg_files(Path(path).parent)
     seg_paths = [Path(f) for f in (seg_files or [])]
-    merged: dict[str, list[SrGroup]] = {}
-    for i, g in enumerate(contents.groups):
-        merged.setdefault(g.tracking_uid or _derived_uid(contents.sop_instance_uid, "group", str(i)), []).append(g)
     prompts: list[Prompt] = []
-    for n, (uid, groups) in enumerate(merged.items(), start=1):
-        prompt = _lesion_prompt(_Lesion(contents, uid, n, groups), seg_paths, ct, warnings)
+    for les in _lesions(contents):
+        prompt = _lesion_prompt(les, seg_paths, ct, warnings)
         if prompt is not None:
             prompts.append(prompt)
     log.debug("read SR %s: %d prompt(s)", contents.sop_instance_uid, len(prompts))
@@ -463,6 +460,19 @@ class _Lesion:
     def first(self, attribute: str) -> str | None:
         """The first of its groups' values of ``attribute`` that is set."""
         return next((v for g in self.groups if (v := getattr(g, attribute))), None)
+
+
+def _lesions(contents: SrContents) -> list[_Lesion]:
+    """The lesions of an SR: its measurement groups merged by Tracking UID, numbered in order of appearance."""
+    merged: dict[str, list[SrGroup]] = {}
+    for i, g in enumerate(contents.groups):
+        merged.setdefault(g.tracking_uid or _derived_uid(contents.sop_instance_uid, "group", str(i)), []).append(g)
+    return [_Lesion(contents, uid, n, groups) for n, (uid, groups) in enumerate(merged.items(), start=1)]
+
+
+def sr_lesion_identities(path: str | Path) -> list[LesionIdentity]:
+    """The lesions an SR names, as :func:`read_sr_prompts` names them, read without a CT (no coordinates needed)."""
+    return [_identity(les) for les in _lesions(read_sr(path))]
 
 
 def _lesion_prompt(

@@ -15,6 +15,7 @@ from lesiontrack.pipeline.jobs.analysis import JobContext
 from lesiontrack.pipeline.jobs.contract import AnalysisState, FollowupRecord
 from lesiontrack.pipeline.jobs.ports import PriorSource, ResultSender
 from lesiontrack.pipeline.jobs.store import PermanentError
+from lesiontrack.pipeline.science.prompt_selection import time_key as time_key  # one key for the steps
 
 
 @dataclass
@@ -70,8 +71,3 @@ def followup_series(sf: sessionmaker[Session], series_uid: str) -> FollowupSerie
             modality=series.modality,
         )
         return FollowupSeries(record, files)
-
-
-def time_key(date: str | None, time: str | None) -> str:
-    """A sortable key of a study's date and time (missing date sorts first)."""
-    return f"{date or '00000000'}{(time or '').split('.')[0]:0<6}"

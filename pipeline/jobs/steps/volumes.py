@@ -10,7 +10,7 @@ from lesiontrack.db.session import session_scope
 from lesiontrack.models.imaging.dicom_read import SeriesError, read_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import Prompt
-from lesiontrack.pipeline.dicom.annotations.common import AnnotationWarning
+from lesiontrack.pipeline.dicom.annotations.common import AnnotationWarning, normalise_label
 from lesiontrack.pipeline.dicom.prompt_sources import (
     NoLesionInAnnotation,
     PromptSourceError,
@@ -30,7 +30,7 @@ from lesiontrack.pipeline.jobs.contract import (
     RetrievePriorsOutput,
 )
 from lesiontrack.pipeline.jobs.followup_annotations import followup_prompts, person_annotations_on, unmarked_lesions
-from lesiontrack.pipeline.jobs.lesion_sources import earlier_sources
+from lesiontrack.pipeline.jobs.lesion_sources import PacsAccess, earlier_sources
 from lesiontrack.pipeline.jobs.ports import PROMPT_FILE, PriorTimepoint
 from lesiontrack.pipeline.jobs.steps.services import Ctx, followup_series, time_key
 from lesiontrack.pipeline.jobs.store import NothingToTrack, PermanentError
@@ -49,6 +49,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
     prompts, not_assessed = read_prompts_and_gaps(prior, prior_ct, annotation_warnings)
     match = ctx.outputs.get(MatchPriorsOutput)
     unmarked: list[UnassessedSegment] = []
+    prior_marks: set[str] | None = None  # set: lesions named only on earlier annotations are looked for too
     with session_scope(ctx.services.session_factory) as s:
         # a verified correction as prompt: the lesion identities its adoption recorded; lesions a reader deleted
         # are not tracked any more (issue 16)
@@ -61,6 +62,8 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
             marked = {p.identity.tracking_uid for p in prompts} | {g.identity.tracking_uid for g in not_assessed}
             label = f"the prior {ann0.modality} {ann0.sop_instance_uid} (series {prior.ct_series_uid})"
             unmarked = unmarked_lesions(s, match.followup.patient_pk, marked, label)
+            idents = [*(p.identity for p in prompts), *(g.identity for g in not_assessed)]
+            prior_marks = marked | {normalise_label(i.tracking_id) for i in idents}
         if match.verification is not None:
             our_seg = our_seg_of_series(s, ctx.series_uid, before_job=ctx.job_id)
             ctx.state.adoption = build_adoption(
@@ -73,14 +76,22 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
                 ctx.services.settings.verification.overlap_match_dice,
             )
     # each lesion the prior's annotation does not mark: from its own nearest annotation by a person (issue 31 C)
-    earlier, unmarked = earlier_sources(
+    # a study only on the PACS is retrieved for them through the prior source's port, as the prior was
+    source = ctx.services.prior_source
+    pacs = PacsAccess(
+        source.retrieve if source is not None else None, {p.ct_series_uid: p.source for p in match.priors_found}
+    )
+    lookup = earlier_sources(
         ctx.services.session_factory,
         match.followup.patient_pk,
         unmarked,
         time_key(prior.study_date, prior.study_time),
         annotation_warnings,
+        prior_marks=prior_marks,
+        pacs=pacs,
     )
-    not_assessed += unmarked
+    earlier = lookup.sources
+    not_assessed += lookup.unassessed
     followup_anns, on_followup = [], []
     if ctx.state.adoption is None:  # a person's lesions on this follow-up itself: prompts at this timepoint
         followup_anns = person_annotations_on(ctx.services.session_factory, ctx.series_uid)
@@ -98,6 +109,7 @@ def load_volumes(ctx: Ctx) -> LoadVolumesOutput:
         annotation_warnings=annotation_warnings,
         lesions=_lesion_refs(prompts),
         earlier_lesions=_lesion_refs([p for e in earlier for p in e.prompts]),
+        earlier_retrieved=lookup.retrieved,
         followup_annotations=[a.sop_instance_uid for a in followup_anns],
         followup_lesions=_lesion_refs(on_followup),
         not_assessed=[

@@ -146,6 +146,8 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
         r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
         min_area=cfg.elongated_fraction * float(m0.sum()),
         radial=np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1),
+        # a faint lesion's cross-section smaller than its smoothing's width (FWHM) is noise at that smoothing
+        min_cross=0.0 if faint is None else np.pi * (1.18 * cfg.faint_smoothing * long_mm) ** 2 / (sp[1] * sp[2]),
     )
     n_slices = 1 + _propagate(seed, m0, kk, lesion_like, bound, sp, cfg, limits)
     out = np.zeros(image.shape, np.uint8)
@@ -339,6 +341,7 @@ class _SliceLimits:
     r_bound: float  # ... and in-plane radius (mm)
     min_area: float  # a cross-section at least this large (voxels) is an elongated lesion, not bounded
     radial: np.ndarray  # in-plane distance (mm) of every pixel from the drawn cross-section's centre
+    min_cross: float = 0.0  # a cross-section smaller than this (voxels) ends the lesion
 
 
 def _propagate(
@@ -368,7 +371,7 @@ def _propagate(
                 r = lim.r_bound * float(np.sqrt(max(0.0, 1.0 - (z / lim.z_bound) ** 2))) if z < lim.z_bound else 0.0
                 cand &= lim.radial <= max(r, 0.5 * float(max(sp[1], sp[2])))
                 cand = _connected_to(cand, cand) if z < lim.z_bound else np.zeros_like(cand)
-            if not cand.any():
+            if not cand.any() or float(cand.sum()) < lim.min_cross:
                 break
             seed[k] = cand
             added += 1

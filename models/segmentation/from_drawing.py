@@ -23,6 +23,17 @@ image, not from the drawing's in-plane size (a prompt box as deep as the line is
    the result is kept when it overlaps the seed, else the seed. A diameter, an ellipse or a contour bounds the lesion
    better than the refinement (measured: bench/annotations.py, docs/benchmarks.md).
 
+A *faint* lesion — a diameter or an ellipse on a lesion whose contrast with its surroundings' most frequent tissue is
+within 2.5 x that tissue's voxel spread (a liver metastasis a few tens of HU from its liver on a noisy CT) — is read on
+a smoothed image instead: step 2's ring would otherwise leave out its background as "like the core" and measure the
+lesion against the fat or bone beyond the organ, and every voxel of the organ in the bound would be lesion. The image
+is smoothed with a Gaussian of 0.1 x the drawn diameter (small against the lesion, wide enough to average the noise);
+the ring's most frequent tissue is then the background when it differs from the core's level by 2 noise SDs and the
+tissue just beyond the drawn diameter's ends (where the radiologist saw the lesion end) is on its side of the core's
+level. The lesion is then segmented on an in-plane smoothing over its own and its background's tissue only (voxels
+within 3 contrasts of their levels: fat or bone beside the organ is neither blurred in nor lesion), and a
+cross-section smaller than the smoothing's width ends it through the slices (smaller is noise at that smoothing).
+
 Too little contrast between the core and the background (< 2 noise SDs) gives no seed: the caller falls back to the
 drawing's box and says so.
 """
@@ -131,24 +142,7 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     m0 = ndi.binary_fill_holes(m0)
     seed = np.zeros(smooth.shape, bool)
     seed[kk] = m0
-    # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
-    # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
-    # not a vessel or wall running on from it)
-    size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
-    # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
-    # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
-    width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
-    depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
-    c0 = np.argwhere(m0).mean(0) * sp[1:]
-    limits = _SliceLimits(
-        depth_mm=min(depth_mm, cfg.max_depth_factor * size),
-        z_bound=cfg.bound_factor * depth_size + 0.5 * sp[0],
-        r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
-        min_area=cfg.elongated_fraction * float(m0.sum()),
-        radial=np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1),
-        # a faint lesion's cross-section smaller than its smoothing's width (FWHM) is noise at that smoothing
-        min_cross=0.0 if faint is None else np.pi * (1.18 * cfg.faint_smoothing * long_mm) ** 2 / (sp[1] * sp[2]),
-    )
+    limits = _slice_limits(m0, (long_mm, short_mm, depth_mm), np.stack([jj, ii], -1), faint is not None, cfg, sp)
     n_slices = 1 + _propagate(seed, m0, kk, lesion_like, bound, sp, cfg, limits)
     out = np.zeros(image.shape, np.uint8)
     out[sl] = seed
@@ -342,6 +336,37 @@ class _SliceLimits:
     min_area: float  # a cross-section at least this large (voxels) is an elongated lesion, not bounded
     radial: np.ndarray  # in-plane distance (mm) of every pixel from the drawn cross-section's centre
     min_cross: float = 0.0  # a cross-section smaller than this (voxels) ends the lesion
+
+
+def _slice_limits(
+    m0: np.ndarray,
+    drawn: tuple[float, float | None, float],
+    xy: np.ndarray,
+    faint: bool,
+    cfg: DrawingConfig,
+    sp: np.ndarray,
+) -> _SliceLimits:
+    """How far the seed may run through the slices from the drawn cross-section ``m0``; ``drawn`` = the drawn long
+    and short diameters (mm; 0 / None: not drawn) and the search depth, ``xy`` = the drawn slice's in-plane mm."""
+    long_mm, short_mm, depth_mm = drawn
+    # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
+    # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
+    # not a vessel or wall running on from it)
+    size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
+    # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
+    # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
+    width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
+    depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
+    c0 = np.argwhere(m0).mean(0) * sp[1:]
+    return _SliceLimits(
+        depth_mm=min(depth_mm, cfg.max_depth_factor * size),
+        z_bound=cfg.bound_factor * depth_size + 0.5 * sp[0],
+        r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
+        min_area=cfg.elongated_fraction * float(m0.sum()),
+        radial=np.linalg.norm(xy - c0, axis=-1),
+        # a faint lesion's cross-section smaller than its smoothing's width (FWHM) is noise at that smoothing
+        min_cross=0.0 if not faint else np.pi * (1.18 * cfg.faint_smoothing * long_mm) ** 2 / (sp[1] * sp[2]),
+    )
 
 
 def _propagate(

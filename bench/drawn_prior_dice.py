@@ -9,7 +9,8 @@ liver lesion (``make_phantom(seed=8)`` on the demo's 40 x 80 x 80 grid at 3 mm, 
 viewer*), drawn as bench/drawn_lesions.py draws and as the OHIF test draws (a left-right line across the lesion's
 bounding box on its largest slice). Prints one JSON document: per source the mean and every lesion's Dice.
 
-Usage: ``python bench/drawn_prior_dice.py --phantoms 1,2,3 [--lung1 5,11] [--demo] [--sources line,ellipse]``
+Usage: ``python bench/drawn_prior_dice.py --phantoms 1,2,3 [--lung1 5,11] [--demo] [--demo-seeds 1,2]
+[--sources line,ellipse]`` (``--demo-seeds``: each seed's liver lesion on the demo's grid, the same way)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,15 +62,30 @@ def ohif_line(ct: Volume, truth: np.ndarray) -> Drawing:
     return Drawing(DrawingKind.LINE, [np.array([a, b])], "OHIF line")
 
 
-def demo_case(engine: SegmentationEngine, sources: list[str]) -> dict[str, float]:
-    """The demo patient's faint liver lesion (docs/annotations.md, *Through the viewer*)."""
-    ph = make_phantom(seed=8, shape=(40, 80, 80), spacing=(3.0, 3.0, 3.0), n_lesions=3)
-    [info] = [i for i in ph.lesion_info if i.organ == "liver"]
+def demo_case(
+    engine: SegmentationEngine, sources: list[str], seed: int = 8, faint_hu: float | None = None
+) -> dict[str, Any]:
+    """The demo patient's liver lesion (seed 8: the faint one of docs/annotations.md, *Through the viewer*) on the
+    demo's grid (40 x 80 x 80 at 3 mm, the demo generator's noise); ``faint_hu``: its contrast with the liver brought
+    to that many HU (the lesion's difference from its liver scaled, noise and texture kept)."""
+    ph = make_phantom(seed=seed, shape=(40, 80, 80), spacing=(3.0, 3.0, 3.0), n_lesions=3)
+    livers = [i for i in ph.lesion_info if i.organ == "liver"]
+    if not livers:
+        return {"seed": seed, "liver lesion": None}
+    info = livers[0]
     truth = ph.lesions.array == info.label
-    ds = drawings(ph.lesions.with_array(truth.astype(np.uint8)), np.random.default_rng(8))
-    out = {"OHIF line": prior_dice(ph.ct, truth, ohif_line(ph.ct, truth), info.label, engine)}
-    out.update({s: prior_dice(ph.ct, truth, ds[s], info.label, engine) for s in sources})
-    return {k: round(v, 3) for k, v in out.items()}
+    ct = ph.ct
+    contrast = float(info.params.get("contrast_hu", 0.0))
+    if faint_hu is not None and contrast:
+        # the lesion's mean offset from its liver shrunk to faint_hu (a soft edge, as the generator's partial volume)
+        soft = ndi.gaussian_filter(truth.astype(np.float32), 0.5)
+        shifted = ct.array.astype(np.float32) + soft * (faint_hu - contrast)
+        ct = ct.with_array(np.rint(shifted).astype(np.int16))
+        contrast = faint_hu
+    ds = drawings(ph.lesions.with_array(truth.astype(np.uint8)), np.random.default_rng(seed))
+    out = {"OHIF line": prior_dice(ct, truth, ohif_line(ct, truth), info.label, engine)}
+    out.update({s: prior_dice(ct, truth, ds[s], info.label, engine) for s in sources})
+    return {"seed": seed, "contrast_hu": round(contrast), **{k: round(v, 3) for k, v in out.items()}}
 
 
 def main() -> None:
@@ -76,6 +93,8 @@ def main() -> None:
     ap.add_argument("--phantoms", default="1,2,3", help="phantom seeds (5 mm slices)")
     ap.add_argument("--lung1", default="", help="lung1 seeds")
     ap.add_argument("--demo", action="store_true", help="also the demo patient's faint liver lesion")
+    ap.add_argument("--demo-seeds", default="", help="also the liver lesion of these seeds on the demo's grid")
+    ap.add_argument("--faint", type=float, default=None, help="--demo-seeds' lesions with this contrast (HU)")
     ap.add_argument("--sources", default=",".join(SOURCES[:3]))
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -107,6 +126,11 @@ def main() -> None:
     }
     if args.demo:
         doc["demo_faint_liver_lesion"] = demo_case(engine, sources)
+    if args.demo_seeds:
+        rows = [demo_case(engine, sources, int(s), args.faint) for s in args.demo_seeds.split(",") if s]
+        doc["demo_grid_liver_lesions"] = rows
+        found = [r for r in rows if r.get("liver lesion", 0) is not None]
+        doc["demo_grid_mean"] = {s: round(float(np.mean([r[s] for r in found])), 4) for s in ["OHIF line", *sources]}
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(doc, indent=1))
 

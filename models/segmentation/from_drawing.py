@@ -23,6 +23,17 @@ image, not from the drawing's in-plane size (a prompt box as deep as the line is
    the result is kept when it overlaps the seed, else the seed. A diameter, an ellipse or a contour bounds the lesion
    better than the refinement (measured: bench/annotations.py, docs/benchmarks.md).
 
+A *faint* lesion — a diameter or an ellipse on a lesion whose contrast with its surroundings' most frequent tissue is
+within 2.5 x that tissue's voxel spread (a liver metastasis a few tens of HU from its liver on a noisy CT) — is read on
+a smoothed image instead: step 2's ring would otherwise leave out its background as "like the core" and measure the
+lesion against the fat or bone beyond the organ, and every voxel of the organ in the bound would be lesion. The image
+is smoothed with a Gaussian of 0.1 x the drawn diameter (small against the lesion, wide enough to average the noise);
+the ring's most frequent tissue is then the background when it differs from the core's level by 2 noise SDs and the
+tissue just beyond the drawn diameter's ends (where the radiologist saw the lesion end) is on its side of the core's
+level. The lesion is then segmented on an in-plane smoothing over its own and its background's tissue only (voxels
+within 3 contrasts of their levels: fat or bone beside the organ is neither blurred in nor lesion), and a
+cross-section smaller than the smoothing's width ends it through the slices (smaller is noise at that smoothing).
+
 Too little contrast between the core and the background (< 2 noise SDs) gives no seed: the caller falls back to the
 drawing's box and says so.
 """
@@ -57,6 +68,8 @@ class DrawingConfig:
     """A cross-section at least this x the drawn one is followed beyond the ellipsoid (off by default: on our
     benchmark it followed vessels and walls running on from a lesion more often than elongated lesions)."""
     min_sd_hu: float = 6.0
+    faint_smoothing: float = 0.1  # a faint lesion is smoothed with a Gaussian of this x the drawn long diameter (mm)
+    edge_reach: float = 0.25  # the tissue just beyond a diameter's end: out to this x its length (>= 2 pixels)
 
 
 @dataclass
@@ -86,12 +99,14 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     if roi is None:
         return None
     sl, lo = roi
-    smooth = ndi.gaussian_filter(image.array[sl].astype(np.float32), sigma=cfg.smoothing_mm / sp)
+    raw = image.array[sl].astype(np.float32)
+    smooth = ndi.gaussian_filter(raw, sigma=cfg.smoothing_mm / sp)
     kk = k0 - lo[0]
     local = [p - lo for p in parts]
     plane = smooth[kk]
     jj, ii = np.meshgrid(np.arange(plane.shape[0]) * sp[1], np.arange(plane.shape[1]) * sp[2], indexing="ij")
-    core, bound = _core_and_bound(drawing.kind, [p[:, 1:] * sp[1:] for p in local], jj, ii, cfg, sp)
+    in_plane = [p[:, 1:] * sp[1:] for p in local]
+    core, bound = _core_and_bound(drawing.kind, in_plane, jj, ii, cfg, sp)
     if not core.any() or not bound.any():
         return None
     les_s = plane[core]
@@ -104,19 +119,19 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     ring_out = _dilate_mm(bound, cfg.ring_mm + 1.5, sp[1:]) & ~_dilate_mm(bound, 1.5, sp[1:])
     if ring_out.sum() < 10:
         return None
+    edge = _beyond_ends(drawing.kind, in_plane, jj, ii, cfg, sp)
+    faint = _faint_levels(raw, kk, core, (ring_out, edge), cfg, sp, long_mm) if long_mm > 0 else None
+    tissue = None
+    if faint is not None:  # a faint lesion: its own image (smoothed over its and its background's tissue)
+        smooth, tissue = _faint_image(raw, faint, cfg.faint_smoothing * long_mm, sp, cfg)
+        les_s = smooth[kk][core]
     core_med, core_tol = float(np.median(les_s)), max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
-    levels = _levels(plane, les_s, ring_out, (core_med, core_tol), cfg)
+    levels = faint or _levels(plane, les_s, ring_out, (core_med, core_tol), cfg)
     if levels is None:
         return None
-    les_level, bg_level, bright = levels
-    threshold = 0.5 * (les_level + bg_level)
-    lesion_like = (smooth >= threshold) if bright else (smooth <= threshold)
+    lesion_like = _lesion_side(smooth, levels, (core_med, core_tol), tissue)
     if point_like:  # only tissue like the tip's (a vessel or wall brighter than the lesion is not it)
-        lesion_like &= np.abs(smooth - med) <= max(tol, 0.5 * abs(med - bg_level))
-    # an intermediate value is the lesion's partial-volume edge only next to tissue like the lesion's; a thick band
-    # of it is another tissue (the chest wall beside a juxtapleural nodule, between lung and nodule in density)
-    like_core = np.abs(smooth - core_med) <= core_tol
-    lesion_like &= like_core | ndi.binary_dilation(like_core, structure=np.ones((3, 3, 3), bool))
+        lesion_like &= np.abs(smooth - med) <= max(tol, 0.5 * abs(med - levels[1]))
     # the drawn slice
     if drawing.kind is DrawingKind.CONTOUR:  # the radiologist's own outline of this slice
         m0 = _polygon(local[0][:, 1:] * sp[1:], jj, ii, sp)
@@ -127,26 +142,11 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     m0 = ndi.binary_fill_holes(m0)
     seed = np.zeros(smooth.shape, bool)
     seed[kk] = m0
-    # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
-    # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
-    # not a vessel or wall running on from it)
-    size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
-    # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
-    # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
-    width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
-    depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
-    c0 = np.argwhere(m0).mean(0) * sp[1:]
-    limits = _SliceLimits(
-        depth_mm=min(depth_mm, cfg.max_depth_factor * size),
-        z_bound=cfg.bound_factor * depth_size + 0.5 * sp[0],
-        r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
-        min_area=cfg.elongated_fraction * float(m0.sum()),
-        radial=np.linalg.norm(np.stack([jj, ii], -1) - c0, axis=-1),
-    )
+    limits = _slice_limits(m0, (long_mm, short_mm, depth_mm), np.stack([jj, ii], -1), faint is not None, cfg, sp)
     n_slices = 1 + _propagate(seed, m0, kk, lesion_like, bound, sp, cfg, limits)
     out = np.zeros(image.shape, np.uint8)
     out[sl] = seed
-    return DrawnSeed(image.with_array(out), les_level, bg_level, n_slices)
+    return DrawnSeed(image.with_array(out), levels[0], levels[1], n_slices)
 
 
 def _roi(
@@ -193,6 +193,139 @@ def _levels(
     return les_level, bg_level, bright
 
 
+def _ring_tissue(ring_s: np.ndarray, les_s: np.ndarray) -> tuple[float, float, float, float]:
+    """The ring's most frequent tissue: its level and spread (the median and robust SD of the ring voxels within 2.5
+    SDs of it, clipped three times from the histogram's mode, so another tissue's partial volume is left out), its
+    contrast with the core (``les_s``) and the noise (the narrower of the core's and that tissue's robust spreads, as
+    :func:`_levels`)."""
+    level = _dominant_level(ring_s)
+    near = ring_s[np.abs(ring_s - level) <= 100.0]
+    sd = _robust_sd(near) if near.size >= 10 else _robust_sd(ring_s)
+    for _ in range(3):
+        win = ring_s[np.abs(ring_s - level) <= max(2.5 * sd, 3.0)]
+        if win.size < 10:
+            break
+        level, sd = float(np.median(win)), _robust_sd(win)
+    noise = min(sd, _robust_sd(les_s)) if les_s.size >= 5 else sd
+    return level, sd, abs(level - float(np.median(les_s))), noise
+
+
+def _lesion_side(
+    smooth: np.ndarray,
+    levels: tuple[float, float, bool],
+    core: tuple[float, float],
+    tissue: np.ndarray | None,
+) -> np.ndarray:
+    """The voxels on the lesion's side of the half-way level between ``levels`` (lesion, background, whether the
+    lesion is the brighter) — an intermediate value only next to tissue like the core's (``core``: its median and
+    tolerance): a thick band of it is another tissue (the chest wall beside a juxtapleural nodule, between lung and
+    nodule in density) — and, for a faint lesion, within its and its background's ``tissue``."""
+    les_level, bg_level, bright = levels
+    threshold = 0.5 * (les_level + bg_level)
+    lesion_like = (smooth >= threshold) if bright else (smooth <= threshold)
+    like_core = np.abs(smooth - core[0]) <= core[1]
+    lesion_like &= like_core | ndi.binary_dilation(like_core, structure=np.ones((3, 3, 3), bool))
+    if tissue is not None:  # a tissue far beyond the lesion's level (fat at the liver's edge) is not the lesion
+        lesion_like &= tissue
+    return np.asarray(lesion_like)
+
+
+def _faint_image(
+    raw: np.ndarray, levels: tuple[float, float, bool], sigma: float, sp: np.ndarray, cfg: DrawingConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """A faint lesion's image, smoothed in-plane with ``sigma`` mm over its own and its background's tissue only
+    (voxels within 3 x their contrast of their levels), so fat or bone beside it is not blurred into it, and that
+    tissue."""
+    les_level, bg_level, _ = levels
+    reach = 3.0 * abs(bg_level - les_level)
+    tissue = (raw >= min(les_level, bg_level) - reach) & (raw <= max(les_level, bg_level) + reach)
+    return _smooth_in_plane(raw, sigma, sp, cfg, tissue), tissue
+
+
+def _smooth_in_plane(
+    raw: np.ndarray, sigma: float, sp: np.ndarray, cfg: DrawingConfig, tissue: np.ndarray | None
+) -> np.ndarray:
+    """``raw`` smoothed with a Gaussian of ``sigma`` mm in-plane (``cfg.smoothing_mm`` through the slices, so the
+    lesion's ends stay where the image has them); with ``tissue``, over those voxels only (normalised convolution)."""
+    s = np.array([cfg.smoothing_mm, sigma, sigma]) / sp
+    if tissue is None:
+        return np.asarray(ndi.gaussian_filter(raw, sigma=s))
+    w = tissue.astype(np.float32)
+    return np.asarray(ndi.gaussian_filter(raw * w, sigma=s) / np.maximum(ndi.gaussian_filter(w, sigma=s), 1e-3))
+
+
+def _faint_levels(
+    raw: np.ndarray,
+    kk: int,
+    core: np.ndarray,
+    around: tuple[np.ndarray, np.ndarray | None],
+    cfg: DrawingConfig,
+    sp: np.ndarray,
+    long_mm: float,
+) -> tuple[float, float, bool] | None:
+    """A faint lesion's levels (lesion, background, whether the lesion is the brighter), or None for a lesion that is
+    not faint. Faint: its surroundings' most frequent tissue is like it voxel by voxel (their contrast within the
+    core's tolerance and 2.5 x that tissue's spread: a liver metastasis a few tens of HU from its liver on a noisy
+    CT), yet on the image smoothed with a Gaussian of ``cfg.faint_smoothing`` x the drawn diameter — small against
+    the lesion, wide enough to average the noise out — that tissue is another (:func:`_faint_background`)."""
+    ring_out, _ = around
+    plane = ndi.gaussian_filter(raw, sigma=cfg.smoothing_mm / sp)[kk]
+    les_s = plane[core]
+    core_tol = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
+    _, spread, contrast, _ = _ring_tissue(plane[ring_out], les_s)
+    if contrast > min(core_tol, 2.5 * max(spread, cfg.min_sd_hu)):
+        return None
+    plane = ndi.gaussian_filter(raw, sigma=max(cfg.faint_smoothing * long_mm, cfg.smoothing_mm) / sp)[kk]
+    les_s = plane[core]
+    bg = _faint_background(plane, les_s, around, max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0), cfg)
+    if bg is None:
+        return None
+    les = float(np.median(les_s))
+    return les, bg, les > bg
+
+
+def _faint_background(
+    plane: np.ndarray,
+    les_s: np.ndarray,
+    around: tuple[np.ndarray, np.ndarray | None],
+    core_tol: float,
+    cfg: DrawingConfig,
+) -> float | None:
+    """... unless the ring's most frequent tissue, like the core voxel by voxel, is a different tissue on the smoothed
+    image (a faint liver lesion in its liver): its level differs from the core's by ``cfg.min_cnr`` x the noise and
+    the tissue just beyond the drawn diameters' ends — where the radiologist saw the lesion end — is on its side of
+    the core's level. Its level then, else None."""
+    ring_out, edge = around
+    level, _, contrast, noise = _ring_tissue(plane[ring_out], les_s)
+    if contrast > core_tol or contrast < cfg.min_cnr * max(noise, 1.0):
+        return None
+    if edge is not None:  # beyond the ends: at least a quarter of the way from the core's level to that tissue's
+        core_med = float(np.median(les_s))
+        beyond = float(np.median(plane[edge])) if edge.sum() >= 2 else core_med
+        if (beyond - core_med) * np.sign(level - core_med) < 0.25 * contrast:
+            return None
+    return level
+
+
+def _beyond_ends(
+    kind: DrawingKind, parts: list[np.ndarray], jj: np.ndarray, ii: np.ndarray, cfg: DrawingConfig, sp: np.ndarray
+) -> np.ndarray | None:
+    """The pixels just beyond the ends of the drawn diameters (a line's, a bidirectional pair's) on the drawn slice,
+    from a pixel out to ``cfg.edge_reach`` x the diameter (at least two pixels); None for other drawings."""
+    if kind not in (DrawingKind.LINE, DrawingKind.BIDIRECTIONAL):
+        return None
+    xy = np.stack([jj, ii], -1)
+    pix = float(max(sp[1], sp[2]))
+    out = np.zeros(jj.shape, bool)
+    for p in parts:
+        a, b = p[0], p[1]
+        length = max(float(np.linalg.norm(b - a)), 1e-6)
+        near, far = pix / length, max(2.0 * pix, cfg.edge_reach * length) / length
+        out |= _segment_distance(xy, a, b, 1.0 + near, 1.0 + far) <= 0.75 * pix
+        out |= _segment_distance(xy, a, b, -far, -near) <= 0.75 * pix
+    return out
+
+
 @dataclass(frozen=True)
 class _SliceLimits:
     """How far the seed may run through the slices from the drawn one."""
@@ -202,6 +335,38 @@ class _SliceLimits:
     r_bound: float  # ... and in-plane radius (mm)
     min_area: float  # a cross-section at least this large (voxels) is an elongated lesion, not bounded
     radial: np.ndarray  # in-plane distance (mm) of every pixel from the drawn cross-section's centre
+    min_cross: float = 0.0  # a cross-section smaller than this (voxels) ends the lesion
+
+
+def _slice_limits(
+    m0: np.ndarray,
+    drawn: tuple[float, float | None, float],
+    xy: np.ndarray,
+    faint: bool,
+    cfg: DrawingConfig,
+    sp: np.ndarray,
+) -> _SliceLimits:
+    """How far the seed may run through the slices from the drawn cross-section ``m0``; ``drawn`` = the drawn long
+    and short diameters (mm; 0 / None: not drawn) and the search depth, ``xy`` = the drawn slice's in-plane mm."""
+    long_mm, short_mm, depth_mm = drawn
+    # through the slices: within the ellipsoid the drawn diameter spans (a sphere of that diameter, 20 % wider, half a
+    # slice deeper); beyond it only while the cross-section stays at least half the drawn one (an elongated lesion,
+    # not a vessel or wall running on from it)
+    size = long_mm if long_mm > 0 else _feret_mm(m0, sp[1:])
+    # a lesion long in the drawn plane is as deep as it is wide rather than as long: the through-slice reach comes
+    # from the geometric mean of the long diameter and the width (the drawn short axis, else the cross-section's)
+    width = min(size, short_mm if short_mm else _width_mm(m0, sp[1:]))
+    depth_size = float(np.sqrt(size * width)) if cfg.depth_from_width else size
+    c0 = np.argwhere(m0).mean(0) * sp[1:]
+    return _SliceLimits(
+        depth_mm=min(depth_mm, cfg.max_depth_factor * size),
+        z_bound=cfg.bound_factor * depth_size + 0.5 * sp[0],
+        r_bound=cfg.bound_factor * size + 0.5 * float(max(sp[1], sp[2])),
+        min_area=cfg.elongated_fraction * float(m0.sum()),
+        radial=np.linalg.norm(xy - c0, axis=-1),
+        # a faint lesion's cross-section smaller than its smoothing's width (FWHM) is noise at that smoothing
+        min_cross=0.0 if not faint else np.pi * (1.18 * cfg.faint_smoothing * long_mm) ** 2 / (sp[1] * sp[2]),
+    )
 
 
 def _propagate(
@@ -231,7 +396,7 @@ def _propagate(
                 r = lim.r_bound * float(np.sqrt(max(0.0, 1.0 - (z / lim.z_bound) ** 2))) if z < lim.z_bound else 0.0
                 cand &= lim.radial <= max(r, 0.5 * float(max(sp[1], sp[2])))
                 cand = _connected_to(cand, cand) if z < lim.z_bound else np.zeros_like(cand)
-            if not cand.any():
+            if not cand.any() or float(cand.sum()) < lim.min_cross:
                 break
             seed[k] = cand
             added += 1

@@ -53,7 +53,9 @@ class ArrowConfig:
     open_fraction: float = 0.4  # strands are cut by an opening of this x the radius of the body the tip is in
     support_band_mm: tuple[float, float] = (1.0, 3.0)  # the band outside a cross-section its support is read in
     support_tolerance: float = 0.25  # background-like: within this fraction of the contrast of the background
-    min_support_gain: float = 0.15  # the diameter's lesion is kept only when its outline is this much better supported
+    grow_from: tuple[str, ...] = ("line", "outline")  # what of the reading lesions are grown from
+    min_support_gain: float = 0.15  # a lesion grown from the reading is kept only when its outline's support exceeds
+    min_support_share: float = 0.5  # the tip's by this much and by this share of what the tip's lacks
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class ArrowReading:
     line: Drawing
     lesion_level: float
     background_level: float
+    outline: Drawing | None = None  # the cross-section's outline on the drawn slice (a contour drawing)
 
 
 def arrow_as_line(image: Volume, drawing: Drawing, cfg: ArrowConfig | None = None) -> Drawing | None:
@@ -104,7 +107,22 @@ def read_arrow(image: Volume, drawing: Drawing, cfg: ArrowConfig | None = None) 
     pts = np.array([[k0, *(a / sp[1:])], [k0, *(b / sp[1:])]])
     line = image.index_to_patient(pts[:, ::-1])
     what = f"{drawing.what or 'arrow'}: the diameter of the lesion at its tip"
-    return ArrowReading(Drawing(DrawingKind.LINE, [line], what), levels.lesion, levels.background)
+    outline = _outline(image, region, k0, f"{drawing.what or 'arrow'}: the lesion's outline at its tip")
+    return ArrowReading(Drawing(DrawingKind.LINE, [line], what), levels.lesion, levels.background, outline)
+
+
+def _outline(image: Volume, region: np.ndarray, k0: int, what: str) -> Drawing | None:
+    """The outline of ``region`` (slice ``k0``) as a contour drawing, along its pixels' edges."""
+    from skimage import measure  # ~1 s to load: only for an arrow the image gives a cross-section for
+
+    found = measure.find_contours(np.pad(region.astype(float), 1), 0.5)
+    if not found:
+        return None
+    c = max(found, key=len)[:-1] - 1.0
+    if len(c) < 3:
+        return None
+    ijk = np.stack([c[:, 1], c[:, 0], np.full(len(c), float(k0))], -1)
+    return Drawing(DrawingKind.CONTOUR, [np.asarray(image.index_to_patient(ijk))], what)
 
 
 def outline_support(mask: Volume, image: Volume, reading: ArrowReading, cfg: ArrowConfig | None = None) -> float:
@@ -127,28 +145,38 @@ def outline_support(mask: Volume, image: Volume, reading: ArrowReading, cfg: Arr
 def arrow_lesion(
     image: Volume, drawing: Drawing, tip_grown: Volume | None, engine: object | None, cfg: ArrowConfig | None = None
 ) -> tuple[Volume | None, list[str]]:
-    """The lesion an arrow marks: ``tip_grown`` (grown from its tip), or the lesion grown from the diameter the
-    image shows at the tip (:func:`read_arrow`) where its outline is clearly better supported
-    (:func:`outline_support` higher by ``cfg.min_support_gain``); notes say which and why."""
+    """The lesion an arrow marks: ``tip_grown`` (grown from its tip), or a lesion grown from what the image shows at
+    the tip (:func:`read_arrow`: its diameter as a line, its outline as a contour, ``cfg.grow_from``; of these the
+    best supported) where that lesion's outline is clearly better supported (:func:`outline_support` higher by
+    ``cfg.min_support_gain`` and by ``cfg.min_support_share`` of what the tip's lesion lacks); notes say which and
+    why."""
     cfg = cfg or ArrowConfig()
     reading = read_arrow(image, drawing, cfg)
     if reading is None:
         return tip_grown, ["no diameter read at the arrow's tip: grown from the tip"]
-    line_mask, _ = lesion_from_drawing(image, reading.line, engine)
-    segment = getattr(engine, "segment", None)
-    if (line_mask is None or not line_mask.array.any()) and segment is not None:
-        ident = LesionIdentity("2.25.0", "arrow", 1)
-        line_mask = segment(image, Prompt(ident, PromptKind.BOX, box_mm=reading.line.box_mm(), source="arrow"), None)
     long_mm = reading.line.diameters_mm()[0]
-    if line_mask is None or not line_mask.array.any():
+    sources = {"line": (f"the {long_mm:.0f} mm diameter", reading.line), "outline": ("the outline", reading.outline)}
+    grown: list[tuple[float, str, Volume]] = []
+    for what, d in (sources[k] for k in cfg.grow_from):
+        mask = None if d is None else lesion_from_drawing(image, d, engine)[0]
+        if mask is not None and mask.array.any():
+            grown.append((outline_support(mask, image, reading, cfg), what, mask))
+    segment = getattr(engine, "segment", None)
+    if not grown and segment is not None:  # no seed from the reading: the engine on the diameter's box
+        ident = LesionIdentity("2.25.0", "arrow", 1)
+        boxed = segment(image, Prompt(ident, PromptKind.BOX, box_mm=reading.line.box_mm(), source="arrow"), None)
+        if boxed.array.any():
+            grown.append((outline_support(boxed, image, reading, cfg), f"the {long_mm:.0f} mm diameter's box", boxed))
+    if not grown:
         return tip_grown, [f"no lesion grown from the {long_mm:.0f} mm diameter read at the arrow: grown from the tip"]
+    support, what, mask = max(grown, key=lambda g: g[0])  # of equals, the first
     if tip_grown is None or not tip_grown.array.any():
-        return line_mask, [f"grown from the {long_mm:.0f} mm diameter the image shows at the arrow's tip"]
-    s_tip, s_line = outline_support(tip_grown, image, reading, cfg), outline_support(line_mask, image, reading, cfg)
-    why = f"background around its outline {100 * s_line:.0f} % vs {100 * s_tip:.0f} % grown from the tip"
-    if s_line >= s_tip + cfg.min_support_gain:
-        return line_mask, [f"grown from the {long_mm:.0f} mm diameter the image shows at the arrow's tip ({why})"]
-    return tip_grown, [f"grown from the tip, not the {long_mm:.0f} mm diameter read there ({why})"]
+        return mask, [f"grown from {what} the image shows at the arrow's tip"]
+    s_tip = outline_support(tip_grown, image, reading, cfg)
+    why = f"background around its outline {100 * support:.0f} % vs {100 * s_tip:.0f} % grown from the tip"
+    if support - s_tip >= max(cfg.min_support_gain, cfg.min_support_share * (1.0 - s_tip)):
+        return mask, [f"grown from {what} the image shows at the arrow's tip ({why})"]
+    return tip_grown, [f"grown from the tip, not from {what} read there ({why})"]
 
 
 def _region(
@@ -168,7 +196,7 @@ def _region(
     for r in cfg.scales_mm:
         disc = dist <= r
         body = _body(_connected_to(side & disc, seed), seed, sp2, cfg)
-        if body.any() and not (body & ~ndi.binary_erosion(disc)).any():
+        if body.any() and not (body & ~ndi.binary_erosion(disc, border_value=1)).any():  # the image edge is no run-on
             body = np.asarray(ndi.binary_fill_holes(body))
             return body if _compact(body, sp2, cfg.min_fill) else None
     return None

@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--phantoms", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=31, help="phantom seeds (held out: the 3-D-from-drawing "
                     "module was developed on phantom seeds 1-3 and 21-22 at 5 mm, the arrow reading also on lung1 "
-                    "seed 5 and, after a held-out run, 41-43 + lung1 13; held out: 31-33, 41-43, 71-73)")  # fmt: skip
+                    "seed 5 and, after a held-out run, 41-43 + lung1 13; the arrow's reading and choice on 1-3, "
+                    "21-22, 31-33, 41-43, 71-73 + lung1 5, 11, 13, 17: none of them held out any more)")  # fmt: skip
     ap.add_argument("--lung1-seed", type=int, default=11)
     ap.add_argument("--no-lung1", action="store_true")
     ap.add_argument("--slice-mm", type=float, default=5.0)

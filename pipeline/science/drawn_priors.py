@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.arrow import arrow_lesion
 from lesiontrack.models.segmentation.base import SegmentationEngine
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
 from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
@@ -59,7 +60,9 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> Draw
     lesion grown from the drawing (:func:`models.segmentation.from_drawing.lesion_from_drawing`) and the engine's
     segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
     radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
-    say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept."""
+    say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept — for an
+    arrow, the one grown from its tip or from the diameter the image shows there, whichever outline the image
+    supports clearly better (:func:`models.segmentation.arrow.arrow_lesion`)."""
 
     drawing = drawing_of(prompt)
     if drawing is None:
@@ -67,6 +70,10 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> Draw
     engine_name = str(getattr(engine, "name", "engine"))
     version = str(getattr(engine, "version", ""))
     mask, notes = lesion_from_drawing(ct, drawing, engine)
+    if drawing.kind is DrawingKind.ARROW:  # or the lesion at the diameter the image shows at its tip, if better
+        tip_grown = mask
+        mask, why = arrow_lesion(ct, drawing, tip_grown, engine)
+        notes = [*notes, *why] if mask is tip_grown else why
     name = f"drawing+{engine_name}" if mask is not None and any("refined by" in n for n in notes) else "drawing"
     if drawing.diameters_mm()[0] <= 0:
         if mask is None:

@@ -5,10 +5,14 @@ the radiologist's GSPS with an arrow on that lesion reaches the DICOM door. The 
 16's verification mechanism (method ``annotation``, not a correction of the whole timepoint) and queues a new
 analysis of that follow-up: the lesion is re-found from the arrow, in new SEG/SR instances; the old result is kept
 and marked superseded; the job, the API and the verification say why ("GSPS … arrived on study …").
+
+The same arrow arriving while the follow-up's first job is still queued is read by that job; arriving while it runs,
+after it read its prompts (delivered from the job's progress report at ``register``), a re-analysis supersedes it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.prompts import Prompt
 from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
-from lesiontrack.pipeline.jobs.contract import TrackOutput, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, TrackOutput, WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.steps import build_pipeline
 from lesiontrack.pipeline.jobs.store import JobStore
 from lesiontrack.pipeline.jobs.verification import take_in_series
@@ -76,12 +80,13 @@ class _Site:
     analysis: Any  # lesiontrack.service.build_analysis_service's AnalysisService
     patient: DemoPatient
     first: int  # the follow-up's first job
-    first_written: WriteSegSrOutput
+    first_written: WriteSegSrOutput | None  # None: not run yet
     lost: Prompt  # the baseline's lesion tracking lost
     moved: Volume  # that lesion where it is on the moved follow-up (the truth)
 
 
-def _analysed_moved_followup(tmp_path: Path) -> _Site:
+def _moved_followup(tmp_path: Path, progress: Callable[[int, str], None] | None = None) -> _Site:
+    """The moved follow-up ingested and complete, its first job queued, not run (``first_written`` None)."""
     settings = demo_settings(tmp_path / "data", http=False, engines={"registration": "none"})
     settings.detection.new_lesions = False
     upgrade(settings.effective_database_url)
@@ -94,20 +99,43 @@ def _analysed_moved_followup(tmp_path: Path) -> _Site:
         received = list(s.scalars(select(Series.series_instance_uid)))
     for uid in received:
         complete_series(sf, settings.routing, uid, None, forced=True)
-    analysis = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf))
+    analysis = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf), progress=progress)
     first = analysis.store.create(fu.series_uid)
-    assert analysis.run(first) is JobState.DONE, analysis.store.get(first).error
-    written = read_output(analysis.store.get(first).step_outputs, WriteSegSrOutput)
-    assert written is not None
-    assert written.seg is not None
     # the lost lesion: the largest of the baseline's, where it is on the moved follow-up
     prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, read_series(patient.baseline.files))
     lost = max(prompts, key=lambda p: 0 if p.mask is None else int(p.mask.array.sum()))
     assert lost.mask is not None
     m = lost.mask
     moved = Volume(np.roll(m.array, SHIFT_VOXELS, axis=2), m.origin, m.spacing, m.direction)
-    assert _overlap(written.seg, lost.identity.tracking_uid, read_series(fu.files), moved) < 0.2, "tracking lost it"
-    return _Site(settings, sf, analysis, patient, first, written, lost, moved)
+    return _Site(settings, sf, analysis, patient, first, None, lost, moved)
+
+
+def _analysed_moved_followup(tmp_path: Path) -> _Site:
+    site = _moved_followup(tmp_path)
+    assert site.analysis.run(site.first) is JobState.DONE, site.analysis.store.get(site.first).error
+    written = read_output(site.analysis.store.get(site.first).step_outputs, WriteSegSrOutput)
+    assert written is not None
+    assert written.seg is not None
+    fu_ct = read_series(site.patient.followups[0].files)
+    assert _overlap(written.seg, site.lost.identity.tracking_uid, fu_ct, site.moved) < 0.2, "tracking lost it"
+    site.first_written = written
+    return site
+
+
+def _arrow_on_the_lost_lesion(site: _Site, dest: Path) -> Path:
+    """The radiologist's GSPS: an arrow on the lost lesion of the follow-up, labelled as on the baseline."""
+    arrow = drawings(site.moved, np.random.default_rng(3))["arrow"]
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in site.patient.followups[0].files]
+    return write_gsps(heads, [Mark(arrow, site.lost.identity.tracking_id)], dest)
+
+
+def _received(site: _Site, path: Path) -> list[int]:
+    """``path`` stored and indexed as the door does, its series completed and taken in (the door's annotation
+    callback, here in the test's thread); the jobs that queued."""
+    ingest(site.settings, site.sf, [path])
+    series_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+    complete_series(site.sf, site.settings.routing, series_uid, None, forced=True)
+    return take_in_series(site.sf, site.settings.verification, series_uid)
 
 
 def _through_the_door(site: _Site, path: Path, series_uid: str, before: int | None) -> int:
@@ -128,9 +156,7 @@ def test_a_late_gsps_arrow_on_an_analysed_follow_up_re_finds_a_lost_lesion_in_a_
     site = _analysed_moved_followup(tmp_path)
     fu, lost = site.patient.followups[0], site.lost
     # the radiologist's arrow on that lesion, labelled as on the baseline, through the DICOM door
-    arrow = drawings(site.moved, np.random.default_rng(3))["arrow"]
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in fu.files]
-    gsps = write_gsps(heads, [Mark(arrow, lost.identity.tracking_id)], tmp_path / "pr" / "arrow.dcm")
+    gsps = _arrow_on_the_lost_lesion(site, tmp_path / "pr" / "arrow.dcm")
     gsps_uid = str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID)
     again = _through_the_door(site, gsps, fu.series_uid, site.first)
     assert site.analysis.store.get(site.first).superseded_by == again
@@ -146,9 +172,11 @@ def test_a_late_gsps_arrow_on_an_analysed_follow_up_re_finds_a_lost_lesion_in_a_
     written = read_output(site.analysis.store.get(again).step_outputs, WriteSegSrOutput)
     assert written is not None
     assert written.seg is not None
-    assert written.seg_sop_instance_uid != site.first_written.seg_sop_instance_uid
-    assert written.sr_sop_instance_uid != site.first_written.sr_sop_instance_uid
-    assert all(Path(f).is_file() for f in site.first_written.files)
+    old = site.first_written
+    assert old is not None
+    assert written.seg_sop_instance_uid != old.seg_sop_instance_uid
+    assert written.sr_sop_instance_uid != old.sr_sop_instance_uid
+    assert all(Path(f).is_file() for f in old.files)
     assert site.analysis.store.get(site.first).state is JobState.SUPERSEDED
     tracked = read_output(site.analysis.store.get(again).step_outputs, TrackOutput)
     assert tracked is not None
@@ -183,3 +211,66 @@ def _late_gsps_on_the_baseline(site: _Site, latest: int, tmp_path: Path) -> None
         assert created.details is not None
         assert f"arrived on study {base.study_uid}" in created.details["reason"]
         assert s.scalars(select(TimepointVerification)).all()[-1].reanalysis_jobs == [job]
+
+
+def _refound_by(site: _Site, job: int, gsps_uid: str) -> None:
+    """``job`` read the arrow (its load step lists it) and its SEG has the lost lesion where it is."""
+    outputs = site.analysis.store.get(job).step_outputs
+    loaded, written = read_output(outputs, LoadVolumesOutput), read_output(outputs, WriteSegSrOutput)
+    assert loaded is not None
+    assert written is not None
+    assert written.seg is not None
+    assert loaded.followup_annotations == [gsps_uid]
+    fu_ct = read_series(site.patient.followups[0].files)
+    assert _overlap(written.seg, site.lost.identity.tracking_uid, fu_ct, site.moved) > 0.6, "re-found from the arrow"
+
+
+def _annotation(site: _Site) -> TimepointVerification:
+    with session_scope(site.sf) as s:
+        v = s.scalar(select(TimepointVerification))
+        assert v is not None
+        assert v.method is VerificationMethod.ANNOTATION
+        s.expunge(v)
+        return v
+
+
+def test_an_arrow_arriving_while_the_first_job_is_queued_is_read_by_that_job(tmp_path: Path) -> None:
+    site = _moved_followup(tmp_path)
+    gsps = _arrow_on_the_lost_lesion(site, tmp_path / "pr" / "arrow.dcm")
+    gsps_uid = str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID)
+    assert _received(site, gsps) == [], "no second job: the queued one reads it"
+    v = _annotation(site)
+    assert v.job_pk == site.first
+    assert f"while job {site.first} was queued (it reads it)" in (v.reason or "")
+    assert site.analysis.run(site.first) is JobState.DONE, site.analysis.store.get(site.first).error
+    _refound_by(site, site.first, gsps_uid)
+    assert site.analysis.store.latest_for_series(site.patient.followups[0].series_uid).id == site.first
+    # the job says why it was re-triggered (API: its events)
+    client = TestClient(create_app(site.settings, site.sf, job_control=JobStoreControl(JobStore(site.sf))))
+    events = client.get(f"/api/jobs/{site.first}", headers=API_KEY).json()["events"]
+    retriggered = [e["details"]["reason"] for e in events if e["action"] == "job.retriggered"]
+    assert any(f"GSPS {gsps_uid}" in r and "read by this job" in r for r in retriggered), retriggered
+
+
+def test_an_arrow_arriving_after_the_running_job_read_its_prompts_queues_a_re_analysis(tmp_path: Path) -> None:
+    taken: list[int] = []
+    gsps = tmp_path / "pr" / "arrow.dcm"
+
+    def deliver_after_loading(job: int, step: str) -> None:  # the job has read its prompts: the arrow arrives now
+        if step == "register" and not gsps.exists():
+            _arrow_on_the_lost_lesion(site, gsps)
+            taken.extend(_received(site, gsps))
+
+    site = _moved_followup(tmp_path, progress=deliver_after_loading)
+    # the running job stops before its next step (nothing written, nothing sent); the re-analysis reads the arrow
+    assert site.analysis.run(site.first) is JobState.SUPERSEDED
+    [again] = taken
+    first = site.analysis.store.get(site.first)
+    assert first.superseded_by == again
+    assert read_output(first.step_outputs, LoadVolumesOutput) is not None
+    assert read_output(first.step_outputs, WriteSegSrOutput) is None
+    v = _annotation(site)
+    assert v.job_pk == again
+    assert f"while job {site.first} was running" in (v.reason or "")
+    assert site.analysis.run(again) is JobState.DONE, site.analysis.store.get(again).error
+    _refound_by(site, again, str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID))

@@ -15,6 +15,9 @@ The flow (docs/verified-tracking.md):
    old ones superseded), now propagated from the verified timepoint, the nearest annotation a person made.
 4. :func:`verify_as_is` — an operator accepts our result of a timepoint unchanged: our SEG of it then counts as
    the person's (a propagation source) and later follow-ups are re-analysed from it.
+5. :func:`reanalyse_annotated` — a person's annotation (method ``annotation``) of a follow-up whose analysis lacks
+   it (:func:`_use_of`): a result issued without it, or a running job, is superseded by a new job; a queued job
+   that has not read its prompts yet reads it (re-triggered, the annotation recorded against it).
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.dicom.annotations.refs import prior_annotation_references
 from lesiontrack.pipeline.dicom.prompt_sources import PROMPT_OBJECTS
-from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.derived_prior_seg import earlier_drawn_prior_seg
-from lesiontrack.pipeline.jobs.store import JobStore
+from lesiontrack.pipeline.jobs.store import ACTIVE_STATES, JobStore
 from lesiontrack.pipeline.science.prompt_selection import OUR_MANUFACTURER, written_by_us
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ log = logging.getLogger(__name__)
 CORRECTION_KINDS = ("SEG", "SR")
 
 ANALYSED_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.RUNNING, JobState.QUEUED, JobState.RETRY_WAIT)
+
+#: how the newest analysis of a CT series stands to a person's annotation of it (:func:`_use_of`)
+AnnotationUse = Literal["read", "will-read", "without", "none"]
 
 
 class VerificationError(ValueError):
@@ -281,7 +287,8 @@ def _take_in_annotation(
     ``annotation``) and they are re-analysed, new instances superseding the old (:func:`reanalyse_annotated`).
     Otherwise it is a prior annotation like any other: the next analysis reads it."""
     name = PROMPT_OBJECTS.get(header.modality, header.modality)
-    ct_uid = next((u for u in header.references if _results_without(s, u, inst.received_at)), None)
+    sop = header.sop_instance_uid
+    ct_uid = next((u for u in header.references if _analyses_without(s, u, sop, inst.received_at)), None)
     if ct_uid is None:
         return f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
     refused = _refused(s, intake, inst, header, ct_uid, f"{name} annotation")
@@ -291,20 +298,50 @@ def _take_in_annotation(
     v = _record(s, intake, inst, header, ct_uid, VerificationMethod.ANNOTATION)
     if v is None:
         return None, None
-    v.reason = f"{name} {header.sop_instance_uid} by {v.verified_by} arrived on study {study} (series {ct_uid})"
+    v.reason = f"{name} {sop} by {v.verified_by} arrived on study {study} (series {ct_uid})"
+    use, job = _use_of(s, ct_uid, sop, inst.received_at)
+    if job is not None and job.state in ACTIVE_STATES:  # the series' first analysis (or a re-analysis) in progress
+        v.reason += f" while job {job.id} was {job.state.value}" + (" (it reads it)" if use == "will-read" else "")
     return f"{name} {header.sop_instance_uid} on {ct_uid}: annotation {v.id}", _Accepted(
         v.id, ct_uid, v.verified_by, "annotation"
     )
 
 
-def _results_without(session: Session, series_uid: str, received_at: datetime) -> list[str]:
-    """The CT series whose results were made without an annotation of ``series_uid`` received at ``received_at``:
-    the series itself and the later follow-ups of its patient whose newest result was issued before it arrived (a
-    prior annotation retrieved for a job, or sent with its CT, was that job's input), oldest first."""
+def _analyses_without(session: Session, series_uid: str, sop_uid: str, received_at: datetime) -> list[str]:
+    """The CT series whose analysis lacks a person's annotation ``sop_uid`` of ``series_uid`` received at
+    ``received_at``: the series itself when its newest job did not read it — a result issued without it, a running
+    job past reading its prompts or a queued one still to read them (:func:`_use_of`) — and the later follow-ups of its
+    patient whose newest result was issued before it arrived (a prior annotation retrieved for a job, or sent with its
+    CT, was that job's input), oldest first."""
     patient_pk = _patient_of(session, series_uid)
     if patient_pk is None:
         return []
-    return _issued_before(session, [series_uid, *later_analysed_series(session, patient_pk, series_uid)], received_at)
+    own = [series_uid] if _use_of(session, series_uid, sop_uid, received_at)[0] in ("will-read", "without") else []
+    return own + _issued_before(session, later_analysed_series(session, patient_pk, series_uid), received_at)
+
+
+def _use_of(
+    session: Session, series_uid: str, sop_uid: str, received_at: datetime
+) -> tuple[AnnotationUse, AnalysisJob | None]:
+    """How the newest job of ``series_uid`` stands to a person's annotation of it (``sop_uid``, received at
+    ``received_at``), and that job: ``read`` — its load step read it; ``will-read`` — queued or waiting to retry with
+    its prompts still to read (a resumed job reads them again unless it resumes after writing its results);
+    ``without`` — running (it may have read its prompts already: its result is not trusted to hold it), or finished
+    with a result issued without it; ``none`` — no analysis it changes."""
+    job = _latest_job(session, series_uid)
+    if job is None:
+        return "none", None
+    outputs = job.step_outputs or {}
+    loaded = read_output(outputs, LoadVolumesOutput)
+    if loaded is not None and sop_uid in loaded.followup_annotations and job.state is not JobState.FAILED:
+        return "read", job
+    if job.state in (JobState.QUEUED, JobState.RETRY_WAIT):
+        return ("will-read" if read_output(outputs, WriteSegSrOutput) is None else "without"), job
+    if job.state is JobState.RUNNING:
+        return "without", job
+    if job.state is JobState.DONE:
+        return ("without" if _result_issued_at(session, series_uid) is not None else "none"), job
+    return ("without" if _issued_before(session, [series_uid], received_at) else "none"), job
 
 
 def _issued_before(session: Session, series_uids: list[str], t: datetime) -> list[str]:
@@ -440,19 +477,24 @@ def reanalyse_annotated(
         if v is None:
             raise VerificationError(f"no verification {verification_id}")
         ct_uid, why = v.series_instance_uid, v.reason or f"annotation {verification_id}"
-        latest = _latest_job(s, ct_uid) if _issued_before(s, [ct_uid], _arrived(s, v)) else None
+        use, latest = _use_of(s, ct_uid, v.source_sop_instance_uid or "", _arrived(s, v))
+        latest_id = latest.id if latest is not None else None
     created: list[int] = []
-    if latest is not None:
-        job = JobStore(sf, actor=actor).create(
-            ct_uid, reason=f"re-analysis: {why} (annotation {verification_id})", actor=actor, supersedes=latest.id
-        )
-        created.append(job)
+    if use in ("will-read", "without"):
+        jobs = JobStore(sf, actor=actor)
+        if use == "will-read":  # that queued job reads it: re-triggered with this reason (a new one if claimed since)
+            job = jobs.create(ct_uid, reason=f"{why}: read by this job (annotation {verification_id})", actor=actor)
+        else:  # a running job stops before its next step (nothing more sent); a finished one's result is kept
+            reason = f"re-analysis: {why} (annotation {verification_id})"
+            job = jobs.create(ct_uid, reason=reason, actor=actor, supersedes=latest_id)
+        if job != latest_id:
+            created.append(job)
         with session_scope(sf) as s:
             row = s.get(TimepointVerification, verification_id)
             if row is not None:
                 row.job_pk = job
-                audit(s, actor, "verification.annotation_reanalysis", "verification", row.id, job_id=job)
-        log.info("annotation %s of series %s: re-analysis job %s", verification_id, ct_uid, job)
+                audit(s, actor, "verification.annotation_reanalysis", "verification", row.id, job_id=job, use=use)
+        log.info("annotation %s of series %s: job %s (%s)", verification_id, ct_uid, job, use)
     return created + reanalyse_later(sf, verification_id, actor=actor, settings=settings)
 
 

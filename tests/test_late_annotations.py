@@ -31,9 +31,6 @@ from lesiontrack.demo import demo_settings
 from lesiontrack.demo_data import DemoPatient
 from lesiontrack.dicom_node.inbound.completion import complete_series
 from lesiontrack.models.imaging.dicom_read import read_series
-from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.prompts import Prompt
-from lesiontrack.pipeline.dicom.seg.reader import read_seg_prompts_and_gaps
 from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, TrackOutput, WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.steps import build_pipeline
 from lesiontrack.pipeline.jobs.store import JobStore
@@ -42,28 +39,11 @@ from lesiontrack.service import LesionTrackService, build_analysis_service, buil
 from lesiontrack.synthetic.annotations import Mark, write_gsps
 from lesiontrack.web import JobStoreControl, create_app
 from tests.support.dicom_node import pynetdicom_store, wait_until
+from tests.support.lost_lesion import LostLesion, arrow_gsps, lost_lesion, move, overlap
 from tests.support.patient import still_patient
-from tests.support.phantom import dice
 from tests.support.service_site import ingest
 
 API_KEY = {"X-API-Key": "demo"}
-SHIFT_VOXELS = 10  # 25 mm along x at 2.5 mm: the follow-up's patient moved, no registration corrects it
-
-
-def _moved(files: list[Path]) -> None:
-    """Shift each image of a series ``SHIFT_VOXELS`` columns (the patient moved; the geometry is unchanged)."""
-    for f in files:
-        ds = pydicom.dcmread(f)
-        arr = np.roll(ds.pixel_array, SHIFT_VOXELS, axis=1)
-        arr[:, :SHIFT_VOXELS] = arr.min()
-        ds.PixelData = arr.astype(ds.pixel_array.dtype).tobytes()
-        ds.save_as(f)
-
-
-def _overlap(seg: str, tracking_uid: str, ct: Volume, truth: Volume) -> float:
-    """Dice of the lesion's segment in our SEG against the truth (0 when the SEG has no voxel of it)."""
-    masks = [p.mask for p in read_seg_prompts_and_gaps(seg, ct)[0] if p.identity.tracking_uid == tracking_uid]
-    return dice(masks[0].array > 0, truth.array > 0) if masks and masks[0] is not None else 0.0
 
 
 def _latest(analysis: Any, series_uid: str) -> int | None:
@@ -81,8 +61,7 @@ class _Site:
     patient: DemoPatient
     first: int  # the follow-up's first job
     first_written: WriteSegSrOutput | None  # None: not run yet
-    lost: Prompt  # the baseline's lesion tracking lost
-    moved: Volume  # that lesion where it is on the moved follow-up (the truth)
+    lost: LostLesion  # the baseline's lesion tracking lost, and where it is on the moved follow-up (the truth)
 
 
 def _moved_followup(tmp_path: Path, progress: Callable[[int, str], None] | None = None) -> _Site:
@@ -93,7 +72,7 @@ def _moved_followup(tmp_path: Path, progress: Callable[[int, str], None] | None 
     sf = make_session_factory(make_engine(settings.effective_database_url))
     patient = still_patient(tmp_path / "patient", n_followups=1)
     fu = patient.followups[0]
-    _moved(fu.files)
+    move(fu.files)
     ingest(settings, sf, [*patient.baseline.files, patient.seg_file, *fu.files])
     with session_scope(sf) as s:  # as they were when the door completed them (no callbacks: the job runs below)
         received = list(s.scalars(select(Series.series_instance_uid)))
@@ -101,13 +80,7 @@ def _moved_followup(tmp_path: Path, progress: Callable[[int, str], None] | None 
         complete_series(sf, settings.routing, uid, None, forced=True)
     analysis = build_analysis_service(settings, sf, build_pipeline, ports=build_ports(settings, sf), progress=progress)
     first = analysis.store.create(fu.series_uid)
-    # the lost lesion: the largest of the baseline's, where it is on the moved follow-up
-    prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, read_series(patient.baseline.files))
-    lost = max(prompts, key=lambda p: 0 if p.mask is None else int(p.mask.array.sum()))
-    assert lost.mask is not None
-    m = lost.mask
-    moved = Volume(np.roll(m.array, SHIFT_VOXELS, axis=2), m.origin, m.spacing, m.direction)
-    return _Site(settings, sf, analysis, patient, first, None, lost, moved)
+    return _Site(settings, sf, analysis, patient, first, None, lost_lesion(patient))
 
 
 def _analysed_moved_followup(tmp_path: Path) -> _Site:
@@ -117,16 +90,13 @@ def _analysed_moved_followup(tmp_path: Path) -> _Site:
     assert written is not None
     assert written.seg is not None
     fu_ct = read_series(site.patient.followups[0].files)
-    assert _overlap(written.seg, site.lost.identity.tracking_uid, fu_ct, site.moved) < 0.2, "tracking lost it"
+    assert overlap(written.seg, site.lost, fu_ct) < 0.2, "tracking lost it"
     site.first_written = written
     return site
 
 
 def _arrow_on_the_lost_lesion(site: _Site, dest: Path) -> Path:
-    """The radiologist's GSPS: an arrow on the lost lesion of the follow-up, labelled as on the baseline."""
-    arrow = drawings(site.moved, np.random.default_rng(3))["arrow"]
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in site.patient.followups[0].files]
-    return write_gsps(heads, [Mark(arrow, site.lost.identity.tracking_id)], dest)
+    return arrow_gsps(site.patient.followups[0].files, site.lost, dest)
 
 
 def _received(site: _Site, path: Path) -> list[int]:
@@ -180,9 +150,9 @@ def test_a_late_gsps_arrow_on_an_analysed_follow_up_re_finds_a_lost_lesion_in_a_
     assert site.analysis.store.get(site.first).state is JobState.SUPERSEDED
     tracked = read_output(site.analysis.store.get(again).step_outputs, TrackOutput)
     assert tracked is not None
-    assert {r.tracking_uid: r.status for r in tracked.lesions}[lost.identity.tracking_uid] == "present"
+    assert {r.tracking_uid: r.status for r in tracked.lesions}[lost.tracking_uid] == "present"
     fu_ct = read_series(fu.files)
-    assert _overlap(written.seg, lost.identity.tracking_uid, fu_ct, site.moved) > 0.6, "re-found from the arrow"
+    assert overlap(written.seg, lost, fu_ct) > 0.6, "re-found from the arrow"
     # the reason is visible through the API (the job's events, the patient's verifications)
     client = TestClient(create_app(site.settings, site.sf, job_control=JobStoreControl(JobStore(site.sf))))
     job = client.get(f"/api/jobs/{again}", headers=API_KEY).json()
@@ -199,10 +169,11 @@ def test_a_late_gsps_arrow_on_an_analysed_follow_up_re_finds_a_lost_lesion_in_a_
 
 def _late_gsps_on_the_baseline(site: _Site, latest: int, tmp_path: Path) -> None:
     base, fu = site.patient.baseline, site.patient.followups[0]
-    assert site.lost.mask is not None
-    line = drawings(site.lost.mask, np.random.default_rng(4))["line"]
+    mask = site.lost.prompt.mask
+    assert mask is not None
+    line = drawings(mask, np.random.default_rng(4))["line"]
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in base.files]
-    gsps = write_gsps(heads, [Mark(line, site.lost.identity.tracking_id)], tmp_path / "pr" / "base.dcm")
+    gsps = write_gsps(heads, [Mark(line, site.lost.prompt.identity.tracking_id)], tmp_path / "pr" / "base.dcm")
     job = _through_the_door(site, gsps, fu.series_uid, latest)
     with session_scope(site.sf) as s:
         created = s.scalars(
@@ -222,7 +193,7 @@ def _refound_by(site: _Site, job: int, gsps_uid: str) -> None:
     assert written.seg is not None
     assert loaded.followup_annotations == [gsps_uid]
     fu_ct = read_series(site.patient.followups[0].files)
-    assert _overlap(written.seg, site.lost.identity.tracking_uid, fu_ct, site.moved) > 0.6, "re-found from the arrow"
+    assert overlap(written.seg, site.lost, fu_ct) > 0.6, "re-found from the arrow"
 
 
 def _annotation(site: _Site) -> TimepointVerification:

@@ -14,6 +14,7 @@ SR were never routed back (Orthanc's store jobs name only the follow-up CT and t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from sqlalchemy import select
 from lesiontrack.db.models import JobState, Patient
 from lesiontrack.db.session import session_scope
 from lesiontrack.models.imaging.dicom_read import read_series
-from tests.support.lost_lesion import arrow_gsps, lost_lesion, move, overlap
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
+from tests.support.lost_lesion import LostLesion, arrow_gsps, lost_lesion, move, overlap
 from tests.support.pacs_guide import GuideSite
 from tests.support.patient import still_patient
 from tests.support.services import wait_for
@@ -62,56 +65,83 @@ def _routed_by_orthanc(site: GuideSite) -> set[str]:
     return out
 
 
-def test_a_gsps_arrow_saved_to_orthanc_on_an_analysed_follow_up_re_finds_the_lost_lesion(tmp_path: Path) -> None:
+@dataclass
+class _Run:
+    """What a run left: the follow-up's jobs (oldest first), our objects in Orthanc, what Orthanc routed, the API."""
+
+    fu_ct: Volume
+    lost: LostLesion
+    gsps: pydicom.Dataset
+    jobs: list[Any]
+    in_orthanc: dict[int, list[pydicom.Dataset]]
+    routed: set[str]
+    api_first: dict[str, Any]
+    verifications: list[dict[str, Any]]
+
+
+def _run(tmp_path: Path, *, with_the_ct: bool) -> _Run:
+    """The baseline (CT + SEG) imported, the moved follow-up routed and analysed; the radiologist's arrow GSPS saved to
+    Orthanc on the follow-up study after our result arrived there, or (``with_the_ct``) with the CT, while
+    LesionTrack had no result of the patient yet (the Lua then routes it when our report arrives)."""
     patient = still_patient(tmp_path / "patient", n_followups=1)
     fu = patient.followups[0]
     move(fu.files)
     lost = lost_lesion(patient)
-    fu_ct = read_series(fu.files)
+    gsps = arrow_gsps(fu.files, lost, tmp_path / "pr" / "arrow.dcm")
     site = GuideSite(tmp_path / "site", analysis=NO_REGISTRATION)
     try:
         site.upload([*patient.baseline.files, patient.seg_file])  # the baseline with its annotation: not routed
-        site.upload(fu.files)  # routed by the guide's Lua when stable
-        [first] = wait_for(partial(_jobs_done, site, fu.series_uid, 1), 900, "the follow-up's analysis")
-        assert first.state is JobState.DONE, first.error
-        before = wait_for(partial(_results, site, fu.study_uid, 1), 300, "the first SEG + SR in Orthanc")
-        old_seg, old_sr = before[901][0], before[902][0]
-        old_seg.save_as(tmp_path / "old_seg.dcm")
-        assert overlap(tmp_path / "old_seg.dcm", lost, fu_ct) < 0.2, "tracking lost the lesion"
-
-        # the radiologist's arrow on it, saved to the PACS on the follow-up study
-        gsps = arrow_gsps(fu.files, lost, tmp_path / "pr" / "arrow.dcm")
-        header = pydicom.dcmread(gsps, stop_before_pixels=True)
-        assert header.StudyInstanceUID == fu.study_uid
-        site.upload([gsps])
+        site.upload([*fu.files, gsps] if with_the_ct else fu.files)  # the CT routed by the guide's Lua when stable
+        if not with_the_ct:
+            wait_for(partial(_results, site, fu.study_uid, 1), 900, "the first SEG + SR in Orthanc")
+            site.upload([gsps])  # the radiologist's arrow, saved to the PACS after reading our result
         jobs = wait_for(partial(_jobs_done, site, fu.series_uid, 2), 900, "the re-analysis of the follow-up")
-        after = wait_for(partial(_results, site, fu.study_uid, 2), 300, "the new SEG + SR in Orthanc")
+        in_orthanc = wait_for(partial(_results, site, fu.study_uid, 2), 300, "the new SEG + SR in Orthanc")
         routed = _routed_by_orthanc(site)
-        api_first = site.api(f"/api/jobs/{first.id}")
+        api_first = site.api(f"/api/jobs/{min(j.id for j in jobs)}")
         with session_scope(site.sf) as s:
             patient_pk = s.scalar(select(Patient.id))
         verifications = site.api(f"/api/patients/{patient_pk}/verifications")
     finally:
         site.stop()
+    header = pydicom.dcmread(gsps, stop_before_pixels=True)
+    assert header.StudyInstanceUID == fu.study_uid
+    ordered = sorted(jobs, key=lambda j: j.id)
+    return _Run(read_series(fu.files), lost, header, ordered, in_orthanc, routed, api_first, verifications)
 
-    again = max(jobs, key=lambda j: j.id)
-    assert len(jobs) == 2, [(j.id, j.state, j.error) for j in jobs]
+
+def _check(run: _Run, tmp_path: Path) -> None:
+    """A new SEG + SR revision in Orthanc beside the old one, the old job superseded, the lesion the first result lost
+    re-found from the arrow, the annotation recorded; Orthanc routed the follow-up CT and the GSPS, nothing of ours."""
+    assert len(run.jobs) == 2, [(j.id, j.state, j.error) for j in run.jobs]
+    first, again = run.jobs
+    assert first.state is JobState.SUPERSEDED
     assert again.state is JobState.DONE, again.error
-    # Orthanc routed the follow-up CT and the person's GSPS; never a SEG or SR of ours
-    assert routed == {fu.series_uid, str(header.SeriesInstanceUID)}, routed
-    # new instances in Orthanc beside the old ones; the old job superseded by the re-analysis
-    segs = {str(d.SOPInstanceUID): d for d in after[901]}
-    srs = {str(d.SOPInstanceUID) for d in after[902]}
-    assert str(old_seg.SOPInstanceUID) in segs
-    assert str(old_sr.SOPInstanceUID) in srs
-    [new_uid] = set(segs) - {str(old_seg.SOPInstanceUID)}
+    assert run.routed == {first.followup_series_uid, str(run.gsps.SeriesInstanceUID)}, run.routed
+    segs = {str(d.SOPInstanceUID): d for d in run.in_orthanc[901]}
+    srs = {str(d.SOPInstanceUID) for d in run.in_orthanc[902]}
+    assert len(segs) == 2, segs.keys()
     assert len(srs) == 2, srs
-    assert api_first["state"] == "superseded"
-    assert api_first["superseded_by"] == again.id
-    [v] = verifications
+    for job, lost in ((first, True), (again, False)):
+        written = read_output(job.step_outputs, WriteSegSrOutput)
+        assert written is not None
+        assert written.sr_sop_instance_uid in srs, "each revision's SR is in Orthanc"
+        seg = segs[str(written.seg_sop_instance_uid)]
+        seg.save_as(tmp_path / f"seg-{job.id}.dcm")
+        dice = overlap(tmp_path / f"seg-{job.id}.dcm", run.lost, run.fu_ct)
+        assert dice < 0.2 if lost else dice > 0.6, (job.id, dice)  # lost by tracking, re-found from the arrow
+    assert run.api_first["state"] == "superseded"
+    assert run.api_first["superseded_by"] == again.id
+    [v] = run.verifications
     assert v["method"] == "annotation"
-    assert f"GSPS {header.SOPInstanceUID}" in v["reason"]
-    assert f"arrived on study {fu.study_uid}" in v["reason"]
-    # the lesion re-found from the arrow, in the SEG Orthanc holds
-    segs[new_uid].save_as(tmp_path / "new_seg.dcm")
-    assert overlap(tmp_path / "new_seg.dcm", lost, fu_ct) > 0.6, "re-found from the arrow"
+    assert v["job_id"] == again.id
+    assert f"GSPS {run.gsps.SOPInstanceUID}" in v["reason"]
+    assert f"arrived on study {run.gsps.StudyInstanceUID}" in v["reason"]
+
+
+def test_a_gsps_arrow_saved_to_orthanc_on_an_analysed_follow_up_re_finds_the_lost_lesion(tmp_path: Path) -> None:
+    _check(_run(tmp_path, with_the_ct=False), tmp_path)
+
+
+def test_a_gsps_arrow_saved_with_the_follow_up_is_routed_when_our_report_arrives(tmp_path: Path) -> None:
+    _check(_run(tmp_path, with_the_ct=True), tmp_path)

@@ -7,7 +7,9 @@ analysis of that follow-up: the lesion is re-found from the arrow, in new SEG/SR
 and marked superseded; the job, the API and the verification say why ("GSPS … arrived on study …").
 
 The same arrow arriving while the follow-up's first job is still queued is read by that job; arriving while it runs,
-after it read its prompts (delivered from the job's progress report at ``register``), a re-analysis supersedes it.
+after it read its prompts (delivered from the job's progress report at ``register``), a re-analysis supersedes it;
+received then but its series completed only after the job finished, the result (issued after it arrived, made
+without it) is re-analysed.
 """
 
 from __future__ import annotations
@@ -243,5 +245,29 @@ def test_an_arrow_arriving_after_the_running_job_read_its_prompts_queues_a_re_an
     v = _annotation(site)
     assert v.job_pk == again
     assert f"while job {site.first} was running" in (v.reason or "")
+    assert site.analysis.run(again) is JobState.DONE, site.analysis.store.get(again).error
+    _refound_by(site, again, str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID))
+
+
+def test_an_arrow_received_while_the_job_ran_but_completed_after_it_re_analyses_the_result(tmp_path: Path) -> None:
+    """The instance arrived after the job read its prompts, its series completed (the quiet period) after the job
+    finished: the result was issued after the arrow arrived, yet made without it (its load step does not list it)."""
+    gsps = tmp_path / "pr" / "arrow.dcm"
+
+    def receive_after_loading(job: int, step: str) -> None:  # stored and indexed, its series not complete yet
+        if step == "register" and not gsps.exists():
+            _arrow_on_the_lost_lesion(site, gsps)
+            ingest(site.settings, site.sf, [gsps])
+
+    site = _moved_followup(tmp_path, progress=receive_after_loading)
+    assert site.analysis.run(site.first) is JobState.DONE, site.analysis.store.get(site.first).error
+    loaded = read_output(site.analysis.store.get(site.first).step_outputs, LoadVolumesOutput)
+    assert loaded is not None
+    assert loaded.followup_annotations == []
+    series_uid = str(pydicom.dcmread(gsps, stop_before_pixels=True).SeriesInstanceUID)
+    complete_series(site.sf, site.settings.routing, series_uid, None, forced=True)
+    [again] = take_in_series(site.sf, site.settings.verification, series_uid)
+    assert site.analysis.store.get(site.first).state is JobState.SUPERSEDED
+    assert _annotation(site).job_pk == again
     assert site.analysis.run(again) is JobState.DONE, site.analysis.store.get(again).error
     _refound_by(site, again, str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID))

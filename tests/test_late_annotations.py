@@ -212,17 +212,20 @@ def test_an_arrow_arriving_while_the_first_job_is_queued_is_read_by_that_job(tmp
     gsps = _arrow_on_the_lost_lesion(site, tmp_path / "pr" / "arrow.dcm")
     gsps_uid = str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID)
     assert _received(site, gsps) == [], "no second job: the queued one reads it"
-    v = _annotation(site)
-    assert v.job_pk == site.first
-    assert f"while job {site.first} was queued (it reads it)" in (v.reason or "")
+    with session_scope(site.sf) as s:  # a prompt there, as if it had come with the CT: no verification
+        assert s.scalar(select(TimepointVerification)) is None
+        reason = s.scalar(select(Series.routing_reason).where(Series.modality == "PR"))
+    assert f"read by job {site.first} (queued, a prompt there)" in (reason or "")
     assert site.analysis.run(site.first) is JobState.DONE, site.analysis.store.get(site.first).error
     _refound_by(site, site.first, gsps_uid)
-    assert site.analysis.store.latest_for_series(site.patient.followups[0].series_uid).id == site.first
-    # the job says why it was re-triggered (API: its events)
+    latest = site.analysis.store.latest_for_series(site.patient.followups[0].series_uid)
+    assert latest is not None
+    assert latest.id == site.first
+    # the job says that it arrived and that it read it (API: its events)
     client = TestClient(create_app(site.settings, site.sf, job_control=JobStoreControl(JobStore(site.sf))))
     events = client.get(f"/api/jobs/{site.first}", headers=API_KEY).json()["events"]
-    retriggered = [e["details"]["reason"] for e in events if e["action"] == "job.retriggered"]
-    assert any(f"GSPS {gsps_uid}" in r and "read by this job" in r for r in retriggered), retriggered
+    arrived = [e["details"]["reason"] for e in events if e["action"] == "job.annotation_arrived"]
+    assert [f"GSPS {gsps_uid}" in r and "it reads it" in r for r in arrived] == [True], arrived
 
 
 def test_an_arrow_arriving_after_the_running_job_read_its_prompts_queues_a_re_analysis(tmp_path: Path) -> None:

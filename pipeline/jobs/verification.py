@@ -15,9 +15,9 @@ The flow (docs/verified-tracking.md):
    old ones superseded), now propagated from the verified timepoint, the nearest annotation a person made.
 4. :func:`verify_as_is` — an operator accepts our result of a timepoint unchanged: our SEG of it then counts as
    the person's (a propagation source) and later follow-ups are re-analysed from it.
-5. :func:`reanalyse_annotated` — a person's annotation (method ``annotation``) of a follow-up whose analysis lacks
-   it (:func:`_use_of`): a result issued without it, or a running job, is superseded by a new job; a queued job
-   that has not read its prompts yet reads it (re-triggered, the annotation recorded against it).
+5. :func:`reanalyse_annotated` — a person's annotation (method ``annotation``) of a follow-up whose result lacks
+   it (:func:`_use_of`): a result issued without it, or a running job, is superseded by a new job. A queued job
+   that has not read its prompts yet reads it itself: no verification, the job's events say so.
 """
 
 from __future__ import annotations
@@ -290,7 +290,8 @@ def _take_in_annotation(
     sop = header.sop_instance_uid
     ct_uid = next((u for u in header.references if _analyses_without(s, u, sop, inst.received_at)), None)
     if ct_uid is None:
-        return f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+        queued = _read_by_queued_job(s, intake.actor, header, inst.received_at)
+        return queued or f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
     refused = _refused(s, intake, inst, header, ct_uid, f"{name} annotation")
     if refused is not None:
         return refused, None
@@ -299,24 +300,39 @@ def _take_in_annotation(
     if v is None:
         return None, None
     v.reason = f"{name} {sop} by {v.verified_by} arrived on study {study} (series {ct_uid})"
-    use, job = _use_of(s, ct_uid, sop, inst.received_at)
+    job = _use_of(s, ct_uid, sop, inst.received_at)[1]
     if job is not None and job.state in ACTIVE_STATES:  # the series' first analysis (or a re-analysis) in progress
-        v.reason += f" while job {job.id} was {job.state.value}" + (" (it reads it)" if use == "will-read" else "")
+        v.reason += f" while job {job.id} was {job.state.value}"
     return f"{name} {header.sop_instance_uid} on {ct_uid}: annotation {v.id}", _Accepted(
         v.id, ct_uid, v.verified_by, "annotation"
     )
 
 
+def _read_by_queued_job(s: Session, actor: str, header: AnnotationHeader, received_at: datetime) -> str | None:
+    """A person's annotation of a series whose job is queued and has not read its prompts yet: that job reads it as
+    a prompt there (no verification, no new job) — said in the job's events (``job.annotation_arrived``); what the
+    series' reason says (None: no such job)."""
+    name, sop = PROMPT_OBJECTS.get(header.modality, header.modality), header.sop_instance_uid
+    for u in header.references:
+        use, job = _use_of(s, u, sop, received_at)
+        if use == "will-read" and job is not None:
+            study, state = header.study_uid or "?", job.state.value
+            reason = f"{name} {sop} arrived on study {study} while this job was {state}: it reads it (a prompt there)"
+            audit(s, actor, "job.annotation_arrived", "job", job.id, series_uid=u, sop_instance_uid=sop, reason=reason)
+            return f"{name} {sop} on {u}: read by job {job.id} ({state}, a prompt there)"
+    return None
+
+
 def _analyses_without(session: Session, series_uid: str, sop_uid: str, received_at: datetime) -> list[str]:
     """The CT series whose analysis lacks a person's annotation ``sop_uid`` of ``series_uid`` received at
-    ``received_at``: the series itself when its newest job did not read it — a result issued without it, a running
-    job past reading its prompts or a queued one still to read them (:func:`_use_of`) — and the later follow-ups of its
+    ``received_at``: the series itself when its newest job's result is made without it — issued without it, or by a
+    running job that may have read its prompts before it arrived (:func:`_use_of`) — and the later follow-ups of its
     patient whose newest result was issued before it arrived (a prior annotation retrieved for a job, or sent with its
     CT, was that job's input), oldest first."""
     patient_pk = _patient_of(session, series_uid)
     if patient_pk is None:
         return []
-    own = [series_uid] if _use_of(session, series_uid, sop_uid, received_at)[0] in ("will-read", "without") else []
+    own = [series_uid] if _use_of(session, series_uid, sop_uid, received_at)[0] == "without" else []
     return own + _issued_before(session, later_analysed_series(session, patient_pk, series_uid), received_at)
 
 

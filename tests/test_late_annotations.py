@@ -6,8 +6,9 @@ the radiologist's GSPS with an arrow on that lesion reaches the DICOM door. The 
 analysis of that follow-up: the lesion is re-found from the arrow, in new SEG/SR instances; the old result is kept
 and marked superseded; the job, the API and the verification say why ("GSPS … arrived on study …").
 
-The same arrow arriving while the follow-up's first job is still queued is read by that job; arriving while it runs,
-after it read its prompts (delivered from the job's progress report at ``register``), a re-analysis supersedes it;
+The same arrow arriving while the follow-up's first job is still queued, or running but still finding its priors
+(delivered from the job's progress report at ``retrieve_priors``), is read by that job; arriving while it runs after
+it read its prompts (at ``register``), a re-analysis supersedes it;
 received then but its series completed only after the job finished, the result (issued after it arrived, made
 without it) is re-analysed.
 """
@@ -274,3 +275,25 @@ def test_an_arrow_received_while_the_job_ran_but_completed_after_it_re_analyses_
     assert _annotation(site).job_pk == again
     assert site.analysis.run(again) is JobState.DONE, site.analysis.store.get(again).error
     _refound_by(site, again, str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID))
+
+
+def test_an_arrow_arriving_while_the_running_job_finds_its_priors_is_read_by_that_job(tmp_path: Path) -> None:
+    taken: list[int] = []
+    gsps = tmp_path / "pr" / "arrow.dcm"
+
+    def deliver_before_loading(job: int, step: str) -> None:  # the job has not begun to read its prompts
+        if step == "retrieve_priors" and not gsps.exists():
+            _arrow_on_the_lost_lesion(site, gsps)
+            taken.extend(_received(site, gsps))
+
+    site = _moved_followup(tmp_path, progress=deliver_before_loading)
+    assert site.analysis.run(site.first) is JobState.DONE, site.analysis.store.get(site.first).error
+    assert gsps.exists()
+    assert taken == [], "no second job: the running one reads it"
+    _refound_by(site, site.first, str(pydicom.dcmread(gsps, stop_before_pixels=True).SOPInstanceUID))
+    with session_scope(site.sf) as s:
+        assert s.scalar(select(TimepointVerification)) is None
+        arrived = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.annotation_arrived")).one()
+    assert arrived.object_id == str(site.first)
+    assert arrived.details is not None
+    assert "while this job was running: it reads it" in arrived.details["reason"]

@@ -16,8 +16,9 @@ The flow (docs/verified-tracking.md):
 4. :func:`verify_as_is` — an operator accepts our result of a timepoint unchanged: our SEG of it then counts as
    the person's (a propagation source) and later follow-ups are re-analysed from it.
 5. :func:`reanalyse_annotated` — a person's annotation (method ``annotation``) of a follow-up whose result lacks
-   it (:func:`_use_of`): a result issued without it, or a running job, is superseded by a new job. A queued job
-   that has not read its prompts yet reads it itself: no verification, the job's events say so.
+   it (:func:`_use_of`): a result issued without it, or a job running from its load step on, is superseded by a new
+   job. A job that has not begun to read its prompts (queued, finding priors) reads it itself: no verification, the
+   job's events say so.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.dicom.annotations.refs import prior_annotation_references
 from lesiontrack.pipeline.dicom.prompt_sources import PROMPT_OBJECTS
-from lesiontrack.pipeline.jobs.contract import LoadVolumesOutput, WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.contract import STEP_NAMES, LoadVolumesOutput, WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.derived_prior_seg import earlier_drawn_prior_seg
 from lesiontrack.pipeline.jobs.store import ACTIVE_STATES, JobStore
 from lesiontrack.pipeline.science.prompt_selection import OUR_MANUFACTURER, written_by_us
@@ -290,8 +291,8 @@ def _take_in_annotation(
     sop = header.sop_instance_uid
     ct_uid = next((u for u in header.references if _analyses_without(s, u, sop, inst.received_at)), None)
     if ct_uid is None:
-        queued = _read_by_queued_job(s, intake.actor, header, inst.received_at)
-        return queued or f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+        pending = _read_by_pending_job(s, intake.actor, header, inst.received_at)
+        return pending or f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
     refused = _refused(s, intake, inst, header, ct_uid, f"{name} annotation")
     if refused is not None:
         return refused, None
@@ -308,10 +309,10 @@ def _take_in_annotation(
     )
 
 
-def _read_by_queued_job(s: Session, actor: str, header: AnnotationHeader, received_at: datetime) -> str | None:
-    """A person's annotation of a series whose job is queued and has not read its prompts yet: that job reads it as
-    a prompt there (no verification, no new job) — said in the job's events (``job.annotation_arrived``); what the
-    series' reason says (None: no such job)."""
+def _read_by_pending_job(s: Session, actor: str, header: AnnotationHeader, received_at: datetime) -> str | None:
+    """A person's annotation of a series whose job has not begun to read its prompts (queued, or finding its priors):
+    that job reads it as a prompt there (no verification, no new job) — said in the job's events
+    (``job.annotation_arrived``); what the series' reason says (None: no such job)."""
     name, sop = PROMPT_OBJECTS.get(header.modality, header.modality), header.sop_instance_uid
     for u in header.references:
         use, job = _use_of(s, u, sop, received_at)
@@ -341,9 +342,10 @@ def _use_of(
 ) -> tuple[AnnotationUse, AnalysisJob | None]:
     """How the newest job of ``series_uid`` stands to a person's annotation of it (``sop_uid``, received at
     ``received_at``), and that job: ``read`` — its load step read it; ``will-read`` — queued or waiting to retry with
-    its prompts still to read (a resumed job reads them again unless it resumes after writing its results);
-    ``without`` — running (it may have read its prompts already: its result is not trusted to hold it), or finished
-    with a result issued without it; ``none`` — no analysis it changes."""
+    its prompts still to read (a resumed job reads them again unless it resumes after writing its results), or
+    running but not yet loading (the object is indexed before it is taken in, so the load step finds it);
+    ``without`` — running from the load step on (it may have read its prompts before the object arrived: its result
+    is not trusted to hold it), or finished with a result issued without it; ``none`` — no analysis it changes."""
     job = _latest_job(session, series_uid)
     if job is None:
         return "none", None
@@ -351,13 +353,20 @@ def _use_of(
     loaded = read_output(outputs, LoadVolumesOutput)
     if loaded is not None and sop_uid in loaded.followup_annotations and job.state is not JobState.FAILED:
         return "read", job
+    unwritten = read_output(outputs, WriteSegSrOutput) is None
     if job.state in (JobState.QUEUED, JobState.RETRY_WAIT):
-        return ("will-read" if read_output(outputs, WriteSegSrOutput) is None else "without"), job
-    if job.state is JobState.RUNNING:
-        return "without", job
+        return ("will-read" if unwritten else "without"), job
+    if job.state is JobState.RUNNING:  # the object is indexed: a job that has not begun to load reads it
+        return ("will-read" if unwritten and _before_loading(job) else "without"), job
     if job.state is JobState.DONE:
         return ("without" if _result_issued_at(session, series_uid) is not None else "none"), job
     return ("without" if _issued_before(session, [series_uid], received_at) else "none"), job
+
+
+def _before_loading(job: AnalysisJob) -> bool:
+    """A running job that has not begun the step that reads its prompts (claimed, or finding/retrieving priors)."""
+    steps = STEP_NAMES
+    return job.step is None or (job.step in steps and steps.index(job.step) < steps.index(LoadVolumesOutput.step))
 
 
 def _issued_before(session: Session, series_uids: list[str], t: datetime) -> list[str]:

@@ -15,6 +15,10 @@ The flow (docs/verified-tracking.md):
    old ones superseded), now propagated from the verified timepoint, the nearest annotation a person made.
 4. :func:`verify_as_is` — an operator accepts our result of a timepoint unchanged: our SEG of it then counts as
    the person's (a propagation source) and later follow-ups are re-analysed from it.
+5. :func:`reanalyse_annotated` — a person's annotation (method ``annotation``) of a follow-up whose result lacks
+   it (:func:`_use_of`): a result issued without it, or a job running from its load step on, is superseded by a new
+   job. A job that has not begun to read its prompts (queued, finding priors) reads it itself: no verification, the
+   job's events say so.
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ from lesiontrack.db.repository import audit
 from lesiontrack.db.session import session_scope
 from lesiontrack.pipeline.dicom.annotations.refs import prior_annotation_references
 from lesiontrack.pipeline.dicom.prompt_sources import PROMPT_OBJECTS
-from lesiontrack.pipeline.jobs.contract import WriteSegSrOutput, read_output
+from lesiontrack.pipeline.jobs.contract import STEP_NAMES, LoadVolumesOutput, WriteSegSrOutput, read_output
 from lesiontrack.pipeline.jobs.derived_prior_seg import earlier_drawn_prior_seg
-from lesiontrack.pipeline.jobs.store import JobStore
+from lesiontrack.pipeline.jobs.store import ACTIVE_STATES, JobStore
 from lesiontrack.pipeline.science.prompt_selection import OUR_MANUFACTURER, written_by_us
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 CORRECTION_KINDS = ("SEG", "SR")
 
 ANALYSED_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.RUNNING, JobState.QUEUED, JobState.RETRY_WAIT)
+
+#: how the newest analysis of a CT series stands to a person's annotation of it (:func:`_use_of`)
+AnnotationUse = Literal["read", "will-read", "without", "none"]
 
 
 class VerificationError(ValueError):
@@ -281,9 +288,11 @@ def _take_in_annotation(
     ``annotation``) and they are re-analysed, new instances superseding the old (:func:`reanalyse_annotated`).
     Otherwise it is a prior annotation like any other: the next analysis reads it."""
     name = PROMPT_OBJECTS.get(header.modality, header.modality)
-    ct_uid = next((u for u in header.references if _results_without(s, u, inst.received_at)), None)
+    sop = header.sop_instance_uid
+    ct_uid = next((u for u in header.references if _analyses_without(s, u, sop, inst.received_at)), None)
     if ct_uid is None:
-        return f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
+        pending = _read_by_pending_job(s, intake.actor, header, inst.received_at)
+        return pending or f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
     refused = _refused(s, intake, inst, header, ct_uid, f"{name} annotation")
     if refused is not None:
         return refused, None
@@ -291,20 +300,73 @@ def _take_in_annotation(
     v = _record(s, intake, inst, header, ct_uid, VerificationMethod.ANNOTATION)
     if v is None:
         return None, None
-    v.reason = f"{name} {header.sop_instance_uid} by {v.verified_by} arrived on study {study} (series {ct_uid})"
+    v.reason = f"{name} {sop} by {v.verified_by} arrived on study {study} (series {ct_uid})"
+    job = _use_of(s, ct_uid, sop, inst.received_at)[1]
+    if job is not None and job.state in ACTIVE_STATES:  # the series' first analysis (or a re-analysis) in progress
+        v.reason += f" while job {job.id} was {job.state.value}"
     return f"{name} {header.sop_instance_uid} on {ct_uid}: annotation {v.id}", _Accepted(
         v.id, ct_uid, v.verified_by, "annotation"
     )
 
 
-def _results_without(session: Session, series_uid: str, received_at: datetime) -> list[str]:
-    """The CT series whose results were made without an annotation of ``series_uid`` received at ``received_at``:
-    the series itself and the later follow-ups of its patient whose newest result was issued before it arrived (a
-    prior annotation retrieved for a job, or sent with its CT, was that job's input), oldest first."""
+def _read_by_pending_job(s: Session, actor: str, header: AnnotationHeader, received_at: datetime) -> str | None:
+    """A person's annotation of a series whose job has not begun to read its prompts (queued, or finding its priors):
+    that job reads it as a prompt there (no verification, no new job) — said in the job's events
+    (``job.annotation_arrived``); what the series' reason says (None: no such job)."""
+    name, sop = PROMPT_OBJECTS.get(header.modality, header.modality), header.sop_instance_uid
+    for u in header.references:
+        use, job = _use_of(s, u, sop, received_at)
+        if use == "will-read" and job is not None:
+            study, state = header.study_uid or "?", job.state.value
+            reason = f"{name} {sop} arrived on study {study} while this job was {state}: it reads it (a prompt there)"
+            audit(s, actor, "job.annotation_arrived", "job", job.id, series_uid=u, sop_instance_uid=sop, reason=reason)
+            return f"{name} {sop} on {u}: read by job {job.id} ({state}, a prompt there)"
+    return None
+
+
+def _analyses_without(session: Session, series_uid: str, sop_uid: str, received_at: datetime) -> list[str]:
+    """The CT series whose analysis lacks a person's annotation ``sop_uid`` of ``series_uid`` received at
+    ``received_at``: the series itself when its newest job's result is made without it — issued without it, or by a
+    running job that may have read its prompts before it arrived (:func:`_use_of`) — and the later follow-ups of its
+    patient whose newest result was issued before it arrived (a prior annotation retrieved for a job, or sent with its
+    CT, was that job's input), oldest first."""
     patient_pk = _patient_of(session, series_uid)
     if patient_pk is None:
         return []
-    return _issued_before(session, [series_uid, *later_analysed_series(session, patient_pk, series_uid)], received_at)
+    own = [series_uid] if _use_of(session, series_uid, sop_uid, received_at)[0] == "without" else []
+    return own + _issued_before(session, later_analysed_series(session, patient_pk, series_uid), received_at)
+
+
+def _use_of(
+    session: Session, series_uid: str, sop_uid: str, received_at: datetime
+) -> tuple[AnnotationUse, AnalysisJob | None]:
+    """How the newest job of ``series_uid`` stands to a person's annotation of it (``sop_uid``, received at
+    ``received_at``), and that job: ``read`` — its load step read it; ``will-read`` — queued or waiting to retry with
+    its prompts still to read (a resumed job reads them again unless it resumes after writing its results), or
+    running but not yet loading (the object is indexed before it is taken in, so the load step finds it);
+    ``without`` — running from the load step on (it may have read its prompts before the object arrived: its result
+    is not trusted to hold it), or finished with a result issued without it; ``none`` — no analysis it changes."""
+    job = _latest_job(session, series_uid)
+    if job is None:
+        return "none", None
+    outputs = job.step_outputs or {}
+    loaded = read_output(outputs, LoadVolumesOutput)
+    if loaded is not None and sop_uid in loaded.followup_annotations and job.state is not JobState.FAILED:
+        return "read", job
+    unwritten = read_output(outputs, WriteSegSrOutput) is None
+    if job.state in (JobState.QUEUED, JobState.RETRY_WAIT):
+        return ("will-read" if unwritten else "without"), job
+    if job.state is JobState.RUNNING:  # the object is indexed: a job that has not begun to load reads it
+        return ("will-read" if unwritten and _before_loading(job) else "without"), job
+    if job.state is JobState.DONE:
+        return ("without" if _result_issued_at(session, series_uid) is not None else "none"), job
+    return ("without" if _issued_before(session, [series_uid], received_at) else "none"), job
+
+
+def _before_loading(job: AnalysisJob) -> bool:
+    """A running job that has not begun the step that reads its prompts (claimed, or finding/retrieving priors)."""
+    steps = STEP_NAMES
+    return job.step is None or (job.step in steps and steps.index(job.step) < steps.index(LoadVolumesOutput.step))
 
 
 def _issued_before(session: Session, series_uids: list[str], t: datetime) -> list[str]:
@@ -440,19 +502,24 @@ def reanalyse_annotated(
         if v is None:
             raise VerificationError(f"no verification {verification_id}")
         ct_uid, why = v.series_instance_uid, v.reason or f"annotation {verification_id}"
-        latest = _latest_job(s, ct_uid) if _issued_before(s, [ct_uid], _arrived(s, v)) else None
+        use, latest = _use_of(s, ct_uid, v.source_sop_instance_uid or "", _arrived(s, v))
+        latest_id = latest.id if latest is not None else None
     created: list[int] = []
-    if latest is not None:
-        job = JobStore(sf, actor=actor).create(
-            ct_uid, reason=f"re-analysis: {why} (annotation {verification_id})", actor=actor, supersedes=latest.id
-        )
-        created.append(job)
+    if use in ("will-read", "without"):
+        jobs = JobStore(sf, actor=actor)
+        if use == "will-read":  # that queued job reads it: re-triggered with this reason (a new one if claimed since)
+            job = jobs.create(ct_uid, reason=f"{why}: read by this job (annotation {verification_id})", actor=actor)
+        else:  # a running job stops before its next step (nothing more sent); a finished one's result is kept
+            reason = f"re-analysis: {why} (annotation {verification_id})"
+            job = jobs.create(ct_uid, reason=reason, actor=actor, supersedes=latest_id)
+        if job != latest_id:
+            created.append(job)
         with session_scope(sf) as s:
             row = s.get(TimepointVerification, verification_id)
             if row is not None:
                 row.job_pk = job
-                audit(s, actor, "verification.annotation_reanalysis", "verification", row.id, job_id=job)
-        log.info("annotation %s of series %s: re-analysis job %s", verification_id, ct_uid, job)
+                audit(s, actor, "verification.annotation_reanalysis", "verification", row.id, job_id=job, use=use)
+        log.info("annotation %s of series %s: job %s (%s)", verification_id, ct_uid, job, use)
     return created + reanalyse_later(sf, verification_id, actor=actor, settings=settings)
 
 

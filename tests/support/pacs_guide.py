@@ -85,9 +85,13 @@ def dump_toml(cfg: dict[str, Any]) -> str:
 
 class GuideSite:
     """Orthanc and ``lesiontrack serve`` configured from docs/pacs/orthanc.md. ``dicomweb``: Orthanc loads its
-    DICOMweb plugin (as Debian's default configuration does), configured by the guide's ``DicomWeb`` section."""
+    DICOMweb plugin (as Debian's default configuration does), configured by the guide's ``DicomWeb`` section.
+    ``analysis``: LesionTrack settings of the analysis itself a test needs (``{"engines": {"registration": "none"}}``),
+    merged into those tables; nothing of the PACS connection."""
 
-    def __init__(self, root: Path, *, dicomweb: bool = False) -> None:
+    def __init__(
+        self, root: Path, *, dicomweb: bool = False, analysis: dict[str, dict[str, Any]] | None = None
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.dicom_port, self.http_port = free_port(), free_port()
@@ -107,6 +111,9 @@ class GuideSite:
         peer["host"], peer["port"] = "127.0.0.1", self.orthanc.dicom_port
         # the small phantom is registered at 4 mm (the demo: 3 mm; clinical CT: the default 2 mm) — not a site setting
         cfg["engines"] = {"working_spacing_mm": 4.0}
+        for table, values in (analysis or {}).items():
+            assert table in ("engines", "detection", "tracking", "recist"), f"{table} is no analysis table"
+            cfg[table] = cfg.get(table, {}) | values
         self.config = root / "lesiontrack.toml"
         self.config.write_text(dump_toml(cfg))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("LESIONTRACK_")}

@@ -244,7 +244,7 @@ def test_a_candidate_flattened_onto_the_drawn_slice_loses_to_one_through_the_sli
     grown = lesion_from_drawing(vol, line)[0]
     assert grown is not None
     assert measurement_error(flat, line) < measurement_error(grown, line)  # the old rule kept the flat one
-    got = drawn_lesion(vol, prompt, engine)  # type: ignore[arg-type]  # a stand-in engine: the box's flat answer
+    got = drawn_lesion(vol, prompt, engine)  # a stand-in engine: the box's flat answer
     assert got is not None
     mask = got.mask.array > 0
     assert np.count_nonzero(mask.any(axis=(1, 2))) >= 3, got.notes

@@ -10,7 +10,10 @@ viewer*), drawn as bench/drawn_lesions.py draws and as the OHIF test draws (a le
 bounding box on its largest slice). Prints one JSON document: per source the mean and every lesion's Dice.
 
 Usage: ``python bench/drawn_prior_dice.py --phantoms 1,2,3 [--lung1 5,11] [--demo] [--demo-seeds 1,2]
-[--sources line,ellipse]`` (``--demo-seeds``: each seed's liver lesion on the demo's grid, the same way)
+[--sources line,ellipse] [--choice]`` (``--demo-seeds``: each seed's liver lesion on the demo's grid, the same way;
+``--choice``: also, per lesion and source, both candidates ``drawn_lesion`` chooses between — the lesion grown from
+the drawing and the engine's segmentation of its box — with their Dice and which was kept, and per source the mean
+of each candidate alone and of the better one per lesion: the room a better choice has)
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from bench.drawn_lesions import drawings
 from bench.tracking import lung1_patient, phantom_patient
 from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.base import SegmentationEngine
+from lesiontrack.models.segmentation.base import SegmentationEngine, SegReference
 from lesiontrack.models.segmentation.components import keep_nearest_component
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.models.segmentation.prompts import LesionIdentity
+from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing
+from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt
 from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
 from lesiontrack.pipeline.science.drawn_priors import drawn_lesion
 from lesiontrack.synthetic.phantom import make_phantom
@@ -42,14 +46,51 @@ from lesiontrack.synthetic.phantom import make_phantom
 SOURCES = ("line", "bidirectional", "ellipse", "arrow")
 
 
+class _Remembered:
+    """The engine, its box segmentation of each prompt remembered (``drawn_lesion`` and ``--choice`` both ask)."""
+
+    def __init__(self, engine: SegmentationEngine) -> None:
+        self.engine, self.name, self.version = engine, engine.name, getattr(engine, "version", "")
+        self._seen: dict[int, tuple[Prompt, Volume]] = {}
+
+    def segment(self, image: Volume, prompt: Prompt, reference: SegReference | None = None) -> Volume:
+        hit = self._seen.get(id(prompt))
+        if hit is None or hit[0] is not prompt or reference is not None:
+            hit = (prompt, self.engine.segment(image, prompt, reference))
+            self._seen = {id(prompt): hit}
+        return hit[1]
+
+
+def _dice(mask: Volume | None, centre: np.ndarray, truth: np.ndarray) -> float:
+    if mask is None:
+        return 0.0
+    # as the tracking loop keeps it (TrackingOptions.max_centre_distance_mm)
+    got = keep_nearest_component(mask, centre, 15.0).array > 0
+    return float(2 * (got & truth).sum() / max(got.sum() + truth.sum(), 1))
+
+
 def prior_dice(ct: Volume, truth: np.ndarray, drawing: Drawing, label: int, engine: SegmentationEngine) -> float:
     """Dice of the lesion derived from ``drawing`` on ``ct`` against ``truth``, as the tracking loop derives it."""
+    return choice_dice(ct, truth, drawing, label, engine)[0]
+
+
+def choice_dice(
+    ct: Volume, truth: np.ndarray, drawing: Drawing, label: int, engine: SegmentationEngine, both: bool = False
+) -> tuple[float, dict[str, Any]]:
+    """:func:`prior_dice`, and with ``both`` the Dice of each candidate ``drawn_lesion`` chooses between (``grown``,
+    ``box``) and which it kept."""
     prompt = drawing_prompt(LesionIdentity(f"2.25.{label}", f"L{label}", label), drawing, drawing.what or "")
-    drawn = drawn_lesion(ct, prompt, engine)
+    remembered = _Remembered(engine)
+    drawn = drawn_lesion(ct, prompt, remembered)
     assert drawn is not None
-    # as the tracking loop keeps it (TrackingOptions.max_centre_distance_mm)
-    got = keep_nearest_component(drawn.mask, prompt.centre_mm(), 15.0).array > 0
-    return float(2 * (got & truth).sum() / max(got.sum() + truth.sum(), 1))
+    dice = _dice(drawn.mask, prompt.centre_mm(), truth)
+    if not both or drawing.diameters_mm()[0] <= 0:
+        return dice, {}
+    grown = lesion_from_drawing(ct, drawing, engine)[0]
+    boxed = remembered.segment(ct, prompt, None)
+    kept = "grown" if grown is not None and np.array_equal(drawn.mask.array > 0, grown.array > 0) else "box"
+    candidates = {"grown": _dice(grown, prompt.centre_mm(), truth), "box": _dice(boxed, prompt.centre_mm(), truth)}
+    return dice, {"kept": kept, **{k: round(v, 3) for k, v in candidates.items()}}
 
 
 def ohif_line(ct: Volume, truth: np.ndarray) -> Drawing:
@@ -96,11 +137,13 @@ def main() -> None:
     ap.add_argument("--demo-seeds", default="", help="also the liver lesion of these seeds on the demo's grid")
     ap.add_argument("--faint", type=float, default=None, help="--demo-seeds' lesions with this contrast (HU)")
     ap.add_argument("--sources", default=",".join(SOURCES[:3]))
+    ap.add_argument("--choice", action="store_true", help="also both candidates per lesion and the oracle's mean")
     args = ap.parse_args()
     t0 = time.perf_counter()
     sources = [s for s in args.sources.split(",") if s]
     engine = build_segmentation("adaptive")
     per: dict[str, list[float]] = {s: [] for s in sources}
+    cand: dict[str, dict[str, list[float]]] = {s: {"grown": [], "box": [], "better": []} for s in sources}
     lesions: list[dict[str, Any]] = []
     patients = [phantom_patient(int(s), 0, 5.0) for s in args.phantoms.split(",") if s]
     patients += [p for s in args.lung1.split(",") if s and (p := lung1_patient(int(s), 0)) is not None]
@@ -112,8 +155,14 @@ def main() -> None:
             ds = drawings(p.labels[0].with_array(truth.astype(np.uint8)), rng)
             row: dict[str, Any] = {"patient": p.name, "lesion": n, "kind": p.kinds.get(n, "")}
             for s in sources:
-                row[s] = round(prior_dice(p.cts[0], truth, ds[s], n, engine), 3)
+                dice, choice = choice_dice(p.cts[0], truth, ds[s], n, engine, args.choice)
+                row[s] = round(dice, 3)
                 per[s].append(row[s])
+                if choice:
+                    row[f"{s} candidates"] = choice
+                    for k in ("grown", "box"):
+                        cand[s][k].append(choice[k])
+                    cand[s]["better"].append(max(choice["grown"], choice["box"]))
             lesions.append(row)
         print(f"{time.strftime('%H:%M:%S')} {p.name} done", file=sys.stderr, flush=True)
     doc: dict[str, Any] = {
@@ -122,6 +171,15 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "mean": {s: round(float(np.mean(v)), 4) for s, v in per.items() if v},
         "min": {s: round(float(np.min(v)), 3) for s, v in per.items() if v},
+        **(
+            {
+                "candidates_mean": {
+                    s: {k: round(float(np.mean(v)), 4) for k, v in c.items() if v} for s, c in cand.items()
+                }
+            }
+            if args.choice
+            else {}
+        ),
         "lesions": lesions,
     }
     if args.demo:

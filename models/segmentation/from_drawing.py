@@ -603,3 +603,18 @@ def measurement_error(mask: Volume, drawing: Drawing) -> float:
             width = float(across.max() - across.min()) + float(max(sp[1:]))
             err = max(err, abs(width - short_mm) / short_mm)
     return float(err)
+
+
+def confined_to_drawn_slice(mask: Volume, drawing: Drawing) -> bool:
+    """Whether ``mask``'s lesion at the drawing — its parts that touch the drawn slice — lies on the drawn slice only
+    although the drawn long axis spans at least 1.5 slice spacings: a lesion that long reaches the neighbouring slice
+    (a sphere of that diameter does in most positions, and a voxel is lesion when half of it is), so such a
+    segmentation is the lesion flattened to one slice (issue 31: a small lesion on 5 mm slices is not). False for a
+    drawing without diameters or an empty cross-section."""
+    long_mm, _ = drawing.diameters_mm()
+    k0 = int(np.rint(mask.patient_to_index(drawing.all_points)[:, 2].mean()))
+    if long_mm < 1.5 * float(mask.spacing[2]) or not 0 <= k0 < mask.shape[0] or not (mask.array[k0] > 0).any():
+        return False
+    lab, _n = ndi.label(mask.array > 0)
+    touching = np.unique(lab[k0][lab[k0] > 0])
+    return not bool(np.delete(np.isin(lab, touching).any(axis=(1, 2)), k0).any())

@@ -22,7 +22,11 @@ from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.arrow import arrow_lesion
 from lesiontrack.models.segmentation.base import SegmentationEngine
 from lesiontrack.models.segmentation.drawing import WEAK_PRIOR_SCORE, Drawing, DrawingKind
-from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing, measurement_error
+from lesiontrack.models.segmentation.from_drawing import (
+    confined_to_drawn_slice,
+    lesion_from_drawing,
+    measurement_error,
+)
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.science.confidence import ConfidenceRules, LesionConfidence, Signal, with_signal
 from lesiontrack.pipeline.science.lesions import TrackedLesion
@@ -59,10 +63,11 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> Draw
     For a drawing with diameters (a line, a bidirectional pair, an ellipse, a contour) two candidates are made — the
     lesion grown from the drawing (:func:`models.segmentation.from_drawing.lesion_from_drawing`) and the engine's
     segmentation of the drawing's box — and the one whose cross-section on the drawn slice reproduces the
-    radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`); the notes
-    say which and by how much. An arrow or a point has no measurement to check: the grown lesion is kept — for an
-    arrow, the one grown from its tip or from the diameter the image shows there, whichever outline the image
-    supports clearly better (:func:`models.segmentation.arrow.arrow_lesion`)."""
+    radiologist's own diameters best is kept (:func:`~models.segmentation.from_drawing.measurement_error`), unless it
+    lies on the drawn slice only where the other reaches the next slice (:func:`_keep_grown`); the notes say which
+    and why. An arrow or a point has no measurement to check: the grown lesion is kept — for an arrow, the one grown
+    from its tip or from the diameter the image shows there, whichever outline the image supports clearly better
+    (:func:`models.segmentation.arrow.arrow_lesion`)."""
 
     drawing = drawing_of(prompt)
     if drawing is None:
@@ -81,18 +86,40 @@ def drawn_lesion(ct: Volume, prompt: Prompt, engine: SegmentationEngine) -> Draw
             return DrawnLesion(engine.segment(ct, prompt, None), drawing.kind.value, engine_name, version, notes)
         return DrawnLesion(mask, drawing.kind.value, name, version, notes)
     boxed = engine.segment(ct, prompt, None)
-    box_err = measurement_error(boxed, drawing)
-    grown_err = measurement_error(mask, drawing) if mask is not None else float("inf")
-    if mask is not None and grown_err <= box_err:  # neither reproducing the drawn slice: the box, as before drawings
-        notes.append(f"reproduces the drawn diameters within {100 * grown_err:.0f} % (box: {100 * box_err:.0f} %)")
+    keep_grown = _keep_grown(mask, boxed, drawing, engine_name, notes)
+    if keep_grown and mask is not None:
         return DrawnLesion(mask, drawing.kind.value, name, version, notes)
+    return DrawnLesion(boxed, drawing.kind.value, engine_name, version, notes)
+
+
+def _keep_grown(grown: Volume | None, boxed: Volume, drawing: Drawing, engine_name: str, notes: list[str]) -> bool:
+    """Of the lesion grown from a drawing with diameters and the engine's segmentation of its box, whether the grown
+    one is kept (a note says why): a candidate flattened onto the drawn slice
+    (:func:`~models.segmentation.from_drawing.confined_to_drawn_slice`) loses to one that reaches the next slice;
+    otherwise the one whose cross-section on the drawn slice reproduces the drawn diameters best is kept, the grown
+    one on a tie (:func:`~models.segmentation.from_drawing.measurement_error`)."""
+    kind = drawing.kind.value
+    box_err = measurement_error(boxed, drawing)
+    grown_err = measurement_error(grown, drawing) if grown is not None else float("inf")
+    if grown is not None and grown_err < float("inf") and box_err < float("inf"):
+        grown_flat, box_flat = confined_to_drawn_slice(grown, drawing), confined_to_drawn_slice(boxed, drawing)
+        if grown_flat != box_flat:
+            flat = f"{engine_name} on the {kind}'s box" if box_flat else f"the lesion grown from the {kind}"
+            notes.append(
+                f"{flat} lies on the drawn slice only, though a lesion {drawing.diameters_mm()[0]:.0f} mm long "
+                f"reaches the next slice ({float(boxed.spacing[2]):.1f} mm apart): the other is kept"
+            )
+            return box_flat
+    if grown is not None and grown_err <= box_err:  # neither reproducing the drawn slice: the box, as before drawings
+        notes.append(f"reproduces the drawn diameters within {100 * grown_err:.0f} % (box: {100 * box_err:.0f} %)")
+        return True
     notes.append(
-        f"{engine_name} on the {drawing.kind.value}'s box kept: it reproduces the drawn diameters within "
+        f"{engine_name} on the {kind}'s box kept: it reproduces the drawn diameters within "
         f"{100 * box_err:.0f} % (grown from the drawing: "
-        + ("none" if mask is None else f"{100 * grown_err:.0f} %")
+        + ("none" if grown is None else f"{100 * grown_err:.0f} %")
         + ")"
     )
-    return DrawnLesion(boxed, drawing.kind.value, engine_name, version, notes)
+    return False
 
 
 def prompt_origin(prompt: Prompt) -> str:

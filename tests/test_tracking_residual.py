@@ -79,6 +79,9 @@ def test_a_nodule_shrunk_to_a_few_voxels_is_present_too_small_and_flagged() -> N
     assert les.meta.get("too_small") is True
     assert les.meta.get("review") is True
     assert any("too small to measure" in n and "residual focus" in n for n in les.notes)
+    conf = les.meta["confidence"]  # the reason reaches the SR's and the dashboard's "reason for review"
+    assert conf.review
+    assert any("too small to measure" in r and "residual focus" in r for r in conf.reasons)
     got = les.mask.array > 0
     assert 1 <= int(got.sum()) <= 20
     assert (got & (truth.array > 0)).any()

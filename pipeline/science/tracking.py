@@ -34,12 +34,21 @@ from lesiontrack.models.segmentation.components import centroid_mm, keep_nearest
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
 from lesiontrack.models.segmentation.residual import residual_focus, surroundings
-from lesiontrack.pipeline.science.confidence import ConfidenceRules, Neighbour, assess_lesion, days_between
+from lesiontrack.pipeline.science.confidence import (
+    ConfidenceRules,
+    LesionConfidence,
+    Neighbour,
+    Signal,
+    assess_lesion,
+    days_between,
+    with_signal,
+)
 from lesiontrack.pipeline.science.drawn_priors import drawn_lesion, prompt_origin_meta, weaken_for_origin
 from lesiontrack.pipeline.science.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
 from lesiontrack.pipeline.science.prompt_selection import nearest_source_index
 
 log = logging.getLogger(__name__)
+_RESIDUAL_SCORE = 0.2  # confidence of a residual focus the engine did not segment: below review (a reader decides)
 _MEASURABLE_MM = 10.0  # RECIST 1.1's minimum measurable long axis (CT, slices <= 5 mm)
 
 __all__ = [
@@ -349,6 +358,7 @@ def _propagate_direct(
                 is_node=les.identity.is_node,
             )
             conf = weaken_for_origin(conf, src_tp.lesions, les.identity.label, opts.confidence)
+            conf = _residual_signal(conf, les, opts.confidence)
             les.meta["confidence"] = conf
             les.meta["review"] = bool(les.meta.get("review", False) or conf.review)
 
@@ -462,16 +472,22 @@ def _residual_lesion(
         return
     les.status = LesionStatus.PRESENT
     les.mask = _u8(focus.mask)
-    les.meta["residual_focus"] = True
     les.meta["review"] = True
     # RECIST 1.1: below its minimum measurable size (10 mm) a lesion that is there is "too small to measure"
     small = focus.equivalent_diameter_mm < _MEASURABLE_MM
     if small:
         les.meta["too_small"] = True
     state = "present, too small to measure (RECIST 1.1)" if small else "present (not delineated by the engine)"
-    les.notes.append(
-        f"{state}: {les.engine} found no lesion, but a {focus.reason}; kept as the lesion, flagged for review"
-    )
+    les.meta["residual_focus"] = f"{state}: {les.engine} found no lesion, but a {focus.reason}"
+    les.notes.append(f"{les.meta['residual_focus']}; kept as the lesion, flagged for review")
+
+
+def _residual_signal(conf: LesionConfidence, les: TrackedLesion, rules: ConfidenceRules | None) -> LesionConfidence:
+    """``conf`` with the ``residual_focus`` signal when the lesion was kept as a residual focus (a reader decides)."""
+    reason = les.meta.get("residual_focus")
+    if not isinstance(reason, str):
+        return conf
+    return with_signal(conf, Signal(name="residual_focus", value=None, score=_RESIDUAL_SCORE, reason=reason), rules)
 
 
 def _track_chain(

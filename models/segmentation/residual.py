@@ -16,11 +16,11 @@ The test compares like with like:
   bright as a nodule) is mapped onto the follow-up by the caller (the registration's label warp,
   :func:`surroundings`); lesion-like follow-up voxels there are that structure, not the lesion;
 * **a focus**: the unexplained lesion-like voxels within ``search_mm`` of the propagated outline, as connected
-  components; the one nearest the propagated centre counts when it has at least ``min_voxels`` voxels, its peak
-  reaches ``peak_fraction`` of the way to the lesion level, it is at least ``min_width_mm`` wide in-plane (compact, not
-  a sliver along the outline), at least half of it lies inside the propagated outline
-  (where the lesion was), and it bridges at most one explained structure (a vessel running through the site of a
-  vanished nodule touches the vessel on both sides: a bridge, not a focus);
+  components; one counts when it has at least ``min_voxels`` voxels, its peak reaches ``peak_fraction`` of the way to
+  the lesion level, it is at least ``min_width_mm`` and 2 voxels wide in-plane (compact: not a sliver along the
+  outline nor a strand through the slices), at least half of it lies inside the propagated outline (where the lesion
+  was), and it bridges at most one explained structure (a vessel running through the site of a vanished nodule
+  touches the vessel on both sides: a bridge, not a focus); of those, the one most inside the outline is the focus;
 * **above the base rate**: the same unexplained lesion-like fraction in the ring beyond the search band (what
   registration error and new structures produce by chance) must be clearly lower than inside the search band.
 
@@ -55,9 +55,10 @@ class ResidualRules:
     """A lesion whose prior ring is at least this fraction aerated lung (< -500 HU) is judged against the lung: the
     tissue its site holds once it has gone (a juxtapleural nodule's ring also holds the chest wall)."""
     min_voxels: int = 2
-    min_width_mm: float = 2.0
-    """The focus must hold, on some slice, an in-plane disc of this diameter (a compact focus, not a one-voxel sliver
-    along the propagated outline such as a prior's blurred edge)."""
+    min_width_mm: float = 3.0
+    """The focus must hold, on some slice, an in-plane square this wide and at least 2 × 2 voxels (a compact focus,
+    not a sliver along the propagated outline such as a prior's blurred edge, nor a one-voxel-wide strand or vessel
+    running through the slices)."""
     peak_fraction: float = 0.75
     """The focus's most lesion-like voxel must reach this fraction of the way from the background to the lesion."""
     inside_fraction: float = 0.5
@@ -162,7 +163,7 @@ def _best_focus(
     if n == 0:
         return None
     known_lab, _ = ndi.label(known, structure=_FULL)
-    disc = _disc(0.5 * r.min_width_mm, sp)
+    square = _square(r.min_width_mm, sp)
     best, best_in = None, 0
     for i in range(1, n + 1):
         comp = lab == i
@@ -170,7 +171,7 @@ def _best_focus(
         n_in = int((comp & prompt).sum())
         if size < r.min_voxels or n_in < r.inside_fraction * size or float(frac[comp].max()) < r.peak_fraction:
             continue
-        if not ndi.binary_erosion(comp, structure=disc).any():  # no in-plane disc of min_width_mm fits: a sliver
+        if not ndi.binary_erosion(comp, structure=square).any():  # no in-plane square fits: a sliver or a strand
             continue
         touching = np.unique(known_lab[ndi.binary_dilation(comp, structure=_FULL) & known])
         if touching.size > 1:  # bridges two structures that were there around the prior: a vessel, not a focus
@@ -206,11 +207,10 @@ def _prior_levels(reference: SegReference, r: ResidualRules) -> _Levels | None:
     return _Levels(lesion, background, noise)
 
 
-def _disc(radius_mm: float, sp: np.ndarray) -> np.ndarray:
-    """An in-plane disc (one slice thick) of ``radius_mm`` on the voxel grid (``sp`` = k, j, i spacing)."""
-    reach = np.floor(radius_mm / sp[1:] + 1e-6).astype(int)
-    jj, ii = np.meshgrid(*(np.arange(-n, n + 1) for n in reach), indexing="ij")
-    return ((jj * sp[1]) ** 2 + (ii * sp[2]) ** 2 <= radius_mm**2 + 1e-6)[None]
+def _square(width_mm: float, sp: np.ndarray) -> np.ndarray:
+    """An in-plane square (one slice thick) at least ``width_mm`` and 2 voxels wide (``sp`` = k, j, i spacing)."""
+    n = np.maximum(2, np.ceil(width_mm / sp[1:] - 1e-6)).astype(int)
+    return np.ones((1, int(n[0]), int(n[1])), bool)
 
 
 def _mode(values: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from lesiontrack.models.segmentation.residual import residual_focus, surrounding
 from lesiontrack.pipeline.science.lesions import LesionStatus, Timepoint, TrackedLesion
 from lesiontrack.pipeline.science.measurements import measure_lesion
 from lesiontrack.pipeline.science.recist import RecistLesion, RecistRules, diameter_of
-from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, track_lesions
+from lesiontrack.pipeline.science.tracking import NoRegistrationEngine, TrackingOptions, track_lesions
 
 SPACING = (2.0, 2.0, 5.0)  # x, y, z mm: 5 mm slices
 SHAPE = (16, 48, 48)  # k, j, i
@@ -47,7 +47,7 @@ def _ct(nodule_radius_mm: float, vessel: bool, seed: int) -> tuple[Volume, Volum
     return grid, grid.with_array(labels)
 
 
-def _track(followup_radius_mm: float, vessel: bool = False) -> TrackedLesion:
+def _track(followup_radius_mm: float, vessel: bool = False, propagation: str = "annotation") -> TrackedLesion:
     ct0, lab0 = _ct(7.0, vessel, seed=1)
     ct1, _ = _ct(followup_radius_mm, vessel, seed=2)
     tps = [Timepoint("base", ct0), Timepoint("fu", ct1)]
@@ -58,6 +58,7 @@ def _track(followup_radius_mm: float, vessel: bool = False) -> TrackedLesion:
         source_index=0,
         registration=NoRegistrationEngine(),
         segmentation=build_segmentation("adaptive"),
+        options=TrackingOptions(propagation=propagation),
     )
     return tps[1].lesions[0]
 
@@ -85,6 +86,12 @@ def test_a_nodule_shrunk_to_a_few_voxels_is_present_too_small_and_flagged() -> N
     got = les.mask.array > 0
     assert 1 <= int(got.sum()) <= 20
     assert (got & (truth.array > 0)).any()
+
+
+def test_the_chain_propagation_keeps_the_focus_too() -> None:
+    les = _track(3.0, propagation="chain")
+    assert les.status is LesionStatus.PRESENT
+    assert les.meta.get("too_small") is True
 
 
 def test_a_gone_nodule_is_vanished() -> None:

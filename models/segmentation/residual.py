@@ -19,8 +19,9 @@ The test compares like with like:
   components; one counts when it has at least ``min_voxels`` voxels, its peak reaches ``peak_fraction`` of the way to
   the lesion level, it is at least ``min_width_mm`` and 2 voxels wide in-plane (compact: not a sliver along the
   outline nor a strand through the slices), at least half of it lies inside the propagated outline (where the lesion
-  was), and it bridges at most one explained structure (a vessel running through the site of a vanished nodule
-  touches the vessel on both sides: a bridge, not a focus); of those, the one most inside the outline is the focus;
+  was), and, when it touches two or more explained structures, it is at least ``bridge_width_mm`` wide in-plane (a
+  vessel running through the site of a vanished nodule touches the vessel on both sides: a thin bridge, not a focus;
+  a lesion's body between a vessel and the chest wall is wider); of those, the one most inside the outline is the focus;
 * **above the base rate**: the same unexplained lesion-like fraction in the ring beyond the search band (what
   registration error and new structures produce by chance) must be clearly lower than inside the search band.
 
@@ -59,6 +60,9 @@ class ResidualRules:
     """The focus must hold, on some slice, an in-plane square this wide and at least 2 × 2 voxels (a compact focus,
     not a sliver along the propagated outline such as a prior's blurred edge, nor a one-voxel-wide strand or vessel
     running through the slices)."""
+    bridge_width_mm: float = 6.0
+    """A focus touching two or more structures that were there around the prior (a vessel running through the site
+    of a gone nodule) counts only when it holds an in-plane square this wide: a lesion's body, not a vessel's width."""
     peak_fraction: float = 0.75
     """The focus's most lesion-like voxel must reach this fraction of the way from the background to the lesion."""
     inside_fraction: float = 0.5
@@ -163,7 +167,7 @@ def _best_focus(
     if n == 0:
         return None
     known_lab, _ = ndi.label(known, structure=_FULL)
-    square = _square(r.min_width_mm, sp)
+    square, wide = _square(r.min_width_mm, sp), _square(r.bridge_width_mm, sp)
     best, best_in = None, 0
     for i in range(1, n + 1):
         comp = lab == i
@@ -174,8 +178,8 @@ def _best_focus(
         if not ndi.binary_erosion(comp, structure=square).any():  # no in-plane square fits: a sliver or a strand
             continue
         touching = np.unique(known_lab[ndi.binary_dilation(comp, structure=_FULL) & known])
-        if touching.size > 1:  # bridges two structures that were there around the prior: a vessel, not a focus
-            continue
+        if touching.size > 1 and not ndi.binary_erosion(comp, structure=wide).any():
+            continue  # a thin bridge between two structures that were there around the prior: a vessel, not a focus
         if n_in > best_in:
             best, best_in = comp, n_in
     return best

@@ -18,8 +18,10 @@ radiologist's baseline and prompted with the warped baseline annotation), ``chai
 each follow-up prompted with our result at the previous one) and ``warped-only`` (direct registration, the warped
 baseline mask as the result). Metrics per follow-up index and over all: CPM@25 (non-empty prediction with centroid
 ≤ 25 mm from the truth), Dice@25 (mean Dice of those), MED (mean centroid distance of those, mm), overall Dice
-(misses count 0), median absolute volume error (present lesions, a miss counts 100 %), vanished-correct rate, and
-the number of lesions whose true volume changed by ≥ 30 % reported changing the other way.
+(misses count 0), median absolute volume error (present lesions, a miss counts 100 %), vanished-correct rate (a
+lesion kept present as a residual focus — "too small to measure", issue 31 — is reported present; the rows mark it
+``residual_focus`` and the summary counts it), and the number of lesions whose true volume changed by ≥ 30 %
+reported changing the other way.
 
 Usage: ``.venv/bin/python bench/tracking.py [--phantoms 3] [--first-seed 1] [--lung1-seed 7] [--cache DIR]
 [--plot docs/img/tracking_long.png]``
@@ -462,6 +464,8 @@ def run_method(
                 "gt_change": float(gt.sum()) / gt0 - 1.0 if gt0 else None,
                 "pred_change": float(pred.sum()) / vox0[n] - 1.0 if vox0.get(n) else None,
                 "review": bool(les.meta.get("review", False)),
+                # kept present as a residual focus the engine did not segment (issue 31: "too small to measure")
+                "residual_focus": bool(les.meta.get("residual_focus")),
                 "propagated_from": None if les.propagated_from is None else les.propagated_from.series_uid,
             }
             if gt.any():
@@ -499,6 +503,8 @@ def summarise(rows: list[dict[str, Any]], seg_seconds: list[float] | None = None
         "median_abs_volume_error": float(np.median([r["abs_volume_error"] for r in present])) if present else None,
         "vanished_correct_rate": (sum(not r["pred_present"] for r in gone) / len(gone)) if gone else None,
         "false_vanished": sum(not r["pred_present"] for r in present),
+        "kept_as_residual_focus": sum(r.get("residual_focus", False) for r in rows),
+        "residual_focus_where_gone": sum(r.get("residual_focus", False) for r in gone),
         "changed_30pct": len(big),
         "reported_opposite_change": len(wrong),
         "flagged_for_review": sum(r["review"] for r in rows),

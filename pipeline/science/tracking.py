@@ -33,12 +33,23 @@ from lesiontrack.models.segmentation.base import SegmentationEngine, SegReferenc
 from lesiontrack.models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
-from lesiontrack.pipeline.science.confidence import ConfidenceRules, Neighbour, assess_lesion, days_between
+from lesiontrack.models.segmentation.residual import residual_focus, surroundings
+from lesiontrack.pipeline.science.confidence import (
+    ConfidenceRules,
+    LesionConfidence,
+    Neighbour,
+    Signal,
+    assess_lesion,
+    days_between,
+    with_signal,
+)
 from lesiontrack.pipeline.science.drawn_priors import drawn_lesion, prompt_origin_meta, weaken_for_origin
 from lesiontrack.pipeline.science.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
 from lesiontrack.pipeline.science.prompt_selection import nearest_source_index
 
 log = logging.getLogger(__name__)
+_RESIDUAL_SCORE = 0.2  # confidence of a residual focus the engine did not segment: below review (a reader decides)
+_MEASURABLE_MM = 10.0  # RECIST 1.1's minimum measurable long axis (CT, slices <= 5 mm)
 
 __all__ = [
     "IdentityRegistration",
@@ -146,6 +157,15 @@ class _Carry:
     ref_image: Volume  # CT where the lesion was last seen
     ref_mask: Volume  # lesion mask there
     present: bool = True
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """Where a propagated prompt came from: the lesion there (the engine's reference) and the registration's label
+    warp from that grid onto the timepoint segmented (None: not known, e.g. a chain step from a vanished lesion)."""
+
+    reference: SegReference | None
+    warp: Callable[[Volume], Volume] | None = None
 
 
 @dataclass
@@ -295,7 +315,8 @@ def _propagate_direct(
         notes = [src.provenance.describe() + f" (registered directly, {src.index} -> {t})"]
         reference = SegReference(src_tp.ct, src.mask) if src.mask.array.any() else None
         warped = _u8(reg.warp_labels(src.mask)) if src.mask.array.any() else _u8(_zeros(cur.ct))
-        les = _segment_propagated(cur, src.identity, warped, reference, engine, opts, notes)
+        prior = _Prior(reference, reg.warp_labels)
+        les = _segment_propagated(cur, src.identity, warped, prior, engine, opts, notes)
         les.propagated_from = src.provenance
         les.meta["registration"] = getattr(reg, "engine", cache.name)
         les.meta["propagated_from_index"] = src.index
@@ -337,6 +358,7 @@ def _propagate_direct(
                 is_node=les.identity.is_node,
             )
             conf = weaken_for_origin(conf, src_tp.lesions, les.identity.label, opts.confidence)
+            conf = _residual_signal(conf, les, opts.confidence)
             les.meta["confidence"] = conf
             les.meta["review"] = bool(les.meta.get("review", False) or conf.review)
 
@@ -384,13 +406,18 @@ def _segment_propagated(
     cur: Timepoint,
     identity: LesionIdentity,
     warped: Volume,
-    reference: SegReference | None,
+    prior: _Prior,
     engine: SegmentationEngine,
     opts: TrackingOptions,
     notes: list[str],
     source: str = "propagated annotation",
 ) -> TrackedLesion:
-    """Segment one lesion on ``cur`` from its warped prompt mask (keep the component nearest its centre, boost)."""
+    """Segment one lesion on ``cur`` from its warped prompt mask (keep the component nearest its centre, boost).
+
+    ``prior``: the lesion where the prompt came from and, when known, the warp from there onto ``cur``: with it, an
+    empty result is checked for a residual focus at the propagated site (:func:`_residual_lesion`) before it is
+    called vanished."""
+    reference = prior.reference
     if not warped.array.any():
         return TrackedLesion(
             identity,
@@ -422,9 +449,45 @@ def _segment_propagated(
                     f"boosted: re-prompted at the first result's centre ({np.linalg.norm(c2 - centre):.1f} mm)"
                 )
     status = LesionStatus.PRESENT if seg.array.any() else LesionStatus.VANISHED
-    return TrackedLesion(
+    les = TrackedLesion(
         identity, status, _u8(seg), engine.name, engine.version, propagated_centre_mm=centre, notes=notes
     )
+    if status is LesionStatus.VANISHED and reference is not None and prior.warp is not None:
+        _residual_lesion(les, cur, warped, reference, prior.warp)
+    return les
+
+
+def _residual_lesion(
+    les: TrackedLesion, cur: Timepoint, warped: Volume, reference: SegReference, warp: Callable[[Volume], Volume]
+) -> None:
+    """An empty result is "vanished" only without residual evidence: a compact focus of the lesion's own intensity
+    at the propagated site, not explained by what surrounded the prior lesion (:mod:`models.segmentation.residual`),
+    keeps the lesion present as that focus — RECIST 1.1 "too small to measure" — flagged for review with the reason."""
+    around = surroundings(reference)
+    if around is None:  # too low a contrast on the prior to judge residual tissue: the engine's verdict stands
+        return
+    focus = residual_focus(cur.ct, warped, reference, warp(around) if around.array.any() else None)
+    if focus is None:
+        les.notes.append("no residual lesion-like focus at the propagated site")
+        return
+    les.status = LesionStatus.PRESENT
+    les.mask = _u8(focus.mask)
+    les.meta["review"] = True
+    # RECIST 1.1: below its minimum measurable size (10 mm) a lesion that is there is "too small to measure"
+    small = focus.equivalent_diameter_mm < _MEASURABLE_MM
+    if small:
+        les.meta["too_small"] = True
+    state = "present, too small to measure (RECIST 1.1)" if small else "present (not delineated by the engine)"
+    les.meta["residual_focus"] = f"{state}: {les.engine} found no lesion, but a {focus.reason}"
+    les.notes.append(f"{les.meta['residual_focus']}; kept as the lesion, flagged for review")
+
+
+def _residual_signal(conf: LesionConfidence, les: TrackedLesion, rules: ConfidenceRules | None) -> LesionConfidence:
+    """``conf`` with the ``residual_focus`` signal when the lesion was kept as a residual focus (a reader decides)."""
+    reason = les.meta.get("residual_focus")
+    if not isinstance(reason, str):
+        return conf
+    return with_signal(conf, Signal(name="residual_focus", value=None, score=_RESIDUAL_SCORE, reason=reason), rules)
 
 
 def _track_chain(
@@ -510,7 +573,14 @@ def _step(
             notes.append("propagated from the last timepoint where it was seen")
         reference = SegReference(carry.ref_image, carry.ref_mask)
         les = _segment_propagated(
-            cur, identity, warped, reference, engine, opts, notes, source=f"propagated from series {prev.series_uid}"
+            cur,
+            identity,
+            warped,
+            _Prior(reference, reg.warp_labels if carry.present else None),  # (the reference is the previous timepoint)
+            engine,
+            opts,
+            notes,
+            source=f"propagated from series {prev.series_uid}",
         )
         les.propagated_from = PropagationSource(prev.series_uid, "our result (chain)", by_person=False)
         les.meta["registration"] = getattr(reg, "engine", "")

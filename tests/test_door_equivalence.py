@@ -22,6 +22,7 @@ from lesiontrack.db.session import make_engine, make_session_factory
 from lesiontrack.pipeline.jobs.contract import JobResults, job_results
 from lesiontrack.pipeline.jobs.store import JobStore
 from tests.support.segsr import content_items
+from tests.support.still_patient import still_patient
 
 ENGINES = {"registration": "none", "working_spacing_mm": 3.0}
 
@@ -30,20 +31,10 @@ ENGINES = {"registration": "none", "working_spacing_mm": 3.0}
 def doors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.cli import app
     from lesiontrack.demo import demo_settings, send_files, wait_for_job
-    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.service import LesionTrackService
 
     tmp = tmp_path_factory.mktemp("doors")
-    patient = make_patient(
-        tmp / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        follow_ups=FollowUps.STILL,
-        new_lesions={2: [("lung", 12.0, 30.0)]},
-    )
+    patient = still_patient(tmp / "patient", new_lesions={2: [("lung", 12.0, 30.0)]})
     followups = [fu.series_uid for fu in patient.followups]
     # the service door: DICOM in over C-STORE, one series after the other as a PACS routes them
     settings = demo_settings(tmp / "serve", http=False, engines=ENGINES)

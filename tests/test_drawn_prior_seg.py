@@ -22,6 +22,7 @@ from lesiontrack.db.session import make_engine, make_session_factory, session_sc
 from lesiontrack.pipeline.jobs.contract import job_results
 from lesiontrack.pipeline.jobs.derived_prior_seg import CONTENT_DESCRIPTION, SERIES_DESCRIPTION
 from tests.support.correction import write_correction
+from tests.support.still_patient import still_patient
 
 
 def _run(service: Any, series_uid: str) -> Any:
@@ -47,7 +48,6 @@ def _gsps(patient: Any, out: Path, kind: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from lesiontrack.demo import demo_settings
-    from lesiontrack.demo_data import FollowUps, make_patient
     from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
     from lesiontrack.dicom_node.inbound.scp import storage_root
     from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -59,15 +59,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     settings.detection.new_lesions = False
     upgrade(settings.effective_database_url)
     sf = make_session_factory(make_engine(settings.effective_database_url))
-    patient = make_patient(
-        tmp / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        follow_ups=FollowUps.STILL,
-    )
+    patient = still_patient(tmp / "patient")
     lines = _gsps(patient, tmp / "pr" / "lines.dcm", "line", 1)
     store = InstanceStore(storage_root(settings), fsync=False)
     ingestor = Ingestor(store, sf)

@@ -19,7 +19,7 @@ from lesiontrack.config.settings import Settings
 from lesiontrack.db.models import JobState, Lesion, LesionOrigin
 from lesiontrack.db.session import make_engine, make_session_factory, session_scope, upgrade
 from lesiontrack.demo import demo_settings
-from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
+from lesiontrack.demo_data import DemoPatient
 from lesiontrack.dicom_node.inbound.ingest import Ingestor, ingest_file
 from lesiontrack.dicom_node.inbound.scp import storage_root
 from lesiontrack.dicom_node.inbound.storage import InstanceStore
@@ -37,6 +37,7 @@ from lesiontrack.service import build_analysis_service, build_ports
 from lesiontrack.synthetic.annotations import Mark, write_gsps
 from tests.support.correction import write_correction
 from tests.support.phantom import LESIONS, dice, mask_prompts, phantom_volumes, series
+from tests.support.still_patient import still_patient
 
 
 def test_an_arrow_on_a_lost_lesion_at_a_follow_up_re_finds_it_there_and_from_there_on() -> None:
@@ -156,15 +157,7 @@ class _Ingested:
 
 
 def _ingest_patient_with_lines_and_an_arrow(tmp_path: Path, settings: Settings, sf: sessionmaker[Session]) -> _Ingested:
-    patient = make_patient(
-        tmp_path / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        follow_ups=FollowUps.STILL,
-    )
+    patient = still_patient(tmp_path / "patient")
     ct = read_series(patient.baseline.files)
     prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, ct)
     rng = np.random.default_rng(3)

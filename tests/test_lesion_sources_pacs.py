@@ -22,7 +22,7 @@ from lesiontrack.config.settings import RetrieveMethod
 from lesiontrack.db.models import JobState, Series
 from lesiontrack.db.repository import get_or_create_patient, get_or_create_series, get_or_create_study
 from lesiontrack.db.session import session_scope
-from lesiontrack.demo_data import DemoPatient, FollowUps, make_patient
+from lesiontrack.demo_data import DemoPatient
 from lesiontrack.dicom_node.inbound.ingest import ingest_file
 from lesiontrack.models.imaging.dicom_read import read_series
 from lesiontrack.models.segmentation.drawing import Drawing
@@ -39,21 +39,14 @@ from lesiontrack.service import build_analysis_service, build_ports
 from lesiontrack.synthetic.annotations import Mark, write_gsps, write_rtstruct
 from lesiontrack.web.dashboard import templates
 from tests.support.orthanc_node import Site
+from tests.support.still_patient import still_patient
 
 pytestmark = pytest.mark.services
 
 
 def _patient(tmp: Path) -> tuple[DemoPatient, dict[str, dict[str, Drawing]], str, Path, Path]:
     """The patient, each lesion's drawings, the lesion the T1 arrow marks, the T0 lines' and the T1 arrow's GSPS."""
-    patient = make_patient(
-        tmp / "patient",
-        seed=7,
-        shape=(64, 112, 112),
-        spacing=(2.5, 2.5, 3.0),
-        n_lesions=3,
-        n_followups=2,
-        follow_ups=FollowUps.STILL,
-    )
+    patient = still_patient(tmp / "patient")
     prompts, _ = read_seg_prompts_and_gaps(patient.seg_file, read_series(patient.baseline.files))
     rng = np.random.default_rng(3)
     drawn = {p.identity.tracking_id: drawings(p.mask, rng) for p in prompts if p.mask is not None}

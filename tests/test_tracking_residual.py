@@ -1,9 +1,10 @@
 """Gone or too small to measure: a lesion that shrank to a few voxels on 5 mm slices is not reported vanished.
 
 A lung nodule on a 2 × 2 × 5 mm grid shrinks to a focus of a few voxels (below what the engine segments), or is gone,
-or is gone with a vessel running through its site (lung vessels are as bright as a nodule). The tracking loop keeps
-the focus as a present lesion "too small to measure", flagged for review with the reason; a gone lesion, vessel or
-not, stays vanished. RECIST counts the too-small lesion at its default 5 mm, not 0.
+or is gone with a vessel running through its site (lung vessels are as bright as a nodule), or is gone beside a thick
+vessel that its (drawn, leaky) prior took in. The tracking loop keeps the focus as a present lesion "too small to
+measure", flagged for review with the reason; a gone lesion, vessel or not, stays vanished. RECIST counts the
+too-small lesion at its default 5 mm, not 0.
 """
 
 from __future__ import annotations
@@ -117,6 +118,38 @@ def test_a_vessel_through_the_site_of_a_gone_nodule_is_not_a_residual() -> None:
     focus = residual_focus(tiny, lab0, SegReference(*_ct(7.0, False, seed=1)), None)
     assert focus is not None
     assert focus.voxels >= 2
+
+
+def _beside_vessel(nodule_radius_mm: float, seed: int) -> tuple[Volume, Volume, Volume]:
+    """:func:`_ct` with a thick vessel (30 HU, 4 mm radius) along x beside the nodule (12 mm from its centre), and a
+    leaky prior mask as a drawing gives: the nodule plus the stretch of vessel beside it (16 mm of it)."""
+    ct, lab = _ct(nodule_radius_mm, False, seed)
+    origin = -np.array(SPACING) * (np.array(SHAPE[::-1]) // 2)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    x, y, z = (origin[d] + (i, j, k)[d] * SPACING[d] for d in range(3))
+    vessel = np.hypot(y - CENTRE[1] - 12.0, z - CENTRE[2]) <= 4.0
+    blood = 30.0 + np.random.default_rng(seed + 10).normal(0.0, 10.0, SHAPE)
+    hu = np.where(vessel, np.maximum(ct.array, blood), ct.array)
+    leaky = (lab.array > 0) | (vessel & (np.abs(x - CENTRE[0]) <= 8.0))
+    return ct.with_array(np.rint(hu).astype(np.int16)), lab.with_array(leaky.astype(np.uint8)), lab
+
+
+def test_a_gone_nodule_whose_prior_took_in_a_vessel_beside_it_is_vanished() -> None:
+    """A prior derived from a drawing took in the stretch of a thick vessel beside the nodule: that stretch is inside
+    the propagated outline and is there again once the nodule is gone — unchanged while the lesion regressed, so a
+    structure the prior took in, not a residual focus. A nodule shrunk to a few voxels there is still found, as itself
+    (not the vessel's stretch)."""
+    ct0, leaky, _ = _beside_vessel(7.0, seed=1)
+    ref = SegReference(ct0, leaky)
+    around = surroundings(ref)
+    assert around is not None
+    gone, _, _ = _beside_vessel(0.0, seed=2)
+    assert residual_focus(gone, leaky, ref, around) is None
+    shrunk, _, truth = _beside_vessel(3.0, seed=2)
+    focus = residual_focus(shrunk, leaky, ref, around)
+    assert focus is not None
+    got = focus.mask.array > 0
+    assert (got & (truth.array > 0)).sum() >= 0.5 * got.sum()  # the nodule's remains, not the vessel
 
 
 def test_no_judgement_without_contrast() -> None:

@@ -12,16 +12,22 @@ The test compares like with like:
   site holds once the lesion has gone); the contrast must stand out from the noise, else no judgement;
 * **lesion-like** on the follow-up: a voxel at least half-way from the background to the lesion level (a voxel that
   is at least half lesion);
-* **explained**: what was lesion-like *around* the prior lesion (vessels, chest wall, mediastinum: lung vessels are as
-  bright as a nodule) is mapped onto the follow-up by the caller (the registration's label warp,
-  :func:`surroundings`); lesion-like follow-up voxels there are that structure, not the lesion;
+* **explained**: what was lesion-like *around* the prior lesion (vessels, chest wall, mediastinum: lung vessels are
+  as bright as a nodule) is mapped onto the follow-up by the caller (the registration's label warp,
+  :func:`surroundings`, label ``AROUND``); lesion-like follow-up voxels there are that structure, not the lesion; what
+  was lesion-like *inside* the prior outline comes along (label ``WAS_LESION``) to tell where the lesion regressed;
 * **a focus**: the unexplained lesion-like voxels within ``search_mm`` of the propagated outline, as connected
   components; one counts when it has at least ``min_voxels`` voxels, its peak reaches ``peak_fraction`` of the way to
   the lesion level, it is at least ``min_width_mm`` and 2 voxels wide in-plane (compact: not a sliver along the
   outline nor a strand through the slices), at least half of it lies inside the propagated outline (where the lesion
   was), and, when it touches two or more explained structures, it is at least ``bridge_width_mm`` wide in-plane (a
   vessel running through the site of a vanished nodule touches the vessel on both sides: a thin bridge, not a focus;
-  a lesion's body between a vessel and the chest wall is wider); of those, the one most inside the outline is the focus;
+  a lesion's body between a vessel and the chest wall is wider), and it lies where the lesion regressed: of what was
+  lesion-like inside the prior outline next to it, at least ``regressed_ratio`` of the share gone to background over
+  the whole outline is gone there too (a prior derived from a drawing can take in a stretch of vessel or chest wall
+  beside the lesion; once the lesion has gone that stretch is there unchanged inside the propagated outline — a
+  structure the prior took in, not the lesion's remains; a lesion that did not regress passes); of those, the one
+  most inside the outline is the focus;
 * **above the base rate**: the same unexplained lesion-like fraction in the ring beyond the search band (what
   registration error and new structures produce by chance) must be clearly lower than inside the search band.
 
@@ -41,6 +47,10 @@ from lesiontrack.models.segmentation.base import SegReference
 
 _FULL = np.ones((3, 3, 3), bool)
 _AERATED_HU = -500.0
+AROUND = 1
+""":func:`surroundings` label: lesion-like around the prior lesion (a vessel, the chest wall)."""
+WAS_LESION = 2
+""":func:`surroundings` label: lesion-like inside the prior lesion's outline."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,11 @@ class ResidualRules:
     bridge_width_mm: float = 6.0
     """A focus touching two or more structures that were there around the prior (a vessel running through the site
     of a gone nodule) counts only when it holds an in-plane square this wide: a lesion's body, not a vessel's width."""
+    regressed_ratio: float = 0.5
+    """Where the lesion regressed, its remains are where it regressed: of what was lesion-like inside the prior outline
+    next to the focus, the fraction gone to background must reach this multiple of that fraction over the whole
+    outline (a stretch of vessel or chest wall that a drawn prior took in beside the lesion is unchanged beside the
+    focus while the lesion has gone; a lesion that did not regress, e.g. an engine's miss, passes)."""
     peak_fraction: float = 0.75
     """The focus's most lesion-like voxel must reach this fraction of the way from the background to the lesion."""
     inside_fraction: float = 0.5
@@ -103,8 +118,9 @@ class _Levels:
 
 
 def surroundings(reference: SegReference, rules: ResidualRules | None = None) -> Volume | None:
-    """What was lesion-like around the prior lesion (on the prior grid, uint8 0/1), for the caller to warp onto the
-    follow-up; None when the prior lesion gives no clear levels (then :func:`residual_focus` judges nothing)."""
+    """What was lesion-like around the prior lesion (``AROUND``) and inside it (``WAS_LESION``), on the prior grid
+    (uint8), for the caller to warp onto the follow-up with a label warp; None when the prior lesion gives no clear
+    levels (then :func:`residual_focus` judges nothing)."""
     r = rules or ResidualRules()
     levels = _prior_levels(reference, r)
     if levels is None:
@@ -113,7 +129,8 @@ def surroundings(reference: SegReference, rules: ResidualRules | None = None) ->
     lesion = reference.mask.array[sl] > 0
     like = levels.fraction(reference.image.array[sl].astype(np.float64)) >= 0.5
     out = np.zeros(reference.mask.shape, np.uint8)
-    out[sl] = like & ~lesion
+    out[sl][like & ~lesion] = AROUND
+    out[sl][like & lesion] = WAS_LESION
     return reference.mask.with_array(out)
 
 
@@ -125,7 +142,8 @@ def residual_focus(
     rules: ResidualRules | None = None,
 ) -> ResidualFocus | None:
     """The residual focus of the lesion at ``propagated`` (the prior mask warped onto ``image``'s grid) on ``image``;
-    ``explained``: :func:`surroundings` warped onto the same grid (None: nothing around the prior was lesion-like)."""
+    ``explained``: :func:`surroundings` warped onto the same grid (None: nothing in or around the prior was
+    lesion-like)."""
     r = rules or ResidualRules()
     levels = _prior_levels(reference, r)
     prompt_full = propagated.array > 0
@@ -135,7 +153,8 @@ def residual_focus(
     sl = _box(prompt_full, sp, r.search_mm + r.ring_mm + 2.0)
     prompt = prompt_full[sl]
     frac = levels.fraction(image.array[sl].astype(np.float64))
-    known = np.zeros_like(prompt) if explained is None else explained.array[sl] > 0
+    prior_map = np.zeros(prompt.shape, np.uint8) if explained is None else explained.array[sl]
+    known, was = prior_map == AROUND, prior_map == WAS_LESION
     unexplained = (frac >= 0.5) & ~known
     dist = ndi.distance_transform_edt(~prompt, sampling=sp)
     band = dist <= r.search_mm
@@ -144,7 +163,7 @@ def residual_focus(
     inside = float(unexplained[band].mean())
     if inside <= r.base_rate_factor * base:
         return None
-    focus = _best_focus(unexplained & band, prompt, known, frac, sp, r)
+    focus = _best_focus(unexplained & band, prompt, known, was, frac, sp, r)
     if focus is None:
         return None
     out = np.zeros(image.shape, np.uint8)
@@ -160,13 +179,20 @@ def residual_focus(
 
 
 def _best_focus(
-    candidates: np.ndarray, prompt: np.ndarray, known: np.ndarray, frac: np.ndarray, sp: np.ndarray, r: ResidualRules
+    candidates: np.ndarray,
+    prompt: np.ndarray,
+    known: np.ndarray,
+    was: np.ndarray,
+    frac: np.ndarray,
+    sp: np.ndarray,
+    r: ResidualRules,
 ) -> np.ndarray | None:
     """The qualifying component of ``candidates`` with most voxels inside the prompt (see the module docstring)."""
     lab, n = ndi.label(candidates, structure=_FULL)
     if n == 0:
         return None
     known_lab, _ = ndi.label(known, structure=_FULL)
+    overall = float((frac[was] < 0.5).mean()) if was.any() else 0.0  # how far the lesion as a whole regressed
     square, wide = _square(r.min_width_mm, sp), _square(r.bridge_width_mm, sp)
     best, best_in = None, 0
     for i in range(1, n + 1):
@@ -180,9 +206,21 @@ def _best_focus(
         touching = np.unique(known_lab[ndi.binary_dilation(comp, structure=_FULL) & known])
         if touching.size > 1 and not ndi.binary_erosion(comp, structure=wide).any():
             continue  # a thin bridge between two structures that were there around the prior: a vessel, not a focus
+        if _regressed(comp, was, frac, sp, r) < r.regressed_ratio * overall:
+            continue  # unchanged beside it while the lesion regressed elsewhere: a structure the prior took in
         if n_in > best_in:
             best, best_in = comp, n_in
     return best
+
+
+def _regressed(comp: np.ndarray, was: np.ndarray, frac: np.ndarray, sp: np.ndarray, r: ResidualRules) -> float:
+    """Of what was lesion-like inside the prior outline next to ``comp`` (within ``ring_mm`` in-plane, on its slices),
+    the fraction that is background-like now (below half-way to the lesion level); 0 where nothing was."""
+    near = np.zeros_like(comp)
+    for k in np.flatnonzero(comp.any(axis=(1, 2))):
+        near[k] = ndi.distance_transform_edt(~comp[k], sampling=sp[1:]) <= r.ring_mm
+    there = was & near
+    return float((frac[there] < 0.5).mean()) if there.any() else 0.0
 
 
 def _prior_levels(reference: SegReference, r: ResidualRules) -> _Levels | None:

@@ -188,7 +188,7 @@ class _Search:
         with session_scope(self.sf) as s:
             files = _ct_files(s, series_uid)
         source = self.pacs.sources.get(series_uid, "local")
-        if not files or source != "local":  # not held here: retrieved only for a lesion its annotations name
+        if not files:  # not held here (source is only for the record): retrieved only for a lesion its annotations name
             wanted = [g for g in self.left.values() if _keys(g.identity) & named.keys()]
             if not wanted:
                 return

@@ -178,7 +178,7 @@ class _Search:
 
     def visit(self, series_uid: str, study_uid: str, study_date: str | None, key: str) -> None:
         annotations = person_annotations_on(self.sf, series_uid)
-        if not annotations:
+        if not annotations or (not self.left and not self.discover):  # nothing left to look for on it
             return
         named = self._named(annotations)
         if self.discover:

@@ -103,7 +103,9 @@ class ResidualFocus:
 
 
 @dataclass(frozen=True)
-class _Levels:
+class PriorLevels:
+    """A prior lesion's level, its background's and the noise (HU), from :func:`prior_levels`."""
+
     lesion: float
     background: float
     noise: float
@@ -117,12 +119,14 @@ class _Levels:
         return np.asarray((values - self.background) / self.contrast, dtype=np.float64)
 
 
-def surroundings(reference: SegReference, rules: ResidualRules | None = None) -> Volume | None:
+def surroundings(
+    reference: SegReference, rules: ResidualRules | None = None, levels: PriorLevels | None = None
+) -> Volume | None:
     """What was lesion-like around the prior lesion (``AROUND``) and inside it (``WAS_LESION``), on the prior grid
     (uint8), for the caller to warp onto the follow-up with a label warp; None when the prior lesion gives no clear
-    levels (then :func:`residual_focus` judges nothing)."""
+    levels (then :func:`residual_focus` judges nothing). ``levels``: :func:`prior_levels` when the caller has them."""
     r = rules or ResidualRules()
-    levels = _prior_levels(reference, r)
+    levels = levels if levels is not None else prior_levels(reference, r)
     if levels is None:
         return None
     sl = _box(reference.mask.array > 0, reference.mask.spacing[::-1], r.search_mm + 2 * r.ring_mm + 4.0)
@@ -140,12 +144,13 @@ def residual_focus(
     reference: SegReference,
     explained: Volume | None,
     rules: ResidualRules | None = None,
+    levels: PriorLevels | None = None,
 ) -> ResidualFocus | None:
     """The residual focus of the lesion at ``propagated`` (the prior mask warped onto ``image``'s grid) on ``image``;
     ``explained``: :func:`surroundings` warped onto the same grid (None: nothing in or around the prior was
-    lesion-like)."""
+    lesion-like); ``levels``: :func:`prior_levels` when the caller has them."""
     r = rules or ResidualRules()
-    levels = _prior_levels(reference, r)
+    levels = levels if levels is not None else prior_levels(reference, r)
     prompt_full = propagated.array > 0
     if levels is None or not prompt_full.any():
         return None
@@ -223,8 +228,10 @@ def _regressed(comp: np.ndarray, was: np.ndarray, frac: np.ndarray, sp: np.ndarr
     return float((frac[there] < 0.5).mean()) if there.any() else 0.0
 
 
-def _prior_levels(reference: SegReference, r: ResidualRules) -> _Levels | None:
-    """The lesion's level, its background's and the noise, from the prior CT; None at too low a contrast."""
+def prior_levels(reference: SegReference, rules: ResidualRules | None = None) -> PriorLevels | None:
+    """The lesion's level, its background's and the noise, from the prior CT; None at too low a contrast (computed
+    once by a caller that calls both :func:`surroundings` and :func:`residual_focus`)."""
+    r = rules or ResidualRules()
     m_full = reference.mask.array > 0
     if not m_full.any():
         return None
@@ -246,7 +253,7 @@ def _prior_levels(reference: SegReference, r: ResidualRules) -> _Levels | None:
     contrast = abs(lesion - background)
     if contrast < max(r.min_contrast_hu, r.min_contrast_sds * noise):
         return None
-    return _Levels(lesion, background, noise)
+    return PriorLevels(lesion, background, noise)
 
 
 def _square(width_mm: float, sp: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from lesiontrack.models.segmentation.base import SegmentationEngine, SegReferenc
 from lesiontrack.models.segmentation.components import centroid_mm, keep_nearest_component, mask_centre_mm
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
-from lesiontrack.models.segmentation.residual import residual_focus, surroundings
+from lesiontrack.models.segmentation.residual import prior_levels, residual_focus, surroundings
 from lesiontrack.pipeline.science.confidence import (
     ConfidenceRules,
     LesionConfidence,
@@ -463,10 +463,12 @@ def _residual_lesion(
     """An empty result is "vanished" only without residual evidence: a compact focus of the lesion's own intensity
     at the propagated site, not explained by what surrounded the prior lesion (:mod:`models.segmentation.residual`),
     keeps the lesion present as that focus — RECIST 1.1 "too small to measure" — flagged for review with the reason."""
-    around = surroundings(reference)
-    if around is None:  # too low a contrast on the prior to judge residual tissue: the engine's verdict stands
+    levels = prior_levels(reference)
+    around = None if levels is None else surroundings(reference, levels=levels)
+    if levels is None or around is None:  # too low a contrast on the prior to judge residual tissue: the verdict stands
         return
-    focus = residual_focus(cur.ct, warped, reference, warp(around) if around.array.any() else None)
+    explained = warp(around) if around.array.any() else None
+    focus = residual_focus(cur.ct, warped, reference, explained, levels=levels)
     if focus is None:
         les.notes.append("no residual lesion-like focus at the propagated site")
         return

@@ -289,9 +289,11 @@ def _take_in_annotation(
     Otherwise it is a prior annotation like any other: the next analysis reads it."""
     name = PROMPT_OBJECTS.get(header.modality, header.modality)
     sop = header.sop_instance_uid
-    ct_uid = next((u for u in header.references if _analyses_without(s, u, sop, inst.received_at)), None)
+    # how each referenced series' newest job stands to it: read once (it scans the series' jobs), used below
+    uses = {u: _use_of(s, u, sop, inst.received_at) for u in header.references}
+    ct_uid = next((u for u in header.references if _analyses_without(s, u, uses[u][0], inst.received_at)), None)
     if ct_uid is None:
-        pending = _read_by_pending_job(s, intake.actor, header, inst.received_at)
+        pending = _read_by_pending_job(s, intake.actor, header, uses)
         return pending or f"{name} annotates no series LesionTrack issued a result for (kept as prior annotation)", None
     refused = _refused(s, intake, inst, header, ct_uid, f"{name} annotation")
     if refused is not None:
@@ -301,7 +303,7 @@ def _take_in_annotation(
     if v is None:
         return None, None
     v.reason = f"{name} {sop} by {v.verified_by} arrived on study {study} (series {ct_uid})"
-    job = _use_of(s, ct_uid, sop, inst.received_at)[1]
+    job = uses[ct_uid][1]
     if job is not None and job.state in ACTIVE_STATES:  # the series' first analysis (or a re-analysis) in progress
         v.reason += f" while job {job.id} was {job.state.value}"
     return f"{name} {header.sop_instance_uid} on {ct_uid}: annotation {v.id}", _Accepted(
@@ -309,13 +311,16 @@ def _take_in_annotation(
     )
 
 
-def _read_by_pending_job(s: Session, actor: str, header: AnnotationHeader, received_at: datetime) -> str | None:
+def _read_by_pending_job(
+    s: Session, actor: str, header: AnnotationHeader, uses: dict[str, tuple[AnnotationUse, AnalysisJob | None]]
+) -> str | None:
     """A person's annotation of a series whose job has not begun to read its prompts (queued, or finding its priors):
     that job reads it as a prompt there (no verification, no new job) — said in the job's events
-    (``job.annotation_arrived``); what the series' reason says (None: no such job)."""
+    (``job.annotation_arrived``); what the series' reason says (None: no such job). ``uses``: :func:`_use_of` of
+    each series it references."""
     name, sop = PROMPT_OBJECTS.get(header.modality, header.modality), header.sop_instance_uid
     for u in header.references:
-        use, job = _use_of(s, u, sop, received_at)
+        use, job = uses[u]
         if use == "will-read" and job is not None:
             study, state = header.study_uid or "?", job.state.value
             reason = f"{name} {sop} arrived on study {study} while this job was {state}: it reads it (a prompt there)"
@@ -324,16 +329,16 @@ def _read_by_pending_job(s: Session, actor: str, header: AnnotationHeader, recei
     return None
 
 
-def _analyses_without(session: Session, series_uid: str, sop_uid: str, received_at: datetime) -> list[str]:
-    """The CT series whose analysis lacks a person's annotation ``sop_uid`` of ``series_uid`` received at
-    ``received_at``: the series itself when its newest job's result is made without it — issued without it, or by a
-    running job that may have read its prompts before it arrived (:func:`_use_of`) — and the later follow-ups of its
+def _analyses_without(session: Session, series_uid: str, use: AnnotationUse, received_at: datetime) -> list[str]:
+    """The CT series whose analysis lacks a person's annotation of ``series_uid`` received at ``received_at``
+    (``use``: :func:`_use_of` of it): the series itself when its newest job's result is made without it — issued
+    without it, or by a running job that may have read its prompts before it arrived — and the later follow-ups of its
     patient whose newest result was issued before it arrived (a prior annotation retrieved for a job, or sent with its
     CT, was that job's input), oldest first."""
     patient_pk = _patient_of(session, series_uid)
     if patient_pk is None:
         return []
-    own = [series_uid] if _use_of(session, series_uid, sop_uid, received_at)[0] == "without" else []
+    own = [series_uid] if use == "without" else []
     return own + _issued_before(session, later_analysed_series(session, patient_pk, series_uid), received_at)
 
 

@@ -79,6 +79,19 @@ def _earlier(date: str | None, time: str | None, before: tuple[str | None, str |
     return _key(date, time) < _key(*before)
 
 
+def _series_with_instances(s: Session, study_pks: list[int]) -> set[int]:
+    """The series (primary keys) of these studies that hold at least one instance (one query)."""
+    if not study_pks:
+        return set()
+    q = (
+        select(Instance.series_pk)
+        .join(Series, Series.id == Instance.series_pk)
+        .where(Series.study_pk.in_(study_pks))
+        .distinct()
+    )
+    return set(s.scalars(q))
+
+
 def same_issuer(a: str | None, b: str | None) -> bool:
     """IssuerOfPatientID decides only when both sides have one (many archives leave it empty)."""
     return not a or not b or a == b
@@ -315,13 +328,13 @@ class PriorFinder:
             ]
             ct: dict[str, tuple[Study, Series]] = {}
             annotations: list[tuple[Instance, str]] = []
+            # a CT series row with no instance (created ahead of a retrieval that matching only planned: a PACS-only
+            # study whose annotations were fetched) is not held: the PACS lookup finds it
+            held = _series_with_instances(s, [st.id for st in studies])
             for st in studies:
                 for se in s.scalars(select(Series).where(Series.study_pk == st.id)):
-                    if (se.modality or "").upper() == "CT":
-                        # a CT series row with no instance (created ahead of a retrieval that matching only planned:
-                        # a PACS-only study whose annotations were fetched) is not held: the PACS lookup finds it
-                        if s.scalar(select(Instance.id).where(Instance.series_pk == se.id).limit(1)) is not None:
-                            ct[se.series_instance_uid] = (st, se)
+                    if (se.modality or "").upper() == "CT" and se.id in held:
+                        ct[se.series_instance_uid] = (st, se)
                     elif (se.modality or "").upper() in ANNOTATION_MODALITIES:
                         for inst in s.scalars(select(Instance).where(Instance.series_pk == se.id)):
                             annotations.append((inst, se.modality or ""))

@@ -32,7 +32,8 @@ The test compares like with like:
   registration error and new structures produce by chance) must be clearly lower than inside the search band.
 
 No reference, a low-contrast lesion or no such focus: None (the lesion stays vanished). Nothing here decides what to
-report: the caller keeps the focus as a present lesion "too small to measure" (RECIST 1.1) and flags it for review.
+report: the caller keeps the focus as a present lesion, measured like any other (RECIST decides whether it is too
+small to measure), and flags it for review.
 """
 
 from __future__ import annotations
@@ -95,11 +96,6 @@ class ResidualFocus:
     volume_mm3: float
     peak_fraction: float  # of the way from the background to the lesion level
     reason: str
-
-    @property
-    def equivalent_diameter_mm(self) -> float:
-        """Diameter of the sphere of the focus's volume."""
-        return float((6.0 * self.volume_mm3 / np.pi) ** (1.0 / 3.0))
 
 
 @dataclass(frozen=True)

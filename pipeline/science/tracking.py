@@ -45,11 +45,11 @@ from lesiontrack.pipeline.science.confidence import (
 )
 from lesiontrack.pipeline.science.drawn_priors import drawn_lesion, prompt_origin_meta, weaken_for_origin
 from lesiontrack.pipeline.science.lesions import LesionStatus, PropagationSource, Timepoint, TrackedLesion
+from lesiontrack.pipeline.science.measurements import measure_tracked
 from lesiontrack.pipeline.science.prompt_selection import nearest_source_index
 
 log = logging.getLogger(__name__)
 _RESIDUAL_SCORE = 0.2  # confidence of a residual focus the engine did not segment: below review (a reader decides)
-_MEASURABLE_MM = 10.0  # RECIST 1.1's minimum measurable long axis (CT, slices <= 5 mm)
 
 __all__ = [
     "IdentityRegistration",
@@ -462,7 +462,8 @@ def _residual_lesion(
 ) -> None:
     """An empty result is "vanished" only without residual evidence: a compact focus of the lesion's own intensity
     at the propagated site, not explained by what surrounded the prior lesion (:mod:`models.segmentation.residual`),
-    keeps the lesion present as that focus — RECIST 1.1 "too small to measure" — flagged for review with the reason."""
+    keeps the lesion present as that focus, flagged for review with the reason; its long axis is measured like any
+    lesion's (whether it is "too small to measure" is the RECIST rules' call: :func:`recist.diameter_of`)."""
     levels = prior_levels(reference)
     around = None if levels is None else surroundings(reference, levels=levels)
     if levels is None or around is None:  # too low a contrast on the prior to judge residual tissue: the verdict stands
@@ -475,11 +476,8 @@ def _residual_lesion(
     les.status = LesionStatus.PRESENT
     les.mask = _u8(focus.mask)
     les.meta["review"] = True
-    # RECIST 1.1: below its minimum measurable size (10 mm) a lesion that is there is "too small to measure"
-    small = focus.equivalent_diameter_mm < _MEASURABLE_MM
-    if small:
-        les.meta["too_small"] = True
-    state = "present, too small to measure (RECIST 1.1)" if small else "present (not delineated by the engine)"
+    long_axis = measure_tracked(les, cur.ct).long_axis_mm  # the project's long axis (RECIST decides what it counts)
+    state = f"present, not delineated by the engine (long axis {long_axis:.1f} mm)"
     les.meta["residual_focus"] = f"{state}: {les.engine} found no lesion, but a {focus.reason}"
     les.notes.append(f"{les.meta['residual_focus']}; kept as the lesion, flagged for review")
 

@@ -16,7 +16,7 @@ near the edge); the RTSTRUCT goes through the real writer and reader (synthetic/
 pipeline/dicom/annotations/rtstruct.py) on the baseline written as a DICOM series.
 
 Metrics per prompt source: CPM@25, Dice@25, median |volume error| over present lesion-follow-ups, present lesions
-reported vanished, vanished reported vanished (a lesion kept present as a residual focus, "too small to measure", is
+reported vanished, vanished reported vanished (a lesion kept present as a residual focus the engine did not segment is
 reported present: it counts as not vanished; how many were kept so is ``kept_as_residual_focus``), and the Dice of
 the derived prior lesion (the baseline lesion the prompt became) against the truth.
 

@@ -19,7 +19,7 @@ each follow-up prompted with our result at the previous one) and ``warped-only``
 baseline mask as the result). Metrics per follow-up index and over all: CPM@25 (non-empty prediction with centroid
 ≤ 25 mm from the truth), Dice@25 (mean Dice of those), MED (mean centroid distance of those, mm), overall Dice
 (misses count 0), median absolute volume error (present lesions, a miss counts 100 %), vanished-correct rate (a
-lesion kept present as a residual focus — "too small to measure", issue 31 — is reported present; the rows mark it
+lesion kept present as a residual focus the engine did not segment (issue 31) is reported present; the rows mark it
 ``residual_focus`` and the summary counts it), and the number of lesions whose true volume changed by ≥ 30 %
 reported changing the other way.
 
@@ -464,7 +464,7 @@ def run_method(
                 "gt_change": float(gt.sum()) / gt0 - 1.0 if gt0 else None,
                 "pred_change": float(pred.sum()) / vox0[n] - 1.0 if vox0.get(n) else None,
                 "review": bool(les.meta.get("review", False)),
-                # kept present as a residual focus the engine did not segment (issue 31: "too small to measure")
+                # kept present as a residual focus the engine did not segment (issue 31)
                 "residual_focus": bool(les.meta.get("residual_focus")),
                 "propagated_from": None if les.propagated_from is None else les.propagated_from.series_uid,
             }

@@ -149,33 +149,34 @@ def arrow_lesion(
     the tip (:func:`read_arrow`: its diameter as a line, its outline as a contour, ``cfg.grow_from``; of these the
     best supported) where that lesion's outline is clearly better supported (:func:`outline_support` higher by
     ``cfg.min_support_gain`` and by ``cfg.min_support_share`` of what the tip's lesion lacks); notes say which and
-    why."""
+    why, after the notes the kept reading's lesion was grown with (its ``refined by`` note among them)."""
     cfg = cfg or ArrowConfig()
     reading = read_arrow(image, drawing, cfg)
     if reading is None:
         return tip_grown, ["no diameter read at the arrow's tip: grown from the tip"]
     long_mm = reading.line.diameters_mm()[0]
     sources = {"line": (f"the {long_mm:.0f} mm diameter", reading.line), "outline": ("the outline", reading.outline)}
-    grown: list[tuple[float, str, Volume]] = []
+    grown: list[tuple[float, str, Volume, list[str]]] = []  # support, what, the lesion, the notes it was grown with
     for what, d in (sources[k] for k in cfg.grow_from):
-        mask = None if d is None else lesion_from_drawing(image, d, engine)[0]
+        mask, how = (None, []) if d is None else lesion_from_drawing(image, d, engine)
         if mask is not None and mask.array.any():
-            grown.append((outline_support(mask, image, reading, cfg), what, mask))
+            grown.append((outline_support(mask, image, reading, cfg), what, mask, how))
     segment = getattr(engine, "segment", None)
     if not grown and segment is not None:  # no seed from the reading: the engine on the diameter's box
         ident = LesionIdentity("2.25.0", "arrow", 1)
         boxed = segment(image, Prompt(ident, PromptKind.BOX, box_mm=reading.line.box_mm(), source="arrow"), None)
         if boxed.array.any():
-            grown.append((outline_support(boxed, image, reading, cfg), f"the {long_mm:.0f} mm diameter's box", boxed))
+            box_what = f"the {long_mm:.0f} mm diameter's box"
+            grown.append((outline_support(boxed, image, reading, cfg), box_what, boxed, []))
     if not grown:
         return tip_grown, [f"no lesion grown from the {long_mm:.0f} mm diameter read at the arrow: grown from the tip"]
-    support, what, mask = max(grown, key=lambda g: g[0])  # of equals, the first
+    support, what, mask, how = max(grown, key=lambda g: g[0])  # of equals, the first
     if tip_grown is None or not tip_grown.array.any():
-        return mask, [f"grown from {what} the image shows at the arrow's tip"]
+        return mask, [*how, f"grown from {what} the image shows at the arrow's tip"]
     s_tip = outline_support(tip_grown, image, reading, cfg)
     why = f"background around its outline {100 * support:.0f} % vs {100 * s_tip:.0f} % grown from the tip"
     if support - s_tip >= max(cfg.min_support_gain, cfg.min_support_share * (1.0 - s_tip)):
-        return mask, [f"grown from {what} the image shows at the arrow's tip ({why})"]
+        return mask, [*how, f"grown from {what} the image shows at the arrow's tip ({why})"]
     return tip_grown, [f"grown from the tip, not from {what} read there ({why})"]
 
 

@@ -110,17 +110,17 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     if not core.any() or not bound.any():
         return None
     les_s = plane[core]
+    tol0 = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)  # the core's tolerance on the smoothed slice
     point_like = drawing.kind in (DrawingKind.ARROW, DrawingKind.POINT)
     if point_like:  # the extent is unknown: the tissue like the tip's around it, and a little more, bounds it
-        med = float(np.median(les_s))
-        tol = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
+        med, tol = float(np.median(les_s)), tol0
         grown = _split_keep((np.abs(plane - med) <= tol) & bound, core, sp[1:], min_share=0.0) | core
         bound = _dilate_mm(grown, 1.5 * float(max(sp[1], sp[2])), sp[1:]) & bound
     ring_out = _dilate_mm(bound, cfg.ring_mm + 1.5, sp[1:]) & ~_dilate_mm(bound, 1.5, sp[1:])
     if ring_out.sum() < 10:
         return None
     edge = _beyond_ends(drawing.kind, in_plane, jj, ii, cfg, sp)
-    faint = _faint_levels(raw, kk, core, (ring_out, edge), cfg, sp, long_mm) if long_mm > 0 else None
+    faint = _faint_levels(raw, kk, (plane, core, tol0), (ring_out, edge), cfg, sp, long_mm) if long_mm > 0 else None
     tissue = None
     if faint is not None:  # a faint lesion: its own image (smoothed over its and its background's tissue)
         smooth, tissue = _faint_image(raw, faint, cfg.faint_smoothing * long_mm, sp, cfg)
@@ -257,7 +257,7 @@ def _smooth_in_plane(
 def _faint_levels(
     raw: np.ndarray,
     kk: int,
-    core: np.ndarray,
+    drawn: tuple[np.ndarray, np.ndarray, float],
     around: tuple[np.ndarray, np.ndarray | None],
     cfg: DrawingConfig,
     sp: np.ndarray,
@@ -267,15 +267,19 @@ def _faint_levels(
     not faint. Faint: its surroundings' most frequent tissue is like it voxel by voxel (their contrast within the
     core's tolerance and 2.5 x that tissue's spread: a liver metastasis a few tens of HU from its liver on a noisy
     CT), yet on the image smoothed with a Gaussian of ``cfg.faint_smoothing`` x the drawn diameter — small against
-    the lesion, wide enough to average the noise out — that tissue is another (:func:`_faint_background`)."""
-    ring_out, _ = around
-    plane = ndi.gaussian_filter(raw, sigma=cfg.smoothing_mm / sp)[kk]
+    the lesion, wide enough to average the noise out — that tissue is another (:func:`_faint_background`).
+    ``drawn``: the drawn slice smoothed with ``cfg.smoothing_mm``, the core on it and the core's tolerance there."""
+    plane, core, core_tol = drawn
+    ring_out, _ = around  # the ends beyond the drawing (around[1]) are for _faint_background
     les_s = plane[core]
-    core_tol = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
     _, spread, contrast, _ = _ring_tissue(plane[ring_out], les_s)
     if contrast > min(core_tol, 2.5 * max(spread, cfg.min_sd_hu)):
         return None
-    plane = ndi.gaussian_filter(raw, sigma=max(cfg.faint_smoothing * long_mm, cfg.smoothing_mm) / sp)[kk]
+    sigma = max(cfg.faint_smoothing * long_mm, cfg.smoothing_mm) / sp
+    # only the slices the Gaussian reaches slice kk from (scipy's radius: int(4 sd + 0.5)): the same values at kk
+    r = int(4.0 * float(sigma[0]) + 0.5)
+    k_lo = max(kk - r, 0)
+    plane = ndi.gaussian_filter(raw[k_lo : kk + r + 1], sigma=sigma)[kk - k_lo]
     les_s = plane[core]
     bg = _faint_background(plane, les_s, around, max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0), cfg)
     if bg is None:

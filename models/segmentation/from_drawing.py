@@ -243,13 +243,11 @@ def _faint_image(
 
 
 def _smooth_in_plane(
-    raw: np.ndarray, sigma: float, sp: np.ndarray, cfg: DrawingConfig, tissue: np.ndarray | None
+    raw: np.ndarray, sigma: float, sp: np.ndarray, cfg: DrawingConfig, tissue: np.ndarray
 ) -> np.ndarray:
     """``raw`` smoothed with a Gaussian of ``sigma`` mm in-plane (``cfg.smoothing_mm`` through the slices, so the
-    lesion's ends stay where the image has them); with ``tissue``, over those voxels only (normalised convolution)."""
+    lesion's ends stay where the image has them) over the ``tissue`` voxels only (normalised convolution)."""
     s = np.array([cfg.smoothing_mm, sigma, sigma]) / sp
-    if tissue is None:
-        return np.asarray(ndi.gaussian_filter(raw, sigma=s))
     w = tissue.astype(np.float32)
     return np.asarray(ndi.gaussian_filter(raw * w, sigma=s) / np.maximum(ndi.gaussian_filter(w, sigma=s), 1e-3))
 

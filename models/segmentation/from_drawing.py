@@ -46,6 +46,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.components import bbox
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
@@ -617,6 +618,9 @@ def confined_to_drawn_slice(mask: Volume, drawing: Drawing) -> bool:
     k0 = int(np.rint(mask.patient_to_index(drawing.all_points)[:, 2].mean()))
     if long_mm < 1.5 * float(mask.spacing[2]) or not 0 <= k0 < mask.shape[0] or not (mask.array[k0] > 0).any():
         return False
-    lab, _n = ndi.label(mask.array > 0)
-    touching = np.unique(lab[k0][lab[k0] > 0])
-    return not bool(np.delete(np.isin(lab, touching).any(axis=(1, 2)), k0).any())
+    full = mask.array > 0
+    lo, hi = bbox(full)  # every component lies in the mask's bounding box: label that only
+    lab, _n = ndi.label(full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+    k = k0 - int(lo[0])
+    touching = np.unique(lab[k][lab[k] > 0])
+    return not bool(np.delete(np.isin(lab, touching).any(axis=(1, 2)), k).any())

@@ -24,7 +24,7 @@ image gives no reading or no clear evidence, the lesion grown from the tip is ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -60,12 +60,15 @@ class ArrowConfig:
 
 @dataclass(frozen=True)
 class ArrowReading:
-    """What the image shows at an arrow: the lesion's longest diameter on the drawn slice (a line drawing) and the
-    levels it was read with."""
+    """What the image shows at an arrow: the lesion's longest diameter on the drawn slice (a line drawing), the
+    levels it was read with, and the drawn slice (its index and the slice smoothed as read, reused to judge
+    outlines by :func:`outline_support`)."""
 
     line: Drawing
     lesion_level: float
     background_level: float
+    k0: int
+    plane: np.ndarray = field(repr=False, compare=False)
     outline: Drawing | None = None  # the cross-section's outline on the drawn slice (a contour drawing)
 
 
@@ -108,7 +111,7 @@ def read_arrow(image: Volume, drawing: Drawing, cfg: ArrowConfig | None = None) 
     line = image.index_to_patient(pts[:, ::-1])
     what = f"{drawing.what or 'arrow'}: the diameter of the lesion at its tip"
     outline = _outline(image, region, k0, f"{drawing.what or 'arrow'}: the lesion's outline at its tip")
-    return ArrowReading(Drawing(DrawingKind.LINE, [line], what), levels.lesion, levels.background, outline)
+    return ArrowReading(Drawing(DrawingKind.LINE, [line], what), levels.lesion, levels.background, k0, plane, outline)
 
 
 def _outline(image: Volume, region: np.ndarray, k0: int, what: str) -> Drawing | None:
@@ -131,11 +134,10 @@ def outline_support(mask: Volume, image: Volume, reading: ArrowReading, cfg: Arr
     1 for a lesion outlined against its background all round, 0 for one surrounded by more lesion or other tissue."""
     cfg = cfg or ArrowConfig()
     sp = image.spacing[::-1].astype(float)
-    k0 = int(np.rint(image.patient_to_index(reading.line.parts[0])[:, 2].mean()))
+    k0, plane = reading.k0, reading.plane
     cross = mask.array[k0] > 0 if 0 <= k0 < mask.shape[0] else np.zeros(mask.shape[1:], bool)
     if not cross.any():
         return 0.0
-    plane = ndi.gaussian_filter(image.array[k0].astype(np.float32), sigma=cfg.smoothing_mm / sp[1:])
     out = ndi.distance_transform_edt(~cross, sampling=sp[1:])
     band = plane[(out > cfg.support_band_mm[0]) & (out <= cfg.support_band_mm[1])]
     gap = abs(reading.lesion_level - reading.background_level)

@@ -30,8 +30,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.components import connected_to, dilate_mm
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.models.segmentation.from_drawing import _dominant_level, lesion_from_drawing
+from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing
+from lesiontrack.models.segmentation.levels import dominant_level, robust_sd
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
 
@@ -198,7 +200,7 @@ def _region(
         return None
     for r in cfg.scales_mm:
         disc = dist <= r
-        body = _body(_connected_to(side & disc, seed), seed, sp2, cfg)
+        body = _body(connected_to(side & disc, seed), seed, sp2, cfg)
         if body.any() and not (body & ~ndi.binary_erosion(disc, border_value=1)).any():  # the image edge is no run-on
             body = np.asarray(ndi.binary_fill_holes(body))
             return body if _compact(body, sp2, cfg.min_fill) else None
@@ -232,12 +234,6 @@ def _body(region: np.ndarray, seed: np.ndarray, sp2: np.ndarray, cfg: ArrowConfi
     return np.isin(lab, keep[keep > 0])
 
 
-def _connected_to(cand: np.ndarray, anchor: np.ndarray) -> np.ndarray:
-    lab, _ = ndi.label(cand)
-    keep = np.unique(lab[anchor & cand])
-    return np.isin(lab, keep[keep > 0])
-
-
 def _compact(region: np.ndarray, sp2: np.ndarray, min_fill: float) -> bool:
     """Whether ``region`` fills at least ``min_fill`` of the disc its longest diameter spans (a lesion's
     cross-section is compact; one that ran on into a vessel, a wall or a neighbour is not)."""
@@ -253,7 +249,7 @@ def _fainter_rim(
     background and the lesion level, well apart from both, that band is the lesion's fainter part (a part-solid
     nodule's ground glass around its solid core), and the lesion is what differs from the background by half as
     much; None otherwise (a band of background, or of partial volume only)."""
-    band = _dilate(region, cfg.rim_mm[1], sp2) & ~_dilate(region, cfg.rim_mm[0], sp2)
+    band = dilate_mm(region, cfg.rim_mm[1], sp2) & ~dilate_mm(region, cfg.rim_mm[0], sp2)
     vals = plane[band]
     if vals.size < 8:
         return None
@@ -265,13 +261,9 @@ def _fainter_rim(
     # one tissue of its own (its values gathered at one level), not a soft edge's ramp from one level to the other
     rim = vals[between]
     level = float(np.median(rim))
-    if 1.4826 * float(np.median(np.abs(rim - level))) > cfg.rim_spread * (hi - lo):
+    if robust_sd(rim) > cfg.rim_spread * (hi - lo):
         return None
     return _Levels(level, levels.background)
-
-
-def _dilate(mask: np.ndarray, radius_mm: float, sp2: np.ndarray) -> np.ndarray:
-    return np.asarray(ndi.distance_transform_edt(~mask, sampling=sp2) <= radius_mm)
 
 
 def _feret_ends(mask: np.ndarray, sp2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -331,10 +323,10 @@ def _levels_along(
         return None
     tt, vv = t[ahead], v[ahead]
     tip_level = float(np.median(vv[:w]))
-    tip_sd = max(1.4826 * float(np.median(np.abs(vv[:w] - tip_level))), cfg.min_sd_hu)
+    tip_sd = max(robust_sd(vv[:w]), cfg.min_sd_hu)
     # the background: the most frequent tissue along the shaft, of what is not like the tip's
     unlike = back[np.abs(back - tip_level) > 3.0 * tip_sd]
-    bg = _dominant_level(unlike if unlike.size >= w else back)
+    bg = dominant_level(unlike if unlike.size >= w else back)
     near_bg = back[np.abs(back - bg) <= 100.0]
     noise = max(1.4826 * float(np.median(np.abs(near_bg - bg))) if near_bg.size else 0.0, cfg.min_sd_hu)
     # the lesion begins at the tip, or at the first stretch just beyond it that departs from the background

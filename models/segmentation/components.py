@@ -72,3 +72,17 @@ def largest_component(arr: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def connected_to(cand: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    """The connected components of boolean ``cand`` that ``anchor`` touches."""
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return np.zeros_like(cand)
+    keep = np.unique(lab[anchor & cand])
+    return np.isin(lab, keep[keep > 0])
+
+
+def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """``mask`` grown by ``radius_mm`` (Euclidean, voxel ``spacing`` in mm)."""
+    return np.asarray(ndi.distance_transform_edt(~mask, sampling=spacing) <= radius_mm)

@@ -17,7 +17,7 @@ import pydicom
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.dicom.annotations.common import identity_for
 from lesiontrack.pipeline.dicom.annotations.gsps import gsps_labels
-from lesiontrack.pipeline.dicom.annotations.rtstruct import LESION_TYPES
+from lesiontrack.pipeline.dicom.annotations.rtstruct import lesion_roi_names
 from lesiontrack.pipeline.dicom.seg.reader import derived_tracking_uid
 from lesiontrack.pipeline.dicom.sr.reader import sr_lesion_identities
 
@@ -39,15 +39,7 @@ def named_lesions(path: str | Path, modality: str) -> list[LesionIdentity]:
         if modality == "PR":
             labels = gsps_labels(path)
         elif modality == "RTSTRUCT":
-            kinds = {
-                int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
-                for o in ds.get("RTROIObservationsSequence", [])
-            }
-            labels = [
-                str(r.get("ROIName", "")) or f"ROI {r.ROINumber}"
-                for r in ds.get("StructureSetROISequence", [])
-                if kinds.get(int(r.ROINumber), "") in LESION_TYPES
-            ]
+            labels = lesion_roi_names(ds)
         else:
             return []
     except Exception as exc:  # any unreadable object: named, never a crash of the job

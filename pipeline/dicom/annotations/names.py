@@ -37,7 +37,7 @@ def named_lesions(path: str | Path, modality: str) -> list[LesionIdentity]:
         if modality == "SEG":
             return [_segment(s, sop) for s in ds.get("SegmentSequence", [])]
         if modality == "PR":
-            labels = gsps_labels(path)
+            labels = gsps_labels(ds)
         elif modality == "RTSTRUCT":
             labels = lesion_roi_names(ds)
         else:

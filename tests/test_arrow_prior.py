@@ -101,6 +101,9 @@ def test_an_arrow_in_a_part_solid_nodule_takes_the_whole_nodule_where_the_image_
     assert got is not None
     assert _dice(got.mask.array > 0, truth) >= 0.7
     assert any("diameter the image shows at the arrow's tip" in n for n in got.notes), got.notes
+    # the notes the kept reading's lesion was derived with come first, and the engine name follows them
+    assert "derived from a line" in got.notes[0], got.notes
+    assert got.engine_name == ("drawing+adaptive" if any("refined by" in n for n in got.notes) else "drawing")
 
 
 def test_an_arrow_keeps_the_lesion_grown_from_its_tip_without_clear_evidence_against_it() -> None:

@@ -317,14 +317,14 @@ def test_necrotic_rim_enhancing_lesion_keeps_its_rim(r_after: float) -> None:
 def test_half_way_background_is_the_ring_s_most_frequent_tissue() -> None:
     """Around a juxtapleural nodule the ring is lung and chest wall: its median lies between the two tissues, and a
     half-way level against it cut the nodule's lung-side edge. The background level is the dominant tissue's."""
-    from lesiontrack.models.segmentation.adaptive import _dominant_level
+    from lesiontrack.models.segmentation.levels import dominant_level
 
     rng = np.random.default_rng(0)
     ring = np.concatenate([rng.normal(-850.0, 25.0, 520), rng.normal(40.0, 25.0, 480)])
-    assert abs(_dominant_level(ring) + 850.0) < 10.0
+    assert abs(dominant_level(ring) + 850.0) < 10.0
     assert np.median(ring) > -815.0  # the median: the upper tail of the lung, pulled towards the wall
     liver = rng.normal(100.0, 15.0, 1000)
-    assert abs(_dominant_level(liver) - 100.0) < 5.0
+    assert abs(dominant_level(liver) - 100.0) < 5.0
 
 
 def _faint_lesion_in_a_liver_corner(gap_mm: float, seed: int) -> tuple[Volume, np.ndarray]:

@@ -45,6 +45,7 @@ from skimage.segmentation import random_walker
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import SegReference
 from lesiontrack.models.segmentation.components import keep_nearest_component, mask_centre_index
+from lesiontrack.models.segmentation.levels import dominant_level
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.models.segmentation.rasterize import prompt_to_mask
 
@@ -245,7 +246,7 @@ class AdaptiveEngine:
             outline = sdist <= (offset if fitted else 0.0) + cfg.trim_tolerance * float(np.min(sp))
             seg = (seg & outline) | ndi.binary_opening(seg, structure=_ball(cfg.trim_radius_mm, sp))
         if prompt.kind is PromptKind.MASK:
-            levels = (les_mode, _dominant_level(bg_s) if bg_s.size else les_mode, max(_robust_sd(les_s), noise))
+            levels = (les_mode, dominant_level(bg_s) if bg_s.size else les_mode, max(_robust_sd(les_s), noise))
             seg = _supported_growth(seg, smooth, sdist, levels, float(np.min(sp)), cfg)
         seg = ndi.binary_fill_holes(seg)
         return seg
@@ -655,7 +656,7 @@ def _halfway_boundary(
     ring = outer & (out_d <= pv + cfg.ring_mm)
     if ring.sum() < 20:
         return seg
-    background = _dominant_level(img[ring])
+    background = dominant_level(img[ring])
     seg_median = float(np.median(img[seg]))
     bright = seg_median > background
     if inner.sum() < 8:
@@ -673,17 +674,6 @@ def _halfway_boundary(
     out = seg.copy()
     out[ok] = alpha[ok] >= 0.5
     return out
-
-
-def _dominant_level(values: np.ndarray) -> float:
-    """The level of the most frequent tissue among ``values``: the median of those within 100 HU of the smoothed
-    histogram's mode. Around a juxtapleural nodule the ring is lung and chest wall; its median is pulled from the lung
-    towards the wall (or between the two) and made the half-way level cut the nodule's lung-side edge."""
-    vals = np.asarray(values, np.float64).ravel()
-    hist, edges = np.histogram(np.clip(vals, _BINS[0], _BINS[-1]), bins=np.arange(_BINS[0], _BINS[-1] + 10.0, 10.0))
-    mode = float(edges[int(np.argmax(ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)))] + 5.0)
-    close = vals[np.abs(vals - mode) <= 100.0]
-    return float(np.median(close)) if close.size >= 10 else float(np.median(vals))
 
 
 def _local_mean(img: np.ndarray, mask: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

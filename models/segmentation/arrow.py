@@ -24,14 +24,16 @@ image gives no reading or no clear evidence, the lesion grown from the tip is ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.components import connected_to, dilate_mm
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.models.segmentation.from_drawing import _dominant_level, lesion_from_drawing
+from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing
+from lesiontrack.models.segmentation.levels import dominant_level, robust_sd
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
 
@@ -60,12 +62,15 @@ class ArrowConfig:
 
 @dataclass(frozen=True)
 class ArrowReading:
-    """What the image shows at an arrow: the lesion's longest diameter on the drawn slice (a line drawing) and the
-    levels it was read with."""
+    """What the image shows at an arrow: the lesion's longest diameter on the drawn slice (a line drawing), the
+    levels it was read with, and the drawn slice (its index and the slice smoothed as read, reused to judge
+    outlines by :func:`outline_support`)."""
 
     line: Drawing
     lesion_level: float
     background_level: float
+    k0: int
+    plane: np.ndarray = field(repr=False, compare=False)
     outline: Drawing | None = None  # the cross-section's outline on the drawn slice (a contour drawing)
 
 
@@ -108,7 +113,7 @@ def read_arrow(image: Volume, drawing: Drawing, cfg: ArrowConfig | None = None) 
     line = image.index_to_patient(pts[:, ::-1])
     what = f"{drawing.what or 'arrow'}: the diameter of the lesion at its tip"
     outline = _outline(image, region, k0, f"{drawing.what or 'arrow'}: the lesion's outline at its tip")
-    return ArrowReading(Drawing(DrawingKind.LINE, [line], what), levels.lesion, levels.background, outline)
+    return ArrowReading(Drawing(DrawingKind.LINE, [line], what), levels.lesion, levels.background, k0, plane, outline)
 
 
 def _outline(image: Volume, region: np.ndarray, k0: int, what: str) -> Drawing | None:
@@ -131,11 +136,10 @@ def outline_support(mask: Volume, image: Volume, reading: ArrowReading, cfg: Arr
     1 for a lesion outlined against its background all round, 0 for one surrounded by more lesion or other tissue."""
     cfg = cfg or ArrowConfig()
     sp = image.spacing[::-1].astype(float)
-    k0 = int(np.rint(image.patient_to_index(reading.line.parts[0])[:, 2].mean()))
+    k0, plane = reading.k0, reading.plane
     cross = mask.array[k0] > 0 if 0 <= k0 < mask.shape[0] else np.zeros(mask.shape[1:], bool)
     if not cross.any():
         return 0.0
-    plane = ndi.gaussian_filter(image.array[k0].astype(np.float32), sigma=cfg.smoothing_mm / sp[1:])
     out = ndi.distance_transform_edt(~cross, sampling=sp[1:])
     band = plane[(out > cfg.support_band_mm[0]) & (out <= cfg.support_band_mm[1])]
     gap = abs(reading.lesion_level - reading.background_level)
@@ -149,33 +153,34 @@ def arrow_lesion(
     the tip (:func:`read_arrow`: its diameter as a line, its outline as a contour, ``cfg.grow_from``; of these the
     best supported) where that lesion's outline is clearly better supported (:func:`outline_support` higher by
     ``cfg.min_support_gain`` and by ``cfg.min_support_share`` of what the tip's lesion lacks); notes say which and
-    why."""
+    why, after the notes the kept reading's lesion was grown with (its ``refined by`` note among them)."""
     cfg = cfg or ArrowConfig()
     reading = read_arrow(image, drawing, cfg)
     if reading is None:
         return tip_grown, ["no diameter read at the arrow's tip: grown from the tip"]
     long_mm = reading.line.diameters_mm()[0]
     sources = {"line": (f"the {long_mm:.0f} mm diameter", reading.line), "outline": ("the outline", reading.outline)}
-    grown: list[tuple[float, str, Volume]] = []
+    grown: list[tuple[float, str, Volume, list[str]]] = []  # support, what, the lesion, the notes it was grown with
     for what, d in (sources[k] for k in cfg.grow_from):
-        mask = None if d is None else lesion_from_drawing(image, d, engine)[0]
+        mask, how = (None, []) if d is None else lesion_from_drawing(image, d, engine)
         if mask is not None and mask.array.any():
-            grown.append((outline_support(mask, image, reading, cfg), what, mask))
+            grown.append((outline_support(mask, image, reading, cfg), what, mask, how))
     segment = getattr(engine, "segment", None)
     if not grown and segment is not None:  # no seed from the reading: the engine on the diameter's box
         ident = LesionIdentity("2.25.0", "arrow", 1)
         boxed = segment(image, Prompt(ident, PromptKind.BOX, box_mm=reading.line.box_mm(), source="arrow"), None)
         if boxed.array.any():
-            grown.append((outline_support(boxed, image, reading, cfg), f"the {long_mm:.0f} mm diameter's box", boxed))
+            box_what = f"the {long_mm:.0f} mm diameter's box"
+            grown.append((outline_support(boxed, image, reading, cfg), box_what, boxed, []))
     if not grown:
         return tip_grown, [f"no lesion grown from the {long_mm:.0f} mm diameter read at the arrow: grown from the tip"]
-    support, what, mask = max(grown, key=lambda g: g[0])  # of equals, the first
+    support, what, mask, how = max(grown, key=lambda g: g[0])  # of equals, the first
     if tip_grown is None or not tip_grown.array.any():
-        return mask, [f"grown from {what} the image shows at the arrow's tip"]
+        return mask, [*how, f"grown from {what} the image shows at the arrow's tip"]
     s_tip = outline_support(tip_grown, image, reading, cfg)
     why = f"background around its outline {100 * support:.0f} % vs {100 * s_tip:.0f} % grown from the tip"
     if support - s_tip >= max(cfg.min_support_gain, cfg.min_support_share * (1.0 - s_tip)):
-        return mask, [f"grown from {what} the image shows at the arrow's tip ({why})"]
+        return mask, [*how, f"grown from {what} the image shows at the arrow's tip ({why})"]
     return tip_grown, [f"grown from the tip, not from {what} read there ({why})"]
 
 
@@ -195,7 +200,7 @@ def _region(
         return None
     for r in cfg.scales_mm:
         disc = dist <= r
-        body = _body(_connected_to(side & disc, seed), seed, sp2, cfg)
+        body = _body(connected_to(side & disc, seed), seed, sp2, cfg)
         if body.any() and not (body & ~ndi.binary_erosion(disc, border_value=1)).any():  # the image edge is no run-on
             body = np.asarray(ndi.binary_fill_holes(body))
             return body if _compact(body, sp2, cfg.min_fill) else None
@@ -229,12 +234,6 @@ def _body(region: np.ndarray, seed: np.ndarray, sp2: np.ndarray, cfg: ArrowConfi
     return np.isin(lab, keep[keep > 0])
 
 
-def _connected_to(cand: np.ndarray, anchor: np.ndarray) -> np.ndarray:
-    lab, _ = ndi.label(cand)
-    keep = np.unique(lab[anchor & cand])
-    return np.isin(lab, keep[keep > 0])
-
-
 def _compact(region: np.ndarray, sp2: np.ndarray, min_fill: float) -> bool:
     """Whether ``region`` fills at least ``min_fill`` of the disc its longest diameter spans (a lesion's
     cross-section is compact; one that ran on into a vessel, a wall or a neighbour is not)."""
@@ -250,7 +249,7 @@ def _fainter_rim(
     background and the lesion level, well apart from both, that band is the lesion's fainter part (a part-solid
     nodule's ground glass around its solid core), and the lesion is what differs from the background by half as
     much; None otherwise (a band of background, or of partial volume only)."""
-    band = _dilate(region, cfg.rim_mm[1], sp2) & ~_dilate(region, cfg.rim_mm[0], sp2)
+    band = dilate_mm(region, cfg.rim_mm[1], sp2) & ~dilate_mm(region, cfg.rim_mm[0], sp2)
     vals = plane[band]
     if vals.size < 8:
         return None
@@ -262,13 +261,9 @@ def _fainter_rim(
     # one tissue of its own (its values gathered at one level), not a soft edge's ramp from one level to the other
     rim = vals[between]
     level = float(np.median(rim))
-    if 1.4826 * float(np.median(np.abs(rim - level))) > cfg.rim_spread * (hi - lo):
+    if robust_sd(rim) > cfg.rim_spread * (hi - lo):
         return None
     return _Levels(level, levels.background)
-
-
-def _dilate(mask: np.ndarray, radius_mm: float, sp2: np.ndarray) -> np.ndarray:
-    return np.asarray(ndi.distance_transform_edt(~mask, sampling=sp2) <= radius_mm)
 
 
 def _feret_ends(mask: np.ndarray, sp2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -328,10 +323,10 @@ def _levels_along(
         return None
     tt, vv = t[ahead], v[ahead]
     tip_level = float(np.median(vv[:w]))
-    tip_sd = max(1.4826 * float(np.median(np.abs(vv[:w] - tip_level))), cfg.min_sd_hu)
+    tip_sd = max(robust_sd(vv[:w]), cfg.min_sd_hu)
     # the background: the most frequent tissue along the shaft, of what is not like the tip's
     unlike = back[np.abs(back - tip_level) > 3.0 * tip_sd]
-    bg = _dominant_level(unlike if unlike.size >= w else back)
+    bg = dominant_level(unlike if unlike.size >= w else back)
     near_bg = back[np.abs(back - bg) <= 100.0]
     noise = max(1.4826 * float(np.median(np.abs(near_bg - bg))) if near_bg.size else 0.0, cfg.min_sd_hu)
     # the lesion begins at the tip, or at the first stretch just beyond it that departs from the background

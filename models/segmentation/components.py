@@ -19,14 +19,14 @@ def mask_centre_index(mask: np.ndarray, spacing_kji: np.ndarray | None = None) -
     full = mask > 0
     if not full.any():
         return None
-    lo, hi = _bbox(full)
+    lo, hi = bbox(full)
     m = full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     dist = ndi.distance_transform_edt(np.pad(m, 1), sampling=spacing_kji)[1:-1, 1:-1, 1:-1]
     best = np.flatnonzero(dist.ravel() >= dist.max() - 1e-6)
     return np.array(np.unravel_index(int(best[len(best) // 2]), m.shape)) + lo
 
 
-def _bbox(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def bbox(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box (lo, hi exclusive) of a non-empty boolean array, via per-axis projections (fast)."""
     lo, hi = [], []
     for ax in range(m.ndim):
@@ -53,7 +53,7 @@ def keep_nearest_component(mask: Volume, point_mm: np.ndarray, max_distance_mm: 
     out = np.zeros(mask.shape, np.uint8)
     if not full.any():
         return mask.with_array(out)
-    lo, hi = _bbox(full)
+    lo, hi = bbox(full)
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     labels, _n = ndi.label(full[sl], structure=ndi.generate_binary_structure(3, 1))
     idx = np.argwhere(labels > 0)
@@ -72,3 +72,17 @@ def largest_component(arr: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def connected_to(cand: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    """The connected components of boolean ``cand`` that ``anchor`` touches."""
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return np.zeros_like(cand)
+    keep = np.unique(lab[anchor & cand])
+    return np.isin(lab, keep[keep > 0])
+
+
+def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """``mask`` grown by ``radius_mm`` (Euclidean, voxel ``spacing`` in mm)."""
+    return np.asarray(ndi.distance_transform_edt(~mask, sampling=spacing) <= radius_mm)

@@ -46,7 +46,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.components import bbox, connected_to, dilate_mm
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
+from lesiontrack.models.segmentation.levels import dominant_level, robust_sd
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
 
@@ -110,22 +112,22 @@ def seed_from_drawing(image: Volume, drawing: Drawing, cfg: DrawingConfig | None
     if not core.any() or not bound.any():
         return None
     les_s = plane[core]
+    tol0 = max(2.5 * robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)  # the core's tolerance on the smoothed slice
     point_like = drawing.kind in (DrawingKind.ARROW, DrawingKind.POINT)
     if point_like:  # the extent is unknown: the tissue like the tip's around it, and a little more, bounds it
-        med = float(np.median(les_s))
-        tol = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
+        med, tol = float(np.median(les_s)), tol0
         grown = _split_keep((np.abs(plane - med) <= tol) & bound, core, sp[1:], min_share=0.0) | core
-        bound = _dilate_mm(grown, 1.5 * float(max(sp[1], sp[2])), sp[1:]) & bound
-    ring_out = _dilate_mm(bound, cfg.ring_mm + 1.5, sp[1:]) & ~_dilate_mm(bound, 1.5, sp[1:])
+        bound = dilate_mm(grown, 1.5 * float(max(sp[1], sp[2])), sp[1:]) & bound
+    ring_out = dilate_mm(bound, cfg.ring_mm + 1.5, sp[1:]) & ~dilate_mm(bound, 1.5, sp[1:])
     if ring_out.sum() < 10:
         return None
     edge = _beyond_ends(drawing.kind, in_plane, jj, ii, cfg, sp)
-    faint = _faint_levels(raw, kk, core, (ring_out, edge), cfg, sp, long_mm) if long_mm > 0 else None
+    faint = _faint_levels(raw, kk, (plane, core, tol0), (ring_out, edge), cfg, sp, long_mm) if long_mm > 0 else None
     tissue = None
     if faint is not None:  # a faint lesion: its own image (smoothed over its and its background's tissue)
         smooth, tissue = _faint_image(raw, faint, cfg.faint_smoothing * long_mm, sp, cfg)
         les_s = smooth[kk][core]
-    core_med, core_tol = float(np.median(les_s)), max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
+    core_med, core_tol = float(np.median(les_s)), max(2.5 * robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
     levels = faint or _levels(plane, les_s, ring_out, (core_med, core_tol), cfg)
     if levels is None:
         return None
@@ -174,17 +176,17 @@ def _levels(
     # ring voxels like the core are the lesion running on (or a neighbour of its density), not its background
     core_med, core_tol = core
     unlike = ring_s[np.abs(ring_s - core_med) > core_tol]
-    bg_level = _dominant_level(unlike if unlike.size >= 20 else ring_s)
+    bg_level = dominant_level(unlike if unlike.size >= 20 else ring_s)
     bright = float(np.median(les_s)) > bg_level
     # the lesion's level: its median, or, for a lesion of two tissues (a part-solid nodule's ground glass and solid
     # core), a low quantile towards the background, so that the fainter tissue counts
     les_level = float(np.median(les_s))
-    if _robust_sd(les_s) > 0.25 * abs(les_level - bg_level):
+    if robust_sd(les_s) > 0.25 * abs(les_level - bg_level):
         q = cfg.lesion_quantile if bright else 1.0 - cfg.lesion_quantile
         les_level = float(np.quantile(les_s, q))
     # the image noise: the narrower of the core's and the ring's robust spreads (a ring across tissues is wide)
-    ring_sd = _robust_sd(plane[ring_out & (np.abs(plane - bg_level) <= 100.0)])
-    noise = max(min(ring_sd, _robust_sd(les_s)) if les_s.size >= 5 else ring_sd, cfg.min_sd_hu)
+    ring_sd = robust_sd(plane[ring_out & (np.abs(plane - bg_level) <= 100.0)])
+    noise = max(min(ring_sd, robust_sd(les_s)) if les_s.size >= 5 else ring_sd, cfg.min_sd_hu)
     if abs(les_level - bg_level) < cfg.min_cnr * noise:
         # the quantile may sit on partial volume: try the core's median before giving up
         les_level = float(np.median(les_s))
@@ -198,15 +200,15 @@ def _ring_tissue(ring_s: np.ndarray, les_s: np.ndarray) -> tuple[float, float, f
     SDs of it, clipped three times from the histogram's mode, so another tissue's partial volume is left out), its
     contrast with the core (``les_s``) and the noise (the narrower of the core's and that tissue's robust spreads, as
     :func:`_levels`)."""
-    level = _dominant_level(ring_s)
+    level = dominant_level(ring_s)
     near = ring_s[np.abs(ring_s - level) <= 100.0]
-    sd = _robust_sd(near) if near.size >= 10 else _robust_sd(ring_s)
+    sd = robust_sd(near) if near.size >= 10 else robust_sd(ring_s)
     for _ in range(3):
         win = ring_s[np.abs(ring_s - level) <= max(2.5 * sd, 3.0)]
         if win.size < 10:
             break
-        level, sd = float(np.median(win)), _robust_sd(win)
-    noise = min(sd, _robust_sd(les_s)) if les_s.size >= 5 else sd
+        level, sd = float(np.median(win)), robust_sd(win)
+    noise = min(sd, robust_sd(les_s)) if les_s.size >= 5 else sd
     return level, sd, abs(level - float(np.median(les_s))), noise
 
 
@@ -243,13 +245,11 @@ def _faint_image(
 
 
 def _smooth_in_plane(
-    raw: np.ndarray, sigma: float, sp: np.ndarray, cfg: DrawingConfig, tissue: np.ndarray | None
+    raw: np.ndarray, sigma: float, sp: np.ndarray, cfg: DrawingConfig, tissue: np.ndarray
 ) -> np.ndarray:
     """``raw`` smoothed with a Gaussian of ``sigma`` mm in-plane (``cfg.smoothing_mm`` through the slices, so the
-    lesion's ends stay where the image has them); with ``tissue``, over those voxels only (normalised convolution)."""
+    lesion's ends stay where the image has them) over the ``tissue`` voxels only (normalised convolution)."""
     s = np.array([cfg.smoothing_mm, sigma, sigma]) / sp
-    if tissue is None:
-        return np.asarray(ndi.gaussian_filter(raw, sigma=s))
     w = tissue.astype(np.float32)
     return np.asarray(ndi.gaussian_filter(raw * w, sigma=s) / np.maximum(ndi.gaussian_filter(w, sigma=s), 1e-3))
 
@@ -257,7 +257,7 @@ def _smooth_in_plane(
 def _faint_levels(
     raw: np.ndarray,
     kk: int,
-    core: np.ndarray,
+    drawn: tuple[np.ndarray, np.ndarray, float],
     around: tuple[np.ndarray, np.ndarray | None],
     cfg: DrawingConfig,
     sp: np.ndarray,
@@ -267,17 +267,21 @@ def _faint_levels(
     not faint. Faint: its surroundings' most frequent tissue is like it voxel by voxel (their contrast within the
     core's tolerance and 2.5 x that tissue's spread: a liver metastasis a few tens of HU from its liver on a noisy
     CT), yet on the image smoothed with a Gaussian of ``cfg.faint_smoothing`` x the drawn diameter — small against
-    the lesion, wide enough to average the noise out — that tissue is another (:func:`_faint_background`)."""
-    ring_out, _ = around
-    plane = ndi.gaussian_filter(raw, sigma=cfg.smoothing_mm / sp)[kk]
+    the lesion, wide enough to average the noise out — that tissue is another (:func:`_faint_background`).
+    ``drawn``: the drawn slice smoothed with ``cfg.smoothing_mm``, the core on it and the core's tolerance there."""
+    plane, core, core_tol = drawn
+    ring_out, _ = around  # the ends beyond the drawing (around[1]) are for _faint_background
     les_s = plane[core]
-    core_tol = max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0)
     _, spread, contrast, _ = _ring_tissue(plane[ring_out], les_s)
     if contrast > min(core_tol, 2.5 * max(spread, cfg.min_sd_hu)):
         return None
-    plane = ndi.gaussian_filter(raw, sigma=max(cfg.faint_smoothing * long_mm, cfg.smoothing_mm) / sp)[kk]
+    sigma = max(cfg.faint_smoothing * long_mm, cfg.smoothing_mm) / sp
+    # only the slices the Gaussian reaches slice kk from (scipy's radius: int(4 sd + 0.5)): the same values at kk
+    r = int(4.0 * float(sigma[0]) + 0.5)
+    k_lo = max(kk - r, 0)
+    plane = ndi.gaussian_filter(raw[k_lo : kk + r + 1], sigma=sigma)[kk - k_lo]
     les_s = plane[core]
-    bg = _faint_background(plane, les_s, around, max(2.5 * _robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0), cfg)
+    bg = _faint_background(plane, les_s, around, max(2.5 * robust_sd(les_s), 2.5 * cfg.min_sd_hu, 25.0), cfg)
     if bg is None:
         return None
     les = float(np.median(les_s))
@@ -390,12 +394,12 @@ def _propagate(
             near = ndi.binary_dilation(prev, structure=one)
             cand = _split_keep(lesion_like[k] & bound & near, prev, sp[1:], min_share=0.5)
             if cand.sum() > cfg.growth_per_slice * prev.sum() + 1:  # running into a neighbour: no growth here
-                cand = _connected_to(lesion_like[k] & prev, prev)
+                cand = connected_to(lesion_like[k] & prev, prev)
             cand = ndi.binary_fill_holes(cand)
             if float(cand.sum()) < lim.min_area:
                 r = lim.r_bound * float(np.sqrt(max(0.0, 1.0 - (z / lim.z_bound) ** 2))) if z < lim.z_bound else 0.0
                 cand &= lim.radial <= max(r, 0.5 * float(max(sp[1], sp[2])))
-                cand = _connected_to(cand, cand) if z < lim.z_bound else np.zeros_like(cand)
+                cand = connected_to(cand, cand) if z < lim.z_bound else np.zeros_like(cand)
             if not cand.any() or float(cand.sum()) < lim.min_cross:
                 break
             seed[k] = cand
@@ -437,7 +441,7 @@ def _core_and_bound(
         inside = _polygon(parts[0], jj, ii, sp)
         depth = ndi.distance_transform_edt(inside, sampling=sp[1:])
         core = inside & (depth >= 0.5 * float(depth.max()))
-        return core, _dilate_mm(inside, max(1.5, 0.15 * float(depth.max()) * 2), sp[1:])
+        return core, dilate_mm(inside, max(1.5, 0.15 * float(depth.max()) * 2), sp[1:])
     # ARROW / POINT: the tip, nudged into the lesion along the arrow (the tip touches the lesion's edge)
     tip = parts[0][0].copy()
     if kind is DrawingKind.ARROW and len(parts[0]) >= 2:
@@ -500,23 +504,11 @@ def _disc(radius_mm: float, sp2: np.ndarray) -> np.ndarray:
     return np.asarray(np.sqrt(j**2 + i**2) <= radius_mm)
 
 
-def _dilate_mm(mask: np.ndarray, radius_mm: float, sp2: np.ndarray) -> np.ndarray:
-    return np.asarray(ndi.distance_transform_edt(~mask, sampling=sp2) <= radius_mm)
-
-
-def _connected_to(cand: np.ndarray, anchor: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(cand)
-    if n == 0:
-        return np.zeros_like(cand)
-    keep = np.unique(lab[anchor & cand])
-    return np.isin(lab, keep[keep > 0])
-
-
 def _split_keep(region: np.ndarray, anchor: np.ndarray, sp2: np.ndarray, min_share: float) -> np.ndarray:
     """The parts of ``region`` that belong to the lesion at ``anchor``: ``region`` is split into blobs at its necks
     (watershed of the distance to its edge: a vessel or wall touching the lesion is another blob) and a blob is kept
     when it touches ``anchor`` and at least ``min_share`` of it lies on ``anchor``."""
-    region = _connected_to(region, anchor)
+    region = connected_to(region, anchor)
     if region.sum() < 8:
         return region
     from skimage.morphology import h_maxima  # ~1 s to load (see _polygon); most drawings never need a split
@@ -535,22 +527,6 @@ def _split_keep(region: np.ndarray, anchor: np.ndarray, sp2: np.ndarray, min_sha
         if float((blob & anchor).sum()) >= min_share * float(blob.sum()):
             keep |= blob
     return keep
-
-
-def _robust_sd(v: np.ndarray) -> float:
-    if v.size == 0:
-        return 0.0
-    return 1.4826 * float(np.median(np.abs(v - np.median(v))))
-
-
-def _dominant_level(values: np.ndarray) -> float:
-    """The level of the most frequent tissue (the median of values within 100 HU of the smoothed histogram mode)."""
-    vals = np.asarray(values, np.float64).ravel()
-    edges = np.arange(-1200.0, 3210.0, 10.0)
-    hist, _ = np.histogram(np.clip(vals, edges[0], edges[-1] - 1), bins=edges)
-    mode = float(edges[int(np.argmax(ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)))] + 5.0)
-    close = vals[np.abs(vals - mode) <= 100.0]
-    return float(np.median(close)) if close.size >= 10 else float(np.median(vals))
 
 
 def lesion_from_drawing(
@@ -615,6 +591,9 @@ def confined_to_drawn_slice(mask: Volume, drawing: Drawing) -> bool:
     k0 = int(np.rint(mask.patient_to_index(drawing.all_points)[:, 2].mean()))
     if long_mm < 1.5 * float(mask.spacing[2]) or not 0 <= k0 < mask.shape[0] or not (mask.array[k0] > 0).any():
         return False
-    lab, _n = ndi.label(mask.array > 0)
-    touching = np.unique(lab[k0][lab[k0] > 0])
-    return not bool(np.delete(np.isin(lab, touching).any(axis=(1, 2)), k0).any())
+    full = mask.array > 0
+    lo, hi = bbox(full)  # every component lies in the mask's bounding box: label that only
+    lab, _n = ndi.label(full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+    k = k0 - int(lo[0])
+    touching = np.unique(lab[k][lab[k] > 0])
+    return not bool(np.delete(np.isin(lab, touching).any(axis=(1, 2)), k).any())

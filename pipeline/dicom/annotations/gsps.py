@@ -364,10 +364,10 @@ def _cross(a: np.ndarray, b: np.ndarray) -> bool:
     return d1 * d2 <= 0 and d3 * d4 <= 0
 
 
-def gsps_labels(path: str | Path) -> list[str]:
-    """The lesion labels a presentation state's texts carry (values removed), in order, each once: read without a
-    CT, so that the lesions an object names are known before its study's CT is here (issue 31 C)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+def gsps_labels(ds: pydicom.Dataset) -> list[str]:
+    """The lesion labels a presentation state's (``ds``, already read) texts carry (values removed), in order, each
+    once: read without a CT, so that the lesions an object names are known before its study's CT is here (issue 31
+    C)."""
     out: dict[str, str] = {}
     for item in ds.get("GraphicAnnotationSequence", []):
         for t in item.get("TextObjectSequence", []):

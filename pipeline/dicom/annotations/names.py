@@ -17,8 +17,8 @@ import pydicom
 from lesiontrack.models.segmentation.prompts import LesionIdentity
 from lesiontrack.pipeline.dicom.annotations.common import identity_for
 from lesiontrack.pipeline.dicom.annotations.gsps import gsps_labels
-from lesiontrack.pipeline.dicom.annotations.rtstruct import LESION_TYPES
-from lesiontrack.pipeline.dicom.seg.reader import derived_tracking_uid
+from lesiontrack.pipeline.dicom.annotations.rtstruct import lesion_roi_names
+from lesiontrack.pipeline.dicom.seg.reader import segment_identity
 from lesiontrack.pipeline.dicom.sr.reader import sr_lesion_identities
 
 
@@ -37,17 +37,9 @@ def named_lesions(path: str | Path, modality: str) -> list[LesionIdentity]:
         if modality == "SEG":
             return [_segment(s, sop) for s in ds.get("SegmentSequence", [])]
         if modality == "PR":
-            labels = gsps_labels(path)
+            labels = gsps_labels(ds)
         elif modality == "RTSTRUCT":
-            kinds = {
-                int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
-                for o in ds.get("RTROIObservationsSequence", [])
-            }
-            labels = [
-                str(r.get("ROIName", "")) or f"ROI {r.ROINumber}"
-                for r in ds.get("StructureSetROISequence", [])
-                if kinds.get(int(r.ROINumber), "") in LESION_TYPES
-            ]
+            labels = lesion_roi_names(ds)
         else:
             return []
     except Exception as exc:  # any unreadable object: named, never a crash of the job
@@ -57,8 +49,6 @@ def named_lesions(path: str | Path, modality: str) -> list[LesionIdentity]:
 
 def _segment(s: pydicom.Dataset, sop: str) -> LesionIdentity:
     n = int(s.get("SegmentNumber", 0) or 0)
-    uid, tid = s.get("TrackingUID"), s.get("TrackingID")
     label = str(s.get("SegmentLabel", "") or "")
-    return LesionIdentity(
-        str(uid) if uid else derived_tracking_uid(sop, n), str(tid) if tid else (label or f"Segment {n}"), n
-    )
+    uid, tid = segment_identity(sop, n, s.get("TrackingUID"), s.get("TrackingID"), label)
+    return LesionIdentity(uid, tid, n)

@@ -36,6 +36,24 @@ RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 LESION_TYPES = {"", "GTV"}
 
 
+def roi_kinds(ds: Dataset) -> dict[int, str]:
+    """Each ROI's interpreted type (upper case, "" when not given), by ROI number."""
+    return {
+        int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
+        for o in ds.get("RTROIObservationsSequence", [])
+    }
+
+
+def lesion_roi_names(ds: Dataset) -> list[str]:
+    """The names of the structure set's ROIs of a lesion type (:data:`LESION_TYPES`), in order ("ROI n" unnamed)."""
+    kinds = roi_kinds(ds)
+    return [
+        str(r.get("ROIName", "")) or f"ROI {r.ROINumber}"
+        for r in ds.get("StructureSetROISequence", [])
+        if kinds.get(int(r.ROINumber), "") in LESION_TYPES
+    ]
+
+
 def read_rtstruct_prompts(path: str | Path, ct: Volume) -> ReadResult:
     """Lesion prompts from a structure set on ``ct``'s frame of reference, and the warnings."""
     path = Path(path)
@@ -48,10 +66,7 @@ def read_rtstruct_prompts(path: str | Path, ct: Volume) -> ReadResult:
     frames = {
         int(r.ROINumber): str(r.get("ReferencedFrameOfReferenceUID", "")) for r in ds.get("StructureSetROISequence", [])
     }
-    kinds = {
-        int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
-        for o in ds.get("RTROIObservationsSequence", [])
-    }
+    kinds = roi_kinds(ds)
     ct_frame = str(ct.meta.get("FrameOfReferenceUID", "") or "")
     slice_of_sop = {str(u): k for k, u in enumerate(ct.meta.get("SOPInstanceUIDs") or [])}
     key = patient_key(ct) or str(ds.get("PatientID", ""))

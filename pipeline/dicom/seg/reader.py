@@ -63,6 +63,15 @@ def derived_tracking_uid(sop_instance_uid: str, segment_number: int) -> str:
     return "2.25." + str(int.from_bytes(h[:16], "big"))
 
 
+def segment_identity(
+    sop_instance_uid: str, number: int, tracking_uid: object, tracking_id: object, label: str
+) -> tuple[str, str]:
+    """A segment's Tracking UID and Tracking ID: its own, else a UID derived from the SEG's SOP Instance UID and the
+    segment number (:func:`derived_tracking_uid`) and its label (or "Segment n") as its ID."""
+    uid = str(tracking_uid) if tracking_uid else derived_tracking_uid(sop_instance_uid, number)
+    return uid, str(tracking_id) if tracking_id else (label or f"Segment {number}")
+
+
 def _hd_volume_to_volume(vol: hd.Volume, array: np.ndarray) -> Volume:
     """highdicom Volume (array axes slice,row,column; affine on array indices) → our Volume (array [k, j, i])."""
     a = np.asarray(vol.affine, float)
@@ -124,9 +133,9 @@ def read_seg(path: str | Path, ct: Volume | None = None) -> SegContents:
         uid, tid = desc.tracking_uid, desc.tracking_id
         site = regions[0] if regions else None
         is_node = any("lymph node" in t.lower() for t in [*regions, ptype])
-        tracking_id = str(tid) if tid else (label or f"Segment {n}")
+        tracking_uid, tracking_id = segment_identity(out.sop_instance_uid, n, uid, tid, label)
         ident = LesionIdentity(
-            tracking_uid=str(uid) if uid else derived_tracking_uid(out.sop_instance_uid, n),
+            tracking_uid=tracking_uid,
             tracking_id=tracking_id,
             label=n,
             anatomic_site=site,

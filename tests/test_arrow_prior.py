@@ -122,6 +122,22 @@ def test_an_arrow_keeps_the_lesion_grown_from_its_tip_without_clear_evidence_aga
     assert _dice(kept.array > 0, truth) >= 0.85
 
 
+def test_a_lesion_grown_from_the_tip_flattened_onto_the_drawn_slice_gives_way_to_the_reading() -> None:
+    """The 13 mm nodule of the test above, its lesion grown from the tip on the drawn slice only (as a part-solid
+    nodule's solid core on 5 mm slices is): its outline there is as well supported as the reading's, but a lesion
+    13 mm long reaches the next slice, so the lesion grown from the diameter read at the tip is kept."""
+    vol, truth = _lesion(lambda p: _ball(p, CENTRE, 6.5))
+    d = _arrow((3.0, 0.0), (-1.0, 0.0))
+    k0 = round(CENTRE[2] / SP[2])
+    flat = np.zeros_like(truth)
+    flat[k0] = truth[k0]
+    got, notes = arrow_lesion(vol, d, vol.with_array(flat.astype(np.uint8)), None)
+    assert got is not None
+    assert (got.array > 0).any(axis=(1, 2)).sum() >= 2, notes
+    assert _dice(got.array > 0, truth) >= 0.85
+    assert any("lies on the drawn slice only" in n for n in notes), notes
+
+
 def test_an_arrow_on_tissue_like_its_shaft_reads_no_diameter_and_keeps_the_tip_growth() -> None:
     vol = Volume(np.full((10, 40, 40), 40, np.int16), np.zeros(3), np.array([1.0, 1.0, 5.0]))
     d = Drawing(DrawingKind.ARROW, [np.array([[20.0, 20.0, 25.0], [35.0, 20.0, 25.0]])])
@@ -129,3 +145,28 @@ def test_an_arrow_on_tissue_like_its_shaft_reads_no_diameter_and_keeps_the_tip_g
     got, notes = arrow_lesion(vol, d, None, None)
     assert got is None
     assert any("no diameter" in n for n in notes)
+
+
+def test_a_vessel_leaving_a_part_solid_nodules_ground_glass_does_not_take_the_reading_with_it() -> None:
+    """A part-solid nodule (ground glass -550 HU) beside a vessel (8 mm thick, 30 HU) that touches its ground glass
+    and runs 30 mm out through the lung: at the ground glass's level the vessel is lesion-side and, too thick to be
+    cut as a strand, would carry the reading with it (a 34 mm diameter); tissue denser than the ground glass outside
+    the solid core is not the ground glass, so the reading spans the nodule."""
+
+    def level(p: np.ndarray) -> np.ndarray:
+        d = p - CENTRE
+        vessel = (d[..., 0] >= 7.0) & (d[..., 0] <= 37.0) & (np.hypot(d[..., 1], d[..., 2] / 2.0) <= 4.0)
+        solid, glass = _ball(p, CENTRE, 3.5), _ball(p, CENTRE, 8.0)
+        return np.asarray(np.where(solid, 20.0, np.where(vessel, 30.0, np.where(glass, -550.0, -850.0))))
+
+    vol = _ct(level)
+    k, j, i = np.meshgrid(np.arange(16), np.arange(64), np.arange(64), indexing="ij")
+    truth = _ball(np.stack([i * SP[0], j * SP[1], k * SP[2]], -1), CENTRE, 8.0)
+    d = _arrow((0.0, 3.0), (0.0, -1.0))
+    line = arrow_as_line(vol, d)
+    assert line is not None
+    assert 13.0 <= line.diameters_mm()[0] <= 19.0  # the 16 mm nodule, not its core, not the vessel
+    prompt = Prompt(LesionIdentity("1", "L1", 1), PromptKind.POINTS, points_mm=d.anchor_mm()[None], meta={"drawing": d})
+    got = drawn_lesion(vol, prompt, build_segmentation("adaptive"))
+    assert got is not None
+    assert _dice(got.mask.array > 0, truth) >= 0.7

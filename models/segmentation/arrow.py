@@ -11,15 +11,18 @@ background. On the drawn slice (smoothed image, physical units), :func:`read_arr
 3. the lesion's cross-section: the lesion-side pixels (of the half-way level) connected to where the lesion begins,
    every lobe of them, with thin strands (vessels, spicules, a run-on along a wall) cut by an opening scaled to the
    body the tip lies in, inside the smallest of growing discs that holds it whole, and compact; widened to a
-   fainter rim of one tissue of its own (a part-solid nodule's ground glass);
+   fainter rim of one tissue of its own (a part-solid nodule's ground glass) — tissue denser than that rim outside
+   the denser part, a vessel touching the ground glass, is not the rim and does not carry it away;
 4. its longest diameter, as a line :class:`Drawing` from which :mod:`models.segmentation.from_drawing` grows the
    lesion through the slices.
 
 :func:`arrow_lesion` keeps that line's lesion instead of the one grown from the tip only where the image clearly
 supports its outline better: a clearly larger share of the band just outside its cross-section lies at the
 background level the shaft gives (a lesion cut short — a part-solid nodule's solid core alone, a lobe of a lobulated
-tumour — is surrounded by more lesion; one that ran on into a neighbour is surrounded by other tissue). Where the
-image gives no reading or no clear evidence, the lesion grown from the tip is kept, as before.
+tumour — is surrounded by more lesion; one that ran on into a neighbour is surrounded by other tissue), or where the
+lesion grown from the tip lies on the drawn slice only while the reading's, at least 1.5 slice spacings long,
+reaches the next slice (a small lesion on thick slices is not flattened to one slice; a part-solid nodule's solid core
+often is). Where the image gives no reading or no clear evidence, the lesion grown from the tip is kept, as before.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from scipy import ndimage as ndi
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.components import connected_to, dilate_mm
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.models.segmentation.from_drawing import lesion_from_drawing
+from lesiontrack.models.segmentation.from_drawing import confined_to_drawn_slice, lesion_from_drawing
 from lesiontrack.models.segmentation.levels import dominant_level, robust_sd
 from lesiontrack.models.segmentation.prompts import LesionIdentity, Prompt, PromptKind
 
@@ -106,7 +109,10 @@ def read_arrow(image: Volume, drawing: Drawing, cfg: ArrowConfig | None = None) 
         return None
     fainter = _fainter_rim(plane, region, levels, sp[1:], cfg)
     if fainter is not None:  # a part-solid lesion: its fainter rim (ground glass) around the denser part
-        wider = _region(plane, fainter, start, sp[1:], cfg)
+        # the fainter tissue around the denser part: tissue beyond it (a vessel running on from the rim) is not it
+        ceiling = fainter.lesion + 0.5 * (levels.lesion - fainter.lesion)
+        beyond = (plane > ceiling) if levels.lesion > levels.background else (plane < ceiling)
+        wider = _region(np.where(beyond & ~region, levels.background, plane), fainter, start, sp[1:], cfg)
         region = wider if wider is not None else region
     a, b = _feret_ends(region, sp[1:])
     pts = np.array([[k0, *(a / sp[1:])], [k0, *(b / sp[1:])]])
@@ -152,8 +158,9 @@ def arrow_lesion(
     """The lesion an arrow marks: ``tip_grown`` (grown from its tip), or a lesion grown from what the image shows at
     the tip (:func:`read_arrow`: its diameter as a line, its outline as a contour, ``cfg.grow_from``; of these the
     best supported) where that lesion's outline is clearly better supported (:func:`outline_support` higher by
-    ``cfg.min_support_gain`` and by ``cfg.min_support_share`` of what the tip's lesion lacks); notes say which and
-    why, after the notes the kept reading's lesion was grown with (its ``refined by`` note among them)."""
+    ``cfg.min_support_gain`` and by ``cfg.min_support_share`` of what the tip's lesion lacks), or where the tip's lies
+    on the drawn slice only and it does not (:func:`~models.segmentation.from_drawing.confined_to_drawn_slice`); notes
+    say which and why, after the notes the kept reading's lesion was grown with (its ``refined by`` note among them)."""
     cfg = cfg or ArrowConfig()
     reading = read_arrow(image, drawing, cfg)
     if reading is None:
@@ -181,6 +188,12 @@ def arrow_lesion(
     why = f"background around its outline {100 * support:.0f} % vs {100 * s_tip:.0f} % grown from the tip"
     if support - s_tip >= max(cfg.min_support_gain, cfg.min_support_share * (1.0 - s_tip)):
         return mask, [*how, f"grown from {what} the image shows at the arrow's tip ({why})"]
+    if confined_to_drawn_slice(tip_grown, reading.line) and not confined_to_drawn_slice(mask, reading.line):
+        flat = (
+            f"the lesion grown from the tip lies on the drawn slice only, though {what} read there reaches the next "
+            f"slice ({float(image.spacing[2]):.1f} mm apart)"
+        )
+        return mask, [*how, f"grown from {what} the image shows at the arrow's tip ({flat})"]
     return tip_grown, [f"grown from the tip, not from {what} read there ({why})"]
 
 

@@ -20,6 +20,11 @@ reported vanished, vanished reported vanished (a lesion kept present as a residu
 reported present: it counts as not vanished; how many were kept so is ``kept_as_residual_focus``), and the Dice of
 the derived prior lesion (the baseline lesion the prompt became) against the truth.
 
+Diagnostics (not the product's path): ``--truth-reference`` gives the follow-up engine the lesion's true baseline mask
+as its reference (the lesion model it reads) while the prompt stays the one propagated from the derived prior — how
+much of a drawn prior's error reaches the follow-ups through that model rather than through the prompt's shape;
+``--engine-option KEY=VALUE`` (repeatable) sets an adaptive-engine option for every source.
+
 Usage: ``python bench/annotations.py [--phantoms 3] [--first-seed 31] [--lung1-seed 11] [--no-lung1]``
 """
 
@@ -50,11 +55,33 @@ from bench.tracking import (
     truth_prompts,
 )
 from lesiontrack.models.engines import build_segmentation
+from lesiontrack.models.imaging.volume import Volume
+from lesiontrack.models.segmentation.base import SegReference
 from lesiontrack.models.segmentation.prompts import Prompt, PromptKind
 from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
 from lesiontrack.pipeline.science.lesions import Timepoint
 
 SOURCES = ["SEG", "bidirectional", "line", "arrow", "ellipse", "RTSTRUCT contours", "box (today)"]
+
+
+class TruthReference:
+    """``--truth-reference``: ``engine`` with the reference on a patient's baseline CT replaced by the prompted
+    lesion's true mask there (references on other timepoints are left as they are)."""
+
+    def __init__(self, engine: Any, patients: list[Patient]) -> None:
+        self.engine, self.name, self.version = engine, engine.name, engine.version
+        self.patients = patients
+
+    def segment(self, image: Volume, prompt: Prompt, reference: SegReference | None = None) -> Volume:
+        if reference is not None:
+            for p in self.patients:
+                base = p.cts[0]
+                if base.same_grid(reference.image) and np.array_equal(base.array, reference.image.array):
+                    truth = (p.labels[0].array == prompt.identity.label).astype(np.uint8)
+                    if truth.any():
+                        reference = SegReference(reference.image, reference.mask.with_array(truth), reference.meta)
+                    break
+        return self.engine.segment(image, prompt, reference)
 
 
 def prompts_for(p: Patient, source: str, rng: np.random.Generator, workdir: Path) -> list[Prompt]:
@@ -136,7 +163,8 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=31, help="phantom seeds (held out: the 3-D-from-drawing "
                     "module was developed on phantom seeds 1-3 and 21-22 at 5 mm, the arrow reading also on lung1 "
                     "seed 5 and, after a held-out run, 41-43 + lung1 13; the arrow's reading and choice on 1-3, "
-                    "21-22, 31-33, 41-43, 71-73 + lung1 5, 11, 13, 17: none of them held out any more)")  # fmt: skip
+                    "21-22, 31-33, 41-43, 71-73 + lung1 5, 11, 13, 17; held-out runs on 87-89, 93-95, 97-99 + "
+                    "lung1 37, 43, 47: none of them held out any more)")  # fmt: skip
     ap.add_argument("--lung1-seed", type=int, default=11)
     ap.add_argument("--no-lung1", action="store_true")
     ap.add_argument("--slice-mm", type=float, default=5.0)
@@ -145,9 +173,12 @@ def main() -> None:
     ap.add_argument("--sources", default=",".join(SOURCES))
     ap.add_argument("--rows", action="store_true")
     ap.add_argument("--partial", type=Path, default=None, help="also write the results so far after each source")
+    ap.add_argument("--truth-reference", action="store_true", help="diagnostic: the true baseline mask as reference")
+    ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE", help="adaptive option")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
+    options = {k: float(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
     seeds = range(args.first_seed, args.first_seed + args.phantoms)
     patients = [phantom_patient(s, args.followups, args.slice_mm) for s in seeds]
     if not args.no_lung1:
@@ -160,7 +191,8 @@ def main() -> None:
     all_rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for source in wanted:
-            seg = TimedEngine(build_segmentation("adaptive"))
+            engine = build_segmentation("adaptive", **options)
+            seg = TimedEngine(TruthReference(engine, patients) if args.truth_reference else engine)
             rows: list[dict[str, Any]] = []
             priors: list[float] = []
             for p in patients:
@@ -205,6 +237,8 @@ def main() -> None:
         "lesions": sum(len([v for v in np.unique(p.labels[0].array) if v > 0]) for p in patients),
         "timepoints_per_patient": args.followups + 1,
         "registration": "convex" if args.convex else "oracle (exact synthetic motion)",
+        **({"diagnostic": "true baseline mask as the follow-up engine's reference"} if args.truth_reference else {}),
+        **({"engine_options": options} if options else {}),
         "seconds": round(time.perf_counter() - t0, 1),
         "sources": results,
     }

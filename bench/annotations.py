@@ -31,6 +31,7 @@ Usage: ``python bench/annotations.py [--phantoms 3] [--first-seed 31] [--lung1-s
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
 import sys
@@ -71,6 +72,7 @@ class TruthReference:
     def __init__(self, engine: Any, patients: list[Patient]) -> None:
         self.engine, self.name, self.version = engine, engine.name, engine.version
         self.patients = patients
+        self.replaced = 0  # references replaced (reported: a run where none was is no diagnostic)
 
     def segment(self, image: Volume, prompt: Prompt, reference: SegReference | None = None) -> Volume:
         if reference is not None:
@@ -80,6 +82,7 @@ class TruthReference:
                     truth = (p.labels[0].array == prompt.identity.label).astype(np.uint8)
                     if truth.any():
                         reference = SegReference(reference.image, reference.mask.with_array(truth), reference.meta)
+                        self.replaced += 1
                     break
         return self.engine.segment(image, prompt, reference)
 
@@ -157,6 +160,20 @@ def prior_dice(p: Patient, tps: list[Timepoint]) -> list[float]:
     return out
 
 
+def _engine_options(ap: argparse.ArgumentParser, given: list[str]) -> dict[str, Any]:
+    """``--engine-option KEY=VALUE`` pairs as Python literals (numbers, booleans); a malformed one ends the run."""
+    options: dict[str, Any] = {}
+    for o in given:
+        key, sep, value = o.partition("=")
+        try:
+            options[key] = ast.literal_eval(value) if sep else None
+        except (ValueError, SyntaxError):
+            options[key] = None
+        if not key or options[key] is None:
+            ap.error(f"--engine-option {o!r}: expected KEY=VALUE with a number or True/False")
+    return options
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--phantoms", type=int, default=3)
@@ -178,7 +195,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    options = {k: float(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
+    options = _engine_options(ap, args.engine_option)
     seeds = range(args.first_seed, args.first_seed + args.phantoms)
     patients = [phantom_patient(s, args.followups, args.slice_mm) for s in seeds]
     if not args.no_lung1:
@@ -192,7 +209,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for source in wanted:
             engine = build_segmentation("adaptive", **options)
-            seg = TimedEngine(TruthReference(engine, patients) if args.truth_reference else engine)
+            truth_ref = TruthReference(engine, patients) if args.truth_reference else None
+            seg = TimedEngine(truth_ref or engine)
             rows: list[dict[str, Any]] = []
             priors: list[float] = []
             for p in patients:
@@ -214,6 +232,7 @@ def main() -> None:
                 "prior_dice": [round(x, 3) for x in priors],
                 "flagged_for_review": overall["flagged_for_review"],
                 "lesion_followups": overall["present"],
+                **({"references_replaced_by_truth": truth_ref.replaced} if truth_ref is not None else {}),
             }
             all_rows[source] = rows
             if args.partial is not None:

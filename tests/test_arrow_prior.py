@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
@@ -147,7 +148,8 @@ def test_an_arrow_on_tissue_like_its_shaft_reads_no_diameter_and_keeps_the_tip_g
     assert any("no diameter" in n for n in notes)
 
 
-def test_a_vessel_leaving_a_part_solid_nodules_ground_glass_does_not_take_the_reading_with_it() -> None:
+@pytest.mark.parametrize("dark", [False, True], ids=["in lung", "mirrored: darker than its background"])
+def test_a_vessel_leaving_a_part_solid_nodules_ground_glass_does_not_take_the_reading_with_it(dark: bool) -> None:
     """A part-solid nodule (ground glass -550 HU) beside a vessel (8 mm thick, 30 HU) that touches its ground glass
     and runs 30 mm out through the lung: at the ground glass's level the vessel is lesion-side and, too thick to be
     cut as a strand, would carry the reading with it (a 34 mm diameter); tissue denser than the ground glass outside
@@ -157,7 +159,8 @@ def test_a_vessel_leaving_a_part_solid_nodules_ground_glass_does_not_take_the_re
         d = p - CENTRE
         vessel = (d[..., 0] >= 7.0) & (d[..., 0] <= 37.0) & (np.hypot(d[..., 1], d[..., 2] / 2.0) <= 4.0)
         solid, glass = _ball(p, CENTRE, 3.5), _ball(p, CENTRE, 8.0)
-        return np.asarray(np.where(solid, 20.0, np.where(vessel, 30.0, np.where(glass, -550.0, -850.0))))
+        hu = np.where(solid, 20.0, np.where(vessel, 30.0, np.where(glass, -550.0, -850.0)))
+        return np.asarray(-800.0 - hu if dark else hu)  # mirrored: the same contrasts, the lesion darker
 
     vol = _ct(level)
     k, j, i = np.meshgrid(np.arange(16), np.arange(64), np.arange(64), indexing="ij")

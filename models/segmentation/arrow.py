@@ -11,8 +11,9 @@ background. On the drawn slice (smoothed image, physical units), :func:`read_arr
 3. the lesion's cross-section: the lesion-side pixels (of the half-way level) connected to where the lesion begins,
    every lobe of them, with thin strands (vessels, spicules, a run-on along a wall) cut by an opening scaled to the
    body the tip lies in, inside the smallest of growing discs that holds it whole, and compact; widened to a
-   fainter rim of one tissue of its own (a part-solid nodule's ground glass) — tissue denser than that rim outside
-   the denser part, a vessel touching the ground glass, is not the rim and does not carry it away;
+   fainter rim of one tissue of its own (a part-solid nodule's ground glass) — tissue beyond half-way from that rim
+   to the denser part's level, outside the denser part (a vessel touching the ground glass), is not the rim and does
+   not carry it away;
 4. its longest diameter, as a line :class:`Drawing` from which :mod:`models.segmentation.from_drawing` grows the
    lesion through the slices.
 
@@ -21,8 +22,9 @@ supports its outline better: a clearly larger share of the band just outside its
 background level the shaft gives (a lesion cut short — a part-solid nodule's solid core alone, a lobe of a lobulated
 tumour — is surrounded by more lesion; one that ran on into a neighbour is surrounded by other tissue), or where the
 lesion grown from the tip lies on the drawn slice only while the reading's, at least 1.5 slice spacings long,
-reaches the next slice (a small lesion on thick slices is not flattened to one slice; a part-solid nodule's solid core
-often is). Where the image gives no reading or no clear evidence, the lesion grown from the tip is kept, as before.
+reaches the next slice and is not clearly worse supported (a small lesion on thick slices is not flattened to one
+slice; a part-solid nodule's solid core often is). Where the image gives no reading or no clear evidence, the
+lesion grown from the tip is kept, as before.
 """
 
 from __future__ import annotations
@@ -159,8 +161,9 @@ def arrow_lesion(
     the tip (:func:`read_arrow`: its diameter as a line, its outline as a contour, ``cfg.grow_from``; of these the
     best supported) where that lesion's outline is clearly better supported (:func:`outline_support` higher by
     ``cfg.min_support_gain`` and by ``cfg.min_support_share`` of what the tip's lesion lacks), or where the tip's lies
-    on the drawn slice only and it does not (:func:`~models.segmentation.from_drawing.confined_to_drawn_slice`); notes
-    say which and why, after the notes the kept reading's lesion was grown with (its ``refined by`` note among them)."""
+    on the drawn slice only and it does not, its support at most ``cfg.min_support_gain`` lower (:func:`_flattened`);
+    notes say which and why, after the notes the kept reading's lesion was grown with (its ``refined by`` note among
+    them)."""
     cfg = cfg or ArrowConfig()
     reading = read_arrow(image, drawing, cfg)
     if reading is None:
@@ -188,13 +191,21 @@ def arrow_lesion(
     why = f"background around its outline {100 * support:.0f} % vs {100 * s_tip:.0f} % grown from the tip"
     if support - s_tip >= max(cfg.min_support_gain, cfg.min_support_share * (1.0 - s_tip)):
         return mask, [*how, f"grown from {what} the image shows at the arrow's tip ({why})"]
-    if confined_to_drawn_slice(tip_grown, reading.line) and not confined_to_drawn_slice(mask, reading.line):
+    if _flattened(tip_grown, mask, reading) and support >= s_tip - cfg.min_support_gain:
         flat = (
             f"the lesion grown from the tip lies on the drawn slice only, though {what} read there reaches the next "
-            f"slice ({float(image.spacing[2]):.1f} mm apart)"
+            f"slice ({float(image.spacing[2]):.1f} mm apart); {why}"
         )
         return mask, [*how, f"grown from {what} the image shows at the arrow's tip ({flat})"]
     return tip_grown, [f"grown from the tip, not from {what} read there ({why})"]
+
+
+def _flattened(tip_grown: Volume, read: Volume, reading: ArrowReading) -> bool:
+    """Whether the lesion grown from the tip lies on the drawn slice only while the one grown from the reading, on the
+    drawn slice too, reaches the next (:func:`~models.segmentation.from_drawing.confined_to_drawn_slice`)."""
+    on_slice = 0 <= reading.k0 < read.shape[0] and bool((read.array[reading.k0] > 0).any())
+    line = reading.line
+    return on_slice and confined_to_drawn_slice(tip_grown, line) and not confined_to_drawn_slice(read, line)
 
 
 def _region(

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.drawn_lesions import drawings
-from bench.tracking import lung1_patient, phantom_patient
+from bench.tracking import Patient, lung1_patient, phantom_patient
 from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
 from lesiontrack.models.segmentation.base import SegmentationEngine, SegReference
@@ -61,11 +62,38 @@ class _Remembered:
         return hit[1]
 
 
+def patients_of(phantoms: str, lung1: str) -> list[Patient]:
+    """The baselines of the comma-separated phantom seeds (5 mm slices) and lung1 seeds (where lung1 is present)."""
+    patients = [phantom_patient(int(s), 0, 5.0) for s in phantoms.split(",") if s]
+    return patients + [p for s in lung1.split(",") if s and (p := lung1_patient(int(s), 0)) is not None]
+
+
+def lesion_drawings(patients: list[Patient]) -> Iterator[tuple[Patient, int, np.ndarray, dict[str, Drawing]]]:
+    """Per patient and lesion: the lesion's label, its true mask and bench/annotations.py's drawings of it (the same
+    random generator per patient, lesions in label order)."""
+    for p in patients:
+        rng = np.random.default_rng(sum(map(ord, p.name)))
+        lab = p.labels[0].array
+        for n in sorted(int(v) for v in np.unique(lab) if v > 0):
+            truth = lab == n
+            yield p, n, truth, drawings(p.labels[0].with_array(truth.astype(np.uint8)), rng)
+
+
+def drawn_prompt(drawing: Drawing, label: int) -> Prompt:
+    """The prompt the readers make of ``drawing`` for lesion ``label``."""
+    return drawing_prompt(LesionIdentity(f"2.25.{label}", f"L{label}", label), drawing, drawing.what or "")
+
+
+def kept(mask: Volume, centre: np.ndarray) -> np.ndarray:
+    """``mask``'s component nearest ``centre`` (boolean), as the tracking loop keeps it
+    (``TrackingOptions.max_centre_distance_mm``)."""
+    return np.asarray(keep_nearest_component(mask, centre, 15.0).array > 0)
+
+
 def _dice(mask: Volume | None, centre: np.ndarray, truth: np.ndarray) -> float:
     if mask is None:
         return 0.0
-    # as the tracking loop keeps it (TrackingOptions.max_centre_distance_mm)
-    got = keep_nearest_component(mask, centre, 15.0).array > 0
+    got = kept(mask, centre)
     return float(2 * (got & truth).sum() / max(got.sum() + truth.sum(), 1))
 
 
@@ -79,7 +107,7 @@ def choice_dice(
 ) -> tuple[float, dict[str, Any]]:
     """:func:`prior_dice`, and with ``both`` the Dice of each candidate ``drawn_lesion`` chooses between (``grown``,
     ``box``) and which it kept."""
-    prompt = drawing_prompt(LesionIdentity(f"2.25.{label}", f"L{label}", label), drawing, drawing.what or "")
+    prompt = drawn_prompt(drawing, label)
     remembered = _Remembered(engine)
     drawn = drawn_lesion(ct, prompt, remembered)
     assert drawn is not None
@@ -145,26 +173,19 @@ def main() -> None:
     per: dict[str, list[float]] = {s: [] for s in sources}
     cand: dict[str, dict[str, list[float]]] = {s: {"grown": [], "box": [], "better": []} for s in sources}
     lesions: list[dict[str, Any]] = []
-    patients = [phantom_patient(int(s), 0, 5.0) for s in args.phantoms.split(",") if s]
-    patients += [p for s in args.lung1.split(",") if s and (p := lung1_patient(int(s), 0)) is not None]
-    for p in patients:
-        rng = np.random.default_rng(sum(map(ord, p.name)))  # bench/annotations.py's drawings
-        lab = p.labels[0].array
-        for n in sorted(int(v) for v in np.unique(lab) if v > 0):
-            truth = lab == n
-            ds = drawings(p.labels[0].with_array(truth.astype(np.uint8)), rng)
-            row: dict[str, Any] = {"patient": p.name, "lesion": n, "kind": p.kinds.get(n, "")}
-            for s in sources:
-                dice, choice = choice_dice(p.cts[0], truth, ds[s], n, engine, args.choice)
-                row[s] = round(dice, 3)
-                per[s].append(row[s])
-                if choice:
-                    row[f"{s} candidates"] = choice
-                    for k in ("grown", "box"):
-                        cand[s][k].append(choice[k])
-                    cand[s]["better"].append(max(choice["grown"], choice["box"]))
-            lesions.append(row)
-        print(f"{time.strftime('%H:%M:%S')} {p.name} done", file=sys.stderr, flush=True)
+    for p, n, truth, ds in lesion_drawings(patients_of(args.phantoms, args.lung1)):
+        row: dict[str, Any] = {"patient": p.name, "lesion": n, "kind": p.kinds.get(n, "")}
+        for s in sources:
+            dice, choice = choice_dice(p.cts[0], truth, ds[s], n, engine, args.choice)
+            row[s] = round(dice, 3)
+            per[s].append(row[s])
+            if choice:
+                row[f"{s} candidates"] = choice
+                for k in ("grown", "box"):
+                    cand[s][k].append(choice[k])
+                cand[s]["better"].append(max(choice["grown"], choice["box"]))
+        lesions.append(row)
+        print(f"{time.strftime('%H:%M:%S')} {p.name} L{n} done", file=sys.stderr, flush=True)
     doc: dict[str, Any] = {
         "benchmark": "prior Dice of lesions derived from drawings (development)",
         "date": time.strftime("%Y-%m-%d %H:%M"),

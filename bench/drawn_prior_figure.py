@@ -29,14 +29,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.drawn_lesions import drawings
-from bench.tracking import Patient, lung1_patient, phantom_patient
+from bench.drawn_prior_dice import drawn_prompt, kept, lesion_drawings, patients_of
 from lesiontrack.models.engines import build_segmentation
 from lesiontrack.models.imaging.volume import Volume
-from lesiontrack.models.segmentation.components import keep_nearest_component
 from lesiontrack.models.segmentation.drawing import Drawing, DrawingKind
-from lesiontrack.models.segmentation.prompts import LesionIdentity
-from lesiontrack.pipeline.dicom.annotations.common import drawing_prompt
 from lesiontrack.pipeline.science.drawn_priors import drawn_lesion
 
 SOURCES = ("line", "bidirectional", "ellipse", "arrow")
@@ -45,11 +41,9 @@ HALF_MM = 22.0  # half the width of each panel's crop
 
 def derived(ct: Volume, drawing: Drawing, label: int, engine: Any) -> np.ndarray:
     """The 3-D lesion derived from ``drawing`` (boolean, on ``ct``'s grid), as the tracking loop keeps it."""
-    prompt = drawing_prompt(LesionIdentity(f"2.25.{label}", f"L{label}", label), drawing, drawing.what or "")
+    prompt = drawn_prompt(drawing, label)
     got = drawn_lesion(ct, prompt, engine)
-    if got is None:
-        return np.zeros(ct.shape, bool)
-    return np.asarray(keep_nearest_component(got.mask, prompt.centre_mm(), 15.0).array > 0)
+    return kept(got.mask, prompt.centre_mm()) if got is not None else np.zeros(ct.shape, bool)
 
 
 def _window(level_hu: float) -> tuple[float, float]:
@@ -112,20 +106,12 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     engine = build_segmentation("adaptive")
-    patients: list[Patient] = [phantom_patient(int(s), 0, 5.0) for s in args.phantoms.split(",") if s]
-    patients += [p for s in args.lung1.split(",") if s and (p := lung1_patient(int(s), 0)) is not None]
     kinds = [k for k in args.kinds.split(",") if k]
     named = [(a, int(b)) for a, _, b in (x.partition(":") for x in args.lesions.split(",") if x)]
-    rows: list[tuple[Patient, int, np.ndarray, dict[str, Drawing]]] = []
-    for p in patients:
-        rng = np.random.default_rng(sum(map(ord, p.name)))  # bench/annotations.py's drawings
-        lab = p.labels[0].array
-        for n in sorted(int(v) for v in np.unique(lab) if v > 0):
-            truth = lab == n
-            ds = drawings(p.labels[0].with_array(truth.astype(np.uint8)), rng)
-            wanted = any(k in p.kinds.get(n, "") for k in kinds) or (p.name, n) in named
-            if wanted or not (kinds or named):
-                rows.append((p, n, truth, ds))
+    rows = []
+    for p, n, truth, ds in lesion_drawings(patients_of(args.phantoms, args.lung1)):
+        if not (kinds or named) or any(k in p.kinds.get(n, "") for k in kinds) or (p.name, n) in named:
+            rows.append((p, n, truth, ds))
     rows.sort(key=lambda r: named.index((r[0].name, r[1])) if (r[0].name, r[1]) in named else len(named))
     fig, axes = plt.subplots(len(rows), len(SOURCES), figsize=(2.3 * len(SOURCES), 2.5 * len(rows)), squeeze=False)
     shown: list[dict[str, Any]] = []
